@@ -1,0 +1,139 @@
+"""The stage API: what every built-in stage and every plugin is written against.
+
+A stage is a class with a `name`, an `Options` class (typed, unknown keys are
+errors) and a constructor `(options, context)`. Four kinds:
+
+- `Source`: yields batches of events (`batches()`), stops when asked (`stop()`).
+- `Processor`: `process(batch) -> batch`, synchronous, the hot path. Returning
+  fewer events filters; returning more (e.g. alerts) adds.
+- `Sink`: `start()`, `write(batch)` returns once the batch is durable or
+  accepted, `close()` flushes everything.
+- `Controller`: drives the capture session beside the stream; sees every batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.deadletter import DeadLetter
+from pipeline.events import Batch, Event
+from pipeline.session import SessionLink
+from pipeline.stats import StageStats
+
+__all__ = ["Batch", "Context", "Controller", "Event", "Options", "Processor", "Sink", "SinkOptions",
+           "Source", "Stage"]
+
+
+class Options(BaseModel):
+    """Base of every stage's options: typed, unknown keys rejected, immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class SinkOptions(Options):
+    """Options every sink has. `channels` routes: only those channels reach the sink."""
+
+    channels: list[str] | None = None
+
+
+class StateStore:
+    """Named mutable mappings for state that must survive restarts (cooldowns, windows).
+
+    Local runtime: plain dicts. Faust runtime: tables.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[str, MutableMapping[str, Any]] = {}
+
+    def get(self, name: str) -> MutableMapping[str, Any]:
+        return self._maps.setdefault(name, {})
+
+
+@dataclass
+class Context:
+    """What a stage may use from the engine."""
+
+    pipeline: str
+    stage: str
+    dead_letter: DeadLetter
+    session: SessionLink
+    stats: StageStats
+    state: StateStore = field(default_factory=StateStore)
+    config_dir: Path = field(default_factory=Path.cwd)
+    out_dir: Path = field(default_factory=lambda: Path("out"))
+    settings: dict[str, Any] = field(default_factory=dict)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("pipeline"))
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path from the config: relative paths are relative to the working directory."""
+        return Path(path).expanduser()
+
+
+class Stage:
+    """Common base: a registered name, an options class, a context."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    Options: ClassVar[type[Options]] = Options
+
+    def __init__(self, options: Any, context: Context) -> None:
+        self.options = options
+        self.context = context
+
+
+class Processor(Stage):
+    """Transforms batches in place of the stream; synchronous so it runs anywhere (asyncio, faust)."""
+
+    kind = "processor"
+
+    def process(self, batch: Batch) -> Batch:
+        raise NotImplementedError
+
+
+class Sink(Stage):
+    """Writes batches somewhere. `write` returns only when the batch is safe."""
+
+    kind = "sink"
+    Options: ClassVar[type[Options]] = SinkOptions
+
+    async def start(self) -> None:
+        """Open files/connections. Raise StageError for a user-fixable problem."""
+
+    async def write(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Flush and release everything; called once, also after errors."""
+
+
+class Source(Stage):
+    """Produces batches of stamped events until exhausted or stopped."""
+
+    kind = "source"
+
+    def batches(self) -> AsyncIterator[Batch]:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Ask `batches()` to finish soon, yielding what it already received."""
+
+
+class Controller(Stage):
+    """Runs beside the stream (e.g. drives a VideoDB capture session)."""
+
+    kind = "controller"
+
+    async def start(self) -> None:
+        """Begin work; may wait for `context.session.wait_connection()`."""
+
+    def observe(self, batch: Batch) -> None:
+        """See each batch before processors (cheap, synchronous)."""
+
+    async def close(self) -> None:
+        """Release resources."""

@@ -1,0 +1,32 @@
+"""Shared fixtures: a stage Context wired to a temporary dead-letter file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pipeline.api import Context, StateStore
+from pipeline.deadletter import DeadLetter
+from pipeline.session import SessionLink
+from pipeline.stats import StageStats
+
+
+@pytest.fixture
+def make_context(tmp_path: Path) -> Callable[..., Context]:
+    """Build a Context for constructing one stage directly in a test."""
+
+    def make(stage: str = "test", *, session: SessionLink | None = None,
+             state: StateStore | None = None) -> Context:
+        return Context(
+            pipeline="test",
+            stage=stage,
+            dead_letter=DeadLetter(tmp_path / "dead-letter.jsonl"),
+            session=session or SessionLink(),
+            stats=StageStats(stage, "test"),
+            state=state or StateStore(),
+            out_dir=tmp_path,
+        )
+
+    return make
