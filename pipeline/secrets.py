@@ -1,0 +1,56 @@
+"""Secrets seen in the config are registered here and masked in every log line."""
+
+from __future__ import annotations
+
+import logging
+import re
+from urllib.parse import urlsplit
+
+_known: set[str] = set()
+_pattern: re.Pattern[str] | None = None
+MASK = "***"
+
+
+def register(value: str) -> None:
+    """Remember a secret (>= 4 chars) so `mask()` hides it everywhere."""
+    global _pattern
+    if len(value) >= 4 and value not in _known:
+        _known.add(value)
+        _pattern = re.compile("|".join(re.escape(s) for s in sorted(_known, key=len, reverse=True)))
+
+
+def register_url(url: str) -> None:
+    """A URL whose path or query may hold a token (webhooks): register the secret parts."""
+    parts = urlsplit(url)
+    if parts.password:
+        register(parts.password)
+    if parts.query:
+        register(parts.query)
+    if parts.path and parts.path not in ("", "/"):
+        register(parts.path)
+
+
+def mask(text: str) -> str:
+    return _pattern.sub(MASK, text) if _pattern is not None else text
+
+
+def mask_url(url: str) -> str:
+    """`https://hooks.slack.com/services/T0/B0/xyz` -> `https://hooks.slack.com/***`."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    tail = "/***" if (parts.path not in ("", "/") or parts.query) else ""
+    return f"{parts.scheme}://{host}{port}{tail}"
+
+
+class MaskingFilter(logging.Filter):
+    """Logging filter that masks every registered secret in the formatted message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _pattern is not None:
+            msg = record.getMessage()
+            masked = _pattern.sub(MASK, msg)
+            if masked != msg:
+                record.msg = masked
+                record.args = None
+        return True
