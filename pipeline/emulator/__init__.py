@@ -1,0 +1,1 @@
+"""Local VideoDB-compatible API + WebSocket server for offline runs and tests."""
