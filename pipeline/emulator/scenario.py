@@ -155,7 +155,8 @@ def _cue(p: Path, i: int, e: Any, names: set[str]) -> Cue:
     at = e.get("at")
     if not isinstance(at, int | float) or isinstance(at, bool) or at < 0:
         raise StageError(f"{where}: `at` must be a number of seconds >= 0")
-    d = e.get("data") if isinstance(e.get("data"), dict) else {}
+    raw_data = e.get("data")
+    d: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
     if e.get("event") == FAILED:
         return Cue(float(at), FAILED, "", str(e.get("error") or d.get("error") or "capture failed"))
     ch = e.get("channel")
