@@ -108,6 +108,9 @@ class Sink(Stage):
     async def write(self, batch: Batch) -> None:
         raise NotImplementedError
 
+    async def flush(self) -> None:
+        """Make everything accepted so far durable (called before a source commits offsets)."""
+
     async def close(self) -> None:
         """Flush and release everything; called once, also after errors."""
 

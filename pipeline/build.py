@@ -1,0 +1,110 @@
+"""Turn a validated config into live stage objects; shared by both runtimes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.api import Context, Controller, Processor, Sink, Source, StateStore
+from pipeline.config import PipelineConfig, StageSpec
+from pipeline.deadletter import DeadLetter
+from pipeline.events import Batch, channel_set, in_channels
+from pipeline.session import SessionLink
+from pipeline.stats import StageStats
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class SinkSlot:
+    """A sink with its routing (`channels:`) applied by the runtime, and its counters."""
+
+    sink: Sink
+    channels: frozenset[str] | None
+    stats: StageStats
+
+    def route(self, batch: Batch) -> Batch:
+        if self.channels is None:
+            return batch
+        chans = self.channels
+        return [e for e in batch if in_channels(e, chans)]
+
+
+class Chain:
+    """Runs processors in order over a batch; a processor that raises loses only the bad events."""
+
+    def __init__(self, processors: list[Processor], dead_letter: DeadLetter) -> None:
+        self.processors = processors
+        self.dead_letter = dead_letter
+
+    def __call__(self, batch: Batch) -> Batch:
+        for p in self.processors:
+            st = p.context.stats
+            st.received += len(batch)
+            try:
+                batch = p.process(batch)
+            except Exception as exc:
+                log.warning("%s: raised %s on a batch; retrying event by event", p.context.stage, exc)
+                batch = self._one_by_one(p, batch)
+            st.sent += len(batch)
+            if not batch:
+                break
+        return batch
+
+    def _one_by_one(self, p: Processor, batch: Batch) -> Batch:
+        out: Batch = []
+        for event in batch:
+            try:
+                out.extend(p.process([event]))
+            except Exception as exc:
+                p.context.stats.errors += 1
+                self.dead_letter.write(f"{type(exc).__name__}: {exc}", stage=p.context.stage, event=event)
+        return out
+
+    @property
+    def alerts_fired(self) -> int:
+        return sum(int(getattr(p, "fired", 0)) for p in self.processors)
+
+
+@dataclass
+class Built:
+    config: PipelineConfig
+    dead_letter: DeadLetter
+    session: SessionLink
+    source: Source
+    chain: Chain
+    sinks: list[SinkSlot]
+    controller: Controller | None = None
+    stats: list[StageStats] = field(default_factory=list)
+
+
+def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: bool = True) -> Built:
+    """Instantiate every stage with its own Context (sharing dead letter, session and state)."""
+    dead = DeadLetter(cfg.dead_letter)
+    session = SessionLink()
+    state = state or StateStore()
+    settings = cfg.settings()
+    all_stats: list[StageStats] = []
+
+    def make(spec: StageSpec) -> object:
+        st = StageStats(spec.label, spec.kind)
+        all_stats.append(st)
+        ctx = Context(pipeline=cfg.name, stage=spec.label, dead_letter=dead, session=session, stats=st,
+                      state=state, config_dir=Path(cfg.file).parent, out_dir=cfg.out_dir, settings=settings,
+                      log=logging.getLogger(f"pipeline.{spec.kind}.{spec.type_name}"))
+        cls: Any = spec.cls
+        return cls(spec.options, ctx)
+
+    source = make(cfg.source) if with_source else None
+    controller = make(cfg.controller) if cfg.controller is not None else None
+    processors = [make(s) for s in cfg.stages]
+    slots = []
+    for spec in cfg.sinks:
+        sink = make(spec)
+        assert isinstance(sink, Sink)
+        chans = getattr(spec.options, "channels", None)
+        slots.append(SinkSlot(sink, channel_set(chans) if chans else None, sink.context.stats))
+    return Built(cfg, dead, session, source, Chain(processors, dead), slots,  # type: ignore[arg-type]
+                 controller, all_stats)  # type: ignore[arg-type]

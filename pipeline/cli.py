@@ -1,0 +1,153 @@
+"""`pipeline` command line: run, validate, stages, schema, listen, emulate, worker.
+
+User mistakes print one line (`pipeline: <file>:<line>:<col>: <key>: <what>`)
+and exit non-zero; set PIPELINE_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipeline import secrets
+from pipeline.errors import PipelineError
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(secrets.MaskingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("aiokafka", "websockets", "faust", "mode", "urllib3", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config)
+    if cfg.runtime.engine == "faust":
+        from pipeline.runtime.faust import run_ingest
+
+        return run_ingest(cfg)
+    from pipeline.build import build
+    from pipeline.runtime.local import LocalRuntime
+
+    async def main() -> tuple[int, str]:
+        rt = LocalRuntime(build(cfg))
+        code = await rt.run()
+        if rt.error is not None:
+            print(f"pipeline: {secrets.mask(str(rt.error))}", file=sys.stderr)
+        return code, rt.summary()
+
+    code, summary = asyncio.run(main())
+    if not args.quiet:
+        print(secrets.mask(summary), file=sys.stderr)
+    return code
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config)
+    print(f"{args.config}: ok: pipeline {cfg.name!r}, engine {cfg.runtime.engine}")
+    specs = [cfg.source, *([cfg.controller] if cfg.controller else []), *cfg.stages, *cfg.sinks]
+    for spec in specs:
+        opts = spec.options.model_dump(mode="json", exclude_defaults=True)
+        print(f"  {spec.label:<28} {secrets.mask(json.dumps(opts, default=str))}")
+    return 0
+
+
+def _all_stage_classes() -> list[tuple[str, str, Any]]:
+    from pipeline.registry import LookupFailed, default_registry
+
+    out = []
+    for kind in ("source", "processor", "sink", "controller"):
+        for name in default_registry.names(kind):
+            try:
+                out.append((kind, name, default_registry.resolve(kind, name)))
+            except LookupFailed:
+                continue
+    return out
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    for kind, name, cls in _all_stage_classes():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{kind:<10} {name:<16} {doc}")
+        if args.verbose:
+            for fname, f in cls.Options.model_fields.items():
+                default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+                print(f"    {fname:<20} {default:<28} {f.description or ''}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from pipeline.schema import json_schema
+
+    print(json.dumps(json_schema(_all_stage_classes()), indent=2))
+    return 0
+
+
+def _delegate(target: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        module, _, func = target.partition(":")
+        main: Callable[[list[str]], int] = getattr(importlib.import_module(module), func)
+        return main(list(args.rest))
+
+    return run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeline", description="VideoDB capture-session event pipeline")
+    p.add_argument("--log-level", default=os.environ.get("PIPELINE_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    r = sub.add_parser("run", help="run a pipeline until its source ends, the session ends or a signal")
+    r.add_argument("config")
+    r.add_argument("-q", "--quiet", action="store_true", help="no exit summary")
+    r.set_defaults(func=cmd_run)
+    v = sub.add_parser("validate", help="check a config file and print its stages (secrets masked)")
+    v.add_argument("config")
+    v.set_defaults(func=cmd_validate)
+    s = sub.add_parser("stages", help="list stage types (-v: with options)")
+    s.add_argument("-v", "--verbose", action="store_true")
+    s.set_defaults(func=cmd_stages)
+    sub.add_parser("schema", help="print a JSON Schema for config files").set_defaults(func=cmd_schema)
+    for name, target, help_ in (
+        ("listen", "pipeline.listen:main", "drop-in for the seed's ws_listener.py"),
+        ("emulate", "pipeline.emulator.cli:main", "run the local VideoDB-compatible emulator"),
+        ("worker", "pipeline.runtime.faust:worker_main", "run a faust worker for a faust-engine config"),
+    ):
+        d = sub.add_parser(name, help=help_, add_help=False)
+        d.add_argument("rest", nargs=argparse.REMAINDER)
+        d.set_defaults(func=_delegate(target))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except PipelineError as exc:
+        if os.environ.get("PIPELINE_DEBUG"):
+            raise
+        print(f"pipeline: {secrets.mask(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Where stage types come from: built-ins, the `pipeline.stages` entry points, `module:Class`.
+
+Built-ins are listed by import path so that nothing heavy (aiokafka, videodb)
+is imported until a config actually uses it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from importlib.metadata import entry_points
+from typing import Final
+
+from pipeline.api import Controller, Processor, Sink, Source, Stage
+
+KINDS: Final[dict[str, type[Stage]]] = {
+    "source": Source, "processor": Processor, "sink": Sink, "controller": Controller,
+}
+
+BUILTINS: Final[dict[str, dict[str, str]]] = {
+    "source": {
+        "replay": "stages.sources.replay:ReplaySource",
+        "websocket": "stages.sources.websocket:WebSocketSource",
+        "videodb": "stages.sources.videodb:VideoDBSource",
+        "kafka": "stages.sources.kafka:KafkaSource",
+    },
+    "processor": {
+        "filter": "stages.processors.filter:Filter",
+        "enrich": "stages.processors.enrich:Enrich",
+        "rules": "stages.processors.rules:Rules",
+    },
+    "sink": {
+        "jsonl": "stages.sinks.jsonl:JsonlSink",
+        "console": "stages.sinks.console:ConsoleSink",
+        "kafka": "stages.sinks.kafka:KafkaSink",
+        "alert_forwarder": "stages.sinks.alert_forwarder:AlertForwarder",
+    },
+    "controller": {
+        "capture_session": "stages.controller.capture_session:CaptureSessionController",
+    },
+}
+
+ENTRY_POINT_GROUP: Final = "pipeline.stages"
+
+
+class LookupFailed(Exception):
+    """A stage type could not be resolved; the message is user-facing."""
+
+
+def import_path(path: str) -> type[Stage]:
+    """Import `package.module:Class`."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise LookupFailed(f"cannot import module {module_name!r}: {exc}") from None
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise LookupFailed(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not (isinstance(obj, type) and issubclass(obj, Stage)):
+        raise LookupFailed(f"{path} is not a Source, Processor, Sink or Controller class")
+    return obj
+
+
+class Registry:
+    """Resolves `type:` names for one kind of stage. An object, so tests can build their own."""
+
+    def __init__(self, builtins: dict[str, dict[str, str]] | None = None, *, use_entry_points: bool = True):
+        self.builtins = {k: dict(v) for k, v in (BUILTINS if builtins is None else builtins).items()}
+        self.use_entry_points = use_entry_points
+        self._plugins: dict[str, str] | None = None
+
+    def plugins(self) -> dict[str, str]:
+        """Entry-point name -> `module:Class`; a name registered twice is an error naming both."""
+        if self._plugins is None:
+            found: dict[str, str] = {}
+            if self.use_entry_points:
+                for ep in entry_points(group=ENTRY_POINT_GROUP):
+                    if ep.name in found and found[ep.name] != ep.value:
+                        raise LookupFailed(
+                            f"stage type {ep.name!r} is registered twice: {found[ep.name]} and {ep.value}")
+                    found[ep.name] = ep.value
+            self._plugins = found
+        return self._plugins
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(set(self.builtins.get(kind, {})) | set(self.plugins()))
+
+    def resolve(self, kind: str, name: str) -> type[Stage]:
+        if ":" in name:
+            cls = import_path(name)
+        elif name in self.builtins.get(kind, {}):
+            cls = import_path(self.builtins[kind][name])
+        elif name in self.plugins():
+            cls = import_path(self.plugins()[name])
+        else:
+            hint = difflib.get_close_matches(name, self.names(kind), n=1)
+            known = ", ".join(self.builtins.get(kind, {}))
+            extra = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {known})"
+            raise LookupFailed(f"unknown {kind} type {name!r}{extra}")
+        if not issubclass(cls, KINDS[kind]):
+            raise LookupFailed(f"{name!r} is a {cls.kind or 'stage'}, not a {kind}")
+        return cls
+
+
+default_registry = Registry()

@@ -1,0 +1,251 @@
+"""The local runtime: one asyncio loop, source -> processors -> every sink, in batches.
+
+Each sink has a bounded queue; a slow sink makes `put()` wait, which stops the
+source from reading (backpressure), so nothing is dropped. SIGINT/SIGTERM stop
+the source; everything already read is processed, written and flushed before
+exit. A second signal forces an immediate exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from pipeline.build import Built, SinkSlot
+from pipeline.errors import PipelineError, StageError
+from pipeline.events import Batch
+
+log = logging.getLogger("pipeline.runtime")
+
+_DONE = None  # queue sentinel: no more batches
+
+
+class _Acks:
+    """Tracks which batches every sink has written, for sources that commit (Kafka)."""
+
+    def __init__(self, sinks: int) -> None:
+        self.done = [-1] * sinks
+
+    def mark(self, sink: int, index: int) -> None:
+        self.done[sink] = index
+
+    @property
+    def upto(self) -> int:
+        return min(self.done) if self.done else -1
+
+
+class LocalRuntime:
+    """Runs a built pipeline to completion and returns the exit code."""
+
+    def __init__(self, built: Built, *, install_signals: bool = True) -> None:
+        self.b = built
+        self.install_signals = install_signals
+        q = built.config.runtime.queue_size
+        self.queues: list[asyncio.Queue[tuple[int, Batch] | None]] = [asyncio.Queue(q) for _ in built.sinks]
+        self.acks = _Acks(len(built.sinks))
+        self.signals = 0
+        self.started = time.monotonic()
+        self.error: PipelineError | None = None
+        self._stopping = False
+
+    # -- control -----------------------------------------------------------------------
+    def _on_signal(self, signum: int) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            log.warning("received %s: stopping the source, draining and flushing (again to force exit)",
+                        signal.Signals(signum).name)
+            asyncio.get_running_loop().create_task(self.stop())
+        else:
+            sys.stderr.write("pipeline: second signal, exiting now without flushing\n")
+            sys.stderr.flush()
+            os._exit(130)
+
+    async def stop(self) -> None:
+        if not self._stopping:
+            self._stopping = True
+            await self.b.source.stop()
+
+    # -- tasks -----------------------------------------------------------------------
+    async def _ingest(self) -> None:
+        b = self.b
+        st = b.source.context.stats
+        ctrl = b.controller
+        chain = b.chain
+        index = 0
+        async for batch in b.source.batches():
+            st.received += len(batch)
+            if ctrl is not None:
+                ctrl.observe(batch)
+            out = chain(batch)
+            st.sent += len(batch)
+            for q in self.queues:
+                await q.put((index, out))
+            index += 1
+            if b.session.exit_requested and not self._stopping:
+                await self.stop()
+
+    async def _drain(self, i: int, slot: SinkSlot) -> None:
+        q = self.queues[i]
+        while True:
+            item = await q.get()
+            if item is None:
+                return
+            index, batch = item
+            routed = slot.route(batch)
+            slot.stats.received += len(batch)
+            if routed:
+                try:
+                    await slot.sink.write(routed)
+                except PipelineError:
+                    self._dead_letter_rest(i, slot, routed)
+                    raise
+                except Exception as exc:
+                    self._dead_letter_rest(i, slot, routed)
+                    raise StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}") from exc
+                slot.stats.sent += len(routed)
+            self.acks.mark(i, index)
+
+    def _dead_letter_rest(self, i: int, slot: SinkSlot, first: Batch) -> None:
+        """A sink died: what it had not written goes to the dead-letter file, counted."""
+        pending = [first]
+        q = self.queues[i]
+        while not q.empty():
+            item = q.get_nowait()
+            if item is not None:
+                pending.append(slot.route(item[1]))
+        for batch in pending:
+            for event in batch:
+                slot.stats.errors += 1
+                try:
+                    self.b.dead_letter.write("sink failed before writing", stage=slot.stats.name, event=event)
+                except PipelineError:
+                    return
+
+    async def _commit_loop(self) -> None:
+        commit = getattr(self.b.source, "commit", None)
+        if commit is None:
+            return
+        last = -1
+        while True:
+            await asyncio.sleep(1.0)
+            last = await self._commit(commit, last)
+
+    async def _commit(self, commit: Any, last: int) -> int:
+        upto = self.acks.upto
+        if upto > last:
+            for slot in self.b.sinks:
+                await slot.sink.flush()
+            await commit(upto)
+        return max(upto, last)
+
+    async def _watch_exit(self) -> None:
+        await self.b.session.wait_exit()
+        await self.stop()
+
+    # -- run ----------------------------------------------------------------------------
+    async def run(self) -> int:
+        b = self.b
+        loop = asyncio.get_running_loop()
+        if self.install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        started: list[SinkSlot] = []
+        helpers: list[asyncio.Task[Any]] = []
+        try:
+            for slot in b.sinks:
+                await slot.sink.start()
+                started.append(slot)
+            drains = [asyncio.create_task(self._drain(i, s), name=s.stats.name) for i, s in enumerate(b.sinks)]
+            if b.controller is not None:
+                helpers.append(asyncio.create_task(b.controller.start(), name="controller"))
+            helpers.append(asyncio.create_task(self._watch_exit(), name="exit-watch"))
+            helpers.append(asyncio.create_task(self._commit_loop(), name="commit"))
+            ingest = asyncio.create_task(self._ingest(), name="ingest")
+            await self._supervise(ingest, drains, helpers)
+        except PipelineError as exc:
+            self.error = exc
+        finally:
+            for t in helpers:
+                t.cancel()
+            await self._close(started)
+            if self.install_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+        if self.error is not None:
+            return self.error.exit_code
+        return b.session.exit_code or 0
+
+    async def _supervise(self, ingest: asyncio.Task[None], drains: list[asyncio.Task[None]],
+                         helpers: list[asyncio.Task[Any]]) -> None:
+        """Wait for the source to end; fail fast if a sink or the controller fails."""
+        watched = {ingest, *drains, *helpers}
+        while not ingest.done():
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                watched.discard(t)
+                if t.cancelled() or t.exception() is None:
+                    continue
+                exc = t.exception()
+                await self.stop()
+                if t is not ingest:
+                    ingest.cancel()
+                    for d in drains:
+                        d.cancel()
+                raise exc if isinstance(exc, PipelineError) else StageError(
+                    f"{t.get_name()}: {type(exc).__name__}: {exc}")
+        ingest.result()
+        for q in self.queues:
+            await q.put(_DONE)
+        timeout = b_timeout = self.b.config.runtime.drain_timeout
+        done, pending = await asyncio.wait(drains, timeout=timeout)
+        for t in done:
+            if t.exception() is not None:
+                exc = t.exception()
+                raise exc if isinstance(exc, PipelineError) else StageError(str(exc))
+        if pending:
+            for t in pending:
+                t.cancel()
+            raise StageError(f"sinks did not drain within drain_timeout={b_timeout}s: "
+                             + ", ".join(t.get_name() for t in pending))
+        commit = getattr(self.b.source, "commit", None)
+        if commit is not None:
+            await self._commit(commit, -1)
+
+    async def _close(self, started: list[SinkSlot]) -> None:
+        for slot in started:
+            try:
+                await slot.sink.close()
+            except PipelineError as exc:
+                self.error = self.error or exc
+            except Exception as exc:
+                self.error = self.error or StageError(f"{slot.stats.name}: close failed: {exc}")
+        if self.b.controller is not None:
+            try:
+                await self.b.controller.close()
+            except Exception as exc:
+                log.warning("controller: close failed: %s", exc)
+        self.b.dead_letter.close()
+
+    def summary(self) -> str:
+        b = self.b
+        lines = [f"summary: pipeline {b.config.name!r} ran {time.monotonic() - self.started:.1f}s"]
+        for st in b.stats:
+            if st.kind == "source":
+                lines.append(f"  {st.name:<28} read {st.received:>9}   rejected {st.dropped}")
+            elif st.kind == "processor":
+                lines.append(f"  {st.name:<28} in {st.received:>11}   out {st.sent:>9}"
+                             f"   dropped {max(0, st.received - st.sent)}"
+                             + (f"   errors {st.errors}" if st.errors else ""))
+            elif st.kind == "sink":
+                lines.append(f"  {st.name:<28} written {st.sent:>6}" + (f"   failed {st.errors}" if st.errors else ""))
+        lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
+        lines.append(f"  dead-lettered: {b.dead_letter.count}" +
+                     (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))
+        if b.session.exit_reason:
+            lines.append(f"  ended: {b.session.exit_reason}")
+        return "\n".join(lines)

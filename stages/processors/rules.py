@@ -1,0 +1,171 @@
+"""Processor `rules`: keyword triggers that turn matching events into alerts.
+
+All keywords of all rules on a channel go into one matcher per match mode, so
+the cost per event does not grow with the number of rules. Cooldowns and
+windows run on event time (never the wall clock): a replay at any speed fires
+the same alerts. State lives in `context.state`, so the faust runtime can keep
+it in a table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.api import Batch, Context, Event, Options, Processor
+from pipeline.events import canonical, event_time_ms
+from pipeline.types import Duration
+from stages.globs import glob_matcher
+from stages.processors.matchers import Hits, RegexMatcher, SubstringMatcher, WordMatcher
+
+TEXT_CHANNELS = ["transcript", "visual_index", "audio_index"]
+
+
+class Rule(Options):
+    name: str = Field(description="becomes the alert's data.event_label")
+    keywords: list[str] = Field(min_length=1, description="case-insensitive keywords (or regexes)")
+    match: Literal["word", "substring", "regex"] = Field(default="word", description="word = whole words")
+    channels: list[str] = Field(default_factory=lambda: list(TEXT_CHANNELS))
+    rtstream_names: list[str] | None = Field(default=None, description="globs such as 'display:*'")
+    cooldown: Duration = Field(default=0.0, description="quiet time per rule and rtstream after an alert")
+    window: Duration | None = Field(default=None, description="with min_count: count matches in this window")
+    min_count: int = Field(default=1, ge=1, description="matches needed within window to fire")
+    severity: str = "info"
+
+    @field_validator("keywords")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if any(not k.strip() for k in v):
+            raise ValueError("keywords must not be empty strings")
+        return v
+
+    @model_validator(mode="after")
+    def _keywords_compile(self) -> Rule:
+        matchers: dict[str, type[WordMatcher | SubstringMatcher | RegexMatcher]] = {
+            "word": WordMatcher, "substring": SubstringMatcher, "regex": RegexMatcher}
+        probe = matchers[self.match]()
+        for k in self.keywords:
+            probe.add(0, k)
+        if self.min_count > 1 and self.window is None:
+            raise ValueError("min_count needs a window (e.g. window: 5m)")
+        return self
+
+
+class RulesOptions(Options):
+    rules: list[Rule] = Field(min_length=1)
+
+
+@dataclass(slots=True)
+class _Compiled:
+    rule: Rule
+    names: Any  # glob matcher or None
+    cooldown_ms: int
+    window_ms: int
+
+
+class _ChannelMatcher:
+    """The three matchers for one channel, used together."""
+
+    __slots__ = ("regex", "substring", "word")
+
+    def __init__(self) -> None:
+        self.word = WordMatcher()
+        self.substring = SubstringMatcher()
+        self.regex = RegexMatcher()
+
+    def freeze(self) -> None:
+        self.word.freeze()
+        self.substring.freeze()
+        self.regex.freeze()
+
+    def match(self, text: str) -> Hits:
+        hits: Hits = {}
+        lowered = text.lower()
+        self.word.match(lowered, hits)
+        self.substring.match(lowered, hits)
+        self.regex.match(text, hits)
+        return hits
+
+
+class Rules(Processor):
+    """Emits an alert (DESIGN.md §3 shape) after each event that fires a rule; the event flows on."""
+
+    name = "rules"
+    Options = RulesOptions
+
+    def __init__(self, options: RulesOptions, context: Context) -> None:
+        super().__init__(options, context)
+        self._rules = [_Compiled(r, glob_matcher(r.rtstream_names), int(r.cooldown * 1000),
+                                 int((r.window or 0) * 1000)) for r in options.rules]
+        self._by_channel: dict[str, _ChannelMatcher] = {}
+        for i, r in enumerate(options.rules):
+            for ch in {canonical(c) for c in r.channels}:
+                m = self._by_channel.setdefault(ch, _ChannelMatcher())
+                for k in r.keywords:
+                    getattr(m, r.match).add(i, k)
+        for m in self._by_channel.values():
+            m.freeze()
+        self._last_fired = context.state.get("rules.last_fired")  # "rule|rtstream" -> event ms
+        self._windows = context.state.get("rules.windows")  # "rule|rtstream" -> [event ms, ...]
+        self.fired = 0
+
+    def process(self, batch: Batch) -> Batch:
+        out: Batch | None = None  # allocated only once a batch produces an alert
+        by_channel = self._by_channel
+        for i, event in enumerate(batch):
+            if out is not None:
+                out.append(event)
+            ch = event.get("channel")
+            m = by_channel.get("visual_index" if ch == "scene_index" else ch)  # type: ignore[arg-type]
+            if m is None:
+                continue
+            data = event.get("data")
+            text = data.get("text") if isinstance(data, dict) else None
+            if not isinstance(text, str) or not text:
+                continue
+            hits = m.match(text)
+            if hits:
+                alerts = self._fire(event, text, hits)
+                if alerts:
+                    if out is None:
+                        out = batch[: i + 1]
+                    out.extend(alerts)
+        return batch if out is None else out
+
+    def _fire(self, event: Event, text: str, hits: Hits) -> list[Event]:
+        alerts: list[Event] = []
+        when = event_time_ms(event)
+        stream = str(event.get("rtstream_id") or event.get("rtstream_name") or "")
+        for idx in sorted(hits):
+            c = self._rules[idx]
+            if c.names is not None and not c.names(str(event.get("rtstream_name") or "")):
+                continue
+            key = f"{c.rule.name}|{stream}"
+            if c.window_ms:
+                times = [t for t in self._windows.get(key, ()) if t > when - c.window_ms]
+                times.append(when)
+                if len(times) < c.rule.min_count:
+                    self._windows[key] = times[-c.rule.min_count:]
+                    continue
+                self._windows[key] = []
+            last = self._last_fired.get(key)
+            if last is not None and c.cooldown_ms and last <= when < last + c.cooldown_ms:
+                continue
+            self._last_fired[key] = when
+            alerts.append(self._alert(event, text, c.rule, hits[idx], when))
+        self.fired += len(alerts)
+        return alerts
+
+    def _alert(self, event: Event, text: str, rule: Rule, matched: list[str], when: int) -> Event:
+        alert: Event = {"channel": "alert", "origin": "rules"}
+        for key in ("rtstream_id", "rtstream_name", "capture_session_id"):
+            if key in event:
+                alert[key] = event[key]
+        alert["data"] = {"event_label": rule.name, "timestamp": when, "text": text, "severity": rule.severity,
+                         "matched": matched, "source_channel": canonical(str(event.get("channel")))}
+        for key in ("ts", "unix_ts"):
+            if key in event:
+                alert[key] = event[key]
+        return alert

@@ -1,0 +1,157 @@
+"""Source `websocket`: any server that sends VideoDB's JSON messages over a WebSocket.
+
+Frames are read by one task into a list; `batches()` yields whatever has
+arrived since the last batch, so batching adds no latency. Non-JSON frames,
+JSON that is not an object and oversized frames go to the dead-letter file.
+Drops reconnect with exponential backoff. Subclasses (the `videodb` source)
+override `open()` to obtain the socket another way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from pydantic import Field
+
+from pipeline.api import Batch, Context, Options, Source
+from pipeline.backoff import Backoff
+from pipeline.errors import StageError
+from pipeline.events import Stamper
+from pipeline.types import Duration
+
+log = logging.getLogger("pipeline.source.websocket")
+
+
+class WebSocketOptions(Options):
+    url: str = Field(description="ws:// or wss:// URL (TLS certificates are verified)")
+    max_message_bytes: int = Field(default=1 << 20, ge=1, description="larger frames are dead-lettered")
+    backoff_initial: Duration = 1.0
+    backoff_max: Duration = 60.0
+    max_retries: int | None = Field(default=None, ge=0, description="give up after N failed reconnects")
+    batch_max: int = Field(default=1024, ge=1, description="most events per yielded batch")
+
+
+class WebSocketSource(Source):
+    """Reads JSON messages from a WebSocket, stamps them and yields batches."""
+
+    name = "websocket"
+    Options = WebSocketOptions
+
+    def __init__(self, options: Any, context: Context) -> None:
+        super().__init__(options, context)
+        self._pending: list[Any] = []
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self._done = False
+        self._ws: Any = None
+        self._stamp = Stamper()
+        self.connection_id: str | None = None
+        self.connects = 0
+
+    async def open(self) -> tuple[Any, str | None]:
+        """Connect; returns (websockets connection, connection id or None)."""
+        import websockets
+
+        ws = await websockets.connect(self.options.url, max_size=None)
+        first = await ws.recv()
+        conn_id = None
+        try:
+            msg = orjson.loads(first)
+        except orjson.JSONDecodeError:
+            msg = None
+        if isinstance(msg, dict) and set(msg) <= {"connection_id", "type", "status"} and "connection_id" in msg:
+            conn_id = str(msg["connection_id"])
+        else:
+            self._accept(first)
+        return ws, conn_id
+
+    def describe(self) -> str:
+        return self.options.url
+
+    def _accept(self, frame: str | bytes) -> None:
+        """Parse one frame into the pending list, or dead-letter it with the reason."""
+        size = len(frame)
+        if size > self.options.max_message_bytes:
+            self._reject(f"frame of {size} bytes exceeds max_message_bytes={self.options.max_message_bytes}",
+                         frame[:1024])
+            return
+        try:
+            event = orjson.loads(frame)
+        except orjson.JSONDecodeError as exc:
+            self._reject(f"not JSON: {exc}", frame)
+            return
+        if not isinstance(event, dict):
+            self._reject(f"JSON {type(event).__name__}, not an object", frame)
+            return
+        self._pending.append(self._stamp(event))
+        if len(self._pending) == 1:
+            self._ready.set()
+
+    def _reject(self, reason: str, frame: str | bytes) -> None:
+        self.context.stats.dropped += 1
+        self.context.dead_letter.write(reason, stage=self.context.stage,
+                                       origin={"source": self.describe(), "connection_id": self.connection_id},
+                                       raw=frame)
+
+    async def _read_loop(self) -> None:
+        import websockets
+
+        backoff = Backoff(self.options.backoff_initial, self.options.backoff_max,
+                          max_retries=self.options.max_retries)
+        try:
+            while not self._stopping:
+                try:
+                    self._ws, conn_id = await self.open()
+                except (TimeoutError, OSError, websockets.WebSocketException, StageError) as exc:
+                    delay = backoff.next()
+                    if delay is None:
+                        raise StageError(f"{self.describe()}: gave up after {backoff.attempt} reconnect attempts: "
+                                         f"{exc}") from None
+                    log.warning("%s: connect failed (%s); retry %d in %.1fs", self.describe(), exc,
+                                backoff.attempt, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                backoff.reset()
+                self.connects += 1
+                self.connection_id = conn_id
+                log.info("%s: connected%s", self.describe(), f" (connection id {conn_id})" if conn_id else "")
+                if conn_id:
+                    await self.context.session.announce_connection(conn_id)
+                try:
+                    async for frame in self._ws:
+                        self._accept(frame)
+                except websockets.ConnectionClosed as exc:
+                    if not self._stopping:
+                        log.warning("%s: connection dropped (%s); reconnecting", self.describe(), exc)
+                finally:
+                    await self._ws.close()
+        finally:
+            self._done = True
+            self._ready.set()
+
+    async def batches(self) -> AsyncIterator[Batch]:
+        reader = asyncio.create_task(self._read_loop(), name=f"{self.context.stage}-reader")
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                while self._pending:
+                    batch = self._pending[: self.options.batch_max]
+                    del self._pending[: self.options.batch_max]
+                    yield batch
+                if self._done:
+                    break
+            await reader  # surfaces a StageError from the reader
+        finally:
+            if not reader.done():
+                reader.cancel()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._ws is not None:
+            await self._ws.close()
+        self._ready.set()

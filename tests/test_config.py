@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.yamlpos import load
+
+BASE = """name: t
+source: {type: replay, path: x.jsonl}
+stages:
+  - type: filter
+    channels: [transcript]
+  - type: rules
+    rules:
+      - name: r
+        keywords: [code]
+        cooldown: %s
+sinks:
+  - {type: jsonl, path: out/x.jsonl}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    return p
+
+
+def error_of(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env=env or {})
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_valid_config_resolves_stages(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, BASE % "30s"), env={})
+    assert [s.type_name for s in cfg.stages] == ["filter", "rules"]
+    assert cfg.stages[1].options.rules[0].cooldown == 30.0  # type: ignore[attr-defined]
+    assert cfg.dead_letter == Path("out/t/dead-letter.jsonl")
+
+
+def test_bad_duration_names_file_line_and_key_path(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE % "soon")
+    assert msg.startswith(f"{tmp_path / 'p.yaml'}:10:")
+    assert "stages[1].rules[0].cooldown" in msg
+    assert "expected a duration like 30s" in msg and "'soon'" in msg
+
+
+def test_unknown_key_did_you_mean(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE.replace("channels: [transcript]", "chanels: [transcript]") % "1s")
+    assert ":5:5: stages[0].chanels: unknown key (did you mean 'channels'?)" in msg
+
+
+def test_unknown_nested_key(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE.replace("keywords: [code]", "keywords: [code]\n        severty: high") % "1s")
+    assert "stages[1].rules[0].severty: unknown key (did you mean 'severity'?)" in msg
+    assert ":10:9:" in msg
+
+
+def test_unknown_stage_type_did_you_mean(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE.replace("type: filter", "type: filtr") % "1s")
+    assert "stages[0].type: unknown processor type 'filtr' (did you mean 'filter'?)" in msg
+    assert ":4:" in msg
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    assert "sink: unknown key (did you mean 'sinks'?)" in error_of(tmp_path, BASE % "1s" + "sink: []\n")
+
+
+def test_env_interpolation(tmp_path: Path) -> None:
+    text = BASE.replace("path: x.jsonl}", "path: '${EV_PATH}'}")
+    text = text.replace("out/x.jsonl", "'${OUT:-out/default.jsonl}'") % "1s"
+    cfg = load_config(write(tmp_path, text), env={"EV_PATH": "events.jsonl"})
+    assert cfg.source.options.path == "events.jsonl"  # type: ignore[attr-defined]
+    assert cfg.sinks[0].options.path == "out/default.jsonl"  # type: ignore[attr-defined]
+
+
+def test_missing_env_var_names_it_and_line(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE.replace("path: x.jsonl}", "path: '${NOPE_VAR}'}") % "1s")
+    assert ":2:" in msg and "NOPE_VAR is not set" in msg
+
+
+def test_plain_interpolated_scalars_get_types(tmp_path: Path) -> None:
+    data, _ = load("a: ${N:-4}\nb: '${N:-4}'\n", "f", {})
+    assert data == {"a": 4, "b": "4"}
+
+
+def test_yaml_syntax_error_has_position(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, "name: t\nsource: [unclosed\n")
+    assert "invalid YAML" in msg and "p.yaml:" in msg
+
+
+def test_unsafe_yaml_tags_are_rejected(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, "name: !!python/object/apply:os.system ['true']\n")
+    assert "p.yaml:1:" in msg
+
+
+def test_plugin_by_entry_point_and_module_path(tmp_path: Path) -> None:
+    for type_name in ("shout", "demo_plugin:Shout"):
+        text = BASE.replace("type: filter", f"type: {type_name}") % "1s"
+        cfg = load_config(write(tmp_path, text), env={})
+        assert cfg.stages[0].cls.__name__ == "Shout"
+
+
+def test_plugin_of_wrong_kind(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE.replace("type: jsonl", "type: demo_plugin:Shout") % "1s")
+    assert "sinks[0].type" in msg and "not a sink" in msg
+
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(doc=st.dictionaries(st.sampled_from(["name", "source", "stages", "sinks", "runtime", "videodb", "x"]),
+                           yaml_values, max_size=6))
+def test_random_documents_only_raise_config_errors(tmp_path: Path, doc: dict[str, object]) -> None:
+    try:
+        load_config(write(tmp_path, yaml.safe_dump(doc)), env={})
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(text=st.text(max_size=80))
+def test_random_text_only_raises_config_errors(tmp_path: Path, text: str) -> None:
+    try:
+        load_config(write(tmp_path, text), env={})
+    except ConfigError as exc:
+        assert str(tmp_path / "p.yaml") in str(exc)
