@@ -1,0 +1,37 @@
+"""Test-only stages used by `type: tests.slow_sink:...` in runtime tests."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import Field
+
+from pipeline.api import Batch, Sink, SinkOptions
+
+
+class SlowOptions(SinkOptions):
+    delay: float = Field(default=0.05)
+    path: str
+
+
+class SlowSink(Sink):
+    """Sleeps per batch, then appends the number of events it got to a file (to prove nothing is dropped)."""
+
+    name = "slow"
+    Options = SlowOptions
+
+    async def write(self, batch: Batch) -> None:
+        await asyncio.sleep(self.options.delay)
+        with open(self.options.path, "a") as fh:
+            fh.write(f"{len(batch)}\n")
+
+
+class FailingSink(Sink):
+    """Fails on its first write, like a disk that filled up."""
+
+    name = "failing"
+
+    async def write(self, batch: Batch) -> None:
+        from pipeline.errors import StageError
+
+        raise StageError("/fake/path: cannot write: No space left on device")

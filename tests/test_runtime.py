@@ -1,0 +1,291 @@
+"""End-to-end runs of the local runtime with real files, sockets, subprocesses and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from pipeline.build import build
+from pipeline.config import load_config
+from pipeline.runtime.local import LocalRuntime
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "config/samples/meeting-session.jsonl"
+PIPELINE = [sys.executable, "-m", "pipeline.cli"]
+
+
+def lines(path: Path) -> list[dict]:
+    return [orjson.loads(x) for x in path.read_bytes().splitlines()]
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 60):
+    return subprocess.run([*PIPELINE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def test_demo_config_end_to_end(tmp_path: Path) -> None:
+    cfg = (ROOT / "config/demo.yaml").read_text().replace("out/demo", str(tmp_path / "demo"))
+    (tmp_path / "demo.yaml").write_text(cfg.replace("config/samples", str(ROOT / "config/samples")))
+    res = run_cli("run", str(tmp_path / "demo.yaml"))
+    assert res.returncode == 0, res.stderr
+    assert "[ALERT critical secret-exposed display:1]" in res.stdout
+    events, alerts = lines(tmp_path / "demo/events.jsonl"), lines(tmp_path / "demo/alerts.jsonl")
+    sample = lines(SAMPLE)
+    assert all("ts" in e and "unix_ts" in e for e in events)
+    assert not any(e.get("data", {}).get("is_final") is False for e in events)
+    rule_alerts = [a for a in alerts if a.get("origin") == "rules"]
+    assert {a["data"]["event_label"] for a in rule_alerts} == {"code-on-screen", "secret-exposed", "chat-distraction"}
+    assert len(alerts) == len(rule_alerts) + sum(1 for e in sample if e.get("channel") == "alert")
+    assert "alerts fired by rules: %d" % len(rule_alerts) in res.stderr
+    assert oct((tmp_path / "demo/events.jsonl").stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "demo").stat().st_mode & 0o777) == "0o700"
+
+
+def write_config(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "p.yaml"
+    p.write_text(body)
+    return p
+
+
+def make_events(path: Path, n: int, *, start: int = 0) -> None:
+    with path.open("wb") as fh:
+        for i in range(start, start + n):
+            fh.write(orjson.dumps({"channel": "transcript", "rtstream_id": "rts-1", "id": i,
+                                   "data": {"text": f"line {i}", "is_final": True, "start": i}}) + b"\n")
+
+
+async def test_slow_sink_backpressure_drops_nothing(tmp_path: Path) -> None:
+    make_events(tmp_path / "in.jsonl", 5000)
+    cfg = load_config(write_config(tmp_path, f"""
+name: bp
+source: {{type: replay, path: {tmp_path}/in.jsonl, batch_size: 100}}
+runtime: {{queue_size: 2}}
+sinks:
+  - {{type: "tests.slow_sink:SlowSink", path: {tmp_path}/counts.txt, delay: 0.01}}
+  - {{type: jsonl, path: {tmp_path}/out.jsonl}}
+"""))
+    rt = LocalRuntime(build(cfg), install_signals=False)
+    assert await rt.run() == 0
+    counts = [int(x) for x in (tmp_path / "counts.txt").read_text().split()]
+    assert sum(counts) == 5000 and len(counts) == 50
+    assert [e["id"] for e in lines(tmp_path / "out.jsonl")] == list(range(5000))
+
+
+async def test_replay_dead_letters_bad_lines_and_goes_on(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"channel": "transcript", "data": {"text": "a"}}\nnot json\n[1, 2]\n\n'
+                    b'{"channel": "transcript", "data": {"text": "b"}}\n{"channel": "transc')
+    cfg = load_config(write_config(tmp_path, f"""
+name: dl
+source: {{type: replay, path: {src}}}
+sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl}}]
+dead_letter: {tmp_path}/dead.jsonl
+"""))
+    rt = LocalRuntime(build(cfg), install_signals=False)
+    assert await rt.run() == 0
+    assert [e["data"]["text"] for e in lines(tmp_path / "out.jsonl")] == ["a", "b"]
+    dead = lines(tmp_path / "dead.jsonl")
+    assert [(d["origin"]["line"], d["reason"].split(":")[0]) for d in dead] == [
+        (2, "not JSON"), (3, "JSON list, not an object"), (6, "truncated last line")]
+    assert all(d["origin"]["file"] == str(src) for d in dead)
+    assert "dead-lettered: 3" in rt.summary()
+
+
+async def test_replay_speed_paces_by_unix_ts(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps({"channel": "x", "unix_ts": 1000 + i * 0.5, "ts": "keep"}) + b"\n"
+                             for i in range(5)))
+    cfg = load_config(write_config(tmp_path, f"""
+name: sp
+source: {{type: replay, path: {src}, speed: 4}}
+sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl}}]
+"""))
+    t0 = time.monotonic()
+    assert await LocalRuntime(build(cfg), install_signals=False).run() == 0
+    assert time.monotonic() - t0 >= 0.45  # 2 s of event time at 4x
+    assert [e["ts"] for e in lines(tmp_path / "out.jsonl")] == ["keep"] * 5
+
+
+async def test_failing_sink_is_one_clear_error(tmp_path: Path) -> None:
+    make_events(tmp_path / "in.jsonl", 10)
+    cfg = load_config(write_config(tmp_path, f"""
+name: fail
+source: {{type: replay, path: {tmp_path}/in.jsonl}}
+sinks: [{{type: "tests.slow_sink:FailingSink"}}]
+dead_letter: {tmp_path}/dead.jsonl
+"""))
+    rt = LocalRuntime(build(cfg), install_signals=False)
+    assert await rt.run() == 1
+    assert "No space left on device" in str(rt.error)
+    assert len(lines(tmp_path / "dead.jsonl")) == 10
+
+
+def test_unwritable_path_one_line_nonzero_exit(tmp_path: Path) -> None:
+    make_events(tmp_path / "in.jsonl", 3)
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    p = write_config(tmp_path, f"""
+name: ro
+source: {{type: replay, path: {tmp_path}/in.jsonl}}
+sinks: [{{type: jsonl, path: {ro}/sub/out.jsonl}}]
+""")
+    res = run_cli("run", str(p), cwd=tmp_path)
+    if os.geteuid() == 0:  # root ignores directory modes; use a file where a directory should be
+        (tmp_path / "file").write_text("")
+        p.write_text(p.read_text().replace(f"{ro}/sub", f"{tmp_path}/file/sub"))
+        res = run_cli("run", str(p), cwd=tmp_path)
+    assert res.returncode == 1
+    err = [ln for ln in res.stderr.splitlines() if ln.startswith("pipeline:")]
+    assert len(err) == 1 and "/sub" in err[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_config_error_is_one_line_exit_2(tmp_path: Path) -> None:
+    p = write_config(tmp_path, "name: x\nsource: {type: replai, path: a}\nsinks: [{type: jsonl, path: b}]\n")
+    res = run_cli("run", str(p))
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"pipeline: {p}:2:10: source.type: unknown source type 'replai' (did you mean 'replay'?)"
+
+
+def test_validate_masks_secrets(tmp_path: Path) -> None:
+    p = write_config(tmp_path, """
+name: v
+videodb: {api_key: "${KEY}"}
+source: {type: replay, path: a.jsonl}
+sinks: [{type: jsonl, path: b.jsonl}]
+""")
+    res = run_cli("validate", str(p), env={"KEY": "sk-very-secret-123"})
+    assert res.returncode == 0 and "sk-very-secret-123" not in res.stdout + res.stderr
+
+
+async def _ws_server(frames: list[str | bytes], hold: asyncio.Event):
+    import websockets
+
+    async def handler(ws) -> None:  # type: ignore[no-untyped-def]
+        await ws.send('{"connection_id": "conn-1"}')
+        for f in frames:
+            await ws.send(f)
+        await hold.wait()
+
+    return await websockets.serve(handler, "127.0.0.1", 0)
+
+
+async def test_websocket_source_stamps_and_dead_letters(tmp_path: Path) -> None:
+    hold = asyncio.Event()
+    good = [orjson.dumps({"channel": "transcript", "data": {"text": f"t{i}"}}).decode() for i in range(50)]
+    frames = [*good[:25], "garbage{", "[1]", "x" * 3000, *good[25:]]
+    server = await _ws_server(frames, hold)
+    port = server.sockets[0].getsockname()[1]
+    cfg = load_config(write_config(tmp_path, f"""
+name: ws
+source: {{type: websocket, url: "ws://127.0.0.1:{port}/", max_message_bytes: 2048}}
+sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl, flush_interval: 0.05s}}]
+dead_letter: {tmp_path}/dead.jsonl
+"""))
+    built = build(cfg)
+    rt = LocalRuntime(built, install_signals=False)
+    task = asyncio.create_task(rt.run())
+    for _ in range(200):
+        if (tmp_path / "out.jsonl").exists() and len(lines(tmp_path / "out.jsonl")) == 50:
+            break
+        await asyncio.sleep(0.02)
+    assert built.session.connection_id == "conn-1"
+    await rt.stop()
+    assert await task == 0
+    hold.set()
+    server.close()
+    out = lines(tmp_path / "out.jsonl")
+    assert [e["data"]["text"] for e in out] == [f"t{i}" for i in range(50)]
+    assert all(e["ts"].endswith("Z") and isinstance(e["unix_ts"], float) for e in out)
+    reasons = [d["reason"] for d in lines(tmp_path / "dead.jsonl")]
+    assert reasons[0].startswith("not JSON") and reasons[1] == "JSON list, not an object"
+    assert "exceeds max_message_bytes=2048" in reasons[2]
+
+
+def test_sigterm_drains_everything_received(tmp_path: Path) -> None:
+    """A websocket server floods events; SIGTERM mid-stream; every event the pipeline read is on disk."""
+    server = tmp_path / "server.py"
+    server.write_text("""
+import asyncio, sys, orjson, websockets
+async def handler(ws):
+    await ws.send('{"connection_id": "c"}')
+    i = 0
+    while True:
+        await ws.send(orjson.dumps({"channel": "transcript", "id": i, "data": {"text": "x"}}))
+        i += 1
+        if i % 100 == 0:
+            await asyncio.sleep(0)
+async def main():
+    s = await websockets.serve(handler, "127.0.0.1", 0)
+    print(s.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Future()
+asyncio.run(main())
+""")
+    srv = subprocess.Popen([sys.executable, str(server)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(srv.stdout.readline())  # type: ignore[union-attr]
+        p = write_config(tmp_path, f"""
+name: term
+source: {{type: websocket, url: "ws://127.0.0.1:{port}/"}}
+sinks:
+  - {{type: jsonl, path: {tmp_path}/a.jsonl}}
+  - {{type: "tests.slow_sink:SlowSink", path: {tmp_path}/counts.txt, delay: 0.001}}
+""")
+        proc = subprocess.Popen([*PIPELINE, "run", str(p)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.time() + 20
+        while time.time() < deadline and (not (tmp_path / "a.jsonl").exists()
+                                           or (tmp_path / "a.jsonl").stat().st_size < 200_000):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        srv.kill()
+    raw = (tmp_path / "a.jsonl").read_bytes()
+    assert raw.endswith(b"\n")
+    ids = [e["id"] for e in lines(tmp_path / "a.jsonl")]
+    assert ids == list(range(len(ids))) and len(ids) > 1000
+    assert sum(int(x) for x in (tmp_path / "counts.txt").read_text().split()) == len(ids)
+    read = int(next(ln for ln in err.splitlines() if "source:websocket" in ln).split()[2])
+    assert read == len(ids)
+
+
+def test_second_signal_forces_exit(tmp_path: Path) -> None:
+    make_events(tmp_path / "in.jsonl", 2000)
+    p = write_config(tmp_path, f"""
+name: force
+source: {{type: replay, path: {tmp_path}/in.jsonl, batch_size: 1}}
+runtime: {{queue_size: 1}}
+sinks: [{{type: "tests.slow_sink:SlowSink", path: {tmp_path}/c.txt, delay: 5}}]
+""")
+    proc = subprocess.Popen([*PIPELINE, "run", str(p)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130 and "second signal" in err
+
+
+@pytest.mark.parametrize("name", ["events.jsonl"])
+async def test_jsonl_refuses_symlink(tmp_path: Path, name: str) -> None:
+    (tmp_path / "real").write_text("")
+    (tmp_path / name).symlink_to(tmp_path / "real")
+    make_events(tmp_path / "in.jsonl", 1)
+    cfg = load_config(write_config(tmp_path, f"""
+name: sym
+source: {{type: replay, path: {tmp_path}/in.jsonl}}
+sinks: [{{type: jsonl, path: {tmp_path}/{name}}}]
+"""))
+    rt = LocalRuntime(build(cfg), install_signals=False)
+    assert await rt.run() == 1 and "symlink" in str(rt.error)
