@@ -1,0 +1,172 @@
+"""The emulator server: VideoDB API + WebSocket + `/_emulator/*` test hooks on one aiohttp app.
+
+Why: the real SDK, the controller and the demo run offline against it, and
+tests assert what the controller did through the recorded calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from pipeline.emulator import scenario as sc
+from pipeline.emulator.hub import Hub
+from pipeline.emulator.player import Player
+from pipeline.emulator.routes import Api, ApiError, Handler
+from pipeline.emulator.state import Registry
+from pipeline.errors import StageError
+
+_HOOKS = "/_emulator"
+_BODY = web.RequestKey("emulator_body", dict)  # the parsed JSON body, read once by the middleware
+
+
+class Emulator:
+    """A local VideoDB-compatible server playing a scenario to the SDK.
+
+    `speed`: 1 = the scenario's timing, 10 = ten times faster, 0 = as fast as possible.
+    `drop_after`/`garbage_every`: fault injection per WebSocket connection.
+    `api_key`: when set, any other key gets a 401 (the SDK raises AuthenticationError).
+    `autostart`: a created session goes starting -> active by itself (else POST
+    `/_emulator/sessions/{id}/start`). `settle`/`setup_timeout`: scenario time starts
+    once no pipeline setup call came for `settle` s (or `setup_timeout` s after active).
+    """
+
+    def __init__(self, scenario: str | Path | None = None, *, speed: float = 1.0,
+                 drop_after: int | None = None, garbage_every: int | None = None,
+                 api_key: str | None = None, autostart: bool = True,
+                 settle: float = 0.3, setup_timeout: float = 10.0) -> None:
+        if speed < 0:
+            raise StageError(f"emulator: speed must be >= 0, got {speed}")
+        for name, n in (("drop_after", drop_after), ("garbage_every", garbage_every)):
+            if n is not None and n < 1:
+                raise StageError(f"emulator: {name} must be >= 1, got {n}")
+        self.scenario = sc.load(scenario)
+        self.api_key = api_key or None
+        self.hub = Hub(drop_after=drop_after, garbage_every=garbage_every)
+        self.registry = Registry()
+        self.player = Player(self.registry, self.hub, speed=speed, autostart=autostart,
+                             settle=settle, setup_timeout=setup_timeout)
+        self.api = Api(self.registry, self.hub, self.player, self.scenario)
+        self.calls: list[dict[str, Any]] = []
+        self.base_url = ""
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def emitted(self) -> list[dict[str, Any]]:
+        """Every event generated for delivery: `{"connection_id", "event"}`."""
+        return self.player.emitted
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen on host:port (port 0 = a free port); `base_url` is valid afterwards."""
+        app = web.Application(middlewares=[self._middleware], client_max_size=4 * 1024 * 1024)
+        for method, path, handler in self.api.routes():
+            app.router.add_route(method, path, self._wrap(handler))
+        app.router.add_get("/ws", self.hub.handle)
+        app.router.add_get(f"{_HOOKS}/calls", self._calls)
+        app.router.add_get(f"{_HOOKS}/events", self._events)
+        app.router.add_get(f"{_HOOKS}/sessions", self._sessions)
+        app.router.add_post(f"{_HOOKS}/sessions/{{sid}}/start", self._hand_start)
+        app.router.add_post(f"{_HOOKS}/sessions/{{sid}}/stop", self._hand_stop)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise StageError(f"emulator: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        bound = self._runner.addresses[0][1]
+        shown = f"[{host}]" if ":" in host else host
+        self.base_url = f"http://{shown}:{bound}"
+        self.api.ws_url = f"ws://{shown}:{bound}/ws"
+
+    async def stop(self) -> None:
+        """Cancel playback, close sockets, stop listening."""
+        for s in self.registry.sessions.values():
+            if s.task is not None:
+                s.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await s.task
+        await self.hub.close_all()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def wait_finished(self) -> None:
+        """Return once a session exists and every session is exported (or failed)."""
+        await self.registry.finished.wait()
+
+    # --- plumbing ------------------------------------------------------------------------------
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/ws" or request.path.startswith(_HOOKS):
+            return await handler(request)
+        call: dict[str, Any] = {"method": request.method, "path": request.path, "body": None}
+        self.calls.append(call)
+        try:
+            if request.can_read_body:
+                try:
+                    call["body"] = await request.json()
+                    if isinstance(call["body"], dict):
+                        request[_BODY] = call["body"]
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise ApiError(400, "body is not JSON") from None
+            self._authenticate(request)
+            response = await handler(request)
+        except ApiError as exc:
+            response = _fail(exc.status, exc.message)
+        except web.HTTPException as exc:
+            response = _fail(exc.status, f"{exc.reason}: {request.method} {request.path}")
+        call["status"] = response.status
+        return response
+
+    def _authenticate(self, request: web.Request) -> None:
+        token = request.headers.get("x-access-token", "")
+        if not token:
+            raise ApiError(401, "Unauthorized: x-access-token header is missing")
+        if self.api_key is not None and not hmac.compare_digest(token, self.api_key) \
+                and token not in self.api.client_tokens:
+            raise ApiError(401, "Unauthorized: invalid API key")
+
+    @staticmethod
+    def _wrap(handler: Handler) -> Any:
+        async def run(request: web.Request) -> web.Response:
+            data = await handler(request, request.get(_BODY, {}))
+            return web.json_response({"success": True, "data": data})
+        return run
+
+    async def _calls(self, request: web.Request) -> web.Response:
+        return web.json_response(self.calls)
+
+    async def _events(self, request: web.Request) -> web.Response:
+        return web.json_response(self.emitted)
+
+    async def _sessions(self, request: web.Request) -> web.Response:
+        return web.json_response([s.shape() for s in self.registry.sessions.values()])
+
+    async def _hand_start(self, request: web.Request) -> web.Response:
+        return self._hand(request, start=True)
+
+    async def _hand_stop(self, request: web.Request) -> web.Response:
+        return self._hand(request, start=False)
+
+    def _hand(self, request: web.Request, *, start: bool) -> web.Response:
+        s = self.registry.sessions.get(request.match_info["sid"])
+        if s is None:
+            return _fail(404, f"capture session {request.match_info['sid']} not found")
+        if start:
+            s.start_requested = True
+        else:
+            s.stop_requested = True
+        s.wake.set()
+        return web.json_response({"success": True, "data": s.shape()})
+
+
+def _fail(status: int, message: str) -> web.Response:
+    return web.json_response({"success": False, "message": message}, status=status)

@@ -1,0 +1,178 @@
+"""What the emulated VideoDB knows: sessions, their rtstreams, pipelines, events and alerts.
+
+Plain records plus one registry, so HTTP handlers and the player share a
+single truth about which connection id receives which events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from pipeline.emulator.scenario import Scenario, Stream
+
+#: Pipeline kinds, named after the WebSocket channel they feed.
+TRANSCRIPT: Final = "transcript"
+VISUAL: Final = "visual_index"
+AUDIO: Final = "audio_index"
+#: Session statuses after which nothing more happens.
+FINISHED: Final = frozenset({"exported", "failed"})
+
+
+def new_id(prefix: str) -> str:
+    """A fresh opaque id such as `cap-3f9a0c1d2e4b`."""
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+@dataclass
+class Pipeline:
+    """A started transcript or scene index on one rtstream, bound to a connection id."""
+
+    kind: str
+    rtstream_id: str
+    index_id: str
+    conn: str | None
+    running: bool = True
+    body: dict[str, Any] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def index_shape(self) -> dict[str, Any]:
+        """The scene index as the SDK's RTStreamSceneIndex reads it."""
+        b = self.body
+        return {"rtstream_index_id": self.index_id, "rtstream_id": self.rtstream_id,
+                "extraction_type": b.get("extraction_type"), "extraction_config": b.get("extraction_config"),
+                "prompt": b.get("prompt"), "name": b.get("name") or f"{self.kind}-{self.index_id}",
+                "status": "connected" if self.running else "stopped", "sandbox_id": b.get("sandbox_id")}
+
+
+@dataclass
+class Alert:
+    """An alert on a scene index: fires on scenario alerts whose label matches its event."""
+
+    alert_id: str
+    index_id: str
+    event_id: str
+    label: str
+    conn: str | None
+    callback_url: str | None
+    enabled: bool = True
+
+    def shape(self) -> dict[str, Any]:
+        return {"alert_id": self.alert_id, "event_id": self.event_id, "label": self.label,
+                "callback_url": self.callback_url, "ws_connection_id": self.conn,
+                "status": "enabled" if self.enabled else "disabled"}
+
+
+@dataclass
+class Session:
+    """One capture session and the streams it owns."""
+
+    id: str
+    collection_id: str
+    end_user_id: str
+    conn: str | None
+    scenario: Scenario
+    streams: dict[str, Stream]  # rtstream_id -> stream (ids unique per session)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    callback_url: str | None = None
+    status: str = "created"
+    export: dict[str, Any] | None = None
+    created_at: float = field(default_factory=time.time)
+    setup_calls: int = 0  # pipelines/alerts set up on this session's streams
+    last_setup: float = 0.0  # loop time of the latest such call
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # start/stop requested by hand
+    start_requested: bool = False
+    stop_requested: bool = False
+    task: asyncio.Task[None] | None = None
+
+    def stream_by_name(self, name: str) -> Stream:
+        for s in self.streams.values():
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def rtstreams_seed(self) -> list[dict[str, Any]]:
+        """`data.rtstreams` of `capture_session.active`."""
+        return [s.seed_shape() for s in self.streams.values()]
+
+    def rtstream_shape(self, s: Stream) -> dict[str, Any]:
+        """An rtstream as the API returns it (the SDK's RTStream kwargs; `channel_id` = type)."""
+        return {"id": s.rtstream_id, "rtstream_id": s.rtstream_id, "name": s.name, "collection_id": self.collection_id,
+                "channel_id": s.type, "media_types": list(s.media_types), "status": "connected",
+                "sample_rate": 30 if "video" in s.media_types else 16000,
+                "created_at": _iso(self.created_at)}
+
+    def shape(self) -> dict[str, Any]:
+        """The session as `get_capture_session` returns it."""
+        live = self.status not in ("created", "starting")
+        data: dict[str, Any] = {
+            "session_id": self.id, "collection_id": self.collection_id, "end_user_id": self.end_user_id,
+            "client_id": None, "status": self.status, "callback_url": self.callback_url,
+            "ws_connection_id": self.conn, "metadata": self.metadata,
+            "channels": [{"channel_id": s.name, "name": s.name,
+                          "type": "video" if "video" in s.media_types else "audio",
+                          "store": True, "is_primary": s.type == "screen"} for s in self.streams.values()],
+            "primary_video_channel_id": next((s.name for s in self.streams.values() if s.type == "screen"),
+                                             None),
+            "export_status": None, "exported_video_id": None,
+            "rtstreams": [self.rtstream_shape(s) for s in self.streams.values()] if live else [],
+            "created_at": _iso(self.created_at),
+        }
+        if self.status == "stopped":
+            data["export_status"] = "exporting"
+        if self.export is not None:
+            data["export_status"] = "exported"
+            data["exported_video_id"] = self.export["exported_video_id"]
+        return data
+
+
+class Registry:
+    """All sessions, pipelines, events and alerts of one emulator."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+        self.by_stream: dict[str, Session] = {}  # rtstream_id -> owning session
+        self.transcripts: dict[str, Pipeline] = {}  # rtstream_id -> its transcript (one per stream)
+        self.indexes: dict[str, Pipeline] = {}  # index_id -> scene index, in creation order
+        self.events: dict[str, dict[str, str]] = {}  # event_id -> {event_id, event_prompt, label}
+        self.alerts: dict[str, Alert] = {}
+        self.finished = asyncio.Event()
+
+    def add_session(self, session: Session) -> None:
+        self.sessions[session.id] = session
+        for rid in session.streams:
+            self.by_stream[rid] = session
+        self.finished.clear()
+
+    def stream_ids(self, scn: Scenario) -> dict[str, Stream]:
+        """Rtstream ids for a new session: the scenario's own for the first, suffixed after."""
+        n = len(self.sessions)
+        out: dict[str, Stream] = {}
+        for s in scn.streams:
+            rid = s.rtstream_id if n == 0 else f"{s.rtstream_id}-s{n + 1}"
+            out[rid] = Stream(rid, s.name, s.media_types, s.type)
+        return out
+
+    def indexes_for(self, rtstream_id: str, kind: str) -> list[Pipeline]:
+        """Running scene indexes of one kind on a stream, newest first."""
+        return [p for p in reversed(self.indexes.values())
+                if p.running and p.kind == kind and p.rtstream_id == rtstream_id]
+
+    def alerts_for(self, rtstream_id: str, label: str) -> list[Alert]:
+        """Enabled alerts on a running index of `rtstream_id` whose event has `label`, newest first."""
+        out = []
+        for a in reversed(self.alerts.values()):
+            p = self.indexes.get(a.index_id)
+            if a.enabled and a.label == label and p is not None and p.running and p.rtstream_id == rtstream_id:
+                out.append(a)
+        return out
+
+    def all_finished(self) -> bool:
+        return bool(self.sessions) and all(s.status in FINISHED for s in self.sessions.values())
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

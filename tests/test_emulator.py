@@ -1,0 +1,362 @@
+"""The emulator against the real videodb SDK: sessions, routing, faults, auth, CLI, scenarios."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import videodb
+import websockets
+from videodb.exceptions import AuthenticationError, InvalidRequestError
+
+from pipeline.emulator import Emulator
+from pipeline.emulator import scenario as sc
+from pipeline.emulator.sample import SAMPLE, recorded_session
+from pipeline.errors import StageError
+
+REPO = Path(__file__).resolve().parents[1]
+EXPORTED = "capture_session.exported"
+
+
+def kind(ev: dict[str, Any]) -> str:
+    return str(ev.get("channel") or ev.get("event") or ("raw" if "raw" in ev else "?"))
+
+
+async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """The SDK is synchronous: run it off the loop, like the controller does."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+async def receive_until(ws: Any, stop: str = EXPORTED, into: list[dict[str, Any]] | None = None,
+                        timeout: float = 20) -> list[dict[str, Any]]:
+    got = [] if into is None else into
+
+    async def loop() -> None:
+        async for msg in ws.receive():
+            got.append(msg)
+            if kind(msg) == stop:
+                return
+
+    await asyncio.wait_for(loop(), timeout)
+    return got
+
+
+@pytest.fixture
+async def emu() -> Any:
+    e = Emulator(speed=0)
+    await e.start()
+    yield e
+    await e.stop()
+
+
+# --- scenario and sample ---------------------------------------------------------------------------
+def test_shipped_scenario_is_realistic_and_sample_matches_it() -> None:
+    scn = sc.load()
+    counts = scn.counts()
+    assert counts["transcript"] >= 35 and counts["visual_index"] >= 18 and counts["audio_index"] >= 8
+    assert counts["alert"] >= 3
+    assert {c.is_final for c in scn.cues if c.channel == "transcript"} == {True, False}
+    visual = [c.text for c in scn.cues if c.channel == "visual_index"]
+    assert any(isinstance(_json_or_none(t), dict) for t in visual)
+    for word in ("code", "terminal", "slack", "password"):
+        assert any(word in t.lower() for t in visual), word
+    assert 60 <= scn.end <= 90
+    assert [s.type for s in scn.streams] == ["mic", "system_audio", "screen"]
+
+    lines = [json.loads(x) for x in SAMPLE.read_text().splitlines()]
+    assert lines == recorded_session(scn), "sample drifted: run python -m pipeline.emulator.sample"
+    assert 80 <= len(lines) <= 120
+    assert [kind(e) for e in lines if "event" in e] == [f"capture_session.{s}" for s in (
+        "created", "starting", "active", "stopping", "stopped", "exported")]
+    assert all(e["ts"].endswith("Z") and isinstance(e["unix_ts"], float) for e in lines)
+    assert [e["unix_ts"] for e in lines] == sorted(e["unix_ts"] for e in lines)
+    assert oct(SAMPLE.stat().st_mode & 0o777) in ("0o600", "0o644")
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def test_jsonl_scenario_with_seed_shaped_lines(tmp_path: Path) -> None:
+    p = tmp_path / "s.jsonl"
+    p.write_text("\n".join(json.dumps(x) for x in [
+        {"name": "tiny", "end": 5},
+        {"at": 2, "channel": "scene_index", "rtstream_name": "display:1", "data": {"text": "a terminal"}},
+        {"at": 1, "channel": "transcript", "rtstream": "mic:default", "text": "hi", "is_final": False},
+        {"at": 3, "channel": "alert", "rtstream": "display:1", "data": {"event_label": "x", "text": "t"}},
+    ]) + "\n")
+    scn = sc.load(p)
+    assert scn.name == "tiny" and scn.end == 5
+    assert [(c.at, c.channel) for c in scn.cues] == [(1, "transcript"), (2, "visual_index"), (3, "alert")]
+    assert scn.cues[0].is_final is False and scn.cues[2].label == "x"
+    ev = sc.cue_event(scn, scn.cues[1], 1_000_000, "cap-1")
+    assert ev["data"] == {"text": "a terminal", "start": 1_000_000, "end": 1_002_000}  # span clipped at 0
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ("events: [{at: 1, channel: chat, rtstream: 'mic:default', text: x}]", "`channel` must be one of"),
+    ("events: [{at: 1, channel: transcript, rtstream: 'cam:9', text: x}]", "not one of the scenario"),
+    ("events: [{at: -1, channel: transcript, rtstream: 'mic:default', text: x}]", "`at`"),
+    ("events: [{at: 1, channel: alert, rtstream: 'display:1', text: x}]", "needs a `label`"),
+    ("events: [: bad", "invalid YAML"),
+    ("name: nothing", "`events` list"),
+])
+def test_bad_scenarios_give_one_line_errors(tmp_path: Path, body: str, needle: str) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text(body)
+    with pytest.raises(StageError) as err:
+        sc.load(p)
+    assert needle in str(err.value) and str(p) in str(err.value) and "\n" not in str(err.value)
+
+
+# --- a full session through the SDK ---------------------------------------------------------------
+async def test_full_session_routes_only_started_pipelines(emu: Emulator) -> None:
+    conn = videodb.connect(api_key="any-key", base_url=emu.base_url)
+    ws = await (await call(conn.connect_websocket, "default")).connect()
+    cid = ws.connection_id
+    assert cid and cid.startswith("ws-")
+    session = await call(conn.create_capture_session, end_user_id="demo-user", collection_id="default",
+                         ws_connection_id=cid, metadata={"app": "tests"})
+    assert session.id.startswith("cap-") and session.status == "created"
+    token = await call(conn.generate_client_token, 600)
+    assert isinstance(token, str) and token
+
+    got = await receive_until(ws, "capture_session.active")
+    assert [kind(e) for e in got] == ["capture_session.created", "capture_session.starting",
+                                     "capture_session.active"]
+    active = got[-1]
+    assert active["capture_session_id"] == session.id and active["status"] == "active"
+    assert active["data"]["rtstreams"] == [s.seed_shape() for s in emu.scenario.streams]
+
+    live = await call(conn.get_capture_session, session.id)
+    assert live.status == "active" and live.metadata == {"app": "tests"}
+    mic, = live.get_rtstream("mic")
+    screen, = live.get_rtstream("screen")
+    assert len(live.get_rtstream("system_audio")) == 1
+    assert (mic.name, screen.name) == ("mic:default", "display:1")
+    await call(mic.start_transcript, ws_connection_id=cid)
+    index = await call(screen.index_visuals, prompt="Describe the screen",
+                       batch_config={"type": "time", "value": 2, "frame_count": 5},
+                       model_name="basic", name="screen-idx", ws_connection_id=cid)
+    assert index.rtstream_index_id and index.name == "screen-idx"
+    event_id = await call(conn.create_event, "Detect Slack on screen", "slack_opened")
+    alert_id = await call(index.create_alert, event_id, None, ws_connection_id=cid)
+    assert alert_id
+
+    rest = await receive_until(ws)
+    kinds = Counter(kind(e) for e in rest)
+    counts = emu.scenario.counts()
+    mic_cues = [c for c in emu.scenario.cues if c.channel == "transcript" and c.stream == "mic:default"]
+    assert kinds["transcript"] == len(mic_cues)
+    assert {e["rtstream_name"] for e in rest if kind(e) == "transcript"} == {"mic:default"}
+    assert kinds["visual_index"] == counts["visual_index"]
+    assert "audio_index" not in kinds  # never started
+    slack = [c for c in emu.scenario.cues if c.label == "slack_opened"]
+    alerts = [e for e in rest if kind(e) == "alert"]
+    assert len(alerts) == len(slack) >= 1
+    assert alerts[0]["data"]["event_label"] == "slack_opened" and alerts[0]["data"]["alert_id"] == alert_id
+    assert [kind(e) for e in rest if "event" in e] == ["capture_session.stopping", "capture_session.stopped",
+                                                       EXPORTED]
+    for e in rest:
+        if kind(e) in ("transcript", "visual_index"):
+            d = e["data"]
+            assert isinstance(d["start"], int) and d["end"] >= d["start"] > 1_600_000_000_000
+            assert e["rtstream_id"].startswith("rts-")
+    assert all("is_final" in e["data"] for e in rest if kind(e) == "transcript")
+    assert {e["data"]["is_final"] for e in rest if kind(e) == "transcript"} == {True, False}
+    exported = rest[-1]["data"]
+    assert exported["exported_video_id"] and exported["stream_url"].startswith("https://")
+    assert exported["player_url"]
+    await emu.wait_finished()
+    assert (await call(conn.get_capture_session, session.id)).status == "exported"
+    assert len(got) + len(rest) == len(emu.emitted)
+
+    calls = {(c["method"], c["path"]): c["body"] for c in emu.calls}
+    assert calls[("POST", "/collection/default/capture/session")] == {
+        "end_user_id": "demo-user", "ws_connection_id": cid, "metadata": {"app": "tests"}}
+    assert calls[("POST", "/capture/session/token")] == {"expires_in": 600}
+    assert calls[("POST", f"/rtstream/{mic.id}/transcription")] == {"action": "start", "ws_connection_id": cid}
+    vis = calls[("POST", f"/rtstream/{screen.id}/index/scene")]
+    assert vis["prompt"] == "Describe the screen" and vis["ws_connection_id"] == cid
+    assert vis["extraction_config"] == {"time": 2, "frame_count": 5} and vis["model_name"] == "basic"
+    assert calls[("POST", "/rtstream/event")] == {"event_prompt": "Detect Slack on screen",
+                                                  "label": "slack_opened"}
+    assert calls[("POST", f"/rtstream/{screen.id}/index/{index.rtstream_index_id}/alert")] == {
+        "event_id": event_id, "callback_url": None, "ws_connection_id": cid}
+    await ws.close()
+
+
+async def test_drop_after_reconnect_and_rebind_lose_nothing() -> None:
+    emu = Emulator(speed=0, drop_after=7, garbage_every=5)
+    await emu.start()
+    try:
+        conn = videodb.connect(api_key="k", base_url=emu.base_url)
+        received: list[dict[str, Any]] = []
+        ids: list[str] = []
+        session: Any = None
+        pipes: dict[str, Any] = {}
+        while not received or kind(received[-1]) != EXPORTED:
+            ws = await (await call(conn.connect_websocket)).connect()
+            ids.append(ws.connection_id)
+            if session is None:
+                session = await call(conn.create_capture_session, "u", ws_connection_id=ws.connection_id)
+            elif pipes:  # re-bind everything to the new connection id, then retire the old index
+                old = pipes["index"]
+                await call(pipes["mic"].start_transcript, ws_connection_id=ws.connection_id)
+                pipes["index"] = await call(pipes["screen"].index_visuals, prompt="p",
+                                            ws_connection_id=ws.connection_id)
+                await call(pipes["index"].create_alert, pipes["event"], None, ws_connection_id=ws.connection_id)
+                await call(old.stop)
+            try:
+                async for msg in ws.receive():
+                    received.append(msg)
+                    if kind(msg) == "capture_session.active" and not pipes:
+                        s = await call(conn.get_capture_session, session.id)
+                        pipes["mic"], pipes["screen"] = s.get_rtstream("mic")[0], s.get_rtstream("screen")[0]
+                        await call(pipes["mic"].start_transcript, ws_connection_id=ws.connection_id)
+                        pipes["index"] = await call(pipes["screen"].index_visuals, prompt="p",
+                                                    ws_connection_id=ws.connection_id)
+                        pipes["event"] = await call(conn.create_event, "code?", "code_on_screen")
+                        await call(pipes["index"].create_alert, pipes["event"], None,
+                                   ws_connection_id=ws.connection_id)
+                    if kind(msg) == EXPORTED:
+                        break
+            except websockets.ConnectionClosed:
+                pass
+            await ws.close()
+            assert len(ids) < 60
+        events = [e for e in received if "raw" not in e]
+        garbage = [e for e in received if "raw" in e]
+        assert len(ids) >= 3 and emu.hub.drops == len(ids) - 1
+        assert garbage and all("not JSON" in g["raw"] for g in garbage)
+        assert len(garbage) == emu.hub.garbage_sent
+        emitted = [e["event"] for e in emu.emitted]
+        assert Counter(json.dumps(e, sort_keys=True) for e in events) == \
+            Counter(json.dumps(e, sort_keys=True) for e in emitted)
+        kinds = Counter(kind(e) for e in events)
+        assert kinds["visual_index"] == emu.scenario.counts()["visual_index"]
+        assert kinds["alert"] == sum(1 for c in emu.scenario.cues if c.label == "code_on_screen")
+        assert emu.hub.pending() == 0
+        stops = [c for c in emu.calls if c["method"] == "PATCH" and c["path"].endswith("/status")]
+        assert stops and all(c["body"] == {"action": "stop"} for c in stops)
+    finally:
+        await emu.stop()
+
+
+async def test_manual_start_and_stop_and_nothing_unrequested() -> None:
+    emu = Emulator(speed=0, autostart=False)
+    await emu.start()
+    try:
+        conn = videodb.connect(api_key="k", base_url=emu.base_url)
+        ws = await (await call(conn.connect_websocket)).connect()
+        session = await call(conn.create_capture_session, "u", ws_connection_id=ws.connection_id)
+        got = await receive_until(ws, "capture_session.created")
+        await asyncio.sleep(0.3)
+        assert (await call(conn.get_capture_session, session.id)).status == "created"
+        base = emu.base_url + f"/_emulator/sessions/{session.id}"
+        await call(_post, base + "/start")
+        await receive_until(ws, "capture_session.active", got)
+        await call(_post, base + "/stop")
+        await receive_until(ws, EXPORTED, got)
+        assert [kind(e) for e in got] == [f"capture_session.{s}" for s in (
+            "created", "starting", "active", "stopping", "stopped", "exported")]
+        logged = await call(_get_json, emu.base_url + "/_emulator/calls")
+        assert [c["path"] for c in logged] == ["/collection/default/websocket",
+                                               "/collection/default/capture/session",
+                                               f"/collection/default/capture/session/{session.id}"]
+        await ws.close()
+    finally:
+        await emu.stop()
+
+
+def _post(url: str) -> None:
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b""), timeout=5).read()
+
+
+def _get_json(url: str) -> Any:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.load(r)
+
+
+async def test_failed_scenario_and_timed_playback(tmp_path: Path) -> None:
+    p = tmp_path / "fail.yaml"
+    p.write_text("events:\n  - {at: 0.2, channel: transcript, rtstream: 'mic:default', text: hello}\n"
+                 "  - {at: 0.5, event: capture_session.failed, error: 'display permission revoked'}\n")
+    emu = Emulator(p, speed=5, settle=0.05, setup_timeout=0.2)
+    await emu.start()
+    try:
+        conn = videodb.connect(api_key="k", base_url=emu.base_url)
+        ws = await (await call(conn.connect_websocket)).connect()
+        await call(conn.create_capture_session, "u", ws_connection_id=ws.connection_id)
+        got = await receive_until(ws, "capture_session.failed")
+        assert [kind(e) for e in got][-2:] == ["capture_session.active", "capture_session.failed"]
+        assert got[-1]["data"]["error"] == "display permission revoked"
+        await asyncio.wait_for(emu.wait_finished(), 5)
+        await ws.close()
+    finally:
+        await emu.stop()
+
+
+async def test_auth_and_bad_requests() -> None:
+    emu = Emulator(speed=0, api_key="right-key")
+    await emu.start()
+    try:
+        wrong = videodb.connect(api_key="wrong-key", base_url=emu.base_url)
+        with pytest.raises(AuthenticationError):
+            await call(wrong.connect_websocket)
+        with pytest.raises(AuthenticationError):
+            await call(wrong.create_capture_session, "u")
+        assert [c["status"] for c in emu.calls] == [401, 401]
+        assert not emu.registry.sessions
+
+        right = videodb.connect(api_key="right-key", base_url=emu.base_url)
+        session = await call(right.create_capture_session, "u")
+        with pytest.raises(InvalidRequestError):
+            await call(right.get_capture_session, "cap-nope")
+        while (await call(right.get_capture_session, session.id)).status != "active":
+            await asyncio.sleep(0.05)
+        s = await call(right.get_capture_session, session.id)
+        with pytest.raises(InvalidRequestError, match="no video"):
+            await call(s.get_rtstream("mic")[0].index_visuals, prompt="x")
+        with pytest.raises(InvalidRequestError, match="no audio"):
+            await call(s.get_rtstream("screen")[0].start_transcript)
+    finally:
+        await emu.stop()
+
+
+def test_cli_prints_url_serves_and_exits_zero_on_sigterm() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.emulator.cli", "--port", "0", "--speed", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline().strip()
+        assert first.startswith("EMULATOR_URL=http://127.0.0.1:")
+        assert _get_json(first.split("=", 1)[1] + "/_emulator/calls") == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_bad_scenario_is_one_line(tmp_path: Path) -> None:
+    from pipeline.emulator.cli import main
+
+    assert main(["--scenario", str(tmp_path / "missing.yaml")]) == 1
