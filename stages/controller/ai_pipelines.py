@@ -1,0 +1,158 @@
+"""Starting (and re-binding) a capture session's AI pipelines on its rtstreams.
+
+Audio streams (mic, system audio) get `start_transcript` and `index_audio`,
+screen/video streams get `index_visuals`; alerts are a `create_event` (once per
+label) plus `create_alert` on each matching index. Every call carries the
+current WebSocket connection id; after a reconnect `bind()` runs again with
+the new id and stops the indexes it replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.api import Options
+from pipeline.videodb_sdk import VideoDBCallError, call
+
+log = logging.getLogger("pipeline.controller.capture_session")
+
+
+class IndexSpec(Options):
+    prompt: str | None = Field(default=None, description="what the model should describe or summarize")
+    batch_config: dict[str, Any] | None = Field(
+        default=None, description="visuals {type: time, value, frame_count}; audio {type: word|sentence|time, value}")
+    model_name: str | None = Field(default=None, description="model to use (VideoDB default when unset)")
+    name: str | None = Field(default=None, description="name of the index")
+
+
+class AlertSpec(Options):
+    label: str = Field(description="event label; appears as data.event_label in alert events")
+    prompt: str = Field(description="what to detect, in words")
+    index: Literal["visuals", "audio"] = Field(default="visuals", description="which index the alert watches")
+    callback_url: str | None = Field(default=None, description="also POST alerts here (default: controller's)")
+
+
+class OnActive(Options):
+    transcript: bool = Field(default=False, description="start_transcript on every audio rtstream")
+    index_visuals: IndexSpec | None = Field(default=None, description="index_visuals on screen/video rtstreams")
+    index_audio: IndexSpec | None = Field(default=None, description="index_audio on audio rtstreams")
+    alerts: list[AlertSpec] = Field(default_factory=list, description="alerts on the visual or audio index")
+
+    @model_validator(mode="after")
+    def _alerts_need_index(self) -> OnActive:
+        for a in self.alerts:
+            if getattr(self, f"index_{a.index}") is None:
+                raise ValueError(f"alert {a.label!r} watches index {a.index!r}: set on_active.index_{a.index}")
+        return self
+
+
+@dataclass
+class Stream:
+    """One rtstream of the session: the SDK object and whether it carries audio or video."""
+
+    rts: Any
+    name: str
+    kind: str | None  # "audio" | "video" | None (unknown: left alone)
+
+
+def media_kind(media_types: Any, channel_id: Any = None, name: Any = None) -> str | None:
+    """audio/video from `media_types`, else the SDK channel type, else the name prefix."""
+    if isinstance(media_types, list | tuple):
+        if "video" in media_types:
+            return "video"
+        if "audio" in media_types:
+            return "audio"
+    for hint in (channel_id, str(name or "").split(":", 1)[0]):
+        h = str(hint or "").lower()
+        if h in ("mic", "system_audio", "audio"):
+            return "audio"
+        if h in ("screen", "display", "video", "camera"):
+            return "video"
+    return None
+
+
+def streams_from_event(conn: Any, rtstreams: Any, collection_id: str) -> list[Stream]:
+    """Streams from `capture_session.active`'s `data.rtstreams` (no API call needed)."""
+    from videodb.rtstream import RTStream
+
+    out = []
+    for r in rtstreams if isinstance(rtstreams, list) else []:
+        rid = r.get("rtstream_id") or r.get("id") if isinstance(r, dict) else None
+        if not rid:
+            continue
+        name = str(r.get("name") or rid)
+        rts = RTStream(conn, id=rid, name=name, collection_id=collection_id, channel_id=r.get("channel_id"))
+        out.append(Stream(rts, name, media_kind(r.get("media_types"), r.get("channel_id"), name)))
+    return out
+
+
+def streams_from_session(session: Any) -> list[Stream]:
+    """Streams from a `CaptureSession` object (its rtstreams carry the SDK channel type)."""
+    return [Stream(r, str(r.name or r.id), media_kind(None, r.channel_id, r.name)) for r in session.rtstreams]
+
+
+@dataclass
+class AIPipelines:
+    """What `on_active` asks for, applied to the session's streams for a connection id."""
+
+    conn: Any
+    spec: OnActive
+    who: str
+    api_key: str | None
+    callback_url: str | None = None
+    streams: list[Stream] = field(default_factory=list)
+    bound_to: str | None = None
+    errors: int = 0
+    _event_ids: dict[str, str] = field(default_factory=dict)
+    _indexes: dict[str, list[Any]] = field(default_factory=dict)
+
+    async def _call(self, what: str, fn: Any, /, *args: Any, cleanup: bool = False, **kwargs: Any) -> Any:
+        """One SDK call; a failure is logged as one line (and counted unless cleanup), never raised."""
+        try:
+            return await call(self.who, what, fn, *args, api_key=self.api_key, **kwargs)
+        except VideoDBCallError as exc:
+            if cleanup:
+                log.warning("%s", exc)
+            else:
+                self.errors += 1
+                log.error("%s", exc)
+            return None
+
+    async def bind(self, conn_id: str) -> None:
+        """Start everything on every stream with `conn_id`; stop indexes replaced by this bind."""
+        spec, old = self.spec, self._indexes
+        new: dict[str, list[Any]] = {"visuals": [], "audio": []}
+        audio = [s for s in self.streams if s.kind == "audio"]
+        video = [s for s in self.streams if s.kind == "video"]
+        log.info("%s: binding AI pipelines to connection %s (%d audio, %d video streams)",
+                 self.who, conn_id, len(audio), len(video))
+        for s in audio if spec.transcript else []:
+            await self._call(f"start_transcript({s.name})", s.rts.start_transcript, ws_connection_id=conn_id)
+        for kind, streams, idx_spec in (("audio", audio, spec.index_audio), ("visuals", video, spec.index_visuals)):
+            if idx_spec is None:
+                continue
+            for s in streams:
+                fn = s.rts.index_audio if kind == "audio" else s.rts.index_visuals
+                index = await self._call(f"index_{kind}({s.name})", fn, prompt=idx_spec.prompt,
+                                         batch_config=idx_spec.batch_config, model_name=idx_spec.model_name,
+                                         name=idx_spec.name, ws_connection_id=conn_id)
+                if index is not None:
+                    new[kind].append(index)
+        for alert in spec.alerts:
+            event_id = self._event_ids.get(alert.label)
+            if event_id is None:
+                event_id = await self._call(f"create_event({alert.label})", self.conn.create_event,
+                                            event_prompt=alert.prompt, label=alert.label)
+                if not event_id:
+                    continue
+                self._event_ids[alert.label] = event_id
+            for index in new[alert.index]:
+                await self._call(f"create_alert({alert.label})", index.create_alert, event_id,
+                                 alert.callback_url or self.callback_url, ws_connection_id=conn_id)
+        self._indexes, self.bound_to = new, conn_id
+        for index in (i for kind in old.values() for i in kind):
+            await self._call(f"stop replaced index {index.rtstream_index_id}", index.stop, cleanup=True)

@@ -1,0 +1,276 @@
+"""Controller `capture_session`: creates (or attaches to) a VideoDB capture session and drives it.
+
+Once the source has a WebSocket connection id: create the session bound to it,
+generate a client token for the desktop client and save both to
+`<state_dir>/capture_session.json` (0600). Then follow the lifecycle events:
+on `active` start what `on_active` asks on the session's rtstreams, re-bind
+them after every reconnect, and end the pipeline on `exit_on` (exit 0) or on
+`failed` (exit 3). The SDK is synchronous, so every call runs in a thread and
+`observe()` only schedules work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import Field, model_validator
+
+from pipeline import secrets
+from pipeline.api import Batch, Context, Controller, Event, Options
+from pipeline.errors import StageError
+from pipeline.events import iso_ts, lifecycle_status
+from pipeline.files import write_private_text
+from pipeline.types import Duration
+from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
+from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
+from stages.controller.lifecycle import STATES, Lifecycle
+
+log = logging.getLogger("pipeline.controller.capture_session")
+
+STATE_FILE = "capture_session.json"
+_EXIT_STATES = ("stopped", "exported")
+
+
+class CaptureSessionOptions(Options):
+    end_user_id: str | None = Field(default=None, description="who is capturing; required unless session_id")
+    collection_id: str | None = Field(default=None, description="default: videodb.collection_id")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="stored with the session")
+    callback_url: str | None = Field(default=None, description="VideoDB also POSTs session/alert events here")
+    session_id: str | None = Field(default=None, description="attach to this existing session instead of creating")
+    client_token_expires_in: int = Field(default=86400, ge=1, description="seconds the desktop client token lives")
+    state_dir: str | None = Field(default=None, description="where capture_session.json goes (default out/<name>)")
+    on_active: OnActive = Field(default_factory=OnActive, description="AI pipelines to start once active")
+    exit_on: Literal["exported", "stopped", "none"] = Field(default="exported",
+                                                           description="end the pipeline after this event")
+    connect_timeout: Duration = Field(default=60.0, description="how long to wait for the source's connection id")
+    status_poll_interval: Duration = Field(
+        default=5.0, description="after a reconnect or when attached, poll the session status this often")
+
+    @model_validator(mode="after")
+    def _need_user(self) -> CaptureSessionOptions:
+        if not self.end_user_id and not self.session_id:
+            raise ValueError("set end_user_id (to create a session) or session_id (to attach to one)")
+        return self
+
+
+class CaptureSessionController(Controller):
+    """Creates/attaches a capture session, starts its AI pipelines, ends the run on export or failure."""
+
+    name = "capture_session"
+    Options = CaptureSessionOptions
+
+    def __init__(self, options: Any, context: Context) -> None:
+        super().__init__(options, context)
+        self.settings = VideoDBSettings.resolve(context.settings, collection_id=options.collection_id)
+        self.who = context.stage or self.name
+        self.state_file = Path(options.state_dir or context.out_dir).expanduser() / STATE_FILE
+        self.session_id: str | None = None
+        self.lifecycle = Lifecycle()
+        self.pipelines: AIPipelines | None = None
+        self.record: dict[str, Any] = {}
+        self._conn: Any = None
+        self._early: list[Event] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._bind_lock = asyncio.Lock()
+        self._poll: asyncio.Task[None] | None = None
+        self._poll_seen: str | None = None
+
+    async def _sdk(self, what: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return await call(self.who, what, fn, *args, api_key=self.settings.api_key, **kwargs)
+
+    # --- start -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        opts = self.options
+        self._conn = await asyncio.to_thread(connect, self.settings, self.who)
+        self.pipelines = AIPipelines(self._conn, opts.on_active, self.who, self.settings.api_key,
+                                     opts.callback_url)
+        try:
+            conn_id = await asyncio.wait_for(self.context.session.wait_connection(), opts.connect_timeout)
+        except TimeoutError:
+            raise StageError(f"{self.who}: no WebSocket connection id from the source after "
+                             f"{opts.connect_timeout:g}s (the controller needs source type videodb)") from None
+        session = await (self._attach() if opts.session_id else self._create(conn_id))
+        token = await self._sdk("generate_client_token", self._conn.generate_client_token,
+                                opts.client_token_expires_in)
+        if token:
+            secrets.register(str(token))
+        now = time.time()
+        self.record = {"session_id": self.session_id, "collection_id": self.settings.collection_id,
+                       "end_user_id": getattr(session, "end_user_id", None) or opts.end_user_id,
+                       "ws_connection_id": conn_id, "status": self.lifecycle.state,
+                       "client_token": token, "expires_in": opts.client_token_expires_in,
+                       "expires_at": iso_ts(now + opts.client_token_expires_in), "created_at": iso_ts(now)}
+        self._save()
+        log.info("%s: capture session %s ready; start the desktop capture client with the client token in %s: "
+                 "CaptureClient(client_token=...).start_capture_session(capture_session_id=%r, channels=...)",
+                 self.who, self.session_id, self.state_file, self.session_id)
+        self.context.session.capture_session_id = self.session_id
+        self.context.session.on_connection(self._on_connection)
+        early, self._early = self._early, []
+        self.observe(early)
+        if opts.session_id:
+            self._start_poll()  # lifecycle events go to the connection the session was created with
+        elif self.context.session.connection_id != conn_id:
+            self._on_reconnect()
+
+    async def _create(self, conn_id: str) -> Any:
+        opts = self.options
+        session = await self._sdk("create_capture_session", self._conn.create_capture_session,
+                                  end_user_id=opts.end_user_id, collection_id=self.settings.collection_id,
+                                  ws_connection_id=conn_id, metadata=opts.metadata or None,
+                                  callback_url=opts.callback_url)
+        self.session_id = session.id
+        self.lifecycle = Lifecycle(session.id)
+        self.lifecycle.advance(getattr(session, "status", None) or "created")
+        return session
+
+    async def _attach(self) -> Any:
+        session = await self._sdk("get_capture_session", self._conn.get_capture_session,
+                                  self.options.session_id, self.settings.collection_id)
+        self.session_id = session.id
+        self.lifecycle = Lifecycle(session.id)
+        log.info("%s: attached to capture session %s", self.who, session.id)
+        self._transition(getattr(session, "status", None) or "created", session=session)
+        return session
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def observe(self, batch: Batch) -> None:
+        for event in batch:
+            if "event" in event:
+                status = lifecycle_status(event)
+                if status is not None:
+                    self._lifecycle_event(event, status)
+
+    def _lifecycle_event(self, event: Event, status: str) -> None:
+        if self.session_id is None:
+            if len(self._early) < 100:
+                self._early.append(event)
+            return
+        sid = event.get("capture_session_id")
+        if sid and sid != self.session_id:
+            return
+        data = event.get("data")
+        data = data if isinstance(data, dict) else {}
+        self._transition(status, event_data=data, error=data.get("error") or event.get("error"))
+
+    def _transition(self, status: str, *, event_data: dict[str, Any] | None = None,
+                    session: Any = None, error: Any = None) -> None:
+        """Apply one status (from an event, or from polling/attaching) and act on it."""
+        if not self.lifecycle.advance(status):
+            return
+        self.record["status"] = status
+        data = event_data or {}
+        if status == "active":
+            rts = data.get("rtstreams")
+            if rts:
+                self._spawn(self._bind(streams_from_event(self._conn, rts, self.settings.collection_id)))
+            elif session is not None and getattr(session, "rtstreams", None):
+                self._spawn(self._bind(streams_from_session(session)))
+            else:
+                self._spawn(self._bind(None))
+        elif status == "exported":
+            self.record.update({k: data[k] for k in ("exported_video_id", "stream_url", "player_url") if data.get(k)})
+        if self.record:
+            self._save()
+        if status == "failed":
+            self.context.session.request_exit(3, f"capture session failed: {_error_text(error)}")
+        elif (self.options.exit_on in _EXIT_STATES and status in _EXIT_STATES
+              and STATES.index(status) >= STATES.index(self.options.exit_on)):
+            self.context.session.request_exit(0, f"capture session {status}")
+        if self.lifecycle.done and self._poll is not None:
+            self._poll.cancel()
+
+    def _save(self) -> None:
+        try:
+            write_private_text(self.state_file, orjson.dumps(self.record, option=orjson.OPT_INDENT_2).decode())
+        except (StageError, OSError) as exc:
+            log.error("%s: cannot save %s: %s", self.who, self.state_file, exc)
+
+    # --- AI pipelines and reconnects -------------------------------------------------------------
+
+    async def _bind(self, streams: list[Any] | None) -> None:
+        """Bind all AI pipelines to the current connection id (again, if it changed meanwhile)."""
+        assert self.pipelines is not None
+        async with self._bind_lock:
+            if streams is None:
+                try:
+                    session = await self._sdk("get_capture_session", self._conn.get_capture_session,
+                                              self.session_id, self.settings.collection_id)
+                except VideoDBCallError as exc:
+                    log.error("%s", exc)
+                    return
+                streams = streams_from_session(session)
+            self.pipelines.streams = streams
+            while (conn_id := self.context.session.connection_id) != self.pipelines.bound_to and conn_id:
+                before = self.pipelines.errors
+                await self.pipelines.bind(conn_id)
+                self.context.stats.errors += self.pipelines.errors - before
+
+    async def _on_connection(self, conn_id: str) -> None:
+        """SessionLink listener: the source reconnected with a new connection id."""
+        if self.session_id is not None and conn_id != self.record.get("ws_connection_id"):
+            self._on_reconnect()
+
+    def _on_reconnect(self) -> None:
+        if self.lifecycle.done:
+            return
+        if self.pipelines is not None and self.pipelines.bound_to is not None:
+            self._spawn(self._bind(self.pipelines.streams))
+        self._start_poll()
+
+    def _start_poll(self) -> None:
+        """Lifecycle events may still go to an old connection: also poll the session status."""
+        if self._poll is None and not self.lifecycle.done:
+            self._poll = self._spawn(self._poll_status())
+
+    async def _poll_status(self) -> None:
+        while not self.lifecycle.done:
+            await asyncio.sleep(self.options.status_poll_interval)
+            try:
+                session = await self._sdk("get_capture_session", self._conn.get_capture_session,
+                                          self.session_id, self.settings.collection_id)
+            except VideoDBCallError as exc:
+                log.warning("%s", exc)
+                continue
+            status = getattr(session, "status", None)
+            if not status or not self.lifecycle.behind(status):
+                continue
+            if status in ("stopped", "exported", "failed") and self._poll_seen != status:
+                self._poll_seen = status  # give the WebSocket event one interval to arrive first
+                continue
+            self._transition(status, session=session, error="reported by get_capture_session")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.context.stats.errors += 1
+            log.error("%s: %s", self.who, exc if isinstance(exc, StageError) else repr(exc))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        error = error.get("message") or error.get("error") or orjson.dumps(error).decode()
+    return str(error) if error else "no error given"

@@ -1,0 +1,64 @@
+"""The capture session's lifecycle as a small state machine.
+
+created -> starting -> active -> stopping -> stopped -> exported, and `failed`
+from anywhere. Events can arrive late, twice, or (after a reconnect) not at
+all, so an unexpected transition is logged and accepted, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+log = logging.getLogger("pipeline.controller.capture_session")
+
+STATES: Final = ("created", "starting", "active", "stopping", "stopped", "exported", "failed")
+TERMINAL: Final = frozenset({"exported", "failed"})
+_NEXT: Final[dict[str | None, frozenset[str]]] = {
+    None: frozenset(STATES),  # attaching: any first state
+    "created": frozenset({"starting", "failed"}),
+    "starting": frozenset({"active", "failed"}),
+    "active": frozenset({"stopping", "failed"}),
+    "stopping": frozenset({"stopped", "failed"}),
+    "stopped": frozenset({"exported", "failed"}),
+    "exported": frozenset(),
+    "failed": frozenset(),
+}
+
+
+class Lifecycle:
+    """Current state plus transition checks; `advance()` says whether the state changed."""
+
+    __slots__ = ("history", "session_id", "state")
+
+    def __init__(self, session_id: str = "", state: str | None = None) -> None:
+        self.session_id = session_id
+        self.state: str | None = state
+        self.history: list[str] = [state] if state else []
+
+    def advance(self, new: str) -> bool:
+        """Move to `new`; False (and nothing logged) when it is the current state."""
+        if new == self.state:
+            return False
+        old = self.state
+        if new not in STATES:
+            log.warning("capture session %s: unknown status %r (was %s)", self.session_id, new, old)
+        elif new not in _NEXT[old]:
+            log.warning("capture session %s: unexpected transition %s -> %s", self.session_id, old, new)
+        else:
+            log.info("capture session %s: %s", self.session_id, f"{old} -> {new}" if old else new)
+        self.state = new
+        self.history.append(new)
+        return True
+
+    def behind(self, new: str) -> bool:
+        """True when `new` is later than the current state (polls must never move it backwards)."""
+        if self.done or new == self.state or new not in STATES:
+            return False
+        if self.state is None or new == "failed" or self.state not in STATES:
+            return True
+        return STATES.index(new) > STATES.index(self.state)
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL

@@ -1,0 +1,119 @@
+"""Source `videodb`: the capture-session event stream, connected through the real SDK.
+
+`conn.connect_websocket(collection_id)` then `await ws.connect()` (the SDK reads
+the connection id from the first message); after that we read raw frames from
+the SDK's underlying websockets connection, so garbage is dead-lettered with
+its reason instead of becoming `{"raw": ...}`. Reconnect, batching, stamping
+and dead-lettering come from the `websocket` source; each (re)connect
+announces the new connection id on `context.session` so the controller can
+re-bind the session's AI pipelines to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from pipeline.api import Batch, Context, Options
+from pipeline.errors import StageError
+from pipeline.files import ensure_private_dir, write_private_text
+from pipeline.types import Duration, Secret
+from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
+from stages.sources.websocket import WebSocketSource
+
+log = logging.getLogger("pipeline.source.videodb")
+
+WS_ID_FILE = "videodb_ws_id"
+PID_FILE = "videodb_ws_pid"
+
+
+class VideoDBSourceOptions(Options):
+    api_key: Secret | None = Field(default=None, description="overrides videodb.api_key")
+    base_url: str | None = Field(default=None, description="overrides videodb.base_url")
+    collection_id: str | None = Field(default=None, description="overrides videodb.collection_id")
+    state_dir: str | None = Field(default=None, description="write videodb_ws_id / videodb_ws_pid here")
+    max_message_bytes: int = Field(default=1 << 20, ge=1, description="larger frames are dead-lettered")
+    backoff_initial: Duration = Field(default=1.0, description="first reconnect delay; doubles per failure")
+    backoff_max: Duration = Field(default=60.0, description="longest reconnect delay")
+    max_retries: int | None = Field(default=None, ge=0, description="give up after N failed reconnects")
+    batch_max: int = Field(default=1024, ge=1, description="most events per yielded batch")
+
+
+class VideoDBSource(WebSocketSource):
+    """Events from VideoDB's WebSocket via `videodb.connect().connect_websocket()`."""
+
+    name = "videodb"
+    Options = VideoDBSourceOptions  # type: ignore[assignment]  # same reader fields, no `url`
+
+    def __init__(self, options: Any, context: Context) -> None:
+        super().__init__(options, context)
+        self.settings = VideoDBSettings.resolve(context.settings, api_key=options.api_key,
+                                                base_url=options.base_url,
+                                                collection_id=options.collection_id)
+        self.state_dir = Path(options.state_dir).expanduser() if options.state_dir else None
+        self._conn: Any = None
+        self._first: Any = None  # the preflight's result (WebSocketConnection or retryable error), for open()
+
+    def describe(self) -> str:
+        return f"videodb {self.settings.base_url or 'api.videodb.io'} collection {self.settings.collection_id}"
+
+    async def _sdk(self, what: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return await call(self.context.stage, what, fn, *args, api_key=self.settings.api_key, **kwargs)
+
+    async def _preflight(self) -> None:
+        """Fail fast on what retrying cannot fix (no key, bad key, bad collection); write the pid file."""
+        if self.state_dir is not None:
+            ensure_private_dir(self.state_dir)
+            write_private_text(self.state_dir / PID_FILE, str(os.getpid()))
+        self._conn = await asyncio.to_thread(connect, self.settings, self.context.stage)
+        try:
+            self._first = await self._sdk("connect_websocket", self._conn.connect_websocket,
+                                          self.settings.collection_id)
+        except VideoDBCallError as exc:
+            if exc.fatal:
+                raise
+            self._first = exc  # network trouble: the first open() raises it and the reconnect loop retries
+
+    async def open(self) -> tuple[Any, str | None]:
+        """Connect through the SDK; returns its websockets connection and the connection id."""
+        wrapper, self._first = self._first, None
+        if isinstance(wrapper, VideoDBCallError):
+            raise wrapper
+        if wrapper is None:
+            wrapper = await self._sdk("connect_websocket", self._conn.connect_websocket,
+                                      self.settings.collection_id)
+        try:
+            await wrapper.connect()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise StageError(f"{self.context.stage}: WebSocket connect failed: "
+                             f"{type(exc).__name__}: {exc}") from None
+        ws = getattr(wrapper, "_connection", None)
+        conn_id = wrapper.connection_id
+        if ws is None or not conn_id:
+            await wrapper.close()
+            raise StageError(f"{self.context.stage}: WebSocket sent no connection_id in its first message")
+        # The SDK keeps websockets' 1 MiB default; we size-check frames ourselves and dead-letter.
+        ws.protocol.max_message_size = None
+        if self.state_dir is not None:
+            write_private_text(self.state_dir / WS_ID_FILE, str(conn_id))
+        return ws, str(conn_id)
+
+    async def batches(self) -> AsyncIterator[Batch]:
+        await self._preflight()
+        try:
+            async for batch in super().batches():
+                yield batch
+        finally:
+            if self.state_dir is not None:
+                try:
+                    (self.state_dir / PID_FILE).unlink(missing_ok=True)
+                except OSError:
+                    pass
