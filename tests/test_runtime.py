@@ -44,7 +44,7 @@ def test_demo_config_end_to_end(tmp_path: Path) -> None:
     rule_alerts = [a for a in alerts if a.get("origin") == "rules"]
     assert {a["data"]["event_label"] for a in rule_alerts} == {"code-on-screen", "secret-exposed", "chat-distraction"}
     assert len(alerts) == len(rule_alerts) + sum(1 for e in sample if e.get("channel") == "alert")
-    assert "alerts fired by rules: %d" % len(rule_alerts) in res.stderr
+    assert f"alerts fired by rules: {len(rule_alerts)}" in res.stderr
     assert oct((tmp_path / "demo/events.jsonl").stat().st_mode & 0o777) == "0o600"
     assert oct((tmp_path / "demo").stat().st_mode & 0o777) == "0o700"
 
@@ -152,7 +152,8 @@ def test_config_error_is_one_line_exit_2(tmp_path: Path) -> None:
     p = write_config(tmp_path, "name: x\nsource: {type: replai, path: a}\nsinks: [{type: jsonl, path: b}]\n")
     res = run_cli("run", str(p))
     assert res.returncode == 2
-    assert res.stderr.strip() == f"pipeline: {p}:2:10: source.type: unknown source type 'replai' (did you mean 'replay'?)"
+    expected = f"pipeline: {p}:2:10: source.type: unknown source type 'replai' (did you mean 'replay'?)"
+    assert res.stderr.strip() == expected
 
 
 def test_validate_masks_secrets(tmp_path: Path) -> None:
