@@ -1,0 +1,53 @@
+"""Idempotency keys for alerts and digests, and the bounded set of keys already sent in this run."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from pipeline.events import Event, data, event_time_ms
+
+KEY_LENGTH = 32
+
+
+def label(event: Event) -> str:
+    """The alert's label: `data.event_label`, else the lifecycle event name, else the channel."""
+    value = data(event).get("event_label")
+    if isinstance(value, str) and value:
+        return value
+    return str(event.get("event") or event.get("channel") or "event")
+
+
+def alert_key(event: Event) -> str:
+    """Stable hash of (label, rtstream_id, event time ms): the same alert replayed gets the same key."""
+    raw = f"{label(event)}|{event.get('rtstream_id') or ''}|{event_time_ms(event)}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def digest_key(member_keys: Iterable[str]) -> str:
+    """Key of a digest message, derived from its members (order-independent)."""
+    raw = "digest|" + ",".join(sorted(member_keys))
+    return hashlib.sha256(raw.encode()).hexdigest()[:KEY_LENGTH]
+
+
+class SeenKeys:
+    """Keys seen in this run, oldest forgotten past `capacity` so memory stays flat over hours."""
+
+    __slots__ = ("_capacity", "_keys")
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._capacity = capacity
+        self._keys: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, key: str) -> bool:
+        """Remember `key`; False when it was already there (a duplicate)."""
+        if key in self._keys:
+            return False
+        self._keys[key] = None
+        if len(self._keys) > self._capacity:
+            self._keys.popitem(last=False)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._keys)

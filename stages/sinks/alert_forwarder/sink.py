@@ -1,0 +1,177 @@
+"""The `alert_forwarder` sink: alert events to webhooks, signed, idempotent, retried, rate-limited.
+
+`write` only dedupes and queues (one bounded queue per URL); delivery runs in
+background tasks so a slow webhook slows ingest only once its queue is full.
+Every alert is either delivered or written to the dead-letter file with the
+status, attempts and reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+from functools import partial
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from pipeline import secrets
+from pipeline.api import Batch, Context, Sink
+from pipeline.errors import StageError
+
+from .delivery import RetryPolicy, post
+from .destination import Alert, Destination
+from .formats import build
+from .idempotency import SeenKeys, alert_key, digest_key
+from .options import AlertForwarderOptions
+from .ratelimit import TokenBucket
+from .signing import sign_now
+
+if TYPE_CHECKING:
+    import aiohttp
+
+USER_AGENT = "videodb-pipeline alert_forwarder"
+
+
+class AlertForwarder(Sink):
+    """Forwards alert events to one or more webhooks (json, Slack, Discord or a template)."""
+
+    name = "alert_forwarder"
+    Options = AlertForwarderOptions
+
+    def __init__(self, options: AlertForwarderOptions, context: Context) -> None:
+        super().__init__(options, context)
+        self.options: AlertForwarderOptions = options
+        self.delivered = 0
+        """Alerts delivered (each alert counted once per destination, digest members included)."""
+        self.dead_lettered = 0
+        """Alerts written to the dead-letter file (per destination)."""
+        self.digests = 0
+        """Digest messages delivered."""
+        self.duplicates = 0
+        """Alerts dropped because their idempotency key was already sent in this run."""
+        self._seen = SeenKeys(options.dedupe_keys)
+        self._secret = options.secret.get_secret_value().encode() if options.secret else None
+        self._policy = RetryPolicy(options.timeout, options.max_attempts, options.max_retry_time,
+                                   options.backoff_initial, options.backoff_max)
+        self._session: aiohttp.ClientSession | None = None
+        self._destinations: list[Destination] = []
+
+    async def start(self) -> None:
+        import aiohttp
+
+        tls: ssl.SSLContext | bool = True
+        if self.options.ca_file:
+            try:
+                tls = ssl.create_default_context(cafile=str(self.context.resolve(self.options.ca_file)))
+            except (OSError, ssl.SSLError) as exc:
+                raise StageError(f"alert_forwarder: ca_file {self.options.ca_file}: cannot load: {exc}") \
+                    from None
+        limit = self.options.concurrency * len(self.options.destinations)
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls, limit=limit))
+        for url in self.options.destinations:
+            self._destinations.append(self._destination(url))
+            if urlsplit(url).scheme == "http" and not _loopback(url):
+                self.context.log.warning("alert_forwarder: %s uses plain http: alerts and URL tokens "
+                                         "travel unencrypted", secrets.mask_url(url))
+        for dest in self._destinations:
+            dest.start()
+        self.context.log.info("alert_forwarder: %s alerts to %s", self.options.format,
+                              ", ".join(d.label for d in self._destinations))
+
+    def _destination(self, url: str) -> Destination:
+        o = self.options
+        bucket = TokenBucket(*o.rate_limit, capacity=o.burst) if o.rate_limit else None
+        return Destination(secrets.mask_url(url), partial(self._send, url), partial(self._dead_letter, url),
+                           queue_size=o.queue_size, concurrency=o.concurrency, bucket=bucket,
+                           digest=o.on_limit == "digest", digest_max=o.digest_max, log=self.context.log)
+
+    async def write(self, batch: Batch) -> None:
+        """Dedupe by idempotency key and queue for every destination; waits only on a full queue."""
+        if self._session is None:
+            raise RuntimeError("alert_forwarder: write() before start()")
+        alerts: list[Alert] = []
+        for event in batch:
+            key = alert_key(event)
+            if self._seen.add(key):
+                alerts.append(Alert(event, key))
+        duplicates = len(batch) - len(alerts)
+        if duplicates:
+            self.duplicates += duplicates
+            self.context.stats.dropped += duplicates
+            self.context.log.debug("alert_forwarder: dropped %d duplicate alert(s)", duplicates)
+        if alerts:
+            for dest in self._destinations:
+                await dest.put(alerts)
+
+    async def flush(self) -> None:
+        """Wait until everything written so far is delivered or dead-lettered (before offset commits)."""
+        await asyncio.gather(*(d.flush() for d in self._destinations))
+
+    async def _send(self, url: str, alerts: list[Alert]) -> None:
+        """Format, sign and POST one message; count it or dead-letter its alerts."""
+        assert self._session is not None
+        keys = [a.key for a in alerts]
+        digest = len(alerts) > 1
+        key = digest_key(keys) if digest else keys[0]
+        payload = build(self.options.format, [a.event for a in alerts], keys, key,
+                        template=self.options.template, digest_items=self.options.digest_items)
+        body = orjson.dumps(payload, default=str)
+        headers = {"Content-Type": "application/json", "Idempotency-Key": key, "User-Agent": USER_AGENT}
+        sign = partial(sign_now, self._secret) if self._secret else None
+        outcome = await post(self._session, url, body, headers, self._policy, sign=sign, log=self.context.log)
+        if not outcome.ok:
+            self._dead_letter(url, alerts, outcome.reason, status=outcome.status, attempts=outcome.attempts,
+                              digest_key=key if digest else None)
+            return
+        self.delivered += len(alerts)
+        if digest:
+            self.digests += 1
+            self.context.log.info("alert_forwarder: %s: sent a digest of %d alerts (rate limit)",
+                                  secrets.mask_url(url), len(alerts))
+
+    def _dead_letter(self, url: str, alerts: list[Alert], reason: str, *, status: int | None = None,
+                     attempts: int = 0, digest_key: str | None = None) -> None:
+        """Write each undelivered alert to the dead-letter file with status, attempts and reason."""
+        dest = secrets.mask_url(url)
+        reason = secrets.mask(reason)
+        extra: dict[str, Any] = {"digest_key": digest_key} if digest_key else {}
+        for alert in alerts:
+            self.context.dead_letter.write(reason, stage=self.context.stage, origin=dest, event=alert.event,
+                                           status=status, attempts=attempts, idempotency_key=alert.key,
+                                           **extra)
+        self.dead_lettered += len(alerts)
+        self.context.stats.errors += len(alerts)
+        self.context.log.warning("alert_forwarder: %s: %d alert(s) not delivered, dead-lettered: %s",
+                                 dest, len(alerts), reason)
+
+    async def close(self) -> None:
+        """Deliver what is queued within `shutdown_timeout`; dead-letter the rest; close the session."""
+        timeout = self.options.shutdown_timeout
+        try:
+            if self._destinations:
+                await asyncio.wait_for(asyncio.gather(*(d.drain() for d in self._destinations)), timeout)
+        except TimeoutError:
+            left = sum(d.queued for d in self._destinations)
+            self.context.log.warning("alert_forwarder: shutdown_timeout %gs reached with %d alert(s) "
+                                     "still queued", timeout, left)
+        except Exception:
+            self.context.log.exception("alert_forwarder: error while draining")
+        finally:
+            for dest in self._destinations:
+                await dest.abort(f"shutdown: not delivered within shutdown_timeout {timeout:g}s")
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
+
+
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

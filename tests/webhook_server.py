@@ -1,0 +1,67 @@
+"""A real local webhook receiver for alert_forwarder tests: scripted responses, recorded requests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+HANG = "hang"
+
+
+@dataclass
+class Received:
+    """One request as the server saw it."""
+
+    at: float
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class WebhookServer:
+    """aiohttp.web on 127.0.0.1:0. `script` entries: status, (status, headers, body) or HANG; then 200."""
+
+    script: list[Any] = field(default_factory=list)
+    requests: list[Received] = field(default_factory=list)
+    ssl_context: Any = None
+    port: int = 0
+    _runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append(Received(time.monotonic(), request.path, dict(request.headers), body))
+        step = self.script.pop(0) if self.script else 200
+        if step == HANG:
+            await asyncio.sleep(3600)
+        if isinstance(step, tuple):
+            status, headers, text = (*step, "")[:3]
+            return web.Response(status=status, headers=headers, text=text)
+        return web.Response(status=step, text="ok" if step < 300 else "error")
+
+    async def start(self) -> WebhookServer:
+        app = web.Application()
+        app.router.add_route("POST", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.1, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    def url(self, path: str = "/hook/T0KEN-s3cr3t-path") -> str:
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
