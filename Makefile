@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/pipeline run config/demo.yaml
 
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check pipeline stages tests bench
+	$(BIN)/ruff check pipeline stages tests $(wildcard bench)
 	$(BIN)/mypy
 
 test: lint
