@@ -220,4 +220,4 @@ async def test_slow_webhook_does_not_block_write_until_queue_full(
     records = dead_letters(sink)
     assert sink.dead_lettered == len(records) == 7  # 1 in flight + 1 held + queue_size 5
     assert sum(r["reason"].startswith("shutdown: delivery still in progress") for r in records) == 1
-    assert len(server.requests) == 1
+    assert len(server.requests) <= 1  # concurrency: 1
