@@ -1,0 +1,480 @@
+"""Kafka sink: events as JSON records, topic and key from templates, at-least-once.
+
+`write(batch)` returns once the broker acknowledged every record of the batch.
+A background delivery task owns the producer: it reconnects and retries with
+backoff while the broker is away, holding at most `buffer_events` events (a
+full buffer makes `write` wait, which slows the source: backpressure). Once
+shutdown starts (session exit or `close()`), whatever is not delivered within
+`shutdown_timeout` goes to the dead-letter file, counted. Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import deque
+from typing import Any, ClassVar, Literal
+
+import orjson
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.api import Batch, Context, Options, Sink, SinkOptions
+from pipeline.errors import StageError
+from pipeline.events import Event, canonical, channel
+from pipeline.kafka import (
+    Backoff,
+    bootstrap_list,
+    describe,
+    ensure_topics,
+    is_permanent,
+    quiet_aiokafka,
+    safe_topic,
+    start_producer,
+)
+from pipeline.templates import Template
+from pipeline.types import Duration
+
+_HEADER_FIELDS = ("capture_session_id", "rtstream_name")
+_STILL_DOWN_EVERY = 30.0
+
+
+class CreateTopics(Options):
+    """Create missing topics (as they are first used) with this layout."""
+
+    partitions: int = Field(1, ge=1)
+    """Partitions per created topic."""
+    replication_factor: int = Field(1, ge=1)
+    """Replicas per partition (1 for a single-node broker)."""
+
+
+class KafkaSinkOptions(SinkOptions):
+    """Options of the `kafka` sink."""
+
+    bootstrap_servers: str | list[str] = "localhost:9092"
+    """Broker addresses: `host:port`, comma-separated or a list."""
+    topic: str = "videodb.{channel}"
+    """Topic template over event fields; lifecycle events have channel `capture_session`."""
+    key: str | None = "{capture_session_id}"
+    """Record key template (`a|b` = first non-empty); empty or null = no key."""
+    acks: Literal["all", 0, 1] = "all"
+    """Broker acknowledgement required before `write` returns."""
+    idempotence: bool | Literal["auto"] = "auto"
+    """Idempotent producer: auto = on where the broker supports it, else off (logged once)."""
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    """Record batch compression (snappy/lz4/zstd need their Python packages)."""
+    linger_ms: int = Field(5, ge=0)
+    """How long the producer waits to fill a batch."""
+    max_batch_size: int = Field(262144, ge=1024)
+    """Bytes per partition batch."""
+    max_request_size: int = Field(1048576, ge=1024)
+    """Largest record in bytes; bigger events are dead-lettered."""
+    buffer_events: int = Field(10000, ge=1)
+    """Events held while the broker is away before `write` blocks (backpressure)."""
+    request_timeout: Duration = 30.0
+    """How long one produce attempt may take before it is retried."""
+    retry_backoff: Duration = 0.2
+    """First delay between retries; doubles up to `max_retry_backoff`."""
+    max_retry_backoff: Duration = 5.0
+    """Longest delay between retries."""
+    shutdown_timeout: Duration = 10.0
+    """On shutdown, how long to keep trying before dead-lettering what is left."""
+    create_topics: CreateTopics | None = None
+    """Create missing topics with `{partitions: N}`; omit to rely on broker auto-creation."""
+    client_id: str = "videodb-pipeline"
+    """Client id the broker sees."""
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _bootstrap(cls, v: str | list[str]) -> list[str]:
+        return bootstrap_list(v)
+
+    @field_validator("topic", "key")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None:
+            Template(v)
+        return v
+
+    @model_validator(mode="after")
+    def _acks_for_idempotence(self) -> KafkaSinkOptions:
+        if self.idempotence is True and self.acks != "all":
+            raise ValueError("idempotence: true needs acks: all")
+        return self
+
+
+class _Pending:
+    """One `write()` call waiting for its records."""
+
+    __slots__ = ("done", "left")
+
+    def __init__(self, left: int, done: asyncio.Future[None]) -> None:
+        self.left = left
+        self.done = done
+
+
+class _Record:
+    __slots__ = ("event", "headers", "key", "owner", "topic", "value")
+
+    def __init__(self, topic: str, key: bytes | None, value: bytes,
+                 headers: list[tuple[str, bytes]], event: Event, owner: _Pending) -> None:
+        self.topic = topic
+        self.key = key
+        self.value = value
+        self.headers = headers
+        self.event = event
+        self.owner = owner
+
+
+class KafkaSink(Sink):
+    """Publishes each event as an orjson record; returns from `write` once acknowledged."""
+
+    name = "kafka"
+    Options: ClassVar[type[Options]] = KafkaSinkOptions
+
+    def __init__(self, options: KafkaSinkOptions, context: Context) -> None:
+        super().__init__(options, context)
+        self.opts = options
+        self.who = f"kafka sink {context.stage}"
+        self.servers = bootstrap_list(options.bootstrap_servers)
+        self._topic = Template(options.topic)
+        self._key = Template(options.key) if options.key else None
+        self._topic_names: dict[str, str] = {}
+        self._static_topic = safe_topic(self._topic.render({})) if self._topic.static else None
+        self._queue: deque[_Record] = deque()
+        self._buffered = 0
+        self._room = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._stopping = False
+        self._deadline: float | None = None
+        self._gave_up = False
+        self._fatal: StageError | None = None
+        self._producer: Any = None
+        self._idempotence: bool | str = options.idempotence
+        self.idempotent = False
+        self._created: set[str] = set()
+        self._partitioner: Any = None
+        self._backoff = Backoff(options.retry_backoff, options.max_retry_backoff)
+        self._down_since: float | None = None
+        self._last_warn = 0.0
+        self._last_error = ""
+        self._task: asyncio.Task[None] | None = None
+        self._exit_watch: asyncio.Task[None] | None = None
+        self.delivered = 0
+        self.dead_lettered = 0
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect now if the broker is there; if not, say so and keep trying in the background."""
+        from aiokafka.partitioner import DefaultPartitioner
+
+        quiet_aiokafka()
+        self._partitioner = DefaultPartitioner()
+        try:
+            await self._connect()
+        except StageError:
+            raise
+        except Exception as exc:
+            self._note_failure(exc, "at start")
+        self._task = asyncio.create_task(self._deliver(), name=f"{self.who} delivery")
+        self._exit_watch = asyncio.create_task(self._watch_exit(), name=f"{self.who} exit watch")
+
+    async def write(self, batch: Batch) -> None:
+        """Queue the batch and wait until the broker acknowledged all of it (or it was dead-lettered)."""
+        if self._fatal is not None:
+            raise self._fatal
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        pending = _Pending(0, loop.create_future())
+        records = self._encode(batch, pending)
+        self.context.stats.received += len(batch)
+        if not records:
+            return
+        pending.left = len(records)
+        while self._buffered and self._buffered + len(records) > self.opts.buffer_events:
+            self._room.clear()
+            await self._room.wait()
+        if self._gave_up:
+            self._dead_letter(records, f"{self.who}: broker unreachable at shutdown ({self._last_error})")
+            return
+        self._queue.extend(records)
+        self._buffered += len(records)
+        self._wake.set()
+        await pending.done
+
+    async def close(self) -> None:
+        """Deliver what is buffered, or dead-letter it after `shutdown_timeout`; then disconnect."""
+        self._begin_closing()
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._queue:  # the delivery task never ran or died: nothing may be lost
+            self._dead_letter(list(self._queue), f"{self.who}: not delivered before shutdown")
+            self._queue.clear()
+        if self._exit_watch is not None:
+            self._exit_watch.cancel()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception, asyncio.TimeoutError):
+                await asyncio.wait_for(producer.stop(), timeout=max(self.opts.shutdown_timeout, 1.0))
+
+    # --- encoding ------------------------------------------------------------------------
+
+    def _encode(self, batch: Batch, owner: _Pending) -> list[_Record]:
+        """Events -> records (topic, key, value, headers); unencodable events are dead-lettered."""
+        dumps = orjson.dumps
+        topic_t, key_t = self._topic, self._key
+        static_topic = self._static_topic
+        limit = self.opts.max_request_size
+        out: list[_Record] = []
+        for ev in batch:
+            try:
+                value = dumps(ev, default=str)
+            except (TypeError, orjson.JSONEncodeError) as exc:
+                self._dead_letter_events([ev], f"{self.who}: event is not JSON-serializable: {exc}")
+                continue
+            if len(value) > limit:
+                self._dead_letter_events(
+                    [ev], f"{self.who}: event is {len(value)} bytes, larger than max_request_size {limit}")
+                continue
+            topic = static_topic or self._topic_name(topic_t.render(ev))
+            if not topic:
+                self._dead_letter_events([ev], f"{self.who}: topic template {topic_t.source!r} rendered empty")
+                continue
+            key = key_t.render(ev).encode() if key_t is not None else b""
+            out.append(_Record(topic, key or None, value, _headers(ev), ev, owner))
+        return out
+
+    def _topic_name(self, rendered: str) -> str:
+        name = self._topic_names.get(rendered)
+        if name is None:
+            name = safe_topic(rendered)
+            if len(self._topic_names) < 10000:
+                self._topic_names[rendered] = name
+        return name
+
+    # --- delivery ------------------------------------------------------------------------
+
+    async def _deliver(self) -> None:
+        """Owns the producer: sends what is queued, retries failures, enforces the shutdown deadline."""
+        while True:
+            if not self._queue:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._gave_up:
+                self._dead_letter(list(self._queue), f"{self.who}: broker unreachable at shutdown "
+                                                     f"({self._last_error})")
+                self._queue.clear()
+                continue
+            round_ = list(self._queue)
+            self._queue.clear()
+            try:
+                failed, error = await self._with_deadline(self._send_round(round_))
+            except StageError as exc:
+                self._fail_all(round_, exc)
+                return
+            except Exception as exc:
+                failed, error = round_, exc
+            if failed:
+                self._created.clear()  # after an outage, check the topics again before sending
+                self._queue.extendleft(reversed(failed))
+                self._note_failure(error)
+                await self._pause()
+            else:
+                self._note_success()
+
+    async def _with_deadline(self, coro: Any) -> Any:
+        if self._deadline is None:
+            return await coro
+        remaining = self._deadline - asyncio.get_running_loop().time()
+        return await asyncio.wait_for(coro, timeout=max(remaining, 0.05))
+
+    async def _send_round(self, records: list[_Record]) -> tuple[list[_Record], BaseException | None]:
+        """Send records grouped into one batch per (topic, partition); returns the ones to retry."""
+        if self._producer is None:
+            await self._connect()
+        producer = self._producer
+        timeout = self.opts.request_timeout
+        by_topic: dict[str, list[_Record]] = {}
+        for r in records:
+            by_topic.setdefault(r.topic, []).append(r)
+        await self._create_topics(by_topic)
+        groups: dict[tuple[str, int], list[_Record]] = {}
+        for topic, recs in by_topic.items():
+            parts = sorted(await asyncio.wait_for(producer.partitions_for(topic), timeout))
+            sticky = random.choice(parts)
+            for r in recs:
+                p = self._partitioner(r.key, parts, parts) if r.key is not None else sticky
+                groups.setdefault((topic, p), []).append(r)
+        sent: list[tuple[asyncio.Future[Any], list[_Record]]] = []
+        for (topic, part), recs in groups.items():
+            builder = producer.create_batch()
+            chunk: list[_Record] = []
+            for r in recs:
+                if builder.append(key=r.key, value=r.value, timestamp=None, headers=r.headers) is None:
+                    sent.append((await producer.send_batch(builder, topic, partition=part), chunk))
+                    builder, chunk = producer.create_batch(), []
+                    builder.append(key=r.key, value=r.value, timestamp=None, headers=r.headers)
+                chunk.append(r)
+            sent.append((await producer.send_batch(builder, topic, partition=part), chunk))
+        results = await asyncio.gather(*(f for f, _ in sent), return_exceptions=True)
+        failed: list[_Record] = []
+        error: BaseException | None = None
+        for (_, chunk), res in zip(sent, results, strict=True):
+            if not isinstance(res, BaseException):
+                self._acked(chunk)
+            elif is_permanent(res):
+                self.context.log.error("%s: broker rejected %d event(s): %s", self.who, len(chunk),
+                                       describe(res))
+                self._dead_letter(chunk, f"{self.who}: broker rejected: {describe(res)}")
+            else:
+                failed.extend(chunk)
+                error = res
+        return failed, error
+
+    async def _connect(self) -> None:
+        """Start the producer (idempotence probing, once) and create a static topic if asked."""
+        kwargs = dict(
+            bootstrap_servers=self.servers, client_id=self.opts.client_id,
+            acks=self.opts.acks, linger_ms=self.opts.linger_ms, max_batch_size=self.opts.max_batch_size,
+            max_request_size=self.opts.max_request_size,
+            compression_type=None if self.opts.compression == "none" else self.opts.compression,
+            request_timeout_ms=int(self.opts.request_timeout * 1000),
+            retry_backoff_ms=int(min(self.opts.retry_backoff, 1.0) * 1000),
+        )
+        mode = self._idempotence if self.opts.acks == "all" else False
+        try:
+            producer, idempotent = await start_producer(mode, self.context.log, self.who, **kwargs)  # type: ignore[arg-type]
+        except (ValueError, AssertionError) as exc:
+            raise StageError(f"{self.who}: {exc}") from None
+        except RuntimeError as exc:
+            if type(exc).__module__.startswith("aiokafka.errors"):
+                raise
+            raise StageError(f"{self.who}: {exc}") from None
+        self._producer = producer
+        self.idempotent = idempotent
+        if not idempotent:
+            self._idempotence = False  # decided once: no second probe, no second log line
+        if self._topic.static:
+            await self._create_topics({safe_topic(self._topic.render({})): []})
+
+    async def _create_topics(self, topics: dict[str, Any]) -> None:
+        ct = self.opts.create_topics
+        if ct is None:
+            return
+        new = [t for t in topics if t not in self._created]
+        if new:
+            await ensure_topics(self.servers, new, ct.partitions, ct.replication_factor,
+                                self.context.log, self.who, timeout=self.opts.request_timeout)
+            self._created.update(new)
+
+    async def _pause(self) -> None:
+        """Backoff sleep, cut short by the shutdown deadline (after which we give up)."""
+        loop = asyncio.get_running_loop()
+        delay = self._backoff.delay()
+        if self._deadline is not None:
+            remaining = self._deadline - loop.time()
+            if remaining <= 0:
+                self._gave_up = True
+                self.context.log.error("%s: shutdown_timeout reached with the broker unreachable; "
+                                       "dead-lettering %d event(s)", self.who, len(self._queue))
+                return
+            delay = min(delay, remaining)
+        if self._closing.is_set():
+            await asyncio.sleep(delay)
+        else:  # wake early when shutdown starts, so the deadline applies at once
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), timeout=delay)
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def _acked(self, records: list[_Record]) -> None:
+        self.delivered += len(records)
+        self.context.stats.sent += len(records)
+        self._release(records)
+
+    def _dead_letter(self, records: list[_Record], reason: str) -> None:
+        self._dead_letter_events([r.event for r in records], reason, topic=records[0].topic if records else None)
+        self._release(records)
+
+    def _dead_letter_events(self, events: list[Event], reason: str, topic: str | None = None) -> None:
+        dl = self.context.dead_letter
+        for ev in events:
+            if topic is None:
+                dl.write(reason, stage=self.context.stage, event=ev)
+            else:
+                dl.write(reason, stage=self.context.stage, event=ev, origin={"topic": topic})
+        self.dead_lettered += len(events)
+        self.context.stats.errors += len(events)
+
+    def _release(self, records: list[_Record]) -> None:
+        """Count records as finished; resolve `write()` calls whose records are all finished."""
+        for r in records:
+            owner = r.owner
+            owner.left -= 1
+            if owner.left == 0 and not owner.done.done():
+                owner.done.set_result(None)
+        self._buffered -= len(records)
+        self._room.set()
+
+    def _fail_all(self, records: list[_Record], exc: StageError) -> None:
+        """A configuration error surfaced while connecting: every waiting `write()` raises it."""
+        self._fatal = exc
+        for r in [*records, *self._queue]:
+            if not r.owner.done.done():
+                r.owner.done.set_exception(exc)
+        self._queue.clear()
+        self._buffered = 0
+        self._room.set()
+
+    def _note_failure(self, exc: BaseException | None, when: str = "") -> None:
+        now = time.monotonic()
+        self._last_error = describe(exc) if exc is not None else "unknown error"
+        held = len(self._queue)
+        servers = ",".join(self.servers)
+        if self._down_since is None:
+            self._down_since = now
+            self._last_warn = now
+            self.context.log.warning("%s: cannot deliver to %s%s (%s); holding %d event(s), retrying with "
+                                     "backoff", self.who, servers, f" {when}" if when else "",
+                                     self._last_error, held)
+        elif now - self._last_warn >= _STILL_DOWN_EVERY:
+            self._last_warn = now
+            self.context.log.warning("%s: %s still unreachable after %.0fs (%s); holding %d event(s)",
+                                     self.who, servers, now - self._down_since, self._last_error, held)
+
+    def _note_success(self) -> None:
+        self._backoff.reset()
+        if self._down_since is not None:
+            self.context.log.warning("%s: broker reachable again after %.1fs; delivery resumed",
+                                     self.who, time.monotonic() - self._down_since)
+            self._down_since = None
+
+    def _begin_closing(self) -> None:
+        if not self._closing.is_set():
+            self._deadline = asyncio.get_running_loop().time() + self.opts.shutdown_timeout
+            self._closing.set()
+            self._wake.set()
+
+    async def _watch_exit(self) -> None:
+        await self.context.session.wait_exit()
+        self._begin_closing()
+
+
+def _headers(ev: Event) -> list[tuple[str, bytes]]:
+    """`channel`, `capture_session_id`, `rtstream_name` headers (those the event has)."""
+    out = [("channel", canonical(channel(ev)).encode())]
+    for name in _HEADER_FIELDS:
+        v = ev.get(name)
+        if isinstance(v, str) and v:
+            out.append((name, v.encode()))
+    return out
