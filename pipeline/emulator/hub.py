@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiohttp import WSMsgType, web
 
 from pipeline.emulator.state import new_id
@@ -83,12 +83,12 @@ class Hub:
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         """GET /ws: send `{"connection_id": ...}`, then this id's events until closed."""
-        ws = web.WebSocketResponse()
+        ws = web.WebSocketResponse(compress=False)  # per-frame deflate would cost more than the rest
         await ws.prepare(request)
         cid = new_id("ws")
         self.known.add(cid)
         live = _Live(ws)
-        await ws.send_str(json.dumps({"connection_id": cid}))
+        await ws.send_frame(orjson.dumps({"connection_id": cid}), WSMsgType.TEXT)
         self.live[cid] = live
         sender = asyncio.create_task(self._sender(cid, live))
         try:
@@ -111,7 +111,7 @@ class Hub:
             q = self.outbox.get(cid)
             while q and not ws.closed:
                 try:
-                    await ws.send_str(json.dumps(q[0], ensure_ascii=False))
+                    await ws.send_frame(orjson.dumps(q[0]), WSMsgType.TEXT)
                 except (ConnectionError, RuntimeError):
                     return  # the event stays queued
                 q.popleft()
