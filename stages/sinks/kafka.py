@@ -43,47 +43,43 @@ _STILL_DOWN_EVERY = 30.0
 class CreateTopics(Options):
     """Create missing topics (as they are first used) with this layout."""
 
-    partitions: int = Field(1, ge=1)
-    """Partitions per created topic."""
-    replication_factor: int = Field(1, ge=1)
-    """Replicas per partition (1 for a single-node broker)."""
+    partitions: int = Field(default=1, ge=1, description="partitions per created topic")
+    replication_factor: int = Field(default=1, ge=1, description="replicas per partition (1 on a single node)")
 
 
 class KafkaSinkOptions(SinkOptions):
     """Options of the `kafka` sink."""
 
-    bootstrap_servers: str | list[str] = "localhost:9092"
-    """Broker addresses: `host:port`, comma-separated or a list."""
-    topic: str = "videodb.{channel}"
-    """Topic template over event fields; lifecycle events have channel `capture_session`."""
-    key: str | None = "{capture_session_id}"
-    """Record key template (`a|b` = first non-empty); empty or null = no key."""
-    acks: Literal["all", 0, 1] = "all"
-    """Broker acknowledgement required before `write` returns."""
-    idempotence: bool | Literal["auto"] = "auto"
-    """Idempotent producer: auto = on where the broker supports it, else off (logged once)."""
-    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
-    """Record batch compression (snappy/lz4/zstd need their Python packages)."""
-    linger_ms: int = Field(5, ge=0)
-    """How long the producer waits to fill a batch."""
-    max_batch_size: int = Field(262144, ge=1024)
-    """Bytes per partition batch."""
-    max_request_size: int = Field(1048576, ge=1024)
-    """Largest record in bytes; bigger events are dead-lettered."""
-    buffer_events: int = Field(10000, ge=1)
-    """Events held while the broker is away before `write` blocks (backpressure)."""
-    request_timeout: Duration = 30.0
-    """How long one produce attempt may take before it is retried."""
-    retry_backoff: Duration = 0.2
-    """First delay between retries; doubles up to `max_retry_backoff`."""
-    max_retry_backoff: Duration = 5.0
-    """Longest delay between retries."""
-    shutdown_timeout: Duration = 10.0
-    """On shutdown, how long to keep trying before dead-lettering what is left."""
-    create_topics: CreateTopics | None = None
-    """Create missing topics with `{partitions: N}`; omit to rely on broker auto-creation."""
-    client_id: str = "videodb-pipeline"
-    """Client id the broker sees."""
+    bootstrap_servers: str | list[str] = Field(
+        default="localhost:9092", description="broker addresses: host:port, comma-separated or a list")
+    topic: str = Field(
+        default="videodb.{channel}",
+        description="topic template over event fields; lifecycle events have channel capture_session")
+    key: str | None = Field(
+        default="{capture_session_id}",
+        description="record key template (a|b = first non-empty field); empty or null = no key")
+    acks: Literal["all", 0, 1] = Field(
+        default="all", description="broker acknowledgement required before write() returns")
+    idempotence: bool | Literal["auto"] = Field(
+        default="auto", description="idempotent producer: auto = on where the broker supports it, else off")
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        default="none", description="record batch compression (snappy/lz4/zstd need their Python packages)")
+    linger_ms: int = Field(default=5, ge=0, description="how long the producer waits to fill a batch")
+    max_batch_size: int = Field(default=262144, ge=1024, description="bytes per partition batch")
+    max_request_size: int = Field(
+        default=1048576, ge=1024, description="largest record in bytes; bigger events are dead-lettered")
+    buffer_events: int = Field(
+        default=10000, ge=1, description="events held while the broker is away before write() blocks")
+    request_timeout: Duration = Field(
+        default=30.0, description="how long one produce attempt may take before it is retried")
+    retry_backoff: Duration = Field(
+        default=0.2, description="first delay between retries; doubles up to max_retry_backoff")
+    max_retry_backoff: Duration = Field(default=5.0, description="longest delay between retries")
+    shutdown_timeout: Duration = Field(
+        default=10.0, description="on shutdown, how long to keep trying before dead-lettering the rest")
+    create_topics: CreateTopics | None = Field(
+        default=None, description="create missing topics with {partitions: N}; omit for broker auto-creation")
+    client_id: str = Field(default="videodb-pipeline", description="client id the broker sees")
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -191,7 +187,6 @@ class KafkaSink(Sink):
         loop = asyncio.get_running_loop()
         pending = _Pending(0, loop.create_future())
         records = self._encode(batch, pending)
-        self.context.stats.received += len(batch)
         if not records:
             return
         pending.left = len(records)
@@ -399,7 +394,6 @@ class KafkaSink(Sink):
 
     def _acked(self, records: list[_Record]) -> None:
         self.delivered += len(records)
-        self.context.stats.sent += len(records)
         self._release(records)
 
     def _dead_letter(self, records: list[_Record], reason: str) -> None:
