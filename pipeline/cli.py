@@ -97,15 +97,20 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(target: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        import importlib
+DELEGATED = {
+    "listen": ("pipeline.listen:main", "drop-in for the seed's ws_listener.py"),
+    "emulate": ("pipeline.emulator.cli:main", "run the local VideoDB-compatible emulator"),
+    "worker": ("pipeline.runtime.faust:worker_main", "run a faust worker for a faust-engine config"),
+}
 
-        module, _, func = target.partition(":")
-        main: Callable[[list[str]], int] = getattr(importlib.import_module(module), func)
-        return main(list(args.rest))
 
-    return run
+def _run_delegated(command: str, argv: list[str]) -> int:
+    """Commands with their own argument parsers get the rest of the command line untouched."""
+    import importlib
+
+    module, _, func = DELEGATED[command][0].partition(":")
+    main: Callable[[list[str]], int] = getattr(importlib.import_module(module), func)
+    return main(argv)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -124,21 +129,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=cmd_stages)
     sub.add_parser("schema", help="print a JSON Schema for config files").set_defaults(func=cmd_schema)
-    for name, target, help_ in (
-        ("listen", "pipeline.listen:main", "drop-in for the seed's ws_listener.py"),
-        ("emulate", "pipeline.emulator.cli:main", "run the local VideoDB-compatible emulator"),
-        ("worker", "pipeline.runtime.faust:worker_main", "run a faust worker for a faust-engine config"),
-    ):
-        d = sub.add_parser(name, help=help_, add_help=False)
-        d.add_argument("rest", nargs=argparse.REMAINDER)
-        d.set_defaults(func=_delegate(target))
+    for name, (_, help_) in DELEGATED.items():
+        sub.add_parser(name, help=help_ + f" (pipeline {name} --help)", add_help=False)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--log-level", default=os.environ.get("PIPELINE_LOG_LEVEL", "info"))
+    known, rest = pre.parse_known_args(argv)
+    delegated = bool(rest) and rest[0] in DELEGATED
+    args = known if delegated else parser().parse_args(argv)
     _setup_logging(args.log_level)
     try:
+        if delegated:
+            return _run_delegated(rest[0], rest[1:])
         return int(args.func(args))
     except PipelineError as exc:
         if os.environ.get("PIPELINE_DEBUG"):

@@ -290,3 +290,8 @@ sinks: [{{type: jsonl, path: {tmp_path}/{name}}}]
 """))
     rt = LocalRuntime(build(cfg), install_signals=False)
     assert await rt.run() == 1 and "symlink" in str(rt.error)
+
+
+def test_delegated_commands_get_their_options() -> None:
+    res = run_cli("emulate", "--speed", "-1")
+    assert res.returncode == 2 and "unrecognized arguments" not in res.stderr
