@@ -114,6 +114,10 @@ class Sink(Stage):
     async def close(self) -> None:
         """Flush and release everything; called once, also after errors."""
 
+    def report(self) -> dict[str, int]:
+        """Extra counters for the exit summary (e.g. delivered, dead-lettered)."""
+        return {}
+
 
 class Source(Stage):
     """Produces batches of stamped events until exhausted or stopped."""

@@ -233,6 +233,7 @@ class LocalRuntime:
 
     def summary(self) -> str:
         b = self.b
+        sinks = {slot.stats.name: slot.sink for slot in b.sinks}
         lines = [f"summary: pipeline {b.config.name!r} ran {time.monotonic() - self.started:.1f}s"]
         for st in b.stats:
             if st.kind == "source":
@@ -242,7 +243,9 @@ class LocalRuntime:
                              f"   dropped {max(0, st.received - st.sent)}"
                              + (f"   errors {st.errors}" if st.errors else ""))
             elif st.kind == "sink":
-                lines.append(f"  {st.name:<28} written {st.sent:>6}" + (f"   failed {st.errors}" if st.errors else ""))
+                extra = "".join(f"   {k} {v}" for k, v in sinks[st.name].report().items())
+                lines.append(f"  {st.name:<28} written {st.sent:>6}" + (f"   failed {st.errors}" if st.errors else "")
+                             + extra)
         lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
         lines.append(f"  dead-lettered: {b.dead_letter.count}" +
                      (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))

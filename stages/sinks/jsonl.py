@@ -11,7 +11,7 @@ import asyncio
 import os
 import time
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import orjson
 from pydantic import Field, field_validator
@@ -106,18 +106,19 @@ class JsonlSink(Sink):
         for f in self._files.values():
             if not f.buf:
                 continue
-            view = memoryview(f.buf)
+            # Detach the buffer first: a view a tracer or profiler keeps alive can then never block
+            # appending to the new one (bytearray refuses to resize while exported).
+            buf, f.buf = f.buf, bytearray()
+            done = 0
             try:
-                while view:
-                    n = f.fh.write(view)
-                    view = view[n or 0:]
+                with memoryview(buf) as view:
+                    while done < len(buf):
+                        done += f.fh.write(view[done:]) or 0
                 if self.options.fsync:
                     os.fsync(f.fh.fileno())
             except OSError as exc:
+                f.buf[:0] = buf[done:]  # keep what did not reach the file, nothing twice
                 raise StageError(f"{f.path}: cannot write: {exc.strerror or exc}") from None
-            finally:
-                view.release()
-            f.buf.clear()
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -134,6 +135,3 @@ class JsonlSink(Sink):
             for f in self._files.values():
                 f.fh.close()
             self._files.clear()
-
-    def stats(self) -> dict[str, Any]:
-        return {"written": self.written}

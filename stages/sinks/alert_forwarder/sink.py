@@ -106,6 +106,10 @@ class AlertForwarder(Sink):
             for dest in self._destinations:
                 await dest.put(alerts)
 
+    def report(self) -> dict[str, int]:
+        return {"delivered": self.delivered, "dead-lettered": self.dead_lettered, "digests": self.digests,
+                "duplicates": self.duplicates}
+
     async def flush(self) -> None:
         """Wait until everything written so far is delivered or dead-lettered (before offset commits)."""
         await asyncio.gather(*(d.flush() for d in self._destinations))
