@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from pipeline.api import Context
 from pipeline.emulator import Emulator
@@ -76,11 +75,15 @@ async def run_stages(src: VideoDBSource, ctl: CaptureSessionController | None, *
             if ctl is not None:
                 ctl.observe(batch)
             run.events.extend(batch)
-            if link.exit_requested:
-                await src.stop()
+
+    async def watch_exit() -> None:
+        await link.wait_exit()
+        await src.stop()
 
     ingest_task = asyncio.create_task(ingest())
-    tasks = {ingest_task} | ({asyncio.create_task(ctl.start())} if ctl is not None else set())
+    tasks = {ingest_task, asyncio.create_task(watch_exit())}
+    if ctl is not None:
+        tasks.add(asyncio.create_task(ctl.start()))
     pending = set(tasks)
     try:
         async with asyncio.timeout(timeout):
@@ -99,9 +102,10 @@ async def run_stages(src: VideoDBSource, ctl: CaptureSessionController | None, *
 
 
 def scenario_file(tmp_path: Path, events: list[dict[str, Any]], end: float = 1.0) -> Path:
-    """A small scenario in the emulator's YAML format (default streams)."""
-    path = tmp_path / "scenario.yaml"
-    path.write_text(yaml.safe_dump({"name": "test", "end": end, "events": events}))
+    """A small scenario in the emulator's JSONL format (default streams)."""
+    path = tmp_path / "scenario.jsonl"
+    lines = [{"name": "test", "end": end}, *events]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
 
 
