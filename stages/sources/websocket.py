@@ -56,7 +56,7 @@ class WebSocketSource(Source):
         """Connect; returns (websockets connection, connection id or None)."""
         import websockets
 
-        ws = await websockets.connect(self.options.url, max_size=None)
+        ws = await websockets.connect(self.options.url, max_size=None, close_timeout=1)
         first = await ws.recv()
         conn_id = None
         try:
@@ -121,14 +121,16 @@ class WebSocketSource(Source):
                 log.info("%s: connected%s", self.describe(), f" (connection id {conn_id})" if conn_id else "")
                 if conn_id:
                     await self.context.session.announce_connection(conn_id)
+                reason = "closed by the server"
                 try:
                     async for frame in self._ws:
                         self._accept(frame)
                 except websockets.ConnectionClosed as exc:
-                    if not self._stopping:
-                        log.warning("%s: connection dropped (%s); reconnecting", self.describe(), exc)
+                    reason = str(exc)
                 finally:
                     await self._ws.close()
+                if not self._stopping:
+                    log.warning("%s: connection dropped (%s); reconnecting", self.describe(), reason)
         finally:
             self._done = True
             self._ready.set()
