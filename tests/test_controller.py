@@ -216,3 +216,27 @@ def test_unexpected_transitions_are_logged_not_fatal(caplog: pytest.LogCaptureFi
     polled = Lifecycle("cap-2", "stopping")
     assert not polled.behind("active") and not polled.behind("stopping")  # a poll never moves it back
     assert polled.behind("stopped") and polled.behind("failed")
+
+
+async def test_lifecycle_events_seen_before_the_session_id_never_move_it_back(
+        emulator: Callable[..., Emulator], make_context: Callable[..., Context]) -> None:
+    # `created` can arrive over the socket before create_capture_session returns; later events can be
+    # observed while the controller is still fetching the client token. Order must be kept.
+    emu = emulator(autostart=False)
+    await emu.start()
+    ctx = make_context("controller:capture_session", session=SessionLink())
+    ctx.settings = settings(emu)
+    ctl = CaptureSessionController(CaptureSessionController.Options(end_user_id="u"), ctx)
+    await ctx.session.announce_connection("ws-test")
+    ctl.observe([{"event": "capture_session.created", "status": "created"}])
+
+    async def later_events() -> None:
+        while ctl.session_id is None:
+            await asyncio.sleep(0)
+        ctl.observe([{"event": "capture_session.starting", "capture_session_id": ctl.session_id}])
+
+    observer = asyncio.create_task(later_events())
+    await ctl.start()
+    await observer
+    assert ctl.lifecycle.history == ["created", "starting"]
+    await ctl.close()

@@ -114,8 +114,6 @@ class CaptureSessionController(Controller):
                  self.who, self.session_id, self.state_file, self.session_id)
         self.context.session.capture_session_id = self.session_id
         self.context.session.on_connection(self._on_connection)
-        early, self._early = self._early, []
-        self.observe(early)
         if opts.session_id:
             self._start_poll()  # lifecycle events go to the connection the session was created with
         elif self.context.session.connection_id != conn_id:
@@ -130,6 +128,7 @@ class CaptureSessionController(Controller):
         self.session_id = session.id
         self.lifecycle = Lifecycle(session.id)
         self.lifecycle.advance(getattr(session, "status", None) or "created")
+        self._replay_early()
         return session
 
     async def _attach(self) -> Any:
@@ -139,7 +138,16 @@ class CaptureSessionController(Controller):
         self.lifecycle = Lifecycle(session.id)
         log.info("%s: attached to capture session %s", self.who, session.id)
         self._transition(getattr(session, "status", None) or "created", session=session)
+        self._replay_early()
         return session
+
+    def _replay_early(self) -> None:
+        """Lifecycle events that arrived before we knew the session id (no await since it was set)."""
+        early, self._early = self._early, []
+        for event in early:
+            status = lifecycle_status(event)
+            if status is not None and self.lifecycle.behind(status):
+                self._lifecycle_event(event, status)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
