@@ -43,6 +43,8 @@ def in_channels(event: Event, channels: frozenset[str]) -> bool:
     ch = event.get("channel")
     if ch is None:
         return "event" in event and LIFECYCLE in channels
+    if not isinstance(ch, str):
+        return False
     return ALIASES.get(ch, ch) in channels
 
 

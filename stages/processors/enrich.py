@@ -58,7 +58,8 @@ class Enrich(Processor):
                 for k, v in o.fields.items():
                     event.setdefault(k, v)
                 continue
-            info = streams.get(event.get("rtstream_id"))  # type: ignore[arg-type]
+            rts = event.get("rtstream_id")
+            info = streams.get(rts) if isinstance(rts, str) else None
             if o.capture_session and "capture_session_id" not in event:
                 sid = info[0] if info else self._sessions.get("last")
                 if sid is not None:

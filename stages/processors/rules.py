@@ -18,7 +18,7 @@ from pipeline.api import Batch, Context, Event, Options, Processor
 from pipeline.events import canonical, event_time_ms
 from pipeline.types import Duration
 from stages.globs import glob_matcher
-from stages.processors.matchers import Hits, RegexMatcher, SubstringMatcher, WordMatcher
+from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher
 
 TEXT_CHANNELS = ["transcript", "visual_index", "audio_index"]
 
@@ -66,26 +66,26 @@ class _Compiled:
 
 
 class _ChannelMatcher:
-    """The three matchers for one channel, used together."""
+    """The matchers for one channel, used together: one automaton scan, then the regex rules."""
 
-    __slots__ = ("regex", "substring", "word")
+    __slots__ = ("regex", "scan", "substring", "word")
 
     def __init__(self) -> None:
         self.word = WordMatcher()
         self.substring = SubstringMatcher()
         self.regex = RegexMatcher()
+        self.scan: Scanner | None = None
 
     def freeze(self) -> None:
-        self.word.freeze()
-        self.substring.freeze()
+        self.scan = Scanner(self.word, self.substring)
         self.regex.freeze()
 
     def match(self, text: str) -> Hits:
         hits: Hits = {}
         lowered = text.lower()
-        self.word.match(lowered, hits)
-        self.substring.match(lowered, hits)
-        self.regex.match(text, hits)
+        self.scan.match(lowered, hits)  # type: ignore[union-attr]
+        if self.regex:
+            self.regex.match(text, hits, lowered)
         return hits
 
 
@@ -118,7 +118,9 @@ class Rules(Processor):
             if out is not None:
                 out.append(event)
             ch = event.get("channel")
-            m = by_channel.get("visual_index" if ch == "scene_index" else ch)  # type: ignore[arg-type]
+            if not isinstance(ch, str):
+                continue
+            m = by_channel.get("visual_index" if ch == "scene_index" else ch)
             if m is None:
                 continue
             data = event.get("data")
