@@ -240,3 +240,22 @@ async def test_lifecycle_events_seen_before_the_session_id_never_move_it_back(
     await observer
     assert ctl.lifecycle.history == ["created", "starting"]
     await ctl.close()
+
+
+async def test_a_failing_pipeline_call_is_one_line_and_the_rest_still_runs(
+        emulator: Callable[..., Emulator], make_context: Callable[..., Context],
+        caplog: pytest.LogCaptureFixture) -> None:
+    emu = emulator()
+    await emu.start()
+    on_active = {"transcript": True, "index_visuals": {"prompt": "p"},
+                 "alerts": [{"label": "empty-prompt", "prompt": ""}]}  # the API rejects an empty prompt
+    src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u", "on_active": on_active})
+    assert ctl is not None
+    run = await run_stages(src, ctl)
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == ["controller:capture_session: create_event(empty-prompt) failed: "
+                      "HTTP 400: event_prompt and label are required"]
+    assert ctl.context.stats.errors == 1
+    assert run.link.exit_code == 0
+    assert {"transcript", "visual_index"} <= {e.get("channel") for e in run.events}

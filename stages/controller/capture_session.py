@@ -173,7 +173,7 @@ class CaptureSessionController(Controller):
     def _transition(self, status: str, *, event_data: dict[str, Any] | None = None,
                     session: Any = None, error: Any = None) -> None:
         """Apply one status (from an event, or from polling/attaching) and act on it."""
-        if not self.lifecycle.advance(status):
+        if not self.lifecycle.advance(status, polled=session is not None):
             return
         self.record["status"] = status
         data = event_data or {}

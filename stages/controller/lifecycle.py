@@ -36,13 +36,18 @@ class Lifecycle:
         self.state: str | None = state
         self.history: list[str] = [state] if state else []
 
-    def advance(self, new: str) -> bool:
-        """Move to `new`; False (and nothing logged) when it is the current state."""
+    def advance(self, new: str, *, polled: bool = False) -> bool:
+        """Move to `new`; False (and nothing logged) when it is the current state.
+
+        `polled`: the status came from polling, which may skip states without anything being wrong.
+        """
         if new == self.state:
             return False
         old = self.state
         if new not in STATES:
             log.warning("capture session %s: unknown status %r (was %s)", self.session_id, new, old)
+        elif polled:
+            log.info("capture session %s: %s -> %s (polled)", self.session_id, old, new)
         elif new not in _NEXT[old]:
             log.warning("capture session %s: unexpected transition %s -> %s", self.session_id, old, new)
         else:
