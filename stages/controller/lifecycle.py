@@ -47,7 +47,7 @@ class Lifecycle:
         if new not in STATES:
             log.warning("capture session %s: unknown status %r (was %s)", self.session_id, new, old)
         elif polled:
-            log.info("capture session %s: %s -> %s (polled)", self.session_id, old, new)
+            log.info("capture session %s: %s (polled)", self.session_id, f"{old} -> {new}" if old else new)
         elif new not in _NEXT[old]:
             log.warning("capture session %s: unexpected transition %s -> %s", self.session_id, old, new)
         else:
