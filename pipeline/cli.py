@@ -38,20 +38,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         from pipeline.runtime.faust import run_ingest
 
         return run_ingest(cfg)
-    from pipeline.build import build
-    from pipeline.runtime.local import LocalRuntime
+    from pipeline.runner import run_local
 
-    async def main() -> tuple[int, str]:
-        rt = LocalRuntime(build(cfg))
-        code = await rt.run()
-        if rt.error is not None:
-            print(f"pipeline: {secrets.mask(str(rt.error))}", file=sys.stderr)
-        return code, rt.summary()
-
-    code, summary = asyncio.run(main())
+    rt = asyncio.run(run_local(cfg))
+    if rt.error is not None:
+        print(f"pipeline: {secrets.mask(str(rt.error))}", file=sys.stderr)
     if not args.quiet:
-        print(secrets.mask(summary), file=sys.stderr)
-    return code
+        print(secrets.mask(rt.summary()), file=sys.stderr)
+    return rt.exit_code
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

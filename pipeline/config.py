@@ -24,12 +24,22 @@ TOP_KEYS = ("name", "videodb", "source", "controller", "stages", "sinks", "runti
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+class EmulatorSettings(Options):
+    """Run the local VideoDB emulator in-process and point the SDK at it (offline demos)."""
+
+    scenario: str | None = Field(default=None, description="scenario file; default config/scenarios/meeting.yaml")
+    speed: float = Field(default=1.0, ge=0, description="1 = scenario timing, 20 = 20x faster, 0 = no waiting")
+    drop_after: int | None = Field(default=None, ge=1, description="close the WebSocket after N events")
+    garbage_every: int | None = Field(default=None, ge=1, description="send a non-JSON frame every N events")
+
+
 class VideoDBSettings(Options):
     """Shared by the videodb source and the capture-session controller."""
 
     api_key: Secret | None = None
     base_url: str | None = None
     collection_id: str = "default"
+    emulator: EmulatorSettings | None = Field(default=None, description="start a local emulator instead of the cloud")
 
 
 class RuntimeSettings(Options):

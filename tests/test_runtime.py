@@ -32,7 +32,7 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, tim
 
 
 def test_demo_config_end_to_end(tmp_path: Path) -> None:
-    cfg = (ROOT / "config/demo.yaml").read_text().replace("out/demo", str(tmp_path / "demo"))
+    cfg = (ROOT / "config/replay.yaml").read_text().replace("out/replay", str(tmp_path / "demo"))
     (tmp_path / "demo.yaml").write_text(cfg.replace("config/samples", str(ROOT / "config/samples")))
     res = run_cli("run", str(tmp_path / "demo.yaml"))
     assert res.returncode == 0, res.stderr

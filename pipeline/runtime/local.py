@@ -51,6 +51,7 @@ class LocalRuntime:
         self.signals = 0
         self.started = time.monotonic()
         self.error: PipelineError | None = None
+        self.exit_code = 0
         self._stopping = False
 
     # -- control -----------------------------------------------------------------------
