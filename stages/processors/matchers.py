@@ -13,11 +13,12 @@ from typing import Final
 import ahocorasick
 
 _WORD: Final = re.compile(r"\w+")
+Owners = list[tuple[int, str]]
 
 Hits = dict[int, list[str]]  # rule index -> keywords (as configured) that matched
 
 
-def _add(hits: Hits, owners: list[tuple[int, str]]) -> None:
+def _add(hits: Hits, owners: Owners) -> None:
     for rule, keyword in owners:
         found = hits.get(rule)
         if found is None:
@@ -29,14 +30,17 @@ def _add(hits: Hits, owners: list[tuple[int, str]]) -> None:
 class WordMatcher:
     """Whole-word, case-insensitive: a keyword matches when its words appear in a row.
 
-    Single words are a set intersection with the text's words (done in C);
-    phrases are checked only when their first word is present.
+    A single word matches where it occurs with no word character on either side
+    (exactly the text's `\\w+` tokens); a phrase is checked against the joined
+    tokens only when its first word occurs that way.
     """
 
     def __init__(self) -> None:
-        self._single: dict[str, list[tuple[int, str]]] = defaultdict(list)
-        self._phrases: dict[str, list[tuple[str, list[tuple[int, str]]]]] = defaultdict(list)
-        self._phrase_owner: dict[str, list[tuple[int, str]]] = {}
+        self._single: dict[str, Owners] = defaultdict(list)
+        # first word -> [(the other words, each after a run of non-word characters), owners]
+        self._phrases: dict[str, list[tuple[re.Pattern[str], Owners]]] = defaultdict(list)
+        self._phrase_owner: dict[str, Owners] = {}
+        self._scan: Scanner | None = None
 
     def add(self, rule: int, keyword: str) -> None:
         words = _WORD.findall(keyword.lower())
@@ -45,40 +49,28 @@ class WordMatcher:
         if len(words) == 1:
             self._single[words[0]].append((rule, keyword))
             return
-        phrase = " " + " ".join(words) + " "
+        phrase = " ".join(words)
         owners = self._phrase_owner.get(phrase)
         if owners is None:
             owners = self._phrase_owner[phrase] = []
-            self._phrases[words[0]].append((phrase, owners))
+            rest = re.compile("".join(rf"\W+{re.escape(w)}" for w in words[1:]) + r"(?!\w)")
+            self._phrases[words[0]].append((rest, owners))
         owners.append((rule, keyword))
 
     def freeze(self) -> None:
-        self._single_keys = frozenset(self._single)
-        self._phrase_keys = frozenset(self._phrases)
+        self._scan = Scanner(self, None)
 
     def match(self, lowered: str, hits: Hits) -> None:
-        words = _WORD.findall(lowered)
-        if not words:
-            return
-        present = self._single_keys.intersection(words)
-        for w in present:
-            _add(hits, self._single[w])
-        if self._phrase_keys:
-            starts = self._phrase_keys.intersection(words)
-            if starts:
-                joined = " " + " ".join(words) + " "
-                for w in starts:
-                    for phrase, owners in self._phrases[w]:
-                        if phrase in joined:
-                            _add(hits, owners)
+        assert self._scan is not None, "freeze() first"
+        self._scan.match(lowered, hits)
 
 
 class SubstringMatcher:
-    """Case-insensitive substrings, all at once with an Aho-Corasick automaton."""
+    """Case-insensitive substrings, anywhere in the text."""
 
     def __init__(self) -> None:
-        self._owners: dict[str, list[tuple[int, str]]] = defaultdict(list)
-        self._auto = ahocorasick.Automaton()
+        self._owners: dict[str, Owners] = defaultdict(list)
+        self._scan: Scanner | None = None
 
     def add(self, rule: int, keyword: str) -> None:
         if not keyword:
@@ -86,27 +78,107 @@ class SubstringMatcher:
         self._owners[keyword.lower()].append((rule, keyword))
 
     def freeze(self) -> None:
-        for key, owners in self._owners.items():
-            self._auto.add_word(key, owners)
-        if self._owners:
+        self._scan = Scanner(None, self)
+
+    def match(self, lowered: str, hits: Hits) -> None:
+        assert self._scan is not None, "freeze() first"
+        self._scan.match(lowered, hits)
+
+
+class Scanner:
+    """Word and substring keywords of one channel in one Aho-Corasick automaton.
+
+    Why: one pass in C over the lowered text finds every candidate, whatever the
+    number of keywords; Python only checks word boundaries of the few hits.
+    """
+
+    __slots__ = ("_auto", "_empty")
+
+    def __init__(self, word: WordMatcher | None, substring: SubstringMatcher | None) -> None:
+        # key -> (length, whole-word owners, phrases starting with this word, substring owners)
+        table: dict[str, list[object]] = {}
+
+        def entry(key: str) -> list[object]:
+            found = table.get(key)
+            if found is None:
+                found = table[key] = [len(key), None, None, None]
+            return found
+
+        if word is not None:
+            for w, owners in word._single.items():
+                entry(w)[1] = owners
+            for w, phrases in word._phrases.items():
+                entry(w)[2] = phrases
+        if substring is not None:
+            for key, owners in substring._owners.items():
+                entry(key)[3] = owners
+        self._auto = ahocorasick.Automaton()
+        for key, value in table.items():
+            self._auto.add_word(key, tuple(value))
+        self._empty = not table
+        if table:
             self._auto.make_automaton()
 
     def match(self, lowered: str, hits: Hits) -> None:
-        if not self._owners:
+        if self._empty:
             return
-        seen: set[int] = set()
-        for _end, owners in self._auto.iter(lowered):
-            if id(owners) not in seen:
-                seen.add(id(owners))
-                _add(hits, owners)
+        last = len(lowered) - 1
+        for end, (length, words, phrases, subs) in self._auto.iter(lowered):
+            if subs is not None:
+                _add(hits, subs)
+            if words is None and phrases is None:
+                continue
+            start = end - length + 1
+            if start:  # a word character before: part of a longer word
+                ch = lowered[start - 1]
+                if ch.isalnum() or ch == "_":
+                    continue
+            if phrases is not None:  # the next words must follow, each after non-word characters
+                for rest, owners in phrases:
+                    if rest.match(lowered, end + 1):
+                        _add(hits, owners)
+            if words is not None and end < last:
+                ch = lowered[end + 1]
+                if ch.isalnum() or ch == "_":
+                    continue
+            if words is not None:
+                _add(hits, words)
+
+
+def required_literal(pattern: str) -> str | None:
+    """The longest ASCII literal every match of `pattern` contains (lowered), or None.
+
+    Only top-level literals count (never inside a group, branch or repeat), so
+    the answer is always safe to use as a pre-check.
+    """
+    try:
+        from re import _constants, _parser  # type: ignore[attr-defined]
+
+        parsed = _parser.parse(pattern, re.IGNORECASE)
+        literal = _constants.LITERAL
+    except Exception:
+        return None
+    best = run = ""
+    for op, arg in parsed:
+        if op is literal and isinstance(arg, int) and arg < 128:
+            run += chr(arg)
+            continue
+        best = max(best, run, key=len)
+        run = ""
+    best = max(best, run, key=len)
+    return best.lower() or None
 
 
 class RegexMatcher:
-    """Regex keywords: one compiled alternation per rule (compiled once, case-insensitive)."""
+    """Regex keywords: one compiled alternation per rule (compiled once, case-insensitive).
+
+    A rule whose every pattern contains a literal is skipped without running the
+    regex engine when an ASCII text holds none of those literals.
+    """
 
     def __init__(self) -> None:
         self._parts: dict[int, list[str]] = defaultdict(list)
-        self._compiled: list[tuple[int, re.Pattern[str]]] = []
+        self._compiled: list[tuple[int, re.Pattern[str], tuple[str, ...] | None]] = []
 
     def add(self, rule: int, keyword: str) -> None:
         try:
@@ -116,11 +188,23 @@ class RegexMatcher:
         self._parts[rule].append(keyword)
 
     def freeze(self) -> None:
-        self._compiled = [(rule, re.compile("|".join(f"(?:{p})" for p in parts), re.IGNORECASE))
-                          for rule, parts in self._parts.items()]
+        self._compiled = []
+        for rule, parts in self._parts.items():
+            literals = [required_literal(p) for p in parts]
+            need = None if any(lit is None for lit in literals) else tuple(dict.fromkeys(literals))
+            rx = re.compile("|".join(f"(?:{p})" for p in parts), re.IGNORECASE)
+            self._compiled.append((rule, rx, need))  # type: ignore[arg-type]
 
-    def match(self, text: str, hits: Hits) -> None:
-        for rule, rx in self._compiled:
+    def __bool__(self) -> bool:
+        return bool(self._parts)
+
+    def match(self, text: str, hits: Hits, lowered: str | None = None) -> None:
+        ascii_text = text.isascii()
+        for rule, rx, need in self._compiled:
+            if need is not None and ascii_text:
+                low = text.lower() if lowered is None else lowered
+                if not any(lit in low for lit in need):
+                    continue
             found = [m.group(0) for m in rx.finditer(text)]
             if found:
                 hits[rule] = list(dict.fromkeys(found))

@@ -1,0 +1,96 @@
+"""The optimised keyword matchers find exactly what the plain definitions find.
+
+The rules stage scans texts with one Aho-Corasick automaton plus word-boundary
+checks, and skips regexes whose literal is absent; these properties compare it
+with the obvious implementations (token sets, `in`, `re.finditer`).
+"""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, required_literal
+
+WORD = re.compile(r"\w+")
+# word characters incl. non-ASCII letters, digits, underscore; separators; case variants
+ALPHABET = "abcdeABCDE_01 -.,\n\tÉéß\u017fKİ\u0131"
+texts = st.text(alphabet=ALPHABET, max_size=60)
+keywords = st.text(alphabet=ALPHABET, min_size=1, max_size=8).filter(lambda k: k.strip() != "")
+
+
+def naive_words(text: str, rules: list[list[str]]) -> dict[int, set[str]]:
+    tokens = WORD.findall(text.lower())
+    joined = " " + " ".join(tokens) + " "
+    out: dict[int, set[str]] = {}
+    for i, kws in enumerate(rules):
+        for k in kws:
+            words = WORD.findall(k.lower())
+            if words and " " + " ".join(words) + " " in joined:
+                out.setdefault(i, set()).add(k)
+    return out
+
+
+def as_sets(hits: Hits) -> dict[int, set[str]]:
+    return {rule: set(found) for rule, found in hits.items()}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(keywords, min_size=1, max_size=4), min_size=1, max_size=4), st.lists(texts, max_size=6))
+def test_word_and_substring_scan_equals_naive(rules: list[list[str]], sample: list[str]) -> None:
+    word, sub = WordMatcher(), SubstringMatcher()
+    for i, kws in enumerate(rules):
+        for k in kws:
+            if WORD.findall(k.lower()):
+                word.add(i, k)
+            sub.add(100 + i, k)
+    scan = Scanner(word, sub)
+    for text in sample:
+        hits: Hits = {}
+        scan.match(text.lower(), hits)
+        want = {i: kws for i, kws in naive_words(text, [[k for k in r if WORD.findall(k.lower())]
+                                                         for r in rules]).items()}
+        for i, kws in enumerate(rules):
+            found = {k for k in kws if k.lower() in text.lower()}
+            if found:
+                want[100 + i] = found
+        assert as_sets(hits) == want, text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([r"sk-[a-z0-9]{3,}", r"\bAKIA\d+", r"pr\s*#\d+", r"ab|cd", r"x?yz", r"(?i:k)+",
+                                 r"\d{2}-\d{2}", r"é\w", "[\u017fs]t"]), min_size=1, max_size=3),
+       st.lists(st.text(alphabet="skSK-akiaAKIA0123 pr#PRxyzé_\u017ftT\u212a", max_size=40), max_size=8))
+def test_regex_precheck_never_loses_a_match(patterns: list[str], sample: list[str]) -> None:
+    m = RegexMatcher()
+    for p in patterns:
+        m.add(0, p)
+    m.freeze()
+    rx = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE)
+    for text in sample:
+        hits: Hits = {}
+        m.match(text, hits, text.lower())
+        found = list(dict.fromkeys(x.group(0) for x in rx.finditer(text)))
+        assert hits == ({0: found} if found else {}), text
+
+
+def test_required_literal_is_conservative() -> None:
+    assert required_literal(r"\bsk-[A-Za-z0-9]{16,}") == "sk-"
+    assert required_literal(r"PR\s*#\d+") == "pr"
+    assert required_literal(r"ab|cd") is None
+    assert required_literal(r"(abc)") is None
+    assert required_literal(r"x?yz") == "yz"
+    assert required_literal(r"é") is None  # non-ASCII literals are never used
+
+
+def test_non_ascii_case_folds_still_match() -> None:
+    m = RegexMatcher()
+    m.add(0, r"sk-[a-z0-9]{3,}")
+    m.add(0, r"\bAKIA\d+")
+    m.freeze()
+    for text in ("key \u017fk-abc1 here", "id A\u212aIA42"):  # long s and Kelvin sign fold to s / k
+        hits: Hits = {}
+        m.match(text, hits, text.lower())
+        assert hits, text
