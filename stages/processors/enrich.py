@@ -51,36 +51,38 @@ class Enrich(Processor):
 
     def process(self, batch: Batch) -> Batch:
         o = self.options
-        streams = self._streams
+        streams, sessions = self._streams, self._sessions
+        add_session, add_streams, parse_json = o.capture_session, o.rtstreams, o.parse_json
+        fields = list(o.fields.items())
+        loads, decode_error = orjson.loads, orjson.JSONDecodeError
         for event in batch:
             if "event" in event:
                 self._learn(event)
-                for k, v in o.fields.items():
+                for k, v in fields:
                     event.setdefault(k, v)
                 continue
             rts = event.get("rtstream_id")
             info = streams.get(rts) if isinstance(rts, str) else None
-            if o.capture_session and "capture_session_id" not in event:
-                sid = info[0] if info else self._sessions.get("last")
+            if add_session and "capture_session_id" not in event:
+                sid = info[0] if info else sessions.get("last")
                 if sid is not None:
                     event["capture_session_id"] = sid
-            if o.rtstreams and info:
+            if add_streams and info:
                 if info[1] is not None and "rtstream_name" not in event:
                     event["rtstream_name"] = info[1]
                 if info[2] is not None and "media_types" not in event:
                     event["media_types"] = info[2]
-            if o.fields:
-                for k, v in o.fields.items():
-                    event.setdefault(k, v)
-            if o.parse_json:
+            for k, v in fields:
+                event.setdefault(k, v)
+            if parse_json:
                 data = event.get("data")
                 if isinstance(data, dict):
                     text = data.get("text")
                     if (isinstance(text, str) and text[:1] == "{"
                             and canonical(str(event.get("channel"))) in _JSON_CHANNELS):
                         try:
-                            parsed = orjson.loads(text)
-                        except orjson.JSONDecodeError:
+                            parsed = loads(text)
+                        except decode_error:
                             parsed = None
                         if isinstance(parsed, dict):
                             data["json"] = parsed

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from pipeline.api import Batch, Context, Event, Options, Processor
-from pipeline.events import channel_set, in_channels
+from pipeline.events import ALIASES, LIFECYCLE, channel_set, in_channels
 from stages.globs import glob_matcher
 
 
@@ -50,4 +50,34 @@ class Filter(Processor):
         return True
 
     def process(self, batch: Batch) -> Batch:
-        return [e for e in batch if self.keep(e)]
+        """`keep()` over the batch, unrolled with everything hoisted (the hot path)."""
+        chans, names = self._channels, self._names
+        final_only, min_len = self.options.final_only, self.options.min_text_length
+        if chans is None and names is None and not final_only and not min_len:
+            return list(batch)
+        lifecycle_ok = chans is not None and LIFECYCLE in chans
+        out: Batch = []
+        append = out.append
+        for e in batch:
+            if chans is not None:
+                ch = e.get("channel")
+                if ch is None:
+                    if not ("event" in e and lifecycle_ok):
+                        continue
+                elif not isinstance(ch, str) or ALIASES.get(ch, ch) not in chans:
+                    continue
+            if names is not None and "event" not in e:
+                name = e.get("rtstream_name")
+                if isinstance(name, str) and not names(name):
+                    continue
+            if final_only or min_len:
+                data = e.get("data")
+                if isinstance(data, dict):
+                    if final_only and data.get("is_final") is False:
+                        continue
+                    if min_len:
+                        text = data.get("text")
+                        if isinstance(text, str) and len(text.strip()) < min_len:
+                            continue
+            append(e)
+        return out

@@ -1,18 +1,23 @@
-"""The optimised keyword matchers find exactly what the plain definitions find.
+"""The optimised hot path does exactly what the plain definitions do.
 
 The rules stage scans texts with one Aho-Corasick automaton plus word-boundary
-checks, and skips regexes whose literal is absent; these properties compare it
-with the obvious implementations (token sets, `in`, `re.finditer`).
+checks and skips regexes whose literal is absent; the filter runs unrolled over
+a batch; replay parses whole chunks at once. Each is compared here with the
+obvious implementation (token sets, `in`, `re.finditer`, `keep()` per event,
+line-by-line parsing).
 """
 
 from __future__ import annotations
 
 import re
 
-from hypothesis import given, settings
+import orjson
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stages.processors.filter import Filter, FilterOptions
 from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, required_literal
+from stages.sources.replay import ReplayOptions, ReplaySource
 
 WORD = re.compile(r"\w+")
 # word characters incl. non-ASCII letters, digits, underscore; separators; case variants
@@ -94,3 +99,38 @@ def test_non_ascii_case_folds_still_match() -> None:
         hits: Hits = {}
         m.match(text, hits, text.lower())
         assert hits, text
+
+
+events = st.fixed_dictionaries({}, optional={
+    "channel": st.sampled_from(["transcript", "visual_index", "scene_index", "audio_index", "alert", 7, None]),
+    "event": st.sampled_from(["capture_session.active", "x"]),
+    "rtstream_name": st.sampled_from(["display:1", "mic:default", "other", 3]),
+    "data": st.one_of(st.none(), st.fixed_dictionaries({}, optional={
+        "is_final": st.sampled_from([True, False, None]), "text": st.one_of(st.text(max_size=6), st.integers())})),
+})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(events, max_size=12), st.sampled_from([None, ["transcript", "capture_session"], ["scene_index"]]),
+       st.sampled_from([None, ["display:*"]]), st.booleans(), st.sampled_from([0, 3]))
+def test_filter_batch_equals_keep(make_context, batch, channels, names, final_only, min_len) -> None:  # type: ignore[no-untyped-def]
+    f = Filter(FilterOptions(channels=channels, rtstream_names=names, final_only=final_only,
+                             min_text_length=min_len), make_context())
+    assert f.process(batch) == [e for e in batch if f.keep(e)]
+
+
+async def test_replay_chunks_reject_and_keep_like_line_by_line(make_context, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    good = [{"channel": "transcript", "data": {"text": f"t{i}"}, "unix_ts": 1.0 + i, "ts": "x"} for i in range(5)]
+    lines = [orjson.dumps(good[0]), b"", b"[1, 2]", orjson.dumps(good[1]), b"{not json", orjson.dumps(good[2]),
+             b"  ", orjson.dumps({"channel": "alert"}), orjson.dumps(good[3]), b'{"channel": "trans']
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"\n".join(lines))  # the last line is truncated (no newline)
+    ctx = make_context()
+    src = ReplaySource(ReplayOptions(path=str(path), batch_size=3), ctx)
+    got = [e for b in [b async for b in src.batches()] for e in b]
+    assert [e.get("data", {}).get("text") for e in got] == ["t0", "t1", "t2", None, "t3"]
+    assert got[3]["unix_ts"] > 1e9 and "ts" in got[3]  # stamped on read; the others keep their stamps
+    dead = [orjson.loads(x) for x in (tmp_path / "dead-letter.jsonl").read_bytes().splitlines()]
+    assert [(d["origin"]["line"], d["reason"].split(":")[0]) for d in dead] == [
+        (3, "JSON list, not an object"), (5, "not JSON"), (10, "truncated last line")]
+    assert src.lines == 10
