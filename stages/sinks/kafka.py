@@ -219,6 +219,9 @@ class KafkaSink(Sink):
             with contextlib.suppress(Exception, asyncio.TimeoutError):
                 await asyncio.wait_for(producer.stop(), timeout=max(self.opts.shutdown_timeout, 1.0))
 
+    def report(self) -> dict[str, int]:
+        return {"delivered": self.delivered, "dead-lettered": self.dead_lettered}
+
     # --- encoding ------------------------------------------------------------------------
 
     def _encode(self, batch: Batch, owner: _Pending) -> list[_Record]:
