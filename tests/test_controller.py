@@ -107,8 +107,10 @@ async def test_rebinds_every_pipeline_after_each_reconnect(
     assert len(conns) >= 4
     # every connection id the source announced got transcripts, both indexes and the alert bound to it
     # (the re-bind to the last one may be cut short: the session is exported meanwhile and the run ends)
-    assert bound_ids(emu, "/transcription") == [c for c in conns for _ in (MIC, SYS)]
     full = conns[:-1]
+    transcripts = bound_ids(emu, "/transcription")
+    assert transcripts[:2 * len(full)] == [c for c in full for _ in (MIC, SYS)]
+    assert transcripts[2 * len(full):] in ([conns[-1]], [conns[-1]] * 2)  # the first call moves the queue
     assert bound_ids(emu, "/index/scene")[:3 * len(full)] == [c for c in full for _ in range(3)]
     assert bound_ids(emu, "/alert")[:len(full)] == full
     assert set(bound_ids(emu, "/index/scene")[3 * len(full):]) <= {conns[-1]}
