@@ -203,7 +203,10 @@ class RegexMatcher:
         for rule, rx, need in self._compiled:
             if need is not None and ascii_text:
                 low = text.lower() if lowered is None else lowered
-                if not any(lit in low for lit in need):
+                for lit in need:
+                    if lit in low:
+                        break
+                else:
                     continue
             found = [m.group(0) for m in rx.finditer(text)]
             if found:

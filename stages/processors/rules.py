@@ -68,23 +68,25 @@ class _Compiled:
 class _ChannelMatcher:
     """The matchers for one channel, used together: one automaton scan, then the regex rules."""
 
-    __slots__ = ("regex", "scan", "substring", "word")
+    __slots__ = ("has_regex", "regex", "scan", "substring", "word")
 
     def __init__(self) -> None:
         self.word = WordMatcher()
         self.substring = SubstringMatcher()
         self.regex = RegexMatcher()
         self.scan: Scanner | None = None
+        self.has_regex = False
 
     def freeze(self) -> None:
         self.scan = Scanner(self.word, self.substring)
         self.regex.freeze()
+        self.has_regex = bool(self.regex)
 
     def match(self, text: str) -> Hits:
         hits: Hits = {}
         lowered = text.lower()
         self.scan.match(lowered, hits)  # type: ignore[union-attr]
-        if self.regex:
+        if self.has_regex:
             self.regex.match(text, hits, lowered)
         return hits
 
