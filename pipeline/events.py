@@ -6,6 +6,7 @@ functions are the one place that knows their shapes.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -63,18 +64,24 @@ def text(event: Event) -> str:
     return ""
 
 
+def _ms(v: Any, scale: int) -> int | None:
+    if type(v) is int:
+        return v * scale
+    if type(v) is float and math.isfinite(v):
+        return int(v * scale)
+    return None
+
+
 def event_time_ms(event: Event) -> int:
     """Event time in ms: data.start, else data.timestamp, else unix_ts*1000, else 0."""
     d = event.get("data")
     if isinstance(d, dict):
         for key in ("start", "timestamp"):
-            v = d.get(key)
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                return int(v)
-    u = event.get("unix_ts")
-    if isinstance(u, int | float) and not isinstance(u, bool):
-        return int(u * 1000)
-    return 0
+            ms = _ms(d.get(key), 1)
+            if ms is not None:
+                return ms
+    ms = _ms(event.get("unix_ts"), 1000)
+    return 0 if ms is None else ms
 
 
 def iso_ts(unix: float) -> str:

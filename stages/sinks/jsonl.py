@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from datetime import UTC, datetime
 from typing import BinaryIO
@@ -24,6 +25,7 @@ from pipeline.types import Duration
 
 _DUMP = orjson.dumps
 _OPTS = orjson.OPT_APPEND_NEWLINE
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
 class JsonlOptions(SinkOptions):
@@ -82,8 +84,14 @@ class JsonlSink(Sink):
 
     def _path_for(self, event: Event) -> str:
         unix = event.get("unix_ts")
-        day = datetime.fromtimestamp(unix if isinstance(unix, int | float) else time.time(), UTC)
-        return self.options.path.format(channel=channel(event) or "unknown", date=day.strftime("%Y-%m-%d"))
+        try:
+            day = datetime.fromtimestamp(unix if isinstance(unix, int | float) else time.time(), UTC)
+        except (OverflowError, ValueError, OSError):
+            day = datetime.now(UTC)
+        ch = channel(event)
+        if not _SAFE_NAME.match(ch):  # the channel comes from the wire: never let it pick a directory
+            ch = "unknown"
+        return self.options.path.format(channel=ch, date=day.strftime("%Y-%m-%d"))
 
     async def write(self, batch: Batch) -> None:
         if self._templated:

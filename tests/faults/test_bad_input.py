@@ -51,3 +51,15 @@ async def test_processors_never_raise_on_random_events(make_context: MakeCtx, ba
     for e in batch:
         assert isinstance(event_time_ms(e), int)
         stamp(e)
+
+
+async def test_jsonl_channel_template_cannot_escape_its_directory(make_context: MakeCtx, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from stages.sinks.jsonl import JsonlOptions, JsonlSink
+
+    sink = JsonlSink(JsonlOptions(path=f"{tmp_path}/by/{{channel}}-{{date}}.jsonl"), make_context())
+    await sink.start()
+    await sink.write([{"channel": "../../evil", "unix_ts": float("inf")}, {"channel": "transcript", "unix_ts": 0}])
+    await sink.close()
+    names = sorted(p.name for p in (tmp_path / "by").iterdir())
+    assert names[0].startswith("transcript-1970-01-01") and names[1].startswith("unknown-")
+    assert not list(tmp_path.glob("evil*")) and not (tmp_path.parent / "evil").exists()
