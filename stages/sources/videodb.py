@@ -20,12 +20,12 @@ from typing import Any
 
 from pydantic import Field
 
-from pipeline.api import Batch, Context, Options
+from pipeline.api import Batch, Context
 from pipeline.errors import StageError
 from pipeline.files import ensure_private_dir, write_private_text
-from pipeline.types import Duration, Secret
+from pipeline.types import Secret
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
-from stages.sources.websocket import WebSocketSource
+from stages.sources.websocket import ReaderOptions, WebSocketSource
 
 log = logging.getLogger("pipeline.source.videodb")
 
@@ -33,23 +33,18 @@ WS_ID_FILE = "videodb_ws_id"
 PID_FILE = "videodb_ws_pid"
 
 
-class VideoDBSourceOptions(Options):
+class VideoDBSourceOptions(ReaderOptions):
     api_key: Secret | None = Field(default=None, description="overrides videodb.api_key")
     base_url: str | None = Field(default=None, description="overrides videodb.base_url")
     collection_id: str | None = Field(default=None, description="overrides videodb.collection_id")
     state_dir: str | None = Field(default=None, description="write videodb_ws_id / videodb_ws_pid here")
-    max_message_bytes: int = Field(default=1 << 20, ge=1, description="larger frames are dead-lettered")
-    backoff_initial: Duration = Field(default=1.0, description="first reconnect delay; doubles per failure")
-    backoff_max: Duration = Field(default=60.0, description="longest reconnect delay")
-    max_retries: int | None = Field(default=None, ge=0, description="give up after N failed reconnects")
-    batch_max: int = Field(default=1024, ge=1, description="most events per yielded batch")
 
 
 class VideoDBSource(WebSocketSource):
     """Events from VideoDB's WebSocket via `videodb.connect().connect_websocket()`."""
 
     name = "videodb"
-    Options = VideoDBSourceOptions  # type: ignore[assignment]  # same reader fields, no `url`
+    Options = VideoDBSourceOptions
 
     def __init__(self, options: Any, context: Context) -> None:
         super().__init__(options, context)

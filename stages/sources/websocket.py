@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from pydantic import Field
@@ -26,20 +26,25 @@ from pipeline.types import Duration
 log = logging.getLogger("pipeline.source.websocket")
 
 
-class WebSocketOptions(Options):
-    url: str = Field(description="ws:// or wss:// URL (TLS certificates are verified)")
+class ReaderOptions(Options):
+    """What every WebSocket-reading source accepts (`websocket`, `videodb`)."""
+
     max_message_bytes: int = Field(default=1 << 20, ge=1, description="larger frames are dead-lettered")
-    backoff_initial: Duration = 1.0
-    backoff_max: Duration = 60.0
+    backoff_initial: Duration = Field(default=1.0, description="first reconnect delay; doubles per failure")
+    backoff_max: Duration = Field(default=60.0, description="longest reconnect delay")
     max_retries: int | None = Field(default=None, ge=0, description="give up after N failed reconnects")
     batch_max: int = Field(default=1024, ge=1, description="most events per yielded batch")
+
+
+class WebSocketOptions(ReaderOptions):
+    url: str = Field(description="ws:// or wss:// URL (TLS certificates are verified)")
 
 
 class WebSocketSource(Source):
     """Reads JSON messages from a WebSocket, stamps them and yields batches."""
 
     name = "websocket"
-    Options = WebSocketOptions
+    Options: ClassVar[type[ReaderOptions]] = WebSocketOptions
 
     def __init__(self, options: Any, context: Context) -> None:
         super().__init__(options, context)
