@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.api import Batch, Context, Event, Options, Processor
-from pipeline.events import canonical, event_time_ms
+from pipeline.events import ALIASES, canonical, event_time_ms
 from pipeline.types import Duration
 from stages.globs import glob_matcher
 from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher
@@ -109,27 +109,37 @@ class Rules(Processor):
                     getattr(m, r.match).add(i, k)
         for m in self._by_channel.values():
             m.freeze()
+        # channel name (aliases included) -> (scan, regex or None): what process() calls per event
+        self._scanners: dict[str, tuple[Any, Any]] = {}
+        for name in (*self._by_channel, *ALIASES):
+            m = self._by_channel.get(canonical(name))
+            if m is not None:
+                self._scanners[name] = (m.scan.match, m.regex.match if m.has_regex else None)  # type: ignore[union-attr]
         self._last_fired = context.state.get("rules.last_fired")  # "rule|rtstream" -> event ms
         self._windows = context.state.get("rules.windows")  # "rule|rtstream" -> [event ms, ...]
         self.fired = 0
 
     def process(self, batch: Batch) -> Batch:
         out: Batch | None = None  # allocated only once a batch produces an alert
-        by_channel = self._by_channel
+        scanners = self._scanners
         for i, event in enumerate(batch):
             if out is not None:
                 out.append(event)
             ch = event.get("channel")
             if not isinstance(ch, str):
                 continue
-            m = by_channel.get("visual_index" if ch == "scene_index" else ch)
+            m = scanners.get(ch)
             if m is None:
                 continue
             data = event.get("data")
             text = data.get("text") if isinstance(data, dict) else None
             if not isinstance(text, str) or not text:
                 continue
-            hits = m.match(text)
+            hits: Hits = {}
+            lowered = text.lower()
+            m[0](lowered, hits)
+            if m[1] is not None:
+                m[1](text, hits, lowered)
             if hits:
                 alerts = self._fire(event, text, hits)
                 if alerts:

@@ -98,8 +98,9 @@ class JsonlSink(Sink):
             for event in batch:
                 self._file(self._path_for(event)).buf += _DUMP(event, option=_OPTS, default=str)
         else:
-            f = self._file(self.options.path)
-            f.buf += b"".join([_DUMP(e, option=_OPTS, default=str) for e in batch])
+            buf = self._file(self.options.path).buf
+            for e in batch:  # one line at a time: each temporary is freed at once, the heap stays small
+                buf += _DUMP(e, option=_OPTS, default=str)
         self.written += len(batch)
         if (time.monotonic() - self._last_flush >= self.options.flush_interval
                 or any(len(f.buf) >= self.options.buffer_bytes for f in self._files.values())):
