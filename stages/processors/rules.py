@@ -112,9 +112,9 @@ class Rules(Processor):
         # channel name (aliases included) -> (scan, regex or None): what process() calls per event
         self._scanners: dict[str, tuple[Any, Any]] = {}
         for name in (*self._by_channel, *ALIASES):
-            m = self._by_channel.get(canonical(name))
-            if m is not None:
-                self._scanners[name] = (m.scan.match, m.regex.match if m.has_regex else None)  # type: ignore[union-attr]
+            cm = self._by_channel.get(canonical(name))
+            if cm is not None:
+                self._scanners[name] = (cm.scan.match, cm.regex.match if cm.has_regex else None)  # type: ignore[union-attr]
         self._last_fired = context.state.get("rules.last_fired")  # "rule|rtstream" -> event ms
         self._windows = context.state.get("rules.windows")  # "rule|rtstream" -> [event ms, ...]
         self.fired = 0
