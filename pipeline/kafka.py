@@ -23,8 +23,8 @@ _PERMANENT = ("MessageSizeTooLargeError", "RecordTooLargeError", "RecordListTooL
 
 
 def bootstrap_list(value: str | Iterable[str]) -> list[str]:
-    """`"a:9092,b:9092"`, `kafka://a:9092` or a list -> `["a:9092", "b:9092"]`."""
-    items = value.split(",") if isinstance(value, str) else list(value)
+    """`"a:9092,b:9092"`, `kafka://a:9092;kafka://b` or a list -> `["a:9092", "b:9092"]`."""
+    items = value.replace(";", ",").split(",") if isinstance(value, str) else list(value)
     out = []
     for item in items:
         item = item.strip()

@@ -15,6 +15,7 @@ import contextlib
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import orjson
@@ -135,7 +136,9 @@ class KafkaSink(Sink):
         self.who = f"kafka sink {context.stage}"
         self.servers = bootstrap_list(options.bootstrap_servers)
         self._topic = Template(options.topic)
-        self._key = Template(options.key) if options.key else None
+        key = Template(options.key) if options.key else None
+        #: event -> key text ("" = no key); the faust ingest replaces it with a session-aware one
+        self.key_of: Callable[[Event], str] | None = key.render if key is not None else None
         self._topic_names: dict[str, str] = {}
         self._static_topic = safe_topic(self._topic.render({})) if self._topic.static else None
         self._queue: deque[_Record] = deque()
@@ -227,7 +230,7 @@ class KafkaSink(Sink):
     def _encode(self, batch: Batch, owner: _Pending) -> list[_Record]:
         """Events -> records (topic, key, value, headers); unencodable events are dead-lettered."""
         dumps = orjson.dumps
-        topic_t, key_t = self._topic, self._key
+        topic_t, key_of = self._topic, self.key_of
         static_topic = self._static_topic
         limit = self.opts.max_request_size
         out: list[_Record] = []
@@ -245,7 +248,7 @@ class KafkaSink(Sink):
             if not topic:
                 self._dead_letter_events([ev], f"{self.who}: topic template {topic_t.source!r} rendered empty")
                 continue
-            key = key_t.render(ev).encode() if key_t is not None else b""
+            key = key_of(ev).encode() if key_of is not None else b""
             out.append(_Record(topic, key or None, value, _headers(ev), ev, owner))
         return out
 

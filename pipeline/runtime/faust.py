@@ -1,0 +1,335 @@
+"""The faust-streaming runtime: `pipeline run` ingests into Kafka, `pipeline worker` processes.
+
+- Ingest (`run_ingest`): the configured source and controller run in the local
+  runtime, but the only sink is the topic `<name>-ingest` (created with
+  `runtime.partitions` partitions if missing), keyed by capture session, or by
+  rtstream id while the session is not known yet. Same at-least-once delivery,
+  outage buffering and backpressure as the `kafka` sink.
+- Worker (`worker_main`): a faust app (consumer group `videodb-pipeline-<name>`)
+  whose agent reads the ingest topic in batches and runs the same processors and
+  sinks, unchanged. Start more workers to scale; a worker that dies hands its
+  partitions to the others. Stage state lives in faust Tables (see faust_state).
+- A batch is acknowledged (its offsets may be committed) only after every sink
+  wrote and flushed it. A sink that fails dead-letters the batch and stops the
+  worker with its one-line error.
+
+faust is imported inside functions so `import pipeline.cli` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline import secrets
+from pipeline.api import Context
+from pipeline.build import SinkSlot, build
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError, PipelineError, StageError
+from pipeline.events import Batch, Event
+from pipeline.files import ensure_private_dir
+from pipeline.kafka import bootstrap_list, ensure_topics, quiet_aiokafka
+from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
+from pipeline.session import SessionLink
+from pipeline.stats import StageStats
+from pipeline.types import parse_duration
+from stages.sinks.kafka import CreateTopics, KafkaSink, KafkaSinkOptions
+
+log = logging.getLogger("pipeline.runtime.faust")
+
+BATCH_MAX = 1000
+BATCH_WITHIN = 0.1  # seconds a worker waits to fill a batch
+
+
+def ingest_topic(cfg: PipelineConfig) -> str:
+    return f"{cfg.name}-ingest"
+
+
+def app_id(cfg: PipelineConfig) -> str:
+    """The faust app id, which is also the workers' consumer group."""
+    return f"videodb-pipeline-{cfg.name}"
+
+
+# --- ingest ------------------------------------------------------------------------------------
+
+class SessionKeys:
+    """Record key for an event: its capture session, learned from lifecycle events.
+
+    Why: every event of a session then lands in one partition, in order, so one
+    worker sees the `capture_session.active` event before the rtstream events
+    it describes. Before the session is known the key is the rtstream id.
+    """
+
+    __slots__ = ("by_stream", "session")
+
+    def __init__(self, session: SessionLink) -> None:
+        self.session = session
+        self.by_stream: dict[str, str] = {}
+
+    def __call__(self, event: Event) -> str:
+        sid = event.get("capture_session_id")
+        if isinstance(sid, str) and sid:
+            data = event.get("data")
+            streams = data.get("rtstreams") if isinstance(data, dict) else None
+            if isinstance(streams, list):
+                for s in streams:
+                    if isinstance(s, dict) and isinstance(s.get("rtstream_id"), str):
+                        self.by_stream[s["rtstream_id"]] = sid
+            return sid
+        rts = event.get("rtstream_id")
+        if isinstance(rts, str) and rts:
+            return self.by_stream.get(rts) or self.session.capture_session_id or rts
+        return self.session.capture_session_id or ""
+
+
+def ingest_runtime(cfg: PipelineConfig, *, install_signals: bool = True) -> Any:
+    """The local runtime with the configured source/controller and the ingest topic as only sink."""
+    from pipeline.runtime.local import LocalRuntime
+
+    built = build(dataclasses.replace(cfg, stages=[], sinks=[]))
+    label = f"runtime.ingest:{ingest_topic(cfg)}"
+    stats = StageStats(label, "sink")
+    ctx = Context(pipeline=cfg.name, stage=label, dead_letter=built.dead_letter, session=built.session,
+                  stats=stats, out_dir=cfg.out_dir, settings=cfg.settings(),
+                  log=logging.getLogger("pipeline.sink.kafka"))
+    options = KafkaSinkOptions(bootstrap_servers=cfg.runtime.broker, topic=ingest_topic(cfg), key=None,
+                               create_topics=CreateTopics(partitions=cfg.runtime.partitions))
+    sink = KafkaSink(options, ctx)
+    sink.key_of = SessionKeys(built.session)
+    built.sinks.append(SinkSlot(sink, None, stats))
+    built.stats.append(stats)
+    return LocalRuntime(built, install_signals=install_signals)
+
+
+def run_ingest(cfg: PipelineConfig) -> int:
+    """`pipeline run` for `engine: faust`: publish raw events to `<name>-ingest`; prints the summary."""
+
+    async def main() -> tuple[int, str]:
+        rt = ingest_runtime(cfg)
+        code = await rt.run()
+        if rt.error is not None:
+            print(f"pipeline: {secrets.mask(str(rt.error))}", file=sys.stderr)
+        return code, rt.summary()
+
+    code, summary = asyncio.run(main())
+    print(secrets.mask(summary), file=sys.stderr)
+    return code
+
+
+# --- worker ------------------------------------------------------------------------------------
+
+class Worker:
+    """One faust worker: the app, its agent over the ingest topic, the processors and sinks."""
+
+    def __init__(self, cfg: PipelineConfig, workers_dir: Path, session_timeout: float) -> None:
+        import faust
+
+        self.cfg = cfg
+        self.error: PipelineError | None = None
+        self.cursor = PartitionCursor()
+        partitions = cfg.runtime.partitions
+        datadir = workers_dir / f"{socket.gethostname()}-{os.getpid()}"
+        ensure_private_dir(datadir)
+        runtime = self
+
+        class PipelineApp(faust.App):  # type: ignore[misc]
+            async def on_shutdown(self) -> None:
+                await runtime.close()
+                await super().on_shutdown()
+
+        self.app = PipelineApp(
+            app_id(cfg), broker=cfg.runtime.broker, store="memory://", datadir=str(datadir),
+            web_enabled=False, topic_partitions=partitions, topic_replication_factor=1,
+            producer_acks=-1, consumer_auto_offset_reset="earliest",
+            key_serializer="json", value_serializer="json",
+            broker_session_timeout=session_timeout,
+            broker_heartbeat_interval=max(0.5, session_timeout / 6),
+            Table=partition_table_class(self.cursor),
+        )
+        self.state = TableState(self.app, partitions)
+        self.built = build(dataclasses.replace(cfg, controller=None), state=self.state, with_source=False)
+        self.topic = self.app.topic(ingest_topic(cfg), key_serializer="raw", value_serializer="raw",
+                                    partitions=partitions)
+        self._started = False
+        self._closed = False
+        self.app.agent(self.topic, name=f"{cfg.name}-process")(self._agent)
+        self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
+
+    async def _agent(self, stream: Any) -> None:
+        await self.start_sinks()
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
+            try:
+                await self.handle(events)
+            except PipelineError as exc:
+                await self._fail(exc)
+            except Exception as exc:
+                await self._fail(StageError(f"worker: {type(exc).__name__}: {exc}"))
+
+    async def _on_assigned(self, app: Any, assigned: Any, **_: Any) -> None:
+        mine = sorted(tp.partition for tp in assigned if tp.topic == self.topic.get_topic_name())
+        log.info("worker %d: assigned ingest partitions %s", os.getpid(), mine)
+
+    async def start_sinks(self) -> None:
+        if not self._started:
+            self._started = True
+            for slot in self.built.sinks:
+                await slot.sink.start()
+
+    async def handle(self, events: list[Any]) -> None:
+        """One faust batch: per ingest partition, decode, run processors, write and flush every sink."""
+        by_partition: dict[int, list[Any]] = {}
+        for ev in events:
+            by_partition.setdefault(ev.message.partition, []).append(ev)
+        chain = self.built.chain
+        for partition, evs in by_partition.items():
+            self.cursor.partition = partition
+            batch = self._decode(evs)
+            if not batch:
+                continue
+            out = chain(batch)
+            await asyncio.gather(*(self._write(slot, out) for slot in self.built.sinks))
+
+    def _decode(self, events: list[Any]) -> Batch:
+        batch: Batch = []
+        for ev in events:
+            try:
+                value = orjson.loads(ev.value)
+            except (orjson.JSONDecodeError, TypeError) as exc:
+                value, reason = None, f"not JSON: {exc}"
+            else:
+                reason = f"JSON {type(value).__name__}, not an object"
+            if isinstance(value, dict):
+                batch.append(value)
+                continue
+            msg = ev.message
+            raw = ev.value if isinstance(ev.value, bytes | str) else repr(ev.value)
+            self.built.dead_letter.write(reason, stage="worker", raw=raw[:4096],
+                                         origin={"topic": msg.topic, "partition": msg.partition,
+                                                 "offset": msg.offset})
+        return batch
+
+    async def _write(self, slot: SinkSlot, batch: Batch) -> None:
+        routed = slot.route(batch)
+        slot.stats.received += len(batch)
+        if not routed:
+            return
+        try:
+            await slot.sink.write(routed)
+            await slot.sink.flush()  # offsets move after this batch: it must be durable first
+        except Exception as exc:
+            for event in routed:
+                self.built.dead_letter.write("sink failed before writing", stage=slot.stats.name, event=event)
+            slot.stats.errors += len(routed)
+            if isinstance(exc, PipelineError):
+                raise
+            raise StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}") from exc
+        slot.stats.sent += len(routed)
+
+    async def _fail(self, exc: PipelineError) -> None:
+        """Stop this worker with a one-line error; its partitions move to the other workers."""
+        if self.error is None:
+            self.error = exc
+            log.error("worker %d: %s; stopping", os.getpid(), secrets.mask(str(exc)))
+            await self.app.crash(exc)
+        await asyncio.Event().wait()  # keep the batch unacknowledged until the app stops us
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for slot in self.built.sinks:
+            try:
+                await slot.sink.close()
+            except Exception as exc:
+                log.warning("%s: close failed: %s", slot.stats.name, exc)
+        self.built.dead_letter.close()
+        self.summary()
+
+    def summary(self) -> None:
+        for st in self.built.stats:
+            log.info("worker %d: %-28s in %d out %d errors %d", os.getpid(), st.name, st.received, st.sent,
+                     st.errors)
+        if self.built.dead_letter.count:
+            log.warning("worker %d: dead-lettered %d -> %s", os.getpid(), self.built.dead_letter.count,
+                        self.built.dead_letter.path)
+
+    def run(self, loglevel: str) -> int:
+        """Run until SIGINT/SIGTERM (exit 0) or a stage error (its exit code)."""
+        import faust
+
+        worker = faust.Worker(self.app, loglevel=loglevel, quiet=True)
+        worker.spinner = None
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(secrets.MaskingFilter())
+        quiet_aiokafka()
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        else:
+            code = 0
+        if self.error is not None:
+            raise self.error
+        return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeline worker",
+                                description="run a faust worker: processors and sinks over <name>-ingest")
+    p.add_argument("config", help="pipeline YAML with runtime: {engine: faust}")
+    p.add_argument("--workers-dir", help="where workers keep local files (default out/<name>/workers)")
+    p.add_argument("--session-timeout", default="10s",
+                   help="a worker silent this long loses its partitions to the others (default 10s)")
+    p.add_argument("--log-level", default=os.environ.get("PIPELINE_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def worker_main(argv: list[str]) -> int:
+    """`pipeline worker CONFIG [--workers-dir DIR]`."""
+    from pipeline.config import load_config
+
+    args = _parser().parse_args(argv)
+    cfg = load_config(args.config)
+    if cfg.runtime.engine != "faust":
+        raise ConfigError(f"{args.config}: runtime.engine: `pipeline worker` needs engine: faust, "
+                          f"got {cfg.runtime.engine!r}")
+    try:
+        session_timeout = parse_duration(args.session_timeout)
+    except ValueError as exc:
+        raise ConfigError(f"--session-timeout: {exc}") from None
+    _create_ingest_topic(cfg)
+    workers_dir = Path(args.workers_dir) if args.workers_dir else cfg.out_dir / "workers"
+    return Worker(cfg, workers_dir, session_timeout).run(args.log_level)
+
+
+def _create_ingest_topic(cfg: PipelineConfig) -> None:
+    """faust does not create source topics: make sure `<name>-ingest` exists with N partitions."""
+    servers = bootstrap_list(cfg.runtime.broker)
+
+    async def create() -> None:
+        delay = 0.5
+        while True:
+            try:
+                await ensure_topics(servers, [ingest_topic(cfg)], cfg.runtime.partitions, 1, log, "worker")
+                return
+            except Exception as exc:
+                log.warning("worker: cannot reach %s (%s); retrying in %.0fs", ",".join(servers),
+                            type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    quiet_aiokafka()
+    try:
+        asyncio.run(create())
+    except KeyboardInterrupt:
+        raise StageError("worker: interrupted while waiting for the broker") from None
