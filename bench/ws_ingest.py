@@ -1,0 +1,127 @@
+"""Benchmark 3: WebSocket ingest from the emulator into the jsonl sink, one connection and 50 sessions.
+
+Ours: the `websocket` source -> `jsonl` sink, run by the local runtime, timed
+from the first event received until the sink has written and closed. Baseline
+from the same emulator: a bare `websockets` client that only parses each frame
+(the most the emulator can deliver, so the ratio is our share of that ceiling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.common import Result, pipeline_config, workdir, write_config
+from bench.emulated import emulator, scenario, start_session, ws_url
+
+TARGET = 50_000
+SESSIONS = 50
+LIFECYCLE = 6  # created, starting, active, stopping, stopped, exported
+
+
+class _Probe:
+    """Counts events as the source stamps them; notes first/last receipt; stops the run after `exported`."""
+
+    def __init__(self, source: Any, on_end: Any) -> None:
+        self.count = 0
+        self.first = 0.0
+        self.last = 0.0
+        self._stamp = source._stamp
+        self._on_end = on_end
+        source._stamp = self
+
+    def __call__(self, event: dict[str, Any]) -> dict[str, Any]:
+        now = time.perf_counter()
+        if not self.count:
+            self.first = now
+        self.count += 1
+        self.last = now
+        if event.get("event") == "capture_session.exported":
+            self._on_end()
+        return self._stamp(event)  # type: ignore[no-any-return]
+
+
+async def _pipeline(http: Any, base: str, url: str, out: Path, name: str) -> tuple[_Probe, float]:
+    """One websocket -> jsonl pipeline bound to its own capture session; (probe, finish time)."""
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+
+    cfg = pipeline_config(name, {"type": "websocket", "url": url},
+                          [{"type": "jsonl", "path": str(out / f"{name}.jsonl"), "clear": True}], out,
+                          processors=False)
+    built = build(load_config(write_config(out / f"{name}.yaml", cfg)))
+    rt = LocalRuntime(built, install_signals=False)
+    loop = asyncio.get_running_loop()
+    probe = _Probe(built.source, lambda: loop.create_task(rt.stop()))
+    tasks: list[asyncio.Task[str]] = []
+
+    async def bind(conn_id: str) -> None:
+        tasks.append(loop.create_task(start_session(http, base, conn_id)))
+
+    built.session.on_connection(bind)
+    code = await rt.run()
+    done = time.perf_counter()
+    for t in tasks:
+        t.result()  # setup errors surface here
+    if code != 0:
+        raise RuntimeError(f"{name}: pipeline exited {code}: {rt.error}")
+    return probe, done
+
+
+async def _bare(http: Any, base: str, url: str) -> tuple[int, float]:
+    """The emulator's ceiling: read and parse frames, nothing else."""
+    import websockets
+
+    n = 0
+    first = 0.0
+    async with websockets.connect(url, max_size=None) as ws:
+        conn_id = orjson.loads(await ws.recv())["connection_id"]
+        setup = asyncio.create_task(start_session(http, base, conn_id))
+        async for frame in ws:
+            event = orjson.loads(frame)
+            if not n:
+                first = time.perf_counter()
+            n += 1
+            if event.get("event") == "capture_session.exported":
+                break
+    await setup
+    return n, time.perf_counter() - first
+
+
+async def _measure(n: int, sessions: int, out: Path) -> tuple[float, float]:
+    """(ours events/s, bare-client events/s) for `sessions` concurrent sessions sharing n events."""
+    import aiohttp
+
+    per = max(1, n // sessions)
+    path = scenario(out / f"scenario-{per}.jsonl", per, 0.0)
+    async with aiohttp.ClientSession() as http:
+        async with emulator(path, speed=0) as base:
+            url = await ws_url(http, base)
+            results = await asyncio.gather(*(_pipeline(http, base, url, out, f"ws-{i}") for i in range(sessions)))
+        async with emulator(path, speed=0) as base:
+            url = await ws_url(http, base)
+            bare = await asyncio.gather(*(_bare(http, base, url) for _ in range(sessions)))
+    total = sum(p.count for p, _ in results)
+    expected = sessions * (per + LIFECYCLE)
+    if total != expected:
+        raise RuntimeError(f"received {total} events, expected {expected}")
+    ours = total / (max(done for _, done in results) - min(p.first for p, _ in results))
+    bare_rate = sum(c for c, _ in bare) / max(s for _, s in bare)
+    return ours, bare_rate
+
+
+def run(n: int) -> list[Result]:
+    out = workdir("ws")
+    one, one_bare = asyncio.run(_measure(n, 1, out))
+    many, many_bare = asyncio.run(_measure(n, SESSIONS, out))
+    r1 = Result("websocket ingest, 1 connection", one, baseline=one_bare, baseline_name="bare client",
+                target=f"≥ {TARGET:,} ev/s", ok=one >= TARGET)
+    r1.notes.append(f"{n:,} events, emulator in its own process at speed 0")
+    r2 = Result(f"websocket ingest, {SESSIONS} sessions", many, baseline=many_bare, baseline_name="bare clients")
+    r2.notes.append(f"{SESSIONS} pipelines (one connection and capture session each) in one process")
+    return [r1, r2]

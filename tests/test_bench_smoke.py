@@ -1,0 +1,98 @@
+"""Every benchmark still runs and reports numbers (tiny inputs; no speed is asserted here)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+import bench.__main__ as bench_main
+from bench import bytewax_peer, faust_scaling, kafka, latency, memory, replay, rules_scaling, ws_ingest
+from bench.common import Result
+from bench.gen import dataset, events, keywords
+
+
+def numbers(results: list[Result], *, allow_skip: bool = False) -> None:
+    assert results
+    for r in results:
+        if r.skipped is not None:
+            assert allow_skip, r.line()
+            assert r.line().endswith(r.skipped) and "skipped: " in r.line()
+            continue
+        assert r.ours is not None and r.ours > 0 and math.isfinite(r.ours), r.line()
+        if r.baseline is not None:
+            assert r.baseline > 0 and math.isfinite(r.baseline), r.line()
+            assert "ratio" in r.line()
+        assert r.line().startswith(f"{r.name}: ours ")
+        if r.target:
+            assert r.ok is not None and (" PASS" in r.line() or " MISS" in r.line())
+
+
+def test_generator_is_deterministic_and_seed_shaped() -> None:
+    a, b = list(events(3000)), list(events(3000))
+    assert a == b and len(a) == 3000
+    assert a[0]["event"] == "capture_session.created"
+    active = a[2]
+    assert active["event"] == "capture_session.active" and len(active["data"]["rtstreams"]) == 3
+    chans = {e.get("channel") for e in a}
+    assert {"transcript", "visual_index", "audio_index"} <= chans
+    assert any(e.get("data", {}).get("is_final") is False for e in a)
+    assert all("ts" in e and "unix_ts" in e for e in a)
+    assert len(set(keywords(500))) == 500 and keywords(10)[:3] == keywords(1000)[:3]
+    path = dataset(1000)
+    assert path.read_bytes().count(b"\n") == 1000
+
+
+def test_replay() -> None:
+    numbers(replay.run(2000))
+
+
+def test_rules_scaling() -> None:
+    res = rules_scaling.run(2000)
+    numbers(res)
+    assert [r.name for r in res] == [f"rules stage, {k:,} keywords" for k in rules_scaling.SIZES]
+
+
+def test_memory() -> None:
+    numbers(memory.run(2000))
+
+
+def test_ws_ingest() -> None:
+    numbers(ws_ingest.run(300))
+
+
+def test_latency() -> None:
+    res = latency.run(500)
+    numbers(res)
+    assert all(r.unit == "ms" for r in res)
+
+
+def test_kafka() -> None:
+    numbers(kafka.run(3000), allow_skip=kafka.available() is not None)
+
+
+def test_faust_scaling() -> None:
+    numbers(faust_scaling.run(2000), allow_skip=True)
+
+
+def test_bytewax_peer() -> None:
+    if bytewax_peer.available() is not None:
+        pytest.skip("bytewax is a bench extra: pip install -e '.[bench]'")
+    numbers(bytewax_peer.run(2000))
+
+
+def test_results_file_keeps_the_optimisation_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "RESULTS.md"
+    target.write_text(f"# Results\n\n{bench_main.START}\nold figures\n{bench_main.END}\n\n## Optimisation log\nkept\n")
+    monkeypatch.setattr(bench_main, "RESULTS", target)
+    bench_main.write_results({"x": [Result("x", 5.0, baseline=10.0, target="≥ 0.4", ok=True)]}, "make bench")
+    text = target.read_text()
+    assert "old figures" not in text and "x: ours 5 ev/s | baseline 10.0 ev/s | ratio 0.50 (target ≥ 0.4) PASS" in text
+    assert text.endswith("## Optimisation log\nkept\n") and "| nproc |" in text
+
+
+def test_unknown_benchmark_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench_main.main(["--only", "nope"])
+    assert exc.value.code == 2 and "unknown benchmark nope" in capsys.readouterr().err
