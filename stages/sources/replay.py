@@ -51,15 +51,18 @@ class ReplaySource(Source):
     def _parse(self, lines: list[bytes], first: int) -> Batch:
         """Parse lines numbered from `first`; bad ones are dead-lettered, the rest stamped."""
         loads = orjson.loads
+        stamp = self._stamp
         try:  # fast path: every line a JSON object (a whole chunk in one comprehension)
             events: Batch = [loads(raw) for raw in lines]
         except orjson.JSONDecodeError:
             events = self._parse_each(lines, first)
-        else:
-            if not all(type(e) is dict for e in events):
-                events = self._parse_each(lines, first)
-        stamp = self._stamp
         for event in events:
+            if type(event) is not dict:  # a JSON value that is not an object: sort the chunk out line by line
+                events = self._parse_each(lines, first)
+                for e in events:
+                    if "unix_ts" not in e:
+                        stamp(e)
+                break
             if "unix_ts" not in event:
                 stamp(event)
         return events
