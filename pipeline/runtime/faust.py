@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -139,6 +140,7 @@ class Worker:
         partitions = cfg.runtime.partitions
         datadir = workers_dir / f"{socket.gethostname()}-{os.getpid()}"
         ensure_private_dir(datadir)
+        self.datadir = datadir
         runtime = self
 
         class PipelineApp(faust.App):  # type: ignore[misc]
@@ -277,6 +279,7 @@ class Worker:
             code = exc.code if isinstance(exc.code, int) else 1
         else:
             code = 0
+        shutil.rmtree(self.datadir, ignore_errors=True)  # tables live in the changelog, nothing to keep
         if self.error is not None:
             raise self.error
         return code

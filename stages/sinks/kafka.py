@@ -403,16 +403,16 @@ class KafkaSink(Sink):
         self._release(records)
 
     def _dead_letter(self, records: list[_Record], reason: str) -> None:
-        self._dead_letter_events([r.event for r in records], reason, topic=records[0].topic if records else None)
+        dl, stage = self.context.dead_letter, self.context.stage
+        for r in records:
+            dl.write(reason, stage=stage, event=r.event, origin={"topic": r.topic})
+        self.dead_lettered += len(records)
+        self.context.stats.errors += len(records)
         self._release(records)
 
-    def _dead_letter_events(self, events: list[Event], reason: str, topic: str | None = None) -> None:
-        dl = self.context.dead_letter
+    def _dead_letter_events(self, events: list[Event], reason: str) -> None:
         for ev in events:
-            if topic is None:
-                dl.write(reason, stage=self.context.stage, event=ev)
-            else:
-                dl.write(reason, stage=self.context.stage, event=ev, origin={"topic": topic})
+            self.context.dead_letter.write(reason, stage=self.context.stage, event=ev)
         self.dead_lettered += len(events)
         self.context.stats.errors += len(events)
 
