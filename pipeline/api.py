@@ -130,6 +130,9 @@ class Source(Stage):
     async def stop(self) -> None:
         """Ask `batches()` to finish soon, yielding what it already received."""
 
+    async def close(self) -> None:
+        """Release connections; called once at the end of every run, also after errors."""
+
 
 class Controller(Stage):
     """Runs beside the stream (e.g. drives a VideoDB capture session)."""

@@ -26,8 +26,11 @@ def _setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiokafka", "websockets", "faust", "mode", "urllib3", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet = logging.DEBUG if level.lower() == "debug" else logging.WARNING
+    for noisy in ("websockets", "faust", "mode", "urllib3", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(quiet)
+    # aiokafka logs an ERROR per reconnect attempt; our sink/source already say it once, clearly
+    logging.getLogger("aiokafka").setLevel(logging.DEBUG if quiet == logging.DEBUG else logging.CRITICAL)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

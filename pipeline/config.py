@@ -63,6 +63,7 @@ class StageSpec:
     options: Options
     path: str
     where: str
+    enabled: bool = True
 
     @property
     def label(self) -> str:
@@ -160,9 +161,12 @@ class _Checker:
             cls = self.registry.resolve(kind, type_name)
         except LookupFailed as exc:
             raise self.fail((*path, "type"), str(exc)) from None
-        opts = {k: v for k, v in data.items() if k != "type"}
+        enabled = data.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise self.fail((*path, "enabled"), f"expected true or false, got {enabled!r}")
+        opts = {k: v for k, v in data.items() if k not in ("type", "enabled")}
         options = self.model(cls.Options, opts, path)
-        return StageSpec(kind, type_name, cls, options, path_str(path), self.where(path))
+        return StageSpec(kind, type_name, cls, options, path_str(path), self.where(path), enabled)
 
 
 def _is_type_tag(p: Any) -> bool:
@@ -218,6 +222,8 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
     sinks = data.get("sinks")
     if not isinstance(sinks, list) or not sinks:
         raise chk.fail(("sinks",), "expected a non-empty list of sinks")
+    if all(isinstance(s, dict) and s.get("enabled") is False for s in sinks):
+        raise chk.fail(("sinks",), "every sink is disabled (enabled: false)")
     stages = data.get("stages") or []
     if not isinstance(stages, list):
         raise chk.fail(("stages",), "expected a list of processors")
@@ -231,8 +237,8 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
         source=chk.stage("source", data["source"], ("source",)),
         controller=(chk.stage("controller", data["controller"], ("controller",))
                     if data.get("controller") is not None else None),
-        stages=[chk.stage("processor", s, ("stages", i)) for i, s in enumerate(stages)],
-        sinks=[chk.stage("sink", s, ("sinks", i)) for i, s in enumerate(sinks)],
+        stages=[s for s in (chk.stage("processor", s, ("stages", i)) for i, s in enumerate(stages)) if s.enabled],
+        sinks=[s for s in (chk.stage("sink", s, ("sinks", i)) for i, s in enumerate(sinks)) if s.enabled],
         runtime=chk.model(RuntimeSettings, data.get("runtime"), ("runtime",)),
         dead_letter=Path(dead),
     )

@@ -139,3 +139,11 @@ def test_random_text_only_raises_config_errors(tmp_path: Path, text: str) -> Non
         load_config(write(tmp_path, text), env={})
     except ConfigError as exc:
         assert str(tmp_path / "p.yaml") in str(exc)
+
+
+def test_enabled_false_skips_a_stage(tmp_path: Path) -> None:
+    text = BASE.replace("  - type: filter\n", "  - type: filter\n    enabled: ${F:-false}\n") % "1s"
+    cfg = load_config(write(tmp_path, text), env={})
+    assert [s.type_name for s in cfg.stages] == ["rules"] and cfg.stages[0].path == "stages[1]"
+    assert [s.type_name for s in load_config(write(tmp_path, text), env={"F": "true"}).stages] == ["filter", "rules"]
+    assert "stages[0].enabled: expected true or false" in error_of(tmp_path, text, {"F": "maybe"})

@@ -228,6 +228,10 @@ class LocalRuntime:
                 self.error = self.error or exc
             except Exception as exc:
                 self.error = self.error or StageError(f"{slot.stats.name}: close failed: {exc}")
+        try:
+            await self.b.source.close()
+        except Exception as exc:
+            log.warning("source: close failed: %s", exc)
         if self.b.controller is not None:
             try:
                 await self.b.controller.close()
