@@ -6,6 +6,7 @@ Event files hold what people said and saw on screen; they are nobody else's.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,10 +40,11 @@ def open_private(path: str | Path, *, truncate: bool = False) -> BinaryIO:
         fd = os.open(p, flags, FILE_MODE)
     except OSError as exc:
         raise StageError(f"{p}: cannot open for writing: {exc.strerror or exc}") from None
-    try:
-        os.fchmod(fd, FILE_MODE)
-    except OSError:
-        pass
+    if stat.S_ISREG(os.fstat(fd).st_mode):  # never chmod a device or fifo we were pointed at
+        try:
+            os.fchmod(fd, FILE_MODE)
+        except OSError:
+            pass
     return os.fdopen(fd, "ab", buffering=0)
 
 

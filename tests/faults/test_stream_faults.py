@@ -141,3 +141,25 @@ def test_sigterm_under_full_load_every_event_in_every_sink(tmp_path: Path, flood
     read = int(next(ln for ln in err.splitlines() if "source:websocket" in ln).split()[2])
     assert [e["id"] for e in a] == [e["id"] for e in b] == list(range(read))
     assert (tmp_path / "out.jsonl").read_bytes().endswith(b"\n")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_disk_full_is_one_clear_line(tmp_path: Path) -> None:
+    """A real ENOSPC (/dev/full): one line naming the path, exit 1, no traceback, events dead-lettered."""
+    mode = Path("/dev/full").stat().st_mode
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps({"channel": "transcript", "id": i}) + b"\n" for i in range(100)))
+    (tmp_path / "p.yaml").write_text(f"""
+name: full
+source: {{type: replay, path: {src}}}
+sinks: [{{type: jsonl, path: /dev/full, flush_interval: 0s}}]
+dead_letter: {tmp_path}/dead.jsonl
+""")
+    res = subprocess.run([*PIPELINE, "run", str(tmp_path / "p.yaml")], cwd=tmp_path, env=ENV, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 1
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("pipeline:")]
+    assert errors == ["pipeline: /dev/full: cannot write: No space left on device"], res.stderr
+    assert "Traceback" not in res.stderr
+    assert len(read_jsonl(tmp_path / "dead.jsonl")) == 100
+    assert Path("/dev/full").stat().st_mode == mode  # we never chmod what is not a regular file
