@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import signal
 import sys
 
 from pipeline.errors import PipelineError
+from pipeline.net import is_loopback
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ async def _serve(args: argparse.Namespace) -> int:
                    garbage_every=args.garbage_every, api_key=args.api_key, autostart=not args.manual)
     await emu.start(args.host, args.port)
     print(f"EMULATOR_URL={emu.base_url}", flush=True)
-    if not _is_loopback(args.host):
+    if not is_loopback(args.host):
         print(f"warning: emulator listening on {args.host}, reachable from other machines", file=sys.stderr)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -61,15 +61,6 @@ async def _serve(args: argparse.Namespace) -> int:
     finally:
         await emu.stop()
     return 0
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ status, attempts and reason.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import ssl
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ import orjson
 from pipeline import secrets
 from pipeline.api import Batch, Context, Sink
 from pipeline.errors import StageError
+from pipeline.net import url_is_loopback
 
 from .delivery import RetryPolicy, post
 from .destination import Alert, Destination
@@ -73,7 +73,7 @@ class AlertForwarder(Sink):
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls, limit=limit))
         for url in self.options.destinations:
             self._destinations.append(self._destination(url))
-            if urlsplit(url).scheme == "http" and not _loopback(url):
+            if urlsplit(url).scheme == "http" and not url_is_loopback(url):
                 self.context.log.warning("alert_forwarder: %s uses plain http: alerts and URL tokens "
                                          "travel unencrypted", secrets.mask_url(url))
         for dest in self._destinations:
@@ -169,13 +169,3 @@ class AlertForwarder(Sink):
             if self._session is not None:
                 await self._session.close()
                 self._session = None
-
-
-def _loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
