@@ -141,16 +141,17 @@ class Rules(Processor):
             if m[1] is not None:
                 m[1](text, hits, lowered)
             if hits:
-                alerts = self._fire(event, text, hits)
+                start = data.get("start")  # type: ignore[union-attr]
+                when = start if type(start) is int else event_time_ms(event)  # the common case, inline
+                alerts = self._fire(event, text, hits, when)
                 if alerts:
                     if out is None:
                         out = batch[: i + 1]
                     out.extend(alerts)
         return batch if out is None else out
 
-    def _fire(self, event: Event, text: str, hits: Hits) -> list[Event]:
+    def _fire(self, event: Event, text: str, hits: Hits, when: int) -> list[Event]:
         alerts: list[Event] = []
-        when = event_time_ms(event)
         stream = str(event.get("rtstream_id") or event.get("rtstream_name") or "")
         for idx in sorted(hits):
             c = self._rules[idx]
