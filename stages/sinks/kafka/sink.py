@@ -16,14 +16,13 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import orjson
-from pydantic import Field, field_validator, model_validator
 
-from pipeline.api import Batch, Context, Options, Sink, SinkOptions
+from pipeline.api import Batch, Context, Options, Sink
 from pipeline.errors import StageError
-from pipeline.events import Event, canonical, channel
+from pipeline.events import Event
 from pipeline.kafka import (
     Backoff,
     bootstrap_list,
@@ -35,93 +34,10 @@ from pipeline.kafka import (
     start_producer,
 )
 from pipeline.templates import Template
-from pipeline.types import Duration
+from stages.sinks.kafka.options import KafkaSinkOptions
+from stages.sinks.kafka.records import Pending, Record, headers_for
 
-_HEADER_FIELDS = ("capture_session_id", "rtstream_name")
 _STILL_DOWN_EVERY = 30.0
-
-
-class CreateTopics(Options):
-    """Create missing topics (as they are first used) with this layout."""
-
-    partitions: int = Field(default=1, ge=1, description="partitions per created topic")
-    replication_factor: int = Field(default=1, ge=1, description="replicas per partition (1 on a single node)")
-
-
-class KafkaSinkOptions(SinkOptions):
-    """Options of the `kafka` sink."""
-
-    bootstrap_servers: str | list[str] = Field(
-        default="localhost:9092", description="broker addresses: host:port, comma-separated or a list")
-    topic: str = Field(
-        default="videodb.{channel}",
-        description="topic template over event fields; lifecycle events have channel capture_session")
-    key: str | None = Field(
-        default="{capture_session_id}",
-        description="record key template (a|b = first non-empty field); empty or null = no key")
-    acks: Literal["all", 0, 1] = Field(
-        default="all", description="broker acknowledgement required before write() returns")
-    idempotence: bool | Literal["auto"] = Field(
-        default="auto", description="idempotent producer: auto = on where the broker supports it, else off")
-    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
-        default="none", description="record batch compression (snappy/lz4/zstd need their Python packages)")
-    linger_ms: int = Field(default=5, ge=0, description="how long the producer waits to fill a batch")
-    max_batch_size: int = Field(default=262144, ge=1024, description="bytes per partition batch")
-    max_request_size: int = Field(
-        default=1048576, ge=1024, description="largest record in bytes; bigger events are dead-lettered")
-    buffer_events: int = Field(
-        default=10000, ge=1, description="events held while the broker is away before write() blocks")
-    request_timeout: Duration = Field(
-        default=30.0, description="how long one produce attempt may take before it is retried")
-    retry_backoff: Duration = Field(
-        default=0.2, description="first delay between retries; doubles up to max_retry_backoff")
-    max_retry_backoff: Duration = Field(default=5.0, description="longest delay between retries")
-    shutdown_timeout: Duration = Field(
-        default=10.0, description="on shutdown, how long to keep trying before dead-lettering the rest")
-    create_topics: CreateTopics | None = Field(
-        default=None, description="create missing topics with {partitions: N}; omit for broker auto-creation")
-    client_id: str = Field(default="videodb-pipeline", description="client id the broker sees")
-
-    @field_validator("bootstrap_servers")
-    @classmethod
-    def _bootstrap(cls, v: str | list[str]) -> list[str]:
-        return bootstrap_list(v)
-
-    @field_validator("topic", "key")
-    @classmethod
-    def _template(cls, v: str | None) -> str | None:
-        if v is not None:
-            Template(v)
-        return v
-
-    @model_validator(mode="after")
-    def _acks_for_idempotence(self) -> KafkaSinkOptions:
-        if self.idempotence is True and self.acks != "all":
-            raise ValueError("idempotence: true needs acks: all")
-        return self
-
-
-class _Pending:
-    """One `write()` call waiting for its records."""
-
-    __slots__ = ("done", "left")
-
-    def __init__(self, left: int, done: asyncio.Future[None]) -> None:
-        self.left = left
-        self.done = done
-
-
-class _Record:
-    __slots__ = ("event", "headers", "key", "owner", "topic", "value")
-
-    def __init__(self, topic: str, key: bytes | None, value: bytes,
-                 headers: list[tuple[str, bytes]], event: Event, owner: _Pending) -> None:
-        self.topic = topic
-        self.key = key
-        self.value = value
-        self.headers = headers
-        self.event = event
-        self.owner = owner
 
 
 class KafkaSink(Sink):
@@ -141,7 +57,7 @@ class KafkaSink(Sink):
         self.key_of: Callable[[Event], str] | None = key.render if key is not None else None
         self._topic_names: dict[str, str] = {}
         self._static_topic = safe_topic(self._topic.render({})) if self._topic.static else None
-        self._queue: deque[_Record] = deque()
+        self._queue: deque[Record] = deque()
         self._buffered = 0
         self._room = asyncio.Event()
         self._wake = asyncio.Event()
@@ -188,7 +104,7 @@ class KafkaSink(Sink):
         if not batch:
             return
         loop = asyncio.get_running_loop()
-        pending = _Pending(0, loop.create_future())
+        pending = Pending(0, loop.create_future())
         records = self._encode(batch, pending)
         if not records:
             return
@@ -227,13 +143,13 @@ class KafkaSink(Sink):
 
     # --- encoding ------------------------------------------------------------------------
 
-    def _encode(self, batch: Batch, owner: _Pending) -> list[_Record]:
+    def _encode(self, batch: Batch, owner: Pending) -> list[Record]:
         """Events -> records (topic, key, value, headers); unencodable events are dead-lettered."""
         dumps = orjson.dumps
         topic_t, key_of = self._topic, self.key_of
         static_topic = self._static_topic
         limit = self.opts.max_request_size
-        out: list[_Record] = []
+        out: list[Record] = []
         for ev in batch:
             try:
                 value = dumps(ev, default=str)
@@ -249,7 +165,7 @@ class KafkaSink(Sink):
                 self._dead_letter_events([ev], f"{self.who}: topic template {topic_t.source!r} rendered empty")
                 continue
             key = key_of(ev).encode() if key_of is not None else b""
-            out.append(_Record(topic, key or None, value, _headers(ev), ev, owner))
+            out.append(Record(topic, key or None, value, headers_for(ev), ev, owner))
         return out
 
     def _topic_name(self, rendered: str) -> str:
@@ -299,27 +215,27 @@ class KafkaSink(Sink):
         remaining = self._deadline - asyncio.get_running_loop().time()
         return await asyncio.wait_for(coro, timeout=max(remaining, 0.05))
 
-    async def _send_round(self, records: list[_Record]) -> tuple[list[_Record], BaseException | None]:
+    async def _send_round(self, records: list[Record]) -> tuple[list[Record], BaseException | None]:
         """Send records grouped into one batch per (topic, partition); returns the ones to retry."""
         if self._producer is None:
             await self._connect()
         producer = self._producer
         timeout = self.opts.request_timeout
-        by_topic: dict[str, list[_Record]] = {}
+        by_topic: dict[str, list[Record]] = {}
         for r in records:
             by_topic.setdefault(r.topic, []).append(r)
         await self._create_topics(by_topic)
-        groups: dict[tuple[str, int], list[_Record]] = {}
+        groups: dict[tuple[str, int], list[Record]] = {}
         for topic, recs in by_topic.items():
             parts = sorted(await asyncio.wait_for(producer.partitions_for(topic), timeout))
             sticky = random.choice(parts)
             for r in recs:
                 p = self._partitioner(r.key, parts, parts) if r.key is not None else sticky
                 groups.setdefault((topic, p), []).append(r)
-        sent: list[tuple[asyncio.Future[Any], list[_Record]]] = []
+        sent: list[tuple[asyncio.Future[Any], list[Record]]] = []
         for (topic, part), recs in groups.items():
             builder = producer.create_batch()
-            chunk: list[_Record] = []
+            chunk: list[Record] = []
             for r in recs:
                 if builder.append(key=r.key, value=r.value, timestamp=None, headers=r.headers) is None:
                     sent.append((await producer.send_batch(builder, topic, partition=part), chunk))
@@ -328,7 +244,7 @@ class KafkaSink(Sink):
                 chunk.append(r)
             sent.append((await producer.send_batch(builder, topic, partition=part), chunk))
         results = await asyncio.gather(*(f for f, _ in sent), return_exceptions=True)
-        failed: list[_Record] = []
+        failed: list[Record] = []
         error: BaseException | None = None
         for (_, chunk), res in zip(sent, results, strict=True):
             if not isinstance(res, BaseException):
@@ -398,11 +314,11 @@ class KafkaSink(Sink):
 
     # --- bookkeeping ---------------------------------------------------------------------
 
-    def _acked(self, records: list[_Record]) -> None:
+    def _acked(self, records: list[Record]) -> None:
         self.delivered += len(records)
         self._release(records)
 
-    def _dead_letter(self, records: list[_Record], reason: str) -> None:
+    def _dead_letter(self, records: list[Record], reason: str) -> None:
         dl, stage = self.context.dead_letter, self.context.stage
         for r in records:
             dl.write(reason, stage=stage, event=r.event, origin={"topic": r.topic})
@@ -416,7 +332,7 @@ class KafkaSink(Sink):
         self.dead_lettered += len(events)
         self.context.stats.errors += len(events)
 
-    def _release(self, records: list[_Record]) -> None:
+    def _release(self, records: list[Record]) -> None:
         """Count records as finished; resolve `write()` calls whose records are all finished."""
         for r in records:
             owner = r.owner
@@ -426,7 +342,7 @@ class KafkaSink(Sink):
         self._buffered -= len(records)
         self._room.set()
 
-    def _fail_all(self, records: list[_Record], exc: StageError) -> None:
+    def _fail_all(self, records: list[Record], exc: StageError) -> None:
         """A configuration error surfaced while connecting: every waiting `write()` raises it."""
         self._fatal = exc
         for r in [*records, *self._queue]:
@@ -468,13 +384,3 @@ class KafkaSink(Sink):
     async def _watch_exit(self) -> None:
         await self.context.session.wait_exit()
         self._begin_closing()
-
-
-def _headers(ev: Event) -> list[tuple[str, bytes]]:
-    """`channel`, `capture_session_id`, `rtstream_name` headers (those the event has)."""
-    out = [("channel", canonical(channel(ev)).encode())]
-    for name in _HEADER_FIELDS:
-        v = ev.get(name)
-        if isinstance(v, str) and v:
-            out.append((name, v.encode()))
-    return out
