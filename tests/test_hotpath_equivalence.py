@@ -12,11 +12,12 @@ from __future__ import annotations
 import re
 
 import orjson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from stages.processors.filter import Filter, FilterOptions
 from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, required_literal
+from stages.processors.rules import Rules, RulesOptions
 from stages.sources.replay import ReplayOptions, ReplaySource
 
 WORD = re.compile(r"\w+")
@@ -134,3 +135,20 @@ async def test_replay_chunks_reject_and_keep_like_line_by_line(make_context, tmp
     assert [(d["origin"]["line"], d["reason"].split(":")[0]) for d in dead] == [
         (3, "JSON list, not an object"), (5, "not JSON"), (10, "truncated last line")]
     assert src.lines == 10
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from([r"sk-[a-z0-9]{3,}", r"\bAKIA\d+", r"pr\s*#\d+", r"ab|cd", r"x?yz"]),
+                min_size=1, max_size=3),
+       st.lists(st.text(alphabet="skSK-akiaAKIA0123 pr#PRxyzabcdé\u017f\u212a", max_size=30), min_size=1, max_size=6))
+@example([r"sk-[a-z0-9]{3,}"], ["\u017fk-abc"]).via("long s folds to s: no ASCII literal, regex must still run")
+@example([r"\bAKIA\d+"], ["A\u212aIA42"]).via("Kelvin sign folds to k")
+def test_rules_skip_regex_only_when_no_literal_occurs(make_context, patterns, sample) -> None:  # type: ignore[no-untyped-def]
+    spec = {"rules": [{"name": "w", "keywords": ["ab", "pr"]}, {"name": "s", "keywords": ["k-"], "match": "substring"},
+                      {"name": "x", "keywords": patterns, "match": "regex"}]}
+    gated = Rules(RulesOptions.model_validate(spec), make_context())
+    plain = Rules(RulesOptions.model_validate(spec), make_context())
+    plain._scanners = {ch: (scan, rx, False) for ch, (scan, rx, _) in plain._scanners.items()}
+    batch = [{"channel": "visual_index", "rtstream_id": "r", "data": {"text": t, "start": i * 10**9}}
+             for i, t in enumerate(sample)]
+    assert gated.process([dict(e) for e in batch]) == plain.process([dict(e) for e in batch])

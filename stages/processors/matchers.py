@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Final
 
 import ahocorasick
@@ -94,15 +95,20 @@ class Scanner:
 
     __slots__ = ("_auto", "_empty")
 
-    def __init__(self, word: WordMatcher | None, substring: SubstringMatcher | None) -> None:
-        # key -> (length, whole-word owners, phrases starting with this word, substring owners)
+    def __init__(self, word: WordMatcher | None, substring: SubstringMatcher | None,
+                 literals: Iterable[str] = ()) -> None:
+        # key -> (length, whole-word owners, phrases starting with this word, substring owners,
+        #         whether it is a literal some regex rule needs)
         table: dict[str, list[object]] = {}
 
         def entry(key: str) -> list[object]:
             found = table.get(key)
             if found is None:
-                found = table[key] = [len(key), None, None, None]
+                found = table[key] = [len(key), None, None, None, False]
             return found
+
+        for lit in literals:
+            entry(lit)[4] = True
 
         if word is not None:
             for w, owners in word._single.items():
@@ -119,11 +125,15 @@ class Scanner:
         if table:
             self._auto.make_automaton()
 
-    def match(self, lowered: str, hits: Hits) -> None:
+    def match(self, lowered: str, hits: Hits) -> bool:
+        """Add word and substring hits; True when a regex literal (see `literals`) occurs."""
         if self._empty:
-            return
+            return False
         last = len(lowered) - 1
-        for end, (length, words, phrases, subs) in self._auto.iter(lowered):
+        literal = False
+        for end, (length, words, phrases, subs, is_literal) in self._auto.iter(lowered):
+            if is_literal:
+                literal = True
             if subs is not None:
                 _add(hits, subs)
             if words is None and phrases is None:
@@ -143,6 +153,7 @@ class Scanner:
                     continue
             if words is not None:
                 _add(hits, words)
+        return literal
 
 
 def required_literal(pattern: str) -> str | None:
@@ -197,6 +208,16 @@ class RegexMatcher:
 
     def __bool__(self) -> bool:
         return bool(self._parts)
+
+    def literals(self) -> frozenset[str] | None:
+        """Every literal the rules need, when each rule has some (else None: the engine must always run).
+
+        With them in the channel's automaton, an ASCII text in which none occurs skips `match` entirely.
+        """
+        needs = [need for _, _, need in self._compiled]
+        if any(need is None for need in needs):
+            return None
+        return frozenset(lit for need in needs if need is not None for lit in need)
 
     def match(self, text: str, hits: Hits, lowered: str | None = None) -> None:
         ascii_text = text.isascii()

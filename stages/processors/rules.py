@@ -68,7 +68,7 @@ class _Compiled:
 class _ChannelMatcher:
     """The matchers for one channel, used together: one automaton scan, then the regex rules."""
 
-    __slots__ = ("has_regex", "regex", "scan", "substring", "word")
+    __slots__ = ("has_regex", "literal_gate", "regex", "scan", "substring", "word")
 
     def __init__(self) -> None:
         self.word = WordMatcher()
@@ -76,17 +76,20 @@ class _ChannelMatcher:
         self.regex = RegexMatcher()
         self.scan: Scanner | None = None
         self.has_regex = False
+        self.literal_gate = False  # True: the regex rules run only when the scan saw one of their literals
 
     def freeze(self) -> None:
-        self.scan = Scanner(self.word, self.substring)
         self.regex.freeze()
         self.has_regex = bool(self.regex)
+        literals = self.regex.literals() if self.has_regex else None
+        self.literal_gate = literals is not None
+        self.scan = Scanner(self.word, self.substring, literals or ())
 
     def match(self, text: str) -> Hits:
         hits: Hits = {}
         lowered = text.lower()
-        self.scan.match(lowered, hits)  # type: ignore[union-attr]
-        if self.has_regex:
+        seen = self.scan.match(lowered, hits)  # type: ignore[union-attr]
+        if self.has_regex and (seen or not self.literal_gate or not text.isascii()):
             self.regex.match(text, hits, lowered)
         return hits
 
@@ -109,12 +112,13 @@ class Rules(Processor):
                     getattr(m, r.match).add(i, k)
         for m in self._by_channel.values():
             m.freeze()
-        # channel name (aliases included) -> (scan, regex or None): what process() calls per event
-        self._scanners: dict[str, tuple[Any, Any]] = {}
+        # channel name (aliases included) -> (scan, regex or None, regex gated by literals): what process() calls
+        self._scanners: dict[str, tuple[Any, Any, bool]] = {}
         for name in (*self._by_channel, *ALIASES):
             cm = self._by_channel.get(canonical(name))
             if cm is not None:
-                self._scanners[name] = (cm.scan.match, cm.regex.match if cm.has_regex else None)  # type: ignore[union-attr]
+                self._scanners[name] = (cm.scan.match, cm.regex.match if cm.has_regex else None,  # type: ignore[union-attr]
+                                        cm.literal_gate)
         self._last_fired = context.state.get("rules.last_fired")  # "rule|rtstream" -> event ms
         self._windows = context.state.get("rules.windows")  # "rule|rtstream" -> [event ms, ...]
         self.fired = 0
@@ -137,8 +141,8 @@ class Rules(Processor):
                 continue
             hits: Hits = {}
             lowered = text.lower()
-            m[0](lowered, hits)
-            if m[1] is not None:
+            seen = m[0](lowered, hits)
+            if m[1] is not None and (seen or not m[2] or not text.isascii()):
                 m[1](text, hits, lowered)
             if hits:
                 start = data.get("start")  # type: ignore[union-attr]
