@@ -8,6 +8,7 @@ VideoDB alerts), reproducibly from a seed, at any size. Files are cached under
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -18,7 +19,8 @@ import orjson
 
 from pipeline.files import ensure_private_dir, open_private
 
-OUT: Final = Path(__file__).resolve().parent / "out"
+#: Where generated inputs and benchmark outputs go; `BENCH_OUT` moves it (the smoke tests do).
+OUT: Final = Path(os.environ.get("BENCH_OUT") or Path(__file__).resolve().parent / "out")
 SEED: Final = 20260301
 #: 2026-03-01T00:00:00Z; a million events at ~2.6 s apart span about a month.
 T0: Final = 1772323200.0

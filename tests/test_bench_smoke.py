@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import bench.__main__ as bench_main
-from bench import bytewax_peer, faust_scaling, kafka, latency, memory, replay, rules_scaling, ws_ingest
+from bench import bytewax_peer, common, faust_scaling, gen, kafka, latency, memory, replay, rules_scaling, ws_ingest
 from bench.common import Result
 from bench.gen import dataset, events, keywords
+
+
+@pytest.fixture(autouse=True, scope="module")
+def own_output_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Inputs and outputs in a temporary directory (a `make bench` may be using bench/out)."""
+    out = tmp_path_factory.mktemp("bench-out")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BENCH_OUT", str(out))  # for the benchmarks' child processes
+        mp.setattr(gen, "OUT", out)
+        mp.setattr(common, "OUT", out)
+        yield
 
 
 def numbers(results: list[Result], *, allow_skip: bool = False) -> None:
@@ -41,11 +53,11 @@ def test_generator_is_deterministic_and_seed_shaped() -> None:
     assert all("ts" in e and "unix_ts" in e for e in a)
     assert len(set(keywords(500))) == 500 and keywords(10)[:3] == keywords(1000)[:3]
     path = dataset(1000)
-    assert path.read_bytes().count(b"\n") == 1000
+    assert path.read_bytes().count(b"\n") == 1000 and path.parent == gen.OUT != common.ROOT / "bench" / "out"
 
 
 def test_replay() -> None:
-    numbers(replay.run(2000))
+    numbers(replay.run(2000, repeats=1))
 
 
 def test_rules_scaling() -> None:
