@@ -87,7 +87,7 @@ class ReplaySource(Source):
     async def batches(self) -> AsyncIterator[Batch]:
         path = self.options.path
         try:
-            fh = open(path, "rb")  # noqa: SIM115 - closed in finally, across yields
+            fh = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - closed in finally, across yields
         except OSError as exc:
             raise StageError(f"{path}: cannot open replay file: {exc.strerror or exc}") from None
         self._stamp = Stamper()
