@@ -37,10 +37,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     cfg = load_config(args.config)
-    if cfg.runtime.engine == "faust":
-        from pipeline.runtime.faust import run_ingest
-
-        return run_ingest(cfg)
     from pipeline.runner import run_local
 
     rt = asyncio.run(run_local(cfg))

@@ -1,4 +1,8 @@
-"""Run a config in this process: the local runtime, with the in-process emulator when configured."""
+"""Run a config in this process, with the in-process emulator when configured.
+
+`engine: local` runs the whole pipeline here; `engine: faust` runs the source
+and controller here and publishes to the ingest topic for `pipeline worker`s.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,12 @@ async def run_local(cfg: PipelineConfig, *, install_signals: bool = True) -> Loc
                                                  "api_key": cfg.videodb.api_key or SecretStr("local-emulator-key")})
         cfg = dataclasses.replace(cfg, videodb=videodb)
     try:
-        rt = LocalRuntime(build(cfg), install_signals=install_signals)
+        if cfg.runtime.engine == "faust":
+            from pipeline.runtime.faust import ingest_runtime
+
+            rt = ingest_runtime(cfg, install_signals=install_signals)
+        else:
+            rt = LocalRuntime(build(cfg), install_signals=install_signals)
         rt.exit_code = await rt.run()
     finally:
         if emu is not None:

@@ -1,6 +1,6 @@
 """The faust-streaming runtime: `pipeline run` ingests into Kafka, `pipeline worker` processes.
 
-- Ingest (`run_ingest`): the configured source and controller run in the local
+- Ingest (`ingest_runtime`, used by `pipeline run`): the configured source and controller run in the local
   runtime, but the only sink is the topic `<name>-ingest` (created with
   `runtime.partitions` partitions if missing), keyed by capture session, or by
   rtstream id while the session is not known yet. Same at-least-once delivery,
@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -109,21 +108,6 @@ def ingest_runtime(cfg: PipelineConfig, *, install_signals: bool = True) -> Any:
     built.sinks.append(SinkSlot(sink, None, stats))
     built.stats.append(stats)
     return LocalRuntime(built, install_signals=install_signals)
-
-
-def run_ingest(cfg: PipelineConfig) -> int:
-    """`pipeline run` for `engine: faust`: publish raw events to `<name>-ingest`; prints the summary."""
-
-    async def main() -> tuple[int, str]:
-        rt = ingest_runtime(cfg)
-        code = await rt.run()
-        if rt.error is not None:
-            print(f"pipeline: {secrets.mask(str(rt.error))}", file=sys.stderr)
-        return code, rt.summary()
-
-    code, summary = asyncio.run(main())
-    print(secrets.mask(summary), file=sys.stderr)
-    return code
 
 
 # --- worker ------------------------------------------------------------------------------------
