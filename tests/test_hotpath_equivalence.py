@@ -22,7 +22,7 @@ from stages.sources.replay import ReplayOptions, ReplaySource
 
 WORD = re.compile(r"\w+")
 # word characters incl. non-ASCII letters, digits, underscore; separators; case variants
-ALPHABET = "abcdeABCDE_01 -.,\n\tÉéß\u017fKİ\u0131"
+ALPHABET = "abcdeABCDE_01 -.,\n\tÉéß\u017fKİ\u0131\U0001f600"
 texts = st.text(alphabet=ALPHABET, max_size=60)
 keywords = st.text(alphabet=ALPHABET, min_size=1, max_size=8).filter(lambda k: k.strip() != "")
 

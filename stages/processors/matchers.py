@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
 
-import ahocorasick
+import ahocorasick_rs
 
 _WORD: Final = re.compile(r"\w+")
 Owners = list[tuple[int, str]]
@@ -87,68 +87,67 @@ class SubstringMatcher:
 
 
 class Scanner:
-    """Word and substring keywords of one channel in one Aho-Corasick automaton.
+    """Word and substring keywords of one channel in one Aho-Corasick automaton (Rust, ahocorasick-rs).
 
-    Why: one pass in C over the lowered text finds every candidate, whatever the
+    Why: one native pass over the lowered text finds every candidate, whatever the
     number of keywords; Python only checks word boundaries of the few hits.
     """
 
-    __slots__ = ("_auto", "_empty")
+    __slots__ = ("_entries", "_find")
 
     def __init__(self, word: WordMatcher | None, substring: SubstringMatcher | None,
                  literals: Iterable[str] = ()) -> None:
-        # key -> (length, whole-word owners, phrases starting with this word, substring owners,
+        # key -> (whole-word owners, phrases starting with this word, substring owners,
         #         whether it is a literal some regex rule needs)
         table: dict[str, list[object]] = {}
 
         def entry(key: str) -> list[object]:
             found = table.get(key)
             if found is None:
-                found = table[key] = [len(key), None, None, None, False]
+                found = table[key] = [None, None, None, False]
             return found
 
         for lit in literals:
-            entry(lit)[4] = True
-
+            entry(lit)[3] = True
         if word is not None:
             for w, owners in word._single.items():
-                entry(w)[1] = owners
+                entry(w)[0] = owners
             for w, phrases in word._phrases.items():
-                entry(w)[2] = phrases
+                entry(w)[1] = phrases
         if substring is not None:
             for key, owners in substring._owners.items():
-                entry(key)[3] = owners
-        self._auto = ahocorasick.Automaton()
-        for key, value in table.items():
-            self._auto.add_word(key, tuple(value))
-        self._empty = not table
-        if table:
-            self._auto.make_automaton()
+                entry(key)[2] = owners
+        keys = list(table)
+        self._entries: list[tuple[Any, ...]] = [tuple(table[k]) for k in keys]
+        # every occurrence of every key, overlapping, as (key index, start, end) character offsets
+        self._find = ahocorasick_rs.AhoCorasick(keys).find_matches_as_indexes if keys else None
 
     def match(self, lowered: str, hits: Hits) -> bool:
         """Add word and substring hits; True when a regex literal (see `literals`) occurs."""
-        if self._empty:
+        find = self._find
+        if find is None:
             return False
-        last = len(lowered) - 1
+        entries = self._entries
+        size = len(lowered)
         literal = False
-        for end, (length, words, phrases, subs, is_literal) in self._auto.iter(lowered):
+        for idx, start, end in find(lowered, True):
+            words, phrases, subs, is_literal = entries[idx]
             if is_literal:
                 literal = True
             if subs is not None:
                 _add(hits, subs)
             if words is None and phrases is None:
                 continue
-            start = end - length + 1
             if start:  # a word character before: part of a longer word
                 ch = lowered[start - 1]
                 if ch.isalnum() or ch == "_":
                     continue
             if phrases is not None:  # the next words must follow, each after non-word characters
                 for rest, owners in phrases:
-                    if rest.match(lowered, end + 1):
+                    if rest.match(lowered, end):
                         _add(hits, owners)
-            if words is not None and end < last:
-                ch = lowered[end + 1]
+            if words is not None and end < size:
+                ch = lowered[end]
                 if ch.isalnum() or ch == "_":
                     continue
             if words is not None:
