@@ -156,23 +156,25 @@ class Rules(Processor):
 
     def _fire(self, event: Event, text: str, hits: Hits, when: int) -> list[Event]:
         alerts: list[Event] = []
-        stream = str(event.get("rtstream_id") or event.get("rtstream_name") or "")
-        for idx in sorted(hits):
-            c = self._rules[idx]
+        rid = event.get("rtstream_id")
+        stream = rid if type(rid) is str and rid else str(rid or event.get("rtstream_name") or "")
+        rules, windows, last_fired = self._rules, self._windows, self._last_fired
+        for idx in hits if len(hits) == 1 else sorted(hits):
+            c = rules[idx]
             if c.names is not None and not c.names(str(event.get("rtstream_name") or "")):
                 continue
             key = f"{c.rule.name}|{stream}"
             if c.window_ms:
-                times = [t for t in self._windows.get(key, ()) if t > when - c.window_ms]
+                times = [t for t in windows.get(key, ()) if t > when - c.window_ms]
                 times.append(when)
                 if len(times) < c.rule.min_count:
-                    self._windows[key] = times[-c.rule.min_count:]
+                    windows[key] = times[-c.rule.min_count:]
                     continue
-                self._windows[key] = []
-            last = self._last_fired.get(key)
+                windows[key] = []
+            last = last_fired.get(key)
             if last is not None and c.cooldown_ms and last <= when < last + c.cooldown_ms:
                 continue
-            self._last_fired[key] = when
+            last_fired[key] = when
             alerts.append(self._alert(event, text, c.rule, hits[idx], when))
         self.fired += len(alerts)
         return alerts
