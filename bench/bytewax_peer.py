@@ -24,6 +24,7 @@ print(peer(sys.argv[1], sys.argv[2]))
 _OURS = """
 import sys
 from pathlib import Path
+import pipeline.build, pipeline.config, pipeline.runtime.local
 from bench.common import timed_run
 print(timed_run(Path(sys.argv[1]))[0])
 """
