@@ -48,7 +48,6 @@ class RuntimeSettings(Options):
     engine: Literal["local", "faust"] = "local"
     broker: str = "kafka://localhost:9092"
     partitions: int = Field(default=4, ge=1)
-    batch_size: int = Field(default=512, ge=1, description="most events per batch")
     queue_size: int = Field(default=16, ge=1, description="batches buffered per sink before backpressure")
     drain_timeout: Duration = Field(default=30.0, description="on shutdown, how long sinks may take to flush")
 
