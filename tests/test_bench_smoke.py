@@ -71,7 +71,7 @@ def test_memory() -> None:
 
 
 def test_ws_ingest() -> None:
-    numbers(ws_ingest.run(300))
+    numbers(ws_ingest.run(300, repeats=1))
 
 
 def test_latency() -> None:
