@@ -114,18 +114,26 @@ sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl}}]
     assert [e["ts"] for e in lines(tmp_path / "out.jsonl")] == ["keep"] * 5
 
 
-async def test_failing_sink_is_one_clear_error(tmp_path: Path) -> None:
-    make_events(tmp_path / "in.jsonl", 10)
+async def test_failing_sink_is_one_clear_error_and_loses_nothing(tmp_path: Path) -> None:
+    """One sink dies: the run stops with its error; the other sink still gets everything read; the dead
+    sink's events are all in the dead-letter file."""
+    make_events(tmp_path / "in.jsonl", 3000)
     cfg = load_config(write_config(tmp_path, f"""
 name: fail
-source: {{type: replay, path: {tmp_path}/in.jsonl}}
-sinks: [{{type: "tests.slow_sink:FailingSink"}}]
+source: {{type: replay, path: {tmp_path}/in.jsonl, batch_size: 10}}
+runtime: {{queue_size: 1}}
+sinks:
+  - {{type: "tests.slow_sink:FailingSink"}}
+  - {{type: jsonl, path: {tmp_path}/out.jsonl}}
 dead_letter: {tmp_path}/dead.jsonl
 """))
     rt = LocalRuntime(build(cfg), install_signals=False)
     assert await rt.run() == 1
     assert "No space left on device" in str(rt.error)
-    assert len(lines(tmp_path / "dead.jsonl")) == 10
+    read = rt.b.source.context.stats.received
+    assert [e["id"] for e in lines(tmp_path / "out.jsonl")] == list(range(read))
+    assert sorted(d["event"]["id"] for d in lines(tmp_path / "dead.jsonl")) == list(range(read))
+    assert read < 3000  # the failure stopped the source early
 
 
 def test_unwritable_path_one_line_nonzero_exit(tmp_path: Path) -> None:

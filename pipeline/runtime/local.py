@@ -94,7 +94,9 @@ class LocalRuntime:
                 await self.stop()
 
     async def _drain(self, i: int, slot: SinkSlot) -> None:
+        """Feed one sink. If it fails, the run stops and what it cannot write is dead-lettered."""
         q = self.queues[i]
+        failed = False
         while True:
             item = await q.get()
             if item is None:
@@ -102,33 +104,40 @@ class LocalRuntime:
             index, batch = item
             routed = slot.route(batch)
             slot.stats.received += len(batch)
-            if routed:
+            if routed and not failed:
                 try:
                     await slot.sink.write(routed)
-                except PipelineError:
-                    self._dead_letter_rest(i, slot, routed)
-                    raise
                 except Exception as exc:
-                    self._dead_letter_rest(i, slot, routed)
-                    raise StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}") from exc
-                slot.stats.sent += len(routed)
-            self.acks.mark(i, index)
+                    failed = True
+                    self._fail(exc if isinstance(exc, PipelineError) else
+                               StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}"))
+                else:
+                    slot.stats.sent += len(routed)
+            if failed:  # keep taking batches so ingest never blocks on us, but write them to the dead letter
+                self._dead_letter(slot, routed, "sink failed before writing")
+            else:
+                self.acks.mark(i, index)
 
-    def _dead_letter_rest(self, i: int, slot: SinkSlot, first: Batch) -> None:
-        """A sink died: what it had not written goes to the dead-letter file, counted."""
-        pending = [first]
-        q = self.queues[i]
-        while not q.empty():
-            item = q.get_nowait()
-            if item is not None:
-                pending.append(slot.route(item[1]))
-        for batch in pending:
-            for event in batch:
-                slot.stats.errors += 1
-                try:
-                    self.b.dead_letter.write("sink failed before writing", stage=slot.stats.name, event=event)
-                except PipelineError:
-                    return
+    def _dead_letter(self, slot: SinkSlot, events: Batch, reason: str) -> None:
+        for event in events:
+            slot.stats.errors += 1
+            try:
+                self.b.dead_letter.write(reason, stage=slot.stats.name, event=event)
+            except PipelineError as exc:
+                log.error("cannot write the dead-letter file: %s", exc)
+                return
+
+    def _check(self, task: asyncio.Task[Any]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            self._fail(exc if isinstance(exc, PipelineError) else
+                       StageError(f"{task.get_name()}: {type(exc).__name__}: {exc}"))
+
+    def _fail(self, exc: PipelineError) -> None:
+        """Remember the first error and stop the source; everything already read still drains."""
+        if self.error is None:
+            self.error = exc
+        asyncio.get_running_loop().create_task(self.stop())
 
     async def _commit_loop(self) -> None:
         commit = getattr(self.b.source, "commit", None)
@@ -186,36 +195,31 @@ class LocalRuntime:
 
     async def _supervise(self, ingest: asyncio.Task[None], drains: list[asyncio.Task[None]],
                          helpers: list[asyncio.Task[Any]]) -> None:
-        """Wait for the source to end; fail fast if a sink or the controller fails."""
-        watched = {ingest, *drains, *helpers}
+        """Wait for the source to end (a failing sink or controller stops it), then drain every sink."""
+        watched = {ingest, *helpers}
         while not ingest.done():
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            watched -= done
             for t in done:
-                watched.discard(t)
-                if t.cancelled() or t.exception() is None:
-                    continue
-                exc = t.exception()
-                await self.stop()
-                if t is not ingest:
-                    ingest.cancel()
-                    for d in drains:
-                        d.cancel()
-                raise exc if isinstance(exc, PipelineError) else StageError(
-                    f"{t.get_name()}: {type(exc).__name__}: {exc}")
-        ingest.result()
+                self._check(t)
+        self._check(ingest)
         for q in self.queues:
             await q.put(_DONE)
-        timeout = b_timeout = self.b.config.runtime.drain_timeout
-        done, pending = await asyncio.wait(drains, timeout=timeout)
-        for t in done:
-            if t.exception() is not None:
-                exc = t.exception()
-                raise exc if isinstance(exc, PipelineError) else StageError(str(exc))
+        timeout = self.b.config.runtime.drain_timeout
+        _, pending = await asyncio.wait(drains, timeout=timeout)
         if pending:
-            for t in pending:
-                t.cancel()
-            raise StageError(f"sinks did not drain within drain_timeout={b_timeout}s: "
-                             + ", ".join(t.get_name() for t in pending))
+            for i, d in enumerate(drains):
+                if d in pending:
+                    d.cancel()
+                    q, slot = self.queues[i], self.b.sinks[i]
+                    while not q.empty():
+                        item = q.get_nowait()
+                        if item is not None:
+                            self._dead_letter(slot, slot.route(item[1]), "sink did not drain within drain_timeout")
+            self._fail(StageError(f"sinks did not drain within drain_timeout={timeout:g}s: "
+                                  + ", ".join(t.get_name() for t in pending)))
+        if self.error is not None:
+            raise self.error
         commit = getattr(self.b.source, "commit", None)
         if commit is not None:
             await self._commit(commit, -1)
