@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev demo test lint typecheck unit bench clean
+.PHONY: install install-dev demo test lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)

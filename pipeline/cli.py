@@ -16,13 +16,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline import secrets
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 
 
 def _setup_logging(level: str) -> None:
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"unknown log level {level!r} (expected debug, info, warning or error)")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
-    handler.addFilter(secrets.MaskingFilter())
+    handler.setFormatter(secrets.MaskingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -134,8 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     known, rest = pre.parse_known_args(argv)
     delegated = bool(rest) and rest[0] in DELEGATED
     args = known if delegated else parser().parse_args(argv)
-    _setup_logging(args.log_level)
     try:
+        _setup_logging(args.log_level)
         if delegated:
             return _run_delegated(rest[0], rest[1:])
         return int(args.func(args))

@@ -203,6 +203,10 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
+def _enabled(spec: StageSpec | None) -> StageSpec | None:
+    return spec if spec is not None and spec.enabled else None
+
+
 def parse(data: Any, positions: Positions, filename: str, registry: Registry | None = None) -> PipelineConfig:
     """Validate already-loaded YAML data into a PipelineConfig."""
     chk = _Checker(filename, positions, registry or default_registry)
@@ -218,6 +222,8 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
         raise chk.fail(("name",), f"expected a pipeline name (letters, digits, _.-), got {name!r}")
     if "source" not in data:
         raise chk.fail((), "required key 'source' is missing")
+    if isinstance(data["source"], dict) and data["source"].get("enabled") is False:
+        raise chk.fail(("source", "enabled"), "the source cannot be disabled")
     sinks = data.get("sinks")
     if not isinstance(sinks, list) or not sinks:
         raise chk.fail(("sinks",), "expected a non-empty list of sinks")
@@ -234,8 +240,8 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
         file=Path(filename),
         videodb=chk.model(VideoDBSettings, data.get("videodb"), ("videodb",)),
         source=chk.stage("source", data["source"], ("source",)),
-        controller=(chk.stage("controller", data["controller"], ("controller",))
-                    if data.get("controller") is not None else None),
+        controller=_enabled(chk.stage("controller", data["controller"], ("controller",))
+                            if data.get("controller") is not None else None),
         stages=[s for s in (chk.stage("processor", s, ("stages", i)) for i, s in enumerate(stages)) if s.enabled],
         sinks=[s for s in (chk.stage("sink", s, ("sinks", i)) for i, s in enumerate(sinks)) if s.enabled],
         runtime=chk.model(RuntimeSettings, data.get("runtime"), ("runtime",)),

@@ -19,7 +19,5 @@ class StageError(PipelineError):
     exit_code = 1
 
 
-class SessionFailed(PipelineError):
-    """The capture session reported `failed`."""
-
-    exit_code = 3
+class SinkFailed(StageError):
+    """A sink failed and has itself dead-lettered everything it had accepted but not written."""

@@ -27,7 +27,7 @@ from pipeline.api import Batch, Context
 from pipeline.deadletter import DeadLetter
 from pipeline.errors import PipelineError, StageError
 from pipeline.files import ensure_private_dir, open_private
-from pipeline.secrets import MaskingFilter
+from pipeline.secrets import MaskingFormatter
 from pipeline.session import SessionLink
 from pipeline.stats import StageStats
 
@@ -68,8 +68,7 @@ def _setup_logging() -> None:
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
-        handler.addFilter(MaskingFilter())
+        handler.setFormatter(MaskingFormatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
 

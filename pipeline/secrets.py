@@ -43,14 +43,8 @@ def mask_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{tail}"
 
 
-class MaskingFilter(logging.Filter):
-    """Logging filter that masks every registered secret in the formatted message."""
+class MaskingFormatter(logging.Formatter):
+    """Masks registered secrets in the whole formatted record, tracebacks included."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if _pattern is not None:
-            msg = record.getMessage()
-            masked = _pattern.sub(MASK, msg)
-            if masked != msg:
-                record.msg = masked
-                record.args = None
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        return mask(super().format(record))

@@ -254,8 +254,9 @@ class Worker:
 
         worker = faust.Worker(self.app, loglevel=loglevel, quiet=True)
         worker.spinner = None
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(secrets.MaskingFilter())
+        for handler in logging.getLogger().handlers:  # faust installs its own handlers: mask them too
+            fmt = handler.formatter
+            handler.setFormatter(secrets.MaskingFormatter(fmt._fmt if fmt else None, fmt.datefmt if fmt else None))
         quiet_aiokafka()
         try:
             worker.execute_from_commandline()

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from pipeline.build import Built, SinkSlot
-from pipeline.errors import PipelineError, StageError
+from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import Batch
 
 log = logging.getLogger("pipeline.runtime")
@@ -111,6 +111,8 @@ class LocalRuntime:
                     failed = True
                     self._fail(exc if isinstance(exc, PipelineError) else
                                StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}"))
+                    if isinstance(exc, SinkFailed):  # the sink dead-lettered this batch itself
+                        continue
                 else:
                     slot.stats.sent += len(routed)
             if failed:  # keep taking batches so ingest never blocks on us, but write them to the dead letter

@@ -35,13 +35,11 @@ class Enrich(Processor):
         super().__init__(options, context)
         # rtstream_id -> [capture_session_id, name, media_types]; a state mapping so it survives restarts
         self._streams = context.state.get("enrich.rtstreams")
-        self._sessions = context.state.get("enrich.session")
 
     def _learn(self, event: dict[str, Any]) -> None:
         session_id = event.get("capture_session_id")
         if not isinstance(session_id, str):
             return
-        self._sessions["last"] = session_id
         data = event.get("data")
         streams = data.get("rtstreams") if isinstance(data, dict) else None
         if isinstance(streams, list):
@@ -51,7 +49,7 @@ class Enrich(Processor):
 
     def process(self, batch: Batch) -> Batch:
         o = self.options
-        streams, sessions = self._streams, self._sessions
+        streams = self._streams
         add_session, add_streams, parse_json = o.capture_session, o.rtstreams, o.parse_json
         fields = list(o.fields.items())
         loads, decode_error = orjson.loads, orjson.JSONDecodeError
@@ -63,10 +61,8 @@ class Enrich(Processor):
                 continue
             rts = event.get("rtstream_id")
             info = streams.get(rts) if isinstance(rts, str) else None
-            if add_session and "capture_session_id" not in event:
-                sid = info[0] if info else sessions.get("last")
-                if sid is not None:
-                    event["capture_session_id"] = sid
+            if add_session and info and "capture_session_id" not in event:
+                event["capture_session_id"] = info[0]
             if add_streams and info:
                 if info[1] is not None and "rtstream_name" not in event:
                     event["rtstream_name"] = info[1]

@@ -13,7 +13,8 @@ from stages.globs import glob_matcher
 
 class FilterOptions(Options):
     channels: list[str] | None = Field(
-        default=None, description="keep these channels; visual_index = scene_index; capture_session = lifecycle")
+        default=None, min_length=1,
+        description="keep these channels; visual_index = scene_index; capture_session = lifecycle")
     rtstream_names: list[str] | None = Field(
         default=None, description="globs such as 'display:*'; events without an rtstream always pass")
     final_only: bool = Field(default=False, description="drop transcripts whose is_final is false")
@@ -54,7 +55,7 @@ class Filter(Processor):
         chans, names = self._channels, self._names
         final_only, min_len = self.options.final_only, self.options.min_text_length
         if chans is None and names is None and not final_only and not min_len:
-            return list(batch)
+            return batch
         lifecycle_ok = chans is not None and LIFECYCLE in chans
         out: Batch = []
         append = out.append

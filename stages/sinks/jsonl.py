@@ -18,7 +18,7 @@ import orjson
 from pydantic import Field, field_validator
 
 from pipeline.api import Batch, Context, Event, Sink, SinkOptions
-from pipeline.errors import StageError
+from pipeline.errors import SinkFailed, StageError
 from pipeline.events import channel
 from pipeline.files import open_private
 from pipeline.types import Duration
@@ -31,7 +31,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 class JsonlOptions(SinkOptions):
     path: str = Field(description="file path; may use {channel} and {date} (UTC, from unix_ts)")
     clear: bool = Field(default=False, description="truncate the file(s) when the pipeline starts")
-    flush_interval: Duration = Field(default=1.0, description="write buffered lines at least this often")
+    flush_interval: Duration = Field(default=1.0, gt=0, description="write buffered lines at least this often")
     buffer_bytes: int = Field(default=1 << 20, ge=0, description="write once this much is buffered")
     fsync: bool = Field(default=False, description="fsync after each flush (durable across power loss)")
 
@@ -67,6 +67,7 @@ class JsonlSink(Sink):
         self._cleared: set[str] = set()
         self._last_flush = time.monotonic()
         self._timer: asyncio.Task[None] | None = None
+        self._failed: SinkFailed | None = None
         self.written = 0
 
     async def start(self) -> None:
@@ -94,6 +95,8 @@ class JsonlSink(Sink):
         return self.options.path.format(channel=ch, date=day.strftime("%Y-%m-%d"))
 
     async def write(self, batch: Batch) -> None:
+        if self._failed is not None:  # the flush timer failed: refuse, the runtime dead-letters this batch
+            raise StageError(str(self._failed))
         if self._templated:
             for event in batch:
                 self._file(self._path_for(event)).buf += _DUMP(event, option=_OPTS, default=str)
@@ -104,13 +107,16 @@ class JsonlSink(Sink):
         self.written += len(batch)
         if (time.monotonic() - self._last_flush >= self.options.flush_interval
                 or any(len(f.buf) >= self.options.buffer_bytes for f in self._files.values())):
-            self.flush_now()
+            self.flush_now(current=len(batch))
 
     async def flush(self) -> None:
         self.flush_now()
 
-    def flush_now(self) -> None:
-        """Write every buffer whole; raise one clear error if the disk refuses."""
+    def flush_now(self, current: int = 0) -> None:
+        """Write every buffer whole; if the disk refuses, dead-letter every unwritten line and raise.
+
+        `current` = events of the batch being written now (not yet counted as sent by the runtime).
+        """
         self._last_flush = time.monotonic()
         for f in self._files.values():
             if not f.buf:
@@ -126,19 +132,43 @@ class JsonlSink(Sink):
                 if self.options.fsync:
                     os.fsync(f.fh.fileno())
             except OSError as exc:
-                f.buf[:0] = buf[done:]  # keep what did not reach the file, nothing twice
-                raise StageError(f"{f.path}: cannot write: {exc.strerror or exc}") from None
+                f.buf[:0] = buf[done:]  # what did not reach the file, nothing twice
+                self._failed = SinkFailed(f"{f.path}: cannot write: {exc.strerror or exc}")
+                self._dead_letter_buffers(str(self._failed), current)
+                raise self._failed from None
+
+    def _dead_letter_buffers(self, reason: str, current: int) -> None:
+        """Nothing accepted is lost silently: unwritten lines go to the dead letter, uncounted as written."""
+        lines = 0
+        for f in self._files.values():
+            for line in bytes(f.buf).splitlines():
+                if not line:
+                    continue
+                try:
+                    event = orjson.loads(line)
+                except orjson.JSONDecodeError:  # the tail of a line the device took half of
+                    event = {"raw": line.decode("utf-8", "replace")}
+                self.context.dead_letter.write(reason, stage=self.context.stage, event=event)
+                lines += 1
+            f.buf.clear()
+        self.context.stats.errors += lines
+        self.context.stats.sent -= max(0, lines - current)
 
     async def _flush_periodically(self) -> None:
-        while True:
+        while self._failed is None:
             await asyncio.sleep(self.options.flush_interval)
             if time.monotonic() - self._last_flush >= self.options.flush_interval:
-                self.flush_now()
+                try:
+                    self.flush_now()
+                except SinkFailed:
+                    return  # kept in self._failed: the next write() or close() reports it
 
     async def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         try:
+            if self._failed is not None:
+                raise self._failed
             self.flush_now()
         finally:
             for f in self._files.values():

@@ -9,6 +9,7 @@ goes on.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from itertools import islice
@@ -38,11 +39,13 @@ class ReplaySource(Source):
     def __init__(self, options: ReplayOptions, context: Context) -> None:
         super().__init__(options, context)
         self._stopping = False
+        self._stopped = asyncio.Event()
         self._stamp = Stamper()
         self.lines = 0
 
     async def stop(self) -> None:
         self._stopping = True
+        self._stopped.set()
 
     def _reject(self, lineno: int, reason: str, raw: bytes) -> None:
         self.context.stats.dropped += 1
@@ -127,6 +130,9 @@ class ReplaySource(Source):
                 continue
             event = parsed[0]
             unix = event["unix_ts"]
+            if not isinstance(unix, int | float) or isinstance(unix, bool) or not math.isfinite(unix):
+                self._reject(lineno, f"unix_ts is not a number ({unix!r}); cannot pace it", raw)
+                continue
             if t0_wall is None:
                 t0_wall, t0_event = time.monotonic(), float(unix)
             due = t0_wall + (float(unix) - t0_event) / speed
@@ -135,7 +141,10 @@ class ReplaySource(Source):
                 if batch:
                     yield batch
                     batch = []
-                await asyncio.sleep(delay)
+                try:  # a stop() ends the wait at once
+                    await asyncio.wait_for(self._stopped.wait(), delay)
+                except TimeoutError:
+                    pass
             batch.append(event)
             if len(batch) >= size:
                 yield batch

@@ -102,8 +102,8 @@ class VideoDBSource(WebSocketSource):
         return ws, str(conn_id)
 
     async def batches(self) -> AsyncIterator[Batch]:
-        await self._preflight()
         try:
+            await self._preflight()
             async for batch in super().batches():
                 yield batch
         finally:

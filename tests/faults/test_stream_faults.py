@@ -148,11 +148,13 @@ def test_disk_full_is_one_clear_line(tmp_path: Path) -> None:
     """A real ENOSPC (/dev/full): one line naming the path, exit 1, no traceback, events dead-lettered."""
     mode = Path("/dev/full").stat().st_mode
     src = tmp_path / "in.jsonl"
-    src.write_bytes(b"".join(orjson.dumps({"channel": "transcript", "id": i}) + b"\n" for i in range(100)))
+    src.write_bytes(b"".join(orjson.dumps({"channel": "transcript", "id": i}) + b"\n" for i in range(20_000)))
     (tmp_path / "p.yaml").write_text(f"""
 name: full
-source: {{type: replay, path: {src}}}
-sinks: [{{type: jsonl, path: /dev/full, flush_interval: 0s}}]
+source: {{type: replay, path: {src}, batch_size: 100}}
+sinks:
+  - {{type: jsonl, path: /dev/full}}
+  - {{type: jsonl, path: {tmp_path}/ok.jsonl}}
 dead_letter: {tmp_path}/dead.jsonl
 """)
     res = subprocess.run([*PIPELINE, "run", str(tmp_path / "p.yaml")], cwd=tmp_path, env=ENV, capture_output=True,
@@ -161,5 +163,8 @@ dead_letter: {tmp_path}/dead.jsonl
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("pipeline:")]
     assert errors == ["pipeline: /dev/full: cannot write: No space left on device"], res.stderr
     assert "Traceback" not in res.stderr
-    assert len(read_jsonl(tmp_path / "dead.jsonl")) == 100
+    # every event read: in the healthy sink, and (the /dev/full sink's share, buffered ones included) dead-lettered
+    ok = [e["id"] for e in read_jsonl(tmp_path / "ok.jsonl")]
+    dead = sorted(d["event"]["id"] for d in read_jsonl(tmp_path / "dead.jsonl"))
+    assert ok == dead == list(range(len(ok))) and len(ok) > 100
     assert Path("/dev/full").stat().st_mode == mode  # we never chmod what is not a regular file
