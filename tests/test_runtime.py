@@ -303,3 +303,65 @@ sinks: [{{type: jsonl, path: {tmp_path}/{name}}}]
 def test_delegated_commands_get_their_options() -> None:
     res = run_cli("emulate", "--speed", "-1")
     assert res.returncode != 0 and "speed must be >= 0" in res.stderr
+
+
+async def test_stop_interrupts_a_reconnect_backoff_and_a_paced_replay(tmp_path: Path) -> None:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens: the source sits in a 30 s backoff
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"channel": "x", "unix_ts": 1000}\n{"channel": "x", "unix_ts": 2000}\n')
+    for source in (f'{{type: websocket, url: "ws://127.0.0.1:{port}/", backoff_initial: 30s}}',
+                   f"{{type: replay, path: {src}, speed: 1}}"):
+        cfg = load_config(write_config(tmp_path, f"""
+name: stop
+source: {source}
+sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl}}]
+"""))
+        rt = LocalRuntime(build(cfg), install_signals=False)
+        task = asyncio.create_task(rt.run())
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        await rt.stop()
+        assert await asyncio.wait_for(task, 5) == 0
+        assert time.monotonic() - t0 < 2
+
+
+async def test_paced_replay_dead_letters_a_line_without_a_numeric_unix_ts(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"id": 1, "unix_ts": 1.0}\n{"id": 2, "unix_ts": null}\n{"id": 3, "unix_ts": 1.01}\n')
+    cfg = load_config(write_config(tmp_path, f"""
+name: paced
+source: {{type: replay, path: {src}, speed: 1}}
+sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl}}]
+dead_letter: {tmp_path}/dead.jsonl
+"""))
+    assert await LocalRuntime(build(cfg), install_signals=False).run() == 0
+    assert [e["id"] for e in lines(tmp_path / "out.jsonl")] == [1, 3]
+    assert "unix_ts is not a number" in lines(tmp_path / "dead.jsonl")[0]["reason"]
+
+
+async def test_websocket_reader_is_bounded_when_the_pipeline_is_slow(tmp_path: Path, make_context) -> None:  # type: ignore[no-untyped-def]
+    """A slow consumer stops the reader at 4 x batch_max pending events instead of growing memory."""
+    from stages.sources.websocket import WebSocketOptions, WebSocketSource
+
+    hold = asyncio.Event()
+    frames = [orjson.dumps({"channel": "transcript", "id": i}).decode() for i in range(2000)]
+    server = await _ws_server(frames, hold)
+    port = server.sockets[0].getsockname()[1]
+    src = WebSocketSource(WebSocketOptions(url=f"ws://127.0.0.1:{port}/", batch_max=10), make_context())
+    it = src.batches()
+    first = await it.__anext__()
+    await asyncio.sleep(0.5)  # the server has sent everything; we took one batch
+    assert len(src._pending) <= 40
+    got = len(first)
+    while got < 2000:
+        got += len(await it.__anext__())
+    assert got == 2000
+    await src.stop()
+    await it.aclose()
+    hold.set()
+    server.close()

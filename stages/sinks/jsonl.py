@@ -31,7 +31,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 class JsonlOptions(SinkOptions):
     path: str = Field(description="file path; may use {channel} and {date} (UTC, from unix_ts)")
     clear: bool = Field(default=False, description="truncate the file(s) when the pipeline starts")
-    flush_interval: Duration = Field(default=1.0, gt=0, description="write buffered lines at least this often")
+    flush_interval: Duration = Field(default=1.0, description="write buffered lines this often; 0 = every batch")
     buffer_bytes: int = Field(default=1 << 20, ge=0, description="write once this much is buffered")
     fsync: bool = Field(default=False, description="fsync after each flush (durable across power loss)")
 
@@ -73,7 +73,8 @@ class JsonlSink(Sink):
     async def start(self) -> None:
         if not self._templated:
             self._file(self.options.path)
-        self._timer = asyncio.create_task(self._flush_periodically(), name=f"{self.context.stage}-flush")
+        if self.options.flush_interval > 0:
+            self._timer = asyncio.create_task(self._flush_periodically(), name=f"{self.context.stage}-flush")
 
     def _file(self, path: str) -> _File:
         f = self._files.get(path)

@@ -10,7 +10,9 @@ override `open()` to obtain the socket another way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -24,6 +26,7 @@ from pipeline.events import Stamper
 from pipeline.types import Duration
 
 log = logging.getLogger("pipeline.source.websocket")
+STABLE_AFTER = 10.0  # seconds a connection must last before a drop reconnects without backoff
 
 
 class ReaderOptions(Options):
@@ -50,12 +53,15 @@ class WebSocketSource(Source):
         super().__init__(options, context)
         self._pending: list[Any] = []
         self._ready = asyncio.Event()
+        self._room = asyncio.Event()  # cleared while `_pending` is full: the reader stops reading (backpressure)
+        self._room.set()
+        self._limit = 4 * options.batch_max
+        self._stop_event = asyncio.Event()
         self._stopping = False
         self._done = False
         self._ws: Any = None
         self._stamp = Stamper()
         self.connection_id: str | None = None
-        self.connects = 0
 
     async def open(self) -> tuple[Any, str | None]:
         """Connect; returns (websockets connection, connection id or None)."""
@@ -118,10 +124,9 @@ class WebSocketSource(Source):
                                          f"{exc}") from None
                     log.warning("%s: connect failed (%s); retry %d in %.1fs", self.describe(), exc,
                                 backoff.attempt, delay)
-                    await asyncio.sleep(delay)
+                    await self._pause(delay)
                     continue
-                backoff.reset()
-                self.connects += 1
+                connected_at = time.monotonic()
                 self.connection_id = conn_id
                 log.info("%s: connected%s", self.describe(), f" (connection id {conn_id})" if conn_id else "")
                 if conn_id:
@@ -130,15 +135,35 @@ class WebSocketSource(Source):
                 try:
                     async for frame in self._ws:
                         self._accept(frame)
+                        if len(self._pending) >= self._limit:
+                            self._room.clear()
+                            await self._room.wait()
                 except websockets.ConnectionClosed as exc:
                     reason = str(exc)
                 finally:
                     await self._ws.close()
-                if not self._stopping:
+                if self._stopping:
+                    break
+                if time.monotonic() - connected_at >= STABLE_AFTER:
+                    backoff.reset()  # it was up for a while: reconnect at once
                     log.warning("%s: connection dropped (%s); reconnecting", self.describe(), reason)
+                    continue
+                delay = backoff.next()  # dropped soon after connecting: don't hammer a flapping server
+                if delay is None:
+                    raise StageError(f"{self.describe()}: gave up after {backoff.attempt} reconnect attempts: "
+                                     f"connection keeps dropping ({reason})")
+                log.warning("%s: connection dropped (%s); reconnecting in %.1fs", self.describe(), reason, delay)
+                await self._pause(delay)
         finally:
             self._done = True
             self._ready.set()
+
+    async def _pause(self, delay: float) -> None:
+        """Sleep `delay` seconds, or less if stop() is called."""
+        try:
+            await asyncio.wait_for(self._stop_event.wait(), delay)
+        except TimeoutError:
+            pass
 
     async def batches(self) -> AsyncIterator[Batch]:
         reader = asyncio.create_task(self._read_loop(), name=f"{self.context.stage}-reader")
@@ -149,16 +174,23 @@ class WebSocketSource(Source):
                 while self._pending:
                     batch = self._pending[: self.options.batch_max]
                     del self._pending[: self.options.batch_max]
+                    if len(self._pending) < self._limit:
+                        self._room.set()
                     yield batch
-                if self._done:
-                    break
-            await reader  # surfaces a StageError from the reader
+                if self._done or self._stopping:
+                    break  # stopping: what was received is yielded; a reader still connecting is cancelled
+            if self._done:
+                await reader  # surfaces a StageError from the reader
         finally:
             if not reader.done():
                 reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
 
     async def stop(self) -> None:
         self._stopping = True
+        self._stop_event.set()
+        self._room.set()
         if self._ws is not None:
             await self._ws.close()
         self._ready.set()
