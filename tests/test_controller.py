@@ -121,6 +121,8 @@ async def test_rebinds_every_pipeline_after_each_reconnect(
     assert run.link.exit_code == 0
     assert [{k: v for k, v in e.items() if k not in ("ts", "unix_ts")} for e in run.events] == \
         [e["event"] for e in emu.emitted]
+    saved = json.loads((ctl.context.out_dir / "capture_session.json").read_text())
+    assert saved["ws_connection_id"] in full[-1:] + conns[-1:]  # the file names a live connection, not the first
 
 
 async def test_exit_on_stopped(emulator: Callable[..., Emulator], make_context: Callable[..., Context]) -> None:

@@ -222,6 +222,10 @@ class CaptureSessionController(Controller):
                 before = self.pipelines.errors
                 await self.pipelines.bind(conn_id)
                 self.context.stats.errors += self.pipelines.errors - before
+            bound = self.pipelines.bound_to
+            if bound and bound != self.record.get("ws_connection_id"):
+                self.record["ws_connection_id"] = bound  # capture_session.json names the live connection
+                self._save()
 
     async def _on_connection(self, conn_id: str) -> None:
         """SessionLink listener: the source reconnected with a new connection id."""
