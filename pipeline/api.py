@@ -70,10 +70,6 @@ class Context:
     settings: dict[str, Any] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("pipeline"))
 
-    def resolve(self, path: str | Path) -> Path:
-        """A path from the config: relative paths are relative to the working directory."""
-        return Path(path).expanduser()
-
 
 class Stage:
     """Common base: a registered name, an options class, a context."""

@@ -78,10 +78,25 @@ def cmd_stages(args: argparse.Namespace) -> int:
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         print(f"{kind:<10} {name:<16} {doc}")
         if args.verbose:
-            for fname, f in cls.Options.model_fields.items():
-                default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
-                print(f"    {fname:<20} {default:<28} {f.description or ''}")
+            _print_fields(cls.Options, "    ")
     return 0
+
+
+def _print_fields(model: Any, indent: str) -> None:
+    """Options with defaults and descriptions; nested option models (rules, on_active…) indented."""
+    from pipeline.config import inner_model
+
+    for fname, f in model.model_fields.items():
+        inner = inner_model(f.annotation)
+        if f.is_required():
+            default = "required"
+        elif inner is not None:
+            default = "(see below)"
+        else:
+            default = f"default {f.get_default(call_default_factory=True)!r}"
+        print(f"{indent}{fname:<20} {default:<28} {f.description or ''}")
+        if inner is not None:
+            _print_fields(inner, indent + "  ")
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -187,17 +187,17 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         field_info = getattr(current, "model_fields", {}).get(part)
         if field_info is None:
             return []
-        current = _inner_model(field_info.annotation)
+        current = inner_model(field_info.annotation)
         if current is None:
             return []
     return list(getattr(current, "model_fields", {}))
 
 
-def _inner_model(annotation: Any) -> Any:
+def inner_model(annotation: Any) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()) or ():
-        found = _inner_model(arg)
+        found = inner_model(arg)
         if found is not None:
             return found
     return None

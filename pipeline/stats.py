@@ -15,7 +15,3 @@ class StageStats:
     sent: int = 0
     dropped: int = 0
     errors: int = 0
-
-    def as_dict(self) -> dict[str, int | str]:
-        return {"stage": self.name, "kind": self.kind, "in": self.received, "out": self.sent,
-                "dropped": self.dropped, "errors": self.errors}

@@ -90,8 +90,6 @@ class LocalRuntime:
             # Let the sinks take this batch now rather than after `queue_size` more: the events are
             # still in the CPU cache, and fewer batches alive means less memory churn (~20% faster).
             await asyncio.sleep(0)
-            if b.session.exit_requested and not self._stopping:
-                await self.stop()
 
     async def _drain(self, i: int, slot: SinkSlot) -> None:
         """Feed one sink. If it fails, the run stops and what it cannot write is dead-lettered."""

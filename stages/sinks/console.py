@@ -29,7 +29,6 @@ class ConsoleSink(Sink):
         super().__init__(options, context)
         self.stream = stream or sys.stdout
         self.color = options.color if options.color is not None else self.stream.isatty()
-        self.written = 0
 
     def line(self, event: Event) -> str | None:
         status = lifecycle_status(event)
@@ -65,4 +64,3 @@ class ConsoleSink(Sink):
         if lines:
             self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
-        self.written += len(batch)

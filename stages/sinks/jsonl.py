@@ -68,7 +68,6 @@ class JsonlSink(Sink):
         self._last_flush = time.monotonic()
         self._timer: asyncio.Task[None] | None = None
         self._failed: SinkFailed | None = None
-        self.written = 0
 
     async def start(self) -> None:
         if not self._templated:
@@ -105,7 +104,6 @@ class JsonlSink(Sink):
             buf = self._file(self.options.path).buf
             for e in batch:  # one line at a time: each temporary is freed at once, the heap stays small
                 buf += _DUMP(e, option=_OPTS, default=str)
-        self.written += len(batch)
         if (time.monotonic() - self._last_flush >= self.options.flush_interval
                 or any(len(f.buf) >= self.options.buffer_bytes for f in self._files.values())):
             self.flush_now(current=len(batch))

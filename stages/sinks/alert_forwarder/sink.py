@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -65,7 +66,7 @@ class AlertForwarder(Sink):
         tls: ssl.SSLContext | bool = True
         if self.options.ca_file:
             try:
-                tls = ssl.create_default_context(cafile=str(self.context.resolve(self.options.ca_file)))
+                tls = ssl.create_default_context(cafile=str(Path(self.options.ca_file).expanduser()))
             except (OSError, ssl.SSLError) as exc:
                 raise StageError(f"alert_forwarder: ca_file {self.options.ca_file}: cannot load: {exc}") \
                     from None
