@@ -94,10 +94,19 @@ class PipelineConfig:
                 "runtime": self.runtime}
 
 
+_PLAIN_KEY = re.compile(r"^[\w-]+$")
+
+
 def path_str(path: Path_) -> str:
+    """`stages[2].rules[0].cooldown`; odd keys are quoted (`source['a b']`) so a message stays one line."""
     out = ""
     for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif not _PLAIN_KEY.match(p):
+            out += f"[{p!r}]"
+        else:
+            out += f".{p}" if out else p
     return out or "<top>"
 
 
@@ -125,12 +134,12 @@ class _Checker:
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            raise self.explain(model, exc, path) from None
+            raise self.explain(model, exc, path, data) from None
 
-    def explain(self, model: type[BaseModel], exc: ValidationError, base: Path_) -> ConfigError:
+    def explain(self, model: type[BaseModel], exc: ValidationError, base: Path_, data: Any) -> ConfigError:
         errors = exc.errors(include_url=False)
         err = errors[0]
-        loc = tuple(p for p in err["loc"] if isinstance(p, int) or not _is_type_tag(p))
+        loc = _data_loc(data, err["loc"], keep_last=err["type"] == "missing")
         full = (*base, *loc)
         kind = err["type"]
         if kind == "extra_forbidden":
@@ -168,9 +177,23 @@ class _Checker:
         return StageSpec(kind, type_name, cls, options, path_str(path), self.where(path), enabled)
 
 
-def _is_type_tag(p: Any) -> bool:
-    # pydantic adds union-member tags such as 'list[str]' or 'function-before[...]' to error locations
-    return isinstance(p, str) and ("[" in p or p in {"str", "int", "float", "bool", "none"})
+def _data_loc(data: Any, loc: tuple[Any, ...], *, keep_last: bool) -> tuple[Any, ...]:
+    """The part of a pydantic error location that is a path in the user's data.
+
+    pydantic adds union-member tags (`list[str]`, `function-before[...]`) to locations; they are
+    not in the data, so they are dropped. A missing key is kept: it is what the message is about.
+    """
+    out: list[Any] = []
+    node = data
+    for n, p in enumerate(loc):
+        present = (isinstance(node, dict) and p in node) or (
+            isinstance(node, list) and isinstance(p, int) and 0 <= p < len(node))
+        if present:
+            node = node[p]
+        elif not (keep_last and n == len(loc) - 1):
+            continue
+        out.append(p)
+    return tuple(out)
 
 
 def _show(value: Any, path: Path_) -> str:

@@ -147,3 +147,37 @@ def test_enabled_false_skips_a_stage(tmp_path: Path) -> None:
     assert [s.type_name for s in cfg.stages] == ["rules"] and cfg.stages[0].path == "stages[1]"
     assert [s.type_name for s in load_config(write(tmp_path, text), env={"F": "true"}).stages] == ["filter", "rules"]
     assert "stages[0].enabled: expected true or false" in error_of(tmp_path, text, {"F": "maybe"})
+
+
+VALID = {
+    "name": "fuzz",
+    "source": {"type": "replay", "path": "x.jsonl", "speed": 0},
+    "stages": [{"type": "filter", "channels": ["transcript"], "final_only": True},
+               {"type": "rules", "rules": [{"name": "r", "keywords": ["code"], "cooldown": "30s",
+                                            "window": "1m", "min_count": 2}]},
+               {"type": "enrich", "fields": {"a": 1}}],
+    "sinks": [{"type": "jsonl", "path": "out/x.jsonl", "channels": ["alert"], "flush_interval": "1s"},
+              {"type": "alert_forwarder", "url": "https://example.invalid/hook", "rate_limit": "10/min"}],
+    "runtime": {"engine": "local", "queue_size": 4},
+}
+SUBTREES = [("source",), ("stages", 0), ("stages", 1), ("stages", 1, "rules", 0), ("stages", 2),
+            ("sinks", 0), ("sinks", 1), ("runtime",)]
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(where=st.sampled_from(SUBTREES), key=st.text(min_size=1, max_size=12) | st.sampled_from(
+    ["type", "path", "speed", "channels", "keywords", "cooldown", "window", "min_count", "match", "url",
+     "rate_limit", "flush_interval", "queue_size", "engine", "enabled"]), value=yaml_values)
+def test_one_mutated_subtree_only_raises_config_errors(tmp_path: Path, where: tuple, key: str,
+                                                       value: object) -> None:
+    import copy
+
+    doc = copy.deepcopy(VALID)
+    node: object = doc
+    for part in where:
+        node = node[part]  # type: ignore[index]
+    node[key] = value  # type: ignore[index]
+    try:
+        load_config(write(tmp_path, yaml.safe_dump(doc)), env={})
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and str(tmp_path / "p.yaml") in str(exc)
