@@ -25,6 +25,7 @@ from pipeline.types import Duration
 
 _DUMP = orjson.dumps
 _OPTS = orjson.OPT_APPEND_NEWLINE
+MAX_OPEN_FILES = 32
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -78,6 +79,10 @@ class JsonlSink(Sink):
     def _file(self, path: str) -> _File:
         f = self._files.get(path)
         if f is None:
+            if len(self._files) >= MAX_OPEN_FILES:  # {date}/{channel} paths: don't hold every day open forever
+                self.flush_now()
+                oldest = next(iter(self._files))
+                self._files.pop(oldest).fh.close()
             truncate = self.options.clear and path not in self._cleared
             self._cleared.add(path)
             f = self._files[path] = _File(path, open_private(path, truncate=truncate))

@@ -63,3 +63,18 @@ async def test_jsonl_channel_template_cannot_escape_its_directory(make_context: 
     names = sorted(p.name for p in (tmp_path / "by").iterdir())
     assert names[0].startswith("transcript-1970-01-01") and names[1].startswith("unknown-")
     assert not list(tmp_path.glob("evil*")) and not (tmp_path.parent / "evil").exists()
+
+
+async def test_jsonl_date_paths_keep_a_bounded_number_of_files_open(make_context: MakeCtx, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from stages.sinks import jsonl
+
+    sink = jsonl.JsonlSink(jsonl.JsonlOptions(path=f"{tmp_path}/{{date}}.jsonl"), make_context())
+    await sink.start()
+    days = 100
+    for d in range(days):
+        await sink.write([{"channel": "x", "unix_ts": 86400.0 * d, "d": d}])
+        assert len(sink._files) <= jsonl.MAX_OPEN_FILES
+    await sink.write([{"channel": "x", "unix_ts": 0.0, "d": "again"}])  # an early day reopens and appends
+    await sink.close()
+    assert len(list(tmp_path.glob("*.jsonl"))) == days
+    assert (tmp_path / "1970-01-01.jsonl").read_text().count("\n") == 2
