@@ -67,8 +67,10 @@ def text(event: Event) -> str:
 def _ms(v: Any, scale: int) -> int | None:
     if type(v) is int:
         return v * scale
-    if type(v) is float and math.isfinite(v):
-        return int(v * scale)
+    if type(v) is float:
+        ms = v * scale
+        if math.isfinite(ms):
+            return int(ms)
     return None
 
 

@@ -8,11 +8,12 @@ at shutdown. Files are 0600 in 0700 directories; symlinked paths are refused.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import time
 from datetime import UTC, datetime
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 from pydantic import Field, field_validator
@@ -64,6 +65,9 @@ class JsonlSink(Sink):
     def __init__(self, options: JsonlOptions, context: Context) -> None:
         super().__init__(options, context)
         self._templated = "{" in options.path
+        self._dated = "{date}" in options.path
+        self._days: dict[int, str] = {}
+        self._safe: set[str] = set()
         self._files: dict[str, _File] = {}
         self._cleared: set[str] = set()
         self._last_flush = time.monotonic()
@@ -88,16 +92,31 @@ class JsonlSink(Sink):
             f = self._files[path] = _File(path, open_private(path, truncate=truncate))
         return f
 
+    def _day(self, unix: Any) -> str:
+        """UTC date of `unix_ts` (now when it has none), formatted once per day number."""
+        if not isinstance(unix, int | float) or isinstance(unix, bool) or not math.isfinite(unix):
+            unix = time.time()
+        day = int(unix // 86400)
+        text = self._days.get(day)
+        if text is None:
+            try:
+                text = datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
+            except (OverflowError, ValueError, OSError):
+                text = datetime.now(UTC).strftime("%Y-%m-%d")
+            if len(self._days) > 1024:
+                self._days.clear()
+            self._days[day] = text
+        return text
+
     def _path_for(self, event: Event) -> str:
-        unix = event.get("unix_ts")
-        try:
-            day = datetime.fromtimestamp(unix if isinstance(unix, int | float) else time.time(), UTC)
-        except (OverflowError, ValueError, OSError):
-            day = datetime.now(UTC)
         ch = channel(event)
-        if not _SAFE_NAME.match(ch):  # the channel comes from the wire: never let it pick a directory
-            ch = "unknown"
-        return self.options.path.format(channel=ch, date=day.strftime("%Y-%m-%d"))
+        if ch not in self._safe:
+            if not _SAFE_NAME.match(ch):  # the channel comes from the wire: never let it pick a directory
+                ch = "unknown"
+            elif len(self._safe) < 256:
+                self._safe.add(ch)
+        day = self._day(event.get("unix_ts")) if self._dated else ""
+        return self.options.path.format(channel=ch, date=day)
 
     async def write(self, batch: Batch) -> None:
         if self._failed is not None:  # the flush timer failed: refuse, the runtime dead-letters this batch
