@@ -65,7 +65,6 @@ class Context:
     session: SessionLink
     stats: StageStats
     state: StateStore = field(default_factory=StateStore)
-    config_dir: Path = field(default_factory=Path.cwd)
     out_dir: Path = field(default_factory=lambda: Path("out"))
     settings: dict[str, Any] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("pipeline"))

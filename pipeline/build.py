@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pipeline.api import Context, Controller, Processor, Sink, Source, StateStore
@@ -102,7 +101,7 @@ def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: 
         st = StageStats(spec.label, spec.kind)
         all_stats.append(st)
         ctx = Context(pipeline=cfg.name, stage=spec.label, dead_letter=dead, session=session, stats=st,
-                      state=state, config_dir=Path(cfg.file).parent, out_dir=cfg.out_dir, settings=settings,
+                      state=state, out_dir=cfg.out_dir, settings=settings,
                       log=logging.getLogger(f"pipeline.{spec.kind}.{spec.type_name}"))
         cls: Any = spec.cls
         return cls(spec.options, ctx)

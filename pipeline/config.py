@@ -90,8 +90,7 @@ class PipelineConfig:
         key = self.videodb.api_key
         return {"videodb": {"api_key": key.get_secret_value() if key else None,
                             "base_url": self.videodb.base_url,
-                            "collection_id": self.videodb.collection_id},
-                "runtime": self.runtime}
+                            "collection_id": self.videodb.collection_id}}
 
 
 _PLAIN_KEY = re.compile(r"^[\w-]+$")

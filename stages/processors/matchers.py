@@ -41,7 +41,6 @@ class WordMatcher:
         # first word -> [(the other words, each after a run of non-word characters), owners]
         self._phrases: dict[str, list[tuple[re.Pattern[str], Owners]]] = defaultdict(list)
         self._phrase_owner: dict[str, Owners] = {}
-        self._scan: Scanner | None = None
 
     def add(self, rule: int, keyword: str) -> None:
         words = _WORD.findall(keyword.lower())
@@ -58,12 +57,6 @@ class WordMatcher:
             self._phrases[words[0]].append((rest, owners))
         owners.append((rule, keyword))
 
-    def freeze(self) -> None:
-        self._scan = Scanner(self, None)
-
-    def match(self, lowered: str, hits: Hits) -> None:
-        assert self._scan is not None, "freeze() first"
-        self._scan.match(lowered, hits)
 
 
 class SubstringMatcher:
@@ -71,19 +64,12 @@ class SubstringMatcher:
 
     def __init__(self) -> None:
         self._owners: dict[str, Owners] = defaultdict(list)
-        self._scan: Scanner | None = None
 
     def add(self, rule: int, keyword: str) -> None:
         if not keyword:
             raise ValueError("empty keyword")
         self._owners[keyword.lower()].append((rule, keyword))
 
-    def freeze(self) -> None:
-        self._scan = Scanner(None, self)
-
-    def match(self, lowered: str, hits: Hits) -> None:
-        assert self._scan is not None, "freeze() first"
-        self._scan.match(lowered, hits)
 
 
 class Scanner:

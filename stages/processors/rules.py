@@ -85,14 +85,6 @@ class _ChannelMatcher:
         self.literal_gate = literals is not None
         self.scan = Scanner(self.word, self.substring, literals or ())
 
-    def match(self, text: str) -> Hits:
-        hits: Hits = {}
-        lowered = text.lower()
-        seen = self.scan.match(lowered, hits)  # type: ignore[union-attr]
-        if self.has_regex and (seen or not self.literal_gate or not text.isascii()):
-            self.regex.match(text, hits, lowered)
-        return hits
-
 
 class Rules(Processor):
     """Emits an alert (DESIGN.md §3 shape) after each event that fires a rule; the event flows on."""

@@ -75,7 +75,6 @@ class KafkaSource(Source):
         self._uncommitted: deque[tuple[int, dict[Any, int]]] = deque()
         self._all_committed = asyncio.Event()
         self._closer: asyncio.Task[None] | None = None
-        self.committed_upto = -1
         self.rejected = 0
 
     async def stop(self) -> None:
@@ -154,7 +153,6 @@ class KafkaSource(Source):
                 except Exception as exc:  # rebalance or broker away: redelivery, never loss
                     self.context.log.warning("%s: commit failed (%s); those events will be delivered again",
                                              self.who, describe(exc))
-        self.committed_upto = max(self.committed_upto, upto)
         if self._exhausted and not self._uncommitted:
             self._all_committed.set()
 
