@@ -70,7 +70,7 @@ class Filter(Processor):
             if chans is not None:
                 ch = e.get("channel")
                 if ch is None:
-                    if not (lifecycle_ok or _named(e, chans)):
+                    if not ("event" in e and (lifecycle_ok or _named(e, chans))):
                         continue
                 elif not isinstance(ch, str) or ALIASES.get(ch, ch) not in chans:
                     continue
