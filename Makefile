@@ -41,6 +41,7 @@ browser:
 
 test: lint browser
 	$(BIN)/pytest
+	$(BIN)/pipeline test config/
 
 bench: $(DEV_STAMP)
 	$(BIN)/pip install -q -e '.[bench]'

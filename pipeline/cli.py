@@ -164,6 +164,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=cmd_stages)
     sub.add_parser("schema", help="print a JSON Schema for config files").set_defaults(func=cmd_schema)
+    from pipeline.testing.command import add_parser as add_test
+
+    add_test(sub)
     for name, (_, help_) in DELEGATED.items():
         sub.add_parser(name, help=help_ + f" (pipeline {name} --help)", add_help=False)
     return p

@@ -118,7 +118,7 @@ def test_every_shipped_config_validates_against_the_schema() -> None:
     schema = json.loads(res.stdout)
     jsonschema.Draft202012Validator.check_schema(schema)
     validator = jsonschema.Draft202012Validator(schema)
-    shipped = sorted((ROOT / "config").glob("*.yaml"))
+    shipped = sorted(c for c in (ROOT / "config").glob("*.yaml") if not c.name.endswith(".test.yaml"))
     assert len(shipped) >= 3
     for cfg in shipped:
         errs = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(yaml.safe_load(cfg.read_text()))]
