@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     from pipeline.runner import run_local
 
-    rt = asyncio.run(run_local(cfg))
+    rt = asyncio.run(run_local(cfg, watch=args.watch))
     if rt.error is not None:
         print(f"pipeline: {secrets.mask(str(rt.error))}", file=sys.stderr)
     if not args.quiet:
@@ -152,6 +152,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a pipeline until its source ends, the session ends or a signal")
     r.add_argument("config")
     r.add_argument("-q", "--quiet", action="store_true", help="no exit summary")
+    r.add_argument("--watch", action="store_true",
+                   help="reload the config when the file changes (SIGHUP always reloads)")
     r.set_defaults(func=cmd_run)
     v = sub.add_parser("validate", help="check a config file, its files and (--check) its connections")
     v.add_argument("config")

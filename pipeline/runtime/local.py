@@ -3,7 +3,8 @@
 Each sink has a bounded queue; a slow sink makes `put()` wait, which stops the
 source from reading (backpressure), so nothing is dropped. SIGINT/SIGTERM stop
 the source; everything already read is processed, written and flushed before
-exit. A second signal forces an immediate exit.
+exit. A second signal forces an immediate exit. SIGHUP reloads the config
+(`pipeline.runtime.reload`); it never stops the run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from pipeline.build import Built, SinkSlot
 from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import Batch
+from pipeline.runtime.reload import Reloader, SinkSwap
 
 log = logging.getLogger("pipeline.runtime")
 
@@ -53,6 +55,7 @@ class LocalRuntime:
         self.error: PipelineError | None = None
         self.exit_code = 0
         self._stopping = False
+        self.reloader: Reloader | None = None  # set by the runner for `run` (SIGHUP, --watch)
 
     # -- control -----------------------------------------------------------------------
     def _on_signal(self, signum: int) -> None:
@@ -65,6 +68,12 @@ class LocalRuntime:
             sys.stderr.write("pipeline: second signal, exiting now without flushing\n")
             sys.stderr.flush()
             os._exit(130)
+
+    def _on_hup(self) -> None:
+        if self.reloader is not None:
+            self.reloader.request("SIGHUP")
+        else:
+            log.warning("received SIGHUP: this runtime has no config to reload; ignored")
 
     async def stop(self) -> None:
         if not self._stopping:
@@ -99,6 +108,9 @@ class LocalRuntime:
             item = await q.get()
             if item is None:
                 return
+            if isinstance(item, SinkSwap):  # a reload replaces this sink between two batches
+                await item.apply(slot)
+                continue
             index, batch = item
             routed = slot.route(batch)
             slot.stats.received += len(batch)
@@ -167,6 +179,7 @@ class LocalRuntime:
         if self.install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+            loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         started: list[SinkSlot] = []
         helpers: list[asyncio.Task[Any]] = []
         try:
@@ -178,6 +191,8 @@ class LocalRuntime:
                 helpers.append(asyncio.create_task(b.controller.start(), name="controller"))
             helpers.append(asyncio.create_task(self._watch_exit(), name="exit-watch"))
             helpers.append(asyncio.create_task(self._commit_loop(), name="commit"))
+            if self.reloader is not None:
+                helpers.append(asyncio.create_task(self.reloader.run(), name="reload"))
             ingest = asyncio.create_task(self._ingest(), name="ingest")
             await self._supervise(ingest, drains, helpers)
         except PipelineError as exc:
@@ -187,7 +202,7 @@ class LocalRuntime:
                 t.cancel()
             await self._close(started)
             if self.install_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
         if self.error is not None:
             return self.error.exit_code
@@ -264,6 +279,8 @@ class LocalRuntime:
             lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
         lines.append(f"  dead-lettered: {b.dead_letter.count}" +
                      (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))
+        if self.reloader is not None and (self.reloader.applied or self.reloader.rejected):
+            lines.append(f"  reloads: {self.reloader.applied} applied, {self.reloader.rejected} rejected")
         if b.session.exit_reason:
             lines.append(f"  ended: {b.session.exit_reason}")
         return "\n".join(lines)
