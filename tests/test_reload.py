@@ -147,3 +147,44 @@ def test_sighup_without_changes_does_not_stop_a_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "received SIGHUP" not in err and "reload (SIGHUP) applied" in err
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 2
+
+
+RULES_CFG = """name: state
+source: {{type: replay, path: none.jsonl}}
+stages:
+  - type: rules
+    rules:
+      - {{name: apple, keywords: [{kw}], cooldown: 10m}}
+{extra}
+sinks: [{{type: jsonl, path: {out}}}]
+"""
+
+
+async def test_rule_state_carries_over_only_for_unchanged_rules(tmp_path: Path) -> None:
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+    from pipeline.runtime.reload import Reloader
+
+    p = tmp_path / "p.yaml"
+    out = tmp_path / "o.jsonl"
+    p.write_text(RULES_CFG.format(kw="apple", extra="", out=out))
+    cfg = load_config(p)
+    rt = LocalRuntime(build(cfg), install_signals=False)
+    reloader = Reloader(rt, p, cfg)
+
+    def fired(at_s: int) -> list[str]:
+        batch = [{"channel": "transcript", "rtstream_id": "r", "data": {"text": "apple pie", "start": at_s * 1000}}]
+        return [e["data"]["event_label"] for e in rt.b.chain(batch) if e.get("channel") == "alert"]
+
+    assert fired(0) == ["apple"]
+    p.write_text(RULES_CFG.format(kw="apple", extra="      - {name: pie, keywords: [pie]}", out=out))
+    assert await reloader.reload("test")
+    assert fired(60) == ["pie"]  # apple's cooldown (10m from 0 s) survived the reload
+    p.write_text(RULES_CFG.format(kw="apple, pear", extra="      - {name: pie, keywords: [pie]}", out=out))
+    assert await reloader.reload("test")
+    assert fired(120) == ["apple", "pie"]  # apple's matching changed: its state starts afresh
+    p.write_text("name: state\nsource: {type: replay, path: other.jsonl}\n" + RULES_CFG.split("\n", 2)[2].format(
+        kw="apple", extra="", out=out))
+    assert await reloader.reload("test")
+    assert reloader.current.source.options.path.endswith("none.jsonl")  # type: ignore[attr-defined]
