@@ -1,0 +1,1 @@
+"""Persistent state under the pipeline's state_dir (spools, ...)."""
