@@ -343,11 +343,14 @@ class LocalRuntime:
                              f"   dropped {max(0, st.received - st.sent)}"
                              + (f"   errors {st.errors}" if st.errors else ""))
             elif st.kind == "sink":
-                extra = "".join(f"   {k} {v}" for k, v in sinks[st.name].report().items())
+                report = dict(sinks[st.name].report())
+                written = report.pop("written", st.sent)  # a sink may count what it really wrote (console)
+                extra = "".join(f"   {k} {v}" for k, v in report.items())
                 extra += self._buffer_report(st.name)
-                lines.append(f"  {st.name:<28} written {st.sent:>6}" + (f"   failed {st.errors}" if st.errors else "")
+                lines.append(f"  {st.name:<28} written {written:>6}" + (f"   failed {st.errors}" if st.errors else "")
                              + extra)
-        lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
+        if any(hasattr(p, "fired") for p in b.chain.processors):
+            lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
         lines.append(f"  dead-lettered: {b.dead_letter.count}" +
                      (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))
         if b.session.exit_reason:

@@ -95,7 +95,7 @@ class _ChannelMatcher:
 
 
 class Rules(Processor):
-    """Emits an alert (DESIGN.md §3 shape) after each event that fires a rule; the event flows on."""
+    """Emits an alert (channel alert, data.event_label = rule name) after each event that fires a rule."""
 
     name = "rules"
     Options = RulesOptions

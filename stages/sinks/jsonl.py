@@ -31,8 +31,9 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
 class JsonlOptions(SinkOptions):
-    path: str = Field(description="file path; may use {channel} and {date} (UTC, from unix_ts)")
-    clear: bool = Field(default=False, description="truncate the file(s) when the pipeline starts")
+    path: str = Field(description="file path; may use {channel} and {date} (UTC, from unix_ts)",
+                      json_schema_extra={"path": "output"})
+    clear: bool = Field(default=False, description="empty the file(s) when the first event arrives")
     flush_interval: Duration = Field(default=1.0, description="write buffered lines this often; 0 = every batch")
     buffer_bytes: int = Field(default=1 << 20, ge=0, description="write once this much is buffered")
     fsync: bool = Field(default=False, description="fsync after each flush (durable across power loss)")
@@ -73,10 +74,15 @@ class JsonlSink(Sink):
         self._last_flush = time.monotonic()
         self._timer: asyncio.Task[None] | None = None
         self._failed: SinkFailed | None = None
+        self._pending_clear = False
 
     async def start(self) -> None:
         if not self._templated:
+            # Opened now, so a bad path fails at start; with `clear` emptied only at the first write, so a
+            # run whose source never opens (a typo in a replay path) keeps the previous results.
+            self._cleared.add(self.options.path)
             self._file(self.options.path)
+            self._pending_clear = self.options.clear
         if self.options.flush_interval > 0:
             self._timer = asyncio.create_task(self._flush_periodically(), name=f"{self.context.stage}-flush")
 
@@ -124,7 +130,11 @@ class JsonlSink(Sink):
         if self._templated:
             self._write_templated(batch)
         else:
-            buf = self._file(self.options.path).buf
+            f = self._file(self.options.path)
+            if self._pending_clear:
+                self._pending_clear = False
+                f.fh.truncate(0)
+            buf = f.buf
             mark = len(buf)
             try:
                 for e in batch:  # one line at a time: each temporary is freed at once, the heap stays small

@@ -24,7 +24,8 @@ from pipeline.events import Stamper, edge_reason, edge_rejects
 
 
 class ReplayOptions(Options):
-    path: str = Field(description="JSONL file to replay")
+    path: str = Field(description="JSONL file to replay (relative: to the config file)",
+                      json_schema_extra={"path": "input"})
     speed: float = Field(default=0.0, ge=0, description="0 = as fast as possible, 1 = real time, 10 = 10x")
     # 256: a batch then stays in the CPU cache through every stage (measured 20-30% faster than 1024)
     batch_size: int = Field(default=256, ge=1, description="most events per batch")
