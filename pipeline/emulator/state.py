@@ -86,6 +86,7 @@ class Session:
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # start/stop requested by hand
     start_requested: bool = False
     stop_requested: bool = False
+    stopped_streams: set[str] = field(default_factory=set)  # rtstreams stopped through the API
     task: asyncio.Task[None] | None = None
 
     def stream_by_name(self, name: str) -> Stream:
