@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev demo test lint bench clean
+.PHONY: install install-dev demo test lint bench clean browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,7 +30,13 @@ lint: $(DEV_STAMP)
 	$(BIN)/ruff check pipeline stages tests $(wildcard bench)
 	$(BIN)/mypy
 
-test: lint
+# Browser tests drive Debian's chromium (installed here when missing; needs root, as on CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "make: chromium missing and not root: browser tests will be skipped (apt-get install chromium)"
+
+test: lint browser
 	$(BIN)/pytest
 
 bench: $(DEV_STAMP)

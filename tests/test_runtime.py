@@ -278,7 +278,10 @@ sinks: [{{type: "tests.slow_sink:SlowSink", path: {tmp_path}/c.txt, delay: 5}}]
 """)
     proc = subprocess.Popen([*PIPELINE, "run", str(p)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-    time.sleep(1.5)
+    started = tmp_path / "c.txt.started"
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
