@@ -30,8 +30,13 @@ MAX_OPEN_FILES = 32
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
+def _session_name(sid: Any) -> str:
+    """The session id as a file-name part: it comes from the wire, so anything odd becomes `unknown`."""
+    return sid if type(sid) is str and _SAFE_NAME.match(sid) else "unknown"
+
+
 class JsonlOptions(SinkOptions):
-    path: str = Field(description="file path; may use {channel} and {date} (UTC, from unix_ts)",
+    path: str = Field(description="file path; may use {channel}, {date} (UTC, from unix_ts), {capture_session_id}",
                       json_schema_extra={"path": "output"})
     clear: bool = Field(default=False, description="empty the file(s) when the first event arrives")
     flush_interval: Duration = Field(default=1.0, description="write buffered lines this often; 0 = every batch")
@@ -42,9 +47,9 @@ class JsonlOptions(SinkOptions):
     @classmethod
     def _placeholders(cls, v: str) -> str:
         try:
-            v.format(channel="c", date="d")
+            v.format(channel="c", date="d", capture_session_id="s")
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"path may only use {{channel}} and {{date}}: {exc}") from None
+            raise ValueError(f"path may only use {{channel}}, {{date}} and {{capture_session_id}}: {exc}") from None
         return v
 
 
@@ -67,6 +72,7 @@ class JsonlSink(Sink):
         super().__init__(options, context)
         self._templated = "{" in options.path
         self._dated = "{date}" in options.path
+        self._per_session = "{capture_session_id}" in options.path
         self._days: dict[int, str] = {}
         self._safe: set[str] = set()
         self._files: dict[str, _File] = {}
@@ -122,7 +128,8 @@ class JsonlSink(Sink):
             elif len(self._safe) < 256:
                 self._safe.add(ch)
         day = self._day(event.get("unix_ts")) if self._dated else ""
-        return self.options.path.format(channel=ch, date=day)
+        sid = _session_name(event.get("capture_session_id")) if self._per_session else ""
+        return self.options.path.format(channel=ch, date=day, capture_session_id=sid)
 
     async def write(self, batch: Batch) -> None:
         if self._failed is not None:  # the flush timer failed: refuse, the runtime dead-letters this batch
