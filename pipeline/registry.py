@@ -28,6 +28,7 @@ BUILTINS: Final[dict[str, dict[str, str]]] = {
         "filter": "stages.processors.filter:Filter",
         "enrich": "stages.processors.enrich:Enrich",
         "rules": "stages.processors.rules:Rules",
+        "window": "stages.processors.window:Window",
     },
     "sink": {
         "jsonl": "stages.sinks.jsonl:JsonlSink",
