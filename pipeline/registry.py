@@ -35,6 +35,7 @@ BUILTINS: Final[dict[str, dict[str, str]]] = {
         "console": "stages.sinks.console:ConsoleSink",
         "kafka": "stages.sinks.kafka:KafkaSink",
         "alert_forwarder": "stages.sinks.alert_forwarder:AlertForwarder",
+        "parquet": "stages.sinks.parquet:ParquetSink",
     },
     "controller": {
         "capture_session": "stages.controller.capture_session:CaptureSessionController",
