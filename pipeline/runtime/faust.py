@@ -167,6 +167,7 @@ class Worker:
     async def start_sinks(self) -> None:
         if not self._started:
             self._started = True
+            self.built.dead_letter.check()
             for slot in self.built.sinks:
                 await slot.sink.start()
 

@@ -174,6 +174,7 @@ class LocalRuntime:
         started: list[SinkSlot] = []
         helpers: list[asyncio.Task[Any]] = []
         try:
+            b.dead_letter.check()  # unwritable: fail now, not at the first reject (which would cost its batch)
             for slot in b.sinks:
                 await slot.sink.start()
                 started.append(slot)

@@ -2,7 +2,8 @@
 
 `capture_session.active` lists the session's rtstreams; from then on every
 event of those rtstreams gets `capture_session_id`, `rtstream_name` and
-`media_types`. Index texts that are JSON objects are parsed into `data.json`.
+`media_types`. Index texts that are JSON objects are parsed into `data.json`
+(unless nested so deep that the event would pass the sources' depth limit).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import orjson
 from pydantic import Field
 
 from pipeline.api import Batch, Context, Options, Processor
-from pipeline.events import canonical
+from pipeline.events import MAX_DEPTH, canonical, deeper_than
 
 _JSON_CHANNELS = frozenset({"visual_index", "scene_index", "audio_index"})
 
@@ -80,6 +81,6 @@ class Enrich(Processor):
                             parsed = loads(text)
                         except decode_error:
                             parsed = None
-                        if isinstance(parsed, dict):
-                            data["json"] = parsed
+                        if isinstance(parsed, dict) and not deeper_than(text, parsed, MAX_DEPTH - 2):
+                            data["json"] = parsed  # (2 levels below the event: the edge's depth limit holds)
         return batch

@@ -122,15 +122,42 @@ class JsonlSink(Sink):
         if self._failed is not None:  # the flush timer failed: refuse, the runtime dead-letters this batch
             raise StageError(str(self._failed))
         if self._templated:
-            for event in batch:
-                self._file(self._path_for(event)).buf += _DUMP(event, option=_OPTS, default=str)
+            self._write_templated(batch)
         else:
             buf = self._file(self.options.path).buf
-            for e in batch:  # one line at a time: each temporary is freed at once, the heap stays small
-                buf += _DUMP(e, option=_OPTS, default=str)
+            mark = len(buf)
+            try:
+                for e in batch:  # one line at a time: each temporary is freed at once, the heap stays small
+                    buf += _DUMP(e, option=_OPTS, default=str)
+            except TypeError:  # an event JSON cannot hold (orjson.JSONEncodeError): that one, not the batch
+                del buf[mark:]
+                self._write_each(batch)
         if (time.monotonic() - self._last_flush >= self.options.flush_interval
                 or any(len(f.buf) >= self.options.buffer_bytes for f in self._files.values())):
             self.flush_now(current=len(batch))
+
+    def _write_templated(self, batch: Batch) -> None:
+        for event in batch:
+            try:
+                line = _DUMP(event, option=_OPTS, default=str)
+            except TypeError as exc:
+                self._unwritable(event, exc)
+                continue
+            self._file(self._path_for(event)).buf += line
+
+    def _write_each(self, batch: Batch) -> None:
+        buf = self._file(self.options.path).buf
+        for event in batch:
+            try:
+                buf += _DUMP(event, option=_OPTS, default=str)
+            except TypeError as exc:
+                self._unwritable(event, exc)
+
+    def _unwritable(self, event: Event, exc: Exception) -> None:
+        """Dead-letter one event JSON cannot encode; the runtime counted it as written, so move it."""
+        self.context.dead_letter.write(f"cannot encode as JSON: {exc}", stage=self.context.stage, event=event)
+        self.context.stats.errors += 1
+        self.context.stats.sent -= 1
 
     async def flush(self) -> None:
         self.flush_now()
