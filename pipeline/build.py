@@ -102,6 +102,7 @@ class Built:
     sinks: list[SinkSlot]
     controller: Controller | None = None
     stats: list[StageStats] = field(default_factory=list)
+    state: StateStore = field(default_factory=StateStore)
 
 
 def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: bool = True) -> Built:
@@ -116,7 +117,7 @@ def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: 
         st = StageStats(spec.label, spec.kind)
         all_stats.append(st)
         ctx = Context(pipeline=cfg.name, stage=spec.label, dead_letter=dead, session=session, stats=st,
-                      state=state, out_dir=cfg.out_dir, settings=settings,
+                      state=state, out_dir=cfg.out_dir, state_dir=cfg.state_dir, settings=settings,
                       log=logging.getLogger(f"pipeline.{spec.kind}.{spec.type_name}"))
         cls: Any = spec.cls
         return cls(spec.options, ctx)
@@ -131,4 +132,4 @@ def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: 
         chans = getattr(spec.options, "channels", None)
         slots.append(SinkSlot(sink, channel_set(chans) if chans else None, sink.context.stats))
     return Built(cfg, dead, session, source, Chain(processors, dead), slots,  # type: ignore[arg-type]
-                 controller, all_stats)  # type: ignore[arg-type]
+                 controller, all_stats, state)  # type: ignore[arg-type]

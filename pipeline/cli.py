@@ -38,6 +38,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     cfg = load_config(args.config)
+    if args.new_session:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, new_session=True)
     from pipeline.runner import run_local
 
     rt = asyncio.run(run_local(cfg))
@@ -131,6 +135,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a pipeline until its source ends, the session ends or a signal")
     r.add_argument("config")
     r.add_argument("-q", "--quiet", action="store_true", help="no exit summary")
+    r.add_argument("--new-session", action="store_true",
+                   help="create a new capture session instead of resuming the one in state_dir")
     r.set_defaults(func=cmd_run)
     v = sub.add_parser("validate", help="check a config file and print its stages (secrets masked)")
     v.add_argument("config")

@@ -99,7 +99,7 @@ def ingest_runtime(cfg: PipelineConfig, *, install_signals: bool = True) -> Any:
     label = f"runtime.ingest:{ingest_topic(cfg)}"
     stats = StageStats(label, "sink")
     ctx = Context(pipeline=cfg.name, stage=label, dead_letter=built.dead_letter, session=built.session,
-                  stats=stats, out_dir=cfg.out_dir, settings=cfg.settings(),
+                  stats=stats, out_dir=cfg.out_dir, state_dir=cfg.state_dir, settings=cfg.settings(),
                   log=logging.getLogger("pipeline.sink.kafka"))
     options = KafkaSinkOptions(bootstrap_servers=cfg.runtime.broker, topic=ingest_topic(cfg), key=None,
                                create_topics=CreateTopics(partitions=cfg.runtime.partitions))

@@ -77,12 +77,15 @@ class LocalRuntime:
         st = b.source.context.stats
         ctrl = b.controller
         chain = b.chain
+        state = b.state
         index = 0
         async for batch in b.source.batches():
             st.received += len(batch)
             if ctrl is not None:
                 ctrl.observe(batch)
             out = chain(batch)
+            if state.dirty:  # rule/enrich state is saved before its alerts can reach a sink
+                state.flush()
             st.sent += len(batch)
             for q in self.queues:
                 await q.put((index, out))
@@ -247,6 +250,7 @@ class LocalRuntime:
             except Exception as exc:
                 log.warning("controller: close failed: %s", exc)
         self.b.dead_letter.close()
+        self.b.state.close()
 
     def summary(self) -> str:
         b = self.b

@@ -34,6 +34,7 @@ class ReplaySource(Source):
     """Reads a JSONL file line by line into batches."""
 
     name = "replay"
+    resumes = False  # every run reads the file from the start, so rule state starts empty too
     Options = ReplayOptions
 
     def __init__(self, options: ReplayOptions, context: Context) -> None:
