@@ -5,7 +5,8 @@ errors) and a constructor `(options, context)`. Four kinds:
 
 - `Source`: yields batches of events (`batches()`), stops when asked (`stop()`).
 - `Processor`: `process(batch) -> batch`, synchronous, the hot path. Returning
-  fewer events filters; returning more (e.g. alerts) adds.
+  fewer events filters; returning more (e.g. alerts) adds. Optional `flush()`
+  returns what it still holds (open windows) once, when the run ends.
 - `Sink`: `start()`, `write(batch)` returns once the batch is durable or
   accepted, `close()` flushes everything.
 - `Controller`: drives the capture session beside the stream; sees every batch.
@@ -120,6 +121,17 @@ class Processor(Stage):
 
     def process(self, batch: Batch) -> Batch:
         raise NotImplementedError
+
+    def flush(self) -> Batch:
+        """Called once when the run ends (source exhausted, exit_on, signal): events still held back.
+
+        They go through the processors after this one, then to the sinks. Default: nothing.
+        """
+        return []
+
+    def report(self) -> dict[str, int]:
+        """Extra counters for the exit summary (e.g. late events)."""
+        return {}
 
 
 class Sink(Stage):

@@ -50,8 +50,8 @@ class Chain:
         self.processors = processors
         self.dead_letter = dead_letter
 
-    def __call__(self, batch: Batch) -> Batch:
-        for p in self.processors:
+    def __call__(self, batch: Batch, start: int = 0) -> Batch:
+        for p in self.processors[start:] if start else self.processors:
             st = p.context.stats
             st.received += len(batch)
             try:
@@ -63,6 +63,21 @@ class Chain:
             if not batch:
                 break
         return batch
+
+    def flush(self) -> Batch:
+        """End of the run: what each processor still holds (`flush()`), run through the processors after it."""
+        out: Batch = []
+        for i, p in enumerate(self.processors):
+            try:
+                held = p.flush()
+            except Exception as exc:
+                log.warning("%s: flush raised %s: %s", p.context.stage, type(exc).__name__, exc)
+                p.context.stats.errors += 1
+                continue
+            if held:
+                p.context.stats.sent += len(held)
+                out.extend(self(held, i + 1))
+        return out
 
     def _one_by_one(self, p: Processor, batch: Batch) -> Batch:
         out: Batch = []

@@ -1,4 +1,4 @@
-"""`pipeline` command line: run, validate, stages, schema, listen, emulate, worker.
+"""`pipeline` command line: run, validate, stages, schema, listen, emulate, worker, report.
 
 User mistakes print one line (`pipeline: <file>:<line>:<col>: <key>: <what>`)
 and exit non-zero; set PIPELINE_DEBUG=1 to see tracebacks.
@@ -125,6 +125,7 @@ DELEGATED = {
     "listen": ("pipeline.listen:main", "drop-in for the seed's ws_listener.py"),
     "emulate": ("pipeline.emulator.cli:main", "run the local VideoDB-compatible emulator"),
     "worker": ("pipeline.runtime.faust:worker_main", "run a faust worker for a faust-engine config"),
+    "report": ("pipeline.report.cli:main", "build an HTML page per capture session from JSONL output"),
 }
 
 
