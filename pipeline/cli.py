@@ -1,4 +1,4 @@
-"""`pipeline` command line: run, validate, stages, schema, listen, emulate, worker.
+"""`pipeline` command line: run, validate, stages, schema, listen, emulate, worker, report.
 
 User mistakes print one line (`pipeline: <file>:<line>:<col>: <key>: <what>`)
 and exit non-zero; set PIPELINE_DEBUG=1 to see tracebacks.
@@ -38,6 +38,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     cfg = load_config(args.config)
+    if args.new_session:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, new_session=True)
     from pipeline.runner import run_local
 
     rt = asyncio.run(run_local(cfg, watch=args.watch))
@@ -121,6 +125,7 @@ DELEGATED = {
     "listen": ("pipeline.listen:main", "drop-in for the seed's ws_listener.py"),
     "emulate": ("pipeline.emulator.cli:main", "run the local VideoDB-compatible emulator"),
     "worker": ("pipeline.runtime.faust:worker_main", "run a faust worker for a faust-engine config"),
+    "report": ("pipeline.report.cli:main", "build an HTML page per capture session from JSONL output"),
 }
 
 
@@ -154,6 +159,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no exit summary")
     r.add_argument("--watch", action="store_true",
                    help="reload the config when the file changes (SIGHUP always reloads)")
+    r.add_argument("--new-session", action="store_true",
+                   help="create a new capture session instead of resuming the one in state_dir")
     r.set_defaults(func=cmd_run)
     v = sub.add_parser("validate", help="check a config file, its files and (--check) its connections")
     v.add_argument("config")

@@ -25,7 +25,8 @@ from pipeline.registry import LookupFailed, Registry, default_registry
 from pipeline.types import Duration, Secret
 from pipeline.yamlpos import Path_, Positions, load
 
-TOP_KEYS = ("name", "videodb", "source", "controller", "stages", "sinks", "runtime", "dead_letter", "channels")
+TOP_KEYS = ("name", "videodb", "source", "controller", "stages", "sinks", "runtime", "dead_letter", "state_dir",
+            "channels")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -86,19 +87,27 @@ class PipelineConfig:
     videodb: VideoDBSettings = field(default_factory=VideoDBSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     dead_letter: Path = Path("out/dead-letter.jsonl")
+    state_dir_setting: Path | None = None  # top-level `state_dir:`; None = out/<name>
+    new_session: bool = False  # `pipeline run --new-session`: never attach to the saved capture session
     disabled: list[StageSpec] = field(default_factory=list)
     channels: list[str] = field(default_factory=list)
 
     @property
+    def state_dir(self) -> Path:
+        """Where everything that must survive a restart lives (see pipeline.state)."""
+        return self.state_dir_setting or Path("out") / self.name
+
+    @property
     def out_dir(self) -> Path:
-        return Path("out") / self.name
+        return self.state_dir
 
     def settings(self) -> dict[str, Any]:
         """Plain settings handed to stages through Context.settings."""
         key = self.videodb.api_key
         return {"videodb": {"api_key": key.get_secret_value() if key else None,
                             "base_url": self.videodb.base_url,
-                            "collection_id": self.videodb.collection_id}}
+                            "collection_id": self.videodb.collection_id},
+                "new_session": self.new_session}
 
 
 _PLAIN_KEY = re.compile(r"^[\w-]+$")
@@ -372,6 +381,10 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
     if not isinstance(dead, str) or not dead:
         chk.add(("dead_letter",), f"expected a file path, got {dead!r}")
         dead = f"out/{name}/dead-letter.jsonl"
+    state_dir = data.get("state_dir", f"out/{name}")
+    if not isinstance(state_dir, str) or not state_dir.strip():
+        chk.add(("state_dir",), f"expected a directory path, got {state_dir!r}")
+        state_dir = f"out/{name}"
     extra = data.get("channels") or []
     if not isinstance(extra, list) or not all(isinstance(c, str) and c for c in extra):
         chk.add(("channels",), "expected a list of channel names that plugins emit")
@@ -397,6 +410,7 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
         sinks=[_resolved(s, base) for s in outs if s is not None and s.enabled],
         runtime=runtime,
         dead_letter=Path(dead),
+        state_dir_setting=Path(state_dir).expanduser(),
         disabled=[s for s in every if not s.enabled],
         channels=list(extra),
     )

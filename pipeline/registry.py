@@ -32,12 +32,14 @@ BUILTINS: Final[dict[str, dict[str, str]]] = {
         "filter": "stages.processors.filter:Filter",
         "enrich": "stages.processors.enrich:Enrich",
         "rules": "stages.processors.rules:Rules",
+        "window": "stages.processors.window:Window",
     },
     "sink": {
         "jsonl": "stages.sinks.jsonl:JsonlSink",
         "console": "stages.sinks.console:ConsoleSink",
         "kafka": "stages.sinks.kafka:KafkaSink",
         "alert_forwarder": "stages.sinks.alert_forwarder:AlertForwarder",
+        "parquet": "stages.sinks.parquet:ParquetSink",
     },
     "controller": {
         "capture_session": "stages.controller.capture_session:CaptureSessionController",

@@ -44,7 +44,10 @@ async def run_local(cfg: PipelineConfig, *, install_signals: bool = True, watch:
             if watch:
                 log.warning("--watch: reloading needs engine: local; the ingest process runs no processors")
         else:
-            rt = LocalRuntime(build(cfg), install_signals=install_signals)
+            from pipeline.state.store import open_store
+
+            state = open_store(cfg.state_dir) if getattr(cfg.source.cls, "resumes", True) else None
+            rt = LocalRuntime(build(cfg, state=state), install_signals=install_signals)
             rt.reloader = Reloader(rt, cfg.file, original, watch=watch)
         rt.exit_code = await rt.run()
     finally:

@@ -33,6 +33,7 @@ def make_context(tmp_path: Path) -> Callable[..., Context]:
             stats=StageStats(stage, "test"),
             state=state or StateStore(),
             out_dir=tmp_path,
+            state_dir=tmp_path,
         )
 
     return make

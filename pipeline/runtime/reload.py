@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,32 +73,12 @@ def needs_restart(old: PipelineConfig, new: PipelineConfig) -> list[str]:
 
 @dataclass
 class SinkSwap:
-    """Queued to one sink's queue: the drain task applies it between two batches."""
+    """One sink to replace: the new object, its routing, and the old spec's object to fall back on."""
 
+    index: int
     new: Sink
     channels: frozenset[str] | None
     fallback: Sink
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-    async def apply(self, slot: SinkSlot) -> None:
-        old = slot.sink
-        try:
-            await old.flush()
-            await old.close()
-        except Exception as exc:  # the old sink dead-letters what it cannot write; the swap still happens
-            log.warning("reload: %s: closing the old sink: %s", slot.stats.name, exc)
-        try:
-            await self.new.start()
-        except Exception as exc:
-            log.error("reload: %s: the new sink did not start (%s); restarting the previous one",
-                      slot.stats.name, exc)
-            await self.fallback.start()
-            slot.sink = self.fallback
-            self.done.set_result(None)
-            return
-        slot.sink = self.new
-        slot.channels = self.channels
-        self.done.set_result(None)
 
 
 class Reloader:
@@ -158,47 +138,69 @@ class Reloader:
             log.error("reload (%s) rejected, the running config stays: %s", why, exc)
             return False
         self._carry_rule_state(new)
-        self.rt.b.chain.processors = processors
-        order = {"source": 0, "controller": 1, "processor": 2, "sink": 3}
-        self.rt.b.stats[:] = sorted([s for s in self.rt.b.stats if s.kind != "processor"]
-                                    + [p.context.stats for p in processors], key=lambda s: order.get(s.kind, 4))
-        for i, swap in swaps:
-            await self.rt.queues[i].put(swap)  # type: ignore[arg-type]
-        timeout = self.rt.b.config.runtime.drain_timeout
-        for _, swap in swaps:
-            try:
-                await asyncio.wait_for(asyncio.shield(swap.done), timeout)
-            except TimeoutError:
-                log.warning("reload: a sink took longer than drain_timeout to be replaced; it will be when it can")
+        await self._swap(swaps, processors)
         self.current = _running_config(self.current, new, skipped)
         self.applied += 1
-        changed = [f"sinks[{i}]" for i, _ in swaps]
+        changed = [f"sinks[{sw.index}]" for sw in swaps]
         log.info("reload (%s) applied: %d processor(s)%s%s", why, len(processors),
                  f"; sinks re-created: {', '.join(changed)}" if changed else "",
                  f"; needs a restart, not applied: {', '.join(skipped)}" if skipped else "")
         return True
 
-    def _prepare(self, new: PipelineConfig) -> tuple[list[tuple[int, SinkSwap]], list[Processor]]:
-        """New processor objects and sink swaps; nothing running is touched yet."""
+    async def _swap(self, swaps: list[SinkSwap], processors: list[Processor]) -> None:
+        """Pause ingest between two batches, let each changed sink drain, replace it, swap processors, resume."""
+        rt = self.rt
+        rt.gate.clear()
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + rt.b.config.runtime.drain_timeout
+            for sw in swaps:
+                slot = rt.b.sinks[sw.index]
+                while rt.buffers[sw.index].pending_events or rt._writing[sw.index] is not None:
+                    if loop.time() > deadline:
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    await _replace(slot, sw)
+                    continue
+                log.warning("reload: %s did not drain within drain_timeout; it keeps its old options",
+                            slot.stats.name)
+            rt.b.chain.processors = processors
+            order = {"source": 0, "controller": 1, "processor": 2, "sink": 3}
+            rt.b.stats[:] = sorted([s for s in rt.b.stats if s.kind != "processor"]
+                                   + [p.context.stats for p in processors], key=lambda s: order.get(s.kind, 4))
+        finally:
+            rt.gate.set()
+
+    def _prepare(self, new: PipelineConfig) -> tuple[list[SinkSwap], list[Processor]]:
+        """Processors (unchanged ones kept as they are) and sink swaps; nothing running is touched yet."""
         b = self.rt.b
-        state: StateStore = b.source.context.state
+        state: StateStore = b.state
         stats = {s.name: s for s in b.stats}
+        running: dict[str, tuple[StageSpec, Processor]] = {
+            p.context.stage: (spec, p) for spec, p in zip(self.current.stages, b.chain.processors, strict=False)}
         processors: list[Processor] = []
         for spec in new.stages:
+            old_spec, old = running.get(spec.label) or (None, None)
+            if old is not None and _same(old_spec, spec):
+                processors.append(old)
+                continue
             p = self._make(spec, state, stats.get(spec.label) or StageStats(spec.label, spec.kind))
             assert isinstance(p, Processor)
+            if old is not None and hasattr(old, "fired") and hasattr(p, "fired"):
+                p.fired = old.fired  # the summary's "alerts fired" counts the whole run
             processors.append(p)
-        swaps: list[tuple[int, SinkSwap]] = []
+        swaps: list[SinkSwap] = []
         if len(new.sinks) == len(self.current.sinks):
-            for i, (old, spec) in enumerate(zip(self.current.sinks, new.sinks, strict=True)):
-                if _same(old, spec):
+            for i, (was, spec) in enumerate(zip(self.current.sinks, new.sinks, strict=True)):
+                if _same(was, spec):
                     continue
                 slot = b.sinks[i]
                 sink = self._make(spec, state, slot.stats)
-                fallback = self._make(old, state, slot.stats)
+                fallback = self._make(was, state, slot.stats)
                 assert isinstance(sink, Sink) and isinstance(fallback, Sink)
                 chans = getattr(spec.options, "channels", None)
-                swaps.append((i, SinkSwap(sink, channel_set(chans) if chans else None, fallback)))
+                swaps.append(SinkSwap(i, sink, channel_set(chans) if chans else None, fallback))
         return swaps, processors
 
     def _make(self, spec: StageSpec, state: StateStore, stats: StageStats) -> Any:
@@ -215,11 +217,30 @@ class Reloader:
         stale = {name for name, key in old_rules.items() if new_rules.get(name) != key}
         if not stale:
             return
-        state: StateStore = self.rt.b.source.context.state
+        state: StateStore = self.rt.b.state
         for mapping in RULE_STATE:
             m = state.get(mapping)
             for key in [k for k in m if str(k).partition("|")[0] in stale]:
                 del m[key]
+
+
+async def _replace(slot: SinkSlot, sw: SinkSwap) -> None:
+    """Flush and close the old sink, then start the new one (or, if it cannot start, the old spec again)."""
+    try:
+        await slot.sink.flush()
+        await slot.sink.close()
+    except Exception as exc:  # the old sink dead-letters what it cannot write; the swap still happens
+        log.warning("reload: %s: closing the old sink: %s", slot.stats.name, exc)
+    try:
+        await sw.new.start()
+    except Exception as exc:
+        log.error("reload: %s: the new sink did not start (%s); restarting it with its previous options",
+                  slot.stats.name, exc)
+        await sw.fallback.start()
+        slot.sink = sw.fallback
+        return
+    slot.sink = sw.new
+    slot.channels = sw.channels
 
 
 def _running_config(old: PipelineConfig, new: PipelineConfig, skipped: list[str]) -> PipelineConfig:
