@@ -66,6 +66,8 @@ def needs_restart(old: PipelineConfig, new: PipelineConfig) -> list[str]:
         out.append("runtime")
     if old.dead_letter != new.dead_letter:
         out.append("dead_letter")
+    if getattr(old, "state_dir", None) != getattr(new, "state_dir", None):
+        out.append("state_dir")
     if len(old.sinks) != len(new.sinks):
         out.append(f"the number of sinks ({len(old.sinks)} -> {len(new.sinks)})")
     return out
@@ -251,6 +253,8 @@ def _running_config(old: PipelineConfig, new: PipelineConfig, skipped: list[str]
     for part in ("source", "controller", "videodb", "runtime", "dead_letter"):
         if part in skipped:
             keep[part] = getattr(old, part)
+    if "state_dir" in skipped and hasattr(old, "state_dir_setting"):
+        keep["state_dir_setting"] = old.state_dir_setting
     if any(s.startswith("the number of sinks") for s in skipped):
         keep["sinks"] = old.sinks
     return dataclasses.replace(new, **keep)
