@@ -56,6 +56,7 @@ def interpolate(value: str, env: Mapping[str, str], where: str, missing: list[st
 class _Builder:
     def __init__(self, source: str, filename: str, env: Mapping[str, str], missing: list[str] | None = None) -> None:
         self.missing = missing
+        self.unset: list[str] = []
         self.loader = yaml.SafeLoader(source)
         self.filename = filename
         self.env = env
@@ -77,7 +78,10 @@ class _Builder:
             self.loader.dispose()
         if node is None:
             return None
-        return self.node(node, ())
+        data = self.node(node, ())
+        if self.unset:
+            raise ConfigError("\n".join(self.unset))
+        return data
 
     def node(self, node: yaml.Node, path: Path_) -> Any:
         self.positions.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
@@ -102,7 +106,11 @@ class _Builder:
         try:
             if isinstance(node, yaml.ScalarNode) and "$" in node.value and node.tag in (
                     "tag:yaml.org,2002:str", "!"):
-                value = interpolate(node.value, self.env, self.where(node), self.missing)
+                try:
+                    value = interpolate(node.value, self.env, self.where(node), self.missing)
+                except ConfigError as exc:  # every unset variable is reported, not just the first
+                    self.unset.append(str(exc))
+                    value = interpolate(node.value, self.env, self.where(node), [])
                 if node.style is None:  # plain scalar: let `${N:-4}` become an int
                     tag = self.loader.resolve(yaml.ScalarNode, value, (True, False))
                     node = yaml.ScalarNode(tag, value, node.start_mark, node.end_mark)
