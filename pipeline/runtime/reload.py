@@ -13,6 +13,7 @@ a restart: they are logged and not applied.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.api import Context, Processor, Sink, StateStore
 from pipeline.build import SinkSlot
 from pipeline.config import PipelineConfig, StageSpec, load_config
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError
 from pipeline.events import channel_set
 from pipeline.stats import StageStats
 
@@ -135,23 +136,30 @@ class Reloader:
         skipped = needs_restart(self.current, new)
         try:
             swaps, processors = self._prepare(new)
-        except (PipelineError, ValueError, TypeError) as exc:
+        except Exception as exc:  # a stage constructor refused its options: nothing was touched yet
             self.rejected += 1
             log.error("reload (%s) rejected, the running config stays: %s", why, exc)
             return False
         self._carry_rule_state(new)
-        await self._swap(swaps, processors)
+        kept = await self._swap(swaps, processors)
+        if kept:  # sinks that did not drain in time run on with their old options
+            new = dataclasses.replace(new, sinks=[self.current.sinks[i] if i in kept else s
+                                                  for i, s in enumerate(new.sinks)])
         self.current = _running_config(self.current, new, skipped)
         self.applied += 1
-        changed = [f"sinks[{sw.index}]" for sw in swaps]
+        changed = [f"sinks[{sw.index}]" for sw in swaps if sw.index not in kept]
         log.info("reload (%s) applied: %d processor(s)%s%s", why, len(processors),
                  f"; sinks re-created: {', '.join(changed)}" if changed else "",
                  f"; needs a restart, not applied: {', '.join(skipped)}" if skipped else "")
         return True
 
-    async def _swap(self, swaps: list[SinkSwap], processors: list[Processor]) -> None:
-        """Pause ingest between two batches, let each changed sink drain, replace it, swap processors, resume."""
+    async def _swap(self, swaps: list[SinkSwap], processors: list[Processor]) -> set[int]:
+        """Pause ingest between two batches, let each changed sink drain, replace it, swap processors, resume.
+
+        Returns the indices of sinks kept as they were (they did not drain within drain_timeout).
+        """
         rt = self.rt
+        kept: set[int] = set()
         rt.gate.clear()
         try:
             loop = asyncio.get_running_loop()
@@ -167,12 +175,14 @@ class Reloader:
                     continue
                 log.warning("reload: %s did not drain within drain_timeout; it keeps its old options",
                             slot.stats.name)
+                kept.add(sw.index)
             rt.b.chain.processors = processors
             order = {"source": 0, "controller": 1, "processor": 2, "sink": 3}
             rt.b.stats[:] = sorted([s for s in rt.b.stats if s.kind != "processor"]
                                    + [p.context.stats for p in processors], key=lambda s: order.get(s.kind, 4))
         finally:
             rt.gate.set()
+        return kept
 
     def _prepare(self, new: PipelineConfig) -> tuple[list[SinkSwap], list[Processor]]:
         """Processors (unchanged ones kept as they are) and sink swaps; nothing running is touched yet."""
@@ -247,8 +257,6 @@ async def _replace(slot: SinkSlot, sw: SinkSwap) -> None:
 
 def _running_config(old: PipelineConfig, new: PipelineConfig, skipped: list[str]) -> PipelineConfig:
     """The config now running: the new one, except the parts that need a restart."""
-    import dataclasses
-
     keep: dict[str, Any] = {}
     for part in ("source", "controller", "videodb", "runtime", "dead_letter"):
         if part in skipped:
