@@ -134,3 +134,70 @@ async def test_forwarder_delivers_distinct_alerts_and_reports_real_duplicates(ma
     assert sorted(r.json["alert"]["data"]["text"] for r in server.requests) == ["one", "two"]
     assert sink.report()["duplicates"] == 1
     assert "1 alert(s) not sent again" in caplog.text
+
+
+# -- 6. YAML that expands or nests without bound; tags on collections ---------------------------------
+
+LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8))
+MERGES = "m0: &m0 {k0: 1, k1: 2, k2: 3, k3: 4, k4: 5, k5: 6, k6: 7, k7: 8, k8: 9}\n" + "".join(
+    f"m{i + 1}: &m{i + 1} {{<<: [" + ",".join([f"*m{i}"] * 9) + f"], z{i}: 1}}\n" for i in range(9))
+DEEP_BLOCK = "x:\n" + "".join(" " * (2 * i) + f"k{i}:\n" for i in range(1, 1200)) + " " * 2400 + "v: 1\n"
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (LAUGHS, ":6:4: more than 100000 values once aliases and merge keys are expanded (an alias bomb?)"),
+    (MERGES, ":5:14: more than 100000 values once aliases and merge keys are expanded (an alias bomb?)"),
+    ("x: &r [*r]\n", ":1:4: an alias refers to a value that contains it"),
+    ("x: &r {y: *r}\n", ":1:4: an alias refers to a value that contains it"),
+    ("x: " + "[" * 20000 + "]" * 20000 + "\n", ":1: invalid YAML: nested too deeply (at most 64 levels)"),
+    ("x: " + "[" * 100 + "]" * 100 + "\n", ":1:67: nested more than 64 levels deep"),
+    (DEEP_BLOCK, ": invalid YAML: nested too deeply (at most 64 levels)"),
+    ("name: !!python/object:os.system {x: 1}\n", ":1:7: tag 'tag:yaml.org,2002:python/object:os.system' is "
+                                                 "not allowed (plain YAML only)"),
+], ids=["laughs", "merge-bomb", "recursive-list", "recursive-map", "deep-flow", "deep-100", "deep-block",
+        "python-object-mapping"])
+def test_hostile_yaml_is_one_line_exit_2(tmp_path: Path, body: str, expected: str) -> None:
+    """Before: 48 s and 3.9 GB then a MemoryError traceback; RecursionError tracebacks; a tag silently ignored."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(body)
+    started = time.monotonic()
+    res = cli("validate", str(cfg), cwd=tmp_path, timeout=60)
+    assert time.monotonic() - started < 20
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr == f"pipeline: {cfg}{expected}\n"
+
+
+# -- 13. a template whose width an event chooses ------------------------------------------------------
+
+@pytest.mark.parametrize(("template", "expected"), [
+    ("{text:>{data[w]}}", "a format spec cannot contain fields"),
+    ("{text:>400000000}", "widths and precisions are at most 1000"),
+])
+def test_template_format_spec_is_fixed_and_bounded(tmp_path: Path, template: str, expected: str) -> None:
+    """Before: `{text:>{data[w]}}` was accepted and a 120-byte event with w=400000000 made a 400 MB POST."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+name: t
+source: {{type: replay, path: in.jsonl}}
+sinks:
+  - {{type: alert_forwarder, url: "http://127.0.0.1:9/hook", format: template, template: "{template}"}}
+""")
+    res = cli("validate", str(cfg), cwd=tmp_path)
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert expected in res.stderr and f"{cfg}:5:" in res.stderr
+    assert AlertForwarderOptions(url="http://127.0.0.1:9/h", format="template", template="{text:>20.5}")
+
+
+def test_validate_hides_the_user_part_of_urls(tmp_path: Path) -> None:
+    """Before: `http://alice:***@host`: the user name was printed."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("""
+name: t
+source: {type: replay, path: in.jsonl}
+sinks: [{type: alert_forwarder, url: "http://alice:hunter22@127.0.0.1:9/hook"}]
+""")
+    res = cli("validate", str(cfg), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "alice" not in res.stdout and "hunter22" not in res.stdout
+    assert '"http://***@127.0.0.1:9' in res.stdout
