@@ -191,6 +191,7 @@ sinks:
 
 def test_validate_hides_the_user_part_of_urls(tmp_path: Path) -> None:
     """Before: `http://alice:***@host`: the user name was printed."""
+    (tmp_path / "in.jsonl").write_text("")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("""
 name: t
