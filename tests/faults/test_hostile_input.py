@@ -66,9 +66,11 @@ def test_edge_reason_limits_depth_and_ids() -> None:
     assert edge_reason(orjson.dumps(deep), deep) == f"nested deeper than {MAX_DEPTH} levels"
     assert edge_reason(orjson.dumps(deep).decode(), deep) == f"nested deeper than {MAX_DEPTH} levels"
     long_id = {"rtstream_id": "r" * (MAX_ID_CHARS + 1)}
-    assert "rtstream_id of 257 characters" in str(edge_reason(orjson.dumps(long_id), long_id))
+    assert f"rtstream_id of {MAX_ID_CHARS + 1} characters" in str(edge_reason(orjson.dumps(long_id), long_id))
+    name = {"rtstream_name": "n" * 600}
+    assert "rtstream_name of 600 characters" in str(edge_reason(orjson.dumps(name), name))
     listed = {"event": "capture_session.active", "capture_session_id": "c",
-              "data": {"rtstreams": [{"rtstream_id": "x" * 300}]}}
+              "data": {"rtstreams": [{"rtstream_id": "x" * 600}]}}
     assert "data.rtstreams[].rtstream_id" in str(edge_reason(orjson.dumps(listed), listed))
     odd = {"capture_session_id": ["x"] * 200}
     assert edge_reason(orjson.dumps(odd), odd) == "capture_session_id must be a string, not list"
