@@ -17,6 +17,9 @@ Batch = list[Event]
 
 LIFECYCLE: Final = "capture_session"
 LIFECYCLE_PREFIX: Final = "capture_session."
+#: Longest rtstream_id / capture_session_id / rtstream_name accepted at the edge (they key stage state).
+MAX_ID_CHARS: Final = 256
+_ID_KEYS: Final = ("rtstream_id", "capture_session_id", "rtstream_name")
 #: Channel names that mean the same thing; matching is done on the canonical one.
 ALIASES: Final = {"scene_index": "visual_index"}
 
@@ -27,6 +30,15 @@ def channel(event: Event) -> str:
     if ch is None:
         return LIFECYCLE if "event" in event else ""
     return ch if isinstance(ch, str) else str(ch)
+
+
+def oversized_id(event: Event) -> str | None:
+    """Why a source refuses `event` (an id over MAX_ID_CHARS characters), or None when it is fine."""
+    for key in _ID_KEYS:
+        v = event.get(key)
+        if v is not None and len(v if type(v) is str else str(v)) > MAX_ID_CHARS:
+            return f"{key} longer than {MAX_ID_CHARS} characters"
+    return None
 
 
 def canonical(name: str) -> str:

@@ -21,7 +21,7 @@ import orjson
 from pydantic import Field, field_validator
 
 from pipeline.api import Batch, Context, Options, Source
-from pipeline.events import Stamper
+from pipeline.events import MAX_ID_CHARS, Stamper, oversized_id
 from pipeline.kafka import Backoff, bootstrap_list, describe, quiet_aiokafka
 from pipeline.types import Duration
 
@@ -122,6 +122,9 @@ class KafkaSource(Source):
             return None
         if not isinstance(event, dict):
             self._reject(rec, f"JSON {type(event).__name__}, not an object")
+            return None
+        if len(rec.value) > MAX_ID_CHARS and (bad := oversized_id(event)) is not None:
+            self._reject(rec, bad)
             return None
         return event
 

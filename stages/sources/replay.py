@@ -20,7 +20,7 @@ from pydantic import Field
 
 from pipeline.api import Batch, Context, Options, Source
 from pipeline.errors import StageError
-from pipeline.events import Stamper
+from pipeline.events import MAX_ID_CHARS, Stamper, oversized_id
 
 
 class ReplayOptions(Options):
@@ -61,8 +61,9 @@ class ReplaySource(Source):
             events: Batch = [loads(raw) for raw in lines]
         except orjson.JSONDecodeError:
             events = self._parse_each(lines, first)
-        for event in events:
-            if type(event) is not dict:  # a JSON value that is not an object: sort the chunk out line by line
+        for raw, event in zip(lines, events, strict=False):  # misaligned only after _parse_each: all valid then
+            if type(event) is not dict or (len(raw) > MAX_ID_CHARS and oversized_id(event) is not None):
+                # a JSON value that is not an object, or an overlong id: sort the chunk out line by line
                 events = self._parse_each(lines, first)
                 for e in events:
                     if "unix_ts" not in e:
@@ -85,6 +86,9 @@ class ReplaySource(Source):
                 continue
             if not isinstance(event, dict):
                 self._reject(lineno, f"JSON {type(event).__name__}, not an object", raw)
+                continue
+            if (bad := oversized_id(event)) is not None:
+                self._reject(lineno, bad, raw)
                 continue
             out.append(event)
         return out

@@ -22,7 +22,7 @@ from pydantic import Field
 from pipeline.api import Batch, Context, Options, Source
 from pipeline.backoff import Backoff
 from pipeline.errors import StageError
-from pipeline.events import Stamper
+from pipeline.events import MAX_ID_CHARS, Stamper, oversized_id
 from pipeline.types import Duration
 
 log = logging.getLogger("pipeline.source.websocket")
@@ -97,6 +97,9 @@ class WebSocketSource(Source):
             return
         if not isinstance(event, dict):
             self._reject(f"JSON {type(event).__name__}, not an object", frame)
+            return
+        if size > MAX_ID_CHARS and (bad := oversized_id(event)) is not None:
+            self._reject(bad, frame[:1024])
             return
         self._pending.append(self._stamp(event))
         if len(self._pending) == 1:
