@@ -146,3 +146,20 @@ def test_state_dir_key_is_validated(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text(base + "state_dir: [1]\n")
     with pytest.raises(ConfigError, match=r"c.yaml:4:\d+: state_dir: expected a directory path"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_a_state_dir_in_use_by_another_run_is_refused(tmp_path: Path) -> None:
+    from pipeline.state import prepare, release
+
+    code = ("import sys, time; from pathlib import Path; from pipeline.state import prepare; "
+            "prepare(Path(sys.argv[1])); print('ok', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "st")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ok\n"
+        with pytest.raises(StageError, match=rf"state_dir is in use by another pipeline run \(pid {holder.pid}\)"):
+            prepare(tmp_path / "st")
+    finally:
+        holder.kill()
+        holder.wait()
+    prepare(tmp_path / "st")  # the kernel dropped the dead holder's lock (kill -9)
+    release(tmp_path / "st")
