@@ -167,6 +167,7 @@ class Worker:
     async def start_sinks(self) -> None:
         if not self._started:
             self._started = True
+            self.built.dead_letter.check()
             for slot in self.built.sinks:
                 await slot.sink.start()
 
@@ -232,7 +233,13 @@ class Worker:
         if self._closed:
             return
         self._closed = True
+        held = self.built.chain.flush() if self.error is None else []  # open windows close at shutdown
         for slot in self.built.sinks:
+            if held:
+                try:
+                    await self._write(slot, held)
+                except Exception as exc:  # _write dead-lettered what it could not write
+                    log.warning("%s: writing flushed windows failed: %s", slot.stats.name, exc)
             try:
                 await slot.sink.close()
             except Exception as exc:

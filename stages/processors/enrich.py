@@ -2,7 +2,8 @@
 
 `capture_session.active` lists the session's rtstreams; from then on every
 event of those rtstreams gets `capture_session_id`, `rtstream_name` and
-`media_types`. Index texts that are JSON objects are parsed into `data.json`.
+`media_types`. Index texts that are JSON objects are parsed into `data.json`
+(unless nested so deep that the event would pass the sources' depth limit).
 
 The rtstream map lives in `context.state` (saved in `state_dir`, so a restart
 keeps the names) and is evicted by event time: an rtstream not seen for
@@ -18,7 +19,7 @@ import orjson
 from pydantic import Field
 
 from pipeline.api import Batch, Context, Options, Processor
-from pipeline.events import canonical, event_time_ms, lifecycle_status
+from pipeline.events import MAX_DEPTH, canonical, deeper_than, event_time_ms, lifecycle_status
 from pipeline.types import Duration
 from stages.processors.eviction import Eviction
 
@@ -114,8 +115,8 @@ class Enrich(Processor):
                             parsed = loads(text)
                         except decode_error:
                             parsed = None
-                        if isinstance(parsed, dict):
-                            data["json"] = parsed
+                        if isinstance(parsed, dict) and not deeper_than(text, parsed, MAX_DEPTH - 2):
+                            data["json"] = parsed  # (2 levels below the event: the edge's depth limit holds)
         if self._evict.due(streams):
             self._evict.sweep(streams, _seen)
         return batch

@@ -21,7 +21,7 @@ import orjson
 from pydantic import Field, field_validator
 
 from pipeline.api import Batch, Context, Options, Source
-from pipeline.events import MAX_ID_CHARS, Stamper, oversized_id
+from pipeline.events import Stamper, edge_reason
 from pipeline.kafka import Backoff, bootstrap_list, describe, quiet_aiokafka
 from pipeline.types import Duration
 
@@ -123,8 +123,9 @@ class KafkaSource(Source):
         if not isinstance(event, dict):
             self._reject(rec, f"JSON {type(event).__name__}, not an object")
             return None
-        if len(rec.value) > MAX_ID_CHARS and (bad := oversized_id(event)) is not None:
-            self._reject(rec, bad)
+        reason = edge_reason(rec.value, event)
+        if reason is not None:
+            self._reject(rec, reason)
             return None
         return event
 

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from pipeline.api import Batch, Context
 from pipeline.errors import StageError
-from pipeline.files import ensure_private_dir, write_private_text
+from pipeline.files import check_writable, ensure_private_dir, write_private_text
 from pipeline.types import Secret
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
 from stages.sources.websocket import ReaderOptions, WebSocketSource
@@ -67,6 +67,7 @@ class VideoDBSource(WebSocketSource):
         if self.state_dir is not None:
             ensure_private_dir(self.state_dir)
             write_private_text(self.state_dir / PID_FILE, str(os.getpid()))
+            check_writable(self.state_dir / WS_ID_FILE)  # a symlink there fails once now, not every reconnect
         self._conn = await asyncio.to_thread(connect, self.settings, self.context.stage)
         try:
             self._first = await self._sdk("connect_websocket", self._conn.connect_websocket,
