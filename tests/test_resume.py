@@ -25,7 +25,7 @@ RULE = {"name": "user-on-screen", "channels": ["visual_index"], "keywords": ["us
 
 @pytest.fixture
 async def emu() -> AsyncIterator[Emulator]:
-    e = Emulator(speed=6, api_key=API_KEY)  # the 76 s scenario plays in ~13 s: time to kill and restart
+    e = Emulator(speed=8, api_key=API_KEY)  # the 76 s scenario plays in ~10 s: time to kill and restart
     await e.start()
     yield e
     await e.stop()
