@@ -5,7 +5,8 @@ errors) and a constructor `(options, context)`. Four kinds:
 
 - `Source`: yields batches of events (`batches()`), stops when asked (`stop()`).
 - `Processor`: `process(batch) -> batch`, synchronous, the hot path. Returning
-  fewer events filters; returning more (e.g. alerts) adds.
+  fewer events filters; returning more (e.g. alerts) adds. Optional `flush()`
+  returns what it still holds (open windows) once, when the run ends.
 - `Sink`: `start()`, `write(batch)` returns once the batch is durable or
   accepted, `close()` flushes everything.
 - `Controller`: drives the capture session beside the stream; sees every batch.
@@ -61,7 +62,10 @@ class SinkOptions(Options):
 class StateStore:
     """Named mutable mappings for state that must survive restarts (cooldowns, windows).
 
-    Local runtime: plain dicts. Faust runtime: tables.
+    This base keeps plain dicts in memory (tests, `build()` without a store). The
+    local runtime uses `pipeline.state.store.SqliteStateStore` (dicts saved to
+    `state_dir` after each batch that changed them); the faust runtime, tables.
+    Persisted values must be JSON-serialisable and changed by assignment.
     """
 
     def __init__(self) -> None:
@@ -69,6 +73,17 @@ class StateStore:
 
     def get(self, name: str) -> MutableMapping[str, Any]:
         return self._maps.setdefault(name, {})
+
+    @property
+    def dirty(self) -> bool:
+        """True when `flush()` has something to save."""
+        return False
+
+    def flush(self) -> None:
+        """Save what changed since the last flush (the runtime calls this after a batch)."""
+
+    def close(self) -> None:
+        """Flush and release the backing store."""
 
 
 @dataclass
@@ -82,6 +97,7 @@ class Context:
     stats: StageStats
     state: StateStore = field(default_factory=StateStore)
     out_dir: Path = field(default_factory=lambda: Path("out"))
+    state_dir: Path = field(default_factory=lambda: Path("out"))  # the pipeline's state_dir (see pipeline.state)
     settings: dict[str, Any] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("pipeline"))
 
@@ -105,6 +121,17 @@ class Processor(Stage):
 
     def process(self, batch: Batch) -> Batch:
         raise NotImplementedError
+
+    def flush(self) -> Batch:
+        """Called once when the run ends (source exhausted, exit_on, signal): events still held back.
+
+        They go through the processors after this one, then to the sinks. Default: nothing.
+        """
+        return []
+
+    def report(self) -> dict[str, int]:
+        """Extra counters for the exit summary (e.g. late events)."""
+        return {}
 
 
 class Sink(Stage):
@@ -137,6 +164,8 @@ class Source(Stage):
     """Produces batches of stamped events until exhausted or stopped."""
 
     kind = "source"
+    #: False for sources that start from the beginning on every run (replay): no saved state is restored.
+    resumes: ClassVar[bool] = True
 
     def batches(self) -> AsyncIterator[Batch]:
         raise NotImplementedError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, SecretStr
+from pydantic import BeforeValidator, SecretStr, WithJsonSchema
 
 from pipeline import secrets
 
@@ -66,10 +66,13 @@ def _secret(value: Any) -> Any:
     return value
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema({
+    "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": _DURATION.pattern}],
+    "description": "a duration: 30s, 5m, 1.5h, 250ms or seconds"})]
 """Seconds, written in config as `30s`, `5m`, `1h`, `250ms` or a plain number."""
 
-Rate = Annotated[tuple[float, float], BeforeValidator(parse_rate)]
+Rate = Annotated[tuple[float, float], BeforeValidator(parse_rate), WithJsonSchema({
+    "type": "string", "pattern": _RATE.pattern, "description": "a rate: 10/min, 5/s, 100/1h"})]
 """(count, per seconds), written as `10/min`."""
 
 ByteSize = Annotated[int, BeforeValidator(parse_bytes)]

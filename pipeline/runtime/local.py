@@ -104,6 +104,7 @@ class LocalRuntime:
         st = b.source.context.stats
         ctrl = b.controller
         chain = b.chain
+        state = b.state
         source = b.source
         targets = list(zip(b.sinks, self.buffers, strict=True))
         index = 0
@@ -116,18 +117,31 @@ class LocalRuntime:
             if ctrl is not None:
                 ctrl.observe(batch)
             out = chain(batch)
+            if state.dirty:  # rule/enrich state is saved before its alerts can reach a sink
+                state.flush()
             st.sent += n
-            for slot, buf in targets:
-                slot.stats.received += len(out)
-                routed = slot.route(out)
-                if routed:
-                    await buf.put(index, routed, int(per_event * len(routed)) + 1)
-                else:
-                    buf.skip(index)
+            await self._fan_out(targets, index, out, per_event)
             index += 1
             # Let the sinks take this batch now rather than after `queue_size` more: the events are
             # still in the CPU cache, and fewer batches alive means less memory churn (~20% faster).
             await asyncio.sleep(0)
+        held = chain.flush()  # the source ended (exhausted, exit_on, signal): open windows close now
+        if held:
+            if state.dirty:
+                state.flush()
+            await self._fan_out(targets, index, held, estimate_bytes(held) / len(held))
+
+    @staticmethod
+    async def _fan_out(targets: list[tuple[SinkSlot, SinkBuffer]], index: int, out: Batch,
+                       per_event: float) -> None:
+        """Hand batch `index` to every sink's buffer (routed by channel); a full buffer waits or spills."""
+        for slot, buf in targets:
+            slot.stats.received += len(out)
+            routed = slot.route(out)
+            if routed:
+                await buf.put(index, routed, int(per_event * len(routed)) + 1)
+            else:
+                buf.skip(index)
 
     async def _drain(self, i: int, slot: SinkSlot) -> None:
         """Feed one sink. If it fails, the run stops and what it cannot write is dead-lettered
@@ -214,6 +228,7 @@ class LocalRuntime:
         started: list[SinkSlot] = []
         helpers: list[asyncio.Task[Any]] = []
         try:
+            b.dead_letter.check()  # unwritable: fail now, not at the first reject (which would cost its batch)
             self._open_spools()
             for slot in b.sinks:
                 await slot.sink.start()
@@ -318,6 +333,7 @@ class LocalRuntime:
             except Exception as exc:
                 log.warning("controller: close failed: %s", exc)
         self.b.dead_letter.close()
+        self.b.state.close()
 
     async def _close_sink(self, slot: SinkSlot) -> None:
         limit = float(getattr(slot.sink.options, "shutdown_timeout", DEFAULT_CLOSE_TIMEOUT)) + CLOSE_GRACE
@@ -329,6 +345,7 @@ class LocalRuntime:
     def summary(self) -> str:
         b = self.b
         sinks = {slot.stats.name: slot.sink for slot in b.sinks}
+        procs = {p.context.stats.name: p for p in b.chain.processors}
         lines = [f"summary: pipeline {b.config.name!r} ran {time.monotonic() - self.started:.1f}s"]
         for st in b.stats:
             if st.kind == "source":
@@ -336,13 +353,17 @@ class LocalRuntime:
             elif st.kind == "processor":
                 lines.append(f"  {st.name:<28} in {st.received:>11}   out {st.sent:>9}"
                              f"   dropped {max(0, st.received - st.sent)}"
-                             + (f"   errors {st.errors}" if st.errors else ""))
+                             + (f"   errors {st.errors}" if st.errors else "")
+                             + "".join(f"   {k} {v}" for k, v in procs[st.name].report().items()))
             elif st.kind == "sink":
-                extra = "".join(f"   {k} {v}" for k, v in sinks[st.name].report().items())
+                report = dict(sinks[st.name].report())
+                written = report.pop("written", st.sent)  # a sink may count what it really wrote (console)
+                extra = "".join(f"   {k} {v}" for k, v in report.items())
                 extra += self._buffer_report(st.name)
-                lines.append(f"  {st.name:<28} written {st.sent:>6}" + (f"   failed {st.errors}" if st.errors else "")
+                lines.append(f"  {st.name:<28} written {written:>6}" + (f"   failed {st.errors}" if st.errors else "")
                              + extra)
-        lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
+        if any(hasattr(p, "fired") for p in b.chain.processors):
+            lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
         lines.append(f"  dead-lettered: {b.dead_letter.count}" +
                      (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))
         if b.session.exit_reason:

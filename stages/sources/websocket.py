@@ -22,12 +22,23 @@ from pydantic import Field
 from pipeline.api import Batch, Context, Options, Source
 from pipeline.backoff import Backoff
 from pipeline.errors import StageError
-from pipeline.events import Stamper
+from pipeline.events import Stamper, edge_reason
 from pipeline.types import Duration
 
 log = logging.getLogger("pipeline.source.websocket")
 STABLE_AFTER = 10.0  # seconds a connection must last before a drop reconnects without backoff
 PENDING_BYTES = 32 << 20  # raw frame bytes read ahead of the pipeline before the reader waits
+
+
+async def raw_frames(ws: Any) -> AsyncIterator[bytes]:
+    """Every message as bytes, text frames undecoded: invalid UTF-8 is then dead-lettered, not a close (1007)."""
+    import websockets
+
+    while True:
+        try:
+            yield await ws.recv(decode=False)
+        except websockets.ConnectionClosedOK:
+            return
 
 
 class ReaderOptions(Options):
@@ -71,7 +82,7 @@ class WebSocketSource(Source):
         import websockets
 
         ws = await websockets.connect(self.options.url, max_size=None, close_timeout=1)
-        first = await ws.recv()
+        first = await ws.recv(decode=False)
         conn_id = None
         try:
             msg = orjson.loads(first)
@@ -100,6 +111,10 @@ class WebSocketSource(Source):
             return
         if not isinstance(event, dict):
             self._reject(f"JSON {type(event).__name__}, not an object", frame)
+            return
+        reason = edge_reason(frame, event)
+        if reason is not None:
+            self._reject(reason, frame)
             return
         self._pending.append(self._stamp(event))
         self._pending_bytes += size
@@ -137,7 +152,7 @@ class WebSocketSource(Source):
                     await self.context.session.announce_connection(conn_id)
                 reason = "closed by the server"
                 try:
-                    async for frame in self._ws:
+                    async for frame in raw_frames(self._ws):
                         self._accept(frame)
                         if len(self._pending) >= self._limit or self._pending_bytes >= PENDING_BYTES:
                             self._room.clear()

@@ -73,7 +73,7 @@ class AlertForwarderOptions(SinkOptions):
     """Encoded bytes of alerts queued or in flight per destination before `write` waits."""
     shutdown_timeout: Duration = 30.0
     """On close, time allowed to deliver what is queued; the rest is dead-lettered."""
-    ca_file: str | None = None
+    ca_file: str | None = Field(default=None, json_schema_extra={"path": "input"})
     """Extra CA bundle (PEM) for a private HTTPS endpoint; verification always stays on."""
     dedupe_keys: int = Field(100_000, ge=1)
     """Idempotency keys remembered to drop duplicates within the run."""
