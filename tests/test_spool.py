@@ -156,3 +156,30 @@ async def test_disk_buffer_spills_without_blocking_and_serves_in_order(tmp_path:
         buf.taken(item)
     assert got == list(range(200)) and buf.spooled_bytes == 0
     buf.close()
+
+
+async def test_full_disk_buffer_blocks_or_dead_letters(tmp_path: Path) -> None:
+    """max_bytes bounds the spool: `block` makes put wait until the sink acknowledges; `dead_letter` rejects."""
+    rejected: list[int] = []
+    dl = DiskBuffer(BufferOptions(type="disk", max_bytes=2000, when_full="dead_letter"), tmp_path / "dl", 4,
+                    lambda b, why: rejected.extend(e["id"] for e in b), lambda d: None)
+    dl.open()
+    for i in range(10):
+        await dl.put(i, [{"id": i, "pad": "z" * 400}], 420)
+        assert dl.spooled_bytes <= 2000
+    assert rejected == list(range(4, 10)) and dl.safe_upto == 9
+    dl.close()
+
+    blk = DiskBuffer(BufferOptions(type="disk", max_bytes=2000), tmp_path / "blk", 4, lambda b, why: None,
+                     lambda d: None)
+    blk.open()
+    for i in range(4):
+        await blk.put(i, [{"id": i, "pad": "z" * 400}], 420)
+    waiting = asyncio.create_task(blk.put(4, [{"id": 4, "pad": "z" * 400}], 420))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    item = await blk.get()
+    assert item is not None
+    blk.taken(item)
+    await asyncio.wait_for(waiting, 1)
+    blk.close()
