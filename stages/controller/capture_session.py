@@ -4,8 +4,9 @@ Once the source has a WebSocket connection id: create the session bound to it,
 generate a client token for the desktop client and save both to
 `<state_dir>/capture_session.json` (0600). Then follow the lifecycle events:
 on `active` start what `on_active` asks on the session's rtstreams, re-bind
-them after every reconnect, and end the pipeline on `exit_on` (exit 0) or on
-`failed` (exit 3). The SDK is synchronous, so every call runs in a thread and
+them after every reconnect and backfill the gap (`rebind_then_backfill`), and
+end the pipeline on `exit_on` (exit 0, once what was produced before it is in)
+or on `failed` (exit 3). The SDK is synchronous, so every call runs in a thread and
 `observe()` only schedules work.
 """
 
@@ -31,11 +32,13 @@ from pipeline.types import Duration
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
 from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
 from stages.controller.lifecycle import STATES, Lifecycle
+from stages.sources import backfill
 
 log = logging.getLogger("pipeline.controller.capture_session")
 
 STATE_FILE = "capture_session.json"
 _EXIT_STATES = ("stopped", "exported")
+SETTLE_TIMEOUT = 60.0  # longest an exit waits for a re-bind/backfill still under way
 
 
 class CaptureSessionOptions(Options):
@@ -180,11 +183,12 @@ class CaptureSessionController(Controller):
         if status == "active":
             rts = data.get("rtstreams")
             if rts:
-                self._spawn(self._bind(streams_from_event(self._conn, rts, self.settings.collection_id)))
+                self._spawn(self.rebind_then_backfill(streams_from_event(self._conn, rts,
+                                                                         self.settings.collection_id)))
             elif session is not None and getattr(session, "rtstreams", None):
-                self._spawn(self._bind(streams_from_session(session)))
+                self._spawn(self.rebind_then_backfill(streams_from_session(session)))
             else:
-                self._spawn(self._bind(None))
+                self._spawn(self.rebind_then_backfill(None))
         elif status == "exported":
             self.record.update({k: data[k] for k in ("exported_video_id", "stream_url", "player_url") if data.get(k)})
         if self.record:
@@ -193,7 +197,7 @@ class CaptureSessionController(Controller):
             self.context.session.request_exit(3, f"capture session failed: {_error_text(error)}")
         elif (self.options.exit_on in _EXIT_STATES and status in _EXIT_STATES
               and STATES.index(status) >= STATES.index(self.options.exit_on)):
-            self.context.session.request_exit(0, f"capture session {status}")
+            self._spawn(self._exit_settled(status, polled=session is not None))
         if self.lifecycle.done and self._poll is not None:
             self._poll.cancel()
 
@@ -205,27 +209,69 @@ class CaptureSessionController(Controller):
 
     # --- AI pipelines and reconnects -------------------------------------------------------------
 
-    async def _bind(self, streams: list[Any] | None) -> None:
-        """Bind all AI pipelines to the current connection id (again, if it changed meanwhile)."""
+    async def rebind_then_backfill(self, streams: list[Any] | None, *, backfill_gap: bool | None = None) -> None:
+        """The re-bind hook: bind every AI pipeline to the current connection, then backfill since last seen.
+
+        `backfill_gap`: None = backfill when this was a re-bind (the pipelines had been bound
+        before); True = always (after a restart, or before ending on a polled status).
+        """
         assert self.pipelines is not None
         async with self._bind_lock:
-            if streams is None:
-                try:
-                    session = await self._sdk("get_capture_session", self._conn.get_capture_session,
-                                              self.session_id, self.settings.collection_id)
-                except VideoDBCallError as exc:
-                    log.error("%s", exc)
-                    return
-                streams = streams_from_session(session)
-            self.pipelines.streams = streams
-            while (conn_id := self.context.session.connection_id) != self.pipelines.bound_to and conn_id:
-                before = self.pipelines.errors
-                await self.pipelines.bind(conn_id)
-                self.context.stats.errors += self.pipelines.errors - before
-            bound = self.pipelines.bound_to
-            if bound and bound != self.record.get("ws_connection_id"):
-                self.record["ws_connection_id"] = bound  # capture_session.json names the live connection
-                self._save()
+            before = self.pipelines.bound_to
+            if not await self._bind(streams):
+                return
+            if backfill_gap or (backfill_gap is None and before is not None and before != self.pipelines.bound_to):
+                await self._backfill()
+
+    async def _bind(self, streams: list[Any] | None) -> bool:
+        """Bind all AI pipelines to the current connection id (again, if it changed meanwhile); False if no streams."""
+        assert self.pipelines is not None
+        if streams is None:
+            try:
+                session = await self._sdk("get_capture_session", self._conn.get_capture_session,
+                                          self.session_id, self.settings.collection_id)
+            except VideoDBCallError as exc:
+                log.error("%s", exc)
+                return False
+            streams = streams_from_session(session)
+        self.pipelines.streams = streams
+        while (conn_id := self.context.session.connection_id) != self.pipelines.bound_to and conn_id:
+            before = self.pipelines.errors
+            await self.pipelines.bind(conn_id)
+            self.context.stats.errors += self.pipelines.errors - before
+        bound = self.pipelines.bound_to
+        if bound and bound != self.record.get("ws_connection_id"):
+            self.record["ws_connection_id"] = bound  # capture_session.json names the live connection
+            self._save()
+        return True
+
+    async def _backfill(self) -> None:
+        """Queue on the source what VideoDB produced since the last event seen per rtstream and channel."""
+        inlet, pipelines = self.context.session.inlet, self.pipelines
+        if inlet is None or pipelines is None or pipelines.bound_to is None:
+            return  # the source does not take backfilled events (`backfill: false`, or not videodb)
+        t0 = time.monotonic()
+        got, ok = await backfill.run(pipelines.backfill_targets(), inlet, self.who, self.settings.api_key)
+        if ok:
+            pipelines.retired.clear()
+        per = ", ".join(f"{ch} {n}" for ch, n in sorted(got.items())) or "nothing missing"
+        log.info("%s: backfill after re-bind to %s: %s (%.2fs)", self.who, pipelines.bound_to, per,
+                 time.monotonic() - t0)
+
+    async def _exit_settled(self, status: str, *, polled: bool) -> None:
+        """End the run on `status` once what was produced before it is in.
+
+        A re-bind or backfill under way finishes first; a status learnt from polling (its
+        event went to a dropped connection, and maybe events before it too) backfills first.
+        """
+        try:
+            async with asyncio.timeout(SETTLE_TIMEOUT):
+                async with self._bind_lock:
+                    if polled:
+                        await self._backfill()
+        except TimeoutError:
+            log.warning("%s: re-bind/backfill still running after %gs; ending anyway", self.who, SETTLE_TIMEOUT)
+        self.context.session.request_exit(0, f"capture session {status}")
 
     async def _on_connection(self, conn_id: str) -> None:
         """SessionLink listener: the source reconnected with a new connection id."""
@@ -236,7 +282,7 @@ class CaptureSessionController(Controller):
         if self.lifecycle.done:
             return
         if self.pipelines is not None and self.pipelines.bound_to is not None:
-            self._spawn(self._bind(self.pipelines.streams))
+            self._spawn(self.rebind_then_backfill(self.pipelines.streams))
         self._start_poll()
 
     def _start_poll(self) -> None:
@@ -256,9 +302,10 @@ class CaptureSessionController(Controller):
             status = getattr(session, "status", None)
             if not status or not self.lifecycle.behind(status):
                 continue
-            if status in ("stopped", "exported", "failed") and self._poll_seen != status:
+            if status in ("stopped", "exported", "failed") and self._poll_seen != status \
+                    and (status == "failed" or self.context.session.inlet is None):
                 self._poll_seen = status  # give the WebSocket event one interval to arrive first
-                continue
+                continue  # (with backfill, ending on a polled status backfills first: no need to wait)
             self._transition(status, session=session, error="reported by get_capture_session")
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

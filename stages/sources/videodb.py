@@ -7,6 +7,11 @@ its reason instead of becoming `{"raw": ...}`. Reconnect, batching, stamping
 and dead-lettering come from the `websocket` source; each (re)connect
 announces the new connection id on `context.session` so the controller can
 re-bind the session's AI pipelines to it.
+
+With `backfill: true` (default) the source also owns the `Inlet` the
+controller fills after each re-bind with what VideoDB produced during the gap
+(stages/sources/backfill.py); those events are yielded as ordinary batches,
+each marked `"backfill": true`, deduplicated against what arrived live.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pipeline.errors import StageError
 from pipeline.files import ensure_private_dir, write_private_text
 from pipeline.types import Secret
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
+from stages.sources.backfill import Inlet
 from stages.sources.websocket import ReaderOptions, WebSocketSource
 
 log = logging.getLogger("pipeline.source.videodb")
@@ -38,6 +44,8 @@ class VideoDBSourceOptions(ReaderOptions):
     base_url: str | None = Field(default=None, description="overrides videodb.base_url")
     collection_id: str | None = Field(default=None, description="overrides videodb.collection_id")
     state_dir: str | None = Field(default=None, description="write videodb_ws_id / videodb_ws_pid here")
+    backfill: bool = Field(default=True, description="after a reconnect, fetch what VideoDB produced during "
+                                                     "the gap (needs the capture_session controller)")
 
 
 class VideoDBSource(WebSocketSource):
@@ -54,6 +62,9 @@ class VideoDBSource(WebSocketSource):
         self.state_dir = Path(options.state_dir).expanduser() if options.state_dir else None
         self._conn: Any = None
         self._first: Any = None  # the preflight's result (WebSocketConnection or retryable error), for open()
+        if options.backfill:
+            self._inlet = Inlet(self._ready.set, context.session.gaps.backfilled, chunk=options.batch_max)
+            context.session.inlet = self._inlet
 
     def describe(self) -> str:
         return f"videodb {self.settings.base_url or 'api.videodb.io'} collection {self.settings.collection_id}"
