@@ -41,6 +41,7 @@ _LISTS: Final = ("segments", "transcription", "transcripts", "scene_index_record
                  "results", "data")
 
 Key = tuple[str, str]  # (rtstream_id, channel)
+_NUMBER: Final = (int, float)
 
 
 def _channel(ch: str) -> str:
@@ -71,51 +72,55 @@ class Inlet:
 
     # --- source side ----------------------------------------------------------------------------
     def admit(self, batch: list[Event]) -> list[Event]:
-        """Remember what passes; drop a backfilled event seen before, or a live one backfilled before."""
+        """Remember what passes; drop a backfilled event seen before, or a live one backfilled before.
+
+        Runs on every batch the source yields: one pass, no calls per event on the common path.
+        """
         out = batch
+        seen_by_key = self._seen
         for i, event in enumerate(batch):
             ch = event.get("channel")
-            if ch not in TRACKED:
+            data = event.get("data")
+            if ch not in TRACKED or type(data) is not dict:
                 if out is not batch:
                     out.append(event)
                 continue
-            fresh = self._remember(event, ch)
-            if fresh and out is not batch:
+            rid = event.get("rtstream_id")
+            key = (rid if type(rid) is str else str(rid or ""), "visual_index" if ch == "scene_index" else ch)
+            seen = seen_by_key.get(key)
+            if seen is None:
+                seen = self._new_channel(key)
+            start: Any = data.get("start")
+            k = (start, data.get("text"))
+            hashable = True
+            try:
+                before = seen.keys.get(k)
+            except TypeError:  # an unhashable start/text: not ours to dedupe
+                before, hashable = None, False
+            by_backfill = event.get("backfill") is True
+            if before is not None and (by_backfill or before):
+                self.duplicates += 1
+                if out is batch:
+                    out = batch[:i]
+                continue
+            if out is not batch:
                 out.append(event)
-            elif not fresh and out is batch:
-                out = batch[:i]
+            if before is None and hashable:
+                seen.keys[k] = by_backfill
+                seen.order.append(k)
+                if len(seen.order) > KEEP_KEYS:
+                    del seen.keys[seen.order.popleft()]
+            if type(start) in _NUMBER and (seen.last is None or start > seen.last):
+                seen.last = int(start)
+            if by_backfill:
+                self.backfilled[key[1]] += 1
         return out
 
-    def _remember(self, event: Event, ch: str) -> bool:
-        data = event.get("data")
-        if not isinstance(data, dict):
-            return True
-        key = (str(event.get("rtstream_id") or ""), _channel(ch))
-        seen = self._seen.get(key)
-        if seen is None:
-            if len(self._seen) >= MAX_CHANNELS:
-                return True
-            seen = self._seen[key] = _Seen()
-        start = data.get("start")
-        k = (start, data.get("text"))
-        try:
-            before = seen.keys.get(k)
-        except TypeError:  # an unhashable start/text: not ours to dedupe
-            return True
-        by_backfill = event.get("backfill") is True
-        if before is not None and (by_backfill or before):
-            self.duplicates += 1
-            return False
-        if before is None:
-            seen.keys[k] = by_backfill
-            seen.order.append(k)
-            if len(seen.order) > KEEP_KEYS:
-                seen.keys.pop(seen.order.popleft(), None)
-        if isinstance(start, int | float) and not isinstance(start, bool) and (seen.last is None or start > seen.last):
-            seen.last = int(start)
-        if by_backfill:
-            self.backfilled[key[1]] += 1
-        return True
+    def _new_channel(self, key: Key) -> _Seen:
+        seen = _Seen()
+        if len(self._seen) < MAX_CHANNELS:  # beyond: tracked for this batch only, then forgotten
+            self._seen[key] = seen
+        return seen
 
     def mark_gap(self, pending: Iterable[Event] = ()) -> None:
         """The connection dropped: remember, per channel, the last event time before the gap.
