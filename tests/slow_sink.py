@@ -20,6 +20,11 @@ class SlowSink(Sink):
     name = "slow"
     Options = SlowOptions
 
+    async def start(self) -> None:
+        # tests wait for this file instead of sleeping a fixed time (signal handlers are installed before sinks start)
+        with open(self.options.path + ".started", "w"):
+            pass
+
     async def write(self, batch: Batch) -> None:
         await asyncio.sleep(self.options.delay)
         with open(self.options.path, "a") as fh:

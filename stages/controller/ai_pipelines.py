@@ -167,11 +167,29 @@ class AIPipelines:
     def backfill_targets(self) -> list[Target]:
         """Every rtstream and channel with an AI pipeline, and the SDK object that reads it back."""
         names = {str(s.rts.id): s.name for s in self.streams}
+        kinds = {str(s.rts.id): s.kind for s in self.streams}
         out = [Target(str(s.rts.id), s.name, "transcript", s.rts)
                for s in self.streams if s.kind == "audio" and self.spec.transcript]
         current = [(k, i) for k, idx in self._indexes.items() for i in idx]
         for kind, index in current + self.retired:
             rid = str(index.rtstream_id)
+            if kind == "saved":  # adopted after a restart: the stream's media type tells which index it was
+                kind = "visuals" if kinds.get(rid) == "video" else "audio"
             out.append(Target(rid, names.get(rid, rid), "visual_index" if kind == "visuals" else "audio_index",
                               index))
         return out
+
+    def index_ids(self) -> list[dict[str, str]]:
+        """The scene indexes of the latest bind, as saved in capture_session.json."""
+        return [{"rtstream_id": str(i.rtstream_id), "index_id": str(i.rtstream_index_id)}
+                for kind in self._indexes.values() for i in kind]
+
+    def adopt_indexes(self, conn: Any, saved: Any) -> None:
+        """Indexes a crashed run started (from capture_session.json): the next bind replaces and stops them."""
+        from videodb.rtstream import RTStreamSceneIndex
+
+        found = [RTStreamSceneIndex(conn, rtstream_index_id=i["index_id"], rtstream_id=i["rtstream_id"])
+                 for i in (saved if isinstance(saved, list) else [])
+                 if isinstance(i, dict) and isinstance(i.get("index_id"), str)]
+        if found:
+            self._indexes = {"saved": found}

@@ -288,3 +288,16 @@ async def run(targets: list[Target], inlet: Inlet, who: str,
     fresh = [e for e in events if not inlet.known(e)]
     inlet.inject(fresh)
     return Counter(e["channel"] for e in fresh), ok
+
+
+async def after_rebind(pipelines: Any, inlet: Inlet, who: str, api_key: str | None) -> Counter[str]:
+    """Backfill every AI pipeline of `pipelines` (an AIPipelines) once it is bound; log and return per channel."""
+    if pipelines.bound_to is None:
+        return Counter()
+    t0 = time.monotonic()
+    got, ok = await run(pipelines.backfill_targets(), inlet, who, api_key)
+    if ok:
+        pipelines.retired.clear()  # their gap is covered
+    per = ", ".join(f"{ch} {n}" for ch, n in sorted(got.items())) or "nothing missing"
+    log.info("%s: backfill after re-bind to %s: %s (%.2fs)", who, pipelines.bound_to, per, time.monotonic() - t0)
+    return got

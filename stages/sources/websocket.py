@@ -25,11 +25,24 @@ from pydantic import Field
 from pipeline.api import Batch, Context, Options, Source
 from pipeline.backoff import Backoff
 from pipeline.errors import StageError
-from pipeline.events import Stamper
+from pipeline.events import Stamper, edge_reason
 from pipeline.types import Duration
 from stages.sources.backfill import Inlet
 
 log = logging.getLogger("pipeline.source.websocket")
+BACKFILL_EVENT_BYTES = 512  # size counted per backfilled event (they arrive parsed, not as frames)
+PENDING_BYTES = 32 << 20  # raw frame bytes read ahead of the pipeline before the reader waits
+
+
+async def raw_frames(ws: Any) -> AsyncIterator[bytes]:
+    """Every message as bytes, text frames undecoded: invalid UTF-8 is then dead-lettered, not a close (1007)."""
+    import websockets
+
+    while True:
+        try:
+            yield await ws.recv(decode=False)
+        except websockets.ConnectionClosedOK:
+            return
 
 
 class ReaderOptions(Options):
@@ -59,6 +72,8 @@ class WebSocketSource(Source):
         self._room = asyncio.Event()  # cleared while `_pending` is full: the reader stops reading (backpressure)
         self._room.set()
         self._limit = 4 * options.batch_max
+        self._pending_bytes = 0  # raw frame bytes in `_pending`: the reader also stops at PENDING_BYTES
+        self.batch_bytes = 0  # raw bytes of the batch just yielded (the runtime bounds queues by bytes)
         self._stop_event = asyncio.Event()
         self._stopping = False
         self._done = False
@@ -73,7 +88,7 @@ class WebSocketSource(Source):
         import websockets
 
         ws = await websockets.connect(self.options.url, max_size=None, close_timeout=1)
-        first = await ws.recv()
+        first = await ws.recv(decode=False)
         conn_id = None
         try:
             msg = orjson.loads(first)
@@ -103,8 +118,13 @@ class WebSocketSource(Source):
         if not isinstance(event, dict):
             self._reject(f"JSON {type(event).__name__}, not an object", frame)
             return
+        reason = edge_reason(frame, event)
+        if reason is not None:
+            self._reject(reason, frame)
+            return
         self._pending.append(self._stamp(event))
         self._accepted += 1
+        self._pending_bytes += size
         if len(self._pending) == 1:
             self._ready.set()
 
@@ -149,9 +169,9 @@ class WebSocketSource(Source):
                     await self.context.session.announce_connection(conn_id)
                 reason = "closed by the server"
                 try:
-                    async for frame in self._ws:
+                    async for frame in raw_frames(self._ws):
                         self._accept(frame)
-                        if len(self._pending) >= self._limit:
+                        if len(self._pending) >= self._limit or self._pending_bytes >= PENDING_BYTES:
                             self._room.clear()
                             await self._room.wait()
                 except websockets.ConnectionClosed as exc:
@@ -194,10 +214,13 @@ class WebSocketSource(Source):
                 while self._pending or (self._inlet is not None and self._inlet.queued):
                     if self._inlet is not None and (filled := self._inlet.take()) is not None:
                         batch = self._inlet.admit([self._stamp(e) for e in filled])
+                        self.batch_bytes = BACKFILL_EVENT_BYTES * len(batch)
                     else:
                         batch = self._pending[: self.options.batch_max]
+                        self.batch_bytes = self._pending_bytes * len(batch) // len(self._pending)
+                        self._pending_bytes -= self.batch_bytes
                         del self._pending[: self.options.batch_max]
-                        if len(self._pending) < self._limit:
+                        if len(self._pending) < self._limit and self._pending_bytes < PENDING_BYTES:
                             self._room.set()
                         if self._inlet is not None:
                             batch = self._inlet.admit(batch)
