@@ -330,3 +330,38 @@ async def test_polled_exported_does_not_cut_the_stream(tmp_path: Path) -> None:
     events = written(tmp_path)
     assert Counter(map(key, filter(tracked, events))) == Counter(
         (x["rtstream_id"], x["channel"], x["start"], x["text"]) for x in made)
+
+
+async def test_kill_9_then_restart_backfills_what_the_dead_run_missed(tmp_path: Path) -> None:
+    emu = Emulator(speed=6, api_key=API_KEY)  # the 76 s scenario in ~13 s: time to kill and restart
+    await emu.start()
+    config = run_config(tmp_path, emu.base_url, status_poll_interval="300ms")
+    env = {**os.environ, "VIDEO_DB_API_KEY": API_KEY}
+    log = tmp_path / "run.log"
+    try:
+        with log.open("ab") as err:
+            first = await asyncio.create_subprocess_exec(str(PIPELINE), "run", str(config), cwd=tmp_path, env=env,
+                                                         stdout=err, stderr=err)
+        try:
+            async with asyncio.timeout(30):  # past a checkpoint (every 2 s), mid-session
+                while "backfill_from" not in (tmp_path / "state" / "capture_session.json").read_text() \
+                        if (tmp_path / "state" / "capture_session.json").exists() else True:
+                    await asyncio.sleep(0.05)
+        finally:
+            first.kill()
+            await first.wait()
+        await asyncio.sleep(1.0)  # events produced now go to a dead connection
+        before = len(written(tmp_path))
+        code, output, _ = await pipeline_run(config, 60)
+    finally:
+        await emu.stop()
+    assert code == 0, output
+    assert "resuming capture session" in output
+    events = written(tmp_path)
+    want = Counter(map(key, filter(tracked, produced(emu))))
+    got = Counter(map(key, filter(tracked, events)))
+    missing = sorted((want - got).elements())
+    assert not missing, (missing, before)  # nothing produced is missing, though the first run died mid-session
+    twice = got - want
+    assert not twice - Counter(map(key, filter(tracked, events[:before])))  # only across the crash
+    assert any(e.get("backfill") for e in events[before:])

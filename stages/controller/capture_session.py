@@ -41,6 +41,7 @@ log = logging.getLogger("pipeline.controller.capture_session")
 STATE_FILE = "capture_session.json"
 _EXIT_STATES = ("stopped", "exported")
 SETTLE_TIMEOUT = 60.0  # longest an exit waits for a re-bind/backfill still under way
+CHECKPOINT_EVERY = 2.0  # seconds between saves of where a restart's backfill starts (> sinks' flush)
 
 
 class CaptureSessionOptions(Options):
@@ -130,6 +131,8 @@ class CaptureSessionController(Controller):
                        "ws_connection_id": conn_id, "status": self.lifecycle.state,
                        "client_token": None, "expires_in": opts.client_token_expires_in,
                        "expires_at": iso_ts(now + opts.client_token_expires_in), "created_at": iso_ts(now)}
+        if self._resumed and saved is not None and saved.get("backfill_from"):
+            self.record["backfill_from"] = saved["backfill_from"]  # until this run saves its own
         token = resume.reusable_token(saved) if self._resumed else None
         if token is not None and saved is not None:  # the desktop client may still be using it
             self.record.update({k: saved.get(k) for k in ("expires_in", "expires_at", "created_at")},
@@ -147,6 +150,8 @@ class CaptureSessionController(Controller):
                  self.who, self.session_id, self.state_file, self.session_id)
         self.context.session.capture_session_id = self.session_id
         self.context.session.on_connection(self._on_connection)
+        if self.context.session.inlet is not None:
+            self._spawn(self._checkpoints(self.context.session.inlet))
         if opts.session_id or self._resumed:
             self._start_poll()  # lifecycle events go to the connection the session was created with
         elif self.context.session.connection_id != conn_id:
@@ -187,6 +192,8 @@ class CaptureSessionController(Controller):
             log.info("%s: saved capture session %s is %s; creating a new one", self.who, sid, status)
             return None
         self._resumed = True
+        if self.context.session.inlet is not None:  # backfill from where the crashed run had got to
+            self.context.session.inlet.resume(saved.get("backfill_from"))
         assert self.pipelines is not None
         self.pipelines.adopt_indexes(self._conn, saved.get("indexes"))  # stopped once the re-bind replaced them
         log.warning("%s: resuming capture session %s (%s) from %s; its AI pipelines are re-bound to the new "
@@ -351,6 +358,22 @@ class CaptureSessionController(Controller):
         if self.pipelines is not None and self.pipelines.bound_to is not None:
             self._spawn(self.rebind_then_backfill(self.pipelines.streams))
         self._start_poll()
+
+    async def _checkpoints(self, inlet: backfill.Inlet) -> None:
+        """Save in capture_session.json where a restart's backfill starts, one period behind the source.
+
+        One period behind: events the source passed on just before a crash may still be in a
+        sink's buffer (flushed every second by default), so a restart fetches them again rather
+        than lose them (a few seconds of events may be written twice).
+        """
+        lagging = self.record.get("backfill_from")
+        while not self.lifecycle.done:
+            await asyncio.sleep(CHECKPOINT_EVERY)
+            now = inlet.checkpoint()
+            if lagging and lagging != self.record.get("backfill_from"):
+                self.record["backfill_from"] = lagging
+                self._save()
+            lagging = now
 
     def _start_poll(self) -> None:
         """Lifecycle events may still go to an old connection: also poll the session status."""

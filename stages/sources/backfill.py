@@ -37,6 +37,9 @@ KEEP_KEYS: Final = 4096  # recent event keys remembered per rtstream and channel
 MAX_CHANNELS: Final = 1024  # rtstream+channel pairs tracked; more are not deduplicated
 PAGE_SIZE: Final = 100
 MAX_PAGES: Final = 1000  # per rtstream and channel and backfill: bounds what one gap may pull
+#: A fetch starts this much before the last start seen: results arrive in order of their end, and
+#: a long segment (an audio-index batch) can start before a shorter one that arrived earlier.
+MARGIN_MS: Final = 30_000
 _LISTS: Final = ("segments", "transcription", "transcripts", "scene_index_records", "scenes", "records",
                  "results", "data")
 
@@ -165,6 +168,19 @@ class Inlet:
             self._queue.extend(events[i:i + self.chunk] for i in range(0, len(events), self.chunk))
             self.wake()
 
+    def checkpoint(self) -> dict[str, int]:
+        """Where a backfill would start now, per "rtstream_id channel" (saved for a restart)."""
+        out = {f"{k[0]} {k[1]}": s.last for k, s in self._seen.items() if s.last is not None}
+        out.update({f"{k[0]} {k[1]}": t for k, t in self._marks.items() if t is not None})
+        return out
+
+    def resume(self, saved: Any) -> None:
+        """After a restart: backfill from a checkpoint the previous process saved (bad entries ignored)."""
+        for name, t in (saved.items() if isinstance(saved, dict) else ()):
+            rid, _, ch = str(name).rpartition(" ")
+            if rid and ch in TRACKED and type(t) in _NUMBER:
+                self._marks.setdefault((rid, _channel(ch)), int(t))
+
     def known(self, event: Event) -> bool:
         """True when an event with this rtstream, channel, start and text was already let through."""
         seen = self._seen.get((str(event.get("rtstream_id") or ""), _channel(event["channel"])))
@@ -246,6 +262,8 @@ def _page(t: Target, page: int, since: int | None) -> Any:
 
 def fetch(t: Target, since: int | None) -> list[Event]:
     """Everything VideoDB holds for `t` from `since` (inclusive), as backfill events. Blocking."""
+    if since is not None:
+        since -= MARGIN_MS  # what it re-reads that arrived live is dropped as a duplicate
     out: list[Event] = []
     for page in range(1, MAX_PAGES + 1):
         items, more = _records(_page(t, page, since))
