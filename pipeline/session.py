@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from pipeline.stats import GapStats
 
 if TYPE_CHECKING:
-    from stages.sources.backfill import Inlet
+    from stages.sources.inlet import Inlet
 
 ConnectionListener = Callable[[str], Awaitable[None]]
 

@@ -264,7 +264,7 @@ async def test_drop_to_rebind_under_a_second(make_context: Callable[..., Context
 # --- backfill ----------------------------------------------------------------------------------------
 
 def test_inlet_dedupes_both_ways_and_orders_backfill_by_event_time() -> None:
-    from stages.sources.backfill import Inlet
+    from stages.sources.inlet import Inlet
 
     woke: list[int] = []
     inlet = Inlet(lambda: woke.append(1))

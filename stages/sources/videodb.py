@@ -30,7 +30,7 @@ from pipeline.errors import StageError
 from pipeline.files import check_writable, ensure_private_dir, write_private_text
 from pipeline.types import Secret
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
-from stages.sources.backfill import Inlet
+from stages.sources.inlet import Inlet
 from stages.sources.websocket import ReaderOptions, WebSocketSource
 
 log = logging.getLogger("pipeline.source.videodb")

@@ -27,7 +27,7 @@ from pipeline.backoff import Backoff
 from pipeline.errors import StageError
 from pipeline.events import Stamper, edge_reason
 from pipeline.types import Duration
-from stages.sources.backfill import Inlet
+from stages.sources.inlet import Inlet
 
 log = logging.getLogger("pipeline.source.websocket")
 BACKFILL_EVENT_BYTES = 512  # size counted per backfilled event (they arrive parsed, not as frames)
