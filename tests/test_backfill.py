@@ -304,7 +304,8 @@ async def test_drop_after_5_at_speed_every_event_once_and_on_time(tmp_path: Path
     got = Counter(map(key, filter(tracked, events)))
     assert got == want  # every transcript, visual and audio event exactly once, live or backfilled
     missed = [r["event"] for r in emu.emitted if tracked(r["event"]) and not r["live"]]
-    assert Counter(map(key, (e for e in events if e.get("backfill")))) == Counter(map(key, missed))
+    # what never went out live came by backfill (so may some that did: a held live copy yields to its twin)
+    assert missed and not Counter(map(key, missed)) - Counter(map(key, (e for e in events if e.get("backfill"))))
     assert emu.hub.drops >= 5 and "reconnects: " in output
     # the scenario plays 76 s of meeting and ~5 s of stop/export: at 8x about 10 s, plus start-up
     assert took < (76 + 5) / speed + 8, took

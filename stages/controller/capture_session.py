@@ -261,13 +261,12 @@ class CaptureSessionController(Controller):
             rts = data.get("rtstreams")
             gap = True if self._resumed else None  # after a crash: backfill what the dead process missed
             if rts:
-                self._spawn(self.rebind_then_backfill(streams_from_event(self._conn, rts,
-                                                                         self.settings.collection_id),
-                                                      backfill_gap=gap))
+                self._spawn_rebind(streams_from_event(self._conn, rts, self.settings.collection_id),
+                                   backfill_gap=gap, hold=bool(gap))
             elif session is not None and getattr(session, "rtstreams", None):
-                self._spawn(self.rebind_then_backfill(streams_from_session(session), backfill_gap=gap))
+                self._spawn_rebind(streams_from_session(session), backfill_gap=gap, hold=bool(gap))
             else:
-                self._spawn(self.rebind_then_backfill(None, backfill_gap=gap))
+                self._spawn_rebind(None, backfill_gap=gap, hold=bool(gap))
         elif status == "exported":
             self.record.update({k: data[k] for k in ("exported_video_id", "stream_url", "player_url") if data.get(k)})
         if self.record:
@@ -288,19 +287,35 @@ class CaptureSessionController(Controller):
 
     # --- AI pipelines and reconnects -------------------------------------------------------------
 
-    async def rebind_then_backfill(self, streams: list[Any] | None, *, backfill_gap: bool | None = None) -> None:
+    def _spawn_rebind(self, streams: list[Any] | None, *, backfill_gap: bool | None = None,
+                      hold: bool = False) -> None:
+        """Schedule `rebind_then_backfill`; `hold`: the source holds new live events until it is done."""
+        inlet = self.context.session.inlet
+        held = hold and inlet is not None
+        if hold and inlet is not None:
+            inlet.hold()  # now, before the new connection's first event is accepted
+        self._spawn(self.rebind_then_backfill(streams, backfill_gap=backfill_gap, held=held))
+
+    async def rebind_then_backfill(self, streams: list[Any] | None, *, backfill_gap: bool | None = None,
+                                   held: bool = False) -> None:
         """The re-bind hook: bind every AI pipeline to the current connection, then backfill since last seen.
 
         `backfill_gap`: None = backfill when this was a re-bind (the pipelines had been bound
         before); True = always (after a restart, or before ending on a polled status).
+        `held`: the source's inlet was put on hold for this call; released at the end, whatever happens.
         """
         assert self.pipelines is not None
-        async with self._bind_lock:
-            before = self.pipelines.bound_to
-            if not await self._bind(streams):
-                return
-            if backfill_gap or (backfill_gap is None and before is not None and before != self.pipelines.bound_to):
-                await self._backfill()
+        try:
+            async with self._bind_lock:
+                before = self.pipelines.bound_to
+                if not await self._bind(streams):
+                    return
+                if backfill_gap or (backfill_gap is None and before is not None
+                                    and before != self.pipelines.bound_to):
+                    await self._backfill()
+        finally:
+            if held and self.context.session.inlet is not None:
+                self.context.session.inlet.release()
 
     async def _bind(self, streams: list[Any] | None) -> bool:
         """Bind all AI pipelines to the current connection id (again, if it changed meanwhile); False if no streams."""
@@ -356,7 +371,7 @@ class CaptureSessionController(Controller):
         if self.lifecycle.done:
             return
         if self.pipelines is not None and self.pipelines.bound_to is not None:
-            self._spawn(self.rebind_then_backfill(self.pipelines.streams))
+            self._spawn_rebind(self.pipelines.streams, hold=True)
         self._start_poll()
 
     async def _checkpoints(self, inlet: backfill.Inlet) -> None:

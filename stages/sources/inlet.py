@@ -4,10 +4,16 @@ Per rtstream and channel it keeps the latest event time seen and the keys
 `(data.start, text)` of the recent events, so a backfill knows where to resume
 and what is a duplicate. The source passes every batch it yields through
 `Inlet.admit()` and yields the `Inlet.take()` batches the controller queued.
+
+While a re-bind and its backfill are under way (`hold()` ... `release()`), the
+source holds back the events the new connection delivers, so the backfilled
+batch comes first and event-time order holds across the gap (rules, windows
+and cooldowns see events in order). A hold lasts at most `HOLD_MAX` seconds.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import Any, Final
@@ -18,6 +24,7 @@ from pipeline.events import Event
 TRACKED: Final = frozenset({"transcript", "visual_index", "scene_index", "audio_index"})
 KEEP_KEYS: Final = 4096  # recent event keys remembered per rtstream and channel (dedupe window)
 MAX_CHANNELS: Final = 1024  # rtstream+channel pairs tracked; more are not deduplicated
+HOLD_MAX: Final = 10.0  # seconds live events may wait for a backfill before they go on anyway
 
 Key = tuple[str, str]  # (rtstream_id, channel)
 _NUMBER: Final = (int, float)
@@ -40,9 +47,13 @@ class Inlet:
     """Where backfilled events enter a source: gap marks, dedupe, a queue of batches."""
 
     def __init__(self, wake: Callable[[], None] = lambda: None, backfilled: Counter[str] | None = None,
-                 chunk: int = 1024) -> None:
+                 chunk: int = 1024, position: Callable[[], int] = lambda: 0) -> None:
         self.wake = wake  # the source's "something to yield" signal
         self.chunk = chunk  # most events per queued batch
+        self.position = position  # how many events the source has accepted so far
+        self.hold_from: int | None = None  # position at hold(): later live events wait for the backfill
+        self.held_at = 0.0
+        self._holds = 0
         self.backfilled: Counter[str] = Counter() if backfilled is None else backfilled  # per channel, deduped
         self.duplicates = 0
         self._seen: dict[Key, _Seen] = {}
@@ -117,6 +128,29 @@ class Inlet:
                 last[k] = int(data["start"]) if prev is None else max(prev, int(data["start"]))
         for k, t in last.items():
             self._marks.setdefault(k, t)
+
+    def hold(self) -> None:
+        """A re-bind and backfill start: hold back what the source accepts from now on."""
+        if self._holds == 0:
+            self.hold_from, self.held_at = self.position(), time.monotonic()
+        self._holds += 1
+
+    def release(self) -> None:
+        """A re-bind and backfill ended (queued or failed): let held live events go once none is left."""
+        self._holds = max(0, self._holds - 1)
+        if self._holds == 0 and self.hold_from is not None:
+            self.hold_from = None
+            self.wake()
+
+    def releasable(self, pending: int) -> int:
+        """How many of the `pending` (oldest first) live events may be yielded now."""
+        if self.hold_from is None:
+            return pending
+        if time.monotonic() - self.held_at > HOLD_MAX:
+            self._holds = 0
+            self.hold_from = None
+            return pending
+        return max(0, pending - (self.position() - self.hold_from))
 
     def take(self) -> list[Event] | None:
         """The next backfilled batch to yield, or None."""

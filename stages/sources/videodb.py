@@ -64,7 +64,8 @@ class VideoDBSource(WebSocketSource):
         self._conn: Any = None
         self._first: Any = None  # the preflight's result (WebSocketConnection or retryable error), for open()
         if options.backfill:
-            self._inlet = Inlet(self._ready.set, context.session.gaps.backfilled, chunk=options.batch_max)
+            self._inlet = Inlet(self._ready.set, context.session.gaps.backfilled, chunk=options.batch_max,
+                                position=lambda: self._accepted)
             context.session.inlet = self._inlet
 
     def describe(self) -> str:

@@ -209,17 +209,26 @@ class WebSocketSource(Source):
         reader = asyncio.create_task(self._read_loop(), name=f"{self.context.stage}-reader")
         try:
             while True:
-                await self._ready.wait()
+                if self._inlet is not None and self._inlet.hold_from is not None:
+                    with contextlib.suppress(TimeoutError):  # a hold ends by release() or by timing out
+                        await asyncio.wait_for(self._ready.wait(), 0.25)
+                else:
+                    await self._ready.wait()
                 self._ready.clear()
                 while self._pending or (self._inlet is not None and self._inlet.queued):
                     if self._inlet is not None and (filled := self._inlet.take()) is not None:
                         batch = self._inlet.admit([self._stamp(e) for e in filled])
                         self.batch_bytes = BACKFILL_EVENT_BYTES * len(batch)
                     else:
-                        batch = self._pending[: self.options.batch_max]
+                        n = self.options.batch_max
+                        if self._inlet is not None and not self._stopping:
+                            n = min(n, self._inlet.releasable(len(self._pending)))
+                            if n == 0:
+                                break  # the new connection's events wait for the backfill
+                        batch = self._pending[:n]
                         self.batch_bytes = self._pending_bytes * len(batch) // len(self._pending)
                         self._pending_bytes -= self.batch_bytes
-                        del self._pending[: self.options.batch_max]
+                        del self._pending[:n]
                         if len(self._pending) < self._limit and self._pending_bytes < PENDING_BYTES:
                             self._room.set()
                         if self._inlet is not None:
