@@ -25,7 +25,8 @@ async def run_local(cfg: PipelineConfig, *, install_signals: bool = True) -> Loc
         from pipeline.emulator import Emulator
 
         e = cfg.videodb.emulator
-        emu = Emulator(scenario=e.scenario, speed=e.speed, drop_after=e.drop_after, garbage_every=e.garbage_every)
+        emu = Emulator(scenario=e.scenario, speed=e.speed, drop_after=e.drop_after, garbage_every=e.garbage_every,
+                       queue_on_drop=e.queue_on_drop)
         await emu.start("127.0.0.1", 0)
         log.info("videodb: using the local emulator at %s (speed %g)", emu.base_url, e.speed)
         videodb = cfg.videodb.model_copy(update={"base_url": emu.base_url,

@@ -366,6 +366,8 @@ class LocalRuntime:
             lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
         lines.append(f"  dead-lettered: {b.dead_letter.count}" +
                      (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))
+        if (gaps := b.session.gaps.summary()) is not None:
+            lines.append(gaps)
         if b.session.exit_reason:
             lines.append(f"  ended: {b.session.exit_reason}")
         return "\n".join(lines)
