@@ -14,12 +14,17 @@ from pydantic import SecretStr
 from pipeline.build import build
 from pipeline.config import PipelineConfig
 from pipeline.runtime.local import LocalRuntime
+from pipeline.runtime.reload import Reloader
 
 log = logging.getLogger("pipeline")
 
 
-async def run_local(cfg: PipelineConfig, *, install_signals: bool = True) -> LocalRuntime:
-    """Build and run the pipeline; returns the finished runtime (exit code in `.exit_code`)."""
+async def run_local(cfg: PipelineConfig, *, install_signals: bool = True, watch: bool = False) -> LocalRuntime:
+    """Build and run the pipeline; returns the finished runtime (exit code in `.exit_code`).
+
+    SIGHUP (and, with `watch`, a change of `cfg.file`) reloads the config while it runs.
+    """
+    original = cfg
     emu = None
     if cfg.videodb.emulator is not None:
         from pipeline.emulator import Emulator
@@ -42,11 +47,14 @@ async def run_local(cfg: PipelineConfig, *, install_signals: bool = True) -> Loc
             from pipeline.runtime.faust import ingest_runtime
 
             rt = ingest_runtime(cfg, install_signals=install_signals)
+            if watch:
+                log.warning("--watch: reloading needs engine: local; the ingest process runs no processors")
         else:
             from pipeline.state.store import open_store
 
             rt = LocalRuntime(build(cfg, state=open_store(cfg.state_dir) if resumes else None),
                               install_signals=install_signals)
+            rt.reloader = Reloader(rt, cfg.file, original, watch=watch)
         rt.exit_code = await rt.run()
     finally:
         release(cfg.state_dir)

@@ -66,6 +66,7 @@ def interpolate(value: str, env: Mapping[str, str], where: str, missing: list[st
 class _Builder:
     def __init__(self, source: str, filename: str, env: Mapping[str, str], missing: list[str] | None = None) -> None:
         self.missing = missing
+        self.unset: list[str] = []
         self.loader = yaml.SafeLoader(source)
         self.filename = filename
         self.env = env
@@ -93,7 +94,10 @@ class _Builder:
         if node is None:
             return None
         self._merged_sizes(node)
-        return self.node(node, ())
+        data = self.node(node, ())
+        if self.unset:
+            raise ConfigError("\n".join(self.unset))
+        return data
 
     def _merged_sizes(self, root: yaml.Node) -> None:
         """Refuse merge keys (`<<: *a`) that would expand past MAX_NODES, before PyYAML expands them.
@@ -179,7 +183,11 @@ class _Builder:
         try:
             if isinstance(node, yaml.ScalarNode) and "$" in node.value and node.tag in (
                     "tag:yaml.org,2002:str", "!"):
-                value = interpolate(node.value, self.env, self.where(node), self.missing)
+                try:
+                    value = interpolate(node.value, self.env, self.where(node), self.missing)
+                except ConfigError as exc:  # every unset variable is reported, not just the first
+                    self.unset.append(str(exc))
+                    value = interpolate(node.value, self.env, self.where(node), [])
                 if node.style is None:  # plain scalar: let `${N:-4}` become an int
                     tag = self.loader.resolve(yaml.ScalarNode, value, (True, False))
                     node = yaml.ScalarNode(tag, value, node.start_mark, node.end_mark)
