@@ -271,7 +271,8 @@ async def test_restart_after_kill_9_reattaches_every_live_session(tmp_path: Path
         try:
             made = []
             for user in ("u1", "u2"):
-                status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": user})
+                status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": user},
+                                               headers={"Idempotency-Key": f"key-{user}"})
                 assert status == 201, body
                 made.append(body["session_id"])
             for sid in made:
@@ -290,6 +291,9 @@ async def test_restart_after_kill_9_reattaches_every_live_session(tmp_path: Path
             await live.wait_for(lambda: all(len(lines_of(out / f"{sid}.jsonl")) > before[sid] + 2 for sid in made))
             new_ws = {c["body"]["ws_connection_id"] for c in emu.calls if c["path"].endswith("/transcription")}
             assert new_ws - old_ws  # the AI pipelines were re-bound to the new connection
+            status, again = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"},
+                                            headers={"Idempotency-Key": "key-u1"})
+            assert (status, again["session_id"]) == (201, made[0])  # the key survives the restart
             assert len(session_calls(emu)) == 2  # re-attached: no session created twice
             status, listing = await live.call("GET", "/v1/sessions")
             assert all(s["status"] == "active" and s["events"].get("transcript", 0) > 0 for s in listing["sessions"])
