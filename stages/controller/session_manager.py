@@ -77,6 +77,11 @@ class SessionManager:
     async def start(self, conn: Any) -> None:
         self.conn = conn
         self.store.clean_temporaries()
+        if self.ctl.context.settings.get("new_session"):
+            if self.store.dir.exists():
+                log.info("%s: --new-session: not re-attaching the sessions saved in %s", self.who, self.store.dir)
+            self.link.on_connection(self._on_connection)
+            return
         for record in self.store.load_all():
             s = self._add(record)
             status = record.get("status")
@@ -383,6 +388,7 @@ class SessionManager:
             if s.pipelines is None:
                 s.pipelines = AIPipelines(self.conn, s.on_active, f"{self.who} {s.id}", self.settings.api_key,
                                           self.opts.callback_url)
+                s.pipelines.adopt_indexes(self.conn, s.record.get("indexes"))  # a crashed run's: stopped once replaced
             pipes = s.pipelines
             pipes.streams = streams
             self._learn_streams(s, streams)
@@ -390,8 +396,9 @@ class SessionManager:
                 before = pipes.errors
                 await pipes.bind(conn_id)
                 self.stats.errors += pipes.errors - before
-            if pipes.bound_to and pipes.bound_to != s.record.get("ws_connection_id"):
+            if pipes.bound_to:
                 s.record["ws_connection_id"] = pipes.bound_to
+                s.record["indexes"] = pipes.index_ids()
             self.store.save(s.record)
 
     async def _on_connection(self, conn_id: str) -> None:
