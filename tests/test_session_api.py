@@ -340,3 +340,35 @@ async def test_jsonl_path_per_session_is_safe(make_context: Callable[..., Contex
     files = {p.name: [json.loads(x)["n"] for x in p.read_text().splitlines()] for p in (tmp_path / "s").iterdir()}
     assert files == {"cap-1.jsonl": [1], "cap-2.jsonl": [5], "unknown.jsonl": [2, 3, 4]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+async def test_every_session_is_rebound_after_a_reconnect(make_context: Callable[..., Context],
+                                                          tmp_path: Path) -> None:
+    emu = Emulator(scenario_file(tmp_path, cues(40), end=100), speed=10, api_key=API_KEY, autostart=False,
+                   drop_after=40)
+    await emu.start()
+    try:
+        async with running(make_context, emu) as live:
+            link = live.ctl.context.session
+            made = []
+            for user in ("a", "b", "c"):
+                made.append((await live.call("POST", "/v1/sessions", json={"end_user_id": user}))[1]["session_id"])
+            for sid in made:
+                await hook(live, emu, f"sessions/{sid}/start")
+            first = link.connection_id
+            assert first is not None and all(c["body"]["ws_connection_id"] == first for c in session_calls(emu))
+            await live.wait_for(lambda: link.connection_id != first)  # the emulator dropped the socket
+            new = link.connection_id
+            mics = {r["rtstream_id"] for sid in made for r in live.ctl.manager.get(sid).record["rtstreams"]
+                    if r["name"] == "mic:default"}
+
+            def bound_to_new() -> set[str]:
+                return {c["path"].split("/")[2] for c in emu.calls if c["path"].endswith("/transcription")
+                        and c["method"] == "POST" and (c["body"] or {}).get("ws_connection_id") == new}
+
+            await live.wait_for(lambda: mics <= bound_to_new())
+            before = {sid: len(live.of(sid, "transcript")) for sid in made}
+            await live.wait_for(lambda: all(len(live.of(sid, "transcript")) > before[sid] for sid in made))
+            assert all(live.ctl.manager.get(sid).lifecycle.state == "active" for sid in made)
+    finally:
+        await emu.stop()

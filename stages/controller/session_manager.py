@@ -35,6 +35,7 @@ log = logging.getLogger("pipeline.controller.sessions")
 
 _EARLY_SESSIONS: Final = 1000  # lifecycle events for ids we do not know yet (the create call has not returned)
 _EARLY_PER_SESSION: Final = 10
+_COUNTED: Final = frozenset({"transcript", "visual_index", "scene_index", "audio_index", "alert"})
 _BIND_CONCURRENCY: Final = 8  # re-binds after a reconnect, at once (each is a few SDK calls in a thread)
 
 
@@ -301,7 +302,7 @@ class SessionManager:
             if "capture_session_id" not in event:
                 event["capture_session_id"] = s.record["session_id"]
             ch = event.get("channel")
-            key = ch if type(ch) is str else "unknown"
+            key = ch if ch in _COUNTED else "other"  # channel names come from the wire: a bounded set of keys
             counts = s.counts
             counts[key] = counts.get(key, 0) + 1
             if seen is not s:
