@@ -208,8 +208,9 @@ async def _drive(api: str, emu: str, n: int, probe: Path, pid: int, emu_pid: int
             last = cur
             if rate >= want:
                 break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{n} sessions: only {rate:.0f} ev/s reach the sink (want {want:.0f})")
+            if time.monotonic() > deadline:  # it does not keep up (or setup is too slow): measure it anyway
+                break
+        steady = rate >= want
         streaming_s = time.perf_counter() - t0
         g0, h0, cpu0, ecpu0 = _snapshot(probe), _read_hist(probe), _cpu_seconds(pid), _cpu_seconds(emu_pid)
         await asyncio.sleep(window)
@@ -223,7 +224,7 @@ async def _drive(api: str, emu: str, n: int, probe: Path, pid: int, emu_pid: int
             "p50": percentile(diff, 0.50), "p99": percentile(diff, 0.99), "rate": sum(diff.values()) / dt,
             "active": active, "created_s": created_s, "gc2_ms": g1["gc"][2] - g0["gc"][2],
             "gc_ms": sum(g1["gc"]) - sum(g0["gc"]), "gc_max": g1["gc_max"], "streaming_s": streaming_s,
-            "rss_mb": rss1 / 1024}
+            "rss_mb": rss1 / 1024, "steady": steady}
 
 
 def measure(n: int, window: float, out: Path) -> dict[str, float]:
@@ -274,7 +275,7 @@ def run(n: int, *, sizes: tuple[int, ...] | None = None, window: float | None = 
     results = []
     for size in sizes:
         m = measure(size, window, out)
-        ok = m["p99"] < TARGET_P99_MS and m["kb"] < TARGET_KB and m["cpu"] < 1.0
+        ok = m["p99"] < TARGET_P99_MS and m["kb"] < TARGET_KB and m["cpu"] < 1.0 and bool(m["steady"])
         r = Result(f"sessions: {size:,} concurrent, p99 receipt->sink", m["p99"], "ms",
                    target=f"< {TARGET_P99_MS:g} ms, < {TARGET_KB:g} KB/session, < 1 core", ok=ok)
         want = size * EVENTS_PER_SESSION
@@ -284,6 +285,7 @@ def run(n: int, *, sizes: tuple[int, ...] | None = None, window: float | None = 
         r.notes.append(f"garbage collection {m['gc_ms']:.0f} ms in the window ({m['gc2_ms']:.0f} ms full), "
                        f"longest pause since start {m['gc_max']:.1f} ms")
         r.notes.append(f"emulator CPU {m['emu_cpu'] * 100:.0f}% of the other core; created in {m['created_s']:.1f}s,"
-                       f" all streaming after {m['streaming_s']:.1f}s; window {window:g}s")
+                       f" all streaming after {m['streaming_s']:.1f}s; window {window:g}s"
+                       + ("" if m["steady"] else "; NOT all sessions streaming when measured"))
         results.append(r)
     return results

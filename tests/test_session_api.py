@@ -54,7 +54,7 @@ class Live:
         async with self.http.request(method, self.url + path, headers=headers, **kw) as r:
             return r.status, await r.json(content_type=None)
 
-    async def wait_for(self, check: Callable[[], bool], timeout: float = 10.0) -> None:
+    async def wait_for(self, check: Callable[[], bool], timeout: float = 30.0) -> None:
         async with asyncio.timeout(timeout):
             while not check():
                 await asyncio.sleep(0.02)
@@ -238,7 +238,7 @@ async def start_pipeline(config: Path, cwd: Path) -> tuple[asyncio.subprocess.Pr
                                                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     lines: list[str] = []
     assert proc.stderr is not None
-    async with asyncio.timeout(20):
+    async with asyncio.timeout(40):
         while True:
             line = (await proc.stderr.readline()).decode()
             assert line, "".join(lines)
