@@ -333,7 +333,8 @@ def run(n: int, *, sizes: tuple[int, ...] | None = None, window: float | None = 
         who = "pipeline" if engine == "local" else "ingest + 2 workers"
         r.notes.append(f"p50 {m['p50']:.2f} ms; {m['rate']:,.0f} ev/s at the sink (want {want:,.0f});"
                        f" {who} CPU {m['cpu'] * 100:.0f}% of one core; RSS {m['rss_mb']:.0f} MB, "
-                       f"+{m['kb']:.1f} KB per session; {m['active']:,} active")
+                       f"+{m['kb']:.1f} KB per session; {m['active']:,} active; "
+                       f"{m['cpu'] / max(1.0, m['rate']) * 1e6:.0f} µs CPU per event")
         r.notes.append(f"garbage collection {m['gc_ms']:.0f} ms in the window ({m['gc2_ms']:.0f} ms full), "
                        f"longest pause since start {m['gc_max']:.1f} ms")
         r.notes.append(f"emulator CPU {m['emu_cpu'] * 100:.0f}%; created in {m['created_s']:.1f}s,"
