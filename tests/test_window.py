@@ -228,3 +228,26 @@ def test_signal_flushes_open_windows(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     ms = _metrics(tmp_path)
     assert ms and all(m["window"]["start"] < 1772446530000 for m in ms), ms
+
+
+def test_open_windows_survive_a_restart_through_the_state_file(tmp_path: Path, make_context: MakeCtx) -> None:
+    from pipeline.state.store import open_store
+
+    stream = [{"channel": "transcript", "capture_session_id": "c", "rtstream_id": f"r{i % 2}",
+               "data": {"text": f"w{i} x", "start": 1000 * i, "end": 1000 * i + 500}} for i in range(50)]
+    opts = WindowOptions(size="20s", slide="10s", key=["capture_session_id", "rtstream_id"], allowed_lateness="1s")
+
+    def metrics(out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [e for e in out if e["channel"] == "metrics"]
+
+    one = Window(opts, make_context("stages[0]:window"))
+    want = metrics(one.process([dict(e) for e in stream])) + one.flush()
+    got: list[dict[str, Any]] = []
+    for part in (stream[:23], stream[23:]):  # a run stops (no flush: kill -9) and a new one resumes the state
+        store = open_store(tmp_path / "state")
+        w = Window(opts, make_context("stages[0]:window", state=store))
+        got += metrics(w.process([dict(e) for e in part]))
+        store.flush()
+        store.close()
+    got += w.flush()
+    assert got == want
