@@ -164,12 +164,20 @@ def test_late_event_is_counted_passed_on_and_not_folded(make_context: MakeCtx) -
 
 
 def test_open_windows_are_bounded(make_context: MakeCtx) -> None:
-    w = Window(WindowOptions(size="1m", key=["rtstream_id"], max_open_windows=3), make_context())
-    out = w.process([{"channel": "transcript", "rtstream_id": f"r{i}", "data": {"start": 1000}} for i in range(10)])
+    w = Window(WindowOptions(size="10ms", key=["rtstream_id"], max_open_windows=20, allowed_lateness="1h"),
+               make_context())
+    out = w.process([{"channel": "transcript", "rtstream_id": f"r{i}", "data": {"start": 1000 + i * 10}}
+                     for i in range(30)])
     evicted = [m for m in out if m["channel"] == "metrics"]
-    assert len(evicted) == 7 and all(m["evicted"] for m in evicted)
-    assert len(w.flush()) == 3
-    assert w.report()["evicted"] == 7
+    assert len(evicted) == 10 and all(m["evicted"] for m in evicted)  # two at a time (a tenth of 20)
+    assert [m["key"]["rtstream_id"] for m in evicted] == [f"r{i}" for i in range(10)]  # the oldest windows
+    assert len(w.flush()) == 20
+    assert w.report()["evicted"] == 10
+    big = Window(WindowOptions(size="1m", key=["rtstream_id"], max_open_windows=10_000), make_context())
+    flood = [{"channel": "x", "rtstream_id": f"r{i}", "data": {"start": 1000}} for i in range(50_000)]
+    t = time.perf_counter()
+    out = big.process(flood)
+    assert len(out) == 50_000 + 40_000 and time.perf_counter() - t < 20  # not one scan per new key
 
 
 @pytest.mark.parametrize("opts, msg", [({"size": "0s"}, "size must be"), ({"size": "1m", "slide": "2m"}, "slide"),
