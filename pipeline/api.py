@@ -18,16 +18,17 @@ import logging
 from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.deadletter import DeadLetter
 from pipeline.events import Batch, Event
 from pipeline.session import SessionLink
 from pipeline.stats import StageStats
+from pipeline.types import ByteSize
 
-__all__ = ["Batch", "Context", "Controller", "Event", "Options", "Processor", "Sink", "SinkOptions",
+__all__ = ["Batch", "BufferOptions", "Context", "Controller", "Event", "Options", "Processor", "Sink", "SinkOptions",
            "Source", "Stage"]
 
 
@@ -37,10 +38,25 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+class BufferOptions(Options):
+    """Where batches wait while a sink is behind: memory (bounded) or an on-disk spool."""
+
+    type: Literal["memory", "disk"] = Field(default="memory", description="memory or disk (spool under state_dir)")
+    max_bytes: ByteSize | None = Field(default=None, ge=1, description="bound on waiting batches; "
+                                       "default 64MiB in memory, 1GiB on disk")
+    when_full: Literal["block", "dead_letter"] = Field(
+        default="block", description="full buffer: block (slow the source) or dead_letter the new batch")
+
+    @property
+    def limit(self) -> int:
+        return self.max_bytes or (1 << 30 if self.type == "disk" else 64 << 20)
+
+
 class SinkOptions(Options):
-    """Options every sink has. `channels` routes: only those channels reach the sink."""
+    """Options every sink has. `channels` routes: only those channels reach the sink; `buffer` holds its backlog."""
 
     channels: list[str] | None = None
+    buffer: BufferOptions = Field(default_factory=BufferOptions)
 
 
 class StateStore:
@@ -123,6 +139,9 @@ class Sink(Stage):
 
     kind = "sink"
     Options: ClassVar[type[Options]] = SinkOptions
+    #: True when a `write()` cancelled at shutdown (after drain_timeout) leaves every event it had
+    #: accepted to be delivered or dead-lettered by `close()`; otherwise the runtime dead-letters the batch.
+    cancel_safe: ClassVar[bool] = False
 
     async def start(self) -> None:
         """Open files/connections. Raise StageError for a user-fixable problem."""

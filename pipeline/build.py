@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.api import Context, Controller, Processor, Sink, Source, StateStore
+from pipeline.api import BufferOptions, Context, Controller, Processor, Sink, Source, StateStore
 from pipeline.config import PipelineConfig, StageSpec
 from pipeline.deadletter import DeadLetter
 from pipeline.events import ALIASES, LIFECYCLE, Batch, channel_set
@@ -18,11 +18,13 @@ log = logging.getLogger("pipeline")
 
 @dataclass
 class SinkSlot:
-    """A sink with its routing (`channels:`) applied by the runtime, and its counters."""
+    """A sink with what the runtime applies for it: routing (`channels:`), its `buffer:`, its counters."""
 
     sink: Sink
     channels: frozenset[str] | None
     stats: StageStats
+    buffer: BufferOptions = field(default_factory=BufferOptions)
+    type_name: str = "sink"
 
     def route(self, batch: Batch) -> Batch:
         chans = self.channels
@@ -34,7 +36,7 @@ class SinkSlot:
         for e in batch:  # in_channels(), inlined: this runs for every event of every routed sink
             ch = e.get("channel")
             if ch is None:
-                if lifecycle and "event" in e:
+                if (lifecycle and "event" in e) or (type(e.get("event")) is str and e["event"] in chans):
                     out.append(e)
             elif isinstance(ch, str) and aliases.get(ch, ch) in chans:
                 out.append(e)
@@ -130,6 +132,7 @@ def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: 
         sink = make(spec)
         assert isinstance(sink, Sink)
         chans = getattr(spec.options, "channels", None)
-        slots.append(SinkSlot(sink, channel_set(chans) if chans else None, sink.context.stats))
+        buffer = getattr(spec.options, "buffer", None) or BufferOptions()
+        slots.append(SinkSlot(sink, channel_set(chans) if chans else None, sink.context.stats, buffer, spec.type_name))
     return Built(cfg, dead, session, source, Chain(processors, dead), slots,  # type: ignore[arg-type]
                  controller, all_stats, state)  # type: ignore[arg-type]

@@ -43,7 +43,8 @@ def in_channels(event: Event, channels: frozenset[str]) -> bool:
     """True when the event's canonical channel is in a set made by `channel_set`."""
     ch = event.get("channel")
     if ch is None:
-        return "event" in event and LIFECYCLE in channels
+        ev = event.get("event")
+        return "event" in event and (LIFECYCLE in channels or (type(ev) is str and ev in channels))
     if not isinstance(ch, str):
         return False
     return ALIASES.get(ch, ch) in channels

@@ -32,6 +32,7 @@ from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connec
 from stages.controller import resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
 from stages.controller.lifecycle import STATES, Lifecycle
+from stages.controller.session_options import SessionApiOptions
 
 log = logging.getLogger("pipeline.controller.capture_session")
 
@@ -54,9 +55,15 @@ class CaptureSessionOptions(Options):
     connect_timeout: Duration = Field(default=60.0, description="how long to wait for the source's connection id")
     status_poll_interval: Duration = Field(
         default=5.0, description="after a reconnect or when attached, poll the session status this often")
+    api: SessionApiOptions | None = Field(
+        default=None, description="serve the session API: sessions come from it, none is created at start")
 
     @model_validator(mode="after")
     def _need_user(self) -> CaptureSessionOptions:
+        if self.api is not None:
+            if self.session_id:
+                raise ValueError("session_id and api exclude each other (with api, sessions come from the API)")
+            return self
         if not self.end_user_id and not self.session_id:
             raise ValueError("set end_user_id (to create a session) or session_id (to attach to one)")
         return self
@@ -84,6 +91,8 @@ class CaptureSessionController(Controller):
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: str | None = None
         self._resumed = False
+        self.manager: Any = None  # SessionManager when `api` is set
+        self.api: Any = None
 
     async def _sdk(self, what: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         return await call(self.who, what, fn, *args, api_key=self.settings.api_key, **kwargs)
@@ -93,6 +102,9 @@ class CaptureSessionController(Controller):
     async def start(self) -> None:
         opts = self.options
         self._conn = await asyncio.to_thread(connect, self.settings, self.who)
+        if opts.api is not None:
+            await self._start_api()
+            return
         self.pipelines = AIPipelines(self._conn, opts.on_active, self.who, self.settings.api_key,
                                      opts.callback_url)
         try:
@@ -196,7 +208,20 @@ class CaptureSessionController(Controller):
 
     # --- lifecycle -------------------------------------------------------------------------------
 
+    async def _start_api(self) -> None:
+        """`api` set: many sessions, created through the session API (see session_manager.py)."""
+        from stages.controller.session_api import SessionApi
+        from stages.controller.session_manager import SessionManager
+
+        self.manager = SessionManager(self, self.state_file.parent)
+        await self.manager.start(self._conn)
+        self.api = SessionApi(self.manager, self.options.api, self.who)
+        await self.api.start()
+
     def observe(self, batch: Batch) -> None:
+        if self.manager is not None:
+            self.manager.observe(batch)
+            return
         for event in batch:
             if "event" in event:
                 status = lifecycle_status(event)
@@ -322,6 +347,10 @@ class CaptureSessionController(Controller):
             log.error("%s: %s", self.who, exc if isinstance(exc, StageError) else repr(exc))
 
     async def close(self) -> None:
+        if self.api is not None:
+            await self.api.close()
+        if self.manager is not None:
+            await self.manager.close()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

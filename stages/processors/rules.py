@@ -95,7 +95,7 @@ class _ChannelMatcher:
 
 
 class Rules(Processor):
-    """Emits an alert (DESIGN.md §3 shape) after each event that fires a rule; the event flows on."""
+    """Emits an alert (channel alert, data.event_label = rule name) after each event that fires a rule."""
 
     name = "rules"
     Options = RulesOptions
@@ -163,7 +163,9 @@ class Rules(Processor):
     def _fire(self, event: Event, text: str, hits: Hits, when: int) -> list[Event]:
         alerts: list[Event] = []
         rid = event.get("rtstream_id")
-        stream = rid if type(rid) is str and rid else str(rid or event.get("rtstream_name") or "")
+        if type(rid) is not str or not rid:  # no id: the name, within its session (names repeat across sessions)
+            rid = f"{event.get('capture_session_id') or ''}/{rid or event.get('rtstream_name') or ''}"
+        stream = rid
         rules, windows, last_fired = self._rules, self._windows, self._last_fired
         self._evict.seen(when)
         for idx in hits if len(hits) == 1 else sorted(hits):

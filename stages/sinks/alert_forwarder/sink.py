@@ -36,11 +36,20 @@ if TYPE_CHECKING:
 USER_AGENT = "videodb-pipeline alert_forwarder"
 
 
+def _size(event: Any) -> int:
+    """Encoded size of an alert, for the queue's byte bound (alerts are few: exact is cheap enough)."""
+    try:
+        return len(orjson.dumps(event, default=str))
+    except (TypeError, orjson.JSONEncodeError):
+        return 1024
+
+
 class AlertForwarder(Sink):
     """Forwards alert events to one or more webhooks (json, Slack, Discord or a template)."""
 
     name = "alert_forwarder"
     Options = AlertForwarderOptions
+    cancel_safe = True  # a cancelled write dead-letters what it had not queued; close() handles the rest
 
     def __init__(self, options: AlertForwarderOptions, context: Context) -> None:
         super().__init__(options, context)
@@ -87,7 +96,8 @@ class AlertForwarder(Sink):
         bucket = TokenBucket(*o.rate_limit, capacity=o.burst) if o.rate_limit else None
         return Destination(secrets.mask_url(url), partial(self._send, url), partial(self._dead_letter, url),
                            queue_size=o.queue_size, concurrency=o.concurrency, bucket=bucket,
-                           digest=o.on_limit == "digest", digest_max=o.digest_max, log=self.context.log)
+                           digest=o.on_limit == "digest", digest_max=o.digest_max, log=self.context.log,
+                           queue_bytes=o.queue_bytes)
 
     async def write(self, batch: Batch) -> None:
         """Dedupe by idempotency key and queue for every destination; waits only on a full queue."""
@@ -97,15 +107,20 @@ class AlertForwarder(Sink):
         for event in batch:
             key = alert_key(event)
             if self._seen.add(key):
-                alerts.append(Alert(event, key))
+                alerts.append(Alert(event, key, _size(event)))
         duplicates = len(batch) - len(alerts)
         if duplicates:
             self.duplicates += duplicates
             self.context.stats.dropped += duplicates
             self.context.log.debug("alert_forwarder: dropped %d duplicate alert(s)", duplicates)
         if alerts:
-            for dest in self._destinations:
-                await dest.put(alerts)
+            for n, dest in enumerate(self._destinations):
+                try:
+                    await dest.put(alerts)
+                except asyncio.CancelledError:
+                    for later in self._destinations[n + 1:]:
+                        later.abandon(alerts)
+                    raise
 
     def report(self) -> dict[str, int]:
         return {"delivered": self.delivered, "dead-lettered": self.dead_lettered, "digests": self.digests,
