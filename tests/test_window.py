@@ -259,3 +259,9 @@ def test_open_windows_survive_a_restart_through_the_state_file(tmp_path: Path, m
         store.close()
     got += w.flush()
     assert got == want
+
+
+def test_durations_in_milliseconds_are_exact(make_context: MakeCtx) -> None:
+    w = Window(WindowOptions(size="1001ms", allowed_lateness="1003ms"), make_context())  # 1.001 * 1000 < 1001
+    (m,) = w.process([{"channel": "x", "data": {"start": 5}}]) and w.flush()
+    assert m["window"] == {"start": 0, "end": 1001}

@@ -129,8 +129,6 @@ class LocalRuntime:
         if state.dirty:
             state.flush()
         if held:
-            if state.dirty:
-                state.flush()
             await self._fan_out(targets, index, held, estimate_bytes(held) / len(held))
 
     @staticmethod

@@ -137,9 +137,9 @@ class Window(Processor):
 
     def __init__(self, options: WindowOptions, context: Context) -> None:
         super().__init__(options, context)
-        self._size = max(1, int(options.size * 1000))
-        self._slide = max(1, int((options.slide or options.size) * 1000))
-        self._lateness = int(options.allowed_lateness * 1000)
+        self._size = max(1, round(options.size * 1000))  # round: 1.001 s * 1000 is 1000.999...
+        self._slide = max(1, round((options.slide or options.size) * 1000))
+        self._lateness = round(options.allowed_lateness * 1000)
         self._fields = tuple(options.key)
         self._store = context.state.get(f"window:{context.stage}")  # state key -> accumulator
         self._min_end: int | None = None  # smallest end among open windows; None = unknown (scan the store)
