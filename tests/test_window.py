@@ -262,6 +262,6 @@ def test_open_windows_survive_a_restart_through_the_state_file(tmp_path: Path, m
 
 
 def test_durations_in_milliseconds_are_exact(make_context: MakeCtx) -> None:
-    w = Window(WindowOptions(size="1001ms", allowed_lateness="1003ms"), make_context())  # 1.001 * 1000 < 1001
+    w = Window(WindowOptions(size=1.001, allowed_lateness=1.003), make_context())  # size: 1.001 -> 1000.999.. ms
     (m,) = w.process([{"channel": "x", "data": {"start": 5}}]) and w.flush()
     assert m["window"] == {"start": 0, "end": 1001}
