@@ -111,7 +111,7 @@ class PipelineConfig:
                 "new_session": self.new_session}
 
 
-_PLAIN_KEY = re.compile(r"^[\w-]+$")
+_PLAIN_KEY = re.compile(r"[\w-]+")
 
 
 def path_str(path: Path_) -> str:
@@ -120,7 +120,7 @@ def path_str(path: Path_) -> str:
     for p in path:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif not _PLAIN_KEY.match(p):
+        elif not _PLAIN_KEY.fullmatch(p):
             out += f"[{p!r}]"
         else:
             out += f".{p}" if out else p

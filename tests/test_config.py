@@ -181,3 +181,9 @@ def test_one_mutated_subtree_only_raises_config_errors(tmp_path: Path, where: tu
         load_config(write(tmp_path, yaml.safe_dump(doc)), env={})
     except ConfigError as exc:
         assert all(line.startswith(str(tmp_path / "p.yaml")) for line in str(exc).splitlines()), str(exc)
+
+
+def test_a_key_ending_in_a_newline_is_quoted(tmp_path: Path) -> None:
+    """Found by hypothesis: `$` matched before a trailing newline, so the key was printed raw."""
+    msg = error_of(tmp_path, BASE % "1s" + 'runtime: {"0\\n": 1}\n')
+    assert "runtime['0\\n']: unknown key" in msg
