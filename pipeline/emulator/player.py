@@ -77,7 +77,10 @@ class Player:
                 log.info("emulator: no pipeline started on %s after %.1fs; playing anyway",
                          s.id, self.setup_timeout)
                 break
-            await self._wall_sleep(s, 0.05)
+            # sleep until the settle time after the last setup call (or the setup timeout); a setup call
+            # wakes us (Api._setup), so thousands of waiting sessions cost nothing while they wait
+            until = s.last_setup + self.settle if s.setup_calls else active_at + self.setup_timeout
+            await self._wall_sleep(s, max(0.01, until - now))
         return not s.stop_requested
 
     async def _play(self, s: Session) -> bool:

@@ -231,6 +231,7 @@ class Api:
     def _setup(self, s: Session) -> None:
         s.setup_calls += 1
         s.last_setup = asyncio.get_running_loop().time()
+        s.wake.set()  # a session waiting for its pipelines recomputes when to start playing
 
     def index(self, req: web.Request) -> Pipeline:
         self.stream(req)
