@@ -10,8 +10,10 @@ sqlite store flushed after every batch that changed something, as
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,35 @@ def _flush_cost(rows: int, tmp: Path, repeats: int = 100) -> float:
     return best * 1e6
 
 
+def _retained(kind: str, ids: int, cap: int, dead: str) -> float:
+    """MB of rules (or enrich) state left after `ids` distinct rtstream ids, at most `cap` kept."""
+    state = StateStore()
+    ctx = Context(pipeline="bench", stage=kind, dead_letter=DeadLetter(dead), session=SessionLink(),
+                  stats=StageStats(kind, "processor"), state=state)
+    stage: Any
+    if kind == "rules":
+        rule = {"name": "code", "keywords": ["code"], "cooldown": "30s"}
+        stage = Rules(Rules.Options.model_validate({"rules": [rule], "max_state_keys": cap}), ctx)
+    else:
+        stage = Enrich(Enrich.Options.model_validate({"max_rtstreams": cap}), ctx)
+    t0 = 1_710_000_000_000
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for b in range(ids // 1000):
+        if kind == "rules":
+            stage.process([{"channel": "visual_index", "rtstream_id": f"rts-{b}-{i:06d}",
+                            "data": {"text": "code", "start": t0}} for i in range(1000)])
+        else:
+            stage.process([{"event": "capture_session.active", "capture_session_id": f"cap-{b}", "unix_ts": t0 / 1000,
+                            "data": {"rtstreams": [{"rtstream_id": f"rts-{b}-{i:06d}", "name": "display:1",
+                                                    "media_types": ["video"]} for i in range(1000)]}}])
+    gc.collect()
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return used / 1e6
+
+
 def run(n: int) -> list[Result]:
     lines = dataset(n).read_bytes().splitlines()[: min(n, 200_000)]
     dead = str(dataset(n).parent / "state-store-dead.jsonl")
@@ -80,6 +111,9 @@ def run(n: int) -> list[Result]:
             best, in_flush, rows = max(best, rate), min(in_flush, spent), store.rows_written
             store.close()
         costs = {rows: _flush_cost(rows, tmp) for rows in (1, 10, 100, 1000)}
+        ids = max(1_000, min(n, 200_000))
+        memory_mb = {(kind, cap): _retained(kind, ids, cap, dead)
+                     for kind in ("rules", "enrich") for cap in (ids // 10, ids * 10)}
     res = Result("enrich + rules, state saved to sqlite", best, baseline=memory, baseline_name="state in memory",
                  target="≥ 0.9", ok=best / memory >= 0.9)
     res.notes.append(f"{len(lines):,} events in batches of 1024; {flushes} flushes "
@@ -88,4 +122,7 @@ def run(n: int) -> list[Result]:
                      f"per event")
     res.notes.append("one flush: " + ", ".join(f"{rows} key{'s' if rows > 1 else ''} {us:,.0f} µs"
                                                for rows, us in costs.items()))
+    res.notes.append(f"state after {ids:,} distinct rtstream ids: " + ", ".join(
+        f"{kind} {mb:.1f} MB ({'capped at ' + format(cap, ',') if cap < ids else 'no cap reached'})"
+        for (kind, cap), mb in memory_mb.items()))
     return [res]
