@@ -229,3 +229,40 @@ state_dir: {tmp_path}/state
     assert len(dead) == 1 and dead[0]["reason"].startswith("spool: torn record")
     assert dead[0]["origin"]["spool"].endswith(seg.name)
     assert "from earlier spool 20" in rt.summary()
+
+
+async def test_shutdown_leaves_a_disk_backlog_spooled_and_the_next_run_delivers_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """drain_timeout ends a run whose slow sink is behind: with a disk buffer nothing is dead-lettered, the
+    backlog (and the write cut short) stays in the spool, and the next run delivers it once."""
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(event(i)) + b"\n" for i in range(2000)))
+    counts = tmp_path / "counts.txt"
+    cfg = tmp_path / "p.yaml"
+
+    def config(delay: float, buffer: str = "disk") -> Path:
+        cfg.write_text(f"""
+name: backlog
+source: {{type: replay, path: {src}, batch_size: 100}}
+runtime: {{drain_timeout: 0.5s}}
+sinks:
+  - {{type: "tests.slow_sink:SlowSink", path: {counts}, delay: {delay}, buffer: {{type: {buffer}}}}}
+dead_letter: {tmp_path}/dead.jsonl
+state_dir: {tmp_path}/state
+""")
+        return cfg
+
+    rt = LocalRuntime(build(load_config(config(0.2))), install_signals=False)
+    assert await rt.run() == 0
+    first = sum(int(x) for x in counts.read_text().split())
+    assert 0 < first < 2000
+    assert f"left spooled {2000 - first}" in rt.summary()
+    assert not (tmp_path / "dead.jsonl").exists()
+
+    src.write_bytes(b"")  # the next runs read nothing new
+    assert await LocalRuntime(build(load_config(config(0, "memory"))), install_signals=False).run() == 0
+    assert "undelivered byte(s) spooled under an earlier configuration" in caplog.text  # said, not lost
+    rt = LocalRuntime(build(load_config(config(0))), install_signals=False)
+    assert await rt.run() == 0
+    assert sum(int(x) for x in counts.read_text().split()) == 2000
+    assert f"from earlier spool {2000 - first}" in rt.summary() and "left spooled" not in rt.summary()
