@@ -177,6 +177,8 @@ class LocalRuntime:
                 self._writing[i] = item
                 try:
                     await slot.sink.write(batch)
+                    if buf.durable:  # acknowledged in the spool only once durable (not just in a sink's queue)
+                        await slot.sink.flush()
                 except Exception as exc:
                     failed = True
                     self._fail(exc if isinstance(exc, PipelineError) else
