@@ -309,3 +309,20 @@ async def test_buffer_is_bounded_in_bytes_while_the_broker_is_away(
     await asyncio.wait_for(asyncio.gather(*writers), 10)
     await sink.close()
     assert sink.dead_lettered == 10 and sink._buffered == 0 and sink._buffered_bytes == 0
+
+
+async def test_a_write_cancelled_while_waiting_for_room_dead_letters_its_events(
+        own_broker: Broker, make_context: Callable[..., Context]) -> None:  # noqa: F811
+    """The runtime cancels a pending write after drain_timeout and relies on the sink (cancel_safe): events
+    that never entered the full buffer must be dead-lettered, not forgotten."""
+    sink = make_sink(make_context, own_broker.bootstrap, topic="never", buffer_events=5, request_timeout="1s",
+                     shutdown_timeout="1s")
+    await sink.start()  # no broker
+    queued = asyncio.create_task(sink.write([ev(i) for i in range(5)]))
+    waiting = asyncio.create_task(sink.write([ev(i) for i in range(5, 8)]))
+    await asyncio.sleep(0.3)
+    waiting.cancel()
+    queued.cancel()
+    await asyncio.wait_for(sink.close(), 10)
+    dead = sorted(orjson.loads(x)["event"]["seq"] for x in sink.context.dead_letter.path.read_bytes().splitlines())
+    assert dead == list(range(8)) and sink.dead_lettered == 8
