@@ -23,9 +23,17 @@ from typing import Any
 from pipeline.build import Built, SinkSlot
 from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import Batch
-from pipeline.runtime.buffers import DiskBuffer, Item, MemoryBuffer, SinkBuffer, estimate_bytes, spool_dir
+from pipeline.runtime.buffers import (
+    DiskBuffer,
+    Item,
+    MemoryBuffer,
+    SinkBuffer,
+    estimate_bytes,
+    spool_dir,
+    spool_root,
+)
 from pipeline.runtime.reload import Reloader
-from pipeline.state.spool import Damage
+from pipeline.state.spool import Damage, undelivered_bytes
 
 log = logging.getLogger("pipeline.runtime")
 
@@ -169,6 +177,8 @@ class LocalRuntime:
                 self._writing[i] = item
                 try:
                     await slot.sink.write(batch)
+                    if buf.durable:  # acknowledged in the spool only once durable (not just in a sink's queue)
+                        await slot.sink.flush()
                 except Exception as exc:
                     failed = True
                     self._fail(exc if isinstance(exc, PipelineError) else
@@ -278,6 +288,13 @@ class LocalRuntime:
                 if buf.restored:
                     log.warning("%s: %d event(s) left in the spool by an earlier run; delivering them first",
                                 slot.stats.name, buf.restored)
+        used = {buf.spool.dir for buf in self.buffers if isinstance(buf, DiskBuffer)}
+        root = spool_root(self.b.config)
+        for d in sorted(root.iterdir()) if root.is_dir() else ():
+            size = undelivered_bytes(d) if d.is_dir() and d not in used else 0
+            if size:
+                log.warning("%s: %d undelivered byte(s) spooled under an earlier configuration, and no sink "
+                            "with a disk buffer at that position now; delete it once it is not needed", d, size)
 
     async def _supervise(self, ingest: asyncio.Task[None], drains: list[asyncio.Task[None]],
                          helpers: list[asyncio.Task[Any]]) -> None:
