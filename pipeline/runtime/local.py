@@ -59,6 +59,7 @@ class LocalRuntime:
         self.reloader: Reloader | None = None  # set by the runner for `run` (SIGHUP, --watch)
         self.gate = asyncio.Event()  # cleared while a reload swaps sinks: ingest waits between two batches
         self.gate.set()
+        self.fanning_out = False
 
     # -- control -----------------------------------------------------------------------
     def _on_signal(self, signum: int) -> None:
@@ -140,7 +141,9 @@ class LocalRuntime:
             if state.dirty:  # rule/enrich state is saved before its alerts can reach a sink
                 state.flush()
             st.sent += n
+            self.fanning_out = True  # a reload waits for this batch to be in every sink's buffer
             await self._fan_out(targets, index, out, per_event)
+            self.fanning_out = False
             index += 1
             # Let the sinks take this batch now rather than after `queue_size` more: the events are
             # still in the CPU cache, and fewer batches alive means less memory churn (~20% faster).
