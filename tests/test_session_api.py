@@ -93,7 +93,7 @@ async def running(make_context: Callable[..., Context], emu: Emulator, **api: An
 
 @pytest.fixture
 async def emulator(tmp_path: Path) -> AsyncIterator[Emulator]:
-    emu = Emulator(scenario_file(tmp_path, cues(), end=100), speed=10, api_key=API_KEY, autostart=False)
+    emu = Emulator(scenario_file(tmp_path, cues(), end=1000), speed=10, api_key=API_KEY, autostart=False)
     await emu.start()
     yield emu
     await emu.stop()
@@ -261,7 +261,7 @@ def lines_of(path: Path) -> list[dict[str, Any]]:
 
 
 async def test_restart_after_kill_9_reattaches_every_live_session(tmp_path: Path) -> None:
-    emu = Emulator(scenario_file(tmp_path, cues(60), end=100), speed=10, api_key=API_KEY, autostart=False)
+    emu = Emulator(scenario_file(tmp_path, cues(600), end=1000), speed=10, api_key=API_KEY, autostart=False)
     await emu.start()
     config = api_config(tmp_path, emu)
     out = tmp_path / "by-session"
@@ -344,7 +344,7 @@ async def test_jsonl_path_per_session_is_safe(make_context: Callable[..., Contex
 
 async def test_every_session_is_rebound_after_a_reconnect(make_context: Callable[..., Context],
                                                           tmp_path: Path) -> None:
-    emu = Emulator(scenario_file(tmp_path, cues(40), end=100), speed=10, api_key=API_KEY, autostart=False,
+    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False,
                    drop_after=40)
     await emu.start()
     try:
