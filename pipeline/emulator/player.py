@@ -37,7 +37,7 @@ class Player:
         self.autostart = autostart
         self.settle = settle
         self.setup_timeout = setup_timeout
-        self.emitted: list[dict[str, Any]] = []  # {"connection_id", "event"} for every event routed
+        self.emitted: list[dict[str, Any]] = []  # {"connection_id", "event", "live"} for every event routed
 
     def created(self, s: Session) -> None:
         """A session was just created: announce it and start its playback task."""
@@ -145,7 +145,7 @@ class Player:
             if p.conn and self.hub.resolve(p.conn) not in seen:
                 seen.add(self.hub.resolve(p.conn))
                 ev = self._for_stream(sc.cue_event(scn, cue, base_ms, s.id), stream.rtstream_id)
-                p.records.append(ev["data"])
+                p.records.append(dict(ev["data"]))  # what REST returns (routes.py)
                 out.append((p.conn, ev))
         return out
 
@@ -165,8 +165,9 @@ class Player:
 
     def _flush(self, due: dict[str, list[dict[str, Any]]]) -> None:
         for conn, events in due.items():
-            self.emitted.extend({"connection_id": conn, "event": ev} for ev in events)
-            self.hub.send(conn, events)
+            records = [{"connection_id": conn, "event": ev, "live": False} for ev in events]
+            self.emitted.extend(records)
+            self.hub.send(conn, records)
 
     def _check_finished(self) -> None:
         if self.reg.all_finished():
