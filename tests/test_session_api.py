@@ -398,3 +398,25 @@ async def test_every_session_is_rebound_after_a_reconnect(make_context: Callable
             assert any(e.get("backfill") for e in live.events)
     finally:
         await emu.stop()
+
+
+def test_backfill_bookkeeping_scales_with_sessions_not_history() -> None:
+    """Thousands of rtstreams are tracked for backfill; what is kept per rtstream is bounded in time."""
+    from stages.sources.inlet import Inlet
+
+    inlet = Inlet()
+    t0 = 1_700_000_000_000
+    for i in range(4000):  # 1,000 sessions x 4 rtstreams
+        inlet.admit([{"channel": "transcript", "rtstream_id": f"rts-{i}", "data": {"start": t0, "text": "hi"}}])
+    inlet.mark_gap()
+    assert inlet.since("rts-3999", "transcript") == t0  # the last session is backfilled from its gap too
+    for n in range(10_000):  # an hour and more of one stream at 1 event/s
+        inlet.admit([{"channel": "transcript", "rtstream_id": "rts-0", "data": {"start": t0 + n * 1000,
+                                                                                "text": f"segment {n}"}}])
+    seen = inlet._seen[("rts-0", "transcript")]
+    assert len(seen.keys) <= 61 and len(seen.order) == len(seen.keys)
+    dup = {"channel": "transcript", "rtstream_id": "rts-0", "backfill": True,
+           "data": {"start": t0 + 9_990 * 1000, "text": "segment 9990"}}
+    assert inlet.known(dup) and inlet.admit([dup]) == []  # recent events are still deduplicated
+    inlet.forget(["rts-0"])
+    assert ("rts-0", "transcript") not in inlet._seen and inlet.since("rts-0", "transcript") is None

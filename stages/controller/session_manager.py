@@ -376,10 +376,12 @@ class SessionManager:
 
     def _forget_streams(self, s: ManagedSession) -> None:
         """A finished session's rtstreams send nothing more: drop the lookup entries, keep the counters."""
-        for r in s.record.get("rtstreams") or []:
-            rid = r.get("rtstream_id") if isinstance(r, dict) else None
+        ids = [r.get("rtstream_id") for r in s.record.get("rtstreams") or [] if isinstance(r, dict)]
+        for rid in ids:
             if isinstance(rid, str) and self.by_stream.get(rid) is s:
                 del self.by_stream[rid]
+        if self.link.inlet is not None:
+            self.link.inlet.forget(str(rid) for rid in ids)  # its dedupe keys and backfill marks
 
     # --- AI pipelines and reconnects -----------------------------------------------------------
 
