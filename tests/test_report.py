@@ -167,3 +167,14 @@ def test_gaps_and_backfills_are_shown(tmp_path: Path) -> None:
     assert "backfilled events from" in html and '<div class="v">5</div><div class="k">backfilled</div>' in html
     (quiet,) = build_reports([str(src)], str(tmp_path / "q.html"), gap_ms=120_000)
     assert "no events for <b>" not in quiet.read_text()
+
+
+def test_lifecycle_keeps_arrival_order_on_equal_times(tmp_path: Path) -> None:
+    src = tmp_path / "l.jsonl"
+    statuses = ["created", "starting", "active", "stopping", "stopped", "exported"]
+    src.write_bytes(b"".join(orjson.dumps({"event": f"capture_session.{s}", "capture_session_id": "c", "status": s,
+                                           "unix_ts": 100.0}) + b"\n" for s in statuses))
+    (path,) = build_reports([str(src)], str(tmp_path / "l.html"))
+    html = path.read_text()
+    table = html[html.index("<h2>Lifecycle</h2>"):]
+    assert [table.index(f"<td>{s}</td>") for s in statuses] == sorted(table.index(f"<td>{s}</td>") for s in statuses)

@@ -190,8 +190,9 @@ def _keywords(s: Session) -> str:
 def _lifecycle(s: Session, t0: int) -> str:
     if not s.lifecycle.marks:
         return '<p class="none">No lifecycle events.</p>'
+    entries = sorted(s.lifecycle.marks, key=lambda m: m[0])  # equal times keep arrival order
     rows = "".join(f'<tr><td class="num">{esc(offset(t, t0))}</td><td class="num">{esc(day_clock(t))}</td>'
-                   f"<td>{esc(status)}</td></tr>" for t, status in sorted(s.lifecycle.marks))
+                   f"<td>{esc(status)}</td></tr>" for t, status in entries)
     return f"<table><thead><tr><th>when</th><th>UTC</th><th>status</th></tr></thead><tbody>{rows}</tbody></table>"
 
 
