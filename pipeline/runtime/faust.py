@@ -251,9 +251,10 @@ class Worker:
         self.summary()
 
     def summary(self) -> None:
+        extra = {p.context.stats.name: p.report() for p in self.built.chain.processors}
         for st in self.built.stats:
-            log.info("worker %d: %-28s in %d out %d errors %d", os.getpid(), st.name, st.received, st.sent,
-                     st.errors)
+            log.info("worker %d: %-28s in %d out %d errors %d%s", os.getpid(), st.name, st.received, st.sent,
+                     st.errors, "".join(f" {k} {v}" for k, v in extra.get(st.name, {}).items()))
         if self.built.dead_letter.count:
             log.warning("worker %d: dead-lettered %d -> %s", os.getpid(), self.built.dead_letter.count,
                         self.built.dead_letter.path)
