@@ -13,13 +13,17 @@ from pydantic import SecretStr
 
 from pipeline.build import build
 from pipeline.config import PipelineConfig
+from pipeline.http.attach import operator_view
 from pipeline.runtime.local import LocalRuntime
 
 log = logging.getLogger("pipeline")
 
 
-async def run_local(cfg: PipelineConfig, *, install_signals: bool = True) -> LocalRuntime:
-    """Build and run the pipeline; returns the finished runtime (exit code in `.exit_code`)."""
+async def run_local(cfg: PipelineConfig, *, install_signals: bool = True, progress: bool = False) -> LocalRuntime:
+    """Build and run the pipeline; returns the finished runtime (exit code in `.exit_code`).
+
+    `progress`: show a progress bar for a replay source (the caller checks for a terminal).
+    """
     emu = None
     if cfg.videodb.emulator is not None:
         from pipeline.emulator import Emulator
@@ -38,7 +42,9 @@ async def run_local(cfg: PipelineConfig, *, install_signals: bool = True) -> Loc
             rt = ingest_runtime(cfg, install_signals=install_signals)
         else:
             rt = LocalRuntime(build(cfg), install_signals=install_signals)
-        rt.exit_code = await rt.run()
+        role = "ingest" if cfg.runtime.engine == "faust" else "local"
+        async with operator_view(rt, rt.b, role=role, progress=progress and cfg.source.type_name == "replay"):
+            rt.exit_code = await rt.run()
     finally:
         if emu is not None:
             await emu.stop()

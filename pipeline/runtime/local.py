@@ -18,7 +18,8 @@ from typing import Any
 
 from pipeline.build import Built, SinkSlot
 from pipeline.errors import PipelineError, SinkFailed, StageError
-from pipeline.events import Batch
+from pipeline.events import Batch, event_time_ms
+from pipeline.stats import LAG_BUCKETS, LATENCY_BUCKETS, Histogram
 
 log = logging.getLogger("pipeline.runtime")
 
@@ -46,13 +47,20 @@ class LocalRuntime:
         self.b = built
         self.install_signals = install_signals
         q = built.config.runtime.queue_size
-        self.queues: list[asyncio.Queue[tuple[int, Batch] | None]] = [asyncio.Queue(q) for _ in built.sinks]
+        self.queues: list[asyncio.Queue[tuple[int, Batch, float] | None]] = [asyncio.Queue(q) for _ in built.sinks]
         self.acks = _Acks(len(built.sinks))
         self.signals = 0
         self.started = time.monotonic()
         self.error: PipelineError | None = None
         self.exit_code = 0
         self._stopping = False
+        # For the operator's view (pipeline/http): read at scrape time, fed once per batch.
+        self.tap: Any = None  # a TapHub while a tap client is attached, else None (one check per batch)
+        self.tap_base = 1 + len(built.chain.processors)  # tap points: 0 source, 1.. processors, then sinks
+        self.lag = Histogram(LAG_BUCKETS)  # now - event time of each batch's newest event, at ingest
+        self.latency = [Histogram(LATENCY_BUCKETS) for _ in built.sinks]  # receipt -> written, per sink
+        self.sinks_started = False
+        self.source_running = False
 
     # -- control -----------------------------------------------------------------------
     def _on_signal(self, signum: int) -> None:
@@ -78,14 +86,23 @@ class LocalRuntime:
         ctrl = b.controller
         chain = b.chain
         index = 0
+        lag = self.lag
+        clock, wall = time.monotonic, time.time
+        self.source_running = True
         async for batch in b.source.batches():
+            received = clock()
             st.received += len(batch)
+            if batch:
+                lag.observe(wall() - event_time_ms(batch[-1]) / 1000, len(batch))
+            tap = self.tap
+            if tap is not None:
+                tap.publish(0, batch)
             if ctrl is not None:
                 ctrl.observe(batch)
             out = chain(batch)
             st.sent += len(batch)
             for q in self.queues:
-                await q.put((index, out))
+                await q.put((index, out, received))
             index += 1
             # Let the sinks take this batch now rather than after `queue_size` more: the events are
             # still in the CPU cache, and fewer batches alive means less memory churn (~20% faster).
@@ -99,7 +116,7 @@ class LocalRuntime:
             item = await q.get()
             if item is None:
                 return
-            index, batch = item
+            index, batch, received = item
             routed = slot.route(batch)
             slot.stats.received += len(batch)
             if routed and not failed:
@@ -113,6 +130,10 @@ class LocalRuntime:
                         continue
                 else:
                     slot.stats.sent += len(routed)
+                    self.latency[i].observe(time.monotonic() - received, len(routed))
+                    tap = self.tap
+                    if tap is not None:
+                        tap.publish(self.tap_base + i, routed)
             if failed:  # keep taking batches so ingest never blocks on us, but write them to the dead letter
                 self._dead_letter(slot, routed, "sink failed before writing")
             else:
@@ -173,6 +194,7 @@ class LocalRuntime:
             for slot in b.sinks:
                 await slot.sink.start()
                 started.append(slot)
+            self.sinks_started = True
             drains = [asyncio.create_task(self._drain(i, s), name=s.stats.name) for i, s in enumerate(b.sinks)]
             if b.controller is not None:
                 helpers.append(asyncio.create_task(b.controller.start(), name="controller"))

@@ -9,6 +9,7 @@ it in a table.
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -114,6 +115,8 @@ class Rules(Processor):
         self._last_fired = context.state.get("rules.last_fired")  # "rule|rtstream" -> event ms
         self._windows = context.state.get("rules.windows")  # "rule|rtstream" -> [event ms, ...]
         self.fired = 0
+        self.fired_by: Counter[tuple[str, str]] = Counter()  # (rule, severity) -> alerts, for /metrics
+        self.recent: deque[Event] = deque(maxlen=20)  # the last alerts, for the status page
 
     def process(self, batch: Batch) -> Batch:
         out: Batch | None = None  # allocated only once a batch produces an alert
@@ -167,7 +170,10 @@ class Rules(Processor):
             if last is not None and c.cooldown_ms and last <= when < last + c.cooldown_ms:
                 continue
             last_fired[key] = when
-            alerts.append(self._alert(event, text, c.rule, hits[idx], when))
+            alert = self._alert(event, text, c.rule, hits[idx], when)
+            alerts.append(alert)
+            self.fired_by[c.rule.name, c.rule.severity] += 1
+            self.recent.append(alert)
         self.fired += len(alerts)
         return alerts
 

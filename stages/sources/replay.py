@@ -42,6 +42,7 @@ class ReplaySource(Source):
         self._stopped = asyncio.Event()
         self._stamp = Stamper()
         self.lines = 0
+        self.position = 0  # bytes of the file read so far (for a progress bar)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -109,6 +110,7 @@ class ReplaySource(Source):
                 if not lines:
                     break
                 self.lines = lineno + len(lines) - 1
+                self.position = fh.tell()
                 batch = self._parse(lines, lineno)
                 lineno += len(lines)
                 if batch:
@@ -125,6 +127,7 @@ class ReplaySource(Source):
             if self._stopping:
                 break
             self.lines = lineno
+            self.position += len(raw)
             parsed = self._parse([raw], lineno)
             if not parsed:
                 continue

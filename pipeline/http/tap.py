@@ -1,0 +1,146 @@
+"""Live taps: copies of the events at one point of the pipeline, for clients that may be slow.
+
+The runtime holds `tap = None` while nobody is attached, so the cost then is one
+attribute check per batch. With clients, each gets its own bounded buffer of
+serialized events; when it is full, events are counted as dropped for that client
+(who is told) and the pipeline never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from pipeline.events import Batch, channel_set, in_channels
+
+DEFAULT_BUFFER = 1000  # events a client may fall behind before its tap drops
+
+
+@dataclass(frozen=True)
+class Point:
+    index: int
+    label: str
+    kind: str  # source | processor | sink
+    type_name: str
+
+
+class TapError(ValueError):
+    """A tap request that names no point, or has a bad parameter (answered with 400)."""
+
+
+class TapClient:
+    """One attached client: what it wants and what it has not taken yet."""
+
+    def __init__(self, point: Point, channels: list[str] | None = None, sample: float = 1.0,
+                 limit: int | None = None, buffer: int = DEFAULT_BUFFER) -> None:
+        self.point = point
+        self.channels = channel_set(channels) if channels else None
+        self.sample = sample
+        self.limit = limit
+        self.buffer: deque[bytes] = deque()
+        self.max = buffer
+        self.dropped = 0  # events this client missed because its buffer was full
+        self.offered = 0  # events accepted into the buffer (counts towards `limit`)
+        self._credit = 0.0
+        self.wake = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.limit is not None and self.offered >= self.limit
+
+    def offer(self, batch: Batch) -> None:
+        """Copy the wanted events of a batch (serialized now: later stages may change the dicts)."""
+        chans, buf, dumps = self.channels, self.buffer, orjson.dumps
+        added = False
+        for event in batch:
+            if chans is not None and not in_channels(event, chans):
+                continue
+            if self.sample < 1.0:
+                self._credit += self.sample
+                if self._credit < 1.0:
+                    continue
+                self._credit -= 1.0
+            if self.done:
+                break
+            if len(buf) >= self.max:
+                self.dropped += 1
+                continue
+            try:
+                buf.append(dumps(event, default=str))
+            except TypeError:
+                continue
+            self.offered += 1
+            added = True
+        if added or self.done:
+            self.wake.set()
+
+
+class TapHub:
+    """The tap points of one pipeline and the clients attached to them."""
+
+    def __init__(self, points: list[Point], arm: Any) -> None:
+        self.points = points
+        self._arm = arm  # arm(hub or None): installs this hub where the runtime checks for it
+        self.clients: dict[int, list[TapClient]] = {}
+        self._dropped_gone = 0
+
+    @property
+    def client_count(self) -> int:
+        return sum(len(c) for c in self.clients.values())
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped_gone + sum(c.dropped for cs in self.clients.values() for c in cs)
+
+    def resolve(self, at: str) -> Point:
+        """`source`, a processor index (`2`) or type (`rules`), a label (`stages[2]:rules`), a sink type or label."""
+        at = at.strip()
+        if at.isdigit():
+            want = f"stages[{at}]:"
+            found = [p for p in self.points if p.label.startswith(want)]
+        else:
+            found = [p for p in self.points if at in (p.label, p.label.split(":", 1)[0])]
+            if not found:
+                found = [p for p in self.points if p.type_name == at or p.kind == at == "source"]
+        if len(found) == 1:
+            return found[0]
+        names = ", ".join(p.label for p in self.points)
+        if not found:
+            raise TapError(f"no tap point {at!r}; choose one of: source, {names}")
+        raise TapError(f"{at!r} names {len(found)} points ({', '.join(p.label for p in found)}); use a label")
+
+    def attach(self, client: TapClient) -> None:
+        self.clients.setdefault(client.point.index, []).append(client)
+        self._arm(self)
+
+    def detach(self, client: TapClient) -> None:
+        cs = self.clients.get(client.point.index, [])
+        if client in cs:
+            cs.remove(client)
+            self._dropped_gone += client.dropped
+            if not cs:
+                del self.clients[client.point.index]
+        if not self.clients:
+            self._arm(None)
+
+    def publish(self, index: int, batch: Batch) -> None:
+        """Called by the runtime at tap point `index` while any client is attached."""
+        for c in self.clients.get(index, ()):
+            c.offer(batch)
+
+
+def points_of(built: Any) -> list[Point]:
+    """Tap points in the order the runtime numbers them: source, processors, sinks."""
+    out = []
+    if built.source is not None:
+        out.append(Point(0, built.source.context.stage, "source", built.source.name))
+    for n, p in enumerate(built.chain.processors, 1):
+        out.append(Point(n, p.context.stage, "processor", p.name))
+    base = 1 + len(built.chain.processors)
+    for i, slot in enumerate(built.sinks):
+        out.append(Point(base + i, slot.stats.name, "sink", slot.sink.name))
+    return out
