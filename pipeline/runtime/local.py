@@ -93,7 +93,7 @@ class LocalRuntime:
             received = clock()
             st.received += len(batch)
             if batch:
-                lag.observe(wall() - event_time_ms(batch[-1]) / 1000, len(batch))
+                lag.observe(max(0.0, wall() - event_time_ms(batch[-1]) / 1000), len(batch))
             tap = self.tap
             if tap is not None:
                 tap.publish(0, batch)
