@@ -69,7 +69,8 @@ class OperatorServer:
         return app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                                      shutdown_timeout=2.0, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         try:
@@ -133,9 +134,9 @@ class OperatorServer:
         given = str(form.get("token", ""))
         if not self.token or not hmac.compare_digest(given.encode(), self.token.encode()):
             return web.Response(text=_LOGIN, status=401, content_type="text/html")
-        resp = web.HTTPSeeOther("/")
+        resp = web.Response(status=303, headers={"Location": "/"})
         resp.set_cookie(COOKIE, self._cookie, httponly=True, samesite="Strict", path="/")
-        return resp  # type: ignore[return-value]
+        return resp
 
     # -- endpoints ------------------------------------------------------------------------
     async def metrics(self, request: web.Request) -> web.Response:

@@ -61,7 +61,7 @@ class TapClient:
                 continue
             if self.sample < 1.0:
                 self._credit += self.sample
-                if self._credit < 1.0:
+                if self._credit < 1.0 - 1e-9:  # (0.1 added ten times is 0.9999...)
                     continue
                 self._credit -= 1.0
             if self.done:
