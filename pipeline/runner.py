@@ -41,7 +41,10 @@ async def run_local(cfg: PipelineConfig, *, install_signals: bool = True, progre
 
             rt = ingest_runtime(cfg, install_signals=install_signals)
         else:
-            rt = LocalRuntime(build(cfg), install_signals=install_signals)
+            from pipeline.state.store import open_store
+
+            state = open_store(cfg.state_dir) if getattr(cfg.source.cls, "resumes", True) else None
+            rt = LocalRuntime(build(cfg, state=state), install_signals=install_signals)
         role = "ingest" if cfg.runtime.engine == "faust" else "local"
         async with operator_view(rt, rt.b, role=role, progress=progress and cfg.source.type_name == "replay"):
             rt.exit_code = await rt.run()

@@ -18,15 +18,19 @@ def summary_dict(rt: Any) -> dict[str, Any]:
     stages: list[dict[str, Any]] = []
     sinks: list[dict[str, Any]] = []
     reports = {slot.stats.name: slot.sink.report() for slot in b.sinks}
+    procs = {p.context.stats.name: p for p in b.chain.processors}
     for st in b.stats:
         if st.kind == "source":
             stages.append({"name": st.name, "kind": "source", "read": st.received, "rejected": st.dropped})
         elif st.kind == "processor":
             stages.append({"name": st.name, "kind": "processor", "in": st.received, "out": st.sent,
-                           "dropped": max(0, st.received - st.sent), "errors": st.errors})
+                           "dropped": max(0, st.received - st.sent), "errors": st.errors,
+                           **{k.replace("-", "_"): v for k, v in procs[st.name].report().items()}})
         elif st.kind == "sink":
-            sinks.append({"name": st.name, "written": st.sent, "failed": st.errors,
-                          **{k.replace("-", "_"): v for k, v in reports.get(st.name, {}).items()}})
+            report = dict(reports.get(st.name, {}))
+            written = report.pop("written", st.sent)  # a sink may count what it really wrote (console)
+            sinks.append({"name": st.name, "written": written, "failed": st.errors,
+                          **{k.replace("-", "_"): v for k, v in report.items()}})
     out: dict[str, Any] = {
         "pipeline": b.config.name, "seconds": round(time.monotonic() - rt.started, 3),
         "exit_code": rt.exit_code, "error": secrets.mask(str(rt.error)) if rt.error is not None else None,

@@ -45,7 +45,7 @@ async def test_metrics_during_and_after_a_run_agree_with_the_summary(tmp_path: P
         assert _one(after, "videodb_pipeline_sink_errors_total", sink=sk["name"]) == sk["failed"]
         # receipt -> written latency: one observation per event written
         assert _one(after, "videodb_pipeline_sink_latency_seconds_count", sink=sk["name"]) == sk["written"]
-        assert _one(after, "videodb_pipeline_sink_queue_batches", sink=sk["name"]) == 0
+        assert _one(after, "videodb_pipeline_sink_queue_events", sink=sk["name"]) == 0
     fired = after["videodb_pipeline_alerts_fired_total"]
     assert sum(fired.values()) == summary["alerts_fired"] == 63
     assert _one(after, "videodb_pipeline_alerts_fired_total", rule="secret", severity="critical") == 60

@@ -80,8 +80,10 @@ class PipelineCollector:
         s_w = CounterMetricFamily(P + "sink_events_written", "Events a sink wrote", labels=labels)
         s_e = CounterMetricFamily(P + "sink_errors", "Events a sink failed to write (dead-lettered)",
                                   labels=labels)
-        s_q = GaugeMetricFamily(P + "sink_queue_batches", "Batches waiting in a sink's queue", labels=labels)
-        s_qc = GaugeMetricFamily(P + "sink_queue_capacity_batches", "Size of a sink's queue", labels=labels)
+        s_q = GaugeMetricFamily(P + "sink_queue_events", "Events waiting for a sink (in memory or spooled)",
+                                labels=labels)
+        s_qc = GaugeMetricFamily(P + "sink_queue_capacity_batches", "Batches a sink's buffer holds before "
+                                 "backpressure", labels=labels)
         s_sp = GaugeMetricFamily(P + "sink_spool_bytes", "Bytes a sink has spilled to disk", labels=labels)
         s_out = CounterMetricFamily(P + "sink_outcomes", "Per-sink outcome counters (delivered, dead-lettered...)",
                                     labels=[*labels, "outcome"])
@@ -89,14 +91,14 @@ class PipelineCollector:
         for i, slot in enumerate(b.sinks):
             lv = [name, slot.stats.name]
             s_in.add_metric(lv, slot.stats.received)
-            s_w.add_metric(lv, slot.stats.sent)
+            s_w.add_metric(lv, v.written(i))
             s_e.add_metric(lv, slot.stats.errors)
             s_q.add_metric(lv, v.queue_depth(i))
-            s_qc.add_metric(lv, b.config.runtime.queue_size)
+            s_qc.add_metric(lv, v.queue_capacity(i))
             spool = v.spool_bytes(i)
             s_sp.add_metric(lv, spool or 0)
             for key, n in slot.sink.report().items():
-                if key != "spool_bytes":
+                if key != "written":
                     s_out.add_metric([*lv, key.replace("-", "_")], n)
             h = v.latency(i)
             if h is not None:

@@ -53,9 +53,23 @@ class View:
             return None, None
         return getattr(ctrl, "session_id", None), lc.state
 
+    def buffer(self, i: int) -> Any:
+        buffers = getattr(self.rt, "buffers", None)
+        return buffers[i] if buffers else None
+
     def queue_depth(self, i: int) -> int:
-        queues = getattr(self.rt, "queues", None)
-        return queues[i].qsize() if queues else 0
+        """Events waiting for sink `i` (in memory or spooled)."""
+        buf = self.buffer(i)
+        return int(buf.pending_events) if buf is not None else 0
+
+    def queue_capacity(self, i: int) -> int:
+        buf = self.buffer(i)
+        return int(getattr(buf, "max_batches", 0)) or self.built.config.runtime.queue_size
+
+    def written(self, i: int) -> int:
+        """What the sink really wrote when it counts that itself (console), else what it accepted."""
+        slot = self.built.sinks[i]
+        return int(slot.sink.report().get("written", slot.stats.sent))
 
     def latency(self, i: int) -> Histogram | None:
         lat = getattr(self.rt, "latency", None)
@@ -67,14 +81,7 @@ class View:
 
     def spool_bytes(self, i: int) -> int | None:
         """Bytes a sink has spilled to disk, when its slot or sink reports them."""
-        slot = self.built.sinks[i]
-        for obj in (slot, getattr(slot, "spool", None), slot.sink):
-            v = getattr(obj, "spool_bytes", None)
-            if callable(v):
-                v = v()
-            if isinstance(v, int):
-                return v
-        v = slot.sink.report().get("spool_bytes")
+        v = getattr(self.buffer(i), "spooled_bytes", None)
         return v if isinstance(v, int) else None
 
     def gaps(self) -> Any:
@@ -115,11 +122,11 @@ class View:
         sinks = []
         for i, slot in enumerate(b.sinks):
             lat = self.latency(i)
-            sinks.append({"name": slot.stats.name, "in": slot.stats.received, "written": slot.stats.sent,
+            sinks.append({**{k.replace("-", "_"): v for k, v in slot.sink.report().items()},
+                          "name": slot.stats.name, "in": slot.stats.received, "written": self.written(i),
                           "errors": slot.stats.errors, "queue": self.queue_depth(i),
-                          "queue_size": b.config.runtime.queue_size, "spool_bytes": self.spool_bytes(i),
-                          "latency": round(lat.last, 4) if lat and lat.count else None,
-                          **{k.replace("-", "_"): v for k, v in slot.sink.report().items()}})
+                          "queue_size": self.queue_capacity(i), "spool_bytes": self.spool_bytes(i),
+                          "latency": round(lat.last, 4) if lat and lat.count else None})
         session_id, state = self.session_state()
         gaps = self.gaps()
         src = b.source

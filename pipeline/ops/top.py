@@ -75,7 +75,7 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
     for k in snap["sinks"]:
         t.add_row(k["name"], f"{rates.get('in:' + k['name'], 0):.1f}",
                   f"{rates.get('out:' + k['name'], 0):.1f}", str(k["in"]), str(k["written"]), "",
-                  f"{k['queue']}/{k['queue_size']}", _secs(k.get("latency")),
+                  str(k["queue"]), _secs(k.get("latency")),
                   Text(str(k["errors"]), style="red" if k["errors"] else ""))
     parts: list[Any] = [head, t]
     if snap["alerts"]:

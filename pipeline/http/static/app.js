@@ -71,10 +71,10 @@ function render(s) {
   for (const k of s.sinks) {
     values["w:" + k.name] = k.written;
     const r = perSecond(now, "w:" + k.name, k.written);
-    fan.append(node(k.name, "sink", r, `written ${fmt(k.written)} · queue ${k.queue}/${k.queue_size}`));
+    fan.append(node(k.name, "sink", r, `written ${fmt(k.written)} · queued ${fmt(k.queue)}`));
     const tr = el("tr");
     tr.append(el("td", "mono", k.name), el("td", "num", fmt(k.written)), el("td", "num", rate(r)),
-              el("td", "num", `${k.queue}/${k.queue_size}`), el("td", "num", secs(k.latency)),
+              el("td", "num", fmt(k.queue)), el("td", "num", secs(k.latency)),
               el("td", "num", fmt(k.errors)), el("td", "num", k.spool_bytes === null ? "–" : fmt(k.spool_bytes) + " B"));
     body.append(tr);
   }
