@@ -19,7 +19,8 @@ function secs(s) {
   if (s < 1) return (s * 1000).toFixed(0) + " ms";
   if (s < 120) return s.toFixed(1) + " s";
   if (s < 7200) return (s / 60).toFixed(1) + " min";
-  return (s / 3600).toFixed(1) + " h";
+  if (s < 172800) return (s / 3600).toFixed(1) + " h";
+  return (s / 86400).toFixed(1) + " days";
 }
 function badge(id, text, level) {
   const b = $(id); b.hidden = false; b.textContent = text; b.className = "badge " + level;
@@ -84,7 +85,8 @@ function render(s) {
   const ab = $("alerts").tBodies[0]; ab.replaceChildren();
   for (const a of s.alerts.slice().reverse()) {
     const d = a.data || {}, sev = String(d.severity || "info");
-    const when = a.ts ? a.ts.replace("T", " ").replace("Z", "").slice(0, 19) : "";
+    const iso = a.ts || (typeof a.unix_ts === "number" ? new Date(a.unix_ts * 1000).toISOString() : "");
+    const when = iso.replace("T", " ").replace("Z", "").slice(0, 19);
     const tr = el("tr", "alert-row");
     tr.append(el("td", "mono", when), el("td", "sev-" + sev.replace(/[^a-z]/g, ""), sev),
               el("td", "mono", d.event_label || ""), el("td", "mono", a.rtstream_name || a.rtstream_id || ""),
