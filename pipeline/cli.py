@@ -55,12 +55,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if rt.error is not None:
         print(f"pipeline: {secrets.mask(str(rt.error))}", file=sys.stderr)
     if not args.quiet:
-        print(secrets.mask(rt.summary()), file=sys.stderr)
+        _print_summary(rt, args.log_format)
     if args.summary_json:
         from pipeline.summary import write_summary
 
         write_summary(rt, args.summary_json)
     return rt.exit_code
+
+
+def _print_summary(rt: Any, log_format: str) -> None:
+    """The exit summary: text on stderr, or one JSON log record (`fields`) with --log-format json."""
+    if log_format == "json":
+        from pipeline.summary import summary_dict
+
+        logging.getLogger("pipeline.summary").info("summary", extra={"fields": summary_dict(rt)})
+    else:
+        print(secrets.mask(rt.summary()), file=sys.stderr)
 
 
 def _with_http(cfg: Any, address: str) -> Any:

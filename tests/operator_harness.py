@@ -42,7 +42,9 @@ def replay_file(path: Path, n: int, *, step: float = 0.001, alert_every: int = 5
 
 
 def config(tmp_path: Path, events: Path, *, speed: float = 0, extra_runtime: str = "", sinks: str = "",
-           stages: str = RULES, name: str = "ops") -> Path:
+           stages: str = RULES, name: str = "ops", http: str | None = "127.0.0.1:0",
+           status_interval: float = 0) -> Path:
+    http_key = f'http: "{http}", ' if http else ""
     body = f"""
 name: {name}
 source: {{type: replay, path: {events}, speed: {speed}, batch_size: 64}}
@@ -51,7 +53,7 @@ sinks:
   - {{type: jsonl, path: {tmp_path}/out.jsonl}}
   - {{type: jsonl, path: {tmp_path}/alerts.jsonl, channels: [alert]}}
 {sinks}
-runtime: {{http: "127.0.0.1:0", status_interval: 0 {extra_runtime}}}
+runtime: {{{http_key}status_interval: {status_interval} {extra_runtime}}}
 dead_letter: {tmp_path}/dead.jsonl
 """
     p = tmp_path / "p.yaml"

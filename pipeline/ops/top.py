@@ -42,6 +42,15 @@ def _secs(s: float | None) -> str:
     return f"{s * 1000:.1f}ms" if s < 1 else f"{s:.1f}s"
 
 
+def _clock(event: dict[str, Any]) -> str:
+    """HH:MM:SS (UTC) of the event's receipt stamp."""
+    ts = event.get("ts")
+    if isinstance(ts, str):
+        return ts[11:19]
+    unix = event.get("unix_ts")
+    return time.strftime("%H:%M:%S", time.gmtime(unix)) if isinstance(unix, int | float) else ""
+
+
 def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
     from rich.console import Group
     from rich.table import Table
@@ -82,7 +91,7 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
         a = Table(title="last alerts", expand=True, show_header=False, title_justify="left")
         for alert in snap["alerts"][-5:][::-1]:
             d = alert.get("data") or {}
-            a.add_row(str(alert.get("ts", ""))[11:19], str(d.get("severity", "")), str(d.get("event_label", "")),
+            a.add_row(_clock(alert), str(d.get("severity", "")), str(d.get("event_label", "")),
                       str(d.get("text", ""))[:120])
         parts.append(a)
     return Group(*parts)
