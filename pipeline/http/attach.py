@@ -12,15 +12,19 @@ from pipeline.http.tap import TapHub, points_of
 from pipeline.http.view import View
 
 
-def make_hub(built: Built, rt: Any) -> TapHub:
-    """A hub that, while clients are attached, installs itself where the runtime looks (`rt.tap`, `chain.tap`)."""
+def make_hub(built: Built, rt: Any, *, sinks: bool = True) -> TapHub:
+    """A hub that, while clients are attached, installs itself where the runtime looks (`rt.tap`, `chain.tap`).
+
+    `sinks=False`: no sink tap points (a faust worker taps its processors only).
+    """
 
     def arm(hub: TapHub | None) -> None:
         rt.tap = hub
         built.chain.tap = hub if hub is not None and any(
             0 < i < 1 + len(built.chain.processors) for i in hub.clients) else None
 
-    hub = TapHub(points_of(built), arm)
+    points = [p for p in points_of(built) if sinks or p.kind != "sink"]
+    hub = TapHub(points, arm)
     rt.tap_hub = hub
     return hub
 
@@ -60,3 +64,23 @@ async def operator_view(rt: Any, built: Built, *, role: str = "local",
                 await t
         if server is not None:
             await server.stop()
+
+
+async def serve_worker(worker: Any) -> None:
+    """A faust worker's operator endpoint (`pipeline worker --http`): runs until the worker stops."""
+    from pipeline.http.address import parse_address
+    from pipeline.http.server import OperatorServer
+
+    built = worker.built
+    cfg = built.config.runtime
+    view = View(built, worker, "worker")
+    hub = make_hub(built, worker, sinks=False)
+    host, port = parse_address(cfg.http)
+    token = cfg.http_token.get_secret_value() if cfg.http_token else None
+    server = OperatorServer(view, hub, host, port, token)
+    await server.start()
+    worker.http_server = server
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()
