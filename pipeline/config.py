@@ -63,6 +63,11 @@ class RuntimeSettings(Options):
                                       "needed for them on a non-loopback address")
     status_interval: Duration = Field(default=60.0, description="log a status line this often (0 = never)")
 
+    @field_validator("http_token", mode="before")
+    @classmethod
+    def _no_empty_token(cls, v: object) -> object:
+        return None if v == "" else v  # `${PIPELINE_HTTP_TOKEN:-}` unset means no token
+
     @field_validator("http")
     @classmethod
     def _address(cls, v: str | None) -> str | None:
