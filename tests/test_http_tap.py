@@ -21,10 +21,12 @@ async def read_sse(resp: aiohttp.ClientResponse, on_event=None) -> list[tuple[st
         if line.startswith("event: "):
             kind = line[7:]
         elif line.startswith("data: "):
-            item = (kind, orjson.loads(line[6:]))
-            out.append(item)
-            if on_event is not None:
-                on_event(item)
+            data = orjson.loads(line[6:])
+            items = [(kind, e) for e in data] if kind == "message" else [(kind, data)]  # a batch: a JSON array
+            for item in items:
+                out.append(item)
+                if on_event is not None:
+                    on_event(item)
             if kind == "end":
                 return out
         elif not line:

@@ -222,10 +222,9 @@ class OperatorServer:
             if client.dropped > reported:
                 reported = client.dropped
                 parts.append(b"event: dropped\ndata: " + orjson.dumps({"dropped": reported}) + b"\n\n")
-            buf = client.buffer
-            while buf:
-                parts.append(b"data: " + buf.popleft() + b"\n\n")
-            finished = (client.done and not buf) or self._closing.is_set()
+            for chunk in client.take():  # one message per batch: a JSON array of events
+                parts.append(b"data: " + chunk + b"\n\n")
+            finished = client.done or self._closing.is_set()
             if finished:
                 parts.append(b"event: end\ndata: " + orjson.dumps(
                     {"reason": "limit reached" if client.done else "pipeline stopped"}) + b"\n\n")

@@ -2,8 +2,9 @@
 
 The runtime holds `tap = None` while nobody is attached, so the cost then is one
 attribute check per batch. With clients, each gets its own bounded buffer of
-serialized events; when it is full, events are counted as dropped for that client
-(who is told) and the pipeline never waits.
+serialized events (one JSON array per batch: one serializer call, one message);
+when it is full, events are counted as dropped for that client (who is told) and
+the pipeline never waits.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class TapClient:
         self.channels = channel_set(channels) if channels else None
         self.sample = sample
         self.limit = limit
-        self.buffer: deque[bytes] = deque()
+        self.buffer: deque[bytes] = deque()  # JSON arrays of events, one per offered batch
+        self.pending = 0  # events in `buffer`
         self.max = buffer
         self.dropped = 0  # events this client missed because its buffer was full
         self.offered = 0  # events accepted into the buffer (counts towards `limit`)
@@ -52,31 +54,59 @@ class TapClient:
     def done(self) -> bool:
         return self.limit is not None and self.offered >= self.limit
 
+    def _select(self, batch: Batch) -> Batch:
+        chans = self.channels
+        if chans is not None:
+            batch = [e for e in batch if in_channels(e, chans)]
+        if self.sample < 1.0:
+            picked = []
+            credit, rate = self._credit, self.sample
+            for e in batch:
+                credit += rate
+                if credit >= 1.0 - 1e-9:  # (0.1 added ten times is 0.9999...)
+                    credit -= 1.0
+                    picked.append(e)
+            self._credit = credit
+            batch = picked
+        return batch
+
     def offer(self, batch: Batch) -> None:
         """Copy the wanted events of a batch (serialized now: later stages may change the dicts)."""
-        chans, buf, dumps = self.channels, self.buffer, orjson.dumps
-        added = False
-        for event in batch:
-            if chans is not None and not in_channels(event, chans):
-                continue
-            if self.sample < 1.0:
-                self._credit += self.sample
-                if self._credit < 1.0 - 1e-9:  # (0.1 added ten times is 0.9999...)
-                    continue
-                self._credit -= 1.0
-            if self.done:
-                break
-            if len(buf) >= self.max:
-                self.dropped += 1
-                continue
-            try:
-                buf.append(dumps(event, default=str))
-            except TypeError:
-                continue
-            self.offered += 1
-            added = True
-        if added or self.done:
-            self.wake.set()
+        if self.done:
+            return
+        wanted = self._select(batch)
+        if self.limit is not None:
+            wanted = wanted[: self.limit - self.offered]
+        room = self.max - self.pending
+        if len(wanted) > room:
+            self.dropped += len(wanted) - max(room, 0)
+            wanted = wanted[: max(room, 0)]
+        if not wanted:
+            return
+        try:
+            data = orjson.dumps(wanted, default=str)
+        except TypeError:  # something orjson cannot encode even as a string: skip those events only
+            wanted = [e for e in wanted if _encodable(e)]
+            data = orjson.dumps(wanted, default=str)
+        self.buffer.append(data)
+        self.pending += len(wanted)
+        self.offered += len(wanted)
+        self.wake.set()
+
+    def take(self) -> list[bytes]:
+        """Everything buffered (JSON arrays), emptying the buffer."""
+        out = list(self.buffer)
+        self.buffer.clear()
+        self.pending = 0
+        return out
+
+
+def _encodable(event: object) -> bool:
+    try:
+        orjson.dumps(event, default=str)
+    except TypeError:
+        return False
+    return True
 
 
 class TapHub:

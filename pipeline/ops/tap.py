@@ -60,11 +60,10 @@ def main(argv: list[str]) -> int:
                 kind = line[7:]
             elif line.startswith("data: "):
                 data = line[6:]
-                if kind == "message":
-                    text = show(data, orjson.loads(data))
-                    if text is not None:
-                        out.write(text + "\n")
-                        out.flush()
+                if kind == "message":  # a JSON array: the events of one batch
+                    lines = [show(orjson.dumps(e).decode(), e) for e in orjson.loads(data)]
+                    out.write("".join(f"{t}\n" for t in lines if t is not None))
+                    out.flush()
                 elif kind == "hello":
                     print(f"pipeline tap: following {orjson.loads(data)['at']}", file=sys.stderr)
                 elif kind == "dropped":

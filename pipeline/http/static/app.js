@@ -160,7 +160,7 @@ async function follow() {
         }
         if (!data) continue;
         const msg = JSON.parse(data);
-        if (type === "message") addLine(eventLine(msg));
+        if (type === "message") for (const ev of msg.slice(-MAX_EVENTS)) addLine(eventLine(ev));
         else if (type === "dropped") addLine(el("li", "note", `… this view fell behind: ${msg.dropped} events skipped`));
         else if (type === "end") $("tap-state").textContent = "tap ended: " + msg.reason;
       }
