@@ -189,6 +189,7 @@ stages:
   - {{type: window, size: 30s, key: [capture_session_id, rtstream_id], allowed_lateness: 10s}}
 sinks:
   - {{type: jsonl, path: {tmp_path}/metrics.jsonl, channels: [metrics], flush_interval: 0}}
+  - {{type: jsonl, path: {tmp_path}/events.jsonl, flush_interval: 0}}
 dead_letter: {tmp_path}/dead.jsonl
 """)
     return cfg
@@ -219,7 +220,11 @@ def test_signal_flushes_open_windows(tmp_path: Path) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        time.sleep(4.0)  # real time: a few events in, every window still open
+        events = tmp_path / "events.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and (
+                not events.exists() or events.read_bytes().count(b"\n") < 3):
+            time.sleep(0.05)  # real time: a few events in (so the run is up), every window still open
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
