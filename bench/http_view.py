@@ -13,6 +13,8 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import orjson
+
 from bench.common import ROOT, Result, pipeline_config, ratio_result, rules_spec, workdir, write_config
 from bench.gen import dataset
 
@@ -59,7 +61,7 @@ def _tap(port: int, counter: list[int]) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/tap?at=source", timeout=60) as r:
             for line in r:
                 if line.startswith(b"data: "):
-                    counter[0] += 1
+                    counter[0] += len(orjson.loads(line[6:]))  # one batch: a JSON array
                 elif line.startswith(b"event: end"):
                     return
     except OSError:

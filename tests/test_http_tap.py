@@ -179,3 +179,14 @@ def test_non_loopback_without_token_refuses_content(tmp_path: Path) -> None:
     assert denied is not None and denied.status == 403
     srv.host = "127.0.0.1"
     assert srv._denied(make_mocked_request("GET", "/tap")) is None
+
+
+async def test_idle_tap_gets_keepalives(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import pipeline.http.server as server
+
+    monkeypatch.setattr(server, "KEEPALIVE", 0.1)
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    async with served(config(tmp_path, events)) as (_rt, base), aiohttp.ClientSession() as http, \
+            http.get(base + "/tap") as resp:
+        lines = [await asyncio.wait_for(resp.content.readline(), 5) for _ in range(6)]
+    assert lines[3:5] == [b": keep-alive\n", b"\n"]  # after the hello block, nothing to send: a comment

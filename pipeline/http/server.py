@@ -27,6 +27,7 @@ log = logging.getLogger("pipeline.http")
 STATIC = Path(__file__).parent / "static"
 COOKIE = "videodb_pipeline_session"
 KEEPALIVE = 15.0  # seconds between SSE comments on an idle tap
+COALESCE = 0.01  # after a wake-up, gather this long: fewer, larger writes when events flow fast
 HEARTBEAT = 0.5  # seconds between event-loop heartbeats (for /healthz)
 UNHEALTHY_AFTER = 5.0  # loop late by this much: /healthz answers 503
 MAX_LIMIT = 1_000_000
@@ -211,13 +212,31 @@ class OperatorServer:
     async def _stream(self, client: TapClient, resp: web.StreamResponse) -> None:
         """Send what the client's buffer holds; tell it when it missed events; end at `limit` or shutdown."""
         reported = 0
+        loop = asyncio.get_running_loop()
+        idle = [0]  # keep-alive ticks since the last message (a timer, not a timeout per wait)
+
+        def tick() -> None:
+            idle[0] += 1
+            client.wake.set()
+            timer[0] = loop.call_later(KEEPALIVE, tick)
+
+        timer = [loop.call_later(KEEPALIVE, tick)]
+        try:
+            await self._send(client, resp, idle, reported)
+        finally:
+            timer[0].cancel()
+
+    async def _send(self, client: TapClient, resp: web.StreamResponse, idle: list[int], reported: int) -> None:
         while True:
-            try:
-                await asyncio.wait_for(client.wake.wait(), KEEPALIVE)
-            except TimeoutError:
+            await client.wake.wait()
+            if not client.pending and idle[0] and not (client.done or self._closing.is_set()):
+                idle[0] = 0
+                client.wake.clear()
                 await resp.write(b": keep-alive\n\n")
                 continue
+            await asyncio.sleep(COALESCE)
             client.wake.clear()
+            idle[0] = 0
             parts: list[bytes] = []
             if client.dropped > reported:
                 reported = client.dropped

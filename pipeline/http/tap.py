@@ -18,7 +18,7 @@ import orjson
 
 from pipeline.events import Batch, channel_set, in_channels
 
-DEFAULT_BUFFER = 1000  # events a client may fall behind before its tap drops
+DEFAULT_BUFFER = 2000  # events a client may fall behind before its tap drops
 
 
 @dataclass(frozen=True)
