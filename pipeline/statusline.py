@@ -36,16 +36,16 @@ class Rates:
 def status_fields(view: Any, rate: float) -> dict[str, Any]:
     """The status line's values (also attached to JSON log records as fields)."""
     snap = view.snapshot()
-    fields: dict[str, Any] = {"rate": round(rate, 1), "events": snap["source"] and
-                              view.built.source.context.stats.received}
+    src = view.built.source
+    fields: dict[str, Any] = {"rate": round(rate, 1), "events": src.context.stats.received if src else 0}
     if snap["lag"] is not None:
         fields["lag"] = snap["lag"]
     fields["queues"] = {s["name"]: s["queue"] for s in snap["sinks"]}
-    src = snap["source"]
-    if src is not None and src["connected"] is not None:
-        fields["websocket"] = "connected" if src["connected"] else "disconnected"
-        if src["reconnects"]:
-            fields["reconnects"] = src["reconnects"]
+    live = snap["source"]
+    if live is not None and live["connected"] is not None:
+        fields["websocket"] = "connected" if live["connected"] else "disconnected"
+        if live["reconnects"]:
+            fields["reconnects"] = live["reconnects"]
     if snap["session"] is not None:
         fields["session"] = snap["session"]["state"] or "none"
     fields["alerts"] = snap["alerts_fired"]
@@ -59,7 +59,7 @@ def format_status(f: dict[str, Any]) -> str:
     if "lag" in f:
         parts.append(f"lag {f['lag']:.1f}s")
     if f["queues"]:
-        parts.append("queues " + " ".join(f"{k.split(':', 1)[-1]}={v}" for k, v in f["queues"].items()))
+        parts.append("queued " + " ".join(f"{k}={v}" for k, v in f["queues"].items()))
     for key in ("websocket", "session"):
         if key in f:
             parts.append(f"{key} {f[key]}")
