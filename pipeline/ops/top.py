@@ -16,7 +16,7 @@ def _parser() -> argparse.ArgumentParser:
                                 "and sinks: rates, queue depths, lag, errors, alerts")
     p.add_argument("url", help="the pipeline's operator address, e.g. http://127.0.0.1:9464")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
-    p.add_argument("--once", action="store_true", help="print one table and exit")
+    p.add_argument("--once", action="store_true", help="print one table (rates over one interval) and exit")
     p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
     return p
 
@@ -124,8 +124,10 @@ def main(argv: list[str]) -> int:
     snap = fetch()
     view = render(snap, rates.update(time.monotonic(), counters(snap)))
     console = Console()
-    if args.once:
-        console.print(view)
+    if args.once:  # two samples `interval` apart, so the rates mean something
+        time.sleep(max(0.1, args.interval))
+        snap = fetch()
+        console.print(render(snap, rates.update(time.monotonic(), counters(snap))))
         return 0
     try:
         with Live(view, console=console, refresh_per_second=4, screen=False) as live:
