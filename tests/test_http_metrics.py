@@ -166,3 +166,27 @@ async def test_metrics_stay_open_with_a_token(tmp_path: Path) -> None:
             for path in ("/metrics", "/healthz", "/ready"):
                 async with http.get(base + path) as r:
                     assert r.status in (200, 503), path
+
+
+async def test_ready_waits_for_an_active_capture_session(tmp_path: Path) -> None:
+    """With a controller, /ready stays 503 until the session is active, and says so."""
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.http.view import View
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config/demo.yaml")
+    built = build(cfg)
+
+    class _Rt:
+        sinks_started = True
+        source_running = True
+
+    view = View(built, _Rt())
+    built.source.connected = True  # as once the WebSocket is open
+    assert view.ready() == {"capture_session": "state is unknown (not created yet), not active"}
+    built.controller.lifecycle.advance("starting")
+    assert view.ready() == {"capture_session": "state is starting, not active"}
+    built.controller.lifecycle.advance("active")
+    assert view.ready() == {}
+    built.controller.lifecycle.advance("stopping")
+    assert "capture_session" in view.ready()
