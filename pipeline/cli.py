@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.http:
         cfg = _with_http(cfg, args.http)
     progress = not args.quiet and args.log_format == "text" and sys.stderr.isatty()
-    rt = asyncio.run(run_local(cfg, progress=progress))
+    rt = asyncio.run(run_local(cfg, watch=args.watch, progress=progress))
     if rt.error is not None:
         print(f"pipeline: {secrets.mask(str(rt.error))}", file=sys.stderr)
     if not args.quiet:
@@ -204,6 +204,8 @@ def parser() -> argparse.ArgumentParser:
                        parents=[common])
     r.add_argument("config")
     r.add_argument("-q", "--quiet", action="store_true", help="no exit summary")
+    r.add_argument("--watch", action="store_true",
+                   help="reload the config when the file changes (SIGHUP always reloads)")
     r.add_argument("--new-session", action="store_true",
                    help="create a new capture session instead of resuming the one in state_dir")
     r.add_argument("--http", metavar="ADDR", help="serve metrics, health, tap and a status page at HOST:PORT "

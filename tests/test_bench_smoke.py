@@ -10,7 +10,19 @@ import pytest
 
 import bench.__main__ as bench_main
 import bench.sessions as sessions_bench
-from bench import bytewax_peer, common, faust_scaling, gen, kafka, latency, memory, replay, rules_scaling, ws_ingest
+from bench import (
+    bytewax_peer,
+    common,
+    faust_scaling,
+    gen,
+    kafka,
+    latency,
+    memory,
+    replay,
+    rules_scaling,
+    spool,
+    ws_ingest,
+)
 from bench.common import Result
 from bench.gen import dataset, events, keywords
 
@@ -59,6 +71,12 @@ def test_generator_is_deterministic_and_seed_shaped() -> None:
 
 def test_replay() -> None:
     numbers(replay.run(2000, repeats=1))
+
+
+def test_spool() -> None:
+    res = spool.run(2000, repeats=1)
+    numbers(res)
+    assert [r.name.split(",")[0] for r in res] == ["disk buffer", "disk buffer alone", "disk buffer alone"]
 
 
 def test_rules_scaling() -> None:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pipeline.build import Built
-from pipeline.http.tap import TapHub, points_of
+from pipeline.http.tap import Point, TapHub, points_of
 from pipeline.http.view import View
 
 
@@ -20,10 +20,11 @@ def make_hub(built: Built, rt: Any, *, sinks: bool = True) -> TapHub:
 
     def arm(hub: TapHub | None) -> None:
         rt.tap = hub
-        built.chain.tap = hub if hub is not None and any(
-            0 < i < 1 + len(built.chain.processors) for i in hub.clients) else None
+        built.chain.tap = hub if hub is not None and any(i > 0 for i in hub.clients) else None
 
-    points = [p for p in points_of(built) if sinks or p.kind != "sink"]
+    def points() -> list[Point]:
+        return [p for p in points_of(built) if sinks or p.kind != "sink"]
+
     hub = TapHub(points, arm)
     rt.tap_hub = hub
     return hub

@@ -23,7 +23,7 @@ DEFAULT_BUFFER = 2000  # events a client may fall behind before its tap drops
 
 @dataclass(frozen=True)
 class Point:
-    index: int
+    index: int  # 0 source, 1.. processors in order, -1-i sink i
     label: str
     kind: str  # source | processor | sink
     type_name: str
@@ -112,11 +112,15 @@ def _encodable(event: object) -> bool:
 class TapHub:
     """The tap points of one pipeline and the clients attached to them."""
 
-    def __init__(self, points: list[Point], arm: Any) -> None:
-        self.points = points
+    def __init__(self, points: Any, arm: Any) -> None:
+        self._points = points  # () -> the current points (a config reload may change the processors)
         self._arm = arm  # arm(hub or None): installs this hub where the runtime checks for it
         self.clients: dict[int, list[TapClient]] = {}
         self._dropped_gone = 0
+
+    @property
+    def points(self) -> list[Point]:
+        return list(self._points())
 
     @property
     def client_count(self) -> int:
@@ -164,13 +168,12 @@ class TapHub:
 
 
 def points_of(built: Any) -> list[Point]:
-    """Tap points in the order the runtime numbers them: source, processors, sinks."""
+    """Tap points as the runtime numbers them: 0 the source, 1.. the processors, -1-i sink i."""
     out = []
     if built.source is not None:
         out.append(Point(0, built.source.context.stage, "source", built.source.name))
     for n, p in enumerate(built.chain.processors, 1):
         out.append(Point(n, p.context.stage, "processor", p.name))
-    base = 1 + len(built.chain.processors)
     for i, slot in enumerate(built.sinks):
-        out.append(Point(base + i, slot.stats.name, "sink", slot.sink.name))
+        out.append(Point(-1 - i, slot.stats.name, "sink", slot.sink.name))
     return out

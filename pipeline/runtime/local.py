@@ -6,7 +6,8 @@ in memory a slow sink makes `put()` wait, which stops the source from reading
 stop the source and start the `drain_timeout` clock: what was read is written
 until then; after it nothing waits any more (the rest is dead-lettered, or stays
 spooled), and each sink's `close()` gets its own `shutdown_timeout`. A second
-signal forces an immediate exit.
+signal forces an immediate exit. SIGHUP reloads the config (pipeline.runtime.reload);
+it never stops the run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipeline.build import Built, SinkSlot
 from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import Batch, event_time_ms
 from pipeline.runtime.buffers import DiskBuffer, Item, MemoryBuffer, SinkBuffer, estimate_bytes, spool_dir
+from pipeline.runtime.reload import Reloader
 from pipeline.state.spool import Damage
 from pipeline.stats import LAG_BUCKETS, LATENCY_BUCKETS, Histogram
 
@@ -48,9 +50,11 @@ class LocalRuntime:
         self.error: PipelineError | None = None
         self.exit_code = 0
         self._stopping = False
+        self.reloader: Reloader | None = None  # set by the runner for `run` (SIGHUP, --watch)
+        self.gate = asyncio.Event()  # cleared while a reload swaps sinks: ingest waits between two batches
+        self.gate.set()
         # For the operator's view (pipeline/http): read at scrape time, fed once per batch.
         self.tap: Any = None  # a TapHub while a tap client is attached, else None (one check per batch)
-        self.tap_base = 1 + len(built.chain.processors)  # tap points: 0 source, 1.. processors, then sinks
         self.lag = Histogram(LAG_BUCKETS)  # now - event time of each batch's newest event, at ingest
         self.latency = [Histogram(LATENCY_BUCKETS) for _ in built.sinks]  # receipt -> written, per sink
         self.received_at: dict[int, float] = {}  # batch index -> monotonic receipt time (the last RECEIPTS)
@@ -68,6 +72,12 @@ class LocalRuntime:
             sys.stderr.write("pipeline: second signal, exiting now without flushing\n")
             sys.stderr.flush()
             os._exit(130)
+
+    def _on_hup(self) -> None:
+        if self.reloader is not None:
+            self.reloader.request("SIGHUP")
+        else:
+            log.warning("received SIGHUP: this runtime has no config to reload; ignored")
 
     async def stop(self) -> None:
         if not self._stopping:
@@ -122,6 +132,7 @@ class LocalRuntime:
         clock, wall = time.monotonic, time.time
         self.source_running = True
         async for batch in source.batches():
+            await self.gate.wait()  # set except while a reload swaps sinks
             n = len(batch)
             st.received += n
             received_at[index] = clock()
@@ -146,9 +157,9 @@ class LocalRuntime:
             # still in the CPU cache, and fewer batches alive means less memory churn (~20% faster).
             await asyncio.sleep(0)
         held = chain.flush()  # the source ended (exhausted, exit_on, signal): open windows close now
+        if state.dirty:
+            state.flush()
         if held:
-            if state.dirty:
-                state.flush()
             await self._fan_out(targets, index, held, estimate_bytes(held) / len(held))
 
     @staticmethod
@@ -197,7 +208,7 @@ class LocalRuntime:
                     self.latency[i].observe(time.monotonic() - t, len(batch))
                 tap = self.tap
                 if tap is not None:
-                    tap.publish(self.tap_base + i, batch)
+                    tap.publish(-1 - i, batch)  # sink i is tap point -1-i
             elif failed:  # keep taking batches so ingest never blocks on us, but write them to the dead letter
                 self._dead_letter(slot, batch, "sink failed before writing")
             buf.taken(item)
@@ -251,6 +262,7 @@ class LocalRuntime:
         if self.install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+            loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         started: list[SinkSlot] = []
         helpers: list[asyncio.Task[Any]] = []
         try:
@@ -265,6 +277,8 @@ class LocalRuntime:
                 helpers.append(asyncio.create_task(b.controller.start(), name="controller"))
             helpers.append(asyncio.create_task(self._watch_exit(), name="exit-watch"))
             helpers.append(asyncio.create_task(self._commit_loop(), name="commit"))
+            if self.reloader is not None:
+                helpers.append(asyncio.create_task(self.reloader.run(), name="reload"))
             ingest = asyncio.create_task(self._ingest(), name="ingest")
             await self._supervise(ingest, drains, helpers)
         except PipelineError as exc:
@@ -276,7 +290,7 @@ class LocalRuntime:
             for buf in self.buffers:
                 buf.close()
             if self.install_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
         if self.error is not None:
             return self.error.exit_code
@@ -393,6 +407,10 @@ class LocalRuntime:
             lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
         lines.append(f"  dead-lettered: {b.dead_letter.count}" +
                      (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))
+        if (gaps := b.session.gaps.summary()) is not None:
+            lines.append(gaps)
+        if self.reloader is not None and (self.reloader.applied or self.reloader.rejected):
+            lines.append(f"  reloads: {self.reloader.applied} applied, {self.reloader.rejected} rejected")
         if b.session.exit_reason:
             lines.append(f"  ended: {b.session.exit_reason}")
         return "\n".join(lines)
