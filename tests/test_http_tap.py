@@ -190,3 +190,36 @@ async def test_idle_tap_gets_keepalives(tmp_path: Path, monkeypatch) -> None:  #
             http.get(base + "/tap") as resp:
         lines = [await asyncio.wait_for(resp.content.readline(), 5) for _ in range(6)]
     assert lines[3:5] == [b": keep-alive\n", b"\n"]  # after the hello block, nothing to send: a comment
+
+
+async def test_tap_points_follow_a_config_reload(tmp_path: Path) -> None:
+    """A reload that adds a processor: the sink tap keeps its sink, the new stage can be tapped."""
+    from pipeline.config import load_config
+    from pipeline.runtime.reload import Reloader
+
+    events = replay_file(tmp_path / "in.jsonl", 1200, step=0.005)  # ~6 s at speed 1
+    path = config(tmp_path, events, speed=1)
+    async with served(path) as (rt, base), aiohttp.ClientSession() as http:
+        rt.reloader = Reloader(rt, path, load_config(path))
+        run = asyncio.create_task(rt.run())
+        async with http.get(base + "/tap", params={"at": "sinks[1]:jsonl"}) as sink_tap:
+            for _ in range(3):
+                await sink_tap.content.readline()
+            await asyncio.sleep(0.5)
+            path.write_text(path.read_text().replace("  - type: rules", "  - {type: enrich}\n  - type: rules"))
+            assert await rt.reloader.reload("test")
+            status, snap = 0, {}
+            async with http.get(base + "/api/status") as r:
+                status, snap = r.status, await r.json()
+            assert status == 200 and snap["points"][:4] == [
+                "source:replay", "stages[0]:filter", "stages[1]:enrich", "stages[2]:rules"]
+            async with http.get(base + "/tap", params={"at": "enrich", "limit": "3"}) as new_tap:
+                got = [d for k, d in await asyncio.wait_for(read_sse(new_tap), 10) if k == "message"]
+            assert len(got) == 3 and all(e["channel"] in ("transcript", "visual_index") for e in got)
+            await rt.stop()
+            assert await run == 0
+            await rt.http_server.stop()
+            alerts = [d for k, d in await read_sse(sink_tap) if k == "message"]
+    assert alerts and all(a["channel"] == "alert" for a in alerts)  # still the alerts sink's events
+    texts = [a["data"]["text"] for a in alerts if a["data"]["event_label"] == "secret"]
+    assert len(texts) == len(set(texts)) >= 2
