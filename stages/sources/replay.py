@@ -125,11 +125,12 @@ class ReplaySource(Source):
                 if not lines:
                     break
                 self.lines = lineno + len(lines) - 1
-                self.position = fh.tell()
                 batch = self._parse(lines, lineno)
                 lineno += len(lines)
+                raw = sum(map(len, lines))
+                self.position += raw  # bytes read so far (tell() fails on a pipe)
                 if batch:
-                    self.batch_bytes = sum(map(len, lines))  # raw size, for the runtime's byte bounds
+                    self.batch_bytes = raw  # raw size, for the runtime's byte bounds
                     yield batch
         finally:
             fh.close()
