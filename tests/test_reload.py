@@ -196,3 +196,12 @@ async def test_rule_state_carries_over_only_for_unchanged_rules(tmp_path: Path) 
         kw="apple", extra="", out=out))
     assert await reloader.reload("test")
     assert reloader.current.source.options.path.endswith("none.jsonl")  # type: ignore[attr-defined]
+    rt.reloader = reloader  # the metrics endpoint counts reloads by outcome
+    p.write_text("name: state\nsources: oops\n")
+    assert not await reloader.reload("test")
+    from pipeline.http.metrics import exposition, registry_for
+    from pipeline.http.view import View
+
+    text = exposition(registry_for(View(rt.b, rt))).decode()
+    assert 'videodb_pipeline_config_reloads_total{outcome="applied",pipeline="state"} 3.0' in text
+    assert 'videodb_pipeline_config_reloads_total{outcome="rejected",pipeline="state"} 1.0' in text

@@ -156,6 +156,13 @@ class PipelineCollector:
             for s in SESSION_STATES:
                 g.add_metric([name, s], 1 if state == s else 0)
             yield g
+        reloader = getattr(v.rt, "reloader", None)
+        if reloader is not None:
+            r = CounterMetricFamily(P + "config_reloads", "Config reloads (SIGHUP, --watch) by outcome",
+                                    labels=[*base, "outcome"])
+            r.add_metric([name, "applied"], reloader.applied)
+            r.add_metric([name, "rejected"], reloader.rejected)
+            yield r
         hub = getattr(v.rt, "tap_hub", None)
         if hub is not None:
             c = GaugeMetricFamily(P + "tap_clients", "Tap clients attached", labels=base)
