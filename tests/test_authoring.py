@@ -183,9 +183,9 @@ def test_clear_true_does_not_wipe_results_when_the_replay_path_is_wrong(tmp_path
     p = tmp_path / "p.yaml"
     p.write_text(f"name: c\nsource: {{type: replay, path: '${{SRC}}'}}\n"
                  f"sinks: [{{type: jsonl, path: {out}, clear: true}}]\n")
-    res = cli("run", str(p), env={"SRC": str(tmp_path / "typo.jsonl")})
+    res = cli("run", str(p), cwd=tmp_path, env={"SRC": str(tmp_path / "typo.jsonl")})
     assert res.returncode != 0 and out.read_text() == '{"previous": 1}\n'
-    res = cli("run", str(p), env={"SRC": str(SAMPLE)})
+    res = cli("run", str(p), cwd=tmp_path, env={"SRC": str(SAMPLE)})
     assert res.returncode == 0, res.stderr
     assert "previous" not in out.read_text() and len(out.read_text().splitlines()) == 83
 
@@ -241,13 +241,13 @@ def test_summary_counts_printed_lines_and_no_rules_line_without_rules(tmp_path: 
     p.write_text(f"name: s\nsource: {{type: replay, path: {SAMPLE}}}\n"
                  "stages:\n  - type: rules\n    rules: [{name: r, keywords: [code]}]\n"
                  "sinks: [{type: console, alerts_only: true}]\n")
-    res = cli("run", str(p))
+    res = cli("run", str(p), cwd=tmp_path)
     printed = len(res.stdout.splitlines())
     line = next(ln for ln in res.stderr.splitlines() if "sinks[0]:console" in ln)
     assert line.split()[1:3] == ["written", str(printed)], (line, printed)
     assert "alerts fired by rules:" in res.stderr
     p.write_text(f"name: s\nsource: {{type: replay, path: {SAMPLE}}}\nsinks: [{{type: console}}]\n")
-    res = cli("run", str(p))
+    res = cli("run", str(p), cwd=tmp_path)
     assert res.returncode == 0 and "alerts fired by rules" not in res.stderr
 
 

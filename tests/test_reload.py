@@ -87,7 +87,7 @@ def test_new_rule_by_reload_fires_on_later_events_without_a_new_session(
     cfg.write_text(config(emulator, out, APPLE))
     log = (tmp_path / "stderr.log").open("w+")
     proc = subprocess.Popen([*CLI, "run", str(cfg), *(["--watch"] if how == "watch" else [])],
-                            stdout=subprocess.DEVNULL, stderr=log, env=ENV)
+                            stdout=subprocess.DEVNULL, stderr=log, env=ENV, cwd=tmp_path)
     try:
         alerts = out / "alerts.jsonl"
         wait_for(lambda: "apple" in labels(alerts), "the first rule to fire")
@@ -142,7 +142,7 @@ def test_sighup_without_changes_does_not_stop_a_run(tmp_path: Path) -> None:
     cfg.write_text(f"name: h\nsource: {{type: replay, path: {fifo}}}\n"
                    f"sinks: [{{type: jsonl, path: {tmp_path}/o.jsonl}}]\n")
     proc = subprocess.Popen([*CLI, "run", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
-                            text=True)
+                            text=True, cwd=tmp_path)
     with open(fifo, "w") as w:
         w.write('{"channel": "transcript", "data": {"text": "one"}}\n')
         w.flush()
