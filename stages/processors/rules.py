@@ -12,6 +12,7 @@ distinct rtstream ids can pin in memory.
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -122,6 +123,8 @@ class Rules(Processor):
         self._last_fired = context.state.get("rules.last_fired")  # "rule|rtstream" -> event ms
         self._windows = context.state.get("rules.windows")  # "rule|rtstream" -> [event ms, ...]
         self.fired = 0
+        self.fired_by: Counter[tuple[str, str]] = Counter()  # (rule, severity) -> alerts, for /metrics
+        self.recent: deque[Event] = deque(maxlen=20)  # the last alerts, for the status page
         self._evict = Eviction(max((max(c.cooldown_ms, c.window_ms) for c in self._rules), default=0)
                                + int(options.state_ttl * 1000), options.max_state_keys)
 
@@ -187,7 +190,10 @@ class Rules(Processor):
                 continue
             if c.cooldown_ms:
                 last_fired[key] = when
-            alerts.append(self._alert(event, text, c.rule, hits[idx], when))
+            alert = self._alert(event, text, c.rule, hits[idx], when)
+            alerts.append(alert)
+            self.fired_by[c.rule.name, c.rule.severity] += 1
+            self.recent.append(alert)
         self.fired += len(alerts)
         return alerts
 
