@@ -414,7 +414,7 @@ def test_backfill_bookkeeping_scales_with_sessions_not_history() -> None:
         inlet.admit([{"channel": "transcript", "rtstream_id": "rts-0", "data": {"start": t0 + n * 1000,
                                                                                 "text": f"segment {n}"}}])
     seen = inlet._seen[("rts-0", "transcript")]
-    assert len(seen.keys) <= 61 and len(seen.order) == len(seen.keys)
+    assert len(seen.keys) <= 31 and len(seen.order) == len(seen.keys)
     dup = {"channel": "transcript", "rtstream_id": "rts-0", "backfill": True,
            "data": {"start": t0 + 9_990 * 1000, "text": "segment 9990"}}
     assert inlet.known(dup) and inlet.admit([dup]) == []  # recent events are still deduplicated

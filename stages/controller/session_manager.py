@@ -83,12 +83,11 @@ class SessionManager:
     async def start(self, conn: Any) -> None:
         self.conn = conn
         self.store.clean_temporaries()
-        if self.ctl.context.settings.get("new_session"):
-            if self.store.dir.exists():
-                log.info("%s: --new-session: not re-attaching the sessions saved in %s", self.who, self.store.dir)
-            self.link.on_connection(self._on_connection)
-            return
-        for record in self.store.load_all():
+        records = self.store.load_all()
+        if records and self.ctl.context.settings.get("new_session"):
+            log.info("%s: --new-session: not re-attaching the sessions saved in %s", self.who, self.store.dir)
+            records = []
+        for record in records:
             s = self._add(record)
             status = record.get("status")
             if isinstance(status, str):

@@ -23,7 +23,7 @@ from pipeline.events import Event
 #: Channels VideoDB keeps and we can fetch again; scene_index is visual_index by another name.
 TRACKED: Final = frozenset({"transcript", "visual_index", "scene_index", "audio_index"})
 KEEP_KEYS: Final = 4096  # recent event keys remembered per rtstream and channel (dedupe window)
-KEEP_MS: Final = 60_000  # ... and only those less than this much event time behind the newest one
+KEEP_MS: Final = 30_000  # ... and only those less than this much event time behind the newest one
 MAX_CHANNELS: Final = 100_000  # rtstream+channel pairs tracked (4 per capture session); more are not deduplicated
 HOLD_MAX: Final = 10.0  # seconds live events may wait for a backfill before they go on anyway
 
