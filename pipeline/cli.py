@@ -1,4 +1,4 @@
-"""`pipeline` command line: run, validate, stages, schema, listen, emulate, worker, report.
+"""`pipeline` command line: run, validate, test, stages, schema, listen, emulate, worker, report.
 
 User mistakes print one line (`pipeline: <file>:<line>:<col>: <key>: <what>`)
 and exit non-zero; set PIPELINE_DEBUG=1 to see tracebacks.

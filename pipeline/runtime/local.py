@@ -23,9 +23,17 @@ from typing import Any
 from pipeline.build import Built, SinkSlot
 from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import Batch, event_time_ms
-from pipeline.runtime.buffers import DiskBuffer, Item, MemoryBuffer, SinkBuffer, estimate_bytes, spool_dir
+from pipeline.runtime.buffers import (
+    DiskBuffer,
+    Item,
+    MemoryBuffer,
+    SinkBuffer,
+    estimate_bytes,
+    spool_dir,
+    spool_root,
+)
 from pipeline.runtime.reload import Reloader
-from pipeline.state.spool import Damage
+from pipeline.state.spool import Damage, undelivered_bytes
 from pipeline.stats import LAG_BUCKETS, LATENCY_BUCKETS, Histogram
 
 log = logging.getLogger("pipeline.runtime")
@@ -53,6 +61,7 @@ class LocalRuntime:
         self.reloader: Reloader | None = None  # set by the runner for `run` (SIGHUP, --watch)
         self.gate = asyncio.Event()  # cleared while a reload swaps sinks: ingest waits between two batches
         self.gate.set()
+        self.fanning_out = False
         # For the operator's view (pipeline/http): read at scrape time, fed once per batch.
         self.tap: Any = None  # a TapHub while a tap client is attached, else None (one check per batch)
         self.lag = Histogram(LAG_BUCKETS)  # now - event time of each batch's newest event, at ingest
@@ -151,7 +160,9 @@ class LocalRuntime:
             if state.dirty:  # rule/enrich state is saved before its alerts can reach a sink
                 state.flush()
             st.sent += n
+            self.fanning_out = True  # a reload waits for this batch to be in every sink's buffer
             await self._fan_out(targets, index, out, per_event)
+            self.fanning_out = False
             index += 1
             # Let the sinks take this batch now rather than after `queue_size` more: the events are
             # still in the CPU cache, and fewer batches alive means less memory churn (~20% faster).
@@ -188,6 +199,8 @@ class LocalRuntime:
                 self._writing[i] = item
                 try:
                     await slot.sink.write(batch)
+                    if buf.durable:  # acknowledged in the spool only once durable (not just in a sink's queue)
+                        await slot.sink.flush()
                 except Exception as exc:
                     failed = True
                     self._fail(exc if isinstance(exc, PipelineError) else
@@ -304,6 +317,13 @@ class LocalRuntime:
                 if buf.restored:
                     log.warning("%s: %d event(s) left in the spool by an earlier run; delivering them first",
                                 slot.stats.name, buf.restored)
+        used = {buf.spool.dir for buf in self.buffers if isinstance(buf, DiskBuffer)}
+        root = spool_root(self.b.config)
+        for d in sorted(root.iterdir()) if root.is_dir() else ():
+            size = undelivered_bytes(d) if d.is_dir() and d not in used else 0
+            if size:
+                log.warning("%s: %d undelivered byte(s) spooled under an earlier configuration, and no sink "
+                            "with a disk buffer at that position now; delete it once it is not needed", d, size)
 
     async def _supervise(self, ingest: asyncio.Task[None], drains: list[asyncio.Task[None]],
                          helpers: list[asyncio.Task[Any]]) -> None:
