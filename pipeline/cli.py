@@ -243,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _setup_logging(args.log_level, args.log_format)
         if delegated:
-            return _run_delegated(rest[0], rest[1:])
+            extra = ["--log-level", args.log_level] if rest[0] == "worker" else []  # (taken by the pre-parser)
+            return _run_delegated(rest[0], rest[1:] + extra)
         code = int(args.func(args))
         sys.stdout.flush()  # inside the try: a closed pipe is handled below, not at interpreter exit
         return code

@@ -15,6 +15,7 @@ from bench import (
     common,
     faust_scaling,
     gen,
+    http_view,
     kafka,
     latency,
     memory,
@@ -71,6 +72,12 @@ def test_generator_is_deterministic_and_seed_shaped() -> None:
 
 def test_replay() -> None:
     numbers(replay.run(2000, repeats=1))
+
+
+def test_http_view() -> None:
+    res = http_view.run(2000, repeats=1)
+    numbers(res)
+    assert "tap client" in res[1].name and "was sent 2,000 events" in res[1].notes[0]
 
 
 def test_spool() -> None:

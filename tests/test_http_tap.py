@@ -223,3 +223,17 @@ async def test_tap_points_follow_a_config_reload(tmp_path: Path) -> None:
     assert alerts and all(a["channel"] == "alert" for a in alerts)  # still the alerts sink's events
     texts = [a["data"]["text"] for a in alerts if a["data"]["event_label"] == "secret"]
     assert len(texts) == len(set(texts)) >= 2
+
+
+async def test_tap_clients_are_bounded(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import pipeline.http.server as server
+
+    monkeypatch.setattr(server, "MAX_TAP_CLIENTS", 2)
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    async with served(config(tmp_path, events)) as (rt, base), aiohttp.ClientSession() as http, \
+            http.get(base + "/tap") as one, http.get(base + "/tap") as two:
+        await one.content.readline()
+        await two.content.readline()
+        async with http.get(base + "/tap") as three:
+            assert three.status == 503 and "2 tap clients" in (await three.json())["error"]
+        assert rt.tap_hub.client_count == 2

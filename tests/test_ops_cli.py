@@ -172,3 +172,20 @@ def test_replay_on_a_terminal_shows_a_progress_bar(tmp_path: Path) -> None:
     screen, code = in_pty([*PIPELINE, "run", str(cfg)], until=None, timeout=30, cwd=tmp_path)
     assert code == 0, screen
     assert re.search(r"replay in\.jsonl .*\d+% .*\d+ events, \d+ ev/s", screen), screen[-2000:]
+
+
+def test_log_level_after_worker_reaches_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    import pipeline.runtime.faust as faust_runtime
+    from pipeline.cli import main
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(faust_runtime, "worker_main", lambda argv: seen.append(argv) or 0)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        assert main(["worker", "x.yaml", "--log-level", "warning", "--log-format", "json"]) == 0
+    finally:
+        root.handlers[:], root.level = handlers, level
+    assert seen == [["x.yaml", "--log-level", "warning"]]

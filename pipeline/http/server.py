@@ -31,6 +31,7 @@ COALESCE = 0.01  # after a wake-up, gather this long: fewer, larger writes when 
 HEARTBEAT = 0.5  # seconds between event-loop heartbeats (for /healthz)
 UNHEALTHY_AFTER = 5.0  # loop late by this much: /healthz answers 503
 MAX_LIMIT = 1_000_000
+MAX_TAP_CLIENTS = 16  # each one costs serialization per batch: a bound a peer cannot raise
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -180,6 +181,8 @@ class OperatorServer:
             client = self._client(request.query)
         except TapError as exc:
             return _json({"error": str(exc)}, 400)
+        if self.hub.client_count >= MAX_TAP_CLIENTS:
+            return _json({"error": f"{MAX_TAP_CLIENTS} tap clients are attached already; try again later"}, 503)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
