@@ -9,7 +9,19 @@ from pathlib import Path
 import pytest
 
 import bench.__main__ as bench_main
-from bench import bytewax_peer, common, faust_scaling, gen, kafka, latency, memory, replay, rules_scaling, ws_ingest
+from bench import (
+    bytewax_peer,
+    common,
+    faust_scaling,
+    gen,
+    hits,
+    kafka,
+    latency,
+    memory,
+    replay,
+    rules_scaling,
+    ws_ingest,
+)
 from bench.common import Result
 from bench.gen import dataset, events, keywords
 
@@ -58,6 +70,12 @@ def test_generator_is_deterministic_and_seed_shaped() -> None:
 
 def test_replay() -> None:
     numbers(replay.run(2000, repeats=1))
+
+
+def test_hits() -> None:
+    results = hits.run(3000, repeats=1)
+    numbers(results)
+    assert [r.name.split()[0] for r in results] == ["hits", "hits", "hits:", "storm", "storm:"]
 
 
 def test_rules_scaling() -> None:
