@@ -5,7 +5,8 @@ errors) and a constructor `(options, context)`. Four kinds:
 
 - `Source`: yields batches of events (`batches()`), stops when asked (`stop()`).
 - `Processor`: `process(batch) -> batch`, synchronous, the hot path. Returning
-  fewer events filters; returning more (e.g. alerts) adds.
+  fewer events filters; returning more (e.g. alerts) adds. Optional `flush()`
+  returns what it still holds (open windows) once, when the run ends.
 - `Sink`: `start()`, `write(batch)` returns once the batch is durable or
   accepted, `close()` flushes everything.
 - `Controller`: drives the capture session beside the stream; sees every batch.
@@ -17,16 +18,17 @@ import logging
 from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.deadletter import DeadLetter
 from pipeline.events import Batch, Event
 from pipeline.session import SessionLink
 from pipeline.stats import StageStats
+from pipeline.types import ByteSize
 
-__all__ = ["Batch", "Context", "Controller", "Event", "Options", "Processor", "Sink", "SinkOptions",
+__all__ = ["Batch", "BufferOptions", "Context", "Controller", "Event", "Options", "Processor", "Sink", "SinkOptions",
            "Source", "Stage"]
 
 
@@ -36,16 +38,34 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+class BufferOptions(Options):
+    """Where batches wait while a sink is behind: memory (bounded) or an on-disk spool."""
+
+    type: Literal["memory", "disk"] = Field(default="memory", description="memory or disk (spool under state_dir)")
+    max_bytes: ByteSize | None = Field(default=None, ge=1, description="bound on waiting batches; "
+                                       "default 64MiB in memory, 1GiB on disk")
+    when_full: Literal["block", "dead_letter"] = Field(
+        default="block", description="full buffer: block (slow the source) or dead_letter the new batch")
+
+    @property
+    def limit(self) -> int:
+        return self.max_bytes or (1 << 30 if self.type == "disk" else 64 << 20)
+
+
 class SinkOptions(Options):
-    """Options every sink has. `channels` routes: only those channels reach the sink."""
+    """Options every sink has. `channels` routes: only those channels reach the sink; `buffer` holds its backlog."""
 
     channels: list[str] | None = None
+    buffer: BufferOptions = Field(default_factory=BufferOptions)
 
 
 class StateStore:
     """Named mutable mappings for state that must survive restarts (cooldowns, windows).
 
-    Local runtime: plain dicts. Faust runtime: tables.
+    This base keeps plain dicts in memory (tests, `build()` without a store). The
+    local runtime uses `pipeline.state.store.SqliteStateStore` (dicts saved to
+    `state_dir` after each batch that changed them); the faust runtime, tables.
+    Persisted values must be JSON-serialisable and changed by assignment.
     """
 
     def __init__(self) -> None:
@@ -53,6 +73,17 @@ class StateStore:
 
     def get(self, name: str) -> MutableMapping[str, Any]:
         return self._maps.setdefault(name, {})
+
+    @property
+    def dirty(self) -> bool:
+        """True when `flush()` has something to save."""
+        return False
+
+    def flush(self) -> None:
+        """Save what changed since the last flush (the runtime calls this after a batch)."""
+
+    def close(self) -> None:
+        """Flush and release the backing store."""
 
 
 @dataclass
@@ -66,6 +97,7 @@ class Context:
     stats: StageStats
     state: StateStore = field(default_factory=StateStore)
     out_dir: Path = field(default_factory=lambda: Path("out"))
+    state_dir: Path = field(default_factory=lambda: Path("out"))  # the pipeline's state_dir (see pipeline.state)
     settings: dict[str, Any] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("pipeline"))
 
@@ -90,12 +122,26 @@ class Processor(Stage):
     def process(self, batch: Batch) -> Batch:
         raise NotImplementedError
 
+    def flush(self) -> Batch:
+        """Called once when the run ends (source exhausted, exit_on, signal): events still held back.
+
+        They go through the processors after this one, then to the sinks. Default: nothing.
+        """
+        return []
+
+    def report(self) -> dict[str, int]:
+        """Extra counters for the exit summary (e.g. late events)."""
+        return {}
+
 
 class Sink(Stage):
     """Writes batches somewhere. `write` returns only when the batch is safe."""
 
     kind = "sink"
     Options: ClassVar[type[Options]] = SinkOptions
+    #: True when a `write()` cancelled at shutdown (after drain_timeout) leaves every event it had
+    #: accepted to be delivered or dead-lettered by `close()`; otherwise the runtime dead-letters the batch.
+    cancel_safe: ClassVar[bool] = False
 
     async def start(self) -> None:
         """Open files/connections. Raise StageError for a user-fixable problem."""
@@ -118,6 +164,8 @@ class Source(Stage):
     """Produces batches of stamped events until exhausted or stopped."""
 
     kind = "source"
+    #: False for sources that start from the beginning on every run (replay): no saved state is restored.
+    resumes: ClassVar[bool] = True
 
     def batches(self) -> AsyncIterator[Batch]:
         raise NotImplementedError

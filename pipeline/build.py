@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.api import Context, Controller, Processor, Sink, Source, StateStore
+from pipeline.api import BufferOptions, Context, Controller, Processor, Sink, Source, StateStore
 from pipeline.config import PipelineConfig, StageSpec
 from pipeline.deadletter import DeadLetter
 from pipeline.events import ALIASES, LIFECYCLE, Batch, channel_set
@@ -18,11 +18,13 @@ log = logging.getLogger("pipeline")
 
 @dataclass
 class SinkSlot:
-    """A sink with its routing (`channels:`) applied by the runtime, and its counters."""
+    """A sink with what the runtime applies for it: routing (`channels:`), its `buffer:`, its counters."""
 
     sink: Sink
     channels: frozenset[str] | None
     stats: StageStats
+    buffer: BufferOptions = field(default_factory=BufferOptions)
+    type_name: str = "sink"
 
     def route(self, batch: Batch) -> Batch:
         chans = self.channels
@@ -34,7 +36,7 @@ class SinkSlot:
         for e in batch:  # in_channels(), inlined: this runs for every event of every routed sink
             ch = e.get("channel")
             if ch is None:
-                if lifecycle and "event" in e:
+                if (lifecycle and "event" in e) or (type(e.get("event")) is str and e["event"] in chans):
                     out.append(e)
             elif isinstance(ch, str) and aliases.get(ch, ch) in chans:
                 out.append(e)
@@ -48,8 +50,8 @@ class Chain:
         self.processors = processors
         self.dead_letter = dead_letter
 
-    def __call__(self, batch: Batch) -> Batch:
-        for p in self.processors:
+    def __call__(self, batch: Batch, start: int = 0) -> Batch:
+        for p in self.processors[start:] if start else self.processors:
             st = p.context.stats
             st.received += len(batch)
             try:
@@ -61,6 +63,21 @@ class Chain:
             if not batch:
                 break
         return batch
+
+    def flush(self) -> Batch:
+        """End of the run: what each processor still holds (`flush()`), run through the processors after it."""
+        out: Batch = []
+        for i, p in enumerate(self.processors):
+            try:
+                held = p.flush()
+            except Exception as exc:
+                log.warning("%s: flush raised %s: %s", p.context.stage, type(exc).__name__, exc)
+                p.context.stats.errors += 1
+                continue
+            if held:
+                p.context.stats.sent += len(held)
+                out.extend(self(held, i + 1))
+        return out
 
     def _one_by_one(self, p: Processor, batch: Batch) -> Batch:
         out: Batch = []
@@ -87,6 +104,7 @@ class Built:
     sinks: list[SinkSlot]
     controller: Controller | None = None
     stats: list[StageStats] = field(default_factory=list)
+    state: StateStore = field(default_factory=StateStore)
 
 
 def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: bool = True) -> Built:
@@ -101,7 +119,7 @@ def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: 
         st = StageStats(spec.label, spec.kind)
         all_stats.append(st)
         ctx = Context(pipeline=cfg.name, stage=spec.label, dead_letter=dead, session=session, stats=st,
-                      state=state, out_dir=cfg.out_dir, settings=settings,
+                      state=state, out_dir=cfg.out_dir, state_dir=cfg.state_dir, settings=settings,
                       log=logging.getLogger(f"pipeline.{spec.kind}.{spec.type_name}"))
         cls: Any = spec.cls
         return cls(spec.options, ctx)
@@ -114,6 +132,7 @@ def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: 
         sink = make(spec)
         assert isinstance(sink, Sink)
         chans = getattr(spec.options, "channels", None)
-        slots.append(SinkSlot(sink, channel_set(chans) if chans else None, sink.context.stats))
+        buffer = getattr(spec.options, "buffer", None) or BufferOptions()
+        slots.append(SinkSlot(sink, channel_set(chans) if chans else None, sink.context.stats, buffer, spec.type_name))
     return Built(cfg, dead, session, source, Chain(processors, dead), slots,  # type: ignore[arg-type]
-                 controller, all_stats)  # type: ignore[arg-type]
+                 controller, all_stats, state)  # type: ignore[arg-type]

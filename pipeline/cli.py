@@ -1,4 +1,4 @@
-"""`pipeline` command line: run, validate, stages, schema, listen, emulate, worker.
+"""`pipeline` command line: run, validate, stages, schema, listen, emulate, worker, report.
 
 User mistakes print one line (`pipeline: <file>:<line>:<col>: <key>: <what>`)
 and exit non-zero; set PIPELINE_DEBUG=1 to see tracebacks.
@@ -38,6 +38,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     cfg = load_config(args.config)
+    if args.new_session:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, new_session=True)
     from pipeline.runner import run_local
 
     rt = asyncio.run(run_local(cfg))
@@ -49,15 +53,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from pipeline.validate import cmd_validate as validate
 
-    cfg = load_config(args.config)
-    print(f"{args.config}: ok: pipeline {cfg.name!r}, engine {cfg.runtime.engine}")
-    specs = [cfg.source, *([cfg.controller] if cfg.controller else []), *cfg.stages, *cfg.sinks]
-    for spec in specs:
-        opts = spec.options.model_dump(mode="json", exclude_defaults=True)
-        print(f"  {spec.label:<28} {secrets.mask(json.dumps(opts, default=str))}")
-    return 0
+    return validate(args)
 
 
 def _all_stage_classes() -> list[tuple[str, str, Any]]:
@@ -88,15 +86,32 @@ def _print_fields(model: Any, indent: str) -> None:
 
     for fname, f in model.model_fields.items():
         inner = inner_model(f.annotation)
+        values = _literal_values(f.annotation)
         if f.is_required():
             default = "required"
         elif inner is not None:
             default = "(see below)"
         else:
             default = f"default {f.get_default(call_default_factory=True)!r}"
-        print(f"{indent}{fname:<20} {default:<28} {f.description or ''}")
+        desc = f.description or ""
+        if values:
+            desc = f"one of: {', '.join(values)}" + (f"; {desc}" if desc else "")
+        print(f"{indent}{fname:<20} {default:<28} {desc}")
         if inner is not None:
             _print_fields(inner, indent + "  ")
+
+
+def _literal_values(annotation: Any) -> list[str]:
+    """`Literal["word", "substring"]` (also inside Optional) -> ["word", "substring"]."""
+    from typing import Literal, get_args, get_origin
+
+    if get_origin(annotation) is Literal:
+        return [str(a) for a in get_args(annotation)]
+    for arg in get_args(annotation):
+        found = _literal_values(arg)
+        if found:
+            return found
+    return []
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -110,6 +125,7 @@ DELEGATED = {
     "listen": ("pipeline.listen:main", "drop-in for the seed's ws_listener.py"),
     "emulate": ("pipeline.emulator.cli:main", "run the local VideoDB-compatible emulator"),
     "worker": ("pipeline.runtime.faust:worker_main", "run a faust worker for a faust-engine config"),
+    "report": ("pipeline.report.cli:main", "build an HTML page per capture session from JSONL output"),
 }
 
 
@@ -122,22 +138,42 @@ def _run_delegated(command: str, argv: list[str]) -> int:
     return main(argv)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("videodb-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipeline", description="VideoDB capture-session event pipeline")
+    p = argparse.ArgumentParser(prog="pipeline", description="VideoDB capture-session event pipeline",
+                                epilog="PIPELINE_DEBUG=1 shows tracebacks instead of one-line errors")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     p.add_argument("--log-level", default=os.environ.get("PIPELINE_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="run a pipeline until its source ends, the session ends or a signal")
     r.add_argument("config")
     r.add_argument("-q", "--quiet", action="store_true", help="no exit summary")
+    r.add_argument("--new-session", action="store_true",
+                   help="create a new capture session instead of resuming the one in state_dir")
     r.set_defaults(func=cmd_run)
-    v = sub.add_parser("validate", help="check a config file and print its stages (secrets masked)")
+    v = sub.add_parser("validate", help="check a config file, its files and (--check) its connections")
     v.add_argument("config")
+    v.add_argument("--offline", action="store_true",
+                   help="accept unset ${VAR}s as placeholders (check a config without its secrets)")
+    v.add_argument("--check", action="store_true",
+                   help="also try every external connection (VideoDB, Kafka, webhooks) without changing anything")
     v.set_defaults(func=cmd_validate)
     s = sub.add_parser("stages", help="list stage types (-v: with options)")
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=cmd_stages)
     sub.add_parser("schema", help="print a JSON Schema for config files").set_defaults(func=cmd_schema)
+    from pipeline.testing.command import add_parser as add_test
+
+    add_test(sub)
     for name, (_, help_) in DELEGATED.items():
         sub.add_parser(name, help=help_ + f" (pipeline {name} --help)", add_help=False)
     return p
@@ -154,14 +190,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(args.log_level)
         if delegated:
             return _run_delegated(rest[0], rest[1:])
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # inside the try: a closed pipe is handled below, not at interpreter exit
+        return code
     except PipelineError as exc:
         if os.environ.get("PIPELINE_DEBUG"):
             raise
-        print(f"pipeline: {secrets.mask(str(exc))}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:
+            print(f"pipeline: {secrets.mask(line)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `pipeline validate x | head -1`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Load and validate a pipeline YAML file into typed, resolved stage specs.
 
-Every error is one line: `file:line:col: key.path: what was expected`.
+Every error is one line: `file:line:col: key.path: what was expected`; every error
+of a file is reported at once. Relative paths of files a config reads resolve
+against the config file's directory (see `pipeline.paths`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Mapping
@@ -15,19 +18,23 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from pipeline.api import Options, Stage
+from pipeline.channels import check_channels
 from pipeline.errors import ConfigError
+from pipeline.paths import resolve_inputs
 from pipeline.registry import LookupFailed, Registry, default_registry
 from pipeline.types import Duration, Secret
 from pipeline.yamlpos import Path_, Positions, load
 
-TOP_KEYS = ("name", "videodb", "source", "controller", "stages", "sinks", "runtime", "dead_letter")
+TOP_KEYS = ("name", "videodb", "source", "controller", "stages", "sinks", "runtime", "dead_letter", "state_dir",
+            "channels")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class EmulatorSettings(Options):
     """Run the local VideoDB emulator in-process and point the SDK at it (offline demos)."""
 
-    scenario: str | None = Field(default=None, description="scenario file; default config/scenarios/meeting.yaml")
+    scenario: str | None = Field(default=None, description="scenario file; default config/scenarios/meeting.yaml",
+                                 json_schema_extra={"path": "input"})
     speed: float = Field(default=1.0, ge=0, description="1 = scenario timing, 20 = 20x faster, 0 = no waiting")
     drop_after: int | None = Field(default=None, ge=1, description="close the WebSocket after N events")
     garbage_every: int | None = Field(default=None, ge=1, description="send a non-JSON frame every N events")
@@ -80,17 +87,27 @@ class PipelineConfig:
     videodb: VideoDBSettings = field(default_factory=VideoDBSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     dead_letter: Path = Path("out/dead-letter.jsonl")
+    state_dir_setting: Path | None = None  # top-level `state_dir:`; None = out/<name>
+    new_session: bool = False  # `pipeline run --new-session`: never attach to the saved capture session
+    disabled: list[StageSpec] = field(default_factory=list)
+    channels: list[str] = field(default_factory=list)
+
+    @property
+    def state_dir(self) -> Path:
+        """Where everything that must survive a restart lives (see pipeline.state)."""
+        return self.state_dir_setting or Path("out") / self.name
 
     @property
     def out_dir(self) -> Path:
-        return Path("out") / self.name
+        return self.state_dir
 
     def settings(self) -> dict[str, Any]:
         """Plain settings handed to stages through Context.settings."""
         key = self.videodb.api_key
         return {"videodb": {"api_key": key.get_secret_value() if key else None,
                             "base_url": self.videodb.base_url,
-                            "collection_id": self.videodb.collection_id}}
+                            "collection_id": self.videodb.collection_id},
+                "new_session": self.new_session}
 
 
 _PLAIN_KEY = re.compile(r"^[\w-]+$")
@@ -109,11 +126,19 @@ def path_str(path: Path_) -> str:
     return out or "<top>"
 
 
+MAX_ERRORS = 20
+
+
 class _Checker:
-    def __init__(self, filename: str, positions: Positions, registry: Registry) -> None:
+    """Collects every error of one file (up to MAX_ERRORS), each `file:line:col: key.path: message`."""
+
+    def __init__(self, filename: str, positions: Positions, registry: Registry,
+                 search: tuple[Path, ...] = ()) -> None:
         self.filename = filename
         self.positions = positions
         self.registry = registry
+        self.search = search
+        self.errors: list[str] = []
 
     def where(self, path: Path_) -> str:
         for n in range(len(path), -1, -1):
@@ -122,58 +147,155 @@ class _Checker:
                 return f"{self.filename}:{pos[0]}:{pos[1]}"
         return self.filename
 
+    def line(self, path: Path_, message: str) -> str:
+        return f"{self.where(path)}: {path_str(path)}: {message}"
+
     def fail(self, path: Path_, message: str) -> ConfigError:
-        return ConfigError(f"{self.where(path)}: {path_str(path)}: {message}")
+        return ConfigError(self.line(path, message))
+
+    def add(self, path: Path_, message: str) -> None:
+        text = self.line(path, message)
+        if text not in self.errors:
+            self.errors.append(text)
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            errs = sorted(self.errors, key=_position_key)
+            shown = errs[:MAX_ERRORS]
+            if len(errs) > MAX_ERRORS:
+                shown.append(f"{self.filename}: ... and {len(errs) - MAX_ERRORS} more errors")
+            raise ConfigError("\n".join(shown))
 
     def model(self, model: type[BaseModel], data: Any, path: Path_) -> Any:
+        """The validated model, or None after recording every error in `data`."""
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise self.fail(path, f"expected a mapping, got {type(data).__name__}")
+            self.add(path, f"expected a mapping, got {_type_name(data)}")
+            return None
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            raise self.explain(model, exc, path, data) from None
+            for p, msg in explain(model, exc, data):
+                self.add((*path, *p), msg)
+            return None
 
-    def explain(self, model: type[BaseModel], exc: ValidationError, base: Path_, data: Any) -> ConfigError:
-        errors = exc.errors(include_url=False)
-        err = errors[0]
-        loc = _data_loc(data, err["loc"], keep_last=err["type"] == "missing")
-        full = (*base, *loc)
+    def stage(self, kind: str, data: Any, path: Path_) -> StageSpec | None:
+        if not isinstance(data, dict):
+            self.add(path, f"expected a mapping with a 'type' key, got {_type_name(data)}")
+            return None
+        type_name = data.get("type")
+        if not isinstance(type_name, str) or not type_name:
+            self.add((*path, "type") if "type" in data else path,
+                     f"expected a {kind} type name such as {', '.join(self.registry.names(kind)[:4])}")
+            return None
+        try:
+            cls = self.registry.resolve(kind, type_name, search=self.search)
+        except LookupFailed as exc:
+            self.add((*path, "type"), str(exc))
+            return None
+        enabled = data.get("enabled", True)
+        if not isinstance(enabled, bool):
+            self.add((*path, "enabled"), f"expected true or false, got {enabled!r}")
+            return None
+        opts = {k: v for k, v in data.items() if k not in ("type", "enabled")}
+        options = self.model(cls.Options, opts, path)
+        if options is None:
+            return None
+        return StageSpec(kind, type_name, cls, options, path_str(path), self.where(path), enabled)
+
+
+def _position_key(line: str) -> tuple[int, int]:
+    parts = line.split(":", 3)
+    try:
+        return int(parts[1]), int(parts[2])
+    except (IndexError, ValueError):
+        return 0, 0
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer", float: "a number",
+            bool: "true/false", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def _plain(err: Any, got: Any) -> str:
+    """pydantic's message in plain words (`expected an integer, got 'lots'`)."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    simple = {"int_parsing": "expected an integer", "int_type": "expected an integer",
+              "int_from_float": "expected a whole number", "float_parsing": "expected a number",
+              "float_type": "expected a number", "bool_parsing": "expected true or false",
+              "bool_type": "expected true or false", "string_type": "expected a string",
+              "list_type": "expected a list", "dict_type": "expected a mapping", "model_type": "expected a mapping",
+              "model_attributes_type": "expected a mapping", "tuple_type": "expected a list",
+              "url_parsing": "expected a URL", "url_scheme": "expected a URL"}
+    if kind in simple:
+        return f"{simple[kind]}, got {_show_type(got)}"
+    if kind == "literal_error":
+        return f"expected one of {ctx.get('expected', '')}, got {got!r}".replace(" or ", ", ")
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        limit = next(iter(ctx.values()), "?")
+        return f"expected a number {op} {limit}, got {got!r}"
+    if kind == "too_short":
+        n = ctx.get("min_length", 1)
+        return f"expected at least {n} item{'s' if n != 1 else ''}"
+    if kind == "too_long":
+        return f"expected at most {ctx.get('max_length', '?')} items"
+    if kind == "string_too_short":
+        return "expected a non-empty string"
+    msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if msg[:1].isupper() and not msg[1:2].isupper():
+        msg = msg[0].lower() + msg[1:]
+    return msg
+
+
+def _show_type(got: Any) -> str:
+    if isinstance(got, dict | list) or got is None:
+        return _type_name(got)
+    return repr(got)
+
+
+def explain(model: type[BaseModel], exc: ValidationError, data: Any) -> list[tuple[Path_, str]]:
+    """Every error of a ValidationError as (path in the user's data, plain message).
+
+    A missing required key beside an unknown key that is a near miss of it becomes
+    one "did you mean" error at the unknown key.
+    """
+    out: list[tuple[Path_, str]] = []
+    errors = exc.errors(include_url=False)
+    missing: dict[tuple[Any, ...], list[str]] = {}
+    for err in errors:
+        if err["type"] == "missing":
+            loc = _data_loc(data, err["loc"], keep_last=True)
+            missing.setdefault(loc[:-1], []).append(str(loc[-1]))
+    explained_missing: set[tuple[Any, ...]] = set()
+    seen: set[Path_] = set()
+    for err in errors:
         kind = err["type"]
+        loc = _data_loc(data, err["loc"], keep_last=kind == "missing")
         if kind == "extra_forbidden":
             fields = _fields_at(model, loc[:-1])
+            near = difflib.get_close_matches(str(loc[-1]), missing.get(loc[:-1], []), n=1, cutoff=0.6)
+            if near:
+                explained_missing.add((*loc[:-1], near[0]))
+                out.append((loc, f"unknown key (did you mean {near[0]!r}? it is required)"))
+                continue
             hint = difflib.get_close_matches(str(loc[-1]), fields, n=1)
             msg = f"unknown key{' (did you mean ' + repr(hint[0]) + '?)' if hint else ''}"
             if not hint and fields:
                 msg += f"; expected one of: {', '.join(fields)}"
         elif kind == "missing":
+            if loc in explained_missing:
+                continue
             msg = "required key is missing"
         else:
-            msg = str(err["msg"]).removeprefix("Value error, ")
             got = err.get("input")
-            if "got" not in msg and not isinstance(got, dict | list):
-                msg += f", got {_show(got, full)}"
-        more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        return self.fail(full, msg + more)
-
-    def stage(self, kind: str, data: Any, path: Path_) -> StageSpec:
-        if not isinstance(data, dict):
-            raise self.fail(path, f"expected a mapping with a 'type' key, got {type(data).__name__}")
-        type_name = data.get("type")
-        if not isinstance(type_name, str) or not type_name:
-            raise self.fail((*path, "type") if "type" in data else path,
-                            f"expected a {kind} type name such as {self.registry.names(kind)[:4]}")
-        try:
-            cls = self.registry.resolve(kind, type_name)
-        except LookupFailed as exc:
-            raise self.fail((*path, "type"), str(exc)) from None
-        enabled = data.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise self.fail((*path, "enabled"), f"expected true or false, got {enabled!r}")
-        opts = {k: v for k, v in data.items() if k not in ("type", "enabled")}
-        options = self.model(cls.Options, opts, path)
-        return StageSpec(kind, type_name, cls, options, path_str(path), self.where(path), enabled)
+            msg = _plain(err, "***" if _secret_path(loc) else got)
+        if loc in seen and kind not in ("extra_forbidden", "missing"):
+            continue  # a union reports once per member: the first is enough
+        seen.add(loc)
+        out.append((loc, msg))
+    return [(p, m) for p, m in out if not (m == "required key is missing" and p in explained_missing)]
 
 
 def _data_loc(data: Any, loc: tuple[Any, ...], *, keep_last: bool) -> tuple[Any, ...]:
@@ -195,10 +317,8 @@ def _data_loc(data: Any, loc: tuple[Any, ...], *, keep_last: bool) -> tuple[Any,
     return tuple(out)
 
 
-def _show(value: Any, path: Path_) -> str:
-    if any(isinstance(p, str) and ("key" in p or "secret" in p or "token" in p) for p in path):
-        return "***"
-    return repr(value)
+def _secret_path(path: Path_) -> bool:
+    return any(isinstance(p, str) and ("key" in p or "secret" in p or "token" in p) for p in path)
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -225,55 +345,87 @@ def inner_model(annotation: Any) -> Any:
     return None
 
 
-def _enabled(spec: StageSpec | None) -> StageSpec | None:
-    return spec if spec is not None and spec.enabled else None
-
-
 def parse(data: Any, positions: Positions, filename: str, registry: Registry | None = None) -> PipelineConfig:
-    """Validate already-loaded YAML data into a PipelineConfig."""
-    chk = _Checker(filename, positions, registry or default_registry)
+    """Validate already-loaded YAML data into a PipelineConfig; every error found is reported at once."""
+    base = Path(filename).parent
+    chk = _Checker(filename, positions, registry or default_registry, search=(base, Path.cwd()))
     if not isinstance(data, Mapping):
         raise chk.fail((), "expected a mapping with name, source, stages and sinks")
     for key in data:
         if key not in TOP_KEYS:
             hint = difflib.get_close_matches(key, TOP_KEYS, n=1)
-            raise chk.fail((key,), "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else
-                                                    f"; expected one of: {', '.join(TOP_KEYS)}"))
+            chk.add((key,), "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else
+                                             f"; expected one of: {', '.join(TOP_KEYS)}"))
     name = data.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise chk.fail(("name",), f"expected a pipeline name (letters, digits, _.-), got {name!r}")
+        chk.add(("name",), f"expected a pipeline name (letters, digits, _.-), got {name!r}")
+        name = "pipeline"
+    source = None
     if "source" not in data:
-        raise chk.fail((), "required key 'source' is missing")
-    if isinstance(data["source"], dict) and data["source"].get("enabled") is False:
-        raise chk.fail(("source", "enabled"), "the source cannot be disabled")
+        chk.add((), "required key 'source' is missing")
+    elif isinstance(data["source"], dict) and data["source"].get("enabled") is False:
+        chk.add(("source", "enabled"), "the source cannot be disabled")
+    else:
+        source = chk.stage("source", data["source"], ("source",))
     sinks = data.get("sinks")
     if not isinstance(sinks, list) or not sinks:
-        raise chk.fail(("sinks",), "expected a non-empty list of sinks")
-    if all(isinstance(s, dict) and s.get("enabled") is False for s in sinks):
-        raise chk.fail(("sinks",), "every sink is disabled (enabled: false)")
+        chk.add(("sinks",), "expected a non-empty list of sinks")
+        sinks = []
+    elif all(isinstance(s, dict) and s.get("enabled") is False for s in sinks):
+        chk.add(("sinks",), "every sink is disabled (enabled: false)")
     stages = data.get("stages") or []
     if not isinstance(stages, list):
-        raise chk.fail(("stages",), "expected a list of processors")
+        chk.add(("stages",), "expected a list of processors")
+        stages = []
     dead = data.get("dead_letter", f"out/{name}/dead-letter.jsonl")
     if not isinstance(dead, str) or not dead:
-        raise chk.fail(("dead_letter",), f"expected a file path, got {dead!r}")
+        chk.add(("dead_letter",), f"expected a file path, got {dead!r}")
+        dead = f"out/{name}/dead-letter.jsonl"
+    state_dir = data.get("state_dir", f"out/{name}")
+    if not isinstance(state_dir, str) or not state_dir.strip():
+        chk.add(("state_dir",), f"expected a directory path, got {state_dir!r}")
+        state_dir = f"out/{name}"
+    extra = data.get("channels") or []
+    if not isinstance(extra, list) or not all(isinstance(c, str) and c for c in extra):
+        chk.add(("channels",), "expected a list of channel names that plugins emit")
+        extra = []
+    videodb = chk.model(VideoDBSettings, data.get("videodb"), ("videodb",))
+    controller = (chk.stage("controller", data["controller"], ("controller",))
+                  if data.get("controller") is not None else None)
+    procs = [chk.stage("processor", s, ("stages", i)) for i, s in enumerate(stages)]
+    outs = [chk.stage("sink", s, ("sinks", i)) for i, s in enumerate(sinks)]
+    runtime = chk.model(RuntimeSettings, data.get("runtime"), ("runtime",))
+    every = [s for s in (source, controller, *procs, *outs) if s is not None]
+    check_channels(chk, data, every, extra)
+    chk.raise_errors()
+    assert source is not None and videodb is not None and runtime is not None
+    videodb = resolve_inputs(videodb, base)
     return PipelineConfig(
         name=name,
         file=Path(filename),
-        videodb=chk.model(VideoDBSettings, data.get("videodb"), ("videodb",)),
-        source=chk.stage("source", data["source"], ("source",)),
-        controller=_enabled(chk.stage("controller", data["controller"], ("controller",))
-                            if data.get("controller") is not None else None),
-        stages=[s for s in (chk.stage("processor", s, ("stages", i)) for i, s in enumerate(stages)) if s.enabled],
-        sinks=[s for s in (chk.stage("sink", s, ("sinks", i)) for i, s in enumerate(sinks)) if s.enabled],
-        runtime=chk.model(RuntimeSettings, data.get("runtime"), ("runtime",)),
+        videodb=videodb,
+        source=_resolved(source, base),
+        controller=controller if controller is not None and controller.enabled else None,
+        stages=[_resolved(s, base) for s in procs if s is not None and s.enabled],
+        sinks=[_resolved(s, base) for s in outs if s is not None and s.enabled],
+        runtime=runtime,
         dead_letter=Path(dead),
+        state_dir_setting=Path(state_dir).expanduser(),
+        disabled=[s for s in every if not s.enabled],
+        channels=list(extra),
     )
 
 
+def _resolved(spec: StageSpec, base: Path) -> StageSpec:
+    return dataclasses.replace(spec, options=resolve_inputs(spec.options, base))
+
+
 def load_config(path: str | Path, env: Mapping[str, str] | None = None,
-                registry: Registry | None = None) -> PipelineConfig:
-    """Read, interpolate and validate a pipeline file. Raises ConfigError (one line)."""
+                registry: Registry | None = None, *, missing: list[str] | None = None) -> PipelineConfig:
+    """Read, interpolate and validate a pipeline file. Raises ConfigError (one line per error).
+
+    `missing`: a list to collect unset `${VAR}` names into (they become placeholders) instead of failing.
+    """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -281,5 +433,5 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None,
         raise ConfigError(f"{p}: no such config file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read config: {exc}") from None
-    data, positions = load(text, str(p), env)
+    data, positions = load(text, str(p), env, missing=missing)
     return parse(data, positions, str(p), registry)

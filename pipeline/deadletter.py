@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 import threading
 import time
 from pathlib import Path
@@ -10,7 +11,25 @@ from typing import Any
 import orjson
 
 from pipeline.events import iso_ts
-from pipeline.files import open_private
+from pipeline.files import check_writable, open_private
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 12, 64, 64, 2048, 256
+REPR_CHARS = 16384
+
+
+def encode(rec: dict[str, Any]) -> bytes:
+    """`rec` as one JSON line; an event JSON cannot hold (too deep, odd keys) is kept as `event_repr`."""
+    try:
+        return orjson.dumps(rec, default=str) + b"\n"
+    except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
+        rec = dict(rec)
+        rec["reason"] = f"{rec.get('reason', '')} (event not JSON-serialisable: {exc}; kept as event_repr)"
+        rec["event_repr"] = _REPR.repr(rec.pop("event", None))[:REPR_CHARS]
+        try:
+            return orjson.dumps(rec, default=str) + b"\n"
+        except (TypeError, ValueError):
+            return orjson.dumps({k: str(v)[:REPR_CHARS] for k, v in rec.items()}) + b"\n"
 
 
 class DeadLetter:
@@ -25,6 +44,10 @@ class DeadLetter:
         self._fh: Any = None
         self._lock = threading.Lock()
 
+    def check(self) -> None:
+        """At start: fail now (StageError) if the file could not be opened, rather than at the first reject."""
+        check_writable(self.path)
+
     def write(self, reason: str, *, stage: str, origin: Any = None,
               event: Any = None, raw: bytes | str | None = None, **extra: Any) -> None:
         now = time.time()
@@ -36,7 +59,7 @@ class DeadLetter:
             rec["event"] = event
         if raw is not None:
             rec["raw"] = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-        line = orjson.dumps(rec, default=str) + b"\n"
+        line = encode(rec)
         with self._lock:
             if self._fh is None:
                 self._fh = open_private(self.path)

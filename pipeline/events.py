@@ -43,7 +43,8 @@ def in_channels(event: Event, channels: frozenset[str]) -> bool:
     """True when the event's canonical channel is in a set made by `channel_set`."""
     ch = event.get("channel")
     if ch is None:
-        return "event" in event and LIFECYCLE in channels
+        ev = event.get("event")
+        return "event" in event and (LIFECYCLE in channels or (type(ev) is str and ev in channels))
     if not isinstance(ch, str):
         return False
     return ALIASES.get(ch, ch) in channels
@@ -139,3 +140,92 @@ def lifecycle_status(event: Event) -> str | None:
     if isinstance(ev, str) and ev.startswith(LIFECYCLE_PREFIX):
         return ev[len(LIFECYCLE_PREFIX):]
     return None
+
+
+# -- the edge check: what every source refuses before an event enters the pipeline ----------
+
+#: Deepest nesting accepted (`{}` is 1 level). orjson reads 1024 levels but writes only 254;
+#: 240 leaves room for the envelopes events are wrapped in (dead letter, webhook bodies).
+MAX_DEPTH: Final = 240
+#: Longest `rtstream_id` / `capture_session_id` accepted: ids key per-stream state.
+MAX_ID_CHARS: Final = 256
+ID_FIELDS: Final = ("rtstream_id", "capture_session_id")
+#: A frame of at most this many bytes (or characters) can break neither limit: no check at all.
+#: (an id of more than MAX_ID_CHARS characters needs more bytes; so does nesting deeper than MAX_DEPTH)
+EDGE_FREE: Final = MAX_ID_CHARS
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """True when `value` nests dicts/lists more than `limit` levels; iterative, stops at the first."""
+    if type(value) is not dict and type(value) is not list:
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node, depth = pop()
+        if depth > limit:
+            return True
+        for child in (node.values() if type(node) is dict else node):
+            if type(child) is dict or type(child) is list:
+                push((child, depth + 1))
+    return False
+
+
+def _openings(raw: bytes | str) -> int:
+    if isinstance(raw, bytes):
+        return raw.count(b"{") + raw.count(b"[")
+    return raw.count("{") + raw.count("[")
+
+
+def deeper_than(raw: bytes | str, value: Any, limit: int = MAX_DEPTH) -> bool:
+    """`too_deep(value)` for a value parsed from `raw`, walking only when `raw` could nest that deep."""
+    return len(raw) > 2 * limit and _openings(raw) > limit and too_deep(value, limit)
+
+
+def _bad_id(value: Any, name: str) -> str | None:
+    if value is None or type(value) is int:
+        return None
+    if not isinstance(value, str):
+        return f"{name} must be a string, not {type(value).__name__}"
+    if len(value) > MAX_ID_CHARS:
+        return f"{name} of {len(value)} characters exceeds {MAX_ID_CHARS}"
+    return None
+
+
+def edge_reason(raw: bytes | str, event: Event) -> str | None:
+    """Why a source must dead-letter `event` (parsed from `raw`) instead of accepting it, or None.
+
+    Free for frames of at most EDGE_FREE bytes; otherwise a few lookups, and a walk
+    only when the frame holds more than MAX_DEPTH opening brackets.
+    """
+    if len(raw) <= EDGE_FREE:
+        return None
+    for name in ID_FIELDS:
+        if name in event:
+            bad = _bad_id(event[name], name)
+            if bad is not None:
+                return bad
+    if "event" in event:  # lifecycle: `data.rtstreams[].rtstream_id` become state keys too
+        d = event.get("data")
+        streams = d.get("rtstreams") if isinstance(d, dict) else None
+        if isinstance(streams, list):
+            for s in streams:
+                if isinstance(s, dict) and "rtstream_id" in s:
+                    bad = _bad_id(s["rtstream_id"], "data.rtstreams[].rtstream_id")
+                    if bad is not None:
+                        return bad
+    if deeper_than(raw, event):
+        return f"nested deeper than {MAX_DEPTH} levels"
+    return None
+
+
+def edge_rejects(raws: list[bytes], events: list[Any]) -> list[tuple[int, str]]:
+    """(index, reason) of the events `edge_reason` refuses, for raws/events parsed in step."""
+    out: list[tuple[int, str]] = []
+    if raws and max(map(len, raws)) > EDGE_FREE:
+        for i, raw in enumerate(raws):
+            if len(raw) > EDGE_FREE:
+                reason = edge_reason(raw, events[i])
+                if reason is not None:
+                    out.append((i, reason))
+    return out

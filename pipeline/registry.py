@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import sys
+from collections.abc import Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
 from typing import Final
 
 from pipeline.api import Controller, Processor, Sink, Source, Stage
@@ -28,12 +32,14 @@ BUILTINS: Final[dict[str, dict[str, str]]] = {
         "filter": "stages.processors.filter:Filter",
         "enrich": "stages.processors.enrich:Enrich",
         "rules": "stages.processors.rules:Rules",
+        "window": "stages.processors.window:Window",
     },
     "sink": {
         "jsonl": "stages.sinks.jsonl:JsonlSink",
         "console": "stages.sinks.console:ConsoleSink",
         "kafka": "stages.sinks.kafka:KafkaSink",
         "alert_forwarder": "stages.sinks.alert_forwarder:AlertForwarder",
+        "parquet": "stages.sinks.parquet:ParquetSink",
     },
     "controller": {
         "capture_session": "stages.controller.capture_session:CaptureSessionController",
@@ -47,13 +53,30 @@ class LookupFailed(Exception):
     """A stage type could not be resolved; the message is user-facing."""
 
 
-def import_path(path: str) -> type[Stage]:
-    """Import `package.module:Class`."""
+def _import(module_name: str, search: Sequence[Path]) -> ModuleType:
+    """Import a module; when it is not found, retry with each `search` directory on sys.path."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        top = module_name.partition(".")[0]
+        if exc.name != top or not search:
+            raise
+        for d in search:
+            if (d / top).is_dir() or (d / f"{top}.py").is_file():
+                sys.path.insert(0, str(d.resolve()))
+                return importlib.import_module(module_name)
+        raise
+
+
+def import_path(path: str, search: Sequence[Path] = ()) -> type[Stage]:
+    """Import `package.module:Class`; `search`: directories tried when the module is not importable."""
     module_name, _, attr = path.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name, search)
     except ImportError as exc:
-        raise LookupFailed(f"cannot import module {module_name!r}: {exc}") from None
+        where = " and ".join(dict.fromkeys(str(d.resolve()) for d in search)) or "sys.path"
+        raise LookupFailed(f"cannot import module {module_name!r}: {exc} (searched {where}; put the module "
+                           "beside the config, install its package, or set PYTHONPATH)") from None
     try:
         obj = getattr(module, attr)
     except AttributeError:
@@ -87,9 +110,10 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(set(self.builtins.get(kind, {})) | set(self.plugins()))
 
-    def resolve(self, kind: str, name: str) -> type[Stage]:
+    def resolve(self, kind: str, name: str, search: Sequence[Path] = ()) -> type[Stage]:
+        """The class for a `type:` name; `module:Class` names are also looked for in `search` directories."""
         if ":" in name:
-            cls = import_path(name)
+            cls = import_path(name, search)
         elif name in self.builtins.get(kind, {}):
             cls = import_path(self.builtins[kind][name])
         elif name in self.plugins():

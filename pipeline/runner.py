@@ -37,7 +37,10 @@ async def run_local(cfg: PipelineConfig, *, install_signals: bool = True) -> Loc
 
             rt = ingest_runtime(cfg, install_signals=install_signals)
         else:
-            rt = LocalRuntime(build(cfg), install_signals=install_signals)
+            from pipeline.state.store import open_store
+
+            state = open_store(cfg.state_dir) if getattr(cfg.source.cls, "resumes", True) else None
+            rt = LocalRuntime(build(cfg, state=state), install_signals=install_signals)
         rt.exit_code = await rt.run()
     finally:
         if emu is not None:

@@ -23,8 +23,15 @@ Positions = dict[Path_, tuple[int, int]]
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\$")
 
 
-def interpolate(value: str, env: Mapping[str, str], where: str) -> str:
-    """Replace `${VAR}` and `${VAR:-default}`; `$$` is a literal `$`."""
+_SECRETISH = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.I)
+
+
+def interpolate(value: str, env: Mapping[str, str], where: str, missing: list[str] | None = None) -> str:
+    """Replace `${VAR}` and `${VAR:-default}`; `$$` is a literal `$`.
+
+    An unset variable without a default is an error, or, when `missing` is a list,
+    is recorded there and left in place as the placeholder `${VAR}`.
+    """
 
     def sub(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
@@ -33,7 +40,13 @@ def interpolate(value: str, env: Mapping[str, str], where: str) -> str:
         val = env.get(name)
         if val is None or (val == "" and default is not None):
             if default is None:
-                raise ConfigError(f"{where}: environment variable {name} is not set (use ${{{name}:-default}})")
+                if missing is not None:
+                    if name not in missing:
+                        missing.append(name)
+                    return m.group(0)
+                hint = ("export it, or check the file without it: pipeline validate --offline"
+                        if _SECRETISH.search(name) else f"export it, or give a default: ${{{name}:-value}}")
+                raise ConfigError(f"{where}: environment variable {name} is not set ({hint})")
             return default
         return val
 
@@ -41,7 +54,8 @@ def interpolate(value: str, env: Mapping[str, str], where: str) -> str:
 
 
 class _Builder:
-    def __init__(self, source: str, filename: str, env: Mapping[str, str]) -> None:
+    def __init__(self, source: str, filename: str, env: Mapping[str, str], missing: list[str] | None = None) -> None:
+        self.missing = missing
         self.loader = yaml.SafeLoader(source)
         self.filename = filename
         self.env = env
@@ -88,7 +102,7 @@ class _Builder:
         try:
             if isinstance(node, yaml.ScalarNode) and "$" in node.value and node.tag in (
                     "tag:yaml.org,2002:str", "!"):
-                value = interpolate(node.value, self.env, self.where(node))
+                value = interpolate(node.value, self.env, self.where(node), self.missing)
                 if node.style is None:  # plain scalar: let `${N:-4}` become an int
                     tag = self.loader.resolve(yaml.ScalarNode, value, (True, False))
                     node = yaml.ScalarNode(tag, value, node.start_mark, node.end_mark)
@@ -99,10 +113,11 @@ class _Builder:
             raise ConfigError(f"{self.where(node)}: {exc.problem}") from None
 
 
-def load(source: str, filename: str = "<config>", env: Mapping[str, str] | None = None) -> tuple[Any, Positions]:
-    """Parse YAML text safely -> (plain data, positions of every key path)."""
+def load(source: str, filename: str = "<config>", env: Mapping[str, str] | None = None,
+         missing: list[str] | None = None) -> tuple[Any, Positions]:
+    """Parse YAML text safely -> (plain data, positions of every key path); see `interpolate` for `missing`."""
     try:
-        b = _Builder(source, filename, os.environ if env is None else env)
+        b = _Builder(source, filename, os.environ if env is None else env, missing)
     except yaml.YAMLError as exc:  # the reader rejects control characters up front
         raise ConfigError(f"{filename}: invalid YAML: {exc}".replace("\n", " ")) from None
     data = b.build()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,11 @@ from pipeline.api import Context, StateStore
 from pipeline.deadletter import DeadLetter
 from pipeline.session import SessionLink
 from pipeline.stats import StageStats
+
+# The test-suite plugin package (entry point `shout`) is visible to this test run only: its
+# dist-info beside the package makes importlib.metadata find the entry point on sys.path.
+PLUGIN_PKG = Path(__file__).resolve().parent / "plugin_pkg"
+sys.path.insert(0, str(PLUGIN_PKG))
 
 
 @pytest.fixture
@@ -27,6 +33,7 @@ def make_context(tmp_path: Path) -> Callable[..., Context]:
             stats=StageStats(stage, "test"),
             state=state or StateStore(),
             out_dir=tmp_path,
+            state_dir=tmp_path,
         )
 
     return make

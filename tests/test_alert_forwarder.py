@@ -218,6 +218,8 @@ async def test_slow_webhook_does_not_block_write_until_queue_full(
     blocked.cancel()
     await sink.close()
     records = dead_letters(sink)
-    assert sink.dead_lettered == len(records) == 7  # 1 in flight + 1 held + queue_size 5
+    # 1 in flight + 1 held + queue_size 5, and the 8 the cancelled write never queued (once silently lost)
+    assert sink.dead_lettered == len(records) == 15
     assert sum(r["reason"].startswith("shutdown: delivery still in progress") for r in records) == 1
+    assert sum(r["reason"] == "shutdown: not queued before drain_timeout" for r in records) == 8
     assert len(server.requests) <= 1  # concurrency: 1

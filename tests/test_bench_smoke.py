@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import bench.__main__ as bench_main
+import bench.sessions as sessions_bench
 from bench import (
     bytewax_peer,
     common,
@@ -104,6 +105,12 @@ def test_kafka() -> None:
 
 def test_faust_scaling() -> None:
     numbers(faust_scaling.run(2000), allow_skip=True)
+
+
+def test_sessions() -> None:
+    res = sessions_bench.run(4, window=1.0)
+    numbers(res)
+    assert all(r.unit == "ms" and "4 active" in r.notes[0] for r in res)
 
 
 def test_bytewax_peer() -> None:

@@ -88,7 +88,7 @@ async def test_creates_session_starts_pipelines_and_exits_on_export(
     assert any(e.get("channel") == "alert" and e["data"]["event_label"] == "code_on_screen" for e in run.events)
     assert all(c.get("status") == 200 for c in emu.calls)
 
-    saved = tmp_path / "capture_session.json"  # state_dir defaults to the context's out_dir
+    saved = tmp_path / "capture_session.json"  # state_dir defaults to the context's state_dir
     assert stat.S_IMODE(saved.stat().st_mode) == 0o600
     rec = json.loads(saved.read_text())
     assert rec["session_id"] == ctl.session_id and rec["ws_connection_id"] == ws

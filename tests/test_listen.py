@@ -157,7 +157,8 @@ async def test_refuses_a_symlinked_directory(tmp_path: Path) -> None:
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1
     assert out == b""
-    assert err.decode().strip() == f"pipeline listen: {link}: refusing a symlinked directory"
+    assert err.decode().strip() == f"pipeline listen: {link}: refusing a symlinked directory (-> {real}); " \
+                                   "give the real path"
     assert list(real.iterdir()) == []
 
 

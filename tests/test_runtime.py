@@ -33,7 +33,7 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, tim
 
 def test_demo_config_end_to_end(tmp_path: Path) -> None:
     cfg = (ROOT / "config/replay.yaml").read_text().replace("out/replay", str(tmp_path / "demo"))
-    (tmp_path / "demo.yaml").write_text(cfg.replace("config/samples", str(ROOT / "config/samples")))
+    (tmp_path / "demo.yaml").write_text(cfg.replace("samples/", str(ROOT / "config/samples") + "/"))
     res = run_cli("run", str(tmp_path / "demo.yaml"))
     assert res.returncode == 0, res.stderr
     assert "[ALERT critical secret-exposed display:1]" in res.stdout
@@ -171,6 +171,7 @@ videodb: {api_key: "${KEY}"}
 source: {type: replay, path: a.jsonl}
 sinks: [{type: jsonl, path: b.jsonl}]
 """)
+    (p.parent / "a.jsonl").write_text("")  # validate checks that input files exist
     res = run_cli("validate", str(p), env={"KEY": "sk-very-secret-123"})
     assert res.returncode == 0 and "sk-very-secret-123" not in res.stdout + res.stderr
 

@@ -156,8 +156,17 @@ class Api:
         return s.rtstream_shape(st)
 
     async def rtstream_status(self, req: web.Request, body: Data) -> Data:
-        _s, st = self.stream(req)
+        s, st = self.stream(req)
+        if body.get("action") == "stop":
+            self._stream_stopped(s, st)
         return {"rtstream_id": st.rtstream_id, "status": "connected" if body.get("action") == "start" else "stopped"}
+
+    def _stream_stopped(self, s: Session, st: Stream) -> None:
+        """A backend stopped an rtstream; once all of a session's are stopped, the session stops."""
+        s.stopped_streams.add(st.rtstream_id)
+        if s.stopped_streams >= set(s.streams) and s.status not in ("stopping", "stopped", "exported", "failed"):
+            s.stop_requested = True
+            s.wake.set()
 
     async def transcription(self, req: web.Request, body: Data) -> Data:
         s, st = self.stream(req)

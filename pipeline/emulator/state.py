@@ -86,6 +86,7 @@ class Session:
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # start/stop requested by hand
     start_requested: bool = False
     stop_requested: bool = False
+    stopped_streams: set[str] = field(default_factory=set)  # rtstreams stopped through the API
     task: asyncio.Task[None] | None = None
 
     def stream_by_name(self, name: str) -> Stream:
@@ -129,6 +130,19 @@ class Session:
         return data
 
 
+class _Indexes(dict[str, Pipeline]):
+    """index_id -> scene index, also listed per rtstream: the player looks them up for every event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_stream: dict[str, list[Pipeline]] = {}
+
+    def __setitem__(self, index_id: str, p: Pipeline) -> None:
+        if index_id not in self:
+            self.by_stream.setdefault(p.rtstream_id, []).append(p)
+        super().__setitem__(index_id, p)
+
+
 class Registry:
     """All sessions, pipelines, events and alerts of one emulator."""
 
@@ -136,7 +150,7 @@ class Registry:
         self.sessions: dict[str, Session] = {}
         self.by_stream: dict[str, Session] = {}  # rtstream_id -> owning session
         self.transcripts: dict[str, Pipeline] = {}  # rtstream_id -> its transcript (one per stream)
-        self.indexes: dict[str, Pipeline] = {}  # index_id -> scene index, in creation order
+        self.indexes = _Indexes()  # index_id -> scene index, in creation order
         self.events: dict[str, dict[str, str]] = {}  # event_id -> {event_id, event_prompt, label}
         self.alerts: dict[str, Alert] = {}
         self.finished = asyncio.Event()
@@ -158,8 +172,7 @@ class Registry:
 
     def indexes_for(self, rtstream_id: str, kind: str) -> list[Pipeline]:
         """Running scene indexes of one kind on a stream, newest first."""
-        return [p for p in reversed(self.indexes.values())
-                if p.running and p.kind == kind and p.rtstream_id == rtstream_id]
+        return [p for p in reversed(self.indexes.by_stream.get(rtstream_id, ())) if p.running and p.kind == kind]
 
     def alerts_for(self, rtstream_id: str, label: str) -> list[Alert]:
         """Enabled alerts on a running index of `rtstream_id` whose event has `label`, newest first."""

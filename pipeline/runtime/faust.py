@@ -99,7 +99,7 @@ def ingest_runtime(cfg: PipelineConfig, *, install_signals: bool = True) -> Any:
     label = f"runtime.ingest:{ingest_topic(cfg)}"
     stats = StageStats(label, "sink")
     ctx = Context(pipeline=cfg.name, stage=label, dead_letter=built.dead_letter, session=built.session,
-                  stats=stats, out_dir=cfg.out_dir, settings=cfg.settings(),
+                  stats=stats, out_dir=cfg.out_dir, state_dir=cfg.state_dir, settings=cfg.settings(),
                   log=logging.getLogger("pipeline.sink.kafka"))
     options = KafkaSinkOptions(bootstrap_servers=cfg.runtime.broker, topic=ingest_topic(cfg), key=None,
                                create_topics=CreateTopics(partitions=cfg.runtime.partitions))
@@ -167,6 +167,7 @@ class Worker:
     async def start_sinks(self) -> None:
         if not self._started:
             self._started = True
+            self.built.dead_letter.check()
             for slot in self.built.sinks:
                 await slot.sink.start()
 
@@ -232,7 +233,13 @@ class Worker:
         if self._closed:
             return
         self._closed = True
+        held = self.built.chain.flush() if self.error is None else []  # open windows close at shutdown
         for slot in self.built.sinks:
+            if held:
+                try:
+                    await self._write(slot, held)
+                except Exception as exc:  # _write dead-lettered what it could not write
+                    log.warning("%s: writing flushed windows failed: %s", slot.stats.name, exc)
             try:
                 await slot.sink.close()
             except Exception as exc:

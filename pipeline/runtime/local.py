@@ -1,9 +1,12 @@
 """The local runtime: one asyncio loop, source -> processors -> every sink, in batches.
 
-Each sink has a bounded queue; a slow sink makes `put()` wait, which stops the
-source from reading (backpressure), so nothing is dropped. SIGINT/SIGTERM stop
-the source; everything already read is processed, written and flushed before
-exit. A second signal forces an immediate exit.
+Each sink has a buffer (pipeline.runtime.buffers), bounded in batches and bytes:
+in memory a slow sink makes `put()` wait, which stops the source from reading
+(backpressure); on disk its backlog spills to a spool instead. SIGINT/SIGTERM
+stop the source and start the `drain_timeout` clock: what was read is written
+until then; after it nothing waits any more (the rest is dead-lettered, or stays
+spooled), and each sink's `close()` gets its own `shutdown_timeout`. A second
+signal forces an immediate exit.
 """
 
 from __future__ import annotations
@@ -19,24 +22,14 @@ from typing import Any
 from pipeline.build import Built, SinkSlot
 from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import Batch
+from pipeline.runtime.buffers import DiskBuffer, Item, MemoryBuffer, SinkBuffer, estimate_bytes, spool_dir
+from pipeline.state.spool import Damage
 
 log = logging.getLogger("pipeline.runtime")
 
-_DONE = None  # queue sentinel: no more batches
-
-
-class _Acks:
-    """Tracks which batches every sink has written, for sources that commit (Kafka)."""
-
-    def __init__(self, sinks: int) -> None:
-        self.done = [-1] * sinks
-
-    def mark(self, sink: int, index: int) -> None:
-        self.done[sink] = index
-
-    @property
-    def upto(self) -> int:
-        return min(self.done) if self.done else -1
+#: close() of a sink without a `shutdown_timeout` option gets this long; every close gets a little grace.
+DEFAULT_CLOSE_TIMEOUT = 10.0
+CLOSE_GRACE = 2.0
 
 
 class LocalRuntime:
@@ -45,9 +38,9 @@ class LocalRuntime:
     def __init__(self, built: Built, *, install_signals: bool = True) -> None:
         self.b = built
         self.install_signals = install_signals
-        q = built.config.runtime.queue_size
-        self.queues: list[asyncio.Queue[tuple[int, Batch] | None]] = [asyncio.Queue(q) for _ in built.sinks]
-        self.acks = _Acks(len(built.sinks))
+        self.buffers: list[SinkBuffer] = [self._buffer(i, slot) for i, slot in enumerate(built.sinks)]
+        self._writing: list[Item | None] = [None] * len(built.sinks)
+        self._deadline: float | None = None  # loop time when drain_timeout expires
         self.signals = 0
         self.started = time.monotonic()
         self.error: PipelineError | None = None
@@ -69,7 +62,41 @@ class LocalRuntime:
     async def stop(self) -> None:
         if not self._stopping:
             self._stopping = True
+            self._start_drain_clock()
             await self.b.source.stop()
+
+    def _start_drain_clock(self) -> None:
+        """From now on sinks have `drain_timeout` to take what was read; then nothing waits any more."""
+        if self._deadline is None:
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.time() + self.b.config.runtime.drain_timeout
+            loop.call_at(self._deadline, self._expire)
+
+    def _expire(self) -> None:
+        for buf in self.buffers:
+            buf.expire()
+
+    # -- buffers -----------------------------------------------------------------------
+    def _buffer(self, i: int, slot: SinkSlot) -> SinkBuffer:
+        opts = slot.buffer
+        queue = self.b.config.runtime.queue_size
+
+        def reject(events: Batch, reason: str) -> None:
+            self._dead_letter(slot, events, reason)
+
+        if opts.type == "disk":
+            directory = spool_dir(self.b.config, i, slot.type_name)
+            return DiskBuffer(opts, directory, queue, reject, lambda d: self._damaged(slot, d))
+        return MemoryBuffer(opts, queue, reject)
+
+    def _damaged(self, slot: SinkSlot, d: Damage) -> None:
+        """A spool range that held no valid record (torn tail after kill -9): one dead-letter line."""
+        slot.stats.errors += 1
+        log.warning("%s: spool %s: %s at offset %d; %d byte(s) skipped", slot.stats.name, d.segment, d.reason,
+                    d.offset, d.length)
+        self.b.dead_letter.write(f"spool: {d.reason}; {d.length} byte(s) skipped", stage=slot.stats.name,
+                                 origin={"spool": str(d.segment), "offset": d.offset, "length": d.length},
+                                 raw=d.raw)
 
     # -- tasks -----------------------------------------------------------------------
     async def _ingest(self) -> None:
@@ -77,46 +104,77 @@ class LocalRuntime:
         st = b.source.context.stats
         ctrl = b.controller
         chain = b.chain
+        state = b.state
+        source = b.source
+        targets = list(zip(b.sinks, self.buffers, strict=True))
         index = 0
-        async for batch in b.source.batches():
-            st.received += len(batch)
+        async for batch in source.batches():
+            n = len(batch)
+            st.received += n
+            # sources report the raw size of what they read; the estimate is for those that do not
+            raw = getattr(source, "batch_bytes", None)
+            per_event = (raw if raw is not None else estimate_bytes(batch)) / n if n else 0.0
             if ctrl is not None:
                 ctrl.observe(batch)
             out = chain(batch)
-            st.sent += len(batch)
-            for q in self.queues:
-                await q.put((index, out))
+            if state.dirty:  # rule/enrich state is saved before its alerts can reach a sink
+                state.flush()
+            st.sent += n
+            await self._fan_out(targets, index, out, per_event)
             index += 1
             # Let the sinks take this batch now rather than after `queue_size` more: the events are
             # still in the CPU cache, and fewer batches alive means less memory churn (~20% faster).
             await asyncio.sleep(0)
+        held = chain.flush()  # the source ended (exhausted, exit_on, signal): open windows close now
+        if held:
+            if state.dirty:
+                state.flush()
+            await self._fan_out(targets, index, held, estimate_bytes(held) / len(held))
+
+    @staticmethod
+    async def _fan_out(targets: list[tuple[SinkSlot, SinkBuffer]], index: int, out: Batch,
+                       per_event: float) -> None:
+        """Hand batch `index` to every sink's buffer (routed by channel); a full buffer waits or spills."""
+        for slot, buf in targets:
+            slot.stats.received += len(out)
+            routed = slot.route(out)
+            if routed:
+                await buf.put(index, routed, int(per_event * len(routed)) + 1)
+            else:
+                buf.skip(index)
 
     async def _drain(self, i: int, slot: SinkSlot) -> None:
-        """Feed one sink. If it fails, the run stops and what it cannot write is dead-lettered."""
-        q = self.queues[i]
+        """Feed one sink. If it fails, the run stops and what it cannot write is dead-lettered
+        (memory buffer) or stays spooled for the next run (disk buffer)."""
+        buf = self.buffers[i]
         failed = False
         while True:
-            item = await q.get()
+            item = await buf.get()
             if item is None:
                 return
-            index, batch = item
-            routed = slot.route(batch)
-            slot.stats.received += len(batch)
-            if routed and not failed:
+            batch = item.batch
+            if batch and not failed:
+                self._writing[i] = item
                 try:
-                    await slot.sink.write(routed)
+                    await slot.sink.write(batch)
                 except Exception as exc:
                     failed = True
                     self._fail(exc if isinstance(exc, PipelineError) else
                                StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}"))
                     if isinstance(exc, SinkFailed):  # the sink dead-lettered this batch itself
-                        continue
-                else:
-                    slot.stats.sent += len(routed)
-            if failed:  # keep taking batches so ingest never blocks on us, but write them to the dead letter
-                self._dead_letter(slot, routed, "sink failed before writing")
-            else:
-                self.acks.mark(i, index)
+                        buf.taken(item)
+                    if buf.durable:  # everything not written stays in the spool
+                        return
+                    if not isinstance(exc, SinkFailed):
+                        self._dead_letter(slot, batch, "sink failed before writing")
+                        buf.taken(item)
+                    continue
+                finally:
+                    self._writing[i] = None
+                slot.stats.sent += len(batch)
+            elif failed:  # keep taking batches so ingest never blocks on us, but write them to the dead letter
+                self._dead_letter(slot, batch, "sink failed before writing")
+            buf.taken(item)
 
     def _dead_letter(self, slot: SinkSlot, events: Batch, reason: str) -> None:
         for event in events:
@@ -149,7 +207,7 @@ class LocalRuntime:
             last = await self._commit(commit, last)
 
     async def _commit(self, commit: Any, last: int) -> int:
-        upto = self.acks.upto
+        upto = min(buf.safe_upto for buf in self.buffers)
         if upto > last:
             for slot in self.b.sinks:
                 await slot.sink.flush()
@@ -170,6 +228,8 @@ class LocalRuntime:
         started: list[SinkSlot] = []
         helpers: list[asyncio.Task[Any]] = []
         try:
+            b.dead_letter.check()  # unwritable: fail now, not at the first reject (which would cost its batch)
+            self._open_spools()
             for slot in b.sinks:
                 await slot.sink.start()
                 started.append(slot)
@@ -186,12 +246,23 @@ class LocalRuntime:
             for t in helpers:
                 t.cancel()
             await self._close(started)
+            for buf in self.buffers:
+                buf.close()
             if self.install_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
         if self.error is not None:
             return self.error.exit_code
         return b.session.exit_code or 0
+
+    def _open_spools(self) -> None:
+        """Open disk buffers before any sink starts: what an earlier run left is delivered first."""
+        for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
+            if isinstance(buf, DiskBuffer):
+                buf.open()
+                if buf.restored:
+                    log.warning("%s: %d event(s) left in the spool by an earlier run; delivering them first",
+                                slot.stats.name, buf.restored)
 
     async def _supervise(self, ingest: asyncio.Task[None], drains: list[asyncio.Task[None]],
                          helpers: list[asyncio.Task[Any]]) -> None:
@@ -203,37 +274,57 @@ class LocalRuntime:
             for t in done:
                 self._check(t)
         self._check(ingest)
-        for q in self.queues:
-            await q.put(_DONE)
-        timeout = self.b.config.runtime.drain_timeout
-        _, pending = await asyncio.wait(drains, timeout=timeout)
+        for buf in self.buffers:
+            buf.finish()
+        self._start_drain_clock()
+        assert self._deadline is not None
+        loop = asyncio.get_running_loop()
+        _, pending = await asyncio.wait(drains, timeout=max(self._deadline - loop.time(), 0.0))
         if pending:
-            for i, d in enumerate(drains):
-                if d in pending:
-                    d.cancel()
-                    q, slot = self.queues[i], self.b.sinks[i]
-                    while not q.empty():
-                        item = q.get_nowait()
-                        if item is not None:
-                            self._dead_letter(slot, slot.route(item[1]), "sink did not drain within drain_timeout")
-            self._fail(StageError(f"sinks did not drain within drain_timeout={timeout:g}s: "
-                                  + ", ".join(t.get_name() for t in pending)))
+            self._abandon(drains, pending)
         if self.error is not None:
             raise self.error
         commit = getattr(self.b.source, "commit", None)
         if commit is not None:
             await self._commit(commit, -1)
 
+    def _abandon(self, drains: list[asyncio.Task[None]], pending: set[asyncio.Task[None]]) -> None:
+        """drain_timeout is over: stop feeding the sinks still busy; what they never took is dead-lettered
+        (memory) or stays spooled for the next run (disk). Their close() gets shutdown_timeout."""
+        timeout = self.b.config.runtime.drain_timeout
+        lost: list[str] = []
+        for i, d in enumerate(drains):
+            if d not in pending:
+                continue
+            d.cancel()
+            slot, buf, item = self.b.sinks[i], self.buffers[i], self._writing[i]
+            if item is not None:  # the write in flight was cancelled
+                if getattr(slot.sink, "cancel_safe", False):
+                    buf.taken(item)  # the sink delivers or dead-letters what it accepted, in close()
+                elif not buf.durable:
+                    self._dead_letter(slot, item.batch, "sink write cancelled at shutdown (drain_timeout); "
+                                                        "it may have been partly written")
+            left = buf.leftover()
+            for it in left:
+                self._dead_letter(slot, it.batch, "sink did not drain within drain_timeout")
+            if isinstance(buf, DiskBuffer):
+                log.warning("%s: did not drain within drain_timeout=%gs; %d event(s) stay in the spool "
+                            "for the next run", slot.stats.name, timeout, buf.pending_events)
+            else:
+                lost.append(slot.stats.name)
+        if lost:
+            self._fail(StageError(f"sinks did not drain within drain_timeout={timeout:g}s: " + ", ".join(lost)))
+
     async def _close(self, started: list[SinkSlot]) -> None:
-        for slot in started:
-            try:
-                await slot.sink.close()
-            except PipelineError as exc:
-                self.error = self.error or exc
-            except Exception as exc:
-                self.error = self.error or StageError(f"{slot.stats.name}: close failed: {exc}")
+        """Close every sink at once, each bounded by its own shutdown_timeout; then the source and controller."""
+        results = await asyncio.gather(*(self._close_sink(slot) for slot in started), return_exceptions=True)
+        for slot, res in zip(started, results, strict=True):
+            if isinstance(res, PipelineError):
+                self.error = self.error or res
+            elif isinstance(res, BaseException):
+                self.error = self.error or StageError(f"{slot.stats.name}: close failed: {res}")
         try:
-            await self.b.source.close()
+            await asyncio.wait_for(self.b.source.close(), DEFAULT_CLOSE_TIMEOUT)
         except Exception as exc:
             log.warning("source: close failed: %s", exc)
         if self.b.controller is not None:
@@ -242,10 +333,19 @@ class LocalRuntime:
             except Exception as exc:
                 log.warning("controller: close failed: %s", exc)
         self.b.dead_letter.close()
+        self.b.state.close()
+
+    async def _close_sink(self, slot: SinkSlot) -> None:
+        limit = float(getattr(slot.sink.options, "shutdown_timeout", DEFAULT_CLOSE_TIMEOUT)) + CLOSE_GRACE
+        try:
+            await asyncio.wait_for(slot.sink.close(), limit)
+        except TimeoutError:
+            raise StageError(f"{slot.stats.name}: close() did not finish within {limit:g}s") from None
 
     def summary(self) -> str:
         b = self.b
         sinks = {slot.stats.name: slot.sink for slot in b.sinks}
+        procs = {p.context.stats.name: p for p in b.chain.processors}
         lines = [f"summary: pipeline {b.config.name!r} ran {time.monotonic() - self.started:.1f}s"]
         for st in b.stats:
             if st.kind == "source":
@@ -253,14 +353,31 @@ class LocalRuntime:
             elif st.kind == "processor":
                 lines.append(f"  {st.name:<28} in {st.received:>11}   out {st.sent:>9}"
                              f"   dropped {max(0, st.received - st.sent)}"
-                             + (f"   errors {st.errors}" if st.errors else ""))
+                             + (f"   errors {st.errors}" if st.errors else "")
+                             + "".join(f"   {k} {v}" for k, v in procs[st.name].report().items()))
             elif st.kind == "sink":
-                extra = "".join(f"   {k} {v}" for k, v in sinks[st.name].report().items())
-                lines.append(f"  {st.name:<28} written {st.sent:>6}" + (f"   failed {st.errors}" if st.errors else "")
+                report = dict(sinks[st.name].report())
+                written = report.pop("written", st.sent)  # a sink may count what it really wrote (console)
+                extra = "".join(f"   {k} {v}" for k, v in report.items())
+                extra += self._buffer_report(st.name)
+                lines.append(f"  {st.name:<28} written {written:>6}" + (f"   failed {st.errors}" if st.errors else "")
                              + extra)
-        lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
+        if any(hasattr(p, "fired") for p in b.chain.processors):
+            lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
         lines.append(f"  dead-lettered: {b.dead_letter.count}" +
                      (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))
         if b.session.exit_reason:
             lines.append(f"  ended: {b.session.exit_reason}")
         return "\n".join(lines)
+
+    def _buffer_report(self, name: str) -> str:
+        for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
+            if slot.stats.name == name:
+                out = f"   buffer-full dead-lettered {buf.rejected}" if buf.rejected else ""
+                if isinstance(buf, DiskBuffer):
+                    if buf.restored:
+                        out += f"   from earlier spool {buf.restored}"
+                    if buf.pending_events:
+                        out += f"   left spooled {buf.pending_events}"
+                return out
+        return ""

@@ -156,3 +156,18 @@ class AIPipelines:
         self._indexes, self.bound_to = new, conn_id
         for index in (i for kind in old.values() for i in kind):
             await self._call(f"stop replaced index {index.rtstream_index_id}", index.stop, cleanup=True)
+
+    def index_ids(self) -> list[dict[str, str]]:
+        """The scene indexes of the latest bind, as saved in capture_session.json."""
+        return [{"rtstream_id": str(i.rtstream_id), "index_id": str(i.rtstream_index_id)}
+                for kind in self._indexes.values() for i in kind]
+
+    def adopt_indexes(self, conn: Any, saved: Any) -> None:
+        """Indexes a crashed run started (from capture_session.json): the next bind replaces and stops them."""
+        from videodb.rtstream import RTStreamSceneIndex
+
+        found = [RTStreamSceneIndex(conn, rtstream_index_id=i["index_id"], rtstream_id=i["rtstream_id"])
+                 for i in (saved if isinstance(saved, list) else [])
+                 if isinstance(i, dict) and isinstance(i.get("index_id"), str)]
+        if found:
+            self._indexes = {"saved": found}

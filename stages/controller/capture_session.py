@@ -29,8 +29,10 @@ from pipeline.events import iso_ts, lifecycle_status
 from pipeline.files import write_private_text
 from pipeline.types import Duration
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
+from stages.controller import resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
 from stages.controller.lifecycle import STATES, Lifecycle
+from stages.controller.session_options import SessionApiOptions
 
 log = logging.getLogger("pipeline.controller.capture_session")
 
@@ -45,16 +47,23 @@ class CaptureSessionOptions(Options):
     callback_url: str | None = Field(default=None, description="VideoDB also POSTs session/alert events here")
     session_id: str | None = Field(default=None, description="attach to this existing session instead of creating")
     client_token_expires_in: int = Field(default=86400, ge=1, description="seconds the desktop client token lives")
-    state_dir: str | None = Field(default=None, description="where capture_session.json goes (default out/<name>)")
+    state_dir: str | None = Field(default=None, description="where capture_session.json goes "
+                                                            "(default: the pipeline's state_dir)")
     on_active: OnActive = Field(default_factory=OnActive, description="AI pipelines to start once active")
     exit_on: Literal["exported", "stopped", "none"] = Field(default="exported",
                                                            description="end the pipeline after this event")
     connect_timeout: Duration = Field(default=60.0, description="how long to wait for the source's connection id")
     status_poll_interval: Duration = Field(
         default=5.0, description="after a reconnect or when attached, poll the session status this often")
+    api: SessionApiOptions | None = Field(
+        default=None, description="serve the session API: sessions come from it, none is created at start")
 
     @model_validator(mode="after")
     def _need_user(self) -> CaptureSessionOptions:
+        if self.api is not None:
+            if self.session_id:
+                raise ValueError("session_id and api exclude each other (with api, sessions come from the API)")
+            return self
         if not self.end_user_id and not self.session_id:
             raise ValueError("set end_user_id (to create a session) or session_id (to attach to one)")
         return self
@@ -70,7 +79,7 @@ class CaptureSessionController(Controller):
         super().__init__(options, context)
         self.settings = VideoDBSettings.resolve(context.settings, collection_id=options.collection_id)
         self.who = context.stage or self.name
-        self.state_file = Path(options.state_dir or context.out_dir).expanduser() / STATE_FILE
+        self.state_file = Path(options.state_dir or context.state_dir).expanduser() / STATE_FILE
         self.session_id: str | None = None
         self.lifecycle = Lifecycle()
         self.pipelines: AIPipelines | None = None
@@ -81,6 +90,9 @@ class CaptureSessionController(Controller):
         self._bind_lock = asyncio.Lock()
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: str | None = None
+        self._resumed = False
+        self.manager: Any = None  # SessionManager when `api` is set
+        self.api: Any = None
 
     async def _sdk(self, what: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         return await call(self.who, what, fn, *args, api_key=self.settings.api_key, **kwargs)
@@ -90,6 +102,9 @@ class CaptureSessionController(Controller):
     async def start(self) -> None:
         opts = self.options
         self._conn = await asyncio.to_thread(connect, self.settings, self.who)
+        if opts.api is not None:
+            await self._start_api()
+            return
         self.pipelines = AIPipelines(self._conn, opts.on_active, self.who, self.settings.api_key,
                                      opts.callback_url)
         try:
@@ -97,24 +112,39 @@ class CaptureSessionController(Controller):
         except TimeoutError:
             raise StageError(f"{self.who}: no WebSocket connection id from the source after "
                              f"{opts.connect_timeout:g}s (the controller needs source type videodb)") from None
-        session = await (self._attach() if opts.session_id else self._create(conn_id))
-        token = await self._sdk("generate_client_token", self._conn.generate_client_token,
-                                opts.client_token_expires_in)
-        if token:
-            secrets.register(str(token))
+        saved = None if opts.session_id else resume.saved_session(self.state_file, self.settings.collection_id,
+                                                                    opts.end_user_id, self.context.settings, self.who)
+        session = None
+        if opts.session_id:
+            session = await self._attach(opts.session_id)
+        elif saved is not None:
+            session = await self._resume(saved)
+        if session is None:
+            session = await self._create(conn_id)
         now = time.time()
         self.record = {"session_id": self.session_id, "collection_id": self.settings.collection_id,
                        "end_user_id": getattr(session, "end_user_id", None) or opts.end_user_id,
                        "ws_connection_id": conn_id, "status": self.lifecycle.state,
-                       "client_token": token, "expires_in": opts.client_token_expires_in,
+                       "client_token": None, "expires_in": opts.client_token_expires_in,
                        "expires_at": iso_ts(now + opts.client_token_expires_in), "created_at": iso_ts(now)}
+        token = resume.reusable_token(saved) if self._resumed else None
+        if token is not None and saved is not None:  # the desktop client may still be using it
+            self.record.update({k: saved.get(k) for k in ("expires_in", "expires_at", "created_at")},
+                               resumed_at=iso_ts(now))
+        else:
+            token = await self._sdk("generate_client_token", self._conn.generate_client_token,
+                                    opts.client_token_expires_in)
+        if token:
+            secrets.register(str(token))
+        self.record["client_token"] = token
+        self.record["indexes"] = self.pipelines.index_ids()  # the re-bind may have finished already
         self._save()
         log.info("%s: capture session %s ready; start the desktop capture client with the client token in %s: "
                  "CaptureClient(client_token=...).start_capture_session(capture_session_id=%r, channels=...)",
                  self.who, self.session_id, self.state_file, self.session_id)
         self.context.session.capture_session_id = self.session_id
         self.context.session.on_connection(self._on_connection)
-        if opts.session_id:
+        if opts.session_id or self._resumed:
             self._start_poll()  # lifecycle events go to the connection the session was created with
         elif self.context.session.connection_id != conn_id:
             self._on_reconnect()
@@ -131,15 +161,42 @@ class CaptureSessionController(Controller):
         self._replay_early()
         return session
 
-    async def _attach(self) -> Any:
+    async def _attach(self, session_id: str) -> Any:
         session = await self._sdk("get_capture_session", self._conn.get_capture_session,
-                                  self.options.session_id, self.settings.collection_id)
+                                  session_id, self.settings.collection_id)
+        self._adopt(session)
+        log.info("%s: attached to capture session %s", self.who, session.id)
+        return session
+
+    async def _resume(self, saved: dict[str, Any]) -> Any:
+        """After a crash: attach to the session in capture_session.json if it is still live, else None."""
+        sid = saved["session_id"]
+        try:
+            session = await self._sdk("get_capture_session", self._conn.get_capture_session,
+                                      sid, self.settings.collection_id)
+        except VideoDBCallError as exc:
+            if exc.status in (401, 403) or exc.status is None:
+                raise
+            log.warning("%s; creating a new capture session", exc)
+            return None
+        status = getattr(session, "status", None)
+        if status in resume.ENDED:
+            log.info("%s: saved capture session %s is %s; creating a new one", self.who, sid, status)
+            return None
+        self._resumed = True
+        assert self.pipelines is not None
+        self.pipelines.adopt_indexes(self._conn, saved.get("indexes"))  # stopped once the re-bind replaced them
+        log.warning("%s: resuming capture session %s (%s) from %s; its AI pipelines are re-bound to the new "
+                    "connection (pipeline run --new-session starts a fresh session)",
+                    self.who, sid, status, self.state_file)
+        self._adopt(session)
+        return session
+
+    def _adopt(self, session: Any) -> None:
         self.session_id = session.id
         self.lifecycle = Lifecycle(session.id)
-        log.info("%s: attached to capture session %s", self.who, session.id)
         self._transition(getattr(session, "status", None) or "created", session=session)
         self._replay_early()
-        return session
 
     def _replay_early(self) -> None:
         """Lifecycle events that arrived before we knew the session id (no await since it was set)."""
@@ -151,7 +208,20 @@ class CaptureSessionController(Controller):
 
     # --- lifecycle -------------------------------------------------------------------------------
 
+    async def _start_api(self) -> None:
+        """`api` set: many sessions, created through the session API (see session_manager.py)."""
+        from stages.controller.session_api import SessionApi
+        from stages.controller.session_manager import SessionManager
+
+        self.manager = SessionManager(self, self.state_file.parent)
+        await self.manager.start(self._conn)
+        self.api = SessionApi(self.manager, self.options.api, self.who)
+        await self.api.start()
+
     def observe(self, batch: Batch) -> None:
+        if self.manager is not None:
+            self.manager.observe(batch)
+            return
         for event in batch:
             if "event" in event:
                 status = lifecycle_status(event)
@@ -223,8 +293,10 @@ class CaptureSessionController(Controller):
                 await self.pipelines.bind(conn_id)
                 self.context.stats.errors += self.pipelines.errors - before
             bound = self.pipelines.bound_to
-            if bound and bound != self.record.get("ws_connection_id"):
+            indexes = self.pipelines.index_ids()
+            if bound and (bound != self.record.get("ws_connection_id") or indexes != self.record.get("indexes")):
                 self.record["ws_connection_id"] = bound  # capture_session.json names the live connection
+                self.record["indexes"] = indexes  # a restart stops these once it has bound its own
                 self._save()
 
     async def _on_connection(self, conn_id: str) -> None:
@@ -275,6 +347,10 @@ class CaptureSessionController(Controller):
             log.error("%s: %s", self.who, exc if isinstance(exc, StageError) else repr(exc))
 
     async def close(self) -> None:
+        if self.api is not None:
+            await self.api.close()
+        if self.manager is not None:
+            await self.manager.close()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

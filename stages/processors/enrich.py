@@ -2,7 +2,13 @@
 
 `capture_session.active` lists the session's rtstreams; from then on every
 event of those rtstreams gets `capture_session_id`, `rtstream_name` and
-`media_types`. Index texts that are JSON objects are parsed into `data.json`.
+`media_types`. Index texts that are JSON objects are parsed into `data.json`
+(unless nested so deep that the event would pass the sources' depth limit).
+
+The rtstream map lives in `context.state` (saved in `state_dir`, so a restart
+keeps the names) and is evicted by event time: an rtstream not seen for
+`rtstream_ttl`, or whose session was exported or failed `ended_ttl` ago, is
+forgotten, and at most `max_rtstreams` are kept.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import orjson
 from pydantic import Field
 
 from pipeline.api import Batch, Context, Options, Processor
-from pipeline.events import canonical
+from pipeline.events import MAX_DEPTH, canonical, deeper_than, event_time_ms, lifecycle_status
+from pipeline.types import Duration
+from stages.processors.eviction import Eviction
 
 _JSON_CHANNELS = frozenset({"visual_index", "scene_index", "audio_index"})
 
@@ -23,6 +31,16 @@ class EnrichOptions(Options):
     rtstreams: bool = Field(default=True, description="add rtstream_name and media_types from the active event")
     parse_json: bool = Field(default=True, description="parse JSON-object index texts into data.json")
     fields: dict[str, Any] = Field(default_factory=dict, description="static fields added when absent")
+    rtstream_ttl: Duration = Field(default=6 * 3600.0, description="forget an rtstream not seen this long "
+                                                                  "(event time)")
+    ended_ttl: Duration = Field(default=600.0, description="forget a session's rtstreams this long after it was "
+                                                          "exported or failed")
+    max_rtstreams: int = Field(default=100_000, ge=100, description="at most this many rtstreams remembered; "
+                                                                    "the least recently seen go first")
+
+
+#: How stale (event time) an rtstream's "last seen" may get before it is written again.
+_SEEN_REFRESH_MS = 600_000
 
 
 class Enrich(Processor):
@@ -33,19 +51,31 @@ class Enrich(Processor):
 
     def __init__(self, options: EnrichOptions, context: Context) -> None:
         super().__init__(options, context)
-        # rtstream_id -> [capture_session_id, name, media_types]; a state mapping so it survives restarts
+        # rtstream_id -> [capture_session_id, name, media_types, last seen ms]; survives restarts
         self._streams = context.state.get("enrich.rtstreams")
+        for rid, info in list(self._streams.items()):  # saved by an older or foreign version: drop
+            if not (isinstance(info, list) and len(info) == 4 and type(info[3]) is int):
+                del self._streams[rid]
+        self._evict = Eviction(int(options.rtstream_ttl * 1000), options.max_rtstreams)
+        self._ended_ms = int(options.ended_ttl * 1000)
 
-    def _learn(self, event: dict[str, Any]) -> None:
+    def _learn(self, event: dict[str, Any], now: int) -> None:
         session_id = event.get("capture_session_id")
         if not isinstance(session_id, str):
+            return
+        status = lifecycle_status(event)
+        if status in ("exported", "failed"):  # its rtstreams expire ended_ttl from now
+            seen = now - self._evict.horizon_ms + self._ended_ms
+            for rid, info in list(self._streams.items()):
+                if info[0] == session_id and info[3] > seen:
+                    self._streams[rid] = [*info[:3], seen]
             return
         data = event.get("data")
         streams = data.get("rtstreams") if isinstance(data, dict) else None
         if isinstance(streams, list):
             for s in streams:
                 if isinstance(s, dict) and isinstance(s.get("rtstream_id"), str):
-                    self._streams[s["rtstream_id"]] = [session_id, s.get("name"), s.get("media_types")]
+                    self._streams[s["rtstream_id"]] = [session_id, s.get("name"), s.get("media_types"), now]
 
     def process(self, batch: Batch) -> Batch:
         o = self.options
@@ -53,14 +83,19 @@ class Enrich(Processor):
         add_session, add_streams, parse_json = o.capture_session, o.rtstreams, o.parse_json
         fields = list(o.fields.items())
         loads, decode_error = orjson.loads, orjson.JSONDecodeError
+        now = event_time_ms(batch[-1]) if batch else 0
+        self._evict.seen(now)
+        stale = now - _SEEN_REFRESH_MS
         for event in batch:
             if "event" in event:
-                self._learn(event)
+                self._learn(event, now)
                 for k, v in fields:
                     event.setdefault(k, v)
                 continue
             rts = event.get("rtstream_id")
             info = streams.get(rts) if isinstance(rts, str) else None
+            if info and info[3] < stale:  # still in use: refresh "last seen" (a state write, so rarely)
+                info = streams[str(rts)] = [*info[:3], now]
             if add_session and info and "capture_session_id" not in event:
                 event["capture_session_id"] = info[0]
             if add_streams and info:
@@ -80,6 +115,12 @@ class Enrich(Processor):
                             parsed = loads(text)
                         except decode_error:
                             parsed = None
-                        if isinstance(parsed, dict):
-                            data["json"] = parsed
+                        if isinstance(parsed, dict) and not deeper_than(text, parsed, MAX_DEPTH - 2):
+                            data["json"] = parsed  # (2 levels below the event: the edge's depth limit holds)
+        if self._evict.due(streams):
+            self._evict.sweep(streams, _seen)
         return batch
+
+
+def _seen(info: Any) -> int:
+    return info[3] if isinstance(info, list) and len(info) == 4 and type(info[3]) is int else 0

@@ -11,10 +11,17 @@ from pipeline.events import ALIASES, LIFECYCLE, channel_set, in_channels
 from stages.globs import glob_matcher
 
 
+def _named(event: Event, chans: frozenset[str]) -> bool:
+    """A lifecycle event kept by its own name (`capture_session.active`)."""
+    ev = event.get("event")
+    return isinstance(ev, str) and ev in chans
+
+
 class FilterOptions(Options):
     channels: list[str] | None = Field(
         default=None, min_length=1,
-        description="keep these channels; visual_index = scene_index; capture_session = lifecycle")
+        description="keep these channels; visual_index = scene_index; capture_session = every "
+                    "lifecycle event, capture_session.active (etc.) = just that one")
     rtstream_names: list[str] | None = Field(
         default=None, description="globs such as 'display:*'; events without an rtstream always pass")
     final_only: bool = Field(default=False, description="drop transcripts whose is_final is false")
@@ -56,14 +63,14 @@ class Filter(Processor):
         final_only, min_len = self.options.final_only, self.options.min_text_length
         if chans is None and names is None and not final_only and not min_len:
             return batch
-        lifecycle_ok = chans is not None and LIFECYCLE in chans
+        lifecycle_ok = chans is not None and LIFECYCLE in chans  # all lifecycle events; else only those named
         out: Batch = []
         append = out.append
         for e in batch:
             if chans is not None:
                 ch = e.get("channel")
                 if ch is None:
-                    if not ("event" in e and lifecycle_ok):
+                    if not ("event" in e and (lifecycle_ok or _named(e, chans))):
                         continue
                 elif not isinstance(ch, str) or ALIASES.get(ch, ch) not in chans:
                     continue

@@ -3,8 +3,11 @@
 All keywords of all rules on a channel go into one matcher per match mode, so
 the cost per event does not grow with the number of rules. Cooldowns and
 windows run on event time (never the wall clock): a replay at any speed fires
-the same alerts. State lives in `context.state`, so the faust runtime can keep
-it in a table.
+the same alerts. State lives in `context.state` (saved in `state_dir` by the
+local runtime, a table in the faust runtime) and is evicted by event time:
+an entry older than the longest cooldown/window plus `state_ttl` can no
+longer change an outcome, and `max_state_keys` bounds what a flood of
+distinct rtstream ids can pin in memory.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pipeline.api import Batch, Context, Event, Options, Processor
 from pipeline.events import ALIASES, canonical, event_time_ms
 from pipeline.types import Duration
 from stages.globs import glob_matcher
+from stages.processors.eviction import Eviction
 from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher
 
 TEXT_CHANNELS = ["transcript", "visual_index", "audio_index"]
@@ -55,6 +59,10 @@ class Rule(Options):
 
 class RulesOptions(Options):
     rules: list[Rule] = Field(min_length=1)
+    state_ttl: Duration = Field(default=600.0, description="keep cooldown/window state this long (event time) "
+                                                           "after it stopped mattering")
+    max_state_keys: int = Field(default=100_000, ge=100, description="at most this many cooldown (and window) "
+                                                                     "keys; the oldest go first")
 
 
 @dataclass(slots=True)
@@ -87,7 +95,7 @@ class _ChannelMatcher:
 
 
 class Rules(Processor):
-    """Emits an alert (DESIGN.md §3 shape) after each event that fires a rule; the event flows on."""
+    """Emits an alert (channel alert, data.event_label = rule name) after each event that fires a rule."""
 
     name = "rules"
     Options = RulesOptions
@@ -114,6 +122,8 @@ class Rules(Processor):
         self._last_fired = context.state.get("rules.last_fired")  # "rule|rtstream" -> event ms
         self._windows = context.state.get("rules.windows")  # "rule|rtstream" -> [event ms, ...]
         self.fired = 0
+        self._evict = Eviction(max((max(c.cooldown_ms, c.window_ms) for c in self._rules), default=0)
+                               + int(options.state_ttl * 1000), options.max_state_keys)
 
     def process(self, batch: Batch) -> Batch:
         out: Batch | None = None  # allocated only once a batch produces an alert
@@ -144,13 +154,20 @@ class Rules(Processor):
                     if out is None:
                         out = batch[: i + 1]
                     out.extend(alerts)
+        ev = self._evict
+        if ev.due(self._last_fired, self._windows):
+            ev.sweep(self._last_fired, _last_time)
+            ev.sweep(self._windows, _newest_time)
         return batch if out is None else out
 
     def _fire(self, event: Event, text: str, hits: Hits, when: int) -> list[Event]:
         alerts: list[Event] = []
         rid = event.get("rtstream_id")
-        stream = rid if type(rid) is str and rid else str(rid or event.get("rtstream_name") or "")
+        if type(rid) is not str or not rid:  # no id: the name, within its session (names repeat across sessions)
+            rid = f"{event.get('capture_session_id') or ''}/{rid or event.get('rtstream_name') or ''}"
+        stream = rid
         rules, windows, last_fired = self._rules, self._windows, self._last_fired
+        self._evict.seen(when)
         for idx in hits if len(hits) == 1 else sorted(hits):
             c = rules[idx]
             if c.names is not None and not c.names(str(event.get("rtstream_name") or "")):
@@ -166,7 +183,8 @@ class Rules(Processor):
             last = last_fired.get(key)
             if last is not None and c.cooldown_ms and last <= when < last + c.cooldown_ms:
                 continue
-            last_fired[key] = when
+            if c.cooldown_ms:
+                last_fired[key] = when
             alerts.append(self._alert(event, text, c.rule, hits[idx], when))
         self.fired += len(alerts)
         return alerts
@@ -182,3 +200,12 @@ class Rules(Processor):
             if key in event:
                 alert[key] = event[key]
         return alert
+
+
+def _last_time(value: Any) -> int:
+    return value if type(value) is int else 0
+
+
+def _newest_time(value: Any) -> int:
+    """A window entry's newest match (0 for an emptied window: nothing left to remember)."""
+    return max(value) if isinstance(value, list) and value and all(type(t) is int for t in value) else 0

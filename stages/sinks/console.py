@@ -29,6 +29,8 @@ class ConsoleSink(Sink):
         super().__init__(options, context)
         self.stream = stream or sys.stdout
         self.color = options.color if options.color is not None else self.stream.isatty()
+        self.printed = 0
+        self.skipped = 0
 
     def line(self, event: Event) -> str | None:
         status = lifecycle_status(event)
@@ -61,6 +63,15 @@ class ConsoleSink(Sink):
 
     async def write(self, batch: Batch) -> None:
         lines = [ln for ln in map(self.line, batch) if ln is not None]
+        self.printed += len(lines)
+        self.skipped += len(batch) - len(lines)
         if lines:
             self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
+
+    def report(self) -> dict[str, int]:
+        """What was printed: the summary shows this instead of the events routed here."""
+        out = {"written": self.printed}
+        if self.skipped:
+            out["skipped (alerts_only)"] = self.skipped
+        return out

@@ -30,9 +30,15 @@ MAX_OPEN_FILES = 32
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
+def _session_name(sid: Any) -> str:
+    """The session id as a file-name part: it comes from the wire, so anything odd becomes `unknown`."""
+    return sid if type(sid) is str and _SAFE_NAME.match(sid) else "unknown"
+
+
 class JsonlOptions(SinkOptions):
-    path: str = Field(description="file path; may use {channel} and {date} (UTC, from unix_ts)")
-    clear: bool = Field(default=False, description="truncate the file(s) when the pipeline starts")
+    path: str = Field(description="file path; may use {channel}, {date} (UTC, from unix_ts), {capture_session_id}",
+                      json_schema_extra={"path": "output"})
+    clear: bool = Field(default=False, description="empty the file(s) when the first event arrives")
     flush_interval: Duration = Field(default=1.0, description="write buffered lines this often; 0 = every batch")
     buffer_bytes: int = Field(default=1 << 20, ge=0, description="write once this much is buffered")
     fsync: bool = Field(default=False, description="fsync after each flush (durable across power loss)")
@@ -41,9 +47,9 @@ class JsonlOptions(SinkOptions):
     @classmethod
     def _placeholders(cls, v: str) -> str:
         try:
-            v.format(channel="c", date="d")
+            v.format(channel="c", date="d", capture_session_id="s")
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"path may only use {{channel}} and {{date}}: {exc}") from None
+            raise ValueError(f"path may only use {{channel}}, {{date}} and {{capture_session_id}}: {exc}") from None
         return v
 
 
@@ -66,6 +72,7 @@ class JsonlSink(Sink):
         super().__init__(options, context)
         self._templated = "{" in options.path
         self._dated = "{date}" in options.path
+        self._per_session = "{capture_session_id}" in options.path
         self._days: dict[int, str] = {}
         self._safe: set[str] = set()
         self._files: dict[str, _File] = {}
@@ -73,10 +80,15 @@ class JsonlSink(Sink):
         self._last_flush = time.monotonic()
         self._timer: asyncio.Task[None] | None = None
         self._failed: SinkFailed | None = None
+        self._pending_clear = False
 
     async def start(self) -> None:
         if not self._templated:
+            # Opened now, so a bad path fails at start; with `clear` emptied only at the first write, so a
+            # run whose source never opens (a typo in a replay path) keeps the previous results.
+            self._cleared.add(self.options.path)
             self._file(self.options.path)
+            self._pending_clear = self.options.clear
         if self.options.flush_interval > 0:
             self._timer = asyncio.create_task(self._flush_periodically(), name=f"{self.context.stage}-flush")
 
@@ -116,21 +128,53 @@ class JsonlSink(Sink):
             elif len(self._safe) < 256:
                 self._safe.add(ch)
         day = self._day(event.get("unix_ts")) if self._dated else ""
-        return self.options.path.format(channel=ch, date=day)
+        sid = _session_name(event.get("capture_session_id")) if self._per_session else ""
+        return self.options.path.format(channel=ch, date=day, capture_session_id=sid)
 
     async def write(self, batch: Batch) -> None:
         if self._failed is not None:  # the flush timer failed: refuse, the runtime dead-letters this batch
             raise StageError(str(self._failed))
         if self._templated:
-            for event in batch:
-                self._file(self._path_for(event)).buf += _DUMP(event, option=_OPTS, default=str)
+            self._write_templated(batch)
         else:
-            buf = self._file(self.options.path).buf
-            for e in batch:  # one line at a time: each temporary is freed at once, the heap stays small
-                buf += _DUMP(e, option=_OPTS, default=str)
+            f = self._file(self.options.path)
+            if self._pending_clear:
+                self._pending_clear = False
+                f.fh.truncate(0)
+            buf = f.buf
+            mark = len(buf)
+            try:
+                for e in batch:  # one line at a time: each temporary is freed at once, the heap stays small
+                    buf += _DUMP(e, option=_OPTS, default=str)
+            except TypeError:  # an event JSON cannot hold (orjson.JSONEncodeError): that one, not the batch
+                del buf[mark:]
+                self._write_each(batch)
         if (time.monotonic() - self._last_flush >= self.options.flush_interval
                 or any(len(f.buf) >= self.options.buffer_bytes for f in self._files.values())):
             self.flush_now(current=len(batch))
+
+    def _write_templated(self, batch: Batch) -> None:
+        for event in batch:
+            try:
+                line = _DUMP(event, option=_OPTS, default=str)
+            except TypeError as exc:
+                self._unwritable(event, exc)
+                continue
+            self._file(self._path_for(event)).buf += line
+
+    def _write_each(self, batch: Batch) -> None:
+        buf = self._file(self.options.path).buf
+        for event in batch:
+            try:
+                buf += _DUMP(event, option=_OPTS, default=str)
+            except TypeError as exc:
+                self._unwritable(event, exc)
+
+    def _unwritable(self, event: Event, exc: Exception) -> None:
+        """Dead-letter one event JSON cannot encode; the runtime counted it as written, so move it."""
+        self.context.dead_letter.write(f"cannot encode as JSON: {exc}", stage=self.context.stage, event=event)
+        self.context.stats.errors += 1
+        self.context.stats.sent -= 1
 
     async def flush(self) -> None:
         self.flush_now()

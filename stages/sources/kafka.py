@@ -21,7 +21,7 @@ import orjson
 from pydantic import Field, field_validator
 
 from pipeline.api import Batch, Context, Options, Source
-from pipeline.events import Stamper
+from pipeline.events import Stamper, edge_reason
 from pipeline.kafka import Backoff, bootstrap_list, describe, quiet_aiokafka
 from pipeline.types import Duration
 
@@ -122,6 +122,10 @@ class KafkaSource(Source):
             return None
         if not isinstance(event, dict):
             self._reject(rec, f"JSON {type(event).__name__}, not an object")
+            return None
+        reason = edge_reason(rec.value, event)
+        if reason is not None:
+            self._reject(rec, reason)
             return None
         return event
 

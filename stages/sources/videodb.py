@@ -22,7 +22,7 @@ from pydantic import Field
 
 from pipeline.api import Batch, Context
 from pipeline.errors import StageError
-from pipeline.files import ensure_private_dir, write_private_text
+from pipeline.files import check_writable, ensure_private_dir, write_private_text
 from pipeline.types import Secret
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
 from stages.sources.websocket import ReaderOptions, WebSocketSource
@@ -37,7 +37,8 @@ class VideoDBSourceOptions(ReaderOptions):
     api_key: Secret | None = Field(default=None, description="overrides videodb.api_key")
     base_url: str | None = Field(default=None, description="overrides videodb.base_url")
     collection_id: str | None = Field(default=None, description="overrides videodb.collection_id")
-    state_dir: str | None = Field(default=None, description="write videodb_ws_id / videodb_ws_pid here")
+    state_dir: str | None = Field(default=None, description="write videodb_ws_id / videodb_ws_pid here "
+                                                            "(default: the pipeline's state_dir)")
 
 
 class VideoDBSource(WebSocketSource):
@@ -51,7 +52,7 @@ class VideoDBSource(WebSocketSource):
         self.settings = VideoDBSettings.resolve(context.settings, api_key=options.api_key,
                                                 base_url=options.base_url,
                                                 collection_id=options.collection_id)
-        self.state_dir = Path(options.state_dir).expanduser() if options.state_dir else None
+        self.state_dir: Path | None = Path(options.state_dir or context.state_dir).expanduser()
         self._conn: Any = None
         self._first: Any = None  # the preflight's result (WebSocketConnection or retryable error), for open()
 
@@ -66,6 +67,7 @@ class VideoDBSource(WebSocketSource):
         if self.state_dir is not None:
             ensure_private_dir(self.state_dir)
             write_private_text(self.state_dir / PID_FILE, str(os.getpid()))
+            check_writable(self.state_dir / WS_ID_FILE)  # a symlink there fails once now, not every reconnect
         self._conn = await asyncio.to_thread(connect, self.settings, self.context.stage)
         try:
             self._first = await self._sdk("connect_websocket", self._conn.connect_websocket,

@@ -22,11 +22,23 @@ from pydantic import Field
 from pipeline.api import Batch, Context, Options, Source
 from pipeline.backoff import Backoff
 from pipeline.errors import StageError
-from pipeline.events import Stamper
+from pipeline.events import Stamper, edge_reason
 from pipeline.types import Duration
 
 log = logging.getLogger("pipeline.source.websocket")
 STABLE_AFTER = 10.0  # seconds a connection must last before a drop reconnects without backoff
+PENDING_BYTES = 32 << 20  # raw frame bytes read ahead of the pipeline before the reader waits
+
+
+async def raw_frames(ws: Any) -> AsyncIterator[bytes]:
+    """Every message as bytes, text frames undecoded: invalid UTF-8 is then dead-lettered, not a close (1007)."""
+    import websockets
+
+    while True:
+        try:
+            yield await ws.recv(decode=False)
+        except websockets.ConnectionClosedOK:
+            return
 
 
 class ReaderOptions(Options):
@@ -56,6 +68,8 @@ class WebSocketSource(Source):
         self._room = asyncio.Event()  # cleared while `_pending` is full: the reader stops reading (backpressure)
         self._room.set()
         self._limit = 4 * options.batch_max
+        self._pending_bytes = 0  # raw frame bytes in `_pending`: the reader also stops at PENDING_BYTES
+        self.batch_bytes = 0  # raw bytes of the batch just yielded (the runtime bounds queues by bytes)
         self._stop_event = asyncio.Event()
         self._stopping = False
         self._done = False
@@ -68,7 +82,7 @@ class WebSocketSource(Source):
         import websockets
 
         ws = await websockets.connect(self.options.url, max_size=None, close_timeout=1)
-        first = await ws.recv()
+        first = await ws.recv(decode=False)
         conn_id = None
         try:
             msg = orjson.loads(first)
@@ -98,7 +112,12 @@ class WebSocketSource(Source):
         if not isinstance(event, dict):
             self._reject(f"JSON {type(event).__name__}, not an object", frame)
             return
+        reason = edge_reason(frame, event)
+        if reason is not None:
+            self._reject(reason, frame)
+            return
         self._pending.append(self._stamp(event))
+        self._pending_bytes += size
         if len(self._pending) == 1:
             self._ready.set()
 
@@ -133,9 +152,9 @@ class WebSocketSource(Source):
                     await self.context.session.announce_connection(conn_id)
                 reason = "closed by the server"
                 try:
-                    async for frame in self._ws:
+                    async for frame in raw_frames(self._ws):
                         self._accept(frame)
-                        if len(self._pending) >= self._limit:
+                        if len(self._pending) >= self._limit or self._pending_bytes >= PENDING_BYTES:
                             self._room.clear()
                             await self._room.wait()
                 except websockets.ConnectionClosed as exc:
@@ -173,8 +192,10 @@ class WebSocketSource(Source):
                 self._ready.clear()
                 while self._pending:
                     batch = self._pending[: self.options.batch_max]
+                    self.batch_bytes = self._pending_bytes * len(batch) // len(self._pending)
+                    self._pending_bytes -= self.batch_bytes
                     del self._pending[: self.options.batch_max]
-                    if len(self._pending) < self._limit:
+                    if len(self._pending) < self._limit and self._pending_bytes < PENDING_BYTES:
                         self._room.set()
                     yield batch
                 if self._done or self._stopping:

@@ -27,6 +27,7 @@ class Alert:
 
     event: Event
     key: str
+    size: int = 0  # encoded size, for the queue's byte bound
 
 
 Send = Callable[[list[Alert]], Awaitable[None]]
@@ -39,11 +40,15 @@ class Destination:
     """Queue and schedule alerts for one URL; never loses an alert without calling `abandon`."""
 
     def __init__(self, label: str, send: Send, abandon: Abandon, *, queue_size: int, concurrency: int,
-                 bucket: TokenBucket | None, digest: bool, digest_max: int, log: logging.Logger) -> None:
+                 bucket: TokenBucket | None, digest: bool, digest_max: int, log: logging.Logger,
+                 queue_bytes: int = 16 << 20) -> None:
         self.label = label
         self._send = send
         self._abandon = abandon
         self._queue: asyncio.Queue[Alert | None] = asyncio.Queue(queue_size)
+        self._max_bytes = queue_bytes
+        self._bytes = 0  # alerts queued, held or being sent
+        self._freed = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._bucket = bucket
         self._digest = digest and bucket is not None
@@ -69,14 +74,31 @@ class Destination:
         """Queue alerts; waits only while the queue is full."""
         if self._closed:
             raise RuntimeError(f"alert_forwarder {self.label}: write after close")
-        for alert in alerts:
+        for n, alert in enumerate(alerts):
+            try:
+                while self._bytes and self._bytes + alert.size > self._max_bytes:
+                    self._check_alive()
+                    self._freed.clear()
+                    await self._freed.wait()
+            except asyncio.CancelledError:
+                self.abandon(alerts[n:])
+                raise
             try:
                 self._queue.put_nowait(alert)
             except asyncio.QueueFull:
                 self._check_alive()
-                await self._queue.put(alert)
+                try:
+                    await self._queue.put(alert)
+                except asyncio.CancelledError:  # shutdown gave up waiting: the rest is dead-lettered, not lost
+                    self.abandon(alerts[n:])
+                    raise
             self._outstanding += 1
+            self._bytes += alert.size
             self._idle.clear()
+
+    def abandon(self, alerts: list[Alert]) -> None:
+        """Dead-letter alerts this destination never queued (a write cancelled at shutdown)."""
+        self._abandon(alerts, "shutdown: not queued before drain_timeout")
 
     async def flush(self) -> None:
         """Wait until every alert queued so far is delivered or dead-lettered."""
@@ -84,8 +106,10 @@ class Destination:
             self._check_alive()
             await self._idle.wait()
 
-    def _settled(self, count: int) -> None:
-        self._outstanding = max(0, self._outstanding - count)
+    def _settled(self, alerts: list[Alert]) -> None:
+        self._bytes -= sum(a.size for a in alerts)
+        self._freed.set()
+        self._outstanding = max(0, self._outstanding - len(alerts))
         if not self._outstanding:
             self._idle.set()
 
@@ -118,7 +142,7 @@ class Destination:
                 left.append(item)
         if left:
             self._abandon(left, reason)
-            self._settled(len(left))
+            self._settled(left)
 
     async def _run(self) -> None:
         stopping = False
@@ -174,4 +198,4 @@ class Destination:
             self._log.exception("alert_forwarder %s: unexpected error while sending", self.label)
             self._abandon(alerts, f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            self._settled(len(alerts))
+            self._settled(alerts)

@@ -6,7 +6,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from pipeline.events import Event, data, event_time_ms
+from pipeline.events import Event, data, event_time_ms, text
 
 KEY_LENGTH = 32
 
@@ -20,9 +20,19 @@ def label(event: Event) -> str:
 
 
 def alert_key(event: Event) -> str:
-    """Stable hash of (label, rtstream_id, event time ms): the same alert replayed gets the same key."""
-    raw = f"{label(event)}|{event.get('rtstream_id') or ''}|{event_time_ms(event)}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:KEY_LENGTH]
+    """Stable hash of what identifies an alert: the same alert replayed gets the same key.
+
+    (label, rtstream_id, event time ms, source channel, matched keywords, text): two alerts
+    that differ in any of these (two channels at the same instant, two rules' texts) differ.
+    """
+    d = data(event)
+    matched = d.get("matched")
+    parts = (label(event), str(event.get("rtstream_id") or ""), str(event_time_ms(event)),
+             str(d.get("source_channel") or ""),
+             "\x1f".join(m for m in matched if isinstance(m, str)) if isinstance(matched, list) else "",
+             text(event))
+    raw = "\x1e".join(parts)
+    return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:KEY_LENGTH]
 
 
 def digest_key(member_keys: Iterable[str]) -> str:

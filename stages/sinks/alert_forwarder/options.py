@@ -9,7 +9,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from pipeline import secrets
 from pipeline.api import SinkOptions
-from pipeline.types import Duration, Rate, Secret
+from pipeline.types import ByteSize, Duration, Rate, Secret
 
 from .template import check_template
 
@@ -69,9 +69,11 @@ class AlertForwarderOptions(SinkOptions):
     """Requests in flight per destination."""
     queue_size: int = Field(1000, ge=1)
     """Alerts queued per destination before `write` waits (backpressure on ingest)."""
+    queue_bytes: ByteSize = Field(16 << 20, ge=1)
+    """Encoded bytes of alerts queued or in flight per destination before `write` waits."""
     shutdown_timeout: Duration = 30.0
     """On close, time allowed to deliver what is queued; the rest is dead-lettered."""
-    ca_file: str | None = None
+    ca_file: str | None = Field(default=None, json_schema_extra={"path": "input"})
     """Extra CA bundle (PEM) for a private HTTPS endpoint; verification always stays on."""
     dedupe_keys: int = Field(100_000, ge=1)
     """Idempotency keys remembered to drop duplicates within the run."""

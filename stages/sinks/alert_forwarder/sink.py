@@ -36,11 +36,20 @@ if TYPE_CHECKING:
 USER_AGENT = "videodb-pipeline alert_forwarder"
 
 
+def _size(event: Any) -> int:
+    """Encoded size of an alert, for the queue's byte bound (alerts are few: exact is cheap enough)."""
+    try:
+        return len(orjson.dumps(event, default=str))
+    except (TypeError, orjson.JSONEncodeError):
+        return 1024
+
+
 class AlertForwarder(Sink):
     """Forwards alert events to one or more webhooks (json, Slack, Discord or a template)."""
 
     name = "alert_forwarder"
     Options = AlertForwarderOptions
+    cancel_safe = True  # a cancelled write dead-letters what it had not queued; close() handles the rest
 
     def __init__(self, options: AlertForwarderOptions, context: Context) -> None:
         super().__init__(options, context)
@@ -87,7 +96,8 @@ class AlertForwarder(Sink):
         bucket = TokenBucket(*o.rate_limit, capacity=o.burst) if o.rate_limit else None
         return Destination(secrets.mask_url(url), partial(self._send, url), partial(self._dead_letter, url),
                            queue_size=o.queue_size, concurrency=o.concurrency, bucket=bucket,
-                           digest=o.on_limit == "digest", digest_max=o.digest_max, log=self.context.log)
+                           digest=o.on_limit == "digest", digest_max=o.digest_max, log=self.context.log,
+                           queue_bytes=o.queue_bytes)
 
     async def write(self, batch: Batch) -> None:
         """Dedupe by idempotency key and queue for every destination; waits only on a full queue."""
@@ -97,15 +107,20 @@ class AlertForwarder(Sink):
         for event in batch:
             key = alert_key(event)
             if self._seen.add(key):
-                alerts.append(Alert(event, key))
+                alerts.append(Alert(event, key, _size(event)))
         duplicates = len(batch) - len(alerts)
         if duplicates:
             self.duplicates += duplicates
             self.context.stats.dropped += duplicates
             self.context.log.debug("alert_forwarder: dropped %d duplicate alert(s)", duplicates)
         if alerts:
-            for dest in self._destinations:
-                await dest.put(alerts)
+            for n, dest in enumerate(self._destinations):
+                try:
+                    await dest.put(alerts)
+                except asyncio.CancelledError:
+                    for later in self._destinations[n + 1:]:
+                        later.abandon(alerts)
+                    raise
 
     def report(self) -> dict[str, int]:
         return {"delivered": self.delivered, "dead-lettered": self.dead_lettered, "digests": self.digests,
@@ -118,12 +133,12 @@ class AlertForwarder(Sink):
     async def _send(self, url: str, alerts: list[Alert]) -> None:
         """Format, sign and POST one message; count it or dead-letter its alerts."""
         assert self._session is not None
+        body = self._body(url, alerts)
+        if body is None:
+            return
         keys = [a.key for a in alerts]
         digest = len(alerts) > 1
         key = digest_key(keys) if digest else keys[0]
-        payload = build(self.options.format, [a.event for a in alerts], keys, key,
-                        template=self.options.template, digest_items=self.options.digest_items)
-        body = orjson.dumps(payload, default=str)
         headers = {"Content-Type": "application/json", "Idempotency-Key": key, "User-Agent": USER_AGENT}
         sign = partial(sign_now, self._secret) if self._secret else None
         outcome = await post(self._session, url, body, headers, self._policy, sign=sign, log=self.context.log)
@@ -136,6 +151,34 @@ class AlertForwarder(Sink):
             self.digests += 1
             self.context.log.info("alert_forwarder: %s: sent a digest of %d alerts (rate limit)",
                                   secrets.mask_url(url), len(alerts))
+
+    def _encode(self, alerts: list[Alert]) -> bytes:
+        keys = [a.key for a in alerts]
+        key = digest_key(keys) if len(alerts) > 1 else keys[0]
+        payload = build(self.options.format, [a.event for a in alerts], keys, key,
+                        template=self.options.template, digest_items=self.options.digest_items)
+        return orjson.dumps(payload, default=str)
+
+    def _body(self, url: str, alerts: list[Alert]) -> bytes | None:
+        """The message body; an alert that cannot be encoded is dead-lettered alone (None: none left).
+
+        Shrinks `alerts` in place to those the body carries.
+        """
+        try:
+            return self._encode(alerts)
+        except Exception as exc:
+            bad = []
+            for a in alerts:
+                try:
+                    self._encode([a])
+                except Exception:
+                    bad.append(a)
+            if not bad:  # only the combination fails (never seen): give up on the whole message
+                bad = list(alerts)
+            self._dead_letter(url, bad, f"cannot encode the webhook body: {type(exc).__name__}: {exc}")
+            gone = {id(a) for a in bad}  # identity: comparing events could recurse as deep as they nest
+            alerts[:] = [a for a in alerts if id(a) not in gone]
+            return self._encode(alerts) if alerts else None
 
     def _dead_letter(self, url: str, alerts: list[Alert], reason: str, *, status: int | None = None,
                      attempts: int = 0, digest_key: str | None = None) -> None:
@@ -154,6 +197,9 @@ class AlertForwarder(Sink):
 
     async def close(self) -> None:
         """Deliver what is queued within `shutdown_timeout`; dead-letter the rest; close the session."""
+        if self.duplicates:
+            self.context.log.warning("alert_forwarder: %d alert(s) not sent again: their idempotency key was "
+                                     "already sent in this run", self.duplicates)
         timeout = self.options.shutdown_timeout
         try:
             if self._destinations:

@@ -11,7 +11,7 @@ from pipeline.kafka import (
     bootstrap_list,
 )
 from pipeline.templates import Template
-from pipeline.types import Duration
+from pipeline.types import ByteSize, Duration
 
 
 class CreateTopics(Options):
@@ -44,6 +44,8 @@ class KafkaSinkOptions(SinkOptions):
         default=1048576, ge=1024, description="largest record in bytes; bigger events are dead-lettered")
     buffer_events: int = Field(
         default=10000, ge=1, description="events held while the broker is away before write() blocks")
+    buffer_bytes: ByteSize = Field(
+        default=32 << 20, ge=1, description="encoded bytes held before write() blocks (the other bound)")
     request_timeout: Duration = Field(
         default=30.0, description="how long one produce attempt may take before it is retried")
     retry_backoff: Duration = Field(

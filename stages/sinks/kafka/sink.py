@@ -2,8 +2,9 @@
 
 `write(batch)` returns once the broker acknowledged every record of the batch.
 A background delivery task owns the producer: it reconnects and retries with
-backoff while the broker is away, holding at most `buffer_events` events (a
-full buffer makes `write` wait, which slows the source: backpressure). Once
+backoff while the broker is away, holding at most `buffer_events` events and
+`buffer_bytes` bytes (a full buffer makes `write` wait: backpressure, or the
+runtime's disk spool with `buffer: {type: disk}`). Once
 shutdown starts (session exit or `close()`), whatever is not delivered within
 `shutdown_timeout` goes to the dead-letter file, counted. Nothing is dropped.
 """
@@ -45,6 +46,7 @@ class KafkaSink(Sink):
 
     name = "kafka"
     Options: ClassVar[type[Options]] = KafkaSinkOptions
+    cancel_safe = True  # a cancelled write leaves its records queued; close() delivers or dead-letters them
 
     def __init__(self, options: KafkaSinkOptions, context: Context) -> None:
         super().__init__(options, context)
@@ -59,6 +61,7 @@ class KafkaSink(Sink):
         self._static_topic = safe_topic(self._topic.render({})) if self._topic.static else None
         self._queue: deque[Record] = deque()
         self._buffered = 0
+        self._buffered_bytes = 0
         self._room = asyncio.Event()
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()
@@ -109,14 +112,17 @@ class KafkaSink(Sink):
         if not records:
             return
         pending.left = len(records)
-        while self._buffered and self._buffered + len(records) > self.opts.buffer_events:
+        size = sum(len(r.value) for r in records)
+        while self._buffered and (self._buffered + len(records) > self.opts.buffer_events
+                                  or self._buffered_bytes + size > self.opts.buffer_bytes):
             self._room.clear()
             await self._room.wait()
-        if self._gave_up:
+        self._buffered += len(records)
+        self._buffered_bytes += size
+        if self._gave_up:  # _dead_letter releases them again
             self._dead_letter(records, f"{self.who}: broker unreachable at shutdown ({self._last_error})")
             return
         self._queue.extend(records)
-        self._buffered += len(records)
         self._wake.set()
         await pending.done
 
@@ -334,12 +340,15 @@ class KafkaSink(Sink):
 
     def _release(self, records: list[Record]) -> None:
         """Count records as finished; resolve `write()` calls whose records are all finished."""
+        size = 0
         for r in records:
             owner = r.owner
             owner.left -= 1
+            size += len(r.value)
             if owner.left == 0 and not owner.done.done():
                 owner.done.set_result(None)
         self._buffered -= len(records)
+        self._buffered_bytes -= size
         self._room.set()
 
     def _fail_all(self, records: list[Record], exc: StageError) -> None:
@@ -350,6 +359,7 @@ class KafkaSink(Sink):
                 r.owner.done.set_exception(exc)
         self._queue.clear()
         self._buffered = 0
+        self._buffered_bytes = 0
         self._room.set()
 
     def _note_failure(self, exc: BaseException | None, when: str = "") -> None:

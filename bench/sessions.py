@@ -1,0 +1,289 @@
+"""Benchmark: N concurrent capture sessions through one local pipeline, created through the session API.
+
+Each session has 4 rtstreams (mic, system audio, two screens) at a realistic
+rate: a transcript segment per second per audio stream and a visual-index
+description every 2 s per screen (3 events/s per session). The emulator
+(`pipeline emulate --manual`, its own process, pinned to the second core) plays
+every session on its own clock; the pipeline (`pipeline run`, pinned to the
+first core) runs videodb source -> filter -> enrich -> rules -> jsonl plus a
+latency probe sink. Sessions are created with POST /v1/sessions, their desktop
+clients "started" through the emulator's hook, and once every session streams
+we measure over a steady window: the pipeline's CPU use, its RSS growth per
+session, and p50/p99 latency from receipt (the source's `unix_ts`) to the sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+from pydantic import Field
+
+from bench.common import ROOT, Result, pipeline_config, rules_spec, workdir, write_config
+from pipeline.api import Batch, Context, Sink, SinkOptions
+from pipeline.files import open_private, write_private_text
+
+TOKEN: Final = "bench-session-api-token-0123456789"
+API_KEY: Final = "k-bench-0123456789"
+EVENTS_PER_SESSION: Final = 3.0  # 2 audio streams x 1/s + 2 screens x 0.5/s
+BUCKETS: Final = 20_000  # 0.1 ms buckets up to 2 s, then one overflow bucket
+TARGET_P99_MS: Final = 50.0
+TARGET_KB: Final = 50.0
+CLK: Final = os.sysconf("SC_CLK_TCK")
+
+
+class LatencyOptions(SinkOptions):
+    path: str = Field(description="where the receipt->sink latency histogram is written, every 0.5 s")
+
+
+class LatencySink(Sink):
+    """Bench probe: a histogram of (now - unix_ts) per event, snapshotted to a file for the driver."""
+
+    name = "bench_latency"
+    Options = LatencyOptions
+
+    def __init__(self, options: LatencyOptions, context: Context) -> None:
+        super().__init__(options, context)
+        self.hist = [0] * (BUCKETS + 1)
+        self.gc_ms = [0.0, 0.0, 0.0]  # time spent in garbage collection, per generation
+        self.gc_max_ms = 0.0
+        self._gc_t0 = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        gc.callbacks.append(self._gc)
+        self._task = asyncio.create_task(self._snapshots())
+
+    def _gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            ms = (time.perf_counter() - self._gc_t0) * 1000
+            self.gc_ms[info["generation"]] += ms
+            self.gc_max_ms = max(self.gc_max_ms, ms)
+
+    async def write(self, batch: Batch) -> None:
+        now = time.time()
+        hist = self.hist
+        for e in batch:
+            u = e.get("unix_ts")
+            if type(u) is float:
+                hist[min(BUCKETS, max(0, int((now - u) * 10_000)))] += 1
+
+    async def _snapshots(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            self._dump()
+
+    def _dump(self) -> None:
+        sparse = {i: c for i, c in enumerate(self.hist) if c}
+        write_private_text(self.options.path, orjson.dumps({"t": time.time(), "hist": sparse, "gc": self.gc_ms,
+                                                            "gc_max": self.gc_max_ms},
+                                                           option=orjson.OPT_NON_STR_KEYS).decode())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._dump()
+
+
+def _read_hist(path: Path) -> tuple[float, dict[int, int]]:
+    snap = _snapshot(path)
+    return snap["t"], {int(k): v for k, v in snap["hist"].items()}
+
+
+def _snapshot(path: Path) -> dict[str, Any]:
+    return orjson.loads(path.read_bytes())  # type: ignore[no-any-return]
+
+
+def percentile(diff: dict[int, int], q: float) -> float:
+    """q-quantile in ms of a bucket histogram (upper edge of the bucket)."""
+    total = sum(diff.values())
+    need = q * total
+    seen = 0
+    for b in sorted(diff):
+        seen += diff[b]
+        if seen >= need:
+            return (b + 1) / 10
+    return float("nan")
+
+
+def scenario(path: Path, seconds: int) -> Path:
+    """4 rtstreams; transcripts every second per audio stream, visual index every 2 s per screen."""
+    streams = [{"rtstream_id": "rts-mic", "name": "mic:default", "media_types": ["audio"], "type": "mic"},
+               {"rtstream_id": "rts-sys", "name": "system_audio:default", "media_types": ["audio"],
+                "type": "system_audio"},
+               {"rtstream_id": "rts-d1", "name": "display:1", "media_types": ["video"], "type": "screen"},
+               {"rtstream_id": "rts-d2", "name": "display:2", "media_types": ["video"], "type": "screen"}]
+    events: list[dict[str, Any]] = []
+    for t in range(seconds):
+        for name in ("mic:default", "system_audio:default"):
+            events.append({"at": t + 0.5, "channel": "transcript", "rtstream": name, "is_final": True, "span": 1,
+                           "text": f"we should ship the release on thursday, segment {t}"})
+        if t % 2 == 0:
+            for name in ("display:1", "display:2"):
+                events.append({"at": t + 1.0, "channel": "visual_index", "rtstream": name, "span": 2,
+                               "text": "VS Code with a Python file open, terminal running the tests"})
+    doc = {"name": "bench-sessions", "end": seconds + 1, "rtstreams": streams, "events": events}
+    path.write_bytes(orjson.dumps(doc))
+    return path
+
+
+def _spawn(args: list[str], log: Path, cpu: int, cwd: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SESSION_API_TOKEN": TOKEN, "PIPELINE_LOG_LEVEL": "info"}
+    with open_private(log, truncate=True) as fh:
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(proc.pid, {cpu})
+    return proc
+
+
+def _wait_line(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(pattern, log.read_text(errors="replace")) if log.exists() else None
+        if m:
+            return m.group(1)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{log.name}: exited {proc.returncode}: {log.read_text()[-1500:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{log.name}: no line matching {pattern!r} after {timeout:.0f}s")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def _drive(api: str, emu: str, n: int, probe: Path, pid: int, emu_pid: int, window: float,
+                 ) -> dict[str, float]:
+    import aiohttp
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    rss0 = _rss_kb(pid)
+    async with aiohttp.ClientSession() as http:
+        ids: list[str] = []
+        sem = asyncio.Semaphore(32)
+
+        async def create(i: int) -> None:
+            async with sem, http.post(f"{api}/v1/sessions", json={"end_user_id": f"user-{i}"}, headers=auth) as r:
+                body = await r.json()
+                if r.status != 201:
+                    raise RuntimeError(f"POST /v1/sessions: {r.status} {body}")
+                ids.append(body["session_id"])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(create(i) for i in range(n)))
+        created_s = time.perf_counter() - t0
+        for k, sid in enumerate(ids):  # the desktop clients start over ~2 s, not all in the same millisecond
+            async with http.post(f"{emu}/_emulator/sessions/{sid}/start") as r:
+                assert r.status == 200, await r.text()
+            if k % max(1, n // 20) == 0:
+                await asyncio.sleep(0.1)
+        # steady state: every session streaming (the rate reaches 90% of N x 3 ev/s)
+        want = 0.9 * n * EVENTS_PER_SESSION
+        deadline = time.monotonic() + 60 + n / 20
+        last = _read_hist(probe)
+        while True:
+            await asyncio.sleep(2.0 if n >= 100 else 1.0)
+            cur = _read_hist(probe)
+            rate = (sum(cur[1].values()) - sum(last[1].values())) / max(1e-6, cur[0] - last[0])
+            last = cur
+            if rate >= want:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{n} sessions: only {rate:.0f} ev/s reach the sink (want {want:.0f})")
+        streaming_s = time.perf_counter() - t0
+        g0, h0, cpu0, ecpu0 = _snapshot(probe), _read_hist(probe), _cpu_seconds(pid), _cpu_seconds(emu_pid)
+        await asyncio.sleep(window)
+        g1, h1, cpu1, ecpu1 = _snapshot(probe), _read_hist(probe), _cpu_seconds(pid), _cpu_seconds(emu_pid)
+        rss1 = _rss_kb(pid)
+        async with http.get(f"{api}/v1/sessions", params={"status": "active"}, headers=auth) as r:
+            active = (await r.json())["count"]
+    dt = h1[0] - h0[0]
+    diff = {b: c - h0[1].get(b, 0) for b, c in h1[1].items() if c - h0[1].get(b, 0)}
+    return {"cpu": (cpu1 - cpu0) / window, "emu_cpu": (ecpu1 - ecpu0) / window, "kb": (rss1 - rss0) / n,
+            "p50": percentile(diff, 0.50), "p99": percentile(diff, 0.99), "rate": sum(diff.values()) / dt,
+            "active": active, "created_s": created_s, "gc2_ms": g1["gc"][2] - g0["gc"][2],
+            "gc_ms": sum(g1["gc"]) - sum(g0["gc"]), "gc_max": g1["gc_max"], "streaming_s": streaming_s,
+            "rss_mb": rss1 / 1024}
+
+
+def measure(n: int, window: float, out: Path) -> dict[str, float]:
+    """One size: fresh emulator and pipeline processes, N sessions, one measurement window."""
+    seconds = int(90 + n / 15 + window)
+    shutil.rmtree(out / f"state-{n}", ignore_errors=True)  # sessions of an earlier run: not re-attached here
+    scn = scenario(out / f"scenario-{n}.json", seconds)
+    probe = out / f"latency-{n}.json"
+    cfg = pipeline_config(f"bench-sessions-{n}", {"type": "videodb"}, [
+        {"type": "jsonl", "path": str(out / f"events-{n}.jsonl"), "clear": True},
+        {"type": "bench.sessions:LatencySink", "path": str(probe)}], out, rules=rules_spec(100))
+    emu_log, pipe_log = out / f"emulator-{n}.log", out / f"pipeline-{n}.log"
+    emu = _spawn([sys.executable, "-m", "pipeline.emulator.cli", "--manual", "--scenario", str(scn),
+                  "--api-key", API_KEY], emu_log, 1, out)
+    procs = [emu]
+    try:
+        emu_url = _wait_line(emu_log, r"EMULATOR_URL=(\S+)", emu)
+        cfg["videodb"] = {"api_key": API_KEY, "base_url": emu_url}
+        cfg["controller"] = {"type": "capture_session", "state_dir": str(out / f"state-{n}"),
+                             "on_active": {"transcript": True, "index_visuals": {"prompt": "Describe the screen"}},
+                             "api": {"listen": "127.0.0.1:0", "token": "${SESSION_API_TOKEN}",
+                                     "max_sessions": max(10_000, n)}}
+        pipe = _spawn([sys.executable, "-m", "pipeline.cli", "run", str(write_config(out / f"p-{n}.yaml", cfg))],
+                      pipe_log, 0, out)
+        procs.append(pipe)
+        api = _wait_line(pipe_log, r"session API on (http://\S+)/v1/sessions", pipe)
+        while not probe.exists():
+            time.sleep(0.05)
+        return asyncio.run(_drive(api, emu_url, n, probe, pipe.pid, emu.pid, window))
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def run(n: int, *, sizes: tuple[int, ...] | None = None, window: float | None = None) -> list[Result]:
+    """`n` sessions (a full run also measures 2x and 5x n, to find where it bends)."""
+    out = workdir("sessions")
+    if sizes is None:
+        sizes = (n, 2 * n, 5 * n) if n >= 1000 else (n,)
+    if window is None:
+        window = 20.0 if n >= 500 else 3.0
+    results = []
+    for size in sizes:
+        m = measure(size, window, out)
+        ok = m["p99"] < TARGET_P99_MS and m["kb"] < TARGET_KB and m["cpu"] < 1.0
+        r = Result(f"sessions: {size:,} concurrent, p99 receipt->sink", m["p99"], "ms",
+                   target=f"< {TARGET_P99_MS:g} ms, < {TARGET_KB:g} KB/session, < 1 core", ok=ok)
+        want = size * EVENTS_PER_SESSION
+        r.notes.append(f"p50 {m['p50']:.2f} ms; {m['rate']:,.0f} ev/s at the sink (want {want:,.0f});"
+                       f" pipeline CPU {m['cpu'] * 100:.0f}% of one core; RSS {m['rss_mb']:.0f} MB, "
+                       f"+{m['kb']:.1f} KB per session; {m['active']:,} active")
+        r.notes.append(f"garbage collection {m['gc_ms']:.0f} ms in the window ({m['gc2_ms']:.0f} ms full), "
+                       f"longest pause since start {m['gc_max']:.1f} ms")
+        r.notes.append(f"emulator CPU {m['emu_cpu'] * 100:.0f}% of the other core; created in {m['created_s']:.1f}s,"
+                       f" all streaming after {m['streaming_s']:.1f}s; window {window:g}s")
+        results.append(r)
+    return results

@@ -1,0 +1,302 @@
+"""Read the pipeline's JSONL output line by line into bounded per-session summaries.
+
+Memory stays bounded whatever the input size: marks per lane are thinned
+evenly past a cap, alert rows, keywords, lifecycle entries, lanes, sessions and
+the duplicate filter all have caps, and every text is cut.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from pipeline.events import canonical, channel, event_time_ms, lifecycle_status
+
+MAX_LINE: Final = 1 << 20  # longer lines are skipped (counted)
+MAX_TEXT: Final = 400  # characters of text kept per mark / alert row
+MAX_MARKS: Final = 1500  # marks drawn per lane; past it every other one is dropped, then every 4th...
+MAX_ALERTS: Final = 2000  # alert rows per session
+MAX_LANES: Final = 32  # rtstreams per session; more go into one "other streams" lane
+MAX_SESSIONS: Final = 200
+MAX_KEYWORDS: Final = 500
+MAX_LIFECYCLE: Final = 500
+MAX_SECONDS: Final = 1_000_000  # distinct event-time seconds remembered per session (gap detection)
+MAX_DEDUPE: Final = 2_000_000  # line digests remembered to drop the same event found in two files
+MARK_CHANNELS: Final = ("transcript", "audio_index", "visual_index", "alert")
+UNKNOWN_SESSION: Final = "unknown-session"
+
+
+@dataclass(slots=True)
+class Mark:
+    """One drawn event: a span (or instant) on a lane's channel track."""
+
+    id: int
+    start: int
+    end: int
+    channel: str
+    text: str
+    backfill: bool
+    label: str = ""  # alerts: event_label
+
+
+@dataclass(slots=True)
+class AlertRow:
+    mark: int
+    time: int
+    label: str
+    severity: str
+    lane: str
+    text: str
+    matched: list[str]
+    origin: str
+
+
+@dataclass
+class Lane:
+    """One rtstream: its marks (thinned evenly past MAX_MARKS), talk time and words."""
+
+    name: str
+    marks: list[Mark] = field(default_factory=list)
+    stride: int = 1
+    seen: int = 0
+    talk_ms: int = 0
+    words: int = 0
+    channels: dict[str, int] = field(default_factory=dict)
+
+    def add(self, mark: Mark) -> None:
+        self.seen += 1
+        self.channels[mark.channel] = self.channels.get(mark.channel, 0) + 1
+        if mark.channel == "alert":
+            if self.channels["alert"] > MAX_ALERTS:
+                return
+        elif (self.seen - 1) % self.stride:
+            return
+        self.marks.append(mark)
+        if len(self.marks) > MAX_MARKS:
+            self.stride *= 2
+            self.marks = [m for i, m in enumerate(self.marks) if m.channel == "alert" or i % 2 == 0]
+
+
+@dataclass
+class Session:
+    id: str
+    lanes: dict[str, Lane] = field(default_factory=dict)
+    alerts: list[AlertRow] = field(default_factory=list)
+    alerts_total: int = 0
+    keywords: dict[str, int] = field(default_factory=dict)
+    lifecycle: list[tuple[int, str]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: set[int] = field(default_factory=set)
+    backfill: int = 0
+    backfill_spans: list[list[int]] = field(default_factory=list)
+    t_min: int | None = None
+    t_max: int | None = None
+
+    def lane(self, name: str) -> Lane:
+        lane = self.lanes.get(name)
+        if lane is None:
+            if len(self.lanes) >= MAX_LANES:
+                name = "other streams"
+                lane = self.lanes.get(name)
+            if lane is None:
+                lane = self.lanes[name] = Lane(name)
+        return lane
+
+    def span(self, t: int) -> None:
+        if t <= 0:
+            return
+        if self.t_min is None or t < self.t_min:
+            self.t_min = t
+        if self.t_max is None or t > self.t_max:
+            self.t_max = t
+        if len(self.seconds) < MAX_SECONDS:
+            self.seconds.add(t // 1000)
+
+    def gaps(self, min_gap_ms: int) -> list[tuple[int, int]]:
+        """Stretches of at least `min_gap_ms` without any event (by event time)."""
+        secs = sorted(self.seconds)
+        return [(a * 1000 + 1000, b * 1000) for a, b in itertools.pairwise(secs)
+                if (b - a - 1) * 1000 >= min_gap_ms]
+
+
+@dataclass
+class Collected:
+    sessions: dict[str, Session] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    lines: int = 0
+    skipped: int = 0
+    duplicates: int = 0
+    metrics: int = 0
+
+
+def _cut(v: Any, n: int = MAX_TEXT) -> str:
+    s = v if isinstance(v, str) else ("" if v is None else str(v))
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def read_lines(path: Path) -> Iterator[bytes | None]:
+    """Lines of a file, read in bounded pieces; None for a line longer than MAX_LINE (skipped)."""
+    with open(path, "rb") as fh:
+        while True:
+            line = fh.readline(MAX_LINE + 1)
+            if not line:
+                return
+            if len(line) > MAX_LINE and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):
+                    line = fh.readline(MAX_LINE)
+                yield None
+                continue
+            yield line
+
+
+class Collector:
+    """Feeds events into per-session summaries; one instance per report run."""
+
+    def __init__(self) -> None:
+        self.out = Collected()
+        self._digests: set[bytes] = set()
+        self._stream_session: dict[str, str] = {}
+        self._stream_name: dict[str, str] = {}
+        self._mark_id = 0
+
+    def read(self, paths: Iterable[Path]) -> Collected:
+        for path in paths:
+            self.out.files.append(str(path))
+            for line in read_lines(path):
+                self.out.lines += 1
+                if line is None:
+                    self.out.skipped += 1
+                    continue
+                line = line.strip()
+                if not line:
+                    continue
+                digest = hashlib.blake2b(line, digest_size=12).digest()
+                if digest in self._digests:
+                    self.out.duplicates += 1
+                    continue
+                if len(self._digests) < MAX_DEDUPE:
+                    self._digests.add(digest)
+                try:
+                    event = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    self.out.skipped += 1
+                    continue
+                if isinstance(event, dict):
+                    self.add(event)
+                else:
+                    self.out.skipped += 1
+        return self.out
+
+    def _session(self, event: dict[str, Any]) -> Session | None:
+        sid = event.get("capture_session_id")
+        if not isinstance(sid, str) or not sid:
+            rid = event.get("rtstream_id")
+            sid = self._stream_session.get(rid, UNKNOWN_SESSION) if isinstance(rid, str) else UNKNOWN_SESSION
+        sid = _cut(sid, 200)
+        sessions = self.out.sessions
+        s = sessions.get(sid)
+        if s is None:
+            if len(sessions) >= MAX_SESSIONS:
+                return None
+            s = sessions[sid] = Session(sid)
+        return s
+
+    def add(self, event: dict[str, Any]) -> None:
+        ch = canonical(channel(event))
+        if ch == "metrics":
+            self.out.metrics += 1
+            return
+        status = lifecycle_status(event)
+        data = event.get("data") if isinstance(event.get("data"), dict) else {}
+        assert isinstance(data, dict)
+        if status is not None:
+            self._learn_streams(event, data)
+        session = self._session(event)
+        if session is None:
+            return
+        t = event_time_ms(event)
+        session.span(t)
+        session.counts[ch or "unknown"] = session.counts.get(ch or "unknown", 0) + 1
+        backfill = event.get("backfill") is True
+        if backfill:
+            session.backfill += 1
+            spans = session.backfill_spans
+            if spans and spans[-1][0] - 30_000 <= t <= spans[-1][1] + 30_000:
+                spans[-1][0], spans[-1][1] = min(spans[-1][0], t), max(spans[-1][1], t)
+            elif len(spans) < 500:
+                spans.append([t, t])
+        if status is not None:
+            if len(session.lifecycle) < MAX_LIFECYCLE:
+                session.lifecycle.append((t, _cut(status, 40)))
+            return
+        if ch not in MARK_CHANNELS:
+            return
+        lane = session.lane(self._lane_name(event))
+        end = data.get("end")
+        end = end if type(end) is int and t <= end <= t + 86_400_000 else t
+        text = data.get("text")
+        if ch == "transcript":
+            if data.get("is_final") is False:
+                return
+            if isinstance(text, str):
+                lane.words += len(text.split())
+            lane.talk_ms += end - t
+        self._mark_id += 1
+        label = _cut(data.get("event_label") or "alert", 80) if ch == "alert" else ""
+        mark = Mark(self._mark_id, t, end, ch, _cut(text), backfill, label)
+        if ch == "alert":
+            self._alert(session, lane, mark, data, event)
+        lane.add(mark)
+
+    def _alert(self, session: Session, lane: Lane, mark: Mark, data: dict[str, Any],
+               event: dict[str, Any]) -> None:
+        session.alerts_total += 1
+        matched = [_cut(m, 80) for m in data.get("matched") or [] if isinstance(m, str)][:20]
+        for m in matched:
+            if m in session.keywords or len(session.keywords) < MAX_KEYWORDS:
+                session.keywords[m] = session.keywords.get(m, 0) + 1
+        if len(session.alerts) < MAX_ALERTS:
+            session.alerts.append(AlertRow(mark.id, mark.start, mark.label, _cut(data.get("severity") or "", 20),
+                                           lane.name, mark.text, matched,
+                                           _cut(event.get("origin") or "videodb", 20)))
+
+    def _learn_streams(self, event: dict[str, Any], data: dict[str, Any]) -> None:
+        sid = event.get("capture_session_id")
+        streams = data.get("rtstreams")
+        if not isinstance(sid, str) or not isinstance(streams, list):
+            return
+        for s in streams[:MAX_LANES * 4]:
+            if (isinstance(s, dict) and isinstance(s.get("rtstream_id"), str)
+                    and len(self._stream_session) < 100_000):
+                self._stream_session[s["rtstream_id"]] = sid
+                if isinstance(s.get("name"), str):
+                    self._stream_name[s["rtstream_id"]] = s["name"]
+
+    def _lane_name(self, event: dict[str, Any]) -> str:
+        name = event.get("rtstream_name")
+        if not isinstance(name, str) or not name:
+            rid = event.get("rtstream_id")
+            name = self._stream_name.get(rid, rid) if isinstance(rid, str) else None
+        return _cut(name or "no stream", 80)
+
+
+def input_files(inputs: list[str]) -> list[Path]:
+    """JSONL files named, or found under named directories (dead-letter files left out)."""
+    files: list[Path] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            files.extend(f for f in sorted(p.rglob("*.jsonl")) if "dead-letter" not in f.name and f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"{raw}: no such file or directory (expected JSONL files or a directory of them)")
+    return files

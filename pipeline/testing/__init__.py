@@ -1,0 +1,1 @@
+"""`pipeline test`: rule tests in `*.test.yaml` files beside a config, run on the processors only."""

@@ -1,0 +1,94 @@
+"""`pipeline test [FILES|DIRS] [--junit PATH]`: run every case, one line each, a diff on failure."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:  # the CLI builds its parser from this module: keep it light
+    from pipeline.deadletter import DeadLetter
+    from pipeline.testing.run import Result
+
+_SKIP = {"out", "node_modules", "__pycache__"}
+
+
+def find_files(paths: list[str]) -> list[Path]:
+    """Test files named on the command line, or found (`*.test.yaml`) under named directories."""
+    found: list[Path] = []
+    for raw in paths or ["."]:
+        p = Path(raw)
+        if p.is_dir():
+            for f in sorted(p.rglob("*.test.yaml")):
+                rel = f.relative_to(p).parts[:-1]
+                if not any(part.startswith(".") or part in _SKIP for part in rel):
+                    found.append(f)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise ConfigError(f"{raw}: no such test file or directory")
+    return found
+
+
+def run_file(path: Path, dead: DeadLetter) -> list[Result]:
+    from pipeline.testing.model import load_tests
+    from pipeline.testing.run import Result, load_pipeline, run_case
+
+    try:
+        tf, cases = load_tests(path)
+        cfg = load_pipeline(path, tf)
+    except ConfigError as exc:
+        return [Result(str(path), "(test file)", str(exc).splitlines(), error=True)]
+    results = []
+    for lc in cases:
+        started = time.perf_counter()
+        error = False
+        try:
+            failures = run_case(cfg, lc, dead)
+        except ConfigError as exc:
+            failures, error = str(exc).splitlines(), True
+        except Exception as exc:  # a processor that raises is a failed case, not a crashed run
+            failures = [f"raised {type(exc).__name__}: {exc}"]
+        results.append(Result(str(path), lc.case.name, failures, time.perf_counter() - started, error))
+    return results
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipeline.deadletter import DeadLetter
+
+    files = find_files(args.paths)
+    if not files:
+        print(f"pipeline test: no *.test.yaml files under {' '.join(args.paths) or '.'}", file=sys.stderr)
+        return 1
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="pipeline-test-") as tmp:
+        dead = DeadLetter(Path(tmp) / "dead-letter.jsonl")
+        for f in files:
+            for r in run_file(f, dead):
+                results.append(r)
+                print(f"{'ok   ' if r.ok else 'ERROR' if r.error else 'FAIL '} {r.file}: {r.name}")
+                for failure in r.failures:
+                    print("      " + failure.replace("\n", "\n      "))
+        dead.close()
+    failed = sum(not r.ok for r in results)
+    errors = sum(r.error for r in results)
+    print(f"{len(results) - failed} passed, {failed - errors} failed, {errors} errors "
+          f"({len(files)} file{'s' if len(files) != 1 else ''})")
+    if args.junit:
+        from pipeline.testing.junit import write_junit
+
+        write_junit(Path(args.junit), results)
+    return 2 if errors else 1 if failed else 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    t = sub.add_parser("test", help="run rule tests (*.test.yaml beside a config)")
+    t.add_argument("paths", nargs="*", metavar="FILE|DIR", help="test files, or directories to search (default .)")
+    t.add_argument("--junit", metavar="PATH", help="also write a JUnit XML report here")
+    t.set_defaults(func=cmd_test)

@@ -1,0 +1,28 @@
+"""JUnit XML for CI systems: one testsuite per test file, one testcase per case."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from pipeline.testing.run import Result
+
+
+def write_junit(path: Path, results: list[Result]) -> None:
+    root = ET.Element("testsuites", name="pipeline test", tests=str(len(results)),
+                      failures=str(sum(not r.ok and not r.error for r in results)),
+                      errors=str(sum(r.error for r in results)))
+    by_file: dict[str, list[Result]] = {}
+    for r in results:
+        by_file.setdefault(r.file, []).append(r)
+    for file, rs in by_file.items():
+        suite = ET.SubElement(root, "testsuite", name=file, tests=str(len(rs)),
+                              failures=str(sum(not r.ok and not r.error for r in rs)),
+                              errors=str(sum(r.error for r in rs)), time=f"{sum(r.seconds for r in rs):.3f}")
+        for r in rs:
+            case = ET.SubElement(suite, "testcase", classname=file, name=r.name, time=f"{r.seconds:.3f}")
+            if not r.ok:
+                fail = ET.SubElement(case, "error" if r.error else "failure", message=r.failures[0].splitlines()[0])
+                fail.text = "\n".join(r.failures)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)

@@ -1,0 +1,119 @@
+"""The `*.test.yaml` format: which config, and cases of input events with expectations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import Field, model_validator
+
+from pipeline.api import Options
+from pipeline.errors import ConfigError
+from pipeline.yamlpos import load
+
+BASE_UNIX = 1_700_000_000  # `at: 90s` in an input event = this + 90 seconds (unix_ts)
+
+
+class AlertExpect(Options):
+    label: str | None = Field(default=None, description="the rule name (data.event_label)")
+    rtstream: str | None = Field(default=None, description="rtstream_id or rtstream_name of the alert")
+    matched: list[str] | None = Field(default=None, description="keywords that must all be in data.matched")
+    severity: str | None = None
+    count: int | None = Field(default=None, ge=0, description="exactly this many such alerts; default: at least 1")
+
+
+class Expect(Options):
+    alerts: list[AlertExpect] | None = Field(default=None, description="alerts that must be fired")
+    only_these_alerts: bool = Field(default=False, description="every fired alert must match one expectation")
+    no_alerts: bool = Field(default=False, description="no alert may be fired")
+    events_out: list[dict[str, Any]] | None = Field(
+        default=None, description="each must match (subset) an event that comes out, in this order")
+    dropped: int | list[dict[str, Any]] | None = Field(
+        default=None, description="how many input events are dropped, or input events (subset) that must be")
+
+
+class Case(Options):
+    name: str
+    input: list[dict[str, Any]] | None = Field(default=None, description="events, inline")
+    input_file: str | None = Field(default=None, description="events as JSON lines (relative: to the test file)")
+    stages: list[str] | None = Field(default=None, description="processors to run, by type or stages[N]")
+    expect: Expect
+
+    @model_validator(mode="after")
+    def _one_input(self) -> Case:
+        if (self.input is None) == (self.input_file is None):
+            raise ValueError("give exactly one of input (inline events) or input_file")
+        return self
+
+
+class TestFile(Options):
+    config: str = Field(description="the pipeline file (relative: to the test file)")
+    env: dict[str, str] = Field(default_factory=dict, description="variables for ${VAR} in the config")
+    cases: list[Case] = Field(min_length=1)
+
+
+@dataclass
+class LoadedCase:
+    case: Case
+    events: list[dict[str, Any]]
+    where: str
+
+
+def _at(event: dict[str, Any], where: str) -> dict[str, Any]:
+    if "at" not in event:
+        return event
+    from pipeline.types import parse_duration
+
+    e = dict(event)
+    try:
+        e["unix_ts"] = BASE_UNIX + parse_duration(e.pop("at"))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: at: {exc}") from None
+    return e
+
+
+def load_tests(path: Path) -> tuple[TestFile, list[LoadedCase]]:
+    """Parse and validate a test file (errors are ConfigErrors with file:line:col)."""
+    from pipeline.config import _Checker
+    from pipeline.registry import default_registry
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    data, positions = load(text, str(path), {})
+    chk = _Checker(str(path), positions, default_registry)
+    tf = chk.model(TestFile, data, ())
+    chk.raise_errors()
+    assert isinstance(tf, TestFile)
+    cases = []
+    for i, case in enumerate(tf.cases):
+        where = chk.where(("cases", i))
+        if case.input is not None:
+            raw = case.input
+        else:
+            assert case.input_file is not None
+            raw = _read_jsonl(path.parent / case.input_file, chk.where(("cases", i, "input_file")))
+        cases.append(LoadedCase(case, [_at(e, where) for e in raw], where))
+    return tf, cases
+
+
+def _read_jsonl(p: Path, where: str) -> list[dict[str, Any]]:
+    try:
+        lines = p.read_bytes().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{where}: input_file: cannot read {p}: {exc.strerror or exc}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"{p}:{n}: not a JSON line: {exc}") from None
+        if not isinstance(event, dict):
+            raise ConfigError(f"{p}:{n}: expected a JSON object per line")
+        out.append(event)
+    return out

@@ -1,0 +1,104 @@
+"""`pipeline validate`: is this config ready to run? Options, files, and (with --check) connections.
+
+Prints the resolved stages (disabled ones marked), the `videodb:` block with secrets
+masked, and checks that input files exist and output directories can be created.
+`--offline` accepts unset `${VAR}`s as placeholders and says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+from pipeline import secrets
+from pipeline.config import PipelineConfig, StageSpec, load_config
+from pipeline.errors import ConfigError
+from pipeline.paths import file_options
+
+_PLACEHOLDER = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+
+
+def _creatable(path: Path) -> str | None:
+    """None when `path`'s directory exists and is writable or could be created; else why not."""
+    d = path.parent if str(path.parent) else Path(".")
+    while not d.exists():
+        if d.parent == d:
+            return f"no existing parent directory for {path}"
+        d = d.parent
+    if not d.is_dir():
+        return f"{d} is not a directory"
+    if not os.access(d, os.W_OK | os.X_OK):
+        return f"directory {d} is not writable"
+    return None
+
+
+def file_problems(cfg: PipelineConfig) -> list[str]:
+    """Input files that do not exist and output files whose directory cannot be created."""
+    problems: list[str] = []
+    specs: list[StageSpec] = [cfg.source, *([cfg.controller] if cfg.controller else []), *cfg.stages, *cfg.sinks]
+    inputs = [(f"{cfg.file}", f"videodb.{k}", v) for k, v in file_options(cfg.videodb, "input")]
+    outputs = [(f"{cfg.file}", "dead_letter", str(cfg.dead_letter))]
+    for spec in specs:
+        inputs += [(spec.where, f"{spec.path}.{k}", v) for k, v in file_options(spec.options, "input")]
+        outputs += [(spec.where, f"{spec.path}.{k}", v) for k, v in file_options(spec.options, "output")]
+    for where, key, value in inputs:
+        if _PLACEHOLDER.search(value):
+            continue
+        p = Path(value).expanduser()
+        if not p.is_file():
+            problems.append(f"{where}: {key}: input file {value} "
+                            + ("is not a file" if p.exists() else "does not exist"))
+    for where, key, value in outputs:
+        if _PLACEHOLDER.search(value):
+            continue
+        try:
+            concrete = value.format(channel="channel", date="2000-01-01")
+        except (KeyError, IndexError, ValueError):
+            concrete = value
+        why = _creatable(Path(concrete).expanduser())
+        if why:
+            problems.append(f"{where}: {key}: cannot write {value}: {why}")
+    return problems
+
+
+def videodb_line(cfg: PipelineConfig, missing: list[str]) -> str:
+    v = cfg.videodb
+    key = v.api_key.get_secret_value() if v.api_key else None
+    if key is None:
+        shown = "(not set)"
+    elif _PLACEHOLDER.fullmatch(key) and key[2:-1] in missing:
+        shown = f"{key} (placeholder)"
+    else:
+        shown = "***"
+    parts = [f"base_url={v.base_url or '(SDK default)'}", f"collection_id={v.collection_id}"]
+    if v.emulator is not None:
+        parts.append(f"emulator={json.dumps(v.emulator.model_dump(mode='json', exclude_defaults=True))}")
+    return f"  videodb: api_key={shown} " + secrets.mask(" ".join(parts))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    missing: list[str] | None = [] if args.offline else None
+    cfg = load_config(args.config, missing=missing)
+    problems = file_problems(cfg)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    print(f"{args.config}: ok: pipeline {cfg.name!r}, engine {cfg.runtime.engine}")
+    if missing:
+        print(f"  offline: not set, checked as placeholders: {', '.join(missing)}")
+    print(videodb_line(cfg, missing or []))
+    enabled = [cfg.source, *([cfg.controller] if cfg.controller else []), *cfg.stages, *cfg.sinks]
+    order = {"source": 0, "controller": 1, "processor": 2, "sink": 3}
+    specs = sorted([*((s, True) for s in enabled), *((s, False) for s in cfg.disabled)],
+                   key=lambda x: (order.get(x[0].kind, 9), x[0].path))
+    for spec, on in specs:
+        opts = spec.options.model_dump(mode="json", exclude_defaults=True)
+        state = "" if on else "(disabled) "
+        print(f"  {spec.label:<28} {state}{secrets.mask(json.dumps(opts, default=str))}")
+    if getattr(args, "check", False):
+        from pipeline.checks import run_checks
+
+        return run_checks(cfg)
+    return 0

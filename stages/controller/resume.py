@@ -1,0 +1,65 @@
+"""Resuming after a crash: which saved capture session (capture_session.json) a restart attaches to.
+
+A restart of `pipeline run` with the same config attaches to the saved session
+unless `--new-session` was given, the saved status says it ended, or the
+file names another collection or end user; the controller then also asks
+VideoDB, and creates a new session if that one ended or is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+log = logging.getLogger("pipeline.controller.capture_session")
+
+#: Statuses after which a session cannot be resumed.
+ENDED: Final = frozenset({"stopped", "exported", "failed"})
+#: A saved client token is handed out again only if it lives at least this much longer (seconds).
+_TOKEN_MARGIN = 300
+
+
+def saved_session(path: Path, collection_id: str, end_user_id: str | None,
+                  settings: Mapping[str, Any], who: str) -> dict[str, Any] | None:
+    """The record in `path` when a restart should attach to its session, else None (logged why)."""
+    if settings.get("new_session"):
+        if path.exists():
+            log.info("%s: --new-session: not resuming the session in %s", who, path)
+        return None
+    if path.is_symlink():
+        log.warning("%s: %s is a symlink; ignored, creating a new capture session", who, path)
+        return None
+    try:
+        record = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError) as exc:
+        log.warning("%s: cannot read %s (%s); creating a new capture session", who, path, exc)
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("session_id"), str):
+        return None
+    sid, status = record["session_id"], record.get("status")
+    if status in ENDED:
+        return None
+    if record.get("collection_id") != collection_id or (end_user_id and record.get("end_user_id") != end_user_id):
+        log.info("%s: saved capture session %s belongs to another collection or end user; creating a new one",
+                 who, sid)
+        return None
+    return record
+
+
+def reusable_token(record: dict[str, Any] | None) -> str | None:
+    """The saved client token, if it is still valid for a while (the desktop client may be using it)."""
+    if not record or not isinstance(record.get("client_token"), str):
+        return None
+    try:
+        expires = datetime.fromisoformat(str(record.get("expires_at")).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+    return record["client_token"] if expires - time.time() > _TOKEN_MARGIN else None

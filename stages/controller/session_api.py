@@ -1,0 +1,163 @@
+"""The session API: an app backend creates, lists and stops its users' capture sessions over HTTP.
+
+JSON in and out, a bearer token compared in constant time, a request body
+limit, and one-line `{"error": ...}` answers for every 4xx/5xx. The work is
+done by the `SessionManager`; this module only speaks HTTP.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+
+from pipeline.errors import StageError
+from pipeline.net import is_loopback
+from stages.controller.ai_pipelines import OnActive
+from stages.controller.session_manager import ApiProblem, SessionManager, fingerprint
+from stages.controller.session_options import SessionApiOptions, split_host_port
+
+log = logging.getLogger("pipeline.controller.sessions")
+
+_CREATE_KEYS: Final = ("end_user_id", "metadata", "on_active")
+_KEY: Final = re.compile(r"^[\x21-\x7e]{1,255}$")  # Idempotency-Key: printable ASCII, no spaces
+_MAX_USER: Final = 256
+
+
+class SessionApi:
+    """aiohttp server over a SessionManager; `url` is valid once started."""
+
+    def __init__(self, manager: SessionManager, options: SessionApiOptions, who: str) -> None:
+        self.manager = manager
+        self.options = options
+        self.who = who
+        self._token = options.token.get_secret_value().encode()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._middleware], client_max_size=self.options.max_body_bytes)
+        app.router.add_post("/v1/sessions", self.create)
+        app.router.add_get("/v1/sessions", self.list)
+        app.router.add_get("/v1/sessions/{sid}", self.show)
+        app.router.add_post("/v1/sessions/{sid}/stop", self.stop)
+        app.router.add_post("/v1/sessions/{sid}/token", self.token)
+        host, port = split_host_port(self.options.listen)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, host, port).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise StageError(f"{self.who}: api.listen {self.options.listen}: cannot listen: "
+                             f"{exc.strerror or exc}") from None
+        bound = self._runner.addresses[0][1]
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
+        if not is_loopback(host):
+            log.warning("%s: session API listening on %s, reachable from other machines", self.who, self.url)
+        log.info("%s: session API on %s/v1/sessions", self.who, self.url)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            self._authenticate(request)
+            return await handler(request)
+        except ApiProblem as exc:
+            return _error(exc.status, exc.message)
+        except web.HTTPException as exc:
+            if exc.status == 413:
+                return _error(413, f"request body larger than api.max_body_bytes={self.options.max_body_bytes}")
+            return _error(exc.status, f"{exc.reason}: {request.method} {request.path}")
+
+    def _authenticate(self, request: web.Request) -> None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            raise ApiProblem(401, "missing or wrong bearer token (send Authorization: Bearer <api.token>)")
+
+    @staticmethod
+    async def _body(request: web.Request) -> dict[str, Any]:
+        raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge (413)
+        if not raw.strip():
+            return {}
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ApiProblem(400, f"body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiProblem(400, f"body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    # --- handlers ------------------------------------------------------------------------------
+
+    async def create(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        unknown = [k for k in body if k not in _CREATE_KEYS]
+        if unknown:
+            raise ApiProblem(400, f"unknown field {unknown[0]!r} (expected {', '.join(_CREATE_KEYS)})")
+        user = body.get("end_user_id")
+        if not isinstance(user, str) or not user.strip() or len(user) > _MAX_USER:
+            raise ApiProblem(400, f"end_user_id: expected a non-empty string of at most {_MAX_USER} characters")
+        metadata = body.get("metadata")
+        if metadata is None:
+            metadata = {}
+        elif not isinstance(metadata, dict):
+            raise ApiProblem(400, "metadata: expected a JSON object")
+        on_active = None
+        if body.get("on_active") is not None:
+            try:
+                on_active = OnActive.model_validate(body["on_active"])
+            except ValidationError as exc:
+                raise ApiProblem(400, f"on_active{_first_error(exc)}") from None
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not _KEY.match(key):
+            raise ApiProblem(400, "Idempotency-Key: expected 1-255 printable ASCII characters without spaces")
+        s, created = await self.manager.create(user, metadata, on_active, key, fingerprint(body))
+        view = s.view(with_token=True)
+        headers = {} if created else {"Idempotent-Replayed": "true"}
+        return _json(view, 201, headers)
+
+    async def list(self, request: web.Request) -> web.Response:
+        status = request.query.get("status")
+        views = [s.view() for s in self.manager.sessions.values()
+                 if status is None or (s.lifecycle.state or s.record.get("status")) == status]
+        return _json({"sessions": views, "count": len(views)})
+
+    async def show(self, request: web.Request) -> web.Response:
+        return _json(self.manager.get(request.match_info["sid"]).view())
+
+    async def stop(self, request: web.Request) -> web.Response:
+        s = await self.manager.stop(request.match_info["sid"])
+        return _json(s.view(), 202)
+
+    async def token(self, request: web.Request) -> web.Response:
+        s = await self.manager.new_token(request.match_info["sid"])
+        return _json({"session_id": s.id, "client_token": s.record.get("client_token"),
+                      "expires_at": s.record.get("expires_at")})
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.get("loc", ()))
+    return f"{loc}: {err.get('msg', 'invalid')}"
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+def _error(status: int, message: str) -> web.Response:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return _json({"error": message, "status": status}, status, headers)

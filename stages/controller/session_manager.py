@@ -1,0 +1,462 @@
+"""Many capture sessions on one pipeline: create, track, re-bind, stop, persist, re-attach.
+
+Used by the `capture_session` controller when `api:` is set. Every session is
+created bound to the pipeline's one WebSocket connection; after a reconnect
+every live session's AI pipelines are re-bound to the new connection id. Each
+session follows its own lifecycle; none of them ends the pipeline. Records
+persist in `<state_dir>/sessions/` so a restarted pipeline re-attaches every
+session that is still live. The SDK is synchronous: every call runs in a
+thread, and `observe()` only counts and schedules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from pipeline.api import Batch, Event
+from pipeline.errors import StageError
+from pipeline.events import iso_ts, lifecycle_status
+from pipeline.videodb_sdk import VideoDBCallError, call
+from stages.controller.ai_pipelines import AIPipelines, OnActive, Stream, media_kind, streams_from_event
+from stages.controller.session_store import SessionStore, safe_id
+from stages.controller.sessions import ManagedSession
+
+log = logging.getLogger("pipeline.controller.sessions")
+
+_EARLY_SESSIONS: Final = 1000  # lifecycle events for ids we do not know yet (the create call has not returned)
+_EARLY_PER_SESSION: Final = 10
+_BIND_CONCURRENCY: Final = 8  # re-binds after a reconnect, at once (each is a few SDK calls in a thread)
+
+
+class ApiProblem(Exception):
+    """A request the API refuses: HTTP status plus a one-line message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class SessionManager:
+    """The registry of API-managed sessions and everything done to them."""
+
+    def __init__(self, controller: Any, state_dir: Path) -> None:
+        self.ctl = controller
+        self.opts = controller.options
+        self.settings = controller.settings
+        self.who: str = controller.who
+        self.link = controller.context.session
+        self.stats = controller.context.stats
+        self.store = SessionStore(state_dir)
+        self.sessions: OrderedDict[str, ManagedSession] = OrderedDict()
+        self.by_stream: dict[str, ManagedSession] = {}
+        self.idempotency: dict[str, str] = {}  # Idempotency-Key -> session id
+        self._pending: dict[str, asyncio.Future[ManagedSession]] = {}  # creates in flight, by key
+        self._early: OrderedDict[str, list[Event]] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._bind_slots = asyncio.Semaphore(_BIND_CONCURRENCY)
+        self._poll: asyncio.Task[None] | None = None
+        self._poll_seen: dict[str, str] = {}
+        self.conn: Any = None
+
+    async def _sdk(self, what: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return await call(self.who, what, fn, *args, api_key=self.settings.api_key, **kwargs)
+
+    # --- start: re-attach what a previous run left ---------------------------------------------
+
+    async def start(self, conn: Any) -> None:
+        self.conn = conn
+        self.store.clean_temporaries()
+        for record in self.store.load_all():
+            s = self._add(record)
+            status = record.get("status")
+            if isinstance(status, str):
+                s.lifecycle.advance(status, polled=True)
+            if s.record.get("rtstreams"):
+                self._index_streams(s)
+        self.link.on_connection(self._on_connection)
+        live = [s for s in self.sessions.values() if s.live]
+        if live:
+            log.info("%s: re-attaching %d live capture session(s) from %s", self.who, len(live), self.store.dir)
+            self._spawn(self._reattach(live))
+
+    async def _reattach(self, live: list[ManagedSession]) -> None:
+        conn_id = await self.link.wait_connection()
+        for s in live:
+            try:
+                session = await self._sdk("get_capture_session", self.conn.get_capture_session,
+                                          s.id, self.settings.collection_id)
+            except VideoDBCallError as exc:
+                log.error("%s", exc)
+                self.stats.errors += 1
+                continue
+            status = getattr(session, "status", None) or s.record.get("status") or "created"
+            if s.lifecycle.behind(status):
+                self._transition(s, status, session=session)
+            elif s.lifecycle.state == "active":
+                self._spawn(self._bind(s, _streams_of(session)))
+            log.info("%s: re-attached capture session %s (%s) to connection %s",
+                     self.who, s.id, s.lifecycle.state, conn_id)
+        self._start_poll()
+
+    # --- the API's operations ------------------------------------------------------------------
+
+    async def create(self, end_user_id: str, metadata: dict[str, Any], on_active: OnActive | None,
+                     key: str | None, fingerprint: str) -> tuple[ManagedSession, bool]:
+        """(session, created now). A known Idempotency-Key returns its session (same request only)."""
+        if key is not None:
+            sid = self.idempotency.get(key)
+            if sid is not None and sid in self.sessions:
+                return self._same_request(self.sessions[sid], fingerprint), False
+            pending = self._pending.get(key)
+            if pending is not None:
+                return self._same_request(await asyncio.shield(pending), fingerprint), False
+        live = sum(1 for s in self.sessions.values() if s.live)
+        if live >= self.opts.api.max_sessions:
+            raise ApiProblem(429, f"{live} live sessions: the limit is api.max_sessions={self.opts.api.max_sessions}")
+        fut: asyncio.Future[ManagedSession] = asyncio.get_running_loop().create_future()
+        if key is not None:
+            self._pending[key] = fut
+        try:
+            s = await self._create(end_user_id, metadata, on_active, key, fingerprint)
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: nobody may be waiting
+            raise
+        finally:
+            if key is not None:
+                self._pending.pop(key, None)
+        fut.set_result(s)
+        return s, True
+
+    @staticmethod
+    def _same_request(s: ManagedSession, fingerprint: str) -> ManagedSession:
+        if s.record.get("request_hash") not in (None, fingerprint):
+            raise ApiProblem(409, "this Idempotency-Key was used for a different request body")
+        return s
+
+    async def _create(self, end_user_id: str, metadata: dict[str, Any], on_active: OnActive | None,
+                      key: str | None, fingerprint: str) -> ManagedSession:
+        opts = self.opts
+        try:
+            conn_id = await asyncio.wait_for(self.link.wait_connection(), opts.connect_timeout)
+        except TimeoutError:
+            raise ApiProblem(503, "no WebSocket connection to VideoDB yet; retry shortly") from None
+        try:
+            session = await self._sdk("create_capture_session", self.conn.create_capture_session,
+                                      end_user_id=end_user_id, collection_id=self.settings.collection_id,
+                                      ws_connection_id=conn_id, metadata=metadata or None,
+                                      callback_url=opts.callback_url)
+            token = await self._sdk("generate_client_token", self.conn.generate_client_token,
+                                    opts.client_token_expires_in)
+        except VideoDBCallError as exc:
+            self.stats.errors += 1
+            raise ApiProblem(502, str(exc)) from None
+        if not safe_id(str(session.id)):
+            raise ApiProblem(502, f"VideoDB returned an unusable session id {str(session.id)[:80]!r}")
+        now = time.time()
+        record: dict[str, Any] = {
+            "session_id": session.id, "collection_id": self.settings.collection_id, "end_user_id": end_user_id,
+            "metadata": metadata, "status": "created", "ws_connection_id": conn_id, "created_on": conn_id,
+            "client_token": token, "expires_at": iso_ts(now + opts.client_token_expires_in),
+            "created_at": iso_ts(now), "stop_requested": False,
+            "on_active": on_active.model_dump(exclude_none=True) if on_active is not None else None,
+            "idempotency_key": key, "request_hash": fingerprint}
+        s = self._add(record)
+        s.lifecycle.advance(getattr(session, "status", None) or "created")
+        s.record["status"] = s.lifecycle.state
+        self.store.save(s.record)
+        log.info("%s: capture session %s created for end user %r", self.who, s.id, end_user_id)
+        for event in self._early.pop(s.id, []):
+            status = lifecycle_status(event)
+            if status is not None and s.lifecycle.behind(status):
+                self._lifecycle_event(s, event, status)
+        if self.link.connection_id != conn_id:  # reconnected meanwhile: events went to the old id
+            self._start_poll()
+        return s
+
+    def _add(self, record: dict[str, Any]) -> ManagedSession:
+        spec = record.get("on_active")
+        try:
+            on_active = OnActive.model_validate(spec) if spec else self.opts.on_active
+        except ValueError:
+            on_active = self.opts.on_active
+        s = ManagedSession(record, on_active)
+        self.sessions[s.id] = s
+        key = record.get("idempotency_key")
+        if isinstance(key, str):
+            self.idempotency[key] = s.id
+        self._evict()
+        return s
+
+    def _evict(self) -> None:
+        """Forget the oldest finished sessions beyond max_sessions (their files stay)."""
+        excess = len(self.sessions) - self.opts.api.max_sessions
+        if excess <= 0:
+            return
+        for sid in [sid for sid, s in self.sessions.items() if not s.live][:excess]:
+            s = self.sessions.pop(sid)
+            self.idempotency.pop(str(s.record.get("idempotency_key")), None)
+            for rid in [r for r, owner in self.by_stream.items() if owner is s]:
+                del self.by_stream[rid]
+
+    def get(self, sid: str) -> ManagedSession:
+        s = self.sessions.get(sid)
+        if s is None:
+            raise ApiProblem(404, f"no capture session {sid[:80]!r} here")
+        return s
+
+    async def stop(self, sid: str) -> ManagedSession:
+        """Stop the session's AI pipelines and rtstreams; the pipeline stops re-binding it."""
+        s = self.get(sid)
+        if s.lifecycle.done or s.record.get("stop_requested"):
+            return s
+        s.record["stop_requested"] = True
+        self.store.save(s.record)
+        async with s.lock:
+            await self._stop_streams(s)
+        return s
+
+    async def _stop_streams(self, s: ManagedSession) -> None:
+        """Stop transcripts, indexes and rtstreams (each failure is logged; the rest still stop)."""
+        pipes = s.pipelines
+        streams = pipes.streams if pipes is not None else []
+        if not streams and s.lifecycle.state in ("active", "starting", "created"):
+            try:
+                session = await self._sdk("get_capture_session", self.conn.get_capture_session,
+                                          s.id, self.settings.collection_id)
+                streams = _streams_of(session)
+            except VideoDBCallError as exc:
+                log.warning("%s", exc)
+        if pipes is not None:
+            indexes: dict[str, list[Any]] = getattr(pipes, "_indexes", {})
+            for index in (i for kind in indexes.values() for i in kind):
+                await self._quiet(f"stop index {index.rtstream_index_id}", index.stop)
+            pipes.bound_to = None
+        for st in streams:
+            if st.kind == "audio" and s.on_active.transcript and pipes is not None:
+                await self._quiet(f"stop_transcript({st.name})", st.rts.stop_transcript)
+            await self._quiet(f"stop rtstream {st.name}", st.rts.stop)
+        log.info("%s: capture session %s stopped through the API (%d rtstreams)", self.who, s.id, len(streams))
+
+    async def _quiet(self, what: str, fn: Any) -> None:
+        try:
+            await self._sdk(what, fn)
+        except VideoDBCallError as exc:
+            log.warning("%s", exc)
+
+    async def new_token(self, sid: str) -> ManagedSession:
+        s = self.get(sid)
+        if not s.live:
+            raise ApiProblem(409, f"capture session {s.id} is {s.lifecycle.state or 'stopped'}: no new token")
+        try:
+            token = await self._sdk("generate_client_token", self.conn.generate_client_token,
+                                    self.opts.client_token_expires_in)
+        except VideoDBCallError as exc:
+            raise ApiProblem(502, str(exc)) from None
+        s.record["client_token"] = token
+        s.record["expires_at"] = iso_ts(time.time() + self.opts.client_token_expires_in)
+        self.store.save(s.record)
+        return s
+
+    # --- the stream ----------------------------------------------------------------------------
+
+    def observe(self, batch: Batch) -> None:
+        """Count events per session, tag them with their session, follow lifecycle events."""
+        by_stream = self.by_stream
+        seen: ManagedSession | None = None
+        for event in batch:
+            if "event" in event:
+                status = lifecycle_status(event)
+                sid = event.get("capture_session_id")
+                if status is None or not isinstance(sid, str):
+                    continue
+                s = self.sessions.get(sid)
+                if s is None:
+                    self._remember_early(sid, event)
+                    continue
+                s.counts["capture_session"] = s.counts.get("capture_session", 0) + 1
+                self._lifecycle_event(s, event, status)
+                continue
+            rid = event.get("rtstream_id")
+            s = by_stream.get(rid) if type(rid) is str else None
+            if s is None:
+                continue
+            if "capture_session_id" not in event:
+                event["capture_session_id"] = s.record["session_id"]
+            ch = event.get("channel")
+            key = ch if type(ch) is str else "unknown"
+            counts = s.counts
+            counts[key] = counts.get(key, 0) + 1
+            if seen is not s:
+                s.last_event = time.time()
+                seen = s
+        if seen is not None:
+            seen.last_event = time.time()
+
+    def _remember_early(self, sid: str, event: Event) -> None:
+        early = self._early.get(sid)
+        if early is None:
+            if len(self._early) >= _EARLY_SESSIONS:
+                self._early.popitem(last=False)
+            early = self._early[sid] = []
+        if len(early) < _EARLY_PER_SESSION:
+            early.append(event)
+
+    def _lifecycle_event(self, s: ManagedSession, event: Event, status: str) -> None:
+        data = event.get("data")
+        data = data if isinstance(data, dict) else {}
+        self._transition(s, status, event_data=data, error=data.get("error") or event.get("error"))
+
+    def _transition(self, s: ManagedSession, status: str, *, event_data: dict[str, Any] | None = None,
+                    session: Any = None, error: Any = None) -> None:
+        """Apply one status (from an event, or from polling/re-attaching) and act on it."""
+        if not s.lifecycle.advance(status, polled=session is not None):
+            return
+        s.apply_status(status, event_data, error)
+        if status == "active":
+            rts = (event_data or {}).get("rtstreams")
+            if rts:
+                streams = streams_from_event(self.conn, rts, self.settings.collection_id)
+            elif session is not None and getattr(session, "rtstreams", None):
+                streams = _streams_of(session)
+            else:
+                streams = None
+            if streams:
+                self._learn_streams(s, streams)
+            self._spawn(self._stop_streams_locked(s) if s.record.get("stop_requested") else self._bind(s, streams))
+        elif status == "failed":
+            log.error("%s: capture session %s failed: %s", self.who, s.id, s.record.get("error"))
+        if s.lifecycle.done:
+            self._forget_streams(s)
+        self.store.save(s.record)
+
+    async def _stop_streams_locked(self, s: ManagedSession) -> None:
+        async with s.lock:
+            await self._stop_streams(s)
+
+    def _learn_streams(self, s: ManagedSession, streams: list[Stream]) -> None:
+        s.remember_streams([{"rtstream_id": st.rts.id, "name": st.name,
+                             "media_types": [st.kind] if st.kind else []} for st in streams])
+        self._index_streams(s)
+
+    def _index_streams(self, s: ManagedSession) -> None:
+        for r in s.record.get("rtstreams") or []:
+            rid = r.get("rtstream_id") if isinstance(r, dict) else None
+            if isinstance(rid, str):
+                self.by_stream[rid] = s
+
+    def _forget_streams(self, s: ManagedSession) -> None:
+        """A finished session's rtstreams send nothing more: drop the lookup entries, keep the counters."""
+        for r in s.record.get("rtstreams") or []:
+            rid = r.get("rtstream_id") if isinstance(r, dict) else None
+            if isinstance(rid, str) and self.by_stream.get(rid) is s:
+                del self.by_stream[rid]
+
+    # --- AI pipelines and reconnects -----------------------------------------------------------
+
+    async def _bind(self, s: ManagedSession, streams: list[Stream] | None) -> None:
+        """Bind the session's AI pipelines to the current connection id (again, if it changed meanwhile)."""
+        async with self._bind_slots, s.lock:
+            if not s.live:
+                return
+            if streams is None:
+                try:
+                    session = await self._sdk("get_capture_session", self.conn.get_capture_session,
+                                              s.id, self.settings.collection_id)
+                except VideoDBCallError as exc:
+                    log.error("%s", exc)
+                    self.stats.errors += 1
+                    return
+                streams = _streams_of(session)
+            if s.pipelines is None:
+                s.pipelines = AIPipelines(self.conn, s.on_active, f"{self.who} {s.id}", self.settings.api_key,
+                                          self.opts.callback_url)
+            pipes = s.pipelines
+            pipes.streams = streams
+            self._learn_streams(s, streams)
+            while s.live and (conn_id := self.link.connection_id) != pipes.bound_to and conn_id:
+                before = pipes.errors
+                await pipes.bind(conn_id)
+                self.stats.errors += pipes.errors - before
+            if pipes.bound_to and pipes.bound_to != s.record.get("ws_connection_id"):
+                s.record["ws_connection_id"] = pipes.bound_to
+            self.store.save(s.record)
+
+    async def _on_connection(self, conn_id: str) -> None:
+        """SessionLink listener: the source (re)connected; re-bind every live, bound session."""
+        for s in self.sessions.values():
+            if s.live and s.pipelines is not None and s.pipelines.bound_to not in (None, conn_id):
+                self._spawn(self._bind(s, s.pipelines.streams))
+        if any(s.live for s in self.sessions.values()):
+            self._start_poll()
+
+    def _start_poll(self) -> None:
+        """Lifecycle events may still go to an old connection: poll every session's status too."""
+        if self._poll is None or self._poll.done():
+            self._poll = self._spawn(self._poll_status())
+
+    async def _poll_status(self) -> None:
+        """One `list_capture_sessions` call per interval covers every session, however many."""
+        while any(not s.lifecycle.done for s in self.sessions.values()):
+            await asyncio.sleep(self.opts.status_poll_interval)
+            try:
+                listed = await self._sdk("list_capture_sessions", self.conn.list_capture_sessions,
+                                         self.settings.collection_id)
+            except VideoDBCallError as exc:
+                log.warning("%s", exc)
+                continue
+            for session in listed:
+                s = self.sessions.get(str(getattr(session, "id", "")))
+                status = getattr(session, "status", None)
+                if s is None or not status or not s.lifecycle.behind(status):
+                    continue
+                if status in ("stopped", "exported", "failed") and self._poll_seen.get(s.id) != status:
+                    self._poll_seen[s.id] = status  # give the WebSocket event one interval to arrive first
+                    continue
+                self._transition(s, status, session=session, error="reported by list_capture_sessions")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.stats.errors += 1
+            log.error("%s: %s", self.who, exc if isinstance(exc, StageError) else repr(exc))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def _streams_of(session: Any) -> list[Stream]:
+    """Streams of a `CaptureSession` (its rtstreams carry the SDK channel type and media types)."""
+    out = []
+    for r in getattr(session, "rtstreams", None) or []:
+        kind = media_kind(getattr(r, "media_types", None), getattr(r, "channel_id", None), getattr(r, "name", None))
+        out.append(Stream(r, str(getattr(r, "name", None) or r.id), kind))
+    return out
+
+
+def fingerprint(body: dict[str, Any]) -> str:
+    """A stable hash of a create request, to refuse an Idempotency-Key reused for another body."""
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()

@@ -1,0 +1,78 @@
+"""One API-managed capture session: its record, lifecycle, AI pipelines and event counters.
+
+The `SessionManager` (session_manager.py) holds many of these; each follows its
+own lifecycle (created -> ... -> exported, or failed) and none of them ends the
+pipeline. The record is what `<state_dir>/sessions/<id>.json` holds and what
+the session API shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Final
+
+from pipeline.events import iso_ts
+from stages.controller.ai_pipelines import AIPipelines, OnActive
+from stages.controller.lifecycle import Lifecycle
+
+#: Record keys the API shows (the client token only in the answers that create it).
+PUBLIC: Final[tuple[str, ...]] = ("session_id", "end_user_id", "status", "metadata", "created_at", "expires_at",
+                 "ws_connection_id", "stop_requested", "error", "exported_video_id", "stream_url", "player_url")
+_EXPORT_KEYS: Final = ("exported_video_id", "stream_url", "player_url")
+
+
+class ManagedSession:
+    """A capture session created through the API (or re-attached from its saved record)."""
+
+    __slots__ = ("counts", "last_event", "lifecycle", "lock", "on_active", "pipelines", "record", "streams_known")
+
+    def __init__(self, record: dict[str, Any], on_active: OnActive) -> None:
+        self.record = record
+        self.on_active = on_active
+        self.lifecycle = Lifecycle(record["session_id"])
+        self.pipelines: AIPipelines | None = None
+        self.counts: dict[str, int] = {}
+        self.last_event: float | None = None  # receipt time (unix_ts) of its latest event
+        self.lock = asyncio.Lock()  # one bind/stop at a time per session
+        self.streams_known = False  # rtstreams learnt (from `active` or get_capture_session)
+
+    @property
+    def id(self) -> str:
+        return str(self.record["session_id"])
+
+    @property
+    def live(self) -> bool:
+        """Still producing events we want: not finished and not stopped through the API."""
+        return not self.lifecycle.done and not self.record.get("stop_requested")
+
+    def apply_status(self, status: str, data: dict[str, Any] | None, error: Any = None) -> None:
+        """Record what a lifecycle step tells about the session (the lifecycle itself already moved)."""
+        self.record["status"] = status
+        data = data or {}
+        if status == "exported":
+            self.record.update({k: data[k] for k in _EXPORT_KEYS if data.get(k)})
+        elif status == "failed":
+            self.record["error"] = _error_text(error if error is not None else data.get("error"))
+
+    def remember_streams(self, rtstreams: list[dict[str, Any]]) -> None:
+        self.record["rtstreams"] = rtstreams
+        self.streams_known = True
+
+    def view(self, *, with_token: bool = False) -> dict[str, Any]:
+        """The session as the API shows it."""
+        r = self.record
+        out: dict[str, Any] = {k: r.get(k) for k in PUBLIC if k in r}
+        out["status"] = self.lifecycle.state or r.get("status")
+        out["rtstreams"] = r.get("rtstreams") or []
+        out["events"] = dict(self.counts)
+        out["events_total"] = sum(self.counts.values())
+        out["last_event_at"] = iso_ts(self.last_event) if self.last_event is not None else None
+        if with_token:
+            out["client_token"] = r.get("client_token")
+        return out
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        error = error.get("message") or error.get("error") or str(error)
+    return str(error)[:1000] if error else "no error given"

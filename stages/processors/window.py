@@ -1,0 +1,257 @@
+"""Processor `window`: event-time windows that emit one `metrics` event per key and window.
+
+Tumbling (`slide` = `size`, the default) or sliding windows aligned to the Unix
+epoch, on event time (`data.start`, else `data.timestamp`, else `unix_ts`), so
+a replay at any speed emits the same metrics. A window closes once the newest
+event time seen is `allowed_lateness` past its end; an event more than
+`allowed_lateness` older than the newest event time is late: counted, never
+aggregated, and passed on unchanged like every other event. Open windows live
+in `context.state` (a faust table on the faust runtime); `flush()` closes them
+all at the end of a run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import orjson
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.api import Batch, Context, Event, Options, Processor
+from pipeline.events import ALIASES, LIFECYCLE, event_time_ms, iso_ts
+from pipeline.types import Duration
+
+METRICS: Final = "metrics"
+WATERMARK: Final = "~watermark"  # reserved state key (window keys are JSON arrays, so start with "[")
+MAX_TEXT: Final = 500  # first_text / last_text are cut to this many characters
+MAX_KEY_CHARS: Final = 256  # a key value from the wire is cut to this many characters
+MAX_KEYWORDS: Final = 100  # distinct matched keywords remembered per window
+
+
+class WindowOptions(Options):
+    size: Duration = Field(description="window length, in event time (e.g. 60s)")
+    slide: Duration | None = Field(default=None, description="start a window this often; default = size (tumbling)")
+    key: list[str] = Field(default_factory=lambda: ["capture_session_id"],
+                           description="top-level event fields that group windows")
+    allowed_lateness: Duration = Field(default=0.0, description="how far behind the newest event time an event "
+                                                                "may be and still count")
+    max_open_windows: int = Field(default=10000, ge=1, description="more open windows close the oldest early")
+
+    @field_validator("size")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v < 0.001:
+            raise ValueError("size must be at least 1ms")
+        return v
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: list[str]) -> list[str]:
+        if any(not k for k in v) or len(set(v)) != len(v):
+            raise ValueError("key fields must be distinct non-empty names")
+        return v
+
+    @model_validator(mode="after")
+    def _slide(self) -> WindowOptions:
+        if self.slide is not None and not 0.001 <= self.slide <= self.size:
+            raise ValueError("slide must be between 1ms and size (windows may overlap, not leave gaps)")
+        return self
+
+
+def _key_value(v: Any) -> Any:
+    """A key value safe to hash, store as JSON and show: str/int/bool/None kept (long strings cut)."""
+    if v is None or type(v) is int or type(v) is bool:
+        return v
+    s = v if isinstance(v, str) else str(v)
+    return s[:MAX_KEY_CHARS]
+
+
+def _new(key: dict[str, Any], start: int, end: int) -> dict[str, Any]:
+    """An empty accumulator (plain JSON types, so any state store can persist it)."""
+    return {"key": key, "start": start, "end": end, "events": {}, "words": 0, "talk_ms": 0, "alerts": {},
+            "keywords": [], "ft": None, "first": None, "lt": None, "last": None}
+
+
+def _add(acc: dict[str, Any], event: Event, ch: str, t: int) -> None:
+    """Fold one event into an accumulator."""
+    events = acc["events"]
+    events[ch] = events.get(ch, 0) + 1
+    data = event.get("data")
+    if not isinstance(data, dict):
+        return
+    text = data.get("text")
+    if ch == "transcript":
+        if data.get("is_final") is False:
+            return  # interim transcripts count as events only
+        if isinstance(text, str):
+            acc["words"] += len(text.split())
+        s, e = data.get("start"), data.get("end")
+        if type(s) is int and type(e) is int and e > s:
+            acc["talk_ms"] += e - s
+    elif ch == "alert":
+        label = data.get("event_label")
+        label = label[:MAX_KEY_CHARS] if isinstance(label, str) else "unknown"
+        alerts = acc["alerts"]
+        alerts[label] = alerts.get(label, 0) + 1
+        matched = data.get("matched")
+        if isinstance(matched, list):
+            kws = acc["keywords"]
+            for m in matched:
+                if isinstance(m, str) and m not in kws and len(kws) < MAX_KEYWORDS:
+                    kws.append(m[:MAX_KEY_CHARS])
+    if isinstance(text, str) and text:
+        if acc["ft"] is None or t < acc["ft"]:
+            acc["ft"], acc["first"] = t, text[:MAX_TEXT]
+        if acc["lt"] is None or t >= acc["lt"]:
+            acc["lt"], acc["last"] = t, text[:MAX_TEXT]
+
+
+def metrics_event(acc: dict[str, Any], *, evicted: bool = False) -> Event:
+    """The `metrics` event for a closed window; key fields are copied to the top level for routing."""
+    end = acc["end"]
+    out: Event = {"channel": METRICS}
+    for k, v in acc["key"].items():
+        if v is not None and k not in ("channel", "window", "key", "data"):
+            out[k] = v
+    unix = end / 1000
+    try:
+        out["ts"] = iso_ts(unix)
+        out["unix_ts"] = unix
+    except (OverflowError, ValueError, OSError):
+        pass
+    out["window"] = {"start": acc["start"], "end": end}
+    out["key"] = dict(acc["key"])
+    out["data"] = {"events": dict(acc["events"]), "words": acc["words"], "talk_seconds": acc["talk_ms"] / 1000,
+                   "alerts": dict(acc["alerts"]), "keywords": sorted(acc["keywords"]),
+                   "first_text": acc["first"], "last_text": acc["last"]}
+    if evicted:
+        out["evicted"] = True
+    return out
+
+
+class Window(Processor):
+    """Counts, words, talk time, alerts and keywords per key and event-time window, as `metrics` events."""
+
+    name = "window"
+    Options = WindowOptions
+
+    def __init__(self, options: WindowOptions, context: Context) -> None:
+        super().__init__(options, context)
+        self._size = max(1, int(options.size * 1000))
+        self._slide = max(1, int((options.slide or options.size) * 1000))
+        self._lateness = int(options.allowed_lateness * 1000)
+        self._fields = tuple(options.key)
+        self._store = context.state.get(f"window:{context.stage}")  # state key -> accumulator
+        self._min_end: int | None = None  # smallest end among open windows; None = unknown (scan the store)
+        self._local: dict[tuple[Any, int], dict[str, Any]] = {}  # windows touched by the current batch
+        self._pending: Batch = []  # metrics of windows evicted during the current batch
+        self.late = 0
+        self.emitted = 0
+        self.evicted = 0
+
+    def report(self) -> dict[str, int]:
+        return {"late": self.late, "windows": self.emitted, "evicted": self.evicted}
+
+    def process(self, batch: Batch) -> Batch:
+        store = self._store
+        wm = store.get(WATERMARK)
+        wm = None if type(wm) is not int else wm
+        size, slide, lateness, fields = self._size, self._slide, self._lateness, self._fields
+        single = fields[0] if len(fields) == 1 else None
+        touched = self._local
+        touched.clear()
+        late = 0
+        for event in batch:
+            ch = event.get("channel")
+            if ch == METRICS:
+                continue
+            if ch is None:
+                ch = LIFECYCLE if "event" in event else ""
+            elif not isinstance(ch, str):
+                ch = str(ch)
+            else:
+                ch = ALIASES.get(ch, ch)
+            data = event.get("data")
+            start = data.get("start") if isinstance(data, dict) else None
+            t = start if type(start) is int else event_time_ms(event)
+            if wm is None or t > wm:
+                wm = t
+            elif t < wm - lateness:
+                late += 1
+                continue
+            kt = (_key_value(event.get(single)),) if single is not None else tuple(
+                _key_value(event.get(f)) for f in fields)
+            s = t - t % slide
+            while s > t - size:
+                acc = touched.get((kt, s))
+                if acc is None:
+                    acc = touched[(kt, s)] = self._open(kt, s)
+                _add(acc, event, ch, t)
+                s -= slide
+        self.late += late
+        if wm is not None:
+            store[WATERMARK] = wm
+        for (kt, s), acc in touched.items():
+            store[self._skey(kt, s)] = acc  # reassigned so a table or a persistent store records the change
+        touched.clear()
+        closed = self._close_due(wm - lateness) if wm is not None else []
+        return batch + closed if closed else batch
+
+    def flush(self) -> Batch:
+        """Close every open window (end of the run)."""
+        return self._close_due(None)
+
+    # -- state -----------------------------------------------------------------------------------
+    def _skey(self, kt: tuple[Any, ...], start: int) -> str:
+        return orjson.dumps([start, *kt]).decode()
+
+    def _open(self, kt: tuple[Any, ...], start: int) -> dict[str, Any]:
+        store = self._store
+        skey = self._skey(kt, start)
+        acc = store.get(skey)
+        if acc is None:
+            if len(store) - (WATERMARK in store) >= self.options.max_open_windows:
+                self._evict()
+            acc = _new(dict(zip(self._fields, kt, strict=True)), start, start + self._size)
+            store[skey] = acc
+            if self._min_end is not None and acc["end"] < self._min_end:
+                self._min_end = acc["end"]
+        return acc
+
+    def _evict(self) -> None:
+        """Too many open windows: close the one that ends first now (bounded state beats completeness)."""
+        items = [(acc["end"], k) for k, acc in self._store.items() if k != WATERMARK]
+        if not items:
+            return
+        _, k = min(items)
+        acc = self._store.pop(k)
+        self._local.pop((tuple(acc["key"].values()), acc["start"]), None)  # not written back after the batch
+        self.evicted += 1
+        self.emitted += 1
+        self._pending.append(metrics_event(acc, evicted=True))
+
+    def _close_due(self, upto: int | None) -> Batch:
+        """Emit and forget windows whose end <= upto (all when None), ordered by end, then key."""
+        pending, self._pending = self._pending, []
+        if upto is not None and self._min_end is not None and upto < self._min_end:
+            return pending
+        store = self._store
+        due: list[tuple[int, str]] = []
+        min_end: int | None = None
+        for k, acc in store.items():
+            if k == WATERMARK:
+                continue
+            end = acc["end"]
+            if upto is None or end <= upto:
+                due.append((end, k))
+            elif min_end is None or end < min_end:
+                min_end = end
+        self._min_end = min_end if min_end is not None else (upto + 1 if upto is not None else None)
+        if not due:
+            return pending
+        due.sort()
+        out = pending
+        for _, k in due:
+            out.append(metrics_event(store.pop(k)))
+        self.emitted += len(due)
+        return out

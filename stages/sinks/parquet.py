@@ -1,0 +1,284 @@
+"""Sink `parquet`: events as Parquet files with one fixed schema, for warehouses and DuckDB.
+
+`path` is a directory template (`{channel}`, `{date}`); each directory gets
+files `part-<UTC time>-<pid>-<n>.parquet`, written under a hidden temporary
+name and renamed only once complete, so a reader never sees half a file.
+Files roll at `roll_bytes` or `roll_interval`. pyarrow is imported only when
+the sink starts (the optional `[parquet]` extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+from pydantic import Field, field_validator
+
+from pipeline.api import Batch, Context, Event, Sink, SinkOptions
+from pipeline.errors import SinkFailed, StageError
+from pipeline.events import channel, event_time_ms
+from pipeline.files import ensure_private_dir, open_private
+from pipeline.types import Duration
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+MAX_OPEN_DIRS: Final = 32
+COLUMNS: Final = ("channel", "rtstream_id", "rtstream_name", "capture_session_id", "ts", "unix_ts", "start", "end",
+                  "text", "is_final", "event_label", "severity", "matched", "raw")
+
+
+def schema() -> Any:
+    """The fixed schema (documented in README); every file has exactly these columns."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("channel", pa.string()), ("rtstream_id", pa.string()), ("rtstream_name", pa.string()),
+        ("capture_session_id", pa.string()), ("ts", pa.timestamp("ms", tz="UTC")), ("unix_ts", pa.float64()),
+        ("start", pa.int64()), ("end", pa.int64()), ("text", pa.string()), ("is_final", pa.bool_()),
+        ("event_label", pa.string()), ("severity", pa.string()), ("matched", pa.list_(pa.string())),
+        ("raw", pa.string()),
+    ])
+
+
+class ParquetOptions(SinkOptions):
+    path: str = Field(description="directory template; may use {channel} and {date} (UTC, from unix_ts)")
+    roll_bytes: int = Field(default=64 << 20, ge=1, description="complete a file once it holds about this much")
+    roll_interval: Duration = Field(default=300.0, description="complete a file at least this often")
+    row_group_rows: int = Field(default=10000, ge=1, description="rows buffered before a row group is written")
+    compression: str = Field(default="zstd", description="zstd, snappy, gzip, lz4 or none")
+    complete_on_flush: bool = Field(default=True, description="a runtime flush (before a source commits offsets) "
+                                                              "completes the open files")
+
+    @field_validator("path")
+    @classmethod
+    def _placeholders(cls, v: str) -> str:
+        try:
+            v.format(channel="c", date="d")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"path may only use {{channel}} and {{date}}: {exc}") from None
+        return v
+
+    @field_validator("compression")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        if v not in ("zstd", "snappy", "gzip", "lz4", "none"):
+            raise ValueError(f"expected zstd, snappy, gzip, lz4 or none, got {v!r}")
+        return v
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) else (None if v is None else str(v))
+
+
+def _int(v: Any) -> int | None:
+    return v if type(v) is int and -(1 << 63) <= v < (1 << 63) else None
+
+
+def row(event: Event) -> tuple[Any, ...]:
+    """One event as a row in COLUMNS order; `raw` is the whole event as JSON."""
+    data = event.get("data")
+    d = data if isinstance(data, dict) else {}
+    unix = event.get("unix_ts")
+    unix = float(unix) if isinstance(unix, int | float) and not isinstance(unix, bool) and math.isfinite(
+        unix) and abs(unix) < 1e11 else None
+    matched = d.get("matched")
+    start = event_time_ms(event)
+    return (channel(event) or None, _str(event.get("rtstream_id")), _str(event.get("rtstream_name")),
+            _str(event.get("capture_session_id")), None if unix is None else int(unix * 1000), unix,
+            start if -(1 << 63) <= start < (1 << 63) else None, _int(d.get("end")), _str(d.get("text")),
+            d.get("is_final") if type(d.get("is_final")) is bool else None, _str(d.get("event_label")),
+            _str(d.get("severity")), [str(m) for m in matched] if isinstance(matched, list) else None,
+            orjson.dumps(event, default=str).decode())
+
+
+class _Dir:
+    """One output directory: rows waiting for a row group, and the file being written."""
+
+    __slots__ = ("dir", "fh", "opened", "rows", "tmp", "writer")
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.rows: list[tuple[Any, ...]] = []
+        self.writer: Any = None
+        self.fh: Any = None
+        self.tmp: Path | None = None
+        self.opened = 0.0
+
+
+class ParquetSink(Sink):
+    """Writes events to rolled Parquet files with a fixed schema; a file appears only when complete."""
+
+    name = "parquet"
+    Options = ParquetOptions
+
+    def __init__(self, options: ParquetOptions, context: Context) -> None:
+        super().__init__(options, context)
+        self._templated = "{" in options.path
+        self._dirs: dict[str, _Dir] = {}
+        self._days: dict[int, str] = {}
+        self._seq = 0
+        self._timer: asyncio.Task[None] | None = None
+        self._schema: Any = None
+        self.files = 0
+        self._lock = asyncio.Lock()
+        self._failed: SinkFailed | None = None
+
+    async def start(self) -> None:
+        try:
+            self._schema = schema()
+        except ImportError:
+            raise StageError(f"{self.context.stage}: the parquet sink needs pyarrow: "
+                             "pip install 'videodb-pipeline[parquet]'") from None
+        if not self._templated:
+            ensure_private_dir(Path(self.options.path))
+        self._timer = asyncio.create_task(self._roll_periodically(), name=f"{self.context.stage}-roll")
+
+    def report(self) -> dict[str, int]:
+        return {"files": self.files}
+
+    def _day(self, unix: Any) -> str:
+        if not isinstance(unix, int | float) or isinstance(unix, bool) or not math.isfinite(unix):
+            unix = time.time()
+        day = int(unix // 86400)
+        text = self._days.get(day)
+        if text is None:
+            try:
+                text = datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
+            except (OverflowError, ValueError, OSError):
+                text = datetime.now(UTC).strftime("%Y-%m-%d")
+            if len(self._days) > 1024:
+                self._days.clear()
+            self._days[day] = text
+        return text
+
+    def _dir_for(self, event: Event) -> str:
+        ch = channel(event)
+        if not _SAFE_NAME.match(ch):  # the channel comes from the wire: never let it pick a directory
+            ch = "unknown"
+        return self.options.path.format(channel=ch, date=self._day(event.get("unix_ts")))
+
+    async def write(self, batch: Batch) -> None:
+        async with self._lock:
+            if self._templated:
+                for event in batch:
+                    self._get(self._dir_for(event)).rows.append(row(event))
+            else:
+                self._get(self.options.path).rows.extend(row(e) for e in batch)
+            if self._failed is not None:  # the roll timer failed: refuse, the runtime dead-letters this batch
+                raise StageError(str(self._failed))
+            now = time.monotonic()
+            for d in list(self._dirs.values()):
+                if d.rows and not d.opened:
+                    d.opened = now  # the file's clock starts with its first row
+                if len(d.rows) >= self.options.row_group_rows:
+                    await self._write_rows(d)
+            await self._roll_due()
+
+    def _get(self, path: str) -> _Dir:
+        d = self._dirs.get(path)
+        if d is None:
+            d = self._dirs[path] = _Dir(Path(path))
+        return d
+
+    async def _write_rows(self, d: _Dir) -> None:
+        """Append the buffered rows to the directory's open file as one row group (off the event loop)."""
+        if not d.rows:
+            return
+        rows, d.rows = d.rows, []
+        try:
+            await asyncio.to_thread(self._append, d, rows)
+        except (OSError, ValueError, TypeError) as exc:
+            for r in rows:
+                self.context.dead_letter.write(f"parquet: {exc}", stage=self.context.stage, event=orjson.loads(r[-1]))
+            self.context.stats.errors += len(rows)
+            raise SinkFailed(f"{self.context.stage}: {d.dir}: cannot write: {exc}") from None
+
+    def _append(self, d: _Dir, rows: list[tuple[Any, ...]]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if d.writer is None:
+            ensure_private_dir(d.dir)
+            self._seq += 1
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            name = f"part-{stamp}-{os.getpid()}-{self._seq:05d}.parquet"
+            d.tmp = d.dir / f".{name}.tmp"
+            d.fh = open_private(d.tmp, truncate=True)
+            codec = None if self.options.compression == "none" else self.options.compression
+            d.writer = pq.ParquetWriter(d.fh, self._schema, compression=codec)
+            d.opened = d.opened or time.monotonic()
+        cols = list(zip(*rows, strict=True))
+        table = pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, self._schema, strict=True)],
+                                     schema=self._schema)
+        d.writer.write_table(table)
+
+    def _complete(self, d: _Dir) -> None:
+        """Close the open file and give it its final name (atomic: readers see all of it or nothing)."""
+        if d.writer is None:
+            return
+        writer, fh, tmp = d.writer, d.fh, d.tmp
+        d.writer = d.fh = d.tmp = None
+        d.opened = 0.0
+        try:
+            writer.close()
+            fh.close()
+            assert tmp is not None
+            os.replace(tmp, tmp.with_name(tmp.name[1:-4]))
+        except OSError as exc:
+            raise SinkFailed(f"{self.context.stage}: {tmp}: cannot complete: {exc.strerror or exc}") from None
+        self.files += 1
+
+    def _size(self, d: _Dir) -> int:
+        try:
+            return os.fstat(d.fh.fileno()).st_size if d.fh is not None else 0
+        except (OSError, ValueError):
+            return 0
+
+    async def _roll_due(self, force: bool = False) -> None:
+        now = time.monotonic()
+        for path, d in list(self._dirs.items()):
+            if d.writer is None and not d.rows:
+                if len(self._dirs) > MAX_OPEN_DIRS:
+                    del self._dirs[path]
+                continue
+            if force or now - d.opened >= self.options.roll_interval or self._size(d) >= self.options.roll_bytes:
+                await self._write_rows(d)
+                await asyncio.to_thread(self._complete, d)
+        if len(self._dirs) > MAX_OPEN_DIRS:  # {date}/{channel} paths: do not keep every directory open
+            for d in list(self._dirs.values())[: len(self._dirs) - MAX_OPEN_DIRS]:
+                await self._write_rows(d)
+                await asyncio.to_thread(self._complete, d)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            for d in list(self._dirs.values()):
+                await self._write_rows(d)
+            if self.options.complete_on_flush:
+                await self._roll_due(force=True)
+
+    async def _roll_periodically(self) -> None:
+        interval = max(0.05, min(self.options.roll_interval, 1.0))
+        while True:
+            await asyncio.sleep(interval)
+            async with self._lock:
+                try:
+                    await self._roll_due()
+                except SinkFailed as exc:
+                    self._failed = exc  # the next write() or close() reports it
+                    return
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        async with self._lock:
+            if self._failed is not None:
+                raise self._failed
+            for d in self._dirs.values():
+                await self._write_rows(d)
+                await asyncio.to_thread(self._complete, d)

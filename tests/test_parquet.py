@@ -1,0 +1,125 @@
+"""Sink `parquet`: fixed schema, rolled and atomically completed files, and the README's DuckDB query."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.api import Context
+from pipeline.errors import StageError
+from stages.sinks.parquet import COLUMNS, ParquetOptions, ParquetSink, schema
+
+MakeCtx = Callable[..., Context]
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "config" / "samples" / "meeting-session.jsonl"
+
+# The README's query, verbatim (the test fails if one changes without the other).
+TALK_QUERY = """SELECT capture_session_id, rtstream_id, any_value(rtstream_name) AS stream,
+       round(sum("end" - start) / 1000, 3) AS talk_seconds
+FROM read_parquet('out/meeting/parquet/transcript/*/*.parquet')
+WHERE is_final IS NOT false AND "end" > start
+GROUP BY ALL ORDER BY talk_seconds DESC;"""
+
+
+def test_readme_duckdb_query_matches_the_window_output(tmp_path: Path) -> None:
+    assert TALK_QUERY in (ROOT / "README.md").read_text()
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: meeting
+source: {{type: replay, path: {SAMPLE}, speed: 0}}
+stages:
+  - {{type: enrich}}
+  - {{type: window, size: 20s, key: [capture_session_id, rtstream_id], allowed_lateness: 1h}}
+sinks:
+  - {{type: parquet, path: "out/meeting/parquet/{{channel}}/{{date}}", row_group_rows: 7}}
+  - {{type: jsonl, path: out/meeting/metrics.jsonl, channels: [metrics]}}
+dead_letter: out/dead.jsonl
+""")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr
+    con = duckdb.connect()
+    os.chdir(tmp_path)
+    try:
+        rows = con.execute(TALK_QUERY).fetchall()
+    finally:
+        os.chdir(ROOT)
+    by_duckdb = {(r[0], r[1]): float(r[3]) for r in rows}
+    by_window: dict[tuple[str, str], float] = {}
+    for line in (tmp_path / "out/meeting/metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if m["data"]["talk_seconds"]:
+            k = (m["key"]["capture_session_id"], m["key"]["rtstream_id"])
+            by_window[k] = round(by_window.get(k, 0) + m["data"]["talk_seconds"], 3)
+    assert by_duckdb == by_window and len(by_duckdb) == 2
+    # metrics events went to the parquet sink too, under their own channel
+    assert con.execute(f"SELECT count(*) FROM read_parquet('{tmp_path}/out/meeting/parquet/metrics/*/*.parquet')"
+                       ).fetchone() == (sum(1 for _ in (tmp_path / "out/meeting/metrics.jsonl").open()),)
+
+
+def ev(i: int, ch: str = "transcript") -> dict[str, Any]:
+    return {"channel": ch, "rtstream_id": "rts-1", "rtstream_name": "mic", "capture_session_id": "cap-1",
+            "ts": "2026-03-02T10:15:00.000Z", "unix_ts": 1772446500.0 + i,
+            "data": {"text": f"words {i} <b>", "start": 1772446500000 + i, "end": 1772446501000 + i,
+                     "is_final": i % 2 == 0}}
+
+
+async def test_rolled_files_appear_only_when_complete(tmp_path: Path, make_context: MakeCtx) -> None:
+    out = tmp_path / "pq"
+    sink = ParquetSink(ParquetOptions(path=str(out), roll_bytes=20000, row_group_rows=50, roll_interval="1h"),
+                       make_context("sinks[0]:parquet"))
+    await sink.start()
+    alert = {"channel": "alert", "rtstream_id": "rts-1", "unix_ts": 1.5,
+             "data": {"event_label": "x", "severity": "critical", "matched": ["a", "b"], "timestamp": 7}}
+    for k in range(6):
+        await sink.write([ev(k * 100 + i) for i in range(100)] + ([alert] if k == 0 else []))
+        assert all((p.name.startswith("part-") and p.suffix == ".parquet") or p.name.startswith(".")
+                   for p in out.iterdir())
+    await sink.flush()  # completes the open file
+    assert not any(p.name.startswith(".") for p in out.iterdir())
+    await sink.write([ev(1000 + i) for i in range(50)])  # one row group: a new file, still open
+    visible_before_close = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert any(p.name.startswith(".") for p in out.iterdir())  # the open file has a hidden temporary name
+    await sink.close()
+    files = sorted(out.iterdir())
+    assert all(not p.name.startswith(".") for p in files) and len(files) >= 2
+    assert visible_before_close == [p.name for p in files][: len(visible_before_close)]
+    assert oct(files[0].stat().st_mode & 0o777) == "0o600"
+    table = pq.read_table(out)
+    assert table.schema.names == list(COLUMNS) and table.schema.equals(schema())
+    assert table.num_rows == 651 and sink.report()["files"] == len(files)
+    rows = table.to_pylist()
+    a = next(r for r in rows if r["channel"] == "alert")
+    assert (a["event_label"], a["severity"], a["matched"], a["start"], a["end"], a["text"]) == (
+        "x", "critical", ["a", "b"], 7, None, None)
+    t = next(r for r in rows if r["channel"] == "transcript")
+    assert json.loads(t["raw"]) == ev(0) and t["is_final"] is True and t["text"] == "words 0 <b>"
+    assert t["unix_ts"] == 1772446500.0 and t["ts"].isoformat() == "2026-03-02T10:15:00+00:00"
+
+
+async def test_roll_interval_completes_an_idle_file(tmp_path: Path, make_context: MakeCtx) -> None:
+    sink = ParquetSink(ParquetOptions(path=str(tmp_path / "{channel}"), roll_interval="200ms"), make_context())
+    await sink.start()
+    await sink.write([ev(1), ev(2, ch="../../etc"), {"event": "capture_session.active", "unix_ts": 3.0}])
+    await asyncio.sleep(1.5)
+    done = sorted(str(p.relative_to(tmp_path)).split("/")[0] for p in tmp_path.rglob("part-*.parquet"))
+    assert done == ["capture_session", "transcript", "unknown"]  # a channel from the wire never picks a path
+    await sink.close()
+
+
+async def test_symlinked_directory_is_refused(tmp_path: Path, make_context: MakeCtx) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    sink = ParquetSink(ParquetOptions(path=str(tmp_path / "link")), make_context())
+    with pytest.raises(StageError, match="symlink"):
+        await sink.start()

@@ -1,0 +1,95 @@
+"""`pipeline test`: the shipped rule tests pass; failures show a diff and exit 1; JUnit XML for CI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIDEO_DB")}  # tests need no secrets
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "test", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60, env={**env, "PYTHONPATH": str(ROOT)})
+
+
+def test_shipped_rule_tests_pass(tmp_path: Path) -> None:
+    res = run("config/", "--junit", str(tmp_path / "junit.xml"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert sum(ln.startswith("ok ") for ln in lines) >= 9
+    assert any("config/meeting.test.yaml" in ln for ln in lines) and any("config/demo.test.yaml" in ln for ln in lines)
+    root = ET.parse(tmp_path / "junit.xml").getroot()
+    assert root.get("failures") == "0" and int(root.get("tests", "0")) >= 9
+
+
+CASES = """config: p.yaml
+cases:
+  - name: passes
+    input:
+      - {channel: visual_index, rtstream_id: s1, at: 0s, data: {text: "a terminal"}}
+      - {channel: visual_index, rtstream_id: s1, at: 10s, data: {text: "the terminal again"}}
+    expect:
+      alerts: [{label: term, rtstream: s1, matched: [terminal], count: 1}]
+      events_out: [{channel: visual_index, data: {text: "a terminal"}}]
+  - name: wrong expectations
+    input_file: events.jsonl
+    expect:
+      alerts: [{label: term, count: 2}]
+      events_out: [{channel: visual_index, data: {text: "a terminl"}}]
+      dropped: 1
+  - name: only the rules stage
+    stages: [rules]
+    input: [{channel: audio_index, data: {text: "terminal"}}]
+    expect: {no_alerts: true, dropped: 0}
+"""
+CONFIG = """name: p
+source: {type: replay, path: none.jsonl}
+stages:
+  - {type: filter, channels: [visual_index]}
+  - type: rules
+    rules: [{name: term, keywords: [terminal], channels: [visual_index], cooldown: 1m}]
+sinks: [{type: console}]
+"""
+
+
+def test_failures_show_what_differs_and_exit_1(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    (tmp_path / "p.test.yaml").write_text(CASES)
+    (tmp_path / "events.jsonl").write_text('{"channel": "visual_index", "rtstream_id": "s1", '
+                                           '"data": {"text": "a terminal", "start": 5}}\n')
+    res = run(str(tmp_path), "--junit", str(tmp_path / "j.xml"), cwd=tmp_path.parent)
+    out = res.stdout
+    assert res.returncode == 1, out + res.stderr
+    assert f"ok    {tmp_path}/p.test.yaml: passes" in out
+    assert f"FAIL  {tmp_path}/p.test.yaml: wrong expectations" in out
+    assert f"ok    {tmp_path}/p.test.yaml: only the rules stage" in out
+    assert "expected 2 alert(s) (label='term'), got 1; fired:" in out
+    assert "term [info] on s1 matched ['terminal'] at 5" in out
+    assert '-    "text": "a terminl"' in out and '+    "text": "a terminal"' in out
+    assert "expected 1 input event(s) dropped, 0 were" in out
+    assert out.splitlines()[-1] == "2 passed, 1 failed, 0 errors (1 file)"
+    suite = ET.parse(tmp_path / "j.xml").getroot().find("testsuite")
+    assert suite is not None and suite.get("failures") == "1"
+    assert [c.get("name") for c in suite.iter("testcase")] == ["passes", "wrong expectations", "only the rules stage"]
+
+
+def test_invalid_test_or_config_is_an_error_with_position(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(CONFIG.replace("keywords:", "keyword:"))
+    (tmp_path / "p.test.yaml").write_text(CASES.replace("expect: {no_alerts", "expct: {no_alerts"))
+    res = run(str(tmp_path / "p.test.yaml"))
+    assert res.returncode == 2
+    assert f"{tmp_path}/p.test.yaml:19:5: cases[2].expct: unknown key (did you mean 'expect'?" in res.stdout
+    (tmp_path / "q.test.yaml").write_text(CASES)
+    (tmp_path / "events.jsonl").write_text("{}\n")
+    res = run(str(tmp_path / "q.test.yaml"))
+    assert res.returncode == 2 and "rules[0].keyword: unknown key (did you mean 'keywords'?" in res.stdout
+
+
+def test_results_do_not_depend_on_the_wall_clock(tmp_path: Path) -> None:
+    first = run("config/").stdout
+    assert run("config/").stdout == first

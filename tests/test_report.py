@@ -1,0 +1,142 @@
+"""`pipeline report`: the demo's output as a page in a real headless browser; hostile text stays text."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline.report.build import build_reports
+from pipeline.report.collect import MAX_MARKS, Collector
+from tests.browser import browser_page
+
+ROOT = Path(__file__).resolve().parents[1]
+HOSTILE = '</title></text><script>window.pwned=1</script><img src=x onerror="window.pwned=2">"\'&amp;'
+
+
+def cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline demo (emulator + real SDK + controller + stages), run at full speed."""
+    cwd = tmp_path_factory.mktemp("demo")
+    res = cli(["run", "-q", str(ROOT / "config/demo.yaml")], cwd, {"DEMO_SPEED": "0"})
+    assert res.returncode == 0, res.stderr
+    return cwd / "out" / "demo"
+
+
+def test_demo_report_in_headless_chromium(demo_out: Path, tmp_path: Path) -> None:
+    res = cli(["report", str(demo_out), "-o", str(tmp_path / "report.html")], tmp_path)
+    assert res.returncode == 0, res.stderr
+    page_file = tmp_path / "report.html"
+    assert res.stdout.strip() == str(page_file)
+    html = page_file.read_text()
+    assert "src=" not in html and 'href="http' not in html  # nothing to fetch at view time
+    alerts = [orjson.loads(x) for x in (demo_out / "alerts.jsonl").read_bytes().splitlines()]
+    with browser_page() as page:
+        errors: list[str] = []
+        requests: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(page_file.as_uri())
+        shot = page.screenshot(full_page=True)
+        page.goto("about:blank")
+        blank = page.screenshot(full_page=True)
+        page.goto(page_file.as_uri())
+        lanes = page.eval_on_selector_all("svg .lane", "els => els.map(e => e.dataset.lane)")
+        assert sorted(lanes) == ["display:1", "mic:default", "system_audio:default"]
+        assert page.locator("tr.alert-row").count() == len(alerts)  # events.jsonl + alerts.jsonl: no duplicates
+        assert page.locator("tr.talk-row").count() == 2
+        # hover: the tooltip shows the mark's text
+        mark = page.locator("svg .m.visual_index").first
+        mark.hover()
+        tip = page.locator("#tip")
+        assert tip.is_visible() and "visual index" in (tip.text_content() or "")
+        # an alert's time jumps to (and highlights) its mark on the timeline
+        link = page.locator("tr.alert-row a.jump").first
+        target = link.get_attribute("data-mark")
+        link.click()
+        assert "hl" in (page.locator(f"#{target}").get_attribute("class") or "")
+    assert errors == []
+    assert all(u.startswith(("file:", "about:", "data:")) for u in requests), requests
+    assert len(shot) > 30_000 and len(shot) > 5 * len(blank)  # a rendered page, not a blank one
+
+
+def _hostile_events() -> list[dict[str, Any]]:
+    sid = "cap-<b>x</b>/../../evil"
+    return [
+        {"event": "capture_session.active", "capture_session_id": sid, "status": HOSTILE, "unix_ts": 1000.0,
+         "data": {"rtstreams": [{"rtstream_id": "r1", "name": HOSTILE}]}},
+        {"channel": "visual_index", "rtstream_id": "r1",
+         "data": {"text": HOSTILE, "start": 1_000_500, "end": 1_002_000}},
+        {"channel": "alert", "rtstream_id": "r1", "origin": HOSTILE,
+         "data": {"event_label": HOSTILE, "severity": HOSTILE, "timestamp": 1_001_000, "text": HOSTILE,
+                  "matched": [HOSTILE]}},
+        {"channel": "transcript", "rtstream_id": "r1", "capture_session_id": sid,
+         "data": {"text": HOSTILE, "start": 1_003_000, "end": 1_004_000, "is_final": True}},
+    ]
+
+
+def test_hostile_event_text_is_shown_as_text(tmp_path: Path) -> None:
+    src = tmp_path / "in" / "events.jsonl"
+    src.parent.mkdir()
+    src.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in _hostile_events()))
+    (path,) = build_reports([str(src.parent)], None)
+    assert path.parent == src.parent and path.name.startswith("report-cap-_b_x_b_")  # no path from the wire
+    html = path.read_text()
+    assert "<script>window.pwned" not in html and "<img src=x" not in html and "</title></text>" not in html
+    with browser_page() as page:
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: dialogs.append(d.message))
+        page.goto(path.as_uri())
+        assert page.evaluate("window.pwned") is None
+        assert page.locator("script").count() == 1 and page.locator("img").count() == 0
+        row = page.locator("tr.alert-row").first
+        assert HOSTILE in (row.locator("td.text").text_content() or "")
+        assert HOSTILE in (row.text_content() or "")
+        page.locator("svg .m.transcript").first.hover()
+        assert HOSTILE in (page.locator("#tip").text_content() or "")
+        assert page.evaluate("window.pwned") is None
+    assert dialogs == []
+
+
+def test_huge_input_is_streamed_and_bounded(tmp_path: Path) -> None:
+    src = tmp_path / "big.jsonl"
+    with open(src, "wb") as fh:
+        fh.write(orjson.dumps({"event": "capture_session.active", "capture_session_id": "c", "unix_ts": 1.0,
+                               "data": {"rtstreams": [{"rtstream_id": "r1", "name": "mic"}]}}) + b"\n")
+        fh.write(b"x" * (2 << 20) + b"\n")  # one absurdly long line: skipped, not loaded
+        for i in range(60_000):
+            fh.write(orjson.dumps({"channel": "transcript", "rtstream_id": "r1", "capture_session_id": "c",
+                                   "data": {"text": f"word {i}", "start": 1000 + i * 1000,
+                                            "end": 1500 + i * 1000, "is_final": True}}) + b"\n")
+    c = Collector().read([src])
+    lane = c.sessions["c"].lanes["mic"]
+    assert c.skipped == 1 and lane.seen == 60_000 and lane.words == 120_000
+    assert lane.talk_ms == 60_000 * 500
+    assert MAX_MARKS // 2 <= len(lane.marks) <= MAX_MARKS
+    starts = [m.start for m in lane.marks]
+    assert starts[0] == 1000 and starts[-1] > 1000 + 55_000 * 1000  # thinned evenly, not cut off
+    (path,) = build_reports([str(src)], str(tmp_path / "r.html"))
+    assert path.stat().st_size < 1_500_000
+
+
+def test_several_sessions_and_errors(tmp_path: Path) -> None:
+    src = tmp_path / "e.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(
+        {"channel": "transcript", "capture_session_id": sid, "rtstream_id": "r", "data": {"text": "hi", "start": 5000}}
+    ) + b"\n" for sid in ("cap-a", "cap-b")) + b"not json\n[1]\n")
+    paths = build_reports([str(src)], str(tmp_path / "r.html"))
+    assert sorted(p.name for p in paths) == ["r-cap-a.html", "r-cap-b.html"]
+    res = cli(["report", str(tmp_path / "missing")], tmp_path)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "no such file or directory" in res.stderr
+    res = cli(["report", str(src), "--gap", "soon"], tmp_path)
+    assert res.returncode == 2 and "--gap" in res.stderr and "Traceback" not in res.stderr

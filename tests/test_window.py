@@ -1,0 +1,230 @@
+"""The `window` processor against a plain definition, and its end-of-run flush in real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from pipeline.api import Context
+from stages.processors.window import Window, WindowOptions
+
+MakeCtx = Callable[..., Context]
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "config" / "samples" / "meeting-session.jsonl"
+
+TEXTS = ["", "hello world", "a b c", "code on screen", "  spaced   out  "]
+
+
+@st.composite
+def events(draw: Any) -> dict[str, Any]:
+    kind = draw(st.sampled_from(["transcript", "visual_index", "scene_index", "alert", "lifecycle", "bare"]))
+    t = draw(st.integers(0, 20_000))
+    sess = draw(st.sampled_from(["cap-1", "cap-2", None]))
+    ev: dict[str, Any] = {"rtstream_id": draw(st.sampled_from(["rts-1", "rts-2"]))}
+    if sess is not None:
+        ev["capture_session_id"] = sess
+    text = draw(st.sampled_from(TEXTS))
+    if kind == "transcript":
+        ev.update(channel="transcript", data={"text": text, "start": t, "end": t + draw(st.integers(-5, 3000)),
+                                              "is_final": draw(st.sampled_from([True, False, None]))})
+        if ev["data"]["is_final"] is None:
+            del ev["data"]["is_final"]
+    elif kind in ("visual_index", "scene_index"):
+        ev.update(channel=kind, data={"text": text, "start": t, "end": t + 2000})
+    elif kind == "alert":
+        ev.update(channel="alert", data={"event_label": draw(st.sampled_from(["code", "slack"])), "timestamp": t,
+                                         "text": text, "matched": draw(st.lists(st.sampled_from(["x", "y", "z"]),
+                                                                                max_size=2))})
+    elif kind == "lifecycle":
+        ev.update(event="capture_session.active", status="active", unix_ts=t / 1000)
+    else:
+        ev.update(channel="visual_index", unix_ts=t / 1000)  # no data: event time from the receipt stamp
+    return ev
+
+
+def event_ms(ev: dict[str, Any]) -> int:
+    d = ev.get("data") or {}
+    if isinstance(d.get("start"), int):
+        return int(d["start"])
+    if isinstance(d.get("timestamp"), int):
+        return int(d["timestamp"])
+    return int(ev["unix_ts"] * 1000)
+
+
+def plain(stream: list[dict[str, Any]], size: int, slide: int, lateness: int,
+          fields: list[str]) -> tuple[dict[Any, dict[str, Any]], int]:
+    """The definition: drop late events (arrival order), sort the rest by event time, bucket, aggregate."""
+    newest: int | None = None
+    kept, late = [], 0
+    for ev in stream:
+        t = event_ms(ev)
+        if newest is not None and t < newest - lateness:
+            late += 1
+            continue
+        newest = t if newest is None else max(newest, t)
+        kept.append((t, ev))
+    kept.sort(key=lambda p: p[0])
+    buckets: dict[Any, list[tuple[int, dict[str, Any]]]] = {}
+    for t, ev in kept:
+        key = tuple(ev.get(f) for f in fields)
+        for start in range((t - size) // slide * slide, t + 1, slide):  # every slide-aligned start
+            if start <= t < start + size:
+                buckets.setdefault((key, start), []).append((t, ev))
+    out = {}
+    for (key, start), evs in buckets.items():
+        chans: dict[str, int] = {}
+        alerts: dict[str, int] = {}
+        words, talk, keywords, texts = 0, 0, set(), []
+        for _, ev in evs:
+            ch = "capture_session" if "event" in ev else ev["channel"].replace("scene_index", "visual_index")
+            chans[ch] = chans.get(ch, 0) + 1
+            d = ev.get("data", {})
+            final = not (ch == "transcript" and d.get("is_final") is False)
+            if ch == "transcript" and final:
+                words += len(d["text"].split())
+                talk += max(0, d["end"] - d["start"])
+            if ch == "alert":
+                alerts[d["event_label"]] = alerts.get(d["event_label"], 0) + 1
+                keywords |= set(d["matched"])
+            if final and d.get("text"):
+                texts.append(d["text"])
+        out[(key, start)] = {"events": chans, "words": words, "talk_seconds": talk / 1000, "alerts": alerts,
+                             "keywords": sorted(keywords), "first_text": texts[0] if texts else None,
+                             "last_text": texts[-1] if texts else None}
+    return out, late
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=st.lists(events(), max_size=60), size=st.integers(1, 6000), slide_div=st.integers(1, 4),
+       lateness=st.integers(0, 4000), cuts=st.lists(st.integers(1, 7), min_size=1, max_size=20),
+       per_stream=st.booleans())
+def test_window_matches_the_plain_definition(make_context: MakeCtx, stream: list[dict[str, Any]], size: int,
+                                             slide_div: int, lateness: int, cuts: list[int],
+                                             per_stream: bool) -> None:
+    slide = max(1, size // slide_div)
+    fields = ["capture_session_id", "rtstream_id"] if per_stream else ["capture_session_id"]
+    w = Window(WindowOptions(size=size / 1000, slide=slide / 1000, allowed_lateness=lateness / 1000, key=fields),
+               make_context("stages[0]:window"))
+    emitted: list[dict[str, Any]] = []
+    passed: list[dict[str, Any]] = []
+    i, c, newest = 0, 0, None
+    while i < len(stream):  # random batch boundaries must not change the result
+        batch = [dict(e) for e in stream[i:i + cuts[c % len(cuts)]]]
+        i += len(batch)
+        c += 1
+        for ev in batch:
+            t = event_ms(ev)
+            newest = t if newest is None else max(newest, t)
+        out = w.process(batch)
+        for ev in out:
+            if ev.get("channel") == "metrics":
+                assert ev["window"]["end"] <= newest - lateness  # closed only once the watermark passed it
+                emitted.append(ev)
+            else:
+                passed.append(ev)
+    emitted.extend(w.flush())
+    assert passed == stream  # every event flows on, late ones included, in order
+    got = {}
+    for m in emitted:
+        k = (tuple(m["key"][f] for f in fields), m["window"]["start"])
+        assert k not in got, "a window was emitted twice"
+        assert m["window"]["end"] - m["window"]["start"] == size
+        got[k] = m["data"]
+    want, late = plain(stream, size, slide, lateness, fields)
+    assert got == want
+    assert w.late == late
+    assert w.flush() == []
+
+
+def test_late_event_is_counted_passed_on_and_not_folded(make_context: MakeCtx) -> None:
+    w = Window(WindowOptions(size="10s", allowed_lateness="2s"), make_context())
+    tr = {"channel": "transcript", "capture_session_id": "c", "data": {"text": "one two", "start": 1000,
+                                                                        "end": 2000}}
+    out = w.process([tr, {"channel": "visual_index", "capture_session_id": "c", "data": {"text": "x",
+                                                                                        "start": 12500}}])
+    assert [m["window"] for m in out if m["channel"] == "metrics"] == [{"start": 0, "end": 10000}]
+    late = {"channel": "transcript", "capture_session_id": "c", "data": {"text": "late words here", "start": 3000}}
+    assert w.process([late]) == [late]
+    assert w.report()["late"] == 1
+    (last,) = w.flush()
+    assert last["window"] == {"start": 10000, "end": 20000} and last["data"]["words"] == 0
+    assert last["capture_session_id"] == "c" and last["unix_ts"] == 20.0
+
+
+def test_open_windows_are_bounded(make_context: MakeCtx) -> None:
+    w = Window(WindowOptions(size="1m", key=["rtstream_id"], max_open_windows=3), make_context())
+    out = w.process([{"channel": "transcript", "rtstream_id": f"r{i}", "data": {"start": 1000}} for i in range(10)])
+    evicted = [m for m in out if m["channel"] == "metrics"]
+    assert len(evicted) == 7 and all(m["evicted"] for m in evicted)
+    assert len(w.flush()) == 3
+    assert w.report()["evicted"] == 7
+
+
+@pytest.mark.parametrize("opts, msg", [({"size": "0s"}, "size must be"), ({"size": "1m", "slide": "2m"}, "slide"),
+                                       ({"size": "1m", "key": ["a", "a"]}, "distinct")])
+def test_bad_options(opts: dict[str, Any], msg: str) -> None:
+    with pytest.raises(ValidationError, match=msg):
+        WindowOptions.model_validate(opts)
+
+
+def _config(tmp_path: Path, speed: float) -> Path:
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text(f"""
+name: w
+source: {{type: replay, path: {SAMPLE}, speed: {speed}}}
+stages:
+  - {{type: enrich}}
+  - {{type: window, size: 30s, key: [capture_session_id, rtstream_id], allowed_lateness: 10s}}
+sinks:
+  - {{type: jsonl, path: {tmp_path}/metrics.jsonl, channels: [metrics], flush_interval: 0}}
+dead_letter: {tmp_path}/dead.jsonl
+""")
+    return cfg
+
+
+def _metrics(tmp_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_flushes_open_windows_when_the_source_ends(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(_config(tmp_path, 0))],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "late 0" in res.stderr and "windows" in res.stderr
+    ms = _metrics(tmp_path)
+    sample = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    finals = [e for e in sample if e.get("channel") == "transcript" and e["data"].get("is_final")]
+    assert sum(m["data"]["events"].get("transcript", 0) for m in ms) == sum(
+        e.get("channel") == "transcript" for e in sample)
+    assert round(sum(m["data"]["talk_seconds"] for m in ms), 3) == round(
+        sum(e["data"]["end"] - e["data"]["start"] for e in finals) / 1000, 3)
+    last = max(event_ms(e) for e in sample if "rtstream_id" in e)
+    assert any(m["window"]["start"] <= last < m["window"]["end"] for m in ms)  # the last window was flushed
+
+
+def test_signal_flushes_open_windows(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(_config(tmp_path, 1))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        time.sleep(4.0)  # real time: a few events in, every window still open
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    ms = _metrics(tmp_path)
+    assert ms and all(m["window"]["start"] < 1772446530000 for m in ms), ms
