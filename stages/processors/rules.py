@@ -25,6 +25,8 @@ from stages.processors.eviction import Eviction
 from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher
 
 TEXT_CHANNELS = ["transcript", "visual_index", "audio_index"]
+_IDS = ("rtstream_id", "rtstream_name", "capture_session_id")  # copied from the source event, in this order
+_STAMPS = ("ts", "unix_ts")  # after data, as in every alert
 
 
 class Rule(Options):
@@ -67,10 +69,21 @@ class RulesOptions(Options):
 
 @dataclass(slots=True)
 class _Compiled:
+    """A rule as the hot path reads it: plain attributes, the state-key prefix built once."""
+
     rule: Rule
     names: Any  # glob matcher or None
     cooldown_ms: int
     window_ms: int
+    prefix: str = ""  # "<rule name>|": a state key is prefix + stream
+    label: str = ""
+    severity: str = ""
+    min_count: int = 1
+
+
+def _compile(rule: Rule) -> _Compiled:
+    return _Compiled(rule, glob_matcher(rule.rtstream_names), int(rule.cooldown * 1000),
+                     int((rule.window or 0) * 1000), f"{rule.name}|", rule.name, rule.severity, rule.min_count)
 
 
 class _ChannelMatcher:
@@ -102,8 +115,7 @@ class Rules(Processor):
 
     def __init__(self, options: RulesOptions, context: Context) -> None:
         super().__init__(options, context)
-        self._rules = [_Compiled(r, glob_matcher(r.rtstream_names), int(r.cooldown * 1000),
-                                 int((r.window or 0) * 1000)) for r in options.rules]
+        self._rules = [_compile(r) for r in options.rules]
         self._by_channel: dict[str, _ChannelMatcher] = {}
         for i, r in enumerate(options.rules):
             for ch in {canonical(c) for c in r.channels}:
@@ -161,45 +173,55 @@ class Rules(Processor):
         return batch if out is None else out
 
     def _fire(self, event: Event, text: str, hits: Hits, when: int) -> list[Event]:
-        alerts: list[Event] = []
+        """The alerts this event fires. Why so flat: with keywords everywhere this runs for every other
+        event, so cooldowns are checked before anything is built and an alert is a copy of a header."""
         rid = event.get("rtstream_id")
         if type(rid) is not str or not rid:  # no id: the name, within its session (names repeat across sessions)
             rid = f"{event.get('capture_session_id') or ''}/{rid or event.get('rtstream_name') or ''}"
-        stream = rid
-        rules, windows, last_fired = self._rules, self._windows, self._last_fired
-        self._evict.seen(when)
+        ev = self._evict
+        if when > ev.watermark:
+            ev.watermark = when
+        rules, last_fired = self._rules, self._last_fired
+        firing: list[int] = []
         for idx in hits if len(hits) == 1 else sorted(hits):
             c = rules[idx]
             if c.names is not None and not c.names(str(event.get("rtstream_name") or "")):
                 continue
-            key = f"{c.rule.name}|{stream}"
+            key = c.prefix + rid
             if c.window_ms:
+                windows = self._windows
                 times = [t for t in windows.get(key, ()) if t > when - c.window_ms]
                 times.append(when)
-                if len(times) < c.rule.min_count:
-                    windows[key] = times[-c.rule.min_count:]
+                if len(times) < c.min_count:
+                    windows[key] = times[-c.min_count:]
                     continue
                 windows[key] = []
-            last = last_fired.get(key)
-            if last is not None and c.cooldown_ms and last <= when < last + c.cooldown_ms:
-                continue
-            if c.cooldown_ms:
+            cooldown = c.cooldown_ms
+            if cooldown:
+                last = last_fired.get(key)
+                if last is not None and last <= when < last + cooldown:
+                    continue
                 last_fired[key] = when
-            alerts.append(self._alert(event, text, c.rule, hits[idx], when))
+            firing.append(idx)
+        if not firing:
+            return []
+        head: Event = {"channel": "alert", "origin": "rules"}
+        for k in _IDS:
+            if k in event:
+                head[k] = event[k]
+        stamps = {k: event[k] for k in _STAMPS if k in event}
+        source = canonical(str(event.get("channel")))
+        alerts: list[Event] = []
+        for idx in firing:
+            c = rules[idx]
+            alert = head.copy()
+            alert["data"] = {"event_label": c.label, "timestamp": when, "text": text, "severity": c.severity,
+                             "matched": hits[idx], "source_channel": source}
+            if stamps:
+                alert.update(stamps)
+            alerts.append(alert)
         self.fired += len(alerts)
         return alerts
-
-    def _alert(self, event: Event, text: str, rule: Rule, matched: list[str], when: int) -> Event:
-        alert: Event = {"channel": "alert", "origin": "rules"}
-        for key in ("rtstream_id", "rtstream_name", "capture_session_id"):
-            if key in event:
-                alert[key] = event[key]
-        alert["data"] = {"event_label": rule.name, "timestamp": when, "text": text, "severity": rule.severity,
-                         "matched": matched, "source_channel": canonical(str(event.get("channel")))}
-        for key in ("ts", "unix_ts"):
-            if key in event:
-                alert[key] = event[key]
-        return alert
 
 
 def _last_time(value: Any) -> int:
