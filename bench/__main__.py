@@ -23,13 +23,15 @@ BENCHMARKS: Final[dict[str, tuple[str, int, int]]] = {
     "replay": ("bench.replay", 1_000_000, 100_000),
     "hits": ("bench.hits", 1_000_000, 100_000),
     "rules_scaling": ("bench.rules_scaling", 200_000, 30_000),
+    "state_store": ("bench.state_store", 200_000, 30_000),
     "ws_ingest": ("bench.ws_ingest", 200_000, 20_000),
     "kafka": ("bench.kafka", 200_000, 20_000),
     "latency": ("bench.latency", 10_000, 2_000),
     "memory": ("bench.memory", 1_000_000, 100_000),
     "faust_scaling": ("bench.faust_scaling", 100_000, 10_000),
     "bytewax_peer": ("bench.bytewax_peer", 1_000_000, 100_000),
-    "sessions": ("bench.sessions", 1_000, 50),  # concurrent capture sessions, not events
+    "sessions": ("bench.sessions", 1_000, 50),
+    "spool": ("bench.spool", 1_000_000, 100_000),  # concurrent capture sessions, not events
 }
 RESULTS: Final = Path(__file__).resolve().parent / "RESULTS.md"
 START: Final = "<!-- results:start (written by python -m bench) -->"

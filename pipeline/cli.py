@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, new_session=True)
     from pipeline.runner import run_local
 
-    rt = asyncio.run(run_local(cfg))
+    rt = asyncio.run(run_local(cfg, watch=args.watch))
     if rt.error is not None:
         print(f"pipeline: {secrets.mask(str(rt.error))}", file=sys.stderr)
     if not args.quiet:
@@ -157,6 +157,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a pipeline until its source ends, the session ends or a signal")
     r.add_argument("config")
     r.add_argument("-q", "--quiet", action="store_true", help="no exit summary")
+    r.add_argument("--watch", action="store_true",
+                   help="reload the config when the file changes (SIGHUP always reloads)")
     r.add_argument("--new-session", action="store_true",
                    help="create a new capture session instead of resuming the one in state_dir")
     r.set_defaults(func=cmd_run)

@@ -37,6 +37,7 @@ class EmulatorSettings(Options):
                                  json_schema_extra={"path": "input"})
     speed: float = Field(default=1.0, ge=0, description="1 = scenario timing, 20 = 20x faster, 0 = no waiting")
     drop_after: int | None = Field(default=None, ge=1, description="close the WebSocket after N events")
+    queue_on_drop: bool = Field(default=False, description="resend what a dropped connection missed (VideoDB does not)")
     garbage_every: int | None = Field(default=None, ge=1, description="send a non-JSON frame every N events")
 
 

@@ -14,35 +14,50 @@ from pydantic import SecretStr
 from pipeline.build import build
 from pipeline.config import PipelineConfig
 from pipeline.runtime.local import LocalRuntime
+from pipeline.runtime.reload import Reloader
 
 log = logging.getLogger("pipeline")
 
 
-async def run_local(cfg: PipelineConfig, *, install_signals: bool = True) -> LocalRuntime:
-    """Build and run the pipeline; returns the finished runtime (exit code in `.exit_code`)."""
+async def run_local(cfg: PipelineConfig, *, install_signals: bool = True, watch: bool = False) -> LocalRuntime:
+    """Build and run the pipeline; returns the finished runtime (exit code in `.exit_code`).
+
+    SIGHUP (and, with `watch`, a change of `cfg.file`) reloads the config while it runs.
+    """
+    original = cfg
     emu = None
     if cfg.videodb.emulator is not None:
         from pipeline.emulator import Emulator
 
         e = cfg.videodb.emulator
-        emu = Emulator(scenario=e.scenario, speed=e.speed, drop_after=e.drop_after, garbage_every=e.garbage_every)
+        emu = Emulator(scenario=e.scenario, speed=e.speed, drop_after=e.drop_after, garbage_every=e.garbage_every,
+                       queue_on_drop=e.queue_on_drop)
         await emu.start("127.0.0.1", 0)
         log.info("videodb: using the local emulator at %s (speed %g)", emu.base_url, e.speed)
         videodb = cfg.videodb.model_copy(update={"base_url": emu.base_url,
                                                  "api_key": cfg.videodb.api_key or SecretStr("local-emulator-key")})
         cfg = dataclasses.replace(cfg, videodb=videodb)
+    from pipeline.state import prepare, release
+
+    resumes = getattr(cfg.source.cls, "resumes", True)  # replay: every run starts afresh, nothing to lock
     try:
+        if resumes:
+            prepare(cfg.state_dir)
         if cfg.runtime.engine == "faust":
             from pipeline.runtime.faust import ingest_runtime
 
             rt = ingest_runtime(cfg, install_signals=install_signals)
+            if watch:
+                log.warning("--watch: reloading needs engine: local; the ingest process runs no processors")
         else:
             from pipeline.state.store import open_store
 
-            state = open_store(cfg.state_dir) if getattr(cfg.source.cls, "resumes", True) else None
-            rt = LocalRuntime(build(cfg, state=state), install_signals=install_signals)
+            rt = LocalRuntime(build(cfg, state=open_store(cfg.state_dir) if resumes else None),
+                              install_signals=install_signals)
+            rt.reloader = Reloader(rt, cfg.file, original, watch=watch)
         rt.exit_code = await rt.run()
     finally:
+        release(cfg.state_dir)
         if emu is not None:
             await emu.stop()
     return rt

@@ -60,6 +60,7 @@ def json_schema(classes: list[tuple[str, str, Any]]) -> dict[str, Any]:
         "videodb": _model_schema(VideoDBSettings, "videodb.", defs),
         "runtime": _model_schema(RuntimeSettings, "runtime.", defs),
         "dead_letter": {"type": "string"},
+        "state_dir": {"type": "string", "description": "what must survive a restart (default out/<name>)"},
         "channels": {"type": "array", "items": {"type": "string"},
                      "description": "extra channel names that plugins emit"},
         "source": {"oneOf": by_kind.get("source", [])},

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 _known: set[str] = set()
 _pattern: re.Pattern[str] | None = None
 MASK = "***"
+#: `scheme://user:password@` (or `scheme://user@`) in any text: the whole user part is hidden
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
 
 
 def register(value: str) -> None:
@@ -31,6 +33,9 @@ def register_url(url: str) -> None:
 
 
 def mask(text: str) -> str:
+    """`text` with registered secrets and the user part of URLs (`http://***@host`) replaced by ***."""
+    if "@" in text:
+        text = _USERINFO.sub(rf"\1{MASK}@", text)
     return _pattern.sub(MASK, text) if _pattern is not None else text
 
 

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from pipeline.stats import GapStats
+
+if TYPE_CHECKING:
+    from stages.sources.inlet import Inlet
 
 ConnectionListener = Callable[[str], Awaitable[None]]
 
@@ -21,6 +27,8 @@ class SessionLink:
         self.capture_session_id: str | None = None
         self.exit_code: int | None = None
         self.exit_reason: str = ""
+        self.inlet: Inlet | None = None  # set by a source that takes backfilled events (videodb)
+        self.gaps = GapStats()  # reconnects and backfill, for the exit summary
         self._listeners: list[ConnectionListener] = []
         self._connected = asyncio.Event()
         self._exit = asyncio.Event()

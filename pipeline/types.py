@@ -75,7 +75,10 @@ Rate = Annotated[tuple[float, float], BeforeValidator(parse_rate), WithJsonSchem
     "type": "string", "pattern": _RATE.pattern, "description": "a rate: 10/min, 5/s, 100/1h"})]
 """(count, per seconds), written as `10/min`."""
 
-ByteSize = Annotated[int, BeforeValidator(parse_bytes)]
+ByteSize = Annotated[int, BeforeValidator(parse_bytes), WithJsonSchema({
+    "anyOf": [{"type": "integer", "minimum": 0},
+              {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([kKmMgGtT][iI]?[bB]?|[bB])?\s*$"}],
+    "description": "a size: 64MiB, 1GiB, 500MB or bytes"})]
 """Bytes, written in config as `64MiB`, `1GiB`, `500MB` or a plain number."""
 
 Secret = Annotated[SecretStr, BeforeValidator(_secret)]

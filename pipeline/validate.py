@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from pipeline import secrets
-from pipeline.config import PipelineConfig, StageSpec, load_config
+from pipeline.config import PipelineConfig, StageSpec, VideoDBSettings, load_config
 from pipeline.errors import ConfigError
 from pipeline.paths import file_options
 
@@ -88,7 +88,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{args.config}: ok: pipeline {cfg.name!r}, engine {cfg.runtime.engine}")
     if missing:
         print(f"  offline: not set, checked as placeholders: {', '.join(missing)}")
-    print(videodb_line(cfg, missing or []))
+    enabled_types = {s.type_name for s in [cfg.source, *([cfg.controller] if cfg.controller else [])]}
+    if cfg.videodb != VideoDBSettings() or enabled_types & {"videodb", "capture_session"}:
+        print(videodb_line(cfg, missing or []))
     enabled = [cfg.source, *([cfg.controller] if cfg.controller else []), *cfg.stages, *cfg.sinks]
     order = {"source": 0, "controller": 1, "processor": 2, "sink": 3}
     specs = sorted([*((s, True) for s in enabled), *((s, False) for s in cfg.disabled)],

@@ -4,6 +4,11 @@ Config errors must point at file:line:column; PyYAML's nodes know their marks,
 so we build plain Python objects from the node tree ourselves and keep a
 `path -> (line, column)` map beside them. `${VAR}` / `${VAR:-default}` is
 interpolated in scalars here, where the line is still known.
+
+Limits (a config is small; these stop alias bombs and runaway nesting before
+they cost memory): at most MAX_NODES values after expanding aliases and merge
+keys, MAX_DEPTH levels of nesting, no alias inside itself, and no tag on a
+mapping or list (scalar tags other than YAML's own are refused by the safe loader).
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from pipeline.errors import ConfigError
 
 Path_ = tuple[str | int, ...]
 Positions = dict[Path_, tuple[int, int]]
+
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+_PLAIN_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
+_MERGE = "tag:yaml.org,2002:merge"
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\$")
 
@@ -56,10 +66,13 @@ def interpolate(value: str, env: Mapping[str, str], where: str, missing: list[st
 class _Builder:
     def __init__(self, source: str, filename: str, env: Mapping[str, str], missing: list[str] | None = None) -> None:
         self.missing = missing
+        self.unset: list[str] = []
         self.loader = yaml.SafeLoader(source)
         self.filename = filename
         self.env = env
         self.positions: Positions = {}
+        self.nodes = 0
+        self._open: set[int] = set()  # ids of the collections being built: an alias to one is recursive
 
     def where(self, node: yaml.Node) -> str:
         return f"{self.filename}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
@@ -73,36 +86,108 @@ class _Builder:
             raise ConfigError(f"{where}: invalid YAML: {exc.problem}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{self.filename}: invalid YAML: {exc}") from None
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise ConfigError(f"{self.filename}: invalid YAML: nested too deeply "
+                              f"(at most {MAX_DEPTH} levels)") from None
         finally:
             self.loader.dispose()
         if node is None:
             return None
-        return self.node(node, ())
+        self._merged_sizes(node)
+        data = self.node(node, ())
+        if self.unset:
+            raise ConfigError("\n".join(self.unset))
+        return data
+
+    def _merged_sizes(self, root: yaml.Node) -> None:
+        """Refuse merge keys (`<<: *a`) that would expand past MAX_NODES, before PyYAML expands them.
+
+        Each mapping's size after merging = its own pairs + the sizes of what it merges; computed once
+        per node (iteratively), so a bomb is measured in linear time and never built.
+        """
+        size: dict[int, int] = {}
+        stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+        active: set[int] = set()
+        while stack:
+            node, done = stack.pop()
+            key = id(node)
+            if done:
+                active.discard(key)
+                total = 1
+                for child in self._children(node):
+                    total += size.get(id(child), 1)
+                size[key] = total
+                if total > MAX_NODES:
+                    raise ConfigError(f"{self.where(node)}: more than {MAX_NODES} values once aliases and "
+                                      "merge keys are expanded (an alias bomb?)")
+                continue
+            if key in size:
+                continue
+            if key in active:
+                raise ConfigError(f"{self.where(node)}: an alias refers to a value that contains it")
+            if len(active) >= MAX_DEPTH:
+                raise ConfigError(f"{self.where(node)}: nested more than {MAX_DEPTH} levels deep")
+            active.add(key)
+            stack.append((node, True))
+            for child in self._children(node):
+                if id(child) not in size:
+                    stack.append((child, False))
+
+    @staticmethod
+    def _children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        if isinstance(node, yaml.SequenceNode):
+            return list(node.value)
+        return []
 
     def node(self, node: yaml.Node, path: Path_) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise ConfigError(f"{self.where(node)}: more than {MAX_NODES} values once aliases are expanded "
+                              "(an alias bomb?)")
+        if len(path) > MAX_DEPTH:
+            raise ConfigError(f"{self.where(node)}: nested more than {MAX_DEPTH} levels deep")
         self.positions.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
-        if isinstance(node, yaml.MappingNode):
-            self.loader.flatten_mapping(node)
-            out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                key = self.scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
-                if not isinstance(key, str | int | float | bool) or key is None:
-                    raise ConfigError(f"{self.where(key_node)}: mapping keys must be plain strings")
-                key = str(key)
-                if key in out:
-                    raise ConfigError(f"{self.where(key_node)}: duplicate key {key!r}")
-                self.positions[(*path, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-                out[key] = self.node(value_node, (*path, key))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self.node(item, (*path, i)) for i, item in enumerate(node.value)]
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            if node.tag != _PLAIN_TAGS[type(node)]:
+                raise ConfigError(f"{self.where(node)}: tag {node.tag!r} is not allowed (plain YAML only)")
+            if id(node) in self._open:
+                raise ConfigError(f"{self.where(node)}: an alias refers to a value that contains it")
+            self._open.add(id(node))
+            try:
+                return self._mapping(node, path) if isinstance(node, yaml.MappingNode) else \
+                    [self.node(item, (*path, i)) for i, item in enumerate(node.value)]
+            finally:
+                self._open.discard(id(node))
         return self.scalar(node)
+
+    def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict[Any, Any]:
+        try:
+            self.loader.flatten_mapping(node)
+        except yaml.constructor.ConstructorError as exc:
+            raise ConfigError(f"{self.where(node)}: {exc.problem}") from None
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = self.scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str | int | float | bool) or key is None:
+                raise ConfigError(f"{self.where(key_node)}: mapping keys must be plain strings")
+            key = str(key)
+            if key in out:
+                raise ConfigError(f"{self.where(key_node)}: duplicate key {key!r}")
+            self.positions[(*path, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            out[key] = self.node(value_node, (*path, key))
+        return out
 
     def scalar(self, node: yaml.Node) -> Any:
         try:
             if isinstance(node, yaml.ScalarNode) and "$" in node.value and node.tag in (
                     "tag:yaml.org,2002:str", "!"):
-                value = interpolate(node.value, self.env, self.where(node), self.missing)
+                try:
+                    value = interpolate(node.value, self.env, self.where(node), self.missing)
+                except ConfigError as exc:  # every unset variable is reported, not just the first
+                    self.unset.append(str(exc))
+                    value = interpolate(node.value, self.env, self.where(node), [])
                 if node.style is None:  # plain scalar: let `${N:-4}` become an int
                     tag = self.loader.resolve(yaml.ScalarNode, value, (True, False))
                     node = yaml.ScalarNode(tag, value, node.start_mark, node.end_mark)
@@ -113,9 +198,27 @@ class _Builder:
             raise ConfigError(f"{self.where(node)}: {exc.problem}") from None
 
 
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _check_flow_depth(source: str, filename: str) -> None:
+    """Refuse `[[[[...` / `{{{{...` nesting before PyYAML, whose scanner slows quadratically with it.
+
+    Brackets inside quoted strings count too; only text nesting past 3 x MAX_DEPTH is refused here
+    (the builder reports real nesting past MAX_DEPTH with its line).
+    """
+    depth = 0
+    for m in _BRACKET.finditer(source):
+        depth = depth + 1 if m.group(0) in "[{" else max(0, depth - 1)
+        if depth > 3 * MAX_DEPTH:
+            line = source.count("\n", 0, m.start()) + 1
+            raise ConfigError(f"{filename}:{line}: invalid YAML: nested too deeply (at most {MAX_DEPTH} levels)")
+
+
 def load(source: str, filename: str = "<config>", env: Mapping[str, str] | None = None,
          missing: list[str] | None = None) -> tuple[Any, Positions]:
     """Parse YAML text safely -> (plain data, positions of every key path); see `interpolate` for `missing`."""
+    _check_flow_depth(source, filename)
     try:
         b = _Builder(source, filename, os.environ if env is None else env, missing)
     except yaml.YAMLError as exc:  # the reader rejects control characters up front

@@ -249,3 +249,10 @@ def test_summary_counts_printed_lines_and_no_rules_line_without_rules(tmp_path: 
     p.write_text(f"name: s\nsource: {{type: replay, path: {SAMPLE}}}\nsinks: [{{type: console}}]\n")
     res = cli("run", str(p))
     assert res.returncode == 0 and "alerts fired by rules" not in res.stderr
+
+
+def test_every_unset_variable_is_reported(tmp_path: Path) -> None:
+    text = GOOD.replace("path: in.jsonl}", "path: '${IN_FILE}'}").replace("path: out.jsonl", "path: '${OUT_FILE}'")
+    lines = errors(tmp_path, text)
+    assert len(lines) == 2 and "IN_FILE is not set" in lines[0] and "OUT_FILE is not set" in lines[1]
+    assert ":2:" in lines[0] and ":10:" in lines[1]

@@ -21,6 +21,7 @@ from bench import (
     memory,
     replay,
     rules_scaling,
+    spool,
     ws_ingest,
 )
 from bench.common import Result
@@ -77,6 +78,12 @@ def test_hits() -> None:
     results = hits.run(3000, repeats=1)
     numbers(results)
     assert [r.name.split()[0] for r in results] == ["hits", "hits", "hits:", "storm", "storm:"]
+
+
+def test_spool() -> None:
+    res = spool.run(2000, repeats=1)
+    numbers(res)
+    assert [r.name.split(",")[0] for r in res] == ["disk buffer", "disk buffer alone", "disk buffer alone"]
 
 
 def test_rules_scaling() -> None:

@@ -35,7 +35,8 @@ def test_schema_covers_stage_options(capsys) -> None:  # type: ignore[no-untyped
 def test_shipped_configs_validate() -> None:
     for cfg in sorted(c for c in (ROOT / "config").glob("*.yaml") if not c.name.endswith(".test.yaml")):
         res = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(cfg)], capture_output=True,
-                             text=True, env={"PATH": "/usr/bin:/bin", "VIDEO_DB_API_KEY": "k", "PYTHONPATH": str(ROOT)})
+                             text=True, env={"PATH": "/usr/bin:/bin", "VIDEO_DB_API_KEY": "k", "PYTHONPATH": str(ROOT),
+                                  "SESSION_API_TOKEN": "t" * 16})
         assert res.returncode == 0, (cfg, res.stderr)
 
 

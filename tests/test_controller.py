@@ -98,9 +98,10 @@ async def test_creates_session_starts_pipelines_and_exits_on_export(
 
 async def test_rebinds_every_pipeline_after_each_reconnect(
         emulator: Callable[..., Emulator], make_context: Callable[..., Context]) -> None:
-    emu = emulator(drop_after=15)
+    emu = emulator(drop_after=15, queue_on_drop=True)  # a lossless server: order is checked exactly
     await emu.start()
-    src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u", "on_active": FULL_ON_ACTIVE})
+    src, ctl = make_stages(make_context, emu, source={"backfill": False},
+                           controller={"end_user_id": "u", "on_active": FULL_ON_ACTIVE})
     run = await run_stages(src, ctl)
 
     conns = run.connections

@@ -206,7 +206,7 @@ async def test_full_session_routes_only_started_pipelines(emu: Emulator) -> None
 
 
 async def test_drop_after_reconnect_and_rebind_lose_nothing() -> None:
-    emu = Emulator(speed=0, drop_after=7, garbage_every=5)
+    emu = Emulator(speed=0, drop_after=7, garbage_every=5, queue_on_drop=True)
     await emu.start()
     try:
         conn = videodb.connect(api_key="k", base_url=emu.base_url)

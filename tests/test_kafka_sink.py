@@ -230,3 +230,66 @@ async def test_close_without_exit_request_also_bounds_shutdown(
     writer.cancel()  # a runtime giving up on a blocked write: the batch stays buffered
     await asyncio.wait_for(sink.close(), 10)
     assert sink.dead_lettered == 5
+
+
+# --- a broker that restarts without its topics -------------------------------------------------
+
+async def test_tansu_alone_acknowledges_records_for_a_topic_it_lost_and_keeps_none(own_broker: Broker) -> None:  # noqa: F811
+    """The test broker, no pipeline code: after a restart (in-memory storage) a produce request for a
+    topic it no longer has is acknowledged and the record is gone. A real Kafka broker answers
+    UNKNOWN_TOPIC_OR_PARTITION. This is why delivery seemed to resume only long after an outage."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaError
+
+    async def send(value: bytes) -> Any:
+        batch = producer.create_batch()
+        batch.append(key=None, value=value, timestamp=None)
+        return await (await producer.send_batch(batch, "lost", partition=0))
+
+    own_broker.start()
+    producer = AIOKafkaProducer(bootstrap_servers=own_broker.bootstrap, acks="all", request_timeout_ms=1000)
+    await producer.start()
+    try:
+        await send(b"before")
+        own_broker.stop()
+        with pytest.raises(KafkaError):
+            await send(b"while down")
+        await asyncio.to_thread(own_broker.start)
+        for _ in range(50):
+            try:
+                meta = await send(b"after")
+                break
+            except KafkaError:
+                await asyncio.sleep(0.1)
+        assert meta.offset == 0  # acknowledged...
+        assert await read_records(own_broker.bootstrap, ["lost"], expect=1, timeout=3) == []  # ...and kept nowhere
+    finally:
+        await producer.stop()
+
+
+async def test_sink_refreshes_metadata_after_an_outage_so_delivery_really_resumes(
+        own_broker: Broker, make_context: Callable[..., Context]) -> None:  # noqa: F811
+    """Broker SIGKILLed, back 3 s later: the first send after the outage follows a metadata request (which
+    re-creates the topic), so what was written during and after the outage is in the topic at once
+    (before: acknowledged into the void until something refreshed the metadata)."""
+    own_broker.start()
+    sink = make_sink(make_context, own_broker.bootstrap, topic="resume", request_timeout="1s",
+                     max_retry_backoff="500ms")
+    await sink.start()
+    await sink.write([ev(0)])
+    own_broker.stop()
+    held = asyncio.create_task(sink.write([ev(i) for i in range(1, 11)]))
+    await asyncio.sleep(3)
+    assert not held.done()
+    await asyncio.to_thread(own_broker.start)
+    back = asyncio.get_running_loop().time()
+    await asyncio.wait_for(held, 10)
+    resumed = asyncio.get_running_loop().time() - back
+    for i in range(11, 21):
+        await sink.write([ev(i)])
+    await sink.close()
+    assert sink.dead_lettered == 0
+    got = sorted(seqs(await read_records(own_broker.bootstrap, ["resume"], expect=20, timeout=10)))
+    assert got == list(range(1, 21)), f"{20 - len(got)} acknowledged events are not in the topic"
+    print(f"delivery resumed {resumed:.2f}s after the broker returned")
+    assert resumed < 2.0, f"delivery resumed {resumed:.1f}s after the broker returned"

@@ -176,3 +176,18 @@ def test_output_dir_precedence(tmp_path: Path) -> None:
     assert output_dir(None, {"VIDEODB_EVENTS_DIR": "/env", "XDG_STATE_HOME": "/xdg"}) == Path("/env")
     assert output_dir(None, {"XDG_STATE_HOME": "/xdg"}) == Path("/xdg/videodb")
     assert output_dir(None, {}) == Path.home() / ".local" / "state" / "videodb"
+
+
+async def test_symlinked_ws_id_file_fails_once(emulator: Callable[..., Emulator], tmp_path: Path) -> None:
+    """Before: every connect failed to write videodb_ws_id and was retried forever with backoff."""
+    emu = emulator()
+    await emu.start()
+    out = tmp_path / "events"
+    out.mkdir(mode=0o700)
+    (out / "videodb_ws_id").symlink_to(tmp_path / "elsewhere")
+    proc = await spawn(sys.executable, "-m", "pipeline.listen", str(out), "--base-url", emu.base_url,
+                       env=env(tmp_path))
+    stdout, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 1 and stdout == b""
+    assert err.decode() == f"pipeline listen: {out}/videodb_ws_id: refusing to write through a symlink\n"
+    assert not (tmp_path / "elsewhere").exists()

@@ -123,3 +123,16 @@ async def test_symlinked_directory_is_refused(tmp_path: Path, make_context: Make
     sink = ParquetSink(ParquetOptions(path=str(tmp_path / "link")), make_context())
     with pytest.raises(StageError, match="symlink"):
         await sink.start()
+
+
+async def test_without_pyarrow_the_sink_says_what_to_install(tmp_path: Path, make_context: MakeCtx,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if the [parquet] extra were not installed
+    sink = ParquetSink(ParquetOptions(path=str(tmp_path)), make_context("sinks[0]:parquet"))
+    with pytest.raises(StageError, match=r"sinks\[0\]:parquet: the parquet sink needs pyarrow: pip install"):
+        await sink.start()
+    res = subprocess.run([sys.executable, "-c", "import sys, pipeline.cli, stages.sinks.parquet, "
+                          "stages.processors.window, pipeline.report.cli; "
+                          "sys.exit('pyarrow' in sys.modules or 'duckdb' in sys.modules)"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr  # heavy imports stay lazy

@@ -140,3 +140,21 @@ def test_several_sessions_and_errors(tmp_path: Path) -> None:
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "no such file or directory" in res.stderr
     res = cli(["report", str(src), "--gap", "soon"], tmp_path)
     assert res.returncode == 2 and "--gap" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_gaps_and_backfills_are_shown(tmp_path: Path) -> None:
+    def tr(t: int, **extra: Any) -> dict[str, Any]:
+        return {"channel": "transcript", "capture_session_id": "cap-g", "rtstream_id": "r",
+                "data": {"text": f"at {t}", "start": t, "end": t + 900, "is_final": True}, **extra}
+
+    events = [tr(1_000_000 + i * 1000) for i in range(10)]  # 10 s of speech
+    events += [tr(1_080_000 + i * 1000, backfill=True) for i in range(5)]  # 70 s of silence, then a backfill
+    src = tmp_path / "g.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    (path,) = build_reports([str(src)], str(tmp_path / "g.html"), gap_ms=30_000)
+    html = path.read_text()
+    assert "no events for <b>1m 10s</b>" in html
+    assert 'class="m transcript backfill"' in html and 'class="backfill-span"' in html
+    assert "backfilled events from" in html and '<div class="v">5</div><div class="k">backfilled</div>' in html
+    (quiet,) = build_reports([str(src)], str(tmp_path / "q.html"), gap_ms=120_000)
+    assert "no events for <b>" not in quiet.read_text()

@@ -25,7 +25,7 @@ RULE = {"name": "user-on-screen", "channels": ["visual_index"], "keywords": ["us
 
 @pytest.fixture
 async def emu() -> AsyncIterator[Emulator]:
-    e = Emulator(speed=6, api_key=API_KEY)  # the 76 s scenario plays in ~13 s: time to kill and restart
+    e = Emulator(speed=8, api_key=API_KEY)  # the 76 s scenario plays in ~10 s: time to kill and restart
     await e.start()
     yield e
     await e.stop()
@@ -83,6 +83,8 @@ async def test_kill_9_then_restart_resumes_the_same_session(emu: Emulator, tmp_p
         await first.wait()
     before = len(read(tmp_path / "events.jsonl"))
     binds_before = len(transcript_binds(emu))
+    crashed = json.loads((tmp_path / "out" / NAME / "capture_session.json").read_text())
+    assert len(crashed["indexes"]) == 3  # visual on the screen, audio on mic and system audio
     [session] = [s for s in emu.registry.sessions.values()]
     assert session.status == "active", log.read_text()
 
@@ -102,6 +104,9 @@ async def test_kill_9_then_restart_resumes_the_same_session(emu: Emulator, tmp_p
     saved = json.loads((tmp_path / "out" / NAME / "capture_session.json").read_text())
     assert saved["session_id"] == session.id and saved["status"] == "exported"
     assert saved["ws_connection_id"] == binds[-1]
+    stopped = {c["path"] for c in emu.calls if c["method"] == "PATCH" and (c["body"] or {}).get("action") == "stop"}
+    for i in crashed["indexes"]:  # the crashed run's indexes would keep running against a dead connection
+        assert f"/rtstream/{i['rtstream_id']}/index/scene/{i['index_id']}/status" in stopped
 
     # Rule state survived: "user" is on screen again after the restart, inside the 1 h cooldown: no new alert.
     events = read(tmp_path / "events.jsonl")

@@ -54,7 +54,7 @@ class Live:
         async with self.http.request(method, self.url + path, headers=headers, **kw) as r:
             return r.status, await r.json(content_type=None)
 
-    async def wait_for(self, check: Callable[[], bool], timeout: float = 10.0) -> None:
+    async def wait_for(self, check: Callable[[], bool], timeout: float = 30.0) -> None:
         async with asyncio.timeout(timeout):
             while not check():
                 await asyncio.sleep(0.02)
@@ -238,7 +238,7 @@ async def start_pipeline(config: Path, cwd: Path) -> tuple[asyncio.subprocess.Pr
                                                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     lines: list[str] = []
     assert proc.stderr is not None
-    async with asyncio.timeout(20):
+    async with asyncio.timeout(40):
         while True:
             line = (await proc.stderr.readline()).decode()
             assert line, "".join(lines)
@@ -271,7 +271,8 @@ async def test_restart_after_kill_9_reattaches_every_live_session(tmp_path: Path
         try:
             made = []
             for user in ("u1", "u2"):
-                status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": user})
+                status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": user},
+                                               headers={"Idempotency-Key": f"key-{user}"})
                 assert status == 201, body
                 made.append(body["session_id"])
             for sid in made:
@@ -290,6 +291,9 @@ async def test_restart_after_kill_9_reattaches_every_live_session(tmp_path: Path
             await live.wait_for(lambda: all(len(lines_of(out / f"{sid}.jsonl")) > before[sid] + 2 for sid in made))
             new_ws = {c["body"]["ws_connection_id"] for c in emu.calls if c["path"].endswith("/transcription")}
             assert new_ws - old_ws  # the AI pipelines were re-bound to the new connection
+            status, again = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"},
+                                            headers={"Idempotency-Key": "key-u1"})
+            assert (status, again["session_id"]) == (201, made[0])  # the key survives the restart
             assert len(session_calls(emu)) == 2  # re-attached: no session created twice
             status, listing = await live.call("GET", "/v1/sessions")
             assert all(s["status"] == "active" and s["events"].get("transcript", 0) > 0 for s in listing["sessions"])
@@ -336,3 +340,35 @@ async def test_jsonl_path_per_session_is_safe(make_context: Callable[..., Contex
     files = {p.name: [json.loads(x)["n"] for x in p.read_text().splitlines()] for p in (tmp_path / "s").iterdir()}
     assert files == {"cap-1.jsonl": [1], "cap-2.jsonl": [5], "unknown.jsonl": [2, 3, 4]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+async def test_every_session_is_rebound_after_a_reconnect(make_context: Callable[..., Context],
+                                                          tmp_path: Path) -> None:
+    emu = Emulator(scenario_file(tmp_path, cues(40), end=100), speed=10, api_key=API_KEY, autostart=False,
+                   drop_after=40)
+    await emu.start()
+    try:
+        async with running(make_context, emu) as live:
+            link = live.ctl.context.session
+            made = []
+            for user in ("a", "b", "c"):
+                made.append((await live.call("POST", "/v1/sessions", json={"end_user_id": user}))[1]["session_id"])
+            for sid in made:
+                await hook(live, emu, f"sessions/{sid}/start")
+            first = link.connection_id
+            assert first is not None and all(c["body"]["ws_connection_id"] == first for c in session_calls(emu))
+            await live.wait_for(lambda: link.connection_id != first)  # the emulator dropped the socket
+            new = link.connection_id
+            mics = {r["rtstream_id"] for sid in made for r in live.ctl.manager.get(sid).record["rtstreams"]
+                    if r["name"] == "mic:default"}
+
+            def bound_to_new() -> set[str]:
+                return {c["path"].split("/")[2] for c in emu.calls if c["path"].endswith("/transcription")
+                        and c["method"] == "POST" and (c["body"] or {}).get("ws_connection_id") == new}
+
+            await live.wait_for(lambda: mics <= bound_to_new())
+            before = {sid: len(live.of(sid, "transcript")) for sid in made}
+            await live.wait_for(lambda: all(len(live.of(sid, "transcript")) > before[sid] for sid in made))
+            assert all(live.ctl.manager.get(sid).lifecycle.state == "active" for sid in made)
+    finally:
+        await emu.stop()

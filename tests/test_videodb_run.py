@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from pipeline.emulator import Emulator
+from tests.backfill_checks import key, produced, tracked
 from tests.videodb_harness import API_KEY, FULL_ON_ACTIVE
 
 PIPELINE = Path(sys.executable).parent / "pipeline"
@@ -59,9 +61,11 @@ async def test_pipeline_run_follows_the_session_through_drops_to_export(emu: Emu
     assert "Traceback" not in output and "unexpected transition" not in output
     assert API_KEY not in output
     events: list[dict[str, Any]] = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
-    assert [{k: v for k, v in e.items() if k not in ("ts", "unix_ts")} for e in events] == \
-        [e["event"] for e in emu.emitted]
-    assert emu.hub.drops >= 2
+    # VideoDB does not resend what a dropped connection missed: those events come back by backfill
+    assert Counter(map(key, filter(tracked, events))) == Counter(map(key, filter(tracked, produced(emu))))
+    assert any(e.get("backfill") for e in events) and emu.hub.undelivered > 0
+    assert "backfilled: " in output and "reconnects: " in output
+    assert emu.hub.drops >= 1
     dead = (tmp_path / "dead-letter.jsonl").read_text().splitlines()
     assert len(dead) == emu.hub.garbage_sent > 0
     saved = json.loads((tmp_path / "state" / "capture_session.json").read_text())

@@ -62,9 +62,10 @@ async def test_receives_and_stamps_every_event(emulator: Callable[..., Emulator]
 
 async def test_reconnects_after_drops_and_loses_nothing(emulator: Callable[..., Emulator],
                                                         make_context: Callable[..., Context]) -> None:
-    emu = emulator(drop_after=12)
+    emu = emulator(drop_after=12, queue_on_drop=True)  # a lossless server: order is checked exactly
     await emu.start()
-    src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u-1", "on_active": FULL_ON_ACTIVE})
+    src, ctl = make_stages(make_context, emu, source={"backfill": False},
+                           controller={"end_user_id": "u-1", "on_active": FULL_ON_ACTIVE})
     run = await run_stages(src, ctl)
 
     assert emu.hub.drops >= 3

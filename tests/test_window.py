@@ -164,12 +164,20 @@ def test_late_event_is_counted_passed_on_and_not_folded(make_context: MakeCtx) -
 
 
 def test_open_windows_are_bounded(make_context: MakeCtx) -> None:
-    w = Window(WindowOptions(size="1m", key=["rtstream_id"], max_open_windows=3), make_context())
-    out = w.process([{"channel": "transcript", "rtstream_id": f"r{i}", "data": {"start": 1000}} for i in range(10)])
+    w = Window(WindowOptions(size="10ms", key=["rtstream_id"], max_open_windows=20, allowed_lateness="1h"),
+               make_context())
+    out = w.process([{"channel": "transcript", "rtstream_id": f"r{i}", "data": {"start": 1000 + i * 10}}
+                     for i in range(30)])
     evicted = [m for m in out if m["channel"] == "metrics"]
-    assert len(evicted) == 7 and all(m["evicted"] for m in evicted)
-    assert len(w.flush()) == 3
-    assert w.report()["evicted"] == 7
+    assert len(evicted) == 10 and all(m["evicted"] for m in evicted)  # two at a time (a tenth of 20)
+    assert [m["key"]["rtstream_id"] for m in evicted] == [f"r{i}" for i in range(10)]  # the oldest windows
+    assert len(w.flush()) == 20
+    assert w.report()["evicted"] == 10
+    big = Window(WindowOptions(size="1m", key=["rtstream_id"], max_open_windows=10_000), make_context())
+    flood = [{"channel": "x", "rtstream_id": f"r{i}", "data": {"start": 1000}} for i in range(50_000)]
+    t = time.perf_counter()
+    out = big.process(flood)
+    assert len(out) == 50_000 + 40_000 and time.perf_counter() - t < 20  # not one scan per new key
 
 
 @pytest.mark.parametrize("opts, msg", [({"size": "0s"}, "size must be"), ({"size": "1m", "slide": "2m"}, "slide"),
@@ -189,6 +197,7 @@ stages:
   - {{type: window, size: 30s, key: [capture_session_id, rtstream_id], allowed_lateness: 10s}}
 sinks:
   - {{type: jsonl, path: {tmp_path}/metrics.jsonl, channels: [metrics], flush_interval: 0}}
+  - {{type: jsonl, path: {tmp_path}/events.jsonl, flush_interval: 0}}
 dead_letter: {tmp_path}/dead.jsonl
 """)
     return cfg
@@ -219,7 +228,11 @@ def test_signal_flushes_open_windows(tmp_path: Path) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        time.sleep(4.0)  # real time: a few events in, every window still open
+        events = tmp_path / "events.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and (
+                not events.exists() or events.read_bytes().count(b"\n") < 3):
+            time.sleep(0.05)  # real time: a few events in (so the run is up), every window still open
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -228,3 +241,32 @@ def test_signal_flushes_open_windows(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     ms = _metrics(tmp_path)
     assert ms and all(m["window"]["start"] < 1772446530000 for m in ms), ms
+
+
+def test_open_windows_survive_a_restart_through_the_state_file(tmp_path: Path, make_context: MakeCtx) -> None:
+    from pipeline.state.store import open_store
+
+    stream = [{"channel": "transcript", "capture_session_id": "c", "rtstream_id": f"r{i % 2}",
+               "data": {"text": f"w{i} x", "start": 1000 * i, "end": 1000 * i + 500}} for i in range(50)]
+    opts = WindowOptions(size="20s", slide="10s", key=["capture_session_id", "rtstream_id"], allowed_lateness="1s")
+
+    def metrics(out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [e for e in out if e["channel"] == "metrics"]
+
+    one = Window(opts, make_context("stages[0]:window"))
+    want = metrics(one.process([dict(e) for e in stream])) + one.flush()
+    got: list[dict[str, Any]] = []
+    for part in (stream[:23], stream[23:]):  # a run stops (no flush: kill -9) and a new one resumes the state
+        store = open_store(tmp_path / "state")
+        w = Window(opts, make_context("stages[0]:window", state=store))
+        got += metrics(w.process([dict(e) for e in part]))
+        store.flush()
+        store.close()
+    got += w.flush()
+    assert got == want
+
+
+def test_durations_in_milliseconds_are_exact(make_context: MakeCtx) -> None:
+    w = Window(WindowOptions(size=1.001, allowed_lateness=1.003), make_context())  # size: 1.001 -> 1000.999.. ms
+    (m,) = w.process([{"channel": "x", "data": {"start": 5}}]) and w.flush()
+    assert m["window"] == {"start": 0, "end": 1001}

@@ -34,6 +34,7 @@ class WebhookServer:
     script: list[Any] = field(default_factory=list)
     requests: list[Received] = field(default_factory=list)
     ssl_context: Any = None
+    delay: float = 0.0  # seconds every response takes (a slow receiver)
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -41,6 +42,8 @@ class WebhookServer:
         body = await request.read()
         self.requests.append(Received(time.monotonic(), request.path, dict(request.headers), body))
         step = self.script.pop(0) if self.script else 200
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if step == HANG:
             await asyncio.sleep(3600)
         if isinstance(step, tuple):

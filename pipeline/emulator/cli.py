@@ -23,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", default=None, help="YAML or JSONL scenario (default: config/scenarios/meeting.yaml)")
     p.add_argument("--speed", type=float, default=1.0, help="1 = scenario timing, 10 = 10x faster, 0 = no waits")
     p.add_argument("--drop-after", type=int, default=None, metavar="N",
-                   help="close each WebSocket after N events (queued events wait for the reconnect)")
+                   help="close each WebSocket after N events (events produced meanwhile are not resent, as VideoDB)")
+    p.add_argument("--queue-on-drop", action="store_true",
+                   help="keep events produced while a connection is gone and send them after the re-bind")
     p.add_argument("--garbage-every", type=int, default=None, metavar="N",
                    help="send a non-JSON frame after every N events")
     p.add_argument("--api-key", default=None, help="accept only this API key (default: any non-empty key)")
@@ -47,7 +49,8 @@ async def _serve(args: argparse.Namespace) -> int:
     from pipeline.emulator import Emulator
 
     emu = Emulator(args.scenario, speed=args.speed, drop_after=args.drop_after,
-                   garbage_every=args.garbage_every, api_key=args.api_key, autostart=not args.manual)
+                   garbage_every=args.garbage_every, api_key=args.api_key, autostart=not args.manual,
+                   queue_on_drop=args.queue_on_drop)
     await emu.start(args.host, args.port)
     print(f"EMULATOR_URL={emu.base_url}", flush=True)
     if not is_loopback(args.host):

@@ -1,8 +1,14 @@
 """WebSocket side of the emulator: connection ids, per-connection outboxes, faults.
 
-Events are queued per connection id and only removed once sent, so a dropped
-socket loses nothing: when the client reconnects and re-binds a pipeline from
-its old (closed) id to the new one, the old id's queue and routes follow.
+Like VideoDB, an event produced for a connection that is gone is not delivered
+later: when a socket closes, whatever was still queued for it is discarded (its
+record keeps `live: false`), and events routed to it until a pipeline re-binds
+to a new connection id are not sent either. Everything stays retrievable over
+REST (see `routes.py`). `queue_on_drop=True` restores the old, lossless test
+behaviour: events wait for the re-bind and the new connection inherits them.
+
+Outbox entries are the player's records `{"connection_id", "event", "live"}`;
+the sender sets `live` once the frame went out.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +27,8 @@ from aiohttp import WSMsgType, web
 from pipeline.emulator.state import new_id
 
 log = logging.getLogger("pipeline.emulator")
+
+Record = dict[str, Any]  # {"connection_id", "event", "live"}
 
 
 @dataclass
@@ -32,18 +41,22 @@ class _Live:
 
 
 class Hub:
-    """Connection registry and delivery: `send(conn_id, event)` never blocks."""
+    """Connection registry and delivery: `send(conn_id, records)` never blocks."""
 
-    def __init__(self, *, drop_after: int | None = None, garbage_every: int | None = None) -> None:
+    def __init__(self, *, drop_after: int | None = None, garbage_every: int | None = None,
+                 queue_on_drop: bool = False) -> None:
         self.drop_after = drop_after
         self.garbage_every = garbage_every
-        self.outbox: dict[str, deque[dict[str, Any]]] = {}
+        self.queue_on_drop = queue_on_drop
+        self.outbox: dict[str, deque[Record]] = {}
         self.live: dict[str, _Live] = {}
         self.known: set[str] = set()
         self.successor: dict[str, str] = {}
         self.delivered = 0
         self.garbage_sent = 0
         self.drops = 0
+        self.drop_times: list[float] = []  # time.monotonic() of each drop-after close
+        self.undelivered = 0  # events produced while their connection was gone (not sent, as VideoDB)
 
     def resolve(self, conn: str) -> str:
         """Follow re-binds: the connection id that now stands for `conn`."""
@@ -53,23 +66,26 @@ class Hub:
             seen += 1
         return conn
 
-    def send(self, conn: str, events: list[dict[str, Any]]) -> None:
-        """Queue `events` for `conn` (or its successor) and wake its sender."""
+    def send(self, conn: str, records: list[Record]) -> None:
+        """Queue `records` for `conn` (or its successor) and wake its sender; gone: dropped."""
         cid = self.resolve(conn)
-        self.outbox.setdefault(cid, deque()).extend(events)
         live = self.live.get(cid)
+        if live is None and not self.queue_on_drop:
+            self.undelivered += len(records)
+            return
+        self.outbox.setdefault(cid, deque()).extend(records)
         if live is not None:
             live.wake.set()
 
     def rebind(self, old: str | None, new: str) -> None:
-        """A pipeline moved from `old` to `new`: if `old` is closed, `new` inherits it."""
+        """A pipeline moved from `old` to `new`: if `old` is closed, `new` stands for it from now on."""
         if not old:
             return
         old = self.resolve(old)
         if old == new or old in self.live or old not in self.known or new not in self.known:
             return
         self.successor[old] = new
-        pending = self.outbox.pop(old, deque())
+        pending = self.outbox.pop(old, deque())  # empty unless queue_on_drop
         if pending:
             pending.extend(self.outbox.get(new, ()))
             self.outbox[new] = pending
@@ -81,6 +97,12 @@ class Hub:
     def pending(self) -> int:
         return sum(len(q) for q in self.outbox.values())
 
+    def _gone(self, cid: str) -> None:
+        """`cid` closed: forget its socket; unless queue_on_drop, what it did not get is lost."""
+        self.live.pop(cid, None)
+        if not self.queue_on_drop:
+            self.undelivered += len(self.outbox.pop(cid, ()))
+
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         """GET /ws: send `{"connection_id": ...}`, then this id's events until closed."""
         ws = web.WebSocketResponse(compress=False)  # per-frame deflate would cost more than the rest
@@ -88,18 +110,20 @@ class Hub:
         cid = new_id("ws")
         self.known.add(cid)
         live = _Live(ws)
-        await ws.send_frame(orjson.dumps({"connection_id": cid}), WSMsgType.TEXT)
         self.live[cid] = live
-        sender = asyncio.create_task(self._sender(cid, live))
+        sender: asyncio.Task[None] | None = None
         try:
+            await ws.send_frame(orjson.dumps({"connection_id": cid}), WSMsgType.TEXT)
+            sender = asyncio.create_task(self._sender(cid, live))
             async for msg in ws:  # drain client frames until it (or the sender) closes
                 if msg.type == WSMsgType.ERROR:
                     break
         finally:
-            self.live.pop(cid, None)
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
+            self._gone(cid)
+            if sender is not None:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sender
         return ws
 
     async def _sender(self, cid: str, live: _Live) -> None:
@@ -110,11 +134,13 @@ class Hub:
             live.wake.clear()
             q = self.outbox.get(cid)
             while q and not ws.closed:
+                rec = q[0]
                 try:
-                    await ws.send_frame(orjson.dumps(q[0]), WSMsgType.TEXT)
+                    await ws.send_frame(orjson.dumps(rec["event"]), WSMsgType.TEXT)
                 except (ConnectionError, RuntimeError):
-                    return  # the event stays queued
+                    return  # the event stays queued (or is discarded with the connection)
                 q.popleft()
+                rec["live"] = True
                 live.sent += 1
                 self.delivered += 1
                 if self.garbage_every and live.sent % self.garbage_every == 0:
@@ -123,7 +149,8 @@ class Hub:
                         await ws.send_str(f"<<emulator garbage frame {self.garbage_sent}: not JSON>>")
                 if self.drop_after and live.sent >= self.drop_after:
                     self.drops += 1
-                    self.live.pop(cid, None)
+                    self.drop_times.append(time.monotonic())
+                    self._gone(cid)
                     await ws.close(code=1012, message=b"emulator: drop-after")  # abnormal: clients reconnect
                     return
                 q = self.outbox.get(cid)  # a re-bind may have replaced the deque

@@ -37,7 +37,7 @@ class Player:
         self.autostart = autostart
         self.settle = settle
         self.setup_timeout = setup_timeout
-        self.emitted: list[dict[str, Any]] = []  # {"connection_id", "event"} for every event routed
+        self.emitted: list[dict[str, Any]] = []  # {"connection_id", "event", "live"} for every event routed
 
     def created(self, s: Session) -> None:
         """A session was just created: announce it and start its playback task."""
@@ -77,7 +77,10 @@ class Player:
                 log.info("emulator: no pipeline started on %s after %.1fs; playing anyway",
                          s.id, self.setup_timeout)
                 break
-            await self._wall_sleep(s, 0.05)
+            # sleep until the settle time after the last setup call (or the setup timeout); a setup call
+            # wakes us (Api._setup), so thousands of waiting sessions cost nothing while they wait
+            until = s.last_setup + self.settle if s.setup_calls else active_at + self.setup_timeout
+            await self._wall_sleep(s, max(0.01, until - now))
         return not s.stop_requested
 
     async def _play(self, s: Session) -> bool:
@@ -142,7 +145,7 @@ class Player:
             if p.conn and self.hub.resolve(p.conn) not in seen:
                 seen.add(self.hub.resolve(p.conn))
                 ev = self._for_stream(sc.cue_event(scn, cue, base_ms, s.id), stream.rtstream_id)
-                p.records.append(ev["data"])
+                p.records.append(dict(ev["data"]))  # what REST returns (routes.py)
                 out.append((p.conn, ev))
         return out
 
@@ -162,8 +165,9 @@ class Player:
 
     def _flush(self, due: dict[str, list[dict[str, Any]]]) -> None:
         for conn, events in due.items():
-            self.emitted.extend({"connection_id": conn, "event": ev} for ev in events)
-            self.hub.send(conn, events)
+            records = [{"connection_id": conn, "event": ev, "live": False} for ev in events]
+            self.emitted.extend(records)
+            self.hub.send(conn, records)
 
     def _check_finished(self) -> None:
         if self.reg.all_finished():

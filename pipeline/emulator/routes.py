@@ -3,6 +3,22 @@
 Paths and body fields come from the installed SDK (client.py, capture_session.py,
 rtstream.py); handlers return the `data` of the `{"success": true, "data": ...}`
 envelope, or raise ApiError for the `{"success": false, "message": ...}` one.
+
+What a pipeline produced is readable afterwards, whether or not it went out live
+(times in the WebSocket events' unit, epoch milliseconds; `text` as in the event):
+
+- `GET rtstream/{id}/transcription?page&page_size&start&end&since` (the SDK's
+  `RTStream.get_transcript`): `{"rtstream_id", "engine", "segments": [{"text",
+  "start", "end", "is_final"}], "page", "page_size", "total", "next_page"}`. The
+  SDK does not fix this shape; this is the emulator's choice.
+- `GET rtstream/{id}/index/scene/{index_id}?page&page_size&start&end`
+  (`RTStreamSceneIndex.get_scenes`, visual and audio indexes alike):
+  `{"scene_index_records": [{"text", "start", "end"}], "next_page", "page",
+  "page_size", "total"}`; the SDK reads `scene_index_records` and `next_page`.
+
+Filters (all optional, inclusive): `start` keeps records with `start >= start`,
+`end` those with `start <= end`, `since` those with `start > since`. Records are
+in production order; `page` counts from 1, `page_size` is 1..1000.
 """
 
 from __future__ import annotations
@@ -59,6 +75,7 @@ class Api:
             ("GET", r, self.get_rtstream),
             ("PATCH", f"{r}/status", self.rtstream_status),
             ("POST", f"{r}/transcription", self.transcription),
+            ("GET", f"{r}/transcription", self.get_transcript),
             ("POST", f"{r}/index/scene", self.create_index),
             ("GET", f"{r}/index/scene", self.list_indexes),
             ("GET", f"{r}/index/scene/{{iid}}", self.get_scenes),
@@ -214,6 +231,7 @@ class Api:
     def _setup(self, s: Session) -> None:
         s.setup_calls += 1
         s.last_setup = asyncio.get_running_loop().time()
+        s.wake.set()  # a session waiting for its pipelines recomputes when to start playing
 
     def index(self, req: web.Request) -> Pipeline:
         self.stream(req)
@@ -231,7 +249,15 @@ class Api:
         return self.index(req).index_shape()
 
     async def get_scenes(self, req: web.Request, body: Data) -> Data:
-        return {"scene_index_records": list(self.index(req).records), "next_page": False}
+        page = _page(req, self.index(req).records)
+        return {"scene_index_records": page.pop("records"), **page}
+
+    async def get_transcript(self, req: web.Request, body: Data) -> Data:
+        _s, st = self.stream(req)
+        p = self.reg.transcripts.get(st.rtstream_id)
+        page = _page(req, p.records if p is not None else [])
+        return {"rtstream_id": st.rtstream_id, "engine": req.query.get("engine") or "assemblyai",
+                "segments": page.pop("records"), **page}
 
     async def index_status(self, req: web.Request, body: Data) -> Data:
         p = self.index(req)
@@ -276,3 +302,28 @@ class Api:
             raise ApiError(400, "action must be enable or disable")
         a.enabled = body["action"] == "enable"
         return a.shape()
+
+
+def _number(req: web.Request, name: str) -> float | None:
+    raw = req.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ApiError(400, f"{name} must be a number, got {raw!r}") from None
+
+
+def _page(req: web.Request, records: list[Data]) -> Data:
+    """Filter `records` by the query's start/end/since and cut out the requested page."""
+    page, size = _number(req, "page"), _number(req, "page_size")
+    page_i, size_i = int(page or 1), int(size or 100)
+    if page_i < 1 or not 1 <= size_i <= 1000:
+        raise ApiError(400, "page must be >= 1 and page_size 1..1000")
+    lo, hi, since = _number(req, "start"), _number(req, "end"), _number(req, "since")
+    kept = [r for r in records
+            if (lo is None or r["start"] >= lo) and (hi is None or r["start"] <= hi)
+            and (since is None or r["start"] > since)]
+    first = (page_i - 1) * size_i
+    return {"records": [dict(r) for r in kept[first:first + size_i]], "page": page_i, "page_size": size_i,
+            "total": len(kept), "next_page": first + size_i < len(kept)}

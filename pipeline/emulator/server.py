@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ class Emulator:
 
     `speed`: 1 = the scenario's timing, 10 = ten times faster, 0 = as fast as possible.
     `drop_after`/`garbage_every`: fault injection per WebSocket connection.
+    `queue_on_drop`: keep events produced while a connection is gone and send them after
+    the re-bind (lossless; VideoDB does not do this). Default: not sent, as VideoDB; they
+    stay readable over REST (`get_transcript`, `get_scenes`, see routes.py).
     `api_key`: when set, any other key gets a 401 (the SDK raises AuthenticationError).
     `autostart`: a created session goes starting -> active by itself (else POST
     `/_emulator/sessions/{id}/start`). `settle`/`setup_timeout`: scenario time starts
@@ -39,7 +43,7 @@ class Emulator:
 
     def __init__(self, scenario: str | Path | None = None, *, speed: float = 1.0,
                  drop_after: int | None = None, garbage_every: int | None = None,
-                 api_key: str | None = None, autostart: bool = True,
+                 api_key: str | None = None, autostart: bool = True, queue_on_drop: bool = False,
                  settle: float = 0.3, setup_timeout: float = 10.0) -> None:
         if speed < 0:
             raise StageError(f"emulator: speed must be >= 0, got {speed}")
@@ -48,7 +52,7 @@ class Emulator:
                 raise StageError(f"emulator: {name} must be >= 1, got {n}")
         self.scenario = sc.load(scenario)
         self.api_key = api_key or None
-        self.hub = Hub(drop_after=drop_after, garbage_every=garbage_every)
+        self.hub = Hub(drop_after=drop_after, garbage_every=garbage_every, queue_on_drop=queue_on_drop)
         self.registry = Registry()
         self.player = Player(self.registry, self.hub, speed=speed, autostart=autostart,
                              settle=settle, setup_timeout=setup_timeout)
@@ -59,7 +63,7 @@ class Emulator:
 
     @property
     def emitted(self) -> list[dict[str, Any]]:
-        """Every event generated for delivery: `{"connection_id", "event"}`."""
+        """Every event generated for delivery: `{"connection_id", "event", "live"}` (`live`: it was sent)."""
         return self.player.emitted
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -107,7 +111,8 @@ class Emulator:
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.path == "/ws" or request.path.startswith(_HOOKS):
             return await handler(request)
-        call: dict[str, Any] = {"method": request.method, "path": request.path, "body": None}
+        call: dict[str, Any] = {"method": request.method, "path": request.path, "body": None,
+                                "at": time.monotonic()}
         self.calls.append(call)
         try:
             if request.can_read_body:
@@ -145,7 +150,8 @@ class Emulator:
         return web.json_response(self.calls)
 
     async def _events(self, request: web.Request) -> web.Response:
-        return web.json_response(self.emitted)
+        """Every produced event, flat: rtstream_id, channel, start, text, live, plus the event itself."""
+        return web.json_response([_produced(r) for r in self.emitted])
 
     async def _sessions(self, request: web.Request) -> web.Response:
         return web.json_response([s.shape() for s in self.registry.sessions.values()])
@@ -166,6 +172,14 @@ class Emulator:
             s.stop_requested = True
         s.wake.set()
         return web.json_response({"success": True, "data": s.shape()})
+
+
+def _produced(rec: dict[str, Any]) -> dict[str, Any]:
+    ev = rec["event"]
+    data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
+    return {"rtstream_id": ev.get("rtstream_id"), "channel": ev.get("channel") or ev.get("event"),
+            "start": data.get("start", data.get("timestamp")), "text": data.get("text"),
+            "live": rec["live"], "connection_id": rec["connection_id"], "event": ev}
 
 
 def _fail(status: int, message: str) -> web.Response:

@@ -35,7 +35,7 @@ from pipeline.api import Context
 from pipeline.build import SinkSlot, build
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError, PipelineError, StageError
-from pipeline.events import Batch, Event
+from pipeline.events import Batch, Event, edge_reason
 from pipeline.files import ensure_private_dir
 from pipeline.kafka import bootstrap_list, ensure_topics, quiet_aiokafka
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
@@ -195,8 +195,11 @@ class Worker:
             else:
                 reason = f"JSON {type(value).__name__}, not an object"
             if isinstance(value, dict):
-                batch.append(value)
-                continue
+                refused = edge_reason(ev.value, value) if isinstance(ev.value, bytes | str) else None
+                if refused is None:
+                    batch.append(value)
+                    continue
+                reason = refused
             msg = ev.message
             raw = ev.value if isinstance(ev.value, bytes | str) else repr(ev.value)
             self.built.dead_letter.write(reason, stage="worker", raw=raw[:4096],

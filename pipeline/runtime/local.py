@@ -6,7 +6,8 @@ in memory a slow sink makes `put()` wait, which stops the source from reading
 stop the source and start the `drain_timeout` clock: what was read is written
 until then; after it nothing waits any more (the rest is dead-lettered, or stays
 spooled), and each sink's `close()` gets its own `shutdown_timeout`. A second
-signal forces an immediate exit.
+signal forces an immediate exit. SIGHUP reloads the config (pipeline.runtime.reload);
+it never stops the run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipeline.build import Built, SinkSlot
 from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import Batch
 from pipeline.runtime.buffers import DiskBuffer, Item, MemoryBuffer, SinkBuffer, estimate_bytes, spool_dir
+from pipeline.runtime.reload import Reloader
 from pipeline.state.spool import Damage
 
 log = logging.getLogger("pipeline.runtime")
@@ -46,6 +48,9 @@ class LocalRuntime:
         self.error: PipelineError | None = None
         self.exit_code = 0
         self._stopping = False
+        self.reloader: Reloader | None = None  # set by the runner for `run` (SIGHUP, --watch)
+        self.gate = asyncio.Event()  # cleared while a reload swaps sinks: ingest waits between two batches
+        self.gate.set()
 
     # -- control -----------------------------------------------------------------------
     def _on_signal(self, signum: int) -> None:
@@ -58,6 +63,12 @@ class LocalRuntime:
             sys.stderr.write("pipeline: second signal, exiting now without flushing\n")
             sys.stderr.flush()
             os._exit(130)
+
+    def _on_hup(self) -> None:
+        if self.reloader is not None:
+            self.reloader.request("SIGHUP")
+        else:
+            log.warning("received SIGHUP: this runtime has no config to reload; ignored")
 
     async def stop(self) -> None:
         if not self._stopping:
@@ -109,6 +120,7 @@ class LocalRuntime:
         targets = list(zip(b.sinks, self.buffers, strict=True))
         index = 0
         async for batch in source.batches():
+            await self.gate.wait()  # set except while a reload swaps sinks
             n = len(batch)
             st.received += n
             # sources report the raw size of what they read; the estimate is for those that do not
@@ -126,9 +138,9 @@ class LocalRuntime:
             # still in the CPU cache, and fewer batches alive means less memory churn (~20% faster).
             await asyncio.sleep(0)
         held = chain.flush()  # the source ended (exhausted, exit_on, signal): open windows close now
+        if state.dirty:
+            state.flush()
         if held:
-            if state.dirty:
-                state.flush()
             await self._fan_out(targets, index, held, estimate_bytes(held) / len(held))
 
     @staticmethod
@@ -225,6 +237,7 @@ class LocalRuntime:
         if self.install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+            loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         started: list[SinkSlot] = []
         helpers: list[asyncio.Task[Any]] = []
         try:
@@ -238,6 +251,8 @@ class LocalRuntime:
                 helpers.append(asyncio.create_task(b.controller.start(), name="controller"))
             helpers.append(asyncio.create_task(self._watch_exit(), name="exit-watch"))
             helpers.append(asyncio.create_task(self._commit_loop(), name="commit"))
+            if self.reloader is not None:
+                helpers.append(asyncio.create_task(self.reloader.run(), name="reload"))
             ingest = asyncio.create_task(self._ingest(), name="ingest")
             await self._supervise(ingest, drains, helpers)
         except PipelineError as exc:
@@ -249,7 +264,7 @@ class LocalRuntime:
             for buf in self.buffers:
                 buf.close()
             if self.install_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
         if self.error is not None:
             return self.error.exit_code
@@ -366,6 +381,10 @@ class LocalRuntime:
             lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
         lines.append(f"  dead-lettered: {b.dead_letter.count}" +
                      (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))
+        if (gaps := b.session.gaps.summary()) is not None:
+            lines.append(gaps)
+        if self.reloader is not None and (self.reloader.applied or self.reloader.rejected):
+            lines.append(f"  reloads: {self.reloader.applied} applied, {self.reloader.rejected} rejected")
         if b.session.exit_reason:
             lines.append(f"  ended: {b.session.exit_reason}")
         return "\n".join(lines)

@@ -108,7 +108,8 @@ class SqliteStateStore(StateStore):
             raise StageError(f"{self.path}: refusing a symlinked state file")
         try:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE))
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            # timeout: a writer lock held elsewhere fails this flush at once; the next batch retries
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0.05)
         except (OSError, sqlite3.OperationalError) as exc:
             raise StageError(f"{self.path}: cannot open the state file: {exc}") from None
         try:

@@ -72,6 +72,7 @@ def run_case(cfg: PipelineConfig, lc: LoadedCase, dead: DeadLetter) -> list[str]
     events = copy.deepcopy(lc.events)
     chain = chain_for(cfg, select(cfg, lc.case.stages, lc.where), dead)
     out = chain(copy.deepcopy(events))
+    out += chain.flush()  # the input ended: processors that hold events (windows) emit them now
     alerts = [e for e in out if e.get("channel") == "alert" and e.get("origin") is not None]
     passed = [e for e in out if not (e.get("channel") == "alert" and e.get("origin") is not None)]
     ex = lc.case.expect

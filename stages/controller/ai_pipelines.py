@@ -4,7 +4,9 @@ Audio streams (mic, system audio) get `start_transcript` and `index_audio`,
 screen/video streams get `index_visuals`; alerts are a `create_event` (once per
 label) plus `create_alert` on each matching index. Every call carries the
 current WebSocket connection id; after a reconnect `bind()` runs again with
-the new id and stops the indexes it replaced.
+the new id and stops the indexes it replaced. `backfill_targets()` names what a
+backfill reads after a re-bind: each transcript, each current index and the
+indexes replaced since the last successful backfill (they produced the gap).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from pydantic import Field, model_validator
 
 from pipeline.api import Options
 from pipeline.videodb_sdk import VideoDBCallError, call
+from stages.sources.backfill import Target
+
+MAX_RETIRED = 64  # replaced indexes kept for backfill (a long outage re-binds many times)
 
 log = logging.getLogger("pipeline.controller.capture_session")
 
@@ -109,6 +114,7 @@ class AIPipelines:
     errors: int = 0
     _event_ids: dict[str, str] = field(default_factory=dict)
     _indexes: dict[str, list[Any]] = field(default_factory=dict)
+    retired: list[tuple[str, Any]] = field(default_factory=list)  # (kind, index) replaced, not yet backfilled
 
     async def _call(self, what: str, fn: Any, /, *args: Any, cleanup: bool = False, **kwargs: Any) -> Any:
         """One SDK call; a failure is logged as one line (and counted unless cleanup), never raised."""
@@ -154,8 +160,24 @@ class AIPipelines:
                 await self._call(f"create_alert({alert.label})", index.create_alert, event_id,
                                  alert.callback_url or self.callback_url, ws_connection_id=conn_id)
         self._indexes, self.bound_to = new, conn_id
+        self.retired = (self.retired + [(k, i) for k, idx in old.items() for i in idx])[-MAX_RETIRED:]
         for index in (i for kind in old.values() for i in kind):
             await self._call(f"stop replaced index {index.rtstream_index_id}", index.stop, cleanup=True)
+
+    def backfill_targets(self) -> list[Target]:
+        """Every rtstream and channel with an AI pipeline, and the SDK object that reads it back."""
+        names = {str(s.rts.id): s.name for s in self.streams}
+        kinds = {str(s.rts.id): s.kind for s in self.streams}
+        out = [Target(str(s.rts.id), s.name, "transcript", s.rts)
+               for s in self.streams if s.kind == "audio" and self.spec.transcript]
+        current = [(k, i) for k, idx in self._indexes.items() for i in idx]
+        for kind, index in current + self.retired:
+            rid = str(index.rtstream_id)
+            if kind == "saved":  # adopted after a restart: the stream's media type tells which index it was
+                kind = "visuals" if kinds.get(rid) == "video" else "audio"
+            out.append(Target(rid, names.get(rid, rid), "visual_index" if kind == "visuals" else "audio_index",
+                              index))
+        return out
 
     def index_ids(self) -> list[dict[str, str]]:
         """The scene indexes of the latest bind, as saved in capture_session.json."""

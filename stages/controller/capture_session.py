@@ -4,8 +4,9 @@ Once the source has a WebSocket connection id: create the session bound to it,
 generate a client token for the desktop client and save both to
 `<state_dir>/capture_session.json` (0600). Then follow the lifecycle events:
 on `active` start what `on_active` asks on the session's rtstreams, re-bind
-them after every reconnect, and end the pipeline on `exit_on` (exit 0) or on
-`failed` (exit 3). The SDK is synchronous, so every call runs in a thread and
+them after every reconnect and backfill the gap (`rebind_then_backfill`), and
+end the pipeline on `exit_on` (exit 0, once what was produced before it is in)
+or on `failed` (exit 3). The SDK is synchronous, so every call runs in a thread and
 `observe()` only schedules work.
 """
 
@@ -33,11 +34,14 @@ from stages.controller import resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
 from stages.controller.lifecycle import STATES, Lifecycle
 from stages.controller.session_options import SessionApiOptions
+from stages.sources import backfill
 
 log = logging.getLogger("pipeline.controller.capture_session")
 
 STATE_FILE = "capture_session.json"
 _EXIT_STATES = ("stopped", "exported")
+SETTLE_TIMEOUT = 60.0  # longest an exit waits for a re-bind/backfill still under way
+CHECKPOINT_EVERY = 2.0  # seconds between saves of where a restart's backfill starts (> sinks' flush)
 
 
 class CaptureSessionOptions(Options):
@@ -127,6 +131,8 @@ class CaptureSessionController(Controller):
                        "ws_connection_id": conn_id, "status": self.lifecycle.state,
                        "client_token": None, "expires_in": opts.client_token_expires_in,
                        "expires_at": iso_ts(now + opts.client_token_expires_in), "created_at": iso_ts(now)}
+        if self._resumed and saved is not None and saved.get("backfill_from"):
+            self.record["backfill_from"] = saved["backfill_from"]  # until this run saves its own
         token = resume.reusable_token(saved) if self._resumed else None
         if token is not None and saved is not None:  # the desktop client may still be using it
             self.record.update({k: saved.get(k) for k in ("expires_in", "expires_at", "created_at")},
@@ -144,6 +150,8 @@ class CaptureSessionController(Controller):
                  self.who, self.session_id, self.state_file, self.session_id)
         self.context.session.capture_session_id = self.session_id
         self.context.session.on_connection(self._on_connection)
+        if self.context.session.inlet is not None:
+            self._spawn(self._checkpoints(self.context.session.inlet))
         if opts.session_id or self._resumed:
             self._start_poll()  # lifecycle events go to the connection the session was created with
         elif self.context.session.connection_id != conn_id:
@@ -184,6 +192,8 @@ class CaptureSessionController(Controller):
             log.info("%s: saved capture session %s is %s; creating a new one", self.who, sid, status)
             return None
         self._resumed = True
+        if self.context.session.inlet is not None:  # backfill from where the crashed run had got to
+            self.context.session.inlet.resume(saved.get("backfill_from"))
         assert self.pipelines is not None
         self.pipelines.adopt_indexes(self._conn, saved.get("indexes"))  # stopped once the re-bind replaced them
         log.warning("%s: resuming capture session %s (%s) from %s; its AI pipelines are re-bound to the new "
@@ -249,12 +259,14 @@ class CaptureSessionController(Controller):
         data = event_data or {}
         if status == "active":
             rts = data.get("rtstreams")
+            gap = True if self._resumed else None  # after a crash: backfill what the dead process missed
             if rts:
-                self._spawn(self._bind(streams_from_event(self._conn, rts, self.settings.collection_id)))
+                self._spawn_rebind(streams_from_event(self._conn, rts, self.settings.collection_id),
+                                   backfill_gap=gap, hold=bool(gap))
             elif session is not None and getattr(session, "rtstreams", None):
-                self._spawn(self._bind(streams_from_session(session)))
+                self._spawn_rebind(streams_from_session(session), backfill_gap=gap, hold=bool(gap))
             else:
-                self._spawn(self._bind(None))
+                self._spawn_rebind(None, backfill_gap=gap, hold=bool(gap))
         elif status == "exported":
             self.record.update({k: data[k] for k in ("exported_video_id", "stream_url", "player_url") if data.get(k)})
         if self.record:
@@ -263,7 +275,7 @@ class CaptureSessionController(Controller):
             self.context.session.request_exit(3, f"capture session failed: {_error_text(error)}")
         elif (self.options.exit_on in _EXIT_STATES and status in _EXIT_STATES
               and STATES.index(status) >= STATES.index(self.options.exit_on)):
-            self.context.session.request_exit(0, f"capture session {status}")
+            self._spawn(self._exit_settled(status, polled=session is not None))
         if self.lifecycle.done and self._poll is not None:
             self._poll.cancel()
 
@@ -275,29 +287,80 @@ class CaptureSessionController(Controller):
 
     # --- AI pipelines and reconnects -------------------------------------------------------------
 
-    async def _bind(self, streams: list[Any] | None) -> None:
-        """Bind all AI pipelines to the current connection id (again, if it changed meanwhile)."""
+    def _spawn_rebind(self, streams: list[Any] | None, *, backfill_gap: bool | None = None,
+                      hold: bool = False) -> None:
+        """Schedule `rebind_then_backfill`; `hold`: the source holds new live events until it is done."""
+        inlet = self.context.session.inlet
+        held = hold and inlet is not None
+        if hold and inlet is not None:
+            inlet.hold()  # now, before the new connection's first event is accepted
+        self._spawn(self.rebind_then_backfill(streams, backfill_gap=backfill_gap, held=held))
+
+    async def rebind_then_backfill(self, streams: list[Any] | None, *, backfill_gap: bool | None = None,
+                                   held: bool = False) -> None:
+        """The re-bind hook: bind every AI pipeline to the current connection, then backfill since last seen.
+
+        `backfill_gap`: None = backfill when this was a re-bind (the pipelines had been bound
+        before); True = always (after a restart, or before ending on a polled status).
+        `held`: the source's inlet was put on hold for this call; released at the end, whatever happens.
+        """
         assert self.pipelines is not None
-        async with self._bind_lock:
-            if streams is None:
-                try:
-                    session = await self._sdk("get_capture_session", self._conn.get_capture_session,
-                                              self.session_id, self.settings.collection_id)
-                except VideoDBCallError as exc:
-                    log.error("%s", exc)
+        try:
+            async with self._bind_lock:
+                before = self.pipelines.bound_to
+                if not await self._bind(streams):
                     return
-                streams = streams_from_session(session)
-            self.pipelines.streams = streams
-            while (conn_id := self.context.session.connection_id) != self.pipelines.bound_to and conn_id:
-                before = self.pipelines.errors
-                await self.pipelines.bind(conn_id)
-                self.context.stats.errors += self.pipelines.errors - before
-            bound = self.pipelines.bound_to
-            indexes = self.pipelines.index_ids()
-            if bound and (bound != self.record.get("ws_connection_id") or indexes != self.record.get("indexes")):
-                self.record["ws_connection_id"] = bound  # capture_session.json names the live connection
-                self.record["indexes"] = indexes  # a restart stops these once it has bound its own
-                self._save()
+                if backfill_gap or (backfill_gap is None and before is not None
+                                    and before != self.pipelines.bound_to):
+                    await self._backfill()
+        finally:
+            if held and self.context.session.inlet is not None:
+                self.context.session.inlet.release()
+
+    async def _bind(self, streams: list[Any] | None) -> bool:
+        """Bind all AI pipelines to the current connection id (again, if it changed meanwhile); False if no streams."""
+        assert self.pipelines is not None
+        if streams is None:
+            try:
+                session = await self._sdk("get_capture_session", self._conn.get_capture_session,
+                                          self.session_id, self.settings.collection_id)
+            except VideoDBCallError as exc:
+                log.error("%s", exc)
+                return False
+            streams = streams_from_session(session)
+        self.pipelines.streams = streams
+        while (conn_id := self.context.session.connection_id) != self.pipelines.bound_to and conn_id:
+            before = self.pipelines.errors
+            await self.pipelines.bind(conn_id)
+            self.context.stats.errors += self.pipelines.errors - before
+        bound = self.pipelines.bound_to
+        indexes = self.pipelines.index_ids()
+        if bound and (bound != self.record.get("ws_connection_id") or indexes != self.record.get("indexes")):
+            self.record["ws_connection_id"] = bound  # capture_session.json names the live connection
+            self.record["indexes"] = indexes  # a restart stops these once it has bound its own
+            self._save()
+        return True
+
+    async def _backfill(self) -> None:
+        """Queue on the source what VideoDB produced since the last event seen per rtstream and channel."""
+        inlet, pipelines = self.context.session.inlet, self.pipelines
+        if inlet is not None and pipelines is not None:
+            await backfill.after_rebind(pipelines, inlet, self.who, self.settings.api_key)
+
+    async def _exit_settled(self, status: str, *, polled: bool) -> None:
+        """End the run on `status` once what was produced before it is in.
+
+        A re-bind or backfill under way finishes first; a status learnt from polling (its
+        event went to a dropped connection, and maybe events before it too) backfills first.
+        """
+        try:
+            async with asyncio.timeout(SETTLE_TIMEOUT):
+                async with self._bind_lock:
+                    if polled:
+                        await self._backfill()
+        except TimeoutError:
+            log.warning("%s: re-bind/backfill still running after %gs; ending anyway", self.who, SETTLE_TIMEOUT)
+        self.context.session.request_exit(0, f"capture session {status}")
 
     async def _on_connection(self, conn_id: str) -> None:
         """SessionLink listener: the source reconnected with a new connection id."""
@@ -308,8 +371,24 @@ class CaptureSessionController(Controller):
         if self.lifecycle.done:
             return
         if self.pipelines is not None and self.pipelines.bound_to is not None:
-            self._spawn(self._bind(self.pipelines.streams))
+            self._spawn_rebind(self.pipelines.streams, hold=True)
         self._start_poll()
+
+    async def _checkpoints(self, inlet: backfill.Inlet) -> None:
+        """Save in capture_session.json where a restart's backfill starts, one period behind the source.
+
+        One period behind: events the source passed on just before a crash may still be in a
+        sink's buffer (flushed every second by default), so a restart fetches them again rather
+        than lose them (a few seconds of events may be written twice).
+        """
+        lagging = self.record.get("backfill_from")
+        while not self.lifecycle.done:
+            await asyncio.sleep(CHECKPOINT_EVERY)
+            now = inlet.checkpoint()
+            if lagging and lagging != self.record.get("backfill_from"):
+                self.record["backfill_from"] = lagging
+                self._save()
+            lagging = now
 
     def _start_poll(self) -> None:
         """Lifecycle events may still go to an old connection: also poll the session status."""
@@ -328,9 +407,10 @@ class CaptureSessionController(Controller):
             status = getattr(session, "status", None)
             if not status or not self.lifecycle.behind(status):
                 continue
-            if status in ("stopped", "exported", "failed") and self._poll_seen != status:
+            if status in ("stopped", "exported", "failed") and self._poll_seen != status \
+                    and (status == "failed" or self.context.session.inlet is None):
                 self._poll_seen = status  # give the WebSocket event one interval to arrive first
-                continue
+                continue  # (with backfill, ending on a polled status backfills first: no need to wait)
             self._transition(status, session=session, error="reported by get_capture_session")
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

@@ -35,6 +35,7 @@ log = logging.getLogger("pipeline.controller.sessions")
 
 _EARLY_SESSIONS: Final = 1000  # lifecycle events for ids we do not know yet (the create call has not returned)
 _EARLY_PER_SESSION: Final = 10
+_COUNTED: Final = frozenset({"transcript", "visual_index", "scene_index", "audio_index", "alert"})
 _BIND_CONCURRENCY: Final = 8  # re-binds after a reconnect, at once (each is a few SDK calls in a thread)
 
 
@@ -77,6 +78,11 @@ class SessionManager:
     async def start(self, conn: Any) -> None:
         self.conn = conn
         self.store.clean_temporaries()
+        if self.ctl.context.settings.get("new_session"):
+            if self.store.dir.exists():
+                log.info("%s: --new-session: not re-attaching the sessions saved in %s", self.who, self.store.dir)
+            self.link.on_connection(self._on_connection)
+            return
         for record in self.store.load_all():
             s = self._add(record)
             status = record.get("status")
@@ -296,7 +302,7 @@ class SessionManager:
             if "capture_session_id" not in event:
                 event["capture_session_id"] = s.record["session_id"]
             ch = event.get("channel")
-            key = ch if type(ch) is str else "unknown"
+            key = ch if ch in _COUNTED else "other"  # channel names come from the wire: a bounded set of keys
             counts = s.counts
             counts[key] = counts.get(key, 0) + 1
             if seen is not s:
@@ -383,6 +389,7 @@ class SessionManager:
             if s.pipelines is None:
                 s.pipelines = AIPipelines(self.conn, s.on_active, f"{self.who} {s.id}", self.settings.api_key,
                                           self.opts.callback_url)
+                s.pipelines.adopt_indexes(self.conn, s.record.get("indexes"))  # a crashed run's: stopped once replaced
             pipes = s.pipelines
             pipes.streams = streams
             self._learn_streams(s, streams)
@@ -390,8 +397,9 @@ class SessionManager:
                 before = pipes.errors
                 await pipes.bind(conn_id)
                 self.stats.errors += pipes.errors - before
-            if pipes.bound_to and pipes.bound_to != s.record.get("ws_connection_id"):
+            if pipes.bound_to:
                 s.record["ws_connection_id"] = pipes.bound_to
+                s.record["indexes"] = pipes.index_ids()
             self.store.save(s.record)
 
     async def _on_connection(self, conn_id: str) -> None:

@@ -19,6 +19,18 @@ Owners = list[tuple[int, str]]
 Hits = dict[int, list[str]]  # rule index -> keywords (as configured) that matched
 
 
+def fold(text: str) -> str:
+    """`text.lower()`, one character per character: offsets and word boundaries stay those of `text`.
+
+    Why: `"İ".lower()` is "i" + U+0307 (a combining mark, not a word character), so plain
+    lowering would make "İpassword" contain the whole word "password".
+    """
+    lowered = text.lower()
+    if len(lowered) == len(text):
+        return lowered
+    return "".join(low if len(low := ch.lower()) == 1 else low[0] for ch in text)
+
+
 def _add(hits: Hits, owners: Owners) -> None:
     for rule, keyword in owners:
         found = hits.get(rule)
@@ -43,7 +55,7 @@ class WordMatcher:
         self._phrase_owner: dict[str, Owners] = {}
 
     def add(self, rule: int, keyword: str) -> None:
-        words = _WORD.findall(keyword.lower())
+        words = _WORD.findall(fold(keyword))
         if not words:
             raise ValueError(f"keyword {keyword!r} has no word characters (use match: substring)")
         if len(words) == 1:
@@ -68,7 +80,7 @@ class SubstringMatcher:
     def add(self, rule: int, keyword: str) -> None:
         if not keyword:
             raise ValueError("empty keyword")
-        self._owners[keyword.lower()].append((rule, keyword))
+        self._owners[fold(keyword)].append((rule, keyword))
 
 
 
@@ -109,7 +121,7 @@ class Scanner:
         self._find = ahocorasick_rs.AhoCorasick(keys).find_matches_as_indexes if keys else None
 
     def match(self, lowered: str, hits: Hits) -> bool:
-        """Add word and substring hits; True when a regex literal (see `literals`) occurs."""
+        """Add word and substring hits in `fold(text)`; True when a regex literal (see `literals`) occurs."""
         find = self._find
         if find is None:
             return False
@@ -165,8 +177,34 @@ def required_literal(pattern: str) -> str | None:
     return best.lower() or None
 
 
+def _re2_options() -> Any:
+    import re2  # lazy: the CLI starts without it
+
+    opts = re2.Options()
+    opts.case_sensitive = False
+    opts.log_errors = False  # a rejected pattern is reported once, as a config error
+    return opts
+
+
+def compile_regex(pattern: str) -> Any:
+    """Compile with RE2 (linear time: no catastrophic backtracking), case-insensitive; ValueError if RE2 can't."""
+    import re2
+
+    try:
+        return re2.compile(pattern, _re2_options())
+    except re2.error as exc:
+        try:
+            re.compile(pattern)
+        except re.error as bad:
+            raise ValueError(f"invalid regex {pattern!r}: {bad}") from None
+        detail = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(f"regex {pattern!r} is not supported: {detail} (regexes run on RE2, which "
+                         "guarantees linear time: no backreferences or lookaround; \\w, \\d and \\b "
+                         "are ASCII-only)") from None
+
+
 class RegexMatcher:
-    """Regex keywords: one compiled alternation per rule (compiled once, case-insensitive).
+    """Regex keywords: one RE2 alternation per rule (compiled once, case-insensitive, linear time).
 
     A rule whose every pattern contains a literal is skipped without running the
     regex engine when an ASCII text holds none of those literals.
@@ -174,13 +212,10 @@ class RegexMatcher:
 
     def __init__(self) -> None:
         self._parts: dict[int, list[str]] = defaultdict(list)
-        self._compiled: list[tuple[int, re.Pattern[str], tuple[str, ...] | None]] = []
+        self._compiled: list[tuple[int, Any, tuple[str, ...] | None]] = []
 
     def add(self, rule: int, keyword: str) -> None:
-        try:
-            re.compile(keyword)
-        except re.error as exc:
-            raise ValueError(f"invalid regex {keyword!r}: {exc}") from None
+        compile_regex(keyword)
         self._parts[rule].append(keyword)
 
     def freeze(self) -> None:
@@ -188,7 +223,7 @@ class RegexMatcher:
         for rule, parts in self._parts.items():
             literals = [required_literal(p) for p in parts]
             need = None if any(lit is None for lit in literals) else tuple(dict.fromkeys(literals))
-            rx = re.compile("|".join(f"(?:{p})" for p in parts), re.IGNORECASE)
+            rx = compile_regex("|".join(f"(?:{p})" for p in parts))
             self._compiled.append((rule, rx, need))  # type: ignore[arg-type]
 
     def __bool__(self) -> bool:
@@ -214,6 +249,9 @@ class RegexMatcher:
                         break
                 else:
                     continue
-            found = [m.group(0) for m in rx.finditer(text)]
+            try:
+                found = [m.group(0) for m in rx.finditer(text)]
+            except UnicodeEncodeError:  # a lone surrogate (only a plugin can make one): RE2 reads UTF-8
+                found = [m.group(0) for m in rx.finditer(text.encode("utf-8", "replace").decode())]
             if found:
                 hits[rule] = list(dict.fromkeys(found))

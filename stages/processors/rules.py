@@ -22,7 +22,7 @@ from pipeline.events import ALIASES, canonical, event_time_ms
 from pipeline.types import Duration
 from stages.globs import glob_matcher
 from stages.processors.eviction import Eviction
-from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher
+from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, fold
 
 TEXT_CHANNELS = ["transcript", "visual_index", "audio_index"]
 _IDS = ("rtstream_id", "rtstream_name", "capture_session_id")  # copied from the source event, in this order
@@ -155,6 +155,8 @@ class Rules(Processor):
                 continue
             hits: Hits = {}
             lowered = text.lower()
+            if len(lowered) != len(text):  # "İ" lowers to two characters: keep word boundaries aligned
+                lowered = fold(text)
             seen = m[0](lowered, hits)
             if m[1] is not None and (seen or not m[2] or not text.isascii()):
                 m[1](text, hits, lowered)

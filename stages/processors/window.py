@@ -137,14 +137,15 @@ class Window(Processor):
 
     def __init__(self, options: WindowOptions, context: Context) -> None:
         super().__init__(options, context)
-        self._size = max(1, int(options.size * 1000))
-        self._slide = max(1, int((options.slide or options.size) * 1000))
-        self._lateness = int(options.allowed_lateness * 1000)
+        self._size = max(1, round(options.size * 1000))  # round: 1.001 s * 1000 is 1000.999...
+        self._slide = max(1, round((options.slide or options.size) * 1000))
+        self._lateness = round(options.allowed_lateness * 1000)
         self._fields = tuple(options.key)
         self._store = context.state.get(f"window:{context.stage}")  # state key -> accumulator
         self._min_end: int | None = None  # smallest end among open windows; None = unknown (scan the store)
         self._local: dict[tuple[Any, int], dict[str, Any]] = {}  # windows touched by the current batch
         self._pending: Batch = []  # metrics of windows evicted during the current batch
+        self._names: dict[tuple[Any, int], str] = {}  # (key, start) -> state key, for the current batch
         self.late = 0
         self.emitted = 0
         self.evicted = 0
@@ -160,6 +161,12 @@ class Window(Processor):
         single = fields[0] if len(fields) == 1 else None
         touched = self._local
         touched.clear()
+        self._names.clear()
+        keys: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # raw key values -> safe key, per batch
+        tumbling = size == slide
+        last_s: int | None = None
+        last_kt: tuple[Any, ...] | None = None
+        last_acc: dict[str, Any] = {}
         late = 0
         for event in batch:
             ch = event.get("channel")
@@ -179,9 +186,22 @@ class Window(Processor):
             elif t < wm - lateness:
                 late += 1
                 continue
-            kt = (_key_value(event.get(single)),) if single is not None else tuple(
-                _key_value(event.get(f)) for f in fields)
+            raw = (event.get(single),) if single is not None else tuple(map(event.get, fields))
+            try:
+                kt = keys.get(raw)
+            except TypeError:  # an unhashable value (list, dict): its string form is the key
+                kt = tuple(_key_value(v) for v in raw)
+            if kt is None:
+                kt = keys[raw] = tuple(_key_value(v) for v in raw)
             s = t - t % slide
+            if tumbling:  # one window per event; consecutive events mostly share it
+                if s != last_s or kt is not last_kt:
+                    last_s, last_kt = s, kt
+                    found = touched.get((kt, s))
+                    last_acc = found if found is not None else self._open(kt, s)
+                    touched[(kt, s)] = last_acc
+                _add(last_acc, event, ch, t)
+                continue
             while s > t - size:
                 acc = touched.get((kt, s))
                 if acc is None:
@@ -191,9 +211,11 @@ class Window(Processor):
         self.late += late
         if wm is not None:
             store[WATERMARK] = wm
-        for (kt, s), acc in touched.items():
-            store[self._skey(kt, s)] = acc  # reassigned so a table or a persistent store records the change
+        names = self._names
+        for ks, acc in touched.items():
+            store[names[ks]] = acc  # reassigned so a table or a persistent store records the change
         touched.clear()
+        names.clear()
         closed = self._close_due(wm - lateness) if wm is not None else []
         return batch + closed if closed else batch
 
@@ -207,7 +229,7 @@ class Window(Processor):
 
     def _open(self, kt: tuple[Any, ...], start: int) -> dict[str, Any]:
         store = self._store
-        skey = self._skey(kt, start)
+        skey = self._names[(kt, start)] = self._skey(kt, start)
         acc = store.get(skey)
         if acc is None:
             if len(store) - (WATERMARK in store) >= self.options.max_open_windows:
@@ -219,16 +241,17 @@ class Window(Processor):
         return acc
 
     def _evict(self) -> None:
-        """Too many open windows: close the one that ends first now (bounded state beats completeness)."""
-        items = [(acc["end"], k) for k, acc in self._store.items() if k != WATERMARK]
-        if not items:
-            return
-        _, k = min(items)
-        acc = self._store.pop(k)
-        self._local.pop((tuple(acc["key"].values()), acc["start"]), None)  # not written back after the batch
-        self.evicted += 1
-        self.emitted += 1
-        self._pending.append(metrics_event(acc, evicted=True))
+        """Too many open windows: close the tenth that ends first now (bounded state beats completeness).
+
+        A tenth at a time, so a flood of new keys costs one scan per `max_open_windows / 10` windows.
+        """
+        items = sorted((acc["end"], k) for k, acc in self._store.items() if k != WATERMARK)
+        for _, k in items[: max(1, self.options.max_open_windows // 10)]:
+            acc = self._store.pop(k)
+            self._local.pop((tuple(acc["key"].values()), acc["start"]), None)  # not written back after the batch
+            self.evicted += 1
+            self.emitted += 1
+            self._pending.append(metrics_event(acc, evicted=True))
 
     def _close_due(self, upto: int | None) -> Batch:
         """Emit and forget windows whose end <= upto (all when None), ordered by end, then key."""

@@ -122,6 +122,7 @@ class ParquetSink(Sink):
         self._templated = "{" in options.path
         self._dirs: dict[str, _Dir] = {}
         self._days: dict[int, str] = {}
+        self._safe: dict[str, str] = {}  # channel -> directory name (checked once per channel)
         self._seq = 0
         self._timer: asyncio.Task[None] | None = None
         self._schema: Any = None
@@ -158,9 +159,12 @@ class ParquetSink(Sink):
         return text
 
     def _dir_for(self, event: Event) -> str:
-        ch = channel(event)
-        if not _SAFE_NAME.match(ch):  # the channel comes from the wire: never let it pick a directory
-            ch = "unknown"
+        raw = channel(event)
+        ch = self._safe.get(raw)
+        if ch is None:  # the channel comes from the wire: never let it pick a directory
+            ch = raw if _SAFE_NAME.match(raw) else "unknown"
+            if len(self._safe) < 256:
+                self._safe[raw] = ch
         return self.options.path.format(channel=ch, date=self._day(event.get("unix_ts")))
 
     async def write(self, batch: Batch) -> None:

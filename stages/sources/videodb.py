@@ -7,6 +7,11 @@ its reason instead of becoming `{"raw": ...}`. Reconnect, batching, stamping
 and dead-lettering come from the `websocket` source; each (re)connect
 announces the new connection id on `context.session` so the controller can
 re-bind the session's AI pipelines to it.
+
+With `backfill: true` (default) the source also owns the `Inlet` the
+controller fills after each re-bind with what VideoDB produced during the gap
+(stages/sources/backfill.py); those events are yielded as ordinary batches,
+each marked `"backfill": true`, deduplicated against what arrived live.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pipeline.errors import StageError
 from pipeline.files import check_writable, ensure_private_dir, write_private_text
 from pipeline.types import Secret
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
+from stages.sources.inlet import Inlet
 from stages.sources.websocket import ReaderOptions, WebSocketSource
 
 log = logging.getLogger("pipeline.source.videodb")
@@ -39,6 +45,8 @@ class VideoDBSourceOptions(ReaderOptions):
     collection_id: str | None = Field(default=None, description="overrides videodb.collection_id")
     state_dir: str | None = Field(default=None, description="write videodb_ws_id / videodb_ws_pid here "
                                                             "(default: the pipeline's state_dir)")
+    backfill: bool = Field(default=True, description="after a reconnect, fetch what VideoDB produced during "
+                                                     "the gap (needs the capture_session controller)")
 
 
 class VideoDBSource(WebSocketSource):
@@ -55,6 +63,10 @@ class VideoDBSource(WebSocketSource):
         self.state_dir: Path | None = Path(options.state_dir or context.state_dir).expanduser()
         self._conn: Any = None
         self._first: Any = None  # the preflight's result (WebSocketConnection or retryable error), for open()
+        if options.backfill:
+            self._inlet = Inlet(self._ready.set, context.session.gaps.backfilled, chunk=options.batch_max,
+                                position=lambda: self._accepted)
+            context.session.inlet = self._inlet
 
     def describe(self) -> str:
         return f"videodb {self.settings.base_url or 'api.videodb.io'} collection {self.settings.collection_id}"

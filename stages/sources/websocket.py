@@ -3,8 +3,11 @@
 Frames are read by one task into a list; `batches()` yields whatever has
 arrived since the last batch, so batching adds no latency. Non-JSON frames,
 JSON that is not an object and oversized frames go to the dead-letter file.
-Drops reconnect with exponential backoff. Subclasses (the `videodb` source)
-override `open()` to obtain the socket another way.
+A connection that delivered at least one event is reopened at once when it
+drops (each gap is logged with its length); failed connects and connections
+that delivered nothing back off exponentially. Subclasses (the `videodb`
+source) override `open()` to obtain the socket another way, and may set an
+`Inlet` (backfill.py) whose backfilled batches are yielded like live ones.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from pipeline.backoff import Backoff
 from pipeline.errors import StageError
 from pipeline.events import Stamper, edge_reason
 from pipeline.types import Duration
+from stages.sources.inlet import Inlet
 
 log = logging.getLogger("pipeline.source.websocket")
-STABLE_AFTER = 10.0  # seconds a connection must last before a drop reconnects without backoff
+BACKFILL_EVENT_BYTES = 512  # size counted per backfilled event (they arrive parsed, not as frames)
 PENDING_BYTES = 32 << 20  # raw frame bytes read ahead of the pipeline before the reader waits
 
 
@@ -75,6 +79,8 @@ class WebSocketSource(Source):
         self._done = False
         self._ws: Any = None
         self._stamp = Stamper()
+        self._inlet: Inlet | None = None  # backfilled events enter here (videodb source)
+        self._accepted = 0  # events accepted so far (a connection that delivered some reconnects at once)
         self.connection_id: str | None = None
 
     async def open(self) -> tuple[Any, str | None]:
@@ -117,6 +123,7 @@ class WebSocketSource(Source):
             self._reject(reason, frame)
             return
         self._pending.append(self._stamp(event))
+        self._accepted += 1
         self._pending_bytes += size
         if len(self._pending) == 1:
             self._ready.set()
@@ -132,8 +139,11 @@ class WebSocketSource(Source):
 
         backoff = Backoff(self.options.backoff_initial, self.options.backoff_max,
                           max_retries=self.options.max_retries)
+        gaps = self.context.session.gaps
+        dropped_at: float | None = None  # monotonic time the last connection that delivered dropped
         try:
             while not self._stopping:
+                accepted_before = self._accepted
                 try:
                     self._ws, conn_id = await self.open()
                 except (TimeoutError, OSError, websockets.WebSocketException, StageError) as exc:
@@ -145,9 +155,16 @@ class WebSocketSource(Source):
                                 backoff.attempt, delay)
                     await self._pause(delay)
                     continue
-                connected_at = time.monotonic()
                 self.connection_id = conn_id
-                log.info("%s: connected%s", self.describe(), f" (connection id {conn_id})" if conn_id else "")
+                shown = f" (connection id {conn_id})" if conn_id else ""
+                if dropped_at is None:
+                    log.info("%s: connected%s", self.describe(), shown)
+                else:
+                    gap = time.monotonic() - dropped_at
+                    gaps.reconnects += 1
+                    gaps.gap_seconds += gap
+                    log.warning("%s: reconnected%s after a %.3fs gap", self.describe(), shown, gap)
+                dropped_at = None
                 if conn_id:
                     await self.context.session.announce_connection(conn_id)
                 reason = "closed by the server"
@@ -163,11 +180,15 @@ class WebSocketSource(Source):
                     await self._ws.close()
                 if self._stopping:
                     break
-                if time.monotonic() - connected_at >= STABLE_AFTER:
-                    backoff.reset()  # it was up for a while: reconnect at once
-                    log.warning("%s: connection dropped (%s); reconnecting", self.describe(), reason)
+                if self._inlet is not None:
+                    self._inlet.mark_gap(self._pending)  # a backfill resumes from here
+                dropped_at = time.monotonic()
+                if delivered := self._accepted - accepted_before:
+                    backoff.reset()  # it was working: every second away is lost events, reconnect at once
+                    log.warning("%s: connection dropped after %d events (%s); reconnecting now",
+                                self.describe(), delivered, reason)
                     continue
-                delay = backoff.next()  # dropped soon after connecting: don't hammer a flapping server
+                delay = backoff.next()  # delivered nothing: don't hammer a server that accepts and drops
                 if delay is None:
                     raise StageError(f"{self.describe()}: gave up after {backoff.attempt} reconnect attempts: "
                                      f"connection keeps dropping ({reason})")
@@ -188,16 +209,32 @@ class WebSocketSource(Source):
         reader = asyncio.create_task(self._read_loop(), name=f"{self.context.stage}-reader")
         try:
             while True:
-                await self._ready.wait()
+                if self._inlet is not None and self._inlet.hold_from is not None:
+                    with contextlib.suppress(TimeoutError):  # a hold ends by release() or by timing out
+                        await asyncio.wait_for(self._ready.wait(), 0.25)
+                else:
+                    await self._ready.wait()
                 self._ready.clear()
-                while self._pending:
-                    batch = self._pending[: self.options.batch_max]
-                    self.batch_bytes = self._pending_bytes * len(batch) // len(self._pending)
-                    self._pending_bytes -= self.batch_bytes
-                    del self._pending[: self.options.batch_max]
-                    if len(self._pending) < self._limit and self._pending_bytes < PENDING_BYTES:
-                        self._room.set()
-                    yield batch
+                while self._pending or (self._inlet is not None and self._inlet.queued):
+                    if self._inlet is not None and (filled := self._inlet.take()) is not None:
+                        batch = self._inlet.admit([self._stamp(e) for e in filled])
+                        self.batch_bytes = BACKFILL_EVENT_BYTES * len(batch)
+                    else:
+                        n = self.options.batch_max
+                        if self._inlet is not None and not self._stopping:
+                            n = min(n, self._inlet.releasable(len(self._pending)))
+                            if n == 0:
+                                break  # the new connection's events wait for the backfill
+                        batch = self._pending[:n]
+                        self.batch_bytes = self._pending_bytes * len(batch) // len(self._pending)
+                        self._pending_bytes -= self.batch_bytes
+                        del self._pending[:n]
+                        if len(self._pending) < self._limit and self._pending_bytes < PENDING_BYTES:
+                            self._room.set()
+                        if self._inlet is not None:
+                            batch = self._inlet.admit(batch)
+                    if batch:
+                        yield batch
                 if self._done or self._stopping:
                     break  # stopping: what was received is yielded; a reader still connecting is cancelled
             if self._done:

@@ -66,9 +66,11 @@ def test_edge_reason_limits_depth_and_ids() -> None:
     assert edge_reason(orjson.dumps(deep), deep) == f"nested deeper than {MAX_DEPTH} levels"
     assert edge_reason(orjson.dumps(deep).decode(), deep) == f"nested deeper than {MAX_DEPTH} levels"
     long_id = {"rtstream_id": "r" * (MAX_ID_CHARS + 1)}
-    assert "rtstream_id of 257 characters" in str(edge_reason(orjson.dumps(long_id), long_id))
+    assert f"rtstream_id of {MAX_ID_CHARS + 1} characters" in str(edge_reason(orjson.dumps(long_id), long_id))
+    name = {"rtstream_name": "n" * 600}
+    assert "rtstream_name of 600 characters" in str(edge_reason(orjson.dumps(name), name))
     listed = {"event": "capture_session.active", "capture_session_id": "c",
-              "data": {"rtstreams": [{"rtstream_id": "x" * 300}]}}
+              "data": {"rtstreams": [{"rtstream_id": "x" * 600}]}}
     assert "data.rtstreams[].rtstream_id" in str(edge_reason(orjson.dumps(listed), listed))
     odd = {"capture_session_id": ["x"] * 200}
     assert edge_reason(orjson.dumps(odd), odd) == "capture_session_id must be a string, not list"
@@ -344,3 +346,20 @@ dead_letter: {tmp_path}/file/dead.jsonl
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert any(ln.startswith("pipeline:") and "file" in ln for ln in res.stderr.splitlines()), res.stderr
     assert not (tmp_path / "out.jsonl").exists() or (tmp_path / "out.jsonl").read_bytes() == b""
+
+
+async def test_kafka_sink_dead_letters_an_event_it_cannot_encode(
+        kafka_broker: Any, make_context: MakeCtx) -> None:  # noqa: F811
+    """Before: the sink dead-lettered it, but the dead-letter write raised too and the batch failed."""
+    from stages.sinks.kafka import KafkaSink, KafkaSinkOptions
+    from tests.broker import read_records
+
+    ctx = make_context("kafka-out")
+    sink = KafkaSink(KafkaSinkOptions(bootstrap_servers=kafka_broker.bootstrap, topic="deep-out"), ctx)
+    await sink.start()
+    await sink.write([ev(0), ev(1, data=nested(300)), ev(2)])
+    await sink.close()
+    got = await read_records(kafka_broker.bootstrap, ["deep-out"], expect=2)
+    assert sorted(orjson.loads(r.value)["id"] for r in got) == [0, 2]
+    dead = lines(ctx.dead_letter.path)
+    assert len(dead) == 1 and "not JSON-serializable" in dead[0]["reason"] and "'id': 1" in dead[0]["event_repr"]

@@ -15,10 +15,15 @@ from typing import Any
 _FIELD = re.compile(r"^[A-Za-z_]\w*(?:\[[^\[\]]*\])*$")
 _NAME = re.compile(r"^[A-Za-z_]\w*")
 _INDEX = re.compile(r"\[([^\[\]]*)\]")
+_NUMBER = re.compile(r"\d+")
+MAX_WIDTH = 1000
 
 
 def check_template(template: str) -> str:
-    """Validate a template: balanced braces and only `name[key]...` fields. Raises ValueError."""
+    """Validate: balanced braces, only `name[key]...` fields, fixed format specs (width <= MAX_WIDTH).
+
+    Raises ValueError.
+    """
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as exc:
@@ -29,8 +34,11 @@ def check_template(template: str) -> str:
         if not _FIELD.match(field):
             raise ValueError(f"template field {{{field}}}: only names and [key] lookups are allowed, "
                              "e.g. {data[event_label]}")
-        if spec and "{" in spec:
-            check_template(spec)
+        if spec and "{" in spec:  # `{text:>{data[w]}}` would let an event choose the width
+            raise ValueError(f"template field {{{field}:{spec}}}: a format spec cannot contain fields; "
+                             "write a fixed one, e.g. {text:>20}")
+        if spec and any(len(n) > 6 or int(n) > MAX_WIDTH for n in _NUMBER.findall(spec)):
+            raise ValueError(f"template field {{{field}:{spec}}}: widths and precisions are at most {MAX_WIDTH}")
     return template
 
 

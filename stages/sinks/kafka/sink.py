@@ -73,6 +73,7 @@ class KafkaSink(Sink):
         self._idempotence: bool | str = options.idempotence
         self.idempotent = False
         self._created: set[str] = set()
+        self._stale_metadata = False
         self._partitioner: Any = None
         self._backoff = Backoff(options.retry_backoff, options.max_retry_backoff)
         self._down_since: float | None = None
@@ -209,6 +210,7 @@ class KafkaSink(Sink):
                 failed, error = round_, exc
             if failed:
                 self._created.clear()  # after an outage, check the topics again before sending
+                self._stale_metadata = True
                 self._queue.extendleft(reversed(failed))
                 self._note_failure(error)
                 await self._pause()
@@ -227,6 +229,13 @@ class KafkaSink(Sink):
             await self._connect()
         producer = self._producer
         timeout = self.opts.request_timeout
+        if self._stale_metadata:
+            # After a failure the broker may have restarted without the topic: produce to a topic it does
+            # not know and tansu acknowledges the records and drops them. A metadata request (which
+            # auto-creates topics) before the first send after an outage closes that hole.
+            if not await asyncio.wait_for(producer.client.force_metadata_update(), timeout):
+                raise ConnectionError("metadata refresh failed")
+            self._stale_metadata = False
         by_topic: dict[str, list[Record]] = {}
         for r in records:
             by_topic.setdefault(r.topic, []).append(r)

@@ -1,0 +1,268 @@
+"""Reload a running local pipeline's config (SIGHUP, `--watch`) without touching the source.
+
+The file is read and validated again. Invalid: the running config stays, one log
+line says why. Valid: the processors are swapped at once (they run synchronously,
+so the swap always falls between two batches); each sink whose options changed is
+replaced in its own queue order: the old one gets every batch queued before the
+reload, is flushed and closed, then the new one starts. Rule state (cooldowns,
+windows) is kept for rules whose name and matching are unchanged. Changes to the
+source, controller, `videodb`, `runtime`, `dead_letter` or the number of sinks need
+a restart: they are logged and not applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.api import Context, Processor, Sink, StateStore
+from pipeline.build import SinkSlot
+from pipeline.config import PipelineConfig, StageSpec, load_config
+from pipeline.errors import ConfigError
+from pipeline.events import channel_set
+from pipeline.stats import StageStats
+
+if TYPE_CHECKING:
+    from pipeline.runtime.local import LocalRuntime
+
+log = logging.getLogger("pipeline.reload")
+
+RULE_STATE = ("rules.last_fired", "rules.windows")  # the rules stage's state mappings, keyed "rule|rtstream"
+WATCH_INTERVAL = 1.0
+
+
+def _same(a: StageSpec | None, b: StageSpec | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.cls is b.cls and a.options == b.options
+
+
+def _rule_keys(cfg: PipelineConfig) -> dict[str, Any]:
+    """Rule name -> what decides its matching (state is kept only while this is unchanged)."""
+    out: dict[str, Any] = {}
+    for spec in cfg.stages:
+        for rule in getattr(spec.options, "rules", None) or []:
+            name = getattr(rule, "name", None)
+            if isinstance(name, str):
+                out[name] = (spec.path, rule.model_dump(include={"keywords", "match", "channels", "rtstream_names",
+                                                                 "window", "min_count"}))
+    return out
+
+
+def needs_restart(old: PipelineConfig, new: PipelineConfig) -> list[str]:
+    """The parts of a new config that a reload cannot apply."""
+    out = []
+    if not _same(old.source, new.source):
+        out.append("source")
+    if not _same(old.controller, new.controller):
+        out.append("controller")
+    if old.videodb != new.videodb:
+        out.append("videodb")
+    if old.runtime != new.runtime:
+        out.append("runtime")
+    if old.dead_letter != new.dead_letter:
+        out.append("dead_letter")
+    if getattr(old, "state_dir", None) != getattr(new, "state_dir", None):
+        out.append("state_dir")
+    if len(old.sinks) != len(new.sinks):
+        out.append(f"the number of sinks ({len(old.sinks)} -> {len(new.sinks)})")
+    return out
+
+
+@dataclass
+class SinkSwap:
+    """One sink to replace: the new object, its routing, and the old spec's object to fall back on."""
+
+    index: int
+    new: Sink
+    channels: frozenset[str] | None
+    fallback: Sink
+
+
+class Reloader:
+    """Watches for reload requests (SIGHUP, a changed file) and applies them to a LocalRuntime."""
+
+    def __init__(self, rt: LocalRuntime, path: str | Path, current: PipelineConfig, *, watch: bool = False) -> None:
+        self.rt = rt
+        self.path = Path(path)
+        self.current = current
+        self.watch = watch
+        self.applied = 0
+        self.rejected = 0
+        self._wake = asyncio.Event()
+        self._why = ""
+        self._digest = self._file_digest()
+
+    def request(self, why: str) -> None:
+        """Ask for a reload (safe from a signal handler)."""
+        self._why = why
+        self._wake.set()
+
+    def _file_digest(self) -> bytes | None:
+        try:
+            return hashlib.sha256(self.path.read_bytes()).digest()
+        except OSError:
+            return None
+
+    async def run(self) -> None:
+        """Serve reload requests until cancelled; with `watch`, poll the file for changes too."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), WATCH_INTERVAL if self.watch else None)
+            except TimeoutError:
+                digest = self._file_digest()
+                if digest is None or digest == self._digest:
+                    continue
+                self._why = f"{self.path} changed"
+            self._wake.clear()
+            self._digest = self._file_digest()
+            if self.rt._stopping:
+                return
+            await self.reload(self._why)
+
+    async def reload(self, why: str) -> bool:
+        """Validate and apply the file; True when the new config is running."""
+        try:
+            new = load_config(self.path)
+        except ConfigError as exc:
+            self.rejected += 1
+            log.error("reload (%s) rejected, the running config stays: %s", why, " | ".join(str(exc).splitlines()))
+            return False
+        skipped = needs_restart(self.current, new)
+        try:
+            swaps, processors = self._prepare(new)
+        except Exception as exc:  # a stage constructor refused its options: nothing was touched yet
+            self.rejected += 1
+            log.error("reload (%s) rejected, the running config stays: %s", why, exc)
+            return False
+        self._carry_rule_state(new)
+        kept = await self._swap(swaps, processors)
+        if kept:  # sinks that did not drain in time run on with their old options
+            new = dataclasses.replace(new, sinks=[self.current.sinks[i] if i in kept else s
+                                                  for i, s in enumerate(new.sinks)])
+        self.current = _running_config(self.current, new, skipped)
+        self.applied += 1
+        changed = [f"sinks[{sw.index}]" for sw in swaps if sw.index not in kept]
+        log.info("reload (%s) applied: %d processor(s)%s%s", why, len(processors),
+                 f"; sinks re-created: {', '.join(changed)}" if changed else "",
+                 f"; needs a restart, not applied: {', '.join(skipped)}" if skipped else "")
+        return True
+
+    async def _swap(self, swaps: list[SinkSwap], processors: list[Processor]) -> set[int]:
+        """Pause ingest between two batches, let each changed sink drain, replace it, swap processors, resume.
+
+        Returns the indices of sinks kept as they were (they did not drain within drain_timeout).
+        """
+        rt = self.rt
+        kept: set[int] = set()
+        rt.gate.clear()
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + rt.b.config.runtime.drain_timeout
+            for sw in swaps:
+                slot = rt.b.sinks[sw.index]
+                while rt.buffers[sw.index].pending_events or rt._writing[sw.index] is not None:
+                    if loop.time() > deadline:
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    await _replace(slot, sw)
+                    continue
+                log.warning("reload: %s did not drain within drain_timeout; it keeps its old options",
+                            slot.stats.name)
+                kept.add(sw.index)
+            rt.b.chain.processors = processors
+            order = {"source": 0, "controller": 1, "processor": 2, "sink": 3}
+            rt.b.stats[:] = sorted([s for s in rt.b.stats if s.kind != "processor"]
+                                   + [p.context.stats for p in processors], key=lambda s: order.get(s.kind, 4))
+        finally:
+            rt.gate.set()
+        return kept
+
+    def _prepare(self, new: PipelineConfig) -> tuple[list[SinkSwap], list[Processor]]:
+        """Processors (unchanged ones kept as they are) and sink swaps; nothing running is touched yet."""
+        b = self.rt.b
+        state: StateStore = b.state
+        stats = {s.name: s for s in b.stats}
+        running: dict[str, tuple[StageSpec, Processor]] = {
+            p.context.stage: (spec, p) for spec, p in zip(self.current.stages, b.chain.processors, strict=False)}
+        processors: list[Processor] = []
+        for spec in new.stages:
+            old_spec, old = running.get(spec.label) or (None, None)
+            if old is not None and _same(old_spec, spec):
+                processors.append(old)
+                continue
+            p = self._make(spec, state, stats.get(spec.label) or StageStats(spec.label, spec.kind))
+            assert isinstance(p, Processor)
+            if old is not None and hasattr(old, "fired") and hasattr(p, "fired"):
+                p.fired = old.fired  # the summary's "alerts fired" counts the whole run
+            processors.append(p)
+        swaps: list[SinkSwap] = []
+        if len(new.sinks) == len(self.current.sinks):
+            for i, (was, spec) in enumerate(zip(self.current.sinks, new.sinks, strict=True)):
+                if _same(was, spec):
+                    continue
+                slot = b.sinks[i]
+                sink = self._make(spec, state, slot.stats)
+                fallback = self._make(was, state, slot.stats)
+                assert isinstance(sink, Sink) and isinstance(fallback, Sink)
+                chans = getattr(spec.options, "channels", None)
+                swaps.append(SinkSwap(i, sink, channel_set(chans) if chans else None, fallback))
+        return swaps, processors
+
+    def _make(self, spec: StageSpec, state: StateStore, stats: StageStats) -> Any:
+        b = self.rt.b
+        ctx = Context(pipeline=b.config.name, stage=spec.label, dead_letter=b.dead_letter, session=b.session,
+                      stats=stats, state=state, out_dir=b.config.out_dir, settings=b.config.settings(),
+                      log=logging.getLogger(f"pipeline.{spec.kind}.{spec.type_name}"))
+        cls: Any = spec.cls
+        return cls(spec.options, ctx)
+
+    def _carry_rule_state(self, new: PipelineConfig) -> None:
+        """Forget cooldowns and windows of rules that were removed or whose matching changed."""
+        old_rules, new_rules = _rule_keys(self.current), _rule_keys(new)
+        stale = {name for name, key in old_rules.items() if new_rules.get(name) != key}
+        if not stale:
+            return
+        state: StateStore = self.rt.b.state
+        for mapping in RULE_STATE:
+            m = state.get(mapping)
+            for key in [k for k in m if str(k).partition("|")[0] in stale]:
+                del m[key]
+
+
+async def _replace(slot: SinkSlot, sw: SinkSwap) -> None:
+    """Flush and close the old sink, then start the new one (or, if it cannot start, the old spec again)."""
+    try:
+        await slot.sink.flush()
+        await slot.sink.close()
+    except Exception as exc:  # the old sink dead-letters what it cannot write; the swap still happens
+        log.warning("reload: %s: closing the old sink: %s", slot.stats.name, exc)
+    try:
+        await sw.new.start()
+    except Exception as exc:
+        log.error("reload: %s: the new sink did not start (%s); restarting it with its previous options",
+                  slot.stats.name, exc)
+        await sw.fallback.start()
+        slot.sink = sw.fallback
+        return
+    slot.sink = sw.new
+    slot.channels = sw.channels
+
+
+def _running_config(old: PipelineConfig, new: PipelineConfig, skipped: list[str]) -> PipelineConfig:
+    """The config now running: the new one, except the parts that need a restart."""
+    keep: dict[str, Any] = {}
+    for part in ("source", "controller", "videodb", "runtime", "dead_letter"):
+        if part in skipped:
+            keep[part] = getattr(old, part)
+    if "state_dir" in skipped and hasattr(old, "state_dir_setting"):
+        keep["state_dir_setting"] = old.state_dir_setting
+    if any(s.startswith("the number of sinks") for s in skipped):
+        keep["sinks"] = old.sinks
+    return dataclasses.replace(new, **keep)

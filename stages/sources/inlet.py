@@ -1,0 +1,202 @@
+"""Where backfilled events enter a source: gap marks, dedupe, a queue of batches.
+
+Per rtstream and channel it keeps the latest event time seen and the keys
+`(data.start, text)` of the recent events, so a backfill knows where to resume
+and what is a duplicate. The source passes every batch it yields through
+`Inlet.admit()` and yields the `Inlet.take()` batches the controller queued.
+
+While a re-bind and its backfill are under way (`hold()` ... `release()`), the
+source holds back the events the new connection delivers, so the backfilled
+batch comes first and event-time order holds across the gap (rules, windows
+and cooldowns see events in order). A hold lasts at most `HOLD_MAX` seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from pipeline.events import Event
+
+#: Channels VideoDB keeps and we can fetch again; scene_index is visual_index by another name.
+TRACKED: Final = frozenset({"transcript", "visual_index", "scene_index", "audio_index"})
+KEEP_KEYS: Final = 4096  # recent event keys remembered per rtstream and channel (dedupe window)
+MAX_CHANNELS: Final = 1024  # rtstream+channel pairs tracked; more are not deduplicated
+HOLD_MAX: Final = 10.0  # seconds live events may wait for a backfill before they go on anyway
+
+Key = tuple[str, str]  # (rtstream_id, channel)
+_NUMBER: Final = (int, float)
+
+
+def _channel(ch: str) -> str:
+    return "visual_index" if ch == "scene_index" else ch
+
+
+class _Seen:
+    __slots__ = ("keys", "last", "order")
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+        self.keys: dict[tuple[Any, Any], bool] = {}  # (start, text) -> arrived by backfill
+        self.order: deque[tuple[Any, Any]] = deque()
+
+
+class Inlet:
+    """Where backfilled events enter a source: gap marks, dedupe, a queue of batches."""
+
+    def __init__(self, wake: Callable[[], None] = lambda: None, backfilled: Counter[str] | None = None,
+                 chunk: int = 1024, position: Callable[[], int] = lambda: 0) -> None:
+        self.wake = wake  # the source's "something to yield" signal
+        self.chunk = chunk  # most events per queued batch
+        self.position = position  # how many events the source has accepted so far
+        self.hold_from: int | None = None  # position at hold(): later live events wait for the backfill
+        self.held_at = 0.0
+        self._holds = 0
+        self.backfilled: Counter[str] = Counter() if backfilled is None else backfilled  # per channel, deduped
+        self.duplicates = 0
+        self._seen: dict[Key, _Seen] = {}
+        self._marks: dict[Key, int | None] = {}
+        self._queue: deque[list[Event]] = deque()
+
+    # --- source side ----------------------------------------------------------------------------
+    def admit(self, batch: list[Event]) -> list[Event]:
+        """Remember what passes; drop a backfilled event seen before, or a live one backfilled before.
+
+        Runs on every batch the source yields: one pass, no calls per event on the common path.
+        """
+        out = batch
+        seen_by_key = self._seen
+        for i, event in enumerate(batch):
+            ch = event.get("channel")
+            data = event.get("data")
+            if ch not in TRACKED or type(data) is not dict:
+                if out is not batch:
+                    out.append(event)
+                continue
+            rid = event.get("rtstream_id")
+            key = (rid if type(rid) is str else str(rid or ""), "visual_index" if ch == "scene_index" else ch)
+            seen = seen_by_key.get(key)
+            if seen is None:
+                seen = self._new_channel(key)
+            start: Any = data.get("start")
+            k = (start, data.get("text"))
+            hashable = True
+            try:
+                before = seen.keys.get(k)
+            except TypeError:  # an unhashable start/text: not ours to dedupe
+                before, hashable = None, False
+            by_backfill = event.get("backfill") is True
+            if before is not None and (by_backfill or before):
+                self.duplicates += 1
+                if out is batch:
+                    out = batch[:i]
+                continue
+            if out is not batch:
+                out.append(event)
+            if before is None and hashable:
+                seen.keys[k] = by_backfill
+                seen.order.append(k)
+                if len(seen.order) > KEEP_KEYS:
+                    del seen.keys[seen.order.popleft()]
+            if type(start) in _NUMBER and (seen.last is None or start > seen.last):
+                seen.last = int(start)
+            if by_backfill:
+                self.backfilled[key[1]] += 1
+        return out
+
+    def _new_channel(self, key: Key) -> _Seen:
+        seen = _Seen()
+        if len(self._seen) < MAX_CHANNELS:  # beyond: tracked for this batch only, then forgotten
+            self._seen[key] = seen
+        return seen
+
+    def mark_gap(self, pending: Iterable[Event] = ()) -> None:
+        """The connection dropped: remember, per channel, the last event time before the gap.
+
+        `pending`: events received but not yet yielded (they precede the gap too).
+        A mark stays until a backfill has covered it; a second drop keeps the first mark.
+        """
+        last = {k: s.last for k, s in self._seen.items()}
+        for event in pending:
+            ch = event.get("channel")
+            data = event.get("data")
+            if ch in TRACKED and isinstance(data, dict) and isinstance(data.get("start"), int | float):
+                k = (str(event.get("rtstream_id") or ""), _channel(ch))
+                prev = last.get(k)
+                last[k] = int(data["start"]) if prev is None else max(prev, int(data["start"]))
+        for k, t in last.items():
+            self._marks.setdefault(k, t)
+
+    def hold(self) -> None:
+        """A re-bind and backfill start: hold back what the source accepts from now on."""
+        if self._holds == 0:
+            self.hold_from, self.held_at = self.position(), time.monotonic()
+        self._holds += 1
+
+    def release(self) -> None:
+        """A re-bind and backfill ended (queued or failed): let held live events go once none is left."""
+        self._holds = max(0, self._holds - 1)
+        if self._holds == 0 and self.hold_from is not None:
+            self.hold_from = None
+            self.wake()
+
+    def releasable(self, pending: int) -> int:
+        """How many of the `pending` (oldest first) live events may be yielded now."""
+        if self.hold_from is None:
+            return pending
+        if time.monotonic() - self.held_at > HOLD_MAX:
+            self._holds = 0
+            self.hold_from = None
+            return pending
+        return max(0, pending - (self.position() - self.hold_from))
+
+    def take(self) -> list[Event] | None:
+        """The next backfilled batch to yield, or None."""
+        return self._queue.popleft() if self._queue else None
+
+    # --- controller side ------------------------------------------------------------------------
+    def since(self, rtstream_id: str, channel: str) -> int | None:
+        """Where a backfill of this rtstream and channel starts (None: from the beginning)."""
+        key = (rtstream_id, _channel(channel))
+        if key in self._marks:
+            return self._marks[key]
+        seen = self._seen.get(key)
+        return seen.last if seen is not None else None
+
+    def covered(self, rtstream_id: str, channel: str, since: int | None) -> None:
+        """A backfill from `since` succeeded: drop the mark unless a later drop replaced it."""
+        key = (rtstream_id, _channel(channel))
+        if key in self._marks and self._marks[key] == since:
+            del self._marks[key]
+
+    def inject(self, events: list[Event]) -> None:
+        """Queue backfilled events (sorted by event time) as one batch for the source to yield."""
+        if events:
+            events.sort(key=lambda e: e["data"]["start"])
+            self._queue.extend(events[i:i + self.chunk] for i in range(0, len(events), self.chunk))
+            self.wake()
+
+    def checkpoint(self) -> dict[str, int]:
+        """Where a backfill would start now, per "rtstream_id channel" (saved for a restart)."""
+        out = {f"{k[0]} {k[1]}": s.last for k, s in self._seen.items() if s.last is not None}
+        out.update({f"{k[0]} {k[1]}": t for k, t in self._marks.items() if t is not None})
+        return out
+
+    def resume(self, saved: Any) -> None:
+        """After a restart: backfill from a checkpoint the previous process saved (bad entries ignored)."""
+        for name, t in (saved.items() if isinstance(saved, dict) else ()):
+            rid, _, ch = str(name).rpartition(" ")
+            if rid and ch in TRACKED and type(t) in _NUMBER and len(self._marks) < MAX_CHANNELS:
+                self._marks.setdefault((rid, _channel(ch)), int(t))
+
+    def known(self, event: Event) -> bool:
+        """True when an event with this rtstream, channel, start and text was already let through."""
+        seen = self._seen.get((str(event.get("rtstream_id") or ""), _channel(event["channel"])))
+        data = event["data"]
+        return seen is not None and (data.get("start"), data.get("text")) in seen.keys
+
+    @property
+    def queued(self) -> bool:
+        return bool(self._queue)

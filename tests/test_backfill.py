@@ -1,0 +1,368 @@
+"""A dropped connection loses nothing VideoDB keeps: no resend, reconnect at once, backfill over the SDK.
+
+Real parts only: the real videodb SDK against the emulator, real `pipeline run`
+and `pipeline emulate` processes, a real WebSocket server on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import videodb
+import websockets
+import yaml
+
+from pipeline.api import Context
+from pipeline.emulator import Emulator
+from pipeline.session import SessionLink
+from stages.sources.websocket import WebSocketSource
+from tests.backfill_checks import key, produced, tracked
+from tests.videodb_harness import API_KEY, FULL_ON_ACTIVE, make_stages, run_stages, scenario_file
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE = Path(sys.executable).parent / "pipeline"
+
+
+async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def run_config(tmp_path: Path, base_url: str, **controller: Any) -> Path:
+    cfg = {
+        "name": "backfill",
+        "videodb": {"api_key": "${VIDEO_DB_API_KEY}", "base_url": base_url},
+        "source": {"type": "videodb"},
+        "controller": {"type": "capture_session", "end_user_id": "u", "state_dir": str(tmp_path / "state"),
+                       "on_active": FULL_ON_ACTIVE, **controller},
+        "sinks": [{"type": "jsonl", "path": str(tmp_path / "events.jsonl")}],
+        "dead_letter": str(tmp_path / "dead-letter.jsonl"),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+async def pipeline_run(config: Path, timeout: float) -> tuple[int, str, float]:
+    env = {**os.environ, "VIDEO_DB_API_KEY": API_KEY}
+    t0 = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(str(PIPELINE), "run", str(config), cwd=config.parent, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"pipeline run still going after {timeout}s") from None
+    assert proc.returncode is not None
+    return proc.returncode, (out + err).decode(), time.monotonic() - t0
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def written(tmp_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+
+
+# --- the emulator: no resend, everything over REST -------------------------------------------------
+
+async def _session_with_pipelines(emu: Emulator) -> tuple[Any, Any, Any, Any, Any]:
+    conn = videodb.connect(api_key="k", base_url=emu.base_url)
+    ws = await (await call(conn.connect_websocket)).connect()
+    session = await call(conn.create_capture_session, "u", ws_connection_id=ws.connection_id)
+    while (await call(conn.get_capture_session, session.id)).status != "active":
+        await asyncio.sleep(0.02)
+    s = await call(conn.get_capture_session, session.id)
+    mic, screen = s.get_rtstream("mic")[0], s.get_rtstream("screen")[0]
+    await call(mic.start_transcript, ws_connection_id=ws.connection_id)
+    visual = await call(screen.index_visuals, prompt="p", ws_connection_id=ws.connection_id)
+    audio = await call(mic.index_audio, prompt="p", ws_connection_id=ws.connection_id)
+    return ws, mic, visual, audio, session
+
+
+async def test_rest_returns_every_produced_record_in_pages_through_the_sdk() -> None:
+    emu = Emulator(speed=0, drop_after=3)
+    await emu.start()
+    try:
+        ws, mic, visual, audio, _ = await _session_with_pipelines(emu)
+        await asyncio.wait_for(emu.wait_finished(), 20)
+        await ws.close()
+        made = [r for r in emu.emitted if tracked(r["event"])]
+        assert any(not r["live"] for r in made)  # the socket dropped: most were never sent
+        for channel, rid, read in (("transcript", mic.id, None), ("visual_index", visual.rtstream_id, visual),
+                                   ("audio_index", audio.rtstream_id, audio)):
+            want = [r["event"]["data"] for r in made
+                    if r["event"]["channel"] == channel and r["event"]["rtstream_id"] == rid]
+            assert len(want) > 3
+            got: list[dict[str, Any]] = []
+            for page in range(1, 100):
+                if read is None:
+                    resp = await call(mic.get_transcript, page=page, page_size=3)
+                    got += resp["segments"]
+                    more = resp["next_page"]
+                else:
+                    resp = await call(read.get_scenes, page=page, page_size=3)
+                    got += resp["scenes"]
+                    more = resp["next_page"]
+                if not more:
+                    break
+            assert got == want, channel
+            cut = want[len(want) // 2]["start"]  # start/end filters (get_scenes sends both or neither)
+            if read is None:
+                resp = await call(mic.get_transcript, start=cut, page_size=1000)
+                assert resp["segments"] == [d for d in want if d["start"] >= cut]
+                resp = await call(mic.get_transcript, since=cut, page_size=1000)
+                assert resp["segments"] == [d for d in want if d["start"] > cut]
+            else:
+                resp = await call(read.get_scenes, start=cut, end=cut + 10**9, page_size=1000)
+                assert resp["scenes"] == [d for d in want if d["start"] >= cut] and resp["next_page"] is False
+        listed = await call(get_json, emu.base_url + "/_emulator/events")
+        assert len(listed) == len(emu.emitted)
+        first = next(x for x in listed if x["channel"] == "transcript")
+        assert set(first) >= {"rtstream_id", "channel", "start", "text", "live"}
+        assert Counter(x["live"] for x in listed)[True] == emu.hub.delivered
+    finally:
+        await emu.stop()
+
+
+@pytest.mark.parametrize("queue_on_drop", [False, True])
+async def test_events_for_a_dropped_connection_are_not_resent_unless_queue_on_drop(queue_on_drop: bool) -> None:
+    emu = Emulator(speed=0, drop_after=2, queue_on_drop=queue_on_drop)
+    await emu.start()
+    try:
+        ws, mic, _visual, _audio, _ = await _session_with_pipelines(emu)
+        await asyncio.wait_for(emu.wait_finished(), 20)
+        await ws.close()
+        conn = videodb.connect(api_key="k", base_url=emu.base_url)
+        ws2 = await (await call(conn.connect_websocket)).connect()
+        await call(mic.start_transcript, ws_connection_id=ws2.connection_id)  # re-bind
+        got: list[dict[str, Any]] = []
+        try:
+            async with asyncio.timeout(1.0):
+                async for msg in ws2.receive():
+                    got.append(msg)
+        except (TimeoutError, websockets.ConnectionClosed):
+            pass
+        await ws2.close()
+        missed = [r for r in emu.emitted if r["event"].get("channel") == "transcript" and not r["live"]]
+        assert missed
+        if queue_on_drop:  # the new connection inherits what the old one missed
+            assert len(got) == 2 and emu.hub.undelivered == 0
+        else:
+            assert got == [] and emu.hub.undelivered > 0
+    finally:
+        await emu.stop()
+
+
+def test_cli_has_queue_on_drop() -> None:
+    out = subprocess.run([sys.executable, "-m", "pipeline.emulator.cli", "--help"], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True).stdout
+    assert "--queue-on-drop" in out
+
+
+# --- reconnect at once ---------------------------------------------------------------------------
+
+async def test_websocket_source_reopens_a_connection_that_delivered_at_once(
+        make_context: Callable[..., Context]) -> None:
+    accepted: list[float] = []
+    closed: list[float] = []
+
+    async def serve(ws: Any) -> None:
+        accepted.append(time.monotonic())
+        await ws.send(json.dumps({"channel": "transcript", "data": {"text": "hi", "start": len(accepted)}}))
+        if len(accepted) <= 3:  # one event, then an abnormal close
+            await asyncio.sleep(0.05)
+            closed.append(time.monotonic())
+            await ws.close(code=1012)
+        else:
+            await ws.wait_closed()
+
+    async with websockets.serve(serve, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        ctx = make_context("source:websocket", session=SessionLink())
+        src = WebSocketSource(WebSocketSource.Options.model_validate(
+            {"url": f"ws://127.0.0.1:{port}", "backoff_initial": 5}), ctx)
+        got: list[dict[str, Any]] = []
+
+        async def read() -> None:
+            async for batch in src.batches():
+                got.extend(batch)
+
+        task = asyncio.create_task(read())
+        try:
+            async with asyncio.timeout(4):  # with a 5 s backoff, only an immediate reconnect gets here
+                while len(got) < 4:
+                    await asyncio.sleep(0.01)
+        finally:
+            await src.stop()
+            await task
+    gaps = [a - c for c, a in zip(closed, accepted[1:], strict=False)]
+    assert len(gaps) == 3 and max(gaps) < 1.0, gaps
+    assert len(got) == 4
+    assert ctx.session.gaps.reconnects == 3 and 0 < ctx.session.gaps.gap_seconds < 3.0
+
+
+async def test_websocket_source_backs_off_when_a_connection_delivered_nothing(
+        make_context: Callable[..., Context]) -> None:
+    accepted: list[float] = []
+
+    async def serve(ws: Any) -> None:
+        accepted.append(time.monotonic())
+        await ws.close(code=1012)  # accepts and drops at once: a flapping server
+
+    async with websockets.serve(serve, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        src = WebSocketSource(WebSocketSource.Options.model_validate(
+            {"url": f"ws://127.0.0.1:{port}", "backoff_initial": 0.3}), make_context("source:websocket"))
+
+        async def read() -> None:
+            async for _ in src.batches():
+                pass
+
+        task = asyncio.create_task(read())
+        await asyncio.sleep(1.0)
+        await src.stop()
+        await task
+    assert 2 <= len(accepted) <= 4  # 0.3 s, then 0.6 s: not hammered
+    assert all(b - a >= 0.2 for a, b in itertools.pairwise(accepted))
+
+
+async def test_drop_to_rebind_under_a_second(make_context: Callable[..., Context], tmp_path: Path) -> None:
+    events = [{"at": 0.2 * i, "channel": "transcript", "rtstream": "mic:default", "text": f"t{i}"}
+              for i in range(1, 40)]
+    emu = Emulator(scenario_file(tmp_path, events, end=8.2), speed=4, drop_after=5)
+    await emu.start()
+    try:
+        src, ctl = make_stages(make_context, emu, source={"backoff_initial": 5},
+                               controller={"end_user_id": "u", "on_active": {"transcript": True}})
+        await run_stages(src, ctl, timeout=30)
+    finally:
+        await emu.stop()
+    binds = [c for c in emu.calls if c["method"] == "POST" and c["path"].endswith("/transcription")]
+    assert emu.hub.drop_times
+    for dropped in emu.hub.drop_times:
+        later = [c["at"] - dropped for c in binds if c["at"] > dropped]
+        if later:  # (the last drop may come after the session ended)
+            assert later[0] < 1.0, later[0]
+    assert len([d for d in emu.hub.drop_times if any(c["at"] > d for c in binds)]) >= 2
+
+
+# --- backfill ----------------------------------------------------------------------------------------
+
+def test_inlet_dedupes_both_ways_and_orders_backfill_by_event_time() -> None:
+    from stages.sources.inlet import Inlet
+
+    woke: list[int] = []
+    inlet = Inlet(lambda: woke.append(1))
+
+    def ev(start: int, text: str, **kw: Any) -> dict[str, Any]:
+        return {"channel": "transcript", "rtstream_id": "r", "data": {"start": start, "text": text}, **kw}
+
+    assert inlet.admit([ev(1, "a"), {"event": "capture_session.active"}, ev(2, "b")]) == \
+        [ev(1, "a"), {"event": "capture_session.active"}, ev(2, "b")]
+    inlet.mark_gap([ev(3, "c")])  # received, not yet yielded: precedes the gap too
+    assert inlet.since("r", "transcript") == 3
+    inlet.inject([ev(5, "e", backfill=True), ev(3, "c", backfill=True), ev(4, "d", backfill=True)])
+    assert woke and inlet.queued
+    batch = inlet.take()
+    assert batch is not None and [e["data"]["start"] for e in batch] == [3, 4, 5]
+    assert inlet.admit(batch) == batch  # "c" is only pending, not seen yet: the live copy will be dropped
+    assert inlet.admit([ev(3, "c"), ev(6, "f")]) == [ev(6, "f")]  # the live copy of a backfilled event
+    assert inlet.admit([ev(6, "f", backfill=True), ev(2, "b", backfill=True)]) == []
+    assert inlet.admit([ev(2, "b")]) == [ev(2, "b")]  # a live repeat of a live event is not ours to drop
+    assert inlet.backfilled == Counter({"transcript": 3}) and inlet.duplicates == 3
+    inlet.covered("r", "transcript", 3)
+    assert inlet.since("r", "transcript") == 6
+
+
+async def test_drop_after_5_at_speed_every_event_once_and_on_time(tmp_path: Path) -> None:
+    speed = 8.0
+    emu = Emulator(speed=speed, api_key=API_KEY, drop_after=5)
+    await emu.start()
+    try:
+        code, output, took = await pipeline_run(run_config(tmp_path, emu.base_url, status_poll_interval="1s"), 60)
+    finally:
+        await emu.stop()
+    assert code == 0, output
+    assert "ended: capture session exported" in output and "Traceback" not in output
+    events = written(tmp_path)
+    want = Counter(map(key, filter(tracked, produced(emu))))
+    got = Counter(map(key, filter(tracked, events)))
+    assert got == want  # every transcript, visual and audio event exactly once, live or backfilled
+    missed = [r["event"] for r in emu.emitted if tracked(r["event"]) and not r["live"]]
+    # what never went out live came by backfill (so may some that did: a held live copy yields to its twin)
+    assert missed and not Counter(map(key, missed)) - Counter(map(key, (e for e in events if e.get("backfill"))))
+    assert emu.hub.drops >= 5 and "reconnects: " in output
+    # the scenario plays 76 s of meeting and ~5 s of stop/export: at 8x about 10 s, plus start-up
+    assert took < (76 + 5) / speed + 8, took
+
+
+async def test_polled_exported_does_not_cut_the_stream(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    emu = subprocess.Popen([str(PIPELINE), "emulate", "--speed", "0", "--drop-after", "7", "--garbage-every", "3",
+                            "--api-key", API_KEY], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                           env=env, cwd=tmp_path)
+    try:
+        assert emu.stdout is not None
+        url = emu.stdout.readline().strip().split("=", 1)[1]
+        code, output, _ = await pipeline_run(run_config(tmp_path, url, status_poll_interval="1s"), 60)
+        listed = get_json(url + "/_emulator/events")
+    finally:
+        emu.terminate()
+        emu.wait(10)
+    assert code == 0, output
+    assert "ended: capture session exported" in output
+    made = [x for x in listed if x["channel"] in ("transcript", "visual_index", "audio_index")]
+    assert len(made) > 50
+    events = written(tmp_path)
+    assert Counter(map(key, filter(tracked, events))) == Counter(
+        (x["rtstream_id"], x["channel"], x["start"], x["text"]) for x in made)
+
+
+async def test_kill_9_then_restart_backfills_what_the_dead_run_missed(tmp_path: Path) -> None:
+    emu = Emulator(speed=6, api_key=API_KEY)  # the 76 s scenario in ~13 s: time to kill and restart
+    await emu.start()
+    config = run_config(tmp_path, emu.base_url, status_poll_interval="300ms")
+    env = {**os.environ, "VIDEO_DB_API_KEY": API_KEY}
+    log = tmp_path / "run.log"
+    try:
+        with log.open("ab") as err:
+            first = await asyncio.create_subprocess_exec(str(PIPELINE), "run", str(config), cwd=tmp_path, env=env,
+                                                         stdout=err, stderr=err)
+        try:
+            async with asyncio.timeout(30):  # past a checkpoint (every 2 s), mid-session
+                while "backfill_from" not in (tmp_path / "state" / "capture_session.json").read_text() \
+                        if (tmp_path / "state" / "capture_session.json").exists() else True:
+                    await asyncio.sleep(0.05)
+        finally:
+            first.kill()
+            await first.wait()
+        await asyncio.sleep(1.0)  # events produced now go to a dead connection
+        before = len(written(tmp_path))
+        code, output, _ = await pipeline_run(config, 60)
+    finally:
+        await emu.stop()
+    assert code == 0, output
+    assert "resuming capture session" in output
+    events = written(tmp_path)
+    want = Counter(map(key, filter(tracked, produced(emu))))
+    got = Counter(map(key, filter(tracked, events)))
+    missing = sorted((want - got).elements())
+    assert not missing, (missing, before)  # nothing produced is missing, though the first run died mid-session
+    twice = got - want
+    assert not twice - Counter(map(key, filter(tracked, events[:before])))  # only across the crash
+    assert any(e.get("backfill") for e in events[before:])

@@ -1,0 +1,190 @@
+"""Reload without restarting: a running pipeline on the emulator picks up a new rule by SIGHUP and
+by --watch, re-creates a changed sink, keeps its WebSocket and capture session, and ignores an invalid edit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "pipeline.cli"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def scenario(path: Path) -> Path:
+    events = [{"at": round(0.5 + i * 0.2, 2), "channel": "transcript", "rtstream": "mic:default",
+               "text": f"apple and banana, line {i}"} for i in range(200)]
+    path.write_text(json.dumps({"name": "fruit", "end": 45, "rtstreams": [
+        {"rtstream_id": "rts-mic", "name": "mic:default", "media_types": ["audio"], "type": "mic"}],
+        "events": events}))
+    return path
+
+
+def config(url: str, out: Path, rules: str, events_file: str = "events.jsonl") -> str:
+    return f"""name: reload
+videodb: {{api_key: test-key, base_url: "{url}"}}
+source: {{type: videodb}}
+controller: {{type: capture_session, end_user_id: u1, state_dir: {out}, on_active: {{transcript: true}}}}
+stages:
+  - type: rules
+    rules:
+{rules}
+sinks:
+  - {{type: jsonl, path: {out}/alerts.jsonl, channels: [alert], flush_interval: 0}}
+  - {{type: jsonl, path: {out}/{events_file}, flush_interval: 0}}
+"""
+
+
+APPLE = "      - {name: apple, keywords: [apple], channels: [transcript]}"
+BANANA = APPLE + "\n      - {name: banana, keywords: [banana], channels: [transcript]}"
+
+
+@pytest.fixture
+def emulator(tmp_path: Path) -> Iterator[str]:
+    proc = subprocess.Popen([*CLI, "emulate", "--speed", "1", "--scenario", str(scenario(tmp_path / "s.json"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("EMULATOR_URL="), line
+    yield line.strip().partition("=")[2]
+    proc.send_signal(signal.SIGINT)
+    proc.wait(10)
+
+
+def labels(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    return [json.loads(x)["data"]["event_label"] for x in path.read_text().splitlines() if x.strip()]
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def calls(url: str) -> list[dict[str, object]]:
+    with urllib.request.urlopen(f"{url}/_emulator/calls", timeout=5) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("how", ["sighup", "watch"])
+def test_new_rule_by_reload_fires_on_later_events_without_a_new_session(
+        tmp_path: Path, emulator: str, how: str) -> None:
+    out = tmp_path / "out"
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(config(emulator, out, APPLE))
+    log = (tmp_path / "stderr.log").open("w+")
+    proc = subprocess.Popen([*CLI, "run", str(cfg), *(["--watch"] if how == "watch" else [])],
+                            stdout=subprocess.DEVNULL, stderr=log, env=ENV)
+    try:
+        alerts = out / "alerts.jsonl"
+        wait_for(lambda: "apple" in labels(alerts), "the first rule to fire")
+        assert "banana" not in labels(alerts)
+
+        def reload(text: str) -> None:
+            before = Path(log.name).read_text().count("reload (")
+            cfg.write_text(text)
+            if how == "sighup":
+                proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: Path(log.name).read_text().count("reload (") > before, "the reload log line")
+
+        reload(config(emulator, out, BANANA, events_file="events2.jsonl"))
+        assert "applied: 1 processor(s); sinks re-created: sinks[1]" in Path(log.name).read_text()
+        wait_for(lambda: "banana" in labels(alerts), "the new rule to fire")
+        wait_for(lambda: (out / "events2.jsonl").exists() and (out / "events2.jsonl").stat().st_size > 0,
+                 "the re-created sink to write")
+        old_events = (out / "events.jsonl").read_text()
+        assert old_events.endswith("\n")  # flushed and closed whole
+
+        reload(config(emulator, out, BANANA.replace("keywords: [banana]", "keyword: [banana]")))
+        text = Path(log.name).read_text()
+        assert "rejected, the running config stays" in text and "did you mean 'keywords'" in text
+        n = labels(alerts).count("banana")
+        wait_for(lambda: labels(alerts).count("banana") > n + 2, "the running rules to keep firing")
+        assert (out / "events.jsonl").read_text() == old_events  # the old sink stays closed
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+    text = Path(log.name).read_text()
+    assert code == 0, text
+    assert "reloads: 1 applied, 1 rejected" in text
+    made = calls(emulator)
+    assert sum(c["method"] == "GET" and str(c["path"]).endswith("/websocket") for c in made) == 1
+    assert sum(c["method"] == "POST" and str(c["path"]).endswith("/capture/session") for c in made) == 1
+
+
+def test_sighup_without_changes_does_not_stop_a_run(tmp_path: Path) -> None:
+    """SIGHUP (also: the terminal closing) used to kill the process at once with exit 129."""
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"name: h\nsource: {{type: replay, path: {fifo}}}\n"
+                   f"sinks: [{{type: jsonl, path: {tmp_path}/o.jsonl}}]\n")
+    proc = subprocess.Popen([*CLI, "run", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
+                            text=True)
+    with open(fifo, "w") as w:
+        w.write('{"channel": "transcript", "data": {"text": "one"}}\n')
+        w.flush()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None
+        w.write('{"channel": "transcript", "data": {"text": "two"}}\n')
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "received SIGHUP" not in err and "reload (SIGHUP) applied" in err
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 2
+
+
+RULES_CFG = """name: state
+source: {{type: replay, path: none.jsonl}}
+stages:
+  - type: rules
+    rules:
+      - {{name: apple, keywords: [{kw}], cooldown: 10m}}
+{extra}
+sinks: [{{type: jsonl, path: {out}}}]
+"""
+
+
+async def test_rule_state_carries_over_only_for_unchanged_rules(tmp_path: Path) -> None:
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+    from pipeline.runtime.reload import Reloader
+
+    p = tmp_path / "p.yaml"
+    out = tmp_path / "o.jsonl"
+    p.write_text(RULES_CFG.format(kw="apple", extra="", out=out))
+    cfg = load_config(p)
+    rt = LocalRuntime(build(cfg), install_signals=False)
+    reloader = Reloader(rt, p, cfg)
+
+    def fired(at_s: int) -> list[str]:
+        batch = [{"channel": "transcript", "rtstream_id": "r", "data": {"text": "apple pie", "start": at_s * 1000}}]
+        return [e["data"]["event_label"] for e in rt.b.chain(batch) if e.get("channel") == "alert"]
+
+    assert fired(0) == ["apple"]
+    p.write_text(RULES_CFG.format(kw="apple", extra="      - {name: pie, keywords: [pie]}", out=out))
+    assert await reloader.reload("test")
+    assert fired(60) == ["pie"]  # apple's cooldown (10m from 0 s) survived the reload
+    p.write_text(RULES_CFG.format(kw="apple, pear", extra="      - {name: pie, keywords: [pie]}", out=out))
+    assert await reloader.reload("test")
+    assert fired(120) == ["apple", "pie"]  # apple's matching changed: its state starts afresh
+    p.write_text("name: state\nsource: {type: replay, path: other.jsonl}\n" + RULES_CFG.split("\n", 2)[2].format(
+        kw="apple", extra="", out=out))
+    assert await reloader.reload("test")
+    assert reloader.current.source.options.path.endswith("none.jsonl")  # type: ignore[attr-defined]

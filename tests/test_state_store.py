@@ -1,0 +1,165 @@
+"""The persistent state store (`<state_dir>/state.db`): round trips, torn and corrupt files, symlinks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import StageError
+from pipeline.state.store import DB_FILE, SqliteStateStore, TrackedDict
+
+
+def test_values_survive_a_reopen_and_only_changed_keys_are_written(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "state")
+    fired, streams = store.get("rules.last_fired"), store.get("enrich.rtstreams")
+    assert type(fired) is TrackedDict and isinstance(fired, dict)
+    fired["r|rts-1"] = 1_000
+    fired["r|rts-2"] = 2_000
+    streams["rts-1"] = ["cap-1", "mic:default", ["audio"], 5]
+    assert store.dirty
+    store.flush()
+    assert not store.dirty and store.rows_written == 3
+    del fired["r|rts-2"]
+    fired["r|rts-1"] = 3_000
+    store.flush()
+    assert store.rows_written == 5  # one delete, one update: nothing else rewritten
+    store.get("rules.windows")["w|x"] = [1, 2]  # never flushed: lost, like a kill -9 before the batch ended
+    store._db.close()  # simulate a crash: no close(), no flush
+
+    again = SqliteStateStore(tmp_path / "state")
+    assert dict(again.get("rules.last_fired")) == {"r|rts-1": 3_000}
+    assert again.get("enrich.rtstreams")["rts-1"] == ["cap-1", "mic:default", ["audio"], 5]
+    assert dict(again.get("rules.windows")) == {}
+    again.close()
+    assert stat.S_IMODE((tmp_path / "state" / DB_FILE).stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+
+
+def test_every_dict_mutator_is_tracked(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path)
+    m = store.get("m")
+    m.setdefault("a", 1)
+    m.update({"b": 2, "c": 3})
+    m |= {"d": 4}  # type: ignore[operator]
+    assert m.pop("c") == 3 and m.pop("zz", None) is None
+    m.popitem()  # "d"
+    store.close()
+    assert dict(SqliteStateStore(tmp_path).get("m")) == {"a": 1, "b": 2}
+    store = SqliteStateStore(tmp_path)
+    store.get("m").clear()
+    store.close()
+    assert dict(SqliteStateStore(tmp_path).get("m")) == {}
+
+
+@pytest.mark.parametrize("damage", ["garbage", "torn"])
+def test_unreadable_state_is_set_aside_with_one_warning(tmp_path: Path, damage: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    store = SqliteStateStore(tmp_path)
+    m = store.get("rules.last_fired")
+    for i in range(2000):
+        m[f"rule|rts-{i}"] = i
+    store.close()
+    db = tmp_path / DB_FILE
+    raw = db.read_bytes()
+    db.write_bytes(b"this is not a database file at all" * 200 if damage == "garbage" else raw[: len(raw) // 3])
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.state"):
+        fresh = SqliteStateStore(tmp_path)
+        got = dict(fresh.get("rules.last_fired"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert got == {} and len(warnings) == 1
+    assert "unreadable state" in warnings[0] and "\n" not in warnings[0]
+    assert [p.name for p in tmp_path.glob(f"{DB_FILE}.corrupt-*")]  # kept for inspection
+    fresh.get("rules.last_fired")["k"] = 1
+    fresh.close()
+    assert dict(SqliteStateStore(tmp_path).get("rules.last_fired")) == {"k": 1}
+
+
+def test_an_unreadable_row_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = SqliteStateStore(tmp_path)
+    store.get("m")["ok"] = 1
+    store.close()
+    with sqlite3.connect(tmp_path / DB_FILE) as db:
+        db.execute("INSERT INTO state VALUES ('m', '\"bad\"', x'ff00')")
+    with caplog.at_level(logging.WARNING, logger="pipeline.state"):
+        assert dict(SqliteStateStore(tmp_path).get("m")) == {"ok": 1}
+    assert "skipped 1 unreadable state entry" in caplog.text
+
+
+def test_symlinked_state_file_or_dir_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StageError, match="symlink"):
+        SqliteStateStore(tmp_path / "link")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / DB_FILE).symlink_to(tmp_path / "victim.db")
+    with pytest.raises(StageError, match="symlink"):
+        SqliteStateStore(tmp_path / "d")
+    assert not (tmp_path / "victim.db").exists()
+
+
+def test_a_failed_flush_keeps_the_changes_for_the_next_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = SqliteStateStore(tmp_path)
+    store.get("m")["a"] = 1
+    other = sqlite3.connect(tmp_path / DB_FILE, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # someone else holds the write lock: the flush fails at once
+    with caplog.at_level(logging.ERROR, logger="pipeline.state"):
+        store.flush()
+    assert store.dirty and "cannot save rule/enrich state (database is locked)" in caplog.text
+    other.execute("ROLLBACK")
+    other.close()
+    store.close()
+    assert dict(SqliteStateStore(tmp_path).get("m")) == {"a": 1}
+
+
+def test_state_dir_symlink_is_one_line_error_from_pipeline_run(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "st").symlink_to(tmp_path / "real")
+    (tmp_path / "in.jsonl").write_text("")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"name: p\nstate_dir: {tmp_path}/st\n"
+                   f"source: {{type: websocket, url: 'ws://127.0.0.1:9/'}}\n"
+                   f"sinks: [{{type: jsonl, path: {tmp_path}/o.jsonl}}]\n")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PIPELINE_LOG_LEVEL": "error"})
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    errors = [x for x in res.stderr.splitlines() if x.startswith("pipeline: ")]
+    assert len(errors) == 1 and "st: refusing a symlinked directory" in errors[0]
+
+
+def test_state_dir_key_is_validated(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    base = "name: p\nsource: {type: replay, path: x}\nsinks: [{type: console}]\n"
+    (tmp_path / "a.yaml").write_text(base)
+    assert load_config(tmp_path / "a.yaml").state_dir == Path("out/p")
+    (tmp_path / "b.yaml").write_text(base + "state_dir: /var/tmp/x\n")
+    assert load_config(tmp_path / "b.yaml").state_dir == Path("/var/tmp/x")
+    (tmp_path / "c.yaml").write_text(base + "state_dir: [1]\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:4:\d+: state_dir: expected a directory path"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_a_state_dir_in_use_by_another_run_is_refused(tmp_path: Path) -> None:
+    from pipeline.state import prepare, release
+
+    code = ("import sys, time; from pathlib import Path; from pipeline.state import prepare; "
+            "prepare(Path(sys.argv[1])); print('ok', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "st")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ok\n"
+        with pytest.raises(StageError, match=rf"state_dir is in use by another pipeline run \(pid {holder.pid}\)"):
+            prepare(tmp_path / "st")
+    finally:
+        holder.kill()
+        holder.wait()
+    prepare(tmp_path / "st")  # the kernel dropped the dead holder's lock (kill -9)
+    release(tmp_path / "st")

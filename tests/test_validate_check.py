@@ -1,0 +1,87 @@
+"""`pipeline validate --check`: every external connection tried, nothing changed, one line per check."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.emulator import Emulator
+from tests.broker import Broker, free_port, kafka_broker  # noqa: F401
+from tests.webhook_server import WebhookServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not available to make a test certificate")
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def config(emu: str, key: str, kafka: str, hook: str, cert: Path, plain: str) -> str:
+    return f"""name: chk
+videodb: {{api_key: "{key}", base_url: "{emu}", collection_id: default}}
+source: {{type: videodb}}
+controller: {{type: capture_session, end_user_id: u}}
+sinks:
+  - {{type: kafka, bootstrap_servers: "{kafka}", topic: "t.{{channel}}"}}
+  - {{type: alert_forwarder, url: "{hook}", ca_file: "{cert}"}}
+  - {{type: alert_forwarder, url: "{plain}"}}
+"""
+
+
+async def check(cfg: Path) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "pipeline.cli", "validate", "--check", str(cfg)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+async def test_check_tries_every_connection_and_changes_nothing(
+        tmp_path: Path, kafka_broker: Broker) -> None:  # noqa: F811
+    cert, key = self_signed(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    emu = Emulator(api_key="good-key", speed=0)
+    await emu.start()
+    hook = await WebhookServer(ssl_context=tls).start()
+    plain = await WebhookServer().start()
+    try:
+        p = tmp_path / "p.yaml"
+        p.write_text(config(emu.base_url, "good-key", kafka_broker.bootstrap, hook.url(), cert, plain.url()))
+        res = await check(p)
+        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("check ")]
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert len(lines) == 4, lines
+        assert any(f"ok   videodb {emu.base_url} collection 'default': key accepted" in ln for ln in lines)
+        assert any(f"ok   kafka {kafka_broker.bootstrap}: 1 broker(s)" in ln for ln in lines)
+        assert any("ok   webhook https://127.0.0.1:" in ln and "TLS handshake ok" in ln for ln in lines)
+        assert any("ok   webhook http://127.0.0.1:" in ln and "TCP connect ok" in ln for ln in lines)
+        assert "T0KEN-s3cr3t-path" not in res.stdout
+        assert hook.requests == [] and plain.requests == []  # no alert was sent
+        assert [(c["method"], c["path"]) for c in emu.calls] == [("GET", "/collection/default")]
+
+        closed = f"http://127.0.0.1:{free_port()}/hook"
+        p.write_text(config(emu.base_url, "wrong-key", "127.0.0.1:1", hook.url(), cert, closed))
+        res = await check(p)
+        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("check ")]
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert any("FAIL videodb" in ln and "authentication failed" in ln for ln in lines), lines
+        assert any("FAIL kafka 127.0.0.1:1" in ln for ln in lines), lines
+        assert any("FAIL webhook http://127.0.0.1:" in ln for ln in lines), lines
+        assert any("ok   webhook https://" in ln for ln in lines), lines
+        assert "wrong-key" not in res.stdout + res.stderr
+    finally:
+        await hook.stop()
+        await plain.stop()
+        await emu.stop()
