@@ -138,11 +138,9 @@ class Rules(Processor):
                                + int(options.state_ttl * 1000), options.max_state_keys)
 
     def process(self, batch: Batch) -> Batch:
-        out: Batch | None = None  # allocated only once a batch produces an alert
+        fired: list[tuple[int, list[Event]]] | None = None  # (after event i, its alerts); allocated on the first
         scanners = self._scanners
         for i, event in enumerate(batch):
-            if out is not None:
-                out.append(event)
             ch = event.get("channel")
             if not isinstance(ch, str):
                 continue
@@ -165,14 +163,23 @@ class Rules(Processor):
                 when = start if type(start) is int else event_time_ms(event)  # the common case, inline
                 alerts = self._fire(event, text, hits, when)
                 if alerts:
-                    if out is None:
-                        out = batch[: i + 1]
-                    out.extend(alerts)
+                    if fired is None:
+                        fired = []
+                    fired.append((i, alerts))
         ev = self._evict
         if ev.due(self._last_fired, self._windows):
             ev.sweep(self._last_fired, _last_time)
             ev.sweep(self._windows, _newest_time)
-        return batch if out is None else out
+        if fired is None:
+            return batch
+        out: Batch = []  # each alert right after its source event, the rest copied by slices (no per-event work)
+        prev = 0
+        for i, alerts in fired:
+            out += batch[prev:i + 1]
+            out += alerts
+            prev = i + 1
+        out += batch[prev:]
+        return out
 
     def _fire(self, event: Event, text: str, hits: Hits, when: int) -> list[Event]:
         """The alerts this event fires. Why so flat: with keywords everywhere this runs for every other
