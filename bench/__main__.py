@@ -30,8 +30,9 @@ BENCHMARKS: Final[dict[str, tuple[str, int, int]]] = {
     "memory": ("bench.memory", 1_000_000, 100_000),
     "faust_scaling": ("bench.faust_scaling", 100_000, 10_000),
     "bytewax_peer": ("bench.bytewax_peer", 1_000_000, 100_000),
-    "sessions": ("bench.sessions", 1_000, 50),
-    "spool": ("bench.spool", 1_000_000, 100_000),  # concurrent capture sessions, not events
+    "sessions": ("bench.sessions", 1_000, 50),  # concurrent capture sessions, not events
+    "spool": ("bench.spool", 1_000_000, 100_000),
+    "http_view": ("bench.http_view", 1_000_000, 100_000),
 }
 RESULTS: Final = Path(__file__).resolve().parent / "RESULTS.md"
 START: Final = "<!-- results:start (written by python -m bench) -->"

@@ -49,9 +49,11 @@ class Chain:
     def __init__(self, processors: list[Processor], dead_letter: DeadLetter) -> None:
         self.processors = processors
         self.dead_letter = dead_letter
+        self.tap: Any = None  # a TapHub while a tap client is attached: sees each processor's output
 
     def __call__(self, batch: Batch, start: int = 0) -> Batch:
-        for p in self.processors[start:] if start else self.processors:
+        tap = self.tap
+        for n, p in enumerate(self.processors[start:] if start else self.processors, start + 1):
             st = p.context.stats
             st.received += len(batch)
             try:
@@ -60,6 +62,8 @@ class Chain:
                 log.warning("%s: raised %s on a batch; retrying event by event", p.context.stage, exc)
                 batch = self._one_by_one(p, batch)
             st.sent += len(batch)
+            if tap is not None:
+                tap.publish(n, batch)
             if not batch:
                 break
         return batch

@@ -1,4 +1,4 @@
-"""`pipeline` command line: run, validate, stages, schema, listen, emulate, worker, report.
+"""`pipeline` command line: run, validate, test, stages, schema, listen, emulate, worker, report.
 
 User mistakes print one line (`pipeline: <file>:<line>:<col>: <key>: <what>`)
 and exit non-zero; set PIPELINE_DEBUG=1 to see tracebacks.
@@ -19,11 +19,15 @@ from pipeline import secrets
 from pipeline.errors import ConfigError, PipelineError
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from pipeline.logs import formatter
+
     if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"unknown log level {level!r} (expected debug, info, warning or error)")
+    if fmt not in ("text", "json"):
+        raise ConfigError(f"unknown log format {fmt!r} (expected text or json)")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(secrets.MaskingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -44,12 +48,42 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, new_session=True)
     from pipeline.runner import run_local
 
-    rt = asyncio.run(run_local(cfg, watch=args.watch))
+    if args.http:
+        cfg = _with_http(cfg, args.http)
+    progress = not args.quiet and args.log_format == "text" and sys.stderr.isatty()
+    rt = asyncio.run(run_local(cfg, watch=args.watch, progress=progress))
     if rt.error is not None:
         print(f"pipeline: {secrets.mask(str(rt.error))}", file=sys.stderr)
     if not args.quiet:
-        print(secrets.mask(rt.summary()), file=sys.stderr)
+        _print_summary(rt, args.log_format)
+    if args.summary_json:
+        from pipeline.summary import write_summary
+
+        write_summary(rt, args.summary_json)
     return rt.exit_code
+
+
+def _print_summary(rt: Any, log_format: str) -> None:
+    """The exit summary: text on stderr, or one JSON log record (`fields`) with --log-format json."""
+    if log_format == "json":
+        from pipeline.summary import summary_dict
+
+        logging.getLogger("pipeline.summary").info("summary", extra={"fields": summary_dict(rt)})
+    else:
+        print(secrets.mask(rt.summary()), file=sys.stderr)
+
+
+def _with_http(cfg: Any, address: str) -> Any:
+    """`--http ADDR` overrides `runtime.http`."""
+    import dataclasses
+
+    from pipeline.http.address import parse_address
+
+    try:
+        parse_address(address)
+    except ValueError as exc:
+        raise ConfigError(f"--http: {exc}") from None
+    return dataclasses.replace(cfg, runtime=cfg.runtime.model_copy(update={"http": address}))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -125,6 +159,8 @@ DELEGATED = {
     "listen": ("pipeline.listen:main", "drop-in for the seed's ws_listener.py"),
     "emulate": ("pipeline.emulator.cli:main", "run the local VideoDB-compatible emulator"),
     "worker": ("pipeline.runtime.faust:worker_main", "run a faust worker for a faust-engine config"),
+    "tap": ("pipeline.ops.tap:main", "follow the events at one point of a running pipeline"),
+    "top": ("pipeline.ops.top:main", "live table of a running pipeline's stages and sinks"),
     "report": ("pipeline.report.cli:main", "build an HTML page per capture session from JSONL output"),
 }
 
@@ -147,29 +183,44 @@ def _version() -> str:
         return "unknown"
 
 
+def _log_options(p: argparse.ArgumentParser, default: Any) -> None:
+    """--log-level/--log-format, accepted before or after the subcommand."""
+    env = default is True
+    p.add_argument("--log-level", default=os.environ.get("PIPELINE_LOG_LEVEL", "info") if env else default,
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default=os.environ.get("PIPELINE_LOG_FORMAT", "text") if env else default,
+                   choices=["text", "json"], help="text (default) or JSON lines")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeline", description="VideoDB capture-session event pipeline",
                                 epilog="PIPELINE_DEBUG=1 shows tracebacks instead of one-line errors")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    p.add_argument("--log-level", default=os.environ.get("PIPELINE_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
+    _log_options(p, True)
+    common = argparse.ArgumentParser(add_help=False)
+    _log_options(common, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    r = sub.add_parser("run", help="run a pipeline until its source ends, the session ends or a signal")
+    r = sub.add_parser("run", help="run a pipeline until its source ends, the session ends or a signal",
+                       parents=[common])
     r.add_argument("config")
     r.add_argument("-q", "--quiet", action="store_true", help="no exit summary")
     r.add_argument("--watch", action="store_true",
                    help="reload the config when the file changes (SIGHUP always reloads)")
     r.add_argument("--new-session", action="store_true",
                    help="create a new capture session instead of resuming the one in state_dir")
+    r.add_argument("--http", metavar="ADDR", help="serve metrics, health, tap and a status page at HOST:PORT "
+                   "(overrides runtime.http; e.g. 127.0.0.1:9464)")
+    r.add_argument("--summary-json", metavar="PATH", help="also write the exit summary as JSON to PATH")
     r.set_defaults(func=cmd_run)
-    v = sub.add_parser("validate", help="check a config file, its files and (--check) its connections")
+    v = sub.add_parser("validate", help="check a config file, its files and (--check) its connections",
+                       parents=[common])
     v.add_argument("config")
     v.add_argument("--offline", action="store_true",
                    help="accept unset ${VAR}s as placeholders (check a config without its secrets)")
     v.add_argument("--check", action="store_true",
                    help="also try every external connection (VideoDB, Kafka, webhooks) without changing anything")
     v.set_defaults(func=cmd_validate)
-    s = sub.add_parser("stages", help="list stage types (-v: with options)")
+    s = sub.add_parser("stages", help="list stage types (-v: with options)", parents=[common])
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=cmd_stages)
     sub.add_parser("schema", help="print a JSON Schema for config files").set_defaults(func=cmd_schema)
@@ -185,11 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--log-level", default=os.environ.get("PIPELINE_LOG_LEVEL", "info"))
+    pre.add_argument("--log-format", default=os.environ.get("PIPELINE_LOG_FORMAT", "text"))
     known, rest = pre.parse_known_args(argv)
     delegated = bool(rest) and rest[0] in DELEGATED
     args = known if delegated else parser().parse_args(argv)
     try:
-        _setup_logging(args.log_level)
+        _setup_logging(args.log_level, args.log_format)
         if delegated:
             return _run_delegated(rest[0], rest[1:])
         code = int(args.func(args))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline.api import Options, Stage
 from pipeline.channels import check_channels
@@ -58,6 +58,25 @@ class RuntimeSettings(Options):
     partitions: int = Field(default=4, ge=1)
     queue_size: int = Field(default=16, ge=1, description="batches buffered per sink before backpressure")
     drain_timeout: Duration = Field(default=30.0, description="on shutdown, how long sinks may take to flush")
+    http: str | None = Field(default=None, description="serve /metrics, /healthz, /ready, /tap and a status page "
+                             "at HOST:PORT, e.g. 127.0.0.1:9464 (off by default)")
+    http_token: Secret | None = Field(default=None, description="bearer token for /tap and the status page; "
+                                      "needed for them on a non-loopback address")
+    status_interval: Duration = Field(default=60.0, description="log a status line this often (0 = never)")
+
+    @field_validator("http_token", mode="before")
+    @classmethod
+    def _no_empty_token(cls, v: object) -> object:
+        return None if v == "" else v  # `${PIPELINE_HTTP_TOKEN:-}` unset means no token
+
+    @field_validator("http")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None:
+            from pipeline.http.address import parse_address
+
+            parse_address(v)
+        return v
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import reprlib
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,15 @@ def encode(rec: dict[str, Any]) -> bytes:
         except (TypeError, ValueError):
             return orjson.dumps({k: str(v)[:REPR_CHARS] for k, v in rec.items()}) + b"\n"
 
+MAX_REASONS = 32  # distinct reason kinds kept for metrics; more are counted as "other"
+_NUMBERS = re.compile(r"\d+")
+
+
+def reason_kind(reason: str) -> str:
+    """A short, bounded label for a reason: the part before the first colon, numbers as N."""
+    head = reason.split(":", 1)[0].strip()
+    return _NUMBERS.sub("N", head)[:60] or "unknown"
+
 
 class DeadLetter:
     """Append-only JSONL of rejected inputs; opened on first use, thread-safe.
@@ -41,6 +52,7 @@ class DeadLetter:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.count = 0
+        self.by_reason: Counter[str] = Counter()  # reason_kind -> count, for /metrics
         self._fh: Any = None
         self._lock = threading.Lock()
 
@@ -65,6 +77,10 @@ class DeadLetter:
                 self._fh = open_private(self.path)
             self._fh.write(line)
             self.count += 1
+            kind = reason_kind(reason)
+            if kind not in self.by_reason and len(self.by_reason) >= MAX_REASONS:
+                kind = "other"
+            self.by_reason[kind] += 1
 
     def close(self) -> None:
         with self._lock:

@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from itertools import compress
 from typing import Any, Final
 
+import orjson
+
 Event = dict[str, Any]
 Batch = list[Event]
 
@@ -185,12 +187,18 @@ def deeper_than(raw: bytes | str, value: Any, limit: int = MAX_DEPTH) -> bool:
 
 
 def _bad_id(value: Any, name: str) -> str | None:
-    if value is None or type(value) is int:
+    """Why an id is too long to key state by (a list or object counts as its JSON text), or None."""
+    if type(value) is str:
+        size = len(value)
+    elif isinstance(value, dict | list):
+        try:
+            size = len(orjson.dumps(value))
+        except TypeError:  # nested past what JSON writes: certainly too long
+            size = MAX_ID_CHARS + 1
+    else:  # numbers, booleans, null: a few characters at most
         return None
-    if not isinstance(value, str):
-        return f"{name} must be a string, not {type(value).__name__}"
-    if len(value) > MAX_ID_CHARS:
-        return f"{name} of {len(value)} characters exceeds {MAX_ID_CHARS}"
+    if size > MAX_ID_CHARS:
+        return f"{name} of {size} characters exceeds {MAX_ID_CHARS}"
     return None
 
 

@@ -13,16 +13,19 @@ from pydantic import SecretStr
 
 from pipeline.build import build
 from pipeline.config import PipelineConfig
+from pipeline.http.attach import operator_view
 from pipeline.runtime.local import LocalRuntime
 from pipeline.runtime.reload import Reloader
 
 log = logging.getLogger("pipeline")
 
 
-async def run_local(cfg: PipelineConfig, *, install_signals: bool = True, watch: bool = False) -> LocalRuntime:
+async def run_local(cfg: PipelineConfig, *, install_signals: bool = True, watch: bool = False,
+                    progress: bool = False) -> LocalRuntime:
     """Build and run the pipeline; returns the finished runtime (exit code in `.exit_code`).
 
     SIGHUP (and, with `watch`, a change of `cfg.file`) reloads the config while it runs.
+    `progress`: show a progress bar for a replay source (the caller checks for a terminal).
     """
     original = cfg
     emu = None
@@ -55,7 +58,9 @@ async def run_local(cfg: PipelineConfig, *, install_signals: bool = True, watch:
             rt = LocalRuntime(build(cfg, state=open_store(cfg.state_dir) if resumes else None),
                               install_signals=install_signals)
             rt.reloader = Reloader(rt, cfg.file, original, watch=watch)
-        rt.exit_code = await rt.run()
+        role = "ingest" if cfg.runtime.engine == "faust" else "local"
+        async with operator_view(rt, rt.b, role=role, progress=progress and cfg.source.type_name == "replay"):
+            rt.exit_code = await rt.run()
     finally:
         release(cfg.state_dir)
         if emu is not None:

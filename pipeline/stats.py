@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -33,3 +34,39 @@ class GapStats:
         per = ", ".join(f"{ch} {n}" for ch, n in sorted(self.backfilled.items())) or "none"
         return (f"  reconnects: {self.reconnects} (gaps {self.gap_seconds:.2f}s in total)"
                 f"   backfilled: {per}")
+
+
+#: Buckets (seconds) for receipt -> sink-written latency and for event lag (now - event time).
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LAG_BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 86400.0)
+
+
+class Histogram:
+    """A cumulative-on-read histogram fed once per batch (`n` events that share one value).
+
+    Why not prometheus_client's: this one has no lock and no labels, and the metrics
+    endpoint reads it at scrape time, so nothing but one bisect runs per batch.
+    """
+
+    __slots__ = ("bounds", "count", "counts", "last", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+        self.last = 0.0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        self.counts[bisect_left(self.bounds, value)] += n
+        self.sum += value * n
+        self.count += n
+        self.last = value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(`le`, count) pairs as Prometheus wants them, ending with +Inf."""
+        out, total = [], 0
+        for bound, c in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            total += c
+            out.append((bound, total))
+        return out

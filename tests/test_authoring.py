@@ -209,14 +209,14 @@ def test_validate_offline_without_the_api_key(tmp_path: Path) -> None:
 
 
 # -- 9. the smaller ones ------------------------------------------------------------------------------
-def test_validate_into_head_has_no_traceback() -> None:
-    for _ in range(3):
-        res = subprocess.run(f"{sys.executable} -m pipeline.cli stages -v | head -1; "
-                             f"{sys.executable} -m pipeline.cli validate --offline config/meeting.yaml | head -1",
-                             shell=True, cwd=ROOT, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
-        assert len(res.stdout.splitlines()) == 2
+def test_output_into_head_has_no_traceback() -> None:
+    # the schema (~100 kB) overflows the pipe, so the writer always sees the reader gone
+    res = subprocess.run(f"{sys.executable} -m pipeline.cli schema | head -1; "
+                         f"{sys.executable} -m pipeline.cli validate --offline config/meeting.yaml | head -1",
+                         shell=True, cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+    assert len(res.stdout.splitlines()) == 2
 
 
 def test_version() -> None:

@@ -263,6 +263,24 @@ async def test_drop_to_rebind_under_a_second(make_context: Callable[..., Context
 
 # --- backfill ----------------------------------------------------------------------------------------
 
+async def test_backfill_comes_before_the_new_connections_events(make_context: Callable[..., Context],
+                                                               tmp_path: Path) -> None:
+    events = [{"at": 0.1 * i, "channel": "transcript", "rtstream": "mic:default", "text": f"t{i}"}
+              for i in range(1, 200)]
+    emu = Emulator(scenario_file(tmp_path, events, end=20.1), speed=5, drop_after=10)
+    await emu.start()
+    try:
+        src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u", "on_active": {"transcript": True}})
+        run = await run_stages(src, ctl, timeout=30)
+    finally:
+        await emu.stop()
+    got = [e for e in run.events if e.get("channel") == "transcript"]
+    assert Counter(map(key, got)) == Counter(map(key, filter(tracked, produced(emu))))
+    assert sum(1 for e in got if e.get("backfill")) >= 3 and emu.hub.drops >= 5
+    starts = [e["data"]["start"] for e in got]
+    assert starts == sorted(starts)  # held live events wait for the backfill: event-time order across gaps
+
+
 def test_inlet_dedupes_both_ways_and_orders_backfill_by_event_time() -> None:
     from stages.sources.inlet import Inlet
 

@@ -92,6 +92,14 @@ def test_rules_scaling() -> None:
     assert [r.name for r in res] == [f"rules stage, {k:,} keywords" for k in rules_scaling.SIZES]
 
 
+def test_state_store() -> None:
+    from bench import state_store
+
+    [res] = state_store.run(2000)
+    numbers([res])
+    assert any("time in flush" in n for n in res.notes) and any("distinct rtstream ids" in n for n in res.notes)
+
+
 def test_memory() -> None:
     numbers(memory.run(2000))
 

@@ -84,3 +84,56 @@ def test_emulator_command_parses() -> None:
 
     args = emulator_parser().parse_args(SERVICES["emulator"]["command"][1:])
     assert args.host == "0.0.0.0" and args.port == 8700
+
+
+# --- monitoring: every pipeline process serves /metrics; Prometheus scrapes them; Grafana shows the dashboard ---
+
+def _http_arg(command: list[str]) -> str:
+    return command[command.index("--http") + 1]
+
+
+def test_pipeline_processes_serve_metrics_on_9464() -> None:
+    from pipeline.http.address import parse_address
+
+    ingest = SERVICES["ingest"]["command"]
+    args = parser().parse_args(ingest)
+    assert args.http == _http_arg(ingest) and parse_address(args.http) == ("0.0.0.0", 9464)
+    worker = SERVICES["worker"]["command"]
+    assert worker_parser().parse_args(worker[1:]).http == "0.0.0.0:9464"
+    assert "127.0.0.1:9464:9464" in SERVICES["ingest"]["ports"]  # the status page on the host's loopback only
+    assert "PIPELINE_HTTP_TOKEN" in compose_env(SERVICES["ingest"])
+
+
+def test_meeting_config_takes_the_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VIDEO_DB_API_KEY", "test-key")
+    monkeypatch.delenv("PIPELINE_HTTP_TOKEN", raising=False)
+    assert load_config(ROOT / "config/meeting.yaml").runtime.http_token is None  # unset: no token
+    monkeypatch.setenv("PIPELINE_HTTP_TOKEN", "tok-123456")
+    token = load_config(ROOT / "config/meeting.yaml").runtime.http_token
+    assert token is not None and token.get_secret_value() == "tok-123456"
+
+
+def test_prometheus_scrapes_the_ingest_and_every_worker() -> None:
+    prom = SERVICES["prometheus"]
+    assert prom["image"].startswith("prom/prometheus:v") and prom["profiles"] == ["monitoring"]
+    host, _, inside = prom["volumes"][0].partition(":")
+    assert (ROOT / host).is_file() and inside.startswith("/etc/prometheus/prometheus.yml")
+    scrape = yaml.safe_load((ROOT / host).read_text())["scrape_configs"]
+    jobs = {job["job_name"]: job for job in scrape}
+    assert jobs["pipeline-ingest"]["static_configs"][0]["targets"] == ["ingest:9464"]
+    dns = jobs["pipeline-worker"]["dns_sd_configs"][0]
+    assert dns["names"] == ["worker"] and dns["port"] == 9464  # every scaled worker, found by DNS
+    assert all(j["job_name"].startswith("pipeline-") for j in scrape)  # the dashboard's job=~"pipeline-.*"
+
+
+def test_grafana_has_the_dashboard_provisioned() -> None:
+    graf = SERVICES["grafana"]
+    assert graf["image"].startswith("grafana/grafana:") and graf["profiles"] == ["monitoring"]
+    mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in graf["volumes"])
+    assert mounts["./config/grafana/provisioning"] == "/etc/grafana/provisioning"
+    assert mounts["./config/grafana/dashboards"] == "/var/lib/grafana/dashboards"
+    for host in mounts:
+        assert (ROOT / host).is_dir()
+    home = graf["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (ROOT / "config/grafana/dashboards" / Path(home).name).is_file()
+    assert "prometheus" in graf["depends_on"]

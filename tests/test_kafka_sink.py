@@ -293,3 +293,36 @@ async def test_sink_refreshes_metadata_after_an_outage_so_delivery_really_resume
     assert got == list(range(1, 21)), f"{20 - len(got)} acknowledged events are not in the topic"
     print(f"delivery resumed {resumed:.2f}s after the broker returned")
     assert resumed < 2.0, f"delivery resumed {resumed:.1f}s after the broker returned"
+
+
+async def test_buffer_is_bounded_in_bytes_while_the_broker_is_away(
+        own_broker: Broker, make_context: Callable[..., Context]) -> None:  # noqa: F811
+    """buffer_events alone let 10,000 large events pile up; buffer_bytes stops write() first."""
+    sink = make_sink(make_context, own_broker.bootstrap, topic="big", buffer_bytes=50_000, request_timeout="1s",
+                     shutdown_timeout="1s")
+    await sink.start()  # no broker
+    big = "x" * 20_000
+    writers = [asyncio.create_task(sink.write([{**ev(i), "pad": big}])) for i in range(10)]
+    await asyncio.sleep(0.5)
+    assert sink._buffered_bytes <= 50_000 and sink._buffered == 2  # the third 20 KB event waits
+    sink.context.session.request_exit(0, "test over")
+    await asyncio.wait_for(asyncio.gather(*writers), 10)
+    await sink.close()
+    assert sink.dead_lettered == 10 and sink._buffered == 0 and sink._buffered_bytes == 0
+
+
+async def test_a_write_cancelled_while_waiting_for_room_dead_letters_its_events(
+        own_broker: Broker, make_context: Callable[..., Context]) -> None:  # noqa: F811
+    """The runtime cancels a pending write after drain_timeout and relies on the sink (cancel_safe): events
+    that never entered the full buffer must be dead-lettered, not forgotten."""
+    sink = make_sink(make_context, own_broker.bootstrap, topic="never", buffer_events=5, request_timeout="1s",
+                     shutdown_timeout="1s")
+    await sink.start()  # no broker
+    queued = asyncio.create_task(sink.write([ev(i) for i in range(5)]))
+    waiting = asyncio.create_task(sink.write([ev(i) for i in range(5, 8)]))
+    await asyncio.sleep(0.3)
+    waiting.cancel()
+    queued.cancel()
+    await asyncio.wait_for(sink.close(), 10)
+    dead = sorted(orjson.loads(x)["event"]["seq"] for x in sink.context.dead_letter.path.read_bytes().splitlines())
+    assert dead == list(range(8)) and sink.dead_lettered == 8

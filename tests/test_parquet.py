@@ -136,3 +136,14 @@ async def test_without_pyarrow_the_sink_says_what_to_install(tmp_path: Path, mak
                           "sys.exit('pyarrow' in sys.modules or 'duckdb' in sys.modules)"],
                          cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr  # heavy imports stay lazy
+
+
+async def test_an_unencodable_event_is_dead_lettered_alone(tmp_path: Path, make_context: MakeCtx) -> None:
+    ctx = make_context("sinks[0]:parquet")
+    sink = ParquetSink(ParquetOptions(path=str(tmp_path / "pq")), ctx)
+    await sink.start()
+    bad = {"channel": "transcript", "data": {"text": "x", "n": 1 << 70}}
+    await sink.write([ev(1), bad, ev(2)])
+    await sink.close()
+    assert pq.read_table(tmp_path / "pq").num_rows == 2
+    assert ctx.dead_letter.count == 1 and ctx.stats.errors == 1

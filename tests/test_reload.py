@@ -121,6 +121,14 @@ def test_new_rule_by_reload_fires_on_later_events_without_a_new_session(
     text = Path(log.name).read_text()
     assert code == 0, text
     assert "reloads: 1 applied, 1 rejected" in text
+    # across the sink swap no event was lost or written twice: the old file then the new one, in order
+    def lines_in(name: str) -> list[int]:
+        events = [json.loads(x) for x in (out / name).read_text().splitlines()]
+        return [int(e["data"]["text"].rsplit(" ", 1)[1]) for e in events if e.get("channel") == "transcript"]
+
+    before, after = lines_in("events.jsonl"), lines_in("events2.jsonl")
+    assert before and after, (before, after)
+    assert before + after == list(range(before[0], before[0] + len(before) + len(after)))
     made = calls(emulator)
     assert sum(c["method"] == "GET" and str(c["path"]).endswith("/websocket") for c in made) == 1
     assert sum(c["method"] == "POST" and str(c["path"]).endswith("/capture/session") for c in made) == 1

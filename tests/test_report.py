@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import orjson
 import pytest
 
 from pipeline.report.build import build_reports
-from pipeline.report.collect import MAX_MARKS, Collector
+from pipeline.report.collect import MAX_ALERTS, MAX_MARKS, Collector
 from tests.browser import browser_page
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,15 +119,23 @@ def test_huge_input_is_streamed_and_bounded(tmp_path: Path) -> None:
             fh.write(orjson.dumps({"channel": "transcript", "rtstream_id": "r1", "capture_session_id": "c",
                                    "data": {"text": f"word {i}", "start": 1000 + i * 1000,
                                             "end": 1500 + i * 1000, "is_final": True}}) + b"\n")
+            if i % 5 == 0:  # an alert storm on the same stream must not crowd the transcripts off the timeline
+                fh.write(orjson.dumps({"channel": "alert", "rtstream_id": "r1", "capture_session_id": "c",
+                                       "data": {"event_label": "storm", "timestamp": 1000 + i * 1000}}) + b"\n")
     c = Collector().read([src])
     lane = c.sessions["c"].lanes["mic"]
-    assert c.skipped == 1 and lane.seen == 60_000 and lane.words == 120_000
+    assert c.skipped == 1 and lane.seen == 72_000 and lane.words == 120_000
     assert lane.talk_ms == 60_000 * 500
-    assert MAX_MARKS // 2 <= len(lane.marks) <= MAX_MARKS
-    starts = [m.start for m in lane.marks]
-    assert starts[0] == 1000 and starts[-1] > 1000 + 55_000 * 1000  # thinned evenly, not cut off
+    for channel in ("transcript", "alert"):
+        marks = lane.tracks[channel].marks
+        assert MAX_MARKS // 2 <= len(marks) <= MAX_MARKS
+        assert marks[0].start == 1000 and marks[-1].start > 1000 + 55_000 * 1000  # thinned evenly, not cut off
+    assert len(c.sessions["c"].alerts) == MAX_ALERTS and c.sessions["c"].alerts_total == 12_000
     (path,) = build_reports([str(src)], str(tmp_path / "r.html"))
-    assert path.stat().st_size < 1_500_000
+    html = path.read_text()
+    assert path.stat().st_size < 2_000_000 and "10000 more alerts not listed" in html
+    linked = set(re.findall(r'data-mark="(m\d+)"', html))
+    assert linked and all(f'id="{m}"' in html for m in linked)  # every jump link has its mark
 
 
 def test_several_sessions_and_errors(tmp_path: Path) -> None:
@@ -158,3 +167,14 @@ def test_gaps_and_backfills_are_shown(tmp_path: Path) -> None:
     assert "backfilled events from" in html and '<div class="v">5</div><div class="k">backfilled</div>' in html
     (quiet,) = build_reports([str(src)], str(tmp_path / "q.html"), gap_ms=120_000)
     assert "no events for <b>" not in quiet.read_text()
+
+
+def test_lifecycle_keeps_arrival_order_on_equal_times(tmp_path: Path) -> None:
+    src = tmp_path / "l.jsonl"
+    statuses = ["created", "starting", "active", "stopping", "stopped", "exported"]
+    src.write_bytes(b"".join(orjson.dumps({"event": f"capture_session.{s}", "capture_session_id": "c", "status": s,
+                                           "unix_ts": 100.0}) + b"\n" for s in statuses))
+    (path,) = build_reports([str(src)], str(tmp_path / "l.html"))
+    html = path.read_text()
+    table = html[html.index("<h2>Lifecycle</h2>"):]
+    assert [table.index(f"<td>{s}</td>") for s in statuses] == sorted(table.index(f"<td>{s}</td>") for s in statuses)

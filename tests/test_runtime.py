@@ -244,6 +244,7 @@ asyncio.run(main())
         port = int(srv.stdout.readline())  # type: ignore[union-attr]
         p = write_config(tmp_path, f"""
 name: term
+state_dir: {tmp_path}/state
 source: {{type: websocket, url: "ws://127.0.0.1:{port}/"}}
 sinks:
   - {{type: jsonl, path: {tmp_path}/a.jsonl}}

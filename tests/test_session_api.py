@@ -93,7 +93,7 @@ async def running(make_context: Callable[..., Context], emu: Emulator, **api: An
 
 @pytest.fixture
 async def emulator(tmp_path: Path) -> AsyncIterator[Emulator]:
-    emu = Emulator(scenario_file(tmp_path, cues(), end=100), speed=10, api_key=API_KEY, autostart=False)
+    emu = Emulator(scenario_file(tmp_path, cues(), end=1000), speed=10, api_key=API_KEY, autostart=False)
     await emu.start()
     yield emu
     await emu.stop()
@@ -261,7 +261,7 @@ def lines_of(path: Path) -> list[dict[str, Any]]:
 
 
 async def test_restart_after_kill_9_reattaches_every_live_session(tmp_path: Path) -> None:
-    emu = Emulator(scenario_file(tmp_path, cues(60), end=100), speed=10, api_key=API_KEY, autostart=False)
+    emu = Emulator(scenario_file(tmp_path, cues(600), end=1000), speed=10, api_key=API_KEY, autostart=False)
     await emu.start()
     config = api_config(tmp_path, emu)
     out = tmp_path / "by-session"
@@ -282,14 +282,16 @@ async def test_restart_after_kill_9_reattaches_every_live_session(tmp_path: Path
             proc.kill()  # kill -9: no flush, no goodbye
             await proc.wait()
             before = {sid: len(lines_of(out / f"{sid}.jsonl")) for sid in made}
-            old_ws = {c["body"]["ws_connection_id"] for c in emu.calls if c["path"].endswith("/transcription")}
+            old_ws = {c["body"]["ws_connection_id"] for c in emu.calls
+                      if c["path"].endswith("/transcription") and c["method"] == "POST"}
 
             proc, url, log = await start_pipeline(config, tmp_path)
             live.url = url
             status, listing = await live.call("GET", "/v1/sessions")
             assert status == 200 and {s["session_id"] for s in listing["sessions"]} == set(made)
             await live.wait_for(lambda: all(len(lines_of(out / f"{sid}.jsonl")) > before[sid] + 2 for sid in made))
-            new_ws = {c["body"]["ws_connection_id"] for c in emu.calls if c["path"].endswith("/transcription")}
+            new_ws = {c["body"]["ws_connection_id"] for c in emu.calls
+                      if c["path"].endswith("/transcription") and c["method"] == "POST"}
             assert new_ws - old_ws  # the AI pipelines were re-bound to the new connection
             status, again = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"},
                                             headers={"Idempotency-Key": "key-u1"})
@@ -298,6 +300,15 @@ async def test_restart_after_kill_9_reattaches_every_live_session(tmp_path: Path
             status, listing = await live.call("GET", "/v1/sessions")
             assert all(s["status"] == "active" and s["events"].get("transcript", 0) > 0 for s in listing["sessions"])
             assert not (out / "unknown.jsonl").exists()  # every event after the restart is tagged
+            produced = {(r["event"]["rtstream_id"], r["event"]["data"]["start"]) for r in emu.emitted
+                        if r["event"].get("channel") == "transcript"}
+            assert any(not r["live"] for r in emu.emitted)  # the gap: produced while no pipeline was connected
+
+            def written() -> set[tuple[Any, Any]]:
+                return {(e.get("rtstream_id"), e["data"]["start"]) for sid in made
+                        for e in lines_of(out / f"{sid}.jsonl") if e.get("channel") == "transcript"}
+
+            await live.wait_for(lambda: produced <= written())  # the gap was backfilled after re-attaching
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 20) == 0, "".join(log)
             text = "".join(log)
@@ -344,7 +355,7 @@ async def test_jsonl_path_per_session_is_safe(make_context: Callable[..., Contex
 
 async def test_every_session_is_rebound_after_a_reconnect(make_context: Callable[..., Context],
                                                           tmp_path: Path) -> None:
-    emu = Emulator(scenario_file(tmp_path, cues(40), end=100), speed=10, api_key=API_KEY, autostart=False,
+    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False,
                    drop_after=40)
     await emu.start()
     try:
@@ -370,5 +381,42 @@ async def test_every_session_is_rebound_after_a_reconnect(make_context: Callable
             before = {sid: len(live.of(sid, "transcript")) for sid in made}
             await live.wait_for(lambda: all(len(live.of(sid, "transcript")) > before[sid] for sid in made))
             assert all(live.ctl.manager.get(sid).lifecycle.state == "active" for sid in made)
+
+            def key(e: dict[str, Any]) -> tuple[Any, ...]:
+                return e.get("rtstream_id"), e.get("channel"), e["data"].get("start"), e["data"].get("text")
+
+            produced = [key(r["event"]) for r in emu.emitted if r["event"].get("channel") == "transcript"]
+            lost = [r for r in emu.emitted if not r["live"] and r["event"].get("channel") == "transcript"]
+            assert lost  # events produced while the connection was gone were not resent over the socket
+
+            def received() -> list[tuple[Any, ...]]:
+                return [key(e) for e in live.events if e.get("channel") == "transcript"]
+
+            await live.wait_for(lambda: set(produced) <= set(received()))  # backfilled after the re-bind
+            got = received()
+            assert all(got.count(k) == 1 for k in produced)  # and none twice
+            assert any(e.get("backfill") for e in live.events)
     finally:
         await emu.stop()
+
+
+def test_backfill_bookkeeping_scales_with_sessions_not_history() -> None:
+    """Thousands of rtstreams are tracked for backfill; what is kept per rtstream is bounded in time."""
+    from stages.sources.inlet import Inlet
+
+    inlet = Inlet()
+    t0 = 1_700_000_000_000
+    for i in range(4000):  # 1,000 sessions x 4 rtstreams
+        inlet.admit([{"channel": "transcript", "rtstream_id": f"rts-{i}", "data": {"start": t0, "text": "hi"}}])
+    inlet.mark_gap()
+    assert inlet.since("rts-3999", "transcript") == t0  # the last session is backfilled from its gap too
+    for n in range(10_000):  # an hour and more of one stream at 1 event/s
+        inlet.admit([{"channel": "transcript", "rtstream_id": "rts-0", "data": {"start": t0 + n * 1000,
+                                                                                "text": f"segment {n}"}}])
+    seen = inlet._seen[("rts-0", "transcript")]
+    assert len(seen.keys) <= 61 and len(seen.order) == len(seen.keys)
+    dup = {"channel": "transcript", "rtstream_id": "rts-0", "backfill": True,
+           "data": {"start": t0 + 9_990 * 1000, "text": "segment 9990"}}
+    assert inlet.known(dup) and inlet.admit([dup]) == []  # recent events are still deduplicated
+    inlet.forget(["rts-0"])
+    assert ("rts-0", "transcript") not in inlet._seen and inlet.since("rts-0", "transcript") is None

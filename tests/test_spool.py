@@ -183,3 +183,16 @@ async def test_full_disk_buffer_blocks_or_dead_letters(tmp_path: Path) -> None:
     blk.taken(item)
     await asyncio.wait_for(waiting, 1)
     blk.close()
+
+
+def test_undelivered_bytes_reads_a_spool_without_opening_it(tmp_path: Path) -> None:
+    from pipeline.state.spool import undelivered_bytes
+
+    sp = Spool(tmp_path / "s", segment_bytes=200)
+    sp.open()
+    ends = [sp.append(payload(i), 1) for i in range(10)]
+    sp.ack(ends[3])
+    assert undelivered_bytes(tmp_path / "s") == ends[-1] - ends[3]
+    sp.ack(ends[-1])
+    assert undelivered_bytes(tmp_path / "s") == 0  # fully delivered: nothing to warn about
+    sp.close()

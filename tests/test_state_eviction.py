@@ -114,3 +114,19 @@ def test_enrich_forgets_ended_sessions_and_idle_rtstreams_but_keeps_live_ones(
         if k == 1:
             assert "a" not in streams and "c" in streams  # 15 min after the export: gone
     assert set(streams) == {"b"}
+
+
+def test_a_bogus_future_event_time_does_not_expire_everything(make_context: Callable[..., Context]) -> None:
+    import time
+
+    now = int(time.time() * 1000)
+    state = StateStore()
+    r = rules(make_context, state, state_ttl="1m")
+    r.process([visual("rts-1", now)])
+    r.process([visual("rts-2", 32_503_680_000_000)])  # year 3000, from a broken or hostile peer
+    assert "code|rts-1" in state.get("rules.last_fired")
+    assert len(r.process([visual("rts-1", now + 10_000)])) == 1  # still inside its cooldown: no second alert
+    e = Enrich(Enrich.Options.model_validate({}), make_context("enrich", state=state))
+    e.process([active("cap-1", ["a"], now)])
+    e.process([{**visual("a", 32_503_680_000_000)}])
+    assert e.process([visual("a", now + 1000)])[0]["rtstream_name"] == "n-a"

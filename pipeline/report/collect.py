@@ -1,6 +1,6 @@
 """Read the pipeline's JSONL output line by line into bounded per-session summaries.
 
-Memory stays bounded whatever the input size: marks per lane are thinned
+Memory stays bounded whatever the input size: marks per lane and channel are thinned
 evenly past a cap, alert rows, keywords, lifecycle entries, lanes, sessions and
 the duplicate filter all have caps, and every text is cut.
 """
@@ -12,7 +12,7 @@ import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import orjson
 
@@ -20,7 +20,7 @@ from pipeline.events import canonical, channel, event_time_ms, lifecycle_status
 
 MAX_LINE: Final = 1 << 20  # longer lines are skipped (counted)
 MAX_TEXT: Final = 400  # characters of text kept per mark / alert row
-MAX_MARKS: Final = 1500  # marks drawn per lane; past it every other one is dropped, then every 4th...
+MAX_MARKS: Final = 1500  # marks drawn per lane and channel; past it every other one is dropped...
 MAX_ALERTS: Final = 2000  # alert rows per session
 MAX_LANES: Final = 32  # rtstreams per session; more go into one "other streams" lane
 MAX_SESSIONS: Final = 200
@@ -30,6 +30,7 @@ MAX_SECONDS: Final = 1_000_000  # distinct event-time seconds remembered per ses
 MAX_DEDUPE: Final = 2_000_000  # line digests remembered to drop the same event found in two files
 MARK_CHANNELS: Final = ("transcript", "audio_index", "visual_index", "alert")
 UNKNOWN_SESSION: Final = "unknown-session"
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -57,30 +58,50 @@ class AlertRow:
     origin: str
 
 
+class Track(Generic[T]):
+    """Items (the marks of one channel on one lane, lifecycle entries) thinned evenly: past `cap` every
+    other one is dropped, and from then on only every 2nd (then 4th, ...) new item is kept."""
+
+    __slots__ = ("cap", "marks", "seen", "stride")
+
+    def __init__(self, cap: int = MAX_MARKS) -> None:
+        self.cap = cap
+        self.marks: list[T] = []
+        self.seen = 0
+        self.stride = 1
+
+    def add(self, item: T) -> None:
+        self.seen += 1
+        if (self.seen - 1) % self.stride:
+            return
+        self.marks.append(item)
+        if len(self.marks) > self.cap:
+            self.stride *= 2
+            self.marks = self.marks[::2]
+
+
 @dataclass
 class Lane:
-    """One rtstream: its marks (thinned evenly past MAX_MARKS), talk time and words."""
+    """One rtstream: a track of marks per channel, talk time and words."""
 
     name: str
-    marks: list[Mark] = field(default_factory=list)
-    stride: int = 1
-    seen: int = 0
+    tracks: dict[str, Track[Mark]] = field(default_factory=dict)
     talk_ms: int = 0
     words: int = 0
-    channels: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def seen(self) -> int:
+        return sum(t.seen for t in self.tracks.values())
+
+    @property
+    def marks(self) -> list[Mark]:
+        return [m for t in self.tracks.values() for m in t.marks]
 
     def add(self, mark: Mark) -> None:
-        self.seen += 1
-        self.channels[mark.channel] = self.channels.get(mark.channel, 0) + 1
-        if mark.channel == "alert":
-            if self.channels["alert"] > MAX_ALERTS:
-                return
-        elif (self.seen - 1) % self.stride:
-            return
-        self.marks.append(mark)
-        if len(self.marks) > MAX_MARKS:
-            self.stride *= 2
-            self.marks = [m for i, m in enumerate(self.marks) if m.channel == "alert" or i % 2 == 0]
+        track = self.tracks.get(mark.channel)
+        if track is None:
+            track = self.tracks[mark.channel] = Track[Mark]()
+        track.add(mark)
 
 
 @dataclass
@@ -90,7 +111,7 @@ class Session:
     alerts: list[AlertRow] = field(default_factory=list)
     alerts_total: int = 0
     keywords: dict[str, int] = field(default_factory=dict)
-    lifecycle: list[tuple[int, str]] = field(default_factory=list)
+    lifecycle: Track[tuple[int, str]] = field(default_factory=lambda: Track[tuple[int, str]](MAX_LIFECYCLE))
     counts: dict[str, int] = field(default_factory=dict)
     seconds: set[int] = field(default_factory=set)
     backfill: int = 0
@@ -232,8 +253,7 @@ class Collector:
             elif len(spans) < 500:
                 spans.append([t, t])
         if status is not None:
-            if len(session.lifecycle) < MAX_LIFECYCLE:
-                session.lifecycle.append((t, _cut(status, 40)))
+            session.lifecycle.add((t, _cut(status, 40)))
             return
         if ch not in MARK_CHANNELS:
             return

@@ -76,7 +76,7 @@ class _Scale:
 
 
 def _tracks(lane: Lane) -> list[str]:
-    return [ch for ch in MARK_CHANNELS if lane.channels.get(ch)]
+    return [ch for ch in MARK_CHANNELS if ch in lane.tracks]
 
 
 def timeline(s: Session, gap_ms: int) -> str:
@@ -108,7 +108,7 @@ def timeline(s: Session, gap_ms: int) -> str:
         out.append(f'<rect class="backfill-span" x="{x0:.1f}" y="38" width="{max(4.0, x1 - x0):.1f}" height="6" '
                    f'data-tip="{esc(f"backfilled events {clock(a)} to {clock(b)}")}"/>')
     out.append(f'<text class="lane-name" x="8" y="{TOP - 14}">session</text>')
-    for t, status in s.lifecycle:
+    for t, status in s.lifecycle.marks:
         x = sc.x(t)
         out.append(f'<g class="life" data-tip="{esc(f"{status} at {clock(t)}")}">'
                    f'<line x1="{x:.1f}" y1="{TOP - 22}" x2="{x:.1f}" y2="{height - 6}"/>'
@@ -146,7 +146,7 @@ def timeline(s: Session, gap_ms: int) -> str:
 
 
 def _talk(s: Session) -> str:
-    lanes = sorted((ln for ln in s.lanes.values() if ln.channels.get("transcript")), key=lambda ln: -ln.talk_ms)
+    lanes = sorted((ln for ln in s.lanes.values() if "transcript" in ln.tracks), key=lambda ln: -ln.talk_ms)
     if not lanes:
         return '<p class="none">No final transcripts.</p>'
     top = max(ln.talk_ms for ln in lanes) or 1
@@ -162,12 +162,14 @@ def _alerts(s: Session, t0: int) -> str:
     if not s.alerts:
         return '<p class="none">No alerts.</p>'
     rows = []
+    drawn = {m.id for ln in s.lanes.values() if "alert" in ln.tracks for m in ln.tracks["alert"].marks}
     for a in sorted(s.alerts, key=lambda a: a.time):
+        when = (f'<a class="jump" href="#m{a.mark}" data-mark="m{a.mark}">{esc(offset(a.time, t0))}</a>'
+                if a.mark in drawn else esc(offset(a.time, t0)))  # thinned off a crowded timeline: no link
         chips = "".join(f'<span class="chip">{esc(m)}</span>' for m in a.matched)
         sev = esc(a.severity or "-")
         rows.append(
-            f'<tr class="alert-row"><td class="num"><a class="jump" href="#m{a.mark}" data-mark="m{a.mark}">'
-            f'{esc(offset(a.time, t0))}</a><div class="sub">{esc(clock(a.time))}</div></td>'
+            f'<tr class="alert-row"><td class="num">{when}<div class="sub">{esc(clock(a.time))}</div></td>'
             f'<td><b>{esc(a.label)}</b><div class="sub">{esc(a.origin)}</div></td>'
             f'<td><span class="sev sev-{sev if sev in ("info", "warning", "critical") else "other"}">{sev}</span></td>'
             f'<td>{esc(a.lane)}</td><td>{chips}</td><td class="text">{esc(a.text)}</td></tr>')
@@ -186,10 +188,11 @@ def _keywords(s: Session) -> str:
 
 
 def _lifecycle(s: Session, t0: int) -> str:
-    if not s.lifecycle:
+    if not s.lifecycle.marks:
         return '<p class="none">No lifecycle events.</p>'
+    entries = sorted(s.lifecycle.marks, key=lambda m: m[0])  # equal times keep arrival order
     rows = "".join(f'<tr><td class="num">{esc(offset(t, t0))}</td><td class="num">{esc(day_clock(t))}</td>'
-                   f"<td>{esc(status)}</td></tr>" for t, status in sorted(s.lifecycle))
+                   f"<td>{esc(status)}</td></tr>" for t, status in entries)
     return f"<table><thead><tr><th>when</th><th>UTC</th><th>status</th></tr></thead><tbody>{rows}</tbody></table>"
 
 

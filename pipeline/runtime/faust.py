@@ -146,6 +146,11 @@ class Worker:
         self.topic = self.app.topic(ingest_topic(cfg), key_serializer="raw", value_serializer="raw",
                                     partitions=partitions)
         self._started = False
+        self.sinks_started = False  # for /ready
+        if cfg.runtime.http:  # the operator endpoint runs beside the agent, in faust's loop
+            from pipeline.http.attach import serve_worker
+
+            self.app.task(lambda: serve_worker(self))
         self._closed = False
         self.app.agent(self.topic, name=f"{cfg.name}-process")(self._agent)
         self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
@@ -170,6 +175,7 @@ class Worker:
             self.built.dead_letter.check()
             for slot in self.built.sinks:
                 await slot.sink.start()
+            self.sinks_started = True
 
     async def handle(self, events: list[Any]) -> None:
         """One faust batch: per ingest partition, decode, run processors, write and flush every sink."""
@@ -251,9 +257,10 @@ class Worker:
         self.summary()
 
     def summary(self) -> None:
+        extra = {p.context.stats.name: p.report() for p in self.built.chain.processors}
         for st in self.built.stats:
-            log.info("worker %d: %-28s in %d out %d errors %d", os.getpid(), st.name, st.received, st.sent,
-                     st.errors)
+            log.info("worker %d: %-28s in %d out %d errors %d%s", os.getpid(), st.name, st.received, st.sent,
+                     st.errors, "".join(f" {k} {v}" for k, v in extra.get(st.name, {}).items()))
         if self.built.dead_letter.count:
             log.warning("worker %d: dead-lettered %d -> %s", os.getpid(), self.built.dead_letter.count,
                         self.built.dead_letter.path)
@@ -285,6 +292,8 @@ def _parser() -> argparse.ArgumentParser:
                                 description="run a faust worker: processors and sinks over <name>-ingest")
     p.add_argument("config", help="pipeline YAML with runtime: {engine: faust}")
     p.add_argument("--workers-dir", help="where workers keep local files (default out/<name>/workers)")
+    p.add_argument("--http", metavar="ADDR", help="serve /metrics, /healthz, /ready and /tap at HOST:PORT "
+                   "(overrides runtime.http)")
     p.add_argument("--session-timeout", default="10s",
                    help="a worker silent this long loses its partitions to the others (default 10s)")
     p.add_argument("--log-level", default=os.environ.get("PIPELINE_LOG_LEVEL", "info"),
@@ -307,6 +316,10 @@ def worker_main(argv: list[str]) -> int:
         raise ConfigError(f"--session-timeout: {exc}") from None
     _create_ingest_topic(cfg)
     workers_dir = Path(args.workers_dir) if args.workers_dir else cfg.out_dir / "workers"
+    if args.http:
+        from pipeline.cli import _with_http
+
+        cfg = _with_http(cfg, args.http)
     return Worker(cfg, workers_dir, session_timeout).run(args.log_level)
 
 

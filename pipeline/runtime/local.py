@@ -22,15 +22,25 @@ from typing import Any
 
 from pipeline.build import Built, SinkSlot
 from pipeline.errors import PipelineError, SinkFailed, StageError
-from pipeline.events import Batch
-from pipeline.runtime.buffers import DiskBuffer, Item, MemoryBuffer, SinkBuffer, estimate_bytes, spool_dir
+from pipeline.events import Batch, event_time_ms
+from pipeline.runtime.buffers import (
+    DiskBuffer,
+    Item,
+    MemoryBuffer,
+    SinkBuffer,
+    estimate_bytes,
+    spool_dir,
+    spool_root,
+)
 from pipeline.runtime.reload import Reloader
-from pipeline.state.spool import Damage
+from pipeline.state.spool import Damage, undelivered_bytes
+from pipeline.stats import LAG_BUCKETS, LATENCY_BUCKETS, Histogram
 
 log = logging.getLogger("pipeline.runtime")
 
 #: close() of a sink without a `shutdown_timeout` option gets this long; every close gets a little grace.
 DEFAULT_CLOSE_TIMEOUT = 10.0
+RECEIPTS = 4096  # batch receipt times kept for the latency histogram (older batches are not observed)
 CLOSE_GRACE = 2.0
 
 
@@ -51,6 +61,14 @@ class LocalRuntime:
         self.reloader: Reloader | None = None  # set by the runner for `run` (SIGHUP, --watch)
         self.gate = asyncio.Event()  # cleared while a reload swaps sinks: ingest waits between two batches
         self.gate.set()
+        self.fanning_out = False
+        # For the operator's view (pipeline/http): read at scrape time, fed once per batch.
+        self.tap: Any = None  # a TapHub while a tap client is attached, else None (one check per batch)
+        self.lag = Histogram(LAG_BUCKETS)  # now - event time of each batch's newest event, at ingest
+        self.latency = [Histogram(LATENCY_BUCKETS) for _ in built.sinks]  # receipt -> written, per sink
+        self.received_at: dict[int, float] = {}  # batch index -> monotonic receipt time (the last RECEIPTS)
+        self.sinks_started = False
+        self.source_running = False
 
     # -- control -----------------------------------------------------------------------
     def _on_signal(self, signum: int) -> None:
@@ -119,10 +137,20 @@ class LocalRuntime:
         source = b.source
         targets = list(zip(b.sinks, self.buffers, strict=True))
         index = 0
+        lag, received_at = self.lag, self.received_at
+        clock, wall = time.monotonic, time.time
+        self.source_running = True
         async for batch in source.batches():
             await self.gate.wait()  # set except while a reload swaps sinks
             n = len(batch)
             st.received += n
+            received_at[index] = clock()
+            received_at.pop(index - RECEIPTS, None)
+            if n:
+                lag.observe(max(0.0, wall() - event_time_ms(batch[-1]) / 1000), n)
+            tap = self.tap
+            if tap is not None:
+                tap.publish(0, batch)
             # sources report the raw size of what they read; the estimate is for those that do not
             raw = getattr(source, "batch_bytes", None)
             per_event = (raw if raw is not None else estimate_bytes(batch)) / n if n else 0.0
@@ -132,7 +160,9 @@ class LocalRuntime:
             if state.dirty:  # rule/enrich state is saved before its alerts can reach a sink
                 state.flush()
             st.sent += n
+            self.fanning_out = True  # a reload waits for this batch to be in every sink's buffer
             await self._fan_out(targets, index, out, per_event)
+            self.fanning_out = False
             index += 1
             # Let the sinks take this batch now rather than after `queue_size` more: the events are
             # still in the CPU cache, and fewer batches alive means less memory churn (~20% faster).
@@ -169,6 +199,8 @@ class LocalRuntime:
                 self._writing[i] = item
                 try:
                     await slot.sink.write(batch)
+                    if buf.durable:  # acknowledged in the spool only once durable (not just in a sink's queue)
+                        await slot.sink.flush()
                 except Exception as exc:
                     failed = True
                     self._fail(exc if isinstance(exc, PipelineError) else
@@ -184,6 +216,12 @@ class LocalRuntime:
                 finally:
                     self._writing[i] = None
                 slot.stats.sent += len(batch)
+                t = self.received_at.get(item.index)
+                if t is not None:  # (not for batches spooled by an earlier run)
+                    self.latency[i].observe(time.monotonic() - t, len(batch))
+                tap = self.tap
+                if tap is not None:
+                    tap.publish(-1 - i, batch)  # sink i is tap point -1-i
             elif failed:  # keep taking batches so ingest never blocks on us, but write them to the dead letter
                 self._dead_letter(slot, batch, "sink failed before writing")
             buf.taken(item)
@@ -246,6 +284,7 @@ class LocalRuntime:
             for slot in b.sinks:
                 await slot.sink.start()
                 started.append(slot)
+            self.sinks_started = True
             drains = [asyncio.create_task(self._drain(i, s), name=s.stats.name) for i, s in enumerate(b.sinks)]
             if b.controller is not None:
                 helpers.append(asyncio.create_task(b.controller.start(), name="controller"))
@@ -278,6 +317,13 @@ class LocalRuntime:
                 if buf.restored:
                     log.warning("%s: %d event(s) left in the spool by an earlier run; delivering them first",
                                 slot.stats.name, buf.restored)
+        used = {buf.spool.dir for buf in self.buffers if isinstance(buf, DiskBuffer)}
+        root = spool_root(self.b.config)
+        for d in sorted(root.iterdir()) if root.is_dir() else ():
+            size = undelivered_bytes(d) if d.is_dir() and d not in used else 0
+            if size:
+                log.warning("%s: %d undelivered byte(s) spooled under an earlier configuration, and no sink "
+                            "with a disk buffer at that position now; delete it once it is not needed", d, size)
 
     async def _supervise(self, ingest: asyncio.Task[None], drains: list[asyncio.Task[None]],
                          helpers: list[asyncio.Task[Any]]) -> None:

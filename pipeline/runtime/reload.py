@@ -164,6 +164,8 @@ class Reloader:
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + rt.b.config.runtime.drain_timeout
+            while rt.fanning_out and loop.time() < deadline:  # a batch half handed out goes to the old sinks
+                await asyncio.sleep(0.005)
             for sw in swaps:
                 slot = rt.b.sinks[sw.index]
                 while rt.buffers[sw.index].pending_events or rt._writing[sw.index] is not None:

@@ -66,6 +66,28 @@ def encode(payload: bytes, events: int) -> bytes:
     return head8 + struct.pack("<I", _crc(head8, payload)) + payload
 
 
+def undelivered_bytes(directory: Path) -> int:
+    """Bytes a spool directory holds past its ack offset, read without opening (locking) it."""
+    segs = sorted((int(p.name[: -len(_SUFFIX)]), p) for p in directory.glob(f"*{_SUFFIX}")
+                  if p.name[: -len(_SUFFIX)].isdigit())
+    if not segs:
+        return 0
+    acked = 0
+    try:
+        raw = (directory / "ack").read_bytes()
+    except OSError:
+        raw = b""
+    gen = 0
+    for slot in (0, 1):
+        chunk = raw[slot * _ACK_SLOT: slot * _ACK_SLOT + _ACK.size]
+        if len(chunk) == _ACK.size:
+            g, off, crc = _ACK.unpack(chunk)
+            if zlib.crc32(chunk[:16]) == crc and g > gen:
+                gen, acked = g, off
+    base, last = segs[-1]
+    return max(base + last.stat().st_size - max(acked, segs[0][0]), 0)
+
+
 class Spool:
     """Append-only, crash-tolerant queue of encoded batches with a durable consumer offset."""
 

@@ -18,6 +18,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -30,6 +31,7 @@ from pipeline.videodb_sdk import VideoDBCallError, call
 from stages.controller.ai_pipelines import AIPipelines, OnActive, Stream, media_kind, streams_from_event
 from stages.controller.session_store import SessionStore, safe_id
 from stages.controller.sessions import ManagedSession
+from stages.sources import backfill
 
 log = logging.getLogger("pipeline.controller.sessions")
 
@@ -37,6 +39,8 @@ _EARLY_SESSIONS: Final = 1000  # lifecycle events for ids we do not know yet (th
 _EARLY_PER_SESSION: Final = 10
 _COUNTED: Final = frozenset({"transcript", "visual_index", "scene_index", "audio_index", "alert"})
 _BIND_CONCURRENCY: Final = 8  # re-binds after a reconnect, at once (each is a few SDK calls in a thread)
+CHECKPOINT_FILE: Final = "backfill_from.checkpoint"  # where a restart's backfill starts, for every session
+CHECKPOINT_EVERY: Final = 2.0  # seconds (> the sinks' flush interval; saved one period behind)
 
 
 class ApiProblem(Exception):
@@ -68,6 +72,7 @@ class SessionManager:
         self._bind_slots = asyncio.Semaphore(_BIND_CONCURRENCY)
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: dict[str, str] = {}
+        self._saved_checkpoint: dict[str, int] | None = None
         self.conn: Any = None
 
     async def _sdk(self, what: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
@@ -92,6 +97,12 @@ class SessionManager:
                 self._index_streams(s)
         self.link.on_connection(self._on_connection)
         live = [s for s in self.sessions.values() if s.live]
+        inlet = self.link.inlet
+        if inlet is not None:
+            if live:  # the gap since the last run's events; without a checkpoint, since the session began
+                inlet.resume(self.store.read_json(CHECKPOINT_FILE))
+                inlet.resume({k: t for s in live for k, t in _backfill_marks(s).items()})
+            self._spawn(self._checkpoints(inlet))
         if live:
             log.info("%s: re-attaching %d live capture session(s) from %s", self.who, len(live), self.store.dir)
             self._spawn(self._reattach(live))
@@ -110,7 +121,7 @@ class SessionManager:
             if s.lifecycle.behind(status):
                 self._transition(s, status, session=session)
             elif s.lifecycle.state == "active":
-                self._spawn(self._bind(s, _streams_of(session)))
+                self._spawn(self._bind(s, _streams_of(session), backfill_gap=True))
             log.info("%s: re-attached capture session %s (%s) to connection %s",
                      self.who, s.id, s.lifecycle.state, conn_id)
         self._start_poll()
@@ -365,50 +376,85 @@ class SessionManager:
 
     def _forget_streams(self, s: ManagedSession) -> None:
         """A finished session's rtstreams send nothing more: drop the lookup entries, keep the counters."""
-        for r in s.record.get("rtstreams") or []:
-            rid = r.get("rtstream_id") if isinstance(r, dict) else None
+        ids = [r.get("rtstream_id") for r in s.record.get("rtstreams") or [] if isinstance(r, dict)]
+        for rid in ids:
             if isinstance(rid, str) and self.by_stream.get(rid) is s:
                 del self.by_stream[rid]
+        if self.link.inlet is not None:
+            self.link.inlet.forget(str(rid) for rid in ids)  # its dedupe keys and backfill marks
 
     # --- AI pipelines and reconnects -----------------------------------------------------------
 
-    async def _bind(self, s: ManagedSession, streams: list[Stream] | None) -> None:
-        """Bind the session's AI pipelines to the current connection id (again, if it changed meanwhile)."""
-        async with self._bind_slots, s.lock:
-            if not s.live:
+    async def _bind(self, s: ManagedSession, streams: list[Stream] | None, *, backfill_gap: bool = False,
+                    held: bool = False) -> None:
+        """Bind the session's AI pipelines to the current connection id, then backfill the gap.
+
+        A backfill runs after a re-bind (the pipelines had been bound to another connection) or
+        when asked (`backfill_gap`: re-attached after a restart). `held`: the source's inlet was put
+        on hold for this call (live events wait for the backfill); released at the end.
+        """
+        try:
+            async with self._bind_slots, s.lock:
+                before = s.pipelines.bound_to if s.pipelines is not None else None
+                await self._bind_now(s, streams)
+                pipes, inlet = s.pipelines, self.link.inlet
+                if (pipes is not None and inlet is not None and pipes.bound_to and s.live
+                        and (backfill_gap or before not in (None, pipes.bound_to))):
+                    await backfill.after_rebind(pipes, inlet, f"{self.who} {s.id}", self.settings.api_key)
+        finally:
+            if held and self.link.inlet is not None:
+                self.link.inlet.release()
+
+    async def _bind_now(self, s: ManagedSession, streams: list[Stream] | None) -> None:
+        """Bind the AI pipelines to the current connection id (again, if it changed meanwhile)."""
+        if not s.live:
+            return
+        if streams is None:
+            try:
+                session = await self._sdk("get_capture_session", self.conn.get_capture_session,
+                                          s.id, self.settings.collection_id)
+            except VideoDBCallError as exc:
+                log.error("%s", exc)
+                self.stats.errors += 1
                 return
-            if streams is None:
-                try:
-                    session = await self._sdk("get_capture_session", self.conn.get_capture_session,
-                                              s.id, self.settings.collection_id)
-                except VideoDBCallError as exc:
-                    log.error("%s", exc)
-                    self.stats.errors += 1
-                    return
-                streams = _streams_of(session)
-            if s.pipelines is None:
-                s.pipelines = AIPipelines(self.conn, s.on_active, f"{self.who} {s.id}", self.settings.api_key,
-                                          self.opts.callback_url)
-                s.pipelines.adopt_indexes(self.conn, s.record.get("indexes"))  # a crashed run's: stopped once replaced
-            pipes = s.pipelines
-            pipes.streams = streams
-            self._learn_streams(s, streams)
-            while s.live and (conn_id := self.link.connection_id) != pipes.bound_to and conn_id:
-                before = pipes.errors
-                await pipes.bind(conn_id)
-                self.stats.errors += pipes.errors - before
-            if pipes.bound_to:
-                s.record["ws_connection_id"] = pipes.bound_to
-                s.record["indexes"] = pipes.index_ids()
-            self.store.save(s.record)
+            streams = _streams_of(session)
+        if s.pipelines is None:
+            s.pipelines = AIPipelines(self.conn, s.on_active, f"{self.who} {s.id}", self.settings.api_key,
+                                      self.opts.callback_url)
+            s.pipelines.adopt_indexes(self.conn, s.record.get("indexes"))  # a crashed run's: stopped once replaced
+        pipes = s.pipelines
+        pipes.streams = streams
+        self._learn_streams(s, streams)
+        while s.live and (conn_id := self.link.connection_id) != pipes.bound_to and conn_id:
+            before = pipes.errors
+            await pipes.bind(conn_id)
+            self.stats.errors += pipes.errors - before
+        if pipes.bound_to:
+            s.record["ws_connection_id"] = pipes.bound_to
+            s.record["indexes"] = pipes.index_ids()
+        self.store.save(s.record)
 
     async def _on_connection(self, conn_id: str) -> None:
         """SessionLink listener: the source (re)connected; re-bind every live, bound session."""
+        inlet = self.link.inlet
         for s in self.sessions.values():
             if s.live and s.pipelines is not None and s.pipelines.bound_to not in (None, conn_id):
-                self._spawn(self._bind(s, s.pipelines.streams))
+                if inlet is not None:
+                    inlet.hold()  # now, before the new connection's first event is accepted
+                self._spawn(self._bind(s, s.pipelines.streams, held=inlet is not None))
         if any(s.live for s in self.sessions.values()):
             self._start_poll()
+
+    async def _checkpoints(self, inlet: Any) -> None:
+        """Save where a restart's backfill starts, one period behind the source (a sink may not have flushed)."""
+        lagging: dict[str, int] | None = None
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY)
+            now = inlet.checkpoint()
+            if lagging is not None and lagging != self._saved_checkpoint:
+                self.store.write_json(CHECKPOINT_FILE, lagging)
+                self._saved_checkpoint = lagging
+            lagging = now
 
     def _start_poll(self) -> None:
         """Lifecycle events may still go to an old connection: poll every session's status too."""
@@ -462,6 +508,25 @@ def _streams_of(session: Any) -> list[Stream]:
     for r in getattr(session, "rtstreams", None) or []:
         kind = media_kind(getattr(r, "media_types", None), getattr(r, "channel_id", None), getattr(r, "name", None))
         out.append(Stream(r, str(getattr(r, "name", None) or r.id), kind))
+    return out
+
+
+def _backfill_marks(s: ManagedSession) -> dict[str, int]:
+    """For each channel the session's AI pipelines produce: backfill from the session's creation."""
+    try:
+        created = datetime.fromisoformat(str(s.record.get("created_at")).replace("Z", "+00:00"))
+    except ValueError:
+        return {}
+    ms = int(created.timestamp() * 1000)
+    spec = s.on_active
+    out = {}
+    for r in s.record.get("rtstreams") or []:
+        rid, kinds = r.get("rtstream_id"), r.get("media_types") or []
+        if not isinstance(rid, str):
+            continue
+        channels = ((["transcript"] if spec.transcript else []) + (["audio_index"] if spec.index_audio else [])
+                    if "audio" in kinds else ["visual_index"] if "video" in kinds and spec.index_visuals else [])
+        out.update({f"{rid} {ch}": ms for ch in channels})
     return out
 
 

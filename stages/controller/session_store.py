@@ -49,6 +49,23 @@ class SessionStore:
         except (StageError, OSError) as exc:
             log.error("sessions: cannot save %s: %s", self.path(sid), exc)
 
+    def write_json(self, name: str, data: Any) -> None:
+        """Another state file beside the records (e.g. where a restart's backfill starts)."""
+        try:
+            write_private_text(self.dir / name, orjson.dumps(data).decode())
+        except (StageError, OSError) as exc:
+            log.error("sessions: cannot save %s: %s", self.dir / name, exc)
+
+    def read_json(self, name: str) -> Any:
+        """What `write_json` saved, or None (missing, unreadable, symlinked or over 16 MiB)."""
+        p = self.dir / name
+        try:
+            if p.is_symlink() or p.stat().st_size > 16 * MAX_RECORD_BYTES:
+                return None
+            return orjson.loads(p.read_bytes())
+        except (OSError, ValueError):
+            return None
+
     def load_all(self) -> list[dict[str, Any]]:
         """Every readable record; unreadable ones are logged and skipped (and left for a person to see)."""
         if not self.dir.exists():

@@ -5,20 +5,25 @@ watermark is the newest event time seen; an entry whose own time is older
 than `watermark - horizon` is dropped, and a mapping over `max_keys` loses its
 oldest entries down to 90% of the cap. A sweep walks the whole mapping, so it
 runs at most once per minute of event time, or when a cap is exceeded.
+An event time more than a day ahead of the wall clock does not move the
+watermark: one event from a peer with a bogus future timestamp must not make
+all state look expired.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
 SWEEP_EVERY_MS = 60_000
+FUTURE_SLACK_MS = 86_400_000
 
 
 class Eviction:
     """When to sweep, and the sweep itself."""
 
-    __slots__ = ("evicted", "horizon_ms", "max_keys", "next_sweep", "watermark")
+    __slots__ = ("ceiling", "evicted", "horizon_ms", "max_keys", "next_sweep", "watermark")
 
     def __init__(self, horizon_ms: int, max_keys: int) -> None:
         self.horizon_ms = horizon_ms
@@ -26,12 +31,15 @@ class Eviction:
         self.watermark = 0
         self.next_sweep = 0
         self.evicted = 0
+        self.ceiling = int(time.time() * 1000) + FUTURE_SLACK_MS
 
     def seen(self, when: int) -> None:
-        if when > self.watermark:
+        if self.watermark < when <= self.ceiling:
             self.watermark = when
 
     def due(self, *maps: MutableMapping[Any, Any]) -> bool:
+        """Once per batch: is a sweep due? (Also moves the future-time ceiling along with the clock.)"""
+        self.ceiling = int(time.time() * 1000) + FUTURE_SLACK_MS
         if self.watermark >= self.next_sweep:
             return True
         cap = self.max_keys

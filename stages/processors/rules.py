@@ -12,6 +12,7 @@ distinct rtstream ids can pin in memory.
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -134,6 +135,8 @@ class Rules(Processor):
         self._last_fired = context.state.get("rules.last_fired")  # "rule|rtstream" -> event ms
         self._windows = context.state.get("rules.windows")  # "rule|rtstream" -> [event ms, ...]
         self.fired = 0
+        self.fired_by: Counter[tuple[str, str]] = Counter()  # (rule, severity) -> alerts, for /metrics
+        self.recent: deque[Event] = deque(maxlen=20)  # the last alerts, for the status page
         self._evict = Eviction(max((max(c.cooldown_ms, c.window_ms) for c in self._rules), default=0)
                                + int(options.state_ttl * 1000), options.max_state_keys)
 
@@ -221,6 +224,7 @@ class Rules(Processor):
         stamps = {k: event[k] for k in _STAMPS if k in event}
         source = canonical(str(event.get("channel")))
         alerts: list[Event] = []
+        fired_by = self.fired_by
         for idx in firing:
             c = rules[idx]
             alert = head.copy()
@@ -229,6 +233,8 @@ class Rules(Processor):
             if stamps:
                 alert.update(stamps)
             alerts.append(alert)
+            fired_by[c.label, c.severity] += 1
+        self.recent.extend(alerts)
         self.fired += len(alerts)
         return alerts
 

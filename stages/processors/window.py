@@ -26,6 +26,7 @@ WATERMARK: Final = "~watermark"  # reserved state key (window keys are JSON arra
 MAX_TEXT: Final = 500  # first_text / last_text are cut to this many characters
 MAX_KEY_CHARS: Final = 256  # a key value from the wire is cut to this many characters
 MAX_KEYWORDS: Final = 100  # distinct matched keywords remembered per window
+MAX_TIME: Final = 1 << 53  # event times beyond ±2^53 ms (285,000 years) count as late
 
 
 class WindowOptions(Options):
@@ -60,7 +61,7 @@ class WindowOptions(Options):
 
 def _key_value(v: Any) -> Any:
     """A key value safe to hash, store as JSON and show: str/int/bool/None kept (long strings cut)."""
-    if v is None or type(v) is int or type(v) is bool:
+    if v is None or type(v) is bool or (type(v) is int and -(1 << 63) <= v < 1 << 63):
         return v
     s = v if isinstance(v, str) else str(v)
     return s[:MAX_KEY_CHARS]
@@ -181,6 +182,9 @@ class Window(Processor):
             data = event.get("data")
             start = data.get("start") if isinstance(data, dict) else None
             t = start if type(start) is int else event_time_ms(event)
+            if not -MAX_TIME <= t <= MAX_TIME:  # no real clock says this; it would poison the watermark
+                late += 1
+                continue
             if wm is None or t > wm:
                 wm = t
             elif t < wm - lateness:

@@ -169,11 +169,18 @@ class ParquetSink(Sink):
 
     async def write(self, batch: Batch) -> None:
         async with self._lock:
-            if self._templated:
-                for event in batch:
-                    self._get(self._dir_for(event)).rows.append(row(event))
-            else:
-                self._get(self.options.path).rows.extend(row(e) for e in batch)
+            templated = self._templated
+            target = None if templated else self._get(self.options.path).rows
+            for event in batch:
+                try:
+                    r = row(event)
+                except TypeError as exc:  # JSON cannot hold it (e.g. an integer past 64 bits): that one, not the batch
+                    self.context.dead_letter.write(f"cannot encode as JSON: {exc}", stage=self.context.stage,
+                                                   event=event)
+                    self.context.stats.errors += 1
+                    self.context.stats.sent -= 1  # the runtime counts the whole batch as written
+                    continue
+                (self._get(self._dir_for(event)).rows if templated else target).append(r)  # type: ignore[union-attr]
             if self._failed is not None:  # the roll timer failed: refuse, the runtime dead-letters this batch
                 raise StageError(str(self._failed))
             now = time.monotonic()

@@ -23,7 +23,8 @@ from pipeline.events import Event
 #: Channels VideoDB keeps and we can fetch again; scene_index is visual_index by another name.
 TRACKED: Final = frozenset({"transcript", "visual_index", "scene_index", "audio_index"})
 KEEP_KEYS: Final = 4096  # recent event keys remembered per rtstream and channel (dedupe window)
-MAX_CHANNELS: Final = 1024  # rtstream+channel pairs tracked; more are not deduplicated
+KEEP_MS: Final = 60_000  # ... and only those less than this much event time behind the newest one
+MAX_CHANNELS: Final = 100_000  # rtstream+channel pairs tracked (4 per capture session); more are not deduplicated
 HOLD_MAX: Final = 10.0  # seconds live events may wait for a backfill before they go on anyway
 
 Key = tuple[str, str]  # (rtstream_id, channel)
@@ -35,12 +36,14 @@ def _channel(ch: str) -> str:
 
 
 class _Seen:
-    __slots__ = ("keys", "last", "order")
+    __slots__ = ("keys", "last", "order", "starts")
 
     def __init__(self) -> None:
         self.last: int | None = None
-        self.keys: dict[tuple[Any, Any], bool] = {}  # (start, text) -> arrived by backfill
-        self.order: deque[tuple[Any, Any]] = deque()
+        # hash((start, text)) -> arrived by backfill; a hash, so no event text is kept alive (many sessions)
+        self.keys: dict[int, bool] = {}
+        self.order: deque[int] = deque()
+        self.starts: deque[Any] = deque()  # data.start of each key in `order`
 
 
 class Inlet:
@@ -81,12 +84,12 @@ class Inlet:
             if seen is None:
                 seen = self._new_channel(key)
             start: Any = data.get("start")
-            k = (start, data.get("text"))
             hashable = True
             try:
+                k = hash((start, data.get("text")))
                 before = seen.keys.get(k)
             except TypeError:  # an unhashable start/text: not ours to dedupe
-                before, hashable = None, False
+                k, before, hashable = 0, None, False
             by_backfill = event.get("backfill") is True
             if before is not None and (by_backfill or before):
                 self.duplicates += 1
@@ -98,8 +101,15 @@ class Inlet:
             if before is None and hashable:
                 seen.keys[k] = by_backfill
                 seen.order.append(k)
+                seen.starts.append(start)
                 if len(seen.order) > KEEP_KEYS:
                     del seen.keys[seen.order.popleft()]
+                    seen.starts.popleft()
+                if type(start) in _NUMBER:  # a backfill overlaps live events by seconds: older keys go
+                    starts, cutoff = seen.starts, start - KEEP_MS
+                    while type(starts[0]) in _NUMBER and starts[0] < cutoff:
+                        starts.popleft()
+                        del seen.keys[seen.order.popleft()]
             if type(start) in _NUMBER and (seen.last is None or start > seen.last):
                 seen.last = int(start)
             if by_backfill:
@@ -195,7 +205,18 @@ class Inlet:
         """True when an event with this rtstream, channel, start and text was already let through."""
         seen = self._seen.get((str(event.get("rtstream_id") or ""), _channel(event["channel"])))
         data = event["data"]
-        return seen is not None and (data.get("start"), data.get("text")) in seen.keys
+        try:
+            return seen is not None and hash((data.get("start"), data.get("text"))) in seen.keys
+        except TypeError:
+            return False
+
+    def forget(self, rtstream_ids: Iterable[str]) -> None:
+        """A capture session ended: drop what is kept for its rtstreams (nothing more will arrive)."""
+        ids = set(rtstream_ids)
+        for key in [k for k in self._seen if k[0] in ids]:
+            del self._seen[key]
+        for key in [k for k in self._marks if k[0] in ids]:
+            del self._marks[key]
 
     @property
     def queued(self) -> bool:

@@ -67,6 +67,7 @@ class KafkaSource(Source):
         super().__init__(options, context)
         self.opts = options
         self.who = f"kafka source {context.stage}"
+        self.batch_bytes = 0  # raw bytes of the batch just yielded (the runtime bounds queues by bytes)
         self._consumer: Any = None
         self._stopping = asyncio.Event()
         self._exhausted = False
@@ -100,12 +101,15 @@ class KafkaSource(Source):
                     continue
                 batch: Batch = []
                 offsets: dict[Any, int] = {}
+                nbytes = 0
                 for tp, records in got.items():
                     for rec in records:
                         event = self._decode(rec)
                         if event is not None:
                             batch.append(stamp(event))
+                            nbytes += len(rec.value or b"")
                     offsets[tp] = records[-1].offset + 1
+                self.batch_bytes = nbytes  # raw size, for the runtime's byte bounds
                 self._uncommitted.append((self._index, offsets))
                 self._index += 1
                 yield batch  # empty when every record was malformed: its offsets still need a commit

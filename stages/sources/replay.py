@@ -44,6 +44,7 @@ class ReplaySource(Source):
         self._stopped = asyncio.Event()
         self._stamp = Stamper()
         self.lines = 0
+        self.position = 0  # bytes of the file read so far (for a progress bar)
         self.batch_bytes = 0  # raw bytes of the batch just yielded (the runtime bounds queues by bytes)
 
     async def stop(self) -> None:
@@ -126,8 +127,10 @@ class ReplaySource(Source):
                 self.lines = lineno + len(lines) - 1
                 batch = self._parse(lines, lineno)
                 lineno += len(lines)
+                raw = sum(map(len, lines))
+                self.position += raw  # bytes read so far (tell() fails on a pipe)
                 if batch:
-                    self.batch_bytes = sum(map(len, lines))  # raw size, for the runtime's byte bounds
+                    self.batch_bytes = raw  # raw size, for the runtime's byte bounds
                     yield batch
         finally:
             fh.close()
@@ -142,6 +145,7 @@ class ReplaySource(Source):
             if self._stopping:
                 break
             self.lines = lineno
+            self.position += len(raw)
             parsed = self._parse([raw], lineno)
             if not parsed:
                 continue

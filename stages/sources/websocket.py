@@ -7,7 +7,7 @@ A connection that delivered at least one event is reopened at once when it
 drops (each gap is logged with its length); failed connects and connections
 that delivered nothing back off exponentially. Subclasses (the `videodb`
 source) override `open()` to obtain the socket another way, and may set an
-`Inlet` (backfill.py) whose backfilled batches are yielded like live ones.
+`Inlet` (inlet.py) whose backfilled batches are yielded like live ones.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class WebSocketSource(Source):
         backoff = Backoff(self.options.backoff_initial, self.options.backoff_max,
                           max_retries=self.options.max_retries)
         gaps = self.context.session.gaps
-        dropped_at: float | None = None  # monotonic time the last connection that delivered dropped
+        dropped_at: float | None = None  # monotonic time the last connection dropped (None: connected)
         try:
             while not self._stopping:
                 accepted_before = self._accepted

@@ -202,3 +202,34 @@ sinks: [{type: alert_forwarder, url: "http://alice:hunter22@127.0.0.1:9/hook"}]
     assert res.returncode == 0, res.stderr
     assert "alice" not in res.stdout and "hunter22" not in res.stdout
     assert '"http://***@127.0.0.1:9' in res.stdout
+
+
+async def test_rules_alerts_at_one_instant_all_reach_the_webhook_and_duplicates_are_in_the_summary(
+        tmp_path: Path) -> None:
+    """Before: the second channel's alert at the same instant had the first one's key and was dropped."""
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+
+    events = [vis("password on screen", start=5000), vis("password said aloud", start=5000, channel="transcript"),
+              vis("password on screen", start=5000)]  # the first again: a true duplicate
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    server = await WebhookServer().start()
+    try:
+        (tmp_path / "p.yaml").write_text(f"""
+name: keys
+source: {{type: replay, path: {tmp_path}/in.jsonl}}
+stages:
+  - type: rules
+    rules: [{{name: secret, keywords: [password], channels: [visual_index, transcript]}}]
+sinks:
+  - {{type: alert_forwarder, url: "{server.url()}", channels: [alert], shutdown_timeout: 10s}}
+dead_letter: {tmp_path}/dead.jsonl
+""")
+        rt = LocalRuntime(build(load_config(tmp_path / "p.yaml")), install_signals=False)
+        assert await rt.run() == 0, rt.error
+    finally:
+        await server.stop()
+    assert sorted(r.json["alert"]["data"]["text"] for r in server.requests) == [
+        "password on screen", "password said aloud"]
+    assert "duplicates 1" in rt.summary()

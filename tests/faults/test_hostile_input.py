@@ -73,7 +73,8 @@ def test_edge_reason_limits_depth_and_ids() -> None:
               "data": {"rtstreams": [{"rtstream_id": "x" * 600}]}}
     assert "data.rtstreams[].rtstream_id" in str(edge_reason(orjson.dumps(listed), listed))
     odd = {"capture_session_id": ["x"] * 200}
-    assert edge_reason(orjson.dumps(odd), odd) == "capture_session_id must be a string, not list"
+    assert edge_reason(orjson.dumps(odd), odd) == f"capture_session_id of 801 characters exceeds {MAX_ID_CHARS}"
+    assert edge_reason(orjson.dumps(odd), {**odd, "capture_session_id": 12345678901234567890}) is None
 
 
 async def test_replay_dead_letters_deep_events_and_every_sink_writes_the_rest(tmp_path: Path) -> None:

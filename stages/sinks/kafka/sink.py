@@ -114,10 +114,16 @@ class KafkaSink(Sink):
             return
         pending.left = len(records)
         size = sum(len(r.value) for r in records)
-        while self._buffered and (self._buffered + len(records) > self.opts.buffer_events
-                                  or self._buffered_bytes + size > self.opts.buffer_bytes):
-            self._room.clear()
-            await self._room.wait()
+        try:
+            while self._buffered and (self._buffered + len(records) > self.opts.buffer_events
+                                      or self._buffered_bytes + size > self.opts.buffer_bytes):
+                self._room.clear()
+                await self._room.wait()
+        except asyncio.CancelledError:  # shutdown gave up waiting: never queued, so dead-letter, not lose
+            self._buffered += len(records)
+            self._buffered_bytes += size
+            self._dead_letter(records, f"{self.who}: not queued before shutdown (buffer full)")
+            raise
         self._buffered += len(records)
         self._buffered_bytes += size
         if self._gave_up:  # _dead_letter releases them again

@@ -1,0 +1,261 @@
+"""The operator endpoint: an aiohttp server in the pipeline's own event loop.
+
+/metrics, /healthz and /ready are open (no meeting content). /tap, the status page
+and its /api/status carry screen text, speech and alerts, so they need the bearer
+token when one is configured, and are refused on a non-loopback address without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from pipeline.http.address import is_loopback
+from pipeline.http.metrics import exposition, registry_for
+from pipeline.http.tap import TapClient, TapError, TapHub
+from pipeline.http.view import View
+
+log = logging.getLogger("pipeline.http")
+STATIC = Path(__file__).parent / "static"
+COOKIE = "videodb_pipeline_session"
+KEEPALIVE = 15.0  # seconds between SSE comments on an idle tap
+COALESCE = 0.01  # after a wake-up, gather this long: fewer, larger writes when events flow fast
+HEARTBEAT = 0.5  # seconds between event-loop heartbeats (for /healthz)
+UNHEALTHY_AFTER = 5.0  # loop late by this much: /healthz answers 503
+MAX_LIMIT = 1_000_000
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body, default=str), status=status, content_type="application/json")
+
+
+class OperatorServer:
+    """Serves one pipeline's view; `start()` binds, `stop()` ends every tap stream and closes."""
+
+    def __init__(self, view: View, hub: TapHub, host: str, port: int, token: str | None) -> None:
+        self.view = view
+        self.hub = hub
+        self.host = host
+        self.port = port
+        self.token = token
+        self.registry = registry_for(view)
+        self._runner: web.AppRunner | None = None
+        self._closing = asyncio.Event()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._cookie = hmac.new(token.encode(), b"status-page", hashlib.sha256).hexdigest() if token else ""
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=4096)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/ready", self.ready)
+        app.router.add_get("/tap", self.tap)
+        app.router.add_get("/api/status", self.status)
+        app.router.add_get("/", self.page)
+        app.router.add_post("/login", self.login)
+        app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                                      shutdown_timeout=2.0, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"runtime.http: cannot listen on {self.host}:{self.port}: "
+                              f"{exc.strerror or exc}") from None
+        server = getattr(site, "_server", None)
+        if self.port == 0 and server is not None and server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="http-heartbeat")
+        if not is_loopback(self.host) and not self.token:
+            log.warning("operator endpoint on non-loopback %s without runtime.http_token: /tap and the status "
+                        "page are disabled, /metrics /healthz /ready are served", self.host)
+        log.info("operator endpoint: %s/ (metrics at /metrics)", self.url)
+
+    async def stop(self) -> None:
+        self._closing.set()
+        for clients in list(self.hub.clients.values()):
+            for c in clients:
+                c.wake.set()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _beat(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(HEARTBEAT)
+            self.view.loop_lag = max(0.0, loop.time() - t0 - HEARTBEAT)
+            self.view.heartbeat = time.monotonic()
+
+    # -- access ---------------------------------------------------------------------------
+    def _denied(self, request: web.Request, *, page: bool = False) -> web.Response | None:
+        """None when the request may see meeting content, else the response that says why not."""
+        if not self.token:
+            if is_loopback(self.host):
+                return None
+            return _json({"error": "set runtime.http_token to serve /tap and the status page on a "
+                                   "non-loopback address"}, 403)
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if given and hmac.compare_digest(given.encode(), self.token.encode()):
+            return None
+        cookie = request.cookies.get(COOKIE, "")
+        if cookie and hmac.compare_digest(cookie.encode(), self._cookie.encode()):
+            return None
+        if page:
+            return web.Response(text=_LOGIN, status=401, content_type="text/html",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return _json({"error": "missing or wrong bearer token"}, 401)
+
+    async def login(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        given = str(form.get("token", ""))
+        if not self.token or not hmac.compare_digest(given.encode(), self.token.encode()):
+            return web.Response(text=_LOGIN, status=401, content_type="text/html")
+        resp = web.Response(status=303, headers={"Location": "/"})
+        resp.set_cookie(COOKIE, self._cookie, httponly=True, samesite="Strict", path="/")
+        return resp
+
+    # -- endpoints ------------------------------------------------------------------------
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=exposition(self.registry),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        late = time.monotonic() - self.view.heartbeat - HEARTBEAT
+        lag = max(self.view.loop_lag, late)
+        if lag > UNHEALTHY_AFTER:
+            return _json({"status": "unhealthy", "loop_lag_seconds": round(lag, 3),
+                          "reason": "the event loop is blocked"}, 503)
+        return _json({"status": "ok", "loop_lag_seconds": round(lag, 4)})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        missing = self.view.ready()
+        if missing:
+            return _json({"ready": False, "not_ready": missing}, 503)
+        return _json({"ready": True})
+
+    async def status(self, request: web.Request) -> web.Response:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        snap = self.view.snapshot()
+        snap["points"] = [p.label for p in self.hub.points]
+        return _json(snap)
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        denied = self._denied(request, page=True)
+        if denied is not None:
+            return denied
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def tap(self, request: web.Request) -> web.StreamResponse:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        try:
+            client = self._client(request.query)
+        except TapError as exc:
+            return _json({"error": str(exc)}, 400)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        self.hub.attach(client)
+        try:
+            hello = {"at": client.point.label, "points": [p.label for p in self.hub.points],
+                     "pipeline": self.view.name}
+            await resp.write(b"event: hello\ndata: " + orjson.dumps(hello) + b"\n\n")
+            await self._stream(client, resp)
+        except (ConnectionResetError, ConnectionError):
+            pass
+        finally:
+            self.hub.detach(client)
+        return resp
+
+    def _client(self, q: Any) -> TapClient:
+        point = self.hub.resolve(q.get("at", "source"))
+        channels = [c.strip() for v in q.getall("channel", []) for c in v.split(",") if c.strip()]
+        try:
+            sample = float(q.get("sample", "1"))
+            limit = int(q["limit"]) if "limit" in q else None
+        except ValueError:
+            raise TapError("sample must be a number in (0, 1] and limit a whole number") from None
+        if not 0 < sample <= 1:
+            raise TapError(f"sample must be in (0, 1] (0.1 = one event in ten), got {sample:g}")
+        if limit is not None and not 1 <= limit <= MAX_LIMIT:
+            raise TapError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+        return TapClient(point, channels or None, sample, limit)
+
+    async def _stream(self, client: TapClient, resp: web.StreamResponse) -> None:
+        """Send what the client's buffer holds; tell it when it missed events; end at `limit` or shutdown."""
+        reported = 0
+        loop = asyncio.get_running_loop()
+        idle = [0]  # keep-alive ticks since the last message (a timer, not a timeout per wait)
+
+        def tick() -> None:
+            idle[0] += 1
+            client.wake.set()
+            timer[0] = loop.call_later(KEEPALIVE, tick)
+
+        timer = [loop.call_later(KEEPALIVE, tick)]
+        try:
+            await self._send(client, resp, idle, reported)
+        finally:
+            timer[0].cancel()
+
+    async def _send(self, client: TapClient, resp: web.StreamResponse, idle: list[int], reported: int) -> None:
+        while True:
+            await client.wake.wait()
+            if not client.pending and idle[0] and not (client.done or self._closing.is_set()):
+                idle[0] = 0
+                client.wake.clear()
+                await resp.write(b": keep-alive\n\n")
+                continue
+            await asyncio.sleep(COALESCE)
+            client.wake.clear()
+            idle[0] = 0
+            parts: list[bytes] = []
+            if client.dropped > reported:
+                reported = client.dropped
+                parts.append(b"event: dropped\ndata: " + orjson.dumps({"dropped": reported}) + b"\n\n")
+            for chunk in client.take():  # one message per batch: a JSON array of events
+                parts.append(b"data: " + chunk + b"\n\n")
+            finished = client.done or self._closing.is_set()
+            if finished:
+                parts.append(b"event: end\ndata: " + orjson.dumps(
+                    {"reason": "limit reached" if client.done else "pipeline stopped"}) + b"\n\n")
+            if parts:
+                await resp.write(b"".join(parts))
+            if finished:
+                return
+
+
+_LOGIN = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>pipeline: sign in</title>
+<link rel="stylesheet" href="/static/style.css"></head><body class="login">
+<form method="post" action="/login"><h1>Pipeline status</h1>
+<p>This page shows meeting content. Enter the pipeline's <code>runtime.http_token</code>.</p>
+<input type="password" name="token" autofocus aria-label="token"> <button type="submit">Sign in</button>
+</form></body></html>"""

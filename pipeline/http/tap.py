@@ -1,0 +1,179 @@
+"""Live taps: copies of the events at one point of the pipeline, for clients that may be slow.
+
+The runtime holds `tap = None` while nobody is attached, so the cost then is one
+attribute check per batch. With clients, each gets its own bounded buffer of
+serialized events (one JSON array per batch: one serializer call, one message);
+when it is full, events are counted as dropped for that client (who is told) and
+the pipeline never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from pipeline.events import Batch, channel_set, in_channels
+
+DEFAULT_BUFFER = 2000  # events a client may fall behind before its tap drops
+
+
+@dataclass(frozen=True)
+class Point:
+    index: int  # 0 source, 1.. processors in order, -1-i sink i
+    label: str
+    kind: str  # source | processor | sink
+    type_name: str
+
+
+class TapError(ValueError):
+    """A tap request that names no point, or has a bad parameter (answered with 400)."""
+
+
+class TapClient:
+    """One attached client: what it wants and what it has not taken yet."""
+
+    def __init__(self, point: Point, channels: list[str] | None = None, sample: float = 1.0,
+                 limit: int | None = None, buffer: int = DEFAULT_BUFFER) -> None:
+        self.point = point
+        self.channels = channel_set(channels) if channels else None
+        self.sample = sample
+        self.limit = limit
+        self.buffer: deque[bytes] = deque()  # JSON arrays of events, one per offered batch
+        self.pending = 0  # events in `buffer`
+        self.max = buffer
+        self.dropped = 0  # events this client missed because its buffer was full
+        self.offered = 0  # events accepted into the buffer (counts towards `limit`)
+        self._credit = 0.0
+        self.wake = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.limit is not None and self.offered >= self.limit
+
+    def _select(self, batch: Batch) -> Batch:
+        chans = self.channels
+        if chans is not None:
+            batch = [e for e in batch if in_channels(e, chans)]
+        if self.sample < 1.0:
+            picked = []
+            credit, rate = self._credit, self.sample
+            for e in batch:
+                credit += rate
+                if credit >= 1.0 - 1e-9:  # (0.1 added ten times is 0.9999...)
+                    credit -= 1.0
+                    picked.append(e)
+            self._credit = credit
+            batch = picked
+        return batch
+
+    def offer(self, batch: Batch) -> None:
+        """Copy the wanted events of a batch (serialized now: later stages may change the dicts)."""
+        if self.done:
+            return
+        wanted = self._select(batch)
+        if self.limit is not None:
+            wanted = wanted[: self.limit - self.offered]
+        room = self.max - self.pending
+        if len(wanted) > room:
+            self.dropped += len(wanted) - max(room, 0)
+            wanted = wanted[: max(room, 0)]
+        if not wanted:
+            return
+        try:
+            data = orjson.dumps(wanted, default=str)
+        except TypeError:  # something orjson cannot encode even as a string: skip those events only
+            wanted = [e for e in wanted if _encodable(e)]
+            data = orjson.dumps(wanted, default=str)
+        self.buffer.append(data)
+        self.pending += len(wanted)
+        self.offered += len(wanted)
+        self.wake.set()
+
+    def take(self) -> list[bytes]:
+        """Everything buffered (JSON arrays), emptying the buffer."""
+        out = list(self.buffer)
+        self.buffer.clear()
+        self.pending = 0
+        return out
+
+
+def _encodable(event: object) -> bool:
+    try:
+        orjson.dumps(event, default=str)
+    except TypeError:
+        return False
+    return True
+
+
+class TapHub:
+    """The tap points of one pipeline and the clients attached to them."""
+
+    def __init__(self, points: Any, arm: Any) -> None:
+        self._points = points  # () -> the current points (a config reload may change the processors)
+        self._arm = arm  # arm(hub or None): installs this hub where the runtime checks for it
+        self.clients: dict[int, list[TapClient]] = {}
+        self._dropped_gone = 0
+
+    @property
+    def points(self) -> list[Point]:
+        return list(self._points())
+
+    @property
+    def client_count(self) -> int:
+        return sum(len(c) for c in self.clients.values())
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped_gone + sum(c.dropped for cs in self.clients.values() for c in cs)
+
+    def resolve(self, at: str) -> Point:
+        """`source`, a processor index (`2`) or type (`rules`), a label (`stages[2]:rules`), a sink type or label."""
+        at = at.strip()
+        if at.isdigit():
+            want = f"stages[{at}]:"
+            found = [p for p in self.points if p.label.startswith(want)]
+        else:
+            found = [p for p in self.points if at in (p.label, p.label.split(":", 1)[0])]
+            if not found:
+                found = [p for p in self.points if p.type_name == at or p.kind == at == "source"]
+        if len(found) == 1:
+            return found[0]
+        names = ", ".join(p.label for p in self.points)
+        if not found:
+            raise TapError(f"no tap point {at!r}; choose one of: source, {names}")
+        raise TapError(f"{at!r} names {len(found)} points ({', '.join(p.label for p in found)}); use a label")
+
+    def attach(self, client: TapClient) -> None:
+        self.clients.setdefault(client.point.index, []).append(client)
+        self._arm(self)
+
+    def detach(self, client: TapClient) -> None:
+        cs = self.clients.get(client.point.index, [])
+        if client in cs:
+            cs.remove(client)
+            self._dropped_gone += client.dropped
+            if not cs:
+                del self.clients[client.point.index]
+        if not self.clients:
+            self._arm(None)
+
+    def publish(self, index: int, batch: Batch) -> None:
+        """Called by the runtime at tap point `index` while any client is attached."""
+        for c in self.clients.get(index, ()):
+            c.offer(batch)
+
+
+def points_of(built: Any) -> list[Point]:
+    """Tap points as the runtime numbers them: 0 the source, 1.. the processors, -1-i sink i."""
+    out = []
+    if built.source is not None:
+        out.append(Point(0, built.source.context.stage, "source", built.source.name))
+    for n, p in enumerate(built.chain.processors, 1):
+        out.append(Point(n, p.context.stage, "processor", p.name))
+    for i, slot in enumerate(built.sinks):
+        out.append(Point(-1 - i, slot.stats.name, "sink", slot.sink.name))
+    return out

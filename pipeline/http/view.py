@@ -1,0 +1,158 @@
+"""What the operator endpoints read from a running pipeline, in one place, at request time.
+
+Nothing here runs per event: every number comes from counters the runtime and the
+stages already keep (the same ones the exit summary prints), read when asked.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.build import Built
+from pipeline.stats import Histogram
+
+
+def source_connected(source: Any) -> bool | None:
+    """True/False for a source that holds a live connection (WebSocket), None when that does not apply."""
+    flag = getattr(source, "connected", None)
+    if isinstance(flag, bool):
+        return flag
+    if not hasattr(source, "_ws"):
+        return None
+    ws = source._ws
+    state = getattr(ws, "state", None)
+    return ws is not None and getattr(state, "name", "") == "OPEN"
+
+
+@dataclass
+class View:
+    """A running pipeline as the endpoints see it; `rt` is a LocalRuntime or a faust Worker."""
+
+    built: Built
+    rt: Any
+    role: str = "local"  # local | ingest | worker
+    started: float = field(default_factory=time.monotonic)
+    loop_lag: float = 0.0  # seconds the last heartbeat came late (set by the server's heartbeat)
+    heartbeat: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        return self.built.config.name
+
+    # -- pieces -----------------------------------------------------------------------
+    def rules(self) -> list[Any]:
+        return [p for p in self.built.chain.processors if hasattr(p, "fired_by")]
+
+    def session_state(self) -> tuple[str | None, str | None]:
+        """(capture session id, state) from the controller, (None, None) without one."""
+        ctrl = self.built.controller
+        lc = getattr(ctrl, "lifecycle", None)
+        if lc is None:
+            return None, None
+        return getattr(ctrl, "session_id", None), lc.state
+
+    def buffer(self, i: int) -> Any:
+        buffers = getattr(self.rt, "buffers", None)
+        return buffers[i] if buffers else None
+
+    def queue_depth(self, i: int) -> int:
+        """Events waiting for sink `i` (in memory or spooled)."""
+        buf = self.buffer(i)
+        return int(buf.pending_events) if buf is not None else 0
+
+    def queue_capacity(self, i: int) -> int:
+        buf = self.buffer(i)
+        return int(getattr(buf, "max_batches", 0)) or self.built.config.runtime.queue_size
+
+    def written(self, i: int) -> int:
+        """What the sink really wrote when it counts that itself (console), else what it accepted."""
+        slot = self.built.sinks[i]
+        return int(slot.sink.report().get("written", slot.stats.sent))
+
+    def latency(self, i: int) -> Histogram | None:
+        lat = getattr(self.rt, "latency", None)
+        return lat[i] if lat else None
+
+    @property
+    def lag(self) -> Histogram | None:
+        return getattr(self.rt, "lag", None)
+
+    def spool_bytes(self, i: int) -> int | None:
+        """Bytes a sink has spilled to disk, when its slot or sink reports them."""
+        v = getattr(self.buffer(i), "spooled_bytes", None)
+        return v if isinstance(v, int) else None
+
+    def gaps(self) -> Any:
+        return getattr(self.built.session, "gaps", None)
+
+    # -- readiness --------------------------------------------------------------------
+    def ready(self) -> dict[str, str]:
+        """What is not ready, by check name ({} = ready)."""
+        rt, b = self.rt, self.built
+        missing: dict[str, str] = {}
+        if getattr(rt, "_stopping", False):
+            missing["pipeline"] = "stopping"
+        if not getattr(rt, "sinks_started", False):
+            missing["sinks"] = "not started yet"
+        if self.role != "worker" and b.source is not None:
+            connected = source_connected(b.source)
+            if connected is None:
+                if not getattr(rt, "source_running", False):
+                    missing["source"] = "not started yet"
+            elif not connected:
+                missing["source"] = "not connected"
+        if b.controller is not None and self.role != "worker":
+            _, state = self.session_state()
+            if state != "active":
+                missing["capture_session"] = f"state is {state or 'unknown (not created yet)'}, not active"
+        return missing
+
+    # -- the status page's and `pipeline top`'s snapshot ----------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        b = self.built
+        stages = []
+        for st in b.stats:
+            if st.kind == "sink" or st.kind == "controller":
+                continue
+            dropped = st.dropped if st.kind == "source" else max(0, st.received - st.sent)
+            stages.append({"name": st.name, "kind": st.kind, "in": st.received, "out": st.sent,
+                           "dropped": dropped, "errors": st.errors})
+        sinks = []
+        for i, slot in enumerate(b.sinks):
+            lat = self.latency(i)
+            sinks.append({**{k.replace("-", "_"): v for k, v in slot.sink.report().items()},
+                          "name": slot.stats.name, "in": slot.stats.received, "written": self.written(i),
+                          "errors": slot.stats.errors, "queue": self.queue_depth(i),
+                          "queue_size": self.queue_capacity(i), "spool_bytes": self.spool_bytes(i),
+                          "latency": round(lat.last, 4) if lat and lat.count else None})
+        session_id, state = self.session_state()
+        gaps = self.gaps()
+        src = b.source
+        source = None
+        if src is not None:
+            source = {"name": src.context.stage, "connected": source_connected(src),
+                      "connection_id": getattr(src, "connection_id", None) or b.session.connection_id,
+                      "reconnects": getattr(gaps, "reconnects", 0),
+                      "gap_seconds": round(float(getattr(gaps, "gap_seconds", 0.0)), 3),
+                      "backfilled": sum(getattr(gaps, "backfilled", {}).values()) if gaps else 0}
+            lines = getattr(src, "lines", None)
+            if isinstance(lines, int):
+                source["lines"] = lines
+        alerts: list[Any] = []
+        for p in self.rules():
+            alerts.extend(p.recent)
+        alerts.sort(key=lambda a: a.get("unix_ts") or 0)
+        lag = self.lag
+        tap = getattr(self.rt, "tap_hub", None)
+        return {
+            "pipeline": self.name, "role": self.role, "uptime": round(time.monotonic() - self.started, 3),
+            "time": time.time(), "ready": self.ready(), "source": source,
+            "session": {"id": session_id, "state": state} if state is not None or b.controller else None,
+            "stages": stages, "sinks": sinks,
+            "lag": round(lag.last, 3) if lag is not None and lag.count else None,
+            "alerts_fired": b.chain.alerts_fired, "dead_lettered": b.dead_letter.count,
+            "alerts": alerts[-20:], "loop_lag": round(self.loop_lag, 4),
+            "tap": {"clients": tap.client_count, "dropped": tap.dropped} if tap is not None else None,
+        }

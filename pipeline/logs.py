@@ -1,0 +1,43 @@
+"""Log output: readable text (default) or JSON lines for log shippers, secrets masked in both."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from pipeline import secrets
+
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_SKIP = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"fields", "message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, plus `fields` and any `extra=` values."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+                    .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        for key, value in record.__dict__.items():
+            if key not in _SKIP and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return secrets.mask(orjson.dumps(out, default=str).decode())
+
+
+def formatter(fmt: str) -> logging.Formatter:
+    """`text` or `json`; anything else is a user error (argparse already restricts the choice)."""
+    if fmt == "json":
+        return JsonFormatter()
+    return secrets.MaskingFormatter(TEXT_FORMAT, "%H:%M:%S")

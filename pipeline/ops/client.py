@@ -1,0 +1,49 @@
+"""HTTP helpers shared by `pipeline tap` and `pipeline top`: base URL, token, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import urlsplit
+
+from pipeline.errors import ConfigError
+
+TOKEN_ENV = "PIPELINE_HTTP_TOKEN"
+
+
+def base_url(url: str) -> str:
+    """`127.0.0.1:9464`, `http://host:9464/` or `http://host:9464/tap` -> `http://host:9464`."""
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"expected the pipeline's operator URL like http://127.0.0.1:9464, got {url!r}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def request(url: str, token: str | None) -> urllib.request.Request:
+    headers = {"Accept": "text/event-stream, application/json"}
+    token = token or os.environ.get(TOKEN_ENV)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return urllib.request.Request(url, headers=headers)
+
+
+def open_url(url: str, token: str | None, timeout: float | None = 10.0) -> Any:
+    """Open `url`; connection failures and HTTP errors become one-line ConfigErrors."""
+    try:
+        return urllib.request.urlopen(request(url, token), timeout=timeout)  # base_url() allows http(s) only
+    except urllib.error.HTTPError as exc:
+        body = exc.read(2000).decode("utf-8", "replace").strip()
+        try:
+            body = str(json.loads(body)["error"])
+        except (ValueError, KeyError, TypeError):
+            pass
+        hint = f" (set --token or {TOKEN_ENV})" if exc.code == 401 else ""
+        raise ConfigError(f"{url}: HTTP {exc.code}: {body or exc.reason}{hint}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(f"{url}: cannot connect: {reason} (is the pipeline running with --http?)") from None

@@ -1,0 +1,139 @@
+"""`pipeline top URL`: a live terminal table of a running pipeline, refreshed every second."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import orjson
+
+from pipeline.ops.client import TOKEN_ENV, base_url, open_url
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeline top", description="live table of a running pipeline's stages "
+                                "and sinks: rates, queue depths, lag, errors, alerts")
+    p.add_argument("url", help="the pipeline's operator address, e.g. http://127.0.0.1:9464")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    p.add_argument("--once", action="store_true", help="print one table (rates over one interval) and exit")
+    p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
+    return p
+
+
+class Rates:
+    """Per-second rates from two snapshots' counters."""
+
+    def __init__(self) -> None:
+        self.prev: dict[str, float] = {}
+        self.t = 0.0
+
+    def update(self, now: float, values: dict[str, float]) -> dict[str, float]:
+        dt = now - self.t
+        out = {k: max(0.0, (v - self.prev[k]) / dt) if self.prev and k in self.prev and dt > 0 else 0.0
+               for k, v in values.items()}
+        self.prev, self.t = values, now
+        return out
+
+
+def _secs(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1000:.1f}ms" if s < 1 else f"{s:.1f}s"
+
+
+def _clock(event: dict[str, Any]) -> str:
+    """HH:MM:SS (UTC) of the event's receipt stamp."""
+    ts = event.get("ts")
+    if isinstance(ts, str):
+        return ts[11:19]
+    unix = event.get("unix_ts")
+    return time.strftime("%H:%M:%S", time.gmtime(unix)) if isinstance(unix, int | float) else ""
+
+
+def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    ready = snap["ready"]
+    head = Text()
+    head.append(f"pipeline {snap['pipeline']}  ", style="bold")
+    head.append("ready" if not ready else "NOT READY: " + "; ".join(f"{k} {v}" for k, v in ready.items()),
+                style="green" if not ready else "yellow")
+    src = snap.get("source") or {}
+    if src.get("connected") is not None:
+        head.append("  websocket " + ("connected" if src["connected"] else "DISCONNECTED"),
+                    style="green" if src["connected"] else "red")
+        if src.get("reconnects"):
+            head.append(f" ({src['reconnects']} reconnects)")
+    if snap.get("session"):
+        head.append(f"  session {snap['session']['state'] or 'none'}")
+    head.append(f"  lag {_secs(snap.get('lag'))}  up {snap['uptime']:.0f}s")
+    head.append(f"  alerts {snap['alerts_fired']}  dead-lettered {snap['dead_lettered']}",
+                style="red" if snap["dead_lettered"] else "")
+
+    t = Table(expand=True, header_style="bold")
+    t.add_column("stage", no_wrap=True, min_width=16)
+    for col in ("in/s", "out/s", "in", "out", "drop", "queue", "latency", "err"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for st in snap["stages"]:
+        t.add_row(st["name"], f"{rates.get('in:' + st['name'], 0):.1f}",
+                  f"{rates.get('out:' + st['name'], 0):.1f}", str(st["in"]), str(st["out"]), str(st["dropped"]),
+                  "", "", Text(str(st["errors"]), style="red" if st["errors"] else ""))
+    for k in snap["sinks"]:
+        t.add_row(k["name"], f"{rates.get('in:' + k['name'], 0):.1f}",
+                  f"{rates.get('out:' + k['name'], 0):.1f}", str(k["in"]), str(k["written"]), "",
+                  str(k["queue"]), _secs(k.get("latency")),
+                  Text(str(k["errors"]), style="red" if k["errors"] else ""))
+    parts: list[Any] = [head, t]
+    if snap["alerts"]:
+        a = Table(title="last alerts", expand=True, show_header=False, title_justify="left")
+        for alert in snap["alerts"][-5:][::-1]:
+            d = alert.get("data") or {}
+            a.add_row(_clock(alert), str(d.get("severity", "")), str(d.get("event_label", "")),
+                      str(d.get("text", ""))[:120])
+        parts.append(a)
+    return Group(*parts)
+
+
+def counters(snap: dict[str, Any]) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for st in snap["stages"]:
+        values["in:" + st["name"]] = st["in"]
+        values["out:" + st["name"]] = st["out"]
+    for k in snap["sinks"]:
+        values["in:" + k["name"]] = k["in"]
+        values["out:" + k["name"]] = k["written"]
+    return values
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from rich.console import Console
+    from rich.live import Live
+
+    url = base_url(args.url) + "/api/status"
+
+    def fetch() -> dict[str, Any]:
+        with open_url(url, args.token, timeout=5.0) as resp:
+            snap: dict[str, Any] = orjson.loads(resp.read())
+            return snap
+
+    rates = Rates()
+    snap = fetch()
+    view = render(snap, rates.update(time.monotonic(), counters(snap)))
+    console = Console()
+    if args.once:  # two samples `interval` apart, so the rates mean something
+        time.sleep(max(0.1, args.interval))
+        snap = fetch()
+        console.print(render(snap, rates.update(time.monotonic(), counters(snap))))
+        return 0
+    try:
+        with Live(view, console=console, refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(max(0.1, args.interval))
+                snap = fetch()
+                live.update(render(snap, rates.update(time.monotonic(), counters(snap))))
+    except KeyboardInterrupt:
+        return 0

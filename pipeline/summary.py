@@ -1,0 +1,60 @@
+"""The exit summary as JSON (`pipeline run --summary-json PATH`): the same counters as the text summary."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline import secrets
+from pipeline.errors import ConfigError
+
+
+def summary_dict(rt: Any) -> dict[str, Any]:
+    b = rt.b
+    stages: list[dict[str, Any]] = []
+    sinks: list[dict[str, Any]] = []
+    reports = {slot.stats.name: slot.sink.report() for slot in b.sinks}
+    procs = {p.context.stats.name: p for p in b.chain.processors}
+    for st in b.stats:
+        if st.kind == "source":
+            stages.append({"name": st.name, "kind": "source", "read": st.received, "rejected": st.dropped})
+        elif st.kind == "processor":
+            stages.append({"name": st.name, "kind": "processor", "in": st.received, "out": st.sent,
+                           "dropped": max(0, st.received - st.sent), "errors": st.errors,
+                           **{k.replace("-", "_"): v for k, v in procs[st.name].report().items()}})
+        elif st.kind == "sink":
+            report = dict(reports.get(st.name, {}))
+            written = report.pop("written", st.sent)  # a sink may count what it really wrote (console)
+            sinks.append({"name": st.name, "written": written, "failed": st.errors,
+                          **{k.replace("-", "_"): v for k, v in report.items()}})
+    out: dict[str, Any] = {
+        "pipeline": b.config.name, "seconds": round(time.monotonic() - rt.started, 3),
+        "exit_code": rt.exit_code, "error": secrets.mask(str(rt.error)) if rt.error is not None else None,
+        "stages": stages, "sinks": sinks, "alerts_fired": b.chain.alerts_fired,
+        "dead_lettered": b.dead_letter.count,
+        "dead_letter_path": str(b.dead_letter.path) if b.dead_letter.count else None,
+        "ended": b.session.exit_reason or None,
+    }
+    gaps = getattr(b.session, "gaps", None)
+    if gaps is not None:
+        out["reconnects"] = gaps.reconnects
+        out["gap_seconds"] = round(float(gaps.gap_seconds), 3)
+        out["backfilled"] = dict(gaps.backfilled)
+    return out
+
+
+def write_summary(rt: Any, path: str) -> None:
+    """Write atomically (a reader never sees half a file)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(orjson.dumps(summary_dict(rt), option=orjson.OPT_INDENT_2) + b"\n")
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"--summary-json: cannot write {path}: {exc.strerror or exc}") from None

@@ -1,0 +1,99 @@
+"""config/grafana: every metric the dashboard queries exists in a real /metrics scrape of config/demo.yaml
+(emulator + real SDK + controller + rules), and the provisioning points at the Prometheus service."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.session import SessionLink
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "config/grafana/dashboards/videodb-pipeline.json"
+METRIC = re.compile(r"\b((?:videodb_pipeline|process)_[a-z_]+)\b")
+#: reconnect/backfill counters come from the live source's gap statistics (SessionLink.gaps)
+GAP_METRICS = {"videodb_pipeline_websocket_reconnects_total", "videodb_pipeline_websocket_disconnected_seconds_total",
+               "videodb_pipeline_events_backfilled_total"}
+
+
+def dashboard_metrics() -> set[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs.append(dash["templating"]["list"][0]["definition"])
+    return {m for e in exprs for m in METRIC.findall(e)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_every_dashboard_metric_exists_in_a_real_scrape(tmp_path: Path) -> None:
+    wanted = dashboard_metrics()
+    assert len(wanted) >= 15 and "videodb_pipeline_sink_latency_seconds_bucket" in wanted
+    if not hasattr(SessionLink(), "gaps"):
+        wanted -= GAP_METRICS
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DEMO_SPEED": "4"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "config/demo.yaml"), "--http",
+                             f"127.0.0.1:{port}", "-q"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        text = ""
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                status, _ = _get(f"http://127.0.0.1:{port}/ready")
+                _, text = _get(f"http://127.0.0.1:{port}/metrics")
+            except OSError:
+                time.sleep(0.2)
+                continue
+            if status == 200 and 'videodb_pipeline_alerts_fired_total{' in text:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the demo never became ready with an alert fired")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    present: set[str] = set()
+    for fam in text_string_to_metric_families(text):
+        present |= {fam.name, fam.name + "_total"} | {s.name for s in fam.samples}
+    missing = sorted(wanted - present)
+    assert not missing, f"the dashboard queries metrics /metrics does not have: {missing}"
+    assert 'videodb_pipeline_capture_session_state{pipeline="demo",state="active"} 1.0' in text
+    assert 'videodb_pipeline_websocket_connected{pipeline="demo"} 1.0' in text
+
+
+def test_provisioning_matches_the_dashboard_and_compose() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    uids = {t["datasource"]["uid"] for p in dash["panels"] for t in p["targets"]}
+    source = yaml.safe_load((ROOT / "config/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert uids == {ds["uid"] for ds in source["datasources"]} == {"prometheus"}
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    provider = yaml.safe_load((ROOT / "config/grafana/provisioning/dashboards/pipeline.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"

@@ -1,0 +1,192 @@
+"""/metrics, /healthz and /ready of a real running pipeline, scraped over HTTP and parsed by prometheus_client."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import aiohttp
+import pytest
+import websockets
+
+from pipeline.summary import summary_dict
+from tests.operator_harness import config, get_json, replay_file, scrape, served
+
+
+def _one(metrics: dict, name: str, **labels: str) -> float:
+    want = tuple(sorted(labels.items()))
+    for key, value in metrics[name].items():
+        if all(item in key for item in want):
+            return value
+    raise AssertionError(f"{name}{labels} not in {metrics[name]}")
+
+
+async def test_metrics_during_and_after_a_run_agree_with_the_summary(tmp_path: Path) -> None:
+    events = replay_file(tmp_path / "in.jsonl", 3000, step=0.0004, garbage=3)  # ~1.2 s of event time
+    async with served(config(tmp_path, events, speed=1)) as (rt, base):
+        run = asyncio.create_task(rt.run())
+        await asyncio.sleep(0.5)
+        during = await scrape(base)
+        src_during = _one(during, "videodb_pipeline_stage_events_in_total", stage="source:replay")
+        assert 0 < src_during < 3000, "scraped while the replay was running"
+        assert await run == 0
+        after = await scrape(base)
+    summary = summary_dict(rt)
+    source = next(s for s in summary["stages"] if s["kind"] == "source")
+    assert _one(after, "videodb_pipeline_stage_events_in_total", stage="source:replay") == source["read"] == 3000
+    assert _one(after, "videodb_pipeline_stage_events_dropped_total", stage="source:replay") == source["rejected"] == 3
+    for st in summary["stages"][1:]:
+        assert _one(after, "videodb_pipeline_stage_events_in_total", stage=st["name"]) == st["in"]
+        assert _one(after, "videodb_pipeline_stage_events_out_total", stage=st["name"]) == st["out"]
+        assert _one(after, "videodb_pipeline_stage_events_dropped_total", stage=st["name"]) == st["dropped"]
+    for sk in summary["sinks"]:
+        assert _one(after, "videodb_pipeline_sink_events_written_total", sink=sk["name"]) == sk["written"]
+        assert _one(after, "videodb_pipeline_sink_errors_total", sink=sk["name"]) == sk["failed"]
+        # receipt -> written latency: one observation per event written
+        assert _one(after, "videodb_pipeline_sink_latency_seconds_count", sink=sk["name"]) == sk["written"]
+        assert _one(after, "videodb_pipeline_sink_queue_events", sink=sk["name"]) == 0
+    fired = after["videodb_pipeline_alerts_fired_total"]
+    assert sum(fired.values()) == summary["alerts_fired"] == 63
+    assert _one(after, "videodb_pipeline_alerts_fired_total", rule="secret", severity="critical") == 60
+    assert sum(after["videodb_pipeline_dead_letters_total"].values()) == summary["dead_lettered"] == 3
+    assert _one(after, "videodb_pipeline_dead_letters_total", reason="not JSON") == 3
+    assert _one(after, "videodb_pipeline_event_lag_seconds_count") == 3000
+    assert "process_cpu_seconds_total" in after
+    for name, series in after.items():  # never a session or stream id, never event text, in a label
+        for labels in series:
+            assert not any("rts-" in v or "password" in v for _, v in labels), (name, labels)
+
+
+async def test_two_pipelines_in_one_process_have_separate_registries(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ea = replay_file(tmp_path / "a/in.jsonl", 100)
+    eb = replay_file(tmp_path / "b/in.jsonl", 40)
+    async with served(config(tmp_path / "a", ea, name="a")) as (ra, ua), \
+            served(config(tmp_path / "b", eb, name="b")) as (rb, ub):
+        assert await ra.run() == 0 and await rb.run() == 0
+        ma, mb = await scrape(ua), await scrape(ub)
+    assert _one(ma, "videodb_pipeline_stage_events_in_total", stage="source:replay") == 100
+    assert _one(mb, "videodb_pipeline_stage_events_in_total", stage="source:replay") == 40
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_ready_is_503_until_the_websocket_source_connects(tmp_path: Path) -> None:
+    port = _free_port()
+    p = tmp_path / "p.yaml"
+    p.write_text(f"""
+name: ws
+source: {{type: websocket, url: "ws://127.0.0.1:{port}/", backoff_initial: 0.05, backoff_max: 0.1}}
+sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl}}]
+runtime: {{http: "127.0.0.1:0", status_interval: 0}}
+dead_letter: {tmp_path}/dead.jsonl
+""")
+    sent = asyncio.Event()
+
+    async def handler(ws: websockets.ServerConnection) -> None:
+        await ws.send('{"connection_id": "c-1"}')
+        await ws.send('{"channel": "transcript", "data": {"text": "hi"}}')
+        sent.set()
+        await asyncio.sleep(30)
+
+    async with served(p) as (rt, base):
+        status, body = await get_json(base, "/ready")
+        assert status == 503 and "sinks" in body["not_ready"]  # before the run starts
+        run = asyncio.create_task(rt.run())
+        await asyncio.sleep(0.4)  # the source is retrying against a closed port
+        status, body = await get_json(base, "/ready")
+        assert status == 503, body
+        assert body["not_ready"] == {"source": "not connected"}
+        assert (await scrape(base))["videodb_pipeline_websocket_connected"][()] == 0
+        async with websockets.serve(handler, "127.0.0.1", port):
+            await asyncio.wait_for(sent.wait(), 5)
+            for _ in range(50):
+                status, body = await get_json(base, "/ready")
+                if status == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert (status, body) == (200, {"ready": True})
+            assert (await scrape(base))["videodb_pipeline_websocket_connected"][()] == 1
+            status, body = await get_json(base, "/healthz")
+            assert status == 200 and body["status"] == "ok"
+            await rt.stop()
+            assert await run == 0
+
+
+async def test_healthz_reports_a_blocked_loop(tmp_path: Path) -> None:
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    async with served(config(tmp_path, events)) as (rt, base):
+        view_server = rt.http_server
+        view_server.view.heartbeat -= 10  # as if the loop had not run the heartbeat for 10 s
+        status, body = await get_json(base, "/healthz")
+        assert status == 503 and body["reason"] == "the event loop is blocked"
+        await asyncio.sleep(0.7)  # the heartbeat runs again
+        status, _ = await get_json(base, "/healthz")
+        assert status == 200
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "nonsense", "[::1]9464"])
+async def test_bad_http_address_is_one_config_error(tmp_path: Path, address: str) -> None:
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    events = replay_file(tmp_path / "in.jsonl", 1)
+    p = config(tmp_path, events)
+    p.write_text(p.read_text().replace('"127.0.0.1:0"', f'"{address}"'))
+    with pytest.raises(ConfigError, match=r"runtime\.http: expected HOST:PORT"):
+        load_config(p)
+
+
+async def test_port_in_use_is_one_line(tmp_path: Path) -> None:
+    from pipeline.errors import ConfigError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        events = replay_file(tmp_path / "in.jsonl", 1)
+        p = config(tmp_path, events)
+        p.write_text(p.read_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"'))
+        with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1"):
+            async with served(p):
+                pass
+
+
+async def test_metrics_stay_open_with_a_token(tmp_path: Path) -> None:
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    async with served(config(tmp_path, events, extra_runtime=", http_token: s3cret-token")) as (rt, base):
+        await rt.run()
+        async with aiohttp.ClientSession() as http:
+            for path in ("/metrics", "/healthz", "/ready"):
+                async with http.get(base + path) as r:
+                    assert r.status in (200, 503), path
+
+
+async def test_ready_waits_for_an_active_capture_session(tmp_path: Path) -> None:
+    """With a controller, /ready stays 503 until the session is active, and says so."""
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.http.view import View
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config/demo.yaml")
+    built = build(cfg)
+
+    class _Rt:
+        sinks_started = True
+        source_running = True
+
+    view = View(built, _Rt())
+    built.source.connected = True  # as once the WebSocket is open
+    assert view.ready() == {"capture_session": "state is unknown (not created yet), not active"}
+    built.controller.lifecycle.advance("starting")
+    assert view.ready() == {"capture_session": "state is starting, not active"}
+    built.controller.lifecycle.advance("active")
+    assert view.ready() == {}
+    built.controller.lifecycle.advance("stopping")
+    assert "capture_session" in view.ready()

@@ -1,0 +1,225 @@
+"""/tap: live copies of events at any point; a slow client never slows the pipeline; access control."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from tests.operator_harness import config, replay_file, scrape, served
+
+
+async def read_sse(resp: aiohttp.ClientResponse, on_event=None) -> list[tuple[str, dict]]:  # type: ignore[no-untyped-def]
+    """(event type, data) pairs until the server ends the stream."""
+    out: list[tuple[str, dict]] = []
+    kind = "message"
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            data = orjson.loads(line[6:])
+            items = [(kind, e) for e in data] if kind == "message" else [(kind, data)]  # a batch: a JSON array
+            for item in items:
+                out.append(item)
+                if on_event is not None:
+                    on_event(item)
+            if kind == "end":
+                return out
+        elif not line:
+            kind = "message"
+    return out
+
+
+async def test_tap_client_receives_the_alerts_of_a_replay_as_they_fire(tmp_path: Path) -> None:
+    # 400 events 5 ms apart at speed 1: ~2 s; an alert every 50 events, i.e. every 0.25 s
+    events = replay_file(tmp_path / "in.jsonl", 400, step=0.005)
+    async with served(config(tmp_path, events, speed=1)) as (rt, base):
+        arrivals: list[tuple[float, int]] = []  # (when, source events read at that moment)
+        stats = rt.b.source.context.stats
+
+        def seen(item: tuple[str, dict]) -> None:
+            if item[0] == "message":
+                arrivals.append((time.monotonic(), stats.received))
+
+        async with aiohttp.ClientSession() as http, \
+                http.get(base + "/tap", params={"at": "rules", "channel": "alert", "limit": "11"}) as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+            run = asyncio.create_task(rt.run())
+            got = await asyncio.wait_for(read_sse(resp, seen), 10)
+        assert await run == 0
+    kinds = [k for k, _ in got]
+    assert kinds[0] == "hello" and got[0][1]["at"] == "stages[1]:rules"
+    alerts = [d for k, d in got if k == "message"]
+    assert len(alerts) == 11 and kinds[-1] == "end" and got[-1][1] == {"reason": "limit reached"}
+    assert all(a["channel"] == "alert" for a in alerts)
+    assert [a["data"]["event_label"] for a in alerts].count("code") == 3  # once per stream (cooldown 1h)
+    secret = [a["data"]["text"] for a in alerts if a["data"]["event_label"] == "secret"]
+    assert secret == [f"password on screen {i}" for i in range(0, 400, 50)]
+    # as they fire: the 8th alert (event 350) reached us before the replay had read its 400 events
+    assert arrivals[-1][1] < 400
+    assert arrivals[-1][0] - arrivals[0][0] > 1.0  # spread over the replay, not delivered at the end
+
+
+async def test_stalled_tap_client_does_not_slow_the_run(tmp_path: Path) -> None:
+    events = replay_file(tmp_path / "in.jsonl", 40_000)
+    async with served(config(tmp_path, events)) as (rt, base):
+        t0 = time.monotonic()
+        assert await rt.run() == 0
+        baseline = time.monotonic() - t0
+    async with served(config(tmp_path, events)) as (rt, base):
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        # a client that asks for everything at the source and then never reads
+        writer.write(b"GET /tap?at=source HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        for _ in range(100):
+            if rt.tap is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert rt.tap is not None, "tap client attached"
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(rt.run(), 60) == 0
+        elapsed = time.monotonic() - t0
+        metrics = await scrape(base)
+        dropped = metrics["videodb_pipeline_tap_dropped_events_total"][()]
+        assert dropped > 10_000, "the stalled client's buffer filled and the rest was counted as dropped"
+        assert rt.tap_hub.dropped == dropped
+        # the client is told how many it missed once it reads again
+        data = b""
+        while b"event: dropped" not in data:
+            chunk = await asyncio.wait_for(reader.read(1 << 20), 10)
+            assert chunk, "stream ended before the dropped notice"
+            data += chunk
+        writer.close()
+    assert sum(1 for _ in (tmp_path / "out.jsonl").open()) == 2 * (40_000 + 803)  # both runs, alerts included
+    assert elapsed < 2 * baseline + 1.0, (elapsed, baseline)
+
+
+async def test_tap_is_armed_only_while_a_client_is_attached(tmp_path: Path) -> None:
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    async with served(config(tmp_path, events)) as (rt, base):
+        assert rt.tap is None and rt.b.chain.tap is None  # no client: one `is None` check per batch
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/tap", params={"at": "sinks[0]"}) as resp:
+                await resp.content.readline()
+                assert rt.tap is rt.tap_hub and rt.b.chain.tap is None  # a sink point: processors untouched
+            async with http.get(base + "/tap", params={"at": "0"}) as resp:
+                await resp.content.readline()
+                assert rt.b.chain.tap is rt.tap_hub
+        for _ in range(100):
+            if rt.tap is None:
+                break
+            await asyncio.sleep(0.01)
+        assert rt.tap is None and rt.b.chain.tap is None and rt.tap_hub.client_count == 0
+
+
+async def test_tap_points_filters_and_errors(tmp_path: Path) -> None:
+    events = replay_file(tmp_path / "in.jsonl", 200)
+    async with served(config(tmp_path, events)) as (rt, base), aiohttp.ClientSession() as http:
+        for params, want in (({"at": "nope"}, "no tap point 'nope'; choose one of: source"),
+                             ({"at": "jsonl"}, "names 2 points"),
+                             ({"sample": "0"}, "sample must be in (0, 1]"),
+                             ({"limit": "x"}, "limit a whole number")):
+            async with http.get(base + "/tap", params=params) as r:
+                assert r.status == 400 and want in (await r.json())["error"], params
+        async with http.get(base + "/tap", params={"at": "sinks[1]:jsonl"}) as sink, \
+                    http.get(base + "/tap", params={"at": "source", "channel": "transcript", "sample": "0.1"}) as src:
+            for _ in range(3):  # the hello block: event, data, blank line
+                await sink.content.readline()
+                await src.content.readline()
+            assert await rt.run() == 0
+            await rt.http_server.stop()
+            at_sink = [d for k, d in await read_sse(sink) if k == "message"]
+            sampled = [d for k, d in await read_sse(src) if k == "message"]
+    assert len(at_sink) == 7 and all(a["channel"] == "alert" for a in at_sink)  # the alerts sink's routed events
+    assert len(sampled) == 10 and all(e["channel"] == "transcript" for e in sampled)  # 100 transcripts / 10
+
+
+async def test_token_guards_tap_and_page_but_not_metrics(tmp_path: Path) -> None:
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    async with served(config(tmp_path, events, extra_runtime=", http_token: s3cret-token")) as (_rt, base):
+        async with aiohttp.ClientSession() as http:
+            for path in ("/tap", "/api/status"):
+                async with http.get(base + path) as r:
+                    assert r.status == 401, path
+                async with http.get(base + path, headers={"Authorization": "Bearer wrong"}) as r:
+                    assert r.status == 401, path
+            async with http.get(base + "/api/status", headers={"Authorization": "Bearer s3cret-token"}) as r:
+                assert r.status == 200 and (await r.json())["pipeline"] == "ops"
+            async with http.get(base + "/") as r:
+                assert r.status == 401 and 'name="token"' in await r.text()  # a sign-in form for browsers
+            async with http.get(base + "/metrics") as r:
+                assert r.status == 200
+        jar = aiohttp.CookieJar(unsafe=True)  # browsers keep cookies for IP addresses; aiohttp only when asked
+        async with aiohttp.ClientSession(cookie_jar=jar) as browser:  # sign in: the cookie opens page and tap
+            async with browser.post(base + "/login", data={"token": "wrong"}) as r:
+                assert r.status == 401
+            async with browser.post(base + "/login", data={"token": "s3cret-token"}) as r:
+                assert r.status == 200 and "Stages" in await r.text()
+            async with browser.get(base + "/api/status") as r:
+                assert r.status == 200
+            assert "s3cret-token" not in str(list(browser.cookie_jar))
+
+
+def test_non_loopback_without_token_refuses_content(tmp_path: Path) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from pipeline.http.server import OperatorServer
+
+    class _View:
+        name = "x"
+
+    srv = OperatorServer.__new__(OperatorServer)
+    srv.host, srv.token, srv._cookie, srv.view = "192.0.2.10", None, "", _View()
+    denied = srv._denied(make_mocked_request("GET", "/tap"))
+    assert denied is not None and denied.status == 403
+    srv.host = "127.0.0.1"
+    assert srv._denied(make_mocked_request("GET", "/tap")) is None
+
+
+async def test_idle_tap_gets_keepalives(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import pipeline.http.server as server
+
+    monkeypatch.setattr(server, "KEEPALIVE", 0.1)
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    async with served(config(tmp_path, events)) as (_rt, base), aiohttp.ClientSession() as http, \
+            http.get(base + "/tap") as resp:
+        lines = [await asyncio.wait_for(resp.content.readline(), 5) for _ in range(6)]
+    assert lines[3:5] == [b": keep-alive\n", b"\n"]  # after the hello block, nothing to send: a comment
+
+
+async def test_tap_points_follow_a_config_reload(tmp_path: Path) -> None:
+    """A reload that adds a processor: the sink tap keeps its sink, the new stage can be tapped."""
+    from pipeline.config import load_config
+    from pipeline.runtime.reload import Reloader
+
+    events = replay_file(tmp_path / "in.jsonl", 1200, step=0.005)  # ~6 s at speed 1
+    path = config(tmp_path, events, speed=1)
+    async with served(path) as (rt, base), aiohttp.ClientSession() as http:
+        rt.reloader = Reloader(rt, path, load_config(path))
+        run = asyncio.create_task(rt.run())
+        async with http.get(base + "/tap", params={"at": "sinks[1]:jsonl"}) as sink_tap:
+            for _ in range(3):
+                await sink_tap.content.readline()
+            await asyncio.sleep(0.5)
+            path.write_text(path.read_text().replace("  - type: rules", "  - {type: enrich}\n  - type: rules"))
+            assert await rt.reloader.reload("test")
+            status, snap = 0, {}
+            async with http.get(base + "/api/status") as r:
+                status, snap = r.status, await r.json()
+            assert status == 200 and snap["points"][:4] == [
+                "source:replay", "stages[0]:filter", "stages[1]:enrich", "stages[2]:rules"]
+            async with http.get(base + "/tap", params={"at": "enrich", "limit": "3"}) as new_tap:
+                got = [d for k, d in await asyncio.wait_for(read_sse(new_tap), 10) if k == "message"]
+            assert len(got) == 3 and all(e["channel"] in ("transcript", "visual_index") for e in got)
+            await rt.stop()
+            assert await run == 0
+            await rt.http_server.stop()
+            alerts = [d for k, d in await read_sse(sink_tap) if k == "message"]
+    assert alerts and all(a["channel"] == "alert" for a in alerts)  # still the alerts sink's events
+    texts = [a["data"]["text"] for a in alerts if a["data"]["event_label"] == "secret"]
+    assert len(texts) == len(set(texts)) >= 2

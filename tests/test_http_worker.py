@@ -1,0 +1,86 @@
+"""`pipeline worker --http`: a faust worker's /metrics and /ready, scraped while it processes the ingest topic."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.broker import Broker, kafka_broker
+from tests.test_faust_runtime import (
+    CLI,
+    ROOT,
+    SAMPLE,
+    Workers,
+    count,
+    ingest,
+    wait_for_lines,
+    workers_env,
+    write_config,
+)
+
+pytestmark = pytest.mark.timeout(150)
+__all__ = ["kafka_broker", "workers_env"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def test_worker_serves_metrics_and_ready(kafka_broker: Broker, workers_env: dict[str, str],
+                                               tmp_path: Path) -> None:
+    stages = yaml.safe_load((ROOT / "config/demo.yaml").read_text())["stages"]
+    cfg = write_config(tmp_path / "faust.yaml", engine="faust", bootstrap=kafka_broker.bootstrap,
+                       out=tmp_path / "out", stages=stages, name="wm")
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    workers = Workers(cfg, tmp_path, workers_env)
+    proc = subprocess.Popen([*CLI, "worker", str(cfg), "--workers-dir", str(tmp_path / "w"),
+                             "--session-timeout", "3s", "--http", f"127.0.0.1:{port}"], cwd=tmp_path,
+                            env=workers_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers.procs.append((proc, tmp_path / "none.log"))
+    (tmp_path / "none.log").write_text("")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                status, body = _get(base + "/ready")
+            except OSError:
+                await asyncio.sleep(0.2)
+                continue
+            if status == 200:
+                break
+            await asyncio.sleep(0.2)
+        assert status == 200, body
+        await ingest(cfg, workers_env, SAMPLE)
+        want = sum(1 for _ in SAMPLE.open())
+        await wait_for_lines(tmp_path / "out/events.jsonl", 1, workers)
+        await asyncio.sleep(2.0)
+        written = count(tmp_path / "out/events.jsonl")
+        status, text = _get(base + "/metrics")
+        assert status == 200
+        samples = {(s.name, s.labels.get("sink", ""), s.labels.get("stage", "")): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        assert samples[("videodb_pipeline_info", "", "")] == 1
+        assert samples[("videodb_pipeline_sink_events_written_total", "sinks[0]:jsonl", "")] == written
+        assert 0 < samples[("videodb_pipeline_stage_events_in_total", "", "stages[0]:filter")] <= want
+        assert not any(name.startswith("videodb_pipeline_websocket") for name, _, _ in samples)
+    finally:
+        assert workers.stop(proc) == 0

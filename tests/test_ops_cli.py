@@ -1,0 +1,174 @@
+"""`pipeline top`, `pipeline tap` (in a pty, against a running pipeline), JSON logs, the status line,
+the progress bar and --summary-json."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.operator_harness import config, replay_file
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = [sys.executable, "-m", "pipeline.cli"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color", "COLUMNS": "140", "LINES": "40"}
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[str]:
+    """`pipeline run --http` on a paced replay (40 events/s, an alert every 2.5 s); yields its URL."""
+    events = replay_file(tmp_path / "in.jsonl", 2400, step=0.025, alert_every=100)
+    url = f"http://127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen([*PIPELINE, "run", str(config(tmp_path, events, speed=1)), "--http",
+                             url.removeprefix("http://"), "-q"], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "pipeline never became ready"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+
+
+def in_pty(args: list[str], until: str | None, timeout: float = 15.0, cwd: Path = ROOT) -> tuple[str, int]:
+    """Run a command on a pseudo-terminal until the regex `until` matches its screen output, then Ctrl-C it
+    (`until=None`: until it exits by itself)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=ENV, close_fds=True, cwd=cwd)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not (
+                until is not None and re.search(until, ANSI.sub("", out.decode("utf-8", "replace")))):
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    out += os.read(master, 65536)
+                except OSError:
+                    break
+            elif proc.poll() is not None:
+                break
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        code = proc.wait(10)
+        while True:  # what it printed on the way out
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+    return ANSI.sub("", out.decode("utf-8", "replace")), code
+
+
+def test_top_in_a_terminal(running: str) -> None:
+    screen, code = in_pty([*PIPELINE, "top", running], until=r"source:replay\s+│\s+[1-9]")
+    assert code == 0, screen
+    for text in ("pipeline ops", "ready", "source:replay", "stages[1]:rules", "sinks[1]:jsonl", "in/s",
+                 "latency", "last alerts", "critical"):
+        assert text in screen, (text, screen[-3000:])
+    rates = re.findall(r"source:replay\s+│\s+([\d.]+)", screen)
+    assert any(float(r) > 0 for r in rates), screen[-3000:]  # a live rate, not only totals
+
+
+def test_tap_in_a_terminal_shows_readable_alerts(running: str) -> None:
+    screen, code = in_pty([*PIPELINE, "tap", running, "--at", "rules", "--channel", "alert"],
+                          until=r"\[ALERT critical secret display:1\] password on screen")
+    assert code == 0, screen
+    assert "pipeline tap: following stages[1]:rules" in screen
+    assert "[ALERT critical secret display:1] password on screen" in screen, screen
+
+
+def test_tap_json_lines_for_jq(running: str) -> None:
+    res = subprocess.run([*PIPELINE, "tap", running, "--at", "source", "--json", "--limit", "5"], env=ENV,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    events = [json.loads(x) for x in res.stdout.splitlines()]
+    assert len(events) == 5 and all("id" in e for e in events)
+    assert "limit reached" in res.stderr
+
+
+def test_tap_and_top_errors_are_one_line(running: str) -> None:
+    res = subprocess.run([*PIPELINE, "tap", running, "--at", "nowhere"], env=ENV, capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1 and "no tap point 'nowhere'" in res.stderr
+    res = subprocess.run([*PIPELINE, "top", f"127.0.0.1:{_free_port()}", "--once"], env=ENV,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1 and "cannot connect" in res.stderr
+
+
+def test_json_logs_status_line_and_summary_json(tmp_path: Path) -> None:
+    events = replay_file(tmp_path / "in.jsonl", 200, step=0.005, garbage=2)  # ~1 s at speed 1
+    cfg = config(tmp_path, events, speed=1, http=None, status_interval=0.2)
+    res = subprocess.run([*PIPELINE, "run", str(cfg), "--log-format", "json", "--log-level", "info",
+                          "--summary-json", str(tmp_path / "summary.json")], env=ENV, capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in res.stderr.splitlines()]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    status = [r for r in records if r["logger"] == "pipeline.status"]
+    assert status and status[0]["message"].startswith("status: ") and "rate" in status[0]
+    assert status[0]["queues"].keys() == {"sinks[0]:jsonl", "sinks[1]:jsonl"}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    logged = next(r for r in records if r["logger"] == "pipeline.summary")
+    assert logged["stages"] == summary["stages"] and logged["sinks"] == summary["sinks"]
+    assert summary["stages"][0] == {"name": "source:replay", "kind": "source", "read": 200, "rejected": 2}
+    assert summary["alerts_fired"] == 7 and summary["dead_lettered"] == 2 and summary["exit_code"] == 0
+    assert [s["written"] for s in summary["sinks"]] == [207, 7]
+
+
+def test_text_status_line_and_log_level_after_the_subcommand(tmp_path: Path) -> None:
+    events = replay_file(tmp_path / "in.jsonl", 100, step=0.005)
+    cfg = config(tmp_path, events, speed=1, http=None, status_interval=0.1)
+    res = subprocess.run([*PIPELINE, "run", str(cfg), "--log-level", "warning"], env=ENV, capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0 and "status:" not in res.stderr  # info lines hidden by the later --log-level
+    res = subprocess.run([*PIPELINE, "run", str(cfg)], env=ENV, capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    line = next(x for x in res.stderr.splitlines() if "status:" in x)
+    queued = r"queued sinks\[0\]:jsonl=\d+ sinks\[1\]:jsonl=\d+"
+    assert re.search(rf"status: \d+ ev/s, \d+ events, lag [\d.]+s, {queued}, alerts \d+", line), line
+
+
+def test_replay_on_a_terminal_shows_a_progress_bar(tmp_path: Path) -> None:
+    events = replay_file(tmp_path / "in.jsonl", 400, step=0.01)  # ~4 s at speed 1
+    cfg = config(tmp_path, events, speed=1, http=None)
+    screen, code = in_pty([*PIPELINE, "run", str(cfg)], until=None, timeout=30, cwd=tmp_path)
+    assert code == 0, screen
+    assert re.search(r"replay in\.jsonl .*\d+% .*\d+ events, \d+ ev/s", screen), screen[-2000:]

@@ -1,0 +1,96 @@
+"""The status page as a person sees it, in real headless Chromium, while a replay runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+from tests.browser import browser_page
+from tests.operator_harness import config, replay_file, served
+
+
+def test_status_page_shows_stages_counters_alerts_and_events(tmp_path: Path) -> None:
+    # 40 events/s for up to a minute (the test stops it sooner), an alert every 2.5 s
+    events = replay_file(tmp_path / "in.jsonl", 2400, step=0.025, alert_every=100)
+    ready = threading.Event()
+    done = threading.Event()
+    box: dict[str, str] = {}
+
+    async def pipeline() -> None:
+        async with served(config(tmp_path, events, speed=1)) as (rt, base):
+            box["base"] = base
+            run = asyncio.create_task(rt.run())
+            ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, done.wait, 60)
+            await rt.stop()
+            await run
+
+    thread = threading.Thread(target=lambda: asyncio.run(pipeline()), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        with browser_page() as page:
+            page.goto(box["base"] + "/")
+            page.wait_for_selector(".node[data-stage='stages[1]:rules']", timeout=10_000)
+            for name in ("source:replay", "stages[0]:filter", "stages[1]:rules", "sinks[0]:jsonl", "sinks[1]:jsonl"):
+                assert page.locator(f".node[data-stage='{name}']").is_visible(), name
+            # counters move while events flow, an alert row appears, the live tail shows events
+            page.wait_for_function("document.querySelectorAll('#alerts tbody tr.alert-row').length > 0",
+                                   timeout=10_000)
+            page.wait_for_function("document.querySelectorAll('#events li').length >= 5", timeout=10_000)
+            page.wait_for_timeout(1200)  # two polls: rates need a previous sample
+            rates = page.locator(".node[data-stage='source:replay'] .rate").text_content() or ""
+            assert rates != "0.0/s", rates
+            counts = page.locator(".node[data-stage='stages[1]:rules'] .counts").text_content() or ""
+            assert counts.startswith("in ") and not counts.startswith("in 0 "), counts
+            row = page.locator("#alerts tbody tr.alert-row").first
+            cells = [c.text_content() for c in row.locator("td").all()]
+            assert cells[1] == "critical" and cells[2] == "secret" and (cells[4] or "").startswith("password")
+            assert re.fullmatch(r"2023-11-14 22:1\d:\d\d", cells[0] or ""), cells[0]  # the newest alert's time
+            assert page.locator("#ready").text_content() == "ready"
+            assert "following stages[1]:rules" in (page.locator("#tap-state").text_content() or "")
+            shot = tmp_path / "status.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            keep = os.environ.get("PIPELINE_TEST_SCREENSHOTS")
+            if keep:
+                shutil.copy(shot, Path(keep) / "status-page.png")
+    finally:
+        done.set()
+        thread.join(30)
+
+
+def test_event_text_is_never_html(tmp_path: Path) -> None:
+    """Meeting text goes into the page as text: a <script> or <img onerror> in it does not run."""
+    events = tmp_path / "in.jsonl"
+    evil = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script> password'
+    line = json.dumps({"channel": "visual_index", "unix_ts": 1700000000.0, "data": {"text": evil, "start": 1}})
+    events.write_text((line + "\n") * 3)
+    ready = threading.Event()
+    done = threading.Event()
+    box: dict[str, str] = {}
+
+    async def pipeline() -> None:
+        async with served(config(tmp_path, events)) as (rt, base):
+            await rt.run()
+            box["base"] = base
+            ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, done.wait, 20)
+
+    thread = threading.Thread(target=lambda: asyncio.run(pipeline()), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        with browser_page() as page:
+            page.goto(box["base"] + "/")
+            page.wait_for_selector("#alerts tbody tr.alert-row", timeout=10_000)
+            assert evil in (page.locator("#alerts tbody tr.alert-row td").nth(4).text_content() or "")
+            assert page.evaluate("window.pwned") is None
+    finally:
+        done.set()
+        thread.join(30)
