@@ -21,6 +21,7 @@ from bench.common import Result, machine
 #: name -> (module, events for a full run, events for --quick)
 BENCHMARKS: Final[dict[str, tuple[str, int, int]]] = {
     "replay": ("bench.replay", 1_000_000, 100_000),
+    "hits": ("bench.hits", 1_000_000, 100_000),
     "rules_scaling": ("bench.rules_scaling", 200_000, 30_000),
     "state_store": ("bench.state_store", 200_000, 30_000),
     "ws_ingest": ("bench.ws_ingest", 200_000, 20_000),

@@ -15,6 +15,7 @@ from bench import (
     common,
     faust_scaling,
     gen,
+    hits,
     http_view,
     kafka,
     latency,
@@ -78,6 +79,12 @@ def test_http_view() -> None:
     res = http_view.run(2000, repeats=1)
     numbers(res)
     assert "tap client" in res[1].name and "was sent 2,000 events" in res[1].notes[0]
+
+
+def test_hits() -> None:
+    results = hits.run(3000, repeats=1)
+    numbers(results)
+    assert [r.name.split()[0] for r in results] == ["hits", "hits", "hits:", "storm", "storm:"]
 
 
 def test_spool() -> None:

@@ -144,12 +144,17 @@ class Scanner:
                 for rest, owners in phrases:
                     if rest.match(lowered, end):
                         _add(hits, owners)
-            if words is not None and end < size:
-                ch = lowered[end]
-                if ch.isalnum() or ch == "_":
-                    continue
             if words is not None:
-                _add(hits, words)
+                if end < size:
+                    ch = lowered[end]
+                    if ch.isalnum() or ch == "_":
+                        continue
+                for rule, keyword in words:  # _add, inlined: this runs for every whole-word hit
+                    found = hits.get(rule)
+                    if found is None:
+                        hits[rule] = [keyword]
+                    elif keyword not in found:
+                        found.append(keyword)
         return literal
 
 

@@ -26,6 +26,8 @@ from stages.processors.eviction import Eviction
 from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, fold
 
 TEXT_CHANNELS = ["transcript", "visual_index", "audio_index"]
+_IDS = ("rtstream_id", "rtstream_name", "capture_session_id")  # copied from the source event, in this order
+_STAMPS = ("ts", "unix_ts")  # after data, as in every alert
 
 
 class Rule(Options):
@@ -68,10 +70,21 @@ class RulesOptions(Options):
 
 @dataclass(slots=True)
 class _Compiled:
+    """A rule as the hot path reads it: plain attributes, the state-key prefix built once."""
+
     rule: Rule
     names: Any  # glob matcher or None
     cooldown_ms: int
     window_ms: int
+    prefix: str = ""  # "<rule name>|": a state key is prefix + stream
+    label: str = ""
+    severity: str = ""
+    min_count: int = 1
+
+
+def _compile(rule: Rule) -> _Compiled:
+    return _Compiled(rule, glob_matcher(rule.rtstream_names), int(rule.cooldown * 1000),
+                     int((rule.window or 0) * 1000), f"{rule.name}|", rule.name, rule.severity, rule.min_count)
 
 
 class _ChannelMatcher:
@@ -103,8 +116,7 @@ class Rules(Processor):
 
     def __init__(self, options: RulesOptions, context: Context) -> None:
         super().__init__(options, context)
-        self._rules = [_Compiled(r, glob_matcher(r.rtstream_names), int(r.cooldown * 1000),
-                                 int((r.window or 0) * 1000)) for r in options.rules]
+        self._rules = [_compile(r) for r in options.rules]
         self._by_channel: dict[str, _ChannelMatcher] = {}
         for i, r in enumerate(options.rules):
             for ch in {canonical(c) for c in r.channels}:
@@ -129,11 +141,9 @@ class Rules(Processor):
                                + int(options.state_ttl * 1000), options.max_state_keys)
 
     def process(self, batch: Batch) -> Batch:
-        out: Batch | None = None  # allocated only once a batch produces an alert
+        fired: list[tuple[int, list[Event]]] | None = None  # (after event i, its alerts); allocated on the first
         scanners = self._scanners
         for i, event in enumerate(batch):
-            if out is not None:
-                out.append(event)
             ch = event.get("channel")
             if not isinstance(ch, str):
                 continue
@@ -156,58 +166,77 @@ class Rules(Processor):
                 when = start if type(start) is int else event_time_ms(event)  # the common case, inline
                 alerts = self._fire(event, text, hits, when)
                 if alerts:
-                    if out is None:
-                        out = batch[: i + 1]
-                    out.extend(alerts)
+                    if fired is None:
+                        fired = []
+                    fired.append((i, alerts))
         ev = self._evict
         if ev.due(self._last_fired, self._windows):
             ev.sweep(self._last_fired, _last_time)
             ev.sweep(self._windows, _newest_time)
-        return batch if out is None else out
+        if fired is None:
+            return batch
+        out: Batch = []  # each alert right after its source event, the rest copied by slices (no per-event work)
+        prev = 0
+        for i, alerts in fired:
+            out += batch[prev:i + 1]
+            out += alerts
+            prev = i + 1
+        out += batch[prev:]
+        return out
 
     def _fire(self, event: Event, text: str, hits: Hits, when: int) -> list[Event]:
-        alerts: list[Event] = []
+        """The alerts this event fires. Why so flat: with keywords everywhere this runs for every other
+        event, so cooldowns are checked before anything is built and an alert is a copy of a header."""
         rid = event.get("rtstream_id")
         if type(rid) is not str or not rid:  # no id: the name, within its session (names repeat across sessions)
             rid = f"{event.get('capture_session_id') or ''}/{rid or event.get('rtstream_name') or ''}"
-        stream = rid
-        rules, windows, last_fired = self._rules, self._windows, self._last_fired
-        self._evict.seen(when)
+        ev = self._evict
+        if when > ev.watermark:
+            ev.watermark = when
+        rules, last_fired = self._rules, self._last_fired
+        firing: list[int] = []
         for idx in hits if len(hits) == 1 else sorted(hits):
             c = rules[idx]
             if c.names is not None and not c.names(str(event.get("rtstream_name") or "")):
                 continue
-            key = f"{c.rule.name}|{stream}"
+            key = c.prefix + rid
             if c.window_ms:
+                windows = self._windows
                 times = [t for t in windows.get(key, ()) if t > when - c.window_ms]
                 times.append(when)
-                if len(times) < c.rule.min_count:
-                    windows[key] = times[-c.rule.min_count:]
+                if len(times) < c.min_count:
+                    windows[key] = times[-c.min_count:]
                     continue
                 windows[key] = []
-            last = last_fired.get(key)
-            if last is not None and c.cooldown_ms and last <= when < last + c.cooldown_ms:
-                continue
-            if c.cooldown_ms:
+            cooldown = c.cooldown_ms
+            if cooldown:
+                last = last_fired.get(key)
+                if last is not None and last <= when < last + cooldown:
+                    continue
                 last_fired[key] = when
-            alert = self._alert(event, text, c.rule, hits[idx], when)
+            firing.append(idx)
+        if not firing:
+            return []
+        head: Event = {"channel": "alert", "origin": "rules"}
+        for k in _IDS:
+            if k in event:
+                head[k] = event[k]
+        stamps = {k: event[k] for k in _STAMPS if k in event}
+        source = canonical(str(event.get("channel")))
+        alerts: list[Event] = []
+        fired_by = self.fired_by
+        for idx in firing:
+            c = rules[idx]
+            alert = head.copy()
+            alert["data"] = {"event_label": c.label, "timestamp": when, "text": text, "severity": c.severity,
+                             "matched": hits[idx], "source_channel": source}
+            if stamps:
+                alert.update(stamps)
             alerts.append(alert)
-            self.fired_by[c.rule.name, c.rule.severity] += 1
-            self.recent.append(alert)
+            fired_by[c.label, c.severity] += 1
+        self.recent.extend(alerts)
         self.fired += len(alerts)
         return alerts
-
-    def _alert(self, event: Event, text: str, rule: Rule, matched: list[str], when: int) -> Event:
-        alert: Event = {"channel": "alert", "origin": "rules"}
-        for key in ("rtstream_id", "rtstream_name", "capture_session_id"):
-            if key in event:
-                alert[key] = event[key]
-        alert["data"] = {"event_label": rule.name, "timestamp": when, "text": text, "severity": rule.severity,
-                         "matched": matched, "source_channel": canonical(str(event.get("channel")))}
-        for key in ("ts", "unix_ts"):
-            if key in event:
-                alert[key] = event[key]
-        return alert
 
 
 def _last_time(value: Any) -> int:
