@@ -322,8 +322,10 @@ async def test_drop_after_5_at_speed_every_event_once_and_on_time(tmp_path: Path
     got = Counter(map(key, filter(tracked, events)))
     assert got == want  # every transcript, visual and audio event exactly once, live or backfilled
     missed = [r["event"] for r in emu.emitted if tracked(r["event"]) and not r["live"]]
-    # what never went out live came by backfill (so may some that did: a held live copy yields to its twin)
-    assert missed and not Counter(map(key, missed)) - Counter(map(key, (e for e in events if e.get("backfill"))))
+    # what never went out live came by backfill (so may some that did: a held live copy yields to its twin).
+    # How much a drop misses here depends on timing (a busy machine may re-bind before the next event);
+    # the speed-0 test below always misses events and proves they come back by backfill.
+    assert not Counter(map(key, missed)) - Counter(map(key, (e for e in events if e.get("backfill"))))
     assert emu.hub.drops >= 5 and "reconnects: " in output
     # the scenario plays 76 s of meeting and ~5 s of stop/export: at 8x about 10 s, plus start-up
     assert took < (76 + 5) / speed + 8, took
@@ -349,6 +351,8 @@ async def test_polled_exported_does_not_cut_the_stream(tmp_path: Path) -> None:
     events = written(tmp_path)
     assert Counter(map(key, filter(tracked, events))) == Counter(
         (x["rtstream_id"], x["channel"], x["start"], x["text"]) for x in made)
+    not_live = Counter((x["rtstream_id"], x["channel"], x["start"], x["text"]) for x in made if not x["live"])
+    assert not_live and not not_live - Counter(map(key, (e for e in events if e.get("backfill"))))
 
 
 async def test_kill_9_then_restart_backfills_what_the_dead_run_missed(tmp_path: Path) -> None:
