@@ -191,7 +191,7 @@ class Rules(Processor):
         if type(rid) is not str or not rid:  # no id: the name, within its session (names repeat across sessions)
             rid = f"{event.get('capture_session_id') or ''}/{rid or event.get('rtstream_name') or ''}"
         ev = self._evict
-        if when > ev.watermark:
+        if ev.watermark < when <= ev.ceiling:  # Eviction.seen, inlined; the ceiling ignores bogus future times
             ev.watermark = when
         rules, last_fired = self._rules, self._last_fired
         firing: list[int] = []
