@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 DEFAULT_HOST = "127.0.0.1"
 
 
@@ -22,12 +20,3 @@ def parse_address(value: str) -> tuple[str, int]:
     if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
         raise ValueError(f"expected HOST:PORT like 127.0.0.1:9464 (port 0-65535), got {value!r}")
     return host, int(port_s)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -18,10 +18,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from pipeline.http.address import is_loopback
 from pipeline.http.metrics import exposition, registry_for
 from pipeline.http.tap import TapClient, TapError, TapHub
 from pipeline.http.view import View
+from pipeline.net import is_loopback
 
 log = logging.getLogger("pipeline.http")
 STATIC = Path(__file__).parent / "static"

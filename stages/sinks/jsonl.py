@@ -8,11 +8,9 @@ at shutdown. Files are 0600 in 0700 directories; symlinked paths are refused.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import re
 import time
-from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 import orjson
@@ -23,6 +21,7 @@ from pipeline.errors import SinkFailed, StageError
 from pipeline.events import channel
 from pipeline.files import open_private
 from pipeline.types import Duration
+from stages.sinks.dates import UtcDays
 
 _DUMP = orjson.dumps
 _OPTS = orjson.OPT_APPEND_NEWLINE
@@ -73,7 +72,7 @@ class JsonlSink(Sink):
         self._templated = "{" in options.path
         self._dated = "{date}" in options.path
         self._per_session = "{capture_session_id}" in options.path
-        self._days: dict[int, str] = {}
+        self._day = UtcDays()
         self._safe: set[str] = set()
         self._files: dict[str, _File] = {}
         self._cleared: set[str] = set()
@@ -103,22 +102,6 @@ class JsonlSink(Sink):
             self._cleared.add(path)
             f = self._files[path] = _File(path, open_private(path, truncate=truncate))
         return f
-
-    def _day(self, unix: Any) -> str:
-        """UTC date of `unix_ts` (now when it has none), formatted once per day number."""
-        if not isinstance(unix, int | float) or isinstance(unix, bool) or not math.isfinite(unix):
-            unix = time.time()
-        day = int(unix // 86400)
-        text = self._days.get(day)
-        if text is None:
-            try:
-                text = datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
-            except (OverflowError, ValueError, OSError):
-                text = datetime.now(UTC).strftime("%Y-%m-%d")
-            if len(self._days) > 1024:
-                self._days.clear()
-            self._days[day] = text
-        return text
 
     def _path_for(self, event: Event) -> str:
         ch = channel(event)

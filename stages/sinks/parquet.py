@@ -26,6 +26,7 @@ from pipeline.errors import SinkFailed, StageError
 from pipeline.events import channel, event_time_ms
 from pipeline.files import ensure_private_dir, open_private
 from pipeline.types import Duration
+from stages.sinks.dates import UtcDays
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 MAX_OPEN_DIRS: Final = 32
@@ -121,7 +122,7 @@ class ParquetSink(Sink):
         super().__init__(options, context)
         self._templated = "{" in options.path
         self._dirs: dict[str, _Dir] = {}
-        self._days: dict[int, str] = {}
+        self._day = UtcDays()
         self._safe: dict[str, str] = {}  # channel -> directory name (checked once per channel)
         self._seq = 0
         self._timer: asyncio.Task[None] | None = None
@@ -142,21 +143,6 @@ class ParquetSink(Sink):
 
     def report(self) -> dict[str, int]:
         return {"files": self.files}
-
-    def _day(self, unix: Any) -> str:
-        if not isinstance(unix, int | float) or isinstance(unix, bool) or not math.isfinite(unix):
-            unix = time.time()
-        day = int(unix // 86400)
-        text = self._days.get(day)
-        if text is None:
-            try:
-                text = datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
-            except (OverflowError, ValueError, OSError):
-                text = datetime.now(UTC).strftime("%Y-%m-%d")
-            if len(self._days) > 1024:
-                self._days.clear()
-            self._days[day] = text
-        return text
 
     def _dir_for(self, event: Event) -> str:
         raw = channel(event)
