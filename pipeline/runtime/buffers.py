@@ -52,26 +52,42 @@ def estimate_bytes(batch: Batch) -> int:
         return _FALLBACK_EVENT_BYTES * len(batch)
 
 
-class MemoryBuffer:
-    """A FIFO of batches bounded by count and bytes; counted until the sink's write returns."""
-
-    durable = False
+class _Buffer:
+    """What both buffers share: the bounds, the shutdown flags, and the events that wake put/get."""
 
     def __init__(self, opts: BufferOptions, max_batches: int, reject: Reject) -> None:
         self.max_batches = max_batches
         self.max_bytes = opts.limit
         self.when_full = opts.when_full
         self._reject = reject
-        self._q: deque[Item] = deque()
-        self.bytes = 0  # queued + being written
-        self._inflight = 0
         self._room = asyncio.Event()
         self._ready = asyncio.Event()
         self._finished = False
         self.expired = False  # shutdown deadline passed: put never waits
         self.safe_upto = -1  # highest source batch index written or dead-lettered, in order
-        self._skipped = -1
         self.rejected = 0
+
+    def finish(self) -> None:
+        """No more batches will be put."""
+        self._finished = True
+        self._ready.set()
+
+    def expire(self) -> None:
+        self.expired = True
+        self._room.set()
+
+
+class MemoryBuffer(_Buffer):
+    """A FIFO of batches bounded by count and bytes; counted until the sink's write returns."""
+
+    durable = False
+
+    def __init__(self, opts: BufferOptions, max_batches: int, reject: Reject) -> None:
+        super().__init__(opts, max_batches, reject)
+        self._q: deque[Item] = deque()
+        self.bytes = 0  # queued + being written
+        self._inflight = 0
+        self._skipped = -1
 
     @property
     def pending_events(self) -> int:
@@ -122,15 +138,6 @@ class MemoryBuffer:
             self.safe_upto = self._skipped
         self._room.set()
 
-    def finish(self) -> None:
-        """No more batches will be put."""
-        self._finished = True
-        self._ready.set()
-
-    def expire(self) -> None:
-        self.expired = True
-        self._room.set()
-
     def leftover(self) -> list[Item]:
         """Batches never handed to the sink (dead-lettered by the runtime at shutdown)."""
         out = list(self._q)
@@ -141,7 +148,7 @@ class MemoryBuffer:
         pass
 
 
-class DiskBuffer:
+class DiskBuffer(_Buffer):
     """Every batch is appended to a spool; the newest stay decoded in memory; a restart drains the spool."""
 
     durable = True
@@ -149,22 +156,13 @@ class DiskBuffer:
     def __init__(self, opts: BufferOptions, directory: Path, max_batches: int, reject: Reject,
                  damaged: ReportDamage, *, segment_bytes: int = 64 << 20,
                  cache_bytes: int = DISK_CACHE_BYTES) -> None:
-        self.max_bytes = opts.limit
-        self.when_full = opts.when_full
-        self.max_batches = max_batches
+        super().__init__(opts, max_batches, reject)
         self.cache_bytes_max = min(cache_bytes, self.max_bytes)
         self.spool = Spool(directory, segment_bytes=segment_bytes)
-        self._reject = reject
         self._damaged = damaged
         self._cache: deque[Item] = deque()
         self._cache_bytes = 0
         self._live = True  # the cache holds every record from the read position on
-        self._room = asyncio.Event()
-        self._ready = asyncio.Event()
-        self._finished = False
-        self.expired = False
-        self.safe_upto = -1
-        self.rejected = 0
         self.restored = 0  # events found in the spool at start (from an earlier run)
 
     def open(self) -> None:
@@ -271,14 +269,6 @@ class DiskBuffer:
 
     def taken(self, item: Item) -> None:
         self.spool.ack(item.end)
-        self._room.set()
-
-    def finish(self) -> None:
-        self._finished = True
-        self._ready.set()
-
-    def expire(self) -> None:
-        self.expired = True
         self._room.set()
 
     def leftover(self) -> list[Item]:
