@@ -13,10 +13,8 @@ or on `failed` (exit 3). The SDK is synchronous, so every call runs in a thread 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +32,7 @@ from stages.controller import resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
 from stages.controller.lifecycle import STATES, Lifecycle
 from stages.controller.session_options import SessionApiOptions
+from stages.controller.tasks import Background
 from stages.sources import backfill
 
 log = logging.getLogger("pipeline.controller.capture_session")
@@ -90,7 +89,8 @@ class CaptureSessionController(Controller):
         self.record: dict[str, Any] = {}
         self._conn: Any = None
         self._early: list[Event] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background = Background(self.who, context.stats, log)
+        self._spawn = self._background.spawn
         self._bind_lock = asyncio.Lock()
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: str | None = None
@@ -413,29 +413,12 @@ class CaptureSessionController(Controller):
                 continue  # (with backfill, ending on a polled status backfills first: no need to wait)
             self._transition(status, session=session, error="reported by get_capture_session")
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-        return task
-
-    def _reap(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            self.context.stats.errors += 1
-            log.error("%s: %s", self.who, exc if isinstance(exc, StageError) else repr(exc))
-
     async def close(self) -> None:
         if self.api is not None:
             await self.api.close()
         if self.manager is not None:
             await self.manager.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._background.cancel_all()
 
 
 def _error_text(error: Any) -> str:

@@ -12,12 +12,10 @@ thread, and `observe()` only counts and schedules.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
@@ -25,12 +23,12 @@ from typing import Any, Final
 import orjson
 
 from pipeline.api import Batch, Event
-from pipeline.errors import StageError
 from pipeline.events import iso_ts, lifecycle_status
 from pipeline.videodb_sdk import VideoDBCallError, call
 from stages.controller.ai_pipelines import AIPipelines, OnActive, Stream, media_kind, streams_from_event
 from stages.controller.session_store import SessionStore, safe_id
 from stages.controller.sessions import ManagedSession
+from stages.controller.tasks import Background
 from stages.sources import backfill
 
 log = logging.getLogger("pipeline.controller.sessions")
@@ -68,7 +66,8 @@ class SessionManager:
         self.idempotency: dict[str, str] = {}  # Idempotency-Key -> session id
         self._pending: dict[str, asyncio.Future[ManagedSession]] = {}  # creates in flight, by key
         self._early: OrderedDict[str, list[Event]] = OrderedDict()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background = Background(self.who, self.stats, log)
+        self._spawn = self._background.spawn
         self._bind_slots = asyncio.Semaphore(_BIND_CONCURRENCY)
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: dict[str, str] = {}
@@ -480,25 +479,8 @@ class SessionManager:
                     continue
                 self._transition(s, status, session=session, error="reported by list_capture_sessions")
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-        return task
-
-    def _reap(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            self.stats.errors += 1
-            log.error("%s: %s", self.who, exc if isinstance(exc, StageError) else repr(exc))
-
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._background.cancel_all()
 
 
 def _streams_of(session: Any) -> list[Stream]:
