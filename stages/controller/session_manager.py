@@ -105,15 +105,21 @@ class SessionManager:
             log.info("%s: re-attaching %d live capture session(s) from %s", self.who, len(live), self.store.dir)
             self._spawn(self._reattach(live))
 
+    async def _fetch(self, s: ManagedSession) -> Any:
+        """The session as VideoDB has it now, or None (the failed call is logged and counted)."""
+        try:
+            return await self._sdk("get_capture_session", self.conn.get_capture_session,
+                                   s.id, self.settings.collection_id)
+        except VideoDBCallError as exc:
+            log.error("%s", exc)
+            self.stats.errors += 1
+            return None
+
     async def _reattach(self, live: list[ManagedSession]) -> None:
         conn_id = await self.link.wait_connection()
         for s in live:
-            try:
-                session = await self._sdk("get_capture_session", self.conn.get_capture_session,
-                                          s.id, self.settings.collection_id)
-            except VideoDBCallError as exc:
-                log.error("%s", exc)
-                self.stats.errors += 1
+            session = await self._fetch(s)
+            if session is None:
                 continue
             status = getattr(session, "status", None) or s.record.get("status") or "created"
             if s.lifecycle.behind(status):
@@ -408,12 +414,8 @@ class SessionManager:
         if not s.live:
             return
         if streams is None:
-            try:
-                session = await self._sdk("get_capture_session", self.conn.get_capture_session,
-                                          s.id, self.settings.collection_id)
-            except VideoDBCallError as exc:
-                log.error("%s", exc)
-                self.stats.errors += 1
+            session = await self._fetch(s)
+            if session is None:
                 return
             streams = _streams_of(session)
         if s.pipelines is None:
