@@ -36,7 +36,7 @@ class SinkSlot:
         for e in batch:  # in_channels(), inlined: this runs for every event of every routed sink
             ch = e.get("channel")
             if ch is None:
-                if (lifecycle and "event" in e) or (type(e.get("event")) is str and e["event"] in chans):
+                if (lifecycle and "event" in e) or (type(ev := e.get("event")) is str and ev in chans):
                     out.append(e)
             elif isinstance(ch, str) and aliases.get(ch, ch) in chans:
                 out.append(e)

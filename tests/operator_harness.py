@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -85,3 +87,12 @@ async def scrape(base: str) -> dict[str, dict[tuple[tuple[str, str], ...], float
 async def get_json(base: str, path: str, **kw: Any) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as http, http.get(base + path, **kw) as r:
         return r.status, await r.json()
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """(status, body) of a plain GET; an HTTP error status is returned, not raised."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()

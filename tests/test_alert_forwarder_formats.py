@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import ssl
-import subprocess
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +17,7 @@ from stages.sinks.alert_forwarder import AlertForwarder, AlertForwarderOptions
 from stages.sinks.alert_forwarder.delivery import retry_after
 from stages.sinks.alert_forwarder.signing import sign, verify
 from stages.sinks.alert_forwarder.template import render
-from tests.webhook_server import WebhookServer
+from tests.webhook_server import WebhookServer, self_signed
 
 FAST = {"backoff_initial": "0.05s", "shutdown_timeout": "10s"}
 
@@ -173,20 +171,10 @@ def test_retry_after_parsing() -> None:
     assert retry_after("soon") is None and retry_after(None) is None
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl command not available to make a test certificate")
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
-
-
 @pytest.mark.parametrize("trusted", [False, True])
 async def test_tls_verification_stays_on(make_context: Callable[..., Context], tmp_path: Path,
                                          trusted: bool) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(cert, key)
     server = await WebhookServer(ssl_context=tls).start()

@@ -7,25 +7,20 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.session import SessionLink
+from tests.broker import free_port
+from tests.operator_harness import http_get
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "config/grafana/dashboards/videodb-pipeline.json"
 METRIC = re.compile(r"\b((?:videodb_pipeline|process)_[a-z_]+)\b")
-#: reconnect/backfill counters come from the live source's gap statistics (SessionLink.gaps)
-GAP_METRICS = {"videodb_pipeline_websocket_reconnects_total", "videodb_pipeline_websocket_disconnected_seconds_total",
-               "videodb_pipeline_events_backfilled_total"}
 
 
 def dashboard_metrics() -> set[str]:
@@ -35,26 +30,10 @@ def dashboard_metrics() -> set[str]:
     return {m for e in exprs for m in METRIC.findall(e)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def test_every_dashboard_metric_exists_in_a_real_scrape(tmp_path: Path) -> None:
     wanted = dashboard_metrics()
     assert len(wanted) >= 15 and "videodb_pipeline_sink_latency_seconds_bucket" in wanted
-    if not hasattr(SessionLink(), "gaps"):
-        wanted -= GAP_METRICS
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DEMO_SPEED": "4"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "config/demo.yaml"), "--http",
                              f"127.0.0.1:{port}", "-q"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
@@ -65,8 +44,8 @@ def test_every_dashboard_metric_exists_in_a_real_scrape(tmp_path: Path) -> None:
         while time.monotonic() < deadline:
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
             try:
-                status, _ = _get(f"http://127.0.0.1:{port}/ready")
-                _, text = _get(f"http://127.0.0.1:{port}/metrics")
+                status, _ = http_get(f"http://127.0.0.1:{port}/ready")
+                _, text = http_get(f"http://127.0.0.1:{port}/metrics")
             except OSError:
                 time.sleep(0.2)
                 continue

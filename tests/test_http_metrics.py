@@ -11,6 +11,7 @@ import pytest
 import websockets
 
 from pipeline.summary import summary_dict
+from tests.broker import free_port
 from tests.operator_harness import config, get_json, replay_file, scrape, served
 
 
@@ -71,14 +72,8 @@ async def test_two_pipelines_in_one_process_have_separate_registries(tmp_path: P
     assert _one(mb, "videodb_pipeline_stage_events_in_total", stage="source:replay") == 40
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_ready_is_503_until_the_websocket_source_connects(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     p = tmp_path / "p.yaml"
     p.write_text(f"""
 name: ws

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.broker import Broker, kafka_broker
+from tests.broker import Broker, free_port, kafka_broker
+from tests.operator_harness import http_get
 from tests.test_faust_runtime import (
     CLI,
     ROOT,
@@ -30,26 +29,12 @@ pytestmark = pytest.mark.timeout(150)
 __all__ = ["kafka_broker", "workers_env"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 async def test_worker_serves_metrics_and_ready(kafka_broker: Broker, workers_env: dict[str, str],
                                                tmp_path: Path) -> None:
     stages = yaml.safe_load((ROOT / "config/demo.yaml").read_text())["stages"]
     cfg = write_config(tmp_path / "faust.yaml", engine="faust", bootstrap=kafka_broker.bootstrap,
                        out=tmp_path / "out", stages=stages, name="wm")
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     workers = Workers(cfg, tmp_path, workers_env)
     proc = subprocess.Popen([*CLI, "worker", str(cfg), "--workers-dir", str(tmp_path / "w"),
@@ -61,7 +46,7 @@ async def test_worker_serves_metrics_and_ready(kafka_broker: Broker, workers_env
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                status, body = _get(base + "/ready")
+                status, body = http_get(base + "/ready")
             except OSError:
                 await asyncio.sleep(0.2)
                 continue
@@ -74,7 +59,7 @@ async def test_worker_serves_metrics_and_ready(kafka_broker: Broker, workers_env
         await wait_for_lines(tmp_path / "out/events.jsonl", 1, workers)
         await asyncio.sleep(2.0)
         written = count(tmp_path / "out/events.jsonl")
-        status, text = _get(base + "/metrics")
+        status, text = http_get(base + "/metrics")
         assert status == 200
         samples = {(s.name, s.labels.get("sink", ""), s.labels.get("stage", "")): s.value
                    for f in text_string_to_metric_families(text) for s in f.samples}

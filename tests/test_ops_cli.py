@@ -9,7 +9,6 @@ import pty
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.broker import free_port
 from tests.operator_harness import config, replay_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,17 +27,11 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color", "COLUMNS
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[str]:
     """`pipeline run --http` on a paced replay (40 events/s, an alert every 2.5 s); yields its URL."""
     events = replay_file(tmp_path / "in.jsonl", 2400, step=0.025, alert_every=100)
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     proc = subprocess.Popen([*PIPELINE, "run", str(config(tmp_path, events, speed=1)), "--http",
                              url.removeprefix("http://"), "-q"], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd=tmp_path)
@@ -128,7 +122,7 @@ def test_tap_and_top_errors_are_one_line(running: str) -> None:
     res = subprocess.run([*PIPELINE, "tap", running, "--at", "nowhere"], env=ENV, capture_output=True,
                          text=True, timeout=30)
     assert res.returncode != 0 and res.stderr.count("\n") == 1 and "no tap point 'nowhere'" in res.stderr
-    res = subprocess.run([*PIPELINE, "top", f"127.0.0.1:{_free_port()}", "--once"], env=ENV,
+    res = subprocess.run([*PIPELINE, "top", f"127.0.0.1:{free_port()}", "--once"], env=ENV,
                          capture_output=True, text=True, timeout=30)
     assert res.returncode != 0 and res.stderr.count("\n") == 1 and "cannot connect" in res.stderr
 

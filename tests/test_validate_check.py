@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import ssl
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from pipeline.emulator import Emulator
 from tests.broker import Broker, free_port, kafka_broker  # noqa: F401
-from tests.webhook_server import WebhookServer
+from tests.webhook_server import WebhookServer, self_signed
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def self_signed(tmp: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl command not available to make a test certificate")
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
 
 
 def config(emu: str, key: str, kafka: str, hook: str, cert: Path, plain: str) -> str:

@@ -67,6 +67,15 @@ class _Buffer:
         self.safe_upto = -1  # highest source batch index written or dead-lettered, in order
         self.rejected = 0
 
+    def _drop(self, index: int, batch: Batch, why: str) -> None:
+        """Dead-letter a batch the buffer will not hold; it counts as done, in order."""
+        self._reject(batch, why)
+        self.rejected += len(batch)
+        self.skip(index)
+
+    def skip(self, index: int) -> None:
+        raise NotImplementedError
+
     def finish(self) -> None:
         """No more batches will be put."""
         self._finished = True
@@ -108,11 +117,6 @@ class MemoryBuffer(_Buffer):
         self._q.append(Item(index, batch, nbytes))
         self.bytes += nbytes
         self._ready.set()
-
-    def _drop(self, index: int, batch: Batch, why: str) -> None:
-        self._reject(batch, why)
-        self.rejected += len(batch)
-        self.skip(index)
 
     def skip(self, index: int) -> None:
         """Batch `index` has nothing for this sink: it counts as written once everything before it is."""
@@ -188,11 +192,9 @@ class DiskBuffer(_Buffer):
         spool = self.spool
         while spool.pending_bytes and spool.pending_bytes + len(payload) > self.max_bytes:
             if self.expired or self.when_full == "dead_letter":
-                self._reject(batch, "not spooled before drain_timeout at shutdown" if self.expired else
-                             f"sink spool full ({spool.pending_bytes} bytes, max_bytes {self.max_bytes}; "
-                             "when_full: dead_letter)")
-                self.rejected += len(batch)
-                self.safe_upto = index
+                self._drop(index, batch, "not spooled before drain_timeout at shutdown" if self.expired else
+                           f"sink spool full ({spool.pending_bytes} bytes, max_bytes {self.max_bytes}; "
+                           "when_full: dead_letter)")
                 return
             self._room.clear()
             await self._room.wait()

@@ -60,7 +60,7 @@ class VideoDBSource(WebSocketSource):
         self.settings = VideoDBSettings.resolve(context.settings, api_key=options.api_key,
                                                 base_url=options.base_url,
                                                 collection_id=options.collection_id)
-        self.state_dir: Path | None = Path(options.state_dir or context.state_dir).expanduser()
+        self.state_dir: Path = Path(options.state_dir or context.state_dir).expanduser()
         self._conn: Any = None
         self._first: Any = None  # the preflight's result (WebSocketConnection or retryable error), for open()
         if options.backfill:
@@ -76,10 +76,9 @@ class VideoDBSource(WebSocketSource):
 
     async def _preflight(self) -> None:
         """Fail fast on what retrying cannot fix (no key, bad key, bad collection); write the pid file."""
-        if self.state_dir is not None:
-            ensure_private_dir(self.state_dir)
-            write_private_text(self.state_dir / PID_FILE, str(os.getpid()))
-            check_writable(self.state_dir / WS_ID_FILE)  # a symlink there fails once now, not every reconnect
+        ensure_private_dir(self.state_dir)
+        write_private_text(self.state_dir / PID_FILE, str(os.getpid()))
+        check_writable(self.state_dir / WS_ID_FILE)  # a symlink there fails once now, not every reconnect
         self._conn = await asyncio.to_thread(connect, self.settings, self.context.stage)
         try:
             self._first = await self._sdk("connect_websocket", self._conn.connect_websocket,
@@ -111,8 +110,7 @@ class VideoDBSource(WebSocketSource):
             raise StageError(f"{self.context.stage}: WebSocket sent no connection_id in its first message")
         # The SDK keeps websockets' 1 MiB default; we size-check frames ourselves and dead-letter.
         ws.protocol.max_message_size = None
-        if self.state_dir is not None:
-            write_private_text(self.state_dir / WS_ID_FILE, str(conn_id))
+        write_private_text(self.state_dir / WS_ID_FILE, str(conn_id))
         return ws, str(conn_id)
 
     async def batches(self) -> AsyncIterator[Batch]:
@@ -121,8 +119,7 @@ class VideoDBSource(WebSocketSource):
             async for batch in super().batches():
                 yield batch
         finally:
-            if self.state_dir is not None:
-                try:
-                    (self.state_dir / PID_FILE).unlink(missing_ok=True)
-                except OSError:
-                    pass
+            try:
+                (self.state_dir / PID_FILE).unlink(missing_ok=True)
+            except OSError:
+                pass
