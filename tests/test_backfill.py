@@ -276,7 +276,9 @@ async def test_backfill_comes_before_the_new_connections_events(make_context: Ca
         await emu.stop()
     got = [e for e in run.events if e.get("channel") == "transcript"]
     assert Counter(map(key, got)) == Counter(map(key, filter(tracked, produced(emu))))
-    assert sum(1 for e in got if e.get("backfill")) >= 3 and emu.hub.drops >= 5
+    # every event that did not go out live came by backfill (how many a drop loses depends on timing)
+    missed = Counter(map(key, (r["event"] for r in emu.emitted if tracked(r["event"]) and not r["live"])))
+    assert not missed - Counter(map(key, (e for e in got if e.get("backfill")))) and emu.hub.drops >= 5
     starts = [e["data"]["start"] for e in got]
     assert starts == sorted(starts)  # held live events wait for the backfill: event-time order across gaps
 
