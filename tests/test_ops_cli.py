@@ -74,18 +74,26 @@ def in_pty(args: list[str], until: str | None, timeout: float = 15.0, cwd: Path 
                 break
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
-        code = proc.wait(10)
-        while True:  # what it printed on the way out
+        # read on while it exits: a full pty buffer would block its last screen and so its exit
+        exit_by = time.monotonic() + 10
+        while True:
+            if time.monotonic() > exit_by:
+                proc.kill()
+                screen = ANSI.sub("", out.decode("utf-8", "replace"))[-3000:]
+                raise AssertionError(f"{args[3]}: no exit 10 s after Ctrl-C: {screen}")
             ready, _, _ = select.select([master], [], [], 0.1)
             if not ready:
-                break
+                if proc.poll() is not None:
+                    break
+                continue
             try:
                 chunk = os.read(master, 65536)
-            except OSError:
+            except OSError:  # EIO: the process closed the terminal
                 break
             if not chunk:
                 break
             out += chunk
+        code = proc.wait(10)
     finally:
         os.close(master)
     return ANSI.sub("", out.decode("utf-8", "replace")), code

@@ -8,10 +8,17 @@ import os
 import re
 import shutil
 import threading
+import urllib.request
 from pathlib import Path
 
 from tests.browser import browser_page
 from tests.operator_harness import config, replay_file, served
+
+
+def status_alerts(base: str) -> list[tuple[str, str]]:
+    """(rule, text) of the alerts the status API lists now, for a failure message."""
+    with urllib.request.urlopen(base + "/api/status", timeout=5) as r:
+        return [(a["data"]["event_label"], a["data"]["text"]) for a in json.loads(r.read())["alerts"]]
 
 
 def test_status_page_shows_stages_counters_alerts_and_events(tmp_path: Path) -> None:
@@ -48,9 +55,16 @@ def test_status_page_shows_stages_counters_alerts_and_events(tmp_path: Path) -> 
             assert rates != "0.0/s", rates
             counts = page.locator(".node[data-stage='stages[1]:rules'] .counts").text_content() or ""
             assert counts.startswith("in ") and not counts.startswith("in 0 "), counts
+            # the `code` rule fires once per stream (1 h cooldown) and may fill the newest rows: wait for a
+            # `secret` row (the first fires on the first event, the next 2.5 s later), then read it
+            secret = "#alerts tbody tr.alert-row:has(td:nth-child(3):text-is('secret'))"
+            try:
+                page.wait_for_selector(secret, timeout=15_000)
+            except Exception:
+                raise AssertionError(f"no secret alert row; /api/status alerts: {status_alerts(box['base'])}") \
+                    from None
             rows = [[c.text_content() for c in row.locator("td").all()]
                     for row in page.locator("#alerts tbody tr.alert-row").all()]
-            # the `code` rule fires once (1 h cooldown) and may be the newest row: look for a `secret` one
             cells = next((r for r in rows if r[2] == "secret"), rows[0])
             assert cells[1] == "critical" and cells[2] == "secret" and (cells[4] or "").startswith("password"), rows
             assert re.fullmatch(r"2023-11-14 22:1\d:\d\d", cells[0] or ""), cells[0]  # an alert's event time
