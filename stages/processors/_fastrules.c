@@ -51,6 +51,8 @@ typedef struct {
     Table *tables;
     Py_ssize_t n_tables;
     PyObject *channel_map; /* dict: channel name -> table index */
+    PyObject **names;      /* its keys (exact str), compared by content: a channel value has no cached hash */
+    Py_ssize_t *name_table, n_names;
     Rule *rules;
     Py_ssize_t n_rules;
     PyObject *fold, *event_time_ms, *stream_of, *cooled;
@@ -63,7 +65,7 @@ typedef struct {
 
 static PyObject *s_channel, *s_data, *s_text, *s_start, *s_rtstream_id, *s_rtstream_name, *s_capture_session_id,
     *s_ts, *s_unix_ts, *s_alert, *s_origin, *s_rules, *s_event_label, *s_timestamp, *s_severity, *s_matched,
-    *s_source_channel, *s_lower, *s_empty, *one;
+    *s_source_channel, *s_lower, *s_empty;
 
 static unsigned char ascii_word[128], ascii_lower[128];
 
@@ -210,6 +212,12 @@ static void engine_clear_all(Engine *self) {
     self->rules = NULL;
     self->n_rules = 0;
     Py_CLEAR(self->channel_map);
+    for (Py_ssize_t i = 0; i < self->n_names; i++) Py_XDECREF(self->names[i]);
+    PyMem_Free(self->names);
+    PyMem_Free(self->name_table);
+    self->names = NULL;
+    self->name_table = NULL;
+    self->n_names = 0;
     Py_CLEAR(self->fold);
     Py_CLEAR(self->event_time_ms);
     Py_CLEAR(self->stream_of);
@@ -255,11 +263,46 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *Py_UNUSED(kw)) {
         r->cooldown_ms = cd;
     }
     self->channel_map = Py_NewRef(channel_map);
+    Py_ssize_t nn = PyDict_GET_SIZE(channel_map), pos = 0;
+    self->names = PyMem_Calloc(nn ? nn : 1, sizeof(PyObject *));
+    self->name_table = PyMem_Calloc(nn ? nn : 1, sizeof(Py_ssize_t));
+    if (!self->names || !self->name_table) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    PyObject *name, *ti;
+    while (PyDict_Next(channel_map, &pos, &name, &ti)) {
+        Py_ssize_t t = PyLong_AsSsize_t(ti);
+        if (!PyUnicode_CheckExact(name) || t < 0 || t >= self->n_tables) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "channel_map: str -> table index");
+            return -1;
+        }
+        self->names[self->n_names] = Py_NewRef(name);
+        self->name_table[self->n_names++] = t;
+    }
     self->fold = Py_NewRef(fold);
     self->event_time_ms = Py_NewRef(etm);
     self->stream_of = Py_NewRef(stream_of);
     self->cooled = Py_NewRef(cooled);
     return 0;
+}
+
+/* The table for a channel value, or NULL. */
+static const Table *table_of(Engine *self, PyObject *ch) {
+    if (!PyUnicode_CheckExact(ch)) {  /* a str subclass: by the dict, as Python would */
+        PyObject *ti = PyDict_GetItemWithError(self->channel_map, ch);
+        return ti == NULL ? NULL : &self->tables[PyLong_AsSsize_t(ti)];
+    }
+    Py_ssize_t len = PyUnicode_GET_LENGTH(ch);
+    int kind = PyUnicode_KIND(ch);
+    const void *data = PyUnicode_DATA(ch);
+    for (Py_ssize_t i = 0; i < self->n_names; i++) {
+        PyObject *name = self->names[i];
+        if (PyUnicode_GET_LENGTH(name) == len && PyUnicode_KIND(name) == kind &&
+            memcmp(PyUnicode_DATA(name), data, (size_t)len * (size_t)kind) == 0)
+            return &self->tables[self->name_table[i]];
+    }
+    return NULL;
 }
 
 /* ---- scanning ------------------------------------------------------------------------------------------ */
@@ -291,6 +334,7 @@ typedef struct {
     PyObject **matched; /* n_rules: list of keywords, or NULL */
     Py_ssize_t *touched;
     Py_ssize_t n_touched;
+    long long *fired; /* alerts per rule in this batch, added to `counts` at the end */
     Token *tokens;
     Py_ssize_t cap_tokens;
 } Scratch;
@@ -460,7 +504,7 @@ fail:
 
 /* The alerts one event fires (appended to `alerts`), as rules.py's Rules._fire. */
 static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObject *text, PyObject *source,
-                PyObject *last_fired, PyObject **watermark, PyObject *ceiling, PyObject *alerts, PyObject *counts) {
+                PyObject *last_fired, PyObject **watermark, PyObject *ceiling, PyObject *alerts) {
     int rc = -1;
     PyObject *when = NULL, *stream = NULL, *name = NULL;
     PyObject *start = PyDict_GetItemWithError(data, s_start);
@@ -542,10 +586,7 @@ static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObj
         int appended = PyList_Append(alerts, alert);
         Py_DECREF(alert);
         if (appended < 0) goto done;
-        PyObject *count = PyList_GET_ITEM(counts, idx);
-        PyObject *more = PyNumber_Add(count, one);
-        if (!more) goto done;
-        PyList_SetItem(counts, idx, more);
+        s->fired[idx]++;
     }
     rc = 0;
 done:
@@ -576,9 +617,10 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
     Py_INCREF(watermark);
     s.matched = PyMem_Calloc(self->n_rules ? self->n_rules : 1, sizeof(PyObject *));
     s.touched = PyMem_Malloc(sizeof(Py_ssize_t) * (self->n_rules ? self->n_rules : 1));
+    s.fired = PyMem_Calloc(self->n_rules ? self->n_rules : 1, sizeof(long long));
     s.cap_tokens = 64;
     s.tokens = PyMem_Malloc(sizeof(Token) * s.cap_tokens);
-    if (!alerts || !s.matched || !s.touched || !s.tokens) {
+    if (!alerts || !s.matched || !s.touched || !s.tokens || !s.fired) {
         if (alerts) PyErr_NoMemory();
         goto done;
     }
@@ -591,12 +633,11 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
             if (PyErr_Occurred()) goto done;
             continue;
         }
-        PyObject *ti = PyDict_GetItemWithError(self->channel_map, ch);
-        if (ti == NULL) {
+        const Table *t = table_of(self, ch);
+        if (t == NULL) {
             if (PyErr_Occurred()) goto done;
             continue;
         }
-        const Table *t = &self->tables[PyLong_AsSsize_t(ti)];
         PyObject *data = PyDict_GetItemWithError(event, s_data);
         if (data == NULL || !PyDict_Check(data)) {
             if (PyErr_Occurred()) goto done;
@@ -623,7 +664,7 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         }
         Py_ssize_t before = PyList_GET_SIZE(alerts);
         if (!bad && s.n_touched)
-            bad = fire(self, &s, event, data, text, t->source, last_fired, &watermark, ceiling, alerts, counts) < 0;
+            bad = fire(self, &s, event, data, text, t->source, last_fired, &watermark, ceiling, alerts) < 0;
         scratch_reset(&s);
         Py_DECREF(text);
         Py_DECREF(data);
@@ -640,12 +681,21 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         prev = i + 1;
     }
     if (out != NULL && extend_range(out, batch, prev, PyList_GET_SIZE(batch)) < 0) goto done;
+    for (Py_ssize_t r = 0; r < self->n_rules; r++) {
+        if (!s.fired[r]) continue;
+        PyObject *add = PyLong_FromLongLong(s.fired[r]);
+        PyObject *sum = add ? PyNumber_Add(PyList_GET_ITEM(counts, r), add) : NULL;
+        Py_XDECREF(add);
+        if (!sum) goto done;
+        PyList_SetItem(counts, r, sum);
+    }
     result = Py_BuildValue("(OOO)", out ? out : Py_None, alerts, watermark);
 done:
     scratch_reset(&s);
     PyMem_Free(s.matched);
     PyMem_Free(s.touched);
     PyMem_Free(s.tokens);
+    PyMem_Free(s.fired);
     Py_XDECREF(out);
     Py_XDECREF(alerts);
     Py_DECREF(watermark);
@@ -701,7 +751,6 @@ PyMODINIT_FUNC PyInit__fastrules(void) {
     INTERN(s_source_channel, "source_channel");
     INTERN(s_lower, "lower");
     INTERN(s_empty, "");
-    if (!(one = PyLong_FromLong(1))) return NULL;
     if (PyType_Ready(&EngineType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
