@@ -392,8 +392,6 @@ typedef struct {
     Py_ssize_t *touched;
     Py_ssize_t n_touched;
     long long *fired; /* alerts per rule in this batch, added to `counts` at the end */
-    Token *tokens;
-    Py_ssize_t cap_tokens;
 } Scratch;
 
 static void scratch_reset(Scratch *s) {
@@ -423,26 +421,49 @@ static int add_owners(Scratch *s, PyObject *owners) {
     return 0;
 }
 
-static int push(Scratch *s, Py_ssize_t count, Py_ssize_t start, Py_ssize_t end, Py_hash_t h) {
-    if (count == s->cap_tokens) {
-        Py_ssize_t cap = s->cap_tokens * 2;
-        Token *grown = PyMem_Realloc(s->tokens, sizeof(Token) * cap);
-        if (!grown) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        s->tokens = grown;
-        s->cap_tokens = cap;
+/* The next word at or after *pos (kind ASCII_LOWERED: ASCII as it is, lowered on the way); 0 at the end.
+ * Words are found one at a time, so a text costs no memory however many words it holds. */
+static inline int next_word(int kind, const void *data, Py_ssize_t n, Py_ssize_t *pos, Token *tok) {
+    Py_ssize_t i = *pos;
+    Py_hash_t h = HASH_SEED;
+    if (kind == ASCII_LOWERED) {
+        const Py_UCS1 *p = data;
+        while (i < n && !ascii_word[p[i]]) i++;
+        if (i >= n) return 0;
+        tok->start = i;
+        do h = mix(h, ascii_lower[p[i]]);
+        while (++i < n && ascii_word[p[i]]);
+    } else {
+        Py_UCS4 ch = 0;
+        while (i < n && !is_word(ch = PyUnicode_READ(kind, data, i))) i++;
+        if (i >= n) return 0;
+        tok->start = i;
+        do h = mix(h, ch);
+        while (++i < n && is_word(ch = PyUnicode_READ(kind, data, i)));
     }
-    s->tokens[count].start = start;
-    s->tokens[count].len = end - start;
-    s->tokens[count].hash = h;
-    return 0;
+    tok->len = i - tok->start;
+    tok->hash = h;
+    *pos = i;
+    return 1;
 }
 
-/* The words of a text (kind ASCII_LOWERED: ASCII as it is) into s->tokens; returns the count or -1. */
-static Py_ssize_t tokenize(Scratch *s, int kind, const void *data, Py_ssize_t n) {
-    Py_ssize_t count = 0, i = 0;
+/* A keyword's word in the text: its keywords (and the phrases it starts) into s->matched. `end`: where it ends. */
+static int word_found(Scratch *s, const Entry *e, int kind, const void *data, Py_ssize_t n, Py_ssize_t end) {
+    for (Py_ssize_t p = 0; p < e->n_phrases; p++) {  /* the phrase's other words must follow */
+        const Phrase *ph = &e->phrases[p];
+        Py_ssize_t at = end, r = 0;
+        Token next;
+        while (r < ph->n_rest && next_word(kind, data, n, &at, &next) && same(kind, data, &next, &ph->rest[r])) r++;
+        if (r == ph->n_rest && add_owners(s, ph->owners) < 0) return -1;
+    }
+    return e->owners ? add_owners(s, e->owners) : 0;
+}
+
+/* Fill s->matched for one text (kind ASCII_LOWERED, or a lowered str's kind); returns 0 or -1.
+ * Words are looked up as they are found: no memory per word, however long the text. */
+static int scan(Scratch *s, const Table *t, int kind, const void *data, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    Token tok;
     if (kind == ASCII_LOWERED) {
         const Py_UCS1 *p = data;
         while (i < n) {
@@ -458,43 +479,17 @@ static Py_ssize_t tokenize(Scratch *s, int kind, const void *data, Py_ssize_t n)
                 if (++i >= n) break;
                 c = p[i];
             } while (ascii_word[c]);
-            if (push(s, count++, start, i, h) < 0) return -1;
+            tok.start = start;
+            tok.len = i - start;
+            tok.hash = h;
+            const Entry *e = lookup(t, kind, data, &tok);
+            if (e != NULL && word_found(s, e, kind, data, n, i) < 0) return -1;
         }
-        return count;
+        return 0;
     }
-    while (i < n) {
-        Py_UCS4 ch = PyUnicode_READ(kind, data, i);
-        if (!is_word(ch)) {
-            i++;
-            continue;
-        }
-        Py_ssize_t start = i;
-        Py_hash_t h = HASH_SEED;
-        do {
-            h = mix(h, ch);
-            if (++i >= n) break;
-            ch = PyUnicode_READ(kind, data, i);
-        } while (is_word(ch));
-        if (push(s, count++, start, i, h) < 0) return -1;
-    }
-    return count;
-}
-
-/* Fill s->matched for one text (kind ASCII_LOWERED, or a lowered str's kind); returns 0 or -1. */
-static int scan(Scratch *s, const Table *t, int kind, const void *data, Py_ssize_t size) {
-    Py_ssize_t n = tokenize(s, kind, data, size);
-    if (n < 0) return -1;
-    for (Py_ssize_t j = 0; j < n; j++) {
-        Entry *e = lookup(t, kind, data, &s->tokens[j]);
-        if (e == NULL) continue;
-        for (Py_ssize_t p = 0; p < e->n_phrases; p++) {
-            Phrase *ph = &e->phrases[p];
-            if (j + ph->n_rest >= n) continue;
-            Py_ssize_t r = 0;
-            while (r < ph->n_rest && same(kind, data, &s->tokens[j + 1 + r], &ph->rest[r])) r++;
-            if (r == ph->n_rest && add_owners(s, ph->owners) < 0) return -1;
-        }
-        if (e->owners && add_owners(s, e->owners) < 0) return -1;
+    while (next_word(kind, data, n, &i, &tok)) {
+        const Entry *e = lookup(t, kind, data, &tok);
+        if (e != NULL && word_found(s, e, kind, data, n, i) < 0) return -1;
     }
     return 0;
 }
@@ -675,9 +670,7 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
     s.matched = PyMem_Calloc(self->n_rules ? self->n_rules : 1, sizeof(PyObject *));
     s.touched = PyMem_Malloc(sizeof(Py_ssize_t) * (self->n_rules ? self->n_rules : 1));
     s.fired = PyMem_Calloc(self->n_rules ? self->n_rules : 1, sizeof(long long));
-    s.cap_tokens = 64;
-    s.tokens = PyMem_Malloc(sizeof(Token) * s.cap_tokens);
-    if (!alerts || !s.matched || !s.touched || !s.tokens || !s.fired) {
+    if (!alerts || !s.matched || !s.touched || !s.fired) {
         if (alerts) PyErr_NoMemory();
         goto done;
     }
@@ -751,7 +744,6 @@ done:
     scratch_reset(&s);
     PyMem_Free(s.matched);
     PyMem_Free(s.touched);
-    PyMem_Free(s.tokens);
     PyMem_Free(s.fired);
     Py_XDECREF(out);
     Py_XDECREF(alerts);
