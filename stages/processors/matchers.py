@@ -53,6 +53,7 @@ class WordMatcher:
         # first word -> [(the other words, each after a run of non-word characters), owners]
         self._phrases: dict[str, list[tuple[re.Pattern[str], Owners]]] = defaultdict(list)
         self._phrase_owner: dict[str, Owners] = {}
+        self._phrase_words: dict[str, list[tuple[tuple[str, ...], Owners]]] = defaultdict(list)  # as _phrases
 
     def add(self, rule: int, keyword: str) -> None:
         words = _WORD.findall(fold(keyword))
@@ -67,7 +68,21 @@ class WordMatcher:
             owners = self._phrase_owner[phrase] = []
             rest = re.compile("".join(rf"\W+{re.escape(w)}" for w in words[1:]) + r"(?!\w)")
             self._phrases[words[0]].append((rest, owners))
+            self._phrase_words[words[0]].append((tuple(words[1:]), owners))
         owners.append((rule, keyword))
+
+    def words(self) -> dict[str, tuple[tuple[tuple[int, str], ...] | None, tuple[Any, ...]]]:
+        """First word -> (its single-word owners or None, ((the phrase's other words), owners) in order):
+        the table the native rules engine looks words up in."""
+        out: dict[str, tuple[tuple[tuple[int, str], ...] | None, tuple[Any, ...]]] = {}
+        for w in (*self._single, *self._phrase_words):
+            single = self._single.get(w)
+            phrases = tuple((rest, tuple(owners)) for rest, owners in self._phrase_words.get(w, ()))
+            out[w] = (tuple(single) if single else None, phrases)
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self._single or self._phrase_words)
 
 
 
@@ -81,6 +96,9 @@ class SubstringMatcher:
         if not keyword:
             raise ValueError("empty keyword")
         self._owners[fold(keyword)].append((rule, keyword))
+
+    def __bool__(self) -> bool:
+        return bool(self._owners)
 
 
 
@@ -128,7 +146,12 @@ class Scanner:
         entries = self._entries
         size = len(lowered)
         literal = False
-        for idx, start, end in find(lowered, True):
+        try:
+            matches = find(lowered, True)
+        except UnicodeEncodeError:  # a lone surrogate (only a plugin can make one): "?" in its place, as the
+            lowered = lowered.encode("utf-8", "replace").decode()  # same one non-word character
+            matches = find(lowered, True)
+        for idx, start, end in matches:
             words, phrases, subs, is_literal = entries[idx]
             if is_literal:
                 literal = True

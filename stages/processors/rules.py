@@ -25,6 +25,11 @@ from stages.globs import glob_matcher
 from stages.processors.eviction import Eviction
 from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, fold
 
+try:  # the hot loop in C (built with the package); without it the Python path below does the same work
+    from stages.processors import _fastrules
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _fastrules = None  # type: ignore[assignment]
+
 TEXT_CHANNELS = ["transcript", "visual_index", "audio_index"]
 _IDS = ("rtstream_id", "rtstream_name", "capture_session_id")  # copied from the source event, in this order
 _STAMPS = ("ts", "unix_ts")  # after data, as in every alert
@@ -135,12 +140,62 @@ class Rules(Processor):
         self._last_fired = context.state.get("rules.last_fired")  # "rule|rtstream" -> event ms
         self._windows = context.state.get("rules.windows")  # "rule|rtstream" -> [event ms, ...]
         self.fired = 0
-        self.fired_by: Counter[tuple[str, str]] = Counter()  # (rule, severity) -> alerts, for /metrics
+        self._counts = [0] * len(self._rules)  # alerts per rule
         self.recent: deque[Event] = deque(maxlen=20)  # the last alerts, for the status page
         self._evict = Eviction(max((max(c.cooldown_ms, c.window_ms) for c in self._rules), default=0)
                                + int(options.state_ttl * 1000), options.max_state_keys)
+        self._engine = self._native() if self.native else None
+
+    #: Use the C engine when the rules allow it (tests switch it off to compare both paths).
+    native = True
+
+    def _native(self) -> Any:
+        """The C engine for these rules, or None: it covers whole-word rules without a window (the common
+        shape); substring and regex rules, windows and state that is not a dict keep the Python path."""
+        if _fastrules is None or not isinstance(self._last_fired, dict):
+            return None
+        if any(c.window_ms or c.rule.match != "word" for c in self._rules):
+            return None
+        tables: list[tuple[Any, str]] = []
+        index: dict[str, int] = {}
+        for ch, cm in self._by_channel.items():
+            index[ch] = len(tables)
+            tables.append((cm.word.words(), ch))
+        channel_map = {name: index[canonical(name)] for name in (*self._by_channel, *ALIASES)
+                       if canonical(name) in index}
+        rules = [(c.prefix, c.label, c.severity, c.cooldown_ms, c.names) for c in self._rules]
+        return _fastrules.Engine(tables, channel_map, rules, fold, event_time_ms, _stream_of, _cooled)
+
+    @property
+    def fired_by(self) -> Counter[tuple[str, str]]:
+        """(rule, severity) -> alerts fired, for /metrics."""
+        out: Counter[tuple[str, str]] = Counter()
+        for c, n in zip(self._rules, self._counts, strict=True):
+            if n:
+                out[c.label, c.severity] += n
+        return out
 
     def process(self, batch: Batch) -> Batch:
+        engine = self._engine
+        if engine is not None:
+            ev = self._evict
+            out, alerts, ev.watermark = engine.process(batch, self._last_fired, ev.watermark, ev.ceiling,
+                                                       self._counts)
+            if alerts:
+                self.recent.extend(alerts[-20:])
+                self.fired += len(alerts)
+            self._sweep()
+            return batch if out is None else out
+        return self._process(batch)
+
+    def _sweep(self) -> None:
+        ev = self._evict
+        if ev.due(self._last_fired, self._windows):
+            ev.sweep(self._last_fired, _last_time)
+            ev.sweep(self._windows, _newest_time)
+
+    def _process(self, batch: Batch) -> Batch:
+        """The Python path (and the reference the C engine is held to)."""
         fired: list[tuple[int, list[Event]]] | None = None  # (after event i, its alerts); allocated on the first
         scanners = self._scanners
         for i, event in enumerate(batch):
@@ -169,10 +224,7 @@ class Rules(Processor):
                     if fired is None:
                         fired = []
                     fired.append((i, alerts))
-        ev = self._evict
-        if ev.due(self._last_fired, self._windows):
-            ev.sweep(self._last_fired, _last_time)
-            ev.sweep(self._windows, _newest_time)
+        self._sweep()
         if fired is None:
             return batch
         out: Batch = []  # each alert right after its source event, the rest copied by slices (no per-event work)
@@ -188,8 +240,8 @@ class Rules(Processor):
         """The alerts this event fires. Why so flat: with keywords everywhere this runs for every other
         event, so cooldowns are checked before anything is built and an alert is a copy of a header."""
         rid = event.get("rtstream_id")
-        if type(rid) is not str or not rid:  # no id: the name, within its session (names repeat across sessions)
-            rid = f"{event.get('capture_session_id') or ''}/{rid or event.get('rtstream_name') or ''}"
+        if type(rid) is not str or not rid:
+            rid = _stream_of(event)
         ev = self._evict
         if ev.watermark < when <= ev.ceiling:  # Eviction.seen, inlined; the ceiling ignores bogus future times
             ev.watermark = when
@@ -224,7 +276,7 @@ class Rules(Processor):
         stamps = {k: event[k] for k in _STAMPS if k in event}
         source = canonical(str(event.get("channel")))
         alerts: list[Event] = []
-        fired_by = self.fired_by
+        counts = self._counts
         for idx in firing:
             c = rules[idx]
             alert = head.copy()
@@ -233,10 +285,25 @@ class Rules(Processor):
             if stamps:
                 alert.update(stamps)
             alerts.append(alert)
-            fired_by[c.label, c.severity] += 1
+            counts[idx] += 1
         self.recent.extend(alerts)
         self.fired += len(alerts)
         return alerts
+
+
+def _stream_of(event: Event) -> str:
+    """The cooldown key's stream for an event without a usable rtstream_id: its name, within its session
+    (names repeat across sessions)."""
+    rid = event.get("rtstream_id")
+    if type(rid) is str and rid:
+        return rid
+    return f"{event.get('capture_session_id') or ''}/{rid or event.get('rtstream_name') or ''}"
+
+
+def _cooled(last: Any, when: Any, cooldown: int) -> bool:
+    """Is the rule still quiet? (The C engine asks this for times that are not plain 64-bit ints.)"""
+    return bool(last <= when < last + cooldown)
+
 
 
 def _last_time(value: Any) -> int:

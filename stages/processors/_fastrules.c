@@ -1,0 +1,762 @@
+/* The rules stage's hot loop in C: whole-word keyword scan, cooldowns and alerts for one batch.
+ *
+ * Why: with keywords everywhere, the Python loop paid ~600 bytecodes per hit (word-boundary
+ * checks, state keys, alert dicts). This module does the same work for the common rule
+ * shape (match: word, no window) and gives exactly the result of the Python path in
+ * rules.py, which stays the reference: tests/test_rules_native.py holds the two equal.
+ *
+ * A whole word is a maximal run of word characters (str.isalnum() or "_", as `\w` in
+ * Python's re); a keyword of several words matches consecutive words. Text is lowered
+ * with str.lower() (the Python `fold` when that changes the length), as in matchers.py.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    Py_UCS4 *chars;
+    Py_ssize_t len;
+    Py_hash_t hash;
+} Word;
+
+typedef struct {
+    Word *rest; /* the words after the first */
+    Py_ssize_t n_rest;
+    PyObject *owners; /* tuple of (rule index, keyword) */
+} Phrase;
+
+typedef struct {
+    Word word;
+    PyObject *owners; /* tuple of (rule index, keyword), or NULL */
+    Phrase *phrases;
+    Py_ssize_t n_phrases;
+} Entry;
+
+typedef struct {
+    Entry *entries;
+    Py_ssize_t n_entries;
+    Py_ssize_t *slots; /* open addressing: index into entries, -1 = empty */
+    Py_ssize_t mask;
+    PyObject *source; /* canonical channel name, the alert's data.source_channel */
+} Table;
+
+typedef struct {
+    PyObject *prefix, *label, *severity, *names; /* names: a callable or NULL */
+    long long cooldown_ms;
+} Rule;
+
+typedef struct {
+    PyObject_HEAD
+    Table *tables;
+    Py_ssize_t n_tables;
+    PyObject *channel_map; /* dict: channel name -> table index */
+    PyObject **names;      /* its keys (exact str), compared by content: a channel value has no cached hash */
+    Py_ssize_t *name_table, n_names;
+    Rule *rules;
+    Py_ssize_t n_rules;
+    PyObject *fold, *event_time_ms, *stream_of, *cooled;
+} Engine;
+
+typedef struct {
+    Py_ssize_t start, len;
+    Py_hash_t hash;
+} Token;
+
+static PyObject *s_channel, *s_data, *s_text, *s_start, *s_rtstream_id, *s_rtstream_name, *s_capture_session_id,
+    *s_ts, *s_unix_ts, *s_alert, *s_origin, *s_rules, *s_event_label, *s_timestamp, *s_severity, *s_matched,
+    *s_source_channel, *s_lower, *s_empty;
+
+static unsigned char ascii_word[128], ascii_lower[128];
+
+/* ASCII text is scanned as it is, lowered character by character on the way: kind ASCII_LOWERED */
+#define ASCII_LOWERED 0
+
+static inline int is_word(Py_UCS4 ch) {
+    if (ch < 128) return ascii_word[ch];
+    return Py_UNICODE_ISALNUM(ch);
+}
+
+static inline Py_UCS4 at(int kind, const void *data, Py_ssize_t i) {
+    return kind == ASCII_LOWERED ? ascii_lower[((const Py_UCS1 *)data)[i]] : PyUnicode_READ(kind, data, i);
+}
+
+static inline Py_hash_t mix(Py_hash_t h, Py_UCS4 ch) {
+    return (Py_hash_t)(((uint64_t)h ^ (uint64_t)ch) * 1099511628211ULL);
+}
+
+#define HASH_SEED ((Py_hash_t)1469598103934665603ULL)
+
+/* ---- building ------------------------------------------------------------------------------------------ */
+
+static int word_from_str(PyObject *s, Word *w) {
+    if (!PyUnicode_Check(s)) {
+        PyErr_SetString(PyExc_TypeError, "a keyword word must be a str");
+        return -1;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    w->chars = PyMem_Malloc(sizeof(Py_UCS4) * (n ? n : 1));
+    if (!w->chars) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    Py_hash_t h = HASH_SEED;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        w->chars[i] = PyUnicode_READ(kind, data, i);
+        h = mix(h, w->chars[i]);
+    }
+    w->len = n;
+    w->hash = h;
+    return 0;
+}
+
+static void table_clear(Table *t) {
+    if (t->entries) {
+        for (Py_ssize_t i = 0; i < t->n_entries; i++) {
+            Entry *e = &t->entries[i];
+            PyMem_Free(e->word.chars);
+            Py_XDECREF(e->owners);
+            for (Py_ssize_t p = 0; p < e->n_phrases; p++) {
+                for (Py_ssize_t r = 0; r < e->phrases[p].n_rest; r++) PyMem_Free(e->phrases[p].rest[r].chars);
+                PyMem_Free(e->phrases[p].rest);
+                Py_XDECREF(e->phrases[p].owners);
+            }
+            PyMem_Free(e->phrases);
+        }
+        PyMem_Free(t->entries);
+    }
+    PyMem_Free(t->slots);
+    Py_XDECREF(t->source);
+    memset(t, 0, sizeof(*t));
+}
+
+/* spec: (dict first word -> (owners tuple or None, tuple of (rest words tuple, owners tuple)), source str) */
+static int table_build(Table *t, PyObject *spec) {
+    PyObject *words, *source;
+    if (!PyArg_ParseTuple(spec, "O!U", &PyDict_Type, &words, &source)) return -1;
+    Py_ssize_t n = PyDict_GET_SIZE(words);
+    t->source = Py_NewRef(source);
+    t->entries = PyMem_Calloc(n ? n : 1, sizeof(Entry));
+    Py_ssize_t cap = 8;
+    while (cap < 2 * n + 2) cap <<= 1;
+    t->slots = PyMem_Malloc(sizeof(Py_ssize_t) * cap);
+    if (!t->entries || !t->slots) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < cap; i++) t->slots[i] = -1;
+    t->mask = cap - 1;
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(words, &pos, &key, &value)) {
+        Entry *e = &t->entries[i];
+        t->n_entries = i + 1;
+        PyObject *owners, *phrases;
+        if (!PyArg_ParseTuple(value, "OO!", &owners, &PyTuple_Type, &phrases)) return -1;
+        if (word_from_str(key, &e->word) < 0) return -1;
+        if (owners != Py_None) {
+            if (!PyTuple_Check(owners)) {
+                PyErr_SetString(PyExc_TypeError, "owners must be a tuple");
+                return -1;
+            }
+            e->owners = Py_NewRef(owners);
+        }
+        Py_ssize_t np = PyTuple_GET_SIZE(phrases);
+        if (np) {
+            e->phrases = PyMem_Calloc(np, sizeof(Phrase));
+            if (!e->phrases) {
+                PyErr_NoMemory();
+                return -1;
+            }
+        }
+        for (Py_ssize_t p = 0; p < np; p++) {
+            PyObject *rest, *powners;
+            if (!PyArg_ParseTuple(PyTuple_GET_ITEM(phrases, p), "O!O!", &PyTuple_Type, &rest, &PyTuple_Type, &powners))
+                return -1;
+            Phrase *ph = &e->phrases[p];
+            e->n_phrases = p + 1;
+            ph->owners = Py_NewRef(powners);
+            Py_ssize_t nr = PyTuple_GET_SIZE(rest);
+            ph->rest = PyMem_Calloc(nr ? nr : 1, sizeof(Word));
+            if (!ph->rest) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            for (Py_ssize_t r = 0; r < nr; r++) {
+                ph->n_rest = r + 1;
+                if (word_from_str(PyTuple_GET_ITEM(rest, r), &ph->rest[r]) < 0) return -1;
+            }
+        }
+        Py_ssize_t slot = (Py_ssize_t)((uint64_t)e->word.hash & (uint64_t)t->mask);
+        while (t->slots[slot] >= 0) slot = (slot + 1) & t->mask;
+        t->slots[slot] = i;
+        i++;
+    }
+    return 0;
+}
+
+static void engine_clear_all(Engine *self) {
+    for (Py_ssize_t i = 0; i < self->n_tables; i++) table_clear(&self->tables[i]);
+    PyMem_Free(self->tables);
+    self->tables = NULL;
+    self->n_tables = 0;
+    for (Py_ssize_t i = 0; i < self->n_rules; i++) {
+        Py_XDECREF(self->rules[i].prefix);
+        Py_XDECREF(self->rules[i].label);
+        Py_XDECREF(self->rules[i].severity);
+        Py_XDECREF(self->rules[i].names);
+    }
+    PyMem_Free(self->rules);
+    self->rules = NULL;
+    self->n_rules = 0;
+    Py_CLEAR(self->channel_map);
+    for (Py_ssize_t i = 0; i < self->n_names; i++) Py_XDECREF(self->names[i]);
+    PyMem_Free(self->names);
+    PyMem_Free(self->name_table);
+    self->names = NULL;
+    self->name_table = NULL;
+    self->n_names = 0;
+    Py_CLEAR(self->fold);
+    Py_CLEAR(self->event_time_ms);
+    Py_CLEAR(self->stream_of);
+    Py_CLEAR(self->cooled);
+}
+
+static void Engine_dealloc(Engine *self) {
+    engine_clear_all(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Engine(tables, channel_map, rules, fold, event_time_ms, stream_of, cooled)
+ * rules: list of (prefix, label, severity, cooldown_ms, names callable or None) */
+static int Engine_init(Engine *self, PyObject *args, PyObject *Py_UNUSED(kw)) {
+    PyObject *tables, *channel_map, *rules;
+    PyObject *fold, *etm, *stream_of, *cooled;
+    if (!PyArg_ParseTuple(args, "O!O!O!OOOO", &PyList_Type, &tables, &PyDict_Type, &channel_map, &PyList_Type,
+                          &rules, &fold, &etm, &stream_of, &cooled))
+        return -1;
+    engine_clear_all(self);
+    Py_ssize_t nt = PyList_GET_SIZE(tables), nr = PyList_GET_SIZE(rules);
+    self->tables = PyMem_Calloc(nt ? nt : 1, sizeof(Table));
+    self->rules = PyMem_Calloc(nr ? nr : 1, sizeof(Rule));
+    if (!self->tables || !self->rules) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nt; i++) {
+        self->n_tables = i + 1;
+        if (table_build(&self->tables[i], PyList_GET_ITEM(tables, i)) < 0) return -1;
+    }
+    for (Py_ssize_t i = 0; i < nr; i++) {
+        PyObject *prefix, *label, *severity, *names;
+        long long cd;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(rules, i), "UUULO", &prefix, &label, &severity, &cd, &names))
+            return -1;
+        Rule *r = &self->rules[i];
+        self->n_rules = i + 1;
+        r->prefix = Py_NewRef(prefix);
+        r->label = Py_NewRef(label);
+        r->severity = Py_NewRef(severity);
+        r->names = names == Py_None ? NULL : Py_NewRef(names);
+        r->cooldown_ms = cd;
+    }
+    self->channel_map = Py_NewRef(channel_map);
+    Py_ssize_t nn = PyDict_GET_SIZE(channel_map), pos = 0;
+    self->names = PyMem_Calloc(nn ? nn : 1, sizeof(PyObject *));
+    self->name_table = PyMem_Calloc(nn ? nn : 1, sizeof(Py_ssize_t));
+    if (!self->names || !self->name_table) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    PyObject *name, *ti;
+    while (PyDict_Next(channel_map, &pos, &name, &ti)) {
+        Py_ssize_t t = PyLong_AsSsize_t(ti);
+        if (!PyUnicode_CheckExact(name) || t < 0 || t >= self->n_tables) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "channel_map: str -> table index");
+            return -1;
+        }
+        self->names[self->n_names] = Py_NewRef(name);
+        self->name_table[self->n_names++] = t;
+    }
+    self->fold = Py_NewRef(fold);
+    self->event_time_ms = Py_NewRef(etm);
+    self->stream_of = Py_NewRef(stream_of);
+    self->cooled = Py_NewRef(cooled);
+    return 0;
+}
+
+/* The table for a channel value, or NULL. */
+static const Table *table_of(Engine *self, PyObject *ch) {
+    if (!PyUnicode_CheckExact(ch)) {  /* a str subclass: by the dict, as Python would */
+        PyObject *ti = PyDict_GetItemWithError(self->channel_map, ch);
+        return ti == NULL ? NULL : &self->tables[PyLong_AsSsize_t(ti)];
+    }
+    Py_ssize_t len = PyUnicode_GET_LENGTH(ch);
+    int kind = PyUnicode_KIND(ch);
+    const void *data = PyUnicode_DATA(ch);
+    for (Py_ssize_t i = 0; i < self->n_names; i++) {
+        PyObject *name = self->names[i];
+        if (PyUnicode_GET_LENGTH(name) == len && PyUnicode_KIND(name) == kind &&
+            memcmp(PyUnicode_DATA(name), data, (size_t)len * (size_t)kind) == 0)
+            return &self->tables[self->name_table[i]];
+    }
+    return NULL;
+}
+
+/* ---- scanning ------------------------------------------------------------------------------------------ */
+
+static inline Entry *lookup(const Table *t, int kind, const void *data, const Token *tok) {
+    Py_ssize_t slot = (Py_ssize_t)((uint64_t)tok->hash & (uint64_t)t->mask);
+    for (;;) {
+        Py_ssize_t idx = t->slots[slot];
+        if (idx < 0) return NULL;
+        Entry *e = &t->entries[idx];
+        if (e->word.hash == tok->hash && e->word.len == tok->len) {
+            Py_ssize_t k = 0;
+            while (k < tok->len && at(kind, data, tok->start + k) == e->word.chars[k]) k++;
+            if (k == tok->len) return e;
+        }
+        slot = (slot + 1) & t->mask;
+    }
+}
+
+static inline int same(int kind, const void *data, const Token *tok, const Word *w) {
+    if (tok->hash != w->hash || tok->len != w->len) return 0;
+    for (Py_ssize_t k = 0; k < w->len; k++)
+        if (at(kind, data, tok->start + k) != w->chars[k]) return 0;
+    return 1;
+}
+
+/* Scratch space for one batch: per-rule matched keyword lists of the current event. */
+typedef struct {
+    PyObject **matched; /* n_rules: list of keywords, or NULL */
+    Py_ssize_t *touched;
+    Py_ssize_t n_touched;
+    long long *fired; /* alerts per rule in this batch, added to `counts` at the end */
+    Token *tokens;
+    Py_ssize_t cap_tokens;
+} Scratch;
+
+static void scratch_reset(Scratch *s) {
+    for (Py_ssize_t i = 0; i < s->n_touched; i++) Py_CLEAR(s->matched[s->touched[i]]);
+    s->n_touched = 0;
+}
+
+static int add_owners(Scratch *s, PyObject *owners) {
+    Py_ssize_t n = PyTuple_GET_SIZE(owners);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PyTuple_GET_ITEM(owners, i);
+        Py_ssize_t rule = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 0));
+        PyObject *keyword = PyTuple_GET_ITEM(pair, 1);
+        PyObject *found = s->matched[rule];
+        if (found == NULL) {
+            found = PyList_New(1);
+            if (!found) return -1;
+            PyList_SET_ITEM(found, 0, Py_NewRef(keyword));
+            s->matched[rule] = found;
+            s->touched[s->n_touched++] = rule;
+        } else {
+            int has = PySequence_Contains(found, keyword);
+            if (has < 0) return -1;
+            if (!has && PyList_Append(found, keyword) < 0) return -1;
+        }
+    }
+    return 0;
+}
+
+static int push(Scratch *s, Py_ssize_t count, Py_ssize_t start, Py_ssize_t end, Py_hash_t h) {
+    if (count == s->cap_tokens) {
+        Py_ssize_t cap = s->cap_tokens * 2;
+        Token *grown = PyMem_Realloc(s->tokens, sizeof(Token) * cap);
+        if (!grown) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        s->tokens = grown;
+        s->cap_tokens = cap;
+    }
+    s->tokens[count].start = start;
+    s->tokens[count].len = end - start;
+    s->tokens[count].hash = h;
+    return 0;
+}
+
+/* The words of a text (kind ASCII_LOWERED: ASCII as it is) into s->tokens; returns the count or -1. */
+static Py_ssize_t tokenize(Scratch *s, int kind, const void *data, Py_ssize_t n) {
+    Py_ssize_t count = 0, i = 0;
+    if (kind == ASCII_LOWERED) {
+        const Py_UCS1 *p = data;
+        while (i < n) {
+            Py_UCS1 c = p[i];
+            if (!ascii_word[c]) {
+                i++;
+                continue;
+            }
+            Py_ssize_t start = i;
+            Py_hash_t h = HASH_SEED;
+            do {
+                h = mix(h, ascii_lower[c]);
+                if (++i >= n) break;
+                c = p[i];
+            } while (ascii_word[c]);
+            if (push(s, count++, start, i, h) < 0) return -1;
+        }
+        return count;
+    }
+    while (i < n) {
+        Py_UCS4 ch = PyUnicode_READ(kind, data, i);
+        if (!is_word(ch)) {
+            i++;
+            continue;
+        }
+        Py_ssize_t start = i;
+        Py_hash_t h = HASH_SEED;
+        do {
+            h = mix(h, ch);
+            if (++i >= n) break;
+            ch = PyUnicode_READ(kind, data, i);
+        } while (is_word(ch));
+        if (push(s, count++, start, i, h) < 0) return -1;
+    }
+    return count;
+}
+
+/* Fill s->matched for one text (kind ASCII_LOWERED, or a lowered str's kind); returns 0 or -1. */
+static int scan(Scratch *s, const Table *t, int kind, const void *data, Py_ssize_t size) {
+    Py_ssize_t n = tokenize(s, kind, data, size);
+    if (n < 0) return -1;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        Entry *e = lookup(t, kind, data, &s->tokens[j]);
+        if (e == NULL) continue;
+        for (Py_ssize_t p = 0; p < e->n_phrases; p++) {
+            Phrase *ph = &e->phrases[p];
+            if (j + ph->n_rest >= n) continue;
+            Py_ssize_t r = 0;
+            while (r < ph->n_rest && same(kind, data, &s->tokens[j + 1 + r], &ph->rest[r])) r++;
+            if (r == ph->n_rest && add_owners(s, ph->owners) < 0) return -1;
+        }
+        if (e->owners && add_owners(s, e->owners) < 0) return -1;
+    }
+    return 0;
+}
+
+/* ---- firing -------------------------------------------------------------------------------------------- */
+
+/* a < b for event times: exact for ints of any size and for whatever else Python compares */
+static int less(PyObject *a, PyObject *b) {
+    if (PyLong_CheckExact(a) && PyLong_CheckExact(b)) {
+        int oa, ob;
+        long long x = PyLong_AsLongLongAndOverflow(a, &oa), y = PyLong_AsLongLongAndOverflow(b, &ob);
+        if (!oa && !ob) return x < y;
+    }
+    return PyObject_RichCompareBool(a, b, Py_LT);
+}
+
+/* last <= when < last + cooldown: the rule is quiet for this stream */
+static int cooling(Engine *self, PyObject *last, PyObject *when, long long cooldown) {
+    if (PyLong_CheckExact(last) && PyLong_CheckExact(when)) {
+        int ol, ow;
+        long long l = PyLong_AsLongLongAndOverflow(last, &ol), w = PyLong_AsLongLongAndOverflow(when, &ow);
+        if (!ol && !ow && l < (1LL << 62) && l > -(1LL << 62) && cooldown < (1LL << 60))
+            return l <= w && w < l + cooldown;
+    }
+    PyObject *cd = PyLong_FromLongLong(cooldown);
+    if (!cd) return -1;
+    PyObject *res = PyObject_CallFunctionObjArgs(self->cooled, last, when, cd, NULL);
+    Py_DECREF(cd);
+    if (!res) return -1;
+    int quiet = PyObject_IsTrue(res);
+    Py_DECREF(res);
+    return quiet;
+}
+
+static int copy_key(PyObject *dst, PyObject *src, PyObject *key) {
+    PyObject *v = PyDict_GetItemWithError(src, key);
+    if (v == NULL) return PyErr_Occurred() ? -1 : 0;
+    return PyDict_SetItem(dst, key, v);
+}
+
+static PyObject *make_alert(const Rule *r, PyObject *event, PyObject *text, PyObject *when, PyObject *matched,
+                            PyObject *source) {
+    PyObject *alert = _PyDict_NewPresized(8);  /* sized once: no resize while filling */
+    if (!alert) return NULL;
+    PyObject *data = NULL;
+    if (PyDict_SetItem(alert, s_channel, s_alert) < 0 || PyDict_SetItem(alert, s_origin, s_rules) < 0 ||
+        copy_key(alert, event, s_rtstream_id) < 0 || copy_key(alert, event, s_rtstream_name) < 0 ||
+        copy_key(alert, event, s_capture_session_id) < 0)
+        goto fail;
+    data = _PyDict_NewPresized(6);
+    if (!data || PyDict_SetItem(data, s_event_label, r->label) < 0 || PyDict_SetItem(data, s_timestamp, when) < 0 ||
+        PyDict_SetItem(data, s_text, text) < 0 || PyDict_SetItem(data, s_severity, r->severity) < 0 ||
+        PyDict_SetItem(data, s_matched, matched) < 0 || PyDict_SetItem(data, s_source_channel, source) < 0 ||
+        PyDict_SetItem(alert, s_data, data) < 0 || copy_key(alert, event, s_ts) < 0 ||
+        copy_key(alert, event, s_unix_ts) < 0)
+        goto fail;
+    Py_DECREF(data);
+    return alert;
+fail:
+    Py_XDECREF(data);
+    Py_DECREF(alert);
+    return NULL;
+}
+
+/* The alerts one event fires (appended to `alerts`), as rules.py's Rules._fire. */
+static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObject *text, PyObject *source,
+                PyObject *last_fired, PyObject **watermark, PyObject *ceiling, PyObject *alerts) {
+    int rc = -1;
+    PyObject *when = NULL, *stream = NULL, *name = NULL;
+    PyObject *start = PyDict_GetItemWithError(data, s_start);
+    if (start != NULL && PyLong_CheckExact(start)) {
+        when = Py_NewRef(start);
+    } else {
+        if (PyErr_Occurred()) return -1;
+        when = PyObject_CallOneArg(self->event_time_ms, event);
+        if (!when) return -1;
+    }
+    PyObject *rid = PyDict_GetItemWithError(event, s_rtstream_id);
+    if (rid != NULL && PyUnicode_CheckExact(rid) && PyUnicode_GET_LENGTH(rid) > 0) {
+        stream = Py_NewRef(rid);
+    } else {
+        if (PyErr_Occurred()) goto done;
+        stream = PyObject_CallOneArg(self->stream_of, event);
+        if (!stream) goto done;
+    }
+    int below = less(*watermark, when);
+    if (below < 0) goto done;
+    if (below) {
+        int above = less(ceiling, when);
+        if (above < 0) goto done;
+        if (!above) Py_SETREF(*watermark, Py_NewRef(when));
+    }
+    /* rule order, as the Python path's sorted(hits) */
+    for (Py_ssize_t a = 1; a < s->n_touched; a++) {
+        Py_ssize_t v = s->touched[a], b = a;
+        while (b > 0 && s->touched[b - 1] > v) {
+            s->touched[b] = s->touched[b - 1];
+            b--;
+        }
+        s->touched[b] = v;
+    }
+    for (Py_ssize_t k = 0; k < s->n_touched; k++) {
+        Py_ssize_t idx = s->touched[k];
+        Rule *r = &self->rules[idx];
+        if (r->names) {
+            if (name == NULL) {
+                PyObject *raw = PyDict_GetItemWithError(event, s_rtstream_name);
+                if (raw == NULL && PyErr_Occurred()) goto done;
+                int truthy = raw == NULL ? 0 : PyObject_IsTrue(raw);
+                if (truthy < 0) goto done;
+                name = truthy ? PyObject_Str(raw) : Py_NewRef(s_empty);
+                if (!name) goto done;
+            }
+            PyObject *ok = PyObject_CallOneArg(r->names, name);
+            if (!ok) goto done;
+            int yes = PyObject_IsTrue(ok);
+            Py_DECREF(ok);
+            if (yes < 0) goto done;
+            if (!yes) continue;
+        }
+        if (r->cooldown_ms) {
+            PyObject *key = PyUnicode_Concat(r->prefix, stream);
+            if (!key) goto done;
+            PyObject *last = PyDict_GetItemWithError(last_fired, key);
+            if (last == NULL && PyErr_Occurred()) {
+                Py_DECREF(key);
+                goto done;
+            }
+            if (last != NULL) {
+                Py_INCREF(last);
+                int quiet = cooling(self, last, when, r->cooldown_ms);
+                Py_DECREF(last);
+                if (quiet) {
+                    Py_DECREF(key);
+                    if (quiet < 0) goto done;
+                    continue;
+                }
+            }
+            int set = PyDict_CheckExact(last_fired) ? PyDict_SetItem(last_fired, key, when)
+                                                    : PyObject_SetItem(last_fired, key, when);
+            Py_DECREF(key);
+            if (set < 0) goto done;
+        }
+        PyObject *alert = make_alert(r, event, text, when, s->matched[idx], source);
+        if (!alert) goto done;
+        int appended = PyList_Append(alerts, alert);
+        Py_DECREF(alert);
+        if (appended < 0) goto done;
+        s->fired[idx]++;
+    }
+    rc = 0;
+done:
+    Py_XDECREF(when);
+    Py_XDECREF(stream);
+    Py_XDECREF(name);
+    return rc;
+}
+
+static int extend_range(PyObject *out, PyObject *batch, Py_ssize_t from, Py_ssize_t to) {
+    for (Py_ssize_t i = from; i < to; i++)
+        if (PyList_Append(out, PyList_GET_ITEM(batch, i)) < 0) return -1;
+    return 0;
+}
+
+/* process(batch, last_fired, watermark, ceiling, counts) -> (out batch or None, alerts, watermark) */
+static PyObject *Engine_process(Engine *self, PyObject *args) {
+    PyObject *batch, *last_fired, *watermark, *ceiling, *counts;
+    if (!PyArg_ParseTuple(args, "O!O!OOO!", &PyList_Type, &batch, &PyDict_Type, &last_fired, &watermark, &ceiling,
+                          &PyList_Type, &counts))
+        return NULL;
+    if (PyList_GET_SIZE(counts) != self->n_rules) {
+        PyErr_SetString(PyExc_ValueError, "counts must hold one int per rule");
+        return NULL;
+    }
+    Scratch s = {0};
+    PyObject *out = NULL, *alerts = PyList_New(0), *result = NULL;
+    Py_INCREF(watermark);
+    s.matched = PyMem_Calloc(self->n_rules ? self->n_rules : 1, sizeof(PyObject *));
+    s.touched = PyMem_Malloc(sizeof(Py_ssize_t) * (self->n_rules ? self->n_rules : 1));
+    s.fired = PyMem_Calloc(self->n_rules ? self->n_rules : 1, sizeof(long long));
+    s.cap_tokens = 64;
+    s.tokens = PyMem_Malloc(sizeof(Token) * s.cap_tokens);
+    if (!alerts || !s.matched || !s.touched || !s.tokens || !s.fired) {
+        if (alerts) PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(batch), prev = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *event = PyList_GET_ITEM(batch, i);
+        if (!PyDict_Check(event)) continue;
+        PyObject *ch = PyDict_GetItemWithError(event, s_channel);
+        if (ch == NULL || !PyUnicode_Check(ch)) {
+            if (PyErr_Occurred()) goto done;
+            continue;
+        }
+        const Table *t = table_of(self, ch);
+        if (t == NULL) {
+            if (PyErr_Occurred()) goto done;
+            continue;
+        }
+        PyObject *data = PyDict_GetItemWithError(event, s_data);
+        if (data == NULL || !PyDict_Check(data)) {
+            if (PyErr_Occurred()) goto done;
+            continue;
+        }
+        PyObject *text = PyDict_GetItemWithError(data, s_text);
+        if (text == NULL || !PyUnicode_Check(text) || PyUnicode_GET_LENGTH(text) == 0) {
+            if (PyErr_Occurred()) goto done;
+            continue;
+        }
+        Py_INCREF(text);
+        Py_INCREF(data);
+        Py_INCREF(event);
+        int bad;
+        if (PyUnicode_IS_ASCII(text)) {
+            bad = scan(&s, t, ASCII_LOWERED, PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text)) < 0;
+        } else {  /* str.lower(), or fold() where lowering changes the length, as matchers.py */
+            PyObject *low = PyObject_CallMethodNoArgs(text, s_lower);
+            if (low && PyUnicode_GET_LENGTH(low) != PyUnicode_GET_LENGTH(text))
+                Py_SETREF(low, PyObject_CallOneArg(self->fold, text));
+            bad = low == NULL ||
+                  scan(&s, t, PyUnicode_KIND(low), PyUnicode_DATA(low), PyUnicode_GET_LENGTH(low)) < 0;
+            Py_XDECREF(low);
+        }
+        Py_ssize_t before = PyList_GET_SIZE(alerts);
+        if (!bad && s.n_touched)
+            bad = fire(self, &s, event, data, text, t->source, last_fired, &watermark, ceiling, alerts) < 0;
+        scratch_reset(&s);
+        Py_DECREF(text);
+        Py_DECREF(data);
+        Py_DECREF(event);
+        if (bad) goto done;
+        Py_ssize_t after = PyList_GET_SIZE(alerts);
+        if (after == before) continue;
+        /* each alert right after its source event */
+        if (out == NULL) {
+            out = PyList_New(0);
+            if (!out) goto done;
+        }
+        if (extend_range(out, batch, prev, i + 1) < 0 || extend_range(out, alerts, before, after) < 0) goto done;
+        prev = i + 1;
+    }
+    if (out != NULL && extend_range(out, batch, prev, PyList_GET_SIZE(batch)) < 0) goto done;
+    for (Py_ssize_t r = 0; r < self->n_rules; r++) {
+        if (!s.fired[r]) continue;
+        PyObject *add = PyLong_FromLongLong(s.fired[r]);
+        PyObject *sum = add ? PyNumber_Add(PyList_GET_ITEM(counts, r), add) : NULL;
+        Py_XDECREF(add);
+        if (!sum) goto done;
+        PyList_SetItem(counts, r, sum);
+    }
+    result = Py_BuildValue("(OOO)", out ? out : Py_None, alerts, watermark);
+done:
+    scratch_reset(&s);
+    PyMem_Free(s.matched);
+    PyMem_Free(s.touched);
+    PyMem_Free(s.tokens);
+    PyMem_Free(s.fired);
+    Py_XDECREF(out);
+    Py_XDECREF(alerts);
+    Py_DECREF(watermark);
+    return result;
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"process", (PyCFunction)Engine_process, METH_VARARGS,
+     "process(batch, last_fired, watermark, ceiling, counts) -> (out batch or None, alerts, watermark)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "stages.processors._fastrules.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Whole-word rules over a batch: scan, cooldowns, alerts (the Python path in rules.py is the reference).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fastrules", "The rules stage's hot loop in C.", -1, NULL, NULL, NULL, NULL, NULL};
+
+#define INTERN(var, text)                                 \
+    do {                                                  \
+        if (!(var = PyUnicode_InternFromString(text))) return NULL; \
+    } while (0)
+
+PyMODINIT_FUNC PyInit__fastrules(void) {
+    for (int c = 0; c < 128; c++) {
+        ascii_word[c] = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+        ascii_lower[c] = (unsigned char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
+    }
+    INTERN(s_channel, "channel");
+    INTERN(s_data, "data");
+    INTERN(s_text, "text");
+    INTERN(s_start, "start");
+    INTERN(s_rtstream_id, "rtstream_id");
+    INTERN(s_rtstream_name, "rtstream_name");
+    INTERN(s_capture_session_id, "capture_session_id");
+    INTERN(s_ts, "ts");
+    INTERN(s_unix_ts, "unix_ts");
+    INTERN(s_alert, "alert");
+    INTERN(s_origin, "origin");
+    INTERN(s_rules, "rules");
+    INTERN(s_event_label, "event_label");
+    INTERN(s_timestamp, "timestamp");
+    INTERN(s_severity, "severity");
+    INTERN(s_matched, "matched");
+    INTERN(s_source_channel, "source_channel");
+    INTERN(s_lower, "lower");
+    INTERN(s_empty, "");
+    if (PyType_Ready(&EngineType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,141 @@
+"""The rules stage's C engine gives exactly what its Python path gives.
+
+The C engine (`stages/processors/_fastrules.c`) runs whole-word rules without a
+window; everything else stays on the Python path, which the property test in
+`test_rules_reference.py` holds to a plain definition. Here both paths run on
+the same random streams, hostile ones included (non-ASCII case folds, odd
+types where a string or an int is expected, times beyond 64 bits), and must
+agree on every output event, the counters and the saved state.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.state.store import open_store
+from stages.processors import rules as rules_mod
+from stages.processors.rules import Rules, RulesOptions
+
+VOCAB = ["code", "terminal", "pass word", "password", "İstanbul", "straße", "ΟΔΟΣ", "kelvin", "_id", "x2",
+         "٣٤", "deploy now", "a b c"]
+TEXT_CHANNELS = ["transcript", "visual_index", "audio_index"]
+PIECES = [*VOCAB, "İ", "\u03c2", "\u03c3", "\u03a3", "\u212a", "\u0307", "ß", "SS", "Code.", "passwords", "!",
+          "__", "é", "e\u0301", "😀", "pass\tword", "PASS  WORD", "x_2", "٣", "\x00", "\ud800"]
+
+
+def _engine_available() -> None:
+    assert rules_mod._fastrules is not None, "the C engine is not built (make test builds it with the package)"
+
+
+def test_the_c_engine_is_built_and_taken_for_word_rules(make_context) -> None:  # type: ignore[no-untyped-def]
+    _engine_available()
+    opts = RulesOptions.model_validate({"rules": [{"name": "a", "keywords": ["code", "pass word"], "cooldown": 5}]})
+    assert Rules(opts, make_context())._engine is not None
+
+
+@pytest.mark.parametrize("extra", [{"match": "substring"}, {"match": "regex", "keywords": ["co+de"]},
+                                   {"window": 10, "min_count": 2}])
+def test_other_rule_shapes_keep_the_python_path(make_context, extra: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    spec = [{"name": "a", "keywords": ["code"]}, {"name": "b", "keywords": ["code"], **extra}]
+    assert Rules(RulesOptions.model_validate({"rules": spec}), make_context())._engine is None
+
+
+rule = st.fixed_dictionaries(
+    {"keywords": st.lists(st.sampled_from(VOCAB), min_size=1, max_size=3, unique=True)},
+    optional={"channels": st.lists(st.sampled_from([*TEXT_CHANNELS, "scene_index"]), min_size=1, max_size=2),
+              "rtstream_names": st.sampled_from([["display:*"], ["mic:?efault", "x"]]),
+              "cooldown": st.sampled_from([0, 0.001, 2, 5, 30]),
+              "severity": st.sampled_from(["info", "critical"])})
+TIMES = st.sampled_from([0, 1, 2, 5, 30, 31]).map(lambda s: 1_700_000_000_000 + s * 1000)
+# Mostly events that can fire (so two paths have something to disagree on), some hostile ones.
+start = st.one_of(TIMES, TIMES, TIMES, st.sampled_from([1.5, True, None, "12", 2**70, -(2**70), 2**63,
+                                                        float("nan"), -5]))
+text = st.one_of(*[st.lists(st.sampled_from(VOCAB + PIECES[:8]), min_size=1, max_size=6).map(" ".join)] * 4,
+                 st.lists(st.sampled_from(PIECES), max_size=6).map(" ".join),
+                 st.lists(st.sampled_from(PIECES), max_size=4).map("".join),
+                 st.text(max_size=30), st.sampled_from([None, 5, ["code"], ""]))
+good_data = st.fixed_dictionaries({"text": text, "start": start})
+data = st.one_of(good_data, good_data, good_data, st.fixed_dictionaries({"text": text}, optional={"timestamp": start}),
+                 st.sampled_from([None, "code", ["code"]]))
+event = st.fixed_dictionaries(
+    {"channel": st.sampled_from([*TEXT_CHANNELS * 3, "scene_index", "alert", None, 7, "Transcript"]), "data": data},
+    optional={"rtstream_id": st.sampled_from(["rts-1", "rts-2", "rts-1", "rts-2", "", None, 3]),
+              "rtstream_name": st.sampled_from(["display:1", "mic:default", "", None, 0, "display:İ"]),
+              "capture_session_id": st.sampled_from(["cap-1", "cap-2", None]),
+              "ts": st.just("2026-01-01T00:00:00.000Z"), "unix_ts": st.sampled_from([1.5, 1_700_000_000.25]),
+              "event": st.just("x")})
+
+
+def _run(native: bool, spec: list[dict[str, Any]], events: list[dict[str, Any]], batch_size: int,
+         context: Any) -> tuple[Any, ...]:
+    saved = Rules.native
+    Rules.native = native
+    try:
+        stage = Rules(RulesOptions.model_validate({"rules": spec}), context)
+    finally:
+        Rules.native = saved
+    assert (stage._engine is not None) == native
+    out: list[Any] = []
+    mine = copy.deepcopy(events)
+    for i in range(0, len(mine), batch_size):
+        out.extend(stage.process(mine[i:i + batch_size]))
+    # repr: NaN times compare unequal to themselves, their text does not
+    return (repr(out), stage.fired, dict(stage.fired_by), repr(list(stage.recent)), repr(stage._last_fired),
+            repr(stage._evict.watermark))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(rule, min_size=1, max_size=4), st.lists(event, max_size=30), st.integers(1, 7))
+def test_c_engine_equals_python_path(make_context, rules, events, batch_size) -> None:  # type: ignore[no-untyped-def]
+    _engine_available()
+    spec = [{**r, "name": f"r{i}"} for i, r in enumerate(rules)]
+    python = _run(False, spec, events, batch_size, make_context())
+    native = _run(True, spec, events, batch_size, make_context())
+    assert native == python
+
+
+def test_c_engine_writes_through_the_saved_state(tmp_path: Path) -> None:
+    """Cooldowns set by the C engine go through the state store (so they survive a restart)."""
+    _engine_available()
+    from pipeline.api import Context
+    from pipeline.deadletter import DeadLetter
+    from pipeline.session import SessionLink
+    from pipeline.stats import StageStats
+
+    def context(store: Any) -> Context:
+        return Context(pipeline="t", stage="rules", dead_letter=DeadLetter(tmp_path / "dead.jsonl"),
+                       session=SessionLink(), stats=StageStats("rules", "processor"), state=store)
+
+    opts = RulesOptions.model_validate({"rules": [{"name": "a", "keywords": ["code"], "cooldown": 60}]})
+    ev = {"channel": "transcript", "rtstream_id": "rts-1", "data": {"text": "Code!", "start": 1_000}}
+    store = open_store(tmp_path / "state")
+    stage = Rules(opts, context(store))
+    assert stage._engine is not None
+    assert len(stage.process([dict(ev)])) == 2
+    store.flush()
+    store.close()
+    again = open_store(tmp_path / "state")
+    stage = Rules(opts, context(again))
+    assert stage.process([{**ev, "data": {"text": "code", "start": 30_000}}]) != []
+    assert stage.fired == 0  # still cooling down: the state came back from disk
+    again.close()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_lone_surrogate_in_text_does_not_stop_the_stage(make_context, native: bool) -> None:  # type: ignore[no-untyped-def]
+    """A plugin can put a lone surrogate in a text; the keyword beside it still fires (the automaton used to
+    raise UnicodeEncodeError and end the run)."""
+    saved = Rules.native
+    Rules.native = native
+    try:
+        stage = Rules(RulesOptions.model_validate({"rules": [{"name": "a", "keywords": ["code"]}]}), make_context())
+    finally:
+        Rules.native = saved
+    out = stage.process([{"channel": "transcript", "data": {"text": "\ud800code \ud800 code", "start": 1}}])
+    assert [e["data"]["matched"] for e in out if e.get("origin") == "rules"] == [["code"]]
