@@ -55,18 +55,23 @@ def test_status_page_shows_stages_counters_alerts_and_events(tmp_path: Path) -> 
             assert rates != "0.0/s", rates
             counts = page.locator(".node[data-stage='stages[1]:rules'] .counts").text_content() or ""
             assert counts.startswith("in ") and not counts.startswith("in 0 "), counts
-            # the `code` rule fires once per stream (1 h cooldown) and may fill the newest rows: wait for a
-            # `secret` row (the first fires on the first event, the next 2.5 s later), then read it
-            secret = "#alerts tbody tr.alert-row:has(td:nth-child(3):text-is('secret'))"
+            # the `code` rule fires once per stream (1 h cooldown) and fills the newest rows at first: wait for a
+            # `secret` row (one fires on the first event, the next 2.5 s later) and read it in the same evaluation
+            find_secret = """() => {
+                for (const row of document.querySelectorAll('#alerts tbody tr.alert-row')) {
+                    const cells = [...row.querySelectorAll('td')].map((td) => td.textContent);
+                    if (cells[2] === 'secret') return cells;
+                }
+                return null;
+            }"""
             try:
-                page.wait_for_selector(secret, timeout=15_000)
+                cells = page.wait_for_function(find_secret, timeout=15_000).json_value()
             except Exception:
-                raise AssertionError(f"no secret alert row; /api/status alerts: {status_alerts(box['base'])}") \
-                    from None
-            rows = [[c.text_content() for c in row.locator("td").all()]
-                    for row in page.locator("#alerts tbody tr.alert-row").all()]
-            cells = next((r for r in rows if r[2] == "secret"), rows[0])
-            assert cells[1] == "critical" and cells[2] == "secret" and (cells[4] or "").startswith("password"), rows
+                rows = page.evaluate("() => [...document.querySelectorAll('#alerts tbody tr.alert-row')]"
+                                     ".map((r) => [...r.querySelectorAll('td')].map((td) => td.textContent))")
+                raise AssertionError(f"no secret alert row: page rows {rows}; /api/status alerts "
+                                     f"{status_alerts(box['base'])}") from None
+            assert cells[1] == "critical" and (cells[4] or "").startswith("password"), cells
             assert re.fullmatch(r"2023-11-14 22:1\d:\d\d", cells[0] or ""), cells[0]  # an alert's event time
             assert page.locator("#ready").text_content() == "ready"
             assert "following stages[1]:rules" in (page.locator("#tap-state").text_content() or "")
