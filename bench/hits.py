@@ -101,22 +101,27 @@ import sys
 from pathlib import Path
 import pipeline.build, pipeline.config, pipeline.runtime.local
 from bench.common import timed_run
+from stages.processors.rules import Rules
+Rules.native = sys.argv[2] == "native"
 seconds, built = timed_run(Path(sys.argv[1]))
 print(seconds, built.chain.alerts_fired)
 """
 
 
-def _best(config: Path, repeats: int) -> tuple[float, int]:
+def _best(config: Path, repeats: int, native: bool = True) -> tuple[float, int]:
+    """(best seconds, alerts) of `repeats` fresh runs; `native=False`: the rules stage's Python path."""
     best, fired = float("inf"), 0
     for _ in range(repeats):
-        secs, alerts = python_child(_CHILD, str(config)).split()
+        secs, alerts = python_child(_CHILD, str(config), "native" if native else "python").split()
         if float(secs) < best:
             best, fired = float(secs), int(alerts)
     return best, fired
 
 
-def rules_alone(src: Path, rules: list[dict[str, Any]], limit: int, repeats: int = 3) -> tuple[float, int]:
-    """(seconds per event in the rules stage alone, alerts fired), best of `repeats`, on parsed final events."""
+def rules_alone(src: Path, rules: list[dict[str, Any]], limit: int, repeats: int = 3,
+                native: bool = True) -> tuple[float, int]:
+    """(seconds per event in the rules stage alone, alerts fired), best of `repeats`, on parsed final events
+    (`native=False`: the stage's Python path instead of its C engine)."""
     from pipeline.api import Context, StateStore
     from pipeline.deadletter import DeadLetter
     from pipeline.session import SessionLink
@@ -131,7 +136,11 @@ def rules_alone(src: Path, rules: list[dict[str, Any]], limit: int, repeats: int
         batches = [parsed[i:i + 256] for i in range(0, len(parsed), 256)]
         ctx = Context(pipeline="bench", stage="rules", dead_letter=DeadLetter(str(src.parent / "hits-dead.jsonl")),
                       session=SessionLink(), stats=StageStats("rules", "processor"), state=StateStore())
-        stage = Rules(opts, ctx)
+        saved, Rules.native = Rules.native, native
+        try:
+            stage = Rules(opts, ctx)
+        finally:
+            Rules.native = saved
         t0 = time.perf_counter()
         for b in batches:
             stage.process(b)
@@ -157,8 +166,9 @@ def run(n: int, repeats: int = 3) -> list[Result]:
     results: list[Result] = []
     for tag, cooldown, bare_target, seed_target in (("hits", "30s", 0.5, 6.0), ("storm", "0s", 0.35, None)):
         rules = hit_rules(kws, cooldown)
-        secs, fired = _best(_config(src, out, [FILTER, {"type": "enrich"}, {"type": "rules", "rules": rules}], tag),
-                            repeats)
+        cfg = _config(src, out, [FILTER, {"type": "enrich"}, {"type": "rules", "rules": rules}], tag)
+        secs, fired = _best(cfg, repeats)
+        py_secs, _ = _best(cfg, repeats, native=False)
         rate = n / secs
         r = ratio_result(f"{tag} {n:,} events vs bare loop", rate, bare, bare_target, "bare loop")
         us = 1e6 / n
@@ -166,13 +176,19 @@ def run(n: int, repeats: int = 3) -> list[Result]:
                        f"cooldown {cooldown}")
         r.notes.append(f"per event: replay->jsonl {plain * us:.2f} us, filter+enrich +{(fe - plain) * us:.2f} us, "
                        f"rules (+ alert lines) +{(secs - fe) * us:.2f} us; total {secs * us:.2f} us")
+        r.notes.append(f"same run, rules on their Python path: total {py_secs * us:.2f} us "
+                       f"({n / py_secs / bare:.2f}x bare)")
         results.append(r)
         if seed_target is not None:
             results.append(ratio_result(f"{tag} vs seed-style loop", rate, seed, seed_target, "seed-style loop"))
         hot, hot_fired = rules_alone(src, rules, min(n, 200_000))
         cold_s, _ = rules_alone(src, hit_rules(cold, cooldown), min(n, 200_000))
+        py_hot, _ = rules_alone(src, rules, min(n, 200_000), native=False)
+        py_cold, _ = rules_alone(src, hit_rules(cold, cooldown), min(n, 200_000), native=False)
         c = Result(f"{tag}: rules stage per event, hits vs no hits", hot * 1e6, "us", cold_s * 1e6, "no hits",
                    "≤ 1.5", hot / cold_s <= 1.5)
         c.notes.append(f"rules stage alone on {min(n, 200_000):,} parsed events: {hot_fired:,} alerts with hits")
+        c.notes.append(f"Python path, same run: {py_hot * 1e6:.2f} us with hits, {py_cold * 1e6:.2f} us without "
+                       f"({py_hot / py_cold:.2f}x)")
         results.append(c)
     return results

@@ -86,7 +86,9 @@ async def test_stalled_tap_client_does_not_slow_the_run(tmp_path: Path) -> None:
         elapsed = time.monotonic() - t0
         metrics = await scrape(base)
         dropped = metrics["videodb_pipeline_tap_dropped_events_total"][()]
-        assert dropped > 10_000, "the stalled client's buffer filled and the rest was counted as dropped"
+        # the stalled client's buffer filled and the rest was counted as dropped (how much the socket buffers
+        # took first depends on scheduling: a loaded machine lets the writer run more often)
+        assert dropped > 0, "nothing counted as dropped for a client that never reads"
         assert rt.tap_hub.dropped == dropped
         # the client is told how many it missed once it reads again
         data = b""

@@ -46,8 +46,19 @@ typedef struct {
     long long cooldown_ms;
 } Rule;
 
+/* State keys ("<rule>|<stream>") of the streams seen last: a stream id arrives as a new str each time, so
+ * without this every cooldown check would build and hash its key again. */
+#define KEY_CACHE 8
+
+typedef struct {
+    PyObject *stream; /* exact str, or NULL */
+    PyObject **keys;  /* per rule, built on first use */
+} KeySlot;
+
 typedef struct {
     PyObject_HEAD
+    KeySlot cache[KEY_CACHE];
+    int next_slot;
     Table *tables;
     Py_ssize_t n_tables;
     PyObject *channel_map; /* dict: channel name -> table index */
@@ -197,7 +208,53 @@ static int table_build(Table *t, PyObject *spec) {
     return 0;
 }
 
+static void cache_clear(Engine *self) {
+    for (int c = 0; c < KEY_CACHE; c++) {
+        KeySlot *k = &self->cache[c];
+        if (k->keys)
+            for (Py_ssize_t r = 0; r < self->n_rules; r++) Py_XDECREF(k->keys[r]);
+        PyMem_Free(k->keys);
+        Py_CLEAR(k->stream);
+        k->keys = NULL;
+    }
+}
+
+static int same_str(PyObject *a, PyObject *b) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+    return n == PyUnicode_GET_LENGTH(b) && PyUnicode_KIND(a) == PyUnicode_KIND(b) &&
+           memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * PyUnicode_KIND(a)) == 0;
+}
+
+/* The state key of rule `idx` for `stream` (a new reference). */
+static PyObject *state_key(Engine *self, Py_ssize_t idx, PyObject *stream) {
+    if (!PyUnicode_CheckExact(stream)) return PyUnicode_Concat(self->rules[idx].prefix, stream);
+    KeySlot *slot = NULL;
+    for (int c = 0; c < KEY_CACHE; c++) {
+        KeySlot *k = &self->cache[c];
+        if (k->stream != NULL && (k->stream == stream || same_str(k->stream, stream))) {
+            slot = k;
+            break;
+        }
+    }
+    if (slot == NULL) {
+        slot = &self->cache[self->next_slot];
+        self->next_slot = (self->next_slot + 1) % KEY_CACHE;
+        if (slot->keys == NULL) {
+            slot->keys = PyMem_Calloc(self->n_rules ? self->n_rules : 1, sizeof(PyObject *));
+            if (!slot->keys) return PyErr_NoMemory();
+        }
+        for (Py_ssize_t r = 0; r < self->n_rules; r++) Py_CLEAR(slot->keys[r]);
+        Py_XSETREF(slot->stream, Py_NewRef(stream));
+    }
+    if (slot->keys[idx] == NULL) {
+        slot->keys[idx] = PyUnicode_Concat(self->rules[idx].prefix, stream);
+        if (slot->keys[idx] == NULL) return NULL;
+    }
+    return Py_NewRef(slot->keys[idx]);
+}
+
 static void engine_clear_all(Engine *self) {
+    cache_clear(self);
     for (Py_ssize_t i = 0; i < self->n_tables; i++) table_clear(&self->tables[i]);
     PyMem_Free(self->tables);
     self->tables = NULL;
@@ -445,7 +502,7 @@ static int scan(Scratch *s, const Table *t, int kind, const void *data, Py_ssize
 /* ---- firing -------------------------------------------------------------------------------------------- */
 
 /* a < b for event times: exact for ints of any size and for whatever else Python compares */
-static int less(PyObject *a, PyObject *b) {
+static inline int less(PyObject *a, PyObject *b) {
     if (PyLong_CheckExact(a) && PyLong_CheckExact(b)) {
         int oa, ob;
         long long x = PyLong_AsLongLongAndOverflow(a, &oa), y = PyLong_AsLongLongAndOverflow(b, &ob);
@@ -559,7 +616,7 @@ static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObj
             if (!yes) continue;
         }
         if (r->cooldown_ms) {
-            PyObject *key = PyUnicode_Concat(r->prefix, stream);
+            PyObject *key = state_key(self, idx, stream);
             if (!key) goto done;
             PyObject *last = PyDict_GetItemWithError(last_fired, key);
             if (last == NULL && PyErr_Occurred()) {
