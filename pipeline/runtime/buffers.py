@@ -91,8 +91,11 @@ class MemoryBuffer(_Buffer):
 
     durable = False
 
-    def __init__(self, opts: BufferOptions, max_batches: int, reject: Reject) -> None:
+    def __init__(self, opts: BufferOptions, max_batches: int, reject: Reject, *, merge: bool = False) -> None:
         super().__init__(opts, max_batches, reject)
+        #: hand the sink every queued batch at once (bounded): for a sink whose write() waits for a round
+        #: trip (the faust ingest's Kafka sink), queued batches then wait for one round trip, not one each
+        self.merge = merge
         self._q: deque[Item] = deque()
         self.bytes = 0  # queued + being written
         self._inflight = 0
@@ -131,7 +134,17 @@ class MemoryBuffer(_Buffer):
             self._ready.clear()
             await self._ready.wait()
         self._inflight += 1
-        return self._q.popleft()
+        item = self._q.popleft()
+        if not self.merge or not self._q:
+            return item
+        events, nbytes, n = list(item.batch), item.nbytes, 1
+        while self._q and n < MERGE_RECORDS and nbytes + self._q[0].nbytes <= MERGE_BYTES:
+            nxt = self._q.popleft()
+            events.extend(nxt.batch)
+            nbytes += nxt.nbytes
+            n += 1
+            item = nxt
+        return Item(item.index, events, nbytes)  # the last index: taken() marks all of them written
 
     def taken(self, item: Item) -> None:
         """The sink's write returned (or it dead-lettered the batch itself)."""

@@ -38,6 +38,7 @@ from pipeline.errors import ConfigError, PipelineError, StageError
 from pipeline.events import Batch, Event, edge_reason
 from pipeline.files import ensure_private_dir
 from pipeline.kafka import bootstrap_list, ensure_topics, quiet_aiokafka
+from pipeline.runtime.faust_latency import transport_class
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
 from pipeline.session import SessionLink
 from pipeline.stats import StageStats
@@ -47,7 +48,6 @@ from stages.sinks.kafka import CreateTopics, KafkaSink, KafkaSinkOptions
 log = logging.getLogger("pipeline.runtime.faust")
 
 BATCH_MAX = 1000
-BATCH_WITHIN = 0.1  # seconds a worker waits to fill a batch
 
 
 def ingest_topic(cfg: PipelineConfig) -> str:
@@ -91,6 +91,12 @@ class SessionKeys:
         return self.session.capture_session_id or ""
 
 
+class IngestSink(KafkaSink):
+    """The ingest's Kafka sink; the runtime hands it every batch queued while it waited for an ack."""
+
+    merge_queued = True  # write() waits for the broker: queued batches share one round trip, not one each
+
+
 def ingest_runtime(cfg: PipelineConfig, *, install_signals: bool = True) -> Any:
     """The local runtime with the configured source/controller and the ingest topic as only sink."""
     from pipeline.runtime.local import LocalRuntime
@@ -101,9 +107,11 @@ def ingest_runtime(cfg: PipelineConfig, *, install_signals: bool = True) -> Any:
     ctx = Context(pipeline=cfg.name, stage=label, dead_letter=built.dead_letter, session=built.session,
                   stats=stats, out_dir=cfg.out_dir, state_dir=cfg.state_dir, settings=cfg.settings(),
                   log=logging.getLogger("pipeline.sink.kafka"))
+    # linger_ms 0: the runtime hands the sink whole batches and waits for each one's acknowledgement
+    # before the next, so lingering would only add its 5 ms to every batch's way to the workers
     options = KafkaSinkOptions(bootstrap_servers=cfg.runtime.broker, topic=ingest_topic(cfg), key=None,
-                               create_topics=CreateTopics(partitions=cfg.runtime.partitions))
-    sink = KafkaSink(options, ctx)
+                               create_topics=CreateTopics(partitions=cfg.runtime.partitions), linger_ms=0)
+    sink = IngestSink(options, ctx)
     sink.key_of = SessionKeys(built.session)
     built.sinks.append(SinkSlot(sink, None, stats))
     built.stats.append(stats)
@@ -127,10 +135,15 @@ class Worker:
         self.datadir = datadir
         runtime = self
 
+        transport = transport_class(cfg.runtime.fetch_max_wait)
+
         class PipelineApp(faust.App):  # type: ignore[misc]
             async def on_shutdown(self) -> None:
                 await runtime.close()
                 await super().on_shutdown()
+
+            def _new_transport(self) -> Any:
+                return transport(self.conf.broker_consumer, self)
 
         self.app = PipelineApp(
             app_id(cfg), broker=cfg.runtime.broker, store="memory://", datadir=str(datadir),
@@ -157,7 +170,8 @@ class Worker:
 
     async def _agent(self, stream: Any) -> None:
         await self.start_sinks()
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN):
+        # faust yields a batch when it is full or every `batch_wait`, whichever comes first
+        async for events in stream.take_events(BATCH_MAX, within=self.cfg.runtime.batch_wait):
             try:
                 await self.handle(events)
             except PipelineError as exc:

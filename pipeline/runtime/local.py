@@ -116,7 +116,7 @@ class LocalRuntime:
         if opts.type == "disk":
             directory = spool_dir(self.b.config, i, slot.type_name)
             return DiskBuffer(opts, directory, queue, reject, lambda d: self._damaged(slot, d))
-        return MemoryBuffer(opts, queue, reject)
+        return MemoryBuffer(opts, queue, reject, merge=getattr(slot.sink, "merge_queued", False))
 
     def _damaged(self, slot: SinkSlot, d: Damage) -> None:
         """A spool range that held no valid record (torn tail after kill -9): one dead-letter line."""
