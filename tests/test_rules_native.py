@@ -139,3 +139,37 @@ def test_a_lone_surrogate_in_text_does_not_stop_the_stage(make_context, native: 
         Rules.native = saved
     out = stage.process([{"channel": "transcript", "data": {"text": "\ud800code \ud800 code", "start": 1}}])
     assert [e["data"]["matched"] for e in out if e.get("origin") == "rules"] == [["code"]]
+
+
+def _stage(make_context: Any, native: bool, spec: list[dict[str, Any]]) -> Rules:
+    saved = Rules.native
+    Rules.native = native
+    try:
+        return Rules(RulesOptions.model_validate({"rules": spec}), make_context())
+    finally:
+        Rules.native = saved
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_none_saved_cooldown_time_counts_as_no_time(make_context, native: bool) -> None:  # type: ignore[no-untyped-def]
+    """A saved state entry holding None (no time) does not stop the rule: the Python path's get() treats it as
+    absent, and the C engine used to raise TypeError comparing None with the event time."""
+    stage = _stage(make_context, native, [{"name": "a", "keywords": ["code"], "cooldown": 5}])
+    assert native is (stage._engine is not None)
+    stage._last_fired["a|rts-1"] = None
+    out = stage.process([{"channel": "transcript", "rtstream_id": "rts-1", "data": {"text": "code", "start": 1}}])
+    assert [e["data"]["event_label"] for e in out if e.get("origin") == "rules"] == ["a"]
+
+
+class _ListLower(str):
+    def lower(self) -> Any:  # type: ignore[override]
+        return list(self)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_text_whose_lower_is_not_a_str_raises_on_both_paths(make_context, native: bool) -> None:  # type: ignore[no-untyped-def]
+    """A str subclass whose lower() gives a list of the same length: the C engine used to read the list's memory
+    as text (and fire nothing) where the Python path raises TypeError."""
+    stage = _stage(make_context, native, [{"name": "a", "keywords": ["code"]}])
+    with pytest.raises(TypeError):
+        stage.process([{"channel": "transcript", "data": {"text": _ListLower("é code"), "start": 1}}])

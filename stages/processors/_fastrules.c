@@ -618,7 +618,7 @@ static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObj
                 Py_DECREF(key);
                 goto done;
             }
-            if (last != NULL) {
+            if (last != NULL && last != Py_None) {  /* None: no time saved, as the Python path's get() */
                 Py_INCREF(last);
                 int quiet = cooling(self, last, when, r->cooldown_ms);
                 Py_DECREF(last);
@@ -706,8 +706,12 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
             bad = scan(&s, t, ASCII_LOWERED, PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text)) < 0;
         } else {  /* str.lower(), or fold() where lowering changes the length, as matchers.py */
             PyObject *low = PyObject_CallMethodNoArgs(text, s_lower);
-            if (low && PyUnicode_GET_LENGTH(low) != PyUnicode_GET_LENGTH(text))
+            if (low && PyUnicode_Check(low) && PyUnicode_GET_LENGTH(low) != PyUnicode_GET_LENGTH(text))
                 Py_SETREF(low, PyObject_CallOneArg(self->fold, text));
+            if (low && !PyUnicode_Check(low)) {  /* a str subclass's lower(): never read a non-str as text */
+                PyErr_Format(PyExc_TypeError, "text.lower() returned %.100s, not str", Py_TYPE(low)->tp_name);
+                Py_CLEAR(low);
+            }
             bad = low == NULL ||
                   scan(&s, t, PyUnicode_KIND(low), PyUnicode_DATA(low), PyUnicode_GET_LENGTH(low)) < 0;
             Py_XDECREF(low);
