@@ -173,3 +173,25 @@ def test_a_text_whose_lower_is_not_a_str_raises_on_both_paths(make_context, nati
     stage = _stage(make_context, native, [{"name": "a", "keywords": ["code"]}])
     with pytest.raises(TypeError):
         stage.process([{"channel": "transcript", "data": {"text": _ListLower("é code"), "start": 1}}])
+
+
+class _ShoutLower(str):
+    def lower(self) -> str:
+        return "code" if str(self) == "XYZW" else str.lower(self)
+
+
+class _FailingLower(str):
+    def lower(self) -> str:
+        raise RuntimeError("lower")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_an_ascii_str_subclass_text_is_lowered_by_its_own_lower(make_context, native: bool) -> None:  # type: ignore[no-untyped-def]
+    """Both paths call a str subclass's lower(), ASCII or not: the C engine used to lower ASCII text itself, so
+    it fired where the Python path raised (and missed what the subclass's lower() gives)."""
+    stage = _stage(make_context, native, [{"name": "a", "keywords": ["code"]}])
+    out = stage.process([{"channel": "transcript", "data": {"text": _ShoutLower("XYZW"), "start": 1}}])
+    assert [e["data"]["event_label"] for e in out if e.get("origin") == "rules"] == ["a"]
+    with pytest.raises(RuntimeError, match="lower"):
+        stage.process([{"channel": "transcript", "data": {"text": _FailingLower("code"), "start": 1}}])
+    assert stage.fired == 1

@@ -702,7 +702,7 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         Py_INCREF(data);
         Py_INCREF(event);
         int bad;
-        if (PyUnicode_IS_ASCII(text)) {
+        if (PyUnicode_CheckExact(text) && PyUnicode_IS_ASCII(text)) {  /* a subclass's own lower() is called */
             bad = scan(&s, t, ASCII_LOWERED, PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text)) < 0;
         } else {  /* str.lower(), or fold() where lowering changes the length, as matchers.py */
             PyObject *low = PyObject_CallMethodNoArgs(text, s_lower);
