@@ -195,3 +195,21 @@ def test_an_ascii_str_subclass_text_is_lowered_by_its_own_lower(make_context, na
     with pytest.raises(RuntimeError, match="lower"):
         stage.process([{"channel": "transcript", "data": {"text": _FailingLower("code"), "start": 1}}])
     assert stage.fired == 1
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_batch_emptied_while_it_is_scanned_does_not_crash(make_context, native: bool) -> None:  # type: ignore[no-untyped-def]
+    """Code the scan calls (here a str subclass's lower()) may empty the batch list: the C engine used to read
+    the freed items (a segfault); both paths stop at the list's new end."""
+    batch: list[dict[str, Any]] = []
+
+    class Clearing(str):
+        def lower(self) -> str:
+            batch.clear()
+            return str.lower(self)
+
+    stage = _stage(make_context, native, [{"name": "a", "keywords": ["code"]}])
+    batch[:] = [{"channel": "transcript", "data": {"text": Clearing("code"), "start": 1}},
+                *({"channel": "transcript", "data": {"text": f"code {i}", "start": 1}} for i in range(200))]
+    out = stage.process(batch)
+    assert [e["data"]["event_label"] for e in out] == ["a"]

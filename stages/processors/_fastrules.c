@@ -649,7 +649,7 @@ done:
 }
 
 static int extend_range(PyObject *out, PyObject *batch, Py_ssize_t from, Py_ssize_t to) {
-    for (Py_ssize_t i = from; i < to; i++)
+    for (Py_ssize_t i = from; i < to && i < PyList_GET_SIZE(batch); i++)  /* as a slice: the list may have shrunk */
         if (PyList_Append(out, PyList_GET_ITEM(batch, i)) < 0) return -1;
     return 0;
 }
@@ -674,8 +674,9 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         if (alerts) PyErr_NoMemory();
         goto done;
     }
-    Py_ssize_t n = PyList_GET_SIZE(batch), prev = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    Py_ssize_t prev = 0;
+    /* the size is read again each time: code called from here (a str subclass's lower()) may shrink the list */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
         PyObject *event = PyList_GET_ITEM(batch, i);
         if (!PyDict_Check(event)) continue;
         PyObject *ch = PyDict_GetItemWithError(event, s_channel);
