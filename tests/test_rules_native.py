@@ -213,3 +213,29 @@ def test_a_batch_emptied_while_it_is_scanned_does_not_crash(make_context, native
                 *({"channel": "transcript", "data": {"text": f"code {i}", "start": 1}} for i in range(200))]
     out = stage.process(batch)
     assert [e["data"]["event_label"] for e in out] == ["a"]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_an_rtstream_name_that_drops_itself_is_still_read_alive(make_context, native: bool) -> None:  # type: ignore[no-untyped-def]
+    """An rtstream_name whose truth test removes it from the event: the C engine used to call str() on the
+    freed object (memory corruption); both paths read it while it is alive, then let it go."""
+    log: list[str] = []
+    event: dict[str, Any] = {"channel": "transcript", "rtstream_id": "r", "data": {"text": "code", "start": 1}}
+
+    class Name:
+        def __bool__(self) -> bool:
+            del event["rtstream_name"]
+            return True
+
+        def __str__(self) -> str:
+            log.append("str")
+            return "display:1"
+
+        def __del__(self) -> None:
+            log.append("del")
+
+    event["rtstream_name"] = Name()
+    stage = _stage(make_context, native, [{"name": "a", "keywords": ["code"], "rtstream_names": ["display:*"]}])
+    out = stage.process([event])
+    assert log == ["str", "del"]
+    assert [e["data"]["event_label"] for e in out if e.get("origin") == "rules"] == ["a"]

@@ -598,9 +598,10 @@ static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObj
             if (name == NULL) {
                 PyObject *raw = PyDict_GetItemWithError(event, s_rtstream_name);
                 if (raw == NULL && PyErr_Occurred()) goto done;
+                Py_XINCREF(raw);  /* its __bool__ may drop it from the event */
                 int truthy = raw == NULL ? 0 : PyObject_IsTrue(raw);
-                if (truthy < 0) goto done;
-                name = truthy ? PyObject_Str(raw) : Py_NewRef(s_empty);
+                name = truthy > 0 ? PyObject_Str(raw) : truthy == 0 ? Py_NewRef(s_empty) : NULL;
+                Py_XDECREF(raw);
                 if (!name) goto done;
             }
             PyObject *ok = PyObject_CallOneArg(r->names, name);
