@@ -239,3 +239,22 @@ def test_an_rtstream_name_that_drops_itself_is_still_read_alive(make_context, na
     out = stage.process([event])
     assert log == ["str", "del"]
     assert [e["data"]["event_label"] for e in out if e.get("origin") == "rules"] == ["a"]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_an_event_dropped_from_the_batch_by_its_channel_hash_is_still_read_alive(make_context, native: bool) -> None:  # type: ignore[no-untyped-def]
+    """A channel (str subclass) whose hash empties the batch: the C engine used to read the freed event."""
+    batch: list[dict[str, Any]] = []
+
+    class Channel(str):
+        def __hash__(self) -> int:
+            batch.clear()
+            return str.__hash__(self)
+
+        def __eq__(self, other: object) -> bool:
+            return str.__eq__(self, other)
+
+    stage = _stage(make_context, native, [{"name": "a", "keywords": ["code"]}])
+    batch.append({"channel": Channel("transcript"), "data": {"text": "code", "start": 1}})
+    out = stage.process(batch)
+    assert [e["data"]["event_label"] for e in out] == ["a"]

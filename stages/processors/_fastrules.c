@@ -666,7 +666,7 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         return NULL;
     }
     Scratch s = {0};
-    PyObject *out = NULL, *alerts = PyList_New(0), *result = NULL;
+    PyObject *out = NULL, *alerts = PyList_New(0), *result = NULL, *held = NULL;
     Py_INCREF(watermark);
     s.matched = PyMem_Calloc(self->n_rules ? self->n_rules : 1, sizeof(PyObject *));
     s.touched = PyMem_Malloc(sizeof(Py_ssize_t) * (self->n_rules ? self->n_rules : 1));
@@ -680,6 +680,7 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
         PyObject *event = PyList_GET_ITEM(batch, i);
         if (!PyDict_Check(event)) continue;
+        Py_XSETREF(held, Py_NewRef(event));  /* code called below (a str subclass's hash) may drop it from the batch */
         PyObject *ch = PyDict_GetItemWithError(event, s_channel);
         if (ch == NULL || !PyUnicode_Check(ch)) {
             if (PyErr_Occurred()) goto done;
@@ -702,7 +703,6 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         }
         Py_INCREF(text);
         Py_INCREF(data);
-        Py_INCREF(event);
         int bad;
         if (PyUnicode_CheckExact(text) && PyUnicode_IS_ASCII(text)) {  /* a subclass's own lower() is called */
             bad = scan(&s, t, ASCII_LOWERED, PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text)) < 0;
@@ -724,7 +724,6 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         scratch_reset(&s);
         Py_DECREF(text);
         Py_DECREF(data);
-        Py_DECREF(event);
         if (bad) goto done;
         Py_ssize_t after = PyList_GET_SIZE(alerts);
         if (after == before) continue;
@@ -747,6 +746,7 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
     }
     result = Py_BuildValue("(OOO)", out ? out : Py_None, alerts, watermark);
 done:
+    Py_XDECREF(held);
     scratch_reset(&s);
     PyMem_Free(s.matched);
     PyMem_Free(s.touched);
