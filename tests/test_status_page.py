@@ -9,10 +9,40 @@ import re
 import shutil
 import threading
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.browser import browser_page
 from tests.operator_harness import config, replay_file, served
+
+
+@contextmanager
+def pipeline_in_thread(path: Path, *, to_the_end: bool) -> Iterator[str]:
+    """Run the pipeline of `path` with its operator endpoint in a thread (the browser is driven from this
+    one); yields the endpoint's URL. `to_the_end`: serve once the run is over, else while it runs."""
+    ready, done = threading.Event(), threading.Event()
+    box: dict[str, str] = {}
+
+    async def pipeline() -> None:
+        async with served(path) as (rt, base):
+            run = asyncio.create_task(rt.run())
+            if to_the_end:
+                await run
+            box["base"] = base
+            ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, done.wait, 60)
+            await rt.stop()
+            await run
+
+    thread = threading.Thread(target=lambda: asyncio.run(pipeline()), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield box["base"]
+    finally:
+        done.set()
+        thread.join(30)
 
 
 def status_alerts(base: str) -> list[tuple[str, str]]:
@@ -24,66 +54,46 @@ def status_alerts(base: str) -> list[tuple[str, str]]:
 def test_status_page_shows_stages_counters_alerts_and_events(tmp_path: Path) -> None:
     # 40 events/s for up to a minute (the test stops it sooner), an alert every 2.5 s
     events = replay_file(tmp_path / "in.jsonl", 2400, step=0.025, alert_every=100)
-    ready = threading.Event()
-    done = threading.Event()
-    box: dict[str, str] = {}
-
-    async def pipeline() -> None:
-        async with served(config(tmp_path, events, speed=1)) as (rt, base):
-            box["base"] = base
-            run = asyncio.create_task(rt.run())
-            ready.set()
-            await asyncio.get_running_loop().run_in_executor(None, done.wait, 60)
-            await rt.stop()
-            await run
-
-    thread = threading.Thread(target=lambda: asyncio.run(pipeline()), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
-        with browser_page() as page:
-            page.goto(box["base"] + "/")
-            page.wait_for_selector(".node[data-stage='stages[1]:rules']", timeout=10_000)
-            for name in ("source:replay", "stages[0]:filter", "stages[1]:rules", "sinks[0]:jsonl", "sinks[1]:jsonl"):
-                assert page.locator(f".node[data-stage='{name}']").is_visible(), name
-            # counters move while events flow, an alert row appears, the live tail shows events
-            page.wait_for_function("document.querySelectorAll('#alerts tbody tr.alert-row').length > 0",
-                                   timeout=10_000)
-            page.wait_for_function("document.querySelectorAll('#events li').length >= 5", timeout=10_000)
-            page.wait_for_timeout(1200)  # two polls: rates need a previous sample
-            rates = page.locator(".node[data-stage='source:replay'] .rate").text_content() or ""
-            assert rates != "0.0/s", rates
-            counts = page.locator(".node[data-stage='stages[1]:rules'] .counts").text_content() or ""
-            assert counts.startswith("in ") and not counts.startswith("in 0 "), counts
-            # the `code` rule fires once per stream (1 h cooldown) and fills the newest rows at first: wait for a
-            # `secret` row (one fires on the first event, the next 2.5 s later) and read it in the same evaluation
-            find_secret = """() => {
+    with pipeline_in_thread(config(tmp_path, events, speed=1), to_the_end=False) as base, browser_page() as page:
+        page.goto(base + "/")
+        page.wait_for_selector(".node[data-stage='stages[1]:rules']", timeout=10_000)
+        for name in ("source:replay", "stages[0]:filter", "stages[1]:rules", "sinks[0]:jsonl", "sinks[1]:jsonl"):
+            assert page.locator(f".node[data-stage='{name}']").is_visible(), name
+        # counters move while events flow, an alert row appears, the live tail shows events
+        page.wait_for_function("document.querySelectorAll('#alerts tbody tr.alert-row').length > 0",
+                               timeout=10_000)
+        page.wait_for_function("document.querySelectorAll('#events li').length >= 5", timeout=10_000)
+        page.wait_for_timeout(1200)  # two polls: rates need a previous sample
+        rates = page.locator(".node[data-stage='source:replay'] .rate").text_content() or ""
+        assert rates != "0.0/s", rates
+        counts = page.locator(".node[data-stage='stages[1]:rules'] .counts").text_content() or ""
+        assert counts.startswith("in ") and not counts.startswith("in 0 "), counts
+        # the `code` rule fires once per stream (1 h cooldown) and fills the newest rows at first: wait for a
+        # `secret` row (one fires on the first event, the next 2.5 s later) and read it in the same evaluation
+        find_secret = """() => {
                 for (const row of document.querySelectorAll('#alerts tbody tr.alert-row')) {
                     const cells = [...row.querySelectorAll('td')].map((td) => td.textContent);
                     if (cells[2] === 'secret') return cells;
                 }
                 return null;
             }"""
-            try:
-                cells = page.wait_for_function(find_secret, timeout=15_000).json_value()
-            except Exception:
-                rows = page.evaluate("() => [...document.querySelectorAll('#alerts tbody tr.alert-row')]"
-                                     ".map((r) => [...r.querySelectorAll('td')].map((td) => td.textContent))")
-                raise AssertionError(f"no secret alert row: page rows {rows}; /api/status alerts "
-                                     f"{status_alerts(box['base'])}") from None
-            assert cells[1] == "critical" and (cells[4] or "").startswith("password"), cells
-            assert re.fullmatch(r"2023-11-14 22:1\d:\d\d", cells[0] or ""), cells[0]  # an alert's event time
-            assert page.locator("#ready").text_content() == "ready"
-            assert "following stages[1]:rules" in (page.locator("#tap-state").text_content() or "")
-            shot = tmp_path / "status.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-            keep = os.environ.get("PIPELINE_TEST_SCREENSHOTS")
-            if keep:
-                shutil.copy(shot, Path(keep) / "status-page.png")
-    finally:
-        done.set()
-        thread.join(30)
+        try:
+            cells = page.wait_for_function(find_secret, timeout=15_000).json_value()
+        except Exception:
+            rows = page.evaluate("() => [...document.querySelectorAll('#alerts tbody tr.alert-row')]"
+                                 ".map((r) => [...r.querySelectorAll('td')].map((td) => td.textContent))")
+            raise AssertionError(f"no secret alert row: page rows {rows}; /api/status alerts "
+                                 f"{status_alerts(base)}") from None
+        assert cells[1] == "critical" and (cells[4] or "").startswith("password"), cells
+        assert re.fullmatch(r"2023-11-14 22:1\d:\d\d", cells[0] or ""), cells[0]  # an alert's event time
+        assert page.locator("#ready").text_content() == "ready"
+        assert "following stages[1]:rules" in (page.locator("#tap-state").text_content() or "")
+        shot = tmp_path / "status.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        keep = os.environ.get("PIPELINE_TEST_SCREENSHOTS")
+        if keep:
+            shutil.copy(shot, Path(keep) / "status-page.png")
 
 
 def test_event_text_is_never_html(tmp_path: Path) -> None:
@@ -92,26 +102,8 @@ def test_event_text_is_never_html(tmp_path: Path) -> None:
     evil = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script> password'
     line = json.dumps({"channel": "visual_index", "unix_ts": 1700000000.0, "data": {"text": evil, "start": 1}})
     events.write_text((line + "\n") * 3)
-    ready = threading.Event()
-    done = threading.Event()
-    box: dict[str, str] = {}
-
-    async def pipeline() -> None:
-        async with served(config(tmp_path, events)) as (rt, base):
-            await rt.run()
-            box["base"] = base
-            ready.set()
-            await asyncio.get_running_loop().run_in_executor(None, done.wait, 20)
-
-    thread = threading.Thread(target=lambda: asyncio.run(pipeline()), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
-        with browser_page() as page:
-            page.goto(box["base"] + "/")
-            page.wait_for_selector("#alerts tbody tr.alert-row", timeout=10_000)
-            assert evil in (page.locator("#alerts tbody tr.alert-row td").nth(4).text_content() or "")
-            assert page.evaluate("window.pwned") is None
-    finally:
-        done.set()
-        thread.join(30)
+    with pipeline_in_thread(config(tmp_path, events), to_the_end=True) as base, browser_page() as page:
+        page.goto(base + "/")
+        page.wait_for_selector("#alerts tbody tr.alert-row", timeout=10_000)
+        assert evil in (page.locator("#alerts tbody tr.alert-row td").nth(4).text_content() or "")
+        assert page.evaluate("window.pwned") is None

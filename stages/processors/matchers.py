@@ -81,10 +81,6 @@ class WordMatcher:
             out[w] = (tuple(single) if single else None, phrases)
         return out
 
-    def __bool__(self) -> bool:
-        return bool(self._single or self._phrase_words)
-
-
 
 class SubstringMatcher:
     """Case-insensitive substrings, anywhere in the text."""
@@ -96,10 +92,6 @@ class SubstringMatcher:
         if not keyword:
             raise ValueError("empty keyword")
         self._owners[fold(keyword)].append((rule, keyword))
-
-    def __bool__(self) -> bool:
-        return bool(self._owners)
-
 
 
 class Scanner:

@@ -292,18 +292,15 @@ class Rules(Processor):
 
 
 def _stream_of(event: Event) -> str:
-    """The cooldown key's stream for an event without a usable rtstream_id: its name, within its session
-    (names repeat across sessions)."""
+    """The cooldown key's stream for an event without a usable rtstream_id (both paths check that first):
+    its name, within its session (names repeat across sessions)."""
     rid = event.get("rtstream_id")
-    if type(rid) is str and rid:
-        return rid
     return f"{event.get('capture_session_id') or ''}/{rid or event.get('rtstream_name') or ''}"
 
 
 def _cooled(last: Any, when: Any, cooldown: int) -> bool:
     """Is the rule still quiet? (The C engine asks this for times that are not plain 64-bit ints.)"""
     return bool(last <= when < last + cooldown)
-
 
 
 def _last_time(value: Any) -> int:
