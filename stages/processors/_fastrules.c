@@ -219,7 +219,7 @@ static void cache_clear(Engine *self) {
     }
 }
 
-static int same_str(PyObject *a, PyObject *b) {
+static inline int same_str(PyObject *a, PyObject *b) {
     Py_ssize_t n = PyUnicode_GET_LENGTH(a);
     return n == PyUnicode_GET_LENGTH(b) && PyUnicode_KIND(a) == PyUnicode_KIND(b) &&
            memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * PyUnicode_KIND(a)) == 0;
@@ -350,15 +350,8 @@ static const Table *table_of(Engine *self, PyObject *ch) {
         PyObject *ti = PyDict_GetItemWithError(self->channel_map, ch);
         return ti == NULL ? NULL : &self->tables[PyLong_AsSsize_t(ti)];
     }
-    Py_ssize_t len = PyUnicode_GET_LENGTH(ch);
-    int kind = PyUnicode_KIND(ch);
-    const void *data = PyUnicode_DATA(ch);
-    for (Py_ssize_t i = 0; i < self->n_names; i++) {
-        PyObject *name = self->names[i];
-        if (PyUnicode_GET_LENGTH(name) == len && PyUnicode_KIND(name) == kind &&
-            memcmp(PyUnicode_DATA(name), data, (size_t)len * (size_t)kind) == 0)
-            return &self->tables[self->name_table[i]];
-    }
+    for (Py_ssize_t i = 0; i < self->n_names; i++)
+        if (same_str(self->names[i], ch)) return &self->tables[self->name_table[i]];
     return NULL;
 }
 
