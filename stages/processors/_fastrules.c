@@ -43,8 +43,13 @@ typedef struct {
 
 typedef struct {
     PyObject *prefix, *label, *severity, *names; /* names: a callable or NULL */
+    PyObject *data_tpl; /* the alert's data with this rule's label and severity, copied per alert */
     long long cooldown_ms;
 } Rule;
+
+/* The event keys an alert copies (rules.py's _IDS, then _STAMPS), in order; "data" goes between the two. */
+#define N_HEAD 5
+#define N_IDS 3
 
 /* State keys ("<rule>|<stream>") of the streams seen last: a stream id arrives as a new str each time, so
  * without this every cooldown check would build and hash its key again. */
@@ -66,6 +71,7 @@ typedef struct {
     Py_ssize_t *name_table, n_names;
     Rule *rules;
     Py_ssize_t n_rules;
+    PyObject *heads[1 << N_HEAD]; /* alert templates by which head keys the event has, built on first use */
     PyObject *fold, *event_time_ms, *stream_of, *cooled;
 } Engine;
 
@@ -264,7 +270,9 @@ static void engine_clear_all(Engine *self) {
         Py_XDECREF(self->rules[i].label);
         Py_XDECREF(self->rules[i].severity);
         Py_XDECREF(self->rules[i].names);
+        Py_XDECREF(self->rules[i].data_tpl);
     }
+    for (int m = 0; m < (1 << N_HEAD); m++) Py_CLEAR(self->heads[m]);
     PyMem_Free(self->rules);
     self->rules = NULL;
     self->n_rules = 0;
@@ -318,6 +326,14 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *Py_UNUSED(kw)) {
         r->severity = Py_NewRef(severity);
         r->names = names == Py_None ? NULL : Py_NewRef(names);
         r->cooldown_ms = cd;
+        /* key order as rules.py's _fire; None values are replaced per alert */
+        r->data_tpl = PyDict_New();
+        if (!r->data_tpl || PyDict_SetItem(r->data_tpl, s_event_label, label) < 0 ||
+            PyDict_SetItem(r->data_tpl, s_timestamp, Py_None) < 0 || PyDict_SetItem(r->data_tpl, s_text, Py_None) < 0 ||
+            PyDict_SetItem(r->data_tpl, s_severity, severity) < 0 ||
+            PyDict_SetItem(r->data_tpl, s_matched, Py_None) < 0 ||
+            PyDict_SetItem(r->data_tpl, s_source_channel, Py_None) < 0)
+            return -1;
     }
     self->channel_map = Py_NewRef(channel_map);
     Py_ssize_t nn = PyDict_GET_SIZE(channel_map), pos = 0;
@@ -384,12 +400,15 @@ typedef struct {
     PyObject **matched; /* n_rules: list of keywords, or NULL */
     Py_ssize_t *touched;
     Py_ssize_t n_touched;
+    Py_ssize_t *firing; /* the current event's rules that fire, in rule order */
+    Py_ssize_t n_firing;
     long long *fired; /* alerts per rule in this batch, added to `counts` at the end */
 } Scratch;
 
 static void scratch_reset(Scratch *s) {
     for (Py_ssize_t i = 0; i < s->n_touched; i++) Py_CLEAR(s->matched[s->touched[i]]);
     s->n_touched = 0;
+    s->n_firing = 0;
 }
 
 static int add_owners(Scratch *s, PyObject *owners) {
@@ -517,34 +536,75 @@ static int cooling(Engine *self, PyObject *last, PyObject *when, long long coold
     return quiet;
 }
 
-static int copy_key(PyObject *dst, PyObject *src, PyObject *key) {
-    PyObject *v = PyDict_GetItemWithError(src, key);
-    if (v == NULL) return PyErr_Occurred() ? -1 : 0;
-    return PyDict_SetItem(dst, key, v);
+static PyObject *s_head[N_HEAD]; /* rtstream_id, rtstream_name, capture_session_id, ts, unix_ts */
+
+/* The alert template for events holding the head keys in `mask`: {"channel": "alert", "origin": "rules",
+ * <ids>: None, "data": None, <stamps>: None}. A copy of a small dict is a memcpy, where filling a new
+ * one inserts (and hashes into place) every key. */
+static PyObject *head_template(Engine *self, int mask) {
+    if (self->heads[mask]) return self->heads[mask];
+    PyObject *d = PyDict_New();
+    if (!d || PyDict_SetItem(d, s_channel, s_alert) < 0 || PyDict_SetItem(d, s_origin, s_rules) < 0) goto fail;
+    for (int k = 0; k < N_HEAD; k++) {
+        if (k == N_IDS && PyDict_SetItem(d, s_data, Py_None) < 0) goto fail;
+        if ((mask >> k & 1) && PyDict_SetItem(d, s_head[k], Py_None) < 0) goto fail;
+    }
+    self->heads[mask] = d;
+    return d;
+fail:
+    Py_XDECREF(d);
+    return NULL;
 }
 
-static PyObject *make_alert(const Rule *r, PyObject *event, PyObject *text, PyObject *when, PyObject *matched,
-                            PyObject *source) {
-    PyObject *alert = _PyDict_NewPresized(8);  /* sized once: no resize while filling */
-    if (!alert) return NULL;
-    PyObject *data = NULL;
-    if (PyDict_SetItem(alert, s_channel, s_alert) < 0 || PyDict_SetItem(alert, s_origin, s_rules) < 0 ||
-        copy_key(alert, event, s_rtstream_id) < 0 || copy_key(alert, event, s_rtstream_name) < 0 ||
-        copy_key(alert, event, s_capture_session_id) < 0)
-        goto fail;
-    data = _PyDict_NewPresized(6);
-    if (!data || PyDict_SetItem(data, s_event_label, r->label) < 0 || PyDict_SetItem(data, s_timestamp, when) < 0 ||
-        PyDict_SetItem(data, s_text, text) < 0 || PyDict_SetItem(data, s_severity, r->severity) < 0 ||
-        PyDict_SetItem(data, s_matched, matched) < 0 || PyDict_SetItem(data, s_source_channel, source) < 0 ||
-        PyDict_SetItem(alert, s_data, data) < 0 || copy_key(alert, event, s_ts) < 0 ||
-        copy_key(alert, event, s_unix_ts) < 0)
-        goto fail;
+/* One alert: a copy of `first` (this event's first alert, same head) or of the head template filled in. */
+static PyObject *make_alert(Engine *self, const Rule *r, PyObject *first, PyObject **head, int mask,
+                            PyObject *text, PyObject *when, PyObject *matched, PyObject *source) {
+    PyObject *data = PyDict_Copy(r->data_tpl);
+    if (!data || PyDict_SetItem(data, s_timestamp, when) < 0 || PyDict_SetItem(data, s_text, text) < 0 ||
+        PyDict_SetItem(data, s_matched, matched) < 0 || PyDict_SetItem(data, s_source_channel, source) < 0) {
+        Py_XDECREF(data);
+        return NULL;
+    }
+    PyObject *alert = NULL;
+    if (first != NULL) {
+        alert = PyDict_Copy(first);
+    } else {
+        PyObject *tpl = head_template(self, mask);
+        alert = tpl ? PyDict_Copy(tpl) : NULL;
+        for (int k = 0; alert && k < N_HEAD; k++)
+            if ((mask >> k & 1) && PyDict_SetItem(alert, s_head[k], head[k]) < 0) Py_CLEAR(alert);
+    }
+    if (alert && PyDict_SetItem(alert, s_data, data) < 0) Py_CLEAR(alert);
     Py_DECREF(data);
     return alert;
-fail:
-    Py_XDECREF(data);
-    Py_DECREF(alert);
-    return NULL;
+}
+
+/* The alerts of the rules in s->firing (appended to `alerts`), as the end of rules.py's Rules._fire. */
+static int make_alerts(Engine *self, Scratch *s, PyObject *event, PyObject *text, PyObject *when, PyObject *source,
+                       PyObject *alerts) {
+    PyObject *head[N_HEAD] = {NULL};
+    int mask = 0, rc = -1;
+    for (int k = 0; k < N_HEAD; k++) {  /* read once, as the Python path does, and held while alerts are built */
+        head[k] = PyDict_GetItemWithError(event, s_head[k]);
+        if (head[k] == NULL && PyErr_Occurred()) goto done;
+        Py_XINCREF(head[k]);
+        mask |= (head[k] != NULL) << k;
+    }
+    PyObject *first = NULL;
+    for (Py_ssize_t k = 0; k < s->n_firing; k++) {
+        Py_ssize_t idx = s->firing[k];
+        PyObject *alert = make_alert(self, &self->rules[idx], first, head, mask, text, when, s->matched[idx], source);
+        if (!alert) goto done;
+        int appended = PyList_Append(alerts, alert);
+        Py_DECREF(alert);
+        if (appended < 0) goto done;
+        if (first == NULL) first = alert;  /* held by `alerts` */
+        s->fired[idx]++;
+    }
+    rc = 0;
+done:
+    for (int k = 0; k < N_HEAD; k++) Py_XDECREF(head[k]);
+    return rc;
 }
 
 /* The alerts one event fires (appended to `alerts`), as rules.py's Rules._fire. */
@@ -627,14 +687,9 @@ static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObj
             Py_DECREF(key);
             if (set < 0) goto done;
         }
-        PyObject *alert = make_alert(r, event, text, when, s->matched[idx], source);
-        if (!alert) goto done;
-        int appended = PyList_Append(alerts, alert);
-        Py_DECREF(alert);
-        if (appended < 0) goto done;
-        s->fired[idx]++;
+        s->firing[s->n_firing++] = idx;
     }
-    rc = 0;
+    rc = s->n_firing ? make_alerts(self, s, event, text, when, source, alerts) : 0;
 done:
     Py_XDECREF(when);
     Py_XDECREF(stream);
@@ -663,8 +718,9 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
     Py_INCREF(watermark);
     s.matched = PyMem_Calloc(self->n_rules ? self->n_rules : 1, sizeof(PyObject *));
     s.touched = PyMem_Malloc(sizeof(Py_ssize_t) * (self->n_rules ? self->n_rules : 1));
+    s.firing = PyMem_Malloc(sizeof(Py_ssize_t) * (self->n_rules ? self->n_rules : 1));
     s.fired = PyMem_Calloc(self->n_rules ? self->n_rules : 1, sizeof(long long));
-    if (!alerts || !s.matched || !s.touched || !s.fired) {
+    if (!alerts || !s.matched || !s.touched || !s.firing || !s.fired) {
         if (alerts) PyErr_NoMemory();
         goto done;
     }
@@ -743,6 +799,7 @@ done:
     scratch_reset(&s);
     PyMem_Free(s.matched);
     PyMem_Free(s.touched);
+    PyMem_Free(s.firing);
     PyMem_Free(s.fired);
     Py_XDECREF(out);
     Py_XDECREF(alerts);
@@ -799,6 +856,11 @@ PyMODINIT_FUNC PyInit__fastrules(void) {
     INTERN(s_source_channel, "source_channel");
     INTERN(s_lower, "lower");
     INTERN(s_empty, "");
+    s_head[0] = s_rtstream_id;
+    s_head[1] = s_rtstream_name;
+    s_head[2] = s_capture_session_id;
+    s_head[3] = s_ts;
+    s_head[4] = s_unix_ts;
     if (PyType_Ready(&EngineType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
