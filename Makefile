@@ -11,13 +11,13 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml stages/processors/_fastrules.c | $(BIN)/python
+$(STAMP): pyproject.toml stages/processors/_fastrules.c stages/processors/_fastloops.c | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
 # The test plugin (tests/plugin_pkg) is not installed: the tests put it on sys.path, so its
 # `shout` stage never shows up in `pipeline stages` outside the suite.
-$(DEV_STAMP): pyproject.toml stages/processors/_fastrules.c | $(BIN)/python
+$(DEV_STAMP): pyproject.toml stages/processors/_fastrules.c stages/processors/_fastloops.c | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	-$(BIN)/pip uninstall -q -y videodb-pipeline-demo-plugin 2>/dev/null
 	touch $(STAMP) $@

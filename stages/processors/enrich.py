@@ -18,10 +18,15 @@ from typing import Any
 import orjson
 from pydantic import Field
 
-from pipeline.api import Batch, Context, Options, Processor
+from pipeline.api import Batch, Context, Event, Options, Processor
 from pipeline.events import MAX_DEPTH, canonical, deeper_than, event_time_ms, lifecycle_status
 from pipeline.types import Duration
 from stages.processors.eviction import Eviction
+
+try:  # the plain case's loop in C (built with the package); without it _enrich() runs per event
+    from stages.processors import _fastloops
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _fastloops = None  # type: ignore[assignment]
 
 _JSON_CHANNELS = frozenset({"visual_index", "scene_index", "audio_index"})
 
@@ -77,49 +82,63 @@ class Enrich(Processor):
                 if isinstance(s, dict) and isinstance(s.get("rtstream_id"), str):
                     self._streams[s["rtstream_id"]] = [session_id, s.get("name"), s.get("media_types"), now]
 
+    #: Use the C loop when the options and state allow it (tests switch it off to compare both paths).
+    native = True
+
     def process(self, batch: Batch) -> Batch:
         o = self.options
         streams = self._streams
-        add_session, add_streams, parse_json = o.capture_session, o.rtstreams, o.parse_json
-        fields = list(o.fields.items())
-        loads, decode_error = orjson.loads, orjson.JSONDecodeError
         now = event_time_ms(batch[-1]) if batch else 0
         self._evict.seen(now)
         stale = now - _SEEN_REFRESH_MS
-        for event in batch:
-            if "event" in event:
-                self._learn(event, now)
-                for k, v in fields:
-                    event.setdefault(k, v)
-                continue
-            rts = event.get("rtstream_id")
-            info = streams.get(rts) if isinstance(rts, str) else None
-            if info and info[3] < stale:  # still in use: refresh "last seen" (a state write, so rarely)
-                info = streams[str(rts)] = [*info[:3], now]
-            if add_session and info and "capture_session_id" not in event:
-                event["capture_session_id"] = info[0]
-            if add_streams and info:
-                if info[1] is not None and "rtstream_name" not in event:
-                    event["rtstream_name"] = info[1]
-                if info[2] is not None and "media_types" not in event:
-                    event["media_types"] = info[2]
-            for k, v in fields:
-                event.setdefault(k, v)
-            if parse_json:
-                data = event.get("data")
-                if isinstance(data, dict):
-                    text = data.get("text")
-                    if (isinstance(text, str) and text[:1] == "{"
-                            and canonical(str(event.get("channel"))) in _JSON_CHANNELS):
-                        try:
-                            parsed = loads(text)
-                        except decode_error:
-                            parsed = None
-                        if isinstance(parsed, dict) and not deeper_than(text, parsed, MAX_DEPTH - 2):
-                            data["json"] = parsed  # (2 levels below the event: the edge's depth limit holds)
+        if _fastloops is not None and self.native and type(streams) is dict and not o.fields:
+            _fastloops.enrich(batch, streams, now, stale, o.capture_session, o.rtstreams, o.parse_json,
+                              lambda event: self._enrich(event, now, stale), self._parse_json)
+        else:
+            for event in batch:
+                self._enrich(event, now, stale)
         if self._evict.due(streams):
             self._evict.sweep(streams, _seen)
         return batch
+
+    def _enrich(self, event: Event, now: int, stale: int) -> None:
+        """Everything enrich does to one event (the reference the C loop is held to)."""
+        o = self.options
+        if "event" in event:
+            self._learn(event, now)
+            for k, v in o.fields.items():
+                event.setdefault(k, v)
+            return
+        streams = self._streams
+        rts = event.get("rtstream_id")
+        info = streams.get(rts) if isinstance(rts, str) else None
+        if info and info[3] < stale:  # still in use: refresh "last seen" (a state write, so rarely)
+            info = streams[str(rts)] = [*info[:3], now]
+        if o.capture_session and info and "capture_session_id" not in event:
+            event["capture_session_id"] = info[0]
+        if o.rtstreams and info:
+            if info[1] is not None and "rtstream_name" not in event:
+                event["rtstream_name"] = info[1]
+            if info[2] is not None and "media_types" not in event:
+                event["media_types"] = info[2]
+        for k, v in o.fields.items():
+            event.setdefault(k, v)
+        if o.parse_json:
+            self._parse_json(event)
+
+    @staticmethod
+    def _parse_json(event: Event) -> None:
+        """An index text that is a JSON object becomes data.json (unless nested past the depth limit)."""
+        data = event.get("data")
+        if isinstance(data, dict):
+            text = data.get("text")
+            if isinstance(text, str) and text[:1] == "{" and canonical(str(event.get("channel"))) in _JSON_CHANNELS:
+                try:
+                    parsed = orjson.loads(text)
+                except orjson.JSONDecodeError:
+                    parsed = None
+                if isinstance(parsed, dict) and not deeper_than(text, parsed, MAX_DEPTH - 2):
+                    data["json"] = parsed  # (2 levels below the event: the edge's depth limit holds)
 
 
 def _seen(info: Any) -> int:

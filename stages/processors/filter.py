@@ -10,11 +10,16 @@ from pipeline.api import Batch, Context, Event, Options, Processor
 from pipeline.events import ALIASES, LIFECYCLE, channel_set, in_channels
 from stages.globs import glob_matcher
 
+try:  # the plain case's loop in C (built with the package); without it the unrolled loop below does the same
+    from stages.processors import _fastloops
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _fastloops = None  # type: ignore[assignment]
+
 
 def _named(event: Event, chans: frozenset[str]) -> bool:
     """A lifecycle event kept by its own name (`capture_session.active`)."""
     ev = event.get("event")
-    return isinstance(ev, str) and ev in chans
+    return type(ev) is str and ev in chans  # as in_channels(), which keep() uses
 
 
 class FilterOptions(Options):
@@ -38,6 +43,12 @@ class Filter(Processor):
         super().__init__(options, context)
         self._channels = channel_set(options.channels) if options.channels else None
         self._names = glob_matcher(options.rtstream_names)
+        # every channel name kept, aliases included: what the C loop looks an exact str channel up in
+        self._kept = (frozenset(n for n in (*self._channels, *ALIASES) if ALIASES.get(n, n) in self._channels)
+                      if self._channels is not None else None)
+
+    #: Use the C loop when the options allow it (tests switch it off to compare both paths).
+    native = True
 
     def keep(self, event: Event) -> bool:
         o = self.options
@@ -63,6 +74,8 @@ class Filter(Processor):
         final_only, min_len = self.options.final_only, self.options.min_text_length
         if chans is None and names is None and not final_only and not min_len:
             return batch
+        if names is None and not min_len and _fastloops is not None and self.native:
+            return _fastloops.filter(batch, self._kept, final_only, self.keep)
         lifecycle_ok = chans is not None and LIFECYCLE in chans  # all lifecycle events; else only those named
         out: Batch = []
         append = out.append

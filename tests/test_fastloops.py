@@ -1,0 +1,155 @@
+"""The filter and enrich stages' C loops give exactly what their Python code gives.
+
+`stages/processors/_fastloops.c` handles plain events (exact dicts, exact str
+channel and rtstream id) and hands every other event to the stage's Python
+code. Here both paths run on the same random batches, hostile ones included
+(str and dict subclasses, odd stream records, lifecycle events, JSON texts,
+callbacks that shrink the batch), and must agree on every event, in key order,
+and on the saved state.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from stages.processors import enrich as enrich_mod
+from stages.processors import filter as filter_mod
+from stages.processors.enrich import Enrich, EnrichOptions
+from stages.processors.filter import Filter, FilterOptions
+
+
+class Str(str):
+    """A str subclass: the C loops must hand it to Python."""
+
+
+class Sub(dict):  # type: ignore[type-arg]
+    """A plain dict subclass: Python code reads it."""
+
+
+class Dict(dict):  # type: ignore[type-arg]
+    """A dict subclass whose get() sees every key as absent."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return default
+
+
+def test_the_c_loops_are_built() -> None:
+    assert filter_mod._fastloops is not None and enrich_mod._fastloops is not None, \
+        "the C loops are not built (make test builds them with the package)"
+
+
+channel = st.sampled_from(["transcript", "visual_index", "scene_index", "audio_index", "alert", "x", 7, None,
+                           Str("transcript"), Str("scene_index")])
+text = st.one_of(st.sampled_from(['{"app": "Slack"}', '{"a": [1, {"b": 2}]}', "{not json", "{", "plain", "",
+                                  Str('{"s": 1}'), 5, None]), st.text(max_size=5))
+data = st.one_of(st.none(), st.just("str"),
+                 st.fixed_dictionaries({}, optional={"is_final": st.sampled_from([True, False, None, 0]),
+                                                     "text": text}),
+                 st.fixed_dictionaries({"is_final": st.just(False), "text": text}).map(Dict),
+                 st.fixed_dictionaries({"is_final": st.just(False), "text": text}).map(Sub))
+event = st.fixed_dictionaries({}, optional={
+    "channel": channel, "event": st.sampled_from(["capture_session.active", "capture_session.exported", "x"]),
+    "rtstream_id": st.sampled_from(["rts-1", "rts-2", "rts-9", "", 3, None, Str("rts-1")]),
+    "rtstream_name": st.sampled_from(["display:1", "mine"]),
+    "capture_session_id": st.sampled_from(["cap-1", "cap-2"]),
+    "data": data, "unix_ts": st.sampled_from([1.7e9, 1.7e9 + 700, 1.7e9 + 1400]),
+})
+lifecycle = st.fixed_dictionaries({
+    "channel": st.just("capture_session"), "event": st.just("capture_session.active"),
+    "capture_session_id": st.sampled_from(["cap-1", "cap-2", None]), "unix_ts": st.sampled_from([1.7e9, 1.7e9 + 1e3]),
+    "data": st.fixed_dictionaries({"rtstreams": st.lists(st.fixed_dictionaries({
+        "rtstream_id": st.sampled_from(["rts-1", "rts-2", Str("rts-3")]),
+        "name": st.sampled_from(["display:1", "mic:default", None]),
+        "media_types": st.sampled_from([["video"], None])}), max_size=3)})})
+batches = st.lists(st.lists(st.one_of(event, event, lifecycle).map(lambda e: Dict(e) if "mine" in str(e) else e),
+                            max_size=10), max_size=4)
+# stream records as saved state may hold them: plain, stale, and odd ones the C loop must hand to Python
+records = st.dictionaries(st.sampled_from(["rts-1", "rts-2", "rts-9"]), st.one_of(
+    st.tuples(st.sampled_from(["cap-0", None]), st.sampled_from(["name-0", None]), st.sampled_from([["audio"], None]),
+              st.sampled_from([1_699_000_000_000, 1_700_000_000_000])).map(list),
+    st.sampled_from([[], ["a", "b", "c", "late"], ["a", "b", "c", 1, 2], ("a", "b", "c", 1)])), max_size=3)
+
+
+def _filtered(native: bool, options: dict[str, Any], batches: list[list[Any]], context: Any) -> str:
+    saved, Filter.native = Filter.native, native
+    try:
+        f = Filter(FilterOptions(**options), context)
+        return repr([f.process(copy.deepcopy(b)) for b in batches])
+    finally:
+        Filter.native = saved
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches, st.sampled_from([None, ["transcript", "capture_session"], ["scene_index", "alert"],
+                                 ["capture_session.active", "x"]]), st.booleans())
+def test_filter_c_loop_equals_keep(make_context, batches, channels, final_only) -> None:  # type: ignore[no-untyped-def]
+    options = {"channels": channels, "final_only": final_only}
+    f = Filter(FilterOptions(**options), make_context())
+    for b in batches:
+        assert f.process(b) == [e for e in b if f.keep(e)]
+    assert _filtered(True, options, batches, make_context()) == _filtered(False, options, batches, make_context())
+
+
+def _enriched(native: bool, options: dict[str, Any], saved: dict[str, Any], batches: list[list[Any]],
+              context: Any) -> tuple[str, str]:
+    was, Enrich.native = Enrich.native, native
+    try:
+        context.state.get("enrich.rtstreams").update(copy.deepcopy(saved))
+        e = Enrich(EnrichOptions(**options), context)
+        out = [e.process(copy.deepcopy(b)) for b in batches]
+        return repr(out), repr(e._streams)
+    finally:
+        Enrich.native = was
+
+
+_EVERY_SHAPE = [[
+    {"channel": "capture_session", "event": "capture_session.active", "capture_session_id": "cap-1",
+     "unix_ts": 1.7e9,
+     "data": {"rtstreams": [{"rtstream_id": "rts-1", "name": "display:1", "media_types": ["video"]}]}},
+    {"channel": "visual_index", "rtstream_id": "rts-1", "data": {"text": '{"app": "Slack"}'}},
+    {"channel": "visual_index", "rtstream_id": "rts-2", "data": Sub({"text": '{"app": "Zoom"}'})},
+    {"channel": "scene_index", "rtstream_id": Str("rts-1"), "data": {"text": Str('{"s": 1}')}},
+    Sub({"channel": "audio_index", "rtstream_id": "rts-9", "data": {"text": "{}"}, "unix_ts": 1.7e9 + 1400}),
+]]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches, records, st.booleans(), st.booleans(), st.booleans())
+@example(_EVERY_SHAPE, {"rts-2": ["cap-0", "name-0", None, 1_699_000_000_000]}, True, True, True)
+def test_enrich_c_loop_equals_python(make_context, batches, saved, session, rtstreams, parse_json) -> None:  # type: ignore[no-untyped-def]
+    options = {"capture_session": session, "rtstreams": rtstreams, "parse_json": parse_json}
+    assert _enriched(True, options, saved, batches, make_context()) == \
+        _enriched(False, options, saved, batches, make_context())
+
+
+def test_filter_survives_a_keep_that_empties_the_batch(make_context) -> None:  # type: ignore[no-untyped-def]
+    f = Filter(FilterOptions(channels=["transcript"]), make_context())
+    batch: list[Any] = [{"channel": Str("transcript")}, {"channel": "transcript"}, {"channel": "transcript"}]
+    keep = f.keep
+
+    def clearing(event: Any) -> bool:
+        batch.clear()  # Python code the C loop calls may shrink the list it walks
+        return keep(event)
+
+    f.keep = clearing  # type: ignore[method-assign]
+    assert f.process(batch) == [{"channel": "transcript"}]
+
+
+def test_enrich_survives_a_hash_that_empties_the_batch(make_context) -> None:  # type: ignore[no-untyped-def]
+    ctx = make_context()
+    e = Enrich(EnrichOptions(), ctx)
+    batch: list[Any] = []
+
+    class Evil(str):
+        def __hash__(self) -> int:
+            batch.clear()
+            return str.__hash__(self)
+
+    batch += [{"channel": "transcript", "rtstream_id": Evil("rts-1"), "data": {"text": "x"}},
+              {"channel": "transcript", "rtstream_id": "rts-1", "data": {"text": '{"a": 1}'}}]
+    e.process(batch)
+    assert batch == []
