@@ -11,11 +11,21 @@ and on the saved state.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from pipeline.api import Context, StateStore
+from pipeline.deadletter import DeadLetter
+from pipeline.session import SessionLink
+from pipeline.stats import StageStats
 from stages.processors import enrich as enrich_mod
 from stages.processors import filter as filter_mod
 from stages.processors.enrich import Enrich, EnrichOptions
@@ -153,3 +163,134 @@ def test_enrich_survives_a_hash_that_empties_the_batch(make_context) -> None:  #
               {"channel": "transcript", "rtstream_id": "rts-1", "data": {"text": '{"a": 1}'}}]
     e.process(batch)
     assert batch == []
+
+
+# ---- Python code inside a dict lookup: scenarios run in a fresh interpreter with Python's debug memory hooks
+# (-X dev), where a read of freed memory crashes or shows garbage (in this process it can pass unnoticed).
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Collider(str):
+    """A key that hashes like `like`; once armed, its first __eq__ runs `act`: Python code inside a dict lookup,
+    free to drop the very object the lookup runs in, or is for."""
+
+    like_hash: int
+    act: Callable[[], object] | None
+
+    def __new__(cls, like: str) -> Collider:
+        key = super().__new__(cls, f"collides-with-{like}")
+        key.like_hash, key.act = hash(like), None
+        return key
+
+    def __hash__(self) -> int:
+        return self.like_hash
+
+    def __eq__(self, other: object) -> bool:
+        act, self.act = self.act, None
+        if act is not None:
+            act()
+        return False
+
+
+def scenario_context(tmp: Path) -> Context:
+    return Context(pipeline="test", stage="test", dead_letter=DeadLetter(tmp / "dead-letter.jsonl"),
+                   session=SessionLink(), stats=StageStats("test", "test"), state=StateStore(), out_dir=tmp,
+                   state_dir=tmp)
+
+
+def in_child(module: str, scenario: str) -> tuple[str, str]:
+    """Run `scenario` of `module` in a child `python -X dev`: what the C path and the Python path give."""
+    r = subprocess.run([sys.executable, "-X", "dev", "-m", module, scenario], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, f"the child died ({r.returncode}):\n{r.stderr[-3000:]}"
+    native, python = r.stdout.splitlines()
+    return native, python
+
+
+def _outcome(run: Callable[[], object]) -> str:
+    try:
+        return repr(run())
+    except Exception as exc:
+        return f"raised {type(exc).__name__}: {exc}"
+
+
+def _filter_data_dropped_by_is_final_lookup(native: bool, tmp: Path) -> str:
+    """final_only: a key of `data` that collides with "is_final" drops `data` from the event mid-lookup."""
+    event: dict[str, Any] = {"channel": "transcript"}
+    key = Collider("is_final")
+    event["data"] = {key: 1, "is_final": False}
+    key.act = lambda: event.pop("data")
+    saved, Filter.native = Filter.native, native
+    try:
+        f = Filter(FilterOptions(channels=["transcript"], final_only=True), scenario_context(tmp))
+        return _outcome(lambda: f.process([event]))
+    finally:
+        Filter.native = saved
+
+
+def _enrich(native: bool, tmp: Path, streams: dict[Any, Any], batch: list[Any]) -> str:
+    saved, Enrich.native = Enrich.native, native
+    try:
+        ctx = scenario_context(tmp)
+        ctx.state.get("enrich.rtstreams").update(streams)
+        e = Enrich(EnrichOptions(), ctx)
+        return _outcome(lambda: e.process(batch)) + " " + repr(e._streams)
+    finally:
+        Enrich.native = saved
+
+
+def _enrich_rtstream_id_dropped_by_stream_lookup(native: bool, tmp: Path) -> str:
+    """A saved stream key that collides with the event's rtstream_id drops that id from the event mid-lookup;
+    the stale record found is then written back under the id."""
+    event: dict[str, Any] = {"channel": "transcript", "rtstream_id": "".join(["rts-", "1"]), "data": {"text": "x"},
+                             "unix_ts": 1.7e9}
+    key = Collider("rts-1")
+    streams = {key: ["cap-0", None, None, 1], "rts-1": ["cap-1", "display:1", ["video"], 1]}
+    key.act = lambda: event.pop("rtstream_id")
+    return _enrich(native, tmp, streams, [event])
+
+
+def _enrich_record_emptied_while_copied(native: bool, tmp: Path) -> str:
+    """An event key that collides with a key enrich adds empties the stream record while it is read."""
+    out = []
+    for added in ("capture_session_id", "rtstream_name", "media_types"):
+        event: dict[Any, Any] = {"channel": "transcript", "rtstream_id": "rts-1", "data": {"text": "x"},
+                                 "unix_ts": 1.7e9}
+        key = Collider(added)
+        event[key] = 1
+        record = ["cap-1", "display:1", ["video"], 1_700_000_000_000]
+        key.act = record.clear
+        out.append(_enrich(native, tmp, {"rts-1": record}, [event]))
+    return repr(out)
+
+
+def _enrich_data_dropped_by_text_lookup(native: bool, tmp: Path) -> str:
+    """parse_json: a key of `data` that collides with "text" drops `data` from the event mid-lookup."""
+    event: dict[str, Any] = {"channel": "visual_index"}
+    key = Collider("text")
+    event["data"] = {key: 1, "text": '{"a": 1}'}
+    key.act = lambda: event.pop("data")
+    return _enrich(native, tmp, {}, [event])
+
+
+SCENARIOS: dict[str, Callable[[bool, Path], str]] = {
+    "filter-data-dropped-by-is_final-lookup": _filter_data_dropped_by_is_final_lookup,
+    "enrich-rtstream_id-dropped-by-stream-lookup": _enrich_rtstream_id_dropped_by_stream_lookup,
+    "enrich-record-emptied-while-copied": _enrich_record_emptied_while_copied,
+    "enrich-data-dropped-by-text-lookup": _enrich_data_dropped_by_text_lookup,
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_python_code_in_a_lookup_cannot_free_what_the_c_loop_reads(scenario: str) -> None:
+    """A key's __eq__ runs Python code inside a dict lookup: the C loops used to read objects it had dropped
+    (a crash, or garbage read as an event); both paths now give the same."""
+    native, python = in_child("tests.test_fastloops", scenario)
+    assert native == python
+
+
+if __name__ == "__main__":  # python -X dev -m tests.test_fastloops SCENARIO: the C path's outcome, then Python's
+    with tempfile.TemporaryDirectory() as tmp:
+        print(SCENARIOS[sys.argv[1]](True, Path(tmp)))
+        print(SCENARIOS[sys.argv[1]](False, Path(tmp)))

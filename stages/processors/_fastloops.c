@@ -36,9 +36,11 @@ static PyObject *fl_filter(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_s
                 if (kept == 1 && final_only) {
                     PyObject *data = PyDict_GetItemWithError(e, s_data);
                     if (data != NULL && PyDict_CheckExact(data)) {
+                        Py_INCREF(data);  /* a key's __eq__ (Python code) may drop it from the event mid-lookup */
                         PyObject *fin = PyDict_GetItemWithError(data, s_is_final);
                         if (fin == Py_False) kept = 0;
                         else if (fin == NULL && PyErr_Occurred()) kept = -1;
+                        Py_DECREF(data);
                     } else if (data != NULL && PyDict_Check(data)) {
                         kept = -2;  /* a dict subclass: its own get() */
                     } else if (PyErr_Occurred()) {
@@ -69,21 +71,38 @@ static inline int plain_info(PyObject *info) {
     return PyList_CheckExact(info) && PyList_GET_SIZE(info) == 4 && PyLong_CheckExact(PyList_GET_ITEM(info, 3));
 }
 
-static int set_absent(PyObject *event, PyObject *key, PyObject *value) {
+/* event[key] = info[k] unless the event has the key. info[k] is read after the check, as the Python path reads
+ * it: a key's __eq__ (Python code) may have shrunk the list meanwhile (IndexError there, and here). */
+static int set_absent(PyObject *event, PyObject *key, PyObject *info, Py_ssize_t k) {
     int has = PyDict_Contains(event, key);
-    return has < 0 ? -1 : has ? 0 : PyDict_SetItem(event, key, value);
+    if (has) return has < 0 ? -1 : 0;
+    PyObject *value = PyList_GetItem(info, k);
+    return value == NULL ? -1 : PyDict_SetItem(event, key, value);
+}
+
+/* info[1] (name) and info[2] (media types) into the event where absent and not None, as the Python path:
+ * only while the list is not empty, each read when Python reads it (Python code may shrink it meanwhile). */
+static int add_stream_fields(PyObject *event, PyObject *info) {
+    if (PyList_GET_SIZE(info) == 0) return 0;
+    PyObject *value = PyList_GetItem(info, 1);
+    if (value == NULL || (value != Py_None && set_absent(event, s_rtstream_name, info, 1) < 0)) return -1;
+    value = PyList_GetItem(info, 2);
+    return value == NULL || (value != Py_None && set_absent(event, s_media_types, info, 2) < 0) ? -1 : 0;
 }
 
 /* The enrich stage's work on one plain event (not lifecycle, exact dict). 0 done, 1 hand it to Python, -1 error. */
 static int enrich_one(PyObject *event, PyObject *streams, PyObject *now, PyObject *stale, int add_session,
                       int add_streams, int parse_json, int *json) {
-    PyObject *rts = PyDict_GetItemWithError(event, s_rtstream_id), *info = NULL;
+    PyObject *rts = PyDict_GetItemWithError(event, s_rtstream_id), *info = NULL, *held = NULL;
     if (rts == NULL && PyErr_Occurred()) return -1;
     if (rts != NULL && PyUnicode_Check(rts)) {
         if (!PyUnicode_CheckExact(rts)) return 1;  /* a str subclass hashes in Python */
+        held = Py_NewRef(rts);  /* a stream key's __eq__ (Python code) may drop it from the event; written below */
         info = PyDict_GetItemWithError(streams, rts);
-        if (info == NULL && PyErr_Occurred()) return -1;
-        if (info != NULL && !plain_info(info)) return 1;
+        if ((info == NULL && PyErr_Occurred()) || (info != NULL && !plain_info(info))) {
+            Py_DECREF(held);
+            return info == NULL ? -1 : 1;
+        }
     }
     if (info != NULL) {
         Py_INCREF(info);
@@ -97,28 +116,28 @@ static int enrich_one(PyObject *event, PyObject *streams, PyObject *now, PyObjec
             old = fresh == NULL || PyDict_SetItem(streams, rts, fresh) < 0 ? -1 : 0;
             Py_SETREF(info, fresh);
         }
-        if (old < 0 ||
-            (add_session && set_absent(event, s_capture_session_id, PyList_GET_ITEM(info, 0)) < 0) ||
-            (add_streams && PyList_GET_ITEM(info, 1) != Py_None &&
-             set_absent(event, s_rtstream_name, PyList_GET_ITEM(info, 1)) < 0) ||
-            (add_streams && PyList_GET_ITEM(info, 2) != Py_None &&
-             set_absent(event, s_media_types, PyList_GET_ITEM(info, 2)) < 0)) {
-            Py_DECREF(info);
+        if (old < 0 || (add_session && set_absent(event, s_capture_session_id, info, 0) < 0) ||
+            (add_streams && add_stream_fields(event, info) < 0)) {
+            Py_XDECREF(info);  /* NULL when the fresh list could not be made */
+            Py_DECREF(held);
             return -1;
         }
         Py_DECREF(info);
     }
+    Py_XDECREF(held);
     *json = 0;
     if (parse_json) {  /* only an object-looking text (or an unusual shape) goes to Python */
         PyObject *data = PyDict_GetItemWithError(event, s_data);
         if (data == NULL) return PyErr_Occurred() ? -1 : 0;
         if (!PyDict_Check(data)) return 0;
         if (!PyDict_CheckExact(data)) return *json = 1, 0;
+        Py_INCREF(data);  /* a key's __eq__ (Python code) may drop it from the event mid-lookup */
         PyObject *text = PyDict_GetItemWithError(data, s_text);
-        if (text == NULL) return PyErr_Occurred() ? -1 : 0;
-        if (!PyUnicode_Check(text)) return 0;
-        *json = !PyUnicode_CheckExact(text) ||
-                (PyUnicode_GET_LENGTH(text) > 0 && PyUnicode_READ_CHAR(text, 0) == '{');
+        int rc = text == NULL && PyErr_Occurred() ? -1 : 0;
+        *json = text != NULL && PyUnicode_Check(text) &&
+                (!PyUnicode_CheckExact(text) || (PyUnicode_GET_LENGTH(text) > 0 && PyUnicode_READ_CHAR(text, 0) == '{'));
+        Py_DECREF(data);
+        return rc;
     }
     return 0;
 }
