@@ -11,6 +11,9 @@ agree on every output event, the counters and the saved state.
 from __future__ import annotations
 
 import copy
+import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from hypothesis import strategies as st
 from pipeline.state.store import open_store
 from stages.processors import rules as rules_mod
 from stages.processors.rules import Rules, RulesOptions
+from tests.test_fastloops import Collider, in_child, scenario_context
 
 VOCAB = ["code", "terminal", "pass word", "password", "İstanbul", "straße", "ΟΔΟΣ", "kelvin", "_id", "x2",
          "٣٤", "deploy now", "a b c"]
@@ -258,3 +262,64 @@ def test_an_event_dropped_from_the_batch_by_its_channel_hash_is_still_read_alive
     batch.append({"channel": Channel("transcript"), "data": {"text": "code", "start": 1}})
     out = stage.process(batch)
     assert [e["data"]["event_label"] for e in out] == ["a"]
+
+
+# ---- Python code inside a dict lookup: scenarios run in a child `python -X dev` (see test_fastloops.py)
+
+def _rules(native: bool, tmp: Path, batch: list[Any]) -> str:
+    saved, Rules.native = Rules.native, native
+    try:
+        stage = Rules(RulesOptions.model_validate({"rules": [{"name": "a", "keywords": ["code"]}]}),
+                      scenario_context(tmp))
+    finally:
+        Rules.native = saved
+    try:
+        return repr((stage.process(batch), stage.fired))
+    except Exception as exc:
+        return f"raised {type(exc).__name__}: {exc}"
+
+
+def _data_dropped_by_text_lookup(native: bool, tmp: Path) -> str:
+    """A key of `data` that collides with "text" drops `data` from the event mid-lookup."""
+    event: dict[str, Any] = {"channel": "transcript"}
+    key = Collider("text")
+    event["data"] = {key: 1, "text": "code"}
+    key.act = lambda: event.pop("data")
+    return _rules(native, tmp, [event])
+
+
+def _channel_dropped_by_its_hash(native: bool, tmp: Path) -> str:
+    """A channel (str subclass) whose hash replaces it in the event (by an equal plain str): its last reference
+    goes while the channel map is searched for it."""
+    event: dict[str, Any] = {"data": {"text": "code"}}
+
+    class Channel(str):
+        def __hash__(self) -> int:
+            event["channel"] = "transcript"
+            return str.__hash__(self)
+
+        def __eq__(self, other: object) -> bool:
+            return str.__eq__(self, other)
+
+    event["channel"] = Channel("".join(["trans", "cript"]))
+    return _rules(native, tmp, [event])
+
+
+SCENARIOS: dict[str, Callable[[bool, Path], str]] = {
+    "data-dropped-by-text-lookup": _data_dropped_by_text_lookup,
+    "channel-dropped-by-its-hash": _channel_dropped_by_its_hash,
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_python_code_in_a_lookup_cannot_free_what_the_c_engine_reads(scenario: str) -> None:
+    """Python code run inside a dict lookup (a key's __eq__, a channel's __hash__) drops what the C engine was
+    reading: it used to read freed memory (a crash, or a corrupt alert); both paths now give the same."""
+    native, python = in_child("tests.test_rules_native", scenario)
+    assert native == python
+
+
+if __name__ == "__main__":  # python -X dev -m tests.test_rules_native SCENARIO: the C path's outcome, then Python's
+    with tempfile.TemporaryDirectory() as tmp:
+        print(SCENARIOS[sys.argv[1]](True, Path(tmp)))
+        print(SCENARIOS[sys.argv[1]](False, Path(tmp)))

@@ -363,7 +363,9 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *Py_UNUSED(kw)) {
 /* The table for a channel value, or NULL. */
 static const Table *table_of(Engine *self, PyObject *ch) {
     if (!PyUnicode_CheckExact(ch)) {  /* a str subclass: by the dict, as Python would */
+        Py_INCREF(ch);  /* its __hash__ (Python code) may drop it from the event while the dict is searched */
         PyObject *ti = PyDict_GetItemWithError(self->channel_map, ch);
+        Py_DECREF(ch);
         return ti == NULL ? NULL : &self->tables[PyLong_AsSsize_t(ti)];
     }
     for (Py_ssize_t i = 0; i < self->n_names; i++)
@@ -745,13 +747,14 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
             if (PyErr_Occurred()) goto done;
             continue;
         }
+        Py_INCREF(data);  /* a key's __eq__ (Python code) may drop it from the event while "text" is looked up */
         PyObject *text = PyDict_GetItemWithError(data, s_text);
         if (text == NULL || !PyUnicode_Check(text) || PyUnicode_GET_LENGTH(text) == 0) {
+            Py_DECREF(data);
             if (PyErr_Occurred()) goto done;
             continue;
         }
         Py_INCREF(text);
-        Py_INCREF(data);
         int bad;
         if (PyUnicode_CheckExact(text) && PyUnicode_IS_ASCII(text)) {  /* a subclass's own lower() is called */
             bad = scan(&s, t, ASCII_LOWERED, PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text)) < 0;
