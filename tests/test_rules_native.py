@@ -15,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -263,6 +264,65 @@ def test_an_event_dropped_from_the_batch_by_its_channel_hash_is_still_read_alive
     out = stage.process(batch)
     assert [e["data"]["event_label"] for e in out] == ["a"]
 
+
+
+class _Blind(dict):  # type: ignore[type-arg]
+    """A dict subclass whose get() sees every key as absent."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return default
+
+
+class _NoStart(dict):  # type: ignore[type-arg]
+    """A dict subclass whose get() sees no "start"."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return default if key == "start" else dict.get(self, key, default)
+
+
+class _Ids(dict):  # type: ignore[type-arg]
+    """A dict subclass whose `in` and [] see every key, as "X"."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __getitem__(self, key: Any) -> Any:
+        return "X" if key != "data" else dict.__getitem__(self, key)
+
+
+class _Falsy(str):
+    def __bool__(self) -> bool:
+        return False
+
+
+def _code(**extra: Any) -> dict[str, Any]:
+    return {"channel": "transcript", "rtstream_id": "rts-1", "data": {"text": "code", "start": 1}, **extra}
+
+
+ODD_EVENTS: dict[str, Callable[[], list[Any]]] = {
+    "event-get": lambda: [_Blind(_code())],
+    "data-get": lambda: [_code(data=_Blind({"text": "code", "start": 1}))],
+    "data-get-start": lambda: [_code(data=_NoStart({"text": "code", "start": 1}), unix_ts=7.5)],
+    "event-in-and-getitem": lambda: [_Ids(_code())],
+    "not-a-dict": lambda: [None, _code()],
+    "a-mapping-with-get": lambda: [MappingProxyType(_code(ts="t", unix_ts=7.5))],
+    "falsy-text": lambda: [_code(data={"text": _Falsy("code"), "start": 1})],
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_EVENTS))
+def test_events_of_other_shapes_are_read_as_python_reads_them(make_context, case: str) -> None:  # type: ignore[no-untyped-def]
+    """The Python path reads an event with get(), `in` and [] and a text by its truth: a dict subclass's own
+    methods, an AttributeError for a non-dict. The C engine used to read the dict's storage underneath (firing
+    where Python does not) and pass non-dicts silently."""
+    outcomes = []
+    for native in (True, False):
+        stage = _stage(make_context, native, [{"name": "a", "keywords": ["code"]}])
+        try:
+            outcomes.append((repr(stage.process(ODD_EVENTS[case]())), stage.fired, repr(list(stage.recent))))
+        except Exception as exc:
+            outcomes.append((f"raised {type(exc).__name__}: {exc}", stage.fired, repr(list(stage.recent))))
+    assert outcomes[0] == outcomes[1]
 
 # ---- Python code inside a dict lookup: scenarios run in a child `python -X dev` (see test_fastloops.py)
 

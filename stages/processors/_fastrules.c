@@ -82,7 +82,7 @@ typedef struct {
 
 static PyObject *s_channel, *s_data, *s_text, *s_start, *s_rtstream_id, *s_rtstream_name, *s_capture_session_id,
     *s_ts, *s_unix_ts, *s_alert, *s_origin, *s_rules, *s_event_label, *s_timestamp, *s_severity, *s_matched,
-    *s_source_channel, *s_lower, *s_empty;
+    *s_source_channel, *s_lower, *s_empty, *s_get;
 
 static unsigned char ascii_word[128], ascii_lower[128];
 
@@ -362,15 +362,20 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *Py_UNUSED(kw)) {
 
 /* The table for a channel value, or NULL. */
 static const Table *table_of(Engine *self, PyObject *ch) {
-    if (!PyUnicode_CheckExact(ch)) {  /* a str subclass: by the dict, as Python would */
-        Py_INCREF(ch);  /* its __hash__ (Python code) may drop it from the event while the dict is searched */
+    if (!PyUnicode_CheckExact(ch)) {  /* a str subclass: by the dict, as Python would (the caller holds it) */
         PyObject *ti = PyDict_GetItemWithError(self->channel_map, ch);
-        Py_DECREF(ch);
         return ti == NULL ? NULL : &self->tables[PyLong_AsSsize_t(ti)];
     }
     for (Py_ssize_t i = 0; i < self->n_names; i++)
         if (same_str(self->names[i], ch)) return &self->tables[self->name_table[i]];
     return NULL;
+}
+
+/* x.get(key) as the Python path reads it: a new reference, or NULL (absent; or an error, if one is set). An
+ * exact dict is read directly; anything else by its own get(): a dict subclass's, or AttributeError as in Python. */
+static PyObject *get(PyObject *x, PyObject *key) {
+    if (PyDict_CheckExact(x)) return Py_XNewRef(PyDict_GetItemWithError(x, key));
+    return PyObject_CallMethodOneArg(x, s_get, key);
 }
 
 /* ---- scanning ------------------------------------------------------------------------------------------ */
@@ -587,9 +592,13 @@ static int make_alerts(Engine *self, Scratch *s, PyObject *event, PyObject *text
     PyObject *head[N_HEAD] = {NULL};
     int mask = 0, rc = -1;
     for (int k = 0; k < N_HEAD; k++) {  /* read once, as the Python path does, and held while alerts are built */
-        head[k] = PyDict_GetItemWithError(event, s_head[k]);
-        if (head[k] == NULL && PyErr_Occurred()) goto done;
-        Py_XINCREF(head[k]);
+        if (PyDict_CheckExact(event)) {
+            head[k] = Py_XNewRef(PyDict_GetItemWithError(event, s_head[k]));
+            if (head[k] == NULL && PyErr_Occurred()) goto done;
+        } else {  /* `k in event`, then event[k]: a subclass's own methods */
+            int has = PySequence_Contains(event, s_head[k]);
+            if (has < 0 || (has && (head[k] = PyObject_GetItem(event, s_head[k])) == NULL)) goto done;
+        }
         mask |= (head[k] != NULL) << k;
     }
     PyObject *first = NULL;
@@ -614,18 +623,20 @@ static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObj
                 PyObject *last_fired, PyObject **watermark, PyObject *ceiling, PyObject *alerts) {
     int rc = -1;
     PyObject *when = NULL, *stream = NULL, *name = NULL;
-    PyObject *start = PyDict_GetItemWithError(data, s_start);
+    PyObject *start = get(data, s_start);
     if (start != NULL && PyLong_CheckExact(start)) {
-        when = Py_NewRef(start);
+        when = start;
     } else {
+        Py_XDECREF(start);
         if (PyErr_Occurred()) return -1;
         when = PyObject_CallOneArg(self->event_time_ms, event);
         if (!when) return -1;
     }
-    PyObject *rid = PyDict_GetItemWithError(event, s_rtstream_id);
+    PyObject *rid = get(event, s_rtstream_id);
     if (rid != NULL && PyUnicode_CheckExact(rid) && PyUnicode_GET_LENGTH(rid) > 0) {
-        stream = Py_NewRef(rid);
+        stream = rid;
     } else {
+        Py_XDECREF(rid);
         if (PyErr_Occurred()) goto done;
         stream = PyObject_CallOneArg(self->stream_of, event);
         if (!stream) goto done;
@@ -651,9 +662,8 @@ static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObj
         Rule *r = &self->rules[idx];
         if (r->names) {
             if (name == NULL) {
-                PyObject *raw = PyDict_GetItemWithError(event, s_rtstream_name);
+                PyObject *raw = get(event, s_rtstream_name);  /* held: its __bool__ may drop it from the event */
                 if (raw == NULL && PyErr_Occurred()) goto done;
-                Py_XINCREF(raw);  /* its __bool__ may drop it from the event */
                 int truthy = raw == NULL ? 0 : PyObject_IsTrue(raw);
                 name = truthy > 0 ? PyObject_Str(raw) : truthy == 0 ? Py_NewRef(s_empty) : NULL;
                 Py_XDECREF(raw);
@@ -730,31 +740,38 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
     /* the size is read again each time: code called from here (a str subclass's lower()) may shrink the list */
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
         PyObject *event = PyList_GET_ITEM(batch, i);
-        if (!PyDict_Check(event)) continue;
         Py_XSETREF(held, Py_NewRef(event));  /* code called below (a str subclass's hash) may drop it from the batch */
-        PyObject *ch = PyDict_GetItemWithError(event, s_channel);
+        /* read as the Python path reads (get(); AttributeError for what has none); each value held, as Python
+         * code run by a lookup (a key's __eq__, a channel's __hash__) may drop it from where it was */
+        PyObject *ch = get(event, s_channel);
         if (ch == NULL || !PyUnicode_Check(ch)) {
+            Py_XDECREF(ch);
             if (PyErr_Occurred()) goto done;
             continue;
         }
         const Table *t = table_of(self, ch);
+        Py_DECREF(ch);
         if (t == NULL) {
             if (PyErr_Occurred()) goto done;
             continue;
         }
-        PyObject *data = PyDict_GetItemWithError(event, s_data);
+        PyObject *data = get(event, s_data);
         if (data == NULL || !PyDict_Check(data)) {
+            Py_XDECREF(data);
             if (PyErr_Occurred()) goto done;
             continue;
         }
-        Py_INCREF(data);  /* a key's __eq__ (Python code) may drop it from the event while "text" is looked up */
-        PyObject *text = PyDict_GetItemWithError(data, s_text);
-        if (text == NULL || !PyUnicode_Check(text) || PyUnicode_GET_LENGTH(text) == 0) {
+        PyObject *text = get(data, s_text);
+        /* `not text`: a subclass's own truth (__bool__, __len__) */
+        int empty = text == NULL || !PyUnicode_Check(text) ? 1
+                    : PyUnicode_CheckExact(text)           ? PyUnicode_GET_LENGTH(text) == 0
+                                                           : PyObject_Not(text);
+        if (empty) {
+            Py_XDECREF(text);
             Py_DECREF(data);
             if (PyErr_Occurred()) goto done;
             continue;
         }
-        Py_INCREF(text);
         int bad;
         if (PyUnicode_CheckExact(text) && PyUnicode_IS_ASCII(text)) {  /* a subclass's own lower() is called */
             bad = scan(&s, t, ASCII_LOWERED, PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text)) < 0;
@@ -858,6 +875,7 @@ PyMODINIT_FUNC PyInit__fastrules(void) {
     INTERN(s_matched, "matched");
     INTERN(s_source_channel, "source_channel");
     INTERN(s_lower, "lower");
+    INTERN(s_get, "get");
     INTERN(s_empty, "");
     s_head[0] = s_rtstream_id;
     s_head[1] = s_rtstream_name;
