@@ -324,6 +324,67 @@ def test_events_of_other_shapes_are_read_as_python_reads_them(make_context, case
             outcomes.append((f"raised {type(exc).__name__}: {exc}", stage.fired, repr(list(stage.recent))))
     assert outcomes[0] == outcomes[1]
 
+
+class _Retitled(str):
+    """A channel whose str() is another channel."""
+
+    def __str__(self) -> str:
+        return "audio_index"
+
+
+def _hooked_text(text: str, hook: Callable[[], object]) -> str:
+    class Hooked(str):
+        def lower(self) -> str:
+            hook()
+            return str.lower(self)
+
+    return Hooked(text)
+
+
+def _channel_changed_by_lower() -> list[Any]:
+    event = _code()
+    event["data"]["text"] = _hooked_text("code", lambda: event.update(channel="scene_index"))
+    return [event]
+
+
+def _channel_dropped_by_lower() -> list[Any]:
+    event = _code()
+    event["data"]["text"] = _hooked_text("code", lambda: event.pop("channel"))
+    return [event]
+
+
+def _batch_cleared_after_a_hit() -> list[Any]:
+    batch = [_code(), _code(rtstream_id="rts-2"), _code(rtstream_id="rts-3")]
+    batch[1]["data"]["text"] = _hooked_text("code", batch.clear)
+    return batch
+
+
+def _event_replaced_after_its_hit() -> list[Any]:
+    batch = [_code(), _code(rtstream_id="rts-2")]
+    batch[1]["data"]["text"] = _hooked_text("code", lambda: batch.__setitem__(0, {"replaced": True}))
+    return batch
+
+
+MUTATED: dict[str, Callable[[], list[Any]]] = {
+    "channel-str": lambda: [_code(channel=_Retitled("transcript"))],
+    "channel-changed-by-lower": _channel_changed_by_lower,
+    "channel-dropped-by-lower": _channel_dropped_by_lower,
+    "batch-cleared-after-a-hit": _batch_cleared_after_a_hit,
+    "event-replaced-after-its-hit": _event_replaced_after_its_hit,
+}
+
+
+@pytest.mark.parametrize("case", list(MUTATED))
+def test_what_python_code_changes_mid_batch_shows_as_on_the_python_path(make_context, case: str) -> None:  # type: ignore[no-untyped-def]
+    """The Python path names an alert's source channel by str() of the channel read when the alert is made, and
+    cuts the output from the batch as it is at the end. The C engine used the channel read first, and copied the
+    batch while walking it: code run meanwhile (a text's lower()) made the two differ."""
+    outcomes = []
+    for native in (True, False):
+        stage = _stage(make_context, native, [{"name": "a", "keywords": ["code"]}])
+        outcomes.append((repr(stage.process(MUTATED[case]())), stage.fired))
+    assert outcomes[0] == outcomes[1]
+
 # ---- Python code inside a dict lookup: scenarios run in a child `python -X dev` (see test_fastloops.py)
 
 def _rules(native: bool, tmp: Path, batch: list[Any]) -> str:

@@ -72,7 +72,7 @@ typedef struct {
     Rule *rules;
     Py_ssize_t n_rules;
     PyObject *heads[1 << N_HEAD]; /* alert templates by which head keys the event has, built on first use */
-    PyObject *fold, *event_time_ms, *stream_of, *cooled;
+    PyObject *fold, *event_time_ms, *stream_of, *cooled, *source_of;
 } Engine;
 
 typedef struct {
@@ -287,6 +287,7 @@ static void engine_clear_all(Engine *self) {
     Py_CLEAR(self->event_time_ms);
     Py_CLEAR(self->stream_of);
     Py_CLEAR(self->cooled);
+    Py_CLEAR(self->source_of);
 }
 
 static void Engine_dealloc(Engine *self) {
@@ -294,13 +295,13 @@ static void Engine_dealloc(Engine *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Engine(tables, channel_map, rules, fold, event_time_ms, stream_of, cooled)
+/* Engine(tables, channel_map, rules, fold, event_time_ms, stream_of, cooled, source_of)
  * rules: list of (prefix, label, severity, cooldown_ms, names callable or None) */
 static int Engine_init(Engine *self, PyObject *args, PyObject *Py_UNUSED(kw)) {
     PyObject *tables, *channel_map, *rules;
-    PyObject *fold, *etm, *stream_of, *cooled;
-    if (!PyArg_ParseTuple(args, "O!O!O!OOOO", &PyList_Type, &tables, &PyDict_Type, &channel_map, &PyList_Type,
-                          &rules, &fold, &etm, &stream_of, &cooled))
+    PyObject *fold, *etm, *stream_of, *cooled, *source_of;
+    if (!PyArg_ParseTuple(args, "O!O!O!OOOOO", &PyList_Type, &tables, &PyDict_Type, &channel_map, &PyList_Type,
+                          &rules, &fold, &etm, &stream_of, &cooled, &source_of))
         return -1;
     engine_clear_all(self);
     Py_ssize_t nt = PyList_GET_SIZE(tables), nr = PyList_GET_SIZE(rules);
@@ -357,6 +358,7 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *Py_UNUSED(kw)) {
     self->event_time_ms = Py_NewRef(etm);
     self->stream_of = Py_NewRef(stream_of);
     self->cooled = Py_NewRef(cooled);
+    self->source_of = Py_NewRef(source_of);
     return 0;
 }
 
@@ -587,9 +589,9 @@ static PyObject *make_alert(Engine *self, const Rule *r, PyObject *first, PyObje
 }
 
 /* The alerts of the rules in s->firing (appended to `alerts`), as the end of rules.py's Rules._fire. */
-static int make_alerts(Engine *self, Scratch *s, PyObject *event, PyObject *text, PyObject *when, PyObject *source,
-                       PyObject *alerts) {
-    PyObject *head[N_HEAD] = {NULL};
+static int make_alerts(Engine *self, Scratch *s, PyObject *event, PyObject *text, PyObject *when, PyObject *ch,
+                       PyObject *source, PyObject *alerts) {
+    PyObject *head[N_HEAD] = {NULL}, *now = NULL;
     int mask = 0, rc = -1;
     for (int k = 0; k < N_HEAD; k++) {  /* read once, as the Python path does, and held while alerts are built */
         if (PyDict_CheckExact(event)) {
@@ -600,6 +602,15 @@ static int make_alerts(Engine *self, Scratch *s, PyObject *event, PyObject *text
             if (has < 0 || (has && (head[k] = PyObject_GetItem(event, s_head[k])) == NULL)) goto done;
         }
         mask |= (head[k] != NULL) << k;
+    }
+    /* data.source_channel: the Python path's source_of(the channel read now). The table's name while that is
+     * still the exact str the table was found by; code run since (a text's lower()) may have changed it. */
+    now = get(event, s_channel);
+    if (now == NULL && PyErr_Occurred()) goto done;
+    if (now != ch || !PyUnicode_CheckExact(ch)) {
+        source = PyObject_CallOneArg(self->source_of, now ? now : Py_None);
+        if (!source) goto done;
+        Py_XSETREF(now, source);  /* held until the alerts are built */
     }
     PyObject *first = NULL;
     for (Py_ssize_t k = 0; k < s->n_firing; k++) {
@@ -615,11 +626,12 @@ static int make_alerts(Engine *self, Scratch *s, PyObject *event, PyObject *text
     rc = 0;
 done:
     for (int k = 0; k < N_HEAD; k++) Py_XDECREF(head[k]);
+    Py_XDECREF(now);
     return rc;
 }
 
 /* The alerts one event fires (appended to `alerts`), as rules.py's Rules._fire. */
-static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObject *text, PyObject *source,
+static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObject *text, PyObject *ch, PyObject *source,
                 PyObject *last_fired, PyObject **watermark, PyObject *ceiling, PyObject *alerts) {
     int rc = -1;
     PyObject *when = NULL, *stream = NULL, *name = NULL;
@@ -701,7 +713,7 @@ static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObj
         }
         s->firing[s->n_firing++] = idx;
     }
-    rc = s->n_firing ? make_alerts(self, s, event, text, when, source, alerts) : 0;
+    rc = s->n_firing ? make_alerts(self, s, event, text, when, ch, source, alerts) : 0;
 done:
     Py_XDECREF(when);
     Py_XDECREF(stream);
@@ -726,7 +738,8 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         return NULL;
     }
     Scratch s = {0};
-    PyObject *out = NULL, *alerts = PyList_New(0), *result = NULL, *held = NULL;
+    PyObject *out = NULL, *alerts = PyList_New(0), *result = NULL, *held = NULL, *held_ch = NULL;
+    Py_ssize_t *marks = NULL, n_marks = 0, cap_marks = 0; /* per firing event: its index, then alerts so far */
     Py_INCREF(watermark);
     s.matched = PyMem_Calloc(self->n_rules ? self->n_rules : 1, sizeof(PyObject *));
     s.touched = PyMem_Malloc(sizeof(Py_ssize_t) * (self->n_rules ? self->n_rules : 1));
@@ -736,7 +749,6 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         if (alerts) PyErr_NoMemory();
         goto done;
     }
-    Py_ssize_t prev = 0;
     /* the size is read again each time: code called from here (a str subclass's lower()) may shrink the list */
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
         PyObject *event = PyList_GET_ITEM(batch, i);
@@ -744,13 +756,12 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         /* read as the Python path reads (get(); AttributeError for what has none); each value held, as Python
          * code run by a lookup (a key's __eq__, a channel's __hash__) may drop it from where it was */
         PyObject *ch = get(event, s_channel);
+        Py_XSETREF(held_ch, ch);  /* to the alert, where the channel is read again */
         if (ch == NULL || !PyUnicode_Check(ch)) {
-            Py_XDECREF(ch);
             if (PyErr_Occurred()) goto done;
             continue;
         }
         const Table *t = table_of(self, ch);
-        Py_DECREF(ch);
         if (t == NULL) {
             if (PyErr_Occurred()) goto done;
             continue;
@@ -789,22 +800,39 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         }
         Py_ssize_t before = PyList_GET_SIZE(alerts);
         if (!bad && s.n_touched)
-            bad = fire(self, &s, event, data, text, t->source, last_fired, &watermark, ceiling, alerts) < 0;
+            bad = fire(self, &s, event, data, text, ch, t->source, last_fired, &watermark, ceiling, alerts) < 0;
         scratch_reset(&s);
         Py_DECREF(text);
         Py_DECREF(data);
         if (bad) goto done;
         Py_ssize_t after = PyList_GET_SIZE(alerts);
         if (after == before) continue;
-        /* each alert right after its source event */
-        if (out == NULL) {
-            out = PyList_New(0);
-            if (!out) goto done;
+        if (n_marks + 2 > cap_marks) {
+            cap_marks = cap_marks ? 2 * cap_marks : 64;
+            Py_ssize_t *grown = PyMem_Realloc(marks, sizeof(Py_ssize_t) * cap_marks);
+            if (!grown) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            marks = grown;
         }
-        if (extend_range(out, batch, prev, i + 1) < 0 || extend_range(out, alerts, before, after) < 0) goto done;
-        prev = i + 1;
+        marks[n_marks++] = i;
+        marks[n_marks++] = after;
     }
-    if (out != NULL && extend_range(out, batch, prev, PyList_GET_SIZE(batch)) < 0) goto done;
+    /* each alert right after its source event, the rest cut from the batch as it is now, as the Python path
+     * does (code called above may have changed the list since an event was read) */
+    if (n_marks) {
+        Py_ssize_t prev = 0, from = 0;
+        out = PyList_New(0);
+        if (!out) goto done;
+        for (Py_ssize_t m = 0; m < n_marks; m += 2) {
+            if (extend_range(out, batch, prev, marks[m] + 1) < 0 || extend_range(out, alerts, from, marks[m + 1]) < 0)
+                goto done;
+            prev = marks[m] + 1;
+            from = marks[m + 1];
+        }
+        if (extend_range(out, batch, prev, PyList_GET_SIZE(batch)) < 0) goto done;
+    }
     for (Py_ssize_t r = 0; r < self->n_rules; r++) {
         if (!s.fired[r]) continue;
         PyObject *add = PyLong_FromLongLong(s.fired[r]);
@@ -816,6 +844,8 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
     result = Py_BuildValue("(OOO)", out ? out : Py_None, alerts, watermark);
 done:
     Py_XDECREF(held);
+    Py_XDECREF(held_ch);
+    PyMem_Free(marks);
     scratch_reset(&s);
     PyMem_Free(s.matched);
     PyMem_Free(s.touched);

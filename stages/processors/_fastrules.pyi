@@ -15,6 +15,7 @@ class Engine:
         event_time_ms: Callable[[dict[str, Any]], int],
         stream_of: Callable[[dict[str, Any]], str],
         cooled: Callable[[Any, Any, int], bool],
+        source_of: Callable[[Any], str],
     ) -> None: ...
     def process(
         self, batch: list[dict[str, Any]], last_fired: dict[str, Any], watermark: Any, ceiling: Any, counts: list[int]

@@ -164,7 +164,7 @@ class Rules(Processor):
         channel_map = {name: index[canonical(name)] for name in (*self._by_channel, *ALIASES)
                        if canonical(name) in index}
         rules = [(c.prefix, c.label, c.severity, c.cooldown_ms, c.names) for c in self._rules]
-        return _fastrules.Engine(tables, channel_map, rules, fold, event_time_ms, _stream_of, _cooled)
+        return _fastrules.Engine(tables, channel_map, rules, fold, event_time_ms, _stream_of, _cooled, _source_of)
 
     @property
     def fired_by(self) -> Counter[tuple[str, str]]:
@@ -274,7 +274,7 @@ class Rules(Processor):
             if k in event:
                 head[k] = event[k]
         stamps = {k: event[k] for k in _STAMPS if k in event}
-        source = canonical(str(event.get("channel")))
+        source = _source_of(event.get("channel"))
         alerts: list[Event] = []
         counts = self._counts
         for idx in firing:
@@ -296,6 +296,11 @@ def _stream_of(event: Event) -> str:
     its name, within its session (names repeat across sessions)."""
     rid = event.get("rtstream_id")
     return f"{event.get('capture_session_id') or ''}/{rid or event.get('rtstream_name') or ''}"
+
+
+def _source_of(channel: Any) -> str:
+    """An alert's data.source_channel: its event's channel (read when the alert is made), canonical."""
+    return canonical(str(channel))
 
 
 def _cooled(last: Any, when: Any, cooldown: int) -> bool:
