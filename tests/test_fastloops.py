@@ -165,6 +165,51 @@ def test_enrich_survives_a_hash_that_empties_the_batch(make_context) -> None:  #
     assert batch == []
 
 
+def test_saved_state_takes_the_c_loop_and_records_its_writes(make_context, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With a state_dir (every live run), state maps are change-tracking dicts: the C loop must still be taken,
+    and a refresh it writes must be recorded for the next flush."""
+    from pipeline.state.store import open_store
+
+    calls: list[int] = []
+    real = enrich_mod._fastloops
+
+    class Spy:
+        filter = real.filter
+
+        @staticmethod
+        def enrich(batch: list[Any], *args: Any) -> None:
+            calls.append(len(batch))
+            real.enrich(batch, *args)
+
+    monkeypatch.setattr(enrich_mod, "_fastloops", Spy)
+    store = open_store(tmp_path / "state")
+    streams = store.get("enrich.rtstreams")
+    streams["rts-1"] = ["cap-1", "display:1", ["video"], 1_000]  # seen long ago: the next event refreshes it
+    streams.changed.clear()  # type: ignore[attr-defined]
+    e = Enrich(EnrichOptions(), make_context(state=store))
+    batch = [{"channel": "visual_index", "rtstream_id": "rts-1", "data": {"text": "x", "start": 1_700_000_000_000}}]
+    e.process(batch)
+    assert calls == [1]
+    assert batch[0]["capture_session_id"] == "cap-1" and streams["rts-1"][3] == 1_700_000_000_000
+    assert streams.changed == {"rts-1"}  # type: ignore[attr-defined]
+
+
+def test_a_dict_with_its_own_reads_keeps_the_python_path(make_context, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from stages.processors.native import plain_reads
+
+    class Reads(dict):  # type: ignore[type-arg]
+        def get(self, key: Any, default: Any = None) -> Any:
+            return ["cap-x", None, None, 10**15]
+
+    assert plain_reads({}) and not plain_reads(Reads()) and not plain_reads([])
+    ctx = make_context()
+    ctx.state._maps["enrich.rtstreams"] = Reads()
+    e = Enrich(EnrichOptions(), ctx)
+    batch = [{"channel": "transcript", "rtstream_id": "rts-1", "data": {"text": "x"}}]
+    e.process(batch)
+    assert batch[0]["capture_session_id"] == "cap-x"  # its get() was asked, as the Python path asks it
+
+
 # ---- Python code inside a dict lookup: scenarios run in a fresh interpreter with Python's debug memory hooks
 # (-X dev), where a read of freed memory crashes or shows garbage (in this process it can pass unnoticed).
 

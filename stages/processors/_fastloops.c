@@ -113,7 +113,9 @@ static int enrich_one(PyObject *event, PyObject *streams, PyObject *now, PyObjec
                 for (int k = 0; k < 3; k++) PyList_SET_ITEM(fresh, k, Py_NewRef(PyList_GET_ITEM(info, k)));
                 PyList_SET_ITEM(fresh, 3, Py_NewRef(now));
             }
-            old = fresh == NULL || PyDict_SetItem(streams, rts, fresh) < 0 ? -1 : 0;
+            /* a saved state's dict subclass records the write in its own __setitem__ */
+            old = fresh == NULL || (PyDict_CheckExact(streams) ? PyDict_SetItem(streams, rts, fresh)
+                                                                : PyObject_SetItem(streams, rts, fresh)) < 0 ? -1 : 0;
             Py_SETREF(info, fresh);
         }
         if (old < 0 || (add_session && set_absent(event, s_capture_session_id, info, 0) < 0) ||
@@ -143,10 +145,11 @@ static int enrich_one(PyObject *event, PyObject *streams, PyObject *now, PyObjec
 }
 
 /* enrich(batch, streams, now, stale, add_session, add_streams, parse_json, one, json) -> None
- * streams: the stage's rtstream map (a dict); one(event) does the whole work for an event of any other
+ * streams: the stage's rtstream map (a dict, or a subclass whose reads are dict's own: it is read directly and
+ * written through its __setitem__); one(event) does the whole work for an event of any other
  * shape (lifecycle events, subclasses, odd records); json(event) parses an object-looking index text. */
 static PyObject *fl_enrich(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9 || !PyList_Check(args[0]) || !PyDict_CheckExact(args[1])) {
+    if (nargs != 9 || !PyList_Check(args[0]) || !PyDict_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "enrich(batch: list, streams: dict, now, stale, add_session, add_streams, "
                                          "parse_json, one, json)");
         return NULL;

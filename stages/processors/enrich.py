@@ -22,6 +22,7 @@ from pipeline.api import Batch, Context, Event, Options, Processor
 from pipeline.events import MAX_DEPTH, canonical, deeper_than, event_time_ms, lifecycle_status
 from pipeline.types import Duration
 from stages.processors.eviction import Eviction
+from stages.processors.native import plain_reads
 
 try:  # the plain case's loop in C (built with the package); without it _enrich() runs per event
     from stages.processors import _fastloops
@@ -91,7 +92,7 @@ class Enrich(Processor):
         now = event_time_ms(batch[-1]) if batch else 0
         self._evict.seen(now)
         stale = now - _SEEN_REFRESH_MS
-        if _fastloops is not None and self.native and type(streams) is dict and not o.fields:
+        if _fastloops is not None and self.native and plain_reads(streams) and not o.fields:
             _fastloops.enrich(batch, streams, now, stale, o.capture_session, o.rtstreams, o.parse_json,
                               lambda event: self._enrich(event, now, stale), self._parse_json)
         else:

@@ -24,6 +24,7 @@ from pipeline.types import Duration
 from stages.globs import glob_matcher
 from stages.processors.eviction import Eviction
 from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, fold
+from stages.processors.native import plain_reads
 
 try:  # the hot loop in C (built with the package); without it the Python path below does the same work
     from stages.processors import _fastrules
@@ -152,7 +153,7 @@ class Rules(Processor):
     def _native(self) -> Any:
         """The C engine for these rules, or None: it covers whole-word rules without a window (the common
         shape); substring and regex rules, windows and state that is not a dict keep the Python path."""
-        if _fastrules is None or not isinstance(self._last_fired, dict):
+        if _fastrules is None or not plain_reads(self._last_fired):
             return None
         if any(c.window_ms or c.rule.match != "word" for c in self._rules):
             return None
