@@ -444,3 +444,38 @@ if __name__ == "__main__":  # python -X dev -m tests.test_rules_native SCENARIO:
     with tempfile.TemporaryDirectory() as tmp:
         print(SCENARIOS[sys.argv[1]](True, Path(tmp)))
         print(SCENARIOS[sys.argv[1]](False, Path(tmp)))
+
+
+def _chain_of(native: bool, spec: list[dict[str, Any]], context: Any, tmp_path: Path) -> tuple[Any, Rules]:
+    from pipeline.build import Chain
+    from pipeline.deadletter import DeadLetter
+
+    saved, Rules.native = Rules.native, native
+    try:
+        stage = Rules(RulesOptions.model_validate({"rules": spec}), context)
+    finally:
+        Rules.native = saved
+    return Chain([stage], DeadLetter(tmp_path / "dead.jsonl")), stage
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_bad_event_in_a_batch_does_not_cost_a_good_events_alert(make_context, tmp_path, native) -> None:  # type: ignore[no-untyped-def]
+    """The batch raises on the bad event; the chain retries event by event. The good event's cooldown write
+    from the failed pass must be undone, or its retry finds the rule cooling down and the alert is lost."""
+    _engine_available()
+    chain, stage = _chain_of(native, [{"name": "code", "keywords": ["code"], "cooldown": 30}], make_context(),
+                             tmp_path)
+    good = {"channel": "visual_index", "rtstream_id": "rts-1", "data": {"text": "code", "start": 1_000}}
+    out = chain([good, None])
+    assert [e["data"]["event_label"] for e in out if e.get("origin") == "rules"] == ["code"]
+    assert (stage.fired, stage._counts, len(stage.recent)) == (1, [1], 1)
+    assert stage._last_fired == {"code|rts-1": 1_000}
+    assert len((tmp_path / "dead.jsonl").read_bytes().splitlines()) == 1  # the bad event, and only it
+
+
+def test_a_bad_event_in_a_batch_does_not_count_a_good_event_twice_in_a_window(make_context, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    chain, stage = _chain_of(False, [{"name": "two", "keywords": ["code"], "window": 60, "min_count": 2}],
+                             make_context(), tmp_path)
+    good = {"channel": "visual_index", "rtstream_id": "rts-1", "data": {"text": "code", "start": 1_000}}
+    assert chain([good, None]) == [good]  # one match of two: no alert (counted twice, it fired)
+    assert stage._windows == {"two|rts-1": [1_000]}

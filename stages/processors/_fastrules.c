@@ -632,7 +632,7 @@ done:
 
 /* The alerts one event fires (appended to `alerts`), as rules.py's Rules._fire. */
 static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObject *text, PyObject *ch, PyObject *source,
-                PyObject *last_fired, PyObject **watermark, PyObject *ceiling, PyObject *alerts) {
+                PyObject *last_fired, PyObject *journal, PyObject **watermark, PyObject *ceiling, PyObject *alerts) {
     int rc = -1;
     PyObject *when = NULL, *stream = NULL, *name = NULL;
     PyObject *start = get(data, s_start);
@@ -696,18 +696,24 @@ static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObj
                 Py_DECREF(key);
                 goto done;
             }
+            Py_XINCREF(last);
             if (last != NULL && last != Py_None) {  /* None: no time saved, as the Python path's get() */
-                Py_INCREF(last);
                 int quiet = cooling(self, last, when, r->cooldown_ms);
-                Py_DECREF(last);
                 if (quiet) {
+                    Py_DECREF(last);
                     Py_DECREF(key);
                     if (quiet < 0) goto done;
                     continue;
                 }
             }
-            int set = PyDict_CheckExact(last_fired) ? PyDict_SetItem(last_fired, key, when)
-                                                    : PyObject_SetItem(last_fired, key, when);
+            /* journalled before it is written: if the batch fails later, rules.py undoes it, so the retry of
+             * its events one by one fires this alert again instead of finding the rule cooling down */
+            PyObject *entry = last ? PyTuple_Pack(3, last_fired, key, last) : PyTuple_Pack(2, last_fired, key);
+            Py_XDECREF(last);
+            int set = entry == NULL || PyList_Append(journal, entry) < 0 ? -1
+                      : PyDict_CheckExact(last_fired)                     ? PyDict_SetItem(last_fired, key, when)
+                                                                          : PyObject_SetItem(last_fired, key, when);
+            Py_XDECREF(entry);
             Py_DECREF(key);
             if (set < 0) goto done;
         }
@@ -727,11 +733,12 @@ static int extend_range(PyObject *out, PyObject *batch, Py_ssize_t from, Py_ssiz
     return 0;
 }
 
-/* process(batch, last_fired, watermark, ceiling, counts) -> (out batch or None, alerts, watermark) */
+/* process(batch, last_fired, watermark, ceiling, counts, journal) -> (out batch or None, alerts, watermark)
+ * journal: a list; each cooldown write appends (last_fired, key, old value) or (last_fired, key) first */
 static PyObject *Engine_process(Engine *self, PyObject *args) {
-    PyObject *batch, *last_fired, *watermark, *ceiling, *counts;
-    if (!PyArg_ParseTuple(args, "O!O!OOO!", &PyList_Type, &batch, &PyDict_Type, &last_fired, &watermark, &ceiling,
-                          &PyList_Type, &counts))
+    PyObject *batch, *last_fired, *watermark, *ceiling, *counts, *journal;
+    if (!PyArg_ParseTuple(args, "O!O!OOO!O!", &PyList_Type, &batch, &PyDict_Type, &last_fired, &watermark, &ceiling,
+                          &PyList_Type, &counts, &PyList_Type, &journal))
         return NULL;
     if (PyList_GET_SIZE(counts) != self->n_rules) {
         PyErr_SetString(PyExc_ValueError, "counts must hold one int per rule");
@@ -800,7 +807,8 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         }
         Py_ssize_t before = PyList_GET_SIZE(alerts);
         if (!bad && s.n_touched)
-            bad = fire(self, &s, event, data, text, ch, t->source, last_fired, &watermark, ceiling, alerts) < 0;
+            bad = fire(self, &s, event, data, text, ch, t->source, last_fired, journal, &watermark, ceiling,
+                       alerts) < 0;
         scratch_reset(&s);
         Py_DECREF(text);
         Py_DECREF(data);
@@ -859,7 +867,7 @@ done:
 
 static PyMethodDef Engine_methods[] = {
     {"process", (PyCFunction)Engine_process, METH_VARARGS,
-     "process(batch, last_fired, watermark, ceiling, counts) -> (out batch or None, alerts, watermark)"},
+     "process(batch, last_fired, watermark, ceiling, counts, journal) -> (out batch or None, alerts, watermark)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - a build without a C compiler
     _fastrules = None  # type: ignore[assignment]
 
 TEXT_CHANNELS = ["transcript", "visual_index", "audio_index"]
+_ABSENT: Any = object()  # "no such key", where a saved value may be None
 _IDS = ("rtstream_id", "rtstream_name", "capture_session_id")  # copied from the source event, in this order
 _STAMPS = ("ts", "unix_ts")  # after data, as in every alert
 
@@ -177,17 +178,38 @@ class Rules(Processor):
         return out
 
     def process(self, batch: Batch) -> Batch:
-        engine = self._engine
-        if engine is not None:
-            ev = self._evict
-            out, alerts, ev.watermark = engine.process(batch, self._last_fired, ev.watermark, ev.ceiling,
-                                                       self._counts)
-            if alerts:
-                self.recent.extend(alerts[-20:])
-                self.fired += len(alerts)
-            self._sweep()
-            return batch if out is None else out
-        return self._process(batch)
+        ev = self._evict
+        journal: list[tuple[Any, ...]] = []  # (map, key, old value) or (map, key): each state write, before it
+        saved = (self.fired, list(self._counts), list(self.recent), ev.watermark)
+        try:
+            engine = self._engine
+            if engine is None:
+                out = self._process(batch, journal)
+            else:
+                res, alerts, ev.watermark = engine.process(batch, self._last_fired, ev.watermark, ev.ceiling,
+                                                           self._counts, journal)
+                if alerts:
+                    self.recent.extend(alerts[-20:])
+                    self.fired += len(alerts)
+                out = batch if res is None else res
+        except Exception:
+            self._undo(journal, saved)
+            raise
+        self._sweep()
+        return out
+
+    def _undo(self, journal: list[tuple[Any, ...]], saved: tuple[int, list[int], list[Event], Any]) -> None:
+        """Take back a failed batch's state writes and counts. The chain then retries its events one by one,
+        and they must find the state as it was: else an event before the bad one finds its rule cooling down
+        (its alert is lost) or its match already counted in a window (counted twice)."""
+        for entry in reversed(journal):
+            if len(entry) == 3:
+                entry[0][entry[1]] = entry[2]
+            else:
+                entry[0].pop(entry[1], None)
+        self.fired, self._counts[:], recent, self._evict.watermark = saved
+        self.recent.clear()
+        self.recent.extend(recent)
 
     def _sweep(self) -> None:
         ev = self._evict
@@ -195,7 +217,7 @@ class Rules(Processor):
             ev.sweep(self._last_fired, _last_time)
             ev.sweep(self._windows, _newest_time)
 
-    def _process(self, batch: Batch) -> Batch:
+    def _process(self, batch: Batch, journal: list[tuple[Any, ...]]) -> Batch:
         """The Python path (and the reference the C engine is held to)."""
         fired: list[tuple[int, list[Event]]] | None = None  # (after event i, its alerts); allocated on the first
         scanners = self._scanners
@@ -220,12 +242,11 @@ class Rules(Processor):
             if hits:
                 start = data.get("start")  # type: ignore[union-attr]
                 when = start if type(start) is int else event_time_ms(event)  # the common case, inline
-                alerts = self._fire(event, text, hits, when)
+                alerts = self._fire(event, text, hits, when, journal)
                 if alerts:
                     if fired is None:
                         fired = []
                     fired.append((i, alerts))
-        self._sweep()
         if fired is None:
             return batch
         out: Batch = []  # each alert right after its source event, the rest copied by slices (no per-event work)
@@ -237,7 +258,7 @@ class Rules(Processor):
         out += batch[prev:]
         return out
 
-    def _fire(self, event: Event, text: str, hits: Hits, when: int) -> list[Event]:
+    def _fire(self, event: Event, text: str, hits: Hits, when: int, journal: list[tuple[Any, ...]]) -> list[Event]:
         """The alerts this event fires. Why so flat: with keywords everywhere this runs for every other
         event, so cooldowns are checked before anything is built and an alert is a copy of a header."""
         rid = event.get("rtstream_id")
@@ -255,7 +276,9 @@ class Rules(Processor):
             key = c.prefix + rid
             if c.window_ms:
                 windows = self._windows
-                times = [t for t in windows.get(key, ()) if t > when - c.window_ms]
+                prev = windows.get(key, _ABSENT)
+                journal.append((windows, key) if prev is _ABSENT else (windows, key, prev))
+                times = [t for t in (() if prev is _ABSENT else prev) if t > when - c.window_ms]
                 times.append(when)
                 if len(times) < c.min_count:
                     windows[key] = times[-c.min_count:]
@@ -266,6 +289,7 @@ class Rules(Processor):
                 last = last_fired.get(key)
                 if last is not None and last <= when < last + cooldown:
                     continue
+                journal.append((last_fired, key, last) if last is not None or key in last_fired else (last_fired, key))
                 last_fired[key] = when
             firing.append(idx)
         if not firing:
