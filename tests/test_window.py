@@ -181,6 +181,27 @@ def test_open_windows_are_bounded(make_context: MakeCtx) -> None:
     assert len(out) == 30_000 + 20_000 and time.process_time() - t < 15
 
 
+def test_a_bad_event_in_a_batch_is_dead_lettered_and_the_others_count_once(make_context: MakeCtx,
+                                                                              tmp_path: Path) -> None:
+    """Before, the batch raised on the bad event and the chain retried event by event: the events before it
+    were folded into their window twice."""
+    from pipeline.build import Chain
+    from pipeline.deadletter import DeadLetter
+
+    ctx = make_context()
+    w = Window(WindowOptions(size="1m"), ctx)
+    chain = Chain([w], DeadLetter(tmp_path / "chain-dead.jsonl"))
+    good = {"channel": "transcript", "capture_session_id": "c",
+            "data": {"text": "hello world", "start": 1_000, "end": 2_000}}
+    assert chain([good, None, {**good, "data": {**good["data"], "start": 3_000}}]) == [good, {**good, "data": {
+        **good["data"], "start": 3_000}}]
+    (m,) = chain.flush()
+    assert m["data"]["events"] == {"transcript": 2} and m["data"]["words"] == 4
+    dead = [json.loads(x) for x in (tmp_path / "dead-letter.jsonl").read_text().splitlines()]
+    assert [(d["stage"], d["reason"].split(":")[0]) for d in dead] == [("test", "AttributeError")]
+    assert ctx.stats.errors == 1
+
+
 @pytest.mark.parametrize("opts, msg", [({"size": "0s"}, "size must be"), ({"size": "1m", "slide": "2m"}, "slide"),
                                        ({"size": "1m", "key": ["a", "a"]}, "distinct")])
 def test_bad_options(opts: dict[str, Any], msg: str) -> None:

@@ -169,49 +169,58 @@ class Window(Processor):
         last_kt: tuple[Any, ...] | None = None
         last_acc: dict[str, Any] = {}
         late = 0
+        failed: Batch = []
         for event in batch:
-            ch = event.get("channel")
-            if ch == METRICS:
-                continue
-            if ch is None:
-                ch = LIFECYCLE if "event" in event else ""
-            elif not isinstance(ch, str):
-                ch = str(ch)
-            else:
-                ch = ALIASES.get(ch, ch)
-            data = event.get("data")
-            start = data.get("start") if isinstance(data, dict) else None
-            t = start if type(start) is int else event_time_ms(event)
-            if not -MAX_TIME <= t <= MAX_TIME:  # no real clock says this; it would poison the watermark
-                late += 1
-                continue
-            if wm is None or t > wm:
-                wm = t
-            elif t < wm - lateness:
-                late += 1
-                continue
-            raw = (event.get(single),) if single is not None else tuple(map(event.get, fields))
-            try:
-                kt = keys.get(raw)
-            except TypeError:  # an unhashable value (list, dict): its string form is the key
-                kt = tuple(_key_value(v) for v in raw)
-            if kt is None:
-                kt = keys[raw] = tuple(_key_value(v) for v in raw)
-            s = t - t % slide
-            if tumbling:  # one window per event; consecutive events mostly share it
-                if s != last_s or kt is not last_kt:
-                    last_s, last_kt = s, kt
-                    found = touched.get((kt, s))
-                    last_acc = found if found is not None else self._open(kt, s)
-                    touched[(kt, s)] = last_acc
-                _add(last_acc, event, ch, t)
-                continue
-            while s > t - size:
-                acc = touched.get((kt, s))
-                if acc is None:
-                    acc = touched[(kt, s)] = self._open(kt, s)
-                _add(acc, event, ch, t)
-                s -= slide
+            try:  # one bad event (not a dict, a plugin's odd value) costs only itself, see below
+                ch = event.get("channel")
+                if ch == METRICS:
+                    continue
+                if ch is None:
+                    ch = LIFECYCLE if "event" in event else ""
+                elif not isinstance(ch, str):
+                    ch = str(ch)
+                else:
+                    ch = ALIASES.get(ch, ch)
+                data = event.get("data")
+                start = data.get("start") if isinstance(data, dict) else None
+                t = start if type(start) is int else event_time_ms(event)
+                if not -MAX_TIME <= t <= MAX_TIME:  # no real clock says this; it would poison the watermark
+                    late += 1
+                    continue
+                if wm is None or t > wm:
+                    wm = t
+                elif t < wm - lateness:
+                    late += 1
+                    continue
+                raw = (event.get(single),) if single is not None else tuple(map(event.get, fields))
+                try:
+                    kt = keys.get(raw)
+                except TypeError:  # an unhashable value (list, dict): its string form is the key
+                    kt = tuple(_key_value(v) for v in raw)
+                if kt is None:
+                    kt = keys[raw] = tuple(_key_value(v) for v in raw)
+                s = t - t % slide
+                if tumbling:  # one window per event; consecutive events mostly share it
+                    if s != last_s or kt is not last_kt:
+                        last_s, last_kt = s, kt
+                        found = touched.get((kt, s))
+                        last_acc = found if found is not None else self._open(kt, s)
+                        touched[(kt, s)] = last_acc
+                    _add(last_acc, event, ch, t)
+                    continue
+                while s > t - size:
+                    acc = touched.get((kt, s))
+                    if acc is None:
+                        acc = touched[(kt, s)] = self._open(kt, s)
+                    _add(acc, event, ch, t)
+                    s -= slide
+            except Exception as exc:
+                # Handled here, not by the chain's event-by-event retry: the events before it are already
+                # folded into the windows, and a retry would count them twice.
+                failed.append(event)
+                self.context.stats.errors += 1
+                self.context.dead_letter.write(f"{type(exc).__name__}: {exc}", stage=self.context.stage,
+                                               event=event)
         self.late += late
         if wm is not None:
             store[WATERMARK] = wm
@@ -221,6 +230,8 @@ class Window(Processor):
         touched.clear()
         names.clear()
         closed = self._close_due(wm - lateness) if wm is not None else []
+        if failed:  # dead-lettered: not passed on
+            batch = [e for e in batch if not any(e is f for f in failed)]
         return batch + closed if closed else batch
 
     def flush(self) -> Batch:
