@@ -253,6 +253,13 @@ def in_child(module: str, scenario: str) -> tuple[str, str]:
     return native, python
 
 
+def child_main(scenarios: dict[str, Callable[[bool, Path], str]]) -> None:
+    """The child side of `in_child`: print the scenario's outcome on the C path, then on the Python path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for native in (True, False):
+            print(scenarios[sys.argv[1]](native, Path(tmp)))
+
+
 def _outcome(run: Callable[[], object]) -> str:
     try:
         return repr(run())
@@ -335,7 +342,5 @@ def test_python_code_in_a_lookup_cannot_free_what_the_c_loop_reads(scenario: str
     assert native == python
 
 
-if __name__ == "__main__":  # python -X dev -m tests.test_fastloops SCENARIO: the C path's outcome, then Python's
-    with tempfile.TemporaryDirectory() as tmp:
-        print(SCENARIOS[sys.argv[1]](True, Path(tmp)))
-        print(SCENARIOS[sys.argv[1]](False, Path(tmp)))
+if __name__ == "__main__":  # python -X dev -m tests.test_fastloops SCENARIO (see in_child)
+    child_main(SCENARIOS)

@@ -11,8 +11,6 @@ agree on every output event, the counters and the saved state.
 from __future__ import annotations
 
 import copy
-import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
@@ -25,7 +23,7 @@ from hypothesis import strategies as st
 from pipeline.state.store import open_store
 from stages.processors import rules as rules_mod
 from stages.processors.rules import Rules, RulesOptions
-from tests.test_fastloops import Collider, in_child, scenario_context
+from tests.test_fastloops import Collider, child_main, in_child, scenario_context
 
 VOCAB = ["code", "terminal", "pass word", "password", "İstanbul", "straße", "ΟΔΟΣ", "kelvin", "_id", "x2",
          "٣٤", "deploy now", "a b c"]
@@ -440,10 +438,8 @@ def test_python_code_in_a_lookup_cannot_free_what_the_c_engine_reads(scenario: s
     assert native == python
 
 
-if __name__ == "__main__":  # python -X dev -m tests.test_rules_native SCENARIO: the C path's outcome, then Python's
-    with tempfile.TemporaryDirectory() as tmp:
-        print(SCENARIOS[sys.argv[1]](True, Path(tmp)))
-        print(SCENARIOS[sys.argv[1]](False, Path(tmp)))
+if __name__ == "__main__":  # python -X dev -m tests.test_rules_native SCENARIO (see in_child)
+    child_main(SCENARIOS)
 
 
 def _chain_of(native: bool, spec: list[dict[str, Any]], context: Any, tmp_path: Path) -> tuple[Any, Rules]:
