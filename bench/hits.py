@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -108,7 +109,8 @@ print(seconds, built.chain.alerts_fired)
 """
 
 
-def _best(config: Path, repeats: int, native: bool = True, before: Any = None) -> tuple[float, int]:
+def _best(config: Path, repeats: int, native: bool = True,
+          before: Callable[[], None] | None = None) -> tuple[float, int]:
     """(best seconds, alerts) of `repeats` fresh runs; `native=False`: the rules stage's Python path;
     `before()` runs before each (the baseline, timed right next to ours)."""
     best, fired = float("inf"), 0

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from pipeline.api import Batch, Context, Event, Options, Processor
-from pipeline.events import ALIASES, LIFECYCLE, channel_set, in_channels
+from pipeline.events import ALIASES, LIFECYCLE, canonical, channel_set, in_channels
 from stages.globs import glob_matcher
 
 try:  # the plain case's loop in C (built with the package); without it the unrolled loop below does the same
@@ -44,7 +44,7 @@ class Filter(Processor):
         self._channels = channel_set(options.channels) if options.channels else None
         self._names = glob_matcher(options.rtstream_names)
         # every channel name kept, aliases included: what the C loop looks an exact str channel up in
-        self._kept = (frozenset(n for n in (*self._channels, *ALIASES) if ALIASES.get(n, n) in self._channels)
+        self._kept = (frozenset(n for n in (*self._channels, *ALIASES) if canonical(n) in self._channels)
                       if self._channels is not None else None)
 
     #: Use the C loop when the options allow it (tests switch it off to compare both paths).
