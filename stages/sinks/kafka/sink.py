@@ -16,7 +16,7 @@ import contextlib
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import orjson
@@ -36,9 +36,10 @@ from pipeline.kafka import (
 )
 from pipeline.templates import Template
 from stages.sinks.kafka.options import KafkaSinkOptions
-from stages.sinks.kafka.records import Pending, Record, headers_for
+from stages.sinks.kafka.records import Pending, Record, Unit, headers_for
 
 _STILL_DOWN_EVERY = 30.0
+_MEMO_KEYS = 65536  # remembered key -> partition choices per partition list
 
 
 class KafkaSink(Sink):
@@ -75,6 +76,7 @@ class KafkaSink(Sink):
         self._created: set[str] = set()
         self._stale_metadata = False
         self._partitioner: Any = None
+        self._memos: dict[tuple[int, ...], dict[bytes, int]] = {}
         self._backoff = Backoff(options.retry_backoff, options.max_retry_backoff)
         self._down_since: float | None = None
         self._last_warn = 0.0
@@ -250,19 +252,26 @@ class KafkaSink(Sink):
         for topic, recs in by_topic.items():
             parts = sorted(await asyncio.wait_for(producer.partitions_for(topic), timeout))
             sticky = random.choice(parts)
+            memo = self._partition_memo(parts)
             for r in recs:
-                p = self._partitioner(r.key, parts, parts) if r.key is not None else sticky
+                key = r.key
+                if key is None:
+                    p = sticky
+                else:
+                    p = memo.get(key, -1)
+                    if p < 0:
+                        p = memo[key] = self._partitioner(key, parts, parts)
                 groups.setdefault((topic, p), []).append(r)
         sent: list[tuple[asyncio.Future[Any], list[Record]]] = []
         for (topic, part), recs in groups.items():
             builder = producer.create_batch()
             chunk: list[Record] = []
-            for r in recs:
-                if builder.append(key=r.key, value=r.value, timestamp=None, headers=r.headers) is None:
+            for key, value, headers, members in self._units(recs):
+                if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
                     sent.append((await producer.send_batch(builder, topic, partition=part), chunk))
                     builder, chunk = producer.create_batch(), []
-                    builder.append(key=r.key, value=r.value, timestamp=None, headers=r.headers)
-                chunk.append(r)
+                    builder.append(key=key, value=value, timestamp=None, headers=headers)
+                chunk.extend(members)
             sent.append((await producer.send_batch(builder, topic, partition=part), chunk))
         results = await asyncio.gather(*(f for f, _ in sent), return_exceptions=True)
         failed: list[Record] = []
@@ -278,6 +287,21 @@ class KafkaSink(Sink):
                 failed.extend(chunk)
                 error = res
         return failed, error
+
+    def _partition_memo(self, parts: list[int]) -> dict[bytes, int]:
+        """key -> partition for this partition list: the default partitioner is murmur2 in pure Python."""
+        scope = tuple(parts)
+        memo = self._memos.get(scope)
+        if memo is None or len(memo) >= _MEMO_KEYS:  # bounded: keys come from events
+            if len(self._memos) >= 16:
+                self._memos.clear()
+            memo = self._memos[scope] = {}
+        return memo
+
+    def _units(self, records: list[Record]) -> Iterator[Unit]:
+        """What one partition's records become on the wire: here one Kafka record per event."""
+        for r in records:
+            yield r.key, r.value, r.headers, (r,)
 
     async def _connect(self) -> None:
         """Start the producer (idempotence probing, once) and create a static topic if asked."""

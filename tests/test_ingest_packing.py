@@ -1,0 +1,109 @@
+"""The faust ingest packs each round's events for one partition into one JSON Lines record.
+
+Why: a faust worker pays its stream machinery per Kafka record, so at 1,000
+sessions one record per event cost more CPU than the stages themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.api import Context
+from pipeline.config import load_config
+from pipeline.runtime.faust import IngestSink, SessionKeys, Worker
+from pipeline.session import SessionLink
+from stages.sinks.kafka import KafkaSink, KafkaSinkOptions
+from stages.sinks.kafka.records import Pending, Record, pack
+from stages.sinks.kafka.sink import _MEMO_KEYS
+from tests.broker import Broker, kafka_broker, read_records  # noqa: F401
+from tests.test_faust_latency import config
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def record(value: bytes) -> Record:
+    return Record("t", b"k", value, [], {}, Pending(0, None))  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=300).map(lambda b: b.replace(b"\n", b" ")), max_size=40),
+       st.integers(min_value=16, max_value=1024))
+def test_pack_keeps_every_event_in_order_within_the_size_limit(values: list[bytes], limit: int) -> None:
+    records = [record(v) for v in values]
+    units = list(pack(records, limit))
+    assert [m for *_, members in units for m in members] == records  # each once, in order
+    for key, value, headers, members in units:
+        assert key is None and headers == []
+        assert value.split(b"\n") == [m.value for m in members]
+        assert len(value) <= limit or len(members) == 1  # a longer event travels alone
+
+
+def test_the_partition_memo_agrees_with_the_default_partitioner_and_is_bounded(
+        make_context: Callable[..., Context]) -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    sink = KafkaSink(KafkaSinkOptions(), make_context("kafka-out"))
+    parts = [0, 1, 2, 3]
+    memo = sink._partition_memo(parts)
+    for i in range(_MEMO_KEYS):
+        memo[f"cap-{i}".encode()] = 0
+    assert sink._partition_memo(parts) == {}  # full: a fresh one, so hostile keys cannot grow it
+    assert sink._partition_memo([0, 1]) is not sink._partition_memo(parts)
+    part = DefaultPartitioner()
+    sink._partitioner = part
+    assert all(sink._partitioner(k, parts, parts) == part(k, parts, parts) for k in (b"a", b"cap-1", b"\xff"))
+
+
+async def test_one_round_becomes_one_record_per_partition_and_workers_see_every_event_in_order(
+        kafka_broker: Broker, make_context: Callable[..., Context]) -> None:  # noqa: F811
+    """200 events of 8 sessions in one write: at most 4 records (one per partition) instead of 200."""
+    topic = "packed-ingest"
+    options = KafkaSinkOptions(bootstrap_servers=kafka_broker.bootstrap, topic=topic, key=None,
+                               create_topics={"partitions": 4}, linger_ms=0)
+    sink = IngestSink(options, make_context("runtime.ingest"))
+    sink.key_of = SessionKeys(SessionLink())
+    await sink.start()
+    events = [{"channel": "transcript", "capture_session_id": f"cap-{i % 8}", "seq": i} for i in range(200)]
+    await sink.write(events)
+    await sink.close()
+    assert sink.delivered == 200
+
+    records = await read_records(kafka_broker.bootstrap, [topic], expect=1, timeout=5)
+    assert 1 <= len(records) <= 4
+    seen: list[dict[str, Any]] = []
+    partition_of: dict[str, set[int]] = {}
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        for line in r.value.split(b"\n"):
+            ev = orjson.loads(line)
+            seen.append(ev)
+            partition_of.setdefault(ev["capture_session_id"], set()).add(r.partition)
+    assert sorted(e["seq"] for e in seen) == list(range(200))
+    assert all(len(p) == 1 for p in partition_of.values())  # a session stays in one partition
+    for cap in partition_of:  # ... in order
+        mine = [e["seq"] for e in seen if e["capture_session_id"] == cap]
+        assert mine == sorted(mine)
+
+
+async def test_a_worker_decodes_every_line_and_dead_letters_only_the_bad_ones(tmp_path: Path) -> None:
+    worker = Worker(load_config(config(tmp_path, "127.0.0.1:9")), tmp_path / "w", 10.0)
+
+    def message(value: Any, offset: int) -> Any:
+        return SimpleNamespace(value=value, message=SimpleNamespace(topic="x-ingest", partition=1, offset=offset))
+
+    deep = b'{"a":' * 300 + b"1" + b"}" * 300
+    batch = worker._decode([message(b'{"n":1}\n[1]\n{"n":2}\nnot json\n' + deep + b'\n{"n":3}', 7),
+                            message(b'{"n":4}', 8),  # one event per record, as older ingests wrote
+                            message(b"\n", 9)])
+    assert batch == [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}]
+    worker.built.dead_letter.close()
+    lines = [orjson.loads(line) for line in worker.built.dead_letter.path.read_bytes().splitlines()]
+    assert [(d["origin"]["offset"], d["origin"].get("line")) for d in lines] == [(7, 2), (7, 4), (7, 5), (9, None)]
+    assert "nested deeper" in lines[2]["reason"]
