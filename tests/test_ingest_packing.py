@@ -20,7 +20,7 @@ from pipeline.api import Context
 from pipeline.config import load_config
 from pipeline.runtime.faust import IngestSink, SessionKeys, Worker
 from pipeline.session import SessionLink
-from stages.sinks.kafka import KafkaSink, KafkaSinkOptions
+from stages.sinks.kafka import CreateTopics, KafkaSink, KafkaSinkOptions
 from stages.sinks.kafka.records import Pending, Record, pack
 from stages.sinks.kafka.sink import _MEMO_KEYS
 from tests.broker import Broker, kafka_broker, read_records  # noqa: F401
@@ -67,7 +67,7 @@ async def test_one_round_becomes_one_record_per_partition_and_workers_see_every_
     """200 events of 8 sessions in one write: at most 4 records (one per partition) instead of 200."""
     topic = "packed-ingest"
     options = KafkaSinkOptions(bootstrap_servers=kafka_broker.bootstrap, topic=topic, key=None,
-                               create_topics={"partitions": 4}, linger_ms=0)
+                               create_topics=CreateTopics(partitions=4), linger_ms=0)
     sink = IngestSink(options, make_context("runtime.ingest"))
     sink.key_of = SessionKeys(SessionLink())
     await sink.start()
