@@ -78,6 +78,7 @@ async def test_one_round_becomes_one_record_per_partition_and_workers_see_every_
 
     records = await read_records(kafka_broker.bootstrap, [topic], expect=1, timeout=5)
     assert 1 <= len(records) <= 4
+    assert all(not r.headers for r in records)  # per-event headers would not describe a packed record
     seen: list[dict[str, Any]] = []
     partition_of: dict[str, set[int]] = {}
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):

@@ -102,6 +102,7 @@ class IngestSink(KafkaSink):
     """
 
     merge_queued = True  # write() waits for the broker: queued batches share one round trip, not one each
+    with_headers = False  # a packed record carries many events: no per-event headers
 
     def _units(self, records: list[Record]) -> Iterator[Unit]:
         return pack(records, self.opts.max_batch_size)

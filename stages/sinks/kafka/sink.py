@@ -48,6 +48,7 @@ class KafkaSink(Sink):
     name = "kafka"
     Options: ClassVar[type[Options]] = KafkaSinkOptions
     cancel_safe = True  # a cancelled write leaves its records queued; close() delivers or dead-letters them
+    with_headers: ClassVar[bool] = True  # `channel`, `capture_session_id`, `rtstream_name` headers per record
 
     def __init__(self, options: KafkaSinkOptions, context: Context) -> None:
         super().__init__(options, context)
@@ -164,6 +165,7 @@ class KafkaSink(Sink):
         topic_t, key_of = self._topic, self.key_of
         static_topic = self._static_topic
         limit = self.opts.max_request_size
+        with_headers = self.with_headers
         out: list[Record] = []
         for ev in batch:
             try:
@@ -180,7 +182,7 @@ class KafkaSink(Sink):
                 self._dead_letter_events([ev], f"{self.who}: topic template {topic_t.source!r} rendered empty")
                 continue
             key = key_of(ev).encode() if key_of is not None else b""
-            out.append(Record(topic, key or None, value, headers_for(ev), ev, owner))
+            out.append(Record(topic, key or None, value, headers_for(ev) if with_headers else [], ev, owner))
         return out
 
     def _topic_name(self, rendered: str) -> str:
