@@ -108,3 +108,34 @@ async def test_a_worker_decodes_every_line_and_dead_letters_only_the_bad_ones(tm
     lines = [orjson.loads(line) for line in worker.built.dead_letter.path.read_bytes().splitlines()]
     assert [(d["origin"]["offset"], d["origin"].get("line")) for d in lines] == [(7, 2), (7, 4), (7, 5), (9, None)]
     assert "nested deeper" in lines[2]["reason"]
+
+
+def decode_with_dead_letters(tmp_path: Path, *values: Any) -> tuple[list[Any], list[dict[str, Any]]]:
+    """A worker's `_decode` over records of partition 1 at offsets 0.., and what it dead-lettered."""
+    worker = Worker(load_config(config(tmp_path, "127.0.0.1:9")), tmp_path / "w", 10.0)
+    batch = worker._decode([SimpleNamespace(value=v, message=SimpleNamespace(topic="x-ingest", partition=1,
+                                                                             offset=i))
+                            for i, v in enumerate(values)])
+    worker.built.dead_letter.close()
+    path = worker.built.dead_letter.path
+    dead = [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+    return batch, dead
+
+
+async def test_dead_letter_line_numbers_count_blank_lines_and_crlf_blank_lines_are_skipped(
+        tmp_path: Path) -> None:
+    """origin.line is the line in the record value (1-based), blank lines included; `\\r\\n` ends a line too."""
+    batch, dead = decode_with_dead_letters(
+        tmp_path, b'{"n":1}\n\n\nnot json\n{"n":2}',
+        b'{"n":3}\r\n\r\n{"n":4}\r\n',  # another producer writing CRLF JSON Lines
+        b"\n\n[1]\n")
+    assert batch == [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}]
+    assert [(d["origin"]["offset"], d["origin"].get("line")) for d in dead] == [(0, 4), (2, 3)]
+
+
+async def test_a_pretty_printed_event_from_another_producer_is_one_event_not_bad_lines(tmp_path: Path) -> None:
+    pretty = orjson.dumps({"channel": "transcript", "data": {"text": "hi"}}, option=orjson.OPT_INDENT_2)
+    batch, dead = decode_with_dead_letters(tmp_path, pretty, b'{"n":1}\n' + pretty)
+    assert batch == [{"channel": "transcript", "data": {"text": "hi"}}, {"n": 1}]
+    # mixed with JSON Lines it cannot be told from bad lines: each of its 6 lines is dead-lettered
+    assert [(d["origin"]["offset"], d["origin"].get("line")) for d in dead] == [(1, n) for n in range(2, 8)]

@@ -129,6 +129,14 @@ def ingest_runtime(cfg: PipelineConfig, *, install_signals: bool = True) -> Any:
     return LocalRuntime(built, install_signals=install_signals)
 
 
+def _one_object(value: bytes) -> bool:
+    """Whether a record value is a single JSON object spread over lines (another producer's pretty-print)."""
+    try:
+        return isinstance(orjson.loads(value), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 # --- worker ------------------------------------------------------------------------------------
 
 class Worker:
@@ -217,35 +225,65 @@ class Worker:
             await asyncio.gather(*(self._write(slot, out) for slot in self.built.sinks))
 
     def _decode(self, events: list[Any]) -> Batch:
-        """Records -> events: a record holds one JSON event per line (the ingest packs them)."""
+        """Records -> events: a record holds one JSON event per line (the ingest packs them).
+
+        Blank lines (also `\r\n` ones) are skipped; a bad line is dead-lettered alone, with its
+        1-based line number in the record value; a record with no line at all is dead-lettered whole.
+        """
         batch: Batch = []
-        loads = orjson.loads
+        loads, append = orjson.loads, batch.append
         for ev in events:
             value = ev.value
-            lines = [value]
             if isinstance(value, bytes) and b"\n" in value:
-                lines = [line for line in value.split(b"\n") if line] or [value]
-            for index, raw in enumerate(lines):
-                try:
-                    event = loads(raw)
-                except (orjson.JSONDecodeError, TypeError) as exc:
-                    event, reason = None, f"not JSON: {exc}"
-                else:
-                    reason = f"JSON {type(event).__name__}, not an object"
-                if isinstance(event, dict):
-                    refused = edge_reason(raw, event) if isinstance(raw, bytes | str) else None
-                    if refused is None:
-                        batch.append(event)
+                found = tried = False
+                for index, raw in enumerate(value.split(b"\n")):
+                    if not raw or raw.isspace():  # blank, also the blank line of a `\r\n` ending
                         continue
-                    reason = refused
-                msg = ev.message
-                origin = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
-                if len(lines) > 1:
-                    origin["line"] = index + 1
-                self.built.dead_letter.write(reason, stage="worker",
-                                             raw=raw[:4096] if isinstance(raw, bytes | str) else repr(raw)[:4096],
-                                             origin=origin)
+                    try:
+                        event = loads(raw)
+                    except orjson.JSONDecodeError:
+                        event = None
+                    if isinstance(event, dict) and edge_reason(raw, event) is None:
+                        append(event)
+                        found = True
+                    elif not found and not tried and _one_object(value):  # one pretty-printed event
+                        break
+                    else:
+                        tried = True  # parse the whole value once per record at most
+                        self._reject(ev, raw, index + 1)
+                        found = True
+                if found:
+                    continue
+            self._decode_one(ev, value, batch)
         return batch
+
+    def _decode_one(self, ev: Any, value: Any, batch: Batch) -> None:
+        """A record value that is one event (as older ingests wrote, or another producer)."""
+        try:
+            event = orjson.loads(value)
+        except (orjson.JSONDecodeError, TypeError):
+            event = None
+        if isinstance(event, dict) and isinstance(value, bytes | str) and edge_reason(value, event) is None:
+            batch.append(event)
+        else:
+            self._reject(ev, value, None)
+
+    def _reject(self, ev: Any, raw: Any, line: int | None) -> None:
+        """Dead-letter one bad line (or record, `line` None) with its origin."""
+        try:
+            event = orjson.loads(raw)
+        except (orjson.JSONDecodeError, TypeError) as exc:
+            reason = f"not JSON: {exc}"
+        else:
+            refused = edge_reason(raw, event) if isinstance(event, dict) else None
+            reason = refused or f"JSON {type(event).__name__}, not an object"
+        msg = ev.message
+        origin = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+        if line is not None:
+            origin["line"] = line
+        self.built.dead_letter.write(reason, stage="worker",
+                                     raw=raw[:4096] if isinstance(raw, bytes | str) else repr(raw)[:4096],
+                                     origin=origin)
 
     async def _write(self, slot: SinkSlot, batch: Batch) -> None:
         routed = slot.route(batch)
