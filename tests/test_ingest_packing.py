@@ -139,3 +139,17 @@ async def test_a_pretty_printed_event_from_another_producer_is_one_event_not_bad
     assert batch == [{"channel": "transcript", "data": {"text": "hi"}}, {"n": 1}]
     # mixed with JSON Lines it cannot be told from bad lines: each of its 6 lines is dead-lettered
     assert [(d["origin"]["offset"], d["origin"].get("line")) for d in dead] == [(1, n) for n in range(2, 8)]
+
+
+STREAMS_REMEMBERED = 65536  # pipeline.runtime.faust's bound
+
+
+def test_the_ingest_remembers_a_bounded_number_of_rtstreams_newest_first() -> None:
+    """Lifecycle events name rtstreams without end (a long run, or a hostile peer): the map stays bounded."""
+    keys = SessionKeys(SessionLink())
+    for i in range(STREAMS_REMEMBERED + 2000):
+        keys({"event": "capture_session.active", "capture_session_id": f"cap-{i}",
+              "data": {"rtstreams": [{"rtstream_id": f"rts-{i}"}]}})
+    assert len(keys.by_stream) <= STREAMS_REMEMBERED
+    last = STREAMS_REMEMBERED + 1999
+    assert keys({"channel": "transcript", "rtstream_id": f"rts-{last}"}) == f"cap-{last}"  # newest kept

@@ -51,6 +51,7 @@ from stages.sinks.kafka.records import Record, Unit, pack
 log = logging.getLogger("pipeline.runtime.faust")
 
 BATCH_MAX = 1000
+STREAMS_REMEMBERED = 65536  # rtstream id -> session kept by the ingest (the oldest go first)
 
 
 def ingest_topic(cfg: PipelineConfig) -> str:
@@ -86,12 +87,20 @@ class SessionKeys:
             if isinstance(streams, list):
                 for s in streams:
                     if isinstance(s, dict) and isinstance(s.get("rtstream_id"), str):
-                        self.by_stream[s["rtstream_id"]] = sid
+                        self._remember(s["rtstream_id"], sid)
             return sid
         rts = event.get("rtstream_id")
         if isinstance(rts, str) and rts:
             return self.by_stream.get(rts) or self.session.capture_session_id or rts
         return self.session.capture_session_id or ""
+
+    def _remember(self, rts: str, sid: str) -> None:
+        """Bounded: lifecycle events (a peer) name new rtstreams without end; the oldest are forgotten."""
+        by_stream = self.by_stream
+        by_stream.pop(rts, None)  # re-insert: the newest mapping is the last to go
+        by_stream[rts] = sid
+        if len(by_stream) > STREAMS_REMEMBERED:
+            del by_stream[next(iter(by_stream))]
 
 
 class IngestSink(KafkaSink):
