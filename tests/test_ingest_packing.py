@@ -153,3 +153,27 @@ def test_the_ingest_remembers_a_bounded_number_of_rtstreams_newest_first() -> No
     assert len(keys.by_stream) <= STREAMS_REMEMBERED
     last = STREAMS_REMEMBERED + 1999
     assert keys({"channel": "transcript", "rtstream_id": f"rts-{last}"}) == f"cap-{last}"  # newest kept
+
+
+async def test_a_worker_hands_its_stages_bounded_slices_of_a_backlog_of_packed_records(tmp_path: Path) -> None:
+    """1,000 packed records (a backlog) hold far more than 1,000 events: stages see them in bounded slices."""
+    worker = Worker(load_config(config(tmp_path, "127.0.0.1:9")), tmp_path / "w", 10.0)
+    await worker.start_sinks()
+    sizes: list[int] = []
+    sink = worker.built.sinks[0].sink
+    write = sink.write
+
+    async def spy(batch: Any) -> None:
+        sizes.append(len(batch))
+        await write(batch)
+
+    sink.write = spy  # type: ignore[method-assign]
+    per, records = 2000, 30
+    values = [b"\n".join(orjson.dumps({"channel": "transcript", "seq": r * per + i}) for i in range(per))
+              for r in range(records)]
+    await worker.handle([SimpleNamespace(value=v, message=SimpleNamespace(topic="x-ingest", partition=0, offset=n))
+                         for n, v in enumerate(values)])
+    await worker.close()
+    written = [orjson.loads(line)["seq"] for line in (tmp_path / "out" / "events.jsonl").read_bytes().splitlines()]
+    assert written == list(range(per * records))  # every event once, in order
+    assert max(sizes) <= 10_000 + per  # a slice is closed once it holds 10,000 events (plus one record's)

@@ -50,7 +50,8 @@ from stages.sinks.kafka.records import Record, Unit, pack
 
 log = logging.getLogger("pipeline.runtime.faust")
 
-BATCH_MAX = 1000
+BATCH_MAX = 1000  # records per faust batch
+SLICE_EVENTS = 10000  # decoded events per pass through the stages (plus those of one record)
 STREAMS_REMEMBERED = 65536  # rtstream id -> session kept by the ingest (the oldest go first)
 
 
@@ -220,18 +221,28 @@ class Worker:
             self.sinks_started = True
 
     async def handle(self, events: list[Any]) -> None:
-        """One faust batch: per ingest partition, decode, run processors, write and flush every sink."""
+        """One faust batch: per ingest partition, decode, run processors, write and flush every sink.
+
+        Records are decoded a few at a time: once a slice holds SLICE_EVENTS events it goes through
+        the stages, so a backlog of packed records never becomes millions of decoded events at once.
+        """
         by_partition: dict[int, list[Any]] = {}
         for ev in events:
             by_partition.setdefault(ev.message.partition, []).append(ev)
-        chain = self.built.chain
         for partition, evs in by_partition.items():
             self.cursor.partition = partition
-            batch = self._decode(evs)
-            if not batch:
-                continue
-            out = chain(batch)
-            await asyncio.gather(*(self._write(slot, out) for slot in self.built.sinks))
+            batch: Batch = []
+            for ev in evs:
+                batch.extend(self._decode([ev]))
+                if len(batch) >= SLICE_EVENTS:
+                    await self._process(batch)
+                    batch = []
+            if batch:
+                await self._process(batch)
+
+    async def _process(self, batch: Batch) -> None:
+        out = self.built.chain(batch)
+        await asyncio.gather(*(self._write(slot, out) for slot in self.built.sinks))
 
     def _decode(self, events: list[Any]) -> Batch:
         """Records -> events: a record holds one JSON event per line (the ingest packs them).
