@@ -177,3 +177,48 @@ async def test_a_worker_hands_its_stages_bounded_slices_of_a_backlog_of_packed_r
     written = [orjson.loads(line)["seq"] for line in (tmp_path / "out" / "events.jsonl").read_bytes().splitlines()]
     assert written == list(range(per * records))  # every event once, in order
     assert max(sizes) <= 10_000 + per  # a slice is closed once it holds 10,000 events (plus one record's)
+
+
+async def test_events_near_and_over_the_pack_limit_and_near_max_request_size_all_arrive_in_order(
+        kafka_broker: Broker, make_context: Callable[..., Context]) -> None:  # noqa: F811
+    """One session's round mixes tiny events with ones of 256 KiB +- a little and one just under 1 MiB."""
+    topic = "packed-sizes"
+    options = KafkaSinkOptions(bootstrap_servers=kafka_broker.bootstrap, topic=topic, key=None,
+                               create_topics=CreateTopics(partitions=2), linger_ms=0)
+    sink = IngestSink(options, make_context("runtime.ingest"))
+    sink.key_of = SessionKeys(SessionLink())
+    await sink.start()
+    limit = options.max_batch_size
+    pads = [10, 10, limit - 200, limit - 60, limit - 40, limit, limit + 1, 10, 300_000,
+            options.max_request_size - 200, 10, limit // 2, limit // 2, limit // 2, 10]
+    events = [{"capture_session_id": "cap-1", "seq": i, "pad": "x" * n} for i, n in enumerate(pads)]
+    await sink.write(events)
+    await sink.close()
+    assert (sink.delivered, sink.dead_lettered) == (len(events), 0)
+
+    records = await read_records(kafka_broker.bootstrap, [topic], expect=len(events), timeout=8)
+    records.sort(key=lambda r: (r.partition, r.offset))
+    assert len({r.partition for r in records}) == 1
+    seqs = [orjson.loads(line)["seq"] for r in records for line in r.value.split(b"\n")]
+    assert seqs == list(range(len(events)))  # none lost, none twice, in order
+    assert all(len(r.value) <= limit or b"\n" not in r.value for r in records)
+
+
+async def test_long_hostile_keys_do_not_fill_the_partition_memo(
+        kafka_broker: Broker, make_context: Callable[..., Context]) -> None:  # noqa: F811
+    """A key template over event text: 40 distinct 50 KB keys must not stay in memory (up to 65,536 would)."""
+    options = KafkaSinkOptions(bootstrap_servers=kafka_broker.bootstrap, topic="memo-keys", key="{text}",
+                               create_topics=CreateTopics(partitions=4), linger_ms=0)
+    sink = KafkaSink(options, make_context("kafka-out"))
+    await sink.start()
+    events = [{"channel": "transcript", "text": f"{i:05d}" + "k" * 50_000} for i in range(40)]
+    await sink.write(events)
+    await sink.close()
+    assert sink.delivered == 40
+    held = sum(len(k) for memo in sink._memos.values() for k in memo)
+    assert held <= 64 * 1024, f"the memo holds {held} bytes of keys"
+    records = await read_records(kafka_broker.bootstrap, ["memo-keys"], expect=40, timeout=5)
+    from aiokafka.partitioner import DefaultPartitioner
+
+    part = DefaultPartitioner()
+    assert all(r.partition == part(r.key, [0, 1, 2, 3], [0, 1, 2, 3]) for r in records)  # where aiokafka puts it

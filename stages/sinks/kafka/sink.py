@@ -40,6 +40,8 @@ from stages.sinks.kafka.records import Pending, Record, Unit, headers_for
 
 _STILL_DOWN_EVERY = 30.0
 _MEMO_KEYS = 65536  # remembered key -> partition choices per partition list
+_MEMO_KEY_BYTES = 128  # longer keys are hashed every time (session ids are far shorter)
+_MEMO_SCOPES = 4  # partition lists remembered: at most 4 x 65,536 keys of 128 bytes (~50 MB)
 
 
 class KafkaSink(Sink):
@@ -262,7 +264,9 @@ class KafkaSink(Sink):
                 else:
                     p = memo.get(key, -1)
                     if p < 0:
-                        p = memo[key] = self._partitioner(key, parts, parts)
+                        p = self._partitioner(key, parts, parts)
+                        if len(key) <= _MEMO_KEY_BYTES:  # bounded in bytes too: keys come from events
+                            memo[key] = p
                 groups.setdefault((topic, p), []).append(r)
         sent: list[tuple[asyncio.Future[Any], list[Record]]] = []
         for (topic, part), recs in groups.items():
@@ -295,7 +299,7 @@ class KafkaSink(Sink):
         scope = tuple(parts)
         memo = self._memos.get(scope)
         if memo is None or len(memo) >= _MEMO_KEYS:  # bounded: keys come from events
-            if len(self._memos) >= 16:
+            if len(self._memos) >= _MEMO_SCOPES:
                 self._memos.clear()
             memo = self._memos[scope] = {}
         return memo
