@@ -117,6 +117,29 @@ def test_tap_in_a_terminal_shows_readable_alerts(running: str) -> None:
     assert "[ALERT critical secret display:1] password on screen" in screen, screen
 
 
+@pytest.mark.parametrize("viewer", ["tap", "top"])
+def test_viewers_stop_on_ctrl_c_even_when_started_with_sigint_ignored(running: str, viewer: str) -> None:
+    """A script's background job starts with SIGINT ignored, and so did every child of a test suite run that
+    way: `pipeline tap`/`top` then never exited on Ctrl-C (SIGINT); `pipeline run` always did."""
+    args = [*PIPELINE, viewer, running] + (["--at", "source"] if viewer == "tap" else [])
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert proc.stdout is not None
+        if viewer == "tap":  # it is following the stream once it has printed something
+            ready, _, _ = select.select([proc.stdout], [], [], 15)
+            assert ready
+        else:  # top off a terminal prints only when it stops: give it time to start and fetch
+            time.sleep(3)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_tap_json_lines_for_jq(running: str) -> None:
     res = subprocess.run([*PIPELINE, "tap", running, "--at", "source", "--json", "--limit", "5"], env=ENV,
                          capture_output=True, text=True, timeout=30)

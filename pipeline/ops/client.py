@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import urllib.error
 import urllib.request
 from typing import Any
@@ -22,6 +23,11 @@ def base_url(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"expected the pipeline's operator URL like http://127.0.0.1:9464, got {url!r}")
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def stop_on_ctrl_c() -> None:
+    """Ctrl-C (SIGINT) stops the viewer even if it was started with SIGINT ignored (a script's background job)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def request(url: str, token: str | None) -> urllib.request.Request:

@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 
 import orjson
 
-from pipeline.ops.client import TOKEN_ENV, base_url, open_url
+from pipeline.ops.client import TOKEN_ENV, base_url, open_url, stop_on_ctrl_c
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +43,7 @@ def _printer(as_json: bool) -> Any:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    stop_on_ctrl_c()
     query: list[tuple[str, str]] = [("at", args.at)]
     query += [("channel", c) for c in args.channel]
     if args.sample != 1.0:

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.ops.client import TOKEN_ENV, base_url, open_url
+from pipeline.ops.client import TOKEN_ENV, base_url, open_url, stop_on_ctrl_c
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,6 +110,7 @@ def counters(snap: dict[str, Any]) -> dict[str, float]:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    stop_on_ctrl_c()
     from rich.console import Console
     from rich.live import Live
 
