@@ -139,6 +139,18 @@ def ingest_runtime(cfg: PipelineConfig, *, install_signals: bool = True) -> Any:
     return LocalRuntime(built, install_signals=install_signals)
 
 
+def _parse(raw: Any) -> tuple[Event | None, str]:
+    """(event, "") for a JSON object the edge accepts, else (None, why not)."""
+    try:
+        event = orjson.loads(raw)
+    except (orjson.JSONDecodeError, TypeError) as exc:
+        return None, f"not JSON: {exc}"
+    if not isinstance(event, dict):
+        return None, f"JSON {type(event).__name__}, not an object"
+    refused = edge_reason(raw, event) if isinstance(raw, bytes | str) else None
+    return (None, refused) if refused else (event, "")
+
+
 def _one_object(value: bytes) -> bool:
     """Whether a record value is a single JSON object spread over lines (another producer's pretty-print)."""
     try:
@@ -233,7 +245,7 @@ class Worker:
             self.cursor.partition = partition
             batch: Batch = []
             for ev in evs:
-                batch.extend(self._decode([ev]))
+                self._decode(ev, batch)
                 if len(batch) >= SLICE_EVENTS:
                     await self._process(batch)
                     batch = []
@@ -244,60 +256,41 @@ class Worker:
         out = self.built.chain(batch)
         await asyncio.gather(*(self._write(slot, out) for slot in self.built.sinks))
 
-    def _decode(self, events: list[Any]) -> Batch:
-        """Records -> events: a record holds one JSON event per line (the ingest packs them).
-
-        Blank lines (also `\r\n` ones) are skipped; a bad line is dead-lettered alone, with its
-        1-based line number in the record value; a record with no line at all is dead-lettered whole.
-        """
-        batch: Batch = []
-        loads, append = orjson.loads, batch.append
-        for ev in events:
-            value = ev.value
-            if isinstance(value, bytes) and b"\n" in value:
-                found = tried = False
-                for index, raw in enumerate(value.split(b"\n")):
-                    if not raw or raw.isspace():  # blank, also the blank line of a `\r\n` ending
-                        continue
-                    try:
-                        event = loads(raw)
-                    except orjson.JSONDecodeError:
-                        event = None
-                    if isinstance(event, dict) and edge_reason(raw, event) is None:
-                        append(event)
-                        found = True
-                    elif not found and not tried and _one_object(value):  # one pretty-printed event
-                        break
-                    else:
-                        tried = True  # parse the whole value once per record at most
-                        self._reject(ev, raw, index + 1)
-                        found = True
-                if found:
-                    continue
-            self._decode_one(ev, value, batch)
-        return batch
-
-    def _decode_one(self, ev: Any, value: Any, batch: Batch) -> None:
-        """A record value that is one event (as older ingests wrote, or another producer)."""
-        try:
-            event = orjson.loads(value)
-        except (orjson.JSONDecodeError, TypeError):
-            event = None
-        if isinstance(event, dict) and isinstance(value, bytes | str) and edge_reason(value, event) is None:
+    def _decode(self, record: Any, batch: Batch) -> None:
+        """One record -> its events, appended to `batch`: one JSON event per line (the ingest packs them),
+        or one event (older ingests, other producers); what is refused is dead-lettered."""
+        value = record.value
+        if isinstance(value, bytes) and b"\n" in value and self._decode_lines(record, value, batch):
+            return
+        event, reason = _parse(value)
+        if event is not None:
             batch.append(event)
         else:
-            self._reject(ev, value, None)
+            self._reject(record, value, reason, None)
 
-    def _reject(self, ev: Any, raw: Any, line: int | None) -> None:
+    def _decode_lines(self, record: Any, value: bytes, batch: Batch) -> bool:
+        """The lines of a JSON Lines value; False if it has none, or is one object pretty-printed over lines.
+
+        Blank lines (also `\r\n` ones) are skipped; a bad line is dead-lettered alone, with its
+        1-based line number in the record value.
+        """
+        found = False
+        for index, raw in enumerate(value.split(b"\n")):
+            if not raw or raw.isspace():  # blank, also the blank line of a `\r\n` ending
+                continue
+            event, reason = _parse(raw)
+            if event is not None:
+                batch.append(event)
+            elif not found and _one_object(value):  # only a first bad line asks: once per record at most
+                return False
+            else:
+                self._reject(record, raw, reason, index + 1)
+            found = True
+        return found
+
+    def _reject(self, record: Any, raw: Any, reason: str, line: int | None) -> None:
         """Dead-letter one bad line (or record, `line` None) with its origin."""
-        try:
-            event = orjson.loads(raw)
-        except (orjson.JSONDecodeError, TypeError) as exc:
-            reason = f"not JSON: {exc}"
-        else:
-            refused = edge_reason(raw, event) if isinstance(event, dict) else None
-            reason = refused or f"JSON {type(event).__name__}, not an object"
-        msg = ev.message
+        msg = record.message
         origin = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
         if line is not None:
             origin["line"] = line

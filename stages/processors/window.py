@@ -231,7 +231,8 @@ class Window(Processor):
         names.clear()
         closed = self._close_due(wm - lateness) if wm is not None else []
         if failed:  # dead-lettered: not passed on
-            batch = [e for e in batch if not any(e is f for f in failed)]
+            gone = {id(e) for e in failed}
+            batch = [e for e in batch if id(e) not in gone]
         return batch + closed if closed else batch
 
     def flush(self) -> Batch:
