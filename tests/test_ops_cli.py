@@ -158,6 +158,15 @@ def test_tap_and_top_errors_are_one_line(running: str) -> None:
     assert res.returncode != 0 and res.stderr.count("\n") == 1 and "cannot connect" in res.stderr
 
 
+@pytest.mark.parametrize("url", ["localhost:notaport", "http://[::1:9464", "127.0.0.1:70000", "http://:9464"])
+@pytest.mark.parametrize("viewer", ["top", "tap"])
+def test_a_malformed_url_is_one_line(url: str, viewer: str) -> None:
+    res = subprocess.run([*PIPELINE, viewer, url, *(["--once"] if viewer == "top" else [])], env=ENV,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr == f"pipeline: expected the pipeline's operator URL like http://127.0.0.1:9464, got {url!r}\n"
+
+
 def test_json_logs_status_line_and_summary_json(tmp_path: Path) -> None:
     events = replay_file(tmp_path / "in.jsonl", 200, step=0.005, garbage=2)  # ~1 s at speed 1
     cfg = config(tmp_path, events, speed=1, http=None, status_interval=0.2)

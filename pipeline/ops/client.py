@@ -17,11 +17,16 @@ TOKEN_ENV = "PIPELINE_HTTP_TOKEN"
 
 def base_url(url: str) -> str:
     """`127.0.0.1:9464`, `http://host:9464/` or `http://host:9464/tap` -> `http://host:9464`."""
+    given = url
     if "://" not in url:
         url = "http://" + url
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"expected the pipeline's operator URL like http://127.0.0.1:9464, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port that is not a number raises here, not deep inside urllib)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"expected the pipeline's operator URL like http://127.0.0.1:9464, got {given!r}")
     return f"{parts.scheme}://{parts.netloc}"
 
 
