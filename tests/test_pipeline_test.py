@@ -93,3 +93,9 @@ def test_invalid_test_or_config_is_an_error_with_position(tmp_path: Path) -> Non
 def test_results_do_not_depend_on_the_wall_clock(tmp_path: Path) -> None:
     first = run("config/").stdout
     assert run("config/").stdout == first
+
+
+def test_an_unwritable_junit_path_is_one_line(tmp_path: Path) -> None:
+    res = run("config/", "--junit", str(tmp_path))  # a directory
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr == f"pipeline: --junit: cannot write {tmp_path}: Is a directory\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from pipeline.errors import ConfigError
 from pipeline.testing.run import Result
 
 
@@ -24,5 +25,8 @@ def write_junit(path: Path, results: list[Result]) -> None:
             if not r.ok:
                 fail = ET.SubElement(case, "error" if r.error else "failure", message=r.failures[0].splitlines()[0])
                 fail.text = "\n".join(r.failures)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+    except OSError as exc:
+        raise ConfigError(f"--junit: cannot write {path}: {exc.strerror or exc}") from None
