@@ -61,10 +61,15 @@ def check_channels(chk: _Checker, data: Mapping[str, Any], specs: list[StageSpec
                     chk.add((*path, i), unknown_message(name, known))
 
 
-def unknown_message(name: str, known: Iterable[str]) -> str:
+def unknown_channel(name: str, known: Iterable[str]) -> str:
+    """`unknown channel 'x' (did you mean 'y'?)`, or the known names when none is close."""
     choices = sorted(known)
     hint = difflib.get_close_matches(name.replace("-", "_"), choices, n=1, cutoff=0.6)
     tail = (f" (did you mean {hint[0]!r}?)" if hint else
             f"; known: {', '.join(c for c in choices if not c.startswith(LIFECYCLE_PREFIX))}")
-    return (f"unknown channel {name!r}{tail}; a plugin that emits it declares it "
+    return f"unknown channel {name!r}{tail}"
+
+
+def unknown_message(name: str, known: Iterable[str]) -> str:
+    return (f"{unknown_channel(name, known)}; a plugin that emits it declares it "
             "(class attribute `channels`, or a top-level `channels:` list)")

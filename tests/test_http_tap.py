@@ -125,7 +125,8 @@ async def test_tap_points_filters_and_errors(tmp_path: Path) -> None:
         for params, want in (({"at": "nope"}, "no tap point 'nope'; choose one of: source"),
                              ({"at": "jsonl"}, "names 2 points"),
                              ({"sample": "0"}, "sample must be in (0, 1]"),
-                             ({"limit": "x"}, "limit a whole number")):
+                             ({"limit": "x"}, "limit a whole number"),
+                             ({"channel": "transcript,alerts"}, "unknown channel 'alerts' (did you mean 'alert'?)")):
             async with http.get(base + "/tap", params=params) as r:
                 assert r.status == 400 and want in (await r.json())["error"], params
         async with http.get(base + "/tap", params={"at": "sinks[1]:jsonl"}) as sink, \

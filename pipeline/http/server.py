@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from pipeline.channels import known_channels, unknown_channel
 from pipeline.http.metrics import exposition, registry_for
 from pipeline.http.tap import TapClient, TapError, TapHub
 from pipeline.http.view import View
@@ -201,6 +202,10 @@ class OperatorServer:
     def _client(self, q: Any) -> TapClient:
         point = self.hub.resolve(q.get("at", "source"))
         channels = [c.strip() for v in q.getall("channel", []) for c in v.split(",") if c.strip()]
+        known = self._known_channels()
+        for name in channels:  # a misspelled channel would show nothing, without a word
+            if name not in known:
+                raise TapError(unknown_channel(name, known))
         try:
             sample = float(q.get("sample", "1"))
             limit = int(q["limit"]) if "limit" in q else None
@@ -211,6 +216,12 @@ class OperatorServer:
         if limit is not None and not 1 <= limit <= MAX_LIMIT:
             raise TapError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
         return TapClient(point, channels or None, sample, limit)
+
+    def _known_channels(self) -> frozenset[str]:
+        """The channels the running config may emit (after a reload: the reloaded one's)."""
+        cfg = getattr(getattr(self.view.rt, "reloader", None), "current", None) or self.view.built.config
+        specs = [s for s in (cfg.source, cfg.controller, *cfg.stages, *cfg.sinks) if s is not None]
+        return known_channels(specs, cfg.channels)
 
     async def _stream(self, client: TapClient, resp: web.StreamResponse) -> None:
         """Send what the client's buffer holds; tell it when it missed events; end at `limit` or shutdown."""
