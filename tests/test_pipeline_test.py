@@ -99,3 +99,15 @@ def test_an_unwritable_junit_path_is_one_line(tmp_path: Path) -> None:
     res = run("config/", "--junit", str(tmp_path))  # a directory
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr == f"pipeline: --junit: cannot write {tmp_path}: Is a directory\n"
+
+
+def test_a_pipeline_config_given_as_a_test_file_says_so(tmp_path: Path) -> None:
+    """`pipeline test config/meeting.yaml` used to complain about VIDEO_DB_API_KEY instead."""
+    res = run("config/meeting.yaml")
+    assert res.returncode == 2, res.stdout
+    assert ("config/meeting.yaml: a pipeline config, not a test file: tests go in a *.test.yaml file that names it "
+            "(`config: meeting.yaml`), such as config/meeting.test.yaml") in res.stdout
+    assert "VIDEO_DB_API_KEY" not in res.stdout
+    (tmp_path / "t.test.yaml").write_text(CASES.replace("config: p.yaml", "config: ${CFG}"))
+    res = run(str(tmp_path / "t.test.yaml"))
+    assert res.returncode == 2 and "t.test.yaml:1:9: environment variable CFG is not set" in res.stdout, res.stdout

@@ -83,7 +83,15 @@ def load_tests(path: Path) -> tuple[TestFile, list[LoadedCase]]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    data, positions = load(text, str(path), {})
+    unset: list[str] = []
+    data, positions = load(text, str(path), {}, unset)
+    if isinstance(data, dict) and "cases" not in data and "config" not in data and ("source" in data
+                                                                                   or "sinks" in data):
+        test = path.with_name(path.name.removesuffix(".yaml").removesuffix(".yml") + ".test.yaml")
+        raise ConfigError(f"{path}: a pipeline config, not a test file: tests go in a *.test.yaml file that names "
+                          f"it (`config: {path.name}`){f', such as {test}' if test.exists() else ''}")
+    if unset:
+        data, positions = load(text, str(path), {})  # raises: each unset variable, with its line
     chk = _Checker(str(path), positions, default_registry)
     tf = chk.model(TestFile, data, ())
     chk.raise_errors()
