@@ -50,6 +50,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.http:
         cfg = _with_http(cfg, args.http)
+    if args.summary_json:
+        from pipeline.summary import check_summary_path
+
+        check_summary_path(args.summary_json)
     progress = not args.quiet and args.log_format == "text" and sys.stderr.isatty()
     rt = asyncio.run(run_local(cfg, watch=args.watch, progress=progress))
     if rt.error is not None:

@@ -47,6 +47,16 @@ def summary_dict(rt: Any) -> dict[str, Any]:
     return out
 
 
+def check_summary_path(path: str) -> None:
+    """Refuse a --summary-json path that cannot be written before the run, not after a whole meeting."""
+    from pipeline.validate import _creatable
+
+    target = Path(path)
+    why = f"{target} is a directory" if target.is_dir() else _creatable(target)
+    if why:
+        raise ConfigError(f"--summary-json: cannot write {path}: {why}")
+
+
 def write_summary(rt: Any, path: str) -> None:
     """Write atomically (a reader never sees half a file)."""
     target = Path(path)

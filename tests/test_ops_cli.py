@@ -187,6 +187,18 @@ def test_json_logs_status_line_and_summary_json(tmp_path: Path) -> None:
     assert [s["written"] for s in summary["sinks"]] == [207, 7]
 
 
+def test_an_unwritable_summary_json_path_is_refused_before_the_run(tmp_path: Path) -> None:
+    """It used to be found only after the whole run (a meeting's worth), which then exited 2."""
+    events = replay_file(tmp_path / "in.jsonl", 20)
+    cfg = config(tmp_path, events, http=None)
+    (tmp_path / "a-file").write_text("")
+    res = subprocess.run([*PIPELINE, "run", str(cfg), "--summary-json", str(tmp_path / "a-file/s.json")], env=ENV,
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 2 and not (tmp_path / "out.jsonl").exists(), res.stderr
+    where = tmp_path / "a-file"
+    assert res.stderr == f"pipeline: --summary-json: cannot write {where}/s.json: {where} is not a directory\n"
+
+
 def test_text_status_line_and_log_level_after_the_subcommand(tmp_path: Path) -> None:
     events = replay_file(tmp_path / "in.jsonl", 100, step=0.005)
     cfg = config(tmp_path, events, speed=1, http=None, status_interval=0.1)
