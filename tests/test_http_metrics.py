@@ -185,3 +185,36 @@ async def test_ready_waits_for_an_active_capture_session(tmp_path: Path) -> None
     assert view.ready() == {}
     built.controller.lifecycle.advance("stopping")
     assert "capture_session" in view.ready()
+
+
+async def test_reconnect_and_backfill_counters_agree_with_the_summary(tmp_path: Path) -> None:
+    """The WebSocket families, from a real videodb source whose connection the emulator keeps dropping."""
+    import yaml
+
+    from pipeline.emulator import Emulator
+    from tests.videodb_harness import API_KEY, FULL_ON_ACTIVE
+
+    emu = Emulator(speed=0, api_key=API_KEY, drop_after=7)
+    await emu.start()
+    try:
+        p = tmp_path / "p.yaml"
+        p.write_text(yaml.safe_dump({
+            "name": "drops", "videodb": {"api_key": API_KEY, "base_url": emu.base_url}, "source": {"type": "videodb"},
+            "controller": {"type": "capture_session", "end_user_id": "u", "state_dir": str(tmp_path / "state"),
+                           "on_active": FULL_ON_ACTIVE, "status_poll_interval": "1s"},
+            "sinks": [{"type": "jsonl", "path": str(tmp_path / "events.jsonl")}],
+            "runtime": {"http": "127.0.0.1:0", "status_interval": 0}, "dead_letter": str(tmp_path / "dead.jsonl")}))
+        async with served(p) as (rt, base):
+            assert await asyncio.wait_for(rt.run(), 60) == 0
+            after = await scrape(base)
+    finally:
+        await emu.stop()
+    summary = summary_dict(rt)
+    assert summary["reconnects"] >= 1 and emu.hub.drops >= 1
+    assert after["videodb_pipeline_websocket_reconnects_total"][()] == summary["reconnects"]
+    assert summary["gap_seconds"] > 0  # the summary rounds to ms
+    assert after["videodb_pipeline_websocket_disconnected_seconds_total"][()] == pytest.approx(
+        summary["gap_seconds"], abs=0.0006)
+    backfilled = {dict(k)["channel"]: v for k, v in after["videodb_pipeline_events_backfilled_total"].items()}
+    assert backfilled == summary["backfilled"] and sum(backfilled.values()) > 0
+    assert after["videodb_pipeline_capture_session_state"][(("state", "exported"),)] == 1
