@@ -168,7 +168,8 @@ sinks: [{{type: jsonl, path: {out}}}]
 """
 
 
-async def test_rule_state_carries_over_only_for_unchanged_rules(tmp_path: Path) -> None:
+async def test_rule_state_carries_over_only_for_unchanged_rules(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     from pipeline.build import build
     from pipeline.config import load_config
     from pipeline.runtime.local import LocalRuntime
@@ -194,8 +195,11 @@ async def test_rule_state_carries_over_only_for_unchanged_rules(tmp_path: Path) 
     assert fired(120) == ["apple", "pie"]  # apple's matching changed: its state starts afresh
     p.write_text("name: state\nsource: {type: replay, path: other.jsonl}\n" + RULES_CFG.split("\n", 2)[2].format(
         kw="apple", extra="", out=out))
+    caplog.clear()
+    caplog.set_level("INFO", logger="pipeline.reload")
     assert await reloader.reload("test")
     assert reloader.current.source.options.path.endswith("none.jsonl")  # type: ignore[attr-defined]
+    assert "reload (test) applied: 1 processor(s); needs a restart, not applied: source" in caplog.text
     rt.reloader = reloader  # the metrics endpoint counts reloads by outcome
     p.write_text("name: state\nsources: oops\n")
     assert not await reloader.reload("test")
