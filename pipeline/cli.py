@@ -34,6 +34,8 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     quiet = logging.DEBUG if level.lower() == "debug" else logging.WARNING
     for noisy in ("websockets", "faust", "mode", "urllib3", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(quiet)
+    # urllib3 warns of each retry of the VideoDB SDK's requests; the failed call itself is reported once
+    logging.getLogger("urllib3").setLevel(logging.DEBUG if quiet == logging.DEBUG else logging.ERROR)
     # aiokafka logs an ERROR per reconnect attempt; our sink/source already say it once, clearly
     logging.getLogger("aiokafka").setLevel(logging.DEBUG if quiet == logging.DEBUG else logging.CRITICAL)
 

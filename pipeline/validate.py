@@ -102,5 +102,5 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if getattr(args, "check", False):
         from pipeline.checks import run_checks
 
-        return run_checks(cfg)
+        return run_checks(cfg, missing)
     return 0

@@ -72,3 +72,39 @@ async def test_check_tries_every_connection_and_changes_nothing(
         await hook.stop()
         await plain.stop()
         await emu.stop()
+
+
+async def test_offline_check_skips_what_needs_a_placeholder(tmp_path: Path) -> None:
+    """`validate --offline --check` used to send the literal `${VIDEO_DB_API_KEY}` to VideoDB as the key."""
+    emu = Emulator(api_key="good-key", speed=0)
+    await emu.start()
+    try:
+        p = tmp_path / "p.yaml"
+        p.write_text(f"""name: offline
+videodb: {{api_key: "${{VIDEO_DB_API_KEY}}", base_url: "{emu.base_url}"}}
+source: {{type: videodb}}
+sinks:
+  - {{type: kafka, bootstrap_servers: "${{KAFKA_SERVERS}}"}}
+  - {{type: alert_forwarder, url: "http://127.0.0.1:{free_port()}/closed"}}
+""")
+        env = {k: v for k, v in os.environ.items() if k not in ("VIDEO_DB_API_KEY", "KAFKA_SERVERS")}
+        res = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "pipeline.cli", "validate", "--offline", "--check", str(p)],
+            capture_output=True, text=True, timeout=60, env={**env, "PYTHONPATH": str(ROOT)})
+        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("check ")]
+        assert res.returncode == 1, res.stdout + res.stderr  # the closed webhook port fails
+        assert f"check skip videodb {emu.base_url} collection 'default': VIDEO_DB_API_KEY not set" in res.stdout
+        assert any(ln.startswith("check skip kafka ") and "KAFKA_SERVERS not set" in ln for ln in lines), lines
+        assert any(ln.startswith("check FAIL webhook http://127.0.0.1:") for ln in lines), lines
+        assert len(lines) == 3 and res.stderr == "", res.stderr
+        assert emu.calls == []  # nothing was sent with a placeholder for a key
+        # an unreachable VideoDB is one FAIL line: no urllib3 warning per retry of the SDK's request
+        p.write_text(f"name: closed\nvideodb: {{api_key: k, base_url: 'http://127.0.0.1:{free_port()}'}}\n"
+                     "source: {type: videodb}\nsinks: [{type: console}]\n")
+        res = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "pipeline.cli", "validate", "--check", str(p)],
+            capture_output=True, text=True, timeout=60, env={**env, "PYTHONPATH": str(ROOT)})
+        assert res.returncode == 1 and "check FAIL videodb http://127.0.0.1:" in res.stdout, res.stdout
+        assert res.stderr == "", res.stderr
+    finally:
+        await emu.stop()
