@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -157,11 +157,12 @@ class _Checker:
     """Collects every error of one file (up to MAX_ERRORS), each `file:line:col: key.path: message`."""
 
     def __init__(self, filename: str, positions: Positions, registry: Registry,
-                 search: tuple[Path, ...] = ()) -> None:
+                 search: tuple[Path, ...] = (), placeholders: Sequence[str] = ()) -> None:
         self.filename = filename
         self.positions = positions
         self.registry = registry
         self.search = search
+        self.placeholders = placeholders  # unset ${VAR}s that `validate --offline` left in place
         self.errors: list[str] = []
 
     def where(self, path: Path_) -> str:
@@ -201,8 +202,16 @@ class _Checker:
             return model.model_validate(data)
         except ValidationError as exc:
             for p, msg in explain(model, exc, data):
-                self.add((*path, *p), msg)
+                self.add((*path, *p), self._offline(_value_at(data, p)) or msg)
             return None
+
+    def _offline(self, value: Any) -> str | None:
+        """For a value that is an --offline placeholder: why it fails, instead of the validator's words."""
+        for name in self.placeholders:
+            if isinstance(value, str) and f"${{{name}}}" in value:
+                return (f"{name} is not set, and its --offline placeholder is not a valid value here; "
+                        f"export it, or give it a default: ${{{name}:-value}}")
+        return None
 
     def stage(self, kind: str, data: Any, path: Path_) -> StageSpec | None:
         if not isinstance(data, dict):
@@ -227,6 +236,16 @@ class _Checker:
         if options is None:
             return None
         return StageSpec(kind, type_name, cls, options, path_str(path), self.where(path), enabled)
+
+
+def _value_at(data: Any, path: Path_) -> Any:
+    """The user's value at a key path, or None."""
+    for key in path:
+        try:
+            data = data[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
 
 
 def _position_key(line: str) -> tuple[int, int]:
@@ -369,10 +388,12 @@ def inner_model(annotation: Any) -> Any:
     return None
 
 
-def parse(data: Any, positions: Positions, filename: str, registry: Registry | None = None) -> PipelineConfig:
+def parse(data: Any, positions: Positions, filename: str, registry: Registry | None = None,
+          placeholders: Sequence[str] = ()) -> PipelineConfig:
     """Validate already-loaded YAML data into a PipelineConfig; every error found is reported at once."""
     base = Path(filename).parent
-    chk = _Checker(filename, positions, registry or default_registry, search=(base, Path.cwd()))
+    chk = _Checker(filename, positions, registry or default_registry, search=(base, Path.cwd()),
+                   placeholders=placeholders)
     if not isinstance(data, Mapping):
         raise chk.fail((), "expected a mapping with name, source, stages and sinks")
     for key in data:
@@ -458,4 +479,4 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None,
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read config: {exc}") from None
     data, positions = load(text, str(p), env, missing=missing)
-    return parse(data, positions, str(p), registry)
+    return parse(data, positions, str(p), registry, placeholders=missing or ())

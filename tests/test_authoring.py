@@ -208,6 +208,25 @@ def test_validate_offline_without_the_api_key(tmp_path: Path) -> None:
     assert res.returncode == 0 and "api_key=***" in res.stdout and "sk-live-abcdef" not in res.stdout
 
 
+def test_validate_offline_says_when_a_placeholder_cannot_stand_in(tmp_path: Path) -> None:
+    """A webhook URL is often the secret itself; its placeholder used to fail as "got ':///***'"."""
+    p = tmp_path / "p.yaml"
+    p.write_text("name: o\nsource: {type: replay, path: in.jsonl}\n"
+                 "stages: [{type: rules, rules: [{name: r, keywords: [x], cooldown: '${COOLDOWN}'}]}]\n"
+                 "sinks:\n  - {type: alert_forwarder, url: '${SLACK_WEBHOOK_URL}'}\n"
+                 "  - {type: alert_forwarder, url: 'https://hooks.example/${HOOK_PATH}'}\n")
+    (tmp_path / "in.jsonl").touch()
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([*PIPELINE, "validate", "--offline", str(p)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.splitlines() == [
+        f"pipeline: {p}:3:57: stages[0].rules[0].cooldown: COOLDOWN is not set, and its --offline placeholder is "
+        "not a valid value here; export it, or give it a default: ${COOLDOWN:-value}",
+        f"pipeline: {p}:5:29: sinks[0].url: SLACK_WEBHOOK_URL is not set, and its --offline placeholder is "
+        "not a valid value here; export it, or give it a default: ${SLACK_WEBHOOK_URL:-value}"]
+
+
 # -- 9. the smaller ones ------------------------------------------------------------------------------
 def test_output_into_head_has_no_traceback() -> None:
     # the schema (~100 kB) overflows the pipe, so the writer always sees the reader gone
