@@ -18,7 +18,7 @@ import logging
 from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +31,9 @@ from pipeline.types import ByteSize
 __all__ = ["Batch", "BufferOptions", "Context", "Controller", "Event", "Options", "Processor", "Sink", "SinkOptions",
            "Source", "Stage"]
 
+
+
+Log: TypeAlias = "logging.Logger | logging.LoggerAdapter[logging.Logger]"  # what `Context.log` may be
 
 class Options(BaseModel):
     """Base of every stage's options: typed, unknown keys rejected, immutable."""
@@ -99,7 +102,7 @@ class Context:
     out_dir: Path = field(default_factory=lambda: Path("out"))
     state_dir: Path = field(default_factory=lambda: Path("out"))  # the pipeline's state_dir (see pipeline.state)
     settings: dict[str, Any] = field(default_factory=dict)
-    log: logging.Logger = field(default_factory=lambda: logging.getLogger("pipeline"))
+    log: Log = field(default_factory=lambda: logging.getLogger("pipeline"))  # a stage's: `stage` on every record
 
 
 class Stage:

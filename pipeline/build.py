@@ -10,6 +10,7 @@ from pipeline.api import BufferOptions, Context, Controller, Processor, Sink, So
 from pipeline.config import PipelineConfig, StageSpec
 from pipeline.deadletter import DeadLetter
 from pipeline.events import ALIASES, LIFECYCLE, Batch, channel_set
+from pipeline.logs import stage_log
 from pipeline.session import SessionLink
 from pipeline.stats import StageStats
 
@@ -124,7 +125,7 @@ def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: 
         all_stats.append(st)
         ctx = Context(pipeline=cfg.name, stage=spec.label, dead_letter=dead, session=session, stats=st,
                       state=state, out_dir=cfg.out_dir, state_dir=cfg.state_dir, settings=settings,
-                      log=logging.getLogger(f"pipeline.{spec.kind}.{spec.type_name}"))
+                      log=stage_log(spec.kind, spec.type_name, spec.label))
         cls: Any = spec.cls
         return cls(spec.options, ctx)
 

@@ -9,9 +9,12 @@ import asyncio
 import logging
 import re
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.errors import StageError
+
+if TYPE_CHECKING:
+    from pipeline.api import Log
 
 Idempotence = bool | Literal["auto"]
 
@@ -87,7 +90,7 @@ class Backoff:
         self.next = self.first
 
 
-async def start_producer(idempotence: Idempotence, log: logging.Logger, who: str,
+async def start_producer(idempotence: Idempotence, log: Log, who: str,
                          **kwargs: Any) -> tuple[Any, bool]:
     """Start an AIOKafkaProducer; returns (producer, idempotent).
 
@@ -123,7 +126,7 @@ async def start_producer(idempotence: Idempotence, log: logging.Logger, who: str
 
 
 async def ensure_topics(bootstrap: list[str], names: Iterable[str], partitions: int,
-                        replication_factor: int, log: logging.Logger, who: str,
+                        replication_factor: int, log: Log, who: str,
                         timeout: float = 10.0) -> None:
     """Create topics that do not exist yet (existing ones are left alone).
 

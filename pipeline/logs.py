@@ -36,6 +36,19 @@ class JsonFormatter(logging.Formatter):
         return secrets.mask(orjson.dumps(out, default=str).decode())
 
 
+class StageLog(logging.LoggerAdapter[logging.Logger]):
+    """A stage's logger: each record carries `stage` (its label, e.g. `sinks[1]:jsonl`), a field in JSON logs."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
+def stage_log(kind: str, type_name: str, label: str) -> StageLog:
+    """The logger `pipeline.<kind>.<type>` (one per stage type, for levels) with this stage's label."""
+    return StageLog(logging.getLogger(f"pipeline.{kind}.{type_name}"), {"stage": label})
+
+
 def formatter(fmt: str) -> logging.Formatter:
     """`text` or `json`; anything else is a user error (argparse already restricts the choice)."""
     if fmt == "json":

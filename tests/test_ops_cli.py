@@ -187,6 +187,24 @@ def test_json_logs_status_line_and_summary_json(tmp_path: Path) -> None:
     assert [s["written"] for s in summary["sinks"]] == [207, 7]
 
 
+def test_json_logs_of_a_stage_name_the_stage(tmp_path: Path) -> None:
+    """Two sinks of one type log through one logger; the `stage` field says which one spoke."""
+    (tmp_path / "in.jsonl").write_text('{"channel": "transcript", "data": {"text": "hi"}}\n')
+    hook = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens; no alert is ever sent to it
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"name: st\nsource: {{type: replay, path: in.jsonl}}\nsinks:\n"
+                   f"  - {{type: jsonl, path: out.jsonl}}\n"
+                   f"  - {{type: alert_forwarder, url: '{hook}', format: json}}\n"
+                   f"  - {{type: alert_forwarder, url: '{hook}', format: slack}}\n")
+    res = subprocess.run([*PIPELINE, "run", str(cfg), "--log-format", "json"], env=ENV, capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in res.stderr.splitlines()]
+    started = {r["message"].split()[1]: r.get("stage") for r in records
+               if r["logger"] == "pipeline.sink.alert_forwarder" and " alerts to " in r["message"]}
+    assert started == {"json": "sinks[1]:alert_forwarder", "slack": "sinks[2]:alert_forwarder"}, records
+
+
 def test_an_unwritable_summary_json_path_is_refused_before_the_run(tmp_path: Path) -> None:
     """It used to be found only after the whole run (a meeting's worth), which then exited 2."""
     events = replay_file(tmp_path / "in.jsonl", 20)

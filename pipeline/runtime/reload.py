@@ -25,6 +25,7 @@ from pipeline.build import SinkSlot
 from pipeline.config import PipelineConfig, StageSpec, load_config
 from pipeline.errors import ConfigError
 from pipeline.events import channel_set
+from pipeline.logs import stage_log
 from pipeline.stats import StageStats
 
 if TYPE_CHECKING:
@@ -221,7 +222,7 @@ class Reloader:
         b = self.rt.b
         ctx = Context(pipeline=b.config.name, stage=spec.label, dead_letter=b.dead_letter, session=b.session,
                       stats=stats, state=state, out_dir=b.config.out_dir, settings=b.config.settings(),
-                      log=logging.getLogger(f"pipeline.{spec.kind}.{spec.type_name}"))
+                      log=stage_log(spec.kind, spec.type_name, spec.label))
         cls: Any = spec.cls
         return cls(spec.options, ctx)
 

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import StageError
 from pipeline.stats import StageStats
+
+if TYPE_CHECKING:
+    from pipeline.api import Log
 
 
 class Background:
     """The set of running background tasks of one controller."""
 
-    def __init__(self, who: str, stats: StageStats, log: logging.Logger) -> None:
+    def __init__(self, who: str, stats: StageStats, log: Log) -> None:
         self.who = who
         self.stats = stats
         self.log = log

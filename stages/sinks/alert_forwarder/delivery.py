@@ -9,7 +9,6 @@ with URL tokens masked.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -23,6 +22,8 @@ from .signing import SIGNATURE_HEADER
 
 if TYPE_CHECKING:
     import aiohttp
+
+    from pipeline.api import Log
 
 _jitter = random.Random()
 
@@ -87,7 +88,7 @@ async def _snippet(resp: aiohttp.ClientResponse) -> str:
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: Mapping[str, str],
                policy: RetryPolicy, *, sign: Callable[[bytes], str] | None = None,
-               log: logging.Logger | None = None) -> Outcome:
+               log: Log | None = None) -> Outcome:
     """POST `body` until delivered, a permanent failure, `max_attempts` or `max_retry_time`."""
     import aiohttp  # lazy: keeps `import pipeline.cli` fast
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pipeline.events import Event
 
 from .ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from pipeline.api import Log
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +43,7 @@ class Destination:
     """Queue and schedule alerts for one URL; never loses an alert without calling `abandon`."""
 
     def __init__(self, label: str, send: Send, abandon: Abandon, *, queue_size: int, concurrency: int,
-                 bucket: TokenBucket | None, digest: bool, digest_max: int, log: logging.Logger,
+                 bucket: TokenBucket | None, digest: bool, digest_max: int, log: Log,
                  queue_bytes: int = 16 << 20) -> None:
         self.label = label
         self._send = send
