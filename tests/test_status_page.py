@@ -107,3 +107,38 @@ def test_event_text_is_never_html(tmp_path: Path) -> None:
         page.wait_for_selector("#alerts tbody tr.alert-row", timeout=10_000)
         assert evil in (page.locator("#alerts tbody tr.alert-row td").nth(4).text_content() or "")
         assert page.evaluate("window.pwned") is None
+
+
+def test_status_page_shows_websocket_and_capture_session_state(tmp_path: Path) -> None:
+    """A live videodb source and controller (the emulator in its own process): the page says both are up."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.videodb_harness import API_KEY, FULL_ON_ACTIVE
+
+    root = Path(__file__).resolve().parents[1]
+    emu = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "emulate", "--speed", "1", "--api-key", API_KEY],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                           env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        assert emu.stdout is not None
+        url = emu.stdout.readline().strip().partition("=")[2]
+        p = tmp_path / "p.yaml"
+        p.write_text(yaml.safe_dump({
+            "name": "live", "videodb": {"api_key": API_KEY, "base_url": url}, "source": {"type": "videodb"},
+            "controller": {"type": "capture_session", "end_user_id": "u", "state_dir": str(tmp_path / "state"),
+                           "on_active": FULL_ON_ACTIVE},
+            "sinks": [{"type": "jsonl", "path": str(tmp_path / "events.jsonl")}],
+            "runtime": {"http": "127.0.0.1:0", "status_interval": 0}, "dead_letter": str(tmp_path / "dead.jsonl")}))
+        with pipeline_in_thread(p, to_the_end=False) as base, browser_page() as page:
+            page.goto(base + "/")
+            page.wait_for_function("document.getElementById('session').textContent === 'session active'",
+                                   timeout=15_000)
+            assert page.locator("#ws").is_visible() and page.locator("#ws").text_content() == "WebSocket connected"
+            assert page.locator("#ready").text_content() == "ready"
+    finally:
+        emu.send_signal(signal.SIGINT)
+        emu.wait(10)
