@@ -103,6 +103,14 @@ def test_every_error_is_reported_and_a_near_miss_of_a_required_key_is_one_error(
     assert not any("required key is missing" in ln for ln in lines)
 
 
+def test_errors_stop_at_a_limit_and_say_how_many_more(tmp_path: Path) -> None:
+    names = ", ".join(f"chan{i}" for i in range(25))
+    lines = errors(tmp_path, GOOD.replace("[alert]", f"[{names}]"))
+    assert len(lines) == 21 and all("unknown channel 'chan" in ln for ln in lines[:20]), lines
+    assert "sinks[0].channels[0]:" in lines[0] and "sinks[0].channels[19]:" in lines[19]
+    assert lines[20] == f"{tmp_path / 'p.yaml'}: ... and 5 more errors"
+
+
 def test_cli_prints_each_error_on_its_own_line(tmp_path: Path) -> None:
     p = config(tmp_path, GOOD.replace("[alert]", "[alerts]").replace("keywords: [code]", "keywords: []"))
     res = cli("validate", str(p))
