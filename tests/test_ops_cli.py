@@ -167,6 +167,30 @@ def test_a_malformed_url_is_one_line(url: str, viewer: str) -> None:
     assert res.stderr == f"pipeline: expected the pipeline's operator URL like http://127.0.0.1:9464, got {url!r}\n"
 
 
+def test_top_ends_with_the_pipeline(tmp_path: Path) -> None:
+    """A replay that ends: `pipeline top` says so and exits 0, as `pipeline tap` does."""
+    events = replay_file(tmp_path / "in.jsonl", 150, step=0.02)  # ~3 s at speed 1
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([*PIPELINE, "run", str(config(tmp_path, events, speed=1)), "--http",
+                             url.removeprefix("http://"), "-q"], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/ready", timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "pipeline never answered"
+                time.sleep(0.05)
+        screen, code = in_pty([*PIPELINE, "top", url, "--interval", "0.2"], until=None, timeout=30)
+    finally:
+        proc.wait(20)
+    assert code == 0 and "Traceback" not in screen, screen[-2000:]
+    assert f"pipeline top: {url} stopped answering: the pipeline ended" in screen, screen[-2000:]
+    assert "source:replay" in screen
+
+
 def test_json_logs_status_line_and_summary_json(tmp_path: Path) -> None:
     events = replay_file(tmp_path / "in.jsonl", 200, step=0.005, garbage=2)  # ~1 s at speed 1
     cfg = config(tmp_path, events, speed=1, http=None, status_interval=0.2)

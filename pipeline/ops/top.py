@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
 import orjson
 
+from pipeline.errors import ConfigError
 from pipeline.ops.client import TOKEN_ENV, base_url, open_url, stop_on_ctrl_c
 
 
@@ -134,7 +136,13 @@ def main(argv: list[str]) -> int:
         with Live(view, console=console, refresh_per_second=4, screen=False) as live:
             while True:
                 time.sleep(max(0.1, args.interval))
-                snap = fetch()
+                try:
+                    snap = fetch()
+                except ConfigError:  # it answered before: the pipeline ended (as `pipeline tap` ends with it)
+                    break
                 live.update(render(snap, rates.update(time.monotonic(), counters(snap))))
     except KeyboardInterrupt:
         return 0
+    print(f"pipeline top: {base_url(args.url)} stopped answering: the pipeline ended (its last state is above)",
+          file=sys.stderr)
+    return 0
