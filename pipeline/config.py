@@ -73,6 +73,11 @@ class RuntimeSettings(Options):
     def _no_empty_token(cls, v: object) -> object:
         return None if v == "" else v  # `${PIPELINE_HTTP_TOKEN:-}` unset means no token
 
+    @field_validator("http", mode="before")
+    @classmethod
+    def _port_alone(cls, v: object) -> object:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # `http: 9464` (YAML: a number)
+
     @field_validator("http")
     @classmethod
     def _address(cls, v: str | None) -> str | None:

@@ -138,6 +138,17 @@ async def test_bad_http_address_is_one_config_error(tmp_path: Path, address: str
         load_config(p)
 
 
+def test_a_port_alone_listens_on_loopback(tmp_path: Path) -> None:
+    """`http: 9464` is a number in YAML; it used to fail with "expected a string, got 9464"."""
+    from pipeline.config import load_config
+    from pipeline.http.address import parse_address
+
+    p = config(tmp_path, replay_file(tmp_path / "in.jsonl", 1))
+    p.write_text(p.read_text().replace('http: "127.0.0.1:0"', "http: 9464"))
+    http = load_config(p).runtime.http
+    assert http is not None and parse_address(http) == ("127.0.0.1", 9464)
+
+
 async def test_port_in_use_is_one_line(tmp_path: Path) -> None:
     from pipeline.errors import ConfigError
 
