@@ -63,7 +63,9 @@ class RuntimeSettings(Options):
                                  "waits to fill a batch (up to 1,000 events) before processing it")
     drain_timeout: Duration = Field(default=30.0, description="on shutdown, how long sinks may take to flush")
     http: str | None = Field(default=None, description="serve /metrics, /healthz, /ready, /tap and a status page "
-                             "at HOST:PORT, e.g. 127.0.0.1:9464 (off by default)")
+                             "at HOST:PORT, e.g. 127.0.0.1:9464 (off by default)",
+                             json_schema_extra={"anyOf": [{"type": "string"}, {"type": "null"},  # `9464` alone too
+                                                          {"type": "integer", "minimum": 0, "maximum": 65535}]})
     http_token: Secret | None = Field(default=None, description="bearer token for /tap and the status page; "
                                       "needed for them on a non-loopback address")
     status_interval: Duration = Field(default=60.0, description="log a status line this often (0 = never)")

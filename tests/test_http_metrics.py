@@ -147,6 +147,15 @@ def test_a_port_alone_listens_on_loopback(tmp_path: Path) -> None:
     p.write_text(p.read_text().replace('http: "127.0.0.1:0"', "http: 9464"))
     http = load_config(p).runtime.http
     assert http is not None and parse_address(http) == ("127.0.0.1", 9464)
+    # and editors using `pipeline schema` accept it too
+    import jsonschema
+    import yaml
+
+    from pipeline.cli import _all_stage_classes
+    from pipeline.schema import json_schema
+
+    validator = jsonschema.Draft202012Validator(json_schema(_all_stage_classes()))
+    assert not list(validator.iter_errors(yaml.safe_load(p.read_text())))
 
 
 async def test_port_in_use_is_one_line(tmp_path: Path) -> None:
