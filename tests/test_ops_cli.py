@@ -260,6 +260,8 @@ def test_replay_on_a_terminal_shows_a_progress_bar(tmp_path: Path) -> None:
     screen, code = in_pty([*PIPELINE, "run", str(cfg)], until=None, timeout=30, cwd=tmp_path)
     assert code == 0, screen
     assert re.search(r"replay in\.jsonl .*\d+% .*\d+ events, \d+ ev/s", screen), screen[-2000:]
+    # the time left, from the file position and the rate (rich prints -:--:-- until it has a rate)
+    assert re.search(r"\d+ ev/s\s+\d+:\d\d:\d\d", screen), screen[-2000:]
 
 
 def test_log_level_after_worker_reaches_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
