@@ -238,3 +238,41 @@ async def test_reconnect_and_backfill_counters_agree_with_the_summary(tmp_path: 
     backfilled = {dict(k)["channel"]: v for k, v in after["videodb_pipeline_events_backfilled_total"].items()}
     assert backfilled == summary["backfilled"] and sum(backfilled.values()) > 0
     assert after["videodb_pipeline_capture_session_state"][(("state", "exported"),)] == 1
+
+
+SLOW = "sinks[0]:tests.slow_sink:SlowSink"
+
+
+async def test_spooled_backlog_shows_in_queue_and_spool_metrics(tmp_path: Path) -> None:
+    """A slow sink with a disk buffer: its backlog is on disk; /metrics says how much, during and after."""
+    events = replay_file(tmp_path / "in.jsonl", 2000)
+    counts = tmp_path / "counts.txt"
+    p = tmp_path / "p.yaml"
+    p.write_text(f"""
+name: spool
+source: {{type: replay, path: {events}, batch_size: 100}}
+sinks:
+  - {{type: "tests.slow_sink:SlowSink", path: {counts}, delay: 0.1, buffer: {{type: disk}}}}
+runtime: {{http: "127.0.0.1:0", status_interval: 0, drain_timeout: 0.5s}}
+dead_letter: {tmp_path}/dead.jsonl
+state_dir: {tmp_path}/state
+""")
+    async with served(p) as (rt, base):
+        run = asyncio.create_task(rt.run())
+        spooled = 0.0
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            during = await scrape(base)
+            spooled = _one(during, "videodb_pipeline_sink_spool_bytes", sink=SLOW)
+            if spooled > 0:
+                break
+        assert spooled > 0, "a backlog of a slow sink with a disk buffer is spooled"
+        assert _one(during, "videodb_pipeline_sink_queue_events", sink=SLOW) > 0
+        assert await run == 0
+        after = await scrape(base)
+    written = sum(int(x) for x in counts.read_text().split())
+    assert 0 < written < 2000
+    assert _one(after, "videodb_pipeline_sink_events_written_total", sink=SLOW) == written
+    assert _one(after, "videodb_pipeline_sink_queue_events", sink=SLOW) == 2000 - written
+    assert _one(after, "videodb_pipeline_sink_spool_bytes", sink=SLOW) > 0
+    assert f"left spooled {2000 - written}" in rt.summary()
