@@ -111,3 +111,20 @@ def test_a_pipeline_config_given_as_a_test_file_says_so(tmp_path: Path) -> None:
     (tmp_path / "t.test.yaml").write_text(CASES.replace("config: p.yaml", "config: ${CFG}"))
     res = run(str(tmp_path / "t.test.yaml"))
     assert res.returncode == 2 and "t.test.yaml:1:9: environment variable CFG is not set" in res.stdout, res.stdout
+
+
+def test_a_case_that_expects_nothing_is_an_error(tmp_path: Path) -> None:
+    """`expect: {}` (or `alerts: []`) used to pass whatever the rules did: a test that cannot fail."""
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    case = "  - {{name: {}, input: [{{channel: visual_index, data: {{text: a terminal}}}}], expect: {}}}\n"
+    (tmp_path / "p.test.yaml").write_text("config: p.yaml\ncases:\n" + case.format("empty", "{}")
+                                          + case.format("no-list", "{alerts: []}")
+                                          + case.format("both", "{no_alerts: true, alerts: [{label: term}]}")
+                                          + case.format("fine", "{dropped: 0}"))
+    res = run(str(tmp_path / "p.test.yaml"))
+    assert res.returncode == 2, res.stdout
+    lines = res.stdout.splitlines()
+    assert "cases[0].expect: expects nothing, so the case would pass whatever happens" in lines[1]
+    assert "cases[1].expect: expects nothing" in lines[2]
+    assert "cases[2].expect: no_alerts: true and alerts: [...] contradict each other" in lines[3]
+    assert len(lines) == 5, lines

@@ -33,6 +33,16 @@ class Expect(Options):
     dropped: int | list[dict[str, Any]] | None = Field(
         default=None, description="how many input events are dropped, or input events (subset) that must be")
 
+    @model_validator(mode="after")
+    def _something(self) -> Expect:
+        if self.no_alerts and self.alerts:
+            raise ValueError("no_alerts: true and alerts: [...] contradict each other; keep one")
+        if not (self.alerts or self.no_alerts or self.only_these_alerts or self.events_out
+                or self.dropped is not None):
+            raise ValueError("expects nothing, so the case would pass whatever happens; give alerts, no_alerts, "
+                             "events_out or dropped")
+        return self
+
 
 class Case(Options):
     name: str
