@@ -128,3 +128,19 @@ def test_a_case_that_expects_nothing_is_an_error(tmp_path: Path) -> None:
     assert "cases[1].expect: expects nothing" in lines[2]
     assert "cases[2].expect: no_alerts: true and alerts: [...] contradict each other" in lines[3]
     assert len(lines) == 5, lines
+
+
+def test_an_alert_label_no_rule_has_is_an_error(tmp_path: Path) -> None:
+    """With `count: 0`, a misspelled rule name used to pass whatever the rules did."""
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    (tmp_path / "p.test.yaml").write_text(
+        "config: p.yaml\ncases:\n"
+        "  - {name: typo, input: [{channel: visual_index, data: {text: a terminal}}],"
+        " expect: {alerts: [{label: trem, count: 0}]}}\n"
+        "  - {name: right, input: [{channel: visual_index, data: {text: a terminal}}],"
+        " expect: {alerts: [{label: term, count: 1}]}}\n")
+    res = run(str(tmp_path / "p.test.yaml"))
+    assert res.returncode == 2, res.stdout
+    assert (f"{tmp_path}/p.test.yaml:3:5: expect.alerts[0].label: no rule named 'trem' runs in this case "
+            "(did you mean 'term'?)") in res.stdout
+    assert f"ok    {tmp_path}/p.test.yaml: right" in res.stdout

@@ -67,10 +67,27 @@ def chain_for(cfg: PipelineConfig, specs: list[StageSpec], dead: DeadLetter) -> 
     return Chain(procs, dead)
 
 
+def check_labels(cfg: PipelineConfig, specs: list[StageSpec], lc: LoadedCase) -> None:
+    """An expected alert label that no rule has is a typo (with `count: 0` it would pass silently)."""
+    if any(not s.cls.__module__.startswith("stages.") for s in specs):
+        return  # a plugin processor may make alerts of its own
+    rules = sorted({r.name for s in specs for r in getattr(s.options, "rules", None) or []})
+    for i, want in enumerate(lc.case.expect.alerts or []):
+        if want.label is not None and want.label not in rules:
+            import difflib
+
+            hint = difflib.get_close_matches(want.label, rules, n=1)
+            known = f"did you mean {hint[0]!r}?" if hint else f"rules: {', '.join(rules) or 'none'}"
+            raise ConfigError(f"{lc.where}: expect.alerts[{i}].label: no rule named {want.label!r} runs in this "
+                              f"case ({known})")
+
+
 def run_case(cfg: PipelineConfig, lc: LoadedCase, dead: DeadLetter) -> list[str]:
     """Failure messages for one case (empty: it passed)."""
     events = copy.deepcopy(lc.events)
-    chain = chain_for(cfg, select(cfg, lc.case.stages, lc.where), dead)
+    specs = select(cfg, lc.case.stages, lc.where)
+    check_labels(cfg, specs, lc)
+    chain = chain_for(cfg, specs, dead)
     out = chain(copy.deepcopy(events))
     out += chain.flush()  # the input ended: processors that hold events (windows) emit them now
     alerts = [e for e in out if e.get("channel") == "alert" and e.get("origin") is not None]
