@@ -162,7 +162,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 DELEGATED = {
-    "listen": ("pipeline.listen:main", "drop-in for the seed's ws_listener.py"),
+    "listen": ("pipeline.listen:main", "drop-in for VideoDB's ws_listener.py"),
     "emulate": ("pipeline.emulator.cli:main", "run the local VideoDB-compatible emulator"),
     "worker": ("pipeline.runtime.faust:worker_main", "run a faust worker for a faust-engine config"),
     "tap": ("pipeline.ops.tap:main", "follow the events at one point of a running pipeline"),
