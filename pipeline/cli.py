@@ -229,10 +229,11 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stages", help="list stage types (-v: with options)", parents=[common])
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=cmd_stages)
-    sub.add_parser("schema", help="print a JSON Schema for config files").set_defaults(func=cmd_schema)
+    sub.add_parser("schema", help="print a JSON Schema for config files", parents=[common]).set_defaults(
+        func=cmd_schema)
     from pipeline.testing.command import add_parser as add_test
 
-    add_test(sub)
+    add_test(sub, common)
     for name, (_, help_) in DELEGATED.items():
         sub.add_parser(name, help=help_ + f" (pipeline {name} --help)", add_help=False)
     return p

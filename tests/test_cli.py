@@ -45,3 +45,11 @@ def test_cli_imports_nothing_heavy() -> None:
             "print(sorted(m for m in ('faust', 'aiokafka', 'videodb', 'aiohttp') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "[]"
+
+
+def test_log_options_after_schema_and_test() -> None:
+    """--log-level/--log-format after the subcommand are accepted by every subcommand, schema and test too."""
+    for args in (["schema", "--log-level", "warning"], ["test", "config/", "--log-format", "json"]):
+        res = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0 and "unrecognized arguments" not in res.stderr, (args, res.stderr)

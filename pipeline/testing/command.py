@@ -87,8 +87,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 2 if errors else 1 if failed else 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    t = sub.add_parser("test", help="run rule tests (*.test.yaml beside a config)")
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
+    t = sub.add_parser("test", help="run rule tests (*.test.yaml beside a config)", parents=[common])
     t.add_argument("paths", nargs="*", metavar="FILE|DIR", help="test files, or directories to search (default .)")
     t.add_argument("--junit", metavar="PATH", help="also write a JUnit XML report here")
     t.set_defaults(func=cmd_test)
