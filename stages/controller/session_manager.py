@@ -170,6 +170,7 @@ class SessionManager:
     async def _create(self, end_user_id: str, metadata: dict[str, Any], on_active: OnActive | None,
                       key: str | None, fingerprint: str) -> ManagedSession:
         opts = self.opts
+        metadata = {**opts.metadata, **metadata}  # the configured metadata applies to every session
         try:
             conn_id = await asyncio.wait_for(self.link.wait_connection(), opts.connect_timeout)
         except TimeoutError:
@@ -199,7 +200,8 @@ class SessionManager:
         s.record["status"] = s.lifecycle.state
         self.store.save(s.record)
         log.info("%s: capture session %s created for end user %r", self.who, s.id, end_user_id)
-        for event in self._early.pop(s.id, []):
+        for event in self._early.pop(s.id, []):  # lifecycle events that arrived before this call returned
+            s.counts["capture_session"] = s.counts.get("capture_session", 0) + 1
             status = lifecycle_status(event)
             if status is not None and s.lifecycle.behind(status):
                 self._lifecycle_event(s, event, status)

@@ -1,0 +1,150 @@
+"""The session API's smaller promises: per-session options, filters, counts and the 429/502/503 answers.
+
+Real SDK against the emulator, real HTTP; the flows (many sessions, reconnects, kill -9) are in
+test_session_api.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from pipeline.api import Context
+from pipeline.emulator import Emulator
+from tests.test_session_api import ON_ACTIVE, TOKEN, Live, cues, hook, session_calls
+from tests.videodb_harness import API_KEY, make_stages, scenario_file
+
+
+@contextlib.asynccontextmanager
+async def running(make_context: Callable[..., Context], emu: Emulator, *, ingest: bool = True,
+                  api: dict[str, Any] | None = None, **controller: Any) -> AsyncIterator[Live]:
+    """Source + API controller (controller options overridable); `ingest=False`: the source never connects."""
+    src, ctl = make_stages(make_context, emu, controller={
+        "api": {"listen": "127.0.0.1:0", "token": TOKEN, **(api or {})}, "on_active": ON_ACTIVE,
+        "status_poll_interval": 0.2, **controller})
+    assert ctl is not None
+    http = aiohttp.ClientSession()
+    await ctl.start()
+    live = Live(ctl, http, ctl.api.url)
+
+    async def run() -> None:
+        async for batch in src.batches():
+            ctl.observe(batch)
+            live.events.extend(batch)
+
+    if ingest:
+        live.ingest = asyncio.create_task(run())
+    try:
+        yield live
+    finally:
+        await src.stop()
+        if live.ingest is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(live.ingest, 5)
+        await src.close()
+        await ctl.close()
+        await http.close()
+
+
+@pytest.fixture
+async def emulator(tmp_path: Path) -> AsyncIterator[Emulator]:
+    emu = Emulator(scenario_file(tmp_path, cues(), end=1000), speed=10, api_key=API_KEY, autostart=False)
+    await emu.start()
+    yield emu
+    await emu.stop()
+
+
+def setup_calls(emu: Emulator, rtstream_ids: set[str]) -> list[str]:
+    """The AI-pipeline calls made on these rtstreams, as `<kind>:<rtstream id>`."""
+    out = []
+    for c in emu.calls:
+        parts = c["path"].split("/")
+        if c["method"] == "POST" and len(parts) > 3 and parts[1] == "rtstream" and parts[2] in rtstream_ids:
+            out.append(f"{parts[3]}:{parts[2]}")
+    return out
+
+
+async def test_per_session_on_active_and_metadata(emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """`on_active` in a POST replaces the configured default for that session only; the configured
+    `metadata` applies to every session, the request's keys added to it (and winning on a clash)."""
+    emu = emulator
+    async with running(make_context, emu, metadata={"app": "backend", "plan": "free"}) as live:
+        status, own = await live.call("POST", "/v1/sessions", json={
+            "end_user_id": "audio-only", "metadata": {"plan": "pro"}, "on_active": {"transcript": True}})
+        assert status == 201, own
+        status, dflt = await live.call("POST", "/v1/sessions", json={"end_user_id": "default"})
+        assert status == 201, dflt
+        sent = {c["body"]["end_user_id"]: c["body"].get("metadata") for c in session_calls(emu)}
+        assert sent == {"audio-only": {"app": "backend", "plan": "pro"}, "default": {"app": "backend", "plan": "free"}}
+        assert own["metadata"] == {"app": "backend", "plan": "pro"}
+        for s in (own, dflt):
+            await hook(live, emu, f"sessions/{s['session_id']}/start")
+        mgr = live.ctl.manager
+
+        def ids(s: dict[str, Any]) -> dict[str, str]:
+            return {r["name"]: r["rtstream_id"] for r in mgr.get(s["session_id"]).record.get("rtstreams") or []}
+
+        await live.wait_for(lambda: all(len(live.of(s["session_id"], "transcript")) >= 2 for s in (own, dflt))
+                            and live.of(dflt["session_id"], "visual_index"))
+        await asyncio.sleep(0.3)  # any index call for the audio-only session would have been made by now
+        own_ids, dflt_ids = ids(own), ids(dflt)
+        assert sorted(setup_calls(emu, set(own_ids.values()))) == sorted(
+            f"transcription:{own_ids[n]}" for n in ("mic:default", "system_audio:default"))
+        assert f"index:{dflt_ids['display:1']}" in setup_calls(emu, set(dflt_ids.values()))
+        assert not live.of(own["session_id"], "visual_index")
+
+
+async def test_status_filter_and_lifecycle_counts(emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """`GET /v1/sessions?status=` filters; `events.capture_session` counts every lifecycle event of the
+    session, also those that arrive before the create call has returned (`created`)."""
+    emu = emulator
+    async with running(make_context, emu) as live:
+        a = (await live.call("POST", "/v1/sessions", json={"end_user_id": "a"}))[1]["session_id"]
+        b = (await live.call("POST", "/v1/sessions", json={"end_user_id": "b"}))[1]["session_id"]
+        await hook(live, emu, f"sessions/{a}/start")
+        await live.wait_for(lambda: live.ctl.manager.get(a).lifecycle.state == "active")
+        status, active = await live.call("GET", "/v1/sessions?status=active")
+        assert status == 200 and [s["session_id"] for s in active["sessions"]] == [a] and active["count"] == 1
+        status, created = await live.call("GET", "/v1/sessions?status=created")
+        assert [s["session_id"] for s in created["sessions"]] == [b]
+        assert (await live.call("GET", "/v1/sessions?status=exported"))[1] == {"sessions": [], "count": 0}
+        lifecycle = [e["event"] for e in live.of(a) if "event" in e]
+        assert lifecycle[:3] == ["capture_session.created", "capture_session.starting", "capture_session.active"]
+        _, one = await live.call("GET", f"/v1/sessions/{a}")
+        assert one["events"]["capture_session"] == len(lifecycle)
+
+
+async def test_max_sessions_is_429(emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    async with running(make_context, emulator, api={"max_sessions": 1}) as live:
+        assert (await live.call("POST", "/v1/sessions", json={"end_user_id": "a"}))[0] == 201
+        status, err = await live.call("POST", "/v1/sessions", json={"end_user_id": "b"})
+        assert status == 429 and "api.max_sessions=1" in err["error"] and err["status"] == 429
+        assert len(session_calls(emulator)) == 1
+
+
+async def test_no_connection_yet_is_503(emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    async with running(make_context, emulator, ingest=False, connect_timeout=0.2) as live:
+        status, err = await live.call("POST", "/v1/sessions", json={"end_user_id": "a"})
+        assert status == 503 and "retry" in err["error"]
+        assert session_calls(emulator) == []
+
+
+async def test_a_failed_videodb_call_is_502_naming_the_call(tmp_path: Path,
+                                                            make_context: Callable[..., Context]) -> None:
+    emu = Emulator(scenario_file(tmp_path, cues(), end=1000), speed=10, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        async with running(make_context, emu) as live:
+            await asyncio.wait_for(live.ctl.context.session.wait_connection(), 10)
+            await emu.stop()  # VideoDB unreachable from now on
+            status, err = await live.call("POST", "/v1/sessions", json={"end_user_id": "a"})
+            assert status == 502 and "create_capture_session" in err["error"] and API_KEY not in err["error"]
+            assert (await live.call("GET", "/v1/sessions"))[1]["count"] == 0
+    finally:
+        await emu.stop()
