@@ -85,6 +85,7 @@ async def test_rolled_files_appear_only_when_complete(tmp_path: Path, make_conte
         await sink.write([ev(k * 100 + i) for i in range(100)] + ([alert] if k == 0 else []))
         assert all((p.name.startswith("part-") and p.suffix == ".parquet") or p.name.startswith(".")
                    for p in out.iterdir())
+    assert [p for p in out.iterdir() if not p.name.startswith(".")]  # roll_bytes completed one before any flush
     await sink.flush()  # completes the open file
     assert not any(p.name.startswith(".") for p in out.iterdir())
     await sink.write([ev(1000 + i) for i in range(50)])  # one row group: a new file, still open
