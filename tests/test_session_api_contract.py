@@ -148,3 +148,37 @@ async def test_a_failed_videodb_call_is_502_naming_the_call(tmp_path: Path,
             assert (await live.call("GET", "/v1/sessions"))[1]["count"] == 0
     finally:
         await emu.stop()
+
+
+async def test_each_emulated_session_plays_on_its_own_clock(emulator: Emulator,
+                                                            make_context: Callable[..., Context]) -> None:
+    """A session started later plays the scenario from its beginning, not from where an earlier one is."""
+    emu = emulator
+    async with running(make_context, emu) as live:
+        a = (await live.call("POST", "/v1/sessions", json={"end_user_id": "a"}))[1]["session_id"]
+        b = (await live.call("POST", "/v1/sessions", json={"end_user_id": "b"}))[1]["session_id"]
+        await hook(live, emu, f"sessions/{a}/start")
+        await live.wait_for(lambda: len(live.of(a, "transcript")) == 4)  # a has played its whole scenario
+        await asyncio.sleep(0.5)
+        await hook(live, emu, f"sessions/{b}/start")
+        await live.wait_for(lambda: len(live.of(b, "transcript")) == 4)
+        texts = {sid: [e["data"]["text"] for e in live.of(sid, "transcript")] for sid in (a, b)}
+        assert texts[a] == texts[b] == [f"mic {i}" for i in range(4)]
+        first = {sid: live.of(sid, "transcript")[0]["data"]["start"] for sid in (a, b)}
+        assert first[b] - first[a] >= 500  # event times count from b's own playback start, 0.5 s+ later
+
+
+def test_enrich_keeps_names_and_sessions_apart_per_session(make_context: Callable[..., Context]) -> None:
+    """Two users' sessions on one connection: the same stream names, different rtstream ids."""
+    from stages.processors.enrich import Enrich, EnrichOptions
+
+    def active(sid: str, rid: str) -> dict[str, Any]:
+        return {"event": "capture_session.active", "capture_session_id": sid, "status": "active",
+                "data": {"rtstreams": [{"rtstream_id": rid, "name": "mic:default", "media_types": ["audio"]}]}}
+
+    e = Enrich(EnrichOptions(), make_context())
+    out = e.process([active("cap-a", "rts-a"), active("cap-b", "rts-b"),
+                     {"channel": "transcript", "rtstream_id": "rts-b", "data": {"text": "b"}},
+                     {"channel": "transcript", "rtstream_id": "rts-a", "data": {"text": "a"}}])
+    assert [(x["capture_session_id"], x["rtstream_name"]) for x in out[2:]] == [
+        ("cap-b", "mic:default"), ("cap-a", "mic:default")]
