@@ -182,3 +182,24 @@ def test_enrich_keeps_names_and_sessions_apart_per_session(make_context: Callabl
                      {"channel": "transcript", "rtstream_id": "rts-a", "data": {"text": "a"}}])
     assert [(x["capture_session_id"], x["rtstream_name"]) for x in out[2:]] == [
         ("cap-b", "mic:default"), ("cap-a", "mic:default")]
+
+
+async def test_a_failed_session_is_shown_and_the_pipeline_runs_on(tmp_path: Path,
+                                                                 make_context: Callable[..., Context]) -> None:
+    emu = Emulator(scenario_file(tmp_path, [*cues(2), {"at": 3, "event": "capture_session.failed",
+                                                       "error": "screen permission revoked"}], end=1000),
+                   speed=10, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        async with running(make_context, emu) as live:
+            bad = (await live.call("POST", "/v1/sessions", json={"end_user_id": "a"}))[1]["session_id"]
+            ok = (await live.call("POST", "/v1/sessions", json={"end_user_id": "b"}))[1]["session_id"]
+            await hook(live, emu, f"sessions/{bad}/start")
+            await live.wait_for(lambda: live.ctl.manager.get(bad).lifecycle.state == "failed")
+            status, shown = await live.call("GET", f"/v1/sessions/{bad}")
+            assert status == 200 and shown["status"] == "failed" and "screen permission revoked" in shown["error"]
+            assert not live.ctl.context.session.exit_requested and not live.ingest.done()  # no exit code 3 here
+            await hook(live, emu, f"sessions/{ok}/start")  # the next user's session still works
+            await live.wait_for(lambda: len(live.of(ok, "transcript")) == 2)
+    finally:
+        await emu.stop()
