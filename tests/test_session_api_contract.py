@@ -203,3 +203,32 @@ async def test_a_failed_session_is_shown_and_the_pipeline_runs_on(tmp_path: Path
             await live.wait_for(lambda: len(live.of(ok, "transcript")) == 2)
     finally:
         await emu.stop()
+
+
+def test_api_config_errors_are_one_line_each(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "api.yaml"
+    cfg.write_text("""name: api
+videodb: {api_key: k-test-0123456789}
+source: {type: videodb}
+controller:
+  type: capture_session
+  session_id: cap-1
+  api: {listen: "localhost", token: short, max_body_bytes: 10}
+sinks: [{type: console}]
+""")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(cfg)], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    for needle in ("controller.api.listen: expected host:port", "controller.api.token: use a token of at least 16",
+                   "controller.api.max_body_bytes: expected a number >= 1024"):
+        assert sum(needle in line for line in lines) == 1, (needle, lines)
+    assert "short" not in res.stderr  # the token is a secret, even a bad one
+    cfg.write_text(cfg.read_text().replace('listen: "localhost", token: short, max_body_bytes: 10',
+                                           "token: api-token-0123456789"))
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(cfg)], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert res.returncode == 2 and "session_id and api exclude each other" in res.stderr, res.stderr
