@@ -232,3 +232,13 @@ sinks: [{type: console}]
     res = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(cfg)], capture_output=True, text=True,
                          timeout=60, cwd=tmp_path)
     assert res.returncode == 2 and "session_id and api exclude each other" in res.stderr, res.stderr
+
+
+async def test_a_replayed_create_says_so_in_a_header(emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    async with running(make_context, emulator) as live:
+        hdr = {"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": "k-1"}
+        seen = []
+        for _ in range(2):
+            async with live.http.post(f"{live.url}/v1/sessions", json={"end_user_id": "a"}, headers=hdr) as r:
+                seen.append((r.status, r.headers.get("Idempotent-Replayed"), r.content_type))
+        assert seen == [(201, None, "application/json"), (201, "true", "application/json")]
