@@ -144,7 +144,7 @@ async def test_a_failed_videodb_call_is_502_naming_the_call(tmp_path: Path,
             await asyncio.wait_for(live.ctl.context.session.wait_connection(), 10)
             await emu.stop()  # VideoDB unreachable from now on
             status, err = await live.call("POST", "/v1/sessions", json={"end_user_id": "a"})
-            assert status == 502 and "create_capture_session" in err["error"] and API_KEY not in err["error"]
+            assert status == 502 and "generate_client_token" in err["error"] and API_KEY not in err["error"]
             assert (await live.call("GET", "/v1/sessions"))[1]["count"] == 0
     finally:
         await emu.stop()
@@ -242,3 +242,20 @@ async def test_a_replayed_create_says_so_in_a_header(emulator: Emulator, make_co
             async with live.http.post(f"{live.url}/v1/sessions", json={"end_user_id": "a"}, headers=hdr) as r:
                 seen.append((r.status, r.headers.get("Idempotent-Replayed"), r.content_type))
         assert seen == [(201, None, "application/json"), (201, "true", "application/json")]
+
+
+async def test_a_failed_token_call_leaves_no_orphan_session(emulator: Emulator,
+                                                            make_context: Callable[..., Context]) -> None:
+    """The client token does not depend on the session: asked for first, its failure creates nothing, so a
+    retry with the same Idempotency-Key makes exactly one session (before: one orphan at VideoDB per try)."""
+    async with running(make_context, emulator) as live:
+        mgr, opts = live.ctl.manager, live.ctl.options
+        mgr.opts = opts.model_copy(update={"client_token_expires_in": 0})  # VideoDB refuses the token call (400)
+        hdr = {"Idempotency-Key": "retry-me"}
+        status, err = await live.call("POST", "/v1/sessions", json={"end_user_id": "a"}, headers=hdr)
+        assert status == 502 and "generate_client_token" in err["error"]
+        assert session_calls(emulator) == []
+        mgr.opts = opts
+        status, made = await live.call("POST", "/v1/sessions", json={"end_user_id": "a"}, headers=hdr)
+        assert status == 201 and made["client_token"].startswith("ct-")
+        assert len(session_calls(emulator)) == 1

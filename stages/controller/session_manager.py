@@ -175,13 +175,13 @@ class SessionManager:
             conn_id = await asyncio.wait_for(self.link.wait_connection(), opts.connect_timeout)
         except TimeoutError:
             raise ApiProblem(503, "no WebSocket connection to VideoDB yet; retry shortly") from None
-        try:
+        try:  # the token first: it names no session, so if it fails no session is left behind at VideoDB
+            token = await self._sdk("generate_client_token", self.conn.generate_client_token,
+                                    opts.client_token_expires_in)
             session = await self._sdk("create_capture_session", self.conn.create_capture_session,
                                       end_user_id=end_user_id, collection_id=self.settings.collection_id,
                                       ws_connection_id=conn_id, metadata=metadata or None,
                                       callback_url=opts.callback_url)
-            token = await self._sdk("generate_client_token", self.conn.generate_client_token,
-                                    opts.client_token_expires_in)
         except VideoDBCallError as exc:
             self.stats.errors += 1
             raise ApiProblem(502, str(exc)) from None
