@@ -43,7 +43,26 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+# What the walkthrough tells the reader to type (the test fails if the README changes without it).
+README_STEPS = [
+    "export SESSION_API_TOKEN=walkthrough-token-0123456789 EMULATOR_URL=http://127.0.0.1:8800",
+    "pipeline emulate --manual --port 8800 --api-key dev-key-0123456789",
+    "VIDEO_DB_API_KEY=dev-key-0123456789 VIDEO_DB_BASE_URL=$EMULATOR_URL pipeline run config/sessions.yaml",
+    "curl -s -X POST http://127.0.0.1:8700/v1/sessions \\\n"
+    "  -H \"Authorization: Bearer $SESSION_API_TOKEN\" -H 'Idempotency-Key: record-42-001' \\\n"
+    "  -d '{\"end_user_id\": \"user-42\", \"metadata\": {\"plan\": \"pro\"}}'",
+    "curl -X POST $EMULATOR_URL/_emulator/sessions/cap-a7a279e8ea2c/start",
+    "curl -s http://127.0.0.1:8700/v1/sessions/cap-a7a279e8ea2c -H \"Authorization: Bearer $SESSION_API_TOKEN\"",
+    "curl -s -X POST http://127.0.0.1:8700/v1/sessions/cap-a7a279e8ea2c/stop -H \"Authorization: Bearer "
+    "$SESSION_API_TOKEN\"",
+    "pipeline report out/sessions",
+]
+
+
 def test_readme_backend_walkthrough(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert [step for step in README_STEPS if step not in readme] == []
+    # as in the README, except: free ports instead of 8800/8700 (tests run side by side), emulator at 10x
     env = {**os.environ, "SESSION_API_TOKEN": TOKEN, "SESSION_API_LISTEN": "127.0.0.1:0"}
     emu_out = (tmp_path / "emulator.out").open("w")
     emu = subprocess.Popen([str(PIPELINE), "emulate", "--manual", "--speed", "10", "--api-key", KEY], cwd=ROOT,
