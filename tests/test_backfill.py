@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -177,7 +178,7 @@ def test_cli_has_queue_on_drop() -> None:
 # --- reconnect at once ---------------------------------------------------------------------------
 
 async def test_websocket_source_reopens_a_connection_that_delivered_at_once(
-        make_context: Callable[..., Context]) -> None:
+        make_context: Callable[..., Context], caplog: pytest.LogCaptureFixture) -> None:
     accepted: list[float] = []
     closed: list[float] = []
 
@@ -214,6 +215,8 @@ async def test_websocket_source_reopens_a_connection_that_delivered_at_once(
     assert len(gaps) == 3 and max(gaps) < 1.0, gaps
     assert len(got) == 4
     assert ctx.session.gaps.reconnects == 3 and 0 < ctx.session.gaps.gap_seconds < 3.0
+    logged = [r.getMessage() for r in caplog.records if ": reconnected" in r.getMessage()]
+    assert len(logged) == 3 and all(re.search(r"reconnected after a 0\.\d{3}s gap$", m) for m in logged), logged
 
 
 async def test_websocket_source_backs_off_when_a_connection_delivered_nothing(
@@ -281,6 +284,23 @@ async def test_backfill_comes_before_the_new_connections_events(make_context: Ca
     assert not missed - Counter(map(key, (e for e in got if e.get("backfill")))) and emu.hub.drops >= 5
     starts = [e["data"]["start"] for e in got]
     assert starts == sorted(starts)  # held live events wait for the backfill: event-time order across gaps
+
+
+async def test_backfill_false_fetches_nothing_and_the_gap_stays_lost(make_context: Callable[..., Context]) -> None:
+    emu = Emulator(speed=0, drop_after=5)
+    await emu.start()
+    try:
+        src, ctl = make_stages(make_context, emu, source={"backfill": False},
+                               controller={"end_user_id": "u", "on_active": {"transcript": True},
+                                           "status_poll_interval": "300ms"})
+        run = await run_stages(src, ctl, timeout=30)
+    finally:
+        await emu.stop()
+    assert emu.hub.drops >= 1 and emu.hub.undelivered > 0
+    assert not any(e.get("backfill") for e in run.events) and not src.context.session.gaps.backfilled
+    assert not [c for c in emu.calls if c["method"] == "GET" and c["path"].endswith("/transcription")]
+    live = [r["event"] for r in emu.emitted if tracked(r["event"]) and r["live"]]
+    assert Counter(map(key, filter(tracked, run.events))) == Counter(map(key, live))  # only what went out live
 
 
 def test_inlet_dedupes_both_ways_and_orders_backfill_by_event_time() -> None:
