@@ -185,6 +185,33 @@ async def test_full_disk_buffer_blocks_or_dead_letters(tmp_path: Path) -> None:
     blk.close()
 
 
+async def test_an_event_the_disk_buffer_cannot_encode_is_dead_lettered_alone(tmp_path: Path) -> None:
+    """A plugin processor made one event JSON cannot hold: the spool dead-letters it, the rest is delivered, and
+    the summary names it for what it is (before: counted as `buffer-full dead-lettered`)."""
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps({"channel": "transcript", "id": i}) + b"\n"
+                                                 for i in range(6)))
+    (tmp_path / "p.yaml").write_text(f"""
+name: spoilt
+source: {{type: replay, path: {tmp_path}/in.jsonl, batch_size: 3}}
+stages: [{{type: "tests.slow_sink:Spoil", ids: [1, 3, 4, 5]}}]
+sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl, buffer: {{type: disk}}}}]
+dead_letter: {tmp_path}/dead.jsonl
+state_dir: {tmp_path}/state
+""")
+    rt = LocalRuntime(build(load_config(tmp_path / "p.yaml")), install_signals=False)
+    assert await rt.run() == 0, rt.error
+    assert [orjson.loads(x)["id"] for x in (tmp_path / "out.jsonl").read_bytes().splitlines()] == [0, 2]
+    dead = [orjson.loads(x) for x in (tmp_path / "dead.jsonl").read_bytes().splitlines()]
+    assert [d["event_repr"].count("'id': ") for d in dead] == [1, 1, 1, 1]
+    assert all(d["reason"].startswith("cannot spool: event is not JSON-encodable") for d in dead)
+    summary = rt.summary()
+    assert "not JSON-encodable dead-lettered 4" in summary and "buffer-full" not in summary, summary
+
+
 def test_undelivered_bytes_reads_a_spool_without_opening_it(tmp_path: Path) -> None:
     from pipeline.state.spool import undelivered_bytes
 
