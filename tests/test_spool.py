@@ -212,6 +212,40 @@ state_dir: {tmp_path}/state
     assert "not JSON-encodable dead-lettered 4" in summary and "buffer-full" not in summary, summary
 
 
+def test_a_symlinked_segment_is_refused_and_its_target_left_alone(tmp_path: Path) -> None:
+    """Before: the segment was read through the link, found "torn" and truncated: the target file was emptied."""
+    victim = tmp_path / "notes.txt"
+    victim.write_bytes(b"my notes, not a spool\n")
+    (tmp_path / "s").mkdir(mode=0o700)
+    (tmp_path / "s" / f"{0:020d}.seg").symlink_to(victim)
+    with pytest.raises(StageError) as refused:
+        Spool(tmp_path / "s").open()
+    assert victim.read_bytes() == b"my notes, not a spool\n"
+    assert "refusing to open a spool segment through a symlink" in str(refused.value)
+
+
+def test_a_symlinked_spool_file_is_one_line_from_pipeline_run(tmp_path: Path) -> None:
+    """Before: an OSError traceback."""
+    import subprocess
+    import sys
+
+    spool = tmp_path / "state/spool/sinks-0-jsonl"
+    spool.mkdir(parents=True, mode=0o700)
+    (spool / "ack").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "in.jsonl").write_text('{"channel": "transcript"}\n')
+    (tmp_path / "p.yaml").write_text("""
+name: sym
+source: {type: replay, path: in.jsonl}
+sinks: [{type: jsonl, path: out.jsonl, buffer: {type: disk}}]
+state_dir: state
+""")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "p.yaml"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "state/spool/sinks-0-jsonl/ack: refusing to open a spool ack file through a symlink" in res.stderr
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_undelivered_bytes_reads_a_spool_without_opening_it(tmp_path: Path) -> None:
     from pipeline.state.spool import undelivered_bytes
 
