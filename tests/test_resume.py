@@ -159,6 +159,44 @@ async def test_saved_session_is_attached_and_new_session_flag_creates_one(
         await emu.stop()
 
 
+@pytest.mark.parametrize("case", ["saved-as-exported", "ended-at-videodb", "unknown-to-videodb", "other-user"])
+async def test_a_saved_session_that_cannot_be_resumed_gets_a_new_one(
+        make_context: Callable[..., Context], tmp_path: Path, case: str) -> None:
+    """Resume only a live session of the same collection and end user; otherwise create one (and say why)."""
+    import urllib.request
+
+    import videodb
+
+    emu = Emulator(speed=0, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        conn = videodb.connect(api_key=API_KEY, base_url=emu.base_url)
+        existing = await asyncio.to_thread(conn.create_capture_session, end_user_id="demo-user",
+                                           collection_id="default")
+        record = {"session_id": existing.id, "collection_id": "default", "end_user_id": "demo-user",
+                  "status": "active"}
+        if case == "saved-as-exported":
+            record["status"] = "exported"
+        elif case == "unknown-to-videodb":
+            record["session_id"] = "cap-000000000000"
+        elif case == "other-user":
+            record["end_user_id"] = "someone-else"
+        else:  # the file says active, but the session ended while no pipeline ran
+            for hook in ("start", "stop"):
+                req = urllib.request.Request(f"{emu.base_url}/_emulator/sessions/{existing.id}/{hook}", method="POST")
+                await asyncio.to_thread(urllib.request.urlopen, req, None, 5)
+            async with asyncio.timeout(10):
+                while (await asyncio.to_thread(conn.get_capture_session, existing.id)).status != "exported":
+                    await asyncio.sleep(0.05)
+        (tmp_path / "capture_session.json").write_text(json.dumps(record))
+
+        fresh = await saved_session_run(make_context, emu, tmp_path, new_session=False)
+        assert fresh not in (None, existing.id, record["session_id"]) and len(creates(emu)) == 2
+        assert json.loads((tmp_path / "capture_session.json").read_text())["session_id"] == fresh
+    finally:
+        await emu.stop()
+
+
 def test_new_session_flag_is_in_run_help() -> None:
     import subprocess
 
