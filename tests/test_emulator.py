@@ -368,3 +368,24 @@ def test_cli_bad_scenario_is_one_line(tmp_path: Path) -> None:
     from pipeline.emulator.cli import main
 
     assert main(["--scenario", str(tmp_path / "missing.yaml")]) == 1
+
+
+def test_wakeup_times_out_wakes_early_and_leaves_no_timer_behind() -> None:
+    from pipeline.emulator.state import Wakeup
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        w = Wakeup()
+        t0 = loop.time()
+        assert await w.wait(0.05) is False  # nobody set it: the timeout ends the wait
+        assert loop.time() - t0 >= 0.045
+        loop.call_later(0.01, w.set)
+        t0 = loop.time()
+        assert await w.wait(5) is True  # set() ends it long before the timeout
+        assert loop.time() - t0 < 1
+        assert len(loop._scheduled) == 0 or all(h.cancelled() for h in loop._scheduled)  # type: ignore[attr-defined]
+        assert await w.wait(5) is True  # still set: returns at once
+        w.clear()
+        assert w.is_set() is False
+
+    asyncio.run(main())

@@ -188,8 +188,5 @@ class Player:
         if delay <= 0:
             await asyncio.sleep(0)
             return
-        try:
-            await asyncio.wait_for(s.wake.wait(), delay)
-        except TimeoutError:
-            return
-        s.wake.clear()
+        if await s.wake.wait(delay):
+            s.wake.clear()

@@ -22,6 +22,49 @@ AUDIO: Final = "audio_index"
 FINISHED: Final = frozenset({"exported", "failed"})
 
 
+class Wakeup:
+    """A session's wake-up signal for its one playback task: like `asyncio.Event`, but a timed wait costs
+    one future and one timer (`asyncio.wait_for` adds a task and its cancellation, the emulator's largest
+    cost with thousands of sessions)."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._set = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Until set() or `timeout` seconds (None: no limit); True if set. One waiter at a time."""
+        if self._set:
+            return True
+        fut = asyncio.get_running_loop().create_future()
+        self._waiter = fut
+        timer = None if timeout is None else fut.get_loop().call_later(timeout, _expire, fut)
+        try:
+            await fut
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+        return self._set
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def new_id(prefix: str) -> str:
     """A fresh opaque id such as `cap-3f9a0c1d2e4b`."""
     return f"{prefix}-{secrets.token_hex(6)}"
@@ -83,7 +126,7 @@ class Session:
     created_at: float = field(default_factory=time.time)
     setup_calls: int = 0  # pipelines/alerts set up on this session's streams
     last_setup: float = 0.0  # loop time of the latest such call
-    wake: asyncio.Event = field(default_factory=asyncio.Event)  # start/stop requested by hand
+    wake: Wakeup = field(default_factory=Wakeup)  # start/stop requested by hand, or a setup call
     start_requested: bool = False
     stop_requested: bool = False
     stopped_streams: set[str] = field(default_factory=set)  # rtstreams stopped through the API
