@@ -103,6 +103,9 @@ async def test_kill_9_then_restart_resumes_the_same_session(emu: Emulator, tmp_p
     assert binds[binds_before:] and first_conn not in binds[binds_before:]
     saved = json.loads((tmp_path / "out" / NAME / "capture_session.json").read_text())
     assert saved["session_id"] == session.id and saved["status"] == "exported"
+    # the desktop client keeps the token it was given: a still-valid saved token is not replaced
+    assert saved["client_token"] == crashed["client_token"]
+    assert len([c for c in emu.calls if c["path"] == "/capture/session/token"]) == 1
     assert saved["ws_connection_id"] == binds[-1]
     stopped = {c["path"] for c in emu.calls if c["method"] == "PATCH" and (c["body"] or {}).get("action") == "stop"}
     for i in crashed["indexes"]:  # the crashed run's indexes would keep running against a dead connection
