@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import re
 import subprocess
@@ -266,10 +267,11 @@ async def test_drop_to_rebind_under_a_second(make_context: Callable[..., Context
 
 # --- backfill ----------------------------------------------------------------------------------------
 
-async def test_backfill_comes_before_the_new_connections_events(make_context: Callable[..., Context],
-                                                               tmp_path: Path) -> None:
+async def test_backfill_comes_before_the_new_connections_events(
+        make_context: Callable[..., Context], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     events = [{"at": 0.1 * i, "channel": "transcript", "rtstream": "mic:default", "text": f"t{i}"}
               for i in range(1, 200)]
+    caplog.set_level(logging.INFO, logger="pipeline.backfill")
     emu = Emulator(scenario_file(tmp_path, events, end=20.1), speed=5, drop_after=10)
     await emu.start()
     try:
@@ -284,6 +286,11 @@ async def test_backfill_comes_before_the_new_connections_events(make_context: Ca
     assert not missed - Counter(map(key, (e for e in got if e.get("backfill")))) and emu.hub.drops >= 5
     starts = [e["data"]["start"] for e in got]
     assert starts == sorted(starts)  # held live events wait for the backfill: event-time order across gaps
+    # each backfill is logged per channel; the counts add up to what was backfilled
+    logged = [re.search(r"backfill after re-bind to ws-\w+: (?:transcript (\d+)|nothing missing) \(", r.getMessage())
+              for r in caplog.records if "backfill after re-bind" in r.getMessage()]
+    assert logged and all(logged)
+    assert sum(int(m.group(1) or 0) for m in logged if m) == src.context.session.gaps.backfilled["transcript"] > 0
 
 
 async def test_backfill_false_fetches_nothing_and_the_gap_stays_lost(make_context: Callable[..., Context]) -> None:
