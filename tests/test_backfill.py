@@ -245,6 +245,40 @@ async def test_websocket_source_backs_off_when_a_connection_delivered_nothing(
     assert all(b - a >= 0.2 for a, b in itertools.pairwise(accepted))
 
 
+async def test_a_quiet_connection_that_stayed_up_is_not_a_failed_reconnect(
+        make_context: Callable[..., Context]) -> None:
+    """Before a meeting starts a connection can be quiet for a long time. One that stayed open longer than
+    backoff_max and then dropped was counted as a failed reconnect: delays grew and `max_retries` quiet drops
+    ended the run ("gave up"). Now its drop waits backoff_initial and never counts toward max_retries."""
+    accepted: list[float] = []
+    closed: list[float] = []
+
+    async def serve(ws: Any) -> None:
+        accepted.append(time.monotonic())
+        await ws.send(json.dumps({"connection_id": f"conn-{len(accepted)}"}))  # as VideoDB greets
+        await asyncio.sleep(0.4)  # up and healthy, no event yet, then a server restart
+        closed.append(time.monotonic())
+        await ws.close(code=1012)
+
+    async with websockets.serve(serve, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        src = WebSocketSource(WebSocketSource.Options.model_validate(
+            {"url": f"ws://127.0.0.1:{port}", "backoff_initial": 0.05, "backoff_max": 0.3, "max_retries": 2}),
+            make_context("source:websocket"))
+
+        async def read() -> None:
+            async for _ in src.batches():
+                pass
+
+        task = asyncio.create_task(read())
+        while len(accepted) < 5 and not task.done():
+            await asyncio.sleep(0.02)
+        await src.stop()
+        await task  # before: StageError "gave up after 2 reconnect attempts: connection keeps dropping"
+    waits = [a - c for c, a in zip(closed, accepted[1:], strict=False)]
+    assert len(waits) >= 4 and max(waits) < 0.2, waits  # backoff_initial each time, not 0.1, 0.2, 0.3 ...
+
+
 async def test_drop_to_rebind_under_a_second(make_context: Callable[..., Context], tmp_path: Path) -> None:
     events = [{"at": 0.2 * i, "channel": "transcript", "rtstream": "mic:default", "text": f"t{i}"}
               for i in range(1, 40)]
