@@ -59,8 +59,9 @@ class RuntimeSettings(Options):
     queue_size: int = Field(default=16, ge=1, description="batches buffered per sink before backpressure")
     fetch_max_wait: Duration = Field(default=0.01, gt=0, le=30, description="faust workers: longest a fetch "
                                      "waits at the broker for new records (some brokers answer only then)")
-    batch_wait: Duration = Field(default=0.01, gt=0, le=30, description="faust workers: longest a worker "
-                                 "waits to fill a batch (up to 1,000 events) before processing it")
+    batch_wait: Duration = Field(default=0.0, ge=0, le=30, description="faust workers: 0 = process the "
+                                 "records waiting as soon as they arrive; else wait up to this long to fill a "
+                                 "batch (up to 1,000 records) before processing it")
     drain_timeout: Duration = Field(default=30.0, description="on shutdown, how long sinks may take to flush")
     http: str | None = Field(default=None, description="serve /metrics, /healthz, /ready, /tap and a status page "
                              "at HOST:PORT, e.g. 127.0.0.1:9464 (off by default)")

@@ -45,7 +45,7 @@ def fetch_wait_ms(worker: Worker) -> int:
 
 async def test_workers_fetch_and_batch_with_short_waits_by_default(tmp_path: Path) -> None:
     cfg = load_config(config(tmp_path, "127.0.0.1:9"))
-    assert (cfg.runtime.fetch_max_wait, cfg.runtime.batch_wait) == (0.01, 0.01)
+    assert (cfg.runtime.fetch_max_wait, cfg.runtime.batch_wait) == (0.01, 0.0)
     assert fetch_wait_ms(Worker(cfg, tmp_path / "w", 10.0)) == 10
 
     slow = load_config(config(tmp_path, "127.0.0.1:9", fetch_max_wait="500ms", batch_wait="50ms"))
@@ -127,3 +127,40 @@ async def test_ingest_sink_takes_every_batch_queued_behind_an_ack_in_one_write()
 def test_ingest_runtime_merges_only_its_kafka_sink(tmp_path: Path) -> None:
     rt = ingest_runtime(load_config(config(tmp_path, "127.0.0.1:9")), install_signals=False)
     assert [getattr(b, "merge", None) for b in rt.buffers] == [True]
+
+
+async def test_a_worker_takes_every_waiting_record_in_one_batch_without_a_timer(
+        kafka_broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+    """`batch_wait: 0` (the default): records that arrive while a batch is being handled form the next batch.
+
+    The sink takes 0.2 s per batch, so 200 records sent one by one must not become 200 batches (40 s).
+    """
+    from aiokafka import AIOKafkaProducer
+
+    cfg_path = config(tmp_path, kafka_broker.bootstrap)
+    spec = orjson.dumps({"type": "tests.slow_sink:SlowSink", "path": str(tmp_path / "batches"), "delay": 0.2})
+    cfg_path.write_text(cfg_path.read_text().replace("sinks:\n", f"sinks:\n- {spec.decode()}\n", 1))
+    cfg = load_config(cfg_path)
+    assert cfg.runtime.batch_wait == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PIPELINE_LOG_LEVEL": "info"}
+    workers = Workers(cfg_path, tmp_path, env)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap, linger_ms=0)
+    await producer.start()
+    try:
+        workers.start()
+        await workers.settled(1)
+        for i in range(200):
+            ev = {"channel": "transcript", "capture_session_id": "cap-1", "data": {"text": f"t{i}"},
+                  "unix_ts": 1710000000 + i, "ts": "x"}
+            await producer.send_and_wait(ingest_topic(cfg), orjson.dumps(ev), key=b"cap-1")
+        t0 = time.monotonic()
+        while count(tmp_path / "out/events.jsonl") < 200:
+            assert time.monotonic() - t0 < 30, "the worker fell behind: one record per batch?"
+            await asyncio.sleep(0.05)
+    finally:
+        await producer.stop()
+        codes = workers.stop_all()
+    assert codes == [0]
+    sizes = [int(x) for x in (tmp_path / "batches").read_text().split()]
+    assert sum(sizes) == 200
+    assert len(sizes) < 60 and max(sizes) > 5, sizes

@@ -161,6 +161,26 @@ def _one_object(value: bytes) -> bool:
 
 # --- worker ------------------------------------------------------------------------------------
 
+async def ready_batches(stream: Any, most: int) -> Any:
+    """Batches of the records a faust stream already holds (up to `most`), each as soon as it arrives.
+
+    Why not `take_events`: it yields on a fixed timer, so every record waited up to that long even on an
+    idle worker. Here a record waits only for the batch before it. Records are acknowledged after the
+    batch was handled (the consumer of this generator came back), so offsets never pass unhandled ones.
+    """
+    stream.enable_acks = False
+    channel = stream.channel
+    pending: list[Any] = []
+    async for event in stream.events():
+        pending.append(event)
+        if len(pending) < most and not channel.empty():
+            continue
+        yield pending
+        for event in pending:
+            await stream.ack(event)
+        pending = []
+
+
 class Worker:
     """One faust worker: the app, its agent over the ingest topic, the processors and sinks."""
 
@@ -211,8 +231,11 @@ class Worker:
 
     async def _agent(self, stream: Any) -> None:
         await self.start_sinks()
-        # faust yields a batch when it is full or every `batch_wait`, whichever comes first
-        async for events in stream.take_events(BATCH_MAX, within=self.cfg.runtime.batch_wait):
+        wait = self.cfg.runtime.batch_wait
+        # batch_wait 0: every record already waiting, as soon as it is there; else faust's take_events,
+        # which yields a batch when it is full or every `batch_wait`, whichever comes first
+        batches = stream.take_events(BATCH_MAX, within=wait) if wait else ready_batches(stream, BATCH_MAX)
+        async for events in batches:
             try:
                 await self.handle(events)
             except PipelineError as exc:
