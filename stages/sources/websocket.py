@@ -145,9 +145,13 @@ class WebSocketSource(Source):
         try:
             while not self._stopping:
                 accepted_before = self._accepted
+                opening = time.monotonic()
                 try:
                     self._ws, conn_id = await self.open()
                 except (TimeoutError, OSError, websockets.WebSocketException, StageError) as exc:
+                    if isinstance(exc, websockets.ConnectionClosed) and \
+                            time.monotonic() - opening >= self.options.backoff_max:
+                        backoff.reset()  # connected, then quiet for long before its first frame: it was working
                     delay = backoff.next()
                     if delay is None:
                         raise StageError(f"{self.describe()}: gave up after {backoff.attempt} reconnect attempts: "
