@@ -372,6 +372,32 @@ def test_inlet_dedupes_both_ways_and_orders_backfill_by_event_time() -> None:
     assert inlet.since("r", "transcript") == 6
 
 
+def test_a_hold_keeps_back_only_new_live_events_and_lasts_at_most_hold_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a re-bind and backfill run, the new connection's events wait; after HOLD_MAX they go on anyway."""
+    from stages.sources import inlet as inlet_module
+    from stages.sources.inlet import HOLD_MAX, Inlet
+
+    now = [1000.0]
+    monkeypatch.setattr(inlet_module.time, "monotonic", lambda: now[0])
+    accepted = [2]  # two events of the old connection are pending when the hold starts
+    woke: list[int] = []
+    inlet = Inlet(lambda: woke.append(1), position=lambda: accepted[0])
+    inlet.hold()
+    accepted[0] = 5  # the new connection delivered three more
+    assert inlet.releasable(5) == 2  # the old connection's two may go, the new three wait
+    inlet.hold()  # a second re-bind overlaps the first: one release is not enough
+    inlet.release()
+    assert inlet.releasable(5) == 2 and not woke
+    inlet.release()
+    assert inlet.releasable(5) == 5 and woke == [1]
+    inlet.hold()
+    accepted[0] = 9
+    now[0] += HOLD_MAX - 0.1
+    assert inlet.releasable(9) == 5
+    now[0] += 0.2  # the backfill is too slow: live events go on, the hold is over
+    assert inlet.releasable(9) == 9 and inlet.hold_from is None
+
+
 async def test_drop_after_5_at_speed_every_event_once_and_on_time(tmp_path: Path) -> None:
     speed = 8.0
     emu = Emulator(speed=speed, api_key=API_KEY, drop_after=5)
