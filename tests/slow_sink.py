@@ -6,7 +6,7 @@ import asyncio
 
 from pydantic import Field
 
-from pipeline.api import Batch, Sink, SinkOptions
+from pipeline.api import Batch, Options, Processor, Sink, SinkOptions
 
 
 class SlowOptions(SinkOptions):
@@ -40,3 +40,20 @@ class FailingSink(Sink):
         from pipeline.errors import StageError
 
         raise StageError("/fake/path: cannot write: No space left on device")
+
+
+class SpoilOptions(Options):
+    ids: list[int] = Field(default_factory=list)
+
+
+class Spoil(Processor):
+    """Gives the events with these ids a value JSON cannot hold (an integer dict key), as a plugin might."""
+
+    name = "spoil"
+    Options = SpoilOptions
+
+    def process(self, batch: Batch) -> Batch:
+        for ev in batch:
+            if ev.get("id") in self.options.ids:
+                ev["bad"] = {1: "integer key"}
+        return batch

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -177,7 +179,7 @@ def test_cli_has_queue_on_drop() -> None:
 # --- reconnect at once ---------------------------------------------------------------------------
 
 async def test_websocket_source_reopens_a_connection_that_delivered_at_once(
-        make_context: Callable[..., Context]) -> None:
+        make_context: Callable[..., Context], caplog: pytest.LogCaptureFixture) -> None:
     accepted: list[float] = []
     closed: list[float] = []
 
@@ -214,6 +216,8 @@ async def test_websocket_source_reopens_a_connection_that_delivered_at_once(
     assert len(gaps) == 3 and max(gaps) < 1.0, gaps
     assert len(got) == 4
     assert ctx.session.gaps.reconnects == 3 and 0 < ctx.session.gaps.gap_seconds < 3.0
+    logged = [r.getMessage() for r in caplog.records if ": reconnected" in r.getMessage()]
+    assert len(logged) == 3 and all(re.search(r"reconnected after a 0\.\d{3}s gap$", m) for m in logged), logged
 
 
 async def test_websocket_source_backs_off_when_a_connection_delivered_nothing(
@@ -241,6 +245,42 @@ async def test_websocket_source_backs_off_when_a_connection_delivered_nothing(
     assert all(b - a >= 0.2 for a, b in itertools.pairwise(accepted))
 
 
+@pytest.mark.parametrize("greets", [True, False], ids=["greeting", "silent"])
+async def test_a_quiet_connection_that_stayed_up_is_not_a_failed_reconnect(
+        make_context: Callable[..., Context], greets: bool) -> None:
+    """Before a meeting starts a connection can be quiet for a long time. One that stayed open longer than
+    backoff_max and then dropped was counted as a failed reconnect: delays grew and `max_retries` quiet drops
+    ended the run ("gave up"). Now its drop waits backoff_initial and never counts toward max_retries."""
+    accepted: list[float] = []
+    closed: list[float] = []
+
+    async def serve(ws: Any) -> None:
+        accepted.append(time.monotonic())
+        if greets:  # as VideoDB does; a plain server may send nothing before its first event
+            await ws.send(json.dumps({"connection_id": f"conn-{len(accepted)}"}))
+        await asyncio.sleep(0.4)  # up and healthy, no event yet, then a server restart
+        closed.append(time.monotonic())
+        await ws.close(code=1012)
+
+    async with websockets.serve(serve, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        src = WebSocketSource(WebSocketSource.Options.model_validate(
+            {"url": f"ws://127.0.0.1:{port}", "backoff_initial": 0.05, "backoff_max": 0.3, "max_retries": 2}),
+            make_context("source:websocket"))
+
+        async def read() -> None:
+            async for _ in src.batches():
+                pass
+
+        task = asyncio.create_task(read())
+        while len(accepted) < 5 and not task.done():
+            await asyncio.sleep(0.02)
+        await src.stop()
+        await task  # before: StageError "gave up after 2 reconnect attempts: connection keeps dropping"
+    waits = [a - c for c, a in zip(closed, accepted[1:], strict=False)]
+    assert len(waits) >= 4 and max(waits) < 0.2, waits  # backoff_initial each time, not 0.1, 0.2, 0.3 ...
+
+
 async def test_drop_to_rebind_under_a_second(make_context: Callable[..., Context], tmp_path: Path) -> None:
     events = [{"at": 0.2 * i, "channel": "transcript", "rtstream": "mic:default", "text": f"t{i}"}
               for i in range(1, 40)]
@@ -263,10 +303,11 @@ async def test_drop_to_rebind_under_a_second(make_context: Callable[..., Context
 
 # --- backfill ----------------------------------------------------------------------------------------
 
-async def test_backfill_comes_before_the_new_connections_events(make_context: Callable[..., Context],
-                                                               tmp_path: Path) -> None:
+async def test_backfill_comes_before_the_new_connections_events(
+        make_context: Callable[..., Context], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     events = [{"at": 0.1 * i, "channel": "transcript", "rtstream": "mic:default", "text": f"t{i}"}
               for i in range(1, 200)]
+    caplog.set_level(logging.INFO, logger="pipeline.backfill")
     emu = Emulator(scenario_file(tmp_path, events, end=20.1), speed=5, drop_after=10)
     await emu.start()
     try:
@@ -281,6 +322,30 @@ async def test_backfill_comes_before_the_new_connections_events(make_context: Ca
     assert not missed - Counter(map(key, (e for e in got if e.get("backfill")))) and emu.hub.drops >= 5
     starts = [e["data"]["start"] for e in got]
     assert starts == sorted(starts)  # held live events wait for the backfill: event-time order across gaps
+    # each backfill is logged per channel; the counts add up to what was backfilled
+    logged = [re.search(r"backfill after re-bind to ws-\w+: (?:transcript (\d+)|nothing missing) \(", r.getMessage())
+              for r in caplog.records if "backfill after re-bind" in r.getMessage()]
+    assert logged and all(logged)
+    came_by_backfill = sum(1 for e in got if e.get("backfill"))  # 0 when no drop happened to lose one
+    assert sum(int(m.group(1) or 0) for m in logged if m) == src.context.session.gaps.backfilled.get(
+        "transcript", 0) == came_by_backfill
+
+
+async def test_backfill_false_fetches_nothing_and_the_gap_stays_lost(make_context: Callable[..., Context]) -> None:
+    emu = Emulator(speed=0, drop_after=5)
+    await emu.start()
+    try:
+        src, ctl = make_stages(make_context, emu, source={"backfill": False},
+                               controller={"end_user_id": "u", "on_active": {"transcript": True},
+                                           "status_poll_interval": "300ms"})
+        run = await run_stages(src, ctl, timeout=30)
+    finally:
+        await emu.stop()
+    assert emu.hub.drops >= 1 and emu.hub.undelivered > 0
+    assert not any(e.get("backfill") for e in run.events) and not src.context.session.gaps.backfilled
+    assert not [c for c in emu.calls if c["method"] == "GET" and c["path"].endswith("/transcription")]
+    live = [r["event"] for r in emu.emitted if tracked(r["event"]) and r["live"]]
+    assert Counter(map(key, filter(tracked, run.events))) == Counter(map(key, live))  # only what went out live
 
 
 def test_inlet_dedupes_both_ways_and_orders_backfill_by_event_time() -> None:
@@ -307,6 +372,32 @@ def test_inlet_dedupes_both_ways_and_orders_backfill_by_event_time() -> None:
     assert inlet.backfilled == Counter({"transcript": 3}) and inlet.duplicates == 3
     inlet.covered("r", "transcript", 3)
     assert inlet.since("r", "transcript") == 6
+
+
+def test_a_hold_keeps_back_only_new_live_events_and_lasts_at_most_hold_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a re-bind and backfill run, the new connection's events wait; after HOLD_MAX they go on anyway."""
+    from stages.sources import inlet as inlet_module
+    from stages.sources.inlet import HOLD_MAX, Inlet
+
+    now = [1000.0]
+    monkeypatch.setattr(inlet_module.time, "monotonic", lambda: now[0])
+    accepted = [2]  # two events of the old connection are pending when the hold starts
+    woke: list[int] = []
+    inlet = Inlet(lambda: woke.append(1), position=lambda: accepted[0])
+    inlet.hold()
+    accepted[0] = 5  # the new connection delivered three more
+    assert inlet.releasable(5) == 2  # the old connection's two may go, the new three wait
+    inlet.hold()  # a second re-bind overlaps the first: one release is not enough
+    inlet.release()
+    assert inlet.releasable(5) == 2 and not woke
+    inlet.release()
+    assert inlet.releasable(5) == 5 and woke == [1]
+    inlet.hold()
+    accepted[0] = 9
+    now[0] += HOLD_MAX - 0.1
+    assert inlet.releasable(9) == 5
+    now[0] += 0.2  # the backfill is too slow: live events go on, the hold is over
+    assert inlet.releasable(9) == 9 and inlet.hold_from is None
 
 
 async def test_drop_after_5_at_speed_every_event_once_and_on_time(tmp_path: Path) -> None:

@@ -85,6 +85,7 @@ async def test_rolled_files_appear_only_when_complete(tmp_path: Path, make_conte
         await sink.write([ev(k * 100 + i) for i in range(100)] + ([alert] if k == 0 else []))
         assert all((p.name.startswith("part-") and p.suffix == ".parquet") or p.name.startswith(".")
                    for p in out.iterdir())
+    assert [p for p in out.iterdir() if not p.name.startswith(".")]  # roll_bytes completed one before any flush
     await sink.flush()  # completes the open file
     assert not any(p.name.startswith(".") for p in out.iterdir())
     await sink.write([ev(1000 + i) for i in range(50)])  # one row group: a new file, still open
@@ -147,3 +148,15 @@ async def test_an_unencodable_event_is_dead_lettered_alone(tmp_path: Path, make_
     await sink.close()
     assert pq.read_table(tmp_path / "pq").num_rows == 2
     assert ctx.dead_letter.count == 1 and ctx.stats.errors == 1
+
+
+def test_validate_checks_the_parquet_directory(tmp_path: Path) -> None:
+    """`pipeline validate` checks where a parquet sink writes, as it does for jsonl (a file is in the way here)."""
+    (tmp_path / "file").write_text("")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"name: v\nsource: {{type: replay, path: {SAMPLE}}}\n"
+                   f"sinks: [{{type: parquet, path: '{tmp_path}/file/parquet/{{channel}}/{{date}}'}}]\n")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(cfg)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and f"sinks[0].path: cannot write {tmp_path}/file/parquet/" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and "is not a directory" in res.stderr

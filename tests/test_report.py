@@ -56,6 +56,13 @@ def test_demo_report_in_headless_chromium(demo_out: Path, tmp_path: Path) -> Non
         assert sorted(lanes) == ["display:1", "mic:default", "system_audio:default"]
         assert page.locator("tr.alert-row").count() == len(alerts)  # events.jsonl + alerts.jsonl: no duplicates
         assert page.locator("tr.talk-row").count() == 2
+        # keyword counts: every matched keyword of the rules' alerts, counted once per alert that matched it
+        want: dict[str, int] = {}
+        for a in alerts:
+            for k in a["data"].get("matched") or []:
+                want[k] = want.get(k, 0) + 1
+        chips = page.eval_on_selector_all("span.chip.kw", "els => els.map(e => e.textContent)")
+        assert want and sorted(chips) == sorted(f"{k} {n}" for k, n in want.items())
         # hover: the tooltip shows the mark's text
         mark = page.locator("svg .m.visual_index").first
         mark.hover()

@@ -103,6 +103,9 @@ async def test_kill_9_then_restart_resumes_the_same_session(emu: Emulator, tmp_p
     assert binds[binds_before:] and first_conn not in binds[binds_before:]
     saved = json.loads((tmp_path / "out" / NAME / "capture_session.json").read_text())
     assert saved["session_id"] == session.id and saved["status"] == "exported"
+    # the desktop client keeps the token it was given: a still-valid saved token is not replaced
+    assert saved["client_token"] == crashed["client_token"]
+    assert len([c for c in emu.calls if c["path"] == "/capture/session/token"]) == 1
     assert saved["ws_connection_id"] == binds[-1]
     stopped = {c["path"] for c in emu.calls if c["method"] == "PATCH" and (c["body"] or {}).get("action") == "stop"}
     for i in crashed["indexes"]:  # the crashed run's indexes would keep running against a dead connection
@@ -154,6 +157,44 @@ async def test_saved_session_is_attached_and_new_session_flag_creates_one(
         assert len(creates(emu)) == 1
         fresh = await saved_session_run(make_context, emu, tmp_path, new_session=True)
         assert fresh not in (None, existing.id) and len(creates(emu)) == 2
+        assert json.loads((tmp_path / "capture_session.json").read_text())["session_id"] == fresh
+    finally:
+        await emu.stop()
+
+
+@pytest.mark.parametrize("case", ["saved-as-exported", "ended-at-videodb", "unknown-to-videodb", "other-user"])
+async def test_a_saved_session_that_cannot_be_resumed_gets_a_new_one(
+        make_context: Callable[..., Context], tmp_path: Path, case: str) -> None:
+    """Resume only a live session of the same collection and end user; otherwise create one (and say why)."""
+    import urllib.request
+
+    import videodb
+
+    emu = Emulator(speed=0, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        conn = videodb.connect(api_key=API_KEY, base_url=emu.base_url)
+        existing = await asyncio.to_thread(conn.create_capture_session, end_user_id="demo-user",
+                                           collection_id="default")
+        record = {"session_id": existing.id, "collection_id": "default", "end_user_id": "demo-user",
+                  "status": "active"}
+        if case == "saved-as-exported":
+            record["status"] = "exported"
+        elif case == "unknown-to-videodb":
+            record["session_id"] = "cap-000000000000"
+        elif case == "other-user":
+            record["end_user_id"] = "someone-else"
+        else:  # the file says active, but the session ended while no pipeline ran
+            for hook in ("start", "stop"):
+                req = urllib.request.Request(f"{emu.base_url}/_emulator/sessions/{existing.id}/{hook}", method="POST")
+                await asyncio.to_thread(urllib.request.urlopen, req, None, 5)
+            async with asyncio.timeout(10):
+                while (await asyncio.to_thread(conn.get_capture_session, existing.id)).status != "exported":
+                    await asyncio.sleep(0.05)
+        (tmp_path / "capture_session.json").write_text(json.dumps(record))
+
+        fresh = await saved_session_run(make_context, emu, tmp_path, new_session=False)
+        assert fresh not in (None, existing.id, record["session_id"]) and len(creates(emu)) == 2
         assert json.loads((tmp_path / "capture_session.json").read_text())["session_id"] == fresh
     finally:
         await emu.stop()

@@ -185,6 +185,67 @@ async def test_full_disk_buffer_blocks_or_dead_letters(tmp_path: Path) -> None:
     blk.close()
 
 
+async def test_an_event_the_disk_buffer_cannot_encode_is_dead_lettered_alone(tmp_path: Path) -> None:
+    """A plugin processor made one event JSON cannot hold: the spool dead-letters it, the rest is delivered, and
+    the summary names it for what it is (before: counted as `buffer-full dead-lettered`)."""
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps({"channel": "transcript", "id": i}) + b"\n"
+                                                 for i in range(6)))
+    (tmp_path / "p.yaml").write_text(f"""
+name: spoilt
+source: {{type: replay, path: {tmp_path}/in.jsonl, batch_size: 3}}
+stages: [{{type: "tests.slow_sink:Spoil", ids: [1, 3, 4, 5]}}]
+sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl, buffer: {{type: disk}}}}]
+dead_letter: {tmp_path}/dead.jsonl
+state_dir: {tmp_path}/state
+""")
+    rt = LocalRuntime(build(load_config(tmp_path / "p.yaml")), install_signals=False)
+    assert await rt.run() == 0, rt.error
+    assert [orjson.loads(x)["id"] for x in (tmp_path / "out.jsonl").read_bytes().splitlines()] == [0, 2]
+    dead = [orjson.loads(x) for x in (tmp_path / "dead.jsonl").read_bytes().splitlines()]
+    assert [d["event_repr"].count("'id': ") for d in dead] == [1, 1, 1, 1]
+    assert all(d["reason"].startswith("cannot spool: event is not JSON-encodable") for d in dead)
+    summary = rt.summary()
+    assert "not JSON-encodable dead-lettered 4" in summary and "buffer-full" not in summary, summary
+
+
+def test_a_symlinked_segment_is_refused_and_its_target_left_alone(tmp_path: Path) -> None:
+    """Before: the segment was read through the link, found "torn" and truncated: the target file was emptied."""
+    victim = tmp_path / "notes.txt"
+    victim.write_bytes(b"my notes, not a spool\n")
+    (tmp_path / "s").mkdir(mode=0o700)
+    (tmp_path / "s" / f"{0:020d}.seg").symlink_to(victim)
+    with pytest.raises(StageError) as refused:
+        Spool(tmp_path / "s").open()
+    assert victim.read_bytes() == b"my notes, not a spool\n"
+    assert "refusing to open a spool segment through a symlink" in str(refused.value)
+
+
+def test_a_symlinked_spool_file_is_one_line_from_pipeline_run(tmp_path: Path) -> None:
+    """Before: an OSError traceback."""
+    import subprocess
+    import sys
+
+    spool = tmp_path / "state/spool/sinks-0-jsonl"
+    spool.mkdir(parents=True, mode=0o700)
+    (spool / "ack").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "in.jsonl").write_text('{"channel": "transcript"}\n')
+    (tmp_path / "p.yaml").write_text("""
+name: sym
+source: {type: replay, path: in.jsonl}
+sinks: [{type: jsonl, path: out.jsonl, buffer: {type: disk}}]
+state_dir: state
+""")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "p.yaml"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "state/spool/sinks-0-jsonl/ack: refusing to open a spool ack file through a symlink" in res.stderr
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_undelivered_bytes_reads_a_spool_without_opening_it(tmp_path: Path) -> None:
     from pipeline.state.spool import undelivered_bytes
 

@@ -181,6 +181,7 @@ class DiskBuffer(_Buffer):
         self._cache_bytes = 0
         self._live = True  # the cache holds every record from the read position on
         self.restored = 0  # events found in the spool at start (from an earlier run)
+        self.unencodable = 0  # events dead-lettered because JSON cannot hold them (not a full buffer)
 
     def open(self) -> None:
         """Recover the spool: report a torn tail, queue what an earlier run left undelivered."""
@@ -235,7 +236,7 @@ class DiskBuffer(_Buffer):
                 orjson.dumps(ev, default=str)
             except (TypeError, orjson.JSONEncodeError) as exc:
                 self._reject([ev], f"cannot spool: event is not JSON-encodable: {exc}")
-                self.rejected += 1
+                self.unencodable += 1
             else:
                 keep.append(ev)
         return keep, orjson.dumps(keep, default=str)

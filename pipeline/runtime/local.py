@@ -440,6 +440,8 @@ class LocalRuntime:
             if slot.stats.name == name:
                 out = f"   buffer-full dead-lettered {buf.rejected}" if buf.rejected else ""
                 if isinstance(buf, DiskBuffer):
+                    if buf.unencodable:
+                        out += f"   not JSON-encodable dead-lettered {buf.unencodable}"
                     if buf.restored:
                         out += f"   from earlier spool {buf.restored}"
                     if buf.pending_events:

@@ -18,6 +18,7 @@ No fsync: a spool survives `kill -9` (the page cache is the kernel's), not power
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import struct
@@ -25,6 +26,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pipeline.errors import StageError
 from pipeline.files import FILE_MODE, ensure_private_dir
@@ -88,6 +90,16 @@ def undelivered_bytes(directory: Path) -> int:
     return max(base + last.stat().st_size - max(acked, segs[0][0]), 0)
 
 
+def _open_file(path: Path, flags: int, what: str) -> int:
+    """`os.open` (0600 when created), never through a symlink; failures are one-line StageErrors."""
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StageError(f"{path}: refusing to open a {what} through a symlink") from None
+        raise StageError(f"{path}: cannot open {what}: {exc.strerror or exc}") from None
+
+
 class Spool:
     """Append-only, crash-tolerant queue of encoded batches with a durable consumer offset."""
 
@@ -136,13 +148,14 @@ class Spool:
     def _scan(self, base: int, *, last: bool) -> list[Damage]:
         """Count pending records (headers only); in the last segment also check CRCs and cut a bad tail."""
         path = self._path(base)
-        data = path.read_bytes() if last else b""
-        size = len(data) if last else path.stat().st_size
+        fh = self._open_segment(path, os.O_RDWR if last else os.O_RDONLY)
+        data = fh.read() if last else b""
+        size = len(data) if last else os.fstat(fh.fileno()).st_size
         pos = max(self.acked - base, 0)
         if pos > size:
             pos = size
         damage: list[Damage] = []  # only the last segment is reported here; read() reports the others
-        with open(path, "rb") as fh:
+        with fh:
             while pos < size:
                 if last:
                     head = data[pos:pos + _HEAD.size]
@@ -162,8 +175,7 @@ class Spool:
                 if reason is not None:
                     if last:  # cut it off so new records append on a clean boundary
                         damage.append(Damage(path, pos, size - pos, reason, data[pos:pos + 4096]))
-                        with open(path, "r+b") as wf:
-                            wf.truncate(pos)
+                        fh.truncate(pos)
                     break
                 self.pending_events += events
                 pos = end
@@ -171,8 +183,13 @@ class Spool:
             self.write_pos = base + pos
         return damage
 
+    @staticmethod
+    def _open_segment(path: Path, flags: int) -> BinaryIO:
+        """An existing segment, never through a symlink (a torn tail is cut: that must not reach another file)."""
+        return os.fdopen(_open_file(path, flags, "spool segment"), "r+b" if flags & os.O_RDWR else "rb")
+
     def _lock(self) -> None:
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+        fd = _open_file(self.dir / "lock", os.O_RDWR | os.O_CREAT, "spool lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -182,7 +199,7 @@ class Spool:
 
     def _read_ack(self) -> None:
         path = self.dir / "ack"
-        self._ack_fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+        self._ack_fd = _open_file(path, os.O_RDWR | os.O_CREAT, "spool ack file")
         raw = os.pread(self._ack_fd, 2 * _ACK_SLOT, 0)
         best = (0, 0)
         for slot in (0, 1):
@@ -273,11 +290,7 @@ class Spool:
     def _open_append(self, base: int) -> None:
         if self._fd is not None:
             os.close(self._fd)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
-        try:
-            self._fd = os.open(self._path(base), flags, FILE_MODE)
-        except OSError as exc:
-            raise StageError(f"{self._path(base)}: cannot open spool segment: {exc.strerror or exc}") from None
+        self._fd = _open_file(self._path(base), os.O_WRONLY | os.O_CREAT | os.O_APPEND, "spool segment")
         self.write_pos = base + os.fstat(self._fd).st_size
 
     def _rotate(self) -> None:

@@ -170,17 +170,18 @@ class SessionManager:
     async def _create(self, end_user_id: str, metadata: dict[str, Any], on_active: OnActive | None,
                       key: str | None, fingerprint: str) -> ManagedSession:
         opts = self.opts
+        metadata = {**opts.metadata, **metadata}  # the configured metadata applies to every session
         try:
             conn_id = await asyncio.wait_for(self.link.wait_connection(), opts.connect_timeout)
         except TimeoutError:
             raise ApiProblem(503, "no WebSocket connection to VideoDB yet; retry shortly") from None
-        try:
+        try:  # the token first: it names no session, so if it fails no session is left behind at VideoDB
+            token = await self._sdk("generate_client_token", self.conn.generate_client_token,
+                                    opts.client_token_expires_in)
             session = await self._sdk("create_capture_session", self.conn.create_capture_session,
                                       end_user_id=end_user_id, collection_id=self.settings.collection_id,
                                       ws_connection_id=conn_id, metadata=metadata or None,
                                       callback_url=opts.callback_url)
-            token = await self._sdk("generate_client_token", self.conn.generate_client_token,
-                                    opts.client_token_expires_in)
         except VideoDBCallError as exc:
             self.stats.errors += 1
             raise ApiProblem(502, str(exc)) from None
@@ -199,7 +200,8 @@ class SessionManager:
         s.record["status"] = s.lifecycle.state
         self.store.save(s.record)
         log.info("%s: capture session %s created for end user %r", self.who, s.id, end_user_id)
-        for event in self._early.pop(s.id, []):
+        for event in self._early.pop(s.id, []):  # lifecycle events that arrived before this call returned
+            s.counts["capture_session"] = s.counts.get("capture_session", 0) + 1
             status = lifecycle_status(event)
             if status is not None and s.lifecycle.behind(status):
                 self._lifecycle_event(s, event, status)

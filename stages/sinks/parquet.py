@@ -48,7 +48,8 @@ def schema() -> Any:
 
 
 class ParquetOptions(SinkOptions):
-    path: str = Field(description="directory template; may use {channel} and {date} (UTC, from unix_ts)")
+    path: str = Field(description="directory template; may use {channel} and {date} (UTC, from unix_ts)",
+                      json_schema_extra={"path": "output"})
     roll_bytes: int = Field(default=64 << 20, ge=1, description="complete a file once it holds about this much")
     roll_interval: Duration = Field(default=300.0, description="complete a file at least this often")
     row_group_rows: int = Field(default=10000, ge=1, description="rows buffered before a row group is written")

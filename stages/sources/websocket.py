@@ -5,7 +5,8 @@ arrived since the last batch, so batching adds no latency. Non-JSON frames,
 JSON that is not an object and oversized frames go to the dead-letter file.
 A connection that delivered at least one event is reopened at once when it
 drops (each gap is logged with its length); failed connects and connections
-that delivered nothing back off exponentially. Subclasses (the `videodb`
+that delivered nothing back off exponentially (a quiet one that stayed open
+longer than `backoff_max` restarts the backoff: it was working). Subclasses (the `videodb`
 source) override `open()` to obtain the socket another way, and may set an
 `Inlet` (inlet.py) whose backfilled batches are yielded like live ones.
 """
@@ -144,9 +145,13 @@ class WebSocketSource(Source):
         try:
             while not self._stopping:
                 accepted_before = self._accepted
+                opening = time.monotonic()
                 try:
                     self._ws, conn_id = await self.open()
                 except (TimeoutError, OSError, websockets.WebSocketException, StageError) as exc:
+                    if isinstance(exc, websockets.ConnectionClosed) and \
+                            time.monotonic() - opening >= self.options.backoff_max:
+                        backoff.reset()  # connected, then quiet for long before its first frame: it was working
                     delay = backoff.next()
                     if delay is None:
                         raise StageError(f"{self.describe()}: gave up after {backoff.attempt} reconnect attempts: "
@@ -165,6 +170,7 @@ class WebSocketSource(Source):
                     gaps.gap_seconds += gap
                     log.warning("%s: reconnected%s after a %.3fs gap", self.describe(), shown, gap)
                 dropped_at = None
+                opened_at = time.monotonic()
                 if conn_id:
                     await self.context.session.announce_connection(conn_id)
                 reason = "closed by the server"
@@ -188,6 +194,8 @@ class WebSocketSource(Source):
                     log.warning("%s: connection dropped after %d events (%s); reconnecting now",
                                 self.describe(), delivered, reason)
                     continue
+                if dropped_at - opened_at >= self.options.backoff_max:
+                    backoff.reset()  # quiet but up for long: a working connection, not a failed reconnect
                 delay = backoff.next()  # delivered nothing: don't hammer a server that accepts and drops
                 if delay is None:
                     raise StageError(f"{self.describe()}: gave up after {backoff.attempt} reconnect attempts: "
