@@ -200,6 +200,9 @@ async def test_rule_state_carries_over_only_for_unchanged_rules(tmp_path: Path,
     assert await reloader.reload("test")
     assert reloader.current.source.options.path.endswith("none.jsonl")  # type: ignore[attr-defined]
     assert "reload (test) applied: 1 processor(s); needs a restart, not applied: source" in caplog.text
+    p.write_text(RULES_CFG.format(kw="apple", extra="", out=out).replace("name: state", "name: renamed"))
+    assert await reloader.reload("test")
+    assert "not applied: name, dead_letter, state_dir" in caplog.text and reloader.current.name == "state"
     rt.reloader = reloader  # the metrics endpoint counts reloads by outcome
     p.write_text("name: state\nsources: oops\n")
     assert not await reloader.reload("test")
@@ -207,5 +210,5 @@ async def test_rule_state_carries_over_only_for_unchanged_rules(tmp_path: Path,
     from pipeline.http.view import View
 
     text = exposition(registry_for(View(rt.b, rt))).decode()
-    assert 'videodb_pipeline_config_reloads_total{outcome="applied",pipeline="state"} 3.0' in text
+    assert 'videodb_pipeline_config_reloads_total{outcome="applied",pipeline="state"} 4.0' in text
     assert 'videodb_pipeline_config_reloads_total{outcome="rejected",pipeline="state"} 1.0' in text

@@ -6,8 +6,8 @@ so the swap always falls between two batches); each sink whose options changed i
 replaced in its own queue order: the old one gets every batch queued before the
 reload, is flushed and closed, then the new one starts. Rule state (cooldowns,
 windows) is kept for rules whose name and matching are unchanged. Changes to the
-source, controller, `videodb`, `runtime`, `dead_letter` or the number of sinks need
-a restart: they are logged and not applied.
+name, source, controller, `videodb`, `runtime`, `dead_letter` or the number of sinks
+need a restart: they are logged and not applied.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def _rule_keys(cfg: PipelineConfig) -> dict[str, Any]:
 def needs_restart(old: PipelineConfig, new: PipelineConfig) -> list[str]:
     """The parts of a new config that a reload cannot apply."""
     out = []
+    if old.name != new.name:  # metrics labels, default paths and stage contexts keep the running name
+        out.append("name")
     if not _same(old.source, new.source):
         out.append("source")
     if not _same(old.controller, new.controller):
@@ -261,7 +263,7 @@ async def _replace(slot: SinkSlot, sw: SinkSwap) -> None:
 def _running_config(old: PipelineConfig, new: PipelineConfig, skipped: list[str]) -> PipelineConfig:
     """The config now running: the new one, except the parts that need a restart."""
     keep: dict[str, Any] = {}
-    for part in ("source", "controller", "videodb", "runtime", "dead_letter"):
+    for part in ("name", "source", "controller", "videodb", "runtime", "dead_letter"):
         if part in skipped:
             keep[part] = getattr(old, part)
     if "state_dir" in skipped and hasattr(old, "state_dir_setting"):
