@@ -259,3 +259,37 @@ async def test_a_failed_token_call_leaves_no_orphan_session(emulator: Emulator,
         status, made = await live.call("POST", "/v1/sessions", json={"end_user_id": "a"}, headers=hdr)
         assert status == 201 and made["client_token"].startswith("ct-")
         assert len(session_calls(emulator)) == 1
+
+
+async def test_an_idempotency_key_outlives_its_session_in_memory(emulator: Emulator,
+                                                                  make_context: Callable[..., Context]) -> None:
+    """A finished session beyond max_sessions leaves memory; a late retry of its POST still gets it, from its
+    file (before: a second capture session at VideoDB, or 429 once the live sessions filled the limit)."""
+    async with running(make_context, emulator, api={"max_sessions": 1}) as live:
+        body, hdr = {"end_user_id": "a"}, {"Idempotency-Key": "late-retry"}
+        status, a = await live.call("POST", "/v1/sessions", json=body, headers=hdr)
+        assert status == 201
+        path = f"/v1/sessions/{a['session_id']}"
+
+        async def reaches(status: str) -> None:
+            for _ in range(200):
+                if (await live.call("GET", path))[1]["status"] == status:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"session a is not {status}: {(await live.call('GET', path))[1]}")
+
+        await hook(live, emulator, f"sessions/{a['session_id']}/start")  # the desktop client starts it
+        await reaches("active")
+        assert (await live.call("POST", f"{path}/stop"))[0] == 202
+        await reaches("exported")
+        assert (await live.call("POST", "/v1/sessions", json={"end_user_id": "b"}))[0] == 201  # a leaves memory
+        assert a["session_id"] not in live.ctl.manager.sessions
+        async with live.http.post(live.url + "/v1/sessions", json=body,
+                                  headers={**hdr, "Authorization": f"Bearer {TOKEN}"}) as r:
+            again = await r.json()
+            assert r.status == 201 and r.headers.get("Idempotent-Replayed") == "true", again
+        assert again["session_id"] == a["session_id"] and again["client_token"] == a["client_token"]
+        assert again["status"] == "exported"
+        assert len(session_calls(emulator)) == 2
+        status, err = await live.call("POST", "/v1/sessions", json={"end_user_id": "z"}, headers=hdr)
+        assert status == 409 and "different request body" in err["error"]

@@ -37,6 +37,7 @@ _EARLY_SESSIONS: Final = 1000  # lifecycle events for ids we do not know yet (th
 _EARLY_PER_SESSION: Final = 10
 _COUNTED: Final = frozenset({"transcript", "visual_index", "scene_index", "audio_index", "alert"})
 _BIND_CONCURRENCY: Final = 8  # re-binds after a reconnect, at once (each is a few SDK calls in a thread)
+FORGOTTEN_KEYS: Final = 65536  # Idempotency-Keys of sessions beyond max_sessions, answered from their files
 CHECKPOINT_FILE: Final = "backfill_from.checkpoint"  # where a restart's backfill starts, for every session
 CHECKPOINT_EVERY: Final = 2.0  # seconds (> the sinks' flush interval; saved one period behind)
 
@@ -64,6 +65,7 @@ class SessionManager:
         self.sessions: OrderedDict[str, ManagedSession] = OrderedDict()
         self.by_stream: dict[str, ManagedSession] = {}
         self.idempotency: dict[str, str] = {}  # Idempotency-Key -> session id
+        self.forgotten_keys: OrderedDict[str, str] = OrderedDict()  # keys of sessions evicted from memory
         self._pending: dict[str, asyncio.Future[ManagedSession]] = {}  # creates in flight, by key
         self._early: OrderedDict[str, list[Event]] = OrderedDict()
         self._background = Background(self.who, self.stats, log)
@@ -139,6 +141,9 @@ class SessionManager:
             sid = self.idempotency.get(key)
             if sid is not None and sid in self.sessions:
                 return self._same_request(self.sessions[sid], fingerprint), False
+            old = self._forgotten(key)
+            if old is not None:
+                return self._same_request(old, fingerprint), False
             pending = self._pending.get(key)
             if pending is not None:
                 return self._same_request(await asyncio.shield(pending), fingerprint), False
@@ -209,13 +214,24 @@ class SessionManager:
             self._start_poll()
         return s
 
-    def _add(self, record: dict[str, Any]) -> ManagedSession:
+    def _forgotten(self, key: str) -> ManagedSession | None:
+        """The finished session a key created, read back from its file after it left memory (a late retry)."""
+        sid = self.forgotten_keys.get(key)
+        record = self.store.load(sid) if sid is not None else None
+        if record is None or record.get("idempotency_key") != key:
+            return None
+        return self._managed(record)
+
+    def _managed(self, record: dict[str, Any]) -> ManagedSession:
         spec = record.get("on_active")
         try:
             on_active = OnActive.model_validate(spec) if spec else self.opts.on_active
         except ValueError:
             on_active = self.opts.on_active
-        s = ManagedSession(record, on_active)
+        return ManagedSession(record, on_active)
+
+    def _add(self, record: dict[str, Any]) -> ManagedSession:
+        s = self._managed(record)
         self.sessions[s.id] = s
         key = record.get("idempotency_key")
         if isinstance(key, str):
@@ -230,7 +246,11 @@ class SessionManager:
             return
         for sid in [sid for sid, s in self.sessions.items() if not s.live][:excess]:
             s = self.sessions.pop(sid)
-            self.idempotency.pop(str(s.record.get("idempotency_key")), None)
+            key = s.record.get("idempotency_key")
+            if isinstance(key, str) and self.idempotency.pop(key, None) is not None:
+                self.forgotten_keys[key] = sid  # a late retry is answered from the session's file
+                if len(self.forgotten_keys) > FORGOTTEN_KEYS:
+                    self.forgotten_keys.popitem(last=False)
             for rid in [r for r, owner in self.by_stream.items() if owner is s]:
                 del self.by_stream[rid]
 

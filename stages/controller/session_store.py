@@ -73,17 +73,27 @@ class SessionStore:
         ensure_private_dir(self.dir)
         out = []
         for p in sorted(self.dir.glob("*.json")):
-            try:
-                if p.is_symlink() or p.stat().st_size > MAX_RECORD_BYTES:
-                    raise ValueError("symlink or larger than 1 MiB")
-                record = orjson.loads(p.read_bytes())
-                if not isinstance(record, dict) or record.get("session_id") != p.stem:
-                    raise ValueError("not a session record")
-            except (OSError, ValueError) as exc:
-                log.warning("sessions: skipping %s: %s", p, exc)
-                continue
-            out.append(record)
+            record = self._read(p)
+            if record is not None:
+                out.append(record)
         return out
+
+    def load(self, session_id: str) -> dict[str, Any] | None:
+        """One saved record, or None (no such file, or unreadable: logged)."""
+        return self._read(self.path(session_id)) if safe_id(session_id) else None
+
+    @staticmethod
+    def _read(p: Path) -> dict[str, Any] | None:
+        try:
+            if p.is_symlink() or p.stat().st_size > MAX_RECORD_BYTES:
+                raise ValueError("symlink or larger than 1 MiB")
+            record = orjson.loads(p.read_bytes())
+            if not isinstance(record, dict) or record.get("session_id") != p.stem:
+                raise ValueError("not a session record")
+        except (OSError, ValueError) as exc:
+            log.warning("sessions: skipping %s: %s", p, exc)
+            return None
+        return record
 
     def clean_temporaries(self) -> None:
         """Remove `.<id>.json.<pid>.tmp` files a crash left behind."""
