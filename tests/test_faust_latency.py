@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -164,3 +165,34 @@ async def test_a_worker_takes_every_waiting_record_in_one_batch_without_a_timer(
     sizes = [int(x) for x in (tmp_path / "batches").read_text().split()]
     assert sum(sizes) == 200
     assert len(sizes) < 60 and max(sizes) > 5, sizes
+
+
+async def test_sighup_does_not_kill_a_worker(kafka_broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+    """A closed terminal (or a reload sent to every pipeline process) used to kill a worker mid-batch:
+    no drain, no offset commit, no summary. Now it is logged and ignored; SIGTERM still stops it cleanly."""
+    from aiokafka import AIOKafkaProducer
+
+    cfg_path = config(tmp_path, kafka_broker.bootstrap)
+    cfg = load_config(cfg_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PIPELINE_LOG_LEVEL": "info"}
+    workers = Workers(cfg_path, tmp_path, env)
+    proc = workers.start()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap, linger_ms=0)
+    await producer.start()
+    try:
+        await workers.settled(1)
+        proc.send_signal(signal.SIGHUP)
+        ev = {"channel": "transcript", "capture_session_id": "cap-1", "data": {"text": "after the hup"},
+              "unix_ts": 1710000000, "ts": "x"}
+        await producer.send_and_wait(ingest_topic(cfg), orjson.dumps(ev), key=b"cap-1")
+        t0 = time.monotonic()
+        while count(tmp_path / "out/events.jsonl") < 1:
+            assert proc.poll() is None, f"the worker died: {proc.returncode}"
+            assert time.monotonic() - t0 < 20, "the event never reached the sink"
+            await asyncio.sleep(0.05)
+    finally:
+        await producer.stop()
+        codes = workers.stop_all()
+    assert codes == [0]
+    log = (tmp_path / "worker-0.log").read_text()
+    assert "received SIGHUP" in log and "restart it to apply changes" in log

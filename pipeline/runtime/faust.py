@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,6 +227,7 @@ class Worker:
 
             self.app.task(lambda: serve_worker(self))
         self._closed = False
+        self.app.task(self._ignore_hup)
         self.app.agent(self.topic, name=f"{cfg.name}-process")(self._agent)
         self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
@@ -242,6 +244,14 @@ class Worker:
                 await self._fail(exc)
             except Exception as exc:
                 await self._fail(StageError(f"worker: {type(exc).__name__}: {exc}"))
+
+    async def _ignore_hup(self) -> None:
+        """SIGHUP (a closed terminal, or a reload meant for `pipeline run`) must not kill a worker mid-batch."""
+        def hup() -> None:
+            log.warning("worker %d: received SIGHUP: a worker does not reload its config; restart it to apply "
+                        "changes. Ignored", os.getpid())
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup)
 
     async def _on_assigned(self, app: Any, assigned: Any, **_: Any) -> None:
         mine = sorted(tp.partition for tp in assigned if tp.topic == self.topic.get_topic_name())
