@@ -3,6 +3,7 @@ the progress bar and --summary-json."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -27,10 +28,10 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color", "COLUMNS
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 
 
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[str]:
-    """`pipeline run --http` on a paced replay (40 events/s, an alert every 2.5 s); yields its URL."""
-    events = replay_file(tmp_path / "in.jsonl", 2400, step=0.025, alert_every=100)
+@contextlib.contextmanager
+def http_run(tmp_path: Path, events: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`pipeline run --http` on a replay at speed 1, once /ready answers 200: (its URL, the process).
+    SIGINT at the end if it still runs."""
     url = f"http://127.0.0.1:{free_port()}"
     proc = subprocess.Popen([*PIPELINE, "run", str(config(tmp_path, events, speed=1)), "--http",
                              url.removeprefix("http://"), "-q"], env=ENV, stdout=subprocess.DEVNULL,
@@ -46,11 +47,19 @@ def running(tmp_path: Path) -> Iterator[str]:
                 pass
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "pipeline never became ready"
-            time.sleep(0.1)
-        yield url
+            time.sleep(0.05)
+        yield url, proc
     finally:
-        proc.send_signal(signal.SIGINT)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
         proc.wait(20)
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[str]:
+    """`pipeline run --http` on a paced replay (40 events/s, an alert every 2.5 s); yields its URL."""
+    with http_run(tmp_path, replay_file(tmp_path / "in.jsonl", 2400, step=0.025, alert_every=100)) as (url, _):
+        yield url
 
 
 def in_pty(args: list[str], until: str | None, timeout: float = 15.0, cwd: Path = ROOT) -> tuple[str, int]:
@@ -170,22 +179,8 @@ def test_a_malformed_url_is_one_line(url: str, viewer: str) -> None:
 def test_top_ends_with_the_pipeline(tmp_path: Path) -> None:
     """A replay that ends: `pipeline top` says so and exits 0, as `pipeline tap` does."""
     events = replay_file(tmp_path / "in.jsonl", 150, step=0.02)  # ~3 s at speed 1
-    url = f"http://127.0.0.1:{free_port()}"
-    proc = subprocess.Popen([*PIPELINE, "run", str(config(tmp_path, events, speed=1)), "--http",
-                             url.removeprefix("http://"), "-q"], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/ready", timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "pipeline never answered"
-                time.sleep(0.05)
+    with http_run(tmp_path, events) as (url, _):
         screen, code = in_pty([*PIPELINE, "top", url, "--interval", "0.2"], until=None, timeout=30)
-    finally:
-        proc.wait(20)
     assert code == 0 and "Traceback" not in screen, screen[-2000:]
     assert f"pipeline top: {url} stopped answering: the pipeline ended" in screen, screen[-2000:]
     assert "source:replay" in screen

@@ -139,24 +139,27 @@ async def saved_session_run(make_context: Callable[..., Context], emu: Emulator,
     return ctl.session_id
 
 
+async def existing_session(emu: Emulator, tmp_path: Path, status: str) -> tuple[Any, dict[str, Any]]:
+    """(SDK connection, record): a capture session made at the emulator, saved as `status` in the state file."""
+    import videodb
+
+    conn = videodb.connect(api_key=API_KEY, base_url=emu.base_url)
+    existing = await asyncio.to_thread(conn.create_capture_session, end_user_id="demo-user", collection_id="default")
+    record = {"session_id": existing.id, "collection_id": "default", "end_user_id": "demo-user", "status": status}
+    (tmp_path / "capture_session.json").write_text(json.dumps(record))
+    return conn, record
+
+
 async def test_saved_session_is_attached_and_new_session_flag_creates_one(
         make_context: Callable[..., Context], tmp_path: Path) -> None:
     emu = Emulator(speed=0, api_key=API_KEY, autostart=False)
     await emu.start()
     try:
-        import videodb
-
-        conn = videodb.connect(api_key=API_KEY, base_url=emu.base_url)
-        existing = await asyncio.to_thread(conn.create_capture_session, end_user_id="demo-user",
-                                           collection_id="default")
-        record = {"session_id": existing.id, "collection_id": "default", "end_user_id": "demo-user",
-                  "status": "created"}
-        (tmp_path / "capture_session.json").write_text(json.dumps(record))
-
-        assert await saved_session_run(make_context, emu, tmp_path, new_session=False) == existing.id
+        _, record = await existing_session(emu, tmp_path, "created")
+        assert await saved_session_run(make_context, emu, tmp_path, new_session=False) == record["session_id"]
         assert len(creates(emu)) == 1
         fresh = await saved_session_run(make_context, emu, tmp_path, new_session=True)
-        assert fresh not in (None, existing.id) and len(creates(emu)) == 2
+        assert fresh not in (None, record["session_id"]) and len(creates(emu)) == 2
         assert json.loads((tmp_path / "capture_session.json").read_text())["session_id"] == fresh
     finally:
         await emu.stop()
@@ -168,16 +171,11 @@ async def test_a_saved_session_that_cannot_be_resumed_gets_a_new_one(
     """Resume only a live session of the same collection and end user; otherwise create one (and say why)."""
     import urllib.request
 
-    import videodb
-
     emu = Emulator(speed=0, api_key=API_KEY, autostart=False)
     await emu.start()
     try:
-        conn = videodb.connect(api_key=API_KEY, base_url=emu.base_url)
-        existing = await asyncio.to_thread(conn.create_capture_session, end_user_id="demo-user",
-                                           collection_id="default")
-        record = {"session_id": existing.id, "collection_id": "default", "end_user_id": "demo-user",
-                  "status": "active"}
+        conn, record = await existing_session(emu, tmp_path, "active")
+        existing_id = record["session_id"]
         if case == "saved-as-exported":
             record["status"] = "exported"
         elif case == "unknown-to-videodb":
@@ -186,15 +184,15 @@ async def test_a_saved_session_that_cannot_be_resumed_gets_a_new_one(
             record["end_user_id"] = "someone-else"
         else:  # the file says active, but the session ended while no pipeline ran
             for hook in ("start", "stop"):
-                req = urllib.request.Request(f"{emu.base_url}/_emulator/sessions/{existing.id}/{hook}", method="POST")
+                req = urllib.request.Request(f"{emu.base_url}/_emulator/sessions/{existing_id}/{hook}", method="POST")
                 await asyncio.to_thread(urllib.request.urlopen, req, None, 5)
             async with asyncio.timeout(10):
-                while (await asyncio.to_thread(conn.get_capture_session, existing.id)).status != "exported":
+                while (await asyncio.to_thread(conn.get_capture_session, existing_id)).status != "exported":
                     await asyncio.sleep(0.05)
         (tmp_path / "capture_session.json").write_text(json.dumps(record))
 
         fresh = await saved_session_run(make_context, emu, tmp_path, new_session=False)
-        assert fresh not in (None, existing.id, record["session_id"]) and len(creates(emu)) == 2
+        assert fresh not in (None, existing_id, record["session_id"]) and len(creates(emu)) == 2
         assert json.loads((tmp_path / "capture_session.json").read_text())["session_id"] == fresh
     finally:
         await emu.stop()

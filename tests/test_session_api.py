@@ -65,27 +65,31 @@ class Live:
 
 
 @contextlib.asynccontextmanager
-async def running(make_context: Callable[..., Context], emu: Emulator, **api: Any) -> AsyncIterator[Live]:
+async def running(make_context: Callable[..., Context], emu: Emulator, *, ingest: bool = True,
+                  api: dict[str, Any] | None = None, **controller: Any) -> AsyncIterator[Live]:
+    """Source + API controller (controller options overridable); `ingest=False`: the source never connects."""
     src, ctl = make_stages(make_context, emu, controller={
-        "api": {"listen": "127.0.0.1:0", "token": TOKEN, **api}, "on_active": ON_ACTIVE,
-        "status_poll_interval": 0.2})
+        "api": {"listen": "127.0.0.1:0", "token": TOKEN, **(api or {})}, "on_active": ON_ACTIVE,
+        "status_poll_interval": 0.2, **controller})
     assert ctl is not None
     http = aiohttp.ClientSession()
     await ctl.start()
     live = Live(ctl, http, ctl.api.url)
 
-    async def ingest() -> None:
+    async def run() -> None:
         async for batch in src.batches():
             ctl.observe(batch)
             live.events.extend(batch)
 
-    live.ingest = asyncio.create_task(ingest())
+    if ingest:
+        live.ingest = asyncio.create_task(run())
     try:
         yield live
     finally:
         await src.stop()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(live.ingest, 5)
+        if live.ingest is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(live.ingest, 5)
         await src.close()
         await ctl.close()
         await http.close()
@@ -184,7 +188,7 @@ async def test_idempotency_key_returns_the_same_session(
 
 
 async def test_auth_body_limit_and_clear_errors(emulator: Emulator, make_context: Callable[..., Context]) -> None:
-    async with running(make_context, emulator, max_body_bytes=2048) as live:
+    async with running(make_context, emulator, api={"max_body_bytes": 2048}) as live:
         assert (await live.call("GET", "/v1/sessions", token=None))[0] == 401
         status, err = await live.call("POST", "/v1/sessions", token="wrong-token-0123456789",
                                       json={"end_user_id": "x"})

@@ -7,57 +7,15 @@ test_session_api.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import pytest
-
 from pipeline.api import Context
 from pipeline.emulator import Emulator
-from tests.test_session_api import ON_ACTIVE, TOKEN, Live, cues, hook, session_calls
-from tests.videodb_harness import API_KEY, make_stages, scenario_file
-
-
-@contextlib.asynccontextmanager
-async def running(make_context: Callable[..., Context], emu: Emulator, *, ingest: bool = True,
-                  api: dict[str, Any] | None = None, **controller: Any) -> AsyncIterator[Live]:
-    """Source + API controller (controller options overridable); `ingest=False`: the source never connects."""
-    src, ctl = make_stages(make_context, emu, controller={
-        "api": {"listen": "127.0.0.1:0", "token": TOKEN, **(api or {})}, "on_active": ON_ACTIVE,
-        "status_poll_interval": 0.2, **controller})
-    assert ctl is not None
-    http = aiohttp.ClientSession()
-    await ctl.start()
-    live = Live(ctl, http, ctl.api.url)
-
-    async def run() -> None:
-        async for batch in src.batches():
-            ctl.observe(batch)
-            live.events.extend(batch)
-
-    if ingest:
-        live.ingest = asyncio.create_task(run())
-    try:
-        yield live
-    finally:
-        await src.stop()
-        if live.ingest is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(live.ingest, 5)
-        await src.close()
-        await ctl.close()
-        await http.close()
-
-
-@pytest.fixture
-async def emulator(tmp_path: Path) -> AsyncIterator[Emulator]:
-    emu = Emulator(scenario_file(tmp_path, cues(), end=1000), speed=10, api_key=API_KEY, autostart=False)
-    await emu.start()
-    yield emu
-    await emu.stop()
+from tests.test_session_api import TOKEN, cues, hook, running, session_calls
+from tests.test_session_api import emulator as emulator  # the shared fixture
+from tests.videodb_harness import API_KEY, scenario_file
 
 
 def setup_calls(emu: Emulator, rtstream_ids: set[str]) -> list[str]:

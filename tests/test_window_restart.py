@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from pipeline.emulator import Emulator
+from tests.test_resume import emu as emu  # the shared fixture: the scenario at speed 8
 from tests.test_resume import read, start
-from tests.videodb_harness import API_KEY
 
 NAME = "window-restart"
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[Emulator]:
-    e = Emulator(speed=8, api_key=API_KEY)  # the 76 s scenario plays in ~10 s: time to kill and restart
-    await e.start()
-    yield e
-    await e.stop()
 
 
 def transcripts(events: list[dict[str, Any]]) -> set[tuple[Any, Any]]:
