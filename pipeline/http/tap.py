@@ -4,12 +4,15 @@ The runtime holds `tap = None` while nobody is attached, so the cost then is one
 attribute check per batch. With clients, each gets its own bounded buffer of
 serialized events (one JSON array per batch: one serializer call, one message);
 when it is full, events are counted as dropped for that client (who is told) and
-the pipeline never waits.
+the pipeline never waits. Serializing is bounded in time too (`TapBudget`): a
+client that wants every event of a pipeline running flat out (a replay) would
+otherwise cost it a second serialization of everything, plus sending it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +22,34 @@ import orjson
 from pipeline.events import Batch, channel_set, in_channels
 
 DEFAULT_BUFFER = 2000  # events a client may fall behind before its tap drops
+#: Share of the pipeline's wall time the tap may spend serializing events for all its clients together
+#: (sending them costs about as much again). Beyond it, batches are dropped for the clients, and counted.
+TAP_SHARE = 0.03
+TAP_BURST = 0.05  # seconds of serializing that may be saved up while the pipeline is quiet
+
+
+class TapBudget:
+    """Time the tap may spend serializing: refills at TAP_SHARE of the time that passes, up to TAP_BURST.
+
+    A live meeting (tens of events a second) never reaches it; a replay at full speed with a client taking
+    every event does, and the client is told what it missed instead of the pipeline slowing down.
+    """
+
+    __slots__ = ("_last", "burst", "left", "share")
+
+    def __init__(self, share: float = TAP_SHARE, burst: float = TAP_BURST) -> None:
+        self.share, self.burst = share, burst
+        self.left = burst
+        self._last = time.perf_counter()
+
+    def available(self) -> bool:
+        now = time.perf_counter()
+        self.left = min(self.burst, self.left + (now - self._last) * self.share)
+        self._last = now
+        return self.left > 0
+
+    def charge(self, seconds: float) -> None:
+        self.left -= seconds
 
 
 @dataclass(frozen=True)
@@ -49,6 +80,7 @@ class TapClient:
         self.offered = 0  # events accepted into the buffer (counts towards `limit`)
         self._credit = 0.0
         self.wake = asyncio.Event()
+        self.budget: TapBudget | None = None  # the hub's, once attached
 
     @property
     def done(self) -> bool:
@@ -83,11 +115,18 @@ class TapClient:
             wanted = wanted[: max(room, 0)]
         if not wanted:
             return
+        budget = self.budget
+        if budget is not None and not budget.available():  # the tap had its share of the pipeline's time
+            self.dropped += len(wanted)
+            return
+        t0 = time.perf_counter()
         try:
             data = orjson.dumps(wanted, default=str)
         except TypeError:  # something orjson cannot encode even as a string: skip those events only
             wanted = [e for e in wanted if _encodable(e)]
             data = orjson.dumps(wanted, default=str)
+        if budget is not None:
+            budget.charge(time.perf_counter() - t0)
         self.buffer.append(data)
         self.pending += len(wanted)
         self.offered += len(wanted)
@@ -117,6 +156,7 @@ class TapHub:
         self._arm = arm  # arm(hub or None): installs this hub where the runtime checks for it
         self.clients: dict[int, list[TapClient]] = {}
         self._dropped_gone = 0
+        self.budget = TapBudget()  # shared by all clients
 
     @property
     def points(self) -> list[Point]:
@@ -148,6 +188,7 @@ class TapHub:
         raise TapError(f"{at!r} names {len(found)} points ({', '.join(p.label for p in found)}); use a label")
 
     def attach(self, client: TapClient) -> None:
+        client.budget = self.budget
         self.clients.setdefault(client.point.index, []).append(client)
         self._arm(self)
 
