@@ -261,3 +261,24 @@ def test_the_tap_budget_bounds_serializing_time_and_counts_what_it_drops() -> No
     budget.share = 0.5
     time.sleep(0.02)
     assert budget.available() and 0 < budget.left <= budget.burst
+
+
+async def test_a_client_beyond_the_taps_cpu_share_is_told_what_it_missed(tmp_path: Path) -> None:
+    """Real HTTP: once the tap's CPU budget is spent, batches are dropped for the client, counted, announced,
+    and every event is either received or counted."""
+    from pipeline.http.tap import TapBudget
+
+    events = replay_file(tmp_path / "in.jsonl", 2000)
+    async with served(config(tmp_path, events)) as (rt, base), aiohttp.ClientSession() as http:
+        rt.tap_hub.budget = TapBudget(share=0.0, burst=0.0005)  # half a millisecond, never refilled
+        async with http.get(base + "/tap", params={"at": "source"}) as src:
+            for _ in range(3):  # the hello block
+                await src.content.readline()
+            assert await rt.run() == 0
+            await rt.http_server.stop()
+            got = await read_sse(src)
+    received = [d for k, d in got if k == "message"]
+    dropped = [d["dropped"] for k, d in got if k == "dropped"]
+    assert received and dropped, (len(received), dropped)
+    assert len(received) + dropped[-1] == rt.b.source.context.stats.received == 2000
+    assert rt.tap_hub.dropped == dropped[-1]

@@ -262,7 +262,11 @@ class OperatorServer:
                 parts.append(b"event: end\ndata: " + orjson.dumps(
                     {"reason": "limit reached" if client.done else "pipeline stopped"}) + b"\n\n")
             if parts:
+                budget, cpu = self.hub.budget, time.thread_time()
                 await resp.write(b"".join(parts))
+                # sending costs about what serializing does (copies, the kernel's share): the same budget. A
+                # write that waited for a slow client also counts what ran meanwhile, so at most one burst
+                budget.charge(min(time.thread_time() - cpu, budget.burst))
             if finished:
                 return
 
