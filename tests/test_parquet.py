@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -160,3 +161,29 @@ def test_validate_checks_the_parquet_directory(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and f"sinks[0].path: cannot write {tmp_path}/file/parquet/" in res.stderr, res.stderr
     assert res.stderr.count("\n") == 1 and "is not a directory" in res.stderr
+
+
+async def test_a_batch_refused_after_a_failed_roll_is_not_kept_to_be_dead_lettered_again(
+        tmp_path: Path, make_context: MakeCtx) -> None:
+    """The roll timer failed (its rows dead-lettered by the sink); the next write is refused and the runtime
+    dead-letters that batch. Its rows must not stay buffered: a later flush wrote or dead-lettered them again."""
+    from pipeline.errors import SinkFailed
+
+    ctx = make_context("sinks[0]:parquet")
+    target = tmp_path / "pq"
+    sink = ParquetSink(ParquetOptions(path=str(target), roll_interval="200ms"), ctx)
+    await sink.start()
+    await sink.write([ev(1)])
+    shutil.rmtree(target)
+    target.write_text("a file where the sink's directory should be")  # the timer's write fails
+    for _ in range(50):
+        if sink._failed is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert sink._failed is not None and ctx.dead_letter.count == 1
+    with pytest.raises(StageError):
+        await sink.write([ev(2), ev(3)])  # refused: the runtime dead-letters these two
+    await sink.flush()
+    assert ctx.dead_letter.count == 1  # not 3: the refused batch was not buffered behind the refusal
+    with pytest.raises(SinkFailed):
+        await sink.close()

@@ -156,6 +156,8 @@ class ParquetSink(Sink):
 
     async def write(self, batch: Batch) -> None:
         async with self._lock:
+            if self._failed is not None:  # the roll timer failed: refuse before buffering (the runtime dead-letters)
+                raise StageError(str(self._failed))
             templated = self._templated
             target = None if templated else self._get(self.options.path).rows
             for event in batch:
@@ -168,8 +170,6 @@ class ParquetSink(Sink):
                     self.context.stats.sent -= 1  # the runtime counts the whole batch as written
                     continue
                 (self._get(self._dir_for(event)).rows if templated else target).append(r)  # type: ignore[union-attr]
-            if self._failed is not None:  # the roll timer failed: refuse, the runtime dead-letters this batch
-                raise StageError(str(self._failed))
             now = time.monotonic()
             for d in list(self._dirs.values()):
                 if d.rows and not d.opened:
@@ -191,7 +191,7 @@ class ParquetSink(Sink):
         rows, d.rows = d.rows, []
         try:
             await asyncio.to_thread(self._append, d, rows)
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, StageError) as exc:  # StageError: a file or symlink in the way
             for r in rows:
                 self.context.dead_letter.write(f"parquet: {exc}", stage=self.context.stage, event=orjson.loads(r[-1]))
             self.context.stats.errors += len(rows)
