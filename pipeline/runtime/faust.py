@@ -227,7 +227,6 @@ class Worker:
 
             self.app.task(lambda: serve_worker(self))
         self._closed = False
-        self.app.task(self._ignore_hup)
         self.app.agent(self.topic, name=f"{cfg.name}-process")(self._agent)
         self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
@@ -244,14 +243,6 @@ class Worker:
                 await self._fail(exc)
             except Exception as exc:
                 await self._fail(StageError(f"worker: {type(exc).__name__}: {exc}"))
-
-    async def _ignore_hup(self) -> None:
-        """SIGHUP (a closed terminal, or a reload meant for `pipeline run`) must not kill a worker mid-batch."""
-        def hup() -> None:
-            log.warning("worker %d: received SIGHUP: a worker does not reload its config; restart it to apply "
-                        "changes. Ignored", os.getpid())
-
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup)
 
     async def _on_assigned(self, app: Any, assigned: Any, **_: Any) -> None:
         mine = sorted(tp.partition for tp in assigned if tp.topic == self.topic.get_topic_name())
@@ -387,6 +378,9 @@ class Worker:
         """Run until SIGINT/SIGTERM (exit 0) or a stage error (its exit code)."""
         import faust
 
+        # SIGHUP (a closed terminal, or a reload meant for `pipeline run`) must not kill a worker mid-batch;
+        # installed before the app starts, so there is no moment when it still would
+        signal.signal(signal.SIGHUP, _ignore_hup)
         worker = faust.Worker(self.app, loglevel=loglevel, quiet=True)
         worker.spinner = None
         for handler in logging.getLogger().handlers:  # faust installs its own handlers: mask them too
@@ -403,6 +397,11 @@ class Worker:
         if self.error is not None:
             raise self.error
         return code
+
+
+def _ignore_hup(signum: int, frame: Any) -> None:
+    log.warning("worker %d: received SIGHUP: a worker does not reload its config; restart it to apply changes. "
+                "Ignored", os.getpid())
 
 
 def _parser() -> argparse.ArgumentParser:
