@@ -31,9 +31,8 @@ from pipeline.types import ByteSize
 __all__ = ["Batch", "BufferOptions", "Context", "Controller", "Event", "Options", "Processor", "Sink", "SinkOptions",
            "Source", "Stage"]
 
-
-
 Log: TypeAlias = "logging.Logger | logging.LoggerAdapter[logging.Logger]"  # what `Context.log` may be
+
 
 class Options(BaseModel):
     """Base of every stage's options: typed, unknown keys rejected, immutable."""

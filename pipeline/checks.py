@@ -86,13 +86,12 @@ def checks(cfg: PipelineConfig, placeholders: list[str] | None = None) -> list[C
 
     out: list[Check] = []
     seen: set[str] = set()
-    unset = ["${" + name + "}" for name in placeholders or []]
 
     def add(label: str, fn: Callable[[], Awaitable[str]], *needs: Any) -> None:
         if label not in seen:
             seen.add(label)
             text = " ".join(str(v) for v in needs if v is not None)
-            missing = [u[2:-1] for u in unset if u in text]
+            missing = [name for name in placeholders or () if f"${{{name}}}" in text]
             out.append((label, _skip(missing) if missing else fn))
 
     settings = cfg.settings()

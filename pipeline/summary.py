@@ -49,10 +49,10 @@ def summary_dict(rt: Any) -> dict[str, Any]:
 
 def check_summary_path(path: str) -> None:
     """Refuse a --summary-json path that cannot be written before the run, not after a whole meeting."""
-    from pipeline.validate import _creatable
+    from pipeline.validate import creatable
 
     target = Path(path)
-    why = f"{target} is a directory" if target.is_dir() else _creatable(target)
+    why = f"{target} is a directory" if target.is_dir() else creatable(target)
     if why:
         raise ConfigError(f"--summary-json: cannot write {path}: {why}")
 

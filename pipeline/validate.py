@@ -21,7 +21,7 @@ from pipeline.paths import file_options
 _PLACEHOLDER = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 
-def _creatable(path: Path) -> str | None:
+def creatable(path: Path) -> str | None:
     """None when `path`'s directory exists and is writable or could be created; else why not."""
     d = path.parent if str(path.parent) else Path(".")
     while not d.exists():
@@ -58,7 +58,7 @@ def file_problems(cfg: PipelineConfig) -> list[str]:
             concrete = value.format(channel="channel", date="2000-01-01")
         except (KeyError, IndexError, ValueError):
             concrete = value
-        why = _creatable(Path(concrete).expanduser())
+        why = creatable(Path(concrete).expanduser())
         if why:
             problems.append(f"{where}: {key}: cannot write {value}: {why}")
     return problems

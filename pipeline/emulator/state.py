@@ -35,8 +35,8 @@ class Wakeup:
 
     def set(self) -> None:
         self._set = True
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        if self._waiter is not None:
+            _expire(self._waiter)
 
     def clear(self) -> None:
         self._set = False
@@ -61,6 +61,7 @@ class Wakeup:
 
 
 def _expire(fut: asyncio.Future[None]) -> None:
+    """End a wait (the timer's, or set()'s): whichever comes second finds it done."""
     if not fut.done():
         fut.set_result(None)
 
