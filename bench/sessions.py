@@ -186,7 +186,7 @@ def _rss_kb(pid: int) -> int:
 
 
 async def _drive(api: str, emu: str, n: int, probe: Path, pids: list[int], emu_pid: int, window: float,
-                 ) -> dict[str, float]:
+                 broker_pid: int | None = None) -> dict[str, float]:
     import aiohttp
 
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -226,16 +226,19 @@ async def _drive(api: str, emu: str, n: int, probe: Path, pids: list[int], emu_p
         steady = rate >= want
         streaming_s = time.perf_counter() - t0
         cpu0, ecpu0 = sum(_cpu_seconds(p) for p in pids), _cpu_seconds(emu_pid)
+        bcpu0 = _cpu_seconds(broker_pid) if broker_pid else 0.0
         g0, h0 = _snapshot(probe), _read_hist(probe)
         await asyncio.sleep(window)
         cpu1, ecpu1 = sum(_cpu_seconds(p) for p in pids), _cpu_seconds(emu_pid)
+        bcpu1 = _cpu_seconds(broker_pid) if broker_pid else 0.0
         g1, h1 = _snapshot(probe), _read_hist(probe)
         rss1 = sum(_rss_kb(pid) for pid in pids)
         async with http.get(f"{api}/v1/sessions", params={"status": "active"}, headers=auth) as r:
             active = (await r.json())["count"]
     dt = h1[0] - h0[0]
     diff = {b: c - h0[1].get(b, 0) for b, c in h1[1].items() if c - h0[1].get(b, 0)}
-    return {"cpu": (cpu1 - cpu0) / window, "emu_cpu": (ecpu1 - ecpu0) / window, "kb": (rss1 - rss0) / n,
+    return {"cpu": (cpu1 - cpu0) / window, "emu_cpu": (ecpu1 - ecpu0) / window,
+            "broker_cpu": (bcpu1 - bcpu0) / window, "kb": (rss1 - rss0) / n,
             "p50": percentile(diff, 0.50), "p99": percentile(diff, 0.99), "rate": sum(diff.values()) / dt,
             "active": active, "created_s": created_s, "gc2_ms": g1["gc"][2] - g0["gc"][2],
             "gc_ms": sum(g1["gc"]) - sum(g0["gc"]), "gc_max": g1["gc_max"], "streaming_s": streaming_s,
@@ -263,11 +266,13 @@ def measure(n: int, window: float, out: Path, engine: str = "local") -> dict[str
         {"type": "bench.sessions:LatencySink", "path": str(probe)}], out, rules=rules_spec(100))
     emu_log, pipe_log = out / f"emulator-{tag}.log", out / f"pipeline-{tag}.log"
     procs: list[subprocess.Popen[bytes]] = []
+    broker_pid = None
     with contextlib.ExitStack() as stack:
         if faust:
             from tests.broker import running_broker
 
             broker = stack.enter_context(running_broker(log_path=out / "tansu.log"))
+            broker_pid = broker.pid
             cfg["runtime"] = {"engine": "faust", "broker": f"kafka://{broker.bootstrap}", "partitions": 4}
         emu = _spawn([sys.executable, "-m", "pipeline.emulator.cli", "--manual", "--scenario", str(scn),
                       "--api-key", API_KEY], emu_log, None if faust else 1, out)
@@ -293,7 +298,8 @@ def measure(n: int, window: float, out: Path, engine: str = "local") -> dict[str
                     if p.poll() is not None:
                         raise RuntimeError(f"a benchmark process exited {p.returncode}: see {out}")
                 time.sleep(0.1)
-            return asyncio.run(_drive(api, emu_url, n, probe, [p.pid for p in procs[1:]], emu.pid, window))
+            return asyncio.run(_drive(api, emu_url, n, probe, [p.pid for p in procs[1:]], emu.pid, window,
+                                     broker_pid))
         finally:
             for p in reversed(procs):
                 if p.poll() is None:
@@ -337,7 +343,8 @@ def run(n: int, *, sizes: tuple[int, ...] | None = None, window: float | None = 
                        f"{m['cpu'] / max(1.0, m['rate']) * 1e6:.0f} µs CPU per event")
         r.notes.append(f"garbage collection {m['gc_ms']:.0f} ms in the window ({m['gc2_ms']:.0f} ms full), "
                        f"longest pause since start {m['gc_max']:.1f} ms")
-        r.notes.append(f"emulator CPU {m['emu_cpu'] * 100:.0f}%; created in {m['created_s']:.1f}s,"
+        broker = f"test broker CPU {m['broker_cpu'] * 100:.0f}%; " if engine == "faust" else ""
+        r.notes.append(f"{broker}emulator CPU {m['emu_cpu'] * 100:.0f}%; created in {m['created_s']:.1f}s,"
                        f" all streaming after {m['streaming_s']:.1f}s; window {window:g}s"
                        + ("" if m["steady"] else "; NOT all sessions streaming when measured"))
         results.append(r)
