@@ -69,12 +69,20 @@ class RuntimeSettings(Options):
                                                           {"type": "integer", "minimum": 0, "maximum": 65535}]})
     http_token: Secret | None = Field(default=None, description="bearer token for /tap and the status page; "
                                       "needed for them on a non-loopback address")
-    status_interval: Duration = Field(default=60.0, description="log a status line this often (0 = never)")
+    status_interval: Duration = Field(default=60.0, description="log a status line this often (0 = never; "
+                                      "else at least 1s)")
 
     @field_validator("http_token", mode="before")
     @classmethod
     def _no_empty_token(cls, v: object) -> object:
         return None if v == "" else v  # `${PIPELINE_HTTP_TOKEN:-}` unset means no token
+
+    @field_validator("status_interval")
+    @classmethod
+    def _status_every(cls, v: float) -> float:
+        if 0 < v < 1:  # a line every millisecond would bury everything else in the log
+            raise ValueError("expected at least 1s (0 turns it off)")
+        return v
 
     @field_validator("http", mode="before")
     @classmethod

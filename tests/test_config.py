@@ -187,3 +187,16 @@ def test_a_key_ending_in_a_newline_is_quoted(tmp_path: Path) -> None:
     """Found by hypothesis: `$` matched before a trailing newline, so the key was printed raw."""
     msg = error_of(tmp_path, BASE % "1s" + 'runtime: {"0\\n": 1}\n')
     assert "runtime['0\\n']: unknown key" in msg
+
+
+@pytest.mark.parametrize("every", ["1ms", "0.5s"])
+def test_a_status_interval_under_a_second_is_refused(tmp_path: Path, every: str) -> None:
+    """A status line every millisecond would flood the log: 0 turns it off, else at least a second."""
+    msg = error_of(tmp_path, BASE % "1s" + f"runtime: {{status_interval: {every}}}\n")
+    assert "runtime.status_interval" in msg and "at least 1s" in msg and "0 turns it off" in msg
+
+
+@pytest.mark.parametrize(("every", "seconds"), [("0", 0.0), ("1s", 1.0), ("5m", 300.0)])
+def test_a_status_interval_of_0_or_a_second_and_more_is_taken(tmp_path: Path, every: str, seconds: float) -> None:
+    cfg = load_config(write(tmp_path, BASE % "1s" + f"runtime: {{status_interval: {every}}}\n"), env={})
+    assert cfg.runtime.status_interval == seconds
