@@ -91,7 +91,7 @@ def event_time_ms(event: Event) -> int:
 
 
 def iso_ts(unix: float) -> str:
-    """ISO-8601 UTC with milliseconds and `Z`, the seed listener's `ts` format."""
+    """ISO-8601 UTC with milliseconds and `Z`, the `ts` format of VideoDB's ws_listener.py."""
     dt = datetime.fromtimestamp(unix, UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 

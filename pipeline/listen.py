@@ -74,7 +74,7 @@ def _setup_logging() -> None:
 
 
 def _preview(batch: Batch) -> str:
-    """`[channel] text` lines, like the seed listener printed."""
+    """`[channel] text` lines, like VideoDB's ws_listener.py prints them."""
     lines = []
     for ev in batch:
         data = ev.get("data")

@@ -141,7 +141,7 @@ async def test_cli_listen_uses_env_dir_and_dead_letters_garbage(emulator: Callab
     assert [{k: v for k, v in e.items() if k not in ("ts", "unix_ts")} for e in got] == \
         [e["event"] for e in emu.emitted]
     assert sum(e.get("channel") == "transcript" for e in got) > 5
-    assert b"[transcript] " in rest  # a preview line per event with text, like the seed listener
+    assert b"[transcript] " in rest  # a preview line per event with text, like VideoDB's ws_listener.py
     dead = lines(out / "videodb_dead_letter.jsonl")
     assert len(dead) == emu.hub.garbage_sent > 0 and mode(out / "videodb_dead_letter.jsonl") == 0o600
     assert not (out / "videodb_ws_pid").exists()

@@ -1,6 +1,6 @@
 """Generate config/samples/meeting-session.jsonl: the shipped scenario as a recorded session.
 
-Why: replay demos and tests need a realistic recording in the seed listener's
+Why: replay demos and tests need a realistic recording in VideoDB's ws_listener.py
 JSONL format (each event plus `ts`/`unix_ts`); deriving it from the scenario
 keeps one source of truth. Run: `python -m pipeline.emulator.sample [OUT]`.
 """
@@ -28,7 +28,7 @@ LATENCY: Final = {"transcript": 0.35, "visual_index": 1.2, "audio_index": 0.8, "
 
 def recorded_session(scn: sc.Scenario, active_at: float = ACTIVE_AT,
                      session_id: str = SESSION_ID) -> list[dict[str, Any]]:
-    """Every event of one full session of `scn`, stamped as the seed listener would."""
+    """Every event of one full session of `scn`, stamped as VideoDB's ws_listener.py would."""
     base_ms = round(active_at * 1000)
     timed: list[tuple[float, dict[str, Any]]] = [
         (active_at - 6.0, sc.lifecycle_event("created", session_id)),

@@ -1,4 +1,4 @@
-"""Source `replay`: a recorded JSONL file (the seed listener's format), at any speed.
+"""Source `replay`: a recorded JSONL file (the format VideoDB's ws_listener.py writes), at any speed.
 
 `speed: 0` reads as fast as possible; `speed: N` paces events at N x real time
 by their `unix_ts`. Existing `ts`/`unix_ts` stamps are kept. A malformed or
