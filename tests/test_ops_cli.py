@@ -187,8 +187,8 @@ def test_top_ends_with_the_pipeline(tmp_path: Path) -> None:
 
 
 def test_json_logs_status_line_and_summary_json(tmp_path: Path) -> None:
-    events = replay_file(tmp_path / "in.jsonl", 200, step=0.005, garbage=2)  # ~1 s at speed 1
-    cfg = config(tmp_path, events, speed=1, http=None, status_interval=0.2)
+    events = replay_file(tmp_path / "in.jsonl", 200, step=0.0075, garbage=2)  # ~1.5 s at speed 1
+    cfg = config(tmp_path, events, speed=1, http=None, status_interval=1)  # the shortest interval allowed
     res = subprocess.run([*PIPELINE, "run", str(cfg), "--log-format", "json", "--log-level", "info",
                           "--summary-json", str(tmp_path / "summary.json")], env=ENV, capture_output=True,
                          text=True, timeout=60, cwd=tmp_path)
@@ -237,8 +237,8 @@ def test_an_unwritable_summary_json_path_is_refused_before_the_run(tmp_path: Pat
 
 
 def test_text_status_line_and_log_level_after_the_subcommand(tmp_path: Path) -> None:
-    events = replay_file(tmp_path / "in.jsonl", 100, step=0.005)
-    cfg = config(tmp_path, events, speed=1, http=None, status_interval=0.1)
+    events = replay_file(tmp_path / "in.jsonl", 100, step=0.015)  # ~1.5 s at speed 1
+    cfg = config(tmp_path, events, speed=1, http=None, status_interval=1)
     res = subprocess.run([*PIPELINE, "run", str(cfg), "--log-level", "warning"], env=ENV, capture_output=True,
                          text=True, timeout=60, cwd=tmp_path)
     assert res.returncode == 0 and "status:" not in res.stderr  # info lines hidden by the later --log-level
