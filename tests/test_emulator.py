@@ -389,3 +389,30 @@ def test_wakeup_times_out_wakes_early_and_leaves_no_timer_behind() -> None:
         assert w.is_set() is False
 
     asyncio.run(main())
+
+
+async def test_generated_events_and_rest_records_keep_only_the_newest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept without end, they grew with every event: thousands of sessions for an hour would not fit, and the
+    garbage collector walked all of them again and again (13% of the emulator's CPU at 1,000 sessions)."""
+    from pipeline.emulator import player, state
+
+    monkeypatch.setattr(player, "EMITTED_KEPT", 5, raising=False)
+    monkeypatch.setattr(state, "RECORDS_KEPT", 3, raising=False)
+    emu = Emulator(speed=0)
+    await emu.start()
+    try:
+        conn = videodb.connect(api_key="k", base_url=emu.base_url)
+        ws = await (await call(conn.connect_websocket)).connect()
+        session = await call(conn.create_capture_session, "u", ws_connection_id=ws.connection_id)
+        got = await receive_until(ws, "capture_session.active")
+        mic, = (await call(conn.get_capture_session, session.id)).get_rtstream("mic")
+        await call(mic.start_transcript, ws_connection_id=ws.connection_id)
+        await receive_until(ws, EXPORTED, got)
+        spoken = [e["data"] for e in got if kind(e) == "transcript"]
+        assert len(spoken) > 3
+        assert [r["event"] for r in emu.emitted] == got[-5:]  # the newest five, in order
+        listed = await call(mic.get_transcript, page_size=100)
+        assert [s["start"] for s in listed["segments"]] == [d["start"] for d in spoken[-3:]]
+        await ws.close()
+    finally:
+        await emu.stop()

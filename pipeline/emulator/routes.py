@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -314,7 +314,7 @@ def _number(req: web.Request, name: str) -> float | None:
         raise ApiError(400, f"{name} must be a number, got {raw!r}") from None
 
 
-def _page(req: web.Request, records: list[Data]) -> Data:
+def _page(req: web.Request, records: Iterable[Data]) -> Data:
     """Filter `records` by the query's start/end/since and cut out the requested page."""
     page, size = _number(req, "page"), _number(req, "page_size")
     page_i, size_i = int(page or 1), int(size or 100)

@@ -11,6 +11,7 @@ import contextlib
 import hmac
 import json
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,9 @@ class Emulator:
         self._runner: web.AppRunner | None = None
 
     @property
-    def emitted(self) -> list[dict[str, Any]]:
-        """Every event generated for delivery: `{"connection_id", "event", "live"}` (`live`: it was sent)."""
+    def emitted(self) -> deque[dict[str, Any]]:
+        """The events generated for delivery, the last 100,000: `{"connection_id", "event", "live"}` (`live`:
+        it was sent)."""
         return self.player.emitted
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -20,6 +21,9 @@ VISUAL: Final = "visual_index"
 AUDIO: Final = "audio_index"
 #: Session statuses after which nothing more happens.
 FINISHED: Final = frozenset({"exported", "failed"})
+#: Records a transcript or index keeps for its REST listing (backfill reads them): the newest ones. VideoDB
+#: keeps them all; the emulator bounds them so that thousands of sessions running for hours fit in memory.
+RECORDS_KEPT = 10_000
 
 
 class Wakeup:
@@ -81,7 +85,7 @@ class Pipeline:
     conn: str | None
     running: bool = True
     body: dict[str, Any] = field(default_factory=dict)
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECORDS_KEPT))  # REST listing
 
     def index_shape(self) -> dict[str, Any]:
         """The scene index as the SDK's RTStreamSceneIndex reads it."""
