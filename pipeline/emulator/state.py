@@ -22,7 +22,7 @@ AUDIO: Final = "audio_index"
 #: Session statuses after which nothing more happens.
 FINISHED: Final = frozenset({"exported", "failed"})
 #: Records a transcript or index keeps for its REST listing (backfill reads them): the newest ones. VideoDB
-#: keeps them all; the emulator bounds them so that thousands of sessions running for hours fit in memory.
+#: keeps them all; the emulator bounds them (about 3 hours at one record a second).
 RECORDS_KEPT = 10_000
 
 
