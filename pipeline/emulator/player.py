@@ -27,7 +27,7 @@ STOPPED_TO_EXPORTED: Final = 3.0
 _KIND: Final = {"transcript": TRANSCRIPT, "visual_index": VISUAL, "audio_index": AUDIO}
 #: Generated events kept for `/_emulator/events` and tests: the newest ones. Kept without end, they grew by
 #: 6,000 objects a second at 1,000 sessions, and the garbage collector walked them all again and again.
-EMITTED_KEPT = 100_000
+EMITTED_KEPT = 10_000
 
 
 class Player:

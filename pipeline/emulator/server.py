@@ -64,7 +64,7 @@ class Emulator:
 
     @property
     def emitted(self) -> deque[dict[str, Any]]:
-        """The events generated for delivery, the last 100,000: `{"connection_id", "event", "live"}` (`live`:
+        """The events generated for delivery, the last 10,000: `{"connection_id", "event", "live"}` (`live`:
         it was sent)."""
         return self.player.emitted
 
