@@ -49,6 +49,14 @@ async def receive_until(ws: Any, stop: str = EXPORTED, into: list[dict[str, Any]
     return got
 
 
+async def open_session(emu: Emulator) -> tuple[Any, Any, Any]:
+    """(SDK connection, its WebSocket, a capture session bound to it): the start of most tests here."""
+    conn = videodb.connect(api_key="k", base_url=emu.base_url)
+    ws = await (await call(conn.connect_websocket)).connect()
+    session = await call(conn.create_capture_session, "u", ws_connection_id=ws.connection_id)
+    return conn, ws, session
+
+
 @pytest.fixture
 async def emu() -> Any:
     e = Emulator(speed=0)
@@ -266,9 +274,7 @@ async def test_manual_start_and_stop_and_nothing_unrequested() -> None:
     emu = Emulator(speed=0, autostart=False)
     await emu.start()
     try:
-        conn = videodb.connect(api_key="k", base_url=emu.base_url)
-        ws = await (await call(conn.connect_websocket)).connect()
-        session = await call(conn.create_capture_session, "u", ws_connection_id=ws.connection_id)
+        conn, ws, session = await open_session(emu)
         got = await receive_until(ws, "capture_session.created")
         await asyncio.sleep(0.3)
         assert (await call(conn.get_capture_session, session.id)).status == "created"
@@ -308,9 +314,7 @@ async def test_failed_scenario_and_timed_playback(tmp_path: Path) -> None:
     emu = Emulator(p, speed=5, settle=0.05, setup_timeout=0.2)
     await emu.start()
     try:
-        conn = videodb.connect(api_key="k", base_url=emu.base_url)
-        ws = await (await call(conn.connect_websocket)).connect()
-        await call(conn.create_capture_session, "u", ws_connection_id=ws.connection_id)
+        _conn, ws, _session = await open_session(emu)
         got = await receive_until(ws, "capture_session.failed")
         assert [kind(e) for e in got][-2:] == ["capture_session.active", "capture_session.failed"]
         assert got[-1]["data"]["error"] == "display permission revoked"
@@ -401,9 +405,7 @@ async def test_generated_events_and_rest_records_keep_only_the_newest(monkeypatc
     emu = Emulator(speed=0)
     await emu.start()
     try:
-        conn = videodb.connect(api_key="k", base_url=emu.base_url)
-        ws = await (await call(conn.connect_websocket)).connect()
-        session = await call(conn.create_capture_session, "u", ws_connection_id=ws.connection_id)
+        conn, ws, session = await open_session(emu)
         got = await receive_until(ws, "capture_session.active")
         mic, = (await call(conn.get_capture_session, session.id)).get_rtstream("mic")
         await call(mic.start_transcript, ws_connection_id=ws.connection_id)
