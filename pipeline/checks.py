@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline import secrets
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, placeholders_in
 from pipeline.kafka import bootstrap_list
 
 TIMEOUT = 10.0
@@ -91,7 +91,7 @@ def checks(cfg: PipelineConfig, placeholders: list[str] | None = None) -> list[C
         if label not in seen:
             seen.add(label)
             text = " ".join(str(v) for v in needs if v is not None)
-            missing = [name for name in placeholders or () if f"${{{name}}}" in text]
+            missing = placeholders_in(text, placeholders or ())
             out.append((label, _skip(missing) if missing else fn))
 
     settings = cfg.settings()

@@ -32,7 +32,7 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     quiet = logging.DEBUG if level.lower() == "debug" else logging.WARNING
-    for noisy in ("websockets", "faust", "mode", "urllib3", "aiohttp.access"):
+    for noisy in ("websockets", "faust", "mode", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(quiet)
     # urllib3 warns of each retry of the VideoDB SDK's requests; the failed call itself is reported once
     logging.getLogger("urllib3").setLevel(logging.DEBUG if quiet == logging.DEBUG else logging.ERROR)

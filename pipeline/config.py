@@ -223,11 +223,11 @@ class _Checker:
 
     def _offline(self, value: Any) -> str | None:
         """For a value that is an --offline placeholder: why it fails, instead of the validator's words."""
-        for name in self.placeholders:
-            if isinstance(value, str) and f"${{{name}}}" in value:
-                return (f"{name} is not set, and its --offline placeholder is not a valid value here; "
-                        f"export it, or give it a default: ${{{name}:-value}}")
-        return None
+        names = placeholders_in(value, self.placeholders)
+        if not names:
+            return None
+        return (f"{names[0]} is not set, and its --offline placeholder is not a valid value here; "
+                f"export it, or give it a default: ${{{names[0]}:-value}}")
 
     def stage(self, kind: str, data: Any, path: Path_) -> StageSpec | None:
         if not isinstance(data, dict):
@@ -252,6 +252,11 @@ class _Checker:
         if options is None:
             return None
         return StageSpec(kind, type_name, cls, options, path_str(path), self.where(path), enabled)
+
+
+def placeholders_in(value: Any, names: Sequence[str]) -> list[str]:
+    """Which of the unset variables `names` a value still holds as `${NAME}` (what `--offline` leaves)."""
+    return [name for name in names if f"${{{name}}}" in value] if isinstance(value, str) else []
 
 
 def _value_at(data: Any, path: Path_) -> Any:
