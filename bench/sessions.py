@@ -19,7 +19,6 @@ import gc
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -301,14 +300,10 @@ def measure(n: int, window: float, out: Path, engine: str = "local") -> dict[str
             return asyncio.run(_drive(api, emu_url, n, probe, [p.pid for p in procs[1:]], emu.pid, window,
                                      broker_pid))
         finally:
+            from tests.procs import stop_process
+
             for p in reversed(procs):
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-                    try:
-                        p.wait(60)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
+                stop_process(p, timeout=60)
 
 
 def run(n: int, *, sizes: tuple[int, ...] | None = None, window: float | None = None,

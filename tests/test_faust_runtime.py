@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pipeline.runtime.faust import SessionKeys
 from pipeline.runtime.local import LocalRuntime
 from pipeline.session import SessionLink
 from tests.broker import Broker, kafka_broker, read_records  # noqa: F401
+from tests.procs import stop_process
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -123,13 +123,7 @@ class Workers:
 
     def stop(self, proc: subprocess.Popen[bytes]) -> int:
         self.stopped.add(proc.pid)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait(10)
+        return stop_process(proc)
 
     def stop_all(self) -> list[int]:
         return [self.stop(p) for p, _ in self.procs]

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.procs import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE = Path(sys.executable).parent / "pipeline"
 TOKEN = "walkthrough-token-0123456789"
@@ -116,11 +118,6 @@ def test_readme_backend_walkthrough(tmp_path: Path) -> None:
         assert "Traceback" not in run_err.read_text()
     finally:
         for p in (run, emu):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGINT)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            if p is not None:
+                stop_process(p, signal.SIGINT, 10)
         emu_out.close()
