@@ -93,7 +93,9 @@ def timeline(s: Session, gap_ms: int) -> str:
            '<defs><pattern id="hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
            'patternTransform="rotate(45)"><rect width="6" height="6" fill="#f3f4f6"/>'
            '<line x1="0" y1="0" x2="0" y2="6" stroke="#d1d5db" stroke-width="3"/></pattern></defs>']
-    step = next((t for t in TICKS if span_s / t <= max(4, width // 110)), TICKS[-1]) * 1000
+    most = max(4, width // 110)  # tick labels that fit
+    # an event far off the rest (a unix_ts in ms by mistake) spans centuries: whole days, still `most` ticks
+    step = next((t for t in TICKS if span_s / t <= most), -(-span_s // (most * 86400)) * 86400) * 1000
     first = -(-t0 // step) * step
     for t in range(first, t1 + 1, step) if step else ():
         x = sc.x(t)
