@@ -185,3 +185,32 @@ def test_lifecycle_keeps_arrival_order_on_equal_times(tmp_path: Path) -> None:
     html = path.read_text()
     table = html[html.index("<h2>Lifecycle</h2>"):]
     assert [table.index(f"<td>{s}</td>") for s in statuses] == sorted(table.index(f"<td>{s}</td>") for s in statuses)
+
+
+@pytest.mark.timeout(30)
+def test_an_event_time_far_off_the_rest_keeps_the_axis_bounded(tmp_path: Path) -> None:
+    src = tmp_path / "far.jsonl"
+    events = [{"channel": "transcript", "capture_session_id": "cap-f", "rtstream_id": "r",
+               "data": {"text": "on time", "start": 1_700_000_000_000, "end": 1_700_000_001_000}},
+              # unix_ts in ms by mistake: 1.7e15 ms, some 54,000 years later
+              {"channel": "transcript", "capture_session_id": "cap-f", "rtstream_id": "r",
+               "unix_ts": 1_700_000_005_000, "data": {"text": "ms by mistake"}}]
+    src.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    (path,) = build_reports([str(src)], str(tmp_path / "f.html"))
+    html = path.read_text()
+    assert 0 < html.count('class="tick"') <= 60 and path.stat().st_size < 200_000
+
+
+def test_channel_names_off_the_wire_are_counted_in_bounded_memory(tmp_path: Path) -> None:
+    src = tmp_path / "ch.jsonl"
+    with open(src, "wb") as fh:
+        fh.write(orjson.dumps({"channel": "transcript", "capture_session_id": "c", "rtstream_id": "r",
+                               "data": {"text": "hi", "start": 5000}}) + b"\n")
+        for i in range(5000):  # every line a new channel name, some of them long
+            fh.write(orjson.dumps({"channel": f"ch-{i}-" + "x" * (i % 3 * 50_000), "capture_session_id": "c",
+                                   "data": {"start": 6000 + i}}) + b"\n")
+    session = Collector().read([src]).sessions["c"]
+    assert len(session.counts) <= 40 and sum(session.counts.values()) == 5001
+    assert all(len(k) <= 80 for k in session.counts) and session.counts["transcript"] == 1
+    (path,) = build_reports([str(src)], str(tmp_path / "ch.html"))
+    assert path.stat().st_size < 100_000 and "other channels" in path.read_text()

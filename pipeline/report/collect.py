@@ -26,6 +26,7 @@ MAX_LANES: Final = 32  # rtstreams per session; more go into one "other streams"
 MAX_SESSIONS: Final = 200
 MAX_KEYWORDS: Final = 500
 MAX_LIFECYCLE: Final = 500
+MAX_CHANNELS: Final = 32  # channel names counted apart per session; the rest count as "other channels"
 MAX_SECONDS: Final = 1_000_000  # distinct event-time seconds remembered per session (gap detection)
 MAX_DEDUPE: Final = 2_000_000  # line digests remembered to drop the same event found in two files
 MARK_CHANNELS: Final = ("transcript", "audio_index", "visual_index", "alert")
@@ -243,7 +244,11 @@ class Collector:
             return
         t = event_time_ms(event)
         session.span(t)
-        session.counts[ch or "unknown"] = session.counts.get(ch or "unknown", 0) + 1
+        counts = session.counts
+        key = ch or "unknown"
+        if key not in counts and (len(counts) >= MAX_CHANNELS or len(key) > 80):  # channel names off the wire
+            key = "other channels"
+        counts[key] = counts.get(key, 0) + 1
         backfill = event.get("backfill") is True
         if backfill:
             session.backfill += 1
