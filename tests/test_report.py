@@ -214,3 +214,15 @@ def test_channel_names_off_the_wire_are_counted_in_bounded_memory(tmp_path: Path
     assert all(len(k) <= 80 for k in session.counts) and session.counts["transcript"] == 1
     (path,) = build_reports([str(src)], str(tmp_path / "ch.html"))
     assert path.stat().st_size < 100_000 and "other channels" in path.read_text()
+
+
+def test_session_ids_alike_but_for_unsafe_characters_get_a_page_each(tmp_path: Path) -> None:
+    src = tmp_path / "twins.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(
+        {"channel": "transcript", "capture_session_id": sid, "rtstream_id": "r", "data": {"text": sid, "start": 5000}}
+    ) + b"\n" for sid in ("cap/1", "cap?1", "cap:1")))
+    for out in (str(tmp_path / "r.html"), str(tmp_path / "dir")):
+        paths = build_reports([str(src)], out)
+        assert len(set(paths)) == 3 and all(p.is_file() for p in paths)
+        assert sorted(sid for p in paths for sid in ("cap/1", "cap?1", "cap:1") if f">{sid}<" in p.read_text()) \
+            == ["cap/1", "cap:1", "cap?1"]

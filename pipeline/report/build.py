@@ -24,19 +24,21 @@ def output_paths(ids: list[str], inputs: list[str], out: str | None) -> dict[str
         target = Path(out)
         if len(ids) == 1:
             return {ids[0]: target}
-        return {sid: target.with_name(f"{target.stem}-{safe_name(sid)}.html") for sid in ids}
-    if out is not None:
-        folder = Path(out)
-    elif len(inputs) == 1 and Path(inputs[0]).is_dir():
-        folder = Path(inputs[0])
+        folder, stem = target.parent, target.stem
     else:
-        folder = Path(".")
+        stem = "report"
+        if out is not None:
+            folder = Path(out)
+        elif len(inputs) == 1 and Path(inputs[0]).is_dir():
+            folder = Path(inputs[0])
+        else:
+            folder = Path(".")
     paths: dict[str, Path] = {}
     for sid in ids:
-        p = folder / f"report-{safe_name(sid)}.html"
+        p = folder / f"{stem}-{safe_name(sid)}.html"
         n = 2
         while p in paths.values():  # two ids that differ only in unsafe characters
-            p = folder / f"report-{safe_name(sid)}-{n}.html"
+            p = folder / f"{stem}-{safe_name(sid)}-{n}.html"
             n += 1
         paths[sid] = p
     return paths
