@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 from pipeline.errors import ConfigError
 
 TOKEN_ENV = "PIPELINE_HTTP_TOKEN"
+MAX_STATUS_BYTES = 16 << 20  # a status snapshot is a few kB; a server sending more is not a pipeline
 
 
 def base_url(url: str) -> str:
@@ -58,3 +60,22 @@ def open_url(url: str, token: str | None, timeout: float | None = 10.0) -> Any:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ConfigError(f"{url}: cannot connect: {reason} (is the pipeline running with --http?)") from None
+
+
+def read_json(resp: Any, url: str, kind: type, keys: tuple[str, ...] = ()) -> Any:
+    """The JSON body of `resp` (bounded), which must be a `kind` (with `keys`, for a dict); else a ConfigError
+    saying the address is not a pipeline's operator endpoint. Reading it may time out too."""
+    import orjson
+
+    try:
+        body = resp.read(MAX_STATUS_BYTES + 1)
+    except (OSError, http.client.HTTPException) as exc:
+        raise ConfigError(f"{url}: reading the answer failed: {exc or type(exc).__name__}") from None
+    try:
+        value = orjson.loads(body) if len(body) <= MAX_STATUS_BYTES else None
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, kind) or (isinstance(value, dict) and not all(k in value for k in keys)):
+        raise ConfigError(f"{url}: the answer is not a pipeline's status (is this the pipeline's --http "
+                          "address?)")
+    return value

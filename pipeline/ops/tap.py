@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import sys
 from typing import Any
 from urllib.parse import urlencode
 
 import orjson
 
+from pipeline.errors import ConfigError
 from pipeline.ops.client import TOKEN_ENV, base_url, open_url, stop_on_ctrl_c
+from pipeline.termsafe import visible
+
+ANSWER_TIMEOUT = 10.0  # seconds to connect and get the stream's headers
+#: seconds without a byte before the pipeline counts as gone (it sends a keep-alive every 15 s when idle)
+STALL_TIMEOUT = 60.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,34 +59,67 @@ def main(argv: list[str]) -> int:
         query.append(("limit", str(args.limit)))
     url = f"{base_url(args.url)}/tap?{urlencode(query)}"
     show = _printer(args.json)
-    resp = open_url(url, args.token, timeout=None)
-    kind, out = "message", sys.stdout
+    resp = open_url(url, args.token, timeout=ANSWER_TIMEOUT)
+    if resp.headers.get_content_type() != "text/event-stream":
+        resp.close()
+        raise ConfigError(f"{url}: the answer is not a pipeline's tap stream (is this the pipeline's --http "
+                          f"address?): Content-Type {resp.headers.get_content_type()}")
+    sock = getattr(getattr(resp.fp, "raw", None), "_sock", None)  # the stream may idle, up to the keep-alive
+    if sock is not None:
+        sock.settimeout(STALL_TIMEOUT)
     try:
-        for raw_line in resp:
-            line = raw_line.decode("utf-8", "replace").rstrip("\n")
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                data = line[6:]
-                if kind == "message":  # a JSON array: the events of one batch
-                    lines = [show(orjson.dumps(e).decode(), e) for e in orjson.loads(data)]
-                    out.write("".join(f"{t}\n" for t in lines if t is not None))
-                    out.flush()
-                elif kind == "hello":
-                    print(f"pipeline tap: following {orjson.loads(data)['at']}", file=sys.stderr)
-                elif kind == "dropped":
-                    print(f"pipeline tap: this terminal fell behind; {orjson.loads(data)['dropped']} events "
-                          "skipped so far", file=sys.stderr)
-                elif kind == "end":
-                    print(f"pipeline tap: {orjson.loads(data)['reason']}", file=sys.stderr)
-                    return 0
-            elif not line:
-                kind = "message"
+        return _follow(resp, show, url)
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:  # `pipeline tap ... | head`
         return 0
+    except (http.client.HTTPException, ConnectionError):  # cut mid-chunk, reset: it went away
+        print("pipeline tap: the pipeline closed the stream", file=sys.stderr)
+        return 0
+    except TimeoutError:
+        print(f"pipeline tap: nothing from {base_url(args.url)} for {STALL_TIMEOUT:.0f} s (not even a keep-alive): "
+              "the pipeline stopped answering", file=sys.stderr)
+        return 0
+    except (ValueError, TypeError, KeyError) as exc:  # orjson's JSONDecodeError is a ValueError
+        raise ConfigError(f"{url}: the answer is not a pipeline's tap stream (is this the pipeline's --http "
+                          f"address?): {exc}") from None
     finally:
         resp.close()
+
+
+def _follow(resp: Any, show: Any, url: str) -> int:
+    """Print the stream's events until it ends; 0 when the pipeline says so or closes the stream."""
+    kind, out = "message", sys.stdout
+    for raw_line in resp:
+        line = raw_line.decode("utf-8", "replace").rstrip("\n")
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            data = line[6:]
+            if kind == "message":  # a JSON array: the events of one batch
+                batch = orjson.loads(data)
+                if not isinstance(batch, list):
+                    raise TypeError(f"expected a JSON array of events, got {type(batch).__name__}")
+                lines = [show(orjson.dumps(e).decode(), e) for e in batch]
+                out.write("".join(f"{t}\n" for t in lines if t is not None))
+                out.flush()
+            elif kind == "hello":
+                print(f"pipeline tap: following {visible(str(_field(data, 'at')))}", file=sys.stderr)
+            elif kind == "dropped":
+                print(f"pipeline tap: this terminal fell behind; {_field(data, 'dropped')} events "
+                      "skipped so far", file=sys.stderr)
+            elif kind == "end":
+                print(f"pipeline tap: {visible(str(_field(data, 'reason')))}", file=sys.stderr)
+                return 0
+        elif not line:
+            kind = "message"
     print("pipeline tap: the pipeline closed the stream", file=sys.stderr)
     return 0
+
+
+def _field(data: str, key: str) -> Any:
+    """`key` of a JSON object message (KeyError/TypeError/ValueError when it is not one)."""
+    value = orjson.loads(data)
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value[key]

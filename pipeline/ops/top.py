@@ -7,10 +7,12 @@ import sys
 import time
 from typing import Any
 
-import orjson
-
 from pipeline.errors import ConfigError
-from pipeline.ops.client import TOKEN_ENV, base_url, open_url, stop_on_ctrl_c
+from pipeline.ops.client import TOKEN_ENV, base_url, open_url, read_json, stop_on_ctrl_c
+from pipeline.termsafe import visible
+
+#: What every status snapshot has (`/api/status`); an answer without them is not a pipeline's
+KEYS = ("pipeline", "ready", "stages", "sinks", "alerts", "uptime", "alerts_fired", "dead_lettered")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,10 +60,13 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
+    def cell(v: Any) -> Text:  # a plain string would be parsed as rich markup: `[/bold]` in event text raises
+        return Text(visible(str(v)))
+
     ready = snap["ready"]
     head = Text()
-    head.append(f"pipeline {snap['pipeline']}  ", style="bold")
-    head.append("ready" if not ready else "NOT READY: " + "; ".join(f"{k} {v}" for k, v in ready.items()),
+    head.append(visible(f"pipeline {snap['pipeline']}  "), style="bold")
+    head.append("ready" if not ready else visible("NOT READY: " + "; ".join(f"{k} {v}" for k, v in ready.items())),
                 style="green" if not ready else "yellow")
     src = snap.get("source") or {}
     if src.get("connected") is not None:
@@ -70,7 +75,7 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
         if src.get("reconnects"):
             head.append(f" ({src['reconnects']} reconnects)")
     if snap.get("session"):
-        head.append(f"  session {snap['session']['state'] or 'none'}")
+        head.append(visible(f"  session {snap['session']['state'] or 'none'}"))
     head.append(f"  lag {_secs(snap.get('lag'))}  up {snap['uptime']:.0f}s")
     head.append(f"  alerts {snap['alerts_fired']}  dead-lettered {snap['dead_lettered']}",
                 style="red" if snap["dead_lettered"] else "")
@@ -80,11 +85,11 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
     for col in ("in/s", "out/s", "in", "out", "drop", "queue", "latency", "err"):
         t.add_column(col, justify="right", no_wrap=True)
     for st in snap["stages"]:
-        t.add_row(st["name"], f"{rates.get('in:' + st['name'], 0):.1f}",
+        t.add_row(cell(st["name"]), f"{rates.get('in:' + st['name'], 0):.1f}",
                   f"{rates.get('out:' + st['name'], 0):.1f}", str(st["in"]), str(st["out"]), str(st["dropped"]),
                   "", "", Text(str(st["errors"]), style="red" if st["errors"] else ""))
     for k in snap["sinks"]:
-        t.add_row(k["name"], f"{rates.get('in:' + k['name'], 0):.1f}",
+        t.add_row(cell(k["name"]), f"{rates.get('in:' + k['name'], 0):.1f}",
                   f"{rates.get('out:' + k['name'], 0):.1f}", str(k["in"]), str(k["written"]), "",
                   str(k["queue"]), _secs(k.get("latency")),
                   Text(str(k["errors"]), style="red" if k["errors"] else ""))
@@ -93,8 +98,8 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
         a = Table(title="last alerts", expand=True, show_header=False, title_justify="left")
         for alert in snap["alerts"][-5:][::-1]:
             d = alert.get("data") or {}
-            a.add_row(_clock(alert), str(d.get("severity", "")), str(d.get("event_label", "")),
-                      str(d.get("text", ""))[:120])
+            a.add_row(cell(_clock(alert)), cell(d.get("severity", "")), cell(d.get("event_label", "")),
+                      cell(str(d.get("text", ""))[:120]))
         parts.append(a)
     return Group(*parts)
 
@@ -118,29 +123,33 @@ def main(argv: list[str]) -> int:
 
     url = base_url(args.url) + "/api/status"
 
-    def fetch() -> dict[str, Any]:
-        with open_url(url, args.token, timeout=5.0) as resp:
-            snap: dict[str, Any] = orjson.loads(resp.read())
-            return snap
-
     rates = Rates()
-    snap = fetch()
-    view = render(snap, rates.update(time.monotonic(), counters(snap)))
+
+    def fetch() -> Any:
+        """The next table; a ConfigError when the address does not answer like a pipeline."""
+        with open_url(url, args.token, timeout=5.0) as resp:
+            snap: dict[str, Any] = read_json(resp, url, dict, KEYS)
+        try:
+            return render(snap, rates.update(time.monotonic(), counters(snap)))
+        except (KeyError, TypeError, ValueError, AttributeError):  # the keys are there, their values are not
+            raise ConfigError(f"{url}: the answer is not a pipeline's status (is this the pipeline's --http "
+                              "address?)") from None
+
+    view = fetch()
     console = Console()
     if args.once:  # two samples `interval` apart, so the rates mean something
         time.sleep(max(0.1, args.interval))
-        snap = fetch()
-        console.print(render(snap, rates.update(time.monotonic(), counters(snap))))
+        console.print(fetch())
         return 0
     try:
         with Live(view, console=console, refresh_per_second=4, screen=False) as live:
             while True:
                 time.sleep(max(0.1, args.interval))
                 try:
-                    snap = fetch()
+                    view = fetch()
                 except ConfigError:  # it answered before: the pipeline ended (as `pipeline tap` ends with it)
                     break
-                live.update(render(snap, rates.update(time.monotonic(), counters(snap))))
+                live.update(view)
     except KeyboardInterrupt:
         return 0
     print(f"pipeline top: {base_url(args.url)} stopped answering: the pipeline ended (its last state is above)",

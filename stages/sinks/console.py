@@ -9,6 +9,7 @@ from pydantic import Field
 
 from pipeline.api import Batch, Context, Event, Sink, SinkOptions
 from pipeline.events import lifecycle_status, rtstream_label
+from pipeline.termsafe import visible
 
 _BOLD_RED, _DIM, _RESET = "\033[1;31m", "\033[2m", "\033[0m"
 
@@ -40,7 +41,7 @@ class ConsoleSink(Sink):
             if isinstance(data, dict):
                 extra = " " + " ".join(f"{k}={data[k]}" for k in ("error", "exported_video_id", "player_url")
                                        if k in data)
-            text = f"[session {event.get('capture_session_id', '?')}] {status}{extra.rstrip()}"
+            text = visible(f"[session {event.get('capture_session_id', '?')}] {status}{extra.rstrip()}")
             return f"{_DIM}{text}{_RESET}" if self.color else text
         ch = str(event.get("channel", "?"))
         data = event.get("data") if isinstance(event.get("data"), dict) else {}
@@ -53,13 +54,13 @@ class ConsoleSink(Sink):
             sev = data.get("severity", "alert")
             matched = data.get("matched")
             tail = f" (matched: {', '.join(map(str, matched))})" if matched else ""
-            out = f"[ALERT {sev} {data.get('event_label', '?')} {where}] {text}{tail}"
+            out = visible(f"[ALERT {sev} {data.get('event_label', '?')} {where}] {text}{tail}")
             return f"{_BOLD_RED}{out}{_RESET}" if self.color else out
         if self.options.alerts_only:
             return None
         partial = "" if data.get("is_final", True) else " …"
         label = f"{ch} {where}" if where else ch
-        return f"[{label}]{partial} {text}"
+        return visible(f"[{label}]{partial} {text}")
 
     async def write(self, batch: Batch) -> None:
         lines = [ln for ln in map(self.line, batch) if ln is not None]

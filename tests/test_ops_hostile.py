@@ -1,0 +1,124 @@
+"""`pipeline top` and `pipeline tap` against servers that are not a pipeline, stall, or send hostile event text."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from pipeline import cli
+from pipeline.ops import tap
+from tests.test_ops_cli import ENV, PIPELINE, http_run
+
+JSON = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {n}\r\n\r\n{body}"
+SSE = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n{body}"
+
+
+@contextlib.contextmanager
+def fake_server(answer: str | None) -> Iterator[str]:
+    """A loopback TCP server that answers every request with `answer` and then holds the connection open
+    (None: never answers at all); yields its address."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            held.append(conn)
+            conn.recv(65536)
+            if answer is not None:
+                conn.sendall(answer.encode())
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{srv.getsockname()[1]}"
+    finally:
+        srv.close()
+        for c in held:
+            c.close()
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = cli.main(args)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("answer", [
+    JSON.format(n=5, body="hello"),  # not JSON
+    JSON.format(n=2, body="[]"),  # JSON, not an object
+    JSON.format(n=15, body='{"status":"ok"}'),  # another service's JSON
+    JSON.format(n=89, body='{"pipeline":1,"ready":{},"stages":[1],"sinks":[],"alerts":[],"uptime":0,'
+                           '"alerts_fired":0,"dead_lettered":0}'),  # the keys, not their values
+], ids=["not-json", "array", "other-service", "bad-values"])
+def test_top_against_a_server_that_is_not_a_pipeline_is_one_line(answer: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    with fake_server(answer) as addr:
+        code, err = run_cli(["top", addr, "--once", "--interval", "0.1"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is not a pipeline's status" in err, err
+
+
+@pytest.mark.parametrize("answer", [
+    JSON.format(n=15, body='{"status":"ok"}'),  # not an event stream at all
+    SSE.format(body="event: hello\ndata: [1]\n\n"),  # a hello that is not an object
+    SSE.format(body="data: {not json\n\n"),
+    SSE.format(body="data: 5\n\n"),  # a message that is not an array of events
+], ids=["json", "hello-array", "not-json", "number"])
+def test_tap_against_a_server_that_is_not_a_pipeline_is_one_line(answer: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    with fake_server(answer) as addr:
+        code, err = run_cli(["tap", addr], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is not a pipeline's tap stream" in err, err
+
+
+def test_tap_gives_up_on_a_server_that_never_answers(capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tap, "ANSWER_TIMEOUT", 0.5)
+    with fake_server(None) as addr:
+        t0 = time.monotonic()
+        code, err = run_cli(["tap", addr], capsys)
+    assert code == 2 and "timed out" in err and time.monotonic() - t0 < 5, err
+
+
+def test_tap_gives_up_on_a_stream_that_stalls(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline that stopped (SIGSTOP, a host gone) sends not even its keep-alive: the tap says so and ends."""
+    monkeypatch.setattr(tap, "STALL_TIMEOUT", 0.5)
+    hello = 'event: hello\ndata: {"at": "source:replay", "points": [], "pipeline": "p"}\n\n'
+    with fake_server(SSE.format(body=hello)) as addr:
+        code, err = run_cli(["tap", addr], capsys)
+    assert code == 0 and "following source:replay" in err and "stopped answering" in err, err
+
+
+HOSTILE = "password [/bold] [link=http://evil.example]x[/link] \x1b]0;PWNED\x07\x1b[2J\x9b31m end"
+
+
+def test_hostile_event_text_reaches_the_terminal_as_text(tmp_path: Path) -> None:
+    """Event text with rich markup and terminal escapes: `top` does not crash on it, neither viewer lets an
+    escape sequence through to the operator's terminal."""
+    events = tmp_path / "in.jsonl"
+    t0 = 1_700_000_000.0
+    with events.open("wb") as fh:
+        for i in range(2400):
+            ev = {"channel": "visual_index", "rtstream_id": "rts-1", "rtstream_name": "display:1\x1b[5m",
+                  "unix_ts": t0 + i * 0.025, "data": {"text": HOSTILE if i % 40 == 0 else f"line {i}"}}
+            fh.write(orjson.dumps(ev) + b"\n")
+    with http_run(tmp_path, events) as (url, _):
+        top = subprocess.run([*PIPELINE, "top", url, "--once", "--interval", "0.2"], env=ENV, capture_output=True,
+                             text=True, timeout=30)
+        seen = subprocess.run([*PIPELINE, "tap", url, "--at", "rules", "--channel", "alert", "--limit", "2"],
+                              env=ENV, capture_output=True, text=True, timeout=30)
+    assert top.returncode == 0 and "Traceback" not in top.stderr, top.stderr
+    assert seen.returncode == 0 and seen.stdout.count("\n") == 2, seen.stderr
+    for out in (top.stdout, seen.stdout):
+        assert "\x1b" not in out and "\x9b" not in out and "\x07" not in out, out
+        assert "[/bold]" in out and "\\x1b]0;PWNED\\x07" in out, out
