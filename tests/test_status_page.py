@@ -142,3 +142,25 @@ def test_status_page_shows_websocket_and_capture_session_state(tmp_path: Path) -
     finally:
         emu.send_signal(signal.SIGINT)
         emu.wait(10)
+
+
+def test_events_with_odd_stamps_do_not_break_the_page(tmp_path: Path) -> None:
+    """`ts` and `unix_ts` come with the event and reach the page in its alerts: a number as `ts`, or a
+    `unix_ts` past what a JavaScript Date can show, must not stop the page from rendering."""
+    events = tmp_path / "in.jsonl"
+    lines = [{"channel": "visual_index", "unix_ts": 1700000000.0, "data": {"text": "password one", "start": 1}},
+             {"channel": "visual_index", "ts": 5, "unix_ts": 1700000001.0, "data": {"text": "password two"}},
+             {"channel": "visual_index", "ts": {"a": 1}, "unix_ts": 1700000002.0, "data": {"text": "password 3"}},
+             {"channel": "visual_index", "unix_ts": 1e300, "data": {"text": "password four", "start": 2}}]
+    events.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    with pipeline_in_thread(config(tmp_path, events), to_the_end=True) as base, browser_page() as page:
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(base + "/")
+        page.wait_for_function("document.querySelectorAll('#alerts tbody tr.alert-row').length === 4",
+                               timeout=10_000)
+        assert page.locator("#ready").text_content() != "pipeline not reachable"
+        texts = page.locator("#alerts tbody tr.alert-row td:nth-child(5)").all_text_contents()
+        assert sorted(texts) == ["password 3", "password four", "password one", "password two"]
+        assert page.locator("#at option").count() > 0  # the part of the page after the alerts rendered too
+        assert errors == [], errors

@@ -26,6 +26,17 @@ function badge(id, text, level) {
   const b = $(id); b.hidden = false; b.textContent = text; b.className = "badge " + level;
 }
 
+// An event's receipt time as "YYYY-MM-DD HH:MM:SS": its `ts`, else `unix_ts`. Both come with the event, so
+// either may be anything (a number, an object, a year past 275760 that Date cannot show): then "".
+function eventClock(ev) {
+  let iso = typeof ev.ts === "string" ? ev.ts : "";
+  if (!iso && typeof ev.unix_ts === "number") {
+    const d = new Date(ev.unix_ts * 1000);
+    if (!isNaN(d.getTime())) iso = d.toISOString();
+  }
+  return iso.replace("T", " ").replace("Z", "").slice(0, 19);
+}
+
 function perSecond(now, key, value) {
   if (!prev || !(key in prev.values)) return 0;
   const dt = (now - prevTime) / 1000;
@@ -85,8 +96,7 @@ function render(s) {
   const ab = $("alerts").tBodies[0]; ab.replaceChildren();
   for (const a of s.alerts.slice().reverse()) {
     const d = a.data || {}, sev = String(d.severity || "info");
-    const iso = a.ts || (typeof a.unix_ts === "number" ? new Date(a.unix_ts * 1000).toISOString() : "");
-    const when = iso.replace("T", " ").replace("Z", "").slice(0, 19);
+    const when = eventClock(a);
     const tr = el("tr", "alert-row");
     tr.append(el("td", "mono", when), el("td", "sev-" + sev.replace(/[^a-z]/g, ""), sev),
               el("td", "mono", d.event_label || ""), el("td", "mono", a.rtstream_name || a.rtstream_id || ""),
