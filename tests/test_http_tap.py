@@ -282,3 +282,31 @@ async def test_a_client_beyond_the_taps_cpu_share_is_told_what_it_missed(tmp_pat
     assert received and dropped, (len(received), dropped)
     assert len(received) + dropped[-1] == rt.b.source.context.stats.received == 2000
     assert rt.tap_hub.dropped == dropped[-1]
+
+
+async def test_a_client_that_never_reads_holds_bounded_bytes(tmp_path: Path) -> None:
+    """Big events (a peer decides their size, up to a MiB each) and a client that never reads: what the
+    server keeps for it is bounded in bytes, not only in events (before: 2000 events, whatever their size)."""
+    from pipeline.http.tap import TapBudget
+
+    events = tmp_path / "big.jsonl"
+    with events.open("wb") as fh:
+        for i in range(1000):  # 50 MB of events
+            fh.write(orjson.dumps({"channel": "transcript", "id": i, "unix_ts": 1_700_000_000.0 + i,
+                                   "data": {"text": f"{i} " + "x" * 50_000}}) + b"\n")
+    async with served(config(tmp_path, events)) as (rt, base):
+        rt.tap_hub.budget = TapBudget(share=1.0, burst=100.0)  # the CPU bound is not what this is about
+        host, port = base.removeprefix("http://").split(":")
+        _reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /tap?at=source HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        for _ in range(100):
+            if rt.tap is not None:
+                break
+            await asyncio.sleep(0.01)
+        (client,) = rt.tap_hub.clients[0]
+        assert await asyncio.wait_for(rt.run(), 60) == 0
+        held = sum(len(b) for b in client.buffer)
+        assert held <= (8 << 20) + 64 * 51_000, held  # 8 MiB, plus the one batch an empty buffer takes
+        assert client.dropped > 0
+        writer.close()

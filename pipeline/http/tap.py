@@ -22,6 +22,9 @@ import orjson
 from pipeline.events import Batch, channel_set, in_channels
 
 DEFAULT_BUFFER = 2000  # events a client may fall behind before its tap drops
+#: bytes of serialized events a client may fall behind (events come off the wire, up to a MiB each: 2000 of
+#: them, for each of 16 clients, would be gigabytes); one batch is always taken into an empty buffer
+BUFFER_BYTES = 8 << 20
 #: Share of the pipeline's time the tap may spend (CPU: serializing events and writing them to the clients,
 #: all clients together). Beyond it, batches are dropped for the clients, and counted.
 TAP_SHARE = 0.05
@@ -75,6 +78,7 @@ class TapClient:
         self.limit = limit
         self.buffer: deque[bytes] = deque()  # JSON arrays of events, one per offered batch
         self.pending = 0  # events in `buffer`
+        self.pending_bytes = 0  # bytes in `buffer`
         self.max = buffer
         self.dropped = 0  # events this client missed because its buffer was full
         self.offered = 0  # events accepted into the buffer (counts towards `limit`)
@@ -127,8 +131,12 @@ class TapClient:
             data = orjson.dumps(wanted, default=str)
         if budget is not None:
             budget.charge(time.thread_time() - t0)
+        if self.pending and self.pending_bytes + len(data) > BUFFER_BYTES:
+            self.dropped += len(wanted)
+            return
         self.buffer.append(data)
         self.pending += len(wanted)
+        self.pending_bytes += len(data)
         self.offered += len(wanted)
         self.wake.set()
 
@@ -136,7 +144,7 @@ class TapClient:
         """Everything buffered (JSON arrays), emptying the buffer."""
         out = list(self.buffer)
         self.buffer.clear()
-        self.pending = 0
+        self.pending = self.pending_bytes = 0
         return out
 
 
