@@ -144,3 +144,13 @@ def test_an_alert_label_no_rule_has_is_an_error(tmp_path: Path) -> None:
     assert (f"{tmp_path}/p.test.yaml:3:5: expect.alerts[0].label: no rule named 'trem' runs in this case "
             "(did you mean 'term'?)") in res.stdout
     assert f"ok    {tmp_path}/p.test.yaml: right" in res.stdout
+
+
+def test_a_test_file_that_is_not_utf8_is_an_error_with_its_line(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    (tmp_path / "a.test.yaml").write_bytes(CASES.replace("- name: passes", "- name: pa\xdfes").encode("latin-1"))
+    (tmp_path / "b.test.yaml").write_text(CASES.split("  - name: wrong")[0])
+    res = run(str(tmp_path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{tmp_path}/a.test.yaml:3: not UTF-8 text (byte 0xdf)" in res.stdout, res.stdout
+    assert f"ok    {tmp_path}/b.test.yaml: passes" in res.stdout  # the other file still runs

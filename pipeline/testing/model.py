@@ -90,9 +90,15 @@ def load_tests(path: Path) -> tuple[TestFile, list[LoadedCase]]:
     from pipeline.registry import default_registry
 
     try:
-        text = path.read_text(encoding="utf-8")
+        content = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = content.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{content[exc.start]:02x}); save the file as "
+                          "UTF-8") from None
     unset: list[str] = []
     data, positions = load(text, str(path), {}, unset)
     if isinstance(data, dict) and "cases" not in data and "config" not in data and ("source" in data
