@@ -212,3 +212,43 @@ async def test_rule_state_carries_over_only_for_unchanged_rules(tmp_path: Path,
     text = exposition(registry_for(View(rt.b, rt))).decode()
     assert 'videodb_pipeline_config_reloads_total{outcome="applied",pipeline="state"} 4.0' in text
     assert 'videodb_pipeline_config_reloads_total{outcome="rejected",pipeline="state"} 1.0' in text
+
+
+async def test_watch_reloads_a_file_written_in_two_steps_once_whole(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--watch` polls the file: one poll between the two writes of a save saw half a config and rejected it
+    (or, cut at a line, applied half the rules and dropped the rest's cooldowns). It waits for the file to
+    settle, then applies the whole file once."""
+    import asyncio
+
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime import reload
+    from pipeline.runtime.local import LocalRuntime
+
+    monkeypatch.setattr(reload, "WATCH_INTERVAL", 0.05)
+    monkeypatch.setattr(reload, "WATCH_SETTLE", 0.4, raising=False)
+    p = tmp_path / "p.yaml"
+    out = tmp_path / "o.jsonl"
+    p.write_text(RULES_CFG.format(kw="apple", extra="", out=out))
+    cfg = load_config(p)
+    rt = LocalRuntime(build(cfg), install_signals=False)
+    reloader = reload.Reloader(rt, p, cfg, watch=True)
+    task = asyncio.create_task(reloader.run())
+    try:
+        whole = RULES_CFG.format(kw="apple", extra="      - {name: pie, keywords: [pie]}", out=out)
+        cut = whole.index("keywords: [pie]")
+        with p.open("w") as fh:  # a writer that is slow between its two writes
+            fh.write(whole[:cut])
+            fh.flush()
+            await asyncio.sleep(0.2)
+            fh.write(whole[cut:])
+        for _ in range(60):
+            if reloader.applied or reloader.rejected:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert (reloader.applied, reloader.rejected) == (1, 0)
+        assert [r.name for r in reloader.current.stages[0].options.rules] == ["apple", "pie"]  # type: ignore[attr-defined]
+    finally:
+        task.cancel()

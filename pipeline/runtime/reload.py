@@ -35,6 +35,9 @@ log = logging.getLogger("pipeline.reload")
 
 RULE_STATE = ("rules.last_fired", "rules.windows")  # the rules stage's state mappings, keyed "rule|rtstream"
 WATCH_INTERVAL = 1.0
+#: a changed file is read again after this long, until two reads agree: a file written in several steps
+#: (`cat part1 part2 > p.yaml`, an editor that truncates first) is reloaded once, whole, not half-written
+WATCH_SETTLE = 0.3
 
 
 def _same(a: StageSpec | None, b: StageSpec | None) -> bool:
@@ -120,6 +123,13 @@ class Reloader:
             except TimeoutError:
                 digest = self._file_digest()
                 if digest is None or digest == self._digest:
+                    continue
+                while True:  # until the writer is done
+                    await asyncio.sleep(WATCH_SETTLE)
+                    settled, digest = digest, self._file_digest()
+                    if digest == settled:
+                        break
+                if digest is None or digest == self._digest:  # changed back, or gone
                     continue
                 self._why = f"{self.path} changed"
             self._wake.clear()
