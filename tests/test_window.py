@@ -322,3 +322,19 @@ def test_hostile_key_values_and_times(make_context: MakeCtx) -> None:
     (m,) = out[3:]
     assert m["key"] == {"capture_session_id": str(1 << 70), "rtstream_id": "['a']"}
     assert w.report()["late"] == 2  # times no clock can produce never move the watermark
+
+
+def test_channel_names_and_alert_labels_off_the_wire_are_bounded_per_window(make_context: MakeCtx) -> None:
+    """One window, every event a new channel name (some long) or a new alert label: the window's state (saved
+    after every batch) stays bounded, and every event is still counted."""
+    w = Window(WindowOptions(size="1h"), make_context())
+    batch = [{"channel": f"ch-{i}-" + "x" * (i % 2 * 10_000), "capture_session_id": "c", "data": {"start": i}}
+             for i in range(3000)]
+    batch += [{"channel": "alert", "capture_session_id": "c", "data": {"start": 5000 + i, "event_label": f"l{i}"}}
+              for i in range(3000)]
+    w.process(batch)
+    (m,) = w.flush()
+    events, alerts = m["data"]["events"], m["data"]["alerts"]
+    assert sum(events.values()) == 6000 and sum(alerts.values()) == 3000
+    assert len(events) <= 40 and all(len(k) <= 256 for k in events) and len(alerts) <= 110, (len(events),
+                                                                                              len(alerts))

@@ -26,6 +26,9 @@ WATERMARK: Final = "~watermark"  # reserved state key (window keys are JSON arra
 MAX_TEXT: Final = 500  # first_text / last_text are cut to this many characters
 MAX_KEY_CHARS: Final = 256  # a key value from the wire is cut to this many characters
 MAX_KEYWORDS: Final = 100  # distinct matched keywords remembered per window
+MAX_CHANNELS: Final = 32  # distinct channel names counted apart per window (names come off the wire)
+MAX_LABELS: Final = 100  # distinct alert labels counted apart per window
+OTHER: Final = "(other)"  # where the rest, and names longer than MAX_KEY_CHARS, are counted
 MAX_TIME: Final = 1 << 53  # event times beyond ±2^53 ms (285,000 years) count as late
 
 
@@ -76,7 +79,13 @@ def _new(key: dict[str, Any], start: int, end: int) -> dict[str, Any]:
 def _add(acc: dict[str, Any], event: Event, ch: str, t: int) -> None:
     """Fold one event into an accumulator."""
     events = acc["events"]
-    events[ch] = events.get(ch, 0) + 1
+    name = ch
+    n = events.get(name)
+    if n is None:  # a new name: bounded, so hostile channel names cannot grow the state (saved every batch)
+        if len(events) >= MAX_CHANNELS or len(name) > MAX_KEY_CHARS:
+            name = OTHER
+        n = events.get(name, 0)
+    events[name] = n + 1
     data = event.get("data")
     if not isinstance(data, dict):
         return
@@ -93,6 +102,8 @@ def _add(acc: dict[str, Any], event: Event, ch: str, t: int) -> None:
         label = data.get("event_label")
         label = label[:MAX_KEY_CHARS] if isinstance(label, str) else "unknown"
         alerts = acc["alerts"]
+        if label not in alerts and len(alerts) >= MAX_LABELS:
+            label = OTHER
         alerts[label] = alerts.get(label, 0) + 1
         matched = data.get("matched")
         if isinstance(matched, list):
