@@ -122,3 +122,24 @@ def test_hostile_event_text_reaches_the_terminal_as_text(tmp_path: Path) -> None
     for out in (top.stdout, seen.stdout):
         assert "\x1b" not in out and "\x9b" not in out and "\x07" not in out, out
         assert "[/bold]" in out and "\\x1b]0;PWNED\\x07" in out, out
+
+
+async def test_the_status_snapshot_stays_small_whatever_the_alerts_carry(tmp_path: Path) -> None:
+    """The status page and `pipeline top` poll /api/status every second; its last alerts carry their events'
+    text and `ts`, which a peer makes as large as it likes."""
+    import aiohttp
+
+    from tests.operator_harness import config, served
+
+    events = tmp_path / "in.jsonl"
+    with events.open("wb") as fh:
+        for i in range(30):
+            fh.write(orjson.dumps({"channel": "visual_index", "rtstream_id": "rts-1", "unix_ts": 1_700_000_000 + i,
+                                   "ts": "t" * 100_000, "data": {"text": "password " + "x" * 200_000}}) + b"\n")
+    async with served(config(tmp_path, events)) as (rt, base), aiohttp.ClientSession() as http:
+        assert await rt.run() == 0
+        async with http.get(base + "/api/status") as r:
+            body = await r.read()
+    snap = orjson.loads(body)
+    assert len(snap["alerts"]) == 20 and len(body) < 100_000, len(body)
+    assert all(a["data"]["text"].startswith("password x") for a in snap["alerts"])

@@ -13,6 +13,23 @@ from typing import Any
 from pipeline.build import Built
 from pipeline.stats import Histogram
 
+SNAPSHOT_TEXT = 1000  # characters of an event-made string in the status snapshot (an alert's text, its `ts`)
+SNAPSHOT_ITEMS = 50  # items of a list or mapping in it, three levels deep
+
+
+def brief(value: Any, depth: int = 0) -> Any:
+    """`value` (an alert: texts and stamps come with its event) cut down for the status page and `pipeline top`,
+    which poll it every second: a few 1 MiB texts would make each answer megabytes."""
+    if isinstance(value, str):
+        return value if len(value) <= SNAPSHOT_TEXT else value[: SNAPSHOT_TEXT - 1] + "…"
+    if isinstance(value, dict):
+        if depth >= 3:
+            return {}
+        return {str(k)[:SNAPSHOT_TEXT]: brief(v, depth + 1) for k, v in list(value.items())[:SNAPSHOT_ITEMS]}
+    if isinstance(value, list | tuple):
+        return [] if depth >= 3 else [brief(v, depth + 1) for v in value[:SNAPSHOT_ITEMS]]
+    return value
+
 
 def source_connected(source: Any) -> bool | None:
     """True/False for a source that holds a live connection (WebSocket), None when that does not apply."""
@@ -153,6 +170,6 @@ class View:
             "stages": stages, "sinks": sinks,
             "lag": round(lag.last, 3) if lag is not None and lag.count else None,
             "alerts_fired": b.chain.alerts_fired, "dead_lettered": b.dead_letter.count,
-            "alerts": alerts[-20:], "loop_lag": round(self.loop_lag, 4),
+            "alerts": [brief(a) for a in alerts[-20:]], "loop_lag": round(self.loop_lag, 4),
             "tap": {"clients": tap.client_count, "dropped": tap.dropped} if tap is not None else None,
         }
