@@ -143,3 +143,29 @@ async def test_the_status_snapshot_stays_small_whatever_the_alerts_carry(tmp_pat
     snap = orjson.loads(body)
     assert len(snap["alerts"]) == 20 and len(body) < 100_000, len(body)
     assert all(a["data"]["text"].startswith("password x") for a in snap["alerts"])
+
+
+async def test_idle_and_unfinished_connections_are_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that connects and sends nothing, or never finishes its request headers, holds one of the
+    pipeline's file descriptors: it is closed after the idle timeout (was: aiohttp's hour). A tap stream is
+    not idle and stays."""
+    import asyncio
+
+    import pipeline.http.server as server
+    from tests.operator_harness import config, replay_file, served
+
+    monkeypatch.setattr(server, "IDLE_TIMEOUT", 0.5, raising=False)
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    async with served(config(tmp_path, events)) as (rt, base):
+        host, port = base.removeprefix("http://").split(":")
+        idle_r, _idle_w = await asyncio.open_connection(host, int(port))
+        slow_r, slow_w = await asyncio.open_connection(host, int(port))
+        slow_w.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        _tap_r, tap_w = await asyncio.open_connection(host, int(port))
+        tap_w.write(b"GET /tap HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert await asyncio.wait_for(idle_r.read(), 5) == b""  # EOF: the server closed it
+        assert await asyncio.wait_for(slow_r.read(), 5) == b""
+        await asyncio.sleep(0.6)
+        assert rt.tap_hub.client_count == 1  # the tap stream is still attached
+        for w in (slow_w, tap_w):
+            w.close()

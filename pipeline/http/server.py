@@ -33,6 +33,9 @@ HEARTBEAT = 0.5  # seconds between event-loop heartbeats (for /healthz)
 UNHEALTHY_AFTER = 5.0  # loop late by this much: /healthz answers 503
 MAX_LIMIT = 1_000_000
 MAX_TAP_CLIENTS = 16  # each one costs serialization per batch: a bound a peer cannot raise
+#: a connection with no request under way is closed after this long (aiohttp's default is an hour: idle or
+#: never-finished connections would each hold a file descriptor of the pipeline for that long)
+IDLE_TIMEOUT = 15.0
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -72,8 +75,8 @@ class OperatorServer:
         return app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
-                                      shutdown_timeout=2.0, handler_cancellation=True)
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
+                                      handler_cancellation=True, keepalive_timeout=IDLE_TIMEOUT)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         try:
