@@ -169,3 +169,14 @@ async def test_idle_and_unfinished_connections_are_closed(tmp_path: Path, monkey
         assert rt.tap_hub.client_count == 1  # the tap stream is still attached
         for w in (slow_w, tap_w):
             w.close()
+
+
+def test_top_shows_alerts_whose_events_carried_odd_stamps(capsys: pytest.CaptureFixture[str]) -> None:
+    """An alert's `ts`/`unix_ts` come with its event: a time no clock shows is left blank, not a traceback."""
+    alerts = [{"channel": "alert", "unix_ts": v, "data": {"event_label": "r", "text": f"t{i}", "severity": "info"}}
+              for i, v in enumerate([1e300, -1e20])] + [{"ts": 5, "data": {"text": "t2"}}]
+    body = orjson.dumps({"pipeline": "p", "ready": {}, "stages": [], "sinks": [], "alerts": alerts, "uptime": 1,
+                         "alerts_fired": 3, "dead_lettered": 0, "lag": None}).decode()
+    with fake_server(JSON.format(n=len(body), body=body)) as addr:
+        code, err = run_cli(["top", addr, "--once", "--interval", "0.1"], capsys)
+    assert code == 0, err

@@ -52,7 +52,10 @@ def _clock(event: dict[str, Any]) -> str:
     if isinstance(ts, str):
         return ts[11:19]
     unix = event.get("unix_ts")
-    return time.strftime("%H:%M:%S", time.gmtime(unix)) if isinstance(unix, int | float) else ""
+    try:
+        return time.strftime("%H:%M:%S", time.gmtime(unix)) if isinstance(unix, int | float) else ""
+    except (OverflowError, OSError, ValueError):  # it came with the event: 1e300 is no time
+        return ""
 
 
 def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
