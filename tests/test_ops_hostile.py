@@ -180,3 +180,23 @@ def test_top_shows_alerts_whose_events_carried_odd_stamps(capsys: pytest.Capture
     with fake_server(JSON.format(n=len(body), body=body)) as addr:
         code, err = run_cli(["top", addr, "--once", "--interval", "0.1"], capsys)
     assert code == 0, err
+
+
+async def test_the_status_snapshot_survives_alerts_with_odd_unix_ts(tmp_path: Path) -> None:
+    """The last alerts are sorted by `unix_ts`, which comes with the event: a string beside numbers made
+    /api/status answer 500 (the status page and `pipeline top` with it)."""
+    import aiohttp
+
+    from tests.operator_harness import config, served
+
+    events = tmp_path / "in.jsonl"
+    stamps: list[object] = [1_700_000_000.5, "soon", None, {"a": 1}, 1_700_000_001]
+    events.write_bytes(b"".join(orjson.dumps({"channel": "visual_index", "rtstream_id": "rts-1", "unix_ts": u,
+                                              "data": {"text": f"password {i}"}}) + b"\n"
+                                for i, u in enumerate(stamps)))
+    async with served(config(tmp_path, events)) as (rt, base), aiohttp.ClientSession() as http:
+        assert await rt.run() == 0
+        async with http.get(base + "/api/status") as r:
+            assert r.status == 200, await r.text()
+            snap = await r.json()
+    assert sorted(a["data"]["text"] for a in snap["alerts"]) == [f"password {i}" for i in range(5)]

@@ -43,6 +43,12 @@ def source_connected(source: Any) -> bool | None:
     return ws is not None and getattr(state, "name", "") == "OPEN"
 
 
+def _when(alert: Any) -> float:
+    """An alert's `unix_ts` to sort by; it came with the event, so anything but a number sorts first."""
+    t = alert.get("unix_ts")
+    return t if type(t) in (int, float) else 0
+
+
 @dataclass
 class View:
     """A running pipeline as the endpoints see it; `rt` is a LocalRuntime or a faust Worker."""
@@ -160,7 +166,7 @@ class View:
         alerts: list[Any] = []
         for p in self.rules():
             alerts.extend(p.recent)
-        alerts.sort(key=lambda a: a.get("unix_ts") or 0)
+        alerts.sort(key=_when)
         lag = self.lag
         tap = getattr(self.rt, "tap_hub", None)
         return {
