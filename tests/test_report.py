@@ -226,3 +226,23 @@ def test_session_ids_alike_but_for_unsafe_characters_get_a_page_each(tmp_path: P
         assert len(set(paths)) == 3 and all(p.is_file() for p in paths)
         assert sorted(sid for p in paths for sid in ("cap/1", "cap?1", "cap:1") if f">{sid}<" in p.read_text()) \
             == ["cap/1", "cap:1", "cap?1"]
+
+
+def test_stream_lists_of_lifecycle_events_are_remembered_in_bounded_memory(tmp_path: Path) -> None:
+    """Each `capture_session.active` lists its streams; what is remembered of them (until the end of the run)
+    is short, however long the ids and names in the file."""
+    src = tmp_path / "life.jsonl"
+    with open(src, "wb") as fh:
+        for i in range(20):
+            streams = [{"rtstream_id": f"r{i}-{j}-" + "i" * (j % 2 * 5000), "name": f"n{j}-" + "n" * 5000}
+                       for j in range(64)]
+            fh.write(orjson.dumps({"event": "capture_session.active", "capture_session_id": "s" * 5000,
+                                   "unix_ts": 100.0 + i, "data": {"rtstreams": streams}}) + b"\n")
+        fh.write(orjson.dumps({"channel": "transcript", "rtstream_id": "r0-0-", "data": {"text": "hi",
+                                                                                      "start": 200_000}}) + b"\n")
+    c = Collector()
+    out = c.read([src])
+    kept = [*c._stream_session, *c._stream_session.values(), *c._stream_name.values()]
+    assert kept and max(map(len, kept)) <= 256
+    (session,) = out.sessions.values()  # the transcript found its session through the list
+    assert session.counts.get("transcript") == 1 and "n0-" in next(iter(session.lanes))

@@ -20,6 +20,7 @@ from pipeline.events import canonical, channel, event_time_ms, lifecycle_status
 
 MAX_LINE: Final = 1 << 20  # longer lines are skipped (counted)
 MAX_TEXT: Final = 400  # characters of text kept per mark / alert row
+MAX_ID: Final = 256  # a longer rtstream id in a lifecycle event's stream list is not remembered
 MAX_MARKS: Final = 1500  # marks drawn per lane and channel; past it every other one is dropped...
 MAX_ALERTS: Final = 2000  # alert rows per session
 MAX_LANES: Final = 32  # rtstreams per session; more go into one "other streams" lane
@@ -296,12 +297,14 @@ class Collector:
         streams = data.get("rtstreams")
         if not isinstance(sid, str) or not isinstance(streams, list):
             return
+        sid = _cut(sid, 200)
         for s in streams[:MAX_LANES * 4]:
-            if (isinstance(s, dict) and isinstance(s.get("rtstream_id"), str)
-                    and len(self._stream_session) < 100_000):
-                self._stream_session[s["rtstream_id"]] = sid
+            rid = s.get("rtstream_id") if isinstance(s, dict) else None
+            # 100,000 streams remembered, each id and name short: a line may be a MiB, these live to the end
+            if isinstance(rid, str) and len(rid) <= MAX_ID and len(self._stream_session) < 100_000:
+                self._stream_session[rid] = sid
                 if isinstance(s.get("name"), str):
-                    self._stream_name[s["rtstream_id"]] = s["name"]
+                    self._stream_name[rid] = _cut(s["name"], 80)
 
     def _lane_name(self, event: dict[str, Any]) -> str:
         name = event.get("rtstream_name")
