@@ -41,6 +41,9 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.runtime import hup
+
+    hup.hold()  # a SIGHUP (reload) that comes while starting must not end the run
     from pipeline.config import load_config
 
     cfg = load_config(args.config)

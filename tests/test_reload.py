@@ -252,3 +252,32 @@ async def test_watch_reloads_a_file_written_in_two_steps_once_whole(tmp_path: Pa
         assert [r.name for r in reloader.current.stages[0].options.rules] == ["apple", "pie"]  # type: ignore[attr-defined]
     finally:
         task.cancel()
+
+
+def test_sighup_while_starting_or_finishing_is_not_fatal(tmp_path: Path) -> None:
+    """A reload sent a moment too early (the run still importing, reading its config, starting sinks) or too
+    late (writing its summary) used to end the process: SIGHUP's default action. It reloads, or is ignored."""
+    events = tmp_path / "in.jsonl"
+    events.write_text("".join(json.dumps({"channel": "transcript", "unix_ts": 1_700_000_000 + i,
+                                          "data": {"text": f"apple {i}"}}) + "\n" for i in range(40)))
+    cfg = tmp_path / "p.yaml"
+    many = ", ".join(f"word{i}" for i in range(5000))  # a config that takes a while to build
+    cfg.write_text(f"""name: hup
+source: {{type: replay, path: {events}, speed: 20}}
+stages: [{{type: rules, rules: [{{name: apple, keywords: [apple]}}, {{name: many, keywords: [{many}]}}]}}]
+sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl}}]
+""")
+    proc = subprocess.Popen([*CLI, "run", str(cfg), "--summary-json", str(tmp_path / "summary.json")], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # past the interpreter's own start-up (nothing can catch a signal there): reading the config loads pydantic
+    maps = Path(f"/proc/{proc.pid}/maps")
+    wait_for(lambda: proc.poll() is not None or "pydantic_core" in maps.read_text(), "the config being read",
+             timeout=20)
+    summary = tmp_path / "summary.json"
+    while proc.poll() is None and not summary.exists():  # a storm, until the last thing the run writes
+        proc.send_signal(signal.SIGHUP)  # (then only the interpreter's own shutdown is left)
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert "reload (SIGHUP) applied" in err and summary.exists()
+    assert sum(1 for _ in (tmp_path / "out.jsonl").open()) == 80  # every event and its alert, once

@@ -23,6 +23,7 @@ from typing import Any
 from pipeline.build import Built, SinkSlot
 from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import Batch, event_time_ms
+from pipeline.runtime import hup
 from pipeline.runtime.buffers import (
     DiskBuffer,
     Item,
@@ -276,6 +277,8 @@ class LocalRuntime:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal, sig)
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+            if hup.take():  # one came while starting: the file may have changed since it was read
+                self._on_hup()
         started: list[SinkSlot] = []
         helpers: list[asyncio.Task[Any]] = []
         try:
@@ -305,6 +308,7 @@ class LocalRuntime:
             if self.install_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
+                hup.hold()  # the summary is still to be written: a late SIGHUP must not end the process
         if self.error is not None:
             return self.error.exit_code
         return b.session.exit_code or 0

@@ -1,0 +1,30 @@
+"""SIGHUP while `pipeline run` starts or finishes (no event loop listening): remembered, never fatal.
+
+Its default action ends the process, so a reload sent a moment too early (a deploy script,
+a config manager, a storm of them) would kill a pipeline that is still connecting. `hold()`
+catches it until the runtime listens; `take()` then says whether one came meanwhile.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+_pending = False
+
+
+def _remember(signum: int, frame: FrameType | None) -> None:
+    global _pending
+    _pending = True
+
+
+def hold() -> None:
+    """From now on a SIGHUP is only remembered (until an event loop installs its own handler)."""
+    signal.signal(signal.SIGHUP, _remember)
+
+
+def take() -> bool:
+    """True once for a SIGHUP that arrived while held."""
+    global _pending
+    came, _pending = _pending, False
+    return came
