@@ -74,7 +74,7 @@ async def test_stalled_tap_client_does_not_slow_the_run(tmp_path: Path) -> None:
         host, port = base.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         # a client that asks for everything at the source and then never reads
-        writer.write(b"GET /tap?at=source HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /tap?at=source HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         await writer.drain()
         for _ in range(100):
             if rt.tap is not None:
@@ -298,7 +298,7 @@ async def test_a_client_that_never_reads_holds_bounded_bytes(tmp_path: Path) -> 
         rt.tap_hub.budget = TapBudget(share=1.0, burst=100.0)  # the CPU bound is not what this is about
         host, port = base.removeprefix("http://").split(":")
         _reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"GET /tap?at=source HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /tap?at=source HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         await writer.drain()
         for _ in range(100):
             if rt.tap is not None:

@@ -160,9 +160,9 @@ async def test_idle_and_unfinished_connections_are_closed(tmp_path: Path, monkey
         host, port = base.removeprefix("http://").split(":")
         idle_r, _idle_w = await asyncio.open_connection(host, int(port))
         slow_r, slow_w = await asyncio.open_connection(host, int(port))
-        slow_w.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        slow_w.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
         _tap_r, tap_w = await asyncio.open_connection(host, int(port))
-        tap_w.write(b"GET /tap HTTP/1.1\r\nHost: x\r\n\r\n")
+        tap_w.write(b"GET /tap HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert await asyncio.wait_for(idle_r.read(), 5) == b""  # EOF: the server closed it
         assert await asyncio.wait_for(slow_r.read(), 5) == b""
         await asyncio.sleep(0.6)
@@ -200,3 +200,25 @@ async def test_the_status_snapshot_survives_alerts_with_odd_unix_ts(tmp_path: Pa
             assert r.status == 200, await r.text()
             snap = await r.json()
     assert sorted(a["data"]["text"] for a in snap["alerts"]) == [f"password {i}" for i in range(5)]
+
+
+@pytest.mark.parametrize("path", ["/tap?limit=1", "/api/status", "/"])
+async def test_a_page_rebound_to_loopback_cannot_read_meeting_content(tmp_path: Path, path: str) -> None:
+    """Without a token, loopback is the only guard: a web page whose own name an attacker re-points at
+    127.0.0.1 (DNS rebinding) is same-origin with the endpoint in the victim's browser. Its requests carry
+    its own name as Host: refused. The pipeline's own addresses, and /metrics, still answer."""
+    import aiohttp
+
+    from tests.operator_harness import config, replay_file, served
+
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    async with served(config(tmp_path, events)) as (_rt, base), aiohttp.ClientSession() as http:
+        port = base.rsplit(":", 1)[1]
+        async with http.get(base + path, headers={"Host": f"attacker.example:{port}"}) as r:
+            assert r.status == 403 and "not a loopback name" in (await r.json())["error"]
+        async with http.get(base + "/metrics", headers={"Host": f"attacker.example:{port}"}) as r:
+            assert r.status == 200
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+            async with http.get(base + path, headers={"Host": host}) as r:
+                assert r.status == 200, host
+                await r.content.readline()

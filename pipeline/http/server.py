@@ -14,6 +14,7 @@ import logging
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -120,7 +121,13 @@ class OperatorServer:
         """None when the request may see meeting content, else the response that says why not."""
         if not self.token:
             if is_loopback(self.host):
-                return None
+                host = request.headers.get("Host")
+                if host is None or _names_loopback(host):  # (browsers always send one)
+                    return None
+                # a web page whose own name now resolves to 127.0.0.1 (DNS rebinding) must not read meeting content
+                return _json({"error": f"Host {host[:100]!r} is not a loopback name: without "
+                                       "runtime.http_token only http://127.0.0.1, [::1] or localhost are "
+                                       "served"}, 403)
             return _json({"error": "set runtime.http_token to serve /tap and the status page on a "
                                    "non-loopback address"}, 403)
         auth = request.headers.get("Authorization", "")
@@ -272,6 +279,15 @@ class OperatorServer:
                 budget.charge(min(time.thread_time() - cpu, budget.burst))
             if finished:
                 return
+
+
+def _names_loopback(host_header: str) -> bool:
+    """True when a Host header names a loopback address or `localhost` (any port)."""
+    try:
+        name = urlsplit("//" + host_header).hostname
+    except ValueError:
+        return False
+    return name is not None and is_loopback(name)
 
 
 _LOGIN = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>pipeline: sign in</title>
