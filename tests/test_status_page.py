@@ -164,3 +164,17 @@ def test_events_with_odd_stamps_do_not_break_the_page(tmp_path: Path) -> None:
         assert sorted(texts) == ["password 3", "password four", "password one", "password two"]
         assert page.locator("#at option").count() > 0  # the part of the page after the alerts rendered too
         assert errors == [], errors
+
+
+def test_the_live_tail_shows_the_start_of_huge_texts(tmp_path: Path) -> None:
+    """A hundred events of half a MiB each would be fifty MB of text in the page's live tail."""
+    events = tmp_path / "in.jsonl"
+    events.write_text("".join(json.dumps({"channel": "visual_index", "unix_ts": 1700000000.0 + i * 0.05,
+                                          "data": {"text": "big " + "x" * 500_000}}) + "\n" for i in range(200)))
+    # paced (20 a second): the tail attaches while they flow
+    with pipeline_in_thread(config(tmp_path, events, speed=1), to_the_end=False) as base, browser_page() as page:
+        page.goto(base + "/")
+        page.wait_for_function("document.querySelectorAll('#events li').length >= 3", timeout=15_000)
+        lengths = page.evaluate("[...document.querySelectorAll('#events li')].map((li) => li.textContent.length)")
+        assert max(lengths) <= 1300, max(lengths)
+        assert (page.locator("#events li").first.text_content() or "").rstrip().endswith("…")

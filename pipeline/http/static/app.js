@@ -4,6 +4,7 @@
 const $ = (id) => document.getElementById(id);
 let prev = null, prevTime = 0, points = null, tapAt = null, tapCtl = null, paused = false;
 const MAX_EVENTS = 100;
+const MAX_TEXT = 1000;  // characters of an event's text in the live tail
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -136,7 +137,9 @@ function eventLine(ev) {
   const where = ev.rtstream_name || ev.rtstream_id || "";
   let text = d.text || (ev.event ? ev.event : "");
   if (ch === "alert") text = `[${d.severity || "alert"} ${d.event_label || ""}] ` + text;
-  li.append(el("span", "ch", ch), " ", el("span", "muted", where), " ", String(text));
+  text = String(text);  // events come in any size: a line shows the start of a long text
+  if (text.length > MAX_TEXT) text = text.slice(0, MAX_TEXT - 1) + "…";
+  li.append(el("span", "ch", String(ch).slice(0, 100)), " ", el("span", "muted", String(where).slice(0, 100)), " ", text);
   return li;
 }
 
