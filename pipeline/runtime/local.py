@@ -176,14 +176,23 @@ class LocalRuntime:
     @staticmethod
     async def _fan_out(targets: list[tuple[SinkSlot, SinkBuffer]], index: int, out: Batch,
                        per_event: float) -> None:
-        """Hand batch `index` to every sink's buffer (routed by channel); a full buffer waits or spills."""
+        """Hand batch `index` to every sink's buffer (routed by channel); a full buffer waits or spills.
+
+        A spool the disk refuses dead-letters its share and the run stops, after every other sink got the batch.
+        """
+        refused: StageError | None = None
         for slot, buf in targets:
             slot.stats.received += len(out)
             routed = slot.route(out)
             if routed:
-                await buf.put(index, routed, int(per_event * len(routed)) + 1)
+                try:
+                    await buf.put(index, routed, int(per_event * len(routed)) + 1)
+                except StageError as exc:
+                    refused = refused or exc
             else:
                 buf.skip(index)
+        if refused is not None:
+            raise refused
 
     async def _drain(self, i: int, slot: SinkSlot) -> None:
         """Feed one sink. If it fails, the run stops and what it cannot write is dead-lettered

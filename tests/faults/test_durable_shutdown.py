@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,3 +68,50 @@ state_dir: {tmp_path}/state
     dead = dead_ids(tmp_path / "dead.jsonl")
     assert dead == list(range(100)), f"{len(dead)} events dead-lettered: only the batch in flight may be"
     assert "left spooled 1900" in rt.summary()
+
+
+def test_a_full_disk_under_the_spool_dead_letters_the_batch_and_leaves_no_torn_record(tmp_path: Path) -> None:
+    """A real write error on the spool (RLIMIT_FSIZE: the kernel cuts the append short, then EFBIG, as a full
+    disk does with ENOSPC). The batch being spooled was neither spooled nor dead-lettered (lost), the error
+    named no file, and the partial record was left for the next run to report as a torn tail. Now: that batch
+    is dead-lettered, the run stops with one line naming the segment, and the next run delivers the rest."""
+    import resource
+
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(event(i)) + b"\n" for i in range(2000)))
+    counts = tmp_path / "counts.txt"
+    cfg = tmp_path / "p.yaml"
+
+    def config(delay: float) -> Path:
+        cfg.write_text(f"""
+name: full
+source: {{type: replay, path: {src}, batch_size: 100}}
+runtime: {{drain_timeout: 0.5s}}
+sinks:
+  - {{type: "tests.slow_sink:SlowSink", path: {counts}, delay: {delay}, buffer: {{type: disk}}}}
+dead_letter: {tmp_path}/dead.jsonl
+state_dir: {tmp_path}/state
+""")
+        return cfg
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+
+    res = subprocess.run([*PIPELINE, "run", str(config(0.05))], cwd=tmp_path, env=ENV, capture_output=True,
+                         text=True, timeout=30, preexec_fn=limit)
+    assert res.returncode == 1, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("pipeline:")]
+    assert len(errors) == 1 and ".seg: cannot write: File too large" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+    read = int(next(ln for ln in res.stderr.splitlines() if "source:replay" in ln).split()[2])
+    dead = dead_ids(tmp_path / "dead.jsonl")
+    assert len(dead) == 100 and all("cannot spool" in orjson.loads(x)["reason"]
+                                    for x in (tmp_path / "dead.jsonl").read_bytes().splitlines())
+
+    src.write_bytes(b"")  # the restart reads nothing new: it only delivers what the spool kept
+    res = subprocess.run([*PIPELINE, "run", str(config(0))], cwd=tmp_path, env=ENV, capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "torn" not in res.stderr
+    delivered = sum(int(x) for x in counts.read_text().split())
+    assert delivered + len(dead) == read, (delivered, len(dead), read)
