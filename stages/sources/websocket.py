@@ -2,7 +2,9 @@
 
 Frames are read by one task into a list; `batches()` yields whatever has
 arrived since the last batch, so batching adds no latency. Non-JSON frames,
-JSON that is not an object and oversized frames go to the dead-letter file.
+JSON that is not an object and oversized frames go to the dead-letter file;
+a message over 4 x max_message_bytes is not even read: the connection is
+closed (1009), one dead-letter line says so, and the source reconnects.
 A connection that delivered at least one event is reopened at once when it
 drops (each gap is logged with its length); failed connects and connections
 that delivered nothing back off exponentially (a quiet one that stayed open
@@ -33,6 +35,14 @@ from stages.sources.inlet import Inlet
 log = logging.getLogger("pipeline.source.websocket")
 BACKFILL_EVENT_BYTES = 512  # size counted per backfilled event (they arrive parsed, not as frames)
 PENDING_BYTES = 32 << 20  # raw frame bytes read ahead of the pipeline before the reader waits
+#: Messages up to this many times max_message_bytes are read and dead-lettered; a longer one closes the
+#: connection (1009) as soon as its length is known, so a peer cannot make us hold a message of any size.
+READ_LIMIT_FACTOR = 4
+
+
+def read_limit(max_message_bytes: int) -> int:
+    """Largest message the WebSocket library may assemble for us (bounds memory, peer-controlled)."""
+    return READ_LIMIT_FACTOR * max_message_bytes
 
 
 async def raw_frames(ws: Any) -> AsyncIterator[bytes]:
@@ -88,7 +98,8 @@ class WebSocketSource(Source):
         """Connect; returns (websockets connection, connection id or None)."""
         import websockets
 
-        ws = await websockets.connect(self.options.url, max_size=None, close_timeout=1)
+        ws = await websockets.connect(self.options.url, max_size=read_limit(self.options.max_message_bytes),
+                                      close_timeout=1)
         first = await ws.recv(decode=False)
         conn_id = None
         try:
@@ -182,6 +193,10 @@ class WebSocketSource(Source):
                             await self._room.wait()
                 except websockets.ConnectionClosed as exc:
                     reason = str(exc)
+                    if exc.sent is not None and exc.sent.code == 1009:  # the library refused a huge message
+                        limit = read_limit(self.options.max_message_bytes)
+                        self._reject(f"message larger than {limit} bytes (4 x max_message_bytes): not read; "
+                                     "connection closed (1009) and reopened", b"")
                 finally:
                     await self._ws.close()
                 if self._stopping:
