@@ -3,6 +3,7 @@
 Lines are buffered per file and written whole (a write never ends mid-line on
 our side), every `flush_interval`, when the buffer passes `buffer_bytes`, and
 at shutdown. Files are 0600 in 0700 directories; symlinked paths are refused.
+A file deleted or renamed (logrotate) under us is opened again at the next flush.
 """
 
 from __future__ import annotations
@@ -53,12 +54,30 @@ class JsonlOptions(SinkOptions):
 
 
 class _File:
-    __slots__ = ("buf", "fh", "path")
+    __slots__ = ("buf", "fh", "ident", "path")
 
     def __init__(self, path: str, fh: BinaryIO) -> None:
         self.path = path
         self.fh = fh
         self.buf = bytearray()
+        st = os.fstat(fh.fileno())
+        self.ident = (st.st_dev, st.st_ino)
+
+    def replaced(self) -> bool:
+        """True when the path no longer names the open file (deleted, renamed by logrotate, swapped)."""
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self.ident
+
+    def reopen(self) -> None:
+        """Open the path again (created anew; a symlink or directory there is refused, as at start)."""
+        fh = open_private(self.path)
+        self.fh.close()
+        self.fh = fh
+        st = os.fstat(fh.fileno())
+        self.ident = (st.st_dev, st.st_ino)
 
 
 class JsonlSink(Sink):
@@ -176,14 +195,17 @@ class JsonlSink(Sink):
             buf, f.buf = f.buf, bytearray()
             done = 0
             try:
+                if f.replaced():  # one stat per file and flush: lines never go to a deleted file
+                    f.reopen()
                 with memoryview(buf) as view:
                     while done < len(buf):
                         done += f.fh.write(view[done:]) or 0
                 if self.options.fsync:
                     os.fsync(f.fh.fileno())
-            except OSError as exc:
+            except (OSError, StageError) as exc:
                 f.buf[:0] = buf[done:]  # what did not reach the file, nothing twice
-                self._failed = SinkFailed(f"{f.path}: cannot write: {exc.strerror or exc}")
+                why = str(exc) if isinstance(exc, StageError) else f"{f.path}: cannot write: {exc.strerror or exc}"
+                self._failed = SinkFailed(why)
                 self._dead_letter_buffers(str(self._failed), current)
                 raise self._failed from None
 
