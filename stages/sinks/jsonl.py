@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 from pipeline.api import Batch, Context, Event, Sink, SinkOptions
 from pipeline.errors import SinkFailed, StageError
 from pipeline.events import channel
-from pipeline.files import open_private
+from pipeline.files import open_private, still_names
 from pipeline.types import Duration
 from stages.sinks.dates import UtcDays
 
@@ -54,30 +54,19 @@ class JsonlOptions(SinkOptions):
 
 
 class _File:
-    __slots__ = ("buf", "fh", "ident", "path")
+    __slots__ = ("buf", "fh", "path")
 
     def __init__(self, path: str, fh: BinaryIO) -> None:
         self.path = path
         self.fh = fh
         self.buf = bytearray()
-        st = os.fstat(fh.fileno())
-        self.ident = (st.st_dev, st.st_ino)
 
-    def replaced(self) -> bool:
-        """True when the path no longer names the open file (deleted, renamed by logrotate, swapped)."""
-        try:
-            st = os.stat(self.path, follow_symlinks=False)
-        except OSError:
-            return True
-        return (st.st_dev, st.st_ino) != self.ident
-
-    def reopen(self) -> None:
-        """Open the path again (created anew; a symlink or directory there is refused, as at start)."""
-        fh = open_private(self.path)
-        self.fh.close()
-        self.fh = fh
-        st = os.fstat(fh.fileno())
-        self.ident = (st.st_dev, st.st_ino)
+    def reopen_if_replaced(self) -> None:
+        """Deleted or renamed (logrotate) under us: open the path again (a symlink or directory is refused)."""
+        if not still_names(self.path, self.fh):
+            fh = open_private(self.path)
+            self.fh.close()
+            self.fh = fh
 
 
 class JsonlSink(Sink):
@@ -195,8 +184,7 @@ class JsonlSink(Sink):
             buf, f.buf = f.buf, bytearray()
             done = 0
             try:
-                if f.replaced():  # one stat per file and flush: lines never go to a deleted file
-                    f.reopen()
+                f.reopen_if_replaced()  # one stat per file and flush: lines never go to a deleted file
                 with memoryview(buf) as view:
                     while done < len(buf):
                         done += f.fh.write(view[done:]) or 0

@@ -56,3 +56,20 @@ async def test_a_symlink_put_where_the_file_was_is_refused(make_context: Callabl
     with pytest.raises(SinkFailed, match="symlink"):
         await sink.write([{"channel": "transcript", "id": 1}])
     assert target.read_bytes() == b""
+
+
+def test_a_deleted_dead_letter_file_is_created_again(tmp_path: Path) -> None:
+    """The dead-letter file removed while running: later rejects went into the deleted file."""
+    from pipeline.deadletter import DeadLetter
+
+    path = tmp_path / "dead.jsonl"
+    dl = DeadLetter(path)
+    dl.write("first", stage="test", event={"id": 0})
+    path.unlink()
+    dl.write("second", stage="test", event={"id": 1})
+    dl.close()
+    assert ids_of_events(path) == [1]
+
+
+def ids_of_events(path: Path) -> list[int]:
+    return [orjson.loads(x)["event"]["id"] for x in path.read_bytes().splitlines()]
