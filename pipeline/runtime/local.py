@@ -336,8 +336,8 @@ class LocalRuntime:
 
     async def _supervise(self, ingest: asyncio.Task[None], drains: list[asyncio.Task[None]],
                          helpers: list[asyncio.Task[Any]]) -> None:
-        """Wait for the source to end (a failing sink or controller stops it), then drain every sink."""
-        watched = {ingest, *helpers}
+        """Wait for the source to end (a failing sink, its feed or the controller stops it), then drain every sink."""
+        watched = {ingest, *helpers, *drains}  # a feed that dies (a spool it cannot read) stops the run
         while not ingest.done():
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             watched -= done
@@ -349,7 +349,9 @@ class LocalRuntime:
         self._start_drain_clock()
         assert self._deadline is not None
         loop = asyncio.get_running_loop()
-        _, pending = await asyncio.wait(drains, timeout=max(self._deadline - loop.time(), 0.0))
+        done, pending = await asyncio.wait(drains, timeout=max(self._deadline - loop.time(), 0.0))
+        for t in done:
+            self._check(t)
         if pending:
             self._abandon(drains, pending)
         if self.error is not None:

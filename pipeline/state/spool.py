@@ -323,7 +323,7 @@ class Spool:
             return self._rfd[1]
         if self._rfd is not None:
             os.close(self._rfd[1])
-        fd = os.open(self._path(base), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = _open_file(self._path(base), os.O_RDONLY, "spool segment")  # a one-line StageError if refused
         self._rfd = (base, fd)
         return fd
 

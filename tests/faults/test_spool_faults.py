@@ -1,4 +1,4 @@
-"""Shutdown paths of a disk-buffered sink: what was spooled stays spooled unless the sink delivered it."""
+"""Disk-buffered sinks under faults: exits, a full disk, a spool file swapped mid-run. Real files and processes."""
 
 from __future__ import annotations
 
@@ -115,3 +115,39 @@ state_dir: {tmp_path}/state
     assert "torn" not in res.stderr
     delivered = sum(int(x) for x in counts.read_text().split())
     assert delivered + len(dead) == read, (delivered, len(dead), read)
+
+
+async def test_a_spool_segment_swapped_for_a_symlink_mid_run_stops_the_run_with_one_line(tmp_path: Path) -> None:
+    """The sink's feeding task died on the refused segment (ELOOP) and nobody looked: the run went on and
+    ended with exit 0 while the sink was fed nothing more (a live source would spool until max_bytes, then
+    stall). Now a failed feed stops the run with the error; what was not delivered stays spooled."""
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(event(i)) + b"\n" for i in range(2000)))
+    counts, target = tmp_path / "counts.txt", tmp_path / "elsewhere"
+    target.write_bytes(b"not yours")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: swapped
+source: {{type: replay, path: {src}, batch_size: 100}}
+runtime: {{drain_timeout: 3s, queue_size: 2}}
+sinks:
+  - {{type: "tests.slow_sink:SlowSink", path: {counts}, delay: 0.05, buffer: {{type: disk}}}}
+dead_letter: {tmp_path}/dead.jsonl
+state_dir: {tmp_path}/state
+""")
+    rt = LocalRuntime(build(load_config(cfg)), install_signals=False)
+    run = asyncio.create_task(rt.run())
+    seg_dir = tmp_path / "state/spool/sinks-0-tests_slow_sink_SlowSink"
+    for _ in range(500):
+        if list(seg_dir.glob("*.seg")):
+            break
+        await asyncio.sleep(0.005)
+    seg = next(seg_dir.glob("*.seg"))
+    await asyncio.sleep(0.05)  # the two batches kept in memory are being written; the rest is read from disk
+    seg.unlink()
+    seg.symlink_to(target)
+    assert await asyncio.wait_for(run, 20) == 1
+    assert rt.error is not None and "refusing to open a spool segment through a symlink" in str(rt.error)
+    assert str(seg) in str(rt.error)
+    assert target.read_bytes() == b"not yours"
+    assert "left spooled" in rt.summary()
