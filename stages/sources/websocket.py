@@ -91,6 +91,10 @@ class WebSocketSource(Source):
         self._ws: Any = None
         self._stamp = Stamper()
         self._inlet: Inlet | None = None  # backfilled events enter here (videodb source)
+        self._reading = False  # connected and reading frames: a stop reads on until the server answers its close
+        #: at stop, how long the close handshake may take: frames the server sent before it saw our close are
+        #: still read (behind a slow sink that takes as long as the sinks are given: drain_timeout)
+        self._close_timeout = max(1.0, float(context.settings.get("drain_timeout", 30.0)))
         self._accepted = 0  # events accepted so far (a connection that delivered some reconnects at once)
         self.connection_id: str | None = None
 
@@ -182,9 +186,11 @@ class WebSocketSource(Source):
                     log.warning("%s: reconnected%s after a %.3fs gap", self.describe(), shown, gap)
                 dropped_at = None
                 opened_at = time.monotonic()
+                self._ws.close_timeout = self._close_timeout
                 if conn_id:
                     await self.context.session.announce_connection(conn_id)
                 reason = "closed by the server"
+                self._reading = True
                 try:
                     async for frame in raw_frames(self._ws):
                         self._accept(frame)
@@ -198,6 +204,7 @@ class WebSocketSource(Source):
                         self._reject(f"message larger than {limit} bytes (4 x max_message_bytes): not read; "
                                      "connection closed (1009) and reopened", b"")
                 finally:
+                    self._reading = False
                     await self._ws.close()
                 if self._stopping:
                     break
@@ -258,8 +265,8 @@ class WebSocketSource(Source):
                             batch = self._inlet.admit(batch)
                     if batch:
                         yield batch
-                if self._done or self._stopping:
-                    break  # stopping: what was received is yielded; a reader still connecting is cancelled
+                if self._done or (self._stopping and not self._reading):
+                    break  # stopping: yielded up to the server's close answer; a reader still connecting is cancelled
             if self._done:
                 await reader  # surfaces a StageError from the reader
         finally:
@@ -269,6 +276,7 @@ class WebSocketSource(Source):
                     await reader
 
     async def stop(self) -> None:
+        """Send our close; frames the server sent before it saw it are still read and yielded."""
         self._stopping = True
         self._stop_event.set()
         self._room.set()
