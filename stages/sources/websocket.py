@@ -64,6 +64,8 @@ class ReaderOptions(Options):
     backoff_max: Duration = Field(default=60.0, description="longest reconnect delay")
     max_retries: int | None = Field(default=None, ge=0, description="give up after N failed reconnects")
     batch_max: int = Field(default=1024, ge=1, description="most events per yielded batch")
+    keepalive: Duration = Field(default=20.0, gt=0, description="ping this often; a peer that does not "
+                                "answer within as long again is taken for gone and the source reconnects")
 
 
 class WebSocketOptions(ReaderOptions):
@@ -103,7 +105,8 @@ class WebSocketSource(Source):
         import websockets
 
         ws = await websockets.connect(self.options.url, max_size=read_limit(self.options.max_message_bytes),
-                                      close_timeout=1)
+                                      close_timeout=1, ping_interval=self.options.keepalive,
+                                      ping_timeout=self.options.keepalive)
         first = await ws.recv(decode=False)
         conn_id = None
         try:
@@ -187,6 +190,7 @@ class WebSocketSource(Source):
                 dropped_at = None
                 opened_at = time.monotonic()
                 self._ws.close_timeout = self._close_timeout
+                self._ws.ping_interval = self._ws.ping_timeout = self.options.keepalive
                 if conn_id:
                     await self.context.session.announce_connection(conn_id)
                 reason = "closed by the server"
