@@ -200,7 +200,7 @@ class WebSocketSource(Source):
                         self._accept(frame)
                         if len(self._pending) >= self._limit or self._pending_bytes >= PENDING_BYTES:
                             self._room.clear()
-                            await self._room.wait()
+                            await self._wait_for_room()
                 except websockets.ConnectionClosed as exc:
                     reason = str(exc)
                     if exc.sent is not None and exc.sent.code == 1009:  # the library refused a huge message
@@ -231,6 +231,21 @@ class WebSocketSource(Source):
         finally:
             self._done = True
             self._ready.set()
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure: stop reading until the pipeline took some events.
+
+        The server's answers to our keepalive pings wait behind the frames we are not reading, so the
+        ping timeout is off meanwhile: a stalled sink must not make us drop the connection (and every
+        frame in our socket buffers with it).
+        """
+        ws = self._ws
+        timeout = ws.ping_timeout
+        ws.ping_timeout = None
+        try:
+            await self._room.wait()
+        finally:
+            ws.ping_timeout = timeout
 
     async def _pause(self, delay: float) -> None:
         """Sleep `delay` seconds, or less if stop() is called."""
