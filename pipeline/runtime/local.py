@@ -357,8 +357,12 @@ class LocalRuntime:
         if self.error is not None:
             raise self.error
         commit = getattr(self.b.source, "commit", None)
-        if commit is not None:
-            await self._commit(commit, -1)
+        if commit is not None:  # flushing waits on sinks (a webhook's retries): only while drain_timeout lasts
+            try:
+                await asyncio.wait_for(self._commit(commit, -1), max(self._deadline - loop.time(), 0.05))
+            except TimeoutError:
+                log.warning("source: the last batches were not flushed within drain_timeout; their offsets are "
+                            "not committed and the next run reads them again")
 
     def _abandon(self, drains: list[asyncio.Task[None]], pending: set[asyncio.Task[None]]) -> None:
         """drain_timeout is over: stop feeding the sinks still busy; what they never took is dead-lettered
