@@ -67,6 +67,7 @@ class SessionManager:
         self.idempotency: dict[str, str] = {}  # Idempotency-Key -> session id
         self.forgotten_keys: OrderedDict[str, str] = OrderedDict()  # keys of sessions evicted from memory
         self._pending: dict[str, asyncio.Future[ManagedSession]] = {}  # creates in flight, by key
+        self._creating = 0  # creates in flight (each holds a place under max_sessions until it returns)
         self._early: OrderedDict[str, list[Event]] = OrderedDict()
         self._background = Background(self.who, self.stats, log)
         self._spawn = self._background.spawn
@@ -147,12 +148,13 @@ class SessionManager:
             pending = self._pending.get(key)
             if pending is not None:
                 return self._same_request(await asyncio.shield(pending), fingerprint), False
-        live = sum(1 for s in self.sessions.values() if s.live)
+        live = sum(1 for s in self.sessions.values() if s.live) + self._creating
         if live >= self.opts.api.max_sessions:
             raise ApiProblem(429, f"{live} live sessions: the limit is api.max_sessions={self.opts.api.max_sessions}")
         fut: asyncio.Future[ManagedSession] = asyncio.get_running_loop().create_future()
         if key is not None:
             self._pending[key] = fut
+        self._creating += 1
         try:
             s = await self._create(end_user_id, metadata, on_active, key, fingerprint)
         except BaseException as exc:
@@ -161,6 +163,7 @@ class SessionManager:
                 fut.exception()  # retrieved: nobody may be waiting
             raise
         finally:
+            self._creating -= 1
             if key is not None:
                 self._pending.pop(key, None)
         fut.set_result(s)
