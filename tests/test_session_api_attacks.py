@@ -49,3 +49,22 @@ async def test_concurrent_creates_never_pass_max_sessions(emulator: Emulator,
         assert sorted(status for status, _ in answers) == [201, 201, 429, 429, 429, 429]
         assert len(session_calls(emulator)) == 2
         assert (await live.call("GET", "/v1/sessions"))[1]["count"] == 2
+
+
+async def test_hostile_headers_and_bodies_get_a_json_4xx(emulator: Emulator,
+                                                         make_context: Callable[..., Context]) -> None:
+    """Bytes that are not UTF-8 in Authorization, and JSON nested too deeply to store, are refused in one line
+    (before: 500 'Server got itself in trouble' and a traceback in the log, or a session whose listing failed)."""
+    async with running(make_context, emulator) as live:
+        answer = await raw_request(live, b"GET /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe")
+        assert answer.startswith(b"HTTP/1.1 401") and b'"status":401' in answer, answer
+
+        for depth in (300, 251):  # 300: orjson cannot even hash it; 251: storable, but a listing nests deeper
+            body = b'{"end_user_id": "x", "metadata": {"a": ' + b"[" * depth + b"]" * depth + b"}}"
+            status, err = await live.call("POST", "/v1/sessions", data=body)
+            assert status == 400 and "nested" in err["error"], err
+        status, err = await live.call("POST", "/v1/sessions", data=b'{"end_user_id": "x", "on_active": '
+                                      + b"[" * 300 + b"]" * 300 + b"}")
+        assert status == 400, err
+        assert session_calls(emulator) == []
+        assert (await live.call("GET", "/v1/sessions"))[0] == 200

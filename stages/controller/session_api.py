@@ -27,6 +27,7 @@ log = logging.getLogger("pipeline.controller.sessions")
 _CREATE_KEYS: Final = ("end_user_id", "metadata", "on_active")
 _KEY: Final = re.compile(r"^[\x21-\x7e]{1,255}$")  # Idempotency-Key: printable ASCII, no spaces
 _MAX_USER: Final = 256
+MAX_DEPTH: Final = 32  # JSON nesting a body may have (orjson writes at most 254 levels, and a listing adds 3)
 
 
 class SessionApi:
@@ -84,7 +85,8 @@ class SessionApi:
 
     def _authenticate(self, request: web.Request) -> None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")  # header bytes that are not UTF-8 stay bytes
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, self._token):
             raise ApiProblem(401, "missing or wrong bearer token (send Authorization: Bearer <api.token>)")
 
     @staticmethod
@@ -98,6 +100,8 @@ class SessionApi:
             raise ApiProblem(400, f"body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise ApiProblem(400, f"body must be a JSON object, got {type(body).__name__}")
+        if _deeper_than(body, MAX_DEPTH):
+            raise ApiProblem(400, f"body is nested deeper than {MAX_DEPTH} levels")
         return body
 
     # --- handlers ------------------------------------------------------------------------------
@@ -146,6 +150,20 @@ class SessionApi:
         s = await self.manager.new_token(request.match_info["sid"])
         return _json({"session_id": s.id, "client_token": s.record.get("client_token"),
                       "expires_at": s.record.get("expires_at")})
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True when lists/objects inside `value` nest more than `limit` levels (walked without recursion)."""
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                todo.append((child, depth + 1))
+    return False
 
 
 def _first_error(exc: ValidationError) -> str:
