@@ -7,9 +7,17 @@ test_session_api.py and test_session_api_contract.py.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import orjson
+import pytest
 
 from pipeline.api import Context
 from pipeline.emulator import Emulator
@@ -68,3 +76,65 @@ async def test_hostile_headers_and_bodies_get_a_json_4xx(emulator: Emulator,
         assert status == 400, err
         assert session_calls(emulator) == []
         assert (await live.call("GET", "/v1/sessions"))[0] == 200
+
+
+async def test_damaged_session_files_are_skipped_not_fatal(emulator: Emulator, make_context: Callable[..., Context],
+                                                           tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Records of the wrong shape, a FIFO and a truncated file in state_dir/sessions: each is skipped with a
+    warning and the API serves the rest (before: AttributeError at start, or a start that never returned)."""
+    d = tmp_path / "sessions"
+    d.mkdir()
+    good = {"session_id": "cap-good", "status": "exported", "end_user_id": "u", "created_at": "2026-01-01T00:00:00Z"}
+    damaged = {
+        "cap-strs": {"session_id": "cap-strs", "status": "active", "rtstreams": ["mic", 5],
+                     "created_at": "2026-01-01T00:00:00Z"},
+        "cap-text": {"session_id": "cap-text", "status": "active", "rtstreams": "mic",
+                     "created_at": "2026-01-01T00:00:00Z"},
+        "cap-types": {"session_id": "cap-types", "status": "active", "created_at": "2026-01-01T00:00:00Z",
+                      "rtstreams": [{"rtstream_id": "rts-1", "media_types": 5}]},
+    }
+    for sid, record in {"cap-good": good, **damaged}.items():
+        (d / f"{sid}.json").write_bytes(orjson.dumps(record))
+    (d / "cap-torn.json").write_bytes(b'{"session_id": "cap-to')
+    os.mkfifo(d / "cap-fifo.json")
+    caplog.set_level(logging.WARNING, "pipeline.controller.sessions")
+    async with asyncio.timeout(15):
+        async with running(make_context, emulator) as live:
+            status, listing = await live.call("GET", "/v1/sessions")
+            assert status == 200 and [s["session_id"] for s in listing["sessions"]] == ["cap-good"]
+    skipped = {r.getMessage().split()[2].rsplit("/", 1)[-1] for r in caplog.records if "skipping" in r.getMessage()}
+    assert skipped == {f"{sid}.json:" for sid in (*damaged, "cap-torn", "cap-fifo")}
+
+
+async def test_a_bulky_metadata_record_survives_a_restart(emulator: Emulator, make_context: Callable[..., Context],
+                                                          tmp_path: Path) -> None:
+    """A body under max_body_bytes whose metadata is a deep list of small lists was saved indented, 20 times
+    its size, past the 1 MiB a record could have when read back: the restart skipped the session (lost, and
+    its Idempotency-Key made a second one)."""
+    inner: Any = [[] for _ in range(20_000)]
+    for _ in range(28):
+        inner = [inner]
+    body = {"end_user_id": "u", "metadata": {"layout": inner}}
+    data = orjson.dumps(body)
+    assert len(data) < 65536
+    hdr = {"Idempotency-Key": "bulky-1"}
+    async with running(make_context, emulator) as live:
+        status, made = await live.call("POST", "/v1/sessions", data=data, headers=hdr)
+        assert status == 201, made
+    async with running(make_context, emulator) as live:
+        status, again = await live.call("POST", "/v1/sessions", data=data, headers=hdr)
+        assert (status, again["session_id"]) == (201, made["session_id"])
+        assert len(session_calls(emulator)) == 1
+    assert (tmp_path / "sessions" / f"{made['session_id']}.json").stat().st_size < 2 * 65536
+
+
+def test_a_fifo_where_a_saved_session_should_be_does_not_hang_the_start(tmp_path: Path) -> None:
+    """capture_session.json as a FIFO (a foreign file): the single-session restart logs it and creates a new
+    session (before: reading it blocked the start for ever)."""
+    os.mkfifo(tmp_path / "capture_session.json")
+    code = ("import sys; from pathlib import Path; from stages.controller.resume import saved_session; "
+            "print(saved_session(Path(sys.argv[1]), 'default', 'u', {}, 'ctl'))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "capture_session.json")], timeout=20,
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
+    assert "not a regular file" in done.stderr
