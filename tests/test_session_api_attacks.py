@@ -21,8 +21,9 @@ import pytest
 
 from pipeline.api import Context
 from pipeline.emulator import Emulator
-from tests.test_session_api import Live, running, session_calls
+from tests.test_session_api import Live, cues, hook, running, session_calls
 from tests.test_session_api import emulator as emulator  # the shared fixture
+from tests.videodb_harness import API_KEY, scenario_file
 
 
 async def raw_request(live: Live, head: bytes, body: bytes = b"") -> bytes:
@@ -126,6 +127,27 @@ async def test_a_bulky_metadata_record_survives_a_restart(emulator: Emulator, ma
         assert (status, again["session_id"]) == (201, made["session_id"])
         assert len(session_calls(emulator)) == 1
     assert (tmp_path / "sessions" / f"{made['session_id']}.json").stat().st_size < 2 * 65536
+
+
+async def test_a_session_stopped_before_a_restart_is_followed_to_its_end(make_context: Callable[..., Context],
+                                                                        tmp_path: Path) -> None:
+    """Stopped through the API, then the pipeline restarted while VideoDB was still exporting it: its lifecycle
+    events go to the old connection, so only polling can tell (before: `stopping` forever, no video id)."""
+    emu = Emulator(scenario_file(tmp_path, cues(), end=1000), speed=1, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        async with running(make_context, emu) as live:
+            sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]["session_id"]
+            await hook(live, emu, f"sessions/{sid}/start")
+            assert (await status_of(live, sid, "active"))["status"] == "active"
+            assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
+            assert (await status_of(live, sid, "stopping"))["status"] == "stopping"
+        async with running(make_context, emu) as live:  # a new process: a new connection id
+            view = await status_of(live, sid, "exported")
+            assert view["status"] == "exported" and view["stop_requested"] is True
+            assert view.get("exported_video_id", "").startswith("v_"), view
+    finally:
+        await emu.stop()
 
 
 def test_a_fifo_where_a_saved_session_should_be_does_not_hang_the_start(tmp_path: Path) -> None:

@@ -107,6 +107,8 @@ class SessionManager:
         if live:
             log.info("%s: re-attaching %d live capture session(s) from %s", self.who, len(live), self.store.dir)
             self._spawn(self._reattach(live))
+        elif any(not s.lifecycle.done for s in self.sessions.values()):
+            self._start_poll()  # stopped through the API, not ended yet: their events go to the old connection
 
     async def _fetch(self, s: ManagedSession) -> Any:
         """The session as VideoDB has it now, or None (the failed call is logged and counted)."""
@@ -370,6 +372,8 @@ class SessionManager:
         """Apply one status (from an event, or from polling/re-attaching) and act on it."""
         if not s.lifecycle.advance(status, polled=session is not None):
             return
+        if event_data is None and session is not None:  # polled: the listing has the video id, not the URLs
+            event_data = {"exported_video_id": getattr(session, "exported_video_id", None)}
         s.apply_status(status, event_data, error)
         if status == "active":
             rts = (event_data or {}).get("rtstreams")
@@ -467,7 +471,7 @@ class SessionManager:
                 if inlet is not None:
                     inlet.hold()  # now, before the new connection's first event is accepted
                 self._spawn(self._bind(s, s.pipelines.streams, held=inlet is not None))
-        if any(s.live for s in self.sessions.values()):
+        if any(not s.lifecycle.done for s in self.sessions.values()):  # stopped ones too: not ended yet
             self._start_poll()
 
     async def _checkpoints(self, inlet: Any) -> None:
