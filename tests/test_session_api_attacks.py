@@ -150,6 +150,40 @@ async def test_a_session_stopped_before_a_restart_is_followed_to_its_end(make_co
         await emu.stop()
 
 
+async def test_a_failed_call_while_reattaching_is_retried(make_context: Callable[..., Context], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """VideoDB answers the restart's first get_capture_session with an error: the session is re-bound on a
+    later poll (before: left active but bound to nothing, so its events never came again)."""
+    from videodb.client import Connection
+
+    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        async with running(make_context, emu) as live:
+            sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]["session_id"]
+            await hook(live, emu, f"sessions/{sid}/start")
+            await live.wait_for(lambda: len(live.of(sid, "transcript")) >= 2)
+        real = Connection.get_capture_session
+        failures = []
+
+        def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not failures:
+                failures.append(args)
+                raise ConnectionError("VideoDB briefly unreachable")
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Connection, "get_capture_session", flaky)
+        async with running(make_context, emu) as live:
+            link = live.ctl.context.session
+            await live.wait_for(lambda: link.connection_id is not None and any(
+                c["path"].endswith("/transcription") and (c["body"] or {}).get("ws_connection_id") == link.connection_id
+                for c in emu.calls), timeout=15)
+            await live.wait_for(lambda: len(live.of(sid, "transcript")) >= 2, timeout=15)
+            assert failures and live.ctl.manager.get(sid).lifecycle.state == "active"
+    finally:
+        await emu.stop()
+
+
 def test_a_fifo_where_a_saved_session_should_be_does_not_hang_the_start(tmp_path: Path) -> None:
     """capture_session.json as a FIFO (a foreign file): the single-session restart logs it and creates a new
     session (before: reading it blocked the start for ever)."""

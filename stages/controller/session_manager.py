@@ -111,14 +111,26 @@ class SessionManager:
             self._start_poll()  # stopped through the API, not ended yet: their events go to the old connection
 
     async def _fetch(self, s: ManagedSession) -> Any:
-        """The session as VideoDB has it now, or None (the failed call is logged and counted)."""
+        """The session as VideoDB has it now, or None (the failed call is logged and counted).
+
+        An active session that could not be bound for want of this answer is bound again one
+        `status_poll_interval` later, unless VideoDB refused the call outright (4xx).
+        """
         try:
             return await self._sdk("get_capture_session", self.conn.get_capture_session,
                                    s.id, self.settings.collection_id)
         except VideoDBCallError as exc:
             log.error("%s", exc)
             self.stats.errors += 1
+            if not exc.fatal and s.live and s.lifecycle.state == "active":
+                self._spawn(self._bind_later(s))
             return None
+
+    async def _bind_later(self, s: ManagedSession) -> None:
+        await asyncio.sleep(self.opts.status_poll_interval)
+        pipes = s.pipelines
+        if s.live and s.lifecycle.state == "active" and (pipes is None or pipes.bound_to != self.link.connection_id):
+            await self._bind(s, None, backfill_gap=True)
 
     async def _reattach(self, live: list[ManagedSession]) -> None:
         conn_id = await self.link.wait_connection()
