@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.api import Context
 from pipeline.emulator import Emulator
-from tests.test_session_api import Live, cues, hook, running, session_calls
+from tests.test_session_api import TOKEN, Live, cues, hook, running, session_calls
 from tests.test_session_api import emulator as emulator  # the shared fixture
 from tests.videodb_harness import API_KEY, scenario_file
 
@@ -33,7 +33,11 @@ async def raw_request(live: Live, head: bytes, body: bytes = b"") -> bytes:
     try:
         writer.write(head + b"\r\nConnection: close\r\n\r\n" + body)
         await writer.drain()
-        return await asyncio.wait_for(reader.read(), 10)
+        async with asyncio.timeout(10):  # the answer, not EOF (the server may linger over an unread body)
+            top = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in top.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            return top + await reader.readexactly(length)
     finally:
         writer.close()
 
@@ -184,6 +188,36 @@ async def test_a_failed_call_while_reattaching_is_retried(make_context: Callable
         await emu.stop()
 
 
+async def test_shutdown_is_not_held_up_by_a_waiting_create(emulator: Emulator,
+                                                          make_context: Callable[..., Context]) -> None:
+    """A create waiting for the WebSocket connection answered 503 at shutdown, at once (before: the server
+    waited up to 60 s for it, so SIGTERM took a minute)."""
+    async with running(make_context, emulator, ingest=False, connect_timeout=60) as live:
+        waiting = asyncio.create_task(live.call("POST", "/v1/sessions", json={"end_user_id": "a"}))
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        await asyncio.wait_for(live.ctl.close(), 10)
+        assert time.monotonic() - t0 < 5
+        status, err = await asyncio.wait_for(waiting, 5)
+        assert status == 503 and "shutting down" in err["error"]
+        assert session_calls(emulator) == []
+
+
+async def test_a_slow_body_is_cut_off(emulator: Emulator, make_context: Callable[..., Context],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that announces a body and sends it a byte at a time no longer holds its connection (and the
+    shutdown) forever: 408 once the body took longer than the limit."""
+    from stages.controller import session_api
+
+    monkeypatch.setattr(session_api, "BODY_TIMEOUT", 0.5, raising=False)
+    async with running(make_context, emulator) as live:
+        t0 = time.monotonic()
+        answer = await raw_request(live, b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                   + TOKEN.encode() + b"\r\nContent-Length: 100", b'{"end_user_id"')
+        assert answer.startswith(b"HTTP/1.1 408") and b'"status":408' in answer, answer
+        assert time.monotonic() - t0 < 5
+
+
 def test_a_fifo_where_a_saved_session_should_be_does_not_hang_the_start(tmp_path: Path) -> None:
     """capture_session.json as a FIFO (a foreign file): the single-session restart logs it and creates a new
     session (before: reading it blocked the start for ever)."""
@@ -194,3 +228,33 @@ def test_a_fifo_where_a_saved_session_should_be_does_not_hang_the_start(tmp_path
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
     assert "not a regular file" in done.stderr
+
+
+async def test_a_create_at_videodb_during_shutdown_keeps_its_record(emulator: Emulator, tmp_path: Path,
+                                                                   make_context: Callable[..., Context],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shutdown stops waiting for requests after a few seconds, but a create whose session VideoDB is making
+    still saves its record (a restart re-attaches it; a retry of its Idempotency-Key finds it)."""
+    from videodb.client import Connection
+
+    from stages.controller import session_api
+
+    monkeypatch.setattr(session_api, "SHUTDOWN_WAIT", 0.2)
+    real = Connection.create_capture_session
+
+    def slow(self: Any, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(1.0)  # VideoDB is slow to answer; the server stops waiting for the request meanwhile
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Connection, "create_capture_session", slow)
+    async with running(make_context, emulator) as live:
+        await asyncio.wait_for(live.ctl.context.session.wait_connection(), 10)
+        waiting = asyncio.create_task(live.call("POST", "/v1/sessions", json={"end_user_id": "a"},
+                                                headers={"Idempotency-Key": "at-shutdown"}))
+        await asyncio.sleep(0.3)
+        await asyncio.wait_for(live.ctl.close(), 10)
+        with pytest.raises(Exception):  # noqa: B017 - the server dropped the request; how depends on timing
+            await asyncio.wait_for(waiting, 5)
+    (sid,) = emulator.registry.sessions  # VideoDB made it
+    record = orjson.loads((tmp_path / "sessions" / f"{sid}.json").read_bytes())
+    assert record["idempotency_key"] == "at-shutdown"

@@ -7,6 +7,7 @@ done by the `SessionManager`; this module only speaks HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -27,6 +28,8 @@ log = logging.getLogger("pipeline.controller.sessions")
 _CREATE_KEYS: Final = ("end_user_id", "metadata", "on_active")
 _KEY: Final = re.compile(r"^[\x21-\x7e]{1,255}$")  # Idempotency-Key: printable ASCII, no spaces
 _MAX_USER: Final = 256
+BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive (a client trickling it holds a connection)
+SHUTDOWN_WAIT: Final = 5.0  # seconds a shutdown waits for requests under way (a create then finishes on its own)
 MAX_DEPTH: Final = 32  # JSON nesting a body may have (orjson writes at most 254 levels, and a listing adds 3)
 
 
@@ -49,7 +52,7 @@ class SessionApi:
         app.router.add_post("/v1/sessions/{sid}/stop", self.stop)
         app.router.add_post("/v1/sessions/{sid}/token", self.token)
         host, port = split_host_port(self.options.listen)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_WAIT)
         await self._runner.setup()
         try:
             await web.TCPSite(self._runner, host, port).start()
@@ -65,6 +68,7 @@ class SessionApi:
         log.info("%s: session API on %s/v1/sessions", self.who, self.url)
 
     async def close(self) -> None:
+        self.manager.closing()  # creates waiting for the WebSocket answer 503 at once, not after connect_timeout
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -91,7 +95,11 @@ class SessionApi:
 
     @staticmethod
     async def _body(request: web.Request) -> dict[str, Any]:
-        raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge (413)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge (413)
+        except TimeoutError:
+            raise ApiProblem(408, f"request body not received within {BODY_TIMEOUT:g}s") from None
         if not raw.strip():
             return {}
         try:

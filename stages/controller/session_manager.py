@@ -40,6 +40,7 @@ _BIND_CONCURRENCY: Final = 8  # re-binds after a reconnect, at once (each is a f
 FORGOTTEN_KEYS: Final = 65536  # Idempotency-Keys of sessions beyond max_sessions, answered from their files
 CHECKPOINT_FILE: Final = "backfill_from.checkpoint"  # where a restart's backfill starts, for every session
 CHECKPOINT_EVERY: Final = 2.0  # seconds (> the sinks' flush interval; saved one period behind)
+CLOSE_WAIT: Final = 30.0  # seconds a shutdown waits for creates already at VideoDB (to save their records)
 
 
 class ApiProblem(Exception):
@@ -68,6 +69,8 @@ class SessionManager:
         self.forgotten_keys: OrderedDict[str, str] = OrderedDict()  # keys of sessions evicted from memory
         self._pending: dict[str, asyncio.Future[ManagedSession]] = {}  # creates in flight, by key
         self._creating = 0  # creates in flight (each holds a place under max_sessions until it returns)
+        self._at_videodb: set[asyncio.Task[ManagedSession]] = set()  # creates past the connection wait
+        self._closing = asyncio.Event()
         self._early: OrderedDict[str, list[Event]] = OrderedDict()
         self._background = Background(self.who, self.stats, log)
         self._spawn = self._background.spawn
@@ -191,12 +194,36 @@ class SessionManager:
 
     async def _create(self, end_user_id: str, metadata: dict[str, Any], on_active: OnActive | None,
                       key: str | None, fingerprint: str) -> ManagedSession:
+        conn_id = await self._connection_for_create()
+        # From here on the create runs to its end even if the request is cancelled (a shutdown): a session
+        # VideoDB made must get its record, or a restart would not know it and a retry would make another.
+        task = asyncio.get_running_loop().create_task(
+            self._create_at_videodb(conn_id, end_user_id, metadata, on_active, key, fingerprint))
+        self._at_videodb.add(task)
+        task.add_done_callback(self._at_videodb.discard)
+        return await asyncio.shield(task)
+
+    async def _connection_for_create(self) -> str:
+        """The current connection id; 503 after connect_timeout without one, or at once when shutting down."""
+        closing = "the pipeline is shutting down; retry shortly"
+        if self._closing.is_set():
+            raise ApiProblem(503, closing)
+        waits = [asyncio.ensure_future(self.link.wait_connection()), asyncio.ensure_future(self._closing.wait())]
+        try:
+            await asyncio.wait(waits, timeout=self.opts.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self._closing.is_set():
+            raise ApiProblem(503, closing)
+        if not waits[0].done() or waits[0].cancelled():
+            raise ApiProblem(503, "no WebSocket connection to VideoDB yet; retry shortly")
+        return waits[0].result()
+
+    async def _create_at_videodb(self, conn_id: str, end_user_id: str, metadata: dict[str, Any],
+                                 on_active: OnActive | None, key: str | None, fingerprint: str) -> ManagedSession:
         opts = self.opts
         metadata = {**opts.metadata, **metadata}  # the configured metadata applies to every session
-        try:
-            conn_id = await asyncio.wait_for(self.link.wait_connection(), opts.connect_timeout)
-        except TimeoutError:
-            raise ApiProblem(503, "no WebSocket connection to VideoDB yet; retry shortly") from None
         try:  # the token first: it names no session, so if it fails no session is left behind at VideoDB
             token = await self._sdk("generate_client_token", self.conn.generate_client_token,
                                     opts.client_token_expires_in)
@@ -522,7 +549,20 @@ class SessionManager:
                     continue
                 self._transition(s, status, session=session, error="reported by list_capture_sessions")
 
+    def closing(self) -> None:
+        """Shutdown begins: creates still waiting for a connection answer 503 now."""
+        self._closing.set()
+
     async def close(self) -> None:
+        self._closing.set()
+        if self._at_videodb:  # their sessions may exist at VideoDB already: let them save their records
+            done, late = await asyncio.wait(self._at_videodb, timeout=CLOSE_WAIT)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved (an ApiProblem its client no longer waits for)
+            if late:
+                log.warning("%s: %d session create(s) still waiting for VideoDB after %gs at shutdown; a session "
+                            "VideoDB makes for them has no record here", self.who, len(late), CLOSE_WAIT)
         await self._background.cancel_all()
 
 
