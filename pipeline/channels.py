@@ -7,10 +7,10 @@ class, or a top-level `channels:` list in the config).
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import suggest
 from pipeline.events import ALIASES, LIFECYCLE, LIFECYCLE_PREFIX
 
 if TYPE_CHECKING:
@@ -64,10 +64,8 @@ def check_channels(chk: _Checker, data: Mapping[str, Any], specs: list[StageSpec
 def unknown_channel(name: str, known: Iterable[str]) -> str:
     """`unknown channel 'x' (did you mean 'y'?)`, or the known names when none is close."""
     choices = sorted(known)
-    hint = difflib.get_close_matches(name.replace("-", "_"), choices, n=1, cutoff=0.6)
-    tail = (f" (did you mean {hint[0]!r}?)" if hint else
-            f"; known: {', '.join(c for c in choices if not c.startswith(LIFECYCLE_PREFIX))}")
-    return f"unknown channel {name!r}{tail}"
+    shown = [c for c in choices if not c.startswith(LIFECYCLE_PREFIX)]
+    return f"unknown channel {name!r}" + suggest(name.replace("-", "_"), choices, shown=shown)
 
 
 def unknown_message(name: str, known: Iterable[str]) -> str:

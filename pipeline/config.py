@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline.api import Options, Stage
 from pipeline.channels import check_channels
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, suggest
 from pipeline.paths import resolve_inputs
 from pipeline.registry import LookupFailed, Registry, default_registry
 from pipeline.types import Duration, Secret
@@ -344,10 +344,7 @@ def explain(model: type[BaseModel], exc: ValidationError, data: Any) -> list[tup
                 explained_missing.add((*loc[:-1], near[0]))
                 out.append((loc, f"unknown key (did you mean {near[0]!r}? it is required)"))
                 continue
-            hint = difflib.get_close_matches(str(loc[-1]), fields, n=1)
-            msg = f"unknown key{' (did you mean ' + repr(hint[0]) + '?)' if hint else ''}"
-            if not hint and fields:
-                msg += f"; expected one of: {', '.join(fields)}"
+            msg = "unknown key" + suggest(str(loc[-1]), fields)
         elif kind == "missing":
             if loc in explained_missing:
                 continue
@@ -419,9 +416,7 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
         raise chk.fail((), "expected a mapping with name, source, stages and sinks")
     for key in data:
         if key not in TOP_KEYS:
-            hint = difflib.get_close_matches(key, TOP_KEYS, n=1)
-            chk.add((key,), "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else
-                                             f"; expected one of: {', '.join(TOP_KEYS)}"))
+            chk.add((key,), "unknown key" + suggest(key, TOP_KEYS))
     name = data.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         chk.add(("name",), f"expected a pipeline name (letters, digits, _.-), got {name!r}")

@@ -6,7 +6,6 @@ is imported until a config actually uses it.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import sys
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from types import ModuleType
 from typing import Final
 
 from pipeline.api import Controller, Processor, Sink, Source, Stage
+from pipeline.errors import suggest
 
 KINDS: Final[dict[str, type[Stage]]] = {
     "source": Source, "processor": Processor, "sink": Sink, "controller": Controller,
@@ -119,10 +119,8 @@ class Registry:
         elif name in self.plugins():
             cls = import_path(self.plugins()[name])
         else:
-            hint = difflib.get_close_matches(name, self.names(kind), n=1)
-            known = ", ".join(self.builtins.get(kind, {}))
-            extra = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {known})"
-            raise LookupFailed(f"unknown {kind} type {name!r}{extra}")
+            raise LookupFailed(f"unknown {kind} type {name!r}"
+                               + suggest(name, self.names(kind), shown=self.builtins.get(kind, {})))
         if not issubclass(cls, KINDS[kind]):
             raise LookupFailed(f"{name!r} is a {cls.kind or 'stage'}, not a {kind}")
         return cls

@@ -160,3 +160,39 @@ async def test_a_failed_fetch_keeps_its_mark_and_the_next_rebind_resumes_from_it
     batch = inlet.take()
     assert batch is not None and [e["data"]["text"] for e in batch] == ["missed 1", "missed 2"]
     assert inlet.since("rts-mic", "transcript") == T0 + 9000  # the mark is covered
+
+
+@pytest.mark.parametrize("make_target", [transcript, scenes])
+async def test_a_server_whose_time_filters_read_epoch_seconds_still_gives_the_gap(api: Any, make_target: Any) -> None:
+    """The REST filters' unit is undocumented. A server reading `start`/`end` as epoch seconds found nothing for
+    the ms values the backfill sent, and the gap was lost; the query is now asked again in seconds."""
+    since = T0 + 100_000
+    records = [{"start": T0 + i * 10_000, "end": T0 + i * 10_000 + 5_000, "text": f"r{i}"} for i in range(20)]
+
+    def answer(path: str, q: dict[str, str]) -> Any:
+        lo, hi = float(q.get("start", 0)), float(q.get("end", "inf"))
+        kept = [r for r in records if lo <= r["start"] / 1000 <= hi]
+        return {"segments": kept, "scene_index_records": kept, "next_page": False}
+
+    fake = await api(answer)
+    got = await asyncio.to_thread(fetch, make_target(fake), since)
+    # what it re-reads before the mark (the margin) is dropped later as duplicates of live events
+    assert [e["data"]["text"] for e in got] == [f"r{i}" for i in range(7, 20)]
+    first, second = fake.queries[0][1], fake.queries[1][1]
+    assert int(first["start"]) == since - MARGIN_MS
+    assert int(second["start"]) == (since - MARGIN_MS) // 1000 and int(second["end"]) < 1e11
+
+
+async def test_a_millisecond_server_with_nothing_new_is_asked_once_more_and_reads_no_history(api: Any) -> None:
+    """The retry in seconds carries an `end`, so a server reading ms answers it with nothing as well (instead of
+    every record since 1970)."""
+    since = T0 + 100_000
+    records = [{"start": T0 + i * 1_000, "text": f"old{i}"} for i in range(50)]  # all before the mark
+
+    def answer(path: str, q: dict[str, str]) -> Any:
+        lo, hi = float(q.get("start", 0)), float(q.get("end", "inf"))
+        return {"segments": [r for r in records if lo <= r["start"] <= hi], "next_page": False}
+
+    fake = await api(answer)
+    assert await asyncio.to_thread(fetch, transcript(fake), since + MARGIN_MS) == []
+    assert len(fake.queries) == 2 and "end" not in fake.queries[0][1] and "end" in fake.queries[1][1]

@@ -71,6 +71,16 @@ def test_unknown_stage_type_did_you_mean(tmp_path: Path) -> None:
     assert ":4:" in msg
 
 
+def test_unknown_names_far_from_any_list_what_is_known(tmp_path: Path) -> None:
+    """With no close name, every "unknown" error lists the choices in the same words."""
+    from pipeline.errors import suggest
+
+    msg = error_of(tmp_path, BASE.replace("type: filter", "type: zzzz") % "1s")
+    assert "unknown processor type 'zzzz'; expected one of: " in msg and "rules" in msg
+    assert "unknown key; expected one of: name, " in error_of(tmp_path, BASE % "1s" + "qqqqqq: []\n")
+    assert suggest("x", []) == "" and suggest("x", ["abc"], shown=["shown"]) == "; expected one of: shown"
+
+
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     assert "sink: unknown key (did you mean 'sinks'?)" in error_of(tmp_path, BASE % "1s" + "sink: []\n")
 

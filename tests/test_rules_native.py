@@ -103,6 +103,19 @@ def test_c_engine_equals_python_path(make_context, rules, events, batch_size) ->
     assert native == python
 
 
+def test_the_watermark_never_moves_back_within_a_batch(make_context) -> None:  # type: ignore[no-untyped-def]
+    """Times going back inside one batch (streams are not ordered with each other) leave the newest time
+    as the watermark, on both paths: the C engine compares the time it saved, not the one it started with."""
+    _engine_available()
+    spec = [{"name": "a", "keywords": ["code"], "cooldown": 1}]
+    events = [{"channel": "transcript", "rtstream_id": f"rts-{i}", "data": {"text": "code", "start": t}}
+              for i, t in enumerate((1_000, 30_000, 5_000, 20_000))]
+    python = _run(False, spec, events, 4, make_context())
+    native = _run(True, spec, events, 4, make_context())
+    assert native == python
+    assert native[-1] == "30000"
+
+
 def test_c_engine_writes_through_the_saved_state(tmp_path: Path) -> None:
     """Cooldowns set by the C engine go through the state store (so they survive a restart)."""
     _engine_available()

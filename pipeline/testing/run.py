@@ -12,7 +12,7 @@ from pipeline.api import Context, Processor, StateStore
 from pipeline.build import Chain
 from pipeline.config import PipelineConfig, StageSpec, load_config
 from pipeline.deadletter import DeadLetter
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, suggest
 from pipeline.events import Event
 from pipeline.session import SessionLink
 from pipeline.stats import StageStats
@@ -74,12 +74,8 @@ def check_labels(cfg: PipelineConfig, specs: list[StageSpec], lc: LoadedCase) ->
     rules = sorted({r.name for s in specs for r in getattr(s.options, "rules", None) or []})
     for i, want in enumerate(lc.case.expect.alerts or []):
         if want.label is not None and want.label not in rules:
-            import difflib
-
-            hint = difflib.get_close_matches(want.label, rules, n=1)
-            known = f"did you mean {hint[0]!r}?" if hint else f"rules: {', '.join(rules) or 'none'}"
             raise ConfigError(f"{lc.where}: expect.alerts[{i}].label: no rule named {want.label!r} runs in this "
-                              f"case ({known})")
+                              f"case{suggest(want.label, rules) or ' (it runs no rules)'}")
 
 
 def run_case(cfg: PipelineConfig, lc: LoadedCase, dead: DeadLetter) -> list[str]:

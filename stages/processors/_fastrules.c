@@ -20,15 +20,27 @@ typedef struct {
     Py_hash_t hash;
 } Word;
 
+/* The rules a keyword belongs to: read as C, so a hit costs no tuple or int unpacking. */
+typedef struct {
+    Py_ssize_t rule;
+    PyObject *keyword; /* exact str, held by `held` */
+} Owner;
+
+typedef struct {
+    Owner *items;
+    Py_ssize_t n;
+    PyObject *held; /* the (rule index, keyword) tuples they were read from */
+} Owners;
+
 typedef struct {
     Word *rest; /* the words after the first */
     Py_ssize_t n_rest;
-    PyObject *owners; /* tuple of (rule index, keyword) */
+    Owners owners;
 } Phrase;
 
 typedef struct {
     Word word;
-    PyObject *owners; /* tuple of (rule index, keyword), or NULL */
+    Owners owners; /* n == 0: the word only starts phrases */
     Phrase *phrases;
     Py_ssize_t n_phrases;
 } Entry;
@@ -71,6 +83,7 @@ typedef struct {
     Py_ssize_t *name_table, n_names;
     Rule *rules;
     Py_ssize_t n_rules;
+    Py_ssize_t *kw_off; /* per rule: where its matched keywords start in a Scratch's kw (n_rules + 1 offsets) */
     PyObject *heads[1 << N_HEAD]; /* alert templates by which head keys the event has, built on first use */
     PyObject *fold, *event_time_ms, *stream_of, *cooled, *source_of;
 } Engine;
@@ -129,16 +142,52 @@ static int word_from_str(PyObject *s, Word *w) {
     return 0;
 }
 
+static void owners_clear(Owners *o) {
+    PyMem_Free(o->items);
+    Py_CLEAR(o->held);
+    o->items = NULL;
+    o->n = 0;
+}
+
+/* owners: a tuple of (rule index, keyword); each index below n_rules is counted in per_rule */
+static int owners_build(Owners *o, PyObject *owners, Py_ssize_t n_rules, Py_ssize_t *per_rule) {
+    if (!PyTuple_Check(owners)) {
+        PyErr_SetString(PyExc_TypeError, "owners must be a tuple");
+        return -1;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(owners);
+    o->held = Py_NewRef(owners);
+    o->items = PyMem_Calloc(n ? n : 1, sizeof(Owner));
+    if (!o->items) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PyTuple_GET_ITEM(owners, i), *keyword;
+        Py_ssize_t rule;
+        if (!PyArg_ParseTuple(pair, "nU", &rule, &keyword)) return -1;
+        if (rule < 0 || rule >= n_rules || !PyUnicode_CheckExact(keyword)) {
+            PyErr_SetString(PyExc_ValueError, "owners: (rule index, str keyword)");
+            return -1;
+        }
+        o->items[i].rule = rule;
+        o->items[i].keyword = keyword;
+        o->n = i + 1;
+        per_rule[rule]++;
+    }
+    return 0;
+}
+
 static void table_clear(Table *t) {
     if (t->entries) {
         for (Py_ssize_t i = 0; i < t->n_entries; i++) {
             Entry *e = &t->entries[i];
             PyMem_Free(e->word.chars);
-            Py_XDECREF(e->owners);
+            owners_clear(&e->owners);
             for (Py_ssize_t p = 0; p < e->n_phrases; p++) {
                 for (Py_ssize_t r = 0; r < e->phrases[p].n_rest; r++) PyMem_Free(e->phrases[p].rest[r].chars);
                 PyMem_Free(e->phrases[p].rest);
-                Py_XDECREF(e->phrases[p].owners);
+                owners_clear(&e->phrases[p].owners);
             }
             PyMem_Free(e->phrases);
         }
@@ -149,8 +198,9 @@ static void table_clear(Table *t) {
     memset(t, 0, sizeof(*t));
 }
 
-/* spec: (dict first word -> (owners tuple or None, tuple of (rest words tuple, owners tuple)), source str) */
-static int table_build(Table *t, PyObject *spec) {
+/* spec: (dict first word -> (owners tuple or None, tuple of (rest words tuple, owners tuple)), source str).
+ * per_rule[r] counts the owners naming rule r. */
+static int table_build(Table *t, PyObject *spec, Py_ssize_t n_rules, Py_ssize_t *per_rule) {
     PyObject *words, *source;
     if (!PyArg_ParseTuple(spec, "O!U", &PyDict_Type, &words, &source)) return -1;
     Py_ssize_t n = PyDict_GET_SIZE(words);
@@ -173,13 +223,7 @@ static int table_build(Table *t, PyObject *spec) {
         PyObject *owners, *phrases;
         if (!PyArg_ParseTuple(value, "OO!", &owners, &PyTuple_Type, &phrases)) return -1;
         if (word_from_str(key, &e->word) < 0) return -1;
-        if (owners != Py_None) {
-            if (!PyTuple_Check(owners)) {
-                PyErr_SetString(PyExc_TypeError, "owners must be a tuple");
-                return -1;
-            }
-            e->owners = Py_NewRef(owners);
-        }
+        if (owners != Py_None && owners_build(&e->owners, owners, n_rules, per_rule) < 0) return -1;
         Py_ssize_t np = PyTuple_GET_SIZE(phrases);
         if (np) {
             e->phrases = PyMem_Calloc(np, sizeof(Phrase));
@@ -194,7 +238,7 @@ static int table_build(Table *t, PyObject *spec) {
                 return -1;
             Phrase *ph = &e->phrases[p];
             e->n_phrases = p + 1;
-            ph->owners = Py_NewRef(powners);
+            if (owners_build(&ph->owners, powners, n_rules, per_rule) < 0) return -1;
             Py_ssize_t nr = PyTuple_GET_SIZE(rest);
             ph->rest = PyMem_Calloc(nr ? nr : 1, sizeof(Word));
             if (!ph->rest) {
@@ -276,6 +320,8 @@ static void engine_clear_all(Engine *self) {
     PyMem_Free(self->rules);
     self->rules = NULL;
     self->n_rules = 0;
+    PyMem_Free(self->kw_off);
+    self->kw_off = NULL;
     Py_CLEAR(self->channel_map);
     for (Py_ssize_t i = 0; i < self->n_names; i++) Py_XDECREF(self->names[i]);
     PyMem_Free(self->names);
@@ -307,14 +353,16 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *Py_UNUSED(kw)) {
     Py_ssize_t nt = PyList_GET_SIZE(tables), nr = PyList_GET_SIZE(rules);
     self->tables = PyMem_Calloc(nt ? nt : 1, sizeof(Table));
     self->rules = PyMem_Calloc(nr ? nr : 1, sizeof(Rule));
-    if (!self->tables || !self->rules) {
+    self->kw_off = PyMem_Calloc(nr + 1, sizeof(Py_ssize_t));
+    if (!self->tables || !self->rules || !self->kw_off) {
         PyErr_NoMemory();
         return -1;
     }
-    for (Py_ssize_t i = 0; i < nt; i++) {
+    for (Py_ssize_t i = 0; i < nt; i++) {  /* kw_off[r + 1]: first the owners naming rule r */
         self->n_tables = i + 1;
-        if (table_build(&self->tables[i], PyList_GET_ITEM(tables, i)) < 0) return -1;
+        if (table_build(&self->tables[i], PyList_GET_ITEM(tables, i), nr, self->kw_off + 1) < 0) return -1;
     }
+    for (Py_ssize_t r = 0; r < nr; r++) self->kw_off[r + 1] += self->kw_off[r];  /* then where each one starts */
     for (Py_ssize_t i = 0; i < nr; i++) {
         PyObject *prefix, *label, *severity, *names;
         long long cd;
@@ -404,10 +452,13 @@ static inline int same(int kind, const void *data, const Token *tok, const Word 
     return 1;
 }
 
-/* Scratch space for one batch: per-rule matched keyword lists of the current event. */
+/* Scratch space for one batch: per rule, the keywords the current event matched, as borrowed pointers: a
+ * list is made only for a rule that fires (with a cooldown, most hits do not). */
 typedef struct {
-    PyObject **matched; /* n_rules: list of keywords, or NULL */
-    Py_ssize_t *touched;
+    PyObject **kw;     /* rule r's keywords are kw[kw_off[r]] .. kw[kw_off[r] + n_kw[r] - 1], in the order found */
+    Py_ssize_t *n_kw;  /* n_rules */
+    const Py_ssize_t *kw_off;
+    Py_ssize_t *touched; /* the rules with n_kw > 0 */
     Py_ssize_t n_touched;
     Py_ssize_t *firing; /* the current event's rules that fire, in rule order */
     Py_ssize_t n_firing;
@@ -415,31 +466,33 @@ typedef struct {
 } Scratch;
 
 static void scratch_reset(Scratch *s) {
-    for (Py_ssize_t i = 0; i < s->n_touched; i++) Py_CLEAR(s->matched[s->touched[i]]);
+    for (Py_ssize_t i = 0; i < s->n_touched; i++) s->n_kw[s->touched[i]] = 0;
     s->n_touched = 0;
     s->n_firing = 0;
 }
 
-static int add_owners(Scratch *s, PyObject *owners) {
-    Py_ssize_t n = PyTuple_GET_SIZE(owners);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *pair = PyTuple_GET_ITEM(owners, i);
-        Py_ssize_t rule = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 0));
-        PyObject *keyword = PyTuple_GET_ITEM(pair, 1);
-        PyObject *found = s->matched[rule];
-        if (found == NULL) {
-            found = PyList_New(1);
-            if (!found) return -1;
-            PyList_SET_ITEM(found, 0, Py_NewRef(keyword));
-            s->matched[rule] = found;
-            s->touched[s->n_touched++] = rule;
-        } else {
-            int has = PySequence_Contains(found, keyword);
-            if (has < 0) return -1;
-            if (!has && PyList_Append(found, keyword) < 0) return -1;
+/* Each owner's keyword to its rule's matched keywords, unless an equal one is there (`keyword not in found`).
+ * Room is never short: a rule holds at most as many keywords as owners name it. */
+static void add_owners(Scratch *s, const Owners *o) {
+    for (Py_ssize_t i = 0; i < o->n; i++) {
+        Py_ssize_t rule = o->items[i].rule, n = s->n_kw[rule];
+        PyObject *keyword = o->items[i].keyword, **found = s->kw + s->kw_off[rule];
+        if (n == 0) s->touched[s->n_touched++] = rule;
+        Py_ssize_t k = 0;
+        while (k < n && found[k] != keyword && !same_str(found[k], keyword)) k++;
+        if (k == n) {
+            found[n] = keyword;
+            s->n_kw[rule] = n + 1;
         }
     }
-    return 0;
+}
+
+/* Rule r's matched keywords as a new list (the alert's data.matched). */
+static PyObject *matched_list(const Scratch *s, Py_ssize_t rule) {
+    Py_ssize_t n = s->n_kw[rule];
+    PyObject *list = PyList_New(n), *const *found = s->kw + s->kw_off[rule];
+    for (Py_ssize_t k = 0; list && k < n; k++) PyList_SET_ITEM(list, k, Py_NewRef(found[k]));
+    return list;
 }
 
 /* The next word at or after *pos (kind ASCII_LOWERED: ASCII as it is, lowered on the way); 0 at the end.
@@ -468,21 +521,21 @@ static inline int next_word(int kind, const void *data, Py_ssize_t n, Py_ssize_t
     return 1;
 }
 
-/* A keyword's word in the text: its keywords (and the phrases it starts) into s->matched. `end`: where it ends. */
-static int word_found(Scratch *s, const Entry *e, int kind, const void *data, Py_ssize_t n, Py_ssize_t end) {
+/* A keyword's word in the text: its keywords (and the phrases it starts) into s. `end`: where it ends. */
+static void word_found(Scratch *s, const Entry *e, int kind, const void *data, Py_ssize_t n, Py_ssize_t end) {
     for (Py_ssize_t p = 0; p < e->n_phrases; p++) {  /* the phrase's other words must follow */
         const Phrase *ph = &e->phrases[p];
         Py_ssize_t at = end, r = 0;
         Token next;
         while (r < ph->n_rest && next_word(kind, data, n, &at, &next) && same(kind, data, &next, &ph->rest[r])) r++;
-        if (r == ph->n_rest && add_owners(s, ph->owners) < 0) return -1;
+        if (r == ph->n_rest) add_owners(s, &ph->owners);
     }
-    return e->owners ? add_owners(s, e->owners) : 0;
+    add_owners(s, &e->owners);
 }
 
-/* Fill s->matched for one text (kind ASCII_LOWERED, or a lowered str's kind); returns 0 or -1.
+/* Fill s for one text (kind ASCII_LOWERED, or a lowered str's kind).
  * Words are looked up as they are found: no memory per word, however long the text. */
-static int scan(Scratch *s, const Table *t, int kind, const void *data, Py_ssize_t n) {
+static void scan(Scratch *s, const Table *t, int kind, const void *data, Py_ssize_t n) {
     Py_ssize_t i = 0;
     Token tok;
     if (kind == ASCII_LOWERED) {
@@ -504,40 +557,47 @@ static int scan(Scratch *s, const Table *t, int kind, const void *data, Py_ssize
             tok.len = i - start;
             tok.hash = h;
             const Entry *e = lookup(t, kind, data, &tok);
-            if (e != NULL && word_found(s, e, kind, data, n, i) < 0) return -1;
+            if (e != NULL) word_found(s, e, kind, data, n, i);
         }
-        return 0;
+        return;
     }
     while (next_word(kind, data, n, &i, &tok)) {
         const Entry *e = lookup(t, kind, data, &tok);
-        if (e != NULL && word_found(s, e, kind, data, n, i) < 0) return -1;
+        if (e != NULL) word_found(s, e, kind, data, n, i);
     }
-    return 0;
 }
 
 /* ---- firing -------------------------------------------------------------------------------------------- */
 
-/* a < b for event times: exact for ints of any size and for whatever else Python compares */
-static inline int less(PyObject *a, PyObject *b) {
-    if (PyLong_CheckExact(a) && PyLong_CheckExact(b)) {
-        int oa, ob;
-        long long x = PyLong_AsLongLongAndOverflow(a, &oa), y = PyLong_AsLongLongAndOverflow(b, &ob);
-        if (!oa && !ob) return x < y;
+/* An event time read once: `fits` when it is an exact int within +-2**62, compared as `v` from then on. */
+typedef struct {
+    PyObject *obj;
+    long long v;
+    int fits;
+} Time;
+
+static inline Time time_of(PyObject *x) {
+    Time t = {x, 0, 0};
+    if (PyLong_CheckExact(x)) {
+        int over;
+        t.v = PyLong_AsLongLongAndOverflow(x, &over);
+        t.fits = !over && t.v < (1LL << 62) && t.v > -(1LL << 62);
     }
-    return PyObject_RichCompareBool(a, b, Py_LT);
+    return t;
+}
+
+/* a < b: exact for ints of any size and for whatever else Python compares */
+static inline int less(const Time *a, const Time *b) {
+    return a->fits && b->fits ? a->v < b->v : PyObject_RichCompareBool(a->obj, b->obj, Py_LT);
 }
 
 /* last <= when < last + cooldown: the rule is quiet for this stream */
-static int cooling(Engine *self, PyObject *last, PyObject *when, long long cooldown) {
-    if (PyLong_CheckExact(last) && PyLong_CheckExact(when)) {
-        int ol, ow;
-        long long l = PyLong_AsLongLongAndOverflow(last, &ol), w = PyLong_AsLongLongAndOverflow(when, &ow);
-        if (!ol && !ow && l < (1LL << 62) && l > -(1LL << 62) && cooldown < (1LL << 60))
-            return l <= w && w < l + cooldown;
-    }
+static int cooling(Engine *self, PyObject *last, const Time *when, long long cooldown) {
+    Time l = time_of(last);
+    if (l.fits && when->fits && cooldown < (1LL << 60)) return l.v <= when->v && when->v < l.v + cooldown;
     PyObject *cd = PyLong_FromLongLong(cooldown);
     if (!cd) return -1;
-    PyObject *res = PyObject_CallFunctionObjArgs(self->cooled, last, when, cd, NULL);
+    PyObject *res = PyObject_CallFunctionObjArgs(self->cooled, last, when->obj, cd, NULL);
     Py_DECREF(cd);
     if (!res) return -1;
     int quiet = PyObject_IsTrue(res);
@@ -615,7 +675,10 @@ static int make_alerts(Engine *self, Scratch *s, PyObject *event, PyObject *text
     PyObject *first = NULL;
     for (Py_ssize_t k = 0; k < s->n_firing; k++) {
         Py_ssize_t idx = s->firing[k];
-        PyObject *alert = make_alert(self, &self->rules[idx], first, head, mask, text, when, s->matched[idx], source);
+        PyObject *matched = matched_list(s, idx);
+        PyObject *alert = matched ? make_alert(self, &self->rules[idx], first, head, mask, text, when, matched, source)
+                                  : NULL;
+        Py_XDECREF(matched);
         if (!alert) goto done;
         int appended = PyList_Append(alerts, alert);
         Py_DECREF(alert);
@@ -632,7 +695,7 @@ done:
 
 /* The alerts one event fires (appended to `alerts`), as rules.py's Rules._fire. */
 static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObject *text, PyObject *ch, PyObject *source,
-                PyObject *last_fired, PyObject *journal, PyObject **watermark, PyObject *ceiling, PyObject *alerts) {
+                PyObject *last_fired, PyObject *journal, Time *watermark, const Time *ceiling, PyObject *alerts) {
     int rc = -1;
     PyObject *when = NULL, *stream = NULL, *name = NULL;
     PyObject *start = get(data, s_start);
@@ -653,12 +716,17 @@ static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObj
         stream = PyObject_CallOneArg(self->stream_of, event);
         if (!stream) goto done;
     }
-    int below = less(*watermark, when);
+    Time now = time_of(when);
+    int below = less(watermark, &now);
     if (below < 0) goto done;
     if (below) {
-        int above = less(ceiling, when);
+        int above = less(ceiling, &now);
         if (above < 0) goto done;
-        if (!above) Py_SETREF(*watermark, Py_NewRef(when));
+        if (!above) {
+            Py_SETREF(watermark->obj, Py_NewRef(when));
+            watermark->v = now.v;
+            watermark->fits = now.fits;
+        }
     }
     /* rule order, as the Python path's sorted(hits) */
     for (Py_ssize_t a = 1; a < s->n_touched; a++) {
@@ -698,7 +766,7 @@ static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObj
             }
             Py_XINCREF(last);
             if (last != NULL && last != Py_None) {  /* None: no time saved, as the Python path's get() */
-                int quiet = cooling(self, last, when, r->cooldown_ms);
+                int quiet = cooling(self, last, &now, r->cooldown_ms);
                 if (quiet) {
                     Py_DECREF(last);
                     Py_DECREF(key);
@@ -727,32 +795,38 @@ done:
     return rc;
 }
 
-static int extend_range(PyObject *out, PyObject *batch, Py_ssize_t from, Py_ssize_t to) {
-    for (Py_ssize_t i = from; i < to && i < PyList_GET_SIZE(batch); i++)  /* as a slice: the list may have shrunk */
-        if (PyList_Append(out, PyList_GET_ITEM(batch, i)) < 0) return -1;
-    return 0;
+/* out[*n:] = src[from:to], as a slice (src may have shrunk since `to` was read); out has room for it */
+static void copy_range(PyObject *out, Py_ssize_t *n, PyObject *src, Py_ssize_t from, Py_ssize_t to) {
+    for (Py_ssize_t i = from; i < to && i < PyList_GET_SIZE(src); i++)
+        PyList_SET_ITEM(out, (*n)++, Py_NewRef(PyList_GET_ITEM(src, i)));
 }
 
 /* process(batch, last_fired, watermark, ceiling, counts, journal) -> (out batch or None, alerts, watermark)
  * journal: a list; each cooldown write appends (last_fired, key, old value) or (last_fired, key) first */
 static PyObject *Engine_process(Engine *self, PyObject *args) {
-    PyObject *batch, *last_fired, *watermark, *ceiling, *counts, *journal;
-    if (!PyArg_ParseTuple(args, "O!O!OOO!O!", &PyList_Type, &batch, &PyDict_Type, &last_fired, &watermark, &ceiling,
+    PyObject *batch, *last_fired, *wm, *ceil, *counts, *journal;
+    if (!PyArg_ParseTuple(args, "O!O!OOO!O!", &PyList_Type, &batch, &PyDict_Type, &last_fired, &wm, &ceil,
                           &PyList_Type, &counts, &PyList_Type, &journal))
         return NULL;
     if (PyList_GET_SIZE(counts) != self->n_rules) {
         PyErr_SetString(PyExc_ValueError, "counts must hold one int per rule");
         return NULL;
     }
+    if (self->kw_off == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine.__init__ was not called");
+        return NULL;
+    }
     Scratch s = {0};
     PyObject *out = NULL, *alerts = PyList_New(0), *result = NULL, *held = NULL, *held_ch = NULL;
     Py_ssize_t *marks = NULL, n_marks = 0, cap_marks = 0; /* per firing event: its index, then alerts so far */
-    Py_INCREF(watermark);
-    s.matched = PyMem_Calloc(self->n_rules ? self->n_rules : 1, sizeof(PyObject *));
+    Time watermark = time_of(Py_NewRef(wm)), ceiling = time_of(ceil);  /* watermark.obj: held */
+    s.kw = PyMem_Malloc(sizeof(PyObject *) * (self->kw_off[self->n_rules] ? self->kw_off[self->n_rules] : 1));
+    s.n_kw = PyMem_Calloc(self->n_rules ? self->n_rules : 1, sizeof(Py_ssize_t));
+    s.kw_off = self->kw_off;
     s.touched = PyMem_Malloc(sizeof(Py_ssize_t) * (self->n_rules ? self->n_rules : 1));
     s.firing = PyMem_Malloc(sizeof(Py_ssize_t) * (self->n_rules ? self->n_rules : 1));
     s.fired = PyMem_Calloc(self->n_rules ? self->n_rules : 1, sizeof(long long));
-    if (!alerts || !s.matched || !s.touched || !s.firing || !s.fired) {
+    if (!alerts || !s.kw || !s.n_kw || !s.touched || !s.firing || !s.fired) {
         if (alerts) PyErr_NoMemory();
         goto done;
     }
@@ -792,7 +866,8 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         }
         int bad;
         if (PyUnicode_CheckExact(text) && PyUnicode_IS_ASCII(text)) {  /* a subclass's own lower() is called */
-            bad = scan(&s, t, ASCII_LOWERED, PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text)) < 0;
+            scan(&s, t, ASCII_LOWERED, PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text));
+            bad = 0;
         } else {  /* str.lower(), or fold() where lowering changes the length, as matchers.py */
             PyObject *low = PyObject_CallMethodNoArgs(text, s_lower);
             if (low && PyUnicode_Check(low) && PyUnicode_GET_LENGTH(low) != PyUnicode_GET_LENGTH(text))
@@ -801,13 +876,13 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
                 PyErr_Format(PyExc_TypeError, "text.lower() returned %.100s, not str", Py_TYPE(low)->tp_name);
                 Py_CLEAR(low);
             }
-            bad = low == NULL ||
-                  scan(&s, t, PyUnicode_KIND(low), PyUnicode_DATA(low), PyUnicode_GET_LENGTH(low)) < 0;
+            bad = low == NULL;
+            if (!bad) scan(&s, t, PyUnicode_KIND(low), PyUnicode_DATA(low), PyUnicode_GET_LENGTH(low));
             Py_XDECREF(low);
         }
         Py_ssize_t before = PyList_GET_SIZE(alerts);
         if (!bad && s.n_touched)
-            bad = fire(self, &s, event, data, text, ch, t->source, last_fired, journal, &watermark, ceiling,
+            bad = fire(self, &s, event, data, text, ch, t->source, last_fired, journal, &watermark, &ceiling,
                        alerts) < 0;
         scratch_reset(&s);
         Py_DECREF(text);
@@ -830,16 +905,17 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
     /* each alert right after its source event, the rest cut from the batch as it is now, as the Python path
      * does (code called above may have changed the list since an event was read) */
     if (n_marks) {
-        Py_ssize_t prev = 0, from = 0;
-        out = PyList_New(0);
+        Py_ssize_t prev = 0, from = 0, filled = 0;
+        out = PyList_New(PyList_GET_SIZE(batch) + PyList_GET_SIZE(alerts));  /* the most it can hold */
         if (!out) goto done;
         for (Py_ssize_t m = 0; m < n_marks; m += 2) {
-            if (extend_range(out, batch, prev, marks[m] + 1) < 0 || extend_range(out, alerts, from, marks[m + 1]) < 0)
-                goto done;
+            copy_range(out, &filled, batch, prev, marks[m] + 1);
+            copy_range(out, &filled, alerts, from, marks[m + 1]);
             prev = marks[m] + 1;
             from = marks[m + 1];
         }
-        if (extend_range(out, batch, prev, PyList_GET_SIZE(batch)) < 0) goto done;
+        copy_range(out, &filled, batch, prev, PyList_GET_SIZE(batch));
+        Py_SET_SIZE(out, filled);  /* fewer if the batch shrank: the slots past `filled` were never set */
     }
     for (Py_ssize_t r = 0; r < self->n_rules; r++) {
         if (!s.fired[r]) continue;
@@ -849,19 +925,20 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         if (!sum) goto done;
         PyList_SetItem(counts, r, sum);
     }
-    result = Py_BuildValue("(OOO)", out ? out : Py_None, alerts, watermark);
+    result = Py_BuildValue("(OOO)", out ? out : Py_None, alerts, watermark.obj);
 done:
     Py_XDECREF(held);
     Py_XDECREF(held_ch);
     PyMem_Free(marks);
     scratch_reset(&s);
-    PyMem_Free(s.matched);
+    PyMem_Free(s.kw);
+    PyMem_Free(s.n_kw);
     PyMem_Free(s.touched);
     PyMem_Free(s.firing);
     PyMem_Free(s.fired);
     Py_XDECREF(out);
     Py_XDECREF(alerts);
-    Py_DECREF(watermark);
+    Py_DECREF(watermark.obj);
     return result;
 }
 

@@ -8,7 +8,10 @@ worker thread and turns records into ordinary events marked `"backfill": true`;
 against what arrived live.
 
 Record times are read as epoch milliseconds, the unit of the WebSocket events;
-a value below 1e11 is taken as seconds and converted. Text comes from `text`
+a value below 1e11 is taken as seconds and converted. The unit of the REST time
+filters is not documented: a filtered query is sent in epoch milliseconds, and
+one that finds no record at all is asked again in epoch seconds (with an `end`,
+so a server that reads milliseconds answers that one with nothing as well). Text comes from `text`
 (or `description`, `transcript`). A response may be a list of records or an
 object holding one under `segments`, `transcription`, `transcripts`,
 `scene_index_records`, `scenes`, `records`, `results` or `data`.
@@ -95,25 +98,40 @@ def _event(t: Target, rec: Any) -> Event | None:
             "data": data, "backfill": True}
 
 
-def _page(t: Target, page: int, since: int | None) -> Any:
-    if t.channel == "transcript":
-        return t.source.get_transcript(page=page, page_size=PAGE_SIZE, start=since)
+def _page(t: Target, page: int, since: int | None, per: int) -> Any:
+    """One page of `t` from `since` (epoch ms), the filters sent in ms (`per` 1) or seconds (`per` 1000)."""
     if since is None:
+        if t.channel == "transcript":
+            return t.source.get_transcript(page=page, page_size=PAGE_SIZE)
         return t.source.get_scenes(page=page, page_size=PAGE_SIZE)
-    # get_scenes sends start/end only together; end = now, in the unit `since` is in
-    now = time.time() + 3600
-    end = int(now * 1000) if since >= 1e11 else int(now)
-    return t.source.get_scenes(start=since, end=end, page=page, page_size=PAGE_SIZE)
+    start = since // per
+    if t.channel == "transcript" and per == 1:
+        return t.source.get_transcript(page=page, page_size=PAGE_SIZE, start=start)
+    # get_scenes sends start/end only together; end = an hour from now
+    end = (int(time.time() * 1000) + 3_600_000) // per
+    if t.channel == "transcript":
+        return t.source.get_transcript(page=page, page_size=PAGE_SIZE, start=start, end=end)
+    return t.source.get_scenes(start=start, end=end, page=page, page_size=PAGE_SIZE)
 
 
 def fetch(t: Target, since: int | None) -> list[Event]:
     """Everything VideoDB holds for `t` from `since` (inclusive), as backfill events. Blocking."""
-    if since is not None:
-        since -= MARGIN_MS  # what it re-reads that arrived live is dropped as a duplicate
+    if since is not None:  # in ms (live times in seconds too); re-read a margin, dropped later as duplicates
+        since = (to_ms(since) or since) - MARGIN_MS
+    out, found = _fetch(t, since, 1)
+    if since is not None and not found:  # nothing at all in ms: perhaps the filters read epoch seconds
+        out, _ = _fetch(t, since, 1000)
+    return out
+
+
+def _fetch(t: Target, since: int | None, per: int) -> tuple[list[Event], bool]:
+    """(events of `t` from `since`, whether the server returned any record at all), paging until the end."""
     out: list[Event] = []
     size = skipped = 0
+    found = False
     for page in range(1, MAX_PAGES + 1):
-        items, more = _records(_page(t, page, since))
+        items, more = _records(_page(t, page, since, per))
+        found = found or bool(items)
         for rec in items:
             ev = _event(t, rec)
             if ev is None or (since is not None and ev["data"]["start"] < since):
@@ -130,11 +148,11 @@ def fetch(t: Target, since: int | None) -> list[Event]:
             skipped = 0
         if size > MAX_BYTES:
             log.warning("backfill %s %s: stopped after %d MiB of text", t.rtstream_name, t.channel, size >> 20)
-            return out
+            return out, found
         if not (more if more is not None else len(items) >= PAGE_SIZE):
-            return out
+            return out, found
     log.warning("backfill %s %s: stopped after %d pages", t.rtstream_name, t.channel, MAX_PAGES)
-    return out
+    return out, found
 
 
 async def run(targets: list[Target], inlet: Inlet, who: str,
