@@ -258,3 +258,34 @@ async def test_a_create_at_videodb_during_shutdown_keeps_its_record(emulator: Em
     (sid,) = emulator.registry.sessions  # VideoDB made it
     record = orjson.loads((tmp_path / "sessions" / f"{sid}.json").read_bytes())
     assert record["idempotency_key"] == "at-shutdown"
+
+
+async def test_connections_that_never_finish_a_request_are_bounded(emulator: Emulator,
+                                                                   make_context: Callable[..., Context],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients that open connections and trickle their headers: those over the bound get a 503 at once, the
+    others are closed after the header time limit, and the API answers again (before: every such connection
+    was kept for an hour, each one a file descriptor of the pipeline)."""
+    from stages.controller import session_api
+
+    monkeypatch.setattr(session_api, "HEADER_TIMEOUT", 1.0, raising=False)
+    monkeypatch.setattr(session_api, "MAX_CONNECTIONS", 20, raising=False)
+    async with running(make_context, emulator) as live:
+        host, port = live.url.removeprefix("http://").rsplit(":", 1)
+        conns = []
+        for _ in range(30):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            conns.append((reader, writer))
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(10):
+                answers = await asyncio.gather(*(reader.read() for reader, _ in conns))
+        finally:
+            for _, writer in conns:
+                writer.close()
+        busy = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert len(busy) == 10 and all(b'"status": 503' in a for a in busy)
+        assert time.monotonic() - t0 < 5
+        assert (await live.call("GET", "/v1/sessions"))[0] == 200

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from pipeline.errors import StageError
 from pipeline.net import is_loopback
+from stages.controller import api_listener
 from stages.controller.ai_pipelines import OnActive
 from stages.controller.session_manager import ApiProblem, SessionManager, fingerprint
 from stages.controller.session_options import SessionApiOptions, split_host_port
@@ -29,6 +30,8 @@ _CREATE_KEYS: Final = ("end_user_id", "metadata", "on_active")
 _KEY: Final = re.compile(r"^[\x21-\x7e]{1,255}$")  # Idempotency-Key: printable ASCII, no spaces
 _MAX_USER: Final = 256
 BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive (a client trickling it holds a connection)
+HEADER_TIMEOUT = 15.0  # seconds a connection may stay open without a complete request (aiohttp's keep-alive)
+MAX_CONNECTIONS = 256  # open connections at once; more get 503 (each one costs the pipeline a file descriptor)
 SHUTDOWN_WAIT: Final = 5.0  # seconds a shutdown waits for requests under way (a create then finishes on its own)
 MAX_DEPTH: Final = 32  # JSON nesting a body may have (orjson writes at most 254 levels, and a listing adds 3)
 
@@ -42,6 +45,7 @@ class SessionApi:
         self.who = who
         self._token = options.token.get_secret_value().encode()
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self.url = ""
 
     async def start(self) -> None:
@@ -52,16 +56,17 @@ class SessionApi:
         app.router.add_post("/v1/sessions/{sid}/stop", self.stop)
         app.router.add_post("/v1/sessions/{sid}/token", self.token)
         host, port = split_host_port(self.options.listen)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_WAIT)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_WAIT,
+                                     keepalive_timeout=HEADER_TIMEOUT)
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, host, port).start()
+            self._listener = await api_listener.listen(self._runner, host, port, MAX_CONNECTIONS)
         except OSError as exc:
             await self._runner.cleanup()
             self._runner = None
             raise StageError(f"{self.who}: api.listen {self.options.listen}: cannot listen: "
                              f"{exc.strerror or exc}") from None
-        bound = self._runner.addresses[0][1]
+        bound = self._listener.sockets[0].getsockname()[1]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
         if not is_loopback(host):
             log.warning("%s: session API listening on %s, reachable from other machines", self.who, self.url)
@@ -69,6 +74,9 @@ class SessionApi:
 
     async def close(self) -> None:
         self.manager.closing()  # creates waiting for the WebSocket answer 503 at once, not after connect_timeout
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner's shutdown ends the open ones
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
