@@ -289,3 +289,23 @@ async def test_connections_that_never_finish_a_request_are_bounded(emulator: Emu
         assert len(busy) == 10 and all(b'"status": 503' in a for a in busy)
         assert time.monotonic() - t0 < 5
         assert (await live.call("GET", "/v1/sessions"))[0] == 200
+
+
+async def test_a_stopped_session_is_not_forgotten_before_it_ends(make_context: Callable[..., Context],
+                                                                 tmp_path: Path) -> None:
+    """max_sessions 1: a session stopped through the API frees its place, but stays in memory until it has
+    ended (before: the next create dropped it at once: 404, and its file said `stopping` for ever)."""
+    emu = Emulator(scenario_file(tmp_path, cues(), end=1000), speed=1, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        async with running(make_context, emu, api={"max_sessions": 1}) as live:
+            a = (await live.call("POST", "/v1/sessions", json={"end_user_id": "a"}))[1]["session_id"]
+            await hook(live, emu, f"sessions/{a}/start")
+            assert (await status_of(live, a, "active"))["status"] == "active"
+            assert (await live.call("POST", f"/v1/sessions/{a}/stop"))[0] == 202
+            assert (await live.call("POST", "/v1/sessions", json={"end_user_id": "b"}))[0] == 201
+            view = await status_of(live, a, "exported")
+            assert view["status"] == "exported" and view["player_url"], view
+        assert orjson.loads((tmp_path / "sessions" / f"{a}.json").read_bytes())["status"] == "exported"
+    finally:
+        await emu.stop()

@@ -284,11 +284,15 @@ class SessionManager:
         return s
 
     def _evict(self) -> None:
-        """Forget the oldest finished sessions beyond max_sessions (their files stay)."""
+        """Forget the oldest finished sessions beyond max_sessions (their files stay).
+
+        Only finished ones: a session stopped through the API is still followed to its end (its status,
+        its video id), which a forgotten one would never get.
+        """
         excess = len(self.sessions) - self.opts.api.max_sessions
         if excess <= 0:
             return
-        for sid in [sid for sid, s in self.sessions.items() if not s.live][:excess]:
+        for sid in [sid for sid, s in self.sessions.items() if s.lifecycle.done][:excess]:
             s = self.sessions.pop(sid)
             key = s.record.get("idempotency_key")
             if isinstance(key, str) and self.idempotency.pop(key, None) is not None:
