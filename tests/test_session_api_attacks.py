@@ -309,3 +309,14 @@ async def test_a_stopped_session_is_not_forgotten_before_it_ends(make_context: C
         assert orjson.loads((tmp_path / "sessions" / f"{a}.json").read_bytes())["status"] == "exported"
     finally:
         await emu.stop()
+
+
+async def test_a_session_stopped_before_it_started_leaves_memory(emulator: Emulator,
+                                                                 make_context: Callable[..., Context]) -> None:
+    """Its desktop client may never start it, so nothing may ever end it: beyond max_sessions it is forgotten
+    like an ended one (memory stays bounded when users cancel before recording)."""
+    async with running(make_context, emulator, api={"max_sessions": 1}) as live:
+        a = (await live.call("POST", "/v1/sessions", json={"end_user_id": "a"}))[1]["session_id"]
+        assert (await live.call("POST", f"/v1/sessions/{a}/stop"))[0] == 202
+        assert (await live.call("POST", "/v1/sessions", json={"end_user_id": "b"}))[0] == 201
+        assert a not in live.ctl.manager.sessions and len(live.ctl.manager.sessions) == 1

@@ -286,13 +286,16 @@ class SessionManager:
     def _evict(self) -> None:
         """Forget the oldest finished sessions beyond max_sessions (their files stay).
 
-        Only finished ones: a session stopped through the API is still followed to its end (its status,
-        its video id), which a forgotten one would never get.
+        Then, if still over, sessions stopped through the API before they started (nothing may ever end
+        them). One stopped after it started is kept: it is followed to its end (status, video id).
         """
         excess = len(self.sessions) - self.opts.api.max_sessions
         if excess <= 0:
             return
-        for sid in [sid for sid, s in self.sessions.items() if s.lifecycle.done][:excess]:
+        items = self.sessions.items()
+        gone = [sid for sid, s in items if s.lifecycle.done]
+        gone += [sid for sid, s in items if not s.live and s.lifecycle.state in (None, "created")]
+        for sid in gone[:excess]:
             s = self.sessions.pop(sid)
             key = s.record.get("idempotency_key")
             if isinstance(key, str) and self.idempotency.pop(key, None) is not None:
