@@ -320,3 +320,30 @@ async def test_a_session_stopped_before_it_started_leaves_memory(emulator: Emula
         assert (await live.call("POST", f"/v1/sessions/{a}/stop"))[0] == 202
         assert (await live.call("POST", "/v1/sessions", json={"end_user_id": "b"}))[0] == 201
         assert a not in live.ctl.manager.sessions and len(live.ctl.manager.sessions) == 1
+
+
+async def test_jsonl_gives_every_storable_session_id_its_own_file(make_context: Callable[..., Context],
+                                                                 tmp_path: Path) -> None:
+    """Ids the session API stores (up to 128 characters) get their own file; traversal, separators, unicode,
+    a final newline and longer ids go to `unknown` (before: ids of 65 to 128 characters were mixed into
+    `unknown`, and a session id or channel ending in a newline made a file name with a newline in it)."""
+    from stages.sinks.jsonl import JsonlOptions, JsonlSink
+
+    sink = JsonlSink(JsonlOptions(path=str(tmp_path / "s" / "{capture_session_id}.jsonl")), make_context())
+    await sink.start()
+    long_id, too_long = "cap-" + "a" * 124, "cap-" + "b" * 125
+    odd = ["..", "../x", "a/b", "/etc/passwd", ".hidden", "cap-\u00e9t\u00e9", "cap-1\n", "", too_long, "a\\b"]
+    await sink.write([{"capture_session_id": sid, "n": i} for i, sid in enumerate([long_id, *odd])])
+    await sink.close()
+    files = {p.name: len(p.read_text().splitlines()) for p in (tmp_path / "s").iterdir()}
+    assert files == {f"{long_id}.jsonl": 1, "unknown.jsonl": len(odd)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+    sink = JsonlSink(JsonlOptions(path=str(tmp_path / "c" / "{channel}.jsonl")), make_context())
+    await sink.start()
+    await sink.write([{"channel": "transcript\n", "n": 1}, {"channel": "transcript", "n": 2}])
+    await sink.close()
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["transcript.jsonl", "unknown.jsonl"]
+    from stages.controller.session_store import safe_id
+
+    assert safe_id(long_id) and not safe_id("cap-1\n") and not safe_id(too_long)

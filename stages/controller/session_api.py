@@ -27,7 +27,7 @@ from stages.controller.session_options import SessionApiOptions, split_host_port
 log = logging.getLogger("pipeline.controller.sessions")
 
 _CREATE_KEYS: Final = ("end_user_id", "metadata", "on_active")
-_KEY: Final = re.compile(r"^[\x21-\x7e]{1,255}$")  # Idempotency-Key: printable ASCII, no spaces
+_KEY: Final = re.compile(r"^[\x21-\x7e]{1,255}\Z")  # Idempotency-Key: printable ASCII, no spaces
 _MAX_USER: Final = 256
 BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive (a client trickling it holds a connection)
 HEADER_TIMEOUT = 15.0  # seconds a connection may stay open without a complete request (aiohttp's keep-alive)

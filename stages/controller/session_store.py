@@ -25,7 +25,7 @@ SESSIONS_DIR: Final = "sessions"
 #: A record is its request's metadata (at most api.max_body_bytes, 16 MiB) plus about a kilobyte.
 MAX_RECORD_BYTES: Final = 32 << 20
 MAX_STATE_BYTES: Final = 16 << 20  # another state file (the backfill checkpoint)
-_SAFE_ID: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_SAFE_ID: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")  # \Z: `$` lets a final newline through
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 #: The type of each record key a restart reads (a key may also be missing or null).
 _TYPES: Final[dict[str, type | tuple[type, ...]]] = {
