@@ -347,3 +347,45 @@ async def test_jsonl_gives_every_storable_session_id_its_own_file(make_context: 
     from stages.controller.session_store import safe_id
 
     assert safe_id(long_id) and not safe_id("cap-1\n") and not safe_id(too_long)
+
+
+async def test_an_index_made_by_a_bind_cut_short_is_stopped_after_the_restart(
+        make_context: Callable[..., Context], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process dies after a bind created a scene index but before the bind ended: the record already
+    names that index, so the restart stops it once replaced (before: the record was saved only at the end
+    of the bind, and the index kept running at VideoDB for a connection that was gone)."""
+    from videodb.rtstream import RTStreamSceneIndex
+
+    real, blocking = RTStreamSceneIndex.create_alert, [True]
+
+    def slow_alert(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if blocking:  # the process "dies" while VideoDB handles this call
+            time.sleep(1.0)
+            raise ConnectionError("the process died here")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RTStreamSceneIndex, "create_alert", slow_alert)
+    on_active = {"index_visuals": {"prompt": "Describe the screen"},
+                 "alerts": [{"label": "code", "prompt": "Code is visible", "index": "visuals"}]}
+    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False)
+    await emu.start()
+
+    def running_indexes() -> list[str]:
+        return [p.rtstream_id for p in emu.registry.indexes.values() if p.running]
+
+    try:
+        async with running(make_context, emu, on_active=on_active) as live:
+            sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]["session_id"]
+            await hook(live, emu, f"sessions/{sid}/start")
+            await live.wait_for(lambda: len(running_indexes()) == 1)
+            await asyncio.sleep(0.2)  # inside create_alert now
+        blocking.clear()
+        assert len(running_indexes()) == 1  # made by the run that "died"
+        async with running(make_context, emu, on_active=on_active) as live:
+            link = live.ctl.context.session
+            await live.wait_for(lambda: any(c["path"].endswith("/alert") and (c["body"] or {}).get(
+                "ws_connection_id") == link.connection_id for c in emu.calls), timeout=15)
+            await live.wait_for(lambda: len(running_indexes()) == 1, timeout=5)
+            assert [p.conn for p in emu.registry.indexes.values() if p.running] == [link.connection_id]
+    finally:
+        await emu.stop()

@@ -497,6 +497,7 @@ class SessionManager:
             s.pipelines = AIPipelines(self.conn, s.on_active, f"{self.who} {s.id}", self.settings.api_key,
                                       self.opts.callback_url)
             s.pipelines.adopt_indexes(self.conn, s.record.get("indexes"))  # a crashed run's: stopped once replaced
+            s.pipelines.on_index = lambda ids: self._save_indexes(s, ids)
         pipes = s.pipelines
         pipes.streams = streams
         self._learn_streams(s, streams)
@@ -507,6 +508,11 @@ class SessionManager:
         if pipes.bound_to:
             s.record["ws_connection_id"] = pipes.bound_to
             s.record["indexes"] = pipes.index_ids()
+        self.store.save(s.record)
+
+    def _save_indexes(self, s: ManagedSession, ids: list[dict[str, str]]) -> None:
+        """A bind created an index: saved at once with those it has not stopped yet (a crash may come next)."""
+        s.record["indexes"] = ids
         self.store.save(s.record)
 
     async def _on_connection(self, conn_id: str) -> None:
