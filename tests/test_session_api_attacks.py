@@ -389,3 +389,65 @@ async def test_an_index_made_by_a_bind_cut_short_is_stopped_after_the_restart(
             assert [p.conn for p in emu.registry.indexes.values() if p.running] == [link.connection_id]
     finally:
         await emu.stop()
+
+
+async def test_a_retry_after_a_lost_create_answer_keeps_the_session_videodb_made(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """create_capture_session reached VideoDB but its answer never came back (a timeout, or the pipeline was
+    killed): the retry with the same Idempotency-Key, here after a restart, gets that session instead of a
+    second one (before: two sessions at VideoDB, the first one unknown to the pipeline for ever)."""
+    from videodb.client import Connection
+
+    real, lost = Connection.create_capture_session, [True]
+
+    def answer_lost(self: Any, *args: Any, **kwargs: Any) -> Any:
+        made = real(self, *args, **kwargs)
+        if lost:
+            raise ConnectionError("read timed out")
+        return made
+
+    monkeypatch.setattr(Connection, "create_capture_session", answer_lost)
+    body, hdr = {"end_user_id": "u", "metadata": {"plan": "pro"}}, {"Idempotency-Key": "lost-answer"}
+    async with running(make_context, emulator) as live:
+        status, err = await live.call("POST", "/v1/sessions", json=body, headers=hdr)
+        assert status == 502 and "create_capture_session" in err["error"]
+        (made,) = emulator.registry.sessions
+    lost.clear()
+    async with running(make_context, emulator) as live:
+        async with live.http.post(live.url + "/v1/sessions", json=body,
+                                  headers={**hdr, "Authorization": f"Bearer {TOKEN}"}) as r:
+            kept = await r.json()
+            assert len(emulator.registry.sessions) == 1 and kept["session_id"] == made, kept
+            assert r.status == 201 and r.headers.get("Idempotent-Replayed") == "true", kept
+        assert kept["client_token"].startswith("ct-") and kept["metadata"] == {"plan": "pro"}
+        status, err = await live.call("POST", "/v1/sessions", json={"end_user_id": "v"}, headers=hdr)
+        assert status == 409, err
+        await hook(live, emulator, f"sessions/{made}/start")  # its desktop client starts it: it is followed
+        assert (await status_of(live, made, "active"))["status"] == "active"
+        await live.wait_for(lambda: len(live.of(made, "transcript")) >= 1)
+        status, again = await live.call("POST", "/v1/sessions", json=body, headers=hdr)
+        assert (status, again["session_id"]) == (201, made)
+    assert not list(tmp_path.glob("sessions/*.creating"))
+
+
+async def test_a_create_videodb_never_made_is_made_on_retry(emulator: Emulator,
+                                                            make_context: Callable[..., Context],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The call failed before it reached VideoDB: the retry with the key finds nothing to keep and creates."""
+    from videodb.client import Connection
+
+    real, down = Connection.create_capture_session, [True]
+
+    def unreachable(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if down:
+            raise ConnectionError("connection refused")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Connection, "create_capture_session", unreachable)
+    async with running(make_context, emulator) as live:
+        hdr = {"Idempotency-Key": "never-made"}
+        assert (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}, headers=hdr))[0] == 502
+        down.clear()
+        status, made = await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}, headers=hdr)
+        assert status == 201 and list(emulator.registry.sessions) == [made["session_id"]]

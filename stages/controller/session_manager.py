@@ -173,7 +173,10 @@ class SessionManager:
             self._pending[key] = fut
         self._creating += 1
         try:
-            s = await self._create(end_user_id, metadata, on_active, key, fingerprint)
+            s = await self._made_before(key, fingerprint) if key is not None else None
+            replayed = s is not None
+            if s is None:
+                s = await self._create(end_user_id, metadata, on_active, key, fingerprint)
         except BaseException as exc:
             if not fut.done():
                 fut.set_exception(exc)
@@ -184,7 +187,7 @@ class SessionManager:
             if key is not None:
                 self._pending.pop(key, None)
         fut.set_result(s)
-        return s, True
+        return s, not replayed
 
     @staticmethod
     def _same_request(s: ManagedSession, fingerprint: str) -> ManagedSession:
@@ -227,27 +230,33 @@ class SessionManager:
         try:  # the token first: it names no session, so if it fails no session is left behind at VideoDB
             token = await self._sdk("generate_client_token", self.conn.generate_client_token,
                                     opts.client_token_expires_in)
+        except VideoDBCallError as exc:
+            self.stats.errors += 1
+            raise ApiProblem(502, str(exc)) from None
+        now = time.time()
+        record: dict[str, Any] = {
+            "session_id": None, "collection_id": self.settings.collection_id, "end_user_id": end_user_id,
+            "metadata": metadata, "status": "created", "ws_connection_id": conn_id, "created_on": conn_id,
+            "client_token": token, "expires_at": iso_ts(now + opts.client_token_expires_in),
+            "created_at": iso_ts(now), "stop_requested": False,
+            "on_active": on_active.model_dump(exclude_none=True) if on_active is not None else None,
+            "idempotency_key": key, "request_hash": fingerprint}
+        if key is not None:  # until the record is saved: a crash or a lost answer can be told from it later
+            self.store.save_intent(record)
+        try:
             session = await self._sdk("create_capture_session", self.conn.create_capture_session,
                                       end_user_id=end_user_id, collection_id=self.settings.collection_id,
                                       ws_connection_id=conn_id, metadata=metadata or None,
                                       callback_url=opts.callback_url)
         except VideoDBCallError as exc:
             self.stats.errors += 1
+            if key is not None and exc.fatal:  # refused (4xx): VideoDB made nothing; else it may have
+                self.store.drop_intent(key)
             raise ApiProblem(502, str(exc)) from None
         if not safe_id(str(session.id)):
             raise ApiProblem(502, f"VideoDB returned an unusable session id {str(session.id)[:80]!r}")
-        now = time.time()
-        record: dict[str, Any] = {
-            "session_id": session.id, "collection_id": self.settings.collection_id, "end_user_id": end_user_id,
-            "metadata": metadata, "status": "created", "ws_connection_id": conn_id, "created_on": conn_id,
-            "client_token": token, "expires_at": iso_ts(now + opts.client_token_expires_in),
-            "created_at": iso_ts(now), "stop_requested": False,
-            "on_active": on_active.model_dump(exclude_none=True) if on_active is not None else None,
-            "idempotency_key": key, "request_hash": fingerprint}
-        s = self._add(record)
-        s.lifecycle.advance(getattr(session, "status", None) or "created")
-        s.record["status"] = s.lifecycle.state
-        self.store.save(s.record)
+        record["session_id"] = session.id
+        s = self._keep(record, getattr(session, "status", None))
         log.info("%s: capture session %s created for end user %r", self.who, s.id, end_user_id)
         for event in self._early.pop(s.id, []):  # lifecycle events that arrived before this call returned
             s.counts["capture_session"] = s.counts.get("capture_session", 0) + 1
@@ -256,6 +265,52 @@ class SessionManager:
                 self._lifecycle_event(s, event, status)
         if self.link.connection_id != conn_id:  # reconnected meanwhile: events went to the old id
             self._start_poll()
+        return s
+
+    def _keep(self, record: dict[str, Any], status: str | None) -> ManagedSession:
+        """A session VideoDB made for us: registered, its record saved (then its create's intent dropped)."""
+        s = self._add(record)
+        s.lifecycle.advance(status or "created")
+        s.record["status"] = s.lifecycle.state
+        self.store.save(s.record)
+        if isinstance(record.get("idempotency_key"), str):
+            self.store.drop_intent(record["idempotency_key"])
+        return s
+
+    async def _made_before(self, key: str, fingerprint: str) -> ManagedSession | None:
+        """The session an earlier try with `key` asked VideoDB for, when that try never learnt its id.
+
+        A crash (even kill -9) or a lost answer after `create_capture_session` reached VideoDB: the
+        intent saved before the call is still there. The session is found among the collection's
+        sessions (still `created`: nobody has its token; same end user and metadata; no record here)
+        and kept, so a retry does not make a second one.
+        """
+        intent = self.store.load_intent(key)
+        if intent is None:
+            return None
+        if intent.get("request_hash") not in (None, fingerprint):
+            raise ApiProblem(409, "this Idempotency-Key was used for a different request body")
+        try:
+            listed = await self._sdk("list_capture_sessions", self.conn.list_capture_sessions,
+                                     self.settings.collection_id)
+        except VideoDBCallError as exc:  # cannot tell whether that session exists: do not make another
+            self.stats.errors += 1
+            raise ApiProblem(502, str(exc)) from None
+        found = [x for x in listed if getattr(x, "status", None) == "created"
+                 and getattr(x, "end_user_id", None) == intent.get("end_user_id")
+                 and (getattr(x, "metadata", None) or {}) == (intent.get("metadata") or {})
+                 and safe_id(str(x.id)) and str(x.id) not in self.sessions and not self.store.path(str(x.id)).exists()]
+        if len(found) != 1:
+            if found:
+                log.warning("%s: Idempotency-Key %r: %d sessions at VideoDB could be the one an earlier try made; "
+                            "creating a new one", self.who, key, len(found))
+            self.store.drop_intent(key)
+            return None
+        s = self._keep({**intent, "session_id": str(found[0].id)}, "created")
+        log.info("%s: capture session %s, made by an earlier try with Idempotency-Key %r whose answer was lost, "
+                 "kept", self.who, s.id, key)
+        if self.link.connection_id != s.record.get("ws_connection_id"):
+            self._start_poll()  # its lifecycle events go to the connection it was created on
         return s
 
     def _forgotten(self, key: str) -> ManagedSession | None:

@@ -7,6 +7,7 @@ file), so a crash leaves every record either old or new, never torn.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -71,6 +72,36 @@ class SessionStore:
             return orjson.loads(read_regular(self.dir / name, MAX_STATE_BYTES))
         except (OSError, ValueError):
             return None
+
+    def intent_path(self, key: str) -> Path:
+        """Where a keyed create notes what it asks VideoDB for, until its record is saved (the key may hold '/')."""
+        return self.dir / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.creating"
+
+    def save_intent(self, intent: dict[str, Any]) -> None:
+        try:
+            write_private_text(self.intent_path(intent["idempotency_key"]), orjson.dumps(intent).decode())
+        except (StageError, OSError) as exc:
+            log.error("sessions: cannot save %s: %s", self.intent_path(intent["idempotency_key"]), exc)
+
+    def load_intent(self, key: str) -> dict[str, Any] | None:
+        """The create noted for `key` that never got its record, or None."""
+        try:
+            intent = orjson.loads(read_regular(self.intent_path(key), MAX_RECORD_BYTES))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("sessions: skipping %s: %s", self.intent_path(key), exc)
+            return None
+        ok = isinstance(intent, dict) and intent.get("idempotency_key") == key and _wrong_key(intent) is None
+        return intent if ok else None
+
+    def drop_intent(self, key: str) -> None:
+        try:
+            os.unlink(self.intent_path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("sessions: cannot remove %s: %s", self.intent_path(key), exc)
 
     def load_all(self) -> list[dict[str, Any]]:
         """Every readable record; unreadable ones are logged and skipped (and left for a person to see)."""
