@@ -451,3 +451,33 @@ async def test_a_create_videodb_never_made_is_made_on_retry(emulator: Emulator,
         down.clear()
         status, made = await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}, headers=hdr)
         assert status == 201 and list(emulator.registry.sessions) == [made["session_id"]]
+
+
+async def test_a_stop_that_did_not_reach_videodb_can_be_sent_again(emulator: Emulator,
+                                                                  make_context: Callable[..., Context],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rtstream's stop call fails: the answer says so (502, naming the call), and the next POST /stop
+    tries again (before: 202, the session ran on at VideoDB, and every later POST /stop did nothing)."""
+    from videodb.rtstream import RTStream
+
+    real, fail = RTStream.stop, [True]
+
+    def flaky_stop(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if fail:
+            fail.clear()
+            raise ConnectionError("connection reset")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RTStream, "stop", flaky_stop)
+    async with running(make_context, emulator) as live:
+        sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]["session_id"]
+        await hook(live, emulator, f"sessions/{sid}/start")
+        assert (await status_of(live, sid, "active"))["status"] == "active"
+        status, err = await live.call("POST", f"/v1/sessions/{sid}/stop")
+        assert status == 502 and "stop rtstream" in err["error"] and "again" in err["error"], err
+        await asyncio.sleep(0.3)
+        assert emulator.registry.sessions[sid].status == "active"  # one stream still runs: not stopped
+        status, view = await live.call("POST", f"/v1/sessions/{sid}/stop")
+        assert status == 202 and view["stop_requested"] is True
+        assert (await status_of(live, sid, "exported"))["status"] == "exported"
+        assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202

@@ -369,16 +369,24 @@ class SessionManager:
     async def stop(self, sid: str) -> ManagedSession:
         """Stop the session's AI pipelines and rtstreams; the pipeline stops re-binding it."""
         s = self.get(sid)
-        if s.lifecycle.done or s.record.get("stop_requested"):
-            return s
+        if s.lifecycle.done or (s.record.get("stop_requested") and not s.record.get("stop_incomplete")):
+            return s  # a stop whose calls all went through is not sent again
         s.record["stop_requested"] = True
         self.store.save(s.record)
         async with s.lock:
-            await self._stop_streams(s)
+            failed = await self._stop_streams(s)
+        if failed:
+            raise ApiProblem(502, f"{len(failed)} call(s) to stop it failed ({failed[0]}); "
+                                  "POST /stop again to retry them")
         return s
 
-    async def _stop_streams(self, s: ManagedSession) -> None:
-        """Stop transcripts, indexes and rtstreams (each failure is logged; the rest still stop)."""
+    async def _stop_streams(self, s: ManagedSession) -> list[str]:
+        """Stop transcripts, indexes and rtstreams; each failure is logged, the rest still stop.
+
+        Returns the failures worth another try (network, 5xx): the session is then marked
+        `stop_incomplete` (saved), so another POST /stop tries again (a complete stop is not repeated).
+        """
+        failed: list[str] = []
         pipes = s.pipelines
         streams = pipes.streams if pipes is not None else []
         if not streams and s.lifecycle.state in ("active", "starting", "created"):
@@ -388,22 +396,31 @@ class SessionManager:
                 streams = _streams_of(session)
             except VideoDBCallError as exc:
                 log.warning("%s", exc)
+                if not exc.fatal:
+                    failed.append(str(exc))
         if pipes is not None:
             indexes: dict[str, list[Any]] = getattr(pipes, "_indexes", {})
             for index in (i for kind in indexes.values() for i in kind):
-                await self._quiet(f"stop index {index.rtstream_index_id}", index.stop)
+                await self._quiet(f"stop index {index.rtstream_index_id}", index.stop, failed)
             pipes.bound_to = None
         for st in streams:
             if st.kind == "audio" and s.on_active.transcript and pipes is not None:
-                await self._quiet(f"stop_transcript({st.name})", st.rts.stop_transcript)
-            await self._quiet(f"stop rtstream {st.name}", st.rts.stop)
-        log.info("%s: capture session %s stopped through the API (%d rtstreams)", self.who, s.id, len(streams))
+                await self._quiet(f"stop_transcript({st.name})", st.rts.stop_transcript, failed)
+            await self._quiet(f"stop rtstream {st.name}", st.rts.stop, failed)
+        log.info("%s: capture session %s stopped through the API (%d rtstreams%s)", self.who, s.id, len(streams),
+                 f", {len(failed)} call(s) failed" if failed else "")
+        if failed or s.record.get("stop_incomplete"):
+            s.record["stop_incomplete"] = bool(failed)
+            self.store.save(s.record)
+        return failed
 
-    async def _quiet(self, what: str, fn: Any) -> None:
+    async def _quiet(self, what: str, fn: Any, failed: list[str]) -> None:
         try:
             await self._sdk(what, fn)
         except VideoDBCallError as exc:
             log.warning("%s", exc)
+            if not exc.fatal:  # network, 5xx: worth sending again (a 4xx, e.g. already stopped, is not)
+                failed.append(str(exc))
 
     async def new_token(self, sid: str) -> ManagedSession:
         s = self.get(sid)

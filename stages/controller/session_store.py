@@ -31,7 +31,7 @@ _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 #: The type of each record key a restart reads (a key may also be missing or null).
 _TYPES: Final[dict[str, type | tuple[type, ...]]] = {
     "status": str, "end_user_id": str, "collection_id": str, "metadata": dict, "created_at": str,
-    "expires_at": str, "client_token": str, "ws_connection_id": str, "stop_requested": bool,
+    "expires_at": str, "client_token": str, "ws_connection_id": str, "stop_requested": bool, "stop_incomplete": bool,
     "idempotency_key": str, "request_hash": str, "on_active": dict, "rtstreams": list, "indexes": list}
 
 
