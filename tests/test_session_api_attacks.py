@@ -481,3 +481,62 @@ async def test_a_stop_that_did_not_reach_videodb_can_be_sent_again(emulator: Emu
         assert status == 202 and view["stop_requested"] is True
         assert (await status_of(live, sid, "exported"))["status"] == "exported"
         assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
+
+
+async def test_single_session_an_index_made_by_a_bind_cut_short_is_stopped_after_the_restart(
+        make_context: Callable[..., Context], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for the single-session controller's capture_session.json (its README promises a restart
+    stops the indexes the crashed run had started)."""
+    from videodb.rtstream import RTStreamSceneIndex
+
+    from tests.videodb_harness import make_stages
+
+    real, blocking = RTStreamSceneIndex.create_alert, [True]
+
+    def slow_alert(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if blocking:
+            time.sleep(1.0)
+            raise ConnectionError("the process died here")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RTStreamSceneIndex, "create_alert", slow_alert)
+    controller = {"end_user_id": "u", "exit_on": "none", "on_active": {
+        "index_visuals": {"prompt": "Describe the screen"},
+        "alerts": [{"label": "code", "prompt": "Code is visible", "index": "visuals"}]}}
+    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY)
+    await emu.start()
+
+    def running_indexes() -> list[Any]:
+        return [p for p in emu.registry.indexes.values() if p.running]
+
+    async def run(until: Callable[[], bool]) -> str | None:
+        src, ctl = make_stages(make_context, emu, controller=controller)
+        assert ctl is not None
+
+        async def ingest() -> None:
+            async for batch in src.batches():
+                ctl.observe(batch)
+
+        task = asyncio.create_task(ingest())
+        try:
+            await ctl.start()
+            async with asyncio.timeout(15):
+                while not until():
+                    await asyncio.sleep(0.02)
+            return ctl.context.session.connection_id
+        finally:
+            await src.stop()
+            await asyncio.wait_for(task, 5)
+            await src.close()
+            await ctl.close()
+
+    try:
+        await run(lambda: len(running_indexes()) == 1)  # then the bind blocks in create_alert: the "crash"
+        (first,) = running_indexes()  # made by the run that "died" inside create_alert
+        first_conn = first.conn
+        blocking.clear()
+        conn = await run(lambda: any(c["path"].endswith("/alert") for c in emu.calls)
+                         and len(running_indexes()) == 1 and running_indexes()[0].conn != first_conn)
+        assert [p.conn for p in running_indexes()] == [conn]
+    finally:
+        await emu.stop()
