@@ -1,7 +1,8 @@
 """The session API under hostile clients, races and damaged state: real SDK, emulator, HTTP and files.
 
-Each test reproduces a defect found by attacking the API; the flows it should not break are in
-test_session_api.py and test_session_api_contract.py.
+Most tests reproduce a defect found by attacking the API (each failed before its fix); a few guard
+the edges of those fixes. The flows they must not break are in test_session_api.py and
+test_session_api_contract.py.
 """
 
 from __future__ import annotations
