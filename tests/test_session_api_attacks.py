@@ -541,3 +541,37 @@ async def test_single_session_an_index_made_by_a_bind_cut_short_is_stopped_after
         assert [p.conn for p in running_indexes()] == [conn]
     finally:
         await emu.stop()
+
+
+async def test_a_stop_cut_short_by_a_crash_is_finished_by_the_restart(emulator: Emulator,
+                                                                     make_context: Callable[..., Context],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline dies while its stop calls are under way: the restart sends them again by itself (before:
+    the file said stop_requested, so nothing re-bound or stopped it, and the session ran on at VideoDB)."""
+    from videodb.rtstream import RTStream
+
+    from stages.controller import session_api
+
+    real, crashing = RTStream.stop, [True]
+
+    def dies_here(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if crashing:
+            time.sleep(1.0)
+            raise ConnectionError("the process died here")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RTStream, "stop", dies_here)
+    monkeypatch.setattr(session_api, "SHUTDOWN_WAIT", 0.2)
+    async with running(make_context, emulator) as live:
+        sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]["session_id"]
+        await hook(live, emulator, f"sessions/{sid}/start")
+        assert (await status_of(live, sid, "active"))["status"] == "active"
+        stopping = asyncio.create_task(live.call("POST", f"/v1/sessions/{sid}/stop"))
+        await asyncio.sleep(0.3)  # inside the first rtstream's stop
+        await live.ctl.close()  # the "crash": the handler is cancelled there
+        stopping.cancel()
+    crashing.clear()
+    assert emulator.registry.sessions[sid].status == "active"
+    async with running(make_context, emulator) as live:
+        view = await status_of(live, sid, "exported")
+        assert view["status"] == "exported" and view["stop_requested"] is True, view

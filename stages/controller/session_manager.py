@@ -112,6 +112,9 @@ class SessionManager:
             self._spawn(self._reattach(live))
         elif any(not s.lifecycle.done for s in self.sessions.values()):
             self._start_poll()  # stopped through the API, not ended yet: their events go to the old connection
+        for s in self.sessions.values():  # a stop the last run did not finish (a crash, a failed call)
+            if s.record.get("stop_incomplete") and not s.lifecycle.done:
+                self._spawn(self._stop_streams_locked(s))
 
     async def _fetch(self, s: ManagedSession) -> Any:
         """The session as VideoDB has it now, or None (the failed call is logged and counted).
@@ -372,6 +375,7 @@ class SessionManager:
         if s.lifecycle.done or (s.record.get("stop_requested") and not s.record.get("stop_incomplete")):
             return s  # a stop whose calls all went through is not sent again
         s.record["stop_requested"] = True
+        s.record["stop_incomplete"] = True  # until every call went through (a crash now: the restart stops it)
         self.store.save(s.record)
         async with s.lock:
             failed = await self._stop_streams(s)
@@ -388,6 +392,9 @@ class SessionManager:
         """
         failed: list[str] = []
         pipes = s.pipelines
+        if pipes is None and s.record.get("indexes"):  # after a restart: the indexes its file names
+            pipes = AIPipelines(self.conn, s.on_active, f"{self.who} {s.id}", self.settings.api_key)
+            pipes.adopt_indexes(self.conn, s.record.get("indexes"))
         streams = pipes.streams if pipes is not None else []
         if not streams and s.lifecycle.state in ("active", "starting", "created"):
             try:
@@ -404,12 +411,12 @@ class SessionManager:
                 await self._quiet(f"stop index {index.rtstream_index_id}", index.stop, failed)
             pipes.bound_to = None
         for st in streams:
-            if st.kind == "audio" and s.on_active.transcript and pipes is not None:
+            if st.kind == "audio" and s.on_active.transcript and (pipes is not None or s.lifecycle.state == "active"):
                 await self._quiet(f"stop_transcript({st.name})", st.rts.stop_transcript, failed)
             await self._quiet(f"stop rtstream {st.name}", st.rts.stop, failed)
         log.info("%s: capture session %s stopped through the API (%d rtstreams%s)", self.who, s.id, len(streams),
                  f", {len(failed)} call(s) failed" if failed else "")
-        if failed or s.record.get("stop_incomplete"):
+        if bool(failed) != bool(s.record.get("stop_incomplete")):
             s.record["stop_incomplete"] = bool(failed)
             self.store.save(s.record)
         return failed
