@@ -147,7 +147,8 @@ class PipelineConfig:
         return {"videodb": {"api_key": key.get_secret_value() if key else None,
                             "base_url": self.videodb.base_url,
                             "collection_id": self.videodb.collection_id},
-                "new_session": self.new_session}
+                "new_session": self.new_session,
+                "drain_timeout": self.runtime.drain_timeout}  # a source's stop reads on at most this long
 
 
 _PLAIN_KEY = re.compile(r"[\w-]+")

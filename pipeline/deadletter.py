@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from pipeline.events import iso_ts
-from pipeline.files import check_writable, open_private
+from pipeline.files import check_writable, open_private, still_names
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 12, 64, 64, 2048, 256
@@ -73,6 +73,9 @@ class DeadLetter:
             rec["raw"] = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         line = encode(rec)
         with self._lock:
+            if self._fh is not None and not still_names(self.path, self._fh):  # deleted or rotated under us
+                self._fh.close()
+                self._fh = None
             if self._fh is None:
                 self._fh = open_private(self.path)
             self._fh.write(line)

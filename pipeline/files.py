@@ -120,6 +120,20 @@ def open_private(path: str | Path, *, truncate: bool = False) -> BinaryIO:
     return os.fdopen(fd, "ab", buffering=0)
 
 
+def still_names(path: str | Path, fh: BinaryIO) -> bool:
+    """True while `path` names the file `fh` has open (False once it was deleted, renamed or swapped).
+
+    Appenders check this before writing and open the path again when it is False, so lines never go
+    into a deleted file (`rm`, logrotate's rename): one stat per write.
+    """
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    own = os.fstat(fh.fileno())
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
 def _last_byte(dir_fd: int, name: str, size: int) -> bytes:
     """The file's last byte, read through a second, read-only descriptor (ours is append-only)."""
     try:

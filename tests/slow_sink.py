@@ -31,6 +31,19 @@ class SlowSink(Sink):
             fh.write(f"{len(batch)}\n")
 
 
+class GatedSink(SlowSink):
+    """Like SlowSink, but each write first waits while the file `<path>.hold` exists (a sink that stalls)."""
+
+    name = "gated"
+
+    async def write(self, batch: Batch) -> None:
+        import os
+
+        while os.path.exists(self.options.path + ".hold"):
+            await asyncio.sleep(0.01)
+        await super().write(batch)
+
+
 class FailingSink(Sink):
     """Fails on its first write, like a disk that filled up."""
 

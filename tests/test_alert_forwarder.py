@@ -97,6 +97,18 @@ async def test_429_retry_after_is_honoured(server: WebhookServer, make_sink: Any
     assert sink.delivered == 1
 
 
+async def test_a_503_with_a_malformed_retry_after_is_retried_not_dead_lettered(server: WebhookServer,
+                                                                              make_sink: Any) -> None:
+    """`Retry-After: ²` passed `str.isdigit()`, then float() raised: the alert was dead-lettered as an
+    internal error on its first attempt instead of retried. A value that is not ASCII digits or an HTTP
+    date is ignored (the backoff applies)."""
+    server.script = [(503, {"Retry-After": "\u00b2"}), (503, {"Retry-After": "\u0663"})]
+    sink = make_sink(url=server.url(), **FAST)
+    await run(sink, [alert()])
+    assert len(server.requests) == 3
+    assert (sink.delivered, sink.dead_lettered) == (1, 0)
+
+
 async def test_400_not_retried_and_dead_lettered(server: WebhookServer, make_sink: Any) -> None:
     server.script = [(400, {}, "invalid_payload")]
     sink = make_sink(url=server.url(), **FAST)

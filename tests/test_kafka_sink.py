@@ -211,9 +211,9 @@ async def test_shutdown_with_broker_down_dead_letters_everything_buffered(
     task = asyncio.create_task(sink.write([ev(i) for i in range(25)]))
     await asyncio.sleep(0.5)
     assert not task.done()
-    sink.context.session.request_exit(0, "test over")  # what the runtime does on SIGTERM
+    closing = asyncio.create_task(sink.close())  # shutdown_timeout starts here, not at a session exit
     await asyncio.wait_for(task, 10)
-    await asyncio.wait_for(sink.close(), 10)
+    await asyncio.wait_for(closing, 10)
     lines = [orjson.loads(x) for x in sink.context.dead_letter.path.read_bytes().splitlines()]
     assert sorted(rec["event"]["seq"] for rec in lines) == list(range(25))
     assert sink.dead_lettered == 25 and sink.delivered == 0
@@ -305,9 +305,9 @@ async def test_buffer_is_bounded_in_bytes_while_the_broker_is_away(
     writers = [asyncio.create_task(sink.write([{**ev(i), "pad": big}])) for i in range(10)]
     await asyncio.sleep(0.5)
     assert sink._buffered_bytes <= 50_000 and sink._buffered == 2  # the third 20 KB event waits
-    sink.context.session.request_exit(0, "test over")
+    closing = asyncio.create_task(sink.close())
     await asyncio.wait_for(asyncio.gather(*writers), 10)
-    await sink.close()
+    await asyncio.wait_for(closing, 10)
     assert sink.dead_lettered == 10 and sink._buffered == 0 and sink._buffered_bytes == 0
 
 

@@ -148,3 +148,46 @@ async def test_offsets_move_only_after_every_sink_wrote(kafka_broker: Broker, tm
 
     code, _ = await run_until(config(tmp_path, kafka_broker.bootstrap, "g2", jsonl), settled, 20)
     assert code == 0 and joined and count_lines(out) == 0
+
+
+async def test_shutdown_behind_a_hanging_webhook_stays_bounded_with_a_committing_source(
+        kafka_broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+    """The last offset commit flushed every sink first, without a deadline: the alert forwarder's flush
+    waits for its queued alerts to be delivered, so behind a webhook that never answers the run took
+    max_attempts x timeout per alert instead of drain_timeout + shutdown_timeout. Now that commit gets
+    what is left of drain_timeout; what it cannot cover is read again by the next run (at-least-once)."""
+    from tests.webhook_server import HANG, WebhookServer
+
+    alerts = [orjson.dumps({"channel": "alert", "rtstream_id": "rts-1", "id": i,
+                            "data": {"event_label": "x", "text": f"alert {i}", "timestamp": 1710000000000 + i}})
+              for i in range(5)]
+    await produce(kafka_broker.bootstrap, "alerts-in", alerts)
+    server = await WebhookServer(script=[HANG] * 100).start()
+    try:
+        cfg = tmp_path / "p.yaml"
+        cfg.write_text(f"""
+name: hang
+source: {{type: kafka, bootstrap_servers: "{kafka_broker.bootstrap}", topic: alerts-in, group: gh,
+          session_timeout: 3s}}
+runtime: {{drain_timeout: 0.5s}}
+sinks:
+  - {{type: alert_forwarder, url: "{server.url()}", timeout: 3s, max_attempts: 5, backoff_initial: 0.05s,
+      shutdown_timeout: 0.5s}}
+dead_letter: {tmp_path}/dead.jsonl
+""")
+        rt = LocalRuntime(build(load_config(cfg)), install_signals=False)
+        task = asyncio.create_task(rt.run())
+        for _ in range(400):
+            if len(server.requests) >= 4:
+                break
+            await asyncio.sleep(0.05)
+        assert server.requests, "the forwarder never reached the webhook"
+        started = asyncio.get_running_loop().time()
+        await rt.stop()
+        await asyncio.wait_for(asyncio.shield(task), 20)
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        await server.stop()
+    assert took < 0.5 + 0.5 + 2 + 1, f"shutdown took {took:.1f}s"
+    dead = [orjson.loads(x)["event"]["id"] for x in (tmp_path / "dead.jsonl").read_bytes().splitlines()]
+    assert sorted(dead) == list(range(5))

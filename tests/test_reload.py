@@ -212,3 +212,34 @@ async def test_rule_state_carries_over_only_for_unchanged_rules(tmp_path: Path,
     text = exposition(registry_for(View(rt.b, rt))).decode()
     assert 'videodb_pipeline_config_reloads_total{outcome="applied",pipeline="state"} 4.0' in text
     assert 'videodb_pipeline_config_reloads_total{outcome="rejected",pipeline="state"} 1.0' in text
+
+
+async def test_a_changed_sink_buffer_is_reported_as_needing_a_restart(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A sink's `buffer:` belongs to the runtime, which a reload does not rebuild: switching it to `disk`
+    re-created the sink, logged the reload as applied and recorded `disk` as running, while batches still
+    waited in memory (a `kill -9` then lost what the operator had just made durable). Now it is one of the
+    changes that need a restart, and the rest of the sink's change still applies."""
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.buffers import MemoryBuffer
+    from pipeline.runtime.local import LocalRuntime
+    from pipeline.runtime.reload import Reloader
+
+    p = tmp_path / "p.yaml"
+    body = "name: buf\nsource: {{type: replay, path: {src}}}\nsinks:\n  - {{type: jsonl, path: {out}{extra}}}\n"
+    p.write_text(body.format(src=tmp_path / "in.jsonl", out=tmp_path / "o.jsonl", extra=""))
+    cfg = load_config(p)
+    rt = LocalRuntime(build(cfg), install_signals=False)
+    reloader = Reloader(rt, p, cfg)
+    caplog.set_level("INFO", logger="pipeline.reload")
+    p.write_text(body.format(src=tmp_path / "in.jsonl", out=tmp_path / "o.jsonl",
+                             extra=", flush_interval: 0, buffer: {type: disk}"))
+    assert await reloader.reload("test")
+    assert "sinks re-created: sinks[0]; needs a restart, not applied: sinks[0].buffer" in caplog.text
+    assert reloader.current.sinks[0].options.buffer.type == "memory"  # type: ignore[attr-defined]
+    assert reloader.current.sinks[0].options.flush_interval == 0  # type: ignore[attr-defined]
+    assert isinstance(rt.buffers[0], MemoryBuffer) and rt.b.sinks[0].buffer.type == "memory"
+    caplog.clear()
+    assert await reloader.reload("test")  # the same file again: the buffer is still the one change not applied
+    assert "needs a restart, not applied: sinks[0].buffer" in caplog.text and "re-created" not in caplog.text

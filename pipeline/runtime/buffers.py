@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from pipeline.api import BufferOptions
+from pipeline.errors import StageError
 from pipeline.events import Batch
 from pipeline.state.spool import Damage, Record, Spool
 
@@ -215,7 +216,12 @@ class DiskBuffer(_Buffer):
         if not batch:
             self.safe_upto = index
             return
-        end = spool.append(payload, len(batch))
+        try:
+            end = spool.append(payload, len(batch))
+        except StageError as exc:  # the disk refused the record: dead-letter it, then the runtime stops
+            self._reject(batch, f"cannot spool: {exc}")  # counted as the sink's `failed` in the summary
+            self.skip(index)
+            raise
         self.safe_upto = index
         if self._live and len(self._cache) < self.max_batches and \
                 self._cache_bytes + nbytes <= self.cache_bytes_max:

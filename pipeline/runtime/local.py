@@ -176,14 +176,23 @@ class LocalRuntime:
     @staticmethod
     async def _fan_out(targets: list[tuple[SinkSlot, SinkBuffer]], index: int, out: Batch,
                        per_event: float) -> None:
-        """Hand batch `index` to every sink's buffer (routed by channel); a full buffer waits or spills."""
+        """Hand batch `index` to every sink's buffer (routed by channel); a full buffer waits or spills.
+
+        A spool the disk refuses dead-letters its share and the run stops, after every other sink got the batch.
+        """
+        refused: StageError | None = None
         for slot, buf in targets:
             slot.stats.received += len(out)
             routed = slot.route(out)
             if routed:
-                await buf.put(index, routed, int(per_event * len(routed)) + 1)
+                try:
+                    await buf.put(index, routed, int(per_event * len(routed)) + 1)
+                except StageError as exc:
+                    refused = refused or exc
             else:
                 buf.skip(index)
+        if refused is not None:
+            raise refused
 
     async def _drain(self, i: int, slot: SinkSlot) -> None:
         """Feed one sink. If it fails, the run stops and what it cannot write is dead-lettered
@@ -327,8 +336,8 @@ class LocalRuntime:
 
     async def _supervise(self, ingest: asyncio.Task[None], drains: list[asyncio.Task[None]],
                          helpers: list[asyncio.Task[Any]]) -> None:
-        """Wait for the source to end (a failing sink or controller stops it), then drain every sink."""
-        watched = {ingest, *helpers}
+        """Wait for the source to end (a failing sink, its feed or the controller stops it), then drain every sink."""
+        watched = {ingest, *helpers, *drains}  # a feed that dies (a spool it cannot read) stops the run
         while not ingest.done():
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             watched -= done
@@ -340,14 +349,20 @@ class LocalRuntime:
         self._start_drain_clock()
         assert self._deadline is not None
         loop = asyncio.get_running_loop()
-        _, pending = await asyncio.wait(drains, timeout=max(self._deadline - loop.time(), 0.0))
+        done, pending = await asyncio.wait(drains, timeout=max(self._deadline - loop.time(), 0.0))
+        for t in done:
+            self._check(t)
         if pending:
             self._abandon(drains, pending)
         if self.error is not None:
             raise self.error
         commit = getattr(self.b.source, "commit", None)
-        if commit is not None:
-            await self._commit(commit, -1)
+        if commit is not None:  # flushing waits on sinks (a webhook's retries): only while drain_timeout lasts
+            try:
+                await asyncio.wait_for(self._commit(commit, -1), max(self._deadline - loop.time(), 0.05))
+            except TimeoutError:
+                log.warning("source: the last batches were not flushed within drain_timeout; their offsets are "
+                            "not committed and the next run reads them again")
 
     def _abandon(self, drains: list[asyncio.Task[None]], pending: set[asyncio.Task[None]]) -> None:
         """drain_timeout is over: stop feeding the sinks still busy; what they never took is dead-lettered

@@ -6,8 +6,8 @@ so the swap always falls between two batches); each sink whose options changed i
 replaced in its own queue order: the old one gets every batch queued before the
 reload, is flushed and closed, then the new one starts. Rule state (cooldowns,
 windows) is kept for rules whose name and matching are unchanged. Changes to the
-name, source, controller, `videodb`, `runtime`, `dead_letter` or the number of sinks
-need a restart: they are logged and not applied.
+name, source, controller, `videodb`, `runtime`, `dead_letter`, the number of sinks or a
+sink's `buffer` need a restart: they are logged and not applied.
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ class Reloader:
             log.error("reload (%s) rejected, the running config stays: %s", why, " | ".join(str(exc).splitlines()))
             return False
         skipped = needs_restart(self.current, new)
+        new = _keep_buffers(self.current, new, skipped)
         try:
             swaps, processors = self._prepare(new)
         except Exception as exc:  # a stage constructor refused its options: nothing was touched yet
@@ -258,6 +259,23 @@ async def _replace(slot: SinkSlot, sw: SinkSwap) -> None:
         return
     slot.sink = sw.new
     slot.channels = sw.channels
+
+
+def _keep_buffers(old: PipelineConfig, new: PipelineConfig, skipped: list[str]) -> PipelineConfig:
+    """A sink's `buffer:` is the runtime's (memory queue or disk spool, fed by a task): a reload keeps it.
+
+    The new spec gets the running buffer back, so the rest of the sink's change still applies and the
+    running config says which buffer is really in use; the change is reported as needing a restart.
+    """
+    if len(old.sinks) != len(new.sinks):
+        return new
+    sinks = list(new.sinks)
+    for i, (was, spec) in enumerate(zip(old.sinks, new.sinks, strict=True)):
+        running, wanted = getattr(was.options, "buffer", None), getattr(spec.options, "buffer", None)
+        if running is not None and wanted is not None and running != wanted:
+            sinks[i] = dataclasses.replace(spec, options=spec.options.model_copy(update={"buffer": running}))
+            skipped.append(f"sinks[{i}].buffer")
+    return dataclasses.replace(new, sinks=sinks) if sinks != list(new.sinks) else new
 
 
 def _running_config(old: PipelineConfig, new: PipelineConfig, skipped: list[str]) -> PipelineConfig:

@@ -218,15 +218,24 @@ class Spool:
         return self.write_pos - self.acked
 
     def append(self, payload: bytes, events: int) -> int:
-        """Append one record; returns the offset where it ends (its ack position)."""
+        """Append one record; returns the offset where it ends (its ack position).
+
+        A write the disk refuses (full, file size limit) raises a one-line StageError and leaves
+        no part of the record behind: the segment is cut back to where the record began.
+        """
         if self.write_pos - self._segments[-1] >= self.segment_bytes:
             self._rotate()
         rec = encode(payload, events)
         assert self._fd is not None
         view = memoryview(rec)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # a torn record would otherwise end the segment
+                os.ftruncate(self._fd, self.write_pos - self._segments[-1])
+            raise StageError(f"{self._path(self._segments[-1])}: cannot write: {exc.strerror or exc}") from None
         self.write_pos += len(rec)
         self.pending_events += events
         return self.write_pos
@@ -288,15 +297,16 @@ class Spool:
         return self.dir / f"{base:020d}{_SUFFIX}"
 
     def _open_append(self, base: int) -> None:
+        fd = _open_file(self._path(base), os.O_WRONLY | os.O_CREAT | os.O_APPEND, "spool segment")
         if self._fd is not None:
             os.close(self._fd)
-        self._fd = _open_file(self._path(base), os.O_WRONLY | os.O_CREAT | os.O_APPEND, "spool segment")
-        self.write_pos = base + os.fstat(self._fd).st_size
+        self._fd = fd
+        self.write_pos = base + os.fstat(fd).st_size
 
     def _rotate(self) -> None:
         base = self.write_pos
+        self._open_append(base)  # may raise (disk full): the current segment then stays the last one
         self._segments.append(base)
-        self._open_append(base)
 
     def _segment_of(self, offset: int) -> int:
         for base in reversed(self._segments):
@@ -313,7 +323,7 @@ class Spool:
             return self._rfd[1]
         if self._rfd is not None:
             os.close(self._rfd[1])
-        fd = os.open(self._path(base), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = _open_file(self._path(base), os.O_RDONLY, "spool segment")  # a one-line StageError if refused
         self._rfd = (base, fd)
         return fd
 

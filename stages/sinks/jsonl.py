@@ -3,6 +3,7 @@
 Lines are buffered per file and written whole (a write never ends mid-line on
 our side), every `flush_interval`, when the buffer passes `buffer_bytes`, and
 at shutdown. Files are 0600 in 0700 directories; symlinked paths are refused.
+A file deleted or renamed (logrotate) under us is opened again at the next flush.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pydantic import Field, field_validator
 from pipeline.api import Batch, Context, Event, Sink, SinkOptions
 from pipeline.errors import SinkFailed, StageError
 from pipeline.events import channel
-from pipeline.files import open_private
+from pipeline.files import open_private, still_names
 from pipeline.types import Duration
 from stages.sinks.dates import UtcDays
 
@@ -60,6 +61,13 @@ class _File:
         self.path = path
         self.fh = fh
         self.buf = bytearray()
+
+    def reopen_if_replaced(self) -> None:
+        """Deleted or renamed (logrotate) under us: open the path again (a symlink or directory is refused)."""
+        if not still_names(self.path, self.fh):
+            fh = open_private(self.path)
+            self.fh.close()
+            self.fh = fh
 
 
 class JsonlSink(Sink):
@@ -177,14 +185,16 @@ class JsonlSink(Sink):
             buf, f.buf = f.buf, bytearray()
             done = 0
             try:
+                f.reopen_if_replaced()  # one stat per file and flush: lines never go to a deleted file
                 with memoryview(buf) as view:
                     while done < len(buf):
                         done += f.fh.write(view[done:]) or 0
                 if self.options.fsync:
                     os.fsync(f.fh.fileno())
-            except OSError as exc:
+            except (OSError, StageError) as exc:
                 f.buf[:0] = buf[done:]  # what did not reach the file, nothing twice
-                self._failed = SinkFailed(f"{f.path}: cannot write: {exc.strerror or exc}")
+                why = str(exc) if isinstance(exc, StageError) else f"{f.path}: cannot write: {exc.strerror or exc}"
+                self._failed = SinkFailed(why)
                 self._dead_letter_buffers(str(self._failed), current)
                 raise self._failed from None
 

@@ -31,7 +31,7 @@ from pipeline.files import check_writable, ensure_private_dir, write_private_tex
 from pipeline.types import Secret
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
 from stages.sources.inlet import Inlet
-from stages.sources.websocket import ReaderOptions, WebSocketSource
+from stages.sources.websocket import ReaderOptions, WebSocketSource, read_limit
 
 log = logging.getLogger("pipeline.source.videodb")
 
@@ -108,8 +108,9 @@ class VideoDBSource(WebSocketSource):
         if ws is None or not conn_id:
             await wrapper.close()
             raise StageError(f"{self.context.stage}: WebSocket sent no connection_id in its first message")
-        # The SDK keeps websockets' 1 MiB default; we size-check frames ourselves and dead-letter.
-        ws.protocol.max_message_size = None
+        # The SDK keeps websockets' 1 MiB default; we size-check frames ourselves and dead-letter, up to a
+        # bound: a longer message closes the connection (1009) instead of being held whole in memory.
+        ws.protocol.max_message_size = read_limit(self.options.max_message_bytes)
         write_private_text(self.state_dir / WS_ID_FILE, str(conn_id))
         return ws, str(conn_id)
 

@@ -2,7 +2,9 @@
 
 Frames are read by one task into a list; `batches()` yields whatever has
 arrived since the last batch, so batching adds no latency. Non-JSON frames,
-JSON that is not an object and oversized frames go to the dead-letter file.
+JSON that is not an object and oversized frames go to the dead-letter file;
+a message over 4 x max_message_bytes is not even read: the connection is
+closed (1009), one dead-letter line says so, and the source reconnects.
 A connection that delivered at least one event is reopened at once when it
 drops (each gap is logged with its length); failed connects and connections
 that delivered nothing back off exponentially (a quiet one that stayed open
@@ -33,6 +35,14 @@ from stages.sources.inlet import Inlet
 log = logging.getLogger("pipeline.source.websocket")
 BACKFILL_EVENT_BYTES = 512  # size counted per backfilled event (they arrive parsed, not as frames)
 PENDING_BYTES = 32 << 20  # raw frame bytes read ahead of the pipeline before the reader waits
+#: Messages up to this many times max_message_bytes are read and dead-lettered; a longer one closes the
+#: connection (1009) as soon as its length is known, so a peer cannot make us hold a message of any size.
+READ_LIMIT_FACTOR = 4
+
+
+def read_limit(max_message_bytes: int) -> int:
+    """Largest message the WebSocket library may assemble for us (bounds memory, peer-controlled)."""
+    return READ_LIMIT_FACTOR * max_message_bytes
 
 
 async def raw_frames(ws: Any) -> AsyncIterator[bytes]:
@@ -54,6 +64,8 @@ class ReaderOptions(Options):
     backoff_max: Duration = Field(default=60.0, description="longest reconnect delay")
     max_retries: int | None = Field(default=None, ge=0, description="give up after N failed reconnects")
     batch_max: int = Field(default=1024, ge=1, description="most events per yielded batch")
+    keepalive: Duration = Field(default=20.0, gt=0, description="ping this often; a peer that does not "
+                                "answer within as long again is taken for gone and the source reconnects")
 
 
 class WebSocketOptions(ReaderOptions):
@@ -81,6 +93,10 @@ class WebSocketSource(Source):
         self._ws: Any = None
         self._stamp = Stamper()
         self._inlet: Inlet | None = None  # backfilled events enter here (videodb source)
+        self._reading = False  # connected and reading frames: a stop reads on until the server answers its close
+        #: at stop, how long the close handshake may take: frames the server sent before it saw our close are
+        #: still read (behind a slow sink that takes as long as the sinks are given: drain_timeout)
+        self._close_timeout = max(1.0, float(context.settings.get("drain_timeout", 30.0)))
         self._accepted = 0  # events accepted so far (a connection that delivered some reconnects at once)
         self.connection_id: str | None = None
 
@@ -88,7 +104,9 @@ class WebSocketSource(Source):
         """Connect; returns (websockets connection, connection id or None)."""
         import websockets
 
-        ws = await websockets.connect(self.options.url, max_size=None, close_timeout=1)
+        ws = await websockets.connect(self.options.url, max_size=read_limit(self.options.max_message_bytes),
+                                      close_timeout=1, ping_interval=self.options.keepalive,
+                                      ping_timeout=self.options.keepalive)
         first = await ws.recv(decode=False)
         conn_id = None
         try:
@@ -171,18 +189,26 @@ class WebSocketSource(Source):
                     log.warning("%s: reconnected%s after a %.3fs gap", self.describe(), shown, gap)
                 dropped_at = None
                 opened_at = time.monotonic()
+                self._ws.close_timeout = self._close_timeout
+                self._ws.ping_interval = self._ws.ping_timeout = self.options.keepalive
                 if conn_id:
                     await self.context.session.announce_connection(conn_id)
                 reason = "closed by the server"
+                self._reading = True
                 try:
                     async for frame in raw_frames(self._ws):
                         self._accept(frame)
                         if len(self._pending) >= self._limit or self._pending_bytes >= PENDING_BYTES:
                             self._room.clear()
-                            await self._room.wait()
+                            await self._wait_for_room()
                 except websockets.ConnectionClosed as exc:
                     reason = str(exc)
+                    if exc.sent is not None and exc.sent.code == 1009:  # the library refused a huge message
+                        limit = read_limit(self.options.max_message_bytes)
+                        self._reject(f"message larger than {limit} bytes (4 x max_message_bytes): not read; "
+                                     "connection closed (1009) and reopened", b"")
                 finally:
+                    self._reading = False
                     await self._ws.close()
                 if self._stopping:
                     break
@@ -205,6 +231,21 @@ class WebSocketSource(Source):
         finally:
             self._done = True
             self._ready.set()
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure: stop reading until the pipeline took some events.
+
+        The server's answers to our keepalive pings wait behind the frames we are not reading, so the
+        ping timeout is off meanwhile: a stalled sink must not make us drop the connection (and every
+        frame in our socket buffers with it).
+        """
+        ws = self._ws
+        timeout = ws.ping_timeout
+        ws.ping_timeout = None
+        try:
+            await self._room.wait()
+        finally:
+            ws.ping_timeout = timeout
 
     async def _pause(self, delay: float) -> None:
         """Sleep `delay` seconds, or less if stop() is called."""
@@ -243,8 +284,8 @@ class WebSocketSource(Source):
                             batch = self._inlet.admit(batch)
                     if batch:
                         yield batch
-                if self._done or self._stopping:
-                    break  # stopping: what was received is yielded; a reader still connecting is cancelled
+                if self._done or (self._stopping and not self._reading):
+                    break  # stopping: yielded up to the server's close answer; a reader still connecting is cancelled
             if self._done:
                 await reader  # surfaces a StageError from the reader
         finally:
@@ -254,6 +295,7 @@ class WebSocketSource(Source):
                     await reader
 
     async def stop(self) -> None:
+        """Send our close; frames the server sent before it saw it are still read and yielded."""
         self._stopping = True
         self._stop_event.set()
         self._room.set()

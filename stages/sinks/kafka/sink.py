@@ -5,8 +5,10 @@ A background delivery task owns the producer: it reconnects and retries with
 backoff while the broker is away, holding at most `buffer_events` events and
 `buffer_bytes` bytes (a full buffer makes `write` wait: backpressure, or the
 runtime's disk spool with `buffer: {type: disk}`). Once
-shutdown starts (session exit or `close()`), whatever is not delivered within
-`shutdown_timeout` goes to the dead-letter file, counted. Nothing is dropped.
+`close()` starts, whatever is not delivered within `shutdown_timeout` goes to
+the dead-letter file, counted. Nothing is dropped. The clock starts at `close()`,
+not when the capture session ends: until then the runtime's `drain_timeout` decides,
+and a disk buffer's backlog stays spooled instead of being dead-lettered.
 """
 
 from __future__ import annotations
@@ -85,7 +87,6 @@ class KafkaSink(Sink):
         self._last_warn = 0.0
         self._last_error = ""
         self._task: asyncio.Task[None] | None = None
-        self._exit_watch: asyncio.Task[None] | None = None
         self.delivered = 0
         self.dead_lettered = 0
 
@@ -104,7 +105,6 @@ class KafkaSink(Sink):
         except Exception as exc:
             self._note_failure(exc, "at start")
         self._task = asyncio.create_task(self._deliver(), name=f"{self.who} delivery")
-        self._exit_watch = asyncio.create_task(self._watch_exit(), name=f"{self.who} exit watch")
 
     async def write(self, batch: Batch) -> None:
         """Queue the batch and wait until the broker acknowledged all of it (or it was dead-lettered)."""
@@ -149,8 +149,6 @@ class KafkaSink(Sink):
         if self._queue:  # the delivery task never ran or died: nothing may be lost
             self._dead_letter(list(self._queue), f"{self.who}: not delivered before shutdown")
             self._queue.clear()
-        if self._exit_watch is not None:
-            self._exit_watch.cancel()
         producer, self._producer = self._producer, None
         if producer is not None:
             with contextlib.suppress(Exception, asyncio.TimeoutError):
@@ -435,7 +433,3 @@ class KafkaSink(Sink):
             self._deadline = asyncio.get_running_loop().time() + self.opts.shutdown_timeout
             self._closing.set()
             self._wake.set()
-
-    async def _watch_exit(self) -> None:
-        await self.context.session.wait_exit()
-        self._begin_closing()
