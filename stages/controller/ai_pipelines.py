@@ -12,6 +12,7 @@ indexes replaced since the last successful backfill (they produced the gap).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -115,6 +116,9 @@ class AIPipelines:
     _event_ids: dict[str, str] = field(default_factory=dict)
     _indexes: dict[str, list[Any]] = field(default_factory=dict)
     retired: list[tuple[str, Any]] = field(default_factory=list)  # (kind, index) replaced, not yet backfilled
+    #: Called with every index id this bind has not stopped yet (the old ones too) each time it creates one,
+    #: so a record saved there lets a restart stop an index even when the process died mid-bind.
+    on_index: Callable[[list[dict[str, str]]], None] | None = None
 
     async def _call(self, what: str, fn: Any, /, *args: Any, cleanup: bool = False, **kwargs: Any) -> Any:
         """One SDK call; a failure is logged as one line (and counted unless cleanup), never raised."""
@@ -148,6 +152,8 @@ class AIPipelines:
                                          name=idx_spec.name, ws_connection_id=conn_id)
                 if index is not None:
                     new[kind].append(index)
+                    if self.on_index is not None:
+                        self.on_index(_ids(i for idx in (*old.values(), *new.values()) for i in idx))
         for alert in spec.alerts:
             event_id = self._event_ids.get(alert.label)
             if event_id is None:
@@ -181,8 +187,7 @@ class AIPipelines:
 
     def index_ids(self) -> list[dict[str, str]]:
         """The scene indexes of the latest bind, as saved in capture_session.json."""
-        return [{"rtstream_id": str(i.rtstream_id), "index_id": str(i.rtstream_index_id)}
-                for kind in self._indexes.values() for i in kind]
+        return _ids(i for kind in self._indexes.values() for i in kind)
 
     def adopt_indexes(self, conn: Any, saved: Any) -> None:
         """Indexes a crashed run started (from capture_session.json): the next bind replaces and stops them."""
@@ -193,3 +198,8 @@ class AIPipelines:
                  if isinstance(i, dict) and isinstance(i.get("index_id"), str)]
         if found:
             self._indexes = {"saved": found}
+
+
+def _ids(indexes: Iterable[Any]) -> list[dict[str, str]]:
+    """Scene indexes as saved in a session record: rtstream and index id."""
+    return [{"rtstream_id": str(i.rtstream_id), "index_id": str(i.rtstream_index_id)} for i in indexes]

@@ -111,6 +111,7 @@ class CaptureSessionController(Controller):
             return
         self.pipelines = AIPipelines(self._conn, opts.on_active, self.who, self.settings.api_key,
                                      opts.callback_url)
+        self.pipelines.on_index = self._save_indexes
         try:
             conn_id = await asyncio.wait_for(self.context.session.wait_connection(), opts.connect_timeout)
         except TimeoutError:
@@ -278,6 +279,12 @@ class CaptureSessionController(Controller):
             self._spawn(self._exit_settled(status, polled=session is not None))
         if self.lifecycle.done and self._poll is not None:
             self._poll.cancel()
+
+    def _save_indexes(self, ids: list[dict[str, str]]) -> None:
+        """A bind made an index: saved at once (a crash before the bind ends must not leave it running)."""
+        if self.record.get("session_id"):  # else start() saves the record, indexes included, once it has one
+            self.record["indexes"] = ids
+            self._save()
 
     def _save(self) -> None:
         try:

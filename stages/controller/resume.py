@@ -17,6 +17,8 @@ from typing import Any, Final
 
 import orjson
 
+from stages.controller.session_store import MAX_RECORD_BYTES, read_regular
+
 log = logging.getLogger("pipeline.controller.capture_session")
 
 #: Statuses after which a session cannot be resumed.
@@ -36,10 +38,10 @@ def saved_session(path: Path, collection_id: str, end_user_id: str | None,
         log.warning("%s: %s is a symlink; ignored, creating a new capture session", who, path)
         return None
     try:
-        record = orjson.loads(path.read_bytes())
+        record = orjson.loads(read_regular(path, MAX_RECORD_BYTES))  # not a FIFO: reading one would block
     except FileNotFoundError:
         return None
-    except (OSError, orjson.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         log.warning("%s: cannot read %s (%s); creating a new capture session", who, path, exc)
         return None
     if not isinstance(record, dict) or not isinstance(record.get("session_id"), str):

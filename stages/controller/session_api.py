@@ -7,6 +7,7 @@ done by the `SessionManager`; this module only speaks HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 
 from pipeline.errors import StageError
 from pipeline.net import is_loopback
+from stages.controller import api_listener
 from stages.controller.ai_pipelines import OnActive
 from stages.controller.session_manager import ApiProblem, SessionManager, fingerprint
 from stages.controller.session_options import SessionApiOptions, split_host_port
@@ -25,8 +27,13 @@ from stages.controller.session_options import SessionApiOptions, split_host_port
 log = logging.getLogger("pipeline.controller.sessions")
 
 _CREATE_KEYS: Final = ("end_user_id", "metadata", "on_active")
-_KEY: Final = re.compile(r"^[\x21-\x7e]{1,255}$")  # Idempotency-Key: printable ASCII, no spaces
+_KEY: Final = re.compile(r"^[\x21-\x7e]{1,255}\Z")  # Idempotency-Key: printable ASCII, no spaces
 _MAX_USER: Final = 256
+BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive (a client trickling it holds a connection)
+HEADER_TIMEOUT = 15.0  # seconds a connection may stay open without a complete request (aiohttp's keep-alive)
+MAX_CONNECTIONS = 256  # open connections at once; more get 503 (each one costs the pipeline a file descriptor)
+SHUTDOWN_WAIT: Final = 5.0  # seconds a shutdown waits for requests under way (a create then finishes on its own)
+MAX_DEPTH: Final = 32  # JSON nesting a body may have (orjson writes at most 254 levels, and a listing adds 3)
 
 
 class SessionApi:
@@ -38,6 +45,7 @@ class SessionApi:
         self.who = who
         self._token = options.token.get_secret_value().encode()
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self.url = ""
 
     async def start(self) -> None:
@@ -48,22 +56,27 @@ class SessionApi:
         app.router.add_post("/v1/sessions/{sid}/stop", self.stop)
         app.router.add_post("/v1/sessions/{sid}/token", self.token)
         host, port = split_host_port(self.options.listen)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_WAIT,
+                                     keepalive_timeout=HEADER_TIMEOUT)
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, host, port).start()
+            self._listener = await api_listener.listen(self._runner, host, port, MAX_CONNECTIONS)
         except OSError as exc:
             await self._runner.cleanup()
             self._runner = None
             raise StageError(f"{self.who}: api.listen {self.options.listen}: cannot listen: "
                              f"{exc.strerror or exc}") from None
-        bound = self._runner.addresses[0][1]
+        bound = self._listener.sockets[0].getsockname()[1]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
         if not is_loopback(host):
             log.warning("%s: session API listening on %s, reachable from other machines", self.who, self.url)
         log.info("%s: session API on %s/v1/sessions", self.who, self.url)
 
     async def close(self) -> None:
+        self.manager.closing()  # creates waiting for the WebSocket answer 503 at once, not after connect_timeout
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner's shutdown ends the open ones
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -84,12 +97,17 @@ class SessionApi:
 
     def _authenticate(self, request: web.Request) -> None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")  # header bytes that are not UTF-8 stay bytes
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, self._token):
             raise ApiProblem(401, "missing or wrong bearer token (send Authorization: Bearer <api.token>)")
 
     @staticmethod
     async def _body(request: web.Request) -> dict[str, Any]:
-        raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge (413)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge (413)
+        except TimeoutError:
+            raise ApiProblem(408, f"request body not received within {BODY_TIMEOUT:g}s") from None
         if not raw.strip():
             return {}
         try:
@@ -98,6 +116,8 @@ class SessionApi:
             raise ApiProblem(400, f"body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise ApiProblem(400, f"body must be a JSON object, got {type(body).__name__}")
+        if _deeper_than(body, MAX_DEPTH):
+            raise ApiProblem(400, f"body is nested deeper than {MAX_DEPTH} levels")
         return body
 
     # --- handlers ------------------------------------------------------------------------------
@@ -146,6 +166,20 @@ class SessionApi:
         s = await self.manager.new_token(request.match_info["sid"])
         return _json({"session_id": s.id, "client_token": s.record.get("client_token"),
                       "expires_at": s.record.get("expires_at")})
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True when lists/objects inside `value` nest more than `limit` levels (walked without recursion)."""
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                todo.append((child, depth + 1))
+    return False
 
 
 def _first_error(exc: ValidationError) -> str:

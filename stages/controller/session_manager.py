@@ -40,6 +40,7 @@ _BIND_CONCURRENCY: Final = 8  # re-binds after a reconnect, at once (each is a f
 FORGOTTEN_KEYS: Final = 65536  # Idempotency-Keys of sessions beyond max_sessions, answered from their files
 CHECKPOINT_FILE: Final = "backfill_from.checkpoint"  # where a restart's backfill starts, for every session
 CHECKPOINT_EVERY: Final = 2.0  # seconds (> the sinks' flush interval; saved one period behind)
+CLOSE_WAIT: Final = 30.0  # seconds a shutdown waits for creates already at VideoDB (to save their records)
 
 
 class ApiProblem(Exception):
@@ -67,6 +68,9 @@ class SessionManager:
         self.idempotency: dict[str, str] = {}  # Idempotency-Key -> session id
         self.forgotten_keys: OrderedDict[str, str] = OrderedDict()  # keys of sessions evicted from memory
         self._pending: dict[str, asyncio.Future[ManagedSession]] = {}  # creates in flight, by key
+        self._creating = 0  # creates in flight (each holds a place under max_sessions until it returns)
+        self._at_videodb: set[asyncio.Task[ManagedSession]] = set()  # creates past the connection wait
+        self._closing = asyncio.Event()
         self._early: OrderedDict[str, list[Event]] = OrderedDict()
         self._background = Background(self.who, self.stats, log)
         self._spawn = self._background.spawn
@@ -106,16 +110,33 @@ class SessionManager:
         if live:
             log.info("%s: re-attaching %d live capture session(s) from %s", self.who, len(live), self.store.dir)
             self._spawn(self._reattach(live))
+        elif any(not s.lifecycle.done for s in self.sessions.values()):
+            self._start_poll()  # stopped through the API, not ended yet: their events go to the old connection
+        for s in self.sessions.values():  # a stop the last run did not finish (a crash, a failed call)
+            if s.record.get("stop_incomplete") and not s.lifecycle.done:
+                self._spawn(self._stop_streams_locked(s))
 
     async def _fetch(self, s: ManagedSession) -> Any:
-        """The session as VideoDB has it now, or None (the failed call is logged and counted)."""
+        """The session as VideoDB has it now, or None (the failed call is logged and counted).
+
+        An active session that could not be bound for want of this answer is bound again one
+        `status_poll_interval` later, unless VideoDB refused the call outright (4xx).
+        """
         try:
             return await self._sdk("get_capture_session", self.conn.get_capture_session,
                                    s.id, self.settings.collection_id)
         except VideoDBCallError as exc:
             log.error("%s", exc)
             self.stats.errors += 1
+            if not exc.fatal and s.live and s.lifecycle.state == "active":
+                self._spawn(self._bind_later(s))
             return None
+
+    async def _bind_later(self, s: ManagedSession) -> None:
+        await asyncio.sleep(self.opts.status_poll_interval)
+        pipes = s.pipelines
+        if s.live and s.lifecycle.state == "active" and (pipes is None or pipes.bound_to != self.link.connection_id):
+            await self._bind(s, None, backfill_gap=True)
 
     async def _reattach(self, live: list[ManagedSession]) -> None:
         conn_id = await self.link.wait_connection()
@@ -147,24 +168,29 @@ class SessionManager:
             pending = self._pending.get(key)
             if pending is not None:
                 return self._same_request(await asyncio.shield(pending), fingerprint), False
-        live = sum(1 for s in self.sessions.values() if s.live)
+        live = sum(1 for s in self.sessions.values() if s.live) + self._creating
         if live >= self.opts.api.max_sessions:
             raise ApiProblem(429, f"{live} live sessions: the limit is api.max_sessions={self.opts.api.max_sessions}")
         fut: asyncio.Future[ManagedSession] = asyncio.get_running_loop().create_future()
         if key is not None:
             self._pending[key] = fut
+        self._creating += 1
         try:
-            s = await self._create(end_user_id, metadata, on_active, key, fingerprint)
+            s = await self._made_before(key, fingerprint) if key is not None else None
+            replayed = s is not None
+            if s is None:
+                s = await self._create(end_user_id, metadata, on_active, key, fingerprint)
         except BaseException as exc:
             if not fut.done():
                 fut.set_exception(exc)
                 fut.exception()  # retrieved: nobody may be waiting
             raise
         finally:
+            self._creating -= 1
             if key is not None:
                 self._pending.pop(key, None)
         fut.set_result(s)
-        return s, True
+        return s, not replayed
 
     @staticmethod
     def _same_request(s: ManagedSession, fingerprint: str) -> ManagedSession:
@@ -174,36 +200,66 @@ class SessionManager:
 
     async def _create(self, end_user_id: str, metadata: dict[str, Any], on_active: OnActive | None,
                       key: str | None, fingerprint: str) -> ManagedSession:
+        conn_id = await self._connection_for_create()
+        # From here on the create runs to its end even if the request is cancelled (a shutdown): a session
+        # VideoDB made must get its record, or a restart would not know it and a retry would make another.
+        task = asyncio.get_running_loop().create_task(
+            self._create_at_videodb(conn_id, end_user_id, metadata, on_active, key, fingerprint))
+        self._at_videodb.add(task)
+        task.add_done_callback(self._at_videodb.discard)
+        return await asyncio.shield(task)
+
+    async def _connection_for_create(self) -> str:
+        """The current connection id; 503 after connect_timeout without one, or at once when shutting down."""
+        closing = "the pipeline is shutting down; retry shortly"
+        if self._closing.is_set():
+            raise ApiProblem(503, closing)
+        waits = [asyncio.ensure_future(self.link.wait_connection()), asyncio.ensure_future(self._closing.wait())]
+        try:
+            await asyncio.wait(waits, timeout=self.opts.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self._closing.is_set():
+            raise ApiProblem(503, closing)
+        if not waits[0].done() or waits[0].cancelled():
+            raise ApiProblem(503, "no WebSocket connection to VideoDB yet; retry shortly")
+        return waits[0].result()
+
+    async def _create_at_videodb(self, conn_id: str, end_user_id: str, metadata: dict[str, Any],
+                                 on_active: OnActive | None, key: str | None, fingerprint: str) -> ManagedSession:
         opts = self.opts
         metadata = {**opts.metadata, **metadata}  # the configured metadata applies to every session
-        try:
-            conn_id = await asyncio.wait_for(self.link.wait_connection(), opts.connect_timeout)
-        except TimeoutError:
-            raise ApiProblem(503, "no WebSocket connection to VideoDB yet; retry shortly") from None
         try:  # the token first: it names no session, so if it fails no session is left behind at VideoDB
             token = await self._sdk("generate_client_token", self.conn.generate_client_token,
                                     opts.client_token_expires_in)
+        except VideoDBCallError as exc:
+            self.stats.errors += 1
+            raise ApiProblem(502, str(exc)) from None
+        now = time.time()
+        record: dict[str, Any] = {
+            "session_id": None, "collection_id": self.settings.collection_id, "end_user_id": end_user_id,
+            "metadata": metadata, "status": "created", "ws_connection_id": conn_id, "created_on": conn_id,
+            "client_token": token, "expires_at": iso_ts(now + opts.client_token_expires_in),
+            "created_at": iso_ts(now), "stop_requested": False,
+            "on_active": on_active.model_dump(exclude_none=True) if on_active is not None else None,
+            "idempotency_key": key, "request_hash": fingerprint}
+        if key is not None:  # until the record is saved: a crash or a lost answer can be told from it later
+            self.store.save_intent(record)
+        try:
             session = await self._sdk("create_capture_session", self.conn.create_capture_session,
                                       end_user_id=end_user_id, collection_id=self.settings.collection_id,
                                       ws_connection_id=conn_id, metadata=metadata or None,
                                       callback_url=opts.callback_url)
         except VideoDBCallError as exc:
             self.stats.errors += 1
+            if key is not None and exc.fatal:  # refused (4xx): VideoDB made nothing; else it may have
+                self.store.drop_intent(key)
             raise ApiProblem(502, str(exc)) from None
         if not safe_id(str(session.id)):
             raise ApiProblem(502, f"VideoDB returned an unusable session id {str(session.id)[:80]!r}")
-        now = time.time()
-        record: dict[str, Any] = {
-            "session_id": session.id, "collection_id": self.settings.collection_id, "end_user_id": end_user_id,
-            "metadata": metadata, "status": "created", "ws_connection_id": conn_id, "created_on": conn_id,
-            "client_token": token, "expires_at": iso_ts(now + opts.client_token_expires_in),
-            "created_at": iso_ts(now), "stop_requested": False,
-            "on_active": on_active.model_dump(exclude_none=True) if on_active is not None else None,
-            "idempotency_key": key, "request_hash": fingerprint}
-        s = self._add(record)
-        s.lifecycle.advance(getattr(session, "status", None) or "created")
-        s.record["status"] = s.lifecycle.state
-        self.store.save(s.record)
+        record["session_id"] = session.id
+        s = self._keep(record, getattr(session, "status", None))
         log.info("%s: capture session %s created for end user %r", self.who, s.id, end_user_id)
         for event in self._early.pop(s.id, []):  # lifecycle events that arrived before this call returned
             s.counts["capture_session"] = s.counts.get("capture_session", 0) + 1
@@ -212,6 +268,52 @@ class SessionManager:
                 self._lifecycle_event(s, event, status)
         if self.link.connection_id != conn_id:  # reconnected meanwhile: events went to the old id
             self._start_poll()
+        return s
+
+    def _keep(self, record: dict[str, Any], status: str | None) -> ManagedSession:
+        """A session VideoDB made for us: registered, its record saved (then its create's intent dropped)."""
+        s = self._add(record)
+        s.lifecycle.advance(status or "created")
+        s.record["status"] = s.lifecycle.state
+        self.store.save(s.record)
+        if isinstance(record.get("idempotency_key"), str):
+            self.store.drop_intent(record["idempotency_key"])
+        return s
+
+    async def _made_before(self, key: str, fingerprint: str) -> ManagedSession | None:
+        """The session an earlier try with `key` asked VideoDB for, when that try never learnt its id.
+
+        A crash (even kill -9) or a lost answer after `create_capture_session` reached VideoDB: the
+        intent saved before the call is still there. The session is found among the collection's
+        sessions (still `created`: nobody has its token; same end user and metadata; no record here)
+        and kept, so a retry does not make a second one.
+        """
+        intent = self.store.load_intent(key)
+        if intent is None:
+            return None
+        if intent.get("request_hash") not in (None, fingerprint):
+            raise ApiProblem(409, "this Idempotency-Key was used for a different request body")
+        try:
+            listed = await self._sdk("list_capture_sessions", self.conn.list_capture_sessions,
+                                     self.settings.collection_id)
+        except VideoDBCallError as exc:  # cannot tell whether that session exists: do not make another
+            self.stats.errors += 1
+            raise ApiProblem(502, str(exc)) from None
+        found = [x for x in listed if getattr(x, "status", None) == "created"
+                 and getattr(x, "end_user_id", None) == intent.get("end_user_id")
+                 and (getattr(x, "metadata", None) or {}) == (intent.get("metadata") or {})
+                 and safe_id(str(x.id)) and str(x.id) not in self.sessions and not self.store.path(str(x.id)).exists()]
+        if len(found) != 1:
+            if found:
+                log.warning("%s: Idempotency-Key %r: %d sessions at VideoDB could be the one an earlier try made; "
+                            "creating a new one", self.who, key, len(found))
+            self.store.drop_intent(key)
+            return None
+        s = self._keep({**intent, "session_id": str(found[0].id)}, "created")
+        log.info("%s: capture session %s, made by an earlier try with Idempotency-Key %r whose answer was lost, "
+                 "kept", self.who, s.id, key)
+        if self.link.connection_id != s.record.get("ws_connection_id"):
+            self._start_poll()  # its lifecycle events go to the connection it was created on
         return s
 
     def _forgotten(self, key: str) -> ManagedSession | None:
@@ -240,11 +342,18 @@ class SessionManager:
         return s
 
     def _evict(self) -> None:
-        """Forget the oldest finished sessions beyond max_sessions (their files stay)."""
+        """Forget the oldest finished sessions beyond max_sessions (their files stay).
+
+        Then, if still over, sessions stopped through the API before they started (nothing may ever end
+        them). One stopped after it started is kept: it is followed to its end (status, video id).
+        """
         excess = len(self.sessions) - self.opts.api.max_sessions
         if excess <= 0:
             return
-        for sid in [sid for sid, s in self.sessions.items() if not s.live][:excess]:
+        items = self.sessions.items()
+        gone = [sid for sid, s in items if s.lifecycle.done]
+        gone += [sid for sid, s in items if not s.live and s.lifecycle.state in (None, "created")]
+        for sid in gone[:excess]:
             s = self.sessions.pop(sid)
             key = s.record.get("idempotency_key")
             if isinstance(key, str) and self.idempotency.pop(key, None) is not None:
@@ -263,17 +372,29 @@ class SessionManager:
     async def stop(self, sid: str) -> ManagedSession:
         """Stop the session's AI pipelines and rtstreams; the pipeline stops re-binding it."""
         s = self.get(sid)
-        if s.lifecycle.done or s.record.get("stop_requested"):
-            return s
+        if s.lifecycle.done or (s.record.get("stop_requested") and not s.record.get("stop_incomplete")):
+            return s  # a stop whose calls all went through is not sent again
         s.record["stop_requested"] = True
+        s.record["stop_incomplete"] = True  # until every call went through (a crash now: the restart stops it)
         self.store.save(s.record)
         async with s.lock:
-            await self._stop_streams(s)
+            failed = await self._stop_streams(s)
+        if failed:
+            raise ApiProblem(502, f"{len(failed)} call(s) to stop it failed ({failed[0]}); "
+                                  "POST /stop again to retry them")
         return s
 
-    async def _stop_streams(self, s: ManagedSession) -> None:
-        """Stop transcripts, indexes and rtstreams (each failure is logged; the rest still stop)."""
+    async def _stop_streams(self, s: ManagedSession) -> list[str]:
+        """Stop transcripts, indexes and rtstreams; each failure is logged, the rest still stop.
+
+        Returns the failures worth another try (network, 5xx): the session is then marked
+        `stop_incomplete` (saved), so another POST /stop tries again (a complete stop is not repeated).
+        """
+        failed: list[str] = []
         pipes = s.pipelines
+        if pipes is None and s.record.get("indexes"):  # after a restart: the indexes its file names
+            pipes = AIPipelines(self.conn, s.on_active, f"{self.who} {s.id}", self.settings.api_key)
+            pipes.adopt_indexes(self.conn, s.record.get("indexes"))
         streams = pipes.streams if pipes is not None else []
         if not streams and s.lifecycle.state in ("active", "starting", "created"):
             try:
@@ -282,22 +403,31 @@ class SessionManager:
                 streams = _streams_of(session)
             except VideoDBCallError as exc:
                 log.warning("%s", exc)
+                if not exc.fatal:
+                    failed.append(str(exc))
         if pipes is not None:
             indexes: dict[str, list[Any]] = getattr(pipes, "_indexes", {})
             for index in (i for kind in indexes.values() for i in kind):
-                await self._quiet(f"stop index {index.rtstream_index_id}", index.stop)
+                await self._quiet(f"stop index {index.rtstream_index_id}", index.stop, failed)
             pipes.bound_to = None
         for st in streams:
-            if st.kind == "audio" and s.on_active.transcript and pipes is not None:
-                await self._quiet(f"stop_transcript({st.name})", st.rts.stop_transcript)
-            await self._quiet(f"stop rtstream {st.name}", st.rts.stop)
-        log.info("%s: capture session %s stopped through the API (%d rtstreams)", self.who, s.id, len(streams))
+            if st.kind == "audio" and s.on_active.transcript and (pipes is not None or s.lifecycle.state == "active"):
+                await self._quiet(f"stop_transcript({st.name})", st.rts.stop_transcript, failed)
+            await self._quiet(f"stop rtstream {st.name}", st.rts.stop, failed)
+        log.info("%s: capture session %s stopped through the API (%d rtstreams%s)", self.who, s.id, len(streams),
+                 f", {len(failed)} call(s) failed" if failed else "")
+        if bool(failed) != bool(s.record.get("stop_incomplete")):
+            s.record["stop_incomplete"] = bool(failed)
+            self.store.save(s.record)
+        return failed
 
-    async def _quiet(self, what: str, fn: Any) -> None:
+    async def _quiet(self, what: str, fn: Any, failed: list[str]) -> None:
         try:
             await self._sdk(what, fn)
         except VideoDBCallError as exc:
             log.warning("%s", exc)
+            if not exc.fatal:  # network, 5xx: worth sending again (a 4xx, e.g. already stopped, is not)
+                failed.append(str(exc))
 
     async def new_token(self, sid: str) -> ManagedSession:
         s = self.get(sid)
@@ -367,6 +497,8 @@ class SessionManager:
         """Apply one status (from an event, or from polling/re-attaching) and act on it."""
         if not s.lifecycle.advance(status, polled=session is not None):
             return
+        if event_data is None and session is not None:  # polled: the listing has the video id, not the URLs
+            event_data = {"exported_video_id": getattr(session, "exported_video_id", None)}
         s.apply_status(status, event_data, error)
         if status == "active":
             rts = (event_data or {}).get("rtstreams")
@@ -444,6 +576,7 @@ class SessionManager:
             s.pipelines = AIPipelines(self.conn, s.on_active, f"{self.who} {s.id}", self.settings.api_key,
                                       self.opts.callback_url)
             s.pipelines.adopt_indexes(self.conn, s.record.get("indexes"))  # a crashed run's: stopped once replaced
+            s.pipelines.on_index = lambda ids: self._save_indexes(s, ids)
         pipes = s.pipelines
         pipes.streams = streams
         self._learn_streams(s, streams)
@@ -456,6 +589,11 @@ class SessionManager:
             s.record["indexes"] = pipes.index_ids()
         self.store.save(s.record)
 
+    def _save_indexes(self, s: ManagedSession, ids: list[dict[str, str]]) -> None:
+        """A bind created an index: saved at once with those it has not stopped yet (a crash may come next)."""
+        s.record["indexes"] = ids
+        self.store.save(s.record)
+
     async def _on_connection(self, conn_id: str) -> None:
         """SessionLink listener: the source (re)connected; re-bind every live, bound session."""
         inlet = self.link.inlet
@@ -464,7 +602,7 @@ class SessionManager:
                 if inlet is not None:
                     inlet.hold()  # now, before the new connection's first event is accepted
                 self._spawn(self._bind(s, s.pipelines.streams, held=inlet is not None))
-        if any(s.live for s in self.sessions.values()):
+        if any(not s.lifecycle.done for s in self.sessions.values()):  # stopped ones too: not ended yet
             self._start_poll()
 
     async def _checkpoints(self, inlet: Any) -> None:
@@ -503,7 +641,20 @@ class SessionManager:
                     continue
                 self._transition(s, status, session=session, error="reported by list_capture_sessions")
 
+    def closing(self) -> None:
+        """Shutdown begins: creates still waiting for a connection answer 503 now."""
+        self._closing.set()
+
     async def close(self) -> None:
+        self._closing.set()
+        if self._at_videodb:  # their sessions may exist at VideoDB already: let them save their records
+            done, late = await asyncio.wait(self._at_videodb, timeout=CLOSE_WAIT)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved (an ApiProblem its client no longer waits for)
+            if late:
+                log.warning("%s: %d session create(s) still waiting for VideoDB after %gs at shutdown; a session "
+                            "VideoDB makes for them has no record here", self.who, len(late), CLOSE_WAIT)
         await self._background.cancel_all()
 
 

@@ -7,9 +7,11 @@ file), so a crash leaves every record either old or new, never torn.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Final
 
@@ -21,8 +23,16 @@ from pipeline.files import ensure_private_dir, write_private_text
 log = logging.getLogger("pipeline.controller.sessions")
 
 SESSIONS_DIR: Final = "sessions"
-MAX_RECORD_BYTES: Final = 1 << 20
-_SAFE_ID: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+#: A record is its request's metadata (at most api.max_body_bytes, 16 MiB) plus about a kilobyte.
+MAX_RECORD_BYTES: Final = 32 << 20
+MAX_STATE_BYTES: Final = 16 << 20  # another state file (the backfill checkpoint)
+_SAFE_ID: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")  # \Z: `$` lets a final newline through
+_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+#: The type of each record key a restart reads (a key may also be missing or null).
+_TYPES: Final[dict[str, type | tuple[type, ...]]] = {
+    "status": str, "end_user_id": str, "collection_id": str, "metadata": dict, "created_at": str,
+    "expires_at": str, "client_token": str, "ws_connection_id": str, "stop_requested": bool, "stop_incomplete": bool,
+    "idempotency_key": str, "request_hash": str, "on_active": dict, "rtstreams": list, "indexes": list}
 
 
 def safe_id(session_id: str) -> bool:
@@ -44,8 +54,8 @@ class SessionStore:
         if not safe_id(sid):
             log.error("sessions: not saving a session with id %r (not a safe file name)", sid[:80])
             return
-        try:
-            write_private_text(self.path(sid), orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
+        try:  # compact: indented, a deep metadata list grew 40-fold, past what a restart reads back
+            write_private_text(self.path(sid), orjson.dumps(record).decode())
         except (StageError, OSError) as exc:
             log.error("sessions: cannot save %s: %s", self.path(sid), exc)
 
@@ -57,14 +67,41 @@ class SessionStore:
             log.error("sessions: cannot save %s: %s", self.dir / name, exc)
 
     def read_json(self, name: str) -> Any:
-        """What `write_json` saved, or None (missing, unreadable, symlinked or over 16 MiB)."""
-        p = self.dir / name
+        """What `write_json` saved, or None (missing, unreadable, not a regular file or over 16 MiB)."""
         try:
-            if p.is_symlink() or p.stat().st_size > 16 * MAX_RECORD_BYTES:
-                return None
-            return orjson.loads(p.read_bytes())
+            return orjson.loads(read_regular(self.dir / name, MAX_STATE_BYTES))
         except (OSError, ValueError):
             return None
+
+    def intent_path(self, key: str) -> Path:
+        """Where a keyed create notes what it asks VideoDB for, until its record is saved (the key may hold '/')."""
+        return self.dir / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.creating"
+
+    def save_intent(self, intent: dict[str, Any]) -> None:
+        try:
+            write_private_text(self.intent_path(intent["idempotency_key"]), orjson.dumps(intent).decode())
+        except (StageError, OSError) as exc:
+            log.error("sessions: cannot save %s: %s", self.intent_path(intent["idempotency_key"]), exc)
+
+    def load_intent(self, key: str) -> dict[str, Any] | None:
+        """The create noted for `key` that never got its record, or None."""
+        try:
+            intent = orjson.loads(read_regular(self.intent_path(key), MAX_RECORD_BYTES))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("sessions: skipping %s: %s", self.intent_path(key), exc)
+            return None
+        ok = isinstance(intent, dict) and intent.get("idempotency_key") == key and _wrong_key(intent) is None
+        return intent if ok else None
+
+    def drop_intent(self, key: str) -> None:
+        try:
+            os.unlink(self.intent_path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("sessions: cannot remove %s: %s", self.intent_path(key), exc)
 
     def load_all(self) -> list[dict[str, Any]]:
         """Every readable record; unreadable ones are logged and skipped (and left for a person to see)."""
@@ -85,11 +122,11 @@ class SessionStore:
     @staticmethod
     def _read(p: Path) -> dict[str, Any] | None:
         try:
-            if p.is_symlink() or p.stat().st_size > MAX_RECORD_BYTES:
-                raise ValueError("symlink or larger than 1 MiB")
-            record = orjson.loads(p.read_bytes())
+            record = orjson.loads(read_regular(p, MAX_RECORD_BYTES))
             if not isinstance(record, dict) or record.get("session_id") != p.stem:
                 raise ValueError("not a session record")
+            if (wrong := _wrong_key(record)) is not None:
+                raise ValueError(f"not a session record ({wrong})")
         except (OSError, ValueError) as exc:
             log.warning("sessions: skipping %s: %s", p, exc)
             return None
@@ -103,3 +140,37 @@ class SessionStore:
                     os.unlink(p)
                 except OSError:
                     pass
+
+
+def read_regular(p: Path, limit: int) -> bytes:
+    """The bytes of `p` if it is a regular file of at most `limit` bytes (a FIFO would block, a symlink may
+    point anywhere): ValueError otherwise."""
+    if p.is_symlink():
+        raise ValueError("a symlink")
+    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"larger than {limit >> 20} MiB")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit >> 20} MiB")
+    return data
+
+
+def _wrong_key(record: dict[str, Any]) -> str | None:
+    """The first record key of the wrong type, as 'key: expected type' (a damaged or foreign file), or None."""
+    for key, kind in _TYPES.items():
+        value = record.get(key)
+        if value is not None and not isinstance(value, kind):
+            return f"{key}: expected {getattr(kind, '__name__', kind)}"
+    for r in record.get("rtstreams") or []:
+        if not (isinstance(r, dict) and isinstance(r.get("rtstream_id"), str)
+                and isinstance(r.get("media_types", []), list) and isinstance(r.get("name", ""), str)):
+            return "rtstreams: expected objects with an rtstream_id"
+    return None

@@ -27,12 +27,13 @@ from stages.sinks.dates import UtcDays
 _DUMP = orjson.dumps
 _OPTS = orjson.OPT_APPEND_NEWLINE
 MAX_OPEN_FILES = 32
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")  # \Z: `$` would let a final newline through
+_SAFE_SESSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")  # the ids the session API accepts (128 long)
 
 
 def _session_name(sid: Any) -> str:
     """The session id as a file-name part: it comes from the wire, so anything odd becomes `unknown`."""
-    return sid if type(sid) is str and _SAFE_NAME.match(sid) else "unknown"
+    return sid if type(sid) is str and _SAFE_SESSION.match(sid) else "unknown"
 
 
 class JsonlOptions(SinkOptions):
