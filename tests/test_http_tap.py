@@ -9,6 +9,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from pipeline.runtime.local import LocalRuntime
 from tests.operator_harness import config, replay_file, scrape, served
 
 
@@ -33,6 +34,19 @@ async def read_sse(resp: aiohttp.ClientResponse, on_event=None) -> list[tuple[st
             kind = "message"
     return out
 
+
+
+async def _silent_tap(rt: LocalRuntime, base: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw client of /tap?at=source that never reads; returns once the runtime has it attached."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /tap?at=source HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await writer.drain()
+    for _ in range(100):
+        if rt.tap is not None:
+            break
+        await asyncio.sleep(0.01)
+    return reader, writer
 
 async def test_tap_client_receives_the_alerts_of_a_replay_as_they_fire(tmp_path: Path) -> None:
     # 400 events 5 ms apart at speed 1: ~2 s; an alert every 50 events, i.e. every 0.25 s
@@ -71,15 +85,7 @@ async def test_stalled_tap_client_does_not_slow_the_run(tmp_path: Path) -> None:
         assert await rt.run() == 0
         baseline = time.monotonic() - t0
     async with served(config(tmp_path, events)) as (rt, base):
-        host, port = base.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        # a client that asks for everything at the source and then never reads
-        writer.write(b"GET /tap?at=source HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        await writer.drain()
-        for _ in range(100):
-            if rt.tap is not None:
-                break
-            await asyncio.sleep(0.01)
+        reader, writer = await _silent_tap(rt, base)  # asks for everything at the source, then never reads
         assert rt.tap is not None, "tap client attached"
         t0 = time.monotonic()
         assert await asyncio.wait_for(rt.run(), 60) == 0
@@ -296,14 +302,7 @@ async def test_a_client_that_never_reads_holds_bounded_bytes(tmp_path: Path) -> 
                                    "data": {"text": f"{i} " + "x" * 50_000}}) + b"\n")
     async with served(config(tmp_path, events)) as (rt, base):
         rt.tap_hub.budget = TapBudget(share=1.0, burst=100.0)  # the CPU bound is not what this is about
-        host, port = base.removeprefix("http://").split(":")
-        _reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"GET /tap?at=source HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        await writer.drain()
-        for _ in range(100):
-            if rt.tap is not None:
-                break
-            await asyncio.sleep(0.01)
+        _reader, writer = await _silent_tap(rt, base)
         (client,) = rt.tap_hub.clients[0]
         assert await asyncio.wait_for(rt.run(), 60) == 0
         held = sum(len(b) for b in client.buffer)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -20,6 +21,32 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 TOTAL = 10_000
 
 pytestmark = pytest.mark.timeout(60)
+
+
+async def _stalled_run(tmp_path: Path, port: int, name: str, source_extra: str = "",
+                       runtime: str = "") -> tuple[asyncio.subprocess.Process, Path, Path]:
+    """`pipeline run` from a WebSocket on `port` into a sink that stalls from its first batch until the
+    returned hold file is removed; (process, counts file, hold file)."""
+    counts = tmp_path / "counts.txt"
+    hold = Path(f"{counts}.hold")
+    hold.touch()
+    (tmp_path / "p.yaml").write_text(f"""
+name: {name}
+source: {{type: websocket, url: "ws://127.0.0.1:{port}/", batch_max: 100{source_extra}}}
+{runtime}sinks:
+  - {{type: "tests.slow_sink:GatedSink", path: {counts}, delay: 0}}
+dead_letter: {tmp_path}/dead.jsonl
+""")
+    proc = await asyncio.create_subprocess_exec(*PIPELINE, "run", str(tmp_path / "p.yaml"), cwd=tmp_path, env=ENV,
+                                                stderr=subprocess.PIPE)
+    return proc, counts, hold
+
+
+async def _until_sent(sent: Callable[[], int]) -> None:
+    for _ in range(300):
+        if sent() == TOTAL:
+            return
+        await asyncio.sleep(0.05)
 
 
 async def test_sigterm_behind_a_stalled_sink_reads_what_the_server_already_sent(tmp_path: Path) -> None:
@@ -45,24 +72,9 @@ async def test_sigterm_behind_a_stalled_sink_reads_what_the_server_already_sent(
 
     server = await websockets.serve(handler, "127.0.0.1", 0, max_size=None)
     port = server.sockets[0].getsockname()[1]
-    counts = tmp_path / "counts.txt"
-    hold = Path(f"{counts}.hold")
-    hold.touch()  # the sink stalls from the first batch on
-    (tmp_path / "p.yaml").write_text(f"""
-name: graceful
-source: {{type: websocket, url: "ws://127.0.0.1:{port}/", batch_max: 100}}
-runtime: {{drain_timeout: 20s}}
-sinks:
-  - {{type: "tests.slow_sink:GatedSink", path: {counts}, delay: 0}}
-dead_letter: {tmp_path}/dead.jsonl
-""")
-    proc = await asyncio.create_subprocess_exec(*PIPELINE, "run", str(tmp_path / "p.yaml"), cwd=tmp_path, env=ENV,
-                                                stderr=subprocess.PIPE)
+    proc, counts, hold = await _stalled_run(tmp_path, port, "graceful", runtime="runtime: {drain_timeout: 20s}\n")
     try:
-        for _ in range(300):
-            if sent == TOTAL:
-                break
-            await asyncio.sleep(0.05)
+        await _until_sent(lambda: sent)
         assert sent == TOTAL, f"the server could send only {sent} events before SIGTERM"
         proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(1.5)  # longer than the old close handshake timeout
@@ -99,23 +111,10 @@ async def test_a_stalled_sink_does_not_make_our_keepalive_drop_the_connection(tm
 
     server = await websockets.serve(handler, "127.0.0.1", 0, max_size=None)
     port = server.sockets[0].getsockname()[1]
-    counts = tmp_path / "counts.txt"
-    hold = Path(f"{counts}.hold")
-    hold.touch()
-    (tmp_path / "p.yaml").write_text(f"""
-name: stalled
-source: {{type: websocket, url: "ws://127.0.0.1:{port}/", batch_max: 100, keepalive: 0.3s, backoff_initial: 0.1s}}
-sinks:
-  - {{type: "tests.slow_sink:GatedSink", path: {counts}, delay: 0}}
-dead_letter: {tmp_path}/dead.jsonl
-""")
-    proc = await asyncio.create_subprocess_exec(*PIPELINE, "run", str(tmp_path / "p.yaml"), cwd=tmp_path, env=ENV,
-                                                stderr=subprocess.PIPE)
+    proc, counts, hold = await _stalled_run(tmp_path, port, "stalled",
+                                            source_extra=", keepalive: 0.3s, backoff_initial: 0.1s")
     try:
-        for _ in range(300):
-            if sent == TOTAL:
-                break
-            await asyncio.sleep(0.05)
+        await _until_sent(lambda: sent)
         await asyncio.sleep(2.0)  # stalled for keepalive x 6
         hold.unlink()
         for _ in range(200):
