@@ -21,7 +21,8 @@ from pipeline.errors import StageError
 from pipeline.net import is_loopback
 from stages.controller import api_listener
 from stages.controller.ai_pipelines import OnActive
-from stages.controller.session_manager import ApiProblem, SessionManager, fingerprint
+from stages.controller.session_create import ApiProblem
+from stages.controller.session_manager import SessionManager, fingerprint
 from stages.controller.session_options import SessionApiOptions, split_host_port
 
 log = logging.getLogger("pipeline.controller.sessions")

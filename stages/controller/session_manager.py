@@ -26,7 +26,8 @@ from pipeline.api import Batch, Event
 from pipeline.events import iso_ts, lifecycle_status
 from pipeline.videodb_sdk import VideoDBCallError, call
 from stages.controller.ai_pipelines import AIPipelines, OnActive, Stream, media_kind, streams_from_event
-from stages.controller.session_store import SessionStore, safe_id
+from stages.controller.session_create import ApiProblem, SessionCreator
+from stages.controller.session_store import SessionStore
 from stages.controller.sessions import ManagedSession
 from stages.controller.tasks import Background
 from stages.sources import backfill
@@ -40,16 +41,6 @@ _BIND_CONCURRENCY: Final = 8  # re-binds after a reconnect, at once (each is a f
 FORGOTTEN_KEYS: Final = 65536  # Idempotency-Keys of sessions beyond max_sessions, answered from their files
 CHECKPOINT_FILE: Final = "backfill_from.checkpoint"  # where a restart's backfill starts, for every session
 CHECKPOINT_EVERY: Final = 2.0  # seconds (> the sinks' flush interval; saved one period behind)
-CLOSE_WAIT: Final = 30.0  # seconds a shutdown waits for creates already at VideoDB (to save their records)
-
-
-class ApiProblem(Exception):
-    """A request the API refuses: HTTP status plus a one-line message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class SessionManager:
@@ -67,10 +58,7 @@ class SessionManager:
         self.by_stream: dict[str, ManagedSession] = {}
         self.idempotency: dict[str, str] = {}  # Idempotency-Key -> session id
         self.forgotten_keys: OrderedDict[str, str] = OrderedDict()  # keys of sessions evicted from memory
-        self._pending: dict[str, asyncio.Future[ManagedSession]] = {}  # creates in flight, by key
-        self._creating = 0  # creates in flight (each holds a place under max_sessions until it returns)
-        self._at_videodb: set[asyncio.Task[ManagedSession]] = set()  # creates past the connection wait
-        self._closing = asyncio.Event()
+        self.creator = SessionCreator(self)
         self._early: OrderedDict[str, list[Event]] = OrderedDict()
         self._background = Background(self.who, self.stats, log)
         self._spawn = self._background.spawn
@@ -158,117 +146,7 @@ class SessionManager:
     async def create(self, end_user_id: str, metadata: dict[str, Any], on_active: OnActive | None,
                      key: str | None, fingerprint: str) -> tuple[ManagedSession, bool]:
         """(session, created now). A known Idempotency-Key returns its session (same request only)."""
-        if key is not None:
-            sid = self.idempotency.get(key)
-            if sid is not None and sid in self.sessions:
-                return self._same_request(self.sessions[sid], fingerprint), False
-            old = self._forgotten(key)
-            if old is not None:
-                return self._same_request(old, fingerprint), False
-            pending = self._pending.get(key)
-            if pending is not None:
-                return self._same_request(await asyncio.shield(pending), fingerprint), False
-        live = sum(1 for s in self.sessions.values() if s.live) + self._creating
-        if live >= self.opts.api.max_sessions:
-            raise ApiProblem(429, f"{live} live sessions: the limit is api.max_sessions={self.opts.api.max_sessions}")
-        fut: asyncio.Future[ManagedSession] = asyncio.get_running_loop().create_future()
-        if key is not None:
-            self._pending[key] = fut
-        self._creating += 1
-        try:
-            s = await self._made_before(key, fingerprint) if key is not None else None
-            replayed = s is not None
-            if s is None:
-                s = await self._create(end_user_id, metadata, on_active, key, fingerprint)
-        except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(exc)
-                fut.exception()  # retrieved: nobody may be waiting
-            raise
-        finally:
-            self._creating -= 1
-            if key is not None:
-                self._pending.pop(key, None)
-        fut.set_result(s)
-        return s, not replayed
-
-    @staticmethod
-    def _same_request(s: ManagedSession, fingerprint: str) -> ManagedSession:
-        if s.record.get("request_hash") not in (None, fingerprint):
-            raise ApiProblem(409, "this Idempotency-Key was used for a different request body")
-        return s
-
-    async def _create(self, end_user_id: str, metadata: dict[str, Any], on_active: OnActive | None,
-                      key: str | None, fingerprint: str) -> ManagedSession:
-        conn_id = await self._connection_for_create()
-        # From here on the create runs to its end even if the request is cancelled (a shutdown): a session
-        # VideoDB made must get its record, or a restart would not know it and a retry would make another.
-        task = asyncio.get_running_loop().create_task(
-            self._create_at_videodb(conn_id, end_user_id, metadata, on_active, key, fingerprint))
-        self._at_videodb.add(task)
-        task.add_done_callback(self._at_videodb.discard)
-        return await asyncio.shield(task)
-
-    async def _connection_for_create(self) -> str:
-        """The current connection id; 503 after connect_timeout without one, or at once when shutting down."""
-        closing = "the pipeline is shutting down; retry shortly"
-        if self._closing.is_set():
-            raise ApiProblem(503, closing)
-        waits = [asyncio.ensure_future(self.link.wait_connection()), asyncio.ensure_future(self._closing.wait())]
-        try:
-            await asyncio.wait(waits, timeout=self.opts.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-        if self._closing.is_set():
-            raise ApiProblem(503, closing)
-        if not waits[0].done() or waits[0].cancelled():
-            raise ApiProblem(503, "no WebSocket connection to VideoDB yet; retry shortly")
-        return waits[0].result()
-
-    async def _create_at_videodb(self, conn_id: str, end_user_id: str, metadata: dict[str, Any],
-                                 on_active: OnActive | None, key: str | None, fingerprint: str) -> ManagedSession:
-        opts = self.opts
-        metadata = {**opts.metadata, **metadata}  # the configured metadata applies to every session
-        try:  # the token first: it names no session, so if it fails no session is left behind at VideoDB
-            token = await self._sdk("generate_client_token", self.conn.generate_client_token,
-                                    opts.client_token_expires_in)
-        except VideoDBCallError as exc:
-            self.stats.errors += 1
-            raise ApiProblem(502, str(exc)) from None
-        now = time.time()
-        record: dict[str, Any] = {
-            "session_id": None, "collection_id": self.settings.collection_id, "end_user_id": end_user_id,
-            "metadata": metadata, "status": "created", "ws_connection_id": conn_id, "created_on": conn_id,
-            "client_token": token, "expires_at": iso_ts(now + opts.client_token_expires_in),
-            "created_at": iso_ts(now), "stop_requested": False,
-            "on_active": on_active.model_dump(exclude_none=True) if on_active is not None else None,
-            "idempotency_key": key, "request_hash": fingerprint}
-        if key is not None:  # until the record is saved: a crash or a lost answer can be told from it later
-            self.store.save_intent(record)
-        try:
-            session = await self._sdk("create_capture_session", self.conn.create_capture_session,
-                                      end_user_id=end_user_id, collection_id=self.settings.collection_id,
-                                      ws_connection_id=conn_id, metadata=metadata or None,
-                                      callback_url=opts.callback_url)
-        except VideoDBCallError as exc:
-            self.stats.errors += 1
-            if key is not None and exc.fatal:  # refused (4xx): VideoDB made nothing; else it may have
-                self.store.drop_intent(key)
-            raise ApiProblem(502, str(exc)) from None
-        if not safe_id(str(session.id)):
-            raise ApiProblem(502, f"VideoDB returned an unusable session id {str(session.id)[:80]!r}")
-        record["session_id"] = session.id
-        s = self._keep(record, getattr(session, "status", None))
-        log.info("%s: capture session %s created for end user %r", self.who, s.id, end_user_id)
-        for event in self._early.pop(s.id, []):  # lifecycle events that arrived before this call returned
-            s.counts["capture_session"] = s.counts.get("capture_session", 0) + 1
-            status = lifecycle_status(event)
-            if status is not None and s.lifecycle.behind(status):
-                self._lifecycle_event(s, event, status)
-        if self.link.connection_id != conn_id:  # reconnected meanwhile: events went to the old id
-            self._start_poll()
-        return s
+        return await self.creator.create(end_user_id, metadata, on_active, key, fingerprint)
 
     def _keep(self, record: dict[str, Any], status: str | None) -> ManagedSession:
         """A session VideoDB made for us: registered, its record saved (then its create's intent dropped)."""
@@ -278,42 +156,6 @@ class SessionManager:
         self.store.save(s.record)
         if isinstance(record.get("idempotency_key"), str):
             self.store.drop_intent(record["idempotency_key"])
-        return s
-
-    async def _made_before(self, key: str, fingerprint: str) -> ManagedSession | None:
-        """The session an earlier try with `key` asked VideoDB for, when that try never learnt its id.
-
-        A crash (even kill -9) or a lost answer after `create_capture_session` reached VideoDB: the
-        intent saved before the call is still there. The session is found among the collection's
-        sessions (still `created`: nobody has its token; same end user and metadata; no record here)
-        and kept, so a retry does not make a second one.
-        """
-        intent = self.store.load_intent(key)
-        if intent is None:
-            return None
-        if intent.get("request_hash") not in (None, fingerprint):
-            raise ApiProblem(409, "this Idempotency-Key was used for a different request body")
-        try:
-            listed = await self._sdk("list_capture_sessions", self.conn.list_capture_sessions,
-                                     self.settings.collection_id)
-        except VideoDBCallError as exc:  # cannot tell whether that session exists: do not make another
-            self.stats.errors += 1
-            raise ApiProblem(502, str(exc)) from None
-        found = [x for x in listed if getattr(x, "status", None) == "created"
-                 and getattr(x, "end_user_id", None) == intent.get("end_user_id")
-                 and (getattr(x, "metadata", None) or {}) == (intent.get("metadata") or {})
-                 and safe_id(str(x.id)) and str(x.id) not in self.sessions and not self.store.path(str(x.id)).exists()]
-        if len(found) != 1:
-            if found:
-                log.warning("%s: Idempotency-Key %r: %d sessions at VideoDB could be the one an earlier try made; "
-                            "creating a new one", self.who, key, len(found))
-            self.store.drop_intent(key)
-            return None
-        s = self._keep({**intent, "session_id": str(found[0].id)}, "created")
-        log.info("%s: capture session %s, made by an earlier try with Idempotency-Key %r whose answer was lost, "
-                 "kept", self.who, s.id, key)
-        if self.link.connection_id != s.record.get("ws_connection_id"):
-            self._start_poll()  # its lifecycle events go to the connection it was created on
         return s
 
     def _forgotten(self, key: str) -> ManagedSession | None:
@@ -643,18 +485,10 @@ class SessionManager:
 
     def closing(self) -> None:
         """Shutdown begins: creates still waiting for a connection answer 503 now."""
-        self._closing.set()
+        self.creator.closing.set()
 
     async def close(self) -> None:
-        self._closing.set()
-        if self._at_videodb:  # their sessions may exist at VideoDB already: let them save their records
-            done, late = await asyncio.wait(self._at_videodb, timeout=CLOSE_WAIT)
-            for task in done:
-                if not task.cancelled():
-                    task.exception()  # retrieved (an ApiProblem its client no longer waits for)
-            if late:
-                log.warning("%s: %d session create(s) still waiting for VideoDB after %gs at shutdown; a session "
-                            "VideoDB makes for them has no record here", self.who, len(late), CLOSE_WAIT)
+        await self.creator.close()
         await self._background.cancel_all()
 
 

@@ -1,0 +1,211 @@
+"""Creating capture sessions for the session API: limits, Idempotency-Keys, and a create that outlives its request.
+
+Why its own module: a create is the one operation that must survive what happens to its
+HTTP request (a shutdown, a lost answer, a kill -9 mid-call), so it carries its own state:
+the creates in flight, those already at VideoDB, and the intent files a retry reads.
+The registry it adds sessions to is the `SessionManager`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from pipeline.events import iso_ts, lifecycle_status
+from pipeline.videodb_sdk import VideoDBCallError
+from stages.controller.ai_pipelines import OnActive
+from stages.controller.session_store import safe_id
+from stages.controller.sessions import ManagedSession
+
+if TYPE_CHECKING:
+    from stages.controller.session_manager import SessionManager
+
+log = logging.getLogger("pipeline.controller.sessions")
+
+CLOSE_WAIT: Final = 30.0  # seconds a shutdown waits for creates already at VideoDB (to save their records)
+
+
+class ApiProblem(Exception):
+    """A request the API refuses: HTTP status plus a one-line message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class SessionCreator:
+    """The create path of one `SessionManager`."""
+
+    def __init__(self, manager: SessionManager) -> None:
+        self.m = manager
+        self.pending: dict[str, asyncio.Future[ManagedSession]] = {}  # creates in flight, by key
+        self.creating = 0  # creates in flight (each holds a place under max_sessions until it returns)
+        self.at_videodb: set[asyncio.Task[ManagedSession]] = set()  # creates past the connection wait
+        self.closing = asyncio.Event()  # set at shutdown: creates still waiting for a connection get 503
+
+    async def create(self, end_user_id: str, metadata: dict[str, Any], on_active: OnActive | None,
+                     key: str | None, fingerprint: str) -> tuple[ManagedSession, bool]:
+        """(session, created now). A known Idempotency-Key returns its session (same request only)."""
+        if key is not None:
+            sid = self.m.idempotency.get(key)
+            if sid is not None and sid in self.m.sessions:
+                return self._same_request(self.m.sessions[sid], fingerprint), False
+            old = self.m._forgotten(key)
+            if old is not None:
+                return self._same_request(old, fingerprint), False
+            pending = self.pending.get(key)
+            if pending is not None:
+                return self._same_request(await asyncio.shield(pending), fingerprint), False
+        live = sum(1 for s in self.m.sessions.values() if s.live) + self.creating
+        if live >= self.m.opts.api.max_sessions:
+            raise ApiProblem(429, f"{live} live sessions: the limit is api.max_sessions={self.m.opts.api.max_sessions}")
+        fut: asyncio.Future[ManagedSession] = asyncio.get_running_loop().create_future()
+        if key is not None:
+            self.pending[key] = fut
+        self.creating += 1
+        try:
+            s = await self._made_before(key, fingerprint) if key is not None else None
+            replayed = s is not None
+            if s is None:
+                s = await self._create(end_user_id, metadata, on_active, key, fingerprint)
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: nobody may be waiting
+            raise
+        finally:
+            self.creating -= 1
+            if key is not None:
+                self.pending.pop(key, None)
+        fut.set_result(s)
+        return s, not replayed
+
+    @staticmethod
+    def _same_request(s: ManagedSession, fingerprint: str) -> ManagedSession:
+        if s.record.get("request_hash") not in (None, fingerprint):
+            raise ApiProblem(409, "this Idempotency-Key was used for a different request body")
+        return s
+
+    async def _create(self, end_user_id: str, metadata: dict[str, Any], on_active: OnActive | None,
+                      key: str | None, fingerprint: str) -> ManagedSession:
+        conn_id = await self._connection_for_create()
+        # From here on the create runs to its end even if the request is cancelled (a shutdown): a session
+        # VideoDB made must get its record, or a restart would not know it and a retry would make another.
+        task = asyncio.get_running_loop().create_task(
+            self._create_at_videodb(conn_id, end_user_id, metadata, on_active, key, fingerprint))
+        self.at_videodb.add(task)
+        task.add_done_callback(self.at_videodb.discard)
+        return await asyncio.shield(task)
+
+    async def _connection_for_create(self) -> str:
+        """The current connection id; 503 after connect_timeout without one, or at once when shutting down."""
+        closing = "the pipeline is shutting down; retry shortly"
+        if self.closing.is_set():
+            raise ApiProblem(503, closing)
+        waits = [asyncio.ensure_future(self.m.link.wait_connection()), asyncio.ensure_future(self.closing.wait())]
+        try:
+            await asyncio.wait(waits, timeout=self.m.opts.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self.closing.is_set():
+            raise ApiProblem(503, closing)
+        if not waits[0].done() or waits[0].cancelled():
+            raise ApiProblem(503, "no WebSocket connection to VideoDB yet; retry shortly")
+        return waits[0].result()
+
+    async def _create_at_videodb(self, conn_id: str, end_user_id: str, metadata: dict[str, Any],
+                                 on_active: OnActive | None, key: str | None, fingerprint: str) -> ManagedSession:
+        opts = self.m.opts
+        metadata = {**opts.metadata, **metadata}  # the configured metadata applies to every session
+        try:  # the token first: it names no session, so if it fails no session is left behind at VideoDB
+            token = await self.m._sdk("generate_client_token", self.m.conn.generate_client_token,
+                                    opts.client_token_expires_in)
+        except VideoDBCallError as exc:
+            self.m.stats.errors += 1
+            raise ApiProblem(502, str(exc)) from None
+        now = time.time()
+        record: dict[str, Any] = {
+            "session_id": None, "collection_id": self.m.settings.collection_id, "end_user_id": end_user_id,
+            "metadata": metadata, "status": "created", "ws_connection_id": conn_id, "created_on": conn_id,
+            "client_token": token, "expires_at": iso_ts(now + opts.client_token_expires_in),
+            "created_at": iso_ts(now), "stop_requested": False,
+            "on_active": on_active.model_dump(exclude_none=True) if on_active is not None else None,
+            "idempotency_key": key, "request_hash": fingerprint}
+        if key is not None:  # until the record is saved: a crash or a lost answer can be told from it later
+            self.m.store.save_intent(record)
+        try:
+            session = await self.m._sdk("create_capture_session", self.m.conn.create_capture_session,
+                                      end_user_id=end_user_id, collection_id=self.m.settings.collection_id,
+                                      ws_connection_id=conn_id, metadata=metadata or None,
+                                      callback_url=opts.callback_url)
+        except VideoDBCallError as exc:
+            self.m.stats.errors += 1
+            if key is not None and exc.fatal:  # refused (4xx): VideoDB made nothing; else it may have
+                self.m.store.drop_intent(key)
+            raise ApiProblem(502, str(exc)) from None
+        if not safe_id(str(session.id)):
+            raise ApiProblem(502, f"VideoDB returned an unusable session id {str(session.id)[:80]!r}")
+        record["session_id"] = session.id
+        s = self.m._keep(record, getattr(session, "status", None))
+        log.info("%s: capture session %s created for end user %r", self.m.who, s.id, end_user_id)
+        for event in self.m._early.pop(s.id, []):  # lifecycle events that arrived before this call returned
+            s.counts["capture_session"] = s.counts.get("capture_session", 0) + 1
+            status = lifecycle_status(event)
+            if status is not None and s.lifecycle.behind(status):
+                self.m._lifecycle_event(s, event, status)
+        if self.m.link.connection_id != conn_id:  # reconnected meanwhile: events went to the old id
+            self.m._start_poll()
+        return s
+
+    async def _made_before(self, key: str, fingerprint: str) -> ManagedSession | None:
+        """The session an earlier try with `key` asked VideoDB for, when that try never learnt its id.
+
+        A crash (even kill -9) or a lost answer after `create_capture_session` reached VideoDB: the
+        intent saved before the call is still there. The session is found among the collection's
+        sessions (still `created`: nobody has its token; same end user and metadata; no record here)
+        and kept, so a retry does not make a second one.
+        """
+        intent = self.m.store.load_intent(key)
+        if intent is None:
+            return None
+        if intent.get("request_hash") not in (None, fingerprint):
+            raise ApiProblem(409, "this Idempotency-Key was used for a different request body")
+        try:
+            listed = await self.m._sdk("list_capture_sessions", self.m.conn.list_capture_sessions,
+                                     self.m.settings.collection_id)
+        except VideoDBCallError as exc:  # cannot tell whether that session exists: do not make another
+            self.m.stats.errors += 1
+            raise ApiProblem(502, str(exc)) from None
+        found = [x for x in listed if getattr(x, "status", None) == "created"
+                 and getattr(x, "end_user_id", None) == intent.get("end_user_id")
+                 and (getattr(x, "metadata", None) or {}) == (intent.get("metadata") or {})
+                 and safe_id(str(x.id)) and str(x.id) not in self.m.sessions
+                 and not self.m.store.path(str(x.id)).exists()]
+        if len(found) != 1:
+            if found:
+                log.warning("%s: Idempotency-Key %r: %d sessions at VideoDB could be the one an earlier try made; "
+                            "creating a new one", self.m.who, key, len(found))
+            self.m.store.drop_intent(key)
+            return None
+        s = self.m._keep({**intent, "session_id": str(found[0].id)}, "created")
+        log.info("%s: capture session %s, made by an earlier try with Idempotency-Key %r whose answer was lost, "
+                 "kept", self.m.who, s.id, key)
+        if self.m.link.connection_id != s.record.get("ws_connection_id"):
+            self.m._start_poll()  # its lifecycle events go to the connection it was created on
+        return s
+
+    async def close(self) -> None:
+        """Shutdown: no new creates; those already at VideoDB get CLOSE_WAIT to save their records."""
+        self.closing.set()
+        if self.at_videodb:  # their sessions may exist at VideoDB already: let them save their records
+            done, late = await asyncio.wait(self.at_videodb, timeout=CLOSE_WAIT)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved (an ApiProblem its client no longer waits for)
+            if late:
+                log.warning("%s: %d session create(s) still waiting for VideoDB after %gs at shutdown; a session "
+                            "VideoDB makes for them has no record here", self.m.who, len(late), CLOSE_WAIT)
