@@ -357,10 +357,11 @@ async def test_an_index_made_by_a_bind_cut_short_is_stopped_after_the_restart(
     of the bind, and the index kept running at VideoDB for a connection that was gone)."""
     from videodb.rtstream import RTStreamSceneIndex
 
-    real, blocking = RTStreamSceneIndex.create_alert, [True]
+    real, blocking, entered = RTStreamSceneIndex.create_alert, [True], []
 
     def slow_alert(self: Any, *args: Any, **kwargs: Any) -> Any:
         if blocking:  # the process "dies" while VideoDB handles this call
+            entered.append(1)
             time.sleep(1.0)
             raise ConnectionError("the process died here")
         return real(self, *args, **kwargs)
@@ -378,8 +379,9 @@ async def test_an_index_made_by_a_bind_cut_short_is_stopped_after_the_restart(
         async with running(make_context, emu, on_active=on_active) as live:
             sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]["session_id"]
             await hook(live, emu, f"sessions/{sid}/start")
-            await live.wait_for(lambda: len(running_indexes()) == 1)
-            await asyncio.sleep(0.2)  # inside create_alert now
+            # inside create_alert: the index is made (and recorded); the "crash" comes now. Waiting only for the
+            # index to run at VideoDB could stop the run before the SDK call that made it had returned
+            await live.wait_for(lambda: bool(entered) and len(running_indexes()) == 1)
         blocking.clear()
         assert len(running_indexes()) == 1  # made by the run that "died"
         async with running(make_context, emu, on_active=on_active) as live:
@@ -492,10 +494,11 @@ async def test_single_session_an_index_made_by_a_bind_cut_short_is_stopped_after
 
     from tests.videodb_harness import make_stages
 
-    real, blocking = RTStreamSceneIndex.create_alert, [True]
+    real, blocking, entered = RTStreamSceneIndex.create_alert, [True], []
 
     def slow_alert(self: Any, *args: Any, **kwargs: Any) -> Any:
         if blocking:
+            entered.append(1)
             time.sleep(1.0)
             raise ConnectionError("the process died here")
         return real(self, *args, **kwargs)
@@ -532,7 +535,8 @@ async def test_single_session_an_index_made_by_a_bind_cut_short_is_stopped_after
             await ctl.close()
 
     try:
-        await run(lambda: len(running_indexes()) == 1)  # then the bind blocks in create_alert: the "crash"
+        # the bind blocks in create_alert (the index is made and recorded): the "crash" comes now
+        await run(lambda: bool(entered) and len(running_indexes()) == 1)
         (first,) = running_indexes()  # made by the run that "died" inside create_alert
         first_conn = first.conn
         blocking.clear()
