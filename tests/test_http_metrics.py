@@ -88,7 +88,7 @@ dead_letter: {tmp_path}/dead.jsonl
         await ws.send('{"connection_id": "c-1"}')
         await ws.send('{"channel": "transcript", "data": {"text": "hi"}}')
         sent.set()
-        await asyncio.sleep(30)
+        await ws.wait_closed()  # as a server does: the client's close ends the connection
 
     async with served(p) as (rt, base):
         status, body = await get_json(base, "/ready")
