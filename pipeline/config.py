@@ -77,6 +77,14 @@ class RuntimeSettings(Options):
     def _no_empty_token(cls, v: object) -> object:
         return None if v == "" else v  # `${PIPELINE_HTTP_TOKEN:-}` unset means no token
 
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, v: str) -> str:
+        from pipeline.kafka import bootstrap_list
+
+        bootstrap_list(v)  # a typo is one config line here, not a traceback or endless retries at run time
+        return v
+
     @field_validator("status_interval")
     @classmethod
     def _status_every(cls, v: float) -> float:

@@ -26,7 +26,11 @@ _PERMANENT = ("MessageSizeTooLargeError", "RecordTooLargeError", "RecordListTooL
 
 
 def bootstrap_list(value: str | Iterable[str]) -> list[str]:
-    """`"a:9092,b:9092"`, `kafka://a:9092;kafka://b` or a list -> `["a:9092", "b:9092"]`."""
+    """`"a:9092,b:9092"`, `kafka://a:9092;kafka://b` or a list -> `["a:9092", "b:9092"]`.
+
+    Each address is checked here (host, port 1-65535, no other scheme), so a typo is a config error,
+    not a client that retries an address it can never parse.
+    """
     items = value.replace(";", ",").split(",") if isinstance(value, str) else list(value)
     out = []
     for item in items:
@@ -36,10 +40,25 @@ def bootstrap_list(value: str | Iterable[str]) -> list[str]:
                 item = item[len(prefix):]
         item = item.rstrip("/")
         if item:
-            out.append(item if ":" in item else f"{item}:9092")
+            out.append(_address(item))
     if not out:
         raise ValueError("expected host:port, e.g. localhost:9092")
     return out
+
+
+def _address(item: str) -> str:
+    """`host[:port]` -> `host:port` (9092 by default); a ValueError saying what is wrong otherwise."""
+    if "://" in item:
+        raise ValueError(f"{item!r}: expected host:port (or kafka://host:port), e.g. localhost:9092")
+    host, sep, port = item.rpartition(":") if not item.endswith("]") else ("", "", "")
+    if not sep:
+        host, port = item, "9092"
+    bracketed = host.startswith("[") and host.endswith("]")
+    if not host or (":" in host and not bracketed) or "/" in host or any(c.isspace() for c in host):
+        raise ValueError(f"{item!r}: expected host:port, e.g. localhost:9092 ([::1]:9092 for IPv6)")
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{item!r}: the port must be a number from 1 to 65535, e.g. localhost:9092")
+    return f"{host}:{int(port)}"
 
 
 def safe_topic(name: str) -> str:
