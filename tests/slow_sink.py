@@ -70,3 +70,22 @@ class Spoil(Processor):
             if ev.get("id") in self.options.ids:
                 ev["bad"] = {1: "integer key"}
         return batch
+
+
+class GatedLines(GatedSink):
+    """Like GatedSink, but writes each event as a JSON line (tests need the alerts themselves, not counts)."""
+
+    name = "gated_lines"
+
+    async def write(self, batch: Batch) -> None:
+        import os
+
+        import orjson
+
+        if os.path.exists(self.options.path + ".hold"):
+            with open(self.options.path + ".waiting", "w"):  # tests wait for this: the sink holds a batch
+                pass
+        while os.path.exists(self.options.path + ".hold"):
+            await asyncio.sleep(0.01)
+        with open(self.options.path, "ab") as fh:
+            fh.write(b"".join(orjson.dumps(e) + b"\n" for e in batch))

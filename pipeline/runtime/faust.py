@@ -10,9 +10,9 @@
   whose agent reads the ingest topic in batches and runs the same processors and
   sinks, unchanged. Start more workers to scale; a worker that dies hands its
   partitions to the others. Stage state lives in faust Tables (see faust_state).
-- A batch is acknowledged (its offsets may be committed) only after every sink
-  wrote and flushed it. A sink that fails dead-letters the batch and stops the
-  worker with its one-line error.
+- A batch is acknowledged (its offsets may be committed), and the state it wrote
+  reaches the tables' changelog, only after every sink wrote and flushed it. A sink
+  that fails dead-letters the batch and stops the worker with its one-line error.
 
 faust is imported inside functions so `import pipeline.cli` stays fast.
 """
@@ -277,8 +277,14 @@ class Worker:
                 await self._process(batch)
 
     async def _process(self, batch: Batch) -> None:
-        out = self.built.chain(batch)
-        await asyncio.gather(*(self._write(slot, out) for slot in self.built.sinks))
+        """Processors, then every sink; the state the processors wrote is kept only once all sinks flushed."""
+        try:
+            out = self.built.chain(batch)
+            await asyncio.gather(*(self._write(slot, out) for slot in self.built.sinks))
+        except BaseException:
+            self.state.discard()
+            raise
+        self.state.commit()
 
     def _decode(self, record: Any, batch: Batch) -> None:
         """One record -> its events, appended to `batch`: one JSON event per line (the ingest packs them),
@@ -358,6 +364,10 @@ class Worker:
                     await self._write(slot, held)
                 except Exception as exc:  # _write dead-lettered what it could not write
                     log.warning("%s: writing flushed windows failed: %s", slot.stats.name, exc)
+        if self.error is None:
+            self.state.commit()  # the flushed windows are written or dead-lettered: forget them
+        else:
+            self.state.discard()
             try:
                 await slot.sink.close()
             except Exception as exc:

@@ -5,11 +5,16 @@ the ingest topic. A write goes to the changelog partition of the events being
 processed, so the state of a capture session travels with its ingest
 partition: a restarted worker, or the one that takes over a dead worker's
 partitions, reads it back from the changelog before processing resumes.
+
+A batch's writes reach the tables (and so the changelog) only once every sink
+has written and flushed that batch (`commit()`). Else a worker killed between the
+two left state behind for events no sink had: the worker processing them again
+found, say, the rule cooling down, and their alert was never delivered.
 """
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 from pipeline.api import StateStore
@@ -41,18 +46,98 @@ def partition_table_class(cursor: PartitionCursor) -> type:
     return PartitionTable
 
 
+_ABSENT: Any = object()
+_GONE: Any = object()  # a key this batch deleted
+
+
+class StagedTable(MutableMapping[str, Any]):
+    """A faust Table as this batch sees it: reads see the batch's own writes, which reach the table
+    (and its changelog) only at `commit()`; `discard()` forgets them."""
+
+    __slots__ = ("changed", "table")
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.changed: dict[str, Any] = {}  # key -> new value, or _GONE
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.changed.get(key, _ABSENT)
+        if value is _ABSENT:
+            return self.table[key]
+        if value is _GONE:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.changed.get(key, _ABSENT)
+        if value is _ABSENT:
+            return self.table.get(key, default)
+        return default if value is _GONE else value
+
+    def __contains__(self, key: object) -> bool:
+        value = self.changed.get(key, _ABSENT)  # type: ignore[call-overload]
+        return key in self.table if value is _ABSENT else value is not _GONE
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.changed[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.changed[key] = _GONE
+
+    def __iter__(self) -> Iterator[str]:
+        changed = self.changed
+        for key in list(self.table):
+            if key not in changed:
+                yield key
+        for key, value in list(changed.items()):
+            if value is not _GONE:
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def commit(self) -> None:
+        """Write the batch's changes to the table: faust sends them to the changelog partition of the cursor."""
+        changed, self.changed = self.changed, {}
+        table = self.table
+        for key, value in changed.items():
+            if value is _GONE:
+                table.pop(key, None)
+            else:
+                table[key] = value
+
+    def discard(self) -> None:
+        self.changed = {}
+
+
 class TableState(StateStore):
-    """`get(name)` returns a faust Table (declared on first use, before the app starts)."""
+    """`get(name)` returns a staged faust Table (declared on first use, before the app starts)."""
 
     def __init__(self, app: Any, partitions: int) -> None:
         super().__init__()
         self.app = app
         self.partitions = partitions
+        self.staged: list[StagedTable] = []
 
     def get(self, name: str) -> MutableMapping[str, Any]:
         table = self._maps.get(name)
         if table is None:
-            table = self.app.Table(safe_topic(name), partitions=self.partitions,
-                                   help=f"pipeline state {name!r}")
+            faust_table = self.app.Table(safe_topic(name), partitions=self.partitions,
+                                         help=f"pipeline state {name!r}")
+            table = StagedTable(faust_table)
+            self.staged.append(table)
             self._maps[name] = table
         return table
+
+    def commit(self) -> None:
+        """Every sink flushed the batch: its state changes may now reach the tables and the changelog."""
+        for table in self.staged:
+            if table.changed:
+                table.commit()
+
+    def discard(self) -> None:
+        """The batch failed: its state changes never happened."""
+        for table in self.staged:
+            table.discard()

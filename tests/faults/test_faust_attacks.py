@@ -5,16 +5,25 @@ Real `pipeline` processes, the real test broker, real SIGKILL.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import orjson
 import pytest
+import yaml
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
+from pipeline.kafka import ensure_topics
+from tests.broker import Broker, kafka_broker, read_records  # noqa: F401
+from tests.test_faust_runtime import Workers, workers_env  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "pipeline.cli"]
@@ -73,3 +82,85 @@ sinks: [{type: kafka, bootstrap_servers: ["localhost:9092", "localhost:"]}]
     res = cli("validate", "p.yaml", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert "source.bootstrap_servers" in res.stderr and "'localhost:90x2'" in res.stderr, res.stderr
+
+
+# -- rule state and a worker killed mid-batch ---------------------------------------------------------
+
+async def test_a_worker_killed_before_its_sinks_flushed_leaves_no_cooldown_behind(
+        kafka_broker: Broker, workers_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """The alert of a batch that no sink took must fire again when the batch is processed again.
+
+    Before: the rule's cooldown went to the changelog while the batch was still at the sinks; after
+    kill -9 the next worker restored it, processed the batch again and found the rule cooling down:
+    the event was delivered, its alert never was (0 alerts of 1).
+    """
+    from aiokafka import AIOKafkaProducer
+
+    name = f"statekill{os.getpid()}"
+    lines = tmp_path / "out/lines.jsonl"
+    lines.parent.mkdir()
+    cfg = tmp_path / "faust.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": name, "source": {"type": "replay", "path": "unused.jsonl"},
+        "stages": [{"type": "rules", "rules": [{"name": "code", "channels": ["visual_index"],
+                                                "keywords": ["code"], "cooldown": "60s"}]}],
+        "sinks": [{"type": "tests.slow_sink:GatedLines", "path": str(lines), "delay": 0}],
+        "runtime": {"engine": "faust", "broker": f"kafka://{kafka_broker.bootstrap}", "partitions": 4},
+        "dead_letter": str(tmp_path / "out/dead-letter.jsonl")}))
+    await ensure_topics([kafka_broker.bootstrap], [f"{name}-ingest"], 4, 1, logging.getLogger("test"), "test")
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+    await producer.start()
+    try:
+        event = {"channel": "visual_index", "capture_session_id": "cap-k", "rtstream_id": "rts-k",
+                 "data": {"text": "VS Code with Python code", "start": 1710000001000}}
+        await producer.send_and_wait(f"{name}-ingest", orjson.dumps(event), key=b"cap-k")
+    finally:
+        await producer.stop()
+
+    hold = Path(f"{lines}.hold")
+    hold.touch()  # the sink takes nothing until the file goes: the worker is mid-batch
+    workers = Workers(cfg, tmp_path, workers_env)
+    try:
+        first = workers.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not Path(f"{lines}.waiting").exists():
+            assert first.poll() is None, workers.procs[0][1].read_text()[-3000:]
+            await asyncio.sleep(0.1)
+        # what the first worker leaves in the changelog by now is what the next one restores (before: 1 record)
+        changelog = await read_records(kafka_broker.bootstrap, [
+            f"videodb-pipeline-{name}-rules.last_fired-changelog"], expect=1, timeout=1.5)
+        workers.stopped.add(first.pid)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        hold.unlink()
+        workers.start()
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not lines.exists():
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # the alert is written with its event, in the same batch
+    finally:
+        workers.stop_all()
+    got = [orjson.loads(x) for x in lines.read_bytes().splitlines()] if lines.exists() else []
+    assert [e["channel"] for e in got] == ["visual_index", "alert"], (got, changelog)
+    assert changelog == []  # nothing reached the changelog while the batch was still at the sink
+
+
+def test_staged_state_shows_the_batch_its_own_writes_and_keeps_them_from_the_table_until_commit() -> None:
+    from pipeline.runtime.faust_state import StagedTable
+
+    table = {"a": 1, "b": 2}
+    staged = StagedTable(table)
+    staged["c"] = 3
+    del staged["a"]
+    staged["b"] = 20
+    assert table == {"a": 1, "b": 2}  # nothing reached the table (the changelog) yet
+    assert dict(staged) == {"b": 20, "c": 3} and len(staged) == 2
+    assert "a" not in staged and staged.get("a", "x") == "x" and staged.pop("c") == 3
+    with pytest.raises(KeyError):
+        del staged["a"]
+    staged.discard()
+    assert dict(staged) == {"a": 1, "b": 2}
+    staged["d"] = 4
+    del staged["b"]
+    staged.commit()
+    assert table == {"a": 1, "d": 4} and staged.changed == {}
