@@ -54,6 +54,7 @@ log = logging.getLogger("pipeline.runtime.faust")
 BATCH_MAX = 1000  # records per faust batch
 SLICE_EVENTS = 10000  # decoded events per pass through the stages (plus those of one record)
 STREAMS_REMEMBERED = 65536  # rtstream id -> session kept by the ingest (the oldest go first)
+SESSION_TIMEOUT = (1.0, 90.0)  # --session-timeout bounds: heartbeats every timeout/6; faust's request timeout 90 s
 
 
 def ingest_topic(cfg: PipelineConfig) -> str:
@@ -422,7 +423,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--http", metavar="ADDR", help="serve /metrics, /healthz, /ready and /tap at HOST:PORT "
                    "(overrides runtime.http)")
     p.add_argument("--session-timeout", default="10s",
-                   help="a worker silent this long loses its partitions to the others (default 10s)")
+                   help="a worker silent this long loses its partitions to the others (1s to 90s, default 10s)")
     p.add_argument("--log-level", default=os.environ.get("PIPELINE_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     return p
@@ -441,6 +442,9 @@ def worker_main(argv: list[str]) -> int:
         session_timeout = parse_duration(args.session_timeout)
     except ValueError as exc:
         raise ConfigError(f"--session-timeout: {exc}") from None
+    if not SESSION_TIMEOUT[0] <= session_timeout <= SESSION_TIMEOUT[1]:  # 0 hung the join; over 90s: a traceback
+        raise ConfigError(f"--session-timeout: expected {SESSION_TIMEOUT[0]:.0f}s to {SESSION_TIMEOUT[1]:.0f}s, "
+                          f"got {args.session_timeout!r} (how long a silent worker keeps its partitions)")
     _create_ingest_topic(cfg)
     workers_dir = Path(args.workers_dir) if args.workers_dir else cfg.out_dir / "workers"
     if args.http:

@@ -73,6 +73,18 @@ def test_a_malformed_runtime_broker_is_one_line_exit_2_from_the_cli(tmp_path: Pa
     assert len(lines) == 1 and lines[0].startswith("pipeline: p.yaml:4:") and "runtime.broker" in lines[0], lines
 
 
+@pytest.mark.parametrize("timeout", ["0", "1h"])
+def test_a_worker_session_timeout_out_of_range_is_one_line_exit_2(tmp_path: Path, timeout: str) -> None:
+    """Before: `0` joined the group and hung there ("Task timed out!"); `1h` was faust's ImproperlyConfigured
+    traceback (over its 90 s request timeout). Checked before any broker is asked (port 9 has none)."""
+    res = cli("worker", str(faust_config(tmp_path / "p.yaml", "127.0.0.1:9")), "--session-timeout", timeout,
+              cwd=tmp_path, timeout=20)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [
+        f"pipeline: --session-timeout: expected 1s to 90s, got {timeout!r} (how long a silent worker keeps "
+        "its partitions)"]
+
+
 def test_a_kafka_sink_or_source_address_with_a_bad_port_is_a_config_error(tmp_path: Path) -> None:
     """Was accepted by validate, then a ValueError at the first connect (`invalid literal for int()`)."""
     (tmp_path / "p.yaml").write_text("""name: t
