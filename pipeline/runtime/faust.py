@@ -43,6 +43,7 @@ from pipeline.files import ensure_private_dir
 from pipeline.kafka import bootstrap_list, ensure_topics, quiet_aiokafka
 from pipeline.runtime.faust_latency import transport_class
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
+from pipeline.runtime.faust_stop import DrainClock, close_limit, give_up
 from pipeline.session import SessionLink
 from pipeline.stats import StageStats
 from pipeline.types import parse_duration
@@ -201,6 +202,10 @@ class Worker:
         transport = transport_class(cfg.runtime.fetch_max_wait)
 
         class PipelineApp(faust.App):  # type: ignore[misc]
+            async def on_stop(self) -> None:
+                runtime.drain.start()  # faust now waits for the batch in hand: at most drain_timeout
+                await super().on_stop()
+
             async def on_shutdown(self) -> None:
                 await runtime.close()
                 await super().on_shutdown()
@@ -228,6 +233,7 @@ class Worker:
 
             self.app.task(lambda: serve_worker(self))
         self._closed = False
+        self.drain = DrainClock(cfg.runtime.drain_timeout)
         self.app.agent(self.topic, name=f"{cfg.name}-process")(self._agent)
         self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
@@ -237,13 +243,33 @@ class Worker:
         # batch_wait 0: every record already waiting, as soon as it is there; else faust's take_events,
         # which yields a batch when it is full or every `batch_wait`, whichever comes first
         batches = stream.take_events(BATCH_MAX, within=wait) if wait else ready_batches(stream, BATCH_MAX)
-        async for events in batches:
+        try:
+            async for events in batches:
+                if not await self._handle_or_give_up(events):
+                    return  # given up at shutdown: the generator closes without acknowledging the batch
+        finally:
+            await batches.aclose()
+
+    async def _handle_or_give_up(self, events: list[Any]) -> bool:
+        """Handle one batch; False if shutdown gave it up after drain_timeout (it stays unacknowledged)."""
+        task = asyncio.ensure_future(self._handle_or_fail(events))
+        with self.drain.holding(task):
             try:
-                await self.handle(events)
-            except PipelineError as exc:
-                await self._fail(exc)
-            except Exception as exc:
-                await self._fail(StageError(f"worker: {type(exc).__name__}: {exc}"))
+                await task
+            except asyncio.CancelledError:
+                if not self.drain.gave_up:
+                    raise
+                give_up(self.app.consumer, events)
+                return False
+        return True
+
+    async def _handle_or_fail(self, events: list[Any]) -> None:
+        try:
+            await self.handle(events)
+        except PipelineError as exc:
+            await self._fail(exc)
+        except Exception as exc:
+            await self._fail(StageError(f"worker: {type(exc).__name__}: {exc}"))
 
     async def _on_assigned(self, app: Any, assigned: Any, **_: Any) -> None:
         mine = sorted(tp.partition for tp in assigned if tp.topic == self.topic.get_topic_name())
@@ -355,26 +381,39 @@ class Worker:
         await asyncio.Event().wait()  # keep the batch unacknowledged until the app stops us
 
     async def close(self) -> None:
+        """Write the windows still open, then close every sink; each step bounded by the sink's shutdown_timeout."""
         if self._closed:
             return
         self._closed = True
-        held = self.built.chain.flush() if self.error is None else []  # open windows close at shutdown
-        for slot in self.built.sinks:
-            if held:
-                try:
-                    await self._write(slot, held)
-                except Exception as exc:  # _write dead-lettered what it could not write
-                    log.warning("%s: writing flushed windows failed: %s", slot.stats.name, exc)
-        if self.error is None:
+        self.drain.cancel()
+        # open windows close at shutdown, unless a batch failed or was given up: its state never happened
+        held = self.built.chain.flush() if self.error is None and not self.drain.gave_up else []
+        if held:
+            await asyncio.gather(*(self._write_held(slot, held) for slot in self.built.sinks))
             self.state.commit()  # the flushed windows are written or dead-lettered: forget them
-        else:
-            self.state.discard()
-            try:
-                await slot.sink.close()
-            except Exception as exc:
-                log.warning("%s: close failed: %s", slot.stats.name, exc)
+        self.state.discard()
+        await asyncio.gather(*(self._close_sink(slot) for slot in self.built.sinks))
         self.built.dead_letter.close()
         self.summary()
+
+    async def _write_held(self, slot: SinkSlot, held: Batch) -> None:
+        try:
+            await asyncio.wait_for(self._write(slot, held), close_limit(slot))
+        except TimeoutError:
+            for event in slot.route(held):
+                self.built.dead_letter.write("sink write did not finish within shutdown_timeout at shutdown",
+                                             stage=slot.stats.name, event=event)
+            log.warning("%s: writing flushed windows did not finish within %gs", slot.stats.name, close_limit(slot))
+        except Exception as exc:  # _write dead-lettered what it could not write
+            log.warning("%s: writing flushed windows failed: %s", slot.stats.name, exc)
+
+    async def _close_sink(self, slot: SinkSlot) -> None:
+        try:
+            await asyncio.wait_for(slot.sink.close(), close_limit(slot))
+        except TimeoutError:
+            log.warning("%s: close() did not finish within %gs", slot.stats.name, close_limit(slot))
+        except Exception as exc:
+            log.warning("%s: close failed: %s", slot.stats.name, exc)
 
     def summary(self) -> None:
         extra = {p.context.stats.name: p.report() for p in self.built.chain.processors}

@@ -96,6 +96,46 @@ sinks: [{type: kafka, bootstrap_servers: ["localhost:9092", "localhost:"]}]
     assert "source.bootstrap_servers" in res.stderr and "'localhost:90x2'" in res.stderr, res.stderr
 
 
+# -- helpers for the worker tests --------------------------------------------------------------------
+
+def gated_config(tmp_path: Path, broker: Broker, name: str, lines: Path) -> Path:
+    """A worker config: one cooldown rule, the GatedLines sink (holds batches while `<lines>.hold` exists)."""
+    lines.parent.mkdir(exist_ok=True)
+    cfg = tmp_path / "faust.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": name, "source": {"type": "replay", "path": "unused.jsonl"},
+        "stages": [{"type": "rules", "rules": [{"name": "code", "channels": ["visual_index"],
+                                                "keywords": ["code"], "cooldown": "60s"}]}],
+        "sinks": [{"type": "tests.slow_sink:GatedLines", "path": str(lines), "delay": 0}],
+        "runtime": {"engine": "faust", "broker": f"kafka://{broker.bootstrap}", "partitions": 4,
+                    "drain_timeout": "1s"},
+        "dead_letter": str(tmp_path / "out/dead-letter.jsonl")}))
+    return cfg
+
+
+async def produce(broker: Broker, name: str, events: list[dict[str, object]]) -> None:
+    """Events straight onto `<name>-ingest`, one record each, keyed by session."""
+    from aiokafka import AIOKafkaProducer
+
+    await ensure_topics([broker.bootstrap], [f"{name}-ingest"], 4, 1, logging.getLogger("test"), "test")
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    try:
+        for event in events:
+            key = str(event["capture_session_id"]).encode()
+            await producer.send_and_wait(f"{name}-ingest", orjson.dumps(event), key=key)
+    finally:
+        await producer.stop()
+
+
+async def wait_for_file(path: Path, proc: subprocess.Popen[bytes], workers: Workers, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not path.exists():
+        assert proc.poll() is None, workers.procs[-1][1].read_text()[-3000:]
+        await asyncio.sleep(0.1)
+    assert path.exists(), f"no {path.name} after {timeout}s"
+
+
 # -- rule state and a worker killed mid-batch ---------------------------------------------------------
 
 async def test_a_worker_killed_before_its_sinks_flushed_leaves_no_cooldown_behind(
@@ -106,38 +146,18 @@ async def test_a_worker_killed_before_its_sinks_flushed_leaves_no_cooldown_behin
     kill -9 the next worker restored it, processed the batch again and found the rule cooling down:
     the event was delivered, its alert never was (0 alerts of 1).
     """
-    from aiokafka import AIOKafkaProducer
-
     name = f"statekill{os.getpid()}"
     lines = tmp_path / "out/lines.jsonl"
-    lines.parent.mkdir()
-    cfg = tmp_path / "faust.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "name": name, "source": {"type": "replay", "path": "unused.jsonl"},
-        "stages": [{"type": "rules", "rules": [{"name": "code", "channels": ["visual_index"],
-                                                "keywords": ["code"], "cooldown": "60s"}]}],
-        "sinks": [{"type": "tests.slow_sink:GatedLines", "path": str(lines), "delay": 0}],
-        "runtime": {"engine": "faust", "broker": f"kafka://{kafka_broker.bootstrap}", "partitions": 4},
-        "dead_letter": str(tmp_path / "out/dead-letter.jsonl")}))
-    await ensure_topics([kafka_broker.bootstrap], [f"{name}-ingest"], 4, 1, logging.getLogger("test"), "test")
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
-    await producer.start()
-    try:
-        event = {"channel": "visual_index", "capture_session_id": "cap-k", "rtstream_id": "rts-k",
-                 "data": {"text": "VS Code with Python code", "start": 1710000001000}}
-        await producer.send_and_wait(f"{name}-ingest", orjson.dumps(event), key=b"cap-k")
-    finally:
-        await producer.stop()
-
+    cfg = gated_config(tmp_path, kafka_broker, name, lines)
+    await produce(kafka_broker, name, [{"channel": "visual_index", "capture_session_id": "cap-k",
+                                        "rtstream_id": "rts-k",
+                                        "data": {"text": "VS Code with Python code", "start": 1710000001000}}])
     hold = Path(f"{lines}.hold")
     hold.touch()  # the sink takes nothing until the file goes: the worker is mid-batch
     workers = Workers(cfg, tmp_path, workers_env)
     try:
         first = workers.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not Path(f"{lines}.waiting").exists():
-            assert first.poll() is None, workers.procs[0][1].read_text()[-3000:]
-            await asyncio.sleep(0.1)
+        await wait_for_file(Path(f"{lines}.waiting"), first, workers)
         # what the first worker leaves in the changelog by now is what the next one restores (before: 1 record)
         changelog = await read_records(kafka_broker.bootstrap, [
             f"videodb-pipeline-{name}-rules.last_fired-changelog"], expect=1, timeout=1.5)
@@ -176,3 +196,44 @@ def test_staged_state_shows_the_batch_its_own_writes_and_keeps_them_from_the_tab
     del staged["b"]
     staged.commit()
     assert table == {"a": 1, "d": 4} and staged.changed == {}
+
+
+# -- SIGTERM while a sink holds a batch ---------------------------------------------------------------
+
+async def test_sigterm_stops_a_worker_whose_sink_stalls_within_drain_timeout_and_loses_nothing(
+        kafka_broker: Broker, workers_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """Before: faust waited for the stalled batch without end ("wait_empty: Waiting for tasks", still there
+    after 60 s). Now the batch is given up after drain_timeout, unacknowledged: the next worker delivers it."""
+    name = f"stall{os.getpid()}"
+    lines = tmp_path / "out/lines.jsonl"
+    cfg = gated_config(tmp_path, kafka_broker, name, lines)
+    await produce(kafka_broker, name, [{"channel": "visual_index", "capture_session_id": "cap-s",
+                                        "rtstream_id": "rts-s", "data": {"text": "code", "start": 1000}}])
+    hold = Path(f"{lines}.hold")
+    hold.touch()
+    workers = Workers(cfg, tmp_path, workers_env)
+    try:
+        first = workers.start()
+        await wait_for_file(Path(f"{lines}.waiting"), first, workers)
+        started = time.monotonic()
+        first.send_signal(signal.SIGTERM)
+        workers.stopped.add(first.pid)
+        try:
+            code = await asyncio.wait_for(asyncio.to_thread(first.wait), 15)
+        except TimeoutError:
+            first.kill()
+            raise AssertionError("the worker did not stop within 15 s of SIGTERM") from None
+        took = time.monotonic() - started
+        log = workers.procs[0][1].read_text()
+        hold.unlink()
+        workers.start()  # the batch was not acknowledged: the next worker delivers it
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not lines.exists():
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
+    finally:
+        workers.stop_all()
+    assert code == 0 and took < 1 + 2 + 3, (code, took, log[-3000:])  # drain_timeout 1s, then close
+    assert "after drain_timeout=1s" in log
+    got = [orjson.loads(x) for x in lines.read_bytes().splitlines()] if lines.exists() else []
+    assert [e["channel"] for e in got] == ["visual_index", "alert"], got

@@ -1,0 +1,73 @@
+"""Bounded worker shutdown: a batch still at the sinks when `drain_timeout` ends is given up, unacknowledged.
+
+Why: on SIGTERM faust waits, without end, until every record it handed the agent
+is acknowledged, so one stalled sink (a webhook that never answers) kept a worker
+from stopping. The batch given up is not acknowledged and its state never reached
+the changelog: the worker that takes its partition processes it again (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+log = logging.getLogger("pipeline.runtime.faust")
+
+
+class DrainClock:
+    """Knows the agent task while it handles a batch; once shutdown began, cancels it after `timeout` s."""
+
+    __slots__ = ("_timer", "gave_up", "task", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.task: asyncio.Task[Any] | None = None  # the task handling a batch, while it does
+        self.gave_up = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    @contextmanager
+    def holding(self, task: asyncio.Task[Any]) -> Iterator[None]:
+        """While `task` handles one batch (its sinks included)."""
+        self.task = task
+        try:
+            yield
+        finally:
+            self.task = None
+
+    def start(self) -> None:
+        """Shutdown began: the batch in hand, if any, has `timeout` seconds from now."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.timeout, self._expire)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _expire(self) -> None:
+        task = self.task
+        if task is None or task.done():
+            return
+        self.gave_up = True
+        log.warning("worker %d: a batch was still at the sinks after drain_timeout=%gs; stopping without it "
+                    "(not acknowledged: the worker that takes its partition processes it again)",
+                    os.getpid(), self.timeout)
+        task.cancel()
+
+
+def close_limit(slot: Any) -> float:
+    """How long a sink's close (or last write) may take at shutdown: its shutdown_timeout, plus a grace."""
+    from pipeline.runtime.local import CLOSE_GRACE, DEFAULT_CLOSE_TIMEOUT
+
+    return float(getattr(slot.sink.options, "shutdown_timeout", DEFAULT_CLOSE_TIMEOUT)) + CLOSE_GRACE
+
+
+def give_up(consumer: Any, events: list[Any]) -> None:
+    """Stop faust waiting for these records at shutdown, without acknowledging them (offsets stay put)."""
+    unacked = getattr(consumer, "_unacked_messages", None)  # faust's set of records handed out, not acked
+    if unacked is not None:
+        for event in events:
+            unacked.discard(event.message)
