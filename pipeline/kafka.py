@@ -173,3 +173,19 @@ async def ensure_topics(bootstrap: list[str], names: Iterable[str], partitions: 
         log.info("%s: created topics %s with %d partition(s)", who, ", ".join(missing), partitions)
     finally:
         await admin.close()
+
+
+async def partition_count(bootstrap: list[str], topic: str, timeout: float = 10.0) -> int | None:
+    """How many partitions `topic` has (None if the broker does not know it)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    try:
+        await asyncio.wait_for(admin.start(), timeout)
+        described = await asyncio.wait_for(admin.describe_topics([topic]), timeout)
+    finally:
+        await admin.close()
+    for entry in described:
+        if entry.get("topic") == topic and not entry.get("error_code") and entry.get("partitions"):
+            return len(entry["partitions"])
+    return None

@@ -40,7 +40,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError, PipelineError, StageError
 from pipeline.events import Batch, Event, edge_reason
 from pipeline.files import ensure_private_dir
-from pipeline.kafka import bootstrap_list, ensure_topics, quiet_aiokafka
+from pipeline.kafka import bootstrap_list, ensure_topics, partition_count, quiet_aiokafka
 from pipeline.runtime.faust_latency import transport_class
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
 from pipeline.runtime.faust_stop import DrainClock, close_limit, give_up
@@ -494,15 +494,20 @@ def worker_main(argv: list[str]) -> int:
 
 
 def _create_ingest_topic(cfg: PipelineConfig) -> None:
-    """faust does not create source topics: make sure `<name>-ingest` exists with N partitions."""
-    servers = bootstrap_list(cfg.runtime.broker)
+    """faust does not create source topics: make sure `<name>-ingest` exists with N partitions.
 
-    async def create() -> None:
+    An ingest topic made earlier with another count is refused: the state changelogs are
+    partitioned like it, and faust cannot write state for a partition its changelog lacks.
+    """
+    servers = bootstrap_list(cfg.runtime.broker)
+    topic = ingest_topic(cfg)
+
+    async def create() -> int | None:
         delay = 0.5
         while True:
             try:
-                await ensure_topics(servers, [ingest_topic(cfg)], cfg.runtime.partitions, 1, log, "worker")
-                return
+                await ensure_topics(servers, [topic], cfg.runtime.partitions, 1, log, "worker")
+                return await partition_count(servers, topic)
             except Exception as exc:
                 log.warning("worker: cannot reach %s (%s); retrying in %.0fs", ",".join(servers),
                             type(exc).__name__, delay)
@@ -511,6 +516,10 @@ def _create_ingest_topic(cfg: PipelineConfig) -> None:
 
     quiet_aiokafka()
     try:
-        asyncio.run(create())
+        found = asyncio.run(create())
     except KeyboardInterrupt:
         raise StageError("worker: interrupted while waiting for the broker") from None
+    if found is not None and found != cfg.runtime.partitions:
+        raise ConfigError(f"{cfg.file}: runtime.partitions: {cfg.runtime.partitions}, but topic {topic} has {found} "
+                          f"partitions (made by an earlier run); set partitions: {found}, or give the pipeline "
+                          "a new name to start over with new topics")

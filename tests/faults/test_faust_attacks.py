@@ -136,6 +136,31 @@ async def wait_for_file(path: Path, proc: subprocess.Popen[bytes], workers: Work
     assert path.exists(), f"no {path.name} after {timeout}s"
 
 
+# -- an ingest topic made with another partition count -----------------------------------------------
+
+async def test_a_worker_refuses_an_ingest_topic_with_more_partitions_than_configured(
+        kafka_broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+    """Before: the worker ran until a record from partition 4+ wrote rule state, then faust crashed
+    ("AssertionError: Unrecognized partition": the changelog has `partitions` partitions) with a
+    traceback, after part of the backlog."""
+    name = f"parts{os.getpid()}"
+    await ensure_topics([kafka_broker.bootstrap], [f"{name}-ingest"], 8, 1, logging.getLogger("test"), "test")
+    cfg = gated_config(tmp_path, kafka_broker, name, tmp_path / "out/lines.jsonl")
+    proc = await asyncio.create_subprocess_exec(*CLI, "worker", str(cfg), cwd=tmp_path,
+                                                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError("the worker started on a topic its state cannot follow") from None
+    assert proc.returncode == 2, err.decode()[-2000:]
+    assert err.decode().strip().splitlines() == [
+        f"pipeline: {cfg}: runtime.partitions: 4, but topic {name}-ingest has 8 partitions (made by an earlier "
+        "run); set partitions: 8, or give the pipeline a new name to start over with new topics"]
+
+
 # -- rule state and a worker killed mid-batch ---------------------------------------------------------
 
 async def test_a_worker_killed_before_its_sinks_flushed_leaves_no_cooldown_behind(
