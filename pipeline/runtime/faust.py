@@ -267,9 +267,9 @@ class Worker:
         try:
             await self.handle(events)
         except PipelineError as exc:
-            await self._fail(exc)
+            await self._fail(exc, events)
         except Exception as exc:
-            await self._fail(StageError(f"worker: {type(exc).__name__}: {exc}"))
+            await self._fail(StageError(f"worker: {type(exc).__name__}: {exc}"), events)
 
     async def _on_assigned(self, app: Any, assigned: Any, **_: Any) -> None:
         mine = sorted(tp.partition for tp in assigned if tp.topic == self.topic.get_topic_name())
@@ -372,13 +372,16 @@ class Worker:
             raise StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}") from exc
         slot.stats.sent += len(routed)
 
-    async def _fail(self, exc: PipelineError) -> None:
-        """Stop this worker with a one-line error; its partitions move to the other workers."""
+    async def _fail(self, exc: PipelineError, events: list[Any]) -> None:
+        """Stop this worker with a one-line error; its partitions, and this batch unacknowledged, move to the
+        other workers. The stop is the one SIGTERM makes: faust's crash path logged tracebacks of its own
+        ("Event loop is closed") on the way out."""
         if self.error is None:
             self.error = exc
             log.error("worker %d: %s; stopping", os.getpid(), secrets.mask(str(exc)))
-            await self.app.crash(exc)
-        await asyncio.Event().wait()  # keep the batch unacknowledged until the app stops us
+            give_up(self.app.consumer, events)  # the stop must not wait for a batch that will never be acked
+            os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.Event().wait()  # never acknowledge the batch: the stop cancels this
 
     async def close(self) -> None:
         """Write the windows still open, then close every sink; each step bounded by the sink's shutdown_timeout."""
@@ -431,11 +434,14 @@ class Worker:
         # SIGHUP (a closed terminal, or a reload meant for `pipeline run`) must not kill a worker mid-batch;
         # installed before the app starts, so there is no moment when it still would
         signal.signal(signal.SIGHUP, _ignore_hup)
-        worker = faust.Worker(self.app, loglevel=loglevel, quiet=True)
+        class PipelineWorker(faust.Worker):  # type: ignore[misc]
+            def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+                super().on_setup_root_logger(logger, level)
+                _our_log_handlers()  # mode replaced the root handlers just now, at start
+
+        worker = PipelineWorker(self.app, loglevel=loglevel, quiet=True)
         worker.spinner = None
-        for handler in logging.getLogger().handlers:  # faust installs its own handlers: mask them too
-            fmt = handler.formatter
-            handler.setFormatter(secrets.MaskingFormatter(fmt._fmt if fmt else None, fmt.datefmt if fmt else None))
+        _our_log_handlers()
         quiet_aiokafka()
         try:
             worker.execute_from_commandline()
@@ -447,6 +453,27 @@ class Worker:
         if self.error is not None:
             raise self.error
         return code
+
+
+def _our_log_handlers() -> None:
+    """The root handlers faust logs through (its own formatters): secrets masked, our errors without traceback."""
+    for handler in logging.getLogger().handlers:
+        if _worker_log_filter not in handler.filters:
+            handler.addFilter(_worker_log_filter)
+
+
+def _worker_log_filter(record: logging.LogRecord) -> bool:
+    """Mask secrets in the message; drop the traceback faust adds to the error that stops a worker, since
+    ours are one line (a full disk, a bad path)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, PipelineError):
+        record.exc_info = None
+        record.exc_text = None
+    message = record.getMessage()
+    masked = secrets.mask(message)
+    if masked != message:
+        record.msg, record.args = masked, None
+    return True
 
 
 def _ignore_hup(signum: int, frame: Any) -> None:

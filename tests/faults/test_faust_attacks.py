@@ -262,3 +262,29 @@ async def test_sigterm_stops_a_worker_whose_sink_stalls_within_drain_timeout_and
     assert "after drain_timeout=1s" in log
     got = [orjson.loads(x) for x in lines.read_bytes().splitlines()] if lines.exists() else []
     assert [e["channel"] for e in got] == ["visual_index", "alert"], got
+
+
+async def test_a_sink_that_fails_stops_the_worker_with_one_line_and_no_traceback(
+        kafka_broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+    """Before: faust logged the StageError's traceback ("Crashed reason=...", then 12 lines of frames)
+    above the one-line error."""
+    name = f"failing{os.getpid()}"
+    cfg = gated_config(tmp_path, kafka_broker, name, tmp_path / "out/lines.jsonl")
+    doc = yaml.safe_load(cfg.read_text())
+    doc["sinks"] = [{"type": "tests.slow_sink:FailingSink"}]
+    cfg.write_text(yaml.safe_dump(doc))
+    await produce(kafka_broker, name, [{"channel": "transcript", "capture_session_id": "cap-f", "seq": 1}])
+    proc = await asyncio.create_subprocess_exec(*CLI, "worker", str(cfg), "--session-timeout", "3s", cwd=tmp_path,
+                                                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 40)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    text = out.decode()
+    assert proc.returncode == 1, text[-3000:]
+    assert "Traceback" not in text and text.strip().splitlines()[-1] == (
+        "pipeline: /fake/path: cannot write: No space left on device"), text[-3000:]
+    dead = [orjson.loads(x) for x in (tmp_path / "out/dead-letter.jsonl").read_bytes().splitlines()]
+    assert [d["event"]["seq"] for d in dead] == [1] and dead[0]["reason"] == "sink failed before writing"
