@@ -55,7 +55,8 @@ class RuntimeSettings(Options):
 
     engine: Literal["local", "faust"] = "local"
     broker: str = "kafka://localhost:9092"
-    partitions: int = Field(default=4, ge=1)
+    partitions: int = Field(default=4, ge=1, le=1024, description="faust: partitions of <name>-ingest and the "
+                            "state changelogs, the most workers that can share the work")
     queue_size: int = Field(default=16, ge=1, description="batches buffered per sink before backpressure")
     fetch_max_wait: Duration = Field(default=0.01, gt=0, le=30, description="faust workers: longest a fetch "
                                      "waits at the broker for new records (some brokers answer only then)")

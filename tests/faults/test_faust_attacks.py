@@ -59,6 +59,17 @@ def test_a_malformed_runtime_broker_is_a_config_error(tmp_path: Path, broker: st
         load_config(faust_config(tmp_path / "p.yaml", broker))
 
 
+@pytest.mark.parametrize(("value", "why"), [("0", "expected a number >= 1, got 0"),
+                                            ("100000", "expected a number <= 1024, got 100000")])
+def test_partitions_out_of_range_is_a_config_error(tmp_path: Path, value: str, why: str) -> None:
+    """Before: 100000 was taken: the test broker grew by 400 MB creating the topic and a worker was still
+    not assigned its partitions 17 s later."""
+    path = faust_config(tmp_path / "p.yaml", "127.0.0.1:9")
+    path.write_text(path.read_text().replace("partitions: 4", f"partitions: {value}"))
+    with pytest.raises(ConfigError, match=r"runtime\.partitions: " + re.escape(why)):
+        load_config(path)
+
+
 @pytest.mark.parametrize(("command", "broker"), [
     ("run", "kafka://"),                        # was a pydantic traceback
     ("worker", "kafka://localhost:notaport"),   # was retried forever ("cannot reach ... (ValueError)")
