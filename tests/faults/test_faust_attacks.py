@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -299,3 +300,35 @@ async def test_a_sink_that_fails_stops_the_worker_with_one_line_and_no_traceback
         "pipeline: /fake/path: cannot write: No space left on device"), text[-3000:]
     dead = [orjson.loads(x) for x in (tmp_path / "out/dead-letter.jsonl").read_bytes().splitlines()]
     assert [d["event"]["seq"] for d in dead] == [1] and dead[0]["reason"] == "sink failed before writing"
+
+
+# -- events that name topics ------------------------------------------------------------------------
+
+async def test_events_cannot_make_the_kafka_sink_create_topics_without_end(
+        kafka_broker: Broker, make_context: Any) -> None:  # noqa: F811
+    """Before: 300 events with 300 channel names made 300 topics (x 4 partitions) on the broker, one
+    create per new name, in 25 s. Now the sink sends to at most `max_topics` distinct topics; events for
+    any other are dead-lettered with the reason."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from stages.sinks.kafka import KafkaSink, KafkaSinkOptions
+
+    prefix = f"flood{os.getpid()}"
+    options = KafkaSinkOptions(bootstrap_servers=kafka_broker.bootstrap, topic=prefix + ".{channel}",
+                               max_topics=3, create_topics={"partitions": 1})
+    sink = KafkaSink(options, make_context("kafka-out"))
+    await sink.start()
+    await sink.write([{"channel": f"c{i % 40}", "seq": i} for i in range(200)])
+    await sink.close()
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    await admin.start()
+    try:
+        made = sorted(t for t in await admin.list_topics() if t.startswith(prefix))
+    finally:
+        await admin.close()
+    assert made == [f"{prefix}.c0", f"{prefix}.c1", f"{prefix}.c2"]
+    got = await read_records(kafka_broker.bootstrap, made, expect=15, timeout=5)
+    assert sorted(orjson.loads(r.value)["seq"] for r in got) == [i for i in range(200) if i % 40 < 3]
+    dead = [orjson.loads(x) for x in sink.context.dead_letter.path.read_bytes().splitlines()]
+    assert len(dead) == 185 and sink.dead_lettered == 185
+    assert "already sends to max_topics=3 topics" in dead[0]["reason"]

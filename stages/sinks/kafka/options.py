@@ -53,6 +53,9 @@ class KafkaSinkOptions(SinkOptions):
     max_retry_backoff: Duration = Field(default=5.0, description="longest delay between retries")
     shutdown_timeout: Duration = Field(
         default=10.0, description="on shutdown, how long to keep trying before dead-lettering the rest")
+    max_topics: int = Field(
+        default=256, ge=1, le=100_000, description="most distinct topics the template may name; events for "
+        "others are dead-lettered (an event's fields must not create topics without end)")
     create_topics: CreateTopics | None = Field(
         default=None, description="create missing topics with {partitions: N}; omit for broker auto-creation")
     client_id: str = Field(default="videodb-pipeline", description="client id the broker sees")

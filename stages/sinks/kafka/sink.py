@@ -64,6 +64,7 @@ class KafkaSink(Sink):
         #: event -> key text ("" = no key); the faust ingest replaces it with a session-aware one
         self.key_of: Callable[[Event], str] | None = key.render if key is not None else None
         self._topic_names: dict[str, str] = {}
+        self._topics: set[str] = set()  # distinct topics sent to, at most max_topics
         self._static_topic = safe_topic(self._topic.render({})) if self._topic.static else None
         self._queue: deque[Record] = deque()
         self._buffered = 0
@@ -178,6 +179,10 @@ class KafkaSink(Sink):
                     [ev], f"{self.who}: event is {len(value)} bytes, larger than max_request_size {limit}")
                 continue
             topic = static_topic or self._topic_name(topic_t.render(ev))
+            if topic is None:
+                self._dead_letter_events([ev], f"{self.who}: topic {safe_topic(topic_t.render(ev))!r} not used: "
+                                               f"this sink already sends to max_topics={self.opts.max_topics} topics")
+                continue
             if not topic:
                 self._dead_letter_events([ev], f"{self.who}: topic template {topic_t.source!r} rendered empty")
                 continue
@@ -185,10 +190,15 @@ class KafkaSink(Sink):
             out.append(Record(topic, key or None, value, headers_for(ev) if with_headers else [], ev, owner))
         return out
 
-    def _topic_name(self, rendered: str) -> str:
+    def _topic_name(self, rendered: str) -> str | None:
+        """The topic for a rendered template; None past `max_topics` distinct ones (events name topics)."""
         name = self._topic_names.get(rendered)
         if name is None:
             name = safe_topic(rendered)
+            if name and name not in self._topics:
+                if len(self._topics) >= self.opts.max_topics:
+                    return None
+                self._topics.add(name)
             if len(self._topic_names) < 10000:
                 self._topic_names[rendered] = name
         return name
