@@ -238,7 +238,11 @@ class Worker:
         self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
     async def _agent(self, stream: Any) -> None:
-        await self.start_sinks()
+        try:
+            await self.start_sinks()
+        except Exception as exc:  # an unusable dead-letter or sink path: the worker stops with one line
+            err = exc if isinstance(exc, PipelineError) else StageError(f"worker: {type(exc).__name__}: {exc}")
+            await self._fail(err, [])
         wait = self.cfg.runtime.batch_wait
         # batch_wait 0: every record already waiting, as soon as it is there; else faust's take_events,
         # which yields a batch when it is full or every `batch_wait`, whichever comes first

@@ -332,3 +332,26 @@ async def test_events_cannot_make_the_kafka_sink_create_topics_without_end(
     dead = [orjson.loads(x) for x in sink.context.dead_letter.path.read_bytes().splitlines()]
     assert len(dead) == 185 and sink.dead_lettered == 185
     assert "already sends to max_topics=3 topics" in dead[0]["reason"]
+
+
+async def test_a_worker_whose_dead_letter_path_is_unusable_stops_with_one_line(
+        kafka_broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+    """Before: the agent crashed on it ("Crashed reason=StageError(...)") and the worker ran on, reading
+    nothing, until killed."""
+    name = f"deadpath{os.getpid()}"
+    cfg = gated_config(tmp_path, kafka_broker, name, tmp_path / "out/lines.jsonl")
+    (tmp_path / "a-file").write_text("")
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "out/dead-letter.jsonl"),
+                                           str(tmp_path / "a-file/dead-letter.jsonl")))
+    proc = await asyncio.create_subprocess_exec(*CLI, "worker", str(cfg), "--session-timeout", "3s", cwd=tmp_path,
+                                                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+    text = out.decode()
+    assert proc.returncode == 1, text[-3000:]
+    assert "Traceback" not in text and text.strip().splitlines()[-1] == (
+        f"pipeline: {tmp_path / 'a-file'}: cannot create directory: Not a directory"), text[-3000:]
