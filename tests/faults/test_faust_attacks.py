@@ -97,6 +97,18 @@ def test_a_worker_session_timeout_out_of_range_is_one_line_exit_2(tmp_path: Path
         "its partitions)"]
 
 
+@pytest.mark.parametrize("wait", ["0", "1h"])
+def test_kafka_source_batch_wait_out_of_range_is_a_config_error(tmp_path: Path, wait: str) -> None:
+    """Before: `batch_wait: 0` made every poll return at once without yielding: 100% CPU, and SIGTERM was
+    never handled (the run was still there 11 minutes later); `1h` delayed a stop by up to an hour."""
+    (tmp_path / "p.yaml").write_text(f"""name: t
+source: {{type: kafka, bootstrap_servers: "127.0.0.1:9", topic: t, group: g, batch_wait: {wait}}}
+sinks: [{{type: console}}]
+""")
+    with pytest.raises(ConfigError, match=r"p\.yaml:2:\d+: source\.batch_wait: "):
+        load_config(tmp_path / "p.yaml")
+
+
 def test_a_kafka_sink_or_source_address_with_a_bad_port_is_a_config_error(tmp_path: Path) -> None:
     """Was accepted by validate, then a ValueError at the first connect (`invalid literal for int()`)."""
     (tmp_path / "p.yaml").write_text("""name: t
