@@ -35,6 +35,7 @@ TEXT_CHANNELS = ["transcript", "visual_index", "audio_index"]
 _ABSENT: Any = object()  # "no such key", where a saved value may be None
 _IDS = ("rtstream_id", "rtstream_name", "capture_session_id")  # copied from the source event, in this order
 _STAMPS = ("ts", "unix_ts")  # after data, as in every alert
+_C_MAX_MS = 1 << 62  # the C engine holds a cooldown in a 64-bit int; a longer one (millions of years) stays in Python
 
 
 class Rule(Options):
@@ -156,7 +157,7 @@ class Rules(Processor):
         shape); substring and regex rules, windows and state that is not a dict keep the Python path."""
         if _fastrules is None or not plain_reads(self._last_fired):
             return None
-        if any(c.window_ms or c.rule.match != "word" for c in self._rules):
+        if any(c.window_ms or c.rule.match != "word" or c.cooldown_ms >= _C_MAX_MS for c in self._rules):
             return None
         tables: list[tuple[Any, str]] = []
         index: dict[str, int] = {}
