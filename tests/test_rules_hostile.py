@@ -56,3 +56,28 @@ def test_a_huge_cooldown_is_still_a_cooldown(make_context) -> None:  # type: ign
               for t in (1, 10**15, 10**18)]
     stage.process(events)
     assert stage.fired == 1
+
+
+def _labels(make_context: object, native: bool, spec: list[dict[str, object]], text: str) -> list[str]:
+    saved = Rules.native
+    Rules.native = native
+    try:
+        stage = Rules(RulesOptions.model_validate({"rules": spec}), make_context())  # type: ignore[operator]
+    finally:
+        Rules.native = saved
+    assert (stage._engine is not None) == (native and spec[0].get("match", "word") == "word")
+    out = stage.process([{"channel": "transcript", "rtstream_id": "r", "data": {"text": text, "start": 1}}])
+    return [e["data"]["event_label"] for e in out if e.get("origin") == "rules"]
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("match", ["word", "substring"])
+@pytest.mark.parametrize("keyword", ["ΟΔΟΣ", "οδος", "οδοσ"])
+@pytest.mark.parametrize("text", ["ΟΔΟΣ", "οδος", "οδοσ", "ΟΔΟΣ İstanbul", "İ οδος", "ΟΔΟΣ."])
+def test_a_final_sigma_folds_like_any_other_sigma(make_context, native: bool, match: str, keyword: str,
+                                                  text: str) -> None:  # type: ignore[no-untyped-def]
+    """Case is folded one character per character: a capital sigma is the small one wherever it stands.
+    str.lower() writes a final sigma at a word's end, but only when no "İ" elsewhere made the stage fold per
+    character, so a keyword "ΟΔΟΣ" matched "ΟΔΟΣ" and not "ΟΔΟΣ İstanbul"."""
+    spec = [{"name": "a", "keywords": [keyword], "match": match}]
+    assert _labels(make_context, native, spec, text) == ["a"]

@@ -19,16 +19,20 @@ Owners = list[tuple[int, str]]
 Hits = dict[int, list[str]]  # rule index -> keywords (as configured) that matched
 
 
+FINAL_SIGMA: Final = "\u03c2"  # str.lower() writes this final sigma for a capital sigma at a word's end
+
+
 def fold(text: str) -> str:
     """`text.lower()`, one character per character: offsets and word boundaries stay those of `text`.
 
     Why: `"İ".lower()` is "i" + U+0307 (a combining mark, not a word character), so plain
-    lowering would make "İpassword" contain the whole word "password".
+    lowering would make "İpassword" contain the whole word "password". And a capital sigma
+    lowers to U+03C3 or, at a word's end, to the final U+03C2: both are U+03C3 here, whatever stands around it.
     """
     lowered = text.lower()
-    if len(lowered) == len(text):
-        return lowered
-    return "".join(low if len(low := ch.lower()) == 1 else low[0] for ch in text)
+    if len(lowered) != len(text):
+        lowered = "".join(low if len(low := ch.lower()) == 1 else low[0] for ch in text)
+    return lowered.replace(FINAL_SIGMA, "\u03c3") if FINAL_SIGMA in lowered else lowered
 
 
 def _add(hits: Hits, owners: Owners) -> None:

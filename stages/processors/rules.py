@@ -23,7 +23,7 @@ from pipeline.events import ALIASES, canonical, event_time_ms
 from pipeline.types import Duration
 from stages.globs import glob_matcher
 from stages.processors.eviction import Eviction
-from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, fold
+from stages.processors.matchers import FINAL_SIGMA, Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, fold
 from stages.processors.native import plain_reads
 
 try:  # the hot loop in C (built with the package); without it the Python path below does the same work
@@ -235,7 +235,8 @@ class Rules(Processor):
                 continue
             hits: Hits = {}
             lowered = text.lower()
-            if len(lowered) != len(text):  # "İ" lowers to two characters: keep word boundaries aligned
+            # "İ" lowers to two characters (keep word boundaries aligned), a sigma may lower to a final one: fold()
+            if len(lowered) != len(text) or FINAL_SIGMA in lowered:
                 lowered = fold(text)
             seen = m[0](lowered, hits)
             if m[1] is not None and (seen or not m[2] or not text.isascii()):
