@@ -22,6 +22,7 @@ from pipeline.channels import check_channels
 from pipeline.errors import ConfigError, suggest
 from pipeline.paths import resolve_inputs
 from pipeline.registry import LookupFailed, Registry, default_registry
+from pipeline.rulenames import check_rule_names
 from pipeline.types import Duration, Secret
 from pipeline.yamlpos import Path_, Positions, load
 
@@ -459,6 +460,7 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
     runtime = chk.model(RuntimeSettings, data.get("runtime"), ("runtime",))
     every = [s for s in (source, controller, *procs, *outs) if s is not None]
     check_channels(chk, data, every, extra)
+    check_rule_names(chk, data)
     chk.raise_errors()
     assert source is not None and videodb is not None and runtime is not None
     videodb = resolve_inputs(videodb, base)

@@ -81,3 +81,70 @@ def test_a_final_sigma_folds_like_any_other_sigma(make_context, native: bool, ma
     character, so a keyword "ΟΔΟΣ" matched "ΟΔΟΣ" and not "ΟΔΟΣ İstanbul"."""
     spec = [{"name": "a", "keywords": [keyword], "match": match}]
     assert _labels(make_context, native, spec, text) == ["a"]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_second_rules_stage_does_not_forget_the_first_ones_cooldowns(make_context, native: bool) -> None:  # type: ignore[no-untyped-def]
+    """Both rules stages keep their state in the same saved maps. The second stage (no cooldown: it forgets
+    after state_ttl, 10m) swept the first stage's 1h cooldown away after 10 minutes: `code` fired again 25
+    minutes after it had fired, inside its cooldown."""
+    from pipeline.api import StateStore
+
+    state = StateStore()
+    saved = Rules.native
+    Rules.native = native
+    try:
+        first = Rules(RulesOptions.model_validate({"rules": [{"name": "long", "keywords": ["code"],
+                                                              "cooldown": "1h"}]}), make_context(state=state))
+        second = Rules(RulesOptions.model_validate({"rules": [{"name": "short", "keywords": ["other"]}]}),
+                       make_context(state=state))
+    finally:
+        Rules.native = saved
+    t0 = 1_700_000_000_000
+    for seconds, text in [(0, "code"), (60, "other"), (700, "other"), (1400, "other"), (1500, "code")]:
+        batch = [{"channel": "transcript", "rtstream_id": "r", "data": {"text": text, "start": t0 + seconds * 1000}}]
+        second.process(first.process(batch))
+    assert (first.fired, second.fired) == (1, 3)
+    assert "long|r" in state.get("rules.last_fired")
+
+
+def test_a_second_rules_stage_leaves_the_first_ones_keys_under_its_cap(make_context) -> None:  # type: ignore[no-untyped-def]
+    """`max_state_keys` bounds a stage's own keys: the other stage's keys in the shared map are not its to drop."""
+    from pipeline.api import StateStore
+
+    state = StateStore()
+    first = Rules(RulesOptions.model_validate({"rules": [{"name": "a", "keywords": ["code"], "cooldown": "1h"}],
+                                               "max_state_keys": 100}), make_context(state=state))
+    second = Rules(RulesOptions.model_validate({"rules": [{"name": "b", "keywords": ["other"], "cooldown": "1h"}],
+                                                "max_state_keys": 100}), make_context(state=state))
+    t0 = 1_700_000_000_000
+    first.process([{"channel": "transcript", "rtstream_id": f"r{i}", "data": {"text": "code", "start": t0 + i}}
+                   for i in range(90)])
+    for n in range(5):
+        second.process([{"channel": "transcript", "rtstream_id": f"s{n}-{i}",
+                         "data": {"text": "other", "start": t0 + 100 + i}} for i in range(60)])
+    keys = state.get("rules.last_fired")
+    assert sum(k.startswith("a|") for k in keys) == 90
+    assert 90 <= sum(k.startswith("b|") for k in keys) <= 100
+
+
+def test_rule_names_are_unique_in_a_pipeline_and_have_no_bar(tmp_path: Path) -> None:
+    """A rule's name keys its saved cooldowns ("<name>|<rtstream>"): two rules of one name shared a cooldown
+    (the second rule's alert was silenced by the first's), and a "|" in a name let rule "a" on rtstream "b|x"
+    share rule "a|b"'s on "x" (a reload that changed "a" also dropped the state of "a|b")."""
+    text = (HEAD + "      - {name: dup, keywords: [code], cooldown: 1m}\n"
+            "      - {name: dup, keywords: [terminal], cooldown: 1m}\n"
+            "      - {name: \"a|b\", keywords: [code]}\n"
+            "  - type: rules\n    rules:\n      - {name: dup, keywords: [slack]}\n"
+            "  - type: rules\n    enabled: false\n    rules:\n      - {name: dup, keywords: [slack]}\n" + SINKS)
+    (tmp_path / "in.jsonl").touch()
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "p.yaml", env={})
+    lines = str(info.value).splitlines()
+    taken = "is taken by stages[0].rules[0]: rule names key the saved cooldowns and windows, so each rule needs its own"
+    assert lines == [
+        f"{tmp_path}/p.yaml:7:10: stages[0].rules[1].name: rule name 'dup' {taken}",
+        f"{tmp_path}/p.yaml:8:10: stages[0].rules[2].name: a rule name is not empty and has no '|' (it separates "
+        "rule and rtstream in the saved cooldowns), got 'a|b'",
+        f"{tmp_path}/p.yaml:11:10: stages[1].rules[0].name: rule name 'dup' {taken}"], lines

@@ -12,6 +12,7 @@ distinct rtstream ids can pin in memory.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -48,6 +49,14 @@ class Rule(Options):
     window: Duration | None = Field(default=None, description="with min_count: count matches in this window")
     min_count: int = Field(default=1, ge=1, description="matches needed within window to fire")
     severity: str = "info"
+
+    @field_validator("name")
+    @classmethod
+    def _state_key_name(cls, v: str) -> str:
+        if not v or "|" in v:
+            raise ValueError(f"a rule name is not empty and has no '|' (it separates rule and rtstream in the saved "
+                             f"cooldowns), got {v!r}")
+        return v
 
     @field_validator("keywords")
     @classmethod
@@ -147,6 +156,13 @@ class Rules(Processor):
         self.recent: deque[Event] = deque(maxlen=20)  # the last alerts, for the status page
         self._evict = Eviction(max((max(c.cooldown_ms, c.window_ms) for c in self._rules), default=0)
                                + int(options.state_ttl * 1000), options.max_state_keys)
+        # every rules stage of a pipeline keeps its state in the same maps: each sweeps only its own keys (and
+        # those of rules no stage has any more), so a stage's shorter horizon cannot drop another's cooldowns
+        self._names = frozenset(c.label for c in self._rules)
+        self._owners = _owners(context.state)
+        me = weakref.ref(self)
+        for name in self._names:
+            self._owners[name] = me
         self._engine = self._native() if self.native else None
 
     #: Use the C engine when the rules allow it (tests switch it off to compare both paths).
@@ -215,8 +231,16 @@ class Rules(Processor):
     def _sweep(self) -> None:
         ev = self._evict
         if ev.due(self._last_fired, self._windows):
-            ev.sweep(self._last_fired, _last_time)
-            ev.sweep(self._windows, _newest_time)
+            ev.sweep(self._last_fired, _last_time, self._mine)
+            ev.sweep(self._windows, _newest_time, self._mine)
+
+    def _mine(self, key: Any) -> bool:
+        """Is this state key ("<rule>|<stream>") this stage's to forget? Its rule's, or no running stage's."""
+        name = str(key).partition("|")[0]
+        if name in self._names:
+            return True
+        owner = self._owners.get(name)
+        return owner is None or owner() is None
 
     def _process(self, batch: Batch, journal: list[tuple[Any, ...]]) -> Batch:
         """The Python path (and the reference the C engine is held to)."""
@@ -316,6 +340,15 @@ class Rules(Processor):
         self.recent.extend(alerts)
         self.fired += len(alerts)
         return alerts
+
+
+def _owners(state: Any) -> dict[str, Any]:
+    """Rule name -> weak reference to the rules stage that owns its state keys, kept beside the shared maps."""
+    owners = getattr(state, "_rule_owners", None)
+    if owners is None:
+        owners = {}
+        state._rule_owners = owners
+    return owners  # type: ignore[no-any-return]
 
 
 def _stream_of(event: Event) -> str:
