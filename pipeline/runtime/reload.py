@@ -250,6 +250,8 @@ class Reloader:
             m = state.get(mapping)
             for key in [k for k in m if str(k).partition("|")[0] in stale]:
                 del m[key]
+        if state.dirty:  # saved now: a run restarted after a crash before the next batch must not read them back
+            state.flush()
 
 
 async def _replace(slot: SinkSlot, sw: SinkSwap) -> None:
