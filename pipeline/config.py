@@ -380,8 +380,13 @@ def _data_loc(data: Any, loc: tuple[Any, ...], *, keep_last: bool) -> tuple[Any,
     return tuple(out)
 
 
+#: option names with "key" in them that hold no secret: a wrong value in them is shown, so it can be fixed
+_NOT_SECRET = frozenset({"keywords", "max_state_keys", "dedupe_keys"})
+
+
 def _secret_path(path: Path_) -> bool:
-    return any(isinstance(p, str) and ("key" in p or "secret" in p or "token" in p) for p in path)
+    return any(isinstance(p, str) and p not in _NOT_SECRET and ("key" in p or "secret" in p or "token" in p)
+               for p in path)
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -148,3 +148,18 @@ def test_rule_names_are_unique_in_a_pipeline_and_have_no_bar(tmp_path: Path) -> 
         f"{tmp_path}/p.yaml:8:10: stages[0].rules[2].name: a rule name is not empty and has no '|' (it separates "
         "rule and rtstream in the saved cooldowns), got 'a|b'",
         f"{tmp_path}/p.yaml:11:10: stages[1].rules[0].name: rule name 'dup' {taken}"], lines
+
+
+def test_a_wrong_keyword_or_count_is_shown_not_masked_as_a_secret(tmp_path: Path) -> None:
+    """Every key path holding "key" was treated as a secret: `keywords: code` said "expected a list, got '***'",
+    so the author could not see which value was wrong. A real secret (`api_key`) stays masked."""
+    p = _write(tmp_path, "      - {name: a, keywords: code}\n      - {name: b, keywords: [code, 5]}\n"
+                         "    max_state_keys: lots\n")
+    p.write_text(p.read_text().replace("name: t\n", "name: t\nvideodb: {api_key: [hunter2]}\n"))
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    lines = str(info.value).splitlines()
+    assert any(ln.endswith("videodb.api_key: expected a string, got '***'") for ln in lines), lines
+    assert any(ln.endswith("stages[0].rules[0].keywords: expected a list, got 'code'") for ln in lines), lines
+    assert any(ln.endswith("stages[0].rules[1].keywords[1]: expected a string, got 5") for ln in lines), lines
+    assert any(ln.endswith("stages[0].max_state_keys: expected an integer, got 'lots'") for ln in lines), lines
