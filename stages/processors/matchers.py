@@ -30,8 +30,8 @@ def fold(text: str) -> str:
     lowers to U+03C3 or, at a word's end, to the final U+03C2: both are U+03C3 here, whatever stands around it.
     """
     lowered = text.lower()
-    if len(lowered) != len(text):
-        lowered = "".join(low if len(low := ch.lower()) == 1 else low[0] for ch in text)
+    if len(lowered) != len(text):  # "İ" (U+0130) is the one character whose lower() is longer than it
+        lowered = text.replace("\u0130", "i").lower()
     return lowered.replace(FINAL_SIGMA, "\u03c3") if FINAL_SIGMA in lowered else lowered
 
 
