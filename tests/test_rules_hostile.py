@@ -189,3 +189,21 @@ def test_folding_a_long_text_with_an_i_dot_costs_about_what_lowering_it_costs() 
     lower = min(timeit.repeat(text.lower, number=1, repeat=5))
     folded = min(timeit.repeat(lambda: fold(text), number=1, repeat=5))
     assert folded < 8 * lower, (folded, lower)
+
+
+def test_a_keyword_repeated_through_a_long_text_is_handled_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every overlapping occurrence of a substring keyword went through the Python loop again: "aaaa" in a 1 MB
+    run of "a" (one occurrence per character) cost 1.2 s of one event; now each key is settled once."""
+    from stages.processors import matchers
+
+    calls = []
+    real = matchers._add
+    monkeypatch.setattr(matchers, "_add", lambda hits, owners: (calls.append(1), real(hits, owners)))
+    subs, words = matchers.SubstringMatcher(), matchers.WordMatcher()
+    subs.add(0, "aaaa")
+    words.add(1, "code")
+    words.add(1, "pass word")
+    hits: matchers.Hits = {}
+    matchers.Scanner(words, subs).match("a" * 100_000 + " code" * 1000 + " pass word" * 3, hits)
+    assert hits == {0: ["aaaa"], 1: ["code", "pass word"]}
+    assert len(calls) <= 4, len(calls)

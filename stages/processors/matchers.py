@@ -147,13 +147,17 @@ class Scanner:
         except UnicodeEncodeError:  # a lone surrogate (only a plugin can make one): "?" in its place, as the
             lowered = lowered.encode("utf-8", "replace").decode()  # same one non-word character
             matches = find(lowered, True)
-        for idx, start, end in matches:
+        done = set()  # keys whose every owner is in `hits` already: a text repeating one ("aaaa" in a long run
+        for idx, start, end in matches:  # of "a": one match per character) costs a set lookup per repeat
+            if idx in done:
+                continue
             words, phrases, subs, is_literal = entries[idx]
             if is_literal:
                 literal = True
             if subs is not None:
                 _add(hits, subs)
             if words is None and phrases is None:
+                done.add(idx)
                 continue
             if start:  # a word character before: part of a longer word
                 ch = lowered[start - 1]
@@ -174,6 +178,8 @@ class Scanner:
                         hits[rule] = [keyword]
                     elif keyword not in found:
                         found.append(keyword)
+                if phrases is None:
+                    done.add(idx)
         return literal
 
 
