@@ -207,3 +207,20 @@ def test_a_keyword_repeated_through_a_long_text_is_handled_once(monkeypatch: pyt
     matchers.Scanner(words, subs).match("a" * 100_000 + " code" * 1000 + " pass word" * 3, hits)
     assert hits == {0: ["aaaa"], 1: ["code", "pass word"]}
     assert len(calls) <= 4, len(calls)
+
+
+def test_state_of_a_rule_no_stage_has_is_still_forgotten(make_context) -> None:  # type: ignore[no-untyped-def]
+    """A cooldown saved by a rule that was since renamed (state.db of an earlier config) is no stage's own, and
+    still goes by event time; one of a rule that another live stage has stays for that stage to forget."""
+    from pipeline.api import StateStore
+
+    state = StateStore()
+    t0 = 1_700_000_000_000
+    state.get("rules.last_fired").update({"renamed|r": t0, "other|r": t0})
+    other = Rules(RulesOptions.model_validate({"rules": [{"name": "other", "keywords": ["x"], "cooldown": "1d"}]}),
+                  make_context(state=state))
+    stage = Rules(RulesOptions.model_validate({"rules": [{"name": "a", "keywords": ["code"]}]}),
+                  make_context(state=state))
+    stage.process([{"channel": "transcript", "rtstream_id": "r", "data": {"text": "code", "start": t0 + 3_600_000}}])
+    assert sorted(state.get("rules.last_fired")) == ["other|r"]
+    assert other.fired == 0

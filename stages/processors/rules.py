@@ -160,9 +160,8 @@ class Rules(Processor):
         # those of rules no stage has any more), so a stage's shorter horizon cannot drop another's cooldowns
         self._names = frozenset(c.label for c in self._rules)
         self._owners = _owners(context.state)
-        me = weakref.ref(self)
-        for name in self._names:
-            self._owners[name] = me
+        for name in self._names:  # a set: a stage built for a reload that is then rejected leaves the old one's
+            self._owners.setdefault(name, weakref.WeakSet()).add(self)
         self._engine = self._native() if self.native else None
         self._written = written_keys(self._last_fired)
 
@@ -240,8 +239,7 @@ class Rules(Processor):
         name = str(key).partition("|")[0]
         if name in self._names:
             return True
-        owner = self._owners.get(name)
-        return owner is None or owner() is None
+        return not self._owners.get(name)
 
     def _process(self, batch: Batch, journal: list[tuple[Any, ...]]) -> Batch:
         """The Python path (and the reference the C engine is held to)."""
@@ -343,8 +341,8 @@ class Rules(Processor):
         return alerts
 
 
-def _owners(state: Any) -> dict[str, Any]:
-    """Rule name -> weak reference to the rules stage that owns its state keys, kept beside the shared maps."""
+def _owners(state: Any) -> dict[str, weakref.WeakSet[Rules]]:
+    """Rule name -> the rules stages (weakly) that own its state keys, kept beside the shared maps."""
     owners = getattr(state, "_rule_owners", None)
     if owners is None:
         owners = {}
