@@ -238,3 +238,12 @@ def test_a_regex_matching_everywhere_in_a_long_text_does_not_stall_the_stage(mak
     out = stage.process([{"channel": "transcript", "rtstream_id": "r", "data": {"text": text, "start": 1}}])
     assert time.perf_counter() - started < 1.0
     assert [a["data"]["matched"] for a in out if a.get("origin") == "rules"] == [["x1", "x2", "a"]]
+
+
+def test_a_rule_on_no_channel_is_an_error(tmp_path: Path) -> None:
+    """`channels: []` validated and ran a rule that could never fire: a silent no-op config."""
+    p = _write(tmp_path, "      - {name: a, keywords: [code], channels: []}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    [line] = str(info.value).splitlines()
+    assert line.endswith("stages[0].rules[0].channels: expected at least 1 item"), line

@@ -43,7 +43,7 @@ class Rule(Options):
     name: str = Field(description="becomes the alert's data.event_label")
     keywords: list[str] = Field(min_length=1, description="case-insensitive keywords (or regexes)")
     match: Literal["word", "substring", "regex"] = Field(default="word", description="word = whole words")
-    channels: list[str] = Field(default_factory=lambda: list(TEXT_CHANNELS))
+    channels: list[str] = Field(default_factory=lambda: list(TEXT_CHANNELS), min_length=1)
     rtstream_names: list[str] | None = Field(default=None, description="globs such as 'display:*'")
     cooldown: Duration = Field(default=0.0, description="quiet time per rule and rtstream after an alert")
     window: Duration | None = Field(default=None, description="with min_count: count matches in this window")
