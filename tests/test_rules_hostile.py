@@ -247,3 +247,14 @@ def test_a_rule_on_no_channel_is_an_error(tmp_path: Path) -> None:
         load_config(p, env={})
     [line] = str(info.value).splitlines()
     assert line.endswith("stages[0].rules[0].channels: expected at least 1 item"), line
+
+
+@pytest.mark.parametrize("window", ["0", "0s", "0.4ms"])
+def test_a_window_shorter_than_a_millisecond_is_an_error(tmp_path: Path, window: str) -> None:
+    """Event times are milliseconds: `window: 0` (or under 1ms) became no window at all, and the rule fired on
+    every single match, min_count: 3 notwithstanding."""
+    p = _write(tmp_path, f"      - {{name: a, keywords: [code], window: {window}, min_count: 3}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    [line] = str(info.value).splitlines()
+    assert "stages[0].rules[0].window: a window is at least 1ms" in line, line

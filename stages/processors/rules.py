@@ -58,6 +58,13 @@ class Rule(Options):
                              f"cooldowns), got {v!r}")
         return v
 
+    @field_validator("window")
+    @classmethod
+    def _window_ms(cls, v: float | None) -> float | None:
+        if v is not None and v < 0.001:  # event times are ms: a shorter window would be no window (min_count ignored)
+            raise ValueError(f"a window is at least 1ms (event times are milliseconds), got {v:g}s")
+        return v
+
     @field_validator("keywords")
     @classmethod
     def _non_empty(cls, v: list[str]) -> list[str]:
