@@ -178,3 +178,23 @@ def test_a_case_that_passes_whatever_the_rules_do_is_an_error(tmp_path: Path) ->
     res = run(str(tmp_path / "p.test.yaml"))
     assert res.returncode == 2, res.stdout
     assert "p.test.yaml:3:24: cases[0].input_file: no events in empty.jsonl" in res.stdout, res.stdout
+
+
+def test_a_count_0_expectation_that_names_nothing_that_runs_is_an_error(tmp_path: Path) -> None:
+    """`count: 0` with a misspelled rtstream, keyword or severity passed whatever the rules did (no alert could
+    ever match it), as a misspelled label did before it was checked."""
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    case = ("  - {{name: {}, input: [{{channel: visual_index, rtstream_id: s1, data: {{text: a terminal}}}}],"
+            " expect: {{alerts: [{{label: term, {}, count: 0}}]}}}}\n")
+    (tmp_path / "p.test.yaml").write_text("config: p.yaml\ncases:\n" + case.format("stream", "rtstream: s2")
+                                          + case.format("keyword", "matched: [terminl]")
+                                          + case.format("severity", "severity: critcal"))
+    res = run(str(tmp_path / "p.test.yaml"))
+    assert res.returncode == 2, res.stdout
+    where = f"{tmp_path}/p.test.yaml"
+    assert (f"{where}:3:5: expect.alerts[0].rtstream: no input event is on rtstream 's2'; expected one of: s1"
+            ) in res.stdout, res.stdout
+    assert (f"{where}:4:5: expect.alerts[0].matched: no rule running in this case has the keyword 'terminl' "
+            "(did you mean 'terminal'?)") in res.stdout, res.stdout
+    assert (f"{where}:5:5: expect.alerts[0].severity: no rule running in this case has severity 'critcal'; "
+            "expected one of: info") in res.stdout, res.stdout
