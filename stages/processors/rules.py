@@ -353,7 +353,10 @@ def _owners(state: Any) -> dict[str, weakref.WeakSet[Rules]]:
     owners = getattr(state, "_rule_owners", None)
     if owners is None:
         owners = {}
-        state._rule_owners = owners
+        try:
+            state._rule_owners = owners
+        except AttributeError:  # a plugin's store with __slots__: each stage then sweeps as if it were alone
+            pass
     return owners  # type: ignore[no-any-return]
 
 
