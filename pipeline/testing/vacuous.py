@@ -45,7 +45,7 @@ def check_zero_counts(specs: list[StageSpec], lc: LoadedCase) -> None:
         if want.rtstream is not None and want.rtstream not in streams:
             raise ConfigError(f"{where}.rtstream: no input event is on rtstream {want.rtstream!r}"
                               f"{suggest(want.rtstream, streams)}")
-        for kw in want.matched or [] if not any_regex else []:
+        for kw in [] if any_regex else want.matched or []:
             if kw.lower() not in keywords:
                 raise ConfigError(f"{where}.matched: no rule running in this case has the keyword {kw!r}"
                                   f"{suggest(kw.lower(), keywords)}")
