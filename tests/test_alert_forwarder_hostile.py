@@ -1,0 +1,188 @@
+"""alert_forwarder against hostile receivers and hostile alerts: real sockets, real HTTP, the real dead letter."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from pipeline.api import Context
+from stages.sinks.alert_forwarder import AlertForwarder, AlertForwarderOptions
+from stages.sinks.alert_forwarder.signing import sign, verify
+from tests.test_alert_forwarder import FAST, alert, dead_letters, run
+from tests.webhook_server import WebhookServer
+
+
+@pytest.fixture
+def make_sink(make_context: Callable[..., Context]) -> Callable[..., AlertForwarder]:
+    def make(**options: Any) -> AlertForwarder:
+        return AlertForwarder(AlertForwarderOptions(**options), make_context("alerts"))
+    return make
+
+
+class RawServer:
+    """A TCP server speaking just enough HTTP/1.1 to answer each request with the next scripted bytes.
+
+    A step is (head, then): `head` is written at once, then `then` says what happens to the connection:
+    "hang" (keep it open, send nothing more) or "reset" (abort it, RST). Past the script: 200.
+    """
+
+    def __init__(self, script: list[tuple[bytes, str]]) -> None:
+        self.script = script
+        self.requests = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                self.requests += 1
+                if not self.script:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+                    continue
+                raw, then = self.script.pop(0)
+                writer.write(raw)
+                await writer.drain()
+                if then == "reset":
+                    writer.transport.abort()
+                    return
+                await asyncio.sleep(3600)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.transport.abort()
+
+    async def __aenter__(self) -> RawServer:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._handlers:
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook/T0KEN-s3cr3t-path"
+
+
+STALLED_503 = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 1000\r\n\r\n"  # the body never comes
+
+
+@pytest.mark.parametrize("then", ["hang", "reset"])
+async def test_a_5xx_whose_body_stalls_or_is_cut_is_retried(make_sink: Any, then: str) -> None:
+    """A 503 (or 429) whose error body never arrives (a stalled proxy) or is cut by a reset: reading the
+    300-byte snippet for the reason raised NameError (`aiohttp` was not imported there), so the alert was
+    dead-lettered on its first attempt as an "internal error" with a traceback, instead of retried."""
+    async with RawServer([(STALLED_503, then), (STALLED_503, then)]) as srv:
+        sink = make_sink(url=srv.url(), timeout="0.5s", **FAST)
+        await run(sink, [alert()])
+        assert srv.requests == 3
+    assert (sink.delivered, sink.dead_lettered) == (1, 0)
+    assert dead_letters(sink) == []
+
+
+async def test_a_5xx_whose_body_stalls_every_time_is_dead_lettered_with_the_status(make_sink: Any) -> None:
+    async with RawServer([(STALLED_503, "hang")] * 3) as srv:
+        sink = make_sink(url=srv.url(), timeout="0.3s", max_attempts=2, **FAST)
+        await run(sink, [alert()])
+        assert srv.requests == 2
+    (record,) = dead_letters(sink)
+    assert record["status"] == 503 and record["attempts"] == 2
+    assert record["reason"].startswith("HTTP 503") and "internal error" not in record["reason"]
+
+
+# -- the receiver's side of the signature ------------------------------------------------------
+
+@pytest.mark.parametrize("header", [
+    "t=\u00b2,v1=00",            # str.isdigit() takes a superscript two; int() does not
+    "t=" + "9" * 5000 + ",v1=00",  # over int()'s 4300-digit limit
+    "t=1000,v1=\u00e9",           # hmac.compare_digest refuses non-ASCII str
+    "t=\u0661\u0660\u0660\u0660,v1=00",  # Arabic-Indic digits: int() reads 1000, they are not ASCII
+])
+def test_verify_says_false_for_hostile_headers_instead_of_raising(header: str) -> None:
+    """`signing.verify` is the receiver's check (README): a forged header made it raise ValueError or
+    TypeError, so a receiver using it answered 500 instead of rejecting the request."""
+    assert verify(b"k", b"{}", header, now=1000.0) is False
+
+
+def test_verify_still_accepts_the_real_signature() -> None:
+    header = sign(b"k", b'{"a":1}', 1000)
+    assert verify(b"k", b'{"a":1}', header, now=1000.0)
+    assert not verify(b"k", b'{"a":2}', header, now=1000.0)
+
+
+def _readme_verify() -> Callable[[bytes, bytes, str], bool]:
+    """The `verify` snippet printed in README.md, executed as written."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("import hashlib, hmac, time\n\ndef verify(")
+    code = readme[start:readme.index("```", start)]
+    scope: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), scope)  # the documented snippet itself
+    return scope["verify"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("header", ["t=\u00b2,v1=00", "t=1000,v1=\u00e9", "t=" + "9" * 5000 + ",v1=00"])
+def test_the_readme_verify_snippet_rejects_hostile_headers(header: str) -> None:
+    readme_verify = _readme_verify()
+    assert readme_verify(b"k", b"{}", header) is False
+    t = int(time.time())
+    assert readme_verify(b"k", b"{}", sign(b"k", b"{}", t))
+
+
+# -- alerts with event times no clock produces ---------------------------------------------------
+
+def _bogus_time(i: int) -> dict[str, Any]:
+    ev = alert(i)
+    ev["data"]["timestamp"] = 10 ** 18  # a nanosecond clock, or garbage from a plugin
+    return ev
+
+
+@pytest.mark.parametrize("fmt", ["slack", "discord", "template"])
+async def test_an_alert_with_an_absurd_event_time_is_still_delivered(make_sink: Any, fmt: str) -> None:
+    """Formatting the event time raised OSError (year out of range): the alert was dead-lettered as
+    "cannot encode the webhook body" instead of reaching Slack/Discord with the time shown as it came."""
+    srv = await WebhookServer().start()
+    try:
+        extra = {"template": "{label} at {time}: {text}"} if fmt == "template" else {}
+        sink = make_sink(url=srv.url(), format=fmt, **extra, **FAST)
+        await run(sink, [_bogus_time(0)])
+    finally:
+        await srv.stop()
+    assert (sink.delivered, sink.dead_lettered) == (1, 0), dead_letters(sink)
+    body = srv.requests[0].json
+    if fmt == "discord":  # the time shows only as the embed's timestamp, which must be ISO-8601 or absent
+        assert "timestamp" not in body["embeds"][0]
+    else:
+        assert str(10 ** 18) in srv.requests[0].body.decode()
+
+
+async def test_one_absurd_event_time_does_not_dead_letter_a_whole_json_digest(make_sink: Any) -> None:
+    """A json digest of 30 alerts, one with an absurd time: building the digest failed, each alert alone
+    encoded fine, so all 30 were dead-lettered ("only the combination fails")."""
+    srv = await WebhookServer().start()
+    try:
+        sink = make_sink(url=srv.url(), rate_limit="2/s", burst=1, on_limit="digest", **FAST)
+        events = [alert(i) for i in range(30)]
+        events[7] = _bogus_time(7)
+        await run(sink, events)
+    finally:
+        await srv.stop()
+    assert (sink.delivered, sink.dead_lettered) == (30, 0), dead_letters(sink)
+    assert [r.json["type"] for r in srv.requests] == ["alert", "digest"]
+    assert srv.requests[1].json["count"] == 29
+
