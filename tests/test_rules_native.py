@@ -20,7 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.state.store import open_store
+from pipeline.api import StateStore
+from pipeline.state.store import TrackedDict, open_store
 from stages.processors import rules as rules_mod
 from stages.processors.rules import Rules, RulesOptions
 from tests.test_fastloops import Collider, child_main, in_child, scenario_context
@@ -90,16 +91,24 @@ def _run(native: bool, spec: list[dict[str, Any]], events: list[dict[str, Any]],
         out.extend(stage.process(mine[i:i + batch_size]))
     # repr: NaN times compare unequal to themselves, their text does not
     return (repr(out), stage.fired, dict(stage.fired_by), repr(list(stage.recent)), repr(stage._last_fired),
-            repr(stage._evict.watermark))
+            repr(stage._evict.watermark), sorted(getattr(stage._last_fired, "changed", ())))
+
+
+class _TrackedState(StateStore):
+    """The saved state's maps (change-tracking dicts) without a file."""
+
+    def get(self, name: str) -> Any:
+        return self._maps.setdefault(name, TrackedDict())
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(rule, min_size=1, max_size=4), st.lists(event, max_size=30), st.integers(1, 7))
-def test_c_engine_equals_python_path(make_context, rules, events, batch_size) -> None:  # type: ignore[no-untyped-def]
+@given(st.lists(rule, min_size=1, max_size=4), st.lists(event, max_size=30), st.integers(1, 7), st.booleans())
+def test_c_engine_equals_python_path(make_context, rules, events, batch_size, saved) -> None:  # type: ignore[no-untyped-def]
     _engine_available()
     spec = [{**r, "name": f"r{i}"} for i, r in enumerate(rules)]
-    python = _run(False, spec, events, batch_size, make_context())
-    native = _run(True, spec, events, batch_size, make_context())
+    state = _TrackedState if saved else StateStore
+    python = _run(False, spec, events, batch_size, make_context(state=state()))
+    native = _run(True, spec, events, batch_size, make_context(state=state()))
     assert native == python
 
 
@@ -113,7 +122,7 @@ def test_the_watermark_never_moves_back_within_a_batch(make_context) -> None:  #
     python = _run(False, spec, events, 4, make_context())
     native = _run(True, spec, events, 4, make_context())
     assert native == python
-    assert native[-1] == "30000"
+    assert native[-2] == "30000"
 
 
 def test_c_engine_writes_through_the_saved_state(tmp_path: Path) -> None:
@@ -488,3 +497,45 @@ def test_a_bad_event_in_a_batch_does_not_count_a_good_event_twice_in_a_window(ma
     good = {"channel": "visual_index", "rtstream_id": "rts-1", "data": {"text": "code", "start": 1_000}}
     assert chain([good, None]) == [good]  # one match of two: no alert (counted twice, it fired)
     assert stage._windows == {"two|rts-1": [1_000]}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_saved_state_notes_each_cooldown_write_and_a_failed_batch_takes_its_writes_back(tmp_path, native) -> None:  # type: ignore[no-untyped-def]
+    """With a saved state the C engine writes cooldowns without calling the tracking dict's __setitem__
+    (a Python call per alert); it must note the same keys for saving, and a failed batch must leave the map
+    and the notes as the Python path leaves them (a key new in the batch popped, an old one put back)."""
+    _engine_available()
+    from pipeline.api import Context
+    from pipeline.deadletter import DeadLetter
+    from pipeline.session import SessionLink
+    from pipeline.stats import StageStats
+
+    store = open_store(tmp_path / "state")
+    ctx = Context(pipeline="t", stage="rules", dead_letter=DeadLetter(tmp_path / "dead.jsonl"),
+                  session=SessionLink(), stats=StageStats("rules", "processor"), state=store)
+    saved, Rules.native = Rules.native, native
+    try:
+        stage = Rules(RulesOptions.model_validate({"rules": [{"name": "a", "keywords": ["code"], "cooldown": 5}]}),
+                      ctx)
+    finally:
+        Rules.native = saved
+    assert (stage._engine is not None) == native
+    last = stage._last_fired
+    assert type(last) is TrackedDict
+
+    def ev(rid: str, ms: int) -> dict[str, Any]:
+        return {"channel": "transcript", "rtstream_id": rid, "data": {"text": "code", "start": ms}}
+
+    assert len(stage.process([ev("rts-1", 1_000)])) == 2
+    assert (dict(last), last.changed) == ({"a|rts-1": 1_000}, {"a|rts-1"})
+    store.flush()
+    assert last.changed == set()
+    with pytest.raises(AttributeError):  # the None fails the batch after two cooldown writes
+        stage.process([ev("rts-1", 9_000), ev("rts-2", 9_000), None])
+    assert dict(last) == {"a|rts-1": 1_000}
+    assert last.changed == {"a|rts-1", "a|rts-2"}  # as TrackedDict's own writes and pop() note them
+    store.flush()
+    store.close()
+    again = open_store(tmp_path / "state")
+    assert dict(again.get("rules.last_fired")) == {"a|rts-1": 1_000}
+    again.close()

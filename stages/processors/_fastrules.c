@@ -95,7 +95,7 @@ typedef struct {
 
 static PyObject *s_channel, *s_data, *s_text, *s_start, *s_rtstream_id, *s_rtstream_name, *s_capture_session_id,
     *s_ts, *s_unix_ts, *s_alert, *s_origin, *s_rules, *s_event_label, *s_timestamp, *s_severity, *s_matched,
-    *s_source_channel, *s_lower, *s_empty, *s_get;
+    *s_source_channel, *s_lower, *s_empty, *s_get, *s_pop;
 
 static unsigned char ascii_word[128], ascii_lower[128];
 
@@ -605,6 +605,70 @@ static int cooling(Engine *self, PyObject *last, const Time *when, long long coo
     return quiet;
 }
 
+/* The cooldown writes of one batch, kept until it ends: if it fails, they are taken back in reverse (as
+ * rules.py's _undo), so the retry of its events one by one finds the state as it was. */
+typedef struct {
+    PyObject *map;     /* last_fired */
+    PyObject *changed; /* a change-tracking dict's set of written keys, or NULL: write through map[key] = value */
+    PyObject **keys, **olds; /* olds[i] NULL: keys[i] was absent */
+    Py_ssize_t n, cap;
+} Writes;
+
+/* map[key] = value, as the map's own __setitem__ does it (with `changed`: dict's setitem, then the key noted) */
+static int state_set(const Writes *w, PyObject *key, PyObject *value) {
+    if (w->changed != NULL) return PyDict_SetItem(w->map, key, value) < 0 ? -1 : PySet_Add(w->changed, key);
+    return PyDict_CheckExact(w->map) ? PyDict_SetItem(w->map, key, value) : PyObject_SetItem(w->map, key, value);
+}
+
+/* map.pop(key, None) */
+static int state_pop(const Writes *w, PyObject *key) {
+    if (w->changed == NULL && !PyDict_CheckExact(w->map)) {
+        PyObject *res = PyObject_CallMethodObjArgs(w->map, s_pop, key, Py_None, NULL);
+        Py_XDECREF(res);
+        return res == NULL ? -1 : 0;
+    }
+    int has = PyDict_Contains(w->map, key);
+    if (has <= 0) return has;
+    return PyDict_DelItem(w->map, key) < 0 ? -1 : w->changed != NULL ? PySet_Add(w->changed, key) : 0;
+}
+
+/* Note that key's value was `old` (a reference taken over; NULL: absent), then write `value`. */
+static int write_noted(Writes *w, PyObject *key, PyObject *old, PyObject *value) {
+    if (w->n == w->cap) {
+        Py_ssize_t cap = w->cap ? 2 * w->cap : 64;
+        PyObject **keys = PyMem_Realloc(w->keys, sizeof(PyObject *) * cap);
+        if (keys) w->keys = keys;
+        PyObject **olds = keys ? PyMem_Realloc(w->olds, sizeof(PyObject *) * cap) : NULL;
+        if (!olds) {
+            Py_XDECREF(old);
+            PyErr_NoMemory();
+            return -1;
+        }
+        w->olds = olds;
+        w->cap = cap;
+    }
+    w->keys[w->n] = Py_NewRef(key);
+    w->olds[w->n++] = old;
+    return state_set(w, key, value);
+}
+
+/* Forget the notes; with `undo`, first put every written key back as it was (the current error kept). */
+static void writes_end(Writes *w, int undo) {
+    PyObject *type, *value, *tb;
+    if (undo) PyErr_Fetch(&type, &value, &tb);
+    for (Py_ssize_t i = w->n - 1; i >= 0; i--) {
+        if (undo && (w->olds[i] ? state_set(w, w->keys[i], w->olds[i]) : state_pop(w, w->keys[i])) < 0)
+            PyErr_Clear();
+        Py_DECREF(w->keys[i]);
+        Py_XDECREF(w->olds[i]);
+    }
+    if (undo) PyErr_Restore(type, value, tb);
+    PyMem_Free(w->keys);
+    PyMem_Free(w->olds);
+    w->keys = w->olds = NULL;
+    w->n = w->cap = 0;
+}
+
 static PyObject *s_head[N_HEAD]; /* rtstream_id, rtstream_name, capture_session_id, ts, unix_ts */
 
 /* The alert template for events holding the head keys in `mask`: {"channel": "alert", "origin": "rules",
@@ -695,7 +759,7 @@ done:
 
 /* The alerts one event fires (appended to `alerts`), as rules.py's Rules._fire. */
 static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObject *text, PyObject *ch, PyObject *source,
-                PyObject *last_fired, PyObject *journal, Time *watermark, const Time *ceiling, PyObject *alerts) {
+                Writes *writes, Time *watermark, const Time *ceiling, PyObject *alerts) {
     int rc = -1;
     PyObject *when = NULL, *stream = NULL, *name = NULL;
     PyObject *start = get(data, s_start);
@@ -759,7 +823,7 @@ static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObj
         if (r->cooldown_ms) {
             PyObject *key = state_key(self, idx, stream);
             if (!key) goto done;
-            PyObject *last = PyDict_GetItemWithError(last_fired, key);
+            PyObject *last = PyDict_GetItemWithError(writes->map, key);
             if (last == NULL && PyErr_Occurred()) {
                 Py_DECREF(key);
                 goto done;
@@ -774,14 +838,9 @@ static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObj
                     continue;
                 }
             }
-            /* journalled before it is written: if the batch fails later, rules.py undoes it, so the retry of
-             * its events one by one fires this alert again instead of finding the rule cooling down */
-            PyObject *entry = last ? PyTuple_Pack(3, last_fired, key, last) : PyTuple_Pack(2, last_fired, key);
-            Py_XDECREF(last);
-            int set = entry == NULL || PyList_Append(journal, entry) < 0 ? -1
-                      : PyDict_CheckExact(last_fired)                     ? PyDict_SetItem(last_fired, key, when)
-                                                                          : PyObject_SetItem(last_fired, key, when);
-            Py_XDECREF(entry);
+            /* noted before it is written: if the batch fails later, it is taken back, so the retry of its
+             * events one by one fires this alert again instead of finding the rule cooling down */
+            int set = write_noted(writes, key, last, when);
             Py_DECREF(key);
             if (set < 0) goto done;
         }
@@ -801,13 +860,19 @@ static void copy_range(PyObject *out, Py_ssize_t *n, PyObject *src, Py_ssize_t f
         PyList_SET_ITEM(out, (*n)++, Py_NewRef(PyList_GET_ITEM(src, i)));
 }
 
-/* process(batch, last_fired, watermark, ceiling, counts, journal) -> (out batch or None, alerts, watermark)
- * journal: a list; each cooldown write appends (last_fired, key, old value) or (last_fired, key) first */
+/* process(batch, last_fired, changed, watermark, ceiling, counts) -> (out batch or None, alerts, watermark)
+ * changed: None, or the set a change-tracking last_fired notes written keys in (its __setitem__ is then
+ * dict's own plus that note, done here without a Python call). A batch that fails writes nothing. */
 static PyObject *Engine_process(Engine *self, PyObject *args) {
-    PyObject *batch, *last_fired, *wm, *ceil, *counts, *journal;
-    if (!PyArg_ParseTuple(args, "O!O!OOO!O!", &PyList_Type, &batch, &PyDict_Type, &last_fired, &wm, &ceil,
-                          &PyList_Type, &counts, &PyList_Type, &journal))
+    PyObject *batch, *last_fired, *changed, *wm, *ceil, *counts;
+    if (!PyArg_ParseTuple(args, "O!O!OOOO!", &PyList_Type, &batch, &PyDict_Type, &last_fired, &changed, &wm, &ceil,
+                          &PyList_Type, &counts))
         return NULL;
+    if (changed != Py_None && !PySet_Check(changed)) {
+        PyErr_SetString(PyExc_TypeError, "changed must be a set or None");
+        return NULL;
+    }
+    Writes writes = {last_fired, changed == Py_None ? NULL : changed, NULL, NULL, 0, 0};
     if (PyList_GET_SIZE(counts) != self->n_rules) {
         PyErr_SetString(PyExc_ValueError, "counts must hold one int per rule");
         return NULL;
@@ -882,8 +947,7 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         }
         Py_ssize_t before = PyList_GET_SIZE(alerts);
         if (!bad && s.n_touched)
-            bad = fire(self, &s, event, data, text, ch, t->source, last_fired, journal, &watermark, &ceiling,
-                       alerts) < 0;
+            bad = fire(self, &s, event, data, text, ch, t->source, &writes, &watermark, &ceiling, alerts) < 0;
         scratch_reset(&s);
         Py_DECREF(text);
         Py_DECREF(data);
@@ -927,6 +991,7 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
     }
     result = Py_BuildValue("(OOO)", out ? out : Py_None, alerts, watermark.obj);
 done:
+    writes_end(&writes, result == NULL);
     Py_XDECREF(held);
     Py_XDECREF(held_ch);
     PyMem_Free(marks);
@@ -944,7 +1009,7 @@ done:
 
 static PyMethodDef Engine_methods[] = {
     {"process", (PyCFunction)Engine_process, METH_VARARGS,
-     "process(batch, last_fired, watermark, ceiling, counts, journal) -> (out batch or None, alerts, watermark)"},
+     "process(batch, last_fired, changed, watermark, ceiling, counts) -> (out batch or None, alerts, watermark)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -991,6 +1056,7 @@ PyMODINIT_FUNC PyInit__fastrules(void) {
     INTERN(s_source_channel, "source_channel");
     INTERN(s_lower, "lower");
     INTERN(s_get, "get");
+    INTERN(s_pop, "pop");
     INTERN(s_empty, "");
     s_head[0] = s_rtstream_id;
     s_head[1] = s_rtstream_name;

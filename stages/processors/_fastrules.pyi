@@ -18,6 +18,6 @@ class Engine:
         source_of: Callable[[Any], str],
     ) -> None: ...
     def process(
-        self, batch: list[dict[str, Any]], last_fired: dict[str, Any], watermark: Any, ceiling: Any, counts: list[int],
-        journal: list[tuple[Any, ...]],
+        self, batch: list[dict[str, Any]], last_fired: dict[str, Any], changed: set[Any] | None, watermark: Any,
+        ceiling: Any, counts: list[int],
     ) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]], Any]: ...

@@ -13,3 +13,13 @@ def plain_reads(state: object) -> TypeGuard[dict[Any, Any]]:
         return False
     t = type(state)
     return t.get is dict.get and t.__getitem__ is dict.__getitem__ and t.__contains__ is dict.__contains__
+
+
+def written_keys(state: object) -> set[Any] | None:
+    """The set a saved state's change-tracking dict notes written keys in, or None for any other map.
+
+    Given it, C code writes with dict's own setitem and notes the key itself, exactly as the tracking
+    dict's `__setitem__` does, without a Python call per write (one per alert with a cooldown)."""
+    from pipeline.state.store import TrackedDict
+
+    return state.changed if type(state) is TrackedDict else None

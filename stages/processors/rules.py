@@ -24,7 +24,7 @@ from pipeline.types import Duration
 from stages.globs import glob_matcher
 from stages.processors.eviction import Eviction
 from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, fold
-from stages.processors.native import plain_reads
+from stages.processors.native import plain_reads, written_keys
 
 try:  # the hot loop in C (built with the package); without it the Python path below does the same work
     from stages.processors import _fastrules
@@ -147,6 +147,7 @@ class Rules(Processor):
         self._evict = Eviction(max((max(c.cooldown_ms, c.window_ms) for c in self._rules), default=0)
                                + int(options.state_ttl * 1000), options.max_state_keys)
         self._engine = self._native() if self.native else None
+        self._written = written_keys(self._last_fired)
 
     #: Use the C engine when the rules allow it (tests switch it off to compare both paths).
     native = True
@@ -186,8 +187,8 @@ class Rules(Processor):
             if engine is None:
                 out = self._process(batch, journal)
             else:
-                res, alerts, ev.watermark = engine.process(batch, self._last_fired, ev.watermark, ev.ceiling,
-                                                           self._counts, journal)
+                res, alerts, ev.watermark = engine.process(batch, self._last_fired, self._written, ev.watermark,
+                                                           ev.ceiling, self._counts)  # takes back its own writes
                 if alerts:
                     self.recent.extend(alerts[-20:])
                     self.fired += len(alerts)
