@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
 
 from pipeline.api import Context
@@ -186,3 +187,59 @@ async def test_one_absurd_event_time_does_not_dead_letter_a_whole_json_digest(ma
     assert [r.json["type"] for r in srv.requests] == ["alert", "digest"]
     assert srv.requests[1].json["count"] == 29
 
+
+
+# -- Discord's documented limits, enforced by a receiver that answers 400 as Discord does -----------
+
+DISCORD_LIMITS = {"title": 256, "description": 4096, "name": 256, "value": 1024}
+
+
+def discord_refusal(body: dict[str, Any]) -> str | None:
+    """Why Discord would answer 400 to this webhook body (its embed limits), or None."""
+    if len(body.get("content", "")) > 2000:
+        return "content over 2000"
+    for embed in body.get("embeds", []):
+        total = len(embed.get("title", "")) + len(embed.get("description", ""))
+        for key in ("title", "description"):
+            if len(embed.get(key, "")) > DISCORD_LIMITS[key]:
+                return f"{key} too long"
+        fields = embed.get("fields", [])
+        if len(fields) > 25:
+            return "more than 25 fields"
+        for f in fields:
+            if len(f["name"]) > 256 or len(f["value"]) > 1024:
+                return "field too long"
+            total += len(f["name"]) + len(f["value"])
+        if total > 6000:
+            return f"embed total {total} over 6000"
+    return None
+
+
+class DiscordLike(WebhookServer):
+    """The local webhook server, answering 400 to what Discord refuses."""
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        resp = await super()._handle(request)  # records it (aiohttp keeps the body for a second read)
+        why = discord_refusal(orjson.loads(await request.read()))
+        return web.Response(status=400, text=why) if why else resp
+
+
+async def test_discord_bodies_stay_within_the_6000_character_embed_total(make_sink: Any) -> None:
+    """Each part was cut to its own limit (description 4096, each field 1024, 25 label fields of 256), but
+    Discord also caps their sum at 6000 characters: a long screen text with long stream/session names, or a
+    digest of many long labels, got HTTP 400 and was dead-lettered (a digest: every alert in it)."""
+    srv = await DiscordLike().start()
+    try:
+        sink = make_sink(url=srv.url(), format="discord", rate_limit="2/s", burst=1, on_limit="digest", **FAST)
+        long_one = alert(0, text="t" * 5000)
+        long_one["rtstream_name"] = "display:" + "d" * 1500
+        long_one["capture_session_id"] = "cap-" + "c" * 1500
+        long_one["data"]["matched"] = ["keyword-" + str(i) for i in range(200)]
+        digest = [alert(i, label=f"label-{i:02d}-" + "x" * 240) for i in range(1, 31)]
+        await run(sink, [long_one, *digest])
+    finally:
+        await srv.stop()
+    assert (sink.delivered, sink.dead_lettered) == (31, 0), dead_letters(sink)
+    assert len(srv.requests) == 2

@@ -23,6 +23,7 @@ from .template import render
 COLORS = {"critical": 0xE01E5A, "error": 0xE01E5A, "warning": 0xECB22E, "info": 0x36C5F0}
 GREY = 0x99AAB5
 DIGEST_LINE = 200
+DISCORD_EMBED_TOTAL = 6000  # Discord refuses (400) an embed whose title, description and fields sum past this
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +140,18 @@ def slack_alert(f: Facts) -> dict[str, Any]:
     return {"text": cut(slack_escape(fallback), 3000), "blocks": blocks}
 
 
+def _discord_room(title: str, fields: list[dict[str, Any]]) -> int:
+    """Characters left for an embed's description: 4096, less what the 6000 total leaves after the rest."""
+    used = len(title) + sum(len(x["name"]) + len(x["value"]) for x in fields)
+    return max(1, min(4096, DISCORD_EMBED_TOTAL - used))
+
+
 def discord_alert(f: Facts) -> dict[str, Any]:
     fields = [{"name": name, "value": cut(value, 1024), "inline": inline}
               for name, value, inline in (("Stream", f.stream, True), ("Session", f.session, True),
                                           ("Matched", f.matched, False)) if value]
-    embed: dict[str, Any] = {"title": cut(f.title, 256), "description": cut(f.text, 4096),
+    title = cut(f.title, 256)
+    embed: dict[str, Any] = {"title": title, "description": cut(f.text, _discord_room(title, fields)),
                              "fields": fields, "color": COLORS.get(f.severity.lower(), GREY)}
     if f.iso:
         embed["timestamp"] = f.iso
@@ -206,12 +214,13 @@ def slack_digest(dg: Digest, items: int) -> dict[str, Any]:
 
 
 def discord_digest(dg: Digest, items: int) -> dict[str, Any]:
-    fields = [{"name": cut(name, 256), "value": f"x{n}", "inline": True}
+    fields = [{"name": cut(name, 100), "value": f"x{n}", "inline": True}  # 25 x 100: room is left for the text
               for name, n in list(dg.labels.items())[:25]]
     severities = [f.severity.lower() for f in dg.members]
     color = next((COLORS[s] for s in ("critical", "error", "warning", "info") if s in severities), GREY)
-    embed: dict[str, Any] = {"title": cut(f"{dg.count} alerts (digest)", 256),
-                             "description": dg.lines(items, 4096), "fields": fields, "color": color}
+    title = cut(f"{dg.count} alerts (digest)", 256)
+    embed: dict[str, Any] = {"title": title, "description": dg.lines(items, _discord_room(title, fields)),
+                             "fields": fields, "color": color}
     if dg.members[-1].iso:
         embed["timestamp"] = dg.members[-1].iso
     return {"content": cut(f"**{dg.count} alerts** between {dg.first} and {dg.last}", 2000),
