@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -127,7 +128,6 @@ def test_verify_still_accepts_the_real_signature() -> None:
 
 def _readme_verify() -> Callable[[bytes, bytes, str], bool]:
     """The `verify` snippet printed in README.md, executed as written."""
-    from pathlib import Path
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     start = readme.index("import hashlib, hmac, time\n\ndef verify(")
@@ -243,3 +243,19 @@ async def test_discord_bodies_stay_within_the_6000_character_embed_total(make_si
         await srv.stop()
     assert (sink.delivered, sink.dead_lettered) == (31, 0), dead_letters(sink)
     assert len(srv.requests) == 2
+
+
+@pytest.mark.parametrize("rate", ["10/0s", "5/0min"])
+def test_a_rate_over_zero_seconds_is_a_config_error_not_a_traceback(tmp_path: Path, rate: str) -> None:
+    """`rate_limit: 10/0s` passed `pipeline validate`, then `pipeline run` died in the token bucket with
+    ZeroDivisionError, a traceback and an unclosed HTTP session."""
+    from tests.test_runtime import run_cli
+
+    (tmp_path / "in.jsonl").write_text('{"channel": "alert", "data": {"event_label": "x"}}\n')
+    cfg = tmp_path / "rl.yaml"
+    cfg.write_text(f"name: rl\nsource: {{type: replay, path: {tmp_path}/in.jsonl}}\n"
+                   f"sinks:\n  - type: alert_forwarder\n    url: http://127.0.0.1:9/hook\n    rate_limit: {rate}\n")
+    for cmd in ("validate", "run"):
+        res = run_cli(cmd, str(cfg), timeout=30)
+        assert res.returncode == 2, (cmd, res.stderr)
+        assert "Traceback" not in res.stderr and "rate_limit" in res.stderr, res.stderr
