@@ -128,7 +128,6 @@ def test_verify_still_accepts_the_real_signature() -> None:
 
 def _readme_verify() -> Callable[[bytes, bytes, str], bool]:
     """The `verify` snippet printed in README.md, executed as written."""
-
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     start = readme.index("import hashlib, hmac, time\n\ndef verify(")
     code = readme[start:readme.index("```", start)]
@@ -259,3 +258,19 @@ def test_a_rate_over_zero_seconds_is_a_config_error_not_a_traceback(tmp_path: Pa
         res = run_cli(cmd, str(cfg), timeout=30)
         assert res.returncode == 2, (cmd, res.stderr)
         assert "Traceback" not in res.stderr and "rate_limit" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("index", ["\u00b2", "9" * 5000])
+async def test_a_template_index_that_is_not_a_plain_number_renders_empty(make_sink: Any, index: str) -> None:
+    """`{data[matched][²]}` passes the config check (a `[key]` lookup) and `str.isdigit()`, then int() raised
+    at every alert, so each one was dead-lettered as "cannot encode the webhook body". Missing keys render
+    empty, as the README says."""
+    srv = await WebhookServer().start()
+    try:
+        sink = make_sink(url=srv.url(), format="template", template=f"{{label}}: [{{data[matched][{index}]}}]",
+                         **FAST)
+        await run(sink, [alert()])
+    finally:
+        await srv.stop()
+    assert (sink.delivered, sink.dead_lettered) == (1, 0), dead_letters(sink)
+    assert srv.requests[0].json == {"text": "code-on-screen: []"}
