@@ -274,3 +274,17 @@ async def test_a_template_index_that_is_not_a_plain_number_renders_empty(make_si
         await srv.stop()
     assert (sink.delivered, sink.dead_lettered) == (1, 0), dead_letters(sink)
     assert srv.requests[0].json == {"text": "code-on-screen: []"}
+
+
+def test_a_zero_timeout_is_a_config_error(tmp_path: Path) -> None:
+    """`timeout: 0` was accepted, and aiohttp reads a zero timeout as no timeout at all: a webhook that never
+    answers held every concurrency slot for the whole run, the queue filled and ingest stalled behind it."""
+    from tests.test_runtime import run_cli
+
+    (tmp_path / "in.jsonl").write_text("")
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"name: t\nsource: {{type: replay, path: {tmp_path}/in.jsonl}}\n"
+                   "sinks:\n  - type: alert_forwarder\n    url: http://127.0.0.1:9/hook\n    timeout: 0\n")
+    res = run_cli("validate", str(cfg), timeout=30)
+    assert res.returncode == 2 and "timeout must be more than 0" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
