@@ -147,8 +147,22 @@ async def serve(reader, writer):
                  b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
     writer.write(stream)
     await writer.drain()
-    try:
-        await reader.read()  # until the client closes
+    try:  # then answer as a server does: a ping with its pong, the client's close with a close
+        while True:
+            b0, b1 = await reader.readexactly(2)
+            n = b1 & 0x7F
+            if n >= 126:
+                n = int.from_bytes(await reader.readexactly(2 if n == 126 else 8), "big")
+            mask = await reader.readexactly(4) if b1 & 0x80 else bytes(4)
+            payload = bytes(c ^ mask[i % 4] for i, c in enumerate(await reader.readexactly(n)))
+            if b0 & 0x0F == 0x9:
+                writer.write(bytes([0x8A, len(payload)]) + payload)
+            elif b0 & 0x0F == 0x8:
+                writer.write(bytes([0x88, len(payload)]) + payload)
+                await writer.drain()
+                break
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
     finally:
         writer.close()
 

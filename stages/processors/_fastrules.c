@@ -669,7 +669,10 @@ static void writes_end(Writes *w, int undo) {
     w->n = w->cap = 0;
 }
 
-static PyObject *s_head[N_HEAD]; /* rtstream_id, rtstream_name, capture_session_id, ts, unix_ts */
+static PyObject *s_head[N_HEAD + 1]; /* rtstream_id, rtstream_name, capture_session_id, ts, unix_ts; channel */
+static Py_hash_t head_hash[N_HEAD + 1];
+/* Events with more keys than this are read by lookups (a pass over them would cost more). */
+#define HEAD_SCAN_MAX 16
 
 /* The alert template for events holding the head keys in `mask`: {"channel": "alert", "origin": "rules",
  * <ids>: None, "data": None, <stamps>: None}. A copy of a small dict is a memcpy, where filling a new
@@ -712,25 +715,49 @@ static PyObject *make_alert(Engine *self, const Rule *r, PyObject *first, PyObje
     return alert;
 }
 
+/* The head keys' values and the channel (new references or NULL) of an exact dict of a few exact-str keys, in
+ * one pass over it: a key's cached hash is compared with each name's before their text, where a lookup per
+ * name costs a whole probe. 0: read; -1: not such a dict (nothing read, no error). */
+static int read_head_at_once(PyObject *event, PyObject **head, PyObject **channel) {
+    PyObject *key, *value, *found[N_HEAD + 1] = {NULL};
+    Py_ssize_t pos = 0;
+    if (!PyDict_CheckExact(event) || PyDict_GET_SIZE(event) > HEAD_SCAN_MAX) return -1;
+    while (PyDict_Next(event, &pos, &key, &value)) {
+        if (!PyUnicode_CheckExact(key)) return -1;  /* equal by its own __eq__, perhaps */
+        Py_hash_t h = ((PyASCIIObject *)key)->hash;
+        for (int k = 0; k <= N_HEAD; k++)
+            if (h == head_hash[k] && (key == s_head[k] || same_str(key, s_head[k]))) {
+                found[k] = value;
+                break;
+            }
+    }
+    for (int k = 0; k < N_HEAD; k++) head[k] = Py_XNewRef(found[k]);
+    *channel = Py_XNewRef(found[N_HEAD]);
+    return 0;
+}
+
 /* The alerts of the rules in s->firing (appended to `alerts`), as the end of rules.py's Rules._fire. */
 static int make_alerts(Engine *self, Scratch *s, PyObject *event, PyObject *text, PyObject *when, PyObject *ch,
                        PyObject *source, PyObject *alerts) {
     PyObject *head[N_HEAD] = {NULL}, *now = NULL;
     int mask = 0, rc = -1;
-    for (int k = 0; k < N_HEAD; k++) {  /* read once, as the Python path does, and held while alerts are built */
-        if (PyDict_CheckExact(event)) {
-            head[k] = Py_XNewRef(PyDict_GetItemWithError(event, s_head[k]));
-            if (head[k] == NULL && PyErr_Occurred()) goto done;
-        } else {  /* `k in event`, then event[k]: a subclass's own methods */
-            int has = PySequence_Contains(event, s_head[k]);
-            if (has < 0 || (has && (head[k] = PyObject_GetItem(event, s_head[k])) == NULL)) goto done;
+    /* read once, as the Python path does, and held while alerts are built */
+    if (read_head_at_once(event, head, &now) < 0) {
+        for (int k = 0; k < N_HEAD; k++) {
+            if (PyDict_CheckExact(event)) {
+                head[k] = Py_XNewRef(PyDict_GetItemWithError(event, s_head[k]));
+                if (head[k] == NULL && PyErr_Occurred()) goto done;
+            } else {  /* `k in event`, then event[k]: a subclass's own methods */
+                int has = PySequence_Contains(event, s_head[k]);
+                if (has < 0 || (has && (head[k] = PyObject_GetItem(event, s_head[k])) == NULL)) goto done;
+            }
         }
-        mask |= (head[k] != NULL) << k;
+        /* data.source_channel: the Python path's source_of(the channel read now). The table's name while that
+         * is still the exact str the table was found by; code run since (a text's lower()) may have changed it. */
+        now = get(event, s_channel);
+        if (now == NULL && PyErr_Occurred()) goto done;
     }
-    /* data.source_channel: the Python path's source_of(the channel read now). The table's name while that is
-     * still the exact str the table was found by; code run since (a text's lower()) may have changed it. */
-    now = get(event, s_channel);
-    if (now == NULL && PyErr_Occurred()) goto done;
+    for (int k = 0; k < N_HEAD; k++) mask |= (head[k] != NULL) << k;
     if (now != ch || !PyUnicode_CheckExact(ch)) {
         source = PyObject_CallOneArg(self->source_of, now ? now : Py_None);
         if (!source) goto done;
@@ -1063,6 +1090,9 @@ PyMODINIT_FUNC PyInit__fastrules(void) {
     s_head[2] = s_capture_session_id;
     s_head[3] = s_ts;
     s_head[4] = s_unix_ts;
+    s_head[N_HEAD] = s_channel;
+    for (int k = 0; k <= N_HEAD; k++)
+        if ((head_hash[k] = PyObject_Hash(s_head[k])) == -1) return NULL;
     if (PyType_Ready(&EngineType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;

@@ -21,6 +21,12 @@ async def main(total: int, drop_every: int, garbage_every: int, seed: int) -> No
     state = {"next": 0, "conn": 0}
 
     async def handler(ws: websockets.ServerConnection) -> None:
+        try:
+            await serve(ws)
+        except websockets.ConnectionClosed:  # the client went away (a drop it makes, or its stop)
+            pass
+
+    async def serve(ws: websockets.ServerConnection) -> None:
         state["conn"] += 1
         await ws.send(orjson.dumps({"connection_id": f"conn-{state['conn']}"}).decode())
         budget = rng.randint(1, drop_every) if drop_every else total
@@ -32,6 +38,8 @@ async def main(total: int, drop_every: int, garbage_every: int, seed: int) -> No
                                         "data": {"text": f"event {i}", "is_final": True, "start": i}}).decode())
             if garbage_every and i % garbage_every == 0:
                 await ws.send(rng.choice(["garbage{", "[1, 2]", "42", '"str"']))
+            if i % 256 == 0:  # let the connection read what the client sent (its close), as a real server does
+                await asyncio.sleep(0)
         if state["next"] >= total:
             await asyncio.Future()  # done: keep the connection open until the client stops
         await ws.close()
