@@ -283,7 +283,8 @@ class Collector:
     def _alert(self, session: Session, lane: Lane, mark: Mark, data: dict[str, Any],
                event: dict[str, Any]) -> None:
         session.alerts_total += 1
-        matched = [_cut(m, 80) for m in data.get("matched") or [] if isinstance(m, str)][:20]
+        raw = data.get("matched")  # off the wire: a number raised TypeError, a string counted its letters
+        matched = [_cut(m, 80) for m in raw[:100] if isinstance(m, str)][:20] if isinstance(raw, list) else []
         for m in matched:
             if m in session.keywords or len(session.keywords) < MAX_KEYWORDS:
                 session.keywords[m] = session.keywords.get(m, 0) + 1

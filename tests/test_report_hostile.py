@@ -1,0 +1,40 @@
+"""`pipeline report` on hostile field types, as a real CLI process: one page, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline.report.collect import Collector
+from tests.test_report import cli
+
+T0 = 1772446500000
+
+
+def alert(matched: Any) -> dict[str, Any]:
+    return {"channel": "alert", "capture_session_id": "cap-1", "rtstream_id": "rts-1",
+            "data": {"event_label": "code", "start": T0, "text": "password on screen", "matched": matched}}
+
+
+@pytest.mark.parametrize("matched", [7, 1.5, True, {"password": 1}])
+def test_an_alert_whose_matched_is_not_a_list_does_not_stop_the_report(tmp_path: Path, matched: Any) -> None:
+    """`data.matched` comes off the wire (a plugin or VideoDB alert may set it to anything): a number made
+    `pipeline report` die with TypeError and a traceback, so no page was written for any session."""
+    events = [{"channel": "transcript", "capture_session_id": "cap-1", "rtstream_id": "rts-1",
+               "data": {"text": "hello", "start": T0 - 1000, "end": T0}}, alert(matched), alert(["password"])]
+    (tmp_path / "events.jsonl").write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    res = cli(["report", str(tmp_path)], tmp_path)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    page = (tmp_path / "report-cap-1.html").read_text()
+    assert "password on screen" in page
+
+
+def test_a_matched_string_is_not_counted_letter_by_letter() -> None:
+    """A string iterated as a list counted each of its letters as a keyword."""
+    c = Collector()
+    c.add(alert("password"))
+    c.add(alert(["password", 5, None]))
+    assert c.out.sessions["cap-1"].keywords == {"password": 1}
