@@ -288,3 +288,41 @@ def test_a_zero_timeout_is_a_config_error(tmp_path: Path) -> None:
     res = run_cli("validate", str(cfg), timeout=30)
     assert res.returncode == 2 and "timeout must be more than 0" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def _crafted_pair() -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two different alerts whose fields, joined with the key's separator, read the same."""
+    a, b = alert(0), alert(0)
+    a["data"].update(source_channel="visual_index", matched=["password"], text="shown\x1eon screen")
+    b["data"].update(source_channel="visual_index\x1epassword", matched=["shown"], text="on screen")
+    return a, b
+
+
+async def test_two_different_alerts_never_share_an_idempotency_key(make_sink: Any) -> None:
+    """The key hashed the fields joined with \\x1e, a character screen text may hold: an alert crafted to
+    join to the same string as a real one (here: source channel, keywords and text shifted across the
+    separator) took its key, and the real alert was dropped as a "duplicate" and never sent."""
+    from stages.sinks.alert_forwarder.idempotency import alert_key
+
+    a, b = _crafted_pair()
+    assert a != b and alert_key(a) != alert_key(b)
+    assert alert_key(alert(3)) == alert_key(alert(3))
+    srv = await WebhookServer().start()
+    try:
+        sink = make_sink(url=srv.url(), **FAST)
+        await run(sink, [a, b])
+    finally:
+        await srv.stop()
+    assert (sink.delivered, sink.duplicates) == (2, 0)
+
+
+def test_plain_alerts_keep_their_idempotency_keys() -> None:
+    """Receivers dedupe across runs and versions: an alert without separator characters keeps the key it had."""
+    import hashlib
+
+    from stages.sinks.alert_forwarder.idempotency import alert_key
+
+    ev = alert(5)
+    raw = "\x1e".join(["code-on-screen", "rts-3", str(1710000017340), "visual_index", "code",
+                       "User is editing Python code #5"])
+    assert alert_key(ev) == hashlib.sha256(raw.encode()).hexdigest()[:32]
