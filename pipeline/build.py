@@ -8,7 +8,9 @@ from typing import Any
 
 from pipeline.api import BufferOptions, Context, Controller, Processor, Sink, Source, StateStore
 from pipeline.config import PipelineConfig, StageSpec
+from pipeline.contracts import events_of, ours
 from pipeline.deadletter import DeadLetter
+from pipeline.errors import PipelineError, StageError
 from pipeline.events import ALIASES, LIFECYCLE, Batch, channel_set
 from pipeline.logs import stage_log
 from pipeline.session import SessionLink
@@ -52,15 +54,27 @@ class Chain:
         self.dead_letter = dead_letter
         self.tap: Any = None  # a TapHub while a tap client is attached: sees each processor's output
 
+    @property
+    def processors(self) -> list[Processor]:
+        return self._processors
+
+    @processors.setter
+    def processors(self, processors: list[Processor]) -> None:  # a reload swaps them
+        self._processors = processors
+        self._plugins = frozenset(id(p) for p in processors if not ours(p))
+
     def __call__(self, batch: Batch, start: int = 0) -> Batch:
         tap = self.tap
+        plugins = self._plugins
         for n, p in enumerate(self.processors[start:] if start else self.processors, start + 1):
             st = p.context.stats
             st.received += len(batch)
             try:
-                batch = p.process(batch)
+                out = p.process(batch)
+                batch = self._checked(p, out) if plugins and id(p) in plugins else out
             except Exception as exc:
-                log.warning("%s: raised %s on a batch; retrying event by event", p.context.stage, exc)
+                log.warning("%s: raised %s: %s on a batch; retrying event by event", p.context.stage,
+                            type(exc).__name__, exc)
                 batch = self._one_by_one(p, batch)
             st.sent += len(batch)
             if tap is not None:
@@ -75,6 +89,8 @@ class Chain:
         for i, p in enumerate(self.processors):
             try:
                 held = p.flush()
+                if id(p) in self._plugins and held is not None:
+                    held = self._checked(p, held, "flush()")
             except Exception as exc:
                 log.warning("%s: flush raised %s: %s", p.context.stage, type(exc).__name__, exc)
                 p.context.stats.errors += 1
@@ -86,13 +102,20 @@ class Chain:
 
     def _one_by_one(self, p: Processor, batch: Batch) -> Batch:
         out: Batch = []
+        check = id(p) in self._plugins
         for event in batch:
             try:
-                out.extend(p.process([event]))
+                res = p.process([event])
+                out.extend(self._checked(p, res) if check else res)
             except Exception as exc:
                 p.context.stats.errors += 1
                 self.dead_letter.write(f"{type(exc).__name__}: {exc}", stage=p.context.stage, event=event)
         return out
+
+    def _checked(self, p: Processor, out: Any, what: str = "process()") -> Batch:
+        """A plugin's output as later stages and sinks need it (see pipeline.contracts); not a list: TypeError,
+        as if it had raised, so the batch is retried event by event."""
+        return events_of(out, what, p.context.stage, self.dead_letter, p.context.stats)
 
     @property
     def alerts_fired(self) -> int:
@@ -127,7 +150,13 @@ def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: 
                       state=state, out_dir=cfg.out_dir, state_dir=cfg.state_dir, settings=settings,
                       log=stage_log(spec.kind, spec.type_name, spec.label))
         cls: Any = spec.cls
-        return cls(spec.options, ctx)
+        try:
+            return cls(spec.options, ctx)
+        except PipelineError:
+            raise
+        except Exception as exc:  # a plugin's own failure: one line; PIPELINE_DEBUG=1 shows the traceback
+            why = (str(exc).splitlines() or [""])[0][:300]
+            raise StageError(f"{spec.label}: cannot start: {type(exc).__name__}: {why}") from exc
 
     source = make(cfg.source) if with_source else None
     controller = make(cfg.controller) if cfg.controller is not None else None

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from pipeline.build import Built, SinkSlot
+from pipeline.contracts import checked_batches, ours
 from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import Batch, event_time_ms
 from pipeline.runtime import hup
@@ -141,7 +142,7 @@ class LocalRuntime:
         lag, received_at = self.lag, self.received_at
         clock, wall = time.monotonic, time.time
         self.source_running = True
-        async for batch in source.batches():
+        async for batch in source.batches() if ours(source) else checked_batches(source, b.dead_letter):
             await self.gate.wait()  # set except while a reload swaps sinks
             n = len(batch)
             st.received += n
