@@ -38,3 +38,17 @@ def test_a_matched_string_is_not_counted_letter_by_letter() -> None:
     c.add(alert("password"))
     c.add(alert(["password", 5, None]))
     assert c.out.sessions["cap-1"].keywords == {"password": 1}
+
+
+def test_an_input_that_exists_but_is_not_a_file_is_named_as_such(tmp_path: Path) -> None:
+    """A fifo (or /dev/zero) given as input was reported as "no such file or directory"."""
+    import os
+
+    fifo = tmp_path / "events.jsonl"
+    os.mkfifo(fifo)
+    res = cli(["report", str(fifo)], tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (f"pipeline: {fifo}: not a regular file "
+                                  "(expected JSONL files or a directory of them)")
+    res = cli(["report", str(tmp_path / "missing.jsonl")], tmp_path)
+    assert res.returncode == 2 and "no such file or directory" in res.stderr

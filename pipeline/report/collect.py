@@ -327,5 +327,6 @@ def input_files(inputs: list[str]) -> list[Path]:
         else:
             from pipeline.errors import ConfigError
 
-            raise ConfigError(f"{raw}: no such file or directory (expected JSONL files or a directory of them)")
+            what = "not a regular file" if p.exists() else "no such file or directory"  # a fifo, a device
+            raise ConfigError(f"{raw}: {what} (expected JSONL files or a directory of them)")
     return files
