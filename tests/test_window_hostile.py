@@ -73,3 +73,20 @@ def test_a_long_matched_keyword_is_listed_once(make_context: MakeCtx) -> None:
     (m,) = run(w, [alerts])
     assert m["data"]["keywords"] == sorted(["k" * 256, "short"])
     assert m["data"]["alerts"] == {"l": 100}
+
+
+def test_a_slide_that_puts_each_event_in_more_windows_than_may_be_open_is_a_config_error(tmp_path: Any) -> None:
+    """`size: 1h, slide: 100ms` validated, then every event fell in 36,000 windows with at most 10,000 open:
+    1.2 s per event, and each event closed ~27,000 windows early as partial `evicted` metrics."""
+    from tests.test_runtime import run_cli
+
+    (tmp_path / "in.jsonl").write_text("")
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text(f"name: w\nsource: {{type: replay, path: {tmp_path}/in.jsonl}}\n"
+                   "stages:\n  - {type: window, size: 1h, slide: 100ms}\nsinks: [{type: console}]\n")
+    res = run_cli("validate", str(cfg), timeout=30)
+    assert res.returncode == 2, res.stderr
+    assert "every event in 36000 windows, more than max_open_windows (10000)" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    WindowOptions(size="1d", slide="1m")  # 1,440 windows per event: allowed (the cost is documented)
+    WindowOptions(size="1h", slide="100ms", max_open_windows=40_000)

@@ -61,6 +61,10 @@ class WindowOptions(Options):
     def _slide(self) -> WindowOptions:
         if self.slide is not None and not 0.001 <= self.slide <= self.size:
             raise ValueError("slide must be between 1ms and size (windows may overlap, not leave gaps)")
+        per_event = round(self.size * 1000) // max(1, round((self.slide or self.size) * 1000))
+        if per_event > self.max_open_windows:  # each event alone would evict: 1 s per event, a flood of partials
+            raise ValueError(f"size / slide puts every event in {per_event} windows, more than max_open_windows "
+                             f"({self.max_open_windows}): use a longer slide or raise max_open_windows")
         return self
 
 
