@@ -52,3 +52,22 @@ def test_an_input_that_exists_but_is_not_a_file_is_named_as_such(tmp_path: Path)
                                   "(expected JSONL files or a directory of them)")
     res = cli(["report", str(tmp_path / "missing.jsonl")], tmp_path)
     assert res.returncode == 2 and "no such file or directory" in res.stderr
+
+
+def test_the_page_lists_a_bounded_number_of_gaps(tmp_path: Path) -> None:
+    """Every stretch without events was drawn and listed: 20,000 events 31 s apart (2 MB of input; a sparse
+    week-long session, or hostile timestamps) made 20,000 hatched rectangles and list items, an 8 MB page
+    (1M distinct seconds are remembered per session: up to 1M of each). Now the 500 longest are shown."""
+    def at(i: int) -> int:  # one hour-long outage after the 5,000th event: it must be among those shown
+        return T0 + i * 31_000 + (3_600_000 if i >= 5_000 else 0)
+
+    events = [{"channel": "visual_index", "capture_session_id": "cap-1", "rtstream_id": "rts-1",
+               "data": {"text": "screen", "start": at(i), "end": at(i) + 1000}} for i in range(20_000)]
+    (tmp_path / "events.jsonl").write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    res = cli(["report", str(tmp_path)], tmp_path)
+    assert res.returncode == 0, res.stderr
+    page = (tmp_path / "report-cap-1.html").read_text()
+    assert page.count('class="gap"') <= 500 and page.count("<li>no events for") <= 500
+    assert "no events for <b>1h 00m 30s</b>" in page  # the longest stretch is kept
+    assert "shorter stretches without events not listed" in page
+    assert len(page) < 3_000_000, len(page)

@@ -8,6 +8,7 @@ the duplicate filter all have caps, and every text is cut.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ MAX_KEYWORDS: Final = 500
 MAX_LIFECYCLE: Final = 500
 MAX_CHANNELS: Final = 32  # channel names counted apart per session; the rest count as "other channels"
 MAX_SECONDS: Final = 1_000_000  # distinct event-time seconds remembered per session (gap detection)
+MAX_GAPS: Final = 500  # stretches without events drawn and listed per session: the longest
 MAX_DEDUPE: Final = 2_000_000  # line digests remembered to drop the same event found in two files
 MARK_CHANNELS: Final = ("transcript", "audio_index", "visual_index", "alert")
 UNKNOWN_SESSION: Final = "unknown-session"
@@ -146,6 +148,16 @@ class Session:
         secs = sorted(self.seconds)
         return [(a * 1000 + 1000, b * 1000) for a, b in itertools.pairwise(secs)
                 if (b - a - 1) * 1000 >= min_gap_ms]
+
+    def longest_gaps(self, min_gap_ms: int, cap: int = MAX_GAPS) -> tuple[list[tuple[int, int]], int]:
+        """At most `cap` of `gaps()`, the longest, in time order, and how many there are in all.
+
+        A sparse session (or hostile times) has one gap per distinct second: the page must stay bounded.
+        """
+        found = self.gaps(min_gap_ms)
+        if len(found) <= cap:
+            return found, len(found)
+        return sorted(heapq.nlargest(cap, found, key=lambda g: g[1] - g[0])), len(found)
 
 
 @dataclass
