@@ -71,3 +71,15 @@ def test_the_page_lists_a_bounded_number_of_gaps(tmp_path: Path) -> None:
     assert "no events for <b>1h 00m 30s</b>" in page  # the longest stretch is kept
     assert "shorter stretches without events not listed" in page
     assert len(page) < 1_000_000, len(page)  # 3,634,797 before, 275,245 now
+
+
+def test_sessions_past_the_cap_are_not_left_out_silently(tmp_path: Path) -> None:
+    """Past 200 sessions, events were dropped without a word: 205 sessions gave 200 pages, exit 0, nothing said."""
+    lines = [orjson.dumps({"channel": "transcript", "capture_session_id": f"cap-{i:03d}",
+                           "data": {"text": "hi", "start": T0 + i * 10 + k, "end": T0 + i * 10 + 5}}) + b"\n"
+             for i in range(205) for k in range(2)]
+    (tmp_path / "events.jsonl").write_bytes(b"".join(lines))
+    res = cli(["report", str(tmp_path), "-o", str(tmp_path / "pages")], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert len(list((tmp_path / "pages").glob("*.html"))) == 200
+    assert "10 event(s) of sessions past the first 200 were left out" in res.stderr

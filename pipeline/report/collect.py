@@ -168,6 +168,7 @@ class Collected:
     skipped: int = 0
     duplicates: int = 0
     metrics: int = 0
+    left_out: int = 0  # events of sessions past MAX_SESSIONS
 
 
 def _cut(v: Any, n: int = MAX_TEXT) -> str:
@@ -254,6 +255,7 @@ class Collector:
             self._learn_streams(event, data)
         session = self._session(event)
         if session is None:
+            self.out.left_out += 1
             return
         t = event_time_ms(event)
         session.span(t)
