@@ -326,3 +326,21 @@ def test_plain_alerts_keep_their_idempotency_keys() -> None:
     raw = "\x1e".join(["code-on-screen", "rts-3", str(1710000017340), "visual_index", "code",
                        "User is editing Python code #5"])
     assert alert_key(ev) == hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_never_followed_and_the_signed_body_goes_nowhere_else(make_sink: Any,
+                                                                                  status: int) -> None:
+    """Guard (README: redirects are never followed): the signed body must not reach the redirect target."""
+    other = await WebhookServer().start()
+    srv = await WebhookServer().start()
+    try:
+        srv.script = [(status, {"Location": other.url("/stolen")})]
+        sink = make_sink(url=srv.url(), secret="whsec-redirect-test", **FAST)
+        await run(sink, [alert()])
+    finally:
+        await srv.stop()
+        await other.stop()
+    assert other.requests == [] and len(srv.requests) == 1
+    (record,) = dead_letters(sink)
+    assert record["status"] == status and "redirect not followed" in record["reason"]
