@@ -344,3 +344,13 @@ async def test_a_redirect_is_never_followed_and_the_signed_body_goes_nowhere_els
     assert other.requests == [] and len(srv.requests) == 1
     (record,) = dead_letters(sink)
     assert record["status"] == status and "redirect not followed" in record["reason"]
+
+
+async def test_a_response_whose_headers_never_end_times_out_and_is_retried(make_sink: Any) -> None:
+    """Guard: a slow-loris answer (status line, then headers that never end) is bounded by `timeout`."""
+    partial = b"HTTP/1.1 200 OK\r\nX-Slow: 1"
+    async with RawServer([(partial, "hang"), (partial, "hang")]) as srv:
+        sink = make_sink(url=srv.url(), timeout="0.3s", **FAST)
+        await run(sink, [alert()])
+        assert srv.requests == 3
+    assert (sink.delivered, sink.dead_lettered) == (1, 0)
