@@ -22,6 +22,7 @@ from pipeline.channels import check_channels
 from pipeline.errors import ConfigError, suggest
 from pipeline.paths import resolve_inputs
 from pipeline.registry import LookupFailed, Registry, default_registry
+from pipeline.rulenames import check_rule_names
 from pipeline.types import Duration, Secret
 from pipeline.yamlpos import Path_, Positions, load
 
@@ -379,8 +380,13 @@ def _data_loc(data: Any, loc: tuple[Any, ...], *, keep_last: bool) -> tuple[Any,
     return tuple(out)
 
 
+#: option names with "key" in them that hold no secret: a wrong value in them is shown, so it can be fixed
+_NOT_SECRET = frozenset({"keywords", "max_state_keys", "dedupe_keys"})
+
+
 def _secret_path(path: Path_) -> bool:
-    return any(isinstance(p, str) and ("key" in p or "secret" in p or "token" in p) for p in path)
+    return any(isinstance(p, str) and p not in _NOT_SECRET and ("key" in p or "secret" in p or "token" in p)
+               for p in path)
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -459,6 +465,7 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
     runtime = chk.model(RuntimeSettings, data.get("runtime"), ("runtime",))
     every = [s for s in (source, controller, *procs, *outs) if s is not None]
     check_channels(chk, data, every, extra)
+    check_rule_names(chk, data)
     chk.raise_errors()
     assert source is not None and videodb is not None and runtime is not None
     videodb = resolve_inputs(videodb, base)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
@@ -17,15 +18,20 @@ def parse_duration(value: Any) -> float:
     """`30s`, `5m`, `1.5h`, `250ms` or a number of seconds -> seconds (float)."""
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like 30s, got {value!r}")
+    seconds = None
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"expected a duration like 30s, got {value!r}")
-        return float(value)
-    if isinstance(value, str):
+        try:
+            seconds = float(value) if value >= 0 else None  # (NaN is not >= 0)
+        except OverflowError:  # an int past a float's range
+            seconds = None
+    elif isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f"expected a duration like 30s, got {value!r}")
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    # .inf (or digits past a float's range) would pass here and crash the stage that turns it into ms
+    if seconds is None or not math.isfinite(seconds):
+        raise ValueError(f"expected a duration like 30s, got {value!r}")
+    return seconds
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*(ms|s|sec|m|min|h|hour|d|day)\s*$")

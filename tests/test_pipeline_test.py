@@ -154,3 +154,47 @@ def test_a_test_file_that_is_not_utf8_is_an_error_with_its_line(tmp_path: Path) 
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert f"{tmp_path}/a.test.yaml:3: not UTF-8 text (byte 0xdf)" in res.stdout, res.stdout
     assert f"ok    {tmp_path}/b.test.yaml: passes" in res.stdout  # the other file still runs
+
+
+def test_a_case_that_passes_whatever_the_rules_do_is_an_error(tmp_path: Path) -> None:
+    """`dropped: []` checks nothing, and with no input events (`input: []`, an empty `input_file`) every
+    expectation that can pass passes whatever the rules do: each such case passed, a test that cannot fail."""
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    case = "  - {{name: {}, {}, expect: {}}}\n"
+    one = "input: [{channel: visual_index, data: {text: a terminal}}]"
+    (tmp_path / "p.test.yaml").write_text("config: p.yaml\ncases:\n"
+                                          + case.format("empty-dropped", one, "{dropped: []}")
+                                          + case.format("no-input", "input: []", "{no_alerts: true}")
+                                          + case.format("empty-file", "input_file: empty.jsonl", "{dropped: 0}"))
+    res = run(str(tmp_path / "p.test.yaml"))
+    assert res.returncode == 2, res.stdout
+    lines = res.stdout.splitlines()
+    assert "cases[0].expect: expects nothing, so the case would pass whatever happens" in lines[1], lines
+    assert "p.test.yaml:4:22: cases[1].input: no events: without input" in lines[2], lines
+    assert len(lines) == 4, lines
+    (tmp_path / "p.test.yaml").write_text("config: p.yaml\ncases:\n"
+                                          + case.format("empty-file", "input_file: empty.jsonl", "{dropped: 0}"))
+    res = run(str(tmp_path / "p.test.yaml"))
+    assert res.returncode == 2, res.stdout
+    assert "p.test.yaml:3:24: cases[0].input_file: no events in empty.jsonl" in res.stdout, res.stdout
+
+
+def test_a_count_0_expectation_that_names_nothing_that_runs_is_an_error(tmp_path: Path) -> None:
+    """`count: 0` with a misspelled rtstream, keyword or severity passed whatever the rules did (no alert could
+    ever match it), as a misspelled label did before it was checked."""
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    case = ("  - {{name: {}, input: [{{channel: visual_index, rtstream_id: s1, data: {{text: a terminal}}}}],"
+            " expect: {{alerts: [{{label: term, {}, count: 0}}]}}}}\n")
+    (tmp_path / "p.test.yaml").write_text("config: p.yaml\ncases:\n" + case.format("stream", "rtstream: s2")
+                                          + case.format("keyword", "matched: [terminl]")
+                                          + case.format("severity", "severity: critcal"))
+    res = run(str(tmp_path / "p.test.yaml"))
+    assert res.returncode == 2, res.stdout
+    where = f"{tmp_path}/p.test.yaml"
+    assert (f"{where}:3:5: expect.alerts[0].rtstream: no input event is on rtstream 's2'; expected one of: s1"
+            ) in res.stdout, res.stdout
+    assert (f"{where}:4:5: expect.alerts[0].matched: no rule running in this case has the keyword 'terminl' "
+            "(did you mean 'terminal'?)") in res.stdout, res.stdout
+    assert (f"{where}:5:5: expect.alerts[0].severity: no rule running in this case has severity 'critcal'; "
+            "expected one of: info") in res.stdout, res.stdout

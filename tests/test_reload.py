@@ -312,3 +312,59 @@ async def test_a_changed_sink_buffer_is_reported_as_needing_a_restart(tmp_path: 
     caplog.clear()
     assert await reloader.reload("test")  # the same file again: the buffer is still the one change not applied
     assert "needs a restart, not applied: sinks[0].buffer" in caplog.text and "re-created" not in caplog.text
+
+
+async def test_a_reload_that_restarts_a_rule_forgets_its_saved_cooldown_at_once(tmp_path: Path) -> None:
+    """A reload dropped a changed rule's cooldown in memory only; state.db kept it until some later batch
+    changed state. Killed (-9) before one, the restarted run read the old cooldown back: the changed rule
+    stayed silent for the rest of the old cooldown."""
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+    from pipeline.runtime.reload import Reloader
+    from pipeline.state.store import open_store
+
+    p = tmp_path / "p.yaml"
+    out = tmp_path / "o.jsonl"
+    p.write_text(RULES_CFG.format(kw="apple", extra="      - {name: pie, keywords: [pie], cooldown: 10m}", out=out))
+    cfg = load_config(p)
+    state = open_store(tmp_path / "state")
+    rt = LocalRuntime(build(cfg, state=state), install_signals=False)
+    reloader = Reloader(rt, p, cfg)
+    rt.b.chain([{"channel": "transcript", "rtstream_id": "r", "data": {"text": "apple pie", "start": 1000}}])
+    state.flush()  # as the runtime does after every batch
+    p.write_text(RULES_CFG.format(kw="apple, pear", extra="      - {name: pie, keywords: [pie], cooldown: 10m}",
+                                  out=out))
+    assert await reloader.reload("test")
+    restarted = open_store(tmp_path / "state")  # what a run restarted after kill -9 reads
+    try:
+        assert sorted(restarted.get("rules.last_fired")) == ["pie|r"]
+    finally:
+        restarted.close()
+        state.close()
+
+
+async def test_rule_state_carries_over_when_a_processor_is_added_before_the_rules(tmp_path: Path) -> None:
+    """Rule state is kept for every rule whose name and matching are unchanged; a filter added in front of the
+    rules stage moved it to stages[1], and every cooldown started afresh: each alert fired again at once."""
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+    from pipeline.runtime.reload import Reloader
+
+    p = tmp_path / "p.yaml"
+    out = tmp_path / "o.jsonl"
+    p.write_text(RULES_CFG.format(kw="apple", extra="", out=out))
+    cfg = load_config(p)
+    rt = LocalRuntime(build(cfg), install_signals=False)
+    reloader = Reloader(rt, p, cfg)
+
+    def fired(at_s: int) -> list[str]:
+        batch = [{"channel": "transcript", "rtstream_id": "r", "data": {"text": "apple pie", "start": at_s * 1000}}]
+        return [e["data"]["event_label"] for e in rt.b.chain(batch) if e.get("channel") == "alert"]
+
+    assert fired(0) == ["apple"]
+    p.write_text(RULES_CFG.format(kw="apple", extra="", out=out).replace(
+        "stages:\n", "stages:\n  - {type: filter, channels: [transcript]}\n"))
+    assert await reloader.reload("test")
+    assert fired(60) == []  # still inside apple's 10m cooldown

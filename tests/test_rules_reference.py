@@ -23,17 +23,23 @@ from pipeline.events import canonical, event_time_ms
 from stages.processors.rules import Rules, RulesOptions
 
 WORD = re.compile(r"\w+")
-VOCAB = ["code", "terminal", "slack", "pass word", "password", "budget", "deploy", "error"]
+VOCAB = ["code", "terminal", "slack", "pass word", "password", "budget", "deploy", "error", "ΟΔΟΣ"]
+PIECES = ["x", "Code.", "passwords", "!", "\u03bf\u03b4\u03bf\u03c2", "İ", "İcode"]  # "οδος": a final sigma
 TEXT_CHANNELS = ["transcript", "visual_index", "audio_index"]
 T0 = 1_700_000_000_000
 SECONDS = [0, 1, 2, 3, 5, 7, 10, 25, 30, 31]  # few distinct times: cooldown and window edges are hit exactly
 
 
+def low(text: str) -> str:
+    """Case folded one character per character, as documented: "İ" is "i", every sigma the small one."""
+    return "".join(ch.lower()[0] for ch in text).replace("\u03c2", "\u03c3")
+
+
 def occurs(keyword: str, text: str, mode: str) -> bool:
     if mode == "substring":
-        return keyword.lower() in text.lower()
-    words = WORD.findall(keyword.lower())
-    return (" " + " ".join(words) + " ") in (" " + " ".join(WORD.findall(text.lower())) + " ")
+        return low(keyword) in low(text)
+    words = WORD.findall(low(keyword))
+    return (" " + " ".join(words) + " ") in (" " + " ".join(WORD.findall(low(text))) + " ")
 
 
 def reference(spec: list[dict[str, Any]], events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -92,8 +98,7 @@ rule = st.fixed_dictionaries(
 windowed = st.tuples(st.sampled_from([None, 5, 20]), st.integers(2, 3))
 event = st.fixed_dictionaries(
     {"channel": st.sampled_from([*TEXT_CHANNELS, "scene_index", "alert"]),
-     "data": st.fixed_dictionaries({"text": st.lists(st.sampled_from([*VOCAB, "x", "Code.", "passwords", "!"]),
-                                                      max_size=5).map(" ".join),
+     "data": st.fixed_dictionaries({"text": st.lists(st.sampled_from([*VOCAB, *PIECES]), max_size=5).map(" ".join),
                                     "start": st.sampled_from(SECONDS).map(lambda s: T0 + s * 1000)})},
     optional={"rtstream_id": st.sampled_from(["rts-1", "rts-2", ""]),
               "rtstream_name": st.sampled_from(["display:1", "mic:default"]),

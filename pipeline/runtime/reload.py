@@ -47,14 +47,15 @@ def _same(a: StageSpec | None, b: StageSpec | None) -> bool:
 
 
 def _rule_keys(cfg: PipelineConfig) -> dict[str, Any]:
-    """Rule name -> what decides its matching (state is kept only while this is unchanged)."""
+    """Rule name -> what decides its matching (state is kept only while this is unchanged). Rule names are unique
+    in a pipeline and every rules stage shares the state maps, so a rule keeps its state wherever its stage moves."""
     out: dict[str, Any] = {}
     for spec in cfg.stages:
         for rule in getattr(spec.options, "rules", None) or []:
             name = getattr(rule, "name", None)
             if isinstance(name, str):
-                out[name] = (spec.path, rule.model_dump(include={"keywords", "match", "channels", "rtstream_names",
-                                                                 "window", "min_count"}))
+                out[name] = rule.model_dump(include={"keywords", "match", "channels", "rtstream_names", "window",
+                                                     "min_count"})
     return out
 
 
@@ -250,6 +251,8 @@ class Reloader:
             m = state.get(mapping)
             for key in [k for k in m if str(k).partition("|")[0] in stale]:
                 del m[key]
+        if state.dirty:  # saved now: a run restarted after a crash before the next batch must not read them back
+            state.flush()
 
 
 async def _replace(slot: SinkSlot, sw: SinkSwap) -> None:

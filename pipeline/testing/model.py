@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.api import Options
 from pipeline.errors import ConfigError
 from pipeline.yamlpos import load
 
 BASE_UNIX = 1_700_000_000  # `at: 90s` in an input event = this + 90 seconds (unix_ts)
+NO_EVENTS = "no events: without input every expectation that can pass passes whatever the rules do"
 
 
 class AlertExpect(Options):
@@ -38,7 +39,7 @@ class Expect(Options):
         if self.no_alerts and self.alerts:
             raise ValueError("no_alerts: true and alerts: [...] contradict each other; keep one")
         if not (self.alerts or self.no_alerts or self.only_these_alerts or self.events_out
-                or self.dropped is not None):
+                or self.dropped not in (None, [])):  # `dropped: []` names no event: it checks nothing
             raise ValueError("expects nothing, so the case would pass whatever happens; give alerts, no_alerts, "
                              "events_out or dropped")
         return self
@@ -50,6 +51,13 @@ class Case(Options):
     input_file: str | None = Field(default=None, description="events as JSON lines (relative: to the test file)")
     stages: list[str] | None = Field(default=None, description="processors to run, by type or stages[N]")
     expect: Expect
+
+    @field_validator("input")
+    @classmethod
+    def _some_events(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if v == []:
+            raise ValueError(NO_EVENTS)
+        return v
 
     @model_validator(mode="after")
     def _one_input(self) -> Case:
@@ -120,6 +128,9 @@ def load_tests(path: Path) -> tuple[TestFile, list[LoadedCase]]:
         else:
             assert case.input_file is not None
             raw = _read_jsonl(path.parent / case.input_file, chk.where(("cases", i, "input_file")))
+            if not raw:
+                why = NO_EVENTS.replace("no events", f"no events in {case.input_file}", 1)
+                raise chk.fail(("cases", i, "input_file"), why)
         cases.append(LoadedCase(case, [_at(e, where) for e in raw], where))
     return tf, cases
 

@@ -7,7 +7,7 @@
  *
  * A whole word is a maximal run of word characters (str.isalnum() or "_", as `\w` in
  * Python's re); a keyword of several words matches consecutive words. Text is lowered
- * with str.lower() (the Python `fold` when that changes the length), as in matchers.py.
+ * with str.lower() (the Python `fold` when that changes the length or writes a final sigma), as in matchers.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -95,7 +95,7 @@ typedef struct {
 
 static PyObject *s_channel, *s_data, *s_text, *s_start, *s_rtstream_id, *s_rtstream_name, *s_capture_session_id,
     *s_ts, *s_unix_ts, *s_alert, *s_origin, *s_rules, *s_event_label, *s_timestamp, *s_severity, *s_matched,
-    *s_source_channel, *s_lower, *s_empty, *s_get, *s_pop;
+    *s_source_channel, *s_lower, *s_empty, *s_get, *s_pop, *s_final_sigma;
 
 static unsigned char ascii_word[128], ascii_lower[128];
 
@@ -962,8 +962,12 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
             bad = 0;
         } else {  /* str.lower(), or fold() where lowering changes the length, as matchers.py */
             PyObject *low = PyObject_CallMethodNoArgs(text, s_lower);
-            if (low && PyUnicode_Check(low) && PyUnicode_GET_LENGTH(low) != PyUnicode_GET_LENGTH(text))
-                Py_SETREF(low, PyObject_CallOneArg(self->fold, text));
+            if (low && PyUnicode_Check(low)) {  /* "İ" changes the length; "Σ" may lower to "ς": fold() then */
+                int refold = PyUnicode_GET_LENGTH(low) != PyUnicode_GET_LENGTH(text)
+                                 ? 1 : PySequence_Contains(low, s_final_sigma);
+                if (refold < 0) Py_CLEAR(low);
+                else if (refold) Py_SETREF(low, PyObject_CallOneArg(self->fold, text));
+            }
             if (low && !PyUnicode_Check(low)) {  /* a str subclass's lower(): never read a non-str as text */
                 PyErr_Format(PyExc_TypeError, "text.lower() returned %.100s, not str", Py_TYPE(low)->tp_name);
                 Py_CLEAR(low);
@@ -1085,6 +1089,7 @@ PyMODINIT_FUNC PyInit__fastrules(void) {
     INTERN(s_get, "get");
     INTERN(s_pop, "pop");
     INTERN(s_empty, "");
+    if (!(s_final_sigma = PyUnicode_FromOrdinal(0x3c2))) return NULL;
     s_head[0] = s_rtstream_id;
     s_head[1] = s_rtstream_name;
     s_head[2] = s_capture_session_id;

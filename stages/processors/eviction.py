@@ -23,7 +23,7 @@ FUTURE_SLACK_MS = 86_400_000
 class Eviction:
     """When to sweep, and the sweep itself."""
 
-    __slots__ = ("ceiling", "evicted", "horizon_ms", "max_keys", "next_sweep", "watermark")
+    __slots__ = ("ceiling", "evicted", "horizon_ms", "max_keys", "next_sweep", "others", "watermark")
 
     def __init__(self, horizon_ms: int, max_keys: int) -> None:
         self.horizon_ms = horizon_ms
@@ -31,6 +31,7 @@ class Eviction:
         self.watermark = 0
         self.next_sweep = 0
         self.evicted = 0
+        self.others: dict[int, int] = {}  # id(mapping) -> its keys another stage owns, at the last sweep
         self.ceiling = int(time.time() * 1000) + FUTURE_SLACK_MS
 
     def seen(self, when: int) -> None:
@@ -42,22 +43,36 @@ class Eviction:
         self.ceiling = int(time.time() * 1000) + FUTURE_SLACK_MS
         if self.watermark >= self.next_sweep:
             return True
-        cap = self.max_keys
-        return any(len(m) > cap for m in maps)
+        cap, others = self.max_keys, self.others
+        return any(len(m) > cap + others.get(id(m), 0) for m in maps)
 
-    def sweep(self, m: MutableMapping[Any, Any], time_of: Callable[[Any], int]) -> int:
-        """Drop entries older than the horizon, then the oldest beyond the cap; returns how many went."""
+    def sweep(self, m: MutableMapping[Any, Any], time_of: Callable[[Any], int],
+              mine: Callable[[Any], bool] | None = None) -> int:
+        """Drop entries older than the horizon, then the oldest beyond the cap; returns how many went.
+
+        `mine`: which keys are this stage's, where stages share a mapping; the others are left to their owner."""
         cutoff = self.watermark - self.horizon_ms
-        old = [k for k, v in m.items() if time_of(v) < cutoff]
+        kept: list[tuple[Any, int]] = []
+        old = []
+        for k, v in m.items():
+            if mine is not None and not mine(k):
+                continue
+            t = time_of(v)
+            if t < cutoff:
+                old.append(k)
+            else:
+                kept.append((k, t))
         for k in old:
             del m[k]
         n = len(old)
-        if len(m) > self.max_keys:
-            ordered = sorted(m.items(), key=lambda kv: time_of(kv[1]))
-            extra = ordered[: len(m) - self.max_keys * 9 // 10]
+        if len(kept) > self.max_keys:
+            kept.sort(key=lambda kt: kt[1])
+            extra = kept[: len(kept) - self.max_keys * 9 // 10]
             for k, _ in extra:
                 del m[k]
             n += len(extra)
+            del kept[: len(extra)]
+        self.others[id(m)] = len(m) - len(kept)
         self.next_sweep = self.watermark + SWEEP_EVERY_MS
         self.evicted += n
         return n

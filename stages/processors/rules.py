@@ -12,6 +12,7 @@ distinct rtstream ids can pin in memory.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,7 +24,7 @@ from pipeline.events import ALIASES, canonical, event_time_ms
 from pipeline.types import Duration
 from stages.globs import glob_matcher
 from stages.processors.eviction import Eviction
-from stages.processors.matchers import Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, fold
+from stages.processors.matchers import FINAL_SIGMA, Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, fold
 from stages.processors.native import plain_reads, written_keys
 
 try:  # the hot loop in C (built with the package); without it the Python path below does the same work
@@ -35,18 +36,34 @@ TEXT_CHANNELS = ["transcript", "visual_index", "audio_index"]
 _ABSENT: Any = object()  # "no such key", where a saved value may be None
 _IDS = ("rtstream_id", "rtstream_name", "capture_session_id")  # copied from the source event, in this order
 _STAMPS = ("ts", "unix_ts")  # after data, as in every alert
+_C_MAX_MS = 1 << 62  # the C engine holds a cooldown in a 64-bit int; a longer one (millions of years) stays in Python
 
 
 class Rule(Options):
     name: str = Field(description="becomes the alert's data.event_label")
     keywords: list[str] = Field(min_length=1, description="case-insensitive keywords (or regexes)")
     match: Literal["word", "substring", "regex"] = Field(default="word", description="word = whole words")
-    channels: list[str] = Field(default_factory=lambda: list(TEXT_CHANNELS))
+    channels: list[str] = Field(default_factory=lambda: list(TEXT_CHANNELS), min_length=1)
     rtstream_names: list[str] | None = Field(default=None, description="globs such as 'display:*'")
     cooldown: Duration = Field(default=0.0, description="quiet time per rule and rtstream after an alert")
     window: Duration | None = Field(default=None, description="with min_count: count matches in this window")
     min_count: int = Field(default=1, ge=1, description="matches needed within window to fire")
     severity: str = "info"
+
+    @field_validator("name")
+    @classmethod
+    def _state_key_name(cls, v: str) -> str:
+        if not v or "|" in v:
+            raise ValueError(f"a rule name is not empty and has no '|' (it separates rule and rtstream in the saved "
+                             f"cooldowns), got {v!r}")
+        return v
+
+    @field_validator("window")
+    @classmethod
+    def _window_ms(cls, v: float | None) -> float | None:
+        if v is not None and v < 0.001:  # event times are ms: a shorter window would be no window (min_count ignored)
+            raise ValueError(f"a window is at least 1ms (event times are milliseconds), got {v:g}s")
+        return v
 
     @field_validator("keywords")
     @classmethod
@@ -146,6 +163,12 @@ class Rules(Processor):
         self.recent: deque[Event] = deque(maxlen=20)  # the last alerts, for the status page
         self._evict = Eviction(max((max(c.cooldown_ms, c.window_ms) for c in self._rules), default=0)
                                + int(options.state_ttl * 1000), options.max_state_keys)
+        # every rules stage of a pipeline keeps its state in the same maps: each sweeps only its own keys (and
+        # those of rules no stage has any more), so a stage's shorter horizon cannot drop another's cooldowns
+        self._names = frozenset(c.label for c in self._rules)
+        self._owners = _owners(context.state)
+        for name in self._names:  # a set: a stage built for a reload that is then rejected leaves the old one's
+            self._owners.setdefault(name, weakref.WeakSet()).add(self)
         self._engine = self._native() if self.native else None
         self._written = written_keys(self._last_fired)
 
@@ -157,7 +180,7 @@ class Rules(Processor):
         shape); substring and regex rules, windows and state that is not a dict keep the Python path."""
         if _fastrules is None or not plain_reads(self._last_fired):
             return None
-        if any(c.window_ms or c.rule.match != "word" for c in self._rules):
+        if any(c.window_ms or c.rule.match != "word" or c.cooldown_ms >= _C_MAX_MS for c in self._rules):
             return None
         tables: list[tuple[Any, str]] = []
         index: dict[str, int] = {}
@@ -215,8 +238,15 @@ class Rules(Processor):
     def _sweep(self) -> None:
         ev = self._evict
         if ev.due(self._last_fired, self._windows):
-            ev.sweep(self._last_fired, _last_time)
-            ev.sweep(self._windows, _newest_time)
+            ev.sweep(self._last_fired, _last_time, self._mine)
+            ev.sweep(self._windows, _newest_time, self._mine)
+
+    def _mine(self, key: Any) -> bool:
+        """Is this state key ("<rule>|<stream>") this stage's to forget? Its rule's, or no running stage's."""
+        name = str(key).partition("|")[0]
+        if name in self._names:
+            return True
+        return not self._owners.get(name)
 
     def _process(self, batch: Batch, journal: list[tuple[Any, ...]]) -> Batch:
         """The Python path (and the reference the C engine is held to)."""
@@ -235,7 +265,8 @@ class Rules(Processor):
                 continue
             hits: Hits = {}
             lowered = text.lower()
-            if len(lowered) != len(text):  # "İ" lowers to two characters: keep word boundaries aligned
+            # "İ" lowers to two characters (keep word boundaries aligned), a sigma may lower to a final one: fold()
+            if len(lowered) != len(text) or FINAL_SIGMA in lowered:
                 lowered = fold(text)
             seen = m[0](lowered, hits)
             if m[1] is not None and (seen or not m[2] or not text.isascii()):
@@ -315,6 +346,18 @@ class Rules(Processor):
         self.recent.extend(alerts)
         self.fired += len(alerts)
         return alerts
+
+
+def _owners(state: Any) -> dict[str, weakref.WeakSet[Rules]]:
+    """Rule name -> the rules stages (weakly) that own its state keys, kept beside the shared maps."""
+    owners = getattr(state, "_rule_owners", None)
+    if owners is None:
+        owners = {}
+        try:
+            state._rule_owners = owners
+        except AttributeError:  # a plugin's store with __slots__: each stage then sweeps as if it were alone
+            pass
+    return owners  # type: ignore[no-any-return]
 
 
 def _stream_of(event: Event) -> str:

@@ -1,0 +1,56 @@
+"""A `count: 0` alert expectation must name things that run in its case, or it passes whatever the rules do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config import StageSpec
+from pipeline.errors import ConfigError, suggest
+from pipeline.testing.model import LoadedCase
+
+
+def _streams(events: list[dict[str, Any]]) -> list[str]:
+    """Every rtstream id and name the input holds (lifecycle events list theirs under data.rtstreams)."""
+    out: dict[str, None] = {}
+
+    def take(x: Any) -> None:
+        if isinstance(x, dict):
+            for k in ("rtstream_id", "rtstream_name", "name"):
+                if isinstance(x.get(k), str):
+                    out[x[k]] = None
+
+    for e in events:
+        take({"rtstream_id": e.get("rtstream_id"), "rtstream_name": e.get("rtstream_name")})
+        data = e.get("data")
+        for r in (data.get("rtstreams") if isinstance(data, dict) else None) or []:
+            take(r)
+    return list(out)
+
+
+def check_zero_counts(specs: list[StageSpec], lc: LoadedCase) -> None:
+    """`{rtstream: s2, count: 0}` with s2 on no input event can never fail: an error, as a label no rule has.
+
+    Checked only where nothing else makes alerts (no plugin processor) and, for keywords, no regex rule runs
+    (its matches are texts, not keywords)."""
+    if any(not s.cls.__module__.startswith("stages.") for s in specs):
+        return
+    rules = [r for s in specs for r in getattr(s.options, "rules", None) or []]
+    keywords = sorted({k.lower() for r in rules if r.match != "regex" for k in r.keywords})
+    any_regex = any(r.match == "regex" for r in rules)
+    for i, want in enumerate(lc.case.expect.alerts or []):
+        if want.count != 0:
+            continue  # expecting an alert that cannot come fails by itself
+        where = f"{lc.where}: expect.alerts[{i}]"
+        streams = _streams(lc.events)
+        if want.rtstream is not None and want.rtstream not in streams:
+            raise ConfigError(f"{where}.rtstream: no input event is on rtstream {want.rtstream!r}"
+                              f"{suggest(want.rtstream, streams)}")
+        for kw in [] if any_regex else want.matched or []:
+            if kw.lower() not in keywords:
+                raise ConfigError(f"{where}.matched: no rule running in this case has the keyword {kw!r}"
+                                  f"{suggest(kw.lower(), keywords)}")
+        labelled = [r for r in rules if want.label in (None, r.name)]
+        severities = sorted({r.severity for r in labelled})
+        if want.severity is not None and want.severity not in severities:
+            raise ConfigError(f"{where}.severity: no rule running in this case has severity {want.severity!r}"
+                              f"{suggest(want.severity, severities)}")
