@@ -43,8 +43,8 @@ def parse_rate(value: Any) -> tuple[float, float]:
     """`10/min`, `5/s`, `100/1h` -> (count, per_seconds)."""
     if isinstance(value, str):
         m = _RATE.match(value)
-        if m and float(m.group(1)) > 0:
-            mult = int(m.group(2)) if m.group(2) else 1
+        mult = int(m.group(2)) if m and m.group(2) else 1
+        if m and float(m.group(1)) > 0 and mult > 0:  # `10/0s` would divide by zero in the token bucket
             return float(m.group(1)), mult * _RATE_UNITS[m.group(3)]
     raise ValueError(f"expected a rate like 10/min, got {value!r}")
 

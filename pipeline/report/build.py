@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from pipeline.errors import ConfigError
 from pipeline.files import write_private_text
-from pipeline.report.collect import Collector, input_files
+from pipeline.report.collect import MAX_SESSIONS, Collector, input_files
 from pipeline.report.render import render
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -56,4 +57,7 @@ def build_reports(inputs: list[str], out: str | None = None, gap_ms: int = 30_00
     paths = output_paths(sorted(sessions), inputs, out)
     for sid, path in paths.items():
         write_private_text(path, render(sessions[sid], collected, gap_ms))
+    if collected.left_out:  # never silently: say what the session cap left out, and what to do
+        print(f"pipeline report: {collected.left_out} event(s) of sessions past the first {MAX_SESSIONS} were "
+              "left out; report fewer files at a time", file=sys.stderr)
     return list(paths.values())

@@ -8,6 +8,7 @@ the duplicate filter all have caps, and every text is cut.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ MAX_KEYWORDS: Final = 500
 MAX_LIFECYCLE: Final = 500
 MAX_CHANNELS: Final = 32  # channel names counted apart per session; the rest count as "other channels"
 MAX_SECONDS: Final = 1_000_000  # distinct event-time seconds remembered per session (gap detection)
+MAX_GAPS: Final = 500  # stretches without events drawn and listed per session: the longest
 MAX_DEDUPE: Final = 2_000_000  # line digests remembered to drop the same event found in two files
 MARK_CHANNELS: Final = ("transcript", "audio_index", "visual_index", "alert")
 UNKNOWN_SESSION: Final = "unknown-session"
@@ -147,6 +149,16 @@ class Session:
         return [(a * 1000 + 1000, b * 1000) for a, b in itertools.pairwise(secs)
                 if (b - a - 1) * 1000 >= min_gap_ms]
 
+    def longest_gaps(self, min_gap_ms: int, cap: int = MAX_GAPS) -> tuple[list[tuple[int, int]], int]:
+        """At most `cap` of `gaps()`, the longest, in time order, and how many there are in all.
+
+        A sparse session (or hostile times) has one gap per distinct second: the page must stay bounded.
+        """
+        found = self.gaps(min_gap_ms)
+        if len(found) <= cap:
+            return found, len(found)
+        return sorted(heapq.nlargest(cap, found, key=lambda g: g[1] - g[0])), len(found)
+
 
 @dataclass
 class Collected:
@@ -156,6 +168,7 @@ class Collected:
     skipped: int = 0
     duplicates: int = 0
     metrics: int = 0
+    left_out: int = 0  # events of sessions past MAX_SESSIONS
 
 
 def _cut(v: Any, n: int = MAX_TEXT) -> str:
@@ -242,6 +255,7 @@ class Collector:
             self._learn_streams(event, data)
         session = self._session(event)
         if session is None:
+            self.out.left_out += 1
             return
         t = event_time_ms(event)
         session.span(t)
@@ -283,7 +297,8 @@ class Collector:
     def _alert(self, session: Session, lane: Lane, mark: Mark, data: dict[str, Any],
                event: dict[str, Any]) -> None:
         session.alerts_total += 1
-        matched = [_cut(m, 80) for m in data.get("matched") or [] if isinstance(m, str)][:20]
+        raw = data.get("matched")  # off the wire: a number raised TypeError, a string counted its letters
+        matched = [_cut(m, 80) for m in raw[:100] if isinstance(m, str)][:20] if isinstance(raw, list) else []
         for m in matched:
             if m in session.keywords or len(session.keywords) < MAX_KEYWORDS:
                 session.keywords[m] = session.keywords.get(m, 0) + 1
@@ -326,5 +341,6 @@ def input_files(inputs: list[str]) -> list[Path]:
         else:
             from pipeline.errors import ConfigError
 
-            raise ConfigError(f"{raw}: no such file or directory (expected JSONL files or a directory of them)")
+            what = "not a regular file" if p.exists() else "no such file or directory"  # a fifo, a device
+            raise ConfigError(f"{raw}: {what} (expected JSONL files or a directory of them)")
     return files

@@ -101,7 +101,7 @@ def timeline(s: Session, gap_ms: int) -> str:
         x = sc.x(t)
         out.append(f'<line class="grid" x1="{x:.1f}" y1="22" x2="{x:.1f}" y2="{height - 6}"/>'
                    f'<text class="tick" x="{x:.1f}" y="16">{esc(clock(t))}</text>')
-    for a, b in s.gaps(gap_ms):
+    for a, b in s.longest_gaps(gap_ms)[0]:
         x0, x1 = sc.x(a), sc.x(b)
         out.append(f'<rect class="gap" x="{x0:.1f}" y="24" width="{max(2.0, x1 - x0):.1f}" height="{height - 30}" '
                    f'data-tip="{esc(f"no events for {duration(b - a)} ({clock(a)} to {clock(b)})")}"/>')
@@ -199,8 +199,11 @@ def _lifecycle(s: Session, t0: int) -> str:
 
 
 def _gaps(s: Session, gap_ms: int, t0: int) -> str:
+    gaps, total = s.longest_gaps(gap_ms)
     items = [f"<li>no events for <b>{esc(duration(b - a))}</b> from {esc(clock(a))} ({esc(offset(a, t0))})</li>"
-             for a, b in s.gaps(gap_ms)]
+             for a, b in gaps]
+    if total > len(gaps):
+        items.append(f"<li>… and {total - len(gaps)} shorter stretches without events not listed</li>")
     items += [f"<li>backfilled events from {esc(clock(a))} to {esc(clock(b))}</li>" for a, b in s.backfill_spans]
     if not items:
         return f'<p class="none">No stretch of {esc(duration(gap_ms))} or more without events; nothing backfilled.</p>'

@@ -12,6 +12,7 @@ all at the end of a run.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Final
 
 import orjson
@@ -30,6 +31,7 @@ MAX_CHANNELS: Final = 32  # distinct channel names counted apart per window (nam
 MAX_LABELS: Final = 100  # distinct alert labels counted apart per window
 OTHER: Final = "(other)"  # where the rest, and names longer than MAX_KEY_CHARS, are counted
 MAX_TIME: Final = 1 << 53  # event times beyond ±2^53 ms (285,000 years) count as late
+FUTURE_SLACK_MS: Final = 86_400_000  # an event time more than a day ahead of the wall clock counts as late
 
 
 class WindowOptions(Options):
@@ -59,6 +61,10 @@ class WindowOptions(Options):
     def _slide(self) -> WindowOptions:
         if self.slide is not None and not 0.001 <= self.slide <= self.size:
             raise ValueError("slide must be between 1ms and size (windows may overlap, not leave gaps)")
+        per_event = round(self.size * 1000) // max(1, round((self.slide or self.size) * 1000))
+        if per_event > self.max_open_windows:  # each event alone would evict: 1 s per event, a flood of partials
+            raise ValueError(f"size / slide puts every event in {per_event} windows, more than max_open_windows "
+                             f"({self.max_open_windows}): use a longer slide or raise max_open_windows")
         return self
 
 
@@ -109,8 +115,10 @@ def _add(acc: dict[str, Any], event: Event, ch: str, t: int) -> None:
         if isinstance(matched, list):
             kws = acc["keywords"]
             for m in matched:
-                if isinstance(m, str) and m not in kws and len(kws) < MAX_KEYWORDS:
-                    kws.append(m[:MAX_KEY_CHARS])
+                if isinstance(m, str) and len(kws) < MAX_KEYWORDS:
+                    m = m[:MAX_KEY_CHARS]  # cut before the check: a long keyword is one keyword, not one per alert
+                    if m not in kws:
+                        kws.append(m)
     if isinstance(text, str) and text:
         if acc["ft"] is None or t < acc["ft"]:
             acc["ft"], acc["first"] = t, text[:MAX_TEXT]
@@ -180,6 +188,7 @@ class Window(Processor):
         last_kt: tuple[Any, ...] | None = None
         last_acc: dict[str, Any] = {}
         late = 0
+        ceiling = min(MAX_TIME, int(time.time() * 1000) + FUTURE_SLACK_MS)
         failed: Batch = []
         for event in batch:
             try:  # one bad event (not a dict, a plugin's odd value) costs only itself, see below
@@ -195,7 +204,7 @@ class Window(Processor):
                 data = event.get("data")
                 start = data.get("start") if isinstance(data, dict) else None
                 t = start if type(start) is int else event_time_ms(event)
-                if not -MAX_TIME <= t <= MAX_TIME:  # no real clock says this; it would poison the watermark
+                if not -MAX_TIME <= t <= ceiling:  # no real clock says this; it would poison the watermark
                     late += 1
                     continue
                 if wm is None or t > wm:

@@ -1,9 +1,12 @@
 """Sink `jsonl`: seed-compatible JSON lines (the event plus `ts`/`unix_ts`).
 
 Lines are buffered per file and written whole (a write never ends mid-line on
-our side), every `flush_interval`, when the buffer passes `buffer_bytes`, and
-at shutdown. Files are 0600 in 0700 directories; symlinked paths are refused.
-A file deleted or renamed (logrotate) under us is opened again at the next flush.
+our side), every `flush_interval`, when the buffers pass `buffer_bytes`, and
+at shutdown. Files are opened at the flush, at most MAX_OPEN_FILES kept open
+(least recently written closed first), so one file per session stays cheap
+with any number of live sessions. Files are 0600 in 0700 directories;
+symlinked paths are refused. A file deleted or renamed (logrotate) under us
+is opened again at the next flush.
 """
 
 from __future__ import annotations
@@ -55,12 +58,11 @@ class JsonlOptions(SinkOptions):
 
 
 class _File:
-    __slots__ = ("buf", "fh", "path")
+    __slots__ = ("fh", "path")
 
     def __init__(self, path: str, fh: BinaryIO) -> None:
         self.path = path
         self.fh = fh
-        self.buf = bytearray()
 
     def reopen_if_replaced(self) -> None:
         """Deleted or renamed (logrotate) under us: open the path again (a symlink or directory is refused)."""
@@ -83,7 +85,9 @@ class JsonlSink(Sink):
         self._per_session = "{capture_session_id}" in options.path
         self._day = UtcDays()
         self._safe: set[str] = set()
-        self._files: dict[str, _File] = {}
+        self._files: dict[str, _File] = {}  # open files, least recently written first (at most MAX_OPEN_FILES)
+        self._bufs: dict[str, bytearray] = {}  # path -> lines not written yet
+        self._buffered = 0  # bytes in _bufs, so buffer_bytes bounds all files together
         self._cleared: set[str] = set()
         self._last_flush = time.monotonic()
         self._timer: asyncio.Task[None] | None = None
@@ -95,22 +99,43 @@ class JsonlSink(Sink):
             # Opened now, so a bad path fails at start; with `clear` emptied only at the first write, so a
             # run whose source never opens (a typo in a replay path) keeps the previous results.
             self._cleared.add(self.options.path)
-            self._file(self.options.path)
+            self._open(self.options.path)
             self._pending_clear = self.options.clear
         if self.options.flush_interval > 0:
             self._timer = asyncio.create_task(self._flush_periodically(), name=f"{self.context.stage}-flush")
 
-    def _file(self, path: str) -> _File:
-        f = self._files.get(path)
+    def _open(self, path: str) -> _File:
+        """The open file for `path` (most recently used now); past MAX_OPEN_FILES the least recent is closed.
+
+        Only flushes call this (and `start` for a fixed path), so with more live files than the cap a file
+        is reopened at most once per flush, never once per event.
+        """
+        f = self._files.pop(path, None)
         if f is None:
-            if len(self._files) >= MAX_OPEN_FILES:  # {date}/{channel} paths: don't hold every day open forever
-                self.flush_now()
-                oldest = next(iter(self._files))
-                self._files.pop(oldest).fh.close()
+            if len(self._files) >= MAX_OPEN_FILES:  # {date}/{session} paths: don't hold every file open forever
+                self._files.pop(next(iter(self._files))).fh.close()
             truncate = self.options.clear and path not in self._cleared
-            self._cleared.add(path)
-            f = self._files[path] = _File(path, open_private(path, truncate=truncate))
+            if self.options.clear:
+                self._cleared.add(path)
+            f = _File(path, open_private(path, truncate=truncate))
+        else:
+            try:
+                f.reopen_if_replaced()  # one stat per file and flush: lines never go to a deleted file
+            except BaseException:
+                f.fh.close()
+                raise
+        self._files[path] = f
         return f
+
+    def _buf(self, path: str) -> bytearray:
+        buf = self._bufs.get(path)
+        if buf is None:
+            buf = self._bufs[path] = bytearray()
+        return buf
+
+    def buffered_bytes(self) -> int:
+        """Bytes of lines waiting for the next flush, all files together."""
+        return self._buffered
 
     def _path_for(self, event: Event) -> str:
         ch = channel(event)
@@ -129,11 +154,10 @@ class JsonlSink(Sink):
         if self._templated:
             self._write_templated(batch)
         else:
-            f = self._file(self.options.path)
             if self._pending_clear:
                 self._pending_clear = False
-                f.fh.truncate(0)
-            buf = f.buf
+                self._open(self.options.path).fh.truncate(0)
+            buf = self._buf(self.options.path)
             mark = len(buf)
             try:
                 for e in batch:  # one line at a time: each temporary is freed at once, the heap stays small
@@ -141,8 +165,10 @@ class JsonlSink(Sink):
             except TypeError:  # an event JSON cannot hold (orjson.JSONEncodeError): that one, not the batch
                 del buf[mark:]
                 self._write_each(batch)
+            else:
+                self._buffered += len(buf) - mark
         if (time.monotonic() - self._last_flush >= self.options.flush_interval
-                or any(len(f.buf) >= self.options.buffer_bytes for f in self._files.values())):
+                or self._buffered >= self.options.buffer_bytes):
             self.flush_now(current=len(batch))
 
     def _write_templated(self, batch: Batch) -> None:
@@ -152,15 +178,19 @@ class JsonlSink(Sink):
             except TypeError as exc:
                 self._unwritable(event, exc)
                 continue
-            self._file(self._path_for(event)).buf += line
+            self._buf(self._path_for(event)).extend(line)
+            self._buffered += len(line)
 
     def _write_each(self, batch: Batch) -> None:
-        buf = self._file(self.options.path).buf
+        buf = self._buf(self.options.path)
         for event in batch:
             try:
-                buf += _DUMP(event, option=_OPTS, default=str)
+                line = _DUMP(event, option=_OPTS, default=str)
             except TypeError as exc:
                 self._unwritable(event, exc)
+                continue
+            buf += line
+            self._buffered += len(line)
 
     def _unwritable(self, event: Event, exc: Exception) -> None:
         """Dead-letter one event JSON cannot encode; the runtime counted it as written, so move it."""
@@ -177,32 +207,38 @@ class JsonlSink(Sink):
         `current` = events of the batch being written now (not yet counted as sent by the runtime).
         """
         self._last_flush = time.monotonic()
-        for f in self._files.values():
-            if not f.buf:
+        if not self._buffered:
+            return
+        # Detach the buffers first: a view a tracer or profiler keeps alive can then never block
+        # appending to new ones (bytearray refuses to resize while exported).
+        pending, self._bufs = self._bufs, {}
+        self._buffered = 0
+        for path, buf in pending.items():
+            if not buf:
                 continue
-            # Detach the buffer first: a view a tracer or profiler keeps alive can then never block
-            # appending to the new one (bytearray refuses to resize while exported).
-            buf, f.buf = f.buf, bytearray()
             done = 0
             try:
-                f.reopen_if_replaced()  # one stat per file and flush: lines never go to a deleted file
+                f = self._open(path)
                 with memoryview(buf) as view:
                     while done < len(buf):
                         done += f.fh.write(view[done:]) or 0
                 if self.options.fsync:
                     os.fsync(f.fh.fileno())
             except (OSError, StageError) as exc:
-                f.buf[:0] = buf[done:]  # what did not reach the file, nothing twice
-                why = str(exc) if isinstance(exc, StageError) else f"{f.path}: cannot write: {exc.strerror or exc}"
+                # What did not reach the files (this one's rest, and every file after it), nothing twice.
+                pending[path] = buf[done:]
+                self._bufs = {p: b for p, b in pending.items() if b}
+                why = str(exc) if isinstance(exc, StageError) else f"{path}: cannot write: {exc.strerror or exc}"
                 self._failed = SinkFailed(why)
                 self._dead_letter_buffers(str(self._failed), current)
                 raise self._failed from None
+            pending[path] = bytearray()  # written: not dead-lettered if a later file fails
 
     def _dead_letter_buffers(self, reason: str, current: int) -> None:
         """Nothing accepted is lost silently: unwritten lines go to the dead letter, uncounted as written."""
         lines = 0
-        for f in self._files.values():
-            for line in bytes(f.buf).splitlines():
+        for buf in self._bufs.values():
+            for line in bytes(buf).splitlines():
                 if not line:
                     continue
                 try:
@@ -211,7 +247,8 @@ class JsonlSink(Sink):
                     event = {"raw": line.decode("utf-8", "replace")}
                 self.context.dead_letter.write(reason, stage=self.context.stage, event=event)
                 lines += 1
-            f.buf.clear()
+        self._bufs = {}
+        self._buffered = 0
         self.context.stats.errors += lines
         self.context.stats.sent -= max(0, lines - current)
 

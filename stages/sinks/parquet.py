@@ -28,8 +28,9 @@ from pipeline.files import ensure_private_dir, open_private
 from pipeline.types import Duration
 from stages.sinks.dates import UtcDays
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")  # \Z: `$` would let a final newline through
 MAX_OPEN_DIRS: Final = 32
+MAX_WAITING_BYTES: Final = 32 << 20  # rows waiting for a row group, all directories together (JSON size)
 COLUMNS: Final = ("channel", "rtstream_id", "rtstream_name", "capture_session_id", "ts", "unix_ts", "start", "end",
                   "text", "is_final", "event_label", "severity", "matched", "raw")
 
@@ -102,11 +103,12 @@ def row(event: Event) -> tuple[Any, ...]:
 class _Dir:
     """One output directory: rows waiting for a row group, and the file being written."""
 
-    __slots__ = ("dir", "fh", "opened", "rows", "tmp", "writer")
+    __slots__ = ("dir", "fh", "nbytes", "opened", "rows", "tmp", "writer")
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.rows: list[tuple[Any, ...]] = []
+        self.nbytes = 0  # JSON size of `rows`
         self.writer: Any = None
         self.fh: Any = None
         self.tmp: Path | None = None
@@ -159,7 +161,7 @@ class ParquetSink(Sink):
             if self._failed is not None:  # the roll timer failed: refuse before buffering (the runtime dead-letters)
                 raise StageError(str(self._failed))
             templated = self._templated
-            target = None if templated else self._get(self.options.path).rows
+            target = None if templated else self._get(self.options.path)
             for event in batch:
                 try:
                     r = row(event)
@@ -169,12 +171,20 @@ class ParquetSink(Sink):
                     self.context.stats.errors += 1
                     self.context.stats.sent -= 1  # the runtime counts the whole batch as written
                     continue
-                (self._get(self._dir_for(event)).rows if templated else target).append(r)  # type: ignore[union-attr]
+                d = self._get(self._dir_for(event)) if templated else target
+                assert d is not None
+                d.rows.append(r)
+                d.nbytes += len(r[-1])
             now = time.monotonic()
+            waiting = 0
             for d in list(self._dirs.values()):
                 if d.rows and not d.opened:
                     d.opened = now  # the file's clock starts with its first row
                 if len(d.rows) >= self.options.row_group_rows:
+                    await self._write_rows(d)
+                waiting += d.nbytes
+            if waiting >= MAX_WAITING_BYTES:  # big events: bounded in bytes too, not only in rows
+                for d in list(self._dirs.values()):
                     await self._write_rows(d)
             await self._roll_due()
 
@@ -189,6 +199,7 @@ class ParquetSink(Sink):
         if not d.rows:
             return
         rows, d.rows = d.rows, []
+        d.nbytes = 0
         try:
             await asyncio.to_thread(self._append, d, rows)
         except (OSError, ValueError, TypeError, StageError) as exc:  # StageError: a file or symlink in the way

@@ -78,9 +78,16 @@ def clean(message: str, url: str) -> str:
 
 
 async def _snippet(resp: aiohttp.ClientResponse) -> str:
+    """The first 300 bytes of an error body, for the reason; "" when it stalls or is cut off.
+
+    The body is the receiver's: it may never come (a stalled proxy) or end in a reset, and that must
+    leave a retryable status retryable.
+    """
+    import aiohttp  # lazy, as in post(): this module is imported by `pipeline validate`
+
     try:
         raw = await resp.content.read(300)
-    except (aiohttp.ClientError, TimeoutError):
+    except (aiohttp.ClientError, TimeoutError, OSError):
         return ""
     snippet = " ".join(raw.decode("utf-8", "replace").split())
     return f": {snippet}" if snippet else ""

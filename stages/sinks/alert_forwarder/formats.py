@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pipeline.events import Event, data, event_time_ms, iso_ts, rtstream_label, text
@@ -22,6 +23,7 @@ from .template import render
 COLORS = {"critical": 0xE01E5A, "error": 0xE01E5A, "warning": 0xECB22E, "info": 0x36C5F0}
 GREY = 0x99AAB5
 DIGEST_LINE = 200
+DISCORD_EMBED_TOTAL = 6000  # Discord refuses (400) an embed whose title, description and fields sum past this
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,7 @@ class Facts:
     time: str
     origin: str
     matched: str
+    iso: str = ""  # `time` when it is a real ISO-8601 instant (Discord refuses an embed timestamp that is not)
 
     @property
     def title(self) -> str:
@@ -48,11 +51,31 @@ class Facts:
         return cut(f"{self.time} · {self.label}{where}: {self.text}", DIGEST_LINE)
 
 
+def _when(event: Event, ms: int) -> tuple[str, str]:
+    """(shown time, ISO-8601 or ""): an event time no calendar holds (a nanosecond clock) is shown as the
+    number it is, never an error that would dead-letter the alert (or a whole digest with it)."""
+    if ms:
+        try:
+            iso = iso_ts(ms / 1000)
+        except (OverflowError, ValueError, OSError):
+            return str(ms), ""
+        return iso, iso
+    ts = event.get("ts")
+    if not isinstance(ts, str) or not ts:
+        return "", ""
+    try:
+        datetime.fromisoformat(ts)
+    except ValueError:
+        return ts[:64], ""
+    return ts[:64], ts[:64]
+
+
 def facts(event: Event) -> Facts:
     """Extract the display fields of an alert event (VideoDB's or the rules stage's)."""
     d = data(event)
     ms = event_time_ms(event)
     matched = d.get("matched")
+    shown, iso = _when(event, ms)
     return Facts(
         label=label(event),
         severity=str(d.get("severity") or ""),
@@ -60,9 +83,10 @@ def facts(event: Event) -> Facts:
         stream=rtstream_label(event),
         session=str(event.get("capture_session_id") or ""),
         time_ms=ms,
-        time=iso_ts(ms / 1000) if ms else str(event.get("ts") or ""),
+        time=shown,
         origin=str(event.get("origin") or "videodb"),
         matched=", ".join(map(str, matched)) if isinstance(matched, list) else "",
+        iso=iso,
     )
 
 
@@ -116,14 +140,21 @@ def slack_alert(f: Facts) -> dict[str, Any]:
     return {"text": cut(slack_escape(fallback), 3000), "blocks": blocks}
 
 
+def _discord_room(title: str, fields: list[dict[str, Any]]) -> int:
+    """Characters left for an embed's description: 4096, less what the 6000 total leaves after the rest."""
+    used = len(title) + sum(len(x["name"]) + len(x["value"]) for x in fields)
+    return max(1, min(4096, DISCORD_EMBED_TOTAL - used))
+
+
 def discord_alert(f: Facts) -> dict[str, Any]:
     fields = [{"name": name, "value": cut(value, 1024), "inline": inline}
               for name, value, inline in (("Stream", f.stream, True), ("Session", f.session, True),
                                           ("Matched", f.matched, False)) if value]
-    embed: dict[str, Any] = {"title": cut(f.title, 256), "description": cut(f.text, 4096),
+    title = cut(f.title, 256)
+    embed: dict[str, Any] = {"title": title, "description": cut(f.text, _discord_room(title, fields)),
                              "fields": fields, "color": COLORS.get(f.severity.lower(), GREY)}
-    if f.time:
-        embed["timestamp"] = f.time
+    if f.iso:
+        embed["timestamp"] = f.iso
     where = f" on {f.stream}" if f.stream else ""
     return {"content": cut(f"**{f.title}**{where}", 2000), "embeds": [embed],
             "allowed_mentions": {"parse": []}}
@@ -183,14 +214,15 @@ def slack_digest(dg: Digest, items: int) -> dict[str, Any]:
 
 
 def discord_digest(dg: Digest, items: int) -> dict[str, Any]:
-    fields = [{"name": cut(name, 256), "value": f"x{n}", "inline": True}
+    fields = [{"name": cut(name, 100), "value": f"x{n}", "inline": True}  # 25 x 100: room is left for the text
               for name, n in list(dg.labels.items())[:25]]
     severities = [f.severity.lower() for f in dg.members]
     color = next((COLORS[s] for s in ("critical", "error", "warning", "info") if s in severities), GREY)
-    embed: dict[str, Any] = {"title": cut(f"{dg.count} alerts (digest)", 256),
-                             "description": dg.lines(items, 4096), "fields": fields, "color": color}
-    if dg.last:
-        embed["timestamp"] = dg.last
+    title = cut(f"{dg.count} alerts (digest)", 256)
+    embed: dict[str, Any] = {"title": title, "description": dg.lines(items, _discord_room(title, fields)),
+                             "fields": fields, "color": color}
+    if dg.members[-1].iso:
+        embed["timestamp"] = dg.members[-1].iso
     return {"content": cut(f"**{dg.count} alerts** between {dg.first} and {dg.last}", 2000),
             "embeds": [embed], "allowed_mentions": {"parse": []}}
 

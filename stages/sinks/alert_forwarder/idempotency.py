@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -27,11 +28,16 @@ def alert_key(event: Event) -> str:
     """
     d = data(event)
     matched = d.get("matched")
+    keywords = [m for m in matched if isinstance(m, str)] if isinstance(matched, list) else []
     parts = (label(event), str(event.get("rtstream_id") or ""), str(event_time_ms(event)),
-             str(d.get("source_channel") or ""),
-             "\x1f".join(m for m in matched if isinstance(m, str)) if isinstance(matched, list) else "",
-             text(event))
-    raw = "\x1e".join(parts)
+             str(d.get("source_channel") or ""), "\x1f".join(keywords), text(event))
+    if any("\x1e" in p for p in parts) or any("\x1f" in k for k in keywords):
+        # A separator inside a field (screen text is anyone's) would let two different alerts join to the same
+        # string, and the second be dropped as a duplicate: such alerts get an unambiguous encoding instead,
+        # which contains no \x1e, so it cannot equal the plain form of any alert. Plain alerts keep their keys.
+        raw = "\x1d" + json.dumps([*parts[:4], keywords, parts[5]])  # stdlib: escapes lone surrogates too
+    else:
+        raw = "\x1e".join(parts)
     return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:KEY_LENGTH]
 
 

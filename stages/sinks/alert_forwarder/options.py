@@ -88,6 +88,13 @@ class AlertForwarderOptions(SinkOptions):
     def _urls(cls, value: Any) -> Any:
         return [check_url(v) for v in value] if isinstance(value, list) else value
 
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if value <= 0:  # aiohttp reads a zero timeout as none at all: a hanging webhook would hold a slot forever
+            raise ValueError("timeout must be more than 0 (e.g. 10s): a request must end some time")
+        return value
+
     @field_validator("template")
     @classmethod
     def _template(cls, value: str | None) -> str | None:

@@ -51,7 +51,8 @@ def lookup(values: Mapping[str, Any], field: str) -> Any:
     for key in _INDEX.findall(field[m.end():]):
         if isinstance(obj, Mapping):
             obj = obj.get(key, "")
-        elif isinstance(obj, Sequence) and not isinstance(obj, str) and key.isdigit() and int(key) < len(obj):
+        elif (isinstance(obj, Sequence) and not isinstance(obj, str) and key.isascii() and key.isdigit()
+              and len(key) <= 18 and int(key) < len(obj)):  # `[²]` passes isdigit(), then int() raises
             obj = obj[int(key)]
         else:
             return ""

@@ -1,0 +1,92 @@
+"""The `window` processor against hostile event times and keywords off the wire."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.api import Context
+from stages.processors.window import Window, WindowOptions
+
+MakeCtx = Callable[..., Context]
+NOW_MS = int(time.time() * 1000) // 60_000 * 60_000 - 3_600_000  # an hour ago, on the minute
+
+
+def transcript(t: int, text: str = "hello there") -> dict[str, Any]:
+    return {"channel": "transcript", "capture_session_id": "cap-1", "rtstream_id": "rts-1",
+            "data": {"text": text, "start": t, "end": t + 500, "is_final": True}}
+
+
+def run(w: Window, batches: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for b in batches:
+        out += [e for e in w.process(b) if e.get("channel") == "metrics"]
+    return out + w.flush()
+
+
+def summary(metrics: list[dict[str, Any]]) -> dict[int, tuple[int, int]]:
+    return {m["window"]["start"]: (sum(m["data"]["events"].values()), m["data"]["words"]) for m in metrics}
+
+
+def test_one_event_from_a_microsecond_clock_does_not_close_every_window(make_context: MakeCtx) -> None:
+    """A `data.start` in microseconds (1.7e15, well inside ±2^53 ms) moved the watermark 55,000 years ahead:
+    every open window closed at once, and every later event of the run was "late", so no metrics were
+    made for the rest of the session (here: 3 minutes of 60 events, 59 of them lost to the windows)."""
+    w = Window(WindowOptions(size="60s", allowed_lateness="5s"), make_context())
+    normal = [transcript(NOW_MS + i * 3000) for i in range(60)]
+    bogus = transcript((NOW_MS + 1000) * 1000)  # the same moment, in microseconds
+    metrics = run(w, [normal[:1], [bogus], normal[1:30], normal[30:]])
+    assert summary(metrics) == {NOW_MS: (20, 40), NOW_MS + 60_000: (20, 40), NOW_MS + 120_000: (20, 40)}
+    assert w.report()["late"] == 1  # the bogus one, passed on and counted, never folded
+    assert not any(m.get("evicted") for m in metrics)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(times=st.lists(st.integers(0, 600_000), min_size=1, max_size=40), at=st.integers(0, 40),
+       future=st.integers(86_400_000 + 7_200_000, (1 << 53) - NOW_MS), cut=st.integers(1, 10))
+def test_a_far_future_event_anywhere_changes_no_window(make_context: MakeCtx, times: list[int], at: int,
+                                                       future: int, cut: int) -> None:
+    """Equivalence: a stream with one event more than a day ahead of the clock inserted anywhere gives the
+    same metrics as the stream without it (that event counts as late and flows on)."""
+    stream = [transcript(NOW_MS + t) for t in times]
+    poisoned = [*stream[:at], transcript(NOW_MS + future), *stream[at:]]
+
+    def metrics_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        w = Window(WindowOptions(size="30s", slide="10s", allowed_lateness="2s"), make_context())
+        return run(w, [events[i:i + cut] for i in range(0, len(events), cut)])
+
+    assert metrics_of(poisoned) == metrics_of(stream)
+
+
+def test_a_long_matched_keyword_is_listed_once(make_context: MakeCtx) -> None:
+    """`keywords` is "the distinct data.matched keywords": a keyword over 256 characters was compared uncut
+    and stored cut, so it never matched itself and 100 alerts filled the list with 100 copies."""
+    w = Window(WindowOptions(size="60s"), make_context())
+    long_kw = "k" * 300
+    alerts = [{"channel": "alert", "capture_session_id": "cap-1",
+               "data": {"start": NOW_MS + i, "event_label": "l", "matched": [long_kw, "short"]}}
+              for i in range(100)]
+    (m,) = run(w, [alerts])
+    assert m["data"]["keywords"] == sorted(["k" * 256, "short"])
+    assert m["data"]["alerts"] == {"l": 100}
+
+
+def test_a_slide_that_puts_each_event_in_more_windows_than_may_be_open_is_a_config_error(tmp_path: Any) -> None:
+    """`size: 1h, slide: 100ms` validated, then every event fell in 36,000 windows with at most 10,000 open:
+    1.2 s per event, and each event closed ~27,000 windows early as partial `evicted` metrics."""
+    from tests.test_runtime import run_cli
+
+    (tmp_path / "in.jsonl").write_text("")
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text(f"name: w\nsource: {{type: replay, path: {tmp_path}/in.jsonl}}\n"
+                   "stages:\n  - {type: window, size: 1h, slide: 100ms}\nsinks: [{type: console}]\n")
+    res = run_cli("validate", str(cfg), timeout=30)
+    assert res.returncode == 2, res.stderr
+    assert "every event in 36000 windows, more than max_open_windows (10000)" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    WindowOptions(size="1d", slide="1m")  # 1,440 windows per event: allowed (the cost is documented)
+    WindowOptions(size="1h", slide="100ms", max_open_windows=40_000)
