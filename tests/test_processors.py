@@ -123,6 +123,16 @@ def test_rule_validation_errors() -> None:
         RulesOptions.model_validate({"rules": [{"name": "x", "keywords": ["a"], "min_count": 2}]})
 
 
+def test_every_bad_keyword_of_a_rule_is_reported_at_once() -> None:
+    """Only the first bad regex of a rule was reported: fix it, validate, find the next one."""
+    with pytest.raises(ValidationError) as info:
+        RulesOptions.model_validate({"rules": [{"name": "x", "keywords": ["(a", "ok", "b)", "x(?=y)"],
+                                                "match": "regex"}]})
+    (err,) = info.value.errors()
+    assert ["'(a'" in err["msg"], "'b)'" in err["msg"], "'x(?=y)'" in err["msg"]] == [True] * 3
+    assert "'ok'" not in err["msg"]
+
+
 def test_many_rules_same_results_as_naive(make_context: MakeCtx) -> None:
     words = [f"kw{i}" for i in range(2000)]
     specs = [{"name": f"r{i}", "keywords": words[i * 20:(i + 1) * 20]} for i in range(100)]

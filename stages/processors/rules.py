@@ -77,8 +77,14 @@ class Rule(Options):
         matchers: dict[str, type[WordMatcher | SubstringMatcher | RegexMatcher]] = {
             "word": WordMatcher, "substring": SubstringMatcher, "regex": RegexMatcher}
         probe = matchers[self.match]()
-        for k in self.keywords:
-            probe.add(0, k)
+        bad: list[str] = []
+        for k in self.keywords:  # every bad keyword of the rule at once, not only the first
+            try:
+                probe.add(0, k)
+            except ValueError as exc:
+                bad.append(str(exc))
+        if bad:
+            raise ValueError("; ".join(bad))
         if self.min_count > 1 and self.window is None:
             raise ValueError("min_count needs a window (e.g. window: 5m)")
         return self
