@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -168,8 +169,9 @@ sinks: [{{type: jsonl, path: {out}}}]
 """
 
 
-async def test_rule_state_carries_over_only_for_unchanged_rules(tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+def _apple_reloader(tmp_path: Path) -> tuple[Path, Path, Any, Any, Callable[[int], list[str]]]:
+    """A local runtime on RULES_CFG's apple rule and its reloader; fired(s): the alert labels of one
+    "apple pie" transcript at s seconds."""
     from pipeline.build import build
     from pipeline.config import load_config
     from pipeline.runtime.local import LocalRuntime
@@ -180,11 +182,17 @@ async def test_rule_state_carries_over_only_for_unchanged_rules(tmp_path: Path,
     p.write_text(RULES_CFG.format(kw="apple", extra="", out=out))
     cfg = load_config(p)
     rt = LocalRuntime(build(cfg), install_signals=False)
-    reloader = Reloader(rt, p, cfg)
 
     def fired(at_s: int) -> list[str]:
         batch = [{"channel": "transcript", "rtstream_id": "r", "data": {"text": "apple pie", "start": at_s * 1000}}]
         return [e["data"]["event_label"] for e in rt.b.chain(batch) if e.get("channel") == "alert"]
+
+    return p, out, rt, Reloader(rt, p, cfg), fired
+
+
+async def test_rule_state_carries_over_only_for_unchanged_rules(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    p, out, rt, reloader, fired = _apple_reloader(tmp_path)
 
     assert fired(0) == ["apple"]
     p.write_text(RULES_CFG.format(kw="apple", extra="      - {name: pie, keywords: [pie]}", out=out))
@@ -347,21 +355,7 @@ async def test_a_reload_that_restarts_a_rule_forgets_its_saved_cooldown_at_once(
 async def test_rule_state_carries_over_when_a_processor_is_added_before_the_rules(tmp_path: Path) -> None:
     """Rule state is kept for every rule whose name and matching are unchanged; a filter added in front of the
     rules stage moved it to stages[1], and every cooldown started afresh: each alert fired again at once."""
-    from pipeline.build import build
-    from pipeline.config import load_config
-    from pipeline.runtime.local import LocalRuntime
-    from pipeline.runtime.reload import Reloader
-
-    p = tmp_path / "p.yaml"
-    out = tmp_path / "o.jsonl"
-    p.write_text(RULES_CFG.format(kw="apple", extra="", out=out))
-    cfg = load_config(p)
-    rt = LocalRuntime(build(cfg), install_signals=False)
-    reloader = Reloader(rt, p, cfg)
-
-    def fired(at_s: int) -> list[str]:
-        batch = [{"channel": "transcript", "rtstream_id": "r", "data": {"text": "apple pie", "start": at_s * 1000}}]
-        return [e["data"]["event_label"] for e in rt.b.chain(batch) if e.get("channel") == "alert"]
+    p, out, _, reloader, fired = _apple_reloader(tmp_path)
 
     assert fired(0) == ["apple"]
     p.write_text(RULES_CFG.format(kw="apple", extra="", out=out).replace(
