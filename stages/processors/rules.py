@@ -209,7 +209,7 @@ class Rules(Processor):
 
     def process(self, batch: Batch) -> Batch:
         ev = self._evict
-        journal: list[tuple[Any, ...]] = []  # (map, key, old value) or (map, key): each state write, before it
+        journal: list[tuple[Any, ...]] = []  # the Python path's state writes, (map, key, old) or (map, key)
         saved = (self.fired, list(self._counts), list(self.recent), ev.watermark)
         try:
             engine = self._engine
