@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline.api import Options, Stage
 from pipeline.channels import check_channels
+from pipeline.configfile import read_text
 from pipeline.errors import ConfigError, suggest
 from pipeline.paths import resolve_inputs
 from pipeline.registry import LookupFailed, Registry, default_registry
@@ -505,11 +506,6 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None,
     `missing`: a list to collect unset `${VAR}` names into (they become placeholders) instead of failing.
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read config: {exc}") from None
+    text = read_text(p)
     data, positions = load(text, str(p), env, missing=missing)
     return parse(data, positions, str(p), registry, placeholders=missing or ())

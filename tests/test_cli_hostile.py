@@ -39,3 +39,40 @@ def test_output_to_a_closed_stdout_is_one_line_not_a_traceback() -> None:
     assert (res.returncode, res.stderr.strip()) == (1, "pipeline: cannot write its output: stdout is closed")
     res = sh("pipeline validate config/replay.yaml >&-")
     assert (res.returncode, res.stderr) == (0, "")
+
+
+def test_a_device_as_config_path_is_refused_at_once() -> None:
+    """`pipeline validate /dev/zero` read forever (memory growing without end); /dev/null passed as an empty file."""
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", "/dev/zero"], capture_output=True,
+                         text=True, env=ENV, timeout=15)
+    assert (res.returncode, res.stderr.strip()) == (2, "pipeline: /dev/zero: is a character device, not a config file")
+
+
+def _config_error(path: Path) -> str:
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    return str(info.value)
+
+
+def test_a_config_over_1_mib_is_refused_before_parsing(tmp_path: Path) -> None:
+    """A 50 MB file took the YAML parser 24 s (and 180 MB) before it said anything; past 1 MiB it is not a config."""
+    p = tmp_path / "big.yaml"
+    p.write_text("name: x\ncomment: " + "a" * (2 << 20) + "\n")
+    assert _config_error(p) == f"{p}: larger than 1 MiB: not a config file (a config is a few KB)"
+    d = tmp_path / "dir.yaml"
+    d.mkdir()
+    assert _config_error(d) == f"{d}: is a directory, not a config file"
+
+
+def test_bytes_that_are_not_text_name_their_line(tmp_path: Path) -> None:
+    """Invalid UTF-8 gave Python's codec message with a byte offset; a control character gave PyYAML's two-line
+    message with a character offset. Both now say line (and column), on one line."""
+    p = tmp_path / "p.yaml"
+    p.write_bytes(b"name: x\nsource: {type: replay, path: \xff.jsonl}\n")
+    assert _config_error(p) == f"{p}:2: not UTF-8 text (byte 0xff); save the file as UTF-8"
+    p.write_bytes(b"name: x\nsinks: \"a\x01b\"\n")
+    msg = _config_error(p)
+    assert msg.startswith(f"{p}:2:10: invalid YAML: control character 0x0001 is not allowed") and "\n" not in msg

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.api import Context, Processor, Sink, StateStore
 from pipeline.build import SinkSlot
 from pipeline.config import PipelineConfig, StageSpec, load_config
+from pipeline.configfile import is_regular, kind_of
 from pipeline.errors import ConfigError
 from pipeline.events import channel_set
 from pipeline.logs import stage_log
@@ -111,6 +112,8 @@ class Reloader:
         self._wake.set()
 
     def _file_digest(self) -> bytes | None:
+        if not is_regular(self.path):  # a named pipe's open waits for a writer: the whole loop would wait
+            return None
         try:
             return hashlib.sha256(self.path.read_bytes()).digest()
         except OSError:
@@ -142,6 +145,9 @@ class Reloader:
     async def reload(self, why: str) -> bool:
         """Validate and apply the file; True when the new config is running."""
         try:
+            if self.path.exists() and not is_regular(self.path):  # (gone: load_config says so)
+                raise ConfigError(f"{self.path}: is {kind_of(self.path) or 'a pipe'}, not a regular file: a reload "
+                                  "reads the config again, which only a regular file allows (restart to change it)")
             new = load_config(self.path)
         except ConfigError as exc:
             self.rejected += 1
