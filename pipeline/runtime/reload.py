@@ -27,6 +27,7 @@ from pipeline.configfile import is_regular, kind_of
 from pipeline.errors import ConfigError
 from pipeline.events import channel_set
 from pipeline.logs import stage_log
+from pipeline.runtime import reload_windows
 from pipeline.stats import StageStats
 
 if TYPE_CHECKING:
@@ -162,7 +163,9 @@ class Reloader:
             log.error("reload (%s) rejected, the running config stays: %s", why, exc)
             return False
         self._carry_rule_state(new)
-        kept = await self._swap(swaps, processors)
+        windows = reload_windows.plan(list(zip(self.current.stages, self.rt.b.chain.processors, strict=False)),
+                                      list(zip(new.stages, processors, strict=True)))
+        kept = await self._swap(swaps, processors, windows)
         if kept:  # sinks that did not drain in time run on with their old options
             new = dataclasses.replace(new, sinks=[self.current.sinks[i] if i in kept else s
                                                   for i, s in enumerate(new.sinks)])
@@ -174,7 +177,8 @@ class Reloader:
                  f"; needs a restart, not applied: {', '.join(skipped)}" if skipped else "")
         return True
 
-    async def _swap(self, swaps: list[SinkSwap], processors: list[Processor]) -> set[int]:
+    async def _swap(self, swaps: list[SinkSwap], processors: list[Processor],
+                    windows: reload_windows.WindowPlan | None = None) -> set[int]:
         """Pause ingest between two batches, let each changed sink drain, replace it, swap processors, resume.
 
         Returns the indices of sinks kept as they were (they did not drain within drain_timeout).
@@ -199,6 +203,10 @@ class Reloader:
                 log.warning("reload: %s did not drain within drain_timeout; it keeps its old options",
                             slot.stats.name)
                 kept.add(sw.index)
+            if windows:  # at the swap itself: no batch runs between closing the old windows and the new chain
+                rt.carry.extend(reload_windows.apply(windows, rt.b.state, rt.b.chain))
+                if rt.b.state.dirty:
+                    rt.b.state.flush()
             rt.b.chain.processors = processors
             order = {"source": 0, "controller": 1, "processor": 2, "sink": 3}
             rt.b.stats[:] = sorted([s for s in rt.b.stats if s.kind != "processor"]
