@@ -434,6 +434,8 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
     for key in data:
         if key not in TOP_KEYS:
             chk.add((key,), "unknown key" + suggest(key, TOP_KEYS))
+    for path in _huge_ints(data, ()):
+        chk.add(path, f"whole number out of range (at most {MAX_INT:,}): no option counts that far")
     name = data.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         chk.add(("name",), f"expected a pipeline name (letters, digits, _.-), got {name!r}")
@@ -493,6 +495,18 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
         disabled=[s for s in every if not s.enabled],
         channels=list(extra),
     )
+
+
+#: whole numbers past this fit no option (counts, sizes, ports); they crashed C code (`islice`) at run time
+MAX_INT = (1 << 63) - 1
+
+
+def _huge_ints(data: Any, path: Path_) -> list[Path_]:
+    """Key paths of whole numbers past MAX_INT (nesting is bounded by the YAML loader)."""
+    if type(data) is int:
+        return [path] if not -MAX_INT <= data <= MAX_INT else []
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    return [p for k, v in items for p in _huge_ints(v, (*path, k))]
 
 
 def _resolved(spec: StageSpec, base: Path) -> StageSpec:
