@@ -86,7 +86,7 @@ class _Builder:
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark
             where = f"{self.filename}:{mark.line + 1}:{mark.column + 1}" if mark else self.filename
-            raise ConfigError(f"{where}: invalid YAML: {exc.problem}") from None
+            raise ConfigError(f"{where}: invalid YAML: {exc.problem}{_flow_hint(self.source, mark)}") from None
         except yaml.reader.ReaderError as exc:
             raise _reader_error(exc, self.source, self.filename) from None
         except yaml.YAMLError as exc:
@@ -201,6 +201,19 @@ class _Builder:
             return self.loader.construct_object(node, deep=True)
         except yaml.constructor.ConstructorError as exc:
             raise ConfigError(f"{self.where(node)}: {exc.problem}") from None
+
+
+_FLOW_VAR = re.compile(r"[\[{,]\s*(?:[^\s,:]+:\s*)?(\$\{[^}]*\})")
+
+
+def _flow_hint(source: str, mark: Any) -> str:
+    """`{path: ${P}}` is not valid YAML (`{` opens a mapping inside the flow mapping): say to quote it."""
+    if mark is None:
+        return ""
+    lines = source.splitlines()
+    line = lines[mark.line] if 0 <= mark.line < len(lines) else ""
+    m = _FLOW_VAR.search(line)
+    return f" (inside [...] or {{...}} quote a variable: \"{m.group(1)}\")" if m else ""
 
 
 def _reader_error(exc: yaml.reader.ReaderError, source: str, filename: str) -> ConfigError:
