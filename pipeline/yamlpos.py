@@ -32,37 +32,95 @@ _MERGE = "tag:yaml.org,2002:merge"
 #: libyaml's parser when PyYAML has it: the same nodes and marks, six times faster on a large file
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\$")
-
-
 _SECRETISH = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.I)
 
 
 def interpolate(value: str, env: Mapping[str, str], where: str, missing: list[str] | None = None) -> str:
-    """Replace `${VAR}` and `${VAR:-default}`; `$$` is a literal `$`.
+    """Replace `${VAR}` and `${VAR:-default}` (the default may hold variables too); `$$` is a literal `$`.
 
     An unset variable without a default is an error, or, when `missing` is a list,
-    is recorded there and left in place as the placeholder `${VAR}`.
+    is recorded there and left in place as the placeholder `${VAR}`. A `${` that is
+    not one of these (`${VAR-x}`, `${ VAR }`, unclosed) is an error: left as it was, it
+    became part of a path or a URL without a word.
     """
-
-    def sub(m: re.Match[str]) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name, default = m.group(1), m.group(2)
+    if "$" not in value:
+        return value
+    out: list[str] = []
+    i, n = 0, len(value)
+    while i < n:
+        j = value.find("$", i)
+        if j < 0:
+            out.append(value[i:])
+            break
+        out.append(value[i:j])
+        if value.startswith("$$", j):
+            out.append("$")
+            i = j + 2
+            continue
+        if not value.startswith("${", j):
+            out.append("$")
+            i = j + 1
+            continue
+        m = _NAME.match(value, j + 2)
+        end = m.end() if m else j + 2
+        if m and value.startswith("}", end):
+            name, default, i = m.group(0), None, end + 1
+        elif m and value.startswith(":-", end):
+            close = _closing(value, end + 2)
+            if close < 0:
+                raise _bad_reference(value[j:], where)
+            name, default, i = m.group(0), value[end + 2:close], close + 1
+        else:
+            close = value.find("}", j)
+            raise _bad_reference(value[j:close + 1] if close >= 0 else value[j:], where)
         val = env.get(name)
         if val is None or (val == "" and default is not None):
-            if default is None:
-                if missing is not None:
-                    if name not in missing:
-                        missing.append(name)
-                    return m.group(0)
-                hint = ("export it, or check the file without it: pipeline validate --offline"
-                        if _SECRETISH.search(name) else f"export it, or give a default: ${{{name}:-value}}")
-                raise ConfigError(f"{where}: environment variable {name} is not set ({hint})")
-            return default
-        return val
+            if default is not None:
+                out.append(interpolate(default, env, where, missing))
+                continue
+            if missing is not None:
+                if name not in missing:
+                    missing.append(name)
+                out.append(f"${{{name}}}")
+                continue
+            hint = ("export it, or check the file without it: pipeline validate --offline"
+                    if _SECRETISH.search(name) else f"export it, or give a default: ${{{name}:-value}}")
+            raise ConfigError(f"{where}: environment variable {name} is not set ({hint})")
+        out.append(val)
+    return "".join(out)
 
-    return _VAR.sub(sub, value)
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class BadReference(ConfigError):
+    """A `${` that is no variable reference (reported as is, never left in a value)."""
+
+
+def _bad_reference(text: str, where: str) -> BadReference:
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    return BadReference(f"{where}: {shown!r} is not a variable reference: write ${{NAME}} or ${{NAME:-default}} "
+                        "($$ for a literal $)")
+
+
+def _closing(value: str, i: int) -> int:
+    """Index of the `}` that closes a default starting at i (nested `${...}` and `$$` skipped), or -1."""
+    depth = 0
+    n = len(value)
+    while i < n:
+        if value.startswith("$$", i):
+            i += 2
+            continue
+        if value.startswith("${", i):
+            depth += 1
+            i += 2
+            continue
+        if value[i] == "}":
+            if depth == 0:
+                return i
+            depth -= 1
+        i += 1
+    return -1
 
 
 class _Builder:
@@ -192,7 +250,10 @@ class _Builder:
                     value = interpolate(node.value, self.env, self.where(node), self.missing)
                 except ConfigError as exc:  # every unset variable is reported, not just the first
                     self.unset.append(str(exc))
-                    value = interpolate(node.value, self.env, self.where(node), [])
+                    try:
+                        value = interpolate(node.value, self.env, self.where(node), [])
+                    except BadReference:
+                        value = node.value
                 if not node.style:  # plain scalar (None, or "" from libyaml): let `${N:-4}` become an int
                     tag = self.loader.resolve(yaml.ScalarNode, value, (True, False))
                     node = yaml.ScalarNode(tag, value, node.start_mark, node.end_mark)

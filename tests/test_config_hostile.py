@@ -34,3 +34,27 @@ def test_an_unquoted_variable_inside_a_flow_mapping_gets_a_hint(tmp_path: Path) 
         load_config(p, env={})
     assert str(info.value).startswith(f"{p}:2:")
     assert str(info.value).endswith('(inside [...] or {...} quote a variable: "${SPEED:-0}")')
+
+
+def test_a_default_may_hold_a_variable_and_a_malformed_reference_is_an_error(tmp_path: Path) -> None:
+    """`${OUT:-${HOME_DIR}/x}` gave the literal text `${HOME_DIR}/x` (its default stopped at the first `}`), and
+    `${OUT-out}` (shell syntax) or `${ OUT }` stayed in the value as written: a file named `${OUT-out}` was
+    created, a URL went out with it. Now nested defaults work and anything else after `${` is an error, reported
+    with every unset variable."""
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\n"
+                 "stages: [{type: enrich, fields: {a: '${A:-${B}/x}', b: '${C:-${D:-d}}', c: '${NOPE}'}}]\n"
+                 "sinks:\n  - {type: jsonl, path: '${OUT-out/x.jsonl}'}\n  - {type: console, max_text: lots}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={"B": "/home/b"})
+    lines = str(info.value).splitlines()
+    assert lines == [f"{p}:3:76: environment variable NOPE is not set (export it, or give a default: "
+                     "${NOPE:-value})",
+                     f"{p}:5:25: '${{OUT-out/x.jsonl}}' is not a variable reference: write ${{NAME}} or "
+                     "${NAME:-default} ($$ for a literal $)"], lines
+    p.write_text(p.read_text().replace("${OUT-out/x.jsonl}", "${OUT:-out/x.jsonl}").replace("lots", "50")
+                 .replace(", c: '${NOPE}'", ""))
+    cfg = load_config(p, env={"B": "/home/b"})
+    assert cfg.stages[0].options.fields == {"a": "/home/b/x", "b": "d"}  # type: ignore[attr-defined]
+    assert cfg.sinks[0].options.path == "out/x.jsonl"  # type: ignore[attr-defined]
