@@ -76,3 +76,20 @@ def test_bytes_that_are_not_text_name_their_line(tmp_path: Path) -> None:
     p.write_bytes(b"name: x\nsinks: \"a\x01b\"\n")
     msg = _config_error(p)
     assert msg.startswith(f"{p}:2:10: invalid YAML: control character 0x0001 is not allowed") and "\n" not in msg
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--port", "99999", "argument --port: expected a port 0-65535, got '99999'"),
+    ("--speed", "nan", "argument --speed: expected a number >= 0 (0 = no waits), got 'nan'"),
+])
+def test_emulate_flags_out_of_range_are_usage_errors(capsys: pytest.CaptureFixture[str], flag: str, value: str,
+                                                     expected: str) -> None:
+    """`pipeline emulate --port 99999` ended in bind()'s OverflowError traceback; `--speed nan` was accepted."""
+    from pipeline.emulator.cli import _parser
+
+    with pytest.raises(SystemExit) as info:
+        _parser().parse_args([flag, value])
+    assert info.value.code == 2 and expected in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        from pipeline.cli import main
+        main(["emulate", flag, value])
