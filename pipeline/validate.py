@@ -79,6 +79,12 @@ def videodb_line(cfg: PipelineConfig, missing: list[str]) -> str:
     return f"  videodb: api_key={shown} " + secrets.mask(" ".join(parts))
 
 
+def _index(path: str) -> int:
+    """`stages[10]` -> 10 (sorted as text, stages[10] came before stages[2])."""
+    m = re.search(r"\[(\d+)\]", path)
+    return int(m.group(1)) if m else -1
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     missing: list[str] | None = [] if args.offline else None
     cfg = load_config(args.config, missing=missing)
@@ -94,7 +100,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     enabled = [cfg.source, *([cfg.controller] if cfg.controller else []), *cfg.stages, *cfg.sinks]
     order = {"source": 0, "controller": 1, "processor": 2, "sink": 3}
     specs = sorted([*((s, True) for s in enabled), *((s, False) for s in cfg.disabled)],
-                   key=lambda x: (order.get(x[0].kind, 9), x[0].path))
+                   key=lambda x: (order.get(x[0].kind, 9), _index(x[0].path)))
     for spec, on in specs:
         opts = spec.options.model_dump(mode="json", exclude_defaults=True)
         state = "" if on else "(disabled) "

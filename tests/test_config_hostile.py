@@ -58,3 +58,17 @@ def test_a_default_may_hold_a_variable_and_a_malformed_reference_is_an_error(tmp
     cfg = load_config(p, env={"B": "/home/b"})
     assert cfg.stages[0].options.fields == {"a": "/home/b/x", "b": "d"}  # type: ignore[attr-defined]
     assert cfg.sinks[0].options.path == "out/x.jsonl"  # type: ignore[attr-defined]
+
+
+def test_validate_lists_more_than_ten_stages_in_their_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The listing was sorted as text: stages[10] and stages[11] came between stages[1] and stages[2]."""
+    from pipeline.cli import main
+
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\nstages:\n"
+                 + "".join(f"  - {{type: filter, min_text_length: {i}}}\n" for i in range(12))
+                 + "sinks: [{type: console}]\n")
+    assert main(["validate", str(p)]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  stages[")]
+    assert listed == [f"stages[{i}]:filter" for i in range(12)]
