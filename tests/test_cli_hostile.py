@@ -93,3 +93,24 @@ def test_emulate_flags_out_of_range_are_usage_errors(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         from pipeline.cli import main
         main(["emulate", flag, value])
+
+
+async def test_console_honours_no_color_on_a_terminal(make_context, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """On a terminal the console sink coloured alerts even with NO_COLOR set (https://no-color.org)."""
+    import io
+
+    from stages.sinks.console import ConsoleOptions, ConsoleSink
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    alert = [{"channel": "alert", "data": {"event_label": "code", "text": "VS Code", "severity": "critical"}}]
+    for no_color, expect_escape in (("", True), ("1", False)):
+        monkeypatch.setenv("NO_COLOR", no_color)
+        out = Tty()
+        await ConsoleSink(ConsoleOptions(), make_context(), stream=out).write(alert)
+        assert ("\033[" in out.getvalue()) is expect_escape, (no_color, out.getvalue())
+    out = Tty()
+    await ConsoleSink(ConsoleOptions(color=True), make_context(), stream=out).write(alert)
+    assert "\033[" in out.getvalue()  # asked for in the config: still coloured
