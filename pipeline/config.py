@@ -232,6 +232,10 @@ class _Checker:
             for p, msg in explain(model, exc, data):
                 self.add((*path, *p), self._offline(_value_at(data, p)) or msg)
             return None
+        except Exception as exc:  # a plugin's validator raising what pydantic does not turn into an error (KeyError)
+            why = (str(exc).splitlines() or [""])[0][:300]
+            self.add(path, f"checking the options raised {type(exc).__name__}: {why} (a bug in {model.__name__})")
+            return None
 
     def _offline(self, value: Any) -> str | None:
         """For a value that is an --offline placeholder: why it fails, instead of the validator's words."""

@@ -53,3 +53,58 @@ def test_a_stage_name_registered_twice_is_one_line_in_pipeline_stages(monkeypatc
     monkeypatch.setattr(registry.default_registry, "_plugins", None)
     assert main(["stages"]) == 2
     assert capsys.readouterr().err == "pipeline: stage type 'mood' is registered twice: a:Mood and b:Mood\n"
+
+
+BUGGY_VALIDATOR = '''
+from pydantic import field_validator
+
+from pipeline.api import Options, Processor
+
+
+class TableOptions(Options):
+    table: str = "a"
+
+    @field_validator("table")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return {"a": "A"}[v]  # a bug: KeyError (not ValueError) for any other value
+
+
+class Lookup(Processor):
+    name = "lookup"
+    Options = TableOptions
+
+    def process(self, batch):
+        return batch
+'''
+
+
+def test_a_plugin_validator_raising_keyerror_is_one_line_and_a_rejected_reload(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """pydantic turns only ValueError/AssertionError into validation errors: a plugin validator raising KeyError
+    made `pipeline validate` print a traceback, and a reload into such a config raised out of the reloader,
+    which stopped the running pipeline (exit 1) instead of keeping it."""
+    import asyncio
+
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+    from pipeline.runtime.reload import Reloader
+
+    (tmp_path / "lookup_plugin.py").write_text(BUGGY_VALIDATOR)
+    (tmp_path / "in.jsonl").write_text("")
+    cfg = tmp_path / "p.yaml"
+    body = ('name: x\nsource: {{type: replay, path: in.jsonl}}\n'
+            'stages: [{{type: "lookup_plugin:Lookup", table: {t}}}]\nsinks: [{{type: console}}]\n')
+    cfg.write_text(body.format(t="b"))
+    assert main(["validate", str(cfg)]) == 2
+    assert capsys.readouterr().err == (f"pipeline: {cfg}:3:10: stages[0]: checking the options raised KeyError: 'b' "
+                                       "(a bug in TableOptions)\n")
+    cfg.write_text(body.format(t="a"))
+    running = load_config(cfg)
+    rt = LocalRuntime(build(running), install_signals=False)
+    reloader = Reloader(rt, cfg, running)
+    cfg.write_text(body.format(t="b"))
+    assert asyncio.run(reloader.reload("SIGHUP")) is False
+    assert reloader.rejected == 1  # (main() above sent the log to stderr)
+    assert "reload (SIGHUP) rejected, the running config stays" in capsys.readouterr().err

@@ -154,6 +154,10 @@ class Reloader:
             self.rejected += 1
             log.error("reload (%s) rejected, the running config stays: %s", why, " | ".join(str(exc).splitlines()))
             return False
+        except Exception as exc:  # a bug while reading it (a plugin's): never a reason to stop the running pipeline
+            self.rejected += 1
+            log.error("reload (%s) rejected, the running config stays: %s: %s", why, type(exc).__name__, exc)
+            return False
         skipped = needs_restart(self.current, new)
         new = _keep_buffers(self.current, new, skipped)
         try:
