@@ -226,18 +226,25 @@ class _Builder:
         return self.scalar(node)
 
     def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict[Any, Any]:
+        explicit = sum(1 for k, _ in node.value if k.tag != _MERGE)
         try:
             self.loader.flatten_mapping(node)
         except yaml.constructor.ConstructorError as exc:
             raise ConfigError(f"{self.where(node)}: {exc.problem}") from None
+        merged = len(node.value) - explicit  # flatten_mapping puts what `<<:` merges first
         out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
+        own: set[str] = set()
+        for n, (key_node, value_node) in enumerate(node.value):
             key = self.scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, str | int | float | bool) or key is None:
                 raise ConfigError(f"{self.where(key_node)}: mapping keys must be plain strings")
             key = str(key)
-            if key in out:
-                raise ConfigError(f"{self.where(key_node)}: duplicate key {key!r}")
+            if n >= merged:  # a key written here may override a merged one (YAML's merge keys), not repeat itself
+                if key in own:
+                    raise ConfigError(f"{self.where(key_node)}: duplicate key {key!r}")
+                own.add(key)
+            elif key in out:
+                out.pop(key)  # merged twice (`<<: [*a, *b]`): the later one, as PyYAML builds it
             self.positions[(*path, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
             out[key] = self.node(value_node, (*path, key))
         return out

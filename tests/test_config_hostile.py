@@ -72,3 +72,21 @@ def test_validate_lists_more_than_ten_stages_in_their_order(tmp_path: Path, caps
     assert main(["validate", str(p)]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  stages[")]
     assert listed == [f"stages[{i}]:filter" for i in range(12)]
+
+
+def test_a_key_written_beside_a_merge_key_overrides_the_merged_one(tmp_path: Path) -> None:
+    """`- <<: *js` then `path: out/b.jsonl` (YAML's way to reuse a sink's settings) was refused as
+    "duplicate key 'path'"; a key really written twice is still an error, at the second one."""
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    body = ("name: m\nsource: {type: replay, path: in.jsonl}\nsinks:\n"
+            "  - &js {type: jsonl, path: out/a.jsonl, flush_interval: 0}\n"
+            "  - <<: *js\n    path: out/b.jsonl\n")
+    p.write_text(body)
+    cfg = load_config(p, env={})
+    assert [(s.options.path, s.options.flush_interval) for s in cfg.sinks] == [  # type: ignore[attr-defined]
+        ("out/a.jsonl", 0), ("out/b.jsonl", 0)]
+    p.write_text(body + "  - {<<: *js, path: out/c.jsonl, path: out/d.jsonl}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    assert str(info.value) == f"{p}:7:34: duplicate key 'path'"
