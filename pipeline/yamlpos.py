@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import secrets
 from pipeline.errors import ConfigError
 
 Path_ = tuple[str | int, ...]
@@ -86,6 +87,8 @@ def interpolate(value: str, env: Mapping[str, str], where: str, missing: list[st
             hint = ("export it, or check the file without it: pipeline validate --offline"
                     if _SECRETISH.search(name) else f"export it, or give a default: ${{{name}:-value}}")
             raise ConfigError(f"{where}: environment variable {name} is not set ({hint})")
+        if _SECRETISH.search(name):  # masked wherever it ends up: a URL's query, a wrong field's error message
+            secrets.register(val)
         out.append(val)
     return "".join(out)
 

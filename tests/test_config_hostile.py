@@ -90,3 +90,23 @@ def test_a_key_written_beside_a_merge_key_overrides_the_merged_one(tmp_path: Pat
     with pytest.raises(ConfigError) as info:
         load_config(p, env={})
     assert str(info.value) == f"{p}:7:34: duplicate key 'path'"
+
+
+def test_a_secret_variable_is_masked_wherever_it_lands(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only options typed as secrets were masked: a `${WS_TOKEN}` in a websocket URL's query was printed by
+    `pipeline validate`, and a `${SLACK_TOKEN}` put in a wrong field was printed in its error. A variable whose
+    name says it is a secret (KEY, SECRET, TOKEN, PASSWORD...) is masked wherever it is used."""
+    from pipeline.cli import main
+
+    monkeypatch.setenv("WS_TOKEN", "tok-3f9a1c77e0")
+    monkeypatch.setenv("SLACK_TOKEN", "xoxb-7c1d22a9b4")
+    p = tmp_path / "p.yaml"
+    p.write_text('name: x\nsource: {type: websocket, url: "wss://h.example/ws?token=${WS_TOKEN}"}\n'
+                 "sinks: [{type: console}]\n")
+    assert main(["validate", str(p)]) == 0
+    p.write_text(p.read_text().replace("{type: console}", '{type: console, max_text: "${SLACK_TOKEN}"}'))
+    assert main(["validate", str(p)]) == 2
+    out = capsys.readouterr()
+    assert "ws?token=***" in out.out and "max_text: expected an integer, got '***'" in out.err
+    assert "tok-3f9a1c77e0" not in out.out + out.err and "xoxb-7c1d22a9b4" not in out.out + out.err
