@@ -262,10 +262,9 @@ class _Checker:
         enabled = data.get("enabled", True)
         if not isinstance(enabled, bool):
             self.add((*path, "enabled"), f"expected true or false, got {enabled!r}")
-            return None
         opts = {k: v for k, v in data.items() if k not in ("type", "enabled")}
-        options = self.model(cls.Options, opts, path)
-        if options is None:
+        options = self.model(cls.Options, opts, path)  # checked either way: every error of the stage at once
+        if options is None or not isinstance(enabled, bool):
             return None
         return StageSpec(kind, type_name, cls, options, path_str(path), self.where(path), enabled)
 

@@ -110,3 +110,15 @@ def test_a_secret_variable_is_masked_wherever_it_lands(tmp_path: Path, capsys: p
     out = capsys.readouterr()
     assert "ws?token=***" in out.out and "max_text: expected an integer, got '***'" in out.err
     assert "tok-3f9a1c77e0" not in out.out + out.err and "xoxb-7c1d22a9b4" not in out.out + out.err
+
+
+def test_a_bad_enabled_does_not_hide_the_stages_other_errors(tmp_path: Path) -> None:
+    """`enabled: maybe` stopped the stage's check: its other errors came one run of validate later."""
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\n"
+                 "stages: [{type: filter, enabled: maybe, min_text_length: short}]\nsinks: [{type: console}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    assert str(info.value).splitlines() == [f"{p}:3:25: stages[0].enabled: expected true or false, got 'maybe'",
+                                            f"{p}:3:41: stages[0].min_text_length: expected an integer, got 'short'"]
