@@ -391,3 +391,28 @@ async def test_a_reload_of_a_config_read_from_a_named_pipe_is_refused_not_a_hang
         raise AssertionError("the reload blocked on the named pipe")
     assert result == [False] and reloader.rejected == 1
     assert reloader._file_digest() is None  # --watch does not open it either
+
+
+def test_watch_reads_a_huge_config_file_only_up_to_the_size_limit(tmp_path: Path) -> None:
+    """`--watch` hashed the whole file every second: a config replaced by a multi-GB file (a log written to the
+    wrong path) was read whole into memory each time. It reads no more than a config may hold."""
+    import tracemalloc
+
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+    from pipeline.runtime.reload import Reloader
+
+    p = tmp_path / "p.yaml"
+    p.write_text(RULES_CFG.format(kw="apple", extra="", out=tmp_path / "o.jsonl"))
+    cfg = load_config(p)
+    reloader = Reloader(LocalRuntime(build(cfg), install_signals=False), p, cfg, watch=True)
+    with p.open("r+b") as fh:
+        fh.truncate(64 << 20)  # sparse: costs no disk
+    tracemalloc.start()
+    try:
+        assert reloader._file_digest() is not None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.api import Context, Processor, Sink, StateStore
 from pipeline.build import SinkSlot
 from pipeline.config import PipelineConfig, StageSpec, load_config
-from pipeline.configfile import is_regular, kind_of
+from pipeline.configfile import MAX_BYTES, is_regular, kind_of
 from pipeline.errors import ConfigError
 from pipeline.events import channel_set
 from pipeline.logs import stage_log
@@ -116,7 +116,8 @@ class Reloader:
         if not is_regular(self.path):  # a named pipe's open waits for a writer: the whole loop would wait
             return None
         try:
-            return hashlib.sha256(self.path.read_bytes()).digest()
+            with open(self.path, "rb") as fh:  # bounded: a config past the limit is refused when read anyway
+                return hashlib.sha256(fh.read(MAX_BYTES + 1)).digest()
         except OSError:
             return None
 
