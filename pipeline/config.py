@@ -461,7 +461,7 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
         chk.add(("stages",), "expected a list of processors")
         stages = []
     dead = data.get("dead_letter", f"out/{name}/dead-letter.jsonl")
-    if not isinstance(dead, str) or not dead:
+    if not isinstance(dead, str) or not dead.strip():  # ('   ' made a file named by three spaces)
         chk.add(("dead_letter",), f"expected a file path, got {dead!r}")
         dead = f"out/{name}/dead-letter.jsonl"
     state_dir = data.get("state_dir", f"out/{name}")

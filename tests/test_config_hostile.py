@@ -122,3 +122,13 @@ def test_a_bad_enabled_does_not_hide_the_stages_other_errors(tmp_path: Path) -> 
         load_config(p, env={})
     assert str(info.value).splitlines() == [f"{p}:3:25: stages[0].enabled: expected true or false, got 'maybe'",
                                             f"{p}:3:41: stages[0].min_text_length: expected an integer, got 'short'"]
+
+
+def test_a_blank_dead_letter_path_is_an_error(tmp_path: Path) -> None:
+    """`dead_letter: '   '` was accepted and the run wrote its rejects to a file named by three spaces."""
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\nsinks: [{type: console}]\ndead_letter: '   '\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    assert str(info.value) == f"{p}:4:1: dead_letter: expected a file path, got '   '"
