@@ -7,6 +7,7 @@ against the config file's directory (see `pipeline.paths`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -185,7 +186,9 @@ class _Checker:
     """Collects every error of one file (up to MAX_ERRORS), each `file:line:col: key.path: message`."""
 
     def __init__(self, filename: str, positions: Positions, registry: Registry,
-                 search: tuple[Path, ...] = (), placeholders: Sequence[str] = ()) -> None:
+                 search: tuple[Path, ...] = (), placeholders: Sequence[str] = (),
+                 texts: Mapping[Path_, str] | None = None) -> None:
+        self.texts = texts or {}  # see yamlpos.load
         self.filename = filename
         self.positions = positions
         self.registry = registry
@@ -229,6 +232,9 @@ class _Checker:
         try:
             return model.model_validate(data)
         except ValidationError as exc:
+            retry = self._as_text(exc, data, path)
+            if retry is not None:
+                return self.model(model, retry, path)
             for p, msg in explain(model, exc, data):
                 self.add((*path, *p), self._offline(_value_at(data, p)) or msg)
             return None
@@ -236,6 +242,25 @@ class _Checker:
             why = (str(exc).splitlines() or [""])[0][:300]
             self.add(path, f"checking the options raised {type(exc).__name__}: {why} (a bug in {model.__name__})")
             return None
+
+    def _as_text(self, exc: ValidationError, data: dict[str, Any], path: Path_) -> dict[str, Any] | None:
+        """`data` with the `${VAR}` texts back where a string was expected and YAML had read a number (COLL=42 in
+        `collection_id: ${COLL}`), a boolean or null; None when there is none."""
+        fixes = {}
+        for err in exc.errors(include_url=False):
+            if err["type"] == "string_type":
+                loc = _data_loc(data, err["loc"], keep_last=False)
+                if (*path, *loc) in self.texts and loc:
+                    fixes[loc] = self.texts[(*path, *loc)]
+        if not fixes:
+            return None
+        out: dict[str, Any] = copy.deepcopy(data)
+        for loc, text in fixes.items():
+            node: Any = out
+            for key in loc[:-1]:
+                node = node[key]
+            node[loc[-1]] = text
+        return out
 
     def _offline(self, value: Any) -> str | None:
         """For a value that is an --offline placeholder: why it fails, instead of the validator's words."""
@@ -427,13 +452,15 @@ def inner_model(annotation: Any) -> Any:
 
 
 def parse(data: Any, positions: Positions, filename: str, registry: Registry | None = None,
-          placeholders: Sequence[str] = ()) -> PipelineConfig:
+          placeholders: Sequence[str] = (), texts: Mapping[Path_, str] | None = None) -> PipelineConfig:
     """Validate already-loaded YAML data into a PipelineConfig; every error found is reported at once."""
     base = Path(filename).parent
     chk = _Checker(filename, positions, registry or default_registry, search=(base, Path.cwd()),
-                   placeholders=placeholders)
+                   placeholders=placeholders, texts=texts)
     if not isinstance(data, Mapping):
         raise chk.fail((), "expected a mapping with name, source, stages and sinks")
+    if texts:  # `name: ${NAME}` with NAME=2024: the text, as for every string option
+        data = {k: texts.get((k,), v) if k in ("name", "dead_letter", "state_dir") else v for k, v in data.items()}
     for key in data:
         if key not in TOP_KEYS:
             chk.add((key,), "unknown key" + suggest(key, TOP_KEYS))
@@ -524,5 +551,6 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None,
     """
     p = Path(path)
     text = read_text(p)
-    data, positions = load(text, str(p), env, missing=missing)
-    return parse(data, positions, str(p), registry, placeholders=missing or ())
+    texts: dict[Path_, str] = {}
+    data, positions = load(text, str(p), env, missing=missing, texts=texts)
+    return parse(data, positions, str(p), registry, placeholders=missing or (), texts=texts)

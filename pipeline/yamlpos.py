@@ -135,6 +135,8 @@ class _Builder:
         self.filename = filename
         self.env = env
         self.positions: Positions = {}
+        self.texts: dict[Path_, str] = {}  # key path -> `${VAR}` text that YAML turned into a number, bool or null
+        self.text: str | None = None
         self.nodes = 0
         self._open: set[int] = set()  # ids of the collections being built: an alias to one is recursive
 
@@ -215,6 +217,12 @@ class _Builder:
         if len(path) > MAX_DEPTH:
             raise ConfigError(f"{self.where(node)}: nested more than {MAX_DEPTH} levels deep")
         self.positions.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+        if isinstance(node, yaml.ScalarNode):
+            self.text = None
+            value = self.scalar(node)
+            if self.text is not None and not isinstance(value, str):
+                self.texts[path] = self.text
+            return value
         if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
             if node.tag != _PLAIN_TAGS[type(node)]:
                 raise ConfigError(f"{self.where(node)}: tag {node.tag!r} is not allowed (plain YAML only)")
@@ -267,6 +275,7 @@ class _Builder:
                 if not node.style:  # plain scalar (None, or "" from libyaml): let `${N:-4}` become an int
                     tag = self.loader.resolve(yaml.ScalarNode, value, (True, False))
                     node = yaml.ScalarNode(tag, value, node.start_mark, node.end_mark)
+                    self.text = value  # a string option takes this text back (see `load`)
                 else:
                     return value
             return self.loader.construct_object(node, deep=True)
@@ -315,8 +324,12 @@ def _check_flow_depth(source: str, filename: str) -> None:
 
 
 def load(source: str, filename: str = "<config>", env: Mapping[str, str] | None = None,
-         missing: list[str] | None = None) -> tuple[Any, Positions]:
-    """Parse YAML text safely -> (plain data, positions of every key path); see `interpolate` for `missing`."""
+         missing: list[str] | None = None, texts: dict[Path_, str] | None = None) -> tuple[Any, Positions]:
+    """Parse YAML text safely -> (plain data, positions of every key path); see `interpolate` for `missing`.
+
+    `texts`: filled with the interpolated text of each unquoted `${VAR}` that YAML read as a number, a
+    boolean or null (`collection_id: ${COLL}` with COLL=42), so that a string option can take the text back.
+    """
     _check_flow_depth(source, filename)
     try:
         b = _Builder(source, filename, os.environ if env is None else env, missing)
@@ -325,4 +338,6 @@ def load(source: str, filename: str = "<config>", env: Mapping[str, str] | None 
     except yaml.YAMLError as exc:
         raise ConfigError(f"{filename}: invalid YAML: {exc}".replace("\n", " ")) from None
     data = b.build()
+    if texts is not None:
+        texts.update(b.texts)
     return data, b.positions

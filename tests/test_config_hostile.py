@@ -132,3 +132,20 @@ def test_a_blank_dead_letter_path_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(p, env={})
     assert str(info.value) == f"{p}:4:1: dead_letter: expected a file path, got '   '"
+
+
+def test_an_unquoted_variable_keeps_its_text_where_a_string_is_expected(tmp_path: Path) -> None:
+    """`collection_id: ${COLL}` with COLL=42 (or an API key of digits, or `yes`) was read by YAML as a number or
+    a boolean and refused ("expected a string, got 42"); `0123` or `1_000` would even have become other numbers.
+    A string option gets the variable's text as it is; a number option still gets the number."""
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    p.write_text("name: ${NAME}\nvideodb:\n  api_key: ${KEY}\n  collection_id: ${COLL}\n"
+                 "source: {type: replay, path: in.jsonl}\nstages:\n  - type: rules\n    rules:\n"
+                 "      - name: r\n        keywords:\n          - ${WORD}\nsinks:\n  - type: console\n"
+                 "    max_text: ${WIDTH}\n")
+    cfg = load_config(p, env={"NAME": "2024", "KEY": "0123", "COLL": "1_000", "WORD": "yes", "WIDTH": "80"})
+    assert cfg.name == "2024" and cfg.videodb.collection_id == "1_000"
+    assert cfg.videodb.api_key is not None and cfg.videodb.api_key.get_secret_value() == "0123"
+    assert cfg.stages[0].options.rules[0].keywords == ["yes"]  # type: ignore[attr-defined]
+    assert cfg.sinks[0].options.max_text == 80  # type: ignore[attr-defined]
