@@ -219,13 +219,14 @@ class _Builder:
         self.positions.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
         if isinstance(node, yaml.ScalarNode):
             self.text = None
-            value = self.scalar(node)
+            value = self.scalar(node, path)
             if self.text is not None and not isinstance(value, str):
                 self.texts[path] = self.text
             return value
         if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
             if node.tag != _PLAIN_TAGS[type(node)]:
-                raise ConfigError(f"{self.where(node)}: tag {node.tag!r} is not allowed (plain YAML only)")
+                raise ConfigError(f"{self.where(node)}: {_key_path(path)}: tag {node.tag!r} is not allowed "
+                                  "(plain YAML only)")
             if id(node) in self._open:
                 raise ConfigError(f"{self.where(node)}: an alias refers to a value that contains it")
             self._open.add(id(node))
@@ -248,11 +249,12 @@ class _Builder:
         for n, (key_node, value_node) in enumerate(node.value):
             key = self.scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, str | int | float | bool) or key is None:
-                raise ConfigError(f"{self.where(key_node)}: mapping keys must be plain strings")
+                raise ConfigError(f"{self.where(key_node)}: {_key_path(path)}: mapping keys must be plain strings")
             key = str(key)
             if n >= merged:  # a key written here may override a merged one (YAML's merge keys), not repeat itself
                 if key in own:
-                    raise ConfigError(f"{self.where(key_node)}: duplicate key {key!r}")
+                    raise ConfigError(f"{self.where(key_node)}: {_key_path((*path, key))}: duplicate key (written "
+                                      "twice in one mapping)")
                 own.add(key)
             elif key in out:
                 out.pop(key)  # merged twice (`<<: [*a, *b]`): the later one, as PyYAML builds it
@@ -260,7 +262,8 @@ class _Builder:
             out[key] = self.node(value_node, (*path, key))
         return out
 
-    def scalar(self, node: yaml.Node) -> Any:
+    def scalar(self, node: yaml.Node, path: Path_ | None = None) -> Any:
+        """A scalar's value (`${VAR}`s replaced); `path`: its key path, for errors (None for a mapping key)."""
         try:
             if isinstance(node, yaml.ScalarNode) and "$" in node.value and node.tag in (
                     "tag:yaml.org,2002:str", "!"):
@@ -280,7 +283,27 @@ class _Builder:
                     return value
             return self.loader.construct_object(node, deep=True)
         except yaml.constructor.ConstructorError as exc:
-            raise ConfigError(f"{self.where(node)}: {exc.problem}") from None
+            at = f"{_key_path(path)}: " if path is not None else ""
+            why = (f"tag {node.tag!r} is not allowed (plain YAML only)"
+                   if "could not determine a constructor" in str(exc.problem) else exc.problem)
+            raise ConfigError(f"{self.where(node)}: {at}{why}") from None
+        except (ValueError, TypeError, OverflowError):  # `!!int abc`, `!!timestamp 2020-13-45`: the constructor's own
+            at = f"{_key_path(path)}: " if path is not None else ""
+            raise ConfigError(f"{self.where(node)}: {at}{getattr(node, 'value', '')!r} is not a valid "
+                              f"{str(node.tag).rpartition(':')[2]}") from None
+
+
+def _key_path(path: Path_) -> str:
+    """`stages[2].rules[0].cooldown` (as config errors write it; odd keys quoted so a message stays one line)."""
+    out = ""
+    for p in path:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif not re.fullmatch(r"[\w-]+", p):
+            out += f"[{p!r}]"
+        else:
+            out += f".{p}" if out else p
+    return out or "<top>"
 
 
 _FLOW_VAR = re.compile(r"[\[{,]\s*(?:[^\s,:]+:\s*)?(\$\{[^}]*\})")

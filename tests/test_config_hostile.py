@@ -89,7 +89,7 @@ def test_a_key_written_beside_a_merge_key_overrides_the_merged_one(tmp_path: Pat
     p.write_text(body + "  - {<<: *js, path: out/c.jsonl, path: out/d.jsonl}\n")
     with pytest.raises(ConfigError) as info:
         load_config(p, env={})
-    assert str(info.value) == f"{p}:7:34: duplicate key 'path'"
+    assert str(info.value) == f"{p}:7:34: sinks[2].path: duplicate key (written twice in one mapping)"
 
 
 def test_a_secret_variable_is_masked_wherever_it_lands(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -149,3 +149,22 @@ def test_an_unquoted_variable_keeps_its_text_where_a_string_is_expected(tmp_path
     assert cfg.videodb.api_key is not None and cfg.videodb.api_key.get_secret_value() == "0123"
     assert cfg.stages[0].options.rules[0].keywords == ["yes"]  # type: ignore[attr-defined]
     assert cfg.sinks[0].options.max_text == 80  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("  - {type: console, max_text: !!int lots}", "3:31: sinks[0].max_text: 'lots' is not a valid int"),
+    ("  - {type: console, max_text: !!timestamp 2020-13-45}",
+     "3:31: sinks[0].max_text: '2020-13-45' is not a valid timestamp"),
+    ("  - {type: console, max_text: !!python/name:os.system ''}",
+     "3:31: sinks[0].max_text: tag 'tag:yaml.org,2002:python/name:os.system' is not allowed (plain YAML only)"),
+    ("  - {type: console, max_text: 1, max_text: 2}", "3:34: sinks[0].max_text: duplicate key (written twice in "
+                                                    "one mapping)"),
+])
+def test_yaml_level_errors_name_their_key_path(tmp_path: Path, line: str, expected: str) -> None:
+    """`!!int lots` raised ValueError out of PyYAML's constructor: a traceback. Tags, duplicate keys and non-string
+    keys said where but not which key (`p.yaml:3:31: could not determine a constructor for the tag ...`)."""
+    p = tmp_path / "p.yaml"
+    p.write_text(f"name: x\nsinks:\n{line}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    assert str(info.value) == f"{p}:{expected}"

@@ -154,8 +154,8 @@ DEEP_BLOCK = "x:\n" + "".join(" " * (2 * i) + f"k{i}:\n" for i in range(1, 900))
     ("x: " + "[" * 100 + "]" * 100 + "\n", ":1:67: nested more than 64 levels deep"),
     (DEEP_BLOCK, ":65:129: nested more than 64 levels deep"),
     (DEEP_BLOCK + "#" * (1 << 20), ": larger than 1 MiB: not a config file (a config is a few KB)"),
-    ("name: !!python/object:os.system {x: 1}\n", ":1:7: tag 'tag:yaml.org,2002:python/object:os.system' is "
-                                                 "not allowed (plain YAML only)"),
+    ("name: !!python/object:os.system {x: 1}\n", ":1:7: name: tag 'tag:yaml.org,2002:python/object:os.system' "
+                                                 "is not allowed (plain YAML only)"),
 ], ids=["laughs", "merge-bomb", "recursive-list", "recursive-map", "deep-flow", "deep-100", "deep-block",
         "over-1-mib", "python-object-mapping"])
 def test_hostile_yaml_is_one_line_exit_2(tmp_path: Path, body: str, expected: str) -> None:
