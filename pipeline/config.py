@@ -552,5 +552,28 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None,
     p = Path(path)
     text = read_text(p)
     texts: dict[Path_, str] = {}
-    data, positions = load(text, str(p), env, missing=missing, texts=texts)
-    return parse(data, positions, str(p), registry, placeholders=missing or (), texts=texts)
+    unset: list[str] = []
+    unset_paths: set[str] = set()
+    data, positions = load(text, str(p), env, missing=missing, texts=texts,
+                           unset=None if missing is not None else unset, unset_paths=unset_paths)
+    if not unset:
+        return parse(data, positions, str(p), registry, placeholders=missing or (), texts=texts)
+    names = _UNSET.findall("\n".join(unset))
+    try:  # the rest of the file is checked too, the unset variables' `${VAR}`s in place: every error at once
+        parse(data, positions, str(p), registry, placeholders=names, texts=texts)
+        others: list[str] = []
+    except ConfigError as exc:  # (an error about a value that still holds a `${VAR}` is that variable's)
+        others = [line for line in str(exc).splitlines() if "${" not in line and "--offline placeholder" not in line
+                  and "more errors" not in line and not _under(line, unset_paths)]
+    errors = sorted(unset + others, key=_position_key)
+    more = [f"{p}: ... and {len(errors) - MAX_ERRORS} more errors"] if len(errors) > MAX_ERRORS else []
+    raise ConfigError("\n".join(errors[:MAX_ERRORS] + more))
+
+
+_UNSET = re.compile(r"environment variable ([A-Za-z_][A-Za-z0-9_]*) is not set")
+
+
+def _under(line: str, paths: set[str]) -> bool:
+    """Whether an error line (`file:l:c: key.path: message`) is about one of `paths` or inside one."""
+    key = line.split(": ", 2)[1] if line.count(": ") >= 2 else ""
+    return any(key == p or key.startswith((p + ".", p + "[")) for p in paths)

@@ -129,6 +129,8 @@ def _closing(value: str, i: int) -> int:
 class _Builder:
     def __init__(self, source: str, filename: str, env: Mapping[str, str], missing: list[str] | None = None) -> None:
         self.missing = missing
+        self.defer = False  # True: unset variables are left as `${VAR}` placeholders and their errors in `unset`
+        self.unset_paths: set[str] = set()  # key paths of the values with such an error
         self.source = source
         self.unset: list[str] = []
         self.loader = _Loader(source)
@@ -163,7 +165,7 @@ class _Builder:
             return None
         self._merged_sizes(node)
         data = self.node(node, ())
-        if self.unset:
+        if self.unset and not self.defer:
             raise ConfigError("\n".join(self.unset))
         return data
 
@@ -219,7 +221,10 @@ class _Builder:
         self.positions.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
         if isinstance(node, yaml.ScalarNode):
             self.text = None
+            had = len(self.unset)
             value = self.scalar(node, path)
+            if len(self.unset) > had:
+                self.unset_paths.add(_key_path(path))
             if self.text is not None and not isinstance(value, str):
                 self.texts[path] = self.text
             return value
@@ -347,11 +352,15 @@ def _check_flow_depth(source: str, filename: str) -> None:
 
 
 def load(source: str, filename: str = "<config>", env: Mapping[str, str] | None = None,
-         missing: list[str] | None = None, texts: dict[Path_, str] | None = None) -> tuple[Any, Positions]:
+         missing: list[str] | None = None, texts: dict[Path_, str] | None = None,
+         unset: list[str] | None = None, unset_paths: set[str] | None = None) -> tuple[Any, Positions]:
     """Parse YAML text safely -> (plain data, positions of every key path); see `interpolate` for `missing`.
 
     `texts`: filled with the interpolated text of each unquoted `${VAR}` that YAML read as a number, a
     boolean or null (`collection_id: ${COLL}` with COLL=42), so that a string option can take the text back.
+    `unset`: given, an unset variable (or a malformed `${...}`) does not raise: its error line goes here and the
+    value keeps `${VAR}`, so the caller can check the rest of the file and report everything at once;
+    `unset_paths` gets the key paths (`sinks[0].url`) of those values.
     """
     _check_flow_depth(source, filename)
     try:
@@ -360,7 +369,12 @@ def load(source: str, filename: str = "<config>", env: Mapping[str, str] | None 
         raise _reader_error(exc, source, filename) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{filename}: invalid YAML: {exc}".replace("\n", " ")) from None
+    b.defer = unset is not None
     data = b.build()
+    if unset is not None:
+        unset.extend(b.unset)
+    if unset_paths is not None:
+        unset_paths.update(b.unset_paths)
     if texts is not None:
         texts.update(b.texts)
     return data, b.positions

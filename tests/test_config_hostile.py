@@ -40,7 +40,7 @@ def test_a_default_may_hold_a_variable_and_a_malformed_reference_is_an_error(tmp
     """`${OUT:-${HOME_DIR}/x}` gave the literal text `${HOME_DIR}/x` (its default stopped at the first `}`), and
     `${OUT-out}` (shell syntax) or `${ OUT }` stayed in the value as written: a file named `${OUT-out}` was
     created, a URL went out with it. Now nested defaults work and anything else after `${` is an error, reported
-    with every unset variable."""
+    with every other error of the file."""
     (tmp_path / "in.jsonl").write_text("")
     p = tmp_path / "p.yaml"
     p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\n"
@@ -52,7 +52,8 @@ def test_a_default_may_hold_a_variable_and_a_malformed_reference_is_an_error(tmp
     assert lines == [f"{p}:3:76: environment variable NOPE is not set (export it, or give a default: "
                      "${NOPE:-value})",
                      f"{p}:5:25: '${{OUT-out/x.jsonl}}' is not a variable reference: write ${{NAME}} or "
-                     "${NAME:-default} ($$ for a literal $)"], lines
+                     "${NAME:-default} ($$ for a literal $)",
+                     f"{p}:6:21: sinks[1].max_text: expected an integer, got 'lots'"], lines
     p.write_text(p.read_text().replace("${OUT-out/x.jsonl}", "${OUT:-out/x.jsonl}").replace("lots", "50")
                  .replace(", c: '${NOPE}'", ""))
     cfg = load_config(p, env={"B": "/home/b"})
@@ -168,3 +169,22 @@ def test_yaml_level_errors_name_their_key_path(tmp_path: Path, line: str, expect
     with pytest.raises(ConfigError) as info:
         load_config(p, env={})
     assert str(info.value) == f"{p}:{expected}"
+
+
+def test_unset_variables_and_the_files_other_errors_come_at_once(tmp_path: Path) -> None:
+    """An unset variable stopped the check: the file's other errors came one `export` later. Now they come
+    together, in file order; an error that is only the unset variable's doing (its value cannot be checked)
+    is not repeated."""
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\n"
+                 "stages: [{type: filter, min_text_length: short}]\n"
+                 'sinks: [{type: alert_forwarder, url: "${HOOK}"}, {type: console, max_text: "${W}"}]\nbogus: 1\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    assert str(info.value).splitlines() == [
+        f"{p}:3:25: stages[0].min_text_length: expected an integer, got 'short'",
+        f"{p}:4:38: environment variable HOOK is not set (export it, or give a default: ${{HOOK:-value}})",
+        f"{p}:4:76: environment variable W is not set (export it, or give a default: ${{W:-value}})",
+        f"{p}:5:1: bogus: unknown key; expected one of: name, videodb, source, controller, stages, sinks, runtime, "
+        "dead_letter, state_dir, channels"]
