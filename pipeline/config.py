@@ -464,8 +464,6 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
     for key in data:
         if key not in TOP_KEYS:
             chk.add((key,), "unknown key" + suggest(key, TOP_KEYS))
-    for path in _huge_ints(data, ()):
-        chk.add(path, f"whole number out of range (at most {MAX_INT:,}): no option counts that far")
     name = data.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         chk.add(("name",), f"expected a pipeline name (letters, digits, _.-), got {name!r}")
@@ -508,6 +506,9 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
     every = [s for s in (source, controller, *procs, *outs) if s is not None]
     check_channels(chk, data, every, extra)
     check_rule_names(chk, data)
+    for path in _huge_ints(data, ()):  # (unless the option's own check already refused the number)
+        if not any(f": {path_str(path)}: " in e for e in chk.errors):
+            chk.add(path, f"whole number out of range (at most {MAX_INT:,}): no option counts that far")
     chk.raise_errors()
     assert source is not None and videodb is not None and runtime is not None
     videodb = resolve_inputs(videodb, base)

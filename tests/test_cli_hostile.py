@@ -80,7 +80,7 @@ def test_bytes_that_are_not_text_name_their_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("flag", "value", "expected"), [
     ("--port", "99999", "argument --port: expected a port 0-65535, got '99999'"),
-    ("--speed", "nan", "argument --speed: expected a number >= 0 (0 = no waits), got 'nan'"),
+    ("--speed", "nan", "argument --speed: speed must be >= 0 and finite (0 = no waits), got 'nan'"),
 ])
 def test_emulate_flags_out_of_range_are_usage_errors(capsys: pytest.CaptureFixture[str], flag: str, value: str,
                                                      expected: str) -> None:

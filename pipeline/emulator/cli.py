@@ -33,7 +33,7 @@ def _speed(text: str) -> float:
     except ValueError:
         speed = -1.0
     if not (0 <= speed < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 = no waits), got {text!r}")
+        raise argparse.ArgumentTypeError(f"speed must be >= 0 and finite (0 = no waits), got {text!r}")
     return speed
 
 
