@@ -55,6 +55,7 @@ log = logging.getLogger("pipeline.runtime.faust")
 BATCH_MAX = 1000  # records per faust batch
 SLICE_EVENTS = 10000  # decoded events per pass through the stages (plus those of one record)
 STREAMS_REMEMBERED = 65536  # rtstream id -> session kept by the ingest (the oldest go first)
+CHANGELOG_DRAIN = 2.0  # seconds a stopping worker waits for its last state changes to reach the broker
 SESSION_TIMEOUT = (1.0, 90.0)  # --session-timeout bounds: heartbeats every timeout/6; faust's request timeout 90 s
 
 
@@ -257,7 +258,9 @@ class Worker:
 
             self.app.task(lambda: serve_worker(self))
         self._closed = False
+        self._flushed = False
         self.drain = DrainClock(cfg.runtime.drain_timeout)
+        self.app.on_before_shutdown.connect(self.flush_windows)  # type: ignore[arg-type]
         self.app.agent(self.topic, name=f"{cfg.name}-process")(self._agent)
         self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
@@ -411,18 +414,52 @@ class Worker:
             os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.Event().wait()  # never acknowledge the batch: the stop cancels this
 
-    async def close(self) -> None:
-        """Write the windows still open, then close every sink; each step bounded by the sink's shutdown_timeout."""
-        if self._closed:
+    async def flush_windows(self, *_: Any, **__: Any) -> None:
+        """Write the windows still open (each sink bounded by its shutdown_timeout) and delete them from the
+        tables. Runs once the last batch is done and before faust's final producer flush, which is what
+        takes their deletions to the changelog (after it, the next worker restored and emitted them again)."""
+        if self._flushed:
             return
-        self._closed = True
+        self._flushed = True
         self.drain.cancel()
-        # open windows close at shutdown, unless a batch failed or was given up: its state never happened
-        held = self.built.chain.flush() if self.error is None and not self.drain.gave_up else []
+        # open windows close at shutdown, unless a batch failed or was given up (its state never happened),
+        # or the tables were still being restored (half of a partition's changelog: the next owner has it all)
+        held = []
+        if self.error is None and not self.drain.gave_up:
+            if self.state.restored():
+                held = self.built.chain.flush()
+            else:
+                log.info("worker %d: stopped while restoring its tables; the open windows stay for the next worker",
+                         os.getpid())
         if held:
             await asyncio.gather(*(self._write_held(slot, held) for slot in self.built.sinks))
             self.state.commit()  # the flushed windows are written or dead-lettered: forget them
         self.state.discard()
+        await self._changelog_sent(CHANGELOG_DRAIN)
+
+    async def _changelog_sent(self, limit: float) -> None:
+        """Wait (bounded) until faust's producer buffer has handed every changelog record to the broker.
+
+        Why: faust's own flush at shutdown gives up once 0.1 s pass without a record sent, and what is
+        still in its buffer then is lost: the deletions of the windows just flushed (the next worker
+        emitted them again), or the last batch's cooldowns (its alerts fired again)."""
+        producer = self.app.producer
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while producer.buffer.size and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        try:
+            await asyncio.wait_for(producer.flush(), max(deadline - loop.time(), 0.1))
+        except Exception as exc:  # the broker is away: the next worker may repeat what this one did
+            log.warning("worker %d: state changes not all sent at stop (%s); the next worker may emit "
+                        "some windows or alerts again", os.getpid(), type(exc).__name__)
+
+    async def close(self) -> None:
+        """Close every sink (after the windows, if that did not run yet); each bounded by its shutdown_timeout."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.flush_windows()
         await asyncio.gather(*(self._close_sink(slot) for slot in self.built.sinks))
         self.built.dead_letter.close()
         self.summary()
