@@ -125,3 +125,32 @@ async def test_a_removed_window_stage_emits_its_open_windows_once(tmp_path: Path
 async def test_a_window_stage_whose_options_change_closes_its_windows_at_the_reload(tmp_path: Path) -> None:
     metrics = await run_with_reload(tmp_path, WINDOW.replace("60s", "120s"))
     assert counts(metrics) == [(0, 60, 3), (0, 120, 1)]  # the old windows as they were; the new size afresh
+
+
+async def test_a_moved_window_stages_state_is_saved_under_its_new_place(tmp_path: Path) -> None:
+    """After the move, state.db holds the open windows under the stage's new label (what a run restarted after
+    a crash reads back) and nothing under the old one (a window stage put there later must not inherit them)."""
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+    from pipeline.runtime.reload import Reloader
+    from pipeline.state.store import open_store
+
+    (tmp_path / "fed_src.py").write_text(SOURCE)
+    p = tmp_path / "p.yaml"
+    p.write_text(config(tmp_path, WINDOW))
+    cfg = load_config(p)
+    state = open_store(tmp_path / "state")
+    rt = LocalRuntime(build(cfg, state=state), install_signals=False)
+    rt.b.chain([event(0), event(10)])
+    state.flush()
+    p.write_text(config(tmp_path, FILTER + WINDOW))
+    assert await Reloader(rt, p, cfg).reload("test")
+    restarted = open_store(tmp_path / "state")
+    try:
+        moved = restarted.get("window:stages[1]:window")
+        assert [acc["events"] for k, acc in moved.items() if k.startswith("[")] == [{"transcript": 2}]
+        assert not restarted.get("window:stages[0]:window")
+    finally:
+        restarted.close()
+        state.close()
