@@ -47,6 +47,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     cfg = load_config(args.config)
+    from pipeline.validate import input_problems
+
+    problems = input_problems(cfg)  # as `validate` does: a missing replay file is one line before anything starts
+    if problems:
+        raise ConfigError("\n".join(problems))
     if args.new_session:
         import dataclasses
 

@@ -114,3 +114,24 @@ async def test_console_honours_no_color_on_a_terminal(make_context, monkeypatch:
     out = Tty()
     await ConsoleSink(ConsoleOptions(color=True), make_context(), stream=out).write(alert)
     assert "\033[" in out.getvalue()  # asked for in the config: still coloured
+
+
+def test_run_refuses_an_input_that_is_no_file_before_it_starts(tmp_path: Path) -> None:
+    """`pipeline validate` refused `path: /dev/zero`, but `pipeline run` started and the replay source read one
+    endless line until memory ran out (MemoryError, the run never ending). `run` checks input files as validate
+    does. (The child gets a 1 GB address-space limit, so the old behaviour cannot take the machine's memory.)"""
+    import resource
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("name: z\nsource: {type: replay, path: /dev/zero}\nsinks: [{type: console}]\n")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    try:
+        res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "-q", str(cfg)], capture_output=True,
+                             text=True, env=ENV, timeout=20, cwd=tmp_path, preexec_fn=limit)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("pipeline run kept reading /dev/zero") from None
+    assert (res.returncode, res.stderr) == (2, f"pipeline: {cfg}:2:1: source.path: input file /dev/zero is not a "
+                                               "file\n")
