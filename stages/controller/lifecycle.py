@@ -2,7 +2,9 @@
 
 created -> starting -> active -> stopping -> stopped -> exported, and `failed`
 from anywhere. Events can arrive late, twice, or (after a reconnect) not at
-all, so an unexpected transition is logged and accepted, never fatal.
+all: a skipped step is logged and accepted, never fatal; an event for an
+earlier state, or anything after `exported`/`failed`, is logged and ignored
+(a late `active` must not re-bind a session that is stopping or gone).
 """
 
 from __future__ import annotations
@@ -37,13 +39,16 @@ class Lifecycle:
         self.history: list[str] = [state] if state else []
 
     def advance(self, new: str, *, polled: bool = False) -> bool:
-        """Move to `new`; False (and nothing logged) when it is the current state.
+        """Move to `new`; False when it is the current state, earlier than it, or the session has ended.
 
         `polled`: the status came from polling, which may skip states without anything being wrong.
         """
         if new == self.state:
             return False
         old = self.state
+        if old in STATES and new in STATES and (old in TERMINAL or STATES.index(new) < STATES.index(old)):
+            log.warning("capture session %s: late or repeated %s after %s ignored", self.session_id, new, old)
+            return False
         if new not in STATES:
             log.warning("capture session %s: unknown status %r (was %s)", self.session_id, new, old)
         elif polled:

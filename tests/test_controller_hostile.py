@@ -1,0 +1,101 @@
+"""The `capture_session` controller against a hostile VideoDB and hostile event streams.
+
+Real SDK, real emulator (with its HTTP fault injection), real files. Each test reproduces a defect found
+by attacking the controller (each failed before its fix) unless its docstring says it guards an edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.api import Context
+from pipeline.emulator import Emulator
+from pipeline.session import SessionLink
+from stages.controller.capture_session import CaptureSessionController
+from tests.test_session_api import running
+from tests.videodb_harness import settings
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[Emulator]:
+    e = Emulator(speed=0, autostart=False)
+    await e.start()
+    yield e
+    await e.stop()
+
+
+def transcript_starts(emu: Emulator) -> list[dict[str, Any]]:
+    return [c for c in emu.calls if c["method"] == "POST" and c["path"].endswith("/transcription")
+            and (c["body"] or {}).get("action") == "start"]
+
+
+async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+def lifecycle(sid: str, status: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    ev: dict[str, Any] = {"event": f"capture_session.{status}", "capture_session_id": sid, "status": status}
+    if data is not None:
+        ev["data"] = data
+    return ev
+
+
+async def single(emu: Emulator, make_context: Callable[..., Context], **options: Any) -> CaptureSessionController:
+    """A started single-session controller whose source "connected" as ws-test (events are fed by hand)."""
+    ctx = make_context("controller:capture_session", session=SessionLink())
+    ctx.settings = settings(emu)
+    ctl = CaptureSessionController(CaptureSessionController.Options.model_validate(
+        {"end_user_id": "u", "on_active": {"transcript": True}, **options}), ctx)
+    await ctx.session.announce_connection("ws-test")
+    await ctl.start()
+    return ctl
+
+
+async def test_late_and_repeated_lifecycle_events_never_move_the_session_back(
+        emu: Emulator, make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """`active` again while stopping, `stopped` again after `exported`: before, each moved the state (and the
+    saved status) back, so the session looked live again, for a restart too."""
+    ctl = await single(emu, make_context, exit_on="none")
+    sid = ctl.session_id
+    assert sid is not None
+    rts = emu.registry.sessions[sid].rtstreams_seed()
+    ctl.observe([lifecycle(sid, "starting"), lifecycle(sid, "active", {"rtstreams": rts})])
+    await until(lambda: len(transcript_starts(emu)) == 2)
+    ctl.observe([lifecycle(sid, "stopping"), lifecycle(sid, "active", {"rtstreams": rts}),
+                 lifecycle(sid, "starting")])
+    assert ctl.lifecycle.state == "stopping"
+    ctl.observe([lifecycle(sid, "stopped"), lifecycle(sid, "exported", {"exported_video_id": "v_1"}),
+                 lifecycle(sid, "stopped"), lifecycle(sid, "active", {"rtstreams": rts})])
+    await asyncio.sleep(0.2)
+    assert ctl.lifecycle.history == ["created", "starting", "active", "stopping", "stopped", "exported"]
+    assert ctl.lifecycle.done and len(transcript_starts(emu)) == 2
+    saved = json.loads((tmp_path / "capture_session.json").read_text())
+    assert saved["status"] == "exported" and saved["exported_video_id"] == "v_1"
+    await ctl.close()
+
+
+async def test_api_a_late_active_after_export_does_not_revive_the_session(
+        emu: Emulator, make_context: Callable[..., Context]) -> None:
+    """Session API: a late `active` after `exported` made the session live again (shown as active, counted
+    under max_sessions, re-bound on the next reconnect)."""
+    async with running(make_context, emu) as live:
+        status, made = await live.call("POST", "/v1/sessions", json={"end_user_id": "u"})
+        assert status == 201, made
+        sid = made["session_id"]
+        rts = emu.registry.sessions[sid].rtstreams_seed()
+        mgr = live.ctl.manager
+        mgr.observe([lifecycle(sid, "starting"), lifecycle(sid, "active", {"rtstreams": rts}),
+                     lifecycle(sid, "stopping"), lifecycle(sid, "stopped"),
+                     lifecycle(sid, "exported", {"exported_video_id": "v_1"}),
+                     lifecycle(sid, "active", {"rtstreams": rts})])
+        status, view = await live.call("GET", f"/v1/sessions/{sid}")
+        assert (status, view["status"]) == (200, "exported"), view
+        assert not mgr.get(sid).live
