@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -18,6 +19,12 @@ from pipeline import secrets
 from pipeline.errors import StageError
 
 T = TypeVar("T")
+
+#: Longest server text an error line quotes (a proxy's error page can be kilobytes of HTML).
+MAX_REASON = 200
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.I | re.S)
+_TAG = re.compile(r"<[^>]{0,500}>")
+_SPACE = re.compile(r"\s+")
 
 
 class VideoDBCallError(StageError):
@@ -74,15 +81,29 @@ def describe(exc: BaseException) -> tuple[str, int | None, bool]:
     for prefix in ("Error: ", "Invalid request: "):
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
+    msg = _one_line(msg)
     if isinstance(exc, AuthenticationError):
         return f"authentication failed (HTTP {status or 401}: {msg}); check videodb.api_key", status, True
     if isinstance(exc, RequestTimeoutError):
         return "request timed out", status, False
     if isinstance(exc, InvalidRequestError):
         if status is None:
+            if msg.startswith("Max retries exceeded"):  # urllib3 retried a GET answered 502/503/504
+                return "VideoDB kept answering 502/503/504 (retried; max retries exceeded)", None, False
             return f"cannot reach the VideoDB API ({msg})", None, False
+        if 200 <= status < 300:  # the call went through but its answer is not what the SDK reads
+            return f"unreadable answer (HTTP {status}: {msg})", status, False
         return f"HTTP {status}: {msg}", status, 400 <= status < 500 and status not in (408, 429)
     return f"{type(exc).__name__}: {msg}", None, False
+
+
+def _one_line(text: str) -> str:
+    """Server text fit for a one-line error: an HTML page's title (else its text), whitespace collapsed, bounded."""
+    if "<" in text and ">" in text:
+        title = _TITLE.search(text)
+        text = title.group(1) if title else _TAG.sub(" ", text)
+    text = _SPACE.sub(" ", text).strip()
+    return text if len(text) <= MAX_REASON else text[:MAX_REASON] + "..."
 
 
 def call_error(who: str, call: str, exc: BaseException, api_key: str | None) -> VideoDBCallError:

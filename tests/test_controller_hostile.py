@@ -99,3 +99,36 @@ async def test_api_a_late_active_after_export_does_not_revive_the_session(
         status, view = await live.call("GET", f"/v1/sessions/{sid}")
         assert (status, view["status"]) == (200, "exported"), view
         assert not mgr.get(sid).live
+
+
+PROXY_PAGE = ("<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+              "</center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n" + "<!-- padding -->\n" * 300)
+
+
+@pytest.mark.parametrize(("fault", "why"), [
+    ({"status": 502, "body": PROXY_PAGE, "content_type": "text/html"}, "HTTP 502: 502 Bad Gateway"),
+    ({"status": 200, "body": "{not json"}, "unreadable answer (HTTP 200: {not json)"),
+    ({"status": 429}, "HTTP 429: emulator: injected HTTP 429"),
+])
+async def test_a_failed_create_is_one_short_line(emu: Emulator, make_context: Callable[..., Context],
+                                                 fault: dict[str, Any], why: str) -> None:
+    """A proxy's HTML error page became a 5 KB, many-line error (in the exit line, the log and the API's
+    502 body); a 200 with broken JSON read as an HTTP error "HTTP 200"."""
+    emu.fault("POST", "/collection/default/capture/session", **fault)
+    with pytest.raises(Exception) as err:
+        await single(emu, make_context)
+    assert str(err.value) == f"controller:capture_session: create_capture_session failed: {why}"
+    async with running(make_context, emu) as live:
+        status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u"})
+        assert status == 502 and body["error"].endswith(f"create_capture_session failed: {why}"), body
+
+
+async def test_get_retried_on_503_is_named_as_such(emu: Emulator) -> None:
+    """Guards the wording: the SDK retries a GET answered 503 and then says "Max retries exceeded", which
+    read as "cannot reach the VideoDB API"."""
+    from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
+
+    emu.fault("GET", "/capture/session", status=503)
+    conn = connect(VideoDBSettings("k-0123456789", emu.base_url, "default"), "t")
+    with pytest.raises(VideoDBCallError, match=r"^t: list failed: VideoDB kept answering 502/503/504"):
+        await call("t", "list", conn.list_capture_sessions)

@@ -12,6 +12,7 @@ import hmac
 import json
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,30 @@ from pipeline.emulator.state import Registry
 from pipeline.errors import StageError
 
 _HOOKS = "/_emulator"
+
+
+@dataclass
+class Fault:
+    """An injected API fault: requests matching `method` and containing `path` wait `delay` s, then get
+    `status` with `body` (raw text, e.g. a proxy's HTML page or broken JSON; None: the normal answer).
+    `times`: how many requests it hits (None: all)."""
+
+    method: str
+    path: str
+    status: int | None = None
+    body: str | None = None
+    delay: float = 0.0
+    times: int | None = None
+    content_type: str = "application/json"
+    hits: int = 0
+
+    def take(self, method: str, path: str) -> bool:
+        if method != self.method or self.path not in path or self.times == 0:
+            return False
+        if self.times is not None:
+            self.times -= 1
+        self.hits += 1
+        return True
 _BODY = web.RequestKey("emulator_body", dict)  # the parsed JSON body, read once by the middleware
 
 
@@ -59,6 +84,7 @@ class Emulator:
                              settle=settle, setup_timeout=setup_timeout)
         self.api = Api(self.registry, self.hub, self.player, self.scenario)
         self.calls: list[dict[str, Any]] = []
+        self.faults: list[Fault] = []
         self.base_url = ""
         self._runner: web.AppRunner | None = None
 
@@ -104,6 +130,13 @@ class Emulator:
             await self._runner.cleanup()
             self._runner = None
 
+    def fault(self, method: str, path: str, *, status: int | None = None, body: str | None = None,
+              delay: float = 0.0, times: int | None = None, content_type: str = "application/json") -> Fault:
+        """Make matching API requests slow and/or fail (see `Fault`); the first matching fault applies."""
+        f = Fault(method.upper(), path, status, body, delay, times, content_type)
+        self.faults.append(f)
+        return f
+
     async def wait_finished(self) -> None:
         """Return once a session exists and every session is exported (or failed)."""
         await self.registry.finished.wait()
@@ -116,6 +149,15 @@ class Emulator:
         call: dict[str, Any] = {"method": request.method, "path": request.path, "body": None,
                                 "at": time.monotonic()}
         self.calls.append(call)
+        fault = next((f for f in self.faults if f.take(request.method, request.path)), None)
+        if fault is not None:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.status is not None:
+                call["status"] = fault.status
+                call["fault"] = True
+                text = fault.body if fault.body is not None else _fault_body(fault.status)
+                return web.Response(text=text, status=fault.status, content_type=fault.content_type)
         try:
             if request.can_read_body:
                 try:
@@ -182,6 +224,11 @@ def _produced(rec: dict[str, Any]) -> dict[str, Any]:
     return {"rtstream_id": ev.get("rtstream_id"), "channel": ev.get("channel") or ev.get("event"),
             "start": data.get("start", data.get("timestamp")), "text": data.get("text"),
             "live": rec["live"], "connection_id": rec["connection_id"], "event": ev}
+
+
+def _fault_body(status: int) -> str:
+    """The JSON error body of an injected fault without its own body."""
+    return json.dumps({"success": False, "message": f"emulator: injected HTTP {status}"})
 
 
 def _fail(status: int, message: str) -> web.Response:
