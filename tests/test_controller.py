@@ -65,7 +65,7 @@ async def test_creates_session_starts_pipelines_and_exits_on_export(
     assert create["body"] == {"end_user_id": "user-42", "ws_connection_id": ws, "metadata": {"app": "tests"}}
     [token] = calls(emu, "POST", "/capture/session/token")
     assert token["body"] == {"expires_in": 600}
-    assert emu.calls.index(create) < emu.calls.index(token)
+    assert emu.calls.index(token) < emu.calls.index(create)  # a token names no session: made first
 
     transcripts = calls(emu, "POST", "/transcription")
     assert sorted(c["path"] for c in transcripts) == [f"/rtstream/{r}/transcription" for r in (MIC, SYS)]
@@ -164,7 +164,7 @@ async def test_wrong_api_key_is_one_line_naming_the_call(
     with pytest.raises(StageError) as info:
         await ctl.start()
     msg = str(info.value)
-    assert msg.startswith("controller:capture_session: create_capture_session failed: authentication failed")
+    assert msg.startswith("controller:capture_session: generate_client_token failed: authentication failed")
     assert wrong not in msg and "\n" not in msg
     await ctl.close()
 

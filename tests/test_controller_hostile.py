@@ -132,3 +132,75 @@ async def test_get_retried_on_503_is_named_as_such(emu: Emulator) -> None:
     conn = connect(VideoDBSettings("k-0123456789", emu.base_url, "default"), "t")
     with pytest.raises(VideoDBCallError, match=r"^t: list failed: VideoDB kept answering 502/503/504"):
         await call("t", "list", conn.list_capture_sessions)
+
+
+async def test_kill_9_while_the_session_is_being_created_keeps_one_session(tmp_path: Path) -> None:
+    """`kill -9` after create_capture_session reached VideoDB but before capture_session.json named the
+    session: before, the restart made a second session and the first stayed at VideoDB, unknown (and the
+    token call came after the create, so a failing token call left one behind too)."""
+    from tests.test_resume import PIPELINE, start, write_config
+    from tests.videodb_harness import API_KEY
+
+    emu = Emulator(speed=0, autostart=False, api_key=API_KEY)
+    await emu.start()
+    try:
+        emu.fault("POST", "/collection/default/capture/session", delay=2.5, times=1)  # made; the answer is late
+        config, log = write_config(tmp_path, emu), tmp_path / "run.log"
+        state = tmp_path / "out" / "resume-e2e" / "capture_session.json"
+        first = await start(config, tmp_path, log)
+        try:
+            await until(lambda: len(emu.registry.sessions) == 1, timeout=30)
+        finally:
+            first.kill()
+            await first.wait()
+        [made] = emu.registry.sessions
+        noted = json.loads(state.read_text())
+        assert noted["session_id"] is None and noted["status"] == "creating", noted
+        assert noted["client_token"].startswith("ct-")
+
+        second = await start(config, tmp_path, log)
+        try:
+            await until(lambda: json.loads(state.read_text()).get("session_id") is not None, timeout=30)
+            record = json.loads(state.read_text())
+            assert list(emu.registry.sessions) == [made] and record["session_id"] == made, log.read_text()
+            assert record["client_token"] == noted["client_token"]  # the token it noted is handed out
+            async with asyncio.timeout(5):  # its desktop client starts it: followed to its end
+                emu.registry.sessions[made].start_requested = True
+                emu.registry.sessions[made].wake.set()
+                assert await second.wait() == 0, log.read_text()
+        finally:
+            if second.returncode is None:
+                second.kill()
+                await second.wait()
+        out = log.read_text()
+        assert f"capture session {made}, made by a crashed run before it could save it, kept" in out
+        assert "ended: capture session exported" in out and "Traceback" not in out
+        assert len([c for c in emu.calls if c["path"] == "/collection/default/capture/session"
+                    and c["method"] == "POST"]) == 1
+        assert PIPELINE.exists()
+    finally:
+        await emu.stop()
+
+
+async def test_a_noted_create_that_cannot_be_told_apart_is_not_guessed(
+        emu: Emulator, make_context: Callable[..., Context], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Guards the edges of the fix above: VideoDB not answering the lookup fails the start (one line, nothing
+    made); two sessions that could be the lost one are left alone and a new one is made; none: made."""
+    import videodb
+
+    note = {"session_id": None, "status": "creating", "collection_id": "default", "end_user_id": "u",
+            "metadata": {}, "ws_connection_id": "ws-old", "client_token": "ct-old"}
+    state = tmp_path / "capture_session.json"
+    state.write_text(json.dumps(note))
+    emu.fault("GET", "/collection/default/capture/session", status=500, times=1)
+    with pytest.raises(Exception, match=r"^controller:capture_session: list_capture_sessions failed: HTTP 500"):
+        await single(emu, make_context)
+    assert not emu.registry.sessions and json.loads(state.read_text()) == note
+
+    conn = videodb.connect(api_key="k-0123456789", base_url=emu.base_url)
+    twins = [(await asyncio.to_thread(conn.create_capture_session, end_user_id="u")).id for _ in range(2)]
+    ctl = await single(emu, make_context)
+    assert ctl.session_id not in twins and len(emu.registry.sessions) == 3
+    assert "2 capture sessions" in caplog.text
+    await ctl.close()

@@ -223,8 +223,8 @@ def test_a_fifo_where_a_saved_session_should_be_does_not_hang_the_start(tmp_path
     """capture_session.json as a FIFO (a foreign file): the single-session restart logs it and creates a new
     session (before: reading it blocked the start for ever)."""
     os.mkfifo(tmp_path / "capture_session.json")
-    code = ("import sys; from pathlib import Path; from stages.controller.resume import saved_session; "
-            "print(saved_session(Path(sys.argv[1]), 'default', 'u', {}, 'ctl'))")
+    code = ("import sys; from pathlib import Path; from stages.controller.resume import read_record; "
+            "print(read_record(Path(sys.argv[1]), {}, 'ctl'))")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "capture_session.json")], timeout=20,
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr

@@ -30,9 +30,11 @@ _HOOKS = "/_emulator"
 
 @dataclass
 class Fault:
-    """An injected API fault: requests matching `method` and containing `path` wait `delay` s, then get
-    `status` with `body` (raw text, e.g. a proxy's HTML page or broken JSON; None: the normal answer).
-    `times`: how many requests it hits (None: all)."""
+    """An injected API fault on requests matching `method` whose path contains `path`.
+
+    With `status`: after `delay` s the request gets `status` and `body` (raw text, e.g. a proxy's HTML page or
+    broken JSON) and is not handled. Without: it is handled (a session is made), then its answer waits
+    `delay` s (a slow VideoDB, or an answer its caller never reads). `times`: requests it hits (None: all)."""
 
     method: str
     path: str
@@ -150,14 +152,13 @@ class Emulator:
                                 "at": time.monotonic()}
         self.calls.append(call)
         fault = next((f for f in self.faults if f.take(request.method, request.path)), None)
-        if fault is not None:
+        if fault is not None and fault.status is not None:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
-            if fault.status is not None:
-                call["status"] = fault.status
-                call["fault"] = True
-                text = fault.body if fault.body is not None else _fault_body(fault.status)
-                return web.Response(text=text, status=fault.status, content_type=fault.content_type)
+            call["status"] = fault.status
+            call["fault"] = True
+            text = fault.body if fault.body is not None else _fault_body(fault.status)
+            return web.Response(text=text, status=fault.status, content_type=fault.content_type)
         try:
             if request.can_read_body:
                 try:
@@ -173,6 +174,8 @@ class Emulator:
         except web.HTTPException as exc:
             response = _fail(exc.status, f"{exc.reason}: {request.method} {request.path}")
         call["status"] = response.status
+        if fault is not None and fault.delay:
+            await asyncio.sleep(fault.delay)  # handled; the answer is late
         return response
 
     def _authenticate(self, request: web.Request) -> None:

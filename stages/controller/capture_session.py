@@ -28,10 +28,11 @@ from pipeline.events import iso_ts, lifecycle_status
 from pipeline.files import write_private_text
 from pipeline.types import Duration
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
-from stages.controller import resume
+from stages.controller import lost_create, resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
 from stages.controller.lifecycle import STATES, Lifecycle
 from stages.controller.session_options import SessionApiOptions
+from stages.controller.session_store import safe_id
 from stages.controller.tasks import Background
 from stages.sources import backfill
 
@@ -117,27 +118,35 @@ class CaptureSessionController(Controller):
         except TimeoutError:
             raise StageError(f"{self.who}: no WebSocket connection id from the source after "
                              f"{opts.connect_timeout:g}s (the controller needs source type videodb)") from None
-        saved = None if opts.session_id else resume.saved_session(self.state_file, self.settings.collection_id,
-                                                                    opts.end_user_id, self.context.settings, self.who)
-        session = None
+        found = None if opts.session_id else resume.read_record(self.state_file, self.context.settings, self.who)
+        collection = self.settings.collection_id
+        saved = resume.saved_session(found, collection, opts.end_user_id, self.who)
+        intent = resume.pending_create(found, collection, opts.end_user_id)
+        session, made = None, None
         if opts.session_id:
             session = await self._attach(opts.session_id)
         elif saved is not None:
             session = await self._resume(saved)
+        elif intent is not None:
+            session = await self._find_lost_create(intent)
+            made = intent if session is not None else None
+        fresh = session is None
         if session is None:
-            session = await self._create(conn_id)
+            session, made = await self._create(conn_id)
         now = time.time()
-        self.record = {"session_id": self.session_id, "collection_id": self.settings.collection_id,
+        self.record = {"session_id": self.session_id, "collection_id": collection,
                        "end_user_id": getattr(session, "end_user_id", None) or opts.end_user_id,
                        "ws_connection_id": conn_id, "status": self.lifecycle.state,
                        "client_token": None, "expires_in": opts.client_token_expires_in,
                        "expires_at": iso_ts(now + opts.client_token_expires_in), "created_at": iso_ts(now)}
         if self._resumed and saved is not None and saved.get("backfill_from"):
             self.record["backfill_from"] = saved["backfill_from"]  # until this run saves its own
-        token = resume.reusable_token(saved) if self._resumed else None
-        if token is not None and saved is not None:  # the desktop client may still be using it
-            self.record.update({k: saved.get(k) for k in ("expires_in", "expires_at", "created_at")},
-                               resumed_at=iso_ts(now))
+        kept = saved if self._resumed else made  # a token made before: the desktop client may be using it
+        token = made["client_token"] if fresh and made else resume.reusable_token(kept)
+        if token is not None and kept is not None:
+            self.record.update({k: kept.get(k) for k in ("expires_in", "expires_at", "created_at")})
+            if kept is saved:
+                self.record["resumed_at"] = iso_ts(now)
         else:
             token = await self._sdk("generate_client_token", self._conn.generate_client_token,
                                     opts.client_token_expires_in)
@@ -153,22 +162,70 @@ class CaptureSessionController(Controller):
         self.context.session.on_connection(self._on_connection)
         if self.context.session.inlet is not None:
             self._spawn(self._checkpoints(self.context.session.inlet))
-        if opts.session_id or self._resumed:
+        if opts.session_id or self._resumed or (made is not None and made.get("ws_connection_id") != conn_id):
             self._start_poll()  # lifecycle events go to the connection the session was created with
         elif self.context.session.connection_id != conn_id:
             self._on_reconnect()
 
-    async def _create(self, conn_id: str) -> Any:
+    async def _create(self, conn_id: str) -> tuple[Any, dict[str, Any]]:
+        """A new session, and the record noted before the call (its client token).
+
+        The token comes first (it names no session: if it fails, nothing is left at VideoDB), then
+        the record is saved with status `creating` and no session id, then the session is made and
+        saved at once: a crash (even kill -9) while the create runs leaves that note, and the
+        restart looks for the session it made (`_find_lost_create`) instead of making another.
+        """
         opts = self.options
+        token = await self._sdk("generate_client_token", self._conn.generate_client_token,
+                                opts.client_token_expires_in)
+        now = time.time()
+        self.record = {"session_id": None, "collection_id": self.settings.collection_id,
+                       "end_user_id": opts.end_user_id, "metadata": opts.metadata, "status": resume.CREATING,
+                       "ws_connection_id": conn_id, "client_token": token,
+                       "expires_in": opts.client_token_expires_in,
+                       "expires_at": iso_ts(now + opts.client_token_expires_in), "created_at": iso_ts(now)}
+        if token:
+            secrets.register(str(token))
+        self._save()
+        made = dict(self.record)
         session = await self._sdk("create_capture_session", self._conn.create_capture_session,
                                   end_user_id=opts.end_user_id, collection_id=self.settings.collection_id,
                                   ws_connection_id=conn_id, metadata=opts.metadata or None,
                                   callback_url=opts.callback_url)
+        if not isinstance(session.id, str) or not safe_id(session.id):
+            raise StageError(f"{self.who}: create_capture_session returned an unusable session id "
+                             f"{str(session.id)[:80]!r}")
+        self.record.update(session_id=session.id, status="created")
+        self._save()
         self.session_id = session.id
         self.lifecycle = Lifecycle(session.id)
         self.lifecycle.advance(getattr(session, "status", None) or "created")
         self._replay_early()
-        return session
+        return session, made
+
+    async def _find_lost_create(self, intent: dict[str, Any]) -> Any:
+        """The session a crashed run's create made (its record never got the id), or None: see lost_create.py."""
+        try:
+            listed = await self._sdk("list_capture_sessions", self._conn.list_capture_sessions,
+                                     self.settings.collection_id)
+        except VideoDBCallError as exc:
+            raise StageError(f"{exc}; {self.state_file} notes a create a crash cut short, so a new session is "
+                             "not made before VideoDB says whether that one exists (run again, or use "
+                             "--new-session)") from None
+        found = lost_create.candidates(listed, intent.get("end_user_id"), intent.get("metadata"),
+                                       lambda sid: False)
+        if len(found) != 1:
+            if found:
+                log.warning("%s: %d capture sessions (%s) could be the one a crashed run was creating; creating "
+                            "a new one", self.who, len(found), ", ".join(str(x.id) for x in found[:5]))
+            else:
+                log.info("%s: the create a crashed run noted in %s never reached VideoDB; creating a session",
+                         self.who, self.state_file)
+            return None
+        log.warning("%s: capture session %s, made by a crashed run before it could save it, kept", self.who,
+                    found[0].id)
+        self._adopt(found[0])
+        return found[0]
 
     async def _attach(self, session_id: str) -> Any:
         session = await self._sdk("get_capture_session", self._conn.get_capture_session,
