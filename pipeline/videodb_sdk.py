@@ -1,21 +1,21 @@
 """Calling the synchronous `videodb` SDK from asyncio, with one-line errors.
 
 Shared by the videodb source, the capture-session controller and `pipeline
-listen`. Every SDK call runs in a worker thread (the SDK uses `requests`) and
+listen`. Every SDK call runs in a daemon worker thread (the SDK uses `requests`;
+see sdk_threads.py for why not the default executor) and
 any failure becomes a `VideoDBCallError` naming the call, with the API key
 masked. `videodb` itself is imported lazily: it is slow to import.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipeline import secrets
+from pipeline import sdk_threads, secrets
 from pipeline.errors import StageError
 
 T = TypeVar("T")
@@ -119,6 +119,6 @@ async def call(who: str, what: str, fn: Callable[..., T], /, *args: Any,
                api_key: str | None = None, **kwargs: Any) -> T:
     """Run `fn(*args, **kwargs)` in a thread; failures become `VideoDBCallError` naming `what`."""
     try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        return await sdk_threads.run(fn, *args, **kwargs)
     except Exception as exc:
         raise call_error(who, what, exc, api_key) from None

@@ -18,7 +18,7 @@ from pipeline.api import Context
 from pipeline.emulator import Emulator
 from pipeline.session import SessionLink
 from stages.controller.capture_session import CaptureSessionController
-from tests.test_session_api import running
+from tests.test_session_api import TOKEN, running
 from tests.videodb_harness import settings
 
 
@@ -204,3 +204,56 @@ async def test_a_noted_create_that_cannot_be_told_apart_is_not_guessed(
     assert ctl.session_id not in twins and len(emu.registry.sessions) == 3
     assert "2 capture sessions" in caplog.text
     await ctl.close()
+
+
+async def test_sigterm_while_a_stop_call_hangs_exits_within_the_api_shutdown_wait(tmp_path: Path) -> None:
+    """SIGTERM while POST /stop waits on a VideoDB that does not answer: before, the exit waited for the
+    hung SDK call (the default executor's threads are joined at exit: up to the SDK's 30 s per call) and
+    aiohttp waited for the handler twice over (10 s, documented 5 s)."""
+    import signal
+    import sys
+    import time
+
+    import aiohttp
+    import yaml
+
+    from tests.test_session_api import cues
+    from tests.videodb_harness import scenario_file
+
+    emu = Emulator(scenario_file(tmp_path, cues(), end=1000), speed=1, autostart=False)
+    await emu.start()
+    cfg = {"name": "hang", "state_dir": str(tmp_path / "state"),
+           "videodb": {"api_key": "k-0123456789", "base_url": emu.base_url}, "source": {"type": "videodb"},
+           "controller": {"type": "capture_session", "api": {"listen": "127.0.0.1:0", "token": TOKEN},
+                          "on_active": {"transcript": True}},
+           "sinks": [{"type": "jsonl", "path": str(tmp_path / "events.jsonl")}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(str(Path(sys.executable).parent / "pipeline"), "run",
+                                                    str(tmp_path / "c.yaml"), stdout=out, stderr=out)
+    try:
+        await until(lambda: "session API on http://" in log.read_text(), timeout=20)
+        url = log.read_text().split("session API on ")[1].split("/v1/sessions")[0]
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/v1/sessions", json={"end_user_id": "u"}, headers=auth) as r:
+                sid = (await r.json())["session_id"]
+            emu.registry.sessions[sid].start_requested = True
+            emu.registry.sessions[sid].wake.set()
+            await until(lambda: bool(transcript_starts(emu)))
+            emu.fault("PATCH", "/status", delay=30)  # every stop is handled, and never answered in time
+            stop = asyncio.ensure_future(http.post(f"{url}/v1/sessions/{sid}/stop", headers=auth))
+            await until(lambda: any(c["method"] == "PATCH" for c in emu.calls))
+            began = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(25):
+                assert await proc.wait() == 0, log.read_text()
+            took = time.monotonic() - began
+            stop.cancel()
+        assert took < 8, f"exit took {took:.1f}s"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await emu.stop()

@@ -107,7 +107,7 @@ class Emulator:
         app.router.add_get(f"{_HOOKS}/sessions", self._sessions)
         app.router.add_post(f"{_HOOKS}/sessions/{{sid}}/start", self._hand_start)
         app.router.add_post(f"{_HOOKS}/sessions/{{sid}}/stop", self._hand_stop)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)  # faults hang
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         try:
