@@ -257,3 +257,48 @@ async def test_sigterm_while_a_stop_call_hangs_exits_within_the_api_shutdown_wai
             proc.kill()
             await proc.wait()
         await emu.stop()
+
+
+async def test_a_restart_with_many_sessions_and_a_slow_videodb_reattaches_them_with_one_call(
+        make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """300 saved live sessions, every VideoDB GET answered 30 ms late: the restart asked for each session
+    in turn (9 s before the last was re-attached, and no status poll until then); now one listing
+    re-attaches them all, and the API serves meanwhile."""
+    import time
+
+    import videodb
+
+    from tests.test_session_api import cues
+    from tests.videodb_harness import scenario_file
+
+    emu = Emulator(scenario_file(tmp_path, cues(1), end=1000), speed=1, autostart=False)
+    await emu.start()
+    try:
+        conn = videodb.connect(api_key="k-0123456789", base_url=emu.base_url)
+
+        def make(n: int) -> list[str]:
+            return [conn.create_capture_session(end_user_id=f"u{i}", ws_connection_id="ws-gone").id
+                    for i in range(n)]
+
+        made = await asyncio.to_thread(make, 300)
+        (tmp_path / "sessions").mkdir()
+        for sid in made:  # what a crashed run saved: created; meanwhile their desktop clients started them
+            (tmp_path / "sessions" / f"{sid}.json").write_text(json.dumps(
+                {"session_id": sid, "collection_id": "default", "end_user_id": "u", "status": "created",
+                 "created_at": "2026-01-01T00:00:00Z", "ws_connection_id": "ws-gone"}))
+            emu.registry.sessions[sid].start_requested = True
+            emu.registry.sessions[sid].wake.set()
+        await until(lambda: all(s.status == "active" for s in emu.registry.sessions.values()))
+        emu.fault("GET", "/collection/default/capture/session", delay=0.03)
+        began = time.monotonic()
+        async with running(make_context, emu, on_active={}, status_poll_interval=60) as live:
+            status, _ = await live.call("GET", "/v1/sessions?status=active")
+            assert status == 200  # served while re-attaching
+            mgr = live.ctl.manager
+            await until(lambda: all(mgr.get(sid).lifecycle.state == "active" for sid in made), timeout=30)
+            took = time.monotonic() - began
+        gets = [c for c in emu.calls if c["method"] == "GET" and c["path"].startswith(
+            "/collection/default/capture/session/")]
+        assert took < 4 and len(gets) == 0, (took, len(gets))
+    finally:
+        await emu.stop()

@@ -127,9 +127,18 @@ class SessionManager:
             await self._bind(s, None, backfill_gap=True)
 
     async def _reattach(self, live: list[ManagedSession]) -> None:
+        """Re-attach the sessions a previous run left: one listing for all (a GET each only for those it
+        lacks), and the status poll from the start, so a slow VideoDB costs one call, not one per session."""
         conn_id = await self.link.wait_connection()
+        self._start_poll()
+        try:
+            listed = {str(getattr(x, "id", "")): x for x in await self._sdk(
+                "list_capture_sessions", self.conn.list_capture_sessions, self.settings.collection_id)}
+        except VideoDBCallError as exc:
+            log.warning("%s; asking for each session instead", exc)
+            listed = {}
         for s in live:
-            session = await self._fetch(s)
+            session = listed.get(s.id) or await self._fetch(s)
             if session is None:
                 continue
             status = getattr(session, "status", None) or s.record.get("status") or "created"
@@ -139,7 +148,6 @@ class SessionManager:
                 self._spawn(self._bind(s, _streams_of(session), backfill_gap=True))
             log.info("%s: re-attached capture session %s (%s) to connection %s",
                      self.who, s.id, s.lifecycle.state, conn_id)
-        self._start_poll()
 
     # --- the API's operations ------------------------------------------------------------------
 
