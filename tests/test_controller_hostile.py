@@ -302,3 +302,25 @@ async def test_a_restart_with_many_sessions_and_a_slow_videodb_reattaches_them_w
         assert took < 4 and len(gets) == 0, (took, len(gets))
     finally:
         await emu.stop()
+
+
+@pytest.mark.parametrize("fault", [{"status": 500}, {"status": 429}, {"status": 200, "body": "<html>oops</html>"}])
+async def test_a_transient_error_on_resume_does_not_orphan_the_live_session(
+        emu: Emulator, make_context: Callable[..., Context], tmp_path: Path, fault: dict[str, Any]) -> None:
+    """The restart's get_capture_session answered 500 or 429 (or garbage): before, the controller took the
+    saved session for gone and created a second one, leaving the live one (its desktop client streaming)
+    unknown. Now the start fails with one line and nothing is created; the next start resumes it."""
+    import videodb
+
+    conn = videodb.connect(api_key="k-0123456789", base_url=emu.base_url)
+    live = await asyncio.to_thread(conn.create_capture_session, end_user_id="u")
+    record = {"session_id": live.id, "collection_id": "default", "end_user_id": "u", "status": "active"}
+    (tmp_path / "capture_session.json").write_text(json.dumps(record))
+    emu.fault("GET", f"/capture/session/{live.id}", times=1, **fault)
+    with pytest.raises(Exception, match=r"^controller:capture_session: get_capture_session failed: .*not creating "
+                                        r"a new capture session while the one saved in .* may be live"):
+        await single(emu, make_context)
+    assert list(emu.registry.sessions) == [live.id]
+    ctl = await single(emu, make_context)
+    assert ctl.session_id == live.id and list(emu.registry.sessions) == [live.id]
+    await ctl.close()

@@ -241,9 +241,10 @@ class CaptureSessionController(Controller):
             session = await self._sdk("get_capture_session", self._conn.get_capture_session,
                                       sid, self.settings.collection_id)
         except VideoDBCallError as exc:
-            if exc.status in (401, 403) or exc.status is None:
-                raise
-            log.warning("%s; creating a new capture session", exc)
+            if not exc.fatal or exc.status in (401, 403):  # a 5xx, 429, timeout: the session may well be live
+                raise StageError(f"{exc}; not creating a new capture session while the one saved in "
+                                 f"{self.state_file} may be live (run again, or --new-session)") from None
+            log.warning("%s; creating a new capture session", exc)  # refused (404...): VideoDB does not have it
             return None
         status = getattr(session, "status", None)
         if status in resume.ENDED:
