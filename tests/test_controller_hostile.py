@@ -324,3 +324,48 @@ async def test_a_transient_error_on_resume_does_not_orphan_the_live_session(
     ctl = await single(emu, make_context)
     assert ctl.session_id == live.id and list(emu.registry.sessions) == [live.id]
     await ctl.close()
+
+
+def unstored_scenario(tmp_path: Path) -> Path:
+    """The default streams, none of them stored (the desktop client left `channel.store` False)."""
+    path = tmp_path / "unstored.yaml"
+    path.write_text(json.dumps({"name": "unstored", "end": 2, "rtstreams": [
+        {"rtstream_id": "rts-mic", "name": "mic:default", "media_types": ["audio"], "type": "mic", "store": False},
+        {"rtstream_id": "rts-dsp", "name": "display:1", "media_types": ["video"], "type": "screen", "store": False}],
+        "events": [{"at": 1, "channel": "transcript", "rtstream": "mic:default", "text": "hello"}]}))
+    return path
+
+
+async def test_a_session_with_nothing_stored_ends_at_stopped(make_context: Callable[..., Context],
+                                                             tmp_path: Path) -> None:
+    """VideoDB exports only stored recordings. The emulator exported every session, so with the default
+    `exit_on: exported` a session whose channels were not stored ran for ever after `stopped` (and with the
+    session API it stayed live: counted under max_sessions, polled and re-attached by every restart)."""
+    from tests.videodb_harness import make_stages, run_stages
+
+    emu = Emulator(unstored_scenario(tmp_path), speed=0)
+    await emu.start()
+    try:
+        src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u", "on_active": {"transcript": True}})
+        assert ctl is not None
+        run = await run_stages(src, ctl, timeout=10)
+        assert run.link.exit_code == 0, run.link.exit_reason
+        assert run.link.exit_reason == "capture session stopped (no channel stored, so no export)"
+        assert json.loads((tmp_path / "capture_session.json").read_text())["stored"] is False
+        [s] = emu.registry.sessions.values()
+        assert s.status == "stopped" and s.export is None  # the emulator, as VideoDB, exports nothing
+
+        emu.registry.sessions.clear()
+        emu.player.autostart = False
+        async with running(make_context, emu) as live:
+            sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]["session_id"]
+            emu.registry.sessions[sid].start_requested = True
+            emu.registry.sessions[sid].wake.set()
+            await until(lambda: live.ctl.manager.get(sid).lifecycle.done)
+            status, view = await live.call("GET", f"/v1/sessions/{sid}")
+            assert status == 200 and (view["status"], view["stored"]) == ("stopped", False)
+            assert not live.ctl.manager.get(sid).live
+        async with running(make_context, emu) as live:  # a restart does not take it for live
+            assert not live.ctl.manager.get(sid).live and live.ctl.manager.get(sid).lifecycle.done
+    finally:
+        await emu.stop()

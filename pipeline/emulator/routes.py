@@ -130,6 +130,8 @@ class Api:
         s = self.session(req.match_info["sid"])
         if s.status not in ("stopped", "exported"):
             raise ApiError(400, f"capture session {s.id} is {s.status}; export needs it stopped")
+        if not s.stored:
+            raise ApiError(400, f"capture session {s.id} has no stored channel to export")
         out: Data = {"session_id": s.id, "video_channel_id": body.get("video_channel_id"),
                      "export_status": "exporting"}
         if s.export is not None:

@@ -30,7 +30,7 @@ from pipeline.types import Duration
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
 from stages.controller import lost_create, resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
-from stages.controller.lifecycle import STATES, Lifecycle
+from stages.controller.lifecycle import STATES, Lifecycle, stored
 from stages.controller.session_options import SessionApiOptions
 from stages.controller.session_store import safe_id
 from stages.controller.tasks import Background
@@ -328,6 +328,8 @@ class CaptureSessionController(Controller):
                 self._spawn_rebind(None, backfill_gap=gap, hold=bool(gap))
         elif status == "exported":
             self.record.update({k: data[k] for k in ("exported_video_id", "stream_url", "player_url") if data.get(k)})
+        elif status == "stopped" and self.options.exit_on == "exported":
+            self._spawn(self._end_if_unstored(session, polled=session is not None))
         if self.record:
             self._save()
         if status == "failed":
@@ -337,6 +339,27 @@ class CaptureSessionController(Controller):
             self._spawn(self._exit_settled(status, polled=session is not None))
         if self.lifecycle.done and self._poll is not None:
             self._poll.cancel()
+
+    async def _end_if_unstored(self, session: Any, *, polled: bool) -> None:
+        """`stopped`, waiting for `exported`: a session none of whose channels is stored is never exported
+        (VideoDB exports only stored recordings), so it ends here instead of running for ever."""
+        if session is None:
+            try:
+                session = await self._sdk("get_capture_session", self._conn.get_capture_session,
+                                          self.session_id, self.settings.collection_id)
+            except VideoDBCallError as exc:
+                log.warning("%s (cannot tell whether an export will follow; still waiting for it)", exc)
+                return
+        if stored(session) is not False or self.lifecycle.state != "stopped":
+            return
+        self.lifecycle.unstored = True
+        self.record["stored"] = False
+        self._save()
+        if self._poll is not None:
+            self._poll.cancel()
+        log.info("%s: capture session %s stopped and none of its channels is stored: no export follows",
+                 self.who, self.session_id)
+        await self._exit_settled("stopped (no channel stored, so no export)", polled=polled)
 
     def _save_indexes(self, ids: list[dict[str, str]]) -> None:
         """A bind made an index: saved at once (a crash before the bind ends must not leave it running)."""

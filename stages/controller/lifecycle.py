@@ -10,7 +10,7 @@ earlier state, or anything after `exported`/`failed`, is logged and ignored
 from __future__ import annotations
 
 import logging
-from typing import Final
+from typing import Any, Final
 
 log = logging.getLogger("pipeline.controller.capture_session")
 
@@ -31,12 +31,14 @@ _NEXT: Final[dict[str | None, frozenset[str]]] = {
 class Lifecycle:
     """Current state plus transition checks; `advance()` says whether the state changed."""
 
-    __slots__ = ("history", "session_id", "state")
+    __slots__ = ("history", "session_id", "state", "unstored")
 
     def __init__(self, session_id: str = "", state: str | None = None) -> None:
         self.session_id = session_id
         self.state: str | None = state
         self.history: list[str] = [state] if state else []
+        #: No channel of the session is stored: VideoDB exports nothing, so `stopped` is its end.
+        self.unstored = False
 
     def advance(self, new: str, *, polled: bool = False) -> bool:
         """Move to `new`; False when it is the current state, earlier than it, or the session has ended.
@@ -71,4 +73,10 @@ class Lifecycle:
 
     @property
     def done(self) -> bool:
-        return self.state in TERMINAL
+        return self.state in TERMINAL or (self.unstored and self.state == "stopped")
+
+
+def stored(session: Any) -> bool | None:
+    """Whether a `CaptureSession` has a stored channel (only then is it exported); None when it lists none."""
+    channels = getattr(session, "channels", None) or []
+    return any(bool(getattr(ch, "store", False)) for ch in channels) if channels else None

@@ -26,6 +26,7 @@ from pipeline.api import Batch, Event
 from pipeline.events import iso_ts, lifecycle_status
 from pipeline.videodb_sdk import VideoDBCallError, call
 from stages.controller.ai_pipelines import AIPipelines, OnActive, Stream, media_kind, streams_from_event
+from stages.controller.lifecycle import stored
 from stages.controller.session_create import ApiProblem, SessionCreator
 from stages.controller.session_store import SessionStore
 from stages.controller.sessions import ManagedSession
@@ -82,6 +83,7 @@ class SessionManager:
             records = []
         for record in records:
             s = self._add(record)
+            s.lifecycle.unstored = record.get("stored") is False
             status = record.get("status")
             if isinstance(status, str):
                 s.lifecycle.advance(status, polled=True)
@@ -363,8 +365,29 @@ class SessionManager:
             self._spawn(self._stop_streams_locked(s) if s.record.get("stop_requested") else self._bind(s, streams))
         elif status == "failed":
             log.error("%s: capture session %s failed: %s", self.who, s.id, s.record.get("error"))
+        elif status == "stopped":
+            self._spawn(self._end_if_unstored(s, session))
         if s.lifecycle.done:
             self._forget_streams(s)
+        self.store.save(s.record)
+
+    async def _end_if_unstored(self, s: ManagedSession, session: Any) -> None:
+        """`stopped`: with no stored channel VideoDB exports nothing, so the session ends here (else it would
+        stay live for ever: counted under max_sessions, polled, re-attached by every restart)."""
+        if session is None:
+            try:
+                session = await self._sdk("get_capture_session", self.conn.get_capture_session,
+                                          s.id, self.settings.collection_id)
+            except VideoDBCallError as exc:
+                log.warning("%s (cannot tell whether an export will follow)", exc)
+                return
+        if stored(session) is not False or s.lifecycle.state != "stopped":
+            return
+        s.lifecycle.unstored = True
+        s.record["stored"] = False
+        log.info("%s: capture session %s stopped and none of its channels is stored: no export follows",
+                 self.who, s.id)
+        self._forget_streams(s)
         self.store.save(s.record)
 
     async def _stop_streams_locked(self, s: ManagedSession) -> None:

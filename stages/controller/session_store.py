@@ -32,7 +32,8 @@ _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _TYPES: Final[dict[str, type | tuple[type, ...]]] = {
     "status": str, "end_user_id": str, "collection_id": str, "metadata": dict, "created_at": str,
     "expires_at": str, "client_token": str, "ws_connection_id": str, "stop_requested": bool, "stop_incomplete": bool,
-    "idempotency_key": str, "request_hash": str, "on_active": dict, "rtstreams": list, "indexes": list}
+    "stored": bool, "idempotency_key": str, "request_hash": str, "on_active": dict, "rtstreams": list,
+    "indexes": list}
 
 
 def safe_id(session_id: str) -> bool:

@@ -17,7 +17,8 @@ from stages.controller.lifecycle import Lifecycle
 
 #: Record keys the API shows (the client token only in the answers that create it).
 PUBLIC: Final[tuple[str, ...]] = ("session_id", "end_user_id", "status", "metadata", "created_at", "expires_at",
-                 "ws_connection_id", "stop_requested", "error", "exported_video_id", "stream_url", "player_url")
+                 "ws_connection_id", "stop_requested", "stored", "error", "exported_video_id", "stream_url",
+                 "player_url")
 _EXPORT_KEYS: Final = ("exported_video_id", "stream_url", "player_url")
 
 
