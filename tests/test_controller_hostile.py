@@ -369,3 +369,27 @@ async def test_a_session_with_nothing_stored_ends_at_stopped(make_context: Calla
             assert not live.ctl.manager.get(sid).live and live.ctl.manager.get(sid).lifecycle.done
     finally:
         await emu.stop()
+
+
+@pytest.mark.parametrize(("foreign", "resumed"), [
+    ({"status": ["active"]}, False),                       # unhashable: was a TypeError out of start()
+    ({"status": {"s": "active"}}, False),
+    ({"indexes": [{"index_id": "idx-1"}]}, True),          # no rtstream_id: was a KeyError out of start()
+    ({"indexes": "idx-1", "client_token": 5, "expires_at": 1, "backfill_from": [1]}, True),
+])
+async def test_a_foreign_capture_session_json_never_fails_the_start(
+        emu: Emulator, make_context: Callable[..., Context], tmp_path: Path, foreign: dict[str, Any],
+        resumed: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """capture_session.json from another version (or damaged) with keys of the wrong type: before, a list
+    `status` or an index without `rtstream_id` crashed the start. Now a record whose needed keys are wrong is
+    ignored (a new session, one warning); other wrong keys are dropped and the session is resumed."""
+    import videodb
+
+    conn = videodb.connect(api_key="k-0123456789", base_url=emu.base_url)
+    live = await asyncio.to_thread(conn.create_capture_session, end_user_id="u")
+    record = {"session_id": live.id, "collection_id": "default", "end_user_id": "u", "status": "active", **foreign}
+    (tmp_path / "capture_session.json").write_text(json.dumps(record))
+    ctl = await single(emu, make_context, on_active={"transcript": True, "index_visuals": {"prompt": "p"}})
+    assert (ctl.session_id == live.id) is resumed and len(emu.registry.sessions) == (1 if resumed else 2)
+    assert "capture_session.json" in caplog.text and "Traceback" not in caplog.text
+    await ctl.close()

@@ -17,12 +17,14 @@ from typing import Any, Final
 
 import orjson
 
-from stages.controller.session_store import MAX_RECORD_BYTES, read_regular
+from stages.controller.session_store import MAX_RECORD_BYTES, read_regular, wrong_key
 
 log = logging.getLogger("pipeline.controller.capture_session")
 
 #: The status saved while `create_capture_session` runs: the record has no session id yet.
 CREATING: Final = "creating"
+#: Keys a restart cannot do without: a record with one of the wrong type is ignored (others are dropped).
+_NEEDED: Final = frozenset({"session_id", "status", "collection_id", "end_user_id"})
 #: Statuses after which a session cannot be resumed.
 ENDED: Final = frozenset({"stopped", "exported", "failed"})
 #: A saved client token is handed out again only if it lives at least this much longer (seconds).
@@ -45,7 +47,18 @@ def read_record(path: Path, settings: Mapping[str, Any], who: str) -> dict[str, 
     except (OSError, ValueError) as exc:
         log.warning("%s: cannot read %s (%s); creating a new capture session", who, path, exc)
         return None
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        log.warning("%s: %s is not a capture session record; ignored, creating a new capture session", who, path)
+        return None
+    while (wrong := wrong_key(record)) is not None:  # damaged, or written by another version
+        key = wrong.split(":", 1)[0]
+        if key in _NEEDED:
+            log.warning("%s: %s is not a capture session record (%s); ignored, creating a new capture session",
+                        who, path, wrong)
+            return None
+        log.warning("%s: %s: %s; that key is ignored", who, path, wrong)
+        record.pop(key)
+    return record
 
 
 def pending_create(record: dict[str, Any] | None, collection_id: str,
