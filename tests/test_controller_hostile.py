@@ -138,6 +138,8 @@ async def test_kill_9_while_the_session_is_being_created_keeps_one_session(tmp_p
     """`kill -9` after create_capture_session reached VideoDB but before capture_session.json named the
     session: before, the restart made a second session and the first stayed at VideoDB, unknown (and the
     token call came after the create, so a failing token call left one behind too)."""
+    import aiohttp
+
     from tests.test_resume import PIPELINE, start, write_config
     from tests.videodb_harness import API_KEY
 
@@ -164,10 +166,11 @@ async def test_kill_9_while_the_session_is_being_created_keeps_one_session(tmp_p
             record = json.loads(state.read_text())
             assert list(emu.registry.sessions) == [made] and record["session_id"] == made, log.read_text()
             assert record["client_token"] == noted["client_token"]  # the token it noted is handed out
-            async with asyncio.timeout(5):  # its desktop client starts it: followed to its end
-                emu.registry.sessions[made].start_requested = True
-                emu.registry.sessions[made].wake.set()
-                assert await second.wait() == 0, log.read_text()
+            async with asyncio.timeout(5), aiohttp.ClientSession() as http:  # its desktop client starts it
+                async with http.post(f"{emu.base_url}/_emulator/sessions/{made}/start",
+                                     json={"client_token": record["client_token"]}) as r:
+                    assert r.status == 200, await r.text()  # the token handed out is valid
+                assert await second.wait() == 0, log.read_text()  # followed to its end
         finally:
             if second.returncode is None:
                 second.kill()

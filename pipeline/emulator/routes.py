@@ -57,7 +57,7 @@ class Api:
         self.hub = hub
         self.player = player
         self.scenario = scenario
-        self.client_tokens: set[str] = set()
+        self.client_tokens: dict[str, float] = {}  # client token -> when it expires (time.time())
         self.ws_url = ""  # set by the server once it knows its port
 
     def routes(self) -> list[tuple[str, str, Handler]]:
@@ -99,8 +99,16 @@ class Api:
         if not isinstance(expires_in, int) or expires_in <= 0:
             raise ApiError(400, "expires_in must be a positive integer")
         token = "ct-" + secrets.token_urlsafe(24)
-        self.client_tokens.add(token)
-        return {"token": token, "expires_in": expires_in, "expires_at": int(time.time()) + expires_in}
+        expires_at = time.time() + expires_in
+        self.client_tokens[token] = expires_at
+        return {"token": token, "expires_in": expires_in, "expires_at": int(expires_at)}
+
+    def token_problem(self, token: str) -> str | None:
+        """Why a client token is refused (unknown, expired), or None when it is valid now."""
+        expires = self.client_tokens.get(token)
+        if expires is None:
+            return "unknown client token"
+        return "client token expired" if time.time() >= expires else None
 
     # --- capture sessions ------------------------------------------------------------------------
     async def create_session(self, req: web.Request, body: Data) -> Data:

@@ -182,8 +182,11 @@ class Emulator:
         token = request.headers.get("x-access-token", "")
         if not token:
             raise ApiError(401, "Unauthorized: x-access-token header is missing")
-        if self.api_key is not None and not hmac.compare_digest(token, self.api_key) \
-                and token not in self.api.client_tokens:
+        if token in self.api.client_tokens:  # a client token authenticates until it expires
+            if (why := self.api.token_problem(token)) is not None:
+                raise ApiError(401, f"Unauthorized: {why}")
+            return
+        if self.api_key is not None and not hmac.compare_digest(token, self.api_key):
             raise ApiError(401, "Unauthorized: invalid API key")
 
     @staticmethod
@@ -204,15 +207,22 @@ class Emulator:
         return web.json_response([s.shape() for s in self.registry.sessions.values()])
 
     async def _hand_start(self, request: web.Request) -> web.Response:
-        return self._hand(request, start=True)
+        return await self._hand(request, start=True)
 
     async def _hand_stop(self, request: web.Request) -> web.Response:
-        return self._hand(request, start=False)
+        return await self._hand(request, start=False)
 
-    def _hand(self, request: web.Request, *, start: bool) -> web.Response:
+    async def _hand(self, request: web.Request, *, start: bool) -> web.Response:
         s = self.registry.sessions.get(request.match_info["sid"])
         if s is None:
             return _fail(404, f"capture session {request.match_info['sid']} not found")
+        token = None
+        if request.can_read_body:  # the desktop client's start: `{"client_token": ...}` is checked when given
+            with contextlib.suppress(ValueError):
+                body = await request.json()
+                token = body.get("client_token") if isinstance(body, dict) else None
+        if token is not None and (why := self.api.token_problem(str(token))) is not None:
+            return _fail(401, f"Unauthorized: {why}")
         if start:
             s.start_requested = True
         else:
