@@ -45,3 +45,18 @@ async def test_a_client_token_expires(emu: Emulator) -> None:
         for token, status in ((short, 401), ("ct-never-issued", 401), (long, 200)):
             async with http.post(url, json={"client_token": token}) as r:
                 assert r.status == status, (token, await r.text())
+
+
+async def test_a_session_is_found_only_in_its_own_collection(emu: Emulator) -> None:
+    """`get_capture_session(id, collection_id)`: the emulator answered for any collection, so a call that
+    named the wrong one (or left the SDK's "default") passed the tests with another collection configured."""
+    import videodb
+    from videodb.exceptions import InvalidRequestError
+
+    conn = videodb.connect(api_key=KEY, base_url=emu.base_url)
+    made = await asyncio.to_thread(conn.create_capture_session, end_user_id="u", collection_id="c-team")
+    assert (await asyncio.to_thread(conn.get_capture_session, made.id, "c-team")).status == "created"
+    with pytest.raises(InvalidRequestError, match="not found"):
+        await asyncio.to_thread(conn.get_capture_session, made.id)
+    assert [s.id for s in await asyncio.to_thread(conn.list_capture_sessions, "c-team")] == [made.id]
+    assert await asyncio.to_thread(conn.list_capture_sessions) == []

@@ -132,10 +132,10 @@ class Api:
                              if s.collection_id == req.match_info["cid"] and status in (None, s.status)]}
 
     async def get_session(self, req: web.Request, body: Data) -> Data:
-        return self.session(req.match_info["sid"]).shape()
+        return self.session(req.match_info["sid"], req.match_info["cid"]).shape()
 
     async def export_session(self, req: web.Request, body: Data) -> Data:
-        s = self.session(req.match_info["sid"])
+        s = self.session(req.match_info["sid"], req.match_info["cid"])
         if s.status not in ("stopped", "exported"):
             raise ApiError(400, f"capture session {s.id} is {s.status}; export needs it stopped")
         if not s.stored:
@@ -148,9 +148,9 @@ class Api:
                        stream_url=e["stream_url"], player_url=e["player_url"])
         return out
 
-    def session(self, sid: str) -> Session:
+    def session(self, sid: str, collection_id: str) -> Session:
         s = self.reg.sessions.get(sid)
-        if s is None:
+        if s is None or s.collection_id != collection_id:  # a session lives in one collection
             raise ApiError(404, f"capture session {sid} not found")
         return s
 
