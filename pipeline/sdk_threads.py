@@ -65,6 +65,16 @@ class DaemonPool:
 _pool = DaemonPool()
 
 
+def _after_fork() -> None:
+    """A forked child has none of the parent's workers (its count would stop new ones starting): a new pool."""
+    global _pool
+    _pool = DaemonPool()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 async def run(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """`fn(*args, **kwargs)` in a daemon worker thread (with this task's context variables)."""
     ctx = contextvars.copy_context()

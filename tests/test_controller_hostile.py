@@ -396,3 +396,33 @@ async def test_a_foreign_capture_session_json_never_fails_the_start(
     assert (ctl.session_id == live.id) is resumed and len(emu.registry.sessions) == (1 if resumed else 2)
     assert "capture_session.json" in caplog.text and "Traceback" not in caplog.text
     await ctl.close()
+
+
+def test_sdk_worker_threads_are_bounded_reused_and_do_not_hold_up_exit() -> None:
+    """Guards the daemon pool the SDK calls now run in: at most MAX_WORKERS threads, results and errors
+    come back, and a process whose call hangs exits at once (the default executor joined it at exit)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from pipeline import sdk_threads
+
+    async def burst() -> list[Any]:
+        async def one(i: int) -> Any:
+            if i == 3:
+                return await sdk_threads.run(int, "not a number")
+            return await sdk_threads.run(time.sleep, 0.05)
+        return await asyncio.gather(*(one(i) for i in range(40)), return_exceptions=True)
+
+    results = asyncio.run(burst())
+    assert isinstance(results[3], ValueError) and results.count(None) == 39
+    assert 1 <= sum(t.name.startswith("videodb-sdk-") for t in threading.enumerate()) <= sdk_threads.MAX_WORKERS
+    code = ("import asyncio, time; from pipeline import sdk_threads\n"
+            "async def main():\n"
+            "    task = asyncio.ensure_future(sdk_threads.run(time.sleep, 60))\n"
+            "    await asyncio.sleep(0.2); task.cancel()\n"
+            "asyncio.run(main())\n")
+    began = time.monotonic()
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30, cwd=Path(__file__).parent.parent)
+    assert time.monotonic() - began < 10
