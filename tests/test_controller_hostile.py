@@ -426,3 +426,21 @@ def test_sdk_worker_threads_are_bounded_reused_and_do_not_hold_up_exit() -> None
     began = time.monotonic()
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30, cwd=Path(__file__).parent.parent)
     assert time.monotonic() - began < 10
+
+
+async def test_an_active_event_with_thousands_of_rtstreams_is_bounded(
+        emu: Emulator, make_context: Callable[..., Context]) -> None:
+    """`capture_session.active` listing 5,000 rtstreams (and ids that are not strings or hold a '/'): before,
+    every one got its SDK calls on every bind (5,000 start_transcript calls here), ids went into API paths."""
+    ctl = await single(emu, make_context, exit_on="none")
+    sid = ctl.session_id
+    assert sid is not None
+    rts = [{"rtstream_id": f"rts-{i}", "name": f"mic:{i}", "media_types": ["audio"]} for i in range(5000)]
+    rts[:3] = [{"rtstream_id": 7, "media_types": ["audio"]}, {"rtstream_id": "../../capture/session/x",
+                                                               "media_types": ["audio"]}, "junk"]
+    ctl.observe([lifecycle(sid, "active", {"rtstreams": rts})])
+    await until(lambda: len(transcript_starts(emu)) >= 61)
+    await asyncio.sleep(0.2)
+    paths = [c["path"] for c in transcript_starts(emu)]
+    assert len(paths) == 61 and all(p.startswith("/rtstream/rts-") and p.count("/") == 3 for p in paths)
+    await ctl.close()
