@@ -444,3 +444,19 @@ async def test_an_active_event_with_thousands_of_rtstreams_is_bounded(
     paths = [c["path"] for c in transcript_starts(emu)]
     assert len(paths) == 61 and all(p.startswith("/rtstream/rts-") and p.count("/") == 3 for p in paths)
     await ctl.close()
+
+
+async def test_a_failed_sessions_error_is_one_bounded_line_without_terminal_controls(
+        emu: Emulator, make_context: Callable[..., Context]) -> None:
+    """`capture_session.failed` whose `error` (off the wire) holds an escape sequence, newlines and 100 KB:
+    before, all of it became the exit reason printed in the run's summary (retitling or clearing the
+    operator's terminal, and a 100 KB "line")."""
+    ctl = await single(emu, make_context)
+    sid = ctl.session_id
+    assert sid is not None
+    hostile = "\x1b]0;owned\x07\x1b[2Jscreen permission revoked\nsecond line" + "x" * 100_000
+    ctl.observe([lifecycle(sid, "failed", {"error": hostile})])
+    reason = ctl.context.session.exit_reason
+    assert ctl.context.session.exit_code == 3 and reason.startswith("capture session failed: \\x1b]0;owned\\x07")
+    assert "\x1b" not in reason and "\n" not in reason and len(reason) < 1200
+    await ctl.close()

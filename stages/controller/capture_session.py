@@ -26,6 +26,7 @@ from pipeline.api import Batch, Context, Controller, Event, Options
 from pipeline.errors import StageError
 from pipeline.events import iso_ts, lifecycle_status
 from pipeline.files import write_private_text
+from pipeline.termsafe import visible
 from pipeline.types import Duration
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
 from stages.controller import lost_create, resume
@@ -42,6 +43,7 @@ STATE_FILE = "capture_session.json"
 _EXIT_STATES = ("stopped", "exported")
 SETTLE_TIMEOUT = 60.0  # longest an exit waits for a re-bind/backfill still under way
 CHECKPOINT_EVERY = 2.0  # seconds between saves of where a restart's backfill starts (> sinks' flush)
+MAX_ERROR = 1000  # characters of a failed session's error kept (it comes off the wire)
 
 
 class CaptureSessionOptions(Options):
@@ -510,6 +512,7 @@ class CaptureSessionController(Controller):
 
 
 def _error_text(error: Any) -> str:
+    """The error of a failed session, fit for the one-line exit reason: bounded, control characters visible."""
     if isinstance(error, dict):
         error = error.get("message") or error.get("error") or orjson.dumps(error).decode()
-    return str(error) if error else "no error given"
+    return visible(str(error)[:MAX_ERROR]) if error else "no error given"

@@ -12,6 +12,7 @@ import asyncio
 from typing import Any, Final
 
 from pipeline.events import iso_ts
+from pipeline.termsafe import visible
 from stages.controller.ai_pipelines import AIPipelines, OnActive
 from stages.controller.lifecycle import Lifecycle
 
@@ -76,4 +77,4 @@ class ManagedSession:
 def _error_text(error: Any) -> str:
     if isinstance(error, dict):
         error = error.get("message") or error.get("error") or str(error)
-    return str(error)[:1000] if error else "no error given"
+    return visible(str(error)[:1000]) if error else "no error given"
