@@ -95,7 +95,7 @@ def streams_from_event(conn: Any, rtstreams: Any, collection_id: str) -> list[St
         log.warning("capture_session.active lists %d rtstreams; only the first %d are used", len(listed), MAX_STREAMS)
     for r in listed[:MAX_STREAMS]:
         rid = r.get("rtstream_id") or r.get("id") if isinstance(r, dict) else None
-        if not isinstance(rid, str) or not rid or len(rid) > 128 or "/" in rid:
+        if not usable_id(rid):
             continue
         name = str(r.get("name") or rid)
         rts = RTStream(conn, id=rid, name=name, collection_id=collection_id, channel_id=r.get("channel_id"))
@@ -103,9 +103,15 @@ def streams_from_event(conn: Any, rtstreams: Any, collection_id: str) -> list[St
     return out
 
 
+def usable_id(rid: Any) -> bool:
+    """An rtstream id fit for an API path: a string of 1-128 characters without '/'."""
+    return isinstance(rid, str) and 0 < len(rid) <= 128 and "/" not in rid
+
+
 def streams_from_session(session: Any) -> list[Stream]:
-    """Streams from a `CaptureSession` object (its rtstreams carry the SDK channel type)."""
-    return [Stream(r, str(r.name or r.id), media_kind(None, r.channel_id, r.name)) for r in session.rtstreams]
+    """Streams from a `CaptureSession` object (its rtstreams carry the SDK channel type); bounded as above."""
+    return [Stream(r, str(r.name or r.id), media_kind(None, r.channel_id, r.name))
+            for r in (getattr(session, "rtstreams", None) or [])[:MAX_STREAMS] if usable_id(getattr(r, "id", None))]
 
 
 @dataclass

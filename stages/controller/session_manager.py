@@ -25,7 +25,15 @@ import orjson
 from pipeline.api import Batch, Event
 from pipeline.events import iso_ts, lifecycle_status
 from pipeline.videodb_sdk import VideoDBCallError, call
-from stages.controller.ai_pipelines import AIPipelines, OnActive, Stream, media_kind, streams_from_event
+from stages.controller.ai_pipelines import (
+    MAX_STREAMS,
+    AIPipelines,
+    OnActive,
+    Stream,
+    media_kind,
+    streams_from_event,
+    usable_id,
+)
 from stages.controller.lifecycle import stored
 from stages.controller.session_create import ApiProblem, SessionCreator
 from stages.controller.session_store import SessionStore
@@ -526,7 +534,9 @@ class SessionManager:
 def _streams_of(session: Any) -> list[Stream]:
     """Streams of a `CaptureSession` (its rtstreams carry the SDK channel type and media types)."""
     out = []
-    for r in getattr(session, "rtstreams", None) or []:
+    for r in (getattr(session, "rtstreams", None) or [])[:MAX_STREAMS]:
+        if not usable_id(getattr(r, "id", None)):
+            continue
         kind = media_kind(getattr(r, "media_types", None), getattr(r, "channel_id", None), getattr(r, "name", None))
         out.append(Stream(r, str(getattr(r, "name", None) or r.id), kind))
     return out
