@@ -460,3 +460,21 @@ async def test_a_failed_sessions_error_is_one_bounded_line_without_terminal_cont
     assert ctl.context.session.exit_code == 3 and reason.startswith("capture session failed: \\x1b]0;owned\\x07")
     assert "\x1b" not in reason and "\n" not in reason and len(reason) < 1200
     await ctl.close()
+
+
+async def test_a_restart_gives_a_never_started_session_a_fresh_token(
+        emu: Emulator, make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """Guards the README's advice for a session whose client token expired before the desktop client started
+    it: the restart resumes the same session and saves a new, valid token."""
+    import videodb
+
+    conn = videodb.connect(api_key="k-0123456789", base_url=emu.base_url)
+    waiting = await asyncio.to_thread(conn.create_capture_session, end_user_id="u")
+    old = {"session_id": waiting.id, "collection_id": "default", "end_user_id": "u", "status": "created",
+           "client_token": "ct-expired", "expires_at": "2020-01-01T00:00:00Z"}
+    (tmp_path / "capture_session.json").write_text(json.dumps(old))
+    ctl = await single(emu, make_context)
+    saved = json.loads((tmp_path / "capture_session.json").read_text())
+    assert ctl.session_id == waiting.id and saved["client_token"] != "ct-expired"
+    assert emu.api.token_problem(saved["client_token"]) is None and saved["expires_at"] > "2026"
+    await ctl.close()
