@@ -122,3 +122,14 @@ async def call(who: str, what: str, fn: Callable[..., T], /, *args: Any,
         return await sdk_threads.run(fn, *args, **kwargs)
     except Exception as exc:
         raise call_error(who, what, exc, api_key) from None
+
+
+async def client_token(who: str, conn: Any, expires_in: int, api_key: str | None) -> str:
+    """`generate_client_token(expires_in)`; an answer without a token is a failed call (nobody could start
+    a capture with it)."""
+    token = await call(who, "generate_client_token", conn.generate_client_token, expires_in, api_key=api_key)
+    if not isinstance(token, str) or not token:
+        raise VideoDBCallError(f"{who}: generate_client_token failed: the answer holds no token",
+                               call="generate_client_token", status=None, fatal=False)
+    secrets.register(token)
+    return token

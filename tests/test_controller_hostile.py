@@ -478,3 +478,17 @@ async def test_a_restart_gives_a_never_started_session_a_fresh_token(
     assert ctl.session_id == waiting.id and saved["client_token"] != "ct-expired"
     assert emu.api.token_problem(saved["client_token"]) is None and saved["expires_at"] > "2026"
     await ctl.close()
+
+
+async def test_a_token_answer_without_a_token_is_a_failed_call(emu: Emulator,
+                                                               make_context: Callable[..., Context]) -> None:
+    """generate_client_token answered `{"success": true, "data": {}}`: before, the run went on with no token
+    (nobody could start the capture) and the session API answered 201 with `"client_token": null`."""
+    emu.fault("POST", "/capture/session/token", status=200, body='{"success": true, "data": {}}')
+    with pytest.raises(Exception, match=r"^controller:capture_session: generate_client_token failed: the answer "
+                                        r"holds no token$"):
+        await single(emu, make_context)
+    async with running(make_context, emu) as live:
+        status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u"})
+        assert status == 502 and body["error"].endswith("generate_client_token failed: the answer holds no token")
+    assert not emu.registry.sessions  # the token comes first: no session left behind

@@ -28,7 +28,7 @@ from pipeline.events import iso_ts, lifecycle_status
 from pipeline.files import write_private_text
 from pipeline.termsafe import visible
 from pipeline.types import Duration
-from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
+from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, client_token, connect
 from stages.controller import lost_create, resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
 from stages.controller.lifecycle import STATES, Lifecycle, stored
@@ -150,8 +150,7 @@ class CaptureSessionController(Controller):
             if kept is saved:
                 self.record["resumed_at"] = iso_ts(now)
         else:
-            token = await self._sdk("generate_client_token", self._conn.generate_client_token,
-                                    opts.client_token_expires_in)
+            token = await client_token(self.who, self._conn, opts.client_token_expires_in, self.settings.api_key)
         if token:
             secrets.register(str(token))
         self.record["client_token"] = token
@@ -178,8 +177,7 @@ class CaptureSessionController(Controller):
         restart looks for the session it made (`_find_lost_create`) instead of making another.
         """
         opts = self.options
-        token = await self._sdk("generate_client_token", self._conn.generate_client_token,
-                                opts.client_token_expires_in)
+        token = await client_token(self.who, self._conn, opts.client_token_expires_in, self.settings.api_key)
         now = time.time()
         self.record = {"session_id": None, "collection_id": self.settings.collection_id,
                        "end_user_id": opts.end_user_id, "metadata": opts.metadata, "status": resume.CREATING,

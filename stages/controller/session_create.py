@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from pipeline.events import iso_ts, lifecycle_status
-from pipeline.videodb_sdk import VideoDBCallError
+from pipeline.videodb_sdk import VideoDBCallError, client_token
 from stages.controller import lost_create
 from stages.controller.ai_pipelines import OnActive
 from stages.controller.session_store import safe_id
@@ -123,8 +123,8 @@ class SessionCreator:
         opts = self.m.opts
         metadata = {**opts.metadata, **metadata}  # the configured metadata applies to every session
         try:  # the token first: it names no session, so if it fails no session is left behind at VideoDB
-            token = await self.m._sdk("generate_client_token", self.m.conn.generate_client_token,
-                                    opts.client_token_expires_in)
+            token = await client_token(self.m.who, self.m.conn, opts.client_token_expires_in,
+                                       self.m.settings.api_key)
         except VideoDBCallError as exc:
             self.m.stats.errors += 1
             raise ApiProblem(502, str(exc)) from None

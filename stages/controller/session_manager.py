@@ -24,7 +24,7 @@ import orjson
 
 from pipeline.api import Batch, Event
 from pipeline.events import iso_ts, lifecycle_status
-from pipeline.videodb_sdk import VideoDBCallError, call
+from pipeline.videodb_sdk import VideoDBCallError, call, client_token
 from stages.controller.ai_pipelines import (
     MAX_STREAMS,
     AIPipelines,
@@ -294,8 +294,8 @@ class SessionManager:
         if not s.live:
             raise ApiProblem(409, f"capture session {s.id} is {s.lifecycle.state or 'stopped'}: no new token")
         try:
-            token = await self._sdk("generate_client_token", self.conn.generate_client_token,
-                                    self.opts.client_token_expires_in)
+            token = await client_token(self.who, self.conn, self.opts.client_token_expires_in,
+                                       self.settings.api_key)
         except VideoDBCallError as exc:
             raise ApiProblem(502, str(exc)) from None
         s.record["client_token"] = token
