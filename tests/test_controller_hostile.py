@@ -492,3 +492,20 @@ async def test_a_token_answer_without_a_token_is_a_failed_call(emu: Emulator,
         status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u"})
         assert status == 502 and body["error"].endswith("generate_client_token failed: the answer holds no token")
     assert not emu.registry.sessions  # the token comes first: no session left behind
+
+
+async def test_a_create_whose_answer_times_out_is_kept_by_the_next_start(
+        emu: Emulator, make_context: Callable[..., Context], monkeypatch: pytest.MonkeyPatch) -> None:
+    """VideoDB made the session but answered after the SDK's timeout: the start fails with one line, and the
+    next start keeps that session (before: a second session, the first one left at VideoDB)."""
+    from videodb._constants import HttpClientDefaultValues
+
+    monkeypatch.setattr(HttpClientDefaultValues, "timeout", 0.5)
+    emu.fault("POST", "/collection/default/capture/session", delay=1.5, times=1)
+    with pytest.raises(Exception, match=r"^controller:capture_session: create_capture_session failed: request "
+                                        r"timed out$"):
+        await single(emu, make_context)
+    [made] = emu.registry.sessions
+    ctl = await single(emu, make_context)
+    assert ctl.session_id == made and list(emu.registry.sessions) == [made]
+    await ctl.close()
