@@ -69,6 +69,29 @@ async def live_keys(bootstrap: str, topic: str, partitions: int = 4) -> list[tup
     return sorted(k for k, v in last.items() if v is not None)
 
 
+async def eight_sessions_through_one_worker(broker: Broker, env: dict[str, str], tmp_path: Path,
+                                           name: str) -> tuple[Workers, Path]:
+    """One worker, and eight sessions ingested and written by it; their windows are still open (their
+    lateness is an hour) and live in changelog partitions 0, 1 and 3."""
+    from tests.test_faust_runtime import multi_session
+
+    replay = tmp_path / "eight.jsonl"
+    multi_session(replay, 8)
+    cfg = write_config(tmp_path / "faust.yaml", engine="faust", bootstrap=broker.bootstrap,
+                       out=tmp_path / "faust", stages=STAGES, name=name)
+    out = tmp_path / "faust/events.jsonl"
+    workers = Workers(cfg, tmp_path, env)
+    workers.start()
+    try:
+        await workers.settled(1)
+        await ingest(cfg, env, replay)
+        await wait_for_lines(out, sum(1 for line in replay.read_text().splitlines() if line.strip()), workers)
+    except BaseException:
+        workers.stop_all()
+        raise
+    return workers, out
+
+
 async def test_windows_a_stopping_worker_flushed_are_deleted_from_every_changelog_partition(
         kafka_broker: Broker, workers_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
     """Before, the windows a stopping worker flushed stayed in the changelog, and the next worker restored
@@ -79,21 +102,9 @@ async def test_windows_a_stopping_worker_flushed_are_deleted_from_every_changelo
     Checked on the changelog itself: the test broker reports a partition's end as the start of its last
     record batch, so a restoring worker there misses most of a partition's last batch (Apache Kafka does not).
     """
-    from tests.test_faust_runtime import multi_session
-
-    replay = tmp_path / "eight.jsonl"
-    multi_session(replay, 8)  # eight sessions: their windows live in partitions 0, 1 and 3
-    cfg = write_config(tmp_path / "faust.yaml", engine="faust", bootstrap=kafka_broker.bootstrap,
-                       out=tmp_path / "faust", stages=STAGES, name="win2")
-    out = tmp_path / "faust/events.jsonl"
-    events = sum(1 for line in replay.read_text().splitlines() if line.strip())
-    workers = Workers(cfg, tmp_path, workers_env)
+    workers, out = await eight_sessions_through_one_worker(kafka_broker, workers_env, tmp_path, "win2")
+    changelog = "videodb-pipeline-win2-window_stages_1__window-changelog"
     try:
-        workers.start()
-        await workers.settled(1)
-        await ingest(cfg, workers_env, replay)
-        await wait_for_lines(out, events, workers)
-        changelog = "videodb-pipeline-win2-window_stages_1__window-changelog"
         assert len(await live_keys(kafka_broker.bootstrap, changelog)) > 8 * 12  # every session's open windows
     finally:
         assert workers.stop_all() == [0]
@@ -107,20 +118,8 @@ async def test_a_worker_that_gave_partitions_away_does_not_flush_their_windows(
     """Before: faust's memory store forgets, at a rebalance, only the keys it read from the changelog, not
     those the worker wrote itself: the first worker kept the windows of the partitions it handed to the
     second, and both emitted them when they stopped."""
-    from tests.test_faust_runtime import multi_session
-
-    replay = tmp_path / "eight.jsonl"
-    multi_session(replay, 8)
-    cfg = write_config(tmp_path / "faust.yaml", engine="faust", bootstrap=kafka_broker.bootstrap,
-                       out=tmp_path / "faust", stages=STAGES, name="win3")
-    out = tmp_path / "faust/events.jsonl"
-    events = sum(1 for line in replay.read_text().splitlines() if line.strip())
-    workers = Workers(cfg, tmp_path, workers_env)
+    workers, out = await eight_sessions_through_one_worker(kafka_broker, workers_env, tmp_path, "win3")
     try:
-        workers.start()
-        await workers.settled(1)
-        await ingest(cfg, workers_env, replay)
-        await wait_for_lines(out, events, workers)
         workers.start()
         await workers.settled(2)
     finally:
