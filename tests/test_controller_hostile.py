@@ -509,3 +509,33 @@ async def test_a_create_whose_answer_times_out_is_kept_by_the_next_start(
     ctl = await single(emu, make_context)
     assert ctl.session_id == made and list(emu.registry.sessions) == [made]
     await ctl.close()
+
+
+async def test_a_reconnect_storm_queues_one_rebind_per_session(make_context: Callable[..., Context],
+                                                               tmp_path: Path) -> None:
+    """Session API, 40 bound sessions, 30 reconnects before any re-bind ran: before, every reconnect queued a
+    re-bind (and an inlet hold, and a record write) for every session: 1,200 tasks; now one per session,
+    binding to whichever connection is current when it runs."""
+    from tests.test_session_api import cues
+    from tests.videodb_harness import scenario_file
+
+    emu = Emulator(scenario_file(tmp_path, cues(1), end=1000), speed=1, autostart=False)
+    await emu.start()
+    try:
+        async with running(make_context, emu, on_active={"transcript": True}) as live:
+            link, mgr = live.ctl.context.session, live.ctl.manager
+            made = [(await live.call("POST", "/v1/sessions", json={"end_user_id": f"u{i}"}))[1]["session_id"]
+                    for i in range(40)]
+            for sid in made:
+                emu.registry.sessions[sid].start_requested = True
+                emu.registry.sessions[sid].wake.set()
+            first = link.connection_id
+            await until(lambda: all((p := mgr.get(sid).pipelines) is not None and p.bound_to == first
+                                    for sid in made), timeout=30)
+            for i in range(30):
+                await link.announce_connection(f"ws-storm-{i}")
+            queued = [t for t in mgr._background.tasks if not t.done() and t.get_coro().__qualname__.endswith("._bind")]
+            assert len(queued) <= 40, len(queued)
+            await until(lambda: all(mgr.get(sid).pipelines.bound_to == "ws-storm-29" for sid in made), timeout=30)
+    finally:
+        await emu.stop()

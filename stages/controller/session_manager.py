@@ -434,6 +434,7 @@ class SessionManager:
         """
         try:
             async with self._bind_slots, s.lock:
+                s.rebind_waiting = False  # a reconnect from now on queues another (this one may bind too early)
                 before = s.pipelines.bound_to if s.pipelines is not None else None
                 await self._bind_now(s, streams)
                 pipes, inlet = s.pipelines, self.link.inlet
@@ -479,7 +480,9 @@ class SessionManager:
         """SessionLink listener: the source (re)connected; re-bind every live, bound session."""
         inlet = self.link.inlet
         for s in self.sessions.values():
-            if s.live and s.pipelines is not None and s.pipelines.bound_to not in (None, conn_id):
+            if s.live and s.pipelines is not None and s.pipelines.bound_to not in (None, conn_id) \
+                    and not s.rebind_waiting:  # one queued re-bind binds to whatever connection is current then
+                s.rebind_waiting = True
                 if inlet is not None:
                     inlet.hold()  # now, before the new connection's first event is accepted
                 self._spawn(self._bind(s, s.pipelines.streams, held=inlet is not None))

@@ -26,7 +26,8 @@ _EXPORT_KEYS: Final = ("exported_video_id", "stream_url", "player_url")
 class ManagedSession:
     """A capture session created through the API (or re-attached from its saved record)."""
 
-    __slots__ = ("counts", "last_event", "lifecycle", "lock", "on_active", "pipelines", "record", "streams_known")
+    __slots__ = ("counts", "last_event", "lifecycle", "lock", "on_active", "pipelines", "rebind_waiting", "record",
+                 "streams_known")
 
     def __init__(self, record: dict[str, Any], on_active: OnActive) -> None:
         self.record = record
@@ -37,6 +38,7 @@ class ManagedSession:
         self.last_event: float | None = None  # receipt time (unix_ts) of its latest event
         self.lock = asyncio.Lock()  # one bind/stop at a time per session
         self.streams_known = False  # rtstreams learnt (from `active` or get_capture_session)
+        self.rebind_waiting = False  # a re-bind after a reconnect is queued, not begun: another adds nothing
 
     @property
     def id(self) -> str:
