@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from pipeline import sdk_threads, secrets
 from pipeline.errors import StageError
+from pipeline.termsafe import visible
 
 T = TypeVar("T")
 
@@ -24,6 +25,7 @@ T = TypeVar("T")
 MAX_REASON = 200
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.I | re.S)
 _TAG = re.compile(r"<[^>]{0,500}>")
+_HTML = re.compile(r"<(html|!doctype|body|head)\b", re.I)
 _SPACE = re.compile(r"\s+")
 
 
@@ -98,12 +100,13 @@ def describe(exc: BaseException) -> tuple[str, int | None, bool]:
 
 
 def _one_line(text: str) -> str:
-    """Server text fit for a one-line error: an HTML page's title (else its text), whitespace collapsed, bounded."""
-    if "<" in text and ">" in text:
+    """Server text fit for a one-line error: an HTML page's title (else its text), whitespace collapsed,
+    bounded, control characters shown as `\\xNN`."""
+    if text.lstrip()[:1] == "<" or _HTML.search(text[:2000]):  # an HTML page, not a message that uses "<"
         title = _TITLE.search(text)
         text = title.group(1) if title else _TAG.sub(" ", text)
     text = _SPACE.sub(" ", text).strip()
-    return text if len(text) <= MAX_REASON else text[:MAX_REASON] + "..."
+    return visible(text if len(text) <= MAX_REASON else text[:MAX_REASON] + "...")
 
 
 def call_error(who: str, call: str, exc: BaseException, api_key: str | None) -> VideoDBCallError:

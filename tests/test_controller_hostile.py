@@ -539,3 +539,16 @@ async def test_a_reconnect_storm_queues_one_rebind_per_session(make_context: Cal
             await until(lambda: all(mgr.get(sid).pipelines.bound_to == "ws-storm-29" for sid in made), timeout=30)
     finally:
         await emu.stop()
+
+
+def test_server_text_in_an_error_is_one_visible_line() -> None:
+    """Guards `_one_line`: HTML is reduced to its title, a message that merely uses '<' keeps its text,
+    whitespace runs collapse, long text is cut, and a terminal escape from the server is shown, not sent."""
+    from pipeline.videodb_sdk import MAX_REASON, _one_line
+
+    assert _one_line("value must be <= 10 and > 0") == "value must be <= 10 and > 0"
+    assert _one_line("<html><head><title>502 Bad Gateway</title></head><body>x</body></html>") == "502 Bad Gateway"
+    assert _one_line("upstream: <!DOCTYPE html><p>busy</p>") == "upstream: busy"
+    assert _one_line("a\n\n\tb") == "a b"
+    assert len(_one_line("c" * 5000)) == MAX_REASON + 3
+    assert _one_line("\x1b]0;owned\x07 denied") == "\\x1b]0;owned\\x07 denied"
