@@ -60,3 +60,44 @@ async def test_a_session_is_found_only_in_its_own_collection(emu: Emulator) -> N
         await asyncio.to_thread(conn.get_capture_session, made.id)
     assert [s.id for s in await asyncio.to_thread(conn.list_capture_sessions, "c-team")] == [made.id]
     assert await asyncio.to_thread(conn.list_capture_sessions) == []
+
+
+async def test_lifecycle_events_stay_with_the_connection_the_session_was_created_with(emu: Emulator) -> None:
+    """Only `create_capture_session(ws_connection_id)` says where lifecycle events go. Re-binding a transcript
+    to a new connection made the emulator send the session's lifecycle events there too, so the controller's
+    tests saw `exported` after a reconnect that VideoDB would have sent to the dead connection."""
+    import videodb
+
+    conn = videodb.connect(api_key=KEY, base_url=emu.base_url)
+    ws_url = f"{emu.base_url.replace('http', 'ws')}/ws"
+    async with aiohttp.ClientSession() as http:
+        first = await http.ws_connect(ws_url)
+        a = (await first.receive_json())["connection_id"]
+        session = await asyncio.to_thread(conn.create_capture_session, end_user_id="u", ws_connection_id=a)
+        async with http.post(f"{emu.base_url}/_emulator/sessions/{session.id}/start") as r:
+            assert r.status == 200
+        while (await first.receive_json()).get("event") != "capture_session.active":  # created, starting
+            pass
+        mic = next(s for s in emu.registry.sessions[session.id].streams.values() if s.type == "mic")
+        rts = (await asyncio.to_thread(conn.get_capture_session, session.id)).get_rtstream("mic")[0]
+        await asyncio.to_thread(rts.start_transcript, ws_connection_id=a)
+        await first.close()
+        second = await http.ws_connect(ws_url)
+        b = (await second.receive_json())["connection_id"]
+        await asyncio.to_thread(rts.start_transcript, ws_connection_id=b)  # the pipeline re-binds
+        assert emu.registry.transcripts[mic.rtstream_id].conn == b
+        async with http.post(f"{emu.base_url}/_emulator/sessions/{session.id}/stop") as r:
+            assert r.status == 200
+        await emu.wait_finished()
+        got: list[str] = []
+        while True:
+            try:
+                msg = await second.receive_json(timeout=0.3)
+            except TimeoutError:
+                break
+            got.append(msg.get("event") or msg.get("channel"))
+        assert not [e for e in got if str(e).startswith("capture_session.")], got
+        sent_to_a = [r for r in emu.emitted if r["connection_id"] == a and r["event"].get("event")]
+        assert [r["event"]["event"] for r in sent_to_a][-1] == "capture_session.exported"
+        assert not sent_to_a[-1]["live"]  # produced for the dead connection, never sent
+        await second.close()
