@@ -86,6 +86,7 @@ typedef struct {
     Py_ssize_t *kw_off; /* per rule: where its matched keywords start in a Scratch's kw (n_rules + 1 offsets) */
     PyObject *heads[1 << N_HEAD]; /* alert templates by which head keys the event has, built on first use */
     PyObject *fold, *event_time_ms, *stream_of, *cooled, *source_of;
+    int busy; /* process() calls running: Python code they call must not rebuild what they read */
 } Engine;
 
 typedef struct {
@@ -343,7 +344,7 @@ static void Engine_dealloc(Engine *self) {
 
 /* Engine(tables, channel_map, rules, fold, event_time_ms, stream_of, cooled, source_of)
  * rules: list of (prefix, label, severity, cooldown_ms, names callable or None) */
-static int Engine_init(Engine *self, PyObject *args, PyObject *Py_UNUSED(kw)) {
+static int engine_build(Engine *self, PyObject *args) {
     PyObject *tables, *channel_map, *rules;
     PyObject *fold, *etm, *stream_of, *cooled, *source_of;
     if (!PyArg_ParseTuple(args, "O!O!O!OOOOO", &PyList_Type, &tables, &PyDict_Type, &channel_map, &PyList_Type,
@@ -408,6 +409,17 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *Py_UNUSED(kw)) {
     self->cooled = Py_NewRef(cooled);
     self->source_of = Py_NewRef(source_of);
     return 0;
+}
+
+/* Builds the engine; a failed build leaves none (process() then refuses), never a half-built one. */
+static int Engine_init(Engine *self, PyObject *args, PyObject *Py_UNUSED(kw)) {
+    if (self->busy) {  /* a callback of a running process(): its tables and scratch would be freed under it */
+        PyErr_SetString(PyExc_RuntimeError, "Engine.__init__ called while the engine is processing a batch");
+        return -1;
+    }
+    if (engine_build(self, args) == 0) return 0;
+    engine_clear_all(self);
+    return -1;
 }
 
 /* The table for a channel value, or NULL. */
@@ -905,9 +917,10 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         return NULL;
     }
     if (self->kw_off == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "Engine.__init__ was not called");
+        PyErr_SetString(PyExc_RuntimeError, "Engine.__init__ was not called (or failed)");
         return NULL;
     }
+    self->busy++;  /* until `done`: Python code called from here must not rebuild the engine */
     Scratch s = {0};
     PyObject *out = NULL, *alerts = PyList_New(0), *result = NULL, *held = NULL, *held_ch = NULL;
     Py_ssize_t *marks = NULL, n_marks = 0, cap_marks = 0; /* per firing event: its index, then alerts so far */
@@ -1014,15 +1027,20 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
     }
     for (Py_ssize_t r = 0; r < self->n_rules; r++) {
         if (!s.fired[r]) continue;
+        if (r >= PyList_GET_SIZE(counts)) {  /* Python code called above emptied it: counts[r] += n fails */
+            PyErr_SetString(PyExc_IndexError, "list index out of range");
+            goto done;
+        }
         PyObject *add = PyLong_FromLongLong(s.fired[r]);
         PyObject *sum = add ? PyNumber_Add(PyList_GET_ITEM(counts, r), add) : NULL;
         Py_XDECREF(add);
         if (!sum) goto done;
-        PyList_SetItem(counts, r, sum);
+        if (PyList_SetItem(counts, r, sum) < 0) goto done;  /* its __add__ may have emptied the list */
     }
     result = Py_BuildValue("(OOO)", out ? out : Py_None, alerts, watermark.obj);
 done:
     writes_end(&writes, result == NULL);
+    self->busy--;
     Py_XDECREF(held);
     Py_XDECREF(held_ch);
     PyMem_Free(marks);
