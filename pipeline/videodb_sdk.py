@@ -9,7 +9,9 @@ masked. `videodb` itself is imported lazily: it is slow to import.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -98,6 +100,39 @@ async def call(who: str, what: str, fn: Callable[..., T], /, *args: Any,
                api_key: str | None = None, **kwargs: Any) -> T:
     """Run `fn(*args, **kwargs)` in a thread; failures become `VideoDBCallError` naming `what`."""
     try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        return await in_daemon_thread(fn, *args, **kwargs)
     except Exception as exc:
         raise call_error(who, what, exc, api_key) from None
+
+
+async def in_daemon_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """`asyncio.to_thread`, but in a daemon thread of its own: a call a server never answers cannot hold up exit.
+
+    The default executor's threads are joined when the loop closes and again when the interpreter
+    exits, so one SDK request stuck on a silent server (its timeout is 30 s, retried) kept a stopped
+    run alive far past drain_timeout. Cancelling the await abandons the call; its thread ends on its own.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+    ctx = contextvars.copy_context()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if fut.done():  # cancelled meanwhile: nobody waits for it any more
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+    def work() -> None:
+        try:
+            result, exc = ctx.run(fn, *args, **kwargs), None
+        except BaseException as err:  # handed to the awaiting task as it is
+            result, exc = None, err
+        try:
+            loop.call_soon_threadsafe(settle, result, exc)
+        except RuntimeError:  # the loop closed while the call was running: nobody waits for it
+            pass
+
+    threading.Thread(target=work, name=f"videodb-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return await fut
