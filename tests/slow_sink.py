@@ -89,3 +89,20 @@ class GatedLines(GatedSink):
             await asyncio.sleep(0.01)
         with open(self.options.path, "ab") as fh:
             fh.write(b"".join(orjson.dumps(e) + b"\n" for e in batch))
+
+
+class DeadLetterGoneSink(GatedSink):
+    """A gated sink that, once started, puts a file where the dead-letter file's directory was (a disk
+    unmounted, a directory removed mid-run): every later dead-letter write fails."""
+
+    name = "dead-letter-gone"
+
+    async def start(self) -> None:
+        import os
+        import shutil
+
+        await super().start()
+        directory = os.path.join(os.path.dirname(self.options.path), "dl")
+        shutil.rmtree(directory)
+        with open(directory, "w") as fh:
+            fh.write("not a directory any more")

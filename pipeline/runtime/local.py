@@ -112,8 +112,8 @@ class LocalRuntime:
         opts = slot.buffer
         queue = self.b.config.runtime.queue_size
 
-        def reject(events: Batch, reason: str) -> None:
-            self._dead_letter(slot, events, reason)
+        def reject(events: Batch, reason: str) -> int:
+            return self._dead_letter(slot, events, reason)
 
         if opts.type == "disk":
             directory = spool_dir(self.b.config, i, slot.type_name)
@@ -237,14 +237,21 @@ class LocalRuntime:
                 self._dead_letter(slot, batch, "sink failed before writing")
             buf.taken(item)
 
-    def _dead_letter(self, slot: SinkSlot, events: Batch, reason: str) -> None:
-        for event in events:
+    def _dead_letter(self, slot: SinkSlot, events: Batch, reason: str) -> int:
+        """Dead-letter `events`; returns how many were written. If the file cannot be written, the rest are
+        counted as lost and the run stops (exit 1): every later reject would be lost too."""
+        for k, event in enumerate(events):
             slot.stats.errors += 1
             try:
                 self.b.dead_letter.write(reason, stage=slot.stats.name, event=event)
             except PipelineError as exc:
-                log.error("cannot write the dead-letter file: %s", exc)
-                return
+                rest = len(events) - k - 1
+                slot.stats.errors += rest
+                self.b.dead_letter.lose(rest)
+                log.error("%s: %s; %d event(s) lost", slot.stats.name, exc, rest + 1)
+                self._fail(StageError(f"{exc}; events are being lost: stopping"))
+                return k
+        return len(events)
 
     def _check(self, task: asyncio.Task[Any]) -> None:
         exc = None if task.cancelled() else task.exception()
@@ -319,6 +326,8 @@ class LocalRuntime:
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
                 hup.hold()  # the summary is still to be written: a late SIGHUP must not end the process
+        if self.error is None and b.dead_letter.lost:  # a stage gave up on a dead-letter write: never exit 0
+            self.error = StageError(f"{b.dead_letter.failure}; {b.dead_letter.lost} event(s) lost")
         if self.error is not None:
             return self.error.exit_code
         return b.session.exit_code or 0
@@ -447,6 +456,9 @@ class LocalRuntime:
             lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
         lines.append(f"  dead-lettered: {b.dead_letter.count}" +
                      (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))
+        if b.dead_letter.lost:
+            lines.append(f"  LOST {b.dead_letter.lost} event(s) that could not be dead-lettered "
+                         f"({b.dead_letter.failure})")
         if (gaps := b.session.gaps.summary()) is not None:
             lines.append(gaps)
         if self.reloader is not None and (self.reloader.applied or self.reloader.rejected):

@@ -21,7 +21,7 @@ import orjson
 from pydantic import Field, field_validator
 
 from pipeline.api import Batch, Context, Event, Sink, SinkOptions
-from pipeline.errors import SinkFailed, StageError
+from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import channel
 from pipeline.files import open_private, still_names
 from pipeline.types import Duration
@@ -236,17 +236,25 @@ class JsonlSink(Sink):
 
     def _dead_letter_buffers(self, reason: str, current: int) -> None:
         """Nothing accepted is lost silently: unwritten lines go to the dead letter, uncounted as written."""
-        lines = 0
+        lines = lost = 0
         for buf in self._bufs.values():
             for line in bytes(buf).splitlines():
                 if not line:
+                    continue
+                lines += 1
+                if lost:  # the dead-letter file failed too: the rest are counted as lost, not tried one by one
+                    lost += 1
                     continue
                 try:
                     event = orjson.loads(line)
                 except orjson.JSONDecodeError:  # the tail of a line the device took half of
                     event = {"raw": line.decode("utf-8", "replace")}
-                self.context.dead_letter.write(reason, stage=self.context.stage, event=event)
-                lines += 1
+                try:
+                    self.context.dead_letter.write(reason, stage=self.context.stage, event=event)
+                except PipelineError:  # counted as lost by the dead letter, which the runtime reports
+                    lost = 1
+        if lost > 1:
+            self.context.dead_letter.lose(lost - 1)
         self._bufs = {}
         self._buffered = 0
         self.context.stats.errors += lines
