@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from pydantic import Field
 
-from pipeline.api import Batch, Options, Processor, Sink, SinkOptions
+from pipeline.api import Batch, Options, Processor, Sink, SinkOptions, Source
 
 
 class SlowOptions(SinkOptions):
@@ -106,3 +107,17 @@ class DeadLetterGoneSink(GatedSink):
         shutil.rmtree(directory)
         with open(directory, "w") as fh:
             fh.write("not a directory any more")
+
+
+class StuckSource(Source):
+    """Yields one batch, then waits forever and ignores stop(): a source whose call never returns."""
+
+    name = "stuck"
+    Options = Options
+
+    async def batches(self) -> AsyncIterator[Batch]:
+        yield [{"channel": "transcript", "id": 0, "data": {"text": "only", "start": 1710000000000}}]
+        await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        pass

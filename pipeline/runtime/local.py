@@ -44,6 +44,7 @@ log = logging.getLogger("pipeline.runtime")
 DEFAULT_CLOSE_TIMEOUT = 10.0
 RECEIPTS = 4096  # batch receipt times kept for the latency histogram (older batches are not observed)
 CLOSE_GRACE = 2.0
+SOURCE_GRACE = 0.1  # after drain_timeout, a source that has not ended gets this long (a put that waited drops)
 
 
 class LocalRuntime:
@@ -71,6 +72,7 @@ class LocalRuntime:
         self.received_at: dict[int, float] = {}  # batch index -> monotonic receipt time (the last RECEIPTS)
         self.sinks_started = False
         self.source_running = False
+        self._ingest_task: asyncio.Task[None] | None = None
 
     # -- control -----------------------------------------------------------------------
     def _on_signal(self, signum: int) -> None:
@@ -106,6 +108,16 @@ class LocalRuntime:
     def _expire(self) -> None:
         for buf in self.buffers:
             buf.expire()
+        asyncio.get_running_loop().call_later(SOURCE_GRACE, self._cancel_stuck_source)
+
+    def _cancel_stuck_source(self) -> None:
+        """drain_timeout is over and the source still has not ended (a call it waits on never returns): it is
+        cancelled, so the stop stays bounded. What it had yielded was handed to the sinks as usual."""
+        task = self._ingest_task
+        if task is not None and not task.done():
+            log.warning("source: did not stop within drain_timeout=%gs; cancelled",
+                        self.b.config.runtime.drain_timeout)
+            task.cancel()
 
     # -- buffers -----------------------------------------------------------------------
     def _buffer(self, i: int, slot: SinkSlot) -> SinkBuffer:
@@ -313,6 +325,7 @@ class LocalRuntime:
             if self.reloader is not None:
                 helpers.append(asyncio.create_task(self.reloader.run(), name="reload"))
             ingest = asyncio.create_task(self._ingest(), name="ingest")
+            self._ingest_task = ingest
             await self._supervise(ingest, drains, helpers)
         except PipelineError as exc:
             self.error = exc

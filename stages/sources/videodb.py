@@ -116,7 +116,8 @@ class VideoDBSource(WebSocketSource):
 
     async def batches(self) -> AsyncIterator[Batch]:
         try:
-            await self._preflight()
+            if not await self.unless_stopped(self._preflight()):
+                return  # stopped while VideoDB had not answered yet: nothing was read
             async for batch in super().batches():
                 yield batch
         finally:
