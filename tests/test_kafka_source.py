@@ -191,3 +191,30 @@ dead_letter: {tmp_path}/dead.jsonl
     assert took < 0.5 + 0.5 + 2 + 1, f"shutdown took {took:.1f}s"
     dead = [orjson.loads(x)["event"]["id"] for x in (tmp_path / "dead.jsonl").read_bytes().splitlines()]
     assert sorted(dead) == list(range(5))
+
+
+async def test_a_stop_during_a_long_group_join_ends_the_source_at_once(
+        kafka_broker: Broker, make_context: Callable[..., Context]) -> None:  # noqa: F811
+    """Joining a group can take up to the session timeout (the broker waits that long for other members);
+    the join did not look at stop, so with `session_timeout: 20m` a SIGTERM went unheeded for 20 minutes."""
+    await produce(kafka_broker.bootstrap, "src-join", [event(i) for i in range(3)])
+    src = KafkaSource(KafkaSourceOptions(bootstrap_servers=kafka_broker.bootstrap, topic="src-join",
+                                         group="g-join", session_timeout="20m"), make_context("kafka-in"))
+
+    async def drain() -> int:
+        return sum([len(b) async for b in src.batches()])
+
+    task = asyncio.create_task(drain())
+    await asyncio.sleep(2.0)
+    started = asyncio.get_running_loop().time()
+    await src.stop()
+    await asyncio.wait_for(task, 10)
+    assert asyncio.get_running_loop().time() - started < 3.0
+
+
+@pytest.mark.parametrize("value", ["0s", "500ms", "2h"])
+def test_session_timeout_outside_what_kafka_accepts_is_a_config_error(value: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="session_timeout"):
+        KafkaSourceOptions(topic="t", session_timeout=value)

@@ -112,3 +112,22 @@ async def test_parquet_rows_waiting_for_a_row_group_are_bounded_in_bytes(make_co
     assert peak < 80 << 20, f"peak {peak >> 20} MiB of Python objects while writing 1,000 rows of 64 KB"
     table = pq.read_table(tmp_path / "pq")
     assert table.num_rows == 1000 and sorted(table.column("start").to_pylist()) == list(range(1000))
+
+
+async def test_jsonl_a_template_a_long_session_id_would_push_past_name_max_is_refused_at_config(
+        make_context: MakeCtx, tmp_path: Path) -> None:
+    """Before: the template was taken, and the first session with a 128-character id (the longest the session
+    API accepts) made a 263-byte file name: ENAMETOOLONG at the flush failed the sink for every session, and
+    every later line went to the dead letter."""
+    from pydantic import ValidationError
+
+    template = f"{tmp_path}/{{capture_session_id}}-{{capture_session_id}}.jsonl"
+    with pytest.raises(ValidationError, match=r"a file name .* can reach 263 bytes .* 255"):
+        jsonl.JsonlOptions(path=template)
+    ok = jsonl.JsonlOptions(path=f"{tmp_path}/{{capture_session_id}}/{{channel}}-{{date}}.jsonl")
+    sink = jsonl.JsonlSink(ok, make_context())
+    await sink.start()
+    sid = "s" * 128
+    await sink.write([{"channel": "c" * 64, "capture_session_id": sid, "unix_ts": 1.7e9}])
+    await sink.close()
+    assert len((tmp_path / sid).iterdir().__next__().read_bytes().splitlines()) == 1

@@ -107,6 +107,18 @@ class SessionKeys:
             del by_stream[next(iter(by_stream))]
 
 
+class PartitionMismatch(StageError):
+    """The ingest topic exists with another partition count than `runtime.partitions` (a config mistake)."""
+
+    exit_code = 2
+
+
+def partition_mismatch(cfg: PipelineConfig, found: int) -> str:
+    return (f"{cfg.file}: runtime.partitions: {cfg.runtime.partitions}, but topic {ingest_topic(cfg)} has {found} "
+            f"partitions (made by an earlier run); set partitions: {found}, or give the pipeline "
+            "a new name to start over with new topics")
+
+
 class IngestSink(KafkaSink):
     """The ingest's Kafka sink: each round's events for one partition travel as one JSON Lines record.
 
@@ -116,9 +128,20 @@ class IngestSink(KafkaSink):
 
     merge_queued = True  # write() waits for the broker: queued batches share one round trip, not one each
     with_headers = False  # a packed record carries many events: no per-event headers
+    cfg: PipelineConfig  # set by ingest_runtime: the partition count the workers' state is made for
 
     def _units(self, records: list[Record]) -> Iterator[Unit]:
         return pack(records, self.opts.max_batch_size)
+
+    async def _connect(self) -> None:
+        """Also refuse a topic with another partition count: no worker would read the events it got."""
+        await super()._connect()
+        assert self._producer is not None
+        parts = await asyncio.wait_for(self._producer.partitions_for(self.opts.topic), self.opts.request_timeout)
+        if len(parts) != self.cfg.runtime.partitions:
+            producer, self._producer = self._producer, None
+            await producer.stop()
+            raise PartitionMismatch(partition_mismatch(self.cfg, len(parts)))
 
 
 def ingest_runtime(cfg: PipelineConfig, *, install_signals: bool = True) -> Any:
@@ -136,6 +159,7 @@ def ingest_runtime(cfg: PipelineConfig, *, install_signals: bool = True) -> Any:
     options = KafkaSinkOptions(bootstrap_servers=cfg.runtime.broker, topic=ingest_topic(cfg), key=None,
                                create_topics=CreateTopics(partitions=cfg.runtime.partitions), linger_ms=0)
     sink = IngestSink(options, ctx)
+    sink.cfg = cfg
     sink.key_of = SessionKeys(built.session)
     built.sinks.append(SinkSlot(sink, None, stats))
     built.stats.append(stats)
@@ -551,6 +575,4 @@ def _create_ingest_topic(cfg: PipelineConfig) -> None:
     except KeyboardInterrupt:
         raise StageError("worker: interrupted while waiting for the broker") from None
     if found is not None and found != cfg.runtime.partitions:
-        raise ConfigError(f"{cfg.file}: runtime.partitions: {cfg.runtime.partitions}, but topic {topic} has {found} "
-                          f"partitions (made by an earlier run); set partitions: {found}, or give the pipeline "
-                          "a new name to start over with new topics")
+        raise ConfigError(partition_mismatch(cfg, found))

@@ -47,7 +47,8 @@ class Rule(Options):
     rtstream_names: list[str] | None = Field(default=None, description="globs such as 'display:*'")
     cooldown: Duration = Field(default=0.0, description="quiet time per rule and rtstream after an alert")
     window: Duration | None = Field(default=None, description="with min_count: count matches in this window")
-    min_count: int = Field(default=1, ge=1, description="matches needed within window to fire")
+    min_count: int = Field(default=1, ge=1, le=1000, description="matches needed within window to fire (1 to "
+                           "1000: each match is checked against the times kept, so time and state grow with it)")
     severity: str = "info"
 
     @field_validator("name")

@@ -30,6 +30,7 @@ from stages.sinks.dates import UtcDays
 _DUMP = orjson.dumps
 _OPTS = orjson.OPT_APPEND_NEWLINE
 MAX_OPEN_FILES = 32
+NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs, tmpfs
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")  # \Z: `$` would let a final newline through
 _SAFE_SESSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")  # the ids the session API accepts (128 long)
 
@@ -54,6 +55,14 @@ class JsonlOptions(SinkOptions):
             v.format(channel="c", date="d", capture_session_id="s")
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(f"path may only use {{channel}}, {{date}} and {{capture_session_id}}: {exc}") from None
+        # The longest names the wire can give: one file name too long for the file system would fail the
+        # sink for every session at its first flush, so the template is checked now.
+        worst = v.format(channel="c" * 64, date="2026-01-01", capture_session_id="s" * 128)
+        longest = max((len(part.encode()) for part in worst.split("/")), default=0)
+        if longest > NAME_MAX:
+            raise ValueError(f"a file name in this path can reach {longest} bytes (with a 64-character channel and a "
+                             f"128-character session id, the longest kept); most file systems allow {NAME_MAX}: "
+                             "use fewer placeholders per name, or put one in a directory name")
         return v
 
 

@@ -25,6 +25,21 @@ from pipeline.events import Stamper, edge_reason
 from pipeline.kafka import Backoff, bootstrap_list, describe, quiet_aiokafka
 from pipeline.types import Duration
 
+LEAVE_TIMEOUT = 5.0  # seconds a member gets to leave its group before its (re)join is cancelled
+JOIN_CANCEL = 0.5  # the same for a consumer that owns no partition yet: it has nothing to hand over
+
+
+async def leave(consumer: Any) -> None:
+    """Stop a consumer, bounded: aiokafka's stop() first waits out a group join in progress, which the
+    broker may hold for the whole session timeout (up to 30 minutes)."""
+    bound = LEAVE_TIMEOUT if consumer.assignment() else JOIN_CANCEL
+    with contextlib.suppress(Exception, asyncio.TimeoutError):
+        await asyncio.wait_for(consumer.stop(), bound)  # a timeout cancels the join it waited for
+    client = getattr(consumer, "_client", None)  # stop() cut short: close the connections it left open
+    if client is not None:
+        with contextlib.suppress(Exception):
+            await client.close()
+
 
 class KafkaSourceOptions(Options):
     bootstrap_servers: str | list[str] = Field(
@@ -41,7 +56,8 @@ class KafkaSourceOptions(Options):
     close_timeout: Duration = Field(
         default=60.0, description="after the last batch, how long to wait for its commit before leaving the group")
     session_timeout: Duration = Field(
-        default=10.0, description="a member silent this long leaves the group (bounds rebalance waits)")
+        default=10.0, ge=1, le=1800, description="a member silent this long leaves the group (bounds rebalance "
+        "waits; 1s to 30m, and brokers accept 6s to 30m unless configured otherwise)")
     client_id: str = Field(default="videodb-pipeline", description="client id the broker sees")
 
     @field_validator("bootstrap_servers")
@@ -170,8 +186,7 @@ class KafkaSource(Source):
         self._stopping.set()
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+            await leave(consumer)
 
     async def _close_after_commit(self) -> None:
         """batches() ended: wait (bounded) for the final commit, then leave the group."""
@@ -179,6 +194,22 @@ class KafkaSource(Source):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._all_committed.wait(), self.opts.close_timeout)
         await self.close()
+
+    async def _unless_stopped(self, work: Any) -> bool:
+        """Run `work` unless stop comes first (then cancel it): False when stopped."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            task.result()
+            return True
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        return False
 
     async def _connect(self) -> Any:
         """Join the group, retrying with backoff while the broker is unreachable; None if stopped first."""
@@ -194,10 +225,9 @@ class KafkaSource(Source):
                 session_timeout_ms=int(self.opts.session_timeout * 1000),
                 heartbeat_interval_ms=max(100, int(self.opts.session_timeout * 1000 / 3)))
             try:
-                await consumer.start()
+                started = await self._unless_stopped(consumer.start())
             except Exception as exc:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+                await leave(consumer)
                 if down_since is None:
                     down_since = time.monotonic()
                     self.context.log.warning("%s: cannot reach %s (%s); retrying with backoff", self.who,
@@ -205,6 +235,9 @@ class KafkaSource(Source):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff.delay())
                 continue
+            if not started:  # stopped while joining: a join can last the whole session timeout
+                await leave(consumer)
+                return None
             if down_since is not None:
                 self.context.log.warning("%s: connected after %.1fs", self.who, time.monotonic() - down_since)
             self._consumer = consumer

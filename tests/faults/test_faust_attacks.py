@@ -185,6 +185,23 @@ async def test_a_worker_refuses_an_ingest_topic_with_more_partitions_than_config
         "run); set partitions: 8, or give the pipeline a new name to start over with new topics"]
 
 
+
+async def test_the_ingest_refuses_an_ingest_topic_with_another_partition_count(
+        kafka_broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+    """Before: only the workers refused it; the ingest ran and spread the meeting over 8 partitions that no
+    worker would ever read, and `pipeline run` said nothing."""
+    name = f"iparts{os.getpid()}"
+    await ensure_topics([kafka_broker.bootstrap], [f"{name}-ingest"], 8, 1, logging.getLogger("test"), "test")
+    (tmp_path / "in.jsonl").write_bytes(b'{"channel": "transcript", "data": {"text": "hi"}}\n')
+    cfg = gated_config(tmp_path, kafka_broker, name, tmp_path / "out/lines.jsonl")
+    cfg.write_text(cfg.read_text().replace("unused.jsonl", str(tmp_path / "in.jsonl")))
+    done = await asyncio.to_thread(cli, "run", str(cfg), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "read         0" in done.stderr
+    assert (f"pipeline: {cfg}: runtime.partitions: 4, but topic {name}-ingest has 8 partitions (made by an earlier "
+            "run); set partitions: 8, or give the pipeline a new name to start over with new topics"
+            ) in done.stderr.splitlines()
+
 # -- rule state and a worker killed mid-batch ---------------------------------------------------------
 
 async def test_a_worker_killed_before_its_sinks_flushed_leaves_no_cooldown_behind(
