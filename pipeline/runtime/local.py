@@ -73,6 +73,8 @@ class LocalRuntime:
         self.sinks_started = False
         self.source_running = False
         self._ingest_task: asyncio.Task[None] | None = None
+        self._in_source = False  # ingest is waiting for the source's next batch
+        self._source_abandoned = False  # ... and was cancelled there after drain_timeout
 
     # -- control -----------------------------------------------------------------------
     def _on_signal(self, signum: int) -> None:
@@ -114,10 +116,14 @@ class LocalRuntime:
         """drain_timeout is over and the source still has not ended (a call it waits on never returns): it is
         cancelled, so the stop stays bounded. What it had yielded was handed to the sinks as usual."""
         task = self._ingest_task
-        if task is not None and not task.done():
-            log.warning("source: did not stop within drain_timeout=%gs; cancelled",
-                        self.b.config.runtime.drain_timeout)
-            task.cancel()
+        if task is None or task.done():
+            return
+        if not self._in_source:  # between two batches (a put that waited drops now): once it is back at the source
+            asyncio.get_running_loop().call_later(SOURCE_GRACE, self._cancel_stuck_source)
+            return
+        log.warning("source: did not stop within drain_timeout=%gs; cancelled", self.b.config.runtime.drain_timeout)
+        self._source_abandoned = True
+        task.cancel()
 
     # -- buffers -----------------------------------------------------------------------
     def _buffer(self, i: int, slot: SinkSlot) -> SinkBuffer:
@@ -154,7 +160,20 @@ class LocalRuntime:
         lag, received_at = self.lag, self.received_at
         clock, wall = time.monotonic, time.time
         self.source_running = True
-        async for batch in source.batches() if ours(source) else checked_batches(source, b.dead_letter):
+        batches = source.batches() if ours(source) else checked_batches(source, b.dead_letter)
+        while True:
+            self._in_source = True  # only here may a source still running after drain_timeout be cancelled
+            try:
+                batch = await anext(batches)
+            except StopAsyncIteration:
+                break
+            except asyncio.CancelledError:
+                if not self._source_abandoned:
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                break  # as if the source had ended: open windows still close below
+            finally:
+                self._in_source = False
             await self.gate.wait()  # set except while a reload swaps sinks
             n = len(batch)
             st.received += n

@@ -22,6 +22,8 @@ async def test_a_source_that_ignores_stop_is_cancelled_after_drain_timeout(tmp_p
 name: stuck
 source: {{type: "tests.slow_sink:StuckSource"}}
 runtime: {{drain_timeout: 0.5s}}
+stages:
+  - {{type: window, size: 60s}}
 sinks:
   - {{type: jsonl, path: {tmp_path}/out.jsonl}}
 dead_letter: {tmp_path}/dead.jsonl
@@ -37,4 +39,5 @@ state_dir: {tmp_path}/state
     code = await asyncio.wait_for(asyncio.shield(run), 5)  # it waited for the source forever
     assert time.monotonic() - t0 < 0.5 + 1
     assert code == 0
-    assert (tmp_path / "out.jsonl").read_text().count("\n") == 1
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"window"' in lines[1]  # the event, and its open window closed as at any stop
