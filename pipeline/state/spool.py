@@ -68,6 +68,16 @@ def encode(payload: bytes, events: int) -> bytes:
     return head8 + struct.pack("<I", _crc(head8, payload)) + payload
 
 
+def _whole_record_at(data: bytes, pos: int) -> bool:
+    """True when a complete record with a good CRC starts at `pos` of `data`."""
+    head = data[pos:pos + _HEAD.size]
+    if len(head) < _HEAD.size:
+        return False
+    length, _, crc = _HEAD.unpack(head)
+    end = pos + _HEAD.size + length
+    return end <= len(data) and _crc(head[:8], data[pos + _HEAD.size:end]) == crc
+
+
 def undelivered_bytes(directory: Path) -> int:
     """Bytes a spool directory holds past its ack offset, read without opening (locking) it."""
     segs = sorted((int(p.name[: -len(_SUFFIX)]), p) for p in directory.glob(f"*{_SUFFIX}")
@@ -171,6 +181,9 @@ class Spool:
                     if end > size:
                         reason = "torn record at the end of the spool" if last else "record runs past its segment"
                     elif last and _crc(head[:8], data[pos + _HEAD.size:end]) != crc:
+                        if _whole_record_at(data, end):  # corrupt, but good records follow: read() skips it alone
+                            pos = end
+                            continue
                         reason = "record failed its CRC check"
                 if reason is not None:
                     if last:  # cut it off so new records append on a clean boundary
