@@ -400,6 +400,10 @@ class LocalRuntime:
             self._check(t)
         if pending:
             self._abandon(drains, pending)
+        late = sum(buf.dropped_at_shutdown for buf in self.buffers)
+        if late:  # read before the stop, handed out after drain_timeout: dead-lettered, and the exit says so
+            self._fail(StageError(f"{late} event(s) reached the sinks' buffers after drain_timeout="
+                                  f"{self.b.config.runtime.drain_timeout:g}s and were dead-lettered"))
         if self.error is not None:
             raise self.error
         commit = getattr(self.b.source, "commit", None)

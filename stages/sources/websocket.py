@@ -293,6 +293,21 @@ class WebSocketSource(Source):
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
+            self._drop_unyielded()
+
+    def _drop_unyielded(self) -> None:
+        """Events accepted but never yielded (held for a backfill when the reader gave up, or the source cancelled
+        at the end of drain_timeout): dead-lettered, so nothing accepted vanishes."""
+        left = self._pending
+        while self._inlet is not None and (filled := self._inlet.take()) is not None:
+            left.extend(filled)
+        self._pending, self._pending_bytes = [], 0
+        for event in left:
+            self.context.stats.dropped += 1
+            self.context.dead_letter.write("accepted but not passed on before the source stopped",
+                                           stage=self.context.stage,
+                                           origin={"source": self.describe(), "connection_id": self.connection_id},
+                                           event=event)
 
     async def unless_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
         """Run `work` unless stop() comes first, which cancels it: False then (a call that hangs cannot hold up
