@@ -97,6 +97,10 @@ class CaptureSessionController(Controller):
         self._resumed = False
         self.manager: Any = None  # SessionManager when `api` is set
         self.api: Any = None
+        # Read now, before any sink starts: a sink with `clear` must not empty a resumed session's output.
+        self._saved = None if options.session_id or options.api is not None else resume.saved_session(
+            self.state_file, self.settings.collection_id, options.end_user_id, context.settings, self.who)
+        context.session.resuming = self._saved is not None
 
     async def _sdk(self, what: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         return await call(self.who, what, fn, *args, api_key=self.settings.api_key, **kwargs)
@@ -117,8 +121,7 @@ class CaptureSessionController(Controller):
         except TimeoutError:
             raise StageError(f"{self.who}: no WebSocket connection id from the source after "
                              f"{opts.connect_timeout:g}s (the controller needs source type videodb)") from None
-        saved = None if opts.session_id else resume.saved_session(self.state_file, self.settings.collection_id,
-                                                                    opts.end_user_id, self.context.settings, self.who)
+        saved = None if self.context.settings.get("new_session") else self._saved
         session = None
         if opts.session_id:
             session = await self._attach(opts.session_id)

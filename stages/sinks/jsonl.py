@@ -123,7 +123,7 @@ class JsonlSink(Sink):
         if f is None:
             if len(self._files) >= MAX_OPEN_FILES:  # {date}/{session} paths: don't hold every file open forever
                 self._files.pop(next(iter(self._files))).fh.close()
-            truncate = self.options.clear and path not in self._cleared
+            truncate = self.options.clear and path not in self._cleared and not self.context.session.resuming
             if self.options.clear:
                 self._cleared.add(path)
             f = _File(path, open_private(path, truncate=truncate))
@@ -165,7 +165,8 @@ class JsonlSink(Sink):
         else:
             if self._pending_clear:
                 self._pending_clear = False
-                self._open(self.options.path).fh.truncate(0)
+                if not self.context.session.resuming:  # a restart resuming the session appends to its output
+                    self._open(self.options.path).fh.truncate(0)
             buf = self._buf(self.options.path)
             mark = len(buf)
             try:
