@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from pydantic import Field
 
@@ -121,3 +123,30 @@ class StuckSource(Source):
 
     async def stop(self) -> None:
         pass
+
+
+class TickOptions(Options):
+    every: float = Field(default=0.05)
+
+
+class TickSource(Source):
+    """One alert every `every` seconds until stopped (a live source that never runs dry)."""
+
+    name = "tick"
+    Options = TickOptions
+
+    def __init__(self, options: TickOptions, context: Any) -> None:
+        super().__init__(options, context)
+        self._stopped = asyncio.Event()
+
+    async def batches(self) -> AsyncIterator[Batch]:
+        i = 0
+        while not self._stopped.is_set():
+            yield [{"channel": "alert", "id": i, "rtstream_id": "rts-1",
+                    "data": {"event_label": f"label-{i}", "timestamp": 1710000000000 + i, "text": f"alert {i}"}}]
+            i += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self.options.every)
+
+    async def stop(self) -> None:
+        self._stopped.set()
