@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import struct
 import zlib
 from collections import deque
@@ -101,13 +102,19 @@ def undelivered_bytes(directory: Path) -> int:
 
 
 def _open_file(path: Path, flags: int, what: str) -> int:
-    """`os.open` (0600 when created), never through a symlink; failures are one-line StageErrors."""
+    """`os.open` (0600 when created), never through a symlink, only a regular file (a FIFO would block the
+    event loop); failures are one-line StageErrors."""
     try:
-        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, FILE_MODE)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise StageError(f"{path}: refusing to open a {what} through a symlink") from None
         raise StageError(f"{path}: cannot open {what}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StageError(f"{path}: cannot open {what}: not a regular file")
+    os.set_blocking(fd, True)
+    return fd
 
 
 class Spool:

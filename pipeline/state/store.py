@@ -107,7 +107,9 @@ class SqliteStateStore(StateStore):
         if self.path.is_symlink():
             raise StageError(f"{self.path}: refusing a symlinked state file")
         try:
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE))
+            # O_NONBLOCK: a FIFO there must not block the event loop (sqlite then refuses it as not a database)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK,
+                             FILE_MODE))
             # timeout: a writer lock held elsewhere fails this flush at once; the next batch retries
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0.05)
         except (OSError, sqlite3.OperationalError) as exc:
