@@ -247,6 +247,7 @@ class Spool:
             self._rotate()
         rec = encode(payload, events)
         assert self._fd is not None
+        self._check_there()
         view = memoryview(rec)
         try:
             while view:
@@ -259,6 +260,21 @@ class Spool:
         self.write_pos += len(rec)
         self.pending_events += events
         return self.write_pos
+
+    def _check_there(self) -> None:
+        """The segment we append to must still be the one its path names: a spool directory removed (or a
+        segment replaced) while running took every record not yet delivered with it, and later appends went
+        into a deleted file, to vanish at the next restart without a word."""
+        path = self._path(self._segments[-1])
+        assert self._fd is not None
+        try:
+            st, own = os.stat(path, follow_symlinks=False), os.fstat(self._fd)
+            same = (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+        except OSError:
+            same = False
+        if not same:
+            raise StageError(f"{path}: the spool was removed or replaced while running: its "
+                             f"{self.pending_events} undelivered event(s) cannot be read back or survive a restart")
 
     def read(self) -> Record | Damage | None:
         """The record at the read position (advancing it), a damaged range skipped, or None at the end."""

@@ -71,3 +71,40 @@ def test_a_corrupt_record_inside_the_last_segment_costs_only_itself(tmp_path: Pa
     dead = [orjson.loads(x) for x in (tmp_path / "dead.jsonl").read_bytes().splitlines()]
     assert len(dead) == 1 and "failed its CRC check" in dead[0]["reason"], dead  # reported once
     assert delivered == 900, (delivered, res.stderr)  # it was 200: the seven good records after it were cut off
+
+
+async def test_a_spool_directory_removed_mid_run_stops_the_run_with_one_line(tmp_path: Path) -> None:
+    """`rm -rf` of the state_dir while a disk-buffered sink is a few batches behind (served from memory):
+    appends went on into the deleted segment, the run stopped with exit 0 and "left spooled N", and the
+    next run had nothing to deliver: N events gone without a word."""
+    import asyncio
+    import shutil
+
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps({"channel": "transcript", "id": i, "data": {"text": "t", "start": i}})
+                             + b"\n" for i in range(3000)))
+    cfg = config(tmp_path, src)
+    cfg.write_text(cfg.read_text().replace("delay: 0", "delay: 0.2").replace("queue_size: 1",
+                                                                             "queue_size: 8, drain_timeout: 0.1s"))
+    rt = LocalRuntime(build(load_config(cfg)), install_signals=False)
+    buf = rt.buffers[0]
+    real_put = buf.put
+    seen = 0
+
+    async def put(index: int, batch: list, nbytes: int) -> None:  # the state_dir goes after the 3rd batch
+        nonlocal seen
+        seen += 1
+        if seen == 4:
+            shutil.rmtree(tmp_path / "state")
+        await real_put(index, batch, nbytes)
+        if seen == 6:
+            asyncio.get_running_loop().create_task(rt.stop())
+
+    buf.put = put  # type: ignore[method-assign]
+    code = await asyncio.wait_for(rt.run(), 20)
+    assert code == 1, rt.summary()
+    assert rt.error is not None and "the spool was removed or replaced while running" in str(rt.error)
