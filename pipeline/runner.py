@@ -47,7 +47,7 @@ async def run_local(cfg: PipelineConfig, *, install_signals: bool = True, watch:
         if resumes:
             prepare(cfg.state_dir)
         if cfg.runtime.engine == "faust":
-            from pipeline.runtime.faust import ingest_runtime
+            from pipeline.runtime.faust_ingest import ingest_runtime
 
             rt = ingest_runtime(cfg, install_signals=install_signals)
             if watch:

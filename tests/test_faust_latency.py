@@ -20,7 +20,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.runtime.faust import Worker, ingest_runtime, ingest_topic
+from pipeline.runtime.faust import Worker
+from pipeline.runtime.faust_ingest import ingest_runtime, ingest_topic
 from tests.broker import Broker, kafka_broker  # noqa: F401
 from tests.test_faust_runtime import ROOT, Workers, count, write_config
 

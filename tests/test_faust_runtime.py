@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.build import build
 from pipeline.config import load_config
-from pipeline.runtime.faust import SessionKeys
+from pipeline.runtime.faust_ingest import SessionKeys
 from pipeline.runtime.local import LocalRuntime
 from pipeline.session import SessionLink
 from tests.broker import Broker, kafka_broker, read_records  # noqa: F401

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from pipeline.api import Context
 from pipeline.config import load_config
-from pipeline.runtime.faust import IngestSink, SessionKeys, Worker
+from pipeline.runtime.faust import Worker
+from pipeline.runtime.faust_ingest import IngestSink, SessionKeys
 from pipeline.session import SessionLink
 from stages.sinks.kafka import CreateTopics, KafkaSink, KafkaSinkOptions
 from stages.sinks.kafka.records import Pending, Record, pack
@@ -141,7 +142,7 @@ async def test_a_pretty_printed_event_from_another_producer_is_one_event_not_bad
     assert [(d["origin"]["offset"], d["origin"].get("line")) for d in dead] == [(1, n) for n in range(2, 8)]
 
 
-STREAMS_REMEMBERED = 65536  # pipeline.runtime.faust's bound
+STREAMS_REMEMBERED = 65536  # pipeline.runtime.faust_ingest's bound
 
 
 def test_the_ingest_remembers_a_bounded_number_of_rtstreams_newest_first() -> None:

@@ -47,3 +47,83 @@ async def test_worker_flushes_the_same_windows_as_the_local_runtime(
     assert codes == [0]
     got = [e for e in read(tmp_path / "faust/events.jsonl") if e.get("channel") == "metrics"]
     assert canonical(got) == canonical(want)
+
+
+async def live_keys(bootstrap: str, topic: str, partitions: int = 4) -> list[tuple[int, bytes]]:
+    """(partition, key) of every key a changelog topic still holds a value for (its last record not a tombstone)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        last: dict[tuple[int, bytes], bytes | None] = {}
+        while got := await consumer.getmany(timeout_ms=1000):
+            for tp, records in got.items():
+                for r in records:
+                    last[(tp.partition, r.key)] = r.value
+    finally:
+        await consumer.stop()
+    return sorted(k for k, v in last.items() if v is not None)
+
+
+async def eight_sessions_through_one_worker(broker: Broker, env: dict[str, str], tmp_path: Path,
+                                           name: str) -> tuple[Workers, Path]:
+    """One worker, and eight sessions ingested and written by it; their windows are still open (their
+    lateness is an hour) and live in changelog partitions 0, 1 and 3."""
+    from tests.test_faust_runtime import multi_session
+
+    replay = tmp_path / "eight.jsonl"
+    multi_session(replay, 8)
+    cfg = write_config(tmp_path / "faust.yaml", engine="faust", bootstrap=broker.bootstrap,
+                       out=tmp_path / "faust", stages=STAGES, name=name)
+    out = tmp_path / "faust/events.jsonl"
+    workers = Workers(cfg, tmp_path, env)
+    workers.start()
+    try:
+        await workers.settled(1)
+        await ingest(cfg, env, replay)
+        await wait_for_lines(out, sum(1 for line in replay.read_text().splitlines() if line.strip()), workers)
+    except BaseException:
+        workers.stop_all()
+        raise
+    return workers, out
+
+
+async def test_windows_a_stopping_worker_flushed_are_deleted_from_every_changelog_partition(
+        kafka_broker: Broker, workers_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """Before, the windows a stopping worker flushed stayed in the changelog, and the next worker restored
+    and emitted them again: their deletions went to the changelog partition of the worker's last batch only
+    (a session's windows also live in the partition its first events went to, before its id was known), and
+    were sent after faust's last producer flush, which lost what it had not sent yet.
+
+    Checked on the changelog itself: the test broker reports a partition's end as the start of its last
+    record batch, so a restoring worker there misses most of a partition's last batch (Apache Kafka does not).
+    """
+    workers, out = await eight_sessions_through_one_worker(kafka_broker, workers_env, tmp_path, "win2")
+    changelog = "videodb-pipeline-win2-window_stages_1__window-changelog"
+    try:
+        assert len(await live_keys(kafka_broker.bootstrap, changelog)) > 8 * 12  # every session's open windows
+    finally:
+        assert workers.stop_all() == [0]
+    metrics = [e for e in read(out) if e.get("channel") == "metrics"]
+    assert len({e["capture_session_id"] for e in metrics}) == 8
+    assert {key for _, key in await live_keys(kafka_broker.bootstrap, changelog)} == {b'"~watermark"'}
+
+
+async def test_a_worker_that_gave_partitions_away_does_not_flush_their_windows(
+        kafka_broker: Broker, workers_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """Before: faust's memory store forgets, at a rebalance, only the keys it read from the changelog, not
+    those the worker wrote itself: the first worker kept the windows of the partitions it handed to the
+    second, and both emitted them when they stopped."""
+    workers, out = await eight_sessions_through_one_worker(kafka_broker, workers_env, tmp_path, "win3")
+    try:
+        workers.start()
+        await workers.settled(2)
+    finally:
+        assert workers.stop_all() == [0, 0]
+    got = [(str(e["key"]), e["window"]["start"]) for e in read(out) if e.get("channel") == "metrics"]
+    assert len({g[0] for g in got}) >= 4
+    assert len(got) == len(set(got)), f"{len(got) - len(set(got))} windows emitted twice"

@@ -1,11 +1,5 @@
-"""The faust-streaming runtime: `pipeline run` ingests into Kafka, `pipeline worker` processes.
+"""The faust-streaming runtime's worker (`pipeline worker`); the ingest half is in `faust_ingest`.
 
-- Ingest (`ingest_runtime`, used by `pipeline run`): the configured source and controller run in the local
-  runtime, but the only sink is the topic `<name>-ingest` (created with
-  `runtime.partitions` partitions if missing), partitioned by capture session, or
-  by rtstream id while the session is not known yet. A record holds one or more
-  events as JSON Lines: all of one round's events for its partition, in order.
-  Same at-least-once delivery, outage buffering and backpressure as the `kafka` sink.
 - Worker (`worker_main`): a faust app (consumer group `videodb-pipeline-<name>`)
   whose agent reads the ingest topic in batches and runs the same processors and
   sinks, unchanged. Start more workers to scale; a worker that dies hands its
@@ -27,143 +21,30 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from pipeline import secrets
-from pipeline.api import Context
 from pipeline.build import SinkSlot, build
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError, PipelineError, StageError
 from pipeline.events import Batch, Event, edge_reason
 from pipeline.files import ensure_private_dir
-from pipeline.kafka import bootstrap_list, ensure_topics, partition_count, quiet_aiokafka
+from pipeline.kafka import quiet_aiokafka
+from pipeline.runtime.faust_ingest import app_id, create_ingest_topic, ingest_topic
 from pipeline.runtime.faust_latency import transport_class
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
 from pipeline.runtime.faust_stop import DrainClock, close_limit, give_up
-from pipeline.session import SessionLink
-from pipeline.stats import StageStats
 from pipeline.types import parse_duration
-from stages.sinks.kafka import CreateTopics, KafkaSink, KafkaSinkOptions
-from stages.sinks.kafka.records import Record, Unit, pack
 
 log = logging.getLogger("pipeline.runtime.faust")
 
 BATCH_MAX = 1000  # records per faust batch
 SLICE_EVENTS = 10000  # decoded events per pass through the stages (plus those of one record)
-STREAMS_REMEMBERED = 65536  # rtstream id -> session kept by the ingest (the oldest go first)
+CHANGELOG_DRAIN = 2.0  # seconds a stopping worker waits for its last state changes to reach the broker
 SESSION_TIMEOUT = (1.0, 90.0)  # --session-timeout bounds: heartbeats every timeout/6; faust's request timeout 90 s
-
-
-def ingest_topic(cfg: PipelineConfig) -> str:
-    return f"{cfg.name}-ingest"
-
-
-def app_id(cfg: PipelineConfig) -> str:
-    """The faust app id, which is also the workers' consumer group."""
-    return f"videodb-pipeline-{cfg.name}"
-
-
-# --- ingest ------------------------------------------------------------------------------------
-
-class SessionKeys:
-    """Record key for an event: its capture session, learned from lifecycle events.
-
-    Why: every event of a session then lands in one partition, in order, so one
-    worker sees the `capture_session.active` event before the rtstream events
-    it describes. Before the session is known the key is the rtstream id.
-    """
-
-    __slots__ = ("by_stream", "session")
-
-    def __init__(self, session: SessionLink) -> None:
-        self.session = session
-        self.by_stream: dict[str, str] = {}
-
-    def __call__(self, event: Event) -> str:
-        sid = event.get("capture_session_id")
-        if isinstance(sid, str) and sid:
-            data = event.get("data")
-            streams = data.get("rtstreams") if isinstance(data, dict) else None
-            if isinstance(streams, list):
-                for s in streams:
-                    if isinstance(s, dict) and isinstance(s.get("rtstream_id"), str):
-                        self._remember(s["rtstream_id"], sid)
-            return sid
-        rts = event.get("rtstream_id")
-        if isinstance(rts, str) and rts:
-            return self.by_stream.get(rts) or self.session.capture_session_id or rts
-        return self.session.capture_session_id or ""
-
-    def _remember(self, rts: str, sid: str) -> None:
-        """Bounded: lifecycle events (a peer) name new rtstreams without end; the oldest are forgotten."""
-        by_stream = self.by_stream
-        by_stream.pop(rts, None)  # re-insert: the newest mapping is the last to go
-        by_stream[rts] = sid
-        if len(by_stream) > STREAMS_REMEMBERED:
-            del by_stream[next(iter(by_stream))]
-
-
-class PartitionMismatch(StageError):
-    """The ingest topic exists with another partition count than `runtime.partitions` (a config mistake)."""
-
-    exit_code = 2
-
-
-def partition_mismatch(cfg: PipelineConfig, found: int) -> str:
-    return (f"{cfg.file}: runtime.partitions: {cfg.runtime.partitions}, but topic {ingest_topic(cfg)} has {found} "
-            f"partitions (made by an earlier run); set partitions: {found}, or give the pipeline "
-            "a new name to start over with new topics")
-
-
-class IngestSink(KafkaSink):
-    """The ingest's Kafka sink: each round's events for one partition travel as one JSON Lines record.
-
-    The runtime hands it every batch queued while it waited for an ack, and the
-    workers pay faust's per-record cost once per record, not once per event.
-    """
-
-    merge_queued = True  # write() waits for the broker: queued batches share one round trip, not one each
-    with_headers = False  # a packed record carries many events: no per-event headers
-    cfg: PipelineConfig  # set by ingest_runtime: the partition count the workers' state is made for
-
-    def _units(self, records: list[Record]) -> Iterator[Unit]:
-        return pack(records, self.opts.max_batch_size)
-
-    async def _connect(self) -> None:
-        """Also refuse a topic with another partition count: no worker would read the events it got."""
-        await super()._connect()
-        assert self._producer is not None
-        parts = await asyncio.wait_for(self._producer.partitions_for(self.opts.topic), self.opts.request_timeout)
-        if len(parts) != self.cfg.runtime.partitions:
-            producer, self._producer = self._producer, None
-            await producer.stop()
-            raise PartitionMismatch(partition_mismatch(self.cfg, len(parts)))
-
-
-def ingest_runtime(cfg: PipelineConfig, *, install_signals: bool = True) -> Any:
-    """The local runtime with the configured source/controller and the ingest topic as only sink."""
-    from pipeline.runtime.local import LocalRuntime
-
-    built = build(dataclasses.replace(cfg, stages=[], sinks=[]))
-    label = f"runtime.ingest:{ingest_topic(cfg)}"
-    stats = StageStats(label, "sink")
-    ctx = Context(pipeline=cfg.name, stage=label, dead_letter=built.dead_letter, session=built.session,
-                  stats=stats, out_dir=cfg.out_dir, state_dir=cfg.state_dir, settings=cfg.settings(),
-                  log=logging.getLogger("pipeline.sink.kafka"))
-    # linger_ms 0: the runtime hands the sink whole batches and waits for each one's acknowledgement
-    # before the next, so lingering would only add its 5 ms to every batch's way to the workers
-    options = KafkaSinkOptions(bootstrap_servers=cfg.runtime.broker, topic=ingest_topic(cfg), key=None,
-                               create_topics=CreateTopics(partitions=cfg.runtime.partitions), linger_ms=0)
-    sink = IngestSink(options, ctx)
-    sink.cfg = cfg
-    sink.key_of = SessionKeys(built.session)
-    built.sinks.append(SinkSlot(sink, None, stats))
-    built.stats.append(stats)
-    return LocalRuntime(built, install_signals=install_signals)
 
 
 def _parse(raw: Any) -> tuple[Event | None, str]:
@@ -257,7 +138,9 @@ class Worker:
 
             self.app.task(lambda: serve_worker(self))
         self._closed = False
+        self._flushed = False
         self.drain = DrainClock(cfg.runtime.drain_timeout)
+        self.app.on_before_shutdown.connect(self.flush_windows)  # type: ignore[arg-type]
         self.app.agent(self.topic, name=f"{cfg.name}-process")(self._agent)
         self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
@@ -411,18 +294,52 @@ class Worker:
             os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.Event().wait()  # never acknowledge the batch: the stop cancels this
 
-    async def close(self) -> None:
-        """Write the windows still open, then close every sink; each step bounded by the sink's shutdown_timeout."""
-        if self._closed:
+    async def flush_windows(self, *_: Any, **__: Any) -> None:
+        """Write the windows still open (each sink bounded by its shutdown_timeout) and delete them from the
+        tables. Runs once the last batch is done and before faust's final producer flush, which is what
+        takes their deletions to the changelog (after it, the next worker restored and emitted them again)."""
+        if self._flushed:
             return
-        self._closed = True
+        self._flushed = True
         self.drain.cancel()
-        # open windows close at shutdown, unless a batch failed or was given up: its state never happened
-        held = self.built.chain.flush() if self.error is None and not self.drain.gave_up else []
+        # open windows close at shutdown, unless a batch failed or was given up (its state never happened),
+        # or the tables were still being restored (half of a partition's changelog: the next owner has it all)
+        held = []
+        if self.error is None and not self.drain.gave_up:
+            if self.state.restored():
+                held = self.built.chain.flush()
+            else:
+                log.info("worker %d: stopped while restoring its tables; the open windows stay for the next worker",
+                         os.getpid())
         if held:
             await asyncio.gather(*(self._write_held(slot, held) for slot in self.built.sinks))
             self.state.commit()  # the flushed windows are written or dead-lettered: forget them
         self.state.discard()
+        await self._changelog_sent(CHANGELOG_DRAIN)
+
+    async def _changelog_sent(self, limit: float) -> None:
+        """Wait (bounded) until faust's producer buffer has handed every changelog record to the broker.
+
+        Why: faust's own flush at shutdown gives up once 0.1 s pass without a record sent, and what is
+        still in its buffer then is lost: the deletions of the windows just flushed (the next worker
+        emitted them again), or the last batch's cooldowns (its alerts fired again)."""
+        producer = self.app.producer
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while producer.buffer.size and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        try:
+            await asyncio.wait_for(producer.flush(), max(deadline - loop.time(), 0.1))
+        except Exception as exc:  # the broker is away: the next worker may repeat what this one did
+            log.warning("worker %d: state changes not all sent at stop (%s); the next worker may emit "
+                        "some windows or alerts again", os.getpid(), type(exc).__name__)
+
+    async def close(self) -> None:
+        """Close every sink (after the windows, if that did not run yet); each bounded by its shutdown_timeout."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.flush_windows()
         await asyncio.gather(*(self._close_sink(slot) for slot in self.built.sinks))
         self.built.dead_letter.close()
         self.summary()
@@ -539,40 +456,10 @@ def worker_main(argv: list[str]) -> int:
     if not SESSION_TIMEOUT[0] <= session_timeout <= SESSION_TIMEOUT[1]:  # 0 hung the join; over 90s: a traceback
         raise ConfigError(f"--session-timeout: expected {SESSION_TIMEOUT[0]:.0f}s to {SESSION_TIMEOUT[1]:.0f}s, "
                           f"got {args.session_timeout!r} (how long a silent worker keeps its partitions)")
-    _create_ingest_topic(cfg)
+    create_ingest_topic(cfg)
     workers_dir = Path(args.workers_dir) if args.workers_dir else cfg.out_dir / "workers"
     if args.http:
         from pipeline.cli import _with_http
 
         cfg = _with_http(cfg, args.http)
     return Worker(cfg, workers_dir, session_timeout).run(args.log_level)
-
-
-def _create_ingest_topic(cfg: PipelineConfig) -> None:
-    """faust does not create source topics: make sure `<name>-ingest` exists with N partitions.
-
-    An ingest topic made earlier with another count is refused: the state changelogs are
-    partitioned like it, and faust cannot write state for a partition its changelog lacks.
-    """
-    servers = bootstrap_list(cfg.runtime.broker)
-    topic = ingest_topic(cfg)
-
-    async def create() -> int | None:
-        delay = 0.5
-        while True:
-            try:
-                await ensure_topics(servers, [topic], cfg.runtime.partitions, 1, log, "worker")
-                return await partition_count(servers, topic)
-            except Exception as exc:
-                log.warning("worker: cannot reach %s (%s); retrying in %.0fs", ",".join(servers),
-                            type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-    quiet_aiokafka()
-    try:
-        found = asyncio.run(create())
-    except KeyboardInterrupt:
-        raise StageError("worker: interrupted while waiting for the broker") from None
-    if found is not None and found != cfg.runtime.partitions:
-        raise ConfigError(partition_mismatch(cfg, found))

@@ -40,8 +40,64 @@ def partition_table_class(cursor: PartitionCursor) -> type:
     from faust.tables.table import Table
 
     class PartitionTable(Table):  # type: ignore[misc]
+        """Also remembers which changelog partitions hold each key, so a deletion reaches all of them.
+
+        Why: a key is deleted while another partition's batch is being processed (a worker that stops
+        closes every open window at once); a tombstone only in that partition left the key in its own,
+        and the next owner restored it (a window emitted twice).
+        """
+
         def partition_for_key(self, key: Any) -> int | None:
             return cursor.partition
+
+        def _homes(self) -> dict[Any, set[int]]:
+            homes: dict[Any, set[int]] | None = self.__dict__.get("_pipeline_homes")
+            if homes is None:
+                homes = self.__dict__["_pipeline_homes"] = {}
+            return homes
+
+        def apply_changelog_batch(self, batch: Any) -> None:
+            events = list(batch)
+            homes = self._homes()
+            for event in events:
+                key = self._to_key(event.key)
+                if event.message.value is None:
+                    homes.pop(key, None)
+                else:
+                    homes.setdefault(key, set()).add(event.message.partition)
+            super().apply_changelog_batch(events)
+
+        def on_key_set(self, key: Any, value: Any) -> None:
+            super().on_key_set(key, value)
+            self._homes().setdefault(key, set()).add(cursor.partition)
+
+        def on_key_del(self, key: Any) -> None:
+            super().on_key_del(key)  # the tombstone in the current partition
+            for partition in self._homes().pop(key, set()) - {cursor.partition}:
+                self.send_changelog(partition, key, value=None, value_serializer="raw")
+
+        #: the table holds the whole changelog of the partitions assigned last (not set before the first
+        #: assignment, nor while a rebalance restores it)
+        restored = False
+
+        async def on_rebalance(self, *args: Any, **kwargs: Any) -> None:
+            self.restored = False
+            await super().on_rebalance(*args, **kwargs)
+
+        async def on_recovery_completed(self, active_tps: Any, standby_tps: Any) -> None:
+            """After a rebalance, forget the keys of partitions given away, also those this worker wrote
+            itself (faust's memory store forgets only keys it read from the changelog): their new owner
+            has them, and a window kept here too would be emitted by both."""
+            await super().on_recovery_completed(active_tps, standby_tps)
+            self.restored = True  # below: no await, so a stop cannot come between the two
+            owned = {partition for _, partition in active_tps}
+            homes, data = self._homes(), self.data
+            for key, parts in list(homes.items()):
+                if key not in data:
+                    del homes[key]
+                elif not parts & owned:
+                    del data[key]
+                    del homes[key]
 
     return PartitionTable
 
@@ -141,3 +197,8 @@ class TableState(StateStore):
         """The batch failed: its state changes never happened."""
         for table in self.staged:
             table.discard()
+
+    def restored(self) -> bool:
+        """Whether every table holds all of its assigned partitions' changelog (a stop during a rebalance
+        finds them half restored)."""
+        return all(getattr(t.table, "restored", True) for t in self.staged)
