@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -105,6 +107,10 @@ async def call(who: str, what: str, fn: Callable[..., T], /, *args: Any,
         raise call_error(who, what, exc, api_key) from None
 
 
+MAX_THREADS = min(32, (os.cpu_count() or 1) + 4)  # SDK calls running at once, per event loop
+_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
 async def in_daemon_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """`asyncio.to_thread`, but in a daemon thread of its own: a call a server never answers cannot hold up exit.
 
@@ -113,6 +119,15 @@ async def in_daemon_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -
     run alive far past drain_timeout. Cancelling the await abandons the call; its thread ends on its own.
     """
     loop = asyncio.get_running_loop()
+    slots = _SLOTS.get(loop)
+    if slots is None:
+        slots = _SLOTS[loop] = asyncio.Semaphore(MAX_THREADS)
+    async with slots:  # as many at once as the default executor ran: a thousand sessions polling stay bounded
+        return await _run_in_daemon_thread(loop, fn, *args, **kwargs)
+
+
+async def _run_in_daemon_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., T], /, *args: Any,
+                                **kwargs: Any) -> T:
     fut: asyncio.Future[T] = loop.create_future()
     ctx = contextvars.copy_context()
 
