@@ -1,27 +1,32 @@
 """Calling the synchronous `videodb` SDK from asyncio, with one-line errors.
 
 Shared by the videodb source, the capture-session controller and `pipeline
-listen`. Every SDK call runs in a worker thread (the SDK uses `requests`) and
+listen`. Every SDK call runs in a daemon worker thread (the SDK uses `requests`;
+see sdk_threads.py for why not the default executor) and
 any failure becomes a `VideoDBCallError` naming the call, with the API key
 masked. `videodb` itself is imported lazily: it is slow to import.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import logging
-import os
-import threading
-import weakref
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipeline import secrets
+from pipeline import sdk_threads, secrets
 from pipeline.errors import StageError
+from pipeline.termsafe import visible
 
 T = TypeVar("T")
+
+#: Longest server text an error line quotes (a proxy's error page can be kilobytes of HTML).
+MAX_REASON = 200
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.I | re.S)
+_TAG = re.compile(r"<[^>]{0,500}>")
+_HTML = re.compile(r"<(html|!doctype|body|head)\b", re.I)
+_SPACE = re.compile(r"\s+")
 
 
 class VideoDBCallError(StageError):
@@ -78,15 +83,30 @@ def describe(exc: BaseException) -> tuple[str, int | None, bool]:
     for prefix in ("Error: ", "Invalid request: "):
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
+    msg = _one_line(msg)
     if isinstance(exc, AuthenticationError):
         return f"authentication failed (HTTP {status or 401}: {msg}); check videodb.api_key", status, True
     if isinstance(exc, RequestTimeoutError):
         return "request timed out", status, False
     if isinstance(exc, InvalidRequestError):
         if status is None:
+            if msg.startswith("Max retries exceeded"):  # urllib3 retried a GET answered 502/503/504
+                return "VideoDB kept answering 502/503/504 (retried; max retries exceeded)", None, False
             return f"cannot reach the VideoDB API ({msg})", None, False
+        if 200 <= status < 300:  # the call went through but its answer is not what the SDK reads
+            return f"unreadable answer (HTTP {status}: {msg})", status, False
         return f"HTTP {status}: {msg}", status, 400 <= status < 500 and status not in (408, 429)
     return f"{type(exc).__name__}: {msg}", None, False
+
+
+def _one_line(text: str) -> str:
+    """Server text fit for a one-line error: an HTML page's title (else its text), whitespace collapsed,
+    bounded, control characters shown as `\\xNN`."""
+    if text.lstrip()[:1] == "<" or _HTML.search(text[:2000]):  # an HTML page, not a message that uses "<"
+        title = _TITLE.search(text)
+        text = title.group(1) if title else _TAG.sub(" ", text)
+    text = _SPACE.sub(" ", text).strip()
+    return visible(text if len(text) <= MAX_REASON else text[:MAX_REASON] + "...")
 
 
 def call_error(who: str, call: str, exc: BaseException, api_key: str | None) -> VideoDBCallError:
@@ -102,52 +122,17 @@ async def call(who: str, what: str, fn: Callable[..., T], /, *args: Any,
                api_key: str | None = None, **kwargs: Any) -> T:
     """Run `fn(*args, **kwargs)` in a thread; failures become `VideoDBCallError` naming `what`."""
     try:
-        return await in_daemon_thread(fn, *args, **kwargs)
+        return await sdk_threads.run(fn, *args, **kwargs)
     except Exception as exc:
         raise call_error(who, what, exc, api_key) from None
 
 
-MAX_THREADS = min(32, (os.cpu_count() or 1) + 4)  # SDK calls running at once, per event loop
-_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
-
-
-async def in_daemon_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    """`asyncio.to_thread`, but in a daemon thread of its own: a call a server never answers cannot hold up exit.
-
-    The default executor's threads are joined when the loop closes and again when the interpreter
-    exits, so one SDK request stuck on a silent server (its timeout is 30 s, retried) kept a stopped
-    run alive far past drain_timeout. Cancelling the await abandons the call; its thread ends on its own.
-    """
-    loop = asyncio.get_running_loop()
-    slots = _SLOTS.get(loop)
-    if slots is None:
-        slots = _SLOTS[loop] = asyncio.Semaphore(MAX_THREADS)
-    async with slots:  # as many at once as the default executor ran: a thousand sessions polling stay bounded
-        return await _run_in_daemon_thread(loop, fn, *args, **kwargs)
-
-
-async def _run_in_daemon_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., T], /, *args: Any,
-                                **kwargs: Any) -> T:
-    fut: asyncio.Future[T] = loop.create_future()
-    ctx = contextvars.copy_context()
-
-    def settle(result: Any, exc: BaseException | None) -> None:
-        if fut.done():  # cancelled meanwhile: nobody waits for it any more
-            return
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-
-    def work() -> None:
-        try:
-            result, exc = ctx.run(fn, *args, **kwargs), None
-        except BaseException as err:  # handed to the awaiting task as it is
-            result, exc = None, err
-        try:
-            loop.call_soon_threadsafe(settle, result, exc)
-        except RuntimeError:  # the loop closed while the call was running: nobody waits for it
-            pass
-
-    threading.Thread(target=work, name=f"videodb-{getattr(fn, '__name__', 'call')}", daemon=True).start()
-    return await fut
+async def client_token(who: str, conn: Any, expires_in: int, api_key: str | None) -> str:
+    """`generate_client_token(expires_in)`; an answer without a token is a failed call (nobody could start
+    a capture with it)."""
+    token = await call(who, "generate_client_token", conn.generate_client_token, expires_in, api_key=api_key)
+    if not isinstance(token, str) or not token:
+        raise VideoDBCallError(f"{who}: generate_client_token failed: the answer holds no token",
+                               call="generate_client_token", status=None, fatal=False)
+    secrets.register(token)
+    return token

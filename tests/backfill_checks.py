@@ -21,5 +21,15 @@ def key(event: dict[str, Any]) -> Key:
 
 
 def produced(emu: Emulator) -> list[dict[str, Any]]:
-    """Every event the emulator produced for a connection, sent live or not."""
-    return [r["event"] for r in emu.emitted]
+    """Every event the emulator produced, sent live or not, once: while a re-bind runs, the replaced index and
+    its successor both produce an event, each for its own connection (the one for the dead connection is lost,
+    as with VideoDB), and the pipeline keeps one (deduplicated by rtstream, channel, start and text)."""
+    seen: set[Any] = set()
+    out = []
+    for r in emu.emitted:
+        ev = r["event"]
+        k = key(ev) if tracked(ev) else id(ev)
+        if k not in seen:
+            seen.add(k)
+            out.append(ev)
+    return out

@@ -168,23 +168,27 @@ async def test_a_failed_call_while_reattaching_is_retried(make_context: Callable
             sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]["session_id"]
             await hook(live, emu, f"sessions/{sid}/start")
             await live.wait_for(lambda: len(live.of(sid, "transcript")) >= 2)
-        real = Connection.get_capture_session
-        failures = []
+        failures: list[str] = []
 
-        def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if not failures:
-                failures.append(args)
-                raise ConnectionError("VideoDB briefly unreachable")
-            return real(self, *args, **kwargs)
+        def flaky(name: str) -> Any:  # the first call of each fails (the restart lists first, then asks one)
+            real = getattr(Connection, name)
 
-        monkeypatch.setattr(Connection, "get_capture_session", flaky)
+            def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+                if name not in failures:
+                    failures.append(name)
+                    raise ConnectionError("VideoDB briefly unreachable")
+                return real(self, *args, **kwargs)
+            return call
+
+        for name in ("get_capture_session", "list_capture_sessions"):
+            monkeypatch.setattr(Connection, name, flaky(name))
         async with running(make_context, emu) as live:
             link = live.ctl.context.session
             await live.wait_for(lambda: link.connection_id is not None and any(
                 c["path"].endswith("/transcription") and (c["body"] or {}).get("ws_connection_id") == link.connection_id
                 for c in emu.calls), timeout=15)
             await live.wait_for(lambda: len(live.of(sid, "transcript")) >= 2, timeout=15)
-            assert failures and live.ctl.manager.get(sid).lifecycle.state == "active"
+            assert "get_capture_session" in failures and live.ctl.manager.get(sid).lifecycle.state == "active"
     finally:
         await emu.stop()
 
@@ -223,8 +227,8 @@ def test_a_fifo_where_a_saved_session_should_be_does_not_hang_the_start(tmp_path
     """capture_session.json as a FIFO (a foreign file): the single-session restart logs it and creates a new
     session (before: reading it blocked the start for ever)."""
     os.mkfifo(tmp_path / "capture_session.json")
-    code = ("import sys; from pathlib import Path; from stages.controller.resume import saved_session; "
-            "print(saved_session(Path(sys.argv[1]), 'default', 'u', {}, 'ctl'))")
+    code = ("import sys; from pathlib import Path; from stages.controller.resume import read_record; "
+            "print(read_record(Path(sys.argv[1]), {}, 'ctl'))")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "capture_session.json")], timeout=20,
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr

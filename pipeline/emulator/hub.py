@@ -3,7 +3,8 @@
 Like VideoDB, an event produced for a connection that is gone is not delivered
 later: when a socket closes, whatever was still queued for it is discarded (its
 record keeps `live: false`), and events routed to it until a pipeline re-binds
-to a new connection id are not sent either. Everything stays retrievable over
+to a new connection id are not sent either; a session's lifecycle events always go
+to the connection it was created with. Everything stays retrievable over
 REST (see `routes.py`). `queue_on_drop=True` restores the old, lossless test
 behaviour: events wait for the re-bind and the new connection inherits them.
 
@@ -59,7 +60,9 @@ class Hub:
         self.undelivered = 0  # events produced while their connection was gone (not sent, as VideoDB)
 
     def resolve(self, conn: str) -> str:
-        """Follow re-binds: the connection id that now stands for `conn`."""
+        """Follow re-binds: the connection id that now stands for `conn` (only with queue_on_drop: VideoDB
+        sends each pipeline's events to the id it was last given and lifecycle events to the one the session
+        was created with; nothing moves a connection's events to another)."""
         seen = 0
         while conn in self.successor and seen < 1000:
             conn = self.successor[conn]
@@ -82,7 +85,8 @@ class Hub:
         if not old:
             return
         old = self.resolve(old)
-        if old == new or old in self.live or old not in self.known or new not in self.known:
+        if not self.queue_on_drop or old == new or old in self.live or old not in self.known \
+                or new not in self.known:
             return
         self.successor[old] = new
         pending = self.outbox.pop(old, deque())  # empty unless queue_on_drop

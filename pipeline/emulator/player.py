@@ -121,6 +121,9 @@ class Player:
         self._lifecycle(s, "stopping")
         await asyncio.sleep(self._scaled(STOPPING_TO_STOPPED))
         self._lifecycle(s, "stopped")
+        if not s.stored:  # as VideoDB: without a stored channel nothing is exported
+            self._check_finished()
+            return
         await asyncio.sleep(self._scaled(STOPPED_TO_EXPORTED))
         s.export = sc.export_data(s.id)
         self._lifecycle(s, "exported", dict(s.export))

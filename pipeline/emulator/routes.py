@@ -57,7 +57,7 @@ class Api:
         self.hub = hub
         self.player = player
         self.scenario = scenario
-        self.client_tokens: set[str] = set()
+        self.client_tokens: dict[str, float] = {}  # client token -> when it expires (time.time())
         self.ws_url = ""  # set by the server once it knows its port
 
     def routes(self) -> list[tuple[str, str, Handler]]:
@@ -99,8 +99,16 @@ class Api:
         if not isinstance(expires_in, int) or expires_in <= 0:
             raise ApiError(400, "expires_in must be a positive integer")
         token = "ct-" + secrets.token_urlsafe(24)
-        self.client_tokens.add(token)
-        return {"token": token, "expires_in": expires_in, "expires_at": int(time.time()) + expires_in}
+        expires_at = time.time() + expires_in
+        self.client_tokens[token] = expires_at
+        return {"token": token, "expires_in": expires_in, "expires_at": int(expires_at)}
+
+    def token_problem(self, token: str) -> str | None:
+        """Why a client token is refused (unknown, expired), or None when it is valid now."""
+        expires = self.client_tokens.get(token)
+        if expires is None:
+            return "unknown client token"
+        return "client token expired" if time.time() >= expires else None
 
     # --- capture sessions ------------------------------------------------------------------------
     async def create_session(self, req: web.Request, body: Data) -> Data:
@@ -124,12 +132,14 @@ class Api:
                              if s.collection_id == req.match_info["cid"] and status in (None, s.status)]}
 
     async def get_session(self, req: web.Request, body: Data) -> Data:
-        return self.session(req.match_info["sid"]).shape()
+        return self.session(req.match_info["sid"], req.match_info["cid"]).shape()
 
     async def export_session(self, req: web.Request, body: Data) -> Data:
-        s = self.session(req.match_info["sid"])
+        s = self.session(req.match_info["sid"], req.match_info["cid"])
         if s.status not in ("stopped", "exported"):
             raise ApiError(400, f"capture session {s.id} is {s.status}; export needs it stopped")
+        if not s.stored:
+            raise ApiError(400, f"capture session {s.id} has no stored channel to export")
         out: Data = {"session_id": s.id, "video_channel_id": body.get("video_channel_id"),
                      "export_status": "exporting"}
         if s.export is not None:
@@ -138,9 +148,9 @@ class Api:
                        stream_url=e["stream_url"], player_url=e["player_url"])
         return out
 
-    def session(self, sid: str) -> Session:
+    def session(self, sid: str, collection_id: str) -> Session:
         s = self.reg.sessions.get(sid)
-        if s is None:
+        if s is None or s.collection_id != collection_id:  # a session lives in one collection
             raise ApiError(404, f"capture session {sid} not found")
         return s
 

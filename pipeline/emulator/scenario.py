@@ -38,6 +38,7 @@ class Stream:
     name: str
     media_types: tuple[str, ...]
     type: str
+    store: bool = True  # the desktop client's `channel.store`: only a session with a stored channel is exported
 
     def seed_shape(self) -> dict[str, Any]:
         """As listed in `capture_session.active` `data.rtstreams`."""
@@ -140,7 +141,10 @@ def _stream(p: Path, i: int, s: Any) -> Stream:
     kind = s.get("type") or _guess_type(str(s["name"]))
     if kind not in STREAM_TYPES:
         raise StageError(f"scenario {p}: rtstreams[{i}].type must be one of {', '.join(STREAM_TYPES)}")
-    return Stream(str(s["rtstream_id"]), str(s["name"]), tuple(str(m) for m in media), kind)
+    store = s.get("store", True)
+    if not isinstance(store, bool):
+        raise StageError(f"scenario {p}: rtstreams[{i}].store must be true or false")
+    return Stream(str(s["rtstream_id"]), str(s["name"]), tuple(str(m) for m in media), kind, store)
 
 
 def _guess_type(name: str) -> str:

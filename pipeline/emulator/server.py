@@ -12,6 +12,7 @@ import hmac
 import json
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,32 @@ from pipeline.emulator.state import Registry
 from pipeline.errors import StageError
 
 _HOOKS = "/_emulator"
+
+
+@dataclass
+class Fault:
+    """An injected API fault on requests matching `method` whose path contains `path`.
+
+    With `status`: after `delay` s the request gets `status` and `body` (raw text, e.g. a proxy's HTML page or
+    broken JSON) and is not handled. Without: it is handled (a session is made), then its answer waits
+    `delay` s (a slow VideoDB, or an answer its caller never reads). `times`: requests it hits (None: all)."""
+
+    method: str
+    path: str
+    status: int | None = None
+    body: str | None = None
+    delay: float = 0.0
+    times: int | None = None
+    content_type: str = "application/json"
+    hits: int = 0
+
+    def take(self, method: str, path: str) -> bool:
+        if method != self.method or self.path not in path or self.times == 0:
+            return False
+        if self.times is not None:
+            self.times -= 1
+        self.hits += 1
+        return True
 _BODY = web.RequestKey("emulator_body", dict)  # the parsed JSON body, read once by the middleware
 
 
@@ -59,6 +86,7 @@ class Emulator:
                              settle=settle, setup_timeout=setup_timeout)
         self.api = Api(self.registry, self.hub, self.player, self.scenario)
         self.calls: list[dict[str, Any]] = []
+        self.faults: list[Fault] = []
         self.base_url = ""
         self._runner: web.AppRunner | None = None
 
@@ -79,7 +107,7 @@ class Emulator:
         app.router.add_get(f"{_HOOKS}/sessions", self._sessions)
         app.router.add_post(f"{_HOOKS}/sessions/{{sid}}/start", self._hand_start)
         app.router.add_post(f"{_HOOKS}/sessions/{{sid}}/stop", self._hand_stop)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)  # faults hang
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         try:
@@ -104,6 +132,13 @@ class Emulator:
             await self._runner.cleanup()
             self._runner = None
 
+    def fault(self, method: str, path: str, *, status: int | None = None, body: str | None = None,
+              delay: float = 0.0, times: int | None = None, content_type: str = "application/json") -> Fault:
+        """Make matching API requests slow and/or fail (see `Fault`); the first matching fault applies."""
+        f = Fault(method.upper(), path, status, body, delay, times, content_type)
+        self.faults.append(f)
+        return f
+
     async def wait_finished(self) -> None:
         """Return once a session exists and every session is exported (or failed)."""
         await self.registry.finished.wait()
@@ -116,6 +151,14 @@ class Emulator:
         call: dict[str, Any] = {"method": request.method, "path": request.path, "body": None,
                                 "at": time.monotonic()}
         self.calls.append(call)
+        fault = next((f for f in self.faults if f.take(request.method, request.path)), None)
+        if fault is not None and fault.status is not None:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            call["status"] = fault.status
+            call["fault"] = True
+            text = fault.body if fault.body is not None else _fault_body(fault.status)
+            return web.Response(text=text, status=fault.status, content_type=fault.content_type)
         try:
             if request.can_read_body:
                 try:
@@ -131,14 +174,19 @@ class Emulator:
         except web.HTTPException as exc:
             response = _fail(exc.status, f"{exc.reason}: {request.method} {request.path}")
         call["status"] = response.status
+        if fault is not None and fault.delay:
+            await asyncio.sleep(fault.delay)  # handled; the answer is late
         return response
 
     def _authenticate(self, request: web.Request) -> None:
         token = request.headers.get("x-access-token", "")
         if not token:
             raise ApiError(401, "Unauthorized: x-access-token header is missing")
-        if self.api_key is not None and not hmac.compare_digest(token, self.api_key) \
-                and token not in self.api.client_tokens:
+        if token in self.api.client_tokens:  # a client token authenticates until it expires
+            if (why := self.api.token_problem(token)) is not None:
+                raise ApiError(401, f"Unauthorized: {why}")
+            return
+        if self.api_key is not None and not hmac.compare_digest(token, self.api_key):
             raise ApiError(401, "Unauthorized: invalid API key")
 
     @staticmethod
@@ -159,15 +207,22 @@ class Emulator:
         return web.json_response([s.shape() for s in self.registry.sessions.values()])
 
     async def _hand_start(self, request: web.Request) -> web.Response:
-        return self._hand(request, start=True)
+        return await self._hand(request, start=True)
 
     async def _hand_stop(self, request: web.Request) -> web.Response:
-        return self._hand(request, start=False)
+        return await self._hand(request, start=False)
 
-    def _hand(self, request: web.Request, *, start: bool) -> web.Response:
+    async def _hand(self, request: web.Request, *, start: bool) -> web.Response:
         s = self.registry.sessions.get(request.match_info["sid"])
         if s is None:
             return _fail(404, f"capture session {request.match_info['sid']} not found")
+        token = None
+        if request.can_read_body:  # the desktop client's start: `{"client_token": ...}` is checked when given
+            with contextlib.suppress(ValueError):
+                body = await request.json()
+                token = body.get("client_token") if isinstance(body, dict) else None
+        if token is not None and (why := self.api.token_problem(str(token))) is not None:
+            return _fail(401, f"Unauthorized: {why}")
         if start:
             s.start_requested = True
         else:
@@ -182,6 +237,11 @@ def _produced(rec: dict[str, Any]) -> dict[str, Any]:
     return {"rtstream_id": ev.get("rtstream_id"), "channel": ev.get("channel") or ev.get("event"),
             "start": data.get("start", data.get("timestamp")), "text": data.get("text"),
             "live": rec["live"], "connection_id": rec["connection_id"], "event": ev}
+
+
+def _fault_body(status: int) -> str:
+    """The JSON error body of an injected fault without its own body."""
+    return json.dumps({"success": False, "message": f"emulator: injected HTTP {status}"})
 
 
 def _fail(status: int, message: str) -> web.Response:

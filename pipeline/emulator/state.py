@@ -137,6 +137,15 @@ class Session:
     stopped_streams: set[str] = field(default_factory=set)  # rtstreams stopped through the API
     task: asyncio.Task[None] | None = None
 
+    @property
+    def stored(self) -> bool:
+        """A channel is stored: the session is exported after it stops (else `stopped` is its last status)."""
+        return any(s.store for s in self.streams.values())
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED or (self.status == "stopped" and not self.stored)
+
     def stream_by_name(self, name: str) -> Stream:
         for s in self.streams.values():
             if s.name == name:
@@ -163,14 +172,14 @@ class Session:
             "ws_connection_id": self.conn, "metadata": self.metadata,
             "channels": [{"channel_id": s.name, "name": s.name,
                           "type": "video" if "video" in s.media_types else "audio",
-                          "store": True, "is_primary": s.type == "screen"} for s in self.streams.values()],
+                          "store": s.store, "is_primary": s.type == "screen"} for s in self.streams.values()],
             "primary_video_channel_id": next((s.name for s in self.streams.values() if s.type == "screen"),
                                              None),
             "export_status": None, "exported_video_id": None,
             "rtstreams": [self.rtstream_shape(s) for s in self.streams.values()] if live else [],
             "created_at": _iso(self.created_at),
         }
-        if self.status == "stopped":
+        if self.status == "stopped" and self.stored:
             data["export_status"] = "exporting"
         if self.export is not None:
             data["export_status"] = "exported"
@@ -215,7 +224,7 @@ class Registry:
         out: dict[str, Stream] = {}
         for s in scn.streams:
             rid = s.rtstream_id if n == 0 else f"{s.rtstream_id}-s{n + 1}"
-            out[rid] = Stream(rid, s.name, s.media_types, s.type)
+            out[rid] = Stream(rid, s.name, s.media_types, s.type, s.store)
         return out
 
     def indexes_for(self, rtstream_id: str, kind: str) -> list[Pipeline]:
@@ -232,7 +241,7 @@ class Registry:
         return out
 
     def all_finished(self) -> bool:
-        return bool(self.sessions) and all(s.status in FINISHED for s in self.sessions.values())
+        return bool(self.sessions) and all(s.finished for s in self.sessions.values())
 
 
 def _iso(t: float) -> str:

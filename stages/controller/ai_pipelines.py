@@ -23,6 +23,7 @@ from pipeline.videodb_sdk import VideoDBCallError, call
 from stages.sources.backfill import Target
 
 MAX_RETIRED = 64  # replaced indexes kept for backfill (a long outage re-binds many times)
+MAX_STREAMS = 64  # rtstreams of one session taken from an event (a capture client has a handful)
 
 log = logging.getLogger("pipeline.controller.capture_session")
 
@@ -82,13 +83,19 @@ def media_kind(media_types: Any, channel_id: Any = None, name: Any = None) -> st
 
 
 def streams_from_event(conn: Any, rtstreams: Any, collection_id: str) -> list[Stream]:
-    """Streams from `capture_session.active`'s `data.rtstreams` (no API call needed)."""
+    """Streams from `capture_session.active`'s `data.rtstreams` (no API call needed).
+
+    Bounded: at most MAX_STREAMS, ids that are strings of at most 128 characters (each stream costs
+    SDK calls on every bind, and its id goes into API paths)."""
     from videodb.rtstream import RTStream
 
-    out = []
-    for r in rtstreams if isinstance(rtstreams, list) else []:
+    out: list[Stream] = []
+    listed = rtstreams if isinstance(rtstreams, list) else []
+    if len(listed) > MAX_STREAMS:
+        log.warning("capture_session.active lists %d rtstreams; only the first %d are used", len(listed), MAX_STREAMS)
+    for r in listed[:MAX_STREAMS]:
         rid = r.get("rtstream_id") or r.get("id") if isinstance(r, dict) else None
-        if not rid:
+        if not usable_id(rid):
             continue
         name = str(r.get("name") or rid)
         rts = RTStream(conn, id=rid, name=name, collection_id=collection_id, channel_id=r.get("channel_id"))
@@ -96,9 +103,15 @@ def streams_from_event(conn: Any, rtstreams: Any, collection_id: str) -> list[St
     return out
 
 
+def usable_id(rid: Any) -> bool:
+    """An rtstream id fit for an API path: a string of 1-128 characters without '/'."""
+    return isinstance(rid, str) and 0 < len(rid) <= 128 and "/" not in rid
+
+
 def streams_from_session(session: Any) -> list[Stream]:
-    """Streams from a `CaptureSession` object (its rtstreams carry the SDK channel type)."""
-    return [Stream(r, str(r.name or r.id), media_kind(None, r.channel_id, r.name)) for r in session.rtstreams]
+    """Streams from a `CaptureSession` object (its rtstreams carry the SDK channel type); bounded as above."""
+    return [Stream(r, str(r.name or r.id), media_kind(None, r.channel_id, r.name))
+            for r in (getattr(session, "rtstreams", None) or [])[:MAX_STREAMS] if usable_id(getattr(r, "id", None))]
 
 
 @dataclass
@@ -195,7 +208,8 @@ class AIPipelines:
 
         found = [RTStreamSceneIndex(conn, rtstream_index_id=i["index_id"], rtstream_id=i["rtstream_id"])
                  for i in (saved if isinstance(saved, list) else [])
-                 if isinstance(i, dict) and isinstance(i.get("index_id"), str)]
+                 if isinstance(i, dict) and isinstance(i.get("index_id"), str)
+                 and isinstance(i.get("rtstream_id"), str)]
         if found:
             self._indexes = {"saved": found}
 

@@ -26,12 +26,14 @@ from pipeline.api import Batch, Context, Controller, Event, Options
 from pipeline.errors import StageError
 from pipeline.events import iso_ts, lifecycle_status
 from pipeline.files import write_private_text
+from pipeline.termsafe import visible
 from pipeline.types import Duration
-from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
-from stages.controller import resume
+from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, client_token, connect
+from stages.controller import lost_create, resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
-from stages.controller.lifecycle import STATES, Lifecycle
+from stages.controller.lifecycle import STATES, Lifecycle, stored
 from stages.controller.session_options import SessionApiOptions
+from stages.controller.session_store import safe_id
 from stages.controller.tasks import Background
 from stages.sources import backfill
 
@@ -41,6 +43,7 @@ STATE_FILE = "capture_session.json"
 _EXIT_STATES = ("stopped", "exported")
 SETTLE_TIMEOUT = 60.0  # longest an exit waits for a re-bind/backfill still under way
 CHECKPOINT_EVERY = 2.0  # seconds between saves of where a restart's backfill starts (> sinks' flush)
+MAX_ERROR = 1000  # characters of a failed session's error kept (it comes off the wire)
 
 
 class CaptureSessionOptions(Options):
@@ -98,9 +101,11 @@ class CaptureSessionController(Controller):
         self.manager: Any = None  # SessionManager when `api` is set
         self.api: Any = None
         # Read now, before any sink starts: a sink with `clear` must not empty a resumed session's output.
-        self._saved = None if options.session_id or options.api is not None else resume.saved_session(
-            self.state_file, self.settings.collection_id, options.end_user_id, context.settings, self.who)
-        context.session.resuming = self._saved is not None
+        self._found = None if options.session_id or options.api is not None else resume.read_record(
+            self.state_file, context.settings, self.who)
+        self._saved = resume.saved_session(self._found, self.settings.collection_id, options.end_user_id, self.who)
+        context.session.resuming = self._saved is not None or resume.pending_create(
+            self._found, self.settings.collection_id, options.end_user_id) is not None
 
     async def _sdk(self, what: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         return await call(self.who, what, fn, *args, api_key=self.settings.api_key, **kwargs)
@@ -121,29 +126,37 @@ class CaptureSessionController(Controller):
         except TimeoutError:
             raise StageError(f"{self.who}: no WebSocket connection id from the source after "
                              f"{opts.connect_timeout:g}s (the controller needs source type videodb)") from None
-        saved = None if self.context.settings.get("new_session") else self._saved
-        session = None
+        found = None if self.context.settings.get("new_session") else self._found
+        collection = self.settings.collection_id
+        saved = None if found is None else self._saved
+        intent = resume.pending_create(found, collection, opts.end_user_id)
+        session, made = None, None
         if opts.session_id:
             session = await self._attach(opts.session_id)
         elif saved is not None:
             session = await self._resume(saved)
+        elif intent is not None:
+            session = await self._find_lost_create(intent)
+            made = intent if session is not None else None
+        fresh = session is None
         if session is None:
-            session = await self._create(conn_id)
+            session, made = await self._create(conn_id)
         now = time.time()
-        self.record = {"session_id": self.session_id, "collection_id": self.settings.collection_id,
+        self.record = {"session_id": self.session_id, "collection_id": collection,
                        "end_user_id": getattr(session, "end_user_id", None) or opts.end_user_id,
                        "ws_connection_id": conn_id, "status": self.lifecycle.state,
                        "client_token": None, "expires_in": opts.client_token_expires_in,
                        "expires_at": iso_ts(now + opts.client_token_expires_in), "created_at": iso_ts(now)}
         if self._resumed and saved is not None and saved.get("backfill_from"):
             self.record["backfill_from"] = saved["backfill_from"]  # until this run saves its own
-        token = resume.reusable_token(saved) if self._resumed else None
-        if token is not None and saved is not None:  # the desktop client may still be using it
-            self.record.update({k: saved.get(k) for k in ("expires_in", "expires_at", "created_at")},
-                               resumed_at=iso_ts(now))
+        kept = saved if self._resumed else made  # a token made before: the desktop client may be using it
+        token = made["client_token"] if fresh and made else resume.reusable_token(kept)
+        if token is not None and kept is not None:
+            self.record.update({k: kept.get(k) for k in ("expires_in", "expires_at", "created_at")})
+            if kept is saved:
+                self.record["resumed_at"] = iso_ts(now)
         else:
-            token = await self._sdk("generate_client_token", self._conn.generate_client_token,
-                                    opts.client_token_expires_in)
+            token = await client_token(self.who, self._conn, opts.client_token_expires_in, self.settings.api_key)
         if token:
             secrets.register(str(token))
         self.record["client_token"] = token
@@ -156,22 +169,69 @@ class CaptureSessionController(Controller):
         self.context.session.on_connection(self._on_connection)
         if self.context.session.inlet is not None:
             self._spawn(self._checkpoints(self.context.session.inlet))
-        if opts.session_id or self._resumed:
+        if opts.session_id or self._resumed or (made is not None and made.get("ws_connection_id") != conn_id):
             self._start_poll()  # lifecycle events go to the connection the session was created with
         elif self.context.session.connection_id != conn_id:
             self._on_reconnect()
 
-    async def _create(self, conn_id: str) -> Any:
+    async def _create(self, conn_id: str) -> tuple[Any, dict[str, Any]]:
+        """A new session, and the record noted before the call (its client token).
+
+        The token comes first (it names no session: if it fails, nothing is left at VideoDB), then
+        the record is saved with status `creating` and no session id, then the session is made and
+        saved at once: a crash (even kill -9) while the create runs leaves that note, and the
+        restart looks for the session it made (`_find_lost_create`) instead of making another.
+        """
         opts = self.options
+        token = await client_token(self.who, self._conn, opts.client_token_expires_in, self.settings.api_key)
+        now = time.time()
+        self.record = {"session_id": None, "collection_id": self.settings.collection_id,
+                       "end_user_id": opts.end_user_id, "metadata": opts.metadata, "status": resume.CREATING,
+                       "ws_connection_id": conn_id, "client_token": token,
+                       "expires_in": opts.client_token_expires_in,
+                       "expires_at": iso_ts(now + opts.client_token_expires_in), "created_at": iso_ts(now)}
+        if token:
+            secrets.register(str(token))
+        self._save()
+        made = dict(self.record)
         session = await self._sdk("create_capture_session", self._conn.create_capture_session,
                                   end_user_id=opts.end_user_id, collection_id=self.settings.collection_id,
                                   ws_connection_id=conn_id, metadata=opts.metadata or None,
                                   callback_url=opts.callback_url)
+        if not isinstance(session.id, str) or not safe_id(session.id):
+            raise StageError(f"{self.who}: create_capture_session returned an unusable session id "
+                             f"{str(session.id)[:80]!r}")
+        self.record.update(session_id=session.id, status="created")
+        self._save()
         self.session_id = session.id
         self.lifecycle = Lifecycle(session.id)
         self.lifecycle.advance(getattr(session, "status", None) or "created")
         self._replay_early()
-        return session
+        return session, made
+
+    async def _find_lost_create(self, intent: dict[str, Any]) -> Any:
+        """The session a crashed run's create made (its record never got the id), or None: see lost_create.py."""
+        try:
+            listed = await self._sdk("list_capture_sessions", self._conn.list_capture_sessions,
+                                     self.settings.collection_id)
+        except VideoDBCallError as exc:
+            raise StageError(f"{exc}; {self.state_file} notes a create a crash cut short, so a new session is "
+                             "not made before VideoDB says whether that one exists (run again, or use "
+                             "--new-session)") from None
+        found = lost_create.candidates(listed, intent.get("end_user_id"), intent.get("metadata"),
+                                       lambda sid: False)
+        if len(found) != 1:
+            if found:
+                log.warning("%s: %d capture sessions (%s) could be the one a crashed run was creating; creating "
+                            "a new one", self.who, len(found), ", ".join(str(x.id) for x in found[:5]))
+            else:
+                log.info("%s: the create a crashed run noted in %s never reached VideoDB; creating a session",
+                         self.who, self.state_file)
+            return None
+        log.warning("%s: capture session %s, made by a crashed run before it could save it, kept", self.who,
+                    found[0].id)
+        self._adopt(found[0])
+        return found[0]
 
     async def _attach(self, session_id: str) -> Any:
         session = await self._sdk("get_capture_session", self._conn.get_capture_session,
@@ -187,9 +247,10 @@ class CaptureSessionController(Controller):
             session = await self._sdk("get_capture_session", self._conn.get_capture_session,
                                       sid, self.settings.collection_id)
         except VideoDBCallError as exc:
-            if exc.status in (401, 403) or exc.status is None:
-                raise
-            log.warning("%s; creating a new capture session", exc)
+            if not exc.fatal or exc.status in (401, 403):  # a 5xx, 429, timeout: the session may well be live
+                raise StageError(f"{exc}; not creating a new capture session while the one saved in "
+                                 f"{self.state_file} may be live (run again, or --new-session)") from None
+            log.warning("%s; creating a new capture session", exc)  # refused (404...): VideoDB does not have it
             return None
         status = getattr(session, "status", None)
         if status in resume.ENDED:
@@ -273,6 +334,8 @@ class CaptureSessionController(Controller):
                 self._spawn_rebind(None, backfill_gap=gap, hold=bool(gap))
         elif status == "exported":
             self.record.update({k: data[k] for k in ("exported_video_id", "stream_url", "player_url") if data.get(k)})
+        elif status == "stopped" and self.options.exit_on == "exported":
+            self._spawn(self._end_if_unstored(session, polled=session is not None))
         if self.record:
             self._save()
         if status == "failed":
@@ -282,6 +345,27 @@ class CaptureSessionController(Controller):
             self._spawn(self._exit_settled(status, polled=session is not None))
         if self.lifecycle.done and self._poll is not None:
             self._poll.cancel()
+
+    async def _end_if_unstored(self, session: Any, *, polled: bool) -> None:
+        """`stopped`, waiting for `exported`: a session none of whose channels is stored is never exported
+        (VideoDB exports only stored recordings), so it ends here instead of running for ever."""
+        if session is None:
+            try:
+                session = await self._sdk("get_capture_session", self._conn.get_capture_session,
+                                          self.session_id, self.settings.collection_id)
+            except VideoDBCallError as exc:
+                log.warning("%s (cannot tell whether an export will follow; still waiting for it)", exc)
+                return
+        if stored(session) is not False or self.lifecycle.state != "stopped":
+            return
+        self.lifecycle.unstored = True
+        self.record["stored"] = False
+        self._save()
+        if self._poll is not None:
+            self._poll.cancel()
+        log.info("%s: capture session %s stopped and none of its channels is stored: no export follows",
+                 self.who, self.session_id)
+        await self._exit_settled("stopped (no channel stored, so no export)", polled=polled)
 
     def _save_indexes(self, ids: list[dict[str, str]]) -> None:
         """A bind made an index: saved at once (a crash before the bind ends must not leave it running)."""
@@ -432,6 +516,7 @@ class CaptureSessionController(Controller):
 
 
 def _error_text(error: Any) -> str:
+    """The error of a failed session, fit for the one-line exit reason: bounded, control characters visible."""
     if isinstance(error, dict):
         error = error.get("message") or error.get("error") or orjson.dumps(error).decode()
-    return str(error) if error else "no error given"
+    return visible(str(error)[:MAX_ERROR]) if error else "no error given"

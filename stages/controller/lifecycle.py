@@ -2,13 +2,15 @@
 
 created -> starting -> active -> stopping -> stopped -> exported, and `failed`
 from anywhere. Events can arrive late, twice, or (after a reconnect) not at
-all, so an unexpected transition is logged and accepted, never fatal.
+all: a skipped step is logged and accepted, never fatal; an event for an
+earlier state, or anything after `exported`/`failed`, is logged and ignored
+(a late `active` must not re-bind a session that is stopping or gone).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Final
+from typing import Any, Final
 
 log = logging.getLogger("pipeline.controller.capture_session")
 
@@ -29,21 +31,26 @@ _NEXT: Final[dict[str | None, frozenset[str]]] = {
 class Lifecycle:
     """Current state plus transition checks; `advance()` says whether the state changed."""
 
-    __slots__ = ("history", "session_id", "state")
+    __slots__ = ("history", "session_id", "state", "unstored")
 
     def __init__(self, session_id: str = "", state: str | None = None) -> None:
         self.session_id = session_id
         self.state: str | None = state
         self.history: list[str] = [state] if state else []
+        #: No channel of the session is stored: VideoDB exports nothing, so `stopped` is its end.
+        self.unstored = False
 
     def advance(self, new: str, *, polled: bool = False) -> bool:
-        """Move to `new`; False (and nothing logged) when it is the current state.
+        """Move to `new`; False when it is the current state, earlier than it, or the session has ended.
 
         `polled`: the status came from polling, which may skip states without anything being wrong.
         """
         if new == self.state:
             return False
         old = self.state
+        if old in STATES and new in STATES and (old in TERMINAL or STATES.index(new) < STATES.index(old)):
+            log.warning("capture session %s: late or repeated %s after %s ignored", self.session_id, new, old)
+            return False
         if new not in STATES:
             log.warning("capture session %s: unknown status %r (was %s)", self.session_id, new, old)
         elif polled:
@@ -66,4 +73,10 @@ class Lifecycle:
 
     @property
     def done(self) -> bool:
-        return self.state in TERMINAL
+        return self.state in TERMINAL or (self.unstored and self.state == "stopped")
+
+
+def stored(session: Any) -> bool | None:
+    """Whether a `CaptureSession` has a stored channel (only then is it exported); None when it lists none."""
+    channels = getattr(session, "channels", None) or []
+    return any(bool(getattr(ch, "store", False)) for ch in channels) if channels else None

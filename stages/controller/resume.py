@@ -17,19 +17,22 @@ from typing import Any, Final
 
 import orjson
 
-from stages.controller.session_store import MAX_RECORD_BYTES, read_regular
+from stages.controller.session_store import MAX_RECORD_BYTES, read_regular, wrong_key
 
 log = logging.getLogger("pipeline.controller.capture_session")
 
+#: The status saved while `create_capture_session` runs: the record has no session id yet.
+CREATING: Final = "creating"
+#: Keys a restart cannot do without: a record with one of the wrong type is ignored (others are dropped).
+_NEEDED: Final = frozenset({"session_id", "status", "collection_id", "end_user_id"})
 #: Statuses after which a session cannot be resumed.
 ENDED: Final = frozenset({"stopped", "exported", "failed"})
 #: A saved client token is handed out again only if it lives at least this much longer (seconds).
 _TOKEN_MARGIN = 300
 
 
-def saved_session(path: Path, collection_id: str, end_user_id: str | None,
-                  settings: Mapping[str, Any], who: str) -> dict[str, Any] | None:
-    """The record in `path` when a restart should attach to its session, else None (logged why)."""
+def read_record(path: Path, settings: Mapping[str, Any], who: str) -> dict[str, Any] | None:
+    """What `path` holds if a restart should look at it, else None (logged why)."""
     if settings.get("new_session"):
         if path.exists():
             log.info("%s: --new-session: not resuming the session in %s", who, path)
@@ -44,7 +47,33 @@ def saved_session(path: Path, collection_id: str, end_user_id: str | None,
     except (OSError, ValueError) as exc:
         log.warning("%s: cannot read %s (%s); creating a new capture session", who, path, exc)
         return None
-    if not isinstance(record, dict) or not isinstance(record.get("session_id"), str):
+    if not isinstance(record, dict):
+        log.warning("%s: %s is not a capture session record; ignored, creating a new capture session", who, path)
+        return None
+    while (wrong := wrong_key(record)) is not None:  # damaged, or written by another version
+        key = wrong.split(":", 1)[0]
+        if key in _NEEDED:
+            log.warning("%s: %s is not a capture session record (%s); ignored, creating a new capture session",
+                        who, path, wrong)
+            return None
+        log.warning("%s: %s: %s; that key is ignored", who, path, wrong)
+        record.pop(key)
+    return record
+
+
+def pending_create(record: dict[str, Any] | None, collection_id: str,
+                   end_user_id: str | None) -> dict[str, Any] | None:
+    """The record if it notes a create whose session id was never saved (a crash mid-create), else None."""
+    if (record is None or record.get("status") != CREATING or record.get("session_id") is not None
+            or record.get("collection_id") != collection_id or record.get("end_user_id") != end_user_id):
+        return None
+    return record
+
+
+def saved_session(record: dict[str, Any] | None, collection_id: str, end_user_id: str | None,
+                  who: str) -> dict[str, Any] | None:
+    """The record when a restart should attach to its session, else None (logged why)."""
+    if record is None or not isinstance(record.get("session_id"), str):
         return None
     sid, status = record["session_id"], record.get("status")
     if status in ENDED:

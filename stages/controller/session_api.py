@@ -47,6 +47,7 @@ class SessionApi:
         self._token = options.token.get_secret_value().encode()
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
+        self._handling: set[asyncio.Task[Any]] = set()  # requests under way (cancelled at SHUTDOWN_WAIT)
         self.url = ""
 
     async def start(self) -> None:
@@ -78,6 +79,10 @@ class SessionApi:
         if self._listener is not None:
             self._listener.close()  # no new connections; the runner's shutdown ends the open ones
             self._listener = None
+        if self._handling:  # aiohttp would wait SHUTDOWN_WAIT, then as long again for a handler it asked to end
+            await asyncio.wait(set(self._handling), timeout=SHUTDOWN_WAIT)
+            for task in self._handling:
+                task.cancel()  # a create already at VideoDB goes on by itself (it is shielded) and saves its record
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -86,6 +91,9 @@ class SessionApi:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handling.add(task)
         try:
             self._authenticate(request)
             return await handler(request)
@@ -95,6 +103,8 @@ class SessionApi:
             if exc.status == 413:
                 return _error(413, f"request body larger than api.max_body_bytes={self.options.max_body_bytes}")
             return _error(exc.status, f"{exc.reason}: {request.method} {request.path}")
+        finally:
+            self._handling.discard(task)  # type: ignore[arg-type]
 
     def _authenticate(self, request: web.Request) -> None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")

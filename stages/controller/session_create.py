@@ -14,7 +14,8 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from pipeline.events import iso_ts, lifecycle_status
-from pipeline.videodb_sdk import VideoDBCallError
+from pipeline.videodb_sdk import VideoDBCallError, client_token
+from stages.controller import lost_create
 from stages.controller.ai_pipelines import OnActive
 from stages.controller.session_store import safe_id
 from stages.controller.sessions import ManagedSession
@@ -122,8 +123,8 @@ class SessionCreator:
         opts = self.m.opts
         metadata = {**opts.metadata, **metadata}  # the configured metadata applies to every session
         try:  # the token first: it names no session, so if it fails no session is left behind at VideoDB
-            token = await self.m._sdk("generate_client_token", self.m.conn.generate_client_token,
-                                    opts.client_token_expires_in)
+            token = await client_token(self.m.who, self.m.conn, opts.client_token_expires_in,
+                                       self.m.settings.api_key)
         except VideoDBCallError as exc:
             self.m.stats.errors += 1
             raise ApiProblem(502, str(exc)) from None
@@ -180,11 +181,9 @@ class SessionCreator:
         except VideoDBCallError as exc:  # cannot tell whether that session exists: do not make another
             self.m.stats.errors += 1
             raise ApiProblem(502, str(exc)) from None
-        found = [x for x in listed if getattr(x, "status", None) == "created"
-                 and getattr(x, "end_user_id", None) == intent.get("end_user_id")
-                 and (getattr(x, "metadata", None) or {}) == (intent.get("metadata") or {})
-                 and safe_id(str(x.id)) and str(x.id) not in self.m.sessions
-                 and not self.m.store.path(str(x.id)).exists()]
+        found = lost_create.candidates(
+            listed, intent.get("end_user_id"), intent.get("metadata"),
+            lambda sid: sid in self.m.sessions or self.m.store.path(sid).exists())
         if len(found) != 1:
             if found:
                 log.warning("%s: Idempotency-Key %r: %d sessions at VideoDB could be the one an earlier try made; "

@@ -24,8 +24,17 @@ import orjson
 
 from pipeline.api import Batch, Event
 from pipeline.events import iso_ts, lifecycle_status
-from pipeline.videodb_sdk import VideoDBCallError, call
-from stages.controller.ai_pipelines import AIPipelines, OnActive, Stream, media_kind, streams_from_event
+from pipeline.videodb_sdk import VideoDBCallError, call, client_token
+from stages.controller.ai_pipelines import (
+    MAX_STREAMS,
+    AIPipelines,
+    OnActive,
+    Stream,
+    media_kind,
+    streams_from_event,
+    usable_id,
+)
+from stages.controller.lifecycle import stored
 from stages.controller.session_create import ApiProblem, SessionCreator
 from stages.controller.session_store import SessionStore
 from stages.controller.sessions import ManagedSession
@@ -82,6 +91,7 @@ class SessionManager:
             records = []
         for record in records:
             s = self._add(record)
+            s.lifecycle.unstored = record.get("stored") is False
             status = record.get("status")
             if isinstance(status, str):
                 s.lifecycle.advance(status, polled=True)
@@ -127,9 +137,18 @@ class SessionManager:
             await self._bind(s, None, backfill_gap=True)
 
     async def _reattach(self, live: list[ManagedSession]) -> None:
+        """Re-attach the sessions a previous run left: one listing for all (a GET each only for those it
+        lacks), and the status poll from the start, so a slow VideoDB costs one call, not one per session."""
         conn_id = await self.link.wait_connection()
+        self._start_poll()
+        try:
+            listed = {str(getattr(x, "id", "")): x for x in await self._sdk(
+                "list_capture_sessions", self.conn.list_capture_sessions, self.settings.collection_id)}
+        except VideoDBCallError as exc:
+            log.warning("%s; asking for each session instead", exc)
+            listed = {}
         for s in live:
-            session = await self._fetch(s)
+            session = listed.get(s.id) or await self._fetch(s)
             if session is None:
                 continue
             status = getattr(session, "status", None) or s.record.get("status") or "created"
@@ -139,7 +158,6 @@ class SessionManager:
                 self._spawn(self._bind(s, _streams_of(session), backfill_gap=True))
             log.info("%s: re-attached capture session %s (%s) to connection %s",
                      self.who, s.id, s.lifecycle.state, conn_id)
-        self._start_poll()
 
     # --- the API's operations ------------------------------------------------------------------
 
@@ -276,8 +294,8 @@ class SessionManager:
         if not s.live:
             raise ApiProblem(409, f"capture session {s.id} is {s.lifecycle.state or 'stopped'}: no new token")
         try:
-            token = await self._sdk("generate_client_token", self.conn.generate_client_token,
-                                    self.opts.client_token_expires_in)
+            token = await client_token(self.who, self.conn, self.opts.client_token_expires_in,
+                                       self.settings.api_key)
         except VideoDBCallError as exc:
             raise ApiProblem(502, str(exc)) from None
         s.record["client_token"] = token
@@ -355,8 +373,29 @@ class SessionManager:
             self._spawn(self._stop_streams_locked(s) if s.record.get("stop_requested") else self._bind(s, streams))
         elif status == "failed":
             log.error("%s: capture session %s failed: %s", self.who, s.id, s.record.get("error"))
+        elif status == "stopped":
+            self._spawn(self._end_if_unstored(s, session))
         if s.lifecycle.done:
             self._forget_streams(s)
+        self.store.save(s.record)
+
+    async def _end_if_unstored(self, s: ManagedSession, session: Any) -> None:
+        """`stopped`: with no stored channel VideoDB exports nothing, so the session ends here (else it would
+        stay live for ever: counted under max_sessions, polled, re-attached by every restart)."""
+        if session is None:
+            try:
+                session = await self._sdk("get_capture_session", self.conn.get_capture_session,
+                                          s.id, self.settings.collection_id)
+            except VideoDBCallError as exc:
+                log.warning("%s (cannot tell whether an export will follow)", exc)
+                return
+        if stored(session) is not False or s.lifecycle.state != "stopped":
+            return
+        s.lifecycle.unstored = True
+        s.record["stored"] = False
+        log.info("%s: capture session %s stopped and none of its channels is stored: no export follows",
+                 self.who, s.id)
+        self._forget_streams(s)
         self.store.save(s.record)
 
     async def _stop_streams_locked(self, s: ManagedSession) -> None:
@@ -395,6 +434,7 @@ class SessionManager:
         """
         try:
             async with self._bind_slots, s.lock:
+                s.rebind_waiting = False  # a reconnect from now on queues another (this one may bind too early)
                 before = s.pipelines.bound_to if s.pipelines is not None else None
                 await self._bind_now(s, streams)
                 pipes, inlet = s.pipelines, self.link.inlet
@@ -440,7 +480,9 @@ class SessionManager:
         """SessionLink listener: the source (re)connected; re-bind every live, bound session."""
         inlet = self.link.inlet
         for s in self.sessions.values():
-            if s.live and s.pipelines is not None and s.pipelines.bound_to not in (None, conn_id):
+            if s.live and s.pipelines is not None and s.pipelines.bound_to not in (None, conn_id) \
+                    and not s.rebind_waiting:  # one queued re-bind binds to whatever connection is current then
+                s.rebind_waiting = True
                 if inlet is not None:
                     inlet.hold()  # now, before the new connection's first event is accepted
                 self._spawn(self._bind(s, s.pipelines.streams, held=inlet is not None))
@@ -495,7 +537,9 @@ class SessionManager:
 def _streams_of(session: Any) -> list[Stream]:
     """Streams of a `CaptureSession` (its rtstreams carry the SDK channel type and media types)."""
     out = []
-    for r in getattr(session, "rtstreams", None) or []:
+    for r in (getattr(session, "rtstreams", None) or [])[:MAX_STREAMS]:
+        if not usable_id(getattr(r, "id", None)):
+            continue
         kind = media_kind(getattr(r, "media_types", None), getattr(r, "channel_id", None), getattr(r, "name", None))
         out.append(Stream(r, str(getattr(r, "name", None) or r.id), kind))
     return out

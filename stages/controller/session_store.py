@@ -32,7 +32,8 @@ _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _TYPES: Final[dict[str, type | tuple[type, ...]]] = {
     "status": str, "end_user_id": str, "collection_id": str, "metadata": dict, "created_at": str,
     "expires_at": str, "client_token": str, "ws_connection_id": str, "stop_requested": bool, "stop_incomplete": bool,
-    "idempotency_key": str, "request_hash": str, "on_active": dict, "rtstreams": list, "indexes": list}
+    "stored": bool, "idempotency_key": str, "request_hash": str, "on_active": dict, "rtstreams": list,
+    "indexes": list, "session_id": str, "backfill_from": dict}
 
 
 def safe_id(session_id: str) -> bool:
@@ -92,7 +93,7 @@ class SessionStore:
         except (OSError, ValueError) as exc:
             log.warning("sessions: skipping %s: %s", self.intent_path(key), exc)
             return None
-        ok = isinstance(intent, dict) and intent.get("idempotency_key") == key and _wrong_key(intent) is None
+        ok = isinstance(intent, dict) and intent.get("idempotency_key") == key and wrong_key(intent) is None
         return intent if ok else None
 
     def drop_intent(self, key: str) -> None:
@@ -125,7 +126,7 @@ class SessionStore:
             record = orjson.loads(read_regular(p, MAX_RECORD_BYTES))
             if not isinstance(record, dict) or record.get("session_id") != p.stem:
                 raise ValueError("not a session record")
-            if (wrong := _wrong_key(record)) is not None:
+            if (wrong := wrong_key(record)) is not None:
                 raise ValueError(f"not a session record ({wrong})")
         except (OSError, ValueError) as exc:
             log.warning("sessions: skipping %s: %s", p, exc)
@@ -163,8 +164,10 @@ def read_regular(p: Path, limit: int) -> bytes:
     return data
 
 
-def _wrong_key(record: dict[str, Any]) -> str | None:
-    """The first record key of the wrong type, as 'key: expected type' (a damaged or foreign file), or None."""
+def wrong_key(record: dict[str, Any]) -> str | None:
+    """The first record key of the wrong type, as 'key: expected type' (a damaged or foreign file), or None.
+
+    Shared by the session API's records and the single session's capture_session.json."""
     for key, kind in _TYPES.items():
         value = record.get(key)
         if value is not None and not isinstance(value, kind):
@@ -173,4 +176,7 @@ def _wrong_key(record: dict[str, Any]) -> str | None:
         if not (isinstance(r, dict) and isinstance(r.get("rtstream_id"), str)
                 and isinstance(r.get("media_types", []), list) and isinstance(r.get("name", ""), str)):
             return "rtstreams: expected objects with an rtstream_id"
+    for i in record.get("indexes") or []:
+        if not (isinstance(i, dict) and isinstance(i.get("index_id"), str) and isinstance(i.get("rtstream_id"), str)):
+            return "indexes: expected objects with an index_id and an rtstream_id"
     return None

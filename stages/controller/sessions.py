@@ -12,19 +12,22 @@ import asyncio
 from typing import Any, Final
 
 from pipeline.events import iso_ts
+from pipeline.termsafe import visible
 from stages.controller.ai_pipelines import AIPipelines, OnActive
 from stages.controller.lifecycle import Lifecycle
 
 #: Record keys the API shows (the client token only in the answers that create it).
 PUBLIC: Final[tuple[str, ...]] = ("session_id", "end_user_id", "status", "metadata", "created_at", "expires_at",
-                 "ws_connection_id", "stop_requested", "error", "exported_video_id", "stream_url", "player_url")
+                 "ws_connection_id", "stop_requested", "stored", "error", "exported_video_id", "stream_url",
+                 "player_url")
 _EXPORT_KEYS: Final = ("exported_video_id", "stream_url", "player_url")
 
 
 class ManagedSession:
     """A capture session created through the API (or re-attached from its saved record)."""
 
-    __slots__ = ("counts", "last_event", "lifecycle", "lock", "on_active", "pipelines", "record", "streams_known")
+    __slots__ = ("counts", "last_event", "lifecycle", "lock", "on_active", "pipelines", "rebind_waiting", "record",
+                 "streams_known")
 
     def __init__(self, record: dict[str, Any], on_active: OnActive) -> None:
         self.record = record
@@ -35,6 +38,7 @@ class ManagedSession:
         self.last_event: float | None = None  # receipt time (unix_ts) of its latest event
         self.lock = asyncio.Lock()  # one bind/stop at a time per session
         self.streams_known = False  # rtstreams learnt (from `active` or get_capture_session)
+        self.rebind_waiting = False  # a re-bind after a reconnect is queued, not begun: another adds nothing
 
     @property
     def id(self) -> str:
@@ -75,4 +79,4 @@ class ManagedSession:
 def _error_text(error: Any) -> str:
     if isinstance(error, dict):
         error = error.get("message") or error.get("error") or str(error)
-    return str(error)[:1000] if error else "no error given"
+    return visible(str(error)[:1000]) if error else "no error given"

@@ -108,29 +108,3 @@ async def test_sigterm_while_the_first_websocket_request_hangs_ends_at_once(tmp_
     assert code == 0, text
     assert "read         0" in text
 
-
-async def test_sdk_calls_at_once_stay_bounded() -> None:
-    """Each SDK call has a daemon thread of its own, but no more run at once than the default executor ran
-    (a thousand sessions polling their status must not start a thousand threads)."""
-    import threading
-
-    from pipeline.videodb_sdk import MAX_THREADS, call
-
-    lock = threading.Lock()
-    running = peak = 0
-    gate = threading.Event()
-
-    def work() -> None:
-        nonlocal running, peak
-        with lock:
-            running += 1
-            peak = max(peak, running)
-        gate.wait(5)
-        with lock:
-            running -= 1
-
-    calls = [asyncio.create_task(call("test", "work", work)) for _ in range(MAX_THREADS * 3)]
-    await asyncio.sleep(0.3)
-    assert peak == MAX_THREADS
-    gate.set()
-    await asyncio.wait_for(asyncio.gather(*calls), 10)
