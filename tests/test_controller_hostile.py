@@ -552,3 +552,34 @@ def test_server_text_in_an_error_is_one_visible_line() -> None:
     assert _one_line("a\n\n\tb") == "a b"
     assert len(_one_line("c" * 5000)) == MAX_REASON + 3
     assert _one_line("\x1b]0;owned\x07 denied") == "\\x1b]0;owned\\x07 denied"
+
+
+async def test_a_session_videodb_no_longer_has_ends_the_run(make_context: Callable[..., Context],
+                                                             tmp_path: Path) -> None:
+    """Attached (so followed by polling), then the session vanished at VideoDB (404 on every poll): before,
+    one warning per poll for ever and a run that never ended; now exit 3 after two 404s in a row."""
+    import videodb
+
+    from tests.videodb_harness import make_stages, run_stages
+
+    emu = Emulator(speed=0, autostart=False)
+    await emu.start()
+    try:
+        conn = videodb.connect(api_key="k-0123456789", base_url=emu.base_url)
+        sid = (await asyncio.to_thread(conn.create_capture_session, end_user_id="u")).id
+        src, ctl = make_stages(make_context, emu, controller={"session_id": sid, "status_poll_interval": 0.1})
+        assert ctl is not None
+
+        async def vanish() -> None:
+            while ctl.session_id is None:
+                await asyncio.sleep(0.01)
+            emu.registry.sessions.pop(sid)
+
+        gone = asyncio.create_task(vanish())
+        run = await run_stages(src, ctl, timeout=10)
+        await gone
+        assert run.link.exit_code == 3 and run.link.exit_reason.startswith(
+            f"capture session {sid} no longer exists at VideoDB (controller:capture_session: get_capture_session "
+            "failed: HTTP 404"), run.link.exit_reason
+    finally:
+        await emu.stop()
