@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline import secrets
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, StageError
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
@@ -47,6 +47,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     cfg = load_config(args.config)
+    from pipeline.validate import input_problems
+
+    problems = input_problems(cfg)  # as `validate` does: a missing replay file is one line before anything starts
+    if problems:
+        raise ConfigError("\n".join(problems))
     if args.new_session:
         import dataclasses
 
@@ -255,8 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if delegated:
             extra = ["--log-level", args.log_level] if rest[0] == "worker" else []  # (taken by the pre-parser)
             return _run_delegated(rest[0], rest[1:] + extra)
+        if sys.stdout is None and args.command in ("schema", "stages"):  # their output is the point
+            raise StageError("cannot write its output: stdout is closed")
         code = int(args.func(args))
-        sys.stdout.flush()  # inside the try: a closed pipe is handled below, not at interpreter exit
+        if sys.stdout is not None:  # None: started with stdout closed (`>&-`); print() wrote nothing
+            sys.stdout.flush()  # inside the try: a closed pipe is handled below, not at interpreter exit
         return code
     except PipelineError as exc:
         if os.environ.get("PIPELINE_DEBUG"):
@@ -267,9 +275,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `pipeline validate x | head -1`: the reader left; not an error of ours
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        _drop_stdout()
         return 0
+    except OSError as exc:  # stdout on a full disk (`> /dev/full`), a terminal gone: one line, not a traceback
+        if os.environ.get("PIPELINE_DEBUG"):
+            raise
+        _drop_stdout()
+        where = f"{exc.filename}: " if exc.filename else "cannot write its output: "
+        print(f"pipeline: {secrets.mask(where + (exc.strerror or str(exc)))}", file=sys.stderr)
+        return 1
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of what is left does not fail again."""
+    if sys.stdout is None:
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

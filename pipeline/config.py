@@ -7,6 +7,7 @@ against the config file's directory (see `pipeline.paths`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -19,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline.api import Options, Stage
 from pipeline.channels import check_channels
+from pipeline.configfile import read_text
 from pipeline.errors import ConfigError, suggest
 from pipeline.paths import resolve_inputs
 from pipeline.registry import LookupFailed, Registry, default_registry
@@ -184,7 +186,9 @@ class _Checker:
     """Collects every error of one file (up to MAX_ERRORS), each `file:line:col: key.path: message`."""
 
     def __init__(self, filename: str, positions: Positions, registry: Registry,
-                 search: tuple[Path, ...] = (), placeholders: Sequence[str] = ()) -> None:
+                 search: tuple[Path, ...] = (), placeholders: Sequence[str] = (),
+                 texts: Mapping[Path_, str] | None = None) -> None:
+        self.texts = texts or {}  # see yamlpos.load
         self.filename = filename
         self.positions = positions
         self.registry = registry
@@ -228,9 +232,35 @@ class _Checker:
         try:
             return model.model_validate(data)
         except ValidationError as exc:
+            retry = self._as_text(exc, data, path)
+            if retry is not None:
+                return self.model(model, retry, path)
             for p, msg in explain(model, exc, data):
                 self.add((*path, *p), self._offline(_value_at(data, p)) or msg)
             return None
+        except Exception as exc:  # a plugin's validator raising what pydantic does not turn into an error (KeyError)
+            why = (str(exc).splitlines() or [""])[0][:300]
+            self.add(path, f"checking the options raised {type(exc).__name__}: {why} (a bug in {model.__name__})")
+            return None
+
+    def _as_text(self, exc: ValidationError, data: dict[str, Any], path: Path_) -> dict[str, Any] | None:
+        """`data` with the `${VAR}` texts back where a string was expected and YAML had read a number (COLL=42 in
+        `collection_id: ${COLL}`), a boolean or null; None when there is none."""
+        fixes = {}
+        for err in exc.errors(include_url=False):
+            if err["type"] == "string_type":
+                loc = _data_loc(data, err["loc"], keep_last=False)
+                if (*path, *loc) in self.texts and loc:
+                    fixes[loc] = self.texts[(*path, *loc)]
+        if not fixes:
+            return None
+        out: dict[str, Any] = copy.deepcopy(data)
+        for loc, text in fixes.items():
+            node: Any = out
+            for key in loc[:-1]:
+                node = node[key]
+            node[loc[-1]] = text
+        return out
 
     def _offline(self, value: Any) -> str | None:
         """For a value that is an --offline placeholder: why it fails, instead of the validator's words."""
@@ -257,10 +287,9 @@ class _Checker:
         enabled = data.get("enabled", True)
         if not isinstance(enabled, bool):
             self.add((*path, "enabled"), f"expected true or false, got {enabled!r}")
-            return None
         opts = {k: v for k, v in data.items() if k not in ("type", "enabled")}
-        options = self.model(cls.Options, opts, path)
-        if options is None:
+        options = self.model(cls.Options, opts, path)  # checked either way: every error of the stage at once
+        if options is None or not isinstance(enabled, bool):
             return None
         return StageSpec(kind, type_name, cls, options, path_str(path), self.where(path), enabled)
 
@@ -423,13 +452,15 @@ def inner_model(annotation: Any) -> Any:
 
 
 def parse(data: Any, positions: Positions, filename: str, registry: Registry | None = None,
-          placeholders: Sequence[str] = ()) -> PipelineConfig:
+          placeholders: Sequence[str] = (), texts: Mapping[Path_, str] | None = None) -> PipelineConfig:
     """Validate already-loaded YAML data into a PipelineConfig; every error found is reported at once."""
     base = Path(filename).parent
     chk = _Checker(filename, positions, registry or default_registry, search=(base, Path.cwd()),
-                   placeholders=placeholders)
+                   placeholders=placeholders, texts=texts)
     if not isinstance(data, Mapping):
         raise chk.fail((), "expected a mapping with name, source, stages and sinks")
+    if texts:  # `name: ${NAME}` with NAME=2024: the text, as for every string option
+        data = {k: texts.get((k,), v) if k in ("name", "dead_letter", "state_dir") else v for k, v in data.items()}
     for key in data:
         if key not in TOP_KEYS:
             chk.add((key,), "unknown key" + suggest(key, TOP_KEYS))
@@ -455,7 +486,7 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
         chk.add(("stages",), "expected a list of processors")
         stages = []
     dead = data.get("dead_letter", f"out/{name}/dead-letter.jsonl")
-    if not isinstance(dead, str) or not dead:
+    if not isinstance(dead, str) or not dead.strip():  # ('   ' made a file named by three spaces)
         chk.add(("dead_letter",), f"expected a file path, got {dead!r}")
         dead = f"out/{name}/dead-letter.jsonl"
     state_dir = data.get("state_dir", f"out/{name}")
@@ -475,6 +506,9 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
     every = [s for s in (source, controller, *procs, *outs) if s is not None]
     check_channels(chk, data, every, extra)
     check_rule_names(chk, data)
+    for path in _huge_ints(data, ()):  # (unless the option's own check already refused the number)
+        if not any(f": {path_str(path)}: " in e for e in chk.errors):
+            chk.add(path, f"whole number out of range (at most {MAX_INT:,}): no option counts that far")
     chk.raise_errors()
     assert source is not None and videodb is not None and runtime is not None
     videodb = resolve_inputs(videodb, base)
@@ -494,6 +528,18 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
     )
 
 
+#: whole numbers past this fit no option (counts, sizes, ports); they crashed C code (`islice`) at run time
+MAX_INT = (1 << 63) - 1
+
+
+def _huge_ints(data: Any, path: Path_) -> list[Path_]:
+    """Key paths of whole numbers past MAX_INT (nesting is bounded by the YAML loader)."""
+    if type(data) is int:
+        return [path] if not -MAX_INT <= data <= MAX_INT else []
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    return [p for k, v in items for p in _huge_ints(v, (*path, k))]
+
+
 def _resolved(spec: StageSpec, base: Path) -> StageSpec:
     return dataclasses.replace(spec, options=resolve_inputs(spec.options, base))
 
@@ -505,11 +551,30 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None,
     `missing`: a list to collect unset `${VAR}` names into (they become placeholders) instead of failing.
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read config: {exc}") from None
-    data, positions = load(text, str(p), env, missing=missing)
-    return parse(data, positions, str(p), registry, placeholders=missing or ())
+    text = read_text(p)
+    texts: dict[Path_, str] = {}
+    unset: list[str] = []
+    unset_paths: set[str] = set()
+    data, positions = load(text, str(p), env, missing=missing, texts=texts,
+                           unset=None if missing is not None else unset, unset_paths=unset_paths)
+    if not unset:
+        return parse(data, positions, str(p), registry, placeholders=missing or (), texts=texts)
+    names = _UNSET.findall("\n".join(unset))
+    try:  # the rest of the file is checked too, the unset variables' `${VAR}`s in place: every error at once
+        parse(data, positions, str(p), registry, placeholders=names, texts=texts)
+        others: list[str] = []
+    except ConfigError as exc:  # (an error about a value that still holds a `${VAR}` is that variable's)
+        others = [line for line in str(exc).splitlines() if "${" not in line and "--offline placeholder" not in line
+                  and "more errors" not in line and not _under(line, unset_paths)]
+    errors = sorted(unset + others, key=_position_key)
+    more = [f"{p}: ... and {len(errors) - MAX_ERRORS} more errors"] if len(errors) > MAX_ERRORS else []
+    raise ConfigError("\n".join(errors[:MAX_ERRORS] + more))
+
+
+_UNSET = re.compile(r"environment variable ([A-Za-z_][A-Za-z0-9_]*) is not set")
+
+
+def _under(line: str, paths: set[str]) -> bool:
+    """Whether an error line (`file:l:c: key.path: message`) is about one of `paths` or inside one."""
+    key = line.split(": ", 2)[1] if line.count(": ") >= 2 else ""
+    return any(key == p or key.startswith((p + ".", p + "[")) for p in paths)

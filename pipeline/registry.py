@@ -7,6 +7,7 @@ is imported until a config actually uses it.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -14,8 +15,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Final
 
+from pydantic import BaseModel
+
 from pipeline.api import Controller, Processor, Sink, Source, Stage
-from pipeline.errors import suggest
+from pipeline.errors import ConfigError, suggest
 
 KINDS: Final[dict[str, type[Stage]]] = {
     "source": Source, "processor": Processor, "sink": Sink, "controller": Controller,
@@ -49,8 +52,8 @@ BUILTINS: Final[dict[str, dict[str, str]]] = {
 ENTRY_POINT_GROUP: Final = "pipeline.stages"
 
 
-class LookupFailed(Exception):
-    """A stage type could not be resolved; the message is user-facing."""
+class LookupFailed(ConfigError):
+    """A stage type could not be resolved; the message is user-facing (one line where it escapes, exit 2)."""
 
 
 def _import(module_name: str, search: Sequence[Path]) -> ModuleType:
@@ -68,21 +71,37 @@ def _import(module_name: str, search: Sequence[Path]) -> ModuleType:
         raise
 
 
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
 def import_path(path: str, search: Sequence[Path] = ()) -> type[Stage]:
-    """Import `package.module:Class`; `search`: directories tried when the module is not importable."""
+    """Import `package.module:Class`; `search`: directories tried when the module is not importable.
+
+    Whatever the module does while it is imported (raise, a syntax error, `sys.exit()`) is one LookupFailed.
+    """
     module_name, _, attr = path.partition(":")
+    if not _DOTTED.fullmatch(module_name) or not attr.isidentifier():
+        raise LookupFailed(f"expected module:Class, such as my_plugins.mood:Mood, got {path!r}")
     try:
         module = _import(module_name, search)
     except ImportError as exc:
         where = " and ".join(dict.fromkeys(str(d.resolve()) for d in search)) or "sys.path"
         raise LookupFailed(f"cannot import module {module_name!r}: {exc} (searched {where}; put the module "
                            "beside the config, install its package, or set PYTHONPATH)") from None
+    except SystemExit as exc:
+        raise LookupFailed(f"importing module {module_name!r} called sys.exit({exc.code!r})") from None
+    except Exception as exc:  # the plugin's own failure; PIPELINE_DEBUG=1 shows its traceback
+        why = (str(exc).splitlines() or [""])[0][:300]
+        raise LookupFailed(f"importing module {module_name!r} raised {type(exc).__name__}: {why}") from exc
     try:
         obj = getattr(module, attr)
     except AttributeError:
         raise LookupFailed(f"module {module_name!r} has no attribute {attr!r}") from None
     if not (isinstance(obj, type) and issubclass(obj, Stage)):
         raise LookupFailed(f"{path} is not a Source, Processor, Sink or Controller class")
+    options = getattr(obj, "Options", None)
+    if not (isinstance(options, type) and issubclass(options, BaseModel)):
+        raise LookupFailed(f"{path}.Options is {options!r}, not an options class (subclass pipeline.api.Options)")
     return obj
 
 

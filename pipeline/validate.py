@@ -37,13 +37,16 @@ def creatable(path: Path) -> str | None:
 
 def file_problems(cfg: PipelineConfig) -> list[str]:
     """Input files that do not exist and output files whose directory cannot be created."""
+    return input_problems(cfg) + _output_problems(cfg)
+
+
+def input_problems(cfg: PipelineConfig) -> list[str]:
+    """Input files (a replay `path`, a `ca_file`...) that do not exist or are no regular file (`pipeline run` checks
+    them too: a replay of /dev/zero read one endless line until memory ran out)."""
     problems: list[str] = []
-    specs: list[StageSpec] = [cfg.source, *([cfg.controller] if cfg.controller else []), *cfg.stages, *cfg.sinks]
     inputs = [(f"{cfg.file}", f"videodb.{k}", v) for k, v in file_options(cfg.videodb, "input")]
-    outputs = [(f"{cfg.file}", "dead_letter", str(cfg.dead_letter))]
-    for spec in specs:
+    for spec in _specs(cfg):
         inputs += [(spec.where, f"{spec.path}.{k}", v) for k, v in file_options(spec.options, "input")]
-        outputs += [(spec.where, f"{spec.path}.{k}", v) for k, v in file_options(spec.options, "output")]
     for where, key, value in inputs:
         if _PLACEHOLDER.search(value):
             continue
@@ -51,6 +54,18 @@ def file_problems(cfg: PipelineConfig) -> list[str]:
         if not p.is_file():
             problems.append(f"{where}: {key}: input file {value} "
                             + ("is not a file" if p.exists() else "does not exist"))
+    return problems
+
+
+def _specs(cfg: PipelineConfig) -> list[StageSpec]:
+    return [cfg.source, *([cfg.controller] if cfg.controller else []), *cfg.stages, *cfg.sinks]
+
+
+def _output_problems(cfg: PipelineConfig) -> list[str]:
+    problems: list[str] = []
+    outputs = [(f"{cfg.file}", "dead_letter", str(cfg.dead_letter))]
+    for spec in _specs(cfg):
+        outputs += [(spec.where, f"{spec.path}.{k}", v) for k, v in file_options(spec.options, "output")]
     for where, key, value in outputs:
         if _PLACEHOLDER.search(value):
             continue
@@ -79,6 +94,12 @@ def videodb_line(cfg: PipelineConfig, missing: list[str]) -> str:
     return f"  videodb: api_key={shown} " + secrets.mask(" ".join(parts))
 
 
+def _index(path: str) -> int:
+    """`stages[10]` -> 10 (sorted as text, stages[10] came before stages[2])."""
+    m = re.search(r"\[(\d+)\]", path)
+    return int(m.group(1)) if m else -1
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     missing: list[str] | None = [] if args.offline else None
     cfg = load_config(args.config, missing=missing)
@@ -94,7 +115,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     enabled = [cfg.source, *([cfg.controller] if cfg.controller else []), *cfg.stages, *cfg.sinks]
     order = {"source": 0, "controller": 1, "processor": 2, "sink": 3}
     specs = sorted([*((s, True) for s in enabled), *((s, False) for s in cfg.disabled)],
-                   key=lambda x: (order.get(x[0].kind, 9), x[0].path))
+                   key=lambda x: (order.get(x[0].kind, 9), _index(x[0].path)))
     for spec, on in specs:
         opts = spec.options.model_dump(mode="json", exclude_defaults=True)
         state = "" if on else "(disabled) "

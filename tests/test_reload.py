@@ -362,3 +362,57 @@ async def test_rule_state_carries_over_when_a_processor_is_added_before_the_rule
         "stages:\n", "stages:\n  - {type: filter, channels: [transcript]}\n"))
     assert await reloader.reload("test")
     assert fired(60) == []  # still inside apple's 10m cooldown
+
+
+async def test_a_reload_of_a_config_read_from_a_named_pipe_is_refused_not_a_hang(tmp_path: Path) -> None:
+    """`pipeline run FIFO` (a config written into a named pipe by a template tool) read its config once; a SIGHUP
+    then opened the pipe again inside the event loop, which waits for a writer: the whole pipeline stopped, SIGTERM
+    included. The reload is refused with the reason and the run goes on."""
+    import asyncio
+    import threading
+
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+    from pipeline.runtime.reload import Reloader
+
+    plain = tmp_path / "p.yaml"
+    plain.write_text(RULES_CFG.format(kw="apple", extra="", out=tmp_path / "o.jsonl"))
+    cfg = load_config(plain)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    rt = LocalRuntime(build(cfg), install_signals=False)
+    reloader = Reloader(rt, fifo, cfg, watch=True)
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(asyncio.run(reloader.reload("SIGHUP"))), daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():  # blocked in open() (a daemon thread: it does not hold the test run up)
+        raise AssertionError("the reload blocked on the named pipe")
+    assert result == [False] and reloader.rejected == 1
+    assert reloader._file_digest() is None  # --watch does not open it either
+
+
+def test_watch_reads_a_huge_config_file_only_up_to_the_size_limit(tmp_path: Path) -> None:
+    """`--watch` hashed the whole file every second: a config replaced by a multi-GB file (a log written to the
+    wrong path) was read whole into memory each time. It reads no more than a config may hold."""
+    import tracemalloc
+
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+    from pipeline.runtime.reload import Reloader
+
+    p = tmp_path / "p.yaml"
+    p.write_text(RULES_CFG.format(kw="apple", extra="", out=tmp_path / "o.jsonl"))
+    cfg = load_config(p)
+    reloader = Reloader(LocalRuntime(build(cfg), install_signals=False), p, cfg, watch=True)
+    with p.open("r+b") as fh:
+        fh.truncate(64 << 20)  # sparse: costs no disk
+    tracemalloc.start()
+    try:
+        assert reloader._file_digest() is not None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak

@@ -15,13 +15,35 @@ from pipeline.errors import PipelineError
 from pipeline.net import is_loopback
 
 
+def _port(text: str) -> int:
+    """A TCP port, 0-65535 (99999 ended in an OverflowError traceback from bind)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535, got {text!r}")
+    return port
+
+
+def _speed(text: str) -> float:
+    """A finite speed >= 0 (`nan` was accepted)."""
+    try:
+        speed = float(text)
+    except ValueError:
+        speed = -1.0
+    if not (0 <= speed < float("inf")):
+        raise argparse.ArgumentTypeError(f"speed must be >= 0 and finite (0 = no waits), got {text!r}")
+    return speed
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeline emulate",
                                 description="Local VideoDB-compatible API + WebSocket playing a scenario.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback)")
-    p.add_argument("--port", type=int, default=0, help="port (default 0 = any free port)")
+    p.add_argument("--port", type=_port, default=0, help="port (default 0 = any free port)")
     p.add_argument("--scenario", default=None, help="YAML or JSONL scenario (default: config/scenarios/meeting.yaml)")
-    p.add_argument("--speed", type=float, default=1.0, help="1 = scenario timing, 10 = 10x faster, 0 = no waits")
+    p.add_argument("--speed", type=_speed, default=1.0, help="1 = scenario timing, 10 = 10x faster, 0 = no waits")
     p.add_argument("--drop-after", type=int, default=None, metavar="N",
                    help="close each WebSocket after N events (events produced meanwhile are not resent, as VideoDB)")
     p.add_argument("--queue-on-drop", action="store_true",

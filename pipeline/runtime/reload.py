@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 from pipeline.api import Context, Processor, Sink, StateStore
 from pipeline.build import SinkSlot
 from pipeline.config import PipelineConfig, StageSpec, load_config
+from pipeline.configfile import MAX_BYTES, is_regular, kind_of
 from pipeline.errors import ConfigError
 from pipeline.events import channel_set
 from pipeline.logs import stage_log
+from pipeline.runtime import reload_windows
 from pipeline.stats import StageStats
 
 if TYPE_CHECKING:
@@ -111,8 +113,11 @@ class Reloader:
         self._wake.set()
 
     def _file_digest(self) -> bytes | None:
+        if not is_regular(self.path):  # a named pipe's open waits for a writer: the whole loop would wait
+            return None
         try:
-            return hashlib.sha256(self.path.read_bytes()).digest()
+            with open(self.path, "rb") as fh:  # bounded: a config past the limit is refused when read anyway
+                return hashlib.sha256(fh.read(MAX_BYTES + 1)).digest()
         except OSError:
             return None
 
@@ -142,10 +147,17 @@ class Reloader:
     async def reload(self, why: str) -> bool:
         """Validate and apply the file; True when the new config is running."""
         try:
+            if self.path.exists() and not is_regular(self.path):  # (gone: load_config says so)
+                raise ConfigError(f"{self.path}: is {kind_of(self.path) or 'a pipe'}, not a regular file: a reload "
+                                  "reads the config again, which only a regular file allows (restart to change it)")
             new = load_config(self.path)
         except ConfigError as exc:
             self.rejected += 1
             log.error("reload (%s) rejected, the running config stays: %s", why, " | ".join(str(exc).splitlines()))
+            return False
+        except Exception as exc:  # a bug while reading it (a plugin's): never a reason to stop the running pipeline
+            self.rejected += 1
+            log.error("reload (%s) rejected, the running config stays: %s: %s", why, type(exc).__name__, exc)
             return False
         skipped = needs_restart(self.current, new)
         new = _keep_buffers(self.current, new, skipped)
@@ -156,7 +168,9 @@ class Reloader:
             log.error("reload (%s) rejected, the running config stays: %s", why, exc)
             return False
         self._carry_rule_state(new)
-        kept = await self._swap(swaps, processors)
+        windows = reload_windows.plan(list(zip(self.current.stages, self.rt.b.chain.processors, strict=False)),
+                                      list(zip(new.stages, processors, strict=True)))
+        kept = await self._swap(swaps, processors, windows)
         if kept:  # sinks that did not drain in time run on with their old options
             new = dataclasses.replace(new, sinks=[self.current.sinks[i] if i in kept else s
                                                   for i, s in enumerate(new.sinks)])
@@ -168,7 +182,8 @@ class Reloader:
                  f"; needs a restart, not applied: {', '.join(skipped)}" if skipped else "")
         return True
 
-    async def _swap(self, swaps: list[SinkSwap], processors: list[Processor]) -> set[int]:
+    async def _swap(self, swaps: list[SinkSwap], processors: list[Processor],
+                    windows: reload_windows.WindowPlan | None = None) -> set[int]:
         """Pause ingest between two batches, let each changed sink drain, replace it, swap processors, resume.
 
         Returns the indices of sinks kept as they were (they did not drain within drain_timeout).
@@ -193,6 +208,10 @@ class Reloader:
                 log.warning("reload: %s did not drain within drain_timeout; it keeps its old options",
                             slot.stats.name)
                 kept.add(sw.index)
+            if windows:  # at the swap itself: no batch runs between closing the old windows and the new chain
+                rt.carry.extend(reload_windows.apply(windows, rt.b.state, rt.b.chain))
+                if rt.b.state.dirty:
+                    rt.b.state.flush()
             rt.b.chain.processors = processors
             order = {"source": 0, "controller": 1, "processor": 2, "sink": 3}
             rt.b.stats[:] = sorted([s for s in rt.b.stats if s.kind != "processor"]

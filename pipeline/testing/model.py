@@ -10,9 +10,11 @@ import orjson
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.api import Options
+from pipeline.configfile import read_bytes, read_text
 from pipeline.errors import ConfigError
 from pipeline.yamlpos import load
 
+INPUT_FILE_BYTES = 64 << 20  # a case's input_file: events, not a recording of a whole day
 BASE_UNIX = 1_700_000_000  # `at: 90s` in an input event = this + 90 seconds (unix_ts)
 NO_EVENTS = "no events: without input every expectation that can pass passes whatever the rules do"
 
@@ -97,16 +99,7 @@ def load_tests(path: Path) -> tuple[TestFile, list[LoadedCase]]:
     from pipeline.config import _Checker
     from pipeline.registry import default_registry
 
-    try:
-        content = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = content.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{content[exc.start]:02x}); save the file as "
-                          "UTF-8") from None
+    text = read_text(path, "test")
     unset: list[str] = []
     data, positions = load(text, str(path), {}, unset)
     if isinstance(data, dict) and "cases" not in data and "config" not in data and ("source" in data
@@ -137,9 +130,9 @@ def load_tests(path: Path) -> tuple[TestFile, list[LoadedCase]]:
 
 def _read_jsonl(p: Path, where: str) -> list[dict[str, Any]]:
     try:
-        lines = p.read_bytes().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"{where}: input_file: cannot read {p}: {exc.strerror or exc}") from None
+        lines = read_bytes(p, "JSON lines", INPUT_FILE_BYTES).splitlines()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: input_file: {exc}") from None
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

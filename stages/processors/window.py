@@ -161,7 +161,7 @@ class Window(Processor):
         self._slide = max(1, round((options.slide or options.size) * 1000))
         self._lateness = round(options.allowed_lateness * 1000)
         self._fields = tuple(options.key)
-        self._store = context.state.get(f"window:{context.stage}")  # state key -> accumulator
+        self._store = context.state.get(self.state_name(context.stage))  # state key -> accumulator
         self._min_end: int | None = None  # smallest end among open windows; None = unknown (scan the store)
         self._local: dict[tuple[Any, int], dict[str, Any]] = {}  # windows touched by the current batch
         self._pending: Batch = []  # metrics of windows evicted during the current batch
@@ -169,6 +169,11 @@ class Window(Processor):
         self.late = 0
         self.emitted = 0
         self.evicted = 0
+
+    @staticmethod
+    def state_name(stage: str) -> str:
+        """The stage state holding the open windows of the window stage labelled `stage` (a reload moves it)."""
+        return f"window:{stage}"
 
     def report(self) -> dict[str, int]:
         return {"late": self.late, "windows": self.emitted, "evicted": self.evicted}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -16,7 +17,8 @@ _BOLD_RED, _DIM, _RESET = "\033[1;31m", "\033[2m", "\033[0m"
 
 class ConsoleOptions(SinkOptions):
     max_text: int = Field(default=160, ge=10, description="truncate long texts to this many characters")
-    color: bool | None = Field(default=None, description="ANSI colours; default: when stdout is a terminal")
+    color: bool | None = Field(default=None, description="ANSI colours; default: when stdout is a terminal "
+                               "and NO_COLOR is not set")
     alerts_only: bool = Field(default=False, description="print only alerts and lifecycle changes")
 
 
@@ -29,7 +31,9 @@ class ConsoleSink(Sink):
     def __init__(self, options: ConsoleOptions, context: Context, stream: Any = None) -> None:
         super().__init__(options, context)
         self.stream = stream or sys.stdout
-        self.color = options.color if options.color is not None else self.stream.isatty()
+        # https://no-color.org: a set NO_COLOR turns the default off; `color: true` still turns it on
+        self.color = options.color if options.color is not None else (
+            self.stream.isatty() and not os.environ.get("NO_COLOR"))
         self.printed = 0
         self.skipped = 0
 

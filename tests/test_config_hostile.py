@@ -1,0 +1,190 @@
+"""Option values at the edges: every one is a config line with its key path, never a crash at run time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+
+
+def test_a_whole_number_past_int64_is_a_config_error_not_a_crash_at_run_time(tmp_path: Path) -> None:
+    """`batch_size: 99999999999999999999999` validated, and `pipeline run` then failed in the replay source
+    (`ValueError: Stop argument for islice() must be ... <= sys.maxsize`) before reading anything."""
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nsource: {type: replay, path: in.jsonl, batch_size: 99999999999999999999999}\n"
+                 "stages: [{type: filter, min_text_length: short}]\nsinks: [{type: console}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    assert str(info.value).splitlines() == [  # every error at once, each with its key path
+        f"{p}:2:40: source.batch_size: whole number out of range (at most 9,223,372,036,854,775,807): "
+        "no option counts that far",
+        f"{p}:3:25: stages[0].min_text_length: expected an integer, got 'short'"]
+
+
+def test_an_unquoted_variable_inside_a_flow_mapping_gets_a_hint(tmp_path: Path) -> None:
+    """`{type: replay, speed: ${SPEED:-0}}` is not YAML (`{` opens a mapping); the error only said
+    "did not find expected ',' or '}'", pointing into the variable, with nothing about quoting it."""
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nsource: {type: replay, path: in.jsonl, speed: ${SPEED:-0}}\nsinks: [{type: console}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    assert str(info.value).startswith(f"{p}:2:")
+    assert str(info.value).endswith('(inside [...] or {...} quote a variable: "${SPEED:-0}")')
+
+
+def test_a_default_may_hold_a_variable_and_a_malformed_reference_is_an_error(tmp_path: Path) -> None:
+    """`${OUT:-${HOME_DIR}/x}` gave the literal text `${HOME_DIR}/x` (its default stopped at the first `}`), and
+    `${OUT-out}` (shell syntax) or `${ OUT }` stayed in the value as written: a file named `${OUT-out}` was
+    created, a URL went out with it. Now nested defaults work and anything else after `${` is an error, reported
+    with every other error of the file."""
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\n"
+                 "stages: [{type: enrich, fields: {a: '${A:-${B}/x}', b: '${C:-${D:-d}}', c: '${NOPE}'}}]\n"
+                 "sinks:\n  - {type: jsonl, path: '${OUT-out/x.jsonl}'}\n  - {type: console, max_text: lots}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={"B": "/home/b"})
+    lines = str(info.value).splitlines()
+    assert lines == [f"{p}:3:76: environment variable NOPE is not set (export it, or give a default: "
+                     "${NOPE:-value})",
+                     f"{p}:5:25: '${{OUT-out/x.jsonl}}' is not a variable reference: write ${{NAME}} or "
+                     "${NAME:-default} ($$ for a literal $)",
+                     f"{p}:6:21: sinks[1].max_text: expected an integer, got 'lots'"], lines
+    p.write_text(p.read_text().replace("${OUT-out/x.jsonl}", "${OUT:-out/x.jsonl}").replace("lots", "50")
+                 .replace(", c: '${NOPE}'", ""))
+    cfg = load_config(p, env={"B": "/home/b"})
+    assert cfg.stages[0].options.fields == {"a": "/home/b/x", "b": "d"}  # type: ignore[attr-defined]
+    assert cfg.sinks[0].options.path == "out/x.jsonl"  # type: ignore[attr-defined]
+
+
+def test_validate_lists_more_than_ten_stages_in_their_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The listing was sorted as text: stages[10] and stages[11] came between stages[1] and stages[2]."""
+    from pipeline.cli import main
+
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\nstages:\n"
+                 + "".join(f"  - {{type: filter, min_text_length: {i}}}\n" for i in range(12))
+                 + "sinks: [{type: console}]\n")
+    assert main(["validate", str(p)]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  stages[")]
+    assert listed == [f"stages[{i}]:filter" for i in range(12)]
+
+
+def test_a_key_written_beside_a_merge_key_overrides_the_merged_one(tmp_path: Path) -> None:
+    """`- <<: *js` then `path: out/b.jsonl` (YAML's way to reuse a sink's settings) was refused as
+    "duplicate key 'path'"; a key really written twice is still an error, at the second one."""
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    body = ("name: m\nsource: {type: replay, path: in.jsonl}\nsinks:\n"
+            "  - &js {type: jsonl, path: out/a.jsonl, flush_interval: 0}\n"
+            "  - <<: *js\n    path: out/b.jsonl\n")
+    p.write_text(body)
+    cfg = load_config(p, env={})
+    assert [(s.options.path, s.options.flush_interval) for s in cfg.sinks] == [  # type: ignore[attr-defined]
+        ("out/a.jsonl", 0), ("out/b.jsonl", 0)]
+    p.write_text(body + "  - {<<: *js, path: out/c.jsonl, path: out/d.jsonl}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    assert str(info.value) == f"{p}:7:34: sinks[2].path: duplicate key (written twice in one mapping)"
+
+
+def test_a_secret_variable_is_masked_wherever_it_lands(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only options typed as secrets were masked: a `${WS_TOKEN}` in a websocket URL's query was printed by
+    `pipeline validate`, and a `${SLACK_TOKEN}` put in a wrong field was printed in its error. A variable whose
+    name says it is a secret (KEY, SECRET, TOKEN, PASSWORD...) is masked wherever it is used."""
+    from pipeline.cli import main
+
+    monkeypatch.setenv("WS_TOKEN", "tok-3f9a1c77e0")
+    monkeypatch.setenv("SLACK_TOKEN", "xoxb-7c1d22a9b4")
+    p = tmp_path / "p.yaml"
+    p.write_text('name: x\nsource: {type: websocket, url: "wss://h.example/ws?token=${WS_TOKEN}"}\n'
+                 "sinks: [{type: console}]\n")
+    assert main(["validate", str(p)]) == 0
+    p.write_text(p.read_text().replace("{type: console}", '{type: console, max_text: "${SLACK_TOKEN}"}'))
+    assert main(["validate", str(p)]) == 2
+    out = capsys.readouterr()
+    assert "ws?token=***" in out.out and "max_text: expected an integer, got '***'" in out.err
+    assert "tok-3f9a1c77e0" not in out.out + out.err and "xoxb-7c1d22a9b4" not in out.out + out.err
+
+
+def test_a_bad_enabled_does_not_hide_the_stages_other_errors(tmp_path: Path) -> None:
+    """`enabled: maybe` stopped the stage's check: its other errors came one run of validate later."""
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\n"
+                 "stages: [{type: filter, enabled: maybe, min_text_length: short}]\nsinks: [{type: console}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    assert str(info.value).splitlines() == [f"{p}:3:25: stages[0].enabled: expected true or false, got 'maybe'",
+                                            f"{p}:3:41: stages[0].min_text_length: expected an integer, got 'short'"]
+
+
+def test_a_blank_dead_letter_path_is_an_error(tmp_path: Path) -> None:
+    """`dead_letter: '   '` was accepted and the run wrote its rejects to a file named by three spaces."""
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\nsinks: [{type: console}]\ndead_letter: '   '\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    assert str(info.value) == f"{p}:4:1: dead_letter: expected a file path, got '   '"
+
+
+def test_an_unquoted_variable_keeps_its_text_where_a_string_is_expected(tmp_path: Path) -> None:
+    """`collection_id: ${COLL}` with COLL=42 (or an API key of digits, or `yes`) was read by YAML as a number or
+    a boolean and refused ("expected a string, got 42"); `0123` or `1_000` would even have become other numbers.
+    A string option gets the variable's text as it is; a number option still gets the number."""
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    p.write_text("name: ${NAME}\nvideodb:\n  api_key: ${KEY}\n  collection_id: ${COLL}\n"
+                 "source: {type: replay, path: in.jsonl}\nstages:\n  - type: rules\n    rules:\n"
+                 "      - name: r\n        keywords:\n          - ${WORD}\nsinks:\n  - type: console\n"
+                 "    max_text: ${WIDTH}\n")
+    cfg = load_config(p, env={"NAME": "2024", "KEY": "0123", "COLL": "1_000", "WORD": "yes", "WIDTH": "80"})
+    assert cfg.name == "2024" and cfg.videodb.collection_id == "1_000"
+    assert cfg.videodb.api_key is not None and cfg.videodb.api_key.get_secret_value() == "0123"
+    assert cfg.stages[0].options.rules[0].keywords == ["yes"]  # type: ignore[attr-defined]
+    assert cfg.sinks[0].options.max_text == 80  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("  - {type: console, max_text: !!int lots}", "3:31: sinks[0].max_text: 'lots' is not a valid int"),
+    ("  - {type: console, max_text: !!timestamp 2020-13-45}",
+     "3:31: sinks[0].max_text: '2020-13-45' is not a valid timestamp"),
+    ("  - {type: console, max_text: !!python/name:os.system ''}",
+     "3:31: sinks[0].max_text: tag 'tag:yaml.org,2002:python/name:os.system' is not allowed (plain YAML only)"),
+    ("  - {type: console, max_text: 1, max_text: 2}", "3:34: sinks[0].max_text: duplicate key (written twice in "
+                                                    "one mapping)"),
+])
+def test_yaml_level_errors_name_their_key_path(tmp_path: Path, line: str, expected: str) -> None:
+    """`!!int lots` raised ValueError out of PyYAML's constructor: a traceback. Tags, duplicate keys and non-string
+    keys said where but not which key (`p.yaml:3:31: could not determine a constructor for the tag ...`)."""
+    p = tmp_path / "p.yaml"
+    p.write_text(f"name: x\nsinks:\n{line}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    assert str(info.value) == f"{p}:{expected}"
+
+
+def test_unset_variables_and_the_files_other_errors_come_at_once(tmp_path: Path) -> None:
+    """An unset variable stopped the check: the file's other errors came one `export` later. Now they come
+    together, in file order; an error that is only the unset variable's doing (its value cannot be checked)
+    is not repeated."""
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\n"
+                 "stages: [{type: filter, min_text_length: short}]\n"
+                 'sinks: [{type: alert_forwarder, url: "${HOOK}"}, {type: console, max_text: "${W}"}]\nbogus: 1\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={})
+    assert str(info.value).splitlines() == [
+        f"{p}:3:25: stages[0].min_text_length: expected an integer, got 'short'",
+        f"{p}:4:38: environment variable HOOK is not set (export it, or give a default: ${{HOOK:-value}})",
+        f"{p}:4:76: environment variable W is not set (export it, or give a default: ${{W:-value}})",
+        f"{p}:5:1: bogus: unknown key; expected one of: name, videodb, source, controller, stages, sinks, runtime, "
+        "dead_letter, state_dir, channels"]
