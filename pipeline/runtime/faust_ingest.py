@@ -10,6 +10,7 @@ Lines: all of one publish round's events for its partition, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -108,11 +109,19 @@ class IngestSink(KafkaSink):
         """Also refuse a topic with another partition count: no worker would read the events it got."""
         await super()._connect()
         assert self._producer is not None
-        parts = await asyncio.wait_for(self._producer.partitions_for(self.opts.topic), self.opts.request_timeout)
+        try:
+            parts = await asyncio.wait_for(self._producer.partitions_for(self.opts.topic), self.opts.request_timeout)
+        except BaseException:  # not checked: the next attempt connects (and checks) again
+            await self._drop_producer()
+            raise
         if len(parts) != self.cfg.runtime.partitions:
-            producer, self._producer = self._producer, None
-            await producer.stop()
+            await self._drop_producer()
             raise PartitionMismatch(partition_mismatch(self.cfg, len(parts)))
+
+    async def _drop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        with contextlib.suppress(Exception):
+            await producer.stop()
 
 
 def ingest_runtime(cfg: PipelineConfig, *, install_signals: bool = True) -> Any:
