@@ -583,3 +583,26 @@ async def test_a_session_videodb_no_longer_has_ends_the_run(make_context: Callab
             "failed: HTTP 404"), run.link.exit_reason
     finally:
         await emu.stop()
+
+
+async def test_saved_index_ids_never_leave_the_index_paths(emu: Emulator, make_context: Callable[..., Context],
+                                                           tmp_path: Path) -> None:
+    """A capture_session.json whose saved index id holds '../': the restart's stop of the crashed run's indexes
+    sent `PATCH {"action": "stop"}` to whatever API path the id reached (here a capture session's)."""
+    import videodb
+
+    conn = videodb.connect(api_key="k-0123456789", base_url=emu.base_url)
+    live = await asyncio.to_thread(conn.create_capture_session, end_user_id="u")
+    emu.registry.sessions[live.id].start_requested = True
+    emu.registry.sessions[live.id].wake.set()
+    await until(lambda: emu.registry.sessions[live.id].status == "active")
+    hostile = f"../../../../collection/default/capture/session/{live.id}"
+    record = {"session_id": live.id, "collection_id": "default", "end_user_id": "u", "status": "active",
+              "indexes": [{"rtstream_id": "rts-dsp-03", "index_id": hostile}]}
+    (tmp_path / "capture_session.json").write_text(json.dumps(record))
+    ctl = await single(emu, make_context, exit_on="none", on_active={"index_visuals": {"prompt": "p"}})
+    await until(lambda: any(c["path"].endswith("/index/scene") for c in emu.calls))
+    await asyncio.sleep(0.3)
+    patches = [c["path"] for c in emu.calls if c["method"] == "PATCH"]
+    assert all(p.startswith("/rtstream/") for p in patches), patches
+    await ctl.close()
