@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline import secrets
 from pipeline.config import PipelineConfig, StageSpec, VideoDBSettings, load_config
+from pipeline.configfile import kind_of
 from pipeline.errors import ConfigError
 from pipeline.paths import file_options
 
@@ -41,8 +42,8 @@ def file_problems(cfg: PipelineConfig) -> list[str]:
 
 
 def input_problems(cfg: PipelineConfig) -> list[str]:
-    """Input files (a replay `path`, a `ca_file`...) that do not exist or are no regular file (`pipeline run` checks
-    them too: a replay of /dev/zero read one endless line until memory ran out)."""
+    """Input files (a replay `path`, a `ca_file`...) that do not exist or are a directory, a device or a socket
+    (`pipeline run` checks them too: a replay of /dev/zero read one endless line until memory ran out)."""
     problems: list[str] = []
     inputs = [(f"{cfg.file}", f"videodb.{k}", v) for k, v in file_options(cfg.videodb, "input")]
     for spec in _specs(cfg):
@@ -51,9 +52,10 @@ def input_problems(cfg: PipelineConfig) -> list[str]:
         if _PLACEHOLDER.search(value):
             continue
         p = Path(value).expanduser()
-        if not p.is_file():
-            problems.append(f"{where}: {key}: input file {value} "
-                            + ("is not a file" if p.exists() else "does not exist"))
+        if not p.exists():
+            problems.append(f"{where}: {key}: input file {value} does not exist")
+        elif kind_of(p) is not None:  # a regular file or a named pipe (events written into it live) is fine
+            problems.append(f"{where}: {key}: input file {value} is not a file ({kind_of(p)})")
     return problems
 
 

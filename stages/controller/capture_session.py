@@ -490,14 +490,22 @@ class CaptureSessionController(Controller):
             self._poll = self._spawn(self._poll_status())
 
     async def _poll_status(self) -> None:
+        missing = 0  # polls in a row VideoDB answered 404: twice, and the session is gone (it sends nothing more)
         while not self.lifecycle.done:
             await asyncio.sleep(self.options.status_poll_interval)
             try:
                 session = await self._sdk("get_capture_session", self._conn.get_capture_session,
                                           self.session_id, self.settings.collection_id)
             except VideoDBCallError as exc:
+                missing = missing + 1 if exc.status == 404 else 0
+                if missing >= 2:
+                    log.error("%s", exc)
+                    self.context.session.request_exit(
+                        3, f"capture session {self.session_id} no longer exists at VideoDB ({exc})")
+                    return
                 log.warning("%s", exc)
                 continue
+            missing = 0
             status = getattr(session, "status", None)
             if not status or not self.lifecycle.behind(status):
                 continue
