@@ -31,7 +31,7 @@ from pipeline.types import Duration
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, client_token, connect
 from stages.controller import lost_create, resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
-from stages.controller.lifecycle import STATES, Lifecycle, stored
+from stages.controller.lifecycle import STATES, Lifecycle, ended_unstored
 from stages.controller.session_options import SessionApiOptions
 from stages.controller.session_store import safe_id
 from stages.controller.tasks import Background
@@ -349,17 +349,9 @@ class CaptureSessionController(Controller):
     async def _end_if_unstored(self, session: Any, *, polled: bool) -> None:
         """`stopped`, waiting for `exported`: a session none of whose channels is stored is never exported
         (VideoDB exports only stored recordings), so it ends here instead of running for ever."""
-        if session is None:
-            try:
-                session = await self._sdk("get_capture_session", self._conn.get_capture_session,
-                                          self.session_id, self.settings.collection_id)
-            except VideoDBCallError as exc:
-                log.warning("%s (cannot tell whether an export will follow; still waiting for it)", exc)
-                return
-        if stored(session) is not False or self.lifecycle.state != "stopped":
+        if not await ended_unstored(self.lifecycle, self.record, session, lambda: self._sdk(
+                "get_capture_session", self._conn.get_capture_session, self.session_id, self.settings.collection_id)):
             return
-        self.lifecycle.unstored = True
-        self.record["stored"] = False
         self._save()
         if self._poll is not None:
             self._poll.cancel()
