@@ -22,6 +22,7 @@ from pipeline.api import Options, Stage
 from pipeline.channels import check_channels
 from pipeline.configfile import read_text
 from pipeline.errors import ConfigError, suggest
+from pipeline.net import VIDEODB_URL_EXAMPLE, http_url
 from pipeline.paths import resolve_inputs
 from pipeline.registry import LookupFailed, Registry, default_registry
 from pipeline.rulenames import check_rule_names
@@ -51,6 +52,11 @@ class VideoDBSettings(Options):
     base_url: str | None = None
     collection_id: str = "default"
     emulator: EmulatorSettings | None = Field(default=None, description="start a local emulator instead of the cloud")
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str | None) -> str | None:
+        return None if v is None else http_url(v, VIDEODB_URL_EXAMPLE)
 
 
 class RuntimeSettings(Options):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import reprlib
 import threading
@@ -12,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.errors import PipelineError, StageError
 from pipeline.events import iso_ts
 from pipeline.files import check_writable, open_private, still_names
 
@@ -52,6 +55,8 @@ class DeadLetter:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.count = 0
+        self.lost = 0  # events that should have been written here and could not be (the file unwritable)
+        self.failure: str | None = None  # why, the first time
         self.by_reason: Counter[str] = Counter()  # reason_kind -> count, for /metrics
         self._fh: Any = None
         self._lock = threading.Lock()
@@ -73,17 +78,43 @@ class DeadLetter:
             rec["raw"] = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         line = encode(rec)
         with self._lock:
-            if self._fh is not None and not still_names(self.path, self._fh):  # deleted or rotated under us
-                self._fh.close()
-                self._fh = None
-            if self._fh is None:
-                self._fh = open_private(self.path)
-            self._fh.write(line)
+            try:
+                self._append(line)
+            except (OSError, PipelineError) as exc:
+                self.lost += 1
+                why = str(exc) if isinstance(exc, PipelineError) else exc.strerror or str(exc)
+                msg = f"{self.path}: cannot write the dead-letter file: {why}"
+                self.failure = self.failure or msg
+                raise StageError(msg) from None
             self.count += 1
             kind = reason_kind(reason)
             if kind not in self.by_reason and len(self.by_reason) >= MAX_REASONS:
                 kind = "other"
             self.by_reason[kind] += 1
+
+    def _append(self, line: bytes) -> None:
+        """Write one whole line (a short write is continued); after a failure the file is opened again next time,
+        which first ends a partial line."""
+        if self._fh is not None and not still_names(self.path, self._fh):  # deleted or rotated under us
+            self._fh.close()
+            self._fh = None
+        if self._fh is None:
+            self._fh = open_private(self.path)
+        view = memoryview(line)
+        try:
+            while view:
+                view = view[self._fh.write(view) or 0:]
+        except OSError:
+            if len(view) < len(line):  # the disk took part of the line: take it back, so every line stays whole
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fh.fileno(), os.fstat(self._fh.fileno()).st_size - (len(line) - len(view)))
+            self._fh.close()
+            self._fh = None
+            raise
+
+    def lose(self, n: int) -> None:
+        """`n` more events could not be written here (a caller gave up after a failed write)."""
+        self.lost += n
 
     def close(self) -> None:
         with self._lock:

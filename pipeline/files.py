@@ -89,12 +89,18 @@ def ensure_private_dir(path: Path) -> None:
 
 
 def _open_in(dir_fd: int, p: Path, flags: int) -> int:
+    """Open without blocking (a FIFO with no reader would block the event loop, and SIGTERM with it), then
+    make the descriptor blocking again for ordinary writes."""
     try:
-        return os.open(p.name, flags | _NOFOLLOW, FILE_MODE, dir_fd=dir_fd)
+        fd = os.open(p.name, flags | _NOFOLLOW | os.O_NONBLOCK, FILE_MODE, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise StageError(f"{p}: refusing to write through a symlink") from None
+        if exc.errno == errno.ENXIO:
+            raise StageError(f"{p}: cannot open for writing: it is a FIFO with no reader") from None
         raise StageError(f"{p}: cannot open for writing: {exc.strerror or exc}") from None
+    os.set_blocking(fd, True)
+    return fd
 
 
 def open_private(path: str | Path, *, truncate: bool = False) -> BinaryIO:

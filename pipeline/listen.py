@@ -27,6 +27,7 @@ from pipeline.api import Batch, Context
 from pipeline.deadletter import DeadLetter
 from pipeline.errors import PipelineError, StageError
 from pipeline.files import ensure_private_dir, open_private
+from pipeline.net import VIDEODB_URL_EXAMPLE, http_url
 from pipeline.secrets import MaskingFormatter
 from pipeline.session import SessionLink
 from pipeline.stats import StageStats
@@ -156,6 +157,12 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     _setup_logging()
     api_key = os.environ.get("VIDEO_DB_API_KEY")
+    if args.base_url:
+        try:
+            args.base_url = http_url(args.base_url, VIDEODB_URL_EXAMPLE)
+        except ValueError as exc:
+            print(f"pipeline listen: --base-url: {exc}", file=sys.stderr)
+            return 2
     try:
         if not api_key:
             raise StageError("VIDEO_DB_API_KEY is not set")

@@ -18,3 +18,29 @@ def is_loopback(host: str) -> bool:
 
 def url_is_loopback(url: str) -> bool:
     return is_loopback(urlsplit(url).hostname or "")
+
+
+VIDEODB_URL_EXAMPLE = "https://api.videodb.io"
+
+
+def http_url(url: str, example: str) -> str:
+    """`url` stripped, if it is an http(s) URL with a host and a valid port; else ValueError saying so.
+
+    Why here: a URL that can never work (no scheme, a broken [IPv6] host, port 99999) would otherwise
+    only fail at its first connect, and connects are retried with backoff.
+    """
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+        port_ok = True
+        try:
+            parts.port  # noqa: B018 (raises for a port that is not a number from 0 to 65535)
+        except ValueError:
+            port_ok = False
+    except ValueError:  # a broken [IPv6] host
+        parts, port_ok = None, True
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL such as {example}, got {url!r}")
+    if not port_ok or parts.port == 0:
+        raise ValueError(f"the port must be a number from 1 to 65535, got {url!r}")
+    return url

@@ -29,6 +29,9 @@ class SessionLink:
         self.exit_reason: str = ""
         self.inlet: Inlet | None = None  # set by a source that takes backfilled events (videodb)
         self.gaps = GapStats()  # reconnects and backfill, for the exit summary
+        #: this run will resume a capture session saved by an earlier run (set before sinks start): output is
+        #: appended to, never cleared, so a restart keeps the session's earlier events
+        self.resuming = False
         self._listeners: list[ConnectionListener] = []
         self._connected = asyncio.Event()
         self._exit = asyncio.Event()

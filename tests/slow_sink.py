@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 from pydantic import Field
 
-from pipeline.api import Batch, Options, Processor, Sink, SinkOptions
+from pipeline.api import Batch, Options, Processor, Sink, SinkOptions, Source
 
 
 class SlowOptions(SinkOptions):
@@ -89,3 +92,61 @@ class GatedLines(GatedSink):
             await asyncio.sleep(0.01)
         with open(self.options.path, "ab") as fh:
             fh.write(b"".join(orjson.dumps(e) + b"\n" for e in batch))
+
+
+class DeadLetterGoneSink(GatedSink):
+    """A gated sink that, once started, puts a file where the dead-letter file's directory was (a disk
+    unmounted, a directory removed mid-run): every later dead-letter write fails."""
+
+    name = "dead-letter-gone"
+
+    async def start(self) -> None:
+        import os
+        import shutil
+
+        await super().start()
+        directory = os.path.join(os.path.dirname(self.options.path), "dl")
+        shutil.rmtree(directory)
+        with open(directory, "w") as fh:
+            fh.write("not a directory any more")
+
+
+class StuckSource(Source):
+    """Yields one batch, then waits forever and ignores stop(): a source whose call never returns."""
+
+    name = "stuck"
+    Options = Options
+
+    async def batches(self) -> AsyncIterator[Batch]:
+        yield [{"channel": "transcript", "id": 0, "data": {"text": "only", "start": 1710000000000}}]
+        await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        pass
+
+
+class TickOptions(Options):
+    every: float = Field(default=0.05)
+
+
+class TickSource(Source):
+    """One alert every `every` seconds until stopped (a live source that never runs dry)."""
+
+    name = "tick"
+    Options = TickOptions
+
+    def __init__(self, options: TickOptions, context: Any) -> None:
+        super().__init__(options, context)
+        self._stopped = asyncio.Event()
+
+    async def batches(self) -> AsyncIterator[Batch]:
+        i = 0
+        while not self._stopped.is_set():
+            yield [{"channel": "alert", "id": i, "rtstream_id": "rts-1",
+                    "data": {"event_label": f"label-{i}", "timestamp": 1710000000000 + i, "text": f"alert {i}"}}]
+            i += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self.options.every)
+
+    async def stop(self) -> None:
+        self._stopped.set()

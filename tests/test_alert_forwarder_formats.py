@@ -135,6 +135,9 @@ def test_template_render_never_walks_attributes() -> None:
     ({}, "set `url`"),
     ({"url": ""}, "empty"),
     ({"url": "ftp://host/x/TOKEN123"}, "expected an http(s) URL"),
+    ({"url": "http://127.0.0.1:99999/x/TOKEN123"}, "the port must be a number from 1 to 65535"),  # was taken
+    ({"url": "http://[::1/x/TOKEN123"}, "expected an http(s) URL such as https://hooks.slack.com/services/..., "
+                                       "got 'http://***'"),
     ({"url": "https://h/x", "format": "template"}, "needs `template:`"),
     ({"url": "https://h/x", "template": "{x}"}, "only used with format: template"),
     ({"url": "https://h/x", "rate_limit": "lots"}, "expected a rate like 10/min"),

@@ -196,3 +196,26 @@ async def test_a_millisecond_server_with_nothing_new_is_asked_once_more_and_read
     fake = await api(answer)
     assert await asyncio.to_thread(fetch, transcript(fake), since + MARGIN_MS) == []
     assert len(fake.queries) == 2 and "end" not in fake.queries[0][1] and "end" in fake.queries[1][1]
+
+
+@pytest.mark.parametrize("skew_h", [3, -3])
+async def test_a_clock_hours_off_from_videodbs_still_gives_the_gap(api: Any, skew_h: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our clock hours behind VideoDB's (a VM resumed from suspend, a clock set to local time): the scene
+    query's `end` was our "now + 1 h", before every record of the gap, and the gap was lost. Record times
+    are VideoDB's; the query must reach past the mark whatever our clock says."""
+    import time as real_time
+
+    now = int(real_time.time() * 1000)
+    videodb_now = now + skew_h * 3_600_000
+    since = videodb_now - 120_000
+    records = [{"start": since + i * 10_000, "end": since + i * 10_000 + 5_000, "text": f"r{i}"} for i in range(10)]
+
+    def answer(path: str, q: dict[str, str]) -> Any:
+        lo, hi = float(q.get("start", 0)), float(q.get("end", "inf"))
+        kept = [r for r in records if lo <= r["start"] <= hi]
+        return {"scene_index_records": kept, "next_page": False}
+
+    fake = await api(answer)
+    got = await asyncio.to_thread(fetch, scenes(fake), since)
+    assert [e["data"]["text"] for e in got] == [f"r{i}" for i in range(10)]

@@ -210,3 +210,14 @@ def test_a_status_interval_under_a_second_is_refused(tmp_path: Path, every: str)
 def test_a_status_interval_of_0_or_a_second_and_more_is_taken(tmp_path: Path, every: str, seconds: float) -> None:
     cfg = load_config(write(tmp_path, BASE % "1s" + f"runtime: {{status_interval: {every}}}\n"), env={})
     assert cfg.runtime.status_interval == seconds
+
+
+@pytest.mark.parametrize("where", ["videodb", "source"])
+def test_a_malformed_videodb_base_url_is_a_config_error(tmp_path: Path, where: str) -> None:
+    """Before: taken as written; `pipeline run` then retried its connect with backoff, for ever."""
+    source = "{type: videodb, base_url: notaurl}" if where == "source" else "{type: videodb}"
+    videodb = "{api_key: k}" if where == "source" else "{api_key: k, base_url: notaurl}"
+    path = tmp_path / "p.yaml"
+    path.write_text(f"name: t\nvideodb: {videodb}\nsource: {source}\nsinks: [{{type: console}}]\n")
+    with pytest.raises(ConfigError, match=r"base_url: .*expected an http\(s\) URL such as https://api.videodb.io"):
+        load_config(path)

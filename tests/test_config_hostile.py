@@ -10,16 +10,23 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError
 
 
+def config_errors(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> tuple[Path, list[str]]:
+    """Write `text` as p.yaml (beside an empty in.jsonl) and return its path and the error lines it gets."""
+    (tmp_path / "in.jsonl").write_text("")
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env=env or {})
+    return p, str(info.value).splitlines()
+
+
 def test_a_whole_number_past_int64_is_a_config_error_not_a_crash_at_run_time(tmp_path: Path) -> None:
     """`batch_size: 99999999999999999999999` validated, and `pipeline run` then failed in the replay source
     (`ValueError: Stop argument for islice() must be ... <= sys.maxsize`) before reading anything."""
-    (tmp_path / "in.jsonl").write_text("")
-    p = tmp_path / "p.yaml"
-    p.write_text("name: x\nsource: {type: replay, path: in.jsonl, batch_size: 99999999999999999999999}\n"
-                 "stages: [{type: filter, min_text_length: short}]\nsinks: [{type: console}]\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(p, env={})
-    assert str(info.value).splitlines() == [  # every error at once, each with its key path
+    p, errors = config_errors(tmp_path, "name: x\nsource: {type: replay, path: in.jsonl, batch_size: "
+                              "99999999999999999999999}\nstages: [{type: filter, min_text_length: short}]\n"
+                              "sinks: [{type: console}]\n")
+    assert errors == [  # every error at once, each with its key path
         f"{p}:2:40: source.batch_size: whole number out of range (at most 9,223,372,036,854,775,807): "
         "no option counts that far",
         f"{p}:3:25: stages[0].min_text_length: expected an integer, got 'short'"]
@@ -41,14 +48,11 @@ def test_a_default_may_hold_a_variable_and_a_malformed_reference_is_an_error(tmp
     `${OUT-out}` (shell syntax) or `${ OUT }` stayed in the value as written: a file named `${OUT-out}` was
     created, a URL went out with it. Now nested defaults work and anything else after `${` is an error, reported
     with every other error of the file."""
-    (tmp_path / "in.jsonl").write_text("")
-    p = tmp_path / "p.yaml"
-    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\n"
-                 "stages: [{type: enrich, fields: {a: '${A:-${B}/x}', b: '${C:-${D:-d}}', c: '${NOPE}'}}]\n"
-                 "sinks:\n  - {type: jsonl, path: '${OUT-out/x.jsonl}'}\n  - {type: console, max_text: lots}\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(p, env={"B": "/home/b"})
-    lines = str(info.value).splitlines()
+    p, lines = config_errors(
+        tmp_path, "name: x\nsource: {type: replay, path: in.jsonl}\n"
+        "stages: [{type: enrich, fields: {a: '${A:-${B}/x}', b: '${C:-${D:-d}}', c: '${NOPE}'}}]\n"
+        "sinks:\n  - {type: jsonl, path: '${OUT-out/x.jsonl}'}\n  - {type: console, max_text: lots}\n",
+        {"B": "/home/b"})
     assert lines == [f"{p}:3:76: environment variable NOPE is not set (export it, or give a default: "
                      "${NOPE:-value})",
                      f"{p}:5:25: '${{OUT-out/x.jsonl}}' is not a variable reference: write ${{NAME}} or "
@@ -115,24 +119,17 @@ def test_a_secret_variable_is_masked_wherever_it_lands(tmp_path: Path, capsys: p
 
 def test_a_bad_enabled_does_not_hide_the_stages_other_errors(tmp_path: Path) -> None:
     """`enabled: maybe` stopped the stage's check: its other errors came one run of validate later."""
-    (tmp_path / "in.jsonl").write_text("")
-    p = tmp_path / "p.yaml"
-    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\n"
-                 "stages: [{type: filter, enabled: maybe, min_text_length: short}]\nsinks: [{type: console}]\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(p, env={})
-    assert str(info.value).splitlines() == [f"{p}:3:25: stages[0].enabled: expected true or false, got 'maybe'",
+    p, errors = config_errors(tmp_path, "name: x\nsource: {type: replay, path: in.jsonl}\nstages: [{type: filter, "
+                              "enabled: maybe, min_text_length: short}]\nsinks: [{type: console}]\n")
+    assert errors == [f"{p}:3:25: stages[0].enabled: expected true or false, got 'maybe'",
                                             f"{p}:3:41: stages[0].min_text_length: expected an integer, got 'short'"]
 
 
 def test_a_blank_dead_letter_path_is_an_error(tmp_path: Path) -> None:
     """`dead_letter: '   '` was accepted and the run wrote its rejects to a file named by three spaces."""
-    (tmp_path / "in.jsonl").write_text("")
-    p = tmp_path / "p.yaml"
-    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\nsinks: [{type: console}]\ndead_letter: '   '\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(p, env={})
-    assert str(info.value) == f"{p}:4:1: dead_letter: expected a file path, got '   '"
+    p, errors = config_errors(tmp_path, "name: x\nsource: {type: replay, path: in.jsonl}\nsinks: [{type: console}]\n"
+                              "dead_letter: '   '\n")
+    assert errors == [f"{p}:4:1: dead_letter: expected a file path, got '   '"]
 
 
 def test_an_unquoted_variable_keeps_its_text_where_a_string_is_expected(tmp_path: Path) -> None:
@@ -175,14 +172,10 @@ def test_unset_variables_and_the_files_other_errors_come_at_once(tmp_path: Path)
     """An unset variable stopped the check: the file's other errors came one `export` later. Now they come
     together, in file order; an error that is only the unset variable's doing (its value cannot be checked)
     is not repeated."""
-    (tmp_path / "in.jsonl").write_text("")
-    p = tmp_path / "p.yaml"
-    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\n"
-                 "stages: [{type: filter, min_text_length: short}]\n"
-                 'sinks: [{type: alert_forwarder, url: "${HOOK}"}, {type: console, max_text: "${W}"}]\nbogus: 1\n')
-    with pytest.raises(ConfigError) as info:
-        load_config(p, env={})
-    assert str(info.value).splitlines() == [
+    p, errors = config_errors(
+        tmp_path, "name: x\nsource: {type: replay, path: in.jsonl}\nstages: [{type: filter, min_text_length: short}]\n"
+        'sinks: [{type: alert_forwarder, url: "${HOOK}"}, {type: console, max_text: "${W}"}]\nbogus: 1\n')
+    assert errors == [
         f"{p}:3:25: stages[0].min_text_length: expected an integer, got 'short'",
         f"{p}:4:38: environment variable HOOK is not set (export it, or give a default: ${{HOOK:-value}})",
         f"{p}:4:76: environment variable W is not set (export it, or give a default: ${{W:-value}})",

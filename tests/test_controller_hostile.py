@@ -552,3 +552,57 @@ def test_server_text_in_an_error_is_one_visible_line() -> None:
     assert _one_line("a\n\n\tb") == "a b"
     assert len(_one_line("c" * 5000)) == MAX_REASON + 3
     assert _one_line("\x1b]0;owned\x07 denied") == "\\x1b]0;owned\\x07 denied"
+
+
+async def test_a_session_videodb_no_longer_has_ends_the_run(make_context: Callable[..., Context],
+                                                             tmp_path: Path) -> None:
+    """Attached (so followed by polling), then the session vanished at VideoDB (404 on every poll): before,
+    one warning per poll for ever and a run that never ended; now exit 3 after two 404s in a row."""
+    import videodb
+
+    from tests.videodb_harness import make_stages, run_stages
+
+    emu = Emulator(speed=0, autostart=False)
+    await emu.start()
+    try:
+        conn = videodb.connect(api_key="k-0123456789", base_url=emu.base_url)
+        sid = (await asyncio.to_thread(conn.create_capture_session, end_user_id="u")).id
+        src, ctl = make_stages(make_context, emu, controller={"session_id": sid, "status_poll_interval": 0.1})
+        assert ctl is not None
+
+        async def vanish() -> None:
+            while ctl.session_id is None:
+                await asyncio.sleep(0.01)
+            emu.registry.sessions.pop(sid)
+
+        gone = asyncio.create_task(vanish())
+        run = await run_stages(src, ctl, timeout=10)
+        await gone
+        assert run.link.exit_code == 3 and run.link.exit_reason.startswith(
+            f"capture session {sid} no longer exists at VideoDB (controller:capture_session: get_capture_session "
+            "failed: HTTP 404"), run.link.exit_reason
+    finally:
+        await emu.stop()
+
+
+async def test_saved_index_ids_never_leave_the_index_paths(emu: Emulator, make_context: Callable[..., Context],
+                                                           tmp_path: Path) -> None:
+    """A capture_session.json whose saved index id holds '../': the restart's stop of the crashed run's indexes
+    sent `PATCH {"action": "stop"}` to whatever API path the id reached (here a capture session's)."""
+    import videodb
+
+    conn = videodb.connect(api_key="k-0123456789", base_url=emu.base_url)
+    live = await asyncio.to_thread(conn.create_capture_session, end_user_id="u")
+    emu.registry.sessions[live.id].start_requested = True
+    emu.registry.sessions[live.id].wake.set()
+    await until(lambda: emu.registry.sessions[live.id].status == "active")
+    hostile = f"../../../../collection/default/capture/session/{live.id}"
+    record = {"session_id": live.id, "collection_id": "default", "end_user_id": "u", "status": "active",
+              "indexes": [{"rtstream_id": "rts-dsp-03", "index_id": hostile}]}
+    (tmp_path / "capture_session.json").write_text(json.dumps(record))
+    ctl = await single(emu, make_context, exit_on="none", on_active={"index_visuals": {"prompt": "p"}})
+    await until(lambda: any(c["path"].endswith("/index/scene") for c in emu.calls))
+    await asyncio.sleep(0.3)
+    patches = [c["path"] for c in emu.calls if c["method"] == "PATCH"]
+    assert all(p.startswith("/rtstream/") for p in patches), patches
+    await ctl.close()

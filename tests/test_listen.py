@@ -191,3 +191,17 @@ async def test_symlinked_ws_id_file_fails_once(emulator: Callable[..., Emulator]
     assert proc.returncode == 1 and stdout == b""
     assert err.decode() == f"pipeline listen: {out}/videodb_ws_id: refusing to write through a symlink\n"
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("notaurl", "expected an http(s) URL such as https://api.videodb.io, got 'notaurl'"),
+    ("http://[::1", "expected an http(s) URL such as https://api.videodb.io, got 'http://[::1'"),
+    ("http://127.0.0.1:99999", "the port must be a number from 1 to 65535, got 'http://127.0.0.1:99999'"),
+])
+async def test_a_malformed_base_url_is_one_line_not_endless_retries(tmp_path: Path, url: str, why: str) -> None:
+    """Before: every connect failed on the URL itself and was retried with backoff until max_retries."""
+    proc = await spawn(sys.executable, "-m", "pipeline.listen", str(tmp_path / "x"), "--base-url", url,
+                       env=env(tmp_path))
+    out, err = await asyncio.wait_for(proc.communicate(), 10)
+    assert (proc.returncode, out) == (2, b"")
+    assert err.decode() == f"pipeline listen: --base-url: {why}\n"

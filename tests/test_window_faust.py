@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -117,13 +118,26 @@ async def test_a_worker_that_gave_partitions_away_does_not_flush_their_windows(
         kafka_broker: Broker, workers_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
     """Before: faust's memory store forgets, at a rebalance, only the keys it read from the changelog, not
     those the worker wrote itself: the first worker kept the windows of the partitions it handed to the
-    second, and both emitted them when they stopped."""
+    second, and emitted all 96 when it stopped, as the second emitted its own.
+
+    Only the first worker's stop is checked: after it, the second restores the first one's partitions, and on
+    the test broker a restore can miss the tail of a partition (see the test above)."""
     workers, out = await eight_sessions_through_one_worker(kafka_broker, workers_env, tmp_path, "win3")
     try:
         workers.start()
         await workers.settled(2)
+        first, log = workers.procs[0]
+        mine = sorted(workers.assignments()[first.pid])
+        restored = f"table window_stages_1__window restored for partitions {mine}"
+        for _ in range(300):  # its tables hold the whole changelog of what it kept
+            if restored in log.read_text(errors="replace"):
+                break
+            await asyncio.sleep(0.1)
+        assert restored in log.read_text(errors="replace")
+        assert workers.stop(first) == 0
+        emitted = [(str(e["key"]), e["window"]["start"]) for e in read(out) if e.get("channel") == "metrics"]
+        assert 0 < len(emitted) < 8 * 12, "the first worker emitted windows of partitions it gave away"
+        assert len(emitted) == len(set(emitted))
     finally:
-        assert workers.stop_all() == [0, 0]
-    got = [(str(e["key"]), e["window"]["start"]) for e in read(out) if e.get("channel") == "metrics"]
-    assert len({g[0] for g in got}) >= 4
-    assert len(got) == len(set(got)), f"{len(got) - len(set(got))} windows emitted twice"
+        codes = workers.stop_all()
+    assert codes == [0, 0]

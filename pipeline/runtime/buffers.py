@@ -23,8 +23,8 @@ from pipeline.errors import StageError
 from pipeline.events import Batch
 from pipeline.state.spool import Damage, Record, Spool
 
-Reject = Callable[[Batch, str], None]
-"""Dead-letters events the buffer could not hold, with the reason."""
+Reject = Callable[[Batch, str], "int | None"]
+"""Dead-letters events the buffer could not hold, with the reason; may return how many reached the file."""
 ReportDamage = Callable[[Damage], None]
 
 #: A batch read back from a spool may be merged with the ones after it up to these bounds.
@@ -67,11 +67,14 @@ class _Buffer:
         self.expired = False  # shutdown deadline passed: put never waits
         self.safe_upto = -1  # highest source batch index written or dead-lettered, in order
         self.rejected = 0
+        self.dropped_at_shutdown = 0  # events of batches that came after drain_timeout (dead-lettered)
 
     def _drop(self, index: int, batch: Batch, why: str) -> None:
         """Dead-letter a batch the buffer will not hold; it counts as done, in order."""
-        self._reject(batch, why)
-        self.rejected += len(batch)
+        got = self._reject(batch, why)
+        self.rejected += len(batch) if got is None else got
+        if self.expired:
+            self.dropped_at_shutdown += len(batch)
         self.skip(index)
 
     def skip(self, index: int) -> None:

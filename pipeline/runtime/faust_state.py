@@ -14,6 +14,8 @@ found, say, the rule cooling down, and their alert was never delivered.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
@@ -98,9 +100,13 @@ def partition_table_class(cursor: PartitionCursor) -> type:
                 elif not parts & owned:
                     del data[key]
                     del homes[key]
+            log.info("worker %d: table %s restored for partitions %s: %d keys", os.getpid(), self.name,
+                     sorted(owned), len(data))
 
     return PartitionTable
 
+
+log = logging.getLogger("pipeline.runtime.faust")
 
 _ABSENT: Any = object()
 _GONE: Any = object()  # a key this batch deleted

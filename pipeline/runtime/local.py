@@ -44,6 +44,7 @@ log = logging.getLogger("pipeline.runtime")
 DEFAULT_CLOSE_TIMEOUT = 10.0
 RECEIPTS = 4096  # batch receipt times kept for the latency histogram (older batches are not observed)
 CLOSE_GRACE = 2.0
+SOURCE_GRACE = 0.1  # after drain_timeout, a source that has not ended gets this long (a put that waited drops)
 
 
 class LocalRuntime:
@@ -72,6 +73,9 @@ class LocalRuntime:
         self.received_at: dict[int, float] = {}  # batch index -> monotonic receipt time (the last RECEIPTS)
         self.sinks_started = False
         self.source_running = False
+        self._ingest_task: asyncio.Task[None] | None = None
+        self._in_source = False  # ingest is waiting for the source's next batch
+        self._source_abandoned = False  # ... and was cancelled there after drain_timeout
 
     # -- control -----------------------------------------------------------------------
     def _on_signal(self, signum: int) -> None:
@@ -107,14 +111,28 @@ class LocalRuntime:
     def _expire(self) -> None:
         for buf in self.buffers:
             buf.expire()
+        asyncio.get_running_loop().call_later(SOURCE_GRACE, self._cancel_stuck_source)
+
+    def _cancel_stuck_source(self) -> None:
+        """drain_timeout is over and the source still has not ended (a call it waits on never returns): it is
+        cancelled, so the stop stays bounded. What it had yielded was handed to the sinks as usual."""
+        task = self._ingest_task
+        if task is None or task.done():
+            return
+        if not self._in_source:  # between two batches (a put that waited drops now): once it is back at the source
+            asyncio.get_running_loop().call_later(SOURCE_GRACE, self._cancel_stuck_source)
+            return
+        log.warning("source: did not stop within drain_timeout=%gs; cancelled", self.b.config.runtime.drain_timeout)
+        self._source_abandoned = True
+        task.cancel()
 
     # -- buffers -----------------------------------------------------------------------
     def _buffer(self, i: int, slot: SinkSlot) -> SinkBuffer:
         opts = slot.buffer
         queue = self.b.config.runtime.queue_size
 
-        def reject(events: Batch, reason: str) -> None:
-            self._dead_letter(slot, events, reason)
+        def reject(events: Batch, reason: str) -> int:
+            return self._dead_letter(slot, events, reason)
 
         if opts.type == "disk":
             directory = spool_dir(self.b.config, i, slot.type_name)
@@ -143,7 +161,20 @@ class LocalRuntime:
         lag, received_at = self.lag, self.received_at
         clock, wall = time.monotonic, time.time
         self.source_running = True
-        async for batch in source.batches() if ours(source) else checked_batches(source, b.dead_letter):
+        batches = source.batches() if ours(source) else checked_batches(source, b.dead_letter)
+        while True:
+            self._in_source = True  # only here may a source still running after drain_timeout be cancelled
+            try:
+                batch = await anext(batches)
+            except StopAsyncIteration:
+                break
+            except asyncio.CancelledError:
+                if not self._source_abandoned:
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                break  # as if the source had ended: open windows still close below
+            finally:
+                self._in_source = False
             await self.gate.wait()  # set except while a reload swaps sinks
             n = len(batch)
             st.received += n
@@ -242,14 +273,21 @@ class LocalRuntime:
                 self._dead_letter(slot, batch, "sink failed before writing")
             buf.taken(item)
 
-    def _dead_letter(self, slot: SinkSlot, events: Batch, reason: str) -> None:
-        for event in events:
+    def _dead_letter(self, slot: SinkSlot, events: Batch, reason: str) -> int:
+        """Dead-letter `events`; returns how many were written. If the file cannot be written, the rest are
+        counted as lost and the run stops (exit 1): every later reject would be lost too."""
+        for k, event in enumerate(events):
             slot.stats.errors += 1
             try:
                 self.b.dead_letter.write(reason, stage=slot.stats.name, event=event)
             except PipelineError as exc:
-                log.error("cannot write the dead-letter file: %s", exc)
-                return
+                rest = len(events) - k - 1
+                slot.stats.errors += rest
+                self.b.dead_letter.lose(rest)
+                log.error("%s: %s; %d event(s) lost", slot.stats.name, exc, rest + 1)
+                self._fail(StageError(f"{exc}; events are being lost: stopping"))
+                return k
+        return len(events)
 
     def _check(self, task: asyncio.Task[Any]) -> None:
         exc = None if task.cancelled() else task.exception()
@@ -311,6 +349,7 @@ class LocalRuntime:
             if self.reloader is not None:
                 helpers.append(asyncio.create_task(self.reloader.run(), name="reload"))
             ingest = asyncio.create_task(self._ingest(), name="ingest")
+            self._ingest_task = ingest
             await self._supervise(ingest, drains, helpers)
         except PipelineError as exc:
             self.error = exc
@@ -324,6 +363,8 @@ class LocalRuntime:
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
                 hup.hold()  # the summary is still to be written: a late SIGHUP must not end the process
+        if self.error is None and b.dead_letter.lost:  # a stage gave up on a dead-letter write: never exit 0
+            self.error = StageError(f"{b.dead_letter.failure}; {b.dead_letter.lost} event(s) lost")
         if self.error is not None:
             return self.error.exit_code
         return b.session.exit_code or 0
@@ -364,6 +405,10 @@ class LocalRuntime:
             self._check(t)
         if pending:
             self._abandon(drains, pending)
+        late = sum(buf.dropped_at_shutdown for buf in self.buffers)
+        if late:  # read before the stop, handed out after drain_timeout: dead-lettered, and the exit says so
+            self._fail(StageError(f"{late} event(s) reached the sinks' buffers after drain_timeout="
+                                  f"{self.b.config.runtime.drain_timeout:g}s and were dead-lettered"))
         if self.error is not None:
             raise self.error
         commit = getattr(self.b.source, "commit", None)
@@ -452,6 +497,9 @@ class LocalRuntime:
             lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
         lines.append(f"  dead-lettered: {b.dead_letter.count}" +
                      (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))
+        if b.dead_letter.lost:
+            lines.append(f"  LOST {b.dead_letter.lost} event(s) that could not be dead-lettered "
+                         f"({b.dead_letter.failure})")
         if (gaps := b.session.gaps.summary()) is not None:
             lines.append(gaps)
         if self.reloader is not None and (self.reloader.applied or self.reloader.rejected):

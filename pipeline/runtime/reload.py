@@ -203,8 +203,8 @@ class Reloader:
                         break
                     await asyncio.sleep(0.01)
                 else:
-                    await _replace(slot, sw)
-                    continue
+                    if await _replace(slot, sw, deadline):
+                        continue
                 log.warning("reload: %s did not drain within drain_timeout; it keeps its old options",
                             slot.stats.name)
                 kept.add(sw.index)
@@ -274,11 +274,27 @@ class Reloader:
             state.flush()
 
 
-async def _replace(slot: SinkSlot, sw: SinkSwap) -> None:
-    """Flush and close the old sink, then start the new one (or, if it cannot start, the old spec again)."""
+async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> bool:
+    """Flush and close the old sink, then start the new one (or, if it cannot start, the old spec again).
+
+    The flush waits until `deadline` (drain_timeout from the reload) at most, the close its shutdown_timeout:
+    a webhook that never answers held the reload, and with it ingest and any stop, for as long as it hung.
+    False when the old sink did not flush in time: it stays, untouched.
+    """
+    from pipeline.runtime.local import CLOSE_GRACE, DEFAULT_CLOSE_TIMEOUT
+
+    loop = asyncio.get_running_loop()
     try:
-        await slot.sink.flush()
-        await slot.sink.close()
+        await asyncio.wait_for(slot.sink.flush(), max(deadline - loop.time(), 0.0))
+    except TimeoutError:
+        return False
+    except Exception as exc:  # closing it dead-letters what it cannot write
+        log.warning("reload: %s: flushing the old sink: %s", slot.stats.name, exc)
+    limit = float(getattr(slot.sink.options, "shutdown_timeout", DEFAULT_CLOSE_TIMEOUT)) + CLOSE_GRACE
+    try:
+        await asyncio.wait_for(slot.sink.close(), limit)
+    except TimeoutError:
+        log.warning("reload: %s: the old sink's close() did not finish within %gs", slot.stats.name, limit)
     except Exception as exc:  # the old sink dead-letters what it cannot write; the swap still happens
         log.warning("reload: %s: closing the old sink: %s", slot.stats.name, exc)
     try:
@@ -288,9 +304,10 @@ async def _replace(slot: SinkSlot, sw: SinkSwap) -> None:
                   slot.stats.name, exc)
         await sw.fallback.start()
         slot.sink = sw.fallback
-        return
+        return True
     slot.sink = sw.new
     slot.channels = sw.channels
+    return True
 
 
 def _keep_buffers(old: PipelineConfig, new: PipelineConfig, skipped: list[str]) -> PipelineConfig:

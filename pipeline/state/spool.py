@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import struct
 import zlib
 from collections import deque
@@ -68,6 +69,16 @@ def encode(payload: bytes, events: int) -> bytes:
     return head8 + struct.pack("<I", _crc(head8, payload)) + payload
 
 
+def _whole_record_at(data: bytes, pos: int) -> bool:
+    """True when a complete record with a good CRC starts at `pos` of `data`."""
+    head = data[pos:pos + _HEAD.size]
+    if len(head) < _HEAD.size:
+        return False
+    length, _, crc = _HEAD.unpack(head)
+    end = pos + _HEAD.size + length
+    return end <= len(data) and _crc(head[:8], data[pos + _HEAD.size:end]) == crc
+
+
 def undelivered_bytes(directory: Path) -> int:
     """Bytes a spool directory holds past its ack offset, read without opening (locking) it."""
     segs = sorted((int(p.name[: -len(_SUFFIX)]), p) for p in directory.glob(f"*{_SUFFIX}")
@@ -91,13 +102,19 @@ def undelivered_bytes(directory: Path) -> int:
 
 
 def _open_file(path: Path, flags: int, what: str) -> int:
-    """`os.open` (0600 when created), never through a symlink; failures are one-line StageErrors."""
+    """`os.open` (0600 when created), never through a symlink, only a regular file (a FIFO would block the
+    event loop); failures are one-line StageErrors."""
     try:
-        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, FILE_MODE)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise StageError(f"{path}: refusing to open a {what} through a symlink") from None
         raise StageError(f"{path}: cannot open {what}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StageError(f"{path}: cannot open {what}: not a regular file")
+    os.set_blocking(fd, True)
+    return fd
 
 
 class Spool:
@@ -171,6 +188,9 @@ class Spool:
                     if end > size:
                         reason = "torn record at the end of the spool" if last else "record runs past its segment"
                     elif last and _crc(head[:8], data[pos + _HEAD.size:end]) != crc:
+                        if _whole_record_at(data, end):  # corrupt, but good records follow: read() skips it alone
+                            pos = end
+                            continue
                         reason = "record failed its CRC check"
                 if reason is not None:
                     if last:  # cut it off so new records append on a clean boundary
@@ -227,6 +247,7 @@ class Spool:
             self._rotate()
         rec = encode(payload, events)
         assert self._fd is not None
+        self._check_there()
         view = memoryview(rec)
         try:
             while view:
@@ -239,6 +260,21 @@ class Spool:
         self.write_pos += len(rec)
         self.pending_events += events
         return self.write_pos
+
+    def _check_there(self) -> None:
+        """The segment we append to must still be the one its path names: a spool directory removed (or a
+        segment replaced) while running took every record not yet delivered with it, and later appends went
+        into a deleted file, to vanish at the next restart without a word."""
+        path = self._path(self._segments[-1])
+        assert self._fd is not None
+        try:
+            st, own = os.stat(path, follow_symlinks=False), os.fstat(self._fd)
+            same = (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+        except OSError:
+            same = False
+        if not same:
+            raise StageError(f"{path}: the spool was removed or replaced while running: its "
+                             f"{self.pending_events} undelivered event(s) cannot be read back or survive a restart")
 
     def read(self) -> Record | Damage | None:
         """The record at the read position (advancing it), a damaged range skipped, or None at the end."""

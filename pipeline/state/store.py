@@ -94,6 +94,8 @@ class SqliteStateStore(StateStore):
         self.rows_written = 0
         self._tracked: dict[str, TrackedDict] = {}
         self._last_error = ""
+        self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the state.db we opened
+        self._rewrite = False  # the next flush replaces every row (state.db was re-created)
         ensure_private_dir(state_dir)
         try:
             self._db, self._loaded = self._open()
@@ -107,7 +109,12 @@ class SqliteStateStore(StateStore):
         if self.path.is_symlink():
             raise StageError(f"{self.path}: refusing a symlinked state file")
         try:
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE))
+            # O_NONBLOCK: a FIFO there must not block the event loop (sqlite then refuses it as not a database)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK,
+                         FILE_MODE)
+            st = os.fstat(fd)
+            os.close(fd)
+            self._ident = (st.st_dev, st.st_ino)
             # timeout: a writer lock held elsewhere fails this flush at once; the next batch retries
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0.05)
         except (OSError, sqlite3.OperationalError) as exc:
@@ -165,6 +172,8 @@ class SqliteStateStore(StateStore):
         """Write every changed key in one transaction; on failure keep them for the next flush."""
         if not self.dirty:
             return
+        if not self._still_there():
+            self._recreate()
         upserts: list[tuple[str, str, bytes]] = []
         deletes: list[tuple[str, str]] = []
         for name, m in self._tracked.items():
@@ -180,6 +189,8 @@ class SqliteStateStore(StateStore):
         try:
             db = self._db
             db.execute("BEGIN")
+            if self._rewrite:
+                db.execute("DELETE FROM state")
             if upserts:
                 db.executemany("INSERT OR REPLACE INTO state (map, key, value) VALUES (?, ?, ?)", upserts)
             if deletes:
@@ -192,10 +203,40 @@ class SqliteStateStore(StateStore):
                 log.error("%s: cannot save rule/enrich state (%s); retrying after the next batch", self.path, exc)
             return
         self._last_error = ""
+        self._rewrite = False
         self.flushes += 1
         self.rows_written += len(upserts) + len(deletes)
         for m in self._tracked.values():
             m.changed.clear()
+
+    def _still_there(self) -> bool:
+        """Does `state.db` still name the file we write (not deleted, not replaced, its directory not removed)?"""
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._ident
+
+    def _recreate(self) -> None:
+        """state.db (or state_dir) was removed under the run: saves went into a deleted file, and a restart
+        found no state. Open a new one and write the whole state to it at this flush."""
+        log.warning("%s: removed or replaced while running; writing the whole rule/enrich state to a new one",
+                    self.path)
+        try:
+            self._db.close()
+        except sqlite3.Error:
+            pass
+        ensure_private_dir(self.path.parent)
+        try:
+            self._db, _ = self._open()  # a file put there meanwhile is read over: ours is the current state
+        except sqlite3.DatabaseError as exc:
+            self._set_aside(exc)
+            self._db, _ = self._open()
+        for name in list(self._loaded):  # maps no stage asked for yet are state too
+            self.get(name)
+        for m in self._tracked.values():
+            m.changed.update(m.keys())
+        self._rewrite = True
 
     def _rollback(self) -> None:
         try:

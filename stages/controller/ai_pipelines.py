@@ -208,8 +208,7 @@ class AIPipelines:
 
         found = [RTStreamSceneIndex(conn, rtstream_index_id=i["index_id"], rtstream_id=i["rtstream_id"])
                  for i in (saved if isinstance(saved, list) else [])
-                 if isinstance(i, dict) and isinstance(i.get("index_id"), str)
-                 and isinstance(i.get("rtstream_id"), str)]
+                 if isinstance(i, dict) and usable_id(i.get("index_id")) and usable_id(i.get("rtstream_id"))]
         if found:
             self._indexes = {"saved": found}
 

@@ -31,7 +31,7 @@ from pipeline.types import Duration
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, client_token, connect
 from stages.controller import lost_create, resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
-from stages.controller.lifecycle import STATES, Lifecycle, stored
+from stages.controller.lifecycle import STATES, Lifecycle, ended_unstored
 from stages.controller.session_options import SessionApiOptions
 from stages.controller.session_store import safe_id
 from stages.controller.tasks import Background
@@ -100,6 +100,12 @@ class CaptureSessionController(Controller):
         self._resumed = False
         self.manager: Any = None  # SessionManager when `api` is set
         self.api: Any = None
+        # Read now, before any sink starts: a sink with `clear` must not empty a resumed session's output.
+        self._found = None if options.session_id or options.api is not None else resume.read_record(
+            self.state_file, context.settings, self.who)
+        self._saved = resume.saved_session(self._found, self.settings.collection_id, options.end_user_id, self.who)
+        context.session.resuming = self._saved is not None or resume.pending_create(
+            self._found, self.settings.collection_id, options.end_user_id) is not None
 
     async def _sdk(self, what: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         return await call(self.who, what, fn, *args, api_key=self.settings.api_key, **kwargs)
@@ -120,9 +126,9 @@ class CaptureSessionController(Controller):
         except TimeoutError:
             raise StageError(f"{self.who}: no WebSocket connection id from the source after "
                              f"{opts.connect_timeout:g}s (the controller needs source type videodb)") from None
-        found = None if opts.session_id else resume.read_record(self.state_file, self.context.settings, self.who)
+        found = None if self.context.settings.get("new_session") else self._found
         collection = self.settings.collection_id
-        saved = resume.saved_session(found, collection, opts.end_user_id, self.who)
+        saved = None if found is None else self._saved
         intent = resume.pending_create(found, collection, opts.end_user_id)
         session, made = None, None
         if opts.session_id:
@@ -343,17 +349,9 @@ class CaptureSessionController(Controller):
     async def _end_if_unstored(self, session: Any, *, polled: bool) -> None:
         """`stopped`, waiting for `exported`: a session none of whose channels is stored is never exported
         (VideoDB exports only stored recordings), so it ends here instead of running for ever."""
-        if session is None:
-            try:
-                session = await self._sdk("get_capture_session", self._conn.get_capture_session,
-                                          self.session_id, self.settings.collection_id)
-            except VideoDBCallError as exc:
-                log.warning("%s (cannot tell whether an export will follow; still waiting for it)", exc)
-                return
-        if stored(session) is not False or self.lifecycle.state != "stopped":
+        if not await ended_unstored(self.lifecycle, self.record, session, lambda: self._sdk(
+                "get_capture_session", self._conn.get_capture_session, self.session_id, self.settings.collection_id)):
             return
-        self.lifecycle.unstored = True
-        self.record["stored"] = False
         self._save()
         if self._poll is not None:
             self._poll.cancel()
@@ -484,14 +482,22 @@ class CaptureSessionController(Controller):
             self._poll = self._spawn(self._poll_status())
 
     async def _poll_status(self) -> None:
+        missing = 0  # polls in a row VideoDB answered 404: twice, and the session is gone (it sends nothing more)
         while not self.lifecycle.done:
             await asyncio.sleep(self.options.status_poll_interval)
             try:
                 session = await self._sdk("get_capture_session", self._conn.get_capture_session,
                                           self.session_id, self.settings.collection_id)
             except VideoDBCallError as exc:
+                missing = missing + 1 if exc.status == 404 else 0
+                if missing >= 2:
+                    log.error("%s", exc)
+                    self.context.session.request_exit(
+                        3, f"capture session {self.session_id} no longer exists at VideoDB ({exc})")
+                    return
                 log.warning("%s", exc)
                 continue
+            missing = 0
             status = getattr(session, "status", None)
             if not status or not self.lifecycle.behind(status):
                 continue

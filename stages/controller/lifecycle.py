@@ -10,6 +10,7 @@ earlier state, or anything after `exported`/`failed`, is logged and ignored
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 log = logging.getLogger("pipeline.controller.capture_session")
@@ -80,3 +81,23 @@ def stored(session: Any) -> bool | None:
     """Whether a `CaptureSession` has a stored channel (only then is it exported); None when it lists none."""
     channels = getattr(session, "channels", None) or []
     return any(bool(getattr(ch, "store", False)) for ch in channels) if channels else None
+
+
+async def ended_unstored(lifecycle: Lifecycle, record: dict[str, Any], session: Any,
+                         fetch: Callable[[], Awaitable[Any]]) -> bool:
+    """At `stopped`: True (and the session marked so) when none of its channels is stored, since VideoDB
+    exports only stored recordings and the session would otherwise wait for an export for ever. `fetch`
+    reads the session when the event did not carry it; if that fails nothing is decided."""
+    from pipeline.videodb_sdk import VideoDBCallError
+
+    if session is None:
+        try:
+            session = await fetch()
+        except VideoDBCallError as exc:
+            log.warning("%s (cannot tell whether an export will follow; still waiting for it)", exc)
+            return False
+    if stored(session) is not False or lifecycle.state != "stopped":
+        return False
+    lifecycle.unstored = True
+    record["stored"] = False
+    return True

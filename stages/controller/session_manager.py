@@ -34,7 +34,7 @@ from stages.controller.ai_pipelines import (
     streams_from_event,
     usable_id,
 )
-from stages.controller.lifecycle import stored
+from stages.controller.lifecycle import ended_unstored
 from stages.controller.session_create import ApiProblem, SessionCreator
 from stages.controller.session_store import SessionStore
 from stages.controller.sessions import ManagedSession
@@ -382,17 +382,9 @@ class SessionManager:
     async def _end_if_unstored(self, s: ManagedSession, session: Any) -> None:
         """`stopped`: with no stored channel VideoDB exports nothing, so the session ends here (else it would
         stay live for ever: counted under max_sessions, polled, re-attached by every restart)."""
-        if session is None:
-            try:
-                session = await self._sdk("get_capture_session", self.conn.get_capture_session,
-                                          s.id, self.settings.collection_id)
-            except VideoDBCallError as exc:
-                log.warning("%s (cannot tell whether an export will follow)", exc)
-                return
-        if stored(session) is not False or s.lifecycle.state != "stopped":
+        if not await ended_unstored(s.lifecycle, s.record, session, lambda: self._sdk(
+                "get_capture_session", self.conn.get_capture_session, s.id, self.settings.collection_id)):
             return
-        s.lifecycle.unstored = True
-        s.record["stored"] = False
         log.info("%s: capture session %s stopped and none of its channels is stored: no export follows",
                  self.who, s.id)
         self._forget_streams(s)

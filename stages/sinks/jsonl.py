@@ -21,7 +21,7 @@ import orjson
 from pydantic import Field, field_validator
 
 from pipeline.api import Batch, Context, Event, Sink, SinkOptions
-from pipeline.errors import SinkFailed, StageError
+from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import channel
 from pipeline.files import open_private, still_names
 from pipeline.types import Duration
@@ -123,7 +123,7 @@ class JsonlSink(Sink):
         if f is None:
             if len(self._files) >= MAX_OPEN_FILES:  # {date}/{session} paths: don't hold every file open forever
                 self._files.pop(next(iter(self._files))).fh.close()
-            truncate = self.options.clear and path not in self._cleared
+            truncate = self.options.clear and path not in self._cleared and not self.context.session.resuming
             if self.options.clear:
                 self._cleared.add(path)
             f = _File(path, open_private(path, truncate=truncate))
@@ -165,7 +165,8 @@ class JsonlSink(Sink):
         else:
             if self._pending_clear:
                 self._pending_clear = False
-                self._open(self.options.path).fh.truncate(0)
+                if not self.context.session.resuming:  # a restart resuming the session appends to its output
+                    self._open(self.options.path).fh.truncate(0)
             buf = self._buf(self.options.path)
             mark = len(buf)
             try:
@@ -245,17 +246,25 @@ class JsonlSink(Sink):
 
     def _dead_letter_buffers(self, reason: str, current: int) -> None:
         """Nothing accepted is lost silently: unwritten lines go to the dead letter, uncounted as written."""
-        lines = 0
+        lines = lost = 0
         for buf in self._bufs.values():
             for line in bytes(buf).splitlines():
                 if not line:
+                    continue
+                lines += 1
+                if lost:  # the dead-letter file failed too: the rest are counted as lost, not tried one by one
+                    lost += 1
                     continue
                 try:
                     event = orjson.loads(line)
                 except orjson.JSONDecodeError:  # the tail of a line the device took half of
                     event = {"raw": line.decode("utf-8", "replace")}
-                self.context.dead_letter.write(reason, stage=self.context.stage, event=event)
-                lines += 1
+                try:
+                    self.context.dead_letter.write(reason, stage=self.context.stage, event=event)
+                except PipelineError:  # counted as lost by the dead letter, which the runtime reports
+                    lost = 1
+        if lost > 1:
+            self.context.dead_letter.lose(lost - 1)
         self._bufs = {}
         self._buffered = 0
         self.context.stats.errors += lines

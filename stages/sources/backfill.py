@@ -39,6 +39,7 @@ MAX_BYTES: Final = 64 << 20  # text bytes one target may pull in one backfill
 #: A fetch starts this much before the last start seen: results arrive in order of their end, and
 #: a long segment (an audio-index batch) can start before a shorter one that arrived earlier.
 MARGIN_MS: Final = 30_000
+END_AHEAD_MS: Final = 24 * 3_600_000  # a time-filtered query ends this far past max(now, the mark)
 _LISTS: Final = ("segments", "transcription", "transcripts", "scene_index_records", "scenes", "records",
                  "results", "data")
 
@@ -107,8 +108,9 @@ def _page(t: Target, page: int, since: int | None, per: int) -> Any:
     start = since // per
     if t.channel == "transcript" and per == 1:
         return t.source.get_transcript(page=page, page_size=PAGE_SIZE, start=start)
-    # get_scenes sends start/end only together; end = an hour from now
-    end = (int(time.time() * 1000) + 3_600_000) // per
+    # get_scenes sends start/end only together. The end is past both our clock and the mark (VideoDB's
+    # time): with our clock hours behind VideoDB's, "an hour from now" ended before the gap began.
+    end = (max(int(time.time() * 1000), since) + END_AHEAD_MS) // per
     if t.channel == "transcript":
         return t.source.get_transcript(page=page, page_size=PAGE_SIZE, start=start, end=end)
     return t.source.get_scenes(start=start, end=end, page=page, page_size=PAGE_SIZE)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -21,6 +22,10 @@ from pydantic import Field
 from pipeline.api import Batch, Context, Options, Source
 from pipeline.errors import StageError
 from pipeline.events import Stamper, edge_reason, edge_rejects
+
+MAX_LINE = 4 << 20  # bytes per line, newline included (4 x the WebSocket frame limit): a longer one is dead-lettered
+#                    and skipped, never held whole; a batch holds at most batch_size x this
+SKIP_CHUNK = 1 << 20  # the rest of a line too long is read and thrown away this much at a time
 
 
 class ReplayOptions(Options):
@@ -104,6 +109,37 @@ class ReplaySource(Source):
             out.append(event)
         return out
 
+    def _bounded(self, fh: Any, lines: list[bytes], first: int) -> list[bytes]:
+        """`lines` (read MAX_LINE bytes at most each) with every longer line dead-lettered and a blank line in
+        its place: the pieces of it read as further lines of the batch are dropped, and its rest is read and
+        thrown away SKIP_CHUNK bytes at a time, so a multi-GB line with no newline is never held whole."""
+        limit = MAX_LINE
+        out: list[bytes] = []
+        pieces = iter(lines)
+        for raw in pieces:
+            if len(raw) < limit or raw.endswith(b"\n"):
+                out.append(raw)
+                continue
+            skipped, last = len(raw), raw
+            for last in pieces:  # the line's next pieces, read as lines of this batch
+                skipped += len(last)
+                if last.endswith(b"\n"):
+                    break
+            else:
+                while not last.endswith(b"\n") and (last := fh.readline(SKIP_CHUNK)):
+                    skipped += len(last)
+            if skipped == len(raw):  # nothing followed: the file's last line, exactly `limit` bytes, is whole
+                out.append(raw)
+                continue
+            self.position += skipped - 1  # the blank line in its place counts the last byte
+            self._reject(first + len(out), f"line of {skipped} bytes, over the {limit >> 20} MiB limit: skipped", raw)
+            out.append(b"\n")
+        return out
+
+    def _lines(self, fh: Any) -> Iterator[bytes]:
+        """The file's lines, each read only up to MAX_LINE bytes (all in C: no Python call per line)."""
+        return iter(partial(fh.readline, MAX_LINE), b"")
+
     async def batches(self) -> AsyncIterator[Batch]:
         path = self.options.path
         try:
@@ -120,10 +156,13 @@ class ReplaySource(Source):
                 return
             # As fast as possible: read `size` lines at a time and parse them in one go.
             lineno = 1
+            read = self._lines(fh)
             while not self._stopping:
-                lines = list(islice(fh, size))
+                lines = list(islice(read, size))
                 if not lines:
                     break
+                if max(map(len, lines)) >= MAX_LINE:
+                    lines = self._bounded(fh, lines, lineno)
                 self.lines = lineno + len(lines) - 1
                 batch = self._parse(lines, lineno)
                 lineno += len(lines)
@@ -141,10 +180,12 @@ class ReplaySource(Source):
         self.batch_bytes = 0
         t0_wall: float | None = None
         t0_event = 0.0
-        for lineno, raw in enumerate(fh, 1):
+        for lineno, raw in enumerate(self._lines(fh), 1):
             if self._stopping:
                 break
             self.lines = lineno
+            if len(raw) >= MAX_LINE:
+                raw = self._bounded(fh, [raw], lineno)[0]
             self.position += len(raw)
             parsed = self._parse([raw], lineno)
             if not parsed:

@@ -23,11 +23,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.api import Batch, Context
 from pipeline.errors import StageError
 from pipeline.files import check_writable, ensure_private_dir, write_private_text
+from pipeline.net import VIDEODB_URL_EXAMPLE, http_url
 from pipeline.types import Secret
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
 from stages.sources.inlet import Inlet
@@ -47,6 +48,11 @@ class VideoDBSourceOptions(ReaderOptions):
                                                             "(default: the pipeline's state_dir)")
     backfill: bool = Field(default=True, description="after a reconnect, fetch what VideoDB produced during "
                                                      "the gap (needs the capture_session controller)")
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str | None) -> str | None:
+        return None if v is None else http_url(v, VIDEODB_URL_EXAMPLE)
 
 
 class VideoDBSource(WebSocketSource):
@@ -116,7 +122,8 @@ class VideoDBSource(WebSocketSource):
 
     async def batches(self) -> AsyncIterator[Batch]:
         try:
-            await self._preflight()
+            if not await self.unless_stopped(self._preflight()):
+                return  # stopped while VideoDB had not answered yet: nothing was read
             async for batch in super().batches():
                 yield batch
         finally:

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, ClassVar
 
 import orjson
@@ -293,6 +293,39 @@ class WebSocketSource(Source):
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
+            self._drop_unyielded()
+
+    def _drop_unyielded(self) -> None:
+        """Events accepted but never yielded (held for a backfill when the reader gave up, or the source cancelled
+        at the end of drain_timeout): dead-lettered, so nothing accepted vanishes."""
+        left = self._pending
+        while self._inlet is not None and (filled := self._inlet.take()) is not None:
+            left.extend(filled)
+        self._pending, self._pending_bytes = [], 0
+        for event in left:
+            self.context.stats.dropped += 1
+            self.context.dead_letter.write("accepted but not passed on before the source stopped",
+                                           stage=self.context.stage,
+                                           origin={"source": self.describe(), "connection_id": self.connection_id},
+                                           event=event)
+
+    async def unless_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run `work` unless stop() comes first, which cancels it: False then (a call that hangs cannot hold up
+        a stop)."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self._stop_event.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            return False
+        task.result()  # its error, if it failed
+        return True
 
     async def stop(self) -> None:
         """Send our close; frames the server sent before it saw it are still read and yielded."""

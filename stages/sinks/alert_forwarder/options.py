@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from pipeline import secrets
 from pipeline.api import SinkOptions
+from pipeline.net import http_url
 from pipeline.types import ByteSize, Duration, Rate, Secret
 
 from .template import check_template
@@ -21,10 +21,15 @@ def check_url(value: Any) -> Any:
     url = value.strip()
     if not url:
         raise ValueError("webhook URL is empty (is the environment variable set?)")
+    try:
+        http_url(url, "https://hooks.slack.com/services/...")
+    except ValueError as exc:  # the message holds the URL: say it again with its token parts masked
+        try:
+            masked = secrets.mask_url(url)
+        except ValueError:  # a host or port urllib cannot read: keep only the scheme
+            masked = url.split("://", 1)[0] + "://***" if "://" in url else "***"
+        raise ValueError(str(exc).replace(repr(url), repr(masked))) from None
     secrets.register_url(url)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http(s) URL, got {secrets.mask_url(url)!r}")
     return url
 
 

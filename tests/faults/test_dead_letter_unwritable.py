@@ -1,0 +1,98 @@
+"""The dead-letter file becomes unwritable mid-run: what it should have held is counted as lost, and the run
+fails with one line, instead of ending 0 with a summary that counts those events as dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from pipeline.build import build
+from pipeline.config import load_config
+from pipeline.runtime.local import LocalRuntime
+
+ROOT = Path(__file__).resolve().parents[2]
+PIPELINE = [sys.executable, "-m", "pipeline.cli"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def events(n: int) -> bytes:
+    return b"".join(orjson.dumps({"channel": "transcript", "id": i, "rtstream_id": "r",
+                                  "data": {"text": "x", "start": 1710000000000 + i}}) + b"\n" for i in range(n))
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+async def test_a_full_buffer_with_the_dead_letter_gone_counts_the_loss_and_fails(tmp_path: Path, kind: str) -> None:
+    (tmp_path / "in.jsonl").write_bytes(events(2000))
+    (tmp_path / "dl").mkdir()
+    out = tmp_path / "out.txt"
+    (tmp_path / "out.txt.hold").touch()  # the sink stalls: the buffer fills and dead-letters the rest
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: dl-gone
+source: {{type: replay, path: {tmp_path}/in.jsonl, batch_size: 100}}
+runtime: {{queue_size: 1, drain_timeout: 2s}}
+sinks:
+  - type: tests.slow_sink:DeadLetterGoneSink
+    path: {out}
+    delay: 0
+    buffer: {{type: {kind}, max_bytes: 30000, when_full: dead_letter}}
+dead_letter: {tmp_path}/dl/dead.jsonl
+state_dir: {tmp_path}/state
+""")
+    rt = LocalRuntime(build(load_config(cfg)), install_signals=False)
+    run = asyncio.create_task(rt.run())
+    await asyncio.sleep(0.3)
+    (tmp_path / "out.txt.hold").unlink()
+    code = await asyncio.wait_for(run, 20)
+    written = sum(int(x) for x in out.read_text().split())
+    summary = rt.summary()
+    assert code == 1, summary  # it was 0: "buffer-full dead-lettered 1800", and nothing in any file
+    assert rt.b.dead_letter.count == 0  # nothing could be written there
+    lost = rt.b.dead_letter.lost
+    read = rt.b.source.context.stats.received
+    assert written + lost == read, summary  # every event read is written or counted as lost
+    assert read < 2000  # the run stopped reading: every later reject would have been lost too
+    assert lost > 0 and f"LOST {lost}" in summary and "dead.jsonl" in summary, summary
+    assert rt.error is not None and "dead-letter" in str(rt.error) and "\n" not in str(rt.error)
+
+
+def test_a_full_disk_under_both_a_sink_and_the_dead_letter_keeps_whole_lines_and_counts_the_loss(
+        tmp_path: Path) -> None:
+    """The jsonl sink writes to a full device (/dev/full) and the dead-letter file hits a file-size limit
+    (RLIMIT_FSIZE, as a full disk). Every event read is in the dead-letter file (whole lines only) or
+    counted as lost in the summary, and the run ends with exit 1 and one line, without a traceback."""
+    import resource
+
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    (tmp_path / "in.jsonl").write_bytes(events(2000))
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: both-full
+source: {{type: replay, path: {tmp_path}/in.jsonl, batch_size: 100}}
+sinks:
+  - {{type: jsonl, path: /dev/full, flush_interval: 0}}
+dead_letter: {tmp_path}/dead.jsonl
+""")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+
+    res = subprocess.run([*PIPELINE, "run", str(cfg)], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                         timeout=30, preexec_fn=limit)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    dead = (tmp_path / "dead.jsonl").read_bytes().splitlines()
+    ids = [orjson.loads(x)["event"]["id"] for x in dead]  # a torn line would not parse
+    read = int(next(ln for ln in res.stderr.splitlines() if "source:replay" in ln).split()[2])
+    lost = next((ln for ln in res.stderr.splitlines() if "LOST" in ln), "")
+    assert lost, res.stderr
+    assert ids == list(range(len(ids))) and len(ids) + int(lost.split()[1]) == read, res.stderr

@@ -1,0 +1,93 @@
+"""The replay source reads each line only up to a limit: a line with no end in sight is never held whole."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.api import Context
+from stages.sources import replay
+from stages.sources.replay import ReplayOptions, ReplaySource
+
+MakeCtx = Callable[..., Context]
+
+
+async def read_all(src: ReplaySource) -> list[dict[str, Any]]:
+    return [e for b in [b async for b in src.batches()] for e in b]
+
+
+def dead_letters(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(x) for x in path.read_bytes().splitlines()] if path.exists() else []
+
+
+async def test_a_line_longer_than_the_limit_is_skipped_without_being_held(
+        make_context: MakeCtx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: a line was read whole, whatever its length (a 32 MiB line held 32 MiB and more at once; a multi-GB
+    file with no newline ran out of memory)."""
+    monkeypatch.setattr(replay, "MAX_LINE", 1 << 20, raising=False)
+    path = tmp_path / "r.jsonl"
+    with path.open("wb") as fh:
+        fh.write(b'{"channel": "transcript", "n": 1}\n')
+        fh.write(b'{"channel": "transcript", "text": "' + b"x" * (32 << 20) + b'"}\n')
+        fh.write(b'{"channel": "transcript", "n": 3}\n')
+    ctx = make_context()
+    src = ReplaySource(ReplayOptions(path=str(path), batch_size=4), ctx)  # holds at most 4 x 1 MiB at once
+    tracemalloc.start()
+    try:
+        got = await read_all(src)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak {peak >> 20} MiB while reading a 32 MiB line"
+    assert [e.get("n") for e in got] == [1, 3]
+    [dead] = dead_letters(tmp_path / "dead-letter.jsonl")
+    assert dead["origin"]["line"] == 2 and "over the 1 MiB limit: skipped" in dead["reason"]
+    assert src.position == path.stat().st_size and src.lines == 3
+
+
+lines = st.one_of(
+    st.builds(lambda n, pad: orjson.dumps({"channel": "transcript", "n": n, "pad": "y" * pad}),
+              st.integers(0, 10**6), st.integers(0, 60)),
+    st.sampled_from([b"", b"  ", b"[1]", b"{not json"]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(lines, max_size=12), st.booleans(), st.integers(1, 4), st.booleans())
+async def test_bounded_reading_keeps_and_rejects_what_splitting_the_file_would(
+        make_context: MakeCtx, tmp_path: Path, body: list[bytes], last_newline: bool, batch_size: int,
+        paced: bool) -> None:
+    """The plain definition: split the file at newlines; a line (newline included) longer than MAX_LINE bytes is
+    dead-lettered, the rest parsed as before. Both read paths (as fast as possible, and paced) agree with it."""
+    limit = 64
+    old = replay.MAX_LINE, replay.SKIP_CHUNK
+    replay.MAX_LINE, replay.SKIP_CHUNK = limit, 16
+    try:
+        data = b"\n".join(body) + (b"\n" if last_newline and body else b"")
+        path = tmp_path / f"h{len(data)}-{batch_size}-{paced}.jsonl"
+        path.write_bytes(data)
+        dead_path = tmp_path / "dead-letter.jsonl"
+        dead_path.unlink(missing_ok=True)
+        src = ReplaySource(ReplayOptions(path=str(path), batch_size=batch_size, speed=1e12 if paced else 0),
+                           make_context())
+        got = await read_all(src)
+    finally:
+        replay.MAX_LINE, replay.SKIP_CHUNK = old
+    split = data.split(b"\n")
+    if split and split[-1] == b"":
+        split.pop()
+    whole = [raw + b"\n" if i < len(split) - 1 or data.endswith(b"\n") else raw for i, raw in enumerate(split)]
+    too_long = {i + 1 for i, raw in enumerate(whole) if len(raw) > limit}
+    want = [orjson.loads(raw) for i, raw in enumerate(whole)
+            if i + 1 not in too_long and raw.strip() and raw.startswith(b'{"channel"') and raw.rstrip().endswith(b"}")]
+    assert [e["n"] for e in got] == [e["n"] for e in want]
+    skipped = sorted(d["origin"]["line"] for d in dead_letters(dead_path) if "limit: skipped" in d["reason"])
+    assert skipped == sorted(too_long)
+    assert src.position == len(data)
