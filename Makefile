@@ -44,7 +44,7 @@ test: lint browser
 	$(BIN)/pipeline test config/
 
 # The two C extensions built with AddressSanitizer and UBSan in a scratch copy of the tree, and their
-# property and misuse tests run against them (a few minutes; not part of `make test`). A report fails it.
+# property and misuse tests run against them (under a minute; not part of `make test`). A report fails it.
 ASAN_DIR := $(or $(TMPDIR),/tmp)/videodb-pipeline-asan
 asan: $(DEV_STAMP)
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
