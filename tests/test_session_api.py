@@ -425,3 +425,34 @@ def test_backfill_bookkeeping_scales_with_sessions_not_history() -> None:
     assert inlet.known(dup) and inlet.admit([dup]) == []  # recent events are still deduplicated
     inlet.forget(["rts-0"])
     assert ("rts-0", "transcript") not in inlet._seen and inlet.since("rts-0", "transcript") is None
+
+
+async def test_a_followed_session_videodb_no_longer_has_ends_as_failed_and_the_others_run_on(
+        make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """After a reconnect the sessions are followed by polling. Before, one VideoDB no longer knew stayed live
+    for ever (polled, counted under max_sessions, re-attached by every restart). Now one that two listings
+    in a row leave out, and that is answered 404 when asked for by id, ends as failed."""
+    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=50, api_key=API_KEY, autostart=False,
+                   drop_after=40)
+    await emu.start()
+    try:
+        async with running(make_context, emu) as live:
+            link = live.ctl.context.session
+            made = [(await live.call("POST", "/v1/sessions", json={"end_user_id": u}))[1]["session_id"]
+                    for u in ("ann", "bob")]
+            for sid in made:
+                await hook(live, emu, f"sessions/{sid}/start")
+            first = link.connection_id
+            await live.wait_for(lambda: link.connection_id != first)  # dropped: polling follows the sessions
+            gone, kept = made
+            emu.registry.sessions.pop(gone)
+
+            async def status(sid: str) -> Any:
+                return (await live.call("GET", f"/v1/sessions/{sid}"))[1]
+
+            await live.wait_for(lambda: live.ctl.manager.get(gone).lifecycle.done, timeout=10)
+            assert (await status(gone))["status"] == "failed"
+            assert "no longer exists at VideoDB" in (await status(gone))["error"]
+            assert (await status(kept))["status"] == "active"
+    finally:
+        await emu.stop()

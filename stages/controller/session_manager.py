@@ -74,6 +74,7 @@ class SessionManager:
         self._bind_slots = asyncio.Semaphore(_BIND_CONCURRENCY)
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: dict[str, str] = {}
+        self._unlisted: dict[str, int] = {}  # session id -> listings in a row that left it out
         self._saved_checkpoint: dict[str, int] | None = None
         self.conn: Any = None
 
@@ -507,15 +508,43 @@ class SessionManager:
             except VideoDBCallError as exc:
                 log.warning("%s", exc)
                 continue
+            seen: set[str] = set()
             for session in listed:
                 s = self.sessions.get(str(getattr(session, "id", "")))
                 status = getattr(session, "status", None)
+                if s is not None:
+                    seen.add(s.id)
                 if s is None or not status or not s.lifecycle.behind(status):
                     continue
                 if status in ("stopped", "exported", "failed") and self._poll_seen.get(s.id) != status:
                     self._poll_seen[s.id] = status  # give the WebSocket event one interval to arrive first
                     continue
                 self._transition(s, status, session=session, error="reported by list_capture_sessions")
+            self._check_unlisted(seen)
+
+    def _check_unlisted(self, listed: set[str]) -> None:
+        """A session not ended that two listings in a row left out is asked for by id; a 404 ends it as
+        failed (else it stayed live for ever: polled, counted under max_sessions, re-attached by every
+        restart). The listing alone is not trusted to be complete."""
+        absent = self._unlisted
+        for sid, s in self.sessions.items():
+            if s.lifecycle.done or sid in listed:
+                absent.pop(sid, None)
+            else:
+                absent[sid] = absent.get(sid, 0) + 1
+                if absent[sid] == 2:
+                    self._spawn(self._end_if_gone(s))
+        for sid in [sid for sid in absent if sid not in self.sessions]:
+            del absent[sid]
+
+    async def _end_if_gone(self, s: ManagedSession) -> None:
+        try:
+            await self._sdk("get_capture_session", self.conn.get_capture_session, s.id, self.settings.collection_id)
+        except VideoDBCallError as exc:
+            if exc.status == 404 and not s.lifecycle.done:
+                self._transition(s, "failed", error=f"capture session {s.id} no longer exists at VideoDB ({exc})")
+            return
+        self._unlisted.pop(s.id, None)  # it exists: the listing left it out
 
     def closing(self) -> None:
         """Shutdown begins: creates still waiting for a connection answer 503 now."""
