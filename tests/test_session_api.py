@@ -103,6 +103,16 @@ async def emulator(tmp_path: Path) -> AsyncIterator[Emulator]:
     await emu.stop()
 
 
+@pytest.fixture
+async def dropping(tmp_path: Path) -> AsyncIterator[Emulator]:
+    """An emulator with a long scenario that drops the WebSocket after 40 events (a reconnect follows)."""
+    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=50, api_key=API_KEY, autostart=False,
+                   drop_after=40)
+    await emu.start()
+    yield emu
+    await emu.stop()
+
+
 async def hook(live: Live, emu: Emulator, path: str) -> None:
     async with live.http.post(f"{emu.base_url}/_emulator/{path}") as r:
         assert r.status == 200, await r.text()
@@ -358,51 +368,46 @@ async def test_jsonl_path_per_session_is_safe(make_context: Callable[..., Contex
 
 
 async def test_every_session_is_rebound_after_a_reconnect(make_context: Callable[..., Context],
-                                                          tmp_path: Path) -> None:
-    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=50, api_key=API_KEY, autostart=False,
-                   drop_after=40)
-    await emu.start()
-    try:
-        async with running(make_context, emu) as live:
-            link = live.ctl.context.session
-            made = []
-            for user in ("a", "b", "c"):
-                made.append((await live.call("POST", "/v1/sessions", json={"end_user_id": user}))[1]["session_id"])
-            for sid in made:
-                await hook(live, emu, f"sessions/{sid}/start")
-            first = link.connection_id
-            assert first is not None and all(c["body"]["ws_connection_id"] == first for c in session_calls(emu))
-            await live.wait_for(lambda: link.connection_id != first)  # the emulator dropped the socket
-            new = link.connection_id
-            mics = {r["rtstream_id"] for sid in made for r in live.ctl.manager.get(sid).record["rtstreams"]
-                    if r["name"] == "mic:default"}
+                                                          dropping: Emulator) -> None:
+    emu = dropping
+    async with running(make_context, emu) as live:
+        link = live.ctl.context.session
+        made = []
+        for user in ("a", "b", "c"):
+            made.append((await live.call("POST", "/v1/sessions", json={"end_user_id": user}))[1]["session_id"])
+        for sid in made:
+            await hook(live, emu, f"sessions/{sid}/start")
+        first = link.connection_id
+        assert first is not None and all(c["body"]["ws_connection_id"] == first for c in session_calls(emu))
+        await live.wait_for(lambda: link.connection_id != first)  # the emulator dropped the socket
+        new = link.connection_id
+        mics = {r["rtstream_id"] for sid in made for r in live.ctl.manager.get(sid).record["rtstreams"]
+                if r["name"] == "mic:default"}
 
-            def bound_to_new() -> set[str]:
-                return {c["path"].split("/")[2] for c in emu.calls if c["path"].endswith("/transcription")
-                        and c["method"] == "POST" and (c["body"] or {}).get("ws_connection_id") == new}
+        def bound_to_new() -> set[str]:
+            return {c["path"].split("/")[2] for c in emu.calls if c["path"].endswith("/transcription")
+                    and c["method"] == "POST" and (c["body"] or {}).get("ws_connection_id") == new}
 
-            await live.wait_for(lambda: mics <= bound_to_new())
-            before = {sid: len(live.of(sid, "transcript")) for sid in made}
-            await live.wait_for(lambda: all(len(live.of(sid, "transcript")) > before[sid] for sid in made))
-            assert all(live.ctl.manager.get(sid).lifecycle.state == "active" for sid in made)
+        await live.wait_for(lambda: mics <= bound_to_new())
+        before = {sid: len(live.of(sid, "transcript")) for sid in made}
+        await live.wait_for(lambda: all(len(live.of(sid, "transcript")) > before[sid] for sid in made))
+        assert all(live.ctl.manager.get(sid).lifecycle.state == "active" for sid in made)
 
-            def key(e: dict[str, Any]) -> tuple[Any, ...]:
-                return e.get("rtstream_id"), e.get("channel"), e["data"].get("start"), e["data"].get("text")
+        def key(e: dict[str, Any]) -> tuple[Any, ...]:
+            return e.get("rtstream_id"), e.get("channel"), e["data"].get("start"), e["data"].get("text")
 
-            produced = [key(r["event"]) for r in emu.emitted if r["event"].get("channel") == "transcript"]
-            # events produced while the connection was gone were not resent over the socket; how many depends
-            # on timing (at this speed usually several; a quick re-bind may miss none)
-            lost = [r for r in emu.emitted if not r["live"] and r["event"].get("channel") == "transcript"]
+        produced = [key(r["event"]) for r in emu.emitted if r["event"].get("channel") == "transcript"]
+        # events produced while the connection was gone were not resent over the socket; how many depends
+        # on timing (at this speed usually several; a quick re-bind may miss none)
+        lost = [r for r in emu.emitted if not r["live"] and r["event"].get("channel") == "transcript"]
 
-            def received() -> list[tuple[Any, ...]]:
-                return [key(e) for e in live.events if e.get("channel") == "transcript"]
+        def received() -> list[tuple[Any, ...]]:
+            return [key(e) for e in live.events if e.get("channel") == "transcript"]
 
-            await live.wait_for(lambda: set(produced) <= set(received()))  # backfilled after the re-bind
-            got = received()
-            assert all(got.count(k) == 1 for k in produced)  # and none twice
-            assert not lost or any(e.get("backfill") for e in live.events)
-    finally:
-        await emu.stop()
+        await live.wait_for(lambda: set(produced) <= set(received()))  # backfilled after the re-bind
+        got = received()
+        assert all(got.count(k) == 1 for k in produced)  # and none twice
+        assert not lost or any(e.get("backfill") for e in live.events)
 
 
 def test_backfill_bookkeeping_scales_with_sessions_not_history() -> None:
@@ -428,31 +433,26 @@ def test_backfill_bookkeeping_scales_with_sessions_not_history() -> None:
 
 
 async def test_a_followed_session_videodb_no_longer_has_ends_as_failed_and_the_others_run_on(
-        make_context: Callable[..., Context], tmp_path: Path) -> None:
+        make_context: Callable[..., Context], dropping: Emulator) -> None:
     """After a reconnect the sessions are followed by polling. Before, one VideoDB no longer knew stayed live
     for ever (polled, counted under max_sessions, re-attached by every restart). Now one that two listings
     in a row leave out, and that is answered 404 when asked for by id, ends as failed."""
-    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=50, api_key=API_KEY, autostart=False,
-                   drop_after=40)
-    await emu.start()
-    try:
-        async with running(make_context, emu) as live:
-            link = live.ctl.context.session
-            made = [(await live.call("POST", "/v1/sessions", json={"end_user_id": u}))[1]["session_id"]
-                    for u in ("ann", "bob")]
-            for sid in made:
-                await hook(live, emu, f"sessions/{sid}/start")
-            first = link.connection_id
-            await live.wait_for(lambda: link.connection_id != first)  # dropped: polling follows the sessions
-            gone, kept = made
-            emu.registry.sessions.pop(gone)
+    emu = dropping
+    async with running(make_context, emu) as live:
+        link = live.ctl.context.session
+        made = [(await live.call("POST", "/v1/sessions", json={"end_user_id": u}))[1]["session_id"]
+                for u in ("ann", "bob")]
+        for sid in made:
+            await hook(live, emu, f"sessions/{sid}/start")
+        first = link.connection_id
+        await live.wait_for(lambda: link.connection_id != first)  # dropped: polling follows the sessions
+        gone, kept = made
+        emu.registry.sessions.pop(gone)
 
-            async def status(sid: str) -> Any:
-                return (await live.call("GET", f"/v1/sessions/{sid}"))[1]
+        async def status(sid: str) -> Any:
+            return (await live.call("GET", f"/v1/sessions/{sid}"))[1]
 
-            await live.wait_for(lambda: live.ctl.manager.get(gone).lifecycle.done, timeout=10)
-            assert (await status(gone))["status"] == "failed"
-            assert "no longer exists at VideoDB" in (await status(gone))["error"]
-            assert (await status(kept))["status"] == "active"
-    finally:
-        await emu.stop()
+        await live.wait_for(lambda: live.ctl.manager.get(gone).lifecycle.done, timeout=10)
+        assert (await status(gone))["status"] == "failed"
+        assert "no longer exists at VideoDB" in (await status(gone))["error"]
+        assert (await status(kept))["status"] == "active"
