@@ -32,15 +32,14 @@ def http_url(url: str, example: str) -> str:
     url = url.strip()
     try:
         parts = urlsplit(url)
-        port_ok = True
-        try:
-            parts.port  # noqa: B018 (raises for a port that is not a number from 0 to 65535)
-        except ValueError:
-            port_ok = False
     except ValueError:  # a broken [IPv6] host
-        parts, port_ok = None, True
+        parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http(s) URL such as {example}, got {url!r}")
-    if not port_ok or parts.port == 0:
+    try:
+        port = parts.port
+    except ValueError:  # not a number from 0 to 65535
+        port = 0
+    if port == 0:
         raise ValueError(f"the port must be a number from 1 to 65535, got {url!r}")
     return url
