@@ -21,6 +21,7 @@ import orjson
 from pydantic import Field, field_validator
 
 from pipeline.api import Batch, Context, Options, Source
+from pipeline.cancel import unless_set
 from pipeline.events import Stamper, edge_reason
 from pipeline.kafka import Backoff, bootstrap_list, describe, quiet_aiokafka
 from pipeline.types import Duration
@@ -195,22 +196,6 @@ class KafkaSource(Source):
                 await asyncio.wait_for(self._all_committed.wait(), self.opts.close_timeout)
         await self.close()
 
-    async def _unless_stopped(self, work: Any) -> bool:
-        """Run `work` unless stop comes first (then cancel it): False when stopped."""
-        task = asyncio.ensure_future(work)
-        stop = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if task.done():
-            task.result()
-            return True
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        return False
-
     async def _connect(self) -> Any:
         """Join the group, retrying with backoff while the broker is unreachable; None if stopped first."""
         from aiokafka import AIOKafkaConsumer
@@ -225,7 +210,7 @@ class KafkaSource(Source):
                 session_timeout_ms=int(self.opts.session_timeout * 1000),
                 heartbeat_interval_ms=max(100, int(self.opts.session_timeout * 1000 / 3)))
             try:
-                started = await self._unless_stopped(consumer.start())
+                started = await unless_set(self._stopping, consumer.start())
             except Exception as exc:
                 await leave(consumer)
                 if down_since is None:

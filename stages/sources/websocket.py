@@ -27,6 +27,7 @@ from pydantic import Field
 
 from pipeline.api import Batch, Context, Options, Source
 from pipeline.backoff import Backoff
+from pipeline.cancel import unless_set
 from pipeline.errors import StageError
 from pipeline.events import Stamper, edge_reason
 from pipeline.types import Duration
@@ -312,20 +313,7 @@ class WebSocketSource(Source):
     async def unless_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
         """Run `work` unless stop() comes first, which cancels it: False then (a call that hangs cannot hold up
         a stop)."""
-        task = asyncio.ensure_future(work)
-        stopped = asyncio.ensure_future(self._stop_event.wait())
-        try:
-            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if task.cancelled():
-            return False
-        task.result()  # its error, if it failed
-        return True
+        return await unless_set(self._stop_event, work)
 
     async def stop(self) -> None:
         """Send our close; frames the server sent before it saw it are still read and yielded."""
