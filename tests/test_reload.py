@@ -264,7 +264,8 @@ async def test_watch_reloads_a_file_written_in_two_steps_once_whole(tmp_path: Pa
 
 def test_sighup_while_starting_or_finishing_is_not_fatal(tmp_path: Path) -> None:
     """A reload sent a moment too early (the run still importing, reading its config, starting sinks) or too
-    late (writing its summary) used to end the process: SIGHUP's default action. It reloads, or is ignored."""
+    late (writing its summary, or in the interpreter's shutdown, which puts back the default action of every
+    signal Python handles) used to end the process: SIGHUP's default action. It reloads, or is ignored."""
     events = tmp_path / "in.jsonl"
     events.write_text("".join(json.dumps({"channel": "transcript", "unix_ts": 1_700_000_000 + i,
                                           "data": {"text": f"apple {i}"}}) + "\n" for i in range(40)))
@@ -282,9 +283,9 @@ sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl}}]
     wait_for(lambda: proc.poll() is not None or "pydantic_core" in maps.read_text(), "the config being read",
              timeout=20)
     summary = tmp_path / "summary.json"
-    while proc.poll() is None and not summary.exists():  # a storm, until the last thing the run writes
-        proc.send_signal(signal.SIGHUP)  # (then only the interpreter's own shutdown is left)
-        time.sleep(0.01)
+    while proc.poll() is None:  # a storm, until the process is gone (its interpreter's own shutdown included)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.002 if summary.exists() else 0.01)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err[-2000:]
     assert "reload (SIGHUP) applied" in err and summary.exists()

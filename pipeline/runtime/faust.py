@@ -394,6 +394,9 @@ class Worker:
             code = exc.code if isinstance(exc.code, int) else 1
         else:
             code = 0
+        # stopped: ignored outright from now on, since the interpreter's shutdown puts back the default
+        # action (an exit) of every signal Python handles, but not of one it ignores
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         shutil.rmtree(self.datadir, ignore_errors=True)  # tables live in the changelog, nothing to keep
         if self.error is not None:
             raise self.error

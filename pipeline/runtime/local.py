@@ -360,9 +360,9 @@ class LocalRuntime:
             for buf in self.buffers:
                 buf.close()
             if self.install_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
-                hup.hold()  # the summary is still to be written: a late SIGHUP must not end the process
+                hup.ignore(loop)  # the summary is still to be written: a late SIGHUP must not end the process
         if self.error is None and b.dead_letter.lost:  # a stage gave up on a dead-letter write: never exit 0
             self.error = StageError(f"{b.dead_letter.failure}; {b.dead_letter.lost} event(s) lost")
         if self.error is not None:
