@@ -34,7 +34,8 @@ class Fault:
 
     With `status`: after `delay` s the request gets `status` and `body` (raw text, e.g. a proxy's HTML page or
     broken JSON) and is not handled. Without: it is handled (a session is made), then its answer waits
-    `delay` s (a slow VideoDB, or an answer its caller never reads). `times`: requests it hits (None: all)."""
+    `delay` s (a slow VideoDB, or an answer its caller never reads). `times`: requests it hits (None: all).
+    `headers`: sent with the fault's answer, e.g. `{"Retry-After": "7"}` on a 429 (VideoDB's rate limit)."""
 
     method: str
     path: str
@@ -43,6 +44,7 @@ class Fault:
     delay: float = 0.0
     times: int | None = None
     content_type: str = "application/json"
+    headers: dict[str, str] | None = None
     hits: int = 0
 
     def take(self, method: str, path: str) -> bool:
@@ -140,9 +142,10 @@ class Emulator:
             self._runner = None
 
     def fault(self, method: str, path: str, *, status: int | None = None, body: str | None = None,
-              delay: float = 0.0, times: int | None = None, content_type: str = "application/json") -> Fault:
+              delay: float = 0.0, times: int | None = None, content_type: str = "application/json",
+              headers: dict[str, str] | None = None) -> Fault:
         """Make matching API requests slow and/or fail (see `Fault`); the first matching fault applies."""
-        f = Fault(method.upper(), path, status, body, delay, times, content_type)
+        f = Fault(method.upper(), path, status, body, delay, times, content_type, headers)
         self.faults.append(f)
         return f
 
@@ -165,7 +168,8 @@ class Emulator:
             call["status"] = fault.status
             call["fault"] = True
             text = fault.body if fault.body is not None else _fault_body(fault.status)
-            return web.Response(text=text, status=fault.status, content_type=fault.content_type)
+            return web.Response(text=text, status=fault.status, content_type=fault.content_type,
+                                headers=fault.headers)
         try:
             if request.can_read_body:
                 try:

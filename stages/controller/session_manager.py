@@ -35,7 +35,7 @@ from stages.controller.ai_pipelines import (
     usable_id,
 )
 from stages.controller.lifecycle import ended_unstored
-from stages.controller.session_create import ApiProblem, SessionCreator
+from stages.controller.session_create import ApiProblem, SessionCreator, videodb_problem
 from stages.controller.session_store import SessionStore
 from stages.controller.sessions import ManagedSession
 from stages.controller.tasks import Background
@@ -240,18 +240,19 @@ class SessionManager:
         self.store.save(s.record)
         async with s.lock:
             failed = await self._stop_streams(s)
-        if failed:
-            raise ApiProblem(502, f"{len(failed)} call(s) to stop it failed ({failed[0]}); "
-                                  "POST /stop again to retry them")
+        if failed:  # a rate limit first: it is why the client should wait before it sends the stop again
+            first = next((exc for exc in failed if exc.status == 429), failed[0])
+            raise videodb_problem(first, f"{len(failed)} call(s) to stop it failed ({first}); "
+                                         "POST /stop again to retry them")
         return s
 
-    async def _stop_streams(self, s: ManagedSession) -> list[str]:
+    async def _stop_streams(self, s: ManagedSession) -> list[VideoDBCallError]:
         """Stop transcripts, indexes and rtstreams; each failure is logged, the rest still stop.
 
         Returns the failures worth another try (network, 5xx): the session is then marked
         `stop_incomplete` (saved), so another POST /stop tries again (a complete stop is not repeated).
         """
-        failed: list[str] = []
+        failed: list[VideoDBCallError] = []
         pipes = s.pipelines
         if pipes is None and s.record.get("indexes"):  # after a restart: the indexes its file names
             pipes = AIPipelines(self.conn, s.on_active, f"{self.who} {s.id}", self.settings.api_key)
@@ -265,7 +266,7 @@ class SessionManager:
             except VideoDBCallError as exc:
                 log.warning("%s", exc)
                 if not exc.fatal:
-                    failed.append(str(exc))
+                    failed.append(exc)
         if pipes is not None:
             indexes: dict[str, list[Any]] = getattr(pipes, "_indexes", {})
             for index in (i for kind in indexes.values() for i in kind):
@@ -282,13 +283,13 @@ class SessionManager:
             self.store.save(s.record)
         return failed
 
-    async def _quiet(self, what: str, fn: Any, failed: list[str]) -> None:
+    async def _quiet(self, what: str, fn: Any, failed: list[VideoDBCallError]) -> None:
         try:
             await self._sdk(what, fn)
         except VideoDBCallError as exc:
             log.warning("%s", exc)
             if not exc.fatal:  # network, 5xx: worth sending again (a 4xx, e.g. already stopped, is not)
-                failed.append(str(exc))
+                failed.append(exc)
 
     async def new_token(self, sid: str) -> ManagedSession:
         s = self.get(sid)
@@ -298,7 +299,7 @@ class SessionManager:
             token = await client_token(self.who, self.conn, self.opts.client_token_expires_in,
                                        self.settings.api_key)
         except VideoDBCallError as exc:
-            raise ApiProblem(502, str(exc)) from None
+            raise videodb_problem(exc) from None
         s.record["client_token"] = token
         s.record["expires_at"] = iso_ts(time.time() + self.opts.client_token_expires_in)
         self.store.save(s.record)
