@@ -172,7 +172,12 @@ class Player:
     def _lifecycle(self, s: Session, status: str, data: dict[str, Any] | None = None) -> None:
         s.status = status
         log.info("emulator: session %s %s", s.id, status)
-        self._emit(s.conn, [sc.lifecycle_event(status, s.id, data)])
+        event = sc.lifecycle_event(status, s.id, data)
+        if s.lifecycle_lost:  # produced, never sent: only polling the session tells
+            self.emitted.append({"connection_id": s.conn, "event": event, "live": False})
+            self.hub.undelivered += 1
+            return
+        self._emit(s.conn, [event])
 
     def _emit(self, conn: str | None, events: list[dict[str, Any]]) -> None:
         if conn:

@@ -240,7 +240,7 @@ class Emulator:
         s = self.registry.sessions.get(request.match_info["sid"])
         if s is None:
             return _fail(404, f"capture session {request.match_info['sid']} not found")
-        token = None
+        token, body = None, None
         if request.can_read_body:  # the desktop client's start: `{"client_token": ...}` is checked when given
             with contextlib.suppress(ValueError):
                 body = await request.json()
@@ -249,8 +249,9 @@ class Emulator:
             return _fail(401, f"Unauthorized: {why}")
         if start:
             s.start_requested = True
-        else:
+        else:  # `{"lifecycle_lost": true}`: the events of the stop (and after) never reach the WebSocket
             s.stop_requested = True
+            s.lifecycle_lost = s.lifecycle_lost or (isinstance(body, dict) and body.get("lifecycle_lost") is True)
         s.wake.set()
         return web.json_response({"success": True, "data": s.shape()})
 

@@ -139,6 +139,7 @@ class Session:
     wake: Wakeup = field(default_factory=Wakeup)  # start/stop requested by hand, or a setup call
     start_requested: bool = False
     stop_requested: bool = False
+    lifecycle_lost: bool = False  # its lifecycle events are no longer delivered (lost on VideoDB's side)
     stopped_streams: set[str] = field(default_factory=set)  # rtstreams stopped through the API
     task: asyncio.Task[None] | None = None
 

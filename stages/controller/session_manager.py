@@ -38,6 +38,7 @@ from stages.controller.lifecycle import ended_unstored
 from stages.controller.session_create import ApiProblem, SessionCreator, videodb_problem
 from stages.controller.session_store import SessionStore
 from stages.controller.sessions import ManagedSession
+from stages.controller.silent_check import SilentCheck
 from stages.controller.tasks import Background
 from stages.sources import backfill
 
@@ -68,6 +69,7 @@ class SessionManager:
         self.idempotency: dict[str, str] = {}  # Idempotency-Key -> session id
         self.forgotten_keys: OrderedDict[str, str] = OrderedDict()  # keys of sessions evicted from memory
         self.creator = SessionCreator(self)
+        self.silent = SilentCheck(self)
         self._early: OrderedDict[str, list[Event]] = OrderedDict()
         self._background = Background(self.who, self.stats, log)
         self._spawn = self._background.spawn
@@ -99,6 +101,7 @@ class SessionManager:
             if s.record.get("rtstreams"):
                 self._index_streams(s)
         self.link.on_connection(self._on_connection)
+        self._spawn(self.silent.run())
         live = [s for s in self.sessions.values() if s.live]
         inlet = self.link.inlet
         if inlet is not None:
@@ -322,6 +325,7 @@ class SessionManager:
                     self._remember_early(sid, event)
                     continue
                 s.counts["capture_session"] = s.counts.get("capture_session", 0) + 1
+                s.heard = time.monotonic()
                 self._lifecycle_event(s, event, status)
                 continue
             rid = event.get("rtstream_id")
@@ -336,9 +340,11 @@ class SessionManager:
             counts[key] = counts.get(key, 0) + 1
             if seen is not s:
                 s.last_event = time.time()
+                s.heard = time.monotonic()
                 seen = s
         if seen is not None:
             seen.last_event = time.time()
+            seen.heard = time.monotonic()
 
     def _remember_early(self, sid: str, event: Event) -> None:
         early = self._early.get(sid)
