@@ -78,6 +78,37 @@ async def test_at_most_silent_check_max_sessions_are_asked_about_per_interval_ol
         assert sorted(asked[3:]) == sorted(made[3:6]), asked  # then the next ones, not the same again
 
 
+async def test_a_silent_session_whose_export_failed_or_that_vanished_ends_as_failed(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """`export_status: failed` comes with no event (the session stays `stopped`), and a session VideoDB no
+    longer has sends nothing: the check ends both as failed (the second after two 404s in a row)."""
+    emu = emulator
+    async with running(make_context, emu, api={"silent_check_interval": 60}) as live:
+        mgr = live.ctl.manager
+        check = mgr.silent
+        failing = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]["session_id"]
+        gone = (await live.call("POST", "/v1/sessions", json={"end_user_id": "v"}))[1]["session_id"]
+        async with live.http.post(f"{emu.base_url}/_emulator/sessions/{failing}/export",
+                                  json={"outcome": "failed"}) as r:
+            assert r.status == 200
+        await hook(live, emu, f"sessions/{failing}/start")
+        await live.wait_for(lambda: mgr.get(failing).lifecycle.state == "active", timeout=10)
+        await hook(live, emu, f"sessions/{failing}/stop")  # its events arrive; the export then fails quietly
+        await live.wait_for(lambda: emu.registry.sessions[failing].export_failed, timeout=10)
+        await live.wait_for(lambda: mgr.get(failing).lifecycle.state == "stopped", timeout=10)
+        emu.registry.sessions.pop(gone)
+        check.interval = 0.05  # checks by hand (the periodic one waits its 60 s)
+        await asyncio.sleep(0.06)
+        await check.check_once()
+        view = (await live.call("GET", f"/v1/sessions/{failing}"))[1]
+        assert view["status"] == "failed" and "could not export" in view["error"], view
+        assert (await live.call("GET", f"/v1/sessions/{gone}"))[1]["status"] == "created"  # one 404: not yet
+        await asyncio.sleep(0.06)
+        await check.check_once()
+        view = (await live.call("GET", f"/v1/sessions/{gone}"))[1]
+        assert view["status"] == "failed" and "no longer exists at VideoDB" in view["error"], view
+
+
 @pytest.mark.parametrize(("key", "bad"), [("silent_check_interval", 0), ("silent_check_interval", "2d"),
                                           ("silent_check_interval", "often"), ("silent_check_max", 0),
                                           ("silent_check_max", 10001)])
