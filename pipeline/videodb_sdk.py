@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from pipeline import sdk_threads, secrets
 from pipeline.errors import StageError
+from pipeline.retry_after import retry_after
 from pipeline.termsafe import visible
 
 T = TypeVar("T")
@@ -30,13 +31,16 @@ _SPACE = re.compile(r"\s+")
 
 
 class VideoDBCallError(StageError):
-    """An SDK call failed; `fatal` when retrying cannot help (auth, other 4xx)."""
+    """An SDK call failed; `fatal` when retrying cannot help (auth, other 4xx). `retry_after`: seconds
+    VideoDB asked us to wait (its `Retry-After` on a 429), None when it said nothing."""
 
-    def __init__(self, message: str, *, call: str, status: int | None, fatal: bool) -> None:
+    def __init__(self, message: str, *, call: str, status: int | None, fatal: bool,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.call = call
         self.status = status
         self.fatal = fatal
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,11 @@ def call_error(who: str, call: str, exc: BaseException, api_key: str | None) -> 
     text = secrets.mask(f"{who}: {call} failed: {why}")
     if api_key:
         text = text.replace(api_key, secrets.MASK)
-    return VideoDBCallError(text, call=call, status=status, fatal=fatal)
+    wait = None
+    if status == 429:
+        headers = getattr(getattr(exc, "response", None), "headers", None)
+        wait = retry_after(headers.get("Retry-After") if headers is not None else None)
+    return VideoDBCallError(text, call=call, status=status, fatal=fatal, retry_after=wait)
 
 
 async def call(who: str, what: str, fn: Callable[..., T], /, *args: Any,

@@ -117,7 +117,7 @@ class Player:
         return True
 
     async def _finish(self, s: Session) -> None:
-        """stopping -> stopped -> exported."""
+        """stopping -> stopped -> exported (or an export that fails or never ends, see `Session.export_outcome`)."""
         self._lifecycle(s, "stopping")
         await asyncio.sleep(self._scaled(STOPPING_TO_STOPPED))
         self._lifecycle(s, "stopped")
@@ -125,6 +125,13 @@ class Player:
             self._check_finished()
             return
         await asyncio.sleep(self._scaled(STOPPED_TO_EXPORTED))
+        if s.export_outcome == "never":  # `export_status` stays `exporting`
+            return
+        if s.export_outcome == "failed":  # `export_status: failed`; the session stays `stopped`, nothing is sent
+            s.export_failed = True
+            log.info("emulator: session %s export failed", s.id)
+            self._check_finished()
+            return
         s.export = sc.export_data(s.id)
         self._lifecycle(s, "exported", dict(s.export))
         self._check_finished()
@@ -165,7 +172,12 @@ class Player:
     def _lifecycle(self, s: Session, status: str, data: dict[str, Any] | None = None) -> None:
         s.status = status
         log.info("emulator: session %s %s", s.id, status)
-        self._emit(s.conn, [sc.lifecycle_event(status, s.id, data)])
+        event = sc.lifecycle_event(status, s.id, data)
+        if s.lifecycle_lost:  # produced, never sent: only polling the session tells
+            self.emitted.append({"connection_id": s.conn, "event": event, "live": False})
+            self.hub.undelivered += 1
+            return
+        self._emit(s.conn, [event])
 
     def _emit(self, conn: str | None, events: list[dict[str, Any]]) -> None:
         if conn:

@@ -52,8 +52,10 @@ class ApiError(Exception):
 class Api:
     """Handlers over one registry; `routes()` lists (method, path, handler)."""
 
-    def __init__(self, registry: Registry, hub: Hub, player: Player, scenario: Scenario) -> None:
+    def __init__(self, registry: Registry, hub: Hub, player: Player, scenario: Scenario,
+                 export_outcome: str = "exported") -> None:
         self.reg = registry
+        self.export_outcome = export_outcome  # of every new session (see Session.export_outcome)
         self.hub = hub
         self.player = player
         self.scenario = scenario
@@ -121,7 +123,7 @@ class Api:
         s = Session(id=new_id("cap"), collection_id=req.match_info["cid"], end_user_id=end_user,
                     conn=body.get("ws_connection_id") or None, scenario=self.scenario,
                     streams=self.reg.stream_ids(self.scenario), metadata=metadata,
-                    callback_url=body.get("callback_url"))
+                    callback_url=body.get("callback_url"), export_outcome=self.export_outcome)
         self.reg.add_session(s)
         self.player.created(s)
         return s.shape()
@@ -142,7 +144,9 @@ class Api:
             raise ApiError(400, f"capture session {s.id} has no stored channel to export")
         out: Data = {"session_id": s.id, "video_channel_id": body.get("video_channel_id"),
                      "export_status": "exporting"}
-        if s.export is not None:
+        if s.export_failed:
+            out["export_status"] = "failed"
+        elif s.export is not None:
             e = s.export
             out.update(export_status="exported", video_id=e["exported_video_id"],
                        stream_url=e["stream_url"], player_url=e["player_url"])

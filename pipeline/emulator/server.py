@@ -22,7 +22,7 @@ from pipeline.emulator import scenario as sc
 from pipeline.emulator.hub import Hub
 from pipeline.emulator.player import Player
 from pipeline.emulator.routes import Api, ApiError, Handler
-from pipeline.emulator.state import Registry
+from pipeline.emulator.state import EXPORT_OUTCOMES, Registry
 from pipeline.errors import StageError
 
 _HOOKS = "/_emulator"
@@ -34,7 +34,8 @@ class Fault:
 
     With `status`: after `delay` s the request gets `status` and `body` (raw text, e.g. a proxy's HTML page or
     broken JSON) and is not handled. Without: it is handled (a session is made), then its answer waits
-    `delay` s (a slow VideoDB, or an answer its caller never reads). `times`: requests it hits (None: all)."""
+    `delay` s (a slow VideoDB, or an answer its caller never reads). `times`: requests it hits (None: all).
+    `headers`: sent with the fault's answer, e.g. `{"Retry-After": "7"}` on a 429 (VideoDB's rate limit)."""
 
     method: str
     path: str
@@ -43,6 +44,7 @@ class Fault:
     delay: float = 0.0
     times: int | None = None
     content_type: str = "application/json"
+    headers: dict[str, str] | None = None
     hits: int = 0
 
     def take(self, method: str, path: str) -> bool:
@@ -67,24 +69,30 @@ class Emulator:
     `autostart`: a created session goes starting -> active by itself (else POST
     `/_emulator/sessions/{id}/start`). `settle`/`setup_timeout`: scenario time starts
     once no pipeline setup call came for `settle` s (or `setup_timeout` s after active).
+    `export_outcome`: how every new session's export ends, `exported`, `failed` (VideoDB's
+    `export_status: failed`: the session stays `stopped` and no event follows) or `never`
+    (`exporting` for ever); per session: POST `/_emulator/sessions/{id}/export {"outcome": ...}`.
     """
 
     def __init__(self, scenario: str | Path | None = None, *, speed: float = 1.0,
                  drop_after: int | None = None, garbage_every: int | None = None,
                  api_key: str | None = None, autostart: bool = True, queue_on_drop: bool = False,
-                 settle: float = 0.3, setup_timeout: float = 10.0) -> None:
+                 settle: float = 0.3, setup_timeout: float = 10.0, export_outcome: str = "exported") -> None:
         if speed < 0:
             raise StageError(f"emulator: speed must be >= 0, got {speed}")
         for name, n in (("drop_after", drop_after), ("garbage_every", garbage_every)):
             if n is not None and n < 1:
                 raise StageError(f"emulator: {name} must be >= 1, got {n}")
+        if export_outcome not in EXPORT_OUTCOMES:
+            raise StageError(f"emulator: export_outcome must be one of {', '.join(EXPORT_OUTCOMES)}, "
+                             f"got {export_outcome!r}")
         self.scenario = sc.load(scenario)
         self.api_key = api_key or None
         self.hub = Hub(drop_after=drop_after, garbage_every=garbage_every, queue_on_drop=queue_on_drop)
         self.registry = Registry()
         self.player = Player(self.registry, self.hub, speed=speed, autostart=autostart,
                              settle=settle, setup_timeout=setup_timeout)
-        self.api = Api(self.registry, self.hub, self.player, self.scenario)
+        self.api = Api(self.registry, self.hub, self.player, self.scenario, export_outcome)
         self.calls: list[dict[str, Any]] = []
         self.faults: list[Fault] = []
         self.base_url = ""
@@ -107,6 +115,7 @@ class Emulator:
         app.router.add_get(f"{_HOOKS}/sessions", self._sessions)
         app.router.add_post(f"{_HOOKS}/sessions/{{sid}}/start", self._hand_start)
         app.router.add_post(f"{_HOOKS}/sessions/{{sid}}/stop", self._hand_stop)
+        app.router.add_post(f"{_HOOKS}/sessions/{{sid}}/export", self._export_outcome)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)  # faults hang
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -133,9 +142,10 @@ class Emulator:
             self._runner = None
 
     def fault(self, method: str, path: str, *, status: int | None = None, body: str | None = None,
-              delay: float = 0.0, times: int | None = None, content_type: str = "application/json") -> Fault:
+              delay: float = 0.0, times: int | None = None, content_type: str = "application/json",
+              headers: dict[str, str] | None = None) -> Fault:
         """Make matching API requests slow and/or fail (see `Fault`); the first matching fault applies."""
-        f = Fault(method.upper(), path, status, body, delay, times, content_type)
+        f = Fault(method.upper(), path, status, body, delay, times, content_type, headers)
         self.faults.append(f)
         return f
 
@@ -158,7 +168,8 @@ class Emulator:
             call["status"] = fault.status
             call["fault"] = True
             text = fault.body if fault.body is not None else _fault_body(fault.status)
-            return web.Response(text=text, status=fault.status, content_type=fault.content_type)
+            return web.Response(text=text, status=fault.status, content_type=fault.content_type,
+                                headers=fault.headers)
         try:
             if request.can_read_body:
                 try:
@@ -212,11 +223,24 @@ class Emulator:
     async def _hand_stop(self, request: web.Request) -> web.Response:
         return await self._hand(request, start=False)
 
+    async def _export_outcome(self, request: web.Request) -> web.Response:
+        """`{"outcome": "exported"|"failed"|"never"}`: how this session's export will end."""
+        s = self.registry.sessions.get(request.match_info["sid"])
+        if s is None:
+            return _fail(404, f"capture session {request.match_info['sid']} not found")
+        with contextlib.suppress(ValueError):
+            body = await request.json()
+            outcome = body.get("outcome") if isinstance(body, dict) else None
+            if outcome in EXPORT_OUTCOMES and s.export is None and not s.export_failed:
+                s.export_outcome = outcome
+                return web.json_response({"success": True, "data": s.shape()})
+        return _fail(400, f"expected {{\"outcome\": one of {', '.join(EXPORT_OUTCOMES)}}} before the export ends")
+
     async def _hand(self, request: web.Request, *, start: bool) -> web.Response:
         s = self.registry.sessions.get(request.match_info["sid"])
         if s is None:
             return _fail(404, f"capture session {request.match_info['sid']} not found")
-        token = None
+        token, body = None, None
         if request.can_read_body:  # the desktop client's start: `{"client_token": ...}` is checked when given
             with contextlib.suppress(ValueError):
                 body = await request.json()
@@ -225,8 +249,9 @@ class Emulator:
             return _fail(401, f"Unauthorized: {why}")
         if start:
             s.start_requested = True
-        else:
+        else:  # `{"lifecycle_lost": true}`: the events of the stop (and after) never reach the WebSocket
             s.stop_requested = True
+            s.lifecycle_lost = s.lifecycle_lost or (isinstance(body, dict) and body.get("lifecycle_lost") is True)
         s.wake.set()
         return web.json_response({"success": True, "data": s.shape()})
 

@@ -21,6 +21,9 @@ VISUAL: Final = "visual_index"
 AUDIO: Final = "audio_index"
 #: Session statuses after which nothing more happens.
 FINISHED: Final = frozenset({"exported", "failed"})
+#: How a stored session's export ends: made (`exported`), failed (VideoDB's `export_status: failed`; the
+#: session stays `stopped` and no lifecycle event follows) or never (`export_status` stays `exporting`).
+EXPORT_OUTCOMES: Final = ("exported", "failed", "never")
 #: Records a transcript or index keeps for its REST listing (backfill reads them): the newest ones. VideoDB
 #: keeps them all; the emulator bounds them (about 3 hours at one record a second).
 RECORDS_KEPT = 10_000
@@ -128,12 +131,15 @@ class Session:
     callback_url: str | None = None
     status: str = "created"
     export: dict[str, Any] | None = None
+    export_outcome: str = "exported"  # one of EXPORT_OUTCOMES
+    export_failed: bool = False  # the export ended in `export_status: failed`
     created_at: float = field(default_factory=time.time)
     setup_calls: int = 0  # pipelines/alerts set up on this session's streams
     last_setup: float = 0.0  # loop time of the latest such call
     wake: Wakeup = field(default_factory=Wakeup)  # start/stop requested by hand, or a setup call
     start_requested: bool = False
     stop_requested: bool = False
+    lifecycle_lost: bool = False  # its lifecycle events are no longer delivered (lost on VideoDB's side)
     stopped_streams: set[str] = field(default_factory=set)  # rtstreams stopped through the API
     task: asyncio.Task[None] | None = None
 
@@ -144,7 +150,7 @@ class Session:
 
     @property
     def finished(self) -> bool:
-        return self.status in FINISHED or (self.status == "stopped" and not self.stored)
+        return self.status in FINISHED or (self.status == "stopped" and (not self.stored or self.export_failed))
 
     def stream_by_name(self, name: str) -> Stream:
         for s in self.streams.values():
@@ -180,7 +186,7 @@ class Session:
             "created_at": _iso(self.created_at),
         }
         if self.status == "stopped" and self.stored:
-            data["export_status"] = "exporting"
+            data["export_status"] = "failed" if self.export_failed else "exporting"
         if self.export is not None:
             data["export_status"] = "exported"
             data["exported_video_id"] = self.export["exported_video_id"]

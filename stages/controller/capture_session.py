@@ -61,6 +61,10 @@ class CaptureSessionOptions(Options):
     connect_timeout: Duration = Field(default=60.0, description="how long to wait for the source's connection id")
     status_poll_interval: Duration = Field(
         default=5.0, description="after a reconnect or when attached, poll the session status this often")
+    export_timeout: Duration = Field(
+        default=1800.0, gt=0, le=7 * 86400,
+        description="with exit_on: exported, how long after `stopped` the export may take before the run "
+                    "ends with exit code 3")
     api: SessionApiOptions | None = Field(
         default=None, description="serve the session API: sessions come from it, none is created at start")
 
@@ -97,6 +101,7 @@ class CaptureSessionController(Controller):
         self._bind_lock = asyncio.Lock()
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: str | None = None
+        self._events_lost = False  # lifecycle events may have gone to a dropped connection (polling stands in)
         self._resumed = False
         self.manager: Any = None  # SessionManager when `api` is set
         self.api: Any = None
@@ -336,6 +341,7 @@ class CaptureSessionController(Controller):
             self.record.update({k: data[k] for k in ("exported_video_id", "stream_url", "player_url") if data.get(k)})
         elif status == "stopped" and self.options.exit_on == "exported":
             self._spawn(self._end_if_unstored(session, polled=session is not None))
+            self._spawn(self._await_export())
         if self.record:
             self._save()
         if status == "failed":
@@ -358,6 +364,26 @@ class CaptureSessionController(Controller):
         log.info("%s: capture session %s stopped and none of its channels is stored: no export follows",
                  self.who, self.session_id)
         await self._exit_settled("stopped (no channel stored, so no export)", polled=polled)
+
+    async def _await_export(self) -> None:
+        """`stopped`, waiting for `exported`: VideoDB reports a failed export only in the session's
+        `export_status` (no event follows), so the status is polled meanwhile (see `_poll_status`), and
+        an export that has not come after `export_timeout` ends the run (it waited for ever before)."""
+        self._start_poll(events_lost=False)
+        await asyncio.sleep(self.options.export_timeout)
+        if not self.lifecycle.done:
+            self._export_failed(f"was not exported within export_timeout={self.options.export_timeout:g}s "
+                                "of stopping")
+
+    def _export_failed(self, why: str) -> None:
+        if self.context.session.exit_requested:
+            return
+        self.record["error"] = why
+        self._save()
+        if self._poll is not None and self._poll is not asyncio.current_task():
+            self._poll.cancel()
+        log.error("%s: capture session %s stopped but %s", self.who, self.session_id, why)
+        self.context.session.request_exit(3, f"capture session {self.session_id} stopped but {why}")
 
     def _save_indexes(self, ids: list[dict[str, str]]) -> None:
         """A bind made an index: saved at once (a crash before the bind ends must not leave it running)."""
@@ -476,8 +502,10 @@ class CaptureSessionController(Controller):
                 self._save()
             lagging = now
 
-    def _start_poll(self) -> None:
-        """Lifecycle events may still go to an old connection: also poll the session status."""
+    def _start_poll(self, *, events_lost: bool = True) -> None:
+        """Lifecycle events may still go to an old connection (`events_lost`), or an export is awaited:
+        also poll the session status."""
+        self._events_lost = self._events_lost or events_lost
         if self._poll is None and not self.lifecycle.done:
             self._poll = self._spawn(self._poll_status())
 
@@ -499,10 +527,14 @@ class CaptureSessionController(Controller):
                 continue
             missing = 0
             status = getattr(session, "status", None)
+            if self.lifecycle.state == "stopped" and status == "stopped" \
+                    and getattr(session, "export_status", None) == "failed":
+                self._export_failed("VideoDB could not export it (get_capture_session: export_status failed)")
+                return
             if not status or not self.lifecycle.behind(status):
                 continue
             if status in ("stopped", "exported", "failed") and self._poll_seen != status \
-                    and (status == "failed" or self.context.session.inlet is None):
+                    and (status == "failed" or self.context.session.inlet is None or not self._events_lost):
                 self._poll_seen = status  # give the WebSocket event one interval to arrive first
                 continue  # (with backfill, ending on a polled status backfills first: no need to wait)
             self._transition(status, session=session, error="reported by get_capture_session")

@@ -98,7 +98,7 @@ class SessionApi:
             self._authenticate(request)
             return await handler(request)
         except ApiProblem as exc:
-            return _error(exc.status, exc.message)
+            return _error(exc.status, exc.message, exc.retry_after)
         except web.HTTPException as exc:
             if exc.status == 413:
                 return _error(413, f"request body larger than api.max_body_bytes={self.options.max_body_bytes}")
@@ -203,6 +203,8 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
 
 
-def _error(status: int, message: str) -> web.Response:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return _json({"error": message, "status": status}, status, headers)
+def _error(status: int, message: str, retry_after: int | None = None) -> web.Response:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return _json({"error": message, "status": status}, status, headers or None)

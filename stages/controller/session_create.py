@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any, Final
 
@@ -26,15 +27,32 @@ if TYPE_CHECKING:
 log = logging.getLogger("pipeline.controller.sessions")
 
 CLOSE_WAIT: Final = 30.0  # seconds a shutdown waits for creates already at VideoDB (to save their records)
+#: `Retry-After` of a 503 for a VideoDB 429: VideoDB's own, bounded to this range, else the default (seconds).
+RETRY_AFTER_MIN: Final = 1
+RETRY_AFTER_MAX: Final = 300
+RETRY_AFTER_DEFAULT: Final = 5
 
 
 class ApiProblem(Exception):
-    """A request the API refuses: HTTP status plus a one-line message."""
+    """A request the API refuses: HTTP status plus a one-line message (`retry_after`: seconds, sent as a
+    `Retry-After` header)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
+
+
+def videodb_problem(exc: VideoDBCallError, message: str | None = None) -> ApiProblem:
+    """Our answer to a failed VideoDB call: 502, or 503 with `Retry-After` when VideoDB rate-limited us
+    (429: our client should come back later, nothing is wrong with the request or with us)."""
+    text = message or str(exc)
+    if exc.status != 429:
+        return ApiProblem(502, text)
+    asked = exc.retry_after
+    wait = RETRY_AFTER_DEFAULT if asked is None else min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, math.ceil(asked)))
+    return ApiProblem(503, f"{text}; VideoDB is rate-limiting, retry in {wait}s", retry_after=wait)
 
 
 class SessionCreator:
@@ -127,7 +145,7 @@ class SessionCreator:
                                        self.m.settings.api_key)
         except VideoDBCallError as exc:
             self.m.stats.errors += 1
-            raise ApiProblem(502, str(exc)) from None
+            raise videodb_problem(exc) from None
         now = time.time()
         record: dict[str, Any] = {
             "session_id": None, "collection_id": self.m.settings.collection_id, "end_user_id": end_user_id,
@@ -147,7 +165,7 @@ class SessionCreator:
             self.m.stats.errors += 1
             if key is not None and exc.fatal:  # refused (4xx): VideoDB made nothing; else it may have
                 self.m.store.drop_intent(key)
-            raise ApiProblem(502, str(exc)) from None
+            raise videodb_problem(exc) from None
         if not safe_id(str(session.id)):
             raise ApiProblem(502, f"VideoDB returned an unusable session id {str(session.id)[:80]!r}")
         record["session_id"] = session.id
@@ -180,7 +198,7 @@ class SessionCreator:
                                      self.m.settings.collection_id)
         except VideoDBCallError as exc:  # cannot tell whether that session exists: do not make another
             self.m.stats.errors += 1
-            raise ApiProblem(502, str(exc)) from None
+            raise videodb_problem(exc) from None
         found = lost_create.candidates(
             listed, intent.get("end_user_id"), intent.get("metadata"),
             lambda sid: sid in self.m.sessions or self.m.store.path(sid).exists())

@@ -35,9 +35,10 @@ from stages.controller.ai_pipelines import (
     usable_id,
 )
 from stages.controller.lifecycle import ended_unstored
-from stages.controller.session_create import ApiProblem, SessionCreator
+from stages.controller.session_create import ApiProblem, SessionCreator, videodb_problem
 from stages.controller.session_store import SessionStore
 from stages.controller.sessions import ManagedSession
+from stages.controller.silent_check import SilentCheck
 from stages.controller.tasks import Background
 from stages.sources import backfill
 
@@ -68,6 +69,7 @@ class SessionManager:
         self.idempotency: dict[str, str] = {}  # Idempotency-Key -> session id
         self.forgotten_keys: OrderedDict[str, str] = OrderedDict()  # keys of sessions evicted from memory
         self.creator = SessionCreator(self)
+        self.silent = SilentCheck(self)
         self._early: OrderedDict[str, list[Event]] = OrderedDict()
         self._background = Background(self.who, self.stats, log)
         self._spawn = self._background.spawn
@@ -99,6 +101,7 @@ class SessionManager:
             if s.record.get("rtstreams"):
                 self._index_streams(s)
         self.link.on_connection(self._on_connection)
+        self._spawn(self.silent.run())
         live = [s for s in self.sessions.values() if s.live]
         inlet = self.link.inlet
         if inlet is not None:
@@ -240,18 +243,19 @@ class SessionManager:
         self.store.save(s.record)
         async with s.lock:
             failed = await self._stop_streams(s)
-        if failed:
-            raise ApiProblem(502, f"{len(failed)} call(s) to stop it failed ({failed[0]}); "
-                                  "POST /stop again to retry them")
+        if failed:  # a rate limit first: it is why the client should wait before it sends the stop again
+            first = next((exc for exc in failed if exc.status == 429), failed[0])
+            raise videodb_problem(first, f"{len(failed)} call(s) to stop it failed ({first}); "
+                                         "POST /stop again to retry them")
         return s
 
-    async def _stop_streams(self, s: ManagedSession) -> list[str]:
+    async def _stop_streams(self, s: ManagedSession) -> list[VideoDBCallError]:
         """Stop transcripts, indexes and rtstreams; each failure is logged, the rest still stop.
 
         Returns the failures worth another try (network, 5xx): the session is then marked
         `stop_incomplete` (saved), so another POST /stop tries again (a complete stop is not repeated).
         """
-        failed: list[str] = []
+        failed: list[VideoDBCallError] = []
         pipes = s.pipelines
         if pipes is None and s.record.get("indexes"):  # after a restart: the indexes its file names
             pipes = AIPipelines(self.conn, s.on_active, f"{self.who} {s.id}", self.settings.api_key)
@@ -265,7 +269,7 @@ class SessionManager:
             except VideoDBCallError as exc:
                 log.warning("%s", exc)
                 if not exc.fatal:
-                    failed.append(str(exc))
+                    failed.append(exc)
         if pipes is not None:
             indexes: dict[str, list[Any]] = getattr(pipes, "_indexes", {})
             for index in (i for kind in indexes.values() for i in kind):
@@ -282,13 +286,13 @@ class SessionManager:
             self.store.save(s.record)
         return failed
 
-    async def _quiet(self, what: str, fn: Any, failed: list[str]) -> None:
+    async def _quiet(self, what: str, fn: Any, failed: list[VideoDBCallError]) -> None:
         try:
             await self._sdk(what, fn)
         except VideoDBCallError as exc:
             log.warning("%s", exc)
             if not exc.fatal:  # network, 5xx: worth sending again (a 4xx, e.g. already stopped, is not)
-                failed.append(str(exc))
+                failed.append(exc)
 
     async def new_token(self, sid: str) -> ManagedSession:
         s = self.get(sid)
@@ -298,7 +302,7 @@ class SessionManager:
             token = await client_token(self.who, self.conn, self.opts.client_token_expires_in,
                                        self.settings.api_key)
         except VideoDBCallError as exc:
-            raise ApiProblem(502, str(exc)) from None
+            raise videodb_problem(exc) from None
         s.record["client_token"] = token
         s.record["expires_at"] = iso_ts(time.time() + self.opts.client_token_expires_in)
         self.store.save(s.record)
@@ -321,6 +325,7 @@ class SessionManager:
                     self._remember_early(sid, event)
                     continue
                 s.counts["capture_session"] = s.counts.get("capture_session", 0) + 1
+                s.heard = time.monotonic()
                 self._lifecycle_event(s, event, status)
                 continue
             rid = event.get("rtstream_id")
@@ -335,9 +340,11 @@ class SessionManager:
             counts[key] = counts.get(key, 0) + 1
             if seen is not s:
                 s.last_event = time.time()
+                s.heard = time.monotonic()
                 seen = s
         if seen is not None:
             seen.last_event = time.time()
+            seen.heard = time.monotonic()
 
     def _remember_early(self, sid: str, event: Event) -> None:
         early = self._early.get(sid)

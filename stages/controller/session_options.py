@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from pipeline.api import Options
-from pipeline.types import Secret
+from pipeline.types import Duration, Secret
 
 
 class SessionApiOptions(Options):
@@ -15,6 +15,11 @@ class SessionApiOptions(Options):
     token: Secret = Field(description="bearer token every request must carry (at least 16 characters)")
     max_body_bytes: int = Field(default=65536, ge=1024, le=16 << 20, description="larger request bodies get 413")
     max_sessions: int = Field(default=10000, ge=1, description="live sessions at most (429 beyond)")
+    silent_check_interval: Duration = Field(
+        default=60.0, gt=0, le=86400,
+        description="this often, sessions not ended that sent no event for this long are asked about at VideoDB")
+    silent_check_max: int = Field(default=50, ge=1, le=10000,
+                                  description="sessions asked about per silent_check_interval at most")
 
     @field_validator("listen")
     @classmethod

@@ -9,6 +9,7 @@ the session API shows.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Final
 
 from pipeline.events import iso_ts
@@ -26,8 +27,8 @@ _EXPORT_KEYS: Final = ("exported_video_id", "stream_url", "player_url")
 class ManagedSession:
     """A capture session created through the API (or re-attached from its saved record)."""
 
-    __slots__ = ("counts", "last_event", "lifecycle", "lock", "on_active", "pipelines", "rebind_waiting", "record",
-                 "streams_known")
+    __slots__ = ("checked", "counts", "heard", "last_event", "lifecycle", "lock", "on_active", "pipelines",
+                 "rebind_waiting", "record", "streams_known")
 
     def __init__(self, record: dict[str, Any], on_active: OnActive) -> None:
         self.record = record
@@ -36,6 +37,8 @@ class ManagedSession:
         self.pipelines: AIPipelines | None = None
         self.counts: dict[str, int] = {}
         self.last_event: float | None = None  # receipt time (unix_ts) of its latest event
+        self.heard = time.monotonic()  # when it was added or its latest event (lifecycle ones too) came
+        self.checked = 0.0  # when the silent check last asked VideoDB about it (time.monotonic())
         self.lock = asyncio.Lock()  # one bind/stop at a time per session
         self.streams_known = False  # rtstreams learnt (from `active` or get_capture_session)
         self.rebind_waiting = False  # a re-bind after a reconnect is queued, not begun: another adds nothing

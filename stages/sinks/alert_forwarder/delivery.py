@@ -13,10 +13,10 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 from pipeline import secrets
+from pipeline.retry_after import retry_after
 
 from .signing import SIGNATURE_HEADER
 
@@ -52,20 +52,6 @@ class Outcome:
     status: int | None
     attempts: int
     reason: str = ""
-
-
-def retry_after(value: str | None, now: float | None = None) -> float | None:
-    """`Retry-After` as seconds to wait (delta-seconds or HTTP-date), None when absent or invalid."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():  # str.isdigit() takes "²" and "٣" too: only ASCII digits are delta-seconds
-        return float(value) if value.isascii() else None
-    try:
-        when = parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when - (time.time() if now is None else now))
 
 
 def retryable_status(status: int) -> bool:

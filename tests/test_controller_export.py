@@ -1,0 +1,103 @@
+"""`exit_on: exported` when the export fails or never comes: real SDK, real emulator, real `pipeline run`.
+
+Before the fix the run waited for the `exported` event for ever: VideoDB reports a failed export only in the
+session's `export_status` (no lifecycle event follows), and nothing bounded the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from pipeline.api import Context
+from pipeline.emulator import Emulator
+from stages.controller.capture_session import CaptureSessionOptions
+from tests.videodb_harness import API_KEY, make_stages, run_stages
+
+PIPELINE = Path(sys.executable).parent / "pipeline"
+
+
+async def test_emulated_export_failure_is_reported_as_videodb_does() -> None:
+    """The emulator's failed export: `export_status: failed` on the session (still `stopped`) and on export()."""
+    import videodb
+
+    emu = Emulator(speed=0, api_key=API_KEY, export_outcome="failed", setup_timeout=0.1)
+    await emu.start()
+    try:
+        conn = videodb.connect(api_key=API_KEY, base_url=emu.base_url)
+        made = await asyncio.to_thread(conn.create_capture_session, end_user_id="u")
+        await asyncio.wait_for(emu.wait_finished(), 10)
+        session = await asyncio.to_thread(conn.get_capture_session, made.id)
+        assert (session.status, session.export_status, session.exported_video_id) == ("stopped", "failed", None)
+        assert (await asyncio.to_thread(session.export))["export_status"] == "failed"
+    finally:
+        await emu.stop()
+
+
+async def test_a_failed_export_ends_pipeline_run_with_one_line_and_exit_code_3(tmp_path: Path) -> None:
+    emu = Emulator(speed=0, api_key=API_KEY, export_outcome="failed")
+    await emu.start()
+    try:
+        cfg = {"name": "export-fails",
+               "videodb": {"api_key": "${VIDEO_DB_API_KEY}", "base_url": emu.base_url},
+               "source": {"type": "videodb", "backoff_initial": "50ms"},
+               "controller": {"type": "capture_session", "end_user_id": "u", "status_poll_interval": "100ms",
+                              "state_dir": str(tmp_path / "state"), "on_active": {"transcript": True}},
+               "sinks": [{"type": "jsonl", "path": str(tmp_path / "events.jsonl")}]}
+        config = tmp_path / "p.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        proc = await asyncio.create_subprocess_exec(
+            str(PIPELINE), "run", "-q", str(config), cwd=tmp_path, env={**os.environ, "VIDEO_DB_API_KEY": API_KEY},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+        output = (out + err).decode()
+        [sid] = emu.registry.sessions
+        assert proc.returncode == 3, output
+        assert "Traceback" not in output and API_KEY not in output
+        why = f"capture session {sid} stopped but VideoDB could not export it"
+        [line] = [line for line in output.splitlines() if why in line]  # -q: no summary, the one error line
+        assert " ERROR " in line and line.endswith("(get_capture_session: export_status failed)"), output
+        saved = json.loads((tmp_path / "state" / "capture_session.json").read_text())
+        assert saved["status"] == "stopped" and "could not export" in saved["error"]
+    finally:
+        await emu.stop()
+
+
+async def test_an_export_that_never_comes_ends_the_run_after_export_timeout(
+        make_context: Callable[..., Context]) -> None:
+    emu = Emulator(speed=0, export_outcome="never")
+    await emu.start()
+    try:
+        src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u", "export_timeout": "600ms",
+                                                              "on_active": {"transcript": True}})
+        assert ctl is not None
+        began = time.monotonic()
+        run = await run_stages(src, ctl, timeout=10)
+        assert run.link.exit_code == 3
+        assert run.link.exit_reason == (f"capture session {ctl.session_id} stopped but was not exported within "
+                                        "export_timeout=0.6s of stopping")
+        assert time.monotonic() - began >= 0.6
+        assert ctl.lifecycle.state == "stopped"
+    finally:
+        await emu.stop()
+
+
+@pytest.mark.parametrize("bad", [0, "0s", -1, "8d", "soon", True])
+def test_export_timeout_is_validated(bad: object) -> None:
+    with pytest.raises(ValidationError, match="export_timeout"):
+        CaptureSessionOptions.model_validate({"end_user_id": "u", "export_timeout": bad})
+    assert CaptureSessionOptions.model_validate({"end_user_id": "u"}).export_timeout == 1800.0
+    assert CaptureSessionOptions.model_validate({"end_user_id": "u", "export_timeout": "2h"}).export_timeout == 7200
