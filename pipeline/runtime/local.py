@@ -263,6 +263,8 @@ class LocalRuntime:
                 finally:
                     self._writing[i] = None
                 slot.stats.sent += len(batch)
+                if self.b.dead_letter.lost and self.error is None:  # the sink could not dead-letter one event
+                    self._fail(StageError(f"{self.b.dead_letter.failure}; events are being lost: stopping"))
                 t = self.received_at.get(item.index)
                 if t is not None:  # (not for batches spooled by an earlier run)
                     self.latency[i].observe(time.monotonic() - t, len(batch))

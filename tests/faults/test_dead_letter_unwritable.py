@@ -96,3 +96,72 @@ dead_letter: {tmp_path}/dead.jsonl
     lost = next((ln for ln in res.stderr.splitlines() if "LOST" in ln), "")
     assert lost, res.stderr
     assert ids == list(range(len(ids))) and len(ids) + int(lost.split()[1]) == read, res.stderr
+
+
+def _transcript(i: int) -> str:
+    return orjson.dumps({"channel": "transcript", "id": i, "rtstream_id": "r",
+                         "data": {"text": "x", "start": 1710000000000 + i}}).decode()
+
+
+async def test_an_event_the_jsonl_sink_cannot_encode_with_the_dead_letter_gone_is_counted_once(
+        tmp_path: Path) -> None:
+    """The dead-letter file's directory is replaced by a file while the run goes on, then a batch arrives with
+    one event JSON cannot hold (a plugin gave it an integer key). The jsonl sink's per-event path raised, so
+    the runtime dead-lettered the whole batch again: its encodable events were written at close *and*
+    counted as lost, the bad one lost twice ("written 3 failed 5", "LOST 6" for 8 events, 7 of them in the
+    file). Now each event is counted once: written, or lost."""
+    import shutil
+
+    import websockets
+
+    second = asyncio.Event()
+
+    async def handler(ws: websockets.ServerConnection) -> None:
+        await ws.send(orjson.dumps({"connection_id": "conn-1"}).decode())
+        for i in range(3):
+            await ws.send(_transcript(i))
+        await second.wait()
+        for i in range(3, 8):
+            await ws.send(_transcript(i))
+        await ws.wait_closed()  # only the loss may end the run
+
+    server = await websockets.serve(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    out, dl = tmp_path / "out.jsonl", tmp_path / "dl"
+    dl.mkdir()
+    (tmp_path / "p.yaml").write_text(f"""
+name: dl-gone-encode
+state_dir: {tmp_path}/st
+source: {{type: websocket, url: "ws://127.0.0.1:{port}/"}}
+stages:
+  - {{type: "tests.slow_sink:Spoil", ids: [5]}}
+sinks:
+  - {{type: jsonl, path: {out}, flush_interval: 0}}
+dead_letter: {dl}/dead.jsonl
+""")
+    proc = await asyncio.create_subprocess_exec(*PIPELINE, "run", str(tmp_path / "p.yaml"), cwd=tmp_path, env=ENV,
+                                                stderr=subprocess.PIPE)
+    try:
+        for _ in range(500):  # the first three events are written: the run is under way
+            if out.exists() and len(out.read_bytes().splitlines()) == 3:
+                break
+            await asyncio.sleep(0.02)
+        shutil.rmtree(dl)
+        dl.write_text("not a directory any more")  # every later dead-letter write fails
+        second.set()
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        server.close()
+    stderr = err.decode()
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    ids = [orjson.loads(x)["id"] for x in out.read_bytes().splitlines()]
+    assert ids == [0, 1, 2, 3, 4, 6, 7], stderr
+    sink = next(ln.split() for ln in stderr.splitlines() if "sinks[0]:jsonl" in ln)
+    assert sink[1:] == ["written", "7", "failed", "1"], stderr
+    assert "  LOST 1 event(s) that could not be dead-lettered" in stderr, stderr
+    assert [ln for ln in stderr.splitlines() if ln.startswith("pipeline: ")] == [
+        f"pipeline: {dl}/dead.jsonl: cannot write the dead-letter file: {dl}: cannot create directory: "
+        "Not a directory; events are being lost: stopping"], stderr
