@@ -66,6 +66,7 @@ class LocalRuntime:
         self.gate.set()
         self.fanning_out = False
         self.carry: Batch = []  # events a reload produced (windows it closed): handed out with the next batch
+        self.finishing = False  # the final flush began: nothing more goes through the processors, no reload
         # For the operator's view (pipeline/http): read at scrape time, fed once per batch.
         self.tap: Any = None  # a TapHub while a tap client is attached, else None (one check per batch)
         self.lag = Histogram(LAG_BUCKETS)  # now - event time of each batch's newest event, at ingest
@@ -203,6 +204,8 @@ class LocalRuntime:
             # Let the sinks take this batch now rather than after `queue_size` more: the events are
             # still in the CPU cache, and fewer batches alive means less memory churn (~20% faster).
             await asyncio.sleep(0)
+        await self.gate.wait()  # a reload being applied goes first: what it closes joins the final flush
+        self.finishing = True
         held = chain.flush()  # the source ended (exhausted, exit_on, signal): open windows close now
         if self.carry:
             held, self.carry = self.carry + held, []
