@@ -6,6 +6,7 @@ and controller here and publishes to the ingest topic for `pipeline worker`s.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 
@@ -40,12 +41,14 @@ async def run_local(cfg: PipelineConfig, *, install_signals: bool = True, watch:
         videodb = cfg.videodb.model_copy(update={"base_url": emu.base_url,
                                                  "api_key": cfg.videodb.api_key or SecretStr("local-emulator-key")})
         cfg = dataclasses.replace(cfg, videodb=videodb)
-    from pipeline.state import prepare, release
+    from pipeline.state import guard, prepare, release
 
     resumes = getattr(cfg.source.cls, "resumes", True)  # replay: every run starts afresh, nothing to lock
+    locked: asyncio.Task[None] | None = None
     try:
         if resumes:
             prepare(cfg.state_dir)
+            locked = asyncio.create_task(guard(cfg.state_dir))  # the lock is made again if state_dir is removed
         if cfg.runtime.engine == "faust":
             from pipeline.runtime.faust_ingest import ingest_runtime
 
@@ -62,6 +65,8 @@ async def run_local(cfg: PipelineConfig, *, install_signals: bool = True, watch:
         async with operator_view(rt, rt.b, role=role, progress=progress and cfg.source.type_name == "replay"):
             rt.exit_code = await rt.run()
     finally:
+        if locked is not None:
+            locked.cancel()
         release(cfg.state_dir)
         if emu is not None:
             await emu.stop()

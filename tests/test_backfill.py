@@ -374,6 +374,38 @@ def test_inlet_dedupes_both_ways_and_orders_backfill_by_event_time() -> None:
     assert inlet.since("r", "transcript") == 6
 
 
+def test_a_flood_of_rtstream_ids_keeps_the_dedupe_keys_bounded_in_all_and_a_busy_channel_still_dedupes() -> None:
+    """Keys were bounded per rtstream and channel only (4,096, times up to 100,000 channels: hundreds of
+    millions of keys from a peer that invents rtstream ids). Now they are bounded in all: the channels that
+    went longest without a new event lose their keys first, and a busy channel keeps deduplicating."""
+    from stages.sources.inlet import MAX_KEYS, Inlet
+
+    inlet = Inlet()
+    t0 = 1_700_000_000_000
+
+    def ev(rid: str, start: int, text: str, **kw: Any) -> dict[str, Any]:
+        return {"channel": "transcript", "rtstream_id": rid, "data": {"start": start, "text": text}, **kw}
+
+    inlet.admit([ev("quiet", t0, "first words")])
+    most = 0
+    for n in range(20):  # 20,000 invented rtstreams x 20 events each, all inside the 30 s dedupe window
+        for first in range(0, 20_000, 1000):
+            batch = [ev(f"x-{i}", t0 + n, f"flood {n}") for i in range(first, first + 1000)]
+            inlet.admit([*batch, ev("busy", t0 + n * 1000 + first, f"busy {n} {first}")])
+            assert inlet.keys_held <= MAX_KEYS
+            most = max(most, inlet.keys_held)
+        held = sum(len(s.keys) for s in inlet._seen.values())  # the keys themselves, not only the count
+        assert held == inlet.keys_held and all(len(s.order) == len(s.keys) for s in inlet._seen.values())
+    assert MAX_KEYS // 2 < most <= MAX_KEYS  # 400,000 keys came in; the bound held them
+    dup = ev("busy", t0 + 19_000 + 19_000, "busy 19 19000", backfill=True)
+    assert inlet.known(dup) and inlet.admit([dup]) == []  # the busy channel still drops a backfilled copy
+    assert not inlet.known(ev("quiet", t0, "first words"))  # the quiet one's keys went first ...
+    inlet.mark_gap()
+    assert inlet.since("quiet", "transcript") == t0  # ... its gap mark did not
+    inlet.forget(["busy"])
+    assert inlet.keys_held == sum(len(s.keys) for s in inlet._seen.values())
+
+
 def test_a_hold_keeps_back_only_new_live_events_and_lasts_at_most_hold_max(monkeypatch: pytest.MonkeyPatch) -> None:
     """While a re-bind and backfill run, the new connection's events wait; after HOLD_MAX they go on anyway."""
     from stages.sources import inlet as inlet_module

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -192,10 +194,13 @@ runtime: {{queue_size: 2}}
     task = asyncio.create_task(rt.run())
     n = 10_000
 
+    reloaded = asyncio.Event()
+
     async def feed() -> None:
         for b in range(0, n, 50):
             await fed.QUEUE.put([{**event(i // 10), "seq": i, "data": {"text": f"w{i % 5} x", "start": T0 + i * 100}}
                                  for i in range(b, b + 50)])
+        await reloaded.wait()  # the source ends after the last reload (a later one is ignored: the run finishes)
         await fed.QUEUE.put(None)
 
     async def reloads() -> None:
@@ -203,9 +208,118 @@ runtime: {{queue_size: 2}}
             p.write_text(cfg(i))
             assert await reloader.reload(f"r{i}")
             await asyncio.sleep(0.01)
+        reloaded.set()
 
     await asyncio.gather(feed(), reloads())
     assert await asyncio.wait_for(task, 60) == 0
     for name in ("a", "b"):
         seqs = [json.loads(x).get("seq") for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
         assert sorted(s for s in seqs if s is not None) == list(range(n)), name
+
+
+def test_a_sighup_after_the_final_flush_is_ignored_and_the_windows_stay_counted(tmp_path: Path) -> None:
+    """A replay ends: the final flush closes the open windows and their metrics go out, while a slow sink keeps
+    the run finishing. A SIGHUP then (the window's size changed) was applied to the finished chain: the window
+    stage was replaced by an empty one, whose counters the summary showed ("windows 0" for 5 emitted), and
+    what such a reload closes could no longer go out with a next batch. Now it is ignored with one line."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from tests.procs import stop_process
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(event(s)) + "\n" for s in range(0, 300, 5)))
+    hold = tmp_path / "slow.txt.hold"
+    hold.touch()
+
+    def cfg(window: str) -> str:
+        return f"""name: win
+source: {{type: replay, path: {tmp_path}/in.jsonl, batch_size: 10}}
+stages:
+{window}sinks:
+  - {{type: jsonl, path: {tmp_path / "out.jsonl"}, flush_interval: 0}}
+  - {{type: "tests.slow_sink:GatedSink", path: {tmp_path}/slow.txt, delay: 0}}
+"""
+
+    p = tmp_path / "p.yaml"
+    p.write_text(cfg(WINDOW))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(p)], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr or ()), daemon=True)
+    reader.start()
+
+    def until(cond: Any, what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not cond():
+            assert time.monotonic() < deadline and proc.poll() is None, f"{what}: {''.join(err)}"
+            time.sleep(0.02)
+
+    try:  # the last window [240 s, 300 s) closes only at the final flush
+        until(lambda: sum(e["channel"] == "metrics" for e in lines(tmp_path)) == 5, "the final flush")
+        p.write_text(cfg(WINDOW.replace("60s", "30s")))
+        proc.send_signal(signal.SIGHUP)
+        until(lambda: any("reload (SIGHUP)" in ln for ln in err), "the reload's log line")
+        hold.unlink()
+        assert proc.wait(20) == 0, "".join(err)
+    finally:
+        stop_process(proc)
+    reader.join(10)
+    out = lines(tmp_path)
+    assert [m["data"]["events"]["transcript"] for m in out if m["channel"] == "metrics"] == [12] * 5
+    assert sum(e["channel"] == "transcript" for e in out) == 60
+    reloads = [ln for ln in err if "reload (SIGHUP)" in ln]
+    assert len(reloads) == 1 and "reload (SIGHUP) ignored: the run is finishing" in reloads[0], "".join(err)
+    window = next(ln for ln in err if "stages[0]:window" in ln)
+    assert "windows 5" in window, "".join(err)
+
+
+async def test_a_reload_under_way_when_the_source_ends_is_applied_before_the_final_flush(tmp_path: Path) -> None:
+    """The reload waits for a stalled sink it re-creates while the source ends. The final flush used to run
+    at once, through the processors the reload was replacing, and the reload was applied to the finished run
+    afterwards (logged as applied, yet its filter never saw the closed windows). Now the final flush waits for
+    it and goes through the new processors."""
+    from pipeline.build import build
+    from pipeline.config import load_config
+    from pipeline.runtime.local import LocalRuntime
+    from pipeline.runtime.reload import Reloader
+
+    (tmp_path / "fed_src.py").write_text(SOURCE)
+    hold = tmp_path / "slow.txt.hold"
+    hold.touch()
+
+    def cfg(stages: str, delay: float) -> str:
+        return config(tmp_path, stages) + \
+            f'  - {{type: "tests.slow_sink:GatedSink", path: {tmp_path}/slow.txt, delay: {delay}}}\n'
+
+    p = tmp_path / "p.yaml"
+    p.write_text(cfg(WINDOW, 0))
+    running = load_config(p)
+    fed: Any = running.source.cls
+    fed.QUEUE = asyncio.Queue()
+    rt = LocalRuntime(build(running), install_signals=False)
+    rt.reloader = reloader = Reloader(rt, p, running)
+    task = asyncio.create_task(rt.run())
+
+    async def until(cond: Any) -> None:
+        for _ in range(500):
+            if cond():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    fed.QUEUE.put_nowait([event(0), event(10), event(20)])
+    await until(lambda: len(lines(tmp_path)) == 3)
+    p.write_text(cfg(WINDOW + "  - {type: filter, channels: [transcript]}\n", 0.001))  # metrics no more
+    reload = asyncio.create_task(reloader.reload("test"))
+    await until(lambda: not rt.gate.is_set())  # swapping: waits for the stalled sink to drain
+    fed.QUEUE.put_nowait(None)
+    await until(fed.QUEUE.empty)
+    hold.unlink()
+    assert await asyncio.wait_for(reload, 10)
+    assert await asyncio.wait_for(task, 10) == 0
+    assert [e["channel"] for e in lines(tmp_path)] == ["transcript"] * 3  # the window's metrics were filtered
+    assert (tmp_path / "slow.txt").read_text().split() == ["3"]

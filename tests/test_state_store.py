@@ -163,3 +163,37 @@ def test_a_state_dir_in_use_by_another_run_is_refused(tmp_path: Path) -> None:
         holder.wait()
     prepare(tmp_path / "st")  # the kernel dropped the dead holder's lock (kill -9)
     release(tmp_path / "st")
+
+
+def test_a_lock_taken_by_another_run_after_the_state_dir_was_removed_is_one_error_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Between the removal and the next check another run may lock the new file first: that is said once
+    (not at every check), and the lock is taken back once that run is gone."""
+    import shutil
+
+    from pipeline.state import follow, prepare, release
+
+    st = tmp_path / "st"
+    prepare(st)
+    try:
+        shutil.rmtree(st)
+        code = ("import sys, time; from pathlib import Path; from pipeline.state import prepare; "
+                "prepare(Path(sys.argv[1])); print('ok', flush=True); time.sleep(60)")
+        holder = subprocess.Popen([sys.executable, "-c", code, str(st)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "ok\n"
+            with caplog.at_level(logging.WARNING, logger="pipeline.state"):
+                follow(st)
+                follow(st)
+            errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+            assert len(errors) == 1 and f"another pipeline run (pid {holder.pid})" in errors[0], errors
+        finally:
+            holder.kill()
+            holder.wait()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.state"):
+            follow(st)
+        assert [r.levelno for r in caplog.records] == [logging.WARNING]
+        assert (st / "lock").read_text() == str(os.getpid())
+    finally:
+        release(st)

@@ -66,6 +66,7 @@ class LocalRuntime:
         self.gate.set()
         self.fanning_out = False
         self.carry: Batch = []  # events a reload produced (windows it closed): handed out with the next batch
+        self.finishing = False  # the final flush began: nothing more goes through the processors, no reload
         # For the operator's view (pipeline/http): read at scrape time, fed once per batch.
         self.tap: Any = None  # a TapHub while a tap client is attached, else None (one check per batch)
         self.lag = Histogram(LAG_BUCKETS)  # now - event time of each batch's newest event, at ingest
@@ -203,6 +204,8 @@ class LocalRuntime:
             # Let the sinks take this batch now rather than after `queue_size` more: the events are
             # still in the CPU cache, and fewer batches alive means less memory churn (~20% faster).
             await asyncio.sleep(0)
+        await self.gate.wait()  # a reload being applied goes first: what it closes joins the final flush
+        self.finishing = True
         held = chain.flush()  # the source ended (exhausted, exit_on, signal): open windows close now
         if self.carry:
             held, self.carry = self.carry + held, []
@@ -263,6 +266,8 @@ class LocalRuntime:
                 finally:
                     self._writing[i] = None
                 slot.stats.sent += len(batch)
+                if self.b.dead_letter.lost and self.error is None:  # the sink could not dead-letter one event
+                    self._fail(StageError(f"{self.b.dead_letter.failure}; events are being lost: stopping"))
                 t = self.received_at.get(item.index)
                 if t is not None:  # (not for batches spooled by an earlier run)
                     self.latency[i].observe(time.monotonic() - t, len(batch))

@@ -140,12 +140,23 @@ class Reloader:
                 self._why = f"{self.path} changed"
             self._wake.clear()
             self._digest = self._file_digest()
-            if self.rt._stopping:
+            if self._too_late(self._why):
                 return
             await self.reload(self._why)
 
+    def _too_late(self, why: str) -> bool:
+        """The run is stopping, or its final flush began (the windows are closed, nothing more goes through the
+        stages): a reload would only swap a finished chain, and what it closed would have no batch left to go
+        out with. One log line."""
+        if not (self.rt.finishing or self.rt._stopping):
+            return False
+        log.warning("reload (%s) ignored: the run is finishing; the next run reads the file", why)
+        return True
+
     async def reload(self, why: str) -> bool:
         """Validate and apply the file; True when the new config is running."""
+        if self._too_late(why):
+            return False
         try:
             if self.path.exists() and not is_regular(self.path):  # (gone: load_config says so)
                 raise ConfigError(f"{self.path}: is {kind_of(self.path) or 'a pipe'}, not a regular file: a reload "

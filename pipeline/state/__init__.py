@@ -6,30 +6,34 @@ One directory per pipeline (top-level `state_dir:`, default `out/<name>`):
 reach it as `context.state_dir`. `prepare()` creates it 0700 (symlinks
 refused) and locks it, so two runs cannot resume the same session or write
 the same state at once; the kernel drops the lock when the process dies,
-even on `kill -9`.
+even on `kill -9`. If the `lock` file (or the whole `state_dir`) is removed
+while the run goes on, `guard()` makes and locks a new one within
+`CHECK_SECONDS`, so a second run is still refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 from pipeline.errors import StageError
 from pipeline.files import FILE_MODE, ensure_private_dir
 
-__all__ = ["LOCK_FILE", "prepare", "release"]
+__all__ = ["CHECK_SECONDS", "LOCK_FILE", "follow", "guard", "prepare", "release"]
+
+log = logging.getLogger("pipeline.state")
 
 LOCK_FILE = "lock"
+CHECK_SECONDS = 0.5  # how soon a removed lock is made again
 _held: dict[Path, int] = {}  # state_dir -> locked fd, for the life of the process
+_refused: dict[Path, str] = {}  # state_dir -> the last "taken by another run" message logged
 
 
-def prepare(state_dir: Path) -> Path:
-    """Create `state_dir` (0700, symlinks refused) and lock it for this process; returns it."""
-    ensure_private_dir(state_dir)
-    key = state_dir.resolve()
-    if key in _held:
-        return state_dir
+def _lock(state_dir: Path) -> int:
+    """Open `state_dir/lock` and take it; StageError (one line, naming the holder's pid) when another run has it."""
     path = state_dir / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
@@ -44,12 +48,61 @@ def prepare(state_dir: Path) -> Path:
                          f"stop it or give this config its own state_dir") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
-    _held[key] = fd
+    return fd
+
+
+def prepare(state_dir: Path) -> Path:
+    """Create `state_dir` (0700, symlinks refused) and lock it for this process; returns it."""
+    ensure_private_dir(state_dir)
+    key = state_dir.resolve()
+    if key not in _held:
+        _held[key] = _lock(state_dir)
     return state_dir
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def follow(state_dir: Path) -> None:
+    """If `state_dir/lock` is no longer the file this run holds (it, or `state_dir`, was removed or replaced),
+    make and lock a new one, with one warning line; never raises."""
+    key = state_dir.resolve()
+    fd = _held.get(key)
+    if fd is None or _same_file(key / LOCK_FILE, fd):
+        return
+    try:
+        ensure_private_dir(key)
+        new = _lock(key)
+    except StageError as exc:
+        if _refused.get(key) != str(exc):  # once per holder, not every check
+            _refused[key] = str(exc)
+            log.error("%s/%s was removed while this run used it, and another run locked a new one: %s",
+                      key, LOCK_FILE, exc)
+        return
+    _refused.pop(key, None)
+    os.close(fd)
+    _held[key] = new
+    log.warning("%s/%s: removed while this run used it; locked a new one, so another run is still refused",
+                key, LOCK_FILE)
+
+
+async def guard(state_dir: Path) -> None:
+    """Keep `state_dir` locked while the run goes on (cancel to stop): `follow()` every `CHECK_SECONDS`."""
+    while True:
+        await asyncio.sleep(CHECK_SECONDS)
+        follow(state_dir)
 
 
 def release(state_dir: Path) -> None:
     """Drop the lock taken by `prepare()` (at the end of a run in a long-lived process, e.g. tests)."""
-    fd = _held.pop(state_dir.resolve(), None)
+    key = state_dir.resolve()
+    _refused.pop(key, None)
+    fd = _held.pop(key, None)
     if fd is not None:
         os.close(fd)

@@ -12,6 +12,7 @@ is opened again at the next flush.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import time
@@ -203,10 +204,16 @@ class JsonlSink(Sink):
             self._buffered += len(line)
 
     def _unwritable(self, event: Event, exc: Exception) -> None:
-        """Dead-letter one event JSON cannot encode; the runtime counted it as written, so move it."""
-        self.context.dead_letter.write(f"cannot encode as JSON: {exc}", stage=self.context.stage, event=event)
+        """Dead-letter one event JSON cannot encode; the runtime counted it as written, so move it.
+
+        If the dead-letter file cannot take it, the dead letter counts it as lost and the batch goes on (the
+        runtime sees the loss and stops the run): raising here made the runtime count the whole batch again,
+        as lost, while its other events were still written.
+        """
         self.context.stats.errors += 1
         self.context.stats.sent -= 1
+        with contextlib.suppress(PipelineError):  # counted once, by the dead letter, as lost
+            self.context.dead_letter.write(f"cannot encode as JSON: {exc}", stage=self.context.stage, event=event)
 
     async def flush(self) -> None:
         self.flush_now()

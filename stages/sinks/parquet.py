@@ -10,6 +10,7 @@ the sink starts (the optional `[parquet]` extra).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import re
@@ -22,7 +23,7 @@ import orjson
 from pydantic import Field, field_validator
 
 from pipeline.api import Batch, Context, Event, Sink, SinkOptions
-from pipeline.errors import SinkFailed, StageError
+from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import channel, event_time_ms
 from pipeline.files import ensure_private_dir, open_private
 from pipeline.types import Duration
@@ -133,6 +134,7 @@ class ParquetSink(Sink):
         self.files = 0
         self._lock = asyncio.Lock()
         self._failed: SinkFailed | None = None
+        self._current = 0  # rows of the batch write() is taking (the runtime counts them as written only after)
 
     async def start(self) -> None:
         try:
@@ -166,27 +168,37 @@ class ParquetSink(Sink):
                 try:
                     r = row(event)
                 except TypeError as exc:  # JSON cannot hold it (e.g. an integer past 64 bits): that one, not the batch
-                    self.context.dead_letter.write(f"cannot encode as JSON: {exc}", stage=self.context.stage,
-                                                   event=event)
                     self.context.stats.errors += 1
                     self.context.stats.sent -= 1  # the runtime counts the whole batch as written
+                    # an unwritable dead letter counts it as lost, once: raising made the runtime count the
+                    # whole batch again while its other rows were still written
+                    with contextlib.suppress(PipelineError):
+                        self.context.dead_letter.write(f"cannot encode as JSON: {exc}", stage=self.context.stage,
+                                                       event=event)
                     continue
                 d = self._get(self._dir_for(event)) if templated else target
                 assert d is not None
                 d.rows.append(r)
                 d.nbytes += len(r[-1])
-            now = time.monotonic()
-            waiting = 0
+                self._current += 1
+            try:
+                await self._write_due()
+            finally:
+                self._current = 0
+
+    async def _write_due(self) -> None:
+        now = time.monotonic()
+        waiting = 0
+        for d in list(self._dirs.values()):
+            if d.rows and not d.opened:
+                d.opened = now  # the file's clock starts with its first row
+            if len(d.rows) >= self.options.row_group_rows:
+                await self._write_rows(d)
+            waiting += d.nbytes
+        if waiting >= MAX_WAITING_BYTES:  # big events: bounded in bytes too, not only in rows
             for d in list(self._dirs.values()):
-                if d.rows and not d.opened:
-                    d.opened = now  # the file's clock starts with its first row
-                if len(d.rows) >= self.options.row_group_rows:
-                    await self._write_rows(d)
-                waiting += d.nbytes
-            if waiting >= MAX_WAITING_BYTES:  # big events: bounded in bytes too, not only in rows
-                for d in list(self._dirs.values()):
-                    await self._write_rows(d)
-            await self._roll_due()
+                await self._write_rows(d)
+        await self._roll_due()
 
     def _get(self, path: str) -> _Dir:
         d = self._dirs.get(path)
@@ -203,9 +215,16 @@ class ParquetSink(Sink):
         try:
             await asyncio.to_thread(self._append, d, rows)
         except (OSError, ValueError, TypeError, StageError) as exc:  # StageError: a file or symlink in the way
-            for r in rows:
-                self.context.dead_letter.write(f"parquet: {exc}", stage=self.context.stage, event=orjson.loads(r[-1]))
             self.context.stats.errors += len(rows)
+            self.context.stats.sent -= max(0, len(rows) - self._current)  # counted as written by earlier batches
+            self._current = 0
+            for k, r in enumerate(rows):
+                try:
+                    self.context.dead_letter.write(f"parquet: {exc}", stage=self.context.stage,
+                                                   event=orjson.loads(r[-1]))
+                except PipelineError:  # the dead letter counted this one as lost; the rest are lost too, once
+                    self.context.dead_letter.lose(len(rows) - k - 1)
+                    break
             raise SinkFailed(f"{self.context.stage}: {d.dir}: cannot write: {exc}") from None
 
     def _append(self, d: _Dir, rows: list[tuple[Any, ...]]) -> None:

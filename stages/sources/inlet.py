@@ -2,7 +2,9 @@
 
 Per rtstream and channel it keeps the latest event time seen and the keys
 `(data.start, text)` of the recent events, so a backfill knows where to resume
-and what is a duplicate. The source passes every batch it yields through
+and what is a duplicate. Keys are bounded per channel (`KEEP_KEYS`, `KEEP_MS`)
+and in all (`MAX_KEYS`): past that, the keys of the channels that went longest
+without a new event are forgotten first (their gap marks stay). The source passes every batch it yields through
 `Inlet.admit()` and yields the `Inlet.take()` batches the controller queued.
 
 While a re-bind and its backfill are under way (`hold()` ... `release()`), the
@@ -25,6 +27,10 @@ TRACKED: Final = frozenset({"transcript", "visual_index", "scene_index", "audio_
 KEEP_KEYS: Final = 4096  # recent event keys remembered per rtstream and channel (dedupe window)
 KEEP_MS: Final = 30_000  # ... and only those less than this much event time behind the newest one
 MAX_CHANNELS: Final = 100_000  # rtstream+channel pairs tracked (4 per capture session); more are not deduplicated
+#: keys kept in all channels together (~30 MB); past it, the least recently active channels' keys go first,
+#: down to KEYS_AFTER_EVICTION, so the sort that picks them runs once per many thousand new keys
+MAX_KEYS: Final = 1 << 18
+KEYS_AFTER_EVICTION: Final = MAX_KEYS * 3 // 4
 HOLD_MAX: Final = 10.0  # seconds live events may wait for a backfill before they go on anyway
 
 Key = tuple[str, str]  # (rtstream_id, channel)
@@ -36,10 +42,11 @@ def _channel(ch: str) -> str:
 
 
 class _Seen:
-    __slots__ = ("keys", "last", "order", "starts")
+    __slots__ = ("keys", "last", "order", "starts", "used")
 
     def __init__(self) -> None:
         self.last: int | None = None
+        self.used = 0  # the admit() call that last added a key (which channels went quiet longest)
         # hash((start, text)) -> arrived by backfill; a hash, so no event text is kept alive (many sessions)
         self.keys: dict[int, bool] = {}
         self.order: deque[int] = deque()
@@ -60,6 +67,9 @@ class Inlet:
         self.backfilled: Counter[str] = Counter() if backfilled is None else backfilled  # per channel, deduped
         self.duplicates = 0
         self._seen: dict[Key, _Seen] = {}
+        self.keys_held = 0  # keys in all of `_seen` together (at most MAX_KEYS after every admit())
+        self._calls = 0
+        self._passing: list[_Seen] = []  # channels past MAX_CHANNELS, tracked for one batch only
         self._marks: dict[Key, int | None] = {}
         self._queue: deque[list[Event]] = deque()
 
@@ -71,6 +81,9 @@ class Inlet:
         """
         out = batch
         seen_by_key = self._seen
+        self._calls += 1
+        call = self._calls
+        held = self.keys_held
         for i, event in enumerate(batch):
             ch = event.get("channel")
             data = event.get("data")
@@ -102,25 +115,50 @@ class Inlet:
                 seen.keys[k] = by_backfill
                 seen.order.append(k)
                 seen.starts.append(start)
+                seen.used = call
+                held += 1
                 if len(seen.order) > KEEP_KEYS:
                     del seen.keys[seen.order.popleft()]
                     seen.starts.popleft()
+                    held -= 1
                 if type(start) in _NUMBER:  # a backfill overlaps live events by seconds: older keys go
                     starts, cutoff = seen.starts, start - KEEP_MS
                     while type(starts[0]) in _NUMBER and starts[0] < cutoff:
                         starts.popleft()
                         del seen.keys[seen.order.popleft()]
+                        held -= 1
             if type(start) in _NUMBER and (seen.last is None or start > seen.last):
                 seen.last = int(start)
             if by_backfill:
                 self.backfilled[key[1]] += 1
+        if self._passing:  # their keys are forgotten with them
+            held -= sum(len(s.keys) for s in self._passing)
+            self._passing.clear()
+        self.keys_held = held
+        if held > MAX_KEYS:
+            self._evict()
         return out
 
     def _new_channel(self, key: Key) -> _Seen:
         seen = _Seen()
-        if len(self._seen) < MAX_CHANNELS:  # beyond: tracked for this batch only, then forgotten
+        if len(self._seen) < MAX_CHANNELS:
             self._seen[key] = seen
+        else:  # tracked for this batch only, then forgotten
+            self._passing.append(seen)
         return seen
+
+    def _evict(self) -> None:
+        """Over MAX_KEYS in all: forget the keys of the channels that went longest without a new event, down to
+        KEYS_AFTER_EVICTION. A flood of rtstream ids then costs the quiet channels their dedupe window, never
+        unbounded memory; a busy channel (any in this batch) keeps its keys, and every channel its gap mark."""
+        for seen in sorted(self._seen.values(), key=lambda s: s.used):
+            if self.keys_held <= KEYS_AFTER_EVICTION:
+                return
+            if seen.keys:
+                self.keys_held -= len(seen.keys)
+                seen.keys.clear()
+                seen.order.clear()
+                seen.starts.clear()
 
     def mark_gap(self, pending: Iterable[Event] = ()) -> None:
         """The connection dropped: remember, per channel, the last event time before the gap.
@@ -214,7 +252,7 @@ class Inlet:
         """A capture session ended: drop what is kept for its rtstreams (nothing more will arrive)."""
         ids = set(rtstream_ids)
         for key in [k for k in self._seen if k[0] in ids]:
-            del self._seen[key]
+            self.keys_held -= len(self._seen.pop(key).keys)
         for key in [k for k in self._marks if k[0] in ids]:
             del self._marks[key]
 

@@ -96,3 +96,137 @@ dead_letter: {tmp_path}/dead.jsonl
     lost = next((ln for ln in res.stderr.splitlines() if "LOST" in ln), "")
     assert lost, res.stderr
     assert ids == list(range(len(ids))) and len(ids) + int(lost.split()[1]) == read, res.stderr
+
+
+def _transcript(i: int) -> str:
+    return orjson.dumps({"channel": "transcript", "id": i, "rtstream_id": "r",
+                         "data": {"text": "x", "start": 1710000000000 + i}}).decode()
+
+
+def _written_ids(kind: str, out: Path) -> list[int]:
+    if kind == "jsonl":
+        return [orjson.loads(x)["id"] for x in out.read_bytes().splitlines()]
+    import pyarrow.parquet as pq
+
+    rows = [raw for f in sorted(out.glob("*.parquet")) for raw in pq.read_table(f)["raw"].to_pylist()]
+    return [orjson.loads(raw)["id"] for raw in rows]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+async def test_an_event_a_sink_cannot_encode_with_the_dead_letter_gone_is_counted_once(
+        tmp_path: Path, kind: str) -> None:
+    """The dead-letter file's directory is replaced by a file while the run goes on, then a batch arrives with
+    one event JSON cannot hold (a plugin gave it an integer key). The sink's per-event path raised, so the
+    runtime dead-lettered the whole batch again: its encodable events were written at close *and* counted
+    as lost, the bad one lost twice (jsonl: "written 3 failed 5", "LOST 6" for 8 events, 7 of them in the
+    file). Now each event is counted once: written, or lost."""
+    import shutil
+
+    import websockets
+
+    second = asyncio.Event()
+
+    async def handler(ws: websockets.ServerConnection) -> None:
+        await ws.send(orjson.dumps({"connection_id": "conn-1"}).decode())
+        for i in range(3):
+            await ws.send(_transcript(i))
+        await second.wait()
+        for i in range(3, 8):
+            await ws.send(_transcript(i))
+        await ws.wait_closed()  # only the loss may end the run
+
+    server = await websockets.serve(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    out, seen, dl = tmp_path / "out", tmp_path / "seen.txt", tmp_path / "dl"
+    dl.mkdir()
+    sink = f"{{type: jsonl, path: {out}, flush_interval: 0}}" if kind == "jsonl" else f"{{type: parquet, path: {out}}}"
+    (tmp_path / "p.yaml").write_text(f"""
+name: dl-gone-encode
+state_dir: {tmp_path}/st
+source: {{type: websocket, url: "ws://127.0.0.1:{port}/"}}
+stages:
+  - {{type: "tests.slow_sink:Spoil", ids: [5]}}
+sinks:
+  - {sink}
+  - {{type: "tests.slow_sink:SlowSink", path: {seen}, delay: 0}}
+dead_letter: {dl}/dead.jsonl
+""")
+    proc = await asyncio.create_subprocess_exec(*PIPELINE, "run", str(tmp_path / "p.yaml"), cwd=tmp_path, env=ENV,
+                                                stderr=subprocess.PIPE)
+    try:
+        for _ in range(500):  # the first three events reached the sinks: the run is under way
+            if seen.exists() and sum(map(int, seen.read_text().split())) == 3:
+                break
+            await asyncio.sleep(0.02)
+        shutil.rmtree(dl)
+        dl.write_text("not a directory any more")  # every later dead-letter write fails
+        second.set()
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        server.close()
+    stderr = err.decode()
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    assert _written_ids(kind, out) == [0, 1, 2, 3, 4, 6, 7], stderr
+    line = next(ln.split() for ln in stderr.splitlines() if ln.startswith(f"  sinks[0]:{kind} "))
+    assert line[1:5] == ["written", "7", "failed", "1"], stderr
+    assert "  LOST 1 event(s) that could not be dead-lettered" in stderr, stderr
+    assert [ln for ln in stderr.splitlines() if ln.startswith("pipeline: ")] == [
+        f"pipeline: {dl}/dead.jsonl: cannot write the dead-letter file: {dl}: cannot create directory: "
+        "Not a directory; events are being lost: stopping"], stderr
+
+
+async def test_a_parquet_row_group_lost_with_the_dead_letter_is_counted_whole(tmp_path: Path) -> None:
+    """The parquet sink cannot write its rows at the end (its directory replaced by a file) and the dead-letter
+    file cannot take them either: the first row was counted as lost and the rest nowhere, and all five
+    still as written ("written 5", "LOST 1" for 5 events, none written). Now each is counted once: failed and
+    lost."""
+    import shutil
+    import signal
+
+    import websockets
+
+    async def handler(ws: websockets.ServerConnection) -> None:
+        await ws.send(orjson.dumps({"connection_id": "conn-1"}).decode())
+        for i in range(5):
+            await ws.send(_transcript(i))
+        await ws.wait_closed()
+
+    server = await websockets.serve(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    out, seen, dl = tmp_path / "out", tmp_path / "seen.txt", tmp_path / "dl"
+    dl.mkdir()
+    (tmp_path / "p.yaml").write_text(f"""
+name: parquet-gone
+state_dir: {tmp_path}/st
+source: {{type: websocket, url: "ws://127.0.0.1:{port}/"}}
+sinks:
+  - {{type: parquet, path: {out}}}
+  - {{type: "tests.slow_sink:SlowSink", path: {seen}, delay: 0}}
+dead_letter: {dl}/dead.jsonl
+""")
+    proc = await asyncio.create_subprocess_exec(*PIPELINE, "run", str(tmp_path / "p.yaml"), cwd=tmp_path, env=ENV,
+                                                stderr=subprocess.PIPE)
+    try:
+        for _ in range(500):  # every event reached the sinks (the parquet rows wait for a row group)
+            if seen.exists() and sum(map(int, seen.read_text().split())) == 5:
+                break
+            await asyncio.sleep(0.02)
+        for d in (out, dl):
+            shutil.rmtree(d)
+            d.write_text("not a directory any more")
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        server.close()
+    stderr = err.decode()
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    assert "  LOST 5 event(s) that could not be dead-lettered" in stderr, stderr
+    line = next(ln.split() for ln in stderr.splitlines() if ln.startswith("  sinks[0]:parquet "))
+    assert line[1:5] == ["written", "0", "failed", "5"], stderr  # it said "written 5 failed 5"
+    assert not list(tmp_path.glob("out*/*.parquet"))

@@ -1,13 +1,21 @@
 """state_dir removed (or state.db replaced) while a run uses it: the state is written again, not into a
-deleted file. Real files, real sqlite."""
+deleted file, and the lock is taken again. Real files, real sqlite, real `pipeline run` processes."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from pipeline.state.store import SqliteStateStore
+from tests.procs import stop_process
 
 
 def test_a_state_dir_removed_mid_run_gets_the_whole_state_back_at_the_next_save(tmp_path: Path) -> None:
@@ -45,3 +53,54 @@ def test_a_state_db_replaced_mid_run_holds_only_the_runs_state(tmp_path: Path) -
     store.flush()
     assert dict(SqliteStateStore(tmp_path).get("m")) == {"a": 1, "b": 2}
     store.close()
+
+
+def _run(cfg: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PIPELINE_LOG_LEVEL": "error"})
+
+
+def _holder(lock: Path) -> str:
+    try:
+        return lock.read_text()
+    except OSError:
+        return ""
+
+
+def _until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_second_run_is_refused_after_the_state_dir_was_removed_under_the_first(tmp_path: Path) -> None:
+    """The lock file went with the removed state_dir and was never made again: a second `pipeline run`
+    started on the same state_dir, and both resumed the same session and wrote the same state."""
+    state_dir = tmp_path / "st"
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"name: p\nstate_dir: {state_dir}\n"
+                   "source: {type: websocket, url: 'ws://127.0.0.1:9/'}\n"  # nobody listens: it retries for ever
+                   f"sinks: [{{type: jsonl, path: {tmp_path}/o.jsonl}}]\ndead_letter: {tmp_path}/dead.jsonl\n")
+    first = _run(cfg)
+    second: subprocess.Popen[str] | None = None
+    try:
+        assert _until(lambda: _holder(state_dir / "lock") == str(first.pid))
+        shutil.rmtree(state_dir)  # someone cleans up while the first run goes on
+        _until(lambda: _holder(state_dir / "lock") == str(first.pid), timeout=3.0)
+        second = _run(cfg)
+        try:
+            _, err = second.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second run started on the state_dir the first one still uses")
+        assert second.returncode != 0 and "Traceback" not in err
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert lines == [f"pipeline: {state_dir}: state_dir is in use by another pipeline run (pid {first.pid}); "
+                         "stop it or give this config its own state_dir"], err
+        assert first.poll() is None
+    finally:
+        if second is not None:
+            stop_process(second)
+        assert stop_process(first) == 0
