@@ -6,19 +6,35 @@ import logging
 import re
 from urllib.parse import urlsplit
 
-_known: set[str] = set()
-_pattern: re.Pattern[str] | None = None
 MASK = "***"
+MIN_LEN = 4  # shorter values are not secrets worth masking (and would mask half of every line)
+#: secrets by their last MIN_LEN characters (a token's random end, where many share their start: JWTs,
+#: "sk-..."), so a line is masked in one pass over it whatever the number of secrets: one per live capture
+#: session's client token, thousands with the session API (a regex of them all, made again per secret,
+#: cost O(n^2) to build and kept up to 512 such regexes in `re`'s cache)
+_by_tail: dict[str, set[str]] = {}
 #: `scheme://user:password@` (or `scheme://user@`) in any text: the whole user part is hidden
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
 
 
 def register(value: str) -> None:
     """Remember a secret (>= 4 chars) so `mask()` hides it everywhere."""
-    global _pattern
-    if len(value) >= 4 and value not in _known:
-        _known.add(value)
-        _pattern = re.compile("|".join(re.escape(s) for s in sorted(_known, key=len, reverse=True)))
+    if len(value) >= MIN_LEN:
+        _by_tail.setdefault(value[-MIN_LEN:], set()).add(value)
+
+
+def forget(value: str) -> None:
+    """Stop masking `value` (a client token whose session ended): what is remembered stays bounded."""
+    group = _by_tail.get(value[-MIN_LEN:])
+    if group is not None:
+        group.discard(value)
+        if not group:
+            del _by_tail[value[-MIN_LEN:]]
+
+
+def known(value: str) -> bool:
+    """Whether `value` is masked."""
+    return value in _by_tail.get(value[-MIN_LEN:], ())
 
 
 def register_url(url: str) -> None:
@@ -36,7 +52,33 @@ def mask(text: str) -> str:
     """`text` with registered secrets and the user part of URLs (`http://***@host`) replaced by ***."""
     if "@" in text:
         text = _USERINFO.sub(rf"\1{MASK}@", text)
-    return _pattern.sub(MASK, text) if _pattern is not None else text
+    return _mask_known(text) if _by_tail else text
+
+
+def _mask_known(text: str) -> str:
+    """Every character of every occurrence of a secret hidden: each run of overlapping occurrences becomes
+    one MASK (a secret that overlaps another is hidden whole too)."""
+    groups = _by_tail.get
+    runs: list[list[int]] = []  # [start, end) of the runs found so far, by end
+    for end in range(MIN_LEN, len(text) + 1):
+        group = groups(text[end - MIN_LEN:end])
+        if group is None:
+            continue
+        for secret in group:
+            start = end - len(secret)
+            if start >= 0 and text.startswith(secret, start):
+                while runs and start < runs[-1][1]:  # overlaps the runs before it: one run
+                    start = min(start, runs.pop()[0])
+                runs.append([start, end])
+    if not runs:
+        return text
+    out: list[str] = []
+    done = 0
+    for start, end in runs:
+        out += (text[done:start], MASK)
+        done = end
+    out.append(text[done:])
+    return "".join(out)
 
 
 def mask_url(url: str) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Final
 
 import orjson
 
+from pipeline import secrets
 from pipeline.api import Batch, Event
 from pipeline.events import iso_ts, lifecycle_status
 from pipeline.videodb_sdk import VideoDBCallError, call, client_token
@@ -226,6 +227,7 @@ class SessionManager:
                     self.forgotten_keys.popitem(last=False)
             for rid in [r for r, owner in self.by_stream.items() if owner is s]:
                 del self.by_stream[rid]
+            _forget_token(s)
 
     def get(self, sid: str) -> ManagedSession:
         s = self.sessions.get(sid)
@@ -303,6 +305,7 @@ class SessionManager:
                                        self.settings.api_key)
         except VideoDBCallError as exc:
             raise videodb_problem(exc) from None
+        _forget_token(s)  # the one it replaces: each live session keeps one masked
         s.record["client_token"] = token
         s.record["expires_at"] = iso_ts(time.time() + self.opts.client_token_expires_in)
         self.store.save(s.record)
@@ -414,7 +417,9 @@ class SessionManager:
                 self.by_stream[rid] = s
 
     def _forget_streams(self, s: ManagedSession) -> None:
-        """A finished session's rtstreams send nothing more: drop the lookup entries, keep the counters."""
+        """A finished session's rtstreams send nothing more: drop the lookup entries, keep the counters
+        (and its client token, which starts nothing any more, is no longer masked in logs)."""
+        _forget_token(s)
         ids = [r.get("rtstream_id") for r in s.record.get("rtstreams") or [] if isinstance(r, dict)]
         for rid in ids:
             if isinstance(rid, str) and self.by_stream.get(rid) is s:
@@ -595,3 +600,10 @@ def _backfill_marks(s: ManagedSession) -> dict[str, int]:
 def fingerprint(body: dict[str, Any]) -> str:
     """A stable hash of a create request, to refuse an Idempotency-Key reused for another body."""
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _forget_token(s: ManagedSession) -> None:
+    """Masking stays bounded by the live sessions, not by every session a long run ever made."""
+    token = s.record.get("client_token")
+    if isinstance(token, str):
+        secrets.forget(token)
