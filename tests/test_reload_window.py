@@ -71,22 +71,29 @@ def lines(tmp_path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
 
 
-async def run_with_reload(tmp_path: Path, after: str) -> list[dict[str, Any]]:
-    """Events at 0, 10, 20 s under one window stage; reload to `after`; an event at 61 s; stop. Everything out."""
+def start_fed(p: Path, maxsize: int = 0) -> tuple[Any, Any, Any, asyncio.Task[int]]:
+    """The pipeline of config file `p` (its source fed through `fed.QUEUE`) running with a reloader:
+    (fed source class, runtime, reloader, run task)."""
     from pipeline.build import build
     from pipeline.config import load_config
     from pipeline.runtime.local import LocalRuntime
     from pipeline.runtime.reload import Reloader
 
+    cfg = load_config(p)
+    fed: Any = cfg.source.cls
+    fed.QUEUE = asyncio.Queue(maxsize=maxsize)
+    rt = LocalRuntime(build(cfg), install_signals=False)
+    rt.reloader = reloader = Reloader(rt, p, cfg)
+    return fed, rt, reloader, asyncio.create_task(rt.run())
+
+
+async def run_with_reload(tmp_path: Path, after: str) -> list[dict[str, Any]]:
+    """Events at 0, 10, 20 s under one window stage; reload to `after`; an event at 61 s; stop. Everything out."""
+
     (tmp_path / "fed_src.py").write_text(SOURCE)
     p = tmp_path / "p.yaml"
     p.write_text(config(tmp_path, WINDOW))
-    cfg = load_config(p)
-    fed: Any = cfg.source.cls
-    fed.QUEUE = asyncio.Queue()
-    rt = LocalRuntime(build(cfg), install_signals=False)
-    rt.reloader = reloader = Reloader(rt, p, cfg)
-    task = asyncio.create_task(rt.run())
+    fed, _, reloader, task = start_fed(p)
 
     async def until(n: int) -> None:
         for _ in range(200):
@@ -163,10 +170,6 @@ async def test_reloads_under_load_lose_and_repeat_no_event(tmp_path: Path) -> No
     shuffled, window stages added, moved and removed. Every event reaches each sink exactly once."""
     import random
 
-    from pipeline.build import build
-    from pipeline.config import load_config
-    from pipeline.runtime.local import LocalRuntime
-    from pipeline.runtime.reload import Reloader
 
     (tmp_path / "fed_src.py").write_text(SOURCE)
     rng = random.Random(7)
@@ -186,12 +189,7 @@ runtime: {{queue_size: 2}}
 
     p = tmp_path / "p.yaml"
     p.write_text(cfg(0))
-    running = load_config(p)
-    fed: Any = running.source.cls
-    fed.QUEUE = asyncio.Queue(maxsize=4)
-    rt = LocalRuntime(build(running), install_signals=False)
-    rt.reloader = reloader = Reloader(rt, p, running)
-    task = asyncio.create_task(rt.run())
+    fed, _, reloader, task = start_fed(p, maxsize=4)
     n = 10_000
 
     reloaded = asyncio.Event()
@@ -282,10 +280,6 @@ async def test_a_reload_under_way_when_the_source_ends_is_applied_before_the_fin
     at once, through the processors the reload was replacing, and the reload was applied to the finished run
     afterwards (logged as applied, yet its filter never saw the closed windows). Now the final flush waits for
     it and goes through the new processors."""
-    from pipeline.build import build
-    from pipeline.config import load_config
-    from pipeline.runtime.local import LocalRuntime
-    from pipeline.runtime.reload import Reloader
 
     (tmp_path / "fed_src.py").write_text(SOURCE)
     hold = tmp_path / "slow.txt.hold"
@@ -297,12 +291,7 @@ async def test_a_reload_under_way_when_the_source_ends_is_applied_before_the_fin
 
     p = tmp_path / "p.yaml"
     p.write_text(cfg(WINDOW, 0))
-    running = load_config(p)
-    fed: Any = running.source.cls
-    fed.QUEUE = asyncio.Queue()
-    rt = LocalRuntime(build(running), install_signals=False)
-    rt.reloader = reloader = Reloader(rt, p, running)
-    task = asyncio.create_task(rt.run())
+    fed, rt, reloader, task = start_fed(p)
 
     async def until(cond: Any) -> None:
         for _ in range(500):

@@ -112,6 +112,17 @@ def _written_ids(kind: str, out: Path) -> list[int]:
     return [orjson.loads(raw)["id"] for raw in rows]
 
 
+async def _run_until_seen(tmp_path: Path, seen: Path, n: int) -> asyncio.subprocess.Process:
+    """`pipeline run p.yaml` (stderr piped), returned once `n` events reached the counting sink."""
+    proc = await asyncio.create_subprocess_exec(*PIPELINE, "run", str(tmp_path / "p.yaml"), cwd=tmp_path, env=ENV,
+                                                stderr=subprocess.PIPE)
+    for _ in range(500):
+        if seen.exists() and sum(map(int, seen.read_text().split())) == n:
+            break
+        await asyncio.sleep(0.02)
+    return proc
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
 async def test_an_event_a_sink_cannot_encode_with_the_dead_letter_gone_is_counted_once(
         tmp_path: Path, kind: str) -> None:
@@ -151,13 +162,8 @@ sinks:
   - {{type: "tests.slow_sink:SlowSink", path: {seen}, delay: 0}}
 dead_letter: {dl}/dead.jsonl
 """)
-    proc = await asyncio.create_subprocess_exec(*PIPELINE, "run", str(tmp_path / "p.yaml"), cwd=tmp_path, env=ENV,
-                                                stderr=subprocess.PIPE)
+    proc = await _run_until_seen(tmp_path, seen, 3)  # the first three events reached the sinks: under way
     try:
-        for _ in range(500):  # the first three events reached the sinks: the run is under way
-            if seen.exists() and sum(map(int, seen.read_text().split())) == 3:
-                break
-            await asyncio.sleep(0.02)
         shutil.rmtree(dl)
         dl.write_text("not a directory any more")  # every later dead-letter write fails
         second.set()
@@ -207,13 +213,8 @@ sinks:
   - {{type: "tests.slow_sink:SlowSink", path: {seen}, delay: 0}}
 dead_letter: {dl}/dead.jsonl
 """)
-    proc = await asyncio.create_subprocess_exec(*PIPELINE, "run", str(tmp_path / "p.yaml"), cwd=tmp_path, env=ENV,
-                                                stderr=subprocess.PIPE)
+    proc = await _run_until_seen(tmp_path, seen, 5)  # every event reached the sinks (rows wait for a row group)
     try:
-        for _ in range(500):  # every event reached the sinks (the parquet rows wait for a row group)
-            if seen.exists() and sum(map(int, seen.read_text().split())) == 5:
-                break
-            await asyncio.sleep(0.02)
         for d in (out, dl):
             shutil.rmtree(d)
             d.write_text("not a directory any more")
