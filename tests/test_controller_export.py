@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from pipeline.api import Context
 from pipeline.emulator import Emulator
 from stages.controller.capture_session import CaptureSessionOptions
+from tests.procs import communicate
 from tests.videodb_harness import API_KEY, make_stages, run_stages
 
 PIPELINE = Path(sys.executable).parent / "pipeline"
@@ -58,11 +59,7 @@ async def test_a_failed_export_ends_pipeline_run_with_one_line_and_exit_code_3(t
         proc = await asyncio.create_subprocess_exec(
             str(PIPELINE), "run", "-q", str(config), cwd=tmp_path, env={**os.environ, "VIDEO_DB_API_KEY": API_KEY},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), 30)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
+        out, err = await communicate(proc, 30)
         output = (out + err).decode()
         [sid] = emu.registry.sessions
         assert proc.returncode == 3, output

@@ -24,6 +24,7 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.kafka import ensure_topics
 from tests.broker import Broker, kafka_broker, read_records  # noqa: F401
+from tests.procs import communicate
 from tests.test_faust_runtime import Workers, workers_env  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -318,11 +319,7 @@ async def test_a_sink_that_fails_stops_the_worker_with_one_line_and_no_traceback
     proc = await asyncio.create_subprocess_exec(*CLI, "worker", str(cfg), "--session-timeout", "3s", cwd=tmp_path,
                                                 env={**os.environ, "PYTHONPATH": str(ROOT)},
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 40)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
+    out, _ = await communicate(proc, 40)
     text = out.decode()
     assert proc.returncode == 1, text[-3000:]
     assert "Traceback" not in text and text.strip().splitlines()[-1] == (
