@@ -36,7 +36,12 @@ def mask(text: str) -> str:
     """`text` with registered secrets and the user part of URLs (`http://***@host`) replaced by ***."""
     if "@" in text:
         text = _USERINFO.sub(rf"\1{MASK}@", text)
-    return _pattern.sub(MASK, text) if _pattern is not None else text
+    return _pattern.sub(_masked, text) if _pattern is not None else text
+
+
+def _masked(m: re.Match[str]) -> str:
+    """A URL path keeps its slash: `https://host/***`, not `https://host***` (`http://h:9/x` read as port 9***)."""
+    return "/" + MASK if m.group().startswith("/") else MASK
 
 
 def mask_url(url: str) -> str:

@@ -117,6 +117,23 @@ def test_a_secret_variable_is_masked_wherever_it_lands(tmp_path: Path, capsys: p
     assert "tok-3f9a1c77e0" not in out.out + out.err and "xoxb-7c1d22a9b4" not in out.out + out.err
 
 
+def test_a_webhook_path_is_shown_as_host_slash_stars(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """README: a webhook URL's path is shown as `https://host/***`. `pipeline validate` printed
+    `https://hooks.example***` (the path's slash went with the secret), and meeting.yaml's
+    `http://127.0.0.1:9/disabled` as `http://127.0.0.1:9***`, a port that looked masked."""
+    from pipeline.cli import main
+
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\nsinks:\n"
+                 "  - {type: alert_forwarder, url: 'https://hooks.example/services/T0/B0/x1y2z3'}\n"
+                 "  - {type: alert_forwarder, url: 'http://127.0.0.1:9/disabled'}\n")
+    (tmp_path / "in.jsonl").write_text("")
+    assert main(["validate", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert '"url": "https://hooks.example/***"' in out and '"url": "http://127.0.0.1:9/***"' in out, out
+    assert "T0/B0" not in out and "disabled" not in out
+
+
 def test_a_bad_enabled_does_not_hide_the_stages_other_errors(tmp_path: Path) -> None:
     """`enabled: maybe` stopped the stage's check: its other errors came one run of validate later."""
     p, errors = config_errors(tmp_path, "name: x\nsource: {type: replay, path: in.jsonl}\nstages: [{type: filter, "
