@@ -32,6 +32,13 @@ def test_schema_covers_stage_options(capsys) -> None:  # type: ignore[no-untyped
     assert schema["additionalProperties"] is False
 
 
+def test_stages_lists_every_value_an_option_takes(capsys) -> None:  # type: ignore[no-untyped-def]
+    """`idempotence: bool | "auto"` was listed as "one of: auto", hiding the `true` the README documents."""
+    assert main(["stages", "-v"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("idempotence "))
+    assert "one of: true, false, auto;" in line, line
+
+
 def test_shipped_configs_validate() -> None:
     for cfg in sorted(c for c in (ROOT / "config").glob("*.yaml") if not c.name.endswith(".test.yaml")):
         res = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(cfg)], capture_output=True,
