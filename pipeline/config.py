@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline.api import Options, Stage
 from pipeline.channels import check_channels
-from pipeline.configfile import read_text
+from pipeline.configfile import base_dir, read_text
 from pipeline.errors import ConfigError, suggest
 from pipeline.net import VIDEODB_URL_EXAMPLE, http_url
 from pipeline.paths import resolve_inputs
@@ -460,7 +460,7 @@ def inner_model(annotation: Any) -> Any:
 def parse(data: Any, positions: Positions, filename: str, registry: Registry | None = None,
           placeholders: Sequence[str] = (), texts: Mapping[Path_, str] | None = None) -> PipelineConfig:
     """Validate already-loaded YAML data into a PipelineConfig; every error found is reported at once."""
-    base = Path(filename).parent
+    base = base_dir(Path(filename))
     chk = _Checker(filename, positions, registry or default_registry, search=(base, Path.cwd()),
                    placeholders=placeholders, texts=texts)
     if not isinstance(data, Mapping):
