@@ -217,3 +217,15 @@ cases:
     res = run(str(tmp_path / "p.test.yaml"))
     assert res.returncode == 1, res.stdout + res.stderr
     assert '-    "text": "more codes"\n          +    "text": "more code"\n' in res.stdout, res.stdout
+
+
+def test_the_readme_example_case_passes(tmp_path: Path) -> None:
+    """The README's annotated `*.test.yaml` example, run as written against config/meeting.yaml (it failed: its
+    third event matched 'stack trace', not the 'code' the expectation named)."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```yaml\n# config/meeting.test.yaml\n") + len("```yaml\n")
+    (tmp_path / "meeting.test.yaml").write_text(readme[start:readme.index("```", start)])
+    (tmp_path / "meeting.yaml").write_text((ROOT / "config/meeting.yaml").read_text())
+    res = run(str(tmp_path / "meeting.test.yaml"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.splitlines()[-1] == "1 passed, 0 failed, 0 errors (1 file)"
