@@ -228,3 +228,41 @@ def test_a_quoted_variable_in_a_flow_mapping_may_be_a_number_or_a_boolean(tmp_pa
         load_config(p, env={"ON": "maybe", "MT": "lots"})
     assert str(info.value).splitlines() == [f"{p}:6:21: sinks[0].enabled: expected true or false, got 'maybe'",
                                             f"{p}:6:46: sinks[0].max_text: expected an integer, got 'lots'"]
+
+
+BROKEN = """name: meeting
+source:
+  type: replai
+  path: x.jsonl
+stages:
+  - type: filter
+    chanels: [transcript]
+  - type: filter
+    channels: [transcript, transcripts]
+  - type: rules
+    rules:
+      - name: a
+        keywords: [x]
+        cooldown: soon
+      - name: b
+        keyword: [x]
+sinks:
+  - type: console
+runtime:
+  queue_size: lots
+"""
+
+
+def test_the_readme_error_example_is_what_validate_prints(tmp_path: Path) -> None:
+    """The README's example of every error at once is the real output for BROKEN (it named config/meeting.yaml
+    with lines and columns no file gave)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = readme[readme.index("```\npipeline: p.yaml:") + 4:]
+    shown = shown[:shown.index("```")]
+    (tmp_path / "p.yaml").write_text(BROKEN)
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", "p.yaml"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=30,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert res.returncode == 2
+    for want, got in zip(shown.splitlines(), res.stderr.splitlines(), strict=True):
+        assert got == want or (want.endswith("; ...") and got.startswith(want[:-3])), (want, got)
