@@ -496,7 +496,8 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
             chk.add((key,), "unknown key" + suggest(key, TOP_KEYS))
     name = data.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        chk.add(("name",), f"expected a pipeline name (letters, digits, _.-), got {name!r}")
+        chk.add(("name",), "expected a pipeline name (letters, digits, _.-, starting with a letter or digit), "
+                f"got {name!r}")
         name = "pipeline"
     source = None
     if "source" not in data:

@@ -266,3 +266,10 @@ def test_the_readme_error_example_is_what_validate_prints(tmp_path: Path) -> Non
     assert res.returncode == 2
     for want, got in zip(shown.splitlines(), res.stderr.splitlines(), strict=True):
         assert got == want or (want.endswith("; ...") and got.startswith(want[:-3])), (want, got)
+
+
+def test_a_name_that_starts_with_a_dot_says_what_a_name_must_start_with(tmp_path: Path) -> None:
+    """`name: .x` was refused as not "letters, digits, _.-", which it is: a name must start with a letter or digit."""
+    p, lines = config_errors(tmp_path, "name: .x\nsource: {type: replay, path: in.jsonl}\nsinks: [{type: console}]\n")
+    assert lines == [f"{p}:1:1: name: expected a pipeline name (letters, digits, _.-, starting with a letter or "
+                     "digit), got '.x'"]
