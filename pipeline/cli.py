@@ -150,7 +150,8 @@ def _print_fields(model: Any, indent: str) -> None:
 
 
 def _literal_values(annotation: Any) -> list[str]:
-    """`Literal["word", "substring"]` (also inside Optional) -> ["word", "substring"]."""
+    """`Literal["word", "substring"]` (also inside Optional) -> ["word", "substring"]; beside a `bool` in a union,
+    `true` and `false` too (`bool | Literal["auto"]` was listed as "one of: auto")."""
     from typing import Literal, get_args, get_origin
 
     if get_origin(annotation) is Literal:
@@ -158,7 +159,7 @@ def _literal_values(annotation: Any) -> list[str]:
     for arg in get_args(annotation):
         found = _literal_values(arg)
         if found:
-            return found
+            return (["true", "false"] if bool in get_args(annotation) else []) + found
     return []
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline.api import Options, Stage
 from pipeline.channels import check_channels
-from pipeline.configfile import read_text
+from pipeline.configfile import base_dir, read_text
 from pipeline.errors import ConfigError, suggest
 from pipeline.net import VIDEODB_URL_EXAMPLE, http_url
 from pipeline.paths import resolve_inputs
@@ -193,8 +193,9 @@ class _Checker:
 
     def __init__(self, filename: str, positions: Positions, registry: Registry,
                  search: tuple[Path, ...] = (), placeholders: Sequence[str] = (),
-                 texts: Mapping[Path_, str] | None = None) -> None:
+                 texts: Mapping[Path_, str] | None = None, typed: Mapping[Path_, Any] | None = None) -> None:
         self.texts = texts or {}  # see yamlpos.load
+        self.typed = typed or {}  # see yamlpos.load
         self.filename = filename
         self.positions = positions
         self.registry = registry
@@ -239,6 +240,8 @@ class _Checker:
             return model.model_validate(data)
         except ValidationError as exc:
             retry = self._as_text(exc, data, path)
+            if retry is None:
+                retry = self._as_typed(exc, data, path)
             if retry is not None:
                 return self.model(model, retry, path)
             for p, msg in explain(model, exc, data):
@@ -268,6 +271,24 @@ class _Checker:
             node[loc[-1]] = text
         return out
 
+    def _as_typed(self, exc: ValidationError, data: dict[str, Any], path: Path_) -> dict[str, Any] | None:
+        """`data` with each quoted `"${VAR}"` that failed as a string replaced by what YAML reads unquoted (a
+        number, a boolean or null; `{max_text: "${N:-80}"}`: flow mappings need the quotes); None when none."""
+        fixes = {}
+        for err in exc.errors(include_url=False):
+            loc = _data_loc(data, err["loc"], keep_last=False)
+            if loc and (*path, *loc) in self.typed and isinstance(_value_at(data, loc), str):
+                fixes[loc] = self.typed[(*path, *loc)]
+        if not fixes:
+            return None
+        out: dict[str, Any] = copy.deepcopy(data)
+        for loc, value in fixes.items():
+            node: Any = out
+            for key in loc[:-1]:
+                node = node[key]
+            node[loc[-1]] = value
+        return out
+
     def _offline(self, value: Any) -> str | None:
         """For a value that is an --offline placeholder: why it fails, instead of the validator's words."""
         names = placeholders_in(value, self.placeholders)
@@ -291,6 +312,8 @@ class _Checker:
             self.add((*path, "type"), str(exc))
             return None
         enabled = data.get("enabled", True)
+        if isinstance(enabled, str) and isinstance(self.typed.get((*path, "enabled")), bool):
+            enabled = self.typed[(*path, "enabled")]  # `{type: kafka, enabled: "${KAFKA_SINK:-false}"}`
         if not isinstance(enabled, bool):
             self.add((*path, "enabled"), f"expected true or false, got {enabled!r}")
         opts = {k: v for k, v in data.items() if k not in ("type", "enabled")}
@@ -458,11 +481,12 @@ def inner_model(annotation: Any) -> Any:
 
 
 def parse(data: Any, positions: Positions, filename: str, registry: Registry | None = None,
-          placeholders: Sequence[str] = (), texts: Mapping[Path_, str] | None = None) -> PipelineConfig:
+          placeholders: Sequence[str] = (), texts: Mapping[Path_, str] | None = None,
+          typed: Mapping[Path_, Any] | None = None) -> PipelineConfig:
     """Validate already-loaded YAML data into a PipelineConfig; every error found is reported at once."""
-    base = Path(filename).parent
+    base = base_dir(Path(filename))
     chk = _Checker(filename, positions, registry or default_registry, search=(base, Path.cwd()),
-                   placeholders=placeholders, texts=texts)
+                   placeholders=placeholders, texts=texts, typed=typed)
     if not isinstance(data, Mapping):
         raise chk.fail((), "expected a mapping with name, source, stages and sinks")
     if texts:  # `name: ${NAME}` with NAME=2024: the text, as for every string option
@@ -472,7 +496,8 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
             chk.add((key,), "unknown key" + suggest(key, TOP_KEYS))
     name = data.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        chk.add(("name",), f"expected a pipeline name (letters, digits, _.-), got {name!r}")
+        chk.add(("name",), "expected a pipeline name (letters, digits, _.-, starting with a letter or digit), "
+                f"got {name!r}")
         name = "pipeline"
     source = None
     if "source" not in data:
@@ -559,15 +584,16 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None,
     p = Path(path)
     text = read_text(p)
     texts: dict[Path_, str] = {}
+    typed: dict[Path_, Any] = {}
     unset: list[str] = []
     unset_paths: set[str] = set()
     data, positions = load(text, str(p), env, missing=missing, texts=texts,
-                           unset=None if missing is not None else unset, unset_paths=unset_paths)
+                           unset=None if missing is not None else unset, unset_paths=unset_paths, typed=typed)
     if not unset:
-        return parse(data, positions, str(p), registry, placeholders=missing or (), texts=texts)
+        return parse(data, positions, str(p), registry, placeholders=missing or (), texts=texts, typed=typed)
     names = _UNSET.findall("\n".join(unset))
     try:  # the rest of the file is checked too, the unset variables' `${VAR}`s in place: every error at once
-        parse(data, positions, str(p), registry, placeholders=names, texts=texts)
+        parse(data, positions, str(p), registry, placeholders=names, texts=texts, typed=typed)
         others: list[str] = []
     except ConfigError as exc:  # (an error about a value that still holds a `${VAR}` is that variable's)
         others = [line for line in str(exc).splitlines() if "${" not in line and "--offline placeholder" not in line

@@ -65,5 +65,16 @@ def is_regular(path: Path) -> bool:
         return False
 
 
+def base_dir(path: Path) -> Path:
+    """Where a config's relative input paths resolve: its directory, or the current one for a config read from
+    a pipe (`<(envsubst < p.yaml)` is /dev/fd/63: `path: samples/x.jsonl` became /dev/fd/samples/x.jsonl)."""
+    try:
+        if stat.S_ISFIFO(os.stat(path).st_mode):
+            return Path.cwd()
+    except OSError:
+        pass
+    return path.parent
+
+
 def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n} bytes"

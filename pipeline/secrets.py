@@ -57,7 +57,8 @@ def mask(text: str) -> str:
 
 def _mask_known(text: str) -> str:
     """Every character of every occurrence of a secret hidden: each run of overlapping occurrences becomes
-    one MASK (a secret that overlaps another is hidden whole too)."""
+    one MASK (a secret that overlaps another is hidden whole too). A run that starts with a slash (a URL's
+    path) keeps it: `https://host/***`, not `https://host***` (`http://h:9/x` would read as port 9***)."""
     groups = _by_tail.get
     runs: list[list[int]] = []  # [start, end) of the runs found so far, by end
     for end in range(MIN_LEN, len(text) + 1):
@@ -75,7 +76,7 @@ def _mask_known(text: str) -> str:
     out: list[str] = []
     done = 0
     for start, end in runs:
-        out += (text[done:start], MASK)
+        out += (text[done:start], "/" + MASK if text[start] == "/" else MASK)
         done = end
     out.append(text[done:])
     return "".join(out)

@@ -106,6 +106,11 @@ def _bad_reference(text: str, where: str) -> BadReference:
                         "($$ for a literal $)")
 
 
+def _whole_reference(raw: str) -> bool:
+    """True when `raw` is one `${...}` reference and nothing else (`${N}`, `${N:-${M}}`)."""
+    return raw.startswith("${") and _closing(raw, 2) == len(raw) - 1
+
+
 def _closing(value: str, i: int) -> int:
     """Index of the `}` that closes a default starting at i (nested `${...}` and `$$` skipped), or -1."""
     depth = 0
@@ -139,6 +144,8 @@ class _Builder:
         self.positions: Positions = {}
         self.texts: dict[Path_, str] = {}  # key path -> `${VAR}` text that YAML turned into a number, bool or null
         self.text: str | None = None
+        self.typed: dict[Path_, Any] = {}  # key path -> what a quoted "${VAR}" would be unquoted: number, bool, null
+        self.quoted: str | None = None
         self.nodes = 0
         self._open: set[int] = set()  # ids of the collections being built: an alias to one is recursive
 
@@ -220,13 +227,17 @@ class _Builder:
             raise ConfigError(f"{self.where(node)}: nested more than {MAX_DEPTH} levels deep")
         self.positions.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
         if isinstance(node, yaml.ScalarNode):
-            self.text = None
+            self.text = self.quoted = None
             had = len(self.unset)
             value = self.scalar(node, path)
             if len(self.unset) > had:
                 self.unset_paths.add(_key_path(path))
             if self.text is not None and not isinstance(value, str):
                 self.texts[path] = self.text
+            if self.quoted is not None:
+                typed = self._plain(self.quoted, node)
+                if not isinstance(typed, str):
+                    self.typed[path] = typed
             return value
         if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
             if node.tag != _PLAIN_TAGS[type(node)]:
@@ -241,6 +252,14 @@ class _Builder:
             finally:
                 self._open.discard(id(node))
         return self.scalar(node)
+
+    def _plain(self, value: str, node: yaml.Node) -> Any:
+        """`value` as YAML reads it unquoted (`4` an int, `false` a bool); the text itself if that fails."""
+        tag = self.loader.resolve(yaml.ScalarNode, value, (True, False))
+        try:
+            return self.loader.construct_object(yaml.ScalarNode(tag, value, node.start_mark, node.end_mark))
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError):
+            return value
 
     def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict[Any, Any]:
         explicit = sum(1 for k, _ in node.value if k.tag != _MERGE)
@@ -285,6 +304,8 @@ class _Builder:
                     node = yaml.ScalarNode(tag, value, node.start_mark, node.end_mark)
                     self.text = value  # a string option takes this text back (see `load`)
                 else:
+                    if _whole_reference(node.value):  # `{enabled: "${ON:-false}"}`: flow mappings need the quotes
+                        self.quoted = value
                     return value
             return self.loader.construct_object(node, deep=True)
         except yaml.constructor.ConstructorError as exc:
@@ -353,11 +374,14 @@ def _check_flow_depth(source: str, filename: str) -> None:
 
 def load(source: str, filename: str = "<config>", env: Mapping[str, str] | None = None,
          missing: list[str] | None = None, texts: dict[Path_, str] | None = None,
-         unset: list[str] | None = None, unset_paths: set[str] | None = None) -> tuple[Any, Positions]:
+         unset: list[str] | None = None, unset_paths: set[str] | None = None,
+         typed: dict[Path_, Any] | None = None) -> tuple[Any, Positions]:
     """Parse YAML text safely -> (plain data, positions of every key path); see `interpolate` for `missing`.
 
     `texts`: filled with the interpolated text of each unquoted `${VAR}` that YAML read as a number, a
     boolean or null (`collection_id: ${COLL}` with COLL=42), so that a string option can take the text back.
+    `typed`: the other way round, what each quoted `"${VAR}"` (a flow mapping needs the quotes) would be unquoted,
+    where that is a number, a boolean or null, so that such an option can take that value.
     `unset`: given, an unset variable (or a malformed `${...}`) does not raise: its error line goes here and the
     value keeps `${VAR}`, so the caller can check the rest of the file and report everything at once;
     `unset_paths` gets the key paths (`sinks[0].url`) of those values.
@@ -377,4 +401,6 @@ def load(source: str, filename: str = "<config>", env: Mapping[str, str] | None 
         unset_paths.update(b.unset_paths)
     if texts is not None:
         texts.update(b.texts)
+    if typed is not None:
+        typed.update(b.typed)
     return data, b.positions

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +161,10 @@ def test_unknown_benchmark_is_refused(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit) as exc:
         bench_main.main(["--only", "nope"])
     assert exc.value.code == 2 and "unknown benchmark nope" in capsys.readouterr().err
+
+
+def test_the_readme_table_lists_every_benchmark() -> None:
+    """`python -m bench --only NAME` takes the names of the README's table; `http_view` was missing from it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| benchmark | measures | target |"):readme.index("Last full run")]
+    assert sorted(re.findall(r"(?m)^\| `(\w+)` \|", table)) == sorted(bench_main.BENCHMARKS)

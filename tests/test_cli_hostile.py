@@ -48,6 +48,22 @@ def test_a_device_as_config_path_is_refused_at_once() -> None:
     assert (res.returncode, res.stderr.strip()) == (2, "pipeline: /dev/zero: is a character device, not a config file")
 
 
+def test_a_piped_config_reads_its_relative_paths_from_the_current_directory(tmp_path: Path) -> None:
+    """README: a pipe such as `<(envsubst < p.yaml)` works as a config. Its relative input paths resolved against
+    its "directory", /dev/fd: `path: samples/in.jsonl` was "input file /dev/fd/samples/in.jsonl does not exist".
+    A pipe has no directory of its own; they now resolve against the current directory."""
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "in.jsonl").write_text('{"channel": "transcript", "data": {"text": "hi"}}\n')
+    (tmp_path / "p.yaml").write_text("name: piped\nsource: {type: replay, path: samples/in.jsonl}\n"
+                                     "sinks: [{type: jsonl, path: out/piped/events.jsonl}]\n")
+    cli = f"{sys.executable} -m pipeline.cli"
+    res = subprocess.run(["bash", "-c", f"{cli} validate <(cat p.yaml) && {cli} run -q <(cat p.yaml)"],
+                         capture_output=True, text=True, env=ENV, timeout=30, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert f'{{"path": "{tmp_path}/samples/in.jsonl"}}' in res.stdout
+    assert (tmp_path / "out/piped/events.jsonl").read_text().count("\n") == 1
+
+
 def _config_error(path: Path) -> str:
     from pipeline.config import load_config
     from pipeline.errors import ConfigError

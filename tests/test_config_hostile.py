@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,6 +120,24 @@ def test_a_secret_variable_is_masked_wherever_it_lands(tmp_path: Path, capsys: p
     assert "tok-3f9a1c77e0" not in out.out + out.err and "xoxb-7c1d22a9b4" not in out.out + out.err
 
 
+def test_a_webhook_path_is_shown_as_host_slash_stars(tmp_path: Path) -> None:
+    """README: a webhook URL's path is shown as `https://host/***`. `pipeline validate` printed
+    `https://hooks.example***` (the path's slash went with the secret), and meeting.yaml's
+    `http://127.0.0.1:9/disabled` as `http://127.0.0.1:9***`, a port that looked masked. (A process of its own:
+    secrets other tests registered would be masked in these URLs too.)"""
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nsource: {type: replay, path: in.jsonl}\nsinks:\n"
+                 "  - {type: alert_forwarder, url: 'https://hooks.example/services/T0/B0/x1y2z3'}\n"
+                 "  - {type: alert_forwarder, url: 'http://127.0.0.1:9/disabled'}\n")
+    (tmp_path / "in.jsonl").write_text("")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(p)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=30)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert '"url": "https://hooks.example/***"' in out and '"url": "http://127.0.0.1:9/***"' in out, out
+    assert "T0/B0" not in out and "disabled" not in out
+
+
 def test_a_bad_enabled_does_not_hide_the_stages_other_errors(tmp_path: Path) -> None:
     """`enabled: maybe` stopped the stage's check: its other errors came one run of validate later."""
     p, errors = config_errors(tmp_path, "name: x\nsource: {type: replay, path: in.jsonl}\nstages: [{type: filter, "
@@ -181,3 +202,74 @@ def test_unset_variables_and_the_files_other_errors_come_at_once(tmp_path: Path)
         f"{p}:4:76: environment variable W is not set (export it, or give a default: ${{W:-value}})",
         f"{p}:5:1: bogus: unknown key; expected one of: name, videodb, source, controller, stages, sinks, runtime, "
         "dead_letter, state_dir, channels"]
+
+
+def test_a_quoted_variable_in_a_flow_mapping_may_be_a_number_or_a_boolean(tmp_path: Path) -> None:
+    """README: `enabled: ${KAFKA_SINK:-false}` works on every stage, and inside `{...}` a variable must be quoted.
+    Quoted, it was a string, so `{type: console, enabled: "${ON:-false}"}` was "expected true or false, got
+    'false'" (and likewise every number): a flow-style stage could not take them from the environment at all.
+    Now such a value is read as YAML reads it unquoted where the option is not a string; an option that takes
+    anything (enrich `fields`) keeps the quoted text."""
+    p = tmp_path / "p.yaml"
+    p.write_text('name: x\nsource: {type: replay, path: in.jsonl, batch_size: "${BS:-64}"}\n'
+                 'stages: [{type: enrich, fields: {build: "${BUILD:-0123}"}}]\n'
+                 'runtime: {queue_size: "${QS:-8}", drain_timeout: "${DT:-5s}"}\n'
+                 'sinks:\n  - {type: console, enabled: "${ON:-false}", max_text: "${MT:-80}"}\n'
+                 '  - {type: jsonl, path: "${OUT:-out}/x.jsonl"}\n')
+    (tmp_path / "in.jsonl").write_text("")
+    cfg = load_config(p, env={})
+    assert [s.type_name for s in cfg.disabled] == ["console"]
+    assert (cfg.source.options.batch_size, cfg.runtime.queue_size, cfg.runtime.drain_timeout) == (64, 8, 5.0)
+    assert cfg.stages[0].options.fields == {"build": "0123"}
+    assert cfg.disabled[0].options.max_text == 80
+    cfg = load_config(p, env={"ON": "true", "OUT": "0123"})
+    assert [s.type_name for s in cfg.sinks] == ["console", "jsonl"] and str(cfg.sinks[1].options.path) == "0123/x.jsonl"
+    with pytest.raises(ConfigError) as info:
+        load_config(p, env={"ON": "maybe", "MT": "lots"})
+    assert str(info.value).splitlines() == [f"{p}:6:21: sinks[0].enabled: expected true or false, got 'maybe'",
+                                            f"{p}:6:46: sinks[0].max_text: expected an integer, got 'lots'"]
+
+
+BROKEN = """name: meeting
+source:
+  type: replai
+  path: x.jsonl
+stages:
+  - type: filter
+    chanels: [transcript]
+  - type: filter
+    channels: [transcript, transcripts]
+  - type: rules
+    rules:
+      - name: a
+        keywords: [x]
+        cooldown: soon
+      - name: b
+        keyword: [x]
+sinks:
+  - type: console
+runtime:
+  queue_size: lots
+"""
+
+
+def test_the_readme_error_example_is_what_validate_prints(tmp_path: Path) -> None:
+    """The README's example of every error at once is the real output for BROKEN (it named config/meeting.yaml
+    with lines and columns no file gave)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = readme[readme.index("```\npipeline: p.yaml:") + 4:]
+    shown = shown[:shown.index("```")]
+    (tmp_path / "p.yaml").write_text(BROKEN)
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", "p.yaml"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=30,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert res.returncode == 2
+    for want, got in zip(shown.splitlines(), res.stderr.splitlines(), strict=True):
+        assert got == want or (want.endswith("; ...") and got.startswith(want[:-3])), (want, got)
+
+
+def test_a_name_that_starts_with_a_dot_says_what_a_name_must_start_with(tmp_path: Path) -> None:
+    """`name: .x` was refused as not "letters, digits, _.-", which it is: a name must start with a letter or digit."""
+    p, lines = config_errors(tmp_path, "name: .x\nsource: {type: replay, path: in.jsonl}\nsinks: [{type: console}]\n")
+    assert lines == [f"{p}:1:1: name: expected a pipeline name (letters, digits, _.-, starting with a letter or "
+                     "digit), got '.x'"]

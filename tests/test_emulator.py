@@ -95,6 +95,16 @@ def _json_or_none(text: str) -> Any:
         return None
 
 
+def test_the_readme_scenario_example_loads(tmp_path: Path) -> None:
+    """The README's scenario example, as written (its events named a `display:1` it did not declare, so the
+    emulator refused it: "`rtstream` 'display:1' is not one of the scenario's rtstreams")."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("```yaml\nname: my-meeting\n") + len("```yaml\n")
+    (tmp_path / "s.yaml").write_text(readme[start:readme.index("```", start)])
+    scn = sc.load(tmp_path / "s.yaml")
+    assert [c.channel for c in scn.cues] == ["transcript", "visual_index", "alert", "capture_session.failed"]
+
+
 def test_jsonl_scenario_with_seed_shaped_lines(tmp_path: Path) -> None:
     p = tmp_path / "s.jsonl"
     p.write_text("\n".join(json.dumps(x) for x in [

@@ -1,5 +1,6 @@
-"""config/grafana: every metric the dashboard queries exists in a real /metrics scrape of config/demo.yaml
-(emulator + real SDK + controller + rules), and the provisioning points at the Prometheus service."""
+"""config/grafana and the README's metrics table: every metric the dashboard queries or the README names exists in
+a real /metrics scrape of config/demo.yaml (emulator + real SDK + controller + rules), and the provisioning points
+at the Prometheus service."""
 
 from __future__ import annotations
 
@@ -30,9 +31,20 @@ def dashboard_metrics() -> set[str]:
     return {m for e in exprs for m in METRIC.findall(e)}
 
 
-def test_every_dashboard_metric_exists_in_a_real_scrape(tmp_path: Path) -> None:
+def readme_metrics() -> set[str]:
+    """The names in the README's metrics table (written in full: `_out_total` alone named nothing real)."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("### Metrics"):text.index("### Tap")]
+    assert not re.findall(r"`(_[a-z_]+)`", table), "a metric written as a suffix, not a name one can query"
+    return set(re.findall(r"`(videodb_pipeline_[a-z_]+)`", table))
+
+
+def test_every_dashboard_and_readme_metric_exists_in_a_real_scrape(tmp_path: Path) -> None:
+    documented = readme_metrics()
+    assert len(documented) >= 20
     wanted = dashboard_metrics()
     assert len(wanted) >= 15 and "videodb_pipeline_sink_latency_seconds_bucket" in wanted
+    wanted |= documented
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DEMO_SPEED": "4"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "config/demo.yaml"), "--http",
@@ -61,7 +73,7 @@ def test_every_dashboard_metric_exists_in_a_real_scrape(tmp_path: Path) -> None:
     for fam in text_string_to_metric_families(text):
         present |= {fam.name, fam.name + "_total"} | {s.name for s in fam.samples}
     missing = sorted(wanted - present)
-    assert not missing, f"the dashboard queries metrics /metrics does not have: {missing}"
+    assert not missing, f"the dashboard or README names metrics /metrics does not have: {missing}"
     assert 'videodb_pipeline_capture_session_state{pipeline="demo",state="active"} 1.0' in text
     assert 'videodb_pipeline_websocket_connected{pipeline="demo"} 1.0' in text
 

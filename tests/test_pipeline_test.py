@@ -198,3 +198,34 @@ def test_a_count_0_expectation_that_names_nothing_that_runs_is_an_error(tmp_path
             "(did you mean 'terminal'?)") in res.stdout, res.stdout
     assert (f"{where}:5:5: expect.alerts[0].severity: no rule running in this case has severity 'critcal'; "
             "expected one of: info") in res.stdout, res.stdout
+
+
+def test_the_closest_event_is_the_one_a_typo_was_meant_for(tmp_path: Path) -> None:
+    """An `events_out` pattern with a typo in a text ("more codes") was shown next to the first event out, since
+    every unequal text scored the same; the README shows it next to "more code", the event it was meant for."""
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    (tmp_path / "p.test.yaml").write_text("""config: p.yaml
+cases:
+  - name: typo
+    input:
+      - {channel: visual_index, rtstream_id: s1, at: 0s, data: {text: "VS Code with a terminal"}}
+      - {channel: visual_index, rtstream_id: s1, at: 60s, data: {text: "more code"}}
+      - {channel: visual_index, rtstream_id: s1, at: 90s, data: {text: "a browser"}}
+    expect:
+      events_out: [{channel: visual_index, data: {text: "more codes"}}]
+""")
+    res = run(str(tmp_path / "p.test.yaml"))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert '-    "text": "more codes"\n          +    "text": "more code"\n' in res.stdout, res.stdout
+
+
+def test_the_readme_example_case_passes(tmp_path: Path) -> None:
+    """The README's annotated `*.test.yaml` example, run as written against config/meeting.yaml (it failed: its
+    third event matched 'stack trace', not the 'code' the expectation named)."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```yaml\n# config/meeting.test.yaml\n") + len("```yaml\n")
+    (tmp_path / "meeting.test.yaml").write_text(readme[start:readme.index("```", start)])
+    (tmp_path / "meeting.yaml").write_text((ROOT / "config/meeting.yaml").read_text())
+    res = run(str(tmp_path / "meeting.test.yaml"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.splitlines()[-1] == "1 passed, 0 failed, 0 errors (1 file)"

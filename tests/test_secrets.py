@@ -38,13 +38,13 @@ def plainly_masked(text: str, known: set[str]) -> str:
         else:
             runs.append([start, end])
     out, done = "", 0
-    for start, end in runs:
-        out += text[done:start] + secrets.MASK
+    for start, end in runs:  # a URL path keeps its slash
+        out += text[done:start] + ("/" if text[start] == "/" else "") + secrets.MASK
         done = end
     return out + text[done:]
 
 
-ALPHABET = "abXY-"  # few letters: secrets overlap, nest and repeat in the texts
+ALPHABET = "abXY-/"  # few letters: secrets overlap, nest and repeat in the texts
 words = st.text(ALPHABET, min_size=4, max_size=9)
 
 

@@ -24,12 +24,19 @@ def _pretty(value: Any) -> list[str]:
     return orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS, default=str).decode().splitlines()
 
 
+_TEXT = 500  # characters of a text compared: a failing case's diff stays quick whatever its events hold
+
+
 def _score(pattern: Any, value: Any) -> float:
     if isinstance(pattern, dict) and isinstance(value, dict):
         if not pattern:
             return 1.0
         return sum(_score(v, value[k]) if k in value else 0.0 for k, v in pattern.items()) / len(pattern)
-    return 1.0 if subset(pattern, value) else 0.0
+    if subset(pattern, value):
+        return 1.0
+    if isinstance(pattern, str) and isinstance(value, str):  # a typo's event, not the first one, is the closest
+        return 0.9 * difflib.SequenceMatcher(None, pattern[:_TEXT], value[:_TEXT], autojunk=False).ratio()
+    return 0.0
 
 
 def _project(pattern: Any, value: Any) -> Any:
