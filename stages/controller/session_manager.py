@@ -34,7 +34,7 @@ from stages.controller.ai_pipelines import (
     streams_from_event,
     usable_id,
 )
-from stages.controller.lifecycle import ended_unstored
+from stages.controller.lifecycle import TERMINAL, ended_unstored
 from stages.controller.session_create import ApiProblem, SessionCreator
 from stages.controller.session_store import SessionStore
 from stages.controller.sessions import ManagedSession
@@ -203,10 +203,13 @@ class SessionManager:
         return s
 
     def _evict(self) -> None:
-        """Forget the oldest finished sessions beyond max_sessions (their files stay).
+        """Forget the oldest finished sessions beyond max_sessions.
 
         Then, if still over, sessions stopped through the API before they started (nothing may ever end
         them). One stopped after it started is kept: it is followed to its end (status, video id).
+        A finished session's file goes with it unless its Idempotency-Key is among the FORGOTTEN_KEYS
+        remembered (then it goes when the key does), so `sessions/` does not grow with every session ever
+        made, nor a restart's reading of it. Files of sessions not finished stay (a restart follows them).
         """
         excess = len(self.sessions) - self.opts.api.max_sessions
         if excess <= 0:
@@ -220,9 +223,18 @@ class SessionManager:
             if isinstance(key, str) and self.idempotency.pop(key, None) is not None:
                 self.forgotten_keys[key] = sid  # a late retry is answered from the session's file
                 if len(self.forgotten_keys) > FORGOTTEN_KEYS:
-                    self.forgotten_keys.popitem(last=False)
+                    self._drop_record(self.forgotten_keys.popitem(last=False)[1])
+            elif s.lifecycle.done:
+                self.store.drop(sid)
             for rid in [r for r, owner in self.by_stream.items() if owner is s]:
                 del self.by_stream[rid]
+
+    def _drop_record(self, sid: str) -> None:
+        """The file of a session no longer in memory and no longer asked for by key, if it has finished."""
+        record = self.store.load(sid) or {}
+        status = record.get("status")
+        if status in TERMINAL or (status == "stopped" and record.get("stored") is False):
+            self.store.drop(sid)
 
     def get(self, sid: str) -> ManagedSession:
         s = self.sessions.get(sid)

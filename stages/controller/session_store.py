@@ -105,7 +105,8 @@ class SessionStore:
             log.error("sessions: cannot remove %s: %s", self.intent_path(key), exc)
 
     def load_all(self) -> list[dict[str, Any]]:
-        """Every readable record; unreadable ones are logged and skipped (and left for a person to see)."""
+        """Every readable record, oldest created first (so the newest are the ones kept in memory); unreadable
+        ones are logged and skipped (and left for a person to see)."""
         if not self.dir.exists():
             return []
         ensure_private_dir(self.dir)
@@ -114,7 +115,19 @@ class SessionStore:
             record = self._read(p)
             if record is not None:
                 out.append(record)
+        out.sort(key=lambda r: str(r.get("created_at") or ""))  # stable: the file name breaks ties
         return out
+
+    def drop(self, session_id: str) -> None:
+        """Remove a finished session's record (nothing will ask for it again); a failure is logged."""
+        if not safe_id(session_id):
+            return
+        try:
+            os.unlink(self.path(session_id))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("sessions: cannot remove %s: %s", self.path(session_id), exc)
 
     def load(self, session_id: str) -> dict[str, Any] | None:
         """One saved record, or None (no such file, or unreadable: logged)."""

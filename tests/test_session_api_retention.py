@@ -1,0 +1,72 @@
+"""Session churn: what the session API keeps of finished sessions, in memory and in `state_dir`, stays bounded.
+
+Real SDK against the emulator, real files: sessions are created, started by the emulated desktop client,
+stopped through the API and exported, one after another, as in a long run serving many users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pipeline.api import Context
+from pipeline.emulator import Emulator
+from stages.controller import session_manager
+from tests.test_session_api import Live, hook, running
+from tests.test_session_api import emulator as emulator  # the shared fixture
+from tests.test_session_api_attacks import status_of
+
+
+async def finished(live: Live, emu: Emulator, user: str, key: str | None = None) -> str:
+    """One session's whole life: created (with `key` as its Idempotency-Key), started, stopped, exported."""
+    headers = {"Idempotency-Key": key} if key else {}
+    status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": user}, headers=headers)
+    assert status == 201, body
+    sid = body["session_id"]
+    await hook(live, emu, f"sessions/{sid}/start")
+    assert (await status_of(live, sid, "active"))["status"] == "active"
+    assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
+    assert (await status_of(live, sid, "exported"))["status"] == "exported"
+    return sid
+
+
+def records(state_dir: Path) -> set[str]:
+    return {p.stem for p in (state_dir / "sessions").glob("*.json")}
+
+
+async def test_finished_session_files_are_bounded_and_keys_still_answer(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished session's file goes once it has left memory and no Idempotency-Key can ask for it (before:
+    one file per session ever made, all read back by every restart)."""
+    monkeypatch.setattr(session_manager, "FORGOTTEN_KEYS", 1)
+    async with running(make_context, emulator, api={"max_sessions": 1}) as live:
+        plain = [await finished(live, emulator, f"p{i}") for i in range(2)]
+        keyed = [await finished(live, emulator, f"k{i}", key=f"key-{i}") for i in range(3)]
+        # in memory: the newest; answered by key from its file: the one key remembered; nothing else
+        assert set(live.ctl.manager.sessions) == {keyed[2]}
+        assert records(tmp_path) == {keyed[1], keyed[2]}, (plain, keyed)
+        status, again = await live.call("POST", "/v1/sessions", json={"end_user_id": "k1"},
+                                        headers={"Idempotency-Key": "key-1"})
+        assert status == 201 and again["session_id"] == keyed[1]
+
+
+async def test_a_restart_keeps_the_newest_finished_sessions_in_memory(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """After a restart GET still answers for the session that ended last (before: the records were read in
+    file-name order, so the finished sessions kept in memory were those whose random ids sort last)."""
+    made: list[str] = []
+    async with running(make_context, emulator, api={"max_sessions": 1}) as live:
+        for i in range(12):  # until the newest does not have the greatest id: file-name order would drop it
+            made.append(await finished(live, emulator, f"u{i}"))
+            if len(made) > 1 and made[-1] < max(made):
+                break
+        assert made[-1] < max(made), made
+    async with running(make_context, emulator, api={"max_sessions": 1}) as live:
+        status, view = await live.call("GET", f"/v1/sessions/{made[-1]}")
+        assert status == 200 and view["status"] == "exported", view
+        assert set(live.ctl.manager.sessions) == {made[-1]}
+    assert records(tmp_path) == {made[-1]}
+
