@@ -14,9 +14,10 @@ import pytest
 from pipeline.api import Context
 from pipeline.emulator import Emulator
 from stages.controller import session_manager
-from tests.test_session_api import Live, hook, running
+from tests.test_session_api import Live, cues, hook, running
 from tests.test_session_api import emulator as emulator  # the shared fixture
 from tests.test_session_api_attacks import status_of
+from tests.videodb_harness import API_KEY, scenario_file
 
 
 async def finished(live: Live, emu: Emulator, user: str, key: str | None = None) -> str:
@@ -70,3 +71,26 @@ async def test_a_restart_keeps_the_newest_finished_sessions_in_memory(
         assert set(live.ctl.manager.sessions) == {made[-1]}
     assert records(tmp_path) == {made[-1]}
 
+
+async def test_sessions_ended_by_polling_leave_no_poll_notes(make_context: Callable[..., Context],
+                                                             tmp_path: Path) -> None:
+    """Sessions whose end only polling sees (their events go to an old connection) leave nothing behind in
+    the poller (before: one note per such session, kept for the life of the process)."""
+    emu = Emulator(scenario_file(tmp_path, cues(), end=1000), speed=3, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        made = []
+        async with running(make_context, emu) as live:
+            for user in ("a", "b", "c"):
+                sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": user}))[1]["session_id"]
+                await hook(live, emu, f"sessions/{sid}/start")
+                made.append(sid)
+            for sid in made:
+                assert (await status_of(live, sid, "active"))["status"] == "active"
+                assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
+        async with running(make_context, emu) as live:  # a new connection: only polling sees them end
+            for sid in made:
+                assert (await status_of(live, sid, "exported"))["status"] == "exported"
+            assert live.ctl.manager._poll_seen == {}
+    finally:
+        await emu.stop()

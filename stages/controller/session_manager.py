@@ -419,7 +419,9 @@ class SessionManager:
                 self.by_stream[rid] = s
 
     def _forget_streams(self, s: ManagedSession) -> None:
-        """A finished session's rtstreams send nothing more: drop the lookup entries, keep the counters."""
+        """A finished session's rtstreams send nothing more: drop the lookup entries and the poller's note on
+        it, keep the counters."""
+        self._poll_seen.pop(s.id, None)
         ids = [r.get("rtstream_id") for r in s.record.get("rtstreams") or [] if isinstance(r, dict)]
         for rid in ids:
             if isinstance(rid, str) and self.by_stream.get(rid) is s:
