@@ -6,14 +6,18 @@ stopped through the API and exported, one after another, as in a long run servin
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import pytest
 
 from pipeline.api import Context
 from pipeline.emulator import Emulator
-from stages.controller import session_manager
+from pipeline.events import iso_ts
+from stages.controller import session_manager, session_store
 from tests.test_session_api import Live, cues, hook, running
 from tests.test_session_api import emulator as emulator  # the shared fixture
 from tests.test_session_api_attacks import status_of
@@ -92,5 +96,40 @@ async def test_sessions_ended_by_polling_leave_no_poll_notes(make_context: Calla
             for sid in made:
                 assert (await status_of(live, sid, "exported"))["status"] == "exported"
             assert live.ctl.manager._poll_seen == {}
+    finally:
+        await emu.stop()
+
+
+async def test_create_intents_are_removed_once_their_token_expired(make_context: Callable[..., Context],
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed create VideoDB answered with a 5xx leaves its intent for the retry (VideoDB may have made the
+    session); a retry that never came left it for ever, one file per such create. Once the client token it
+    noted has expired it is removed: while running (at the next create, at most hourly) and at a restart."""
+    monkeypatch.setattr(session_store, "INTENT_SWEEP_EVERY", 0.0)
+    emu = Emulator(scenario_file(tmp_path, cues(), end=1000), speed=10, api_key=API_KEY, autostart=False)
+    await emu.start()
+    intents = tmp_path / "sessions"
+
+    async def failed_create(live: Live, key: str) -> None:
+        emu.fault("POST", "/collection/default/capture/session", status=503, times=1)
+        status, _ = await live.call("POST", "/v1/sessions", json={"end_user_id": key}, headers={"Idempotency-Key": key})
+        assert status == 502 and len(list(intents.glob("*.creating"))) == 1
+        expires = orjson.loads(next(intents.glob("*.creating")).read_bytes())["expires_at"]
+        while iso_ts(time.time()) <= expires:  # until its token has expired
+            await asyncio.sleep(0.05)
+
+    try:
+        async with running(make_context, emu, client_token_expires_in=1) as live:
+            await failed_create(live, "a")
+            status, _ = await live.call("POST", "/v1/sessions", json={"end_user_id": "b"},
+                                        headers={"Idempotency-Key": "b"})
+            assert status == 201 and not list(intents.glob("*.creating"))
+            await failed_create(live, "c")
+        async with running(make_context, emu, client_token_expires_in=1) as live:
+            assert not list(intents.glob("*.creating"))
+            status, made = await live.call("POST", "/v1/sessions", json={"end_user_id": "c"},
+                                           headers={"Idempotency-Key": "c"})  # a late retry: a new session
+            assert status == 201 and made["client_token"]
     finally:
         await emu.stop()

@@ -86,6 +86,7 @@ class SessionManager:
     async def start(self, conn: Any) -> None:
         self.conn = conn
         self.store.clean_temporaries()
+        self.store.drop_expired_intents(now=True)
         records = self.store.load_all()
         if records and self.ctl.context.settings.get("new_session"):
             log.info("%s: --new-session: not re-attaching the sessions saved in %s", self.who, self.store.dir)
