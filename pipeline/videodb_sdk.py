@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -134,5 +135,5 @@ async def client_token(who: str, conn: Any, expires_in: int, api_key: str | None
     if not isinstance(token, str) or not token:
         raise VideoDBCallError(f"{who}: generate_client_token failed: the answer holds no token",
                                call="generate_client_token", status=None, fatal=False)
-    secrets.register(token)
+    secrets.register_token(token, time.time() + expires_in)
     return token
