@@ -411,6 +411,7 @@ class SessionManager:
             await self._stop_streams(s)
 
     def _learn_streams(self, s: ManagedSession, streams: list[Stream]) -> None:
+        self._unindex_streams(s)  # the lookup holds exactly the ids its record lists (eviction reads them there)
         s.remember_streams([{"rtstream_id": st.rts.id, "name": st.name,
                              "media_types": [st.kind] if st.kind else []} for st in streams])
         self._index_streams(s)
