@@ -54,5 +54,4 @@ def test_an_expired_token_is_forgotten() -> None:
     """A token is masked while it can be used; once expired it is dropped (the next registration sweeps)."""
     secrets.register_token("ct-short-lived-0123", time.time() - 1)
     secrets.register_token("ct-long-lived-4567", time.time() + 600)
-    assert secrets.mask("a ct-long-lived-4567 b") == "a *** b"
-    assert "ct-short-lived-0123" not in secrets._tokens
+    assert secrets.mask("a ct-long-lived-4567 b ct-short-lived-0123") == "a *** b ct-short-lived-0123"
