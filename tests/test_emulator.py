@@ -428,3 +428,24 @@ async def test_generated_events_and_rest_records_keep_only_the_newest(monkeypatc
         await ws.close()
     finally:
         await emu.stop()
+
+
+async def test_recorded_api_calls_keep_only_the_newest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every API call was kept, with its body, for as long as the emulator ran: left beside a pipeline that
+    polls the session status, it grew without end. Now the newest CALLS_KEPT are kept (and served)."""
+    import aiohttp
+
+    from pipeline.emulator import server
+
+    monkeypatch.setattr(server, "CALLS_KEPT", 4)
+    emu = Emulator(speed=0, autostart=False)
+    await emu.start()
+    try:
+        conn = videodb.connect(api_key="k", base_url=emu.base_url)
+        for i in range(10):
+            await call(conn.generate_client_token, 60 + i)
+        assert [c["body"] for c in emu.calls] == [{"expires_in": 60 + i} for i in range(6, 10)]
+        async with aiohttp.ClientSession() as http, http.get(f"{emu.base_url}/_emulator/calls") as r:
+            assert [c["body"]["expires_in"] for c in await r.json()] == [66, 67, 68, 69]
+    finally:
+        await emu.stop()

@@ -71,10 +71,10 @@ async def test_at_most_silent_check_max_sessions_are_asked_about_per_interval_ol
         await check.check_once()  # none is silent for a whole interval yet
         await asyncio.sleep(0.45)
         await check.check_once()
-        asked = [c["path"].rsplit("/", 1)[1] for c in emu.calls[start:] if c["method"] == "GET"]
+        asked = [c["path"].rsplit("/", 1)[1] for c in list(emu.calls)[start:] if c["method"] == "GET"]
         assert sorted(asked) == sorted(made[:3]), asked  # the three heard from longest ago, only them
         await check.check_once()
-        asked = [c["path"].rsplit("/", 1)[1] for c in emu.calls[start:] if c["method"] == "GET"]
+        asked = [c["path"].rsplit("/", 1)[1] for c in list(emu.calls)[start:] if c["method"] == "GET"]
         assert sorted(asked[3:]) == sorted(made[3:6]), asked  # then the next ones, not the same again
 
 

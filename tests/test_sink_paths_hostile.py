@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +68,44 @@ async def test_jsonl_buffer_bytes_bounds_the_lines_of_all_files_together(make_co
         assert sink.buffered_bytes() <= 64 * 1024 + 100 * 250
     await sink.close()
     assert len(list(tmp_path.glob("cap-*.jsonl"))) == 3000
+
+
+def _open_paths() -> set[str]:
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to see open files")
+@pytest.mark.parametrize("flush_interval", ["50ms", "0s"])
+async def test_jsonl_closes_the_file_of_a_session_that_stopped_sending(
+        make_context: MakeCtx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flush_interval: str) -> None:
+    """A finished session's file (or yesterday's `{date}` file) stayed open until 32 newer files pushed it out:
+    on a quiet pipeline for ever, its disk space still held after the file was deleted. Now a file not written
+    for IDLE_CLOSE is closed, also while no event arrives; a later event reopens it and appends."""
+    monkeypatch.setattr(jsonl, "IDLE_CLOSE", 0.3)
+    sink = jsonl.JsonlSink(jsonl.JsonlOptions(path=f"{tmp_path}/{{capture_session_id}}.jsonl",
+                                              flush_interval=flush_interval), make_context())
+    await sink.start()
+    a, b = str(tmp_path / "cap-a.jsonl"), str(tmp_path / "cap-b.jsonl")
+    await sink.write([{"channel": "x", "capture_session_id": s, "n": 1} for s in ("cap-a", "cap-b")])
+    await sink.flush()
+    assert {a, b} <= _open_paths()
+    async with asyncio.timeout(5):
+        while a in _open_paths():  # session b goes on, session a has ended
+            await sink.write([{"channel": "x", "capture_session_id": "cap-b", "n": 2}])
+            await asyncio.sleep(0.05)
+    assert b in _open_paths()
+    async with asyncio.timeout(5):
+        while b in _open_paths():  # nothing arrives any more
+            await asyncio.sleep(0.05)
+    await sink.write([{"channel": "x", "capture_session_id": "cap-a", "n": 3}])
+    await sink.close()
+    assert [orjson.loads(x)["n"] for x in Path(a).read_bytes().splitlines()] == [1, 3]
 
 
 # -- parquet ------------------------------------------------------------------------------------

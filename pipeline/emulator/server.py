@@ -26,6 +26,9 @@ from pipeline.emulator.state import EXPORT_OUTCOMES, Registry
 from pipeline.errors import StageError
 
 _HOOKS = "/_emulator"
+#: API calls kept for `/_emulator/calls` and tests: the newest ones (kept without end, an emulator left
+#: running beside a pipeline grew by every status poll, for as long as it ran)
+CALLS_KEPT = 100_000
 
 
 @dataclass
@@ -93,7 +96,7 @@ class Emulator:
         self.player = Player(self.registry, self.hub, speed=speed, autostart=autostart,
                              settle=settle, setup_timeout=setup_timeout)
         self.api = Api(self.registry, self.hub, self.player, self.scenario, export_outcome)
-        self.calls: list[dict[str, Any]] = []
+        self.calls: deque[dict[str, Any]] = deque(maxlen=CALLS_KEPT)
         self.faults: list[Fault] = []
         self.base_url = ""
         self._runner: web.AppRunner | None = None
@@ -208,7 +211,7 @@ class Emulator:
         return run
 
     async def _calls(self, request: web.Request) -> web.Response:
-        return web.json_response(self.calls)
+        return web.json_response(list(self.calls))
 
     async def _events(self, request: web.Request) -> web.Response:
         """Every produced event, flat: rtstream_id, channel, start, text, live, plus the event itself."""

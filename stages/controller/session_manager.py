@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -35,7 +36,7 @@ from stages.controller.ai_pipelines import (
     streams_from_event,
     usable_id,
 )
-from stages.controller.lifecycle import ended_unstored
+from stages.controller.lifecycle import TERMINAL, ended_unstored
 from stages.controller.session_create import ApiProblem, SessionCreator, videodb_problem
 from stages.controller.session_store import SessionStore
 from stages.controller.sessions import ManagedSession
@@ -89,6 +90,7 @@ class SessionManager:
     async def start(self, conn: Any) -> None:
         self.conn = conn
         self.store.clean_temporaries()
+        self.store.drop_expired_intents(now=True)
         records = self.store.load_all()
         if records and self.ctl.context.settings.get("new_session"):
             log.info("%s: --new-session: not re-attaching the sessions saved in %s", self.who, self.store.dir)
@@ -99,7 +101,7 @@ class SessionManager:
             status = record.get("status")
             if isinstance(status, str):
                 s.lifecycle.advance(status, polled=True)
-            if s.record.get("rtstreams"):
+            if s.record.get("rtstreams") and not s.lifecycle.done:  # a finished one's send nothing more
                 self._index_streams(s)
         self.link.on_connection(self._on_connection)
         self._spawn(self.silent.run())
@@ -207,27 +209,40 @@ class SessionManager:
         return s
 
     def _evict(self) -> None:
-        """Forget the oldest finished sessions beyond max_sessions (their files stay).
+        """Forget the oldest finished sessions beyond max_sessions.
 
         Then, if still over, sessions stopped through the API before they started (nothing may ever end
         them). One stopped after it started is kept: it is followed to its end (status, video id).
+        A finished session's file goes with it unless its Idempotency-Key is among the FORGOTTEN_KEYS
+        remembered (then it goes when the key does), so `sessions/` does not grow with every session ever
+        made, nor a restart's reading of it. Files of sessions not finished stay (a restart follows them).
         """
         excess = len(self.sessions) - self.opts.api.max_sessions
         if excess <= 0:
             return
         items = self.sessions.items()
-        gone = [sid for sid, s in items if s.lifecycle.done]
-        gone += [sid for sid, s in items if not s.live and s.lifecycle.state in (None, "created")]
-        for sid in gone[:excess]:
+        # oldest first, and only as many as needed: a restart adds every saved record through here, and a
+        # full list per record made it quadratic (6,000 records, max_sessions 3,000: 4 s to start)
+        ended = (sid for sid, s in items if s.lifecycle.done)
+        unstarted = (sid for sid, s in items if not s.live and s.lifecycle.state in (None, "created"))
+        for sid in list(itertools.islice(itertools.chain(ended, unstarted), excess)):
             s = self.sessions.pop(sid)
             key = s.record.get("idempotency_key")
             if isinstance(key, str) and self.idempotency.pop(key, None) is not None:
                 self.forgotten_keys[key] = sid  # a late retry is answered from the session's file
                 if len(self.forgotten_keys) > FORGOTTEN_KEYS:
-                    self.forgotten_keys.popitem(last=False)
-            for rid in [r for r, owner in self.by_stream.items() if owner is s]:
-                del self.by_stream[rid]
+                    self._drop_record(self.forgotten_keys.popitem(last=False)[1])
+            elif s.lifecycle.done:
+                self.store.drop(sid)
+            self._unindex_streams(s)
             _forget_token(s)
+
+    def _drop_record(self, sid: str) -> None:
+        """The file of a session no longer in memory and no longer asked for by key, if it has finished."""
+        record = self.store.load(sid) or {}
+        status = record.get("status")
+        if status in TERMINAL or (status == "stopped" and record.get("stored") is False):
+            self.store.drop(sid)
 
     def get(self, sid: str) -> ManagedSession:
         s = self.sessions.get(sid)
@@ -406,6 +421,7 @@ class SessionManager:
             await self._stop_streams(s)
 
     def _learn_streams(self, s: ManagedSession, streams: list[Stream]) -> None:
+        self._unindex_streams(s)  # the lookup holds exactly the ids its record lists (eviction reads them there)
         s.remember_streams([{"rtstream_id": st.rts.id, "name": st.name,
                              "media_types": [st.kind] if st.kind else []} for st in streams])
         self._index_streams(s)
@@ -417,15 +433,22 @@ class SessionManager:
                 self.by_stream[rid] = s
 
     def _forget_streams(self, s: ManagedSession) -> None:
-        """A finished session's rtstreams send nothing more: drop the lookup entries, keep the counters
-        (and its client token, which starts nothing any more, is no longer masked in logs)."""
+        """A finished session's rtstreams send nothing more: drop the lookup entries and the poller's note on
+        it, keep the counters (and its client token, which starts nothing any more, is no longer masked in
+        logs)."""
         _forget_token(s)
+        self._poll_seen.pop(s.id, None)
+        ids = self._unindex_streams(s)
+        if self.link.inlet is not None:
+            self.link.inlet.forget(str(rid) for rid in ids)  # its dedupe keys and backfill marks
+
+    def _unindex_streams(self, s: ManagedSession) -> list[Any]:
+        """Drop the session's rtstreams from the lookup; returns their ids."""
         ids = [r.get("rtstream_id") for r in s.record.get("rtstreams") or [] if isinstance(r, dict)]
         for rid in ids:
             if isinstance(rid, str) and self.by_stream.get(rid) is s:
                 del self.by_stream[rid]
-        if self.link.inlet is not None:
-            self.link.inlet.forget(str(rid) for rid in ids)  # its dedupe keys and backfill marks
+        return ids
 
     # --- AI pipelines and reconnects -----------------------------------------------------------
 

@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import stat
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -26,6 +28,7 @@ SESSIONS_DIR: Final = "sessions"
 #: A record is its request's metadata (at most api.max_body_bytes, 16 MiB) plus about a kilobyte.
 MAX_RECORD_BYTES: Final = 32 << 20
 MAX_STATE_BYTES: Final = 16 << 20  # another state file (the backfill checkpoint)
+INTENT_SWEEP_EVERY: Final = 3600.0  # seconds between two looks for create intents whose client token expired
 _SAFE_ID: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")  # \Z: `$` lets a final newline through
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 #: The type of each record key a restart reads (a key may also be missing or null).
@@ -46,6 +49,7 @@ class SessionStore:
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / SESSIONS_DIR
+        self._swept = -INTENT_SWEEP_EVERY  # monotonic time of the last look for expired intents
 
     def path(self, session_id: str) -> Path:
         return self.dir / f"{session_id}.json"
@@ -79,6 +83,7 @@ class SessionStore:
         return self.dir / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.creating"
 
     def save_intent(self, intent: dict[str, Any]) -> None:
+        self.drop_expired_intents()
         try:
             write_private_text(self.intent_path(intent["idempotency_key"]), orjson.dumps(intent).decode())
         except (StageError, OSError) as exc:
@@ -94,7 +99,29 @@ class SessionStore:
             log.warning("sessions: skipping %s: %s", self.intent_path(key), exc)
             return None
         ok = isinstance(intent, dict) and intent.get("idempotency_key") == key and wrong_key(intent) is None
+        if ok and _expired(intent, time.time()):
+            self.drop_intent(key)
+            return None
         return intent if ok else None
+
+    def drop_expired_intents(self, *, now: bool = False) -> None:
+        """Remove the create intents whose client token has expired (at most once per INTENT_SWEEP_EVERY unless
+        `now`). A retry could not use the session such an intent would find (its desktop client can no longer
+        start it: a new one is made instead), so without this they piled up, one for every keyed create that
+        failed in a way worth a retry that never came."""
+        if not now and time.monotonic() - self._swept < INTENT_SWEEP_EVERY:
+            return
+        self._swept, wall = time.monotonic(), time.time()
+        for p in self.dir.glob("*.creating") if self.dir.exists() else ():
+            try:
+                intent = orjson.loads(read_regular(p, MAX_RECORD_BYTES))
+            except (OSError, ValueError):
+                continue  # unreadable: left for a person to see, as when a retry reads it
+            if isinstance(intent, dict) and _expired(intent, wall):
+                try:
+                    os.unlink(p)
+                except OSError as exc:
+                    log.error("sessions: cannot remove %s: %s", p, exc)
 
     def drop_intent(self, key: str) -> None:
         try:
@@ -105,7 +132,8 @@ class SessionStore:
             log.error("sessions: cannot remove %s: %s", self.intent_path(key), exc)
 
     def load_all(self) -> list[dict[str, Any]]:
-        """Every readable record; unreadable ones are logged and skipped (and left for a person to see)."""
+        """Every readable record, oldest created first (so the newest are the ones kept in memory); unreadable
+        ones are logged and skipped (and left for a person to see)."""
         if not self.dir.exists():
             return []
         ensure_private_dir(self.dir)
@@ -114,7 +142,19 @@ class SessionStore:
             record = self._read(p)
             if record is not None:
                 out.append(record)
+        out.sort(key=lambda r: str(r.get("created_at") or ""))  # stable: the file name breaks ties
         return out
+
+    def drop(self, session_id: str) -> None:
+        """Remove a finished session's record (nothing will ask for it again); a failure is logged."""
+        if not safe_id(session_id):
+            return
+        try:
+            os.unlink(self.path(session_id))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("sessions: cannot remove %s: %s", self.path(session_id), exc)
 
     def load(self, session_id: str) -> dict[str, Any] | None:
         """One saved record, or None (no such file, or unreadable: logged)."""
@@ -141,6 +181,14 @@ class SessionStore:
                     os.unlink(p)
                 except OSError:
                     pass
+
+
+def _expired(intent: dict[str, Any], now: float) -> bool:
+    """Has the client token an intent noted expired? (Without a readable `expires_at`: no.)"""
+    try:
+        return datetime.fromisoformat(str(intent.get("expires_at")).replace("Z", "+00:00")).timestamp() < now
+    except ValueError:
+        return False
 
 
 def read_regular(p: Path, limit: int) -> bytes:

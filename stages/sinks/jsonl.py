@@ -4,7 +4,8 @@ Lines are buffered per file and written whole (a write never ends mid-line on
 our side), every `flush_interval`, when the buffers pass `buffer_bytes`, and
 at shutdown. Files are opened at the flush, at most MAX_OPEN_FILES kept open
 (least recently written closed first), so one file per session stays cheap
-with any number of live sessions. Files are 0600 in 0700 directories;
+with any number of live sessions; a templated file not written for IDLE_CLOSE
+seconds is closed (a finished session's or yesterday's file is not held open). Files are 0600 in 0700 directories;
 symlinked paths are refused. A file deleted or renamed (logrotate) under us
 is opened again at the next flush.
 """
@@ -31,6 +32,7 @@ from stages.sinks.dates import UtcDays
 _DUMP = orjson.dumps
 _OPTS = orjson.OPT_APPEND_NEWLINE
 MAX_OPEN_FILES = 32
+IDLE_CLOSE = 60.0  # seconds without a write after which a templated file is closed
 NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs, tmpfs
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")  # \Z: `$` would let a final newline through
 _SAFE_SESSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")  # the ids the session API accepts (128 long)
@@ -68,11 +70,12 @@ class JsonlOptions(SinkOptions):
 
 
 class _File:
-    __slots__ = ("fh", "path")
+    __slots__ = ("fh", "path", "used")
 
     def __init__(self, path: str, fh: BinaryIO) -> None:
         self.path = path
         self.fh = fh
+        self.used = time.monotonic()  # when it was last opened or written
 
     def reopen_if_replaced(self) -> None:
         """Deleted or renamed (logrotate) under us: open the path again (a symlink or directory is refused)."""
@@ -111,7 +114,7 @@ class JsonlSink(Sink):
             self._cleared.add(self.options.path)
             self._open(self.options.path)
             self._pending_clear = self.options.clear
-        if self.options.flush_interval > 0:
+        if self.options.flush_interval > 0 or self._templated:  # templated: idle files close on a quiet run too
             self._timer = asyncio.create_task(self._flush_periodically(), name=f"{self.context.stage}-flush")
 
     def _open(self, path: str) -> _File:
@@ -134,8 +137,21 @@ class JsonlSink(Sink):
             except BaseException:
                 f.fh.close()
                 raise
+        f.used = time.monotonic()
         self._files[path] = f
         return f
+
+    def _close_idle(self, now: float) -> None:
+        """Close templated files not written for IDLE_CLOSE (least recently written first, so stop at a busy one).
+
+        Without this a finished session's file (or yesterday's `{date}` file) stayed open until MAX_OPEN_FILES
+        newer ones pushed it out: for ever on a quiet pipeline, its disk space held after it was deleted."""
+        while self._files:
+            path, f = next(iter(self._files.items()))
+            if now - f.used < IDLE_CLOSE:
+                return
+            del self._files[path]
+            f.fh.close()
 
     def _buf(self, path: str) -> bytearray:
         buf = self._bufs.get(path)
@@ -223,7 +239,9 @@ class JsonlSink(Sink):
 
         `current` = events of the batch being written now (not yet counted as sent by the runtime).
         """
-        self._last_flush = time.monotonic()
+        self._last_flush = now = time.monotonic()
+        if self._templated:
+            self._close_idle(now)
         if not self._buffered:
             return
         # Detach the buffers first: a view a tracer or profiler keeps alive can then never block
@@ -278,9 +296,10 @@ class JsonlSink(Sink):
         self.context.stats.sent -= max(0, lines - current)
 
     async def _flush_periodically(self) -> None:
+        every = self.options.flush_interval or IDLE_CLOSE / 2  # 0: writes flush themselves; this closes idle files
         while self._failed is None:
-            await asyncio.sleep(self.options.flush_interval)
-            if time.monotonic() - self._last_flush >= self.options.flush_interval:
+            await asyncio.sleep(every)
+            if time.monotonic() - self._last_flush >= every:
                 try:
                     self.flush_now()
                 except SinkFailed:

@@ -1,0 +1,159 @@
+"""Session churn: what the session API keeps of finished sessions, in memory and in `state_dir`, stays bounded.
+
+Real SDK against the emulator, real files: sessions are created, started by the emulated desktop client,
+stopped through the API and exported, one after another, as in a long run serving many users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+
+from pipeline.api import Context
+from pipeline.emulator import Emulator
+from pipeline.events import iso_ts
+from stages.controller import session_manager, session_store
+from tests.test_session_api import Live, cues, hook, running
+from tests.test_session_api import emulator as emulator  # the shared fixture
+from tests.test_session_api_attacks import status_of
+from tests.videodb_harness import API_KEY, scenario_file
+
+
+async def finished(live: Live, emu: Emulator, user: str, key: str | None = None) -> str:
+    """One session's whole life: created (with `key` as its Idempotency-Key), started, stopped, exported."""
+    headers = {"Idempotency-Key": key} if key else {}
+    status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": user}, headers=headers)
+    assert status == 201, body
+    sid = body["session_id"]
+    await hook(live, emu, f"sessions/{sid}/start")
+    assert (await status_of(live, sid, "active"))["status"] == "active"
+    assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
+    assert (await status_of(live, sid, "exported"))["status"] == "exported"
+    return sid
+
+
+def records(state_dir: Path) -> set[str]:
+    return {p.stem for p in (state_dir / "sessions").glob("*.json")}
+
+
+async def test_finished_session_files_are_bounded_and_keys_still_answer(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished session's file goes once it has left memory and no Idempotency-Key can ask for it (before:
+    one file per session ever made, all read back by every restart)."""
+    monkeypatch.setattr(session_manager, "FORGOTTEN_KEYS", 1)
+    async with running(make_context, emulator, api={"max_sessions": 1}) as live:
+        plain = [await finished(live, emulator, f"p{i}") for i in range(2)]
+        keyed = [await finished(live, emulator, f"k{i}", key=f"key-{i}") for i in range(3)]
+        # in memory: the newest; answered by key from its file: the one key remembered; nothing else
+        assert set(live.ctl.manager.sessions) == {keyed[2]}
+        assert records(tmp_path) == {keyed[1], keyed[2]}, (plain, keyed)
+        status, again = await live.call("POST", "/v1/sessions", json={"end_user_id": "k1"},
+                                        headers={"Idempotency-Key": "key-1"})
+        assert status == 201 and again["session_id"] == keyed[1]
+
+
+async def test_a_restart_keeps_the_newest_finished_sessions_in_memory(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """After a restart GET still answers for the session that ended last (before: the records were read in
+    file-name order, so the finished sessions kept in memory were those whose random ids sort last)."""
+    made: list[str] = []
+    async with running(make_context, emulator, api={"max_sessions": 1}) as live:
+        for i in range(12):  # until the newest does not have the greatest id: file-name order would drop it
+            made.append(await finished(live, emulator, f"u{i}"))
+            if len(made) > 1 and made[-1] < max(made):
+                break
+        assert made[-1] < max(made), made
+    async with running(make_context, emulator, api={"max_sessions": 1}) as live:
+        status, view = await live.call("GET", f"/v1/sessions/{made[-1]}")
+        assert status == 200 and view["status"] == "exported", view
+        assert set(live.ctl.manager.sessions) == {made[-1]}
+    assert records(tmp_path) == {made[-1]}
+
+
+async def test_sessions_ended_by_polling_leave_no_poll_notes(make_context: Callable[..., Context],
+                                                             tmp_path: Path) -> None:
+    """Sessions whose end only polling sees (their events go to an old connection) leave nothing behind in
+    the poller (before: one note per such session, kept for the life of the process)."""
+    emu = Emulator(scenario_file(tmp_path, cues(), end=1000), speed=3, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        made = []
+        async with running(make_context, emu) as live:
+            for user in ("a", "b", "c"):
+                sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": user}))[1]["session_id"]
+                await hook(live, emu, f"sessions/{sid}/start")
+                made.append(sid)
+            for sid in made:
+                assert (await status_of(live, sid, "active"))["status"] == "active"
+                assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
+        async with running(make_context, emu) as live:  # a new connection: only polling sees them end
+            for sid in made:
+                assert (await status_of(live, sid, "exported"))["status"] == "exported"
+            assert live.ctl.manager._poll_seen == {}
+    finally:
+        await emu.stop()
+
+
+async def test_create_intents_are_removed_once_their_token_expired(make_context: Callable[..., Context],
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed create VideoDB answered with a 5xx leaves its intent for the retry (VideoDB may have made the
+    session); a retry that never came left it for ever, one file per such create. Once the client token it
+    noted has expired it is removed: while running (at the next create, at most hourly) and at a restart."""
+    monkeypatch.setattr(session_store, "INTENT_SWEEP_EVERY", 0.0)
+    emu = Emulator(scenario_file(tmp_path, cues(), end=1000), speed=10, api_key=API_KEY, autostart=False)
+    await emu.start()
+    intents = tmp_path / "sessions"
+
+    async def failed_create(live: Live, key: str) -> None:
+        emu.fault("POST", "/collection/default/capture/session", status=503, times=1)
+        status, _ = await live.call("POST", "/v1/sessions", json={"end_user_id": key}, headers={"Idempotency-Key": key})
+        assert status == 502 and len(list(intents.glob("*.creating"))) == 1
+        expires = orjson.loads(next(intents.glob("*.creating")).read_bytes())["expires_at"]
+        while iso_ts(time.time()) <= expires:  # until its token has expired
+            await asyncio.sleep(0.05)
+
+    try:
+        async with running(make_context, emu, client_token_expires_in=1) as live:
+            await failed_create(live, "a")
+            status, _ = await live.call("POST", "/v1/sessions", json={"end_user_id": "b"},
+                                        headers={"Idempotency-Key": "b"})
+            assert status == 201 and not list(intents.glob("*.creating"))
+            await failed_create(live, "c")
+        async with running(make_context, emu, client_token_expires_in=1) as live:
+            assert not list(intents.glob("*.creating"))
+            status, made = await live.call("POST", "/v1/sessions", json={"end_user_id": "c"},
+                                           headers={"Idempotency-Key": "c"})  # a late retry: a new session
+            assert status == 201 and made["client_token"]
+    finally:
+        await emu.stop()
+
+
+async def test_a_restart_with_many_saved_sessions_is_quick_and_indexes_only_live_streams(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """Every saved record goes through the eviction at a restart, which listed every session in memory each
+    time (6,000 finished records, max_sessions 3,000: 4 s to start; 10,000 with the default 10,000, a minute),
+    and the rtstreams of finished sessions were looked up again as if they could still send events."""
+    saved = tmp_path / "sessions"  # what a long run's finished sessions left, as its store writes them
+    saved.mkdir(mode=0o700)
+    for i in range(6000):
+        (saved / f"cap-{i:06d}.json").write_bytes(orjson.dumps({
+            "session_id": f"cap-{i:06d}", "status": "exported", "end_user_id": "u", "metadata": {},
+            "created_at": iso_ts(1_780_000_000 + i), "idempotency_key": f"key-{i}",
+            "rtstreams": [{"rtstream_id": f"rts-{i}", "name": "mic", "media_types": ["audio"]}]}))
+    started = time.monotonic()
+    async with running(make_context, emulator, api={"max_sessions": 3000}) as live:
+        took = time.monotonic() - started
+        m = live.ctl.manager
+        assert len(m.sessions) == 3000 and min(m.sessions) == "cap-003000"  # the newest stay
+        assert m.by_stream == {}
+        status, old = await live.call("POST", "/v1/sessions", json={"end_user_id": "u"},
+                                      headers={"Idempotency-Key": "key-1"})  # answered from its file
+        assert status == 201 and old["session_id"] == "cap-000001"
+    assert took < 2.0, f"start took {took:.1f}s"
