@@ -71,7 +71,8 @@ async def test_status_filter_and_lifecycle_counts(emulator: Emulator, make_conte
         assert status == 200 and [s["session_id"] for s in active["sessions"]] == [a] and active["count"] == 1
         status, created = await live.call("GET", "/v1/sessions?status=created")
         assert [s["session_id"] for s in created["sessions"]] == [b]
-        assert (await live.call("GET", "/v1/sessions?status=exported"))[1] == {"sessions": [], "count": 0}
+        assert (await live.call("GET", "/v1/sessions?status=exported"))[1] == {"sessions": [], "count": 0, "total": 0,
+                                                                             "next_after": None}
         lifecycle = [e["event"] for e in live.of(a) if "event" in e]
         assert lifecycle[:3] == ["capture_session.created", "capture_session.starting", "capture_session.active"]
         _, one = await live.call("GET", f"/v1/sessions/{a}")

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from pipeline.errors import StageError
 from pipeline.net import is_loopback
-from stages.controller import api_listener
+from stages.controller import api_listener, session_pages
 from stages.controller.ai_pipelines import OnActive
 from stages.controller.session_create import ApiProblem
 from stages.controller.session_manager import SessionManager, fingerprint
@@ -161,10 +161,8 @@ class SessionApi:
         return _json(view, 201, headers)
 
     async def list(self, request: web.Request) -> web.Response:
-        status = request.query.get("status")
-        views = [s.view() for s in self.manager.sessions.values()
-                 if status is None or (s.lifecycle.state or s.record.get("status")) == status]
-        return _json({"sessions": views, "count": len(views)})
+        body = session_pages.page(self.manager.sessions, request.query)
+        return web.Response(body=body, content_type="application/json")
 
     async def show(self, request: web.Request) -> web.Response:
         return _json(self.manager.get(request.match_info["sid"]).view())

@@ -66,7 +66,8 @@ class SessionManager:
         self.link = controller.context.session
         self.stats = controller.context.stats
         self.store = SessionStore(state_dir)
-        self.sessions: OrderedDict[str, ManagedSession] = OrderedDict()
+        self.sessions: OrderedDict[str, ManagedSession] = OrderedDict()  # in the order added (`seq`)
+        self._seq = itertools.count(1)
         self.by_stream: dict[str, ManagedSession] = {}
         self.idempotency: dict[str, str] = {}  # Idempotency-Key -> session id
         self.forgotten_keys: OrderedDict[str, str] = OrderedDict()  # keys of sessions evicted from memory
@@ -201,6 +202,8 @@ class SessionManager:
 
     def _add(self, record: dict[str, Any]) -> ManagedSession:
         s = self._managed(record)
+        held = self.sessions.get(s.id)
+        s.seq = held.seq if held is not None else next(self._seq)  # the registry keeps a known id's place
         self.sessions[s.id] = s
         key = record.get("idempotency_key")
         if isinstance(key, str):

@@ -28,7 +28,7 @@ class ManagedSession:
     """A capture session created through the API (or re-attached from its saved record)."""
 
     __slots__ = ("checked", "counts", "heard", "last_event", "lifecycle", "lock", "on_active", "pipelines",
-                 "rebind_waiting", "record", "streams_known")
+                 "rebind_waiting", "record", "seq", "streams_known")
 
     def __init__(self, record: dict[str, Any], on_active: OnActive) -> None:
         self.record = record
@@ -42,6 +42,7 @@ class ManagedSession:
         self.lock = asyncio.Lock()  # one bind/stop at a time per session
         self.streams_known = False  # rtstreams learnt (from `active` or get_capture_session)
         self.rebind_waiting = False  # a re-bind after a reconnect is queued, not begun: another adds nothing
+        self.seq = 0  # its place in the registry's order (set when added; listings page by it)
 
     @property
     def id(self) -> str:
