@@ -78,3 +78,18 @@ async def test_a_rate_limited_stop_or_token_is_503_with_retry_after(
         assert "HTTP 429" in err["error"] and "POST /stop again" in err["error"]
         status, wait, view = await post(live, f"/v1/sessions/{sid}/stop")  # the retry goes through
         assert (status, wait) == (202, None) and view["stop_requested"] is True
+
+
+async def test_our_own_503s_carry_retry_after(emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """No WebSocket connection yet, or shutting down: 503 with `Retry-After` (before: none, so a backend's HTTP
+    client had nothing to back off by and retried at once)."""
+    async with running(make_context, emulator, ingest=False, connect_timeout=0.2) as live:
+        status, wait, err = await post(live, "/v1/sessions", {"end_user_id": "a"})
+        assert (status, wait) == (503, "2") and "no WebSocket connection" in err["error"], err
+    async with running(make_context, emulator, ingest=False, connect_timeout=60) as live:
+        waiting = asyncio.create_task(post(live, "/v1/sessions", {"end_user_id": "a"}))
+        await live.wait_for(lambda: live.ctl.manager.creator.creating == 1)
+        await asyncio.wait_for(live.ctl.close(), 10)
+        status, wait, err = await asyncio.wait_for(waiting, 5)
+        assert (status, wait) == (503, "2") and "shutting down" in err["error"], err
+    assert session_calls(emulator) == []

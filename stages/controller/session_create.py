@@ -31,6 +31,8 @@ CLOSE_WAIT: Final = 30.0  # seconds a shutdown waits for creates already at Vide
 RETRY_AFTER_MIN: Final = 1
 RETRY_AFTER_MAX: Final = 300
 RETRY_AFTER_DEFAULT: Final = 5
+#: `Retry-After` of a 503 of our own (no WebSocket connection yet, shutting down): seconds.
+RETRY_AFTER_SOON: Final = 2
 
 
 class ApiProblem(Exception):
@@ -121,9 +123,9 @@ class SessionCreator:
 
     async def _connection_for_create(self) -> str:
         """The current connection id; 503 after connect_timeout without one, or at once when shutting down."""
-        closing = "the pipeline is shutting down; retry shortly"
+        closing = f"the pipeline is shutting down; retry in {RETRY_AFTER_SOON}s"
         if self.closing.is_set():
-            raise ApiProblem(503, closing)
+            raise ApiProblem(503, closing, retry_after=RETRY_AFTER_SOON)
         waits = [asyncio.ensure_future(self.m.link.wait_connection()), asyncio.ensure_future(self.closing.wait())]
         try:
             await asyncio.wait(waits, timeout=self.m.opts.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -131,9 +133,10 @@ class SessionCreator:
             for w in waits:
                 w.cancel()
         if self.closing.is_set():
-            raise ApiProblem(503, closing)
+            raise ApiProblem(503, closing, retry_after=RETRY_AFTER_SOON)
         if not waits[0].done() or waits[0].cancelled():
-            raise ApiProblem(503, "no WebSocket connection to VideoDB yet; retry shortly")
+            raise ApiProblem(503, f"no WebSocket connection to VideoDB yet; retry in {RETRY_AFTER_SOON}s",
+                             retry_after=RETRY_AFTER_SOON)
         return waits[0].result()
 
     async def _create_at_videodb(self, conn_id: str, end_user_id: str, metadata: dict[str, Any],
