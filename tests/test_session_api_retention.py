@@ -157,3 +157,37 @@ async def test_a_restart_with_many_saved_sessions_is_quick_and_indexes_only_live
                                       headers={"Idempotency-Key": "key-1"})  # answered from its file
         assert status == 201 and old["session_id"] == "cap-000001"
     assert took < 2.0, f"start took {took:.1f}s"
+
+
+async def test_a_session_stopped_before_it_started_keeps_its_file_only_while_videodb_could_start_it(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """One stopped through the API before it started, then pushed out of memory (max_sessions): its file stays
+    while VideoDB has it `created` (a desktop client could still start it; a lost create's lookup must know it is
+    ours), and goes once VideoDB no longer has it. Before, nothing asked about it again, and a restart that pushed
+    it out of memory at once never did either: its file stayed for ever."""
+    api = {"max_sessions": 1, "silent_check_interval": 0.1}
+    async with running(make_context, emulator, api=api) as live:
+        keep = (await live.call("POST", "/v1/sessions", json={"end_user_id": "early"}))[1]["session_id"]
+        assert (await live.call("POST", f"/v1/sessions/{keep}/stop"))[0] == 202
+        gone = (await live.call("POST", "/v1/sessions", json={"end_user_id": "late"}))[1]["session_id"]
+        assert (await live.call("POST", f"/v1/sessions/{gone}/stop"))[0] == 202
+        keyed = {"json": {"end_user_id": "keyed"}, "headers": {"Idempotency-Key": "k-1"}}
+        held = (await live.call("POST", "/v1/sessions", **keyed))[1]["session_id"]
+        assert (await live.call("POST", f"/v1/sessions/{held}/stop"))[0] == 202
+        await live.call("POST", "/v1/sessions", json={"end_user_id": "now"})  # pushes them out of memory
+        assert not {keep, gone, held} & set(live.ctl.manager.sessions)
+        emulator.registry.sessions.pop(gone)
+        emulator.registry.sessions.pop(held)
+        await live.wait_for(lambda: gone not in records(tmp_path), timeout=5)
+        # its key is still answered from its file: the file stays, saying what became of it
+        await live.wait_for(lambda: orjson.loads((tmp_path / "sessions" / f"{held}.json").read_bytes())
+                            .get("status") == "failed", timeout=5)
+        status, again = await live.call("POST", "/v1/sessions", **keyed)
+        assert (status, again["session_id"], again["status"]) == (201, held, "failed"), again
+        n = sum(c["path"].endswith(f"/{keep}") for c in emulator.calls)
+        await live.wait_for(lambda: sum(c["path"].endswith(f"/{keep}") for c in emulator.calls) >= n + 2)
+        assert keep in records(tmp_path)  # still `created` at VideoDB
+    async with running(make_context, emulator, api=api) as live:  # the restart pushes it out of memory at once
+        assert keep not in live.ctl.manager.sessions and keep in records(tmp_path)
+        emulator.registry.sessions.pop(keep)
+        await live.wait_for(lambda: keep not in records(tmp_path), timeout=5)

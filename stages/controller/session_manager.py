@@ -40,6 +40,7 @@ from stages.controller.lifecycle import TERMINAL, ended_unstored
 from stages.controller.session_create import ApiProblem, SessionCreator, videodb_problem
 from stages.controller.session_store import SessionStore
 from stages.controller.sessions import ManagedSession
+from stages.controller.shelf import Shelf
 from stages.controller.silent_check import SilentCheck
 from stages.controller.tasks import Background
 from stages.sources import backfill
@@ -73,6 +74,7 @@ class SessionManager:
         self.forgotten_keys: OrderedDict[str, str] = OrderedDict()  # keys of sessions evicted from memory
         self.creator = SessionCreator(self)
         self.silent = SilentCheck(self)
+        self.shelf = Shelf(self)  # stopped before they started, out of memory, files kept
         self._early: OrderedDict[str, list[Event]] = OrderedDict()
         self._background = Background(self.who, self.stats, log)
         self._spawn = self._background.spawn
@@ -106,6 +108,7 @@ class SessionManager:
                 self._index_streams(s)
         self.link.on_connection(self._on_connection)
         self._spawn(self.silent.run())
+        self._spawn(self.shelf.run())
         live = [s for s in self.sessions.values() if s.live]
         inlet = self.link.inlet
         if inlet is not None:
@@ -218,7 +221,8 @@ class SessionManager:
         them). One stopped after it started is kept: it is followed to its end (status, video id).
         A finished session's file goes with it unless its Idempotency-Key is among the FORGOTTEN_KEYS
         remembered (then it goes when the key does), so `sessions/` does not grow with every session ever
-        made, nor a restart's reading of it. Files of sessions not finished stay (a restart follows them).
+        made, nor a restart's reading of it. Files of sessions not finished stay (a restart follows them); one
+        stopped before it started goes on the shelf, which drops its file once VideoDB says it cannot start.
         """
         excess = len(self.sessions) - self.opts.api.max_sessions
         if excess <= 0:
@@ -237,6 +241,8 @@ class SessionManager:
                     self._drop_record(self.forgotten_keys.popitem(last=False)[1])
             elif s.lifecycle.done:
                 self.store.drop(sid)
+            if not s.lifecycle.done:
+                self.shelf.add(sid)  # its file goes once VideoDB says it can no longer start
             self._unindex_streams(s)
             _forget_token(s)
 
