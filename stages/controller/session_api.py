@@ -161,7 +161,7 @@ class SessionApi:
         return _json(view, 201, headers)
 
     async def list(self, request: web.Request) -> web.Response:
-        body = session_pages.page(self.manager.sessions, request.query)
+        body = session_pages.page(self.manager.sessions, request.query, self.manager.run)
         return web.Response(body=body, content_type="application/json")
 
     async def show(self, request: web.Request) -> web.Response:

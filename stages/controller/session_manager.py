@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import os
 import time
 from collections import OrderedDict
 from datetime import datetime
@@ -69,6 +70,7 @@ class SessionManager:
         self.store = SessionStore(state_dir)
         self.sessions: OrderedDict[str, ManagedSession] = OrderedDict()  # in the order added (`seq`)
         self._seq = itertools.count(1)
+        self.run = os.urandom(4).hex()  # names this registry in list cursors (the numbers restart with it)
         self.by_stream: dict[str, ManagedSession] = {}
         self.idempotency: dict[str, str] = {}  # Idempotency-Key -> session id
         self.forgotten_keys: OrderedDict[str, str] = OrderedDict()  # keys of sessions evicted from memory

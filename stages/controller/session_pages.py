@@ -4,12 +4,11 @@ Listing every session in one answer cost the event loop ~70 ms at 10,000 session
 metadata may be large), so an answer holds one page. Sessions are listed in the order the pipeline
 took them in (its registry's order): each gets a growing number when added, and the cursor is that
 number, so a session added while a client pages comes after every other one, and one evicted meanwhile
-moves nothing. The number restarts with the pipeline, so a cursor names its run.
+moves nothing. The numbers restart with the registry (a restart), so a cursor names its registry.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from typing import Final
@@ -22,14 +21,15 @@ from stages.controller.sessions import ManagedSession
 DEFAULT_LIMIT: Final = 1000
 MAX_LIMIT: Final = 10_000
 MAX_PAGE_BYTES: Final = 1 << 20  # a page ends once its sessions reach this size (it holds at least one)
-RUN: Final = os.urandom(4).hex()  # names this process's cursors (the numbers behind them restart with it)
 _CURSOR: Final = re.compile(r"^([0-9a-f]{8})\.([0-9]{1,18})\Z")
 
 
-def page(sessions: Mapping[str, ManagedSession], query: Mapping[str, str]) -> bytes:
-    """The JSON answer: `sessions`, `count` (on this page), `total` (matching, all pages), `next_after`."""
+def page(sessions: Mapping[str, ManagedSession], query: Mapping[str, str], run: str) -> bytes:
+    """The JSON answer: `sessions`, `count` (on this page), `total` (matching, all pages), `next_after`.
+
+    `run` names the registry the session numbers belong to (8 hex digits, new with every registry)."""
     limit = _limit(query.get("limit"))
-    after = _after(query.get("after"))
+    after = _after(query.get("after"), run)
     status = query.get("status")
     parts: list[orjson.Fragment] = []
     size, last, more = 0, 0, False
@@ -54,7 +54,7 @@ def page(sessions: Mapping[str, ManagedSession], query: Mapping[str, str]) -> by
         if more and status is None:
             break
     return orjson.dumps({"sessions": parts, "count": len(parts), "total": total,
-                         "next_after": f"{RUN}.{last}" if more else None})
+                         "next_after": f"{run}.{last}" if more else None})
 
 
 def _limit(raw: str | None) -> int:
@@ -65,14 +65,14 @@ def _limit(raw: str | None) -> int:
     return int(raw)
 
 
-def _after(raw: str | None) -> int:
+def _after(raw: str | None, run: str) -> int:
     """The number of the last session the client has seen (0: from the start)."""
     if raw is None or raw == "":
         return 0
     m = _CURSOR.match(raw)
     if m is None:
         raise ApiProblem(400, f"after: {raw[:40]!r} is not a cursor (pass the previous page's next_after)")
-    if m.group(1) != RUN:
+    if m.group(1) != run:
         raise ApiProblem(400, "after: this cursor is from before the pipeline restarted; "
                               "list again from the first page")
     return int(m.group(2))
