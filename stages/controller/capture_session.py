@@ -61,6 +61,10 @@ class CaptureSessionOptions(Options):
     connect_timeout: Duration = Field(default=60.0, description="how long to wait for the source's connection id")
     status_poll_interval: Duration = Field(
         default=5.0, description="after a reconnect or when attached, poll the session status this often")
+    silent_check_interval: Duration = Field(
+        default=60.0, gt=0, le=86400,
+        description="when the session sent no event for this long, ask VideoDB for its status (its lifecycle "
+                    "events can be lost while the WebSocket stays up)")
     export_timeout: Duration = Field(
         default=1800.0, gt=0, le=7 * 86400,
         description="with exit_on: exported, how long after `stopped` the export may take before the run "
@@ -103,6 +107,7 @@ class CaptureSessionController(Controller):
         self._poll_seen: str | None = None
         self._events_lost = False  # lifecycle events may have gone to a dropped connection (polling stands in)
         self._resumed = False
+        self._heard = time.monotonic()  # when the last event came (or the last silent check was made)
         self.manager: Any = None  # SessionManager when `api` is set
         self.api: Any = None
         # Read now, before any sink starts: a sink with `clear` must not empty a resumed session's output.
@@ -174,6 +179,7 @@ class CaptureSessionController(Controller):
         self.context.session.on_connection(self._on_connection)
         if self.context.session.inlet is not None:
             self._spawn(self._checkpoints(self.context.session.inlet))
+        self._spawn(self._check_silence())
         if opts.session_id or self._resumed or (made is not None and made.get("ws_connection_id") != conn_id):
             self._start_poll()  # lifecycle events go to the connection the session was created with
         elif self.context.session.connection_id != conn_id:
@@ -302,6 +308,8 @@ class CaptureSessionController(Controller):
         if self.manager is not None:
             self.manager.observe(batch)
             return
+        if batch:
+            self._heard = time.monotonic()
         for event in batch:
             if "event" in event:
                 status = lifecycle_status(event)
@@ -338,6 +346,8 @@ class CaptureSessionController(Controller):
             else:
                 self._spawn_rebind(None, backfill_gap=gap, hold=bool(gap))
         elif status == "exported":
+            if session is not None and not data:  # polled: the session carries the video id (not its URLs)
+                data = {"exported_video_id": getattr(session, "exported_video_id", None)}
             self.record.update({k: data[k] for k in ("exported_video_id", "stream_url", "player_url") if data.get(k)})
         elif status == "stopped" and self.options.exit_on == "exported":
             self._spawn(self._end_if_unstored(session, polled=session is not None))
@@ -513,31 +523,63 @@ class CaptureSessionController(Controller):
         missing = 0  # polls in a row VideoDB answered 404: twice, and the session is gone (it sends nothing more)
         while not self.lifecycle.done:
             await asyncio.sleep(self.options.status_poll_interval)
-            try:
-                session = await self._sdk("get_capture_session", self._conn.get_capture_session,
-                                          self.session_id, self.settings.collection_id)
-            except VideoDBCallError as exc:
-                missing = missing + 1 if exc.status == 404 else 0
-                if missing >= 2:
-                    log.error("%s", exc)
-                    self.context.session.request_exit(
-                        3, f"capture session {self.session_id} no longer exists at VideoDB ({exc})")
-                    return
-                log.warning("%s", exc)
-                continue
-            missing = 0
-            status = getattr(session, "status", None)
-            if self.lifecycle.state == "stopped" and status == "stopped" \
-                    and getattr(session, "export_status", None) == "failed":
-                self._export_failed("VideoDB could not export it (get_capture_session: export_status failed)")
+            missing = await self._ask_status(missing, wait_for_event=True)
+            if missing < 0:
                 return
-            if not status or not self.lifecycle.behind(status):
+
+    async def _check_silence(self) -> None:
+        """Lifecycle events can be lost while the WebSocket stays up, and then nothing polls: a session
+        that sent nothing for `silent_check_interval` is asked about (one call at a time, at most one
+        per interval; not while the status poll runs, which asks already)."""
+        interval = self.options.silent_check_interval
+        missing = 0
+        while not self.lifecycle.done:
+            wait = self._heard + interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
                 continue
-            if status in ("stopped", "exported", "failed") and self._poll_seen != status \
-                    and (status == "failed" or self.context.session.inlet is None or not self._events_lost):
-                self._poll_seen = status  # give the WebSocket event one interval to arrive first
-                continue  # (with backfill, ending on a polled status backfills first: no need to wait)
-            self._transition(status, session=session, error="reported by get_capture_session")
+            self._heard = time.monotonic()  # the next check comes one interval later at the earliest
+            if self._poll is None:
+                missing = await self._ask_status(missing, wait_for_event=False)
+                if missing < 0:
+                    return
+
+    async def _ask_status(self, missing: int, *, wait_for_event: bool) -> int:
+        """One `get_capture_session`, applied; returns the 404s in a row so far, or -1 once this ended the run.
+
+        `wait_for_event`: an end status is applied one call later unless its event may have been lost
+        (the poll gives the WebSocket event one interval to arrive first)."""
+        try:
+            session = await self._sdk("get_capture_session", self._conn.get_capture_session,
+                                      self.session_id, self.settings.collection_id)
+        except VideoDBCallError as exc:
+            missing = missing + 1 if exc.status == 404 else 0
+            if missing >= 2:
+                log.error("%s", exc)
+                self.context.session.request_exit(
+                    3, f"capture session {self.session_id} no longer exists at VideoDB ({exc})")
+                return -1
+            log.warning("%s", exc)
+            return missing
+        if self.lifecycle.done:
+            return 0
+        status = getattr(session, "status", None)
+        if self.lifecycle.state == "stopped" and status == "stopped" \
+                and getattr(session, "export_status", None) == "failed":
+            self._export_failed("VideoDB could not export it (get_capture_session: export_status failed)")
+            return -1
+        if not isinstance(status, str) or not self.lifecycle.behind(status):
+            return 0
+        if wait_for_event and status in ("stopped", "exported", "failed") and self._poll_seen != status \
+                and (status == "failed" or self.context.session.inlet is None or not self._events_lost):
+            self._poll_seen = status  # give the WebSocket event one interval to arrive first
+            return 0  # (with backfill, ending on a polled status backfills first: no need to wait)
+        if not wait_for_event:
+            self._events_lost = True  # its event never came: later ones (`exported`) may not either
+            log.info("%s: capture session %s sent nothing for %gs; VideoDB reports it %s",
+                     self.who, self.session_id, self.options.silent_check_interval, visible(status[:40]))
+        self._transition(status, session=session, error="reported by get_capture_session")
+        return 0
 
     async def close(self) -> None:
         if self.api is not None:
