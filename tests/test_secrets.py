@@ -4,6 +4,7 @@ with the number of secrets (one client token per live capture session with the s
 from __future__ import annotations
 
 import secrets as random_tokens
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 
@@ -103,3 +104,14 @@ async def test_a_session_api_token_is_masked_while_its_session_lives(
         assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
         await live.wait_for(lambda: live.ctl.manager.get(sid).lifecycle.done, timeout=10)
         assert not secrets.known(second)
+
+
+@pytest.mark.parametrize("line", ["@" + "a" * 200_000, "x@y " + "ab1" * 70_000 + ":/"])
+def test_masking_a_huge_line_with_an_at_sign_stays_linear(line: str) -> None:
+    """The user-part pattern tried every letter of a long run as a URL scheme's start, each scanning to the
+    run's end: 200,000 letters and an "@" took about 40 s (a 1 MB line, many minutes)."""
+    began = time.perf_counter()
+    assert secrets.mask(line) == line
+    assert time.perf_counter() - began < 1.0
+    long_scheme = "s" * 40 + "://user:pw@host"
+    assert secrets.mask(long_scheme) == "s" * 40 + "://***@host"
