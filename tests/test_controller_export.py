@@ -98,3 +98,31 @@ def test_export_timeout_is_validated(bad: object) -> None:
         CaptureSessionOptions.model_validate({"end_user_id": "u", "export_timeout": bad})
     assert CaptureSessionOptions.model_validate({"end_user_id": "u"}).export_timeout == 1800.0
     assert CaptureSessionOptions.model_validate({"end_user_id": "u", "export_timeout": "2h"}).export_timeout == 7200
+
+
+async def test_a_session_still_stopped_whose_export_status_is_exported_ends_the_run_as_exported(
+        make_context: Callable[..., Context]) -> None:
+    """The SDK's `export_status` says `exported` once the export is done; a session whose `status` still read
+    `stopped` was waited on until export_timeout and ended the run with exit code 3, its video made."""
+    emu = Emulator(speed=0, export_outcome="never")
+    await emu.start()
+    try:
+        src, ctl = make_stages(make_context, emu, controller={
+            "end_user_id": "u", "export_timeout": "3s", "status_poll_interval": "100ms",
+            "on_active": {"transcript": True}})
+        assert ctl is not None
+        run = asyncio.create_task(run_stages(src, ctl, timeout=10))
+        async with asyncio.timeout(5):
+            while ctl.lifecycle.state != "stopped":
+                await asyncio.sleep(0.01)
+        sid = ctl.session_id
+        data = {**emu.registry.sessions[sid].shape(), "status": "stopped", "export_status": "exported",
+                "exported_video_id": "m-done"}
+        emu.fault("GET", f"/capture/session/{sid}", status=200, body=json.dumps({"success": True, "data": data}))
+        began = time.monotonic()
+        done = await run
+        assert (done.link.exit_code, done.link.exit_reason) == (0, "capture session exported")
+        assert time.monotonic() - began < 2  # a poll or two, not export_timeout
+        assert ctl.record["exported_video_id"] == "m-done"
+    finally:
+        await emu.stop()

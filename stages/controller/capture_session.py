@@ -31,7 +31,7 @@ from pipeline.types import Duration
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, client_token, connect
 from stages.controller import lost_create, resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
-from stages.controller.lifecycle import STATES, Lifecycle, ended_unstored
+from stages.controller.lifecycle import STATES, Lifecycle, ended_unstored, reported_status
 from stages.controller.session_options import SessionApiOptions
 from stages.controller.session_store import safe_id
 from stages.controller.tasks import Background
@@ -281,7 +281,7 @@ class CaptureSessionController(Controller):
     def _adopt(self, session: Any) -> None:
         self.session_id = session.id
         self.lifecycle = Lifecycle(session.id)
-        self._transition(getattr(session, "status", None) or "created", session=session)
+        self._transition(reported_status(session) or "created", session=session)
         self._replay_early()
 
     def _replay_early(self) -> None:
@@ -539,7 +539,7 @@ class CaptureSessionController(Controller):
                 await asyncio.sleep(wait)
                 continue
             self._heard = time.monotonic()  # the next check comes one interval later at the earliest
-            if self._poll is None:
+            if self._poll is None or self._poll.done():
                 missing = await self._ask_status(missing, wait_for_event=False)
                 if missing < 0:
                     return
@@ -563,12 +563,12 @@ class CaptureSessionController(Controller):
             return missing
         if self.lifecycle.done:
             return 0
-        status = getattr(session, "status", None)
+        status = reported_status(session)
         if self.lifecycle.state == "stopped" and status == "stopped" \
                 and getattr(session, "export_status", None) == "failed":
             self._export_failed("VideoDB could not export it (get_capture_session: export_status failed)")
             return -1
-        if not isinstance(status, str) or not self.lifecycle.behind(status):
+        if status is None or not self.lifecycle.behind(status):
             return 0
         if wait_for_event and status in ("stopped", "exported", "failed") and self._poll_seen != status \
                 and (status == "failed" or self.context.session.inlet is None or not self._events_lost):
