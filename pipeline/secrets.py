@@ -19,10 +19,16 @@ _by_tail: dict[str, set[str]] = {}
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,31}://)[^/?#@\s]+@")
 
 
-def register(value: str) -> None:
-    """Remember a secret (>= 4 chars) so `mask()` hides it everywhere."""
+log = logging.getLogger("pipeline.secrets")
+
+
+def register(value: str, where: str | None = None) -> None:
+    """Remember a secret (>= 4 chars) so `mask()` hides it everywhere. A shorter one cannot be masked (it
+    would hide parts of every line); with `where` (what names it) that is said in one warning, not silently."""
     if len(value) >= MIN_LEN:
         _by_tail.setdefault(value[-MIN_LEN:], set()).add(value)
+    elif where is not None and value:
+        log.warning("%s: shorter than %d characters, so it is not masked in logs and errors", where, MIN_LEN)
 
 
 def forget(value: str) -> None:

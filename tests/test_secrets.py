@@ -3,10 +3,14 @@ with the number of secrets (one client token per live capture session with the s
 
 from __future__ import annotations
 
+import os
 import secrets as random_tokens
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -115,3 +119,18 @@ def test_masking_a_huge_line_with_an_at_sign_stays_linear(line: str) -> None:
     assert time.perf_counter() - began < 1.0
     long_scheme = "s" * 40 + "://user:pw@host"
     assert secrets.mask(long_scheme) == "s" * 40 + "://***@host"
+
+
+def test_a_secret_too_short_to_mask_is_said_once_not_left_shown_silently(tmp_path: Path) -> None:
+    """A `${...TOKEN}` of fewer than 4 characters was shown everywhere it was used without a word (the
+    README promises such values are masked); now one warning names the place, never the value."""
+    (tmp_path / "in.jsonl").write_text("")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("name: p\nsource: {type: replay, path: in.jsonl}\n"
+                   "sinks:\n  - {type: jsonl, path: \"o-${OUT_TOKEN}.jsonl\"}\n")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(cfg)], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path, env={**os.environ, "OUT_TOKEN": "q9"})
+    assert res.returncode == 0, res.stderr
+    [line] = [x for x in res.stderr.splitlines() if "OUT_TOKEN" in x]
+    assert line.endswith("p.yaml:4:25: ${OUT_TOKEN}: shorter than 4 characters, so it is not masked in logs "
+                         "and errors") and "q9" not in line, line
