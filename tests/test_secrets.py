@@ -25,7 +25,7 @@ from tests.test_session_api import hook, running
 
 @pytest.fixture(autouse=True)
 def no_secrets() -> Iterator[None]:
-    saved = {k: set(v) for k, v in secrets._by_tail.items()}
+    saved = {k: {n: set(v) for n, v in g.items()} for k, g in secrets._by_tail.items()}
     secrets._by_tail.clear()
     yield
     secrets._by_tail.clear()
@@ -134,3 +134,15 @@ def test_a_secret_too_short_to_mask_is_said_once_not_left_shown_silently(tmp_pat
     [line] = [x for x in res.stderr.splitlines() if "OUT_TOKEN" in x]
     assert line.endswith("p.yaml:4:25: ${OUT_TOKEN}: shorter than 4 characters, so it is not masked in logs "
                          "and errors") and "q9" not in line, line
+
+
+def test_thousands_of_tokens_sharing_their_end_cost_one_lookup_where_it_occurs() -> None:
+    """Tokens with a fixed suffix were each compared wherever that suffix occurs: 10,000 of them took 2 s to
+    mask a 10 KB line holding it 2,000 times."""
+    tokens = ["ct-" + random_tokens.token_urlsafe(18) + "_live" for _ in range(10_000)]
+    for t in tokens:
+        secrets.register(t)
+    line = "x " + "key_live " * 2000 + tokens[7]
+    began = time.perf_counter()
+    assert secrets.mask(line) == "x " + "key_live " * 2000 + "***"
+    assert time.perf_counter() - began < 0.5
