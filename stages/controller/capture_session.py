@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,12 +109,14 @@ class CaptureSessionController(Controller):
         self._events_lost = False  # lifecycle events may have gone to a dropped connection (polling stands in)
         self._resumed = False
         self._heard = time.monotonic()  # when the last event came (or the last silent check was made)
+        self._stopped_at: str | None = None  # when the session was first seen stopped (ISO, saved)
         self.manager: Any = None  # SessionManager when `api` is set
         self.api: Any = None
         # Read now, before any sink starts: a sink with `clear` must not empty a resumed session's output.
         self._found = None if options.session_id or options.api is not None else resume.read_record(
             self.state_file, context.settings, self.who)
-        self._saved = resume.saved_session(self._found, self.settings.collection_id, options.end_user_id, self.who)
+        self._saved = resume.saved_session(self._found, self.settings.collection_id, options.end_user_id, self.who,
+                                           awaiting_export=options.exit_on == "exported")
         context.session.resuming = self._saved is not None or resume.pending_create(
             self._found, self.settings.collection_id, options.end_user_id) is not None
 
@@ -159,6 +162,10 @@ class CaptureSessionController(Controller):
                        "expires_at": iso_ts(now + opts.client_token_expires_in), "created_at": iso_ts(now)}
         if self._resumed and saved is not None and saved.get("backfill_from"):
             self.record["backfill_from"] = saved["backfill_from"]  # until this run saves its own
+        if self.lifecycle.state in _EXIT_STATES:  # resumed while its export was awaited
+            self.record["stopped_at"] = self._stopped_at
+            if getattr(session, "exported_video_id", None):
+                self.record["exported_video_id"] = session.exported_video_id
         kept = saved if self._resumed else made  # a token made before: the desktop client may be using it
         token = made["client_token"] if fresh and made else resume.reusable_token(kept)
         if token is not None and kept is not None:
@@ -263,10 +270,13 @@ class CaptureSessionController(Controller):
                                  f"{self.state_file} may be live (run again, or --new-session)") from None
             log.warning("%s; creating a new capture session", exc)  # refused (404...): VideoDB does not have it
             return None
-        status = getattr(session, "status", None)
-        if status in resume.ENDED:
+        status = reported_status(session)
+        awaited = saved.get("status") == "stopped" and status in _EXIT_STATES  # its export was awaited
+        if status in resume.ENDED and not awaited:
             log.info("%s: saved capture session %s is %s; creating a new one", self.who, sid, status)
             return None
+        if awaited and isinstance(saved.get("stopped_at"), str):
+            self._stopped_at = saved["stopped_at"]  # export_timeout runs from the first stop, not from here
         self._resumed = True
         if self.context.session.inlet is not None:  # backfill from where the crashed run had got to
             self.context.session.inlet.resume(saved.get("backfill_from"))
@@ -350,6 +360,8 @@ class CaptureSessionController(Controller):
                 data = {"exported_video_id": getattr(session, "exported_video_id", None)}
             self.record.update({k: data[k] for k in ("exported_video_id", "stream_url", "player_url") if data.get(k)})
         elif status == "stopped" and self.options.exit_on == "exported":
+            self._stopped_at = self._stopped_at or iso_ts(time.time())
+            self.record["stopped_at"] = self._stopped_at
             self._spawn(self._end_if_unstored(session, polled=session is not None))
             self._spawn(self._await_export())
         if self.record:
@@ -380,7 +392,7 @@ class CaptureSessionController(Controller):
         `export_status` (no event follows), so the status is polled meanwhile (see `_poll_status`), and
         an export that has not come after `export_timeout` ends the run (it waited for ever before)."""
         self._start_poll(events_lost=False)
-        await asyncio.sleep(self.options.export_timeout)
+        await asyncio.sleep(export_wait(self._stopped_at, self.options.export_timeout, time.time()))
         if not self.lifecycle.done:
             self._export_failed(f"was not exported within export_timeout={self.options.export_timeout:g}s "
                                 "of stopping")
@@ -587,6 +599,16 @@ class CaptureSessionController(Controller):
         if self.manager is not None:
             await self.manager.close()
         await self._background.cancel_all()
+
+
+def export_wait(stopped_at: str | None, timeout: float, now: float) -> float:
+    """What is left of `export_timeout` since the session stopped (a restart does not start it again); the
+    whole of it when that time is unknown or in the future (the clock was set back)."""
+    try:
+        began = datetime.fromisoformat(str(stopped_at).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return timeout
+    return timeout if began > now else max(0.0, timeout - (now - began))
 
 
 def _error_text(error: Any) -> str:
