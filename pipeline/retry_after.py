@@ -7,6 +7,7 @@ VideoDB asked us to wait, passed on to our own clients).
 from __future__ import annotations
 
 import time
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 
@@ -18,7 +19,10 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     if value.isdigit():  # str.isdigit() takes "²" and "٣" too: only ASCII digits are delta-seconds
         return float(value) if value.isascii() else None
     try:
-        when = parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
+        date = parsedate_to_datetime(value)
+        # an HTTP-date is always UTC; the asctime form and "-0000" parse without a zone, which .timestamp()
+        # took as local time (hours off outside UTC: a 10 s wait read as 0 s, or as hours, past max_retry_time)
+        when = (date if date.tzinfo else date.replace(tzinfo=UTC)).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     return max(0.0, when - (time.time() if now is None else now))

@@ -9,32 +9,45 @@ from urllib.parse import urlsplit
 MASK = "***"
 MIN_LEN = 4  # shorter values are not secrets worth masking (and would mask half of every line)
 #: secrets by their last MIN_LEN characters (a token's random end, where many share their start: JWTs,
-#: "sk-..."), so a line is masked in one pass over it whatever the number of secrets: one per live capture
-#: session's client token, thousands with the session API (a regex of them all, made again per secret,
-#: cost O(n^2) to build and kept up to 512 such regexes in `re`'s cache)
-_by_tail: dict[str, set[str]] = {}
-#: `scheme://user:password@` (or `scheme://user@`) in any text: the whole user part is hidden
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
+#: "sk-..."), then by length, so a line is masked in one pass over it whatever the number of secrets: one per
+#: live capture session's client token, thousands with the session API (a regex of them all, made again per
+#: secret, cost O(n^2) to build). By length too: tokens that share their end (a fixed suffix) were each
+#: compared at every place that end occurs (10,000 such tokens: 2 s to mask a 10 KB line); those of one
+#: length are now one set lookup there
+_by_tail: dict[str, dict[int, set[str]]] = {}
+#: `scheme://user:password@` (or `scheme://user@`) in any text: the whole user part is hidden. The scheme is
+#: bounded: unbounded, every letter of a long run was tried as its start, each scanning to the run's end, and
+#: a 1 MB line holding an "@" took many minutes to mask (a longer scheme still has its user part hidden)
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,31}://)[^/?#@\s]+@")
 
 
-def register(value: str) -> None:
-    """Remember a secret (>= 4 chars) so `mask()` hides it everywhere."""
+log = logging.getLogger("pipeline.secrets")
+
+
+def register(value: str, where: str | None = None) -> None:
+    """Remember a secret (>= 4 chars) so `mask()` hides it everywhere. A shorter one cannot be masked (it
+    would hide parts of every line); with `where` (what names it) that is said in one warning, not silently."""
     if len(value) >= MIN_LEN:
-        _by_tail.setdefault(value[-MIN_LEN:], set()).add(value)
+        _by_tail.setdefault(value[-MIN_LEN:], {}).setdefault(len(value), set()).add(value)
+    elif where is not None and value:
+        log.warning("%s: shorter than %d characters, so it is not masked in logs and errors", where, MIN_LEN)
 
 
 def forget(value: str) -> None:
     """Stop masking `value` (a client token whose session ended): what is remembered stays bounded."""
     group = _by_tail.get(value[-MIN_LEN:])
-    if group is not None:
-        group.discard(value)
+    same = group.get(len(value)) if group is not None else None
+    if group is not None and same is not None:
+        same.discard(value)
+        if not same:
+            del group[len(value)]
         if not group:
             del _by_tail[value[-MIN_LEN:]]
 
 
 def known(value: str) -> bool:
     """Whether `value` is masked."""
-    return value in _by_tail.get(value[-MIN_LEN:], ())
+    return value in _by_tail.get(value[-MIN_LEN:], {}).get(len(value), ())
 
 
 def register_url(url: str) -> None:
@@ -65,9 +78,9 @@ def _mask_known(text: str) -> str:
         group = groups(text[end - MIN_LEN:end])
         if group is None:
             continue
-        for secret in group:
-            start = end - len(secret)
-            if start >= 0 and text.startswith(secret, start):
+        for length, same in group.items():
+            start = end - length
+            if start >= 0 and text[start:end] in same:
                 while runs and start < runs[-1][1]:  # overlaps the runs before it: one run
                     start = min(start, runs.pop()[0])
                 runs.append([start, end])

@@ -77,13 +77,16 @@ def connect(settings: VideoDBSettings, who: str) -> Any:
     return videodb.connect(**kwargs)
 
 
-def describe(exc: BaseException) -> tuple[str, int | None, bool]:
-    """(why, HTTP status or None, fatal) for an exception raised by the SDK."""
+def describe(exc: BaseException, api_key: str | None = None) -> tuple[str, int | None, bool]:
+    """(why, HTTP status or None, fatal) for an exception raised by the SDK; secrets (and `api_key`) in the
+    server's text are masked before it is cut to one short line (a cut through an echoed key showed its start)."""
     from videodb.exceptions import AuthenticationError, InvalidRequestError, RequestTimeoutError
 
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
-    msg = str(exc).strip()
+    msg = secrets.mask(str(exc)).strip()
+    if api_key:
+        msg = msg.replace(api_key, secrets.MASK)
     for prefix in ("Error: ", "Invalid request: "):
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
@@ -115,7 +118,7 @@ def _one_line(text: str) -> str:
 
 def call_error(who: str, call: str, exc: BaseException, api_key: str | None) -> VideoDBCallError:
     """The one-line error for a failed SDK call, API key masked."""
-    why, status, fatal = describe(exc)
+    why, status, fatal = describe(exc, api_key)
     text = secrets.mask(f"{who}: {call} failed: {why}")
     if api_key:
         text = text.replace(api_key, secrets.MASK)

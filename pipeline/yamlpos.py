@@ -88,7 +88,7 @@ def interpolate(value: str, env: Mapping[str, str], where: str, missing: list[st
                     if _SECRETISH.search(name) else f"export it, or give a default: ${{{name}:-value}}")
             raise ConfigError(f"{where}: environment variable {name} is not set ({hint})")
         if _SECRETISH.search(name):  # masked wherever it ends up: a URL's query, a wrong field's error message
-            secrets.register(val)
+            secrets.register(val, where=f"{where}: ${{{name}}}")
         out.append(val)
     return "".join(out)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import ssl
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -195,3 +198,15 @@ async def test_tls_verification_stays_on(make_context: Callable[..., Context], t
         assert sink.dead_lettered == 1 and server.requests == []
         (record,) = [orjson.loads(x) for x in sink.context.dead_letter.path.read_bytes().splitlines()]
         assert record["reason"].startswith("TLS error") and record["attempts"] == 1
+
+
+@pytest.mark.parametrize("tz", ["Asia/Tokyo", "America/Los_Angeles"])
+def test_a_retry_after_date_without_a_zone_is_utc_whatever_the_local_time_zone(tz: str) -> None:
+    """The asctime form and "-0000" (both HTTP-dates, always UTC) parse without a zone and were read as local
+    time: 10 s read as 0 s in Tokyo and as 7 hours in Los Angeles (past max_retry_time: dead-lettered)."""
+    code = ("from pipeline.retry_after import retry_after as r; "
+            "print([r(d, now=1445412500.0) for d in ('Wed Oct 21 07:28:30 2015', 'Wed, 21 Oct 2015 07:28:30 -0000', "
+            "'Wed, 21 Oct 2015 07:28:30 GMT', 'Wednesday, 21-Oct-15 07:28:30 GMT')])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "TZ": tz})
+    assert res.stdout.strip() == "[10.0, 10.0, 10.0, 10.0]", res.stdout + res.stderr

@@ -7,12 +7,14 @@ session's `export_status` (no lifecycle event follows), and nothing bounded the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -98,3 +100,100 @@ def test_export_timeout_is_validated(bad: object) -> None:
         CaptureSessionOptions.model_validate({"end_user_id": "u", "export_timeout": bad})
     assert CaptureSessionOptions.model_validate({"end_user_id": "u"}).export_timeout == 1800.0
     assert CaptureSessionOptions.model_validate({"end_user_id": "u", "export_timeout": "2h"}).export_timeout == 7200
+
+
+async def test_a_session_still_stopped_whose_export_status_is_exported_ends_the_run_as_exported(
+        make_context: Callable[..., Context]) -> None:
+    """The SDK's `export_status` says `exported` once the export is done; a session whose `status` still read
+    `stopped` was waited on until export_timeout and ended the run with exit code 3, its video made."""
+    emu = Emulator(speed=0, export_outcome="never")
+    await emu.start()
+    try:
+        src, ctl = make_stages(make_context, emu, controller={
+            "end_user_id": "u", "export_timeout": "3s", "status_poll_interval": "100ms",
+            "on_active": {"transcript": True}})
+        assert ctl is not None
+        run = asyncio.create_task(run_stages(src, ctl, timeout=10))
+        async with asyncio.timeout(5):
+            while ctl.lifecycle.state != "stopped":
+                await asyncio.sleep(0.01)
+        sid = ctl.session_id
+        data = {**emu.registry.sessions[sid].shape(), "status": "stopped", "export_status": "exported",
+                "exported_video_id": "m-done"}
+        emu.fault("GET", f"/capture/session/{sid}", status=200, body=json.dumps({"success": True, "data": data}))
+        began = time.monotonic()
+        done = await run
+        assert (done.link.exit_code, done.link.exit_reason) == (0, "capture session exported")
+        assert time.monotonic() - began < 2  # a poll or two, not export_timeout
+        assert ctl.record["exported_video_id"] == "m-done"
+    finally:
+        await emu.stop()
+
+
+async def _crash_while_export_awaited(make_context: Callable[..., Context], emu: Emulator, state: Path,
+                                      **options: Any) -> str:
+    """A first run that stops (cancelled, as a crash would) while it waits for its session's export."""
+    src, ctl = make_stages(make_context, emu, controller={
+        "end_user_id": "u", "state_dir": str(state), "status_poll_interval": "100ms",
+        "on_active": {"transcript": True}, **options})
+    assert ctl is not None
+    run = asyncio.create_task(run_stages(src, ctl, timeout=20))
+    async with asyncio.timeout(5):
+        while ctl.record.get("status") != "stopped":
+            await asyncio.sleep(0.01)
+    run.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await run
+    assert ctl.session_id is not None
+    return ctl.session_id
+
+
+async def test_a_restart_while_the_export_is_awaited_resumes_that_session_and_keeps_its_timeout(
+        tmp_path: Path, make_context: Callable[..., Context]) -> None:
+    """A run that crashed after `stopped`, waiting for the export: its restart made a new session (stopped
+    ones were never resumed), which nobody starts, and the export of the first was never seen. Now the
+    restart follows the stopped session, and export_timeout still counts from its stop."""
+    emu = Emulator(speed=0, export_outcome="never")
+    await emu.start()
+    try:
+        sid = await _crash_while_export_awaited(make_context, emu, tmp_path / "state", export_timeout="2s")
+        await asyncio.sleep(1.0)  # the crashed run was down for half of export_timeout
+        src, ctl = make_stages(make_context, emu, controller={
+            "end_user_id": "u", "state_dir": str(tmp_path / "state"), "export_timeout": "2s"})
+        assert ctl is not None
+        began = time.monotonic()
+        run = await run_stages(src, ctl, timeout=10)
+        assert list(emu.registry.sessions) == [sid]  # no second session
+        assert (run.link.exit_code, run.link.exit_reason) == (
+            3, f"capture session {sid} stopped but was not exported within export_timeout=2s of stopping")
+        assert time.monotonic() - began < 1.6  # what was left of the 2 s, not 2 s again
+    finally:
+        await emu.stop()
+
+
+async def test_a_restart_finds_the_export_made_while_it_was_down(
+        tmp_path: Path, make_context: Callable[..., Context]) -> None:
+    emu = Emulator(speed=0, export_outcome="never")
+    await emu.start()
+    try:
+        sid = await _crash_while_export_awaited(make_context, emu, tmp_path / "state")
+        data = {**emu.registry.sessions[sid].shape(), "status": "exported", "exported_video_id": "m-late"}
+        emu.fault("GET", f"/capture/session/{sid}", status=200, body=json.dumps({"success": True, "data": data}))
+        src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u", "state_dir": str(tmp_path / "state")})
+        assert ctl is not None
+        run = await run_stages(src, ctl, timeout=10)
+        assert (run.link.exit_code, run.link.exit_reason) == (0, "capture session exported")
+        assert list(emu.registry.sessions) == [sid]
+        saved = json.loads((tmp_path / "state" / "capture_session.json").read_text())
+        assert (saved["session_id"], saved["status"], saved["exported_video_id"]) == (sid, "exported", "m-late")
+    finally:
+        await emu.stop()
+
+
+def test_export_wait_counts_from_the_stop_and_survives_clock_jumps() -> None:
+    from stages.controller.capture_session import export_wait
+
+    assert export_wait("2026-01-01T00:00:00.000Z", 60, 1767225630.0) == 30.0  # stopped 30 s ago
+    assert export_wait("2026-01-01T00:00:00.000Z", 60, 1767225700.0) == 0.0
+    assert export_wait("2026-01-01T00:00:00.000Z", 60, 1767225500.0) == 60  # the clock went back
+    assert export_wait(None, 60, 0.0) == export_wait("garbage", 60, 0.0) == 60

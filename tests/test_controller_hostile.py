@@ -609,3 +609,26 @@ async def test_saved_index_ids_never_leave_the_index_paths(emu: Emulator, make_c
     patches = [c["path"] for c in emu.calls if c["method"] == "PATCH"]
     assert all(p.startswith("/rtstream/") for p in patches), patches
     await ctl.close()
+
+
+@pytest.mark.parametrize("cut", [1, 5, 17])
+async def test_a_key_echoed_by_videodb_is_masked_before_the_error_is_cut(emu: Emulator, cut: int) -> None:
+    """The server's text was cut to 200 characters first and masked after: a key it echoed across the cut
+    was shown in part (its first characters), which masking a whole secret could no longer find."""
+    from pipeline import secrets
+    from pipeline.videodb_sdk import MAX_REASON, VideoDBCallError, VideoDBSettings, call, connect
+
+    key = "k-" + "Q7xZ" * 5  # 22 characters
+    secrets.register(key)
+    try:
+        pad = "p" * (MAX_REASON - cut)
+        emu.fault("POST", "/capture/session/token", status=400,
+                  body=json.dumps({"success": False, "message": f"{pad}{key} is not allowed here"}))
+        conn = connect(VideoDBSettings(key, emu.base_url, "default"), "t")
+        with pytest.raises(VideoDBCallError) as err:
+            await call("t", "token", conn.generate_client_token, 60, api_key=key)
+        text = str(err.value)
+        tail = text.rsplit("p", 1)[-1]  # what follows the padding: part of the mask, then the cut's "..."
+        assert tail.startswith("*") and tail.endswith("...") and not set(tail) & set(key), text
+    finally:
+        secrets.forget(key)

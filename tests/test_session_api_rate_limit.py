@@ -93,3 +93,21 @@ async def test_our_own_503s_carry_retry_after(emulator: Emulator, make_context: 
         status, wait, err = await asyncio.wait_for(waiting, 5)
         assert (status, wait) == (503, "2") and "shutting down" in err["error"], err
     assert session_calls(emulator) == []
+
+
+async def test_a_hostile_retry_after_from_videodb_still_gives_a_bounded_503(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """A `Retry-After` of 400 digits read as infinity, and rounding it up raised OverflowError: the create
+    got no 503 (the client was never told to come back). Every value VideoDB can send gives 1..300 s."""
+    emu = emulator
+    token_path = "/capture/session/token"
+    far = formatdate(time.time() + 10 * 365 * 86400, usegmt=True)
+    cases = [("9" * 400, "300"), (far, "300"), ("Thu, 01 Jan 1970 00:00:00 GMT", "1"), ("-3", "5"),
+             ("1e400", "5"), ("nan", "5"), ("7, 9", "5"), ("\u0663", "5")]
+    async with running(make_context, emu) as live:
+        await asyncio.wait_for(live.ctl.context.session.wait_connection(), 10)
+        for value, expected in cases:
+            emu.fault("POST", token_path, status=429, times=1, headers={"Retry-After": value})
+            status, wait, err = await post(live, "/v1/sessions", {"end_user_id": "a"})
+            assert (status, wait) == (503, expected), (value[:20], err)
+        assert (await post(live, "/v1/sessions", {"end_user_id": "a"}))[0] == 201

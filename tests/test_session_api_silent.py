@@ -9,6 +9,7 @@ lifecycle events), real HTTP.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
 import pytest
@@ -117,3 +118,27 @@ def test_silent_check_options_are_validated(key: str, bad: object) -> None:
         SessionApiOptions.model_validate({"token": TOKEN, key: bad})
     opts = SessionApiOptions.model_validate({"token": TOKEN})
     assert (opts.silent_check_interval, opts.silent_check_max) == (60.0, 50)
+
+
+async def test_a_silent_session_still_stopped_whose_export_status_is_exported_ends_as_exported(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """`export_status: exported` is the SDK's word for a finished export: a session whose `status` still read
+    `stopped` stayed stopped in the API for ever."""
+    emu = emulator
+    async with running(make_context, emu, api={"silent_check_interval": 60}) as live:
+        mgr = live.ctl.manager
+        sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]["session_id"]
+        async with live.http.post(f"{emu.base_url}/_emulator/sessions/{sid}/export",
+                                  json={"outcome": "never"}) as r:
+            assert r.status == 200
+        await hook(live, emu, f"sessions/{sid}/start")
+        await live.wait_for(lambda: mgr.get(sid).lifecycle.state == "active", timeout=10)
+        await hook(live, emu, f"sessions/{sid}/stop")
+        await live.wait_for(lambda: mgr.get(sid).lifecycle.state == "stopped", timeout=10)
+        data = {**emu.registry.sessions[sid].shape(), "export_status": "exported", "exported_video_id": "m-done"}
+        emu.fault("GET", f"/capture/session/{sid}", status=200, body=json.dumps({"success": True, "data": data}))
+        mgr.silent.interval = 0.05  # checks by hand (the periodic one waits its 60 s)
+        await asyncio.sleep(0.06)
+        await mgr.silent.check_once()
+        view = (await live.call("GET", f"/v1/sessions/{sid}"))[1]
+        assert (view["status"], view["exported_video_id"]) == ("exported", "m-done"), view

@@ -197,3 +197,54 @@ def test_a_lock_taken_by_another_run_after_the_state_dir_was_removed_is_one_erro
         assert (st / "lock").read_text() == str(os.getpid())
     finally:
         release(st)
+
+
+def test_a_fifo_as_the_lock_file_is_one_error_line_from_pipeline_run(tmp_path: Path) -> None:
+    """Truncating a FIFO raised a bare OSError (EINVAL) out of the lock: now it is refused by name."""
+    st = tmp_path / "st"
+    st.mkdir(mode=0o700)
+    os.mkfifo(st / "lock")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"name: p\nstate_dir: {st}\n"
+                   f"source: {{type: websocket, url: 'ws://127.0.0.1:9/'}}\n"
+                   f"sinks: [{{type: jsonl, path: {tmp_path}/o.jsonl}}]\n")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PIPELINE_LOG_LEVEL": "error"})
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    errors = [x for x in res.stderr.splitlines() if x.startswith("pipeline: ")]
+    assert len(errors) == 1 and "st/lock: cannot use as the state lock: not a regular file" in errors[0], errors
+
+
+@pytest.mark.parametrize("swap", ["fifo", "symlinked lock", "symlinked state_dir"])
+def test_a_lock_or_state_dir_swapped_mid_run_is_one_error_line_and_never_taken_for_ours(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, swap: str) -> None:
+    """`follow()` (run every half second) raised OSError on a FIFO, which ended the guard task for good; a
+    state_dir replaced by a symlink to another run's directory was looked up there, found not held, and
+    skipped without a word (and `release()` then leaked the lock)."""
+    from pipeline.state import follow, prepare, release
+
+    st, other = tmp_path / "st", tmp_path / "other"
+    other.mkdir()
+    (other / "lock").write_text("4242")
+    prepare(st)
+    try:
+        if swap == "fifo":
+            (st / "lock").unlink()
+            os.mkfifo(st / "lock")
+        elif swap == "symlinked lock":
+            (st / "lock").unlink()
+            (st / "lock").symlink_to(other / "lock")
+        else:
+            st.rename(tmp_path / "st.old")
+            st.symlink_to(other)
+        with caplog.at_level(logging.WARNING, logger="pipeline.state"):
+            follow(st)
+            follow(st)
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and "no new one can be locked" in errors[0], errors
+        assert (other / "lock").read_text() == "4242"  # the other run's lock is left alone
+    finally:
+        release(st)
+    from pipeline import state
+
+    assert not [k for k in state._held if k.parent == tmp_path.resolve()]  # released, whatever `st` is now

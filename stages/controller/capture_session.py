@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +32,7 @@ from pipeline.types import Duration
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, client_token, connect
 from stages.controller import lost_create, resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
-from stages.controller.lifecycle import STATES, Lifecycle, ended_unstored
+from stages.controller.lifecycle import STATES, Lifecycle, ended_unstored, reported_status
 from stages.controller.session_options import SessionApiOptions
 from stages.controller.session_store import safe_id
 from stages.controller.tasks import Background
@@ -61,6 +62,10 @@ class CaptureSessionOptions(Options):
     connect_timeout: Duration = Field(default=60.0, description="how long to wait for the source's connection id")
     status_poll_interval: Duration = Field(
         default=5.0, description="after a reconnect or when attached, poll the session status this often")
+    silent_check_interval: Duration = Field(
+        default=60.0, gt=0, le=86400,
+        description="when the session sent no event for this long, ask VideoDB for its status (its lifecycle "
+                    "events can be lost while the WebSocket stays up)")
     export_timeout: Duration = Field(
         default=1800.0, gt=0, le=7 * 86400,
         description="with exit_on: exported, how long after `stopped` the export may take before the run "
@@ -103,12 +108,15 @@ class CaptureSessionController(Controller):
         self._poll_seen: str | None = None
         self._events_lost = False  # lifecycle events may have gone to a dropped connection (polling stands in)
         self._resumed = False
+        self._heard = time.monotonic()  # when the last event came (or the last silent check was made)
+        self._stopped_at: str | None = None  # when the session was first seen stopped (ISO, saved)
         self.manager: Any = None  # SessionManager when `api` is set
         self.api: Any = None
         # Read now, before any sink starts: a sink with `clear` must not empty a resumed session's output.
         self._found = None if options.session_id or options.api is not None else resume.read_record(
             self.state_file, context.settings, self.who)
-        self._saved = resume.saved_session(self._found, self.settings.collection_id, options.end_user_id, self.who)
+        self._saved = resume.saved_session(self._found, self.settings.collection_id, options.end_user_id, self.who,
+                                           awaiting_export=options.exit_on == "exported")
         context.session.resuming = self._saved is not None or resume.pending_create(
             self._found, self.settings.collection_id, options.end_user_id) is not None
 
@@ -154,6 +162,10 @@ class CaptureSessionController(Controller):
                        "expires_at": iso_ts(now + opts.client_token_expires_in), "created_at": iso_ts(now)}
         if self._resumed and saved is not None and saved.get("backfill_from"):
             self.record["backfill_from"] = saved["backfill_from"]  # until this run saves its own
+        if self.lifecycle.state in _EXIT_STATES:  # resumed while its export was awaited
+            self.record["stopped_at"] = self._stopped_at
+            if getattr(session, "exported_video_id", None):
+                self.record["exported_video_id"] = session.exported_video_id
         kept = saved if self._resumed else made  # a token made before: the desktop client may be using it
         token = made["client_token"] if fresh and made else resume.reusable_token(kept)
         if token is not None and kept is not None:
@@ -174,6 +186,7 @@ class CaptureSessionController(Controller):
         self.context.session.on_connection(self._on_connection)
         if self.context.session.inlet is not None:
             self._spawn(self._checkpoints(self.context.session.inlet))
+        self._spawn(self._check_silence())
         if opts.session_id or self._resumed or (made is not None and made.get("ws_connection_id") != conn_id):
             self._start_poll()  # lifecycle events go to the connection the session was created with
         elif self.context.session.connection_id != conn_id:
@@ -257,10 +270,13 @@ class CaptureSessionController(Controller):
                                  f"{self.state_file} may be live (run again, or --new-session)") from None
             log.warning("%s; creating a new capture session", exc)  # refused (404...): VideoDB does not have it
             return None
-        status = getattr(session, "status", None)
-        if status in resume.ENDED:
+        status = reported_status(session)
+        awaited = saved.get("status") == "stopped" and status in _EXIT_STATES  # its export was awaited
+        if status in resume.ENDED and not awaited:
             log.info("%s: saved capture session %s is %s; creating a new one", self.who, sid, status)
             return None
+        if awaited and isinstance(saved.get("stopped_at"), str):
+            self._stopped_at = saved["stopped_at"]  # export_timeout runs from the first stop, not from here
         self._resumed = True
         if self.context.session.inlet is not None:  # backfill from where the crashed run had got to
             self.context.session.inlet.resume(saved.get("backfill_from"))
@@ -275,7 +291,7 @@ class CaptureSessionController(Controller):
     def _adopt(self, session: Any) -> None:
         self.session_id = session.id
         self.lifecycle = Lifecycle(session.id)
-        self._transition(getattr(session, "status", None) or "created", session=session)
+        self._transition(reported_status(session) or "created", session=session)
         self._replay_early()
 
     def _replay_early(self) -> None:
@@ -302,6 +318,8 @@ class CaptureSessionController(Controller):
         if self.manager is not None:
             self.manager.observe(batch)
             return
+        if batch:
+            self._heard = time.monotonic()
         for event in batch:
             if "event" in event:
                 status = lifecycle_status(event)
@@ -338,8 +356,12 @@ class CaptureSessionController(Controller):
             else:
                 self._spawn_rebind(None, backfill_gap=gap, hold=bool(gap))
         elif status == "exported":
+            if session is not None and not data:  # polled: the session carries the video id (not its URLs)
+                data = {"exported_video_id": getattr(session, "exported_video_id", None)}
             self.record.update({k: data[k] for k in ("exported_video_id", "stream_url", "player_url") if data.get(k)})
         elif status == "stopped" and self.options.exit_on == "exported":
+            self._stopped_at = self._stopped_at or iso_ts(time.time())
+            self.record["stopped_at"] = self._stopped_at
             self._spawn(self._end_if_unstored(session, polled=session is not None))
             self._spawn(self._await_export())
         if self.record:
@@ -370,7 +392,7 @@ class CaptureSessionController(Controller):
         `export_status` (no event follows), so the status is polled meanwhile (see `_poll_status`), and
         an export that has not come after `export_timeout` ends the run (it waited for ever before)."""
         self._start_poll(events_lost=False)
-        await asyncio.sleep(self.options.export_timeout)
+        await asyncio.sleep(export_wait(self._stopped_at, self.options.export_timeout, time.time()))
         if not self.lifecycle.done:
             self._export_failed(f"was not exported within export_timeout={self.options.export_timeout:g}s "
                                 "of stopping")
@@ -513,31 +535,63 @@ class CaptureSessionController(Controller):
         missing = 0  # polls in a row VideoDB answered 404: twice, and the session is gone (it sends nothing more)
         while not self.lifecycle.done:
             await asyncio.sleep(self.options.status_poll_interval)
-            try:
-                session = await self._sdk("get_capture_session", self._conn.get_capture_session,
-                                          self.session_id, self.settings.collection_id)
-            except VideoDBCallError as exc:
-                missing = missing + 1 if exc.status == 404 else 0
-                if missing >= 2:
-                    log.error("%s", exc)
-                    self.context.session.request_exit(
-                        3, f"capture session {self.session_id} no longer exists at VideoDB ({exc})")
-                    return
-                log.warning("%s", exc)
-                continue
-            missing = 0
-            status = getattr(session, "status", None)
-            if self.lifecycle.state == "stopped" and status == "stopped" \
-                    and getattr(session, "export_status", None) == "failed":
-                self._export_failed("VideoDB could not export it (get_capture_session: export_status failed)")
+            missing = await self._ask_status(missing, wait_for_event=True)
+            if missing < 0:
                 return
-            if not status or not self.lifecycle.behind(status):
+
+    async def _check_silence(self) -> None:
+        """Lifecycle events can be lost while the WebSocket stays up, and then nothing polls: a session
+        that sent nothing for `silent_check_interval` is asked about (one call at a time, at most one
+        per interval; not while the status poll runs, which asks already)."""
+        interval = self.options.silent_check_interval
+        missing = 0
+        while not self.lifecycle.done:
+            wait = self._heard + interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
                 continue
-            if status in ("stopped", "exported", "failed") and self._poll_seen != status \
-                    and (status == "failed" or self.context.session.inlet is None or not self._events_lost):
-                self._poll_seen = status  # give the WebSocket event one interval to arrive first
-                continue  # (with backfill, ending on a polled status backfills first: no need to wait)
-            self._transition(status, session=session, error="reported by get_capture_session")
+            self._heard = time.monotonic()  # the next check comes one interval later at the earliest
+            if self._poll is None or self._poll.done():
+                missing = await self._ask_status(missing, wait_for_event=False)
+                if missing < 0:
+                    return
+
+    async def _ask_status(self, missing: int, *, wait_for_event: bool) -> int:
+        """One `get_capture_session`, applied; returns the 404s in a row so far, or -1 once this ended the run.
+
+        `wait_for_event`: an end status is applied one call later unless its event may have been lost
+        (the poll gives the WebSocket event one interval to arrive first)."""
+        try:
+            session = await self._sdk("get_capture_session", self._conn.get_capture_session,
+                                      self.session_id, self.settings.collection_id)
+        except VideoDBCallError as exc:
+            missing = missing + 1 if exc.status == 404 else 0
+            if missing >= 2:
+                log.error("%s", exc)
+                self.context.session.request_exit(
+                    3, f"capture session {self.session_id} no longer exists at VideoDB ({exc})")
+                return -1
+            log.warning("%s", exc)
+            return missing
+        if self.lifecycle.done:
+            return 0
+        status = reported_status(session)
+        if self.lifecycle.state == "stopped" and status == "stopped" \
+                and getattr(session, "export_status", None) == "failed":
+            self._export_failed("VideoDB could not export it (get_capture_session: export_status failed)")
+            return -1
+        if status is None or not self.lifecycle.behind(status):
+            return 0
+        if wait_for_event and status in ("stopped", "exported", "failed") and self._poll_seen != status \
+                and (status == "failed" or self.context.session.inlet is None or not self._events_lost):
+            self._poll_seen = status  # give the WebSocket event one interval to arrive first
+            return 0  # (with backfill, ending on a polled status backfills first: no need to wait)
+        if not wait_for_event:
+            self._events_lost = True  # its event never came: later ones (`exported`) may not either
+            log.info("%s: capture session %s sent nothing for %gs; VideoDB reports it %s",
+                     self.who, self.session_id, self.options.silent_check_interval, visible(status[:40]))
+        self._transition(status, session=session, error="reported by get_capture_session")
+        return 0
 
     async def close(self) -> None:
         if self.api is not None:
@@ -545,6 +599,16 @@ class CaptureSessionController(Controller):
         if self.manager is not None:
             await self.manager.close()
         await self._background.cancel_all()
+
+
+def export_wait(stopped_at: str | None, timeout: float, now: float) -> float:
+    """What is left of `export_timeout` since the session stopped (a restart does not start it again); the
+    whole of it when that time is unknown or in the future (the clock was set back)."""
+    try:
+        began = datetime.fromisoformat(str(stopped_at).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return timeout
+    return timeout if began > now else max(0.0, timeout - (now - began))
 
 
 def _error_text(error: Any) -> str:

@@ -77,6 +77,16 @@ class Lifecycle:
         return self.state in TERMINAL or (self.unstored and self.state == "stopped")
 
 
+def reported_status(session: Any) -> str | None:
+    """The status a `CaptureSession` read from VideoDB reports. A session still `stopped` whose
+    `export_status` is `exported` (the SDK's word for a finished export) counts as exported: waiting for the
+    status to say so too ended such a run after export_timeout with exit code 3, its video made."""
+    status = getattr(session, "status", None)
+    if status == "stopped" and getattr(session, "export_status", None) == "exported":
+        return "exported"
+    return status if isinstance(status, str) else None
+
+
 def stored(session: Any) -> bool | None:
     """Whether a `CaptureSession` has a stored channel (only then is it exported); None when it lists none."""
     channels = getattr(session, "channels", None) or []

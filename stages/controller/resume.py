@@ -71,12 +71,15 @@ def pending_create(record: dict[str, Any] | None, collection_id: str,
 
 
 def saved_session(record: dict[str, Any] | None, collection_id: str, end_user_id: str | None,
-                  who: str) -> dict[str, Any] | None:
-    """The record when a restart should attach to its session, else None (logged why)."""
+                  who: str, *, awaiting_export: bool = False) -> dict[str, Any] | None:
+    """The record when a restart should attach to its session, else None (logged why).
+
+    `awaiting_export` (exit_on: exported): a session saved as `stopped` is attached to as well, since the run
+    was waiting for its export (unless that already failed or timed out: `error` is set)."""
     if record is None or not isinstance(record.get("session_id"), str):
         return None
     sid, status = record["session_id"], record.get("status")
-    if status in ENDED:
+    if status in ENDED and not (awaiting_export and status == "stopped" and not record.get("error")):
         return None
     if record.get("collection_id") != collection_id or (end_user_id and record.get("end_user_id") != end_user_id):
         log.info("%s: saved capture session %s belongs to another collection or end user; creating a new one",

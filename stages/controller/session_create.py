@@ -53,7 +53,8 @@ def videodb_problem(exc: VideoDBCallError, message: str | None = None) -> ApiPro
     if exc.status != 429:
         return ApiProblem(502, text)
     asked = exc.retry_after
-    wait = RETRY_AFTER_DEFAULT if asked is None else min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, math.ceil(asked)))
+    # bounded before rounding: 400 digits read as infinity, which math.ceil() cannot take
+    wait = RETRY_AFTER_DEFAULT if asked is None else max(RETRY_AFTER_MIN, math.ceil(min(RETRY_AFTER_MAX, asked)))
     return ApiProblem(503, f"{text}; VideoDB is rate-limiting, retry in {wait}s", retry_after=wait)
 
 

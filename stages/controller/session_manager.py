@@ -37,7 +37,7 @@ from stages.controller.ai_pipelines import (
     streams_from_event,
     usable_id,
 )
-from stages.controller.lifecycle import TERMINAL, ended_unstored
+from stages.controller.lifecycle import TERMINAL, ended_unstored, reported_status
 from stages.controller.session_create import ApiProblem, SessionCreator, videodb_problem
 from stages.controller.session_store import SessionStore
 from stages.controller.sessions import ManagedSession
@@ -164,7 +164,7 @@ class SessionManager:
             session = listed.get(s.id) or await self._fetch(s)
             if session is None:
                 continue
-            status = getattr(session, "status", None) or s.record.get("status") or "created"
+            status = reported_status(session) or s.record.get("status") or "created"
             if s.lifecycle.behind(status):
                 self._transition(s, status, session=session)
             elif s.lifecycle.state == "active":
@@ -557,7 +557,7 @@ class SessionManager:
             seen: set[str] = set()
             for session in listed:
                 s = self.sessions.get(str(getattr(session, "id", "")))
-                status = getattr(session, "status", None)
+                status = reported_status(session)
                 if s is not None:
                     seen.add(s.id)
                 if s is None or not status or not s.lifecycle.behind(status):

@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from pipeline.videodb_sdk import VideoDBCallError
+from stages.controller.lifecycle import reported_status
 from stages.controller.sessions import ManagedSession
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class SilentCheck:
         self._missing.pop(sid, None)
         if s.lifecycle.done:
             return
-        status = getattr(session, "status", None)
+        status = reported_status(session)
         if status == "stopped" and getattr(session, "export_status", None) == "failed":
             self.m._transition(s, "failed", error="VideoDB could not export it (export_status failed)")
         elif isinstance(status, str) and s.lifecycle.behind(status):
