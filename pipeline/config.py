@@ -261,15 +261,7 @@ class _Checker:
                 loc = _data_loc(data, err["loc"], keep_last=False)
                 if (*path, *loc) in self.texts and loc:
                     fixes[loc] = self.texts[(*path, *loc)]
-        if not fixes:
-            return None
-        out: dict[str, Any] = copy.deepcopy(data)
-        for loc, text in fixes.items():
-            node: Any = out
-            for key in loc[:-1]:
-                node = node[key]
-            node[loc[-1]] = text
-        return out
+        return _replaced(data, fixes)
 
     def _as_typed(self, exc: ValidationError, data: dict[str, Any], path: Path_) -> dict[str, Any] | None:
         """`data` with each quoted `"${VAR}"` that failed as a string replaced by what YAML reads unquoted (a
@@ -279,15 +271,7 @@ class _Checker:
             loc = _data_loc(data, err["loc"], keep_last=False)
             if loc and (*path, *loc) in self.typed and isinstance(_value_at(data, loc), str):
                 fixes[loc] = self.typed[(*path, *loc)]
-        if not fixes:
-            return None
-        out: dict[str, Any] = copy.deepcopy(data)
-        for loc, value in fixes.items():
-            node: Any = out
-            for key in loc[:-1]:
-                node = node[key]
-            node[loc[-1]] = value
-        return out
+        return _replaced(data, fixes)
 
     def _offline(self, value: Any) -> str | None:
         """For a value that is an --offline placeholder: why it fails, instead of the validator's words."""
@@ -326,6 +310,19 @@ class _Checker:
 def placeholders_in(value: Any, names: Sequence[str]) -> list[str]:
     """Which of the unset variables `names` a value still holds as `${NAME}` (what `--offline` leaves)."""
     return [name for name in names if f"${{{name}}}" in value] if isinstance(value, str) else []
+
+
+def _replaced(data: dict[str, Any], fixes: dict[tuple[Any, ...], Any]) -> dict[str, Any] | None:
+    """A copy of `data` with the value at each location of `fixes` replaced; None when there is none."""
+    if not fixes:
+        return None
+    out: dict[str, Any] = copy.deepcopy(data)
+    for loc, value in fixes.items():
+        node: Any = out
+        for key in loc[:-1]:
+            node = node[key]
+        node[loc[-1]] = value
+    return out
 
 
 def _value_at(data: Any, path: Path_) -> Any:

@@ -18,13 +18,27 @@ from pydantic import ValidationError
 from pipeline.api import Context
 from pipeline.emulator import Emulator
 from stages.controller.session_options import SessionApiOptions
-from tests.test_session_api import TOKEN, hook, running
+from tests.test_session_api import TOKEN, Live, hook, running
 from tests.test_session_api import emulator as emulator  # the shared fixture
 
 
 def gets(emu: Emulator, sid: str) -> int:
     return sum(c["method"] == "GET" and c["path"].endswith(f"/capture/session/{sid}") for c in emu.calls)
 
+
+
+async def stopped_with_export(live: Live, emu: Emulator, outcome: str) -> str:
+    """A session made through the API whose export will end with `outcome`, started and stopped (its
+    `stopped` event arrived); its id."""
+    mgr = live.ctl.manager
+    sid = str((await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]["session_id"])
+    async with live.http.post(f"{emu.base_url}/_emulator/sessions/{sid}/export", json={"outcome": outcome}) as r:
+        assert r.status == 200
+    await hook(live, emu, f"sessions/{sid}/start")
+    await live.wait_for(lambda: mgr.get(sid).lifecycle.state == "active", timeout=10)
+    await hook(live, emu, f"sessions/{sid}/stop")
+    await live.wait_for(lambda: mgr.get(sid).lifecycle.state == "stopped", timeout=10)
+    return sid
 
 async def test_a_session_stopped_without_its_events_ends_within_the_check_interval(
         emulator: Emulator, make_context: Callable[..., Context]) -> None:
@@ -87,16 +101,9 @@ async def test_a_silent_session_whose_export_failed_or_that_vanished_ends_as_fai
     async with running(make_context, emu, api={"silent_check_interval": 60}) as live:
         mgr = live.ctl.manager
         check = mgr.silent
-        failing = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]["session_id"]
         gone = (await live.call("POST", "/v1/sessions", json={"end_user_id": "v"}))[1]["session_id"]
-        async with live.http.post(f"{emu.base_url}/_emulator/sessions/{failing}/export",
-                                  json={"outcome": "failed"}) as r:
-            assert r.status == 200
-        await hook(live, emu, f"sessions/{failing}/start")
-        await live.wait_for(lambda: mgr.get(failing).lifecycle.state == "active", timeout=10)
-        await hook(live, emu, f"sessions/{failing}/stop")  # its events arrive; the export then fails quietly
+        failing = await stopped_with_export(live, emu, "failed")  # its events arrive; the export fails quietly
         await live.wait_for(lambda: emu.registry.sessions[failing].export_failed, timeout=10)
-        await live.wait_for(lambda: mgr.get(failing).lifecycle.state == "stopped", timeout=10)
         emu.registry.sessions.pop(gone)
         check.interval = 0.05  # checks by hand (the periodic one waits its 60 s)
         await asyncio.sleep(0.06)
@@ -127,14 +134,7 @@ async def test_a_silent_session_still_stopped_whose_export_status_is_exported_en
     emu = emulator
     async with running(make_context, emu, api={"silent_check_interval": 60}) as live:
         mgr = live.ctl.manager
-        sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]["session_id"]
-        async with live.http.post(f"{emu.base_url}/_emulator/sessions/{sid}/export",
-                                  json={"outcome": "never"}) as r:
-            assert r.status == 200
-        await hook(live, emu, f"sessions/{sid}/start")
-        await live.wait_for(lambda: mgr.get(sid).lifecycle.state == "active", timeout=10)
-        await hook(live, emu, f"sessions/{sid}/stop")
-        await live.wait_for(lambda: mgr.get(sid).lifecycle.state == "stopped", timeout=10)
+        sid = await stopped_with_export(live, emu, "never")
         data = {**emu.registry.sessions[sid].shape(), "export_status": "exported", "exported_video_id": "m-done"}
         emu.fault("GET", f"/capture/session/{sid}", status=200, body=json.dumps({"success": True, "data": data}))
         mgr.silent.interval = 0.05  # checks by hand (the periodic one waits its 60 s)

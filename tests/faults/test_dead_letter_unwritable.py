@@ -15,6 +15,7 @@ import pytest
 from pipeline.build import build
 from pipeline.config import load_config
 from pipeline.runtime.local import LocalRuntime
+from tests.procs import communicate
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = [sys.executable, "-m", "pipeline.cli"]
@@ -167,11 +168,8 @@ dead_letter: {dl}/dead.jsonl
         shutil.rmtree(dl)
         dl.write_text("not a directory any more")  # every later dead-letter write fails
         second.set()
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        _, err = await communicate(proc, 20)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
         server.close()
     stderr = err.decode()
     assert proc.returncode == 1 and "Traceback" not in stderr, stderr
@@ -219,11 +217,8 @@ dead_letter: {dl}/dead.jsonl
             shutil.rmtree(d)
             d.write_text("not a directory any more")
         proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        _, err = await communicate(proc, 20)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
         server.close()
     stderr = err.decode()
     assert proc.returncode == 1 and "Traceback" not in stderr, stderr
