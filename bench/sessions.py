@@ -233,7 +233,7 @@ async def _drive(api: str, emu: str, n: int, probe: Path, pids: list[int], emu_p
         g1, h1 = _snapshot(probe), _read_hist(probe)
         rss1 = sum(_rss_kb(pid) for pid in pids)
         async with http.get(f"{api}/v1/sessions", params={"status": "active"}, headers=auth) as r:
-            active = (await r.json())["count"]
+            active = (await r.json())["total"]  # count is one page
     dt = h1[0] - h0[0]
     diff = {b: c - h0[1].get(b, 0) for b, c in h1[1].items() if c - h0[1].get(b, 0)}
     return {"cpu": (cpu1 - cpu0) / window, "emu_cpu": (ecpu1 - ecpu0) / window,
