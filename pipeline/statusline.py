@@ -50,6 +50,7 @@ def status_fields(view: Any, rate: float) -> dict[str, Any]:
         fields["session"] = snap["session"]["state"] or "none"
     fields["alerts"] = snap["alerts_fired"]
     fields["dead_lettered"] = snap["dead_lettered"]
+    fields["lost"] = snap["lost"]
     fields["errors"] = sum(s["errors"] for s in snap["sinks"]) + sum(s["errors"] for s in snap["stages"])
     return fields
 
@@ -68,6 +69,8 @@ def format_status(f: dict[str, Any]) -> str:
     parts.append(f"alerts {f['alerts']}")
     if f["dead_lettered"]:
         parts.append(f"dead-lettered {f['dead_lettered']}")
+    if f["lost"]:
+        parts.append(f"LOST {f['lost']}")
     if f["errors"]:
         parts.append(f"errors {f['errors']}")
     return "status: " + ", ".join(parts)

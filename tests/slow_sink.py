@@ -47,6 +47,29 @@ class GatedSink(SlowSink):
         await super().write(batch)
 
 
+class StartOptions(SlowOptions):
+    hang_start: bool = False
+    fail_start: bool = False
+    start_timeout: float | None = None
+
+
+class HangingStartSink(SlowSink):
+    """Like SlowSink; with `hang_start`, start() never returns (a broker that never answers the connect), with
+    `fail_start` it raises."""
+
+    name = "hanging-start"
+    Options = StartOptions
+
+    async def start(self) -> None:
+        if self.options.hang_start:
+            await asyncio.Event().wait()
+        if self.options.fail_start:
+            from pipeline.errors import StageError
+
+            raise StageError("broker refused the connection")
+        await super().start()
+
+
 class FailingSink(Sink):
     """Fails on its first write, like a disk that filled up."""
 

@@ -116,6 +116,10 @@ class PipelineCollector:
         for reason, n in sorted(b.dead_letter.by_reason.items()):
             dead.add_metric([name, reason], n)
         yield dead
+        lost = CounterMetricFamily(P + "events_lost", "Events that could be neither delivered nor dead-lettered "
+                                   "(the dead-letter file unwritable)", labels=base)
+        lost.add_metric([name], b.dead_letter.lost)
+        yield lost
         alerts = CounterMetricFamily(P + "alerts_fired", "Alerts made by the rules stage",
                                      labels=[*base, "stage", "rule", "severity"])
         for p in v.rules():

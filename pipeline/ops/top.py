@@ -82,6 +82,8 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
     head.append(f"  lag {_secs(snap.get('lag'))}  up {snap['uptime']:.0f}s")
     head.append(f"  alerts {snap['alerts_fired']}  dead-lettered {snap['dead_lettered']}",
                 style="red" if snap["dead_lettered"] else "")
+    if snap.get("lost"):  # (absent from an older pipeline's status)
+        head.append(f"  LOST {snap['lost']}", style="bold red")
 
     t = Table(expand=True, header_style="bold")
     t.add_column("stage", no_wrap=True, min_width=16)

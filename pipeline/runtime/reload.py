@@ -7,7 +7,9 @@ replaced in its own queue order: the old one gets every batch queued before the
 reload, is flushed and closed, then the new one starts. Rule state (cooldowns,
 windows) is kept for rules whose name and matching are unchanged. Changes to the
 name, source, controller, `videodb`, `runtime`, `dead_letter`, the number of sinks or a
-sink's `buffer` need a restart: they are logged and not applied.
+sink's `buffer` need a restart: they are logged and not applied. A re-created sink that does not start
+within its `start_timeout` (SINK_START_TIMEOUT without one) gets its previous options back, and the
+reload counts as rejected.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pipeline.api import Context, Processor, Sink, StateStore
 from pipeline.build import SinkSlot
 from pipeline.config import PipelineConfig, StageSpec, load_config
 from pipeline.configfile import MAX_BYTES, is_regular, kind_of
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StageError
 from pipeline.events import channel_set
 from pipeline.logs import stage_log
 from pipeline.runtime import reload_windows
@@ -40,6 +42,9 @@ WATCH_INTERVAL = 1.0
 #: a changed file is read again after this long, until two reads agree: a file written in several steps
 #: (`cat part1 part2 > p.yaml`, an editor that truncates first) is reloaded once, whole, not half-written
 WATCH_SETTLE = 0.3
+#: how long a sink re-created by a reload may take to start (a sink's own `start_timeout` option wins): ingest
+#: waits meanwhile, so a start that hangs (a broker that does not answer) must not hold it for ever
+SINK_START_TIMEOUT = 30.0
 
 
 def _same(a: StageSpec | None, b: StageSpec | None) -> bool:
@@ -181,26 +186,35 @@ class Reloader:
         self._carry_rule_state(new)
         windows = reload_windows.plan(list(zip(self.current.stages, self.rt.b.chain.processors, strict=False)),
                                       list(zip(new.stages, processors, strict=True)))
-        kept = await self._swap(swaps, processors, windows)
+        kept, refused = await self._swap(swaps, processors, windows)
         if kept:  # sinks that did not drain in time run on with their old options
             new = dataclasses.replace(new, sinks=[self.current.sinks[i] if i in kept else s
                                                   for i, s in enumerate(new.sinks)])
         self.current = _running_config(self.current, new, skipped)
-        self.applied += 1
         changed = [f"sinks[{sw.index}]" for sw in swaps if sw.index not in kept]
+        if refused:  # counted as rejected: what runs is not what the file says
+            self.rejected += 1
+            log.error("reload (%s) rejected for %s: the new options did not start, the previous ones run on; "
+                      "the rest is applied: %d processor(s)%s", why,
+                      ", ".join(f"{name} ({reason})" for name, reason in refused.items()), len(processors),
+                      f", sinks re-created: {', '.join(changed)}" if changed else "")
+            return False
+        self.applied += 1
         log.info("reload (%s) applied: %d processor(s)%s%s", why, len(processors),
                  f"; sinks re-created: {', '.join(changed)}" if changed else "",
                  f"; needs a restart, not applied: {', '.join(skipped)}" if skipped else "")
         return True
 
     async def _swap(self, swaps: list[SinkSwap], processors: list[Processor],
-                    windows: reload_windows.WindowPlan | None = None) -> set[int]:
+                    windows: reload_windows.WindowPlan | None = None) -> tuple[set[int], dict[str, str]]:
         """Pause ingest between two batches, let each changed sink drain, replace it, swap processors, resume.
 
-        Returns the indices of sinks kept as they were (they did not drain within drain_timeout).
+        Returns the indices of sinks kept with their old options (they did not drain within drain_timeout, or
+        their new options did not start), and for those that did not start, sink name -> why.
         """
         rt = self.rt
         kept: set[int] = set()
+        refused: dict[str, str] = {}
         rt.gate.clear()
         try:
             loop = asyncio.get_running_loop()
@@ -214,7 +228,12 @@ class Reloader:
                         break
                     await asyncio.sleep(0.01)
                 else:
-                    if await _replace(slot, sw, deadline):
+                    replaced = await _replace(slot, sw, deadline)
+                    if replaced is None:
+                        continue
+                    if replaced:
+                        refused[slot.stats.name] = replaced
+                        kept.add(sw.index)
                         continue
                 log.warning("reload: %s did not drain within drain_timeout; it keeps its old options",
                             slot.stats.name)
@@ -229,7 +248,7 @@ class Reloader:
                                    + [p.context.stats for p in processors], key=lambda s: order.get(s.kind, 4))
         finally:
             rt.gate.set()
-        return kept
+        return kept, refused
 
     def _prepare(self, new: PipelineConfig) -> tuple[list[SinkSwap], list[Processor]]:
         """Processors (unchanged ones kept as they are) and sink swaps; nothing running is touched yet."""
@@ -285,12 +304,14 @@ class Reloader:
             state.flush()
 
 
-async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> bool:
+async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> str | None:
     """Flush and close the old sink, then start the new one (or, if it cannot start, the old spec again).
 
-    The flush waits until `deadline` (drain_timeout from the reload) at most, the close its shutdown_timeout:
-    a webhook that never answers held the reload, and with it ingest and any stop, for as long as it hung.
-    False when the old sink did not flush in time: it stays, untouched.
+    The flush waits until `deadline` (drain_timeout from the reload) at most, the close its shutdown_timeout,
+    each start its start timeout: a webhook that never answers, or a broker that never answers a new sink's
+    connect, held the reload, and with it ingest and any stop, for as long as it hung.
+    None when the new sink runs; "" when the old sink did not flush in time (it stays, untouched); otherwise
+    why the new sink did not start (the old spec runs again).
     """
     from pipeline.runtime.local import CLOSE_GRACE, DEFAULT_CLOSE_TIMEOUT
 
@@ -298,7 +319,7 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> bool:
     try:
         await asyncio.wait_for(slot.sink.flush(), max(deadline - loop.time(), 0.0))
     except TimeoutError:
-        return False
+        return ""
     except Exception as exc:  # closing it dead-letters what it cannot write
         log.warning("reload: %s: flushing the old sink: %s", slot.stats.name, exc)
     limit = float(getattr(slot.sink.options, "shutdown_timeout", DEFAULT_CLOSE_TIMEOUT)) + CLOSE_GRACE
@@ -308,17 +329,44 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> bool:
         log.warning("reload: %s: the old sink's close() did not finish within %gs", slot.stats.name, limit)
     except Exception as exc:  # the old sink dead-letters what it cannot write; the swap still happens
         log.warning("reload: %s: closing the old sink: %s", slot.stats.name, exc)
-    try:
-        await sw.new.start()
-    except Exception as exc:
-        log.error("reload: %s: the new sink did not start (%s); restarting it with its previous options",
-                  slot.stats.name, exc)
-        await sw.fallback.start()
-        slot.sink = sw.fallback
-        return True
-    slot.sink = sw.new
-    slot.channels = sw.channels
-    return True
+    why = await _start(sw.new)
+    if why is None:
+        slot.sink = sw.new
+        slot.channels = sw.channels
+        return None
+    again = await _start(sw.fallback)
+    if again is not None:  # the old sink is closed: nothing can write this sink's batches any more
+        raise StageError(f"{slot.stats.name}: after a reload the new options did not start ({why}), "
+                         f"nor did the previous ones ({again})")
+    slot.sink = sw.fallback
+    return why
+
+
+def _start_timeout(sink: Sink) -> float:
+    return float(getattr(sink.options, "start_timeout", None) or SINK_START_TIMEOUT)
+
+
+async def _start(sink: Sink) -> str | None:
+    """Start `sink` within its start timeout; None when it runs, else why not. A start that ignores being
+    cancelled is left behind (a reload waits for it no longer) and the half-started sink closed, both bounded."""
+    from pipeline.runtime.local import CLOSE_GRACE
+
+    limit = _start_timeout(sink)
+    task = asyncio.ensure_future(sink.start())
+    done, _ = await asyncio.wait({task}, timeout=limit)
+    if task in done:
+        if task.cancelled():
+            return "start() was cancelled"
+        exc = task.exception()
+        return None if exc is None else (str(exc) or type(exc).__name__)
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (never "exception was never retrieved")
+    closing = asyncio.ensure_future(sink.close())
+    closing.add_done_callback(lambda t: t.cancelled() or t.exception())
+    await asyncio.wait({closing}, timeout=CLOSE_GRACE)
+    if not closing.done():
+        closing.cancel()
+    return f"start() did not finish within {limit:g}s"
 
 
 def _keep_buffers(old: PipelineConfig, new: PipelineConfig, skipped: list[str]) -> PipelineConfig:
