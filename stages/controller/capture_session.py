@@ -68,7 +68,7 @@ class CaptureSessionOptions(Options):
     export_timeout: Duration = Field(
         default=1800.0, gt=0, le=7 * 86400,
         description="with exit_on: exported, how long after `stopped` the export may take before the run "
-                    "ends with exit code 3")
+                    "ends with exit code 3; with api, before the session ends as failed")
     api: SessionApiOptions | None = Field(
         default=None, description="serve the session API: sessions come from it, none is created at start")
 
