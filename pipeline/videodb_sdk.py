@@ -38,15 +38,17 @@ _SPACE = re.compile(r"\s+")
 
 class VideoDBCallError(StageError):
     """An SDK call failed; `fatal` when retrying cannot help (auth, other 4xx). `retry_after`: seconds
-    VideoDB asked us to wait (its `Retry-After` on a 429), None when it said nothing."""
+    VideoDB asked us to wait (its `Retry-After` on a 429), None when it said nothing. `overdue`: the call did
+    not end within `CALL_DEADLINE`."""
 
     def __init__(self, message: str, *, call: str, status: int | None, fatal: bool,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, overdue: bool = False) -> None:
         super().__init__(message)
         self.call = call
         self.status = status
         self.fatal = fatal
         self.retry_after = retry_after
+        self.overdue = overdue
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ def _overdue(who: str, what: str, deadline: float, *, started: bool) -> VideoDBC
     why = (f"took longer than {deadline:g} s (VideoDB answers too slowly; the call is left to finish on its own)"
            if started else f"no SDK worker thread came free within {deadline:g} s (all {sdk_threads.workers()} "
                            "are busy with calls VideoDB is slow to answer)")
-    return VideoDBCallError(f"{who}: {what} failed: {why}", call=what, status=None, fatal=False)
+    return VideoDBCallError(f"{who}: {what} failed: {why}", call=what, status=None, fatal=False, overdue=True)
 
 
 async def client_token(who: str, conn: Any, expires_in: int, api_key: str | None) -> str:
