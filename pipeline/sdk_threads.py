@@ -30,8 +30,9 @@ MAX_WORKERS = min(32, (os.cpu_count() or 1) + 4)
 class DaemonPool:
     """A thread pool of daemon threads, started as work arrives (at most `workers`)."""
 
-    def __init__(self, workers: int = MAX_WORKERS) -> None:
+    def __init__(self, workers: int = MAX_WORKERS, name: str = "videodb-sdk") -> None:
         self.workers = workers
+        self.name = name  # of its threads, numbered
         self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
@@ -45,7 +46,7 @@ class DaemonPool:
         with self._lock:
             if self._threads < self.workers:
                 self._threads += 1
-                threading.Thread(target=self._work, name=f"videodb-sdk-{self._threads}", daemon=True).start()
+                threading.Thread(target=self._work, name=f"{self.name}-{self._threads}", daemon=True).start()
         return fut
 
     def _work(self) -> None:
@@ -75,7 +76,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
 
+def submit(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+    """`fn(*args, **kwargs)` queued for a daemon worker thread (with the caller's context variables). A worker
+    busy with a call counts as busy until the call returns, however long; one cancelled before a worker took
+    it never runs."""
+    ctx = contextvars.copy_context()
+    return _pool.submit(functools.partial(ctx.run, fn, *args, **kwargs))
+
+
+def workers() -> int:
+    """How many worker threads run calls at most."""
+    return _pool.workers
+
+
 async def run(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """`fn(*args, **kwargs)` in a daemon worker thread (with this task's context variables)."""
-    ctx = contextvars.copy_context()
-    return await asyncio.wrap_future(_pool.submit(functools.partial(ctx.run, fn, *args, **kwargs)))
+    return await asyncio.wrap_future(submit(fn, *args, **kwargs))

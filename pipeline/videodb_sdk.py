@@ -9,6 +9,7 @@ masked. `videodb` itself is imported lazily: it is slow to import.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -22,6 +23,11 @@ from pipeline.termsafe import visible
 
 T = TypeVar("T")
 
+#: Longest an SDK call may take, in seconds, from the moment it is made (waiting for a free worker thread
+#: included). The SDK's own 30 s timeout is per read, so a VideoDB that trickles its answer held a call, and one
+#: of the few worker threads, for as long as it kept sending. Past this the caller gets a VideoDBCallError; the
+#: thread finishes the call on its own (its answer is dropped) and stays busy until then.
+CALL_DEADLINE = 60.0
 #: Longest server text an error line quotes (a proxy's error page can be kilobytes of HTML).
 MAX_REASON = 200
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.I | re.S)
@@ -32,15 +38,17 @@ _SPACE = re.compile(r"\s+")
 
 class VideoDBCallError(StageError):
     """An SDK call failed; `fatal` when retrying cannot help (auth, other 4xx). `retry_after`: seconds
-    VideoDB asked us to wait (its `Retry-After` on a 429), None when it said nothing."""
+    VideoDB asked us to wait (its `Retry-After` on a 429), None when it said nothing. `overdue`: the call did
+    not end within `CALL_DEADLINE`."""
 
     def __init__(self, message: str, *, call: str, status: int | None, fatal: bool,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, overdue: bool = False) -> None:
         super().__init__(message)
         self.call = call
         self.status = status
         self.fatal = fatal
         self.retry_after = retry_after
+        self.overdue = overdue
 
 
 @dataclass(frozen=True)
@@ -131,11 +139,26 @@ def call_error(who: str, call: str, exc: BaseException, api_key: str | None) -> 
 
 async def call(who: str, what: str, fn: Callable[..., T], /, *args: Any,
                api_key: str | None = None, **kwargs: Any) -> T:
-    """Run `fn(*args, **kwargs)` in a thread; failures become `VideoDBCallError` naming `what`."""
+    """Run `fn(*args, **kwargs)` in a thread; failures, and a call not done within `CALL_DEADLINE`, become
+    `VideoDBCallError` naming `what`."""
+    deadline = CALL_DEADLINE
+    job = sdk_threads.submit(fn, *args, **kwargs)
     try:
-        return await sdk_threads.run(fn, *args, **kwargs)
+        async with asyncio.timeout(deadline) as limit:
+            return await asyncio.wrap_future(job)
     except Exception as exc:
+        if limit.expired():
+            raise _overdue(who, what, deadline, started=not job.cancel()) from None
         raise call_error(who, what, exc, api_key) from None
+
+
+def _overdue(who: str, what: str, deadline: float, *, started: bool) -> VideoDBCallError:
+    """The error of a call past `CALL_DEADLINE`: still running in its thread, or never started (every worker
+    thread was busy with calls VideoDB is slow to answer; the queued one was cancelled)."""
+    why = (f"took longer than {deadline:g} s (VideoDB answers too slowly; the call is left to finish on its own)"
+           if started else f"no SDK worker thread came free within {deadline:g} s (all {sdk_threads.workers()} "
+                           "are busy with calls VideoDB is slow to answer)")
+    return VideoDBCallError(f"{who}: {what} failed: {why}", call=what, status=None, fatal=False, overdue=True)
 
 
 async def client_token(who: str, conn: Any, expires_in: int, api_key: str | None) -> str:

@@ -142,3 +142,33 @@ async def test_a_silent_session_still_stopped_whose_export_status_is_exported_en
         await mgr.silent.check_once()
         view = (await live.call("GET", f"/v1/sessions/{sid}"))[1]
         assert (view["status"], view["exported_video_id"]) == ("exported", "m-done"), view
+
+
+async def test_a_check_against_a_slow_videodb_ends_at_the_first_call_past_its_deadline(
+        emulator: Emulator, make_context: Callable[..., Context], monkeypatch: pytest.MonkeyPatch) -> None:
+    """VideoDB answers get_capture_session after 1 s, the call deadline is 0.3 s: the round stops after the
+    first few calls (before: every due session was asked, one deadline per 4 of them; 50 sessions at the real
+    60 s deadline took 13 minutes); those not asked come first in the next check."""
+    from pipeline import videodb_sdk
+    from stages.controller.silent_check import CONCURRENCY
+
+    emu = emulator
+    async with running(make_context, emu, api={"silent_check_interval": 60, "silent_check_max": 2 * CONCURRENCY}) \
+            as live:
+        made = []
+        for i in range(3 * CONCURRENCY):
+            made.append((await live.call("POST", "/v1/sessions", json={"end_user_id": f"u{i}"}))[1]["session_id"])
+        check = live.ctl.manager.silent
+        monkeypatch.setattr(videodb_sdk, "CALL_DEADLINE", 0.3)
+        emu.fault("GET", "/capture/session/", status=404, delay=1.0, times=CONCURRENCY)
+        check.interval = 0.05  # checks by hand (the periodic one waits its 60 s)
+        await asyncio.sleep(0.06)
+        start = len(emu.calls)
+        await check.check_once()
+        asked = {c["path"].rsplit("/", 1)[1] for c in list(emu.calls)[start:] if c["method"] == "GET"}
+        assert asked == set(made[:CONCURRENCY]), asked  # only the first few: then it gave up for this round
+        await asyncio.sleep(0.06)
+        await check.check_once()
+        asked = [c["path"].rsplit("/", 1)[1] for c in list(emu.calls)[start:] if c["method"] == "GET"]
+        assert set(asked[CONCURRENCY:]) == set(made[CONCURRENCY:]), asked  # those not asked first (in time now)
+        assert all(live.ctl.manager.get(s).lifecycle.state == "created" for s in made)  # one 404 ends nothing

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +31,7 @@ from pipeline.types import Duration
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, client_token, connect
 from stages.controller import lost_create, resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
-from stages.controller.lifecycle import STATES, Lifecycle, ended_unstored, reported_status
+from stages.controller.lifecycle import STATES, Lifecycle, ended_unstored, export_wait, reported_status
 from stages.controller.session_options import SessionApiOptions
 from stages.controller.session_store import safe_id
 from stages.controller.tasks import Background
@@ -69,7 +68,7 @@ class CaptureSessionOptions(Options):
     export_timeout: Duration = Field(
         default=1800.0, gt=0, le=7 * 86400,
         description="with exit_on: exported, how long after `stopped` the export may take before the run "
-                    "ends with exit code 3")
+                    "ends with exit code 3; with api, before the session ends as failed")
     api: SessionApiOptions | None = Field(
         default=None, description="serve the session API: sessions come from it, none is created at start")
 
@@ -599,16 +598,6 @@ class CaptureSessionController(Controller):
         if self.manager is not None:
             await self.manager.close()
         await self._background.cancel_all()
-
-
-def export_wait(stopped_at: str | None, timeout: float, now: float) -> float:
-    """What is left of `export_timeout` since the session stopped (a restart does not start it again); the
-    whole of it when that time is unknown or in the future (the clock was set back)."""
-    try:
-        began = datetime.fromisoformat(str(stopped_at).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return timeout
-    return timeout if began > now else max(0.0, timeout - (now - began))
 
 
 def _error_text(error: Any) -> str:

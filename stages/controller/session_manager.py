@@ -37,7 +37,7 @@ from stages.controller.ai_pipelines import (
     streams_from_event,
     usable_id,
 )
-from stages.controller.lifecycle import TERMINAL, ended_unstored, reported_status
+from stages.controller.lifecycle import TERMINAL, ended_unstored, export_wait, reported_status
 from stages.controller.session_create import ApiProblem, SessionCreator, videodb_problem
 from stages.controller.session_store import SessionStore
 from stages.controller.sessions import ManagedSession
@@ -126,6 +126,8 @@ class SessionManager:
         for s in self.sessions.values():  # a stop the last run did not finish (a crash, a failed call)
             if s.record.get("stop_incomplete") and not s.lifecycle.done:
                 self._spawn(self._stop_streams_locked(s))
+            if s.lifecycle.state == "stopped" and not s.lifecycle.done:  # export_timeout from its first stop
+                self._spawn(self._await_export(s))
 
     async def _fetch(self, s: ManagedSession) -> Any:
         """The session as VideoDB has it now, or None (the failed call is logged and counted).
@@ -411,7 +413,9 @@ class SessionManager:
         elif status == "failed":
             log.error("%s: capture session %s failed: %s", self.who, s.id, s.record.get("error"))
         elif status == "stopped":
+            s.record.setdefault("stopped_at", iso_ts(time.time()))  # a restart keeps counting from here
             self._spawn(self._end_if_unstored(s, session))
+            self._spawn(self._await_export(s))
         if s.lifecycle.done:
             self._forget_streams(s)
         self.store.save(s.record)
@@ -426,6 +430,18 @@ class SessionManager:
                  self.who, s.id)
         self._forget_streams(s)
         self.store.save(s.record)
+
+    async def _await_export(self, s: ManagedSession) -> None:
+        """`stopped`: an export that has not come `export_timeout` after the first stop (`stopped_at`, saved)
+        ends the session as failed (else it stayed `stopped` for ever: live, polled, re-attached by restarts)."""
+        timeout = self.opts.export_timeout
+        if not isinstance(s.record.get("stopped_at"), str):  # a record saved before stopped_at was
+            s.record["stopped_at"] = iso_ts(time.time())
+            self.store.save(s.record)
+        await asyncio.sleep(export_wait(s.record["stopped_at"], timeout, time.time()))
+        if s.lifecycle.state == "stopped" and not s.lifecycle.done:
+            self._transition(s, "failed", error=f"stopped but was not exported within export_timeout={timeout:g}s "
+                                                f"of stopping (stopped at {s.record['stopped_at']})")
 
     async def _stop_streams_locked(self, s: ManagedSession) -> None:
         async with s.lock:

@@ -5,7 +5,9 @@ reconnect or a restart does not run then): one VideoDB stopped, exported or fail
 "active" in the API for ever. Every `api.silent_check_interval`, the sessions not ended that
 have sent nothing (and were not checked) for that long are asked for with `get_capture_session`,
 oldest-silent first and at most `api.silent_check_max` of them, a few at a time in the SDK's
-worker threads; what VideoDB reports is applied as if its event had arrived.
+worker threads; what VideoDB reports is applied as if its event had arrived. A call that runs past
+its deadline ends the round (VideoDB is too slow: the rest would wait as long, one deadline per few
+sessions); the sessions not asked yet come first in the next one.
 """
 
 from __future__ import annotations
@@ -54,32 +56,44 @@ class SilentCheck:
         now = time.monotonic()
         todo = self.due(now)
         slots = asyncio.Semaphore(CONCURRENCY)
+        slow: list[ManagedSession] = []  # sessions whose call ran past its deadline in this round
 
         async def one(s: ManagedSession) -> None:
-            s.checked = now
             async with slots:
-                await self._check(s)
+                if slow:
+                    return
+                s.checked = now
+                if not await self._check(s):
+                    slow.append(s)
 
         await asyncio.gather(*(one(s) for s in todo))
+        if slow:
+            left = sum(s.checked != now for s in todo)
+            log.warning("%s: VideoDB is answering too slowly: %d silent session(s) left for the next check",
+                        self.m.who, left)
         for sid in [sid for sid in self._missing if sid not in self.m.sessions]:
             del self._missing[sid]
 
-    async def _check(self, s: ManagedSession) -> None:
+    async def _check(self, s: ManagedSession) -> bool:
+        """Ask about one session; False when the call ran past its deadline."""
         sid = s.id
         try:
             session = await self.m._sdk("get_capture_session", self.m.conn.get_capture_session,
                                         sid, self.m.settings.collection_id)
         except VideoDBCallError as exc:
+            if exc.overdue:
+                log.warning("%s (checking a silent session)", exc)
+                return False
             missing = self._missing.get(sid, 0) + 1 if exc.status == 404 else 0
             self._missing[sid] = missing
             if missing >= MISSING_TWICE and not s.lifecycle.done:
                 self.m._transition(s, "failed", error=f"capture session {sid} no longer exists at VideoDB ({exc})")
             else:
                 log.warning("%s (checking a silent session)", exc)
-            return
+            return True
         self._missing.pop(sid, None)
         if s.lifecycle.done:
-            return
+            return True
         status = reported_status(session)
         if status == "stopped" and getattr(session, "export_status", None) == "failed":
             self.m._transition(s, "failed", error="VideoDB could not export it (export_status failed)")
@@ -87,3 +101,4 @@ class SilentCheck:
             log.info("%s: capture session %s sent nothing for %gs; VideoDB reports it %s",
                      self.m.who, sid, self.interval, status)
             self.m._transition(s, status, session=session, error="reported by get_capture_session")
+        return True
