@@ -15,6 +15,8 @@ and cooldowns see events in order). A hold lasts at most `HOLD_MAX` seconds.
 
 from __future__ import annotations
 
+import math
+import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -35,6 +37,9 @@ HOLD_MAX: Final = 10.0  # seconds live events may wait for a backfill before the
 
 Key = tuple[str, str]  # (rtstream_id, channel)
 _NUMBER: Final = (int, float)
+_ENTRY: Final = struct.Struct("=qd")  # a key's hash and its data.start (NaN: not a number)
+_HASH: Final = struct.Struct("=q")
+_START: Final = struct.Struct("=d")
 
 
 def _channel(ch: str) -> str:
@@ -42,15 +47,47 @@ def _channel(ch: str) -> str:
 
 
 class _Seen:
-    __slots__ = ("keys", "last", "order", "starts", "used")
+    """One channel's keys in arrival order, packed in a bytearray (key hash, start) from `head` on: the
+    garbage collector neither tracks nor walks it (4 channels a capture session, many thousand sessions)."""
+
+    __slots__ = ("head", "keys", "last", "order", "used")
 
     def __init__(self) -> None:
         self.last: int | None = None
         self.used = 0  # the admit() call that last added a key (which channels went quiet longest)
         # hash((start, text)) -> arrived by backfill; a hash, so no event text is kept alive (many sessions)
         self.keys: dict[int, bool] = {}
-        self.order: deque[int] = deque()
-        self.starts: deque[Any] = deque()  # data.start of each key in `order`
+        self.order = bytearray()  # _ENTRY per key, oldest first; start NaN when not a number
+        self.head = 0  # where the oldest key still kept starts in `order`
+
+    def __len__(self) -> int:
+        """Keys in `order` (as many as in `keys`)."""
+        return (len(self.order) - self.head) // _ENTRY.size
+
+    def oldest_start(self) -> float:
+        return _START.unpack_from(self.order, self.head + 8)[0]  # type: ignore[no-any-return]
+
+    def drop_oldest(self) -> None:
+        """Forget the oldest key (the buffer is compacted once half of it is gone)."""
+        del self.keys[_HASH.unpack_from(self.order, self.head)[0]]
+        self.head += _ENTRY.size
+        if self.head >= 1024 and 2 * self.head >= len(self.order):
+            del self.order[:self.head]
+            self.head = 0
+
+    def clear(self) -> None:
+        self.keys.clear()
+        self.order, self.head = bytearray(), 0
+
+
+def _as_float(start: Any) -> float:
+    """A numeric start as a float (event times are well within its exact range); anything else NaN."""
+    if type(start) in _NUMBER:
+        try:
+            return float(start)
+        except OverflowError:
+            return math.nan
+    return math.nan
 
 
 class Inlet:
@@ -84,6 +121,7 @@ class Inlet:
         self._calls += 1
         call = self._calls
         held = self.keys_held
+        pack = _ENTRY.pack
         for i, event in enumerate(batch):
             ch = event.get("channel")
             data = event.get("data")
@@ -112,20 +150,18 @@ class Inlet:
             if out is not batch:
                 out.append(event)
             if before is None and hashable:
+                at = _as_float(start)
                 seen.keys[k] = by_backfill
-                seen.order.append(k)
-                seen.starts.append(start)
+                seen.order += pack(k, at)
                 seen.used = call
                 held += 1
-                if len(seen.order) > KEEP_KEYS:
-                    del seen.keys[seen.order.popleft()]
-                    seen.starts.popleft()
+                if len(seen.keys) > KEEP_KEYS:
+                    seen.drop_oldest()
                     held -= 1
-                if type(start) in _NUMBER:  # a backfill overlaps live events by seconds: older keys go
-                    starts, cutoff = seen.starts, start - KEEP_MS
-                    while type(starts[0]) in _NUMBER and starts[0] < cutoff:
-                        starts.popleft()
-                        del seen.keys[seen.order.popleft()]
+                if at == at:  # a number: a backfill overlaps live events by seconds, older keys go
+                    cutoff = at - KEEP_MS
+                    while seen.oldest_start() < cutoff:  # a NaN start (not a number) compares False: stops there
+                        seen.drop_oldest()
                         held -= 1
             if type(start) in _NUMBER and (seen.last is None or start > seen.last):
                 seen.last = int(start)
@@ -156,9 +192,7 @@ class Inlet:
                 return
             if seen.keys:
                 self.keys_held -= len(seen.keys)
-                seen.keys.clear()
-                seen.order.clear()
-                seen.starts.clear()
+                seen.clear()
 
     def mark_gap(self, pending: Iterable[Event] = ()) -> None:
         """The connection dropped: remember, per channel, the last event time before the gap.
