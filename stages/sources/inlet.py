@@ -38,8 +38,7 @@ HOLD_MAX: Final = 10.0  # seconds live events may wait for a backfill before the
 Key = tuple[str, str]  # (rtstream_id, channel)
 _NUMBER: Final = (int, float)
 _ENTRY: Final = struct.Struct("=qd")  # a key's hash and its data.start (NaN: not a number)
-_HASH: Final = struct.Struct("=q")
-_START: Final = struct.Struct("=d")
+_SIZE: Final = _ENTRY.size
 
 
 def _channel(ch: str) -> str:
@@ -62,32 +61,11 @@ class _Seen:
 
     def __len__(self) -> int:
         """Keys in `order` (as many as in `keys`)."""
-        return (len(self.order) - self.head) // _ENTRY.size
-
-    def oldest_start(self) -> float:
-        return _START.unpack_from(self.order, self.head + 8)[0]  # type: ignore[no-any-return]
-
-    def drop_oldest(self) -> None:
-        """Forget the oldest key (the buffer is compacted once half of it is gone)."""
-        del self.keys[_HASH.unpack_from(self.order, self.head)[0]]
-        self.head += _ENTRY.size
-        if self.head >= 1024 and 2 * self.head >= len(self.order):
-            del self.order[:self.head]
-            self.head = 0
+        return (len(self.order) - self.head) // _SIZE
 
     def clear(self) -> None:
         self.keys.clear()
         self.order, self.head = bytearray(), 0
-
-
-def _as_float(start: Any) -> float:
-    """A numeric start as a float (event times are well within its exact range); anything else NaN."""
-    if type(start) in _NUMBER:
-        try:
-            return float(start)
-        except OverflowError:
-            return math.nan
-    return math.nan
 
 
 class Inlet:
@@ -121,7 +99,7 @@ class Inlet:
         self._calls += 1
         call = self._calls
         held = self.keys_held
-        pack = _ENTRY.pack
+        pack, unpack = _ENTRY.pack, _ENTRY.unpack_from
         for i, event in enumerate(batch):
             ch = event.get("channel")
             data = event.get("data")
@@ -150,19 +128,34 @@ class Inlet:
             if out is not batch:
                 out.append(event)
             if before is None and hashable:
-                at = _as_float(start)
-                seen.keys[k] = by_backfill
-                seen.order += pack(k, at)
+                at = math.nan  # start as a float (event times are well within its exact range), NaN if not a number
+                if type(start) in _NUMBER:
+                    try:
+                        at = float(start)
+                    except OverflowError:
+                        pass
+                keys, order, head = seen.keys, seen.order, seen.head
+                keys[k] = by_backfill
+                order += pack(k, at)
                 seen.used = call
                 held += 1
-                if len(seen.keys) > KEEP_KEYS:
-                    seen.drop_oldest()
+                if len(keys) > KEEP_KEYS:
+                    del keys[unpack(order, head)[0]]
+                    head += _SIZE
                     held -= 1
                 if at == at:  # a number: a backfill overlaps live events by seconds, older keys go
                     cutoff = at - KEEP_MS
-                    while seen.oldest_start() < cutoff:  # a NaN start (not a number) compares False: stops there
-                        seen.drop_oldest()
+                    old, old_start = unpack(order, head)
+                    while old_start < cutoff:  # a NaN start (not a number) compares False: stops there
+                        del keys[old]
+                        head += _SIZE
                         held -= 1
+                        old, old_start = unpack(order, head)
+                if head != seen.head:  # keys dropped: compact the buffer once half of it is gone
+                    if head >= 1024 and 2 * head >= len(order):
+                        del order[:head]
+                        head = 0
+                    seen.head = head
             if type(start) in _NUMBER and (seen.last is None or start > seen.last):
                 seen.last = int(start)
             if by_backfill:
