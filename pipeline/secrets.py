@@ -13,8 +13,10 @@ MIN_LEN = 4  # shorter values are not secrets worth masking (and would mask half
 #: live capture session's client token, thousands with the session API (a regex of them all, made again per
 #: secret, cost O(n^2) to build). By length too: tokens that share their end (a fixed suffix) were each
 #: compared at every place that end occurs (10,000 such tokens: 2 s to mask a 10 KB line); those of one
-#: length are now one set lookup there
-_by_tail: dict[str, dict[int, set[str]]] = {}
+#: length are now one set lookup there. The one secret of a tail and length (the usual case) is kept as it
+#: is, not in a set: a dict of strings the garbage collector need not track or walk (thousands of sessions'
+#: tokens); `in` then compares it whole, the lengths being equal
+_by_tail: dict[str, dict[int, str | set[str]]] = {}
 #: `scheme://user:password@` (or `scheme://user@`) in any text: the whole user part is hidden. The scheme is
 #: bounded: unbounded, every letter of a long run was tried as its start, each scanning to the run's end, and
 #: a 1 MB line holding an "@" took many minutes to mask (a longer scheme still has its user part hidden)
@@ -28,7 +30,14 @@ def register(value: str, where: str | None = None) -> None:
     """Remember a secret (>= 4 chars) so `mask()` hides it everywhere. A shorter one cannot be masked (it
     would hide parts of every line); with `where` (what names it) that is said in one warning, not silently."""
     if len(value) >= MIN_LEN:
-        _by_tail.setdefault(value[-MIN_LEN:], {}).setdefault(len(value), set()).add(value)
+        group = _by_tail.setdefault(value[-MIN_LEN:], {})
+        same = group.get(len(value))
+        if same is None or same == value:
+            group[len(value)] = value
+        elif isinstance(same, str):
+            group[len(value)] = {same, value}
+        else:
+            same.add(value)
     elif where is not None and value:
         log.warning("%s: shorter than %d characters, so it is not masked in logs and errors", where, MIN_LEN)
 
@@ -38,8 +47,11 @@ def forget(value: str) -> None:
     group = _by_tail.get(value[-MIN_LEN:])
     same = group.get(len(value)) if group is not None else None
     if group is not None and same is not None:
-        same.discard(value)
-        if not same:
+        if isinstance(same, set):
+            same.discard(value)
+            if len(same) == 1:
+                group[len(value)] = same.pop()
+        elif same == value:
             del group[len(value)]
         if not group:
             del _by_tail[value[-MIN_LEN:]]

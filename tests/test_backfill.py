@@ -395,7 +395,7 @@ def test_a_flood_of_rtstream_ids_keeps_the_dedupe_keys_bounded_in_all_and_a_busy
             assert inlet.keys_held <= MAX_KEYS
             most = max(most, inlet.keys_held)
         held = sum(len(s.keys) for s in inlet._seen.values())  # the keys themselves, not only the count
-        assert held == inlet.keys_held and all(len(s.order) == len(s.keys) for s in inlet._seen.values())
+        assert held == inlet.keys_held and all(len(s) == len(s.keys) for s in inlet._seen.values())
     assert MAX_KEYS // 2 < most <= MAX_KEYS  # 400,000 keys came in; the bound held them
     dup = ev("busy", t0 + 19_000 + 19_000, "busy 19 19000", backfill=True)
     assert inlet.known(dup) and inlet.admit([dup]) == []  # the busy channel still drops a backfilled copy

@@ -25,7 +25,7 @@ from tests.test_session_api import hook, running
 
 @pytest.fixture(autouse=True)
 def no_secrets() -> Iterator[None]:
-    saved = {k: {n: set(v) for n, v in g.items()} for k, g in secrets._by_tail.items()}
+    saved = {k: {n: set(v) if isinstance(v, set) else v for n, v in g.items()} for k, g in secrets._by_tail.items()}
     secrets._by_tail.clear()
     yield
     secrets._by_tail.clear()
@@ -72,6 +72,27 @@ def test_forget_stops_masking_one_secret_only() -> None:
     secrets.forget("xx-token-one")
     secrets.forget("never-registered")
     assert secrets._by_tail == {}
+
+
+def test_secrets_sharing_end_and_length_come_and_go_one_by_one() -> None:
+    """The one secret of an end and length is kept bare (nothing for the garbage collector), several in a set:
+    each step between the two keeps exactly the registered ones masked, never a part or a neighbour of one."""
+    a, b, c = "aaaa-same-end", "bbbb-same-end", "cccc-same-end"
+    secrets.register(a)
+    secrets.register(a)  # twice: still one
+    assert secrets.mask(f"{a} {b} same-end aaaa-same-en") == f"*** {b} same-end aaaa-same-en"
+    for s in (b, c):
+        secrets.register(s)
+    assert secrets.mask(f"{a}|{b}|{c}") == "***|***|***"
+    secrets.forget(b)
+    assert secrets.mask(f"{a}|{b}|{c}") == f"***|{b}|***"
+    secrets.forget(a)  # one left: kept bare again
+    assert not secrets.known(a) and secrets.known(c) and secrets.mask(f"{a}|{c}") == f"{a}|***"
+    secrets.register(b)
+    assert secrets.mask(f"{a}|{b}|{c}") == f"{a}|***|***"
+    for s in (b, c, c):
+        secrets.forget(s)
+    assert secrets._by_tail == {} and secrets.mask(f"{a}|{b}|{c}") == f"{a}|{b}|{c}"
 
 
 def test_thousands_of_client_tokens_cost_their_own_size_to_remember() -> None:

@@ -424,7 +424,7 @@ def test_backfill_bookkeeping_scales_with_sessions_not_history() -> None:
         inlet.admit([{"channel": "transcript", "rtstream_id": "rts-0", "data": {"start": t0 + n * 1000,
                                                                                 "text": f"segment {n}"}}])
     seen = inlet._seen[("rts-0", "transcript")]
-    assert len(seen.keys) <= 31 and len(seen.order) == len(seen.keys)
+    assert len(seen.keys) <= 31 and len(seen) == len(seen.keys) and len(seen.order) < 4096  # 10,000 x 16 bytes
     dup = {"channel": "transcript", "rtstream_id": "rts-0", "backfill": True,
            "data": {"start": t0 + 9_990 * 1000, "text": "segment 9990"}}
     assert inlet.known(dup) and inlet.admit([dup]) == []  # recent events are still deduplicated

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import Field, model_validator
 
@@ -57,13 +57,23 @@ class OnActive(Options):
         return self
 
 
-@dataclass
-class Stream:
-    """One rtstream of the session: the SDK object and whether it carries audio or video."""
+class Stream(NamedTuple):
+    """One rtstream of the session: its id, name, whether it carries audio or video, and what the SDK object
+    is made of. Only strings: the garbage collector stops tracking it (many sessions, 4 streams each); the SDK
+    object is made for the calls that need one (`rts()`)."""
 
-    rts: Any
+    id: str
     name: str
     kind: str | None  # "audio" | "video" | None (unknown: left alone)
+    collection_id: str | None = None
+    channel_id: str | None = None
+
+    def rts(self, conn: Any) -> Any:
+        """The SDK RTStream (its calls use the id and the connection)."""
+        from videodb.rtstream import RTStream
+
+        return RTStream(conn, id=self.id, name=self.name, collection_id=self.collection_id,
+                        channel_id=self.channel_id)
 
 
 def media_kind(media_types: Any, channel_id: Any = None, name: Any = None) -> str | None:
@@ -82,13 +92,11 @@ def media_kind(media_types: Any, channel_id: Any = None, name: Any = None) -> st
     return None
 
 
-def streams_from_event(conn: Any, rtstreams: Any, collection_id: str) -> list[Stream]:
+def streams_from_event(rtstreams: Any, collection_id: str) -> list[Stream]:
     """Streams from `capture_session.active`'s `data.rtstreams` (no API call needed).
 
     Bounded: at most MAX_STREAMS, ids that are strings of at most 128 characters (each stream costs
     SDK calls on every bind, and its id goes into API paths)."""
-    from videodb.rtstream import RTStream
-
     out: list[Stream] = []
     listed = rtstreams if isinstance(rtstreams, list) else []
     if len(listed) > MAX_STREAMS:
@@ -97,9 +105,9 @@ def streams_from_event(conn: Any, rtstreams: Any, collection_id: str) -> list[St
         rid = r.get("rtstream_id") or r.get("id") if isinstance(r, dict) else None
         if not usable_id(rid):
             continue
-        name = str(r.get("name") or rid)
-        rts = RTStream(conn, id=rid, name=name, collection_id=collection_id, channel_id=r.get("channel_id"))
-        out.append(Stream(rts, name, media_kind(r.get("media_types"), r.get("channel_id"), name)))
+        name, channel = str(r.get("name") or rid), r.get("channel_id")
+        out.append(Stream(str(rid), name, media_kind(r.get("media_types"), channel, name), collection_id,
+                          channel if isinstance(channel, str) else None))
     return out
 
 
@@ -110,8 +118,15 @@ def usable_id(rid: Any) -> bool:
 
 def streams_from_session(session: Any) -> list[Stream]:
     """Streams from a `CaptureSession` object (its rtstreams carry the SDK channel type); bounded as above."""
-    return [Stream(r, str(r.name or r.id), media_kind(None, r.channel_id, r.name))
+    return [of_sdk(r, media_kind(None, r.channel_id, r.name))
             for r in (getattr(session, "rtstreams", None) or [])[:MAX_STREAMS] if usable_id(getattr(r, "id", None))]
+
+
+def of_sdk(r: Any, kind: str | None) -> Stream:
+    """A Stream from an SDK RTStream (the strings it is made of)."""
+    collection, channel = getattr(r, "collection_id", None), getattr(r, "channel_id", None)
+    return Stream(r.id, str(getattr(r, "name", None) or r.id), kind,
+                  collection if isinstance(collection, str) else None, channel if isinstance(channel, str) else None)
 
 
 @dataclass
@@ -154,12 +169,14 @@ class AIPipelines:
         log.info("%s: binding AI pipelines to connection %s (%d audio, %d video streams)",
                  self.who, conn_id, len(audio), len(video))
         for s in audio if spec.transcript else []:
-            await self._call(f"start_transcript({s.name})", s.rts.start_transcript, ws_connection_id=conn_id)
+            await self._call(f"start_transcript({s.name})", s.rts(self.conn).start_transcript,
+                             ws_connection_id=conn_id)
         for kind, streams, idx_spec in (("audio", audio, spec.index_audio), ("visuals", video, spec.index_visuals)):
             if idx_spec is None:
                 continue
             for s in streams:
-                fn = s.rts.index_audio if kind == "audio" else s.rts.index_visuals
+                rts = s.rts(self.conn)
+                fn = rts.index_audio if kind == "audio" else rts.index_visuals
                 index = await self._call(f"index_{kind}({s.name})", fn, prompt=idx_spec.prompt,
                                          batch_config=idx_spec.batch_config, model_name=idx_spec.model_name,
                                          name=idx_spec.name, ws_connection_id=conn_id)
@@ -178,16 +195,16 @@ class AIPipelines:
             for index in new[alert.index]:
                 await self._call(f"create_alert({alert.label})", index.create_alert, event_id,
                                  alert.callback_url or self.callback_url, ws_connection_id=conn_id)
-        self._indexes, self.bound_to = new, conn_id
+        self._indexes, self.bound_to = {k: idx for k, idx in new.items() if idx}, conn_id  # no empty lists kept
         self.retired = (self.retired + [(k, i) for k, idx in old.items() for i in idx])[-MAX_RETIRED:]
         for index in (i for kind in old.values() for i in kind):
             await self._call(f"stop replaced index {index.rtstream_index_id}", index.stop, cleanup=True)
 
     def backfill_targets(self) -> list[Target]:
         """Every rtstream and channel with an AI pipeline, and the SDK object that reads it back."""
-        names = {str(s.rts.id): s.name for s in self.streams}
-        kinds = {str(s.rts.id): s.kind for s in self.streams}
-        out = [Target(str(s.rts.id), s.name, "transcript", s.rts)
+        names = {s.id: s.name for s in self.streams}
+        kinds = {s.id: s.kind for s in self.streams}
+        out = [Target(s.id, s.name, "transcript", s.rts(self.conn))
                for s in self.streams if s.kind == "audio" and self.spec.transcript]
         current = [(k, i) for k, idx in self._indexes.items() for i in idx]
         for kind, index in current + self.retired:

@@ -348,7 +348,7 @@ class CaptureSessionController(Controller):
             rts = data.get("rtstreams")
             gap = True if self._resumed else None  # after a crash: backfill what the dead process missed
             if rts:
-                self._spawn_rebind(streams_from_event(self._conn, rts, self.settings.collection_id),
+                self._spawn_rebind(streams_from_event(rts, self.settings.collection_id),
                                    backfill_gap=gap, hold=bool(gap))
             elif session is not None and getattr(session, "rtstreams", None):
                 self._spawn_rebind(streams_from_session(session), backfill_gap=gap, hold=bool(gap))

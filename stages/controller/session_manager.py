@@ -19,6 +19,7 @@ import os
 import time
 from collections import OrderedDict
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -34,6 +35,7 @@ from stages.controller.ai_pipelines import (
     OnActive,
     Stream,
     media_kind,
+    of_sdk,
     streams_from_event,
     usable_id,
 )
@@ -54,6 +56,9 @@ _COUNTED: Final = frozenset({"transcript", "visual_index", "scene_index", "audio
 _BIND_CONCURRENCY: Final = 8  # re-binds after a reconnect, at once (each is a few SDK calls in a thread)
 FORGOTTEN_KEYS: Final = 65536  # Idempotency-Keys of sessions beyond max_sessions, answered from their files
 CHECKPOINT_FILE: Final = "backfill_from.checkpoint"  # where a restart's backfill starts, for every session
+#: a record's `media_types` per stream kind: shared tuples (saved as JSON lists), so the many sessions' rtstream
+#: entries hold nothing the garbage collector has to walk
+_MEDIA_TYPES: Final[dict[str | None, tuple[str, ...]]] = {"audio": ("audio",), "video": ("video",), None: ()}
 CHECKPOINT_EVERY: Final = 2.0  # seconds (> the sinks' flush interval; saved one period behind)
 
 
@@ -307,8 +312,8 @@ class SessionManager:
             pipes.bound_to = None
         for st in streams:
             if st.kind == "audio" and s.on_active.transcript and (pipes is not None or s.lifecycle.state == "active"):
-                await self._quiet(f"stop_transcript({st.name})", st.rts.stop_transcript, failed)
-            await self._quiet(f"stop rtstream {st.name}", st.rts.stop, failed)
+                await self._quiet(f"stop_transcript({st.name})", st.rts(self.conn).stop_transcript, failed)
+            await self._quiet(f"stop rtstream {st.name}", st.rts(self.conn).stop, failed)
         log.info("%s: capture session %s stopped through the API (%d rtstreams%s)", self.who, s.id, len(streams),
                  f", {len(failed)} call(s) failed" if failed else "")
         if bool(failed) != bool(s.record.get("stop_incomplete")):
@@ -402,7 +407,7 @@ class SessionManager:
         if status == "active":
             rts = (event_data or {}).get("rtstreams")
             if rts:
-                streams = streams_from_event(self.conn, rts, self.settings.collection_id)
+                streams = streams_from_event(rts, self.settings.collection_id)
             elif session is not None and getattr(session, "rtstreams", None):
                 streams = _streams_of(session)
             else:
@@ -449,8 +454,8 @@ class SessionManager:
 
     def _learn_streams(self, s: ManagedSession, streams: list[Stream]) -> None:
         self._unindex_streams(s)  # the lookup holds exactly the ids its record lists (eviction reads them there)
-        s.remember_streams([{"rtstream_id": st.rts.id, "name": st.name,
-                             "media_types": [st.kind] if st.kind else []} for st in streams])
+        s.remember_streams([{"rtstream_id": st.id, "name": st.name, "media_types": _MEDIA_TYPES[st.kind]}
+                            for st in streams])
         self._index_streams(s)
 
     def _index_streams(self, s: ManagedSession) -> None:
@@ -513,7 +518,7 @@ class SessionManager:
             s.pipelines = AIPipelines(self.conn, s.on_active, f"{self.who} {s.id}", self.settings.api_key,
                                       self.opts.callback_url)
             s.pipelines.adopt_indexes(self.conn, s.record.get("indexes"))  # a crashed run's: stopped once replaced
-            s.pipelines.on_index = lambda ids: self._save_indexes(s, ids)
+            s.pipelines.on_index = partial(_save_indexes, self.store, s)  # no closure cells, no bound method
         pipes = s.pipelines
         pipes.streams = streams
         self._learn_streams(s, streams)
@@ -524,11 +529,6 @@ class SessionManager:
         if pipes.bound_to:
             s.record["ws_connection_id"] = pipes.bound_to
             s.record["indexes"] = pipes.index_ids()
-        self.store.save(s.record)
-
-    def _save_indexes(self, s: ManagedSession, ids: list[dict[str, str]]) -> None:
-        """A bind created an index: saved at once with those it has not stopped yet (a crash may come next)."""
-        s.record["indexes"] = ids
         self.store.save(s.record)
 
     async def _on_connection(self, conn_id: str) -> None:
@@ -624,8 +624,14 @@ def _streams_of(session: Any) -> list[Stream]:
         if not usable_id(getattr(r, "id", None)):
             continue
         kind = media_kind(getattr(r, "media_types", None), getattr(r, "channel_id", None), getattr(r, "name", None))
-        out.append(Stream(r, str(getattr(r, "name", None) or r.id), kind))
+        out.append(of_sdk(r, kind))
     return out
+
+
+def _save_indexes(store: SessionStore, s: ManagedSession, ids: list[dict[str, str]]) -> None:
+    """A bind created an index: saved at once with those it has not stopped yet (a crash may come next)."""
+    s.record["indexes"] = ids
+    store.save(s.record)
 
 
 def _backfill_marks(s: ManagedSession) -> dict[str, int]:

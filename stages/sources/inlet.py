@@ -15,6 +15,8 @@ and cooldowns see events in order). A hold lasts at most `HOLD_MAX` seconds.
 
 from __future__ import annotations
 
+import math
+import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -35,6 +37,8 @@ HOLD_MAX: Final = 10.0  # seconds live events may wait for a backfill before the
 
 Key = tuple[str, str]  # (rtstream_id, channel)
 _NUMBER: Final = (int, float)
+_ENTRY: Final = struct.Struct("=qd")  # a key's hash and its data.start (NaN: not a number)
+_SIZE: Final = _ENTRY.size
 
 
 def _channel(ch: str) -> str:
@@ -42,15 +46,26 @@ def _channel(ch: str) -> str:
 
 
 class _Seen:
-    __slots__ = ("keys", "last", "order", "starts", "used")
+    """One channel's keys in arrival order, packed in a bytearray (key hash, start) from `head` on: the
+    garbage collector neither tracks nor walks it (4 channels a capture session, many thousand sessions)."""
+
+    __slots__ = ("head", "keys", "last", "order", "used")
 
     def __init__(self) -> None:
         self.last: int | None = None
         self.used = 0  # the admit() call that last added a key (which channels went quiet longest)
         # hash((start, text)) -> arrived by backfill; a hash, so no event text is kept alive (many sessions)
         self.keys: dict[int, bool] = {}
-        self.order: deque[int] = deque()
-        self.starts: deque[Any] = deque()  # data.start of each key in `order`
+        self.order = bytearray()  # _ENTRY per key, oldest first; start NaN when not a number
+        self.head = 0  # where the oldest key still kept starts in `order`
+
+    def __len__(self) -> int:
+        """Keys in `order` (as many as in `keys`)."""
+        return (len(self.order) - self.head) // _SIZE
+
+    def clear(self) -> None:
+        self.keys.clear()
+        self.order, self.head = bytearray(), 0
 
 
 class Inlet:
@@ -84,6 +99,7 @@ class Inlet:
         self._calls += 1
         call = self._calls
         held = self.keys_held
+        pack, unpack = _ENTRY.pack, _ENTRY.unpack_from
         for i, event in enumerate(batch):
             ch = event.get("channel")
             data = event.get("data")
@@ -112,21 +128,34 @@ class Inlet:
             if out is not batch:
                 out.append(event)
             if before is None and hashable:
-                seen.keys[k] = by_backfill
-                seen.order.append(k)
-                seen.starts.append(start)
+                at = math.nan  # start as a float (event times are well within its exact range), NaN if not a number
+                if type(start) in _NUMBER:
+                    try:
+                        at = float(start)
+                    except OverflowError:
+                        pass
+                keys, order, head = seen.keys, seen.order, seen.head
+                keys[k] = by_backfill
+                order += pack(k, at)
                 seen.used = call
                 held += 1
-                if len(seen.order) > KEEP_KEYS:
-                    del seen.keys[seen.order.popleft()]
-                    seen.starts.popleft()
+                if len(keys) > KEEP_KEYS:
+                    del keys[unpack(order, head)[0]]
+                    head += _SIZE
                     held -= 1
-                if type(start) in _NUMBER:  # a backfill overlaps live events by seconds: older keys go
-                    starts, cutoff = seen.starts, start - KEEP_MS
-                    while type(starts[0]) in _NUMBER and starts[0] < cutoff:
-                        starts.popleft()
-                        del seen.keys[seen.order.popleft()]
+                if at == at:  # a number: a backfill overlaps live events by seconds, older keys go
+                    cutoff = at - KEEP_MS
+                    old, old_start = unpack(order, head)
+                    while old_start < cutoff:  # a NaN start (not a number) compares False: stops there
+                        del keys[old]
+                        head += _SIZE
                         held -= 1
+                        old, old_start = unpack(order, head)
+                if head != seen.head:  # keys dropped: compact the buffer once half of it is gone
+                    if head >= 1024 and 2 * head >= len(order):
+                        del order[:head]
+                        head = 0
+                    seen.head = head
             if type(start) in _NUMBER and (seen.last is None or start > seen.last):
                 seen.last = int(start)
             if by_backfill:
@@ -156,9 +185,7 @@ class Inlet:
                 return
             if seen.keys:
                 self.keys_held -= len(seen.keys)
-                seen.keys.clear()
-                seen.order.clear()
-                seen.starts.clear()
+                seen.clear()
 
     def mark_gap(self, pending: Iterable[Event] = ()) -> None:
         """The connection dropped: remember, per channel, the last event time before the gap.
