@@ -20,6 +20,7 @@ from aiohttp import web
 from pipeline import sdk_threads, videodb_sdk
 from pipeline.emulator import Emulator
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
+from tests.test_controller_hostile import emu as emu  # the shared fixture: an emulator, no scenario
 
 _BODY = b'{"success": true, "data": {"id": "cap-slow", "status": "active"}}'
 
@@ -66,14 +67,6 @@ async def trickle() -> AsyncIterator[Trickle]:
         while t.answered < t.requests:
             await asyncio.sleep(0.02)
     await runner.cleanup()
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[Emulator]:
-    e = Emulator(speed=0, autostart=False)
-    await e.start()
-    yield e
-    await e.stop()
 
 
 def sdk(url: str) -> object:
