@@ -119,16 +119,21 @@ def test_a_failed_flush_keeps_the_changes_for_the_next_one(tmp_path: Path, caplo
     assert dict(SqliteStateStore(tmp_path).get("m")) == {"a": 1}
 
 
+
+def run_on_state_dir(tmp_path: Path, st: Path) -> subprocess.CompletedProcess[str]:
+    """`pipeline run` of a websocket -> jsonl config whose state_dir is `st` (nothing listens on the URL)."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"name: p\nstate_dir: {st}\n"
+                   f"source: {{type: websocket, url: 'ws://127.0.0.1:9/'}}\n"
+                   f"sinks: [{{type: jsonl, path: {tmp_path}/o.jsonl}}]\n")
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PIPELINE_LOG_LEVEL": "error"})
+
 def test_state_dir_symlink_is_one_line_error_from_pipeline_run(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     (tmp_path / "st").symlink_to(tmp_path / "real")
     (tmp_path / "in.jsonl").write_text("")
-    cfg = tmp_path / "p.yaml"
-    cfg.write_text(f"name: p\nstate_dir: {tmp_path}/st\n"
-                   f"source: {{type: websocket, url: 'ws://127.0.0.1:9/'}}\n"
-                   f"sinks: [{{type: jsonl, path: {tmp_path}/o.jsonl}}]\n")
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "PIPELINE_LOG_LEVEL": "error"})
+    res = run_on_state_dir(tmp_path, tmp_path / "st")
     assert res.returncode != 0 and "Traceback" not in res.stderr
     errors = [x for x in res.stderr.splitlines() if x.startswith("pipeline: ")]
     assert len(errors) == 1 and "st: refusing a symlinked directory" in errors[0]
@@ -204,12 +209,7 @@ def test_a_fifo_as_the_lock_file_is_one_error_line_from_pipeline_run(tmp_path: P
     st = tmp_path / "st"
     st.mkdir(mode=0o700)
     os.mkfifo(st / "lock")
-    cfg = tmp_path / "p.yaml"
-    cfg.write_text(f"name: p\nstate_dir: {st}\n"
-                   f"source: {{type: websocket, url: 'ws://127.0.0.1:9/'}}\n"
-                   f"sinks: [{{type: jsonl, path: {tmp_path}/o.jsonl}}]\n")
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "PIPELINE_LOG_LEVEL": "error"})
+    res = run_on_state_dir(tmp_path, st)
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
     errors = [x for x in res.stderr.splitlines() if x.startswith("pipeline: ")]
     assert len(errors) == 1 and "st/lock: cannot use as the state lock: not a regular file" in errors[0], errors
