@@ -96,6 +96,15 @@ def iso_ts(unix: float) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+def iso_seconds(value: Any) -> float | None:
+    """The Unix time of an `iso_ts` string (a saved record's `created_at`, `expires_at`, `stopped_at`); None when
+    it is not one."""
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
 def stamp(event: Event, now: float | None = None) -> Event:
     """Add `ts`/`unix_ts` receipt stamps unless the event already has them."""
     if "unix_ts" not in event:

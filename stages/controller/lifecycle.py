@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import Any, Final
+
+from pipeline.events import iso_seconds
 
 log = logging.getLogger("pipeline.controller.capture_session")
 
@@ -117,8 +118,7 @@ async def ended_unstored(lifecycle: Lifecycle, record: dict[str, Any], session: 
 def export_wait(stopped_at: str | None, timeout: float, now: float) -> float:
     """What is left of `export_timeout` since the session stopped (a restart does not start it again); the
     whole of it when that time is unknown or in the future (the clock was set back)."""
-    try:
-        began = datetime.fromisoformat(str(stopped_at).replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    began = iso_seconds(stopped_at)
+    if began is None or began > now:
         return timeout
-    return timeout if began > now else max(0.0, timeout - (now - began))
+    return max(0.0, timeout - (now - began))

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
 
+from pipeline.events import iso_seconds
 from stages.controller.session_store import MAX_RECORD_BYTES, read_regular, wrong_key
 
 log = logging.getLogger("pipeline.controller.capture_session")
@@ -92,8 +92,7 @@ def reusable_token(record: dict[str, Any] | None) -> str | None:
     """The saved client token, if it is still valid for a while (the desktop client may be using it)."""
     if not record or not isinstance(record.get("client_token"), str):
         return None
-    try:
-        expires = datetime.fromisoformat(str(record.get("expires_at")).replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    expires = iso_seconds(record.get("expires_at"))
+    if expires is None:
         return None
     return record["client_token"] if expires - time.time() > _TOKEN_MARGIN else None

@@ -18,7 +18,6 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -27,7 +26,7 @@ import orjson
 
 from pipeline import secrets
 from pipeline.api import Batch, Event
-from pipeline.events import iso_ts, lifecycle_status
+from pipeline.events import iso_seconds, iso_ts, lifecycle_status
 from pipeline.videodb_sdk import VideoDBCallError, call, client_token
 from stages.controller.ai_pipelines import (
     MAX_STREAMS,
@@ -636,11 +635,10 @@ def _save_indexes(store: SessionStore, s: ManagedSession, ids: list[dict[str, st
 
 def _backfill_marks(s: ManagedSession) -> dict[str, int]:
     """For each channel the session's AI pipelines produce: backfill from the session's creation."""
-    try:
-        created = datetime.fromisoformat(str(s.record.get("created_at")).replace("Z", "+00:00"))
-    except ValueError:
+    created = iso_seconds(s.record.get("created_at"))
+    if created is None:
         return {}
-    ms = int(created.timestamp() * 1000)
+    ms = int(created * 1000)
     spec = s.on_active
     out = {}
     for r in s.record.get("rtstreams") or []:

@@ -13,13 +13,13 @@ import os
 import re
 import stat
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
 
 from pipeline.errors import StageError
+from pipeline.events import iso_seconds
 from pipeline.files import ensure_private_dir, write_private_text
 
 log = logging.getLogger("pipeline.controller.sessions")
@@ -118,18 +118,10 @@ class SessionStore:
             except (OSError, ValueError):
                 continue  # unreadable: left for a person to see, as when a retry reads it
             if isinstance(intent, dict) and _expired(intent, wall):
-                try:
-                    os.unlink(p)
-                except OSError as exc:
-                    log.error("sessions: cannot remove %s: %s", p, exc)
+                _remove(p)
 
     def drop_intent(self, key: str) -> None:
-        try:
-            os.unlink(self.intent_path(key))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.error("sessions: cannot remove %s: %s", self.intent_path(key), exc)
+        _remove(self.intent_path(key))
 
     def load_all(self) -> list[dict[str, Any]]:
         """Every readable record, oldest created first (so the newest are the ones kept in memory); unreadable
@@ -147,14 +139,8 @@ class SessionStore:
 
     def drop(self, session_id: str) -> None:
         """Remove a finished session's record (nothing will ask for it again); a failure is logged."""
-        if not safe_id(session_id):
-            return
-        try:
-            os.unlink(self.path(session_id))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.error("sessions: cannot remove %s: %s", self.path(session_id), exc)
+        if safe_id(session_id):
+            _remove(self.path(session_id))
 
     def load(self, session_id: str) -> dict[str, Any] | None:
         """One saved record, or None (no such file, or unreadable: logged)."""
@@ -183,12 +169,20 @@ class SessionStore:
                     pass
 
 
+def _remove(path: Path) -> None:
+    """Remove a record or intent file; one already gone is fine, another failure is logged."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("sessions: cannot remove %s: %s", path, exc)
+
+
 def _expired(intent: dict[str, Any], now: float) -> bool:
     """Has the client token an intent noted expired? (Without a readable `expires_at`: no.)"""
-    try:
-        return datetime.fromisoformat(str(intent.get("expires_at")).replace("Z", "+00:00")).timestamp() < now
-    except ValueError:
-        return False
+    expires = iso_seconds(intent.get("expires_at"))
+    return expires is not None and expires < now
 
 
 def read_regular(p: Path, limit: int) -> bytes:
