@@ -22,7 +22,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from pipeline.videodb_sdk import VideoDBCallError
-from stages.controller.lifecycle import TERMINAL, stored
+from stages.controller.lifecycle import TERMINAL, reported_status, stored
 from stages.controller.silent_check import CONCURRENCY, MISSING_TWICE
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class Shelf:
             return
         if sid in self.ids:
             self.ids[sid] = 0
-        status = getattr(session, "status", None)
+        status = reported_status(session)
         if status == "failed":
             self._ended(sid, status, {"status": status, "error": "reported by get_capture_session"})
         elif status in TERMINAL:
