@@ -173,7 +173,11 @@ class SqliteStateStore(StateStore):
         if not self.dirty:
             return
         if not self._still_there():
-            self._recreate()
+            try:
+                self._recreate()
+            except StageError as exc:  # `rm -rf` of state_dir still under way, say: the next flush tries again
+                self._failed(str(exc))
+                return
         upserts: list[tuple[str, str, bytes]] = []
         deletes: list[tuple[str, str]] = []
         for name, m in self._tracked.items():
@@ -198,9 +202,7 @@ class SqliteStateStore(StateStore):
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
-            if str(exc) != self._last_error:
-                self._last_error = str(exc)
-                log.error("%s: cannot save rule/enrich state (%s); retrying after the next batch", self.path, exc)
+            self._failed(str(exc))
             return
         self._last_error = ""
         self._rewrite = False
@@ -208,6 +210,12 @@ class SqliteStateStore(StateStore):
         self.rows_written += len(upserts) + len(deletes)
         for m in self._tracked.values():
             m.changed.clear()
+
+    def _failed(self, why: str) -> None:
+        """A flush that could not write: its keys stay changed for the next one; said once per cause."""
+        if why != self._last_error:
+            self._last_error = why
+            log.error("%s: cannot save rule/enrich state (%s); retrying after the next batch", self.path, why)
 
     def _still_there(self) -> bool:
         """Does `state.db` still name the file we write (not deleted, not replaced, its directory not removed)?"""
