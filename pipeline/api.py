@@ -26,7 +26,7 @@ from pipeline.deadletter import DeadLetter
 from pipeline.events import Batch, Event
 from pipeline.session import SessionLink
 from pipeline.stats import StageStats
-from pipeline.types import ByteSize
+from pipeline.types import ByteSize, Duration
 
 __all__ = ["Batch", "BufferOptions", "Context", "Controller", "Event", "Options", "Processor", "Sink", "SinkOptions",
            "Source", "Stage"]
@@ -59,6 +59,9 @@ class SinkOptions(Options):
 
     channels: list[str] | None = None
     buffer: BufferOptions = Field(default_factory=BufferOptions)
+    start_timeout: Duration | None = Field(default=None, gt=0, le=3600, description=(
+        "longest start() may take (connecting to a broker, ...): a run fails with one line after it, a reload "
+        "keeps the sink's previous options; unset = 30s"))
 
 
 class StateStore:

@@ -80,8 +80,8 @@ def test_every_stage_option_is_documented_in_its_section(kind_type: tuple[str, s
     assert set(SECTIONS) == {(k, t) for k, types_ in BUILTINS.items() for t in types_}, "a stage type without a section"
     cls = import_path(BUILTINS[kind][type_name])
     text = "".join(section(a, b) for a, b in SECTIONS[kind_type])
-    missing = [n for n in option_names(cls.Options)
-               if not documented(n, section(*BUFFER) if n.split(".")[0] == "buffer" else text)]
+    shared = {"buffer": section(*BUFFER), "start_timeout": section(*CONFIG_REFERENCE)}  # every sink's
+    missing = [n for n in option_names(cls.Options) if not documented(n, shared.get(n.split(".")[0], text))]
     assert not missing, f"{kind} {type_name}: options not in its README section: {missing}"
 
 

@@ -37,6 +37,7 @@ from pipeline.runtime.faust_ingest import app_id, create_ingest_topic, ingest_to
 from pipeline.runtime.faust_latency import transport_class
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
 from pipeline.runtime.faust_stop import DrainClock, close_limit, give_up
+from pipeline.runtime.sink_start import start_within
 from pipeline.types import parse_duration
 
 log = logging.getLogger("pipeline.runtime.faust")
@@ -191,7 +192,9 @@ class Worker:
             self._started = True
             self.built.dead_letter.check()
             for slot in self.built.sinks:
-                await slot.sink.start()
+                why = await start_within(slot.sink)
+                if why is not None:
+                    raise StageError(f"{slot.stats.name}: {why} (the sink's `start_timeout` option sets the wait)")
             self.sinks_started = True
 
     async def handle(self, events: list[Any]) -> None:

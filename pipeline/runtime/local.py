@@ -35,6 +35,7 @@ from pipeline.runtime.buffers import (
     spool_root,
 )
 from pipeline.runtime.reload import Reloader
+from pipeline.runtime.sink_start import start_within
 from pipeline.state.spool import Damage, undelivered_bytes
 from pipeline.stats import LAG_BUCKETS, LATENCY_BUCKETS, Histogram
 
@@ -61,6 +62,7 @@ class LocalRuntime:
         self.error: PipelineError | None = None
         self.exit_code = 0
         self._stopping = False
+        self._stop_requested = asyncio.Event()  # set with _stopping: a sink still starting gives way
         self.reloader: Reloader | None = None  # set by the runner for `run` (SIGHUP, --watch)
         self.gate = asyncio.Event()  # cleared while a reload swaps sinks: ingest waits between two batches
         self.gate.set()
@@ -99,6 +101,7 @@ class LocalRuntime:
     async def stop(self) -> None:
         if not self._stopping:
             self._stopping = True
+            self._stop_requested.set()
             self._start_drain_clock()
             await self.b.source.stop()
 
@@ -342,20 +345,8 @@ class LocalRuntime:
         try:
             b.dead_letter.check()  # unwritable: fail now, not at the first reject (which would cost its batch)
             self._open_spools()
-            for slot in b.sinks:
-                await slot.sink.start()
-                started.append(slot)
-            self.sinks_started = True
-            drains = [asyncio.create_task(self._drain(i, s), name=s.stats.name) for i, s in enumerate(b.sinks)]
-            if b.controller is not None:
-                helpers.append(asyncio.create_task(b.controller.start(), name="controller"))
-            helpers.append(asyncio.create_task(self._watch_exit(), name="exit-watch"))
-            helpers.append(asyncio.create_task(self._commit_loop(), name="commit"))
-            if self.reloader is not None:
-                helpers.append(asyncio.create_task(self.reloader.run(), name="reload"))
-            ingest = asyncio.create_task(self._ingest(), name="ingest")
-            self._ingest_task = ingest
-            await self._supervise(ingest, drains, helpers)
+            if await self._start_sinks(started):
+                await self._serve(helpers)
         except PipelineError as exc:
             self.error = exc
         finally:
@@ -373,6 +364,34 @@ class LocalRuntime:
         if self.error is not None:
             return self.error.exit_code
         return b.session.exit_code or 0
+
+    async def _start_sinks(self, started: list[SinkSlot]) -> bool:
+        """Start every sink, each within its start timeout; False when a signal came first (nothing was read,
+        so there is nothing to flush)."""
+        for slot in self.b.sinks:
+            why = await start_within(slot.sink, self._stop_requested)
+            if why is not None:
+                if self._stopping:
+                    return False
+                raise StageError(f"{slot.stats.name}: {why}; nothing was read (the sink's `start_timeout` "
+                                 f"option sets the wait)")
+            started.append(slot)
+        self.sinks_started = True
+        return True
+
+    async def _serve(self, helpers: list[asyncio.Task[Any]]) -> None:
+        """Run the sinks' feeds, the controller and the helpers, and ingest until the source ends."""
+        b = self.b
+        drains = [asyncio.create_task(self._drain(i, s), name=s.stats.name) for i, s in enumerate(b.sinks)]
+        if b.controller is not None:
+            helpers.append(asyncio.create_task(b.controller.start(), name="controller"))
+        helpers.append(asyncio.create_task(self._watch_exit(), name="exit-watch"))
+        helpers.append(asyncio.create_task(self._commit_loop(), name="commit"))
+        if self.reloader is not None:
+            helpers.append(asyncio.create_task(self.reloader.run(), name="reload"))
+        ingest = asyncio.create_task(self._ingest(), name="ingest")
+        self._ingest_task = ingest
+        await self._supervise(ingest, drains, helpers)
 
     def _open_spools(self) -> None:
         """Open disk buffers before any sink starts: what an earlier run left is delivered first."""

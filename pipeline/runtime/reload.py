@@ -8,8 +8,8 @@ reload, is flushed and closed, then the new one starts. Rule state (cooldowns,
 windows) is kept for rules whose name and matching are unchanged. Changes to the
 name, source, controller, `videodb`, `runtime`, `dead_letter`, the number of sinks or a
 sink's `buffer` need a restart: they are logged and not applied. A re-created sink that does not start
-within its `start_timeout` (SINK_START_TIMEOUT without one) gets its previous options back, and the
-reload counts as rejected.
+within its `start_timeout` (ingest waits meanwhile) gets its previous options back, and the reload counts as
+rejected.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pipeline.errors import ConfigError, StageError
 from pipeline.events import channel_set
 from pipeline.logs import stage_log
 from pipeline.runtime import reload_windows
+from pipeline.runtime.sink_start import start_within
 from pipeline.stats import StageStats
 
 if TYPE_CHECKING:
@@ -42,9 +43,6 @@ WATCH_INTERVAL = 1.0
 #: a changed file is read again after this long, until two reads agree: a file written in several steps
 #: (`cat part1 part2 > p.yaml`, an editor that truncates first) is reloaded once, whole, not half-written
 WATCH_SETTLE = 0.3
-#: how long a sink re-created by a reload may take to start (a sink's own `start_timeout` option wins): ingest
-#: waits meanwhile, so a start that hangs (a broker that does not answer) must not hold it for ever
-SINK_START_TIMEOUT = 30.0
 
 
 def _same(a: StageSpec | None, b: StageSpec | None) -> bool:
@@ -342,31 +340,12 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> str | None:
     return why
 
 
-def _start_timeout(sink: Sink) -> float:
-    return float(getattr(sink.options, "start_timeout", None) or SINK_START_TIMEOUT)
-
-
 async def _start(sink: Sink) -> str | None:
-    """Start `sink` within its start timeout; None when it runs, else why not. A start that ignores being
-    cancelled is left behind (a reload waits for it no longer) and the half-started sink closed, both bounded."""
-    from pipeline.runtime.local import CLOSE_GRACE
-
-    limit = _start_timeout(sink)
-    task = asyncio.ensure_future(sink.start())
-    done, _ = await asyncio.wait({task}, timeout=limit)
-    if task in done:
-        if task.cancelled():
-            return "start() was cancelled"
-        exc = task.exception()
-        return None if exc is None else (str(exc) or type(exc).__name__)
-    task.cancel()
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (never "exception was never retrieved")
-    closing = asyncio.ensure_future(sink.close())
-    closing.add_done_callback(lambda t: t.cancelled() or t.exception())
-    await asyncio.wait({closing}, timeout=CLOSE_GRACE)
-    if not closing.done():
-        closing.cancel()
-    return f"start() did not finish within {limit:g}s"
+    """Start `sink` within its start timeout; None when it runs, else why not (a raised error's text)."""
+    try:
+        return await start_within(sink)
+    except Exception as exc:
+        return str(exc) or type(exc).__name__
 
 
 def _keep_buffers(old: PipelineConfig, new: PipelineConfig, skipped: list[str]) -> PipelineConfig:

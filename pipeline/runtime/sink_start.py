@@ -1,0 +1,56 @@
+"""Starting a sink within a bound: at run start, at a worker's start and when a reload re-creates it.
+
+Why: a sink's start() may connect to a peer (a Kafka broker, a plugin's service) that never answers. Awaited
+bare, that held the run before it read anything, deaf to SIGTERM, with no line saying why. Each start now has
+the sink's own `start_timeout` option, or SINK_START_TIMEOUT, and gives way to a stop request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pipeline.api import Sink
+
+#: how long a sink may take to start (a sink's own `start_timeout` option wins): a run waits this long before
+#: it fails, a reload before it keeps the previous options
+SINK_START_TIMEOUT = 30.0
+#: close() of a sink whose start was abandoned gets this long
+ABANDON_GRACE = 2.0
+
+
+def start_timeout(sink: Sink) -> float:
+    """The sink's `start_timeout` option when it has one, else SINK_START_TIMEOUT (seconds)."""
+    return float(getattr(sink.options, "start_timeout", None) or SINK_START_TIMEOUT)
+
+
+async def start_within(sink: Sink, stop: asyncio.Event | None = None) -> str | None:
+    """Start `sink`: None once it runs; why not when it did not finish within its start timeout or `stop` was
+    set first. An exception start() raises is raised here. An abandoned start is cancelled (one that ignores
+    that is left behind) and the half-started sink closed, both bounded."""
+    limit = start_timeout(sink)
+    task = asyncio.ensure_future(sink.start())
+    waits: set[asyncio.Future[Any]] = {task}
+    stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    if stopped is not None:
+        waits.add(stopped)
+    try:
+        await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if stopped is not None:
+            stopped.cancel()
+    if task.done():
+        if task.cancelled():
+            return "start() was cancelled"
+        task.result()
+        return None
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (never "exception was never retrieved")
+    closing = asyncio.ensure_future(sink.close())
+    closing.add_done_callback(lambda t: t.cancelled() or t.exception())
+    await asyncio.wait({closing}, timeout=ABANDON_GRACE)
+    if not closing.done():
+        closing.cancel()
+    if stop is not None and stop.is_set():
+        return "stopped while starting"
+    return f"start() did not finish within {limit:g}s"
