@@ -50,6 +50,7 @@ class GatedSink(SlowSink):
 class StartOptions(SlowOptions):
     hang_start: bool = False
     fail_start: bool = False
+    refuse_start: bool = False  # start() raises the OSError a refused connect gives
     start_timeout: float | None = None
 
 
@@ -67,6 +68,8 @@ class HangingStartSink(SlowSink):
             from pipeline.errors import StageError
 
             raise StageError("broker refused the connection")
+        if self.options.refuse_start:
+            raise ConnectionRefusedError(111, "Connect call failed ('10.0.0.1', 9092)")
         await super().start()
 
 

@@ -369,7 +369,12 @@ class LocalRuntime:
         """Start every sink, each within its start timeout; False when a signal came first (nothing was read,
         so there is nothing to flush)."""
         for slot in self.b.sinks:
-            why = await start_within(slot.sink, self._stop_requested)
+            try:
+                why = await start_within(slot.sink, self._stop_requested)
+            except PipelineError:
+                raise
+            except Exception as exc:  # a plugin's connect error: say which sink, not "cannot write its output"
+                raise StageError(f"{slot.stats.name}: start() failed: {exc or type(exc).__name__}") from None
             if why is not None:
                 if self._stopping:
                     return False

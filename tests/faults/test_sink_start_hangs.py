@@ -25,14 +25,14 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 pytestmark = pytest.mark.timeout(40)
 
 
-def start(tmp_path: Path, hanging: str) -> subprocess.Popen[bytes]:
+def start(tmp_path: Path, hanging: str = "", second: str = "hang_start: true") -> subprocess.Popen[bytes]:
     (tmp_path / "p.yaml").write_text(f"""
 name: start-hangs
 source: {{type: "tests.slow_sink:TickSource", every: 0.01}}
 runtime: {{status_interval: 0}}
 sinks:
   - {{type: "tests.slow_sink:SlowSink", path: {tmp_path}/first.txt, delay: 0}}
-  - {{type: "tests.slow_sink:HangingStartSink", path: {tmp_path}/seen.txt, delay: 0, hang_start: true{hanging}}}
+  - {{type: "tests.slow_sink:HangingStartSink", path: {tmp_path}/seen.txt, delay: 0, {second}{hanging}}}
 dead_letter: {tmp_path}/dead.jsonl
 """)
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "p.yaml")], cwd=tmp_path,
@@ -69,3 +69,16 @@ def test_a_signal_while_a_sink_starts_ends_the_run_at_once(tmp_path: Path) -> No
     stderr = err.decode()
     assert proc.returncode == 0 and "Traceback" not in stderr, stderr
     assert took < 5, took
+
+
+def test_a_sink_whose_start_raises_is_named_in_the_error(tmp_path: Path) -> None:
+    proc = start(tmp_path, second="refuse_start: true")
+    try:
+        _, err = proc.communicate(timeout=15)
+    finally:
+        stop_process(proc)
+    stderr = err.decode()
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    # before: "pipeline: cannot write its output: [Errno 111] ...", as if a file could not be written
+    assert "pipeline: sinks[1]:tests.slow_sink:HangingStartSink: start() failed: [Errno 111] Connect call failed" \
+        in stderr, stderr
