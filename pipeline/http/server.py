@@ -21,6 +21,7 @@ from aiohttp import web
 
 from pipeline.channels import known_channels, unknown_channel
 from pipeline.http.metrics import exposition, registry_for
+from pipeline.http.peer_log import PeerErrorLogger
 from pipeline.http.tap import TapClient, TapError, TapHub
 from pipeline.http.view import View
 from pipeline.net import is_loopback
@@ -77,7 +78,8 @@ class OperatorServer:
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
-                                      handler_cancellation=True, keepalive_timeout=IDLE_TIMEOUT)
+                                      handler_cancellation=True, keepalive_timeout=IDLE_TIMEOUT,
+                                      logger=PeerErrorLogger())
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         try:
