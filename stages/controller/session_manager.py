@@ -276,6 +276,8 @@ class SessionManager:
         s.record["stop_incomplete"] = True  # until every call went through (a crash now: the restart stops it)
         self.store.save(s.record)
         async with s.lock:
+            if not s.record.get("stop_incomplete"):  # a stop sent meanwhile (a concurrent POST) went through
+                return s
             failed = await self._stop_streams(s)
         if failed:  # a rate limit first: it is why the client should wait before it sends the stop again
             first = next((exc for exc in failed if exc.status == 429), failed[0])

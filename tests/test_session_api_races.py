@@ -1,0 +1,49 @@
+"""The session API under requests that race each other: real SDK against the emulator, real HTTP.
+
+Each test reproduces a defect found by sending requests at once that a backend (or its retries) can
+send at once; each failed before its fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.api import Context
+from pipeline.emulator import Emulator
+from tests.test_session_api import Live, hook, running
+from tests.test_session_api import emulator as emulator  # the shared fixture
+from tests.test_session_api_attacks import status_of
+
+
+def stop_calls(emu: Emulator) -> list[tuple[str, str]]:
+    """The stop calls VideoDB got (rtstreams, transcripts, indexes), in order."""
+    return [(c["method"], c["path"]) for c in list(emu.calls)
+            if isinstance(c.get("body"), dict) and c["body"].get("action") == "stop"]
+
+
+async def active_session(live: Live, emu: Emulator) -> str:
+    status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u"})
+    assert status == 201, body
+    sid: str = body["session_id"]
+    await hook(live, emu, f"sessions/{sid}/start")
+    assert (await status_of(live, sid, "active"))["status"] == "active"
+    await live.wait_for(lambda: (p := live.ctl.manager.sessions[sid].pipelines) is not None and bool(p.bound_to))
+    return sid
+
+
+async def test_concurrent_stops_send_each_stop_call_once(emulator: Emulator,
+                                                         make_context: Callable[..., Context]) -> None:
+    """Five POST /stop at once (a backend's retries, a double click): VideoDB gets each stop call once (before:
+    five times each, every request seeing the first one's stop still under way and sending them all again)."""
+    async with running(make_context, emulator) as live:
+        sid = await active_session(live, emulator)
+        answers: list[tuple[int, Any]] = await asyncio.gather(
+            *(live.call("POST", f"/v1/sessions/{sid}/stop") for _ in range(5)))
+        assert [status for status, _ in answers] == [202] * 5
+        assert all(view["stop_requested"] is True for _, view in answers)
+        calls = stop_calls(emulator)
+        assert len(calls) == len(set(calls)) > 0, calls
+        assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
+        assert stop_calls(emulator) == calls  # and a later one sends nothing
