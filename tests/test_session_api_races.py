@@ -47,3 +47,27 @@ async def test_concurrent_stops_send_each_stop_call_once(emulator: Emulator,
         assert len(calls) == len(set(calls)) > 0, calls
         assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
         assert stop_calls(emulator) == calls  # and a later one sends nothing
+
+
+async def test_a_token_made_while_the_session_is_stopped_is_not_handed_out(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """POST /token, and POST /stop while VideoDB makes that token: 409, as for a token asked after the stop (before:
+    200 with a fresh client token for the stopped session, saved in its record), and the token made is not kept
+    among the masked secrets (before, if the session ended meanwhile, it stayed masked for the rest of the run)."""
+    from pipeline import secrets
+
+    async with running(make_context, emulator) as live:
+        sid = await active_session(live, emulator)
+        emulator.fault("POST", "/capture/session/token", delay=0.5, times=1)
+        asked = len(emulator.api.client_tokens)
+        token = asyncio.create_task(live.call("POST", f"/v1/sessions/{sid}/token"))
+        await live.wait_for(lambda: len(emulator.api.client_tokens) > asked)  # made; its answer is on its way
+        assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
+        status, err = await token
+        assert status == 409 and err["error"].endswith(": no new token"), err  # stopped (or exported by now)
+        made = list(emulator.api.client_tokens)[-1]
+        assert live.ctl.manager.sessions[sid].record["client_token"] != made and not secrets.known(made)
+        waiting = (await live.call("POST", "/v1/sessions", json={"end_user_id": "v"}))[1]["session_id"]
+        assert (await live.call("POST", f"/v1/sessions/{waiting}/stop"))[0] == 202  # before it started
+        status, err = await live.call("POST", f"/v1/sessions/{waiting}/token")  # before: "is created: no new token"
+        assert status == 409 and err["error"].endswith("was stopped through the API: no new token"), err

@@ -332,13 +332,15 @@ class SessionManager:
 
     async def new_token(self, sid: str) -> ManagedSession:
         s = self.get(sid)
-        if not s.live:
-            raise ApiProblem(409, f"capture session {s.id} is {s.lifecycle.state or 'stopped'}: no new token")
+        _token_allowed(s)
         try:
             token = await client_token(self.who, self.conn, self.opts.client_token_expires_in,
                                        self.settings.api_key)
         except VideoDBCallError as exc:
             raise videodb_problem(exc) from None
+        if not s.live:  # stopped or ended while VideoDB made the token: nobody gets it (nor is it masked for ever)
+            secrets.forget(token)
+            _token_allowed(s)
         _forget_token(s)  # the one it replaces: each live session keeps one masked
         s.record["client_token"] = token
         s.record["expires_at"] = iso_ts(time.time() + self.opts.client_token_expires_in)
@@ -656,6 +658,14 @@ def _backfill_marks(s: ManagedSession) -> dict[str, int]:
 def fingerprint(body: dict[str, Any]) -> str:
     """A stable hash of a create request, to refuse an Idempotency-Key reused for another body."""
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _token_allowed(s: ManagedSession) -> None:
+    """409 for a session that has ended or was stopped through the API: it gets no new client token."""
+    if s.lifecycle.done:
+        raise ApiProblem(409, f"capture session {s.id} is {s.lifecycle.state}: no new token")
+    if not s.live:
+        raise ApiProblem(409, f"capture session {s.id} was stopped through the API: no new token")
 
 
 def _forget_token(s: ManagedSession) -> None:
