@@ -7,11 +7,16 @@ send at once; each failed before its fix.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import orjson
 
 from pipeline.api import Context
 from pipeline.emulator import Emulator
+from pipeline.events import iso_ts
 from tests.test_session_api import Live, hook, running
 from tests.test_session_api import emulator as emulator  # the shared fixture
 from tests.test_session_api_attacks import status_of
@@ -71,3 +76,26 @@ async def test_a_token_made_while_the_session_is_stopped_is_not_handed_out(
         assert (await live.call("POST", f"/v1/sessions/{waiting}/stop"))[0] == 202  # before it started
         status, err = await live.call("POST", f"/v1/sessions/{waiting}/token")  # before: "is created: no new token"
         assert status == 409 and err["error"].endswith("was stopped through the API: no new token"), err
+
+
+async def test_sessions_a_listing_leaves_out_are_asked_about_a_few_at_a_time(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """A restart with 300 saved sessions VideoDB no longer lists, each GET answered in 0.2 s: the checks of the
+    sessions two listings left out go 4 at a time, so a create meanwhile is answered at once (before: all 300 were
+    queued for the SDK's few worker threads together, and the create waited behind them, 10 s here; with
+    thousands of sessions, past the 60 s call deadline)."""
+    saved = tmp_path / "sessions"
+    saved.mkdir(mode=0o700)
+    for i in range(300):
+        (saved / f"cap-{i:06d}.json").write_bytes(orjson.dumps({
+            "session_id": f"cap-{i:06d}", "status": "created", "end_user_id": "u", "metadata": {},
+            "created_at": iso_ts(time.time() - 1000 + i)}))
+    emulator.fault("GET", "/capture/session/cap-", delay=0.2)
+    async with running(make_context, emulator) as live:
+        m = live.ctl.manager
+        await live.wait_for(lambda: max(m._unlisted.values(), default=0) >= 2)  # their checks are under way
+        began = time.monotonic()
+        status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "new"})
+        took = time.monotonic() - began
+        assert status == 201, body
+        assert took < 1.5, took

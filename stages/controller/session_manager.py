@@ -43,7 +43,7 @@ from stages.controller.session_create import ApiProblem, SessionCreator, videodb
 from stages.controller.session_store import SessionStore
 from stages.controller.sessions import ManagedSession
 from stages.controller.shelf import Shelf
-from stages.controller.silent_check import SilentCheck
+from stages.controller.silent_check import CONCURRENCY, SilentCheck
 from stages.controller.tasks import Background
 from stages.sources import backfill
 
@@ -85,6 +85,9 @@ class SessionManager:
         self._background = Background(self.who, self.stats, log)
         self._spawn = self._background.spawn
         self._bind_slots = asyncio.Semaphore(_BIND_CONCURRENCY)
+        #: get_capture_session calls of the background checks (silent sessions, the shelf, sessions the listing
+        #: left out), all together: the SDK's few worker threads stay free for the API's own calls
+        self.checking = asyncio.Semaphore(CONCURRENCY)
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: dict[str, str] = {}
         self._unlisted: dict[str, int] = {}  # session id -> listings in a row that left it out
@@ -604,7 +607,11 @@ class SessionManager:
 
     async def _end_if_gone(self, s: ManagedSession) -> None:
         try:
-            await self._sdk("get_capture_session", self.conn.get_capture_session, s.id, self.settings.collection_id)
+            async with self.checking:  # a listing can leave out thousands: one call each, not all at once
+                if s.lifecycle.done:
+                    return
+                await self._sdk("get_capture_session", self.conn.get_capture_session, s.id,
+                                self.settings.collection_id)
         except VideoDBCallError as exc:
             if exc.status == 404 and not s.lifecycle.done:
                 self._transition(s, "failed", error=f"capture session {s.id} no longer exists at VideoDB ({exc})")

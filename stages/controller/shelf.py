@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.videodb_sdk import VideoDBCallError
 from stages.controller.lifecycle import TERMINAL, reported_status, stored
-from stages.controller.silent_check import CONCURRENCY, MISSING_TWICE
+from stages.controller.silent_check import MISSING_TWICE
 
 if TYPE_CHECKING:
     from stages.controller.session_manager import SessionManager
@@ -51,13 +51,12 @@ class Shelf:
         """Ask about those asked longest ago; a call past its deadline ends the round, as the silent check's does
         (else 50 of them against a slow VideoDB took one deadline per 4: 13 minutes, holding 4 SDK threads)."""
         todo = list(itertools.islice(self.ids, self.m.silent.limit))
-        slots = asyncio.Semaphore(CONCURRENCY)
         slow: list[str] = []
         asked = 0
 
         async def one(sid: str) -> None:
             nonlocal asked
-            async with slots:
+            async with self.m.checking:
                 if slow or sid not in self.ids:
                     return
                 self.ids.move_to_end(sid)  # asked now: those not asked come first next time
