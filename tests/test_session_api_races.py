@@ -99,3 +99,26 @@ async def test_sessions_a_listing_leaves_out_are_asked_about_a_few_at_a_time(
         took = time.monotonic() - began
         assert status == 201, body
         assert took < 1.5, took
+
+
+
+async def test_a_retry_after_a_lost_create_never_takes_the_session_of_a_create_still_under_way(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """A keyed create that made nothing at VideoDB (503), retried while another create for the same end user and
+    metadata waits for VideoDB's answer (its session already made): the retry makes its own session (before: it
+    took the other create's session for the one it had lost, and both callers were handed that one session, two
+    desktop clients with two tokens for it)."""
+    body = {"end_user_id": "u", "metadata": {"plan": "pro"}}
+    create = "/collection/default/capture/session"
+    async with running(make_context, emulator) as live:
+        emulator.fault("POST", create, status=503, times=1)
+        status, err = await live.call("POST", "/v1/sessions", json=body, headers={"Idempotency-Key": "a"})
+        assert status == 502 and not emulator.registry.sessions, err
+        emulator.fault("POST", create, delay=1.0, times=1)  # made at once, answered a second later
+        other = asyncio.create_task(live.call("POST", "/v1/sessions", json=body, headers={"Idempotency-Key": "b"}))
+        await live.wait_for(lambda: len(emulator.registry.sessions) == 1)
+        status, retried = await live.call("POST", "/v1/sessions", json=body, headers={"Idempotency-Key": "a"})
+        status_b, made = await other
+        assert (status, status_b) == (201, 201), (retried, made)
+        assert retried["session_id"] != made["session_id"], retried
+        assert len(emulator.registry.sessions) == 2

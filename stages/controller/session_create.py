@@ -203,6 +203,8 @@ class SessionCreator:
         except VideoDBCallError as exc:  # cannot tell whether that session exists: do not make another
             self.m.stats.errors += 1
             raise videodb_problem(exc) from None
+        if self.at_videodb:  # a create under way may have made a listed session it has not kept yet: never take
+            await asyncio.wait(set(self.at_videodb))  # it for ours (both callers were handed that one session)
         found = lost_create.candidates(
             listed, intent.get("end_user_id"), intent.get("metadata"),
             lambda sid: sid in self.m.sessions or self.m.store.path(sid).exists())
