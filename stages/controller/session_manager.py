@@ -222,6 +222,9 @@ class SessionManager:
         key = record.get("idempotency_key")
         if isinstance(key, str):
             self.idempotency[key] = s.id
+        token = record.get("client_token")
+        if isinstance(token, str) and s.live:  # a restart's live sessions too: masked while the session lives
+            secrets.register(token)
         self._evict()
         return s
 
