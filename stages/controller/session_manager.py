@@ -85,8 +85,9 @@ class SessionManager:
         self._background = Background(self.who, self.stats, log)
         self._spawn = self._background.spawn
         self._bind_slots = asyncio.Semaphore(_BIND_CONCURRENCY)
-        #: get_capture_session calls of the background checks (silent sessions, the shelf, sessions the listing
-        #: left out), all together: the SDK's few worker threads stay free for the API's own calls
+        #: background SDK work at once, all kinds together (the checks of silent sessions, of the shelf and of
+        #: sessions the listing left out; the stops a restart sends again): the SDK's few worker threads stay
+        #: free for the API's own calls
         self.checking = asyncio.Semaphore(CONCURRENCY)
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: dict[str, str] = {}
@@ -132,7 +133,7 @@ class SessionManager:
             self._start_poll()  # stopped through the API, not ended yet: their events go to the old connection
         for s in self.sessions.values():  # a stop the last run did not finish (a crash, a failed call)
             if s.record.get("stop_incomplete") and not s.lifecycle.done:
-                self._spawn(self._stop_streams_locked(s))
+                self._spawn(self._stop_again(s))
             if s.lifecycle.state == "stopped" and not s.lifecycle.done:  # export_timeout from its first stop
                 self._spawn(self._await_export(s))
 
@@ -456,6 +457,12 @@ class SessionManager:
         if s.lifecycle.state == "stopped" and not s.lifecycle.done:
             self._transition(s, "failed", error=f"stopped but was not exported within export_timeout={timeout:g}s "
                                                 f"of stopping (stopped at {s.record['stopped_at']})")
+
+    async def _stop_again(self, s: ManagedSession) -> None:
+        """A stop the last run did not finish, sent again a few at a time (a restart may find hundreds)."""
+        async with self.checking:
+            if s.record.get("stop_incomplete") and not s.lifecycle.done:
+                await self._stop_streams_locked(s)
 
     async def _stop_streams_locked(self, s: ManagedSession) -> None:
         async with s.lock:
