@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from pipeline.api import Context
@@ -77,3 +78,34 @@ async def test_malformed_requests_on_the_operator_endpoint_are_one_debug_line(
             assert (await exchange(base, data)).startswith(b"HTTP/1.0 400"), data[:40]
         records = await server_records(caplog, len(MALFORMED))
     assert_one_line_each(records)
+
+
+async def test_connections_to_the_operator_endpoint_are_bounded(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """/metrics is open to anyone who reaches the port: connections over the bound get a 503 at once, and the
+    endpoint answers again once the others are closed (before: every connection was taken, each a file
+    descriptor of the pipeline, so a peer holding thousands starved its sinks and WebSocket of descriptors)."""
+    from pipeline.http import server
+
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 5, raising=False)
+    async with served(config(tmp_path, replay_file(tmp_path / "in.jsonl", 1))) as (_, base):
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        conns = []
+        for _ in range(8):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            conns.append((reader, writer))
+        try:
+            async with asyncio.timeout(5):  # the busy ones are answered at once, not at the 15 s idle limit
+                busy = [await reader.read() for reader, _ in conns[5:]]
+        finally:
+            for _, writer in conns:
+                writer.close()
+        assert all(b.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in b for b in busy), busy
+        async with aiohttp.ClientSession() as http:
+            async def metrics() -> int:
+                async with http.get(base + "/metrics") as r:
+                    return r.status
+            async with asyncio.timeout(10):
+                while await metrics() != 200:  # the closed ones leave the count as the server sees them go
+                    await asyncio.sleep(0.05)

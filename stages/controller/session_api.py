@@ -18,9 +18,10 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from pipeline.errors import StageError
+from pipeline.http import listener
 from pipeline.http.peer_log import PeerErrorLogger
 from pipeline.net import is_loopback
-from stages.controller import api_listener, session_pages
+from stages.controller import session_pages
 from stages.controller.ai_pipelines import OnActive
 from stages.controller.session_create import ApiProblem
 from stages.controller.session_manager import SessionManager, fingerprint
@@ -63,7 +64,7 @@ class SessionApi:
                                      keepalive_timeout=HEADER_TIMEOUT, logger=PeerErrorLogger())
         await self._runner.setup()
         try:
-            self._listener = await api_listener.listen(self._runner, host, port, MAX_CONNECTIONS)
+            self._listener = await listener.listen(self._runner, host, port, MAX_CONNECTIONS)
         except OSError as exc:
             await self._runner.cleanup()
             self._runner = None
