@@ -127,3 +127,30 @@ async def test_a_retry_after_a_lost_create_never_takes_the_session_of_a_create_s
         assert (status, status_b) == (201, 201), (retried, made)
         assert retried["session_id"] != made["session_id"], retried
         assert len(emulator.registry.sessions) == 2
+
+
+async def test_a_create_whose_record_could_not_be_saved_is_still_found_by_its_key_after_a_restart(
+        emulator: Emulator, make_context: Callable[..., Context], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk refuses the new session's record (full): the note the keyed create made before asking VideoDB is
+    kept, so after a restart the retry with the key finds the session VideoDB made (before: the note was removed
+    though the record was not written, and the retry made a second session, the first one lost)."""
+    from pipeline.errors import StageError
+    from stages.controller import session_store
+
+    real = session_store.write_private_text
+
+    def full_disk(path: Any, text: str) -> None:
+        if str(path).endswith(".json"):
+            raise StageError(f"{path}: cannot write: No space left on device")
+        real(path, text)
+
+    body, hdr = {"end_user_id": "u"}, {"Idempotency-Key": "k-disk"}
+    async with running(make_context, emulator) as live:
+        monkeypatch.setattr(session_store, "write_private_text", full_disk)
+        status, made = await live.call("POST", "/v1/sessions", json=body, headers=hdr)
+        assert status == 201, made
+        monkeypatch.setattr(session_store, "write_private_text", real)
+    async with running(make_context, emulator) as live:  # the record was never written: only the note tells
+        status, again = await live.call("POST", "/v1/sessions", json=body, headers=hdr)
+        assert (status, again["session_id"]) == (201, made["session_id"]), again
+        assert len(emulator.registry.sessions) == 1

@@ -194,9 +194,8 @@ class SessionManager:
         s = self._add(record)
         s.lifecycle.advance(status or "created")
         s.record["status"] = s.lifecycle.state
-        self.store.save(s.record)
-        if isinstance(record.get("idempotency_key"), str):
-            self.store.drop_intent(record["idempotency_key"])
+        if self.store.save(s.record) and isinstance(record.get("idempotency_key"), str):
+            self.store.drop_intent(record["idempotency_key"])  # not before: a restart finds the session by it
         return s
 
     def _forgotten(self, key: str) -> ManagedSession | None:
