@@ -185,9 +185,22 @@ def write_private_text(path: str | Path, text: str) -> None:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, FILE_MODE, dir_fd=dir_fd)
             try:
-                os.write(fd, text.encode())
+                _write_all(fd, text.encode())
             finally:
                 os.close(fd)
             os.replace(tmp, p.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)  # a part written: the file it would have replaced stays as it was
             raise StageError(f"{p}: cannot write: {exc.strerror or exc}") from None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Every byte of `data`, or OSError: a full disk (or a file size limit) makes write() take only part, and
+    one unchecked write() then renamed a torn file over the whole one it was to replace."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[n:]

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 import videodb
 
 from pipeline import secrets
+from pipeline.api import Context
 from pipeline.emulator import Emulator
 from pipeline.videodb_sdk import client_token
+from tests.test_session_api import emulator as emulator  # the shared fixture
+from tests.test_session_api import running
 from tests.videodb_harness import API_KEY, scenario_file
 
 
@@ -48,3 +51,31 @@ async def test_many_client_tokens_are_masked_in_memory_that_grows_only_with_the_
     line = f"create {tokens[0]} refresh {tokens[-1]}, {tokens[150]}."
     assert secrets.mask(line) == "create *** refresh ***, ***."
 
+
+
+async def test_a_restart_masks_the_tokens_of_the_live_sessions_it_reattaches(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """The session API masks a client token while its session lives; after a restart that re-attached the
+    session, its token was no longer masked (only tokens made in this process were)."""
+    async with running(make_context, emulator) as live:
+        status, made = await live.call("POST", "/v1/sessions", json={"end_user_id": "u"})
+        assert status == 201, made
+    token = made["client_token"]
+    secrets.forget(token)  # a new process: nothing it has not registered itself is masked
+    async with running(make_context, emulator) as live:
+        assert made["session_id"] in live.ctl.manager.sessions
+        assert secrets.known(token) and secrets.mask(f"token {token}.") == "token ***."
+
+
+async def test_a_create_videodb_refused_leaves_its_token_unmasked(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """The token made for a create whose session VideoDB did not make is no session's: it is not kept among the
+    masked secrets (before, every failed create, retried by the backend every second while VideoDB failed,
+    added one that stayed for the rest of the run)."""
+    async with running(make_context, emulator) as live:
+        emulator.fault("POST", "/collection/default/capture/session", status=500, times=2)
+        for key in (None, "k-1"):  # without a key; with one (its retry masks it again if it finds a session)
+            headers = {"Idempotency-Key": key} if key else {}
+            status, err = await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}, headers=headers)
+            assert status == 502 and "create_capture_session" in err["error"], err
+            assert not secrets.known(list(emulator.api.client_tokens)[-1])

@@ -202,3 +202,32 @@ async def test_a_session_stopped_before_it_started_keeps_its_file_only_while_vid
         assert keep not in live.ctl.manager.sessions and keep in records(tmp_path)
         emulator.registry.sessions.pop(keep)
         await live.wait_for(lambda: keep not in records(tmp_path), timeout=5)
+
+
+async def test_a_check_of_sessions_stopped_before_they_started_ends_at_the_first_call_past_its_deadline(
+        emulator: Emulator, make_context: Callable[..., Context], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Such sessions out of memory, VideoDB answering get_capture_session after 1 s, the call deadline 0.3 s: the
+    round stops after the first few calls, as the silent check's does (before: every one up to silent_check_max
+    was asked, one deadline per 4 of them, 13 minutes for 50 at the real 60 s deadline, holding 4 of the SDK's
+    few threads); those not asked come first in the next check."""
+    from pipeline import videodb_sdk
+    from stages.controller.silent_check import CONCURRENCY
+
+    api = {"max_sessions": 1, "silent_check_interval": 60, "silent_check_max": 2 * CONCURRENCY}
+    async with running(make_context, emulator, api=api) as live:
+        for i in range(3 * CONCURRENCY + 1):  # each pushes the one before it out of memory
+            sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": f"u{i}"}))[1]["session_id"]
+            assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
+        shelf = live.ctl.manager.shelf
+        shelved = list(shelf.ids)
+        assert len(shelved) == 3 * CONCURRENCY
+        monkeypatch.setattr(videodb_sdk, "CALL_DEADLINE", 0.3)
+        emulator.fault("GET", "/capture/session/", delay=1.0, times=CONCURRENCY)
+        start = len(emulator.calls)
+        await shelf.check_once()
+        asked = {c["path"].rsplit("/", 1)[1] for c in list(emulator.calls)[start:] if c["method"] == "GET"}
+        assert asked == set(shelved[:CONCURRENCY]), asked  # only the first few: then it gave up for this round
+        await shelf.check_once()
+        asked2 = [c["path"].rsplit("/", 1)[1] for c in list(emulator.calls)[start:] if c["method"] == "GET"]
+        assert set(asked2[CONCURRENCY:]) == set(shelved[CONCURRENCY:3 * CONCURRENCY]), asked2  # not asked: first
+        assert set(shelf.ids) == set(shelved)  # still `created` at VideoDB: their files stay

@@ -20,7 +20,9 @@ import orjson
 from aiohttp import web
 
 from pipeline.channels import known_channels, unknown_channel
+from pipeline.http import listener
 from pipeline.http.metrics import exposition, registry_for
+from pipeline.http.peer_log import PeerErrorLogger
 from pipeline.http.tap import TapClient, TapError, TapHub
 from pipeline.http.view import View
 from pipeline.net import is_loopback
@@ -37,6 +39,9 @@ MAX_TAP_CLIENTS = 16  # each one costs serialization per batch: a bound a peer c
 #: a connection with no request under way is closed after this long (aiohttp's default is an hour: idle or
 #: never-finished connections would each hold a file descriptor of the pipeline for that long)
 IDLE_TIMEOUT = 15.0
+#: open connections at once (Prometheus, a few taps and browsers); more get 503: each costs a file descriptor, and
+#: /metrics is open to anyone who reaches the port
+MAX_CONNECTIONS = 64
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -54,6 +59,7 @@ class OperatorServer:
         self.token = token
         self.registry = registry_for(view)
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._closing = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
         self._cookie = hmac.new(token.encode(), b"status-page", hashlib.sha256).hexdigest() if token else ""
@@ -77,20 +83,19 @@ class OperatorServer:
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
-                                      handler_cancellation=True, keepalive_timeout=IDLE_TIMEOUT)
+                                      handler_cancellation=True, keepalive_timeout=IDLE_TIMEOUT,
+                                      logger=PeerErrorLogger())
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         try:
-            await site.start()
+            self._listener = await listener.listen(self._runner, self.host, self.port, MAX_CONNECTIONS)
         except OSError as exc:
             await self._runner.cleanup()
             from pipeline.errors import ConfigError
 
             raise ConfigError(f"runtime.http: cannot listen on {self.host}:{self.port}: "
                               f"{exc.strerror or exc}") from None
-        server = getattr(site, "_server", None)
-        if self.port == 0 and server is not None and server.sockets:
-            self.port = server.sockets[0].getsockname()[1]
+        if self.port == 0 and self._listener.sockets:
+            self.port = self._listener.sockets[0].getsockname()[1]
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="http-heartbeat")
         if not is_loopback(self.host) and not self.token:
             log.warning("operator endpoint on non-loopback %s without runtime.http_token: /tap and the status "
@@ -104,6 +109,9 @@ class OperatorServer:
                 c.wake.set()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner's cleanup ends the open ones
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -18,8 +18,10 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from pipeline.errors import StageError
+from pipeline.http import listener
+from pipeline.http.peer_log import PeerErrorLogger
 from pipeline.net import is_loopback
-from stages.controller import api_listener, session_pages
+from stages.controller import session_pages
 from stages.controller.ai_pipelines import OnActive
 from stages.controller.session_create import ApiProblem
 from stages.controller.session_manager import SessionManager, fingerprint
@@ -59,10 +61,10 @@ class SessionApi:
         app.router.add_post("/v1/sessions/{sid}/token", self.token)
         host, port = split_host_port(self.options.listen)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_WAIT,
-                                     keepalive_timeout=HEADER_TIMEOUT)
+                                     keepalive_timeout=HEADER_TIMEOUT, logger=PeerErrorLogger())
         await self._runner.setup()
         try:
-            self._listener = await api_listener.listen(self._runner, host, port, MAX_CONNECTIONS)
+            self._listener = await listener.listen(self._runner, host, port, MAX_CONNECTIONS)
         except OSError as exc:
             await self._runner.cleanup()
             self._runner = None

@@ -14,6 +14,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Final
 
+from pipeline import secrets
 from pipeline.events import iso_ts, lifecycle_status
 from pipeline.videodb_sdk import VideoDBCallError, client_token
 from stages.controller import lost_create
@@ -167,10 +168,12 @@ class SessionCreator:
                                       callback_url=opts.callback_url)
         except VideoDBCallError as exc:
             self.m.stats.errors += 1
+            secrets.forget(token)  # no session holds it (a retry that finds the one VideoDB made masks it again)
             if key is not None and exc.fatal:  # refused (4xx): VideoDB made nothing; else it may have
                 self.m.store.drop_intent(key)
             raise videodb_problem(exc) from None
         if not safe_id(str(session.id)):
+            secrets.forget(token)
             raise ApiProblem(502, f"VideoDB returned an unusable session id {str(session.id)[:80]!r}")
         record["session_id"] = session.id
         s = self.m._keep(record, getattr(session, "status", None))
@@ -203,6 +206,8 @@ class SessionCreator:
         except VideoDBCallError as exc:  # cannot tell whether that session exists: do not make another
             self.m.stats.errors += 1
             raise videodb_problem(exc) from None
+        if self.at_videodb:  # a create under way may have made a listed session it has not kept yet: never take
+            await asyncio.wait(set(self.at_videodb))  # it for ours (both callers were handed that one session)
         found = lost_create.candidates(
             listed, intent.get("end_user_id"), intent.get("metadata"),
             lambda sid: sid in self.m.sessions or self.m.store.path(sid).exists())

@@ -43,7 +43,7 @@ from stages.controller.session_create import ApiProblem, SessionCreator, videodb
 from stages.controller.session_store import SessionStore
 from stages.controller.sessions import ManagedSession
 from stages.controller.shelf import Shelf
-from stages.controller.silent_check import SilentCheck
+from stages.controller.silent_check import CONCURRENCY, SilentCheck
 from stages.controller.tasks import Background
 from stages.sources import backfill
 
@@ -85,6 +85,10 @@ class SessionManager:
         self._background = Background(self.who, self.stats, log)
         self._spawn = self._background.spawn
         self._bind_slots = asyncio.Semaphore(_BIND_CONCURRENCY)
+        #: background SDK work at once, all kinds together (the checks of silent sessions, of the shelf and of
+        #: sessions the listing left out; the stops a restart sends again): the SDK's few worker threads stay
+        #: free for the API's own calls
+        self.checking = asyncio.Semaphore(CONCURRENCY)
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: dict[str, str] = {}
         self._unlisted: dict[str, int] = {}  # session id -> listings in a row that left it out
@@ -129,7 +133,7 @@ class SessionManager:
             self._start_poll()  # stopped through the API, not ended yet: their events go to the old connection
         for s in self.sessions.values():  # a stop the last run did not finish (a crash, a failed call)
             if s.record.get("stop_incomplete") and not s.lifecycle.done:
-                self._spawn(self._stop_streams_locked(s))
+                self._spawn(self._stop_again(s))
             if s.lifecycle.state == "stopped" and not s.lifecycle.done:  # export_timeout from its first stop
                 self._spawn(self._await_export(s))
 
@@ -190,9 +194,8 @@ class SessionManager:
         s = self._add(record)
         s.lifecycle.advance(status or "created")
         s.record["status"] = s.lifecycle.state
-        self.store.save(s.record)
-        if isinstance(record.get("idempotency_key"), str):
-            self.store.drop_intent(record["idempotency_key"])
+        if self.store.save(s.record) and isinstance(record.get("idempotency_key"), str):
+            self.store.drop_intent(record["idempotency_key"])  # not before: a restart finds the session by it
         return s
 
     def _forgotten(self, key: str) -> ManagedSession | None:
@@ -219,6 +222,9 @@ class SessionManager:
         key = record.get("idempotency_key")
         if isinstance(key, str):
             self.idempotency[key] = s.id
+        token = record.get("client_token")
+        if isinstance(token, str) and s.live:  # a restart's live sessions too: masked while the session lives
+            secrets.register(token)
         self._evict()
         return s
 
@@ -276,6 +282,8 @@ class SessionManager:
         s.record["stop_incomplete"] = True  # until every call went through (a crash now: the restart stops it)
         self.store.save(s.record)
         async with s.lock:
+            if not s.record.get("stop_incomplete"):  # a stop sent meanwhile (a concurrent POST) went through
+                return s
             failed = await self._stop_streams(s)
         if failed:  # a rate limit first: it is why the client should wait before it sends the stop again
             first = next((exc for exc in failed if exc.status == 429), failed[0])
@@ -330,13 +338,15 @@ class SessionManager:
 
     async def new_token(self, sid: str) -> ManagedSession:
         s = self.get(sid)
-        if not s.live:
-            raise ApiProblem(409, f"capture session {s.id} is {s.lifecycle.state or 'stopped'}: no new token")
+        _token_allowed(s)
         try:
             token = await client_token(self.who, self.conn, self.opts.client_token_expires_in,
                                        self.settings.api_key)
         except VideoDBCallError as exc:
             raise videodb_problem(exc) from None
+        if not s.live:  # stopped or ended while VideoDB made the token: nobody gets it (nor is it masked for ever)
+            secrets.forget(token)
+            _token_allowed(s)
         _forget_token(s)  # the one it replaces: each live session keeps one masked
         s.record["client_token"] = token
         s.record["expires_at"] = iso_ts(time.time() + self.opts.client_token_expires_in)
@@ -446,6 +456,12 @@ class SessionManager:
         if s.lifecycle.state == "stopped" and not s.lifecycle.done:
             self._transition(s, "failed", error=f"stopped but was not exported within export_timeout={timeout:g}s "
                                                 f"of stopping (stopped at {s.record['stopped_at']})")
+
+    async def _stop_again(self, s: ManagedSession) -> None:
+        """A stop the last run did not finish, sent again a few at a time (a restart may find hundreds)."""
+        async with self.checking:
+            if s.record.get("stop_incomplete") and not s.lifecycle.done:
+                await self._stop_streams_locked(s)
 
     async def _stop_streams_locked(self, s: ManagedSession) -> None:
         async with s.lock:
@@ -600,7 +616,11 @@ class SessionManager:
 
     async def _end_if_gone(self, s: ManagedSession) -> None:
         try:
-            await self._sdk("get_capture_session", self.conn.get_capture_session, s.id, self.settings.collection_id)
+            async with self.checking:  # a listing can leave out thousands: one call each, not all at once
+                if s.lifecycle.done:
+                    return
+                await self._sdk("get_capture_session", self.conn.get_capture_session, s.id,
+                                self.settings.collection_id)
         except VideoDBCallError as exc:
             if exc.status == 404 and not s.lifecycle.done:
                 self._transition(s, "failed", error=f"capture session {s.id} no longer exists at VideoDB ({exc})")
@@ -654,6 +674,14 @@ def _backfill_marks(s: ManagedSession) -> dict[str, int]:
 def fingerprint(body: dict[str, Any]) -> str:
     """A stable hash of a create request, to refuse an Idempotency-Key reused for another body."""
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _token_allowed(s: ManagedSession) -> None:
+    """409 for a session that has ended or was stopped through the API: it gets no new client token."""
+    if s.lifecycle.done:
+        raise ApiProblem(409, f"capture session {s.id} is {s.lifecycle.state}: no new token")
+    if not s.live:
+        raise ApiProblem(409, f"capture session {s.id} was stopped through the API: no new token")
 
 
 def _forget_token(s: ManagedSession) -> None:

@@ -54,15 +54,18 @@ class SessionStore:
     def path(self, session_id: str) -> Path:
         return self.dir / f"{session_id}.json"
 
-    def save(self, record: dict[str, Any]) -> None:
+    def save(self, record: dict[str, Any]) -> bool:
+        """Write the record; False (logged) when it could not be."""
         sid = str(record.get("session_id") or "")
         if not safe_id(sid):
             log.error("sessions: not saving a session with id %r (not a safe file name)", sid[:80])
-            return
+            return False
         try:  # compact: indented, a deep metadata list grew 40-fold, past what a restart reads back
             write_private_text(self.path(sid), orjson.dumps(record).decode())
         except (StageError, OSError) as exc:
             log.error("sessions: cannot save %s: %s", self.path(sid), exc)
+            return False
+        return True
 
     def write_json(self, name: str, data: Any) -> None:
         """Another state file beside the records (e.g. where a restart's backfill starts)."""

@@ -6,7 +6,8 @@ lost create must know it is ours (that lookup takes an unknown `created` session
 user and metadata for the one a lost create made). Before, nothing asked about it again, and a
 restart that pushed it out of memory at once (more such records than `max_sessions`) never did
 either, so its file stayed for ever. Now, every `api.silent_check_interval`, up to
-`api.silent_check_max` of them (asked longest ago first) are asked for with `get_capture_session`.
+`api.silent_check_max` of them (asked longest ago first) are asked for with `get_capture_session` (a call
+past its deadline ends the round, as in the silent check).
 Once VideoDB reports one `failed` or `exported`, `stopped` with nothing stored, or answers 404 twice
 in a row, it can never start again and no longer looks like a lost create (only `created` ones
 do), so its file goes; while its Idempotency-Key is still answered from the file, the new status
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.videodb_sdk import VideoDBCallError
 from stages.controller.lifecycle import TERMINAL, reported_status, stored
-from stages.controller.silent_check import CONCURRENCY, MISSING_TWICE
+from stages.controller.silent_check import MISSING_TWICE
 
 if TYPE_CHECKING:
     from stages.controller.session_manager import SessionManager
@@ -47,30 +48,41 @@ class Shelf:
             await self.check_once()
 
     async def check_once(self) -> None:
+        """Ask about those asked longest ago; a call past its deadline ends the round, as the silent check's does
+        (else 50 of them against a slow VideoDB took one deadline per 4: 13 minutes, holding 4 SDK threads)."""
         todo = list(itertools.islice(self.ids, self.m.silent.limit))
-        for sid in todo:
-            self.ids.move_to_end(sid)
-        slots = asyncio.Semaphore(CONCURRENCY)
+        slow: list[str] = []
+        asked = 0
 
         async def one(sid: str) -> None:
-            async with slots:
-                await self._check(sid)
+            nonlocal asked
+            async with self.m.checking:
+                if slow or sid not in self.ids:
+                    return
+                self.ids.move_to_end(sid)  # asked now: those not asked come first next time
+                asked += 1
+                if not await self._check(sid):
+                    slow.append(sid)
 
         await asyncio.gather(*(one(sid) for sid in todo))
+        if slow:
+            log.warning("%s: VideoDB is answering too slowly: %d session(s) stopped before they started left for "
+                        "the next check", self.m.who, len(todo) - asked)
 
-    async def _check(self, sid: str) -> None:
+    async def _check(self, sid: str) -> bool:
+        """Ask about one; False when the call ran past its deadline."""
         try:
             session = await self.m._sdk("get_capture_session", self.m.conn.get_capture_session,
                                         sid, self.m.settings.collection_id)
         except VideoDBCallError as exc:
             if exc.status != 404 or sid not in self.ids:
                 log.warning("%s (checking a session stopped before it started)", exc)
-                return
+                return not exc.overdue
             self.ids[sid] += 1
             if self.ids[sid] >= MISSING_TWICE:
                 self._ended(sid, "gone", {"status": "failed", "error": f"capture session {sid} no longer exists "
                                                                           "at VideoDB"})
-            return
+            return True
         if sid in self.ids:
             self.ids[sid] = 0
         status = reported_status(session)
@@ -80,6 +92,7 @@ class Shelf:
             self._ended(sid, status, {"status": status})
         elif status == "stopped" and stored(session) is False:
             self._ended(sid, "stopped with nothing stored", {"status": status, "stored": False})
+        return True
 
     def _ended(self, sid: str, what: str, change: dict[str, Any]) -> None:
         if self.ids.pop(sid, None) is None:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline.controller.sessions")
 
-CONCURRENCY: Final = 4  # get_capture_session calls of one check at once
+CONCURRENCY: Final = 4  # get_capture_session calls of the background checks at once (SessionManager.checking)
 MISSING_TWICE: Final = 2  # checks in a row answered 404 before a session ends as gone
 
 
@@ -55,11 +55,10 @@ class SilentCheck:
     async def check_once(self) -> None:
         now = time.monotonic()
         todo = self.due(now)
-        slots = asyncio.Semaphore(CONCURRENCY)
         slow: list[ManagedSession] = []  # sessions whose call ran past its deadline in this round
 
         async def one(s: ManagedSession) -> None:
-            async with slots:
+            async with self.m.checking:
                 if slow:
                     return
                 s.checked = now

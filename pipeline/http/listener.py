@@ -1,4 +1,4 @@
-"""Listening for the session API with a bound on open connections.
+"""Listening for our HTTP servers (the session API, the operator endpoint) with a bound on open connections.
 
 aiohttp accepts every connection and keeps one whose request never completes
 for its keep-alive time, so clients that open connections and trickle their
@@ -17,7 +17,7 @@ from aiohttp import web
 
 _BUSY: Final = (b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n'
                 b'Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s')
-_BUSY_BODY: Final = b'{"error": "too many open connections to the session API; retry shortly", "status": 503}'
+_BUSY_BODY: Final = b'{"error": "too many open connections; retry shortly", "status": 503}'
 
 
 class _Busy(asyncio.Protocol):

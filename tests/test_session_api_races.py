@@ -1,0 +1,156 @@
+"""The session API under requests that race each other: real SDK against the emulator, real HTTP.
+
+Each test reproduces a defect found by sending requests at once that a backend (or its retries) can
+send at once; each failed before its fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline.api import Context
+from pipeline.emulator import Emulator
+from pipeline.events import iso_ts
+from tests.test_session_api import Live, hook, running
+from tests.test_session_api import emulator as emulator  # the shared fixture
+from tests.test_session_api_attacks import status_of
+
+
+def stop_calls(emu: Emulator) -> list[tuple[str, str]]:
+    """The stop calls VideoDB got (rtstreams, transcripts, indexes), in order."""
+    return [(c["method"], c["path"]) for c in list(emu.calls)
+            if isinstance(c.get("body"), dict) and c["body"].get("action") == "stop"]
+
+
+async def active_session(live: Live, emu: Emulator) -> str:
+    status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u"})
+    assert status == 201, body
+    sid: str = body["session_id"]
+    await hook(live, emu, f"sessions/{sid}/start")
+    assert (await status_of(live, sid, "active"))["status"] == "active"
+    await live.wait_for(lambda: (p := live.ctl.manager.sessions[sid].pipelines) is not None and bool(p.bound_to))
+    return sid
+
+
+async def test_concurrent_stops_send_each_stop_call_once(emulator: Emulator,
+                                                         make_context: Callable[..., Context]) -> None:
+    """Five POST /stop at once (a backend's retries, a double click): VideoDB gets each stop call once (before:
+    five times each, every request seeing the first one's stop still under way and sending them all again)."""
+    async with running(make_context, emulator) as live:
+        sid = await active_session(live, emulator)
+        answers: list[tuple[int, Any]] = await asyncio.gather(
+            *(live.call("POST", f"/v1/sessions/{sid}/stop") for _ in range(5)))
+        assert [status for status, _ in answers] == [202] * 5
+        assert all(view["stop_requested"] is True for _, view in answers)
+        calls = stop_calls(emulator)
+        assert len(calls) == len(set(calls)) > 0, calls
+        assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
+        assert stop_calls(emulator) == calls  # and a later one sends nothing
+
+
+async def test_a_token_made_while_the_session_is_stopped_is_not_handed_out(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """POST /token, and POST /stop while VideoDB makes that token: 409, as for a token asked after the stop (before:
+    200 with a fresh client token for the stopped session, saved in its record), and the token made is not kept
+    among the masked secrets (before, if the session ended meanwhile, it stayed masked for the rest of the run)."""
+    from pipeline import secrets
+
+    async with running(make_context, emulator) as live:
+        sid = await active_session(live, emulator)
+        emulator.fault("POST", "/capture/session/token", delay=0.5, times=1)
+        asked = len(emulator.api.client_tokens)
+        token = asyncio.create_task(live.call("POST", f"/v1/sessions/{sid}/token"))
+        await live.wait_for(lambda: len(emulator.api.client_tokens) > asked)  # made; its answer is on its way
+        assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
+        status, err = await token
+        assert status == 409 and err["error"].endswith(": no new token"), err  # stopped (or exported by now)
+        made = list(emulator.api.client_tokens)[-1]
+        assert live.ctl.manager.sessions[sid].record["client_token"] != made and not secrets.known(made)
+        waiting = (await live.call("POST", "/v1/sessions", json={"end_user_id": "v"}))[1]["session_id"]
+        assert (await live.call("POST", f"/v1/sessions/{waiting}/stop"))[0] == 202  # before it started
+        status, err = await live.call("POST", f"/v1/sessions/{waiting}/token")  # before: "is created: no new token"
+        assert status == 409 and err["error"].endswith("was stopped through the API: no new token"), err
+
+
+
+@pytest.mark.parametrize("saved", [
+    {"status": "created"},  # VideoDB no longer lists them: each is asked for by id after two listings
+    {"status": "active", "stop_requested": True, "stop_incomplete": True},  # stops a crash cut short: sent again
+], ids=["unlisted", "stops-again"])
+async def test_a_restart_with_hundreds_of_sessions_to_ask_about_leaves_threads_for_the_api(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path, saved: dict[str, Any]) -> None:
+    """A restart with 300 saved sessions to ask VideoDB about, each GET answered in 0.2 s: that background work
+    goes 4 calls at a time, so a create meanwhile is answered at once (before: all 300 were queued for the SDK's
+    few worker threads together, and the create waited behind them, 10 s here; with thousands, past the 60 s
+    call deadline)."""
+    d = tmp_path / "sessions"
+    d.mkdir(mode=0o700)
+    for i in range(300):
+        (d / f"cap-{i:06d}.json").write_bytes(orjson.dumps({
+            "session_id": f"cap-{i:06d}", "end_user_id": "u", "metadata": {},
+            "created_at": iso_ts(time.time() - 1000 + i), **saved}))
+    emulator.fault("GET", "/capture/session/cap-", delay=0.2)
+    async with running(make_context, emulator) as live:
+        m = live.ctl.manager
+        if saved["status"] == "created":
+            await live.wait_for(lambda: max(m._unlisted.values(), default=0) >= 2)  # their checks are under way
+        began = time.monotonic()
+        status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "new"})
+        took = time.monotonic() - began
+        assert status == 201, body
+        assert took < 1.5, took
+
+async def test_a_retry_after_a_lost_create_never_takes_the_session_of_a_create_still_under_way(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """A keyed create that made nothing at VideoDB (503), retried while another create for the same end user and
+    metadata waits for VideoDB's answer (its session already made): the retry makes its own session (before: it
+    took the other create's session for the one it had lost, and both callers were handed that one session, two
+    desktop clients with two tokens for it)."""
+    body = {"end_user_id": "u", "metadata": {"plan": "pro"}}
+    create = "/collection/default/capture/session"
+    async with running(make_context, emulator) as live:
+        emulator.fault("POST", create, status=503, times=1)
+        status, err = await live.call("POST", "/v1/sessions", json=body, headers={"Idempotency-Key": "a"})
+        assert status == 502 and not emulator.registry.sessions, err
+        emulator.fault("POST", create, delay=1.0, times=1)  # made at once, answered a second later
+        other = asyncio.create_task(live.call("POST", "/v1/sessions", json=body, headers={"Idempotency-Key": "b"}))
+        await live.wait_for(lambda: len(emulator.registry.sessions) == 1)
+        status, retried = await live.call("POST", "/v1/sessions", json=body, headers={"Idempotency-Key": "a"})
+        status_b, made = await other
+        assert (status, status_b) == (201, 201), (retried, made)
+        assert retried["session_id"] != made["session_id"], retried
+        assert len(emulator.registry.sessions) == 2
+
+
+async def test_a_create_whose_record_could_not_be_saved_is_still_found_by_its_key_after_a_restart(
+        emulator: Emulator, make_context: Callable[..., Context], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk refuses the new session's record (full): the note the keyed create made before asking VideoDB is
+    kept, so after a restart the retry with the key finds the session VideoDB made (before: the note was removed
+    though the record was not written, and the retry made a second session, the first one lost)."""
+    from pipeline.errors import StageError
+    from stages.controller import session_store
+
+    real = session_store.write_private_text
+
+    def full_disk(path: Any, text: str) -> None:
+        if str(path).endswith(".json"):
+            raise StageError(f"{path}: cannot write: No space left on device")
+        real(path, text)
+
+    body, hdr = {"end_user_id": "u"}, {"Idempotency-Key": "k-disk"}
+    async with running(make_context, emulator) as live:
+        monkeypatch.setattr(session_store, "write_private_text", full_disk)
+        status, made = await live.call("POST", "/v1/sessions", json=body, headers=hdr)
+        assert status == 201, made
+        monkeypatch.setattr(session_store, "write_private_text", real)
+    async with running(make_context, emulator) as live:  # the record was never written: only the note tells
+        status, again = await live.call("POST", "/v1/sessions", json=body, headers=hdr)
+        assert (status, again["session_id"]) == (201, made["session_id"]), again
+        assert len(emulator.registry.sessions) == 1
