@@ -85,9 +85,9 @@ class SessionManager:
         self._background = Background(self.who, self.stats, log)
         self._spawn = self._background.spawn
         self._bind_slots = asyncio.Semaphore(_BIND_CONCURRENCY)
-        #: background SDK work at once, all kinds together (the checks of silent sessions, of the shelf and of
-        #: sessions the listing left out; the stops a restart sends again): the SDK's few worker threads stay
-        #: free for the API's own calls
+        #: background SDK work at once, all kinds together (the checks of silent sessions, of the shelf, of
+        #: sessions the listing left out and of stopped ones for a stored channel; the stops a restart sends
+        #: again): the SDK's few worker threads stay free for the API's own calls
         self.checking = asyncio.Semaphore(CONCURRENCY)
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: dict[str, str] = {}
@@ -437,8 +437,12 @@ class SessionManager:
     async def _end_if_unstored(self, s: ManagedSession, session: Any) -> None:
         """`stopped`: with no stored channel VideoDB exports nothing, so the session ends here (else it would
         stay live for ever: counted under max_sessions, polled, re-attached by every restart)."""
-        if not await ended_unstored(s.lifecycle, s.record, session, lambda: self._sdk(
-                "get_capture_session", self.conn.get_capture_session, s.id, self.settings.collection_id)):
+        async def fetch() -> Any:  # many sessions may stop at once (the end of a shift): a few asks at a time
+            async with self.checking:
+                return await self._sdk("get_capture_session", self.conn.get_capture_session, s.id,
+                                       self.settings.collection_id)
+
+        if not await ended_unstored(s.lifecycle, s.record, session, fetch):
             return
         log.info("%s: capture session %s stopped and none of its channels is stored: no export follows",
                  self.who, s.id)
