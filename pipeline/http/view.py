@@ -127,9 +127,14 @@ class View:
             elif not connected:
                 missing["source"] = "not connected"
         if b.controller is not None and self.role != "worker":
-            _, state = self.session_state()
-            if state != "active":
-                missing["capture_session"] = f"state is {state or 'unknown (not created yet)'}, not active"
+            if getattr(getattr(b.controller, "options", None), "api", None) is not None:
+                # sessions come from the session API (none of its own, any number active): ready once it listens
+                if not getattr(getattr(b.controller, "api", None), "url", ""):
+                    missing["session_api"] = "not listening yet"
+            else:
+                _, state = self.session_state()
+                if state != "active":
+                    missing["capture_session"] = f"state is {state or 'unknown (not created yet)'}, not active"
         return missing
 
     # -- the status page's and `pipeline top`'s snapshot ----------------------------------
