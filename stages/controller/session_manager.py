@@ -114,6 +114,7 @@ class SessionManager:
             status = record.get("status")
             if isinstance(status, str):
                 s.lifecycle.advance(status, polled=True)
+            _mask_token(s)
             if s.record.get("rtstreams") and not s.lifecycle.done:  # a finished one's send nothing more
                 self._index_streams(s)
         self.link.on_connection(self._on_connection)
@@ -194,6 +195,7 @@ class SessionManager:
         s = self._add(record)
         s.lifecycle.advance(status or "created")
         s.record["status"] = s.lifecycle.state
+        _mask_token(s)  # one a lost create's note kept was made by an earlier try (or run)
         if self.store.save(s.record) and isinstance(record.get("idempotency_key"), str):
             self.store.drop_intent(record["idempotency_key"])  # not before: a restart finds the session by it
         return s
@@ -222,9 +224,6 @@ class SessionManager:
         key = record.get("idempotency_key")
         if isinstance(key, str):
             self.idempotency[key] = s.id
-        token = record.get("client_token")
-        if isinstance(token, str) and s.live:  # a restart's live sessions too: masked while the session lives
-            secrets.register(token)
         self._evict()
         return s
 
@@ -686,6 +685,13 @@ def _token_allowed(s: ManagedSession) -> None:
         raise ApiProblem(409, f"capture session {s.id} is {s.lifecycle.state}: no new token")
     if not s.live:
         raise ApiProblem(409, f"capture session {s.id} was stopped through the API: no new token")
+
+
+def _mask_token(s: ManagedSession) -> None:
+    """A live session's client token is masked (a restart's too, not only those made in this process)."""
+    token = s.record.get("client_token")
+    if isinstance(token, str) and s.live:
+        secrets.register(token)
 
 
 def _forget_token(s: ManagedSession) -> None:
