@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -201,10 +203,18 @@ async def test_a_controller_state_dir_in_use_by_another_run_is_refused(
                                                                       "token": "session-api-token-0123"},
                                                               "state_dir": str(shared)})
     assert ctl is not None
+    once = HOLD.replace("time.sleep(60)", "pass")
     await ctl.start()  # the kernel dropped the dead holder's lock
-    await ctl.close()
-    after = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(60)", "pass"), str(shared)],
-                           capture_output=True, text=True, timeout=30)
+    try:
+        shutil.rmtree(shared)  # removed mid-run: the lock is made again, as the pipeline's own is
+        async with asyncio.timeout(5):
+            while not (shared / "lock").exists():
+                await asyncio.sleep(0.05)
+        other = subprocess.run([sys.executable, "-c", once, str(shared)], capture_output=True, text=True, timeout=30)
+        assert other.returncode != 0 and "in use by another pipeline run" in other.stderr, other
+    finally:
+        await ctl.close()
+    after = subprocess.run([sys.executable, "-c", once, str(shared)], capture_output=True, text=True, timeout=30)
     assert after.stdout == "ok\n", after.stderr  # released at close
 
 

@@ -129,6 +129,8 @@ class CaptureSessionController(Controller):
         opts = self.options
         if opts.state_dir:  # its own: locked as the pipeline's is (two runs must not resume the same sessions)
             self._locked = state.lock_also(self.state_file.parent)
+            if self._locked:
+                self._spawn(state.guard(self.state_file.parent))  # made again if the directory is removed
         self._conn = await asyncio.to_thread(connect, self.settings, self.who)
         if opts.api is not None:
             await self._start_api()
