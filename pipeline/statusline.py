@@ -48,6 +48,8 @@ def status_fields(view: Any, rate: float) -> dict[str, Any]:
             fields["reconnects"] = live["reconnects"]
     if snap["session"] is not None:
         fields["session"] = snap["session"]["state"] or "none"
+    if snap.get("sessions") is not None:  # the session API's
+        fields["sessions"] = snap["sessions"]["live"]
     fields["alerts"] = snap["alerts_fired"]
     fields["dead_lettered"] = snap["dead_lettered"]
     fields["lost"] = snap["lost"]
@@ -64,6 +66,8 @@ def format_status(f: dict[str, Any]) -> str:
     for key in ("websocket", "session"):
         if key in f:
             parts.append(f"{key} {f[key]}")
+    if "sessions" in f:
+        parts.append(f"sessions {f['sessions']} live")
     if f.get("reconnects"):
         parts.append(f"reconnects {f['reconnects']}")
     parts.append(f"alerts {f['alerts']}")

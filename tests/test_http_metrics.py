@@ -276,3 +276,48 @@ state_dir: {tmp_path}/state
     assert _one(after, "videodb_pipeline_sink_queue_events", sink=SLOW) == 2000 - written
     assert _one(after, "videodb_pipeline_sink_spool_bytes", sink=SLOW) > 0
     assert f"left spooled {2000 - written}" in rt.summary()
+
+
+async def test_ready_with_the_session_api_waits_for_the_api_not_for_one_session(tmp_path: Path) -> None:
+    """With `controller.api` the pipeline has no session of its own: /ready is 200 once the source is connected
+    and the session API listens (before: 503 'capture_session: state is unknown' for ever, even with active
+    sessions, so a readiness probe never let traffic reach the API), and the status line, page and
+    `pipeline top` show how many of its sessions are live (before: 'session none')."""
+    import yaml
+
+    from pipeline.emulator import Emulator
+    from pipeline.statusline import format_status, status_fields
+    from tests.videodb_harness import API_KEY, scenario_file
+
+    emu = Emulator(scenario_file(tmp_path, [], end=1000), api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        p = tmp_path / "p.yaml"
+        p.write_text(yaml.safe_dump({
+            "name": "backend", "videodb": {"api_key": API_KEY, "base_url": emu.base_url},
+            "source": {"type": "videodb"},
+            "controller": {"type": "capture_session", "state_dir": str(tmp_path / "state"),
+                           "api": {"listen": "127.0.0.1:0", "token": "session-api-token-0123456789"}},
+            "sinks": [{"type": "jsonl", "path": str(tmp_path / "out.jsonl")}],
+            "runtime": {"http": "127.0.0.1:0", "status_interval": 0},
+            "dead_letter": str(tmp_path / "dead.jsonl")}))
+        async with served(p) as (rt, base):
+            run = asyncio.create_task(rt.run())
+            try:
+                async with asyncio.timeout(10):
+                    while await get_json(base, "/ready") != (200, {"ready": True}):
+                        await asyncio.sleep(0.05)
+                api = rt.b.controller.api.url  # the API it waited for
+                async with aiohttp.ClientSession() as http, http.post(
+                        api + "/v1/sessions", json={"end_user_id": "u"},
+                        headers={"Authorization": "Bearer session-api-token-0123456789"}) as r:
+                    assert r.status == 201, await r.text()
+                status, snap = await get_json(base, "/api/status")
+                assert status == 200 and snap["session"] is None and snap["sessions"] == {"live": 1, "held": 1}
+                line = format_status(status_fields(rt.http_server.view, 0.0))
+                assert "sessions 1 live" in line and "session none" not in line, line
+            finally:
+                await rt.stop()
+                assert await run == 0
+    finally:
+        await emu.stop()

@@ -1,18 +1,24 @@
-"""State files are replaced whole or not at all, also when the disk takes only part of a write.
+"""State files under a disk that refuses writes: replaced whole or not at all, and written once it works again.
 
 A real kernel limit (RLIMIT_FSIZE in a child process, as a full disk does) makes write() take part of
-the bytes; the file being replaced must stay as it was.
+the bytes; the file being replaced must stay as it was. A `sessions` directory that is not one (removed and
+a file put in its place) refuses every session record until it is a directory again.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 
+from pipeline.api import Context
+from pipeline.emulator import Emulator
 from stages.controller.session_store import SessionStore
+from tests.test_session_api import emulator as emulator  # the shared fixture
+from tests.test_session_api import running
 
 CHILD = """
 import resource, signal, sys
@@ -35,3 +41,24 @@ def test_a_record_the_disk_takes_only_part_of_leaves_the_saved_one_whole(tmp_pat
     assert "cannot save" in out.stderr and "File too large" in out.stderr, out.stderr
     assert orjson.loads(store.path("cap-1").read_bytes())["status"] == "created"
     assert [p.name for p in store.dir.iterdir()] == ["cap-1.json"]  # no partial temporary file left either
+
+
+async def test_a_session_record_the_disk_refused_is_written_once_the_disk_takes_writes_again(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """Before: a session made while its record could not be written got no file until its status next changed
+    (for ever if it did not), so a restart did not know it: not re-attached, not in the API, its events untagged."""
+    records = tmp_path / "sessions"
+    async with running(make_context, emulator) as live:
+        assert (await live.call("POST", "/v1/sessions", json={"end_user_id": "a"}))[0] == 201
+        for p in records.iterdir():
+            p.unlink()
+        records.rmdir()
+        records.write_text("not a directory")  # every record write fails now
+        status, made = await live.call("POST", "/v1/sessions", json={"end_user_id": "b"})
+        assert status == 201, made  # the session goes on: its record is kept to be written later
+        records.unlink()
+        assert (await live.call("POST", "/v1/sessions", json={"end_user_id": "c"}))[0] == 201  # writes work again
+        saved = orjson.loads((records / f"{made['session_id']}.json").read_bytes())
+        assert (saved["end_user_id"], saved["status"]) == ("b", "created")
+    async with running(make_context, emulator) as live:
+        assert made["session_id"] in live.ctl.manager.sessions

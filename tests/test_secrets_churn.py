@@ -11,6 +11,7 @@ import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import orjson
 import pytest
 import videodb
 
@@ -79,3 +80,20 @@ async def test_a_create_videodb_refused_leaves_its_token_unmasked(
             status, err = await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}, headers=headers)
             assert status == 502 and "create_capture_session" in err["error"], err
             assert not secrets.known(list(emulator.api.client_tokens)[-1])
+
+
+async def test_a_restart_does_not_mask_the_tokens_of_finished_sessions(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """Records of ended sessions read back at a restart: their tokens start nothing any more and are not masked,
+    as in the run that saw them end (the masking stays bounded by the live sessions)."""
+    records = tmp_path / "sessions"
+    records.mkdir(mode=0o700)
+    tokens = {}
+    for sid, status in (("cap-done", "exported"), ("cap-failed", "failed"), ("cap-live", "active")):
+        tokens[sid] = f"ct-{sid}-0123456789abcdef"
+        (records / f"{sid}.json").write_bytes(orjson.dumps({
+            "session_id": sid, "status": status, "end_user_id": "u", "client_token": tokens[sid]}))
+    async with running(make_context, emulator):
+        assert {sid: secrets.known(t) for sid, t in tokens.items()} == {
+            "cap-done": False, "cap-failed": False, "cap-live": True}
+    secrets.forget(tokens["cap-live"])

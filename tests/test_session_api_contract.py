@@ -175,6 +175,7 @@ source: {type: videodb}
 controller:
   type: capture_session
   session_id: cap-1
+  status_poll_interval: 0
   api: {listen: "localhost", token: short, max_body_bytes: 10}
 sinks: [{type: console}]
 """)
@@ -183,11 +184,12 @@ sinks: [{type: console}]
     lines = res.stderr.splitlines()
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     for needle in ("controller.api.listen: expected host:port", "controller.api.token: use a token of at least 16",
-                   "controller.api.max_body_bytes: expected a number >= 1024"):
+                   "controller.api.max_body_bytes: expected a number >= 1024",
+                   "controller.status_poll_interval: expected a number > 0"):  # 0: 1,000 listings a second
         assert sum(needle in line for line in lines) == 1, (needle, lines)
     assert "short" not in res.stderr  # the token is a secret, even a bad one
     cfg.write_text(cfg.read_text().replace('listen: "localhost", token: short, max_body_bytes: 10',
-                                           "token: api-token-0123456789"))
+                                           "token: api-token-0123456789").replace("status_poll_interval: 0", ""))
     res = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(cfg)], capture_output=True, text=True,
                          timeout=60, cwd=tmp_path)
     assert res.returncode == 2 and "session_id and api exclude each other" in res.stderr, res.stderr

@@ -154,3 +154,25 @@ async def test_a_create_whose_record_could_not_be_saved_is_still_found_by_its_ke
         status, again = await live.call("POST", "/v1/sessions", json=body, headers=hdr)
         assert (status, again["session_id"]) == (201, made["session_id"]), again
         assert len(emulator.registry.sessions) == 1
+
+
+async def test_many_sessions_stopping_at_once_leave_threads_for_the_api(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """40 users stop at the same moment (the end of a shift), VideoDB answering get_capture_session in 0.5 s: the
+    asks whether each stopped session stored anything go 4 at a time, so a create meanwhile is answered at once
+    (before: one ask per `stopped` event, all queued for the SDK's few worker threads together; the create waited
+    behind them, and with thousands of sessions past the 60 s call deadline)."""
+    async with running(make_context, emulator, on_active={}) as live:
+        m = live.ctl.manager
+        made = [(await live.call("POST", "/v1/sessions", json={"end_user_id": f"u{i}"}))[1]["session_id"]
+                for i in range(40)]
+        await asyncio.gather(*(hook(live, emulator, f"sessions/{sid}/start") for sid in made))
+        await live.wait_for(lambda: all(m.sessions[sid].lifecycle.state == "active" for sid in made))
+        emulator.fault("GET", "/capture/session/cap-", delay=0.5)
+        await asyncio.gather(*(hook(live, emulator, f"sessions/{sid}/stop") for sid in made))
+        await live.wait_for(lambda: all(m.sessions[sid].lifecycle.state == "stopped" for sid in made))
+        began = time.monotonic()
+        status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "new"})
+        took = time.monotonic() - began
+        assert status == 201, body
+        assert took < 1.5, took

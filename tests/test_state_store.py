@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from pipeline.api import Context
+from pipeline.emulator import Emulator
 from pipeline.errors import StageError
 from pipeline.state.store import DB_FILE, SqliteStateStore, TrackedDict
+from tests.test_session_api import emulator as emulator  # the shared fixture
+from tests.videodb_harness import make_stages
 
 
 def test_values_survive_a_reopen_and_only_changed_keys_are_written(tmp_path: Path) -> None:
@@ -168,6 +175,47 @@ def test_a_state_dir_in_use_by_another_run_is_refused(tmp_path: Path) -> None:
         holder.wait()
     prepare(tmp_path / "st")  # the kernel dropped the dead holder's lock (kill -9)
     release(tmp_path / "st")
+
+
+HOLD = ("import sys, time; from pathlib import Path; from pipeline.state import prepare; "
+        "prepare(Path(sys.argv[1])); print('ok', flush=True); time.sleep(60)")
+
+
+async def test_a_controller_state_dir_in_use_by_another_run_is_refused(
+        tmp_path: Path, make_context: Callable[..., Context], emulator: Emulator) -> None:
+    """A controller with its own `state_dir` (sessions saved there, resumed by a restart): another run holding it,
+    this one stops at start with one line (before: only the pipeline's own `state_dir` was locked, so two runs
+    whose configs differ there both resumed, re-bound and wrote the same sessions); its lock goes at close."""
+    shared = tmp_path / "shared"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(shared)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ok\n"
+        for mode in ({"end_user_id": "u"}, {"api": {"listen": "127.0.0.1:0", "token": "session-api-token-0123"}}):
+            _, ctl = make_stages(make_context, emulator, controller={**mode, "state_dir": str(shared)})
+            assert ctl is not None
+            with pytest.raises(StageError, match=rf"state_dir is in use by another pipeline run \(pid {holder.pid}\)"):
+                await ctl.start()
+            await ctl.close()
+    finally:
+        holder.kill()
+        holder.wait()
+    _, ctl = make_stages(make_context, emulator, controller={"api": {"listen": "127.0.0.1:0",
+                                                                      "token": "session-api-token-0123"},
+                                                              "state_dir": str(shared)})
+    assert ctl is not None
+    once = HOLD.replace("time.sleep(60)", "pass")
+    await ctl.start()  # the kernel dropped the dead holder's lock
+    try:
+        shutil.rmtree(shared)  # removed mid-run: the lock is made again, as the pipeline's own is
+        async with asyncio.timeout(5):
+            while not (shared / "lock").exists():
+                await asyncio.sleep(0.05)
+        other = subprocess.run([sys.executable, "-c", once, str(shared)], capture_output=True, text=True, timeout=30)
+        assert other.returncode != 0 and "in use by another pipeline run" in other.stderr, other
+    finally:
+        await ctl.close()
+    after = subprocess.run([sys.executable, "-c", once, str(shared)], capture_output=True, text=True, timeout=30)
+    assert after.stdout == "ok\n", after.stderr  # released at close
 
 
 def test_a_lock_taken_by_another_run_after_the_state_dir_was_removed_is_one_error_line(

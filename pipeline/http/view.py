@@ -76,6 +76,14 @@ class View:
             return None, None
         return getattr(ctrl, "session_id", None), lc.state
 
+    def api_sessions(self) -> dict[str, int] | None:
+        """With the session API (`controller.api`): its sessions, `live` and `held` in memory; else None."""
+        ctrl = self.built.controller
+        if getattr(getattr(ctrl, "options", None), "api", None) is None:
+            return None
+        sessions = getattr(getattr(ctrl, "manager", None), "sessions", None) or {}
+        return {"live": sum(1 for s in sessions.values() if s.live), "held": len(sessions)}
+
     def buffer(self, i: int) -> Any:
         buffers = getattr(self.rt, "buffers", None)
         return buffers[i] if buffers else None
@@ -127,9 +135,14 @@ class View:
             elif not connected:
                 missing["source"] = "not connected"
         if b.controller is not None and self.role != "worker":
-            _, state = self.session_state()
-            if state != "active":
-                missing["capture_session"] = f"state is {state or 'unknown (not created yet)'}, not active"
+            if getattr(getattr(b.controller, "options", None), "api", None) is not None:
+                # sessions come from the session API (none of its own, any number active): ready once it listens
+                if not getattr(getattr(b.controller, "api", None), "url", ""):
+                    missing["session_api"] = "not listening yet"
+            else:
+                _, state = self.session_state()
+                if state != "active":
+                    missing["capture_session"] = f"state is {state or 'unknown (not created yet)'}, not active"
         return missing
 
     # -- the status page's and `pipeline top`'s snapshot ----------------------------------
@@ -151,6 +164,7 @@ class View:
                           "queue_size": self.queue_capacity(i), "spool_bytes": self.spool_bytes(i),
                           "latency": round(lat.last, 4) if lat and lat.count else None})
         session_id, state = self.session_state()
+        api = self.api_sessions()
         gaps = self.gaps()
         src = b.source
         source = None
@@ -172,7 +186,10 @@ class View:
         return {
             "pipeline": self.name, "role": self.role, "uptime": round(time.monotonic() - self.started, 3),
             "time": time.time(), "ready": self.ready(), "source": source,
-            "session": {"id": session_id, "state": state} if state is not None or b.controller else None,
+            # with the session API there is no session of the pipeline's own ("session none"), but many
+            "session": {"id": session_id, "state": state} if state is not None or (b.controller and api is None)
+            else None,
+            "sessions": api,
             "stages": stages, "sinks": sinks,
             "lag": round(lag.last, 3) if lag is not None and lag.count else None,
             "alerts_fired": b.chain.alerts_fired, "dead_lettered": b.dead_letter.count,

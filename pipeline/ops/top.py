@@ -79,6 +79,8 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
             head.append(f" ({src['reconnects']} reconnects)")
     if snap.get("session"):
         head.append(visible(f"  session {snap['session']['state'] or 'none'}"))
+    if snap.get("sessions"):
+        head.append(f"  sessions {snap['sessions']['live']} live")
     head.append(f"  lag {_secs(snap.get('lag'))}  up {snap['uptime']:.0f}s")
     head.append(f"  alerts {snap['alerts_fired']}  dead-lettered {snap['dead_lettered']}",
                 style="red" if snap["dead_lettered"] else "")

@@ -27,7 +27,7 @@ from pathlib import Path
 from pipeline.errors import StageError
 from pipeline.files import FILE_MODE, ensure_private_dir
 
-__all__ = ["CHECK_SECONDS", "LOCK_FILE", "follow", "guard", "prepare", "release"]
+__all__ = ["CHECK_SECONDS", "LOCK_FILE", "follow", "guard", "lock_also", "prepare", "release"]
 
 log = logging.getLogger("pipeline.state")
 
@@ -72,6 +72,18 @@ def prepare(state_dir: Path) -> Path:
         _held[key] = _lock(state_dir)
     _keys[state_dir.absolute()] = key
     return state_dir
+
+
+def lock_also(state_dir: Path) -> bool:
+    """Lock another directory a stage keeps what a restart resumes in (a controller's own `state_dir`), as
+    `prepare()` does; True when this call took the lock (`release()` it), False when this process holds it
+    already (it is the pipeline's own). Else two runs whose pipeline `state_dir`s differ both resumed the
+    sessions saved there."""
+    ensure_private_dir(state_dir)
+    if state_dir.resolve() in _held:
+        return False
+    prepare(state_dir)
+    return True
 
 
 def _key(state_dir: Path) -> Path:

@@ -85,9 +85,9 @@ class SessionManager:
         self._background = Background(self.who, self.stats, log)
         self._spawn = self._background.spawn
         self._bind_slots = asyncio.Semaphore(_BIND_CONCURRENCY)
-        #: background SDK work at once, all kinds together (the checks of silent sessions, of the shelf and of
-        #: sessions the listing left out; the stops a restart sends again): the SDK's few worker threads stay
-        #: free for the API's own calls
+        #: background SDK work at once, all kinds together (the checks of silent sessions, of the shelf, of
+        #: sessions the listing left out and of stopped ones for a stored channel; the stops a restart sends
+        #: again): the SDK's few worker threads stay free for the API's own calls
         self.checking = asyncio.Semaphore(CONCURRENCY)
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: dict[str, str] = {}
@@ -114,6 +114,7 @@ class SessionManager:
             status = record.get("status")
             if isinstance(status, str):
                 s.lifecycle.advance(status, polled=True)
+            _mask_token(s)
             if s.record.get("rtstreams") and not s.lifecycle.done:  # a finished one's send nothing more
                 self._index_streams(s)
         self.link.on_connection(self._on_connection)
@@ -194,6 +195,7 @@ class SessionManager:
         s = self._add(record)
         s.lifecycle.advance(status or "created")
         s.record["status"] = s.lifecycle.state
+        _mask_token(s)  # one a lost create's note kept was made by an earlier try (or run)
         if self.store.save(s.record) and isinstance(record.get("idempotency_key"), str):
             self.store.drop_intent(record["idempotency_key"])  # not before: a restart finds the session by it
         return s
@@ -222,9 +224,6 @@ class SessionManager:
         key = record.get("idempotency_key")
         if isinstance(key, str):
             self.idempotency[key] = s.id
-        token = record.get("client_token")
-        if isinstance(token, str) and s.live:  # a restart's live sessions too: masked while the session lives
-            secrets.register(token)
         self._evict()
         return s
 
@@ -437,8 +436,12 @@ class SessionManager:
     async def _end_if_unstored(self, s: ManagedSession, session: Any) -> None:
         """`stopped`: with no stored channel VideoDB exports nothing, so the session ends here (else it would
         stay live for ever: counted under max_sessions, polled, re-attached by every restart)."""
-        if not await ended_unstored(s.lifecycle, s.record, session, lambda: self._sdk(
-                "get_capture_session", self.conn.get_capture_session, s.id, self.settings.collection_id)):
+        async def fetch() -> Any:  # many sessions may stop at once (the end of a shift): a few asks at a time
+            async with self.checking:
+                return await self._sdk("get_capture_session", self.conn.get_capture_session, s.id,
+                                       self.settings.collection_id)
+
+        if not await ended_unstored(s.lifecycle, s.record, session, fetch):
             return
         log.info("%s: capture session %s stopped and none of its channels is stored: no export follows",
                  self.who, s.id)
@@ -682,6 +685,13 @@ def _token_allowed(s: ManagedSession) -> None:
         raise ApiProblem(409, f"capture session {s.id} is {s.lifecycle.state}: no new token")
     if not s.live:
         raise ApiProblem(409, f"capture session {s.id} was stopped through the API: no new token")
+
+
+def _mask_token(s: ManagedSession) -> None:
+    """A live session's client token is masked (a restart's too, not only those made in this process)."""
+    token = s.record.get("client_token")
+    if isinstance(token, str) and s.live:
+        secrets.register(token)
 
 
 def _forget_token(s: ManagedSession) -> None:

@@ -50,6 +50,10 @@ class SessionStore:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / SESSIONS_DIR
         self._swept = -INTENT_SWEEP_EVERY  # monotonic time of the last look for expired intents
+        #: records whose last save failed (the session's own dict, so always its latest state), by id: written
+        #: again at the next save that works. Else a session made while the disk was full (or the directory
+        #: gone) had no file until its status next changed, for ever if it did not, and a restart lost it
+        self._unsaved: dict[str, dict[str, Any]] = {}
 
     def path(self, session_id: str) -> Path:
         return self.dir / f"{session_id}.json"
@@ -61,11 +65,26 @@ class SessionStore:
             log.error("sessions: not saving a session with id %r (not a safe file name)", sid[:80])
             return False
         try:  # compact: indented, a deep metadata list grew 40-fold, past what a restart reads back
-            write_private_text(self.path(sid), orjson.dumps(record).decode())
+            self._write(sid, record)
         except (StageError, OSError) as exc:
             log.error("sessions: cannot save %s: %s", self.path(sid), exc)
+            self._unsaved[sid] = record
             return False
+        self._unsaved.pop(sid, None)
+        self._save_unsaved()
         return True
+
+    def _write(self, sid: str, record: dict[str, Any]) -> None:
+        write_private_text(self.path(sid), orjson.dumps(record).decode())
+
+    def _save_unsaved(self) -> None:
+        """The disk took a write again: the records it refused before, each logged once already."""
+        for sid, record in list(self._unsaved.items()):
+            try:
+                self._write(sid, record)
+            except (StageError, OSError):
+                return
+            self._unsaved.pop(sid, None)
 
     def write_json(self, name: str, data: Any) -> None:
         """Another state file beside the records (e.g. where a restart's backfill starts)."""
@@ -73,6 +92,8 @@ class SessionStore:
             write_private_text(self.dir / name, orjson.dumps(data).decode())
         except (StageError, OSError) as exc:
             log.error("sessions: cannot save %s: %s", self.dir / name, exc)
+            return
+        self._save_unsaved()  # written every few seconds while events flow
 
     def read_json(self, name: str) -> Any:
         """What `write_json` saved, or None (missing, unreadable, not a regular file or over 16 MiB)."""
@@ -142,6 +163,7 @@ class SessionStore:
 
     def drop(self, session_id: str) -> None:
         """Remove a finished session's record (nothing will ask for it again); a failure is logged."""
+        self._unsaved.pop(session_id, None)
         if safe_id(session_id):
             _remove(self.path(session_id))
 

@@ -67,6 +67,7 @@ function render(s) {
     const st = s.session.state || "none";
     badge("session", "session " + st, st === "active" ? "ok" : (st === "failed" ? "bad" : "warn"));
   }
+  if (s.sessions) badge("session", "sessions " + s.sessions.live + " live", "ok");
   $("uptime").textContent = "up " + secs(s.uptime) + (s.lag !== null ? " · lag " + secs(s.lag) : "");
 
   const graph = $("graph"); graph.replaceChildren();
