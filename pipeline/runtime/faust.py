@@ -125,6 +125,10 @@ class Worker:
             key_serializer="json", value_serializer="json",
             broker_session_timeout=session_timeout,
             broker_heartbeat_interval=max(0.5, session_timeout / 6),
+            # no standby replicas: a standby reads another worker's changelog partitions into the same tables,
+            # so it emitted their windows too (at its stop, or once due); the memory store reads a newly
+            # assigned partition's changelog whole anyway, so a standby copy saved no time
+            table_standby_replicas=0,
             Table=partition_table_class(self.cursor),
         )
         self.state = TableState(self.app, partitions)
