@@ -16,8 +16,10 @@ from tests.test_faust_runtime import (
     canonical,
     ingest,
     local_reference,
+    produce,
     read,
     wait_for_lines,
+    wait_for_markers,
     workers_env,  # noqa: F401
     write_config,
 )
@@ -121,17 +123,6 @@ async def test_windows_a_stopping_worker_flushed_are_deleted_from_every_changelo
     assert {key for _, key in await live_keys(kafka_broker.bootstrap, changelog)} == {b'"~watermark"'}
 
 
-async def produce(bootstrap: str, topic: str, partition: int, value: bytes) -> None:
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        await producer.send_and_wait(topic, value, partition=partition)
-    finally:
-        await producer.stop()
-
-
 def window_id(state_key: bytes) -> tuple[Any, ...]:
     """(start, capture_session_id, rtstream_id) of a window's changelog key (a JSON string of a JSON array)."""
     return tuple(orjson.loads(orjson.loads(state_key)))
@@ -163,11 +154,7 @@ async def test_a_worker_that_gave_partitions_away_does_not_flush_their_windows(
         assert restored in log.read_text(errors="replace")
         marker = {"channel": "metrics", "marker": "after the rebalance"}
         await produce(kafka_broker.bootstrap, "win3-ingest", mine[0], orjson.dumps(marker))
-        for _ in range(300):
-            if any(e.get("marker") for e in read(out)):
-                break
-            await asyncio.sleep(0.1)
-        assert any(e.get("marker") for e in read(out))
+        await wait_for_markers(out, 1, workers)
         assert workers.stop(first) == 0
         emitted = [(e["window"]["start"], e["key"]["capture_session_id"], e["key"]["rtstream_id"])
                    for e in read(out) if e.get("channel") == "metrics" and "marker" not in e]

@@ -35,6 +35,7 @@ from pipeline.files import ensure_private_dir
 from pipeline.kafka import quiet_aiokafka
 from pipeline.runtime.faust_ingest import app_id, create_ingest_topic, ingest_topic
 from pipeline.runtime.faust_latency import transport_class
+from pipeline.runtime.faust_offsets import commit_before_revoke
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
 from pipeline.runtime.faust_stop import DrainClock, close_limit, give_up
 from pipeline.types import parse_duration
@@ -105,6 +106,7 @@ class Worker:
         runtime = self
 
         transport = transport_class(cfg.runtime.fetch_max_wait)
+        transport.Consumer = commit_before_revoke(transport.Consumer)
 
         class PipelineApp(faust.App):  # type: ignore[misc]
             async def on_stop(self) -> None:
