@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import yaml
 
 from tests.broker import Broker, kafka_broker  # noqa: F401
 from tests.test_faust_runtime import (
@@ -80,14 +82,18 @@ async def live_keys(bootstrap: str, topic: str, partitions: int = 4) -> list[tup
     return sorted(k for k, v in last.items() if v is not None)
 
 
-async def wait_for_log(workers: Workers, log: Path, text: str, timeout: float = 30) -> None:
-    """Wait until a worker's log holds `text`; no worker may exit other than cleanly meanwhile."""
+async def wait_until(workers: Workers, check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Wait until `check()`; no worker may exit other than cleanly meanwhile."""
     deadline = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace") and time.monotonic() < deadline:
-        for proc, plog in workers.procs:
-            assert proc.poll() is None or proc.returncode == 0, plog.read_text()[-3000:]
+    while not check() and time.monotonic() < deadline:
+        for proc, log in workers.procs:
+            assert proc.poll() is None or proc.returncode == 0, log.read_text()[-3000:]
         await asyncio.sleep(0.1)
-    assert text in log.read_text(errors="replace"), f"not in {log.name} after {timeout}s: {text}"
+    assert check(), f"not {what} after {timeout}s"
+
+
+async def wait_for_log(workers: Workers, log: Path, text: str) -> None:
+    await wait_until(workers, lambda: text in log.read_text(errors="replace"), f"in {log.name}: {text}")
 
 
 async def eight_sessions_through_one_worker(broker: Broker, env: dict[str, str], tmp_path: Path,
@@ -139,6 +145,23 @@ def window_id(state_key: bytes) -> tuple[Any, ...]:
     return tuple(orjson.loads(orjson.loads(state_key)))
 
 
+def emitted_windows(out: Path) -> list[tuple[Any, ...]]:
+    """(start, capture_session_id, rtstream_id) of every window emitted to `out` so far."""
+    return [(e["window"]["start"], e["key"]["capture_session_id"], e["key"]["rtstream_id"])
+            for e in read(out) if e.get("channel") == "metrics" and "marker" not in e]
+
+
+async def windows_by_partitions(bootstrap: str, name: str, partitions: list[int]) -> tuple[set[Any], int]:
+    """The windows ever written to these changelog partitions (deletions aside), and how many windows in all."""
+    homes: dict[bytes, set[int]] = {}
+    for partition, key, value in await changelog_records(
+            bootstrap, f"videodb-pipeline-{name}-window_stages_1__window-changelog"):
+        if value is not None:  # not a stopping worker's deletions
+            homes.setdefault(key, set()).add(partition)
+    homes.pop(b'"~watermark"')
+    return {window_id(key) for key, parts in homes.items() if parts & set(partitions)}, len(homes)
+
+
 async def test_a_worker_that_gave_partitions_away_does_not_flush_their_windows(
         kafka_broker: Broker, workers_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
     """The first worker emits, when it stops, exactly the windows written to the partitions it kept.
@@ -163,16 +186,9 @@ async def test_a_worker_that_gave_partitions_away_does_not_flush_their_windows(
         await produce(kafka_broker.bootstrap, "win3-ingest", mine[0], orjson.dumps(marker))
         await wait_for_markers(out, 1, workers)
         assert workers.stop(first) == 0
-        emitted = [(e["window"]["start"], e["key"]["capture_session_id"], e["key"]["rtstream_id"])
-                   for e in read(out) if e.get("channel") == "metrics" and "marker" not in e]
-        homes: dict[bytes, set[int]] = {}
-        for partition, key, value in await changelog_records(
-                kafka_broker.bootstrap, "videodb-pipeline-win3-window_stages_1__window-changelog"):
-            if value is not None:  # not the first worker's deletions at its stop
-                homes.setdefault(key, set()).add(partition)
-        homes.pop(b'"~watermark"')
-        kept = {window_id(key) for key, parts in homes.items() if parts & set(mine)}
-        assert 0 < len(kept) < len(homes)  # some windows live only in the partitions the first worker gave away
+        emitted = emitted_windows(out)
+        kept, every = await windows_by_partitions(kafka_broker.bootstrap, "win3", mine)
+        assert 0 < len(kept) < every  # some windows live only in the partitions the first worker gave away
         assert len(emitted) == len(set(emitted))
         assert set(emitted) == kept, "the first worker emitted windows of partitions it gave away"
         # the second takes over the partitions it had kept: its last restore read past what the test broker
@@ -182,3 +198,60 @@ async def test_a_worker_that_gave_partitions_away_does_not_flush_their_windows(
     finally:
         codes = workers.stop_all()
     assert codes == [0, 0]
+
+
+@pytest.mark.parametrize("batch_wait", ["1s", "0s"])
+async def test_a_rebalance_while_a_sink_holds_a_batch_waits_for_it_and_its_windows_move_with_their_partitions(
+        kafka_broker: Broker, workers_env: dict[str, str], tmp_path: Path, batch_wait: str) -> None:  # noqa: F811
+    """A second worker joins while the first one's sink holds a batch. The first worker finishes the batch
+    (its windows reach the changelog) before it gives partitions away, so it emits at its stop only the
+    windows of the partitions it kept; a batch that wrote its windows back after the rebalance would have
+    made it emit those of the partitions it gave away.
+
+    batch_wait 1s: the held batch has every record, also those of the partitions given away. 0s: it has the
+    first record only, and the second worker takes its partitions with records waiting. Before, it handled
+    some twice (102 events written twice): faust fetched from a partition it was just given before it
+    sought it to the committed offset, and the records fetched came again after the seek."""
+    from tests.test_faust_runtime import multi_session
+
+    replay = tmp_path / "eight.jsonl"
+    multi_session(replay, 8)
+    lines = tmp_path / "faust/lines.jsonl"
+    cfg = write_config(tmp_path / "faust.yaml", engine="faust", bootstrap=kafka_broker.bootstrap,
+                       out=tmp_path / "faust", stages=STAGES, name="win4")
+    doc = yaml.safe_load(cfg.read_text())
+    doc["sinks"][0] = {"type": "tests.slow_sink:GatedLines", "path": str(lines)}  # holds batches while .hold exists
+    doc["runtime"]["batch_wait"] = batch_wait
+    cfg.write_text(yaml.safe_dump(doc))
+    hold = Path(f"{lines}.hold")
+    hold.parent.mkdir(parents=True)
+    hold.touch()
+    workers = Workers(cfg, tmp_path, workers_env)
+    try:
+        await ingest(cfg, workers_env, replay)  # all there before the worker starts
+        first = workers.start()
+        await wait_until(workers, Path(f"{lines}.waiting").exists, "a batch held at the sink")
+        workers.start()
+        await wait_for_log(workers, workers.procs[0][1], "a rebalance takes back")  # the batch is still held
+        hold.unlink()
+        await workers.settled(2)
+        mine = sorted(workers.assignments()[first.pid])
+        await wait_for_log(workers, workers.procs[0][1],
+                           f"table window_stages_1__window restored for partitions {mine}")
+        for partition in range(4):  # once these are out, every event is
+            await produce(kafka_broker.bootstrap, "win4-ingest", partition,
+                          orjson.dumps({"channel": "metrics", "marker": partition}))
+        await wait_for_markers(lines, 4, workers)
+        events = sum(1 for line in replay.read_text().splitlines() if line.strip())
+        assert len(read(lines)) == events + 4  # each once
+        assert workers.stop(first) == 0
+        emitted = emitted_windows(lines)
+        kept, every = await windows_by_partitions(kafka_broker.bootstrap, "win4", mine)
+        assert 0 < len(kept) < every
+        assert len(emitted) == len(set(emitted))
+        assert set(emitted) == kept, "the first worker emitted windows of partitions it gave away"
+    finally:
+        codes = workers.stop_all()
+    assert codes == [0, 0]
+    if batch_wait == "1s":  # the held batch had the events of every partition: the second worker took only markers
+        assert "stages[0]:enrich             in 2 " in workers.procs[1][1].read_text()

@@ -143,6 +143,10 @@ class Worker:
                                     partitions=partitions)
         self._started = False
         self.sinks_started = False  # for /ready
+        # ingest partition -> the last offset this worker handled (sinks flushed, state kept). Why: faust resumes
+        # a partition it was just given before it seeks it to the committed offset, so the records fetched
+        # in between came again after the seek, and were written and counted twice
+        self.done: dict[int, int] = {}
         if cfg.runtime.http:  # the operator endpoint runs beside the agent, in faust's loop
             from pipeline.http.attach import serve_worker
 
@@ -211,8 +215,11 @@ class Worker:
         the stages, so a backlog of packed records never becomes millions of decoded events at once.
         """
         by_partition: dict[int, list[Any]] = {}
+        done = self.done
         for ev in events:
-            by_partition.setdefault(ev.message.partition, []).append(ev)
+            msg = ev.message
+            if msg.offset > done.get(msg.partition, -1):  # else handled here already, see `done`
+                by_partition.setdefault(msg.partition, []).append(ev)
         for partition, evs in by_partition.items():
             self.cursor.partition = partition
             batch: Batch = []
@@ -223,6 +230,7 @@ class Worker:
                     batch = []
             if batch:
                 await self._process(batch)
+            done[partition] = max(done.get(partition, -1), max(ev.message.offset for ev in evs))
 
     async def _process(self, batch: Batch) -> None:
         """Processors, then every sink; the state the processors wrote is kept only once all sinks flushed."""

@@ -13,7 +13,11 @@ faust is imported by the caller, so `import pipeline.cli` stays fast.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
+
+log = logging.getLogger("pipeline.runtime.faust")
 
 
 def commit_before_revoke(consumer: type[Any]) -> type[Any]:
@@ -21,6 +25,8 @@ def commit_before_revoke(consumer: type[Any]) -> type[Any]:
 
     class Consumer(consumer):  # type: ignore[misc,valid-type]
         async def on_partitions_revoked(self, revoked: Any) -> None:
+            if revoked:  # faust then waits until the batch in hand is written, flushed and acknowledged
+                log.info("worker %d: a rebalance takes back %d topic partitions", os.getpid(), len(revoked))
             await self.commit()
             await super().on_partitions_revoked(revoked)
 
