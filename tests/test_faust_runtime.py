@@ -157,6 +157,28 @@ async def wait_for_lines(path: Path, n: int, workers: Workers, timeout: float = 
     assert count(path) >= n, f"{count(path)} of {n} events after {timeout}s"
 
 
+async def produce(bootstrap: str, topic: str, partition: int, value: bytes) -> None:
+    """One record straight onto a topic partition (no ingest)."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, partition=partition)
+    finally:
+        await producer.stop()
+
+
+async def wait_for_markers(path: Path, n: int, workers: Workers, timeout: float = 30) -> None:
+    """Wait until `n` events with a "marker" field (records a test put on a partition) are in `path`."""
+    deadline = time.monotonic() + timeout
+    while sum("marker" in e for e in read(path)) < n and time.monotonic() < deadline:
+        for proc, log in workers.procs:
+            assert proc.poll() is None or proc.returncode == 0, log.read_text()[-3000:]
+        await asyncio.sleep(0.1)
+    assert sum("marker" in e for e in read(path)) >= n, f"not {n} markers out after {timeout}s"
+
+
 # --------------------------------------------------------------------------------------------
 
 def test_ingest_keys_events_by_capture_session_once_known() -> None:
@@ -204,6 +226,38 @@ async def test_ingest_and_two_workers_match_the_local_runtime(
     both = [log.read_text() for _, log in workers.procs]
     assert all("sinks[0]:jsonl" in text for text in both)  # each worker ran the sinks and closed them
     assert not (tmp_path / "faust/dead-letter.jsonl").exists()
+
+
+async def test_a_rebalance_commits_what_the_worker_processed_before_it(
+        kafka_broker: Broker, workers_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """Before: faust forgot, at a rebalance, which records of the revoked partitions were acknowledged before
+    it committed their offsets, so all a worker processed since its last periodic commit was processed again
+    by the partitions' next owners (every event written twice here). The periodic commit is moved out of the
+    test (BROKER_COMMIT_INTERVAL), so only the rebalance commits; a record through every partition after it,
+    once out, means whatever would be processed again is out too."""
+    replay = tmp_path / "sessions.jsonl"
+    multi_session(replay, copies=4)
+    events = sum(1 for line in replay.read_text().splitlines() if line.strip())
+    cfg = write_config(tmp_path / "faust.yaml", engine="faust", bootstrap=kafka_broker.bootstrap,
+                       out=tmp_path / "faust", stages=[{"type": "enrich"}], name="handback")
+    out = tmp_path / "faust/events.jsonl"
+    workers = Workers(cfg, tmp_path, {**workers_env, "BROKER_COMMIT_INTERVAL": "600"})
+    try:
+        workers.start()
+        await workers.settled(1)
+        await ingest(cfg, workers_env, replay)
+        await wait_for_lines(out, events, workers)
+        workers.start()
+        await workers.settled(2)
+        for partition in range(4):
+            await produce(kafka_broker.bootstrap, "handback-ingest", partition,
+                          orjson.dumps({"channel": "marker", "marker": partition}))
+        await wait_for_markers(out, 4, workers)
+    finally:
+        codes = workers.stop_all()
+    assert codes == [0, 0]
+    got = len(read(out))
+    assert got == events + 4, f"{got - events - 4} events processed twice"
 
 
 def event(t: int, text: str, channel: str = "visual_index") -> dict[str, Any]:

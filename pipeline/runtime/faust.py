@@ -35,6 +35,7 @@ from pipeline.files import ensure_private_dir
 from pipeline.kafka import quiet_aiokafka
 from pipeline.runtime.faust_ingest import app_id, create_ingest_topic, ingest_topic
 from pipeline.runtime.faust_latency import transport_class
+from pipeline.runtime.faust_offsets import commit_before_revoke
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
 from pipeline.runtime.faust_stop import DrainClock, close_limit, give_up
 from pipeline.runtime.sink_start import start_within
@@ -106,6 +107,7 @@ class Worker:
         runtime = self
 
         transport = transport_class(cfg.runtime.fetch_max_wait)
+        transport.Consumer = commit_before_revoke(transport.Consumer)
 
         class PipelineApp(faust.App):  # type: ignore[misc]
             async def on_stop(self) -> None:
@@ -126,6 +128,14 @@ class Worker:
             key_serializer="json", value_serializer="json",
             broker_session_timeout=session_timeout,
             broker_heartbeat_interval=max(0.5, session_timeout / 6),
+            # no standby replicas: a standby reads another worker's changelog partitions into the same tables,
+            # so it emitted their windows too (at its stop, or once due); the memory store reads a newly
+            # assigned partition's changelog whole anyway, so a standby copy saved no time
+            table_standby_replicas=0,
+            # the check compares a store's persisted offsets with the changelog's end: the memory store has none,
+            # only the offsets read at the last assignment, and a broker that reports a partition's end as the
+            # start of its last record batch (tansu) made a worker that kept a partition crash at the next one
+            recovery_consistency_check=False,
             Table=partition_table_class(self.cursor),
         )
         self.state = TableState(self.app, partitions)
@@ -134,6 +144,10 @@ class Worker:
                                     partitions=partitions)
         self._started = False
         self.sinks_started = False  # for /ready
+        # ingest partition -> the last offset this worker handled (sinks flushed, state kept). Why: faust resumes
+        # a partition it was just given before it seeks it to the committed offset, so the records fetched
+        # in between came again after the seek, and were written and counted twice
+        self.done: dict[int, int] = {}
         if cfg.runtime.http:  # the operator endpoint runs beside the agent, in faust's loop
             from pipeline.http.attach import serve_worker
 
@@ -204,8 +218,11 @@ class Worker:
         the stages, so a backlog of packed records never becomes millions of decoded events at once.
         """
         by_partition: dict[int, list[Any]] = {}
+        done = self.done
         for ev in events:
-            by_partition.setdefault(ev.message.partition, []).append(ev)
+            msg = ev.message
+            if msg.offset > done.get(msg.partition, -1):  # else handled here already, see `done`
+                by_partition.setdefault(msg.partition, []).append(ev)
         for partition, evs in by_partition.items():
             self.cursor.partition = partition
             batch: Batch = []
@@ -216,6 +233,7 @@ class Worker:
                     batch = []
             if batch:
                 await self._process(batch)
+            done[partition] = max(done.get(partition, -1), max(ev.message.offset for ev in evs))
 
     async def _process(self, batch: Batch) -> None:
         """Processors, then every sink; the state the processors wrote is kept only once all sinks flushed."""
