@@ -55,6 +55,18 @@ async def test_workers_fetch_and_batch_with_short_waits_by_default(tmp_path: Pat
     assert fetch_wait_ms(Worker(slow, tmp_path / "w2", 10.0)) == 500
 
 
+def test_environment_variables_do_not_override_the_workers_settings(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """faust reads its settings from the environment first: BROKER_URL (also Celery's) moved a worker to another
+    broker, TABLE_STANDBY_REPLICAS brought back the standby copies that emitted windows twice."""
+    for name, value in (("BROKER_URL", "kafka://elsewhere:9092"), ("TABLE_STANDBY_REPLICAS", "3"),
+                        ("STREAM_WAIT_EMPTY", "false"), ("APP_ENV_PREFIX", "")):
+        monkeypatch.setenv(name, value)
+    conf = Worker(load_config(config(tmp_path, "127.0.0.1:9")), tmp_path / "w", 10.0).app.conf
+    assert [str(u) for u in conf.broker] == ["kafka://127.0.0.1:9"]
+    assert (conf.table_standby_replicas, conf.stream_wait_empty) == (0, True)
+
+
 def test_ingest_publishes_without_lingering(tmp_path: Path) -> None:
     """The runtime waits for each batch's acknowledgement before the next: lingering would only add delay."""
     rt = ingest_runtime(load_config(config(tmp_path, "127.0.0.1:9")), install_signals=False)

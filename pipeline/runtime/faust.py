@@ -137,6 +137,9 @@ class Worker:
             # start of its last record batch (tansu) made a worker that kept a partition crash at the next one
             recovery_consistency_check=False,
             Table=partition_table_class(self.cursor),
+            # faust lets environment variables override these (BROKER_URL, common for Celery, pointed a worker
+            # at another broker; TABLE_STANDBY_REPLICAS undid the line above): the config file alone decides
+            env={},
         )
         self.state = TableState(self.app, partitions)
         self.built = build(dataclasses.replace(cfg, controller=None), state=self.state, with_source=False)
