@@ -28,6 +28,7 @@ from pipeline import secrets
 from pipeline.api import Batch, Event
 from pipeline.events import iso_seconds, iso_ts, lifecycle_status
 from pipeline.videodb_sdk import VideoDBCallError, call, client_token
+from stages.controller import session_tokens
 from stages.controller.ai_pipelines import (
     MAX_STREAMS,
     AIPipelines,
@@ -254,10 +255,11 @@ class SessionManager:
                     self._drop_record(self.forgotten_keys.popitem(last=False)[1])
             elif s.lifecycle.done:
                 self.store.drop(sid)
-            if not s.lifecycle.done:
-                self.shelf.add(sid)  # its file goes once VideoDB says it can no longer start
             self._unindex_streams(s)
-            _forget_token(s)
+            if s.lifecycle.done:
+                _forget_token(s)
+            else:  # its file, and the masking of its tokens, go once VideoDB says it can no longer start
+                self.shelf.add(sid, session_tokens.tokens(s.record))
 
     def _drop_record(self, sid: str) -> None:
         """The file of a session no longer in memory and no longer asked for by key, if it has finished."""
@@ -346,8 +348,7 @@ class SessionManager:
         if not s.live:  # stopped or ended while VideoDB made the token: nobody gets it (nor is it masked for ever)
             secrets.forget(token)
             _token_allowed(s)
-        _forget_token(s)  # the one it replaces: each live session keeps one masked
-        s.record["client_token"] = token
+        session_tokens.replace(s.record, token)  # the one it replaces stays masked: a client may hold it still
         s.record["expires_at"] = iso_ts(time.time() + self.opts.client_token_expires_in)
         self.store.save(s.record)
         return s
@@ -688,14 +689,12 @@ def _token_allowed(s: ManagedSession) -> None:
 
 
 def _mask_token(s: ManagedSession) -> None:
-    """A live session's client token is masked (a restart's too, not only those made in this process)."""
-    token = s.record.get("client_token")
-    if isinstance(token, str) and s.live:
-        secrets.register(token)
+    """The client tokens of a session not finished are masked (a restart's too, not only those made in this
+    process); one stopped before it started may still be started with them."""
+    if not s.lifecycle.done:
+        session_tokens.mask(s.record)
 
 
 def _forget_token(s: ManagedSession) -> None:
-    """Masking stays bounded by the live sessions, not by every session a long run ever made."""
-    token = s.record.get("client_token")
-    if isinstance(token, str):
-        secrets.forget(token)
+    """Masking stays bounded by the sessions that may still run, not by every session a long run ever made."""
+    session_tokens.forget(s.record)

@@ -36,7 +36,7 @@ _TYPES: Final[dict[str, type | tuple[type, ...]]] = {
     "status": str, "end_user_id": str, "collection_id": str, "metadata": dict, "created_at": str,
     "expires_at": str, "client_token": str, "ws_connection_id": str, "stop_requested": bool, "stop_incomplete": bool,
     "stored": bool, "idempotency_key": str, "request_hash": str, "on_active": dict, "rtstreams": list,
-    "indexes": list, "session_id": str, "backfill_from": dict}
+    "indexes": list, "session_id": str, "backfill_from": dict, "earlier_tokens": list}
 
 
 def safe_id(session_id: str) -> bool:
