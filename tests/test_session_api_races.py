@@ -18,7 +18,7 @@ import pytest
 from pipeline.api import Context
 from pipeline.emulator import Emulator
 from pipeline.events import iso_ts
-from tests.test_session_api import Live, hook, running
+from tests.test_session_api import TOKEN, Live, hook, running
 from tests.test_session_api import emulator as emulator  # the shared fixture
 from tests.test_session_api_attacks import status_of
 
@@ -176,3 +176,33 @@ async def test_many_sessions_stopping_at_once_leave_threads_for_the_api(
         took = time.monotonic() - began
         assert status == 201, body
         assert took < 1.5, took
+
+
+async def test_a_keyed_create_whose_note_cannot_be_saved_makes_nothing_and_is_503(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`sessions` is not a directory (removed, a file put in its place; a full disk likewise): the note a keyed
+    create saves before asking VideoDB cannot be written. Before: the create went ahead without it, so if its
+    answer was lost and the pipeline restarted, the retry with the key could not find the session and made a
+    second one. Now: 503 with Retry-After, no session made, one log line; once the disk takes writes, the retry
+    makes the session."""
+    import logging
+
+    from pipeline import secrets
+
+    records = tmp_path / "sessions"
+    body, hdr = {"end_user_id": "u"}, {"Idempotency-Key": "k-note", "Authorization": f"Bearer {TOKEN}"}
+    async with running(make_context, emulator) as live:
+        records.mkdir(mode=0o700, exist_ok=True)
+        records.rmdir()
+        records.write_text("not a directory")
+        caplog.set_level(logging.ERROR, "pipeline.controller.sessions")
+        async with live.http.post(live.url + "/v1/sessions", json=body, headers=hdr) as r:
+            status, retry_after, err = r.status, r.headers.get("Retry-After"), await r.json()
+        assert (status, retry_after) == (503, "5") and "nothing was made" in err["error"], err
+        assert not emulator.registry.sessions
+        assert not secrets.known(list(emulator.api.client_tokens)[-1])  # handed to nobody
+        assert len([r for r in caplog.records if "cannot save" in r.getMessage()]) == 1, caplog.records
+        records.unlink()
+        status, made = await live.call("POST", "/v1/sessions", json=body, headers=hdr)
+        assert status == 201 and list(emulator.registry.sessions) == [made["session_id"]], made
