@@ -206,3 +206,31 @@ async def test_a_keyed_create_whose_note_cannot_be_saved_makes_nothing_and_is_50
         records.unlink()
         status, made = await live.call("POST", "/v1/sessions", json=body, headers=hdr)
         assert status == 201 and list(emulator.registry.sessions) == [made["session_id"]], made
+
+
+async def test_a_mass_re_bind_after_a_reconnect_leaves_threads_for_the_api(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """40 active sessions when the WebSocket drops, VideoDB answering each re-bind's transcript call in 2 s: the
+    re-binds go 4 at a time (with the other background asks), so a create meanwhile is answered at once (before:
+    8 at a time, more than the SDK's worker threads on 2 cores, and each of the create's calls waited behind
+    them for a free thread)."""
+    async with running(make_context, emulator) as live:
+        m, link = live.ctl.manager, live.ctl.context.session
+        made = [(await live.call("POST", "/v1/sessions", json={"end_user_id": f"u{i}"}))[1]["session_id"]
+                for i in range(40)]
+        await asyncio.gather(*(hook(live, emulator, f"sessions/{sid}/start") for sid in made))
+        await live.wait_for(lambda: all((p := m.sessions[sid].pipelines) is not None and bool(p.bound_to)
+                                        for sid in made), timeout=20)
+        first = link.connection_id
+        emulator.fault("POST", "/transcription", delay=2.0)
+        for cid, conn in list(emulator.hub.live.items()):  # the connection drops: the source reconnects
+            emulator.hub._gone(cid)
+            await conn.ws.close(code=1012, message=b"test: dropped")
+        await live.wait_for(lambda: link.connection_id not in (None, first))
+        n = sum(c["path"].endswith("/transcription") for c in list(emulator.calls))
+        await live.wait_for(lambda: sum(c["path"].endswith("/transcription") for c in list(emulator.calls)) > n)
+        began = time.monotonic()
+        status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "new"})
+        took = time.monotonic() - began
+        assert status == 201, body
+        assert took < 1.0, took

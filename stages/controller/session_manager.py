@@ -53,7 +53,6 @@ log = logging.getLogger("pipeline.controller.sessions")
 _EARLY_SESSIONS: Final = 1000  # lifecycle events for ids we do not know yet (the create call has not returned)
 _EARLY_PER_SESSION: Final = 10
 _COUNTED: Final = frozenset({"transcript", "visual_index", "scene_index", "audio_index", "alert"})
-_BIND_CONCURRENCY: Final = 8  # re-binds after a reconnect, at once (each is a few SDK calls in a thread)
 FORGOTTEN_KEYS: Final = 65536  # Idempotency-Keys of sessions beyond max_sessions, answered from their files
 CHECKPOINT_FILE: Final = "backfill_from.checkpoint"  # where a restart's backfill starts, for every session
 #: a record's `media_types` per stream kind: shared tuples (saved as JSON lists), so the many sessions' rtstream
@@ -85,10 +84,9 @@ class SessionManager:
         self._early: OrderedDict[str, list[Event]] = OrderedDict()
         self._background = Background(self.who, self.stats, log)
         self._spawn = self._background.spawn
-        self._bind_slots = asyncio.Semaphore(_BIND_CONCURRENCY)
         #: background SDK work at once, all kinds together (the checks of silent sessions, of the shelf, of
         #: sessions the listing left out and of stopped ones for a stored channel; the stops a restart sends
-        #: again): the SDK's few worker threads stay free for the API's own calls
+        #: again; binds and re-binds): the SDK's few worker threads stay free for the API's own calls
         self.checking = asyncio.Semaphore(CONCURRENCY)
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: dict[str, str] = {}
@@ -512,7 +510,9 @@ class SessionManager:
         on hold for this call (live events wait for the backfill); released at the end.
         """
         try:
-            async with self._bind_slots, s.lock:
+            # with the other background work, a few at a time: hundreds re-bound after a reconnect took every SDK
+            # worker thread (8 at once, 6 threads on 2 cores) and each of a create's calls waited behind them
+            async with self.checking, s.lock:
                 s.rebind_waiting = False  # a reconnect from now on queues another (this one may bind too early)
                 before = s.pipelines.bound_to if s.pipelines is not None else None
                 await self._bind_now(s, streams)
