@@ -229,3 +229,36 @@ def test_the_readme_example_case_passes(tmp_path: Path) -> None:
     res = run(str(tmp_path / "meeting.test.yaml"))
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.splitlines()[-1] == "1 passed, 0 failed, 0 errors (1 file)"
+
+
+def test_control_characters_from_a_test_file_are_shown_not_sent_to_the_terminal(tmp_path: Path) -> None:
+    """A case name and an rtstream id holding ESC sequences, a CR and a newline: printed raw they retitled and
+    cleared the terminal and forged an `ok` line, and the JUnit XML could not be parsed. Now each is shown as
+    `\\xNN`: one line per case, and readable XML."""
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    (tmp_path / "p.test.yaml").write_text("""config: p.yaml
+cases:
+  - name: "evil \\e]0;pwned\\a\\e[2J\\r\\nok    forged: passes"
+    input:
+      - {channel: visual_index, rtstream_id: "s\\e]0;T\\a", data: {text: "a terminal"}}
+    expect: {alerts: [{label: term, count: 2}]}
+""")
+    res = run(str(tmp_path), "--junit", str(tmp_path / "j.xml"), cwd=tmp_path.parent)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "\x1b" not in res.stdout and "\r" not in res.stdout and "\x07" not in res.stdout
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"FAIL  {tmp_path}/p.test.yaml: evil \\x1b]0;pwned\\x07\\x1b[2J\\x0d\\x0aok    forged: passes"
+    assert not any(line.startswith("ok ") for line in lines), lines
+    assert "term [info] on s\\x1b]0;T\\x07 matched ['terminal'] at 0" in res.stdout
+    case = next(ET.parse(tmp_path / "j.xml").getroot().iter("testcase"))
+    assert case.get("name", "").startswith("evil \\x1b]0;pwned")
+
+
+def test_a_named_pipe_found_in_a_directory_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """A FIFO named `*.test.yaml` under a searched directory: its read waited for a writer for ever."""
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    os.mkfifo(tmp_path / "x.test.yaml")
+    res = run(str(tmp_path), cwd=tmp_path.parent)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr == f"pipeline: {tmp_path}/x.test.yaml: a named pipe, not a test file: not read when found in " \
+                         "a directory (name it to read from a pipe)\n"
