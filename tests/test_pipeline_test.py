@@ -262,3 +262,18 @@ def test_a_named_pipe_found_in_a_directory_is_an_error_not_a_hang(tmp_path: Path
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr == f"pipeline: {tmp_path}/x.test.yaml: a named pipe, not a test file: not read when found in " \
                          "a directory (name it to read from a pipe)\n"
+
+
+def test_an_input_file_of_more_events_than_a_rule_test_needs_is_an_error(tmp_path: Path) -> None:
+    """Within the 64 MiB an input_file may have, tiny lines (`{}`) were 20 million events: 5.7 GB of memory and a
+    minute. Now more than MAX_INPUT_EVENTS is an error, read one line at a time."""
+    from pipeline.testing.model import MAX_INPUT_EVENTS
+
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    (tmp_path / "events.jsonl").write_text("{}\n\n" * (MAX_INPUT_EVENTS + 1))
+    (tmp_path / "p.test.yaml").write_text("config: p.yaml\ncases:\n  - name: many\n    input_file: events.jsonl\n"
+                                          "    expect: {no_alerts: true}\n")
+    res = run(str(tmp_path / "p.test.yaml"))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"p.test.yaml:4:5: input_file: more than {MAX_INPUT_EVENTS:,} events in {tmp_path}/events.jsonl" \
+           in res.stdout, res.stdout
