@@ -277,3 +277,18 @@ def test_an_input_file_of_more_events_than_a_rule_test_needs_is_an_error(tmp_pat
     assert res.returncode == 2, res.stdout + res.stderr
     assert f"p.test.yaml:4:5: input_file: more than {MAX_INPUT_EVENTS:,} events in {tmp_path}/events.jsonl" \
            in res.stdout, res.stdout
+
+
+def test_an_input_event_nested_too_deeply_is_an_error_with_its_line(tmp_path: Path) -> None:
+    """A JSON line nested 600 levels deep (JSON allows 1,024): copying it for the case raised RecursionError, shown
+    as a failed case that said nothing of the file. Now it is refused with its line, at the depth YAML allows."""
+    from pipeline.yamlpos import MAX_DEPTH
+
+    deep = '{"a": ' * 600 + "{}" + "}" * 600
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    (tmp_path / "events.jsonl").write_text('{"channel": "visual_index"}\n' + deep + "\n")
+    (tmp_path / "p.test.yaml").write_text("config: p.yaml\ncases:\n  - name: deep\n    input_file: events.jsonl\n"
+                                          "    expect: {no_alerts: true}\n")
+    res = run(str(tmp_path / "p.test.yaml"))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"{tmp_path}/events.jsonl:2: nested more than {MAX_DEPTH} levels deep" in res.stdout, res.stdout
