@@ -221,3 +221,12 @@ def test_a_malformed_videodb_base_url_is_a_config_error(tmp_path: Path, where: s
     path.write_text(f"name: t\nvideodb: {videodb}\nsource: {source}\nsinks: [{{type: console}}]\n")
     with pytest.raises(ConfigError, match=r"base_url: .*expected an http\(s\) URL such as https://api.videodb.io"):
         load_config(path)
+
+
+@pytest.mark.parametrize("source", ['{type: websocket, url: "ws://127.0.0.1:9/"', "{type: videodb"])
+@pytest.mark.parametrize("option", ["backoff_initial", "backoff_max"])
+def test_a_reconnect_backoff_of_0_is_refused(tmp_path: Path, source: str, option: str) -> None:
+    """Before: taken; while the server was down the source then reconnected with no delay at all, for ever."""
+    text = f"name: t\nvideodb: {{api_key: k}}\nsource: {source}, {option}: 0s}}\nsinks: [{{type: console}}]\n"
+    msg = error_of(tmp_path, text)
+    assert len(msg.splitlines()) == 1 and f"source.{option}: expected a number > 0" in msg, msg

@@ -229,3 +229,66 @@ def test_the_readme_example_case_passes(tmp_path: Path) -> None:
     res = run(str(tmp_path / "meeting.test.yaml"))
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.splitlines()[-1] == "1 passed, 0 failed, 0 errors (1 file)"
+
+
+def test_control_characters_from_a_test_file_are_shown_not_sent_to_the_terminal(tmp_path: Path) -> None:
+    """A case name and an rtstream id holding ESC sequences, a CR and a newline: printed raw they retitled and
+    cleared the terminal and forged an `ok` line, and the JUnit XML could not be parsed. Now each is shown as
+    `\\xNN`: one line per case, and readable XML."""
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    (tmp_path / "p.test.yaml").write_text("""config: p.yaml
+cases:
+  - name: "evil \\e]0;pwned\\a\\e[2J\\r\\nok    forged: passes"
+    input:
+      - {channel: visual_index, rtstream_id: "s\\e]0;T\\a", data: {text: "a terminal"}}
+    expect: {alerts: [{label: term, count: 2}]}
+""")
+    res = run(str(tmp_path), "--junit", str(tmp_path / "j.xml"), cwd=tmp_path.parent)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "\x1b" not in res.stdout and "\r" not in res.stdout and "\x07" not in res.stdout
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"FAIL  {tmp_path}/p.test.yaml: evil \\x1b]0;pwned\\x07\\x1b[2J\\x0d\\x0aok    forged: passes"
+    assert not any(line.startswith("ok ") for line in lines), lines
+    assert "term [info] on s\\x1b]0;T\\x07 matched ['terminal'] at 0" in res.stdout
+    case = next(ET.parse(tmp_path / "j.xml").getroot().iter("testcase"))
+    assert case.get("name", "").startswith("evil \\x1b]0;pwned")
+
+
+def test_a_named_pipe_found_in_a_directory_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """A FIFO named `*.test.yaml` under a searched directory: its read waited for a writer for ever."""
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    os.mkfifo(tmp_path / "x.test.yaml")
+    res = run(str(tmp_path), cwd=tmp_path.parent)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr == f"pipeline: {tmp_path}/x.test.yaml: a named pipe, not a test file: not read when found in " \
+                         "a directory (name it to read from a pipe)\n"
+
+
+def test_an_input_file_of_more_events_than_a_rule_test_needs_is_an_error(tmp_path: Path) -> None:
+    """Within the 64 MiB an input_file may have, tiny lines (`{}`) were 20 million events: 5.7 GB of memory and a
+    minute. Now more than MAX_INPUT_EVENTS is an error, read one line at a time."""
+    from pipeline.testing.model import MAX_INPUT_EVENTS
+
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    (tmp_path / "events.jsonl").write_text("{}\n\n" * (MAX_INPUT_EVENTS + 1))
+    (tmp_path / "p.test.yaml").write_text("config: p.yaml\ncases:\n  - name: many\n    input_file: events.jsonl\n"
+                                          "    expect: {no_alerts: true}\n")
+    res = run(str(tmp_path / "p.test.yaml"))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"p.test.yaml:4:5: input_file: more than {MAX_INPUT_EVENTS:,} events in {tmp_path}/events.jsonl" \
+           in res.stdout, res.stdout
+
+
+def test_an_input_event_nested_too_deeply_is_an_error_with_its_line(tmp_path: Path) -> None:
+    """A JSON line nested 600 levels deep (JSON allows 1,024): copying it for the case raised RecursionError, shown
+    as a failed case that said nothing of the file. Now it is refused with its line, at the depth YAML allows."""
+    from pipeline.yamlpos import MAX_DEPTH
+
+    deep = '{"a": ' * 600 + "{}" + "}" * 600
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    (tmp_path / "events.jsonl").write_text('{"channel": "visual_index"}\n' + deep + "\n")
+    (tmp_path / "p.test.yaml").write_text("config: p.yaml\ncases:\n  - name: deep\n    input_file: events.jsonl\n"
+                                          "    expect: {no_alerts: true}\n")
+    res = run(str(tmp_path / "p.test.yaml"))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"{tmp_path}/events.jsonl:2: nested more than {MAX_DEPTH} levels deep" in res.stdout, res.stdout

@@ -3,6 +3,7 @@ with the number of secrets (one client token per live capture session with the s
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets as random_tokens
 import subprocess
@@ -115,20 +116,42 @@ def test_thousands_of_client_tokens_cost_their_own_size_to_remember() -> None:
 async def test_a_session_api_token_is_masked_while_its_session_lives(
         emulator: Emulator, make_context: Callable[..., Context]) -> None:
     """Real SDK against the emulator: every client token was masked for the rest of the run, so a long run's
-    masking grew with every session it ever made. Now a replaced token, and that of an ended session, is
-    forgotten."""
+    masking grew with every session it ever made. Now those of an ended session are forgotten."""
     async with running(make_context, emulator) as live:
         answer = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]
         sid, first = answer["session_id"], answer["client_token"]
         assert secrets.known(first)
         second = (await live.call("POST", f"/v1/sessions/{sid}/token"))[1]["client_token"]
-        assert secrets.known(second) and not secrets.known(first)
+        assert secrets.known(second) and secrets.known(first)  # the first is still valid at VideoDB
         await hook(live, emulator, f"sessions/{sid}/start")
         await live.wait_for(lambda: live.ctl.manager.get(sid).lifecycle.state == "active", timeout=10)
         assert secrets.known(second)
         assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
         await live.wait_for(lambda: live.ctl.manager.get(sid).lifecycle.done, timeout=10)
-        assert not secrets.known(second)
+        assert not secrets.known(second) and not secrets.known(first)
+
+
+async def test_every_token_handed_out_for_a_live_session_stays_masked(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """Two rotations at once: the token the first one handed out was forgotten by the second (it replaced it),
+    though the client that got it could use it until it expired, and log it unmasked. Now the replaced ones
+    stay masked, the last EARLIER_TOKENS of them (a restart's too), until the session ends."""
+    from stages.controller.session_tokens import EARLIER_TOKENS
+
+    async with running(make_context, emulator) as live:
+        answer = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u"}))[1]
+        sid, first = answer["session_id"], answer["client_token"]
+        both = await asyncio.gather(*(live.call("POST", f"/v1/sessions/{sid}/token") for _ in range(2)))
+        handed = [first] + [body["client_token"] for status, body in both if status == 200]
+        assert len(set(handed)) == 3, both
+        assert [secrets.known(t) for t in handed] == [True] * 3
+        for _ in range(EARLIER_TOKENS):  # bounded: the oldest are dropped
+            handed.append((await live.call("POST", f"/v1/sessions/{sid}/token"))[1]["client_token"])
+        assert [secrets.known(t) for t in handed] == [False] * 2 + [True] * (EARLIER_TOKENS + 1)
+    for token in handed:
+        secrets.forget(token)  # a new process: nothing it has not registered itself is masked
+    async with running(make_context, emulator):
+        assert [secrets.known(t) for t in handed] == [False] * 2 + [True] * (EARLIER_TOKENS + 1)
 
 
 @pytest.mark.parametrize("line", ["@" + "a" * 200_000, "x@y " + "ab1" * 70_000 + ":/"])
@@ -167,3 +190,30 @@ def test_thousands_of_tokens_sharing_their_end_cost_one_lookup_where_it_occurs()
     began = time.perf_counter()
     assert secrets.mask(line) == "x " + "key_live " * 2000 + "***"
     assert time.perf_counter() - began < 0.5
+
+
+async def test_the_tokens_of_a_session_stopped_before_it_started_stay_masked_while_it_can_start(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """Stopped through the API before it started, then pushed out of memory (or read back by a restart): VideoDB
+    still has it `created` and a desktop client may start it with its token, which was no longer masked. Now it
+    is, until VideoDB says the session can no longer start."""
+    async with running(make_context, emulator, api={"max_sessions": 1, "silent_check_interval": 60}) as live:
+        made = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u0"}))[1]
+        sid, first = made["session_id"], made["client_token"]
+        second = (await live.call("POST", f"/v1/sessions/{sid}/token"))[1]["client_token"]
+        assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
+        assert (await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"}))[0] == 201
+        assert sid in live.ctl.manager.shelf.ids and sid not in live.ctl.manager.sessions
+        assert secrets.known(first) and secrets.known(second)
+        emulator.registry.sessions.pop(sid)
+        for _ in range(2):  # missing twice: it can no longer start
+            await live.ctl.manager.shelf.check_once()
+        assert sid not in live.ctl.manager.shelf.ids
+        assert not secrets.known(first) and not secrets.known(second)
+    async with running(make_context, emulator, api={"max_sessions": 5}) as live:  # one stopped, read back
+        made = (await live.call("POST", "/v1/sessions", json={"end_user_id": "u2"}))[1]
+        assert (await live.call("POST", f"/v1/sessions/{made['session_id']}/stop"))[0] == 202
+    secrets.forget(made["client_token"])
+    async with running(make_context, emulator, api={"max_sessions": 5}) as live:
+        assert not live.ctl.manager.get(made["session_id"]).live
+        assert secrets.known(made["client_token"])

@@ -18,7 +18,7 @@ import pytest
 from pipeline.api import Context
 from pipeline.emulator import Emulator
 from pipeline.events import iso_ts
-from tests.test_session_api import Live, hook, running
+from tests.test_session_api import TOKEN, Live, hook, running
 from tests.test_session_api import emulator as emulator  # the shared fixture
 from tests.test_session_api_attacks import status_of
 
@@ -176,3 +176,61 @@ async def test_many_sessions_stopping_at_once_leave_threads_for_the_api(
         took = time.monotonic() - began
         assert status == 201, body
         assert took < 1.5, took
+
+
+async def test_a_keyed_create_whose_note_cannot_be_saved_makes_nothing_and_is_503(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`sessions` is not a directory (removed, a file put in its place; a full disk likewise): the note a keyed
+    create saves before asking VideoDB cannot be written. Before: the create went ahead without it, so if its
+    answer was lost and the pipeline restarted, the retry with the key could not find the session and made a
+    second one. Now: 503 with Retry-After, no session made, one log line; once the disk takes writes, the retry
+    makes the session."""
+    import logging
+
+    from pipeline import secrets
+
+    records = tmp_path / "sessions"
+    body, hdr = {"end_user_id": "u"}, {"Idempotency-Key": "k-note", "Authorization": f"Bearer {TOKEN}"}
+    async with running(make_context, emulator) as live:
+        records.mkdir(mode=0o700, exist_ok=True)
+        records.rmdir()
+        records.write_text("not a directory")
+        caplog.set_level(logging.ERROR, "pipeline.controller.sessions")
+        async with live.http.post(live.url + "/v1/sessions", json=body, headers=hdr) as r:
+            status, retry_after, err = r.status, r.headers.get("Retry-After"), await r.json()
+        assert (status, retry_after) == (503, "5") and "nothing was made" in err["error"], err
+        assert not emulator.registry.sessions
+        assert not secrets.known(list(emulator.api.client_tokens)[-1])  # handed to nobody
+        assert len([r for r in caplog.records if "cannot save" in r.getMessage()]) == 1, caplog.records
+        records.unlink()
+        status, made = await live.call("POST", "/v1/sessions", json=body, headers=hdr)
+        assert status == 201 and list(emulator.registry.sessions) == [made["session_id"]], made
+
+
+async def test_a_mass_re_bind_after_a_reconnect_leaves_threads_for_the_api(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """40 active sessions when the WebSocket drops, VideoDB answering each re-bind's transcript call in 2 s: the
+    re-binds go 4 at a time (with the other background asks), so a create meanwhile is answered at once (before:
+    8 at a time, more than the SDK's worker threads on 2 cores, and each of the create's calls waited behind
+    them for a free thread)."""
+    async with running(make_context, emulator) as live:
+        m, link = live.ctl.manager, live.ctl.context.session
+        made = [(await live.call("POST", "/v1/sessions", json={"end_user_id": f"u{i}"}))[1]["session_id"]
+                for i in range(40)]
+        await asyncio.gather(*(hook(live, emulator, f"sessions/{sid}/start") for sid in made))
+        await live.wait_for(lambda: all((p := m.sessions[sid].pipelines) is not None and bool(p.bound_to)
+                                        for sid in made), timeout=20)
+        first = link.connection_id
+        emulator.fault("POST", "/transcription", delay=2.0)
+        for cid, conn in list(emulator.hub.live.items()):  # the connection drops: the source reconnects
+            emulator.hub._gone(cid)
+            await conn.ws.close(code=1012, message=b"test: dropped")
+        await live.wait_for(lambda: link.connection_id not in (None, first))
+        n = sum(c["path"].endswith("/transcription") for c in list(emulator.calls))
+        await live.wait_for(lambda: sum(c["path"].endswith("/transcription") for c in list(emulator.calls)) > n)
+        began = time.monotonic()
+        status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "new"})
+        took = time.monotonic() - began
+        assert status == 201, body
+        assert took < 1.0, took

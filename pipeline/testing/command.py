@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError
+from pipeline.termsafe import visible
 
 if TYPE_CHECKING:  # the CLI builds its parser from this module: keep it light
     from pipeline.deadletter import DeadLetter
@@ -25,8 +28,12 @@ def find_files(paths: list[str]) -> list[Path]:
         if p.is_dir():
             for f in sorted(p.rglob("*.test.yaml")):
                 rel = f.relative_to(p).parts[:-1]
-                if not any(part.startswith(".") or part in _SKIP for part in rel):
-                    found.append(f)
+                if any(part.startswith(".") or part in _SKIP for part in rel):
+                    continue
+                if _is_pipe(f):  # reading it waited for a writer for ever: `pipeline test dir/` hung
+                    raise ConfigError(f"{f}: a named pipe, not a test file: not read when found in a directory "
+                                      "(name it to read from a pipe)")
+                found.append(f)
         elif p.is_file():
             found.append(p)
         else:
@@ -34,7 +41,29 @@ def find_files(paths: list[str]) -> list[Path]:
     return found
 
 
+def shown(text: str) -> str:
+    """A failure's text (from a test file and its events), lines kept, control characters made visible. Case
+    names (one line: a newline is shown too) and such text printed raw let ESC sequences retitle or clear the
+    terminal and a newline forge an `ok` line, and made the JUnit XML unreadable (XML has no such characters)."""
+    return "\n".join(visible(line) for line in text.split("\n"))
+
+
+def _is_pipe(path: Path) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False  # reported by the read that follows
+
+
 def run_file(path: Path, dead: DeadLetter) -> list[Result]:
+    results = []
+    for r in _run_file(path, dead):
+        r.file, r.name, r.failures = visible(r.file), visible(r.name), [shown(f) for f in r.failures]
+        results.append(r)
+    return results
+
+
+def _run_file(path: Path, dead: DeadLetter) -> list[Result]:
     from pipeline.testing.model import load_tests
     from pipeline.testing.run import Result, load_pipeline, run_case
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,11 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.api import Options
 from pipeline.configfile import read_bytes, read_text
 from pipeline.errors import ConfigError
-from pipeline.yamlpos import load
+from pipeline.yamlpos import MAX_DEPTH, load
 
 INPUT_FILE_BYTES = 64 << 20  # a case's input_file: events, not a recording of a whole day
+#: events in a case's input_file: 64 MiB of tiny lines (`{}`) were 20 million events, 5.7 GB of memory
+MAX_INPUT_EVENTS = 100_000
 BASE_UNIX = 1_700_000_000  # `at: 90s` in an input event = this + 90 seconds (unix_ts)
 NO_EVENTS = "no events: without input every expectation that can pass passes whatever the rules do"
 
@@ -128,20 +131,37 @@ def load_tests(path: Path) -> tuple[TestFile, list[LoadedCase]]:
     return tf, cases
 
 
+def _too_deep(value: Any) -> bool:
+    """Nested more than MAX_DEPTH levels (looked at without recursion)."""
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, dict | list):
+            if depth > MAX_DEPTH:
+                return True
+            todo.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
 def _read_jsonl(p: Path, where: str) -> list[dict[str, Any]]:
     try:
-        lines = read_bytes(p, "JSON lines", INPUT_FILE_BYTES).splitlines()
+        data = read_bytes(p, "JSON lines", INPUT_FILE_BYTES)
     except ConfigError as exc:
         raise ConfigError(f"{where}: input_file: {exc}") from None
-    out = []
-    for n, line in enumerate(lines, 1):
+    out: list[dict[str, Any]] = []
+    for n, line in enumerate(io.BytesIO(data), 1):  # one line at a time: a list of them all cost 36 bytes each
         if not line.strip():
             continue
+        if len(out) == MAX_INPUT_EVENTS:
+            raise ConfigError(f"{where}: input_file: more than {MAX_INPUT_EVENTS:,} events in {p}: a rule test "
+                              "needs a few; cut it to the part the case is about")
         try:
             event = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
             raise ConfigError(f"{p}:{n}: not a JSON line: {exc}") from None
         if not isinstance(event, dict):
             raise ConfigError(f"{p}:{n}: expected a JSON object per line")
+        if _too_deep(event):  # as in YAML; deeper, copying it for the case raised RecursionError
+            raise ConfigError(f"{p}:{n}: nested more than {MAX_DEPTH} levels deep")
         out.append(event)
     return out

@@ -159,8 +159,13 @@ class SessionCreator:
             "created_at": iso_ts(now), "stop_requested": False,
             "on_active": on_active.model_dump(exclude_none=True) if on_active is not None else None,
             "idempotency_key": key, "request_hash": fingerprint}
-        if key is not None:  # until the record is saved: a crash or a lost answer can be told from it later
-            self.m.store.save_intent(record)
+        # until the record is saved: a crash or a lost answer can be told from it later. Without it, a retry after
+        # a restart could not find the session this create made and would make a second one: nothing is made
+        if key is not None and not self.m.store.save_intent(record):
+            self.m.stats.errors += 1
+            secrets.forget(token)  # handed to nobody
+            raise ApiProblem(503, f"cannot save the state of this create (Idempotency-Key): nothing was made; "
+                             f"retry in {RETRY_AFTER_DEFAULT}s", retry_after=RETRY_AFTER_DEFAULT)
         try:
             session = await self.m._sdk("create_capture_session", self.m.conn.create_capture_session,
                                       end_user_id=end_user_id, collection_id=self.m.settings.collection_id,

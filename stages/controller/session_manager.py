@@ -28,6 +28,7 @@ from pipeline import secrets
 from pipeline.api import Batch, Event
 from pipeline.events import iso_seconds, iso_ts, lifecycle_status
 from pipeline.videodb_sdk import VideoDBCallError, call, client_token
+from stages.controller import session_tokens
 from stages.controller.ai_pipelines import (
     MAX_STREAMS,
     AIPipelines,
@@ -52,7 +53,6 @@ log = logging.getLogger("pipeline.controller.sessions")
 _EARLY_SESSIONS: Final = 1000  # lifecycle events for ids we do not know yet (the create call has not returned)
 _EARLY_PER_SESSION: Final = 10
 _COUNTED: Final = frozenset({"transcript", "visual_index", "scene_index", "audio_index", "alert"})
-_BIND_CONCURRENCY: Final = 8  # re-binds after a reconnect, at once (each is a few SDK calls in a thread)
 FORGOTTEN_KEYS: Final = 65536  # Idempotency-Keys of sessions beyond max_sessions, answered from their files
 CHECKPOINT_FILE: Final = "backfill_from.checkpoint"  # where a restart's backfill starts, for every session
 #: a record's `media_types` per stream kind: shared tuples (saved as JSON lists), so the many sessions' rtstream
@@ -84,10 +84,9 @@ class SessionManager:
         self._early: OrderedDict[str, list[Event]] = OrderedDict()
         self._background = Background(self.who, self.stats, log)
         self._spawn = self._background.spawn
-        self._bind_slots = asyncio.Semaphore(_BIND_CONCURRENCY)
         #: background SDK work at once, all kinds together (the checks of silent sessions, of the shelf, of
         #: sessions the listing left out and of stopped ones for a stored channel; the stops a restart sends
-        #: again): the SDK's few worker threads stay free for the API's own calls
+        #: again; binds and re-binds): the SDK's few worker threads stay free for the API's own calls
         self.checking = asyncio.Semaphore(CONCURRENCY)
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: dict[str, str] = {}
@@ -254,10 +253,11 @@ class SessionManager:
                     self._drop_record(self.forgotten_keys.popitem(last=False)[1])
             elif s.lifecycle.done:
                 self.store.drop(sid)
-            if not s.lifecycle.done:
-                self.shelf.add(sid)  # its file goes once VideoDB says it can no longer start
             self._unindex_streams(s)
-            _forget_token(s)
+            if s.lifecycle.done:
+                _forget_token(s)
+            else:  # its file, and the masking of its tokens, go once VideoDB says it can no longer start
+                self.shelf.add(sid, session_tokens.tokens(s.record))
 
     def _drop_record(self, sid: str) -> None:
         """The file of a session no longer in memory and no longer asked for by key, if it has finished."""
@@ -346,8 +346,7 @@ class SessionManager:
         if not s.live:  # stopped or ended while VideoDB made the token: nobody gets it (nor is it masked for ever)
             secrets.forget(token)
             _token_allowed(s)
-        _forget_token(s)  # the one it replaces: each live session keeps one masked
-        s.record["client_token"] = token
+        session_tokens.replace(s.record, token)  # the one it replaces stays masked: a client may hold it still
         s.record["expires_at"] = iso_ts(time.time() + self.opts.client_token_expires_in)
         self.store.save(s.record)
         return s
@@ -511,7 +510,9 @@ class SessionManager:
         on hold for this call (live events wait for the backfill); released at the end.
         """
         try:
-            async with self._bind_slots, s.lock:
+            # with the other background work, a few at a time: hundreds re-bound after a reconnect took every SDK
+            # worker thread (8 at once, 6 threads on 2 cores) and each of a create's calls waited behind them
+            async with self.checking, s.lock:
                 s.rebind_waiting = False  # a reconnect from now on queues another (this one may bind too early)
                 before = s.pipelines.bound_to if s.pipelines is not None else None
                 await self._bind_now(s, streams)
@@ -688,14 +689,12 @@ def _token_allowed(s: ManagedSession) -> None:
 
 
 def _mask_token(s: ManagedSession) -> None:
-    """A live session's client token is masked (a restart's too, not only those made in this process)."""
-    token = s.record.get("client_token")
-    if isinstance(token, str) and s.live:
-        secrets.register(token)
+    """The client tokens of a session not finished are masked (a restart's too, not only those made in this
+    process); one stopped before it started may still be started with them."""
+    if not s.lifecycle.done:
+        session_tokens.mask(s.record)
 
 
 def _forget_token(s: ManagedSession) -> None:
-    """Masking stays bounded by the live sessions, not by every session a long run ever made."""
-    token = s.record.get("client_token")
-    if isinstance(token, str):
-        secrets.forget(token)
+    """Masking stays bounded by the sessions that may still run, not by every session a long run ever made."""
+    session_tokens.forget(s.record)

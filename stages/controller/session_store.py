@@ -36,7 +36,7 @@ _TYPES: Final[dict[str, type | tuple[type, ...]]] = {
     "status": str, "end_user_id": str, "collection_id": str, "metadata": dict, "created_at": str,
     "expires_at": str, "client_token": str, "ws_connection_id": str, "stop_requested": bool, "stop_incomplete": bool,
     "stored": bool, "idempotency_key": str, "request_hash": str, "on_active": dict, "rtstreams": list,
-    "indexes": list, "session_id": str, "backfill_from": dict}
+    "indexes": list, "session_id": str, "backfill_from": dict, "earlier_tokens": list}
 
 
 def safe_id(session_id: str) -> bool:
@@ -106,12 +106,16 @@ class SessionStore:
         """Where a keyed create notes what it asks VideoDB for, until its record is saved (the key may hold '/')."""
         return self.dir / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.creating"
 
-    def save_intent(self, intent: dict[str, Any]) -> None:
+    def save_intent(self, intent: dict[str, Any]) -> bool:
+        """Note a keyed create before it asks VideoDB; False (logged) when the note could not be written."""
         self.drop_expired_intents()
         try:
             write_private_text(self.intent_path(intent["idempotency_key"]), orjson.dumps(intent).decode())
         except (StageError, OSError) as exc:
-            log.error("sessions: cannot save %s: %s", self.intent_path(intent["idempotency_key"]), exc)
+            log.error("sessions: cannot save %s: %s; the create is refused (503) until it can be",
+                      self.intent_path(intent["idempotency_key"]), exc)
+            return False
+        return True
 
     def load_intent(self, key: str) -> dict[str, Any] | None:
         """The create noted for `key` that never got its record, or None."""

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from pipeline.videodb_sdk import VideoDBCallError
+from stages.controller import session_tokens
 from stages.controller.lifecycle import TERMINAL, reported_status, stored
 from stages.controller.silent_check import MISSING_TWICE
 
@@ -38,9 +39,12 @@ class Shelf:
     def __init__(self, manager: SessionManager) -> None:
         self.m = manager
         self.ids: OrderedDict[str, int] = OrderedDict()  # id -> checks in a row answered 404; asked longest ago first
+        #: id -> its client tokens, masked in logs while a desktop client may still start it with one
+        self.tokens: dict[str, list[str]] = {}
 
-    def add(self, sid: str) -> None:
+    def add(self, sid: str, tokens: list[str]) -> None:
         self.ids.setdefault(sid, 0)
+        self.tokens[sid] = tokens
 
     async def run(self) -> None:
         while True:
@@ -97,6 +101,7 @@ class Shelf:
     def _ended(self, sid: str, what: str, change: dict[str, Any]) -> None:
         if self.ids.pop(sid, None) is None:
             return
+        session_tokens.forget_all(self.tokens.pop(sid, []))
         record = self.m.store.load(sid)
         if record is None:
             return

@@ -61,8 +61,9 @@ class ReaderOptions(Options):
     """What every WebSocket-reading source accepts (`websocket`, `videodb`)."""
 
     max_message_bytes: int = Field(default=1 << 20, ge=1, description="larger frames are dead-lettered")
-    backoff_initial: Duration = Field(default=1.0, description="first reconnect delay; doubles per failure")
-    backoff_max: Duration = Field(default=60.0, description="longest reconnect delay")
+    #: 0 (either) reconnected with no delay at all while the server was down: a busy loop of connects
+    backoff_initial: Duration = Field(default=1.0, gt=0, description="first reconnect delay; doubles per failure")
+    backoff_max: Duration = Field(default=60.0, gt=0, description="longest reconnect delay")
     max_retries: int | None = Field(default=None, ge=0, description="give up after N failed reconnects")
     batch_max: int = Field(default=1024, ge=1, description="most events per yielded batch")
     keepalive: Duration = Field(default=20.0, gt=0, description="ping this often; a peer that does not "
