@@ -230,3 +230,24 @@ def test_a_reconnect_backoff_of_0_is_refused(tmp_path: Path, source: str, option
     text = f"name: t\nvideodb: {{api_key: k}}\nsource: {source}, {option}: 0s}}\nsinks: [{{type: console}}]\n"
     msg = error_of(tmp_path, text)
     assert len(msg.splitlines()) == 1 and f"source.{option}: expected a number > 0" in msg, msg
+
+
+@pytest.mark.parametrize(("stage", "option"), [
+    ("{type: alert_forwarder, url: http://127.0.0.1:9/", "backoff_initial"),
+    ("{type: alert_forwarder, url: http://127.0.0.1:9/", "backoff_max"),
+    ("{type: kafka, bootstrap_servers: 127.0.0.1:9, topic: t", "retry_backoff"),
+    ("{type: kafka, bootstrap_servers: 127.0.0.1:9, topic: t", "max_retry_backoff"),
+])
+def test_a_sink_retry_backoff_of_0_is_refused(tmp_path: Path, stage: str, option: str) -> None:
+    """Before: taken; a webhook that failed got every retry at once, a Kafka sink retried as fast as it could."""
+    text = f"name: t\nsource: {{type: replay, path: x.jsonl}}\nsinks: [{stage}, {option}: 0s}}]\n"
+    (tmp_path / "x.jsonl").write_text("")
+    msg = error_of(tmp_path, text)
+    assert len(msg.splitlines()) == 1 and f"sinks[0].{option}: expected a number > 0" in msg, msg
+
+
+def test_a_kafka_source_retry_backoff_of_0_is_refused(tmp_path: Path) -> None:
+    text = "name: t\nsource: {type: kafka, bootstrap_servers: 127.0.0.1:9, topic: t, retry_backoff: 0s}\n" \
+           "sinks: [{type: console}]\n"
+    msg = error_of(tmp_path, text)
+    assert len(msg.splitlines()) == 1 and "source.retry_backoff: expected a number > 0" in msg, msg

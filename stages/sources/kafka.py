@@ -52,8 +52,8 @@ class KafkaSourceOptions(Options):
     batch_max: int = Field(default=1000, ge=1, description="most records per batch")
     batch_wait: Duration = Field(default=0.2, ge=0.001, le=10, description="longest wait for records before "
                                  "checking for stop (1ms to 10s: 0 spun the CPU and starved signal handling)")
-    retry_backoff: Duration = Field(default=0.5, description="first delay between connection attempts")
-    max_retry_backoff: Duration = Field(default=10.0, description="longest delay between connection attempts")
+    retry_backoff: Duration = Field(default=0.5, gt=0, description="first delay between connection attempts")
+    max_retry_backoff: Duration = Field(default=10.0, gt=0, description="longest delay between connection attempts")
     close_timeout: Duration = Field(
         default=60.0, description="after the last batch, how long to wait for its commit before leaving the group")
     session_timeout: Duration = Field(

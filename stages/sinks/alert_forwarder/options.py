@@ -56,9 +56,9 @@ class AlertForwarderOptions(SinkOptions):
     """Attempts per message before it is dead-lettered."""
     max_retry_time: Duration = 300.0
     """Give up retrying a message after this long."""
-    backoff_initial: Duration = 0.5
+    backoff_initial: Duration = Field(default=0.5, gt=0)
     """First retry delay; doubles each attempt (with jitter) up to `backoff_max`."""
-    backoff_max: Duration = 30.0
+    backoff_max: Duration = Field(default=30.0, gt=0)
     """Longest retry delay (a server's `Retry-After` is honoured even when longer)."""
     rate_limit: Rate | None = None
     """Token bucket per destination, e.g. `10/min`; unset = unlimited."""

@@ -49,8 +49,8 @@ class KafkaSinkOptions(SinkOptions):
     request_timeout: Duration = Field(
         default=30.0, description="how long one produce attempt may take before it is retried")
     retry_backoff: Duration = Field(
-        default=0.2, description="first delay between retries; doubles up to max_retry_backoff")
-    max_retry_backoff: Duration = Field(default=5.0, description="longest delay between retries")
+        default=0.2, gt=0, description="first delay between retries; doubles up to max_retry_backoff")
+    max_retry_backoff: Duration = Field(default=5.0, gt=0, description="longest delay between retries")
     shutdown_timeout: Duration = Field(
         default=10.0, description="on shutdown, how long to keep trying before dead-lettering the rest")
     max_topics: int = Field(
