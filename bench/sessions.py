@@ -185,7 +185,7 @@ def _rss_kb(pid: int) -> int:
 
 
 async def _drive(api: str, emu: str, n: int, probe: Path, pids: list[int], emu_pid: int, window: float,
-                 broker_pid: int | None = None) -> dict[str, float]:
+                 broker_pid: int | None = None) -> dict[str, Any]:
     import aiohttp
 
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -224,11 +224,13 @@ async def _drive(api: str, emu: str, n: int, probe: Path, pids: list[int], emu_p
                 break
         steady = rate >= want
         streaming_s = time.perf_counter() - t0
-        cpu0, ecpu0 = sum(_cpu_seconds(p) for p in pids), _cpu_seconds(emu_pid)
+        each0 = [_cpu_seconds(p) for p in pids]
+        cpu0, ecpu0 = sum(each0), _cpu_seconds(emu_pid)
         bcpu0 = _cpu_seconds(broker_pid) if broker_pid else 0.0
         g0, h0 = _snapshot(probe), _read_hist(probe)
         await asyncio.sleep(window)
-        cpu1, ecpu1 = sum(_cpu_seconds(p) for p in pids), _cpu_seconds(emu_pid)
+        each1 = [_cpu_seconds(p) for p in pids]
+        cpu1, ecpu1 = sum(each1), _cpu_seconds(emu_pid)
         bcpu1 = _cpu_seconds(broker_pid) if broker_pid else 0.0
         g1, h1 = _snapshot(probe), _read_hist(probe)
         rss1 = sum(_rss_kb(pid) for pid in pids)
@@ -236,7 +238,8 @@ async def _drive(api: str, emu: str, n: int, probe: Path, pids: list[int], emu_p
             active = (await r.json())["total"]  # count is one page
     dt = h1[0] - h0[0]
     diff = {b: c - h0[1].get(b, 0) for b, c in h1[1].items() if c - h0[1].get(b, 0)}
-    return {"cpu": (cpu1 - cpu0) / window, "emu_cpu": (ecpu1 - ecpu0) / window,
+    return {"cpu": (cpu1 - cpu0) / window, "cpu_each": [(b - a) / window for a, b in zip(each0, each1, strict=True)],
+            "emu_cpu": (ecpu1 - ecpu0) / window,
             "broker_cpu": (bcpu1 - bcpu0) / window, "kb": (rss1 - rss0) / n,
             "p50": percentile(diff, 0.50), "p99": percentile(diff, 0.99), "rate": sum(diff.values()) / dt,
             "active": active, "created_s": created_s, "gc2_ms": g1["gc"][2] - g0["gc"][2],
@@ -244,7 +247,7 @@ async def _drive(api: str, emu: str, n: int, probe: Path, pids: list[int], emu_p
             "rss_mb": rss1 / 1024, "steady": steady}
 
 
-def measure(n: int, window: float, out: Path, engine: str = "local") -> dict[str, float]:
+def measure(n: int, window: float, out: Path, engine: str = "local") -> dict[str, Any]:
     """One size: fresh emulator and pipeline processes, N sessions, one measurement window.
 
     `engine: faust`: a test broker, `pipeline run` as the ingest (with the session API) and two
@@ -338,7 +341,9 @@ def run(n: int, *, sizes: tuple[int, ...] | None = None, window: float | None = 
                        f"{m['cpu'] / max(1.0, m['rate']) * 1e6:.0f} µs CPU per event")
         r.notes.append(f"garbage collection {m['gc_ms']:.0f} ms in the window ({m['gc2_ms']:.0f} ms full), "
                        f"longest pause since start {m['gc_max']:.1f} ms")
-        broker = f"test broker CPU {m['broker_cpu'] * 100:.0f}%; " if engine == "faust" else ""
+        broker = (f"ingest CPU {m['cpu_each'][0] * 100:.0f}%, workers "
+                  f"{', '.join(f'{c * 100:.0f}%' for c in m['cpu_each'][1:])}; "
+                  f"test broker CPU {m['broker_cpu'] * 100:.0f}%; ") if engine == "faust" else ""
         r.notes.append(f"{broker}emulator CPU {m['emu_cpu'] * 100:.0f}%; created in {m['created_s']:.1f}s,"
                        f" all streaming after {m['streaming_s']:.1f}s; window {window:g}s"
                        + ("" if m["steady"] else "; NOT all sessions streaming when measured"))

@@ -72,6 +72,8 @@ class RuntimeSettings(Options):
     batch_wait: Duration = Field(default=0.0, ge=0, le=30, description="faust workers: 0 = process the "
                                  "records waiting as soon as they arrive; else wait up to this long to fill a "
                                  "batch (up to 1,000 records) before processing it")
+    publish_interval: Duration = Field(default=0.015, ge=0, le=30, description="faust ingest: at most one publish "
+                                       "round per interval; what arrives meanwhile goes out together in the next")
     drain_timeout: Duration = Field(default=30.0, description="on shutdown, how long sinks may take to flush")
     http: str | None = Field(default=None, description="serve /metrics, /healthz, /ready, /tap and a status page "
                              "at HOST:PORT, e.g. 127.0.0.1:9464 (off by default)",

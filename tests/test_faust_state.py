@@ -78,3 +78,34 @@ async def test_a_worker_flushes_windows_only_once_its_tables_are_restored(
     monkeypatch.setattr(worker, "_changelog_sent", sent)
     await worker.flush_windows()
     assert flushed == ([True] if restored else [])
+
+
+class _CountedWalks(dict):  # type: ignore[type-arg]
+    """A table store's dict that counts how often all its keys are walked."""
+
+    walks = 0
+
+    def __iter__(self) -> Any:
+        type(self).walks += 1
+        return super().__iter__()
+
+
+def test_the_length_of_staged_state_counts_the_batch_changes_without_walking_the_table() -> None:
+    """Stages ask every batch whether a state mapping is over its cap (`len`). It walked every key of the table:
+    with 1,000 sessions' rtstreams a third of a worker's CPU went there."""
+    from pipeline.runtime.faust_state import StagedTable
+
+    table, _ = table_with_recorded_sends(PartitionCursor())
+    table.data.data = _CountedWalks({f"rts-{i}": i for i in range(4000)})  # as restored from the changelog
+    staged = StagedTable(table)
+    staged["new"] = 1  # added
+    staged["rts-1"] = 10  # overwritten
+    del staged["rts-2"]  # deleted
+    staged["gone"] = 1
+    del staged["gone"]  # added and deleted in the same batch
+    del staged["rts-3"]
+    staged["rts-3"] = 3  # deleted, then written again
+    walks = _CountedWalks.walks
+    assert len(staged) == 4000
+    assert _CountedWalks.walks == walks  # the table was not walked
+    assert len(list(staged)) == 4000 and _CountedWalks.walks == walks + 1

@@ -158,7 +158,14 @@ class StagedTable(MutableMapping[str, Any]):
                 yield key
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        """The table's length corrected by this batch's changes: stages ask once per batch (is the state over
+        its cap?), and walking every key each time cost a worker a third of its CPU at 1,000 sessions."""
+        table = self.table
+        n = len(table)
+        for key, value in self.changed.items():
+            if (value is _GONE) == (key in table):  # deletes a key the table has, or adds one it lacks
+                n += -1 if value is _GONE else 1
+        return n
 
     def commit(self) -> None:
         """Write the batch's changes to the table: faust sends them to the changelog partition of the cursor."""
