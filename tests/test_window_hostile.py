@@ -90,3 +90,23 @@ def test_a_slide_that_puts_each_event_in_more_windows_than_may_be_open_is_a_conf
     assert len(res.stderr.strip().splitlines()) == 1
     WindowOptions(size="1d", slide="1m")  # 1,440 windows per event: allowed (the cost is documented)
     WindowOptions(size="1h", slide="100ms", max_open_windows=40_000)
+
+
+def test_a_transcript_ending_in_the_far_future_adds_no_talk_time_and_the_window_is_still_saved(
+        make_context: MakeCtx, tmp_path: Any) -> None:
+    """`data.end` comes off the wire: one transcript ending at 2^64 - 1 ms made a 60 s window's talk_seconds
+    1.8e16, and two such summed past 64 bits, which the state store cannot save: the open window was silently
+    not persisted, so a crash lost it. A transcript longer than a day now adds no talk time."""
+    from pipeline.state.store import SqliteStateStore
+
+    store = SqliteStateStore(tmp_path / "state")
+    w = Window(WindowOptions(size="60s"), make_context(state=store))
+    hostile = [{**transcript(NOW_MS + i), "data": {"text": "a b", "start": NOW_MS + i, "end": (1 << 64) - 1}}
+               for i in range(2)]
+    w.process([*hostile, transcript(NOW_MS + 2)])
+    store.flush()
+    reopened = SqliteStateStore(tmp_path / "state").get(Window.state_name("test"))
+    assert [k for k in reopened if k != "~watermark"] == [f'[{NOW_MS},"cap-1"]']  # the open window was saved
+    (m,) = w.flush()
+    assert m["data"]["talk_seconds"] == 0.5
+    assert m["data"]["events"] == {"transcript": 3} and m["data"]["words"] == 6

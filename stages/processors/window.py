@@ -32,6 +32,7 @@ MAX_LABELS: Final = 100  # distinct alert labels counted apart per window
 OTHER: Final = "(other)"  # where the rest, and names longer than MAX_KEY_CHARS, are counted
 MAX_TIME: Final = 1 << 53  # event times beyond ±2^53 ms (285,000 years) count as late
 FUTURE_SLACK_MS: Final = 86_400_000  # an event time more than a day ahead of the wall clock counts as late
+MAX_TALK_MS: Final = 86_400_000  # a transcript longer than a day adds no talk time (as in `pipeline report`)
 
 
 class WindowOptions(Options):
@@ -102,7 +103,9 @@ def _add(acc: dict[str, Any], event: Event, ch: str, t: int) -> None:
         if isinstance(text, str):
             acc["words"] += len(text.split())
         s, e = data.get("start"), data.get("end")
-        if type(s) is int and type(e) is int and e > s:
+        # `end` comes off the wire: one end of 2^64 made talk_seconds 1.8e16 and, twice, a sum past 64 bits
+        # that the state store could no longer save
+        if type(s) is int and type(e) is int and 0 < e - s <= MAX_TALK_MS:
             acc["talk_ms"] += e - s
     elif ch == "alert":
         label = data.get("event_label")
