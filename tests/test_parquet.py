@@ -28,7 +28,7 @@ SAMPLE = ROOT / "config" / "samples" / "meeting-session.jsonl"
 TALK_QUERY = """SELECT capture_session_id, rtstream_id, any_value(rtstream_name) AS stream,
        round(sum("end" - start) / 1000, 3) AS talk_seconds
 FROM read_parquet('out/meeting/parquet/transcript/*/*.parquet')
-WHERE is_final IS NOT false AND "end" > start
+WHERE is_final IS NOT false AND "end" > start AND "end" - start <= 86400000
 GROUP BY ALL ORDER BY talk_seconds DESC;"""
 
 
