@@ -110,3 +110,18 @@ def test_a_transcript_ending_in_the_far_future_adds_no_talk_time_and_the_window_
     (m,) = w.flush()
     assert m["data"]["talk_seconds"] == 0.5
     assert m["data"]["events"] == {"transcript": 3} and m["data"]["words"] == 6
+
+
+def test_an_event_hours_ahead_of_the_clock_does_not_make_the_live_stream_late(make_context: MakeCtx) -> None:
+    """An event time up to a day ahead of the wall clock is accepted, and it moved the watermark there: one
+    transcript from a peer 23 h ahead closed every open window and made every event of the next 23 h late,
+    so a live session made no more metrics. The watermark now stops at the wall clock."""
+    w = Window(WindowOptions(size="60s", allowed_lateness="5s"), make_context())
+    live = int(time.time() * 1000) - 3000  # events of a live session arrive a little after their time
+    stream = [transcript(live + i * 10) for i in range(100)]
+    ahead = transcript(int(time.time() * 1000) + 23 * 3_600_000)
+    metrics = run(w, [stream[:50], [ahead], stream[50:]])
+    assert w.report()["late"] == 0
+    counted = sum(sum(m["data"]["events"].values()) for m in metrics if m["window"]["start"] <= live + 1000)
+    assert counted == 100  # every live event is in a window (the one ahead is in its own, closed at the end)
+    assert sum(sum(m["data"]["events"].values()) for m in metrics) == 101

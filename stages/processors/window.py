@@ -196,7 +196,8 @@ class Window(Processor):
         last_kt: tuple[Any, ...] | None = None
         last_acc: dict[str, Any] = {}
         late = 0
-        ceiling = min(MAX_TIME, int(time.time() * 1000) + FUTURE_SLACK_MS)
+        now = int(time.time() * 1000)
+        ceiling = min(MAX_TIME, now + FUTURE_SLACK_MS)
         failed: Batch = []
         for event in batch:
             try:  # one bad event (not a dict, a plugin's odd value) costs only itself, see below
@@ -216,7 +217,9 @@ class Window(Processor):
                     late += 1
                     continue
                 if wm is None or t > wm:
-                    wm = t
+                    # ahead of the wall clock (a skewed clock, a peer's bogus time): counted, but the watermark
+                    # stops at now; one event 23 h ahead closed every window and made the next 23 h all late
+                    wm = t if t <= now else (now if wm is None else max(wm, now))
                 elif t < wm - lateness:
                     late += 1
                     continue
