@@ -103,3 +103,17 @@ def test_the_page_draws_a_bounded_number_of_marks_in_all(tmp_path: Path) -> None
     assert page.count('class="m alert') == 5 and page.count('class="jump"') == 5  # each alert row finds its mark
     assert '<div class="v">16805</div>' in page  # the counts still cover every event
     assert len(page) < 40_000_000, len(page)
+
+
+def test_a_line_nested_deeper_than_the_pipeline_writes_is_skipped(tmp_path: Path) -> None:
+    """JSON takes 1,024 levels; str() of a field 1,000 deep (a corrupt or forged input file) raised
+    RecursionError and the report stopped with a traceback. Such a line is now skipped and counted."""
+    deep = b"[" * 1000 + b"]" * 1000
+    (tmp_path / "events.jsonl").write_bytes(
+        b'{"channel":' + deep + b',"capture_session_id":"cap-1","unix_ts":1772446500}\n'
+        + b'{"capture_session_id":"cap-1","channel":"transcript","data":{"text":' + deep + b',"start":1}}\n'
+        + orjson.dumps(alert(["password"])) + b"\n")
+    res = cli(["report", str(tmp_path)], tmp_path)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    page = (tmp_path / "report-cap-1.html").read_text()
+    assert "2 unreadable lines skipped" in page and page.count('class="alert-row"') == 1
