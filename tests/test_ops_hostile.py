@@ -145,6 +145,29 @@ async def test_the_status_snapshot_stays_small_whatever_the_alerts_carry(tmp_pat
     assert all(a["data"]["text"].startswith("password x") for a in snap["alerts"])
 
 
+async def test_the_status_snapshot_stays_small_when_alerts_carry_nested_stamps(tmp_path: Path) -> None:
+    """A peer that sends its own `unix_ts` keeps its own `ts` too, of any shape, and every alert its event
+    fires copies it: a `ts` of 40 x 40 strings (400 KB) was kept whole (each string under 1,000 characters),
+    so each poll of /api/status was 8 MB. Now each alert keeps at most 8,000 characters, its text first."""
+    import aiohttp
+
+    from tests.operator_harness import config, served
+
+    nested = {f"k{i}": {f"j{j}": "y" * 250 for j in range(40)} for i in range(40)}
+    events = tmp_path / "in.jsonl"
+    with events.open("wb") as fh:
+        for i in range(22):
+            fh.write(orjson.dumps({"channel": "visual_index", "rtstream_id": "rts-1", "unix_ts": 1_700_000_000 + i,
+                                   "ts": nested, "data": {"text": f"password {i}"}}) + b"\n")
+    async with served(config(tmp_path, events)) as (rt, base), aiohttp.ClientSession() as http:
+        assert await rt.run() == 0
+        async with http.get(base + "/api/status") as r:
+            body = await r.read()
+    snap = orjson.loads(body)
+    assert len(snap["alerts"]) == 20 and len(body) < 250_000, len(body)
+    assert sorted(a["data"]["text"] for a in snap["alerts"]) == sorted(f"password {i}" for i in range(2, 22))
+
+
 async def test_idle_and_unfinished_connections_are_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that connects and sends nothing, or never finishes its request headers, holds one of the
     pipeline's file descriptors: it is closed after the idle timeout (was: aiohttp's hour). A tap stream is

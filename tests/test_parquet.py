@@ -28,7 +28,7 @@ SAMPLE = ROOT / "config" / "samples" / "meeting-session.jsonl"
 TALK_QUERY = """SELECT capture_session_id, rtstream_id, any_value(rtstream_name) AS stream,
        round(sum("end" - start) / 1000, 3) AS talk_seconds
 FROM read_parquet('out/meeting/parquet/transcript/*/*.parquet')
-WHERE is_final IS NOT false AND "end" > start
+WHERE is_final IS NOT false AND "end" > start AND "end" - start <= 86400000
 GROUP BY ALL ORDER BY talk_seconds DESC;"""
 
 
@@ -187,3 +187,16 @@ async def test_a_batch_refused_after_a_failed_roll_is_not_kept_to_be_dead_letter
     assert ctx.dead_letter.count == 1  # not 3: the refused batch was not buffered behind the refusal
     with pytest.raises(SinkFailed):
         await sink.close()
+
+
+async def test_made_up_channel_names_cannot_make_a_directory_each(tmp_path: Path, make_context: MakeCtx) -> None:
+    """Channel names come off the wire: 300 events with 300 made-up names made 300 directories of one-row
+    files (a flood of them, inodes). Past 64 names besides the built-in channels they now share `unknown`."""
+    sink = ParquetSink(ParquetOptions(path=str(tmp_path / "pq" / "{channel}")), make_context("sinks[0]:parquet"))
+    await sink.start()
+    await sink.write([ev(i, f"made-up-{i}") for i in range(300)] + [ev(300), ev(301, "alert")])
+    await sink.close()
+    dirs = sorted(p.name for p in (tmp_path / "pq").iterdir())
+    assert len(dirs) == 64 + 3 and {"transcript", "alert", "unknown", "made-up-0", "made-up-63"} <= set(dirs)
+    assert pq.read_table(tmp_path / "pq" / "unknown").num_rows == 300 - 64
+    assert sum(pq.read_table(tmp_path / "pq" / d).num_rows for d in dirs) == 302

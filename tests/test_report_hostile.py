@@ -83,3 +83,37 @@ def test_sessions_past_the_cap_are_not_left_out_silently(tmp_path: Path) -> None
     assert res.returncode == 0, res.stderr
     assert len(list((tmp_path / "pages").glob("*.html"))) == 200
     assert "10 event(s) of sessions past the first 200 were left out" in res.stderr
+
+
+def test_the_page_draws_a_bounded_number_of_marks_in_all(tmp_path: Path) -> None:
+    """Marks were capped per lane and channel only (1,500), and a mark's tooltip is up to ~2.5 KB escaped:
+    8 streams x 4 channels of quote-filled texts (63 MB) made a 157 MB page and took 690 MB of memory.
+    Now the page draws at most 12,000 marks; small tracks (here the alerts) keep all of theirs."""
+    text = '"' * 400
+    events = [{"channel": "transcript", "capture_session_id": "cap-1", "rtstream_id": f"rts-{lane}",
+               "data": {"text": text, "start": T0 + i * 1000, "end": T0 + i * 1000 + 900}}
+              for lane in range(12) for i in range(1400)]
+    events += [{**alert(["password"]), "data": {**alert(["password"])["data"], "start": T0 + i * 60_000}}
+               for i in range(5)]
+    (tmp_path / "events.jsonl").write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    res = cli(["report", str(tmp_path)], tmp_path)
+    assert res.returncode == 0, res.stderr
+    page = (tmp_path / "report-cap-1.html").read_text()
+    assert page.count('class="m transcript') <= 12_000
+    assert page.count('class="m alert') == 5 and page.count('class="jump"') == 5  # each alert row finds its mark
+    assert '<div class="v">16805</div>' in page  # the counts still cover every event
+    assert len(page) < 40_000_000, len(page)
+
+
+def test_a_line_nested_deeper_than_the_pipeline_writes_is_skipped(tmp_path: Path) -> None:
+    """JSON takes 1,024 levels; str() of a field 1,000 deep (a corrupt or forged input file) raised
+    RecursionError and the report stopped with a traceback. Such a line is now skipped and counted."""
+    deep = b"[" * 1000 + b"]" * 1000
+    (tmp_path / "events.jsonl").write_bytes(
+        b'{"channel":' + deep + b',"capture_session_id":"cap-1","unix_ts":1772446500}\n'
+        + b'{"capture_session_id":"cap-1","channel":"transcript","data":{"text":' + deep + b',"start":1}}\n'
+        + orjson.dumps(alert(["password"])) + b"\n")
+    res = cli(["report", str(tmp_path)], tmp_path)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    page = (tmp_path / "report-cap-1.html").read_text()
+    assert "2 unreadable lines skipped" in page and page.count('class="alert-row"') == 1

@@ -178,3 +178,26 @@ def test_the_live_tail_shows_the_start_of_huge_texts(tmp_path: Path) -> None:
         lengths = page.evaluate("[...document.querySelectorAll('#events li')].map((li) => li.textContent.length)")
         assert max(lengths) <= 1300, max(lengths)
         assert (page.locator("#events li").first.text_content() or "").rstrip().endswith("…")
+
+
+def test_object_valued_fields_that_cannot_become_strings_do_not_break_the_page(tmp_path: Path) -> None:
+    """Fields come off the wire: an `rtstream_name` of `{"toString": 1}` (copied into every alert the event
+    fires) made the page's String() throw on each poll, so it showed "pipeline not reachable" and stopped
+    updating until 20 other alerts had come; in the live tail it dropped the tap and reconnected."""
+    events = tmp_path / "in.jsonl"
+    odd = {"toString": 1, "valueOf": 2}
+    events.write_text("".join(json.dumps({"channel": "visual_index", "unix_ts": 1700000000.0 + i * 0.05,
+                                          "rtstream_name": odd,
+                                          "data": {"text": f"password {i}", "start": i}}) + "\n"
+                              for i in range(120)))
+    with pipeline_in_thread(config(tmp_path, events, speed=1), to_the_end=False) as base, browser_page() as page:
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(base + "/")
+        page.wait_for_function("document.querySelectorAll('#events li').length >= 3 && "
+                               "document.querySelectorAll('#alerts tbody tr.alert-row').length >= 1", timeout=15_000)
+        assert page.locator("#ready").text_content() != "pipeline not reachable"
+        stream = page.locator("#alerts tbody tr.alert-row td:nth-child(4)").first.text_content() or ""
+        assert json.loads(stream) == odd
+        assert "(reconnecting…)" not in (page.locator("#tap-state").text_content() or "")
+        assert errors == [], errors

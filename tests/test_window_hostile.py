@@ -90,3 +90,38 @@ def test_a_slide_that_puts_each_event_in_more_windows_than_may_be_open_is_a_conf
     assert len(res.stderr.strip().splitlines()) == 1
     WindowOptions(size="1d", slide="1m")  # 1,440 windows per event: allowed (the cost is documented)
     WindowOptions(size="1h", slide="100ms", max_open_windows=40_000)
+
+
+def test_a_transcript_ending_in_the_far_future_adds_no_talk_time_and_the_window_is_still_saved(
+        make_context: MakeCtx, tmp_path: Any) -> None:
+    """`data.end` comes off the wire: one transcript ending at 2^64 - 1 ms made a 60 s window's talk_seconds
+    1.8e16, and two such summed past 64 bits, which the state store cannot save: the open window was silently
+    not persisted, so a crash lost it. A transcript longer than a day now adds no talk time."""
+    from pipeline.state.store import SqliteStateStore
+
+    store = SqliteStateStore(tmp_path / "state")
+    w = Window(WindowOptions(size="60s"), make_context(state=store))
+    hostile = [{**transcript(NOW_MS + i), "data": {"text": "a b", "start": NOW_MS + i, "end": (1 << 64) - 1}}
+               for i in range(2)]
+    w.process([*hostile, transcript(NOW_MS + 2)])
+    store.flush()
+    reopened = SqliteStateStore(tmp_path / "state").get(Window.state_name("test"))
+    assert [k for k in reopened if k != "~watermark"] == [f'[{NOW_MS},"cap-1"]']  # the open window was saved
+    (m,) = w.flush()
+    assert m["data"]["talk_seconds"] == 0.5
+    assert m["data"]["events"] == {"transcript": 3} and m["data"]["words"] == 6
+
+
+def test_an_event_hours_ahead_of_the_clock_does_not_make_the_live_stream_late(make_context: MakeCtx) -> None:
+    """An event time up to a day ahead of the wall clock is accepted, and it moved the watermark there: one
+    transcript from a peer 23 h ahead closed every open window and made every event of the next 23 h late,
+    so a live session made no more metrics. The watermark now stops at the wall clock."""
+    w = Window(WindowOptions(size="60s", allowed_lateness="5s"), make_context())
+    live = int(time.time() * 1000) - 3000  # events of a live session arrive a little after their time
+    stream = [transcript(live + i * 10) for i in range(100)]
+    ahead = transcript(int(time.time() * 1000) + 23 * 3_600_000)
+    metrics = run(w, [stream[:50], [ahead], stream[50:]])
+    assert w.report()["late"] == 0
+    counted = sum(sum(m["data"]["events"].values()) for m in metrics if m["window"]["start"] <= live + 1000)
+    assert counted == 100  # every live event is in a window (the one ahead is in its own, closed at the end)
+    assert sum(sum(m["data"]["events"].values()) for m in metrics) == 101

@@ -15,19 +15,34 @@ from pipeline.stats import Histogram
 
 SNAPSHOT_TEXT = 1000  # characters of an event-made string in the status snapshot (an alert's text, its `ts`)
 SNAPSHOT_ITEMS = 50  # items of a list or mapping in it, three levels deep
+SNAPSHOT_CHARS = 8000  # characters of strings and keys per alert in all (its text, ids, label come first)
 
 
-def brief(value: Any, depth: int = 0) -> Any:
+def brief(value: Any, depth: int = 0, left: list[int] | None = None) -> Any:
     """`value` (an alert: texts and stamps come with its event) cut down for the status page and `pipeline top`,
-    which poll it every second: a few 1 MiB texts would make each answer megabytes."""
+    which poll it every second: a few 1 MiB texts would make each answer megabytes. At most SNAPSHOT_CHARS
+    characters of strings and keys in all (a `ts` of 50 x 50 strings kept 1 MB per alert)."""
+    left = [SNAPSHOT_CHARS] if left is None else left
     if isinstance(value, str):
-        return value if len(value) <= SNAPSHOT_TEXT else value[: SNAPSHOT_TEXT - 1] + "…"
+        n = min(SNAPSHOT_TEXT, left[0])
+        left[0] -= min(len(value), n)
+        return value if len(value) <= n else value[: max(0, n - 1)] + "…"
     if isinstance(value, dict):
-        if depth >= 3:
-            return {}
-        return {str(k)[:SNAPSHOT_TEXT]: brief(v, depth + 1) for k, v in list(value.items())[:SNAPSHOT_ITEMS]}
+        out: dict[str, Any] = {}
+        for k, v in list(value.items())[:SNAPSHOT_ITEMS] if depth < 3 else ():
+            if left[0] <= 0:
+                break
+            key = str(k)[: min(SNAPSHOT_TEXT, left[0])]
+            left[0] -= len(key)
+            out[key] = brief(v, depth + 1, left)
+        return out
     if isinstance(value, list | tuple):
-        return [] if depth >= 3 else [brief(v, depth + 1) for v in value[:SNAPSHOT_ITEMS]]
+        items: list[Any] = []
+        for v in value[:SNAPSHOT_ITEMS] if depth < 3 else ():
+            if left[0] <= 0:
+                break
+            items.append(brief(v, depth + 1, left))
+        return items
     return value
 
 

@@ -17,7 +17,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import orjson
 
-from pipeline.events import canonical, channel, event_time_ms, lifecycle_status
+from pipeline.events import EDGE_FREE, canonical, channel, event_time_ms, lifecycle_status, too_deep
 
 MAX_LINE: Final = 1 << 20  # longer lines are skipped (counted)
 MAX_TEXT: Final = 400  # characters of text kept per mark / alert row
@@ -223,7 +223,9 @@ class Collector:
                 except orjson.JSONDecodeError:
                     self.out.skipped += 1
                     continue
-                if isinstance(event, dict):
+                # nested past what the pipeline writes (240 levels): str() of a field 1,000 deep raised
+                # RecursionError, a traceback for the whole report
+                if isinstance(event, dict) and not (len(line) > EDGE_FREE and too_deep(event)):
                     self.add(event)
                 else:
                     self.out.skipped += 1

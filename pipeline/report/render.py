@@ -15,7 +15,7 @@ from importlib import resources
 from string import Template
 from typing import Final
 
-from pipeline.report.collect import MARK_CHANNELS, Collected, Lane, Session
+from pipeline.report.collect import MARK_CHANNELS, Collected, Lane, Mark, Session
 
 LABELS: Final = {"transcript": "transcript", "audio_index": "audio index", "visual_index": "visual index",
                  "alert": "alert"}
@@ -24,6 +24,7 @@ TRACK: Final = 16
 TRACK_GAP: Final = 4
 LANE_GAP: Final = 12
 TOP: Final = 58  # axis + lifecycle row
+MAX_PAGE_MARKS: Final = 12_000  # marks drawn per page, all lanes and tracks together
 TICKS: Final = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400)
 
 
@@ -75,11 +76,33 @@ class _Scale:
         return GUTTER + (min(max(t, self.t0), self.t1) - self.t0) * self.width / (self.t1 - self.t0)
 
 
+def _share(lengths: list[int], budget: int) -> int:
+    """The most marks any one track may draw so that all of them draw at most `budget` (small tracks keep all)."""
+    lengths = sorted(lengths)
+    for i, n in enumerate(lengths):
+        share = budget // (len(lengths) - i)
+        if n > share:
+            return max(1, share)
+        budget -= n
+    return max([1, *lengths])
+
+
+def drawn_marks(s: Session) -> dict[str, list[Mark]]:
+    """Lane name -> the marks it draws: past MAX_PAGE_MARKS on the page, the biggest tracks are thinned evenly.
+
+    A mark's tooltip is up to ~2.5 KB once escaped: 8 lanes x 4 tracks x 1,500 quote-filled marks (a 63 MB
+    input) made a 157 MB page and took 690 MB of memory; 33 lanes, the most, about four times that."""
+    tracks = [t for ln in s.lanes.values() for t in ln.tracks.values()]
+    cap = _share([len(t.marks) for t in tracks], MAX_PAGE_MARKS)
+    return {ln.name: [m for t in ln.tracks.values() for m in t.marks[::-(-len(t.marks) // cap) or 1]]
+            for ln in s.lanes.values()}
+
+
 def _tracks(lane: Lane) -> list[str]:
     return [ch for ch in MARK_CHANNELS if ch in lane.tracks]
 
 
-def timeline(s: Session, gap_ms: int) -> str:
+def timeline(s: Session, gap_ms: int, drawn: dict[str, list[Mark]]) -> str:
     """The SVG: an axis, lifecycle markers, then one lane per rtstream with a track per channel."""
     t0, t1 = s.t_min or 0, s.t_max or 0
     span_s = max(1, (t1 - t0) // 1000)
@@ -126,7 +149,7 @@ def timeline(s: Session, gap_ms: int) -> str:
         rows = {ch: y + i * (TRACK + TRACK_GAP) for i, ch in enumerate(tracks)}
         for ch, ry in rows.items():
             out.append(f'<text class="track-name" x="{GUTTER - 8}" y="{ry + 12}">{LABELS[ch]}</text>')
-        for m in ln.marks:
+        for m in drawn[ln.name]:
             ry = rows[m.channel]
             x0 = sc.x(m.start)
             cls = f"m {m.channel}" + (" backfill" if m.backfill else "")
@@ -160,11 +183,11 @@ def _talk(s: Session) -> str:
             f"<tbody>{rows}</tbody></table>")
 
 
-def _alerts(s: Session, t0: int) -> str:
+def _alerts(s: Session, t0: int, marks: dict[str, list[Mark]]) -> str:
     if not s.alerts:
         return '<p class="none">No alerts.</p>'
     rows = []
-    drawn = {m.id for ln in s.lanes.values() if "alert" in ln.tracks for m in ln.tracks["alert"].marks}
+    drawn = {m.id for ms in marks.values() for m in ms if m.channel == "alert"}
     for a in sorted(s.alerts, key=lambda a: a.time):
         when = (f'<a class="jump" href="#m{a.mark}" data-mark="m{a.mark}">{esc(offset(a.time, t0))}</a>'
                 if a.mark in drawn else esc(offset(a.time, t0)))  # thinned off a crowded timeline: no link
@@ -231,18 +254,19 @@ def _legend() -> str:
 def render(s: Session, c: Collected, gap_ms: int) -> str:
     """The whole page for one session."""
     t0 = s.t_min or 0
+    drawn = drawn_marks(s)
     counts = ", ".join(f"{esc(k)} {n}" for k, n in sorted(s.counts.items()))
     body = f"""
 <header><h1>Capture session <span class="sid">{esc(s.id)}</span></h1>
 <p class="meta">{esc(day_clock(t0))} to {esc(clock(s.t_max or 0))} UTC · {counts}</p></header>
 {_cards(s)}
-<section><h2>Timeline</h2>{_legend()}<div class="scroll" id="timeline">{timeline(s, gap_ms)}</div>
+<section><h2>Timeline</h2>{_legend()}<div class="scroll" id="timeline">{timeline(s, gap_ms, drawn)}</div>
 <p class="hint">Hover a mark for its text; click an alert's time below to find it here.</p></section>
 <div class="cols">
 <section><h2>Talk time per stream</h2>{_talk(s)}</section>
 <section><h2>Keywords matched</h2>{_keywords(s)}</section>
 </div>
-<section><h2>Alerts</h2>{_alerts(s, t0)}</section>
+<section><h2>Alerts</h2>{_alerts(s, t0, drawn)}</section>
 <div class="cols">
 <section><h2>Lifecycle</h2>{_lifecycle(s, t0)}</section>
 <section><h2>Gaps and backfills</h2>{_gaps(s, gap_ms, t0)}</section>

@@ -32,6 +32,7 @@ MAX_LABELS: Final = 100  # distinct alert labels counted apart per window
 OTHER: Final = "(other)"  # where the rest, and names longer than MAX_KEY_CHARS, are counted
 MAX_TIME: Final = 1 << 53  # event times beyond ±2^53 ms (285,000 years) count as late
 FUTURE_SLACK_MS: Final = 86_400_000  # an event time more than a day ahead of the wall clock counts as late
+MAX_TALK_MS: Final = 86_400_000  # a transcript longer than a day adds no talk time (as in `pipeline report`)
 
 
 class WindowOptions(Options):
@@ -102,7 +103,9 @@ def _add(acc: dict[str, Any], event: Event, ch: str, t: int) -> None:
         if isinstance(text, str):
             acc["words"] += len(text.split())
         s, e = data.get("start"), data.get("end")
-        if type(s) is int and type(e) is int and e > s:
+        # `end` comes off the wire: one end of 2^64 made talk_seconds 1.8e16 and, twice, a sum past 64 bits
+        # that the state store could no longer save
+        if type(s) is int and type(e) is int and 0 < e - s <= MAX_TALK_MS:
             acc["talk_ms"] += e - s
     elif ch == "alert":
         label = data.get("event_label")
@@ -193,7 +196,8 @@ class Window(Processor):
         last_kt: tuple[Any, ...] | None = None
         last_acc: dict[str, Any] = {}
         late = 0
-        ceiling = min(MAX_TIME, int(time.time() * 1000) + FUTURE_SLACK_MS)
+        now = int(time.time() * 1000)
+        ceiling = min(MAX_TIME, now + FUTURE_SLACK_MS)
         failed: Batch = []
         for event in batch:
             try:  # one bad event (not a dict, a plugin's odd value) costs only itself, see below
@@ -213,7 +217,9 @@ class Window(Processor):
                     late += 1
                     continue
                 if wm is None or t > wm:
-                    wm = t
+                    # ahead of the wall clock (a skewed clock, a peer's bogus time): counted, but the watermark
+                    # stops at now; one event 23 h ahead closed every window and made the next 23 h all late
+                    wm = t if t <= now else (now if wm is None else max(wm, now))
                 elif t < wm - lateness:
                     late += 1
                     continue

@@ -6,10 +6,17 @@ let prev = null, prevTime = 0, points = null, tapAt = null, tapCtl = null, pause
 const MAX_EVENTS = 100;
 const MAX_TEXT = 1000;  // characters of an event's text in the live tail
 
+// Any value as text, never throwing: fields come off the wire, and String() of {"toString": 1} throws.
+function txt(v) {
+  if (v === undefined || v === null) return "";
+  if (typeof v !== "object") return String(v);
+  try { return JSON.stringify(v); } catch (e) { return "?"; }
+}
+
 function el(tag, cls, text) {
   const e = document.createElement(tag);
   if (cls) e.className = cls;
-  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (text !== undefined && text !== null) e.textContent = txt(text);
   return e;
 }
 const fmt = (n) => (n === null || n === undefined) ? "–" : Number(n).toLocaleString("en-US");
@@ -98,7 +105,7 @@ function render(s) {
 
   const ab = $("alerts").tBodies[0]; ab.replaceChildren();
   for (const a of s.alerts.slice().reverse()) {
-    const d = a.data || {}, sev = String(d.severity || "info");
+    const d = a.data || {}, sev = txt(d.severity || "info");
     const when = eventClock(a);
     const tr = el("tr", "alert-row");
     tr.append(el("td", "mono", when), el("td", "sev-" + sev.replace(/[^a-z]/g, ""), sev),
@@ -138,10 +145,10 @@ function eventLine(ev) {
   if (ch === "alert") li.className = "alert";
   const where = ev.rtstream_name || ev.rtstream_id || "";
   let text = d.text || (ev.event ? ev.event : "");
-  if (ch === "alert") text = `[${d.severity || "alert"} ${d.event_label || ""}] ` + text;
-  text = String(text);  // events come in any size: a line shows the start of a long text
+  if (ch === "alert") text = `[${txt(d.severity || "alert")} ${txt(d.event_label)}] ` + txt(text);
+  text = txt(text);  // events come in any size: a line shows the start of a long text
   if (text.length > MAX_TEXT) text = text.slice(0, MAX_TEXT - 1) + "…";
-  li.append(el("span", "ch", String(ch).slice(0, 100)), " ", el("span", "muted", String(where).slice(0, 100)), " ", text);
+  li.append(el("span", "ch", txt(ch).slice(0, 100)), " ", el("span", "muted", txt(where).slice(0, 100)), " ", text);
   return li;
 }
 
