@@ -124,22 +124,27 @@ def test_hostile_event_text_reaches_the_terminal_as_text(tmp_path: Path) -> None
         assert "[/bold]" in out and "\\x1b]0;PWNED\\x07" in out, out
 
 
-async def test_the_status_snapshot_stays_small_whatever_the_alerts_carry(tmp_path: Path) -> None:
-    """The status page and `pipeline top` poll /api/status every second; its last alerts carry their events'
-    text and `ts`, which a peer makes as large as it likes."""
+async def status_after_run(tmp_path: Path, events: Path) -> bytes:
+    """The body of /api/status once a pipeline with the operator endpoint has replayed `events`."""
     import aiohttp
 
     from tests.operator_harness import config, served
 
+    async with served(config(tmp_path, events)) as (rt, base), aiohttp.ClientSession() as http:
+        assert await rt.run() == 0
+        async with http.get(base + "/api/status") as r:
+            return await r.read()
+
+
+async def test_the_status_snapshot_stays_small_whatever_the_alerts_carry(tmp_path: Path) -> None:
+    """The status page and `pipeline top` poll /api/status every second; its last alerts carry their events'
+    text and `ts`, which a peer makes as large as it likes."""
     events = tmp_path / "in.jsonl"
     with events.open("wb") as fh:
         for i in range(30):
             fh.write(orjson.dumps({"channel": "visual_index", "rtstream_id": "rts-1", "unix_ts": 1_700_000_000 + i,
                                    "ts": "t" * 100_000, "data": {"text": "password " + "x" * 200_000}}) + b"\n")
-    async with served(config(tmp_path, events)) as (rt, base), aiohttp.ClientSession() as http:
-        assert await rt.run() == 0
-        async with http.get(base + "/api/status") as r:
-            body = await r.read()
+    body = await status_after_run(tmp_path, events)
     snap = orjson.loads(body)
     assert len(snap["alerts"]) == 20 and len(body) < 100_000, len(body)
     assert all(a["data"]["text"].startswith("password x") for a in snap["alerts"])
@@ -149,20 +154,13 @@ async def test_the_status_snapshot_stays_small_when_alerts_carry_nested_stamps(t
     """A peer that sends its own `unix_ts` keeps its own `ts` too, of any shape, and every alert its event
     fires copies it: a `ts` of 40 x 40 strings (400 KB) was kept whole (each string under 1,000 characters),
     so each poll of /api/status was 8 MB. Now each alert keeps at most 8,000 characters, its text first."""
-    import aiohttp
-
-    from tests.operator_harness import config, served
-
     nested = {f"k{i}": {f"j{j}": "y" * 250 for j in range(40)} for i in range(40)}
     events = tmp_path / "in.jsonl"
     with events.open("wb") as fh:
         for i in range(22):
             fh.write(orjson.dumps({"channel": "visual_index", "rtstream_id": "rts-1", "unix_ts": 1_700_000_000 + i,
                                    "ts": nested, "data": {"text": f"password {i}"}}) + b"\n")
-    async with served(config(tmp_path, events)) as (rt, base), aiohttp.ClientSession() as http:
-        assert await rt.run() == 0
-        async with http.get(base + "/api/status") as r:
-            body = await r.read()
+    body = await status_after_run(tmp_path, events)
     snap = orjson.loads(body)
     assert len(snap["alerts"]) == 20 and len(body) < 250_000, len(body)
     assert sorted(a["data"]["text"] for a in snap["alerts"]) == sorted(f"password {i}" for i in range(2, 22))

@@ -170,3 +170,19 @@ async def test_jsonl_a_template_a_long_session_id_would_push_past_name_max_is_re
     await sink.write([{"channel": "c" * 64, "capture_session_id": sid, "unix_ts": 1.7e9}])
     await sink.close()
     assert len((tmp_path / sid).iterdir().__next__().read_bytes().splitlines()) == 1
+
+
+async def test_jsonl_made_up_channel_names_cannot_make_a_file_each(make_context: MakeCtx, tmp_path: Path) -> None:
+    """Channel names come off the wire: 300 events with 300 made-up names made 300 `{channel}` files (a flood of
+    them for as long as a peer sends new names). Past 64 names besides the built-in channels they share
+    `unknown`, as in the parquet sink."""
+    sink = jsonl.JsonlSink(jsonl.JsonlOptions(path=f"{tmp_path}/out/{{channel}}.jsonl"), make_context())
+    await sink.start()
+    await sink.write([{"channel": f"made-up-{i}", "i": i} for i in range(300)]
+                     + [{"channel": "transcript", "i": 300}, {"channel": "alert", "i": 301}])
+    await sink.close()
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(files) == 64 + 3 and {"transcript.jsonl", "alert.jsonl", "unknown.jsonl", "made-up-0.jsonl",
+                                     "made-up-63.jsonl"} <= set(files), files
+    assert len((tmp_path / "out" / "unknown.jsonl").read_bytes().splitlines()) == 300 - 64
+    assert sum(len((tmp_path / "out" / f).read_bytes().splitlines()) for f in files) == 302

@@ -27,6 +27,7 @@ from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import channel
 from pipeline.files import open_private, still_names
 from pipeline.types import Duration
+from stages.sinks.channel_dirs import ChannelNames
 from stages.sinks.dates import UtcDays
 
 _DUMP = orjson.dumps
@@ -34,7 +35,6 @@ _OPTS = orjson.OPT_APPEND_NEWLINE
 MAX_OPEN_FILES = 32
 IDLE_CLOSE = 60.0  # seconds without a write after which a templated file is closed
 NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs, tmpfs
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")  # \Z: `$` would let a final newline through
 _SAFE_SESSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")  # the ids the session API accepts (128 long)
 
 
@@ -97,7 +97,7 @@ class JsonlSink(Sink):
         self._dated = "{date}" in options.path
         self._per_session = "{capture_session_id}" in options.path
         self._day = UtcDays()
-        self._safe: set[str] = set()
+        self._channel = ChannelNames()
         self._files: dict[str, _File] = {}  # open files, least recently written first (at most MAX_OPEN_FILES)
         self._bufs: dict[str, bytearray] = {}  # path -> lines not written yet
         self._buffered = 0  # bytes in _bufs, so buffer_bytes bounds all files together
@@ -164,12 +164,7 @@ class JsonlSink(Sink):
         return self._buffered
 
     def _path_for(self, event: Event) -> str:
-        ch = channel(event)
-        if ch not in self._safe:
-            if not _SAFE_NAME.match(ch):  # the channel comes from the wire: never let it pick a directory
-                ch = "unknown"
-            elif len(self._safe) < 256:
-                self._safe.add(ch)
+        ch = self._channel(channel(event))
         day = self._day(event.get("unix_ts")) if self._dated else ""
         sid = _session_name(event.get("capture_session_id")) if self._per_session else ""
         return self.options.path.format(channel=ch, date=day, capture_session_id=sid)

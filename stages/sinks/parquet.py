@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import math
 import os
-import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,16 +22,14 @@ import orjson
 from pydantic import Field, field_validator
 
 from pipeline.api import Batch, Context, Event, Sink, SinkOptions
-from pipeline.channels import BUILTIN_CHANNELS
 from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import channel, event_time_ms
 from pipeline.files import ensure_private_dir, open_private
 from pipeline.types import Duration
+from stages.sinks.channel_dirs import ChannelNames
 from stages.sinks.dates import UtcDays
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")  # \Z: `$` would let a final newline through
 MAX_OPEN_DIRS: Final = 32
-MAX_CHANNEL_DIRS: Final = 64  # {channel} directories for names other than the built-in channels; the rest: unknown
 MAX_WAITING_BYTES: Final = 32 << 20  # rows waiting for a row group, all directories together (JSON size)
 COLUMNS: Final = ("channel", "rtstream_id", "rtstream_name", "capture_session_id", "ts", "unix_ts", "start", "end",
                   "text", "is_final", "event_label", "severity", "matched", "raw")
@@ -129,7 +126,7 @@ class ParquetSink(Sink):
         self._templated = "{" in options.path
         self._dirs: dict[str, _Dir] = {}
         self._day = UtcDays()
-        self._named: set[str] = set()  # channels besides the built-in ones that have a directory of their own
+        self._channel = ChannelNames()
         self._seq = 0
         self._timer: asyncio.Task[None] | None = None
         self._schema: Any = None
@@ -152,16 +149,7 @@ class ParquetSink(Sink):
         return {"files": self.files}
 
     def _dir_for(self, event: Event) -> str:
-        raw = channel(event)
-        # the channel comes from the wire: never let it pick a directory, nor make one per made-up name (300
-        # events with 300 names made 300 directories of one-row files)
-        if raw in BUILTIN_CHANNELS or raw in self._named:
-            ch = raw
-        elif len(self._named) < MAX_CHANNEL_DIRS and _SAFE_NAME.match(raw):
-            self._named.add(raw)
-            ch = raw
-        else:
-            ch = "unknown"
+        ch = self._channel(channel(event))
         return self.options.path.format(channel=ch, date=self._day(event.get("unix_ts")))
 
     async def write(self, batch: Batch) -> None:
