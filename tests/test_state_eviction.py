@@ -130,3 +130,31 @@ def test_a_bogus_future_event_time_does_not_expire_everything(make_context: Call
     e.process([active("cap-1", ["a"], now)])
     e.process([{**visual("a", 32_503_680_000_000)}])
     assert e.process([visual("a", now + 1000)])[0]["rtstream_name"] == "n-a"
+
+
+def test_an_event_hours_ahead_of_the_clock_does_not_expire_everything(make_context: Callable[..., Context]) -> None:
+    """Within a day ahead of the wall clock an event time moved the watermark: one event 23 h ahead (a skewed or
+    hostile peer) swept every cooldown and every rtstream name; the next hit fired again inside its cooldown.
+    Now the watermark goes no further than the clock. Both the C engine and the Python path."""
+    import time
+
+    now = int(time.time() * 1000)
+    ahead = now + 23 * 3_600_000
+    for native in (True, False):
+        state = StateStore()
+        saved, Rules.native = Rules.native, native
+        try:
+            r = rules(make_context, state, state_ttl="1m")
+        finally:
+            Rules.native = saved
+        r.process([visual("rts-1", now)])
+        r.process([visual("rts-2", ahead)])
+        r.process([visual("rts-3", now + 1)])  # the next batch's sweep
+        assert "code|rts-1" in state.get("rules.last_fired"), native
+        assert len(r.process([visual("rts-1", now + 10_000)])) == 1, native  # inside its cooldown: no alert
+    state = StateStore()
+    e = Enrich(Enrich.Options.model_validate({}), make_context("enrich", state=state))
+    e.process([active("cap-1", ["a"], now)])
+    e.process([visual("a", ahead)])
+    e.process([visual("b", now + 1)])
+    assert e.process([visual("a", now + 1000)])[0]["rtstream_name"] == "n-a"

@@ -829,6 +829,14 @@ static int fire(Engine *self, Scratch *s, PyObject *event, PyObject *data, PyObj
             Py_SETREF(watermark->obj, Py_NewRef(when));
             watermark->v = now.v;
             watermark->fits = now.fits;
+        } else {  /* ahead of the wall clock: the watermark goes up to the clock, no further (Eviction.seen) */
+            int short_of = less(watermark, ceiling);
+            if (short_of < 0) goto done;
+            if (short_of) {
+                Py_SETREF(watermark->obj, Py_NewRef(ceiling->obj));
+                watermark->v = ceiling->v;
+                watermark->fits = ceiling->fits;
+            }
         }
     }
     /* rule order, as the Python path's sorted(hits) */

@@ -5,9 +5,10 @@ watermark is the newest event time seen; an entry whose own time is older
 than `watermark - horizon` is dropped, and a mapping over `max_keys` loses its
 oldest entries down to 90% of the cap. A sweep walks the whole mapping, so it
 runs at most once per minute of event time, or when a cap is exceeded.
-An event time more than a day ahead of the wall clock does not move the
-watermark: one event from a peer with a bogus future timestamp must not make
-all state look expired.
+An event time ahead of the wall clock moves the watermark only up to the
+clock: one event from a peer with a bogus future timestamp must not make all
+state look expired (with a day's slack, one event 23 h ahead swept every
+cooldown, window count and rtstream name).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 SWEEP_EVERY_MS = 60_000
-FUTURE_SLACK_MS = 86_400_000
 
 
 class Eviction:
@@ -32,15 +32,15 @@ class Eviction:
         self.next_sweep = 0
         self.evicted = 0
         self.others: dict[int, int] = {}  # id(mapping) -> its keys another stage owns, at the last sweep
-        self.ceiling = int(time.time() * 1000) + FUTURE_SLACK_MS
+        self.ceiling = int(time.time() * 1000)  # the wall clock, moved along once per batch (due())
 
     def seen(self, when: int) -> None:
-        if self.watermark < when <= self.ceiling:
-            self.watermark = when
+        if self.watermark < when:
+            self.watermark = when if when <= self.ceiling else max(self.watermark, self.ceiling)
 
     def due(self, *maps: MutableMapping[Any, Any]) -> bool:
         """Once per batch: is a sweep due? (Also moves the future-time ceiling along with the clock.)"""
-        self.ceiling = int(time.time() * 1000) + FUTURE_SLACK_MS
+        self.ceiling = int(time.time() * 1000)
         if self.watermark >= self.next_sweep:
             return True
         cap, others = self.max_keys, self.others

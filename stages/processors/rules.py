@@ -304,8 +304,8 @@ class Rules(Processor):
         if type(rid) is not str or not rid:
             rid = _stream_of(event)
         ev = self._evict
-        if ev.watermark < when <= ev.ceiling:  # Eviction.seen, inlined; the ceiling ignores bogus future times
-            ev.watermark = when
+        if ev.watermark < when:  # Eviction.seen, inlined: no further than the wall clock
+            ev.watermark = when if when <= ev.ceiling else max(ev.watermark, ev.ceiling)
         rules, last_fired = self._rules, self._last_fired
         firing: list[int] = []
         for idx in hits if len(hits) == 1 else sorted(hits):
