@@ -118,17 +118,21 @@ class Stamper:
     """Stamps many events received in the same millisecond with one clock read.
 
     Why: formatting the timestamp per event is the costliest part of ingest.
+    `keep=True` (files, Kafka): an event that has a `unix_ts` keeps its stamps, they are its receipt. `keep=False`
+    (a live WebSocket): every event gets ours, so a peer cannot pick its receipt time (and with it the `{date}`
+    a sink files it under, or the shape of `ts`).
     """
 
-    __slots__ = ("_ms", "_ts", "_unix")
+    __slots__ = ("_keep", "_ms", "_ts", "_unix")
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = True) -> None:
+        self._keep = keep
         self._ms = -1
         self._ts = ""
         self._unix = 0.0
 
     def __call__(self, event: Event) -> Event:
-        if "unix_ts" in event:
+        if self._keep and "unix_ts" in event:
             return event
         now = time.time()
         ms = int(now * 1000)

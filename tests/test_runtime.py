@@ -220,6 +220,43 @@ dead_letter: {tmp_path}/dead.jsonl
     assert "exceeds max_message_bytes=2048" in reasons[2]
 
 
+async def test_websocket_source_stamps_every_event_itself(tmp_path: Path) -> None:
+    """A peer's own `ts`/`unix_ts` were kept: it picked its events' receipt time, so the `{date}` directory a
+    sink filed them under (one per day it claimed) and the shape of `ts` (any JSON). Every event is now stamped
+    on receipt, as the README and the seed listener say."""
+    import time
+
+    hold = asyncio.Event()
+    frames = [orjson.dumps({"channel": "transcript", "ts": {"deep": ["x"] * 50}, "unix_ts": 4_102_444_800.0 + i,
+                            "data": {"text": f"t{i}"}}).decode() for i in range(20)]
+    server = await _ws_server(frames, hold)
+    port = server.sockets[0].getsockname()[1]
+    began = time.time()
+    cfg = load_config(write_config(tmp_path, f"""
+name: ws
+source: {{type: websocket, url: "ws://127.0.0.1:{port}/"}}
+sinks: [{{type: jsonl, path: "{tmp_path}/{{date}}.jsonl", flush_interval: 0.05s}}]
+dead_letter: {tmp_path}/dead.jsonl
+"""))
+    rt = LocalRuntime(build(cfg), install_signals=False)
+    task = asyncio.create_task(rt.run())
+    for _ in range(200):
+        if sum(len(lines(p)) for p in tmp_path.glob("*-*-*.jsonl")) == 20:
+            break
+        await asyncio.sleep(0.02)
+    await rt.stop()
+    assert await task == 0
+    hold.set()
+    server.close()
+    files = list(tmp_path.glob("*-*-*.jsonl"))
+    today = {time.strftime("%Y-%m-%d.jsonl", time.gmtime(t)) for t in (began, time.time())}  # (midnight)
+    assert len(files) == 1 and files[0].name in today, files  # not 2100-01-01
+    out = lines(files[0])
+    assert [e["data"]["text"] for e in out] == [f"t{i}" for i in range(20)]
+    assert all(isinstance(e["ts"], str) and e["ts"].endswith("Z") and began <= e["unix_ts"] <= time.time()
+               for e in out), out[0]
+
+
 def test_sigterm_drains_everything_received(tmp_path: Path) -> None:
     """A websocket server floods events; SIGTERM mid-stream; every event the pipeline read is on disk."""
     server = tmp_path / "server.py"

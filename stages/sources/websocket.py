@@ -93,7 +93,7 @@ class WebSocketSource(Source):
         self._stopping = False
         self._done = False
         self._ws: Any = None
-        self._stamp = Stamper()
+        self._stamp = Stamper(keep=False)  # receipt is ours: a peer's ts/unix_ts are replaced
         self._inlet: Inlet | None = None  # backfilled events enter here (videodb source)
         self._reading = False  # connected and reading frames: a stop reads on until the server answers its close
         #: at stop, how long the close handshake may take: frames the server sent before it saw our close are
