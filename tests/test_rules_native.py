@@ -13,8 +13,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 from pipeline.api import StateStore
 from pipeline.state.store import TrackedDict, open_store
+from stages.processors import eviction
 from stages.processors import rules as rules_mod
 from stages.processors.rules import Rules, RulesOptions
 from tests.test_fastloops import Collider, child_main, in_child, scenario_context
@@ -56,6 +58,7 @@ rule = st.fixed_dictionaries(
               "rtstream_names": st.sampled_from([["display:*"], ["mic:?efault", "x"]]),
               "cooldown": st.sampled_from([0, 0.001, 2, 5, 30]),
               "severity": st.sampled_from(["info", "critical"])})
+WALL_CLOCK = 1_700_000_015.5  # seconds: within the event times below, so some are ahead of it
 TIMES = st.sampled_from([0, 1, 2, 5, 30, 31]).map(lambda s: 1_700_000_000_000 + s * 1000)
 # Mostly events that can fire (so two paths have something to disagree on), some hostile ones.
 start = st.one_of(TIMES, TIMES, TIMES, st.sampled_from([1.5, True, None, "12", 2**70, -(2**70), 2**63,
@@ -80,15 +83,17 @@ def _run(native: bool, spec: list[dict[str, Any]], events: list[dict[str, Any]],
          context: Any) -> tuple[Any, ...]:
     saved = Rules.native
     Rules.native = native
-    try:
-        stage = Rules(RulesOptions.model_validate({"rules": spec}), context)
-    finally:
-        Rules.native = saved
-    assert (stage._engine is not None) == native
-    out: list[Any] = []
-    mine = copy.deepcopy(events)
-    for i in range(0, len(mine), batch_size):
-        out.extend(stage.process(mine[i:i + batch_size]))
+    # one wall clock for both paths: an event time ahead of it moves the watermark only up to it
+    with mock.patch.object(eviction, "time", SimpleNamespace(time=lambda: WALL_CLOCK)):
+        try:
+            stage = Rules(RulesOptions.model_validate({"rules": spec}), context)
+        finally:
+            Rules.native = saved
+        assert (stage._engine is not None) == native
+        out: list[Any] = []
+        mine = copy.deepcopy(events)
+        for i in range(0, len(mine), batch_size):
+            out.extend(stage.process(mine[i:i + batch_size]))
     # repr: NaN times compare unequal to themselves, their text does not
     return (repr(out), stage.fired, dict(stage.fired_by), repr(list(stage.recent)), repr(stage._last_fired),
             repr(stage._evict.watermark), sorted(getattr(stage._last_fired, "changed", ())))

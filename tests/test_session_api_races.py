@@ -175,7 +175,8 @@ async def test_many_sessions_stopping_at_once_leave_threads_for_the_api(
         await live.wait_for(lambda: all(m.sessions[sid].lifecycle.state == "active" for sid in made))
         emulator.fault("GET", "/capture/session/cap-", delay=0.5)
         await asyncio.gather(*(hook(live, emulator, f"sessions/{sid}/stop") for sid in made))
-        await live.wait_for(lambda: all(m.sessions[sid].lifecycle.state == "stopped" for sid in made))
+        # (a slow machine sees the first ones exported before the last one stopped: both count)
+        await live.wait_for(lambda: all(m.sessions[sid].lifecycle.state in ("stopped", "exported") for sid in made))
         await create_within(live, 1.5)
 
 
