@@ -28,6 +28,7 @@ from bench import (
 )
 from bench.common import Result
 from bench.gen import dataset, events, keywords
+from stages.controller.session_store import SessionStore
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -138,7 +139,19 @@ def test_faust_scaling() -> None:
 def test_sessions() -> None:
     res = sessions_bench.run(4, window=1.0)
     numbers(res)
-    assert all(r.unit == "ms" and "4 active" in r.notes[0] for r in res)
+    assert all(r.unit == "ms" and "4 active (4 bound before the window)" in r.notes[0] for r in res)
+
+
+def test_sessions_bound_counts_saved_records_with_their_indexes(tmp_path: Path) -> None:
+    """The window waits for every session's AI pipelines: a record counts once it names both indexes."""
+    store = SessionStore(tmp_path)
+    index = {"rtstream_id": "rts-d1", "scene_index_id": "idx-1"}
+    store.save({"session_id": "cap-none", "status": "created"})
+    store.save({"session_id": "cap-one", "indexes": [index]})
+    store.save({"session_id": "cap-two", "indexes": [index, {**index, "rtstream_id": "rts-d2"}]})
+    (store.dir / "cap-torn.json").write_text('{"session_id": "cap-torn", "indexes": [')
+    assert sessions_bench.bound_sessions(store.dir, 2) == 1
+    assert sessions_bench.bound_sessions(store.dir, 1) == 2
 
 
 def test_bytewax_peer() -> None:
