@@ -17,7 +17,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import orjson
 
-from pipeline.events import EDGE_FREE, canonical, channel, event_time_ms, lifecycle_status, too_deep
+from pipeline.events import canonical, channel, deeper_than, event_time_ms, lifecycle_status
 
 MAX_LINE: Final = 1 << 20  # longer lines are skipped (counted)
 MAX_TEXT: Final = 400  # characters of text kept per mark / alert row
@@ -225,7 +225,7 @@ class Collector:
                     continue
                 # nested past what the pipeline writes (240 levels): str() of a field 1,000 deep raised
                 # RecursionError, a traceback for the whole report
-                if isinstance(event, dict) and not (len(line) > EDGE_FREE and too_deep(event)):
+                if isinstance(event, dict) and not deeper_than(line, event):
                     self.add(event)
                 else:
                     self.out.skipped += 1

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.api import Options
 from pipeline.configfile import read_bytes, read_text
 from pipeline.errors import ConfigError
+from pipeline.events import deeper_than
 from pipeline.yamlpos import MAX_DEPTH, load
 
 INPUT_FILE_BYTES = 64 << 20  # a case's input_file: events, not a recording of a whole day
@@ -131,18 +132,6 @@ def load_tests(path: Path) -> tuple[TestFile, list[LoadedCase]]:
     return tf, cases
 
 
-def _too_deep(value: Any) -> bool:
-    """Nested more than MAX_DEPTH levels (looked at without recursion)."""
-    todo: list[tuple[Any, int]] = [(value, 1)]
-    while todo:
-        v, depth = todo.pop()
-        if isinstance(v, dict | list):
-            if depth > MAX_DEPTH:
-                return True
-            todo.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return False
-
-
 def _read_jsonl(p: Path, where: str) -> list[dict[str, Any]]:
     try:
         data = read_bytes(p, "JSON lines", INPUT_FILE_BYTES)
@@ -161,7 +150,7 @@ def _read_jsonl(p: Path, where: str) -> list[dict[str, Any]]:
             raise ConfigError(f"{p}:{n}: not a JSON line: {exc}") from None
         if not isinstance(event, dict):
             raise ConfigError(f"{p}:{n}: expected a JSON object per line")
-        if _too_deep(event):  # as in YAML; deeper, copying it for the case raised RecursionError
+        if deeper_than(line, event, MAX_DEPTH):  # as in YAML; deeper, copying it for the case raised RecursionError
             raise ConfigError(f"{p}:{n}: nested more than {MAX_DEPTH} levels deep")
         out.append(event)
     return out
