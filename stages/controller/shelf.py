@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.videodb_sdk import VideoDBCallError
 from stages.controller import session_tokens
 from stages.controller.lifecycle import TERMINAL, reported_status, stored
-from stages.controller.silent_check import MISSING_TWICE
+from stages.controller.silent_check import MISSING_TWICE, ask_round
 
 if TYPE_CHECKING:
     from stages.controller.session_manager import SessionManager
@@ -54,24 +54,16 @@ class Shelf:
     async def check_once(self) -> None:
         """Ask about those asked longest ago; a call past its deadline ends the round, as the silent check's does
         (else 50 of them against a slow VideoDB took one deadline per 4: 13 minutes, holding 4 SDK threads)."""
-        todo = list(itertools.islice(self.ids, self.m.silent.limit))
-        slow: list[str] = []
-        asked = 0
+        async def ask(sid: str) -> bool:
+            if sid not in self.ids:  # gone since the round began
+                return True
+            self.ids.move_to_end(sid)  # asked now: those not asked come first next time
+            return await self._check(sid)
 
-        async def one(sid: str) -> None:
-            nonlocal asked
-            async with self.m.checking:
-                if slow or sid not in self.ids:
-                    return
-                self.ids.move_to_end(sid)  # asked now: those not asked come first next time
-                asked += 1
-                if not await self._check(sid):
-                    slow.append(sid)
-
-        await asyncio.gather(*(one(sid) for sid in todo))
-        if slow:
+        left = await ask_round(self.m.checking, list(itertools.islice(self.ids, self.m.silent.limit)), ask)
+        if left:
             log.warning("%s: VideoDB is answering too slowly: %d session(s) stopped before they started left for "
-                        "the next check", self.m.who, len(todo) - asked)
+                        "the next check", self.m.who, left)
 
     async def _check(self, sid: str) -> bool:
         """Ask about one; False when the call ran past its deadline."""

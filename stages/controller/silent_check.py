@@ -16,7 +16,8 @@ import asyncio
 import heapq
 import logging
 import time
-from typing import TYPE_CHECKING, Final
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from pipeline.videodb_sdk import VideoDBCallError
 from stages.controller.lifecycle import reported_status
@@ -26,9 +27,30 @@ if TYPE_CHECKING:
     from stages.controller.session_manager import SessionManager
 
 log = logging.getLogger("pipeline.controller.sessions")
+T = TypeVar("T")
 
 CONCURRENCY: Final = 4  # get_capture_session calls of the background checks at once (SessionManager.checking)
 MISSING_TWICE: Final = 2  # checks in a row answered 404 before a session ends as gone
+
+
+async def ask_round(slots: asyncio.Semaphore, todo: list[T], ask: Callable[[T], Awaitable[bool]]) -> int:
+    """`ask(x)` for each of `todo`, as `slots` allow (the background bound); the first call past its deadline
+    (`ask` returns False) ends the round: VideoDB is too slow, the rest would wait as long, one deadline per few.
+    Returns how many were left unasked (0 when no call ran late)."""
+    late = False
+    asked = 0
+
+    async def one(x: T) -> None:
+        nonlocal late, asked
+        async with slots:
+            if late:
+                return
+            asked += 1
+            if not await ask(x):
+                late = True
+
+    await asyncio.gather(*(one(x) for x in todo))
+    return len(todo) - asked if late else 0
 
 
 class SilentCheck:
@@ -54,20 +76,13 @@ class SilentCheck:
 
     async def check_once(self) -> None:
         now = time.monotonic()
-        todo = self.due(now)
-        slow: list[ManagedSession] = []  # sessions whose call ran past its deadline in this round
 
-        async def one(s: ManagedSession) -> None:
-            async with self.m.checking:
-                if slow:
-                    return
-                s.checked = now
-                if not await self._check(s):
-                    slow.append(s)
+        async def ask(s: ManagedSession) -> bool:
+            s.checked = now
+            return await self._check(s)
 
-        await asyncio.gather(*(one(s) for s in todo))
-        if slow:
-            left = sum(s.checked != now for s in todo)
+        left = await ask_round(self.m.checking, self.due(now), ask)
+        if left:
             log.warning("%s: VideoDB is answering too slowly: %d silent session(s) left for the next check",
                         self.m.who, left)
         for sid in [sid for sid in self._missing if sid not in self.m.sessions]:
