@@ -91,12 +91,15 @@ class View:
             return None, None
         return getattr(ctrl, "session_id", None), lc.state
 
+    def serves_api(self) -> bool:
+        """The controller serves the session API (`controller.api`): sessions come from it, none of its own."""
+        return getattr(getattr(self.built.controller, "options", None), "api", None) is not None
+
     def api_sessions(self) -> dict[str, int] | None:
-        """With the session API (`controller.api`): its sessions, `live` and `held` in memory; else None."""
-        ctrl = self.built.controller
-        if getattr(getattr(ctrl, "options", None), "api", None) is None:
+        """With the session API: its sessions, `live` and `held` in memory; else None."""
+        if not self.serves_api():
             return None
-        sessions = getattr(getattr(ctrl, "manager", None), "sessions", None) or {}
+        sessions = getattr(getattr(self.built.controller, "manager", None), "sessions", None) or {}
         return {"live": sum(1 for s in sessions.values() if s.live), "held": len(sessions)}
 
     def buffer(self, i: int) -> Any:
@@ -150,7 +153,7 @@ class View:
             elif not connected:
                 missing["source"] = "not connected"
         if b.controller is not None and self.role != "worker":
-            if getattr(getattr(b.controller, "options", None), "api", None) is not None:
+            if self.serves_api():
                 # sessions come from the session API (none of its own, any number active): ready once it listens
                 if not getattr(getattr(b.controller, "api", None), "url", ""):
                     missing["session_api"] = "not listening yet"
