@@ -9,6 +9,7 @@ network.
 from __future__ import annotations
 
 import html
+import math
 import secrets
 from datetime import UTC, datetime
 from importlib import resources
@@ -94,7 +95,7 @@ def drawn_marks(s: Session) -> dict[str, list[Mark]]:
     input) made a 157 MB page and took 690 MB of memory; 33 lanes, the most, about four times that."""
     tracks = [t for ln in s.lanes.values() for t in ln.tracks.values()]
     cap = _share([len(t.marks) for t in tracks], MAX_PAGE_MARKS)
-    return {ln.name: [m for t in ln.tracks.values() for m in t.marks[::-(-len(t.marks) // cap) or 1]]
+    return {ln.name: [m for t in ln.tracks.values() for m in t.marks[::max(1, math.ceil(len(t.marks) / cap))]]
             for ln in s.lanes.values()}
 
 
