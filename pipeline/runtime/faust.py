@@ -37,8 +37,8 @@ from pipeline.runtime.faust_ingest import app_id, create_ingest_topic, ingest_to
 from pipeline.runtime.faust_latency import transport_class
 from pipeline.runtime.faust_offsets import commit_before_revoke
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
-from pipeline.runtime.faust_stop import DrainClock, close_limit, give_up
-from pipeline.runtime.sink_start import start_within
+from pipeline.runtime.faust_stop import DrainClock, give_up
+from pipeline.runtime.sink_start import close_limit, start_within
 from pipeline.types import parse_duration
 
 log = logging.getLogger("pipeline.runtime.faust")
@@ -369,21 +369,23 @@ class Worker:
         self.summary()
 
     async def _write_held(self, slot: SinkSlot, held: Batch) -> None:
+        limit = close_limit(slot.sink)
         try:
-            await asyncio.wait_for(self._write(slot, held), close_limit(slot))
+            await asyncio.wait_for(self._write(slot, held), limit)
         except TimeoutError:
             for event in slot.route(held):
                 self.built.dead_letter.write("sink write did not finish within shutdown_timeout at shutdown",
                                              stage=slot.stats.name, event=event)
-            log.warning("%s: writing flushed windows did not finish within %gs", slot.stats.name, close_limit(slot))
+            log.warning("%s: writing flushed windows did not finish within %gs", slot.stats.name, limit)
         except Exception as exc:  # _write dead-lettered what it could not write
             log.warning("%s: writing flushed windows failed: %s", slot.stats.name, exc)
 
     async def _close_sink(self, slot: SinkSlot) -> None:
+        limit = close_limit(slot.sink)
         try:
-            await asyncio.wait_for(slot.sink.close(), close_limit(slot))
+            await asyncio.wait_for(slot.sink.close(), limit)
         except TimeoutError:
-            log.warning("%s: close() did not finish within %gs", slot.stats.name, close_limit(slot))
+            log.warning("%s: close() did not finish within %gs", slot.stats.name, limit)
         except Exception as exc:
             log.warning("%s: close failed: %s", slot.stats.name, exc)
 

@@ -58,12 +58,6 @@ class DrainClock:
         task.cancel()
 
 
-def close_limit(slot: Any) -> float:
-    """How long a sink's close (or last write) may take at shutdown: its shutdown_timeout, plus a grace."""
-    from pipeline.runtime.local import CLOSE_GRACE, DEFAULT_CLOSE_TIMEOUT
-
-    return float(getattr(slot.sink.options, "shutdown_timeout", DEFAULT_CLOSE_TIMEOUT)) + CLOSE_GRACE
-
 
 def give_up(consumer: Any, events: list[Any]) -> None:
     """Stop faust waiting for these records at shutdown, without acknowledging them (offsets stay put)."""

@@ -35,16 +35,13 @@ from pipeline.runtime.buffers import (
     spool_root,
 )
 from pipeline.runtime.reload import Reloader
-from pipeline.runtime.sink_start import start_within
+from pipeline.runtime.sink_start import DEFAULT_CLOSE_TIMEOUT, close_limit, start_within
 from pipeline.state.spool import Damage, undelivered_bytes
 from pipeline.stats import LAG_BUCKETS, LATENCY_BUCKETS, Histogram
 
 log = logging.getLogger("pipeline.runtime")
 
-#: close() of a sink without a `shutdown_timeout` option gets this long; every close gets a little grace.
-DEFAULT_CLOSE_TIMEOUT = 10.0
 RECEIPTS = 4096  # batch receipt times kept for the latency histogram (older batches are not observed)
-CLOSE_GRACE = 2.0
 SOURCE_GRACE = 0.1  # after drain_timeout, a source that has not ended gets this long (a put that waited drops)
 
 
@@ -496,7 +493,7 @@ class LocalRuntime:
         self.b.state.close()
 
     async def _close_sink(self, slot: SinkSlot) -> None:
-        limit = float(getattr(slot.sink.options, "shutdown_timeout", DEFAULT_CLOSE_TIMEOUT)) + CLOSE_GRACE
+        limit = close_limit(slot.sink)
         try:
             await asyncio.wait_for(slot.sink.close(), limit)
         except TimeoutError:

@@ -30,7 +30,7 @@ from pipeline.errors import ConfigError, StageError
 from pipeline.events import channel_set
 from pipeline.logs import stage_log
 from pipeline.runtime import reload_windows
-from pipeline.runtime.sink_start import start_within
+from pipeline.runtime.sink_start import close_limit, start_within
 from pipeline.stats import StageStats
 
 if TYPE_CHECKING:
@@ -311,8 +311,6 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> str | None:
     None when the new sink runs; "" when the old sink did not flush in time (it stays, untouched); otherwise
     why the new sink did not start (the old spec runs again).
     """
-    from pipeline.runtime.local import CLOSE_GRACE, DEFAULT_CLOSE_TIMEOUT
-
     loop = asyncio.get_running_loop()
     try:
         await asyncio.wait_for(slot.sink.flush(), max(deadline - loop.time(), 0.0))
@@ -320,7 +318,7 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> str | None:
         return ""
     except Exception as exc:  # closing it dead-letters what it cannot write
         log.warning("reload: %s: flushing the old sink: %s", slot.stats.name, exc)
-    limit = float(getattr(slot.sink.options, "shutdown_timeout", DEFAULT_CLOSE_TIMEOUT)) + CLOSE_GRACE
+    limit = close_limit(slot.sink)
     try:
         await asyncio.wait_for(slot.sink.close(), limit)
     except TimeoutError:

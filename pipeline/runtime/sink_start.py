@@ -1,4 +1,4 @@
-"""Starting a sink within a bound: at run start, at a worker's start and when a reload re-creates it.
+"""How long a sink may take to start and to close: at run start, at a worker's start and stop, at a reload.
 
 Why: a sink's start() may connect to a peer (a Kafka broker, a plugin's service) that never answers. Awaited
 bare, that held the run before it read anything, deaf to SIGTERM, with no line saying why. Each start now has
@@ -15,13 +15,21 @@ from pipeline.api import Sink
 #: how long a sink may take to start (a sink's own `start_timeout` option wins): a run waits this long before
 #: it fails, a reload before it keeps the previous options
 SINK_START_TIMEOUT = 30.0
-#: close() of a sink whose start was abandoned gets this long
-ABANDON_GRACE = 2.0
+#: close() of a sink without a `shutdown_timeout` option gets this long; every close gets CLOSE_GRACE more
+DEFAULT_CLOSE_TIMEOUT = 10.0
+#: also all that close() of a sink whose start was abandoned gets
+CLOSE_GRACE = 2.0
 
 
 def start_timeout(sink: Sink) -> float:
     """The sink's `start_timeout` option when it has one, else SINK_START_TIMEOUT (seconds)."""
     return float(getattr(sink.options, "start_timeout", None) or SINK_START_TIMEOUT)
+
+
+def close_limit(sink: Sink) -> float:
+    """How long the sink's close (or its last write) may take at a stop or reload: its shutdown_timeout, plus
+    a grace (seconds)."""
+    return float(getattr(sink.options, "shutdown_timeout", DEFAULT_CLOSE_TIMEOUT)) + CLOSE_GRACE
 
 
 async def start_within(sink: Sink, stop: asyncio.Event | None = None) -> str | None:
@@ -48,7 +56,7 @@ async def start_within(sink: Sink, stop: asyncio.Event | None = None) -> str | N
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (never "exception was never retrieved")
     closing = asyncio.ensure_future(sink.close())
     closing.add_done_callback(lambda t: t.cancelled() or t.exception())
-    await asyncio.wait({closing}, timeout=ABANDON_GRACE)
+    await asyncio.wait({closing}, timeout=CLOSE_GRACE)
     if not closing.done():
         closing.cancel()
     if stop is not None and stop.is_set():
