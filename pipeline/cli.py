@@ -97,7 +97,7 @@ def _with_http(cfg: Any, address: str) -> Any:
         parse_address(address)
     except ValueError as exc:
         raise ConfigError(f"--http: {exc}") from None
-    return dataclasses.replace(cfg, runtime=cfg.runtime.model_copy(update={"http": address}))
+    return dataclasses.replace(cfg, runtime=cfg.runtime.model_copy(update={"http": address}), http_override=address)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
