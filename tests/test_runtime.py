@@ -407,3 +407,38 @@ async def test_websocket_reader_is_bounded_when_the_pipeline_is_slow(tmp_path: P
     await it.aclose()
     hold.set()
     server.close()
+
+
+def test_a_replay_at_any_speed_fires_the_same_alerts_and_windows(tmp_path: Path) -> None:
+    """Guarantees, Time: cooldowns, windows and alert times follow event time. Flat out, the events come in
+    one batch; paced (speed 4), one by one over half a second of wall time: the outputs are the same."""
+    src = tmp_path / "in.jsonl"
+    t0 = 1_772_446_500.0
+    words = ["the password is", "weather", "password again", "nothing", "a password"]
+    with open(src, "wb") as f:
+        for i in range(40):  # 2 s of event time, one event every 50 ms, a hit in three of five
+            at = t0 + i * 0.05
+            f.write(orjson.dumps({"channel": "transcript", "rtstream_id": f"rts-{i % 2}", "unix_ts": at,
+                                  "data": {"text": words[i % 5], "start": int(at * 1000), "is_final": True}})
+                    + b"\n")
+    outputs = []
+    for speed in (0, 4):
+        out = tmp_path / f"speed-{speed}"
+        cfg = write_config(tmp_path, f"""
+name: speed
+source: {{type: replay, path: {src}, speed: {speed}}}
+stages:
+  - type: rules
+    rules: [{{name: secret, keywords: [password], cooldown: 300ms}}]
+  - {{type: window, size: 500ms, key: [rtstream_id]}}
+sinks:
+  - {{type: jsonl, path: {out}/alerts.jsonl, channels: [alert]}}
+  - {{type: jsonl, path: {out}/metrics.jsonl, channels: [metrics]}}
+dead_letter: {out}/dead.jsonl
+""")
+        res = run_cli("run", str(cfg), cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        outputs.append(((out / "alerts.jsonl").read_bytes(), (out / "metrics.jsonl").read_bytes()))
+    (alerts, metrics), paced = outputs
+    assert alerts.count(b"\n") >= 4 and metrics.count(b"\n") == 8  # 2 streams x 4 windows of 500 ms
+    assert paced == (alerts, metrics)
