@@ -442,3 +442,40 @@ dead_letter: {out}/dead.jsonl
     (alerts, metrics), paced = outputs
     assert alerts.count(b"\n") >= 4 and metrics.count(b"\n") == 8  # 2 streams x 4 windows of 500 ms
     assert paced == (alerts, metrics)
+
+
+async def test_a_wss_source_refuses_a_certificate_it_cannot_verify(tmp_path: Path) -> None:
+    """Guarantees, Security: certificates are verified for wss://. A server with a self-signed certificate
+    is never read from: each connect fails on verification, and the source gives up after max_retries."""
+    import ssl
+
+    import websockets
+
+    from tests.webhook_server import self_signed
+
+    cert, key = self_signed(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    hold = asyncio.Event()
+
+    async def handler(ws) -> None:  # type: ignore[no-untyped-def]
+        await ws.send(orjson.dumps({"channel": "transcript", "data": {"text": "must not be read"}}).decode())
+        await hold.wait()
+
+    server = await websockets.serve(handler, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    cfg = load_config(write_config(tmp_path, f"""
+name: tls
+source: {{type: websocket, url: "wss://127.0.0.1:{port}/", max_retries: 1, backoff_initial: 10ms}}
+sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl, flush_interval: 0}}]
+dead_letter: {tmp_path}/dead.jsonl
+"""))
+    rt = LocalRuntime(build(cfg), install_signals=False)
+    try:
+        code = await asyncio.wait_for(rt.run(), 10)
+    finally:
+        hold.set()
+        server.close()
+    assert code == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in str(rt.error) or "certificate verify failed" in str(rt.error), rt.error
+    assert not (tmp_path / "out.jsonl").exists() or not (tmp_path / "out.jsonl").read_bytes()
