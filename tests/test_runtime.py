@@ -479,3 +479,36 @@ dead_letter: {tmp_path}/dead.jsonl
     assert code == 1
     assert "CERTIFICATE_VERIFY_FAILED" in str(rt.error) or "certificate verify failed" in str(rt.error), rt.error
     assert not (tmp_path / "out.jsonl").exists() or not (tmp_path / "out.jsonl").read_bytes()
+
+
+async def test_websocket_reader_stops_at_its_byte_bound_too(tmp_path: Path, make_context,  # type: ignore[no-untyped-def]
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guarantees, Backpressure: the source reads ahead 4 x batch_max events *or* PENDING_BYTES (32 MiB) of
+    frames, whichever comes first; large frames stop it on bytes long before the event count (bound
+    lowered to 1 MiB here, frames of 200 KB)."""
+    from stages.sources import websocket
+    from stages.sources.websocket import WebSocketOptions, WebSocketSource
+
+    monkeypatch.setattr(websocket, "PENDING_BYTES", 1 << 20)
+    hold = asyncio.Event()
+    pad = "x" * 200_000
+    frames = [orjson.dumps({"channel": "transcript", "id": i, "data": {"text": pad}}).decode() for i in range(60)]
+    server = await _ws_server(frames, hold)
+    port = server.sockets[0].getsockname()[1]
+    src = WebSocketSource(WebSocketOptions(url=f"ws://127.0.0.1:{port}/", batch_max=1024), make_context())
+    it = src.batches()
+    try:
+        got = len(await it.__anext__())
+        for _ in range(200):  # until the reader waits for room (the server has sent all 12 MB by then)
+            if not src._room.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert not src._room.is_set(), "the reader never stopped"
+        assert src._pending_bytes < (1 << 20) + 250_000 and len(src._pending) < 10
+        while got < 60:
+            got += len(await it.__anext__())
+        assert got == 60
+    finally:
+        await src.stop()
+        hold.set()
+        server.close()
