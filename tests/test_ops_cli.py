@@ -273,4 +273,4 @@ def test_log_level_after_worker_reaches_the_worker(monkeypatch: pytest.MonkeyPat
         assert main(["worker", "x.yaml", "--log-level", "warning", "--log-format", "json"]) == 0
     finally:
         root.handlers[:], root.level = handlers, level
-    assert seen == [["x.yaml", "--log-level", "warning"]]
+    assert seen == [["x.yaml", "--log-level", "warning", "--log-format", "json"]]
