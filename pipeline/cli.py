@@ -97,7 +97,7 @@ def _with_http(cfg: Any, address: str) -> Any:
         parse_address(address)
     except ValueError as exc:
         raise ConfigError(f"--http: {exc}") from None
-    return dataclasses.replace(cfg, runtime=cfg.runtime.model_copy(update={"http": address}))
+    return dataclasses.replace(cfg, runtime=cfg.runtime.model_copy(update={"http": address}), http_override=address)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -259,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _setup_logging(args.log_level, args.log_format)
         if delegated:
-            extra = ["--log-level", args.log_level] if rest[0] == "worker" else []  # (taken by the pre-parser)
+            extra = (["--log-level", args.log_level, "--log-format", args.log_format]  # (taken by the pre-parser)
+                     if rest[0] == "worker" else [])
             return _run_delegated(rest[0], rest[1:] + extra)
         if sys.stdout is None and args.command in ("schema", "stages"):  # their output is the point
             raise StageError("cannot write its output: stdout is closed")

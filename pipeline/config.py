@@ -149,6 +149,7 @@ class PipelineConfig:
     dead_letter: Path = Path("out/dead-letter.jsonl")
     state_dir_setting: Path | None = None  # top-level `state_dir:`; None = out/<name>
     new_session: bool = False  # `pipeline run --new-session`: never attach to the saved capture session
+    http_override: str | None = None  # `--http ADDR` on the command line: runtime.http, also after a reload
     disabled: list[StageSpec] = field(default_factory=list)
     channels: list[str] = field(default_factory=list)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,8 @@ from typing import Any
 import orjson
 
 from pipeline import secrets
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StageError
+from pipeline.files import check_writable, write_private_text
 
 
 def summary_dict(rt: Any) -> dict[str, Any]:
@@ -55,16 +55,15 @@ def check_summary_path(path: str) -> None:
     why = f"{target} is a directory" if target.is_dir() else creatable(target)
     if why:
         raise ConfigError(f"--summary-json: cannot write {path}: {why}")
+    try:  # what write_summary will refuse after the run (a symlink in the path), refused before it
+        check_writable(target)
+    except StageError as exc:
+        raise ConfigError(f"--summary-json: {exc}") from None
 
 
 def write_summary(rt: Any, path: str) -> None:
     """Write atomically (a reader never sees half a file)."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(orjson.dumps(summary_dict(rt), option=orjson.OPT_INDENT_2) + b"\n")
-        os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"--summary-json: cannot write {path}: {exc.strerror or exc}") from None
+    try:  # 0600 in 0700 directories, as every file the pipeline writes
+        write_private_text(path, orjson.dumps(summary_dict(rt), option=orjson.OPT_INDENT_2).decode() + "\n")
+    except StageError as exc:
+        raise ConfigError(f"--summary-json: {exc}") from None

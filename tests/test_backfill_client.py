@@ -219,3 +219,33 @@ async def test_a_clock_hours_off_from_videodbs_still_gives_the_gap(api: Any, ske
     fake = await api(answer)
     got = await asyncio.to_thread(fetch, scenes(fake), since)
     assert [e["data"]["text"] for e in got] == [f"r{i}" for i in range(10)]
+
+
+async def test_a_backfill_stops_at_its_page_and_text_bounds(api: Any, caplog: pytest.LogCaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guarantees, Backpressure: one backfill pulls at most MAX_PAGES pages and MAX_BYTES of text per rtstream
+    and channel, then stops with a warning line, whatever the server keeps offering (bounds lowered here)."""
+    from stages.sources import backfill
+
+    monkeypatch.setattr(backfill, "MAX_PAGES", 3)
+
+    def endless(path: str, q: dict[str, str]) -> Any:  # every page full, for ever
+        first = (int(q["page"]) - 1) * PAGE_SIZE
+        return [{"start": T0 + (first + i) * 1000, "text": f"t{first + i}"} for i in range(PAGE_SIZE)]
+
+    fake = await api(endless)
+    got = await asyncio.to_thread(fetch, transcript(fake), None)
+    assert fake.pages == [1, 2, 3] and len(got) == 3 * PAGE_SIZE
+    assert "backfill mic:default transcript: stopped after 3 pages" in caplog.text
+
+    monkeypatch.setattr(backfill, "MAX_PAGES", 1000)
+    monkeypatch.setattr(backfill, "MAX_BYTES", 250_000)
+
+    def wordy(path: str, q: dict[str, str]) -> Any:  # 100 records of 1,000 characters a page
+        first = (int(q["page"]) - 1) * PAGE_SIZE
+        return [{"start": T0 + (first + i) * 1000, "text": "w" * 1000} for i in range(PAGE_SIZE)]
+
+    fake = await api(wordy)
+    got = await asyncio.to_thread(fetch, transcript(fake), None)
+    assert fake.pages == [1, 2, 3] and len(got) == 3 * PAGE_SIZE  # the page that crossed 250,000 is the last
+    assert "backfill mic:default transcript: stopped after 0 MiB of text" in caplog.text

@@ -69,3 +69,35 @@ async def test_worker_serves_metrics_and_ready(kafka_broker: Broker, workers_env
         assert not any(name.startswith("videodb_pipeline_websocket") for name, _, _ in samples)
     finally:
         assert workers.stop(proc) == 0
+
+
+def test_worker_logs_in_the_chosen_format_all_the_way(kafka_broker: Broker, workers_env: dict[str, str],
+                                                      tmp_path: Path) -> None:
+    """`pipeline worker CONFIG --log-format json` (the pre-parser takes it before or after the subcommand) wrote
+    its first line as JSON and every later one, its own included, in faust's `[date] [pid] [INFO]` text once
+    faust set up logging."""
+    import json
+
+    cfg = write_config(tmp_path / "faust.yaml", engine="faust", bootstrap=kafka_broker.bootstrap,
+                       out=tmp_path / "out", stages=[], name="wlog")
+    args = [*CLI, "worker", str(cfg), "--log-format", "json"]
+    log = tmp_path / "worker.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([*args, "--workers-dir", str(tmp_path / "w"), "--session-timeout", "3s"],
+                                cwd=tmp_path, env=workers_env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while "assigned ingest partitions" not in log.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        proc.terminate()
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [x for x in log.read_text().splitlines() if x.strip()]
+    assert any("stages" in x or "sinks[0]:jsonl" in x for x in lines)  # the worker's exit lines are there
+    for line in lines:
+        record = json.loads(line)  # every line, faust's too
+        assert {"time", "level", "logger", "message"} <= set(record), line

@@ -273,4 +273,32 @@ def test_log_level_after_worker_reaches_the_worker(monkeypatch: pytest.MonkeyPat
         assert main(["worker", "x.yaml", "--log-level", "warning", "--log-format", "json"]) == 0
     finally:
         root.handlers[:], root.level = handlers, level
-    assert seen == [["x.yaml", "--log-level", "warning"]]
+    assert seen == [["x.yaml", "--log-level", "warning", "--log-format", "json"]]
+
+
+def test_summary_json_is_private_in_private_directories(tmp_path: Path) -> None:
+    """Guarantees, Security: files we create are 0600, directories 0700. The summary (stage names, counts,
+    the dead-letter path, the error) was written 0644 into parents made 0755."""
+    events = replay_file(tmp_path / "in.jsonl", 5)
+    cfg = config(tmp_path, events, http=None)
+    target = tmp_path / "new" / "sub" / "summary.json"
+    res = subprocess.run([*PIPELINE, "run", "-q", str(cfg), "--summary-json", str(target)], env=ENV,
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(target.read_text())["exit_code"] == 0
+    assert oct(target.stat().st_mode & 0o777) == oct(0o600)
+    assert [oct(d.stat().st_mode & 0o777) for d in (target.parent, target.parent.parent)] == [oct(0o700)] * 2
+
+
+def test_a_summary_json_path_through_a_symlink_is_refused_before_the_run(tmp_path: Path) -> None:
+    """Like every file the pipeline writes, the summary is not written through a symlink; the check comes
+    before the run, not after a whole meeting."""
+    events = replay_file(tmp_path / "in.jsonl", 5)
+    cfg = config(tmp_path, events, http=None)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    res = subprocess.run([*PIPELINE, "run", "-q", str(cfg), "--summary-json", str(tmp_path / "link/s.json")],
+                         env=ENV, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 2 and not (tmp_path / "out.jsonl").exists(), res.stderr
+    assert "symlink" in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
+    assert not (tmp_path / "real/s.json").exists()

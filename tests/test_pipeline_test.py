@@ -98,7 +98,7 @@ def test_results_do_not_depend_on_the_wall_clock(tmp_path: Path) -> None:
 def test_an_unwritable_junit_path_is_one_line(tmp_path: Path) -> None:
     res = run("config/", "--junit", str(tmp_path))  # a directory
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
-    assert res.stderr == f"pipeline: --junit: cannot write {tmp_path}: Is a directory\n"
+    assert res.stderr == f"pipeline: --junit: {tmp_path}: cannot write: Is a directory\n"
 
 
 def test_a_pipeline_config_given_as_a_test_file_says_so(tmp_path: Path) -> None:
@@ -292,3 +292,14 @@ def test_an_input_event_nested_too_deeply_is_an_error_with_its_line(tmp_path: Pa
     res = run(str(tmp_path / "p.test.yaml"))
     assert res.returncode == 2, res.stdout + res.stderr
     assert f"{tmp_path}/events.jsonl:2: nested more than {MAX_DEPTH} levels deep" in res.stdout, res.stdout
+
+
+def test_the_junit_report_is_private_in_private_directories(tmp_path: Path) -> None:
+    """Guarantees, Security: files we create are 0600, directories 0700 (the report holds the cases' event
+    text). It was written 0644 into parents made 0755."""
+    target = tmp_path / "new" / "sub" / "junit.xml"
+    res = run("config/", "--junit", str(target))
+    assert res.returncode == 0, res.stderr
+    assert int(ET.parse(target).getroot().get("tests", "0")) > 0
+    assert oct(target.stat().st_mode & 0o777) == oct(0o600)
+    assert [oct(d.stat().st_mode & 0o777) for d in (target.parent, target.parent.parent)] == [oct(0o700)] * 2

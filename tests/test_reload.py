@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.procs import stop_process
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "pipeline.cli"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -159,6 +161,27 @@ def test_sighup_without_changes_does_not_stop_a_run(tmp_path: Path) -> None:
     assert "received SIGHUP" not in err
     assert "reload (SIGHUP) applied" in err or "reload (SIGHUP) ignored: the run is finishing" in err, err
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 2
+
+
+def test_sighup_with_http_on_the_command_line_reports_no_runtime_change(tmp_path: Path) -> None:
+    """`pipeline run --http ADDR` overrides runtime.http; a SIGHUP with the file unchanged compared the file's
+    runtime (no http) with the running one and logged `needs a restart, not applied: runtime`."""
+    cfg = tmp_path / "p.yaml"  # a source that keeps retrying a closed port: the run waits, its loop free
+    cfg.write_text("name: h\nsource: {type: websocket, url: 'ws://127.0.0.1:9', backoff_initial: 1s}\n"
+                   f"sinks: [{{type: jsonl, path: {tmp_path}/o.jsonl}}]\n")
+    log = tmp_path / "err.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([*CLI, "run", str(cfg), "--http", "127.0.0.1:0"], stdout=subprocess.DEVNULL,
+                                stderr=err, env=ENV, cwd=tmp_path)
+    try:
+        wait_for(lambda: "operator endpoint" in log.read_text(), "the operator endpoint")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload (SIGHUP)" in log.read_text(), "the reload's log line")
+    finally:
+        stop_process(proc)
+    text = log.read_text()
+    assert "reload (SIGHUP) applied" in text, text
+    assert "needs a restart" not in text, text
 
 
 RULES_CFG = """name: state

@@ -407,3 +407,108 @@ async def test_websocket_reader_is_bounded_when_the_pipeline_is_slow(tmp_path: P
     await it.aclose()
     hold.set()
     server.close()
+
+
+def test_a_replay_at_any_speed_fires_the_same_alerts_and_windows(tmp_path: Path) -> None:
+    """Guarantees, Time: cooldowns, windows and alert times follow event time. Flat out, the events come in
+    one batch; paced (speed 4), one by one over half a second of wall time: the outputs are the same."""
+    src = tmp_path / "in.jsonl"
+    t0 = 1_772_446_500.0
+    words = ["the password is", "weather", "password again", "nothing", "a password"]
+    with open(src, "wb") as f:
+        for i in range(40):  # 2 s of event time, one event every 50 ms, a hit in three of five
+            at = t0 + i * 0.05
+            f.write(orjson.dumps({"channel": "transcript", "rtstream_id": f"rts-{i % 2}", "unix_ts": at,
+                                  "data": {"text": words[i % 5], "start": int(at * 1000), "is_final": True}})
+                    + b"\n")
+    outputs = []
+    for speed in (0, 4):
+        out = tmp_path / f"speed-{speed}"
+        cfg = write_config(tmp_path, f"""
+name: speed
+source: {{type: replay, path: {src}, speed: {speed}}}
+stages:
+  - type: rules
+    rules: [{{name: secret, keywords: [password], cooldown: 300ms}}]
+  - {{type: window, size: 500ms, key: [rtstream_id]}}
+sinks:
+  - {{type: jsonl, path: {out}/alerts.jsonl, channels: [alert]}}
+  - {{type: jsonl, path: {out}/metrics.jsonl, channels: [metrics]}}
+dead_letter: {out}/dead.jsonl
+""")
+        res = run_cli("run", str(cfg), cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        outputs.append(((out / "alerts.jsonl").read_bytes(), (out / "metrics.jsonl").read_bytes()))
+    (alerts, metrics), paced = outputs
+    assert alerts.count(b"\n") >= 4 and metrics.count(b"\n") == 8  # 2 streams x 4 windows of 500 ms
+    assert paced == (alerts, metrics)
+
+
+async def test_a_wss_source_refuses_a_certificate_it_cannot_verify(tmp_path: Path) -> None:
+    """Guarantees, Security: certificates are verified for wss://. A server with a self-signed certificate
+    is never read from: each connect fails on verification, and the source gives up after max_retries."""
+    import ssl
+
+    import websockets
+
+    from tests.webhook_server import self_signed
+
+    cert, key = self_signed(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    hold = asyncio.Event()
+
+    async def handler(ws) -> None:  # type: ignore[no-untyped-def]
+        await ws.send(orjson.dumps({"channel": "transcript", "data": {"text": "must not be read"}}).decode())
+        await hold.wait()
+
+    server = await websockets.serve(handler, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    cfg = load_config(write_config(tmp_path, f"""
+name: tls
+source: {{type: websocket, url: "wss://127.0.0.1:{port}/", max_retries: 1, backoff_initial: 10ms}}
+sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl, flush_interval: 0}}]
+dead_letter: {tmp_path}/dead.jsonl
+"""))
+    rt = LocalRuntime(build(cfg), install_signals=False)
+    try:
+        code = await asyncio.wait_for(rt.run(), 10)
+    finally:
+        hold.set()
+        server.close()
+    assert code == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in str(rt.error) or "certificate verify failed" in str(rt.error), rt.error
+    assert not (tmp_path / "out.jsonl").exists() or not (tmp_path / "out.jsonl").read_bytes()
+
+
+async def test_websocket_reader_stops_at_its_byte_bound_too(tmp_path: Path, make_context,  # type: ignore[no-untyped-def]
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guarantees, Backpressure: the source reads ahead 4 x batch_max events *or* PENDING_BYTES (32 MiB) of
+    frames, whichever comes first; large frames stop it on bytes long before the event count (bound
+    lowered to 1 MiB here, frames of 200 KB)."""
+    from stages.sources import websocket
+    from stages.sources.websocket import WebSocketOptions, WebSocketSource
+
+    monkeypatch.setattr(websocket, "PENDING_BYTES", 1 << 20)
+    hold = asyncio.Event()
+    pad = "x" * 200_000
+    frames = [orjson.dumps({"channel": "transcript", "id": i, "data": {"text": pad}}).decode() for i in range(60)]
+    server = await _ws_server(frames, hold)
+    port = server.sockets[0].getsockname()[1]
+    src = WebSocketSource(WebSocketOptions(url=f"ws://127.0.0.1:{port}/", batch_max=1024), make_context())
+    it = src.batches()
+    try:
+        got = len(await it.__anext__())
+        for _ in range(200):  # until the reader waits for room (the server has sent all 12 MB by then)
+            if not src._room.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert not src._room.is_set(), "the reader never stopped"
+        assert src._pending_bytes < (1 << 20) + 250_000 and len(src._pending) < 10
+        while got < 60:
+            got += len(await it.__anext__())
+        assert got == 60
+    finally:
+        await src.stop()
+        hold.set()
+        server.close()

@@ -186,3 +186,34 @@ async def test_jsonl_made_up_channel_names_cannot_make_a_file_each(make_context:
                                      "made-up-63.jsonl"} <= set(files), files
     assert len((tmp_path / "out" / "unknown.jsonl").read_bytes().splitlines()) == 300 - 64
     assert sum(len((tmp_path / "out" / f).read_bytes().splitlines()) for f in files) == 302
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+async def test_jsonl_fsync_syncs_every_file_a_flush_wrote_after_its_lines(make_context: MakeCtx, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          fsync: bool) -> None:
+    """Guarantees: `fsync: true` makes each JSONL flush survive power loss, i.e. every file a flush wrote is
+    fsynced once its lines are in it (power loss itself cannot be staged here); without it, none is."""
+    synced: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(jsonl.os, "fsync", recording_fsync)
+    sink = jsonl.JsonlSink(jsonl.JsonlOptions(path=f"{tmp_path}/{{channel}}.jsonl", fsync=fsync), make_context())
+    await sink.start()
+    await sink.write([{"channel": "transcript", "data": {"text": "a"}}, {"channel": "alert", "data": {"text": "b"}}])
+    await sink.flush()
+    first = sorted(synced)
+    await sink.write([{"channel": "transcript", "data": {"text": "c"}}])
+    await sink.flush()
+    await sink.close()
+    sizes = {name: (tmp_path / name).stat().st_size for name in ("transcript.jsonl", "alert.jsonl")}
+    if not fsync:
+        assert synced == []
+        return
+    assert [name for name, _ in first] == ["alert.jsonl", "transcript.jsonl"]  # each file of the flush
+    assert synced[-1] == ("transcript.jsonl", sizes["transcript.jsonl"])  # after its lines, the second flush too
+    assert ("alert.jsonl", sizes["alert.jsonl"]) in first

@@ -398,9 +398,11 @@ class Worker:
             log.warning("worker %d: dead-lettered %d -> %s", os.getpid(), self.built.dead_letter.count,
                         self.built.dead_letter.path)
 
-    def run(self, loglevel: str) -> int:
+    def run(self, loglevel: str, logformat: str = "text") -> int:
         """Run until SIGINT/SIGTERM (exit 0) or a stage error (its exit code)."""
         import faust
+
+        from pipeline.logs import formatter
 
         # SIGHUP (a closed terminal, or a reload meant for `pipeline run`) must not kill a worker mid-batch;
         # installed before the app starts, so there is no moment when it still would
@@ -408,11 +410,11 @@ class Worker:
         class PipelineWorker(faust.Worker):  # type: ignore[misc]
             def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
                 super().on_setup_root_logger(logger, level)
-                _our_log_handlers()  # mode replaced the root handlers just now, at start
+                _our_log_handlers(formatter(logformat))  # mode replaced the root handlers just now, at start
 
         worker = PipelineWorker(self.app, loglevel=loglevel, quiet=True)
         worker.spinner = None
-        _our_log_handlers()
+        _our_log_handlers(formatter(logformat))
         quiet_aiokafka()
         try:
             worker.execute_from_commandline()
@@ -429,9 +431,11 @@ class Worker:
         return code
 
 
-def _our_log_handlers() -> None:
-    """The root handlers faust logs through (its own formatters): secrets masked, our errors without traceback."""
+def _our_log_handlers(fmt: logging.Formatter) -> None:
+    """The root handlers faust logs through: our format (`--log-format`, in place of mode's), secrets masked,
+    our errors without traceback."""
     for handler in logging.getLogger().handlers:
+        handler.setFormatter(fmt)
         if _worker_log_filter not in handler.filters:
             handler.addFilter(_worker_log_filter)
 
@@ -466,6 +470,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a worker silent this long loses its partitions to the others (1s to 90s, default 10s)")
     p.add_argument("--log-level", default=os.environ.get("PIPELINE_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default=os.environ.get("PIPELINE_LOG_FORMAT", "text"), choices=["text", "json"],
+                   help="text (default) or JSON lines, faust's own lines included")
     return p
 
 
@@ -491,4 +497,4 @@ def worker_main(argv: list[str]) -> int:
         from pipeline.cli import _with_http
 
         cfg = _with_http(cfg, args.http)
-    return Worker(cfg, workers_dir, session_timeout).run(args.log_level)
+    return Worker(cfg, workers_dir, session_timeout).run(args.log_level, args.log_format)

@@ -164,7 +164,7 @@ class Reloader:
             if self.path.exists() and not is_regular(self.path):  # (gone: load_config says so)
                 raise ConfigError(f"{self.path}: is {kind_of(self.path) or 'a pipe'}, not a regular file: a reload "
                                   "reads the config again, which only a regular file allows (restart to change it)")
-            new = load_config(self.path)
+            new = _with_command_line(self.current, load_config(self.path))
         except ConfigError as exc:
             self.rejected += 1
             log.error("reload (%s) rejected, the running config stays: %s", why, " | ".join(str(exc).splitlines()))
@@ -361,6 +361,16 @@ def _keep_buffers(old: PipelineConfig, new: PipelineConfig, skipped: list[str]) 
             sinks[i] = dataclasses.replace(spec, options=spec.options.model_copy(update={"buffer": running}))
             skipped.append(f"sinks[{i}].buffer")
     return dataclasses.replace(new, sinks=sinks) if sinks != list(new.sinks) else new
+
+
+def _with_command_line(running: PipelineConfig, new: PipelineConfig) -> PipelineConfig:
+    """The file read again, with what the command line set for this run (`--http`, `--new-session`): a reload
+    compares it with the running config, which has them."""
+    runtime = new.runtime
+    if running.http_override is not None:
+        runtime = runtime.model_copy(update={"http": running.http_override})
+    return dataclasses.replace(new, runtime=runtime, http_override=running.http_override,
+                               new_session=running.new_session)
 
 
 def _running_config(old: PipelineConfig, new: PipelineConfig, skipped: list[str]) -> PipelineConfig:

@@ -38,7 +38,7 @@ def peak_rss_mib(pid: int) -> float:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS from /proc")
 async def test_one_huge_message_is_refused_without_being_held_in_memory(tmp_path: Path) -> None:
     """Before: the source read messages of any size (to dead-letter those over max_message_bytes), so one
-    400 MB message took the pipeline to 820 MB RSS. Now a message over 4 x max_message_bytes makes the
+    300 MiB message took the pipeline to 640 MiB RSS. Now a message over 4 x max_message_bytes makes the
     connection close (1009) as soon as that is known; the source dead-letters one line and reconnects."""
     conns = 0
 
