@@ -10,6 +10,7 @@ masked. `videodb` itself is imported lazily: it is slow to import.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -23,10 +24,13 @@ from pipeline.termsafe import visible
 
 T = TypeVar("T")
 
-#: Longest an SDK call may take, in seconds, from the moment it is made (waiting for a free worker thread
-#: included). The SDK's own 30 s timeout is per read, so a VideoDB that trickles its answer held a call, and one
-#: of the few worker threads, for as long as it kept sending. Past this the caller gets a VideoDBCallError; the
-#: thread finishes the call on its own (its answer is dropped) and stays busy until then.
+#: Longest an SDK call may run, in seconds, from the moment a worker thread starts it; and, apart, longest it may
+#: wait for a free worker thread (so at most twice this in all). The SDK's own 30 s timeout is per read, so a
+#: VideoDB that trickles its answer held a call, and one of the few worker threads, for as long as it kept
+#: sending. Past this the caller gets a VideoDBCallError; the thread finishes the call on its own (its answer is
+#: dropped) and stays busy until then. One deadline for both waits let a call queued behind slow ones run for
+#: what was left of it: under a burst, calls failed as "took longer than 60 s" a few seconds after VideoDB got
+#: them (a create abandoned while VideoDB made the session).
 CALL_DEADLINE = 60.0
 #: Longest server text an error line quotes (a proxy's error page can be kilobytes of HTML).
 MAX_REASON = 200
@@ -139,17 +143,41 @@ def call_error(who: str, call: str, exc: BaseException, api_key: str | None) -> 
 
 async def call(who: str, what: str, fn: Callable[..., T], /, *args: Any,
                api_key: str | None = None, **kwargs: Any) -> T:
-    """Run `fn(*args, **kwargs)` in a thread; failures, and a call not done within `CALL_DEADLINE`, become
-    `VideoDBCallError` naming `what`."""
+    """Run `fn(*args, **kwargs)` in a thread; failures, a call that waits `CALL_DEADLINE` for a worker thread
+    (it is then never made) and one not done within `CALL_DEADLINE` of starting become `VideoDBCallError`
+    naming `what`."""
     deadline = CALL_DEADLINE
-    job = sdk_threads.submit(fn, *args, **kwargs)
+    loop = asyncio.get_running_loop()
+    started = loop.create_future()
+
+    def begin() -> T:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits for this call any more
+            loop.call_soon_threadsafe(_settle, started)
+        return fn(*args, **kwargs)
+
+    job = sdk_threads.submit(begin)
+    done = asyncio.wrap_future(job)
+    limit = None
     try:
-        async with asyncio.timeout(deadline) as limit:
-            return await asyncio.wrap_future(job)
+        await asyncio.wait((started, done), timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+        if not started.done() and not done.done() and job.cancel():
+            raise _overdue(who, what, deadline, started=False)
+        async with asyncio.timeout(deadline) as limit:  # from the start of the call, not from the queue
+            return await done
+    except VideoDBCallError:
+        raise
     except Exception as exc:
-        if limit.expired():
-            raise _overdue(who, what, deadline, started=not job.cancel()) from None
+        if limit is not None and limit.expired():
+            raise _overdue(who, what, deadline, started=True) from None
         raise call_error(who, what, exc, api_key) from None
+    finally:
+        done.cancel()  # cancelled while queued (the caller gave up): never run; a running one finishes unheard
+        started.cancel()
+
+
+def _settle(started: asyncio.Future[None]) -> None:
+    if not started.done():
+        started.set_result(None)
 
 
 def _overdue(who: str, what: str, deadline: float, *, started: bool) -> VideoDBCallError:

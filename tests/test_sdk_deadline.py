@@ -117,3 +117,23 @@ async def test_threads_stuck_in_slow_calls_stay_busy_and_new_calls_fail_at_the_d
     listed = [c for c in emu.calls if c["path"].endswith("/capture/session")]
     assert len(listed) == 1  # the call that gave up waiting for a thread never ran
     assert pool._threads == 2
+
+
+async def test_a_call_queued_behind_slow_ones_gets_its_whole_deadline_once_it_runs(
+        emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four calls at once on a two-thread pool, VideoDB answering each in 0.4 s, a 0.6 s deadline: the two that
+    wait for a thread start 0.4 s late and still get 0.6 s to run, so all four answer (before: the wait used
+    up their deadline, and they failed as "took longer than 0.6 s" 0.2 s after VideoDB got them)."""
+    pool = sdk_threads.DaemonPool(2, name="test-sdk")
+    monkeypatch.setattr(sdk_threads, "_pool", pool)
+    monkeypatch.setattr(videodb_sdk, "CALL_DEADLINE", 0.6)
+    emu.fault("GET", "/capture/session", delay=0.4)  # handled, then answered 0.4 s late
+    conn = sdk(emu.base_url)
+    began = time.monotonic()
+    async with asyncio.timeout(5):
+        got = await asyncio.gather(*(call("t", "list_capture_sessions", conn.list_capture_sessions)  # type: ignore[attr-defined]
+                                     for _ in range(4)), return_exceptions=True)
+    assert got == [[]] * 4, got
+    assert time.monotonic() - began > 0.75  # two rounds of 0.4 s: the last two did wait for a thread
+    listed = [c for c in emu.calls if c["path"].endswith("/capture/session")]
+    assert len(listed) == 4 and listed[-1]["at"] - listed[0]["at"] > 0.35
