@@ -232,3 +232,29 @@ async def test_a_mass_re_bind_after_a_reconnect_leaves_threads_for_the_api(
         n = sum(c["path"].endswith("/transcription") for c in list(emulator.calls))
         await live.wait_for(lambda: sum(c["path"].endswith("/transcription") for c in list(emulator.calls)) > n)
         await create_within(live, 1.0)
+
+
+async def test_a_restart_asks_for_the_sessions_the_listing_left_out_a_few_at_a_time_not_one_by_one(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """24 live sessions saved, none in VideoDB's listing, each GET answered 0.25 s late: the restart asks for
+    them 4 at a time (the background bound), about 1.5 s in all (before: one after another, 6 s here; hundreds
+    took minutes against a slow VideoDB). The status poll is slowed so that only the restart asks."""
+    d = tmp_path / "sessions"
+    d.mkdir(mode=0o700)
+    n = 24
+    for i in range(n):
+        (d / f"cap-{i:06d}.json").write_bytes(orjson.dumps({
+            "session_id": f"cap-{i:06d}", "end_user_id": "u", "metadata": {}, "status": "created",
+            "created_at": iso_ts(time.time() - 1000 + i)}))
+    emulator.fault("GET", "/capture/session/cap-", delay=0.25)
+
+    def asked() -> list[dict[str, Any]]:
+        return [c for c in list(emulator.calls) if c["method"] == "GET" and "/capture/session/cap-" in c["path"]]
+
+    async with running(make_context, emulator, status_poll_interval=60) as live:
+        await live.wait_for(lambda: len(asked()) == n, timeout=3)
+        calls = asked()
+        assert calls[-1]["at"] - calls[0]["at"] < 2.5, calls[-1]["at"] - calls[0]["at"]
+        assert len({c["path"] for c in calls}) == n  # each asked once
+        at_once = max(sum(c["at"] <= x["at"] < c["at"] + 0.2 for c in calls) for x in calls)
+        assert at_once <= 4, at_once  # never more than the background bound at once

@@ -170,17 +170,23 @@ class SessionManager:
         except VideoDBCallError as exc:
             log.warning("%s; asking for each session instead", exc)
             listed = {}
-        for s in live:
-            session = listed.get(s.id) or await self._fetch(s)
+        await asyncio.gather(*(self._reattach_one(s, listed.get(s.id), conn_id) for s in live))
+
+    async def _reattach_one(self, s: ManagedSession, session: Any, conn_id: str) -> None:
+        """One session: as listed, else asked for by id with the other background work, a few at a time (one
+        after another, 300 the listing left out took 300 answers in a row: minutes against a slow VideoDB)."""
+        if session is None:
+            async with self.checking:
+                session = None if s.lifecycle.done else await self._fetch(s)  # ended while it waited: nothing to do
             if session is None:
-                continue
-            status = reported_status(session) or s.record.get("status") or "created"
-            if s.lifecycle.behind(status):
-                self._transition(s, status, session=session)
-            elif s.lifecycle.state == "active":
-                self._spawn(self._bind(s, _streams_of(session), backfill_gap=True))
-            log.info("%s: re-attached capture session %s (%s) to connection %s",
-                     self.who, s.id, s.lifecycle.state, conn_id)
+                return
+        status = reported_status(session) or s.record.get("status") or "created"
+        if s.lifecycle.behind(status):
+            self._transition(s, status, session=session)
+        elif s.lifecycle.state == "active":
+            self._spawn(self._bind(s, _streams_of(session), backfill_gap=True))
+        log.info("%s: re-attached capture session %s (%s) to connection %s",
+                 self.who, s.id, s.lifecycle.state, conn_id)
 
     # --- the API's operations ------------------------------------------------------------------
 
