@@ -254,3 +254,47 @@ async def test_an_idempotency_key_outlives_its_session_in_memory(emulator: Emula
         assert len(session_calls(emulator)) == 2
         status, err = await live.call("POST", "/v1/sessions", json={"end_user_id": "z"}, headers=hdr)
         assert status == 409 and "different request body" in err["error"]
+
+
+
+async def test_a_replayed_key_read_from_a_slow_disk_leaves_the_loop_free(
+        emulator: Emulator, make_context: Callable[..., Context], monkeypatch: Any) -> None:
+    """A keyed session out of memory, its record on a disk that takes 0.5 s to read (network storage, a busy
+    disk): the retry of its create is answered from the file read in a thread, and the event loop (every other
+    request, every event) runs on meanwhile (before: the read ran on the loop and held all of it)."""
+    import time
+
+    async with running(make_context, emulator, api={"max_sessions": 1}) as live:
+        body, hdr = {"end_user_id": "a"}, {"Idempotency-Key": "slow-retry"}
+        status, a = await live.call("POST", "/v1/sessions", json=body, headers=hdr)
+        assert status == 201
+        sid = a["session_id"]
+        assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202  # before it started
+        status, b = await live.call("POST", "/v1/sessions", json={"end_user_id": "b"})  # a leaves memory
+        assert status == 201
+        m = live.ctl.manager
+        assert sid not in m.sessions and m.forgotten_keys["slow-retry"] == sid
+        read = m.store.load
+
+        def slow_load(session_id: str) -> Any:
+            time.sleep(0.5)  # the disk is slow: the real read follows
+            return read(session_id)
+
+        monkeypatch.setattr(m.store, "load", slow_load)
+        began = time.monotonic()
+        replay = asyncio.create_task(live.call("POST", "/v1/sessions", json=body, headers=hdr))
+        await asyncio.sleep(0.05)  # the replay is reading the file
+        assert (await live.call("GET", f"/v1/sessions/{b['session_id']}"))[0] == 200
+        assert time.monotonic() - began < 0.35  # answered while the read goes on
+        assert not replay.done()
+        status, again = await replay
+        assert (status, again["session_id"], again["client_token"]) == (201, sid, a["client_token"])
+        # its file gone (the shelf dropped it): two retries at once make one new session, whichever read first;
+        # the other, its read done after that create, is answered with it (not a second one)
+        m.store.drop(sid)
+        assert (await live.call("POST", f"/v1/sessions/{b['session_id']}/stop"))[0] == 202  # room for one
+        made = len(session_calls(emulator))
+        answers = await asyncio.gather(*(live.call("POST", "/v1/sessions", json=body, headers=hdr) for _ in range(2)))
+        assert [status for status, _ in answers] == [201, 201], answers
+        assert answers[0][1]["session_id"] == answers[1][1]["session_id"] != sid
+        assert len(session_calls(emulator)) == made + 1

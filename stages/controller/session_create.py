@@ -73,12 +73,12 @@ class SessionCreator:
                      key: str | None, fingerprint: str) -> tuple[ManagedSession, bool]:
         """(session, created now). A known Idempotency-Key returns its session (same request only)."""
         if key is not None:
-            sid = self.m.idempotency.get(key)
-            if sid is not None and sid in self.m.sessions:
-                return self._same_request(self.m.sessions[sid], fingerprint), False
-            old = self.m._forgotten(key)
-            if old is not None:
-                return self._same_request(old, fingerprint), False
+            known = self._in_memory(key)
+            if known is None and key in self.m.forgotten_keys:
+                # read in a thread: a create with this key may have been made (or finished) meanwhile
+                known = await self.m._forgotten(key) or self._in_memory(key)
+            if known is not None:
+                return self._same_request(known, fingerprint), False
             pending = self.pending.get(key)
             if pending is not None:
                 return self._same_request(await asyncio.shield(pending), fingerprint), False
@@ -105,6 +105,10 @@ class SessionCreator:
                 self.pending.pop(key, None)
         fut.set_result(s)
         return s, not replayed
+
+    def _in_memory(self, key: str) -> ManagedSession | None:
+        sid = self.m.idempotency.get(key)
+        return self.m.sessions.get(sid) if sid is not None else None
 
     @staticmethod
     def _same_request(s: ManagedSession, fingerprint: str) -> ManagedSession:

@@ -78,6 +78,7 @@ class SessionManager:
         self.by_stream: dict[str, ManagedSession] = {}
         self.idempotency: dict[str, str] = {}  # Idempotency-Key -> session id
         self.forgotten_keys: OrderedDict[str, str] = OrderedDict()  # keys of sessions evicted from memory
+        self._reading = asyncio.Lock()  # the files of forgotten keys are read one at a time, off the loop
         self.creator = SessionCreator(self)
         self.silent = SilentCheck(self)
         self.shelf = Shelf(self)  # stopped before they started, out of memory, files kept
@@ -205,10 +206,17 @@ class SessionManager:
             self.store.drop_intent(record["idempotency_key"])  # not before: a restart finds the session by it
         return s
 
-    def _forgotten(self, key: str) -> ManagedSession | None:
-        """The finished session a key created, read back from its file after it left memory (a late retry)."""
+    async def _forgotten(self, key: str) -> ManagedSession | None:
+        """The finished session a key created, read back from its file after it left memory (a late retry).
+
+        Read in a thread (a record holds up to 16 MiB of metadata: parsing it on the event loop stalled every
+        request and event for as long), one at a time (as many retries at once hold one record in memory, as
+        when the loop read them one after another)."""
         sid = self.forgotten_keys.get(key)
-        record = self.store.load(sid) if sid is not None else None
+        if sid is None:
+            return None
+        async with self._reading:
+            record = await asyncio.to_thread(self.store.load, sid)
         if record is None or record.get("idempotency_key") != key:
             return None
         return self._managed(record)
