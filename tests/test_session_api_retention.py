@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.api import Context
 from pipeline.emulator import Emulator
-from pipeline.events import iso_ts
+from pipeline.events import iso_seconds, iso_ts
 from stages.controller import session_manager, session_store
 from stages.controller.lifecycle import Lifecycle
 from tests.test_session_api import Live, cues, hook, running
@@ -231,3 +231,65 @@ async def test_a_check_of_sessions_stopped_before_they_started_ends_at_the_first
         asked2 = [c["path"].rsplit("/", 1)[1] for c in list(emulator.calls)[start:] if c["method"] == "GET"]
         assert set(asked2[CONCURRENCY:]) == set(shelved[CONCURRENCY:3 * CONCURRENCY]), asked2  # not asked: first
         assert set(shelf.ids) == set(shelved)  # still `created` at VideoDB: their files stay
+
+
+async def shelve(live: Live, n: int) -> list[dict[str, str]]:
+    """`n` sessions stopped before they started (their create answers), each pushing the one before it out of
+    memory (max_sessions 1): the last one stays in memory."""
+    made = []
+    for i in range(n):
+        body = (await live.call("POST", "/v1/sessions", json={"end_user_id": f"u{i}"}))[1]
+        assert (await live.call("POST", f"/v1/sessions/{body['session_id']}/stop"))[0] == 202
+        made.append(body)
+    return made
+
+
+async def test_the_shelf_of_sessions_stopped_before_they_started_is_bounded_and_loses_no_file(
+        emulator: Emulator, make_context: Callable[..., Context], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """VideoDB keeps them `created` for ever: the shelf held every one (its id and tokens) for the rest of the run.
+    Now it holds SHELF_MAX (3 here): the fourth pushes off the one whose tokens expire first, with one warning;
+    its file stays (a restart with room shelves it again) and its tokens are no longer masked."""
+    from pipeline import secrets
+    from stages.controller import shelf as shelf_module
+
+    monkeypatch.setattr(shelf_module, "SHELF_MAX", 3, raising=False)
+    api = {"max_sessions": 1, "silent_check_interval": 60}
+    async with running(make_context, emulator, api=api) as live:
+        shelf = live.ctl.manager.shelf
+        made = await shelve(live, 4)
+        assert list(shelf.ids) == [m["session_id"] for m in made[:3]]
+        assert not [r for r in caplog.records if "the most there may be" in r.getMessage()]
+        made += await shelve(live, 1)  # pushes made[3] onto the full shelf
+        off, kept = made[0], made[1:4]
+        assert list(shelf.ids) == [m["session_id"] for m in kept]  # bounded: the one expiring first is off
+        assert len(shelf.tokens) == 3
+        assert not secrets.known(off["client_token"]) and all(secrets.known(m["client_token"]) for m in kept)
+        warned = [r.getMessage() for r in caplog.records if "the most there may be" in r.getMessage()]
+        assert len(warned) == 1 and "3 sessions stopped before they started" in warned[0], warned
+        assert {m["session_id"] for m in made} <= records(tmp_path)  # no file lost
+    monkeypatch.setattr(shelf_module, "SHELF_MAX", 10)
+    async with running(make_context, emulator, api=api) as live:  # a restart with room shelves it again
+        assert off["session_id"] in live.ctl.manager.shelf.ids and secrets.known(off["client_token"])
+
+
+async def test_the_tokens_of_a_shelved_session_are_unmasked_once_they_expired(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """A session stopped before it started and out of memory, VideoDB still has it `created`: its client tokens
+    stayed masked for the rest of the run though nobody could start it with them after they expired. Now the
+    next check after `expires_at` unmasks them; the session stays shelved (its file still waits for VideoDB)."""
+    from pipeline import secrets
+
+    api = {"max_sessions": 1, "silent_check_interval": 60}
+    async with running(make_context, emulator, api=api, client_token_expires_in=1) as live:
+        shelf = live.ctl.manager.shelf
+        made = await shelve(live, 2)
+        sid, token = made[0]["session_id"], made[0]["client_token"]
+        assert sid in shelf.ids and secrets.known(token)
+        await shelf.check_once()
+        assert secrets.known(token)  # not expired yet: a desktop client may still start it
+        expires = iso_seconds(made[0]["expires_at"])
+        assert expires is not None
+        await asyncio.sleep(max(0.0, expires - time.time()) + 0.05)
+        await shelf.check_once()
+        assert not secrets.known(token) and sid in shelf.ids

@@ -271,7 +271,7 @@ class SessionManager:
             if s.lifecycle.done:
                 _forget_token(s)
             else:  # its file, and the masking of its tokens, go once VideoDB says it can no longer start
-                self.shelf.add(sid, session_tokens.tokens(s.record))
+                self.shelf.add(sid, session_tokens.tokens(s.record), s.record.get("expires_at"))
 
     def _drop_record(self, sid: str) -> None:
         """The file of a session no longer in memory and no longer asked for by key, if it has finished."""

@@ -12,16 +12,26 @@ Once VideoDB reports one `failed` or `exported`, `stopped` with nothing stored, 
 in a row, it can never start again and no longer looks like a lost create (only `created` ones
 do), so its file goes; while its Idempotency-Key is still answered from the file, the new status
 is saved instead, and the file goes with the key.
+
+Bounded: VideoDB may keep one `created` for ever. Its client tokens are masked only until they
+expire (the record's `expires_at`, that of the newest; nobody can start it with them after that), and
+the shelf holds at most SHELF_MAX sessions: one more pushes off the one whose tokens expire first
+(expired ones first, as nobody can start those any more). Its file stays, so it is not lost: a lost
+create's lookup still knows it is ours, and a restart reads it back (shelved again while there is room).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
+import math
+import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
+from pipeline.events import iso_seconds
 from pipeline.videodb_sdk import VideoDBCallError
 from stages.controller import session_tokens
 from stages.controller.lifecycle import TERMINAL, reported_status, stored
@@ -32,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline.controller.sessions")
 
+SHELF_MAX: Final = 10_000  # sessions on the shelf (each an id, a few tokens and a time: ~1 KB)
+
 
 class Shelf:
     """The out-of-memory, never-started, stopped sessions of one `SessionManager`."""
@@ -41,10 +53,44 @@ class Shelf:
         self.ids: OrderedDict[str, int] = OrderedDict()  # id -> checks in a row answered 404; asked longest ago first
         #: id -> its client tokens, masked in logs while a desktop client may still start it with one
         self.tokens: dict[str, list[str]] = {}
+        self.expires: dict[str, float] = {}  # id -> when its tokens expire (unix time; inf: not known)
+        #: (expires, id), soonest first, to push off a full shelf; entries no longer in `expires` are skipped
+        self._soonest: list[tuple[float, str]] = []
+        self.pushed_off = 0  # sessions pushed off a full shelf since the last warning
 
-    def add(self, sid: str, tokens: list[str]) -> None:
+    def add(self, sid: str, tokens: list[str], expires_at: Any) -> None:
+        """Shelve a session with its client tokens (masked until `expires_at`, the ISO time they expire)."""
+        if sid not in self.ids and len(self.ids) >= SHELF_MAX:
+            self._push_off()
         self.ids.setdefault(sid, 0)
-        self.tokens[sid] = tokens
+        expires = iso_seconds(expires_at)
+        self.expires[sid] = math.inf if expires is None else expires
+        heapq.heappush(self._soonest, (self.expires[sid], sid))
+        if self.expires[sid] <= time.time():  # a restart's, expired while it was down
+            session_tokens.forget_all(tokens)
+        else:
+            self.tokens[sid] = tokens
+
+    def _push_off(self) -> None:
+        """The shelf is full: the session whose tokens expire first leaves it (its file stays for a restart)."""
+        while True:
+            expires, sid = heapq.heappop(self._soonest)
+            if self.expires.get(sid) == expires:
+                break
+        self.ids.pop(sid, None)
+        self.expires.pop(sid, None)
+        session_tokens.forget_all(self.tokens.pop(sid, []))
+        if not self.pushed_off:
+            log.warning("%s: %d sessions stopped before they started are kept for VideoDB to be asked about, the "
+                        "most there may be: those whose client tokens expire first are no longer asked about in "
+                        "this run (their files stay; a restart reads them again)", self.m.who, SHELF_MAX)
+        self.pushed_off += 1
+
+    def expire(self, now: float) -> None:
+        """Stop masking the tokens that have expired (they start nothing any more; the sessions stay shelved).
+        Run at every check: they are unmasked within one check interval of expiring."""
+        for sid in [sid for sid, t in self.expires.items() if t <= now and self.tokens.get(sid)]:
+            session_tokens.forget_all(self.tokens.pop(sid))
 
     async def run(self) -> None:
         while True:
@@ -54,6 +100,14 @@ class Shelf:
     async def check_once(self) -> None:
         """Ask about those asked longest ago; a call past its deadline ends the round, as the silent check's does
         (else 50 of them against a slow VideoDB took one deadline per 4: 13 minutes, holding 4 SDK threads)."""
+        self.expire(time.time())
+        if len(self._soonest) > 2 * len(self.expires) + 64:  # those that left the shelf otherwise
+            self._soonest = [(t, sid) for sid, t in self.expires.items()]
+            heapq.heapify(self._soonest)
+        if self.pushed_off > 1:
+            log.warning("%s: %d more session(s) stopped before they started pushed off the full shelf (%d)",
+                        self.m.who, self.pushed_off - 1, SHELF_MAX)
+        self.pushed_off = 0
         async def ask(sid: str) -> bool:
             if sid not in self.ids:  # gone since the round began
                 return True
@@ -93,6 +147,7 @@ class Shelf:
     def _ended(self, sid: str, what: str, change: dict[str, Any]) -> None:
         if self.ids.pop(sid, None) is None:
             return
+        self.expires.pop(sid, None)
         session_tokens.forget_all(self.tokens.pop(sid, []))
         record = self.m.store.load(sid)
         if record is None:
