@@ -91,13 +91,15 @@ def connect(settings: VideoDBSettings, who: str) -> Any:
 
 def describe(exc: BaseException, api_key: str | None = None) -> tuple[str, int | None, bool]:
     """(why, HTTP status or None, fatal) for an exception raised by the SDK; secrets (and `api_key`) in the
-    server's text are masked before it is cut to one short line (a cut through an echoed key showed its start)."""
+    server's text are masked, once, before it is cut to one short line (a cut through an echoed key showed its
+    start). An `api_key` shorter than secrets.MIN_LEN is not masked (nor registered): replacing it cut every
+    word that held those letters ("fail***" for a key "ed")."""
     from videodb.exceptions import AuthenticationError, InvalidRequestError, RequestTimeoutError
 
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
-    msg = secrets.mask(str(exc)).strip()
-    if api_key:
+    msg = secrets.mask(str(exc)).strip()  # the raw text: a cleanup first could break a secret apart (a PEM key)
+    if api_key and len(api_key) >= secrets.MIN_LEN:  # one never registered (registered ones are masked above)
         msg = msg.replace(api_key, secrets.MASK)
     for prefix in ("Error: ", "Invalid request: "):
         if msg.startswith(prefix):
@@ -129,11 +131,10 @@ def _one_line(text: str) -> str:
 
 
 def call_error(who: str, call: str, exc: BaseException, api_key: str | None) -> VideoDBCallError:
-    """The one-line error for a failed SDK call, API key masked."""
+    """The one-line error for a failed SDK call, API key masked (`describe` masks the server's text; the rest of
+    the line is ours: masking it all again could only hide text the first pass wrote, `***` included)."""
     why, status, fatal = describe(exc, api_key)
-    text = secrets.mask(f"{who}: {call} failed: {why}")
-    if api_key:
-        text = text.replace(api_key, secrets.MASK)
+    text = f"{who}: {call} failed: {why}"
     wait = None
     if status == 429:
         headers = getattr(getattr(exc, "response", None), "headers", None)

@@ -223,3 +223,22 @@ async def test_the_tokens_of_a_session_stopped_before_it_started_stay_masked_whi
     async with running(make_context, emulator, api={"max_sessions": 5}) as live:
         assert not live.ctl.manager.get(made["session_id"]).live
         assert secrets.known(made["client_token"])
+
+
+async def test_a_failed_calls_error_is_masked_once_and_a_short_api_key_does_not_cut_its_words(
+        emulator: Emulator) -> None:
+    """The error line of a failed SDK call: a key VideoDB echoes is masked, the line read as it was written. A key
+    shorter than 4 characters is not masked (as everywhere else): replacing it turned the emulator's 401 into
+    "list_capture_sessions fail***: authentication fail***" for a key "ed"."""
+    from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, connect
+
+    async def error(key: str) -> str:
+        conn = connect(VideoDBSettings.resolve({"videodb": {"api_key": key, "base_url": emulator.base_url}}), "t")
+        with pytest.raises(VideoDBCallError) as err:
+            await call("t", "list_capture_sessions", conn.list_capture_sessions, api_key=key)
+        return str(err.value)
+
+    assert await error("ed") == ("t: list_capture_sessions failed: authentication failed (HTTP 401: Unauthorized: "
+                                 "invalid API key); check videodb.api_key")
+    emulator.fault("GET", "/capture/session", status=500, body='{"message": "bad key sk-echoed-0123 given"}')
+    assert "sk-echoed-0123" not in (line := await error("sk-echoed-0123")) and "bad key *** given" in line, line
