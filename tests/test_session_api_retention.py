@@ -277,19 +277,28 @@ async def test_the_tokens_of_a_shelved_session_are_unmasked_once_they_expired(
         emulator: Emulator, make_context: Callable[..., Context]) -> None:
     """A session stopped before it started and out of memory, VideoDB still has it `created`: its client tokens
     stayed masked for the rest of the run though nobody could start it with them after they expired. Now the
-    next check after `expires_at` unmasks them; the session stays shelved (its file still waits for VideoDB)."""
+    next check after `expires_at` unmasks them; the session stays shelved (its file still waits for VideoDB).
+    Also for those a restart shelves as it reads them (their tokens are masked after that, as every record's)."""
     from pipeline import secrets
 
-    api = {"max_sessions": 1, "silent_check_interval": 60}
+    api = {"max_sessions": 2, "silent_check_interval": 60}
     async with running(make_context, emulator, api=api, client_token_expires_in=1) as live:
+        sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": "on"}))[1]["session_id"]
+        await hook(live, emulator, f"sessions/{sid}/start")  # live: it stays in memory
+        assert (await status_of(live, sid, "active"))["status"] == "active"
         shelf = live.ctl.manager.shelf
-        made = await shelve(live, 2)
-        sid, token = made[0]["session_id"], made[0]["client_token"]
-        assert sid in shelf.ids and secrets.known(token)
+        made = await shelve(live, 2)  # the second pushes the first out of memory
+        first, second = made[0]["client_token"], made[1]["client_token"]
+        assert list(shelf.ids) == [made[0]["session_id"]] and secrets.known(first)
         await shelf.check_once()
-        assert secrets.known(token)  # not expired yet: a desktop client may still start it
-        expires = iso_seconds(made[0]["expires_at"])
+        assert secrets.known(first)  # not expired yet: a desktop client may still start it
+        expires = iso_seconds(made[1]["expires_at"])
         assert expires is not None
         await asyncio.sleep(max(0.0, expires - time.time()) + 0.05)
         await shelf.check_once()
-        assert not secrets.known(token) and sid in shelf.ids
+        assert not secrets.known(first) and made[0]["session_id"] in shelf.ids
+    async with running(make_context, emulator, api={**api, "max_sessions": 1}) as live:  # only the live one stays
+        shelf = live.ctl.manager.shelf
+        assert [m["session_id"] for m in made] == list(shelf.ids)
+        await shelf.check_once()
+        assert not secrets.known(first) and not secrets.known(second)

@@ -66,10 +66,9 @@ class Shelf:
         expires = iso_seconds(expires_at)
         self.expires[sid] = math.inf if expires is None else expires
         heapq.heappush(self._soonest, (self.expires[sid], sid))
-        if self.expires[sid] <= time.time():  # a restart's, expired while it was down
-            session_tokens.forget_all(tokens)
-        else:
-            self.tokens[sid] = tokens
+        self.tokens[sid] = tokens
+        if self.expires[sid] <= time.time():  # a restart's, expired while it was down (kept listed: a restart
+            session_tokens.forget_all(tokens)  # masks a record's tokens once it is added; the next check forgets)
 
     def _push_off(self) -> None:
         """The shelf is full: the session whose tokens expire first leaves it (its file stays for a restart)."""
