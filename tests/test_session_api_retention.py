@@ -302,3 +302,70 @@ async def test_the_tokens_of_a_shelved_session_are_unmasked_once_they_expired(
         assert [m["session_id"] for m in made] == list(shelf.ids)
         await shelf.check_once()
         assert not secrets.known(first) and not secrets.known(second)
+
+
+class LoopLag:
+    """The longest the event loop went without running this probe (every 2 ms asked), while in use."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.002)
+            self.worst = max(self.worst, time.monotonic() - before)
+
+    async def __aenter__(self) -> LoopLag:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        await asyncio.sleep(0.01)  # a stall that has just ended is counted
+        self._task.cancel()
+
+
+def slow_disk(live: Live, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every record read from now on takes 0.5 s more (a slow or network disk); the ids read, as they finish."""
+    store, read, done = live.ctl.manager.store, live.ctl.manager.store.load, []
+
+    def load(sid: str) -> object:
+        time.sleep(0.5)
+        done.append(sid)
+        return read(sid)
+
+    monkeypatch.setattr(store, "load", load)
+    return done
+
+
+async def test_records_out_of_memory_are_read_off_the_event_loop(
+        emulator: Emulator, make_context: Callable[..., Context], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two more reads of a session's record once it left memory: when its Idempotency-Key is pushed out of those
+    remembered (is it finished: its file goes), and when VideoDB says a shelved one can no longer start. Both
+    read on the event loop, so a slow disk (or a record of megabytes) held every request and event meanwhile;
+    now in a thread, one at a time."""
+    monkeypatch.setattr(session_manager, "FORGOTTEN_KEYS", 1)
+    api = {"max_sessions": 1, "silent_check_interval": 60}
+    async with running(make_context, emulator, api=api) as live:
+        m = live.ctl.manager
+        made = []
+        for key in ("k-a", "k-b"):  # each stopped before it started; b pushes a out of memory
+            sid = (await live.call("POST", "/v1/sessions", json={"end_user_id": key},
+                                   headers={"Idempotency-Key": key}))[1]["session_id"]
+            assert (await live.call("POST", f"/v1/sessions/{sid}/stop"))[0] == 202
+            made.append(sid)
+        read = slow_disk(live, monkeypatch)
+        async with LoopLag() as lag:  # c pushes b out of memory, and a's key out of those remembered
+            assert (await live.call("POST", "/v1/sessions", json={"end_user_id": "c"}))[0] == 201
+            await live.wait_for(lambda: read == [made[0]], timeout=3)
+        assert lag.worst < 0.25, lag.worst
+        assert list(m.forgotten_keys) == ["k-b"]
+        emulator.registry.sessions.pop(made[1])
+        async with LoopLag() as lag:
+            for _ in range(2):  # missing twice: it can no longer start
+                await m.shelf.check_once()
+        assert lag.worst < 0.25, lag.worst
+        assert read == made and made[1] not in m.shelf.ids

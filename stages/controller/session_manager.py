@@ -78,7 +78,7 @@ class SessionManager:
         self.by_stream: dict[str, ManagedSession] = {}
         self.idempotency: dict[str, str] = {}  # Idempotency-Key -> session id
         self.forgotten_keys: OrderedDict[str, str] = OrderedDict()  # keys of sessions evicted from memory
-        self._reading = asyncio.Lock()  # the files of forgotten keys are read one at a time, off the loop
+        self._reading = asyncio.Lock()  # records out of memory are read one at a time, off the loop
         self.creator = SessionCreator(self)
         self.silent = SilentCheck(self)
         self.shelf = Shelf(self)  # stopped before they started, out of memory, files kept
@@ -264,7 +264,7 @@ class SessionManager:
             if isinstance(key, str) and self.idempotency.pop(key, None) is not None:
                 self.forgotten_keys[key] = sid  # a late retry is answered from the session's file
                 if len(self.forgotten_keys) > FORGOTTEN_KEYS:
-                    self._drop_record(self.forgotten_keys.popitem(last=False)[1])
+                    self._spawn(self._drop_record(self.forgotten_keys.popitem(last=False)[1]))
             elif s.lifecycle.done:
                 self.store.drop(sid)
             self._unindex_streams(s)
@@ -273,9 +273,11 @@ class SessionManager:
             else:  # its file, and the masking of its tokens, go once VideoDB says it can no longer start
                 self.shelf.add(sid, session_tokens.tokens(s.record), s.record.get("expires_at"))
 
-    def _drop_record(self, sid: str) -> None:
-        """The file of a session no longer in memory and no longer asked for by key, if it has finished."""
-        record = self.store.load(sid) or {}
+    async def _drop_record(self, sid: str) -> None:
+        """The file of a session no longer in memory and no longer asked for by key, if it has finished (read in
+        a thread, as for a retried key: read on the loop, a slow disk held up the create that pushed it out)."""
+        async with self._reading:
+            record = await asyncio.to_thread(self.store.load, sid) or {}
         status = record.get("status")
         if status in TERMINAL or (status == "stopped" and record.get("stored") is False):
             self.store.drop(sid)

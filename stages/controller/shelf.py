@@ -129,26 +129,29 @@ class Shelf:
                 return not exc.overdue
             self.ids[sid] += 1
             if self.ids[sid] >= MISSING_TWICE:
-                self._ended(sid, "gone", {"status": "failed", "error": f"capture session {sid} no longer exists "
+                await self._ended(sid, "gone", {"status": "failed", "error": f"capture session {sid} no longer exists "
                                                                           "at VideoDB"})
             return True
         if sid in self.ids:
             self.ids[sid] = 0
         status = reported_status(session)
         if status == "failed":
-            self._ended(sid, status, {"status": status, "error": "reported by get_capture_session"})
+            await self._ended(sid, status, {"status": status, "error": "reported by get_capture_session"})
         elif status in TERMINAL:
-            self._ended(sid, status, {"status": status})
+            await self._ended(sid, status, {"status": status})
         elif status == "stopped" and stored(session) is False:
-            self._ended(sid, "stopped with nothing stored", {"status": status, "stored": False})
+            await self._ended(sid, "stopped with nothing stored", {"status": status, "stored": False})
         return True
 
-    def _ended(self, sid: str, what: str, change: dict[str, Any]) -> None:
+    async def _ended(self, sid: str, what: str, change: dict[str, Any]) -> None:
+        """It can no longer start: off the shelf; its file goes, or records the change while its key is answered
+        from it (read in a thread, one at a time with the other reads of records out of memory)."""
         if self.ids.pop(sid, None) is None:
             return
         self.expires.pop(sid, None)
         session_tokens.forget_all(self.tokens.pop(sid, []))
-        record = self.m.store.load(sid)
+        async with self.m._reading:
+            record = await asyncio.to_thread(self.m.store.load, sid)
         if record is None:
             return
         key = record.get("idempotency_key")
