@@ -107,6 +107,7 @@ class Shelf:
             log.warning("%s: %d more session(s) stopped before they started pushed off the full shelf (%d)",
                         self.m.who, self.pushed_off - 1, SHELF_MAX)
         self.pushed_off = 0
+
         async def ask(sid: str) -> bool:
             if sid not in self.ids:  # gone since the round began
                 return True
@@ -129,8 +130,8 @@ class Shelf:
                 return not exc.overdue
             self.ids[sid] += 1
             if self.ids[sid] >= MISSING_TWICE:
-                await self._ended(sid, "gone", {"status": "failed", "error": f"capture session {sid} no longer exists "
-                                                                          "at VideoDB"})
+                gone = f"capture session {sid} no longer exists at VideoDB"
+                await self._ended(sid, "gone", {"status": "failed", "error": gone})
             return True
         if sid in self.ids:
             self.ids[sid] = 0
