@@ -285,7 +285,7 @@ async def test_a_replayed_key_read_from_a_slow_disk_leaves_the_loop_free(
         replay = asyncio.create_task(live.call("POST", "/v1/sessions", json=body, headers=hdr))
         await asyncio.sleep(0.05)  # the replay is reading the file
         assert (await live.call("GET", f"/v1/sessions/{b['session_id']}"))[0] == 200
-        assert time.monotonic() - began < 0.35  # answered while the read goes on
+        assert time.monotonic() - began < 0.45  # answered while the read (0.5 s) goes on
         assert not replay.done()
         status, again = await replay
         assert (status, again["session_id"], again["client_token"]) == (201, sid, a["client_token"])

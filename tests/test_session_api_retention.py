@@ -361,11 +361,11 @@ async def test_records_out_of_memory_are_read_off_the_event_loop(
         async with LoopLag() as lag:  # c pushes b out of memory, and a's key out of those remembered
             assert (await live.call("POST", "/v1/sessions", json={"end_user_id": "c"}))[0] == 201
             await live.wait_for(lambda: read == [made[0]], timeout=3)
-        assert lag.worst < 0.25, lag.worst
+        assert lag.worst < 0.4, lag.worst  # a read takes 0.5 s
         assert list(m.forgotten_keys) == ["k-b"]
         emulator.registry.sessions.pop(made[1])
         async with LoopLag() as lag:
             for _ in range(2):  # missing twice: it can no longer start
                 await m.shelf.check_once()
-        assert lag.worst < 0.25, lag.worst
+        assert lag.worst < 0.4, lag.worst  # a read takes 0.5 s
         assert read == made and made[1] not in m.shelf.ids
