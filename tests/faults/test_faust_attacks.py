@@ -121,6 +121,40 @@ sinks: [{type: kafka, bootstrap_servers: ["localhost:9092", "localhost:"]}]
     assert "source.bootstrap_servers" in res.stderr and "'localhost:90x2'" in res.stderr, res.stderr
 
 
+
+@pytest.mark.parametrize("key", ["[rtstream_name]", "[channel, rtstream_name]"])
+def test_a_window_keyed_across_capture_sessions_is_refused_under_faust(tmp_path: Path, key: str) -> None:
+    """Before: accepted, and every worker owning a partition with events of the key emitted its own partial
+    `metrics` event for the same key and window (8 sessions, 2 workers, key [rtstream_name]: 24 metrics of
+    half the counts each, the local runtime 12), since the ingest partitions events by capture session.
+    The same stage under engine: local, or with the session in its key, is fine."""
+    (tmp_path / "in.jsonl").write_text("")
+    doc = f"""name: t
+source: {{type: replay, path: in.jsonl}}
+stages:
+  - type: enrich
+  - type: window
+    size: 30s
+    key: {key}
+sinks: [{{type: console}}]
+runtime: {{engine: ENGINE, broker: "127.0.0.1:9"}}
+"""
+    (tmp_path / "p.yaml").write_text(doc.replace("ENGINE", "faust"))
+    res = cli("validate", "p.yaml", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"pipeline: p.yaml:7:5: stages[1].key: {yaml.safe_load(key)!r} groups events of several capture sessions, "
+        "which engine: faust spreads over partitions and workers (each would emit its own partial metrics for a "
+        "window); expected a key with capture_session_id or rtstream_id, e.g. [capture_session_id, "
+        f"{yaml.safe_load(key)[0]}], or engine: local"]
+    for ok in (doc.replace("ENGINE", "local"),
+               doc.replace("ENGINE", "faust").replace(key, key.replace("[", "[rtstream_id, ")),
+               doc.replace("ENGINE", "faust").replace(f"    key: {key}\n", "")):  # default: capture_session_id
+        (tmp_path / "p.yaml").write_text(ok)
+        res = cli("validate", "p.yaml", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+
+
 # -- helpers for the worker tests --------------------------------------------------------------------
 
 def gated_config(tmp_path: Path, broker: Broker, name: str, lines: Path) -> Path:
