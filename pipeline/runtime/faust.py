@@ -44,7 +44,6 @@ from pipeline.types import parse_duration
 log = logging.getLogger("pipeline.runtime.faust")
 
 BATCH_MAX = 1000  # records per faust batch
-LINGER_POLL = 0.01  # seconds between looks for more records while a batch waits for `batch_wait`
 SLICE_EVENTS = 10000  # decoded events per pass through the stages (plus those of one record)
 CHANGELOG_DRAIN = 2.0  # seconds a stopping worker waits for its last state changes to reach the broker
 SESSION_TIMEOUT = (1.0, 90.0)  # --session-timeout bounds: heartbeats every timeout/6; faust's request timeout 90 s
@@ -72,31 +71,20 @@ def _one_object(value: bytes) -> bool:
 
 # --- worker ------------------------------------------------------------------------------------
 
-async def ready_batches(stream: Any, most: int, wait: float = 0.0) -> Any:
-    """Batches of a faust stream's records (up to `most`): those already waiting, and with `wait` > 0 also
-    those that arrive within `wait` seconds of a batch's first record.
+async def ready_batches(stream: Any, most: int) -> Any:
+    """Batches of the records a faust stream already holds (up to `most`), each as soon as it arrives.
 
-    Records are acknowledged only once the consumer of this generator came back for the next batch, so
-    offsets never pass unhandled ones, and a batch given up or failed (the generator closed at its yield)
-    stays unacknowledged. Why not faust's `take_events`: it acknowledges a batch in a `finally`, so closing
-    it there acknowledged the batch anyway, and its offsets were committed at the stop: a batch given up
-    after `drain_timeout`, or one a sink failed, was never delivered by the next worker. It also yielded on
-    a fixed timer, so with `wait` 0 every record waited that long even on an idle worker.
+    Why not `take_events`: it yields on a fixed timer, so every record waited up to that long even on an
+    idle worker. Here a record waits only for the batch before it. Records are acknowledged after the
+    batch was handled (the consumer of this generator came back), so offsets never pass unhandled ones.
     """
     stream.enable_acks = False
     channel = stream.channel
-    clock = asyncio.get_running_loop().time
     pending: list[Any] = []
-    deadline = 0.0
     async for event in stream.events():
-        if not pending:
-            deadline = clock() + wait
         pending.append(event)
-        if len(pending) < most:
-            while channel.empty() and (left := deadline - clock()) > 0:
-                await asyncio.sleep(min(left, LINGER_POLL))
-            if not channel.empty():
-                continue
+        if len(pending) < most and not channel.empty():
+            continue
         yield pending
         for event in pending:
             await stream.ack(event)
@@ -180,7 +168,10 @@ class Worker:
         except Exception as exc:  # an unusable dead-letter or sink path: the worker stops with one line
             err = exc if isinstance(exc, PipelineError) else StageError(f"worker: {type(exc).__name__}: {exc}")
             await self._fail(err, [])
-        batches = ready_batches(stream, BATCH_MAX, self.cfg.runtime.batch_wait)
+        wait = self.cfg.runtime.batch_wait
+        # batch_wait 0: every record already waiting, as soon as it is there; else faust's take_events,
+        # which yields a batch when it is full or every `batch_wait`, whichever comes first
+        batches = stream.take_events(BATCH_MAX, within=wait) if wait else ready_batches(stream, BATCH_MAX)
         try:
             async for events in batches:
                 if not await self._handle_or_give_up(events):
