@@ -27,6 +27,7 @@ from pipeline.paths import resolve_inputs
 from pipeline.registry import LookupFailed, Registry, default_registry
 from pipeline.rulenames import check_rule_names
 from pipeline.types import Duration, Secret
+from pipeline.windowkeys import check_window_keys
 from pipeline.yamlpos import Path_, Positions, load
 
 TOP_KEYS = ("name", "videodb", "source", "controller", "stages", "sinks", "runtime", "dead_letter", "state_dir",
@@ -537,6 +538,8 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
     every = [s for s in (source, controller, *procs, *outs) if s is not None]
     check_channels(chk, data, every, extra)
     check_rule_names(chk, data)
+    if runtime is not None:
+        check_window_keys(chk, data, runtime.engine)
     for path in _huge_ints(data, ()):  # (unless the option's own check already refused the number)
         if not any(f": {path_str(path)}: " in e for e in chk.errors):
             chk.add(path, f"whole number out of range (at most {MAX_INT:,}): no option counts that far")

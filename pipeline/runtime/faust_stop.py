@@ -60,8 +60,14 @@ class DrainClock:
 
 
 def give_up(consumer: Any, events: list[Any]) -> None:
-    """Stop faust waiting for these records at shutdown, without acknowledging them (offsets stay put)."""
+    """Stop faust waiting for these records at shutdown, without acknowledging them (offsets stay put).
+
+    Each is also marked acknowledged, though its offset is not: an acknowledgement faust makes later is then
+    a no-op. Why: `take_events` (`batch_wait` above 0) acknowledges its batch in a `finally`, which ran as the
+    worker stopped, and the batch given up after `drain_timeout`, or one a sink failed, had its offsets
+    committed: the next worker never delivered it."""
     unacked = getattr(consumer, "_unacked_messages", None)  # faust's set of records handed out, not acked
-    if unacked is not None:
-        for event in events:
+    for event in events:
+        event.message.acked = True
+        if unacked is not None:
             unacked.discard(event.message)

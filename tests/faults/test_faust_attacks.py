@@ -121,9 +121,43 @@ sinks: [{type: kafka, bootstrap_servers: ["localhost:9092", "localhost:"]}]
     assert "source.bootstrap_servers" in res.stderr and "'localhost:90x2'" in res.stderr, res.stderr
 
 
+
+@pytest.mark.parametrize("key", ["[rtstream_name]", "[channel, rtstream_name]"])
+def test_a_window_keyed_across_capture_sessions_is_refused_under_faust(tmp_path: Path, key: str) -> None:
+    """Before: accepted, and every worker owning a partition with events of the key emitted its own partial
+    `metrics` event for the same key and window (8 sessions, 2 workers, key [rtstream_name]: 24 metrics of
+    half the counts each, the local runtime 12), since the ingest partitions events by capture session.
+    The same stage under engine: local, or with the session in its key, is fine."""
+    (tmp_path / "in.jsonl").write_text("")
+    doc = f"""name: t
+source: {{type: replay, path: in.jsonl}}
+stages:
+  - type: enrich
+  - type: window
+    size: 30s
+    key: {key}
+sinks: [{{type: console}}]
+runtime: {{engine: ENGINE, broker: "127.0.0.1:9"}}
+"""
+    (tmp_path / "p.yaml").write_text(doc.replace("ENGINE", "faust"))
+    res = cli("validate", "p.yaml", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"pipeline: p.yaml:7:5: stages[1].key: {yaml.safe_load(key)!r} groups events of several capture sessions, "
+        "which engine: faust spreads over partitions and workers (each would emit its own partial metrics for a "
+        "window); expected a key with capture_session_id or rtstream_id, e.g. [capture_session_id, "
+        f"{yaml.safe_load(key)[0]}], or engine: local"]
+    for ok in (doc.replace("ENGINE", "local"),
+               doc.replace("ENGINE", "faust").replace(key, key.replace("[", "[rtstream_id, ")),
+               doc.replace("ENGINE", "faust").replace(f"    key: {key}\n", "")):  # default: capture_session_id
+        (tmp_path / "p.yaml").write_text(ok)
+        res = cli("validate", "p.yaml", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+
+
 # -- helpers for the worker tests --------------------------------------------------------------------
 
-def gated_config(tmp_path: Path, broker: Broker, name: str, lines: Path) -> Path:
+def gated_config(tmp_path: Path, broker: Broker, name: str, lines: Path, batch_wait: str = "0s") -> Path:
     """A worker config: one cooldown rule, the GatedLines sink (holds batches while `<lines>.hold` exists)."""
     lines.parent.mkdir(exist_ok=True)
     cfg = tmp_path / "faust.yaml"
@@ -133,7 +167,7 @@ def gated_config(tmp_path: Path, broker: Broker, name: str, lines: Path) -> Path
                                                 "keywords": ["code"], "cooldown": "60s"}]}],
         "sinks": [{"type": "tests.slow_sink:GatedLines", "path": str(lines), "delay": 0}],
         "runtime": {"engine": "faust", "broker": f"kafka://{broker.bootstrap}", "partitions": 4,
-                    "drain_timeout": "1s"},
+                    "drain_timeout": "1s", "batch_wait": batch_wait},
         "dead_letter": str(tmp_path / "out/dead-letter.jsonl")}))
     return cfg
 
@@ -267,13 +301,17 @@ def test_staged_state_shows_the_batch_its_own_writes_and_keeps_them_from_the_tab
 
 # -- SIGTERM while a sink holds a batch ---------------------------------------------------------------
 
+@pytest.mark.parametrize("batch_wait", ["0s", "1s"])
 async def test_sigterm_stops_a_worker_whose_sink_stalls_within_drain_timeout_and_loses_nothing(
-        kafka_broker: Broker, workers_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+        kafka_broker: Broker, workers_env: dict[str, str], tmp_path: Path, batch_wait: str) -> None:  # noqa: F811
     """Before: faust waited for the stalled batch without end ("wait_empty: Waiting for tasks", still there
-    after 60 s). Now the batch is given up after drain_timeout, unacknowledged: the next worker delivers it."""
-    name = f"stall{os.getpid()}"
+    after 60 s). Now the batch is given up after drain_timeout, unacknowledged: the next worker delivers it.
+
+    batch_wait 1s: before, faust's take_events acknowledged the given-up batch as the worker stopped, its
+    offset was committed, and the next worker never delivered it (nothing written in 40 s)."""
+    name = f"stall{batch_wait}{os.getpid()}"
     lines = tmp_path / "out/lines.jsonl"
-    cfg = gated_config(tmp_path, kafka_broker, name, lines)
+    cfg = gated_config(tmp_path, kafka_broker, name, lines, batch_wait)
     await produce(kafka_broker, name, [{"channel": "visual_index", "capture_session_id": "cap-s",
                                         "rtstream_id": "rts-s", "data": {"text": "code", "start": 1000}}])
     hold = Path(f"{lines}.hold")
@@ -329,6 +367,33 @@ async def test_a_sink_that_fails_stops_the_worker_with_one_line_and_no_traceback
 
 
 # -- events that name topics ------------------------------------------------------------------------
+
+async def test_the_batch_a_sink_failed_is_delivered_by_the_next_worker(
+        kafka_broker: Broker, workers_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """A worker whose sink fails stops (exit 1) without acknowledging the batch, so the next worker, here with
+    a sink that works, delivers it (batch_wait 1s; with the default 0s it did already). Before, with 1s,
+    faust's take_events acknowledged the failed batch as the worker stopped, and the next worker never saw
+    it (nothing written in 30 s)."""
+    name = f"refail{os.getpid()}"
+    lines = tmp_path / "out/lines.jsonl"
+    good = gated_config(tmp_path, kafka_broker, name, lines, "1s")
+    doc = yaml.safe_load(good.read_text())
+    doc["sinks"] = [{"type": "tests.slow_sink:FailingSink"}]
+    failing = tmp_path / "failing.yaml"
+    failing.write_text(yaml.safe_dump(doc))
+    await produce(kafka_broker, name, [{"channel": "transcript", "capture_session_id": "cap-f", "seq": 1}])
+    workers = Workers(failing, tmp_path, workers_env)
+    try:
+        first = workers.start()
+        workers.stopped.add(first.pid)
+        assert await asyncio.wait_for(asyncio.to_thread(first.wait), 40) == 1, workers.procs[0][1].read_text()[-3000:]
+        workers.cfg = good
+        await wait_for_file(lines, workers.start(), workers)
+    finally:
+        codes = workers.stop_all()
+    assert codes[1] == 0
+    assert [e["seq"] for e in (orjson.loads(x) for x in lines.read_bytes().splitlines())] == [1]
+
 
 async def test_events_cannot_make_the_kafka_sink_create_topics_without_end(
         kafka_broker: Broker, make_context: Any) -> None:  # noqa: F811
