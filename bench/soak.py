@@ -170,8 +170,7 @@ class Soak:
             self.faults[fault] += 1
             print(f"  t+{time.monotonic() - self.t0:6.1f}s fault {fault}", flush=True)
             if fault == "drop":
-                for live in list(emu.hub.live.values()):
-                    await live.ws.close()
+                await emu.hub.drop()
             elif fault == "kill":
                 self.kills_ms.append(time.time() * 1000)
                 self.proc.send_signal(signal.SIGKILL)
@@ -226,7 +225,7 @@ class Soak:
         want_alerts = {(k[0], k[1], k[2], k[3]) for k in produced if pattern.search(k[3] or "")}
         failures: list[str] = []
         print(f"seed {self.seed}: {self.seconds}s scenario, faults {dict(self.faults)}, "
-              f"{len(self.runs)} pipeline process(es), WebSocket drops {emu.hub.drops}+{self.faults['drop']}; "
+              f"{len(self.runs)} pipeline process(es), WebSocket drops {emu.hub.drops}; "
               f"{len(produced)} events produced, {len(not_live)} never sent live, {len(want_alerts)} alerts due")
         for name in ("disk", "memory", "gated"):
             path = self.out / f"{name}.jsonl"
