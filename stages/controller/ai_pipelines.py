@@ -216,8 +216,11 @@ class AIPipelines:
         return out
 
     def index_ids(self) -> list[dict[str, str]]:
-        """The scene indexes of the latest bind, as saved in capture_session.json."""
-        return _ids(i for kind in self._indexes.values() for i in kind)
+        """The scene indexes a restart needs, as saved in the session's record: the latest bind's, and those it
+        replaced whose gap no backfill has covered yet (their results hold it; kept in memory only, a second
+        crash lost them and that gap for good). A restart backfills from them all, then stops the old ones."""
+        ids = _ids([*(i for kind in self._indexes.values() for i in kind), *(i for _k, i in self.retired)])
+        return list({i["index_id"]: i for i in ids}.values())
 
     def adopt_indexes(self, conn: Any, saved: Any) -> None:
         """Indexes a crashed run started (from capture_session.json): the next bind replaces and stops them."""

@@ -520,6 +520,9 @@ class SessionManager:
                 if (pipes is not None and inlet is not None and pipes.bound_to and s.live
                         and (backfill_gap or before not in (None, pipes.bound_to))):
                     await backfill.after_rebind(pipes, inlet, f"{self.who} {s.id}", self.settings.api_key)
+                    if pipes.index_ids() != s.record.get("indexes"):  # the replaced ones' gap is covered
+                        s.record["indexes"] = pipes.index_ids()
+                        self.store.save(s.record)
         finally:
             if held and self.link.inlet is not None:
                 self.link.inlet.release()
