@@ -144,6 +144,7 @@ class AIPipelines:
     _event_ids: dict[str, str] = field(default_factory=dict)
     _indexes: dict[str, list[Any]] = field(default_factory=dict)
     retired: list[tuple[str, Any]] = field(default_factory=list)  # (kind, index) replaced, not yet backfilled
+    backfill_due: bool = False  # the last backfill failed for some target (its gap is still to fetch)
     #: Called with every index id this bind has not stopped yet (the old ones too) each time it creates one,
     #: so a record saved there lets a restart stop an index even when the process died mid-bind.
     on_index: Callable[[list[dict[str, str]]], None] | None = None

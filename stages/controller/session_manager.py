@@ -92,6 +92,7 @@ class SessionManager:
         self._poll_seen: dict[str, str] = {}
         self._unlisted: dict[str, int] = {}  # session id -> listings in a row that left it out
         self._saved_checkpoint: dict[str, int] | None = None
+        self._backfill_retries: set[str] = set()  # sessions whose failed backfill is queued to run again
         self.conn: Any = None
 
     async def _sdk(self, what: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
@@ -523,9 +524,20 @@ class SessionManager:
                     if pipes.index_ids() != s.record.get("indexes"):  # the replaced ones' gap is covered
                         s.record["indexes"] = pipes.index_ids()
                         self.store.save(s.record)
+                    if pipes.backfill_due and s.id not in self._backfill_retries:
+                        self._backfill_retries.add(s.id)
+                        self._spawn(self._backfill_again(s))
         finally:
             if held and self.link.inlet is not None:
                 self.link.inlet.release()
+
+    async def _backfill_again(self, s: ManagedSession) -> None:
+        """A backfill failed (VideoDB 5xx, network): try again after `status_poll_interval`, and so on until one
+        works or the session ends. Before, the gap waited for the next reconnect, which may never come."""
+        await asyncio.sleep(self.opts.status_poll_interval)
+        self._backfill_retries.discard(s.id)
+        if s.live and s.pipelines is not None and s.pipelines.backfill_due:
+            await self._bind(s, s.pipelines.streams, backfill_gap=True)
 
     async def _bind_now(self, s: ManagedSession, streams: list[Stream] | None) -> None:
         """Bind the AI pipelines to the current connection id (again, if it changed meanwhile)."""

@@ -194,6 +194,7 @@ async def after_rebind(pipelines: Any, inlet: Inlet, who: str, api_key: str | No
         return Counter()
     t0 = time.monotonic()
     got, ok = await run(pipelines.backfill_targets(), inlet, who, api_key)
+    pipelines.backfill_due = not ok  # a failed target keeps its gap mark for the next try
     if ok:
         pipelines.retired.clear()  # their gap is covered
     per = ", ".join(f"{ch} {n}" for ch, n in sorted(got.items())) or "nothing missing"
