@@ -177,11 +177,28 @@ class SessionManager:
                 continue
             status = reported_status(session) or s.record.get("status") or "created"
             if s.lifecycle.behind(status):
+                if s.lifecycle.state == "active":  # it ended while no run was up: its last events went nowhere
+                    await self._backfill_ended(s, session)
                 self._transition(s, status, session=session)
             elif s.lifecycle.state == "active":
                 self._spawn(self._bind(s, _streams_of(session), backfill_gap=True))
             log.info("%s: re-attached capture session %s (%s) to connection %s",
                      self.who, s.id, s.lifecycle.state, conn_id)
+
+    async def _backfill_ended(self, s: ManagedSession, session: Any) -> None:
+        """Fetch once what a session the last run had active produced after its checkpoint, before it stopped
+        while no run was up (no re-bind: it has ended). Before, only sessions still active were backfilled."""
+        inlet = self.link.inlet
+        if inlet is None or s.pipelines is not None:
+            return
+        who = f"{self.who} {s.id}"
+        pipes = AIPipelines(self.conn, s.on_active, who, self.settings.api_key, self.opts.callback_url)
+        pipes.streams = _streams_of(session)
+        pipes.adopt_indexes(self.conn, s.record.get("indexes"))
+        async with self.checking:
+            got, _ok = await backfill.run(pipes.backfill_targets(), inlet, who, self.settings.api_key, s.id)
+        log.info("%s: backfill of a session that ended meanwhile: %s", who,
+                 ", ".join(f"{ch} {n}" for ch, n in sorted(got.items())) or "nothing missing")
 
     # --- the API's operations ------------------------------------------------------------------
 

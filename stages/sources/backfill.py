@@ -157,9 +157,10 @@ def _fetch(t: Target, since: int | None, per: int) -> tuple[list[Event], bool]:
     return out, found
 
 
-async def run(targets: list[Target], inlet: Inlet, who: str,
-              api_key: str | None) -> tuple[Counter[str], bool]:
+async def run(targets: list[Target], inlet: Inlet, who: str, api_key: str | None,
+              session_id: str | None = None) -> tuple[Counter[str], bool]:
     """Fetch every target from where its channel left off, queue the new events; (queued per channel, all ok).
+    `session_id`: set as their `capture_session_id` (a session that has ended is no longer looked up by rtstream).
 
     Each SDK page runs in a worker thread. A target that fails keeps its gap mark, so
     the next re-bind tries again from the same point.
@@ -184,6 +185,9 @@ async def run(targets: list[Target], inlet: Inlet, who: str,
         inlet.covered(rid, channel, since)
         events += got
     fresh = [e for e in events if not inlet.known(e)]
+    if session_id is not None:
+        for e in fresh:
+            e["capture_session_id"] = session_id
     inlet.inject(fresh)
     return Counter(e["channel"] for e in fresh), ok
 
