@@ -145,6 +145,7 @@ class AIPipelines:
     _indexes: dict[str, list[Any]] = field(default_factory=dict)
     retired: list[tuple[str, Any]] = field(default_factory=list)  # (kind, index) replaced, not yet backfilled
     backfill_due: bool = False  # the last backfill failed for some target (its gap is still to fetch)
+    bind_failed: bool = False  # a call of the last bind failed, worth another try: a pipeline may be unbound
     #: Called with every index id this bind has not stopped yet (the old ones too) each time it creates one,
     #: so a record saved there lets a restart stop an index even when the process died mid-bind.
     on_index: Callable[[list[dict[str, str]]], None] | None = None
@@ -158,12 +159,14 @@ class AIPipelines:
                 log.warning("%s", exc)
             else:
                 self.errors += 1
+                self.bind_failed = self.bind_failed or not exc.fatal  # worth another try (5xx, 429, network)
                 log.error("%s", exc)
             return None
 
     async def bind(self, conn_id: str) -> None:
         """Start everything on every stream with `conn_id`; stop indexes replaced by this bind."""
         spec, old = self.spec, self._indexes
+        self.bind_failed = False
         new: dict[str, list[Any]] = {"visuals": [], "audio": []}
         audio = [s for s in self.streams if s.kind == "audio"]
         video = [s for s in self.streams if s.kind == "video"]

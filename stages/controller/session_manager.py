@@ -541,20 +541,26 @@ class SessionManager:
                     if pipes.index_ids() != s.record.get("indexes"):  # the replaced ones' gap is covered
                         s.record["indexes"] = pipes.index_ids()
                         self.store.save(s.record)
-                    if pipes.backfill_due and s.id not in self._backfill_retries:
-                        self._backfill_retries.add(s.id)
-                        self._spawn(self._backfill_again(s))
+                if pipes is not None and (pipes.backfill_due or pipes.bind_failed) and s.live \
+                        and s.id not in self._backfill_retries:
+                    self._backfill_retries.add(s.id)
+                    self._spawn(self._backfill_again(s))
         finally:
             if held and self.link.inlet is not None:
                 self.link.inlet.release()
 
     async def _backfill_again(self, s: ManagedSession) -> None:
-        """A backfill failed (VideoDB 5xx, network): try again after `status_poll_interval`, and so on until one
-        works or the session ends. Before, the gap waited for the next reconnect, which may never come."""
+        """A backfill or a bind call failed (VideoDB 5xx, network): try again after `status_poll_interval`, and so
+        on until it works or the session ends (a failed bind binds everything again, then backfills). Before, a
+        failed backfill waited for the next reconnect, which may never come, and a pipeline whose re-bind call
+        failed kept sending to the old connection."""
         await asyncio.sleep(self.opts.status_poll_interval)
         self._backfill_retries.discard(s.id)
-        if s.live and s.pipelines is not None and s.pipelines.backfill_due:
-            await self._bind(s, s.pipelines.streams, backfill_gap=True)
+        pipes = s.pipelines
+        if s.live and pipes is not None and (pipes.backfill_due or pipes.bind_failed):
+            if pipes.bind_failed:
+                pipes.bound_to = None
+            await self._bind(s, pipes.streams, backfill_gap=True)
 
     async def _bind_now(self, s: ManagedSession, streams: list[Stream] | None) -> None:
         """Bind the AI pipelines to the current connection id (again, if it changed meanwhile)."""
