@@ -11,6 +11,8 @@ WebSocket, `kill -9` and restart, stall the gated sink for a few seconds, SIGHUP
 changed config. At the end the session is exported and the run ends by itself; then every transcript, visual
 and audio event the emulator produced must be in every sink at least once, each rule alert the events call for
 must be there, and no run may report `LOST`. Exit code 1 when a check fails. Not part of `make test`.
+
+`--sessions N` soaks the session API (`controller.api`) instead, with N sessions: see bench/soak_sessions.py.
 """
 
 from __future__ import annotations
@@ -170,8 +172,7 @@ class Soak:
             self.faults[fault] += 1
             print(f"  t+{time.monotonic() - self.t0:6.1f}s fault {fault}", flush=True)
             if fault == "drop":
-                for live in list(emu.hub.live.values()):
-                    await live.ws.close()
+                await emu.hub.drop()
             elif fault == "kill":
                 self.kills_ms.append(time.time() * 1000)
                 self.proc.send_signal(signal.SIGKILL)
@@ -226,7 +227,7 @@ class Soak:
         want_alerts = {(k[0], k[1], k[2], k[3]) for k in produced if pattern.search(k[3] or "")}
         failures: list[str] = []
         print(f"seed {self.seed}: {self.seconds}s scenario, faults {dict(self.faults)}, "
-              f"{len(self.runs)} pipeline process(es), WebSocket drops {emu.hub.drops}+{self.faults['drop']}; "
+              f"{len(self.runs)} pipeline process(es), WebSocket drops {emu.hub.drops}; "
               f"{len(produced)} events produced, {len(not_live)} never sent live, {len(want_alerts)} alerts due")
         for name in ("disk", "memory", "gated"):
             path = self.out / f"{name}.jsonl"
@@ -292,14 +293,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=3.0, help="length of the emulated session (default 3)")
     p.add_argument("--seed", type=int, default=1, help="seed of the scenario texts and the fault schedule")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "soak"), help="work directory (emptied)")
+    p.add_argument("--sessions", type=int, default=0, metavar="N",
+                   help="soak the session API instead: N sessions at first, more created as it runs "
+                        "(see bench/soak_sessions.py)")
     args = p.parse_args(argv)
-    out = Path(args.out) / f"seed-{args.seed}"
+    if args.sessions < 0:
+        p.error("--sessions must be >= 0")
+    out = Path(args.out) / (f"sessions-{args.sessions}-seed-{args.seed}" if args.sessions else f"seed-{args.seed}")
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
     out.mkdir(parents=True, mode=0o700)
     with contextlib.suppress(KeyboardInterrupt):
+        if args.sessions:
+            from bench.soak_sessions import SessionSoak
+
+            return asyncio.run(SessionSoak(out, args.minutes, args.seed, args.sessions).run())
         return asyncio.run(Soak(out, args.minutes, args.seed).run())
     return 130
 

@@ -449,3 +449,42 @@ async def test_recorded_api_calls_keep_only_the_newest(monkeypatch: pytest.Monke
             assert [c["body"]["expires_in"] for c in await r.json()] == [66, 67, 68, 69]
     finally:
         await emu.stop()
+
+
+async def test_drop_route_closes_one_or_every_websocket_so_clients_reconnect() -> None:
+    """`POST /_emulator/ws/drop` lets another process (a soak, a test) cut the pipeline's WebSocket: there was
+    no way but `drop_after` or closing the socket from inside the emulator's own process."""
+    import aiohttp
+
+    emu = Emulator(speed=0, autostart=False)
+    await emu.start()
+    try:
+        conn = videodb.connect(api_key="k", base_url=emu.base_url)
+        first, second = [await (await call(conn.connect_websocket)).connect() for _ in range(2)]
+        url = f"{emu.base_url}/_emulator/ws/drop"
+        async with aiohttp.ClientSession() as http:
+            async def drop(**kw: Any) -> tuple[int, Any]:
+                async with http.post(url, **kw) as r:
+                    return r.status, await r.json()
+
+            assert await drop(json={"connection_id": "ws-nobody"}) == \
+                (404, {"success": False, "message": "no open WebSocket connection ws-nobody"})
+            assert (await drop(data=b"[1]"))[0] == 400 and (await drop(json={"connection_id": 7}))[0] == 400
+            assert emu.hub.drops == 0 and len(emu.hub.live) == 2
+            assert await drop(json={"connection_id": first.connection_id}) == \
+                (200, {"success": True, "data": {"dropped": [first.connection_id]}})
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(first._connection.recv(), 5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012  # abnormal: reconnect
+            assert list(emu.hub.live) == [second.connection_id]
+            third = await (await call(conn.connect_websocket)).connect()  # a client reconnects
+            status, body = await drop()  # no body: every open connection
+            assert status == 200 and sorted(body["data"]["dropped"]) == sorted(
+                [second.connection_id, third.connection_id])
+            for ws in (second, third):
+                with pytest.raises(websockets.ConnectionClosed):
+                    await asyncio.wait_for(ws._connection.recv(), 5)
+            assert emu.hub.live == {} and emu.hub.drops == 3
+            assert await drop() == (200, {"success": True, "data": {"dropped": []}})
+    finally:
+        await emu.stop()

@@ -55,8 +55,8 @@ class Hub:
         self.successor: dict[str, str] = {}
         self.delivered = 0
         self.garbage_sent = 0
-        self.drops = 0
-        self.drop_times: list[float] = []  # time.monotonic() of each drop-after close
+        self.drops = 0  # sockets closed by drop_after or drop()
+        self.drop_times: list[float] = []  # time.monotonic() of each of those closes
         self.undelivered = 0  # events produced while their connection was gone (not sent, as VideoDB)
 
     def resolve(self, conn: str) -> str:
@@ -158,6 +158,19 @@ class Hub:
                     await ws.close(code=1012, message=b"emulator: drop-after")  # abnormal: clients reconnect
                     return
                 q = self.outbox.get(cid)  # a re-bind may have replaced the deque
+
+    async def drop(self, cid: str | None = None) -> list[str]:
+        """Close `cid`'s socket (None: every open one) as `drop_after` does: close code 1012, so clients
+        reconnect; what was still queued for it is discarded unless queue_on_drop. Returns the ids closed."""
+        gone = [(c, self.live[c]) for c in ([cid] if cid is not None else list(self.live)) if c in self.live]
+        for c, _live in gone:
+            self.drops += 1
+            self.drop_times.append(time.monotonic())
+            self._gone(c)
+        # concurrently: each close waits for its client's answer
+        await asyncio.gather(*(live.ws.close(code=1012, message=b"emulator: dropped on request")
+                               for _c, live in gone), return_exceptions=True)
+        return [c for c, _live in gone]
 
     async def close_all(self) -> None:
         for live in list(self.live.values()):

@@ -119,6 +119,7 @@ class Emulator:
         app.router.add_post(f"{_HOOKS}/sessions/{{sid}}/start", self._hand_start)
         app.router.add_post(f"{_HOOKS}/sessions/{{sid}}/stop", self._hand_stop)
         app.router.add_post(f"{_HOOKS}/sessions/{{sid}}/export", self._export_outcome)
+        app.router.add_post(f"{_HOOKS}/ws/drop", self._drop)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)  # faults hang
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -238,6 +239,22 @@ class Emulator:
                 s.export_outcome = outcome
                 return web.json_response({"success": True, "data": s.shape()})
         return _fail(400, f"expected {{\"outcome\": one of {', '.join(EXPORT_OUTCOMES)}}} before the export ends")
+
+    async def _drop(self, request: web.Request) -> web.Response:
+        """Close the open WebSocket connections, or with `{"connection_id": ...}` that one (404 if it is not
+        open), as a lost network would: the pipeline reconnects. Answers `{"dropped": [connection ids]}`."""
+        cid: str | None = None
+        if request.can_read_body:
+            try:
+                body = await request.json()
+            except ValueError:
+                body = None
+            if not isinstance(body, dict) or not isinstance(body.get("connection_id", ""), str):
+                return _fail(400, 'expected no body or {"connection_id": "ws-..."}')
+            cid = body.get("connection_id") or None
+        if cid is not None and cid not in self.hub.live:
+            return _fail(404, f"no open WebSocket connection {cid}")
+        return web.json_response({"success": True, "data": {"dropped": await self.hub.drop(cid)}})
 
     async def _hand(self, request: web.Request, *, start: bool) -> web.Response:
         s = self.registry.sessions.get(request.match_info["sid"])

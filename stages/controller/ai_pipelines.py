@@ -144,6 +144,8 @@ class AIPipelines:
     _event_ids: dict[str, str] = field(default_factory=dict)
     _indexes: dict[str, list[Any]] = field(default_factory=dict)
     retired: list[tuple[str, Any]] = field(default_factory=list)  # (kind, index) replaced, not yet backfilled
+    backfill_due: bool = False  # the last backfill failed for some target (its gap is still to fetch)
+    bind_failed: bool = False  # a call of the last bind failed, worth another try: a pipeline may be unbound
     #: Called with every index id this bind has not stopped yet (the old ones too) each time it creates one,
     #: so a record saved there lets a restart stop an index even when the process died mid-bind.
     on_index: Callable[[list[dict[str, str]]], None] | None = None
@@ -157,12 +159,14 @@ class AIPipelines:
                 log.warning("%s", exc)
             else:
                 self.errors += 1
+                self.bind_failed = self.bind_failed or not exc.fatal  # worth another try (5xx, 429, network)
                 log.error("%s", exc)
             return None
 
     async def bind(self, conn_id: str) -> None:
         """Start everything on every stream with `conn_id`; stop indexes replaced by this bind."""
         spec, old = self.spec, self._indexes
+        self.bind_failed = False
         new: dict[str, list[Any]] = {"visuals": [], "audio": []}
         audio = [s for s in self.streams if s.kind == "audio"]
         video = [s for s in self.streams if s.kind == "video"]
@@ -216,8 +220,11 @@ class AIPipelines:
         return out
 
     def index_ids(self) -> list[dict[str, str]]:
-        """The scene indexes of the latest bind, as saved in capture_session.json."""
-        return _ids(i for kind in self._indexes.values() for i in kind)
+        """The scene indexes a restart needs, as saved in the session's record: the latest bind's, and those it
+        replaced whose gap no backfill has covered yet (their results hold it; kept in memory only, a second
+        crash lost them and that gap for good). A restart backfills from them all, then stops the old ones."""
+        ids = _ids([*(i for kind in self._indexes.values() for i in kind), *(i for _k, i in self.retired)])
+        return list({i["index_id"]: i for i in ids}.values())
 
     def adopt_indexes(self, conn: Any, saved: Any) -> None:
         """Indexes a crashed run started (from capture_session.json): the next bind replaces and stops them."""

@@ -484,6 +484,9 @@ class CaptureSessionController(Controller):
         inlet, pipelines = self.context.session.inlet, self.pipelines
         if inlet is not None and pipelines is not None:
             await backfill.after_rebind(pipelines, inlet, self.who, self.settings.api_key)
+            if self.record.get("session_id") and pipelines.index_ids() != self.record.get("indexes"):
+                self.record["indexes"] = pipelines.index_ids()  # the replaced ones' gap is covered
+                self._save()
 
     async def _exit_settled(self, status: str, *, polled: bool) -> None:
         """End the run on `status` once what was produced before it is in.

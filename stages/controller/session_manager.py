@@ -93,6 +93,7 @@ class SessionManager:
         self._poll_seen: dict[str, str] = {}
         self._unlisted: dict[str, int] = {}  # session id -> listings in a row that left it out
         self._saved_checkpoint: dict[str, int] | None = None
+        self._backfill_retries: set[str] = set()  # sessions whose failed backfill is queued to run again
         self.conn: Any = None
 
     async def _sdk(self, what: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
@@ -183,11 +184,28 @@ class SessionManager:
                 return
         status = reported_status(session) or s.record.get("status") or "created"
         if s.lifecycle.behind(status):
+            if s.lifecycle.state == "active":  # it ended while no run was up: its last events went nowhere
+                await self._backfill_ended(s, session)
             self._transition(s, status, session=session)
         elif s.lifecycle.state == "active":
             self._spawn(self._bind(s, _streams_of(session), backfill_gap=True))
         log.info("%s: re-attached capture session %s (%s) to connection %s",
                  self.who, s.id, s.lifecycle.state, conn_id)
+
+    async def _backfill_ended(self, s: ManagedSession, session: Any) -> None:
+        """Fetch once what a session the last run had active produced after its checkpoint, before it stopped
+        while no run was up (no re-bind: it has ended). Before, only sessions still active were backfilled."""
+        inlet = self.link.inlet
+        if inlet is None or s.pipelines is not None:
+            return
+        who = f"{self.who} {s.id}"
+        pipes = AIPipelines(self.conn, s.on_active, who, self.settings.api_key, self.opts.callback_url)
+        pipes.streams = _streams_of(session)
+        pipes.adopt_indexes(self.conn, s.record.get("indexes"))
+        async with self.checking:
+            got, _ok = await backfill.run(pipes.backfill_targets(), inlet, who, self.settings.api_key, s.id)
+        log.info("%s: backfill of a session that ended meanwhile: %s", who,
+                 ", ".join(f"{ch} {n}" for ch, n in sorted(got.items())) or "nothing missing")
 
     # --- the API's operations ------------------------------------------------------------------
 
@@ -536,9 +554,29 @@ class SessionManager:
                 if (pipes is not None and inlet is not None and pipes.bound_to and s.live
                         and (backfill_gap or before not in (None, pipes.bound_to))):
                     await backfill.after_rebind(pipes, inlet, f"{self.who} {s.id}", self.settings.api_key)
+                    if pipes.index_ids() != s.record.get("indexes"):  # the replaced ones' gap is covered
+                        s.record["indexes"] = pipes.index_ids()
+                        self.store.save(s.record)
+                if pipes is not None and (pipes.backfill_due or pipes.bind_failed) and s.live \
+                        and s.id not in self._backfill_retries:
+                    self._backfill_retries.add(s.id)
+                    self._spawn(self._backfill_again(s))
         finally:
             if held and self.link.inlet is not None:
                 self.link.inlet.release()
+
+    async def _backfill_again(self, s: ManagedSession) -> None:
+        """A backfill or a bind call failed (VideoDB 5xx, network): try again after `status_poll_interval`, and so
+        on until it works or the session ends (a failed bind binds everything again, then backfills). Before, a
+        failed backfill waited for the next reconnect, which may never come, and a pipeline whose re-bind call
+        failed kept sending to the old connection."""
+        await asyncio.sleep(self.opts.status_poll_interval)
+        self._backfill_retries.discard(s.id)
+        pipes = s.pipelines
+        if s.live and pipes is not None and (pipes.backfill_due or pipes.bind_failed):
+            if pipes.bind_failed:
+                pipes.bound_to = None
+            await self._bind(s, pipes.streams, backfill_gap=True)
 
     async def _bind_now(self, s: ManagedSession, streams: list[Stream] | None) -> None:
         """Bind the AI pipelines to the current connection id (again, if it changed meanwhile)."""

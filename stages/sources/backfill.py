@@ -157,9 +157,10 @@ def _fetch(t: Target, since: int | None, per: int) -> tuple[list[Event], bool]:
     return out, found
 
 
-async def run(targets: list[Target], inlet: Inlet, who: str,
-              api_key: str | None) -> tuple[Counter[str], bool]:
+async def run(targets: list[Target], inlet: Inlet, who: str, api_key: str | None,
+              session_id: str | None = None) -> tuple[Counter[str], bool]:
     """Fetch every target from where its channel left off, queue the new events; (queued per channel, all ok).
+    `session_id`: set as their `capture_session_id` (a session that has ended is no longer looked up by rtstream).
 
     Each SDK page runs in a worker thread. A target that fails keeps its gap mark, so
     the next re-bind tries again from the same point.
@@ -184,6 +185,9 @@ async def run(targets: list[Target], inlet: Inlet, who: str,
         inlet.covered(rid, channel, since)
         events += got
     fresh = [e for e in events if not inlet.known(e)]
+    if session_id is not None:
+        for e in fresh:
+            e["capture_session_id"] = session_id
     inlet.inject(fresh)
     return Counter(e["channel"] for e in fresh), ok
 
@@ -194,6 +198,7 @@ async def after_rebind(pipelines: Any, inlet: Inlet, who: str, api_key: str | No
         return Counter()
     t0 = time.monotonic()
     got, ok = await run(pipelines.backfill_targets(), inlet, who, api_key)
+    pipelines.backfill_due = not ok  # a failed target keeps its gap mark for the next try
     if ok:
         pipelines.retired.clear()  # their gap is covered
     per = ", ".join(f"{ch} {n}" for ch, n in sorted(got.items())) or "nothing missing"

@@ -1,0 +1,78 @@
+"""Session API: a backfill that failed after a reconnect is tried again without waiting for another reconnect."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from pipeline.api import Context
+from pipeline.emulator import Emulator
+from tests.test_session_api import cues, hook, running
+from tests.videodb_harness import API_KEY, scenario_file
+
+
+async def test_a_failed_backfill_is_retried_while_the_connection_stays_up(
+        make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """A backfill after a reconnect failed (VideoDB 500 on the transcript reads) and kept its gap mark "for the
+    next re-bind": with the connection up from then on, no re-bind came and the gap's transcripts never arrived
+    (seen in the session soak's logs: a retry came only with the next WebSocket drop or kill -9). Now it is tried
+    again every status_poll_interval until it works."""
+    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        async with running(make_context, emu) as live:
+            status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"})
+            assert status == 201, body
+            sid = body["session_id"]
+            await hook(live, emu, f"sessions/{sid}/start")
+            await live.wait_for(lambda: len(live.of(sid, "visual_index")) >= 3)
+            emu.fault("GET", "/websocket", delay=1.0, times=1)  # the reconnect takes a second: a gap
+            scenes = emu.fault("GET", "/transcription", status=500)  # every transcript read fails for now
+            async with aiohttp.ClientSession() as http, http.post(f"{emu.base_url}/_emulator/ws/drop") as r:
+                assert r.status == 200
+            await live.wait_for(lambda: scenes.hits > 0 and live.ctl.context.session.connection_id is not None)
+            emu.faults.clear()
+            assert len([r for r in emu.emitted if not r["live"] and r["event"].get("channel") == "transcript"]) > 0
+
+            def produced() -> set[Any]:
+                return {(r["event"]["rtstream_id"], r["event"]["data"]["start"]) for r in emu.emitted
+                        if r["event"].get("channel") == "transcript"}
+
+            want = produced()
+            await live.wait_for(lambda: want <= {(e["rtstream_id"], e["data"]["start"])
+                                                  for e in live.of(sid, "transcript")}, timeout=8)
+    finally:
+        await emu.stop()
+
+
+async def test_a_re_bind_call_that_failed_is_tried_again_and_its_gap_backfilled(
+        make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """Found by `python -m bench.soak --sessions 16 --minutes 3 --seed 8`: after a reconnect, the re-bind's
+    start_transcript got a VideoDB 500; the session counted as bound to the new connection all the same, so its
+    transcripts kept going to the dead one and were never fetched (the connection stayed up). Now a bind with a
+    failed call is tried again every status_poll_interval, then backfilled."""
+    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        async with running(make_context, emu) as live:
+            status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"})
+            assert status == 201, body
+            sid = body["session_id"]
+            await hook(live, emu, f"sessions/{sid}/start")
+            await live.wait_for(lambda: len(live.of(sid, "transcript")) >= 3)
+            start = emu.fault("POST", "/transcription", status=500, times=1)
+            async with aiohttp.ClientSession() as http, http.post(f"{emu.base_url}/_emulator/ws/drop") as r:
+                assert r.status == 200
+            await live.wait_for(lambda: start.hits == 1)
+            lost = len([r for r in emu.emitted if not r["live"] and r["event"].get("channel") == "transcript"])
+            await live.wait_for(lambda: len([r for r in emu.emitted if not r["live"]
+                                             and r["event"].get("channel") == "transcript"]) > lost)
+            want = {(r["event"]["rtstream_id"], r["event"]["data"]["start"]) for r in emu.emitted
+                    if r["event"].get("channel") == "transcript"}
+            await live.wait_for(lambda: want <= {(e["rtstream_id"], e["data"]["start"])
+                                                  for e in live.of(sid, "transcript")}, timeout=8)
+    finally:
+        await emu.stop()
