@@ -331,6 +331,43 @@ async def test_backfill_comes_before_the_new_connections_events(
         "transcript", 0) == came_by_backfill
 
 
+async def test_a_re_bind_call_that_failed_is_tried_again_and_its_gap_backfilled_single_session(
+        make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """After a drop, the re-bind's start_transcript got a VideoDB 500: the controller counted the pipeline as
+    bound to the new connection all the same, so transcripts kept going to the dead one, and with the connection
+    up nothing fetched them until the session ended (hours later in a meeting: its alerts that late). Now a bind
+    with a failed call is tried again every status_poll_interval, then backfilled, while the session runs."""
+    events = [{"at": 0.1 * i, "channel": "transcript", "rtstream": "mic:default", "text": f"t{i}"}
+              for i in range(1, 60)]
+    emu = Emulator(scenario_file(tmp_path, events, end=6.1), speed=1)
+    await emu.start()
+    try:
+        src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u", "status_poll_interval": 0.5,
+                                                             "on_active": {"transcript": True}})
+        assert ctl is not None
+        seen: list[dict[str, Any]] = []
+        observe = ctl.observe
+        ctl.observe = lambda batch: (seen.extend(batch), observe(batch))[1]  # type: ignore[method-assign]
+        run_task = asyncio.create_task(run_stages(src, ctl, timeout=30))
+        while len([r for r in emu.emitted if r["live"]]) < 10:
+            await asyncio.sleep(0.02)
+        failed = emu.fault("POST", "/transcription", status=500, times=1)
+        await emu.hub.drop()
+        while failed.hits < 1:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(2.0)  # the retry comes after status_poll_interval (0.5 s)
+        due = Counter(map(key, filter(tracked, produced(emu))))
+        await asyncio.sleep(1.0)
+        got_by_then = Counter(map(key, filter(tracked, seen)))
+        assert not run_task.done()  # still streaming: what arrived so far came while the session ran
+        run = await run_task
+    finally:
+        await emu.stop()
+    assert [r for r in emu.emitted if not r["live"] and tracked(r["event"])]  # some went to the dead connection
+    assert not due - got_by_then
+    assert not Counter(map(key, filter(tracked, produced(emu)))) - Counter(map(key, filter(tracked, run.events)))
+
+
 async def test_backfill_false_fetches_nothing_and_the_gap_stays_lost(make_context: Callable[..., Context]) -> None:
     emu = Emulator(speed=0, drop_after=5)
     await emu.start()

@@ -104,6 +104,7 @@ class CaptureSessionController(Controller):
         self._background = Background(self.who, context.stats, log)
         self._spawn = self._background.spawn
         self._bind_lock = asyncio.Lock()
+        self._retrying = False  # a bind or backfill that failed is queued to run again
         self._poll: asyncio.Task[None] | None = None
         self._poll_seen: str | None = None
         self._events_lost = False  # lifecycle events may have gone to a dropped connection (polling stands in)
@@ -451,9 +452,26 @@ class CaptureSessionController(Controller):
                 if backfill_gap or (backfill_gap is None and before is not None
                                     and before != self.pipelines.bound_to):
                     await self._backfill()
+                if (self.pipelines.bind_failed or self.pipelines.backfill_due) and not self._retrying \
+                        and not self.lifecycle.done:
+                    self._retrying = True
+                    self._spawn(self._bind_again())
         finally:
             if held and self.context.session.inlet is not None:
                 self.context.session.inlet.release()
+
+    async def _bind_again(self) -> None:
+        """A bind call or a backfill failed (VideoDB 5xx, 429, network): try again after `status_poll_interval`,
+        and so on until it works or the session ends (a failed bind binds everything again, then backfills).
+        Before, a pipeline whose re-bind call failed kept sending to the old connection, and a failed backfill
+        waited for a reconnect that may never come: with the connection up, those events never arrived."""
+        await asyncio.sleep(self.options.status_poll_interval)
+        self._retrying = False
+        pipes = self.pipelines
+        if pipes is not None and not self.lifecycle.done and (pipes.bind_failed or pipes.backfill_due):
+            if pipes.bind_failed:
+                pipes.bound_to = None
+            await self.rebind_then_backfill(pipes.streams, backfill_gap=True)
 
     async def _bind(self, streams: list[Any] | None) -> bool:
         """Bind all AI pipelines to the current connection id (again, if it changed meanwhile); False if no streams."""
