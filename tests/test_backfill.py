@@ -7,6 +7,7 @@ and `pipeline emulate` processes, a real WebSocket server on loopback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -366,6 +367,39 @@ async def test_a_re_bind_call_that_failed_is_tried_again_and_its_gap_backfilled_
     assert [r for r in emu.emitted if not r["live"] and tracked(r["event"])]  # some went to the dead connection
     assert not due - got_by_then
     assert not Counter(map(key, filter(tracked, produced(emu)))) - Counter(map(key, filter(tracked, run.events)))
+
+
+async def test_a_bind_retry_does_not_bind_a_session_videodb_stopped_meanwhile_single_session(
+        make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """A re-bind whose start_transcript kept failing was tried again every status_poll_interval until the session
+    was done: once VideoDB stopped it (exit_on: exported, the export awaited), the next retry started transcripts
+    on its stopped rtstreams. Now a failed bind is retried only while the session is active."""
+    events = [{"at": 0.1 * i, "channel": "transcript", "rtstream": "mic:default", "text": f"t{i}"}
+              for i in range(1, 30)]
+    emu = Emulator(scenario_file(tmp_path, events, end=3.0), speed=3, export_outcome="never")
+    await emu.start()
+    try:
+        src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u", "status_poll_interval": 0.2,
+                                                             "on_active": {"transcript": True}})
+        assert ctl is not None
+        run_task = asyncio.create_task(run_stages(src, ctl, timeout=30))
+        while len([r for r in emu.emitted if r["live"]]) < 5:
+            await asyncio.sleep(0.02)
+        failed = emu.fault("POST", "/transcription", status=500)
+        await emu.hub.drop()
+        while failed.hits < 4 or ctl.lifecycle.state != "stopped":  # retried, then VideoDB stopped it
+            assert not run_task.done()
+            await asyncio.sleep(0.02)
+        emu.faults.clear()
+        stopped_at = time.monotonic()
+        await asyncio.sleep(1.0)  # five status_poll_intervals: retries would have come
+        run_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run_task
+    finally:
+        await emu.stop()
+    assert [c["path"] for c in list(emu.calls) if c["at"] > stopped_at and c["method"] == "POST"
+            and "/transcription" in c["path"] and (c.get("body") or {}).get("action") == "start"] == []
 
 
 async def test_backfill_false_fetches_nothing_and_the_gap_stays_lost(make_context: Callable[..., Context]) -> None:

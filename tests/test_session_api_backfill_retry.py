@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,5 +76,37 @@ async def test_a_re_bind_call_that_failed_is_tried_again_and_its_gap_backfilled(
                     if r["event"].get("channel") == "transcript"}
             await live.wait_for(lambda: want <= {(e["rtstream_id"], e["data"]["start"])
                                                   for e in live.of(sid, "transcript")}, timeout=8)
+    finally:
+        await emu.stop()
+
+
+async def test_a_bind_retry_does_not_bind_a_session_videodb_stopped_meanwhile(
+        make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """A re-bind whose start_transcript kept failing was tried again every status_poll_interval while the session
+    was not finished, `stopped` included: once VideoDB stopped the session (its export awaited), the next retry
+    started a transcript on the stopped rtstreams. Now a failed bind is retried only while the session is active
+    (its gap is still backfilled once stopped)."""
+    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        async with running(make_context, emu) as live:
+            status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"})
+            assert status == 201, body
+            sid = body["session_id"]
+            await hook(live, emu, f"sessions/{sid}/start")
+            await live.wait_for(lambda: len(live.of(sid, "transcript")) >= 3)
+            start = emu.fault("POST", "/transcription", status=500)  # every re-bind's start_transcript fails
+            async with aiohttp.ClientSession() as http, http.post(f"{emu.base_url}/_emulator/ws/drop") as r:
+                assert r.status == 200
+            await live.wait_for(lambda: start.hits >= 2)  # the re-bind, then a retry
+            await hook(live, emu, f"sessions/{sid}/stop")
+            s = live.ctl.manager.sessions[sid]
+            await live.wait_for(lambda: s.lifecycle.state == "stopped")
+            emu.faults.clear()
+            stopped_at = time.monotonic()
+            await asyncio.sleep(1.0)  # five status_poll_intervals: retries would have come
+            assert [c["path"] for c in list(emu.calls)
+                    if c["at"] > stopped_at and c["method"] == "POST" and "/transcription" in c["path"]
+                    and (c.get("body") or {}).get("action") == "start"] == []
     finally:
         await emu.stop()

@@ -452,7 +452,7 @@ class CaptureSessionController(Controller):
                 if backfill_gap or (backfill_gap is None and before is not None
                                     and before != self.pipelines.bound_to):
                     await self._backfill()
-                if (self.pipelines.bind_failed or self.pipelines.backfill_due) and not self._retrying \
+                if (self._rebind_due() or self.pipelines.backfill_due) and not self._retrying \
                         and not self.lifecycle.done:
                     self._retrying = True
                     self._spawn(self._bind_again())
@@ -462,16 +462,22 @@ class CaptureSessionController(Controller):
 
     async def _bind_again(self) -> None:
         """A bind call or a backfill failed (VideoDB 5xx, 429, network): try again after `status_poll_interval`,
-        and so on until it works or the session ends (a failed bind binds everything again, then backfills).
+        and so on until it works or the session ends (a failed bind binds everything again while the session is
+        active, then backfills).
         Before, a pipeline whose re-bind call failed kept sending to the old connection, and a failed backfill
         waited for a reconnect that may never come: with the connection up, those events never arrived."""
         await asyncio.sleep(self.options.status_poll_interval)
         self._retrying = False
         pipes = self.pipelines
-        if pipes is not None and not self.lifecycle.done and (pipes.bind_failed or pipes.backfill_due):
-            if pipes.bind_failed:
+        if pipes is not None and not self.lifecycle.done and (self._rebind_due() or pipes.backfill_due):
+            if self._rebind_due():
                 pipes.bound_to = None
             await self.rebind_then_backfill(pipes.streams, backfill_gap=True)
+
+    def _rebind_due(self) -> bool:
+        """A call of the last bind failed (worth another try) and the session is still active: one VideoDB has
+        stopped gets no new transcript or index (its gap is still backfilled)."""
+        return self.pipelines is not None and self.pipelines.bind_failed and self.lifecycle.state == "active"
 
     async def _bind(self, streams: list[Any] | None) -> bool:
         """Bind all AI pipelines to the current connection id (again, if it changed meanwhile); False if no streams."""

@@ -557,7 +557,7 @@ class SessionManager:
                     if pipes.index_ids() != s.record.get("indexes"):  # the replaced ones' gap is covered
                         s.record["indexes"] = pipes.index_ids()
                         self.store.save(s.record)
-                if pipes is not None and (pipes.backfill_due or pipes.bind_failed) and s.live \
+                if pipes is not None and (pipes.backfill_due or _rebind_due(s)) and s.live \
                         and s.id not in self._backfill_retries:
                     self._backfill_retries.add(s.id)
                     self._spawn(self._backfill_again(s))
@@ -567,14 +567,14 @@ class SessionManager:
 
     async def _backfill_again(self, s: ManagedSession) -> None:
         """A backfill or a bind call failed (VideoDB 5xx, network): try again after `status_poll_interval`, and so
-        on until it works or the session ends (a failed bind binds everything again, then backfills). Before, a
-        failed backfill waited for the next reconnect, which may never come, and a pipeline whose re-bind call
-        failed kept sending to the old connection."""
+        on until it works or the session ends (a failed bind binds everything again while the session is active,
+        then backfills). Before, a failed backfill waited for the next reconnect, which may never come, and a
+        pipeline whose re-bind call failed kept sending to the old connection."""
         await asyncio.sleep(self.opts.status_poll_interval)
         self._backfill_retries.discard(s.id)
         pipes = s.pipelines
-        if s.live and pipes is not None and (pipes.backfill_due or pipes.bind_failed):
-            if pipes.bind_failed:
+        if s.live and pipes is not None and (pipes.backfill_due or _rebind_due(s)):
+            if _rebind_due(s):
                 pipes.bound_to = None
             await self._bind(s, pipes.streams, backfill_gap=True)
 
@@ -692,6 +692,12 @@ class SessionManager:
     async def close(self) -> None:
         await self.creator.close()
         await self._background.cancel_all()
+
+
+def _rebind_due(s: ManagedSession) -> bool:
+    """A call of the session's last bind failed (worth another try) and it is still active: a session VideoDB
+    has stopped gets no new transcript or index (its gap is still backfilled)."""
+    return s.pipelines is not None and s.pipelines.bind_failed and s.lifecycle.state == "active"
 
 
 def _streams_of(session: Any) -> list[Stream]:
