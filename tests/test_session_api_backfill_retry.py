@@ -110,3 +110,30 @@ async def test_a_bind_retry_does_not_bind_a_session_videodb_stopped_meanwhile(
                     and (c.get("body") or {}).get("action") == "start"] == []
     finally:
         await emu.stop()
+
+
+async def test_a_backfill_videodb_refuses_is_not_tried_again_every_interval(
+        make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """A backfill read VideoDB refuses outright (a 4xx, e.g. 404: retrying cannot help) marked the backfill as
+    due, so it was tried again, every target's read with it, every status_poll_interval for the rest of the
+    session. Now only a failure worth another try (5xx, 429, network) is; a refused one waits for the next
+    re-bind, as before."""
+    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        async with running(make_context, emu) as live:
+            status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"})
+            assert status == 201, body
+            sid = body["session_id"]
+            await hook(live, emu, f"sessions/{sid}/start")
+            await live.wait_for(lambda: len(live.of(sid, "transcript")) >= 3)
+            refused = emu.fault("GET", "/transcription", status=404)
+            async with aiohttp.ClientSession() as http, http.post(f"{emu.base_url}/_emulator/ws/drop") as r:
+                assert r.status == 200
+            await live.wait_for(lambda: refused.hits > 0)
+            pipes = live.ctl.manager.sessions[sid].pipelines
+            reads = len([t for t in pipes.backfill_targets() if t.channel == "transcript"])
+            await asyncio.sleep(1.0)  # five status_poll_intervals
+            assert refused.hits == reads  # one backfill, not one per interval
+    finally:
+        await emu.stop()

@@ -144,7 +144,7 @@ class AIPipelines:
     _event_ids: dict[str, str] = field(default_factory=dict)
     _indexes: dict[str, list[Any]] = field(default_factory=dict)
     retired: list[tuple[str, Any]] = field(default_factory=list)  # (kind, index) replaced, not yet backfilled
-    backfill_due: bool = False  # the last backfill failed for some target (its gap is still to fetch)
+    backfill_due: bool = False  # the last backfill failed for some target, worth another try soon (5xx, network)
     bind_failed: bool = False  # a call of the last bind failed, worth another try: a pipeline may be unbound
     #: Called with every index id this bind has not stopped yet (the old ones too) each time it creates one,
     #: so a record saved there lets a restart stop an index even when the process died mid-bind.

@@ -203,7 +203,7 @@ class SessionManager:
         pipes.streams = _streams_of(session)
         pipes.adopt_indexes(self.conn, s.record.get("indexes"))
         async with self.checking:
-            got, _ok = await backfill.run(pipes.backfill_targets(), inlet, who, self.settings.api_key, s.id)
+            got, _ok, _soon = await backfill.run(pipes.backfill_targets(), inlet, who, self.settings.api_key, s.id)
         log.info("%s: backfill of a session that ended meanwhile: %s", who,
                  ", ".join(f"{ch} {n}" for ch, n in sorted(got.items())) or "nothing missing")
 

@@ -158,12 +158,14 @@ def _fetch(t: Target, since: int | None, per: int) -> tuple[list[Event], bool]:
 
 
 async def run(targets: list[Target], inlet: Inlet, who: str, api_key: str | None,
-              session_id: str | None = None) -> tuple[Counter[str], bool]:
-    """Fetch every target from where its channel left off, queue the new events; (queued per channel, all ok).
+              session_id: str | None = None) -> tuple[Counter[str], bool, bool]:
+    """Fetch every target from where its channel left off, queue the new events; (queued per channel, all ok,
+    a failure is worth another try soon).
     `session_id`: set as their `capture_session_id` (a session that has ended is no longer looked up by rtstream).
 
     Each SDK page runs in a worker thread. A target that fails keeps its gap mark, so
-    the next re-bind tries again from the same point.
+    the next re-bind tries again from the same point; one worth another try soon (5xx, 429, network) is tried
+    again every status_poll_interval, one VideoDB refused (4xx) is not.
     """
     from pipeline.videodb_sdk import VideoDBCallError, call
 
@@ -171,7 +173,7 @@ async def run(targets: list[Target], inlet: Inlet, who: str, api_key: str | None
     for t in targets:
         by_key.setdefault(t.key, []).append(t)
     events: list[Event] = []
-    ok = True
+    ok, soon = True, False
     for (rid, channel), group in by_key.items():
         since = inlet.since(rid, channel)
         got: list[Event] = []
@@ -179,7 +181,7 @@ async def run(targets: list[Target], inlet: Inlet, who: str, api_key: str | None
             for t in group:
                 got += await call(who, f"backfill {t.rtstream_name} {channel}", fetch, t, since, api_key=api_key)
         except VideoDBCallError as exc:
-            ok = False
+            ok, soon = False, soon or not exc.fatal  # a refused read (4xx) waits for the next re-bind
             log.warning("%s (kept for the next re-bind)", exc)
             continue
         inlet.covered(rid, channel, since)
@@ -189,7 +191,7 @@ async def run(targets: list[Target], inlet: Inlet, who: str, api_key: str | None
         for e in fresh:
             e["capture_session_id"] = session_id
     inlet.inject(fresh)
-    return Counter(e["channel"] for e in fresh), ok
+    return Counter(e["channel"] for e in fresh), ok, soon
 
 
 async def after_rebind(pipelines: Any, inlet: Inlet, who: str, api_key: str | None) -> Counter[str]:
@@ -197,8 +199,8 @@ async def after_rebind(pipelines: Any, inlet: Inlet, who: str, api_key: str | No
     if pipelines.bound_to is None:
         return Counter()
     t0 = time.monotonic()
-    got, ok = await run(pipelines.backfill_targets(), inlet, who, api_key)
-    pipelines.backfill_due = not ok  # a failed target keeps its gap mark for the next try
+    got, ok, soon = await run(pipelines.backfill_targets(), inlet, who, api_key)
+    pipelines.backfill_due = soon  # a failed target keeps its gap mark for the next try (soon, or the next re-bind)
     if ok:
         pipelines.retired.clear()  # their gap is covered
     per = ", ".join(f"{ch} {n}" for ch, n in sorted(got.items())) or "nothing missing"
