@@ -25,7 +25,12 @@ def check_window_keys(chk: _Checker, data: Mapping[str, Any], engine: str) -> No
     if engine != "faust" or not isinstance(stages, list):
         return
     for i, stage in enumerate(stages):
-        if not isinstance(stage, Mapping) or stage.get("type") != "window" or stage.get("enabled") is False:
+        if not isinstance(stage, Mapping) or stage.get("type") != "window":
+            continue
+        enabled = stage.get("enabled", True)
+        if isinstance(enabled, str):  # `enabled: "${WINDOW_ON:-false}"`: what YAML reads the text as
+            enabled = chk.typed.get(("stages", i, "enabled"), enabled)
+        if enabled is False:
             continue
         key = stage.get("key", ["capture_session_id"])
         if not isinstance(key, list) or any(field in key for field in SESSION_FIELDS):

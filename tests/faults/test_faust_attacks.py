@@ -155,6 +155,25 @@ runtime: {{engine: ENGINE, broker: "127.0.0.1:9"}}
         assert res.returncode == 0, res.stderr
 
 
+def test_a_window_disabled_through_a_variable_is_not_refused_under_faust(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`enabled: "${WINDOW_ON:-false}"` (quoted, as a flow mapping needs) disables the stage like `enabled: false`,
+    but the faust key check read the raw text "false", took the stage as enabled and refused its key."""
+    monkeypatch.delenv("WINDOW_ON", raising=False)
+    (tmp_path / "in.jsonl").write_text("")
+    (tmp_path / "p.yaml").write_text("""name: t
+source: {type: replay, path: in.jsonl}
+stages:
+  - {type: window, size: 30s, key: [rtstream_name], enabled: "${WINDOW_ON:-false}"}
+sinks: [{type: console}]
+runtime: {engine: faust, broker: "127.0.0.1:9"}
+""")
+    assert [s.type_name for s in load_config(tmp_path / "p.yaml").disabled] == ["window"]
+    monkeypatch.setenv("WINDOW_ON", "true")
+    with pytest.raises(ConfigError, match=r"p\.yaml:4:\d+: stages\[0\]\.key: \['rtstream_name'\] groups events"):
+        load_config(tmp_path / "p.yaml")
+
+
 # -- helpers for the worker tests --------------------------------------------------------------------
 
 def gated_config(tmp_path: Path, broker: Broker, name: str, lines: Path, batch_wait: str = "0s") -> Path:
