@@ -137,3 +137,28 @@ async def test_a_backfill_videodb_refuses_is_not_tried_again_every_interval(
             assert refused.hits == reads  # one backfill, not one per interval
     finally:
         await emu.stop()
+
+
+async def test_a_bind_retry_waits_as_long_as_videodb_s_retry_after(
+        make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """A re-bind VideoDB rate-limited (429, Retry-After: 30) was tried again every status_poll_interval all the
+    same (here 0.2 s: a full bind each time, for every session): now the retry waits what VideoDB asked."""
+    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        async with running(make_context, emu) as live:
+            status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"})
+            assert status == 201, body
+            sid = body["session_id"]
+            await hook(live, emu, f"sessions/{sid}/start")
+            await live.wait_for(lambda: len(live.of(sid, "transcript")) >= 3)
+            limited = emu.fault("POST", "/transcription", status=429, headers={"Retry-After": "30"})
+            async with aiohttp.ClientSession() as http, http.post(f"{emu.base_url}/_emulator/ws/drop") as r:
+                assert r.status == 200
+            pipes = live.ctl.manager.sessions[sid].pipelines
+            await live.wait_for(lambda: pipes.bind_failed and pipes.bound_to == live.ctl.context.session.connection_id)
+            first = limited.hits  # the re-bind's start_transcript calls
+            await asyncio.sleep(1.0)  # five status_poll_intervals
+            assert limited.hits == first
+    finally:
+        await emu.stop()

@@ -24,6 +24,7 @@ from stages.sources.backfill import Target
 
 MAX_RETIRED = 64  # replaced indexes kept for backfill (a long outage re-binds many times)
 MAX_STREAMS = 64  # rtstreams of one session taken from an event (a capture client has a handful)
+MAX_RETRY_WAIT = 300.0  # longest a 429's Retry-After (VideoDB's to give) holds back a bind or backfill retry
 
 log = logging.getLogger("pipeline.controller.capture_session")
 
@@ -146,6 +147,7 @@ class AIPipelines:
     retired: list[tuple[str, Any]] = field(default_factory=list)  # (kind, index) replaced, not yet backfilled
     backfill_due: bool = False  # the last backfill failed for some target, worth another try soon (5xx, network)
     bind_failed: bool = False  # a call of the last bind failed, worth another try: a pipeline may be unbound
+    wait: float = 0.0  # the longest Retry-After VideoDB gave a failed call since the last retry was planned
     #: Called with every index id this bind has not stopped yet (the old ones too) each time it creates one,
     #: so a record saved there lets a restart stop an index even when the process died mid-bind.
     on_index: Callable[[list[dict[str, str]]], None] | None = None
@@ -155,6 +157,7 @@ class AIPipelines:
         try:
             return await call(self.who, what, fn, *args, api_key=self.api_key, **kwargs)
         except VideoDBCallError as exc:
+            self.asked_to_wait(exc.retry_after)
             if cleanup:
                 log.warning("%s", exc)
             else:
@@ -203,6 +206,17 @@ class AIPipelines:
         self.retired = (self.retired + [(k, i) for k, idx in old.items() for i in idx])[-MAX_RETIRED:]
         for index in (i for kind in old.values() for i in kind):
             await self._call(f"stop replaced index {index.rtstream_index_id}", index.stop, cleanup=True)
+
+    def asked_to_wait(self, seconds: float | None) -> None:
+        """VideoDB answered a call 429 with this Retry-After: the next retry waits at least as long."""
+        if seconds:
+            self.wait = max(self.wait, seconds)
+
+    def retry_delay(self, interval: float) -> float:
+        """How long before a failed bind or backfill is tried again: `interval`, or longer if VideoDB asked
+        (a 429's Retry-After, at most MAX_RETRY_WAIT); before, it was tried every interval while rate-limited."""
+        delay, self.wait = max(interval, min(self.wait, MAX_RETRY_WAIT)), 0.0
+        return delay
 
     def backfill_targets(self) -> list[Target]:
         """Every rtstream and channel with an AI pipeline, and the SDK object that reads it back."""

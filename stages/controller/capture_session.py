@@ -455,18 +455,18 @@ class CaptureSessionController(Controller):
                 if (self._rebind_due() or self.pipelines.backfill_due) and not self._retrying \
                         and not self.lifecycle.done:
                     self._retrying = True
-                    self._spawn(self._bind_again())
+                    self._spawn(self._bind_again(self.pipelines.retry_delay(self.options.status_poll_interval)))
         finally:
             if held and self.context.session.inlet is not None:
                 self.context.session.inlet.release()
 
-    async def _bind_again(self) -> None:
+    async def _bind_again(self, delay: float) -> None:
         """A bind call or a backfill failed (VideoDB 5xx, 429, network): try again after `status_poll_interval`,
         and so on until it works or the session ends (a failed bind binds everything again while the session is
-        active, then backfills).
+        active, then backfills); `delay`: longer when VideoDB answered 429 with a longer Retry-After.
         Before, a pipeline whose re-bind call failed kept sending to the old connection, and a failed backfill
         waited for a reconnect that may never come: with the connection up, those events never arrived."""
-        await asyncio.sleep(self.options.status_poll_interval)
+        await asyncio.sleep(delay)
         self._retrying = False
         pipes = self.pipelines
         if pipes is not None and not self.lifecycle.done and (self._rebind_due() or pipes.backfill_due):

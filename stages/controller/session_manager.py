@@ -203,7 +203,7 @@ class SessionManager:
         pipes.streams = _streams_of(session)
         pipes.adopt_indexes(self.conn, s.record.get("indexes"))
         async with self.checking:
-            got, _ok, _soon = await backfill.run(pipes.backfill_targets(), inlet, who, self.settings.api_key, s.id)
+            got, *_ = await backfill.run(pipes.backfill_targets(), inlet, who, self.settings.api_key, s.id)
         log.info("%s: backfill of a session that ended meanwhile: %s", who,
                  ", ".join(f"{ch} {n}" for ch, n in sorted(got.items())) or "nothing missing")
 
@@ -560,17 +560,18 @@ class SessionManager:
                 if pipes is not None and (pipes.backfill_due or _rebind_due(s)) and s.live \
                         and s.id not in self._backfill_retries:
                     self._backfill_retries.add(s.id)
-                    self._spawn(self._backfill_again(s))
+                    self._spawn(self._backfill_again(s, pipes.retry_delay(self.opts.status_poll_interval)))
         finally:
             if held and self.link.inlet is not None:
                 self.link.inlet.release()
 
-    async def _backfill_again(self, s: ManagedSession) -> None:
+    async def _backfill_again(self, s: ManagedSession, delay: float) -> None:
         """A backfill or a bind call failed (VideoDB 5xx, network): try again after `status_poll_interval`, and so
         on until it works or the session ends (a failed bind binds everything again while the session is active,
-        then backfills). Before, a failed backfill waited for the next reconnect, which may never come, and a
-        pipeline whose re-bind call failed kept sending to the old connection."""
-        await asyncio.sleep(self.opts.status_poll_interval)
+        then backfills); `delay`: longer when VideoDB answered 429 with a longer Retry-After. Before, a failed
+        backfill waited for the next reconnect, which may never come, and a pipeline whose re-bind call failed
+        kept sending to the old connection."""
+        await asyncio.sleep(delay)
         self._backfill_retries.discard(s.id)
         pipes = s.pipelines
         if s.live and pipes is not None and (pipes.backfill_due or _rebind_due(s)):

@@ -158,9 +158,9 @@ def _fetch(t: Target, since: int | None, per: int) -> tuple[list[Event], bool]:
 
 
 async def run(targets: list[Target], inlet: Inlet, who: str, api_key: str | None,
-              session_id: str | None = None) -> tuple[Counter[str], bool, bool]:
+              session_id: str | None = None) -> tuple[Counter[str], bool, bool, float]:
     """Fetch every target from where its channel left off, queue the new events; (queued per channel, all ok,
-    a failure is worth another try soon).
+    a failure is worth another try soon, the longest Retry-After VideoDB gave a failed read).
     `session_id`: set as their `capture_session_id` (a session that has ended is no longer looked up by rtstream).
 
     Each SDK page runs in a worker thread. A target that fails keeps its gap mark, so
@@ -173,7 +173,7 @@ async def run(targets: list[Target], inlet: Inlet, who: str, api_key: str | None
     for t in targets:
         by_key.setdefault(t.key, []).append(t)
     events: list[Event] = []
-    ok, soon = True, False
+    ok, soon, wait = True, False, 0.0
     for (rid, channel), group in by_key.items():
         since = inlet.since(rid, channel)
         got: list[Event] = []
@@ -182,6 +182,7 @@ async def run(targets: list[Target], inlet: Inlet, who: str, api_key: str | None
                 got += await call(who, f"backfill {t.rtstream_name} {channel}", fetch, t, since, api_key=api_key)
         except VideoDBCallError as exc:
             ok, soon = False, soon or not exc.fatal  # a refused read (4xx) waits for the next re-bind
+            wait = max(wait, exc.retry_after or 0.0)
             log.warning("%s (kept for the next re-bind)", exc)
             continue
         inlet.covered(rid, channel, since)
@@ -191,7 +192,7 @@ async def run(targets: list[Target], inlet: Inlet, who: str, api_key: str | None
         for e in fresh:
             e["capture_session_id"] = session_id
     inlet.inject(fresh)
-    return Counter(e["channel"] for e in fresh), ok, soon
+    return Counter(e["channel"] for e in fresh), ok, soon, wait
 
 
 async def after_rebind(pipelines: Any, inlet: Inlet, who: str, api_key: str | None) -> Counter[str]:
@@ -199,7 +200,8 @@ async def after_rebind(pipelines: Any, inlet: Inlet, who: str, api_key: str | No
     if pipelines.bound_to is None:
         return Counter()
     t0 = time.monotonic()
-    got, ok, soon = await run(pipelines.backfill_targets(), inlet, who, api_key)
+    got, ok, soon, wait = await run(pipelines.backfill_targets(), inlet, who, api_key)
+    pipelines.asked_to_wait(wait)
     pipelines.backfill_due = soon  # a failed target keeps its gap mark for the next try (soon, or the next re-bind)
     if ok:
         pipelines.retired.clear()  # their gap is covered
