@@ -402,6 +402,38 @@ async def test_a_bind_retry_does_not_bind_a_session_videodb_stopped_meanwhile_si
             and "/transcription" in c["path"] and (c.get("body") or {}).get("action") == "start"] == []
 
 
+async def test_a_rate_limited_bind_retry_waits_for_retry_after_single_session(
+        make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """A re-bind VideoDB rate-limited (429, Retry-After: 30) was tried again every status_poll_interval (0.2 s
+    here) all the same; now the retry waits what VideoDB asked."""
+    events = [{"at": 0.1 * i, "channel": "transcript", "rtstream": "mic:default", "text": f"t{i}"}
+              for i in range(1, 30)]
+    emu = Emulator(scenario_file(tmp_path, events, end=30.0), speed=1)
+    await emu.start()
+    try:
+        src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u", "status_poll_interval": 0.2,
+                                                             "on_active": {"transcript": True}})
+        assert ctl is not None
+        run_task = asyncio.create_task(run_stages(src, ctl, timeout=30))
+        while len([r for r in emu.emitted if r["live"]]) < 3:
+            await asyncio.sleep(0.02)
+        limited = emu.fault("POST", "/transcription", status=429, headers={"Retry-After": "30"})
+        await emu.hub.drop()
+        pipes = ctl.pipelines
+        assert pipes is not None
+        while not (pipes.bind_failed and pipes.bound_to == ctl.context.session.connection_id):
+            assert not run_task.done()
+            await asyncio.sleep(0.02)
+        first = limited.hits  # the re-bind's start_transcript calls
+        await asyncio.sleep(1.0)  # five status_poll_intervals
+        run_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run_task
+    finally:
+        await emu.stop()
+    assert limited.hits == first
+
+
 async def test_backfill_false_fetches_nothing_and_the_gap_stays_lost(make_context: Callable[..., Context]) -> None:
     emu = Emulator(speed=0, drop_after=5)
     await emu.start()
