@@ -149,12 +149,12 @@ async def test_a_failed_fetch_keeps_its_mark_and_the_next_rebind_resumes_from_it
     inlet.admit([live(T0 + 9000, "after the gap")])  # the new connection's first event moves `last` on
     target = transcript(fake)
 
-    queued, ok = await run([target], inlet, "controller:capture_session", KEY)
+    queued, ok, *_ = await run([target], inlet, "controller:capture_session", KEY)
     assert not ok and queued == {} and not inlet.queued
     assert "kept for the next re-bind" in caplog.text and "backfill mic:default transcript failed" in caplog.text
     assert inlet.since("rts-mic", "transcript") == T0 + 5000  # still the gap mark, not T0 + 9000
 
-    queued, ok = await run([target], inlet, "controller:capture_session", KEY)
+    queued, ok, *_ = await run([target], inlet, "controller:capture_session", KEY)
     assert ok and queued == {"transcript": 2}
     assert [q["start"] for _, q in fake.queries] == [str(T0 + 5000 - MARGIN_MS)] * 2  # the same point twice
     batch = inlet.take()
