@@ -122,3 +122,57 @@ async def test_a_session_that_stopped_while_no_run_was_up_still_gets_its_last_ev
             await proc.wait()
         await http.close()
         await emu.stop()
+
+
+async def test_a_session_that_stopped_while_no_run_was_up_gets_its_last_events_after_a_failed_fetch(
+        tmp_path: Path) -> None:
+    """As above, but VideoDB answers the restart's first transcript reads 500: that backfill was its only one (no
+    re-bind or reconnect comes for an ended session), so those events were lost for good. Now a fetch worth
+    another try is tried again after status_poll_interval (a few times)."""
+    emu = Emulator(scenario_file(tmp_path, cues(600), end=1000), speed=10, api_key=API_KEY, autostart=False)
+    await emu.start()
+    config = api_config(tmp_path, emu)
+    out = tmp_path / "by-session"
+    http = aiohttp.ClientSession()
+    proc: asyncio.subprocess.Process | None = None
+
+    def transcripts(sid: str) -> set[tuple[Any, Any]]:
+        return {(e.get("rtstream_id"), e["data"]["start"]) for e in lines_of(out / f"{sid}.jsonl")
+                if e.get("channel") == "transcript"}
+
+    try:
+        proc, url, _ = await start_pipeline(config, tmp_path)
+        live = Live(None, http, url)  # type: ignore[arg-type]
+        status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"})
+        assert status == 201, body
+        sid = body["session_id"]
+        await hook(live, emu, f"sessions/{sid}/start")
+        await live.wait_for(lambda: len(transcripts(sid)) >= 3)
+        proc.kill()
+        await proc.wait()
+        gap = sum(1 for r in emu.emitted if not r["live"])
+        await live.wait_for(lambda: sum(1 for r in emu.emitted if not r["live"]) >= gap + 3)
+        await hook(live, emu, f"sessions/{sid}/stop")  # the desktop client stops while no run is up
+        await live.wait_for(lambda: emu.registry.sessions[sid].status == "exported")
+        want = {(r["event"]["rtstream_id"], r["event"]["data"]["start"]) for r in emu.emitted
+                if r["event"].get("channel") == "transcript"}
+
+        failing = emu.fault("GET", "/transcription", status=500, times=2)  # both audio streams' first reads
+        proc, url, log = await start_pipeline(config, tmp_path)
+        live.url = url
+        try:
+            await live.wait_for(lambda: want <= transcripts(sid), timeout=8)
+        except TimeoutError:
+            raise AssertionError(f"never written: {sorted(want - transcripts(sid))[:5]}") from None
+        assert failing.hits == 2
+        status, got = await live.call("GET", f"/v1/sessions/{sid}")
+        assert (status, got["status"]) == (200, "exported")
+        assert not (out / "unknown.jsonl").exists()  # backfilled after it ended, still under its id
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0, "".join(log)
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await http.close()
+        await emu.stop()
