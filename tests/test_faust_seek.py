@@ -19,7 +19,6 @@ from aiokafka.structs import ConsumerRecord
 
 from pipeline.config import load_config
 from pipeline.runtime.faust import Worker
-from pipeline.runtime.faust_ingest import ingest_topic
 from tests.test_faust_latency import config
 
 pytestmark = pytest.mark.timeout(30)
@@ -107,32 +106,3 @@ async def test_a_batch_fetched_before_the_seek_does_not_skip_the_records_after_t
     assert delivered == list(range(committed or 0, END))  # faust alone: 33..59, then 1..32 dropped as read
     assert not gap  # faust alone: 2..33 counted as done, so committable
     assert log.seeks == [committed or 0]  # sought back once
-
-
-async def test_a_message_of_an_earlier_generation_acknowledged_late_is_not_committed(tmp_path: Path) -> None:
-    """faust's stream skips and acknowledges a message fetched before a rebalance; if its partition came back,
-    that acknowledgement counted for the new generation: the commit passed the record read again."""
-    cfg = load_config(config(tmp_path, "127.0.0.1:9"))
-    app = Worker(cfg, tmp_path / "w", 10.0).app
-
-    async def ignore(*args: Any) -> None:
-        pass
-
-    consumer = app.transport.create_consumer(callback=ignore, on_partitions_revoked=ignore,
-                                             on_partitions_assigned=ignore)
-    name = ingest_topic(cfg)
-    app.topics._acking_topics.add(name)  # as once the worker's agent subscribed
-    tp = consumer._new_topicpartition(name, 0)
-    log = consumer._thread = PartitionLog(consumer, tp, None, stale=range(0))
-    app.consumer_generation_id = 1
-    consumer._set_active_tps({tp})
-    old = consumer._to_message(tp, log.record(6))  # fetched, then the partition goes and comes back
-    await consumer.on_partitions_revoked({tp})
-    app.consumer_generation_id = 2
-    consumer._set_active_tps({tp})
-    await consumer.perform_seek()
-
-    assert consumer.ack(old) is False  # the stream skipped it, as of an old generation
-    for offset in range(6):  # read again and processed up to 5; 6 is not yet
-        assert consumer.ack(consumer._to_message(tp, log.record(offset)))
-    assert consumer._new_offset(tp) == 6  # faust alone: 7, past the record 6 not processed again

@@ -8,14 +8,6 @@ nobody, and processed again after the rebalance by each partition's next owner
 counted twice in `window` metrics and rule windows, whose restored state already
 held them.
 
-And an acknowledgement only counts in the generation its message was fetched
-in. faust acknowledges a message of an earlier generation when its stream skips
-it after a rebalance (and a sink may finish one late), and counted it for the
-partition as assigned now: if the partition came back, its offset joined the
-new generation's, so the commit could pass records read again but not yet
-processed (one event lost in a churn probe). Such a message is now only
-marked done; its partition is read again from the committed offset anyway.
-
 faust is imported by the caller, so `import pipeline.cli` stays fast.
 """
 
@@ -37,16 +29,5 @@ def commit_before_revoke(consumer: type[Any]) -> type[Any]:
                 log.info("worker %d: a rebalance takes back %d topic partitions", os.getpid(), len(revoked))
             await self.commit()
             await super().on_partitions_revoked(revoked)
-
-        def ack(self, message: Any) -> bool:
-            generation = message.generation_id
-            if generation is not None and generation != self.app.consumer_generation_id:
-                from mode.utils.futures import notify
-
-                message.acked = True
-                self._unacked_messages.discard(message)
-                notify(self._waiting_for_ack)  # as faust's ack: whoever waits for the acks in hand
-                return False
-            return bool(super().ack(message))
 
     return Consumer
