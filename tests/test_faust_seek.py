@@ -29,8 +29,8 @@ END = 60
 class PartitionLog:
     """The consumer thread's part: one partition's records, a fetch position, and one stale batch first."""
 
-    def __init__(self, consumer: Any, tp: Any, committed: int | None, stale: range) -> None:
-        self.consumer, self.tp, self.committed, self.stale = consumer, tp, committed, stale
+    def __init__(self, tp: Any, committed: int | None, stale: range) -> None:
+        self.tp, self.committed, self.stale = tp, committed, stale
         self.position = 0
         self.seeks: list[int] = []
 
@@ -51,11 +51,9 @@ class PartitionLog:
             self.position = self.committed
         return {self.tp: self.committed}
 
-    async def seek_wait(self, partitions: dict[Any, int]) -> None:
-        for tp, offset in partitions.items():  # and, as faust's thread, the offset is noted as read
-            self.seeks.append(offset)
-            self.position = offset
-            self.consumer._read_offset[tp] = offset or None
+    def seek(self, tp: Any, offset: int) -> None:
+        self.seeks.append(offset)
+        self.position = offset
 
     async def earliest_offsets(self, *tps: Any) -> dict[Any, int]:
         return dict.fromkeys(tps, 0)
@@ -81,7 +79,7 @@ async def deliveries(tmp_path: Path, committed: int | None) -> tuple[list[int], 
     consumer = app.transport.create_consumer(callback=callback, on_partitions_revoked=rebalanced,
                                              on_partitions_assigned=rebalanced)
     tp = consumer._new_topicpartition(app.conf.id + "-in", 0)
-    log = consumer._thread = PartitionLog(consumer, tp, committed, stale=range(33, 41))
+    log = consumer._thread = PartitionLog(tp, committed, stale=range(33, 41))
     await consumer.on_partitions_revoked({tp})  # the rebalance: faust forgets the partition's read offset
     consumer._set_active_tps({tp})  # and it is assigned again
     await consumer.perform_seek()  # and seeks to the committed offset, as at the end of a rebalance

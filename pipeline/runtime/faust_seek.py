@@ -49,13 +49,7 @@ def read_from_seek(consumer: type[Any]) -> type[Any]:
             committed = await super().seek_to_committed()
             # no committed offset: the fetch starts at the earliest one (consumer_auto_offset_reset)
             fresh = [tp for tp, offset in committed.items() if offset is None or offset < 0]
-            earliest: Mapping[Any, int] = {}
-            if fresh:
-                try:
-                    earliest = await self.earliest_offsets(*fresh)
-                except Exception as exc:  # their first records then go through unchecked, as in faust
-                    log.warning("worker %d: earliest offsets of %d partitions unknown: %s",
-                                os.getpid(), len(fresh), exc)
+            earliest = await self.earliest_offsets(*fresh) if fresh else {}
             for tp, offset in committed.items():
                 start = offset if offset is not None and offset >= 0 else earliest.get(tp)
                 if start is not None:
@@ -65,11 +59,6 @@ def read_from_seek(consumer: type[Any]) -> type[Any]:
         async def seek(self, partition: Any, offset: int) -> None:
             await super().seek(partition, offset)
             self._expect(partition, offset)
-
-        async def seek_wait(self, partitions: Mapping[Any, int]) -> None:
-            await super().seek_wait(partitions)
-            for tp, offset in partitions.items():
-                self._expect(tp, offset)
 
         async def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
             for tp in revoked:
@@ -100,7 +89,7 @@ def read_from_seek(consumer: type[Any]) -> type[Any]:
                     continue
                 log.info("worker %d: %s offset %d arrived before %d, fetched before the last seek; "
                          "seeking back to %d", os.getpid(), tp, message.offset, expected, expected)
-                await self.seek_wait({tp: expected})  # in the consumer's thread, as faust's own seeks
-                self._refusals[tp] = tries  # seek_wait() started the count afresh
+                await self.seek(tp, expected)
+                self._refusals[tp] = tries  # seek() started the count afresh
 
     return Consumer
