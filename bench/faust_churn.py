@@ -12,8 +12,8 @@ missing, their (n, partition, offset). It found (and now checks the fix of)
 records skipped after rebalances: a batch fetched before a rebalance arrived
 after the seek to the committed offset, and faust skipped the records between
 (90 of 3,008 events with seed 0, `3 0s slow 0`; offsets 2 to 48 of one
-partition in another run); see pipeline/runtime/faust_seek.py. Still open: seed 2
-loses one event in some iterations (mechanism not yet found).
+partition in another run); see pipeline/runtime/faust_seek.py. Still open (see README):
+seed 2's iteration with a SIGTERM and a SIGKILL misses about 30 of 103 events.
 """
 
 from __future__ import annotations
