@@ -13,7 +13,8 @@ records skipped after rebalances: a batch fetched before a rebalance arrived
 after the seek to the committed offset, and faust skipped the records between
 (90 of 3,008 events with seed 0, `3 0s slow 0`; offsets 2 to 48 of one
 partition in another run); see pipeline/runtime/faust_seek.py. Still open (see README):
-seed 2's iteration with a SIGTERM and a SIGKILL misses about 30 of 103 events.
+seed 2's iteration with a SIGTERM and a SIGKILL missed 31 of 103 events in one
+of two runs (the worker left read nothing in its last 27 s).
 """
 
 from __future__ import annotations
