@@ -36,6 +36,7 @@ from pipeline.kafka import quiet_aiokafka
 from pipeline.runtime.faust_ingest import app_id, create_ingest_topic, ingest_topic
 from pipeline.runtime.faust_latency import transport_class
 from pipeline.runtime.faust_offsets import commit_before_revoke
+from pipeline.runtime.faust_seek import read_from_seek
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
 from pipeline.runtime.faust_stop import DrainClock, give_up
 from pipeline.runtime.sink_start import close_limit, start_within
@@ -107,7 +108,7 @@ class Worker:
         runtime = self
 
         transport = transport_class(cfg.runtime.fetch_max_wait)
-        transport.Consumer = commit_before_revoke(transport.Consumer)
+        transport.Consumer = read_from_seek(commit_before_revoke(transport.Consumer))
 
         class PipelineApp(faust.App):  # type: ignore[misc]
             async def on_stop(self) -> None:
