@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,11 @@ from tests.test_session_api import cues, hook, running
 from tests.videodb_harness import API_KEY, scenario_file
 
 
-async def test_a_failed_backfill_is_retried_while_the_connection_stays_up(
-        make_context: Callable[..., Context], tmp_path: Path) -> None:
-    """A backfill after a reconnect failed (VideoDB 500 on the transcript reads) and kept its gap mark "for the
-    next re-bind": with the connection up from then on, no re-bind came and the gap's transcripts never arrived
-    (seen in the session soak's logs: a retry came only with the next WebSocket drop or kill -9). Now it is tried
-    again every status_poll_interval until it works."""
+@contextlib.asynccontextmanager
+async def streaming(make_context: Callable[..., Context], tmp_path: Path,
+                    channel: str = "transcript") -> AsyncIterator[tuple[Any, Emulator, str]]:
+    """(the running pipeline, the emulator, a session id): one session created through the API and started, its
+    `channel` events arriving."""
     emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False)
     await emu.start()
     try:
@@ -30,24 +30,39 @@ async def test_a_failed_backfill_is_retried_while_the_connection_stays_up(
             assert status == 201, body
             sid = body["session_id"]
             await hook(live, emu, f"sessions/{sid}/start")
-            await live.wait_for(lambda: len(live.of(sid, "visual_index")) >= 3)
-            emu.fault("GET", "/websocket", delay=1.0, times=1)  # the reconnect takes a second: a gap
-            scenes = emu.fault("GET", "/transcription", status=500)  # every transcript read fails for now
-            async with aiohttp.ClientSession() as http, http.post(f"{emu.base_url}/_emulator/ws/drop") as r:
-                assert r.status == 200
-            await live.wait_for(lambda: scenes.hits > 0 and live.ctl.context.session.connection_id is not None)
-            emu.faults.clear()
-            assert len([r for r in emu.emitted if not r["live"] and r["event"].get("channel") == "transcript"]) > 0
-
-            def produced() -> set[Any]:
-                return {(r["event"]["rtstream_id"], r["event"]["data"]["start"]) for r in emu.emitted
-                        if r["event"].get("channel") == "transcript"}
-
-            want = produced()
-            await live.wait_for(lambda: want <= {(e["rtstream_id"], e["data"]["start"])
-                                                  for e in live.of(sid, "transcript")}, timeout=8)
+            await live.wait_for(lambda: len(live.of(sid, channel)) >= 3)
+            yield live, emu, sid
     finally:
         await emu.stop()
+
+
+async def drop_ws(emu: Emulator) -> None:
+    """Drop the pipeline's WebSocket through the emulator's route, as a lost network would."""
+    async with aiohttp.ClientSession() as http, http.post(f"{emu.base_url}/_emulator/ws/drop") as r:
+        assert r.status == 200
+
+
+async def test_a_failed_backfill_is_retried_while_the_connection_stays_up(
+        make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """A backfill after a reconnect failed (VideoDB 500 on the transcript reads) and kept its gap mark "for the
+    next re-bind": with the connection up from then on, no re-bind came and the gap's transcripts never arrived
+    (seen in the session soak's logs: a retry came only with the next WebSocket drop or kill -9). Now it is tried
+    again every status_poll_interval until it works."""
+    async with streaming(make_context, tmp_path, "visual_index") as (live, emu, sid):
+        emu.fault("GET", "/websocket", delay=1.0, times=1)  # the reconnect takes a second: a gap
+        scenes = emu.fault("GET", "/transcription", status=500)  # every transcript read fails for now
+        await drop_ws(emu)
+        await live.wait_for(lambda: scenes.hits > 0 and live.ctl.context.session.connection_id is not None)
+        emu.faults.clear()
+        assert len([r for r in emu.emitted if not r["live"] and r["event"].get("channel") == "transcript"]) > 0
+
+        def produced() -> set[Any]:
+            return {(r["event"]["rtstream_id"], r["event"]["data"]["start"]) for r in emu.emitted
+                    if r["event"].get("channel") == "transcript"}
+
+        want = produced()
+        await live.wait_for(lambda: want <= {(e["rtstream_id"], e["data"]["start"])
+                                              for e in live.of(sid, "transcript")}, timeout=8)
 
 
 async def test_a_re_bind_call_that_failed_is_tried_again_and_its_gap_backfilled(
@@ -56,28 +71,17 @@ async def test_a_re_bind_call_that_failed_is_tried_again_and_its_gap_backfilled(
     start_transcript got a VideoDB 500; the session counted as bound to the new connection all the same, so its
     transcripts kept going to the dead one and were never fetched (the connection stayed up). Now a bind with a
     failed call is tried again every status_poll_interval, then backfilled."""
-    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False)
-    await emu.start()
-    try:
-        async with running(make_context, emu) as live:
-            status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"})
-            assert status == 201, body
-            sid = body["session_id"]
-            await hook(live, emu, f"sessions/{sid}/start")
-            await live.wait_for(lambda: len(live.of(sid, "transcript")) >= 3)
-            start = emu.fault("POST", "/transcription", status=500, times=1)
-            async with aiohttp.ClientSession() as http, http.post(f"{emu.base_url}/_emulator/ws/drop") as r:
-                assert r.status == 200
-            await live.wait_for(lambda: start.hits == 1)
-            lost = len([r for r in emu.emitted if not r["live"] and r["event"].get("channel") == "transcript"])
-            await live.wait_for(lambda: len([r for r in emu.emitted if not r["live"]
-                                             and r["event"].get("channel") == "transcript"]) > lost)
-            want = {(r["event"]["rtstream_id"], r["event"]["data"]["start"]) for r in emu.emitted
-                    if r["event"].get("channel") == "transcript"}
-            await live.wait_for(lambda: want <= {(e["rtstream_id"], e["data"]["start"])
-                                                  for e in live.of(sid, "transcript")}, timeout=8)
-    finally:
-        await emu.stop()
+    async with streaming(make_context, tmp_path) as (live, emu, sid):
+        start = emu.fault("POST", "/transcription", status=500, times=1)
+        await drop_ws(emu)
+        await live.wait_for(lambda: start.hits == 1)
+        lost = len([r for r in emu.emitted if not r["live"] and r["event"].get("channel") == "transcript"])
+        await live.wait_for(lambda: len([r for r in emu.emitted if not r["live"]
+                                         and r["event"].get("channel") == "transcript"]) > lost)
+        want = {(r["event"]["rtstream_id"], r["event"]["data"]["start"]) for r in emu.emitted
+                if r["event"].get("channel") == "transcript"}
+        await live.wait_for(lambda: want <= {(e["rtstream_id"], e["data"]["start"])
+                                              for e in live.of(sid, "transcript")}, timeout=8)
 
 
 async def test_a_bind_retry_does_not_bind_a_session_videodb_stopped_meanwhile(
@@ -86,30 +90,19 @@ async def test_a_bind_retry_does_not_bind_a_session_videodb_stopped_meanwhile(
     was not finished, `stopped` included: once VideoDB stopped the session (its export awaited), the next retry
     started a transcript on the stopped rtstreams. Now a failed bind is retried only while the session is active
     (its gap is still backfilled once stopped)."""
-    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False)
-    await emu.start()
-    try:
-        async with running(make_context, emu) as live:
-            status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"})
-            assert status == 201, body
-            sid = body["session_id"]
-            await hook(live, emu, f"sessions/{sid}/start")
-            await live.wait_for(lambda: len(live.of(sid, "transcript")) >= 3)
-            start = emu.fault("POST", "/transcription", status=500)  # every re-bind's start_transcript fails
-            async with aiohttp.ClientSession() as http, http.post(f"{emu.base_url}/_emulator/ws/drop") as r:
-                assert r.status == 200
-            await live.wait_for(lambda: start.hits >= 2)  # the re-bind, then a retry
-            await hook(live, emu, f"sessions/{sid}/stop")
-            s = live.ctl.manager.sessions[sid]
-            await live.wait_for(lambda: s.lifecycle.state == "stopped")
-            emu.faults.clear()
-            stopped_at = time.monotonic()
-            await asyncio.sleep(1.0)  # five status_poll_intervals: retries would have come
-            assert [c["path"] for c in list(emu.calls)
-                    if c["at"] > stopped_at and c["method"] == "POST" and "/transcription" in c["path"]
-                    and (c.get("body") or {}).get("action") == "start"] == []
-    finally:
-        await emu.stop()
+    async with streaming(make_context, tmp_path) as (live, emu, sid):
+        start = emu.fault("POST", "/transcription", status=500)  # every re-bind's start_transcript fails
+        await drop_ws(emu)
+        await live.wait_for(lambda: start.hits >= 2)  # the re-bind, then a retry
+        await hook(live, emu, f"sessions/{sid}/stop")
+        s = live.ctl.manager.sessions[sid]
+        await live.wait_for(lambda: s.lifecycle.state == "stopped")
+        emu.faults.clear()
+        stopped_at = time.monotonic()
+        await asyncio.sleep(1.0)  # five status_poll_intervals: retries would have come
+        assert [c["path"] for c in list(emu.calls)
+                if c["at"] > stopped_at and c["method"] == "POST" and "/transcription" in c["path"]
+                and (c.get("body") or {}).get("action") == "start"] == []
 
 
 async def test_a_backfill_videodb_refuses_is_not_tried_again_every_interval(
@@ -118,47 +111,25 @@ async def test_a_backfill_videodb_refuses_is_not_tried_again_every_interval(
     due, so it was tried again, every target's read with it, every status_poll_interval for the rest of the
     session. Now only a failure worth another try (5xx, 429, network) is; a refused one waits for the next
     re-bind, as before."""
-    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False)
-    await emu.start()
-    try:
-        async with running(make_context, emu) as live:
-            status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"})
-            assert status == 201, body
-            sid = body["session_id"]
-            await hook(live, emu, f"sessions/{sid}/start")
-            await live.wait_for(lambda: len(live.of(sid, "transcript")) >= 3)
-            refused = emu.fault("GET", "/transcription", status=404)
-            async with aiohttp.ClientSession() as http, http.post(f"{emu.base_url}/_emulator/ws/drop") as r:
-                assert r.status == 200
-            await live.wait_for(lambda: refused.hits > 0)
-            pipes = live.ctl.manager.sessions[sid].pipelines
-            reads = len([t for t in pipes.backfill_targets() if t.channel == "transcript"])
-            await asyncio.sleep(1.0)  # five status_poll_intervals
-            assert refused.hits == reads  # one backfill, not one per interval
-    finally:
-        await emu.stop()
+    async with streaming(make_context, tmp_path) as (live, emu, sid):
+        refused = emu.fault("GET", "/transcription", status=404)
+        await drop_ws(emu)
+        await live.wait_for(lambda: refused.hits > 0)
+        pipes = live.ctl.manager.sessions[sid].pipelines
+        reads = len([t for t in pipes.backfill_targets() if t.channel == "transcript"])
+        await asyncio.sleep(1.0)  # five status_poll_intervals
+        assert refused.hits == reads  # one backfill, not one per interval
 
 
 async def test_a_bind_retry_waits_as_long_as_videodb_s_retry_after(
         make_context: Callable[..., Context], tmp_path: Path) -> None:
     """A re-bind VideoDB rate-limited (429, Retry-After: 30) was tried again every status_poll_interval all the
     same (here 0.2 s: a full bind each time, for every session): now the retry waits what VideoDB asked."""
-    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False)
-    await emu.start()
-    try:
-        async with running(make_context, emu) as live:
-            status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"})
-            assert status == 201, body
-            sid = body["session_id"]
-            await hook(live, emu, f"sessions/{sid}/start")
-            await live.wait_for(lambda: len(live.of(sid, "transcript")) >= 3)
-            limited = emu.fault("POST", "/transcription", status=429, headers={"Retry-After": "30"})
-            async with aiohttp.ClientSession() as http, http.post(f"{emu.base_url}/_emulator/ws/drop") as r:
-                assert r.status == 200
-            pipes = live.ctl.manager.sessions[sid].pipelines
-            await live.wait_for(lambda: pipes.bind_failed and pipes.bound_to == live.ctl.context.session.connection_id)
-            first = limited.hits  # the re-bind's start_transcript calls
-            await asyncio.sleep(1.0)  # five status_poll_intervals
-            assert limited.hits == first
-    finally:
-        await emu.stop()
+    async with streaming(make_context, tmp_path) as (live, emu, sid):
+        limited = emu.fault("POST", "/transcription", status=429, headers={"Retry-After": "30"})
+        await drop_ws(emu)
+        pipes = live.ctl.manager.sessions[sid].pipelines
+        await live.wait_for(lambda: pipes.bind_failed and pipes.bound_to == live.ctl.context.session.connection_id)
+        first = limited.hits  # the re-bind's start_transcript calls
+        await asyncio.sleep(1.0)  # five status_poll_intervals
+        assert limited.hits == first
