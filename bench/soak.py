@@ -266,26 +266,37 @@ class Soak:
                 failures.append(f"{name}: {len(lost_alerts)} alert(s) missing, e.g. {sorted(lost_alerts)[:3]}")
             if odd_alerts:
                 failures.append(f"{name}: {len(odd_alerts)} alert(s) no event calls for, e.g. {sorted(odd_alerts)[:3]}")
-        for i, (code, log) in enumerate(self.runs):
-            text = Path(log).read_text(errors="replace")
-            last = i == len(self.runs) - 1
-            if "LOST" in text:
-                failures.append(f"run {i}: reports LOST: {log}")
-            if "Traceback" in text:
-                failures.append(f"run {i}: a traceback: {log}")
-            if last and code != 0:
-                failures.append(f"last run exited {code}: {log}")
-            if last and "ended: capture session exported" not in text:
-                failures.append(f"last run did not end on the export: {log}")
-        print(f"  /metrics scraped {self.scrapes} times")
-        failures.extend(f"metrics: {m}" for m in sorted(self.bad_metrics))
-        dl = self.out / "dead-letter.jsonl"
-        if dl.exists() and dl.stat().st_size:
-            failures.append(f"dead-letter file not empty: {dl}")
-        for f in failures:
-            print(f"  FAIL {f}")
-        print(f"seed {self.seed}: {'FAIL' if failures else 'PASS'}", flush=True)
-        return 1 if failures else 0
+        failures += run_failures(self.runs)
+        if self.runs and "ended: capture session exported" not in Path(self.runs[-1][1]).read_text(errors="replace"):
+            failures.append(f"last run did not end on the export: {self.runs[-1][1]}")
+        return verdict(failures, self.scrapes, self.bad_metrics, self.out, self.seed)
+
+
+def run_failures(runs: list[tuple[int | None, str]]) -> list[str]:
+    """What the runs' logs and exit codes show: LOST or a traceback in any run, a last run that did not exit 0."""
+    failures = []
+    for i, (code, log) in enumerate(runs):
+        text = Path(log).read_text(errors="replace")
+        if "LOST" in text:
+            failures.append(f"run {i}: reports LOST: {log}")
+        if "Traceback" in text:
+            failures.append(f"run {i}: a traceback: {log}")
+        if i == len(runs) - 1 and code != 0:
+            failures.append(f"last run exited {code}: {log}")
+    return failures
+
+
+def verdict(failures: list[str], scrapes: int, bad_metrics: set[str], out: Path, seed: int) -> int:
+    """Add the /metrics and dead-letter checks, print every failure and the seed's PASS or FAIL; the exit code."""
+    print(f"  /metrics scraped {scrapes} times")
+    failures = failures + [f"metrics: {m}" for m in sorted(bad_metrics)]
+    dl = out / "dead-letter.jsonl"
+    if dl.exists() and dl.stat().st_size:
+        failures.append(f"dead-letter file not empty: {dl}")
+    for f in failures:
+        print(f"  FAIL {f}")
+    print(f"seed {seed}: {'FAIL' if failures else 'PASS'}", flush=True)
+    return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:

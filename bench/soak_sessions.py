@@ -36,7 +36,7 @@ import orjson
 import yaml
 
 from bench.common import ROOT
-from bench.soak import API_KEY, DUP_WINDOW_MS, KEYWORD, PIPELINE, TRACKED, scenario
+from bench.soak import API_KEY, DUP_WINDOW_MS, KEYWORD, PIPELINE, TRACKED, run_failures, scenario, verdict
 from pipeline.emulator import Emulator
 
 TOKEN = "soak-session-api-token-0123456789"
@@ -395,23 +395,7 @@ class SessionSoak:
         print("  sessions: " + ", ".join(f"{sid} {listed.get(sid, {}).get('status')}"
                                         f"{' (API stop)' if sid in self.api_stopped else ''}"
                                         f" {len(produced.get(sid, ()))} ev" for sid in sorted(made)))
-        for i, (code, log) in enumerate(self.runs):
-            text = Path(log).read_text(errors="replace")
-            if "LOST" in text:
-                failures.append(f"run {i}: reports LOST: {log}")
-            if "Traceback" in text:
-                failures.append(f"run {i}: a traceback: {log}")
-            if i == len(self.runs) - 1 and code != 0:
-                failures.append(f"last run exited {code}: {log}")
-        print(f"  /metrics scraped {self.scrapes} times")
-        failures.extend(f"metrics: {m}" for m in sorted(self.bad_metrics))
-        dl = self.out / "dead-letter.jsonl"
-        if dl.exists() and dl.stat().st_size:
-            failures.append(f"dead-letter file not empty: {dl}")
-        for f in failures:
-            print(f"  FAIL {f}")
-        print(f"seed {self.seed}: {'FAIL' if failures else 'PASS'}", flush=True)
-        return 1 if failures else 0
+        return verdict(failures + run_failures(self.runs), self.scrapes, self.bad_metrics, self.out, self.seed)
 
     def failed_backfills(self, emu: Emulator) -> set[tuple[str, str]]:
         """(rtstream id, channel) of every backfill a run logged as failed. Its gap mark stays, and the retry

@@ -332,26 +332,39 @@ async def test_backfill_comes_before_the_new_connections_events(
         "transcript", 0) == came_by_backfill
 
 
+def mic_transcripts(n: int) -> list[dict[str, Any]]:
+    """Scenario cues: `n` transcripts on the mic, 0.1 s apart."""
+    return [{"at": 0.1 * i, "channel": "transcript", "rtstream": "mic:default", "text": f"t{i}"}
+            for i in range(1, n + 1)]
+
+
+async def streaming_single(make_context: Callable[..., Context], emu: Emulator, poll: float, live: int,
+                           seen: list[dict[str, Any]] | None = None) -> tuple[Any, asyncio.Task[Any]]:
+    """(controller, run task): one session with its transcripts bound, status polled every `poll` s, running
+    until `live` events went out live; `seen` gets every batch the controller observes, as it comes."""
+    src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u", "status_poll_interval": poll,
+                                                         "on_active": {"transcript": True}})
+    assert ctl is not None
+    if seen is not None:
+        observe = ctl.observe
+        ctl.observe = lambda batch: (seen.extend(batch), observe(batch))[1]  # type: ignore[method-assign]
+    run_task = asyncio.create_task(run_stages(src, ctl, timeout=30))
+    while len([r for r in emu.emitted if r["live"]]) < live:
+        await asyncio.sleep(0.02)
+    return ctl, run_task
+
+
 async def test_a_re_bind_call_that_failed_is_tried_again_and_its_gap_backfilled_single_session(
         make_context: Callable[..., Context], tmp_path: Path) -> None:
     """After a drop, the re-bind's start_transcript got a VideoDB 500: the controller counted the pipeline as
     bound to the new connection all the same, so transcripts kept going to the dead one, and with the connection
     up nothing fetched them until the session ended (hours later in a meeting: its alerts that late). Now a bind
     with a failed call is tried again every status_poll_interval, then backfilled, while the session runs."""
-    events = [{"at": 0.1 * i, "channel": "transcript", "rtstream": "mic:default", "text": f"t{i}"}
-              for i in range(1, 60)]
-    emu = Emulator(scenario_file(tmp_path, events, end=6.1), speed=1)
+    emu = Emulator(scenario_file(tmp_path, mic_transcripts(59), end=6.1), speed=1)
     await emu.start()
     try:
-        src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u", "status_poll_interval": 0.5,
-                                                             "on_active": {"transcript": True}})
-        assert ctl is not None
         seen: list[dict[str, Any]] = []
-        observe = ctl.observe
-        ctl.observe = lambda batch: (seen.extend(batch), observe(batch))[1]  # type: ignore[method-assign]
-        run_task = asyncio.create_task(run_stages(src, ctl, timeout=30))
-        while len([r for r in emu.emitted if r["live"]]) < 10:
-            await asyncio.sleep(0.02)
+        _ctl, run_task = await streaming_single(make_context, emu, 0.5, 10, seen)
         failed = emu.fault("POST", "/transcription", status=500, times=1)
         await emu.hub.drop()
         while failed.hits < 1:
@@ -374,17 +387,10 @@ async def test_a_bind_retry_does_not_bind_a_session_videodb_stopped_meanwhile_si
     """A re-bind whose start_transcript kept failing was tried again every status_poll_interval until the session
     was done: once VideoDB stopped it (exit_on: exported, the export awaited), the next retry started transcripts
     on its stopped rtstreams. Now a failed bind is retried only while the session is active."""
-    events = [{"at": 0.1 * i, "channel": "transcript", "rtstream": "mic:default", "text": f"t{i}"}
-              for i in range(1, 30)]
-    emu = Emulator(scenario_file(tmp_path, events, end=3.0), speed=3, export_outcome="never")
+    emu = Emulator(scenario_file(tmp_path, mic_transcripts(29), end=3.0), speed=3, export_outcome="never")
     await emu.start()
     try:
-        src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u", "status_poll_interval": 0.2,
-                                                             "on_active": {"transcript": True}})
-        assert ctl is not None
-        run_task = asyncio.create_task(run_stages(src, ctl, timeout=30))
-        while len([r for r in emu.emitted if r["live"]]) < 5:
-            await asyncio.sleep(0.02)
+        ctl, run_task = await streaming_single(make_context, emu, 0.2, 5)
         failed = emu.fault("POST", "/transcription", status=500)
         await emu.hub.drop()
         while failed.hits < 4 or ctl.lifecycle.state != "stopped":  # retried, then VideoDB stopped it
@@ -406,17 +412,10 @@ async def test_a_rate_limited_bind_retry_waits_for_retry_after_single_session(
         make_context: Callable[..., Context], tmp_path: Path) -> None:
     """A re-bind VideoDB rate-limited (429, Retry-After: 30) was tried again every status_poll_interval (0.2 s
     here) all the same; now the retry waits what VideoDB asked."""
-    events = [{"at": 0.1 * i, "channel": "transcript", "rtstream": "mic:default", "text": f"t{i}"}
-              for i in range(1, 30)]
-    emu = Emulator(scenario_file(tmp_path, events, end=30.0), speed=1)
+    emu = Emulator(scenario_file(tmp_path, mic_transcripts(29), end=30.0), speed=1)
     await emu.start()
     try:
-        src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u", "status_poll_interval": 0.2,
-                                                             "on_active": {"transcript": True}})
-        assert ctl is not None
-        run_task = asyncio.create_task(run_stages(src, ctl, timeout=30))
-        while len([r for r in emu.emitted if r["live"]]) < 3:
-            await asyncio.sleep(0.02)
+        ctl, run_task = await streaming_single(make_context, emu, 0.2, 3)
         limited = emu.fault("POST", "/transcription", status=429, headers={"Retry-After": "30"})
         await emu.hub.drop()
         pipes = ctl.pipelines
