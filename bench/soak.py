@@ -142,10 +142,7 @@ class Soak:
                     async with http.get(f"http://{self.http}/metrics", timeout=aiohttp.ClientTimeout(2)) as r:
                         text = await r.text()
                     self.scrapes += 1
-                    for m in re.finditer(r"^(videodb_pipeline_(?:events_lost|sink_errors)_total)(\{[^}]*\})? "
-                                         r"([0-9.e+]+)$", text, re.M):
-                        if float(m.group(3)) > 0:
-                            self.bad_metrics.add(f"run {len(self.runs) - 1}: {m.group(0)}")
+                    self.bad_metrics.update(f"run {len(self.runs) - 1}: {m}" for m in bad_counters(text))
 
     async def reap(self) -> int:
         assert self.proc is not None
@@ -270,6 +267,12 @@ class Soak:
         if self.runs and "ended: capture session exported" not in Path(self.runs[-1][1]).read_text(errors="replace"):
             failures.append(f"last run did not end on the export: {self.runs[-1][1]}")
         return verdict(failures, self.scrapes, self.bad_metrics, self.out, self.seed)
+
+
+def bad_counters(metrics: str) -> list[str]:
+    """The lost-event and sink-error counters above 0 in a /metrics page, as their lines."""
+    return [m.group(0) for m in re.finditer(r"^(videodb_pipeline_(?:events_lost|sink_errors)_total)(\{[^}]*\})? "
+                                            r"([0-9.e+]+)$", metrics, re.M) if float(m.group(3)) > 0]
 
 
 def run_failures(runs: list[tuple[int | None, str]]) -> list[str]:

@@ -36,7 +36,7 @@ import orjson
 import yaml
 
 from bench.common import ROOT
-from bench.soak import API_KEY, DUP_WINDOW_MS, KEYWORD, PIPELINE, TRACKED, run_failures, scenario, verdict
+from bench.soak import API_KEY, DUP_WINDOW_MS, KEYWORD, PIPELINE, TRACKED, bad_counters, run_failures, scenario, verdict
 from pipeline.emulator import Emulator
 
 TOKEN = "soak-session-api-token-0123456789"
@@ -265,10 +265,7 @@ class SessionSoak:
                                          timeout=aiohttp.ClientTimeout(2)) as r:
                     text = await r.text()
                 self.scrapes += 1
-                for m in re.finditer(r"^(videodb_pipeline_(?:events_lost|sink_errors)_total)(\{[^}]*\})? "
-                                     r"([0-9.e+]+)$", text, re.M):
-                    if float(m.group(3)) > 0:
-                        self.bad_metrics.add(f"run {len(self.runs) - 1}: {m.group(0)}")
+                self.bad_metrics.update(f"run {len(self.runs) - 1}: {m}" for m in bad_counters(text))
 
     # --- the run -------------------------------------------------------------------------------
     async def run(self) -> int:
