@@ -15,6 +15,21 @@ from tests.test_session_api import Live, api_config, cues, hook, lines_of, start
 from tests.videodb_harness import API_KEY, scenario_file
 
 
+async def stop_cleanly(proc: asyncio.subprocess.Process, log: list[str]) -> None:
+    """SIGTERM the pipeline: it exits 0 within 20 s."""
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 20) == 0, "".join(log)
+
+
+async def tear_down(proc: asyncio.subprocess.Process | None, http: aiohttp.ClientSession, emu: Emulator) -> None:
+    """Kill a pipeline still running (a failed test), close the client, stop the emulator."""
+    if proc is not None and proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+    await http.close()
+    await emu.stop()
+
+
 async def test_a_second_kill_before_the_gap_was_backfilled_keeps_the_replaced_index(tmp_path: Path) -> None:
     """Found by `python -m bench.soak --sessions 8 --minutes 2 --seed 1`: a restart re-binds a session (new scene
     index; the crashed run's index, which holds what was produced while no run was connected, is replaced) and
@@ -63,14 +78,9 @@ async def test_a_second_kill_before_the_gap_was_backfilled_keeps_the_replaced_in
             await live.wait_for(lambda: want <= written(sid), timeout=10)
         except TimeoutError:
             raise AssertionError(f"never written: {sorted(want - written(sid))}") from None
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0, "".join(log)
+        await stop_cleanly(proc, log)
     finally:
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await http.close()
-        await emu.stop()
+        await tear_down(proc, http, emu)
 
 
 @pytest.mark.parametrize("failed_reads", [0, 2])
@@ -122,11 +132,6 @@ async def test_a_session_that_stopped_while_no_run_was_up_still_gets_its_last_ev
         status, got = await live.call("GET", f"/v1/sessions/{sid}")
         assert (status, got["status"]) == (200, "exported")
         assert not (out / "unknown.jsonl").exists()  # backfilled after it ended, still under its id
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0, "".join(log)
+        await stop_cleanly(proc, log)
     finally:
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await http.close()
-        await emu.stop()
+        await tear_down(proc, http, emu)

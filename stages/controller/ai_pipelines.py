@@ -207,6 +207,19 @@ class AIPipelines:
         for index in (i for kind in old.values() for i in kind):
             await self._call(f"stop replaced index {index.rtstream_index_id}", index.stop, cleanup=True)
 
+    def rebind_due(self, state: str | None) -> bool:
+        """A call of the last bind failed (worth another try) and the session is still `active`: one VideoDB has
+        stopped gets no new transcript or index (its gap is still backfilled)."""
+        return self.bind_failed and state == "active"
+
+    def take_retry(self, state: str | None) -> bool:
+        """Whether a failed bind or backfill is to be tried again now (the session in `state`); a bind retry
+        forgets the connection first, so everything is bound again."""
+        if self.rebind_due(state):
+            self.bound_to = None
+            return True
+        return self.backfill_due
+
     def asked_to_wait(self, seconds: float | None) -> None:
         """VideoDB answered a call 429 with this Retry-After: the next retry waits at least as long."""
         if seconds:

@@ -452,8 +452,8 @@ class CaptureSessionController(Controller):
                 if backfill_gap or (backfill_gap is None and before is not None
                                     and before != self.pipelines.bound_to):
                     await self._backfill()
-                if (self._rebind_due() or self.pipelines.backfill_due) and not self._retrying \
-                        and not self.lifecycle.done:
+                if (self.pipelines.rebind_due(self.lifecycle.state) or self.pipelines.backfill_due) \
+                        and not self._retrying and not self.lifecycle.done:
                     self._retrying = True
                     self._spawn(self._bind_again(self.pipelines.retry_delay(self.options.status_poll_interval)))
         finally:
@@ -469,15 +469,8 @@ class CaptureSessionController(Controller):
         await asyncio.sleep(delay)
         self._retrying = False
         pipes = self.pipelines
-        if pipes is not None and not self.lifecycle.done and (self._rebind_due() or pipes.backfill_due):
-            if self._rebind_due():
-                pipes.bound_to = None
+        if pipes is not None and not self.lifecycle.done and pipes.take_retry(self.lifecycle.state):
             await self.rebind_then_backfill(pipes.streams, backfill_gap=True)
-
-    def _rebind_due(self) -> bool:
-        """A call of the last bind failed (worth another try) and the session is still active: one VideoDB has
-        stopped gets no new transcript or index (its gap is still backfilled)."""
-        return self.pipelines is not None and self.pipelines.bind_failed and self.lifecycle.state == "active"
 
     async def _bind(self, streams: list[Any] | None) -> bool:
         """Bind all AI pipelines to the current connection id (again, if it changed meanwhile); False if no streams."""

@@ -208,12 +208,11 @@ class SessionManager:
         got: Counter[str] = Counter()
         for attempt in range(1, ENDED_BACKFILL_TRIES + 1):  # its only chance: no re-bind or reconnect comes again
             async with self.checking:
-                more, _ok, soon, wait = await backfill.run(pipes.backfill_targets(), inlet, who,
-                                                           self.settings.api_key, s.id)
-            got += more
-            if not soon or attempt == ENDED_BACKFILL_TRIES:
+                fetched = await backfill.run(pipes.backfill_targets(), inlet, who, self.settings.api_key, s.id)
+            got += fetched.got
+            if not fetched.soon or attempt == ENDED_BACKFILL_TRIES:
                 break
-            pipes.asked_to_wait(wait)
+            pipes.asked_to_wait(fetched.wait)
             await asyncio.sleep(pipes.retry_delay(self.opts.status_poll_interval))
         log.info("%s: backfill of a session that ended meanwhile: %s", who,
                  ", ".join(f"{ch} {n}" for ch, n in sorted(got.items())) or "nothing missing")
@@ -568,7 +567,7 @@ class SessionManager:
                     if pipes.index_ids() != s.record.get("indexes"):  # the replaced ones' gap is covered
                         s.record["indexes"] = pipes.index_ids()
                         self.store.save(s.record)
-                if pipes is not None and (pipes.backfill_due or _rebind_due(s)) and s.live \
+                if pipes is not None and (pipes.backfill_due or pipes.rebind_due(s.lifecycle.state)) and s.live \
                         and s.id not in self._backfill_retries:
                     self._backfill_retries.add(s.id)
                     self._spawn(self._backfill_again(s, pipes.retry_delay(self.opts.status_poll_interval)))
@@ -585,9 +584,7 @@ class SessionManager:
         await asyncio.sleep(delay)
         self._backfill_retries.discard(s.id)
         pipes = s.pipelines
-        if s.live and pipes is not None and (pipes.backfill_due or _rebind_due(s)):
-            if _rebind_due(s):
-                pipes.bound_to = None
+        if s.live and pipes is not None and pipes.take_retry(s.lifecycle.state):
             await self._bind(s, pipes.streams, backfill_gap=True)
 
     async def _bind_now(self, s: ManagedSession, streams: list[Stream] | None) -> None:
@@ -704,12 +701,6 @@ class SessionManager:
     async def close(self) -> None:
         await self.creator.close()
         await self._background.cancel_all()
-
-
-def _rebind_due(s: ManagedSession) -> bool:
-    """A call of the session's last bind failed (worth another try) and it is still active: a session VideoDB
-    has stopped gets no new transcript or index (its gap is still backfilled)."""
-    return s.pipelines is not None and s.pipelines.bind_failed and s.lifecycle.state == "active"
 
 
 def _streams_of(session: Any) -> list[Stream]:

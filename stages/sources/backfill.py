@@ -23,7 +23,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from pipeline.events import Event
 from stages.sources.inlet import Inlet, Key
@@ -157,10 +157,18 @@ def _fetch(t: Target, since: int | None, per: int) -> tuple[list[Event], bool]:
     return out, found
 
 
+class Fetched(NamedTuple):
+    """What one backfill did."""
+
+    got: Counter[str]  # events queued, per channel
+    ok: bool  # every target read
+    soon: bool  # a failure is worth another try soon (5xx, 429, network)
+    wait: float  # the longest Retry-After VideoDB gave a failed read (0: none)
+
+
 async def run(targets: list[Target], inlet: Inlet, who: str, api_key: str | None,
-              session_id: str | None = None) -> tuple[Counter[str], bool, bool, float]:
-    """Fetch every target from where its channel left off, queue the new events; (queued per channel, all ok,
-    a failure is worth another try soon, the longest Retry-After VideoDB gave a failed read).
+              session_id: str | None = None) -> Fetched:
+    """Fetch every target from where its channel left off, queue the new events.
     `session_id`: set as their `capture_session_id` (a session that has ended is no longer looked up by rtstream).
 
     Each SDK page runs in a worker thread. A target that fails keeps its gap mark, so
@@ -192,7 +200,7 @@ async def run(targets: list[Target], inlet: Inlet, who: str, api_key: str | None
         for e in fresh:
             e["capture_session_id"] = session_id
     inlet.inject(fresh)
-    return Counter(e["channel"] for e in fresh), ok, soon, wait
+    return Fetched(Counter(e["channel"] for e in fresh), ok, soon, wait)
 
 
 async def after_rebind(pipelines: Any, inlet: Inlet, who: str, api_key: str | None) -> Counter[str]:
