@@ -15,6 +15,12 @@ from tests.test_session_api import Live, api_config, cues, hook, lines_of, start
 from tests.videodb_harness import API_KEY, scenario_file
 
 
+def in_file(out: Path, sid: str, channel: str) -> set[tuple[Any, Any]]:
+    """(rtstream id, start) of the session's `channel` events in its `{capture_session_id}` file."""
+    return {(e.get("rtstream_id"), e["data"]["start"]) for e in lines_of(out / f"{sid}.jsonl")
+            if e.get("channel") == channel}
+
+
 async def stop_cleanly(proc: asyncio.subprocess.Process, log: list[str]) -> None:
     """SIGTERM the pipeline: it exits 0 within 20 s."""
     proc.send_signal(signal.SIGTERM)
@@ -48,8 +54,7 @@ async def test_a_second_kill_before_the_gap_was_backfilled_keeps_the_replaced_in
                 if r["event"].get("channel") == "visual_index" and pred(r)}
 
     def written(sid: str) -> set[tuple[Any, Any]]:
-        return {(e.get("rtstream_id"), e["data"]["start"]) for e in lines_of(out / f"{sid}.jsonl")
-                if e.get("channel") == "visual_index"}
+        return in_file(out, sid, "visual_index")
 
     try:
         proc, url, _ = await start_pipeline(config, tmp_path)
@@ -101,8 +106,7 @@ async def test_a_session_that_stopped_while_no_run_was_up_still_gets_its_last_ev
     proc: asyncio.subprocess.Process | None = None
 
     def transcripts(sid: str) -> set[tuple[Any, Any]]:
-        return {(e.get("rtstream_id"), e["data"]["start"]) for e in lines_of(out / f"{sid}.jsonl")
-                if e.get("channel") == "transcript"}
+        return in_file(out, sid, "transcript")
 
     try:
         proc, url, _ = await start_pipeline(config, tmp_path)
