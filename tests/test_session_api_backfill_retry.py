@@ -26,14 +26,19 @@ async def streaming(make_context: Callable[..., Context], tmp_path: Path,
     await emu.start()
     try:
         async with running(make_context, emu) as live:
-            status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"})
-            assert status == 201, body
-            sid = body["session_id"]
-            await hook(live, emu, f"sessions/{sid}/start")
-            await live.wait_for(lambda: len(live.of(sid, channel)) >= 3)
-            yield live, emu, sid
+            yield live, emu, await start_one(live, emu, channel)
     finally:
         await emu.stop()
+
+
+async def start_one(live: Any, emu: Emulator, channel: str = "transcript") -> str:
+    """A session created through the API and started, its `channel` events arriving: its id."""
+    status, body = await live.call("POST", "/v1/sessions", json={"end_user_id": "u1"})
+    assert status == 201, body
+    sid: str = body["session_id"]
+    await hook(live, emu, f"sessions/{sid}/start")
+    await live.wait_for(lambda: len(live.of(sid, channel)) >= 3)
+    return sid
 
 
 async def drop_ws(emu: Emulator) -> None:
@@ -133,3 +138,24 @@ async def test_a_bind_retry_waits_as_long_as_videodb_s_retry_after(
         first = limited.hits  # the re-bind's start_transcript calls
         await asyncio.sleep(1.0)  # five status_poll_intervals
         assert limited.hits == first
+
+
+async def test_a_session_whose_rtstreams_videodb_rate_limits_is_asked_again_no_sooner_than_its_retry_after(
+        make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """A restart asks for each live session's rtstreams by id when the listing fails. VideoDB answering that 429
+    with Retry-After: 1, the SDK waits once and asks again; answered 429 again, the session was asked for again
+    (to be bound) one status_poll_interval later (here 0.2 s) all the same. Now that ask waits what VideoDB
+    asked."""
+    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False)
+    await emu.start()
+    try:
+        async with running(make_context, emu) as live:
+            sid = await start_one(live, emu)
+        limited = emu.fault("GET", f"/capture/session/{sid}", status=429, headers={"Retry-After": "1"})
+        emu.fault("GET", "/capture/session", status=500)  # the listing fails: the restart asks for it by id
+        async with running(make_context, emu) as live:
+            await live.wait_for(lambda: limited.hits >= 3, timeout=10)
+            at = [c["at"] for c in list(emu.calls) if c["path"].endswith(f"/capture/session/{sid}")]
+            assert at[2] - at[1] >= 0.9  # the SDK's own retry came 1 s after the first; the ask after, as long
+    finally:
+        await emu.stop()

@@ -228,7 +228,7 @@ class AIPipelines:
     def retry_delay(self, interval: float) -> float:
         """How long before a failed bind or backfill is tried again: `interval`, or longer if VideoDB asked
         (a 429's Retry-After, at most MAX_RETRY_WAIT); before, it was tried every interval while rate-limited."""
-        delay, self.wait = max(interval, min(self.wait, MAX_RETRY_WAIT)), 0.0
+        delay, self.wait = retry_wait(interval, self.wait), 0.0
         return delay
 
     def backfill_targets(self) -> list[Target]:
@@ -262,6 +262,11 @@ class AIPipelines:
                  if isinstance(i, dict) and usable_id(i.get("index_id")) and usable_id(i.get("rtstream_id"))]
         if found:
             self._indexes = {"saved": found}
+
+
+def retry_wait(interval: float, asked: float | None) -> float:
+    """`interval`, or what VideoDB asked with a 429's Retry-After when longer (at most MAX_RETRY_WAIT)."""
+    return max(interval, min(asked or 0.0, MAX_RETRY_WAIT))
 
 
 def _ids(indexes: Iterable[Any]) -> list[dict[str, str]]:

@@ -36,6 +36,7 @@ from stages.controller.ai_pipelines import (
     Stream,
     media_kind,
     of_sdk,
+    retry_wait,
     streams_from_event,
     usable_id,
 )
@@ -144,7 +145,8 @@ class SessionManager:
         """The session as VideoDB has it now, or None (the failed call is logged and counted).
 
         An active session that could not be bound for want of this answer is bound again one
-        `status_poll_interval` later, unless VideoDB refused the call outright (4xx).
+        `status_poll_interval` later (after a 429, no sooner than its Retry-After), unless VideoDB refused
+        the call outright (4xx).
         """
         try:
             return await self._sdk("get_capture_session", self.conn.get_capture_session,
@@ -153,11 +155,12 @@ class SessionManager:
             log.error("%s", exc)
             self.stats.errors += 1
             if not exc.fatal and s.live and s.lifecycle.state == "active":
-                self._spawn(self._bind_later(s))
+                self._spawn(self._bind_later(s, retry_wait(self.opts.status_poll_interval, exc.retry_after)))
             return None
 
-    async def _bind_later(self, s: ManagedSession) -> None:
-        await asyncio.sleep(self.opts.status_poll_interval)
+    async def _bind_later(self, s: ManagedSession, delay: float) -> None:
+        """Bind after `delay`: before, a 429's Retry-After was not waited for (asked again every interval)."""
+        await asyncio.sleep(delay)
         pipes = s.pipelines
         if s.live and s.lifecycle.state == "active" and (pipes is None or pipes.bound_to != self.link.connection_id):
             await self._bind(s, None, backfill_gap=True)
