@@ -159,3 +159,43 @@ async def test_a_session_whose_rtstreams_videodb_rate_limits_is_asked_again_no_s
             assert at[2] - at[1] >= 0.9  # the SDK's own retry came 1 s after the first; the ask after, as long
     finally:
         await emu.stop()
+
+
+async def test_a_reconnect_does_not_re_bind_a_session_videodb_stopped_meanwhile(
+        make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """The WebSocket down, VideoDB stopped a session (the status poll saw it; its export awaited): the reconnect
+    re-bound it all the same, starting a transcript and a scene index on its stopped rtstreams. Now a reconnect
+    re-binds only active sessions; a stopped one's gap is still backfilled."""
+    emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False,
+                   export_outcome="never")
+    await emu.start()
+    try:
+        async with running(make_context, emu, source={"backoff_max": 0.05}) as live:
+            sid = await start_one(live, emu)
+            link, s = live.ctl.context.session, live.ctl.manager.sessions[sid]
+            first = link.connection_id
+            await drop_ws(emu)  # a first reconnect: the status poll runs from now on
+            await live.wait_for(lambda: s.pipelines is not None and s.pipelines.bound_to not in (None, first))
+            second = link.connection_id
+            refused = emu.fault("GET", "/websocket", status=500)  # no reconnect for now
+            await drop_ws(emu)
+            lost = transcripts(emu, live=False)
+            await live.wait_for(lambda: len(transcripts(emu, live=False) - lost) >= 2)  # produced for nobody
+            await hook(live, emu, f"sessions/{sid}/stop")
+            await live.wait_for(lambda: s.lifecycle.state == "stopped")  # polled
+            emu.faults.remove(refused)
+            await live.wait_for(lambda: link.connection_id not in (None, second))
+            want, last = transcripts(emu), link.connection_id
+            await live.wait_for(lambda: want <= {(e["rtstream_id"], e["data"]["start"])
+                                                  for e in live.of(sid, "transcript")})  # the gap, backfilled
+            assert s.lifecycle.state == "stopped"
+            assert [c["path"] for c in list(emu.calls) if c["method"] == "POST"
+                    and (c.get("body") or {}).get("ws_connection_id") == last] == []
+    finally:
+        await emu.stop()
+
+
+def transcripts(emu: Emulator, *, live: bool | None = None) -> set[tuple[Any, Any]]:
+    """(rtstream id, start) of the transcripts the emulator produced (`live`: sent over a socket, or not)."""
+    return {(r["event"]["rtstream_id"], r["event"]["data"]["start"]) for r in emu.emitted
+            if r["event"].get("channel") == "transcript" and live in (None, r["live"])}

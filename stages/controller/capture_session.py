@@ -484,7 +484,8 @@ class CaptureSessionController(Controller):
                 return False
             streams = streams_from_session(session)
         self.pipelines.streams = streams
-        while (conn_id := self.context.session.connection_id) != self.pipelines.bound_to and conn_id:
+        while self.lifecycle.state == "active" and (conn_id := self.context.session.connection_id) \
+                != self.pipelines.bound_to and conn_id:  # once VideoDB stopped it, nothing starts on its rtstreams
             before = self.pipelines.errors
             await self.pipelines.bind(conn_id)
             self.context.stats.errors += self.pipelines.errors - before
@@ -526,10 +527,12 @@ class CaptureSessionController(Controller):
             self._on_reconnect()
 
     def _on_reconnect(self) -> None:
+        """Re-bind the session's AI pipelines, if it is still active, and backfill the gap (once VideoDB stopped
+        it, only the backfill: before, transcripts and indexes were started on its stopped rtstreams)."""
         if self.lifecycle.done:
             return
         if self.pipelines is not None and self.pipelines.bound_to is not None:
-            self._spawn_rebind(self.pipelines.streams, hold=True)
+            self._spawn_rebind(self.pipelines.streams, backfill_gap=True, hold=True)
         self._start_poll()
 
     async def _checkpoints(self, inlet: backfill.Inlet) -> None:

@@ -607,7 +607,8 @@ class SessionManager:
         pipes = s.pipelines
         pipes.streams = streams
         self._learn_streams(s, streams)
-        while s.live and (conn_id := self.link.connection_id) != pipes.bound_to and conn_id:
+        while s.live and s.lifecycle.state == "active" and (conn_id := self.link.connection_id) != pipes.bound_to \
+                and conn_id:  # one VideoDB stopped gets no transcript or index on its stopped rtstreams
             before = pipes.errors
             await pipes.bind(conn_id)
             self.stats.errors += pipes.errors - before
@@ -617,7 +618,9 @@ class SessionManager:
         self.store.save(s.record)
 
     async def _on_connection(self, conn_id: str) -> None:
-        """SessionLink listener: the source (re)connected; re-bind every live, bound session."""
+        """SessionLink listener: the source (re)connected; re-bind every live, bound session that is active, and
+        backfill each one's gap (a session VideoDB stopped meanwhile is backfilled only: before, it was bound
+        again, transcripts and indexes started on its stopped rtstreams)."""
         inlet = self.link.inlet
         for s in self.sessions.values():
             if s.live and s.pipelines is not None and s.pipelines.bound_to not in (None, conn_id) \
@@ -625,7 +628,7 @@ class SessionManager:
                 s.rebind_waiting = True
                 if inlet is not None:
                     inlet.hold()  # now, before the new connection's first event is accepted
-                self._spawn(self._bind(s, s.pipelines.streams, held=inlet is not None))
+                self._spawn(self._bind(s, s.pipelines.streams, backfill_gap=True, held=inlet is not None))
         if any(not s.lifecycle.done for s in self.sessions.values()):  # stopped ones too: not ended yet
             self._start_poll()
 
