@@ -10,22 +10,23 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from pipeline.api import Context
 from pipeline.emulator import Emulator
 from tests.test_session_api import cues, hook, running
-from tests.videodb_harness import API_KEY, scenario_file
+from tests.videodb_harness import API_KEY, FULL_ON_ACTIVE, scenario_file
 
 
 @contextlib.asynccontextmanager
-async def streaming(make_context: Callable[..., Context], tmp_path: Path,
-                    channel: str = "transcript") -> AsyncIterator[tuple[Any, Emulator, str]]:
+async def streaming(make_context: Callable[..., Context], tmp_path: Path, channel: str = "transcript",
+                    **controller: Any) -> AsyncIterator[tuple[Any, Emulator, str]]:
     """(the running pipeline, the emulator, a session id): one session created through the API and started, its
-    `channel` events arriving."""
+    `channel` events arriving; `controller`: controller options."""
     emu = Emulator(scenario_file(tmp_path, cues(400), end=1000), speed=10, api_key=API_KEY, autostart=False)
     await emu.start()
     try:
-        async with running(make_context, emu) as live:
+        async with running(make_context, emu, **controller) as live:
             yield live, emu, await start_one(live, emu, channel)
     finally:
         await emu.stop()
@@ -199,3 +200,25 @@ def transcripts(emu: Emulator, *, live: bool | None = None) -> set[tuple[Any, An
     """(rtstream id, start) of the transcripts the emulator produced (`live`: sent over a socket, or not)."""
     return {(r["event"]["rtstream_id"], r["event"]["data"]["start"]) for r in emu.emitted
             if r["event"].get("channel") == "transcript" and live in (None, r["live"])}
+
+
+@pytest.mark.parametrize("fails", ["/transcription", "/index/scene", "/alert"])
+async def test_a_bind_retry_redoes_only_the_call_that_failed(
+        make_context: Callable[..., Context], tmp_path: Path, fails: str) -> None:
+    """A re-bind one of whose calls failed (a start_transcript, an index_audio, a create_alert) was retried whole: every
+    transcript started again and every scene index made anew (a good one stopped), each retry. Now only the
+    failed call is made again (an index made then gets its alerts)."""
+    async with streaming(make_context, tmp_path, on_active=FULL_ON_ACTIVE) as (live, emu, sid):
+        s = live.ctl.manager.sessions[sid]
+        failed = emu.fault("POST", fails, status=500, times=1)  # the re-bind's first such call
+        await drop_ws(emu)
+        await live.wait_for(lambda: failed.hits == 1)
+        await live.wait_for(lambda: s.pipelines is not None and not s.pipelines.bind_failed and not s.lock.locked()
+                            and s.pipelines.bound_to == live.ctl.context.session.connection_id)  # retried
+        conn = s.pipelines.bound_to
+        made = [c["path"].rsplit("/", 1)[-1] for c in list(emu.calls) if c["method"] == "POST"
+                and (c.get("body") or {}).get("ws_connection_id") == conn]
+        audio = len([r for r in s.record["rtstreams"] if "audio" in r["media_types"]])
+        video = len([r for r in s.record["rtstreams"] if "video" in r["media_types"]])
+        # (the failed call is not among them: the emulator does not read the body of a request it fails)
+        assert sorted(made) == sorted(["transcription"] * audio + ["scene"] * (audio + video) + ["alert"] * video)

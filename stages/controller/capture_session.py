@@ -462,8 +462,8 @@ class CaptureSessionController(Controller):
 
     async def _bind_again(self, delay: float) -> None:
         """A bind call or a backfill failed (VideoDB 5xx, 429, network): try again after `status_poll_interval`,
-        and so on until it works or the session ends (a failed bind binds everything again while the session is
-        active, then backfills); `delay`: longer when VideoDB answered 429 with a longer Retry-After.
+        and so on until it works or the session ends (a failed bind makes again the calls that failed while the
+        session is active, then backfills); `delay`: longer when VideoDB answered 429 with a longer Retry-After.
         Before, a pipeline whose re-bind call failed kept sending to the old connection, and a failed backfill
         waited for a reconnect that may never come: with the connection up, those events never arrived."""
         await asyncio.sleep(delay)
@@ -484,10 +484,9 @@ class CaptureSessionController(Controller):
                 return False
             streams = streams_from_session(session)
         self.pipelines.streams = streams
-        while self.lifecycle.state == "active" and (conn_id := self.context.session.connection_id) \
-                != self.pipelines.bound_to and conn_id:  # once VideoDB stopped it, nothing starts on its rtstreams
-            before = self.pipelines.errors
-            await self.pipelines.bind(conn_id)
+        while self.lifecycle.state == "active" and self.pipelines.due(conn_id := self.context.session.connection_id):
+            before = self.pipelines.errors  # (once VideoDB stopped it, nothing starts on its rtstreams)
+            await self.pipelines.bind(str(conn_id))
             self.context.stats.errors += self.pipelines.errors - before
         bound = self.pipelines.bound_to
         indexes = self.pipelines.index_ids()

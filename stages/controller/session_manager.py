@@ -580,8 +580,8 @@ class SessionManager:
 
     async def _backfill_again(self, s: ManagedSession, delay: float) -> None:
         """A backfill or a bind call failed (VideoDB 5xx, network): try again after `status_poll_interval`, and so
-        on until it works or the session ends (a failed bind binds everything again while the session is active,
-        then backfills); `delay`: longer when VideoDB answered 429 with a longer Retry-After. Before, a failed
+        on until it works or the session ends (a failed bind makes again the calls that failed while the session is
+        active, then backfills); `delay`: longer when VideoDB answered 429 with a longer Retry-After. Before, a failed
         backfill waited for the next reconnect, which may never come, and a pipeline whose re-bind call failed
         kept sending to the old connection."""
         await asyncio.sleep(delay)
@@ -607,10 +607,9 @@ class SessionManager:
         pipes = s.pipelines
         pipes.streams = streams
         self._learn_streams(s, streams)
-        while s.live and s.lifecycle.state == "active" and (conn_id := self.link.connection_id) != pipes.bound_to \
-                and conn_id:  # one VideoDB stopped gets no transcript or index on its stopped rtstreams
-            before = pipes.errors
-            await pipes.bind(conn_id)
+        while s.live and s.lifecycle.state == "active" and pipes.due(conn_id := self.link.connection_id):
+            before = pipes.errors  # (one VideoDB stopped gets no transcript or index on its stopped rtstreams)
+            await pipes.bind(str(conn_id))
             self.stats.errors += pipes.errors - before
         if pipes.bound_to:
             s.record["ws_connection_id"] = pipes.bound_to
