@@ -108,3 +108,29 @@ async def test_records_fetched_while_the_worker_seeks_after_a_rebalance_reach_th
         assert workers.stop_all() == [0, 0]
         del first, second
 
+
+async def test_a_batch_holding_records_twice_writes_each_once(tmp_path: Path) -> None:
+    """What the buffer holds after such a seek: the records fetched during it, then the same records fetched
+    again from the committed offset, in one batch. Each is handled once (before: both copies were written)."""
+    from faust.events import Event
+    from faust.types import Message
+
+    from pipeline.runtime.faust import Worker
+
+    cfg = load_config(str(write_config(tmp_path / "f.yaml", engine="faust", bootstrap="127.0.0.1:9",
+                                       out=tmp_path / "out", stages=[], name="twice")))
+    worker = Worker(cfg, tmp_path / "w", 10.0)
+    await worker.start_sinks()
+
+    def record(partition: int, offset: int) -> Event:
+        value = orjson.dumps({"channel": "transcript", "capture_session_id": "cap-1", "n": partition * 100 + offset,
+                              "data": {"text": "hello"}})
+        message = Message("twice-ingest", partition, offset, 0.0, 0, None, b"cap-1", value, None)
+        return Event(worker.app, b"cap-1", value, None, message)
+
+    fetched_during_the_seek = [record(1, o) for o in (5, 6, 7)]
+    fetched_after_it = [record(1, o) for o in (5, 6, 7, 8)] + [record(2, 3)]
+    await worker.handle(fetched_during_the_seek + fetched_after_it)
+    await worker.handle([record(1, 8), record(1, 9)])  # and once more in the next batch: only 9 is new
+    ns = [e["n"] for e in map(orjson.loads, (tmp_path / "out/events.jsonl").read_bytes().splitlines())]
+    assert sorted(ns) == [105, 106, 107, 108, 109, 203]

@@ -231,9 +231,13 @@ class Worker:
         """
         by_partition: dict[int, list[Any]] = {}
         done = self.done
+        last: dict[int, int] = {}  # partition -> the last offset taken from this batch
         for ev in events:
             msg = ev.message
-            if msg.offset > done.get(msg.partition, -1):  # else handled here already, see `done`
+            # else handled here already (see `done`), or earlier in this very batch: the records fetched while
+            # faust seeks a partition at the end of a rebalance are in the buffer with their copies fetched after
+            if msg.offset > last.get(msg.partition, done.get(msg.partition, -1)):
+                last[msg.partition] = msg.offset
                 by_partition.setdefault(msg.partition, []).append(ev)
         for partition, evs in by_partition.items():
             self.cursor.partition = partition
