@@ -16,9 +16,11 @@ missing, their (n, partition, offset). It found (and now checks the fix of)
 records skipped after rebalances: a batch fetched before a rebalance arrived
 after the seek to the committed offset, and faust skipped the records between
 (90 of 3,008 events with seed 0, `3 0s slow 0`; offsets 2 to 48 of one
-partition in another run); see pipeline/runtime/faust_seek.py. Still open (see README):
-seed 2's iteration with a SIGTERM and a SIGKILL missed 31 of 103 events in one
-of two runs (the worker left read nothing in its last 27 s).
+partition in another run); see pipeline/runtime/faust_seek.py. And records
+thrown away from the agent's buffer when faust resumed the flow after seeking
+the partitions at the end of a rebalance (seed 2's iteration with a SIGTERM and
+a SIGKILL, `3 0s slow 2 --only 1`: 19 to 50 of 103 events in 4 of 16 runs, the
+worker left then idle); see pipeline/runtime/faust_flow.py.
 """
 
 from __future__ import annotations

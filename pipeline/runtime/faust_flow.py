@@ -8,9 +8,9 @@ restored, after it resumed the ingest partitions and while it seeks them to
 the committed offsets. Records fetched in that window were already handed to
 the agent's buffer, and that second resume threw them away: the consumer had
 moved past them and faust's read offsets were just reset, so nothing noticed.
-They came again only when the partition's next record arrived (or never: an
+They came again only when the partition's next record arrived (and an
 idle partition kept them until the next rebalance; 19 to 50 of 103 events in
-`bench.faust_churn 3 0s slow 2 --only 1`, in about one run of three).
+`bench.faust_churn 3 0s slow 2 --only 1`, in 4 runs of 16).
 
 So a resume empties the buffers only when the flow was suspended; a resume of a
 flow already running keeps what the buffers hold (records of the current
