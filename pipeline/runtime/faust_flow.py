@@ -4,13 +4,14 @@ Why: faust suspends the flow into the streams' buffers when a rebalance starts
 (emptying them then) and resumes it once the new assignment is restored, and
 each resume empties the buffers again. But faust resumes more than once per
 rebalance: when it starts reading the changelogs, and again once the tables are
-restored, after it resumed the ingest partitions and while it seeks them to
-the committed offsets. Records fetched in that window were already handed to
-the agent's buffer, and that second resume threw them away: the consumer had
-moved past them and faust's read offsets were just reset, so nothing noticed.
-They came again only when the partition's next record arrived (and an
-idle partition kept them until the next rebalance; 19 to 50 of 103 events in
-`bench.faust_churn 3 0s slow 2 --only 1`, in 4 runs of 16).
+restored, right after it resumed the ingest partitions and sought them to the
+committed offsets. Records fetched during that seek were already in the
+agent's buffer (behind a batch at the sinks), and that second resume threw
+them away: the consumer had moved past them and faust's read offsets were just
+reset, so nothing noticed. They came again only when the partition's next
+record arrived (and an idle partition kept them until the next rebalance; 19
+to 50 of 103 events in `bench.faust_churn 3 0s slow 2 --only 1`, in 4 runs of
+16).
 
 So a resume empties the buffers only when the flow was suspended; a resume of a
 flow already running keeps what the buffers hold (records of the current
