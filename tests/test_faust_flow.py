@@ -6,9 +6,11 @@ faust alone) emptied the agent's buffer: records fetched during the seek were
 thrown away while the consumer had moved past them, and an idle partition kept
 them until the next rebalance (`bench.faust_churn 3 0s slow 2 --only 1` lost
 19 to 50 of 103 events that way). Here the real worker, on the real broker,
-finds its seek slow (faust's seek to the committed offsets takes 1 s more, as
-a busy broker's answer would), so its fetches of the waiting records land in that
-window every time; each event must still reach the sink.
+finds its seek slow (faust's seek to the committed offsets, once the tables are
+restored, takes 1 s more, as a busy broker's answer would), so its fetches of
+the waiting records land in that window, behind a batch at a slow sink; each
+event must still reach the sink. (On the code before, it failed in 7 of 8 runs:
+in the other, the fetch came just after the window.)
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ _perform_seek = consumer.Consumer.perform_seek
 
 async def perform_seek(self):
     await _perform_seek(self)
-    await asyncio.sleep(1.0)  # the fetches go on meanwhile, as they do while a real seek waits for the broker
+    if self.flow_active:  # the seek once the tables are restored (not the one of a fetch made as the flow stopped)
+        await asyncio.sleep(1.0)  # fetches go on meanwhile, as they do while a real seek waits for the broker
 
 
 consumer.Consumer.perform_seek = perform_seek
@@ -76,8 +79,9 @@ async def test_records_fetched_while_the_worker_seeks_after_a_rebalance_reach_th
                             name=f"flow{os.getpid()}")
     doc = yaml.safe_load(cfg_path.read_text())
     doc["runtime"]["batch_wait"] = "0s"
-    # the agent is busy with a batch while the others wait in its buffer (as behind any sink that takes time)
-    doc["sinks"][1] = {"type": "tests.slow_sink:SlowSink", "path": str(tmp_path / "slow.txt"), "delay": 0.5}
+    # the agent is busy with a batch (longer than the seek) while the others wait in its buffer, as behind any
+    # sink that takes time
+    doc["sinks"][1] = {"type": "tests.slow_sink:SlowSink", "path": str(tmp_path / "slow.txt"), "delay": 1.5}
     cfg_path.write_text(yaml.safe_dump(doc))
     cfg = load_config(str(cfg_path))
     slow = tmp_path / "slow_seek"
@@ -85,11 +89,11 @@ async def test_records_fetched_while_the_worker_seeks_after_a_rebalance_reach_th
     (slow / "sitecustomize.py").write_text(SLOW_SEEK)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(slow)]), "PIPELINE_LOG_LEVEL": "info"}
     workers = Workers(cfg_path, tmp_path, env)
-    first = workers.start()
+    workers.start()
     out = tmp_path / "out/events.jsonl"
     try:
         await workers.settled(1)  # its reading runs now: the next rebalance finds it fetching
-        second = workers.start()
+        workers.start()
         revoked = tmp_path / "worker-0.log"
         deadline = time.monotonic() + 30
         while "a rebalance takes back" not in revoked.read_text() and time.monotonic() < deadline:
@@ -105,8 +109,7 @@ async def test_records_fetched_while_the_worker_seeks_after_a_rebalance_reach_th
         missing = set(range(EVENTS)) - delivered(out)
         assert not missing, revoked.read_text()[-3000:]
     finally:
-        assert workers.stop_all() == [0, 0]
-        del first, second
+        assert set(workers.stop_all()) == {0}
 
 
 async def test_a_batch_holding_records_twice_writes_each_once(tmp_path: Path) -> None:
