@@ -33,6 +33,7 @@ from pipeline.errors import ConfigError, PipelineError, StageError
 from pipeline.events import Batch, Event, edge_reason
 from pipeline.files import ensure_private_dir
 from pipeline.kafka import quiet_aiokafka
+from pipeline.runtime.faust_flow import keeping_flow_control
 from pipeline.runtime.faust_ingest import app_id, create_ingest_topic, ingest_topic
 from pipeline.runtime.faust_latency import transport_class
 from pipeline.runtime.faust_offsets import commit_before_revoke
@@ -97,6 +98,8 @@ class Worker:
 
     def __init__(self, cfg: PipelineConfig, workers_dir: Path, session_timeout: float) -> None:
         import faust
+        from mode.utils.objects import cached_property
+        from mode.utils.queues import FlowControlEvent
 
         self.cfg = cfg
         self.error: PipelineError | None = None
@@ -109,6 +112,7 @@ class Worker:
 
         transport = transport_class(cfg.runtime.fetch_max_wait)
         transport.Consumer = read_from_seek(commit_before_revoke(transport.Consumer))
+        flow_control = keeping_flow_control(FlowControlEvent)
 
         class PipelineApp(faust.App):  # type: ignore[misc]
             async def on_stop(self) -> None:
@@ -121,6 +125,10 @@ class Worker:
 
             def _new_transport(self) -> Any:
                 return transport(self.conf.broker_consumer, self)
+
+            @cached_property  # type: ignore[misc]
+            def flow_control(self) -> Any:  # see faust_flow: resuming a running flow keeps the buffered records
+                return flow_control(loop=self.loop)
 
         self.app = PipelineApp(
             app_id(cfg), broker=cfg.runtime.broker, store="memory://", datadir=str(datadir),
@@ -223,9 +231,13 @@ class Worker:
         """
         by_partition: dict[int, list[Any]] = {}
         done = self.done
+        last: dict[int, int] = {}  # partition -> the last offset taken from this batch
         for ev in events:
             msg = ev.message
-            if msg.offset > done.get(msg.partition, -1):  # else handled here already, see `done`
+            # else handled here already (see `done`), or earlier in this very batch: the records fetched while
+            # faust seeks a partition at the end of a rebalance are in the buffer with their copies fetched after
+            if msg.offset > last.get(msg.partition, done.get(msg.partition, -1)):
+                last[msg.partition] = msg.offset
                 by_partition.setdefault(msg.partition, []).append(ev)
         for partition, evs in by_partition.items():
             self.cursor.partition = partition
