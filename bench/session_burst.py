@@ -41,25 +41,31 @@ CONCURRENT: Final = 32  # creates in flight at once
 TARGET_LAG_MS: Final = 50.0
 
 
-def _probe(path: Path) -> tuple[dict[int, int], dict[int, int]]:
-    """(latency histogram in 0.1 ms buckets, loop-lag histogram in 1 ms buckets), as last written."""
+Snap = tuple[dict[int, int], dict[int, int], list[float], float]
+
+
+def _probe(path: Path) -> Snap:
+    """(latency histogram in 0.1 ms buckets, loop-lag histogram in 1 ms buckets, ms spent in garbage collection
+    per generation, the longest collection so far), as last written."""
     snap = orjson.loads(path.read_bytes())
-    return ({int(k): v for k, v in snap["hist"].items()}, {int(k): v for k, v in snap.get("lag", {}).items()})
+    return ({int(k): v for k, v in snap["hist"].items()}, {int(k): v for k, v in snap.get("lag", {}).items()},
+            snap["gc"], snap["gc_max"])
 
 
-def _fresh(path: Path, after: float) -> tuple[dict[int, int], dict[int, int]]:
+def _fresh(path: Path, after: float) -> Snap:
     """The probe's first snapshot written after wall time `after` (it writes one every 0.5 s)."""
     while orjson.loads(path.read_bytes())["t"] < after:
         time.sleep(0.05)
     return _probe(path)
 
 
-def _window(a: tuple[dict[int, int], dict[int, int]], b: tuple[dict[int, int], dict[int, int]]) -> dict[str, float]:
+def _window(a: Snap, b: Snap) -> dict[str, float]:
     lat = {k: v - a[0].get(k, 0) for k, v in b[0].items() if v - a[0].get(k, 0)}
     lag = {k: v - a[1].get(k, 0) for k, v in b[1].items() if v - a[1].get(k, 0)}
     return {"p99": percentile(lat, 0.99), "max": (max(lat) + 1) / 10 if lat else float("nan"),
             "events": sum(lat.values()), "lag_max": float(max(lag)) if lag else 0.0,
-            "lag_over_20": sum(v for k, v in lag.items() if k >= 20)}
+            "lag_over_20": sum(v for k, v in lag.items() if k >= 20), "gc_ms": sum(b[2]) - sum(a[2]),
+            "gc2_ms": b[2][2] - a[2][2], "gc_max": b[3] if b[3] > a[3] else 0.0}
 
 
 async def _drive(api: str, emu: str, m: int, n: int, probe: Path, sessions_dir: Path) -> dict[str, Any]:
@@ -152,7 +158,9 @@ def run(n: int, *, m: int | None = None) -> list[Result]:
                  target=f"< {TARGET_LAG_MS:g} ms", ok=b["lag_max"] < TARGET_LAG_MS and b["p99"] < TARGET_LAG_MS)
     res.notes.append(f"burst: {r['burst_s']:.1f}s (created in {r['created_s']:.1f}s"
                      f"{'' if r['all_bound'] else ', NOT all bound'}); receipt->sink p99 {b['p99']:.1f} ms, "
-                     f"max {b['max']:.1f} ms over {b['events']:,} events; {b['lag_over_20']} loop lags >= 20 ms")
+                     f"max {b['max']:.1f} ms over {b['events']:,} events; {b['lag_over_20']} loop lags >= 20 ms; "
+                     f"garbage collection {b['gc_ms']:.0f} ms ({b['gc2_ms']:.0f} ms full), "
+                     + (f"longest {b['gc_max']:.0f} ms" if b["gc_max"] else "none longer than before the burst"))
     res.notes.append(f"steady {STEADY:g}s before: receipt->sink p99 {s['p99']:.1f} ms, max {s['max']:.1f} ms "
                      f"({s['events']:,} events, want ~{m * EVENTS_PER_SESSION * STEADY:,.0f}); worst loop lag "
                      f"{s['lag_max']:.0f} ms, {s['lag_over_20']} >= 20 ms")
