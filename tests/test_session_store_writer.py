@@ -99,6 +99,22 @@ def test_a_drop_waits_for_the_writes_queued_before_it(tmp_path: Path, gate: Gate
     assert [r["status"] for r in gate.written] == ["stopped"]  # the one replaced by the removal: never written
 
 
+async def test_a_record_someone_waits_for_is_written_before_the_other_sessions_records(
+        tmp_path: Path, gate: Gate) -> None:
+    """A create's 201 waits for its record: that write goes ahead of the other files' writes queued before it
+    (else every create in a burst waited behind the writes of all the sessions being started and bound)."""
+    store = SessionStore(tmp_path)
+    store.save({"session_id": "cap-busy", "status": "active"})
+    await asyncio.to_thread(gate.entered.wait, 2)
+    for sid in ("cap-a", "cap-b", "cap-new"):
+        store.save({"session_id": sid, "status": "created"})
+    waiting = store.flushed("cap-new")
+    gate.open()
+    assert await waiting
+    assert await asyncio.to_thread(store.flush)
+    assert [r["session_id"] for r in gate.written] == ["cap-busy", "cap-new", "cap-a", "cap-b"]
+
+
 def test_a_record_the_disk_refused_is_written_with_its_intent_dropped_only_after_it_is(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A failed write is logged once and kept; the next write that works writes it too, and only then the

@@ -8,8 +8,9 @@ What callers get:
 - The caller serializes (a snapshot: the record dict goes on changing); `put` only queues the bytes.
 - Per file name only the newest version waits: a newer write (or a removal) replaces the one not yet
   started, so the queue holds at most one serialized copy of each file, however slow the disk.
-- One thread takes them oldest first, so a removal queued after a write runs after it (a write never
-  brings a removed record back), and `then` actions (e.g. removing a create's intent note) run in that
+- One thread takes them oldest first (a file someone awaits with `flushed` first: a create's 201 does not
+  wait behind the other sessions' writes), so a removal queued after a write of the same file runs after it
+  (a write never brings a removed record back), and `then` actions (e.g. removing a create's intent note) run in that
   thread only once their file's write went through.
 - `peek(name)` is the newest version not yet on disk (reads see their own writes); `flushed(name)`
   resolves once the version queued so far is on disk (True) or could not be written (False).
@@ -87,7 +88,11 @@ class StoreWriter:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bool] = loop.create_future()
         with self._cv:
-            op = self._pending.get(name) or (self._busy[1] if self._busy and self._busy[0] == name else None)
+            op = self._pending.get(name)
+            if op is not None:  # someone waits for it (a create's 201): ahead of the other files' writes
+                self._pending.move_to_end(name, last=False)
+            elif self._busy and self._busy[0] == name:
+                op = self._busy[1]
             if op is None:
                 fut.set_result(name not in self.unsaved)
             else:
@@ -140,6 +145,11 @@ class StoreWriter:
             if not quiet:
                 log.error("sessions: cannot %s %s: %s", "save" if op.data is not None else "remove",
                           self._describe(name), exc)
+        for then in op.then if ok else ():  # before the op is done: what they queue keeps `idle()` waiting
+            try:
+                then()
+            except Exception:
+                log.exception("sessions: after writing %s", self._describe(name))
         with self._cv:
             self._busy = None
             waiters, op.waiters = op.waiters, []
@@ -150,11 +160,6 @@ class StoreWriter:
                 else:
                     newer.then[:0] = op.then
             self._cv.notify_all()
-        for then in op.then if ok else ():
-            try:
-                then()
-            except Exception:
-                log.exception("sessions: after writing %s", self._describe(name))
         for loop, fut in waiters:
             try:
                 loop.call_soon_threadsafe(_settle, fut, ok)
