@@ -202,7 +202,7 @@ from stages.controller import session_store
 real = session_store.write_private_text
 def slow(path, text):
     if str(path).endswith(".json"):
-        time.sleep(0.3)
+        time.sleep(0.5)
     real(path, text)
 session_store.write_private_text = slow
 from pipeline.cli import main
@@ -211,7 +211,7 @@ sys.exit(main(["run", sys.argv[1]]))
 
 
 async def test_sigterm_writes_the_queued_records_before_the_process_exits(tmp_path: Path) -> None:
-    """`pipeline run` (its own process) on a disk taking 0.3 s per record: a session starts and SIGTERM comes
+    """`pipeline run` (its own process) on a disk taking 0.5 s per record: a session starts and SIGTERM comes
     while its newest records still wait to be written. The stop writes them before the process exits."""
     import re
 
