@@ -198,22 +198,15 @@ def _version() -> str:
         return "unknown"
 
 
-def _log_options(p: argparse.ArgumentParser, default: Any) -> None:
-    """--log-level/--log-format, accepted before or after the subcommand."""
-    env = default is True
-    p.add_argument("--log-level", default=os.environ.get("PIPELINE_LOG_LEVEL", "info") if env else default,
-                   choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default=os.environ.get("PIPELINE_LOG_FORMAT", "text") if env else default,
-                   choices=["text", "json"], help="text (default) or JSON lines")
-
-
 def parser() -> argparse.ArgumentParser:
+    from pipeline.logs import log_options
+
     p = argparse.ArgumentParser(prog="pipeline", description="VideoDB capture-session event pipeline",
                                 epilog="PIPELINE_DEBUG=1 shows tracebacks instead of one-line errors")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    _log_options(p, True)
+    log_options(p, True)
     common = argparse.ArgumentParser(add_help=False)
-    _log_options(common, argparse.SUPPRESS)
+    log_options(common, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="run a pipeline until its source ends, the session ends or a signal",
                        parents=[common])

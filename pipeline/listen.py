@@ -27,6 +27,7 @@ from pipeline.api import Batch, Context
 from pipeline.deadletter import DeadLetter
 from pipeline.errors import PipelineError, StageError
 from pipeline.files import ensure_private_dir, open_private
+from pipeline.logs import formatter, log_options
 from pipeline.net import VIDEODB_URL_EXAMPLE, http_url
 from pipeline.secrets import MaskingFormatter
 from pipeline.session import SessionLink
@@ -62,16 +63,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--collection-id", default="default", help="collection to connect the WebSocket for")
     p.add_argument("--max-retries", type=int, default=None, help="give up after N failed reconnects "
                                                                  "(default: retry forever)")
+    log_options(p, True)
     return p
 
 
-def _setup_logging() -> None:
+def _setup_logging(level: str, fmt: str) -> None:
+    """Run as `python -m pipeline.listen`: logs to stderr as asked (`pipeline listen` has set them up already)."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(MaskingFormatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        handler.setFormatter(formatter("json") if fmt == "json"
+                             else MaskingFormatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
-        root.setLevel(logging.INFO)
+        root.setLevel(level.upper())
 
 
 def _preview(batch: Batch) -> str:
@@ -155,7 +159,7 @@ async def listen(out: Path, *, api_key: str, base_url: str | None, collection_id
 def main(argv: list[str]) -> int:
     """Entry point of `pipeline listen` and `python -m pipeline.listen`."""
     args = parser().parse_args(argv)
-    _setup_logging()
+    _setup_logging(args.log_level, args.log_format)
     api_key = os.environ.get("VIDEO_DB_API_KEY")
     if args.base_url:
         try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,3 +56,13 @@ def formatter(fmt: str) -> logging.Formatter:
     if fmt == "json":
         return JsonFormatter()
     return secrets.MaskingFormatter(TEXT_FORMAT, "%H:%M:%S")
+
+
+def log_options(p: argparse.ArgumentParser, default: Any) -> None:
+    """--log-level/--log-format on a command's parser; `default` True: $PIPELINE_LOG_LEVEL/$PIPELINE_LOG_FORMAT,
+    else info and text (`pipeline` takes them before or after its subcommand)."""
+    env = default is True
+    p.add_argument("--log-level", default=os.environ.get("PIPELINE_LOG_LEVEL", "info") if env else default,
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default=os.environ.get("PIPELINE_LOG_FORMAT", "text") if env else default,
+                   choices=["text", "json"], help="text (default) or JSON lines")

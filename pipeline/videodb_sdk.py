@@ -42,7 +42,7 @@ _SPACE = re.compile(r"\s+")
 
 class VideoDBCallError(StageError):
     """An SDK call failed; `fatal` when retrying cannot help (auth, other 4xx). `retry_after`: seconds
-    VideoDB asked us to wait (its `Retry-After` on a 429), None when it said nothing. `overdue`: the call did
+    VideoDB asked us to wait (its `Retry-After` on a 429 or 503), None when it said nothing. `overdue`: the call did
     not end within `CALL_DEADLINE`."""
 
     def __init__(self, message: str, *, call: str, status: int | None, fatal: bool,
@@ -83,10 +83,14 @@ def connect(settings: VideoDBSettings, who: str) -> Any:
         raise StageError(f"{who}: no VideoDB API key: set videodb.api_key (e.g. ${{VIDEO_DB_API_KEY}})")
     import videodb
 
+    from pipeline.sdk_retry import without_retry_after_sleep
+
     kwargs: dict[str, Any] = {"api_key": settings.api_key, "log_level": logging.WARNING}
     if settings.base_url:
         kwargs["base_url"] = settings.base_url.rstrip("/")
-    return videodb.connect(**kwargs)
+    conn = videodb.connect(**kwargs)
+    without_retry_after_sleep(conn)  # a Retry-After fails the call at once (see sdk_retry.py)
+    return conn
 
 
 def describe(exc: BaseException, api_key: str | None = None) -> tuple[str, int | None, bool]:
@@ -136,7 +140,7 @@ def call_error(who: str, call: str, exc: BaseException, api_key: str | None) -> 
     why, status, fatal = describe(exc, api_key)
     text = f"{who}: {call} failed: {why}"
     wait = None
-    if status == 429:
+    if status in (429, 503):  # VideoDB's rate limit, or busy: the SDK gives these back at once (sdk_retry.py)
         headers = getattr(getattr(exc, "response", None), "headers", None)
         wait = retry_after(headers.get("Retry-After") if headers is not None else None)
     return VideoDBCallError(text, call=call, status=status, fatal=fatal, retry_after=wait)

@@ -276,17 +276,22 @@ async def test_a_template_index_that_is_not_a_plain_number_renders_empty(make_si
     assert srv.requests[0].json == {"text": "code-on-screen: []"}
 
 
-def test_a_zero_timeout_is_a_config_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["timeout", "max_retry_time", "shutdown_timeout"])
+def test_a_zero_timeout_is_a_config_error(tmp_path: Path, key: str) -> None:
     """`timeout: 0` was accepted, and aiohttp reads a zero timeout as no timeout at all: a webhook that never
-    answers held every concurrency slot for the whole run, the queue filled and ingest stalled behind it."""
+    answers held every concurrency slot for the whole run, the queue filled and ingest stalled behind it.
+    `max_retry_time: 0` was read as "never retry" (0 often means "no limit"; no retries is max_attempts: 1), and
+    `shutdown_timeout: 0` dead-lettered at exit every alert still queued, one written just before too, without
+    a try (and warned "reached with 0 alert(s) still queued" when none was). Each is one config error line."""
     from tests.test_runtime import run_cli
 
     (tmp_path / "in.jsonl").write_text("")
     cfg = tmp_path / "t.yaml"
     cfg.write_text(f"name: t\nsource: {{type: replay, path: {tmp_path}/in.jsonl}}\n"
-                   "sinks:\n  - type: alert_forwarder\n    url: http://127.0.0.1:9/hook\n    timeout: 0\n")
+                   f"sinks:\n  - type: alert_forwarder\n    url: http://127.0.0.1:9/hook\n    {key}: 0\n")
     res = run_cli("validate", str(cfg), timeout=30)
-    assert res.returncode == 2 and "timeout must be more than 0" in res.stderr, res.stderr
+    assert res.returncode == 2 and f"{key} must be more than 0" in res.stderr, res.stderr
+    assert "t.yaml:6:5: " in res.stderr and f"sinks[0].{key}" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
 

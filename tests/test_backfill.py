@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import videodb
 import websockets
@@ -339,11 +340,13 @@ def mic_transcripts(n: int) -> list[dict[str, Any]]:
 
 
 async def streaming_single(make_context: Callable[..., Context], emu: Emulator, poll: float, live: int,
-                           seen: list[dict[str, Any]] | None = None) -> tuple[Any, asyncio.Task[Any]]:
+                           seen: list[dict[str, Any]] | None = None,
+                           source: dict[str, Any] | None = None) -> tuple[Any, asyncio.Task[Any]]:
     """(controller, run task): one session with its transcripts bound, status polled every `poll` s, running
-    until `live` events went out live; `seen` gets every batch the controller observes, as it comes."""
-    src, ctl = make_stages(make_context, emu, controller={"end_user_id": "u", "status_poll_interval": poll,
-                                                         "on_active": {"transcript": True}})
+    until `live` events went out live; `seen` gets every batch the controller observes, as it comes; `source`:
+    source options."""
+    src, ctl = make_stages(make_context, emu, source=source, controller={
+        "end_user_id": "u", "status_poll_interval": poll, "on_active": {"transcript": True}})
     assert ctl is not None
     if seen is not None:
         observe = ctl.observe
@@ -406,6 +409,49 @@ async def test_a_bind_retry_does_not_bind_a_session_videodb_stopped_meanwhile_si
         await emu.stop()
     assert [c["path"] for c in list(emu.calls) if c["at"] > stopped_at and c["method"] == "POST"
             and "/transcription" in c["path"] and (c.get("body") or {}).get("action") == "start"] == []
+
+
+async def test_a_reconnect_does_not_re_bind_a_session_videodb_stopped_meanwhile_single_session(
+        make_context: Callable[..., Context], tmp_path: Path) -> None:
+    """The WebSocket down, VideoDB stopped the session (the status poll saw it; exit_on: exported, the export
+    awaited): the reconnect re-bound it all the same, starting transcripts on its stopped rtstreams. Now only
+    the gap is backfilled."""
+    emu = Emulator(scenario_file(tmp_path, mic_transcripts(290), end=30.0), speed=3, export_outcome="never")
+    await emu.start()
+    try:
+        seen: list[dict[str, Any]] = []
+        ctl, run_task = await streaming_single(make_context, emu, 0.2, 3, seen, source={"backoff_max": 0.05})
+        link, pipes = ctl.context.session, ctl.pipelines
+        first = link.connection_id
+        await emu.hub.drop()  # a first reconnect: the status poll runs from now on
+        while pipes.bound_to in (None, first):
+            await asyncio.sleep(0.02)
+        second = link.connection_id
+        refused = emu.fault("GET", "/websocket", status=500)  # no reconnect for now
+        await emu.hub.drop()
+        lost = len([r for r in emu.emitted if not r["live"]])
+        while len([r for r in emu.emitted if not r["live"]]) < lost + 2:  # produced for nobody
+            await asyncio.sleep(0.02)
+        async with aiohttp.ClientSession() as http, \
+                http.post(f"{emu.base_url}/_emulator/sessions/{ctl.session_id}/stop") as r:
+            assert r.status == 200
+        while ctl.lifecycle.state != "stopped":  # polled
+            assert not run_task.done()
+            await asyncio.sleep(0.02)
+        emu.faults.remove(refused)
+        while link.connection_id in (None, second):
+            await asyncio.sleep(0.02)
+        last, want = link.connection_id, Counter(map(key, filter(tracked, produced(emu))))
+        while want - Counter(map(key, filter(tracked, seen))):  # the gap, backfilled
+            assert not run_task.done()
+            await asyncio.sleep(0.02)
+        run_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run_task
+    finally:
+        await emu.stop()
+    assert [c["path"] for c in list(emu.calls) if c["method"] == "POST"
+            and (c.get("body") or {}).get("ws_connection_id") == last] == []
 
 
 async def test_a_rate_limited_bind_retry_waits_for_retry_after_single_session(

@@ -74,6 +74,16 @@ def _help(*args: str) -> str:
     return buf.getvalue()
 
 
+def test_every_subcommand_s_help_lists_the_log_options() -> None:
+    """`pipeline emulate`, `tap`, `top` and `report` took --log-level/--log-format (the top-level parser reads
+    them before or after any subcommand) but their --help did not list them: now every subcommand's does."""
+    commands = re.findall(r"(?m)^    (\w+)\s{2,}", _help())
+    assert {"run", "listen", "emulate", "tap", "top", "report", "worker"} <= set(commands), commands
+    for name in commands:
+        text = _help(name)
+        assert "--log-level {debug,info,warning,error}" in text and "--log-format {text,json}" in text, name
+
+
 def test_the_readme_cli_table_matches_every_help() -> None:
     """Every subcommand `pipeline --help` lists has a row in the README's CLI table, and the options of its
     `--help` and of its row are the same (`emulate`'s are in the emulator's own table)."""

@@ -147,6 +147,33 @@ async def test_cli_listen_uses_env_dir_and_dead_letters_garbage(emulator: Callab
     assert not (out / "videodb_ws_pid").exists()
 
 
+@pytest.mark.parametrize("how", ["pipeline", "module"])
+async def test_listen_takes_the_log_options_as_every_subcommand(emulator: Callable[..., Emulator],
+                                                                 tmp_path: Path, how: str) -> None:
+    """`pipeline listen --help` did not list --log-level and --log-format (every other subcommand takes them)
+    and `python -m pipeline.listen` refused them as unrecognized arguments: now both forms list and take them."""
+    emu = emulator()
+    await emu.start()
+    cmd = [str(PIPELINE), "listen"] if how == "pipeline" else [sys.executable, "-m", "pipeline.listen"]
+    shown = await spawn(*cmd, "--help", env=env(tmp_path))
+    text = (await asyncio.wait_for(shown.communicate(), 20))[0].decode()
+    assert "--log-level {debug,info,warning,error}" in text and "--log-format {text,json}" in text, text
+    proc = await spawn(*cmd, str(tmp_path / "out"), "--base-url", emu.base_url, "--log-format", "json",
+                       "--log-level", "info", env=env(tmp_path))
+    try:
+        first = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()  # type: ignore[union-attr]
+        assert first.startswith("WS_ID="), first
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    logged = [json.loads(line) for line in err.decode().splitlines()]  # JSON lines only
+    assert any("connected" in e["message"] and e["level"] == "info" for e in logged), logged
+
+
 async def test_refuses_a_symlinked_directory(tmp_path: Path) -> None:
     real = tmp_path / "real"
     real.mkdir()

@@ -66,9 +66,11 @@ class Live:
 
 @contextlib.asynccontextmanager
 async def running(make_context: Callable[..., Context], emu: Emulator, *, ingest: bool = True,
-                  api: dict[str, Any] | None = None, **controller: Any) -> AsyncIterator[Live]:
-    """Source + API controller (controller options overridable); `ingest=False`: the source never connects."""
-    src, ctl = make_stages(make_context, emu, controller={
+                  api: dict[str, Any] | None = None, source: dict[str, Any] | None = None,
+                  **controller: Any) -> AsyncIterator[Live]:
+    """Source + API controller (source and controller options overridable); `ingest=False`: the source never
+    connects."""
+    src, ctl = make_stages(make_context, emu, source=source, controller={
         "api": {"listen": "127.0.0.1:0", "token": TOKEN, **(api or {})}, "on_active": ON_ACTIVE,
         "status_poll_interval": 0.2, **controller})
     assert ctl is not None

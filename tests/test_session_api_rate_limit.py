@@ -1,4 +1,5 @@
-"""A VideoDB rate limit (429) during a create, stop or token call: the session API answers 503 + Retry-After.
+"""A VideoDB rate limit (429, or a 503 with Retry-After) during a create, stop or token call: the session API
+answers 503 + Retry-After.
 
 Before, it answered 502 (a broken upstream) without telling the client when to come back. Real SDK against
 the emulator answering 429 with and without `Retry-After`, real HTTP.
@@ -47,6 +48,11 @@ async def test_a_rate_limited_create_is_503_with_videodbs_retry_after_bounded(
         emu.fault("POST", token_path, status=429, times=1, headers={"Retry-After": "0"})
         assert (await post(live, "/v1/sessions", {"end_user_id": "a"}))[:2] == (503, "1")
 
+        emu.fault("POST", token_path, status=503, times=1, headers={"Retry-After": "9"})  # busy, says when
+        status, wait, err = await post(live, "/v1/sessions", {"end_user_id": "a"})
+        assert (status, wait) == (503, "9") and "HTTP 503" in err["error"] and "retry in 9s" in err["error"], err
+        emu.fault("POST", token_path, status=503, times=1)  # busy, says nothing: a broken upstream as before
+        assert (await post(live, "/v1/sessions", {"end_user_id": "a"}))[:2] == (502, None)
         emu.fault("POST", token_path, status=500, times=1, headers={"Retry-After": "7"})  # not a rate limit
         status, wait, _ = await post(live, "/v1/sessions", {"end_user_id": "a"})
         assert (status, wait) == (502, None)

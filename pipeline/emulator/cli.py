@@ -12,6 +12,7 @@ import signal
 import sys
 
 from pipeline.errors import PipelineError
+from pipeline.logs import log_options
 from pipeline.net import is_loopback
 
 
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="accept only this API key (default: any non-empty key)")
     p.add_argument("--manual", action="store_true",
                    help="do not auto-start sessions; POST /_emulator/sessions/ID/start does")
+    log_options(p, True)
     return p
 
 

@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 import orjson
 
 from pipeline.errors import ConfigError
+from pipeline.logs import log_options
 from pipeline.ops.client import TOKEN_ENV, base_url, open_url, stop_on_ctrl_c
 from pipeline.termsafe import visible
 
@@ -30,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="stop after N events")
     p.add_argument("--json", action="store_true", help="raw JSON lines (for jq) instead of readable lines")
     p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
+    log_options(p, True)
     return p
 
 

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.logs import log_options
 from pipeline.ops.client import TOKEN_ENV, base_url, open_url, read_json, stop_on_ctrl_c
 from pipeline.termsafe import visible
 
@@ -22,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     p.add_argument("--once", action="store_true", help="print one table (rates over one interval) and exit")
     p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
+    log_options(p, True)
     return p
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.errors import ConfigError
+from pipeline.logs import log_options
 from pipeline.types import parse_duration
 
 
@@ -17,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="page to write (x.html; several sessions: x-<session>.html) or a "
                                           "directory (default: the input directory, else the current one)")
     p.add_argument("--gap", default="30s", help="report stretches this long without any event (default 30s)")
+    log_options(p, True)
     return p
 
 

@@ -146,66 +146,100 @@ class AIPipelines:
     _indexes: dict[str, list[Any]] = field(default_factory=dict)
     retired: list[tuple[str, Any]] = field(default_factory=list)  # (kind, index) replaced, not yet backfilled
     backfill_due: bool = False  # the last backfill failed for some target, worth another try soon (5xx, network)
-    bind_failed: bool = False  # a call of the last bind failed, worth another try: a pipeline may be unbound
+    #: The calls of the last bind that failed in a way worth another try (5xx, 429, network), by what they
+    #: start: ("transcript", rtstream id), (index kind, rtstream id), ("event", label), ("alert", label, index id).
+    failed: set[tuple[str, ...]] = field(default_factory=set)
+    retry_taken: bool = False  # `take_retry` asked for those calls again (on the same connection)
     wait: float = 0.0  # the longest Retry-After VideoDB gave a failed call since the last retry was planned
     #: Called with every index id this bind has not stopped yet (the old ones too) each time it creates one,
     #: so a record saved there lets a restart stop an index even when the process died mid-bind.
     on_index: Callable[[list[dict[str, str]]], None] | None = None
 
-    async def _call(self, what: str, fn: Any, /, *args: Any, cleanup: bool = False, **kwargs: Any) -> Any:
-        """One SDK call; a failure is logged as one line (and counted unless cleanup), never raised."""
+    @property
+    def bind_failed(self) -> bool:
+        """A call of the last bind failed, worth another try: a pipeline may be unbound."""
+        return bool(self.failed)
+
+    def due(self, conn_id: str | None) -> bool:
+        """Whether `bind(conn_id)` has something to do: a new connection, or a retry taken of failed calls."""
+        return bool(conn_id) and (conn_id != self.bound_to or self.retry_taken)
+
+    async def _call(self, what: str, fn: Any, /, *args: Any, key: tuple[str, ...] | None = None,
+                    **kwargs: Any) -> Any:
+        """One SDK call; a failure is logged as one line and counted, never raised; without `key` (a cleanup)
+        only logged, else `key` is noted in `failed` when another try is worth it."""
         try:
             return await call(self.who, what, fn, *args, api_key=self.api_key, **kwargs)
         except VideoDBCallError as exc:
             self.asked_to_wait(exc.retry_after)
-            if cleanup:
+            if key is None:
                 log.warning("%s", exc)
             else:
                 self.errors += 1
-                self.bind_failed = self.bind_failed or not exc.fatal  # worth another try (5xx, 429, network)
+                if not exc.fatal:  # worth another try (5xx, 429, network)
+                    self.failed.add(key)
                 log.error("%s", exc)
             return None
 
     async def bind(self, conn_id: str) -> None:
-        """Start everything on every stream with `conn_id`; stop indexes replaced by this bind."""
-        spec, old = self.spec, self._indexes
-        self.bind_failed = False
+        """Start everything on every stream with a new `conn_id` and stop the indexes it replaces; on the
+        connection already bound (a retry), make again only the calls of the last bind that failed (before, a
+        retry bound everything again: each transcript started anew, each good index replaced by another)."""
+        again, todo = conn_id == self.bound_to, self.failed
+        spec, old = self.spec, ({} if again else self._indexes)
+        self.failed, self.retry_taken = set(), False
+
+        def due(*key: str) -> bool:
+            return not again or key in todo
+
         new: dict[str, list[Any]] = {"visuals": [], "audio": []}
         audio = [s for s in self.streams if s.kind == "audio"]
         video = [s for s in self.streams if s.kind == "video"]
-        log.info("%s: binding AI pipelines to connection %s (%d audio, %d video streams)",
-                 self.who, conn_id, len(audio), len(video))
+        log.info("%s: binding AI pipelines to connection %s (%d audio, %d video streams%s)", self.who, conn_id,
+                 len(audio), len(video), f"; again the {len(todo)} call(s) that failed" if again else "")
         for s in audio if spec.transcript else []:
-            await self._call(f"start_transcript({s.name})", s.rts(self.conn).start_transcript,
-                             ws_connection_id=conn_id)
+            if due("transcript", s.id):
+                await self._call(f"start_transcript({s.name})", s.rts(self.conn).start_transcript,
+                                 key=("transcript", s.id), ws_connection_id=conn_id)
         for kind, streams, idx_spec in (("audio", audio, spec.index_audio), ("visuals", video, spec.index_visuals)):
             if idx_spec is None:
                 continue
             for s in streams:
+                if not due(kind, s.id):
+                    continue
                 rts = s.rts(self.conn)
                 fn = rts.index_audio if kind == "audio" else rts.index_visuals
-                index = await self._call(f"index_{kind}({s.name})", fn, prompt=idx_spec.prompt,
+                index = await self._call(f"index_{kind}({s.name})", fn, key=(kind, s.id), prompt=idx_spec.prompt,
                                          batch_config=idx_spec.batch_config, model_name=idx_spec.model_name,
                                          name=idx_spec.name, ws_connection_id=conn_id)
                 if index is not None:
                     new[kind].append(index)
                     if self.on_index is not None:
-                        self.on_index(_ids(i for idx in (*old.values(), *new.values()) for i in idx))
+                        self.on_index(_ids(i for idx in (*self._indexes.values(), *new.values()) for i in idx))
         for alert in spec.alerts:
+            kept = self._indexes.get(alert.index, []) if again else []  # bound before: alert where it failed
             event_id = self._event_ids.get(alert.label)
             if event_id is None:
                 event_id = await self._call(f"create_event({alert.label})", self.conn.create_event,
-                                            event_prompt=alert.prompt, label=alert.label)
+                                            key=("event", alert.label), event_prompt=alert.prompt, label=alert.label)
                 if not event_id:
                     continue
                 self._event_ids[alert.label] = event_id
-            for index in new[alert.index]:
+            else:
+                kept = [i for i in kept if ("alert", alert.label, str(i.rtstream_index_id)) in todo]
+            for index in kept + new[alert.index]:
                 await self._call(f"create_alert({alert.label})", index.create_alert, event_id,
-                                 alert.callback_url or self.callback_url, ws_connection_id=conn_id)
+                                 alert.callback_url or self.callback_url,
+                                 key=("alert", alert.label, str(index.rtstream_index_id)), ws_connection_id=conn_id)
+        if again:
+            for kind, idx in new.items():
+                self._indexes[kind] = self._indexes.get(kind, []) + idx
+            self._indexes = {k: idx for k, idx in self._indexes.items() if idx}
+            return
         self._indexes, self.bound_to = {k: idx for k, idx in new.items() if idx}, conn_id  # no empty lists kept
         self.retired = (self.retired + [(k, i) for k, idx in old.items() for i in idx])[-MAX_RETIRED:]
         for index in (i for kind in old.values() for i in kind):
-            await self._call(f"stop replaced index {index.rtstream_index_id}", index.stop, cleanup=True)
+            await self._call(f"stop replaced index {index.rtstream_index_id}", index.stop)
 
     def rebind_due(self, state: str | None) -> bool:
         """A call of the last bind failed (worth another try) and the session is still `active`: one VideoDB has
@@ -214,9 +248,9 @@ class AIPipelines:
 
     def take_retry(self, state: str | None) -> bool:
         """Whether a failed bind or backfill is to be tried again now (the session in `state`); a bind retry
-        forgets the connection first, so everything is bound again."""
+        makes the next `bind` on the same connection make again the calls that failed (`due`)."""
         if self.rebind_due(state):
-            self.bound_to = None
+            self.retry_taken = True
             return True
         return self.backfill_due
 
@@ -228,7 +262,7 @@ class AIPipelines:
     def retry_delay(self, interval: float) -> float:
         """How long before a failed bind or backfill is tried again: `interval`, or longer if VideoDB asked
         (a 429's Retry-After, at most MAX_RETRY_WAIT); before, it was tried every interval while rate-limited."""
-        delay, self.wait = max(interval, min(self.wait, MAX_RETRY_WAIT)), 0.0
+        delay, self.wait = retry_wait(interval, self.wait), 0.0
         return delay
 
     def backfill_targets(self) -> list[Target]:
@@ -262,6 +296,11 @@ class AIPipelines:
                  if isinstance(i, dict) and usable_id(i.get("index_id")) and usable_id(i.get("rtstream_id"))]
         if found:
             self._indexes = {"saved": found}
+
+
+def retry_wait(interval: float, asked: float | None) -> float:
+    """`interval`, or what VideoDB asked with a 429's Retry-After when longer (at most MAX_RETRY_WAIT)."""
+    return max(interval, min(asked or 0.0, MAX_RETRY_WAIT))
 
 
 def _ids(indexes: Iterable[Any]) -> list[dict[str, str]]:

@@ -30,7 +30,7 @@ from pipeline.termsafe import visible
 from pipeline.types import Duration
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, client_token, connect
 from stages.controller import lost_create, resume
-from stages.controller.ai_pipelines import AIPipelines, OnActive, streams_from_event, streams_from_session
+from stages.controller.ai_pipelines import AIPipelines, OnActive, retry_wait, streams_from_event, streams_from_session
 from stages.controller.lifecycle import STATES, Lifecycle, ended_unstored, export_wait, reported_status
 from stages.controller.session_options import SessionApiOptions
 from stages.controller.session_store import safe_id
@@ -447,7 +447,7 @@ class CaptureSessionController(Controller):
         try:
             async with self._bind_lock:
                 before = self.pipelines.bound_to
-                if not await self._bind(streams):
+                if not await self._bind(streams, backfill_gap=backfill_gap):
                     return
                 if backfill_gap or (backfill_gap is None and before is not None
                                     and before != self.pipelines.bound_to):
@@ -462,8 +462,8 @@ class CaptureSessionController(Controller):
 
     async def _bind_again(self, delay: float) -> None:
         """A bind call or a backfill failed (VideoDB 5xx, 429, network): try again after `status_poll_interval`,
-        and so on until it works or the session ends (a failed bind binds everything again while the session is
-        active, then backfills); `delay`: longer when VideoDB answered 429 with a longer Retry-After.
+        and so on until it works or the session ends (a failed bind makes again the calls that failed while the
+        session is active, then backfills); `delay`: longer when VideoDB answered 429 with a longer Retry-After.
         Before, a pipeline whose re-bind call failed kept sending to the old connection, and a failed backfill
         waited for a reconnect that may never come: with the connection up, those events never arrived."""
         await asyncio.sleep(delay)
@@ -472,8 +472,9 @@ class CaptureSessionController(Controller):
         if pipes is not None and not self.lifecycle.done and pipes.take_retry(self.lifecycle.state):
             await self.rebind_then_backfill(pipes.streams, backfill_gap=True)
 
-    async def _bind(self, streams: list[Any] | None) -> bool:
-        """Bind all AI pipelines to the current connection id (again, if it changed meanwhile); False if no streams."""
+    async def _bind(self, streams: list[Any] | None, *, backfill_gap: bool | None = None) -> bool:
+        """Bind all AI pipelines to the current connection id (again, if it changed meanwhile); False if no streams
+        (`streams` None and VideoDB did not give them: asked again later unless it refused, see `_bind_later`)."""
         assert self.pipelines is not None
         if streams is None:
             try:
@@ -481,12 +482,15 @@ class CaptureSessionController(Controller):
                                           self.session_id, self.settings.collection_id)
             except VideoDBCallError as exc:
                 log.error("%s", exc)
+                if not exc.fatal and self.lifecycle.state == "active":
+                    delay = retry_wait(self.options.status_poll_interval, exc.retry_after)
+                    self._spawn(self._bind_later(delay, backfill_gap))
                 return False
             streams = streams_from_session(session)
         self.pipelines.streams = streams
-        while (conn_id := self.context.session.connection_id) != self.pipelines.bound_to and conn_id:
-            before = self.pipelines.errors
-            await self.pipelines.bind(conn_id)
+        while self.lifecycle.state == "active" and self.pipelines.due(conn_id := self.context.session.connection_id):
+            before = self.pipelines.errors  # (once VideoDB stopped it, nothing starts on its rtstreams)
+            await self.pipelines.bind(str(conn_id))
             self.context.stats.errors += self.pipelines.errors - before
         bound = self.pipelines.bound_to
         indexes = self.pipelines.index_ids()
@@ -495,6 +499,15 @@ class CaptureSessionController(Controller):
             self.record["indexes"] = indexes  # a restart stops these once it has bound its own
             self._save()
         return True
+
+    async def _bind_later(self, delay: float, backfill_gap: bool | None) -> None:
+        """Bind after `delay` a session whose rtstreams VideoDB did not give (a 5xx, 429, the network), while it is
+        active and not bound meanwhile: before, its pipelines stayed unbound until a reconnect, if one came."""
+        await asyncio.sleep(delay)
+        pipes = self.pipelines
+        if pipes is not None and self.lifecycle.state == "active" \
+                and pipes.bound_to != self.context.session.connection_id:
+            await self.rebind_then_backfill(None, backfill_gap=backfill_gap)
 
     async def _backfill(self) -> None:
         """Queue on the source what VideoDB produced since the last event seen per rtstream and channel."""
@@ -526,10 +539,12 @@ class CaptureSessionController(Controller):
             self._on_reconnect()
 
     def _on_reconnect(self) -> None:
+        """Re-bind the session's AI pipelines, if it is still active, and backfill the gap (once VideoDB stopped
+        it, only the backfill: before, transcripts and indexes were started on its stopped rtstreams)."""
         if self.lifecycle.done:
             return
         if self.pipelines is not None and self.pipelines.bound_to is not None:
-            self._spawn_rebind(self.pipelines.streams, hold=True)
+            self._spawn_rebind(self.pipelines.streams, backfill_gap=True, hold=True)
         self._start_poll()
 
     async def _checkpoints(self, inlet: backfill.Inlet) -> None:

@@ -48,15 +48,17 @@ class ApiProblem(Exception):
 
 
 def videodb_problem(exc: VideoDBCallError, message: str | None = None) -> ApiProblem:
-    """Our answer to a failed VideoDB call: 502, or 503 with `Retry-After` when VideoDB rate-limited us
-    (429: our client should come back later, nothing is wrong with the request or with us)."""
+    """Our answer to a failed VideoDB call: 502, or 503 with `Retry-After` when VideoDB rate-limited us (429)
+    or said when it would take the call again (503 with `Retry-After`): our client should come back later,
+    nothing is wrong with the request or with us (before, a 503 with `Retry-After` was answered 502)."""
     text = message or str(exc)
-    if exc.status != 429:
-        return ApiProblem(502, text)
     asked = exc.retry_after
+    if exc.status != 429 and not (exc.status == 503 and asked is not None):
+        return ApiProblem(502, text)
     # bounded before rounding: 400 digits read as infinity, which math.ceil() cannot take
     wait = RETRY_AFTER_DEFAULT if asked is None else max(RETRY_AFTER_MIN, math.ceil(min(RETRY_AFTER_MAX, asked)))
-    return ApiProblem(503, f"{text}; VideoDB is rate-limiting, retry in {wait}s", retry_after=wait)
+    why = "rate-limiting" if exc.status == 429 else "busy"
+    return ApiProblem(503, f"{text}; VideoDB is {why}, retry in {wait}s", retry_after=wait)
 
 
 class SessionCreator:

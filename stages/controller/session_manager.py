@@ -36,6 +36,7 @@ from stages.controller.ai_pipelines import (
     Stream,
     media_kind,
     of_sdk,
+    retry_wait,
     streams_from_event,
     usable_id,
 )
@@ -144,7 +145,8 @@ class SessionManager:
         """The session as VideoDB has it now, or None (the failed call is logged and counted).
 
         An active session that could not be bound for want of this answer is bound again one
-        `status_poll_interval` later, unless VideoDB refused the call outright (4xx).
+        `status_poll_interval` later (after a 429, no sooner than its Retry-After), unless VideoDB refused
+        the call outright (4xx).
         """
         try:
             return await self._sdk("get_capture_session", self.conn.get_capture_session,
@@ -153,11 +155,12 @@ class SessionManager:
             log.error("%s", exc)
             self.stats.errors += 1
             if not exc.fatal and s.live and s.lifecycle.state == "active":
-                self._spawn(self._bind_later(s))
+                self._spawn(self._bind_later(s, retry_wait(self.opts.status_poll_interval, exc.retry_after)))
             return None
 
-    async def _bind_later(self, s: ManagedSession) -> None:
-        await asyncio.sleep(self.opts.status_poll_interval)
+    async def _bind_later(self, s: ManagedSession, delay: float) -> None:
+        """Bind after `delay`: before, a 429's Retry-After was not waited for (asked again every interval)."""
+        await asyncio.sleep(delay)
         pipes = s.pipelines
         if s.live and s.lifecycle.state == "active" and (pipes is None or pipes.bound_to != self.link.connection_id):
             await self._bind(s, None, backfill_gap=True)
@@ -584,8 +587,8 @@ class SessionManager:
 
     async def _backfill_again(self, s: ManagedSession, delay: float) -> None:
         """A backfill or a bind call failed (VideoDB 5xx, network): try again after `status_poll_interval`, and so
-        on until it works or the session ends (a failed bind binds everything again while the session is active,
-        then backfills); `delay`: longer when VideoDB answered 429 with a longer Retry-After. Before, a failed
+        on until it works or the session ends (a failed bind makes again the calls that failed while the session is
+        active, then backfills); `delay`: longer when VideoDB answered 429 with a longer Retry-After. Before, a failed
         backfill waited for the next reconnect, which may never come, and a pipeline whose re-bind call failed
         kept sending to the old connection."""
         await asyncio.sleep(delay)
@@ -611,9 +614,9 @@ class SessionManager:
         pipes = s.pipelines
         pipes.streams = streams
         self._learn_streams(s, streams)
-        while s.live and (conn_id := self.link.connection_id) != pipes.bound_to and conn_id:
-            before = pipes.errors
-            await pipes.bind(conn_id)
+        while s.live and s.lifecycle.state == "active" and pipes.due(conn_id := self.link.connection_id):
+            before = pipes.errors  # (one VideoDB stopped gets no transcript or index on its stopped rtstreams)
+            await pipes.bind(str(conn_id))
             self.stats.errors += pipes.errors - before
         if pipes.bound_to:
             s.record["ws_connection_id"] = pipes.bound_to
@@ -621,7 +624,9 @@ class SessionManager:
         self.store.save(s.record)
 
     async def _on_connection(self, conn_id: str) -> None:
-        """SessionLink listener: the source (re)connected; re-bind every live, bound session."""
+        """SessionLink listener: the source (re)connected; re-bind every live, bound session that is active, and
+        backfill each one's gap (a session VideoDB stopped meanwhile is backfilled only: before, it was bound
+        again, transcripts and indexes started on its stopped rtstreams)."""
         inlet = self.link.inlet
         for s in self.sessions.values():
             if s.live and s.pipelines is not None and s.pipelines.bound_to not in (None, conn_id) \
@@ -629,7 +634,7 @@ class SessionManager:
                 s.rebind_waiting = True
                 if inlet is not None:
                     inlet.hold()  # now, before the new connection's first event is accepted
-                self._spawn(self._bind(s, s.pipelines.streams, held=inlet is not None))
+                self._spawn(self._bind(s, s.pipelines.streams, backfill_gap=True, held=inlet is not None))
         if any(not s.lifecycle.done for s in self.sessions.values()):  # stopped ones too: not ended yet
             self._start_poll()
 

@@ -100,6 +100,22 @@ class AlertForwarderOptions(SinkOptions):
             raise ValueError("timeout must be more than 0 (e.g. 10s): a request must end some time")
         return value
 
+    @field_validator("max_retry_time")
+    @classmethod
+    def _max_retry_time(cls, value: float) -> float:
+        if value <= 0:  # 0 read as "never retry" (one try, then "next retry ... would exceed max_retry_time 0s")
+            raise ValueError("max_retry_time must be more than 0 (e.g. 5m); to send each alert once, without "
+                             "retries, set max_attempts: 1")
+        return value
+
+    @field_validator("shutdown_timeout")
+    @classmethod
+    def _shutdown_timeout(cls, value: float) -> float:
+        if value <= 0:  # 0 dead-lettered at exit even an alert written just before, never sent
+            raise ValueError("shutdown_timeout must be more than 0 (e.g. 30s): at 0, alerts still queued at exit "
+                             "are dead-lettered without a try")
+        return value
+
     @field_validator("template")
     @classmethod
     def _template(cls, value: str | None) -> str | None:
