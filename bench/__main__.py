@@ -31,6 +31,7 @@ BENCHMARKS: Final[dict[str, tuple[str, int, int]]] = {
     "faust_scaling": ("bench.faust_scaling", 100_000, 10_000),
     "bytewax_peer": ("bench.bytewax_peer", 1_000_000, 100_000),
     "sessions": ("bench.sessions", 1_000, 50),  # concurrent capture sessions, not events
+    "session_burst": ("bench.session_burst", 500, 50),  # sessions created while as many stream
     "spool": ("bench.spool", 1_000_000, 100_000),
     "http_view": ("bench.http_view", 1_000_000, 100_000),
 }

@@ -42,8 +42,12 @@ TARGET_KB: Final = 50.0
 CLK: Final = os.sysconf("SC_CLK_TCK")
 
 
+LAG_EVERY: Final = 0.005  # seconds between two looks at the event loop's lag (`loop_lag: true`)
+
+
 class LatencyOptions(SinkOptions):
     path: str = Field(description="where the receipt->sink latency histogram is written, every 0.5 s")
+    loop_lag: bool = Field(False, description="also a histogram of the event loop's lag (1 ms buckets)")
 
 
 class LatencySink(Sink):
@@ -60,10 +64,23 @@ class LatencySink(Sink):
         self.gc_max_ms = 0.0
         self._gc_t0 = 0.0
         self._task: asyncio.Task[None] | None = None
+        self.lag: list[int] | None = [0] * (BUCKETS // 10 + 1) if options.loop_lag else None
+        self._lag_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         gc.callbacks.append(self._gc)
         self._task = asyncio.create_task(self._snapshots())
+        if self.lag is not None:
+            self._lag_task = asyncio.create_task(self._watch_lag(self.lag))
+
+    @staticmethod
+    async def _watch_lag(lag: list[int]) -> None:
+        """How late a LAG_EVERY sleep wakes up: what the loop was busy with meanwhile (1 ms buckets)."""
+        top = len(lag) - 1
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(LAG_EVERY)
+            lag[min(top, int((time.perf_counter() - t0 - LAG_EVERY) * 1000))] += 1
 
     def _gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -88,13 +105,15 @@ class LatencySink(Sink):
 
     def _dump(self) -> None:
         sparse = {i: c for i, c in enumerate(self.hist) if c}
-        write_private_text(self.path, orjson.dumps({"t": time.time(), "hist": sparse, "gc": self.gc_ms,
-                                                            "gc_max": self.gc_max_ms},
-                                                           option=orjson.OPT_NON_STR_KEYS).decode())
+        snap: dict[str, Any] = {"t": time.time(), "hist": sparse, "gc": self.gc_ms, "gc_max": self.gc_max_ms}
+        if self.lag is not None:
+            snap["lag"] = {i: c for i, c in enumerate(self.lag) if c}
+        write_private_text(self.path, orjson.dumps(snap, option=orjson.OPT_NON_STR_KEYS).decode())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._lag_task):
+            if task is not None:
+                task.cancel()
         self._dump()
 
 

@@ -149,6 +149,7 @@ def test_sessions_bound_counts_saved_records_with_their_indexes(tmp_path: Path) 
     store.save({"session_id": "cap-none", "status": "created"})
     store.save({"session_id": "cap-one", "indexes": [index]})
     store.save({"session_id": "cap-two", "indexes": [index, {**index, "rtstream_id": "rts-d2"}]})
+    assert store.flush()
     (store.dir / "cap-torn.json").write_text('{"session_id": "cap-torn", "indexes": [')
     assert sessions_bench.bound_sessions(store.dir, 2) == 1
     assert sessions_bench.bound_sessions(store.dir, 1) == 2

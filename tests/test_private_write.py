@@ -26,7 +26,9 @@ from pathlib import Path
 from stages.controller.session_store import SessionStore
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit: a short write, then EFBIG (as a full disk: ENOSPC)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
-SessionStore(Path(sys.argv[1])).save({"session_id": "cap-1", "status": "active", "metadata": {"x": "y" * 20000}})
+store = SessionStore(Path(sys.argv[1]))
+store.save({"session_id": "cap-1", "status": "active", "metadata": {"x": "y" * 20000}})
+store.flush()
 """
 
 
@@ -35,6 +37,7 @@ def test_a_record_the_disk_takes_only_part_of_leaves_the_saved_one_whole(tmp_pat
     the record (a restart skipped it as not JSON: the session was no longer re-attached)."""
     store = SessionStore(tmp_path)
     store.save({"session_id": "cap-1", "status": "created", "metadata": {}})
+    assert store.flush()
     out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0, out.stderr
@@ -58,7 +61,9 @@ async def test_a_session_record_the_disk_refused_is_written_once_the_disk_takes_
         assert status == 201, made  # the session goes on: its record is kept to be written later
         records.unlink()
         assert (await live.call("POST", "/v1/sessions", json={"end_user_id": "c"}))[0] == 201  # writes work again
-        saved = orjson.loads((records / f"{made['session_id']}.json").read_bytes())
+        kept = records / f"{made['session_id']}.json"
+        await live.wait_for(kept.exists)  # written after the next write that works (c's), in the writer thread
+        saved = orjson.loads(kept.read_bytes())
         assert (saved["end_user_id"], saved["status"]) == ("b", "created")
     async with running(make_context, emulator) as live:
         assert made["session_id"] in live.ctl.manager.sessions

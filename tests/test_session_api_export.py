@@ -36,6 +36,7 @@ async def test_a_session_never_exported_ends_as_failed_after_export_timeout(
         view = (await live.call("GET", f"/v1/sessions/{sid}"))[1]
         assert view["status"] == "failed", view
         assert "not exported within export_timeout=0.5s of stopping" in view["error"], view
+        assert await mgr.store.flushed(sid)  # written by the writer thread
         record = orjson.loads((tmp_path / "sessions" / f"{sid}.json").read_bytes())
         assert record["status"] == "failed" and record["error"] == view["error"]
         assert isinstance(record["stopped_at"], str)

@@ -174,9 +174,7 @@ class SessionApi:
         return _json(s.view(), 202)
 
     async def token(self, request: web.Request) -> web.Response:
-        s = await self.manager.new_token(request.match_info["sid"])
-        return _json({"session_id": s.id, "client_token": s.record.get("client_token"),
-                      "expires_at": s.record.get("expires_at")})
+        return _json(await self.manager.new_token(request.match_info["sid"]))
 
 
 def _deeper_than(value: Any, limit: int) -> bool:

@@ -167,7 +167,7 @@ class SessionCreator:
             "idempotency_key": key, "request_hash": fingerprint}
         # until the record is saved: a crash or a lost answer can be told from it later. Without it, a retry after
         # a restart could not find the session this create made and would make a second one: nothing is made
-        if key is not None and not self.m.store.save_intent(record):
+        if key is not None and not await self.m.store.save_intent(record):
             self.m.stats.errors += 1
             secrets.forget(token)  # handed to nobody
             raise ApiProblem(503, f"cannot save the state of this create (Idempotency-Key): nothing was made; "
@@ -196,6 +196,7 @@ class SessionCreator:
                 self.m._lifecycle_event(s, event, status)
         if self.m.link.connection_id != conn_id:  # reconnected meanwhile: events went to the old id
             self.m._start_poll()
+        await self.m.store.flushed(s.id)  # its 201 only once a restart would know it (a failed write is logged)
         return s
 
     async def _made_before(self, key: str, fingerprint: str) -> ManagedSession | None:
@@ -221,7 +222,7 @@ class SessionCreator:
             await asyncio.wait(set(self.at_videodb))  # it for ours (both callers were handed that one session)
         found = lost_create.candidates(
             listed, intent.get("end_user_id"), intent.get("metadata"),
-            lambda sid: sid in self.m.sessions or self.m.store.path(sid).exists())
+            lambda sid: sid in self.m.sessions or self.m.store.has(sid))
         if len(found) != 1:
             if found:
                 log.warning("%s: Idempotency-Key %r: %d sessions at VideoDB could be the one an earlier try made; "
@@ -233,6 +234,7 @@ class SessionCreator:
                  "kept", self.m.who, s.id, key)
         if self.m.link.connection_id != s.record.get("ws_connection_id"):
             self.m._start_poll()  # its lifecycle events go to the connection it was created on
+        await self.m.store.flushed(s.id)
         return s
 
     async def close(self) -> None:

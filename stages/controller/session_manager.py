@@ -228,13 +228,15 @@ class SessionManager:
         return await self.creator.create(end_user_id, metadata, on_active, key, fingerprint)
 
     def _keep(self, record: dict[str, Any], status: str | None) -> ManagedSession:
-        """A session VideoDB made for us: registered, its record saved (then its create's intent dropped)."""
+        """A session VideoDB made for us: registered, its record queued (then its create's intent dropped); the
+        create awaits `store.flushed` before it answers, so its 201 promises a restart knows the session."""
         s = self._add(record)
         s.lifecycle.advance(status or "created")
         s.record["status"] = s.lifecycle.state
         _mask_token(s)  # one a lost create's note kept was made by an earlier try (or run)
-        if self.store.save(s.record) and isinstance(record.get("idempotency_key"), str):
-            self.store.drop_intent(record["idempotency_key"])  # not before: a restart finds the session by it
+        key = record.get("idempotency_key")
+        # the note goes only once the record is written, not before: a restart finds the session by it
+        self.store.save(s.record, then=partial(self.store.drop_intent, key) if isinstance(key, str) else None)
         return s
 
     async def _forgotten(self, key: str) -> ManagedSession | None:
@@ -327,6 +329,7 @@ class SessionManager:
         s.record["stop_requested"] = True
         s.record["stop_incomplete"] = True  # until every call went through (a crash now: the restart stops it)
         self.store.save(s.record)
+        await self.store.flushed(s.id)  # on disk before VideoDB is asked (as it was when written on the loop)
         async with s.lock:
             if not s.record.get("stop_incomplete"):  # a stop sent meanwhile (a concurrent POST) went through
                 return s
@@ -382,7 +385,9 @@ class SessionManager:
             if not exc.fatal:  # network, 5xx: worth sending again (a 4xx, e.g. already stopped, is not)
                 failed.append(exc)
 
-    async def new_token(self, sid: str) -> ManagedSession:
+    async def new_token(self, sid: str) -> dict[str, Any]:
+        """A new client token for the session: the answer, taken before its record is awaited on disk (a rotation
+        meanwhile replaces the record's token, not the one this call hands out)."""
         s = self.get(sid)
         _token_allowed(s)
         try:
@@ -395,8 +400,10 @@ class SessionManager:
             _token_allowed(s)
         session_tokens.replace(s.record, token)  # the one it replaces stays masked: a client may hold it still
         s.record["expires_at"] = iso_ts(time.time() + self.opts.client_token_expires_in)
+        answer = {"session_id": s.id, "client_token": token, "expires_at": s.record["expires_at"]}
         self.store.save(s.record)
-        return s
+        await self.store.flushed(s.id)  # on disk before it is handed out: a restart masks it in logs
+        return answer
 
     # --- the stream ----------------------------------------------------------------------------
 
@@ -706,6 +713,7 @@ class SessionManager:
     async def close(self) -> None:
         await self.creator.close()
         await self._background.cancel_all()
+        await self.store.close()  # the records still queued, then nothing more is saved
 
 
 def _streams_of(session: Any) -> list[Stream]:

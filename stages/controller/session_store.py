@@ -2,25 +2,29 @@
 
 A file per session keeps each write small (a status change of one session never
 rewrites the others) and atomic (`write_private_text` renames a temporary
-file), so a crash leaves every record either old or new, never torn.
+file), so a crash leaves every record either old or new, never torn. Every file
+here is written and removed by one thread, in order (`store_writer.py`): the
+event loop only serializes; reads see the writes still queued.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import re
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
 
-from pipeline.errors import StageError
 from pipeline.events import iso_seconds
 from pipeline.files import ensure_private_dir, write_private_text
+from stages.controller.store_writer import UNKNOWN, StoreWriter
 
 log = logging.getLogger("pipeline.controller.sessions")
 
@@ -28,6 +32,7 @@ SESSIONS_DIR: Final = "sessions"
 #: A record is its request's metadata (at most api.max_body_bytes, 16 MiB) plus about a kilobyte.
 MAX_RECORD_BYTES: Final = 32 << 20
 MAX_STATE_BYTES: Final = 16 << 20  # another state file (the backfill checkpoint)
+FLUSH_WAIT: Final = 10.0  # seconds a stop waits for the queued writes
 INTENT_SWEEP_EVERY: Final = 3600.0  # seconds between two looks for create intents whose client token expired
 _SAFE_ID: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")  # \Z: `$` lets a final newline through
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
@@ -45,60 +50,74 @@ def safe_id(session_id: str) -> bool:
 
 
 class SessionStore:
-    """Reads and writes session records; a failed write is logged, never fatal (the session goes on)."""
+    """Reads and writes session records; a failed write is logged, never fatal (the session goes on).
+
+    `save`, `drop`, `write_json` and the intent notes are queued for the writer thread (see store_writer.py);
+    `flushed(session_id)` waits for a record to be on disk, `close()` for every queued write (a stop)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / SESSIONS_DIR
         self._swept = -INTENT_SWEEP_EVERY  # monotonic time of the last look for expired intents
-        #: records whose last save failed (the session's own dict, so always its latest state), by id: written
-        #: again at the next save that works. Else a session made while the disk was full (or the directory
-        #: gone) had no file until its status next changed, for ever if it did not, and a restart lost it
-        self._unsaved: dict[str, dict[str, Any]] = {}
+        #: records whose last write failed (their newest version) are kept there, written again after the next
+        #: write that works. Else a session made while the disk was full (or the directory gone) had no file
+        #: until its status next changed, for ever if it did not, and a restart lost it
+        self._writer = StoreWriter(self._write, self._remove_file, lambda name: str(self.dir / name))
 
     def path(self, session_id: str) -> Path:
         return self.dir / f"{session_id}.json"
 
-    def save(self, record: dict[str, Any]) -> bool:
-        """Write the record; False (logged) when it could not be."""
+    def save(self, record: dict[str, Any], *, then: Callable[[], None] | None = None) -> bool:
+        """Queue writing the record as it is now; False (logged) when its id cannot name a file. `then` runs in
+        the writer thread once the record is on disk (not if its write fails; then after it finally works)."""
         sid = str(record.get("session_id") or "")
         if not safe_id(sid):
             log.error("sessions: not saving a session with id %r (not a safe file name)", sid[:80])
             return False
-        try:  # compact: indented, a deep metadata list grew 40-fold, past what a restart reads back
-            self._write(sid, record)
-        except (StageError, OSError) as exc:
-            log.error("sessions: cannot save %s: %s", self.path(sid), exc)
-            self._unsaved[sid] = record
-            return False
-        self._unsaved.pop(sid, None)
-        self._save_unsaved()
+        # compact: indented, a deep metadata list grew 40-fold, past what a restart reads back
+        self._writer.put(f"{sid}.json", orjson.dumps(record), then=then)
         return True
 
-    def _write(self, sid: str, record: dict[str, Any]) -> None:
-        write_private_text(self.path(sid), orjson.dumps(record).decode())
+    def flushed(self, session_id: str) -> asyncio.Future[bool]:
+        """Resolves once the record as saved so far is on disk (True) or could not be written (False, logged)."""
+        return self._writer.flushed(f"{session_id}.json")
 
-    def _save_unsaved(self) -> None:
-        """The disk took a write again: the records it refused before, each logged once already."""
-        for sid, record in list(self._unsaved.items()):
-            try:
-                self._write(sid, record)
-            except (StageError, OSError):
-                return
-            self._unsaved.pop(sid, None)
+    def flush(self, timeout: float = FLUSH_WAIT) -> bool:
+        """Block until every queued write is done (False after `timeout` seconds): for callers without a loop."""
+        return self._writer.idle(timeout)
+
+    async def close(self, timeout: float = FLUSH_WAIT) -> None:
+        """A stop: the queued writes are written, for `timeout` seconds at most (what is left is logged)."""
+        await self._writer.close(timeout)
+
+    def has(self, session_id: str) -> bool:
+        """Is there a record of this session (on disk, or queued)?"""
+        queued = self._writer.peek(f"{session_id}.json")
+        return self.path(session_id).exists() if queued is UNKNOWN else queued is not None
+
+    def _write(self, name: str, data: bytes) -> None:
+        write_private_text(self.dir / name, data.decode())
+
+    def _remove_file(self, name: str) -> None:
+        _remove(self.dir / name)
+
+    def _bytes(self, p: Path, limit: int) -> bytes:
+        """The file's bytes as queued (newest) or on disk; FileNotFoundError when it is (being) removed."""
+        queued = self._writer.peek(p.name)
+        if queued is UNKNOWN:
+            return read_regular(p, limit)
+        if queued is None:
+            raise FileNotFoundError(p)
+        assert isinstance(queued, bytes)
+        return queued
 
     def write_json(self, name: str, data: Any) -> None:
-        """Another state file beside the records (e.g. where a restart's backfill starts)."""
-        try:
-            write_private_text(self.dir / name, orjson.dumps(data).decode())
-        except (StageError, OSError) as exc:
-            log.error("sessions: cannot save %s: %s", self.dir / name, exc)
-            return
-        self._save_unsaved()  # written every few seconds while events flow
+        """Another state file beside the records (e.g. where a restart's backfill starts), queued as records are."""
+        self._writer.put(name, orjson.dumps(data))
 
     def read_json(self, name: str) -> Any:
         """What `write_json` saved, or None (missing, unreadable, not a regular file or over 16 MiB)."""
         try:
-            return orjson.loads(read_regular(self.dir / name, MAX_STATE_BYTES))
+            return orjson.loads(self._bytes(self.dir / name, MAX_STATE_BYTES))
         except (OSError, ValueError):
             return None
 
@@ -106,21 +125,21 @@ class SessionStore:
         """Where a keyed create notes what it asks VideoDB for, until its record is saved (the key may hold '/')."""
         return self.dir / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.creating"
 
-    def save_intent(self, intent: dict[str, Any]) -> bool:
-        """Note a keyed create before it asks VideoDB; False (logged) when the note could not be written."""
+    async def save_intent(self, intent: dict[str, Any]) -> bool:
+        """Note a keyed create before it asks VideoDB (True once on disk); False (logged) when the note could not
+        be written (not tried again: the create is refused)."""
         self.drop_expired_intents()
-        try:
-            write_private_text(self.intent_path(intent["idempotency_key"]), orjson.dumps(intent).decode())
-        except (StageError, OSError) as exc:
-            log.error("sessions: cannot save %s: %s; the create is refused (503) until it can be",
-                      self.intent_path(intent["idempotency_key"]), exc)
-            return False
-        return True
+        name = self.intent_path(intent["idempotency_key"]).name
+        self._writer.put(name, orjson.dumps(intent), keep=False)
+        if await self._writer.flushed(name):
+            return True
+        log.error("sessions: the create is refused (503) until %s can be written", self.dir / name)
+        return False
 
     def load_intent(self, key: str) -> dict[str, Any] | None:
         """The create noted for `key` that never got its record, or None."""
         try:
-            intent = orjson.loads(read_regular(self.intent_path(key), MAX_RECORD_BYTES))
+            intent = orjson.loads(self._bytes(self.intent_path(key), MAX_RECORD_BYTES))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
@@ -149,40 +168,43 @@ class SessionStore:
                 _remove(p)
 
     def drop_intent(self, key: str) -> None:
-        _remove(self.intent_path(key))
+        """Queued: after the writes already queued (the record a create saved before it drops its note)."""
+        self._writer.put(self.intent_path(key).name, None)
 
     def load_all(self) -> list[dict[str, Any]]:
         """Every readable record, oldest created first (so the newest are the ones kept in memory); unreadable
         ones are logged and skipped (and left for a person to see)."""
-        if not self.dir.exists():
-            return []
-        ensure_private_dir(self.dir)
+        names = {n for n in self._writer.queued() if n.endswith(".json")}  # reads see the writes still queued
+        if self.dir.exists():
+            ensure_private_dir(self.dir)
+            names.update(p.name for p in self.dir.glob("*.json"))
         out = []
-        for p in sorted(self.dir.glob("*.json")):
-            record = self._read(p)
+        for name in sorted(names):
+            record = self._read(self.dir / name)
             if record is not None:
                 out.append(record)
         out.sort(key=lambda r: str(r.get("created_at") or ""))  # stable: the file name breaks ties
         return out
 
     def drop(self, session_id: str) -> None:
-        """Remove a finished session's record (nothing will ask for it again); a failure is logged."""
-        self._unsaved.pop(session_id, None)
+        """Remove a finished session's record (nothing will ask for it again), after its writes queued before (a
+        write queued after it would bring it back); a failure is logged."""
         if safe_id(session_id):
-            _remove(self.path(session_id))
+            self._writer.put(f"{session_id}.json", None)
 
     def load(self, session_id: str) -> dict[str, Any] | None:
         """One saved record, or None (no such file, or unreadable: logged)."""
         return self._read(self.path(session_id)) if safe_id(session_id) else None
 
-    @staticmethod
-    def _read(p: Path) -> dict[str, Any] | None:
+    def _read(self, p: Path) -> dict[str, Any] | None:
         try:
-            record = orjson.loads(read_regular(p, MAX_RECORD_BYTES))
+            record = orjson.loads(self._bytes(p, MAX_RECORD_BYTES))
             if not isinstance(record, dict) or record.get("session_id") != p.stem:
                 raise ValueError("not a session record")
             if (wrong := wrong_key(record)) is not None:
                 raise ValueError(f"not a session record ({wrong})")
+        except FileNotFoundError:
+            return None  # removed meanwhile (or queued to be)
         except (OSError, ValueError) as exc:
             log.warning("sessions: skipping %s: %s", p, exc)
             return None
