@@ -54,9 +54,7 @@ async def produce(bootstrap: str, topic: str, stop: asyncio.Event, sent: dict[in
         while not stop.is_set():
             for _ in range(random.choice([1, 1, 1, 5, 50, 1500])):
                 sid = f"cap-{random.randrange(16)}"
-                event = {"channel": "transcript", "capture_session_id": sid, "rtstream_id": f"r-{sid}", "n": n,
-                         "data": {"text": "hello world", "start": 1710000000000 + n, "end": 1710000000500 + n}}
-                sent[n] = await producer.send(topic, orjson.dumps(event), key=sid.encode())
+                sent[n] = await producer.send(topic, numbered(n, sid), key=sid.encode())
                 n += 1
             await asyncio.sleep(random.choice([0.01, 0.2, 0.9, 1.1, 2.5]))
         await producer.flush()
@@ -64,7 +62,14 @@ async def produce(bootstrap: str, topic: str, stop: asyncio.Event, sent: dict[in
         await producer.stop()
 
 
+def numbered(n: int, sid: str) -> bytes:
+    """Event `n` of session `sid`, as the ingest publishes it (`n` tells which arrived)."""
+    return orjson.dumps({"channel": "transcript", "capture_session_id": sid, "rtstream_id": f"r-{sid}", "n": n,
+                         "data": {"text": "hello world", "start": 1710000000000 + n, "end": 1710000000500 + n}})
+
+
 def delivered(path: Path) -> set[int]:
+    """The numbers of the events a JSONL sink wrote."""
     if not path.exists():
         return set()
     return {e["n"] for e in map(orjson.loads, path.read_bytes().splitlines()) if "n" in e}

@@ -24,6 +24,7 @@ import orjson
 import pytest
 import yaml
 
+from bench.faust_churn import delivered, numbered
 from pipeline.config import load_config
 from pipeline.runtime.faust_ingest import ingest_topic
 from tests.broker import Broker, kafka_broker  # noqa: F401
@@ -59,17 +60,9 @@ async def produce(bootstrap: str, topic: str) -> None:
     try:
         for n in range(EVENTS):
             sid = f"cap-{n % 8}"
-            event = {"channel": "transcript", "capture_session_id": sid, "rtstream_id": f"r-{sid}", "n": n,
-                     "data": {"text": "hello", "start": 1710000000000 + n, "end": 1710000000500 + n}}
-            await producer.send_and_wait(topic, orjson.dumps(event), key=sid.encode())
+            await producer.send_and_wait(topic, numbered(n, sid), key=sid.encode())
     finally:
         await producer.stop()
-
-
-def delivered(path: Path) -> set[int]:
-    if not path.exists():
-        return set()
-    return {e["n"] for e in map(orjson.loads, path.read_bytes().splitlines()) if "n" in e}
 
 
 async def test_records_fetched_while_the_worker_seeks_after_a_rebalance_reach_the_sinks(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -50,6 +51,24 @@ async def spawn(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
                                                 stderr=asyncio.subprocess.PIPE)
 
 
+@contextlib.asynccontextmanager
+async def listening(*args: str, env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`spawn`, killed on the way out if a failed check left it running."""
+    proc = await spawn(*args, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def stop(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> tuple[bytes, bytes]:
+    """Signal `proc` and collect what it printed (20 s at most)."""
+    proc.send_signal(sig)
+    return await asyncio.wait_for(proc.communicate(), 20)
+
+
 async def eventually(check: Callable[[], bool], timeout: float = 15.0) -> None:
     async with asyncio.timeout(timeout):
         while not check():
@@ -73,9 +92,8 @@ async def test_module_run_clear_first_connect_only_then_sigterm(emulator: Callab
     out = tmp_path / "events"
     out.mkdir(mode=0o700)
     (out / "videodb_events.jsonl").write_text('{"stale": true}\n')
-    proc = await spawn(sys.executable, "-m", "pipeline.listen", "--clear", str(out), "--base-url", emu.base_url,
-                       env=env(tmp_path))
-    try:
+    async with listening(sys.executable, "-m", "pipeline.listen", "--clear", str(out), "--base-url", emu.base_url,
+                         env=env(tmp_path)) as proc:
         first = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()  # type: ignore[union-attr]
         assert re.fullmatch(r"WS_ID=ws-[0-9a-f]+\n", first), first
         ws_id = first.strip().split("=", 1)[1]
@@ -95,12 +113,7 @@ async def test_module_run_clear_first_connect_only_then_sigterm(emulator: Callab
             assert mode(out / name) == 0o600, name
         assert mode(out) == 0o700
 
-        proc.send_signal(signal.SIGTERM)
-        rest, err = await asyncio.wait_for(proc.communicate(), 20)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        rest, err = await stop(proc)
     assert proc.returncode == 0, err.decode()
     assert b"WS_ID=" not in rest  # printed once, on the first connect only
     assert not (out / "videodb_ws_pid").exists()
@@ -114,9 +127,8 @@ async def test_cli_listen_uses_env_dir_and_dead_letters_garbage(emulator: Callab
     emu = emulator(garbage_every=10)
     await emu.start()
     out = tmp_path / "from-env" / "videodb"
-    proc = await spawn(str(PIPELINE), "listen", env=env(tmp_path, VIDEODB_EVENTS_DIR=str(out),
-                                                             VIDEO_DB_BASE_URL=emu.base_url))
-    try:
+    async with listening(str(PIPELINE), "listen", env=env(tmp_path, VIDEODB_EVENTS_DIR=str(out),
+                                                         VIDEO_DB_BASE_URL=emu.base_url)) as proc:
         first = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()  # type: ignore[union-attr]
         ws_id = first.strip().removeprefix("WS_ID=")
         assert first.startswith("WS_ID=") and (out / "videodb_ws_id").read_text() == ws_id
@@ -130,12 +142,7 @@ async def test_cli_listen_uses_env_dir_and_dead_letters_garbage(emulator: Callab
             await asyncio.to_thread(rts.start_transcript, ws_connection_id=ws_id)
         await eventually(lambda: any(e.get("status") == "exported" for e in lines(out / "videodb_events.jsonl")))
 
-        proc.send_signal(signal.SIGINT)
-        rest, err = await asyncio.wait_for(proc.communicate(), 20)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        rest, err = await stop(proc, signal.SIGINT)
     assert proc.returncode == 0, err.decode()
     got = lines(out / "videodb_events.jsonl")
     assert [{k: v for k, v in e.items() if k not in ("ts", "unix_ts")} for e in got] == \
@@ -158,17 +165,11 @@ async def test_listen_takes_the_log_options_as_every_subcommand(emulator: Callab
     shown = await spawn(*cmd, "--help", env=env(tmp_path))
     text = (await asyncio.wait_for(shown.communicate(), 20))[0].decode()
     assert "--log-level {debug,info,warning,error}" in text and "--log-format {text,json}" in text, text
-    proc = await spawn(*cmd, str(tmp_path / "out"), "--base-url", emu.base_url, "--log-format", "json",
-                       "--log-level", "info", env=env(tmp_path))
-    try:
+    async with listening(*cmd, str(tmp_path / "out"), "--base-url", emu.base_url, "--log-format", "json",
+                         "--log-level", "info", env=env(tmp_path)) as proc:
         first = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()  # type: ignore[union-attr]
         assert first.startswith("WS_ID="), first
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        _, err = await stop(proc)
     assert proc.returncode == 0, err.decode()
     logged = [json.loads(line) for line in err.decode().splitlines()]  # JSON lines only
     assert any("connected" in e["message"] and e["level"] == "info" for e in logged), logged
