@@ -148,7 +148,9 @@ class AIPipelines:
     backfill_due: bool = False  # the last backfill failed for some target, worth another try soon (5xx, network)
     #: The calls of the last bind that failed in a way worth another try (5xx, 429, network), by what they
     #: start: ("transcript", rtstream id), (index kind, rtstream id), ("event", label), ("alert", label, index id).
-    failed: set[tuple[str, ...]] = field(default_factory=set)
+    #: (A frozenset, empty and shared until a call fails: an empty set per session was one more object per
+    #: session for every full garbage collection to walk.)
+    failed: frozenset[tuple[str, ...]] = frozenset()
     retry_taken: bool = False  # `take_retry` asked for those calls again (on the same connection)
     wait: float = 0.0  # the longest Retry-After VideoDB gave a failed call since the last retry was planned
     #: Called with every index id this bind has not stopped yet (the old ones too) each time it creates one,
@@ -177,7 +179,7 @@ class AIPipelines:
             else:
                 self.errors += 1
                 if not exc.fatal:  # worth another try (5xx, 429, network)
-                    self.failed.add(key)
+                    self.failed |= {key}
                 log.error("%s", exc)
             return None
 
@@ -187,7 +189,7 @@ class AIPipelines:
         retry bound everything again: each transcript started anew, each good index replaced by another)."""
         again, todo = conn_id == self.bound_to, self.failed
         spec, old = self.spec, ({} if again else self._indexes)
-        self.failed, self.retry_taken = set(), False
+        self.failed, self.retry_taken = frozenset(), False
 
         def due(*key: str) -> bool:
             return not again or key in todo
