@@ -14,7 +14,9 @@ What callers get:
   thread only once their file's write went through.
 - `peek(name)` is the newest version not yet on disk (reads see their own writes); `flushed(name)`
   resolves once the version queued so far is on disk (True) or could not be written (False).
-- A failed write is logged and kept; it is tried again, silently, after the next write that works.
+- A failed write is logged and kept; it is tried again, silently, after the next write that works, every
+  RETRY_EVERY seconds while nothing else is written (a quiet server: else it waited in memory only, and a
+  kill -9 lost it though the disk took writes again), and once more at `close`.
 - `close(timeout)` waits for the queue to drain (a stop); what is left is logged.
 """
 
@@ -31,12 +33,14 @@ from typing import Final
 log = logging.getLogger("pipeline.controller.sessions")
 
 UNKNOWN: Final = object()  # peek(): nothing queued for this name, read the file
+RETRY_EVERY: Final = 1.0  # seconds between two tries of the oldest write the disk refused, while nothing else runs
 
 
 @dataclass(slots=True)
 class _Op:
     data: bytes | None  # None: remove the file
     keep: bool = True  # a failed write is kept to be tried again (not a create's intent note: its 503 said so)
+    logged: bool = False  # its failure was logged (a retry that fails too is not)
     then: list[Callable[[], None]] = field(default_factory=list)
     waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]]] = field(default_factory=list)
 
@@ -68,8 +72,11 @@ class StoreWriter:
             self._pending[name] = op
             self._cv.notify_all()
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="session-records", daemon=True)
-                self._thread.start()
+                self._start()
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="session-records", daemon=True)
+        self._thread.start()
 
     def peek(self, name: str) -> bytes | object | None:
         """The newest version of `name` not on disk yet (None: being removed), or UNKNOWN (read the file)."""
@@ -108,7 +115,13 @@ class StoreWriter:
         """Write what is queued, for `timeout` seconds at most; log what is left (and what the disk refused)."""
         with self._cv:
             self._closing = True
+            for name, op in self.unsaved.items():  # the disk may take them now: once more (their waiters are done)
+                if name not in self._pending:
+                    self._pending[name] = op
+            self.unsaved.clear()
             self._cv.notify_all()
+            if self._pending and (self._thread is None or not self._thread.is_alive()):
+                self._start()
         if not await asyncio.to_thread(self.idle, timeout):
             with self._cv:
                 left = list(self._pending) + ([self._busy[0]] if self._busy else [])
@@ -124,16 +137,22 @@ class StoreWriter:
     def _run(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._pending or self._closing)
-                if not self._pending:
+                self._cv.wait_for(lambda: self._pending or self._closing, RETRY_EVERY if self.unsaved else None)
+                if not self._pending and self._closing:
                     self._closing = False  # a put after close() starts another thread
                     return
-                name, op = self._busy = self._pending.popitem(last=False)
-            ok = self._carry_out(name, op, quiet=False)
-            if ok:
+                if not self._pending:  # quiet for RETRY_EVERY: is the disk back? (the oldest refused write)
+                    if not self.unsaved:
+                        continue
+                    name = next(iter(self.unsaved))
+                    op = self.unsaved.pop(name)
+                    self._busy = (name, op)
+                else:
+                    name, op = self._busy = self._pending.popitem(last=False)
+            if self._carry_out(name, op):
                 self._retry_unsaved()
 
-    def _carry_out(self, name: str, op: _Op, *, quiet: bool) -> bool:
+    def _carry_out(self, name: str, op: _Op) -> bool:
         try:
             if op.data is None:
                 self._remove(name)
@@ -142,7 +161,8 @@ class StoreWriter:
             ok = True
         except Exception as exc:
             ok = False
-            if not quiet:
+            if not op.logged:
+                op.logged = True
                 log.error("sessions: cannot %s %s: %s", "save" if op.data is not None else "remove",
                           self._describe(name), exc)
         for then in op.then if ok else ():  # before the op is done: what they queue keeps `idle()` waiting
@@ -176,7 +196,7 @@ class StoreWriter:
                 name = next(iter(self.unsaved))
                 op = self.unsaved.pop(name)
                 self._busy = (name, op)
-            if not self._carry_out(name, op, quiet=True):
+            if not self._carry_out(name, op):
                 return
 
 
