@@ -127,7 +127,11 @@ class SessionCreator:
             self._create_at_videodb(conn_id, end_user_id, metadata, on_active, key, fingerprint))
         self.at_videodb.add(task)
         task.add_done_callback(self.at_videodb.discard)
-        return await asyncio.shield(task)
+        s = await asyncio.shield(task)
+        # its 201 only once a restart would know it (a failed write is logged). Not in the task: a shutdown waits
+        # CLOSE_WAIT for creates at VideoDB, not for a slow disk (the stop writes the queued records itself)
+        await self.m.store.flushed(s.id)
+        return s
 
     async def _connection_for_create(self) -> str:
         """The current connection id; 503 after connect_timeout without one, or at once when shutting down."""
@@ -196,7 +200,6 @@ class SessionCreator:
                 self.m._lifecycle_event(s, event, status)
         if self.m.link.connection_id != conn_id:  # reconnected meanwhile: events went to the old id
             self.m._start_poll()
-        await self.m.store.flushed(s.id)  # its 201 only once a restart would know it (a failed write is logged)
         return s
 
     async def _made_before(self, key: str, fingerprint: str) -> ManagedSession | None:
