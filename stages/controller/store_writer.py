@@ -14,9 +14,10 @@ What callers get:
   thread only once their file's write went through.
 - `peek(name)` is the newest version not yet on disk (reads see their own writes); `flushed(name)`
   resolves once the version queued so far is on disk (True) or could not be written (False).
-- A failed write is logged and kept; it is tried again, silently, after the next write that works, every
-  RETRY_EVERY seconds while nothing else is written (a quiet server: else it waited in memory only, and a
-  kill -9 lost it though the disk took writes again), and once more at `close`.
+- A failed write is logged and kept; it is tried again, silently, after the next write that works, after
+  RETRY_EVERY seconds while nothing else is written (then twice as long after each failed try, up to
+  RETRY_MAX: a quiet server kept it in memory only, and a kill -9 lost it though the disk took writes
+  again), and once more at `close`.
 - `close(timeout)` waits for the queue to drain (a stop); what is left is logged.
 """
 
@@ -33,7 +34,8 @@ from typing import Final
 log = logging.getLogger("pipeline.controller.sessions")
 
 UNKNOWN: Final = object()  # peek(): nothing queued for this name, read the file
-RETRY_EVERY: Final = 1.0  # seconds between two tries of the oldest write the disk refused, while nothing else runs
+RETRY_EVERY: Final = 1.0  # seconds before trying the oldest write the disk refused again, while nothing else runs
+RETRY_MAX: Final = 30.0  # the wait doubles after each such try that fails, up to this (a 16 MiB record every second)
 
 
 @dataclass(slots=True)
@@ -57,6 +59,7 @@ class StoreWriter:
         self.unsaved: dict[str, _Op] = {}  # writes that failed, tried again after the next one that works
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._retry_wait = RETRY_EVERY
 
     def put(self, name: str, data: bytes | None, *, then: Callable[[], None] | None = None,
             keep: bool = True) -> None:
@@ -137,11 +140,12 @@ class StoreWriter:
     def _run(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._pending or self._closing, RETRY_EVERY if self.unsaved else None)
+                self._cv.wait_for(lambda: self._pending or self._closing, self._retry_wait if self.unsaved else None)
                 if not self._pending and self._closing:
                     self._closing = False  # a put after close() starts another thread
                     return
-                if not self._pending:  # quiet for RETRY_EVERY: is the disk back? (the oldest refused write)
+                retrying = not self._pending
+                if retrying:  # quiet for a while: does the disk take the oldest refused write now?
                     if not self.unsaved:
                         continue
                     name = next(iter(self.unsaved))
@@ -150,7 +154,10 @@ class StoreWriter:
                 else:
                     name, op = self._busy = self._pending.popitem(last=False)
             if self._carry_out(name, op):
+                self._retry_wait = RETRY_EVERY
                 self._retry_unsaved()
+            elif retrying:
+                self._retry_wait = min(RETRY_MAX, self._retry_wait * 2)
 
     def _carry_out(self, name: str, op: _Op) -> bool:
         try:
