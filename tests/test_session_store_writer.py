@@ -33,15 +33,15 @@ from tests.videodb_harness import API_KEY, scenario_file
 
 
 class Gate:
-    """Record writes (`.json`) wait until `open()` (2 s at most, so a test of old code cannot hang); `entered`:
-    a write is waiting. Other files are written at once."""
+    """Record writes (`.json`, or files ending in `suffix`) wait until `open()` (2 s at most, so a test of old
+    code cannot hang); `entered`: a write is waiting. Other files are written at once."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, suffix: str = ".json") -> None:
         self.entered, self._open, self.written = threading.Event(), threading.Event(), []
         real = session_store.write_private_text
 
         def write(path: Any, text: str) -> None:
-            if str(path).endswith(".json"):
+            if str(path).endswith(suffix):
                 self.entered.set()
                 self._open.wait(2)
                 self.written.append(orjson.loads(text))
@@ -215,6 +215,33 @@ async def test_a_shutdown_does_not_wait_for_the_disk_as_for_a_create_at_videodb(
         status, made = await create
         assert status == 201, made
         assert (on_disk(live.ctl.manager.store, made["session_id"]) or {}).get("end_user_id") == "a"
+
+
+async def test_a_shutdown_does_not_wait_for_a_create_whose_note_the_disk_holds_and_it_makes_nothing(
+        emulator: Emulator, make_context: Callable[..., Context], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A keyed create writes its note before it asks VideoDB. Before, a shutdown counted one whose note a slow
+    disk held as a create at VideoDB: it waited up to 30 s for the disk, warned that the session had no record,
+    and the create then went on to make a session during the stop. Now the stop does not wait for it, and the
+    create answers 503 (nothing made, its note dropped)."""
+    gate = Gate(monkeypatch, ".creating")
+    try:
+        async with running(make_context, emulator) as live:
+            store = live.ctl.manager.store
+            create = asyncio.create_task(live.call("POST", "/v1/sessions", json={"end_user_id": "a"},
+                                                   headers={"Idempotency-Key": "key-a"}))
+            await live.wait_for(gate.entered.is_set, timeout=5)  # the note's write is held
+            t0 = time.monotonic()
+            await live.ctl.manager.creator.close()
+            assert time.monotonic() - t0 < 1.0  # the gate holds the write for 2 s
+            assert "still waiting for VideoDB" not in caplog.text
+            gate.open()
+            status, err = await create
+            assert status == 503 and "shutting down" in err["error"], err
+            assert not emulator.registry.sessions
+            await live.wait_for(lambda: store.flush(0) and not store.intent_path("key-a").exists(), timeout=5)
+    finally:
+        gate.open()
 
 
 SLOW_CHILD = """
