@@ -99,6 +99,19 @@ def test_a_drop_waits_for_the_writes_queued_before_it(tmp_path: Path, gate: Gate
     assert [r["status"] for r in gate.written] == ["stopped"]  # the one replaced by the removal: never written
 
 
+async def test_a_stop_that_cannot_write_everything_names_each_file_left_once(
+        tmp_path: Path, gate: Gate, caplog: pytest.LogCaptureFixture) -> None:
+    """A record being written when the stop's 10 s ran out, with a newer version of it queued behind, was
+    counted and named twice ("2 file(s) ... not written: cap-a.json, cap-a.json")."""
+    store = SessionStore(tmp_path)
+    store.save({"session_id": "cap-a", "status": "created"})
+    assert gate.entered.wait(2)  # the writer thread holds version 1
+    store.save({"session_id": "cap-a", "status": "active"})
+    await store.close(0.1)
+    assert "1 file(s) still waiting" in caplog.text, caplog.text
+    assert caplog.text.count("cap-a.json") == 1, caplog.text
+
+
 async def test_a_record_someone_waits_for_is_written_before_the_other_sessions_records(
         tmp_path: Path, gate: Gate) -> None:
     """A create's 201 waits for its record: that write goes ahead of the other files' writes queued before it

@@ -127,7 +127,7 @@ class StoreWriter:
                 self._start()
         if not await asyncio.to_thread(self.idle, timeout):
             with self._cv:
-                left = list(self._pending) + ([self._busy[0]] if self._busy else [])
+                left = list(dict.fromkeys([*([self._busy[0]] if self._busy else []), *self._pending]))  # once each
             log.error("sessions: %d file(s) still waiting to be written %gs after the stop began, not written: %s",
                       len(left), timeout, ", ".join(self._describe(n) for n in left[:10]))
         with self._cv:
