@@ -33,15 +33,15 @@ from tests.videodb_harness import API_KEY, scenario_file
 
 
 class Gate:
-    """Record writes (`.json`) wait until `open()` (2 s at most, so a test of old code cannot hang); `entered`:
-    a write is waiting. Other files are written at once."""
+    """Record writes (`.json`, or files ending in `suffix`) wait until `open()` (2 s at most, so a test of old
+    code cannot hang); `entered`: a write is waiting. Other files are written at once."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, suffix: str = ".json") -> None:
         self.entered, self._open, self.written = threading.Event(), threading.Event(), []
         real = session_store.write_private_text
 
         def write(path: Any, text: str) -> None:
-            if str(path).endswith(".json"):
+            if str(path).endswith(suffix):
                 self.entered.set()
                 self._open.wait(2)
                 self.written.append(orjson.loads(text))
@@ -97,6 +97,21 @@ def test_a_drop_waits_for_the_writes_queued_before_it(tmp_path: Path, gate: Gate
     assert store.flush()
     assert not store.path("cap-a").exists()
     assert [r["status"] for r in gate.written] == ["stopped"]  # the one replaced by the removal: never written
+
+
+async def test_a_stop_that_cannot_write_everything_names_each_file_left_once(
+        tmp_path: Path, gate: Gate, caplog: pytest.LogCaptureFixture) -> None:
+    """A record being written when the stop's 10 s ran out, with a newer version of it queued behind, was
+    counted and named twice ("2 file(s) ... not written: cap-a.json, cap-a.json")."""
+    store = SessionStore(tmp_path)
+    store.save({"session_id": "cap-a", "status": "created"})
+    assert gate.entered.wait(2)  # the writer thread holds version 1
+    store.save({"session_id": "cap-a", "status": "active"})
+    await store.close(0.1)
+    assert "1 file(s) still waiting" in caplog.text, caplog.text
+    assert caplog.text.count("cap-a.json") == 1, caplog.text
+    gate.open()
+    assert await asyncio.to_thread(store.flush, 5)  # nothing of it left for the next test's writes
 
 
 async def test_a_record_someone_waits_for_is_written_before_the_other_sessions_records(
@@ -194,6 +209,54 @@ async def test_a_create_is_answered_only_once_its_record_and_not_before_the_note
         assert status == 201, made
         assert (on_disk(store, made["session_id"]) or {}).get("idempotency_key") == "key-a"
         await live.wait_for(lambda: not store.intent_path("key-a").exists(), timeout=5)
+
+
+async def test_a_shutdown_does_not_wait_for_the_disk_as_for_a_create_at_videodb(
+        emulator: Emulator, make_context: Callable[..., Context], gate: Gate,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A shutdown waits up to 30 s for creates VideoDB has not answered yet (their sessions need a record).
+    Before, a create VideoDB had answered, its record queued behind a slow disk, counted as one of those: the
+    stop waited the 30 s for the disk (then 10 s more for the queued writes) and warned that the session had
+    no record. Now it does not wait for it (the stop writes the queued records); its 201 still waits."""
+    async with running(make_context, emulator) as live:
+        create = asyncio.create_task(live.call("POST", "/v1/sessions", json={"end_user_id": "a"}))
+        await live.wait_for(gate.entered.is_set, timeout=5)  # VideoDB answered; the record's write is held
+        t0 = time.monotonic()
+        await live.ctl.manager.creator.close()
+        assert time.monotonic() - t0 < 1.0  # the gate holds the write for 2 s
+        assert "still waiting for VideoDB" not in caplog.text
+        assert not create.done()
+        gate.open()
+        status, made = await create
+        assert status == 201, made
+        assert (on_disk(live.ctl.manager.store, made["session_id"]) or {}).get("end_user_id") == "a"
+
+
+async def test_a_shutdown_does_not_wait_for_a_create_whose_note_the_disk_holds_and_it_makes_nothing(
+        emulator: Emulator, make_context: Callable[..., Context], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A keyed create writes its note before it asks VideoDB. Before, a shutdown counted one whose note a slow
+    disk held as a create at VideoDB: it waited up to 30 s for the disk, warned that the session had no record,
+    and the create then went on to make a session during the stop. Now the stop does not wait for it, and the
+    create answers 503 (nothing made, its note dropped)."""
+    gate = Gate(monkeypatch, ".creating")
+    try:
+        async with running(make_context, emulator) as live:
+            store = live.ctl.manager.store
+            create = asyncio.create_task(live.call("POST", "/v1/sessions", json={"end_user_id": "a"},
+                                                   headers={"Idempotency-Key": "key-a"}))
+            await live.wait_for(gate.entered.is_set, timeout=5)  # the note's write is held
+            t0 = time.monotonic()
+            await live.ctl.manager.creator.close()
+            assert time.monotonic() - t0 < 1.0  # the gate holds the write for 2 s
+            assert "still waiting for VideoDB" not in caplog.text
+            gate.open()
+            status, err = await create
+            assert status == 503 and "shutting down" in err["error"], err
+            assert not emulator.registry.sessions
+            await live.wait_for(lambda: store.flush(0) and not store.intent_path("key-a").exists(), timeout=5)
+    finally:
+        gate.open()
 
 
 SLOW_CHILD = """

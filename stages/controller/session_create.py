@@ -121,13 +121,30 @@ class SessionCreator:
     async def _create(self, end_user_id: str, metadata: dict[str, Any], on_active: OnActive | None,
                       key: str | None, fingerprint: str) -> ManagedSession:
         conn_id = await self._connection_for_create()
+        try:
+            record = await self._prepare(conn_id, end_user_id, metadata, on_active, key, fingerprint)
+        except asyncio.CancelledError:  # a shutdown: nothing was made, its note (if written) must not find one
+            if key is not None:
+                self.m.store.drop_intent(key)
+            raise
+        if self.closing.is_set():  # the stop began while its token was made or its note written: nothing made
+            secrets.forget(record["client_token"])
+            if key is not None:
+                self.m.store.drop_intent(key)
+            raise ApiProblem(503, f"the pipeline is shutting down; retry in {RETRY_AFTER_SOON}s",
+                             retry_after=RETRY_AFTER_SOON)
         # From here on the create runs to its end even if the request is cancelled (a shutdown): a session
         # VideoDB made must get its record, or a restart would not know it and a retry would make another.
-        task = asyncio.get_running_loop().create_task(
-            self._create_at_videodb(conn_id, end_user_id, metadata, on_active, key, fingerprint))
+        # (Not before: a shutdown waits for these, up to CLOSE_WAIT, and a note held up by a slow disk is no
+        # session at VideoDB.)
+        task = asyncio.get_running_loop().create_task(self._create_at_videodb(record, on_active))
         self.at_videodb.add(task)
         task.add_done_callback(self.at_videodb.discard)
-        return await asyncio.shield(task)
+        s = await asyncio.shield(task)
+        # its 201 only once a restart would know it (a failed write is logged). Not in the task: a shutdown waits
+        # CLOSE_WAIT for creates at VideoDB, not for a slow disk (the stop writes the queued records itself)
+        await self.m.store.flushed(s.id)
+        return s
 
     async def _connection_for_create(self) -> str:
         """The current connection id; 503 after connect_timeout without one, or at once when shutting down."""
@@ -147,8 +164,9 @@ class SessionCreator:
                              retry_after=RETRY_AFTER_SOON)
         return waits[0].result()
 
-    async def _create_at_videodb(self, conn_id: str, end_user_id: str, metadata: dict[str, Any],
-                                 on_active: OnActive | None, key: str | None, fingerprint: str) -> ManagedSession:
+    async def _prepare(self, conn_id: str, end_user_id: str, metadata: dict[str, Any], on_active: OnActive | None,
+                       key: str | None, fingerprint: str) -> dict[str, Any]:
+        """The new session's record, its client token made and (with a key) its intent note on disk."""
         opts = self.m.opts
         metadata = {**opts.metadata, **metadata}  # the configured metadata applies to every session
         try:  # the token first: it names no session, so if it fails no session is left behind at VideoDB
@@ -172,11 +190,16 @@ class SessionCreator:
             secrets.forget(token)  # handed to nobody
             raise ApiProblem(503, f"cannot save the state of this create (Idempotency-Key): nothing was made; "
                              f"retry in {RETRY_AFTER_DEFAULT}s", retry_after=RETRY_AFTER_DEFAULT)
+        return record
+
+    async def _create_at_videodb(self, record: dict[str, Any], on_active: OnActive | None) -> ManagedSession:
+        conn_id, end_user_id, metadata = record["ws_connection_id"], record["end_user_id"], record["metadata"]
+        key, token = record["idempotency_key"], record["client_token"]
         try:
             session = await self.m._sdk("create_capture_session", self.m.conn.create_capture_session,
                                       end_user_id=end_user_id, collection_id=self.m.settings.collection_id,
                                       ws_connection_id=conn_id, metadata=metadata or None,
-                                      callback_url=opts.callback_url)
+                                      callback_url=self.m.opts.callback_url)
         except VideoDBCallError as exc:
             self.m.stats.errors += 1
             secrets.forget(token)  # no session holds it (a retry that finds the one VideoDB made masks it again)
@@ -196,7 +219,6 @@ class SessionCreator:
                 self.m._lifecycle_event(s, event, status)
         if self.m.link.connection_id != conn_id:  # reconnected meanwhile: events went to the old id
             self.m._start_poll()
-        await self.m.store.flushed(s.id)  # its 201 only once a restart would know it (a failed write is logged)
         return s
 
     async def _made_before(self, key: str, fingerprint: str) -> ManagedSession | None:

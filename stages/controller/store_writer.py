@@ -14,7 +14,10 @@ What callers get:
   thread only once their file's write went through.
 - `peek(name)` is the newest version not yet on disk (reads see their own writes); `flushed(name)`
   resolves once the version queued so far is on disk (True) or could not be written (False).
-- A failed write is logged and kept; it is tried again, silently, after the next write that works.
+- A failed write is logged and kept; it is tried again, silently, after the next write that works, after
+  RETRY_EVERY seconds while nothing else is written (then twice as long after each failed try, up to
+  RETRY_MAX: a quiet server kept it in memory only, and a kill -9 lost it though the disk took writes
+  again), and once more at `close`.
 - `close(timeout)` waits for the queue to drain (a stop); what is left is logged.
 """
 
@@ -31,12 +34,15 @@ from typing import Final
 log = logging.getLogger("pipeline.controller.sessions")
 
 UNKNOWN: Final = object()  # peek(): nothing queued for this name, read the file
+RETRY_EVERY: Final = 1.0  # seconds before trying the oldest write the disk refused again, while nothing else runs
+RETRY_MAX: Final = 30.0  # the wait doubles after each such try that fails, up to this (a 16 MiB record every second)
 
 
 @dataclass(slots=True)
 class _Op:
     data: bytes | None  # None: remove the file
     keep: bool = True  # a failed write is kept to be tried again (not a create's intent note: its 503 said so)
+    logged: bool = False  # its failure was logged (a retry that fails too is not)
     then: list[Callable[[], None]] = field(default_factory=list)
     waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]]] = field(default_factory=list)
 
@@ -53,6 +59,7 @@ class StoreWriter:
         self.unsaved: dict[str, _Op] = {}  # writes that failed, tried again after the next one that works
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._retry_wait = RETRY_EVERY
 
     def put(self, name: str, data: bytes | None, *, then: Callable[[], None] | None = None,
             keep: bool = True) -> None:
@@ -68,8 +75,11 @@ class StoreWriter:
             self._pending[name] = op
             self._cv.notify_all()
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="session-records", daemon=True)
-                self._thread.start()
+                self._start()
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="session-records", daemon=True)
+        self._thread.start()
 
     def peek(self, name: str) -> bytes | object | None:
         """The newest version of `name` not on disk yet (None: being removed), or UNKNOWN (read the file)."""
@@ -108,10 +118,16 @@ class StoreWriter:
         """Write what is queued, for `timeout` seconds at most; log what is left (and what the disk refused)."""
         with self._cv:
             self._closing = True
+            for name, op in self.unsaved.items():  # the disk may take them now: once more (their waiters are done)
+                if name not in self._pending:
+                    self._pending[name] = op
+            self.unsaved.clear()
             self._cv.notify_all()
+            if self._pending and (self._thread is None or not self._thread.is_alive()):
+                self._start()
         if not await asyncio.to_thread(self.idle, timeout):
             with self._cv:
-                left = list(self._pending) + ([self._busy[0]] if self._busy else [])
+                left = list(dict.fromkeys([*([self._busy[0]] if self._busy else []), *self._pending]))  # once each
             log.error("sessions: %d file(s) still waiting to be written %gs after the stop began, not written: %s",
                       len(left), timeout, ", ".join(self._describe(n) for n in left[:10]))
         with self._cv:
@@ -124,16 +140,26 @@ class StoreWriter:
     def _run(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._pending or self._closing)
-                if not self._pending:
+                self._cv.wait_for(lambda: self._pending or self._closing, self._retry_wait if self.unsaved else None)
+                if not self._pending and self._closing:
                     self._closing = False  # a put after close() starts another thread
                     return
-                name, op = self._busy = self._pending.popitem(last=False)
-            ok = self._carry_out(name, op, quiet=False)
-            if ok:
+                retrying = not self._pending
+                if retrying:  # quiet for a while: does the disk take the oldest refused write now?
+                    if not self.unsaved:
+                        continue
+                    name = next(iter(self.unsaved))
+                    op = self.unsaved.pop(name)
+                    self._busy = (name, op)
+                else:
+                    name, op = self._busy = self._pending.popitem(last=False)
+            if self._carry_out(name, op):
+                self._retry_wait = RETRY_EVERY
                 self._retry_unsaved()
+            elif retrying:
+                self._retry_wait = min(RETRY_MAX, self._retry_wait * 2)
 
-    def _carry_out(self, name: str, op: _Op, *, quiet: bool) -> bool:
+    def _carry_out(self, name: str, op: _Op) -> bool:
         try:
             if op.data is None:
                 self._remove(name)
@@ -142,7 +168,8 @@ class StoreWriter:
             ok = True
         except Exception as exc:
             ok = False
-            if not quiet:
+            if not op.logged:
+                op.logged = True
                 log.error("sessions: cannot %s %s: %s", "save" if op.data is not None else "remove",
                           self._describe(name), exc)
         for then in op.then if ok else ():  # before the op is done: what they queue keeps `idle()` waiting
@@ -176,7 +203,7 @@ class StoreWriter:
                 name = next(iter(self.unsaved))
                 op = self.unsaved.pop(name)
                 self._busy = (name, op)
-            if not self._carry_out(name, op, quiet=True):
+            if not self._carry_out(name, op):
                 return
 
 
