@@ -128,7 +128,7 @@ class StoreWriter:
         if not await asyncio.to_thread(self.idle, timeout):
             with self._cv:
                 left = list(dict.fromkeys([*([self._busy[0]] if self._busy else []), *self._pending]))  # once each
-            log.error("sessions: %d file(s) still waiting to be written %gs after the stop began, not written: %s",
+            log.error("sessions: %d file(s) not written in the %gs a stop gives the queued writes: %s",
                       len(left), timeout, ", ".join(self._describe(n) for n in left[:10]))
         with self._cv:
             if self.unsaved:
