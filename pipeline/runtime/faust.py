@@ -39,7 +39,7 @@ from pipeline.runtime.faust_latency import transport_class
 from pipeline.runtime.faust_offsets import commit_before_revoke
 from pipeline.runtime.faust_seek import read_from_seek
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
-from pipeline.runtime.faust_stop import DrainClock, StopCommits, bounded_at_stop, give_up
+from pipeline.runtime.faust_stop import DrainClock, StopCommits, bounded_at_stop, bounded_producer, give_up
 from pipeline.runtime.sink_start import close_limit, start_within
 from pipeline.types import parse_duration
 
@@ -114,6 +114,7 @@ class Worker:
         transport = transport_class(cfg.runtime.fetch_max_wait)
         self.commits = StopCommits(max(cfg.runtime.drain_timeout, COMMIT_FLOOR))
         transport.Consumer = read_from_seek(bounded_at_stop(commit_before_revoke(transport.Consumer), self.commits))
+        transport.Producer = bounded_producer(transport.Producer, self.commits)
         flow_control = keeping_flow_control(FlowControlEvent)
 
         class PipelineApp(faust.App):  # type: ignore[misc]
@@ -125,6 +126,13 @@ class Worker:
             async def on_shutdown(self) -> None:
                 await runtime.close()
                 await super().on_shutdown()
+
+            async def _producer_flush(self, logger: Any) -> None:  # aiokafka waits up to 20 min for a gone broker
+                try:
+                    await asyncio.wait_for(super()._producer_flush(logger), runtime.commits.timeout)
+                except TimeoutError:
+                    log.warning("worker %d: records still unsent at stop after %gs", os.getpid(),
+                                runtime.commits.timeout)
 
             def _new_transport(self) -> Any:
                 return transport(self.conf.broker_consumer, self)

@@ -132,3 +132,19 @@ def _bounded(stop: Callable[[], Awaitable[None]], timeout: float) -> Callable[[]
                         type(exc).__name__)
 
     return on_thread_stop
+
+
+def bounded_producer(producer: type[Any], commits: StopCommits) -> type[Any]:
+    """`producer` (a faust Producer class) whose stop waits at most `commits.timeout` s for unsent records.
+
+    Why: aiokafka's producer, as it stops, waits for every record still to send, for up to its request
+    timeout (20 minutes under faust) when the broker is gone."""
+
+    class Producer(producer):  # type: ignore[misc,valid-type]
+        async def on_stop(self) -> None:
+            try:
+                await asyncio.wait_for(super().on_stop(), commits.timeout)
+            except TimeoutError:
+                log.warning("worker %d: Kafka producer did not close within %gs", os.getpid(), commits.timeout)
+
+    return Producer
