@@ -127,9 +127,10 @@ def _bounded(stop: Callable[[], Awaitable[None]], timeout: float) -> Callable[[]
             if task is not None and task.cancelling():
                 raise  # the stop itself was cancelled, not just aiokafka's fetch
             log.warning("worker %d: Kafka consumer did not close cleanly", os.getpid())
+        except TimeoutError:
+            log.warning("worker %d: Kafka consumer did not close within %gs", os.getpid(), timeout)
         except Exception as exc:
-            log.warning("worker %d: Kafka consumer did not close within %gs (%s)", os.getpid(), timeout,
-                        type(exc).__name__)
+            log.warning("worker %d: Kafka consumer did not close cleanly (%s)", os.getpid(), type(exc).__name__)
 
     return on_thread_stop
 
