@@ -39,7 +39,7 @@ from pipeline.runtime.faust_latency import transport_class
 from pipeline.runtime.faust_offsets import commit_before_revoke
 from pipeline.runtime.faust_seek import read_from_seek
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
-from pipeline.runtime.faust_stop import DrainClock, give_up
+from pipeline.runtime.faust_stop import DrainClock, StopCommits, bounded_at_stop, bounded_producer, give_up
 from pipeline.runtime.sink_start import close_limit, start_within
 from pipeline.types import parse_duration
 
@@ -48,6 +48,7 @@ log = logging.getLogger("pipeline.runtime.faust")
 BATCH_MAX = 1000  # records per faust batch
 SLICE_EVENTS = 10000  # decoded events per pass through the stages (plus those of one record)
 CHANGELOG_DRAIN = 2.0  # seconds a stopping worker waits for its last state changes to reach the broker
+COMMIT_FLOOR = 2.0  # seconds an offset commit at stop may take, also with a shorter drain_timeout
 SESSION_TIMEOUT = (1.0, 90.0)  # --session-timeout bounds: heartbeats every timeout/6; faust's request timeout 90 s
 
 
@@ -111,17 +112,27 @@ class Worker:
         runtime = self
 
         transport = transport_class(cfg.runtime.fetch_max_wait)
-        transport.Consumer = read_from_seek(commit_before_revoke(transport.Consumer))
+        self.commits = StopCommits(max(cfg.runtime.drain_timeout, COMMIT_FLOOR))
+        transport.Consumer = read_from_seek(bounded_at_stop(commit_before_revoke(transport.Consumer), self.commits))
+        transport.Producer = bounded_producer(transport.Producer, self.commits)
         flow_control = keeping_flow_control(FlowControlEvent)
 
         class PipelineApp(faust.App):  # type: ignore[misc]
             async def on_stop(self) -> None:
                 runtime.drain.start()  # faust now waits for the batch in hand: at most drain_timeout
+                runtime.commits.stopping = True
                 await super().on_stop()
 
             async def on_shutdown(self) -> None:
                 await runtime.close()
                 await super().on_shutdown()
+
+            async def _producer_flush(self, logger: Any) -> None:  # aiokafka waits up to 20 min for a gone broker
+                try:
+                    await asyncio.wait_for(super()._producer_flush(logger), runtime.commits.timeout)
+                except TimeoutError:
+                    log.warning("worker %d: records still unsent at stop after %gs", os.getpid(),
+                                runtime.commits.timeout)
 
             def _new_transport(self) -> Any:
                 return transport(self.conf.broker_consumer, self)
@@ -441,6 +452,9 @@ class Worker:
         shutil.rmtree(self.datadir, ignore_errors=True)  # tables live in the changelog, nothing to keep
         if self.error is not None:
             raise self.error
+        if self.commits.failed:
+            raise StageError(f"worker: the broker did not take this worker's offsets within {self.commits.timeout:g}s "
+                             "at stop; the next worker processes again what it handled since its last commit")
         return code
 
 

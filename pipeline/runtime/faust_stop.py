@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -71,3 +71,81 @@ def give_up(consumer: Any, events: list[Any]) -> None:
         event.message.acked = True
         if unacked is not None:
             unacked.discard(event.message)
+
+
+class StopCommits:
+    """At shutdown, an offset commit waits at most `timeout` s; once one did not finish, no commit waits again.
+
+    Why: aiokafka retries a commit without end while it cannot reach the group coordinator, so a worker
+    whose broker was gone never stopped on SIGTERM (faust commits as it waits for its streams, and again
+    as its consumer stops). What was not committed is delivered again to the next worker (at-least-once).
+    """
+
+    __slots__ = ("failed", "stopping", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.stopping = False  # set once shutdown began
+        self.failed = False  # a commit at shutdown did not finish within `timeout`
+
+
+def bounded_at_stop(consumer: type[Any], commits: StopCommits) -> type[Any]:
+    """`consumer` (a faust Consumer class) whose commits at shutdown are bounded by `commits`."""
+
+    class Consumer(consumer):  # type: ignore[misc,valid-type]
+        async def commit(self, *args: Any, **kwargs: Any) -> bool:
+            if not commits.stopping:
+                return bool(await super().commit(*args, **kwargs))
+            if commits.failed:
+                return False
+            try:
+                return bool(await asyncio.wait_for(super().commit(*args, **kwargs), commits.timeout))
+            except TimeoutError:
+                commits.failed = True
+                log.warning("worker %d: offsets not committed within %gs at stop", os.getpid(), commits.timeout)
+                return False
+
+        def _new_consumer_thread(self) -> Any:
+            thread = super()._new_consumer_thread()
+            thread.on_thread_stop = _bounded(thread.on_thread_stop, commits.timeout)
+            return thread
+
+    return Consumer
+
+
+def _bounded(stop: Callable[[], Awaitable[None]], timeout: float) -> Callable[[], Awaitable[None]]:
+    """The consumer thread's stop (aiokafka's consumer close), given `timeout` s and never raising.
+
+    Why: with the broker gone, aiokafka's close re-raised the cancellation of a fetch waiting to retry,
+    so the thread never said it had stopped, and the worker waited for it without end."""
+
+    async def on_thread_stop() -> None:
+        try:
+            await asyncio.wait_for(stop(), timeout)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the stop itself was cancelled, not just aiokafka's fetch
+            log.warning("worker %d: Kafka consumer did not close cleanly", os.getpid())
+        except TimeoutError:
+            log.warning("worker %d: Kafka consumer did not close within %gs", os.getpid(), timeout)
+        except Exception as exc:
+            log.warning("worker %d: Kafka consumer did not close cleanly (%s)", os.getpid(), type(exc).__name__)
+
+    return on_thread_stop
+
+
+def bounded_producer(producer: type[Any], commits: StopCommits) -> type[Any]:
+    """`producer` (a faust Producer class) whose stop waits at most `commits.timeout` s for unsent records.
+
+    Why: aiokafka's producer, as it stops, waits for every record still to send, for up to its request
+    timeout (20 minutes under faust) when the broker is gone."""
+
+    class Producer(producer):  # type: ignore[misc,valid-type]
+        async def on_stop(self) -> None:
+            try:
+                await asyncio.wait_for(super().on_stop(), commits.timeout)
+            except TimeoutError:
+                log.warning("worker %d: Kafka producer did not close within %gs", os.getpid(), commits.timeout)
+
+    return Producer
