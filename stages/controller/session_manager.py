@@ -105,6 +105,7 @@ class SessionManager:
 
     async def start(self, conn: Any) -> None:
         self.conn = conn
+        self.store.on_lost = partial(asyncio.get_running_loop().call_soon_threadsafe, self._save_all_again)
         self.store.clean_temporaries()
         self.store.drop_expired_intents(now=True)
         records = self.store.load_all()
@@ -121,6 +122,7 @@ class SessionManager:
             if s.record.get("rtstreams") and not s.lifecycle.done:  # a finished one's send nothing more
                 self._index_streams(s)
         self.link.on_connection(self._on_connection)
+        self._spawn(self._watch_store())
         self._spawn(self.silent.run())
         self._spawn(self.shelf.run())
         live = [s for s in self.sessions.values() if s.live]
@@ -648,6 +650,22 @@ class SessionManager:
                 self.store.write_json(CHECKPOINT_FILE, lagging)
                 self._saved_checkpoint = lagging
             lagging = now
+
+    async def _watch_store(self) -> None:
+        """Look whether `sessions/` was removed or replaced, also while nothing is written (see _save_all_again)."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY)
+            self.store.check()
+
+    def _save_all_again(self) -> None:
+        """`sessions/` was removed or replaced while running: later writes made it again, but a restart knew
+        nothing of the sessions whose records were not saved since. Every record held in memory is saved again."""
+        log.warning("%s: %s was removed or replaced while running; writing the %d session record(s) held in "
+                    "memory again", self.who, self.store.dir, len(self.sessions))
+        for s in self.sessions.values():
+            self.store.save(s.record)
+        if self._saved_checkpoint is not None:
+            self.store.write_json(CHECKPOINT_FILE, self._saved_checkpoint)
 
     def _start_poll(self) -> None:
         """Lifecycle events may still go to an old connection: poll every session's status too."""

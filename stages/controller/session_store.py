@@ -5,6 +5,11 @@ rewrites the others) and atomic (`write_private_text` renames a temporary
 file), so a crash leaves every record either old or new, never torn. Every file
 here is written and removed by one thread, in order (`store_writer.py`): the
 event loop only serializes; reads see the writes still queued.
+
+The directory removed (`rm -rf` of it or of the state_dir) or replaced while running: a later write made it
+again, but the records not saved since were gone, and a restart knew nothing of those sessions. The writer
+thread notices (the directory it writes into is not the one it wrote into before: missing, or another
+inode), at a write or at `check()`, and calls `on_lost`, which saves every record held in memory again.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from typing import Any, Final
 
 import orjson
 
+from pipeline.errors import StageError
 from pipeline.events import iso_seconds
 from pipeline.files import ensure_private_dir, write_private_text
-from stages.controller.store_writer import UNKNOWN, StoreWriter
+from stages.controller.store_writer import JOB, UNKNOWN, StoreWriter
 
 log = logging.getLogger("pipeline.controller.sessions")
 
@@ -62,6 +68,9 @@ class SessionStore:
         #: write that works. Else a session made while the disk was full (or the directory gone) had no file
         #: until its status next changed, for ever if it did not, and a restart lost it
         self._writer = StoreWriter(self._write, self._remove_file, lambda name: str(self.dir / name))
+        self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the directory written into (writer thread)
+        #: called in the writer thread when the directory was removed or replaced since the last write
+        self.on_lost: Callable[[], object] | None = None
 
     def path(self, session_id: str) -> Path:
         return self.dir / f"{session_id}.json"
@@ -95,7 +104,36 @@ class SessionStore:
         return self.path(session_id).exists() if queued is UNKNOWN else queued is not None
 
     def _write(self, name: str, data: bytes) -> None:
+        lost = self._changed()
         write_private_text(self.dir / name, data.decode())
+        self._ident = _ident(self.dir)
+        if lost:
+            self._lost()
+
+    def check(self) -> None:
+        """Queue a look at whether the directory was removed or replaced (when nothing is written for a while)."""
+        self._writer.run(f"{JOB}check", self._check)
+
+    def _check(self) -> None:
+        if not self._changed():
+            return
+        try:
+            ensure_private_dir(self.dir)
+        except StageError:
+            return  # cannot be made yet (the next look, or a write, tries again; a write logs why)
+        self._ident = _ident(self.dir)
+        self._lost()
+
+    def _changed(self) -> bool:
+        """Is the directory not the one written into before (removed, or replaced)?"""
+        return self._ident is not None and _ident(self.dir) != self._ident
+
+    def _lost(self) -> None:
+        if self.on_lost is not None:
+            try:
+                self.on_lost()
+            except RuntimeError:  # the loop has closed: nothing to save any more
+                pass
 
     def _remove_file(self, name: str) -> None:
         _remove(self.dir / name)
@@ -177,6 +215,7 @@ class SessionStore:
         names = {n for n in self._writer.queued() if n.endswith(".json")}  # reads see the writes still queued
         if self.dir.exists():
             ensure_private_dir(self.dir)
+            self._ident = self._ident or _ident(self.dir)
             names.update(p.name for p in self.dir.glob("*.json"))
         out = []
         for name in sorted(names):
@@ -218,6 +257,14 @@ class SessionStore:
                     os.unlink(p)
                 except OSError:
                     pass
+
+
+def _ident(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _remove(path: Path) -> None:

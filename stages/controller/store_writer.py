@@ -19,6 +19,8 @@ What callers get:
   RETRY_MAX: a quiet server kept it in memory only, and a kill -9 lost it though the disk took writes
   again), and once more at `close`.
 - `close(timeout)` waits for the queue to drain (a stop); what is left is logged.
+- `run(name, job)` queues a job (a name starting with JOB, never a file's) that runs in the thread, in order with
+  the writes: what it reads and removes in the directory nothing else changes meanwhile.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ log = logging.getLogger("pipeline.controller.sessions")
 UNKNOWN: Final = object()  # peek(): nothing queued for this name, read the file
 RETRY_EVERY: Final = 1.0  # seconds before trying the oldest write the disk refused again, while nothing else runs
 RETRY_MAX: Final = 30.0  # the wait doubles after each such try that fails, up to this (a 16 MiB record every second)
+JOB: Final = "/"  # how the name of a job (not a file) begins
 
 
 @dataclass(slots=True)
@@ -43,6 +46,7 @@ class _Op:
     data: bytes | None  # None: remove the file
     keep: bool = True  # a failed write is kept to be tried again (not a create's intent note: its 503 said so)
     logged: bool = False  # its failure was logged (a retry that fails too is not)
+    job: Callable[[], None] | None = None  # run this instead of writing or removing a file
     then: list[Callable[[], None]] = field(default_factory=list)
     waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]]] = field(default_factory=list)
 
@@ -64,8 +68,15 @@ class StoreWriter:
     def put(self, name: str, data: bytes | None, *, then: Callable[[], None] | None = None,
             keep: bool = True) -> None:
         """Queue writing `data` to `name` (None: removing it), replacing a version of it not started yet."""
+        self._queue(name, _Op(data, keep), then)
+
+    def run(self, name: str, job: Callable[[], None]) -> None:
+        """Queue `job` to run in the thread (once: one of that name not started yet is replaced)."""
+        assert name.startswith(JOB)
+        self._queue(name, _Op(None, keep=False, job=job), None)
+
+    def _queue(self, name: str, op: _Op, then: Callable[[], None] | None) -> None:
         with self._cv:
-            op = _Op(data, keep)
             for old in (self.unsaved.pop(name, None), self._pending.pop(name, None)):
                 if old is not None:  # superseded: its actions and waiters follow the newer version
                     op.then += old.then
@@ -127,9 +138,11 @@ class StoreWriter:
                 self._start()
         if not await asyncio.to_thread(self.idle, timeout):
             with self._cv:
-                left = list(dict.fromkeys([*([self._busy[0]] if self._busy else []), *self._pending]))  # once each
-            log.error("sessions: %d file(s) not written in the %gs a stop gives the queued writes: %s",
-                      len(left), timeout, ", ".join(self._describe(n) for n in left[:10]))
+                left = list(dict.fromkeys(n for n in [*([self._busy[0]] if self._busy else []), *self._pending]
+                                          if not n.startswith(JOB)))  # once each, files only
+            if left:
+                log.error("sessions: %d file(s) not written in the %gs a stop gives the queued writes: %s",
+                          len(left), timeout, ", ".join(self._describe(n) for n in left[:10]))
         with self._cv:
             if self.unsaved:
                 log.error("sessions: %d record(s) the disk refused were not written: %s", len(self.unsaved),
@@ -161,7 +174,9 @@ class StoreWriter:
 
     def _carry_out(self, name: str, op: _Op) -> bool:
         try:
-            if op.data is None:
+            if op.job is not None:
+                op.job()
+            elif op.data is None:
                 self._remove(name)
             else:
                 self._write(name, op.data)
@@ -170,8 +185,8 @@ class StoreWriter:
             ok = False
             if not op.logged:
                 op.logged = True
-                log.error("sessions: cannot %s %s: %s", "save" if op.data is not None else "remove",
-                          self._describe(name), exc)
+                log.error("sessions: cannot %s %s: %s", "run" if op.job else "save" if op.data is not None
+                          else "remove", name if op.job else self._describe(name), exc)
         for then in op.then if ok else ():  # before the op is done: what they queue keeps `idle()` waiting
             try:
                 then()
