@@ -315,3 +315,34 @@ async def test_sigterm_writes_the_queued_records_before_the_process_exits(tmp_pa
             await proc.wait()
         await live.http.close()
         await emu.stop()
+
+
+async def test_the_sweep_of_expired_notes_never_removes_a_retrys_new_note(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep read an expired note for key K; the writer thread then put a retry's new note for K in its
+    place; the sweep removed that new one (a crash before the record was saved: the next retry made a second
+    session). Now the sweep runs in the writer thread: the new note is written after it, and stays."""
+    store = SessionStore(tmp_path)
+    old = {"session_id": None, "idempotency_key": "k", "end_user_id": "u", "expires_at": "2000-01-01T00:00:00Z"}
+    new = {**old, "expires_at": "2999-01-01T00:00:00Z"}
+    assert await store.save_intent(old)
+    name, real, retried = store.intent_path("k").name, session_store.read_regular, threading.Event()
+
+    def read(path: Path, limit: int) -> bytes:
+        data = real(path, limit)
+        if path.name == name and not retried.is_set():  # the sweep has read the expired note: a retry comes
+            retried.set()
+            store._writer.put(name, orjson.dumps(new), keep=False)  # what save_intent queues
+            if threading.current_thread().name != "session-records":  # the writer thread is free: it writes it
+                assert store.flush(2)
+        return data
+
+    monkeypatch.setattr(session_store, "read_regular", read)
+    swept = store.drop_expired_intents(now=True)
+    if swept is not None:
+        await swept
+    assert await asyncio.to_thread(store.flush)
+    assert retried.is_set()
+    monkeypatch.undo()
+    assert store.load_intent("k") == new
+    assert orjson.loads(store.intent_path("k").read_bytes()) == new

@@ -107,7 +107,9 @@ class SessionManager:
         self.conn = conn
         self.store.on_lost = partial(asyncio.get_running_loop().call_soon_threadsafe, self._save_all_again)
         self.store.clean_temporaries()
-        self.store.drop_expired_intents(now=True)
+        swept = self.store.drop_expired_intents(now=True)
+        if swept is not None:
+            await swept
         records = self.store.load_all()
         if records and self.ctl.context.settings.get("new_session"):
             log.info("%s: --new-session: not re-attaching the sessions saved in %s", self.who, self.store.dir)

@@ -42,6 +42,7 @@ FLUSH_WAIT: Final = 10.0  # seconds a stop waits for the queued writes
 INTENT_SWEEP_EVERY: Final = 3600.0  # seconds between two looks for create intents whose client token expired
 _SAFE_ID: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")  # \Z: `$` lets a final newline through
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+SWEEP: Final = f"{JOB}sweep"  # the writer thread's job removing expired intent notes
 #: The type of each record key a restart reads (a key may also be missing or null).
 _TYPES: Final[dict[str, type | tuple[type, ...]]] = {
     "status": str, "end_user_id": str, "collection_id": str, "metadata": dict, "created_at": str,
@@ -166,7 +167,7 @@ class SessionStore:
     async def save_intent(self, intent: dict[str, Any]) -> bool:
         """Note a keyed create before it asks VideoDB (True once on disk); False (logged) when the note could not
         be written (not tried again: the create is refused)."""
-        self.drop_expired_intents()
+        self.drop_expired_intents()  # queued before this note: it goes first
         name = self.intent_path(intent["idempotency_key"]).name
         self._writer.put(name, orjson.dumps(intent), keep=False)
         if await self._writer.flushed(name):
@@ -189,20 +190,31 @@ class SessionStore:
             return None
         return intent if ok else None
 
-    def drop_expired_intents(self, *, now: bool = False) -> None:
-        """Remove the create intents whose client token has expired (at most once per INTENT_SWEEP_EVERY unless
-        `now`). A retry could not use the session such an intent would find (its desktop client can no longer
-        start it: a new one is made instead), so without this they piled up, one for every keyed create that
-        failed in a way worth a retry that never came."""
+    def drop_expired_intents(self, *, now: bool = False) -> asyncio.Future[bool] | None:
+        """Queue removing the create intents whose client token has expired (at most once per INTENT_SWEEP_EVERY
+        unless `now`); the future resolves once that is done. A retry could not use the session such an intent
+        would find (its desktop client can no longer start it: a new one is made instead), so without this they
+        piled up, one for every keyed create that failed in a way worth a retry that never came.
+
+        The look runs in the writer thread, the only one writing here: before, it ran on the event loop (its
+        reads of notes up to 16 MiB held every request) and could remove a retry's new note for the same key,
+        written by that thread between the look's read of the expired one and its removal (a crash before the
+        record was saved, and the next retry made a second session)."""
         if not now and time.monotonic() - self._swept < INTENT_SWEEP_EVERY:
-            return
-        self._swept, wall = time.monotonic(), time.time()
+            return None
+        self._swept = time.monotonic()
+        self._writer.run(SWEEP, self._sweep)
+        return self._writer.flushed(SWEEP) if now else None
+
+    def _sweep(self) -> None:
+        wall = time.time()
         for p in self.dir.glob("*.creating") if self.dir.exists() else ():
             try:
                 intent = orjson.loads(read_regular(p, MAX_RECORD_BYTES))
             except (OSError, ValueError):
                 continue  # unreadable: left for a person to see, as when a retry reads it
-            if isinstance(intent, dict) and _expired(intent, wall):
+            # a version queued meanwhile (a retry's new note) is written after this, whatever is done here
+            if isinstance(intent, dict) and _expired(intent, wall) and self._writer.peek(p.name) is UNKNOWN:
                 _remove(p)
 
     def drop_intent(self, key: str) -> None:
