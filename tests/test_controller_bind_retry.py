@@ -47,6 +47,17 @@ async def test_a_failed_read_of_the_rtstreams_is_tried_again_until_the_bind_is_m
         await ctl.close()
 
 
+async def test_a_failed_read_of_the_rtstreams_is_counted_in_the_error_stats(
+        emu: Emulator, make_context: Callable[..., Context]) -> None:
+    """It was logged but not counted (the session API counted the same failure): the stats said no error."""
+    ctl, fault = await active_without_rtstreams(emu, make_context, status=500, times=1)
+    try:
+        await until(lambda: len(transcript_starts(emu)) == 2, timeout=5)
+        assert fault.hits == 1 and ctl.context.stats.errors == 1
+    finally:
+        await ctl.close()
+
+
 async def test_the_retry_waits_videodb_s_retry_after_and_ends_with_the_session(
         emu: Emulator, make_context: Callable[..., Context]) -> None:
     ctl, fault = await active_without_rtstreams(emu, make_context, status=429, headers={"Retry-After": "1"})

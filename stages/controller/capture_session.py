@@ -482,6 +482,7 @@ class CaptureSessionController(Controller):
                                           self.session_id, self.settings.collection_id)
             except VideoDBCallError as exc:
                 log.error("%s", exc)
+                self.context.stats.errors += 1  # as the session API counts it
                 if not exc.fatal and self.lifecycle.state == "active":
                     delay = retry_wait(self.options.status_poll_interval, exc.retry_after)
                     self._spawn(self._bind_later(delay, backfill_gap))
