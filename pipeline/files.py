@@ -173,6 +173,12 @@ def check_writable(path: str | Path) -> None:
 
 def write_private_text(path: str | Path, text: str) -> None:
     """Replace `path` with `text` atomically, mode 0600 (state files such as ws ids)."""
+    write_private_bytes(path, text.encode())
+
+
+def write_private_bytes(path: str | Path, data: bytes) -> None:
+    """`write_private_text` for bytes already encoded (a session record as orjson made it: no copy to str and
+    back, records can hold megabytes of metadata)."""
     p = Path(path)
     with _parent(p) as dir_fd:
         try:
@@ -185,7 +191,7 @@ def write_private_text(path: str | Path, text: str) -> None:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, FILE_MODE, dir_fd=dir_fd)
             try:
-                _write_all(fd, text.encode())
+                _write_all(fd, data)
             finally:
                 os.close(fd)
             os.replace(tmp, p.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

@@ -142,19 +142,19 @@ async def test_a_create_whose_record_could_not_be_saved_is_still_found_by_its_ke
     from pipeline.errors import StageError
     from stages.controller import session_store
 
-    real = session_store.write_private_text
+    real = session_store.write_private_bytes
 
-    def full_disk(path: Any, text: str) -> None:
+    def full_disk(path: Any, text: bytes) -> None:
         if str(path).endswith(".json"):
             raise StageError(f"{path}: cannot write: No space left on device")
         real(path, text)
 
     body, hdr = {"end_user_id": "u"}, {"Idempotency-Key": "k-disk"}
     async with running(make_context, emulator) as live:
-        monkeypatch.setattr(session_store, "write_private_text", full_disk)
+        monkeypatch.setattr(session_store, "write_private_bytes", full_disk)
         status, made = await live.call("POST", "/v1/sessions", json=body, headers=hdr)
         assert status == 201, made
-        monkeypatch.setattr(session_store, "write_private_text", real)
+        monkeypatch.setattr(session_store, "write_private_bytes", real)
     async with running(make_context, emulator) as live:  # the record was never written: only the note tells
         status, again = await live.call("POST", "/v1/sessions", json=body, headers=hdr)
         assert (status, again["session_id"]) == (201, made["session_id"]), again

@@ -38,16 +38,16 @@ class Gate:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, suffix: str = ".json") -> None:
         self.entered, self._open, self.written = threading.Event(), threading.Event(), []
-        real = session_store.write_private_text
+        real = session_store.write_private_bytes
 
-        def write(path: Any, text: str) -> None:
+        def write(path: Any, text: bytes) -> None:
             if str(path).endswith(suffix):
                 self.entered.set()
                 self._open.wait(2)
                 self.written.append(orjson.loads(text))
             real(path, text)
 
-        monkeypatch.setattr(session_store, "write_private_text", write)
+        monkeypatch.setattr(session_store, "write_private_bytes", write)
 
     def open(self) -> None:
         self._open.set()
@@ -137,14 +137,14 @@ def test_a_record_the_disk_refused_is_written_with_its_intent_dropped_only_after
     from pipeline.errors import StageError
 
     store = SessionStore(tmp_path)
-    real, full = session_store.write_private_text, [True]
+    real, full = session_store.write_private_bytes, [True]
 
-    def write(path: Any, text: str) -> None:
+    def write(path: Any, text: bytes) -> None:
         if full[0] and str(path).endswith("cap-a.json"):
             raise StageError(f"{path}: cannot write: No space left on device")
         real(path, text)
 
-    monkeypatch.setattr(session_store, "write_private_text", write)
+    monkeypatch.setattr(session_store, "write_private_bytes", write)
     intent = {"session_id": None, "idempotency_key": "k", "end_user_id": "u"}
     assert asyncio.run(store.save_intent(intent))
     store.save({"session_id": "cap-a", "status": "created"}, then=lambda: store.drop_intent("k"))
@@ -169,14 +169,14 @@ async def test_a_slow_disk_does_not_hold_the_event_loop_while_records_are_saved(
         status, made = await live.call("POST", "/v1/sessions", json={"end_user_id": "a"})
         assert status == 201, made
         sid, m = made["session_id"], live.ctl.manager
-        real = session_store.write_private_text
+        real = session_store.write_private_bytes
 
-        def slow(path: Any, text: str) -> None:
+        def slow(path: Any, text: bytes) -> None:
             if str(path).endswith(".json"):
                 time.sleep(0.5)
             real(path, text)
 
-        monkeypatch.setattr(session_store, "write_private_text", slow)
+        monkeypatch.setattr(session_store, "write_private_bytes", slow)
         async with LoopLag() as lag:
             await hook(live, emulator, f"sessions/{sid}/start")
             await live.wait_for(lambda: m.get(sid).lifecycle.state == "active", timeout=10)
@@ -262,12 +262,12 @@ async def test_a_shutdown_does_not_wait_for_a_create_whose_note_the_disk_holds_a
 SLOW_CHILD = """
 import sys, time
 from stages.controller import session_store
-real = session_store.write_private_text
+real = session_store.write_private_bytes
 def slow(path, text):
     if str(path).endswith(".json"):
         time.sleep(0.5)
     real(path, text)
-session_store.write_private_text = slow
+session_store.write_private_bytes = slow
 from pipeline.cli import main
 sys.exit(main(["run", sys.argv[1]]))
 """

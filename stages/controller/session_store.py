@@ -1,7 +1,7 @@
 """Where API-managed capture sessions persist: one 0600 JSON file per session under `<state_dir>/sessions/`.
 
 A file per session keeps each write small (a status change of one session never
-rewrites the others) and atomic (`write_private_text` renames a temporary
+rewrites the others) and atomic (`write_private_bytes` renames a temporary
 file), so a crash leaves every record either old or new, never torn. Every file
 here is written and removed by one thread, in order (`store_writer.py`): the
 event loop only serializes; reads see the writes still queued.
@@ -29,7 +29,7 @@ import orjson
 
 from pipeline.errors import StageError
 from pipeline.events import iso_seconds
-from pipeline.files import ensure_private_dir, write_private_text
+from pipeline.files import ensure_private_dir, write_private_bytes
 from stages.controller.store_writer import JOB, UNKNOWN, StoreWriter
 
 log = logging.getLogger("pipeline.controller.sessions")
@@ -106,7 +106,7 @@ class SessionStore:
 
     def _write(self, name: str, data: bytes) -> None:
         lost = self._changed()
-        write_private_text(self.dir / name, data.decode())
+        write_private_bytes(self.dir / name, data)
         self._ident = _ident(self.dir)
         if lost:
             self._lost()

@@ -159,11 +159,10 @@ class StoreWriter:
                     return
                 retrying = not self._pending
                 if retrying:  # quiet for a while: does the disk take the oldest refused write now?
-                    if not self.unsaved:
+                    taken = self._take_unsaved()
+                    if taken is None:
                         continue
-                    name = next(iter(self.unsaved))
-                    op = self.unsaved.pop(name)
-                    self._busy = (name, op)
+                    name, op = taken
                 else:
                     name, op = self._busy = self._pending.popitem(last=False)
             if self._carry_out(name, op):
@@ -213,13 +212,17 @@ class StoreWriter:
         """The disk took a write again: the records it refused before, each logged once already."""
         while True:
             with self._cv:
-                if not self.unsaved:
-                    return
-                name = next(iter(self.unsaved))
-                op = self.unsaved.pop(name)
-                self._busy = (name, op)
-            if not self._carry_out(name, op):
+                taken = self._take_unsaved()
+            if taken is None or not self._carry_out(*taken):
                 return
+
+    def _take_unsaved(self) -> tuple[str, _Op] | None:
+        """(Lock held.) The oldest write the disk refused, now the one being carried out; None if none."""
+        if not self.unsaved:
+            return None
+        name = next(iter(self.unsaved))
+        self._busy = (name, self.unsaved.pop(name))
+        return self._busy
 
 
 def _settle(fut: asyncio.Future[bool], ok: bool) -> None:
