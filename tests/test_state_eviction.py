@@ -158,3 +158,34 @@ def test_an_event_hours_ahead_of_the_clock_does_not_expire_everything(make_conte
     e.process([visual("a", ahead)])
     e.process([visual("b", now + 1)])
     assert e.process([visual("a", now + 1000)])[0]["rtstream_name"] == "n-a"
+
+
+def test_long_cooldowns_are_not_swept_every_minute_of_event_time(
+        make_context: Callable[..., Context], monkeypatch: Any) -> None:
+    """A sweep walks every saved key; it ran once per minute of event time whatever the horizon. With a 24 h
+    cooldown the keys cannot expire for a day, yet each minute walked them all again: 200 streams' cooldowns and
+    one event a minute (a replay, or a quiet meeting) cost 200 key walks per event. Now the sweeps are a quarter
+    of the horizon apart (at least a minute), and the keys still go once the horizon has passed."""
+    from stages.processors import rules as rules_module
+
+    walked = 0
+    last_time = rules_module._last_time
+
+    def counting(v: Any) -> int:
+        nonlocal walked
+        walked += 1
+        return last_time(v)
+
+    monkeypatch.setattr(rules_module, "_last_time", counting)
+    state = StateStore()
+    rule = {"name": "code", "keywords": ["code"], "cooldown": "24h"}
+    r = Rules(Rules.Options.model_validate({"rules": [rule], "state_ttl": "10m"}), make_context("rules", state=state))
+    last_fired = state.get("rules.last_fired")
+    r.process([visual(f"rts-{i}", T0) for i in range(200)])
+    walked = 0
+    for minute in range(1, 1_401):  # 23 h 20 min
+        r.process([visual("rts-0", T0 + minute * 60_000)])  # inside its cooldown: silent
+    assert r.fired == 200
+    assert walked <= 2 * 1_400, f"{walked} key walks for 1,400 events"  # before: 280,000
+    r.process([visual("rts-late", T0 + 2 * 24 * 3_600_000)])  # two days on: every old cooldown has expired
+    assert set(last_fired) == {"code|rts-late"}

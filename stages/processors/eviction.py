@@ -4,7 +4,9 @@ Shared by `rules` (cooldowns, windows) and `enrich` (rtstream map). The
 watermark is the newest event time seen; an entry whose own time is older
 than `watermark - horizon` is dropped, and a mapping over `max_keys` loses its
 oldest entries down to 90% of the cap. A sweep walks the whole mapping, so it
-runs at most once per minute of event time, or when a cap is exceeded.
+runs at most once per `every_ms` of event time (a minute; `rules` uses a
+quarter of its horizon when that is longer, since nothing can expire sooner),
+or when a cap is exceeded.
 An event time ahead of the wall clock moves the watermark only up to the
 clock: one event from a peer with a bogus future timestamp must not make all
 state look expired (with a day's slack, one event 23 h ahead swept every
@@ -23,10 +25,11 @@ SWEEP_EVERY_MS = 60_000
 class Eviction:
     """When to sweep, and the sweep itself."""
 
-    __slots__ = ("ceiling", "evicted", "horizon_ms", "max_keys", "next_sweep", "others", "watermark")
+    __slots__ = ("ceiling", "every_ms", "evicted", "horizon_ms", "max_keys", "next_sweep", "others", "watermark")
 
-    def __init__(self, horizon_ms: int, max_keys: int) -> None:
+    def __init__(self, horizon_ms: int, max_keys: int, every_ms: int = SWEEP_EVERY_MS) -> None:
         self.horizon_ms = horizon_ms
+        self.every_ms = every_ms
         self.max_keys = max_keys
         self.watermark = 0
         self.next_sweep = 0
@@ -73,6 +76,6 @@ class Eviction:
             n += len(extra)
             del kept[: len(extra)]
         self.others[id(m)] = len(m) - len(kept)
-        self.next_sweep = self.watermark + SWEEP_EVERY_MS
+        self.next_sweep = self.watermark + self.every_ms
         self.evicted += n
         return n

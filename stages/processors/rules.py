@@ -23,7 +23,7 @@ from pipeline.api import Batch, Context, Event, Options, Processor
 from pipeline.events import ALIASES, canonical, event_time_ms
 from pipeline.types import Duration
 from stages.globs import glob_matcher
-from stages.processors.eviction import Eviction
+from stages.processors.eviction import SWEEP_EVERY_MS, Eviction
 from stages.processors.matchers import FINAL_SIGMA, Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, fold
 from stages.processors.native import plain_reads, written_keys
 
@@ -168,8 +168,10 @@ class Rules(Processor):
         self.fired = 0
         self._counts = [0] * len(self._rules)  # alerts per rule
         self.recent: deque[Event] = deque(maxlen=20)  # the last alerts, for the status page
-        self._evict = Eviction(max((max(c.cooldown_ms, c.window_ms) for c in self._rules), default=0)
-                               + int(options.state_ttl * 1000), options.max_state_keys)
+        horizon = max((max(c.cooldown_ms, c.window_ms) for c in self._rules), default=0) + int(options.state_ttl * 1000)
+        # an entry lives a horizon at least: sweeping more often than a quarter of it walks keys that cannot go yet
+        # (a 24 h cooldown walked every key once per minute of event time)
+        self._evict = Eviction(horizon, options.max_state_keys, max(SWEEP_EVERY_MS, horizon // 4))
         # every rules stage of a pipeline keeps its state in the same maps: each sweeps only its own keys (and
         # those of rules no stage has any more), so a stage's shorter horizon cannot drop another's cooldowns
         self._names = frozenset(c.label for c in self._rules)
