@@ -17,24 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import sys
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
 
-from bench.common import Result, pipeline_config, rules_spec, workdir, write_config
-from bench.sessions import (
-    API_KEY,
-    EVENTS_PER_SESSION,
-    TOKEN,
-    _spawn,
-    _wait_line,
-    bound_sessions,
-    percentile,
-    scenario,
-)
+from bench.common import Result, pipeline_config, rules_spec, workdir
+from bench.sessions import EVENTS_PER_SESSION, TOKEN, bound_sessions, percentile, scenario, start_api_pipeline
 
 STEADY: Final = 5.0  # seconds of the window before the burst
 CONCURRENT: Final = 32  # creates in flight at once
@@ -121,25 +112,13 @@ def measure(m: int, n: int, out: Path) -> dict[str, Any]:
     cfg = pipeline_config(f"bench-burst-{tag}", {"type": "videodb"}, [
         {"type": "jsonl", "path": str(out / f"events-{tag}.jsonl"), "clear": True},
         {"type": "bench.sessions:LatencySink", "path": str(probe), "loop_lag": True}], out, rules=rules_spec(100))
-    emu_log, pipe_log = out / f"emulator-{tag}.log", out / f"pipeline-{tag}.log"
-    procs = []
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        emu = _spawn([sys.executable, "-m", "pipeline.emulator.cli", "--manual", "--scenario", str(scn),
-                      "--api-key", API_KEY], emu_log, 1, out)
-        procs.append(emu)
-        emu_url = _wait_line(emu_log, r"EMULATOR_URL=(\S+)", emu)
-        cfg["videodb"] = {"api_key": API_KEY, "base_url": emu_url}
-        cfg["controller"] = {"type": "capture_session", "state_dir": str(state),
-                             "on_active": {"transcript": True, "index_visuals": {"prompt": "Describe the screen"}},
-                             "api": {"listen": "127.0.0.1:0", "token": "${SESSION_API_TOKEN}",
-                                     "max_sessions": max(10_000, m + n)}}
-        pipe = _spawn([sys.executable, "-m", "pipeline.cli", "run", str(write_config(out / f"p-{tag}.yaml", cfg))],
-                      pipe_log, 0, out)
-        procs.append(pipe)
-        api = _wait_line(pipe_log, r"session API on (http://\S+)/v1/sessions", pipe)
+        emu_url, api, _ = start_api_pipeline(cfg, out, tag, procs, scn, max(10_000, m + n), pin=True)
+        pipe = procs[1]
         while not probe.exists():
             if pipe.poll() is not None:
-                raise RuntimeError(f"the pipeline exited {pipe.returncode}: see {pipe_log}")
+                raise RuntimeError(f"the pipeline exited {pipe.returncode}: see {out / f'pipeline-{tag}.log'}")
             time.sleep(0.1)
         return asyncio.run(_drive(api, emu_url, m, n, probe, state / "sessions"))
     finally:

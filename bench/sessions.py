@@ -287,6 +287,27 @@ async def _drive(api: str, emu: str, n: int, probe: Path, pids: list[int], emu_p
             "rss_mb": rss1 / 1024, "steady": steady}
 
 
+
+def start_api_pipeline(cfg: dict[str, Any], out: Path, tag: str, procs: list[subprocess.Popen[bytes]], scn: Path,
+                       max_sessions: int, *, pin: bool) -> tuple[str, str, str]:
+    """Start the emulator (playing `scn`) and `pipeline run` of `cfg` with the session API, appending both to
+    `procs`; (emulator URL, session API URL, config path). `pin`: each on its own core (emulator 1, pipeline 0)."""
+    emu_log, pipe_log = out / f"emulator-{tag}.log", out / f"pipeline-{tag}.log"
+    emu = _spawn([sys.executable, "-m", "pipeline.emulator.cli", "--manual", "--scenario", str(scn),
+                  "--api-key", API_KEY], emu_log, 1 if pin else None, out)
+    procs.append(emu)
+    emu_url = _wait_line(emu_log, r"EMULATOR_URL=(\S+)", emu)
+    cfg["videodb"] = {"api_key": API_KEY, "base_url": emu_url}
+    cfg["controller"] = {"type": "capture_session", "state_dir": str(out / f"state-{tag}"),
+                         "on_active": {"transcript": True, "index_visuals": {"prompt": "Describe the screen"}},
+                         "api": {"listen": "127.0.0.1:0", "token": "${SESSION_API_TOKEN}",
+                                 "max_sessions": max_sessions}}
+    config = str(write_config(out / f"p-{tag}.yaml", cfg))
+    pipe = _spawn([sys.executable, "-m", "pipeline.cli", "run", config], pipe_log, 0 if pin else None, out)
+    procs.append(pipe)
+    return emu_url, _wait_line(pipe_log, r"session API on (http://\S+)/v1/sessions", pipe), config
+
+
 def measure(n: int, window: float, out: Path, engine: str = "local") -> dict[str, Any]:
     """One size: fresh emulator and pipeline processes, N sessions, one measurement window.
 
@@ -306,7 +327,6 @@ def measure(n: int, window: float, out: Path, engine: str = "local") -> dict[str
     cfg = pipeline_config(f"bench-sessions-{tag}", {"type": "videodb"}, [
         {"type": "jsonl", "path": str(out / f"events-{tag}.jsonl"), "clear": True},
         {"type": "bench.sessions:LatencySink", "path": str(probe)}], out, rules=rules_spec(100))
-    emu_log, pipe_log = out / f"emulator-{tag}.log", out / f"pipeline-{tag}.log"
     procs: list[subprocess.Popen[bytes]] = []
     broker_pid = None
     with contextlib.ExitStack() as stack:
@@ -316,21 +336,9 @@ def measure(n: int, window: float, out: Path, engine: str = "local") -> dict[str
             broker = stack.enter_context(running_broker(log_path=out / "tansu.log"))
             broker_pid = broker.pid
             cfg["runtime"] = {"engine": "faust", "broker": f"kafka://{broker.bootstrap}", "partitions": 4}
-        emu = _spawn([sys.executable, "-m", "pipeline.emulator.cli", "--manual", "--scenario", str(scn),
-                      "--api-key", API_KEY], emu_log, None if faust else 1, out)
-        procs.append(emu)
         try:
-            emu_url = _wait_line(emu_log, r"EMULATOR_URL=(\S+)", emu)
-            cfg["videodb"] = {"api_key": API_KEY, "base_url": emu_url}
-            cfg["controller"] = {"type": "capture_session", "state_dir": str(out / f"state-{tag}"),
-                                 "on_active": {"transcript": True,
-                                               "index_visuals": {"prompt": "Describe the screen"}},
-                                 "api": {"listen": "127.0.0.1:0", "token": "${SESSION_API_TOKEN}",
-                                         "max_sessions": max(10_000, n)}}
-            config = str(write_config(out / f"p-{tag}.yaml", cfg))
-            pipe = _spawn([sys.executable, "-m", "pipeline.cli", "run", config], pipe_log, None if faust else 0, out)
-            procs.append(pipe)
-            api = _wait_line(pipe_log, r"session API on (http://\S+)/v1/sessions", pipe)
+            emu_url, api, config = start_api_pipeline(cfg, out, tag, procs, scn, max(10_000, n), pin=not faust)
+            emu = procs[0]
             for i in range(2 if faust else 0):
                 procs.append(_spawn([sys.executable, "-m", "pipeline.cli", "worker", config, "--workers-dir",
                                      str(out / f"workers-{tag}"), "--session-timeout", "3s"],
