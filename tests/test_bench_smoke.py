@@ -87,7 +87,8 @@ def test_hits() -> None:
     results = hits.run(3000, repeats=1)
     numbers(results)
     assert [r.name.split()[0] for r in results] == ["hits", "hits", "hits:", "storm", "storm:"]
-    assert "with a saved state" in results[2].notes[-1]
+    assert "with a saved state" in results[2].notes[-2]
+    assert "24h cooldown" in results[2].notes[-1]
 
 
 def test_spool() -> None:
