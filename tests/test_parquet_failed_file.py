@@ -1,5 +1,5 @@
-"""Sink `parquet` when a file cannot be finished: the rows it held go to the dead letter, and no broken file is
-given a final `*.parquet` name."""
+"""Sink `parquet` when files go wrong: a file that cannot be finished has its rows dead-lettered and never gets a
+final `*.parquet` name; processes sharing a directory never write the same file."""
 
 from __future__ import annotations
 
@@ -71,3 +71,31 @@ async def test_the_rows_kept_for_the_open_files_are_bounded(tmp_path: Path, make
     assert sink.report()["files"] >= 4  # 10 x 2 x 10 rows of 550 bytes, completed about every 20 kB
     await sink.close()
     assert sum(pq.read_table(f).num_rows for f in tmp_path.rglob("*.parquet")) == 200
+
+
+def test_processes_with_the_same_pid_never_write_the_same_file(tmp_path: Path) -> None:
+    """Workers in containers sharing an output volume often have the same pid (each is pid 1 in its own pid
+    namespace). Files were named `part-<second>-<pid>-<n>`: two such processes truncated and replaced each
+    other's files; one failed, and the other's files lost rows or were left unreadable."""
+    if subprocess.run(["unshare", "-p", "-f", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a pid namespace here")
+    procs = []
+    for w in "ab":
+        with open(tmp_path / f"in-{w}.jsonl", "w") as fh:
+            for i in range(200):  # 2 s at real time: both write files in the same seconds
+                fh.write(json.dumps({"channel": "transcript", "rtstream_id": w, "unix_ts": 1772446500.0 + i / 100,
+                                     "data": {"text": f"{w}{i}", "start": 1772446500000 + i * 10}}) + "\n")
+        (tmp_path / f"{w}.yaml").write_text(f"""
+name: p{w}
+source: {{type: replay, path: in-{w}.jsonl, speed: 1}}
+sinks:
+  - {{type: parquet, path: out, row_group_rows: 10, roll_bytes: 1}}
+dead_letter: dead-{w}.jsonl
+""")
+    for w in "ab":  # each is pid 1 in a namespace of its own
+        procs.append(subprocess.Popen(["unshare", "-p", "-f", sys.executable, "-m", "pipeline.cli", "run",
+                                       f"{w}.yaml"], cwd=tmp_path, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    texts = [t for f in (tmp_path / "out").glob("*.parquet") for t in pq.read_table(f).column("text").to_pylist()]
+    assert sorted(texts) == sorted(f"{w}{i}" for w in "ab" for i in range(200))

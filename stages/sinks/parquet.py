@@ -1,7 +1,7 @@
 """Sink `parquet`: events as Parquet files with one fixed schema, for warehouses and DuckDB.
 
 `path` is a directory template (`{channel}`, `{date}`); each directory gets
-files `part-<UTC time>-<pid>-<n>.parquet`, written under a hidden temporary
+files `part-<UTC time>-<pid>-<run>-<n>.parquet`, written under a hidden temporary
 name and renamed only once complete, so a reader never sees half a file.
 Files roll at `roll_bytes` or `roll_interval`. pyarrow is imported only when
 the sink starts (the optional `[parquet]` extra).
@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import math
 import os
+import secrets
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,6 +134,9 @@ class ParquetSink(Sink):
         self._day = UtcDays()
         self._channel = ChannelNames()
         self._seq = 0
+        # the pid alone does not tell processes apart: workers in containers sharing a volume are often all
+        # pid 1, and wrote (truncated, replaced) each other's files
+        self._run = secrets.token_hex(4)
         self._timer: asyncio.Task[None] | None = None
         self._schema: Any = None
         self.files = 0
@@ -265,7 +269,7 @@ class ParquetSink(Sink):
             ensure_private_dir(d.dir)
             self._seq += 1
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-            name = f"part-{stamp}-{os.getpid()}-{self._seq:05d}.parquet"
+            name = f"part-{stamp}-{os.getpid()}-{self._run}-{self._seq:05d}.parquet"
             d.tmp = d.dir / f".{name}.tmp"
             d.fh = open_private(d.tmp, truncate=True)
             codec = None if self.options.compression == "none" else self.options.compression
