@@ -102,11 +102,13 @@ def _add(acc: dict[str, Any], event: Event, ch: str, t: int) -> None:
             return  # interim transcripts count as events only
         if isinstance(text, str):
             acc["words"] += len(text.split())
-        s, e = data.get("start"), data.get("end")
+        e = data.get("end")
+        # from the event time (`data.start` as a rule), as `pipeline report` and the parquet `start` column do:
+        # a float or missing `data.start` added nothing here, but `end` minus the event time there.
         # `end` comes off the wire: one end of 2^64 made talk_seconds 1.8e16 and, twice, a sum past 64 bits
         # that the state store could no longer save
-        if type(s) is int and type(e) is int and 0 < e - s <= MAX_TALK_MS:
-            acc["talk_ms"] += e - s
+        if type(e) is int and 0 < e - t <= MAX_TALK_MS:
+            acc["talk_ms"] += e - t
     elif ch == "alert":
         label = data.get("event_label")
         label = label[:MAX_KEY_CHARS] if isinstance(label, str) else "unknown"
