@@ -3,6 +3,7 @@ final `*.parquet` name; processes sharing a directory never write the same file.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -28,6 +29,42 @@ def _limit_file_size() -> None:  # in the child: a write past 160 kB fails with 
     resource.setrlimit(resource.RLIMIT_FSIZE, (160_000, 160_000))
 
 
+def _written_and_dead(tmp_path: Path) -> tuple[list[int], list[int]]:
+    """`data.n` of the rows in the completed files, and of the events in the dead letter."""
+    written: list[int] = []
+    for f in (tmp_path / "out").rglob("*.parquet"):
+        written += [json.loads(r)["data"]["n"] for r in pq.read_table(f).column("raw").to_pylist()]
+    dead = [json.loads(line)["event"]["data"]["n"] for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    return written, dead
+
+
+def test_a_file_that_fails_at_shutdown_does_not_keep_the_other_directories_from_completing(tmp_path: Path) -> None:
+    """Before: at shutdown the transcript directory's rows (200 kB) could not be written, and the alert
+    directory, next in line, was never written at all: its 5 rows were counted as written and lost."""
+    rnd = random.Random(2)
+    with open(tmp_path / "in.jsonl", "w") as fh:
+        for i in range(105):
+            if i % 21 == 20:
+                ev = {"channel": "alert", "data": {"event_label": "x", "n": i, "timestamp": 1772446500000 + i}}
+            else:
+                ev = {"channel": "transcript", "data": {"text": "".join(rnd.choice(string.ascii_letters)
+                                                                        for _ in range(1000)), "n": i}}
+            fh.write(json.dumps({**ev, "rtstream_id": "r", "unix_ts": 1772446500.0 + i}) + "\n")
+    (tmp_path / "p.yaml").write_text("""
+name: p
+source: {type: replay, path: in.jsonl, speed: 0}
+sinks:
+  - {type: parquet, path: "out/{channel}", compression: none, roll_interval: 1h}
+dead_letter: dead.jsonl
+""")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "p.yaml"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, preexec_fn=_limit_file_size)
+    assert res.returncode == 1 and "File too large" in res.stderr, res.stderr
+    written, dead = _written_and_dead(tmp_path)
+    assert sorted(written) == [20, 41, 62, 83, 104] and len(dead) == 100, res.stderr
+    assert re.search(r"sinks\[0\]:parquet +written +5 +failed 100 +files 1\n", res.stderr), res.stderr
+
+
 def test_a_file_that_fails_mid_way_is_not_completed_and_its_earlier_rows_are_dead_lettered(tmp_path: Path) -> None:
     """Before: the first row group (50 rows) was written, the second failed; the 50 rows were counted as written,
     and at shutdown the file, without its footer, was renamed to `part-….parquet`: unreadable, and a reader
@@ -49,10 +86,7 @@ dead_letter: dead.jsonl
     res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "p.yaml"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60, preexec_fn=_limit_file_size)
     assert res.returncode == 1 and "File too large" in res.stderr, res.stderr
-    written: list[int] = []
-    for f in (tmp_path / "out").glob("*.parquet"):
-        written += [json.loads(r)["data"]["n"] for r in pq.read_table(f).column("raw").to_pylist()]
-    dead = [json.loads(line)["event"]["data"]["n"] for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    written, dead = _written_and_dead(tmp_path)
     assert sorted(written + dead) == list(range(120)), (len(written), len(dead))  # each once, none lost
     assert re.search(rf"sinks\[0\]:parquet +written +{len(written)} +failed {len(dead)} ", res.stderr), res.stderr
 
@@ -99,3 +133,24 @@ dead_letter: dead-{w}.jsonl
     assert [p.returncode for p in procs] == [0, 0], errs
     texts = [t for f in (tmp_path / "out").glob("*.parquet") for t in pq.read_table(f).column("text").to_pylist()]
     assert sorted(texts) == sorted(f"{w}{i}" for w in "ab" for i in range(200))
+
+
+async def test_after_the_roll_timer_failed_close_still_completes_the_other_directories(
+        tmp_path: Path, make_context: MakeCtx) -> None:
+    """Before, close() re-raised the timer's failure at once: the alert directory's rows, waiting in memory,
+    were never written, though counted as written."""
+    ctx = make_context("sinks[0]:parquet")
+    sink = parquet.ParquetSink(parquet.ParquetOptions(path=str(tmp_path / "{channel}"), roll_interval="200ms"), ctx)
+    await sink.start()
+    await sink.write([{"channel": "transcript", "unix_ts": 1.0, "data": {"text": "t", "n": 0}}])
+    (tmp_path / "transcript").write_text("a file where the directory should be")  # the timer fails on it
+    await sink.write([{"channel": "alert", "unix_ts": 1.0, "data": {"event_label": "x", "n": 1}}])
+    for _ in range(100):
+        if sink._failed is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert sink._failed is not None and ctx.dead_letter.count == 1
+    with pytest.raises(parquet.SinkFailed):
+        await sink.close()
+    (done,) = tmp_path.rglob("*.parquet")
+    assert done.parent.name == "alert" and pq.read_table(done).column("text").to_pylist() == [None]

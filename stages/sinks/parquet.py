@@ -335,7 +335,11 @@ class ParquetSink(Sink):
         if self._timer is not None:
             self._timer.cancel()
         async with self._lock:
-            if self._failed is not None:
-                raise self._failed
-            for d in self._dirs.values():
-                await self._finish(d)
+            failed = self._failed  # the roll timer's: reported once the other directories are complete
+            for d in list(self._dirs.values()):  # every directory, also after one failed: the rest are good rows
+                try:
+                    await self._finish(d)
+                except SinkFailed as exc:
+                    failed = failed or exc
+            if failed is not None:
+                raise failed
