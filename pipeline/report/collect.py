@@ -202,6 +202,8 @@ class Collector:
         self._mark_id = 0
 
     def read(self, paths: Iterable[Path]) -> Collected:
+        paths = list(paths)
+        self._learn_all_streams(paths)
         for path in paths:
             self.out.files.append(str(path))
             for line in read_lines(path):
@@ -230,6 +232,23 @@ class Collector:
                 else:
                     self.out.skipped += 1
         return self.out
+
+    def _learn_all_streams(self, paths: list[Path]) -> None:
+        """A first, light pass: the stream lists of the lifecycle events, wherever they are. Before, an event
+        read before the list of its stream (`alert.jsonl` sorts before `capture_session.jsonl`) went to
+        `unknown-session`. The main pass learns them again in order, so where a stream id is listed by several
+        sessions an event still goes to the one listed last before it."""
+        for path in paths:
+            for line in read_lines(path):
+                if line is None or b'"rtstreams"' not in line:  # only lifecycle lines are parsed
+                    continue
+                try:
+                    event = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if (isinstance(event, dict) and lifecycle_status(event) is not None
+                        and isinstance(event.get("data"), dict) and not deeper_than(line, event)):
+                    self._learn_streams(event, event["data"])
 
     def _session(self, event: dict[str, Any]) -> Session | None:
         sid = event.get("capture_session_id")
