@@ -169,6 +169,7 @@ class Collected:
     duplicates: int = 0
     metrics: int = 0
     left_out: int = 0  # events of sessions past MAX_SESSIONS
+    dead_letters: int = 0  # dead-letter records found in a file whose name does not say so
 
 
 def _cut(v: Any, n: int = MAX_TEXT) -> str:
@@ -228,7 +229,10 @@ class Collector:
                 # nested past what the pipeline writes (240 levels): str() of a field 1,000 deep raised
                 # RecursionError, a traceback for the whole report
                 if isinstance(event, dict) and not deeper_than(line, event):
-                    self.add(event)
+                    if is_dead_letter(event):
+                        self.out.dead_letters += 1
+                    else:
+                        self.add(event)
                 else:
                     self.out.skipped += 1
         return self.out
@@ -350,13 +354,24 @@ class Collector:
         return _cut(name or "no stream", 80)
 
 
+def is_dead_letter(event: dict[str, Any]) -> bool:
+    """A dead-letter record (`ts`, `unix_ts`, `stage`, `reason`, then `event`, `raw` or `event_repr`), not an
+    event: no channel, and no lifecycle name in `event` (there it is the refused event, an object)."""
+    return "stage" in event and "reason" in event and "channel" not in event and not isinstance(
+        event.get("event"), str)
+
+
+def _dead_letter_file(name: str) -> bool:  # the pipeline's `dead-letter.jsonl`, `pipeline listen`'s `..._dead_letter`
+    return "dead-letter" in name or "dead_letter" in name
+
+
 def input_files(inputs: list[str]) -> list[Path]:
     """JSONL files named, or found under named directories (dead-letter files left out)."""
     files: list[Path] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            files.extend(f for f in sorted(p.rglob("*.jsonl")) if "dead-letter" not in f.name and f.is_file())
+            files.extend(f for f in sorted(p.rglob("*.jsonl")) if not _dead_letter_file(f.name) and f.is_file())
         elif p.is_file():
             files.append(p)
         else:
