@@ -8,6 +8,7 @@ import json
 import random
 import re
 import resource
+import shutil
 import string
 import subprocess
 import sys
@@ -34,8 +35,8 @@ def _written_and_dead(tmp_path: Path) -> tuple[list[int], list[int]]:
     written: list[int] = []
     for f in (tmp_path / "out").rglob("*.parquet"):
         written += [json.loads(r)["data"]["n"] for r in pq.read_table(f).column("raw").to_pylist()]
-    dead = [json.loads(line)["event"]["data"]["n"] for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
-    return written, dead
+    lines = (tmp_path / "dead.jsonl").read_text().splitlines() if (tmp_path / "dead.jsonl").exists() else []
+    return written, [json.loads(line)["event"]["data"]["n"] for line in lines]
 
 
 def test_a_file_that_fails_at_shutdown_does_not_keep_the_other_directories_from_completing(tmp_path: Path) -> None:
@@ -154,3 +155,38 @@ async def test_after_the_roll_timer_failed_close_still_completes_the_other_direc
         await sink.close()
     (done,) = tmp_path.rglob("*.parquet")
     assert done.parent.name == "alert" and pq.read_table(done).column("text").to_pylist() == [None]
+
+
+def test_a_file_whose_footer_cannot_be_written_has_its_rows_dead_lettered(tmp_path: Path) -> None:
+    """Every row group is written, the footer is not (the file-size limit falls just past the row data).
+    Before: `cannot complete`, the rows counted as written, and only an unreadable `.tmp` left of them."""
+    rnd = random.Random(3)
+    with open(tmp_path / "in.jsonl", "w") as fh:
+        for i in range(60):
+            text = "".join(rnd.choice(string.ascii_letters) for _ in range(1000))
+            fh.write(json.dumps({"channel": "transcript", "rtstream_id": "r", "unix_ts": 1772446500.0 + i,
+                                 "data": {"text": text, "n": i}}) + "\n")
+    (tmp_path / "p.yaml").write_text("""
+name: p
+source: {type: replay, path: in.jsonl, speed: 0}
+sinks:
+  - {type: parquet, path: out, compression: none, roll_interval: 1h}
+dead_letter: dead.jsonl
+""")
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "p.yaml"]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    (done,) = (tmp_path / "out").glob("*.parquet")
+    body = done.read_bytes()
+    data_end = len(body) - 8 - int.from_bytes(body[-8:-4], "little")  # ... row groups | footer | len | PAR1
+    shutil.rmtree(tmp_path / "out")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (data_end + 16, data_end + 16))
+
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60, preexec_fn=limit)
+    assert res.returncode == 1 and "cannot complete" in res.stderr, res.stderr
+    written, dead = _written_and_dead(tmp_path)
+    assert written == [] and sorted(dead) == list(range(60))
+    assert not list((tmp_path / "out").iterdir())  # the unfinished file is removed: its rows are in the dead letter
+    assert re.search(r"written +0 +failed 60 ", res.stderr), res.stderr
