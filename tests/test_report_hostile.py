@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from pipeline.report.collect import Collector
-from tests.test_report import cli
+from tests.test_report import ROOT, cli
 
 T0 = 1772446500000
 
@@ -117,3 +117,46 @@ def test_a_line_nested_deeper_than_the_pipeline_writes_is_skipped(tmp_path: Path
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
     page = (tmp_path / "report-cap-1.html").read_text()
     assert "2 unreadable lines skipped" in page and page.count('class="alert-row"') == 1
+
+
+def test_streams_are_given_their_session_whichever_file_is_read_first(tmp_path: Path) -> None:
+    """Without `enrich`, events carry no capture_session_id and the session comes from the stream list of its
+    `capture_session.active` event. With `{channel}.jsonl` files, `alert.jsonl` and `audio_index.jsonl` are
+    read before `capture_session.jsonl`: their events went to an `unknown-session` page of their own."""
+    out = tmp_path / "out"
+    out.mkdir()
+    by_channel: dict[str, list[bytes]] = {}
+    for line in (ROOT / "config/samples/meeting-session.jsonl").read_bytes().splitlines():
+        ev = orjson.loads(line)
+        ch = ev.get("channel") or "capture_session"
+        if ch != "capture_session":
+            ev.pop("capture_session_id", None)
+        by_channel.setdefault(ch, []).append(orjson.dumps(ev) + b"\n")
+    for ch, lines in by_channel.items():
+        (out / f"{ch}.jsonl").write_bytes(b"".join(lines))
+    assert sorted(by_channel)[:2] == ["alert", "audio_index"]  # read before the lifecycle file
+    res = cli(["report", str(out)], tmp_path)
+    assert res.returncode == 0, res.stderr
+    (page,) = [Path(p) for p in res.stdout.split()]
+    assert page.name == "report-cap-7f3a9c21-demo.html"
+    html = page.read_text()
+    assert html.count('class="alert-row"') == len(by_channel["alert"])
+    assert f"audio_index {len(by_channel['audio_index'])}," in html
+
+
+def test_dead_letter_files_are_not_read_as_events(tmp_path: Path) -> None:
+    """`pipeline listen` writes `videodb_dead_letter.jsonl` beside its events, and a config may name its dead
+    letter `dead.jsonl`: only files with `dead-letter` in their name were skipped, so the records (a frame that
+    was not JSON, an event a sink refused, wrapped) made a page of their own, `unknown-session`."""
+    (tmp_path / "videodb_events.jsonl").write_bytes((ROOT / "config/samples/meeting-session.jsonl").read_bytes())
+    record = {"ts": "2026-03-02T10:20:00.000Z", "unix_ts": 1772446800.0, "stage": "listen",
+              "reason": "not a JSON object", "raw": "[1, 2]"}
+    (tmp_path / "videodb_dead_letter.jsonl").write_bytes(orjson.dumps(record) + b"\n")
+    refused = {**record, "stage": "sinks[0]:jsonl", "reason": "sink failed before writing",
+               "event": {"channel": "transcript", "rtstream_id": "rts-x", "data": {"text": "hi", "start": T0}}}
+    (tmp_path / "dead.jsonl").write_bytes(orjson.dumps(refused) + b"\n")
+    res = cli(["report", str(tmp_path)], tmp_path)
+    assert res.returncode == 0, res.stderr
+    (page,) = [Path(p) for p in res.stdout.split()]
+    assert page.name == "report-cap-7f3a9c21-demo.html"
+    assert "1 dead-letter record" in page.read_text()  # dead.jsonl: read (its name does not say), not counted

@@ -338,3 +338,44 @@ def test_channel_names_and_alert_labels_off_the_wire_are_bounded_per_window(make
     assert sum(events.values()) == 6000 and sum(alerts.values()) == 3000
     assert len(events) <= 40 and all(len(k) <= 256 for k in events) and len(alerts) <= 110, (len(events),
                                                                                               len(alerts))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=st.lists(events(), max_size=60), size=st.integers(1, 6000), slide_div=st.integers(1, 4),
+       lateness=st.integers(0, 4000), cuts=st.lists(st.integers(1, 7), min_size=1, max_size=20),
+       every=st.integers(1, 4), max_open=st.integers(1, 30))
+def test_restarts_from_the_state_file_anywhere_change_nothing(make_context: MakeCtx, tmp_path_factory: Any,
+                                                              stream: list[dict[str, Any]], size: int,
+                                                              slide_div: int, lateness: int, cuts: list[int],
+                                                              every: int, max_open: int) -> None:
+    """Runs killed after every `every`-th batch (state saved, nothing flushed) and started again emit what one
+    run emits, evictions included (few open windows allowed)."""
+    from pipeline.state.store import open_store
+
+    slide = max(1, size // slide_div)
+    opts = WindowOptions(size=size / 1000, slide=slide / 1000, allowed_lateness=lateness / 1000,
+                         key=["capture_session_id", "rtstream_id"], max_open_windows=max(max_open, size // slide))
+    batches, i = [], 0
+    while i < len(stream):
+        batches.append(stream[i:i + cuts[len(batches) % len(cuts)]])
+        i += len(batches[-1])
+
+    def metrics(out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [e for e in out if e.get("channel") == "metrics"]
+
+    one = Window(opts, make_context("stages[0]:window"))
+    want = [m for b in batches for m in metrics(one.process([dict(e) for e in b]))] + one.flush()
+    state = tmp_path_factory.mktemp("state")
+    store = open_store(state)
+    w = Window(opts, make_context("stages[0]:window", state=store))
+    got: list[dict[str, Any]] = []
+    for n, b in enumerate(batches):
+        got += metrics(w.process([dict(e) for e in b]))
+        store.flush()
+        if n % every == every - 1:
+            store.close()
+            store = open_store(state)
+            w = Window(opts, make_context("stages[0]:window", state=store))
+    got += w.flush()
+    store.close()
+    assert got == want

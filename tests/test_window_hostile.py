@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -125,3 +126,26 @@ def test_an_event_hours_ahead_of_the_clock_does_not_make_the_live_stream_late(ma
     counted = sum(sum(m["data"]["events"].values()) for m in metrics if m["window"]["start"] <= live + 1000)
     assert counted == 100  # every live event is in a window (the one ahead is in its own, closed at the end)
     assert sum(sum(m["data"]["events"].values()) for m in metrics) == 101
+
+
+def test_key_values_equal_in_python_but_of_other_types_get_windows_of_their_own(make_context: MakeCtx) -> None:
+    """True == 1 == 1.0 as dict keys: in one batch, events keyed 1, true and 1.0 all went to the window of
+    whichever came first (one batch per event kept them apart), though key values keep their type (1.0 becomes
+    "1.0"). Also when windows are evicted mid-batch."""
+    vals: list[Any] = [1, True, 1.0, "1", 0, False, None, 0.0]
+    stream = [{"channel": "x", "k": v, "data": {"start": NOW_MS + i}} for i, v in enumerate(vals * 3)]
+
+    def counts(metrics: list[dict[str, Any]]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in metrics:
+            k = json.dumps(m["key"]["k"])
+            out[k] = out.get(k, 0) + sum(m["data"]["events"].values())
+        return out
+
+    want = {"1": 3, "true": 3, '"1.0"': 3, '"1"': 3, "0": 3, "false": 3, "null": 3, '"0.0"': 3}
+    for max_open in (10, 3):
+        opts = WindowOptions(size="1s", key=["k"], allowed_lateness="1s", max_open_windows=max_open)
+        together = run(Window(opts, make_context()), [[dict(e) for e in stream]])
+        assert counts(together) == want, max_open
+        assert counts(run(Window(opts, make_context()), [[dict(e)] for e in stream])) == want
+        assert {json.dumps(m["k"]) for m in together if "k" in m} == set(want) - {"null"}  # copied, typed

@@ -169,6 +169,7 @@ class Collected:
     duplicates: int = 0
     metrics: int = 0
     left_out: int = 0  # events of sessions past MAX_SESSIONS
+    dead_letters: int = 0  # dead-letter records found in a file whose name does not say so
 
 
 def _cut(v: Any, n: int = MAX_TEXT) -> str:
@@ -202,6 +203,8 @@ class Collector:
         self._mark_id = 0
 
     def read(self, paths: Iterable[Path]) -> Collected:
+        paths = list(paths)
+        self._learn_all_streams(paths)
         for path in paths:
             self.out.files.append(str(path))
             for line in read_lines(path):
@@ -226,10 +229,30 @@ class Collector:
                 # nested past what the pipeline writes (240 levels): str() of a field 1,000 deep raised
                 # RecursionError, a traceback for the whole report
                 if isinstance(event, dict) and not deeper_than(line, event):
-                    self.add(event)
+                    if is_dead_letter(event):
+                        self.out.dead_letters += 1
+                    else:
+                        self.add(event)
                 else:
                     self.out.skipped += 1
         return self.out
+
+    def _learn_all_streams(self, paths: list[Path]) -> None:
+        """A first, light pass: the stream lists of the lifecycle events, wherever they are. Before, an event
+        read before the list of its stream (`alert.jsonl` sorts before `capture_session.jsonl`) went to
+        `unknown-session`. The main pass learns them again in order, so where a stream id is listed by several
+        sessions an event still goes to the one listed last before it."""
+        for path in paths:
+            for line in read_lines(path):
+                if line is None or b'"rtstreams"' not in line:  # only lifecycle lines are parsed
+                    continue
+                try:
+                    event = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if (isinstance(event, dict) and lifecycle_status(event) is not None
+                        and isinstance(event.get("data"), dict) and not deeper_than(line, event)):
+                    self._learn_streams(event, event["data"])
 
     def _session(self, event: dict[str, Any]) -> Session | None:
         sid = event.get("capture_session_id")
@@ -331,13 +354,24 @@ class Collector:
         return _cut(name or "no stream", 80)
 
 
+def is_dead_letter(event: dict[str, Any]) -> bool:
+    """A dead-letter record (`ts`, `unix_ts`, `stage`, `reason`, then `event`, `raw` or `event_repr`), not an
+    event: no channel, and no lifecycle name in `event` (there it is the refused event, an object)."""
+    return "stage" in event and "reason" in event and "channel" not in event and not isinstance(
+        event.get("event"), str)
+
+
+def _dead_letter_file(name: str) -> bool:  # the pipeline's `dead-letter.jsonl`, `pipeline listen`'s `..._dead_letter`
+    return "dead-letter" in name or "dead_letter" in name
+
+
 def input_files(inputs: list[str]) -> list[Path]:
     """JSONL files named, or found under named directories (dead-letter files left out)."""
     files: list[Path] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            files.extend(f for f in sorted(p.rglob("*.jsonl")) if "dead-letter" not in f.name and f.is_file())
+            files.extend(f for f in sorted(p.rglob("*.jsonl")) if not _dead_letter_file(f.name) and f.is_file())
         elif p.is_file():
             files.append(p)
         else:

@@ -257,6 +257,7 @@ def render(s: Session, c: Collected, gap_ms: int) -> str:
     t0 = s.t_min or 0
     drawn = drawn_marks(s)
     counts = ", ".join(f"{esc(k)} {n}" for k, n in sorted(s.counts.items()))
+    dead = f", {c.dead_letters} dead-letter record{'s' * (c.dead_letters != 1)} left out" if c.dead_letters else ""
     body = f"""
 <header><h1>Capture session <span class="sid">{esc(s.id)}</span></h1>
 <p class="meta">{esc(day_clock(t0))} to {esc(clock(s.t_max or 0))} UTC · {counts}</p></header>
@@ -273,7 +274,7 @@ def render(s: Session, c: Collected, gap_ms: int) -> str:
 <section><h2>Gaps and backfills</h2>{_gaps(s, gap_ms, t0)}</section>
 </div>
 <footer>Built by <code>pipeline report</code> from {len(c.files)} file(s), {c.lines} lines
-({c.duplicates} duplicates and {c.skipped} unreadable lines skipped). Times are event times, UTC.</footer>
+({c.duplicates} duplicates and {c.skipped} unreadable lines skipped{dead}). Times are event times, UTC.</footer>
 <div id="tip" hidden></div>"""
     nonce = secrets.token_urlsafe(16)
     return Template(_asset("template.html")).substitute(

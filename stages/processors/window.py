@@ -77,6 +77,18 @@ def _key_value(v: Any) -> Any:
     return s[:MAX_KEY_CHARS]
 
 
+_BOOL: Final = object()  # tags a boolean key value: True == 1 as a dict key, so it would share 1's window
+
+
+def _safe_key(raw: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The key of a window inside the stage: `_key_value`s, booleans tagged (`_values` gives them back)."""
+    return tuple((_BOOL, v) if type(v) is bool else _key_value(v) for v in raw)
+
+
+def _values(kt: tuple[Any, ...]) -> list[Any]:
+    return [v[1] if type(v) is tuple else v for v in kt]  # a tuple is a tagged boolean (no other value is one)
+
+
 def _new(key: dict[str, Any], start: int, end: int) -> dict[str, Any]:
     """An empty accumulator (plain JSON types, so any state store can persist it)."""
     return {"key": key, "start": start, "end": end, "events": {}, "words": 0, "talk_ms": 0, "alerts": {},
@@ -102,11 +114,13 @@ def _add(acc: dict[str, Any], event: Event, ch: str, t: int) -> None:
             return  # interim transcripts count as events only
         if isinstance(text, str):
             acc["words"] += len(text.split())
-        s, e = data.get("start"), data.get("end")
+        e = data.get("end")
+        # from the event time (`data.start` as a rule), as `pipeline report` and the parquet `start` column do:
+        # a float or missing `data.start` added nothing here, but `end` minus the event time there.
         # `end` comes off the wire: one end of 2^64 made talk_seconds 1.8e16 and, twice, a sum past 64 bits
         # that the state store could no longer save
-        if type(s) is int and type(e) is int and 0 < e - s <= MAX_TALK_MS:
-            acc["talk_ms"] += e - s
+        if type(e) is int and 0 < e - t <= MAX_TALK_MS:
+            acc["talk_ms"] += e - t
     elif ch == "alert":
         label = data.get("event_label")
         label = label[:MAX_KEY_CHARS] if isinstance(label, str) else "unknown"
@@ -227,9 +241,13 @@ class Window(Processor):
                 try:
                     kt = keys.get(raw)
                 except TypeError:  # an unhashable value (list, dict): its string form is the key
-                    kt = tuple(_key_value(v) for v in raw)
+                    kt = _safe_key(raw)
                 if kt is None:
-                    kt = keys[raw] = tuple(_key_value(v) for v in raw)
+                    kt = _safe_key(raw)
+                    # only strings are remembered: raw values that are equal but of other types (True, 1, 1.0)
+                    # are different keys, and shared the window of whichever came first in the batch
+                    if all(v is None or type(v) is str for v in raw):
+                        keys[raw] = kt
                 s = t - t % slide
                 if tumbling:  # one window per event; consecutive events mostly share it
                     if s != last_s or kt is not last_kt:
@@ -272,7 +290,7 @@ class Window(Processor):
 
     # -- state -----------------------------------------------------------------------------------
     def _skey(self, kt: tuple[Any, ...], start: int) -> str:
-        return orjson.dumps([start, *kt]).decode()
+        return orjson.dumps([start, *_values(kt)]).decode()
 
     def _open(self, kt: tuple[Any, ...], start: int) -> dict[str, Any]:
         store = self._store
@@ -281,7 +299,7 @@ class Window(Processor):
         if acc is None:
             if len(store) - (WATERMARK in store) >= self.options.max_open_windows:
                 self._evict()
-            acc = _new(dict(zip(self._fields, kt, strict=True)), start, start + self._size)
+            acc = _new(dict(zip(self._fields, _values(kt), strict=True)), start, start + self._size)
             store[skey] = acc
             if self._min_end is not None and acc["end"] < self._min_end:
                 self._min_end = acc["end"]
@@ -295,7 +313,8 @@ class Window(Processor):
         items = sorted((acc["end"], k) for k, acc in self._store.items() if k != WATERMARK)
         for _, k in items[: max(1, self.options.max_open_windows // 10)]:
             acc = self._store.pop(k)
-            self._local.pop((tuple(acc["key"].values()), acc["start"]), None)  # not written back after the batch
+            # not written back after the batch
+            self._local.pop((_safe_key(tuple(acc["key"].values())), acc["start"]), None)
             self.evicted += 1
             self.emitted += 1
             self._pending.append(metrics_event(acc, evicted=True))

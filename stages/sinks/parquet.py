@@ -1,7 +1,7 @@
 """Sink `parquet`: events as Parquet files with one fixed schema, for warehouses and DuckDB.
 
 `path` is a directory template (`{channel}`, `{date}`); each directory gets
-files `part-<UTC time>-<pid>-<n>.parquet`, written under a hidden temporary
+files `part-<UTC time>-<pid>-<run>-<n>.parquet`, written under a hidden temporary
 name and renamed only once complete, so a reader never sees half a file.
 Files roll at `roll_bytes` or `roll_interval`. pyarrow is imported only when
 the sink starts (the optional `[parquet]` extra).
@@ -13,10 +13,11 @@ import asyncio
 import contextlib
 import math
 import os
+import secrets
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import orjson
 from pydantic import Field, field_validator
@@ -31,6 +32,9 @@ from stages.sinks.dates import UtcDays
 
 MAX_OPEN_DIRS: Final = 32
 MAX_WAITING_BYTES: Final = 32 << 20  # rows waiting for a row group, all directories together (JSON size)
+# rows in the open files, kept (as JSON) to be dead-lettered should a file fail before it is complete; past this
+# (all directories together) the open files are completed
+MAX_KEPT_BYTES: Final = 32 << 20
 COLUMNS: Final = ("channel", "rtstream_id", "rtstream_name", "capture_session_id", "ts", "unix_ts", "start", "end",
                   "text", "is_final", "event_label", "severity", "matched", "raw")
 
@@ -103,7 +107,7 @@ def row(event: Event) -> tuple[Any, ...]:
 class _Dir:
     """One output directory: rows waiting for a row group, and the file being written."""
 
-    __slots__ = ("dir", "fh", "nbytes", "opened", "rows", "tmp", "writer")
+    __slots__ = ("dir", "fh", "kept", "kept_bytes", "nbytes", "opened", "rows", "tmp", "writer")
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
@@ -113,6 +117,8 @@ class _Dir:
         self.fh: Any = None
         self.tmp: Path | None = None
         self.opened = 0.0
+        self.kept: list[str] = []  # the rows of the open file, as JSON (the `raw` column)
+        self.kept_bytes = 0
 
 
 class ParquetSink(Sink):
@@ -128,6 +134,9 @@ class ParquetSink(Sink):
         self._day = UtcDays()
         self._channel = ChannelNames()
         self._seq = 0
+        # the pid alone does not tell processes apart: workers in containers sharing a volume are often all
+        # pid 1, and wrote (truncated, replaced) each other's files
+        self._run = secrets.token_hex(4)
         self._timer: asyncio.Task[None] | None = None
         self._schema: Any = None
         self.files = 0
@@ -192,7 +201,7 @@ class ParquetSink(Sink):
         if waiting >= MAX_WAITING_BYTES:  # big events: bounded in bytes too, not only in rows
             for d in list(self._dirs.values()):
                 await self._write_rows(d)
-        await self._roll_due()
+        await self._roll_due(force=sum(d.kept_bytes for d in self._dirs.values()) >= MAX_KEPT_BYTES)
 
     def _get(self, path: str) -> _Dir:
         d = self._dirs.get(path)
@@ -209,17 +218,48 @@ class ParquetSink(Sink):
         try:
             await asyncio.to_thread(self._append, d, rows)
         except (OSError, ValueError, TypeError, StageError) as exc:  # StageError: a file or symlink in the way
-            self.context.stats.errors += len(rows)
-            self.context.stats.sent -= max(0, len(rows) - self._current)  # counted as written by earlier batches
-            self._current = 0
-            for k, r in enumerate(rows):
-                try:
-                    self.context.dead_letter.write(f"parquet: {exc}", stage=self.context.stage,
-                                                   event=orjson.loads(r[-1]))
-                except PipelineError:  # the dead letter counted this one as lost; the rest are lost too, once
-                    self.context.dead_letter.lose(len(rows) - k - 1)
-                    break
-            raise SinkFailed(f"{self.context.stage}: {d.dir}: cannot write: {exc}") from None
+            await self._give_up(d, [r[-1] for r in rows], exc, "cannot write")
+        d.kept += [r[-1] for r in rows]
+        d.kept_bytes += sum(len(r[-1]) for r in rows)
+
+    async def _finish(self, d: _Dir) -> None:
+        """Write the directory's waiting rows and complete its open file."""
+        await self._write_rows(d)
+        try:
+            await asyncio.to_thread(self._complete, d)
+        except (OSError, ValueError) as exc:
+            await self._give_up(d, [], exc, "cannot complete")
+
+    async def _give_up(self, d: _Dir, rows: list[str], exc: BaseException, what: str) -> NoReturn:
+        """A file failed: remove it unfinished (it has no footer, no reader could open it) and dead-letter every
+        row it held, besides `rows` (JSON) that were being added. Before, the rows of its earlier row groups
+        stayed counted as written, and at shutdown the broken file was given its final name."""
+        held = d.kept
+        d.kept, d.kept_bytes = [], 0
+        await asyncio.to_thread(self._discard, d)
+        rows = held + rows
+        self.context.stats.errors += len(rows)
+        self.context.stats.sent -= max(0, len(rows) - self._current)  # counted as written by earlier batches
+        self._current = 0
+        for k, raw in enumerate(rows):
+            try:
+                self.context.dead_letter.write(f"parquet: {exc}", stage=self.context.stage,
+                                               event=orjson.loads(raw))
+            except PipelineError:  # the dead letter counted this one as lost; the rest are lost too, once
+                self.context.dead_letter.lose(len(rows) - k - 1)
+                break
+        raise SinkFailed(f"{self.context.stage}: {d.dir}: {what}: {exc}") from None
+
+    @staticmethod
+    def _discard(d: _Dir) -> None:
+        writer, fh, tmp = d.writer, d.fh, d.tmp
+        d.writer = d.fh = d.tmp = None
+        d.opened = 0.0
+        for step in (getattr(writer, "close", None), getattr(fh, "close", None),
+                     tmp.unlink if tmp is not None else None):
+            with contextlib.suppress(Exception):  # what failed before may fail again: the rows are dead-lettered
+                if step is not None:
+                    step()
 
     def _append(self, d: _Dir, rows: list[tuple[Any, ...]]) -> None:
         import pyarrow as pa
@@ -229,7 +269,7 @@ class ParquetSink(Sink):
             ensure_private_dir(d.dir)
             self._seq += 1
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-            name = f"part-{stamp}-{os.getpid()}-{self._seq:05d}.parquet"
+            name = f"part-{stamp}-{os.getpid()}-{self._run}-{self._seq:05d}.parquet"
             d.tmp = d.dir / f".{name}.tmp"
             d.fh = open_private(d.tmp, truncate=True)
             codec = None if self.options.compression == "none" else self.options.compression
@@ -244,16 +284,14 @@ class ParquetSink(Sink):
         """Close the open file and give it its final name (atomic: readers see all of it or nothing)."""
         if d.writer is None:
             return
-        writer, fh, tmp = d.writer, d.fh, d.tmp
+        tmp = d.tmp
+        assert tmp is not None
+        d.writer.close()
+        d.fh.close()
+        os.replace(tmp, tmp.with_name(tmp.name[1:-4]))
         d.writer = d.fh = d.tmp = None
         d.opened = 0.0
-        try:
-            writer.close()
-            fh.close()
-            assert tmp is not None
-            os.replace(tmp, tmp.with_name(tmp.name[1:-4]))
-        except OSError as exc:
-            raise SinkFailed(f"{self.context.stage}: {tmp}: cannot complete: {exc.strerror or exc}") from None
+        d.kept, d.kept_bytes = [], 0
         self.files += 1
 
     def _size(self, d: _Dir) -> int:
@@ -270,12 +308,10 @@ class ParquetSink(Sink):
                     del self._dirs[path]
                 continue
             if force or now - d.opened >= self.options.roll_interval or self._size(d) >= self.options.roll_bytes:
-                await self._write_rows(d)
-                await asyncio.to_thread(self._complete, d)
+                await self._finish(d)
         if len(self._dirs) > MAX_OPEN_DIRS:  # {date}/{channel} paths: do not keep every directory open
             for d in list(self._dirs.values())[: len(self._dirs) - MAX_OPEN_DIRS]:
-                await self._write_rows(d)
-                await asyncio.to_thread(self._complete, d)
+                await self._finish(d)
 
     async def flush(self) -> None:
         async with self._lock:
@@ -299,8 +335,11 @@ class ParquetSink(Sink):
         if self._timer is not None:
             self._timer.cancel()
         async with self._lock:
-            if self._failed is not None:
-                raise self._failed
-            for d in self._dirs.values():
-                await self._write_rows(d)
-                await asyncio.to_thread(self._complete, d)
+            failed = self._failed  # the roll timer's: reported once the other directories are complete
+            for d in list(self._dirs.values()):  # every directory, also after one failed: the rest are good rows
+                try:
+                    await self._finish(d)
+                except SinkFailed as exc:
+                    failed = failed or exc
+            if failed is not None:
+                raise failed
