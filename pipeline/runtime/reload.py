@@ -226,7 +226,7 @@ class Reloader:
                         break
                     await asyncio.sleep(0.01)
                 else:
-                    replaced = await _replace(slot, sw, deadline)
+                    replaced = await _replace(slot, sw, deadline, rt._stop_requested)
                     if replaced is None:
                         continue
                     if replaced:
@@ -302,12 +302,14 @@ class Reloader:
             state.flush()
 
 
-async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> str | None:
+async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float, stop: asyncio.Event) -> str | None:
     """Flush and close the old sink, then start the new one (or, if it cannot start, the old spec again).
 
     The flush waits until `deadline` (drain_timeout from the reload) at most, the close its shutdown_timeout,
     each start its start timeout: a webhook that never answers, or a broker that never answers a new sink's
-    connect, held the reload, and with it ingest and any stop, for as long as it hung.
+    connect, held the reload, and with it ingest and any stop, for as long as it hung. The new sink's start also
+    gives way to `stop` (SIGTERM): a stop waited for its whole start_timeout, past its own bound; the previous
+    options, which ran until now, start again and take the rest.
     None when the new sink runs; "" when the old sink did not flush in time (it stays, untouched); otherwise
     why the new sink did not start (the old spec runs again).
     """
@@ -325,7 +327,7 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> str | None:
         log.warning("reload: %s: the old sink's close() did not finish within %gs", slot.stats.name, limit)
     except Exception as exc:  # the old sink dead-letters what it cannot write; the swap still happens
         log.warning("reload: %s: closing the old sink: %s", slot.stats.name, exc)
-    why = await _start(sw.new)
+    why = await _start(sw.new, stop)
     if why is None:
         slot.sink = sw.new
         slot.channels = sw.channels
@@ -338,10 +340,11 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> str | None:
     return why
 
 
-async def _start(sink: Sink) -> str | None:
-    """Start `sink` within its start timeout; None when it runs, else why not (a raised error's text)."""
+async def _start(sink: Sink, stop: asyncio.Event | None = None) -> str | None:
+    """Start `sink` within its start timeout (or until `stop`); None when it runs, else why not (a raised error's
+    text)."""
     try:
-        return await start_within(sink)
+        return await start_within(sink, stop)
     except Exception as exc:
         return str(exc) or type(exc).__name__
 
