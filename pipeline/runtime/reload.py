@@ -108,7 +108,8 @@ class Reloader:
         self.rejected = 0
         self._wake = asyncio.Event()
         self._why = ""
-        self._digest = self._file_digest()
+        # what was read, not the file now: a save while the run started (its stages being built) is reloaded
+        self._digest = current.digest if current.digest is not None else self._file_digest()
 
     def request(self, why: str) -> None:
         """Ask for a reload (safe from a signal handler)."""
