@@ -82,6 +82,8 @@ def _run_file(path: Path, dead: DeadLetter) -> list[Result]:
             failures, error = str(exc).splitlines(), True
         except Exception as exc:  # a processor that raises is a failed case, not a crashed run
             failures = [f"raised {type(exc).__name__}: {exc}"]
+        except SystemExit as exc:  # a plugin's sys.exit(0) ended the whole run with 0: every case "passed"
+            failures = [f"called sys.exit({exc.code!r})"]
         results.append(Result(str(path), lc.case.name, failures, time.perf_counter() - started, error))
     return results
 
