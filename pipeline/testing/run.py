@@ -18,7 +18,7 @@ from pipeline.session import SessionLink
 from pipeline.stats import StageStats
 from pipeline.testing.diff import alert_line, closest, subset
 from pipeline.testing.model import AlertExpect, LoadedCase, TestFile
-from pipeline.testing.vacuous import check_zero_counts
+from pipeline.testing.vacuous import check_alerts_can_come, check_zero_counts
 
 
 @dataclass
@@ -85,6 +85,7 @@ def run_case(cfg: PipelineConfig, lc: LoadedCase, dead: DeadLetter) -> list[str]
     specs = select(cfg, lc.case.stages, lc.where)
     check_labels(cfg, specs, lc)
     check_zero_counts(specs, lc)
+    check_alerts_can_come(specs, lc)
     chain = chain_for(cfg, specs, dead)
     out = chain(copy.deepcopy(events))
     out += chain.flush()  # the input ended: processors that hold events (windows) emit them now

@@ -1,0 +1,71 @@
+"""`pipeline test` against test files and plugins that would make it pass without testing anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.test_pipeline_test import CONFIG, run
+
+EXITING = '''
+import sys
+
+from pipeline.api import Options, Processor
+
+
+class Exiting(Processor):
+    """A plugin processor that calls sys.exit(0) on its first batch (a script turned into a stage)."""
+
+    name = "exiting"
+    Options = Options
+
+    def process(self, batch):
+        sys.exit(0)
+'''
+
+
+def test_a_processor_that_calls_sys_exit_fails_its_case_not_the_whole_run_with_0(tmp_path: Path) -> None:
+    """SystemExit(0) from a processor ended `pipeline test` with exit code 0, printing nothing and writing no
+    JUnit report: CI saw every test pass. Now the case fails, and the other cases and files still run."""
+    (tmp_path / "exiting.py").write_text(EXITING)
+    (tmp_path / "p.yaml").write_text(CONFIG.replace("stages:\n", 'stages:\n  - {type: "exiting:Exiting"}\n'))
+    (tmp_path / "p.test.yaml").write_text("""config: p.yaml
+cases:
+  - name: exits
+    input: [{channel: visual_index, data: {text: a terminal}}]
+    expect: {alerts: [{label: term, count: 1}]}
+  - name: rules only
+    stages: [rules]
+    input: [{channel: visual_index, data: {text: a terminal}}]
+    expect: {alerts: [{label: term, count: 1}]}
+""")
+    res = run(str(tmp_path / "p.test.yaml"), "--junit", str(tmp_path / "j.xml"), cwd=tmp_path)
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[:2] == [f"FAIL  {tmp_path}/p.test.yaml: exits", "      called sys.exit(0)"], lines
+    assert lines[2:] == [f"ok    {tmp_path}/p.test.yaml: rules only", "1 passed, 1 failed, 0 errors (1 file)"]
+    assert (tmp_path / "j.xml").exists()
+
+
+def test_expecting_no_alert_where_no_rule_runs_is_an_error(tmp_path: Path) -> None:
+    """`no_alerts: true`, `only_these_alerts: true` or a `count: 0` alert in a case whose `stages:` run no rule
+    passed whatever the rules did (nothing there makes alerts), as a label no rule has did before it was an
+    error. Now each is an error, with the case's position."""
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    case = ("  - {{name: {}, stages: [{}], input: [{{channel: visual_index, data: {{text: a terminal}}}}],"
+            " expect: {}}}\n")
+    (tmp_path / "p.test.yaml").write_text("config: p.yaml\ncases:\n"
+                                          + case.format("none", "filter", "{no_alerts: true}")
+                                          + case.format("only", "filter", "{only_these_alerts: true}")
+                                          + case.format("zero", "filter", "{alerts: [{count: 0}], dropped: 0}")
+                                          + case.format("fine", "rules", "{no_alerts: false, alerts: [{count: 1}]}")
+                                          + case.format("rules", "rules", "{no_alerts: true}"))
+    res = run(str(tmp_path / "p.test.yaml"))
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    why = "no rule runs in this case (stages: filter), so no alert can come and this passes whatever the rules do"
+    assert lines[1] == f"      {tmp_path}/p.test.yaml:3:5: expect.no_alerts: {why}", lines
+    assert lines[3] == f"      {tmp_path}/p.test.yaml:4:5: expect.only_these_alerts: {why}", lines
+    assert lines[5] == f"      {tmp_path}/p.test.yaml:5:5: expect.alerts[0]: {why}", lines
+    assert lines[6] == f"ok    {tmp_path}/p.test.yaml: fine", lines
+    assert lines[7].startswith(f"FAIL  {tmp_path}/p.test.yaml: rules"), lines  # the rules stage runs: it can fail
+    assert lines[-1] == "1 passed, 1 failed, 3 errors (1 file)", lines
