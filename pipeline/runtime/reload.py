@@ -286,7 +286,10 @@ class Reloader:
                       stats=stats, state=state, out_dir=b.config.out_dir, settings=b.config.settings(),
                       log=stage_log(spec.kind, spec.type_name, spec.label))
         cls: Any = spec.cls
-        return cls(spec.options, ctx)
+        try:
+            return cls(spec.options, ctx)
+        except SystemExit as exc:  # went through the reloader and ended the run (exit 0, nothing flushed)
+            raise StageError(f"{spec.label}: called sys.exit({exc.code!r}) while being made") from None
 
     def _carry_rule_state(self, new: PipelineConfig) -> None:
         """Forget cooldowns and windows of rules that were removed or whose matching changed."""
