@@ -331,17 +331,27 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float, stop: asyncio.
         log.warning("reload: %s: the old sink's close() did not finish within %gs", slot.stats.name, limit)
     except Exception as exc:  # the old sink dead-letters what it cannot write; the swap still happens
         log.warning("reload: %s: closing the old sink: %s", slot.stats.name, exc)
+    _continue(sw.new, slot.sink)
     why = await _start(sw.new, stop)
     if why is None:
         slot.sink = sw.new
         slot.channels = sw.channels
         return None
+    _continue(sw.fallback, slot.sink)
     again = await _start(sw.fallback)
     if again is not None:  # the old sink is closed: nothing can write this sink's batches any more
         raise StageError(f"{slot.stats.name}: after a reload the new options did not start ({why}), "
                          f"nor did the previous ones ({again})")
     slot.sink = sw.fallback
     return why
+
+
+def _continue(sink: Sink, previous: Sink) -> None:
+    """Tell a sink about the one it replaces (`continue_from`, e.g. jsonl: files this run already wrote are not
+    emptied again by `clear`)."""
+    hook = getattr(sink, "continue_from", None)
+    if callable(hook):
+        hook(previous)
 
 
 async def _start(sink: Sink, stop: asyncio.Event | None = None) -> str | None:
