@@ -87,3 +87,22 @@ def test_a_jsonl_sink_with_clear_whose_new_options_do_not_start_keeps_what_it_wr
                lines)
     assert "reload (SIGHUP) rejected for sinks[0]:jsonl" in text, text
     assert lines() == read(text), text
+
+
+def test_parquet_files_of_sinks_re_created_within_a_second_do_not_replace_each_other(tmp_path: Path) -> None:
+    """Each parquet sink numbered its files from 1 (`part-<second>-<pid>-00001.parquet`): the successor a reload
+    made within the same second completed its first file under its predecessor's name, and the rename replaced
+    it (every event in it lost, counted as written)."""
+    import pyarrow.parquet as pq
+
+    progress = tmp_path / "all.jsonl"
+
+    def lines() -> int:
+        return progress.read_bytes().count(b"\n") if progress.exists() else 0
+
+    text = run(tmp_path, lambda i: f"{{type: jsonl, path: {progress}, flush_interval: 0}}, "
+                                   f"{{type: parquet, path: {tmp_path}/pq, roll_interval: {i + 1}m}}",
+               lines, reloads=5)
+    files = sorted((tmp_path / "pq").glob("part-*.parquet"))
+    assert sum(pq.read_metadata(f).num_rows for f in files) == read(text) == lines(), (files, text)
+    assert text.count("reload (SIGHUP) applied") == 5, text

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import os
 import time
@@ -30,6 +31,10 @@ from stages.sinks.channel_dirs import ChannelNames
 from stages.sinks.dates import UtcDays
 
 MAX_OPEN_DIRS: Final = 32
+#: file numbers, one sequence for the whole process: each sink counting from 1 gave a sink re-created by a reload
+#: (or two sinks writing one directory) its predecessor's file name within the same second, and the rename of its
+#: completed file replaced the other's
+_SEQ = itertools.count(1)
 MAX_WAITING_BYTES: Final = 32 << 20  # rows waiting for a row group, all directories together (JSON size)
 COLUMNS: Final = ("channel", "rtstream_id", "rtstream_name", "capture_session_id", "ts", "unix_ts", "start", "end",
                   "text", "is_final", "event_label", "severity", "matched", "raw")
@@ -127,7 +132,6 @@ class ParquetSink(Sink):
         self._dirs: dict[str, _Dir] = {}
         self._day = UtcDays()
         self._channel = ChannelNames()
-        self._seq = 0
         self._timer: asyncio.Task[None] | None = None
         self._schema: Any = None
         self.files = 0
@@ -227,9 +231,8 @@ class ParquetSink(Sink):
 
         if d.writer is None:
             ensure_private_dir(d.dir)
-            self._seq += 1
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-            name = f"part-{stamp}-{os.getpid()}-{self._seq:05d}.parquet"
+            name = f"part-{stamp}-{os.getpid()}-{next(_SEQ):05d}.parquet"
             d.tmp = d.dir / f".{name}.tmp"
             d.fh = open_private(d.tmp, truncate=True)
             codec = None if self.options.compression == "none" else self.options.compression
