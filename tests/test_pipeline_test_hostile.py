@@ -69,3 +69,25 @@ def test_expecting_no_alert_where_no_rule_runs_is_an_error(tmp_path: Path) -> No
     assert lines[6] == f"ok    {tmp_path}/p.test.yaml: fine", lines
     assert lines[7].startswith(f"FAIL  {tmp_path}/p.test.yaml: rules"), lines  # the rules stage runs: it can fail
     assert lines[-1] == "1 passed, 1 failed, 3 errors (1 file)", lines
+
+
+def test_a_named_pipe_as_config_or_input_file_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """A test file whose `config:` or `input_file:` is a named pipe: `pipeline test DIR` (and `make test`) waited
+    for a writer for ever, as it did for a test file that is a pipe before that was refused."""
+    import os
+
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    os.mkfifo(tmp_path / "cfg.yaml")
+    os.mkfifo(tmp_path / "events.jsonl")
+    one = "[{channel: visual_index, data: {text: a terminal}}]"
+    (tmp_path / "a.test.yaml").write_text(f"config: cfg.yaml\ncases: [{{name: c, input: {one}, "
+                                          "expect: {no_alerts: true}}]\n")
+    (tmp_path / "b.test.yaml").write_text("config: p.yaml\ncases:\n  - name: c\n    input_file: events.jsonl\n"
+                                          "    expect: {no_alerts: true}\n")
+    res = run(str(tmp_path), cwd=tmp_path)  # (run's timeout: 60 s)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[1] == (f"      {tmp_path}/a.test.yaml:1:1: config: {tmp_path}/cfg.yaml: a named pipe: a test reads "
+                        "only regular files (a pipe waits for a writer and can be read once)"), lines
+    assert lines[3] == (f"      {tmp_path}/b.test.yaml:4:5: cases[0].input_file: {tmp_path}/events.jsonl: a named "
+                        "pipe: a test reads only regular files (a pipe waits for a writer and can be read once)"), lines
