@@ -50,6 +50,7 @@ class Chain:
     """Runs processors in order over a batch; a processor that raises loses only the bad events."""
 
     def __init__(self, processors: list[Processor], dead_letter: DeadLetter) -> None:
+        self._retired_fired = 0  # alerts fired by processors a reload replaced: they count for the whole run
         self.processors = processors
         self.dead_letter = dead_letter
         self.tap: Any = None  # a TapHub while a tap client is attached: sees each processor's output
@@ -60,6 +61,9 @@ class Chain:
 
     @processors.setter
     def processors(self, processors: list[Processor]) -> None:  # a reload swaps them
+        kept = {id(p) for p in processors}
+        self._retired_fired += sum(int(getattr(p, "fired", 0)) for p in getattr(self, "_processors", ())
+                                   if id(p) not in kept)
         self._processors = processors
         self._plugins = frozenset(id(p) for p in processors if not ours(p))
 
@@ -119,7 +123,7 @@ class Chain:
 
     @property
     def alerts_fired(self) -> int:
-        return sum(int(getattr(p, "fired", 0)) for p in self.processors)
+        return self._retired_fired + sum(int(getattr(p, "fired", 0)) for p in self.processors)
 
 
 @dataclass

@@ -264,8 +264,6 @@ class Reloader:
                 continue
             p = self._make(spec, state, stats.get(spec.label) or StageStats(spec.label, spec.kind))
             assert isinstance(p, Processor)
-            if old is not None and hasattr(old, "fired") and hasattr(p, "fired"):
-                p.fired = old.fired  # the summary's "alerts fired" counts the whole run
             processors.append(p)
         swaps: list[SinkSwap] = []
         if len(new.sinks) == len(self.current.sinks):
