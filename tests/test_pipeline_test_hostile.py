@@ -91,3 +91,66 @@ def test_a_named_pipe_as_config_or_input_file_is_an_error_not_a_hang(tmp_path: P
                         "only regular files (a pipe waits for a writer and can be read once)"), lines
     assert lines[3] == (f"      {tmp_path}/b.test.yaml:4:5: cases[0].input_file: {tmp_path}/events.jsonl: a named "
                         "pipe: a test reads only regular files (a pipe waits for a writer and can be read once)"), lines
+
+
+def _timed(*args: str, cwd: Path, limit: float) -> tuple[str, float]:
+    """`pipeline test ARGS`: its stdout and how long it took (AssertionError past `limit` seconds)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_pipeline_test import ROOT
+
+    started = time.monotonic()
+    try:
+        res = subprocess.run([sys.executable, "-m", "pipeline.cli", "test", *args], cwd=cwd, capture_output=True,
+                             text=True, timeout=limit, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"pipeline test did not finish within {limit:g}s") from None
+    return res.stdout, time.monotonic() - started
+
+
+def test_dropped_over_a_large_input_file_takes_linear_time(tmp_path: Path) -> None:
+    """`dropped:` looked for each input event among every event out: 5,000 events through a filter took 22 s,
+    the 100,000 an input_file may hold hours. Now events out are indexed by channel, text and time."""
+    import json
+
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    n = 30_000
+    (tmp_path / "events.jsonl").write_text("".join(
+        json.dumps({"channel": "visual_index" if i % 3 else "audio_index", "unix_ts": 1_700_000_000 + i,
+                    "data": {"text": f"line {i % 1000}"}}) + "\n" for i in range(n)))
+    (tmp_path / "p.test.yaml").write_text("config: p.yaml\ncases:\n"
+                                          "  - {name: right, stages: [filter], input_file: events.jsonl, "
+                                          f"expect: {{dropped: {n // 3}}}}}\n"
+                                          "  - {name: wrong, stages: [filter], input_file: events.jsonl, "
+                                          "expect: {dropped: 0}}\n")
+    out, took = _timed(str(tmp_path / "p.test.yaml"), cwd=tmp_path, limit=30)
+    lines = out.splitlines()
+    assert lines[0] == f"ok    {tmp_path}/p.test.yaml: right", out[:2000]
+    assert lines[2] == f"      expected 0 input event(s) dropped, {n // 3} were", out[:2000]
+    assert '"channel":"audio_index","unix_ts":1700000000' in lines[3], out[:2000]
+    assert took < 10, took
+
+
+def test_the_closest_event_of_a_failing_pattern_is_found_in_bounded_time(tmp_path: Path) -> None:
+    """A failing `events_out` pattern was compared with every event out by difflib, about 15 ms each for texts
+    of 500 characters: 3 typos against 2,000 such events took 90 s (100,000 events: over an hour). Now a cheap
+    measure picks the few events difflib compares, and the event each typo was meant for (the last ones) is still
+    the one shown."""
+    import json
+
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    text = ("lorem ipsum dolor sit amet " * 20)[:480]
+    (tmp_path / "events.jsonl").write_text("".join(
+        json.dumps({"channel": "visual_index", "data": {"text": f"{text} {i:05d}"}}) + "\n" for i in range(2000)))
+    pats = ", ".join(f'{{channel: visual_index, data: {{text: "{text.replace("amet", "amat", 1)} {k:05d}"}}}}'
+                     for k in (1997, 1998, 1999))
+    (tmp_path / "p.test.yaml").write_text(f"config: p.yaml\ncases:\n  - name: typos\n    stages: [filter]\n"
+                                          f"    input_file: events.jsonl\n    expect:\n      events_out: [{pats}]\n")
+    out, took = _timed(str(tmp_path / "p.test.yaml"), cwd=tmp_path, limit=30)
+    assert out.splitlines()[0] == f"FAIL  {tmp_path}/p.test.yaml: typos", out[:2000]
+    for k in (1997, 1998, 1999):
+        assert f'+    "text": "{text} {k:05d}"' in out, out[:3000]
+    assert took < 5, took

@@ -16,7 +16,7 @@ from pipeline.errors import ConfigError, suggest
 from pipeline.events import Event
 from pipeline.session import SessionLink
 from pipeline.stats import StageStats
-from pipeline.testing.diff import alert_line, closest, subset
+from pipeline.testing.diff import alert_line, closest, gone_events, subset
 from pipeline.testing.model import AlertExpect, LoadedCase, TestFile
 from pipeline.testing.vacuous import check_alerts_can_come, check_zero_counts
 
@@ -153,7 +153,7 @@ def _events_out(wanted: list[dict[str, Any]], passed: list[Event]) -> list[str]:
 
 
 def _dropped(spec: int | list[dict[str, Any]], events: list[Event], passed: list[Event]) -> list[str]:
-    gone = [e for e in events if not any(subset(e, p) for p in passed)]
+    gone = gone_events(events, passed)
     if isinstance(spec, int):
         if len(gone) != spec:
             return [f"expected {spec} input event(s) dropped, {len(gone)} were"
