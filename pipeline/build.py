@@ -19,6 +19,10 @@ from pipeline.stats import StageStats
 log = logging.getLogger("pipeline")
 
 
+def _count(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool)
+
+
 @dataclass
 class SinkSlot:
     """A sink with what the runtime applies for it: routing (`channels:`), its `buffer:`, its counters."""
@@ -28,6 +32,26 @@ class SinkSlot:
     stats: StageStats
     buffer: BufferOptions = field(default_factory=BufferOptions)
     type_name: str = "sink"
+    #: the counters (`report()`) of the sinks a reload replaced in this slot: they count for the whole run
+    retired: dict[str, int] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        """The sink's own counters (`written`, `delivered`, `files`...) for the whole run, across reloads."""
+        out: dict[str, Any] = dict(self.retired)
+        for key, n in self.sink.report().items():
+            out[key] = out[key] + n if key in out and _count(n) else n
+        return out
+
+    def retire(self, sink: Sink) -> None:
+        """`sink` (closed by a reload) leaves this slot: its counters stay in the run's."""
+        try:
+            report = sink.report()
+        except Exception as exc:  # a plugin's: the reload goes on
+            log.warning("%s: report() raised %s: %s", self.stats.name, type(exc).__name__, exc)
+            return
+        for key, n in report.items():
+            if _count(n):
+                self.retired[key] = self.retired.get(key, 0) + n
 
     def route(self, batch: Batch) -> Batch:
         chans = self.channels

@@ -106,3 +106,21 @@ def test_parquet_files_of_sinks_re_created_within_a_second_do_not_replace_each_o
     files = sorted((tmp_path / "pq").glob("part-*.parquet"))
     assert sum(pq.read_metadata(f).num_rows for f in files) == read(text) == lines(), (files, text)
     assert text.count("reload (SIGHUP) applied") == 5, text
+
+
+def test_the_summary_counts_what_the_sinks_a_reload_replaced_did(tmp_path: Path) -> None:
+    """A sink's own counters (console `written`, parquet `files`, forwarder and kafka `delivered`) started from 0
+    in its successor: after a reload the summary (and /metrics) said the console printed only what came after."""
+    progress = tmp_path / "all.jsonl"
+
+    def lines() -> int:
+        return progress.read_bytes().count(b"\n") if progress.exists() else 0
+
+    text = run(tmp_path, lambda i: f"{{type: jsonl, path: {progress}, flush_interval: 0}}, "
+                                   f"{{type: console, max_text: {100 + i}}}, "
+                                   f"{{type: parquet, path: {tmp_path}/pq, roll_interval: {i + 1}m}}",
+               lines, reloads=2)
+    console = next(ln.split() for ln in text.splitlines() if ln.startswith("  sinks[1]:console"))
+    parquet = next(ln.split() for ln in text.splitlines() if ln.startswith("  sinks[2]:parquet"))
+    assert int(console[2]) == read(text) == lines(), text
+    assert parquet[3:] == ["files", str(len(list((tmp_path / "pq").glob("part-*.parquet"))))] == ["files", "3"], text

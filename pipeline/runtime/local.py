@@ -501,7 +501,7 @@ class LocalRuntime:
 
     def summary(self) -> str:
         b = self.b
-        sinks = {slot.stats.name: slot.sink for slot in b.sinks}
+        sinks = {slot.stats.name: slot for slot in b.sinks}
         procs = {p.context.stats.name: p for p in b.chain.processors}
         lines = [f"summary: pipeline {b.config.name!r} ran {time.monotonic() - self.started:.1f}s"]
         for st in b.stats:

@@ -332,6 +332,7 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float, stop: asyncio.
     _continue(sw.new, slot.sink)
     why = await _start(sw.new, stop)
     if why is None:
+        slot.retire(slot.sink)  # closed: its counters stay in the run's
         slot.sink = sw.new
         slot.channels = sw.channels
         return None
@@ -340,6 +341,7 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float, stop: asyncio.
     if again is not None:  # the old sink is closed: nothing can write this sink's batches any more
         raise StageError(f"{slot.stats.name}: after a reload the new options did not start ({why}), "
                          f"nor did the previous ones ({again})")
+    slot.retire(slot.sink)
     slot.sink = sw.fallback
     return why
 
