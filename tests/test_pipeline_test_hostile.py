@@ -154,3 +154,44 @@ def test_the_closest_event_of_a_failing_pattern_is_found_in_bounded_time(tmp_pat
     for k in (1997, 1998, 1999):
         assert f'+    "text": "{text} {k:05d}"' in out, out[:3000]
     assert took < 5, took
+
+
+HANGS = '''
+import time
+
+from pipeline.api import Options, Processor
+
+
+class Hangs(Processor):
+    """A plugin processor waiting on a call that never returns (a lookup service without a timeout)."""
+
+    name = "hangs"
+    Options = Options
+
+    def process(self, batch):
+        while True:
+            time.sleep(0.05)
+'''
+
+
+def test_a_case_whose_processor_hangs_fails_after_the_time_limit(tmp_path: Path) -> None:
+    """A plugin processor that never returned held `pipeline test` (and CI) for ever, with no line saying which
+    case. Now a case gets `--timeout` seconds (60 by default), then fails; the other cases still run."""
+    (tmp_path / "hangs.py").write_text(HANGS)
+    (tmp_path / "p.yaml").write_text(CONFIG.replace("stages:\n", 'stages:\n  - {type: "hangs:Hangs"}\n'))
+    (tmp_path / "p.test.yaml").write_text("""config: p.yaml
+cases:
+  - name: hangs
+    input: [{channel: visual_index, data: {text: a terminal}}]
+    expect: {alerts: [{label: term, count: 1}]}
+  - name: rules only
+    stages: [rules]
+    input: [{channel: visual_index, data: {text: a terminal}}]
+    expect: {alerts: [{label: term, count: 1}]}
+""")
+    out, took = _timed(str(tmp_path / "p.test.yaml"), "--timeout", "0.5", cwd=tmp_path, limit=20)
+    lines = out.splitlines()
+    assert lines == [f"FAIL  {tmp_path}/p.test.yaml: hangs",
+                     "      did not finish within 0.5s (--timeout): a processor that never returns?",
+                     f"ok    {tmp_path}/p.test.yaml: rules only", "1 passed, 1 failed, 0 errors (1 file)"], out
+    assert took < 10, took
