@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -153,6 +154,7 @@ class PipelineConfig:
     http_override: str | None = None  # `--http ADDR` on the command line: runtime.http, also after a reload
     disabled: list[StageSpec] = field(default_factory=list)
     channels: list[str] = field(default_factory=list)
+    digest: bytes | None = None  # sha256 of the file as read (`--watch` reloads when the file no longer has it)
 
     @property
     def state_dir(self) -> Path:
@@ -593,7 +595,8 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None,
     data, positions = load(text, str(p), env, missing=missing, texts=texts,
                            unset=None if missing is not None else unset, unset_paths=unset_paths, typed=typed)
     if not unset:
-        return parse(data, positions, str(p), registry, placeholders=missing or (), texts=texts, typed=typed)
+        cfg = parse(data, positions, str(p), registry, placeholders=missing or (), texts=texts, typed=typed)
+        return dataclasses.replace(cfg, digest=hashlib.sha256(text.encode()).digest())
     names = _UNSET.findall("\n".join(unset))
     try:  # the rest of the file is checked too, the unset variables' `${VAR}`s in place: every error at once
         parse(data, positions, str(p), registry, placeholders=names, texts=texts, typed=typed)

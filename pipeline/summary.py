@@ -17,7 +17,7 @@ def summary_dict(rt: Any) -> dict[str, Any]:
     b = rt.b
     stages: list[dict[str, Any]] = []
     sinks: list[dict[str, Any]] = []
-    reports = {slot.stats.name: slot.sink.report() for slot in b.sinks}
+    reports = {slot.stats.name: slot.report() for slot in b.sinks}
     procs = {p.context.stats.name: p for p in b.chain.processors}
     for st in b.stats:
         if st.kind == "source":

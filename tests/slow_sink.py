@@ -63,6 +63,8 @@ class HangingStartSink(SlowSink):
 
     async def start(self) -> None:
         if self.options.hang_start:
+            with open(self.options.path + ".hanging", "w"):  # tests wait for this: the start hangs now
+                pass
             await asyncio.Event().wait()
         if self.options.fail_start:
             from pipeline.errors import StageError

@@ -501,7 +501,7 @@ class LocalRuntime:
 
     def summary(self) -> str:
         b = self.b
-        sinks = {slot.stats.name: slot.sink for slot in b.sinks}
+        sinks = {slot.stats.name: slot for slot in b.sinks}
         procs = {p.context.stats.name: p for p in b.chain.processors}
         lines = [f"summary: pipeline {b.config.name!r} ran {time.monotonic() - self.started:.1f}s"]
         for st in b.stats:
@@ -519,7 +519,7 @@ class LocalRuntime:
                 extra += self._buffer_report(st.name)
                 lines.append(f"  {st.name:<28} written {written:>6}" + (f"   failed {st.errors}" if st.errors else "")
                              + extra)
-        if any(hasattr(p, "fired") for p in b.chain.processors):
+        if any(hasattr(p, "fired") for p in b.chain.processors) or b.chain.alerts_fired:  # (a reload removed them)
             lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
         lines.append(f"  dead-lettered: {b.dead_letter.count}" +
                      (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))

@@ -108,7 +108,8 @@ class Reloader:
         self.rejected = 0
         self._wake = asyncio.Event()
         self._why = ""
-        self._digest = self._file_digest()
+        # what was read, not the file now: a save while the run started (its stages being built) is reloaded
+        self._digest = current.digest if current.digest is not None else self._file_digest()
 
     def request(self, why: str) -> None:
         """Ask for a reload (safe from a signal handler)."""
@@ -226,7 +227,7 @@ class Reloader:
                         break
                     await asyncio.sleep(0.01)
                 else:
-                    replaced = await _replace(slot, sw, deadline)
+                    replaced = await _replace(slot, sw, deadline, rt._stop_requested)
                     if replaced is None:
                         continue
                     if replaced:
@@ -263,8 +264,6 @@ class Reloader:
                 continue
             p = self._make(spec, state, stats.get(spec.label) or StageStats(spec.label, spec.kind))
             assert isinstance(p, Processor)
-            if old is not None and hasattr(old, "fired") and hasattr(p, "fired"):
-                p.fired = old.fired  # the summary's "alerts fired" counts the whole run
             processors.append(p)
         swaps: list[SinkSwap] = []
         if len(new.sinks) == len(self.current.sinks):
@@ -285,7 +284,10 @@ class Reloader:
                       stats=stats, state=state, out_dir=b.config.out_dir, settings=b.config.settings(),
                       log=stage_log(spec.kind, spec.type_name, spec.label))
         cls: Any = spec.cls
-        return cls(spec.options, ctx)
+        try:
+            return cls(spec.options, ctx)
+        except SystemExit as exc:  # went through the reloader and ended the run (exit 0, nothing flushed)
+            raise StageError(f"{spec.label}: called sys.exit({exc.code!r}) while being made") from None
 
     def _carry_rule_state(self, new: PipelineConfig) -> None:
         """Forget cooldowns and windows of rules that were removed or whose matching changed."""
@@ -302,12 +304,14 @@ class Reloader:
             state.flush()
 
 
-async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> str | None:
+async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float, stop: asyncio.Event) -> str | None:
     """Flush and close the old sink, then start the new one (or, if it cannot start, the old spec again).
 
     The flush waits until `deadline` (drain_timeout from the reload) at most, the close its shutdown_timeout,
     each start its start timeout: a webhook that never answers, or a broker that never answers a new sink's
-    connect, held the reload, and with it ingest and any stop, for as long as it hung.
+    connect, held the reload, and with it ingest and any stop, for as long as it hung. The new sink's start also
+    gives way to `stop` (SIGTERM): a stop waited for its whole start_timeout, past its own bound; the previous
+    options, which ran until now, start again and take the rest.
     None when the new sink runs; "" when the old sink did not flush in time (it stays, untouched); otherwise
     why the new sink did not start (the old spec runs again).
     """
@@ -325,23 +329,36 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> str | None:
         log.warning("reload: %s: the old sink's close() did not finish within %gs", slot.stats.name, limit)
     except Exception as exc:  # the old sink dead-letters what it cannot write; the swap still happens
         log.warning("reload: %s: closing the old sink: %s", slot.stats.name, exc)
-    why = await _start(sw.new)
+    _continue(sw.new, slot.sink)
+    why = await _start(sw.new, stop)
     if why is None:
+        slot.retire(slot.sink)  # closed: its counters stay in the run's
         slot.sink = sw.new
         slot.channels = sw.channels
         return None
+    _continue(sw.fallback, slot.sink)
     again = await _start(sw.fallback)
     if again is not None:  # the old sink is closed: nothing can write this sink's batches any more
         raise StageError(f"{slot.stats.name}: after a reload the new options did not start ({why}), "
                          f"nor did the previous ones ({again})")
+    slot.retire(slot.sink)
     slot.sink = sw.fallback
     return why
 
 
-async def _start(sink: Sink) -> str | None:
-    """Start `sink` within its start timeout; None when it runs, else why not (a raised error's text)."""
+def _continue(sink: Sink, previous: Sink) -> None:
+    """Tell a sink about the one it replaces (`continue_from`, e.g. jsonl: files this run already wrote are not
+    emptied again by `clear`)."""
+    hook = getattr(sink, "continue_from", None)
+    if callable(hook):
+        hook(previous)
+
+
+async def _start(sink: Sink, stop: asyncio.Event | None = None) -> str | None:
+    """Start `sink` within its start timeout (or until `stop`); None when it runs, else why not (a raised error's
+    text)."""
     try:
-        return await start_within(sink)
+        return await start_within(sink, stop)
     except Exception as exc:
         return str(exc) or type(exc).__name__
 

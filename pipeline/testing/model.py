@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,8 @@ def load_tests(path: Path) -> tuple[TestFile, list[LoadedCase]]:
     tf = chk.model(TestFile, data, ())
     chk.raise_errors()
     assert isinstance(tf, TestFile)
+    if _is_pipe(path.parent / tf.config):
+        raise chk.fail(("config",), _pipe(path.parent / tf.config))
     cases = []
     for i, case in enumerate(tf.cases):
         where = chk.where(("cases", i))
@@ -124,12 +128,26 @@ def load_tests(path: Path) -> tuple[TestFile, list[LoadedCase]]:
             raw = case.input
         else:
             assert case.input_file is not None
+            if _is_pipe(path.parent / case.input_file):
+                raise chk.fail(("cases", i, "input_file"), _pipe(path.parent / case.input_file))
             raw = _read_jsonl(path.parent / case.input_file, chk.where(("cases", i, "input_file")))
             if not raw:
                 why = NO_EVENTS.replace("no events", f"no events in {case.input_file}", 1)
                 raise chk.fail(("cases", i, "input_file"), why)
         cases.append(LoadedCase(case, [_at(e, where) for e in raw], where))
     return tf, cases
+
+
+def _is_pipe(p: Path) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(p).st_mode)
+    except OSError:
+        return False  # reported by the read that follows
+
+
+def _pipe(p: Path) -> str:
+    """A config or input_file that is a pipe: reading it waited for a writer for ever (`pipeline test DIR`)."""
+    return f"{p}: a named pipe: a test reads only regular files (a pipe waits for a writer and can be read once)"
 
 
 def _read_jsonl(p: Path, where: str) -> list[dict[str, Any]]:

@@ -16,9 +16,9 @@ from pipeline.errors import ConfigError, suggest
 from pipeline.events import Event
 from pipeline.session import SessionLink
 from pipeline.stats import StageStats
-from pipeline.testing.diff import alert_line, closest, subset
+from pipeline.testing.diff import alert_line, closest, gone_events, subset
 from pipeline.testing.model import AlertExpect, LoadedCase, TestFile
-from pipeline.testing.vacuous import check_zero_counts
+from pipeline.testing.vacuous import check_alerts_can_come, check_zero_counts
 
 
 @dataclass
@@ -85,6 +85,7 @@ def run_case(cfg: PipelineConfig, lc: LoadedCase, dead: DeadLetter) -> list[str]
     specs = select(cfg, lc.case.stages, lc.where)
     check_labels(cfg, specs, lc)
     check_zero_counts(specs, lc)
+    check_alerts_can_come(specs, lc)
     chain = chain_for(cfg, specs, dead)
     out = chain(copy.deepcopy(events))
     out += chain.flush()  # the input ended: processors that hold events (windows) emit them now
@@ -152,7 +153,7 @@ def _events_out(wanted: list[dict[str, Any]], passed: list[Event]) -> list[str]:
 
 
 def _dropped(spec: int | list[dict[str, Any]], events: list[Event], passed: list[Event]) -> list[str]:
-    gone = [e for e in events if not any(subset(e, p) for p in passed)]
+    gone = gone_events(events, passed)
     if isinstance(spec, int):
         if len(gone) != spec:
             return [f"expected {spec} input event(s) dropped, {len(gone)} were"

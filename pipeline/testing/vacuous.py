@@ -54,3 +54,21 @@ def check_zero_counts(specs: list[StageSpec], lc: LoadedCase) -> None:
         if want.severity is not None and want.severity not in severities:
             raise ConfigError(f"{where}.severity: no rule running in this case has severity {want.severity!r}"
                               f"{suggest(want.severity, severities)}")
+
+
+def check_alerts_can_come(specs: list[StageSpec], lc: LoadedCase) -> None:
+    """`no_alerts: true`, `only_these_alerts: true` or a `count: 0` alert where no rule (and no plugin processor)
+    runs can never fail: nothing there makes alerts. An error, as a label no rule has."""
+    if any(not s.cls.__module__.startswith("stages.") for s in specs):
+        return
+    if any(getattr(s.options, "rules", None) for s in specs):
+        return
+    ex = lc.case.expect
+    which = f"stages: {', '.join(lc.case.stages)}" if lc.case.stages else "its config has no rules stage"
+    why = f"no rule runs in this case ({which}), so no alert can come and this passes whatever the rules do"
+    for key, vacuous in (("no_alerts", ex.no_alerts), ("only_these_alerts", ex.only_these_alerts)):
+        if vacuous:
+            raise ConfigError(f"{lc.where}: expect.{key}: {why}")
+    for i, want in enumerate(ex.alerts or []):
+        if want.count == 0:
+            raise ConfigError(f"{lc.where}: expect.alerts[{i}]: {why}")

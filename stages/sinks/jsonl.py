@@ -107,13 +107,23 @@ class JsonlSink(Sink):
         self._failed: SinkFailed | None = None
         self._pending_clear = False
 
+    def continue_from(self, previous: Sink) -> None:
+        """A reload re-created this sink (called before start()): the files its predecessor emptied hold this
+        run's output, which `clear` must not empty again (everything written before the reload was lost)."""
+        if isinstance(previous, JsonlSink):
+            done = set(previous._cleared)
+            if previous._pending_clear:  # it never wrote: its file still holds the previous run's lines
+                done.discard(previous.options.path)
+            self._cleared |= done
+
     async def start(self) -> None:
         if not self._templated:
             # Opened now, so a bad path fails at start; with `clear` emptied only at the first write, so a
             # run whose source never opens (a typo in a replay path) keeps the previous results.
+            fresh = self.options.path not in self._cleared
             self._cleared.add(self.options.path)
             self._open(self.options.path)
-            self._pending_clear = self.options.clear
+            self._pending_clear = self.options.clear and fresh
         if self.options.flush_interval > 0 or self._templated:  # templated: idle files close on a quiet run too
             self._timer = asyncio.create_task(self._flush_periodically(), name=f"{self.context.stage}-flush")
 

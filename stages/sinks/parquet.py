@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import os
 import secrets
@@ -31,6 +32,13 @@ from stages.sinks.channel_dirs import ChannelNames
 from stages.sinks.dates import UtcDays
 
 MAX_OPEN_DIRS: Final = 32
+#: file numbers, one sequence for the whole process: each sink counting from 1 gave a sink re-created by a reload
+#: (or two sinks writing one directory) its predecessor's file name within the same second, and the rename of its
+#: completed file replaced the other's
+_SEQ = itertools.count(1)
+#: the pid alone does not tell processes apart: workers in containers sharing a volume are often all pid 1, and
+#: wrote (truncated, replaced) each other's files
+_RUN: Final = secrets.token_hex(4)
 MAX_WAITING_BYTES: Final = 32 << 20  # rows waiting for a row group, all directories together (JSON size)
 # rows in the open files, kept (as JSON) to be dead-lettered should a file fail before it is complete; past this
 # (all directories together) the open files are completed
@@ -133,10 +141,6 @@ class ParquetSink(Sink):
         self._dirs: dict[str, _Dir] = {}
         self._day = UtcDays()
         self._channel = ChannelNames()
-        self._seq = 0
-        # the pid alone does not tell processes apart: workers in containers sharing a volume are often all
-        # pid 1, and wrote (truncated, replaced) each other's files
-        self._run = secrets.token_hex(4)
         self._timer: asyncio.Task[None] | None = None
         self._schema: Any = None
         self.files = 0
@@ -267,9 +271,8 @@ class ParquetSink(Sink):
 
         if d.writer is None:
             ensure_private_dir(d.dir)
-            self._seq += 1
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-            name = f"part-{stamp}-{os.getpid()}-{self._run}-{self._seq:05d}.parquet"
+            name = f"part-{stamp}-{os.getpid()}-{_RUN}-{next(_SEQ):05d}.parquet"
             d.tmp = d.dir / f".{name}.tmp"
             d.fh = open_private(d.tmp, truncate=True)
             codec = None if self.options.compression == "none" else self.options.compression

@@ -96,3 +96,33 @@ def test_a_reloaded_sink_that_does_not_start_is_rejected_and_the_old_options_kee
     written = next(ln.split() for ln in stderr.splitlines() if ln.startswith("  sinks[0]:"))
     read = next(ln.split() for ln in stderr.splitlines() if ln.startswith("  source:"))
     assert int(written[2]) == seen(tmp_path) == int(read[2]), stderr  # every event read was written once
+
+
+def test_sigterm_while_a_reload_waits_on_a_sink_start_ends_within_the_stop_bound(tmp_path: Path) -> None:
+    """SIGTERM while a reload waited for a re-created sink whose start() hangs: the stop waited for the whole
+    `start_timeout` (30 s here) before the run could drain and end, past `drain_timeout` + `shutdown_timeout`.
+    Now the start gives way to the stop: the previous options take the rest, nothing read is lost."""
+    write_config(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "p.yaml")], cwd=tmp_path,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for("events written", lambda: seen(tmp_path) > 0, proc)
+        write_config(tmp_path, ", hang_start: true, start_timeout: 30")
+        proc.send_signal(signal.SIGHUP)
+        wait_for("the new sink's start to hang", (tmp_path / "seen.txt.hanging").exists, proc)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=8)  # nothing is left to drain: it ends at once
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the run did not end within 8 s of SIGTERM (it waited for start_timeout)") from None
+        took = time.monotonic() - t0
+    finally:
+        stop_process(proc)
+    stderr = err.decode()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert took < 5, f"{took:.1f}s: {stderr}"
+    assert "rejected for sinks[0]:tests.slow_sink:HangingStartSink (stopped while starting)" in stderr, stderr
+    written = next(ln.split() for ln in stderr.splitlines() if ln.startswith("  sinks[0]:"))
+    read = next(ln.split() for ln in stderr.splitlines() if ln.startswith("  source:"))
+    assert int(written[2]) == seen(tmp_path) == int(read[2]), stderr  # every event read was written once

@@ -68,6 +68,16 @@ class AlertForwarder(Sink):
                                    options.backoff_initial, options.backoff_max)
         self._session: aiohttp.ClientSession | None = None
         self._destinations: list[Destination] = []
+        self._buckets: dict[str, TokenBucket] = {}  # url -> its rate-limit bucket
+        self._buckets_before: dict[str, TokenBucket] = {}  # ... of the forwarder a reload replaced
+
+    def continue_from(self, previous: Sink) -> None:
+        """A reload re-created this forwarder (called before start()): each URL keeps its rate-limit bucket (a full
+        new one let another burst out at every reload) and the keys already sent stay known (never twice a run)."""
+        if isinstance(previous, AlertForwarder):
+            self._buckets_before = previous._buckets
+            if previous.options.dedupe_keys == self.options.dedupe_keys:
+                self._seen = previous._seen
 
     async def start(self) -> None:
         import aiohttp
@@ -93,7 +103,13 @@ class AlertForwarder(Sink):
 
     def _destination(self, url: str) -> Destination:
         o = self.options
-        bucket = TokenBucket(*o.rate_limit, capacity=o.burst) if o.rate_limit else None
+        bucket = None
+        if o.rate_limit:
+            bucket = TokenBucket(*o.rate_limit, capacity=o.burst)
+            was = self._buckets_before.get(url)
+            if was is not None and (was.rate, was.capacity) == (bucket.rate, bucket.capacity):
+                bucket = was
+            self._buckets[url] = bucket
         return Destination(secrets.mask_url(url), partial(self._send, url), partial(self._dead_letter, url),
                            queue_size=o.queue_size, concurrency=o.concurrency, bucket=bucket,
                            digest=o.on_limit == "digest", digest_max=o.digest_max, log=self.context.log,
