@@ -351,6 +351,8 @@ class LocalRuntime:
                 t.cancel()
             await self._close(started)
             for buf in self.buffers:
+                if isinstance(buf, DiskBuffer) and (why := buf.check_kept()) is not None:
+                    self.error = self.error or StageError(why)  # "left spooled" would be a silent loss
                 buf.close()
             if self.install_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
@@ -465,8 +467,11 @@ class LocalRuntime:
             for it in left:
                 self._dead_letter(slot, it.batch, "sink did not drain within drain_timeout")
             if isinstance(buf, DiskBuffer):
-                log.warning("%s: did not drain within drain_timeout=%gs; %d event(s) stay in the spool "
-                            "for the next run", slot.stats.name, timeout, buf.pending_events)
+                if (why := buf.check_kept()) is not None:
+                    self._fail(StageError(why))
+                else:
+                    log.warning("%s: did not drain within drain_timeout=%gs; %d event(s) stay in the spool "
+                                "for the next run", slot.stats.name, timeout, buf.pending_events)
             else:
                 lost.append(slot.stats.name)
         if lost:
@@ -543,7 +548,9 @@ class LocalRuntime:
                         out += f"   not JSON-encodable dead-lettered {buf.unencodable}"
                     if buf.restored:
                         out += f"   from earlier spool {buf.restored}"
-                    if buf.pending_events:
+                    if buf.lost:
+                        out += f"   LOST with its spool {buf.lost}"
+                    elif buf.pending_events:
                         out += f"   left spooled {buf.pending_events}"
                 return out
         return ""
