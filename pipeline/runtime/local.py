@@ -53,6 +53,7 @@ class LocalRuntime:
         self.install_signals = install_signals
         self.buffers: list[SinkBuffer] = [self._buffer(i, slot) for i, slot in enumerate(built.sinks)]
         self._writing: list[Item | None] = [None] * len(built.sinks)
+        self._after_close: dict[int, Item] = {}  # sink index -> spooled write cancelled at shutdown, acked after close
         self._deadline: float | None = None  # loop time when drain_timeout expires
         self.signals = 0
         self.started = time.monotonic()
@@ -458,8 +459,11 @@ class LocalRuntime:
             d.cancel()
             slot, buf, item = self.b.sinks[i], self.buffers[i], self._writing[i]
             if item is not None:  # the write in flight was cancelled
-                if getattr(slot.sink, "cancel_safe", False):
-                    buf.taken(item)  # the sink delivers or dead-letters what it accepted, in close()
+                if getattr(slot.sink, "cancel_safe", False):  # the sink delivers or dead-letters it in close()
+                    if buf.durable:  # ... so it leaves the spool only once close() returned: a kill -9 or a
+                        self._after_close[i] = item  # second signal meanwhile must not take it with them
+                    else:
+                        buf.taken(item)
                 elif not buf.durable:
                     self._dead_letter(slot, item.batch, "sink write cancelled at shutdown (drain_timeout); "
                                                         "it may have been partly written")
@@ -481,6 +485,9 @@ class LocalRuntime:
         """Close every sink at once, each bounded by its own shutdown_timeout; then the source and controller."""
         results = await asyncio.gather(*(self._close_sink(slot) for slot in started), return_exceptions=True)
         for slot, res in zip(started, results, strict=True):
+            i = next((k for k, s in enumerate(self.b.sinks) if s is slot), -1)
+            if res is None and i in self._after_close:  # close() delivered or dead-lettered it: not again
+                self.buffers[i].taken(self._after_close.pop(i))
             if isinstance(res, PipelineError):
                 self.error = self.error or res
             elif isinstance(res, BaseException):
