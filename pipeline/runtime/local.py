@@ -547,17 +547,19 @@ class LocalRuntime:
         return "\n".join(lines)
 
     def _buffer_report(self, name: str) -> str:
+        return "".join(f"   {k} {v}" for k, v in self.buffer_counts(name).items())
+
+    def buffer_counts(self, name: str) -> dict[str, int]:
+        """The non-zero counters of sink `name`'s buffer, as the summary words them (the JSON summary too)."""
         for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
             if slot.stats.name == name:
-                out = f"   buffer-full dead-lettered {buf.rejected}" if buf.rejected else ""
+                out = {"buffer-full dead-lettered": buf.rejected}
                 if isinstance(buf, DiskBuffer):
-                    if buf.unencodable:
-                        out += f"   not JSON-encodable dead-lettered {buf.unencodable}"
-                    if buf.restored:
-                        out += f"   from earlier spool {buf.restored}"
+                    out["not JSON-encodable dead-lettered"] = buf.unencodable
+                    out["from earlier spool"] = buf.restored
                     if buf.lost:
-                        out += f"   LOST with its spool {buf.lost}"
-                    elif buf.pending_events:
-                        out += f"   left spooled {buf.pending_events}"
-                return out
-        return ""
+                        out["LOST with its spool"] = buf.lost
+                    else:
+                        out["left spooled"] = buf.pending_events
+                return {k: v for k, v in out.items() if v}
+        return {}
