@@ -473,9 +473,10 @@ class LocalRuntime:
             if isinstance(buf, DiskBuffer):
                 if (why := buf.check_kept()) is not None:
                     self._fail(StageError(why))
-                else:
+                else:  # (not counting a write close() still delivers or dead-letters)
+                    closing = len(self._after_close[i].batch) if i in self._after_close else 0
                     log.warning("%s: did not drain within drain_timeout=%gs; %d event(s) stay in the spool "
-                                "for the next run", slot.stats.name, timeout, buf.pending_events)
+                                "for the next run", slot.stats.name, timeout, buf.pending_events - closing)
             else:
                 lost.append(slot.stats.name)
         if lost:
