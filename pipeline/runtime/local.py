@@ -483,7 +483,11 @@ class LocalRuntime:
             self._fail(StageError(f"sinks did not drain within drain_timeout={timeout:g}s: " + ", ".join(lost)))
 
     async def _close(self, started: list[SinkSlot]) -> None:
-        """Close every sink at once, each bounded by its own shutdown_timeout; then the source and controller."""
+        """Close every sink and the source at once, each sink bounded by its own shutdown_timeout (+2 s), the
+        source by the largest of those (at most 10 s); then the controller."""
+        limit = min(DEFAULT_CLOSE_TIMEOUT, max((close_limit(slot.sink) for slot in started),
+                                               default=DEFAULT_CLOSE_TIMEOUT))
+        source = asyncio.ensure_future(self._close_source(limit))
         results = await asyncio.gather(*(self._close_sink(slot) for slot in started), return_exceptions=True)
         for slot, res in zip(started, results, strict=True):
             i = next((k for k, s in enumerate(self.b.sinks) if s is slot), -1)
@@ -493,10 +497,7 @@ class LocalRuntime:
                 self.error = self.error or res
             elif isinstance(res, BaseException):
                 self.error = self.error or StageError(f"{slot.stats.name}: close failed: {res}")
-        try:
-            await asyncio.wait_for(self.b.source.close(), DEFAULT_CLOSE_TIMEOUT)
-        except Exception as exc:
-            log.warning("source: close failed: %s", exc)
+        await source
         if self.b.controller is not None:
             try:
                 await self.b.controller.close()
@@ -504,6 +505,14 @@ class LocalRuntime:
                 log.warning("controller: close failed: %s", exc)
         self.b.dead_letter.close()
         self.b.state.close()
+
+    async def _close_source(self, limit: float) -> None:
+        try:
+            await asyncio.wait_for(self.b.source.close(), limit)
+        except TimeoutError:
+            log.warning("source: close did not finish within %gs; abandoned", limit)
+        except Exception as exc:
+            log.warning("source: close failed: %s", exc or type(exc).__name__)
 
     async def _close_sink(self, slot: SinkSlot) -> None:
         limit = close_limit(slot.sink)
