@@ -319,8 +319,9 @@ class LocalRuntime:
     async def _commit(self, commit: Any, last: int) -> int:
         upto = min(buf.safe_upto for buf in self.buffers)
         if upto > last:
-            for slot in self.b.sinks:
-                await slot.sink.flush()
+            for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
+                if not buf.durable:  # a spooled batch is safe already: not held up by the sink's delivery
+                    await slot.sink.flush()
             await commit(upto)
         return max(upto, last)
 
