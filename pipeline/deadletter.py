@@ -112,9 +112,13 @@ class DeadLetter:
             self._fh = None
             raise
 
-    def lose(self, n: int) -> None:
-        """`n` more events could not be written here (a caller gave up after a failed write)."""
+    def lose(self, n: int, why: str | None = None) -> None:
+        """`n` more events could not be written here (a caller gave up after a failed write, or, with `why`,
+        a sink lost them where they can no longer be read back to be written here)."""
         self.lost += n
+        if why is not None and n:
+            with self._lock:
+                self.failure = self.failure or why
 
     def close(self) -> None:
         with self._lock:

@@ -103,7 +103,7 @@ def row(event: Event) -> tuple[Any, ...]:
 class _Dir:
     """One output directory: rows waiting for a row group, and the file being written."""
 
-    __slots__ = ("dir", "fh", "nbytes", "opened", "rows", "tmp", "writer")
+    __slots__ = ("dir", "fh", "filed", "nbytes", "opened", "rows", "tmp", "writer")
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
@@ -113,6 +113,7 @@ class _Dir:
         self.fh: Any = None
         self.tmp: Path | None = None
         self.opened = 0.0
+        self.filed = 0  # rows in the open file: readable only once it is complete
 
 
 class ParquetSink(Sink):
@@ -131,6 +132,8 @@ class ParquetSink(Sink):
         self._timer: asyncio.Task[None] | None = None
         self._schema: Any = None
         self.files = 0
+        self.rows_done = 0  # rows in completed files: what this sink has written
+        self.lost_rows = 0  # rows of files that could not be completed
         self._lock = asyncio.Lock()
         self._failed: SinkFailed | None = None
         self._current = 0  # rows of the batch write() is taking (the runtime counts them as written only after)
@@ -146,6 +149,8 @@ class ParquetSink(Sink):
         self._timer = asyncio.create_task(self._roll_periodically(), name=f"{self.context.stage}-roll")
 
     def report(self) -> dict[str, int]:
+        if self.lost_rows:  # what is readable, not what was accepted: a file that could not be completed lost rows
+            return {"written": self.rows_done, "files": self.files}
         return {"files": self.files}
 
     def _dir_for(self, event: Event) -> str:
@@ -239,12 +244,14 @@ class ParquetSink(Sink):
         table = pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, self._schema, strict=True)],
                                      schema=self._schema)
         d.writer.write_table(table)
+        d.filed += len(rows)
 
     def _complete(self, d: _Dir) -> None:
         """Close the open file and give it its final name (atomic: readers see all of it or nothing)."""
         if d.writer is None:
             return
         writer, fh, tmp = d.writer, d.fh, d.tmp
+        filed, d.filed = d.filed, 0
         d.writer = d.fh = d.tmp = None
         d.opened = 0.0
         try:
@@ -252,9 +259,14 @@ class ParquetSink(Sink):
             fh.close()
             assert tmp is not None
             os.replace(tmp, tmp.with_name(tmp.name[1:-4]))
-        except OSError as exc:
-            raise SinkFailed(f"{self.context.stage}: {tmp}: cannot complete: {exc.strerror or exc}") from None
+        except OSError as exc:  # its rows are in no readable file and no longer in memory: failed and lost
+            why = f"{self.context.stage}: {tmp}: cannot complete: {exc.strerror or exc}"
+            self.context.stats.errors += filed
+            self.lost_rows += filed
+            self.context.dead_letter.lose(filed, f"{why}; its {filed} row(s) were only in that file")
+            raise SinkFailed(why) from None
         self.files += 1
+        self.rows_done += filed
 
     def _size(self, d: _Dir) -> int:
         try:
