@@ -135,6 +135,9 @@ async def start_producer(idempotence: Idempotence, log: Log, who: str,
                                  "set idempotence: auto or false") from None
             log.warning("%s: broker does not support idempotent producers (%s); idempotence is off, "
                         "retries may duplicate events", who, describe(exc))
+        except BaseException:  # cancelled (a stop while the broker never answers): not left open behind us
+            await producer.stop()
+            raise
     producer = AIOKafkaProducer(enable_idempotence=False, **kwargs)
     try:
         await producer.start()

@@ -29,14 +29,18 @@ def summary_dict(rt: Any) -> dict[str, Any]:
         elif st.kind == "sink":
             report = dict(reports.get(st.name, {}))
             written = report.pop("written", st.sent)  # a sink may count what it really wrote (console)
+            buffered = rt.buffer_counts(st.name) if hasattr(rt, "buffer_counts") else {}
             sinks.append({"name": st.name, "written": written, "failed": st.errors,
-                          **{k.replace("-", "_"): v for k, v in report.items()}})
+                          **{k.replace("-", "_"): v for k, v in report.items()},
+                          **{_key(k): v for k, v in buffered.items()}})
     out: dict[str, Any] = {
         "pipeline": b.config.name, "seconds": round(time.monotonic() - rt.started, 3),
         "exit_code": rt.exit_code, "error": secrets.mask(str(rt.error)) if rt.error is not None else None,
         "stages": stages, "sinks": sinks, "alerts_fired": b.chain.alerts_fired,
         "dead_lettered": b.dead_letter.count,
         "dead_letter_path": str(b.dead_letter.path) if b.dead_letter.count else None,
+        "lost": b.dead_letter.lost,  # events neither written nor dead-lettered (the text summary's LOST N)
+        "lost_reason": secrets.mask(b.dead_letter.failure) if b.dead_letter.lost and b.dead_letter.failure else None,
         "ended": b.session.exit_reason or None,
     }
     gaps = getattr(b.session, "gaps", None)
@@ -45,6 +49,11 @@ def summary_dict(rt: Any) -> dict[str, Any]:
         out["gap_seconds"] = round(float(gaps.gap_seconds), 3)
         out["backfilled"] = dict(gaps.backfilled)
     return out
+
+
+def _key(words: str) -> str:
+    """A text summary label as a JSON key: `LOST with its spool` -> `lost_with_spool`."""
+    return words.lower().replace("with its ", "with_").replace("-", "_").replace(" ", "_")
 
 
 def check_summary_path(path: str) -> None:

@@ -178,3 +178,12 @@ class TickSource(Source):
 
     async def stop(self) -> None:
         self._stopped.set()
+
+
+class HangingCloseTicks(TickSource):
+    """A TickSource whose close() never returns (a plugin closing a connection to a server that is gone)."""
+
+    name = "hanging-close"
+
+    async def close(self) -> None:
+        await asyncio.Event().wait()

@@ -186,6 +186,8 @@ class DiskBuffer(_Buffer):
         self._live = True  # the cache holds every record from the read position on
         self.restored = 0  # events found in the spool at start (from an earlier run)
         self.unencodable = 0  # events dead-lettered because JSON cannot hold them (not a full buffer)
+        self.lost = 0  # undelivered events whose spool was removed or replaced while running
+        self.lost_why: str | None = None
 
     def open(self) -> None:
         """Recover the spool: report a torn tail, queue what an earlier run left undelivered."""
@@ -300,6 +302,13 @@ class DiskBuffer(_Buffer):
         """Nothing is dead-lettered at shutdown: undelivered batches stay in the spool for the next run."""
         self._cache.clear()
         return []
+
+    def check_kept(self) -> str | None:
+        """At the end of a run: why what is left undelivered will not reach the next run (its spool was removed
+        or replaced), counting it as `lost`; None when the spool still holds it."""
+        if self.lost_why is None and (why := self.spool.gone()) is not None:
+            self.lost, self.lost_why = self.spool.pending_events, why
+        return self.lost_why
 
     def close(self) -> None:
         self.spool.close()

@@ -53,6 +53,7 @@ class LocalRuntime:
         self.install_signals = install_signals
         self.buffers: list[SinkBuffer] = [self._buffer(i, slot) for i, slot in enumerate(built.sinks)]
         self._writing: list[Item | None] = [None] * len(built.sinks)
+        self._after_close: dict[int, Item] = {}  # sink index -> spooled write cancelled at shutdown, acked after close
         self._deadline: float | None = None  # loop time when drain_timeout expires
         self.signals = 0
         self.started = time.monotonic()
@@ -318,8 +319,9 @@ class LocalRuntime:
     async def _commit(self, commit: Any, last: int) -> int:
         upto = min(buf.safe_upto for buf in self.buffers)
         if upto > last:
-            for slot in self.b.sinks:
-                await slot.sink.flush()
+            for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
+                if not buf.durable:  # a spooled batch is safe already: not held up by the sink's delivery
+                    await slot.sink.flush()
             await commit(upto)
         return max(upto, last)
 
@@ -351,6 +353,8 @@ class LocalRuntime:
                 t.cancel()
             await self._close(started)
             for buf in self.buffers:
+                if isinstance(buf, DiskBuffer) and (why := buf.check_kept()) is not None:
+                    self.error = self.error or StageError(why)  # "left spooled" would be a silent loss
                 buf.close()
             if self.install_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
@@ -456,8 +460,11 @@ class LocalRuntime:
             d.cancel()
             slot, buf, item = self.b.sinks[i], self.buffers[i], self._writing[i]
             if item is not None:  # the write in flight was cancelled
-                if getattr(slot.sink, "cancel_safe", False):
-                    buf.taken(item)  # the sink delivers or dead-letters what it accepted, in close()
+                if getattr(slot.sink, "cancel_safe", False):  # the sink delivers or dead-letters it in close()
+                    if buf.durable:  # ... so it leaves the spool only once close() returned: a kill -9 or a
+                        self._after_close[i] = item  # second signal meanwhile must not take it with them
+                    else:
+                        buf.taken(item)
                 elif not buf.durable:
                     self._dead_letter(slot, item.batch, "sink write cancelled at shutdown (drain_timeout); "
                                                         "it may have been partly written")
@@ -465,25 +472,33 @@ class LocalRuntime:
             for it in left:
                 self._dead_letter(slot, it.batch, "sink did not drain within drain_timeout")
             if isinstance(buf, DiskBuffer):
-                log.warning("%s: did not drain within drain_timeout=%gs; %d event(s) stay in the spool "
-                            "for the next run", slot.stats.name, timeout, buf.pending_events)
+                if (why := buf.check_kept()) is not None:
+                    self._fail(StageError(why))
+                else:  # (not counting a write close() still delivers or dead-letters)
+                    closing = len(self._after_close[i].batch) if i in self._after_close else 0
+                    log.warning("%s: did not drain within drain_timeout=%gs; %d event(s) stay in the spool "
+                                "for the next run", slot.stats.name, timeout, buf.pending_events - closing)
             else:
                 lost.append(slot.stats.name)
         if lost:
             self._fail(StageError(f"sinks did not drain within drain_timeout={timeout:g}s: " + ", ".join(lost)))
 
     async def _close(self, started: list[SinkSlot]) -> None:
-        """Close every sink at once, each bounded by its own shutdown_timeout; then the source and controller."""
+        """Close every sink and the source at once, each sink bounded by its own shutdown_timeout (+2 s), the
+        source by the largest of those (at most 10 s); then the controller."""
+        limit = min(DEFAULT_CLOSE_TIMEOUT, max((close_limit(slot.sink) for slot in started),
+                                               default=DEFAULT_CLOSE_TIMEOUT))
+        source = asyncio.ensure_future(self._close_source(limit))
         results = await asyncio.gather(*(self._close_sink(slot) for slot in started), return_exceptions=True)
         for slot, res in zip(started, results, strict=True):
+            i = next((k for k, s in enumerate(self.b.sinks) if s is slot), -1)
+            if res is None and i in self._after_close:  # close() delivered or dead-lettered it: not again
+                self.buffers[i].taken(self._after_close.pop(i))
             if isinstance(res, PipelineError):
                 self.error = self.error or res
             elif isinstance(res, BaseException):
                 self.error = self.error or StageError(f"{slot.stats.name}: close failed: {res}")
-        try:
-            await asyncio.wait_for(self.b.source.close(), DEFAULT_CLOSE_TIMEOUT)
-        except Exception as exc:
-            log.warning("source: close failed: %s", exc)
+        await source
         if self.b.controller is not None:
             try:
                 await self.b.controller.close()
@@ -491,6 +506,14 @@ class LocalRuntime:
                 log.warning("controller: close failed: %s", exc)
         self.b.dead_letter.close()
         self.b.state.close()
+
+    async def _close_source(self, limit: float) -> None:
+        try:
+            await asyncio.wait_for(self.b.source.close(), limit)
+        except TimeoutError:
+            log.warning("source: close did not finish within %gs; abandoned", limit)
+        except Exception as exc:
+            log.warning("source: close failed: %s", exc or type(exc).__name__)
 
     async def _close_sink(self, slot: SinkSlot) -> None:
         limit = close_limit(slot.sink)
@@ -535,15 +558,19 @@ class LocalRuntime:
         return "\n".join(lines)
 
     def _buffer_report(self, name: str) -> str:
+        return "".join(f"   {k} {v}" for k, v in self.buffer_counts(name).items())
+
+    def buffer_counts(self, name: str) -> dict[str, int]:
+        """The non-zero counters of sink `name`'s buffer, as the summary words them (the JSON summary too)."""
         for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
             if slot.stats.name == name:
-                out = f"   buffer-full dead-lettered {buf.rejected}" if buf.rejected else ""
+                out = {"buffer-full dead-lettered": buf.rejected}
                 if isinstance(buf, DiskBuffer):
-                    if buf.unencodable:
-                        out += f"   not JSON-encodable dead-lettered {buf.unencodable}"
-                    if buf.restored:
-                        out += f"   from earlier spool {buf.restored}"
-                    if buf.pending_events:
-                        out += f"   left spooled {buf.pending_events}"
-                return out
-        return ""
+                    out["not JSON-encodable dead-lettered"] = buf.unencodable
+                    out["from earlier spool"] = buf.restored
+                    if buf.lost:
+                        out["LOST with its spool"] = buf.lost
+                    else:
+                        out["left spooled"] = buf.pending_events
+                return {k: v for k, v in out.items() if v}
+        return {}

@@ -117,6 +117,18 @@ def _open_file(path: Path, flags: int, what: str) -> int:
     return fd
 
 
+def _names(path: Path, fd: int | None) -> bool:
+    """`path` is still the file open as `fd` (any regular file, for None): not removed or replaced."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        if fd is None:
+            return stat.S_ISREG(st.st_mode)
+        own = os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
 class Spool:
     """Append-only, crash-tolerant queue of encoded batches with a durable consumer offset."""
 
@@ -267,14 +279,24 @@ class Spool:
         into a deleted file, to vanish at the next restart without a word."""
         path = self._path(self._segments[-1])
         assert self._fd is not None
-        try:
-            st, own = os.stat(path, follow_symlinks=False), os.fstat(self._fd)
-            same = (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
-        except OSError:
-            same = False
-        if not same:
-            raise StageError(f"{path}: the spool was removed or replaced while running: its "
-                             f"{self.pending_events} undelivered event(s) cannot be read back or survive a restart")
+        if not _names(path, self._fd):
+            raise StageError(self._removed(path))
+
+    def gone(self) -> str | None:
+        """Why what is not yet delivered would not reach the next run (the spool removed or replaced since it was
+        opened: the ack file, the segment appended to, or another segment still holding undelivered records)."""
+        if self.pending_bytes <= 0 or self._fd is None or self._ack_fd is None:
+            return None
+        first = self._segments.index(self._segment_of(self.acked))
+        for path, fd in ((self.dir / "ack", self._ack_fd), (self._path(self._segments[-1]), self._fd),
+                         *((self._path(base), None) for base in self._segments[first:-1])):
+            if not _names(path, fd):
+                return self._removed(path)
+        return None
+
+    def _removed(self, path: Path) -> str:
+        return (f"{path}: the spool was removed or replaced while running: its {self.pending_events} "
+                "undelivered event(s) cannot be read back or survive a restart")
 
     def read(self) -> Record | Damage | None:
         """The record at the read position (advancing it), a damaged range skipped, or None at the end."""

@@ -150,10 +150,12 @@ class WebSocketSource(Source):
             self._ready.set()
 
     def _reject(self, reason: str, frame: str | bytes) -> None:
+        """Dead-letter a refused frame: its first 4 KiB, as for a bad replay line or Kafka record (whole, a peer
+        flooding large bad frames filled the disk at the speed of the connection)."""
         self.context.stats.dropped += 1
         self.context.dead_letter.write(reason, stage=self.context.stage,
                                        origin={"source": self.describe(), "connection_id": self.connection_id},
-                                       raw=frame)
+                                       raw=frame[:4096])
 
     async def _read_loop(self) -> None:
         import websockets

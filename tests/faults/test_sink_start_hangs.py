@@ -82,3 +82,33 @@ def test_a_sink_whose_start_raises_is_named_in_the_error(tmp_path: Path) -> None
     # before: "pipeline: cannot write its output: [Errno 111] ...", as if a file could not be written
     assert "pipeline: sinks[1]:tests.slow_sink:HangingStartSink: start() failed: [Errno 111] Connect call failed" \
         in stderr, stderr
+
+
+def test_a_kafka_sink_stopped_while_its_broker_never_answers_leaves_no_unclosed_producer(tmp_path: Path) -> None:
+    """A broker that accepts the connection and never answers (a host gone behind a load balancer): SIGTERM while
+    the kafka sink starts cancelled the idempotent producer's start() and nobody stopped it; the exit printed
+    `ERROR asyncio: Unclosed AIOKafkaProducer` and an object address after the run's own lines."""
+    import socket
+
+    hole = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    (tmp_path / "p.yaml").write_text(f"""
+name: black-hole
+source: {{type: "tests.slow_sink:TickSource", every: 0.05}}
+sinks: [{{type: kafka, bootstrap_servers: "127.0.0.1:{hole.getsockname()[1]}", topic: t}}]
+dead_letter: {tmp_path}/dead.jsonl
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "p.yaml"], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        hole.settimeout(20)
+        held.append(hole.accept()[0])  # the producer connected: its start now waits for an answer
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=20)[1]
+    finally:
+        stop_process(proc)
+        for s in (*held, hole):
+            s.close()
+    assert proc.returncode == 0, err
+    assert "Unclosed" not in err and "object at 0x" not in err, err
