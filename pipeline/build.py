@@ -29,6 +29,10 @@ class SinkSlot:
     buffer: BufferOptions = field(default_factory=BufferOptions)
     type_name: str = "sink"
 
+    def report(self) -> dict[str, int]:
+        """The sink's own counters (`written`, `delivered`, ...) for the whole run, across reloads."""
+        return self.stats.whole_run(self.sink.report())
+
     def route(self, batch: Batch) -> Batch:
         chans = self.channels
         if chans is None:

@@ -17,6 +17,22 @@ class StageStats:
     sent: int = 0
     dropped: int = 0
     errors: int = 0
+    #: the `report()` counts of this stage's earlier instances, which config reloads replaced
+    before: Counter[str] = field(default_factory=Counter)
+
+    def retire(self, report: dict[str, int]) -> None:
+        """A reload replaces the instance that made `report`: keep its counts for the rest of the run."""
+        self.before.update({k: v for k, v in report.items() if type(v) is int})
+
+    def whole_run(self, report: dict[str, int]) -> dict[str, int]:
+        """The current instance's `report()` plus what its predecessors counted: the run's counts."""
+        if not self.before:
+            return report
+        out = dict(report)
+        for k, v in self.before.items():
+            now = out.get(k, 0)
+            out[k] = now + v if type(now) is int else now
+        return out
 
 
 @dataclass(slots=True)

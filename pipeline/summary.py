@@ -17,7 +17,7 @@ def summary_dict(rt: Any) -> dict[str, Any]:
     b = rt.b
     stages: list[dict[str, Any]] = []
     sinks: list[dict[str, Any]] = []
-    reports = {slot.stats.name: slot.sink.report() for slot in b.sinks}
+    reports = {slot.stats.name: slot.report() for slot in b.sinks}
     procs = {p.context.stats.name: p for p in b.chain.processors}
     for st in b.stats:
         if st.kind == "source":
@@ -25,7 +25,7 @@ def summary_dict(rt: Any) -> dict[str, Any]:
         elif st.kind == "processor":
             stages.append({"name": st.name, "kind": "processor", "in": st.received, "out": st.sent,
                            "dropped": max(0, st.received - st.sent), "errors": st.errors,
-                           **{k.replace("-", "_"): v for k, v in procs[st.name].report().items()}})
+                           **{k.replace("-", "_"): v for k, v in st.whole_run(procs[st.name].report()).items()}})
         elif st.kind == "sink":
             report = dict(reports.get(st.name, {}))
             written = report.pop("written", st.sent)  # a sink may count what it really wrote (console)

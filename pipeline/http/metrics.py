@@ -97,7 +97,7 @@ class PipelineCollector:
             s_qc.add_metric(lv, v.queue_capacity(i))
             spool = v.spool_bytes(i)
             s_sp.add_metric(lv, spool or 0)
-            for key, n in slot.sink.report().items():
+            for key, n in slot.report().items():
                 if key != "written":
                     s_out.add_metric([*lv, key.replace("-", "_")], n)
             h = v.latency(i)

@@ -118,7 +118,7 @@ class View:
     def written(self, i: int) -> int:
         """What the sink really wrote when it counts that itself (console), else what it accepted."""
         slot = self.built.sinks[i]
-        return int(slot.sink.report().get("written", slot.stats.sent))
+        return int(slot.report().get("written", slot.stats.sent))
 
     def latency(self, i: int) -> Histogram | None:
         lat = getattr(self.rt, "latency", None)
@@ -176,7 +176,7 @@ class View:
         sinks = []
         for i, slot in enumerate(b.sinks):
             lat = self.latency(i)
-            sinks.append({**{k.replace("-", "_"): v for k, v in slot.sink.report().items()},
+            sinks.append({**{k.replace("-", "_"): v for k, v in slot.report().items()},
                           "name": slot.stats.name, "in": slot.stats.received, "written": self.written(i),
                           "errors": slot.stats.errors, "queue": self.queue_depth(i),
                           "queue_size": self.queue_capacity(i), "spool_bytes": self.spool_bytes(i),

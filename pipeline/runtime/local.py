@@ -501,7 +501,7 @@ class LocalRuntime:
 
     def summary(self) -> str:
         b = self.b
-        sinks = {slot.stats.name: slot.sink for slot in b.sinks}
+        sinks = {slot.stats.name: slot for slot in b.sinks}
         procs = {p.context.stats.name: p for p in b.chain.processors}
         lines = [f"summary: pipeline {b.config.name!r} ran {time.monotonic() - self.started:.1f}s"]
         for st in b.stats:
@@ -511,7 +511,7 @@ class LocalRuntime:
                 lines.append(f"  {st.name:<28} in {st.received:>11}   out {st.sent:>9}"
                              f"   dropped {max(0, st.received - st.sent)}"
                              + (f"   errors {st.errors}" if st.errors else "")
-                             + "".join(f"   {k} {v}" for k, v in procs[st.name].report().items()))
+                             + "".join(f"   {k} {v}" for k, v in st.whole_run(procs[st.name].report()).items()))
             elif st.kind == "sink":
                 report = dict(sinks[st.name].report())
                 written = report.pop("written", st.sent)  # a sink may count what it really wrote (console)

@@ -240,6 +240,9 @@ class Reloader:
                 rt.carry.extend(reload_windows.apply(windows, rt.b.state, rt.b.chain))
                 if rt.b.state.dirty:
                     rt.b.state.flush()
+            for old in rt.b.chain.processors:
+                if not any(old is p for p in processors):  # re-created or removed: its counts are the run's
+                    old.context.stats.retire(old.report())
             rt.b.chain.processors = processors
             order = {"source": 0, "controller": 1, "processor": 2, "sink": 3}
             rt.b.stats[:] = sorted([s for s in rt.b.stats if s.kind != "processor"]
@@ -263,7 +266,9 @@ class Reloader:
                 continue
             p = self._make(spec, state, stats.get(spec.label) or StageStats(spec.label, spec.kind))
             assert isinstance(p, Processor)
-            if old is not None and hasattr(old, "fired") and hasattr(p, "fired"):
+            if old is not None and type(old) is type(p) and hasattr(p, "continue_counts"):
+                p.continue_counts(old)  # rules: alerts fired (in all and per rule) and the last ones, of the run
+            elif old is not None and hasattr(old, "fired") and hasattr(p, "fired"):
                 p.fired = old.fired  # the summary's "alerts fired" counts the whole run
             processors.append(p)
         swaps: list[SinkSwap] = []
@@ -325,6 +330,7 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> str | None:
         log.warning("reload: %s: the old sink's close() did not finish within %gs", slot.stats.name, limit)
     except Exception as exc:  # the old sink dead-letters what it cannot write; the swap still happens
         log.warning("reload: %s: closing the old sink: %s", slot.stats.name, exc)
+    slot.stats.retire(slot.sink.report())  # what it delivered, printed... still counts for the run
     why = await _start(sw.new)
     if why is None:
         slot.sink = sw.new
