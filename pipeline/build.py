@@ -54,6 +54,7 @@ class Chain:
     """Runs processors in order over a batch; a processor that raises loses only the bad events."""
 
     def __init__(self, processors: list[Processor], dead_letter: DeadLetter) -> None:
+        self._fired_gone = 0  # alerts fired by rules stages a reload removed
         self.processors = processors
         self.dead_letter = dead_letter
         self.tap: Any = None  # a TapHub while a tap client is attached: sees each processor's output
@@ -64,7 +65,9 @@ class Chain:
 
     @processors.setter
     def processors(self, processors: list[Processor]) -> None:  # a reload swaps them
+        before = self.alerts_fired if hasattr(self, "_processors") else 0
         self._processors = processors
+        self._fired_gone += max(0, before - self.alerts_fired)  # the run's count never goes back
         self._plugins = frozenset(id(p) for p in processors if not ours(p))
 
     def __call__(self, batch: Batch, start: int = 0) -> Batch:
@@ -123,7 +126,7 @@ class Chain:
 
     @property
     def alerts_fired(self) -> int:
-        return sum(int(getattr(p, "fired", 0)) for p in self.processors)
+        return self._fired_gone + sum(int(getattr(p, "fired", 0)) for p in self.processors)
 
 
 @dataclass

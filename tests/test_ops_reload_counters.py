@@ -112,6 +112,14 @@ async def test_a_reload_that_re_creates_a_sink_and_the_rules_keeps_their_counts(
         assert status == 200
         console = next(s for s in snap["sinks"] if s["name"] == "sinks[0]:console")
         assert console["written"] == 50, console
+        # the rules stage removed: the alerts it fired still count
+        cfg.write_text(CONFIG.format(port=port, tmp=tmp_path, max_text=100, extra_rule="").replace(
+            "  - type: rules\n    rules:\n      - {name: secret, keywords: [password], severity: critical}\n",
+            "  - {type: filter, channels: [transcript]}\n"))
+        proc.send_signal(signal.SIGHUP)
+        await until(lambda: err.read_text().count("reload (SIGHUP) applied") == 2, "the second reload")
+        status, snap = await get_json(base, "/api/status")
+        assert snap["alerts_fired"] == 30, snap["alerts_fired"]
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -125,3 +133,4 @@ async def test_a_reload_that_re_creates_a_sink_and_the_rules_keeps_their_counts(
     assert summary["alerts_fired"] == 30
     text = err.read_text()
     assert "sinks[0]:console             written     50" in text, text
+    assert "alerts fired by rules: 30" in text

@@ -519,7 +519,7 @@ class LocalRuntime:
                 extra += self._buffer_report(st.name)
                 lines.append(f"  {st.name:<28} written {written:>6}" + (f"   failed {st.errors}" if st.errors else "")
                              + extra)
-        if any(hasattr(p, "fired") for p in b.chain.processors):
+        if b.chain.alerts_fired or any(hasattr(p, "fired") for p in b.chain.processors):
             lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
         lines.append(f"  dead-lettered: {b.dead_letter.count}" +
                      (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))
