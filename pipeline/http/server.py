@@ -42,6 +42,9 @@ IDLE_TIMEOUT = 15.0
 #: open connections at once (Prometheus, a few taps and browsers); more get 503: each costs a file descriptor, and
 #: /metrics is open to anyone who reaches the port
 MAX_CONNECTIONS = 64
+#: at a stop, how long a request under way may take to finish (a tap stream sends its `end` at once), then as long
+#: again for it to be cancelled: a peer that stopped reading held each of them for aiohttp's 2 s given before
+STOP_GRACE = 0.25
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -82,7 +85,7 @@ class OperatorServer:
         return app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=STOP_GRACE,
                                       handler_cancellation=True, keepalive_timeout=IDLE_TIMEOUT,
                                       logger=PeerErrorLogger())
         await self._runner.setup()
