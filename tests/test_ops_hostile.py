@@ -243,3 +243,24 @@ async def test_a_page_rebound_to_loopback_cannot_read_meeting_content(tmp_path: 
             async with http.get(base + path, headers={"Host": host}) as r:
                 assert r.status == 200, host
                 await r.content.readline()
+
+
+async def test_a_sign_in_whose_body_never_arrives_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request under way is not idle, so the idle timeout never closed a POST /login whose body was never
+    sent in full: 64 of them held every connection the endpoint takes, for good (/healthz and /metrics answered
+    503 to everyone). Its body now has as long as an idle connection."""
+    import asyncio
+
+    import pipeline.http.server as server
+    from tests.operator_harness import config, replay_file, served
+
+    monkeypatch.setattr(server, "IDLE_TIMEOUT", 0.5, raising=False)
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    async with served(config(tmp_path, events)) as (_rt, base):
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: 4000\r\n\r\ntoken=")  # and never the rest
+        answer = await asyncio.wait_for(reader.read(), 5)  # then EOF: the server closed it
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+        writer.close()

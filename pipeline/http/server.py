@@ -87,6 +87,7 @@ class OperatorServer:
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=STOP_GRACE,
                                       handler_cancellation=True, keepalive_timeout=IDLE_TIMEOUT,
+                                      lingering_time=0,  # a body left unread (a 408) is not waited for: closed
                                       logger=PeerErrorLogger())
         await self._runner.setup()
         try:
@@ -154,7 +155,11 @@ class OperatorServer:
         return _json({"error": "missing or wrong bearer token"}, 401)
 
     async def login(self, request: web.Request) -> web.Response:
-        form = await request.post()
+        try:  # a request under way is not idle: a body never sent in full held its connection for good
+            async with asyncio.timeout(IDLE_TIMEOUT):
+                form = await request.post()
+        except TimeoutError:
+            return web.Response(text=f"the sign-in form did not arrive within {IDLE_TIMEOUT:g} s", status=408)
         given = str(form.get("token", ""))
         if not self.token or not hmac.compare_digest(given.encode(), self.token.encode()):
             return web.Response(text=_LOGIN, status=401, content_type="text/html")
