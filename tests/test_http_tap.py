@@ -8,6 +8,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
 from pipeline.runtime.local import LocalRuntime
 from tests.operator_harness import config, replay_file, scrape, served
@@ -310,4 +311,36 @@ async def test_a_client_that_never_reads_holds_bounded_bytes(tmp_path: Path) -> 
         held = sum(len(b) for b in client.buffer)
         assert held <= (8 << 20) + 64 * 51_000, held  # 8 MiB, plus the one batch an empty buffer takes
         assert client.dropped > 0
+        writer.close()
+
+
+async def test_a_tap_client_that_stopped_reading_gives_its_place_back(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that stopped reading (a laptop gone to sleep, a `pipeline tap | less` left alone) held one of the
+    16 tap places until the pipeline ended: the write to it waited for ever. It is let go once a write has not
+    gone out for STALLED_WRITE seconds; the run goes on."""
+    import pipeline.http.server as server
+    from pipeline.http.tap import TapBudget
+
+    monkeypatch.setattr(server, "STALLED_WRITE", 0.5)
+    events = tmp_path / "big.jsonl"
+    with events.open("wb") as fh:  # 3 s of 20 kB events at speed 1: the client's socket fills at once
+        for i in range(3000):
+            fh.write(orjson.dumps({"channel": "transcript", "id": i, "unix_ts": 1_700_000_000 + i / 1000,
+                                   "data": {"text": f"{i} " + "x" * 20_000}}) + b"\n")
+    async with served(config(tmp_path, events, speed=1)) as (rt, base):
+        rt.tap_hub.budget = TapBudget(share=1.0, burst=100.0)  # the CPU bound is not what this is about
+        run = asyncio.create_task(rt.run())
+        _reader, writer = await _silent_tap(rt, base)
+        assert rt.tap_hub.client_count == 1
+        for _ in range(200):
+            if rt.tap_hub.client_count == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert rt.tap_hub.client_count == 0 and not run.done()
+        async with aiohttp.ClientSession() as http, http.get(base + "/tap", params={"limit": "5"}) as r:
+            got = await read_sse(r)  # the place is free again
+        assert len([k for k, _ in got if k == "message"]) == 5
+        await rt.stop()
+        assert await run == 0
         writer.close()

@@ -45,6 +45,9 @@ MAX_CONNECTIONS = 64
 #: at a stop, how long a request under way may take to finish (a tap stream sends its `end` at once), then as long
 #: again for it to be cancelled: a peer that stopped reading held each of them for aiohttp's 2 s given before
 STOP_GRACE = 0.25
+#: a tap client none of whose bytes went out for this long stopped reading (a laptop gone to sleep): it is let go,
+#: or it would hold one of the MAX_TAP_CLIENTS places until the pipeline ends (`pipeline tap` gives up after 60 s)
+STALLED_WRITE = 60.0
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -217,10 +220,13 @@ class OperatorServer:
         try:
             hello = {"at": client.point.label, "points": [p.label for p in self.hub.points],
                      "pipeline": self.view.name}
-            await resp.write(b"event: hello\ndata: " + orjson.dumps(hello) + b"\n\n")
+            await _write(resp, b"event: hello\ndata: " + orjson.dumps(hello) + b"\n\n")
             await self._stream(client, resp)
         except (ConnectionResetError, ConnectionError):
             pass
+        except TimeoutError:  # it stopped reading: closed, nothing more is written to it
+            if request.transport is not None:
+                request.transport.abort()
         finally:
             self.hub.detach(client)
         return resp
@@ -272,7 +278,7 @@ class OperatorServer:
             if not client.pending and idle[0] and not (client.done or self._closing.is_set()):
                 idle[0] = 0
                 client.wake.clear()
-                await resp.write(b": keep-alive\n\n")
+                await _write(resp, b": keep-alive\n\n")
                 continue
             await asyncio.sleep(COALESCE)
             client.wake.clear()
@@ -289,12 +295,18 @@ class OperatorServer:
                     {"reason": "limit reached" if client.done else "pipeline stopped"}) + b"\n\n")
             if parts:
                 budget, cpu = self.hub.budget, time.thread_time()
-                await resp.write(b"".join(parts))
+                await _write(resp, b"".join(parts))
                 # sending costs about what serializing does (copies, the kernel's share): the same budget. A
                 # write that waited for a slow client also counts what ran meanwhile, so at most one burst
                 budget.charge(min(time.thread_time() - cpu, budget.burst))
             if finished:
                 return
+
+
+async def _write(resp: web.StreamResponse, data: bytes) -> None:
+    """Write to a tap client; TimeoutError when it took none of it for STALLED_WRITE seconds."""
+    async with asyncio.timeout(STALLED_WRITE):
+        await resp.write(data)
 
 
 def _names_loopback(host_header: str) -> bool:
