@@ -23,7 +23,7 @@ from pipeline.channels import known_channels, unknown_channel
 from pipeline.http import listener
 from pipeline.http.metrics import exposition, registry_for
 from pipeline.http.peer_log import PeerErrorLogger
-from pipeline.http.tap import TapClient, TapError, TapHub
+from pipeline.http.tap import TapBudget, TapClient, TapError, TapHub
 from pipeline.http.view import View
 from pipeline.net import is_loopback
 
@@ -48,6 +48,11 @@ STOP_GRACE = 0.25
 #: a tap client none of whose bytes went out for this long stopped reading (a laptop gone to sleep): it is let go,
 #: or it would hold one of the MAX_TAP_CLIENTS places until the pipeline ends (`pipeline tap` gives up after 60 s)
 STALLED_WRITE = 60.0
+#: Share of the pipeline's time /metrics may take (a scrape costs the event loop most of a millisecond, and the
+#: endpoint is open to anyone who reaches the port); beyond it scrapes are answered 429. Prometheus every few
+#: seconds, or a dashboard every second, never come near it.
+SCRAPE_SHARE = 0.05
+SCRAPE_BURST = 0.05  # seconds of it that may be saved up
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -64,6 +69,7 @@ class OperatorServer:
         self.port = port
         self.token = token
         self.registry = registry_for(view)
+        self.scrape_budget = TapBudget(SCRAPE_SHARE, SCRAPE_BURST)
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._closing = asyncio.Event()
@@ -172,8 +178,15 @@ class OperatorServer:
 
     # -- endpoints ------------------------------------------------------------------------
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=exposition(self.registry),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        budget = self.scrape_budget
+        if not budget.available():
+            resp = _json({"error": "scraped too often: the pipeline's time comes first; retry in a second"}, 429)
+            resp.headers["Retry-After"] = "1"
+            return resp
+        cpu = time.thread_time()
+        body = exposition(self.registry)
+        budget.charge(time.thread_time() - cpu)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def healthz(self, request: web.Request) -> web.Response:
         late = time.monotonic() - self.view.heartbeat - HEARTBEAT

@@ -32,7 +32,7 @@ TAP_BURST = 0.05  # seconds of it that may be saved up while the pipeline is qui
 
 
 class TapBudget:
-    """CPU time the tap may spend: refills at TAP_SHARE of the time that passes, up to TAP_BURST.
+    """CPU time the tap (or /metrics) may spend: refills at `share` of the time that passes, up to `burst`.
 
     A live meeting (tens of events a second) never reaches it; a replay at full speed with a client taking
     every event does, and the client is told what it missed instead of the pipeline slowing down.
