@@ -264,3 +264,48 @@ async def test_a_sign_in_whose_body_never_arrives_is_closed(tmp_path: Path, monk
         answer = await asyncio.wait_for(reader.read(), 5)  # then EOF: the server closed it
         assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
         writer.close()
+
+
+HALF_EMOJI = '''
+from pipeline.api import Processor
+
+
+class Cut(Processor):
+    """Cuts an emoji in half (one UTF-16 surrogate left: JSON text from a UTF-16 world can hold it)."""
+
+    def process(self, batch):
+        for e in batch:
+            if isinstance(e.get("data"), dict):
+                e["data"]["text"] = str(e["data"].get("text", "")) + " \\ud83d"
+        return batch
+'''
+
+
+async def test_alerts_holding_half_an_emoji_do_not_break_the_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """An event text with a lone UTF-16 surrogate cannot be written as JSON (sinks dead-letter such events), and
+    its alert, among the last 20, made /api/status answer 500 with a traceback in the log at every poll: the
+    status page said the pipeline was unreachable and `pipeline top` ended as if it had stopped."""
+    import asyncio
+
+    import aiohttp
+
+    from tests.operator_harness import RULES, config, replay_file, served
+
+    (tmp_path / "half_emoji.py").write_text(HALF_EMOJI)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stages = 'stages:\n  - {type: "half_emoji:Cut"}\n' + RULES.split("stages:\n", 1)[1]
+    async with served(config(tmp_path, replay_file(tmp_path / "in.jsonl", 100), stages=stages)) as (rt, base):
+        assert await rt.run() == 0
+        async with aiohttp.ClientSession() as http, http.get(base + "/api/status") as r:
+            assert r.status == 200
+            snap = await r.json()
+        assert len(snap["alerts"]) == 5
+        texts = [a["data"]["text"] for a in snap["alerts"]]
+        assert "password on screen 0 ?" in texts and all(t.endswith(" ?") for t in texts), texts
+        top = await asyncio.create_subprocess_exec(*PIPELINE, "top", base, "--once", "--interval", "0.1", env=ENV,
+                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(top.communicate(), 30)
+    assert top.returncode == 0, err
+    assert b"password on screen 0" in out
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
