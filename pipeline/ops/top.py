@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.logs import log_options
-from pipeline.ops.client import TOKEN_ENV, base_url, open_url, read_json, stop_on_ctrl_c
+from pipeline.ops.client import TOKEN_ENV, Busy, base_url, open_url, read_json, stop_on_ctrl_c
 from pipeline.termsafe import visible
 
 #: What every status snapshot has (`/api/status`); an answer without them is not a pipeline's
@@ -156,6 +156,8 @@ def main(argv: list[str]) -> int:
                 time.sleep(max(0.1, args.interval))
                 try:
                     view = fetch()
+                except Busy:  # all its connections taken for now: the last table stays, asked again next time
+                    continue
                 except ConfigError:  # it answered before: the pipeline ended (as `pipeline tap` ends with it)
                     break
                 live.update(view)
