@@ -344,3 +344,36 @@ async def test_a_tap_client_that_stopped_reading_gives_its_place_back(tmp_path: 
         await rt.stop()
         assert await run == 0
         writer.close()
+
+
+HALF_EMOJI = '''
+from pipeline.api import Processor
+
+
+class Cut(Processor):
+    """Cuts an emoji in half in every other event (a lone UTF-16 surrogate: JSON cannot hold it as it is)."""
+
+    def process(self, batch):
+        for e in batch:
+            if e["id"] % 2 == 0:
+                e["data"]["text"] += " \\ud83d"
+        return batch
+'''
+
+
+async def test_events_holding_half_an_emoji_are_shown_not_skipped(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sinks dead-letter an event JSON cannot hold; the tap, where an operator looks to see why, skipped it
+    without a word (neither shown nor counted as dropped). It is shown, the half emoji as `?`."""
+    (tmp_path / "half_emoji_tap.py").write_text(HALF_EMOJI)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stages = 'stages:\n  - {type: "half_emoji_tap:Cut"}\n'
+    async with served(config(tmp_path, replay_file(tmp_path / "in.jsonl", 100), stages=stages)) as (rt, base), \
+            aiohttp.ClientSession() as http, http.get(base + "/tap", params={"at": "0"}) as tap:
+        for _ in range(3):  # the hello block
+            await tap.content.readline()
+        assert await rt.run() == 0
+        await rt.http_server.stop()
+        got = [d for k, d in await read_sse(tap) if k == "message"]
+    assert [e["id"] for e in got] == list(range(100))
+    assert got[0]["data"]["text"] == "password on screen 0 ?" and got[1]["data"]["text"].endswith("code")
