@@ -31,7 +31,7 @@ class SinkSlot:
 
     def report(self) -> dict[str, int]:
         """The sink's own counters (`written`, `delivered`, ...) for the whole run, across reloads."""
-        return self.stats.whole_run(self.sink.report())
+        return self.stats.report_of(self.sink)
 
     def route(self, batch: Batch) -> Batch:
         chans = self.channels

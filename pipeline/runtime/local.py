@@ -511,7 +511,7 @@ class LocalRuntime:
                 lines.append(f"  {st.name:<28} in {st.received:>11}   out {st.sent:>9}"
                              f"   dropped {max(0, st.received - st.sent)}"
                              + (f"   errors {st.errors}" if st.errors else "")
-                             + "".join(f"   {k} {v}" for k, v in st.whole_run(procs[st.name].report()).items()))
+                             + "".join(f"   {k} {v}" for k, v in st.report_of(procs[st.name]).items()))
             elif st.kind == "sink":
                 report = dict(sinks[st.name].report())
                 written = report.pop("written", st.sent)  # a sink may count what it really wrote (console)

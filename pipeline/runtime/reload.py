@@ -242,7 +242,7 @@ class Reloader:
                     rt.b.state.flush()
             for old in rt.b.chain.processors:
                 if not any(old is p for p in processors):  # re-created or removed: its counts are the run's
-                    old.context.stats.retire(old.report())
+                    old.context.stats.retire(old.context.stats.counts_of(old))
             rt.b.chain.processors = processors
             order = {"source": 0, "controller": 1, "processor": 2, "sink": 3}
             rt.b.stats[:] = sorted([s for s in rt.b.stats if s.kind != "processor"]
@@ -330,7 +330,7 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float) -> str | None:
         log.warning("reload: %s: the old sink's close() did not finish within %gs", slot.stats.name, limit)
     except Exception as exc:  # the old sink dead-letters what it cannot write; the swap still happens
         log.warning("reload: %s: closing the old sink: %s", slot.stats.name, exc)
-    slot.stats.retire(slot.sink.report())  # what it delivered, printed... still counts for the run
+    slot.stats.retire(slot.stats.counts_of(slot.sink))  # what it delivered, printed... still counts for the run
     why = await _start(sw.new)
     if why is None:
         slot.sink = sw.new
