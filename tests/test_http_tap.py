@@ -346,6 +346,38 @@ async def test_a_tap_client_that_stopped_reading_gives_its_place_back(tmp_path: 
         writer.close()
 
 
+async def test_a_slow_tap_client_that_keeps_reading_stays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client on a slow link takes long for each write, but takes some of it all the time: it is not let go."""
+    import pipeline.http.server as server
+    from pipeline.http.tap import TapBudget
+
+    monkeypatch.setattr(server, "STALLED_WRITE", 0.5)
+    events = tmp_path / "big.jsonl"
+    with events.open("wb") as fh:  # 3 s of 20 kB events at speed 1, far more than the client reads
+        for i in range(3000):
+            fh.write(orjson.dumps({"channel": "transcript", "id": i, "unix_ts": 1_700_000_000 + i / 1000,
+                                   "data": {"text": f"{i} " + "x" * 20_000}}) + b"\n")
+    async with served(config(tmp_path, events, speed=1)) as (rt, base):
+        rt.tap_hub.budget = TapBudget(share=1.0, burst=100.0)
+        run = asyncio.create_task(rt.run())
+        import socket
+
+        sock = socket.socket()  # a small window, as a slow link keeps: its reading shows at once
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        host, port = base.removeprefix("http://").split(":")
+        sock.connect((host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /tap?at=source HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        got = 0
+        for _ in range(40):  # 2 s, 16 kB every 50 ms: each write of a batch takes far longer than STALLED_WRITE
+            got += len(await reader.read(16384))
+            await asyncio.sleep(0.05)
+        assert rt.tap_hub.client_count == 1 and got > 100_000 and not run.done()
+        await rt.stop()
+        assert await run == 0
+        writer.close()
+
+
 HALF_EMOJI = '''
 from pipeline.api import Processor
 

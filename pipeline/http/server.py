@@ -8,9 +8,13 @@ token when one is configured, and are refused on a non-loopback address without 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import logging
+import struct
+import termios
 import time
 from pathlib import Path
 from typing import Any
@@ -233,8 +237,9 @@ class OperatorServer:
         try:
             hello = {"at": client.point.label, "points": [p.label for p in self.hub.points],
                      "pipeline": self.view.name}
-            await _write(resp, b"event: hello\ndata: " + orjson.dumps(hello) + b"\n\n")
-            await self._stream(client, resp)
+            write = _Writer(resp, request.transport)
+            await write(b"event: hello\ndata: " + orjson.dumps(hello) + b"\n\n")
+            await self._stream(client, write)
         except (ConnectionResetError, ConnectionError):
             pass
         except TimeoutError:  # it stopped reading: closed, nothing more is written to it
@@ -268,7 +273,7 @@ class OperatorServer:
         specs = [s for s in (cfg.source, cfg.controller, *cfg.stages, *cfg.sinks) if s is not None]
         return known_channels(specs, cfg.channels)
 
-    async def _stream(self, client: TapClient, resp: web.StreamResponse) -> None:
+    async def _stream(self, client: TapClient, write: _Writer) -> None:
         """Send what the client's buffer holds; tell it when it missed events; end at `limit` or shutdown."""
         reported = 0
         loop = asyncio.get_running_loop()
@@ -281,17 +286,17 @@ class OperatorServer:
 
         timer = [loop.call_later(KEEPALIVE, tick)]
         try:
-            await self._send(client, resp, idle, reported)
+            await self._send(client, write, idle, reported)
         finally:
             timer[0].cancel()
 
-    async def _send(self, client: TapClient, resp: web.StreamResponse, idle: list[int], reported: int) -> None:
+    async def _send(self, client: TapClient, write: _Writer, idle: list[int], reported: int) -> None:
         while True:
             await client.wake.wait()
             if not client.pending and idle[0] and not (client.done or self._closing.is_set()):
                 idle[0] = 0
                 client.wake.clear()
-                await _write(resp, b": keep-alive\n\n")
+                await write(b": keep-alive\n\n")
                 continue
             await asyncio.sleep(COALESCE)
             client.wake.clear()
@@ -308,7 +313,7 @@ class OperatorServer:
                     {"reason": "limit reached" if client.done else "pipeline stopped"}) + b"\n\n")
             if parts:
                 budget, cpu = self.hub.budget, time.thread_time()
-                await _write(resp, b"".join(parts))
+                await write(b"".join(parts))
                 # sending costs about what serializing does (copies, the kernel's share): the same budget. A
                 # write that waited for a slow client also counts what ran meanwhile, so at most one burst
                 budget.charge(min(time.thread_time() - cpu, budget.burst))
@@ -316,10 +321,40 @@ class OperatorServer:
                 return
 
 
-async def _write(resp: web.StreamResponse, data: bytes) -> None:
-    """Write to a tap client; TimeoutError when it took none of it for STALLED_WRITE seconds."""
-    async with asyncio.timeout(STALLED_WRITE):
-        await resp.write(data)
+class _Writer:
+    """Writes to one tap client; TimeoutError once it has taken none of what waits for it for STALLED_WRITE
+    seconds (what waits shrinks as it reads: a slow client on a slow link goes on)."""
+
+    def __init__(self, resp: web.StreamResponse, transport: asyncio.Transport | None) -> None:
+        self.resp, self.transport = resp, transport
+
+    async def __call__(self, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        write = loop.create_task(self.resp.write(data))
+        waiting, since = -1, loop.time()
+        try:
+            while not (await asyncio.wait({write}, timeout=STALLED_WRITE / 4))[0]:
+                now = _unsent(self.transport)
+                if now != waiting:
+                    waiting, since = now, loop.time()
+                elif loop.time() - since >= STALLED_WRITE:
+                    raise TimeoutError
+            write.result()
+        finally:
+            write.cancel()
+
+
+def _unsent(transport: asyncio.Transport | None) -> int:
+    """Bytes written to `transport` that its peer has not taken yet: its buffer, and the kernel's send queue
+    (which the transport sees shrink only in large steps), where the system tells (Linux)."""
+    if transport is None:
+        return 0
+    waiting = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            waiting += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return waiting
 
 
 def _names_loopback(host_header: str) -> bool:
