@@ -309,3 +309,15 @@ async def test_alerts_holding_half_an_emoji_do_not_break_the_status(tmp_path: Pa
     assert top.returncode == 0, err
     assert b"password on screen 0" in out
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+@pytest.mark.parametrize("interval", ["inf", "1e300", "nan", "-1"])
+def test_top_refuses_an_interval_no_clock_can_wait(interval: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--interval inf` (or 1e300) ended in an OverflowError traceback from time.sleep, after the first fetch."""
+    body = ('{"pipeline":"p","ready":{},"stages":[],"sinks":[],"alerts":[],"uptime":1,"alerts_fired":0,'
+            '"dead_lettered":0}')
+    with fake_server(JSON.format(n=len(body), body=body)) as address, pytest.raises(SystemExit) as stop:
+        cli.main(["top", address, "--once", "--interval", interval])  # argparse's exit: usage and one line
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err, err
+    assert f"error: argument --interval: expected seconds between 0 and 86400 (1 day), got {interval!r}" in err
