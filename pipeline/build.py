@@ -19,10 +19,6 @@ from pipeline.stats import StageStats
 log = logging.getLogger("pipeline")
 
 
-def _count(n: Any) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool)
-
-
 @dataclass
 class SinkSlot:
     """A sink with what the runtime applies for it: routing (`channels:`), its `buffer:`, its counters."""
@@ -32,26 +28,10 @@ class SinkSlot:
     stats: StageStats
     buffer: BufferOptions = field(default_factory=BufferOptions)
     type_name: str = "sink"
-    #: the counters (`report()`) of the sinks a reload replaced in this slot: they count for the whole run
-    retired: dict[str, int] = field(default_factory=dict)
 
-    def report(self) -> dict[str, Any]:
-        """The sink's own counters (`written`, `delivered`, `files`...) for the whole run, across reloads."""
-        out: dict[str, Any] = dict(self.retired)
-        for key, n in self.sink.report().items():
-            out[key] = out[key] + n if key in out and _count(n) else n
-        return out
-
-    def retire(self, sink: Sink) -> None:
-        """`sink` (closed by a reload) leaves this slot: its counters stay in the run's."""
-        try:
-            report = sink.report()
-        except Exception as exc:  # a plugin's: the reload goes on
-            log.warning("%s: report() raised %s: %s", self.stats.name, type(exc).__name__, exc)
-            return
-        for key, n in report.items():
-            if _count(n):
-                self.retired[key] = self.retired.get(key, 0) + n
+    def report(self) -> dict[str, int]:
+        """The sink's own counters (`written`, `delivered`, ...) for the whole run, across reloads."""
+        return self.stats.report_of(self.sink)
 
     def route(self, batch: Batch) -> Batch:
         chans = self.channels
@@ -74,7 +54,7 @@ class Chain:
     """Runs processors in order over a batch; a processor that raises loses only the bad events."""
 
     def __init__(self, processors: list[Processor], dead_letter: DeadLetter) -> None:
-        self._retired_fired = 0  # alerts fired by processors a reload replaced: they count for the whole run
+        self._fired_gone = 0  # alerts fired by rules stages a reload removed
         self.processors = processors
         self.dead_letter = dead_letter
         self.tap: Any = None  # a TapHub while a tap client is attached: sees each processor's output
@@ -85,10 +65,9 @@ class Chain:
 
     @processors.setter
     def processors(self, processors: list[Processor]) -> None:  # a reload swaps them
-        kept = {id(p) for p in processors}
-        self._retired_fired += sum(int(getattr(p, "fired", 0)) for p in getattr(self, "_processors", ())
-                                   if id(p) not in kept)
+        before = self.alerts_fired if hasattr(self, "_processors") else 0
         self._processors = processors
+        self._fired_gone += max(0, before - self.alerts_fired)  # the run's count never goes back
         self._plugins = frozenset(id(p) for p in processors if not ours(p))
 
     def __call__(self, batch: Batch, start: int = 0) -> Batch:
@@ -147,7 +126,7 @@ class Chain:
 
     @property
     def alerts_fired(self) -> int:
-        return self._retired_fired + sum(int(getattr(p, "fired", 0)) for p in self.processors)
+        return self._fired_gone + sum(int(getattr(p, "fired", 0)) for p in self.processors)
 
 
 @dataclass

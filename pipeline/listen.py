@@ -27,9 +27,8 @@ from pipeline.api import Batch, Context
 from pipeline.deadletter import DeadLetter
 from pipeline.errors import PipelineError, StageError
 from pipeline.files import ensure_private_dir, open_private
-from pipeline.logs import formatter, log_options
+from pipeline.logs import TextFormatter, formatter, log_options
 from pipeline.net import VIDEODB_URL_EXAMPLE, http_url
-from pipeline.secrets import MaskingFormatter
 from pipeline.session import SessionLink
 from pipeline.stats import StageStats
 
@@ -73,7 +72,7 @@ def _setup_logging(level: str, fmt: str) -> None:
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(formatter("json") if fmt == "json"
-                             else MaskingFormatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+                             else TextFormatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
         root.setLevel(level.upper())
 

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from pipeline import secrets
+from pipeline.termsafe import visible_lines
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _SKIP = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"fields", "message", "asctime"}
@@ -38,6 +39,14 @@ class JsonFormatter(logging.Formatter):
         return secrets.mask(orjson.dumps(out, default=str).decode())
 
 
+class TextFormatter(secrets.MaskingFormatter):
+    """Readable lines, secrets masked; control characters (a peer's terminal escape sequences: a WebSocket close
+    reason, a connection id) shown as `\\x1b`, tabs and newlines kept."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return visible_lines(super().format(record))
+
+
 class StageLog(logging.LoggerAdapter[logging.Logger]):
     """A stage's logger: each record carries `stage` (its label, e.g. `sinks[1]:jsonl`), a field in JSON logs."""
 
@@ -55,7 +64,7 @@ def formatter(fmt: str) -> logging.Formatter:
     """`text` or `json`; anything else is a user error (argparse already restricts the choice)."""
     if fmt == "json":
         return JsonFormatter()
-    return secrets.MaskingFormatter(TEXT_FORMAT, "%H:%M:%S")
+    return TextFormatter(TEXT_FORMAT, "%H:%M:%S")
 
 
 def log_options(p: argparse.ArgumentParser, default: Any) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("pipeline")
 
 
 @dataclass(slots=True)
@@ -17,6 +21,40 @@ class StageStats:
     sent: int = 0
     dropped: int = 0
     errors: int = 0
+    #: the `report()` counts of this stage's earlier instances, which config reloads replaced
+    before: Counter[str] = field(default_factory=Counter)
+    report_failed: bool = False  # its report() raised (said once)
+
+    def counts_of(self, stage: Any) -> dict[str, int]:
+        """`stage.report()`, its whole numbers only: a plugin's that raises, or holds other values, costs only
+        those counters, never the exit summary or a scrape of /metrics (one warning when it raises)."""
+        try:
+            report = stage.report()
+            return {str(k): v for k, v in report.items() if type(v) is int}
+        except Exception as exc:
+            if not self.report_failed:
+                self.report_failed = True
+                log.warning("%s: report() raised %s: %s; its counters are left out", self.name,
+                            type(exc).__name__, exc)
+            return {}
+
+    def report_of(self, stage: Any) -> dict[str, int]:
+        """The run's counters of `stage` (this stage's instance now): `counts_of()` and `whole_run()`."""
+        return self.whole_run(self.counts_of(stage))
+
+    def retire(self, report: dict[str, int]) -> None:
+        """A reload replaces the instance that made `report`: keep its counts for the rest of the run."""
+        self.before.update({k: v for k, v in report.items() if type(v) is int})
+
+    def whole_run(self, report: dict[str, int]) -> dict[str, int]:
+        """The current instance's `report()` plus what its predecessors counted: the run's counts."""
+        if not self.before:
+            return report
+        out = dict(report)
+        for k, v in self.before.items():
+            now = out.get(k, 0)
+            out[k] = now + v if type(now) is int else now
+        return out
 
 
 @dataclass(slots=True)

@@ -25,7 +25,7 @@ def summary_dict(rt: Any) -> dict[str, Any]:
         elif st.kind == "processor":
             stages.append({"name": st.name, "kind": "processor", "in": st.received, "out": st.sent,
                            "dropped": max(0, st.received - st.sent), "errors": st.errors,
-                           **{k.replace("-", "_"): v for k, v in procs[st.name].report().items()}})
+                           **{k.replace("-", "_"): v for k, v in st.report_of(procs[st.name]).items()}})
         elif st.kind == "sink":
             report = dict(reports.get(st.name, {}))
             written = report.pop("written", st.sent)  # a sink may count what it really wrote (console)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_IN_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
 
 
 def _hex(m: re.Match[str]) -> str:
@@ -19,3 +20,8 @@ def _hex(m: re.Match[str]) -> str:
 def visible(text: str) -> str:
     """`text` with every control character written as `\\xNN` (tabs and newlines included: one line stays one)."""
     return text if _CONTROL.search(text) is None else _CONTROL.sub(_hex, text)
+
+
+def visible_lines(text: str) -> str:
+    """`visible()`, except that tabs and newlines stay (a log record with its traceback)."""
+    return text if _CONTROL_IN_LINES.search(text) is None else _CONTROL_IN_LINES.sub(_hex, text)

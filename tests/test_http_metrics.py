@@ -321,3 +321,27 @@ async def test_ready_with_the_session_api_waits_for_the_api_not_for_one_session(
                 assert await run == 0
     finally:
         await emu.stop()
+
+
+async def test_a_client_hammering_metrics_gets_429_not_the_pipelines_time(tmp_path: Path) -> None:
+    """/metrics is open to anyone who reaches the port, and a scrape costs the event loop most of a millisecond:
+    clients asking back to back took it from the pipeline (8 of them made a 300,000-event replay 12 times
+    slower). Scrapes may take a bounded share of the pipeline's time; beyond it they are answered 429."""
+    async with served(config(tmp_path, replay_file(tmp_path / "in.jsonl", 10))) as (_rt, base):
+        statuses: list[int] = []
+        retry: set[str | None] = set()
+        async with aiohttp.ClientSession() as http:
+            for _ in range(600):  # back to back: well over the share of a second or two
+                async with http.get(base + "/metrics") as r:
+                    await r.read()
+                    statuses.append(r.status)
+                    if r.status == 429:
+                        retry.add(r.headers.get("Retry-After"))
+            assert statuses[0] == 200 and 0 < statuses.count(200) < statuses.count(429), statuses.count(200)
+            assert set(statuses) == {200, 429} and retry == {"1"}
+            for _ in range(100):  # the share refills as time passes: a scrape is answered again
+                await asyncio.sleep(0.05)
+                async with http.get(base + "/metrics") as r:
+                    if r.status == 200:
+                        break
+            assert r.status == 200

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
 from pipeline.runtime.local import LocalRuntime
 from tests.operator_harness import config, replay_file, scrape, served
@@ -311,3 +312,100 @@ async def test_a_client_that_never_reads_holds_bounded_bytes(tmp_path: Path) -> 
         assert held <= (8 << 20) + 64 * 51_000, held  # 8 MiB, plus the one batch an empty buffer takes
         assert client.dropped > 0
         writer.close()
+
+
+async def test_a_tap_client_that_stopped_reading_gives_its_place_back(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that stopped reading (a laptop gone to sleep, a `pipeline tap | less` left alone) held one of the
+    16 tap places until the pipeline ended: the write to it waited for ever. It is let go once a write has not
+    gone out for STALLED_WRITE seconds; the run goes on."""
+    import pipeline.http.server as server
+    from pipeline.http.tap import TapBudget
+
+    monkeypatch.setattr(server, "STALLED_WRITE", 0.5)
+    events = tmp_path / "big.jsonl"
+    with events.open("wb") as fh:  # 3 s of 20 kB events at speed 1: the client's socket fills at once
+        for i in range(3000):
+            fh.write(orjson.dumps({"channel": "transcript", "id": i, "unix_ts": 1_700_000_000 + i / 1000,
+                                   "data": {"text": f"{i} " + "x" * 20_000}}) + b"\n")
+    async with served(config(tmp_path, events, speed=1)) as (rt, base):
+        rt.tap_hub.budget = TapBudget(share=1.0, burst=100.0)  # the CPU bound is not what this is about
+        run = asyncio.create_task(rt.run())
+        _reader, writer = await _silent_tap(rt, base)
+        assert rt.tap_hub.client_count == 1
+        for _ in range(200):
+            if rt.tap_hub.client_count == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert rt.tap_hub.client_count == 0 and not run.done()
+        async with aiohttp.ClientSession() as http, http.get(base + "/tap", params={"limit": "5"}) as r:
+            got = await read_sse(r)  # the place is free again
+        assert len([k for k, _ in got if k == "message"]) == 5
+        await rt.stop()
+        assert await run == 0
+        writer.close()
+
+
+async def test_a_slow_tap_client_that_keeps_reading_stays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client on a slow link takes long for each write, but takes some of it all the time: it is not let go."""
+    import pipeline.http.server as server
+    from pipeline.http.tap import TapBudget
+
+    monkeypatch.setattr(server, "STALLED_WRITE", 0.5)
+    events = tmp_path / "big.jsonl"
+    with events.open("wb") as fh:  # 3 s of 20 kB events at speed 1, far more than the client reads
+        for i in range(3000):
+            fh.write(orjson.dumps({"channel": "transcript", "id": i, "unix_ts": 1_700_000_000 + i / 1000,
+                                   "data": {"text": f"{i} " + "x" * 20_000}}) + b"\n")
+    async with served(config(tmp_path, events, speed=1)) as (rt, base):
+        rt.tap_hub.budget = TapBudget(share=1.0, burst=100.0)
+        run = asyncio.create_task(rt.run())
+        import socket
+
+        sock = socket.socket()  # a small window, as a slow link keeps: its reading shows at once
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        host, port = base.removeprefix("http://").split(":")
+        sock.connect((host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /tap?at=source HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        got = 0
+        for _ in range(40):  # 2 s, 16 kB every 50 ms: each write of a batch takes far longer than STALLED_WRITE
+            got += len(await reader.read(16384))
+            await asyncio.sleep(0.05)
+        assert rt.tap_hub.client_count == 1 and got > 100_000 and not run.done()
+        await rt.stop()
+        assert await run == 0
+        writer.close()
+
+
+HALF_EMOJI = '''
+from pipeline.api import Processor
+
+
+class Cut(Processor):
+    """Cuts an emoji in half in every other event (a lone UTF-16 surrogate: JSON cannot hold it as it is)."""
+
+    def process(self, batch):
+        for e in batch:
+            if e["id"] % 2 == 0:
+                e["data"]["text"] += " \\ud83d"
+        return batch
+'''
+
+
+async def test_events_holding_half_an_emoji_are_shown_not_skipped(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sinks dead-letter an event JSON cannot hold; the tap, where an operator looks to see why, skipped it
+    without a word (neither shown nor counted as dropped). It is shown, the half emoji as `?`."""
+    (tmp_path / "half_emoji_tap.py").write_text(HALF_EMOJI)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stages = 'stages:\n  - {type: "half_emoji_tap:Cut"}\n'
+    async with served(config(tmp_path, replay_file(tmp_path / "in.jsonl", 100), stages=stages)) as (rt, base), \
+            aiohttp.ClientSession() as http, http.get(base + "/tap", params={"at": "0"}) as tap:
+        for _ in range(3):  # the hello block
+            await tap.content.readline()
+        assert await rt.run() == 0
+        await rt.http_server.stop()
+        got = [d for k, d in await read_sse(tap) if k == "message"]
+    assert [e["id"] for e in got] == list(range(100))
+    assert got[0]["data"]["text"] == "password on screen 0 ?" and got[1]["data"]["text"].endswith("code")

@@ -302,3 +302,40 @@ def test_a_summary_json_path_through_a_symlink_is_refused_before_the_run(tmp_pat
     assert res.returncode == 2 and not (tmp_path / "out.jsonl").exists(), res.stderr
     assert "symlink" in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
     assert not (tmp_path / "real/s.json").exists()
+
+
+def test_top_waits_out_a_busy_endpoint(running: str) -> None:
+    """The endpoint answers 503 (`Retry-After: 1`) while all its connections are taken; `pipeline top` took that
+    for the end of the pipeline and exited. It keeps its last table and asks again."""
+    import socket
+
+    host, port = running.removeprefix("http://").split(":")
+    proc = subprocess.Popen([*PIPELINE, "top", running, "--interval", "0.1"], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    held: list[socket.socket] = []
+    try:
+        time.sleep(1)  # off a terminal it prints only at the end: give it time to start and fetch
+        assert proc.poll() is None
+        held += [socket.create_connection((host, int(port))) for _ in range(64)]  # every connection it takes
+        while True:  # (top's own may be among them for a moment)
+            s = socket.create_connection((host, int(port)))
+            held.append(s)
+            s.settimeout(1)
+            with contextlib.suppress(TimeoutError):
+                if s.recv(100).startswith(b"HTTP/1.1 503"):
+                    break
+        time.sleep(1)  # ten of its refreshes are answered 503
+        assert proc.poll() is None, proc.communicate()[1]
+        for s in held:
+            s.close()
+        held.clear()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        for s in held:
+            s.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert b"stopped answering" not in err and b"source:replay" in out, err

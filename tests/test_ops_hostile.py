@@ -243,3 +243,81 @@ async def test_a_page_rebound_to_loopback_cannot_read_meeting_content(tmp_path: 
             async with http.get(base + path, headers={"Host": host}) as r:
                 assert r.status == 200, host
                 await r.content.readline()
+
+
+async def test_a_sign_in_whose_body_never_arrives_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request under way is not idle, so the idle timeout never closed a POST /login whose body was never
+    sent in full: 64 of them held every connection the endpoint takes, for good (/healthz and /metrics answered
+    503 to everyone). Its body now has as long as an idle connection."""
+    import asyncio
+
+    import pipeline.http.server as server
+    from tests.operator_harness import config, replay_file, served
+
+    monkeypatch.setattr(server, "IDLE_TIMEOUT", 0.5, raising=False)
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    async with served(config(tmp_path, events)) as (_rt, base):
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: 4000\r\n\r\ntoken=")  # and never the rest
+        answer = await asyncio.wait_for(reader.read(), 5)  # then EOF: the server closed it
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+        writer.close()
+
+
+HALF_EMOJI = '''
+from pipeline.api import Processor
+
+
+class Cut(Processor):
+    """Cuts an emoji in half (one UTF-16 surrogate left: JSON text from a UTF-16 world can hold it)."""
+
+    def process(self, batch):
+        for e in batch:
+            if isinstance(e.get("data"), dict):
+                e["data"]["text"] = str(e["data"].get("text", "")) + " \\ud83d"
+        return batch
+'''
+
+
+async def test_alerts_holding_half_an_emoji_do_not_break_the_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """An event text with a lone UTF-16 surrogate cannot be written as JSON (sinks dead-letter such events), and
+    its alert, among the last 20, made /api/status answer 500 with a traceback in the log at every poll: the
+    status page said the pipeline was unreachable and `pipeline top` ended as if it had stopped."""
+    import asyncio
+
+    import aiohttp
+
+    from tests.operator_harness import RULES, config, replay_file, served
+
+    (tmp_path / "half_emoji.py").write_text(HALF_EMOJI)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stages = 'stages:\n  - {type: "half_emoji:Cut"}\n' + RULES.split("stages:\n", 1)[1]
+    async with served(config(tmp_path, replay_file(tmp_path / "in.jsonl", 100), stages=stages)) as (rt, base):
+        assert await rt.run() == 0
+        async with aiohttp.ClientSession() as http, http.get(base + "/api/status") as r:
+            assert r.status == 200
+            snap = await r.json()
+        assert len(snap["alerts"]) == 5
+        texts = [a["data"]["text"] for a in snap["alerts"]]
+        assert "password on screen 0 ?" in texts and all(t.endswith(" ?") for t in texts), texts
+        top = await asyncio.create_subprocess_exec(*PIPELINE, "top", base, "--once", "--interval", "0.1", env=ENV,
+                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(top.communicate(), 30)
+    assert top.returncode == 0, err
+    assert b"password on screen 0" in out
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+@pytest.mark.parametrize("interval", ["inf", "1e300", "nan", "-1"])
+def test_top_refuses_an_interval_no_clock_can_wait(interval: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--interval inf` (or 1e300) ended in an OverflowError traceback from time.sleep, after the first fetch."""
+    body = ('{"pipeline":"p","ready":{},"stages":[],"sinks":[],"alerts":[],"uptime":1,"alerts_fired":0,'
+            '"dead_lettered":0}')
+    with fake_server(JSON.format(n=len(body), body=body)) as address, pytest.raises(SystemExit) as stop:
+        cli.main(["top", address, "--once", "--interval", interval])  # argparse's exit: usage and one line
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err, err
+    assert f"error: argument --interval: expected seconds between 0 and 86400 (1 day), got {interval!r}" in err

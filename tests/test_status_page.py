@@ -201,3 +201,26 @@ def test_object_valued_fields_that_cannot_become_strings_do_not_break_the_page(t
         assert json.loads(stream) == odd
         assert "(reconnecting…)" not in (page.locator("#tap-state").text_content() or "")
         assert errors == [], errors
+
+
+def test_the_live_tail_follows_once_a_tap_place_is_free(tmp_path: Path) -> None:
+    """With all 16 tap places taken the page's tail is refused (503); it said so and never asked again, so the
+    tail stayed empty until the page was reloaded. It asks again and follows once a place is free."""
+    import socket
+
+    events = replay_file(tmp_path / "in.jsonl", 2400, step=0.025, alert_every=100)  # 40 events/s
+    with pipeline_in_thread(config(tmp_path, events, speed=1), to_the_end=False) as base, browser_page() as page:
+        host, port = base.removeprefix("http://").split(":")
+        taps = []
+        for _ in range(16):
+            s = socket.create_connection((host, int(port)))
+            s.sendall(b"GET /tap HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 200")  # (its headers: it is attached)
+            taps.append(s)
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('tap-state').textContent.includes('HTTP 503')",
+                               timeout=10_000)
+        for s in taps:
+            s.close()
+        page.wait_for_function("document.querySelectorAll('#events li').length >= 3", timeout=15_000)
+        assert "following" in (page.locator("#tap-state").text_content() or "")

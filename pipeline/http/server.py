@@ -8,9 +8,13 @@ token when one is configured, and are refused on a non-loopback address without 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import logging
+import struct
+import termios
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,7 @@ from pipeline.channels import known_channels, unknown_channel
 from pipeline.http import listener
 from pipeline.http.metrics import exposition, registry_for
 from pipeline.http.peer_log import PeerErrorLogger
-from pipeline.http.tap import TapClient, TapError, TapHub
+from pipeline.http.tap import TapBudget, TapClient, TapError, TapHub
 from pipeline.http.view import View
 from pipeline.net import is_loopback
 
@@ -42,6 +46,17 @@ IDLE_TIMEOUT = 15.0
 #: open connections at once (Prometheus, a few taps and browsers); more get 503: each costs a file descriptor, and
 #: /metrics is open to anyone who reaches the port
 MAX_CONNECTIONS = 64
+#: at a stop, how long a request under way may take to finish (a tap stream sends its `end` at once), then as long
+#: again for it to be cancelled: a peer that stopped reading held each of them for aiohttp's 2 s given before
+STOP_GRACE = 0.25
+#: a tap client none of whose bytes went out for this long stopped reading (a laptop gone to sleep): it is let go,
+#: or it would hold one of the MAX_TAP_CLIENTS places until the pipeline ends (`pipeline tap` gives up after 60 s)
+STALLED_WRITE = 60.0
+#: Share of the pipeline's time /metrics may take (a scrape costs the event loop most of a millisecond, and the
+#: endpoint is open to anyone who reaches the port); beyond it scrapes are answered 429. Prometheus every few
+#: seconds, or a dashboard every second, never come near it.
+SCRAPE_SHARE = 0.05
+SCRAPE_BURST = 0.05  # seconds of it that may be saved up
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -58,6 +73,7 @@ class OperatorServer:
         self.port = port
         self.token = token
         self.registry = registry_for(view)
+        self.scrape_budget = TapBudget(SCRAPE_SHARE, SCRAPE_BURST)
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._closing = asyncio.Event()
@@ -82,8 +98,9 @@ class OperatorServer:
         return app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=STOP_GRACE,
                                       handler_cancellation=True, keepalive_timeout=IDLE_TIMEOUT,
+                                      lingering_time=0,  # a body left unread (a 408) is not waited for: closed
                                       logger=PeerErrorLogger())
         await self._runner.setup()
         try:
@@ -151,7 +168,11 @@ class OperatorServer:
         return _json({"error": "missing or wrong bearer token"}, 401)
 
     async def login(self, request: web.Request) -> web.Response:
-        form = await request.post()
+        try:  # a request under way is not idle: a body never sent in full held its connection for good
+            async with asyncio.timeout(IDLE_TIMEOUT):
+                form = await request.post()
+        except TimeoutError:
+            return web.Response(text=f"the sign-in form did not arrive within {IDLE_TIMEOUT:g} s", status=408)
         given = str(form.get("token", ""))
         if not self.token or not hmac.compare_digest(given.encode(), self.token.encode()):
             return web.Response(text=_LOGIN, status=401, content_type="text/html")
@@ -161,8 +182,15 @@ class OperatorServer:
 
     # -- endpoints ------------------------------------------------------------------------
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=exposition(self.registry),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        budget = self.scrape_budget
+        if not budget.available():
+            resp = _json({"error": "scraped too often: the pipeline's time comes first; retry in a second"}, 429)
+            resp.headers["Retry-After"] = "1"
+            return resp
+        cpu = time.thread_time()
+        body = exposition(self.registry)
+        budget.charge(time.thread_time() - cpu)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def healthz(self, request: web.Request) -> web.Response:
         late = time.monotonic() - self.view.heartbeat - HEARTBEAT
@@ -209,10 +237,14 @@ class OperatorServer:
         try:
             hello = {"at": client.point.label, "points": [p.label for p in self.hub.points],
                      "pipeline": self.view.name}
-            await resp.write(b"event: hello\ndata: " + orjson.dumps(hello) + b"\n\n")
-            await self._stream(client, resp)
+            write = _Writer(resp, request.transport)
+            await write(b"event: hello\ndata: " + orjson.dumps(hello) + b"\n\n")
+            await self._stream(client, write)
         except (ConnectionResetError, ConnectionError):
             pass
+        except TimeoutError:  # it stopped reading: closed, nothing more is written to it
+            if request.transport is not None:
+                request.transport.abort()
         finally:
             self.hub.detach(client)
         return resp
@@ -241,7 +273,7 @@ class OperatorServer:
         specs = [s for s in (cfg.source, cfg.controller, *cfg.stages, *cfg.sinks) if s is not None]
         return known_channels(specs, cfg.channels)
 
-    async def _stream(self, client: TapClient, resp: web.StreamResponse) -> None:
+    async def _stream(self, client: TapClient, write: _Writer) -> None:
         """Send what the client's buffer holds; tell it when it missed events; end at `limit` or shutdown."""
         reported = 0
         loop = asyncio.get_running_loop()
@@ -254,17 +286,17 @@ class OperatorServer:
 
         timer = [loop.call_later(KEEPALIVE, tick)]
         try:
-            await self._send(client, resp, idle, reported)
+            await self._send(client, write, idle, reported)
         finally:
             timer[0].cancel()
 
-    async def _send(self, client: TapClient, resp: web.StreamResponse, idle: list[int], reported: int) -> None:
+    async def _send(self, client: TapClient, write: _Writer, idle: list[int], reported: int) -> None:
         while True:
             await client.wake.wait()
             if not client.pending and idle[0] and not (client.done or self._closing.is_set()):
                 idle[0] = 0
                 client.wake.clear()
-                await resp.write(b": keep-alive\n\n")
+                await write(b": keep-alive\n\n")
                 continue
             await asyncio.sleep(COALESCE)
             client.wake.clear()
@@ -281,12 +313,48 @@ class OperatorServer:
                     {"reason": "limit reached" if client.done else "pipeline stopped"}) + b"\n\n")
             if parts:
                 budget, cpu = self.hub.budget, time.thread_time()
-                await resp.write(b"".join(parts))
+                await write(b"".join(parts))
                 # sending costs about what serializing does (copies, the kernel's share): the same budget. A
                 # write that waited for a slow client also counts what ran meanwhile, so at most one burst
                 budget.charge(min(time.thread_time() - cpu, budget.burst))
             if finished:
                 return
+
+
+class _Writer:
+    """Writes to one tap client; TimeoutError once it has taken none of what waits for it for STALLED_WRITE
+    seconds (what waits shrinks as it reads: a slow client on a slow link goes on)."""
+
+    def __init__(self, resp: web.StreamResponse, transport: asyncio.Transport | None) -> None:
+        self.resp, self.transport = resp, transport
+
+    async def __call__(self, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        write = loop.create_task(self.resp.write(data))
+        waiting, since = -1, loop.time()
+        try:
+            while not (await asyncio.wait({write}, timeout=STALLED_WRITE / 4))[0]:
+                now = _unsent(self.transport)
+                if now != waiting:
+                    waiting, since = now, loop.time()
+                elif loop.time() - since >= STALLED_WRITE:
+                    raise TimeoutError
+            write.result()
+        finally:
+            write.cancel()
+
+
+def _unsent(transport: asyncio.Transport | None) -> int:
+    """Bytes written to `transport` that its peer has not taken yet: its buffer, and the kernel's send queue
+    (which the transport sees shrink only in large steps), where the system tells (Linux)."""
+    if transport is None:
+        return 0
+    waiting = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            waiting += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return waiting
 
 
 def _names_loopback(host_header: str) -> bool:

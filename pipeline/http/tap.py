@@ -12,6 +12,7 @@ otherwise cost it a second serialization of everything, plus sending it.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ TAP_BURST = 0.05  # seconds of it that may be saved up while the pipeline is qui
 
 
 class TapBudget:
-    """CPU time the tap may spend: refills at TAP_SHARE of the time that passes, up to TAP_BURST.
+    """CPU time the tap (or /metrics) may spend: refills at `share` of the time that passes, up to `burst`.
 
     A live meeting (tens of events a second) never reaches it; a replay at full speed with a client taking
     every event does, and the client is told what it missed instead of the pipeline slowing down.
@@ -126,9 +127,11 @@ class TapClient:
         t0 = time.thread_time()  # CPU time: a busy machine that preempts us mid-call does not spend the budget
         try:
             data = orjson.dumps(wanted, default=str)
-        except TypeError:  # something orjson cannot encode even as a string: skip those events only
-            wanted = [e for e in wanted if _encodable(e)]
-            data = orjson.dumps(wanted, default=str)
+        except TypeError:  # an event orjson cannot encode (half an emoji, too deep): each on its own
+            parts = [(e, _encoded(e)) for e in wanted]
+            wanted = [e for e, raw in parts if raw is not None]
+            self.dropped += len(parts) - len(wanted)  # (a cycle, a depth Python cannot walk either)
+            data = b"[" + b",".join(raw for _, raw in parts if raw is not None) + b"]"
         if budget is not None:
             budget.charge(time.thread_time() - t0)
         if self.pending and self.pending_bytes + len(data) > BUFFER_BYTES:
@@ -148,12 +151,17 @@ class TapClient:
         return out
 
 
-def _encodable(event: object) -> bool:
+def _encoded(event: object) -> bytes | None:
+    """`event` as JSON; a lone UTF-16 surrogate (half an emoji, which sinks dead-letter) shown as `?`, and
+    nesting deeper than orjson's limit written by the json module. None when neither can write it."""
     try:
-        orjson.dumps(event, default=str)
+        return orjson.dumps(event, default=str)
     except TypeError:
-        return False
-    return True
+        pass
+    try:
+        return json.dumps(event, default=str, ensure_ascii=False, allow_nan=False).encode("utf-8", "replace")
+    except (TypeError, ValueError, RecursionError):
+        return None
 
 
 class TapHub:

@@ -26,13 +26,13 @@ def brief(value: Any, depth: int = 0, left: list[int] | None = None) -> Any:
     if isinstance(value, str):
         n = min(SNAPSHOT_TEXT, left[0])
         left[0] -= min(len(value), n)
-        return value if len(value) <= n else value[: max(0, n - 1)] + "…"
+        return _utf8(value if len(value) <= n else value[: max(0, n - 1)] + "…")
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for k, v in list(value.items())[:SNAPSHOT_ITEMS] if depth < 3 else ():
             if left[0] <= 0:
                 break
-            key = str(k)[: min(SNAPSHOT_TEXT, left[0])]
+            key = _utf8(str(k)[: min(SNAPSHOT_TEXT, left[0])])
             left[0] -= len(key)
             out[key] = brief(v, depth + 1, left)
         return out
@@ -44,6 +44,15 @@ def brief(value: Any, depth: int = 0, left: list[int] | None = None) -> Any:
             items.append(brief(v, depth + 1, left))
         return items
     return value
+
+
+def _utf8(text: str) -> str:
+    """`text`, with a lone UTF-16 surrogate (half an emoji; JSON cannot hold one) shown as `?`."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode()
+    return text
 
 
 def source_connected(source: Any) -> bool | None:

@@ -17,6 +17,10 @@ TOKEN_ENV = "PIPELINE_HTTP_TOKEN"
 MAX_STATUS_BYTES = 16 << 20  # a status snapshot is a few kB; a server sending more is not a pipeline
 
 
+class Busy(ConfigError):
+    """The endpoint answered 503 or 429 (all its connections taken, asked too often): it is there, ask later."""
+
+
 def base_url(url: str) -> str:
     """`127.0.0.1:9464`, `http://host:9464/` or `http://host:9464/tap` -> `http://host:9464`."""
     given = url
@@ -56,7 +60,8 @@ def open_url(url: str, token: str | None, timeout: float | None = 10.0) -> Any:
         except (ValueError, KeyError, TypeError):
             pass
         hint = f" (set --token or {TOKEN_ENV})" if exc.code == 401 else ""
-        raise ConfigError(f"{url}: HTTP {exc.code}: {body or exc.reason}{hint}") from None
+        kind = Busy if exc.code in (429, 503) else ConfigError
+        raise kind(f"{url}: HTTP {exc.code}: {body or exc.reason}{hint}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ConfigError(f"{url}: cannot connect: {reason} (is the pipeline running with --http?)") from None

@@ -9,18 +9,29 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.logs import log_options
-from pipeline.ops.client import TOKEN_ENV, base_url, open_url, read_json, stop_on_ctrl_c
+from pipeline.ops.client import TOKEN_ENV, Busy, base_url, open_url, read_json, stop_on_ctrl_c
 from pipeline.termsafe import visible
 
 #: What every status snapshot has (`/api/status`); an answer without them is not a pipeline's
 KEYS = ("pipeline", "ready", "stages", "sinks", "alerts", "uptime", "alerts_fired", "dead_lettered")
 
 
+def _seconds(text: str) -> float:
+    """`--interval`: a number of seconds a clock can wait (inf or 1e300 ended in a traceback from sleep)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 86400:  # (NaN compares False)
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 86400 (1 day), got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeline top", description="live table of a running pipeline's stages "
                                 "and sinks: rates, queue depths, lag, errors, alerts")
     p.add_argument("url", help="the pipeline's operator address, e.g. http://127.0.0.1:9464")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    p.add_argument("--interval", type=_seconds, default=1.0, help="seconds between refreshes (default 1)")
     p.add_argument("--once", action="store_true", help="print one table (rates over one interval) and exit")
     p.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
     log_options(p, True)
@@ -156,6 +167,8 @@ def main(argv: list[str]) -> int:
                 time.sleep(max(0.1, args.interval))
                 try:
                     view = fetch()
+                except Busy:  # all its connections taken for now: the last table stays, asked again next time
+                    continue
                 except ConfigError:  # it answered before: the pipeline ended (as `pipeline tap` ends with it)
                     break
                 live.update(view)

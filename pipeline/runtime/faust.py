@@ -414,7 +414,7 @@ class Worker:
             log.warning("%s: close failed: %s", slot.stats.name, exc)
 
     def summary(self) -> None:
-        extra = {p.context.stats.name: p.report() for p in self.built.chain.processors}
+        extra = {p.context.stats.name: p.context.stats.report_of(p) for p in self.built.chain.processors}
         for st in self.built.stats:
             log.info("worker %d: %-28s in %d out %d errors %d%s", os.getpid(), st.name, st.received, st.sent,
                      st.errors, "".join(f" {k} {v}" for k, v in extra.get(st.name, {}).items()))

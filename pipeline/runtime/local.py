@@ -534,7 +534,7 @@ class LocalRuntime:
                 lines.append(f"  {st.name:<28} in {st.received:>11}   out {st.sent:>9}"
                              f"   dropped {max(0, st.received - st.sent)}"
                              + (f"   errors {st.errors}" if st.errors else "")
-                             + "".join(f"   {k} {v}" for k, v in procs[st.name].report().items()))
+                             + "".join(f"   {k} {v}" for k, v in st.report_of(procs[st.name]).items()))
             elif st.kind == "sink":
                 report = dict(sinks[st.name].report())
                 written = report.pop("written", st.sent)  # a sink may count what it really wrote (console)
@@ -542,7 +542,7 @@ class LocalRuntime:
                 extra += self._buffer_report(st.name)
                 lines.append(f"  {st.name:<28} written {written:>6}" + (f"   failed {st.errors}" if st.errors else "")
                              + extra)
-        if any(hasattr(p, "fired") for p in b.chain.processors) or b.chain.alerts_fired:  # (a reload removed them)
+        if b.chain.alerts_fired or any(hasattr(p, "fired") for p in b.chain.processors):
             lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
         lines.append(f"  dead-lettered: {b.dead_letter.count}" +
                      (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))

@@ -241,6 +241,9 @@ class Reloader:
                 rt.carry.extend(reload_windows.apply(windows, rt.b.state, rt.b.chain))
                 if rt.b.state.dirty:
                     rt.b.state.flush()
+            for old in rt.b.chain.processors:
+                if not any(old is p for p in processors):  # re-created or removed: its counts are the run's
+                    old.context.stats.retire(old.context.stats.counts_of(old))
             rt.b.chain.processors = processors
             order = {"source": 0, "controller": 1, "processor": 2, "sink": 3}
             rt.b.stats[:] = sorted([s for s in rt.b.stats if s.kind != "processor"]
@@ -264,6 +267,10 @@ class Reloader:
                 continue
             p = self._make(spec, state, stats.get(spec.label) or StageStats(spec.label, spec.kind))
             assert isinstance(p, Processor)
+            if old is not None and type(old) is type(p) and hasattr(p, "continue_counts"):
+                p.continue_counts(old)  # rules: alerts fired (in all and per rule) and the last ones, of the run
+            elif old is not None and hasattr(old, "fired") and hasattr(p, "fired"):
+                p.fired = old.fired  # the summary's "alerts fired" counts the whole run
             processors.append(p)
         swaps: list[SinkSwap] = []
         if len(new.sinks) == len(self.current.sinks):
@@ -329,10 +336,10 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float, stop: asyncio.
         log.warning("reload: %s: the old sink's close() did not finish within %gs", slot.stats.name, limit)
     except Exception as exc:  # the old sink dead-letters what it cannot write; the swap still happens
         log.warning("reload: %s: closing the old sink: %s", slot.stats.name, exc)
+    slot.stats.retire(slot.stats.counts_of(slot.sink))  # what it delivered, printed... still counts for the run
     _continue(sw.new, slot.sink)
     why = await _start(sw.new, stop)
     if why is None:
-        slot.retire(slot.sink)  # closed: its counters stay in the run's
         slot.sink = sw.new
         slot.channels = sw.channels
         return None
@@ -341,7 +348,6 @@ async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float, stop: asyncio.
     if again is not None:  # the old sink is closed: nothing can write this sink's batches any more
         raise StageError(f"{slot.stats.name}: after a reload the new options did not start ({why}), "
                          f"nor did the previous ones ({again})")
-    slot.retire(slot.sink)
     slot.sink = sw.fallback
     return why
 

@@ -167,6 +167,7 @@ class Rules(Processor):
         self._windows = context.state.get("rules.windows")  # "rule|rtstream" -> [event ms, ...]
         self.fired = 0
         self._counts = [0] * len(self._rules)  # alerts per rule
+        self._fired_before: Counter[tuple[str, str]] = Counter()  # (rule, severity) -> alerts, before a reload
         self.recent: deque[Event] = deque(maxlen=20)  # the last alerts, for the status page
         horizon = max((max(c.cooldown_ms, c.window_ms) for c in self._rules), default=0) + int(options.state_ttl * 1000)
         # an entry lives a horizon at least: sweeping more often than a quarter of it walks keys that cannot go yet
@@ -204,11 +205,17 @@ class Rules(Processor):
     @property
     def fired_by(self) -> Counter[tuple[str, str]]:
         """(rule, severity) -> alerts fired, for /metrics."""
-        out: Counter[tuple[str, str]] = Counter()
+        out: Counter[tuple[str, str]] = Counter(self._fired_before)
         for c, n in zip(self._rules, self._counts, strict=True):
             if n:
                 out[c.label, c.severity] += n
         return out
+
+    def continue_counts(self, old: Rules) -> None:
+        """A reload re-created this stage: its alert counts (in all, per rule) and last alerts go on from `old`'s."""
+        self.fired = old.fired
+        self._fired_before = old.fired_by
+        self.recent.extend(old.recent)
 
     def process(self, batch: Batch) -> Batch:
         ev = self._evict

@@ -165,7 +165,11 @@ async function follow() {
   $("tap-state").textContent = "following " + tapAt;
   try {
     const r = await fetch("/tap?at=" + encodeURIComponent(tapAt), { credentials: "same-origin", signal: ctl.signal });
-    if (!r.ok) { $("tap-state").textContent = "tap refused: HTTP " + r.status; return; }
+    if (!r.ok) {  // 503: every tap place is taken for now (asked again below); 400, 401, 403: a reload may help
+      $("tap-state").textContent = "tap refused: HTTP " + r.status + (r.status === 503 ? " (asking again…)" : "");
+      if (r.status === 503 && tapCtl === ctl) setTimeout(() => { if (tapCtl === ctl) follow(); }, 2000);
+      return;
+    }
     const reader = r.body.getReader(), dec = new TextDecoder();
     let buf = "";
     for (;;) {
