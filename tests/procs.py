@@ -1,13 +1,38 @@
-"""Stopping the processes tests and benchmarks start: never one left behind."""
+"""Starting `pipeline run` for tests, and stopping the processes tests and benchmarks start: never one left
+behind."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+def pipeline_run(config: str | Path, *args: str, cwd: Path, stderr: IO[Any] | int = subprocess.PIPE,
+                 stdout: IO[Any] | int = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    """`pipeline run CONFIG ARGS...` in `cwd` (this checkout on its PYTHONPATH), text output."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), *args], cwd=cwd, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=stdout, stderr=stderr)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """(stdout, stderr) of `proc` once it exits; killed (and reaped) if it has not within `timeout`."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return out or "", err or ""
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
     """Send `sig` if it still runs and wait up to `timeout` for it; then SIGKILL. Returns its exit code."""
     if proc.poll() is None:
         proc.send_signal(sig)

@@ -5,7 +5,7 @@ that raises or returns what is not a count costs its counters, never the summary
 from __future__ import annotations
 
 import json
-import subprocess
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tests.broker import free_port
 from tests.operator_harness import replay_file
-from tests.test_ops_cli import ENV, PIPELINE
+from tests.procs import finish, pipeline_run, stop_process
 
 PLUGIN = '''
 from pipeline.api import Processor, Sink
@@ -56,9 +56,7 @@ runtime: {status_interval: 0}
 """)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([*PIPELINE, "run", "p.yaml", "--http", f"127.0.0.1:{port}", "--summary-json",
-                             "summary.json"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = pipeline_run("p.yaml", "--http", f"127.0.0.1:{port}", "--summary-json", "summary.json", cwd=tmp_path)
     try:
         deadline = time.monotonic() + 15
         while True:
@@ -71,11 +69,9 @@ runtime: {status_interval: 0}
             time.sleep(0.05)
         assert get(base + "/metrics") == 200
         assert get(base + "/api/status") == 200
-        _, err = proc.communicate(timeout=30)
+        _, err = finish(proc, 30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, signal.SIGKILL)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and err.count("report broke") == 1, err
     assert "sinks[1]:jsonl               written     40" in err

@@ -23,21 +23,26 @@ class Exiting(Processor):
 '''
 
 
+def two_cases(tmp: Path, plugin: str, first: str) -> None:
+    """p.yaml with `plugin` in front of the rules, and p.test.yaml: case `first` runs it, "rules only" does not."""
+    (tmp / "p.yaml").write_text(CONFIG.replace("stages:\n", f'stages:\n  - {{type: "{plugin}"}}\n'))
+    (tmp / "p.test.yaml").write_text(f"""config: p.yaml
+cases:
+  - name: {first}
+    input: [{{channel: visual_index, data: {{text: a terminal}}}}]
+    expect: {{alerts: [{{label: term, count: 1}}]}}
+  - name: rules only
+    stages: [rules]
+    input: [{{channel: visual_index, data: {{text: a terminal}}}}]
+    expect: {{alerts: [{{label: term, count: 1}}]}}
+""")
+
+
 def test_a_processor_that_calls_sys_exit_fails_its_case_not_the_whole_run_with_0(tmp_path: Path) -> None:
     """SystemExit(0) from a processor ended `pipeline test` with exit code 0, printing nothing and writing no
     JUnit report: CI saw every test pass. Now the case fails, and the other cases and files still run."""
     (tmp_path / "exiting.py").write_text(EXITING)
-    (tmp_path / "p.yaml").write_text(CONFIG.replace("stages:\n", 'stages:\n  - {type: "exiting:Exiting"}\n'))
-    (tmp_path / "p.test.yaml").write_text("""config: p.yaml
-cases:
-  - name: exits
-    input: [{channel: visual_index, data: {text: a terminal}}]
-    expect: {alerts: [{label: term, count: 1}]}
-  - name: rules only
-    stages: [rules]
-    input: [{channel: visual_index, data: {text: a terminal}}]
-    expect: {alerts: [{label: term, count: 1}]}
-""")
+    two_cases(tmp_path, "exiting:Exiting", "exits")
     res = run(str(tmp_path / "p.test.yaml"), "--junit", str(tmp_path / "j.xml"), cwd=tmp_path)
     assert res.returncode == 1, res.stdout + res.stderr
     lines = res.stdout.splitlines()
@@ -178,17 +183,7 @@ def test_a_case_whose_processor_hangs_fails_after_the_time_limit(tmp_path: Path)
     """A plugin processor that never returned held `pipeline test` (and CI) for ever, with no line saying which
     case. Now a case gets `--timeout` seconds (60 by default), then fails; the other cases still run."""
     (tmp_path / "hangs.py").write_text(HANGS)
-    (tmp_path / "p.yaml").write_text(CONFIG.replace("stages:\n", 'stages:\n  - {type: "hangs:Hangs"}\n'))
-    (tmp_path / "p.test.yaml").write_text("""config: p.yaml
-cases:
-  - name: hangs
-    input: [{channel: visual_index, data: {text: a terminal}}]
-    expect: {alerts: [{label: term, count: 1}]}
-  - name: rules only
-    stages: [rules]
-    input: [{channel: visual_index, data: {text: a terminal}}]
-    expect: {alerts: [{label: term, count: 1}]}
-""")
+    two_cases(tmp_path, "hangs:Hangs", "hangs")
     out, took = _timed(str(tmp_path / "p.test.yaml"), "--timeout", "0.5", cwd=tmp_path, limit=20)
     lines = out.splitlines()
     assert lines == [f"FAIL  {tmp_path}/p.test.yaml: hangs",

@@ -8,16 +8,11 @@ Real parts: `pipeline run` in a subprocess, SIGHUP, SIGTERM, the summary on stde
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.procs import stop_process
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.procs import pipeline_run, stop_process
 
 PLUGIN = '''
 import sys
@@ -58,8 +53,7 @@ def test_a_reload_whose_new_plugin_calls_sys_exit_is_rejected_and_the_run_goes_o
     p.write_text(config(tmp_path, ""))
     log = tmp_path / "err.log"
     with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(p)], cwd=tmp_path,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=err)
+        proc = pipeline_run(p, cwd=tmp_path, stderr=err)
     try:
         deadline = time.monotonic() + 15
         while written(tmp_path) < 10:

@@ -9,17 +9,12 @@ Real parts: `pipeline run` in a subprocess, SIGHUP, SIGTERM, the summary on stde
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.procs import stop_process
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.procs import pipeline_run, stop_process
 
 
 def run(tmp_path: Path, sink: Callable[[int], str], done: Callable[[], int], reloads: int = 1) -> str:
@@ -36,8 +31,7 @@ sinks: [{sink(i)}]
     write(0)
     log = tmp_path / "err.log"
     with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(p)], cwd=tmp_path,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=err)
+        proc = pipeline_run(p, cwd=tmp_path, stderr=err)
     try:
         deadline = time.monotonic() + 20
         for i in range(1, reloads + 2):

@@ -9,14 +9,11 @@ Real parts: `pipeline run` of a replay in a subprocess, SIGHUP, the summary on s
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.procs import finish, pipeline_run, stop_process
 
 
 def test_alerts_fired_before_a_reload_that_moves_the_rules_stage_stay_counted(tmp_path: Path) -> None:
@@ -35,9 +32,7 @@ sinks: [{{type: jsonl, path: {out}, flush_interval: 0}}]
 """)
 
     write("")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(p)], cwd=tmp_path, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = pipeline_run(p, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 15
         while (out.read_bytes().count(b'"alert"') if out.exists() else 0) < 20:
@@ -45,11 +40,9 @@ sinks: [{{type: jsonl, path: {out}, flush_interval: 0}}]
             time.sleep(0.01)
         write("  - {type: filter, channels: [transcript]}\n")
         proc.send_signal(signal.SIGHUP)
-        _, err = proc.communicate(timeout=30)
+        _, err = finish(proc, 30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, signal.SIGKILL)
     assert proc.returncode == 0, err
     assert "reload (SIGHUP) applied: 2 processor(s)" in err, err  # (the replay lasts 2 s: the reload is mid-run)
     alerts = out.read_bytes().count(b'"alert"')

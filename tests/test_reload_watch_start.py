@@ -7,16 +7,12 @@ Real parts: `pipeline run --watch` in a subprocess, a plugin processor whose con
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.procs import stop_process
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.procs import pipeline_run, stop_process
 
 PLUGIN = '''
 import os
@@ -57,7 +53,7 @@ sinks: [{{type: jsonl, path: {tmp_path}/o.jsonl}}]
 """
 
 
-def wait_for(cond: Callable[[], bool], what: str, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+def wait_for(cond: Callable[[], bool], what: str, proc: subprocess.Popen[str], timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert proc.poll() is None, f"the run ended while waiting for {what}"
@@ -71,8 +67,7 @@ def test_a_save_while_the_run_starts_is_reloaded(tmp_path: Path) -> None:
     p.write_text(config(tmp_path, "{name: apple, keywords: [apple]}"))
     log = tmp_path / "err.log"
     with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(p), "--watch"], cwd=tmp_path,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=err)
+        proc = pipeline_run(p, "--watch", cwd=tmp_path, stderr=err)
     try:
         wait_for((tmp_path / "gate.building").exists, "the stages being built", proc)
         p.write_text(config(tmp_path, "{name: apple, keywords: [apple]}, {name: pie, keywords: [pie]}"))

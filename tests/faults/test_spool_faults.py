@@ -29,6 +29,27 @@ def event(i: int) -> dict:
             "data": {"text": f"event {i}", "is_final": True, "start": 1710000000000 + i}}
 
 
+def unreachable_kafka(src: Path, tmp: Path, *, drain: str, shutdown: str) -> str:
+    """A config replaying `src` in batches of 100 into a disk-buffered kafka sink whose broker is a port nobody
+    listens on (it retries quickly), with the given drain_timeout and shutdown_timeout."""
+    return f"""
+name: unreachable
+source: {{type: replay, path: {src}, batch_size: 100}}
+runtime: {{drain_timeout: {drain}}}
+sinks:
+  - type: kafka
+    bootstrap_servers: 127.0.0.1:{free_port()}
+    topic: t
+    shutdown_timeout: {shutdown}
+    request_timeout: 0.5s
+    retry_backoff: 0.05s
+    max_retry_backoff: 0.1s
+    buffer: {{type: disk}}
+dead_letter: {tmp}/dead.jsonl
+state_dir: {tmp}/state
+"""
+
+
 def dead_ids(path: Path) -> list[int]:
     if not path.exists():
         return []
@@ -42,22 +63,7 @@ async def test_session_exit_with_the_broker_down_leaves_the_disk_backlog_spooled
     src = tmp_path / "in.jsonl"
     src.write_bytes(b"".join(orjson.dumps(event(i)) + b"\n" for i in range(2000)))
     cfg = tmp_path / "p.yaml"
-    cfg.write_text(f"""
-name: exiting
-source: {{type: replay, path: {src}, batch_size: 100}}
-runtime: {{drain_timeout: 2s}}
-sinks:
-  - type: kafka
-    bootstrap_servers: 127.0.0.1:{free_port()}
-    topic: t
-    shutdown_timeout: 0.3s
-    request_timeout: 0.5s
-    retry_backoff: 0.05s
-    max_retry_backoff: 0.1s
-    buffer: {{type: disk}}
-dead_letter: {tmp_path}/dead.jsonl
-state_dir: {tmp_path}/state
-""")
+    cfg.write_text(unreachable_kafka(src, tmp_path, drain="2s", shutdown="0.3s"))
     rt = LocalRuntime(build(load_config(cfg)), install_signals=False)
     run = asyncio.create_task(rt.run())
     await asyncio.sleep(0.3)

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from pipeline.state.spool import Damage, Spool
-from tests.broker import free_port
+from tests.faults.test_spool_faults import unreachable_kafka
 from tests.procs import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,22 +47,7 @@ def test_the_write_in_flight_at_drain_timeout_survives_a_stop_during_close(tmp_p
     src = tmp_path / "in.jsonl"
     src.write_bytes(b"".join(orjson.dumps({"channel": "transcript", "id": i, "data": {"text": "t", "start": i}})
                              + b"\n" for i in range(1000)))
-    (tmp_path / "p.yaml").write_text(f"""
-name: inflight
-source: {{type: replay, path: {src}, batch_size: 100}}
-runtime: {{drain_timeout: 0.5s}}
-sinks:
-  - type: kafka
-    bootstrap_servers: 127.0.0.1:{free_port()}
-    topic: t
-    shutdown_timeout: 20s
-    request_timeout: 0.5s
-    retry_backoff: 0.05s
-    max_retry_backoff: 0.1s
-    buffer: {{type: disk}}
-dead_letter: {tmp_path}/dead.jsonl
-state_dir: {tmp_path}/state
-""")
+    (tmp_path / "p.yaml").write_text(unreachable_kafka(src, tmp_path, drain="0.5s", shutdown="20s"))
     proc = subprocess.Popen([*PIPELINE, "run", "p.yaml"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
