@@ -79,7 +79,7 @@ class Chain:
             try:
                 out = p.process(batch)
                 batch = self._checked(p, out) if plugins and id(p) in plugins else out
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # a plugin's sys.exit() ended the run with 0, batches unwritten
                 log.warning("%s: raised %s: %s on a batch; retrying event by event", p.context.stage,
                             type(exc).__name__, exc)
                 batch = self._one_by_one(p, batch)
@@ -98,7 +98,7 @@ class Chain:
                 held = p.flush()
                 if id(p) in self._plugins and held is not None:
                     held = self._checked(p, held, "flush()")
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 log.warning("%s: flush raised %s: %s", p.context.stage, type(exc).__name__, exc)
                 p.context.stats.errors += 1
                 continue
@@ -114,7 +114,7 @@ class Chain:
             try:
                 res = p.process([event])
                 out.extend(self._checked(p, res) if check else res)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 p.context.stats.errors += 1
                 self.dead_letter.write(f"{type(exc).__name__}: {exc}", stage=p.context.stage, event=event)
         return out
@@ -161,6 +161,8 @@ def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: 
             return cls(spec.options, ctx)
         except PipelineError:
             raise
+        except SystemExit as exc:  # ended `pipeline run` at once with exit code 0 and not a word
+            raise StageError(f"{spec.label}: cannot start: called sys.exit({exc.code!r})") from None
         except Exception as exc:  # a plugin's own failure: one line; PIPELINE_DEBUG=1 shows the traceback
             why = (str(exc).splitlines() or [""])[0][:300]
             raise StageError(f"{spec.label}: cannot start: {type(exc).__name__}: {why}") from exc

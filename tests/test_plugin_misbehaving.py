@@ -50,6 +50,24 @@ class FlushesNone(Processor):
 class FailsToStart(Processor):
     def __init__(self, options, context):
         raise RuntimeError("no GPU here\\nsecond line")
+
+
+class ExitsToStart(Processor):
+    def __init__(self, options, context):
+        import sys
+        sys.exit(0)
+
+
+class Exits(Processor):
+    def process(self, batch):
+        import sys
+        if any(e["id"] == 300 for e in batch):
+            sys.exit(0)
+        return batch
+
+    def flush(self):
+        import sys
+        sys.exit("flushing")
 '''
 
 SOURCES = '''
@@ -126,6 +144,26 @@ def test_a_plugin_that_cannot_start_is_one_line(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [
         "pipeline: stages[0]:misfit:FailsToStart: cannot start: RuntimeError: no GPU here"]
+
+
+def test_a_plugin_that_calls_sys_exit_while_it_is_made_is_one_line(tmp_path: Path) -> None:
+    """Before: `pipeline run` ended at once with exit code 0 and printed nothing."""
+    res, _, _ = _run(tmp_path, "ExitsToStart")
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == ["pipeline: stages[0]:misfit:ExitsToStart: cannot start: called "
+                                               "sys.exit(0)"]
+
+
+def test_a_processor_that_calls_sys_exit_costs_only_the_event_it_was_given(tmp_path: Path) -> None:
+    """Before: sys.exit(0) in process() ended `pipeline run` with exit code 0, no summary, the batches read
+    neither written nor dead-lettered (256 of 600 written). Now it is an error like any other: the batch is
+    retried event by event, the event it exits on is dead-lettered, and the run goes on."""
+    res, out, dead = _run(tmp_path, "Exits")
+    assert res.returncode == 0, res.stderr
+    assert [e["id"] for e in out] == [i for i in range(600) if i != 300]
+    assert [(d["event"]["id"], d["reason"]) for d in dead] == [(300, "SystemExit: 0")]
+    assert "flush raised SystemExit: flushing" in res.stderr and "Traceback" not in res.stderr
+    assert "written    599" in res.stderr, res.stderr
 
 
 def test_a_source_plugin_that_yields_non_events_costs_only_those(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,7 @@ def run_case(cfg: PipelineConfig, lc: LoadedCase, dead: DeadLetter) -> list[str]
     check_zero_counts(specs, lc)
     check_alerts_can_come(specs, lc)
     chain = chain_for(cfg, specs, dead)
+    rejected, reasons = dead.count, Counter(dead.by_reason)
     out = chain(copy.deepcopy(events))
     out += chain.flush()  # the input ended: processors that hold events (windows) emit them now
     alerts = [e for e in out if e.get("channel") == "alert" and e.get("origin") is not None]
@@ -108,6 +110,9 @@ def run_case(cfg: PipelineConfig, lc: LoadedCase, dead: DeadLetter) -> list[str]
         failures += _events_out(ex.events_out, passed)
     if ex.dropped is not None:
         failures += _dropped(ex.dropped, events, passed)
+    if failures and dead.count > rejected:  # why events went missing: a processor raised (or called sys.exit())
+        kinds = ", ".join(f"{kind} x{n}" for kind, n in (dead.by_reason - reasons).most_common(5))
+        failures.append(f"{dead.count - rejected} event(s) dead-lettered meanwhile: {kinds}")
     return failures
 
 
