@@ -166,6 +166,41 @@ def test_a_processor_that_calls_sys_exit_costs_only_the_event_it_was_given(tmp_p
     assert "written    599" in res.stderr, res.stderr
 
 
+EXITING_SINK = '''
+import sys
+from pipeline.api import Sink
+
+
+class ExitingSink(Sink):
+    async def write(self, batch):
+        if any(e["id"] >= 300 for e in batch):
+            sys.exit(0)
+'''
+
+
+def test_a_sink_that_calls_sys_exit_is_a_failed_sink_not_a_clean_end(tmp_path: Path) -> None:
+    """Before: sys.exit(0) in a sink's write() ended `pipeline run` with exit code 0 and no summary: the batches
+    read and not yet written were neither written nor dead-lettered. Now the sink has failed, as if it raised:
+    the run stops with one line and exit code 1, and every event read that it did not write is dead-lettered."""
+    (tmp_path / "exiting_sink.py").write_text(EXITING_SINK)
+    (tmp_path / "in.jsonl").write_bytes(b"".join(
+        orjson.dumps({"channel": "transcript", "id": i, "data": {"text": f"t {i}"}}) + b"\n" for i in range(600)))
+    (tmp_path / "p.yaml").write_text("""
+name: exits
+source: {type: replay, path: in.jsonl, batch_size: 100}
+sinks: [{type: "exiting_sink:ExitingSink"}]
+dead_letter: dead.jsonl
+""")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "p.yaml"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 1, res.stderr
+    assert "sinks[0]:exiting_sink:ExitingSink: write failed: SystemExit: 0" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    dead = [orjson.loads(x)["event"]["id"] for x in (tmp_path / "dead.jsonl").read_bytes().splitlines()]
+    read = int(res.stderr.split("source:replay")[1].split()[1])  # it stops reading once the sink failed
+    assert dead == list(range(300, read)), res.stderr  # each event read: written (the first 300) or dead-lettered
+
+
 def test_a_source_plugin_that_yields_non_events_costs_only_those(tmp_path: Path) -> None:
     """A non-dict in a source's batch ended the run (exit 1) with the batch lost; a batch that is not a list
     too (`KeyError: -1`, `object of type 'generator' has no len()`)."""

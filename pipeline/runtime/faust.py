@@ -322,7 +322,7 @@ class Worker:
         try:
             await slot.sink.write(routed)
             await slot.sink.flush()  # offsets move after this batch: it must be durable first
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin's sys.exit() is a failed write, as in the local runtime
             for event in routed:
                 self.built.dead_letter.write("sink failed before writing", stage=slot.stats.name, event=event)
             slot.stats.errors += len(routed)

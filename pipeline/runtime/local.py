@@ -252,7 +252,7 @@ class LocalRuntime:
                     await slot.sink.write(batch)
                     if buf.durable:  # acknowledged in the spool only once durable (not just in a sink's queue)
                         await slot.sink.flush()
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:  # a plugin's sys.exit(): ended the run with 0, batches lost
                     failed = True
                     self._fail(exc if isinstance(exc, PipelineError) else
                                StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}"))
