@@ -201,6 +201,40 @@ dead_letter: dead.jsonl
     assert dead == list(range(300, read)), res.stderr  # each event read: written (the first 300) or dead-lettered
 
 
+EXITING_SOURCE = '''
+import sys
+from pipeline.api import Source
+
+
+class ExitingSource(Source):
+    async def batches(self):
+        yield [{"channel": "transcript", "id": 1}]
+        yield [{"channel": "transcript", "id": 2}]
+        sys.exit(0)
+
+    async def stop(self):
+        pass
+'''
+
+
+def test_a_source_that_calls_sys_exit_is_a_failed_source_not_a_clean_end(tmp_path: Path) -> None:
+    """Before: sys.exit(0) in a source's batches() ended `pipeline run` with exit code 0, a traceback and no
+    summary, what it had yielded perhaps unwritten. Now the source has failed, as if it raised: one line, exit
+    code 1, and what it yielded is written."""
+    (tmp_path / "exiting_source.py").write_text(EXITING_SOURCE)
+    (tmp_path / "p.yaml").write_text("""
+name: exits
+source: {type: "exiting_source:ExitingSource"}
+sinks: [{type: jsonl, path: out.jsonl}]
+dead_letter: dead.jsonl
+""")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "p.yaml"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr and "called sys.exit(0)" in res.stderr, res.stderr
+    assert [orjson.loads(x)["id"] for x in (tmp_path / "out.jsonl").read_bytes().splitlines()] == [1, 2]
+
+
 def test_a_source_plugin_that_yields_non_events_costs_only_those(tmp_path: Path) -> None:
     """A non-dict in a source's batch ended the run (exit 1) with the batch lost; a batch that is not a list
     too (`KeyError: -1`, `object of type 'generator' has no len()`)."""

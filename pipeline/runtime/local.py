@@ -170,6 +170,8 @@ class LocalRuntime:
                 batch = await anext(batches)
             except StopAsyncIteration:
                 break
+            except SystemExit as exc:  # a plugin's: it ended the run with exit code 0 and a traceback
+                raise StageError(f"{st.name}: called sys.exit({exc.code!r})") from None
             except asyncio.CancelledError:
                 if not self._source_abandoned:
                     raise
