@@ -149,3 +149,21 @@ def test_key_values_equal_in_python_but_of_other_types_get_windows_of_their_own(
         assert counts(together) == want, max_open
         assert counts(run(Window(opts, make_context()), [[dict(e)] for e in stream])) == want
         assert {json.dumps(m["k"]) for m in together if "k" in m} == set(want) - {"null"}  # copied, typed
+
+
+def test_a_window_longer_than_any_calendar_is_a_config_error(tmp_path: Any) -> None:
+    """`size: 99999999999999999999d` validated, then every `metrics` event it made held window bounds no JSON
+    integer can hold: each was dead-lettered and the run exited 0. A window is now at most 366 days (as is
+    allowed_lateness)."""
+    from tests.test_runtime import run_cli
+
+    (tmp_path / "in.jsonl").write_text("")
+    for opts, what in (("size: 99999999999999999999d", "size"),
+                       ("size: 1m, allowed_lateness: 99999999999999999999d", "allowed_lateness")):
+        cfg = tmp_path / "w.yaml"
+        cfg.write_text(f"name: w\nsource: {{type: replay, path: {tmp_path}/in.jsonl}}\n"
+                       f"stages:\n  - {{type: window, {opts}}}\nsinks: [{{type: console}}]\n")
+        res = run_cli("validate", str(cfg), timeout=30)
+        assert res.returncode == 2, res.stderr
+        assert f"{what} must be at most 366 days" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    WindowOptions(size="366d", allowed_lateness="366d")

@@ -16,7 +16,7 @@ import time
 from typing import Any, Final
 
 import orjson
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.api import Batch, Context, Event, Options, Processor
 from pipeline.events import ALIASES, LIFECYCLE, event_time_ms, iso_ts
@@ -30,6 +30,7 @@ MAX_KEYWORDS: Final = 100  # distinct matched keywords remembered per window
 MAX_CHANNELS: Final = 32  # distinct channel names counted apart per window (names come off the wire)
 MAX_LABELS: Final = 100  # distinct alert labels counted apart per window
 OTHER: Final = "(other)"  # where the rest, and names longer than MAX_KEY_CHARS, are counted
+MAX_SPAN_S: Final = 366 * 86400  # longest window size and allowed_lateness
 MAX_TIME: Final = 1 << 53  # event times beyond ±2^53 ms (285,000 years) count as late
 FUTURE_SLACK_MS: Final = 86_400_000  # an event time more than a day ahead of the wall clock counts as late
 MAX_TALK_MS: Final = 86_400_000  # a transcript longer than a day adds no talk time (as in `pipeline report`)
@@ -49,6 +50,14 @@ class WindowOptions(Options):
     def _positive(cls, v: float) -> float:
         if v < 0.001:
             raise ValueError("size must be at least 1ms")
+        return v
+
+    @field_validator("size", "allowed_lateness")
+    @classmethod
+    def _within_a_year(cls, v: float, info: ValidationInfo) -> float:
+        # longer windows made `metrics` whose bounds no JSON integer holds: every one dead-lettered, exit code 0
+        if v > MAX_SPAN_S:
+            raise ValueError(f"{info.field_name} must be at most 366 days")
         return v
 
     @field_validator("key")
