@@ -90,7 +90,7 @@ def config(tmp_path: Path, bootstrap: str, group: str, sink: str) -> Path:
     p.write_text(f"""
 name: kin
 source: {{type: kafka, bootstrap_servers: "{bootstrap}", topic: src2, group: {group}, batch_max: 40,
-          session_timeout: 3s}}
+          session_timeout: 1s}}
 sinks: [{sink}]
 dead_letter: {tmp_path}/dead.jsonl
 """)
