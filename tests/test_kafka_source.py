@@ -59,7 +59,7 @@ async def test_consumes_all_dead_letters_malformed_with_origin_and_commits_what_
     await produce(kafka_broker.bootstrap, "src1", values)
     ctx = make_context("kafka-in")
     src = KafkaSource(KafkaSourceOptions(bootstrap_servers=kafka_broker.bootstrap, topic="src1", group="g1",
-                                         batch_max=50, session_timeout="3s"), ctx)
+                                         batch_max=50, session_timeout="1s"), ctx)
     seen: list[dict[str, Any]] = []
     index = -1
     async for batch in src.batches():
@@ -90,7 +90,7 @@ def config(tmp_path: Path, bootstrap: str, group: str, sink: str) -> Path:
     p.write_text(f"""
 name: kin
 source: {{type: kafka, bootstrap_servers: "{bootstrap}", topic: src2, group: {group}, batch_max: 40,
-          session_timeout: 3s}}
+          session_timeout: 1s}}
 sinks: [{sink}]
 dead_letter: {tmp_path}/dead.jsonl
 """)
@@ -168,7 +168,7 @@ async def test_shutdown_behind_a_hanging_webhook_stays_bounded_with_a_committing
         cfg.write_text(f"""
 name: hang
 source: {{type: kafka, bootstrap_servers: "{kafka_broker.bootstrap}", topic: alerts-in, group: gh,
-          session_timeout: 3s}}
+          session_timeout: 1s}}
 runtime: {{drain_timeout: 0.5s}}
 sinks:
   - {{type: alert_forwarder, url: "{server.url()}", timeout: 3s, max_attempts: 5, backoff_initial: 0.05s,

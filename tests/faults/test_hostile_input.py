@@ -156,7 +156,7 @@ async def test_kafka_source_dead_letters_a_deep_record_instead_of_crashing_on_it
     await produce(kafka_broker.bootstrap, "deep", values, partitions=1)
     ctx = make_context("kafka-in")
     src = KafkaSource(KafkaSourceOptions(bootstrap_servers=kafka_broker.bootstrap, topic="deep", group="gd",
-                                         session_timeout="3s"), ctx)
+                                         session_timeout="1s"), ctx)
     seen: list[dict[str, Any]] = []
     async with asyncio.timeout(30):
         async for batch in src.batches():

@@ -34,7 +34,7 @@ async def test_offsets_are_committed_once_spooled_while_a_disk_buffered_forwarde
         (tmp_path / "p.yaml").write_text(f"""
 name: spooled
 source: {{type: kafka, bootstrap_servers: "{kafka_broker.bootstrap}", topic: spooled-alerts, group: gs,
-          session_timeout: 3s}}
+          session_timeout: 1s}}
 runtime: {{drain_timeout: 0.5s}}
 sinks:
   - {{type: alert_forwarder, url: "{server.url()}", timeout: 30s, max_attempts: 5, shutdown_timeout: 0.5s,
