@@ -93,7 +93,7 @@ class Workers:
         log = self.tmp / f"worker-{len(self.procs)}.log"
         with log.open("wb") as fh:
             proc = subprocess.Popen([*CLI, "worker", str(self.cfg), "--workers-dir", str(self.tmp / "workers"),
-                                     "--session-timeout", "2s"], cwd=self.tmp, env=self.env,
+                                     "--session-timeout", "3s"], cwd=self.tmp, env=self.env,
                                     stdout=fh, stderr=subprocess.STDOUT)
         self.procs.append((proc, log))
         return proc
