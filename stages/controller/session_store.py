@@ -167,7 +167,7 @@ class SessionStore:
     async def save_intent(self, intent: dict[str, Any]) -> bool:
         """Note a keyed create before it asks VideoDB (True once on disk); False (logged) when the note could not
         be written (not tried again: the create is refused)."""
-        self.drop_expired_intents()  # queued before this note: it goes first
+        self.drop_expired_intents()  # queued first, though the awaited note may go ahead: a new note never expired
         name = self.intent_path(intent["idempotency_key"]).name
         self._writer.put(name, orjson.dumps(intent), keep=False)
         if await self._writer.flushed(name):
