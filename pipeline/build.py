@@ -142,6 +142,27 @@ class Built:
     state: StateStore = field(default_factory=StateStore)
 
 
+def make_stage(spec: StageSpec, cfg: PipelineConfig, stats: StageStats, *, dead_letter: DeadLetter,
+               session: SessionLink, state: StateStore, settings: dict[str, Any] | None = None) -> object:
+    """One stage from its spec, with its own Context: at start and when a reload re-creates it, the same way.
+    A constructor that raises or calls sys.exit() is one StageError line (`cannot start: ...`), never a
+    traceback, nor a run ended at once with exit code 0 and not a word."""
+    ctx = Context(pipeline=cfg.name, stage=spec.label, dead_letter=dead_letter, session=session, stats=stats,
+                  state=state, out_dir=cfg.out_dir, state_dir=cfg.state_dir,
+                  settings=cfg.settings() if settings is None else settings,
+                  log=stage_log(spec.kind, spec.type_name, spec.label))
+    cls: Any = spec.cls
+    try:
+        return cls(spec.options, ctx)
+    except PipelineError:
+        raise
+    except SystemExit as exc:
+        raise StageError(f"{spec.label}: cannot start: called sys.exit({exc.code!r})") from None
+    except Exception as exc:  # a plugin's own failure: one line; PIPELINE_DEBUG=1 shows the traceback
+        why = (str(exc).splitlines() or [""])[0][:300]
+        raise StageError(f"{spec.label}: cannot start: {type(exc).__name__}: {why}") from exc
+
+
 def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: bool = True) -> Built:
     """Instantiate every stage with its own Context (sharing dead letter, session and state)."""
     dead = DeadLetter(cfg.dead_letter)
@@ -153,19 +174,7 @@ def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: 
     def make(spec: StageSpec) -> object:
         st = StageStats(spec.label, spec.kind)
         all_stats.append(st)
-        ctx = Context(pipeline=cfg.name, stage=spec.label, dead_letter=dead, session=session, stats=st,
-                      state=state, out_dir=cfg.out_dir, state_dir=cfg.state_dir, settings=settings,
-                      log=stage_log(spec.kind, spec.type_name, spec.label))
-        cls: Any = spec.cls
-        try:
-            return cls(spec.options, ctx)
-        except PipelineError:
-            raise
-        except SystemExit as exc:  # ended `pipeline run` at once with exit code 0 and not a word
-            raise StageError(f"{spec.label}: cannot start: called sys.exit({exc.code!r})") from None
-        except Exception as exc:  # a plugin's own failure: one line; PIPELINE_DEBUG=1 shows the traceback
-            why = (str(exc).splitlines() or [""])[0][:300]
-            raise StageError(f"{spec.label}: cannot start: {type(exc).__name__}: {why}") from exc
+        return make_stage(spec, cfg, st, dead_letter=dead, session=session, state=state, settings=settings)
 
     source = make(cfg.source) if with_source else None
     controller = make(cfg.controller) if cfg.controller is not None else None

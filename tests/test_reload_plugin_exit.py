@@ -74,8 +74,8 @@ def test_a_reload_whose_new_plugin_calls_sys_exit_is_rejected_and_the_run_goes_o
     text = log.read_text()
     assert code == 0 and "Traceback" not in text, text
     line = next(ln for ln in text.splitlines() if "reload (SIGHUP)" in ln)
-    assert ("reload (SIGHUP) rejected, the running config stays: stages[0]:exits:Exits: called sys.exit(0) while being "
-            "made") in line, line
+    assert ("reload (SIGHUP) rejected, the running config stays: stages[0]:exits:Exits: cannot start: "
+            "called sys.exit(0)") in line, line
     assert "reloads: 0 applied, 1 rejected" in text, text
     read = next(ln.split() for ln in text.splitlines() if ln.startswith("  source:"))
     assert int(read[2]) == written(tmp_path), text  # every event read was written

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.api import Context, Processor, Sink, StateStore
-from pipeline.build import SinkSlot
+from pipeline.api import Processor, Sink, StateStore
+from pipeline.build import SinkSlot, make_stage
 from pipeline.config import PipelineConfig, StageSpec, load_config
 from pipeline.configfile import MAX_BYTES, is_regular, kind_of
 from pipeline.errors import ConfigError, StageError
 from pipeline.events import channel_set
-from pipeline.logs import stage_log
 from pipeline.runtime import reload_windows
 from pipeline.runtime.sink_start import close_limit, start_within
 from pipeline.stats import StageStats
@@ -287,14 +286,7 @@ class Reloader:
 
     def _make(self, spec: StageSpec, state: StateStore, stats: StageStats) -> Any:
         b = self.rt.b
-        ctx = Context(pipeline=b.config.name, stage=spec.label, dead_letter=b.dead_letter, session=b.session,
-                      stats=stats, state=state, out_dir=b.config.out_dir, settings=b.config.settings(),
-                      log=stage_log(spec.kind, spec.type_name, spec.label))
-        cls: Any = spec.cls
-        try:
-            return cls(spec.options, ctx)
-        except SystemExit as exc:  # went through the reloader and ended the run (exit 0, nothing flushed)
-            raise StageError(f"{spec.label}: called sys.exit({exc.code!r}) while being made") from None
+        return make_stage(spec, b.config, stats, dead_letter=b.dead_letter, session=b.session, state=state)
 
     def _carry_rule_state(self, new: PipelineConfig) -> None:
         """Forget cooldowns and windows of rules that were removed or whose matching changed."""
