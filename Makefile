@@ -39,8 +39,9 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "make: chromium missing and not root: browser tests will be skipped (apt-get install chromium)"
 
-# The suite mostly waits (on subprocesses, the emulator, the broker): three pytest workers, one test file
-# each at a time (a file's tests share its fixtures), take about 40% of the time (890 s -> 330 s here). TEST_JOBS=0: one process.
+# The suite mostly waits (on subprocesses, the emulator, the broker): three pytest workers, each taking
+# one test file at a time (its tests share their fixtures), run it in about 40% of the time (890 s -> 330 s
+# here). TEST_JOBS=0: one process.
 TEST_JOBS ?= 3
 test: lint browser
 	$(BIN)/pytest -n $(TEST_JOBS) --dist loadfile
