@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import os
+import threading
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -59,27 +63,53 @@ lines = st.one_of(
 )
 
 
+def feed(path: Path, data: bytes, cuts: list[int]) -> threading.Thread:
+    """A writer thread for the named pipe `path`: `data` in writes of the sizes `cuts` (repeated)."""
+    def write() -> None:
+        with path.open("wb", buffering=0) as fh:  # waits for the reader to open the pipe
+            at = 0
+            for cut in itertools.cycle(cuts):
+                if at >= len(data):
+                    break
+                fh.write(data[at:at + cut])
+                at += cut
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(lines, max_size=12), st.booleans(), st.integers(1, 4), st.booleans())
+@given(st.lists(lines, max_size=12), st.booleans(), st.integers(1, 4), st.booleans(),
+       st.one_of(st.none(), st.lists(st.integers(1, 100), min_size=1, max_size=5)))
 async def test_bounded_reading_keeps_and_rejects_what_splitting_the_file_would(
         make_context: MakeCtx, tmp_path: Path, body: list[bytes], last_newline: bool, batch_size: int,
-        paced: bool) -> None:
+        paced: bool, pipe_writes: list[int] | None) -> None:
     """The plain definition: split the file at newlines; a line (newline included) longer than MAX_LINE bytes is
-    dead-lettered, the rest parsed as before. Both read paths (as fast as possible, and paced) agree with it."""
+    dead-lettered, the rest parsed as before. Both read paths (as fast as possible, and paced) agree with it,
+    reading a file or a named pipe that a writer fills `pipe_writes` bytes at a time."""
     limit = 64
     old = replay.MAX_LINE, replay.SKIP_CHUNK
     replay.MAX_LINE, replay.SKIP_CHUNK = limit, 16
+    writer = None
     try:
         data = b"\n".join(body) + (b"\n" if last_newline and body else b"")
-        path = tmp_path / f"h{len(data)}-{batch_size}-{paced}.jsonl"
-        path.write_bytes(data)
+        path = tmp_path / f"h{len(data)}-{batch_size}-{paced}-{pipe_writes is not None}.jsonl"
+        path.unlink(missing_ok=True)
+        if pipe_writes is None:
+            path.write_bytes(data)
+        else:
+            os.mkfifo(path)
+            writer = feed(path, data, pipe_writes)
         dead_path = tmp_path / "dead-letter.jsonl"
         dead_path.unlink(missing_ok=True)
         src = ReplaySource(ReplayOptions(path=str(path), batch_size=batch_size, speed=1e12 if paced else 0),
                            make_context())
-        got = await read_all(src)
+        got = await asyncio.wait_for(read_all(src), 10)
     finally:
         replay.MAX_LINE, replay.SKIP_CHUNK = old
+        if writer is not None:
+            writer.join(5)
     split = data.split(b"\n")
     if split and split[-1] == b"":
         split.pop()

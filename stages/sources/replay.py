@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import stat
 import time
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
@@ -22,6 +24,7 @@ from pydantic import Field
 from pipeline.api import Batch, Context, Options, Source
 from pipeline.errors import StageError
 from pipeline.events import Stamper, edge_reason, edge_rejects
+from stages.sources.pipe_lines import LongLine, PipeLines
 
 MAX_LINE = 4 << 20  # bytes per line, newline included (4 x the WebSocket frame limit): a longer one is dead-lettered
 #                    and skipped, never held whole; a batch holds at most batch_size x this
@@ -51,10 +54,13 @@ class ReplaySource(Source):
         self.lines = 0
         self.position = 0  # bytes of the file read so far (for a progress bar)
         self.batch_bytes = 0  # raw bytes of the batch just yielded (the runtime bounds queues by bytes)
+        self._pipe: PipeLines | None = None
 
     async def stop(self) -> None:
         self._stopping = True
         self._stopped.set()
+        if self._pipe is not None:
+            self._pipe.close()
 
     def _reject(self, lineno: int, reason: str, raw: bytes) -> None:
         self.context.stats.dropped += 1
@@ -142,16 +148,28 @@ class ReplaySource(Source):
 
     async def batches(self) -> AsyncIterator[Batch]:
         path = self.options.path
-        try:
-            fh = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - closed in finally, across yields
+        try:  # non-blocking: a named pipe opened for reading waits for a writer, and the loop must not
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise StageError(f"{path}: cannot open replay file: {exc.strerror or exc}") from None
         self._stamp = Stamper()
         speed = self.options.speed
         size = self.options.batch_size
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            self._pipe = PipeLines(fd, MAX_LINE)
+            try:
+                batches = self._paced(self._pipe_lines(self._pipe), speed, size) if speed else \
+                    self._from_pipe(self._pipe, size)
+                async for batch in batches:
+                    yield batch
+            finally:
+                os.close(fd)
+            return
+        os.set_blocking(fd, True)
+        fh = open(fd, "rb", buffering=1 << 20)  # noqa: SIM115 - closed in finally, across yields
         try:
             if speed:
-                async for batch in self._paced(fh, speed, size):
+                async for batch in self._paced(self._file_lines(fh), speed, size):
                     yield batch
                 return
             # As fast as possible: read `size` lines at a time and parse them in one go.
@@ -163,29 +181,72 @@ class ReplaySource(Source):
                     break
                 if max(map(len, lines)) >= MAX_LINE:
                     lines = self._bounded(fh, lines, lineno)
-                self.lines = lineno + len(lines) - 1
-                batch = self._parse(lines, lineno)
-                lineno += len(lines)
-                raw = sum(map(len, lines))
-                self.position += raw  # bytes read so far (tell() fails on a pipe)
+                lineno, batch = self._batch(lines, lineno)
                 if batch:
-                    self.batch_bytes = raw  # raw size, for the runtime's byte bounds
                     yield batch
         finally:
             fh.close()
 
-    async def _paced(self, fh: Any, speed: float, size: int) -> AsyncIterator[Batch]:
-        """Yield events at `speed` x the pace of their `unix_ts`."""
+    def _batch(self, lines: list[bytes], lineno: int) -> tuple[int, Batch]:
+        """Parse the lines numbered from `lineno`, counting them; the next line's number and the events."""
+        self.lines = lineno + len(lines) - 1
+        batch = self._parse(lines, lineno)
+        raw = sum(map(len, lines))
+        self.position += raw  # bytes read so far (tell() fails on a pipe)
+        if batch:
+            self.batch_bytes = raw  # raw size, for the runtime's byte bounds
+        return lineno + len(lines), batch
+
+    async def _from_pipe(self, pipe: PipeLines, size: int) -> AsyncIterator[Batch]:
+        """As fast as the writer writes: the lines there are now, `size` at a time."""
+        lineno = 1
+        while not self._stopping and (got := await pipe.chunk()) is not None:
+            lines, longs = got
+            self._skipped(longs, lineno)
+            for i in range(0, len(lines), size):
+                lineno, batch = self._batch(lines[i:i + size], lineno)
+                if batch:
+                    yield batch
+
+    async def _pipe_lines(self, pipe: PipeLines) -> AsyncIterator[bytes | None]:
+        """The pipe's lines, and None after those there were (the paced batch goes then, not once full)."""
+        lineno = 1
+        while (got := await pipe.chunk()) is not None:
+            lines, longs = got
+            self._skipped(longs, lineno)
+            lineno += len(lines)
+            for raw in lines:
+                yield raw
+            yield None
+
+    async def _file_lines(self, fh: Any) -> AsyncIterator[bytes | None]:
+        for lineno, raw in enumerate(self._lines(fh), 1):
+            yield self._bounded(fh, [raw], lineno)[0] if len(raw) >= MAX_LINE else raw
+
+    def _skipped(self, longs: list[LongLine], first: int) -> None:
+        """Dead-letter the long lines a pipe chunk replaced by blank lines (as `_bounded` does for a file)."""
+        for long in longs:
+            self.position += long.size - 1  # the blank line in its place counts the last byte
+            self._reject(first + long.index, f"line of {long.size} bytes, over the {MAX_LINE >> 20} MiB limit: "
+                         "skipped", long.head)
+
+    async def _paced(self, lines: AsyncIterator[bytes | None], speed: float, size: int) -> AsyncIterator[Batch]:
+        """Yield events at `speed` x the pace of their `unix_ts` (and what a pipe had so far, None)."""
         batch: Batch = []
         self.batch_bytes = 0
         t0_wall: float | None = None
         t0_event = 0.0
-        for lineno, raw in enumerate(self._lines(fh), 1):
+        lineno = 0
+        async for raw in lines:
             if self._stopping:
                 break
+            if raw is None:
+                if batch:
+                    yield batch
+                    batch, self.batch_bytes = [], 0
+                continue
+            lineno += 1
             self.lines = lineno
-            if len(raw) >= MAX_LINE:
-                raw = self._bounded(fh, [raw], lineno)[0]
             self.position += len(raw)
             parsed = self._parse([raw], lineno)
             if not parsed:
