@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,7 +90,16 @@ async def wait_until(workers: Workers, check: Callable[[], bool], what: str, tim
         for proc, log in workers.procs:
             assert proc.poll() is None or proc.returncode == 0, log.read_text()[-3000:]
         await asyncio.sleep(0.1)
-    assert check(), f"not {what} after {timeout}s"
+    if check():
+        return
+    # each live worker writes the stack of every thread and task to its log (faust's worker on SIGUSR1): a
+    # restore that never ends, seen rarely under load, then shows where it waits
+    live = [(proc, log) for proc, log in workers.procs if proc.poll() is None]
+    for proc, _ in live:
+        proc.send_signal(signal.SIGUSR1)
+    await asyncio.sleep(2)
+    stacks = "\n".join(f"--- {log.name}:\n{log.read_text(errors='replace')[-60000:]}" for _, log in live)
+    raise AssertionError(f"not {what} after {timeout}s\n{stacks}")
 
 
 async def wait_for_log(workers: Workers, log: Path, text: str) -> None:
