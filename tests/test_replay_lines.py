@@ -121,3 +121,28 @@ async def test_bounded_reading_keeps_and_rejects_what_splitting_the_file_would(
     skipped = sorted(d["origin"]["line"] for d in dead_letters(dead_path) if "limit: skipped" in d["reason"])
     assert skipped == sorted(too_long)
     assert src.position == len(data)
+
+
+async def test_skipping_a_long_line_lets_the_event_loop_run_and_a_stop_end_it(tmp_path: Path) -> None:
+    """The pipe reader went back to the loop only when the pipe was empty: a writer that stays ahead of it
+    with one endless line (`cat /dev/zero > pipe`) held the loop, SIGTERM included, for as long as it wrote.
+    A regular file (always readable) plays that writer here: 64 MiB with no newline."""
+    from stages.sources.pipe_lines import CHUNK_BYTES, PipeLines
+
+    path = tmp_path / "endless"
+    path.write_bytes(b"y" * (64 << 20))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        pipe = PipeLines(fd, 1 << 20)
+        pipe._opened = True  # a file needs no writer to come first
+
+        async def stop_soon() -> None:
+            await asyncio.sleep(0)
+            pipe.close()
+
+        stopper = asyncio.create_task(stop_soon())
+        assert await pipe.chunk() is None  # stopped inside the line: nothing whole to give
+        await stopper
+        assert os.lseek(fd, 0, os.SEEK_CUR) <= 2 * CHUNK_BYTES  # before: the whole 64 MiB read first
+    finally:
+        os.close(fd)

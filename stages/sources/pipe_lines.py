@@ -79,8 +79,11 @@ class PipeLines:
                 return (lines, longs) if lines or longs else None
             got += len(data)
             self._take(data, lines, longs)
-            if got >= CHUNK_BYTES and (lines or longs):
-                return lines, longs
+            if got >= CHUNK_BYTES:
+                if lines or longs:
+                    return lines, longs
+                got = 0  # inside a long line a writer keeps ahead of: let the loop run (a stop, timers) meanwhile
+                await asyncio.sleep(0)
 
     def _take(self, data: bytes, lines: list[bytes], longs: list[LongLine]) -> None:
         start = 0
