@@ -8,7 +8,7 @@ pipe blocked the same way until a writer came.
 
 Here the pipe is opened non-blocking and read when the loop says it is readable; each `chunk()` returns
 the complete lines there are now. A line longer than `max_line` is never held whole: its first
-4 KiB are kept for its dead-letter line, the rest is counted and thrown away.
+HEAD_BYTES are kept for its dead-letter line, the rest is counted and thrown away.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 READ_SIZE = 1 << 16  # bytes per read() call
 CHUNK_BYTES = 1 << 20  # a chunk() returns once it holds this much (the writer may never pause)
+HEAD_BYTES = 4096  # what is kept of a line over the limit (for its dead-letter line)
 
 
 @dataclass(slots=True)
@@ -100,7 +101,7 @@ class PipeLines:
             elif end < 0:
                 self._buf += data[start:]
                 if len(self._buf) > self.max_line:  # (exactly max_line bytes at the end of the pipe: whole)
-                    self._long = (len(self._buf), bytes(self._buf[:4096]))
+                    self._long = (len(self._buf), bytes(self._buf[:HEAD_BYTES]))
                     self._buf.clear()
                 return
             else:
@@ -110,7 +111,7 @@ class PipeLines:
                     piece = bytes(self._buf)
                     self._buf.clear()
                 if len(piece) > self.max_line:
-                    longs.append(LongLine(len(lines), len(piece), piece[:4096]))
+                    longs.append(LongLine(len(lines), len(piece), piece[:HEAD_BYTES]))
                     piece = b"\n"
                 lines.append(piece)
             start = end + 1

@@ -24,7 +24,7 @@ from pydantic import Field
 from pipeline.api import Batch, Context, Options, Source
 from pipeline.errors import StageError
 from pipeline.events import Stamper, edge_reason, edge_rejects
-from stages.sources.pipe_lines import LongLine, PipeLines
+from stages.sources.pipe_lines import PipeLines
 
 MAX_LINE = 4 << 20  # bytes per line, newline included (4 x the WebSocket frame limit): a longer one is dead-lettered
 #                    and skipped, never held whole; a batch holds at most batch_size x this
@@ -199,10 +199,7 @@ class ReplaySource(Source):
 
     async def _from_pipe(self, pipe: PipeLines, size: int) -> AsyncIterator[Batch]:
         """As fast as the writer writes: the lines there are now, `size` at a time."""
-        lineno = 1
-        while not self._stopping and (got := await pipe.chunk()) is not None:
-            lines, longs = got
-            self._skipped(longs, lineno)
+        async for lineno, lines in self._pipe_chunks(pipe):
             for i in range(0, len(lines), size):
                 lineno, batch = self._batch(lines[i:i + size], lineno)
                 if batch:
@@ -210,25 +207,27 @@ class ReplaySource(Source):
 
     async def _pipe_lines(self, pipe: PipeLines) -> AsyncIterator[bytes | None]:
         """The pipe's lines, and None after those there were (the paced batch goes then, not once full)."""
-        lineno = 1
-        while (got := await pipe.chunk()) is not None:
-            lines, longs = got
-            self._skipped(longs, lineno)
-            lineno += len(lines)
+        async for _, lines in self._pipe_chunks(pipe):
             for raw in lines:
                 yield raw
             yield None
 
+    async def _pipe_chunks(self, pipe: PipeLines) -> AsyncIterator[tuple[int, list[bytes]]]:
+        """(number of its first line, lines) as the pipe has them; the long lines, replaced by blank ones, are
+        dead-lettered here (as `_bounded` does for a file)."""
+        lineno = 1
+        while not self._stopping and (got := await pipe.chunk()) is not None:
+            lines, longs = got
+            for long in longs:
+                self.position += long.size - 1  # the blank line in its place counts the last byte
+                self._reject(lineno + long.index, f"line of {long.size} bytes, over the {MAX_LINE >> 20} MiB "
+                             "limit: skipped", long.head)
+            yield lineno, lines
+            lineno += len(lines)
+
     async def _file_lines(self, fh: Any) -> AsyncIterator[bytes | None]:
         for lineno, raw in enumerate(self._lines(fh), 1):
             yield self._bounded(fh, [raw], lineno)[0] if len(raw) >= MAX_LINE else raw
-
-    def _skipped(self, longs: list[LongLine], first: int) -> None:
-        """Dead-letter the long lines a pipe chunk replaced by blank lines (as `_bounded` does for a file)."""
-        for long in longs:
-            self.position += long.size - 1  # the blank line in its place counts the last byte
-            self._reject(first + long.index, f"line of {long.size} bytes, over the {MAX_LINE >> 20} MiB limit: "
-                         "skipped", long.head)
 
     async def _paced(self, lines: AsyncIterator[bytes | None], speed: float, size: int) -> AsyncIterator[Batch]:
         """Yield events at `speed` x the pace of their `unix_ts` (and what a pipe had so far, None)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.procs import finish, pipeline_run
@@ -35,11 +36,11 @@ def written(tmp_path: Path) -> int:
     return out.read_bytes().count(b"\n") if out.exists() else 0
 
 
-def wait_for(check: object, timeout: float) -> bool:
+def wait_for(check: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while not check() and time.monotonic() < deadline:  # type: ignore[operator]
+    while not check() and time.monotonic() < deadline:
         time.sleep(0.02)
-    return bool(check())  # type: ignore[operator]
+    return check()
 
 
 def test_events_written_to_a_pipe_go_through_at_once_and_sigterm_does_not_wait_for_the_writer(
