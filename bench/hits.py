@@ -150,11 +150,11 @@ def rules_alone(src: Path, rules: list[dict[str, Any]], limit: int, repeats: int
         ctx = Context(pipeline="bench", stage="rules", dead_letter=DeadLetter(str(src.parent / "hits-dead.jsonl")),
                       session=SessionLink(), stats=StageStats("rules", "processor"),
                       state=SavedState() if saved else StateStore())
-        saved, Rules.native = Rules.native, native
+        was, Rules.native = Rules.native, native
         try:
             stage = Rules(opts, ctx)
         finally:
-            Rules.native = saved
+            Rules.native = was
         t0 = time.perf_counter()
         for b in batches:
             stage.process(b)

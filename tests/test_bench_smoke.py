@@ -91,6 +91,27 @@ def test_hits() -> None:
     assert "24h cooldown" in results[2].notes[-1]
 
 
+def test_rules_alone_keeps_the_state_it_was_asked_for_in_every_repeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`saved=False` times a plain state store in every repeat (the repeats after the first used the saved
+    state's change-tracking dicts: the flag was overwritten by the one switching the C engine)."""
+    from pipeline.api import Context
+    from pipeline.state.store import TrackedDict
+    from stages.processors import rules as rules_mod
+
+    kinds: list[tuple[bool, bool]] = []
+    real = rules_mod.Rules.__init__
+
+    def spy(self: rules_mod.Rules, options: rules_mod.RulesOptions, context: Context) -> None:
+        real(self, options, context)
+        kinds.append((isinstance(context.state.get("rules.last_fired"), TrackedDict), self._engine is not None))
+
+    monkeypatch.setattr(rules_mod.Rules, "__init__", spy)
+    rules = hits.hit_rules(keywords(hits.N_RULES * hits.PER_RULE), "30s")
+    hits.rules_alone(dataset(500), rules, 500, repeats=3)
+    hits.rules_alone(dataset(500), rules, 500, repeats=3, saved=True, native=False)
+    assert kinds == [(False, True)] * 3 + [(True, False)] * 3
+
+
 def test_spool() -> None:
     res = spool.run(2000, repeats=1)
     numbers(res)
