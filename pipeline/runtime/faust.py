@@ -37,6 +37,7 @@ from pipeline.runtime.faust_flow import keeping_flow_control
 from pipeline.runtime.faust_ingest import app_id, create_ingest_topic, ingest_topic
 from pipeline.runtime.faust_latency import transport_class
 from pipeline.runtime.faust_offsets import commit_before_revoke
+from pipeline.runtime.faust_recovery import rereading_recovery, table_manager
 from pipeline.runtime.faust_seek import read_from_seek
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
 from pipeline.runtime.faust_stop import DrainClock, StopCommits, bounded_at_stop, bounded_producer, give_up
@@ -99,6 +100,8 @@ class Worker:
 
     def __init__(self, cfg: PipelineConfig, workers_dir: Path, session_timeout: float) -> None:
         import faust
+        from faust.tables import TableManager
+        from faust.tables.recovery import Recovery
         from mode.utils.objects import cached_property
         from mode.utils.queues import FlowControlEvent
 
@@ -157,6 +160,8 @@ class Worker:
             # start of its last record batch (tansu) made a worker that kept a partition crash at the next one
             recovery_consistency_check=False,
             Table=partition_table_class(self.cursor),
+            # see faust_recovery: a restore reads again the changelog records faust fetched and dropped
+            TableManager=table_manager(TableManager, rereading_recovery(Recovery)),
             # faust lets environment variables override these (BROKER_URL, common for Celery, pointed a worker
             # at another broker; TABLE_STANDBY_REPLICAS undid the line above): the config file alone decides
             env={},
