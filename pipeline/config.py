@@ -359,7 +359,8 @@ def _plain(err: Any, got: Any) -> str:
     kind, ctx = err["type"], err.get("ctx") or {}
     simple = {"int_parsing": "expected an integer", "int_type": "expected an integer",
               "int_from_float": "expected a whole number", "float_parsing": "expected a number",
-              "float_type": "expected a number", "bool_parsing": "expected true or false",
+              "float_type": "expected a number", "finite_number": "expected a finite number",
+              "bool_parsing": "expected true or false",
               "bool_type": "expected true or false", "string_type": "expected a string",
               "list_type": "expected a list", "dict_type": "expected a mapping", "model_type": "expected a mapping",
               "model_attributes_type": "expected a mapping", "tuple_type": "expected a list",
