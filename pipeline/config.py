@@ -155,6 +155,11 @@ class PipelineConfig:
     disabled: list[StageSpec] = field(default_factory=list)
     channels: list[str] = field(default_factory=list)
     digest: bytes | None = None  # sha256 of the file as read (`--watch` reloads when the file no longer has it)
+    key_where: dict[str, str] = field(default_factory=dict)  # `source.path` -> `p.yaml:7:3`, for later checks
+
+    def where(self, key: str, default: str) -> str:
+        """`file:line:col` of a key path such as `sinks[0].ca_file` (for checks made after loading)."""
+        return self.key_where.get(key, default)
 
     @property
     def state_dir(self) -> Path:
@@ -562,6 +567,7 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
         state_dir_setting=Path(state_dir).expanduser(),
         disabled=[s for s in every if not s.enabled],
         channels=list(extra),
+        key_where={path_str(path): f"{filename}:{line}:{col}" for path, (line, col) in positions.items()},
     )
 
 

@@ -149,5 +149,5 @@ def test_run_refuses_an_input_that_is_no_file_before_it_starts(tmp_path: Path) -
                              text=True, env=ENV, timeout=20, cwd=tmp_path, preexec_fn=limit)
     except subprocess.TimeoutExpired:
         raise AssertionError("pipeline run kept reading /dev/zero") from None
-    assert (res.returncode, res.stderr) == (2, f"pipeline: {cfg}:2:1: source.path: input file /dev/zero is not a "
+    assert (res.returncode, res.stderr) == (2, f"pipeline: {cfg}:2:24: source.path: input file /dev/zero is not a "
                                                "file (a character device)\n")
