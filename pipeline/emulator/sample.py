@@ -7,13 +7,13 @@ keeps one source of truth. Run: `python -m pipeline.emulator.sample [OUT]`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from pipeline.argparsing import Parser
 from pipeline.emulator import scenario as sc
 from pipeline.events import iso_ts
 from pipeline.files import open_private
@@ -56,7 +56,7 @@ def recorded_session(scn: sc.Scenario, active_at: float = ACTIVE_AT,
 
 def main(argv: list[str]) -> int:
     """Write the sample (default path: config/samples/meeting-session.jsonl)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.emulator.sample",
+    parser = Parser(prog="python -m pipeline.emulator.sample",
                                      description="Write the shipped scenario as a recorded session (JSONL).")
     parser.add_argument("out", nargs="?", type=Path, default=SAMPLE, metavar="OUT",
                         help="file to write (default: config/samples/meeting-session.jsonl)")

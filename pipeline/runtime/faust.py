@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from pipeline import secrets
+from pipeline.argparsing import Parser
 from pipeline.build import SinkSlot, build
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError, PipelineError, StageError
@@ -487,7 +488,7 @@ def _ignore_hup(signum: int, frame: Any) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipeline worker",
+    p = Parser(prog="pipeline worker",
                                 description="run a faust worker: processors and sinks over <name>-ingest")
     p.add_argument("config", help="pipeline YAML with runtime: {engine: faust}")
     p.add_argument("--workers-dir", help="where workers keep local files (default out/<name>/workers)")
