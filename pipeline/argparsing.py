@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import IO
+from typing import Any
 
 
 class Parser(argparse.ArgumentParser):
     """argparse drops an OSError from writing `--help`, `--version` or a usage error (`> /dev/full`) without a
     word, so the command exited 0 (or 120 when the interpreter's last flush failed); here it is one line, exit 1."""
 
-    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+    def _print_message(self, message: str, file: Any = None) -> None:  # (a stream, or None: stderr)
         out = file or sys.stderr
         if not message or out is None:  # (stdout closed: argparse hands over None, and help goes to stderr)
             return
