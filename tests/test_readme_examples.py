@@ -1,5 +1,6 @@
 """Every pipeline config fragment README.md shows (```yaml blocks of stages, sinks, the controller, runtime),
-completed into a whole file, validates as written: a reader copies them."""
+completed into a whole file, validates as written, and against `pipeline schema` (an editor's check): a reader
+copies them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.cli import _all_stage_classes
 from pipeline.config import load_config
+from pipeline.schema import json_schema
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 BLOCKS = [(README[:m.start()].count("\n") + 2, m.group(1)) for m in re.finditer(r"```yaml\n(.*?)```", README, re.S)]
@@ -45,3 +48,6 @@ def test_a_readme_config_example_validates(tmp_path: Path, line: int, fragment: 
     (tmp_path / "in.jsonl").write_text("")
     (tmp_path / "p.yaml").write_text(whole(fragment))
     load_config(tmp_path / "p.yaml", env=ENV)
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(json_schema(_all_stage_classes()))
+    assert not [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(yaml.safe_load(whole(fragment)))]
