@@ -171,3 +171,19 @@ def test_run_refuses_an_input_that_is_no_file_before_it_starts(tmp_path: Path) -
         raise AssertionError("pipeline run kept reading /dev/zero") from None
     assert (res.returncode, res.stderr) == (2, f"pipeline: {cfg}:2:24: source.path: input file /dev/zero is not a "
                                                "file (a character device)\n")
+
+
+def test_a_worker_with_a_bad_http_address_is_refused_before_it_waits_for_the_broker(tmp_path: Path) -> None:
+    """`pipeline worker CONFIG --http x:y` retried its broker for ever (when down) before looking at --http;
+    `pipeline run` refuses the same address at once. Now the worker does too: one line, exit 2."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("name: w\nsource: {type: replay, path: in.jsonl}\nsinks: [{type: console}]\n"
+                   "runtime: {engine: faust, broker: 'kafka://127.0.0.1:1'}\n")
+    (tmp_path / "in.jsonl").write_text("")
+    try:
+        res = subprocess.run([sys.executable, "-m", "pipeline.cli", "worker", str(cfg), "--http", "x:y"],
+                             capture_output=True, text=True, env=ENV, timeout=10, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the worker waited for its broker before checking --http") from None
+    assert (res.returncode, res.stderr) == (
+        2, "pipeline: --http: expected HOST:PORT like 127.0.0.1:9464 (port 0-65535), got 'x:y'\n")
