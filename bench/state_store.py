@@ -117,7 +117,7 @@ def run(n: int) -> list[Result]:
     res = Result("enrich + rules, state saved to sqlite", best, baseline=memory, baseline_name="state in memory",
                  target="≥ 0.9", ok=best / memory >= 0.9)
     res.notes.append(f"{len(lines):,} events in batches of 1024; {flushes} flushes "
-                     f"({flushes / max(1, len(lines) // 1024):.0%} of batches changed state), "
+                     f"({flushes / max(1, -(-len(lines) // 1024)):.0%} of batches changed state), "
                      f"{rows / max(1, flushes):.0f} keys each; time in flush {in_flush / len(lines) * 1e6:.2f} µs "
                      f"per event")
     res.notes.append("one flush: " + ", ".join(f"{rows} key{'s' if rows > 1 else ''} {us:,.0f} µs"

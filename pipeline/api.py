@@ -35,9 +35,9 @@ Log: TypeAlias = "logging.Logger | logging.LoggerAdapter[logging.Logger]"  # wha
 
 
 class Options(BaseModel):
-    """Base of every stage's options: typed, unknown keys rejected, immutable."""
+    """Base of every stage's options: typed, unknown keys rejected, immutable, numbers finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
 
 
 class BufferOptions(Options):

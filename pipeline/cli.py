@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline import secrets
+from pipeline.argparsing import Parser, drop_stdout
 from pipeline.errors import ConfigError, PipelineError, StageError
 
 
@@ -201,11 +202,11 @@ def _version() -> str:
 def parser() -> argparse.ArgumentParser:
     from pipeline.logs import log_options
 
-    p = argparse.ArgumentParser(prog="pipeline", description="VideoDB capture-session event pipeline",
+    p = Parser(prog="pipeline", description="VideoDB capture-session event pipeline",
                                 epilog="PIPELINE_DEBUG=1 shows tracebacks instead of one-line errors")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     log_options(p, True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     log_options(common, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="run a pipeline until its source ends, the session ends or a signal",
@@ -243,7 +244,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(add_help=False)
     pre.add_argument("--log-level", default=os.environ.get("PIPELINE_LOG_LEVEL", "info"))
     pre.add_argument("--log-format", default=os.environ.get("PIPELINE_LOG_FORMAT", "text"))
     known, rest = pre.parse_known_args(argv)
@@ -270,26 +271,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `pipeline validate x | head -1`: the reader left; not an error of ours
-        _drop_stdout()
+        drop_stdout()
         return 0
     except OSError as exc:  # stdout on a full disk (`> /dev/full`), a terminal gone: one line, not a traceback
         if os.environ.get("PIPELINE_DEBUG"):
             raise
-        _drop_stdout()
+        drop_stdout()
         where = f"{exc.filename}: " if exc.filename else "cannot write its output: "
         print(f"pipeline: {secrets.mask(where + (exc.strerror or str(exc)))}", file=sys.stderr)
         return 1
-
-
-def _drop_stdout() -> None:
-    """Point stdout at /dev/null, so the interpreter's final flush of what is left does not fail again."""
-    if sys.stdout is None:
-        return
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
 
 
 if __name__ == "__main__":

@@ -155,6 +155,11 @@ class PipelineConfig:
     disabled: list[StageSpec] = field(default_factory=list)
     channels: list[str] = field(default_factory=list)
     digest: bytes | None = None  # sha256 of the file as read (`--watch` reloads when the file no longer has it)
+    key_where: dict[str, str] = field(default_factory=dict)  # `source.path` -> `p.yaml:7:3`, for later checks
+
+    def where(self, key: str, default: str) -> str:
+        """`file:line:col` of a key path such as `sinks[0].ca_file` (for checks made after loading)."""
+        return self.key_where.get(key, default)
 
     @property
     def state_dir(self) -> Path:
@@ -359,7 +364,8 @@ def _plain(err: Any, got: Any) -> str:
     kind, ctx = err["type"], err.get("ctx") or {}
     simple = {"int_parsing": "expected an integer", "int_type": "expected an integer",
               "int_from_float": "expected a whole number", "float_parsing": "expected a number",
-              "float_type": "expected a number", "bool_parsing": "expected true or false",
+              "float_type": "expected a number", "finite_number": "expected a finite number",
+              "bool_parsing": "expected true or false",
               "bool_type": "expected true or false", "string_type": "expected a string",
               "list_type": "expected a list", "dict_type": "expected a mapping", "model_type": "expected a mapping",
               "model_attributes_type": "expected a mapping", "tuple_type": "expected a list",
@@ -561,6 +567,7 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
         state_dir_setting=Path(state_dir).expanduser(),
         disabled=[s for s in every if not s.enabled],
         channels=list(extra),
+        key_where={path_str(path): f"{filename}:{line}:{col}" for path, (line, col) in positions.items()},
     )
 
 

@@ -63,7 +63,10 @@ class DeadLetter:
 
     def check(self) -> None:
         """At start: fail now (StageError) if the file could not be opened, rather than at the first reject."""
-        check_writable(self.path)
+        try:
+            check_writable(self.path)
+        except StageError as exc:  # (it named only a directory, not which of the config's files it was for)
+            raise StageError(f"{self.path}: cannot write the dead-letter file: {exc}") from None
 
     def write(self, reason: str, *, stage: str, origin: Any = None,
               event: Any = None, raw: bytes | str | None = None, **extra: Any) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import cast
 
 from pipeline.api import Batch, Context
+from pipeline.argparsing import Parser
 from pipeline.deadletter import DeadLetter
 from pipeline.errors import PipelineError, StageError
 from pipeline.files import ensure_private_dir, open_private
@@ -51,7 +52,7 @@ def output_dir(arg: str | None, env: Mapping[str, str] | None = None) -> Path:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipeline listen",
+    p = Parser(prog="pipeline listen",
                                 description="Dump VideoDB WebSocket events to videodb_events.jsonl "
                                             "(prints WS_ID=<connection id> first).")
     p.add_argument("dir", nargs="?", help="output directory (default: $VIDEODB_EVENTS_DIR or "

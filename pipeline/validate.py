@@ -51,6 +51,7 @@ def input_problems(cfg: PipelineConfig) -> list[str]:
     for where, key, value in inputs:
         if _PLACEHOLDER.search(value):
             continue
+        where = cfg.where(key, where)
         p = Path(value).expanduser()
         if not p.exists():
             problems.append(f"{where}: {key}: input file {value} does not exist")
@@ -71,6 +72,7 @@ def _output_problems(cfg: PipelineConfig) -> list[str]:
     for where, key, value in outputs:
         if _PLACEHOLDER.search(value):
             continue
+        where = cfg.where(key, where)
         try:
             concrete = value.format(channel="channel", date="2000-01-01")
         except (KeyError, IndexError, ValueError):

@@ -283,3 +283,18 @@ def test_every_unset_variable_is_reported(tmp_path: Path) -> None:
     lines = errors(tmp_path, text)
     assert len(lines) == 2 and "IN_FILE is not set" in lines[0] and "OUT_FILE is not set" in lines[1]
     assert ":2:" in lines[0] and ":10:" in lines[1]
+
+
+def test_a_missing_input_file_is_reported_at_its_own_key_not_at_the_stage(tmp_path: Path) -> None:
+    """README: every error comes with file, line, column and key path. A missing replay `path`, emulator
+    `scenario` or webhook `ca_file` was reported at the line of `source:` (or with no line at all for
+    `videodb.emulator.scenario`), not at the key that names the file."""
+    from pipeline.validate import file_problems
+    p = tmp_path / "p.yaml"
+    p.write_text("name: v\nvideodb:\n  emulator:\n    scenario: gone.yaml\nsource:\n  type: replay\n"
+                 "  path: nope.jsonl\nsinks:\n  - type: alert_forwarder\n    url: https://example.com/hook\n"
+                 "    ca_file: no-ca.pem\n")
+    assert file_problems(load_config(p)) == [
+        f"{p}:4:5: videodb.emulator.scenario: input file {tmp_path / 'gone.yaml'} does not exist",
+        f"{p}:7:3: source.path: input file {tmp_path / 'nope.jsonl'} does not exist",
+        f"{p}:11:5: sinks[0].ca_file: input file {tmp_path / 'no-ca.pem'} does not exist"]

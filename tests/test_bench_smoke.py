@@ -130,6 +130,8 @@ def test_state_store() -> None:
     [res] = state_store.run(2000)
     numbers([res])
     assert any("time in flush" in n for n in res.notes) and any("distinct rtstream ids" in n for n in res.notes)
+    # 2,000 events are 2 batches of 1024, not 1 (floor division): both changed state, which read "200%"
+    assert "2 flushes (100% of batches changed state)" in res.notes[0], res.notes[0]
 
 
 def test_memory() -> None:

@@ -32,6 +32,26 @@ def test_output_to_a_full_disk_is_one_line_and_exit_1() -> None:
     assert res.stderr.strip().splitlines() == ["pipeline: cannot write its output: No space left on device"]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+@pytest.mark.parametrize("command", ["pipeline --help", "pipeline --version", "pipeline run --help",
+                                     "pipeline emulate --help", "pipeline report --help",
+                                     "python -m pipeline.listen --help"])
+def test_help_and_version_to_a_full_disk_are_one_line_and_exit_1(command: str, unbuffered: str) -> None:
+    """README: exit code 1 when the command's output could not be written. argparse swallowed the write error of
+    `--help` and `--version`: exit 0 and not a word with PYTHONUNBUFFERED set; without it the interpreter's
+    final flush failed instead (exit 120, "Exception ignored in: <_io.TextIOWrapper ...>"). A usage error on a
+    full stderr keeps its exit code 2."""
+    env = {**ENV, "PYTHONUNBUFFERED": unbuffered}
+    cli = f"{sys.executable} -m pipeline.cli"
+    command = command.replace("python", sys.executable, 1) if command.startswith("python") else \
+        command.replace("pipeline", cli, 1)
+    res = subprocess.run(["sh", "-c", command + " > /dev/full"], capture_output=True,
+                         text=True, env=env, timeout=20, cwd=ROOT)
+    assert (res.returncode, res.stderr) == (1, "pipeline: cannot write its output: No space left on device\n")
+    assert sh("pipeline bogus 2> /dev/full").returncode == 2
+
+
 def test_output_to_a_closed_stdout_is_one_line_not_a_traceback() -> None:
     """`pipeline schema >&-`: stdout is None in Python; the final flush raised AttributeError with a traceback.
     The schema cannot be printed, so that is an error; `validate` only reports (its exit code says it all)."""
@@ -149,5 +169,21 @@ def test_run_refuses_an_input_that_is_no_file_before_it_starts(tmp_path: Path) -
                              text=True, env=ENV, timeout=20, cwd=tmp_path, preexec_fn=limit)
     except subprocess.TimeoutExpired:
         raise AssertionError("pipeline run kept reading /dev/zero") from None
-    assert (res.returncode, res.stderr) == (2, f"pipeline: {cfg}:2:1: source.path: input file /dev/zero is not a "
+    assert (res.returncode, res.stderr) == (2, f"pipeline: {cfg}:2:24: source.path: input file /dev/zero is not a "
                                                "file (a character device)\n")
+
+
+def test_a_worker_with_a_bad_http_address_is_refused_before_it_waits_for_the_broker(tmp_path: Path) -> None:
+    """`pipeline worker CONFIG --http x:y` retried its broker for ever (when down) before looking at --http;
+    `pipeline run` refuses the same address at once. Now the worker does too: one line, exit 2."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("name: w\nsource: {type: replay, path: in.jsonl}\nsinks: [{type: console}]\n"
+                   "runtime: {engine: faust, broker: 'kafka://127.0.0.1:1'}\n")
+    (tmp_path / "in.jsonl").write_text("")
+    try:
+        res = subprocess.run([sys.executable, "-m", "pipeline.cli", "worker", str(cfg), "--http", "x:y"],
+                             capture_output=True, text=True, env=ENV, timeout=10, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the worker waited for its broker before checking --http") from None
+    assert (res.returncode, res.stderr) == (
+        2, "pipeline: --http: expected HOST:PORT like 127.0.0.1:9464 (port 0-65535), got 'x:y'\n")

@@ -273,3 +273,12 @@ def test_a_name_that_starts_with_a_dot_says_what_a_name_must_start_with(tmp_path
     p, lines = config_errors(tmp_path, "name: .x\nsource: {type: replay, path: in.jsonl}\nsinks: [{type: console}]\n")
     assert lines == [f"{p}:1:1: name: expected a pipeline name (letters, digits, _.-, starting with a letter or "
                      "digit), got '.x'"]
+
+
+def test_an_infinite_speed_is_a_config_error_like_an_infinite_duration(tmp_path: Path) -> None:
+    """README: `.inf`, `.nan` and numbers past a float's range are errors. `speed: .inf` (or `1e400`) on a replay
+    source or the in-process emulator validated as `Infinity`, while `pipeline emulate --speed inf` is refused."""
+    p, errors = config_errors(tmp_path, "name: x\nvideodb: {emulator: {speed: .inf}}\n"
+                              "source: {type: replay, path: in.jsonl, speed: 1e400}\nsinks: [{type: console}]\n")
+    assert errors == [f"{p}:2:22: videodb.emulator.speed: expected a finite number, got inf",
+                      f"{p}:3:40: source.speed: expected a finite number, got '1e400'"]

@@ -95,6 +95,20 @@ def _json_or_none(text: str) -> Any:
         return None
 
 
+def test_the_sample_rebuilder_takes_help_and_an_output_path_not_an_option_as_a_file(tmp_path: Path) -> None:
+    """README: rebuild the sample with `python -m pipeline.emulator.sample`. Its one argument was taken as the
+    output path whatever it was: `--help` wrote the 83 events to a file named `--help`."""
+    def sample(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipeline.emulator.sample", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=30)
+    res = sample("--help")
+    assert res.returncode == 0 and "usage:" in res.stdout and list(tmp_path.iterdir()) == [], res
+    res = sample("--bogus")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and list(tmp_path.iterdir()) == [], res
+    res = sample("out.jsonl")
+    assert res.returncode == 0 and (tmp_path / "out.jsonl").read_bytes() == SAMPLE.read_bytes(), res
+
+
 def test_the_readme_scenario_example_loads(tmp_path: Path) -> None:
     """The README's scenario example, as written (its events named a `display:1` it did not declare, so the
     emulator refused it: "`rtstream` 'display:1' is not one of the scenario's rtstreams")."""

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 
+from pipeline.argparsing import Parser
 from pipeline.errors import PipelineError
 from pipeline.logs import log_options
 from pipeline.net import is_loopback
@@ -39,7 +40,7 @@ def _speed(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipeline emulate",
+    p = Parser(prog="pipeline emulate",
                                 description="Local VideoDB-compatible API + WebSocket playing a scenario.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback)")
     p.add_argument("--port", type=_port, default=0, help="port (default 0 = any free port)")

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from pipeline.argparsing import Parser
 from pipeline.emulator import scenario as sc
 from pipeline.events import iso_ts
 from pipeline.files import open_private
@@ -55,7 +56,11 @@ def recorded_session(scn: sc.Scenario, active_at: float = ACTIVE_AT,
 
 def main(argv: list[str]) -> int:
     """Write the sample (default path: config/samples/meeting-session.jsonl)."""
-    out = Path(argv[0]) if argv else SAMPLE
+    parser = Parser(prog="python -m pipeline.emulator.sample",
+                                     description="Write the shipped scenario as a recorded session (JSONL).")
+    parser.add_argument("out", nargs="?", type=Path, default=SAMPLE, metavar="OUT",
+                        help="file to write (default: config/samples/meeting-session.jsonl)")
+    out = parser.parse_args(argv).out
     lines = recorded_session(sc.load())
     with open_private(out, truncate=True) as fh:
         fh.write("".join(json.dumps(ev, ensure_ascii=False) + "\n" for ev in lines).encode())

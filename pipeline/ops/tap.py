@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 
 import orjson
 
+from pipeline.argparsing import Parser
 from pipeline.errors import ConfigError
 from pipeline.logs import log_options
 from pipeline.ops.client import TOKEN_ENV, base_url, open_url, stop_on_ctrl_c
@@ -21,7 +22,7 @@ STALL_TIMEOUT = 60.0
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipeline tap", description="follow the events at one point of a running "
+    p = Parser(prog="pipeline tap", description="follow the events at one point of a running "
                                 "pipeline (started with --http or runtime.http)")
     p.add_argument("url", help="the pipeline's operator address, e.g. http://127.0.0.1:9464")
     p.add_argument("--at", default="source", help="source (default), a stage index (2), type (rules) or label "

@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any
 
+from pipeline.argparsing import Parser
 from pipeline.errors import ConfigError
 from pipeline.logs import log_options
 from pipeline.ops.client import TOKEN_ENV, Busy, base_url, open_url, read_json, stop_on_ctrl_c
@@ -28,7 +29,7 @@ def _seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipeline top", description="live table of a running pipeline's stages "
+    p = Parser(prog="pipeline top", description="live table of a running pipeline's stages "
                                 "and sinks: rates, queue depths, lag, errors, alerts")
     p.add_argument("url", help="the pipeline's operator address, e.g. http://127.0.0.1:9464")
     p.add_argument("--interval", type=_seconds, default=1.0, help="seconds between refreshes (default 1)")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.argparsing import Parser
 from pipeline.errors import ConfigError
 from pipeline.logs import log_options
 from pipeline.types import parse_duration
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="pipeline report",
         description="build one self-contained HTML page per capture session from the pipeline's JSONL output")
     p.add_argument("inputs", nargs="+", metavar="OUT_DIR_OR_FILES",

@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from pipeline import secrets
+from pipeline.argparsing import Parser
 from pipeline.build import SinkSlot, build
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError, PipelineError, StageError
@@ -492,7 +493,7 @@ def _ignore_hup(signum: int, frame: Any) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipeline worker",
+    p = Parser(prog="pipeline worker",
                                 description="run a faust worker: processors and sinks over <name>-ingest")
     p.add_argument("config", help="pipeline YAML with runtime: {engine: faust}")
     p.add_argument("--workers-dir", help="where workers keep local files (default out/<name>/workers)")
@@ -523,10 +524,10 @@ def worker_main(argv: list[str]) -> int:
     if not SESSION_TIMEOUT[0] <= session_timeout <= SESSION_TIMEOUT[1]:  # 0 hung the join; over 90s: a traceback
         raise ConfigError(f"--session-timeout: expected {SESSION_TIMEOUT[0]:.0f}s to {SESSION_TIMEOUT[1]:.0f}s, "
                           f"got {args.session_timeout!r} (how long a silent worker keeps its partitions)")
-    create_ingest_topic(cfg)
-    workers_dir = Path(args.workers_dir) if args.workers_dir else cfg.out_dir / "workers"
-    if args.http:
+    if args.http:  # (checked before the broker is waited for, as `pipeline run` does)
         from pipeline.cli import _with_http
 
         cfg = _with_http(cfg, args.http)
+    create_ingest_topic(cfg)
+    workers_dir = Path(args.workers_dir) if args.workers_dir else cfg.out_dir / "workers"
     return Worker(cfg, workers_dir, session_timeout).run(args.log_level, args.log_format)

@@ -226,3 +226,17 @@ dead_letter: {dl}/dead.jsonl
     line = next(ln.split() for ln in stderr.splitlines() if ln.startswith("  sinks[0]:parquet "))
     assert line[1:5] == ["written", "0", "failed", "5"], stderr  # it said "written 5 failed 5"
     assert not list(tmp_path.glob("out*/*.parquet"))
+
+
+def test_an_unusable_dead_letter_path_at_start_says_it_is_the_dead_letter_file(tmp_path: Path) -> None:
+    """README: the dead-letter path is checked when the run starts. Its failure said only
+    `pipeline: afile: cannot create directory: Not a directory`, not which file of the config it was about."""
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "in.jsonl").write_text("")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("name: d\nsource: {type: replay, path: in.jsonl}\nsinks: [{type: console}]\n"
+                   "dead_letter: afile/dl.jsonl\n")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "-q", str(cfg)], capture_output=True,
+                         text=True, env=ENV, timeout=20, cwd=tmp_path)
+    assert (res.returncode, res.stderr) == (1, "pipeline: afile/dl.jsonl: cannot write the dead-letter file: "
+                                               "afile: cannot create directory: Not a directory\n")

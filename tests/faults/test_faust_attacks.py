@@ -464,4 +464,5 @@ async def test_a_worker_whose_dead_letter_path_is_unusable_stops_with_one_line(
     text = out.decode()
     assert proc.returncode == 1, text[-3000:]
     assert "Traceback" not in text and text.strip().splitlines()[-1] == (
-        f"pipeline: {tmp_path / 'a-file'}: cannot create directory: Not a directory"), text[-3000:]
+        f"pipeline: {tmp_path / 'a-file/dead-letter.jsonl'}: cannot write the dead-letter file: "
+        f"{tmp_path / 'a-file'}: cannot create directory: Not a directory"), text[-3000:]

@@ -318,7 +318,8 @@ sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl}}]
 dead_letter: {tmp_path}/file/dead.jsonl
 """)
     assert await rt.run() == 1
-    assert str(rt.error) == f"{tmp_path}/file: cannot create directory: Not a directory"
+    assert str(rt.error) == (f"{tmp_path}/file/dead.jsonl: cannot write the dead-letter file: {tmp_path}/file: "
+                             "cannot create directory: Not a directory")
     assert rt.b.source.context.stats.received == 0  # nothing was read
     (tmp_path / "dl").mkdir()
     (tmp_path / "dl/dead.jsonl").symlink_to(tmp_path / "elsewhere")
