@@ -1,8 +1,8 @@
 """A worker restoring its tables reads again the changelog records faust fetched and dropped.
 
 faust can drop records of a changelog partition that the Kafka client had already
-handed over while a worker restores its tables (a fetch that returns while the
-flow is stopped, or as the generation changes). The client had moved past them,
+handed over while a worker restores its tables (a fetch made before a rebalance
+that returns after it: faust throws it away on seeing the new generation). The client had moved past them,
 so the restore waited for them for ever and the worker processed nothing
 (`bench.faust_churn 3 0s slow 2 --only 1`, about 1 run in 90). Here the real
 worker, on the real broker, drops the first fetch of each window changelog

@@ -1,9 +1,10 @@
 """A worker restoring its tables reads again the changelog records faust fetched and never applied.
 
 Why: while a worker restores its tables after a rebalance, faust can drop
-records of a changelog partition that the Kafka client had already handed over
-(a fetch that returns while the flow into the streams is still stopped, or as
-the generation changes, is thrown away). The client's position has moved past
+records of a changelog partition that the Kafka client had already handed over:
+a fetch made before a rebalance that returns after it is thrown away once faust
+sees the new generation (traced in a churn run: every record of three changelog
+partitions, offsets 0 to 11 of one). The client's position has moved past
 them, so they never come again, and the restore waits for them for ever: the
 worker then processes nothing (`bench.faust_churn 3 0s slow 2 --only 1` left a
 worker with every partition and none of the events after the rebalance in
