@@ -115,10 +115,11 @@ class ReplaySource(Source):
             out.append(event)
         return out
 
-    def _bounded(self, fh: Any, lines: list[bytes], first: int) -> list[bytes]:
+    async def _bounded(self, fh: Any, lines: list[bytes], first: int) -> list[bytes]:
         """`lines` (read MAX_LINE bytes at most each) with every longer line dead-lettered and a blank line in
         its place: the pieces of it read as further lines of the batch are dropped, and its rest is read and
-        thrown away SKIP_CHUNK bytes at a time, so a multi-GB line with no newline is never held whole."""
+        thrown away SKIP_CHUNK bytes at a time, so a multi-GB line with no newline is never held whole. The
+        loop runs between those reads, and a stop ends the skipping (a 1 TiB line took minutes, SIGTERM too)."""
         limit = MAX_LINE
         out: list[bytes] = []
         pieces = iter(lines)
@@ -132,13 +133,16 @@ class ReplaySource(Source):
                 if last.endswith(b"\n"):
                     break
             else:
-                while not last.endswith(b"\n") and (last := fh.readline(SKIP_CHUNK)):
+                while not last.endswith(b"\n") and not self._stopping and (last := fh.readline(SKIP_CHUNK)):
                     skipped += len(last)
+                    await asyncio.sleep(0)
             if skipped == len(raw):  # nothing followed: the file's last line, exactly `limit` bytes, is whole
                 out.append(raw)
                 continue
             self.position += skipped - 1  # the blank line in its place counts the last byte
-            self._reject(first + len(out), f"line of {skipped} bytes, over the {limit >> 20} MiB limit: skipped", raw)
+            size = f"{skipped} bytes" if last.endswith(b"\n") or not self._stopping else \
+                f"over {skipped} bytes (the run stopped before its end)"
+            self._reject(first + len(out), f"line of {size}, over the {limit >> 20} MiB limit: skipped", raw)
             out.append(b"\n")
         return out
 
@@ -180,7 +184,7 @@ class ReplaySource(Source):
                 if not lines:
                     break
                 if max(map(len, lines)) >= MAX_LINE:
-                    lines = self._bounded(fh, lines, lineno)
+                    lines = await self._bounded(fh, lines, lineno)
                 lineno, batch = self._batch(lines, lineno)
                 if batch:
                     yield batch
@@ -227,7 +231,7 @@ class ReplaySource(Source):
 
     async def _file_lines(self, fh: Any) -> AsyncIterator[bytes | None]:
         for lineno, raw in enumerate(self._lines(fh), 1):
-            yield self._bounded(fh, [raw], lineno)[0] if len(raw) >= MAX_LINE else raw
+            yield (await self._bounded(fh, [raw], lineno))[0] if len(raw) >= MAX_LINE else raw
 
     async def _paced(self, lines: AsyncIterator[bytes | None], speed: float, size: int) -> AsyncIterator[Batch]:
         """Yield events at `speed` x the pace of their `unix_ts` (and what a pipe had so far, None)."""
