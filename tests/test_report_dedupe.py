@@ -1,11 +1,14 @@
-"""`pipeline report`'s duplicate filter remembers only lines that can still repeat: those of files before the last."""
+"""`pipeline report`'s bookkeeping stays bounded: the duplicate filter remembers only lines that can still repeat
+(those of files before the last), the seconds remembered for gaps share one budget."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import orjson
+import pytest
 
+from pipeline.report import collect
 from pipeline.report.collect import Collector
 
 
@@ -32,3 +35,14 @@ def test_lines_repeated_in_a_later_file_count_once(tmp_path: Path) -> None:
     assert out.duplicates == 1000
     assert out.sessions["s1"].counts["audio_index"] == 5000
     assert len(c._digests) == 3000  # a.jsonl's lines only
+
+
+def test_event_seconds_share_one_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seconds remembered for gaps were capped per session: 200 sessions held 200 times the cap."""
+    monkeypatch.setattr(collect, "MAX_SECONDS", 100)
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"".join(orjson.dumps({"channel": "transcript", "capture_session_id": f"s{i % 3}",
+                                            "unix_ts": 1772323200 + i * 7}) + b"\n" for i in range(600)))
+    out = Collector().read([path])
+    assert sum(len(s.seconds) for s in out.sessions.values()) == 100
+    assert all(s.counts["transcript"] == 200 for s in out.sessions.values())
