@@ -1,0 +1,48 @@
+"""`pipeline report`'s bookkeeping stays bounded: the duplicate filter remembers only lines that can still repeat
+(those of files before the last), the seconds remembered for gaps share one budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from pipeline.report import collect
+from pipeline.report.collect import Collector
+
+
+def _write(path: Path, first: int, n: int) -> Path:
+    with open(path, "wb") as fh:
+        for i in range(first, first + n):
+            fh.write(orjson.dumps({"channel": "audio_index", "capture_session_id": "s1", "rtstream_id": "r1",
+                                   "unix_ts": 1772323200 + i, "data": {"text": f"t{i}"}}) + b"\n")
+    return path
+
+
+def test_one_file_keeps_no_digests(tmp_path: Path) -> None:
+    c = Collector()
+    out = c.read([_write(tmp_path / "events.jsonl", 0, 5000)])
+    assert out.sessions["s1"].counts["audio_index"] == 5000
+    assert len(c._digests) == 0  # before: one per line, ~90 bytes each, up to 2,000,000
+
+
+def test_lines_repeated_in_a_later_file_count_once(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a.jsonl", 0, 3000)
+    b = _write(tmp_path / "b.jsonl", 2000, 3000)  # 1000 lines also in a.jsonl
+    c = Collector()
+    out = c.read([a, b])
+    assert out.duplicates == 1000
+    assert out.sessions["s1"].counts["audio_index"] == 5000
+    assert len(c._digests) == 3000  # a.jsonl's lines only
+
+
+def test_event_seconds_share_one_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seconds remembered for gaps were capped per session: 200 sessions held 200 times the cap."""
+    monkeypatch.setattr(collect, "MAX_SECONDS", 100)
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"".join(orjson.dumps({"channel": "transcript", "capture_session_id": f"s{i % 3}",
+                                            "unix_ts": 1772323200 + i * 7}) + b"\n" for i in range(600)))
+    out = Collector().read([path])
+    assert sum(len(s.seconds) for s in out.sessions.values()) == 100
+    assert all(s.counts["transcript"] == 200 for s in out.sessions.values())
