@@ -1,5 +1,5 @@
-"""`pipeline report`'s bookkeeping stays bounded: the duplicate filter remembers only lines that can still repeat
-(those of files before the last), the seconds remembered for gaps share one budget."""
+"""`pipeline report`'s bookkeeping stays bounded: the duplicate filter remembers the lines that can still repeat
+(those of files before the last, and the last file's latest), the seconds remembered for gaps share one budget."""
 
 from __future__ import annotations
 
@@ -20,11 +20,24 @@ def _write(path: Path, first: int, n: int) -> Path:
     return path
 
 
-def test_one_file_keeps_no_digests(tmp_path: Path) -> None:
+def test_one_file_keeps_only_its_latest_digests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(collect, "RECENT_DEDUPE", 100)
     c = Collector()
     out = c.read([_write(tmp_path / "events.jsonl", 0, 5000)])
     assert out.sessions["s1"].counts["audio_index"] == 5000
     assert len(c._digests) == 0  # before: one per line, ~90 bytes each, up to 2,000,000
+    assert len(c._recent) == len(c._order) == 100
+
+
+def test_a_batch_written_twice_in_one_file_counts_once(tmp_path: Path) -> None:
+    """A sink with a disk buffer may deliver the batch it was writing at a crash again: the same lines follow
+    closely in the same file, and count once (as they did while every line was remembered)."""
+    path = _write(tmp_path / "events.jsonl", 0, 3000)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:2000] + lines[1800:2000] + lines[2000:]))
+    out = Collector().read([path])
+    assert out.duplicates == 200
+    assert out.sessions["s1"].counts["audio_index"] == 3000
 
 
 def test_lines_repeated_in_a_later_file_count_once(tmp_path: Path) -> None:

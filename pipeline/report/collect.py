@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ MAX_CHANNELS: Final = 32  # channel names counted apart per session; the rest co
 MAX_SECONDS: Final = 1_000_000  # distinct event-time seconds remembered, all sessions together (gap detection)
 MAX_GAPS: Final = 500  # stretches without events drawn and listed per session: the longest
 MAX_DEDUPE: Final = 2_000_000  # line digests remembered to drop the same event found in two files
+RECENT_DEDUPE: Final = 65_536  # the last file's latest line digests: a batch a sink wrote twice counts once
 MARK_CHANNELS: Final = ("transcript", "audio_index", "visual_index", "alert")
 UNKNOWN_SESSION: Final = "unknown-session"
 T = TypeVar("T")
@@ -198,18 +200,28 @@ class Collector:
     def __init__(self) -> None:
         self.out = Collected()
         self._digests: set[bytes] = set()
+        self._recent: set[bytes] = set()  # the last file's latest lines, at most RECENT_DEDUPE (in _order)
+        self._order: deque[bytes] = deque()
         self._stream_session: dict[str, str] = {}
         self._stream_name: dict[str, str] = {}
         self._mark_id = 0
         self._seconds = 0  # in all sessions' `seconds`
+
+    def _remember_recent(self, digest: bytes) -> None:
+        self._recent.add(digest)
+        self._order.append(digest)
+        if len(self._order) > RECENT_DEDUPE:
+            self._recent.discard(self._order.popleft())
 
     def read(self, paths: Iterable[Path]) -> Collected:
         paths = list(paths)
         self._learn_all_streams(paths)
         for i, path in enumerate(paths):
             self.out.files.append(str(path))
-            # a line can only repeat one of an earlier file: the last file's (a single file's) are not remembered;
-            # before, every line's digest was kept, ~90 bytes each (3M events in one file: 217 MB, now 54 MB)
+            # every line of a file but the last is remembered (the next files may repeat it); of the last (or
+            # only) file, just its latest lines: a line is written twice there only by a sink delivering a batch
+            # again after a crash, and that batch follows closely. Before, every line's digest was kept, ~90
+            # bytes each (3M events in one file: 217 MB, now 54 MB)
             remember = i < len(paths) - 1
             for line in read_lines(path):
                 self.out.lines += 1
@@ -220,10 +232,12 @@ class Collector:
                 if not line:
                     continue
                 digest = hashlib.blake2b(line, digest_size=12).digest()
-                if digest in self._digests:
+                if digest in self._digests or digest in self._recent:
                     self.out.duplicates += 1
                     continue
-                if remember and len(self._digests) < MAX_DEDUPE:
+                if not remember:
+                    self._remember_recent(digest)
+                elif len(self._digests) < MAX_DEDUPE:
                     self._digests.add(digest)
                 try:
                     event = orjson.loads(line)
