@@ -28,7 +28,7 @@ from bench.faust_churn import delivered, numbered
 from pipeline.config import load_config
 from pipeline.runtime.faust_ingest import ingest_topic
 from tests.broker import Broker, kafka_broker  # noqa: F401
-from tests.test_faust_runtime import ROOT, Workers, write_config
+from tests.test_faust_runtime import ROOT, Workers, window_config, write_config
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -67,11 +67,7 @@ async def produce(bootstrap: str, topic: str) -> None:
 
 async def test_records_fetched_while_the_worker_seeks_after_a_rebalance_reach_the_sinks(
         tmp_path: Path, kafka_broker: Broker) -> None:  # noqa: F811
-    cfg_path = write_config(tmp_path / "f.yaml", engine="faust", bootstrap=kafka_broker.bootstrap,
-                            out=tmp_path / "out", stages=[{"type": "enrich"}, {"type": "window", "size": "1s"}],
-                            name=f"flow{os.getpid()}")
-    doc = yaml.safe_load(cfg_path.read_text())
-    doc["runtime"]["batch_wait"] = "0s"
+    cfg_path, doc = window_config(tmp_path, kafka_broker.bootstrap, "flow", "1s")
     # the agent is busy with a batch (longer than the seek) while the others wait in its buffer, as behind any
     # sink that takes time
     doc["sinks"][1] = {"type": "tests.slow_sink:SlowSink", "path": str(tmp_path / "slow.txt"), "delay": 1.5}

@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from bench.faust_churn import delivered, numbered
 from pipeline.config import load_config
 from pipeline.runtime.faust_ingest import ingest_topic
 from tests.broker import Broker, kafka_broker  # noqa: F401
-from tests.test_faust_runtime import ROOT, Workers, write_config
+from tests.test_faust_runtime import ROOT, Workers, window_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,12 +71,7 @@ async def wait_delivered(out: Path, wanted: set[int], timeout: float) -> set[int
 
 async def test_a_restore_reads_again_changelog_records_faust_dropped(
         tmp_path: Path, kafka_broker: Broker) -> None:  # noqa: F811
-    cfg_path = write_config(tmp_path / "f.yaml", engine="faust", bootstrap=kafka_broker.bootstrap,
-                            out=tmp_path / "out", stages=[{"type": "enrich"}, {"type": "window", "size": "1h"}],
-                            name=f"recovery{os.getpid()}")
-    doc = yaml.safe_load(cfg_path.read_text())
-    doc["runtime"]["batch_wait"] = "0s"
-    cfg_path.write_text(yaml.safe_dump(doc))
+    cfg_path, _ = window_config(tmp_path, kafka_broker.bootstrap, "recovery", "1h")
     topic = ingest_topic(load_config(str(cfg_path)))
     out = tmp_path / "out/events.jsonl"
     drop = tmp_path / "drop"

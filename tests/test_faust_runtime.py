@@ -81,6 +81,17 @@ def write_config(path: Path, *, engine: str, bootstrap: str, out: Path, stages: 
     return path
 
 
+def window_config(tmp_path: Path, bootstrap: str, name: str, size: str) -> tuple[Path, dict[str, Any]]:
+    """A faust config with enrich and a `window` stage of `size` (tables with a changelog), each record handed
+    over at once (`batch_wait: 0s`); its path, and its document for changes the caller writes back."""
+    path = write_config(tmp_path / "f.yaml", engine="faust", bootstrap=bootstrap, out=tmp_path / "out",
+                        stages=[{"type": "enrich"}, {"type": "window", "size": size}], name=f"{name}{os.getpid()}")
+    doc = yaml.safe_load(path.read_text())
+    doc["runtime"]["batch_wait"] = "0s"
+    path.write_text(yaml.safe_dump(doc))
+    return path, doc
+
+
 class Workers:
     """`pipeline worker` subprocesses, their logs, and a clean SIGTERM stop."""
 
