@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 from pipeline import secrets
@@ -23,7 +24,11 @@ _PLACEHOLDER = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 
 def creatable(path: Path) -> str | None:
-    """None when `path`'s directory exists and is writable or could be created; else why not."""
+    """None when `path`'s directory exists and is writable or could be created, with no symlink on the way
+    (the run refuses one anywhere in a path it writes); else why not."""
+    link = _symlink_in(path)
+    if link is not None:
+        return f"{link} is a symlink (-> {os.readlink(link)}); give the real path"
     d = path.parent if str(path.parent) else Path(".")
     while not d.exists():
         if d.parent == d:
@@ -33,6 +38,19 @@ def creatable(path: Path) -> str | None:
         return f"{d} is not a directory"
     if not os.access(d, os.W_OK | os.X_OK):
         return f"directory {d} is not writable"
+    return None
+
+
+def _symlink_in(path: Path) -> Path | None:
+    """The first existing component of `path` (as given: from / or the current directory) that is a symlink."""
+    here = Path(path.anchor) if path.is_absolute() else Path()
+    for part in path.parts[1 if path.is_absolute() else 0:]:
+        here /= part
+        try:
+            if stat.S_ISLNK(os.lstat(here).st_mode):
+                return here
+        except OSError:  # it does not exist (yet): nothing further can be a link
+            return None
     return None
 
 
@@ -66,6 +84,11 @@ def _specs(cfg: PipelineConfig) -> list[StageSpec]:
 
 def _output_problems(cfg: PipelineConfig) -> list[str]:
     problems: list[str] = []
+    if getattr(cfg.source.cls, "resumes", True) and not _PLACEHOLDER.search(str(cfg.state_dir)):
+        # the run creates and locks it (a replay leaves it alone)
+        why = creatable(cfg.state_dir / "lock")
+        if why:
+            problems.append(f"{cfg.where('state_dir', str(cfg.file))}: state_dir: cannot use {cfg.state_dir}: {why}")
     outputs = [(f"{cfg.file}", "dead_letter", str(cfg.dead_letter))]
     for spec in _specs(cfg):
         outputs += [(spec.where, f"{spec.path}.{k}", v) for k, v in file_options(spec.options, "output")]

@@ -184,6 +184,28 @@ def test_validate_reports_a_missing_input_file_and_an_unwritable_output(tmp_path
         assert "sinks[0].path: cannot write" in res.stderr
 
 
+def test_validate_refuses_the_symlinks_a_run_refuses(tmp_path: Path) -> None:
+    """A symlinked directory in an output path, or as the `state_dir` of a pipeline that resumes, is refused
+    by `pipeline run`; `validate` said ok to both."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "linked").symlink_to(real)
+    p = tmp_path / "p.yaml"
+    p.write_text(f"name: v\nsource: {{type: websocket, url: 'ws://127.0.0.1:9'}}\nstate_dir: {tmp_path}/linked\n"
+                 f"sinks: [{{type: jsonl, path: {tmp_path}/linked/out/y.jsonl}}]\n")
+    res = cli("validate", str(p))
+    assert res.returncode == 2, res.stdout
+    assert f"p.yaml:3:1: state_dir: cannot use {tmp_path}/linked: {tmp_path}/linked is a symlink" in res.stderr
+    assert f"sinks[0].path: cannot write {tmp_path}/linked/out/y.jsonl: {tmp_path}/linked is a symlink (-> {real})" \
+        in res.stderr
+    run = cli("run", str(p))
+    assert run.returncode != 0 and "symlink" in run.stderr
+    p.write_text(f"name: v\nsource: {{type: replay, path: {SAMPLE}}}\nstate_dir: {tmp_path}/linked\n"
+                 f"sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl}}]\n")  # a replay does not use its state_dir
+    res = cli("validate", str(p))
+    assert res.returncode == 0, res.stderr
+
+
 # -- 6. clear: true keeps the previous results when the source never opens ------------------------------
 def test_clear_true_does_not_wipe_results_when_the_replay_path_is_wrong(tmp_path: Path) -> None:
     out = tmp_path / "results.jsonl"
