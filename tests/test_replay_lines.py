@@ -81,16 +81,17 @@ def feed(path: Path, data: bytes, cuts: list[int]) -> threading.Thread:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(lines, max_size=12), st.booleans(), st.integers(1, 4), st.booleans(),
-       st.one_of(st.none(), st.lists(st.integers(1, 100), min_size=1, max_size=5)))
+       st.one_of(st.none(), st.lists(st.integers(1, 100), min_size=1, max_size=5)), st.sampled_from([7, 16, 64]))
 async def test_bounded_reading_keeps_and_rejects_what_splitting_the_file_would(
         make_context: MakeCtx, tmp_path: Path, body: list[bytes], last_newline: bool, batch_size: int,
-        paced: bool, pipe_writes: list[int] | None) -> None:
+        paced: bool, pipe_writes: list[int] | None, piece: int) -> None:
     """The plain definition: split the file at newlines; a line (newline included) longer than MAX_LINE bytes is
     dead-lettered, the rest parsed as before. Both read paths (as fast as possible, and paced) agree with it,
-    reading a file or a named pipe that a writer fills `pipe_writes` bytes at a time."""
+    reading a file (in pieces of `piece` bytes at most, made whole again) or a named pipe that a writer fills
+    `pipe_writes` bytes at a time."""
     limit = 64
-    old = replay.MAX_LINE, replay.SKIP_CHUNK
-    replay.MAX_LINE, replay.SKIP_CHUNK = limit, 16
+    old = replay.MAX_LINE, replay.SKIP_CHUNK, replay.PIECE
+    replay.MAX_LINE, replay.SKIP_CHUNK, replay.PIECE = limit, 16, piece
     writer = None
     try:
         data = b"\n".join(body) + (b"\n" if last_newline and body else b"")
@@ -107,7 +108,7 @@ async def test_bounded_reading_keeps_and_rejects_what_splitting_the_file_would(
                            make_context())
         got = await asyncio.wait_for(read_all(src), 10)
     finally:
-        replay.MAX_LINE, replay.SKIP_CHUNK = old
+        replay.MAX_LINE, replay.SKIP_CHUNK, replay.PIECE = old
         if writer is not None:
             writer.join(5)
     split = data.split(b"\n")

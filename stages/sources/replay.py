@@ -27,7 +27,9 @@ from pipeline.events import Stamper, edge_reason, edge_rejects
 from stages.sources.pipe_lines import PipeLines
 
 MAX_LINE = 4 << 20  # bytes per line, newline included (4 x the WebSocket frame limit): a longer one is dead-lettered
-#                    and skipped, never held whole; a batch holds at most batch_size x this
+#                    and skipped, never held whole
+PIECE = 64 << 10  # a batch reads lines this long at most: a batch of 256 reads at most 16 MiB before a longer
+#                   line is made whole or skipped (with MAX_LINE, 1 GiB: 8 s of a sparse file before SIGTERM)
 SKIP_CHUNK = 1 << 20  # the rest of a line too long is read and thrown away this much at a time
 
 
@@ -116,39 +118,52 @@ class ReplaySource(Source):
         return out
 
     async def _bounded(self, fh: Any, lines: list[bytes], first: int) -> list[bytes]:
-        """`lines` (read MAX_LINE bytes at most each) with every longer line dead-lettered and a blank line in
-        its place: the pieces of it read as further lines of the batch are dropped, and its rest is read and
-        thrown away SKIP_CHUNK bytes at a time, so a multi-GB line with no newline is never held whole. The
-        loop runs between those reads, and a stop ends the skipping (a 1 TiB line took minutes, SIGTERM too)."""
-        limit = MAX_LINE
+        """`lines` (read PIECE bytes at most each) with each line read in several pieces whole again, and every
+        line over MAX_LINE dead-lettered with a blank line in its place: its pieces read as further lines of the
+        batch are dropped, and its rest is read and thrown away SKIP_CHUNK bytes at a time, so a multi-GB line
+        with no newline is never held whole. The loop runs between those reads, and a stop ends the skipping
+        (a 1 TiB line took minutes, SIGTERM too)."""
         out: list[bytes] = []
         pieces = iter(lines)
         for raw in pieces:
-            if len(raw) < limit or raw.endswith(b"\n"):
+            if len(raw) < PIECE or raw.endswith(b"\n"):
                 out.append(raw)
                 continue
-            skipped, last = len(raw), raw
+            parts, size, last = [raw], len(raw), raw
             for last in pieces:  # the line's next pieces, read as lines of this batch
-                skipped += len(last)
+                size += len(last)
+                if size <= MAX_LINE:
+                    parts.append(last)
                 if last.endswith(b"\n"):
                     break
-            else:
-                while not last.endswith(b"\n") and not self._stopping and (last := fh.readline(SKIP_CHUNK)):
-                    skipped += len(last)
-                    await asyncio.sleep(0)
-            if skipped == len(raw):  # nothing followed: the file's last line, exactly `limit` bytes, is whole
-                out.append(raw)
+            else:  # the rest from the file: whole up to the limit (one byte past it at most), then skipped
+                while not last.endswith(b"\n"):
+                    if size <= MAX_LINE:
+                        last = fh.readline(MAX_LINE + 1 - size)
+                        if size + len(last) <= MAX_LINE:
+                            parts.append(last)
+                    elif self._stopping:
+                        break
+                    else:
+                        last = fh.readline(SKIP_CHUNK)
+                        await asyncio.sleep(0)
+                    if not last:  # the file's end: its last line has no newline
+                        break
+                    size += len(last)
+            if size <= MAX_LINE:
+                out.append(b"".join(parts))
                 continue
-            self.position += skipped - 1  # the blank line in its place counts the last byte
-            size = f"{skipped} bytes" if last.endswith(b"\n") or not self._stopping else \
-                f"over {skipped} bytes (the run stopped before its end)"
-            self._reject(first + len(out), f"line of {size}, over the {limit >> 20} MiB limit: skipped", raw)
+            self.position += size - 1  # the blank line in its place counts the last byte
+            shown = f"{size} bytes" if last.endswith(b"\n") or not self._stopping else \
+                f"over {size} bytes (the run stopped before its end)"
+            self._reject(first + len(out), f"line of {shown}, over the {MAX_LINE >> 20} MiB limit: skipped", raw)
             out.append(b"\n")
         return out
 
     def _lines(self, fh: Any) -> Iterator[bytes]:
-        """The file's lines, each read only up to MAX_LINE bytes (all in C: no Python call per line)."""
-        return iter(partial(fh.readline, MAX_LINE), b"")
+        """The file's lines, each read only up to PIECE bytes (all in C: no Python call per line); a longer line
+        comes in pieces, which `_bounded` makes whole again (or dead-letters)."""
+        return iter(partial(fh.readline, PIECE), b"")
 
     async def batches(self) -> AsyncIterator[Batch]:
         path = self.options.path
@@ -183,7 +198,7 @@ class ReplaySource(Source):
                 lines = list(islice(read, size))
                 if not lines:
                     break
-                if max(map(len, lines)) >= MAX_LINE:
+                if max(map(len, lines)) >= PIECE:
                     lines = await self._bounded(fh, lines, lineno)
                 lineno, batch = self._batch(lines, lineno)
                 if batch:
@@ -231,7 +246,7 @@ class ReplaySource(Source):
 
     async def _file_lines(self, fh: Any) -> AsyncIterator[bytes | None]:
         for lineno, raw in enumerate(self._lines(fh), 1):
-            yield (await self._bounded(fh, [raw], lineno))[0] if len(raw) >= MAX_LINE else raw
+            yield (await self._bounded(fh, [raw], lineno))[0] if len(raw) >= PIECE else raw
 
     async def _paced(self, lines: AsyncIterator[bytes | None], speed: float, size: int) -> AsyncIterator[Batch]:
         """Yield events at `speed` x the pace of their `unix_ts` (and what a pipe had so far, None)."""

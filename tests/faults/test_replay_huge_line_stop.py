@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 
 from tests.faults.test_replay_pipe import EVENT, wait_for
 from tests.procs import finish, pipeline_run
@@ -28,14 +29,17 @@ def read_bytes(pid: int) -> int:
     return int(next(line.split()[1] for line in io.splitlines() if line.startswith("rchar:")))
 
 
-def test_sigterm_stops_a_replay_skipping_a_huge_line_within_its_bound(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", ["batch_size: 1", "batch_size: 256"])
+def test_sigterm_stops_a_replay_skipping_a_huge_line_within_its_bound(tmp_path: Path, batch: str) -> None:
+    """(batch_size 256, the default: the batch holding the line's start was read whole first, 256 pieces of
+    4 MiB, 8 s of a sparse file, before the skipping could let SIGTERM in.)"""
     src = tmp_path / "in.jsonl"
     with src.open("wb") as fh:
         fh.write(EVENT)
         fh.truncate(1 << 40)  # then 1 TiB of zero bytes and no newline (sparse: nothing on disk)
     cfg = tmp_path / "p.yaml"
     cfg.write_text(f"""name: huge
-source: {{type: replay, path: {src}, batch_size: 1}}
+source: {{type: replay, path: {src}, {batch}}}
 sinks: [{{type: jsonl, path: {tmp_path}/o.jsonl, flush_interval: 0}}]
 """)
     proc = pipeline_run(cfg, cwd=tmp_path)
