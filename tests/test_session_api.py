@@ -213,7 +213,12 @@ async def test_auth_body_limit_and_clear_errors(emulator: Emulator, make_context
             ({"json": {}}, 400, "end_user_id"),
             ({"json": {"end_user_id": "x", "user": 1}}, 400, "unknown field 'user'"),
             ({"json": {"end_user_id": "x", "metadata": "m"}}, 400, "metadata"),
-            ({"json": {"end_user_id": "x", "on_active": {"transcript": "maybe"}}}, 400, "on_active.transcript"),
+            ({"json": {"end_user_id": "x", "on_active": {"transcript": "maybe"}}}, 400,
+             "on_active.transcript: expected true or false"),
+            ({"json": {"end_user_id": "x", "on_active": {"transcrpt": True}}}, 400,
+             "on_active.transcrpt: unknown key (did you mean 'transcript'?)"),
+            ({"json": {"end_user_id": "x", "on_active": {"alerts": [{"label": "a", "index": "visuals"}]}}}, 400,
+             "on_active.alerts[0]"),
             ({"json": {"end_user_id": "x"}, "headers": {"Idempotency-Key": "has space"}}, 400, "Idempotency-Key"),
         ]
         for kw, want, text in cases:

@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from pipeline.config import explain, path_str
 from pipeline.errors import StageError
 from pipeline.http import listener
 from pipeline.http.peer_log import PeerErrorLogger
@@ -153,7 +154,7 @@ class SessionApi:
             try:
                 on_active = OnActive.model_validate(body["on_active"])
             except ValidationError as exc:
-                raise ApiProblem(400, f"on_active{_first_error(exc)}") from None
+                raise ApiProblem(400, _first_error(exc, body["on_active"])) from None
         key = request.headers.get("Idempotency-Key")
         if key is not None and not _KEY.match(key):
             raise ApiProblem(400, "Idempotency-Key: expected 1-255 printable ASCII characters without spaces")
@@ -191,10 +192,12 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.get("loc", ()))
-    return f"{loc}: {err.get('msg', 'invalid')}"
+def _first_error(exc: ValidationError, data: Any) -> str:
+    """`on_active.<key path>: <what was expected>`, in the words of a config error (an unknown key with a
+    did-you-mean), not pydantic's (`Extra inputs are not permitted`)."""
+    errors = explain(OnActive, exc, data) or [((), "invalid")]
+    path, message = errors[0]
+    return f"{path_str(('on_active', *path))}: {message}"
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
