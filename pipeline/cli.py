@@ -203,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
     from pipeline.logs import log_options
 
     p = Parser(prog="pipeline", description="VideoDB capture-session event pipeline",
-                                epilog="PIPELINE_DEBUG=1 shows tracebacks instead of one-line errors")
+               epilog="PIPELINE_DEBUG=1 shows tracebacks instead of one-line errors")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     log_options(p, True)
     common = Parser(add_help=False)

@@ -53,8 +53,8 @@ def output_dir(arg: str | None, env: Mapping[str, str] | None = None) -> Path:
 
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="pipeline listen",
-                                description="Dump VideoDB WebSocket events to videodb_events.jsonl "
-                                            "(prints WS_ID=<connection id> first).")
+               description="Dump VideoDB WebSocket events to videodb_events.jsonl "
+                           "(prints WS_ID=<connection id> first).")
     p.add_argument("dir", nargs="?", help="output directory (default: $VIDEODB_EVENTS_DIR or "
                                           "${XDG_STATE_HOME:-~/.local/state}/videodb)")
     p.add_argument("--clear", action="store_true", help="empty the events file on the first connect")

@@ -41,7 +41,7 @@ def _speed(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="pipeline emulate",
-                                description="Local VideoDB-compatible API + WebSocket playing a scenario.")
+               description="Local VideoDB-compatible API + WebSocket playing a scenario.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback)")
     p.add_argument("--port", type=_port, default=0, help="port (default 0 = any free port)")
     p.add_argument("--scenario", default=None, help="YAML or JSONL scenario (default: config/scenarios/meeting.yaml)")

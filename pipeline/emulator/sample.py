@@ -57,7 +57,7 @@ def recorded_session(scn: sc.Scenario, active_at: float = ACTIVE_AT,
 def main(argv: list[str]) -> int:
     """Write the sample (default path: config/samples/meeting-session.jsonl)."""
     parser = Parser(prog="python -m pipeline.emulator.sample",
-                                     description="Write the shipped scenario as a recorded session (JSONL).")
+                    description="Write the shipped scenario as a recorded session (JSONL).")
     parser.add_argument("out", nargs="?", type=Path, default=SAMPLE, metavar="OUT",
                         help="file to write (default: config/samples/meeting-session.jsonl)")
     out = parser.parse_args(argv).out

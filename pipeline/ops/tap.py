@@ -23,7 +23,7 @@ STALL_TIMEOUT = 60.0
 
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="pipeline tap", description="follow the events at one point of a running "
-                                "pipeline (started with --http or runtime.http)")
+               "pipeline (started with --http or runtime.http)")
     p.add_argument("url", help="the pipeline's operator address, e.g. http://127.0.0.1:9464")
     p.add_argument("--at", default="source", help="source (default), a stage index (2), type (rules) or label "
                    "(stages[2]:rules), or a sink (jsonl, sinks[1]:jsonl)")

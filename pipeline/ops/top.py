@@ -30,7 +30,7 @@ def _seconds(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="pipeline top", description="live table of a running pipeline's stages "
-                                "and sinks: rates, queue depths, lag, errors, alerts")
+               "and sinks: rates, queue depths, lag, errors, alerts")
     p.add_argument("url", help="the pipeline's operator address, e.g. http://127.0.0.1:9464")
     p.add_argument("--interval", type=_seconds, default=1.0, help="seconds between refreshes (default 1)")
     p.add_argument("--once", action="store_true", help="print one table (rates over one interval) and exit")

@@ -494,7 +494,7 @@ def _ignore_hup(signum: int, frame: Any) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="pipeline worker",
-                                description="run a faust worker: processors and sinks over <name>-ingest")
+               description="run a faust worker: processors and sinks over <name>-ingest")
     p.add_argument("config", help="pipeline YAML with runtime: {engine: faust}")
     p.add_argument("--workers-dir", help="where workers keep local files (default out/<name>/workers)")
     p.add_argument("--http", metavar="ADDR", help="serve /metrics, /healthz, /ready and /tap at HOST:PORT "

@@ -44,14 +44,12 @@ def rereading_recovery(recovery: type[Any]) -> type[Any]:
                 if self.in_recovery:
                     await self.read_again(monotonic())
 
-        async def read_again(self, now: float) -> list[Any]:
-            """Seek back each active changelog partition whose fetched records never reached the restore;
-            the partitions sought."""
+        async def read_again(self, now: float) -> None:
+            """Seek back each active changelog partition whose fetched records never reached the restore."""
             started = self._recovery_started_at
             if started is None:
-                return []
+                return
             consumer = self.app.consumer
-            sought = []
             for tp in list(self.active_tps):
                 last = self._active_events_received_at.get(tp, started)
                 if now - last < STALL:
@@ -68,8 +66,6 @@ def rereading_recovery(recovery: type[Any]) -> type[Any]:
                 except IllegalStateError:  # a rebalance took the partition meanwhile: its next owner restores it
                     continue
                 self._active_events_received_at[tp] = now  # give the records time to come
-                sought.append(tp)
-            return sought
 
     return Recovery
 
