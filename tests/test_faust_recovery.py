@@ -21,7 +21,8 @@ import pytest
 
 from bench.faust_churn import delivered, numbered
 from pipeline.config import load_config
-from pipeline.runtime.faust_ingest import ingest_topic
+from pipeline.runtime.faust_ingest import app_id, ingest_topic
+from pipeline.runtime.faust_recovery import REREADS
 from tests.broker import Broker, kafka_broker  # noqa: F401
 from tests.test_faust_runtime import ROOT, Workers, window_config
 
@@ -99,3 +100,38 @@ async def test_a_restore_reads_again_changelog_records_faust_dropped(
         assert "were fetched but never applied; reading them again" in log
     finally:
         assert set(second.stop_all()) == {0}
+
+
+async def test_a_restore_goes_on_without_changelog_records_it_cannot_read(
+        tmp_path: Path, kafka_broker: Broker) -> None:  # noqa: F811
+    """Records at the end of a changelog partition that faust cannot decode came again on every re-read and
+    were never applied: the restore read them again every 3 s for ever and the worker processed nothing."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    cfg_path, _ = window_config(tmp_path, kafka_broker.bootstrap, "unreadable", "1h")
+    cfg = load_config(str(cfg_path))
+    changelog = f"{app_id(cfg)}-window_stages_1__window-changelog"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    await admin.start()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+    await producer.start()
+    try:  # a foreign record, not JSON, is all one partition of the window's changelog holds
+        await admin.create_topics([NewTopic(changelog, num_partitions=4, replication_factor=1)])
+        await producer.send_and_wait(changelog, b'{"cut', key=b"not json", partition=0)
+    finally:
+        await producer.stop()
+        await admin.close()
+    out = tmp_path / "out/events.jsonl"
+    workers = Workers(cfg_path, tmp_path, {**os.environ, "PYTHONPATH": str(ROOT), "PIPELINE_LOG_LEVEL": "info"})
+    workers.start()
+    try:
+        await workers.settled(1)
+        await produce(kafka_broker.bootstrap, ingest_topic(cfg), range(8))
+        missing = await wait_delivered(out, set(range(8)), 30)
+        log = (tmp_path / "worker-0.log").read_text()
+        assert not missing, log[-3000:]
+        assert log.count("reading them again") == REREADS
+        assert "never applied (not readable as table state); restoring without them" in log
+    finally:
+        assert set(workers.stop_all()) == {0}

@@ -16,6 +16,12 @@ seconds, and whose position is past the next record the restore needs, is
 sought back to that record. Reading a changelog record again is harmless:
 faust applies only records past the offset it last applied.
 
+Records that came again and still were not applied (read `REREADS` times from
+the same offset in one restore: not a lost fetch but records faust cannot
+decode, e.g. a foreign or truncated record at the end of a changelog) are
+skipped with a warning, so the restore ends without them; before, it read them
+again every 3 s for ever and the worker processed nothing.
+
 faust is imported by the caller, so `import pipeline.cli` stays fast.
 """
 
@@ -30,6 +36,7 @@ log = logging.getLogger("pipeline.runtime.faust")
 
 STALL = 3.0  # seconds without a record for a partition whose records were fetched, before reading them again
 CHECK_EVERY = 1.0
+REREADS = 2  # times a partition's records are read again from one offset before the restore goes on without them
 
 
 def rereading_recovery(recovery: type[Any]) -> type[Any]:
@@ -50,6 +57,10 @@ def rereading_recovery(recovery: type[Any]) -> type[Any]:
             if started is None:
                 return
             consumer = self.app.consumer
+            if self.__dict__.get("_rereads_since") != started:  # a new restore: its own count of re-reads
+                self._rereads_since = started
+                self._rereads: dict[Any, tuple[int, int]] = {}  # partition -> (offset read again from, times)
+            rereads = self._rereads
             for tp in list(self.active_tps):
                 last = self._active_events_received_at.get(tp, started)
                 if now - last < STALL:
@@ -60,9 +71,19 @@ def rereading_recovery(recovery: type[Any]) -> type[Any]:
                     position = await consumer.position(tp)
                     if position is None or position <= wanted:
                         continue  # nothing fetched that the restore lacks: it waits for the broker, not for us
+                    start, times = rereads.get(tp, (wanted, 0))
+                    times = times if start == wanted else 0
+                    if times >= REREADS:
+                        log.warning("worker %d: restoring %s: records %d to %d were read %d times and never "
+                                    "applied (not readable as table state); restoring without them",
+                                    os.getpid(), tp, wanted, position - 1, times + 1)
+                        self.active_offsets[tp] = position - 1
+                        rereads.pop(tp, None)
+                        continue
                     log.warning("worker %d: restoring %s: records %d to %d were fetched but never applied; "
                                 "reading them again", os.getpid(), tp, wanted, position - 1)
                     await consumer.seek(tp, wanted)
+                    rereads[tp] = (wanted, times + 1)
                 except IllegalStateError:  # a rebalance took the partition meanwhile: its next owner restores it
                     continue
                 self._active_events_received_at[tp] = now  # give the records time to come
