@@ -2,7 +2,8 @@
 
 Memory stays bounded whatever the input size: marks per lane and channel are thinned
 evenly past a cap, alert rows, keywords, lifecycle entries, lanes, sessions and
-the duplicate filter all have caps, and every text is cut.
+the duplicate filter all have caps, and every text is cut; marks, alert rows and
+lifecycle entries also share one budget of bytes for all sessions (`keep.Budget`).
 """
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final
 
 import orjson
 
 from pipeline.events import canonical, channel, deeper_than, event_time_ms, lifecycle_status
+from pipeline.report.keep import Budget, Earliest, Track
 
 MAX_LINE: Final = 1 << 20  # longer lines are skipped (counted)
 MAX_TEXT: Final = 400  # characters of text kept per mark / alert row
@@ -34,9 +37,10 @@ MAX_SECONDS: Final = 1_000_000  # distinct event-time seconds remembered, all se
 MAX_GAPS: Final = 500  # stretches without events drawn and listed per session: the longest
 MAX_DEDUPE: Final = 2_000_000  # line digests remembered to drop the same event found in two files
 RECENT_DEDUPE: Final = 65_536  # the last file's latest line digests: a batch a sink wrote twice counts once
+MAX_KEPT: Final = 128 << 20  # bytes of marks, alert rows and lifecycle entries kept, all sessions together
+ITEM_BYTES: Final = 200  # what a kept mark, row or entry holds besides its texts (measured: 200, 228, 100)
 MARK_CHANNELS: Final = ("transcript", "audio_index", "visual_index", "alert")
 UNKNOWN_SESSION: Final = "unknown-session"
-T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -51,6 +55,10 @@ class Mark:
     backfill: bool
     label: str = ""  # alerts: event_label
 
+    def size(self) -> int:
+        """Bytes it holds (its texts as Python stores them: 4 bytes a character if one is an emoji)."""
+        return ITEM_BYTES + sys.getsizeof(self.text) + sys.getsizeof(self.label)
+
 
 @dataclass(slots=True)
 class AlertRow:
@@ -63,27 +71,13 @@ class AlertRow:
     matched: list[str]
     origin: str
 
+    def size(self) -> int:
+        texts = (self.label, self.severity, self.text, self.origin, *self.matched)
+        return ITEM_BYTES + sys.getsizeof(self.matched) + sum(map(sys.getsizeof, texts))
 
-class Track(Generic[T]):
-    """Items (the marks of one channel on one lane, lifecycle entries) thinned evenly: past `cap` every
-    other one is dropped, and from then on only every 2nd (then 4th, ...) new item is kept."""
 
-    __slots__ = ("cap", "marks", "seen", "stride")
-
-    def __init__(self, cap: int = MAX_MARKS) -> None:
-        self.cap = cap
-        self.marks: list[T] = []
-        self.seen = 0
-        self.stride = 1
-
-    def add(self, item: T) -> None:
-        self.seen += 1
-        if (self.seen - 1) % self.stride:
-            return
-        self.marks.append(item)
-        if len(self.marks) > self.cap:
-            self.stride *= 2
-            self.marks = self.marks[::2]
+def _entry_size(entry: tuple[int, str]) -> int:
+    return ITEM_BYTES + sys.getsizeof(entry[1])
 
 
 @dataclass
@@ -91,6 +85,7 @@ class Lane:
     """One rtstream: a track of marks per channel, talk time and words."""
 
     name: str
+    budget: Budget
     tracks: dict[str, Track[Mark]] = field(default_factory=dict)
     talk_ms: int = 0
     words: int = 0
@@ -106,24 +101,32 @@ class Lane:
     def add(self, mark: Mark) -> None:
         track = self.tracks.get(mark.channel)
         if track is None:
-            track = self.tracks[mark.channel] = Track[Mark]()
+            track = self.tracks[mark.channel] = Track(MAX_MARKS, Mark.size, self.budget)
         track.add(mark)
 
 
 @dataclass
 class Session:
     id: str
+    budget: Budget
     lanes: dict[str, Lane] = field(default_factory=dict)
-    alerts: list[AlertRow] = field(default_factory=list)
-    alerts_total: int = 0
+    alerts: Earliest[AlertRow] = field(init=False)
     keywords: dict[str, int] = field(default_factory=dict)
-    lifecycle: Track[tuple[int, str]] = field(default_factory=lambda: Track[tuple[int, str]](MAX_LIFECYCLE))
+    lifecycle: Track[tuple[int, str]] = field(init=False)
     counts: dict[str, int] = field(default_factory=dict)
     seconds: set[int] = field(default_factory=set)
     backfill: int = 0
     backfill_spans: list[list[int]] = field(default_factory=list)
     t_min: int | None = None
     t_max: int | None = None
+
+    def __post_init__(self) -> None:
+        self.alerts = Earliest(MAX_ALERTS, AlertRow.size, self.budget)
+        self.lifecycle = Track(MAX_LIFECYCLE, _entry_size, self.budget)
+
+    @property
+    def alerts_total(self) -> int:
+        return self.alerts.seen
 
     def lane(self, name: str) -> Lane:
         lane = self.lanes.get(name)
@@ -132,7 +135,7 @@ class Session:
                 name = "other streams"
                 lane = self.lanes.get(name)
             if lane is None:
-                lane = self.lanes[name] = Lane(name)
+                lane = self.lanes[name] = Lane(name, self.budget)
         return lane
 
     def span(self, t: int, remember: bool = True) -> None:
@@ -206,6 +209,9 @@ class Collector:
         self._stream_name: dict[str, str] = {}
         self._mark_id = 0
         self._seconds = 0  # in all sessions' `seconds`
+        # one budget for all sessions: caps per session let 200 sessions x 33 lanes x 4 channels x 1,500 marks
+        # of up to 400 characters each hold ~90 GB (10 such sessions: 4.7 GB max RSS)
+        self._budget = Budget(MAX_KEPT)
 
     def _remember_recent(self, digest: bytes) -> None:
         self._recent.add(digest)
@@ -283,7 +289,7 @@ class Collector:
         if s is None:
             if len(sessions) >= MAX_SESSIONS:
                 return None
-            s = sessions[sid] = Session(sid)
+            s = sessions[sid] = Session(sid, self._budget)
         return s
 
     def add(self, event: dict[str, Any]) -> None:
@@ -343,16 +349,13 @@ class Collector:
 
     def _alert(self, session: Session, lane: Lane, mark: Mark, data: dict[str, Any],
                event: dict[str, Any]) -> None:
-        session.alerts_total += 1
         raw = data.get("matched")  # off the wire: a number raised TypeError, a string counted its letters
         matched = [_cut(m, 80) for m in raw[:100] if isinstance(m, str)][:20] if isinstance(raw, list) else []
         for m in matched:
             if m in session.keywords or len(session.keywords) < MAX_KEYWORDS:
                 session.keywords[m] = session.keywords.get(m, 0) + 1
-        if len(session.alerts) < MAX_ALERTS:
-            session.alerts.append(AlertRow(mark.id, mark.start, mark.label, _cut(data.get("severity") or "", 20),
-                                           lane.name, mark.text, matched,
-                                           _cut(event.get("origin") or "videodb", 20)))
+        session.alerts.add(AlertRow(mark.id, mark.start, mark.label, _cut(data.get("severity") or "", 20),
+                                    lane.name, mark.text, matched, _cut(event.get("origin") or "videodb", 20)))
 
     def _learn_streams(self, event: dict[str, Any], data: dict[str, Any]) -> None:
         sid = event.get("capture_session_id")
