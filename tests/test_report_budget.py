@@ -1,9 +1,10 @@
 """`pipeline report` keeps marks, alert rows and lifecycle entries under one budget of bytes for all sessions:
-bounded memory whatever the number of sessions."""
+bounded memory whatever the number of sessions, and pages that say what they left out."""
 
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.report import collect
+from pipeline.report.build import build_reports
 from pipeline.report.collect import Collected, Collector
 from pipeline.report.keep import Budget, Earliest, Track
 
@@ -53,7 +55,7 @@ def _kept_bytes(c: Collected) -> int:
 def test_marks_of_all_sessions_share_one_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Marks were capped per lane and channel (1,500) and alert rows per session (2,000) only: 200 sessions of
     33 lanes of long texts could hold ~90 GB (10 such sessions: 4.7 GB max RSS). Past one budget for all
-    sessions the biggest tracks are now thinned evenly."""
+    sessions the biggest tracks are now thinned evenly, and each page says how many marks it left out."""
     monkeypatch.setattr(collect, "MAX_KEPT", 1_000_000, raising=False)
     src = _write(tmp_path / "events.jsonl", _events(sessions=20, lanes=1, per_track=100))
     c = Collector().read([src])
@@ -66,6 +68,52 @@ def test_marks_of_all_sessions_share_one_budget(tmp_path: Path, monkeypatch: pyt
             # thinned evenly: the first, then every n-th, over the whole session (not the first few only)
             assert len(starts) >= 2 and starts[0] == T0 and starts[-1] >= T0 + 50_000
             assert len({b - a for a, b in itertools.pairwise(starts)}) == 1
+    pages = build_reports([str(src)], str(tmp_path / "pages"))
+    page = next(p for p in pages if p.name == "report-cap-7.html").read_text()
+    drawn = page.count('class="m ')
+    assert 0 < drawn < 400
+    assert f"{400 - drawn} of 400 marks are not drawn" in page and "report fewer at a time" in page
+    assert "more alerts not listed" in page
+
+
+def _pages(tmp_path: Path, src: Path, name: str) -> dict[str, str]:
+    return {p.name: re.sub(r"nonce(=\"|-)[A-Za-z0-9_-]+", "nonce", p.read_text())
+            for p in build_reports([str(src)], str(tmp_path / name))}
+
+
+def test_under_the_budget_pages_are_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to the budget nothing is left out for it (the pages are those of an unbounded report); one byte less
+    and the biggest tracks are thinned, and their page says so."""
+    events = _events(sessions=3, lanes=2, per_track=30, text="words " * 20)
+    events += _events(sessions=1, lanes=1, per_track=1600, text="crowded", first=3)  # over 1,500 a track
+    src = _write(tmp_path / "e.jsonl", events)
+    monkeypatch.setattr(collect, "MAX_KEPT", 1 << 40)
+    peak = 0
+    settle = Budget.settle
+
+    def watched(self: Budget) -> None:  # the most the lists held at once, as the budget sees it
+        nonlocal peak
+        peak = max(peak, self.used)
+        settle(self)
+
+    monkeypatch.setattr(Budget, "settle", watched)
+    Collector().read([src])
+    monkeypatch.setattr(Budget, "settle", settle)
+    unbounded = _pages(tmp_path, src, "unbounded")
+    crowded = unbounded["report-cap-3.html"]  # thinned by the 1,500 a track, as before: now it says so
+    drawn = crowded.count('class="m ')
+    assert f"{6400 - drawn} of 6400 marks are not drawn" in crowded
+    listed = crowded[crowded.index("<h2>Lifecycle</h2>"):crowded.index("<h2>Gaps")].count("<tr><td")
+    assert f"{1600 - listed} more lifecycle events not listed" in crowded  # thinned by the 500 cap, as before
+    assert "marks are not drawn" not in unbounded["report-cap-1.html"]
+    monkeypatch.setattr(collect, "MAX_KEPT", peak)
+    assert _pages(tmp_path, src, "at") == unbounded
+    monkeypatch.setattr(collect, "MAX_KEPT", peak - 1)
+    over = _pages(tmp_path, src, "over")
+    # only the biggest tracks are thinned: the small sessions keep all of theirs
+    assert {n for n in over if over[n] != unbounded[n]} == {"report-cap-3.html"}
+    thinned = over["report-cap-3.html"]
+    assert thinned.count('class="m ') < drawn and "report fewer at a time" in thinned
 
 
 @settings(max_examples=300, deadline=None)

@@ -99,6 +99,18 @@ def drawn_marks(s: Session) -> dict[str, list[Mark]]:
             for ln in s.lanes.values()}
 
 
+def _left_out(s: Session, drawn: dict[str, list[Mark]]) -> str:
+    """Says how many marks the timeline does not draw, and why (nothing when it draws them all)."""
+    seen = sum(ln.seen for ln in s.lanes.values())
+    left = seen - sum(map(len, drawn.values()))
+    if not left:
+        return ""
+    shared = (" Memory for marks is shared by all sessions of one report: report fewer at a time to keep more."
+              if s.budget.level else "")
+    return (f'<p class="note">{left} of {seen} marks are not drawn: crowded tracks are thinned evenly over the '
+            f"session, to keep memory and the page bounded.{shared}</p>")
+
+
 def _tracks(lane: Lane) -> list[str]:
     return [ch for ch in MARK_CHANNELS if ch in lane.tracks]
 
@@ -219,7 +231,10 @@ def _lifecycle(s: Session, t0: int) -> str:
     entries = sorted(s.lifecycle.marks, key=lambda m: m[0])  # equal times keep arrival order
     rows = "".join(f'<tr><td class="num">{esc(offset(t, t0))}</td><td class="num">{esc(day_clock(t))}</td>'
                    f"<td>{esc(status)}</td></tr>" for t, status in entries)
-    return f"<table><thead><tr><th>when</th><th>UTC</th><th>status</th></tr></thead><tbody>{rows}</tbody></table>"
+    left = s.lifecycle.seen - len(entries)
+    more = f'<p class="note">{left} more lifecycle events not listed (thinned evenly).</p>' if left else ""
+    return (f"<table><thead><tr><th>when</th><th>UTC</th><th>status</th></tr></thead><tbody>{rows}</tbody>"
+            f"</table>{more}")
 
 
 def _gaps(s: Session, gap_ms: int, t0: int) -> str:
@@ -256,13 +271,14 @@ def render(s: Session, c: Collected, gap_ms: int) -> str:
     """The whole page for one session."""
     t0 = s.t_min or 0
     drawn = drawn_marks(s)
+    svg = timeline(s, gap_ms, drawn)
     counts = ", ".join(f"{esc(k)} {n}" for k, n in sorted(s.counts.items()))
     dead = f", {c.dead_letters} dead-letter record{'s' * (c.dead_letters != 1)} left out" if c.dead_letters else ""
     body = f"""
 <header><h1>Capture session <span class="sid">{esc(s.id)}</span></h1>
 <p class="meta">{esc(day_clock(t0))} to {esc(clock(s.t_max or 0))} UTC · {counts}</p></header>
 {_cards(s)}
-<section><h2>Timeline</h2>{_legend()}<div class="scroll" id="timeline">{timeline(s, gap_ms, drawn)}</div>
+<section><h2>Timeline</h2>{_legend()}{_left_out(s, drawn)}<div class="scroll" id="timeline">{svg}</div>
 <p class="hint">Hover a mark for its text; click an alert's time below to find it here.</p></section>
 <div class="cols">
 <section><h2>Talk time per stream</h2>{_talk(s)}</section>
