@@ -76,6 +76,22 @@ def test_marks_of_all_sessions_share_one_budget(tmp_path: Path, monkeypatch: pyt
     assert "more alerts not listed" in page
 
 
+def test_keywords_are_kept_whole_and_the_marks_make_room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keywords (up to 500 of 80 characters a session) were not counted in the budget: 200 sessions could hold
+    60 MB of them on top of it. They are never dropped (their counts stay exact): the marks make room, here
+    down to one a track, as the keywords alone take most of the budget."""
+    monkeypatch.setattr(collect, "MAX_KEPT", 1_000_000)
+    events = _events(sessions=20, lanes=1, per_track=100)
+    events += [{"channel": "alert", "capture_session_id": f"cap-{s}", "rtstream_name": "lane-0",
+                "data": {"start": T0 + i, "matched": [f"{i}-{k}" + "\U0001f600" * 76 for k in range(5)]}}
+               for s in range(20) for i in range(20)]
+    c = Collector().read([_write(tmp_path / "events.jsonl", events)])
+    keywords = [k for s in c.sessions.values() for k in s.keywords]
+    assert len(keywords) == 20 * 101 and all(s.keywords["kw"] == 100 for s in c.sessions.values())
+    assert all(len(t.marks) == 1 for s in c.sessions.values() for t in s.lanes["lane-0"].tracks.values())
+    assert _kept_bytes(c) + sum(map(sys.getsizeof, keywords)) <= 1_000_000  # 792 KB of keywords
+
+
 def _pages(tmp_path: Path, src: Path, name: str) -> dict[str, str]:
     return {p.name: re.sub(r"nonce(=\"|-)[A-Za-z0-9_-]+", "nonce", p.read_text())
             for p in build_reports([str(src)], str(tmp_path / name))}
@@ -117,19 +133,26 @@ def test_under_the_budget_pages_are_the_same(tmp_path: Path, monkeypatch: pytest
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.integers(0, 3000), st.lists(st.tuples(st.integers(0, 3), st.integers(0, 50)), max_size=300))
+@given(st.integers(0, 3000), st.lists(st.tuples(st.integers(0, 4), st.integers(0, 50)), max_size=300))
 def test_kept_lists_stay_within_the_budget_and_thin_evenly(limit: int, offers: list[tuple[int, int]]) -> None:
-    """Any mix of offers: the bytes counted are those kept, within the budget (or every cap is 1), the tracks
-    keep every n-th item offered, the earliest list its first ones; under the budget, what an unbounded one keeps."""
+    """Any mix of offers (and bytes charged outside the lists): the bytes counted are those held, within the
+    budget (or every cap is 1), the tracks keep every n-th item offered, the earliest list its first ones; under
+    the budget, what an unbounded one keeps."""
     budget, free = Budget(limit), Budget(1 << 40)
     lists = [Track(8, int, budget), Track(5, int, budget), Earliest(6, int, budget), Track(3, int, budget)]
     alone = [Track(8, int, free), Track(5, int, free), Earliest(6, int, free), Track(3, int, free)]
     offered: list[list[int]] = [[], [], [], []]
+    charged = 0
     for which, size in offers:
-        for ls in (lists, alone):
-            ls[which].add(size)
-        offered[which].append(size)
-        assert budget.used == sum(sum(k.items) for k in lists)
+        if which == 4:  # e.g. a keyword: held outside the lists, never dropped
+            budget.charge(size)
+            free.charge(size)
+            charged += size
+        else:
+            for ls in (lists, alone):
+                ls[which].add(size)
+            offered[which].append(size)
+        assert budget.used == charged + sum(sum(k.items) for k in lists)
         assert budget.used <= limit or all(k.cap == 1 for k in lists)
     for k, items in zip(lists, offered, strict=True):
         assert len(k) <= k.cap and k.seen == len(items)

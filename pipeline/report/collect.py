@@ -37,8 +37,12 @@ MAX_SECONDS: Final = 1_000_000  # distinct event-time seconds remembered, all se
 MAX_GAPS: Final = 500  # stretches without events drawn and listed per session: the longest
 MAX_DEDUPE: Final = 2_000_000  # line digests remembered to drop the same event found in two files
 RECENT_DEDUPE: Final = 65_536  # the last file's latest line digests: a batch a sink wrote twice counts once
-MAX_KEPT: Final = 128 << 20  # bytes of marks, alert rows and lifecycle entries kept, all sessions together
+# bytes of marks, alert rows, lifecycle entries, keywords and backfill spans kept, all sessions together. It always
+# holds: keywords and spans, never dropped, take at most 75 MB (200 sessions x 500 each), and one mark per track,
+# the least the tracks keep, 55 MB (200 x 33 lanes x 4 channels of 400 characters stored 4 bytes each)
+MAX_KEPT: Final = 128 << 20
 ITEM_BYTES: Final = 200  # what a kept mark, row or entry holds besides its texts (measured: 200, 228, 100)
+SPAN_BYTES: Final = 150  # a backfill span (measured: 144)
 MARK_CHANNELS: Final = ("transcript", "audio_index", "visual_index", "alert")
 UNKNOWN_SESSION: Final = "unknown-session"
 
@@ -325,6 +329,7 @@ class Collector:
                 spans[-1][0], spans[-1][1] = min(spans[-1][0], t), max(spans[-1][1], t)
             elif len(spans) < 500:
                 spans.append([t, t])
+                self._budget.charge(SPAN_BYTES)
         if status is not None:
             session.lifecycle.add((t, _cut(status, 40)))
             return
@@ -352,8 +357,11 @@ class Collector:
         raw = data.get("matched")  # off the wire: a number raised TypeError, a string counted its letters
         matched = [_cut(m, 80) for m in raw[:100] if isinstance(m, str)][:20] if isinstance(raw, list) else []
         for m in matched:
-            if m in session.keywords or len(session.keywords) < MAX_KEYWORDS:
-                session.keywords[m] = session.keywords.get(m, 0) + 1
+            if m in session.keywords:
+                session.keywords[m] += 1
+            elif len(session.keywords) < MAX_KEYWORDS:
+                session.keywords[m] = 1
+                self._budget.charge(ITEM_BYTES + sys.getsizeof(m))
         session.alerts.add(AlertRow(mark.id, mark.start, mark.label, _cut(data.get("severity") or "", 20),
                                     lane.name, mark.text, matched, _cut(event.get("origin") or "videodb", 20)))
 

@@ -1,8 +1,9 @@
 """The lists `pipeline report` keeps (marks, alert rows, lifecycle), under one budget of bytes for all sessions.
 
 Each list has a cap of its own (1,500 marks per track, ...) and knows the bytes it holds; when all lists
-together hold more than the budget, every cap is halved (also for lists made later) until they fit, so
-memory is bounded whatever the number of sessions, lanes and texts.
+together (and what is charged beside them: keywords, never dropped) hold more than the budget, every cap
+is halved (also for lists made later) until they fit, so memory is bounded whatever the number of
+sessions, lanes and texts.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ class Budget:
     def add(self, kept: Kept[Any]) -> None:
         self._lists.append(kept)
         self._top = max(self._top, kept.base.bit_length() - 1)
+
+    def charge(self, size: int) -> None:
+        """Count bytes held outside the lists (they are never dropped: the lists make room)."""
+        self.used += size
+        self.settle()
 
     def settle(self) -> None:
         """Halve every cap until all lists together fit in `limit` (or every cap is 1)."""
