@@ -2,8 +2,9 @@
 
 Memory stays bounded whatever the input size: marks per lane and channel are thinned
 evenly past a cap, alert rows, keywords, lifecycle entries, lanes, sessions and
-the duplicate filter all have caps, and every text is cut; marks, alert rows and
-lifecycle entries also share one budget of bytes for all sessions (`keep.Budget`).
+the duplicate filter all have caps, and every text is cut; marks, alert rows,
+lifecycle entries, keywords and backfill spans also share one budget of bytes for
+all sessions (`keep.Budget`).
 """
 
 from __future__ import annotations

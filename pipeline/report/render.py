@@ -105,8 +105,9 @@ def _left_out(s: Session, drawn: dict[str, list[Mark]]) -> str:
     left = seen - sum(map(len, drawn.values()))
     if not left:
         return ""
+    tracks = [t for ln in s.lanes.values() for t in ln.tracks.values()]
     shared = (" Memory for marks is shared by all sessions of one report: report fewer at a time to keep more."
-              if s.budget.level else "")
+              if any(len(t.marks) < t.seen and t.cap < t.base for t in tracks) else "")  # the budget thinned it
     return (f'<p class="note">{left} of {seen} marks are not drawn: crowded tracks are thinned evenly over the '
             f"session, to keep memory and the page bounded.{shared}</p>")
 
