@@ -92,7 +92,7 @@ class DeadLetter:
     @property
     def full_reason(self) -> str:
         """Why rejects were not written, for the summary and the exit error."""
-        return f"{self.path} reached dead_letter_max_bytes ({size_text(self.max_bytes)}); rotate or remove it"
+        return f"{self.path} reached dead_letter_max_bytes ({size_text(self.max_bytes)})"
 
     def check(self) -> None:
         """At start: fail now (StageError) if the file could not be opened, rather than at the first reject."""
@@ -140,7 +140,8 @@ class DeadLetter:
         now = time.monotonic()
         if self._warned is None or now - self._warned >= WARN_EVERY:
             self._warned = now
-            log.warning("%s: %d reject(s) not written so far", self.full_reason, self.full)
+            log.warning("%s: %d reject(s) not written so far; rotate or remove it to make room", self.full_reason,
+                        self.full)
 
     def _append(self, line: bytes) -> bool:
         """Write one whole line (a short write is continued); after a failure the file is opened again next time,

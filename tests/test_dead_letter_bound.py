@@ -138,8 +138,8 @@ def test_a_file_already_past_the_bound_warns_once_at_start_and_the_run_goes_on(
     clock.now += 61
     dl.write("bad", stage="s", raw="x")
     assert len(caplog.records) == 2
-    assert caplog.records[1].getMessage() == (f"{path} reached dead_letter_max_bytes (4 KiB); rotate or remove it: "
-                                              "51 reject(s) not written so far")
+    assert caplog.records[1].getMessage() == (f"{path} reached dead_letter_max_bytes (4 KiB): 51 reject(s) not "
+                                              "written so far; rotate or remove it to make room")
 
 
 def test_the_first_reject_past_the_bound_warns_then_once_a_minute(
@@ -151,11 +151,11 @@ def test_the_first_reject_past_the_bound_warns_then_once_a_minute(
     for _ in range(100):
         dl.write("bad", stage="s", raw="x" * 100)
         clock.now += 0.1
-    assert [r.getMessage().rsplit(": ", 1)[1] for r in caplog.records] == ["1 reject(s) not written so far"]
+    assert [r.getMessage().split("): ", 1)[1] for r in caplog.records] == [
+        "1 reject(s) not written so far; rotate or remove it to make room"]
     clock.now += 60
     dl.write("bad", stage="s", raw="x" * 100)
-    assert len(caplog.records) == 2 and caplog.records[1].getMessage().endswith(f": {dl.full} reject(s) not "
-                                                                                "written so far")
+    assert len(caplog.records) == 2 and f"): {dl.full} reject(s) not written so far" in caplog.records[1].getMessage()
 
 
 def test_a_device_fills_no_disk_and_has_no_bound() -> None:
