@@ -579,8 +579,8 @@ def _dead_letter_max(chk: _Checker, value: Any) -> int:
     """`dead_letter_max_bytes` (a ByteSize) in bytes; an error is recorded and the default returned."""
     try:
         n = parse_bytes(value)
-    except ValueError as exc:
-        chk.add(("dead_letter_max_bytes",), str(exc))
+    except ValueError as exc:  # (`validate --offline` leaves an unset `${VAR}` in place: say that instead)
+        chk.add(("dead_letter_max_bytes",), chk._offline(value) or str(exc))
         return DEFAULT_MAX_BYTES
     if n < MIN_MAX_BYTES:  # a few rejects (frames of up to 1 MiB) would fill a smaller one
         chk.add(("dead_letter_max_bytes",), f"expected at least {size_text(MIN_MAX_BYTES)}, got {value!r}")

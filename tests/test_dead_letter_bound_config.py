@@ -56,6 +56,12 @@ def test_validate_and_schema_know_the_key(tmp_path: Path) -> None:
     assert r.returncode == 2 and r.stderr.strip().endswith(
         "p.yaml:4:1: dead_letter_max_bytes: expected at least 1 MiB, got '100KB'"), r.stderr
     assert "Traceback" not in r.stderr
+    (tmp_path / "p.yaml").write_text(BASE + "dead_letter_max_bytes: ${DL_MAX}\n")
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", "p.yaml", "--offline"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert r.stderr.strip().endswith("p.yaml:4:1: dead_letter_max_bytes: DL_MAX is not set, and its --offline "
+                                     "placeholder is not a valid value here; export it, or give it a default: "
+                                     "${DL_MAX:-value}"), r.stderr
     jsonschema = pytest.importorskip("jsonschema")
     validator = jsonschema.Draft202012Validator(json_schema(_all_stage_classes()))
     doc = yaml.safe_load(BASE)
