@@ -108,7 +108,8 @@ class DeadLetter:
                 self._warned = time.monotonic()
 
     def write(self, reason: str, *, stage: str, origin: Any = None,
-              event: Any = None, raw: bytes | str | None = None, **extra: Any) -> None:
+              event: Any = None, raw: bytes | str | None = None, **extra: Any) -> bool:
+        """Append one reject; False when the file was full (counted in `full`). StageError: cannot be written."""
         now = time.time()
         rec: dict[str, Any] = {"ts": iso_ts(now), "unix_ts": round(now, 3), "stage": stage, "reason": reason}
         if origin is not None:
@@ -135,6 +136,7 @@ class DeadLetter:
                 self.full += 1
                 _count(self.full_by_reason, reason)
                 self._warn_full()
+            return written
 
     def _warn_full(self) -> None:
         now = time.monotonic()

@@ -282,20 +282,22 @@ class LocalRuntime:
             buf.taken(item)
 
     def _dead_letter(self, slot: SinkSlot, events: Batch, reason: str) -> int:
-        """Dead-letter `events`; returns how many were written. If the file cannot be written, the rest are
-        counted as lost and the run stops (exit 1): every later reject would be lost too."""
+        """Dead-letter `events`; returns how many were written (not those a full file left out: they are counted
+        there). If the file cannot be written, the rest are counted as lost and the run stops (exit 1): every later
+        reject would be lost too."""
+        written = 0
         for k, event in enumerate(events):
             slot.stats.errors += 1
             try:
-                self.b.dead_letter.write(reason, stage=slot.stats.name, event=event)
+                written += self.b.dead_letter.write(reason, stage=slot.stats.name, event=event)
             except PipelineError as exc:
                 rest = len(events) - k - 1
                 slot.stats.errors += rest
                 self.b.dead_letter.lose(rest)
                 log.error("%s: %s; %d event(s) lost", slot.stats.name, exc, rest + 1)
                 self._fail(StageError(f"{exc}; events are being lost: stopping"))
-                return k
-        return len(events)
+                return written
+        return written
 
     def _check(self, task: asyncio.Task[Any]) -> None:
         exc = None if task.cancelled() else task.exception()

@@ -3,6 +3,7 @@ every good event, keeps the dead-letter file within its bound, counts the reject
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -11,6 +12,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from pipeline.build import build
+from pipeline.config import load_config
+from pipeline.runtime.local import LocalRuntime
 from pipeline.summary import summary_dict
 from tests.operator_harness import config, scrape, served
 
@@ -95,3 +99,42 @@ async def test_metrics_count_the_rejects_left_out_by_reason(tmp_path: Path) -> N
     assert after["videodb_pipeline_dead_letters_unwritten_total"] == {(("reason", "not JSON"),): s["dead_letter_full"]}
     assert after["videodb_pipeline_dead_letters_total"] == {(("reason", "not JSON"),): s["dead_lettered"]}
     assert s["dead_letter_full"] + s["dead_lettered"] == JUNK and s["dead_letter_full"] > 0
+
+
+async def test_a_full_buffer_past_the_bound_counts_each_event_once(tmp_path: Path) -> None:
+    """A stalled sink's buffer dead-letters what does not fit (`when_full: dead_letter`) into a file that reaches
+    its bound. Before, `buffer-full dead-lettered` also counted the events the file left out: they were counted
+    twice (there and as NOT DEAD-LETTERED). Now each event read is written, in the file, or left out, once."""
+    text = "y" * 2000
+    with (tmp_path / "in.jsonl").open("wb") as fh:
+        for i in range(1000):
+            fh.write(orjson.dumps({"channel": "transcript", "id": i, "rtstream_id": "r",
+                                   "data": {"text": text, "start": 1710000000000 + i}}) + b"\n")
+    (tmp_path / "out.txt.hold").touch()  # the sink stalls: the buffer fills and dead-letters the rest
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"""
+name: full-buffer
+source: {{type: replay, path: {tmp_path}/in.jsonl, batch_size: 50}}
+runtime: {{queue_size: 1, drain_timeout: 5s}}
+sinks:
+  - type: tests.slow_sink:GatedSink
+    path: {tmp_path}/out.txt
+    delay: 0
+    buffer: {{type: memory, max_bytes: 30000, when_full: dead_letter}}
+dead_letter: {tmp_path}/dead.jsonl
+dead_letter_max_bytes: 1MiB
+state_dir: {tmp_path}/state
+""")
+    rt = LocalRuntime(build(load_config(cfg)), install_signals=False)
+    run = asyncio.create_task(rt.run())
+    async with asyncio.timeout(10):
+        while rt.b.source.context.stats.received < 1000:
+            await asyncio.sleep(0.01)
+    (tmp_path / "out.txt.hold").unlink()
+    assert await asyncio.wait_for(run, 10) == 1
+    dl = rt.b.dead_letter
+    written = sum(int(x) for x in (tmp_path / "out.txt").read_text().split())
+    rejected = rt.buffer_counts(rt.b.sinks[0].stats.name)["buffer-full dead-lettered"]
+    assert (tmp_path / "dead.jsonl").stat().st_size <= BOUND and dl.full > 0 and dl.lost == 0
+    assert rejected == dl.count == len((tmp_path / "dead.jsonl").read_bytes().splitlines())
+    assert written + dl.count + dl.full == 1000, rt.summary()
