@@ -41,7 +41,7 @@ def encode(rec: dict[str, Any]) -> bytes:
 MAX_REASONS = 32  # distinct reason kinds kept for metrics; more are counted as "other"
 _NUMBERS = re.compile(r"\d+")
 DEFAULT_MAX_BYTES = 1 << 30  # the top-level `dead_letter_max_bytes`: a flood of rejects cannot fill the disk
-MIN_MAX_BYTES = 1 << 20
+MIN_MAX_BYTES = 1 << 20  # the least a config may set
 WARN_EVERY = 60.0  # seconds between two "file full" warnings
 
 log = logging.getLogger("pipeline.deadletter")
