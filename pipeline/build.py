@@ -165,7 +165,7 @@ def make_stage(spec: StageSpec, cfg: PipelineConfig, stats: StageStats, *, dead_
 
 def build(cfg: PipelineConfig, state: StateStore | None = None, *, with_source: bool = True) -> Built:
     """Instantiate every stage with its own Context (sharing dead letter, session and state)."""
-    dead = DeadLetter(cfg.dead_letter)
+    dead = DeadLetter(cfg.dead_letter, cfg.dead_letter_max_bytes)
     session = SessionLink()
     state = state or StateStore()
     settings = cfg.settings()

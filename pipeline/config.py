@@ -22,17 +22,18 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from pipeline.api import Options, Stage
 from pipeline.channels import check_channels
 from pipeline.configfile import base_dir, read_text
+from pipeline.deadletter import DEFAULT_MAX_BYTES, MIN_MAX_BYTES, size_text
 from pipeline.errors import ConfigError, suggest
 from pipeline.net import VIDEODB_URL_EXAMPLE, http_url
 from pipeline.paths import resolve_inputs
 from pipeline.registry import LookupFailed, Registry, default_registry
 from pipeline.rulenames import check_rule_names
-from pipeline.types import Duration, Secret
+from pipeline.types import Duration, Secret, parse_bytes
 from pipeline.windowkeys import check_window_keys
 from pipeline.yamlpos import Path_, Positions, load
 
-TOP_KEYS = ("name", "videodb", "source", "controller", "stages", "sinks", "runtime", "dead_letter", "state_dir",
-            "channels")
+TOP_KEYS = ("name", "videodb", "source", "controller", "stages", "sinks", "runtime", "dead_letter",
+            "dead_letter_max_bytes", "state_dir", "channels")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -149,6 +150,7 @@ class PipelineConfig:
     videodb: VideoDBSettings = field(default_factory=VideoDBSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     dead_letter: Path = Path("out/dead-letter.jsonl")
+    dead_letter_max_bytes: int = DEFAULT_MAX_BYTES  # past it, rejects are counted and not written
     state_dir_setting: Path | None = None  # top-level `state_dir:`; None = out/<name>
     new_session: bool = False  # `pipeline run --new-session`: never attach to the saved capture session
     http_override: str | None = None  # `--http ADDR` on the command line: runtime.http, also after a reload
@@ -529,6 +531,7 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
     if not isinstance(dead, str) or not dead.strip():  # ('   ' made a file named by three spaces)
         chk.add(("dead_letter",), f"expected a file path, got {dead!r}")
         dead = f"out/{name}/dead-letter.jsonl"
+    dead_max = _dead_letter_max(chk, data.get("dead_letter_max_bytes", DEFAULT_MAX_BYTES))
     state_dir = data.get("state_dir", f"out/{name}")
     if not isinstance(state_dir, str) or not state_dir.strip():
         chk.add(("state_dir",), f"expected a directory path, got {state_dir!r}")
@@ -564,11 +567,25 @@ def parse(data: Any, positions: Positions, filename: str, registry: Registry | N
         sinks=[_resolved(s, base) for s in outs if s is not None and s.enabled],
         runtime=runtime,
         dead_letter=Path(dead),
+        dead_letter_max_bytes=dead_max,
         state_dir_setting=Path(state_dir).expanduser(),
         disabled=[s for s in every if not s.enabled],
         channels=list(extra),
         key_where={path_str(path): f"{filename}:{line}:{col}" for path, (line, col) in positions.items()},
     )
+
+
+def _dead_letter_max(chk: _Checker, value: Any) -> int:
+    """`dead_letter_max_bytes` (a ByteSize) in bytes; an error is recorded and the default returned."""
+    try:
+        n = parse_bytes(value)
+    except ValueError as exc:  # (`validate --offline` leaves an unset `${VAR}` in place: say that instead)
+        chk.add(("dead_letter_max_bytes",), chk._offline(value) or str(exc))
+        return DEFAULT_MAX_BYTES
+    if n < MIN_MAX_BYTES:  # a few rejects (frames of up to 1 MiB) would fill a smaller one
+        chk.add(("dead_letter_max_bytes",), f"expected at least {size_text(MIN_MAX_BYTES)}, got {value!r}")
+        return DEFAULT_MAX_BYTES
+    return n
 
 
 #: whole numbers past this fit no option (counts, sizes, ports); they crashed C code (`islice`) at run time

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import reprlib
+import stat
 import threading
 import time
 from collections import Counter
@@ -38,6 +40,19 @@ def encode(rec: dict[str, Any]) -> bytes:
 
 MAX_REASONS = 32  # distinct reason kinds kept for metrics; more are counted as "other"
 _NUMBERS = re.compile(r"\d+")
+DEFAULT_MAX_BYTES = 1 << 30  # the top-level `dead_letter_max_bytes`: a flood of rejects cannot fill the disk
+MIN_MAX_BYTES = 1 << 20  # the least a config may set
+WARN_EVERY = 60.0  # seconds between two "file full" warnings
+
+log = logging.getLogger("pipeline.deadletter")
+
+
+def size_text(n: int) -> str:
+    """`1 GiB`, `3 MiB`, `1500 bytes`: a size as a config would say it."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
 
 
 def reason_kind(reason: str) -> str:
@@ -46,20 +61,38 @@ def reason_kind(reason: str) -> str:
     return _NUMBERS.sub("N", head)[:60] or "unknown"
 
 
+def _count(by_reason: Counter[str], reason: str) -> None:
+    """One more of `reason`'s kind, at most MAX_REASONS kinds (then "other")."""
+    kind = reason_kind(reason)
+    if kind not in by_reason and len(by_reason) >= MAX_REASONS:
+        kind = "other"
+    by_reason[kind] += 1
+
+
 class DeadLetter:
     """Append-only JSONL of rejected inputs; opened on first use, thread-safe.
 
-    Each line: `{"ts", "reason", "origin", "stage", "event"| "raw"}`.
+    Each line: `{"ts", "reason", "origin", "stage", "event"| "raw"}`. A regular file grows to `max_bytes` at
+    most: a reject that does not fit is counted in `full` and not written, and the run goes on.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.path = Path(path)
+        self.max_bytes = max_bytes
         self.count = 0
         self.lost = 0  # events that should have been written here and could not be (the file unwritable)
         self.failure: str | None = None  # why, the first time
         self.by_reason: Counter[str] = Counter()  # reason_kind -> count, for /metrics
+        self.full = 0  # rejects not written: the file had reached max_bytes (each counted here only)
+        self.full_by_reason: Counter[str] = Counter()
+        self._warned: float | None = None  # time.monotonic() of the last "file full" warning
         self._fh: Any = None
         self._lock = threading.Lock()
+
+    @property
+    def full_reason(self) -> str:
+        """Why rejects were not written, for the summary and the exit error."""
+        return f"{self.path} reached dead_letter_max_bytes ({size_text(self.max_bytes)})"
 
     def check(self) -> None:
         """At start: fail now (StageError) if the file could not be opened, rather than at the first reject."""
@@ -67,9 +100,16 @@ class DeadLetter:
             check_writable(self.path)
         except StageError as exc:  # (it named only a directory, not which of the config's files it was for)
             raise StageError(f"{self.path}: cannot write the dead-letter file: {exc}") from None
+        with contextlib.suppress(OSError):
+            st = os.stat(self.path, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_size >= self.max_bytes:  # left by an earlier run
+                log.warning("%s: already %d bytes, dead_letter_max_bytes is %s: rejects will not be written "
+                            "until it is rotated or removed", self.path, st.st_size, size_text(self.max_bytes))
+                self._warned = time.monotonic()
 
     def write(self, reason: str, *, stage: str, origin: Any = None,
-              event: Any = None, raw: bytes | str | None = None, **extra: Any) -> None:
+              event: Any = None, raw: bytes | str | None = None, **extra: Any) -> bool:
+        """Append one reject; False when the file was full (counted in `full`). StageError: cannot be written."""
         now = time.time()
         rec: dict[str, Any] = {"ts": iso_ts(now), "unix_ts": round(now, 3), "stage": stage, "reason": reason}
         if origin is not None:
@@ -82,27 +122,41 @@ class DeadLetter:
         line = encode(rec)
         with self._lock:
             try:
-                self._append(line)
+                written = self._append(line)
             except (OSError, PipelineError) as exc:
                 self.lost += 1
                 why = str(exc) if isinstance(exc, PipelineError) else exc.strerror or str(exc)
                 msg = f"{self.path}: cannot write the dead-letter file: {why}"
                 self.failure = self.failure or msg
                 raise StageError(msg) from None
-            self.count += 1
-            kind = reason_kind(reason)
-            if kind not in self.by_reason and len(self.by_reason) >= MAX_REASONS:
-                kind = "other"
-            self.by_reason[kind] += 1
+            if written:
+                self.count += 1
+                _count(self.by_reason, reason)
+            else:
+                self.full += 1
+                _count(self.full_by_reason, reason)
+                self._warn_full()
+            return written
 
-    def _append(self, line: bytes) -> None:
+    def _warn_full(self) -> None:
+        now = time.monotonic()
+        if self._warned is None or now - self._warned >= WARN_EVERY:
+            self._warned = now
+            log.warning("%s: %d reject(s) not written so far; rotate or remove it to make room", self.full_reason,
+                        self.full)
+
+    def _append(self, line: bytes) -> bool:
         """Write one whole line (a short write is continued); after a failure the file is opened again next time,
-        which first ends a partial line."""
+        which first ends a partial line. False: not written, the file would grow past max_bytes (its size now,
+        so other writers and a truncation count; a device or pipe fills no disk and has no bound)."""
         if self._fh is not None and not still_names(self.path, self._fh):  # deleted or rotated under us
             self._fh.close()
             self._fh = None
         if self._fh is None:
             self._fh = open_private(self.path)
+        st = os.fstat(self._fh.fileno())
+        if stat.S_ISREG(st.st_mode) and st.st_size + len(line) > self.max_bytes:
+            return False
         view = memoryview(line)
         try:
             while view:
@@ -114,6 +168,7 @@ class DeadLetter:
             self._fh.close()
             self._fh = None
             raise
+        return True
 
     def lose(self, n: int) -> None:
         """`n` more events could not be written here (a caller gave up after a failed write)."""

@@ -154,6 +154,8 @@ async def listen(out: Path, *, api_key: str, base_url: str | None, collection_id
             (out / PID_FILE).unlink(missing_ok=True)
         if dead.count:
             log.warning("%d unparseable frame(s) written to %s", dead.count, dead.path)
+        if dead.full:
+            log.warning("%d unparseable frame(s) not written: %s", dead.full, dead.full_reason)
 
 
 def main(argv: list[str]) -> int:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from pipeline.config import RuntimeSettings, VideoDBSettings
+from pipeline.types import ByteSize
 
 _ENV = {"type": "string", "pattern": r"\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}"}
 _SCALAR_TYPES = ("number", "integer", "boolean")
@@ -60,6 +63,9 @@ def json_schema(classes: list[tuple[str, str, Any]]) -> dict[str, Any]:
         "videodb": _model_schema(VideoDBSettings, "videodb.", defs),
         "runtime": _model_schema(RuntimeSettings, "runtime.", defs),
         "dead_letter": {"type": "string"},
+        "dead_letter_max_bytes": _allow_env({**TypeAdapter(ByteSize).json_schema(), "default": "1GiB",
+                                             "description": "the dead-letter file grows to this size at most; "
+                                             "rejects past it are counted, not written (at least 1MiB)"}),
         "state_dir": {"type": "string", "description": "what must survive a restart (default out/<name>)"},
         "channels": {"type": "array", "items": {"type": "string"},
                      "description": "extra channel names that plugins emit"},

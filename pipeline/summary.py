@@ -41,6 +41,9 @@ def summary_dict(rt: Any) -> dict[str, Any]:
         "dead_letter_path": str(b.dead_letter.path) if b.dead_letter.count else None,
         "lost": b.dead_letter.lost,  # events neither written nor dead-lettered (the text summary's LOST N)
         "lost_reason": secrets.mask(b.dead_letter.failure) if b.dead_letter.lost and b.dead_letter.failure else None,
+        "dead_letter_full": b.dead_letter.full,  # rejects not written: the file had reached its bound
+        "dead_letter_full_by_reason": dict(b.dead_letter.full_by_reason),
+        "dead_letter_full_reason": b.dead_letter.full_reason if b.dead_letter.full else None,
         "ended": b.session.exit_reason or None,
     }
     gaps = getattr(b.session, "gaps", None)

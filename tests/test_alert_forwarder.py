@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from pipeline.api import Context
+from pipeline.deadletter import DeadLetter
 from stages.sinks.alert_forwarder import AlertForwarder, AlertForwarderOptions
 from stages.sinks.alert_forwarder.idempotency import alert_key
 from stages.sinks.alert_forwarder.signing import SIGNATURE_HEADER, verify
@@ -121,6 +122,21 @@ async def test_400_not_retried_and_dead_lettered(server: WebhookServer, make_sin
     assert record["event"] == event and record["idempotency_key"] == alert_key(event)
     assert record["stage"] == "alerts"
     assert (sink.delivered, sink.dead_lettered) == (0, 1)
+
+
+async def test_alerts_a_full_dead_letter_file_leaves_out_are_not_counted_as_dead_lettered(
+        server: WebhookServer, make_sink: Any) -> None:
+    """Before, `dead-lettered 3` in the summary though the file (at its dead_letter_max_bytes) took none: the
+    three alerts were counted twice, there and as not dead-lettered."""
+    server.script = [(400, {}, "invalid_payload")] * 3
+    sink = make_sink(url=server.url(), **FAST)
+    path = sink.context.dead_letter.path
+    path.write_bytes(b'{"old": 1}\n' * 100)
+    sink.context.dead_letter = DeadLetter(path, max_bytes=1000)
+    await run(sink, [alert(0)], [alert(1)], [alert(2)])
+    assert len(server.requests) == 3 and path.stat().st_size == 1100
+    assert (sink.delivered, sink.dead_lettered, sink.context.stats.errors) == (0, 0, 3)
+    assert sink.context.dead_letter.full == 3
 
 
 async def test_408_is_retried(server: WebhookServer, make_sink: Any) -> None:

@@ -201,7 +201,7 @@ def test_unset_variables_and_the_files_other_errors_come_at_once(tmp_path: Path)
         f"{p}:4:38: environment variable HOOK is not set (export it, or give a default: ${{HOOK:-value}})",
         f"{p}:4:76: environment variable W is not set (export it, or give a default: ${{W:-value}})",
         f"{p}:5:1: bogus: unknown key; expected one of: name, videodb, source, controller, stages, sinks, runtime, "
-        "dead_letter, state_dir, channels"]
+        "dead_letter, dead_letter_max_bytes, state_dir, channels"]
 
 
 def test_a_quoted_variable_in_a_flow_mapping_may_be_a_number_or_a_boolean(tmp_path: Path) -> None:

@@ -116,6 +116,11 @@ class PipelineCollector:
         for reason, n in sorted(b.dead_letter.by_reason.items()):
             dead.add_metric([name, reason], n)
         yield dead
+        full = CounterMetricFamily(P + "dead_letters_unwritten", "Rejects not written: the dead-letter file had "
+                                   "reached dead_letter_max_bytes, by reason", labels=[*base, "reason"])
+        for reason, n in sorted(b.dead_letter.full_by_reason.items()):
+            full.add_metric([name, reason], n)
+        yield full
         lost = CounterMetricFamily(P + "events_lost", "Events that could be neither delivered nor dead-lettered "
                                    "(the dead-letter file unwritable)", labels=base)
         lost.add_metric([name], b.dead_letter.lost)

@@ -427,6 +427,9 @@ class Worker:
         if self.built.dead_letter.count:
             log.warning("worker %d: dead-lettered %d -> %s", os.getpid(), self.built.dead_letter.count,
                         self.built.dead_letter.path)
+        if self.built.dead_letter.full:
+            log.warning("worker %d: %d reject(s) not dead-lettered: %s", os.getpid(), self.built.dead_letter.full,
+                        self.built.dead_letter.full_reason)
 
     def run(self, loglevel: str, logformat: str = "text") -> int:
         """Run until SIGINT/SIGTERM (exit 0) or a stage error (its exit code)."""

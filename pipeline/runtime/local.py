@@ -282,20 +282,22 @@ class LocalRuntime:
             buf.taken(item)
 
     def _dead_letter(self, slot: SinkSlot, events: Batch, reason: str) -> int:
-        """Dead-letter `events`; returns how many were written. If the file cannot be written, the rest are
-        counted as lost and the run stops (exit 1): every later reject would be lost too."""
+        """Dead-letter `events`; returns how many were written (not those a full file left out: they are counted
+        there). If the file cannot be written, the rest are counted as lost and the run stops (exit 1): every later
+        reject would be lost too."""
+        written = 0
         for k, event in enumerate(events):
             slot.stats.errors += 1
             try:
-                self.b.dead_letter.write(reason, stage=slot.stats.name, event=event)
+                written += self.b.dead_letter.write(reason, stage=slot.stats.name, event=event)
             except PipelineError as exc:
                 rest = len(events) - k - 1
                 slot.stats.errors += rest
                 self.b.dead_letter.lose(rest)
                 log.error("%s: %s; %d event(s) lost", slot.stats.name, exc, rest + 1)
                 self._fail(StageError(f"{exc}; events are being lost: stopping"))
-                return k
-        return len(events)
+                return written
+        return written
 
     def _check(self, task: asyncio.Task[Any]) -> None:
         exc = None if task.cancelled() else task.exception()
@@ -364,6 +366,8 @@ class LocalRuntime:
                 hup.ignore(loop)  # the summary is still to be written: a late SIGHUP must not end the process
         if self.error is None and b.dead_letter.lost:  # a stage gave up on a dead-letter write: never exit 0
             self.error = StageError(f"{b.dead_letter.failure}; {b.dead_letter.lost} event(s) lost")
+        if self.error is None and b.dead_letter.full:  # the run went on, but rejects that should be kept were not
+            self.error = StageError(f"{b.dead_letter.full} reject(s) not dead-lettered: {b.dead_letter.full_reason}")
         if self.error is not None:
             return self.error.exit_code
         return b.session.exit_code or 0
@@ -551,6 +555,9 @@ class LocalRuntime:
         if b.dead_letter.lost:
             lines.append(f"  LOST {b.dead_letter.lost} event(s) that could not be dead-lettered "
                          f"({b.dead_letter.failure})")
+        if b.dead_letter.full:
+            lines.append(f"  NOT DEAD-LETTERED {b.dead_letter.full} reject(s): {b.dead_letter.full_reason}; "
+                         "rotate or remove it to make room")
         if (gaps := b.session.gaps.summary()) is not None:
             lines.append(gaps)
         if self.reloader is not None and (self.reloader.applied or self.reloader.rejected):

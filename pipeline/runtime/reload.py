@@ -6,8 +6,8 @@ so the swap always falls between two batches); each sink whose options changed i
 replaced in its own queue order: the old one gets every batch queued before the
 reload, is flushed and closed, then the new one starts. Rule state (cooldowns,
 windows) is kept for rules whose name and matching are unchanged. Changes to the
-name, source, controller, `videodb`, `runtime`, `dead_letter`, the number of sinks or a
-sink's `buffer` need a restart: they are logged and not applied. A re-created sink that does not start
+name, source, controller, `videodb`, `runtime`, `dead_letter`, `dead_letter_max_bytes`, the number of sinks
+or a sink's `buffer` need a restart: they are logged and not applied. A re-created sink that does not start
 within its `start_timeout` (ingest waits meanwhile) gets its previous options back, and the reload counts as
 rejected.
 """
@@ -78,6 +78,8 @@ def needs_restart(old: PipelineConfig, new: PipelineConfig) -> list[str]:
         out.append("runtime")
     if old.dead_letter != new.dead_letter:
         out.append("dead_letter")
+    if old.dead_letter_max_bytes != new.dead_letter_max_bytes:
+        out.append("dead_letter_max_bytes")
     if getattr(old, "state_dir", None) != getattr(new, "state_dir", None):
         out.append("state_dir")
     if len(old.sinks) != len(new.sinks):
@@ -391,7 +393,7 @@ def _with_command_line(running: PipelineConfig, new: PipelineConfig) -> Pipeline
 def _running_config(old: PipelineConfig, new: PipelineConfig, skipped: list[str]) -> PipelineConfig:
     """The config now running: the new one, except the parts that need a restart."""
     keep: dict[str, Any] = {}
-    for part in ("name", "source", "controller", "videodb", "runtime", "dead_letter"):
+    for part in ("name", "source", "controller", "videodb", "runtime", "dead_letter", "dead_letter_max_bytes"):
         if part in skipped:
             keep[part] = getattr(old, part)
     if "state_dir" in skipped and hasattr(old, "state_dir_setting"):

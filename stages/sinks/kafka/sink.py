@@ -379,16 +379,14 @@ class KafkaSink(Sink):
 
     def _dead_letter(self, records: list[Record], reason: str) -> None:
         dl, stage = self.context.dead_letter, self.context.stage
-        for r in records:
-            dl.write(reason, stage=stage, event=r.event, origin={"topic": r.topic})
-        self.dead_lettered += len(records)
+        for r in records:  # (one a full dead-letter file leaves out is counted there, not here)
+            self.dead_lettered += dl.write(reason, stage=stage, event=r.event, origin={"topic": r.topic})
         self.context.stats.errors += len(records)
         self._release(records)
 
     def _dead_letter_events(self, events: list[Event], reason: str) -> None:
         for ev in events:
-            self.context.dead_letter.write(reason, stage=self.context.stage, event=ev)
-        self.dead_lettered += len(events)
+            self.dead_lettered += self.context.dead_letter.write(reason, stage=self.context.stage, event=ev)
         self.context.stats.errors += len(events)
 
     def _release(self, records: list[Record]) -> None:
