@@ -53,6 +53,7 @@ def status_fields(view: Any, rate: float) -> dict[str, Any]:
     fields["alerts"] = snap["alerts_fired"]
     fields["dead_lettered"] = snap["dead_lettered"]
     fields["lost"] = snap["lost"]
+    fields["dead_letter_full"] = snap.get("dead_letter_full", 0)
     fields["errors"] = sum(s["errors"] for s in snap["sinks"]) + sum(s["errors"] for s in snap["stages"])
     return fields
 
@@ -75,6 +76,8 @@ def format_status(f: dict[str, Any]) -> str:
         parts.append(f"dead-lettered {f['dead_lettered']}")
     if f["lost"]:
         parts.append(f"LOST {f['lost']}")
+    if f.get("dead_letter_full"):
+        parts.append(f"NOT DEAD-LETTERED {f['dead_letter_full']} (file full)")
     if f["errors"]:
         parts.append(f"errors {f['errors']}")
     return "status: " + ", ".join(parts)

@@ -220,7 +220,7 @@ class View:
             "stages": stages, "sinks": sinks,
             "lag": round(lag.last, 3) if lag is not None and lag.count else None,
             "alerts_fired": b.chain.alerts_fired, "dead_lettered": b.dead_letter.count,
-            "lost": b.dead_letter.lost,
+            "lost": b.dead_letter.lost, "dead_letter_full": b.dead_letter.full,
             "alerts": [brief(a) for a in alerts[-20:]], "loop_lag": round(self.loop_lag, 4),
             "tap": {"clients": tap.client_count, "dropped": tap.dropped} if tap is not None else None,
         }

@@ -100,6 +100,8 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
                 style="red" if snap["dead_lettered"] else "")
     if snap.get("lost"):  # (absent from an older pipeline's status)
         head.append(f"  LOST {snap['lost']}", style="bold red")
+    if snap.get("dead_letter_full"):
+        head.append(f"  NOT DEAD-LETTERED {snap['dead_letter_full']} (file full)", style="bold red")
 
     t = Table(expand=True, header_style="bold")
     t.add_column("stage", no_wrap=True, min_width=16)

@@ -14,9 +14,11 @@ import pytest
 
 from pipeline.build import build
 from pipeline.config import load_config
+from pipeline.ops.top import render
 from pipeline.runtime.local import LocalRuntime
+from pipeline.statusline import format_status, status_fields
 from pipeline.summary import summary_dict
-from tests.operator_harness import config, scrape, served
+from tests.operator_harness import config, get_json, scrape, served
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -95,7 +97,13 @@ async def test_metrics_count_the_rejects_left_out_by_reason(tmp_path: Path) -> N
     async with served(cfg) as (rt, base):
         assert await rt.run() == 1
         after = await scrape(base)
+        code, status = await get_json(base, "/api/status")
+        line = format_status(status_fields(rt.http_server.view, 0.0))
     s = summary_dict(rt)
+    # the status page, `pipeline top` and the status line show them too (before: LOST only, these not at all)
+    assert code == 200 and status["dead_letter_full"] == s["dead_letter_full"] > 0, status
+    assert f"NOT DEAD-LETTERED {s['dead_letter_full']} (file full)" in line, line
+    assert f"NOT DEAD-LETTERED {s['dead_letter_full']} (file full)" in str(render(status, {}).renderables[0])
     assert after["videodb_pipeline_dead_letters_unwritten_total"] == {(("reason", "not JSON"),): s["dead_letter_full"]}
     assert after["videodb_pipeline_dead_letters_total"] == {(("reason", "not JSON"),): s["dead_lettered"]}
     assert s["dead_letter_full"] + s["dead_lettered"] == JUNK and s["dead_letter_full"] > 0

@@ -101,7 +101,8 @@ function render(s) {
   }
   if (s.sinks.length) { graph.append(el("div", "arrow", "→")); graph.append(fan); }
   $("totals").textContent = `alerts fired ${fmt(s.alerts_fired)} · dead-lettered ${fmt(s.dead_lettered)}` +
-    (s.lost ? ` · LOST ${fmt(s.lost)} (could not be dead-lettered)` : "");
+    (s.lost ? ` · LOST ${fmt(s.lost)} (could not be dead-lettered)` : "") +
+    (s.dead_letter_full ? ` · NOT DEAD-LETTERED ${fmt(s.dead_letter_full)} (the dead-letter file is full)` : "");
 
   const ab = $("alerts").tBodies[0]; ab.replaceChildren();
   for (const a of s.alerts.slice().reverse()) {
