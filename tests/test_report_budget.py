@@ -159,3 +159,15 @@ def test_kept_lists_stay_within_the_budget_and_thin_evenly(limit: int, offers: l
         assert k.items == (items[::k.stride] if isinstance(k, Track) else items[:len(k)])
     if budget.level == 0:
         assert [k.items for k in lists] == [k.items for k in alone]
+
+
+def test_matches_of_keywords_past_the_cap_are_said_not_counted(tmp_path: Path) -> None:
+    """A session keeps its first 500 distinct keywords; matches of later ones were dropped without a word, so
+    the chips looked like every match. The page now says how many matches it did not count."""
+    events = [{"channel": "alert", "capture_session_id": "cap-k", "rtstream_name": "screen",
+               "data": {"text": "t", "start": T0 + i, "event_label": "L", "matched": [f"kw{i}", "code"]}}
+              for i in range(collect.MAX_KEYWORDS + 10)]
+    (page,) = build_reports([str(_write(tmp_path / "events.jsonl", events))], str(tmp_path / "pages"))
+    html = page.read_text()
+    assert "code <b>510</b>" in html  # a keyword kept is still counted in full
+    assert "11 more matches of keywords past the first 500 distinct ones are not counted here." in html

@@ -117,6 +117,7 @@ class Session:
     lanes: dict[str, Lane] = field(default_factory=dict)
     alerts: Earliest[AlertRow] = field(init=False)
     keywords: dict[str, int] = field(default_factory=dict)
+    keywords_uncounted: int = 0  # matches of keywords past the first MAX_KEYWORDS distinct ones
     lifecycle: Track[tuple[int, str]] = field(init=False)
     counts: dict[str, int] = field(default_factory=dict)
     seconds: set[int] = field(default_factory=set)
@@ -363,6 +364,8 @@ class Collector:
             elif len(session.keywords) < MAX_KEYWORDS:
                 session.keywords[m] = 1
                 self._budget.charge(ITEM_BYTES + sys.getsizeof(m))
+            else:
+                session.keywords_uncounted += 1
         session.alerts.add(AlertRow(mark.id, mark.start, mark.label, _cut(data.get("severity") or "", 20),
                                     lane.name, mark.text, matched, _cut(event.get("origin") or "videodb", 20)))
 

@@ -16,7 +16,7 @@ from importlib import resources
 from string import Template
 from typing import Final
 
-from pipeline.report.collect import MARK_CHANNELS, Collected, Lane, Mark, Session
+from pipeline.report.collect import MARK_CHANNELS, MAX_KEYWORDS, Collected, Lane, Mark, Session
 
 LABELS: Final = {"transcript": "transcript", "audio_index": "audio index", "visual_index": "visual index",
                  "alert": "alert"}
@@ -222,8 +222,10 @@ def _keywords(s: Session) -> str:
     if not s.keywords:
         return '<p class="none">No matched keywords (they come from <code>rules</code> alerts).</p>'
     items = sorted(s.keywords.items(), key=lambda kv: (-kv[1], kv[0]))
+    more = (f'<p class="note">{s.keywords_uncounted} more matches of keywords past the first {MAX_KEYWORDS:,} '
+            "distinct ones are not counted here.</p>" if s.keywords_uncounted else "")
     return '<div class="chips">' + "".join(
-        f'<span class="chip kw">{esc(k)} <b>{n}</b></span>' for k, n in items) + "</div>"
+        f'<span class="chip kw">{esc(k)} <b>{n}</b></span>' for k, n in items) + f"</div>{more}"
 
 
 def _lifecycle(s: Session, t0: int) -> str:
