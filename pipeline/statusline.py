@@ -44,6 +44,8 @@ def status_fields(view: Any, rate: float) -> dict[str, Any]:
     live = snap["source"]
     if live is not None and live["connected"] is not None:
         fields["websocket"] = "connected" if live["connected"] else "disconnected"
+        if live.get("disconnected_for") is not None:
+            fields["disconnected_for"] = live["disconnected_for"]
         if live["reconnects"]:
             fields["reconnects"] = live["reconnects"]
     if snap["session"] is not None:
@@ -66,6 +68,9 @@ def format_status(f: dict[str, Any]) -> str:
     for key in ("websocket", "session"):
         if key in f:
             parts.append(f"{key} {f[key]}")
+            if key == "websocket" and "disconnected_for" in f:
+                parts[-1] += f" for {f['disconnected_for']:.0f}s"
+
     if "sessions" in f:
         parts.append(f"sessions {f['sessions']} live")
     if f.get("reconnects"):

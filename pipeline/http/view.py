@@ -67,6 +67,10 @@ def source_connected(source: Any) -> bool | None:
     return ws is not None and getattr(state, "name", "") == "OPEN"
 
 
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
+
+
 def _when(alert: Any) -> float:
     """An alert's `unix_ts` to sort by; it came with the event, so anything but a number sorts first."""
     t = alert.get("unix_ts")
@@ -199,7 +203,8 @@ class View:
             source = {"name": src.context.stage, "connected": source_connected(src),
                       "connection_id": getattr(src, "connection_id", None) or b.session.connection_id,
                       "reconnects": getattr(gaps, "reconnects", 0),
-                      "gap_seconds": round(float(getattr(gaps, "gap_seconds", 0.0)), 3),
+                      "gap_seconds": round(gaps.seconds(), 3) if gaps is not None else 0.0,
+                      "disconnected_for": _rounded(gaps.outage()) if gaps is not None else None,
                       "backfilled": sum(getattr(gaps, "backfilled", {}).values()) if gaps else 0}
             lines = getattr(src, "lines", None)
             if isinstance(lines, int):

@@ -87,7 +87,8 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
                 style="green" if not ready else "yellow")
     src = snap.get("source") or {}
     if src.get("connected") is not None:
-        head.append("  websocket " + ("connected" if src["connected"] else "DISCONNECTED"),
+        down = f" for {_secs(src['disconnected_for'])}" if src.get("disconnected_for") is not None else ""
+        head.append("  websocket " + ("connected" if src["connected"] else "DISCONNECTED" + down),
                     style="green" if src["connected"] else "red")
         if src.get("reconnects"):
             head.append(f" ({src['reconnects']} reconnects)")

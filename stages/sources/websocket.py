@@ -187,9 +187,8 @@ class WebSocketSource(Source):
                 if dropped_at is None:
                     log.info("%s: connected%s", self.describe(), shown)
                 else:
-                    gap = time.monotonic() - dropped_at
+                    gap = gaps.end_outage()
                     gaps.reconnects += 1
-                    gaps.gap_seconds += gap
                     log.warning("%s: reconnected%s after a %.3fs gap", self.describe(), shown, gap)
                 dropped_at = None
                 opened_at = time.monotonic()
@@ -218,7 +217,7 @@ class WebSocketSource(Source):
                     break
                 if self._inlet is not None:
                     self._inlet.mark_gap(self._pending)  # a backfill resumes from here
-                dropped_at = time.monotonic()
+                dropped_at = gaps.down_since = time.monotonic()  # live views count the outage as it lasts
                 if delivered := self._accepted - accepted_before:
                     backoff.reset()  # it was working: every second away is lost events, reconnect at once
                     log.warning("%s: connection dropped after %d events (%s); reconnecting now",
@@ -233,6 +232,8 @@ class WebSocketSource(Source):
                 log.warning("%s: connection dropped (%s); reconnecting in %.1fs", self.describe(), reason, delay)
                 await self._pause(delay)
         finally:
+            if gaps.down_since is not None:  # stopped while disconnected: that outage counts too
+                gaps.end_outage()
             self._done = True
             self._ready.set()
 

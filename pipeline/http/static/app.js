@@ -67,7 +67,8 @@ function render(s) {
   else badge("ready", "ready", "ok");
   if (s.source && s.source.connected !== null) {
     const rc = s.source.reconnects ? ` (${s.source.reconnects} reconnects)` : "";
-    badge("ws", "WebSocket " + (s.source.connected ? "connected" : "disconnected") + rc,
+    const down = s.source.disconnected_for != null ? " for " + secs(s.source.disconnected_for) : "";
+    badge("ws", "WebSocket " + (s.source.connected ? "connected" : "disconnected" + down) + rc,
           s.source.connected ? "ok" : "bad");
   }
   if (s.session) {
