@@ -40,6 +40,8 @@ def status_fields(view: Any, rate: float) -> dict[str, Any]:
     fields: dict[str, Any] = {"rate": round(rate, 1), "events": src.context.stats.received if src else 0}
     if snap["lag"] is not None:
         fields["lag"] = snap["lag"]
+    if snap["quiet_for"] is not None:
+        fields["quiet_for"] = snap["quiet_for"]
     fields["queues"] = {s["name"]: s["queue"] for s in snap["sinks"]}
     live = snap["source"]
     if live is not None and live["connected"] is not None:
@@ -63,6 +65,8 @@ def format_status(f: dict[str, Any]) -> str:
     parts = [f"{f['rate']:.0f} ev/s", f"{f.get('events') or 0} events"]
     if "lag" in f:
         parts.append(f"lag {f['lag']:.1f}s")
+    if "quiet_for" in f:
+        parts.append(f"no events for {f['quiet_for']:.0f}s")
     if f["queues"]:
         parts.append("queued " + " ".join(f"{k}={v}" for k, v in f["queues"].items()))
     for key in ("websocket", "session"):

@@ -15,6 +15,7 @@ from pipeline.stats import Histogram
 
 SNAPSHOT_TEXT = 1000  # characters of an event-made string in the status snapshot (an alert's text, its `ts`)
 SNAPSHOT_ITEMS = 50  # items of a list or mapping in it, three levels deep
+QUIET_SHOWN = 5.0  # seconds without an event after which the views say so next to the lag
 SNAPSHOT_CHARS = 8000  # characters of strings and keys per alert in all (its text, ids, label come first)
 
 
@@ -146,6 +147,13 @@ class View:
         v = getattr(self.buffer(i), "spooled_bytes", None)
         return v if isinstance(v, int) else None
 
+    def quiet_for(self) -> float | None:
+        """Seconds since the source last passed an event on, once that is QUIET_SHOWN or more (else None): `lag` is
+        that event's, and showed `0.0s` through a 6-minute outage as if the pipeline were keeping up."""
+        t = getattr(self.rt, "last_event_at", None)
+        age = None if t is None else time.monotonic() - t
+        return round(age, 3) if age is not None and age >= QUIET_SHOWN else None
+
     def gaps(self) -> Any:
         return getattr(self.built.session, "gaps", None)
 
@@ -224,6 +232,7 @@ class View:
             "sessions": api,
             "stages": stages, "sinks": sinks,
             "lag": round(lag.last, 3) if lag is not None and lag.count else None,
+            "quiet_for": self.quiet_for(),
             "alerts_fired": b.chain.alerts_fired, "dead_lettered": b.dead_letter.count,
             "lost": b.dead_letter.lost,
             "alerts": [brief(a) for a in alerts[-20:]], "loop_lag": round(self.loop_lag, 4),

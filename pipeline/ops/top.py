@@ -96,7 +96,10 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
         head.append(visible(f"  session {snap['session']['state'] or 'none'}"))
     if snap.get("sessions"):
         head.append(f"  sessions {snap['sessions']['live']} live")
-    head.append(f"  lag {_secs(snap.get('lag'))}  up {snap['uptime']:.0f}s")
+    head.append(f"  lag {_secs(snap.get('lag'))}")
+    if snap.get("quiet_for") is not None:
+        head.append(f" (no events for {snap['quiet_for']:.0f}s)", style="yellow")
+    head.append(f"  up {snap['uptime']:.0f}s")
     head.append(f"  alerts {snap['alerts_fired']}  dead-lettered {snap['dead_lettered']}",
                 style="red" if snap["dead_lettered"] else "")
     if snap.get("lost"):  # (absent from an older pipeline's status)

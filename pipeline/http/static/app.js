@@ -76,7 +76,8 @@ function render(s) {
     badge("session", "session " + st, st === "active" ? "ok" : (st === "failed" ? "bad" : "warn"));
   }
   if (s.sessions) badge("session", "sessions " + s.sessions.live + " live", "ok");
-  $("uptime").textContent = "up " + secs(s.uptime) + (s.lag !== null ? " · lag " + secs(s.lag) : "");
+  $("uptime").textContent = "up " + secs(s.uptime) + (s.lag !== null ? " · lag " + secs(s.lag) : "") +
+    (s.quiet_for != null ? " · no events for " + secs(s.quiet_for) : "");
 
   const graph = $("graph"); graph.replaceChildren();
   s.stages.forEach((st, i) => {
