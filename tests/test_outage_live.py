@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -113,3 +114,55 @@ dead_letter: {tmp_path}/dead.jsonl
             more.set()  # a failed check must not leave the handler, and so the server, waiting
             await rt.stop()
         assert await run == 0
+
+
+FROZEN_SERVER = """
+import asyncio, sys, websockets
+async def handler(ws):
+    await ws.send('{"connection_id": "c-1"}')
+    await ws.send('{"channel": "transcript", "data": {"text": "hi"}}')
+    await ws.wait_closed()
+async def main():
+    async with websockets.serve(handler, "127.0.0.1", int(sys.argv[1])):
+        print("up", flush=True)
+        await asyncio.Future()
+asyncio.run(main())
+"""
+
+
+async def test_a_server_that_stops_answering_pings_is_left_after_a_second_not_drain_timeout(tmp_path: Path) -> None:
+    """A real server process frozen (SIGSTOP) with the connection open. Before: once the keepalive ping went
+    unanswered, closing waited drain_timeout (here 8 s; 30 s by default) for the frozen server's close frame, the
+    views said `disconnected` with no outage counted, and the reconnect waited as long."""
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(sys.executable, "-c", FROZEN_SERVER, str(port),
+                                                  stdout=subprocess.PIPE, env=ENV)
+    p = tmp_path / "p.yaml"
+    p.write_text(f"""
+name: frozen
+source: {{type: websocket, url: "ws://127.0.0.1:{port}/", keepalive: 0.3s, backoff_initial: 0.05}}
+sinks: [{{type: jsonl, path: {tmp_path}/out.jsonl}}]
+runtime: {{http: "127.0.0.1:0", status_interval: 0, drain_timeout: 8s}}
+dead_letter: {tmp_path}/dead.jsonl
+""")
+    try:
+        assert server.stdout is not None and await asyncio.wait_for(server.stdout.readline(), 10) == b"up\n"
+        async with served(p) as (rt, base):
+            run = asyncio.create_task(rt.run())
+            try:
+                while (await _status(base))["stages"][0]["in"] < 1:
+                    await asyncio.sleep(0.02)
+                server.send_signal(signal.SIGSTOP)
+                frozen = time.monotonic()
+                while (await _status(base))["source"]["disconnected_for"] is None and time.monotonic() < frozen + 6:
+                    await asyncio.sleep(0.05)
+                took = time.monotonic() - frozen
+                assert took < 4, took  # keepalive (0.3 s to ping, 0.3 s for the pong) + 1 s to close, not + 8 s
+            finally:
+                server.kill()
+                await rt.stop()
+            assert await run == 0
+    finally:
+        if server.returncode is None:
+            server.kill()
+        await server.wait()

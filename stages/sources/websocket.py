@@ -192,7 +192,6 @@ class WebSocketSource(Source):
                     log.warning("%s: reconnected%s after a %.3fs gap", self.describe(), shown, gap)
                 dropped_at = None
                 opened_at = time.monotonic()
-                self._ws.close_timeout = self._close_timeout
                 self._ws.ping_interval = self._ws.ping_timeout = self.options.keepalive
                 if conn_id:
                     await self.context.session.announce_connection(conn_id)
@@ -325,5 +324,8 @@ class WebSocketSource(Source):
         self._stop_event.set()
         self._room.set()
         if self._ws is not None:
+            # Only a stop waits this long for the close handshake: a server that stopped answering our keepalive
+            # pings is given 1 s, else the reconnect waited drain_timeout (30 s) more for its close frame.
+            self._ws.close_timeout = self._close_timeout
             await self._ws.close()
         self._ready.set()
