@@ -79,7 +79,7 @@ def format_status(f: dict[str, Any]) -> str:
         parts.append(f"sessions {f['sessions']} live")
     if f.get("reconnects"):
         parts.append(f"reconnects {f['reconnects']}")
-    parts.append(f"alerts {f['alerts']}")
+    parts.append(f"rule alerts {f['alerts']}")  # made by rules stages: VideoDB's own alerts are not counted
     if f["dead_lettered"]:
         parts.append(f"dead-lettered {f['dead_lettered']}")
     if f["lost"]:

@@ -100,7 +100,7 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
     if snap.get("quiet_for") is not None:
         head.append(f" (no events for {snap['quiet_for']:.0f}s)", style="yellow")
     head.append(f"  up {snap['uptime']:.0f}s")
-    head.append(f"  alerts {snap['alerts_fired']}  dead-lettered {snap['dead_lettered']}",
+    head.append(f"  rule alerts {snap['alerts_fired']}  dead-lettered {snap['dead_lettered']}",
                 style="red" if snap["dead_lettered"] else "")
     if snap.get("lost"):  # (absent from an older pipeline's status)
         head.append(f"  LOST {snap['lost']}", style="bold red")
@@ -120,7 +120,7 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
                   Text(str(k["errors"]), style="red" if k["errors"] else ""))
     parts: list[Any] = [head, t]
     if snap["alerts"]:
-        a = Table(title="last alerts", expand=True, show_header=False, title_justify="left")
+        a = Table(title="last rule alerts", expand=True, show_header=False, title_justify="left")
         for alert in snap["alerts"][-5:][::-1]:
             d = alert.get("data") or {}
             a.add_row(cell(_clock(alert)), cell(d.get("severity", "")), cell(d.get("event_label", "")),

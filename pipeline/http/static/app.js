@@ -102,7 +102,7 @@ function render(s) {
     body.append(tr);
   }
   if (s.sinks.length) { graph.append(el("div", "arrow", "→")); graph.append(fan); }
-  $("totals").textContent = `alerts fired ${fmt(s.alerts_fired)} · dead-lettered ${fmt(s.dead_lettered)}` +
+  $("totals").textContent = `rule alerts ${fmt(s.alerts_fired)} · dead-lettered ${fmt(s.dead_lettered)}` +
     (s.lost ? ` · LOST ${fmt(s.lost)} (could not be dead-lettered)` : "");
 
   const ab = $("alerts").tBodies[0]; ab.replaceChildren();
