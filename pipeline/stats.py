@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,8 +63,26 @@ class GapStats:
     """Reconnects of a live source, seconds without a connection, events backfilled per channel."""
 
     reconnects: int = 0
-    gap_seconds: float = 0.0
+    gap_seconds: float = 0.0  # outages that ended
     backfilled: Counter[str] = field(default_factory=Counter)
+    down_since: float | None = None  # monotonic time the current outage began (None: connected)
+
+    def seconds(self) -> float:
+        """Seconds without a connection so far, the current outage included (live views read this: they showed
+        nothing of an outage until it ended)."""
+        ongoing = time.monotonic() - self.down_since if self.down_since is not None else 0.0
+        return self.gap_seconds + ongoing
+
+    def outage(self) -> float | None:
+        """Seconds the current outage has lasted, None while connected."""
+        return None if self.down_since is None else time.monotonic() - self.down_since
+
+    def end_outage(self) -> float:
+        """The current outage is over (reconnected, or the source stopped): add it to the total; its seconds."""
+        gap = self.outage() or 0.0
+        self.gap_seconds += gap
+        self.down_since = None
+        return gap
 
     def summary(self) -> str | None:
         """One exit-summary line, or None when the source never reconnected nor backfilled."""

@@ -40,10 +40,14 @@ def status_fields(view: Any, rate: float) -> dict[str, Any]:
     fields: dict[str, Any] = {"rate": round(rate, 1), "events": src.context.stats.received if src else 0}
     if snap["lag"] is not None:
         fields["lag"] = snap["lag"]
+    if snap["quiet_for"] is not None:
+        fields["quiet_for"] = snap["quiet_for"]
     fields["queues"] = {s["name"]: s["queue"] for s in snap["sinks"]}
     live = snap["source"]
     if live is not None and live["connected"] is not None:
         fields["websocket"] = "connected" if live["connected"] else "disconnected"
+        if live.get("disconnected_for") is not None:
+            fields["disconnected_for"] = live["disconnected_for"]
         if live["reconnects"]:
             fields["reconnects"] = live["reconnects"]
     if snap["session"] is not None:
@@ -62,16 +66,21 @@ def format_status(f: dict[str, Any]) -> str:
     parts = [f"{f['rate']:.0f} ev/s", f"{f.get('events') or 0} events"]
     if "lag" in f:
         parts.append(f"lag {f['lag']:.1f}s")
+    if "quiet_for" in f:
+        parts.append(f"no events for {f['quiet_for']:.0f}s")
     if f["queues"]:
         parts.append("queued " + " ".join(f"{k}={v}" for k, v in f["queues"].items()))
     for key in ("websocket", "session"):
         if key in f:
             parts.append(f"{key} {f[key]}")
+            if key == "websocket" and "disconnected_for" in f:
+                parts[-1] += f" for {f['disconnected_for']:.0f}s"
+
     if "sessions" in f:
         parts.append(f"sessions {f['sessions']} live")
     if f.get("reconnects"):
         parts.append(f"reconnects {f['reconnects']}")
-    parts.append(f"alerts {f['alerts']}")
+    parts.append(f"rule alerts {f['alerts']}")  # made by rules stages: VideoDB's own alerts are not counted
     if f["dead_lettered"]:
         parts.append(f"dead-lettered {f['dead_lettered']}")
     if f["lost"]:

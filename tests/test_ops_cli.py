@@ -112,7 +112,7 @@ def test_top_in_a_terminal(running: str) -> None:
     screen, code = in_pty([*PIPELINE, "top", running], until=r"source:replay\s+│\s+[1-9]")
     assert code == 0, screen
     for text in ("pipeline ops", "ready", "source:replay", "stages[1]:rules", "sinks[1]:jsonl", "in/s",
-                 "latency", "last alerts", "critical"):
+                 "latency", "last rule alerts", "critical"):
         assert text in screen, (text, screen[-3000:])
     rates = re.findall(r"source:replay\s+│\s+([\d.]+)", screen)
     assert any(float(r) > 0 for r in rates), screen[-3000:]  # a live rate, not only totals
@@ -246,7 +246,7 @@ def test_text_status_line_and_log_level_after_the_subcommand(tmp_path: Path) -> 
                          cwd=tmp_path)
     line = next(x for x in res.stderr.splitlines() if "status:" in x)
     queued = r"queued sinks\[0\]:jsonl=\d+ sinks\[1\]:jsonl=\d+"
-    assert re.search(rf"status: \d+ ev/s, \d+ events, lag [\d.]+s, {queued}, alerts \d+", line), line
+    assert re.search(rf"status: \d+ ev/s, \d+ events, lag [\d.]+s, {queued}, rule alerts \d+", line), line
 
 
 def test_replay_on_a_terminal_shows_a_progress_bar(tmp_path: Path) -> None:

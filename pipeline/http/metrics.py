@@ -150,9 +150,9 @@ class PipelineCollector:
                 rc = CounterMetricFamily(P + "websocket_reconnects", "WebSocket reconnects", labels=base)
                 rc.add_metric([name], gaps.reconnects)
                 ds = CounterMetricFamily(P + "websocket_disconnected_seconds",
-                                         "Seconds without a WebSocket connection, summed over reconnects",
+                                         "Seconds without a WebSocket connection, the current outage included",
                                          labels=base)
-                ds.add_metric([name], float(gaps.gap_seconds))
+                ds.add_metric([name], gaps.seconds())
                 bf = CounterMetricFamily(P + "events_backfilled", "Events fetched after a reconnect, by channel",
                                          labels=[*base, "channel"])
                 for ch, n in sorted(gaps.backfilled.items()):

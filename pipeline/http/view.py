@@ -15,6 +15,7 @@ from pipeline.stats import Histogram
 
 SNAPSHOT_TEXT = 1000  # characters of an event-made string in the status snapshot (an alert's text, its `ts`)
 SNAPSHOT_ITEMS = 50  # items of a list or mapping in it, three levels deep
+QUIET_SHOWN = 5.0  # seconds without an event after which the views say so next to the lag
 SNAPSHOT_CHARS = 8000  # characters of strings and keys per alert in all (its text, ids, label come first)
 
 
@@ -65,6 +66,10 @@ def source_connected(source: Any) -> bool | None:
     ws = source._ws
     state = getattr(ws, "state", None)
     return ws is not None and getattr(state, "name", "") == "OPEN"
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def _when(alert: Any) -> float:
@@ -142,6 +147,13 @@ class View:
         v = getattr(self.buffer(i), "spooled_bytes", None)
         return v if isinstance(v, int) else None
 
+    def quiet_for(self) -> float | None:
+        """Seconds since the source last passed an event on, once that is QUIET_SHOWN or more (else None): `lag` is
+        that event's, and showed `0.0s` through a 6-minute outage as if the pipeline were keeping up."""
+        t = getattr(self.rt, "last_event_at", None)
+        age = None if t is None else time.monotonic() - t
+        return round(age, 3) if age is not None and age >= QUIET_SHOWN else None
+
     def gaps(self) -> Any:
         return getattr(self.built.session, "gaps", None)
 
@@ -199,7 +211,8 @@ class View:
             source = {"name": src.context.stage, "connected": source_connected(src),
                       "connection_id": getattr(src, "connection_id", None) or b.session.connection_id,
                       "reconnects": getattr(gaps, "reconnects", 0),
-                      "gap_seconds": round(float(getattr(gaps, "gap_seconds", 0.0)), 3),
+                      "gap_seconds": round(gaps.seconds(), 3) if gaps is not None else 0.0,
+                      "disconnected_for": _rounded(gaps.outage()) if gaps is not None else None,
                       "backfilled": sum(getattr(gaps, "backfilled", {}).values()) if gaps else 0}
             lines = getattr(src, "lines", None)
             if isinstance(lines, int):
@@ -219,6 +232,7 @@ class View:
             "sessions": api,
             "stages": stages, "sinks": sinks,
             "lag": round(lag.last, 3) if lag is not None and lag.count else None,
+            "quiet_for": self.quiet_for(),
             "alerts_fired": b.chain.alerts_fired, "dead_lettered": b.dead_letter.count,
             "lost": b.dead_letter.lost, "dead_letter_full": b.dead_letter.full,
             "alerts": [brief(a) for a in alerts[-20:]], "loop_lag": round(self.loop_lag, 4),

@@ -87,7 +87,8 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
                 style="green" if not ready else "yellow")
     src = snap.get("source") or {}
     if src.get("connected") is not None:
-        head.append("  websocket " + ("connected" if src["connected"] else "DISCONNECTED"),
+        down = f" for {_secs(src['disconnected_for'])}" if src.get("disconnected_for") is not None else ""
+        head.append("  websocket " + ("connected" if src["connected"] else "DISCONNECTED" + down),
                     style="green" if src["connected"] else "red")
         if src.get("reconnects"):
             head.append(f" ({src['reconnects']} reconnects)")
@@ -95,8 +96,11 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
         head.append(visible(f"  session {snap['session']['state'] or 'none'}"))
     if snap.get("sessions"):
         head.append(f"  sessions {snap['sessions']['live']} live")
-    head.append(f"  lag {_secs(snap.get('lag'))}  up {snap['uptime']:.0f}s")
-    head.append(f"  alerts {snap['alerts_fired']}  dead-lettered {snap['dead_lettered']}",
+    head.append(f"  lag {_secs(snap.get('lag'))}")
+    if snap.get("quiet_for") is not None:
+        head.append(f" (no events for {snap['quiet_for']:.0f}s)", style="yellow")
+    head.append(f"  up {snap['uptime']:.0f}s")
+    head.append(f"  rule alerts {snap['alerts_fired']}  dead-lettered {snap['dead_lettered']}",
                 style="red" if snap["dead_lettered"] else "")
     if snap.get("lost"):  # (absent from an older pipeline's status)
         head.append(f"  LOST {snap['lost']}", style="bold red")
@@ -118,7 +122,7 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
                   Text(str(k["errors"]), style="red" if k["errors"] else ""))
     parts: list[Any] = [head, t]
     if snap["alerts"]:
-        a = Table(title="last alerts", expand=True, show_header=False, title_justify="left")
+        a = Table(title="last rule alerts", expand=True, show_header=False, title_justify="left")
         for alert in snap["alerts"][-5:][::-1]:
             d = alert.get("data") or {}
             a.add_row(cell(_clock(alert)), cell(d.get("severity", "")), cell(d.get("event_label", "")),

@@ -72,6 +72,7 @@ class LocalRuntime:
         self.lag = Histogram(LAG_BUCKETS)  # now - event time of each batch's newest event, at ingest
         self.latency = [Histogram(LATENCY_BUCKETS) for _ in built.sinks]  # receipt -> written, per sink
         self.received_at: dict[int, float] = {}  # batch index -> monotonic receipt time (the last RECEIPTS)
+        self.last_event_at: float | None = None  # monotonic receipt time of the newest event (`lag` is its lag)
         self.sinks_started = False
         self.source_running = False
         self._ingest_task: asyncio.Task[None] | None = None
@@ -186,6 +187,7 @@ class LocalRuntime:
             received_at.pop(index - RECEIPTS, None)
             if n:
                 lag.observe(max(0.0, wall() - event_time_ms(batch[-1]) / 1000), n)
+                self.last_event_at = received_at[index]
             tap = self.tap
             if tap is not None:
                 tap.publish(0, batch)

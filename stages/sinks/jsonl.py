@@ -85,6 +85,20 @@ class _File:
             self.fh = fh
 
 
+def _whole_lines_kept(f: _File, buf: bytearray, done: int) -> int:
+    """How much of `buf` the file keeps after a write that took only its first `done` bytes: a line the device
+    took part of is cut off the file again (a truncate frees space, so a full disk allows it), so the file
+    holds whole lines and that line is dead-lettered whole. If the cut is refused, `done`."""
+    whole = buf.rfind(b"\n", 0, done) + 1
+    if whole < done:
+        try:
+            fd = f.fh.fileno()
+            os.ftruncate(fd, os.fstat(fd).st_size - (done - whole))
+        except OSError:
+            return done
+    return whole
+
+
 class JsonlSink(Sink):
     """Appends events as JSON lines to one file, or one file per channel/date."""
 
@@ -257,6 +271,7 @@ class JsonlSink(Sink):
             if not buf:
                 continue
             done = 0
+            f: _File | None = None
             try:
                 f = self._open(path)
                 with memoryview(buf) as view:
@@ -266,6 +281,8 @@ class JsonlSink(Sink):
                     os.fsync(f.fh.fileno())
             except (OSError, StageError) as exc:
                 # What did not reach the files (this one's rest, and every file after it), nothing twice.
+                if f is not None:
+                    done = _whole_lines_kept(f, buf, done)
                 pending[path] = buf[done:]
                 self._bufs = {p: b for p, b in pending.items() if b}
                 why = str(exc) if isinstance(exc, StageError) else f"{path}: cannot write: {exc.strerror or exc}"
@@ -298,7 +315,9 @@ class JsonlSink(Sink):
         self._bufs = {}
         self._buffered = 0
         self.context.stats.errors += lines
-        self.context.stats.sent -= max(0, lines - current)
+        # Lines of earlier batches were counted as sent; the current batch's were not (the runtime counts a
+        # batch only once write() returns), so the lines of it that reached the file are counted here.
+        self.context.stats.sent += current - lines
 
     async def _flush_periodically(self) -> None:
         every = self.options.flush_interval or IDLE_CLOSE / 2  # 0: writes flush themselves; this closes idle files

@@ -187,13 +187,11 @@ class WebSocketSource(Source):
                 if dropped_at is None:
                     log.info("%s: connected%s", self.describe(), shown)
                 else:
-                    gap = time.monotonic() - dropped_at
+                    gap = gaps.end_outage()
                     gaps.reconnects += 1
-                    gaps.gap_seconds += gap
                     log.warning("%s: reconnected%s after a %.3fs gap", self.describe(), shown, gap)
                 dropped_at = None
                 opened_at = time.monotonic()
-                self._ws.close_timeout = self._close_timeout
                 self._ws.ping_interval = self._ws.ping_timeout = self.options.keepalive
                 if conn_id:
                     await self.context.session.announce_connection(conn_id)
@@ -218,7 +216,7 @@ class WebSocketSource(Source):
                     break
                 if self._inlet is not None:
                     self._inlet.mark_gap(self._pending)  # a backfill resumes from here
-                dropped_at = time.monotonic()
+                dropped_at = gaps.down_since = time.monotonic()  # live views count the outage as it lasts
                 if delivered := self._accepted - accepted_before:
                     backoff.reset()  # it was working: every second away is lost events, reconnect at once
                     log.warning("%s: connection dropped after %d events (%s); reconnecting now",
@@ -233,6 +231,8 @@ class WebSocketSource(Source):
                 log.warning("%s: connection dropped (%s); reconnecting in %.1fs", self.describe(), reason, delay)
                 await self._pause(delay)
         finally:
+            if gaps.down_since is not None:  # stopped while disconnected: that outage counts too
+                gaps.end_outage()
             self._done = True
             self._ready.set()
 
@@ -324,5 +324,8 @@ class WebSocketSource(Source):
         self._stop_event.set()
         self._room.set()
         if self._ws is not None:
+            # Only a stop waits this long for the close handshake: a server that stopped answering our keepalive
+            # pings is given 1 s, else the reconnect waited drain_timeout (30 s) more for its close frame.
+            self._ws.close_timeout = self._close_timeout
             await self._ws.close()
         self._ready.set()

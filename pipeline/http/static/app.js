@@ -67,7 +67,8 @@ function render(s) {
   else badge("ready", "ready", "ok");
   if (s.source && s.source.connected !== null) {
     const rc = s.source.reconnects ? ` (${s.source.reconnects} reconnects)` : "";
-    badge("ws", "WebSocket " + (s.source.connected ? "connected" : "disconnected") + rc,
+    const down = s.source.disconnected_for != null ? " for " + secs(s.source.disconnected_for) : "";
+    badge("ws", "WebSocket " + (s.source.connected ? "connected" : "disconnected" + down) + rc,
           s.source.connected ? "ok" : "bad");
   }
   if (s.session) {
@@ -75,7 +76,8 @@ function render(s) {
     badge("session", "session " + st, st === "active" ? "ok" : (st === "failed" ? "bad" : "warn"));
   }
   if (s.sessions) badge("session", "sessions " + s.sessions.live + " live", "ok");
-  $("uptime").textContent = "up " + secs(s.uptime) + (s.lag !== null ? " · lag " + secs(s.lag) : "");
+  $("uptime").textContent = "up " + secs(s.uptime) + (s.lag !== null ? " · lag " + secs(s.lag) : "") +
+    (s.quiet_for != null ? " · no events for " + secs(s.quiet_for) : "");
 
   const graph = $("graph"); graph.replaceChildren();
   s.stages.forEach((st, i) => {
@@ -100,7 +102,7 @@ function render(s) {
     body.append(tr);
   }
   if (s.sinks.length) { graph.append(el("div", "arrow", "→")); graph.append(fan); }
-  $("totals").textContent = `alerts fired ${fmt(s.alerts_fired)} · dead-lettered ${fmt(s.dead_lettered)}` +
+  $("totals").textContent = `rule alerts ${fmt(s.alerts_fired)} · dead-lettered ${fmt(s.dead_lettered)}` +
     (s.lost ? ` · LOST ${fmt(s.lost)} (could not be dead-lettered)` : "") +
     (s.dead_letter_full ? ` · NOT DEAD-LETTERED ${fmt(s.dead_letter_full)} (the dead-letter file is full)` : "");
 
