@@ -499,7 +499,9 @@ class LocalRuntime:
         for slot, res in zip(started, results, strict=True):
             i = next((k for k, s in enumerate(self.b.sinks) if s is slot), -1)
             if res is None and i in self._after_close:  # close() delivered or dead-lettered it: not again
-                self.buffers[i].taken(self._after_close.pop(i))
+                done = self._after_close.pop(i)
+                self.buffers[i].taken(done)
+                slot.stats.sent += len(done.batch)  # ... so it was written (a write counts after its flush)
             if isinstance(res, PipelineError):
                 self.error = self.error or res
             elif isinstance(res, BaseException):
