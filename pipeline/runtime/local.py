@@ -575,7 +575,8 @@ class LocalRuntime:
         """The non-zero counters of sink `name`'s buffer, as the summary words them (the JSON summary too)."""
         for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
             if slot.stats.name == name:
-                out = {"buffer-full dead-lettered": buf.rejected}
+                out = {"buffer-full dead-lettered": buf.rejected,
+                       "dead-lettered after drain_timeout": buf.dropped_at_shutdown}
                 if isinstance(buf, DiskBuffer):
                     out["not JSON-encodable dead-lettered"] = buf.unencodable
                     out["from earlier spool"] = buf.restored
