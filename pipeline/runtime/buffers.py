@@ -66,15 +66,16 @@ class _Buffer:
         self._finished = False
         self.expired = False  # shutdown deadline passed: put never waits
         self.safe_upto = -1  # highest source batch index written or dead-lettered, in order
-        self.rejected = 0
+        self.rejected = 0  # events of batches that did not fit (`when_full: dead_letter`), dead-lettered
         self.dropped_at_shutdown = 0  # events of batches that came after drain_timeout (dead-lettered)
 
     def _drop(self, index: int, batch: Batch, why: str) -> None:
         """Dead-letter a batch the buffer will not hold; it counts as done, in order."""
         got = self._reject(batch, why)
-        self.rejected += len(batch) if got is None else got
-        if self.expired:
+        if self.expired:  # not for being full (`when_full: block` drops nothing): for coming too late
             self.dropped_at_shutdown += len(batch)
+        else:
+            self.rejected += len(batch) if got is None else got
         self.skip(index)
 
     def skip(self, index: int) -> None:

@@ -501,7 +501,9 @@ class LocalRuntime:
         for slot, res in zip(started, results, strict=True):
             i = next((k for k, s in enumerate(self.b.sinks) if s is slot), -1)
             if res is None and i in self._after_close:  # close() delivered or dead-lettered it: not again
-                self.buffers[i].taken(self._after_close.pop(i))
+                done = self._after_close.pop(i)
+                self.buffers[i].taken(done)
+                slot.stats.sent += len(done.batch)  # ... so it was written (a write counts after its flush)
             if isinstance(res, PipelineError):
                 self.error = self.error or res
             elif isinstance(res, BaseException):
@@ -575,7 +577,8 @@ class LocalRuntime:
         """The non-zero counters of sink `name`'s buffer, as the summary words them (the JSON summary too)."""
         for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
             if slot.stats.name == name:
-                out = {"buffer-full dead-lettered": buf.rejected}
+                out = {"buffer-full dead-lettered": buf.rejected,
+                       "dead-lettered after drain_timeout": buf.dropped_at_shutdown}
                 if isinstance(buf, DiskBuffer):
                     out["not JSON-encodable dead-lettered"] = buf.unencodable
                     out["from earlier spool"] = buf.restored

@@ -29,6 +29,7 @@ from .idempotency import SeenKeys, alert_key, digest_key
 from .options import AlertForwarderOptions
 from .ratelimit import TokenBucket
 from .signing import sign_now
+from .warnings import DeadLetterWarnings
 
 if TYPE_CHECKING:
     import aiohttp
@@ -63,6 +64,7 @@ class AlertForwarder(Sink):
         self.duplicates = 0
         """Alerts dropped because their idempotency key was already sent in this run."""
         self._seen = SeenKeys(options.dedupe_keys)
+        self._warnings = DeadLetterWarnings(context.log)
         self._secret = options.secret.get_secret_value().encode() if options.secret else None
         self._policy = RetryPolicy(options.timeout, options.max_attempts, options.max_retry_time,
                                    options.backoff_initial, options.backoff_max)
@@ -207,8 +209,7 @@ class AlertForwarder(Sink):
                 reason, stage=self.context.stage, origin=dest, event=alert.event, status=status, attempts=attempts,
                 idempotency_key=alert.key, **extra)
         self.context.stats.errors += len(alerts)
-        self.context.log.warning("alert_forwarder: %s: %d alert(s) not delivered, dead-lettered: %s",
-                                 dest, len(alerts), reason)
+        self._warnings.warn(dest, len(alerts), reason)
 
     async def close(self) -> None:
         """Deliver what is queued within `shutdown_timeout`; dead-letter the rest; close the session."""
@@ -228,6 +229,7 @@ class AlertForwarder(Sink):
         finally:
             for dest in self._destinations:
                 await dest.abort(f"shutdown: not delivered within shutdown_timeout {timeout:g}s")
+            self._warnings.flush()
             if self._session is not None:
                 await self._session.close()
                 self._session = None
