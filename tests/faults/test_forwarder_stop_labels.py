@@ -13,10 +13,22 @@ from pathlib import Path
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.broker import free_port
+from tests.operator_harness import http_get
 from tests.procs import finish, pipeline_run
 
 pytestmark = pytest.mark.timeout(30)
+
+
+def _buffer_full(port: int) -> bool:
+    try:
+        _, text = http_get(f"http://127.0.0.1:{port}/metrics")
+    except OSError:  # not listening yet
+        return False
+    return any(s.name == "videodb_pipeline_sink_queue_events" and s.value > 0
+               for fam in text_string_to_metric_families(text) for s in fam.samples)
 
 
 @pytest.fixture
@@ -45,10 +57,15 @@ def test_events_dropped_at_drain_timeout_are_not_called_buffer_full(tmp_path: Pa
         f"sinks:\n  - {{type: alert_forwarder, url: 'http://127.0.0.1:{port}/hook', concurrency: 1,"
         " queue_size: 1, timeout: 20s, shutdown_timeout: 0.5s}\n"
         "runtime: {drain_timeout: 0.3s, queue_size: 1}\ndead_letter: dead.jsonl\n")
-    proc = pipeline_run("p.yaml", "--summary-json", "summary.json", cwd=tmp_path)
+    http = free_port()
+    proc = pipeline_run("p.yaml", "--summary-json", "summary.json", "--http", f"127.0.0.1:{http}", cwd=tmp_path)
     conn, _ = silent.accept()  # the first alert is on its way and will never be answered: ingest is blocked
     try:
-        time.sleep(0.3)  # (nothing to wait for: the source blocks on the full buffer within milliseconds)
+        # the buffer holds a batch the stuck sink cannot take: the source's next one waits for room (within the
+        # 0.3 s drain_timeout after SIGTERM at the latest)
+        deadline = time.monotonic() + 15
+        while not _buffer_full(http) and time.monotonic() < deadline:
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         finish(proc, 20)
     finally:
