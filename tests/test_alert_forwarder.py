@@ -251,3 +251,36 @@ async def test_slow_webhook_does_not_block_write_until_queue_full(
     assert sum(r["reason"].startswith("shutdown: delivery still in progress") for r in records) == 1
     assert sum(r["reason"] == "shutdown: not queued before drain_timeout" for r in records) == 8
     assert len(server.requests) <= 1  # concurrency: 1
+
+
+async def test_storm_digests_fit_digest_max_bytes_and_keep_order(make_sink: Any) -> None:
+    """A json digest of a storm grew to about queue_bytes (13 MB for 30,415 alerts); a receiver capped at 1 MB
+    (nginx's default) answered 413, not retried, and every alert of the digest was dead-lettered. A digest now
+    takes the oldest alerts that fit `digest_max_bytes`; the rest wait for the next token. One alert bigger
+    than the bound alone goes as it is (this receiver refuses it: only it is dead-lettered)."""
+    bound = 8192
+    srv = await WebhookServer(max_body=bound).start()
+    try:
+        events = [alert(i, text="x" * 900) for i in range(150)]
+        big = alert(10_000, text="y" * (bound + 100))
+        events.insert(70, big)
+        sink = make_sink(url=srv.url(), rate_limit="200/s", burst=1, on_limit="digest", concurrency=1,
+                         digest_max_bytes=f"{bound}", **FAST)
+        await run(sink, events)
+    finally:
+        await srv.stop()
+    assert sink.dead_lettered == 1  # was all 151: one digest of every waiting alert, refused with 413
+    over = [r for r in srv.requests if len(r.body) > bound]
+    assert [r.json["alert"] for r in over] == [big]  # the one alert bigger than the bound, alone
+    ok = [r.json for r in srv.requests if len(r.body) <= bound]
+    digests = [b for b in ok if b["type"] == "digest"]
+    assert len(digests) > 10 and all(d["count"] == len(d["alerts"]) >= 2 for d in digests)
+    got = [e for b in ok for e in ([b["alert"]] if b["type"] == "alert" else b["alerts"])]
+    assert got == [e for e in events if e is not big]  # each once, in order
+    for d in digests:
+        assert d["member_keys"] == [alert_key(e) for e in d["alerts"]]
+    keys = [r.headers["Idempotency-Key"] for r in srv.requests if len(r.body) <= bound]
+    assert keys == [b["idempotency_key"] for b in ok] and len(set(keys)) == len(keys)
+    (record,) = dead_letters(sink)
+    assert record["status"] == 413 and record["event"] == big
+    assert (sink.delivered, sink.digests, sink.dead_lettered) == (150, len(digests), 1)

@@ -146,6 +146,8 @@ def test_template_render_never_walks_attributes() -> None:
     ({"url": "https://h/x", "rate_limit": "lots"}, "expected a rate like 10/min"),
     ({"url": "https://h/x", "timeout": "soon"}, "expected a duration"),
     ({"url": "https://h/x", "retries": 3}, "Extra inputs are not permitted"),
+    ({"url": "https://h/x", "digest_max_bytes": "4095"}, "digest_max_bytes must be at least 4KiB (got 4095 bytes"),
+    ({"url": "https://h/x", "digest_max_bytes": "lots"}, "expected a size"),
 ])
 def test_options_errors(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError) as info:
@@ -159,6 +161,8 @@ def test_options_defaults() -> None:
     assert o.channels == ["alert"] and o.format == "json" and o.timeout == 10.0
     assert o.destinations == ["https://hooks.example.com/services/T0/B0/abc", "https://b/c"]
     assert o.rate_limit is None and o.on_limit == "queue" and o.shutdown_timeout == 30.0
+    assert o.digest_max_bytes == 1 << 20
+    assert AlertForwarderOptions(url="https://h/x", digest_max_bytes="4KiB").digest_max_bytes == 4096
 
 
 def test_signature_verification() -> None:

@@ -39,12 +39,15 @@ class WebhookServer:
     requests: list[Received] = field(default_factory=list)
     ssl_context: Any = None
     delay: float = 0.0  # seconds every response takes (a slow receiver)
+    max_body: int = 0  # when set, a longer body gets 413, as nginx's client_max_body_size answers
     port: int = 0
     _runner: web.AppRunner | None = None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.requests.append(Received(time.monotonic(), request.path, dict(request.headers), body))
+        if self.max_body and len(body) > self.max_body:
+            return web.Response(status=413, text="Request Entity Too Large")
         step = self.script.pop(0) if self.script else 200
         if self.delay:
             await asyncio.sleep(self.delay)

@@ -37,6 +37,8 @@ Send = Callable[[list[Alert]], Awaitable[None]]
 """Delivers one message (one alert, or a digest when several) and records the outcome."""
 Abandon = Callable[[list[Alert], str], None]
 """Dead-letters alerts that could not be attempted, with the reason."""
+Fit = Callable[[list[Alert]], int]
+"""How many of the oldest alerts (at least 1) one digest's body can carry."""
 
 
 class Destination:
@@ -44,7 +46,7 @@ class Destination:
 
     def __init__(self, label: str, send: Send, abandon: Abandon, *, queue_size: int, concurrency: int,
                  bucket: TokenBucket | None, digest: bool, digest_max: int, log: Log,
-                 queue_bytes: int = 16 << 20) -> None:
+                 queue_bytes: int = 16 << 20, fit: Fit | None = None) -> None:
         self.label = label
         self._send = send
         self._abandon = abandon
@@ -56,6 +58,7 @@ class Destination:
         self._bucket = bucket
         self._digest = digest and bucket is not None
         self._digest_max = digest_max
+        self._fit = fit
         self._log = log
         self._held: list[Alert] = []
         self._senders: set[asyncio.Task[None]] = set()
@@ -180,9 +183,12 @@ class Destination:
             await asyncio.gather(*self._senders, return_exceptions=True)
 
     async def _launch(self) -> None:
-        """Hand the held alerts to a sender task once a concurrency slot is free."""
+        """Hand the held alerts (those one digest fits; the rest wait, in order) to a sender once a slot is free."""
         await self._slots.acquire()
-        alerts, self._held = self._held, []
+        n = len(self._held)
+        if n > 1 and self._fit is not None:
+            n = max(1, min(n, self._fit(self._held)))
+        alerts, self._held = self._held[:n], self._held[n:]
         task = asyncio.create_task(self._deliver(alerts))
         self._senders.add(task)
         task.add_done_callback(self._finished)

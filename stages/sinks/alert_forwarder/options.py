@@ -13,6 +13,8 @@ from pipeline.types import ByteSize, Duration, Rate, Secret
 
 from .template import check_template
 
+MIN_DIGEST_BYTES = 4096
+
 
 def check_url(value: Any) -> Any:
     """Register the URL's token parts for masking first, then require an http(s) URL with a host."""
@@ -68,6 +70,8 @@ class AlertForwarderOptions(SinkOptions):
     """Over the rate limit: `queue` waits for tokens; `digest` folds waiting alerts into one message."""
     digest_max: int = Field(1000, ge=2, le=100_000)
     """Most alerts folded into one digest; beyond it alerts wait in the queue."""
+    digest_max_bytes: ByteSize = 1 << 20
+    """Encoded bytes of one digest's body at most; the alerts that do not fit wait for the next digest."""
     digest_items: int = Field(20, ge=1, le=500)
     """Alerts listed one by one in a Slack/Discord/template digest (json digests carry all)."""
     concurrency: int = Field(4, ge=1, le=64)
@@ -114,6 +118,14 @@ class AlertForwarderOptions(SinkOptions):
         if value <= 0:  # 0 dead-lettered at exit even an alert written just before, never sent
             raise ValueError("shutdown_timeout must be more than 0 (e.g. 30s): at 0, alerts still queued at exit "
                              "are dead-lettered without a try")
+        return value
+
+    @field_validator("digest_max_bytes")
+    @classmethod
+    def _digest_max_bytes(cls, value: int) -> int:
+        if value < MIN_DIGEST_BYTES:  # smaller holds an alert or two: a message per alert, no longer a digest
+            raise ValueError(f"digest_max_bytes must be at least 4KiB (got {value} bytes; default 1MiB, "
+                             "what most webhook receivers accept)")
         return value
 
     @field_validator("template")

@@ -115,7 +115,7 @@ class AlertForwarder(Sink):
         return Destination(secrets.mask_url(url), partial(self._send, url), partial(self._dead_letter, url),
                            queue_size=o.queue_size, concurrency=o.concurrency, bucket=bucket,
                            digest=o.on_limit == "digest", digest_max=o.digest_max, log=self.context.log,
-                           queue_bytes=o.queue_bytes)
+                           queue_bytes=o.queue_bytes, fit=self._fit)
 
     async def write(self, batch: Batch) -> None:
         """Dedupe by idempotency key and queue for every destination; waits only on a full queue."""
@@ -176,6 +176,39 @@ class AlertForwarder(Sink):
         payload = build(self.options.format, [a.event for a in alerts], keys, key,
                         template=self.options.template, digest_items=self.options.digest_items)
         return orjson.dumps(payload, default=str)
+
+    def _fit(self, alerts: list[Alert]) -> int:
+        """How many of the oldest `alerts` one digest body of at most `digest_max_bytes` carries (at least 1).
+
+        A json digest carries each alert whole, so no more are tried than those whose own encoded sizes fit;
+        then the body is measured, halving the range until the most that fit (a dozen encodes at most).
+        """
+        bound = self.options.digest_max_bytes
+        hi = len(alerts)
+        if self.options.format == "json":
+            total = 0
+            for n, a in enumerate(alerts):
+                total += a.size + len(a.key) + 4  # the event, its key in member_keys, quotes and commas
+                if total > bound:
+                    hi = max(1, n)
+                    break
+        if hi == 1 or self._measure(alerts[:hi]) <= bound:
+            return hi
+        lo = 1  # lo alerts fit (or one alone, sent as it is); hi do not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._measure(alerts[:mid]) <= bound:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _measure(self, alerts: list[Alert]) -> int:
+        """Encoded body size; one that cannot be encoded counts as too big (_body dead-letters the culprit)."""
+        try:
+            return len(self._encode(alerts))
+        except Exception:
+            return self.options.digest_max_bytes + 1
 
     def _body(self, url: str, alerts: list[Alert]) -> bytes | None:
         """The message body; an alert that cannot be encoded is dead-lettered alone (None: none left).
