@@ -284,3 +284,26 @@ async def test_storm_digests_fit_digest_max_bytes_and_keep_order(make_sink: Any)
     (record,) = dead_letters(sink)
     assert record["status"] == 413 and record["event"] == big
     assert (sink.delivered, sink.digests, sink.dead_lettered) == (150, len(digests), 1)
+
+
+@pytest.mark.parametrize("fmt", ["slack", "discord", "template"])
+async def test_chat_and_template_digests_fit_digest_max_bytes(make_sink: Any, fmt: str) -> None:
+    """Slack and Discord digests are cut to their own character limits, but a character of screen text can take
+    4 bytes (39 alerts of emoji text: a 9.4 KB Slack, 13 KB Discord body), and a template digest lists up to
+    `digest_items` renders of any length (47 KB here): they too take only the oldest alerts whose body fits."""
+    bound = 4096
+    srv = await WebhookServer(max_body=bound).start()
+    try:
+        events = [alert(i, text="🚨" * 300) for i in range(40)]
+        extra = {"template": "{data[text]}", "digest_items": 500} if fmt == "template" else {}
+        sink = make_sink(url=srv.url(), format=fmt, rate_limit="200/s", burst=1, on_limit="digest",
+                         concurrency=1, digest_max_bytes="4KiB", **extra, **FAST)
+        await run(sink, events)
+    finally:
+        await srv.stop()
+    assert (sink.delivered, sink.dead_lettered) == (40, 0), dead_letters(sink)
+    assert all(len(r.body) <= bound for r in srv.requests)
+    assert 2 <= sink.digests == len(srv.requests) - 1  # the first alert alone, then digests
+    if fmt == "template":  # each alert once, in order
+        lines = [line for r in srv.requests for line in r.json["text"].splitlines() if "🚨" in line]
+        assert lines == [f"{'🚨' * 300} #{i}" for i in range(40)]
