@@ -295,6 +295,21 @@ def test_a_zero_timeout_is_a_config_error(tmp_path: Path, key: str) -> None:
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+
+def test_a_digest_max_bytes_below_4kib_is_a_config_error(tmp_path: Path) -> None:
+    """A digest bound of a few bytes holds an alert or two: one config error line, not a run of lone alerts."""
+    from tests.test_runtime import run_cli
+
+    (tmp_path / "in.jsonl").write_text("")
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"name: t\nsource: {{type: replay, path: {tmp_path}/in.jsonl}}\n"
+                   "sinks:\n  - type: alert_forwarder\n    url: http://127.0.0.1:9/hook\n    digest_max_bytes: 1KiB\n")
+    res = run_cli("validate", str(cfg), timeout=30)
+    assert res.returncode == 2, res.stderr
+    assert "t.yaml:6:5: sinks[0].digest_max_bytes: digest_max_bytes must be at least 4KiB (got 1024 bytes" \
+        in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
 def _crafted_pair() -> tuple[dict[str, Any], dict[str, Any]]:
     """Two different alerts whose fields, joined with the key's separator, read the same."""
     a, b = alert(0), alert(0)
