@@ -303,7 +303,7 @@ async def test_chat_and_template_digests_fit_digest_max_bytes(make_sink: Any, fm
         await srv.stop()
     assert (sink.delivered, sink.dead_lettered) == (40, 0), dead_letters(sink)
     assert all(len(r.body) <= bound for r in srv.requests)
-    assert 2 <= sink.digests == len(srv.requests) - 1  # the first alert alone, then digests
+    assert 2 <= sink.digests < len(srv.requests)  # the first alert alone, then digests of what fits
     if fmt == "template":  # each alert once, in order
         lines = [line for r in srv.requests for line in r.json["text"].splitlines() if "🚨" in line]
         assert lines == [f"{'🚨' * 300} #{i}" for i in range(40)]
