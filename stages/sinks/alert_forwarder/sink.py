@@ -180,8 +180,9 @@ class AlertForwarder(Sink):
     def _fit(self, alerts: list[Alert]) -> int:
         """How many of the oldest `alerts` one digest body of at most `digest_max_bytes` carries (at least 1).
 
-        A json digest carries each alert whole, so no more are tried than those whose own encoded sizes fit;
-        then the body is measured, halving the range until the most that fit (a dozen encodes at most).
+        A json digest carries each alert whole, so no more are tried than those whose own encoded sizes fit.
+        Then the body is measured: all of them, else 2, 4, 8... until too many, then halving the range between
+        (the work grows with what fits, not with all that waits: up to `digest_max` alerts).
         """
         bound = self.options.digest_max_bytes
         hi = len(alerts)
@@ -194,7 +195,10 @@ class AlertForwarder(Sink):
                     break
         if hi == 1 or self._measure(alerts[:hi]) <= bound:
             return hi
-        lo = 1  # lo alerts fit (or one alone, sent as it is); hi do not
+        lo, step = 1, 2  # lo alerts fit (or one alone, sent as it is); hi do not
+        while step < hi and self._measure(alerts[:step]) <= bound:
+            lo, step = step, step * 2
+        hi = min(hi, step)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if self._measure(alerts[:mid]) <= bound:
