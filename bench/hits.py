@@ -216,5 +216,9 @@ def run(n: int, repeats: int = 3) -> list[Result]:
         c.notes.append(f"with a saved state (a live run's change-tracking dicts): {saved_hot * 1e6:.2f} us with hits")
         c.notes.append(f"the same hits with a {QUIET_COOLDOWN} cooldown ({quiet_fired:,} alerts: what a hit costs "
                        f"without its alert): {quiet * 1e6:.2f} us ({quiet / cold_s:.2f}x no hits)")
+        if hot_fired > quiet_fired:  # what the rest of the difference costs, per alert
+            per_alert = (hot - quiet) * min(n, 200_000) / (hot_fired - quiet_fired)
+            c.notes.append(f"so each alert adds {per_alert * 1e6:.2f} us (two dicts, its matched list, its "
+                           f"cooldown write); a hit that does not fire adds {(quiet - cold_s) * 1e6:.2f} us per event")
         results.append(c)
     return results
