@@ -35,7 +35,7 @@ from pipeline.runtime.buffers import (
     spool_root,
 )
 from pipeline.runtime.reload import Reloader
-from pipeline.runtime.sink_start import DEFAULT_CLOSE_TIMEOUT, close_limit, start_within
+from pipeline.runtime.sink_start import DEFAULT_CLOSE_TIMEOUT, close_limit, naming, start_within
 from pipeline.state.spool import Damage, undelivered_bytes
 from pipeline.stats import LAG_BUCKETS, LATENCY_BUCKETS, Histogram
 
@@ -380,10 +380,8 @@ class LocalRuntime:
         for slot in self.b.sinks:
             try:
                 why = await start_within(slot.sink, self._stop_requested)
-            except PipelineError:
-                raise
-            except Exception as exc:  # a plugin's connect error: say which sink, not "cannot write its output"
-                raise StageError(f"{slot.stats.name}: start() failed: {exc or type(exc).__name__}") from None
+            except Exception as exc:  # a file it cannot open, a plugin's connect error: which sink, in one line
+                raise naming(slot.stats.name, exc) from None
             if why is not None:
                 if self._stopping:
                     return False
