@@ -55,6 +55,8 @@ def status_fields(view: Any, rate: float) -> dict[str, Any]:
     if snap.get("sessions") is not None:  # the session API's
         fields["sessions"] = snap["sessions"]["live"]
     fields["alerts"] = snap["alerts_fired"]
+    if snap["videodb_alerts"] is not None:
+        fields["videodb_alerts"] = snap["videodb_alerts"]
     fields["dead_lettered"] = snap["dead_lettered"]
     fields["lost"] = snap["lost"]
     fields["dead_letter_full"] = snap.get("dead_letter_full", 0)
@@ -80,7 +82,9 @@ def format_status(f: dict[str, Any]) -> str:
         parts.append(f"sessions {f['sessions']} live")
     if f.get("reconnects"):
         parts.append(f"reconnects {f['reconnects']}")
-    parts.append(f"rule alerts {f['alerts']}")  # made by rules stages: VideoDB's own alerts are not counted
+    parts.append(f"rule alerts {f['alerts']}")  # made by rules stages; VideoDB's own come next
+    if "videodb_alerts" in f:
+        parts.append(f"videodb alerts {f['videodb_alerts']}")
     if f["dead_lettered"]:
         parts.append(f"dead-lettered {f['dead_lettered']}")
     if f["lost"]:

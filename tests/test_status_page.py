@@ -109,6 +109,19 @@ def test_event_text_is_never_html(tmp_path: Path) -> None:
         assert page.evaluate("window.pwned") is None
 
 
+def test_status_page_counts_videodb_alerts_beside_rule_alerts(tmp_path: Path) -> None:
+    """Before: the totals said `rule alerts 1` only: VideoDB's own alerts (3 here) showed nowhere on the page."""
+    events = tmp_path / "in.jsonl"
+    lines = [{"channel": "alert", "unix_ts": 1700000000.0 + i, "data": {"text": f"alert {i}"}} for i in range(3)]
+    lines.append({"channel": "transcript", "unix_ts": 1700000009.0, "data": {"text": "password", "start": 1}})
+    events.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    with pipeline_in_thread(config(tmp_path, events), to_the_end=True) as base, browser_page() as page:
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('totals').textContent.includes('videodb alerts 3')",
+                               timeout=10_000)
+        assert (page.locator("#totals").text_content() or "").startswith("rule alerts 1 · videodb alerts 3")
+
+
 def test_status_page_shows_websocket_and_capture_session_state(tmp_path: Path) -> None:
     """A live videodb source and controller (the emulator in its own process): the page says both are up."""
     import signal

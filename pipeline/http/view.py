@@ -154,6 +154,12 @@ class View:
         age = None if t is None else time.monotonic() - t
         return round(age, 3) if age is not None and age >= QUIET_SHOWN else None
 
+    def videodb_alerts(self) -> int | None:
+        """Events the source passed on on the alert channel (VideoDB's own alerts); None when the runtime does not
+        count them. Alerts rules make are `alerts_fired`."""
+        n = getattr(self.rt, "videodb_alerts", None)
+        return n if isinstance(n, int) else None
+
     def gaps(self) -> Any:
         return getattr(self.built.session, "gaps", None)
 
@@ -233,7 +239,8 @@ class View:
             "stages": stages, "sinks": sinks,
             "lag": round(lag.last, 3) if lag is not None and lag.count else None,
             "quiet_for": self.quiet_for(),
-            "alerts_fired": b.chain.alerts_fired, "dead_lettered": b.dead_letter.count,
+            "alerts_fired": b.chain.alerts_fired, "videodb_alerts": self.videodb_alerts(),
+            "dead_lettered": b.dead_letter.count,
             "lost": b.dead_letter.lost, "dead_letter_full": b.dead_letter.full,
             "alerts": [brief(a) for a in alerts[-20:]], "loop_lag": round(self.loop_lag, 4),
             "tap": {"clients": tap.client_count, "dropped": tap.dropped} if tap is not None else None,

@@ -100,8 +100,10 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
     if snap.get("quiet_for") is not None:
         head.append(f" (no events for {snap['quiet_for']:.0f}s)", style="yellow")
     head.append(f"  up {snap['uptime']:.0f}s")
-    head.append(f"  rule alerts {snap['alerts_fired']}  dead-lettered {snap['dead_lettered']}",
-                style="red" if snap["dead_lettered"] else "")
+    head.append(f"  rule alerts {snap['alerts_fired']}")
+    if isinstance(snap.get("videodb_alerts"), int):  # (absent from an older pipeline's status)
+        head.append(f"  videodb alerts {snap['videodb_alerts']}")
+    head.append(f"  dead-lettered {snap['dead_lettered']}", style="red" if snap["dead_lettered"] else "")
     if snap.get("lost"):  # (absent from an older pipeline's status)
         head.append(f"  LOST {snap['lost']}", style="bold red")
     if snap.get("dead_letter_full"):

@@ -23,7 +23,7 @@ from typing import Any
 from pipeline.build import Built, SinkSlot
 from pipeline.contracts import checked_batches, ours
 from pipeline.errors import PipelineError, SinkFailed, StageError
-from pipeline.events import Batch, event_time_ms
+from pipeline.events import ALERT_NAMES, Batch, count_on, event_time_ms
 from pipeline.runtime import hup
 from pipeline.runtime.buffers import (
     DiskBuffer,
@@ -73,6 +73,7 @@ class LocalRuntime:
         self.latency = [Histogram(LATENCY_BUCKETS) for _ in built.sinks]  # receipt -> written, per sink
         self.received_at: dict[int, float] = {}  # batch index -> monotonic receipt time (the last RECEIPTS)
         self.last_event_at: float | None = None  # monotonic receipt time of the newest event (`lag` is its lag)
+        self.videodb_alerts = 0  # events the source passed on on the alert channel (VideoDB's own, not rules')
         self.sinks_started = False
         self.source_running = False
         self._ingest_task: asyncio.Task[None] | None = None
@@ -188,6 +189,7 @@ class LocalRuntime:
             if n:
                 lag.observe(max(0.0, wall() - event_time_ms(batch[-1]) / 1000), n)
                 self.last_event_at = received_at[index]
+                self.videodb_alerts += count_on(batch, ALERT_NAMES)
             tap = self.tap
             if tap is not None:
                 tap.publish(0, batch)

@@ -102,7 +102,9 @@ function render(s) {
     body.append(tr);
   }
   if (s.sinks.length) { graph.append(el("div", "arrow", "→")); graph.append(fan); }
-  $("totals").textContent = `rule alerts ${fmt(s.alerts_fired)} · dead-lettered ${fmt(s.dead_lettered)}` +
+  $("totals").textContent = `rule alerts ${fmt(s.alerts_fired)}` +
+    (s.videodb_alerts != null ? ` · videodb alerts ${fmt(s.videodb_alerts)}` : "") +
+    ` · dead-lettered ${fmt(s.dead_lettered)}` +
     (s.lost ? ` · LOST ${fmt(s.lost)} (could not be dead-lettered)` : "") +
     (s.dead_letter_full ? ` · NOT DEAD-LETTERED ${fmt(s.dead_letter_full)} (the dead-letter file is full)` : "");
 
