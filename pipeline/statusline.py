@@ -43,6 +43,9 @@ def status_fields(view: Any, rate: float) -> dict[str, Any]:
     if snap["quiet_for"] is not None:
         fields["quiet_for"] = snap["quiet_for"]
     fields["queues"] = {s["name"]: s["queue"] for s in snap["sinks"]}
+    stuck = {s["name"]: s["writing_for"] for s in snap["sinks"] if s.get("writing_for") is not None}
+    if stuck:
+        fields["writing_for"] = stuck
     live = snap["source"]
     if live is not None and live["connected"] is not None:
         fields["websocket"] = "connected" if live["connected"] else "disconnected"
@@ -72,6 +75,8 @@ def format_status(f: dict[str, Any]) -> str:
         parts.append(f"no events for {f['quiet_for']:.0f}s")
     if f["queues"]:
         parts.append("queued " + " ".join(f"{k}={v}" for k, v in f["queues"].items()))
+    for name, secs in f.get("writing_for", {}).items():
+        parts.append(f"{name} writing one batch for {secs:.0f}s")
     for key in ("websocket", "session"):
         if key in f:
             parts.append(f"{key} {f[key]}")

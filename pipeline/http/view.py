@@ -16,6 +16,7 @@ from pipeline.stats import Histogram
 SNAPSHOT_TEXT = 1000  # characters of an event-made string in the status snapshot (an alert's text, its `ts`)
 SNAPSHOT_ITEMS = 50  # items of a list or mapping in it, three levels deep
 QUIET_SHOWN = 5.0  # seconds without an event after which the views say so next to the lag
+SINK_STALE_SHOWN = 5.0  # seconds after which the views say how old a sink's latency is, or how long it has written
 SNAPSHOT_CHARS = 8000  # characters of strings and keys per alert in all (its text, ids, label come first)
 
 
@@ -138,6 +139,23 @@ class View:
         lat = getattr(self.rt, "latency", None)
         return lat[i] if lat else None
 
+    def _since(self, name: str, i: int) -> float | None:
+        """Seconds since the runtime's monotonic stamp `name[i]`, once that is SINK_STALE_SHOWN or more."""
+        stamps = getattr(self.rt, name, None)
+        t = stamps[i] if stamps is not None and i < len(stamps) else None
+        age = None if t is None else time.monotonic() - t
+        return round(age, 3) if age is not None and age >= SINK_STALE_SHOWN else None
+
+    def writing_for(self, i: int) -> float | None:
+        """Seconds the batch now in sink `i` has been there, once that is SINK_STALE_SHOWN or more (a stuck sink:
+        its `latency` is that of the batch before, and said nothing of the one that does not finish)."""
+        return self._since("writing_since", i)
+
+    def latency_age(self, i: int) -> float | None:
+        """Seconds since sink `i`'s `latency` was taken (its last batch written), once SINK_STALE_SHOWN or more:
+        the views showed it as if current after the sink had written nothing for an hour."""
+        return self._since("latency_at", i)
+
     @property
     def lag(self) -> Histogram | None:
         return getattr(self.rt, "lag", None)
@@ -207,7 +225,9 @@ class View:
                           "name": slot.stats.name, "in": slot.stats.received, "written": self.written(i),
                           "errors": slot.stats.errors, "queue": self.queue_depth(i),
                           "queue_size": self.queue_capacity(i), "spool_bytes": self.spool_bytes(i),
-                          "latency": round(lat.last, 4) if lat and lat.count else None})
+                          "latency": round(lat.last, 4) if lat and lat.count else None,
+                          "latency_age": self.latency_age(i) if lat and lat.count else None,
+                          "writing_for": self.writing_for(i)})
         session_id, state = self.session_state()
         api = self.api_sessions()
         gaps = self.gaps()

@@ -60,6 +60,18 @@ def _secs(s: float | None) -> str:
     return f"{s * 1000:.1f}ms" if s < 1 else f"{s:.1f}s"
 
 
+def _latency(sink: dict[str, Any]) -> Any:
+    """The latency cell: `writing 42s` while a batch has been in the sink that long, else the last batch's
+    latency with its age once it is a few seconds old (`12.0ms, 300s ago`)."""
+    from rich.text import Text
+
+    if sink.get("writing_for") is not None:
+        return Text(f"writing {sink['writing_for']:.0f}s", style="yellow")
+    if sink.get("latency_age") is not None and sink.get("latency") is not None:
+        return Text(f"{_secs(sink['latency'])}, {sink['latency_age']:.0f}s ago")
+    return Text(_secs(sink.get("latency")))
+
+
 def _clock(event: dict[str, Any]) -> str:
     """HH:MM:SS (UTC) of the event's receipt stamp."""
     ts = event.get("ts")
@@ -120,7 +132,7 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
     for k in snap["sinks"]:
         t.add_row(cell(k["name"]), f"{rates.get('in:' + k['name'], 0):.1f}",
                   f"{rates.get('out:' + k['name'], 0):.1f}", str(k["in"]), str(k["written"]), "",
-                  str(k["queue"]), _secs(k.get("latency")),
+                  str(k["queue"]), _latency(k),
                   Text(str(k["errors"]), style="red" if k["errors"] else ""))
     parts: list[Any] = [head, t]
     if snap["alerts"]:

@@ -71,6 +71,8 @@ class LocalRuntime:
         self.tap: Any = None  # a TapHub while a tap client is attached, else None (one check per batch)
         self.lag = Histogram(LAG_BUCKETS)  # now - event time of each batch's newest event, at ingest
         self.latency = [Histogram(LATENCY_BUCKETS) for _ in built.sinks]  # receipt -> written, per sink
+        self.latency_at: list[float | None] = [None] * len(built.sinks)  # monotonic time `latency[i].last` was taken
+        self.writing_since: list[float | None] = [None] * len(built.sinks)  # when the batch in sink i went in
         self.received_at: dict[int, float] = {}  # batch index -> monotonic receipt time (the last RECEIPTS)
         self.last_event_at: float | None = None  # monotonic receipt time of the newest event (`lag` is its lag)
         self.videodb_alerts = 0  # events the source passed on on the alert channel (VideoDB's own, not rules')
@@ -254,6 +256,7 @@ class LocalRuntime:
             batch = item.batch
             if batch and not failed:
                 self._writing[i] = item
+                self.writing_since[i] = time.monotonic()
                 try:
                     await slot.sink.write(batch)
                     if buf.durable:  # acknowledged in the spool only once durable (not just in a sink's queue)
@@ -272,12 +275,15 @@ class LocalRuntime:
                     continue
                 finally:
                     self._writing[i] = None
+                    self.writing_since[i] = None
                 slot.stats.sent += len(batch)
                 if self.b.dead_letter.lost and self.error is None:  # the sink could not dead-letter one event
                     self._fail(StageError(f"{self.b.dead_letter.failure}; events are being lost: stopping"))
                 t = self.received_at.get(item.index)
                 if t is not None:  # (not for batches spooled by an earlier run)
-                    self.latency[i].observe(time.monotonic() - t, len(batch))
+                    now = time.monotonic()
+                    self.latency[i].observe(now - t, len(batch))
+                    self.latency_at[i] = now
                 tap = self.tap
                 if tap is not None:
                     tap.publish(-1 - i, batch)  # sink i is tap point -1-i
