@@ -43,6 +43,9 @@ def status_fields(view: Any, rate: float) -> dict[str, Any]:
     if snap["quiet_for"] is not None:
         fields["quiet_for"] = snap["quiet_for"]
     fields["queues"] = {s["name"]: s["queue"] for s in snap["sinks"]}
+    stuck = {s["name"]: s["writing_for"] for s in snap["sinks"] if s.get("writing_for") is not None}
+    if stuck:
+        fields["writing_for"] = stuck
     live = snap["source"]
     if live is not None and live["connected"] is not None:
         fields["websocket"] = "connected" if live["connected"] else "disconnected"
@@ -55,6 +58,8 @@ def status_fields(view: Any, rate: float) -> dict[str, Any]:
     if snap.get("sessions") is not None:  # the session API's
         fields["sessions"] = snap["sessions"]["live"]
     fields["alerts"] = snap["alerts_fired"]
+    if snap["videodb_alerts"] is not None:
+        fields["videodb_alerts"] = snap["videodb_alerts"]
     fields["dead_lettered"] = snap["dead_lettered"]
     fields["lost"] = snap["lost"]
     fields["dead_letter_full"] = snap.get("dead_letter_full", 0)
@@ -70,6 +75,8 @@ def format_status(f: dict[str, Any]) -> str:
         parts.append(f"no events for {f['quiet_for']:.0f}s")
     if f["queues"]:
         parts.append("queued " + " ".join(f"{k}={v}" for k, v in f["queues"].items()))
+    for name, secs in f.get("writing_for", {}).items():
+        parts.append(f"{name} writing one batch for {secs:.0f}s")
     for key in ("websocket", "session"):
         if key in f:
             parts.append(f"{key} {f[key]}")
@@ -80,7 +87,9 @@ def format_status(f: dict[str, Any]) -> str:
         parts.append(f"sessions {f['sessions']} live")
     if f.get("reconnects"):
         parts.append(f"reconnects {f['reconnects']}")
-    parts.append(f"rule alerts {f['alerts']}")  # made by rules stages: VideoDB's own alerts are not counted
+    parts.append(f"rule alerts {f['alerts']}")  # made by rules stages; VideoDB's own come next
+    if "videodb_alerts" in f:
+        parts.append(f"videodb alerts {f['videodb_alerts']}")
     if f["dead_lettered"]:
         parts.append(f"dead-lettered {f['dead_lettered']}")
     if f["lost"]:

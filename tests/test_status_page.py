@@ -13,6 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
+import pipeline.http.view as view_module
 from tests.browser import browser_page
 from tests.operator_harness import config, replay_file, served
 
@@ -107,6 +110,41 @@ def test_event_text_is_never_html(tmp_path: Path) -> None:
         page.wait_for_selector("#alerts tbody tr.alert-row", timeout=10_000)
         assert evil in (page.locator("#alerts tbody tr.alert-row td").nth(4).text_content() or "")
         assert page.evaluate("window.pwned") is None
+
+
+def test_status_page_counts_videodb_alerts_beside_rule_alerts(tmp_path: Path) -> None:
+    """Before: the totals said `rule alerts 1` only: VideoDB's own alerts (3 here) showed nowhere on the page."""
+    events = tmp_path / "in.jsonl"
+    lines = [{"channel": "alert", "unix_ts": 1700000000.0 + i, "data": {"text": f"alert {i}"}} for i in range(3)]
+    lines.append({"channel": "transcript", "unix_ts": 1700000009.0, "data": {"text": "password", "start": 1}})
+    events.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    with pipeline_in_thread(config(tmp_path, events), to_the_end=True) as base, browser_page() as page:
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('totals').textContent.includes('videodb alerts 3')",
+                               timeout=10_000)
+        assert (page.locator("#totals").text_content() or "").startswith("rule alerts 1 · videodb alerts 3")
+
+
+def test_status_page_says_a_batch_is_stuck_in_a_sink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the latency cell of a sink stuck on its first batch said nothing (a dash), as for an idle sink."""
+    monkeypatch.setattr(view_module, "SINK_STALE_SHOWN", 0.3, raising=False)  # (not raising: runs on older code)
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    hold = tmp_path / "gated.hold"
+    hold.write_text("")
+    gated = f'  - {{type: "tests.slow_sink:GatedSink", path: {tmp_path}/gated, delay: 0}}'
+    with pipeline_in_thread(config(tmp_path, events, sinks=gated), to_the_end=False) as base, browser_page() as page:
+        try:  # (the hold goes before the pipeline stops, else the stop waits drain_timeout)
+            page.goto(base + "/")
+            cell = page.wait_for_function("""() => {
+                    for (const row of document.querySelectorAll('#sinks tbody tr')) {
+                        const cells = [...row.querySelectorAll('td')].map((td) => td.textContent);
+                        if (cells[0].endsWith('GatedSink') && cells[4].startsWith('writing ')) return cells[4];
+                    }
+                    return null;
+                }""", timeout=10_000).json_value()
+            assert re.fullmatch(r"writing \d+(\.\d)? (ms|s)", cell), cell
+        finally:
+            hold.unlink()
 
 
 def test_status_page_shows_websocket_and_capture_session_state(tmp_path: Path) -> None:

@@ -131,6 +131,12 @@ class PipelineCollector:
             for (rule, severity), n in sorted(p.fired_by.items()):
                 alerts.add_metric([name, p.context.stage, rule, severity], n)
         yield alerts
+        theirs = v.videodb_alerts()
+        if theirs is not None:
+            va = CounterMetricFamily(P + "videodb_alerts", "Events the source passed on on the alert channel: "
+                                     "VideoDB's own alerts (alerts_fired counts the rules stage's)", labels=base)
+            va.add_metric([name], theirs)
+            yield va
 
         yield from self._live(v)
 

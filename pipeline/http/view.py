@@ -16,6 +16,7 @@ from pipeline.stats import Histogram
 SNAPSHOT_TEXT = 1000  # characters of an event-made string in the status snapshot (an alert's text, its `ts`)
 SNAPSHOT_ITEMS = 50  # items of a list or mapping in it, three levels deep
 QUIET_SHOWN = 5.0  # seconds without an event after which the views say so next to the lag
+SINK_STALE_SHOWN = 5.0  # seconds after which the views say how old a sink's latency is, or how long it has written
 SNAPSHOT_CHARS = 8000  # characters of strings and keys per alert in all (its text, ids, label come first)
 
 
@@ -138,6 +139,23 @@ class View:
         lat = getattr(self.rt, "latency", None)
         return lat[i] if lat else None
 
+    def _since(self, name: str, i: int) -> float | None:
+        """Seconds since the runtime's monotonic stamp `name[i]`, once that is SINK_STALE_SHOWN or more."""
+        stamps = getattr(self.rt, name, None)
+        t = stamps[i] if stamps is not None and i < len(stamps) else None
+        age = None if t is None else time.monotonic() - t
+        return round(age, 3) if age is not None and age >= SINK_STALE_SHOWN else None
+
+    def writing_for(self, i: int) -> float | None:
+        """Seconds the batch now in sink `i` has been there, once that is SINK_STALE_SHOWN or more (a stuck sink:
+        its `latency` is that of the batch before, and said nothing of the one that does not finish)."""
+        return self._since("writing_since", i)
+
+    def latency_age(self, i: int) -> float | None:
+        """Seconds since sink `i`'s `latency` was taken (its last batch written), once SINK_STALE_SHOWN or more:
+        the views showed it as if current after the sink had written nothing for an hour."""
+        return self._since("latency_at", i)
+
     @property
     def lag(self) -> Histogram | None:
         return getattr(self.rt, "lag", None)
@@ -153,6 +171,12 @@ class View:
         t = getattr(self.rt, "last_event_at", None)
         age = None if t is None else time.monotonic() - t
         return round(age, 3) if age is not None and age >= QUIET_SHOWN else None
+
+    def videodb_alerts(self) -> int | None:
+        """Events the source passed on on the alert channel (VideoDB's own alerts); None when the runtime does not
+        count them. Alerts rules make are `alerts_fired`."""
+        n = getattr(self.rt, "videodb_alerts", None)
+        return n if isinstance(n, int) else None
 
     def gaps(self) -> Any:
         return getattr(self.built.session, "gaps", None)
@@ -201,7 +225,9 @@ class View:
                           "name": slot.stats.name, "in": slot.stats.received, "written": self.written(i),
                           "errors": slot.stats.errors, "queue": self.queue_depth(i),
                           "queue_size": self.queue_capacity(i), "spool_bytes": self.spool_bytes(i),
-                          "latency": round(lat.last, 4) if lat and lat.count else None})
+                          "latency": round(lat.last, 4) if lat and lat.count else None,
+                          "latency_age": self.latency_age(i) if lat and lat.count else None,
+                          "writing_for": self.writing_for(i)})
         session_id, state = self.session_state()
         api = self.api_sessions()
         gaps = self.gaps()
@@ -233,7 +259,8 @@ class View:
             "stages": stages, "sinks": sinks,
             "lag": round(lag.last, 3) if lag is not None and lag.count else None,
             "quiet_for": self.quiet_for(),
-            "alerts_fired": b.chain.alerts_fired, "dead_lettered": b.dead_letter.count,
+            "alerts_fired": b.chain.alerts_fired, "videodb_alerts": self.videodb_alerts(),
+            "dead_lettered": b.dead_letter.count,
             "lost": b.dead_letter.lost, "dead_letter_full": b.dead_letter.full,
             "alerts": [brief(a) for a in alerts[-20:]], "loop_lag": round(self.loop_lag, 4),
             "tap": {"clients": tap.client_count, "dropped": tap.dropped} if tap is not None else None,

@@ -60,6 +60,18 @@ def _secs(s: float | None) -> str:
     return f"{s * 1000:.1f}ms" if s < 1 else f"{s:.1f}s"
 
 
+def _latency(sink: dict[str, Any]) -> Any:
+    """The latency cell: `writing 42s` while a batch has been in the sink that long, else the last batch's
+    latency with its age once it is a few seconds old (`12.0ms, 300s ago`)."""
+    from rich.text import Text
+
+    if sink.get("writing_for") is not None:
+        return Text(f"writing {sink['writing_for']:.0f}s", style="yellow")
+    if sink.get("latency_age") is not None and sink.get("latency") is not None:
+        return Text(f"{_secs(sink['latency'])}, {sink['latency_age']:.0f}s ago")
+    return Text(_secs(sink.get("latency")))
+
+
 def _clock(event: dict[str, Any]) -> str:
     """HH:MM:SS (UTC) of the event's receipt stamp."""
     ts = event.get("ts")
@@ -100,8 +112,10 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
     if snap.get("quiet_for") is not None:
         head.append(f" (no events for {snap['quiet_for']:.0f}s)", style="yellow")
     head.append(f"  up {snap['uptime']:.0f}s")
-    head.append(f"  rule alerts {snap['alerts_fired']}  dead-lettered {snap['dead_lettered']}",
-                style="red" if snap["dead_lettered"] else "")
+    head.append(f"  rule alerts {snap['alerts_fired']}")
+    if isinstance(snap.get("videodb_alerts"), int):  # (absent from an older pipeline's status)
+        head.append(f"  videodb alerts {snap['videodb_alerts']}")
+    head.append(f"  dead-lettered {snap['dead_lettered']}", style="red" if snap["dead_lettered"] else "")
     if snap.get("lost"):  # (absent from an older pipeline's status)
         head.append(f"  LOST {snap['lost']}", style="bold red")
     if snap.get("dead_letter_full"):
@@ -118,7 +132,7 @@ def render(snap: dict[str, Any], rates: dict[str, float]) -> Any:
     for k in snap["sinks"]:
         t.add_row(cell(k["name"]), f"{rates.get('in:' + k['name'], 0):.1f}",
                   f"{rates.get('out:' + k['name'], 0):.1f}", str(k["in"]), str(k["written"]), "",
-                  str(k["queue"]), _secs(k.get("latency")),
+                  str(k["queue"]), _latency(k),
                   Text(str(k["errors"]), style="red" if k["errors"] else ""))
     parts: list[Any] = [head, t]
     if snap["alerts"]:

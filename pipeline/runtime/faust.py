@@ -42,7 +42,7 @@ from pipeline.runtime.faust_recovery import rereading_recovery, table_manager
 from pipeline.runtime.faust_seek import read_from_seek
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
 from pipeline.runtime.faust_stop import DrainClock, StopCommits, bounded_at_stop, bounded_producer, give_up
-from pipeline.runtime.sink_start import close_limit, start_within
+from pipeline.runtime.sink_start import close_limit, naming, start_within
 from pipeline.types import parse_duration
 
 log = logging.getLogger("pipeline.runtime.faust")
@@ -235,7 +235,10 @@ class Worker:
             self._started = True
             self.built.dead_letter.check()
             for slot in self.built.sinks:
-                why = await start_within(slot.sink)
+                try:
+                    why = await start_within(slot.sink)
+                except Exception as exc:  # a file it cannot open: one line naming the sink
+                    raise naming(slot.stats.name, exc) from None
                 if why is not None:
                     raise StageError(f"{slot.stats.name}: {why} (the sink's `start_timeout` option sets the wait)")
             self.sinks_started = True

@@ -23,7 +23,7 @@ from typing import Any
 from pipeline.build import Built, SinkSlot
 from pipeline.contracts import checked_batches, ours
 from pipeline.errors import PipelineError, SinkFailed, StageError
-from pipeline.events import Batch, event_time_ms
+from pipeline.events import ALERT_NAMES, Batch, count_on, event_time_ms
 from pipeline.runtime import hup
 from pipeline.runtime.buffers import (
     DiskBuffer,
@@ -35,7 +35,7 @@ from pipeline.runtime.buffers import (
     spool_root,
 )
 from pipeline.runtime.reload import Reloader
-from pipeline.runtime.sink_start import DEFAULT_CLOSE_TIMEOUT, close_limit, start_within
+from pipeline.runtime.sink_start import DEFAULT_CLOSE_TIMEOUT, close_limit, naming, start_within
 from pipeline.state.spool import Damage, undelivered_bytes
 from pipeline.stats import LAG_BUCKETS, LATENCY_BUCKETS, Histogram
 
@@ -71,8 +71,11 @@ class LocalRuntime:
         self.tap: Any = None  # a TapHub while a tap client is attached, else None (one check per batch)
         self.lag = Histogram(LAG_BUCKETS)  # now - event time of each batch's newest event, at ingest
         self.latency = [Histogram(LATENCY_BUCKETS) for _ in built.sinks]  # receipt -> written, per sink
+        self.latency_at: list[float | None] = [None] * len(built.sinks)  # monotonic time `latency[i].last` was taken
+        self.writing_since: list[float | None] = [None] * len(built.sinks)  # when the batch in sink i went in
         self.received_at: dict[int, float] = {}  # batch index -> monotonic receipt time (the last RECEIPTS)
         self.last_event_at: float | None = None  # monotonic receipt time of the newest event (`lag` is its lag)
+        self.videodb_alerts = 0  # events the source passed on on the alert channel (VideoDB's own, not rules')
         self.sinks_started = False
         self.source_running = False
         self._ingest_task: asyncio.Task[None] | None = None
@@ -188,6 +191,7 @@ class LocalRuntime:
             if n:
                 lag.observe(max(0.0, wall() - event_time_ms(batch[-1]) / 1000), n)
                 self.last_event_at = received_at[index]
+                self.videodb_alerts += count_on(batch, ALERT_NAMES)
             tap = self.tap
             if tap is not None:
                 tap.publish(0, batch)
@@ -252,6 +256,7 @@ class LocalRuntime:
             batch = item.batch
             if batch and not failed:
                 self._writing[i] = item
+                self.writing_since[i] = time.monotonic()
                 try:
                     await slot.sink.write(batch)
                     if buf.durable:  # acknowledged in the spool only once durable (not just in a sink's queue)
@@ -270,12 +275,15 @@ class LocalRuntime:
                     continue
                 finally:
                     self._writing[i] = None
+                    self.writing_since[i] = None
                 slot.stats.sent += len(batch)
                 if self.b.dead_letter.lost and self.error is None:  # the sink could not dead-letter one event
                     self._fail(StageError(f"{self.b.dead_letter.failure}; events are being lost: stopping"))
                 t = self.received_at.get(item.index)
                 if t is not None:  # (not for batches spooled by an earlier run)
-                    self.latency[i].observe(time.monotonic() - t, len(batch))
+                    now = time.monotonic()
+                    self.latency[i].observe(now - t, len(batch))
+                    self.latency_at[i] = now
                 tap = self.tap
                 if tap is not None:
                     tap.publish(-1 - i, batch)  # sink i is tap point -1-i
@@ -380,10 +388,8 @@ class LocalRuntime:
         for slot in self.b.sinks:
             try:
                 why = await start_within(slot.sink, self._stop_requested)
-            except PipelineError:
-                raise
-            except Exception as exc:  # a plugin's connect error: say which sink, not "cannot write its output"
-                raise StageError(f"{slot.stats.name}: start() failed: {exc or type(exc).__name__}") from None
+            except Exception as exc:  # a file it cannot open, a plugin's connect error: which sink, in one line
+                raise naming(slot.stats.name, exc) from None
             if why is not None:
                 if self._stopping:
                     return False

@@ -11,6 +11,7 @@ import asyncio
 from typing import Any
 
 from pipeline.api import Sink
+from pipeline.errors import PipelineError, StageError
 
 #: how long a sink may take to start (a sink's own `start_timeout` option wins): a run waits this long before
 #: it fails, a reload before it keeps the previous options
@@ -62,3 +63,17 @@ async def start_within(sink: Sink, stop: asyncio.Event | None = None) -> str | N
     if stop is not None and stop.is_set():
         return "stopped while starting"
     return f"start() did not finish within {limit:g}s"
+
+
+def naming(name: str, exc: BaseException) -> PipelineError:
+    """A sink's start error as one line that names the sink (`sinks[1]:jsonl: ...`), with the error's exit code.
+
+    Why: a file the sink cannot open (`/x/out.jsonl: refusing to write through a symlink`) gave no clue which
+    of several sinks it was; an error that names it already is kept as it is.
+    """
+    text = str(exc) if isinstance(exc, PipelineError) else f"start() failed: {exc or type(exc).__name__}"
+    if isinstance(exc, PipelineError) and name in text:
+        return exc
+    err = StageError(f"{name}: {text}")
+    err.exit_code = exc.exit_code if isinstance(exc, PipelineError) else StageError.exit_code
+    return err

@@ -444,6 +444,29 @@ async def test_events_cannot_make_the_kafka_sink_create_topics_without_end(
     assert "already sends to max_topics=3 topics" in dead[0]["reason"]
 
 
+async def test_a_worker_whose_sink_cannot_open_its_file_names_the_sink_in_its_one_line(
+        kafka_broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+    """Before: `pipeline: /x/a-file: cannot create directory: Not a directory`, not which sink of the config."""
+    name = f"sinkpath{os.getpid()}"
+    cfg = gated_config(tmp_path, kafka_broker, name, tmp_path / "out/lines.jsonl")
+    (tmp_path / "a-file").write_text("")
+    doc = yaml.safe_load(cfg.read_text())
+    doc["sinks"].append({"type": "jsonl", "path": str(tmp_path / "a-file/out.jsonl")})
+    cfg.write_text(yaml.safe_dump(doc))
+    proc = await asyncio.create_subprocess_exec(*CLI, "worker", str(cfg), "--session-timeout", "3s", cwd=tmp_path,
+                                                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+    text = out.decode()
+    assert proc.returncode == 1, text[-3000:]
+    assert "Traceback" not in text and text.strip().splitlines()[-1] == (
+        f"pipeline: sinks[1]:jsonl: {tmp_path / 'a-file'}: cannot create directory: Not a directory"), text[-3000:]
+
+
 async def test_a_worker_whose_dead_letter_path_is_unusable_stops_with_one_line(
         kafka_broker: Broker, tmp_path: Path) -> None:  # noqa: F811
     """Before: the agent crashed on it ("Crashed reason=StageError(...)") and the worker ran on, reading

@@ -21,6 +21,14 @@ function el(tag, cls, text) {
 }
 const fmt = (n) => (n === null || n === undefined) ? "–" : Number(n).toLocaleString("en-US");
 const rate = (n) => n >= 100 ? Math.round(n).toLocaleString("en-US") : n.toFixed(1);
+// a sink's latency cell: how long a batch has been in it when that is a while (stuck), else the last batch's
+// latency, with its age once it is a few seconds old (it is not current)
+function latency(k) {
+  if (k.writing_for != null) return "writing " + secs(k.writing_for);
+  if (k.latency_age != null && k.latency != null) return secs(k.latency) + ", " + secs(k.latency_age) + " ago";
+  return secs(k.latency);
+}
+
 function secs(s) {
   if (s === null || s === undefined) return "–";
   if (s < 0.01) return (s * 1000).toFixed(1) + " ms";
@@ -97,12 +105,14 @@ function render(s) {
     fan.append(node(k.name, "sink", r, `written ${fmt(k.written)} · queued ${fmt(k.queue)}`));
     const tr = el("tr");
     tr.append(el("td", "mono", k.name), el("td", "num", fmt(k.written)), el("td", "num", rate(r)),
-              el("td", "num", fmt(k.queue)), el("td", "num", secs(k.latency)),
+              el("td", "num", fmt(k.queue)), el("td", "num", latency(k)),
               el("td", "num", fmt(k.errors)), el("td", "num", k.spool_bytes === null ? "–" : fmt(k.spool_bytes) + " B"));
     body.append(tr);
   }
   if (s.sinks.length) { graph.append(el("div", "arrow", "→")); graph.append(fan); }
-  $("totals").textContent = `rule alerts ${fmt(s.alerts_fired)} · dead-lettered ${fmt(s.dead_lettered)}` +
+  $("totals").textContent = `rule alerts ${fmt(s.alerts_fired)}` +
+    (s.videodb_alerts != null ? ` · videodb alerts ${fmt(s.videodb_alerts)}` : "") +
+    ` · dead-lettered ${fmt(s.dead_lettered)}` +
     (s.lost ? ` · LOST ${fmt(s.lost)} (could not be dead-lettered)` : "") +
     (s.dead_letter_full ? ` · NOT DEAD-LETTERED ${fmt(s.dead_letter_full)} (the dead-letter file is full)` : "");
 
