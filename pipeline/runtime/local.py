@@ -263,7 +263,7 @@ class LocalRuntime:
                         await slot.sink.flush()
                 except (Exception, SystemExit) as exc:  # a plugin's sys.exit(): ended the run with 0, batches lost
                     failed = True
-                    self._fail(exc if isinstance(exc, PipelineError) else
+                    self._fail(naming(slot.stats.name, exc) if isinstance(exc, PipelineError) else
                                StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}"))
                     if isinstance(exc, SinkFailed):  # the sink dead-lettered this batch itself
                         buf.taken(item)

@@ -66,10 +66,12 @@ async def start_within(sink: Sink, stop: asyncio.Event | None = None) -> str | N
 
 
 def naming(name: str, exc: BaseException) -> PipelineError:
-    """A sink's start error as one line that names the sink (`sinks[1]:jsonl: ...`), with the error's exit code.
+    """A sink's start or write error as one line that names the sink (`sinks[1]:jsonl: ...`), with the error's
+    exit code.
 
-    Why: a file the sink cannot open (`/x/out.jsonl: refusing to write through a symlink`) gave no clue which
-    of several sinks it was; an error that names it already is kept as it is.
+    Why: a file the sink cannot open or write (`/x/out.jsonl: refusing to write through a symlink`, `/x/out.jsonl:
+    cannot write: No space left on device`) gave no clue which of several sinks it was; an error that names it
+    already is kept as it is.
     """
     text = str(exc) if isinstance(exc, PipelineError) else f"start() failed: {exc or type(exc).__name__}"
     if isinstance(exc, PipelineError) and name in text:

@@ -145,7 +145,8 @@ def test_sigterm_under_full_load_every_event_in_every_sink(tmp_path: Path, flood
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_disk_full_is_one_clear_line(tmp_path: Path) -> None:
-    """A real ENOSPC (/dev/full): one line naming the path, exit 1, no traceback, events dead-lettered."""
+    """A real ENOSPC (/dev/full): one line naming the sink and the path (before, only the path: which of several
+    sinks?), exit 1, no traceback, events dead-lettered."""
     mode = Path("/dev/full").stat().st_mode
     src = tmp_path / "in.jsonl"
     src.write_bytes(b"".join(orjson.dumps({"channel": "transcript", "id": i}) + b"\n" for i in range(20_000)))
@@ -161,7 +162,7 @@ dead_letter: {tmp_path}/dead.jsonl
                          text=True, timeout=60)
     assert res.returncode == 1
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("pipeline:")]
-    assert errors == ["pipeline: /dev/full: cannot write: No space left on device"], res.stderr
+    assert errors == ["pipeline: sinks[0]:jsonl: /dev/full: cannot write: No space left on device"], res.stderr
     assert "Traceback" not in res.stderr
     # every event read: in the healthy sink, and (the /dev/full sink's share, buffered ones included) dead-lettered
     ok = [e["id"] for e in read_jsonl(tmp_path / "ok.jsonl")]
