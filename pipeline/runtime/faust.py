@@ -427,12 +427,12 @@ class Worker:
         if self.built.dead_letter.count:
             log.warning("worker %d: dead-lettered %d -> %s", os.getpid(), self.built.dead_letter.count,
                         self.built.dead_letter.path)
-        if self.built.dead_letter.full:
-            log.warning("worker %d: %d reject(s) not dead-lettered: %s", os.getpid(), self.built.dead_letter.full,
-                        self.built.dead_letter.full_reason)
+        for line in self.built.dead_letter.summary_lines():  # LOST N, NOT DEAD-LETTERED N: as `pipeline run`
+            log.warning("worker %d: %s", os.getpid(), line)
 
     def run(self, loglevel: str, logformat: str = "text") -> int:
-        """Run until SIGINT/SIGTERM (exit 0) or a stage error (its exit code)."""
+        """Run until SIGINT/SIGTERM (exit 0) or a stage error (its exit code); exit 1 after SIGINT/SIGTERM too
+        when events were LOST, rejects were not dead-lettered, or the last offsets did not reach the broker."""
         import faust
 
         from pipeline.logs import formatter
@@ -461,6 +461,9 @@ class Worker:
         shutil.rmtree(self.datadir, ignore_errors=True)  # tables live in the changelog, nothing to keep
         if self.error is not None:
             raise self.error
+        # events LOST, or rejects a full dead-letter file left out: never exit 0, as `pipeline run`
+        if (unkept := self.built.dead_letter.unkept()) is not None:
+            raise StageError(f"worker: {unkept}")
         if self.commits.failed:
             raise StageError(f"worker: the broker did not take this worker's offsets within {self.commits.timeout:g}s "
                              "at stop; the next worker processes again what it handled since its last commit")
