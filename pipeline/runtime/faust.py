@@ -41,7 +41,14 @@ from pipeline.runtime.faust_offsets import commit_before_revoke
 from pipeline.runtime.faust_recovery import rereading_recovery, table_manager
 from pipeline.runtime.faust_seek import read_from_seek
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
-from pipeline.runtime.faust_stop import DrainClock, StopCommits, bounded_at_stop, bounded_producer, give_up
+from pipeline.runtime.faust_stop import (
+    DrainClock,
+    StopCommits,
+    bounded_at_stop,
+    bounded_producer,
+    give_up,
+    one_line_abandoned_request,
+)
 from pipeline.runtime.sink_start import close_limit, start_within
 from pipeline.types import parse_duration
 
@@ -481,11 +488,12 @@ def _our_log_handlers(fmt: logging.Formatter) -> None:
 
 def _worker_log_filter(record: logging.LogRecord) -> bool:
     """Mask secrets in the message; drop the traceback faust adds to the error that stops a worker, since
-    ours are one line (a full disk, a bad path)."""
+    ours are one line (a full disk, a bad path), and asyncio's for a Kafka request given up at stop."""
     exc = record.exc_info[1] if record.exc_info else None
     if isinstance(exc, PipelineError):
         record.exc_info = None
         record.exc_text = None
+    one_line_abandoned_request(record)
     message = record.getMessage()
     masked = secrets.mask(message)
     if masked != message:
