@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import stat
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -119,4 +120,39 @@ def remove_stale(directory: Path, pattern: re.Pattern[str] = PRIVATE_TMP,
         os.close(dir_fd)
     if removed:
         log.info("%s: removed %d temporary file(s) a killed run left behind", directory, len(removed))
+    return removed
+
+
+def remove_stale_dirs(directory: Path, prefix: str) -> list[str]:
+    """Remove the directories `<prefix><pid>` in `directory` whose process is provably gone (a faust worker's
+    `<host>-<pid>` data directory, left by a `kill -9`; a clean stop removes its own); returns their names."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | _DIRECTORY | _NOFOLLOW)
+    except OSError:
+        return []
+    removed: list[str] = []
+    try:
+        with os.scandir(dir_fd) as entries:
+            found = [e.name for e in entries]
+        for name in found:
+            pid = name[len(prefix):]
+            if not name.startswith(prefix) or not pid.isdigit() or len(pid) > 10:
+                continue
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and writer_gone(int(pid), st.st_mtime):
+                try:
+                    shutil.rmtree(name, dir_fd=dir_fd)  # symlinks inside are removed, never followed
+                    removed.append(name)
+                except OSError as exc:
+                    log.warning("%s/%s: cannot remove a stopped worker's directory: %s", directory, name,
+                                exc.strerror or exc)
+    except OSError as exc:
+        log.warning("%s: cannot look for stopped workers' directories: %s", directory, exc.strerror or exc)
+    finally:
+        os.close(dir_fd)
+    if removed:
+        log.info("%s: removed %d directory(ies) of workers killed before they stopped", directory, len(removed))
     return removed

@@ -50,6 +50,7 @@ from pipeline.runtime.faust_stop import (
     one_line_abandoned_request,
 )
 from pipeline.runtime.sink_start import close_limit, start_within
+from pipeline.stale import remove_stale_dirs
 from pipeline.types import parse_duration
 
 log = logging.getLogger("pipeline.runtime.faust")
@@ -118,6 +119,7 @@ class Worker:
         self.cursor = PartitionCursor()
         partitions = cfg.runtime.partitions
         datadir = workers_dir / f"{socket.gethostname()}-{os.getpid()}"
+        remove_stale_dirs(workers_dir, f"{socket.gethostname()}-")  # left by workers killed on this host
         ensure_private_dir(datadir)
         self.datadir = datadir
         runtime = self

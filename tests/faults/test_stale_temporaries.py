@@ -6,11 +6,14 @@ Real processes killed with SIGKILL at the worst moment (a state file half writte
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -18,7 +21,10 @@ import pytest
 
 from pipeline.stale import remove_stale
 from pipeline.state import prepare, release
+from tests.broker import Broker, kafka_broker  # noqa: F401
+from tests.faults.test_faust_attacks import gated_config
 from tests.procs import ROOT, finish, pipeline_run
+from tests.test_faust_runtime import Workers
 
 pytestmark = pytest.mark.timeout(30)
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -211,3 +217,35 @@ def test_the_session_store_leaves_a_live_writers_temporary(tmp_path: Path) -> No
     finally:
         live.kill()
         live.wait()
+
+
+async def test_the_directory_of_a_worker_killed_with_sigkill_goes_when_the_next_worker_starts(
+        kafka_broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+    """Before: `workers/<host>-<pid>/` (faust's data directory) was removed only by a clean stop, so each worker
+    killed left one for ever. A live worker's directory (here: this test's own pid) stays."""
+    cfg = gated_config(tmp_path, kafka_broker, f"stale{os.getpid()}", tmp_path / "out/lines.jsonl")
+    workers = Workers(cfg, tmp_path, {**os.environ, "PYTHONPATH": str(ROOT)})
+    host = socket.gethostname()
+    alive = tmp_path / "workers" / f"{host}-{os.getpid()}"
+    try:
+        first = workers.start()
+        mine = tmp_path / "workers" / f"{host}-{first.pid}"
+        assert await wait_until(lambda: mine.is_dir(), first)
+        alive.mkdir()
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        assert mine.is_dir()
+        second = workers.start()
+        assert await wait_until(lambda: not mine.exists() and (tmp_path / "workers" / f"{host}-{second.pid}").is_dir(),
+                                second)
+        assert alive.is_dir()
+    finally:
+        workers.stop_all()
+
+
+async def wait_until(check: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not check():
+        assert proc.poll() is None, proc.returncode
+        await asyncio.sleep(0.05)
+    return check()
