@@ -94,6 +94,25 @@ class DeadLetter:
         """Why rejects were not written, for the summary and the exit error."""
         return f"{self.path} reached dead_letter_max_bytes ({size_text(self.max_bytes)})"
 
+    def unkept(self) -> str | None:
+        """Why a run that otherwise ended well must not exit 0: events LOST (the file could not be written), or
+        rejects left out because the file was full; None if every reject is in the file."""
+        if self.lost:
+            return f"{self.failure}; {self.lost} event(s) lost"
+        if self.full:
+            return f"{self.full} reject(s) not dead-lettered: {self.full_reason}"
+        return None
+
+    def summary_lines(self) -> list[str]:
+        """The exit summary's `LOST N` and `NOT DEAD-LETTERED N` lines (none when nothing was left out)."""
+        lines = []
+        if self.lost:
+            lines.append(f"LOST {self.lost} event(s) that could not be dead-lettered ({self.failure})")
+        if self.full:
+            lines.append(f"NOT DEAD-LETTERED {self.full} reject(s): {self.full_reason}; rotate or remove it to make "
+                         "room")
+        return lines
+
     def check(self) -> None:
         """At start: fail now (StageError) if the file could not be opened, rather than at the first reject."""
         try:

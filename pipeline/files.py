@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import Iterator
@@ -191,6 +192,8 @@ def write_private_bytes(path: str | Path, data: bytes) -> None:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, FILE_MODE, dir_fd=dir_fd)
             try:
+                with contextlib.suppress(OSError):  # tells `stale.remove_stale` a writer is at it
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 _write_all(fd, data)
             finally:
                 os.close(fd)

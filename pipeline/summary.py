@@ -11,6 +11,7 @@ import orjson
 from pipeline import secrets
 from pipeline.errors import ConfigError, StageError
 from pipeline.files import check_writable, write_private_text
+from pipeline.stale import remove_stale
 
 
 def summary_dict(rt: Any) -> dict[str, Any]:
@@ -75,6 +76,7 @@ def check_summary_path(path: str) -> None:
 
 def write_summary(rt: Any, path: str) -> None:
     """Write atomically (a reader never sees half a file)."""
+    remove_stale(Path(path).parent, names={Path(path).name})  # left by a run killed as it wrote its summary
     try:  # 0600 in 0700 directories, as every file the pipeline writes
         write_private_text(path, orjson.dumps(summary_dict(rt), option=orjson.OPT_INDENT_2).decode() + "\n")
     except StageError as exc:

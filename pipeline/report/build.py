@@ -10,6 +10,7 @@ from pipeline.errors import ConfigError
 from pipeline.files import write_private_text
 from pipeline.report.collect import MAX_SESSIONS, Collector, input_files
 from pipeline.report.render import render
+from pipeline.stale import remove_stale
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -55,6 +56,8 @@ def build_reports(inputs: list[str], out: str | None = None, gap_ms: int = 30_00
     if not sessions:
         raise ConfigError(f"{', '.join(inputs)}: no capture-session events found in {len(files)} file(s)")
     paths = output_paths(sorted(sessions), inputs, out)
+    for folder in {p.parent for p in paths.values()}:  # what a killed earlier report left of these pages
+        remove_stale(folder, names={p.name for p in paths.values() if p.parent == folder})
     for sid, path in paths.items():
         write_private_text(path, render(sessions[sid], collected, gap_ms))
     if collected.left_out:  # never silently: say what the session cap left out, and what to do

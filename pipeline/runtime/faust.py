@@ -41,8 +41,16 @@ from pipeline.runtime.faust_offsets import commit_before_revoke
 from pipeline.runtime.faust_recovery import rereading_recovery, table_manager
 from pipeline.runtime.faust_seek import read_from_seek
 from pipeline.runtime.faust_state import PartitionCursor, TableState, partition_table_class
-from pipeline.runtime.faust_stop import DrainClock, StopCommits, bounded_at_stop, bounded_producer, give_up
+from pipeline.runtime.faust_stop import (
+    DrainClock,
+    StopCommits,
+    bounded_at_stop,
+    bounded_producer,
+    give_up,
+    one_line_abandoned_request,
+)
 from pipeline.runtime.sink_start import close_limit, naming, start_within
+from pipeline.stale import remove_stale_dirs
 from pipeline.types import parse_duration
 
 log = logging.getLogger("pipeline.runtime.faust")
@@ -111,6 +119,7 @@ class Worker:
         self.cursor = PartitionCursor()
         partitions = cfg.runtime.partitions
         datadir = workers_dir / f"{socket.gethostname()}-{os.getpid()}"
+        remove_stale_dirs(workers_dir, f"{socket.gethostname()}-")  # left by workers killed on this host
         ensure_private_dir(datadir)
         self.datadir = datadir
         runtime = self
@@ -430,12 +439,12 @@ class Worker:
         if self.built.dead_letter.count:
             log.warning("worker %d: dead-lettered %d -> %s", os.getpid(), self.built.dead_letter.count,
                         self.built.dead_letter.path)
-        if self.built.dead_letter.full:
-            log.warning("worker %d: %d reject(s) not dead-lettered: %s", os.getpid(), self.built.dead_letter.full,
-                        self.built.dead_letter.full_reason)
+        for line in self.built.dead_letter.summary_lines():  # LOST N, NOT DEAD-LETTERED N: as `pipeline run`
+            log.warning("worker %d: %s", os.getpid(), line)
 
     def run(self, loglevel: str, logformat: str = "text") -> int:
-        """Run until SIGINT/SIGTERM (exit 0) or a stage error (its exit code)."""
+        """Run until SIGINT/SIGTERM (exit 0) or a stage error (its exit code); exit 1 after SIGINT/SIGTERM too
+        when events were LOST, rejects were not dead-lettered, or the last offsets did not reach the broker."""
         import faust
 
         from pipeline.logs import formatter
@@ -464,6 +473,9 @@ class Worker:
         shutil.rmtree(self.datadir, ignore_errors=True)  # tables live in the changelog, nothing to keep
         if self.error is not None:
             raise self.error
+        # events LOST, or rejects a full dead-letter file left out: never exit 0, as `pipeline run`
+        if (unkept := self.built.dead_letter.unkept()) is not None:
+            raise StageError(f"worker: {unkept}")
         if self.commits.failed:
             raise StageError(f"worker: the broker did not take this worker's offsets within {self.commits.timeout:g}s "
                              "at stop; the next worker processes again what it handled since its last commit")
@@ -481,11 +493,12 @@ def _our_log_handlers(fmt: logging.Formatter) -> None:
 
 def _worker_log_filter(record: logging.LogRecord) -> bool:
     """Mask secrets in the message; drop the traceback faust adds to the error that stops a worker, since
-    ours are one line (a full disk, a bad path)."""
+    ours are one line (a full disk, a bad path), and asyncio's for a Kafka request given up at stop."""
     exc = record.exc_info[1] if record.exc_info else None
     if isinstance(exc, PipelineError):
         record.exc_info = None
         record.exc_text = None
+    one_line_abandoned_request(record)
     message = record.getMessage()
     masked = secrets.mask(message)
     if masked != message:

@@ -149,3 +149,17 @@ def bounded_producer(producer: type[Any], commits: StopCommits) -> type[Any]:
                 log.warning("worker %d: Kafka producer did not close within %gs", os.getpid(), commits.timeout)
 
     return Producer
+
+
+def one_line_abandoned_request(record: logging.LogRecord) -> None:
+    """asyncio's "Task exception was never retrieved" for an aiokafka request, made one warning line.
+
+    Why: a commit given up at stop (a paused broker keeps its connection open and answers nothing) leaves the
+    request aiokafka shields running; it fails as the consumer closes, and asyncio logged a 15-line traceback."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if record.name != "asyncio" or exc is None or not type(exc).__module__.startswith("aiokafka"):
+        return
+    record.exc_info, record.exc_text = None, None
+    record.levelno, record.levelname = logging.WARNING, "WARNING"
+    record.msg, record.args = "worker %d: an abandoned Kafka request failed: %s: %s", (os.getpid(), type(exc).__name__,
+                                                                                      exc)

@@ -374,10 +374,9 @@ class LocalRuntime:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
                 hup.ignore(loop)  # the summary is still to be written: a late SIGHUP must not end the process
-        if self.error is None and b.dead_letter.lost:  # a stage gave up on a dead-letter write: never exit 0
-            self.error = StageError(f"{b.dead_letter.failure}; {b.dead_letter.lost} event(s) lost")
-        if self.error is None and b.dead_letter.full:  # the run went on, but rejects that should be kept were not
-            self.error = StageError(f"{b.dead_letter.full} reject(s) not dead-lettered: {b.dead_letter.full_reason}")
+        # events LOST, or rejects a full dead-letter file left out: the run went on, but never exits 0
+        if self.error is None and (unkept := b.dead_letter.unkept()) is not None:
+            self.error = StageError(unkept)
         if self.error is not None:
             return self.error.exit_code
         return b.session.exit_code or 0
@@ -562,12 +561,7 @@ class LocalRuntime:
             lines.append(f"  alerts fired by rules: {b.chain.alerts_fired}")
         lines.append(f"  dead-lettered: {b.dead_letter.count}" +
                      (f" -> {b.dead_letter.path}" if b.dead_letter.count else ""))
-        if b.dead_letter.lost:
-            lines.append(f"  LOST {b.dead_letter.lost} event(s) that could not be dead-lettered "
-                         f"({b.dead_letter.failure})")
-        if b.dead_letter.full:
-            lines.append(f"  NOT DEAD-LETTERED {b.dead_letter.full} reject(s): {b.dead_letter.full_reason}; "
-                         "rotate or remove it to make room")
+        lines.extend(f"  {line}" for line in b.dead_letter.summary_lines())
         if (gaps := b.session.gaps.summary()) is not None:
             lines.append(gaps)
         if self.reloader is not None and (self.reloader.applied or self.reloader.rejected):

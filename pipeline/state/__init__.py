@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pipeline.errors import StageError
 from pipeline.files import FILE_MODE, ensure_private_dir
+from pipeline.stale import remove_stale
 
 __all__ = ["CHECK_SECONDS", "LOCK_FILE", "follow", "guard", "lock_also", "prepare", "release"]
 
@@ -70,6 +71,7 @@ def prepare(state_dir: Path) -> Path:
     key = state_dir.resolve()
     if key not in _held:
         _held[key] = _lock(state_dir)
+        remove_stale(state_dir)  # ours alone now: what a `kill -9` left mid-write (`.<file>.<pid>.tmp`) goes
     _keys[state_dir.absolute()] = key
     return state_dir
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError, StageError
 from pipeline.files import write_private_text
+from pipeline.stale import remove_stale
 from pipeline.testing.run import Result
 
 
@@ -26,6 +27,7 @@ def write_junit(path: Path, results: list[Result]) -> None:
             if not r.ok:
                 fail = ET.SubElement(case, "error" if r.error else "failure", message=r.failures[0].splitlines()[0])
                 fail.text = "\n".join(r.failures)
+    remove_stale(path.parent, names={path.name})  # left by a run killed as it wrote this file
     try:  # 0600 in 0700 directories, as every file the pipeline writes (it holds the cases' event text)
         write_private_text(path, ET.tostring(root, encoding="unicode", xml_declaration=True))
     except StageError as exc:

@@ -30,6 +30,7 @@ import orjson
 from pipeline.errors import StageError
 from pipeline.events import iso_seconds
 from pipeline.files import ensure_private_dir, write_private_bytes
+from pipeline.stale import remove_stale
 from stages.controller.store_writer import JOB, UNKNOWN, StoreWriter
 
 log = logging.getLogger("pipeline.controller.sessions")
@@ -262,13 +263,8 @@ class SessionStore:
         return record
 
     def clean_temporaries(self) -> None:
-        """Remove `.<id>.json.<pid>.tmp` files a crash left behind."""
-        if self.dir.exists():
-            for p in self.dir.glob(".*.tmp"):
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
+        """Remove `.<id>.json.<pid>.tmp` files a crash left behind (not one a live writer is at)."""
+        remove_stale(self.dir)
 
 
 def _ident(path: Path) -> tuple[int, int] | None:

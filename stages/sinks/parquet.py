@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import math
 import os
@@ -27,11 +28,13 @@ from pipeline.api import Batch, Context, Event, Sink, SinkOptions
 from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import channel, event_time_ms
 from pipeline.files import ensure_private_dir, open_private
+from pipeline.stale import PARQUET_TMP, remove_stale
 from pipeline.types import Duration
 from stages.sinks.channel_dirs import ChannelNames
 from stages.sinks.dates import UtcDays
 
 MAX_OPEN_DIRS: Final = 32
+MAX_SWEPT: Final = 4096  # directories remembered as cleaned of leftovers ({date}/{channel} paths keep coming)
 #: file numbers, one sequence for the whole process: each sink counting from 1 gave a sink re-created by a reload
 #: (or two sinks writing one directory) its predecessor's file name within the same second, and the rename of its
 #: completed file replaced the other's
@@ -139,6 +142,7 @@ class ParquetSink(Sink):
         super().__init__(options, context)
         self._templated = "{" in options.path
         self._dirs: dict[str, _Dir] = {}
+        self._swept: set[str] = set()  # directories whose leftovers were looked for (once each, not per re-open)
         self._day = UtcDays()
         self._channel = ChannelNames()
         self._timer: asyncio.Task[None] | None = None
@@ -211,6 +215,11 @@ class ParquetSink(Sink):
         d = self._dirs.get(path)
         if d is None:
             d = self._dirs[path] = _Dir(Path(path))
+            if path not in self._swept:  # the file a killed run (any pid, any run) was writing there
+                if len(self._swept) >= MAX_SWEPT:
+                    self._swept.clear()
+                self._swept.add(path)
+                remove_stale(d.dir, PARQUET_TMP)
         return d
 
     async def _write_rows(self, d: _Dir) -> None:
@@ -275,6 +284,8 @@ class ParquetSink(Sink):
             name = f"part-{stamp}-{os.getpid()}-{_RUN}-{next(_SEQ):05d}.parquet"
             d.tmp = d.dir / f".{name}.tmp"
             d.fh = open_private(d.tmp, truncate=True)
+            with contextlib.suppress(OSError):  # held until closed: `remove_stale` leaves a file being written
+                fcntl.flock(d.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             codec = None if self.options.compression == "none" else self.options.compression
             d.writer = pq.ParquetWriter(d.fh, self._schema, compression=codec)
             d.opened = d.opened or time.monotonic()
