@@ -30,7 +30,7 @@ from pipeline import secrets
 from pipeline.argparsing import Parser
 from pipeline.build import SinkSlot, build
 from pipeline.config import PipelineConfig
-from pipeline.errors import ConfigError, PipelineError, StageError
+from pipeline.errors import ConfigError, PipelineError, SinkFailed, StageError
 from pipeline.events import Batch, Event, edge_reason
 from pipeline.files import ensure_private_dir
 from pipeline.kafka import quiet_aiokafka
@@ -341,11 +341,12 @@ class Worker:
             await slot.sink.write(routed)
             await slot.sink.flush()  # offsets move after this batch: it must be durable first
         except (Exception, SystemExit) as exc:  # a plugin's sys.exit() is a failed write, as in the local runtime
-            for event in routed:
-                self.built.dead_letter.write("sink failed before writing", stage=slot.stats.name, event=event)
-            slot.stats.errors += len(routed)
+            if not isinstance(exc, SinkFailed):  # (one that has dead-lettered and counted what it did not write)
+                for event in routed:
+                    self.built.dead_letter.write("sink failed before writing", stage=slot.stats.name, event=event)
+                slot.stats.errors += len(routed)
             if isinstance(exc, PipelineError):
-                raise
+                raise naming(slot.stats.name, exc) from None
             raise StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}") from exc
         slot.stats.sent += len(routed)
 

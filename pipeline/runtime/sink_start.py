@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 from pipeline.api import Sink
-from pipeline.errors import PipelineError, StageError
+from pipeline.errors import ConfigError, PipelineError, StageError
 
 #: how long a sink may take to start (a sink's own `start_timeout` option wins): a run waits this long before
 #: it fails, a reload before it keeps the previous options
@@ -71,10 +71,10 @@ def naming(name: str, exc: BaseException) -> PipelineError:
 
     Why: a file the sink cannot open or write (`/x/out.jsonl: refusing to write through a symlink`, `/x/out.jsonl:
     cannot write: No space left on device`) gave no clue which of several sinks it was; an error that names it
-    already is kept as it is.
+    already is kept as it is, and so is a config mistake (exit code 2: it points at the config file and key).
     """
     text = str(exc) if isinstance(exc, PipelineError) else f"start() failed: {exc or type(exc).__name__}"
-    if isinstance(exc, PipelineError) and name in text:
+    if isinstance(exc, PipelineError) and (exc.exit_code == ConfigError.exit_code or name in text):
         return exc
     err = StageError(f"{name}: {text}")
     err.exit_code = exc.exit_code if isinstance(exc, PipelineError) else StageError.exit_code

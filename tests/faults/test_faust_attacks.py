@@ -380,7 +380,8 @@ async def test_a_sink_that_fails_stops_the_worker_with_one_line_and_no_traceback
     text = out.decode()
     assert proc.returncode == 1, text[-3000:]
     assert "Traceback" not in text and text.strip().splitlines()[-1] == (
-        "pipeline: /fake/path: cannot write: No space left on device"), text[-3000:]
+        "pipeline: sinks[0]:tests.slow_sink:FailingSink: /fake/path: cannot write: No space left on device"
+    ), text[-3000:]
     dead = [orjson.loads(x) for x in (tmp_path / "out/dead-letter.jsonl").read_bytes().splitlines()]
     assert [d["event"]["seq"] for d in dead] == [1] and dead[0]["reason"] == "sink failed before writing"
 
