@@ -142,7 +142,8 @@ def remove_stale_dirs(directory: Path, prefix: str) -> list[str]:
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except OSError:
                 continue
-            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and writer_gone(int(pid), st.st_mtime):
+            if (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and writer_gone(int(pid), st.st_mtime)
+                    and not _locked(dir_fd, name)):  # a live worker in another pid namespace holds its own
                 try:
                     shutil.rmtree(name, dir_fd=dir_fd)  # symlinks inside are removed, never followed
                     removed.append(name)
@@ -156,3 +157,18 @@ def remove_stale_dirs(directory: Path, prefix: str) -> list[str]:
     if removed:
         log.info("%s: removed %d directory(ies) of workers killed before they stopped", directory, len(removed))
     return removed
+
+
+def hold_dir(path: Path) -> int:
+    """Lock directory `path` for as long as the returned descriptor is open (this process's life): tells
+    `remove_stale_dirs` of a worker that shares the directory, but not this pid namespace (a container on the
+    same volume, its pid unknown there), that the directory is in use. -1 when it cannot be locked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _DIRECTORY | _NOFOLLOW)
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass  # still held open: closed with the process
+    return fd

@@ -50,7 +50,7 @@ from pipeline.runtime.faust_stop import (
     one_line_abandoned_request,
 )
 from pipeline.runtime.sink_start import close_limit, naming, start_within
-from pipeline.stale import remove_stale_dirs
+from pipeline.stale import hold_dir, remove_stale_dirs
 from pipeline.types import parse_duration
 
 log = logging.getLogger("pipeline.runtime.faust")
@@ -122,6 +122,7 @@ class Worker:
         remove_stale_dirs(workers_dir, f"{socket.gethostname()}-")  # left by workers killed on this host
         ensure_private_dir(datadir)
         self.datadir = datadir
+        self._datadir_lock = hold_dir(datadir)  # (released when the process ends)
         runtime = self
 
         transport = transport_class(cfg.runtime.fetch_max_wait)

@@ -19,7 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pipeline.stale import remove_stale
+from pipeline.stale import hold_dir, remove_stale
 from pipeline.state import prepare, release
 from tests.broker import Broker, kafka_broker  # noqa: F401
 from tests.faults.test_faust_attacks import gated_config
@@ -222,25 +222,42 @@ def test_the_session_store_leaves_a_live_writers_temporary(tmp_path: Path) -> No
 async def test_the_directory_of_a_worker_killed_with_sigkill_goes_when_the_next_worker_starts(
         kafka_broker: Broker, tmp_path: Path) -> None:  # noqa: F811
     """Before: `workers/<host>-<pid>/` (faust's data directory) was removed only by a clean stop, so each worker
-    killed left one for ever. A live worker's directory (here: this test's own pid) stays."""
+    killed left one for ever. A live worker's directory (here: this test's own pid) stays, and so does one whose
+    pid is not a process here but which a live worker holds (a container with its own pids on the same volume)."""
     cfg = gated_config(tmp_path, kafka_broker, f"stale{os.getpid()}", tmp_path / "out/lines.jsonl")
     workers = Workers(cfg, tmp_path, {**os.environ, "PYTHONPATH": str(ROOT)})
     host = socket.gethostname()
     alive = tmp_path / "workers" / f"{host}-{os.getpid()}"
+    foreign = tmp_path / "workers" / f"{host}-{next(p for p in range(4_194_000, 4_194_304) if not _alive(p))}"
+    held = -1
     try:
         first = workers.start()
         mine = tmp_path / "workers" / f"{host}-{first.pid}"
         assert await wait_until(lambda: mine.is_dir(), first)
         alive.mkdir()
+        foreign.mkdir()
+        held = hold_dir(foreign)
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
         assert mine.is_dir()
         second = workers.start()
         assert await wait_until(lambda: not mine.exists() and (tmp_path / "workers" / f"{host}-{second.pid}").is_dir(),
                                 second)
-        assert alive.is_dir()
+        assert alive.is_dir() and foreign.is_dir()
     finally:
         workers.stop_all()
+        if held >= 0:
+            os.close(held)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 async def wait_until(check: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float = 20) -> bool:
