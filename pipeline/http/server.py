@@ -79,6 +79,8 @@ class OperatorServer:
         self._closing = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
         self._cookie = hmac.new(token.encode(), b"status-page", hashlib.sha256).hexdigest() if token else ""
+        self._token_digest = _digest(token or "")
+        self._cookie_digest = _digest(self._cookie)
 
     @property
     def url(self) -> str:
@@ -157,10 +159,10 @@ class OperatorServer:
                                    "non-loopback address"}, 403)
         auth = request.headers.get("Authorization", "")
         given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        if given and hmac.compare_digest(given.encode(), self.token.encode()):
+        if given and _same(given, self._token_digest):
             return None
         cookie = request.cookies.get(COOKIE, "")
-        if cookie and hmac.compare_digest(cookie.encode(), self._cookie.encode()):
+        if cookie and _same(cookie, self._cookie_digest):
             return None
         if page:
             return web.Response(text=_LOGIN, status=401, content_type="text/html",
@@ -174,7 +176,7 @@ class OperatorServer:
         except TimeoutError:
             return web.Response(text=f"the sign-in form did not arrive within {IDLE_TIMEOUT:g} s", status=408)
         given = str(form.get("token", ""))
-        if not self.token or not hmac.compare_digest(given.encode(), self.token.encode()):
+        if not self.token or not _same(given, self._token_digest):
             return web.Response(text=_LOGIN, status=401, content_type="text/html")
         resp = web.Response(status=303, headers={"Location": "/"})
         resp.set_cookie(COOKIE, self._cookie, httponly=True, samesite="Strict", path="/")
@@ -355,6 +357,16 @@ def _unsent(transport: asyncio.Transport | None) -> int:
         with contextlib.suppress(OSError, ValueError):
             waiting += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     return waiting
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+
+
+def _same(given: str, digest: bytes) -> bool:
+    """Whether `given` is the secret of `digest`, in constant time (of equal-length digests: no length leaks).
+    Header bytes that are not UTF-8 reach us as surrogates: they stay bytes (they made a 500 and a traceback)."""
+    return hmac.compare_digest(_digest(given), digest)
 
 
 def _names_loopback(host_header: str) -> bool:
