@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from pipeline.http.guard import SignInGuard
 from tests.operator_harness import config, replay_file, served
 
 TOKEN = "s3cret-token"
@@ -36,3 +39,74 @@ async def test_credentials_that_are_not_utf8_are_refused_not_a_traceback(
                                + b"\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def as_peer(address: str) -> aiohttp.ClientSession:
+    """A client whose connections come from `address` (any 127.x.y.z reaches a loopback server on Linux)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)))
+
+
+async def sign_in(http: aiohttp.ClientSession, base: str, token: str) -> tuple[int, str | None]:
+    async with http.post(base + "/login", data={"token": token}, allow_redirects=False) as r:
+        await r.read()
+        return r.status, r.headers.get("Retry-After")
+
+
+async def status(http: aiohttp.ClientSession, base: str, token: str) -> tuple[int, str | None]:
+    async with http.get(base + "/api/status", headers={"Authorization": f"Bearer {token}"}) as r:
+        await r.read()
+        return r.status, r.headers.get("Retry-After")
+
+
+async def test_guessing_the_token_is_slowed_to_ten_tries_a_minute_per_address(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """/login and the bearer token took wrong guesses as fast as a client sent them (4,452 a second from one
+    address): a short token fell in hours. An address now gets 10 wrong tokens a minute, then 429 with
+    Retry-After, also for the right token (answered before it is looked at, so a right guess tells nothing).
+    Other addresses, and right tokens, are not affected. The log says so once, not once per refusal."""
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    cfg = config(tmp_path, events, extra_runtime=f", http_token: {TOKEN}")
+    async with served(cfg) as (rt, base), as_peer("127.0.0.2") as guesser, as_peer("127.0.0.3") as user:
+        for _ in range(10):
+            assert await sign_in(user, base, TOKEN) == (303, None)  # right tokens cost nothing
+            assert await status(user, base, TOKEN) == (200, None)
+        for i in range(10):
+            guess = sign_in if i % 2 else status
+            assert (await guess(guesser, base, f"guess-{i}"))[0] == 401
+        for guess in (sign_in, status):
+            for token in ("guess-10", TOKEN):
+                code, retry = await guess(guesser, base, token)
+                assert code == 429 and retry is not None and 1 <= int(retry) <= 60, (code, retry)
+        assert await sign_in(user, base, TOKEN) == (303, None)
+        assert await sign_in(user, base, "typo") == (401, None)
+        later = time.monotonic() + int(retry)  # one try is given back after Retry-After
+        rt.http_server.guard.clock = lambda: later
+        assert await sign_in(guesser, base, TOKEN) == (303, None)
+        assert (await status(guesser, base, "guess-11"))[0] == 401
+        assert (await status(guesser, base, TOKEN))[0] == 429
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "too many wrong tokens (latest from 127.0.0.2" in warnings[0], warnings
+
+
+def test_the_table_of_addresses_stays_bounded_and_so_do_their_guesses() -> None:
+    """One entry per address guessing would grow without bound under many source addresses (an IPv6 /64
+    holds 2^64): at most MAX_PEERS are kept; beyond, new addresses share one allowance, so a guesser with
+    20,000 addresses gets no more tries than MAX_PEERS + 1 addresses would. An address whose allowance is
+    whole again is forgotten, and its place goes to the next."""
+    now = [0.0]
+    guard = SignInGuard(attempts=3, window=60, max_peers=100, clock=lambda: now[0])
+    allowed = 0
+    for i in range(20_000):
+        address = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+        for _ in range(5):
+            if not guard.retry_after(address):
+                allowed += 1
+                guard.failed(address)
+    assert len(guard) <= 101 and allowed == 101 * 3, (len(guard), allowed)
+    now[0] += 60
+    assert not guard.retry_after("192.0.2.1")
+    guard.failed("192.0.2.1")
+    assert len(guard) == 1
+    for i in range(3):  # an IPv6 host picks any address of its /64: they share one allowance
+        guard.failed(f"2001:db8::{i:x}")
+    assert guard.retry_after("2001:db8::ffff:1") and not guard.retry_after("2001:db8:0:1::1")
