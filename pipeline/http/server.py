@@ -245,8 +245,10 @@ class OperatorServer:
             return _json({"error": str(exc)}, 400)
         if self.hub.client_count >= MAX_TAP_CLIENTS:
             return _json({"error": f"{MAX_TAP_CLIENTS} tap clients are attached already; try again later"}, 503)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if request.method == "HEAD":  # headers only: a stream's body was sent after them, and it took a tap place
+            return web.Response(headers=headers)
+        resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
         self.hub.attach(client)
         try:

@@ -1,4 +1,4 @@
-"""Who may read meeting content from the operator endpoint: tokens and cookies from hostile peers."""
+"""The operator endpoint against hostile peers: guessed tokens, bytes that are not UTF-8, odd methods."""
 
 from __future__ import annotations
 
@@ -16,15 +16,21 @@ from tests.operator_harness import config, replay_file, served
 TOKEN = "s3cret-token"
 
 
-async def raw(base: str, request: bytes) -> bytes:
-    """What the server answers `request` (sent as these bytes) before it closes the connection."""
+async def raw(base: str, request: bytes, wait: float = 5) -> bytes:
+    """What the server answers `request` (sent as these bytes) before it closes the connection, or within
+    `wait` seconds."""
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(request)
+    got = b""
     try:
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
+        async with asyncio.timeout(wait):
+            while chunk := await reader.read(65536):
+                got += chunk
+    except TimeoutError:
+        pass
+    writer.close()
+    return got
 
 
 @pytest.mark.parametrize("header", [b"Authorization: Bearer \xff\xfe", b"Cookie: videodb_pipeline_session=\xff\xfe"])
@@ -110,3 +116,16 @@ def test_the_table_of_addresses_stays_bounded_and_so_do_their_guesses() -> None:
     for i in range(3):  # an IPv6 host picks any address of its /64: they share one allowance
         guard.failed(f"2001:db8::{i:x}")
     assert guard.retry_after("2001:db8::ffff:1") and not guard.retry_after("2001:db8:0:1::1")
+
+
+async def test_head_on_the_tap_is_headers_only(tmp_path: Path) -> None:
+    """HEAD /tap streamed events after its headers (3 MB in 17 s; a response to HEAD has no body: a proxy
+    reads them as its next answer), and each such request took one of the 16 tap places while it lasted."""
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    async with served(config(tmp_path, events, extra_runtime=f", http_token: {TOKEN}")) as (rt, base):
+        answer = await raw(base, b"HEAD /tap HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + TOKEN.encode()
+                           + b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", wait=2)
+        assert rt.tap_hub.client_count == 0
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head, answer[:300]
+    assert rest.startswith(b"HTTP/1.1 200 ") and b'{"status":"ok",' in rest and rest.endswith(b"}"), rest[:300]
