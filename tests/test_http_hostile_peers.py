@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from pipeline.http import pace
 from pipeline.http.guard import SignInGuard
 from tests.operator_harness import config, replay_file, served
 
@@ -129,3 +130,26 @@ async def test_head_on_the_tap_is_headers_only(tmp_path: Path) -> None:
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head, answer[:300]
     assert rest.startswith(b"HTTP/1.1 200 ") and b'{"status":"ok",' in rest and rest.endswith(b"}"), rest[:300]
+
+
+async def test_requests_take_their_turn_so_the_pipeline_comes_first(tmp_path: Path) -> None:
+    """Each answer costs the pipeline's event loop about 70 µs, and /healthz, /metrics and 404s are open: eight
+    clients asking back to back took 80% of the loop (a 300,000-event replay ran 1.74 s instead of 0.98 s).
+    Requests now wait their turn, all clients together (RATE a second after a burst of BURST): 8 connections
+    asking BURST + RATE * 0.6 times take 0.6 s at least (they took 0.1 s); every request is still answered."""
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    n = int(pace.BURST + pace.RATE * 0.6)
+    connector = aiohttp.TCPConnector(limit=8)
+    async with served(config(tmp_path, events)) as (_rt, base), aiohttp.ClientSession(connector=connector) as http:
+        codes: list[int] = []
+
+        async def ask(path: str) -> None:
+            async with http.get(base + path) as r:
+                await r.read()
+                codes.append(r.status)
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(ask("/healthz" if i % 2 else f"/nothing-{i}") for i in range(n)))
+        took = time.monotonic() - t0
+    assert sorted(set(codes)) == [200, 404] and len(codes) == n
+    assert took >= 0.6 * 0.95, took

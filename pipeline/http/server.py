@@ -27,6 +27,7 @@ from pipeline.channels import known_channels, unknown_channel
 from pipeline.http import listener
 from pipeline.http.guard import SignInGuard
 from pipeline.http.metrics import exposition, registry_for
+from pipeline.http.pace import Pacer
 from pipeline.http.peer_log import PeerErrorLogger
 from pipeline.http.tap import TapBudget, TapClient, TapError, TapHub
 from pipeline.http.view import View
@@ -81,6 +82,7 @@ class OperatorServer:
         self._heartbeat: asyncio.Task[None] | None = None
         self._cookie = hmac.new(token.encode(), b"status-page", hashlib.sha256).hexdigest() if token else ""
         self.guard = SignInGuard()
+        self.pacer = Pacer()
         self._token_digest = _digest(token or "")
         self._cookie_digest = _digest(self._cookie)
 
@@ -90,7 +92,7 @@ class OperatorServer:
         return f"http://{host}:{self.port}"
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=4096)
+        app = web.Application(client_max_size=4096, middlewares=[self.pacer.middleware])
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/ready", self.ready)
