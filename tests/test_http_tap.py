@@ -447,3 +447,42 @@ def test_clients_wanting_some_channels_cost_the_pipeline_one_pass_over_a_batch(w
     for c in hub.clients[0]:
         got = [e for chunk in c.buffer for e in orjson.loads(chunk)]
         assert got == expected * 30 and c.dropped == 0
+
+
+def test_sampling_clients_count_out_their_events_instead_of_looking_at_each() -> None:
+    """`sample` was a loop over every event for each client, outside the tap's CPU budget: 16 clients at
+    sample=0.0001 cost a replay 0.16 s per 300,000 events (16%), three times what one client wanting a channel
+    costs. The places taken are now counted out, so 16 of them cost less than that one (in batches of 640,
+    where calling each client costs little beside); they take the same
+    events as the loop did, across batches of any size."""
+    from pipeline.http.tap import Point, TapBudget, TapClient
+
+    point = Point(0, "source", "source", "replay")
+    batch = [{"channel": "transcript", "i": i} for i in range(640)]
+
+    def cost(clients: list[TapClient]) -> float:
+        for c in clients:
+            c.budget = TapBudget(share=0.0, burst=0.0)  # nothing serialized: what is left is choosing
+        t0 = time.thread_time()
+        for _ in range(30):
+            for c in clients:
+                c.offer(batch)
+        return time.thread_time() - t0
+
+    sampled = min(cost([TapClient(point, None, sample=0.0001) for _ in range(16)]) for _ in range(3))
+    filtered = min(cost([TapClient(point, ["alert"])]) for _ in range(3))
+    assert sampled < filtered, (sampled, filtered)
+
+    sizes = [0, 1, 7, 64, 3, 100, 13] * 30
+    for rate in (0.1, 1 / 3, 0.25, 0.7, 0.001, 0.123456):
+        client, credit, looped, taken, k = TapClient(point, None, sample=rate), 0.0, [], [], 0
+        for n in sizes:
+            part = [{"i": k + i} for i in range(n)]
+            k += n
+            taken += client._select(part, None)
+            for e in part:  # the loop it replaces
+                credit += rate
+                if credit >= 1.0 - 1e-9:
+                    credit -= 1.0
+                    looped.append(e)
+        assert taken == looped and len(taken) == int(k * rate + 1e-9), rate
