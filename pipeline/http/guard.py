@@ -44,8 +44,9 @@ class SignInGuard:
     form takes a while to arrive, and guesses sent meanwhile must not all pass), `forgive(peer)` when right."""
 
     def __init__(self, attempts: int = ATTEMPTS, window: float = WINDOW, max_peers: int = MAX_PEERS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, who: str = "operator endpoint") -> None:
         self.attempts, self.window, self.max_peers, self.clock = attempts, window, max_peers, clock
+        self.who = who
         self.rate = attempts / window
         self._used: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tries used, at), oldest first
         self._refused = 0
@@ -60,8 +61,8 @@ class SignInGuard:
             return 0
         self._refused += 1
         if now - self._warned >= WARN_EVERY:
-            log.warning("operator endpoint: too many wrong tokens (latest from %s): %d request(s) refused with 429 "
-                        "since the last such line; an address may send %d wrong tokens a minute", key,
+            log.warning("%s: too many wrong tokens (latest from %s): %d request(s) refused with 429 since the "
+                        "last such line; an address may send %d wrong tokens a minute", self.who, key,
                         self._refused, self.attempts * 60 / self.window)
             self._warned, self._refused = now, 0
         return max(1, math.ceil(over / self.rate))
