@@ -583,3 +583,25 @@ async def test_a_stop_cut_short_by_a_crash_is_finished_by_the_restart(emulator: 
     async with running(make_context, emulator) as live:
         view = await status_of(live, sid, "exported")
         assert view["status"] == "exported" and view["stop_requested"] is True, view
+
+
+async def test_guessing_the_api_token_is_slowed_to_ten_tries_a_minute_per_address(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """The API answered wrong bearer tokens as fast as a client sent them. An address now gets 10 wrong tokens
+    a minute, then 429 with Retry-After (the right token too, from there: a right guess tells nothing); a
+    backend on another address with the right token is not affected, and a request with no token costs none."""
+    import aiohttp
+
+    async with running(make_context, emulator, ingest=False) as live, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as guesser:
+        async def guess(token: str) -> tuple[int, str | None]:
+            async with guesser.get(live.url + "/v1/sessions", headers={"Authorization": f"Bearer {token}"}) as r:
+                return r.status, r.headers.get("Retry-After")
+
+        for _ in range(12):
+            assert (await live.call("GET", "/v1/sessions", token=None))[0] == 401
+        assert [(await guess(f"guess-{i:016}"))[0] for i in range(10)] == [401] * 10
+        for token in ("guess-x", TOKEN):
+            status, retry = await guess(token)
+            assert status == 429 and retry is not None and 1 <= int(retry) <= 60, (status, retry)
+        assert (await live.call("GET", "/v1/sessions"))[0] == 200

@@ -25,7 +25,9 @@ from aiohttp import web
 
 from pipeline.channels import known_channels, unknown_channel
 from pipeline.http import listener
+from pipeline.http.guard import SignInGuard
 from pipeline.http.metrics import exposition, registry_for
+from pipeline.http.pace import Pacer
 from pipeline.http.peer_log import PeerErrorLogger
 from pipeline.http.tap import TapBudget, TapClient, TapError, TapHub
 from pipeline.http.view import View
@@ -79,6 +81,10 @@ class OperatorServer:
         self._closing = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
         self._cookie = hmac.new(token.encode(), b"status-page", hashlib.sha256).hexdigest() if token else ""
+        self.guard = SignInGuard()
+        self.pacer = Pacer()
+        self._token_digest = _digest(token or "")
+        self._cookie_digest = _digest(self._cookie)
 
     @property
     def url(self) -> str:
@@ -86,7 +92,7 @@ class OperatorServer:
         return f"http://{host}:{self.port}"
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=4096)
+        app = web.Application(client_max_size=4096, middlewares=[self.pacer.middleware])
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/ready", self.ready)
@@ -155,27 +161,38 @@ class OperatorServer:
                                        "served"}, 403)
             return _json({"error": "set runtime.http_token to serve /tap and the status page on a "
                                    "non-loopback address"}, 403)
+        cookie = request.cookies.get(COOKIE, "")
+        if cookie and _same(cookie, self._cookie_digest):  # (a hash of the token: nothing to guess)
+            return None
         auth = request.headers.get("Authorization", "")
         given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        if given and hmac.compare_digest(given.encode(), self.token.encode()):
-            return None
-        cookie = request.cookies.get(COOKIE, "")
-        if cookie and hmac.compare_digest(cookie.encode(), self._cookie.encode()):
-            return None
+        if given:
+            wait = self.guard.retry_after(request.remote)
+            if wait:
+                return _too_many(_json({"error": _TOO_MANY.format(wait)}, 429), wait)
+            if _same(given, self._token_digest):
+                return None
+            self.guard.failed(request.remote)
         if page:
             return web.Response(text=_LOGIN, status=401, content_type="text/html",
                                 headers={"WWW-Authenticate": "Bearer"})
         return _json({"error": "missing or wrong bearer token"}, 401)
 
     async def login(self, request: web.Request) -> web.Response:
+        peer = request.remote
+        wait = self.guard.retry_after(peer)
+        if wait:  # before the form is read: a right token then tells a guesser nothing
+            return _too_many(web.Response(text=_TOO_MANY.format(wait), status=429), wait)
+        self.guard.failed(peer)  # until it turns out right: forms arriving meanwhile count it
         try:  # a request under way is not idle: a body never sent in full held its connection for good
             async with asyncio.timeout(IDLE_TIMEOUT):
                 form = await request.post()
         except TimeoutError:
             return web.Response(text=f"the sign-in form did not arrive within {IDLE_TIMEOUT:g} s", status=408)
         given = str(form.get("token", ""))
-        if not self.token or not hmac.compare_digest(given.encode(), self.token.encode()):
+        if not self.token or not _same(given, self._token_digest):
             return web.Response(text=_LOGIN, status=401, content_type="text/html")
+        self.guard.forgive(peer)
         resp = web.Response(status=303, headers={"Location": "/"})
         resp.set_cookie(COOKIE, self._cookie, httponly=True, samesite="Strict", path="/")
         return resp
@@ -230,8 +247,10 @@ class OperatorServer:
             return _json({"error": str(exc)}, 400)
         if self.hub.client_count >= MAX_TAP_CLIENTS:
             return _json({"error": f"{MAX_TAP_CLIENTS} tap clients are attached already; try again later"}, 503)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if request.method == "HEAD":  # headers only: a stream's body was sent after them, and it took a tap place
+            return web.Response(headers=headers)
+        resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
         self.hub.attach(client)
         try:
@@ -355,6 +374,24 @@ def _unsent(transport: asyncio.Transport | None) -> int:
         with contextlib.suppress(OSError, ValueError):
             waiting += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     return waiting
+
+
+_TOO_MANY = "too many wrong tokens from your address; try again in {} s"
+
+
+def _too_many(resp: web.Response, wait: int) -> web.Response:
+    resp.headers["Retry-After"] = str(wait)
+    return resp
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+
+
+def _same(given: str, digest: bytes) -> bool:
+    """Whether `given` is the secret of `digest`, in constant time (of equal-length digests: no length leaks).
+    Header bytes that are not UTF-8 reach us as surrogates: they stay bytes (they made a 500 and a traceback)."""
+    return hmac.compare_digest(_digest(given), digest)
 
 
 def _names_loopback(host_header: str) -> bool:

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from pipeline.config import explain, path_str
 from pipeline.errors import StageError
 from pipeline.http import listener
+from pipeline.http.guard import SignInGuard
 from pipeline.http.peer_log import PeerErrorLogger
 from pipeline.net import is_loopback
 from stages.controller import session_pages
@@ -48,6 +49,7 @@ class SessionApi:
         self.options = options
         self.who = who
         self._token = options.token.get_secret_value().encode()
+        self._guard = SignInGuard(who="session API")
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._handling: set[asyncio.Task[Any]] = set()  # requests under way (cancelled at SHUTDOWN_WAIT)
@@ -112,7 +114,14 @@ class SessionApi:
     def _authenticate(self, request: web.Request) -> None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         given_bytes = given.strip().encode("utf-8", "surrogateescape")  # header bytes that are not UTF-8 stay bytes
+        if given_bytes:  # a guess: a few a minute per address, then 429 before it is looked at
+            wait = self._guard.retry_after(request.remote)
+            if wait:
+                raise ApiProblem(429, f"too many wrong tokens from your address; try again in {wait} s",
+                                 retry_after=wait)
         if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, self._token):
+            if given_bytes:
+                self._guard.failed(request.remote)
             raise ApiProblem(401, "missing or wrong bearer token (send Authorization: Bearer <api.token>)")
 
     @staticmethod
