@@ -234,6 +234,25 @@ def compile_regex(pattern: str) -> Any:
                          "are ASCII-only)") from None
 
 
+def compile_rule_regex(parts: list[str]) -> Any:
+    """A regex rule's keywords as the one RE2 alternation it runs as; ValueError if RE2 can't compile it.
+
+    Why checked as a whole: each keyword can compile alone and their alternation still exceed RE2's size
+    limit; the config then validated and the stage failed when it was built (at start, in `pipeline test`, in a
+    reload) with a line quoting the whole alternation.
+    """
+    if len(parts) == 1:
+        return compile_regex(parts[0])
+    import re2
+
+    try:
+        return re2.compile("|".join(f"(?:{p})" for p in parts), _re2_options())
+    except re2.error as exc:
+        detail = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(f"its {len(parts)} regex keywords together are not supported: {detail} (a rule's "
+                         "regexes run as one RE2 alternation; split them over several rules)") from None
+
+
 #: data.matched of a regex rule: the distinct matches among this many first occurrences. Each occurrence
 #: costs ~9 µs in the RE2 wrapper, so a pattern matching at every character of a 1 MB text took 9 s.
 MAX_REGEX_MATCHES: Final = 1000
@@ -259,7 +278,7 @@ class RegexMatcher:
         for rule, parts in self._parts.items():
             literals = [required_literal(p) for p in parts]
             need = None if any(lit is None for lit in literals) else tuple(dict.fromkeys(literals))
-            rx = compile_regex("|".join(f"(?:{p})" for p in parts))
+            rx = compile_rule_regex(parts)
             self._compiled.append((rule, rx, need))  # type: ignore[arg-type]
 
     def __bool__(self) -> bool:

@@ -24,7 +24,16 @@ from pipeline.events import ALIASES, canonical, event_time_ms
 from pipeline.types import Duration
 from stages.globs import glob_matcher
 from stages.processors.eviction import SWEEP_EVERY_MS, Eviction
-from stages.processors.matchers import FINAL_SIGMA, Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, fold
+from stages.processors.matchers import (
+    FINAL_SIGMA,
+    Hits,
+    RegexMatcher,
+    Scanner,
+    SubstringMatcher,
+    WordMatcher,
+    compile_rule_regex,
+    fold,
+)
 from stages.processors.native import plain_reads, written_keys
 
 try:  # the hot loop in C (built with the package); without it the Python path below does the same work
@@ -86,6 +95,8 @@ class Rule(Options):
                 bad.append(str(exc))
         if bad:
             raise ValueError("; ".join(bad))
+        if self.match == "regex":
+            compile_rule_regex(self.keywords)  # as the stage runs them: together (the alternation may be too large)
         if self.min_count > 1 and self.window is None:
             raise ValueError("min_count needs a window (e.g. window: 5m)")
         return self
