@@ -95,7 +95,7 @@ class Rule(Options):
                 bad.append(str(exc))
         if bad:
             raise ValueError("; ".join(bad))
-        if self.match == "regex":
+        if self.match == "regex" and len(self.keywords) > 1:
             compile_rule_regex(self.keywords)  # as the stage runs them: together (the alternation may be too large)
         if self.min_count > 1 and self.window is None:
             raise ValueError("min_count needs a window (e.g. window: 5m)")
