@@ -134,10 +134,10 @@ class _ChannelMatcher:
 
     __slots__ = ("has_regex", "literal_gate", "regex", "scan", "substring", "word")
 
-    def __init__(self) -> None:
+    def __init__(self, shared: dict[tuple[str, ...], Any]) -> None:
         self.word = WordMatcher()
         self.substring = SubstringMatcher()
-        self.regex = RegexMatcher()
+        self.regex = RegexMatcher(shared)
         self.scan: Scanner | None = None
         self.has_regex = False
         self.literal_gate = False  # True: the regex rules run only when the scan saw one of their literals
@@ -160,11 +160,15 @@ class Rules(Processor):
         super().__init__(options, context)
         self._rules = [_compile(r) for r in options.rules]
         self._by_channel: dict[str, _ChannelMatcher] = {}
+        shared: dict[tuple[str, ...], Any] = {}  # a regex rule on several channels is compiled once
         for i, r in enumerate(options.rules):
             for ch in {canonical(c) for c in r.channels}:
-                m = self._by_channel.setdefault(ch, _ChannelMatcher())
+                m = self._by_channel.setdefault(ch, _ChannelMatcher(shared))
                 for k in r.keywords:
-                    getattr(m, r.match).add(i, k)
+                    if r.match == "regex":
+                        m.regex.add(i, k, checked=True)  # the Rule compiled each keyword when it was validated
+                    else:
+                        getattr(m, r.match).add(i, k)
         for m in self._by_channel.values():
             m.freeze()
         # channel name (aliases included) -> (scan, regex or None, regex gated by literals): what process() calls
