@@ -162,11 +162,21 @@ class Reloader:
         """Validate and apply the file; True when the new config is running."""
         if self._too_late(why):
             return False
+        # The file is read and validated in a thread (a config of thousands of keywords or regexes takes a
+        # second: the event loop, its HTTP server and connections, was held meanwhile); ingest waits between two
+        # batches, as it did, so no batch runs between reading the file and applying it
+        self.rt.gate.clear()
+        try:
+            return await self._reload(why)
+        finally:
+            self.rt.gate.set()
+
+    async def _reload(self, why: str) -> bool:
         try:
             if self.path.exists() and not is_regular(self.path):  # (gone: load_config says so)
                 raise ConfigError(f"{self.path}: is {kind_of(self.path) or 'a pipe'}, not a regular file: a reload "
                                   "reads the config again, which only a regular file allows (restart to change it)")
-            new = _with_command_line(self.current, load_config(self.path))
+            new = _with_command_line(self.current, await asyncio.to_thread(load_config, self.path))
         except ConfigError as exc:
             self.rejected += 1
             log.error("reload (%s) rejected, the running config stays: %s", why, " | ".join(str(exc).splitlines()))
