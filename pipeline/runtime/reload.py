@@ -271,6 +271,7 @@ class Reloader:
         running: dict[str, tuple[StageSpec, Processor]] = {
             p.context.stage: (spec, p) for spec, p in zip(self.current.stages, b.chain.processors, strict=False)}
         processors: list[Processor] = []
+        moved: list[tuple[StageSpec, Processor]] = []  # new stages with no predecessor at their place
         for spec in new.stages:
             old_spec, old = running.get(spec.label) or (None, None)
             if old is not None and _same(old_spec, spec):
@@ -282,7 +283,14 @@ class Reloader:
                 p.continue_counts(old)  # rules: alerts fired (in all and per rule) and the last ones, of the run
             elif old is not None and hasattr(old, "fired") and hasattr(p, "fired"):
                 p.fired = old.fired  # the summary's "alerts fired" counts the whole run
+            else:
+                moved.append((spec, p))
             processors.append(p)
+        labels = {spec.label for spec in new.stages}
+        orphans = [(spec, p) for label, (spec, p) in running.items()  # removed, or moved to another place
+                   if label not in labels and not any(p is q for q in processors)]
+        for spec, p in moved:
+            _continue_moved(spec, p, orphans)
         swaps: list[SinkSwap] = []
         if len(new.sinks) == len(self.current.sinks):
             for i, (was, spec) in enumerate(zip(self.current.sinks, new.sinks, strict=True)):
@@ -313,6 +321,31 @@ class Reloader:
                 del m[key]
         if state.dirty:  # saved now: a run restarted after a crash before the next batch must not read them back
             state.flush()
+
+
+def _continue_moved(spec: StageSpec, p: Processor, orphans: list[tuple[StageSpec, Processor]]) -> None:
+    """`p` has no predecessor at its place (`stages[1]`): if it is a stage that moved there (a processor added or
+    removed in front of it), it goes on counting where that stage was. Before, a filter added in front of a
+    rules stage emptied the status page's last alerts and restarted its in/out counts and its alerts per rule.
+    The same stage: same type, and the same options or (rules) a rule of the same name (names are unique)."""
+    names = _names(spec)
+    for i, (was, old) in enumerate(orphans):
+        if type(old) is not type(p) or not (was.options == spec.options or names & _names(was)):
+            continue
+        del orphans[i]
+        if hasattr(p, "continue_counts"):
+            p.continue_counts(old)
+        elif hasattr(old, "fired") and hasattr(p, "fired"):
+            p.fired = old.fired
+        now, then = p.context.stats, old.context.stats
+        now.received, now.sent, now.dropped, now.errors = then.received, then.sent, then.dropped, then.errors
+        now.before.update(then.before)
+        now.retire(then.counts_of(old))  # (the old instance's own counters are retired into `then`, not shown)
+        return
+
+
+def _names(spec: StageSpec) -> set[str]:
+    return {r.name for r in getattr(spec.options, "rules", None) or [] if isinstance(getattr(r, "name", None), str)}
 
 
 async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float, stop: asyncio.Event) -> str | None:
