@@ -339,8 +339,9 @@ def _continue_moved(spec: StageSpec, p: Processor, orphans: list[tuple[StageSpec
             p.fired = old.fired
         now, then = p.context.stats, old.context.stats
         now.received, now.sent, now.dropped, now.errors = then.received, then.sent, then.dropped, then.errors
+        # what earlier instances reported; the old instance's own `report()` counts are not added: a moved window
+        # stage takes them over itself (see reload_windows), and adding them too counted its windows twice
         now.before.update(then.before)
-        now.retire(then.counts_of(old))  # (the old instance's own counters are retired into `then`, not shown)
         return
 
 
