@@ -135,3 +135,48 @@ async def test_a_reload_that_re_creates_a_sink_and_the_rules_keeps_their_counts(
     text = err.read_text()
     assert "sinks[0]:console             written     50" in text, text
     assert "alerts fired by rules: 30" in text
+
+
+async def test_a_rules_stage_moved_by_a_reload_keeps_its_counts_and_last_alerts(
+        tmp_path: Path, feed: tuple[int, asyncio.Queue[str]]) -> None:
+    """A filter added in front of the rules stage moves it from stages[0] to stages[1]: the status page's last
+    alerts were emptied, and its in/out counts and alerts per rule (/metrics) started again from 0 (10 alerts
+    fired, 1 counted after the next event). The moved stage now goes on counting where it was."""
+    port, frames = feed
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(CONFIG.format(port=port, tmp=tmp_path, max_text=160, extra_rule=""))
+    base = f"http://127.0.0.1:{free_port()}"
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with out.open("wb") as o, err.open("wb") as e:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pipeline.cli", "run", str(cfg), "--http", base.removeprefix("http://"),
+            stdout=o, stderr=e, env=ENV, cwd=tmp_path)
+    try:
+        def send(first: int) -> None:
+            for i in range(first, first + 10):
+                frames.put_nowait(orjson.dumps({"channel": "transcript", "rtstream_id": "r", "unix_ts": 1.7e9 + i,
+                                                "data": {"text": f"the password is {i}"}}).decode())
+
+        jsonl = tmp_path / "out.jsonl"
+        send(0)
+        await until(lambda: count_lines(jsonl) == 20, "the first events")
+        cfg.write_text(CONFIG.format(port=port, tmp=tmp_path, max_text=160, extra_rule="").replace(
+            "  - type: rules\n", "  - {type: filter, channels: [transcript]}\n  - type: rules\n"))
+        proc.send_signal(signal.SIGHUP)
+        await until(lambda: "reload (SIGHUP) applied: 2 processor(s)" in err.read_text(), "the reload")
+        status, snap = await get_json(base, "/api/status")
+        assert status == 200 and len(snap["alerts"]) == 10, snap["alerts"]  # the last alerts are still there
+        send(10)
+        await until(lambda: count_lines(jsonl) == 40, "the events after the reload")
+        fired = (await scrape(base))["videodb_pipeline_alerts_fired_total"]
+        assert fired == {(("rule", "secret"), ("severity", "critical"), ("stage", "stages[1]:rules")): 20}, fired
+        status, snap = await get_json(base, "/api/status")
+        rules = next(s for s in snap["stages"] if s["name"] == "stages[1]:rules")
+        assert (rules["in"], rules["out"], snap["alerts_fired"]) == (20, 40, 20), (rules, snap["alerts_fired"])
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        await communicate(proc, 20)
+    assert proc.returncode == 0, err.read_text()
+    summary = next(ln.split() for ln in err.read_text().splitlines() if ln.startswith("  stages[1]:rules"))
+    assert summary[1:5] == ["in", "20", "out", "40"], summary

@@ -303,3 +303,41 @@ def test_the_junit_report_is_private_in_private_directories(tmp_path: Path) -> N
     assert int(ET.parse(target).getroot().get("tests", "0")) > 0
     assert oct(target.stat().st_mode & 0o777) == oct(0o600)
     assert [oct(d.stat().st_mode & 0o777) for d in (target.parent, target.parent.parent)] == [oct(0o700)] * 2
+
+
+def test_a_bad_at_is_an_error_at_its_own_line(tmp_path: Path) -> None:
+    """An input event's `at:` that is no duration was reported at its case's line (`p.test.yaml:3:5: at: ...`),
+    for an input_file too: one bad line among 100,000 events had to be searched for by hand. Now the error names
+    the event's own `at` (inline: its line and key path; input_file: the file and its line)."""
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    (tmp_path / "events.jsonl").write_text('{"channel": "visual_index", "at": "1s"}\n'
+                                           '{"channel": "visual_index", "at": "soon"}\n')
+    (tmp_path / "p.test.yaml").write_text("config: p.yaml\ncases:\n  - name: inline\n    input:\n"
+                                          "      - {channel: visual_index, at: 1s}\n"
+                                          "      - channel: visual_index\n        at: 5q\n"
+                                          "    expect: {no_alerts: true}\n")
+    (tmp_path / "q.test.yaml").write_text("config: p.yaml\ncases:\n  - name: file\n    input_file: events.jsonl\n"
+                                          "    expect: {no_alerts: true}\n")
+    res = run(str(tmp_path / "p.test.yaml"), str(tmp_path / "q.test.yaml"))
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert f"      {tmp_path}/p.test.yaml:7:9: cases[0].input[1].at: expected a duration like 30s, got '5q'" in lines, \
+        lines
+    assert f"      {tmp_path}/events.jsonl:2: at: expected a duration like 30s, got 'soon'" in lines, lines
+
+
+def test_the_junit_report_parses_whatever_the_case_names_and_texts_hold(tmp_path: Path) -> None:
+    """XML 1.0 cannot hold U+FFFE or U+FFFF, even escaped: a case named "\\uFFFE" (a YAML escape), or a failing
+    case whose event text holds U+FFFF (valid JSON), made a report that no CI system could parse. They are now
+    written as `\\ufffe`, as control characters are as `\\xNN`."""
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    (tmp_path / "events.jsonl").write_text('{"channel": "visual_index", "data": {"text": "a terminal \\uffff"}}\n')
+    (tmp_path / "p.test.yaml").write_text('config: p.yaml\ncases:\n  - name: "odd \\uFFFE name"\n'
+                                          "    input_file: events.jsonl\n"
+                                          '    expect: {events_out: [{data: {text: "a terminal"}}]}\n')
+    res = run(str(tmp_path / "p.test.yaml"), "--junit", str(tmp_path / "junit.xml"))
+    assert res.returncode == 1, res.stdout + res.stderr
+    case = next(ET.parse(tmp_path / "junit.xml").getroot().iter("testcase"))
+    assert case.get("name") == "odd \\ufffe name"
+    failure = case.find("failure")
+    assert failure is not None and '"text": "a terminal \\uffff"' in (failure.text or ""), failure

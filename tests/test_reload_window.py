@@ -312,3 +312,27 @@ async def test_a_reload_under_way_when_the_source_ends_is_applied_before_the_fin
     assert await asyncio.wait_for(task, 10) == 0
     assert [e["channel"] for e in lines(tmp_path)] == ["transcript"] * 3  # the window's metrics were filtered
     assert (tmp_path / "slow.txt").read_text().split() == ["3"]
+
+
+async def test_a_moved_window_stage_counts_the_whole_run_once(tmp_path: Path) -> None:
+    """A window stage moved by a reload (a filter added in front) started its in/out counts again (the summary
+    said `in 1` after 4 events), and must count its windows once: the move itself carries them over."""
+    (tmp_path / "fed_src.py").write_text(SOURCE)
+    p = tmp_path / "p.yaml"
+    p.write_text(config(tmp_path, WINDOW))
+    fed, rt, reloader, task = start_fed(p)
+    fed.QUEUE.put_nowait([event(0), event(10), event(61)])  # the first window closes: one metrics event
+    for _ in range(200):
+        if any(e["channel"] == "metrics" for e in lines(tmp_path)):
+            break
+        await asyncio.sleep(0.02)
+    p.write_text(config(tmp_path, FILTER + WINDOW))
+    assert await reloader.reload("test")
+    fed.QUEUE.put_nowait([event(125)])  # the second window closes
+    fed.QUEUE.put_nowait(None)
+    assert await asyncio.wait_for(task, 10) == 0
+    window = rt.b.chain.processors[1]
+    st = window.context.stats
+    metrics = [e for e in lines(tmp_path) if e["channel"] == "metrics"]
+    assert (st.name, st.received, st.report_of(window)["windows"]) == ("stages[1]:window", 4, len(metrics)), \
+        (st, st.report_of(window), metrics)

@@ -162,11 +162,21 @@ class Reloader:
         """Validate and apply the file; True when the new config is running."""
         if self._too_late(why):
             return False
+        # The file is read and validated in a thread (a config of thousands of keywords or regexes takes a
+        # second: the event loop, its HTTP server and connections, was held meanwhile); ingest waits between two
+        # batches, as it did, so no batch runs between reading the file and applying it
+        self.rt.gate.clear()
+        try:
+            return await self._reload(why)
+        finally:
+            self.rt.gate.set()
+
+    async def _reload(self, why: str) -> bool:
         try:
             if self.path.exists() and not is_regular(self.path):  # (gone: load_config says so)
                 raise ConfigError(f"{self.path}: is {kind_of(self.path) or 'a pipe'}, not a regular file: a reload "
                                   "reads the config again, which only a regular file allows (restart to change it)")
-            new = _with_command_line(self.current, load_config(self.path))
+            new = _with_command_line(self.current, await asyncio.to_thread(load_config, self.path))
         except ConfigError as exc:
             self.rejected += 1
             log.error("reload (%s) rejected, the running config stays: %s", why, " | ".join(str(exc).splitlines()))
@@ -261,6 +271,7 @@ class Reloader:
         running: dict[str, tuple[StageSpec, Processor]] = {
             p.context.stage: (spec, p) for spec, p in zip(self.current.stages, b.chain.processors, strict=False)}
         processors: list[Processor] = []
+        moved: list[tuple[StageSpec, Processor]] = []  # new stages with no predecessor at their place
         for spec in new.stages:
             old_spec, old = running.get(spec.label) or (None, None)
             if old is not None and _same(old_spec, spec):
@@ -272,7 +283,14 @@ class Reloader:
                 p.continue_counts(old)  # rules: alerts fired (in all and per rule) and the last ones, of the run
             elif old is not None and hasattr(old, "fired") and hasattr(p, "fired"):
                 p.fired = old.fired  # the summary's "alerts fired" counts the whole run
+            else:
+                moved.append((spec, p))
             processors.append(p)
+        labels = {spec.label for spec in new.stages}
+        orphans = [(spec, p) for label, (spec, p) in running.items()  # removed, or moved to another place
+                   if label not in labels and not any(p is q for q in processors)]
+        for spec, p in moved:
+            _continue_moved(spec, p, orphans)
         swaps: list[SinkSwap] = []
         if len(new.sinks) == len(self.current.sinks):
             for i, (was, spec) in enumerate(zip(self.current.sinks, new.sinks, strict=True)):
@@ -303,6 +321,32 @@ class Reloader:
                 del m[key]
         if state.dirty:  # saved now: a run restarted after a crash before the next batch must not read them back
             state.flush()
+
+
+def _continue_moved(spec: StageSpec, p: Processor, orphans: list[tuple[StageSpec, Processor]]) -> None:
+    """`p` has no predecessor at its place (`stages[1]`): if it is a stage that moved there (a processor added or
+    removed in front of it), it goes on counting where that stage was. Before, a filter added in front of a
+    rules stage emptied the status page's last alerts and restarted its in/out counts and its alerts per rule.
+    The same stage: same type, and the same options or (rules) a rule of the same name (names are unique)."""
+    names = _names(spec)
+    for i, (was, old) in enumerate(orphans):
+        if type(old) is not type(p) or not (was.options == spec.options or names & _names(was)):
+            continue
+        del orphans[i]
+        if hasattr(p, "continue_counts"):
+            p.continue_counts(old)
+        elif hasattr(old, "fired") and hasattr(p, "fired"):
+            p.fired = old.fired
+        now, then = p.context.stats, old.context.stats
+        now.received, now.sent, now.dropped, now.errors = then.received, then.sent, then.dropped, then.errors
+        # what earlier instances reported; the old instance's own `report()` counts are not added: a moved window
+        # stage takes them over itself (see reload_windows), and adding them too counted its windows twice
+        now.before.update(then.before)
+        return
+
+
+def _names(spec: StageSpec) -> set[str]:
+    return {r.name for r in getattr(spec.options, "rules", None) or [] if isinstance(getattr(r, "name", None), str)}
 
 
 async def _replace(slot: SinkSlot, sw: SinkSwap, deadline: float, stop: asyncio.Event) -> str | None:

@@ -88,6 +88,8 @@ class LoadedCase:
 
 
 def _at(event: dict[str, Any], where: str) -> dict[str, Any]:
+    """The event with `at:` turned into its unix_ts; `where` starts the error line (the event's own `at`, or its
+    input_file line: the case's line alone left a bad `at` among 100,000 events to be searched by hand)."""
     if "at" not in event:
         return event
     from pipeline.types import parse_duration
@@ -96,13 +98,13 @@ def _at(event: dict[str, Any], where: str) -> dict[str, Any]:
     try:
         e["unix_ts"] = BASE_UNIX + parse_duration(e.pop("at"))
     except ValueError as exc:
-        raise ConfigError(f"{where}: at: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
     return e
 
 
 def load_tests(path: Path) -> tuple[TestFile, list[LoadedCase]]:
     """Parse and validate a test file (errors are ConfigErrors with file:line:col)."""
-    from pipeline.config import _Checker
+    from pipeline.config import _Checker, path_str
     from pipeline.registry import default_registry
 
     text = read_text(path, "test")
@@ -125,7 +127,8 @@ def load_tests(path: Path) -> tuple[TestFile, list[LoadedCase]]:
     for i, case in enumerate(tf.cases):
         where = chk.where(("cases", i))
         if case.input is not None:
-            raw = case.input
+            raw = [_at(e, f"{chk.where(at)}: {path_str(at)}") for j, e in enumerate(case.input)
+                   for at in [("cases", i, "input", j, "at")]]
         else:
             assert case.input_file is not None
             if _is_pipe(path.parent / case.input_file):
@@ -134,7 +137,7 @@ def load_tests(path: Path) -> tuple[TestFile, list[LoadedCase]]:
             if not raw:
                 why = NO_EVENTS.replace("no events", f"no events in {case.input_file}", 1)
                 raise chk.fail(("cases", i, "input_file"), why)
-        cases.append(LoadedCase(case, [_at(e, where) for e in raw], where))
+        cases.append(LoadedCase(case, raw, where))
     return tf, cases
 
 
@@ -170,5 +173,5 @@ def _read_jsonl(p: Path, where: str) -> list[dict[str, Any]]:
             raise ConfigError(f"{p}:{n}: expected a JSON object per line")
         if deeper_than(line, event, MAX_DEPTH):  # as in YAML; deeper, copying it for the case raised RecursionError
             raise ConfigError(f"{p}:{n}: nested more than {MAX_DEPTH} levels deep")
-        out.append(event)
+        out.append(_at(event, f"{p}:{n}: at"))
     return out

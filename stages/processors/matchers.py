@@ -234,6 +234,25 @@ def compile_regex(pattern: str) -> Any:
                          "are ASCII-only)") from None
 
 
+def compile_rule_regex(parts: list[str]) -> Any:
+    """A regex rule's keywords as the one RE2 alternation it runs as; ValueError if RE2 can't compile it.
+
+    Why checked as a whole: each keyword can compile alone and their alternation still exceed RE2's size
+    limit; the config then validated and the stage failed when it was built (at start, in `pipeline test`, in a
+    reload) with a line quoting the whole alternation.
+    """
+    if len(parts) == 1:
+        return compile_regex(parts[0])
+    import re2
+
+    try:
+        return re2.compile("|".join(f"(?:{p})" for p in parts), _re2_options())
+    except re2.error as exc:
+        detail = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(f"its {len(parts)} regex keywords together are not supported: {detail} (a rule's "
+                         "regexes run as one RE2 alternation; split them over several rules)") from None
+
+
 #: data.matched of a regex rule: the distinct matches among this many first occurrences. Each occurrence
 #: costs ~9 µs in the RE2 wrapper, so a pattern matching at every character of a 1 MB text took 9 s.
 MAX_REGEX_MATCHES: Final = 1000
@@ -246,21 +265,29 @@ class RegexMatcher:
     regex engine when an ASCII text holds none of those literals.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shared: dict[tuple[str, ...], tuple[Any, tuple[str, ...] | None]] | None = None) -> None:
         self._parts: dict[int, list[str]] = defaultdict(list)
         self._compiled: list[tuple[int, Any, tuple[str, ...] | None]] = []
+        # keywords -> (alternation, literals), shared by the matchers of one stage's channels: a rule on three
+        # channels was compiled three times (2,000 regex rules: a reload held the event loop 1.6 s)
+        self._shared = {} if shared is None else shared
 
-    def add(self, rule: int, keyword: str) -> None:
-        compile_regex(keyword)
+    def add(self, rule: int, keyword: str, *, checked: bool = False) -> None:
+        """Add a keyword of `rule`; ValueError if RE2 cannot compile it (`checked`: the caller knows it can)."""
+        if not checked:
+            compile_regex(keyword)
         self._parts[rule].append(keyword)
 
     def freeze(self) -> None:
         self._compiled = []
         for rule, parts in self._parts.items():
-            literals = [required_literal(p) for p in parts]
-            need = None if any(lit is None for lit in literals) else tuple(dict.fromkeys(literals))
-            rx = compile_regex("|".join(f"(?:{p})" for p in parts))
-            self._compiled.append((rule, rx, need))  # type: ignore[arg-type]
+            key = tuple(parts)
+            done = self._shared.get(key)
+            if done is None:
+                literals = [lit for lit in map(required_literal, parts) if lit is not None]
+                need = tuple(dict.fromkeys(literals)) if len(literals) == len(parts) else None
+                done = self._shared[key] = (compile_rule_regex(parts), need)
+            self._compiled.append((rule, done[0], done[1]))
 
     def __bool__(self) -> bool:
         return bool(self._parts)

@@ -24,7 +24,16 @@ from pipeline.events import ALIASES, canonical, event_time_ms
 from pipeline.types import Duration
 from stages.globs import glob_matcher
 from stages.processors.eviction import SWEEP_EVERY_MS, Eviction
-from stages.processors.matchers import FINAL_SIGMA, Hits, RegexMatcher, Scanner, SubstringMatcher, WordMatcher, fold
+from stages.processors.matchers import (
+    FINAL_SIGMA,
+    Hits,
+    RegexMatcher,
+    Scanner,
+    SubstringMatcher,
+    WordMatcher,
+    compile_rule_regex,
+    fold,
+)
 from stages.processors.native import plain_reads, written_keys
 
 try:  # the hot loop in C (built with the package); without it the Python path below does the same work
@@ -86,6 +95,8 @@ class Rule(Options):
                 bad.append(str(exc))
         if bad:
             raise ValueError("; ".join(bad))
+        if self.match == "regex" and len(self.keywords) > 1:
+            compile_rule_regex(self.keywords)  # as the stage runs them: together (the alternation may be too large)
         if self.min_count > 1 and self.window is None:
             raise ValueError("min_count needs a window (e.g. window: 5m)")
         return self
@@ -123,10 +134,10 @@ class _ChannelMatcher:
 
     __slots__ = ("has_regex", "literal_gate", "regex", "scan", "substring", "word")
 
-    def __init__(self) -> None:
+    def __init__(self, shared: dict[tuple[str, ...], Any]) -> None:
         self.word = WordMatcher()
         self.substring = SubstringMatcher()
-        self.regex = RegexMatcher()
+        self.regex = RegexMatcher(shared)
         self.scan: Scanner | None = None
         self.has_regex = False
         self.literal_gate = False  # True: the regex rules run only when the scan saw one of their literals
@@ -148,21 +159,7 @@ class Rules(Processor):
     def __init__(self, options: RulesOptions, context: Context) -> None:
         super().__init__(options, context)
         self._rules = [_compile(r) for r in options.rules]
-        self._by_channel: dict[str, _ChannelMatcher] = {}
-        for i, r in enumerate(options.rules):
-            for ch in {canonical(c) for c in r.channels}:
-                m = self._by_channel.setdefault(ch, _ChannelMatcher())
-                for k in r.keywords:
-                    getattr(m, r.match).add(i, k)
-        for m in self._by_channel.values():
-            m.freeze()
-        # channel name (aliases included) -> (scan, regex or None, regex gated by literals): what process() calls
-        self._scanners: dict[str, tuple[Any, Any, bool]] = {}
-        for name in (*self._by_channel, *ALIASES):
-            cm = self._by_channel.get(canonical(name))
-            if cm is not None:
-                self._scanners[name] = (cm.scan.match, cm.regex.match if cm.has_regex else None,  # type: ignore[union-attr]
-                                        cm.literal_gate)
+        self._by_channel = _matchers(options.rules)
         self._last_fired = context.state.get("rules.last_fired")  # "rule|rtstream" -> event ms
         self._windows = context.state.get("rules.windows")  # "rule|rtstream" -> [event ms, ...]
         self.fired = 0
@@ -180,6 +177,17 @@ class Rules(Processor):
         for name in self._names:  # a set: a stage built for a reload that is then rejected leaves the old one's
             self._owners.setdefault(name, weakref.WeakSet()).add(self)
         self._engine = self._native() if self.native else None
+        # channel name (aliases included) -> (scan, regex or None, regex gated by literals): what _process() calls;
+        # not built when the C engine runs (the automata of 90,000 keywords took 0.9 s at each reload)
+        self._scanners: dict[str, tuple[Any, Any, bool]] = {}
+        if self._engine is None:
+            for shared in {id(m): m for m in self._by_channel.values()}.values():
+                shared.freeze()
+            for name in (*self._by_channel, *ALIASES):
+                cm = self._by_channel.get(canonical(name))
+                if cm is not None:
+                    self._scanners[name] = (cm.scan.match, cm.regex.match if cm.has_regex else None,  # type: ignore[union-attr]
+                                            cm.literal_gate)
         self._written = written_keys(self._last_fired)
 
     #: Use the C engine when the rules allow it (tests switch it off to compare both paths).
@@ -194,9 +202,12 @@ class Rules(Processor):
             return None
         tables: list[tuple[Any, str]] = []
         index: dict[str, int] = {}
+        words: dict[int, Any] = {}  # one table of words per matcher, whatever the channels sharing it
         for ch, cm in self._by_channel.items():
             index[ch] = len(tables)
-            tables.append((cm.word.words(), ch))
+            if id(cm) not in words:
+                words[id(cm)] = cm.word.words()
+            tables.append((words[id(cm)], ch))
         channel_map = {name: index[canonical(name)] for name in (*self._by_channel, *ALIASES)
                        if canonical(name) in index}
         rules = [(c.prefix, c.label, c.severity, c.cooldown_ms, c.names) for c in self._rules]
@@ -362,6 +373,32 @@ class Rules(Processor):
         self.recent.extend(alerts)
         self.fired += len(alerts)
         return alerts
+
+
+def _matchers(rules: list[Rule]) -> dict[str, _ChannelMatcher]:
+    """Canonical channel -> the matchers of the rules on it (not frozen). Channels that the same rules watch
+    share one: each rule watches three channels by default, and its keywords were added, folded and built into
+    an automaton three times (90,000 keywords: 2.4 s at each reload, the event loop held meanwhile)."""
+    on: dict[str, list[int]] = {}
+    for i, r in enumerate(rules):
+        for ch in {canonical(c) for c in r.channels}:
+            on.setdefault(ch, []).append(i)
+    built: dict[tuple[int, ...], _ChannelMatcher] = {}
+    shared: dict[tuple[str, ...], Any] = {}  # a regex rule on channels of different rule sets is compiled once
+    out: dict[str, _ChannelMatcher] = {}
+    for ch, indices in on.items():
+        m = built.get(tuple(indices))
+        if m is None:
+            m = built[tuple(indices)] = _ChannelMatcher(shared)
+            for i in indices:
+                r = rules[i]
+                for k in r.keywords:
+                    if r.match == "regex":
+                        m.regex.add(i, k, checked=True)  # the Rule compiled each keyword when it was validated
+                    else:
+                        getattr(m, r.match).add(i, k)
+        out[ch] = m
+    return out
 
 
 def _owners(state: Any) -> dict[str, weakref.WeakSet[Rules]]:
