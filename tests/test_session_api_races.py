@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
+from pipeline import sdk_threads
 from pipeline.api import Context
 from pipeline.emulator import Emulator
 from pipeline.events import iso_ts
@@ -259,3 +260,25 @@ async def test_a_restart_asks_for_the_sessions_the_listing_left_out_a_few_at_a_t
         assert len({c["path"] for c in calls}) == n  # each asked once
         at_once = max(sum(c["at"] <= x["at"] < c["at"] + 0.2 for c in calls) for x in calls)
         assert at_once <= 4, at_once  # never more than the background bound at once
+
+
+async def test_creates_videodb_is_slow_to_make_leave_threads_for_a_stop_and_a_token(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """VideoDB takes 1.2 s to make each session while a burst of users start recording: a user who stops (or
+    needs a new client token) meanwhile is answered at once, and every create still gets its session. Before, the
+    creates held every SDK worker thread (6 on two cores) and the stop and the token waited behind them: a token
+    took 23 s with 12 creates at 8 s each (and past the 60 s call deadline they failed)."""
+    async with running(make_context, emulator) as live:
+        status, made = await live.call("POST", "/v1/sessions", json={"end_user_id": "stays"})
+        assert status == 201, made
+        sid = made["session_id"]
+        emulator.fault("POST", "/collection/default/capture/session", delay=1.2)
+        burst = [asyncio.create_task(live.call("POST", "/v1/sessions", json={"end_user_id": f"u{i}"}))
+                 for i in range(sdk_threads.workers() + 2)]
+        await live.wait_for(lambda: emulator.faults[0].hits >= 2)  # creates are waiting for VideoDB
+        for path in (f"/v1/sessions/{sid}/token", f"/v1/sessions/{sid}/stop"):
+            began = time.monotonic()
+            status, body = await live.call("POST", path)
+            assert status in (200, 202), body
+            assert time.monotonic() - began < 0.6, path
+        assert [status for status, _ in await asyncio.gather(*burst)] == [201] * len(burst)
