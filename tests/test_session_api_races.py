@@ -282,3 +282,22 @@ async def test_creates_videodb_is_slow_to_make_leave_threads_for_a_stop_and_a_to
             assert status in (200, 202), body
             assert time.monotonic() - began < 0.6, path
         assert [status for status, _ in await asyncio.gather(*burst)] == [201] * len(burst)
+
+
+async def test_a_create_waiting_for_its_turn_at_shutdown_is_503_at_once_and_makes_nothing(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """Creates VideoDB is slow to make fill their places; one more waits for its turn. A shutdown answers it 503
+    (retry after the restart) at once, and VideoDB makes no session for it; those under way still get theirs."""
+    async with running(make_context, emulator) as live:
+        emulator.fault("POST", "/collection/default/capture/session", delay=1.2)
+        places = live.ctl.manager.creator.slots._value
+        burst = [asyncio.create_task(live.call("POST", "/v1/sessions", json={"end_user_id": f"u{i}"}))
+                 for i in range(places + 1)]
+        await live.wait_for(lambda: emulator.faults[0].hits == places)
+        began = time.monotonic()
+        live.ctl.manager.closing()
+        status, body = await next(asyncio.as_completed(burst))
+        assert (status, body.get("status")) == (503, 503), body
+        assert time.monotonic() - began < 0.5
+        assert sorted(status for status, _ in await asyncio.gather(*burst)) == [201] * places + [503]
+        assert len(emulator.registry.sessions) == places
