@@ -19,6 +19,7 @@ from pipeline import sdk_threads
 from pipeline.api import Context
 from pipeline.emulator import Emulator
 from pipeline.events import iso_ts
+from stages.controller import session_create
 from tests.test_session_api import TOKEN, Live, hook, running
 from tests.test_session_api import emulator as emulator  # the shared fixture
 from tests.test_session_api_attacks import status_of
@@ -300,4 +301,22 @@ async def test_a_create_waiting_for_its_turn_at_shutdown_is_503_at_once_and_make
         assert (status, body.get("status")) == (503, 503), body
         assert time.monotonic() - began < 0.5
         assert sorted(status for status, _ in await asyncio.gather(*burst)) == [201] * places + [503]
+        assert len(emulator.registry.sessions) == places
+
+
+async def test_a_create_that_waits_too_long_for_its_turn_is_503_and_makes_nothing(
+        emulator: Emulator, make_context: Callable[..., Context], monkeypatch: pytest.MonkeyPatch) -> None:
+    """VideoDB is so slow to make sessions that a create waits past its turn's limit (60 s; 0.3 s here): 503 with
+    Retry-After, nothing made for it at VideoDB; the creates ahead of it still get their sessions."""
+    monkeypatch.setattr(session_create, "TURN_WAIT", 0.3)
+    async with running(make_context, emulator) as live:
+        emulator.fault("POST", "/collection/default/capture/session", delay=1.2)
+        places = live.ctl.manager.creator.slots._value
+        ahead = [asyncio.create_task(live.call("POST", "/v1/sessions", json={"end_user_id": f"u{i}"}))
+                 for i in range(places)]
+        await live.wait_for(lambda: emulator.faults[0].hits == places)
+        async with live.http.post(f"{live.url}/v1/sessions", json={"end_user_id": "late"},
+                                  headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert (r.status, r.headers.get("Retry-After")) == (503, "5"), await r.text()
+        assert [status for status, _ in await asyncio.gather(*ahead)] == [201] * places
         assert len(emulator.registry.sessions) == places

@@ -14,9 +14,9 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from pipeline import sdk_threads, secrets, videodb_sdk
+from pipeline import sdk_threads, secrets
 from pipeline.events import iso_ts, lifecycle_status
-from pipeline.videodb_sdk import VideoDBCallError, client_token
+from pipeline.videodb_sdk import CALL_DEADLINE, VideoDBCallError, client_token
 from stages.controller import lost_create
 from stages.controller.ai_pipelines import OnActive
 from stages.controller.session_store import safe_id
@@ -37,6 +37,8 @@ RETRY_AFTER_SOON: Final = 2
 #: SDK worker threads the creates leave to everything else (a stop, a new client token, the background work):
 #: creates VideoDB is slow to make held every thread, and a user's stop waited behind them
 THREADS_LEFT: Final = 2
+#: seconds a create waits for its turn (as long as a call may wait for a worker thread): then 503
+TURN_WAIT = CALL_DEADLINE
 
 
 class ApiProblem(Exception):
@@ -165,7 +167,7 @@ class SessionCreator:
         closing = asyncio.ensure_future(self.closing.wait())
         got = False
         try:
-            await asyncio.wait((acquire, closing), timeout=videodb_sdk.CALL_DEADLINE,
+            await asyncio.wait((acquire, closing), timeout=TURN_WAIT,
                                return_when=asyncio.FIRST_COMPLETED)
             got = acquire.done() and not acquire.cancelled() and not self.closing.is_set()
         finally:
@@ -181,7 +183,7 @@ class SessionCreator:
             raise ApiProblem(503, f"the pipeline is shutting down; retry in {RETRY_AFTER_SOON}s",
                              retry_after=RETRY_AFTER_SOON)
         raise ApiProblem(503, f"VideoDB has not made the sessions of the creates before this one for "
-                              f"{videodb_sdk.CALL_DEADLINE:g}s; retry in {RETRY_AFTER_DEFAULT}s",
+                              f"{TURN_WAIT:g}s; retry in {RETRY_AFTER_DEFAULT}s",
                          retry_after=RETRY_AFTER_DEFAULT)
 
     async def _connection_for_create(self) -> str:
