@@ -15,9 +15,11 @@ from typing import Any
 import orjson
 import pytest
 
+from pipeline import sdk_threads
 from pipeline.api import Context
 from pipeline.emulator import Emulator
 from pipeline.events import iso_ts
+from stages.controller import session_create
 from tests.test_session_api import TOKEN, Live, hook, running
 from tests.test_session_api import emulator as emulator  # the shared fixture
 from tests.test_session_api_attacks import status_of
@@ -259,3 +261,62 @@ async def test_a_restart_asks_for_the_sessions_the_listing_left_out_a_few_at_a_t
         assert len({c["path"] for c in calls}) == n  # each asked once
         at_once = max(sum(c["at"] <= x["at"] < c["at"] + 0.2 for c in calls) for x in calls)
         assert at_once <= 4, at_once  # never more than the background bound at once
+
+
+async def test_creates_videodb_is_slow_to_make_leave_threads_for_a_stop_and_a_token(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """VideoDB takes 1.2 s to make each session while a burst of users start recording: a user who stops (or
+    needs a new client token) meanwhile is answered at once, and every create still gets its session. Before, the
+    creates held every SDK worker thread (6 on two cores) and the stop and the token waited behind them: a token
+    took 23 s with 12 creates at 8 s each (and past the 60 s call deadline they failed)."""
+    async with running(make_context, emulator) as live:
+        status, made = await live.call("POST", "/v1/sessions", json={"end_user_id": "stays"})
+        assert status == 201, made
+        sid = made["session_id"]
+        emulator.fault("POST", "/collection/default/capture/session", delay=1.2)
+        burst = [asyncio.create_task(live.call("POST", "/v1/sessions", json={"end_user_id": f"u{i}"}))
+                 for i in range(sdk_threads.workers() + 2)]
+        await live.wait_for(lambda: emulator.faults[0].hits >= 2)  # creates are waiting for VideoDB
+        for path in (f"/v1/sessions/{sid}/token", f"/v1/sessions/{sid}/stop"):
+            began = time.monotonic()
+            status, body = await live.call("POST", path)
+            assert status in (200, 202), body
+            assert time.monotonic() - began < 0.6, path
+        assert [status for status, _ in await asyncio.gather(*burst)] == [201] * len(burst)
+
+
+async def test_a_create_waiting_for_its_turn_at_shutdown_is_503_at_once_and_makes_nothing(
+        emulator: Emulator, make_context: Callable[..., Context]) -> None:
+    """Creates VideoDB is slow to make fill their places; one more waits for its turn. A shutdown answers it 503
+    (retry after the restart) at once, and VideoDB makes no session for it; those under way still get theirs."""
+    async with running(make_context, emulator) as live:
+        emulator.fault("POST", "/collection/default/capture/session", delay=1.2)
+        places = live.ctl.manager.creator.slots._value
+        burst = [asyncio.create_task(live.call("POST", "/v1/sessions", json={"end_user_id": f"u{i}"}))
+                 for i in range(places + 1)]
+        await live.wait_for(lambda: emulator.faults[0].hits == places)
+        began = time.monotonic()
+        live.ctl.manager.closing()
+        status, body = await next(asyncio.as_completed(burst))
+        assert (status, body.get("status")) == (503, 503), body
+        assert time.monotonic() - began < 0.5
+        assert sorted(status for status, _ in await asyncio.gather(*burst)) == [201] * places + [503]
+        assert len(emulator.registry.sessions) == places
+
+
+async def test_a_create_that_waits_too_long_for_its_turn_is_503_and_makes_nothing(
+        emulator: Emulator, make_context: Callable[..., Context], monkeypatch: pytest.MonkeyPatch) -> None:
+    """VideoDB is so slow to make sessions that a create waits past its turn's limit (60 s; 0.3 s here): 503 with
+    Retry-After, nothing made for it at VideoDB; the creates ahead of it still get their sessions."""
+    monkeypatch.setattr(session_create, "TURN_WAIT", 0.3)
+    async with running(make_context, emulator) as live:
+        emulator.fault("POST", "/collection/default/capture/session", delay=1.2)
+        places = live.ctl.manager.creator.slots._value
+        ahead = [asyncio.create_task(live.call("POST", "/v1/sessions", json={"end_user_id": f"u{i}"}))
+                 for i in range(places)]
+        await live.wait_for(lambda: emulator.faults[0].hits == places)
+        async with live.http.post(f"{live.url}/v1/sessions", json={"end_user_id": "late"},
+                                  headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert (r.status, r.headers.get("Retry-After")) == (503, "5"), await r.text()
+        assert [status for status, _ in await asyncio.gather(*ahead)] == [201] * places
+        assert len(emulator.registry.sessions) == places

@@ -14,9 +14,9 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from pipeline import secrets
+from pipeline import sdk_threads, secrets
 from pipeline.events import iso_ts, lifecycle_status
-from pipeline.videodb_sdk import VideoDBCallError, client_token
+from pipeline.videodb_sdk import CALL_DEADLINE, VideoDBCallError, client_token
 from stages.controller import lost_create
 from stages.controller.ai_pipelines import OnActive
 from stages.controller.session_store import safe_id
@@ -34,6 +34,11 @@ RETRY_AFTER_MAX: Final = 300
 RETRY_AFTER_DEFAULT: Final = 5
 #: `Retry-After` of a 503 of our own (no WebSocket connection yet, shutting down): seconds.
 RETRY_AFTER_SOON: Final = 2
+#: SDK worker threads the creates leave to everything else (a stop, a new client token, the background work):
+#: creates VideoDB is slow to make held every thread, and a user's stop waited behind them
+THREADS_LEFT: Final = 2
+#: seconds a create waits for its turn (as long as a call may wait for a worker thread): then 503
+TURN_WAIT = CALL_DEADLINE
 
 
 class ApiProblem(Exception):
@@ -70,6 +75,8 @@ class SessionCreator:
         self.creating = 0  # creates in flight (each holds a place under max_sessions until it returns)
         self.at_videodb: set[asyncio.Task[ManagedSession]] = set()  # creates past the connection wait
         self.closing = asyncio.Event()  # set at shutdown: creates still waiting for a connection get 503
+        #: creates making their token or session at VideoDB at once (the others wait here, not for a thread)
+        self.slots = asyncio.Semaphore(max(1, sdk_threads.workers() - THREADS_LEFT))
 
     async def create(self, end_user_id: str, metadata: dict[str, Any], on_active: OnActive | None,
                      key: str | None, fingerprint: str) -> tuple[ManagedSession, bool]:
@@ -121,30 +128,63 @@ class SessionCreator:
     async def _create(self, end_user_id: str, metadata: dict[str, Any], on_active: OnActive | None,
                       key: str | None, fingerprint: str) -> ManagedSession:
         conn_id = await self._connection_for_create()
+        await self._slot()
+        task: asyncio.Task[ManagedSession] | None = None
         try:
-            record = await self._prepare(conn_id, end_user_id, metadata, on_active, key, fingerprint)
-        except asyncio.CancelledError:  # a shutdown: nothing was made, its note (if written) must not find one
-            if key is not None:
-                self.m.store.drop_intent(key)
-            raise
-        if self.closing.is_set():  # the stop began while its token was made or its note written: nothing made
-            secrets.forget(record["client_token"])
-            if key is not None:
-                self.m.store.drop_intent(key)
-            raise ApiProblem(503, f"the pipeline is shutting down; retry in {RETRY_AFTER_SOON}s",
-                             retry_after=RETRY_AFTER_SOON)
-        # From here on the create runs to its end even if the request is cancelled (a shutdown): a session
-        # VideoDB made must get its record, or a restart would not know it and a retry would make another.
-        # (Not before: a shutdown waits for these, up to CLOSE_WAIT, and a note held up by a slow disk is no
-        # session at VideoDB.)
-        task = asyncio.get_running_loop().create_task(self._create_at_videodb(record, on_active))
-        self.at_videodb.add(task)
-        task.add_done_callback(self.at_videodb.discard)
+            try:
+                record = await self._prepare(conn_id, end_user_id, metadata, on_active, key, fingerprint)
+            except asyncio.CancelledError:  # a shutdown: nothing was made, its note (if written) must not find one
+                if key is not None:
+                    self.m.store.drop_intent(key)
+                raise
+            if self.closing.is_set():  # the stop began while its token was made or its note written: nothing made
+                secrets.forget(record["client_token"])
+                if key is not None:
+                    self.m.store.drop_intent(key)
+                raise ApiProblem(503, f"the pipeline is shutting down; retry in {RETRY_AFTER_SOON}s",
+                                 retry_after=RETRY_AFTER_SOON)
+            # From here on the create runs to its end even if the request is cancelled (a shutdown): a session
+            # VideoDB made must get its record, or a restart would not know it and a retry would make another.
+            # (Not before: a shutdown waits for these, up to CLOSE_WAIT, and a note held up by a slow disk is no
+            # session at VideoDB.)
+            task = asyncio.get_running_loop().create_task(self._create_at_videodb(record, on_active))
+            self.at_videodb.add(task)
+            task.add_done_callback(self.at_videodb.discard)
+            task.add_done_callback(lambda _: self.slots.release())  # its place is free once VideoDB answered
+        finally:
+            if task is None:
+                self.slots.release()
         s = await asyncio.shield(task)
         # its 201 only once a restart would know it (a failed write is logged). Not in the task: a shutdown waits
         # CLOSE_WAIT for creates at VideoDB, not for a slow disk (the stop writes the queued records itself)
         await self.m.store.flushed(s.id)
         return s
+
+    async def _slot(self) -> None:
+        """A place among the creates at VideoDB at once; 503 at once when shutting down, and after the SDK's call
+        deadline without one (as a call waiting that long for a worker thread failed before)."""
+        acquire = asyncio.ensure_future(self.slots.acquire())
+        closing = asyncio.ensure_future(self.closing.wait())
+        got = False
+        try:
+            await asyncio.wait((acquire, closing), timeout=TURN_WAIT,
+                               return_when=asyncio.FIRST_COMPLETED)
+            got = acquire.done() and not acquire.cancelled() and not self.closing.is_set()
+        finally:
+            closing.cancel()
+            if not got:
+                if acquire.done() and not acquire.cancelled():
+                    self.slots.release()
+                else:
+                    acquire.cancel()
+        if got:
+            return
+        if self.closing.is_set():
+            raise ApiProblem(503, f"the pipeline is shutting down; retry in {RETRY_AFTER_SOON}s",
+                             retry_after=RETRY_AFTER_SOON)
+        raise ApiProblem(503, f"VideoDB has not made the sessions of the creates before this one for "
+                              f"{TURN_WAIT:g}s; retry in {RETRY_AFTER_DEFAULT}s",
+                         retry_after=RETRY_AFTER_DEFAULT)
 
     async def _connection_for_create(self) -> str:
         """The current connection id; 503 after connect_timeout without one, or at once when shutting down."""

@@ -12,6 +12,8 @@ import asyncio
 import time
 from typing import Any, Final
 
+import orjson
+
 from pipeline.events import iso_ts
 from pipeline.termsafe import visible
 from stages.controller.ai_pipelines import AIPipelines, OnActive
@@ -31,6 +33,11 @@ class ManagedSession:
                  "rebind_waiting", "record", "seq", "streams_known")
 
     def __init__(self, record: dict[str, Any], on_active: OnActive) -> None:
+        metadata = record.get("metadata")
+        if isinstance(metadata, dict):  # held as its JSON text: written, shown and listed as it is, never read
+            # (as objects, 60 KB of `[[], [], ...]` were 20,000 lists: 1.5 MB per session, walked by every full
+            # garbage collection)
+            record["metadata"] = orjson.Fragment(orjson.dumps(metadata))
         self.record = record
         self.on_active = on_active
         self.lifecycle = Lifecycle(record["session_id"])
