@@ -70,17 +70,25 @@ def count_lines(path: Path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
-async def test_a_reload_that_re_creates_a_sink_and_the_rules_keeps_their_counts(
-        tmp_path: Path, feed: tuple[int, asyncio.Queue[str]]) -> None:
-    port, frames = feed
+async def start(tmp_path: Path, port: int, *args: str) -> tuple[asyncio.subprocess.Process, str, Path, Path]:
+    """`pipeline run p.yaml` (CONFIG, fed from `port`) with its operator endpoint: (process, its URL, stdout and
+    stderr files)."""
     cfg = tmp_path / "p.yaml"
     cfg.write_text(CONFIG.format(port=port, tmp=tmp_path, max_text=160, extra_rule=""))
     base = f"http://127.0.0.1:{free_port()}"
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("wb") as o, err.open("wb") as e:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pipeline.cli", "run", str(cfg), "--http", base.removeprefix("http://"),
-            "--summary-json", str(tmp_path / "summary.json"), stdout=o, stderr=e, env=ENV, cwd=tmp_path)
+            sys.executable, "-m", "pipeline.cli", "run", str(cfg), "--http", base.removeprefix("http://"), *args,
+            stdout=o, stderr=e, env=ENV, cwd=tmp_path)
+    return proc, base, out, err
+
+
+async def test_a_reload_that_re_creates_a_sink_and_the_rules_keeps_their_counts(
+        tmp_path: Path, feed: tuple[int, asyncio.Queue[str]]) -> None:
+    port, frames = feed
+    cfg = tmp_path / "p.yaml"
+    proc, base, out, err = await start(tmp_path, port, "--summary-json", str(tmp_path / "summary.json"))
     try:
         def send(first: int) -> None:
             for i in range(first, first + 10):
@@ -144,13 +152,7 @@ async def test_a_rules_stage_moved_by_a_reload_keeps_its_counts_and_last_alerts(
     fired, 1 counted after the next event). The moved stage now goes on counting where it was."""
     port, frames = feed
     cfg = tmp_path / "p.yaml"
-    cfg.write_text(CONFIG.format(port=port, tmp=tmp_path, max_text=160, extra_rule=""))
-    base = f"http://127.0.0.1:{free_port()}"
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    with out.open("wb") as o, err.open("wb") as e:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pipeline.cli", "run", str(cfg), "--http", base.removeprefix("http://"),
-            stdout=o, stderr=e, env=ENV, cwd=tmp_path)
+    proc, base, _, err = await start(tmp_path, port)
     try:
         def send(first: int) -> None:
             for i in range(first, first + 10):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from tests.broker import free_port
 from tests.procs import pipeline_run, stop_process
+from tests.test_reload_plugin_exit import config
+from tests.test_reload_watch_start import wait_for
 
 PLUGIN = '''
 import os
@@ -47,22 +49,6 @@ class Held(Processor):
         return batch
 '''
 
-
-def config(tmp_path: Path, stages: str) -> str:
-    return f"""name: x
-source: {{type: "tests.slow_sink:TickSource", every: 0.01}}
-stages:
-{stages}  - {{type: filter, channels: [alert]}}
-sinks: [{{type: jsonl, path: {tmp_path}/o.jsonl, flush_interval: 0}}]
-"""
-
-
-def wait_for(cond, what: str, proc, timeout: float = 15) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert proc.poll() is None, f"the run ended while waiting for {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_the_http_server_answers_while_a_reload_validates_the_file(tmp_path: Path) -> None:

@@ -191,6 +191,15 @@ def gated_config(tmp_path: Path, broker: Broker, name: str, lines: Path, batch_w
     return cfg
 
 
+async def run_worker(cfg: Path, cwd: Path, timeout: float = 40) -> tuple[int | None, str]:
+    """(exit code, output) of `pipeline worker cfg` run until it exits by itself (killed after `timeout`)."""
+    proc = await asyncio.create_subprocess_exec(*CLI, "worker", str(cfg), "--session-timeout", "3s", cwd=cwd,
+                                                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await communicate(proc, timeout)
+    return proc.returncode, out.decode()
+
+
 async def produce(broker: Broker, name: str, events: list[dict[str, object]]) -> None:
     """Events straight onto `<name>-ingest`, one record each, keyed by session."""
     from aiokafka import AIOKafkaProducer
@@ -373,12 +382,8 @@ async def test_a_sink_that_fails_stops_the_worker_with_one_line_and_no_traceback
     doc["sinks"] = [{"type": "tests.slow_sink:FailingSink"}]
     cfg.write_text(yaml.safe_dump(doc))
     await produce(kafka_broker, name, [{"channel": "transcript", "capture_session_id": "cap-f", "seq": 1}])
-    proc = await asyncio.create_subprocess_exec(*CLI, "worker", str(cfg), "--session-timeout", "3s", cwd=tmp_path,
-                                                env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await communicate(proc, 40)
-    text = out.decode()
-    assert proc.returncode == 1, text[-3000:]
+    code, text = await run_worker(cfg, tmp_path)
+    assert code == 1, text[-3000:]
     assert "Traceback" not in text and text.strip().splitlines()[-1] == (
         "pipeline: sinks[0]:tests.slow_sink:FailingSink: /fake/path: cannot write: No space left on device"
     ), text[-3000:]
@@ -454,16 +459,8 @@ async def test_a_worker_whose_sink_cannot_open_its_file_names_the_sink_in_its_on
     doc = yaml.safe_load(cfg.read_text())
     doc["sinks"].append({"type": "jsonl", "path": str(tmp_path / "a-file/out.jsonl")})
     cfg.write_text(yaml.safe_dump(doc))
-    proc = await asyncio.create_subprocess_exec(*CLI, "worker", str(cfg), "--session-timeout", "3s", cwd=tmp_path,
-                                                env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    except TimeoutError:
-        proc.kill()
-        out, _ = await proc.communicate()
-    text = out.decode()
-    assert proc.returncode == 1, text[-3000:]
+    code, text = await run_worker(cfg, tmp_path)
+    assert code == 1, text[-3000:]
     assert "Traceback" not in text and text.strip().splitlines()[-1] == (
         f"pipeline: sinks[1]:jsonl: {tmp_path / 'a-file'}: cannot create directory: Not a directory"), text[-3000:]
 
@@ -477,16 +474,8 @@ async def test_a_worker_whose_dead_letter_path_is_unusable_stops_with_one_line(
     (tmp_path / "a-file").write_text("")
     cfg.write_text(cfg.read_text().replace(str(tmp_path / "out/dead-letter.jsonl"),
                                            str(tmp_path / "a-file/dead-letter.jsonl")))
-    proc = await asyncio.create_subprocess_exec(*CLI, "worker", str(cfg), "--session-timeout", "3s", cwd=tmp_path,
-                                                env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    except TimeoutError:
-        proc.kill()
-        out, _ = await proc.communicate()
-    text = out.decode()
-    assert proc.returncode == 1, text[-3000:]
+    code, text = await run_worker(cfg, tmp_path)
+    assert code == 1, text[-3000:]
     assert "Traceback" not in text and text.strip().splitlines()[-1] == (
         f"pipeline: {tmp_path / 'a-file/dead-letter.jsonl'}: cannot write the dead-letter file: "
         f"{tmp_path / 'a-file'}: cannot create directory: Not a directory"), text[-3000:]

@@ -5,7 +5,6 @@ Real `pipeline worker` process, the real test broker, a real ENOSPC (/dev/full).
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
@@ -14,8 +13,7 @@ import pytest
 import yaml
 
 from tests.broker import Broker, kafka_broker  # noqa: F401
-from tests.faults.test_faust_attacks import CLI, ROOT, gated_config, produce
-from tests.procs import communicate
+from tests.faults.test_faust_attacks import gated_config, produce, run_worker
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")]
@@ -32,12 +30,8 @@ async def test_a_full_disk_dead_letters_each_event_once_and_names_the_sink(
     cfg.write_text(yaml.safe_dump(doc))
     await produce(kafka_broker, name, [{"channel": "transcript", "capture_session_id": "cap-f", "seq": n}
                                        for n in range(3)])
-    proc = await asyncio.create_subprocess_exec(*CLI, "worker", str(cfg), "--session-timeout", "3s", cwd=tmp_path,
-                                                env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await communicate(proc, 40)
-    text = out.decode()
-    assert proc.returncode == 1, text[-3000:]
+    code, text = await run_worker(cfg, tmp_path)
+    assert code == 1, text[-3000:]
     assert "Traceback" not in text and text.strip().splitlines()[-1] == (
         "pipeline: sinks[0]:jsonl: /dev/full: cannot write: No space left on device"), text[-3000:]
     dead = [orjson.loads(x) for x in (tmp_path / "out/dead-letter.jsonl").read_bytes().splitlines()]
