@@ -153,3 +153,33 @@ async def test_requests_take_their_turn_so_the_pipeline_comes_first(tmp_path: Pa
         took = time.monotonic() - t0
     assert sorted(set(codes)) == [200, 404] and len(codes) == n
     assert took >= 0.6 * 0.95, took
+
+
+async def test_the_sign_in_cookie_ends_and_cannot_be_made_to_last(tmp_path: Path) -> None:
+    """The cookie was a fixed hash of the token, without Max-Age: one copied from a browser opened the
+    meeting's content for as long as the token stayed. It now ends (Max-Age, and the end it carries, signed)."""
+    import hashlib
+    import hmac
+
+    from pipeline.http.cookie import COOKIE, TTL, SignInCookie
+
+    events = replay_file(tmp_path / "in.jsonl", 10)
+    async with served(config(tmp_path, events, extra_runtime=f", http_token: {TOKEN}")) as (_rt, base), \
+            aiohttp.ClientSession() as http:
+        async with http.post(base + "/login", data={"token": TOKEN}, allow_redirects=False) as r:
+            assert r.status == 303
+            given = r.cookies[COOKIE]
+        assert given["max-age"] == str(TTL) and given["httponly"]
+
+        async def with_cookie(value: str) -> int:
+            async with http.get(base + "/api/status", headers={"Cookie": f"{COOKIE}={value}"}) as resp:
+                return resp.status
+
+        assert await with_cookie(given.value) == 200
+        ends, signature = given.value.split(".")
+        assert abs(int(ends) - time.time() - TTL) < 60
+        old_style = hmac.new(TOKEN.encode(), b"status-page", hashlib.sha256).hexdigest()
+        ended = SignInCookie(TOKEN, clock=lambda: time.time() - TTL - 1).make()
+        other_token = SignInCookie(TOKEN + "x").make()
+        for value in (old_style, ended, f"{int(ends) + 10**6}.{signature}", other_token, f"{ends}.", "."):
+            assert await with_cookie(value) == 401, value

@@ -184,7 +184,7 @@ def test_non_loopback_without_token_refuses_content(tmp_path: Path) -> None:
         name = "x"
 
     srv = OperatorServer.__new__(OperatorServer)
-    srv.host, srv.token, srv._cookie, srv.view = "192.0.2.10", None, "", _View()
+    srv.host, srv.token, srv._cookie, srv.view = "192.0.2.10", None, None, _View()
     denied = srv._denied(make_mocked_request("GET", "/tap"))
     assert denied is not None and denied.status == 403
     srv.host = "127.0.0.1"

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from pipeline.channels import known_channels, unknown_channel
 from pipeline.http import listener
+from pipeline.http.cookie import COOKIE, SignInCookie
 from pipeline.http.guard import SignInGuard
 from pipeline.http.metrics import exposition, registry_for
 from pipeline.http.pace import Pacer
@@ -35,7 +36,6 @@ from pipeline.net import is_loopback
 
 log = logging.getLogger("pipeline.http")
 STATIC = Path(__file__).parent / "static"
-COOKIE = "videodb_pipeline_session"
 KEEPALIVE = 15.0  # seconds between SSE comments on an idle tap
 COALESCE = 0.01  # after a wake-up, gather this long: fewer, larger writes when events flow fast
 HEARTBEAT = 0.5  # seconds between event-loop heartbeats (for /healthz)
@@ -80,11 +80,10 @@ class OperatorServer:
         self._listener: asyncio.Server | None = None
         self._closing = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
-        self._cookie = hmac.new(token.encode(), b"status-page", hashlib.sha256).hexdigest() if token else ""
+        self._cookie = SignInCookie(token) if token else None
         self.guard = SignInGuard()
         self.pacer = Pacer()
         self._token_digest = _digest(token or "")
-        self._cookie_digest = _digest(self._cookie)
 
     @property
     def url(self) -> str:
@@ -162,7 +161,7 @@ class OperatorServer:
             return _json({"error": "set runtime.http_token to serve /tap and the status page on a "
                                    "non-loopback address"}, 403)
         cookie = request.cookies.get(COOKIE, "")
-        if cookie and _same(cookie, self._cookie_digest):  # (a hash of the token: nothing to guess)
+        if cookie and self._cookie is not None and self._cookie.valid(cookie):  # (signed by the token)
             return None
         auth = request.headers.get("Authorization", "")
         given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
@@ -190,11 +189,12 @@ class OperatorServer:
         except TimeoutError:
             return web.Response(text=f"the sign-in form did not arrive within {IDLE_TIMEOUT:g} s", status=408)
         given = str(form.get("token", ""))
-        if not self.token or not _same(given, self._token_digest):
+        if self._cookie is None or not _same(given, self._token_digest):
             return web.Response(text=_LOGIN, status=401, content_type="text/html")
         self.guard.forgive(peer)
         resp = web.Response(status=303, headers={"Location": "/"})
-        resp.set_cookie(COOKIE, self._cookie, httponly=True, samesite="Strict", path="/")
+        resp.set_cookie(COOKIE, self._cookie.make(), httponly=True, samesite="Strict", path="/",
+                        max_age=str(self._cookie.ttl))
         return resp
 
     # -- endpoints ------------------------------------------------------------------------
