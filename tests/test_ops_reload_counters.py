@@ -70,6 +70,13 @@ def count_lines(path: Path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
+def send(frames: asyncio.Queue[str], first: int) -> None:
+    """Ten transcripts (`first`...`first + 9`), each an alert of the `secret` rule."""
+    for i in range(first, first + 10):
+        frames.put_nowait(orjson.dumps({"channel": "transcript", "rtstream_id": "r", "unix_ts": 1.7e9 + i,
+                                        "data": {"text": f"the password is {i}"}}).decode())
+
+
 async def start(tmp_path: Path, port: int, *args: str) -> tuple[asyncio.subprocess.Process, str, Path, Path]:
     """`pipeline run p.yaml` (CONFIG, fed from `port`) with its operator endpoint: (process, its URL, stdout and
     stderr files)."""
@@ -90,13 +97,8 @@ async def test_a_reload_that_re_creates_a_sink_and_the_rules_keeps_their_counts(
     cfg = tmp_path / "p.yaml"
     proc, base, out, err = await start(tmp_path, port, "--summary-json", str(tmp_path / "summary.json"))
     try:
-        def send(first: int) -> None:
-            for i in range(first, first + 10):
-                frames.put_nowait(orjson.dumps({"channel": "transcript", "rtstream_id": "r", "unix_ts": 1.7e9 + i,
-                                                "data": {"text": f"the password is {i}"}}).decode())
-
         jsonl = tmp_path / "out.jsonl"
-        send(0)  # 10 transcripts, 10 alerts of `secret`
+        send(frames, 0)  # 10 transcripts, 10 alerts of `secret`
         await until(lambda: count_lines(jsonl) == 20, "the first events")
         # the console sink's options change (it is re-created) and the rules stage gets a rule (re-created too)
         cfg.write_text(CONFIG.format(port=port, tmp=tmp_path, max_text=100,
@@ -106,7 +108,7 @@ async def test_a_reload_that_re_creates_a_sink_and_the_rules_keeps_their_counts(
         assert "sinks re-created: sinks[0]\n" in err.read_text()
         status, snap = await get_json(base, "/api/status")
         assert status == 200 and len(snap["alerts"]) == 10  # the status page's last alerts are still there
-        send(10)  # 10 transcripts, 10 alerts of `secret`, 10 of `also`
+        send(frames, 10)  # 10 transcripts, 10 alerts of `secret`, 10 of `also`
         await until(lambda: count_lines(jsonl) == 50, "the events after the reload")
 
         m = await scrape(base)
@@ -154,13 +156,8 @@ async def test_a_rules_stage_moved_by_a_reload_keeps_its_counts_and_last_alerts(
     cfg = tmp_path / "p.yaml"
     proc, base, _, err = await start(tmp_path, port)
     try:
-        def send(first: int) -> None:
-            for i in range(first, first + 10):
-                frames.put_nowait(orjson.dumps({"channel": "transcript", "rtstream_id": "r", "unix_ts": 1.7e9 + i,
-                                                "data": {"text": f"the password is {i}"}}).decode())
-
         jsonl = tmp_path / "out.jsonl"
-        send(0)
+        send(frames, 0)
         await until(lambda: count_lines(jsonl) == 20, "the first events")
         cfg.write_text(CONFIG.format(port=port, tmp=tmp_path, max_text=160, extra_rule="").replace(
             "  - type: rules\n", "  - {type: filter, channels: [transcript]}\n  - type: rules\n"))
@@ -168,7 +165,7 @@ async def test_a_rules_stage_moved_by_a_reload_keeps_its_counts_and_last_alerts(
         await until(lambda: "reload (SIGHUP) applied: 2 processor(s)" in err.read_text(), "the reload")
         status, snap = await get_json(base, "/api/status")
         assert status == 200 and len(snap["alerts"]) == 10, snap["alerts"]  # the last alerts are still there
-        send(10)
+        send(frames, 10)
         await until(lambda: count_lines(jsonl) == 40, "the events after the reload")
         fired = (await scrape(base))["videodb_pipeline_alerts_fired_total"]
         assert fired == {(("rule", "secret"), ("severity", "critical"), ("stage", "stages[1]:rules")): 20}, fired
