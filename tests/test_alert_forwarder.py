@@ -266,6 +266,9 @@ async def test_storm_digests_fit_digest_max_bytes_and_keep_order(make_sink: Any)
         events.insert(70, big)
         sink = make_sink(url=srv.url(), rate_limit="200/s", burst=1, on_limit="digest", concurrency=1,
                          digest_max_bytes=f"{bound}", **FAST)
+        encoded: list[tuple[str, ...]] = []  # the alerts of each body encoded, by key
+        encode = sink._encode
+        sink._encode = lambda alerts: encoded.append(tuple(a.key for a in alerts)) or encode(alerts)  # type: ignore[method-assign]
         await run(sink, events)
     finally:
         await srv.stop()
@@ -279,6 +282,7 @@ async def test_storm_digests_fit_digest_max_bytes_and_keep_order(make_sink: Any)
     assert got == [e for e in events if e is not big]  # each once, in order
     for d in digests:
         assert d["member_keys"] == [alert_key(e) for e in d["alerts"]]
+        assert encoded.count(tuple(d["member_keys"])) == 1  # measured to fit, then sent as measured (was twice)
     keys = [r.headers["Idempotency-Key"] for r in srv.requests if len(r.body) <= bound]
     assert keys == [b["idempotency_key"] for b in ok] and len(set(keys)) == len(keys)
     (record,) = dead_letters(sink)

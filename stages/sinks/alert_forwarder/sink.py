@@ -65,6 +65,7 @@ class AlertForwarder(Sink):
         """Alerts dropped because their idempotency key was already sent in this run."""
         self._seen = SeenKeys(options.dedupe_keys)
         self._warnings = DeadLetterWarnings(context.log)
+        self._fitted: tuple[list[Alert], bytes] | None = None  # the last body _fit measured that fits, for _body
         self._secret = options.secret.get_secret_value().encode() if options.secret else None
         self._policy = RetryPolicy(options.timeout, options.max_attempts, options.max_retry_time,
                                    options.backoff_initial, options.backoff_max)
@@ -208,17 +209,32 @@ class AlertForwarder(Sink):
         return lo
 
     def _measure(self, alerts: list[Alert]) -> int:
-        """Encoded body size; one that cannot be encoded counts as too big (_body dead-letters the culprit)."""
+        """Encoded body size; one that cannot be encoded counts as too big (_body dead-letters the culprit).
+        A body that fits is kept: the last one kept is that of the alerts _fit chose, which _body then sends
+        instead of encoding them again (about 8 ms for 1 MiB)."""
         try:
-            return len(self._encode(alerts))
+            body = self._encode(alerts)
         except Exception:
             return self.options.digest_max_bytes + 1
+        if len(body) <= self.options.digest_max_bytes:
+            self._fitted = (alerts, body)
+        return len(body)
+
+    def _measured(self, alerts: list[Alert]) -> bytes | None:
+        """The body _fit measured for exactly these alerts (the same objects, in order), or None."""
+        fitted, self._fitted = self._fitted, None
+        if fitted is None or len(fitted[0]) != len(alerts):
+            return None
+        return fitted[1] if all(a is b for a, b in zip(fitted[0], alerts, strict=True)) else None
 
     def _body(self, url: str, alerts: list[Alert]) -> bytes | None:
         """The message body; an alert that cannot be encoded is dead-lettered alone (None: none left).
 
         Shrinks `alerts` in place to those the body carries.
         """
+        body = self._measured(alerts)
+        if body is not None:
+            return body
         try:
             return self._encode(alerts)
         except Exception as exc:
