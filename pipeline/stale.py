@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 log = logging.getLogger("pipeline.files")
@@ -85,39 +85,53 @@ def _locked(dir_fd: int, name: str) -> bool:
     return False
 
 
-def remove_stale(directory: Path, pattern: re.Pattern[str] = PRIVATE_TMP,
-                 names: Collection[str] | None = None, *, keep: Callable[[str], bool] | None = None) -> list[str]:
-    """Remove the stale temporary files in `directory` that `pattern` names (group 1: the file it was to become,
-    group 2: the writer's pid), only those for `names` if given; returns the names removed. Never raises."""
+def _stale_entries(directory: Path, pid_of: Callable[[str], int | None], kind: Callable[[int], bool],
+                   what: str) -> Iterator[tuple[int, str]]:
+    """(directory's descriptor, name) of each entry right in `directory` (never below it, no symlink followed)
+    that `pid_of` gives a writer's pid for, of `kind` (by its st_mode), ours (our uid), not locked, and whose
+    writer is provably gone. Never raises: a directory it cannot list is logged (`what` was looked for)."""
     try:
         dir_fd = os.open(directory, os.O_RDONLY | _DIRECTORY | _NOFOLLOW)
     except OSError:
-        return []  # missing, not a directory, or a symlink: nothing of ours to clean there
-    removed: list[str] = []
+        return  # missing, not a directory, or a symlink: nothing of ours to clean there
     try:
         with os.scandir(dir_fd) as entries:
             found = [e.name for e in entries]
         uid = os.getuid()
         for name in found:
-            m = pattern.match(name)
-            if m is None or (names is not None and m.group(1) not in names) or (keep is not None and keep(name)):
+            pid = pid_of(name)
+            if pid is None:
                 continue
             try:
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except OSError:
                 continue
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != uid or not writer_gone(int(m.group(2)), st.st_mtime):
-                continue
-            if _locked(dir_fd, name):
-                continue
-            with contextlib.suppress(OSError):
-                os.unlink(name, dir_fd=dir_fd)
-                removed.append(name)
+            if (kind(st.st_mode) and st.st_uid == uid and writer_gone(pid, st.st_mtime)
+                    and not _locked(dir_fd, name)):  # a live writer (in another pid namespace too) holds its own
+                yield dir_fd, name
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.EACCES):
-            log.warning("%s: cannot look for temporary files left behind: %s", directory, exc.strerror or exc)
+            log.warning("%s: cannot look for %s: %s", directory, what, exc.strerror or exc)
     finally:
         os.close(dir_fd)
+
+
+def remove_stale(directory: Path, pattern: re.Pattern[str] = PRIVATE_TMP,
+                 names: Collection[str] | None = None, *, keep: Callable[[str], bool] | None = None) -> list[str]:
+    """Remove the stale temporary files in `directory` that `pattern` names (group 1: the file it was to become,
+    group 2: the writer's pid), only those for `names` if given; returns the names removed. Never raises."""
+
+    def pid_of(name: str) -> int | None:
+        m = pattern.match(name)
+        if m is None or (names is not None and m.group(1) not in names) or (keep is not None and keep(name)):
+            return None
+        return int(m.group(2))
+
+    removed: list[str] = []
+    for dir_fd, name in _stale_entries(directory, pid_of, stat.S_ISREG, "temporary files left behind"):
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dir_fd)
+            removed.append(name)
     if removed:
         log.info("%s: removed %d temporary file(s) a killed run left behind", directory, len(removed))
     return removed
@@ -126,34 +140,18 @@ def remove_stale(directory: Path, pattern: re.Pattern[str] = PRIVATE_TMP,
 def remove_stale_dirs(directory: Path, prefix: str) -> list[str]:
     """Remove the directories `<prefix><pid>` in `directory` whose process is provably gone (a faust worker's
     `<host>-<pid>` data directory, left by a `kill -9`; a clean stop removes its own); returns their names."""
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | _DIRECTORY | _NOFOLLOW)
-    except OSError:
-        return []
+
+    def pid_of(name: str) -> int | None:
+        pid = name[len(prefix):]
+        return int(pid) if name.startswith(prefix) and pid.isdigit() and len(pid) <= 10 else None
+
     removed: list[str] = []
-    try:
-        with os.scandir(dir_fd) as entries:
-            found = [e.name for e in entries]
-        for name in found:
-            pid = name[len(prefix):]
-            if not name.startswith(prefix) or not pid.isdigit() or len(pid) > 10:
-                continue
-            try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except OSError:
-                continue
-            if (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and writer_gone(int(pid), st.st_mtime)
-                    and not _locked(dir_fd, name)):  # a live worker in another pid namespace holds its own
-                try:
-                    shutil.rmtree(name, dir_fd=dir_fd)  # symlinks inside are removed, never followed
-                    removed.append(name)
-                except OSError as exc:
-                    log.warning("%s/%s: cannot remove a stopped worker's directory: %s", directory, name,
-                                exc.strerror or exc)
-    except OSError as exc:
-        log.warning("%s: cannot look for stopped workers' directories: %s", directory, exc.strerror or exc)
-    finally:
-        os.close(dir_fd)
+    for dir_fd, name in _stale_entries(directory, pid_of, stat.S_ISDIR, "stopped workers' directories"):
+        try:
+            shutil.rmtree(name, dir_fd=dir_fd)  # symlinks inside are removed, never followed
+            removed.append(name)
+        except OSError as exc:
+            log.warning("%s/%s: cannot remove a stopped worker's directory: %s", directory, name, exc.strerror or exc)
     if removed:
         log.info("%s: removed %d directory(ies) of workers killed before they stopped", directory, len(removed))
     return removed
