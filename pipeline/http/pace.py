@@ -5,7 +5,8 @@ answering: /healthz, /api/status and a 404 alike), so eight clients asking back 
 and /healthz, /metrics and 404s are open to anyone who reaches the port. Each request now waits its turn
 (RATE a second, all clients together, after a burst of BURST): a client asking faster is slowed, not
 refused, and since a connection has one request under way at a time and connections are bounded, so are
-the requests waiting. Prometheus, probes, status pages and `pipeline top` ask a few times a second.
+the requests waiting; one whose client leaves gives its turn back, so the turns owed stay bounded too.
+Prometheus, probes, status pages and `pipeline top` ask a few times a second.
 """
 
 from __future__ import annotations
@@ -41,5 +42,9 @@ class Pacer:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         delay = self.wait()
         if delay:
-            await asyncio.sleep(delay)
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:  # its client left: the turn goes back, or leaving clients built a debt
+                self.tokens += 1  # (a connection opened, asked and closed in a loop) that every later one paid
+                raise
         return await handler(request)
