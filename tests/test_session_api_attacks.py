@@ -605,3 +605,25 @@ async def test_guessing_the_api_token_is_slowed_to_ten_tries_a_minute_per_addres
             status, retry = await guess(token)
             assert status == 429 and retry is not None and 1 <= int(retry) <= 60, (status, retry)
         assert (await live.call("GET", "/v1/sessions"))[0] == 200
+
+
+async def test_an_integer_beyond_64_bits_is_refused_not_rounded(emulator: Emulator,
+                                                                make_context: Callable[..., Context]) -> None:
+    """A metadata integer that does not fit 64 bits is refused in one line naming it (before: 201, and the
+    session kept 1.2345678901234568e+29 for 123456789012345678901234567890, silently); 64-bit ones, a genuine
+    float as large, and long digit runs in strings are kept as sent."""
+    big = b"123456789012345678901234567890"
+    async with running(make_context, emulator) as live:
+        for literal in (big, b"-9223372036854775809", b"18446744073709551616", b"2" + b"0" * 300):
+            body = b'{"end_user_id": "u", "metadata": {"order": {"ids": [1, ' + literal + b"]}}}"
+            status, err = await live.call("POST", "/v1/sessions", data=body)
+            assert status == 400, (literal[:40], status, err)
+            assert "64 bits" in err["error"] and literal[:20].decode() in err["error"], err
+            assert len(err["error"]) < 300, err
+        kept = (b'{"end_user_id": "u", "metadata": {"u64": 18446744073709551615, "i64": -9223372036854775808, '
+                b'"f": 1.2345678901234568e+29, "s": "' + big + b'"}}')
+        status, view = await live.call("POST", "/v1/sessions", data=kept)
+        assert status == 201, view
+        assert view["metadata"] == {"u64": 18446744073709551615, "i64": -9223372036854775808,
+                                    "f": 1.2345678901234568e+29, "s": big.decode()}
+        assert len(session_calls(emulator)) == 1
