@@ -67,6 +67,11 @@ async def test_worker_serves_metrics_and_ready(kafka_broker: Broker, workers_env
         assert samples[("videodb_pipeline_sink_events_written_total", "sinks[0]:jsonl", "")] == written
         assert 0 < samples[("videodb_pipeline_stage_events_in_total", "", "stages[0]:filter")] <= want
         assert not any(name.startswith("videodb_pipeline_websocket") for name, _, _ in samples)
+        # before: no sink latency, no event lag and no VideoDB alerts from a worker (its dashboard panels empty)
+        assert samples[("videodb_pipeline_sink_latency_seconds_count", "sinks[0]:jsonl", "")] == written
+        assert samples[("videodb_pipeline_event_lag_seconds_count", "", "")] == want
+        assert samples[("videodb_pipeline_videodb_alerts_total", "", "")] == sum(
+            1 for line in SAMPLE.open() if '"channel": "alert"' in line) > 0
     finally:
         assert workers.stop(proc) == 0
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from pipeline.argparsing import Parser
 from pipeline.build import SinkSlot, build
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError, PipelineError, SinkFailed, StageError
-from pipeline.events import Batch, Event, edge_reason
+from pipeline.events import ALERT_NAMES, Batch, Event, count_on, edge_reason, event_time_ms
 from pipeline.files import ensure_private_dir
 from pipeline.kafka import quiet_aiokafka
 from pipeline.runtime.faust_flow import keeping_flow_control
@@ -51,6 +52,7 @@ from pipeline.runtime.faust_stop import (
 )
 from pipeline.runtime.sink_start import close_limit, naming, start_within
 from pipeline.stale import hold_dir, remove_stale_dirs
+from pipeline.stats import LAG_BUCKETS, LATENCY_BUCKETS, Histogram
 from pipeline.types import parse_duration
 
 log = logging.getLogger("pipeline.runtime.faust")
@@ -183,6 +185,11 @@ class Worker:
                                     partitions=partitions)
         self._started = False
         self.sinks_started = False  # for /ready
+        # what /metrics shows of a local run too (before, a worker's sink latency and lag panels stayed empty)
+        self.lag = Histogram(LAG_BUCKETS)  # now - event time of each slice's newest event, as it is decoded
+        self.latency = [Histogram(LATENCY_BUCKETS) for _ in self.built.sinks]  # decoded -> written and flushed
+        self.latency_at: list[float | None] = [None] * len(self.built.sinks)  # monotonic time of latency[i].last
+        self.videodb_alerts = 0  # events on the alert channel (VideoDB's own alerts, not the rules stage's)
         # ingest partition -> the last offset this worker handled (sinks flushed, state kept). Why: faust resumes
         # a partition it was just given before it seeks it to the committed offset, so the records fetched
         # in between came again after the seek, and were written and counted twice
@@ -283,9 +290,12 @@ class Worker:
 
     async def _process(self, batch: Batch) -> None:
         """Processors, then every sink; the state the processors wrote is kept only once all sinks flushed."""
+        received = time.monotonic()
+        self.lag.observe(max(0.0, time.time() - event_time_ms(batch[-1]) / 1000), len(batch))
+        self.videodb_alerts += count_on(batch, ALERT_NAMES)
         try:
             out = self.built.chain(batch)
-            await asyncio.gather(*(self._write(slot, out) for slot in self.built.sinks))
+            await asyncio.gather(*(self._write(i, slot, out, received) for i, slot in enumerate(self.built.sinks)))
         except BaseException:
             self.state.discard()
             raise
@@ -333,7 +343,8 @@ class Worker:
                                      raw=raw[:4096] if isinstance(raw, bytes | str) else repr(raw)[:4096],
                                      origin=origin)
 
-    async def _write(self, slot: SinkSlot, batch: Batch) -> None:
+    async def _write(self, i: int, slot: SinkSlot, batch: Batch, received: float) -> None:
+        """Sink `i` writes and flushes its share of `batch` (decoded at `received`, monotonic)."""
         routed = slot.route(batch)
         slot.stats.received += len(batch)
         if not routed:
@@ -350,6 +361,9 @@ class Worker:
                 raise naming(slot.stats.name, exc) from None
             raise StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}") from exc
         slot.stats.sent += len(routed)
+        now = time.monotonic()
+        self.latency[i].observe(now - received, len(routed))
+        self.latency_at[i] = now
 
     async def _fail(self, exc: PipelineError, events: list[Any]) -> None:
         """Stop this worker with a one-line error; its partitions, and this batch unacknowledged, move to the
@@ -380,7 +394,8 @@ class Worker:
                 log.info("worker %d: stopped while restoring its tables; the open windows stay for the next worker",
                          os.getpid())
         if held:
-            await asyncio.gather(*(self._write_held(slot, held) for slot in self.built.sinks))
+            now = time.monotonic()
+            await asyncio.gather(*(self._write_held(i, slot, held, now) for i, slot in enumerate(self.built.sinks)))
             self.state.commit()  # the flushed windows are written or dead-lettered: forget them
         self.state.discard()
         await self._changelog_sent(CHANGELOG_DRAIN)
@@ -412,10 +427,10 @@ class Worker:
         self.built.dead_letter.close()
         self.summary()
 
-    async def _write_held(self, slot: SinkSlot, held: Batch) -> None:
+    async def _write_held(self, i: int, slot: SinkSlot, held: Batch, made: float) -> None:
         limit = close_limit(slot.sink)
         try:
-            await asyncio.wait_for(self._write(slot, held), limit)
+            await asyncio.wait_for(self._write(i, slot, held, made), limit)
         except TimeoutError:
             for event in slot.route(held):
                 self.built.dead_letter.write("sink write did not finish within shutdown_timeout at shutdown",
