@@ -22,6 +22,7 @@ import pytest
 
 from pipeline.api import Context
 from pipeline.emulator import Emulator
+from stages.controller.session_api import REFUSED_BURST, REFUSED_RATE
 from tests.test_session_api import TOKEN, Live, cues, hook, running, session_calls
 from tests.test_session_api import emulator as emulator  # the shared fixture
 from tests.videodb_harness import API_KEY, scenario_file
@@ -627,3 +628,27 @@ async def test_an_integer_beyond_64_bits_is_refused_not_rounded(emulator: Emulat
         assert view["metadata"] == {"u64": 18446744073709551615, "i64": -9223372036854775808,
                                     "f": 1.2345678901234568e+29, "s": big.decode()}
         assert len(session_calls(emulator)) == 1
+
+
+async def test_requests_without_the_token_wait_their_turn(emulator: Emulator,
+                                                          make_context: Callable[..., Context]) -> None:
+    """Requests refused for the token (none sent, or a guess past the guard's allowance) were answered as fast
+    as they came, and each costs the event loop the pipeline's events run on as much as any request: 8 clients
+    asking back to back took most of it. They now wait their turn (100 a second for all of them, after 100 at
+    once); requests with the token are not slowed."""
+    n, clients = 320, 8
+    async with running(make_context, emulator) as live:
+        async def flood() -> None:
+            for _ in range(n // clients):
+                assert (await live.call("GET", "/v1/sessions", token=None))[0] == 401
+
+        began = time.monotonic()
+        flooding = asyncio.gather(*(flood() for _ in range(clients)))
+        await asyncio.sleep(0.1)
+        asked = time.monotonic()
+        status, _ = await live.call("GET", "/v1/sessions")
+        answered = time.monotonic() - asked
+        await flooding
+        took = time.monotonic() - began
+    assert status == 200 and answered < 0.5, answered
+    assert took >= 0.95 * (n - REFUSED_BURST) / REFUSED_RATE, took  # before: 0.15 s

@@ -38,8 +38,8 @@ class Pacer:
         self._last = now
         return max(0.0, -self.tokens / self.rate)
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def turn(self) -> None:
+        """Wait for one turn."""
         delay = self.wait()
         if delay:
             try:
@@ -47,4 +47,8 @@ class Pacer:
             except asyncio.CancelledError:  # its client left: the turn goes back, or leaving clients built a debt
                 self.tokens += 1  # (a connection opened, asked and closed in a loop) that every later one paid
                 raise
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        await self.turn()
         return await handler(request)

@@ -21,6 +21,7 @@ from pipeline.config import explain, path_str
 from pipeline.errors import StageError
 from pipeline.http import listener
 from pipeline.http.guard import SignInGuard
+from pipeline.http.pace import Pacer
 from pipeline.http.peer_log import PeerErrorLogger
 from pipeline.net import is_loopback
 from stages.controller import session_pages
@@ -39,6 +40,8 @@ BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive (a client trick
 HEADER_TIMEOUT = 15.0  # seconds a connection may stay open without a complete request (aiohttp's keep-alive)
 MAX_CONNECTIONS = 256  # open connections at once; more get 503 (each one costs the pipeline a file descriptor)
 SHUTDOWN_WAIT: Final = 5.0  # seconds a shutdown waits for requests under way (a create then finishes on its own)
+REFUSED_RATE: Final = 100.0  # requests refused for the token answered a second, all clients together
+REFUSED_BURST: Final = 100.0  # ... at once before that rate applies
 MAX_DEPTH: Final = 32  # JSON nesting a body may have (orjson writes at most 254 levels, and a listing adds 3)
 
 
@@ -51,6 +54,9 @@ class SessionApi:
         self.who = who
         self._token = options.token.get_secret_value().encode()
         self._guard = SignInGuard(who="session API")
+        # requests refused for the token wait their turn (no client asks so often but by mistake or in an attack);
+        # those with it are not slowed
+        self._refused = Pacer(REFUSED_RATE, REFUSED_BURST)
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._handling: set[asyncio.Task[Any]] = set()  # requests under way (cancelled at SHUTDOWN_WAIT)
@@ -101,7 +107,11 @@ class SessionApi:
         if task is not None:
             self._handling.add(task)
         try:
-            self._authenticate(request)
+            try:
+                self._authenticate(request)
+            except ApiProblem:  # as costly to answer as any request: a flood of them took most of the loop
+                await self._refused.turn()
+                raise
             return await handler(request)
         except ApiProblem as exc:
             return _error(exc.status, exc.message, exc.retry_after)
