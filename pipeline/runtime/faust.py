@@ -189,6 +189,7 @@ class Worker:
         self.lag = Histogram(LAG_BUCKETS)  # now - event time of each slice's newest event, as it is decoded
         self.latency = [Histogram(LATENCY_BUCKETS) for _ in self.built.sinks]  # decoded -> written and flushed
         self.latency_at: list[float | None] = [None] * len(self.built.sinks)  # monotonic time of latency[i].last
+        self.writing_since: list[float | None] = [None] * len(self.built.sinks)  # when sink i's write began
         self.videodb_alerts = 0  # events on the alert channel (VideoDB's own alerts, not the rules stage's)
         # ingest partition -> the last offset this worker handled (sinks flushed, state kept). Why: faust resumes
         # a partition it was just given before it seeks it to the committed offset, so the records fetched
@@ -349,6 +350,7 @@ class Worker:
         slot.stats.received += len(batch)
         if not routed:
             return
+        self.writing_since[i] = time.monotonic()  # a stuck sink says so in /api/status (`writing_for`)
         try:
             await slot.sink.write(routed)
             await slot.sink.flush()  # offsets move after this batch: it must be durable first
@@ -360,6 +362,8 @@ class Worker:
             if isinstance(exc, PipelineError):
                 raise naming(slot.stats.name, exc) from None
             raise StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.writing_since[i] = None
         slot.stats.sent += len(routed)
         now = time.monotonic()
         self.latency[i].observe(now - received, len(routed))
