@@ -4,11 +4,14 @@ the event loop's time to check its body."""
 from __future__ import annotations
 
 import gc
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.api import Context
 from pipeline.emulator import Emulator
@@ -82,3 +85,29 @@ def test_checking_a_bodys_depth_costs_less_than_parsing_it() -> None:
         assert not deeper(body)
         check = min(check, time.perf_counter() - began)
     assert check < 0.8 * parse, (check, parse)
+
+
+_scalars = (st.integers(min_value=-(10**40), max_value=10**40)
+            | st.sampled_from([2**63 - 1, -(2**63), 2**64 - 1, 2**64, -(2**63) - 1])
+            | st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from([1e19, -1e19, 2.5e30, 9.3e18])
+            | st.text(alphabet="abc0123456789", max_size=30) | st.booleans() | st.none())
+_documents = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(st.text(alphabet="abk", max_size=3), inner, max_size=4), max_leaves=20)
+
+
+def _has_wide_int(doc: Any) -> bool:
+    if type(doc) is int:
+        return not -(2**63) <= doc < 2**64
+    if isinstance(doc, dict):
+        return any(_has_wide_int(v) for v in doc.values())
+    return isinstance(doc, list) and any(_has_wide_int(v) for v in doc)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_documents, st.sampled_from([(",", ":"), (", ", ": ")]))
+def test_a_body_is_refused_exactly_when_it_holds_an_integer_beyond_64_bits(doc: Any, separators: Any) -> None:
+    """orjson reads such an integer as a float, silently: the check must refuse those bodies and no other (the
+    standard library writes the document, with integers of any size)."""
+    raw = json.dumps({"metadata": doc}, separators=separators).encode()
+    problem = body_problem(orjson.loads(raw), raw, MAX_DEPTH)
+    assert (problem is not None) == _has_wide_int(doc), (raw, problem)
