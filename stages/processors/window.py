@@ -295,13 +295,18 @@ class Window(Processor):
         if failed:  # dead-lettered: not passed on
             gone = {id(e) for e in failed}
             batch = [e for e in batch if id(e) not in gone]
-        return batch + closed if closed else batch
+        if not closed:
+            return batch
+        self.context.state.note(closed)  # their windows leave the state now: kept there until the sinks have them
+        return batch + closed
 
     def flush(self) -> Batch:
         """Close every open window (end of the run)."""
         if not self._adopted:
             self._adopt()
-        return self._close_due(None)
+        closed = self._close_due(None)
+        self.context.state.note(closed)
+        return closed
 
     # -- state -----------------------------------------------------------------------------------
     def _adopt(self) -> None:
