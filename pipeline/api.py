@@ -79,6 +79,10 @@ class StateStore:
     def get(self, name: str) -> MutableMapping[str, Any]:
         return self._maps.setdefault(name, {})
 
+    def unclaimed(self) -> list[str]:
+        """Names of saved maps no stage has asked for (`get`) yet: state of stages the config no longer has."""
+        return []
+
     @property
     def dirty(self) -> bool:
         """True when `flush()` has something to save."""

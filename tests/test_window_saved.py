@@ -107,3 +107,23 @@ def test_a_saved_newest_time_no_clock_gives_is_ignored(make_context: MakeCtx, tm
     passed, metrics, _ = second_run(make_context, tmp_path, state, opts, [ev(i) for i in range(30, 90)])
     assert len(passed) == 60
     assert [m["data"]["events"]["transcript"] for m in metrics] == [60, 30]
+
+
+def test_windows_saved_by_a_stage_that_moved_between_two_runs_are_resumed_at_its_new_place(
+        make_context: MakeCtx, tmp_path: Path) -> None:
+    """A filter added in front of the window stage between a kill and the restart: `stages[0]:window` became
+    `stages[1]:window`. Before: the 30 events of the open window stayed in state.db, never emitted (the
+    window said 30 of 60)."""
+    state = tmp_path / "state"
+    opts = WindowOptions(size="60s")
+    first_run(make_context, state, opts, 30)
+    store = open_store(state)
+    w = Window(opts, make_context("stages[1]:window", state=store))
+    out = w.process([ev(i) for i in range(30, 90)]) + w.flush()
+    store.flush()
+    store.close()
+    assert [(m["window"]["start"] - T0, m["data"]["events"]) for m in out if m["channel"] == "metrics"] == [
+        (0, {"transcript": 60}), (60_000, {"transcript": 30})]
+    store = open_store(state)
+    assert store.unclaimed() == ["window:stages[1]:window"]  # nothing left at the old place
+    store.close()

@@ -167,6 +167,9 @@ class SqliteStateStore(StateStore):
             self._tracked[name] = self._maps[name] = m
         return m
 
+    def unclaimed(self) -> list[str]:
+        return sorted(self._loaded)
+
     def note(self, events: Batch) -> None:
         self._outbox.note(events)
 

@@ -315,6 +315,7 @@ class Window(Processor):
         reload that changes the options does, so this config's events never count under their bounds."""
         self._adopted = True
         store, log, stage = self._store, self.context.log, self.context.stage
+        self._take_orphans()
         wm = store.get(WATERMARK)
         ceiling = min(MAX_TIME, int(time.time() * 1000) + FUTURE_SLACK_MS)
         if wm is not None and (type(wm) is not int or not -MAX_TIME <= wm <= ceiling):
@@ -342,6 +343,29 @@ class Window(Processor):
             log.warning("%s: closed %d saved window(s) of another size, slide or key (the config changed "
                         "since they were saved)", stage, len(other))
         self._min_end = None
+
+    def _take_orphans(self) -> None:
+        """With nothing saved under its own label, take over the windows saved by window stages the config no
+        longer has at theirs (a processor added in front of it between two runs moved it: stages[0] to
+        stages[1]); `_adopt` then resumes those of this config and closes the others. Before, they stayed in
+        state.db, never emitted."""
+        store, state = self._store, self.context.state
+        if any(k != WATERMARK for k in store):
+            return
+        prefix = self.state_name("")
+        for name in state.unclaimed():
+            if not name.startswith(prefix):
+                continue
+            orphan = state.get(name)
+            for k in list(orphan):
+                v = orphan.pop(k)  # a deletion saved with this batch, as the windows' new place is
+                if k == WATERMARK:
+                    if type(v) is int and (type(store.get(WATERMARK)) is not int or v > store[WATERMARK]):
+                        store[WATERMARK] = v
+                elif k not in store:
+                    store[k] = v
+            self.context.log.warning("%s: took over the windows saved by %s, a window stage this config no "
+                                     "longer has at that place", self.context.stage, name[len(prefix):])
 
     def _take_pending(self) -> Batch:
         pending, self._pending = self._pending, []
