@@ -79,6 +79,10 @@ class StateStore:
     def get(self, name: str) -> MutableMapping[str, Any]:
         return self._maps.setdefault(name, {})
 
+    def unclaimed(self) -> list[str]:
+        """Names of saved maps no stage has asked for (`get`) yet: state of stages the config no longer has."""
+        return []
+
     @property
     def dirty(self) -> bool:
         """True when `flush()` has something to save."""
@@ -89,6 +93,29 @@ class StateStore:
 
     def close(self) -> None:
         """Flush and release the backing store."""
+
+    # Outputs a stage made from state it removed (a window's `metrics`): the local runtime keeps them in the
+    # store, saved with that removal, until every sink has them, so a `kill -9` between the save and the sinks'
+    # writes cannot lose them (see `pipeline.state.outbox`). Here, and on faust (whose state is saved only
+    # after the sinks wrote), nothing is kept.
+
+    def note(self, events: Batch) -> None:
+        """`events` (just made by a stage) must reach the sinks even if the process dies before they do."""
+
+    def hold(self, out: Batch, batch: int) -> None:
+        """Keep the noted events of `out`, handed out as source batch `batch`, until `delivered()`."""
+
+    def delivered(self, upto: int) -> bool:
+        """Every sink has written batches <= `upto`: forget what was held for them; True when something was."""
+        return False
+
+    def lowest_held(self) -> int | None:
+        """The lowest batch something is held for, None when nothing is."""
+        return None
+
+    def undelivered(self) -> Batch:
+        """What an earlier run held and never saw delivered (noted again: the caller hands it out)."""
+        return []
 
 
 @dataclass

@@ -65,6 +65,7 @@ class LocalRuntime:
         self.gate = asyncio.Event()  # cleared while a reload swaps sinks: ingest waits between two batches
         self.gate.set()
         self.fanning_out = False
+        self.next_batch = 0  # the index of the next source batch handed to the sinks
         self.carry: Batch = []  # events a reload produced (windows it closed): handed out with the next batch
         self.finishing = False  # the final flush began: nothing more goes through the processors, no reload
         # For the operator's view (pipeline/http): read at scrape time, fed once per batch.
@@ -168,6 +169,7 @@ class LocalRuntime:
         clock, wall = time.monotonic, time.time
         self.source_running = True
         batches = source.batches() if ours(source) else checked_batches(source, b.dead_letter)
+        self.carry = state.undelivered() + self.carry  # windows an earlier run closed that no sink got for sure
         while True:
             self._in_source = True  # only here may a source still running after drain_timeout be cancelled
             try:
@@ -203,6 +205,7 @@ class LocalRuntime:
             out = chain(batch)
             if self.carry:
                 out, self.carry = self.carry + out, []
+            state.hold(out, index)  # saved with the state they left, until every sink has batch `index`
             if state.dirty:  # rule/enrich state is saved before its alerts can reach a sink
                 state.flush()
             st.sent += n
@@ -210,6 +213,7 @@ class LocalRuntime:
             await self._fan_out(targets, index, out, per_event)
             self.fanning_out = False
             index += 1
+            self.next_batch = index
             # Let the sinks take this batch now rather than after `queue_size` more: the events are
             # still in the CPU cache, and fewer batches alive means less memory churn (~20% faster).
             await asyncio.sleep(0)
@@ -218,6 +222,7 @@ class LocalRuntime:
         held = chain.flush()  # the source ended (exhausted, exit_on, signal): open windows close now
         if self.carry:
             held, self.carry = self.carry + held, []
+        state.hold(held, index)
         if state.dirty:
             state.flush()
         if held:
@@ -322,13 +327,28 @@ class LocalRuntime:
         asyncio.get_running_loop().create_task(self.stop())
 
     async def _commit_loop(self) -> None:
+        """Once a second: commit the source's offsets (a kafka source) and forget held outputs that every sink
+        has written (`StateStore.hold`), each after flushing the sinks."""
         commit = getattr(self.b.source, "commit", None)
-        if commit is None:
-            return
         last = -1
         while True:
             await asyncio.sleep(1.0)
-            last = await self._commit(commit, last)
+            if commit is not None:
+                last = await self._commit(commit, last)
+            await self._delivered(flushed=commit is not None)
+
+    async def _delivered(self, *, flushed: bool) -> None:
+        upto = min((buf.safe_upto for buf in self.buffers), default=-1)
+        state = self.b.state
+        low = state.lowest_held()
+        if low is None or low > upto:
+            return
+        if not flushed:  # (a commit just flushed them)
+            for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
+                if not buf.durable:
+                    await slot.sink.flush()
+        state.delivered(upto)  # only now: a batch's save meanwhile must not record it first
+        state.flush()
 
     async def _commit(self, commit: Any, last: int) -> int:
         upto = min(buf.safe_upto for buf in self.buffers)
@@ -520,6 +540,8 @@ class LocalRuntime:
             except Exception as exc:
                 log.warning("controller: close failed: %s", exc)
         self.b.dead_letter.close()
+        # the sinks are closed (flushed): what they took is written
+        self.b.state.delivered(min((buf.safe_upto for buf in self.buffers), default=-1))
         self.b.state.close()
 
     async def _close_source(self, limit: float) -> None:

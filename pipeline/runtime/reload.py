@@ -250,6 +250,7 @@ class Reloader:
                 kept.add(sw.index)
             if windows:  # at the swap itself: no batch runs between closing the old windows and the new chain
                 rt.carry.extend(reload_windows.apply(windows, rt.b.state, rt.b.chain))
+                rt.b.state.hold(rt.carry, rt.next_batch)  # saved with the closed windows' removal
                 if rt.b.state.dirty:
                     rt.b.state.flush()
             for old in rt.b.chain.processors:

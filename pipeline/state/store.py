@@ -30,7 +30,9 @@ import orjson
 
 from pipeline.api import StateStore
 from pipeline.errors import StageError
+from pipeline.events import Batch
 from pipeline.files import FILE_MODE, ensure_private_dir
+from pipeline.state.outbox import OUTBOX, Outbox
 
 log = logging.getLogger("pipeline.state")
 
@@ -102,6 +104,7 @@ class SqliteStateStore(StateStore):
         except sqlite3.DatabaseError as exc:
             self._set_aside(exc)
             self._db, self._loaded = self._open()
+        self._outbox = Outbox(self.get(OUTBOX))
 
     # --- open / load ------------------------------------------------------------------------------
 
@@ -163,6 +166,24 @@ class SqliteStateStore(StateStore):
             m = TrackedDict(self._loaded.pop(name, {}))
             self._tracked[name] = self._maps[name] = m
         return m
+
+    def unclaimed(self) -> list[str]:
+        return sorted(self._loaded)
+
+    def note(self, events: Batch) -> None:
+        self._outbox.note(events)
+
+    def hold(self, out: Batch, batch: int) -> None:
+        self._outbox.hold(out, batch)
+
+    def delivered(self, upto: int) -> bool:
+        return self._outbox.delivered(upto)
+
+    def lowest_held(self) -> int | None:
+        return self._outbox.lowest
+
+    def undelivered(self) -> Batch:
+        return self._outbox.undelivered()
 
     @property
     def dirty(self) -> bool:

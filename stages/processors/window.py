@@ -21,6 +21,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pipeline.api import Batch, Context, Event, Options, Processor
 from pipeline.events import ALIASES, LIFECYCLE, event_time_ms, iso_ts
 from pipeline.types import Duration
+from stages.processors.window_saved import same_config, well_formed
 
 METRICS: Final = "metrics"
 WATERMARK: Final = "~watermark"  # reserved state key (window keys are JSON arrays, so start with "[")
@@ -195,6 +196,7 @@ class Window(Processor):
         self.late = 0
         self.emitted = 0
         self.evicted = 0
+        self._adopted = False  # saved windows looked at (at the first batch: a faust table is recovered by then)
 
     @staticmethod
     def state_name(stage: str) -> str:
@@ -205,6 +207,8 @@ class Window(Processor):
         return {"late": self.late, "windows": self.emitted, "evicted": self.evicted}
 
     def process(self, batch: Batch) -> Batch:
+        if not self._adopted:
+            self._adopt()
         store = self._store
         wm = store.get(WATERMARK)
         wm = None if type(wm) is not int else wm
@@ -287,17 +291,86 @@ class Window(Processor):
             store[names[ks]] = acc  # reassigned so a table or a persistent store records the change
         touched.clear()
         names.clear()
-        closed = self._close_due(wm - lateness) if wm is not None else []
+        closed = self._close_due(wm - lateness) if wm is not None else self._take_pending()
         if failed:  # dead-lettered: not passed on
             gone = {id(e) for e in failed}
             batch = [e for e in batch if id(e) not in gone]
-        return batch + closed if closed else batch
+        if not closed:
+            return batch
+        self.context.state.note(closed)  # their windows leave the state now: kept there until the sinks have them
+        return batch + closed
 
     def flush(self) -> Batch:
         """Close every open window (end of the run)."""
-        return self._close_due(None)
+        if not self._adopted:
+            self._adopt()
+        closed = self._close_due(None)
+        self.context.state.note(closed)
+        return closed
 
     # -- state -----------------------------------------------------------------------------------
+    def _adopt(self) -> None:
+        """Take over the saved windows: drop damaged entries and a watermark no clock gives (one warning
+        each), and close those another config opened (another size, slide or key) at this batch, as a
+        reload that changes the options does, so this config's events never count under their bounds."""
+        self._adopted = True
+        store, log, stage = self._store, self.context.log, self.context.stage
+        self._take_orphans()
+        wm = store.get(WATERMARK)
+        ceiling = min(MAX_TIME, int(time.time() * 1000) + FUTURE_SLACK_MS)
+        if wm is not None and (type(wm) is not int or not -MAX_TIME <= wm <= ceiling):
+            del store[WATERMARK]
+            log.warning("%s: saved newest event time %.40r is no time a clock gives (damaged, or saved under a "
+                        "clock set ahead); ignored", stage, wm)
+        bad: list[Any] = []
+        other: list[tuple[int, str]] = []
+        for k, acc in store.items():
+            if k == WATERMARK:
+                continue
+            if not well_formed(k, acc):
+                bad.append(k)
+            elif not same_config(acc, self._size, self._slide, self._fields):
+                other.append((acc["end"], k))
+        for k in bad:
+            del store[k]
+        if bad:
+            log.warning("%s: dropped %d saved window(s) that cannot be read (damaged, or saved by another "
+                        "version); their counts are lost", stage, len(bad))
+        if other:
+            other.sort()
+            self._pending += [metrics_event(store.pop(k)) for _, k in other]
+            self.emitted += len(other)
+            log.warning("%s: closed %d saved window(s) of another size, slide or key (the config changed "
+                        "since they were saved)", stage, len(other))
+        self._min_end = None
+
+    def _take_orphans(self) -> None:
+        """With nothing saved under its own label, take over the windows saved by window stages the config no
+        longer has at theirs (a processor added in front of it between two runs moved it: stages[0] to
+        stages[1]); `_adopt` then resumes those of this config and closes the others. Before, they stayed in
+        state.db, never emitted."""
+        store, state = self._store, self.context.state
+        if any(k != WATERMARK for k in store):
+            return
+        prefix = self.state_name("")
+        for name in state.unclaimed():
+            if not name.startswith(prefix):
+                continue
+            orphan = state.get(name)
+            for k in list(orphan):
+                v = orphan.pop(k)  # a deletion saved with this batch, as the windows' new place is
+                if k == WATERMARK:
+                    if type(v) is int and (type(store.get(WATERMARK)) is not int or v > store[WATERMARK]):
+                        store[WATERMARK] = v
+                elif k not in store:
+                    store[k] = v
+            self.context.log.warning("%s: took over the windows saved by %s, a window stage this config no "
+                                     "longer has at that place", self.context.stage, name[len(prefix):])
+
+    def _take_pending(self) -> Batch:
+        pending, self._pending = self._pending, []
+        return pending
+
     def _skey(self, kt: tuple[Any, ...], start: int) -> str:
         return orjson.dumps([start, *_values(kt)]).decode()
 
@@ -330,7 +403,7 @@ class Window(Processor):
 
     def _close_due(self, upto: int | None) -> Batch:
         """Emit and forget windows whose end <= upto (all when None), ordered by end, then key."""
-        pending, self._pending = self._pending, []
+        pending = self._take_pending()
         if upto is not None and self._min_end is not None and upto < self._min_end:
             return pending
         store = self._store
