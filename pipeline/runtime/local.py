@@ -257,12 +257,16 @@ class LocalRuntime:
             if batch and not failed:
                 self._writing[i] = item
                 self.writing_since[i] = time.monotonic()
+                wrote = False
                 try:
                     await slot.sink.write(batch)
+                    wrote = True
                     if buf.durable:  # acknowledged in the spool only once durable (not just in a sink's queue)
                         await slot.sink.flush()
                 except (Exception, SystemExit) as exc:  # a plugin's sys.exit(): ended the run with 0, batches lost
                     failed = True
+                    if wrote and isinstance(exc, SinkFailed):
+                        slot.stats.sent += len(batch)  # a failed flush took its rows off `sent`, as if counted
                     self._fail(naming(slot.stats.name, exc) if isinstance(exc, PipelineError) else
                                StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}"))
                     if isinstance(exc, SinkFailed):  # the sink dead-lettered this batch itself
