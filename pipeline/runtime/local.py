@@ -385,6 +385,12 @@ class LocalRuntime:
             return self.error.exit_code
         return b.session.exit_code or 0
 
+    def _held_since(self) -> float | None:
+        """The oldest hand-out a sink without a disk buffer still holds only in memory (see Sink.holding_since)."""
+        held = [t for slot, buf in zip(self.b.sinks, self.buffers, strict=True)
+                if not buf.durable and (t := slot.sink.holding_since()) is not None]
+        return min(held, default=None)
+
     async def _start_sinks(self, started: list[SinkSlot]) -> bool:
         """Start every sink, each within its start timeout; False when a signal came first (nothing was read,
         so there is nothing to flush)."""
@@ -405,6 +411,7 @@ class LocalRuntime:
     async def _serve(self, helpers: list[asyncio.Task[Any]]) -> None:
         """Run the sinks' feeds, the controller and the helpers, and ingest until the source ends."""
         b = self.b
+        b.session.held_since = self._held_since
         drains = [asyncio.create_task(self._drain(i, s), name=s.stats.name) for i, s in enumerate(b.sinks)]
         if b.controller is not None:
             helpers.append(asyncio.create_task(b.controller.start(), name="controller"))

@@ -31,6 +31,7 @@ from pipeline.types import Duration
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, client_token, connect
 from stages.controller import lost_create, resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, retry_wait, streams_from_event, streams_from_session
+from stages.controller.checkpoints import Checkpoints
 from stages.controller.lifecycle import STATES, Lifecycle, ended_unstored, export_wait, reported_status
 from stages.controller.session_options import SessionApiOptions
 from stages.controller.session_store import safe_id
@@ -549,20 +550,24 @@ class CaptureSessionController(Controller):
         self._start_poll()
 
     async def _checkpoints(self, inlet: backfill.Inlet) -> None:
-        """Save in capture_session.json where a restart's backfill starts, one period behind the source.
+        """Save in capture_session.json where a restart's backfill starts: one period behind the source, and
+        before the oldest event a sink holds only in memory.
 
         One period behind: events the source passed on just before a crash may still be in a
         sink's buffer (flushed every second by default), so a restart fetches them again rather
-        than lose them (a few seconds of events may be written twice).
+        than lose them (a few seconds of events may be written twice). A parquet sink holds rows
+        until its file completes (`roll_interval`): the checkpoint stays before them until then.
         """
-        lagging = self.record.get("backfill_from")
+        taken = Checkpoints(margin=CHECKPOINT_EVERY / 2)
+        held_since = self.context.session.held_since
         while not self.lifecycle.done:
             await asyncio.sleep(CHECKPOINT_EVERY)
-            now = inlet.checkpoint()
-            if lagging and lagging != self.record.get("backfill_from"):
-                self.record["backfill_from"] = lagging
+            now = time.monotonic()
+            taken.add(now, inlet.checkpoint())
+            safe = taken.safe(now, held_since())
+            if safe and safe != self.record.get("backfill_from"):
+                self.record["backfill_from"] = safe
                 self._save()
-            lagging = now
 
     def _start_poll(self, *, events_lost: bool = True) -> None:
         """Lifecycle events may still go to an old connection (`events_lost`), or an export is awaited:
