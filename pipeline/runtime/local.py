@@ -387,8 +387,15 @@ class LocalRuntime:
 
     def _held_since(self) -> float | None:
         """The oldest hand-out a sink without a disk buffer still holds only in memory (see Sink.holding_since)."""
-        held = [t for slot, buf in zip(self.b.sinks, self.buffers, strict=True)
-                if not buf.durable and (t := slot.sink.holding_since()) is not None]
+        held: list[float] = []
+        for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
+            if not buf.durable:
+                try:
+                    t = slot.sink.holding_since()
+                except Exception:  # a plugin's bug must not stop the checkpoints (they would stay where they are)
+                    continue
+                if isinstance(t, int | float) and not isinstance(t, bool):
+                    held.append(float(t))
         return min(held, default=None)
 
     async def _start_sinks(self, started: list[SinkSlot]) -> bool:
