@@ -24,7 +24,7 @@ from pipeline.build import Built, SinkSlot
 from pipeline.contracts import checked_batches, ours
 from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import ALERT_NAMES, Batch, count_on, event_time_ms
-from pipeline.runtime import hup
+from pipeline.runtime import hup, late_stop
 from pipeline.runtime.buffers import (
     DiskBuffer,
     Item,
@@ -375,8 +375,7 @@ class LocalRuntime:
                     self.error = self.error or StageError(why)  # "left spooled" would be a silent loss
                 buf.close()
             if self.install_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
+                late_stop.take_over(loop)  # a SIGTERM now must not end the process before its summary
                 hup.ignore(loop)  # the summary is still to be written: a late SIGHUP must not end the process
         # events LOST, or rejects a full dead-letter file left out: the run went on, but never exits 0
         if self.error is None and (unkept := b.dead_letter.unkept()) is not None:
