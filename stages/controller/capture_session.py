@@ -32,6 +32,7 @@ from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, client
 from stages.controller import lost_create, resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, retry_wait, streams_from_event, streams_from_session
 from stages.controller.checkpoints import Checkpoints
+from stages.controller.ended_backfill import fetch_ended
 from stages.controller.lifecycle import STATES, Lifecycle, ended_unstored, export_wait, reported_status
 from stages.controller.session_options import SessionApiOptions
 from stages.controller.session_store import safe_id
@@ -279,6 +280,11 @@ class CaptureSessionController(Controller):
         status = reported_status(session)
         awaited = saved.get("status") == "stopped" and status in _EXIT_STATES  # its export was awaited
         if status in resume.ENDED and not awaited:
+            inlet = self.context.session.inlet
+            if saved.get("status") == "active" and inlet is not None:  # ended while no run was up
+                opts = self.options
+                await fetch_ended(self._conn, opts.on_active, self.who, self.settings.api_key, opts.callback_url,
+                                  inlet, session, saved, opts.status_poll_interval)
             log.info("%s: saved capture session %s is %s; creating a new one", self.who, sid, status)
             return None
         if awaited and isinstance(saved.get("stopped_at"), str):
