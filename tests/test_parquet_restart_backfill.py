@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -40,15 +41,19 @@ async def run(config: Path, cwd: Path) -> asyncio.subprocess.Process:
                                                     cwd=cwd, env=env, stdout=log, stderr=log)
 
 
-async def test_kill_9_with_a_parquet_file_open_loses_no_event(emu: Emulator, tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [{}, {"buffer": {"type": "disk"}, "complete_on_flush": False}],
+                         ids=["memory-buffer", "disk-buffer-files-kept-open"])
+async def test_kill_9_with_a_parquet_file_open_loses_no_event(emu: Emulator, tmp_path: Path,
+                                                              extra: dict[str, Any]) -> None:
     """Before: the checkpoint was saved 2 s behind the source whatever the sinks held; the parquet file open
     since the session began (roll_interval 1h) died with the process, and the restart fetched only the 30 s
-    of event time before the checkpoint: 34 of the 200 transcripts VideoDB produced were in no file."""
+    of event time before the checkpoint: 34 of the 200 transcripts VideoDB produced were in no file. A disk
+    buffer with `complete_on_flush: false` forgets rows once flushed, not completed: they count too."""
     cfg = {"name": "pq", "videodb": {"api_key": "${VIDEO_DB_API_KEY}", "base_url": emu.base_url},
            "source": {"type": "videodb", "backoff_initial": "50ms"},
            "controller": {"type": "capture_session", "end_user_id": "demo-user", "on_active": FULL_ON_ACTIVE,
                           "status_poll_interval": "300ms"},
-           "sinks": [{"type": "parquet", "path": "pq", "roll_interval": "1h"}], "dead_letter": "dead.jsonl"}
+           "sinks": [{"type": "parquet", "path": "pq", "roll_interval": "1h", **extra}], "dead_letter": "dead.jsonl"}
     config = tmp_path / "p.yaml"
     config.write_text(yaml.safe_dump(cfg))
     first = await run(config, tmp_path)

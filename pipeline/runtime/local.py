@@ -385,16 +385,16 @@ class LocalRuntime:
         return b.session.exit_code or 0
 
     def _held_since(self) -> float | None:
-        """The oldest hand-out a sink without a disk buffer still holds only in memory (see Sink.holding_since)."""
+        """The oldest hand-out a sink still holds only in memory (see Sink.holding_since). Disk-buffered sinks
+        too: with parquet's `complete_on_flush: false` the spool forgets rows its open file still holds."""
         held: list[float] = []
-        for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
-            if not buf.durable:
-                try:
-                    t = slot.sink.holding_since()
-                except Exception:  # a plugin's bug must not stop the checkpoints (they would stay where they are)
-                    continue
-                if isinstance(t, int | float) and not isinstance(t, bool):
-                    held.append(float(t))
+        for slot in self.b.sinks:
+            try:
+                t = slot.sink.holding_since()
+            except Exception:  # a plugin's bug must not stop the checkpoints (they would stay where they are)
+                continue
+            if isinstance(t, int | float) and not isinstance(t, bool):
+                held.append(float(t))
         return min(held, default=None)
 
     async def _start_sinks(self, started: list[SinkSlot]) -> bool:
