@@ -191,6 +191,11 @@ class Sink(Stage):
         """Extra counters for the exit summary (e.g. delivered, dead-lettered)."""
         return {}
 
+    def holding_since(self) -> float | None:
+        """`time.monotonic()` when the oldest event the sink holds that a `kill -9` would lose (rows of a file
+        not yet complete) was handed to it; None when it holds none. A restart's backfill starts before it."""
+        return None
+
 
 class Source(Stage):
     """Produces batches of stamped events until exhausted or stopped."""

@@ -32,6 +32,9 @@ class SessionLink:
         #: this run will resume a capture session saved by an earlier run (set before sinks start): output is
         #: appended to, never cleared, so a restart keeps the session's earlier events
         self.resuming = False
+        #: when the oldest event a sink holds only in memory was handed to it (None: none held); set by the
+        #: runtime, read by the controller so the restart checkpoint it saves never passes those events
+        self.held_since: Callable[[], float | None] = lambda: None
         self._listeners: list[ConnectionListener] = []
         self._connected = asyncio.Event()
         self._exit = asyncio.Event()

@@ -190,3 +190,33 @@ dead_letter: dead.jsonl
     assert written == [] and sorted(dead) == list(range(60))
     assert not list((tmp_path / "out").iterdir())  # the unfinished file is removed: its rows are in the dead letter
     assert re.search(r"written +0 +failed 60 ", res.stderr), res.stderr
+
+
+def test_a_disk_buffered_file_that_fails_counts_the_rows_written_before_it(tmp_path: Path) -> None:
+    """With `buffer: {type: disk}` each batch is written and then flushed (completed) before the runtime counts
+    it; a file that failed in that flush had its rows taken off `written` though they had never been counted.
+    Before: the first batch's 30 rows were in a file and the summary said `written 0 failed 30`."""
+    rnd = random.Random(4)
+    with open(tmp_path / "in.jsonl", "w") as fh:
+        for i in range(60):  # the spool holds each event once (90 kB); the second file (text and raw) is past 100 kB
+            text = "".join(rnd.choice(string.ascii_letters) for _ in range(1000 if i < 30 else 2000))
+            fh.write(json.dumps({"channel": "transcript", "rtstream_id": "r", "unix_ts": 1772446500.0 + i,
+                                 "data": {"text": text, "n": i}}) + "\n")
+    (tmp_path / "p.yaml").write_text("""
+name: p
+state_dir: state
+source: {type: replay, path: in.jsonl, speed: 0, batch_size: 30}
+sinks:
+  - {type: parquet, path: out, compression: none, roll_interval: 1h, buffer: {type: disk}}
+dead_letter: dead.jsonl
+""")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "p.yaml"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, preexec_fn=limit)
+    assert res.returncode == 1 and "File too large" in res.stderr, res.stderr
+    written, dead = _written_and_dead(tmp_path)
+    assert sorted(written) == list(range(30)) and sorted(dead) == list(range(30, 60)), res.stderr
+    assert re.search(r"sinks\[0\]:parquet +written +30 +failed 30 +files 1\n", res.stderr), res.stderr

@@ -59,3 +59,25 @@ def test_event_seconds_share_one_budget(tmp_path: Path, monkeypatch: pytest.Monk
     out = Collector().read([path])
     assert sum(len(s.seconds) for s in out.sessions.values()) == 100
     assert all(s.counts["transcript"] == 200 for s in out.sessions.values())
+
+
+def test_an_event_a_restart_fetched_again_counts_once(tmp_path: Path) -> None:
+    """A restart after `kill -9` backfills from a checkpoint behind what the crashed run wrote: the same
+    transcripts again, stamped afresh and marked `"backfill": true`. Before: every line was its own event, so
+    talk time and words counted them twice (a session of 41 transcripts read 76)."""
+    def line(i: int, ts: float, **extra: object) -> bytes:
+        return orjson.dumps({"channel": "transcript", "capture_session_id": "s1", "rtstream_id": "r1",
+                             "unix_ts": ts, **extra, "data": {"text": f"word {i}", "start": 1772323200000 + 1000 * i,
+                                                              "end": 1772323200900 + 1000 * i, "is_final": True}})
+    live = [line(i, 1772323200.0 + i) for i in range(40)]
+    again = [line(i, 1772323300.0 + i, backfill=True) for i in range(30, 50)]  # 10 already written, 10 new
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(live + again) + b"\n")
+    out = Collector().read([path])
+    s = out.sessions["s1"]
+    assert s.counts["transcript"] == 50 and out.duplicates == 10
+    # events without a start: the same text twice is two events
+    bare = [orjson.dumps({"channel": "transcript", "capture_session_id": "s1", "unix_ts": 1772323200.0 + i,
+                          "data": {"text": "yes"}}) for i in range(2)]
+    path.write_bytes(b"\n".join(bare) + b"\n")
+    assert Collector().read([path]).sessions["s1"].counts["transcript"] == 2

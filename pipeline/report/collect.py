@@ -42,6 +42,7 @@ RECENT_DEDUPE: Final = 65_536  # the last file's latest line digests: a batch a 
 # holds: keywords and spans, never dropped, take at most 75 MB (200 sessions x 500 each), and one mark per track,
 # the least the tracks keep, 55 MB (200 x 33 lanes x 4 channels of 400 characters stored 4 bytes each)
 MAX_KEPT: Final = 128 << 20
+_TRACKED: Final = frozenset(("transcript", "visual_index", "audio_index"))  # what a backfill fetches again
 ITEM_BYTES: Final = 200  # what a kept mark, row or entry holds besides its texts (measured: 200, 228, 100)
 SPAN_BYTES: Final = 150  # a backfill span (measured: 144)
 MARK_CHANNELS: Final = ("transcript", "audio_index", "visual_index", "alert")
@@ -243,14 +244,6 @@ class Collector:
                 line = line.strip()
                 if not line:
                     continue
-                digest = hashlib.blake2b(line, digest_size=12).digest()
-                if digest in self._digests or digest in self._recent:
-                    self.out.duplicates += 1
-                    continue
-                if not remember:
-                    self._remember_recent(digest)
-                elif len(self._digests) < MAX_DEDUPE:
-                    self._digests.add(digest)
                 try:
                     event = orjson.loads(line)
                 except orjson.JSONDecodeError:
@@ -258,13 +251,21 @@ class Collector:
                     continue
                 # nested past what the pipeline writes (240 levels): str() of a field 1,000 deep raised
                 # RecursionError, a traceback for the whole report
-                if isinstance(event, dict) and not deeper_than(line, event):
-                    if is_dead_letter(event):
-                        self.out.dead_letters += 1
-                    else:
-                        self.add(event)
-                else:
+                if not isinstance(event, dict) or deeper_than(line, event):
                     self.out.skipped += 1
+                    continue
+                digest = hashlib.blake2b(identity(event, line, self._session_id(event)), digest_size=12).digest()
+                if digest in self._digests or digest in self._recent:
+                    self.out.duplicates += 1
+                    continue
+                if not remember:
+                    self._remember_recent(digest)
+                elif len(self._digests) < MAX_DEDUPE:
+                    self._digests.add(digest)
+                if is_dead_letter(event):
+                    self.out.dead_letters += 1
+                else:
+                    self.add(event)
         return self.out
 
     def _learn_all_streams(self, paths: list[Path]) -> None:
@@ -284,12 +285,15 @@ class Collector:
                         and isinstance(event.get("data"), dict) and not deeper_than(line, event)):
                     self._learn_streams(event, event["data"])
 
-    def _session(self, event: dict[str, Any]) -> Session | None:
+    def _session_id(self, event: dict[str, Any]) -> str:
         sid = event.get("capture_session_id")
         if not isinstance(sid, str) or not sid:
             rid = event.get("rtstream_id")
             sid = self._stream_session.get(rid, UNKNOWN_SESSION) if isinstance(rid, str) else UNKNOWN_SESSION
-        sid = _cut(sid, 200)
+        return _cut(sid, 200)
+
+    def _session(self, event: dict[str, Any]) -> Session | None:
+        sid = self._session_id(event)
         sessions = self.out.sessions
         s = sessions.get(sid)
         if s is None:
@@ -389,6 +393,21 @@ class Collector:
             rid = event.get("rtstream_id")
             name = self._stream_name.get(rid, rid) if isinstance(rid, str) else None
         return _cut(name or "no stream", 80)
+
+
+def identity(event: dict[str, Any], line: bytes, session: str) -> bytes:
+    """What tells two lines apart as events: for a transcript or index event its session, stream, channel,
+    times, text and finality (a restart's backfill writes again what the crashed run wrote, stamped afresh and
+    marked `"backfill": true`: a different line, the same event); for any other line, the line itself."""
+    data = event.get("data")
+    if event.get("channel") not in _TRACKED or not isinstance(data, dict) or type(data.get("start")) not in (int,
+                                                                                                           float):
+        return line  # (without a start, two events with the same text are two events)
+    try:
+        return orjson.dumps([session, event.get("rtstream_id"), event["channel"], data.get("start"), data.get("end"),
+                             data.get("text"), data.get("is_final")])
+    except (TypeError, orjson.JSONEncodeError):  # (an integer past 64 bits): the line then
+        return line
 
 
 def is_dead_letter(event: dict[str, Any]) -> bool:

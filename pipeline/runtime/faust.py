@@ -351,10 +351,14 @@ class Worker:
         if not routed:
             return
         self.writing_since[i] = time.monotonic()  # a stuck sink says so in /api/status (`writing_for`)
+        wrote = False
         try:
             await slot.sink.write(routed)
+            wrote = True
             await slot.sink.flush()  # offsets move after this batch: it must be durable first
         except (Exception, SystemExit) as exc:  # a plugin's sys.exit() is a failed write, as in the local runtime
+            if wrote and isinstance(exc, SinkFailed):
+                slot.stats.sent += len(routed)  # a failed flush took its rows off `sent`, as if counted
             if not isinstance(exc, SinkFailed):  # (one that has dead-lettered and counted what it did not write)
                 for event in routed:
                     self.built.dead_letter.write("sink failed before writing", stage=slot.stats.name, event=event)

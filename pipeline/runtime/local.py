@@ -24,7 +24,7 @@ from pipeline.build import Built, SinkSlot
 from pipeline.contracts import checked_batches, ours
 from pipeline.errors import PipelineError, SinkFailed, StageError
 from pipeline.events import ALERT_NAMES, Batch, count_on, event_time_ms
-from pipeline.runtime import hup
+from pipeline.runtime import hup, late_stop
 from pipeline.runtime.buffers import (
     DiskBuffer,
     Item,
@@ -262,12 +262,16 @@ class LocalRuntime:
             if batch and not failed:
                 self._writing[i] = item
                 self.writing_since[i] = time.monotonic()
+                wrote = False
                 try:
                     await slot.sink.write(batch)
+                    wrote = True
                     if buf.durable:  # acknowledged in the spool only once durable (not just in a sink's queue)
                         await slot.sink.flush()
                 except (Exception, SystemExit) as exc:  # a plugin's sys.exit(): ended the run with 0, batches lost
                     failed = True
+                    if wrote and isinstance(exc, SinkFailed):
+                        slot.stats.sent += len(batch)  # a failed flush took its rows off `sent`, as if counted
                     self._fail(naming(slot.stats.name, exc) if isinstance(exc, PipelineError) else
                                StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}"))
                     if isinstance(exc, SinkFailed):  # the sink dead-lettered this batch itself
@@ -391,8 +395,7 @@ class LocalRuntime:
                     self.error = self.error or StageError(why)  # "left spooled" would be a silent loss
                 buf.close()
             if self.install_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
+                late_stop.take_over(loop)  # a SIGTERM now must not end the process before its summary
                 hup.ignore(loop)  # the summary is still to be written: a late SIGHUP must not end the process
         # events LOST, or rejects a full dead-letter file left out: the run went on, but never exits 0
         if self.error is None and (unkept := b.dead_letter.unkept()) is not None:
@@ -400,6 +403,19 @@ class LocalRuntime:
         if self.error is not None:
             return self.error.exit_code
         return b.session.exit_code or 0
+
+    def _held_since(self) -> float | None:
+        """The oldest hand-out a sink still holds only in memory (see Sink.holding_since). Disk-buffered sinks
+        too: with parquet's `complete_on_flush: false` the spool forgets rows its open file still holds."""
+        held: list[float] = []
+        for slot in self.b.sinks:
+            try:
+                t = slot.sink.holding_since()
+            except Exception:  # a plugin's bug must not stop the checkpoints (they would stay where they are)
+                continue
+            if isinstance(t, int | float) and not isinstance(t, bool):
+                held.append(float(t))
+        return min(held, default=None)
 
     async def _start_sinks(self, started: list[SinkSlot]) -> bool:
         """Start every sink, each within its start timeout; False when a signal came first (nothing was read,
@@ -421,6 +437,7 @@ class LocalRuntime:
     async def _serve(self, helpers: list[asyncio.Task[Any]]) -> None:
         """Run the sinks' feeds, the controller and the helpers, and ingest until the source ends."""
         b = self.b
+        b.session.held_since = self._held_since
         drains = [asyncio.create_task(self._drain(i, s), name=s.stats.name) for i, s in enumerate(b.sinks)]
         if b.controller is not None:
             helpers.append(asyncio.create_task(b.controller.start(), name="controller"))

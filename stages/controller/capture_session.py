@@ -31,6 +31,8 @@ from pipeline.types import Duration
 from pipeline.videodb_sdk import VideoDBCallError, VideoDBSettings, call, client_token, connect
 from stages.controller import lost_create, resume
 from stages.controller.ai_pipelines import AIPipelines, OnActive, retry_wait, streams_from_event, streams_from_session
+from stages.controller.checkpoints import Checkpoints
+from stages.controller.ended_backfill import fetch_ended
 from stages.controller.lifecycle import STATES, Lifecycle, ended_unstored, export_wait, reported_status
 from stages.controller.session_options import SessionApiOptions
 from stages.controller.session_store import safe_id
@@ -278,6 +280,11 @@ class CaptureSessionController(Controller):
         status = reported_status(session)
         awaited = saved.get("status") == "stopped" and status in _EXIT_STATES  # its export was awaited
         if status in resume.ENDED and not awaited:
+            inlet = self.context.session.inlet
+            if saved.get("status") == "active" and inlet is not None:  # ended while no run was up
+                opts = self.options
+                await fetch_ended(self._conn, opts.on_active, self.who, self.settings.api_key, opts.callback_url,
+                                  inlet, session, saved, opts.status_poll_interval)
             log.info("%s: saved capture session %s is %s; creating a new one", self.who, sid, status)
             return None
         if awaited and isinstance(saved.get("stopped_at"), str):
@@ -549,20 +556,24 @@ class CaptureSessionController(Controller):
         self._start_poll()
 
     async def _checkpoints(self, inlet: backfill.Inlet) -> None:
-        """Save in capture_session.json where a restart's backfill starts, one period behind the source.
+        """Save in capture_session.json where a restart's backfill starts: one period behind the source, and
+        before the oldest event a sink holds only in memory.
 
         One period behind: events the source passed on just before a crash may still be in a
         sink's buffer (flushed every second by default), so a restart fetches them again rather
-        than lose them (a few seconds of events may be written twice).
+        than lose them (a few seconds of events may be written twice). A parquet sink holds rows
+        until its file completes (`roll_interval`): the checkpoint stays before them until then.
         """
-        lagging = self.record.get("backfill_from")
+        taken = Checkpoints(margin=CHECKPOINT_EVERY / 2)
+        held_since = self.context.session.held_since
         while not self.lifecycle.done:
             await asyncio.sleep(CHECKPOINT_EVERY)
-            now = inlet.checkpoint()
-            if lagging and lagging != self.record.get("backfill_from"):
-                self.record["backfill_from"] = lagging
+            now = time.monotonic()
+            taken.add(now, inlet.checkpoint())
+            safe = taken.safe(now, held_since())
+            if safe and safe != self.record.get("backfill_from"):
+                self.record["backfill_from"] = safe
                 self._save()
-            lagging = now
 
     def _start_poll(self, *, events_lost: bool = True) -> None:
         """Lifecycle events may still go to an old connection (`events_lost`), or an export is awaited:

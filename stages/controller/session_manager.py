@@ -40,6 +40,7 @@ from stages.controller.ai_pipelines import (
     streams_from_event,
     usable_id,
 )
+from stages.controller.checkpoints import Checkpoints
 from stages.controller.lifecycle import TERMINAL, ended_unstored, export_wait, reported_status
 from stages.controller.session_create import ApiProblem, SessionCreator, videodb_problem
 from stages.controller.session_store import SessionStore
@@ -643,15 +644,17 @@ class SessionManager:
             self._start_poll()
 
     async def _checkpoints(self, inlet: Any) -> None:
-        """Save where a restart's backfill starts, one period behind the source (a sink may not have flushed)."""
-        lagging: dict[str, int] | None = None
+        """Save where a restart's backfill starts: one period behind the source (a sink may not have flushed),
+        and before the oldest event a sink holds only in memory (a parquet file not yet complete)."""
+        taken = Checkpoints(margin=CHECKPOINT_EVERY / 2)
         while True:
             await asyncio.sleep(CHECKPOINT_EVERY)
-            now = inlet.checkpoint()
-            if lagging is not None and lagging != self._saved_checkpoint:
-                self.store.write_json(CHECKPOINT_FILE, lagging)
-                self._saved_checkpoint = lagging
-            lagging = now
+            now = time.monotonic()
+            taken.add(now, inlet.checkpoint())
+            safe = taken.safe(now, self.link.held_since())
+            if safe is not None and safe != self._saved_checkpoint:
+                self.store.write_json(CHECKPOINT_FILE, safe)
+                self._saved_checkpoint = safe
 
     async def _watch_store(self) -> None:
         """Look whether `sessions/` was removed or replaced, also while nothing is written (see _save_all_again)."""

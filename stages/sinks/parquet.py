@@ -165,6 +165,10 @@ class ParquetSink(Sink):
     def report(self) -> dict[str, int]:
         return {"files": self.files}
 
+    def holding_since(self) -> float | None:
+        """When the oldest row not yet in a complete file arrived (a `kill -9` takes it with the open file)."""
+        return min((d.opened for d in self._dirs.values() if d.opened), default=None)
+
     def _dir_for(self, event: Event) -> str:
         ch = self._channel(channel(event))
         return self.options.path.format(channel=ch, date=self._day(event.get("unix_ts")))

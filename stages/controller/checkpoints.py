@@ -1,0 +1,37 @@
+"""Which backfill checkpoint a restart may start from: one taken before anything a sink still holds in memory.
+
+The controller takes a checkpoint every period; saving the newest would let a restart after `kill -9` skip events
+a sink had not made durable yet (a parquet file completes every `roll_interval`, 5 minutes by default), and
+VideoDB does not send them again. So checkpoints are kept until the sinks' oldest held event is past them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Final
+
+MAX_KEPT: Final = 4096  # checkpoints remembered (2 h 16 min at one per 2 s); past it the second oldest is dropped
+
+
+class Checkpoints:
+    """Checkpoints as taken (monotonic time, value); `safe()` is the newest taken `margin` s before `held`."""
+
+    def __init__(self, margin: float) -> None:
+        self.margin = margin  # events the source passed just before a checkpoint reach the sinks within this
+        self._taken: deque[tuple[float, dict[str, int]]] = deque()
+
+    def add(self, at: float, checkpoint: dict[str, int]) -> None:
+        self._taken.append((at, checkpoint))
+        if len(self._taken) > MAX_KEPT:  # the oldest stays: it may be the only one before what a sink holds
+            first = self._taken.popleft()
+            self._taken.popleft()
+            self._taken.appendleft(first)
+
+    def safe(self, now: float, held: float | None) -> dict[str, int] | None:
+        """The newest checkpoint taken at least `margin` s before `now` and before `held` (when a sink holds
+        events since then); None when there is none yet. Older ones are forgotten."""
+        limit = now - self.margin if held is None else min(now, held) - self.margin
+        taken = self._taken
+        while len(taken) > 1 and taken[1][0] <= limit:
+            taken.popleft()
+        return taken[0][1] if taken and taken[0][0] <= limit else None
