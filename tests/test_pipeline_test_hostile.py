@@ -160,7 +160,7 @@ def test_the_closest_event_of_a_failing_pattern_is_found_in_bounded_time(tmp_pat
     assert out.splitlines()[0] == f"FAIL  {tmp_path}/p.test.yaml: typos", out[:2000]
     for k in (1997, 1998, 1999):
         assert f'+    "text": "{text} {k:05d}"' in out, out[:3000]
-    assert took < 5, took
+    assert took < 15, took  # about 1 s; before: 90 s (a bound a loaded CI machine keeps)
 
 
 HANGS = '''
