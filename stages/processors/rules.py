@@ -33,6 +33,7 @@ from stages.processors.matchers import (
     WordMatcher,
     compile_rule_regex,
     fold,
+    nfc,
 )
 from stages.processors.native import plain_reads, written_keys
 
@@ -96,7 +97,8 @@ class Rule(Options):
         if bad:
             raise ValueError("; ".join(bad))
         if self.match == "regex" and len(self.keywords) > 1:
-            compile_rule_regex(self.keywords)  # as the stage runs them: together (the alternation may be too large)
+            # as the stage runs them: together (the alternation may be too large), in NFC
+            compile_rule_regex([nfc(k) for k in self.keywords])
         if self.min_count > 1 and self.window is None:
             raise ValueError("min_count needs a window (e.g. window: 5m)")
         return self
@@ -211,7 +213,7 @@ class Rules(Processor):
         channel_map = {name: index[canonical(name)] for name in (*self._by_channel, *ALIASES)
                        if canonical(name) in index}
         rules = [(c.prefix, c.label, c.severity, c.cooldown_ms, c.names) for c in self._rules]
-        return _fastrules.Engine(tables, channel_map, rules, fold, event_time_ms, _stream_of, _cooled, _source_of)
+        return _fastrules.Engine(tables, channel_map, rules, fold, nfc, event_time_ms, _stream_of, _cooled, _source_of)
 
     @property
     def fired_by(self) -> Counter[tuple[str, str]]:
@@ -291,13 +293,15 @@ class Rules(Processor):
             if not isinstance(text, str) or not text:
                 continue
             hits: Hits = {}
-            lowered = text.lower()
+            # matched in NFC, as the keywords are ("e" + U+0301 is "é"); an ASCII text is NFC already
+            norm = text if str.isascii(text) else nfc(text)  # str's own isascii(), as the C engine reads it
+            lowered = norm.lower()
             # "İ" lowers to two characters (keep word boundaries aligned), a sigma may lower to a final one: fold()
-            if len(lowered) != len(text) or FINAL_SIGMA in lowered:
-                lowered = fold(text)
+            if len(lowered) != len(norm) or FINAL_SIGMA in lowered:
+                lowered = fold(norm)
             seen = m[0](lowered, hits)
-            if m[1] is not None and (seen or not m[2] or not text.isascii()):
-                m[1](text, hits, lowered)
+            if m[1] is not None and (seen or not m[2] or not norm.isascii()):
+                m[1](norm, hits, lowered)
             if hits:
                 start = data.get("start")  # type: ignore[union-attr]
                 when = start if type(start) is int else event_time_ms(event)  # the common case, inline
