@@ -109,3 +109,28 @@ def test_substring_and_regex_rules_match_across_forms(make_context, spec: dict[s
                                                       matched: list[str]) -> None:
     stage = _stage(make_context, False, [{"name": "a", **spec}])
     assert _alerts(stage, text) == [("a", matched, text)]
+
+
+EXPECT_TESTS = r"""config: p.yaml
+cases:
+  - name: an expectation's keyword in NFD, the rule's in NFC
+    stages: ["stages[0]"]
+    input: [{channel: transcript, rtstream_id: rts-1, data: {text: "un caf\u00e9"}}]
+    expect: {alerts: [{label: nfc-word, matched: ["CAFE\u0301"], count: 1}]}
+  - name: a count-0 expectation's keyword in NFD, the rule's in NFC
+    stages: ["stages[0]"]
+    input: [{channel: transcript, rtstream_id: rts-1, data: {text: "tea"}}]
+    expect: {alerts: [{label: nfc-word, matched: ["cafe\u0301"], count: 0}]}
+"""
+
+
+def test_pipeline_test_expectations_name_keywords_in_either_form(tmp_path: Path) -> None:
+    """`expect.alerts[].matched` is compared with data.matched (the keywords as written) in NFC too: an NFD
+    spelling failed the case, and in a `count: 0` expectation was refused as a keyword no rule has."""
+    (tmp_path / "ev.jsonl").write_text('{"channel": "transcript", "data": {"text": "hi"}}\n')
+    (tmp_path / "p.yaml").write_text(CONFIG)
+    (tmp_path / "p.test.yaml").write_text(EXPECT_TESTS)
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "test", "p.test.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "2 passed, 0 failed, 0 errors" in res.stdout, res.stdout
