@@ -25,12 +25,14 @@ FINAL_SIGMA: Final = "\u03c2"  # str.lower() writes this final sigma for a capit
 
 
 def nfc(text: str) -> str:
-    """`text` in Unicode NFC ("e" + U+0301 becomes "é"), `text` itself when it is already (every ASCII text is).
+    """`text` in Unicode NFC ("e" + U+0301 becomes "é"); `text` itself when a quick check finds it is (ASCII is).
 
     Why: a keyword and a text may spell the same word in different normalization forms (macOS and some OCR
     engines write NFD); both are compared in NFC. Callers skip ASCII texts before calling: they cost nothing.
     """
-    return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
+    # not is_normalized() first: normalize() returns `text` itself after the same quick check, and an NFD text
+    # was checked in full and then normalized (1 MB: 44 + 30 ms, against 30)
+    return unicodedata.normalize("NFC", text)
 
 
 def fold(text: str) -> str:
