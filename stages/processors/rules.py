@@ -281,6 +281,7 @@ class Rules(Processor):
         """The Python path (and the reference the C engine is held to)."""
         fired: list[tuple[int, list[Event]]] | None = None  # (after event i, its alerts); allocated on the first
         scanners = self._scanners
+        isascii = str.isascii  # str's own (as the C engine reads a text), a local: ~15 ns less per event
         for i, event in enumerate(batch):
             ch = event.get("channel")
             if not isinstance(ch, str):
@@ -294,7 +295,7 @@ class Rules(Processor):
                 continue
             hits: Hits = {}
             # matched in NFC, as the keywords are ("e" + U+0301 is "é"); an ASCII text is NFC already
-            norm = text if str.isascii(text) else nfc(text)  # str's own isascii(), as the C engine reads it
+            norm = text if isascii(text) else nfc(text)
             lowered = norm.lower()
             # "İ" lowers to two characters (keep word boundaries aligned), a sigma may lower to a final one: fold()
             if len(lowered) != len(norm) or FINAL_SIGMA in lowered:
