@@ -10,6 +10,7 @@ line-by-line parsing).
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import orjson
 from hypothesis import HealthCheck, example, given, settings
@@ -24,6 +25,7 @@ from stages.processors.matchers import (
     WordMatcher,
     compile_regex,
     fold,
+    nfc,
     required_literal,
 )
 from stages.processors.rules import Rules, RulesOptions
@@ -31,19 +33,24 @@ from stages.sources.replay import ReplayOptions, ReplaySource
 
 WORD = re.compile(r"\w+")
 # word characters incl. non-ASCII letters, digits, underscore; separators; case variants
-ALPHABET = "abcdeABCDE_01 -.,\n\tÉéß\u017fKİ\u0131\U0001f600"
+ALPHABET = "abcdeABCDE_01 -.,\n\tÉéß\u017fKİ\u0131\U0001f600\u0301\u212b"  # combining acute, Angstrom sign
 texts = st.text(alphabet=ALPHABET, max_size=60)
 keywords = st.text(alphabet=ALPHABET, min_size=1, max_size=8).filter(lambda k: k.strip() != "")
 
 
+def low(text: str) -> str:
+    """In NFC, then case-folded one character per character, like the rules."""
+    return fold(unicodedata.normalize("NFC", text))
+
+
 def naive_words(text: str, rules: list[list[str]]) -> dict[int, set[str]]:
-    """Whole words as `\\w+` tokens of the case-folded text (one character per character, like the rules)."""
-    tokens = WORD.findall(fold(text))
+    """Whole words as `\\w+` tokens of the text in NFC, case-folded."""
+    tokens = WORD.findall(low(text))
     joined = " " + " ".join(tokens) + " "
     out: dict[int, set[str]] = {}
     for i, kws in enumerate(rules):
         for k in kws:
-            words = WORD.findall(fold(k))
+            words = WORD.findall(low(k))
             if words and " " + " ".join(words) + " " in joined:
                 out.setdefault(i, set()).add(k)
     return out
@@ -59,17 +66,17 @@ def test_word_and_substring_scan_equals_naive(rules: list[list[str]], sample: li
     word, sub = WordMatcher(), SubstringMatcher()
     for i, kws in enumerate(rules):
         for k in kws:
-            if WORD.findall(fold(k)):
+            if WORD.findall(low(k)):
                 word.add(i, k)
             sub.add(100 + i, k)
     scan = Scanner(word, sub)
     for text in sample:
         hits: Hits = {}
-        scan.match(fold(text), hits)
-        want = {i: kws for i, kws in naive_words(text, [[k for k in r if WORD.findall(fold(k))]
+        scan.match(fold(nfc(text)), hits)  # as the rules stage scans a text
+        want = {i: kws for i, kws in naive_words(text, [[k for k in r if WORD.findall(low(k))]
                                                          for r in rules]).items()}
         for i, kws in enumerate(rules):
-            found = {k for k in kws if fold(k) in fold(text)}
+            found = {k for k in kws if low(k) in low(text)}
             if found:
                 want[100 + i] = found
         assert as_sets(hits) == want, text

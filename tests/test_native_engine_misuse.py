@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PRELUDE = """
 from stages.processors import _fastrules as F
-from stages.processors.rules import fold, _stream_of, _cooled, _source_of
+from stages.processors.rules import fold, nfc, _stream_of, _cooled, _source_of
 from pipeline.events import event_time_ms
-CALLS = (fold, event_time_ms, _stream_of, _cooled, _source_of)
+CALLS = (fold, nfc, event_time_ms, _stream_of, _cooled, _source_of)
 WORDS = {"code": (((0, "code"),), ()), "terminal": (((0, "terminal"), (1, "terminal")), ())}
 TABLES = [(WORDS, "transcript")]
 RULES = [("a|", "a", "info", 0, None), ("b|", "b", "info", 0, None)]

@@ -3,7 +3,7 @@
 The C engine (`stages/processors/_fastrules.c`) runs whole-word rules without a
 window; everything else stays on the Python path, which the property test in
 `test_rules_reference.py` holds to a plain definition. Here both paths run on
-the same random streams, hostile ones included (non-ASCII case folds, odd
+the same random streams, hostile ones included (non-ASCII case folds, NFC and NFD texts and keywords, odd
 types where a string or an int is expected, times beyond 64 bits), and must
 agree on every output event, the counters and the saved state.
 """
@@ -11,6 +11,7 @@ agree on every output event, the counters and the saved state.
 from __future__ import annotations
 
 import copy
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType, SimpleNamespace
@@ -29,10 +30,11 @@ from stages.processors.rules import Rules, RulesOptions
 from tests.test_fastloops import Collider, child_main, in_child, scenario_context
 
 VOCAB = ["code", "terminal", "pass word", "password", "İstanbul", "straße", "ΟΔΟΣ", "kelvin", "_id", "x2",
-         "٣٤", "deploy now", "a b c"]
+         "٣٤", "deploy now", "a b c", "café", "cafe\u0301", "cafe", "Å ring", "crème brûlée"]
 TEXT_CHANNELS = ["transcript", "visual_index", "audio_index"]
 PIECES = [*VOCAB, "İ", "\u03c2", "\u03c3", "\u03a3", "\u212a", "\u0307", "ß", "SS", "Code.", "passwords", "!",
-          "__", "é", "e\u0301", "😀", "pass\tword", "PASS  WORD", "x_2", "٣", "\x00", "\ud800"]
+          "__", "é", "e\u0301", "😀", "pass\tword", "PASS  WORD", "x_2", "٣", "\x00", "\ud800", "CAFE\u0301",
+          "\u212b", "A\u030a", "\u0301", "\u0327", "\u1100\u1161"]
 
 
 def _engine_available() -> None:
@@ -52,8 +54,17 @@ def test_other_rule_shapes_keep_the_python_path(make_context, extra: dict[str, A
     assert Rules(RulesOptions.model_validate({"rules": spec}), make_context())._engine is None
 
 
+
+
+def _in_form(text: str, form: str | None) -> str:
+    """`text` in a Unicode normalization form ("é" as "e" + U+0301 in NFD), or as it is."""
+    return text if form is None else unicodedata.normalize(form, text)  # type: ignore[arg-type]
+
+
+FORMS = st.sampled_from([None, None, "NFC", "NFD"])
+keyword = st.builds(_in_form, st.sampled_from(VOCAB), FORMS)
 rule = st.fixed_dictionaries(
-    {"keywords": st.lists(st.sampled_from(VOCAB), min_size=1, max_size=3, unique=True)},
+    {"keywords": st.lists(keyword, min_size=1, max_size=3, unique=True)},
     optional={"channels": st.lists(st.sampled_from([*TEXT_CHANNELS, "scene_index"]), min_size=1, max_size=2),
               "rtstream_names": st.sampled_from([["display:*"], ["mic:?efault", "x"]]),
               "cooldown": st.sampled_from([0, 0.001, 2, 5, 30]),
@@ -63,8 +74,9 @@ TIMES = st.sampled_from([0, 1, 2, 5, 30, 31]).map(lambda s: 1_700_000_000_000 + 
 # Mostly events that can fire (so two paths have something to disagree on), some hostile ones.
 start = st.one_of(TIMES, TIMES, TIMES, st.sampled_from([1.5, True, None, "12", 2**70, -(2**70), 2**63,
                                                         float("nan"), -5]))
-text = st.one_of(*[st.lists(st.sampled_from(VOCAB + PIECES[:8]), min_size=1, max_size=6).map(" ".join)] * 4,
-                 st.lists(st.sampled_from(PIECES), max_size=6).map(" ".join),
+words = st.lists(st.sampled_from(VOCAB + PIECES[:8]), min_size=1, max_size=6).map(" ".join)
+text = st.one_of(*[words] * 3, st.builds(_in_form, words, st.sampled_from(["NFC", "NFD"])),
+                 st.builds(_in_form, st.lists(st.sampled_from(PIECES), max_size=6).map(" ".join), FORMS),
                  st.lists(st.sampled_from(PIECES), max_size=4).map("".join),
                  st.text(max_size=30), st.sampled_from([None, 5, ["code"], ""]))
 good_data = st.fixed_dictionaries({"text": text, "start": start})

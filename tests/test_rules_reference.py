@@ -5,7 +5,7 @@ built, alerts copied from a prepared header). Here it is compared, on random
 streams with out-of-order event times, repeated streams and missing ids, with
 the obvious reading of the documented behaviour: for each event, each rule
 whose channels and stream names match and one of whose keywords occurs (whole
-words or substring, case-insensitive); windows count matches within the window
+words or substring, case-insensitive, both in NFC); windows count matches within the window
 and restart after firing; a cooldown silences a rule on a stream from an alert
 until `cooldown` later, in event time.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import unicodedata
 from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
@@ -23,16 +24,25 @@ from pipeline.events import canonical, event_time_ms
 from stages.processors.rules import Rules, RulesOptions
 
 WORD = re.compile(r"\w+")
-VOCAB = ["code", "terminal", "slack", "pass word", "password", "budget", "deploy", "error", "ΟΔΟΣ"]
-PIECES = ["x", "Code.", "passwords", "!", "\u03bf\u03b4\u03bf\u03c2", "İ", "İcode"]  # "οδος": a final sigma
+VOCAB = ["code", "terminal", "slack", "pass word", "password", "budget", "deploy", "error", "ΟΔΟΣ", "café",
+         "crème brûlée"]
+PIECES = ["x", "Code.", "passwords", "!", "\u03bf\u03b4\u03bf\u03c2", "İ", "İcode",  # "οδος": a final sigma
+          "cafe", "CAFE\u0301", "\u0301"]
+FORMS = st.sampled_from([None, "NFC", "NFD"])  # texts and keywords in either normalization form, or as they are
 TEXT_CHANNELS = ["transcript", "visual_index", "audio_index"]
 T0 = 1_700_000_000_000
 SECONDS = [0, 1, 2, 3, 5, 7, 10, 25, 30, 31]  # few distinct times: cooldown and window edges are hit exactly
 
 
 def low(text: str) -> str:
-    """Case folded one character per character, as documented: "İ" is "i", every sigma the small one."""
+    """In NFC, then case folded one character per character, as documented: "İ" is "i", every sigma the small
+    one."""
+    text = unicodedata.normalize("NFC", text)
     return "".join(ch.lower()[0] for ch in text).replace("\u03c2", "\u03c3")
+
+
+def in_form(text: str, form: str | None) -> str:
+    return text if form is None else unicodedata.normalize(form, text)  # type: ignore[arg-type]
 
 
 def occurs(keyword: str, text: str, mode: str) -> bool:
@@ -89,7 +99,7 @@ def reference(spec: list[dict[str, Any]], events: list[dict[str, Any]]) -> list[
 
 
 rule = st.fixed_dictionaries(
-    {"keywords": st.lists(st.sampled_from(VOCAB), min_size=1, max_size=3, unique=True)},
+    {"keywords": st.lists(st.builds(in_form, st.sampled_from(VOCAB), FORMS), min_size=1, max_size=3, unique=True)},
     optional={"match": st.sampled_from(["word", "substring"]),
               "channels": st.lists(st.sampled_from([*TEXT_CHANNELS, "scene_index"]), min_size=1, max_size=2),
               "rtstream_names": st.just(["display:*"]),
@@ -98,7 +108,8 @@ rule = st.fixed_dictionaries(
 windowed = st.tuples(st.sampled_from([None, 5, 20]), st.integers(2, 3))
 event = st.fixed_dictionaries(
     {"channel": st.sampled_from([*TEXT_CHANNELS, "scene_index", "alert"]),
-     "data": st.fixed_dictionaries({"text": st.lists(st.sampled_from([*VOCAB, *PIECES]), max_size=5).map(" ".join),
+     "data": st.fixed_dictionaries({"text": st.builds(in_form, st.lists(st.sampled_from([*VOCAB, *PIECES]),
+                                                                        max_size=5).map(" ".join), FORMS),
                                     "start": st.sampled_from(SECONDS).map(lambda s: T0 + s * 1000)})},
     optional={"rtstream_id": st.sampled_from(["rts-1", "rts-2", ""]),
               "rtstream_name": st.sampled_from(["display:1", "mic:default"]),

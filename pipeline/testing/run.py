@@ -19,7 +19,7 @@ from pipeline.session import SessionLink
 from pipeline.stats import StageStats
 from pipeline.testing.diff import alert_line, closest, gone_events, subset
 from pipeline.testing.model import AlertExpect, LoadedCase, TestFile
-from pipeline.testing.vacuous import check_alerts_can_come, check_zero_counts
+from pipeline.testing.vacuous import check_alerts_can_come, check_zero_counts, keyword_key
 
 
 @dataclass
@@ -136,8 +136,8 @@ def _alert_matches(a: Event, w: AlertExpect) -> bool:
     if w.severity is not None and data.get("severity") != w.severity:
         return False
     if w.matched is not None:
-        got = {str(m).lower() for m in data.get("matched") or []}
-        if not {m.lower() for m in w.matched} <= got:
+        got = {keyword_key(str(m)) for m in data.get("matched") or []}
+        if not {keyword_key(m) for m in w.matched} <= got:
             return False
     return True
 

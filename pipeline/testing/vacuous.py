@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from pipeline.config import StageSpec
 from pipeline.errors import ConfigError, suggest
 from pipeline.testing.model import LoadedCase
+
+
+def keyword_key(keyword: str) -> str:
+    """An expected keyword as compared with a rule's: in NFC and lowered, as the rules match ("CAFE" + U+0301
+    is "café")."""
+    return unicodedata.normalize("NFC", keyword).lower()
 
 
 def _streams(events: list[dict[str, Any]]) -> list[str]:
@@ -35,7 +42,7 @@ def check_zero_counts(specs: list[StageSpec], lc: LoadedCase) -> None:
     if any(not s.cls.__module__.startswith("stages.") for s in specs):
         return
     rules = [r for s in specs for r in getattr(s.options, "rules", None) or []]
-    keywords = sorted({k.lower() for r in rules if r.match != "regex" for k in r.keywords})
+    keywords = sorted({keyword_key(k) for r in rules if r.match != "regex" for k in r.keywords})
     any_regex = any(r.match == "regex" for r in rules)
     for i, want in enumerate(lc.case.expect.alerts or []):
         if want.count != 0:
@@ -46,9 +53,9 @@ def check_zero_counts(specs: list[StageSpec], lc: LoadedCase) -> None:
             raise ConfigError(f"{where}.rtstream: no input event is on rtstream {want.rtstream!r}"
                               f"{suggest(want.rtstream, streams)}")
         for kw in [] if any_regex else want.matched or []:
-            if kw.lower() not in keywords:
+            if keyword_key(kw) not in keywords:
                 raise ConfigError(f"{where}.matched: no rule running in this case has the keyword {kw!r}"
-                                  f"{suggest(kw.lower(), keywords)}")
+                                  f"{suggest(keyword_key(kw), keywords)}")
         labelled = [r for r in rules if want.label in (None, r.name)]
         severities = sorted({r.severity for r in labelled})
         if want.severity is not None and want.severity not in severities:

@@ -6,8 +6,9 @@
  * rules.py, which stays the reference: tests/test_rules_native.py holds the two equal.
  *
  * A whole word is a maximal run of word characters (str.isalnum() or "_", as `\w` in
- * Python's re); a keyword of several words matches consecutive words. Text is lowered
- * with str.lower() (the Python `fold` when that changes the length or writes a final sigma), as in matchers.py.
+ * Python's re); a keyword of several words matches consecutive words. A non-ASCII text is put in NFC (the
+ * Python `nfc`), then lowered with str.lower() (the Python `fold` when that changes the length or writes a
+ * final sigma), as in rules.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -86,7 +87,7 @@ typedef struct {
     Py_ssize_t n_rules;
     Py_ssize_t *kw_off; /* per rule: where its matched keywords start in a Scratch's kw (n_rules + 1 offsets) */
     PyObject *heads[1 << N_HEAD]; /* alert templates by which head keys the event has, built on first use */
-    PyObject *fold, *event_time_ms, *stream_of, *cooled, *source_of;
+    PyObject *fold, *nfc, *event_time_ms, *stream_of, *cooled, *source_of;
     int busy; /* process() calls running: Python code they call must not rebuild what they read */
 } Engine;
 
@@ -343,6 +344,7 @@ static void engine_clear_all(Engine *self) {
     self->name_table = NULL;
     self->n_names = 0;
     Py_CLEAR(self->fold);
+    Py_CLEAR(self->nfc);
     Py_CLEAR(self->event_time_ms);
     Py_CLEAR(self->stream_of);
     Py_CLEAR(self->cooled);
@@ -354,13 +356,13 @@ static void Engine_dealloc(Engine *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Engine(tables, channel_map, rules, fold, event_time_ms, stream_of, cooled, source_of)
+/* Engine(tables, channel_map, rules, fold, nfc, event_time_ms, stream_of, cooled, source_of)
  * rules: list of (prefix, label, severity, cooldown_ms, names callable or None) */
 static int engine_build(Engine *self, PyObject *args) {
     PyObject *tables, *channel_map, *rules;
-    PyObject *fold, *etm, *stream_of, *cooled, *source_of;
-    if (!PyArg_ParseTuple(args, "O!O!O!OOOOO", &PyList_Type, &tables, &PyDict_Type, &channel_map, &PyList_Type,
-                          &rules, &fold, &etm, &stream_of, &cooled, &source_of))
+    PyObject *fold, *nfc, *etm, *stream_of, *cooled, *source_of;
+    if (!PyArg_ParseTuple(args, "O!O!O!OOOOOO", &PyList_Type, &tables, &PyDict_Type, &channel_map, &PyList_Type,
+                          &rules, &fold, &nfc, &etm, &stream_of, &cooled, &source_of))
         return -1;
     engine_clear_all(self);
     Py_ssize_t nt = PyList_GET_SIZE(tables), nr = PyList_GET_SIZE(rules);
@@ -416,6 +418,7 @@ static int engine_build(Engine *self, PyObject *args) {
         self->name_table[self->n_names++] = t;
     }
     self->fold = Py_NewRef(fold);
+    self->nfc = Py_NewRef(nfc);
     self->event_time_ms = Py_NewRef(etm);
     self->stream_of = Py_NewRef(stream_of);
     self->cooled = Py_NewRef(cooled);
@@ -993,14 +996,20 @@ static PyObject *Engine_process(Engine *self, PyObject *args) {
         if (PyUnicode_CheckExact(text) && PyUnicode_IS_ASCII(text)) {  /* a subclass's own lower() is called */
             scan(&s, t, ASCII_LOWERED, PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text));
             bad = 0;
-        } else {  /* str.lower(), or fold() where lowering changes the length, as matchers.py */
-            PyObject *low = PyObject_CallMethodNoArgs(text, s_lower);
+        } else {  /* in NFC unless ASCII, then str.lower(), or fold() where lowering changes the length, as rules.py */
+            PyObject *norm = PyUnicode_IS_ASCII(text) ? Py_NewRef(text) : PyObject_CallOneArg(self->nfc, text);
+            if (norm && !PyUnicode_Check(norm)) {
+                PyErr_Format(PyExc_TypeError, "nfc() returned %.100s, not str", Py_TYPE(norm)->tp_name);
+                Py_CLEAR(norm);
+            }
+            PyObject *low = norm ? PyObject_CallMethodNoArgs(norm, s_lower) : NULL;
             if (low && PyUnicode_Check(low)) {  /* "İ" changes the length; "Σ" may lower to "ς": fold() then */
-                int refold = PyUnicode_GET_LENGTH(low) != PyUnicode_GET_LENGTH(text)
+                int refold = PyUnicode_GET_LENGTH(low) != PyUnicode_GET_LENGTH(norm)
                                  ? 1 : PySequence_Contains(low, s_final_sigma);
                 if (refold < 0) Py_CLEAR(low);
-                else if (refold) Py_SETREF(low, PyObject_CallOneArg(self->fold, text));
+                else if (refold) Py_SETREF(low, PyObject_CallOneArg(self->fold, norm));
             }
+            Py_XDECREF(norm);
             if (low && !PyUnicode_Check(low)) {  /* a str subclass's lower(): never read a non-str as text */
                 PyErr_Format(PyExc_TypeError, "text.lower() returned %.100s, not str", Py_TYPE(low)->tp_name);
                 Py_CLEAR(low);

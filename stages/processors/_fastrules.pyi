@@ -12,6 +12,7 @@ class Engine:
         channel_map: dict[str, int],
         rules: list[tuple[str, str, str, int, Callable[[str], bool] | None]],
         fold: Callable[[str], str],
+        nfc: Callable[[str], str],
         event_time_ms: Callable[[dict[str, Any]], int],
         stream_of: Callable[[dict[str, Any]], str],
         cooled: Callable[[Any, Any, int], bool],

@@ -33,6 +33,7 @@ from stages.processors.matchers import (
     WordMatcher,
     compile_rule_regex,
     fold,
+    nfc,
 )
 from stages.processors.native import plain_reads, written_keys
 
@@ -96,7 +97,8 @@ class Rule(Options):
         if bad:
             raise ValueError("; ".join(bad))
         if self.match == "regex" and len(self.keywords) > 1:
-            compile_rule_regex(self.keywords)  # as the stage runs them: together (the alternation may be too large)
+            # as the stage runs them: together (the alternation may be too large), in NFC
+            compile_rule_regex([nfc(k) for k in self.keywords])
         if self.min_count > 1 and self.window is None:
             raise ValueError("min_count needs a window (e.g. window: 5m)")
         return self
@@ -211,7 +213,7 @@ class Rules(Processor):
         channel_map = {name: index[canonical(name)] for name in (*self._by_channel, *ALIASES)
                        if canonical(name) in index}
         rules = [(c.prefix, c.label, c.severity, c.cooldown_ms, c.names) for c in self._rules]
-        return _fastrules.Engine(tables, channel_map, rules, fold, event_time_ms, _stream_of, _cooled, _source_of)
+        return _fastrules.Engine(tables, channel_map, rules, fold, nfc, event_time_ms, _stream_of, _cooled, _source_of)
 
     @property
     def fired_by(self) -> Counter[tuple[str, str]]:
@@ -279,6 +281,7 @@ class Rules(Processor):
         """The Python path (and the reference the C engine is held to)."""
         fired: list[tuple[int, list[Event]]] | None = None  # (after event i, its alerts); allocated on the first
         scanners = self._scanners
+        isascii = str.isascii  # str's own (as the C engine reads a text); a local: str.isascii cost ~15 ns more
         for i, event in enumerate(batch):
             ch = event.get("channel")
             if not isinstance(ch, str):
@@ -291,13 +294,21 @@ class Rules(Processor):
             if not isinstance(text, str) or not text:
                 continue
             hits: Hits = {}
-            lowered = text.lower()
-            # "İ" lowers to two characters (keep word boundaries aligned), a sigma may lower to a final one: fold()
-            if len(lowered) != len(text) or FINAL_SIGMA in lowered:
-                lowered = fold(text)
+            ascii_text = isascii(text)
+            if ascii_text:  # NFC already; a str's lower() is then ASCII of its length (no "İ", no sigma)
+                norm = text
+                lowered = text.lower()
+                if type(text) is not str and (len(lowered) != len(text) or FINAL_SIGMA in lowered):
+                    lowered = fold(text)  # a str subclass's own lower() may give anything
+            else:  # matched in NFC, as the keywords are ("e" + U+0301 is "é")
+                norm = nfc(text)
+                lowered = norm.lower()
+                # "İ" lowers to two characters (keep word boundaries aligned), a sigma may lower to a final one
+                if len(lowered) != len(norm) or FINAL_SIGMA in lowered:
+                    lowered = fold(norm)
             seen = m[0](lowered, hits)
-            if m[1] is not None and (seen or not m[2] or not text.isascii()):
-                m[1](text, hits, lowered)
+            if m[1] is not None and (seen or not m[2] or not ascii_text):
+                m[1](norm, hits, lowered)
             if hits:
                 start = data.get("start")  # type: ignore[union-attr]
                 when = start if type(start) is int else event_time_ms(event)  # the common case, inline
