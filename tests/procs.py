@@ -21,6 +21,14 @@ def pipeline_run(config: str | Path, *args: str, cwd: Path, stderr: IO[Any] | in
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=stdout, stderr=stderr)
 
 
+async def pipeline_started(config: Path, cwd: Path, **env: str) -> asyncio.subprocess.Process:
+    """`pipeline run CONFIG` started in `cwd` with `env` added, its output appended to `cwd/run.log`."""
+    with (cwd / "run.log").open("ab") as log:
+        return await asyncio.create_subprocess_exec(sys.executable, "-m", "pipeline.cli", "run", str(config),
+                                                    cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                                                    stdout=log, stderr=log)
+
+
 def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
     """(stdout, stderr) of `proc` once it exits; killed (and reaped) if it has not within `timeout`."""
     try:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,9 +15,8 @@ import yaml
 
 from pipeline.emulator import Emulator
 from tests.backfill_checks import key, tracked
+from tests.procs import pipeline_started
 from tests.videodb_harness import API_KEY, FULL_ON_ACTIVE, scenario_file
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -34,10 +31,7 @@ async def emu(tmp_path: Path) -> AsyncIterator[Emulator]:
 
 
 async def run(config: Path, cwd: Path) -> asyncio.subprocess.Process:
-    env = {**os.environ, "VIDEO_DB_API_KEY": API_KEY, "PYTHONPATH": str(ROOT)}
-    with (cwd / "run.log").open("ab") as log:
-        return await asyncio.create_subprocess_exec(sys.executable, "-m", "pipeline.cli", "run", str(config),
-                                                    cwd=cwd, env=env, stdout=log, stderr=log)
+    return await pipeline_started(config, cwd, VIDEO_DB_API_KEY=API_KEY)
 
 
 async def test_a_session_that_ended_while_no_run_was_up_is_fetched_by_the_restart(emu: Emulator,
