@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Final
 
-MAX_KEPT: Final = 4096  # checkpoints remembered (2 h 16 min at one per 2 s); past it the second oldest is dropped
+MAX_KEPT: Final = 8  # checkpoints held at most: each holds an entry per rtstream and channel (up to 100,000)
 
 
 class Checkpoints:
@@ -21,11 +21,16 @@ class Checkpoints:
         self._taken: deque[tuple[float, dict[str, int]]] = deque()
 
     def add(self, at: float, checkpoint: dict[str, int]) -> None:
-        self._taken.append((at, checkpoint))
-        if len(self._taken) > MAX_KEPT:  # the oldest stays: it may be the only one before what a sink holds
-            first = self._taken.popleft()
-            self._taken.popleft()
-            self._taken.appendleft(first)
+        """Keep `checkpoint`, taken at `at`. Past MAX_KEPT, the one between the oldest and the newest whose
+        neighbours are closest in time goes: those kept stay evenly spread over the whole time a sink has held
+        rows, so the one a restart starts from is at most two spacings before what the sink holds. Before, one
+        was kept every 2 s for as long as a parquet file stayed open: 150 for the default 5 minutes, about
+        800 MB at 40,000 streams (5.4 MB each)."""
+        taken = self._taken
+        taken.append((at, checkpoint))
+        if len(taken) > MAX_KEPT:
+            gone = min(range(1, len(taken) - 1), key=lambda i: taken[i + 1][0] - taken[i - 1][0])
+            del taken[gone]
 
     def safe(self, now: float, held: float | None) -> dict[str, int] | None:
         """The newest checkpoint taken at least `margin` s before `now` and before `held` (when a sink holds
