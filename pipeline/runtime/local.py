@@ -339,15 +339,18 @@ class LocalRuntime:
             await asyncio.sleep(1.0)
             if commit is not None:
                 last = await self._commit(commit, last)
-            await self._delivered(flushed=commit is not None)
+            await self._delivered(last if commit is not None else None)
 
-    async def _delivered(self, *, flushed: bool) -> None:
-        upto = min((buf.safe_upto for buf in self.buffers), default=-1)
+    async def _delivered(self, flushed: int | None) -> None:
+        """Forget the held outputs of the batches every sink has flushed. `flushed`: the batch a commit
+        flushed the sinks up to (not where they are now: a batch written while the commit was awaited is
+        still in a sink's buffer); None: flush them here."""
+        upto = min((buf.safe_upto for buf in self.buffers), default=-1) if flushed is None else flushed
         state = self.b.state
         low = state.lowest_held()
         if low is None or low > upto:
             return
-        if not flushed:  # (a commit just flushed them)
+        if flushed is None:
             for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
                 if not buf.durable:
                     await slot.sink.flush()
