@@ -351,18 +351,27 @@ class LocalRuntime:
         if low is None or low > upto:
             return
         if flushed is None:
-            for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
-                if not buf.durable:
-                    await slot.sink.flush()
+            await self._flush_sinks()
         state.delivered(upto)  # only now: a batch's save meanwhile must not record it first
         state.flush()
+
+    async def _flush_sinks(self) -> None:
+        """Flush every sink not disk-buffered (a spooled batch is safe already: not held up by the sink's
+        delivery). A failure names its sink (it ends the run, as a failed write does)."""
+        for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
+            if buf.durable:
+                continue
+            try:
+                await slot.sink.flush()
+            except PipelineError as exc:
+                raise naming(slot.stats.name, exc) from exc
+            except Exception as exc:
+                raise StageError(f"{slot.stats.name}: flush failed: {type(exc).__name__}: {exc}") from exc
 
     async def _commit(self, commit: Any, last: int) -> int:
         upto = min(buf.safe_upto for buf in self.buffers)
         if upto > last:
-            for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
-                if not buf.durable:  # a spooled batch is safe already: not held up by the sink's delivery
-                    await slot.sink.flush()
+            await self._flush_sinks()
             await commit(upto)
         return max(upto, last)
 
@@ -560,8 +569,10 @@ class LocalRuntime:
             except Exception as exc:
                 log.warning("controller: close failed: %s", exc)
         self.b.dead_letter.close()
-        # the sinks are closed (flushed): what they took is written
-        self.b.state.delivered(min((buf.safe_upto for buf in self.buffers), default=-1))
+        # the sinks are closed (flushed): what they took is written; unless a close failed (its last lines may
+        # be lost): the next run hands the held outputs out again
+        if all(res is None for res in results):
+            self.b.state.delivered(min((buf.safe_upto for buf in self.buffers), default=-1))
         self.b.state.close()
 
     async def _close_source(self, limit: float) -> None:
