@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -421,12 +422,14 @@ class LocalRuntime:
         too: with parquet's `complete_on_flush: false` the spool forgets rows its open file still holds."""
         held: list[float] = []
         for slot in self.b.sinks:
-            try:
+            try:  # a plugin's bug must not stop the checkpoints (they would stay where they are)
                 t = slot.sink.holding_since()
-            except Exception:  # a plugin's bug must not stop the checkpoints (they would stay where they are)
+                t = float(t) if isinstance(t, int | float) and not isinstance(t, bool) else None
+            except Exception:  # (an int beyond a float's range: OverflowError)
                 continue
-            if isinstance(t, int | float) and not isinstance(t, bool):
-                held.append(float(t))
+            # a NaN would make min() NaN whatever the others hold; an infinity is no time a clock gives
+            if t is not None and math.isfinite(t):
+                held.append(t)
         return min(held, default=None)
 
     async def _start_sinks(self, started: list[SinkSlot]) -> bool:
