@@ -111,3 +111,17 @@ def test_a_body_is_refused_exactly_when_it_holds_an_integer_beyond_64_bits(doc: 
     raw = json.dumps({"metadata": doc}, separators=separators).encode()
     problem = body_problem(orjson.loads(raw), raw, MAX_DEPTH)
     assert (problem is not None) == _has_wide_int(doc), (raw, problem)
+
+
+def test_an_integer_beyond_64_bits_after_many_long_ids_is_still_refused() -> None:
+    """The check looks at MAX_RUNS runs of 19+ digits at most; past them it accepted the body: 10,000 snowflake
+    IDs (19 digits, within 64 bits) before an integer beyond 64 bits let that integer be rounded to a float
+    without a word. A body it cannot finish checking is now refused."""
+    from stages.controller.json_body import MAX_RUNS
+
+    ids = b",".join([b"1234567890123456789"] * MAX_RUNS)
+    raw = b'{"metadata":{"ids":[' + ids + b'],"n":123456789012345678901234567890}}'
+    problem = body_problem(orjson.loads(raw), raw, MAX_DEPTH)
+    assert problem is not None and "64 bits" in problem, problem
+    fine = b'{"metadata":{"ids":[' + ids + b'],"n":12345678901234567890}}'  # 20 digits, within 64 bits
+    assert body_problem(orjson.loads(fine), fine, MAX_DEPTH) is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -339,27 +340,39 @@ class LocalRuntime:
             await asyncio.sleep(1.0)
             if commit is not None:
                 last = await self._commit(commit, last)
-            await self._delivered(flushed=commit is not None)
+            await self._delivered(last if commit is not None else None)
 
-    async def _delivered(self, *, flushed: bool) -> None:
-        upto = min((buf.safe_upto for buf in self.buffers), default=-1)
+    async def _delivered(self, flushed: int | None) -> None:
+        """Forget the held outputs of the batches every sink has flushed. `flushed`: the batch a commit
+        flushed the sinks up to (not where they are now: a batch written while the commit was awaited is
+        still in a sink's buffer); None: flush them here."""
+        upto = min((buf.safe_upto for buf in self.buffers), default=-1) if flushed is None else flushed
         state = self.b.state
         low = state.lowest_held()
         if low is None or low > upto:
             return
-        if not flushed:  # (a commit just flushed them)
-            for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
-                if not buf.durable:
-                    await slot.sink.flush()
+        if flushed is None:
+            await self._flush_sinks()
         state.delivered(upto)  # only now: a batch's save meanwhile must not record it first
         state.flush()
+
+    async def _flush_sinks(self) -> None:
+        """Flush every sink not disk-buffered (a spooled batch is safe already: not held up by the sink's
+        delivery). A failure names its sink (it ends the run, as a failed write does)."""
+        for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
+            if buf.durable:
+                continue
+            try:
+                await slot.sink.flush()
+            except PipelineError as exc:
+                raise naming(slot.stats.name, exc) from exc
+            except Exception as exc:
+                raise StageError(f"{slot.stats.name}: flush failed: {type(exc).__name__}: {exc}") from exc
 
     async def _commit(self, commit: Any, last: int) -> int:
         upto = min(buf.safe_upto for buf in self.buffers)
         if upto > last:
-            for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
-                if not buf.durable:  # a spooled batch is safe already: not held up by the sink's delivery
-                    await slot.sink.flush()
+            await self._flush_sinks()
             await commit(upto)
         return max(upto, last)
 
@@ -409,12 +422,14 @@ class LocalRuntime:
         too: with parquet's `complete_on_flush: false` the spool forgets rows its open file still holds."""
         held: list[float] = []
         for slot in self.b.sinks:
-            try:
+            try:  # a plugin's bug must not stop the checkpoints (they would stay where they are)
                 t = slot.sink.holding_since()
-            except Exception:  # a plugin's bug must not stop the checkpoints (they would stay where they are)
+                t = float(t) if isinstance(t, int | float) and not isinstance(t, bool) else None
+            except Exception:  # (an int beyond a float's range: OverflowError)
                 continue
-            if isinstance(t, int | float) and not isinstance(t, bool):
-                held.append(float(t))
+            # a NaN would make min() NaN whatever the others hold; an infinity is no time a clock gives
+            if t is not None and math.isfinite(t):
+                held.append(t)
         return min(held, default=None)
 
     async def _start_sinks(self, started: list[SinkSlot]) -> bool:
@@ -557,8 +572,10 @@ class LocalRuntime:
             except Exception as exc:
                 log.warning("controller: close failed: %s", exc)
         self.b.dead_letter.close()
-        # the sinks are closed (flushed): what they took is written
-        self.b.state.delivered(min((buf.safe_upto for buf in self.buffers), default=-1))
+        # the sinks are closed (flushed): what they took is written; unless a close failed (its last lines may
+        # be lost): the next run hands the held outputs out again
+        if all(res is None for res in results):
+            self.b.state.delivered(min((buf.safe_upto for buf in self.buffers), default=-1))
         self.b.state.close()
 
     async def _close_source(self, limit: float) -> None:
