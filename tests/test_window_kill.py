@@ -17,7 +17,8 @@ from tests.procs import ROOT, finish
 
 T0 = 1_700_000_040_000  # ms, on the minute
 
-SOURCE = '''
+#: The start of a test source plugin reading a JSONL file (its options), and its stop(): shared with other tests
+LINES_HEAD = '''
 import asyncio, json
 from pipeline.api import Options, Source
 
@@ -25,7 +26,13 @@ from pipeline.api import Options, Source
 class LinesOptions(Options):
     path: str
     hold: bool = False
-
+'''
+LINES_STOP = '''
+    async def stop(self):
+        if getattr(self, "_stopped", None) is not None:
+            self._stopped.set()
+'''
+SOURCE = LINES_HEAD + '''
 
 class Lines(Source):
     """The events of a JSONL file as one batch; with `hold`, then waits for the stop (a live source)."""
@@ -39,11 +46,7 @@ class Lines(Source):
         self._stopped = asyncio.Event()
         if self.options.hold:
             await self._stopped.wait()
-
-    async def stop(self):
-        if getattr(self, "_stopped", None) is not None:
-            self._stopped.set()
-'''
+''' + LINES_STOP
 
 
 def event(s: int) -> dict[str, Any]:

@@ -12,17 +12,9 @@ import time
 from pathlib import Path
 
 from tests.procs import finish
-from tests.test_window_kill import T0, run
+from tests.test_window_kill import LINES_HEAD, LINES_STOP, T0, run
 
-SOURCE = '''
-import asyncio, json
-from pipeline.api import Options, Source
-
-
-class LinesOptions(Options):
-    path: str
-    hold: bool = False
-
+SOURCE = LINES_HEAD + '''
 
 class Lines(Source):
     """The events of a JSONL file in two batches (the second once a commit began), committing slowly."""
@@ -46,11 +38,7 @@ class Lines(Source):
         if not self._entered.is_set():
             self._entered.set()
             await asyncio.sleep(3)  # a slow broker: the second batch reaches the sinks meanwhile
-
-    async def stop(self):
-        if getattr(self, "_stopped", None) is not None:
-            self._stopped.set()
-'''
+''' + LINES_STOP
 
 
 def outbox_rows(db: Path) -> int | None:
