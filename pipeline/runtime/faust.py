@@ -50,7 +50,7 @@ from pipeline.runtime.faust_stop import (
     give_up,
     one_line_abandoned_request,
 )
-from pipeline.runtime.sink_start import close_limit, naming, start_within
+from pipeline.runtime.sink_start import close_limit, naming, sink_failure, start_within
 from pipeline.stale import hold_dir, remove_stale_dirs
 from pipeline.stats import LAG_BUCKETS, LATENCY_BUCKETS, Histogram
 from pipeline.types import parse_duration
@@ -363,9 +363,7 @@ class Worker:
                 for event in routed:
                     self.built.dead_letter.write("sink failed before writing", stage=slot.stats.name, event=event)
                 slot.stats.errors += len(routed)
-            if isinstance(exc, PipelineError):
-                raise naming(slot.stats.name, exc) from None
-            raise StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}") from exc
+            raise sink_failure(slot.stats.name, "write", exc) from (None if isinstance(exc, PipelineError) else exc)
         finally:
             self.writing_since[i] = None
         slot.stats.sent += len(routed)

@@ -36,7 +36,7 @@ from pipeline.runtime.buffers import (
     spool_root,
 )
 from pipeline.runtime.reload import Reloader
-from pipeline.runtime.sink_start import DEFAULT_CLOSE_TIMEOUT, close_limit, naming, start_within
+from pipeline.runtime.sink_start import DEFAULT_CLOSE_TIMEOUT, close_limit, naming, sink_failure, start_within
 from pipeline.state.spool import Damage, undelivered_bytes
 from pipeline.stats import LAG_BUCKETS, LATENCY_BUCKETS, Histogram
 
@@ -273,8 +273,7 @@ class LocalRuntime:
                     failed = True
                     if wrote and isinstance(exc, SinkFailed):
                         slot.stats.sent += len(batch)  # a failed flush took its rows off `sent`, as if counted
-                    self._fail(naming(slot.stats.name, exc) if isinstance(exc, PipelineError) else
-                               StageError(f"{slot.stats.name}: write failed: {type(exc).__name__}: {exc}"))
+                    self._fail(sink_failure(slot.stats.name, "write", exc))
                     if isinstance(exc, SinkFailed):  # the sink dead-lettered this batch itself
                         buf.taken(item)
                     if buf.durable:  # everything not written stays in the spool
@@ -364,10 +363,8 @@ class LocalRuntime:
                 continue
             try:
                 await slot.sink.flush()
-            except PipelineError as exc:
-                raise naming(slot.stats.name, exc) from exc
             except Exception as exc:
-                raise StageError(f"{slot.stats.name}: flush failed: {type(exc).__name__}: {exc}") from exc
+                raise sink_failure(slot.stats.name, "flush", exc) from exc
 
     async def _commit(self, commit: Any, last: int) -> int:
         upto = min(buf.safe_upto for buf in self.buffers)

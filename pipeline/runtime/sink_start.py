@@ -79,3 +79,11 @@ def naming(name: str, exc: BaseException) -> PipelineError:
     err = StageError(f"{name}: {text}")
     err.exit_code = exc.exit_code if isinstance(exc, PipelineError) else StageError.exit_code
     return err
+
+
+def sink_failure(name: str, what: str, exc: BaseException) -> PipelineError:
+    """A sink's failed `what` (`write`, `flush`) as one line that names the sink: a PipelineError as `naming`
+    words it, anything else (a plugin's bug) as `<name>: write failed: <type>: <message>`."""
+    if isinstance(exc, PipelineError):
+        return naming(name, exc)
+    return StageError(f"{name}: {what} failed: {type(exc).__name__}: {exc}")
