@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -41,6 +41,7 @@ from stages.controller.ai_pipelines import (
     usable_id,
 )
 from stages.controller.checkpoints import Checkpoints
+from stages.controller.ended_backfill import fetch_with_retries
 from stages.controller.lifecycle import TERMINAL, ended_unstored, export_wait, reported_status
 from stages.controller.session_create import ApiProblem, SessionCreator, videodb_problem
 from stages.controller.session_store import SessionStore
@@ -61,7 +62,6 @@ CHECKPOINT_FILE: Final = "backfill_from.checkpoint"  # where a restart's backfil
 #: entries hold nothing the garbage collector has to walk
 _MEDIA_TYPES: Final[dict[str | None, tuple[str, ...]]] = {"audio": ("audio",), "video": ("video",), None: ()}
 CHECKPOINT_EVERY: Final = 2.0  # seconds (> the sinks' flush interval; saved one period behind)
-ENDED_BACKFILL_TRIES: Final = 3  # fetches of a session that ended while no run was up (a failed one is its gap lost)
 
 
 class SessionManager:
@@ -205,7 +205,7 @@ class SessionManager:
         """Fetch what a session the last run had active produced after its checkpoint, before it stopped while
         no run was up (no re-bind: it has ended). Before, only sessions still active were backfilled. A fetch that
         fails in a way worth another try (5xx, 429, network) is tried again after `status_poll_interval`, up to
-        ENDED_BACKFILL_TRIES times in all (tried once, a VideoDB 5xx at the restart lost those events for good)."""
+        ended_backfill.TRIES times in all (tried once, a VideoDB 5xx at the restart lost those events for good)."""
         inlet = self.link.inlet
         if inlet is None or s.pipelines is not None:
             return
@@ -213,15 +213,8 @@ class SessionManager:
         pipes = AIPipelines(self.conn, s.on_active, who, self.settings.api_key, self.opts.callback_url)
         pipes.streams = _streams_of(session)
         pipes.adopt_indexes(self.conn, s.record.get("indexes"))
-        got: Counter[str] = Counter()
-        for attempt in range(1, ENDED_BACKFILL_TRIES + 1):  # its only chance: no re-bind or reconnect comes again
-            async with self.checking:
-                fetched = await backfill.run(pipes.backfill_targets(), inlet, who, self.settings.api_key, s.id)
-            got += fetched.got
-            if not fetched.soon or attempt == ENDED_BACKFILL_TRIES:
-                break
-            pipes.asked_to_wait(fetched.wait)
-            await asyncio.sleep(pipes.retry_delay(self.opts.status_poll_interval))
+        got = await fetch_with_retries(pipes, inlet, who, self.settings.api_key, s.id, self.opts.status_poll_interval,
+                                       gate=self.checking)
         log.info("%s: backfill of a session that ended meanwhile: %s", who,
                  ", ".join(f"{ch} {n}" for ch, n in sorted(got.items())) or "nothing missing")
 
