@@ -462,11 +462,15 @@ async def test_a_rate_limited_bind_retry_waits_for_retry_after_single_session(
     await emu.start()
     try:
         ctl, run_task = await streaming_single(make_context, emu, 0.2, 3)
-        limited = emu.fault("POST", "/transcription", status=429, headers={"Retry-After": "30"})
-        await emu.hub.drop()
         pipes = ctl.pipelines
         assert pipes is not None
-        while not (pipes.bind_failed and pipes.bound_to == ctl.context.session.connection_id):
+        while pipes.bound_to is None:  # the first bind done (on a loaded machine it can still be under way)
+            await asyncio.sleep(0.02)
+        old = pipes.bound_to
+        limited = emu.fault("POST", "/transcription", status=429, headers={"Retry-After": "30"})
+        await emu.hub.drop()
+        while not (pipes.bind_failed and pipes.bound_to not in (None, old)
+                   and pipes.bound_to == ctl.context.session.connection_id):
             assert not run_task.done()
             await asyncio.sleep(0.02)
         first = limited.hits  # the re-bind's start_transcript calls

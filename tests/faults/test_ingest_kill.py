@@ -28,7 +28,7 @@ SESSIONS, PER_SESSION = 60, 100
 
 
 def replay_file(path: Path) -> list[tuple[str, int]]:
-    """SESSIONS sessions interleaved, PER_SESSION events each, 0.5 ms apart (paced at 1x: ~3 s)."""
+    """SESSIONS sessions interleaved, PER_SESSION events each, 1 ms apart (paced at 1x: ~6 s)."""
     t0 = time.time()
     order: list[tuple[str, int]] = []
     with path.open("wb") as fh:
@@ -36,7 +36,7 @@ def replay_file(path: Path) -> list[tuple[str, int]]:
             sid, seq = f"cap-{i % SESSIONS:03d}", i // SESSIONS
             order.append((sid, seq))
             fh.write(orjson.dumps({"channel": "transcript", "capture_session_id": sid, "seq": seq,
-                                   "unix_ts": t0 + i * 0.0005, "data": {"text": f"line {seq}"}}) + b"\n")
+                                   "unix_ts": t0 + i * 0.001, "data": {"text": f"line {seq}"}}) + b"\n")
     return order
 
 
@@ -61,8 +61,11 @@ async def test_kill_9_of_the_ingest_mid_publish_and_of_a_worker_mid_batch_loses_
         workers.start()
         await workers.settled(2)
 
-        run1 = await start_ingest(cfg, workers_env, replay)  # killed mid-publish: at least 1 s of rounds out
-        await asyncio.sleep(1.5)
+        run1 = await start_ingest(cfg, workers_env, replay)  # killed mid-publish: once rounds are through
+        deadline = time.monotonic() + 30  # (a fixed 1.5 s was too short on a loaded machine: nothing out yet)
+        while count(out) == 0 and run1.returncode is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert run1.returncode is None, "the first ingest ended before anything was written"
         run1.send_signal(signal.SIGKILL)
         await run1.wait()
         assert 0 < count(out) < len(want), "the first ingest was not killed mid-publish"
