@@ -46,6 +46,9 @@ def status_fields(view: Any, rate: float) -> dict[str, Any]:
     stuck = {s["name"]: s["writing_for"] for s in snap["sinks"] if s.get("writing_for") is not None}
     if stuck:
         fields["writing_for"] = stuck
+    flushing = {s["name"]: s["flushing_for"] for s in snap["sinks"] if s.get("flushing_for") is not None}
+    if flushing:
+        fields["flushing_for"] = flushing
     live = snap["source"]
     if live is not None and live["connected"] is not None:
         fields["websocket"] = "connected" if live["connected"] else "disconnected"
@@ -77,6 +80,8 @@ def format_status(f: dict[str, Any]) -> str:
         parts.append("queued " + " ".join(f"{k}={v}" for k, v in f["queues"].items()))
     for name, secs in f.get("writing_for", {}).items():
         parts.append(f"{name} writing one batch for {secs:.0f}s")
+    for name, secs in f.get("flushing_for", {}).items():
+        parts.append(f"{name} flushing for {secs:.0f}s")
     for key in ("websocket", "session"):
         if key in f:
             parts.append(f"{key} {f[key]}")

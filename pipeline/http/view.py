@@ -151,6 +151,11 @@ class View:
         its `latency` is that of the batch before, and said nothing of the one that does not finish)."""
         return self._since("writing_since", i)
 
+    def flushing_for(self, i: int) -> float | None:
+        """Seconds the runtime's flush of sink `i` (before a commit, or to forget kept windows) has been waiting,
+        once that is SINK_STALE_SHOWN or more: a flush that hangs stops commits with no batch in the sink."""
+        return self._since("flushing_since", i)
+
     def latency_age(self, i: int) -> float | None:
         """Seconds since sink `i`'s `latency` was taken (its last batch written), once SINK_STALE_SHOWN or more:
         the views showed it as if current after the sink had written nothing for an hour."""
@@ -227,7 +232,7 @@ class View:
                           "queue_size": self.queue_capacity(i), "spool_bytes": self.spool_bytes(i),
                           "latency": round(lat.last, 4) if lat and lat.count else None,
                           "latency_age": self.latency_age(i) if lat and lat.count else None,
-                          "writing_for": self.writing_for(i)})
+                          "writing_for": self.writing_for(i), "flushing_for": self.flushing_for(i)})
         session_id, state = self.session_state()
         api = self.api_sessions()
         gaps = self.gaps()

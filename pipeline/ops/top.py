@@ -61,12 +61,15 @@ def _secs(s: float | None) -> str:
 
 
 def _latency(sink: dict[str, Any]) -> Any:
-    """The latency cell: `writing 42s` while a batch has been in the sink that long, else the last batch's
-    latency with its age once it is a few seconds old (`12.0ms, 300s ago`)."""
+    """The latency cell: `writing 42s` while a batch has been in the sink that long (`flushing 42s`: the
+    runtime's flush), else the last batch's latency with its age once it is a few seconds old
+    (`12.0ms, 300s ago`)."""
     from rich.text import Text
 
     if sink.get("writing_for") is not None:
         return Text(f"writing {sink['writing_for']:.0f}s", style="yellow")
+    if sink.get("flushing_for") is not None:
+        return Text(f"flushing {sink['flushing_for']:.0f}s", style="yellow")
     if sink.get("latency_age") is not None and sink.get("latency") is not None:
         return Text(f"{_secs(sink['latency'])}, {sink['latency_age']:.0f}s ago")
     return Text(_secs(sink.get("latency")))

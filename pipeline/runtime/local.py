@@ -75,6 +75,7 @@ class LocalRuntime:
         self.latency = [Histogram(LATENCY_BUCKETS) for _ in built.sinks]  # receipt -> written, per sink
         self.latency_at: list[float | None] = [None] * len(built.sinks)  # monotonic time `latency[i].last` was taken
         self.writing_since: list[float | None] = [None] * len(built.sinks)  # when the batch in sink i went in
+        self.flushing_since: list[float | None] = [None] * len(built.sinks)  # when the runtime's flush of i began
         self.received_at: dict[int, float] = {}  # batch index -> monotonic receipt time (the last RECEIPTS)
         self.last_event_at: float | None = None  # monotonic receipt time of the newest event (`lag` is its lag)
         self.videodb_alerts = 0  # events the source passed on on the alert channel (VideoDB's own, not rules')
@@ -358,13 +359,30 @@ class LocalRuntime:
     async def _flush_sinks(self) -> None:
         """Flush every sink not disk-buffered (a spooled batch is safe already: not held up by the sink's
         delivery). A failure names its sink (it ends the run, as a failed write does)."""
-        for slot, buf in zip(self.b.sinks, self.buffers, strict=True):
+        for i, (slot, buf) in enumerate(zip(self.b.sinks, self.buffers, strict=True)):
             if buf.durable:
                 continue
+            self.flushing_since[i] = time.monotonic()
             try:
-                await slot.sink.flush()
+                await self._flush_watched(slot)
             except Exception as exc:
                 raise sink_failure(slot.stats.name, "flush", exc) from exc
+            finally:
+                self.flushing_since[i] = None
+
+    async def _flush_watched(self, slot: SinkSlot) -> None:
+        """`slot.sink.flush()`, with one warning when it has not returned within `drain_timeout`: until it does,
+        no offsets are committed and closed windows' metrics stay kept (before, that stall said nothing)."""
+        flush = asyncio.ensure_future(slot.sink.flush())
+        try:
+            done, _ = await asyncio.wait({flush}, timeout=self.b.config.runtime.drain_timeout)
+            if not done:
+                log.warning("%s: flush has not returned for %gs; offsets are not committed and closed windows' "
+                            "metrics stay kept in state_dir until it does", slot.stats.name,
+                            self.b.config.runtime.drain_timeout)
+            await flush
+        finally:
+            flush.cancel()  # (a cancelled wait: not left running on its own)
 
     async def _commit(self, commit: Any, last: int) -> int:
         upto = min(buf.safe_upto for buf in self.buffers)

@@ -25,6 +25,7 @@ const rate = (n) => n >= 100 ? Math.round(n).toLocaleString("en-US") : n.toFixed
 // latency, with its age once it is a few seconds old (it is not current)
 function latency(k) {
   if (k.writing_for != null) return "writing " + secs(k.writing_for);
+  if (k.flushing_for != null) return "flushing " + secs(k.flushing_for);
   if (k.latency_age != null && k.latency != null) return secs(k.latency) + ", " + secs(k.latency_age) + " ago";
   return secs(k.latency);
 }
