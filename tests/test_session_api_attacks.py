@@ -85,6 +85,19 @@ async def test_hostile_headers_and_bodies_get_a_json_4xx(emulator: Emulator,
         assert (await live.call("GET", "/v1/sessions"))[0] == 200
 
 
+async def test_an_end_user_id_no_one_can_see_is_refused(emulator: Emulator,
+                                                        make_context: Callable[..., Context]) -> None:
+    """A zero-width space, a line break or a NUL made an end user id (201) that no listing or log shows as sent."""
+    async with running(make_context, emulator) as live:
+        for user in ("\u200b", "alice\nbob", "a\x00", "a\u2028b", "\u200bx\u200d"):
+            status, err = await live.call("POST", "/v1/sessions", json={"end_user_id": user})
+            assert status == 400 and "printable" in err["error"], (user, err)
+        assert session_calls(emulator) == []
+        for user in ("élodie", "user 42", "鈴木"):
+            status, view = await live.call("POST", "/v1/sessions", json={"end_user_id": user})
+            assert status == 201 and view["end_user_id"] == user, view
+
+
 async def test_damaged_session_files_are_skipped_not_fatal(emulator: Emulator, make_context: Callable[..., Context],
                                                            tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Records of the wrong shape, a FIFO and a truncated file in state_dir/sessions: each is skipped with a

@@ -165,6 +165,9 @@ class SessionApi:
         user = body.get("end_user_id")
         if not isinstance(user, str) or not user.strip() or len(user) > _MAX_USER:
             raise ApiProblem(400, f"end_user_id: expected a non-empty string of at most {_MAX_USER} characters")
+        if not user.isprintable():  # "\u200b", "\n": an id no one can see or read back as it was sent
+            raise ApiProblem(400, "end_user_id: expected printable characters (no control, format or "
+                                  "invisible ones such as a line break or U+200B)")
         metadata = body.get("metadata")
         if metadata is None:
             metadata = {}
