@@ -113,6 +113,10 @@ class StateStore:
         """The lowest batch something is held for, None when nothing is."""
         return None
 
+    def holds(self, batch: int) -> bool:
+        """Whether something is held for source batch `batch`."""
+        return False
+
     def undelivered(self) -> Batch:
         """What an earlier run held and never saw delivered (noted again: the caller hands it out)."""
         return []
@@ -193,7 +197,9 @@ class Sink(Stage):
 
     def holding_since(self) -> float | None:
         """`time.monotonic()` when the oldest event the sink holds that a `kill -9` would lose (rows of a file
-        not yet complete) was handed to it; None when it holds none. A restart's backfill starts before it."""
+        not yet complete) was handed to it; None when it holds none. A restart's backfill starts before it, and
+        a closed window's kept `metrics` wait until their batch was written before it (a sink that answers this
+        is not flushed for them: see `pipeline.runtime.held`)."""
         return None
 
 

@@ -13,12 +13,13 @@ it never stops the run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Container
 from typing import Any
 
 from pipeline.build import Built, SinkSlot
@@ -35,6 +36,7 @@ from pipeline.runtime.buffers import (
     spool_dir,
     spool_root,
 )
+from pipeline.runtime.held import holding_time, says_what_it_holds, unheld_upto
 from pipeline.runtime.reload import Reloader
 from pipeline.runtime.sink_start import DEFAULT_CLOSE_TIMEOUT, close_limit, naming, sink_failure, start_within
 from pipeline.state.spool import Damage, undelivered_bytes
@@ -76,6 +78,7 @@ class LocalRuntime:
         self.latency_at: list[float | None] = [None] * len(built.sinks)  # monotonic time `latency[i].last` was taken
         self.writing_since: list[float | None] = [None] * len(built.sinks)  # when the batch in sink i went in
         self.flushing_since: list[float | None] = [None] * len(built.sinks)  # when the runtime's flush of i began
+        self.wrote_at: list[dict[int, float]] = [{} for _ in built.sinks]  # kept batch -> when sink i's write returned
         self.received_at: dict[int, float] = {}  # batch index -> monotonic receipt time (the last RECEIPTS)
         self.last_event_at: float | None = None  # monotonic receipt time of the newest event (`lag` is its lag)
         self.videodb_alerts = 0  # events the source passed on on the alert channel (VideoDB's own, not rules')
@@ -287,6 +290,8 @@ class LocalRuntime:
                     self._writing[i] = None
                     self.writing_since[i] = None
                 slot.stats.sent += len(batch)
+                if self.b.state.holds(item.index):  # outputs are kept for it (see _delivered)
+                    self.wrote_at[i][item.index] = time.monotonic()
                 if self.b.dead_letter.lost and self.error is None:  # the sink could not dead-letter one event
                     self._fail(StageError(f"{self.b.dead_letter.failure}; events are being lost: stopping"))
                 t = self.received_at.get(item.index)
@@ -343,7 +348,8 @@ class LocalRuntime:
             await self._delivered(last if commit is not None else None)
 
     async def _delivered(self, flushed: int | None) -> None:
-        """Forget the held outputs of the batches every sink has flushed. `flushed`: the batch a commit
+        """Forget the held outputs of the batches every sink has flushed, or no longer holds (a sink that says
+        what it holds is not flushed for this: see `pipeline.runtime.held`). `flushed`: the batch a commit
         flushed the sinks up to (not where they are now: a batch written while the commit was awaited is
         still in a sink's buffer); None: flush them here."""
         upto = min((buf.safe_upto for buf in self.buffers), default=-1) if flushed is None else flushed
@@ -351,16 +357,28 @@ class LocalRuntime:
         low = state.lowest_held()
         if low is None or low > upto:
             return
+        says: dict[int, float | None] = {}  # sink -> since when it holds, for those that say (in memory)
+        for i, (slot, buf) in enumerate(zip(self.b.sinks, self.buffers, strict=True)):
+            if not buf.durable and says_what_it_holds(slot.sink):
+                with contextlib.suppress(ValueError):  # a nonsense answer: flushed as a sink that does not say
+                    says[i] = holding_time(slot.sink, strict=True)
         if flushed is None:
-            await self._flush_sinks()
+            await self._flush_sinks(skip=says)
+        for i, since in says.items():
+            upto = min(upto, unheld_upto(self.wrote_at[i], upto, since))
+        if low > upto:
+            return
         state.delivered(upto)  # only now: a batch's save meanwhile must not record it first
+        for wrote in self.wrote_at:
+            for b in [b for b in wrote if b <= upto]:
+                del wrote[b]
         state.flush()
 
-    async def _flush_sinks(self) -> None:
+    async def _flush_sinks(self, skip: Container[int] = ()) -> None:
         """Flush every sink not disk-buffered (a spooled batch is safe already: not held up by the sink's
-        delivery). A failure names its sink (it ends the run, as a failed write does)."""
+        delivery), but those in `skip`. A failure names its sink (it ends the run, as a failed write does)."""
         for i, (slot, buf) in enumerate(zip(self.b.sinks, self.buffers, strict=True)):
-            if buf.durable:
+            if buf.durable or i in skip:
                 continue
             self.flushing_since[i] = time.monotonic()
             try:
@@ -435,17 +453,7 @@ class LocalRuntime:
     def _held_since(self) -> float | None:
         """The oldest hand-out a sink still holds only in memory (see Sink.holding_since). Disk-buffered sinks
         too: with parquet's `complete_on_flush: false` the spool forgets rows its open file still holds."""
-        held: list[float] = []
-        for slot in self.b.sinks:
-            try:  # a plugin's bug must not stop the checkpoints (they would stay where they are)
-                t = slot.sink.holding_since()
-                t = float(t) if isinstance(t, int | float) and not isinstance(t, bool) else None
-            except Exception:  # (an int beyond a float's range: OverflowError)
-                continue
-            # a NaN would make min() NaN whatever the others hold; an infinity is no time a clock gives
-            if t is not None and math.isfinite(t):
-                held.append(t)
-        return min(held, default=None)
+        return min((t for slot in self.b.sinks if (t := holding_time(slot.sink)) is not None), default=None)
 
     async def _start_sinks(self, started: list[SinkSlot]) -> bool:
         """Start every sink, each within its start timeout; False when a signal came first (nothing was read,

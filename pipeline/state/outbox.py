@@ -34,6 +34,7 @@ class Outbox:
         self._noted: dict[int, Event] = {}  # id -> the event (kept alive, so its id is not reused meanwhile)
         self._n = 0
         self.lowest: int | None = None  # the lowest batch held, None when nothing is
+        self.batches: set[int] = set()  # every batch held
 
     def note(self, events: Batch) -> None:
         for e in events:
@@ -48,6 +49,7 @@ class Outbox:
                 self._n += 1
                 self._box[f"{batch:012d}.{self._n:09d}"] = e
                 self.lowest = batch if self.lowest is None else min(self.lowest, batch)
+                self.batches.add(batch)
 
     def delivered(self, upto: int) -> bool:
         if self.lowest is None or self.lowest > upto:
@@ -57,6 +59,7 @@ class Outbox:
             del self._box[k]
         rest = [b for k in self._box if (b := _batch(k)) is not None]
         self.lowest = min(rest) if rest else None
+        self.batches = set(rest)
         return bool(gone)
 
     def undelivered(self) -> Batch:
@@ -64,5 +67,6 @@ class Outbox:
         events = [v for k in keys if isinstance(v := self._box[k], dict)]
         for k in keys:
             del self._box[k]
+        self.lowest, self.batches = None, set()
         self.note(events)
         return events

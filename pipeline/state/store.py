@@ -182,6 +182,9 @@ class SqliteStateStore(StateStore):
     def lowest_held(self) -> int | None:
         return self._outbox.lowest
 
+    def holds(self, batch: int) -> bool:
+        return batch in self._outbox.batches
+
     def undelivered(self) -> Batch:
         return self._outbox.undelivered()
 
