@@ -16,17 +16,19 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from tests.procs import ROOT, finish
 from tests.test_window_kill import SOURCE, T0, wait_for_batch, write_config
 
 
-def start(tmp_path: Path, part: range, hold: bool, roll: str) -> subprocess.Popen[str]:
+def start(tmp_path: Path, part: range, hold: bool, roll: str, complete: bool = True) -> subprocess.Popen[str]:
     """`pipeline run`: 60 s windows into a jsonl sink and a parquet sink rolling every `roll`."""
     (tmp_path / "lines_src.py").write_text(SOURCE)
     cfg = write_config(tmp_path, part, hold)
     cfg.write_text(cfg.read_text().replace(
-        "dead_letter:", f"  - {{type: parquet, path: {tmp_path}/pq, channels: [metrics], roll_interval: {roll}}}\n"
+        "dead_letter:", f"  - {{type: parquet, path: {tmp_path}/pq, channels: [metrics], roll_interval: {roll}, "
+                        f"complete_on_flush: {str(complete).lower()}}}\n"
                         "dead_letter:"))
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=tmp_path, text=True,
                             env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
@@ -55,8 +57,11 @@ def windows(tmp_path: Path) -> list[tuple[int, int]]:
     return sorted(out)
 
 
-def test_a_window_closing_no_longer_completes_the_parquet_file_and_a_kill_loses_nothing(tmp_path: Path) -> None:
-    proc = start(tmp_path, range(0, 100), hold=True, roll="1h")  # window [0, 60 s) closes
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_window_closing_no_longer_completes_the_parquet_file_and_a_kill_loses_nothing(
+        tmp_path: Path, complete: bool) -> None:
+    """complete_on_flush: true completed the file; false lost the window (flushed, not complete, forgotten)."""
+    proc = start(tmp_path, range(0, 100), hold=True, roll="1h", complete=complete)  # window [0, 60 s) closes
     try:
         wait_for_batch(proc, tmp_path, 99)
         time.sleep(3.0)  # three of the runtime's once-a-second checks
