@@ -21,18 +21,18 @@ OUTBOX = "~outbox"  # the state map (no stage state is named so: theirs are `<ty
 
 def _batch(key: Any) -> int | None:
     try:
-        return int(str(key).split(".", 1)[0])
+        return int(str(key).split(".", 1)[0])  # "000000000042" (or, as an older version kept them, ".000000007")
     except ValueError:
         return None
 
 
 class Outbox:
-    """The noted outputs of the batches the sinks have not all written yet, in a persisted map."""
+    """The noted outputs of the batches the sinks have not all written yet, in a persisted map: one entry per
+    batch (the list of its kept events), so an alert storm costs a row per batch, not one per alert."""
 
     def __init__(self, box: MutableMapping[Any, Any]) -> None:
         self._box = box
         self._noted: dict[int, Event] = {}  # id -> the event (kept alive, so its id is not reused meanwhile)
-        self._n = 0
         self.lowest: int | None = None  # the lowest batch held, None when nothing is
         self.batches: set[int] = set()  # every batch held
 
@@ -44,12 +44,15 @@ class Outbox:
         if not self._noted:
             return
         noted, self._noted = self._noted, {}
-        for e in out:
-            if noted.get(id(e)) is e:
-                self._n += 1
-                self._box[f"{batch:012d}.{self._n:09d}"] = e
-                self.lowest = batch if self.lowest is None else min(self.lowest, batch)
-                self.batches.add(batch)
+        present = set(map(id, out))  # (in C: a storm's batches are mostly alerts)
+        kept = [e for i, e in noted.items() if i in present]  # what a later processor dropped is not kept
+        if not kept:
+            return
+        key = f"{batch:012d}"
+        before = self._box.get(key)
+        self._box[key] = before + kept if isinstance(before, list) else kept
+        self.lowest = batch if self.lowest is None else min(self.lowest, batch)
+        self.batches.add(batch)
 
     def delivered(self, upto: int) -> bool:
         if self.lowest is None or self.lowest > upto:
@@ -64,7 +67,11 @@ class Outbox:
 
     def undelivered(self) -> Batch:
         keys = sorted(self._box, key=str)
-        events = [v for k in keys if isinstance(v := self._box[k], dict)]
+        events: Batch = []
+        for k in keys:
+            v = self._box[k]
+            events += [e for e in v if isinstance(e, dict)] if isinstance(v, list) else [v] if isinstance(v, dict) \
+                else []
         for k in keys:
             del self._box[k]
         self.lowest, self.batches = None, set()

@@ -244,6 +244,7 @@ class Rules(Processor):
                 if alerts:
                     self.recent.extend(alerts[-20:])
                     self.fired += len(alerts)
+                    self.context.state.note(alerts)  # saved with the cooldowns they set: see `_process`
                 out = batch if res is None else res
         except Exception:
             self._undo(journal, saved)
@@ -321,7 +322,9 @@ class Rules(Processor):
             return batch
         out: Batch = []  # each alert right after its source event, the rest copied by slices (no per-event work)
         prev = 0
-        for i, alerts in fired:
+        note = self.context.state.note  # kept in state.db with the cooldowns they set, until the sinks have
+        for i, alerts in fired:  # them: a kill -9 before then no longer loses them (the cooldown saved, never
+            note(alerts)  # fired again)
             out += batch[prev:i + 1]
             out += alerts
             prev = i + 1
