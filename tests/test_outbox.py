@@ -17,7 +17,12 @@ def test_kept_outputs_are_one_entry_per_batch_and_come_back_after_a_reopen(tmp_p
     store.note([c])
     store.hold([c], 9)
     store.flush()
-    assert sorted(store.get(OUTBOX)) == ["000000000007", "000000000009"]
+    assert [k.split(".")[0] for k in sorted(store.get(OUTBOX))] == ["000000000007", "000000000009"]
+    assert store.undelivered() == [a, b, c]  # (read back in the same process too)
+    store.note([a, b])
+    store.hold([a, b], 7)
+    store.note([c])
+    store.hold([c], 9)
     assert store.lowest_held() == 7 and store.holds(9) and not store.holds(8)
     assert store.delivered(7) and store.lowest_held() == 9 and not store.holds(7)
     store.flush()

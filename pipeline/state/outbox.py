@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any
 
+import orjson
+
 from pipeline.events import Batch, Event
 
 OUTBOX = "~outbox"  # the state map (no stage state is named so: theirs are `<type>:<stage>` and the like)
@@ -21,7 +23,7 @@ OUTBOX = "~outbox"  # the state map (no stage state is named so: theirs are `<ty
 
 def _batch(key: Any) -> int | None:
     try:
-        return int(str(key).split(".", 1)[0])  # "000000000042" (or, as an older version kept them, ".000000007")
+        return int(str(key).split(".", 1)[0])  # "000000000042.000000007": batch 42
     except ValueError:
         return None
 
@@ -33,6 +35,7 @@ class Outbox:
     def __init__(self, box: MutableMapping[Any, Any]) -> None:
         self._box = box
         self._noted: dict[int, Event] = {}  # id -> the event (kept alive, so its id is not reused meanwhile)
+        self._n = 0
         self.lowest: int | None = None  # the lowest batch held, None when nothing is
         self.batches: set[int] = set()  # every batch held
 
@@ -48,9 +51,9 @@ class Outbox:
         kept = [e for i, e in noted.items() if i in present]  # what a later processor dropped is not kept
         if not kept:
             return
-        key = f"{batch:012d}"
-        before = self._box.get(key)
-        self._box[key] = before + kept if isinstance(before, list) else kept
+        self._n += 1
+        # serialized now: an alert storm kept as live dicts made every garbage collection walk them all
+        self._box[f"{batch:012d}.{self._n:09d}"] = orjson.Fragment(orjson.dumps(kept, default=str))
         self.lowest = batch if self.lowest is None else min(self.lowest, batch)
         self.batches.add(batch)
 
@@ -70,6 +73,8 @@ class Outbox:
         events: Batch = []
         for k in keys:
             v = self._box[k]
+            if isinstance(v, orjson.Fragment):  # kept by this process (read back from state.db: a list)
+                v = orjson.loads(orjson.dumps(v))
             events += [e for e in v if isinstance(e, dict)] if isinstance(v, list) else [v] if isinstance(v, dict) \
                 else []
         for k in keys:
