@@ -1,4 +1,5 @@
-"""Outputs kept in state.db until every sink has them: a closed window's `metrics` survive a `kill -9`.
+"""Outputs kept in state.db until every sink has them: a closed window's `metrics`, and a rule's alerts (whose
+cooldown is saved with the batch: the restart would never fire them again), survive a `kill -9`.
 
 Why: the local runtime saves stage state after each batch, before the sinks write its outputs. A window
 stage removes a window from its state when it emits the window's `metrics`; a `kill -9` after that save and
