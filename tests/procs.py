@@ -15,10 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pipeline_run(config: str | Path, *args: str, cwd: Path, stderr: IO[Any] | int = subprocess.PIPE,
-                 stdout: IO[Any] | int = subprocess.DEVNULL) -> subprocess.Popen[str]:
-    """`pipeline run CONFIG ARGS...` in `cwd` (this checkout on its PYTHONPATH), text output."""
+                 stdout: IO[Any] | int = subprocess.DEVNULL, plugins: bool = False) -> subprocess.Popen[str]:
+    """`pipeline run CONFIG ARGS...` in `cwd` (this checkout on its PYTHONPATH; `plugins`: `cwd` too, where a
+    test wrote its plugin modules), text output."""
+    path = f"{ROOT}{os.pathsep}{cwd}" if plugins else str(ROOT)
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), *args], cwd=cwd, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=stdout, stderr=stderr)
+                            env={**os.environ, "PYTHONPATH": path}, stdout=stdout, stderr=stderr)
 
 
 async def pipeline_started(config: Path, cwd: Path, **env: str) -> asyncio.subprocess.Process:

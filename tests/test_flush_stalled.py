@@ -7,16 +7,13 @@ so once after `drain_timeout`, and /api/status (the status page, `pipeline top`,
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from tests.broker import free_port
-from tests.procs import ROOT, finish, stop_process
+from tests.procs import finish, pipeline_run, stop_process
 from tests.test_window_kill import SOURCE, write_config
 
 SINK = '''
@@ -55,9 +52,7 @@ def test_a_flush_that_hangs_is_said_and_shown(tmp_path: Path) -> None:
     cfg.write_text(cfg.read_text().replace("dead_letter:", "  - {type: 'hang_sink:Hang'}\n"
                                            f"runtime: {{drain_timeout: 1s, http: '127.0.0.1:{port}'}}\n"
                                            "dead_letter:"))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=tmp_path, text=True,
-                            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = pipeline_run(cfg, cwd=tmp_path, plugins=True)
     shown: float | None = None
     try:
         deadline = time.monotonic() + 40

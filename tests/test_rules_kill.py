@@ -6,47 +6,30 @@ are kept in state.db with the cooldowns they set, until every sink has them; the
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.procs import ROOT, finish
-from tests.test_window_kill import SOURCE, T0
+from tests.procs import finish, pipeline_run
+from tests.test_window_kill import SOURCE, T0, write_config
 
 
-def write_config(tmp_path: Path, part: range, hold: bool, match: str) -> Path:
-    src = tmp_path / f"in-{part.start}.jsonl"
-    src.write_text("".join(json.dumps({"channel": "transcript", "capture_session_id": "c", "rtstream_id": "rts-1",
-                                       "data": {"text": f"the password is {s}", "start": T0 + s * 1000}}) + "\n"
-                           for s in part))
-    cfg = tmp_path / "r.yaml"
-    cfg.write_text(f"""
-name: r
-state_dir: {tmp_path}/state
-source: {{type: "lines_src:Lines", path: {src}, hold: {str(hold).lower()}}}
-stages:
-  - type: rules
-    rules: [{{name: secret, keywords: [password], cooldown: 1h, match: {match}}}]
-sinks:
-  - {{type: jsonl, path: {tmp_path}/alerts.jsonl, channels: [alert], flush_interval: 60s}}
-dead_letter: {tmp_path}/dead.jsonl
-""")
-    return cfg
+def secret(s: int) -> dict[str, Any]:
+    return {"channel": "transcript", "capture_session_id": "c", "rtstream_id": "rts-1",
+            "data": {"text": f"the password is {s}", "start": T0 + s * 1000}}
 
 
 def run(tmp_path: Path, part: range, hold: bool, match: str) -> subprocess.Popen[str]:
     """`word`: the rules stage's C engine; `substring`: its Python path."""
     (tmp_path / "lines_src.py").write_text(SOURCE)
-    cfg = write_config(tmp_path, part, hold, match)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg)],
-                            cwd=tmp_path, text=True, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rule = f"{{type: rules, rules: [{{name: secret, keywords: [password], cooldown: 1h, match: {match}}}]}}"
+    cfg = write_config(tmp_path, part, hold, stage=rule, out="alert", event_of=secret)
+    return pipeline_run(cfg, cwd=tmp_path, plugins=True)
 
 
 def cooldown_saved(state_db: Path) -> bool:
@@ -61,7 +44,7 @@ def cooldown_saved(state_db: Path) -> bool:
 
 
 def alerts(tmp_path: Path) -> list[int]:
-    path = tmp_path / "alerts.jsonl"
+    path = tmp_path / "alert.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     return [json.loads(x)["data"]["timestamp"] for x in lines]
 

@@ -4,16 +4,15 @@ run writes it. Before, the window had left the saved state and its line died wit
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.procs import ROOT, finish
+from tests.procs import finish, pipeline_run
 
 T0 = 1_700_000_040_000  # ms, on the minute
 
@@ -53,18 +52,21 @@ def event(s: int) -> dict[str, Any]:
     return {"channel": "transcript", "capture_session_id": "c", "data": {"text": "a b", "start": T0 + s * 1000}}
 
 
-def write_config(tmp_path: Path, part: range, hold: bool, size: str = "60s") -> Path:
+def write_config(tmp_path: Path, part: range, hold: bool, size: str = "60s", *,
+                 stage: str | None = None, out: str = "metrics", event_of: Callable[[int], Any] = event) -> Path:
+    """A config reading `event_of(s)` for s in `part` through a window stage (or `stage`) into a jsonl sink of
+    channel `out`, flushed once a minute (what a kill takes: its buffer)."""
     src = tmp_path / f"in-{part.start}.jsonl"
-    src.write_text("".join(json.dumps(event(s)) + "\n" for s in part))
+    src.write_text("".join(json.dumps(event_of(s)) + "\n" for s in part))
     cfg = tmp_path / "w.yaml"
     cfg.write_text(f"""
 name: w
 state_dir: {tmp_path}/state
 source: {{type: "lines_src:Lines", path: {src}, hold: {str(hold).lower()}}}
 stages:
-  - {{type: window, size: {size}}}
+  - {stage or f"{{type: window, size: {size}}}"}
 sinks:
-  - {{type: jsonl, path: {tmp_path}/metrics.jsonl, channels: [metrics], flush_interval: 60s}}
+  - {{type: jsonl, path: {tmp_path}/{out}.jsonl, channels: [{out}], flush_interval: 60s}}
 dead_letter: {tmp_path}/dead.jsonl
 """)
     return cfg
@@ -72,9 +74,7 @@ dead_letter: {tmp_path}/dead.jsonl
 
 def run(tmp_path: Path, part: range, hold: bool, size: str = "60s") -> subprocess.Popen[str]:
     cfg = write_config(tmp_path, part, hold, size)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=tmp_path, text=True,
-                            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return pipeline_run(cfg, cwd=tmp_path, plugins=True)
 
 
 def saved_watermark(state_db: Path) -> int | None:

@@ -4,13 +4,11 @@ on a run with no committing source), and one whose close fails keeps them for th
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.procs import finish
-from tests.test_window_kill import ROOT, SOURCE, T0, write_config
+from tests.procs import finish, pipeline_run
+from tests.test_window_kill import SOURCE, T0, write_config
 
 SINK = '''
 import os
@@ -53,9 +51,7 @@ def start(tmp_path: Path, fail: str, part: range, hold: bool) -> subprocess.Pope
     cfg = write_config(tmp_path, part, hold)
     flaky = f"  - {{type: 'flaky_sink:Flaky', path: {tmp_path}/flaky.txt, fail: '{fail}'}}\ndead_letter:"
     cfg.write_text(cfg.read_text().replace("dead_letter:", flaky))
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=tmp_path, text=True,
-                            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return pipeline_run(cfg, cwd=tmp_path, plugins=True)
 
 
 def test_a_sink_whose_flush_fails_is_named(tmp_path: Path) -> None:

@@ -7,18 +7,16 @@ metrics stay kept until the file holding them is complete, and a `kill -9` meanw
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.procs import ROOT, finish
+from tests.procs import finish, pipeline_run
 from tests.test_window_kill import SOURCE, T0, wait_for_batch, write_config
 
 
@@ -30,9 +28,7 @@ def start(tmp_path: Path, part: range, hold: bool, roll: str, complete: bool = T
         "dead_letter:", f"  - {{type: parquet, path: {tmp_path}/pq, channels: [metrics], roll_interval: {roll}, "
                         f"complete_on_flush: {str(complete).lower()}}}\n"
                         "dead_letter:"))
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=tmp_path, text=True,
-                            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return pipeline_run(cfg, cwd=tmp_path, plugins=True)
 
 
 def kept(tmp_path: Path) -> int:
