@@ -390,13 +390,13 @@ class LocalRuntime:
 
     async def _flush_watched(self, slot: SinkSlot) -> None:
         """`slot.sink.flush()`, with one warning when it has not returned within `drain_timeout`: until it does,
-        no offsets are committed and closed windows' metrics stay kept (before, that stall said nothing)."""
+        no offsets are committed and kept alerts and window metrics stay kept (before, that stall said nothing)."""
         flush = asyncio.ensure_future(slot.sink.flush())
         try:
             done, _ = await asyncio.wait({flush}, timeout=self.b.config.runtime.drain_timeout)
             if not done:
-                log.warning("%s: flush has not returned for %gs; offsets are not committed and closed windows' "
-                            "metrics stay kept in state_dir until it does", slot.stats.name,
+                log.warning("%s: flush has not returned for %gs; offsets are not committed, and kept alerts and "
+                            "window metrics stay in state_dir, until it does", slot.stats.name,
                             self.b.config.runtime.drain_timeout)
             await flush
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -64,6 +65,7 @@ class Destination:
         self._senders: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._outstanding = 0
+        self._since: dict[int, float] = {}  # id of each alert queued, held or being sent -> when it was queued
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -99,6 +101,7 @@ class Destination:
                     self.abandon(alerts[n:])
                     raise
             self._outstanding += 1
+            self._since[id(alert)] = time.monotonic()
             self._bytes += alert.size
             self._idle.clear()
 
@@ -112,7 +115,13 @@ class Destination:
             self._check_alive()
             await self._idle.wait()
 
+    def holding_since(self) -> float | None:
+        """When the oldest alert not yet delivered or dead-lettered was queued; None when none is."""
+        return min(self._since.values(), default=None)
+
     def _settled(self, alerts: list[Alert]) -> None:
+        for a in alerts:
+            self._since.pop(id(a), None)
         self._bytes -= sum(a.size for a in alerts)
         self._freed.set()
         self._outstanding = max(0, self._outstanding - len(alerts))

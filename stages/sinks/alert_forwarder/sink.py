@@ -149,6 +149,12 @@ class AlertForwarder(Sink):
         """Wait until everything written so far is delivered or dead-lettered (before offset commits)."""
         await asyncio.gather(*(d.flush() for d in self._destinations))
 
+    def holding_since(self) -> float | None:
+        """When the oldest alert a destination has not delivered or dead-lettered yet was queued: a `kill -9`
+        loses it. So the rules' kept alerts wait for it, without a flush every second (which waited for the
+        webhook, or a digest's rate limit, each time)."""
+        return min((t for d in self._destinations if (t := d.holding_since()) is not None), default=None)
+
     async def _send(self, url: str, alerts: list[Alert]) -> None:
         """Format, sign and POST one message; count it or dead-letter its alerts."""
         assert self._session is not None
