@@ -24,12 +24,15 @@ def _one(metrics: dict, name: str, **labels: str) -> float:
 
 
 async def test_metrics_during_and_after_a_run_agree_with_the_summary(tmp_path: Path) -> None:
-    events = replay_file(tmp_path / "in.jsonl", 3000, step=0.0004, garbage=3)  # ~1.2 s of event time
+    events = replay_file(tmp_path / "in.jsonl", 3000, step=0.001, garbage=3)  # ~3 s of event time
     async with served(config(tmp_path, events, speed=1)) as (rt, base):
         run = asyncio.create_task(rt.run())
-        await asyncio.sleep(0.5)
-        during = await scrape(base)
-        src_during = _one(during, "videodb_pipeline_stage_events_in_total", stage="source:replay")
+        src_during = 0.0
+        deadline = asyncio.get_running_loop().time() + 2.0  # (a fixed 0.5 s could come before the first batch)
+        while src_during == 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+            during = await scrape(base)
+            src_during = _one(during, "videodb_pipeline_stage_events_in_total", stage="source:replay")
         assert 0 < src_during < 3000, "scraped while the replay was running"
         assert await run == 0
         after = await scrape(base)
