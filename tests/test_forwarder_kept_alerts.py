@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 from tests.procs import finish, pipeline_run
 from tests.test_rules_kill import secret
 from tests.test_window_kill import SOURCE, write_config
+from tests.test_window_outbox_commit import outbox_rows
 
 
 class Hook:
@@ -63,15 +63,8 @@ def config(tmp_path: Path, part: range, hook: Hook, hold: bool) -> Path:
     return cfg
 
 
-def kept(tmp_path: Path) -> int:
-    try:
-        db = sqlite3.connect(f"file:{tmp_path}/state/state.db?mode=ro", uri=True)
-        try:
-            return int(db.execute("SELECT count(*) FROM state WHERE map = '~outbox'").fetchone()[0])
-        finally:
-            db.close()
-    except sqlite3.Error:  # not made yet
-        return -1
+def kept(tmp_path: Path) -> int | None:
+    return outbox_rows(tmp_path / "state" / "state.db")
 
 
 def test_kept_alerts_wait_for_the_webhook_without_flushing_it(tmp_path: Path, hook: Hook) -> None:

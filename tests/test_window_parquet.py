@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from tests.procs import finish, pipeline_run
 from tests.test_window_kill import SOURCE, T0, wait_for_batch, write_config
+from tests.test_window_outbox_commit import outbox_rows
 
 
 def start(tmp_path: Path, part: range, hold: bool, roll: str, complete: bool = True) -> subprocess.Popen[str]:
@@ -31,12 +31,8 @@ def start(tmp_path: Path, part: range, hold: bool, roll: str, complete: bool = T
     return pipeline_run(cfg, cwd=tmp_path, plugins=True)
 
 
-def kept(tmp_path: Path) -> int:
-    db = sqlite3.connect(f"file:{tmp_path}/state/state.db?mode=ro", uri=True)
-    try:
-        return int(db.execute("SELECT count(*) FROM state WHERE map = '~outbox'").fetchone()[0])
-    finally:
-        db.close()
+def kept(tmp_path: Path) -> int | None:
+    return outbox_rows(tmp_path / "state" / "state.db")
 
 
 def files(tmp_path: Path) -> list[Path]:
