@@ -198,8 +198,8 @@ class Sink(Stage):
     def holding_since(self) -> float | None:
         """`time.monotonic()` when the oldest event the sink holds that a `kill -9` would lose (rows of a file
         not yet complete) was handed to it; None when it holds none. A restart's backfill starts before it, and
-        a closed window's kept `metrics` wait until their batch was written before it (a sink that answers this
-        is not flushed for them: see `pipeline.runtime.held`)."""
+        kept outputs (a rule's alerts, a window's `metrics`) wait until their batch was written before it (a
+        sink that answers this is not flushed for them: see `pipeline.runtime.held`)."""
         return None
 
 

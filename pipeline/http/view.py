@@ -152,7 +152,7 @@ class View:
         return self._since("writing_since", i)
 
     def flushing_for(self, i: int) -> float | None:
-        """Seconds the runtime's flush of sink `i` (before a commit, or to forget kept windows) has been waiting,
+        """Seconds the runtime's flush of sink `i` (before a commit, or to forget kept outputs) has been waiting,
         once that is SINK_STALE_SHOWN or more: a flush that hangs stops commits with no batch in the sink."""
         return self._since("flushing_since", i)
 

@@ -1,9 +1,10 @@
 """What a sink still holds that a `kill -9` would lose, as the local runtime reads it (`Sink.holding_since`).
 
-Two uses: a restart's backfill checkpoint is saved before the oldest such event, and a closed window's kept
-`metrics` are forgotten only once no sink holds the batch they went out with. A sink that answers
-`holding_since` is not flushed for the latter (a parquet sink would complete its open files for each window
-that closed: a file per window `slide`); its kept metrics wait until the file holding them is complete.
+Two uses: a restart's backfill checkpoint is saved before the oldest such event, and kept outputs (a rule's
+alerts, a closed window's `metrics`) are forgotten only once no sink holds the batch they went out with. A
+sink that answers `holding_since` is not flushed for the latter (a parquet sink would complete its open files
+for each window that closed: a file per window `slide`; an alert forwarder's flush waits for its webhook);
+they wait until it no longer holds them.
 """
 
 from __future__ import annotations

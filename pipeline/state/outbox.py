@@ -29,6 +29,16 @@ def _batch(key: Any) -> int | None:
         return None
 
 
+def _events(value: Any) -> Batch:
+    """The events of one kept entry: a list of them (as read back from state.db), the same serialized (kept by
+    this process), or one event (as an older version kept them)."""
+    if isinstance(value, orjson.Fragment):
+        value = orjson.loads(orjson.dumps(value))
+    if isinstance(value, dict):
+        return [value]
+    return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+
+
 class Outbox:
     """The noted outputs of the batches the sinks have not all written yet, in a persisted map: one entry per
     batch (the list of its kept events), so an alert storm costs a row per batch, not one per alert."""
@@ -37,8 +47,12 @@ class Outbox:
         self._box = box
         self._noted: dict[int, Event] = {}  # id -> the event (kept alive, so its id is not reused meanwhile)
         self._n = 0
-        self.lowest: int | None = None  # the lowest batch held, None when nothing is
         self.batches: set[int] = set()  # every batch held
+
+    @property
+    def lowest(self) -> int | None:
+        """The lowest batch held, None when nothing is."""
+        return min(self.batches, default=None)
 
     def note(self, events: Batch) -> None:
         for e in events:
@@ -55,31 +69,22 @@ class Outbox:
         self._n += 1
         # serialized now: an alert storm kept as live dicts made every garbage collection walk them all
         self._box[f"{batch:012d}.{self._n:09d}"] = orjson.Fragment(orjson.dumps(kept, default=str))
-        self.lowest = batch if self.lowest is None else min(self.lowest, batch)
         self.batches.add(batch)
 
     def delivered(self, upto: int) -> bool:
-        if self.lowest is None or self.lowest > upto:
+        if not any(b <= upto for b in self.batches):
             return False
         gone = [k for k in self._box if (b := _batch(k)) is not None and b <= upto]
         for k in gone:
             del self._box[k]
-        rest = [b for k in self._box if (b := _batch(k)) is not None]
-        self.lowest = min(rest) if rest else None
-        self.batches = set(rest)
+        self.batches = {b for b in self.batches if b > upto}
         return bool(gone)
 
     def undelivered(self) -> Batch:
         keys = sorted(self._box, key=str)
-        events: Batch = []
-        for k in keys:
-            v = self._box[k]
-            if isinstance(v, orjson.Fragment):  # kept by this process (read back from state.db: a list)
-                v = orjson.loads(orjson.dumps(v))
-            events += [e for e in v if isinstance(e, dict)] if isinstance(v, list) else [v] if isinstance(v, dict) \
-                else []
+        events = [e for k in keys for e in _events(self._box[k])]
         for k in keys:
             del self._box[k]
-        self.lowest, self.batches = None, set()
+        self.batches = set()
         self.note(events)
         return events

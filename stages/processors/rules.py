@@ -322,9 +322,11 @@ class Rules(Processor):
             return batch
         out: Batch = []  # each alert right after its source event, the rest copied by slices (no per-event work)
         prev = 0
-        note = self.context.state.note  # kept in state.db with the cooldowns they set, until the sinks have
-        for i, alerts in fired:  # them: a kill -9 before then no longer loses them (the cooldown saved, never
-            note(alerts)  # fired again)
+        # the alerts are kept in state.db with the cooldowns they set until every sink has them: a kill -9
+        # before then lost them for good (the cooldown saved, the restart never fired them again)
+        note = self.context.state.note
+        for i, alerts in fired:
+            note(alerts)
             out += batch[prev:i + 1]
             out += alerts
             prev = i + 1

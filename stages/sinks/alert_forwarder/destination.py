@@ -64,7 +64,6 @@ class Destination:
         self._held: list[Alert] = []
         self._senders: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
-        self._outstanding = 0
         self._since: dict[int, float] = {}  # id of each alert queued, held or being sent -> when it was queued
         self._idle = asyncio.Event()
         self._idle.set()
@@ -100,7 +99,6 @@ class Destination:
                 except asyncio.CancelledError:  # shutdown gave up waiting: the rest is dead-lettered, not lost
                     self.abandon(alerts[n:])
                     raise
-            self._outstanding += 1
             self._since[id(alert)] = time.monotonic()
             self._bytes += alert.size
             self._idle.clear()
@@ -111,7 +109,7 @@ class Destination:
 
     async def flush(self) -> None:
         """Wait until every alert queued so far is delivered or dead-lettered."""
-        while self._outstanding:
+        while self._since:
             self._check_alive()
             await self._idle.wait()
 
@@ -124,8 +122,7 @@ class Destination:
             self._since.pop(id(a), None)
         self._bytes -= sum(a.size for a in alerts)
         self._freed.set()
-        self._outstanding = max(0, self._outstanding - len(alerts))
-        if not self._outstanding:
+        if not self._since:
             self._idle.set()
 
     def _check_alive(self) -> None:
