@@ -29,9 +29,9 @@ END = 60
 class PartitionLog:
     """The consumer thread's part: one partition's records, a fetch position, and one stale batch first."""
 
-    def __init__(self, tp: Any, committed: int | None, stale: range) -> None:
-        self.tp, self.committed, self.stale = tp, committed, stale
-        self.position = 0
+    def __init__(self, tp: Any, committed: int | None, stale: range, end: int = END, position: int = 0) -> None:
+        self.tp, self.committed, self.stale, self.end = tp, committed, stale, end
+        self.position = position  # where the reading stood before the rebalance
         self.seeks: list[int] = []
 
     def record(self, offset: int) -> ConsumerRecord[bytes, bytes]:
@@ -42,7 +42,7 @@ class PartitionLog:
         if self.stale:  # fetched from where the reading stood before the rebalance, answered only now
             batch, self.stale = [self.record(o) for o in self.stale], range(0)
             return {self.tp: batch}
-        offsets = range(self.position, min(END, self.position + 7))
+        offsets = range(self.position, min(self.end, self.position + 7))
         self.position = offsets.stop
         return {self.tp: [self.record(o) for o in offsets]} if offsets else {}
 
@@ -59,10 +59,11 @@ class PartitionLog:
         return dict.fromkeys(tps, 0)
 
     def highwater(self, tp: Any) -> int:
-        return END
+        return self.end
 
 
-async def deliveries(tmp_path: Path, committed: int | None) -> tuple[list[int], Any, PartitionLog]:
+async def deliveries(tmp_path: Path, committed: int | None, stale: range = range(33, 41), end: int = END,
+                     position: int = 0) -> tuple[list[int], Any, PartitionLog]:
     cfg = load_config(config(tmp_path, "127.0.0.1:9"))
     app = Worker(cfg, tmp_path / "w", 10.0).app
     delivered: list[int] = []
@@ -70,7 +71,7 @@ async def deliveries(tmp_path: Path, committed: int | None) -> tuple[list[int], 
 
     async def callback(message: Any) -> None:
         delivered.append(message.offset)
-        if message.offset == END - 1:
+        if message.offset == end - 1:
             done.set()
 
     async def rebalanced(*args: Any) -> None:
@@ -79,7 +80,7 @@ async def deliveries(tmp_path: Path, committed: int | None) -> tuple[list[int], 
     consumer = app.transport.create_consumer(callback=callback, on_partitions_revoked=rebalanced,
                                              on_partitions_assigned=rebalanced)
     tp = consumer._new_topicpartition(app.conf.id + "-in", 0)
-    log = consumer._thread = PartitionLog(tp, committed, stale=range(33, 41))
+    log = consumer._thread = PartitionLog(tp, committed, stale, end, position)
     await consumer.on_partitions_revoked({tp})  # the rebalance: faust forgets the partition's read offset
     consumer._set_active_tps({tp})  # and it is assigned again
     await consumer.perform_seek()  # and seeks to the committed offset, as at the end of a rebalance
@@ -103,4 +104,17 @@ async def test_a_batch_fetched_before_the_seek_does_not_skip_the_records_after_t
     delivered, gap, log = await deliveries(tmp_path, committed)
     assert delivered == list(range(committed or 0, END))  # faust alone: 33..59, then 1..32 dropped as read
     assert not gap  # faust alone: 2..33 counted as done, so committable
-    assert log.seeks == [committed or 0]  # sought back once
+    # sought back once (after the seek to its start that a partition never committed gets)
+    assert log.seeks == ([] if committed else [0]) + [committed or 0]
+
+
+@pytest.mark.parametrize("committed", [0, None])
+async def test_a_partition_never_committed_is_read_again_from_its_start_after_a_rebalance(
+        tmp_path: Path, committed: int | None) -> None:
+    """Its records were fetched as the rebalance began and dropped by faust ("getmany called while flow not
+    active"), and no more come: aiokafka seeks only to a committed offset above 0, so the reading stayed at the
+    end and they were never read (`test_faust_flow`'s lost sessions). They must be read from offset 0."""
+    delivered, gap, log = await deliveries(tmp_path, committed, stale=range(0), end=10, position=10)
+    assert delivered == list(range(10))  # before: [] (the deliveries timed out)
+    assert not gap
+    assert log.seeks == [0]  # to its start, once
