@@ -117,8 +117,9 @@ class StateStore:
         """Whether something is held for source batch `batch`."""
         return False
 
-    def undelivered(self) -> Batch:
-        """What an earlier run held and never saw delivered (noted again: the caller hands it out)."""
+    def undelivered(self, batch: int) -> Batch:
+        """What an earlier run held and never saw delivered, held now for batch `batch` (the caller hands it out
+        with that batch)."""
         return []
 
 

@@ -18,9 +18,9 @@ def test_kept_outputs_are_one_entry_per_batch_and_come_back_after_a_reopen(tmp_p
     store.hold([c], 9)
     store.flush()
     assert [k.split(".")[0] for k in sorted(store.get(OUTBOX))] == ["000000000007", "000000000009"]
-    assert store.undelivered() == [a, b, c]  # (read back in the same process too)
-    store.note([a, b])
-    store.hold([a, b], 7)
+    assert store.undelivered(7) == [a, b, c]  # (read back in the same process too), held for batch 7 now
+    assert [k.split(".")[0] for k in sorted(store.get(OUTBOX))] == ["000000000007"] * 2
+    assert store.lowest_held() == 7 and store.holds(7) and not store.holds(9)
     store.note([c])
     store.hold([c], 9)
     assert store.lowest_held() == 7 and store.holds(9) and not store.holds(8)
@@ -28,7 +28,8 @@ def test_kept_outputs_are_one_entry_per_batch_and_come_back_after_a_reopen(tmp_p
     store.flush()
     store.close()
     again = SqliteStateStore(tmp_path)
-    assert again.undelivered() == [c] and again.lowest_held() is None
+    assert again.undelivered(0) == [c] and again.lowest_held() == 0
+    assert again.delivered(0) and again.lowest_held() is None and again.undelivered(0) == []
     again.close()
 
 
@@ -41,5 +42,5 @@ def test_entries_kept_one_per_event_by_an_older_version_are_handed_out(tmp_path:
     store.flush()
     store.close()
     again = SqliteStateStore(tmp_path)
-    assert again.undelivered() == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert again.undelivered(0) == [{"n": 1}, {"n": 2}, {"n": 3}]
     again.close()

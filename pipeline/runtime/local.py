@@ -174,7 +174,8 @@ class LocalRuntime:
         clock, wall = time.monotonic, time.time
         self.source_running = True
         batches = source.batches() if ours(source) else checked_batches(source, b.dead_letter)
-        self.carry = state.undelivered() + self.carry  # windows an earlier run closed that no sink got for sure
+        # what an earlier run kept (closed windows, alerts) and no sink got for sure: out with the first batch
+        self.carry = state.undelivered(index) + self.carry
         while True:
             self._in_source = True  # only here may a source still running after drain_timeout be cancelled
             try:

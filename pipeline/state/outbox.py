@@ -80,11 +80,23 @@ class Outbox:
         self.batches = {b for b in self.batches if b > upto}
         return bool(gone)
 
-    def undelivered(self) -> Batch:
+    def undelivered(self, batch: int) -> Batch:
+        """What an earlier run kept, to hand out with batch `batch` (this run's first): kept under it until then.
+        Before, it left the map at once and lived in memory only, so a save before that batch (a reload that
+        changed a rule, while the source was idle) committed its removal and a `kill -9` then lost it."""
         keys = sorted(self._box, key=str)
-        events = [e for k in keys for e in _events(self._box[k])]
+        moved: dict[str, Any] = {}
+        events: Batch = []
         for k in keys:
-            del self._box[k]
-        self.batches = set()
-        self.note(events)
+            kept = _events(self._box[k])
+            if kept:
+                self._n += 1
+                moved[f"{batch:012d}.{self._n:09d}"] = orjson.Fragment(orjson.dumps(kept, default=str))
+                events.extend(kept)
+        for k in keys:
+            if k not in moved:
+                del self._box[k]
+        for k, v in moved.items():
+            self._box[k] = v
+        self.batches = {batch} if moved else set()
         return events

@@ -185,8 +185,8 @@ class SqliteStateStore(StateStore):
     def holds(self, batch: int) -> bool:
         return batch in self._outbox.batches
 
-    def undelivered(self) -> Batch:
-        return self._outbox.undelivered()
+    def undelivered(self, batch: int) -> Batch:
+        return self._outbox.undelivered(batch)
 
     @property
     def dirty(self) -> bool:

@@ -1,0 +1,105 @@
+"""A restart hands out the alerts an earlier run kept (see `pipeline.state.outbox`) with its first source batch.
+Before, it took them out of state.db at start and held them only in memory until then: a save before that batch
+(a SIGHUP reload that changed a rule saves the rule state at once) committed their removal, and a `kill -9`
+while the source was still idle (a quiet meeting) lost them for good. Now they stay in state.db until written."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.procs import finish, pipeline_run
+from tests.test_rules_kill import alerts, cooldown_saved
+from tests.test_rules_kill import run as first_run
+from tests.test_window_kill import LINES_STOP, T0
+
+IDLE = '''
+import asyncio
+from pipeline.api import Options, Source
+
+
+class IdleOptions(Options):
+    hold: bool = True
+    ready: str
+
+
+class Idle(Source):
+    """Yields nothing; with `hold`, waits for the stop (a live source with nothing to say yet)."""
+
+    name = "idle"
+    Options = IdleOptions
+
+    async def batches(self):
+        self._stopped = asyncio.Event()
+        open(self.options.ready, "w").close()
+        if self.options.hold:
+            await self._stopped.wait()
+        return
+        yield
+''' + LINES_STOP
+
+
+def idle_config(tmp_path: Path, keywords: str, hold: bool) -> Path:
+    (tmp_path / "idle_src.py").write_text(IDLE)
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text(f"""
+name: w
+state_dir: {tmp_path}/state
+source: {{type: "idle_src:Idle", hold: {str(hold).lower()}, ready: {tmp_path}/ready}}
+stages:
+  - {{type: rules, rules: [{{name: secret, keywords: [{keywords}], cooldown: 1h}}]}}
+sinks:
+  - {{type: jsonl, path: {tmp_path}/alert.jsonl, channels: [alert], flush_interval: 60s}}
+dead_letter: {tmp_path}/dead.jsonl
+""")
+    return cfg
+
+
+def kept_rows(state_db: Path) -> int:
+    db = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT count(*) FROM state WHERE map = '~outbox'").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_kept_alerts_survive_a_reload_and_a_kill_9_before_the_first_batch(tmp_path: Path) -> None:
+    db = tmp_path / "state" / "state.db"
+    first = first_run(tmp_path, range(0, 10), hold=True, match="word")  # fires once; the line dies with the kill
+    try:
+        deadline = time.monotonic() + 30
+        while not cooldown_saved(db):
+            assert time.monotonic() < deadline and first.poll() is None, first.stderr.read() if first.stderr else ""
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+    finally:
+        finish(first, 10)
+    assert alerts(tmp_path) == [] and kept_rows(db) == 1
+    with (tmp_path / "second.log").open("w") as log:
+        second = pipeline_run(idle_config(tmp_path, "password", hold=True), cwd=tmp_path, plugins=True, stderr=log)
+    try:
+        wait_for((tmp_path / "ready").exists, second)
+        idle_config(tmp_path, "password, secret", hold=True)  # the rule's matching changed: its state is saved now
+        second.send_signal(signal.SIGHUP)
+        wait_for(lambda: not cooldown_saved(db), second)  # the reload saved the rule state
+        second.send_signal(signal.SIGKILL)
+    finally:
+        finish(second, 10)
+    err = (tmp_path / "second.log").read_text()
+    assert kept_rows(db) == 1, err  # still kept: the alert was never written
+    third = pipeline_run(idle_config(tmp_path, "password, secret", hold=False), cwd=tmp_path, plugins=True)
+    _, err = finish(third, 60)
+    assert third.returncode == 0, err
+    assert alerts(tmp_path) == [T0], err  # the first run's alert, once
+    assert kept_rows(db) == 0, err
+
+
+def wait_for(cond: Callable[[], bool], proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 30
+    while not cond():
+        assert time.monotonic() < deadline and proc.poll() is None, "gave up waiting"
+        time.sleep(0.05)
