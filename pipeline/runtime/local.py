@@ -68,7 +68,8 @@ class LocalRuntime:
         self.gate = asyncio.Event()  # cleared while a reload swaps sinks: ingest waits between two batches
         self.gate.set()
         self.fanning_out = False
-        self.next_batch = 0  # the index of the next source batch handed to the sinks
+        self.next_batch = 0  # the index of the next batch handed to the sinks
+        self.first_source_batch = 0  # 1 when what an earlier run kept went out first as batch 0
         self.carry: Batch = []  # events a reload produced (windows it closed): handed out with the next batch
         self.finishing = False  # the final flush began: nothing more goes through the processors, no reload
         # For the operator's view (pipeline/http): read at scrape time, fed once per batch.
@@ -174,8 +175,20 @@ class LocalRuntime:
         clock, wall = time.monotonic, time.time
         self.source_running = True
         batches = source.batches() if ours(source) else checked_batches(source, b.dead_letter)
-        # what an earlier run kept (closed windows, alerts) and no sink got for sure: out with the first batch
+        # what an earlier run kept (closed windows, alerts) and no sink got for sure: out first, as a batch of its
+        # own (a quiet source held it back until its first event), kept until every sink has it
         self.carry = state.undelivered(index) + self.carry
+        if self.carry:
+            await self.gate.wait()
+            kept, self.carry = self.carry, []
+            state.hold(kept, index)
+            if state.dirty:
+                state.flush()
+            self.fanning_out = True
+            await self._fan_out(targets, index, kept, estimate_bytes(kept) / len(kept))
+            self.fanning_out = False
+            index += 1
+            self.next_batch = self.first_source_batch = index
         while True:
             self._in_source = True  # only here may a source still running after drain_timeout be cancelled
             try:
@@ -407,7 +420,8 @@ class LocalRuntime:
         upto = min(buf.safe_upto for buf in self.buffers)
         if upto > last:
             await self._flush_sinks()
-            await commit(upto)
+            if upto >= self.first_source_batch:  # the source numbers its batches from 0
+                await commit(upto - self.first_source_batch)
         return max(upto, last)
 
     async def _watch_exit(self) -> None:
