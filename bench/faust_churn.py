@@ -1,6 +1,7 @@
 """Probe (not a benchmark): do faust workers deliver every event through worker churn?
 
-`python -m bench.faust_churn [ITERATIONS] [BATCH_WAIT] [fast|slow] [SEED] [--only IT] [--grace S]`
+`python -m bench.faust_churn [ITERATIONS] [BATCH_WAIT] [fast|slow] [SEED] [--only IT] [--grace S]
+[--derived LATENESS]`
 
 Each iteration: a fresh test broker topic, one `pipeline worker`, a producer
 sending bursty input (1 to 1,500 events, pauses of 10 ms to 2.5 s) keyed by 16
@@ -10,7 +11,11 @@ produced must be in the workers' output within 30 s. `--only IT` runs
 iteration IT alone (same random seed as in a full run); `--grace S` keeps
 waiting up to S more seconds for what is missing after those 30 s, to tell
 events late from events lost, and prints the group's committed offsets
-against each partition's end. `slow` gives the second
+against each partition's end. `--derived LATENESS` adds a `rules` stage
+(keyword `hello`, in every event, cooldown 200 ms) and a 100 ms `window` with
+that `allowed_lateness`, and checks that every alert and every `metrics`
+window (by session and start) a `pipeline run` over the same events emits is
+in the workers' output at least once. `slow` gives the second
 sink 0.7 s per batch. It prints one line per iteration and, for events
 missing, their (n, partition, offset). It found (and now checks the fix of)
 records skipped after rebalances: a batch fetched before a rebalance arrived
@@ -41,10 +46,10 @@ import yaml
 
 from bench.common import ROOT
 from tests.broker import running_broker
-from tests.test_faust_runtime import Workers, write_config
+from tests.test_faust_runtime import CLI, Workers, alert_keys, read, write_config
 
 
-async def produce(bootstrap: str, topic: str, stop: asyncio.Event, sent: dict[int, Any]) -> None:
+async def produce(bootstrap: str, topic: str, stop: asyncio.Event, sent: dict[int, Any], sids: dict[int, str]) -> None:
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
@@ -54,6 +59,7 @@ async def produce(bootstrap: str, topic: str, stop: asyncio.Event, sent: dict[in
         while not stop.is_set():
             for _ in range(random.choice([1, 1, 1, 5, 50, 1500])):
                 sid = f"cap-{random.randrange(16)}"
+                sids[n] = sid
                 sent[n] = await producer.send(topic, numbered(n, sid), key=sid.encode())
                 n += 1
             await asyncio.sleep(random.choice([0.01, 0.2, 0.9, 1.1, 2.5]))
@@ -129,9 +135,36 @@ async def committed_vs_end(bootstrap: str, group: str, topic: str) -> str:
     return " ".join(f"{tp.partition}: {committed[tp]}/{ends[tp]}" for tp in tps)
 
 
-async def iteration(bootstrap: str, tmp: Path, it: int, wait: str, sink: str, grace: float = 0) -> int:
+def derived_stages(lateness: str) -> list[dict[str, Any]]:
+    return [{"type": "enrich"},
+            {"type": "rules", "rules": [{"name": "hi", "channels": ["transcript"], "keywords": ["hello"],
+                                         "cooldown": "200ms"}]},
+            {"type": "window", "size": "100ms", "allowed_lateness": lateness}]
+
+
+def derived(path: Path) -> tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]:
+    """The alerts (as alert_keys) and `metrics` windows (session, start) a JSONL sink wrote."""
+    evs = read(path)
+    return (set(alert_keys(evs)),
+            {(e["capture_session_id"], e["window"]["start"]) for e in evs if e.get("channel") == "metrics"})
+
+
+def reference(tmp: Path, sids: dict[int, str], lateness: str, env: dict[str, str]) -> tuple[set[Any], set[Any]]:
+    """What one `pipeline run` (engine local) emits over the events sent, in the order they were numbered."""
+    replay = tmp / "sent.jsonl"
+    replay.write_bytes(b"".join(numbered(n, sids[n]) + b"\n" for n in sorted(sids)))
+    cfg = write_config(tmp / "local.yaml", engine="local", bootstrap="unused:1", out=tmp / "local",
+                       stages=derived_stages(lateness), name="local")
+    subprocess.run([*CLI, "run", str(cfg)], env={**env, "REPLAY": str(replay)}, check=True, cwd=tmp,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return derived(tmp / "local/events.jsonl")
+
+
+async def iteration(bootstrap: str, tmp: Path, it: int, wait: str, sink: str, grace: float = 0,
+                    lateness: str | None = None) -> int:
+    stages = [{"type": "enrich"}, {"type": "window", "size": "1s"}] if lateness is None else derived_stages(lateness)
     cfg = write_config(tmp / "f.yaml", engine="faust", bootstrap=bootstrap, out=tmp / "out",
-                       stages=[{"type": "enrich"}, {"type": "window", "size": "1s"}], name=f"churn{it}")
+                       stages=stages, name=f"churn{it}")
     doc = yaml.safe_load(cfg.read_text())
     doc["runtime"]["batch_wait"] = wait
     if sink == "slow":
@@ -144,8 +177,8 @@ async def iteration(bootstrap: str, tmp: Path, it: int, wait: str, sink: str, gr
     deadline = time.monotonic() + 60
     while not workers.assignments() and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    done, sent = asyncio.Event(), {}
-    producing = asyncio.ensure_future(produce(bootstrap, f"churn{it}-ingest", done, sent))
+    done, sent, sids = asyncio.Event(), {}, {}
+    producing = asyncio.ensure_future(produce(bootstrap, f"churn{it}-ingest", done, sent, sids))
     actions = await churn(workers, live)
     done.set()
     await producing
@@ -167,11 +200,19 @@ async def iteration(bootstrap: str, tmp: Path, it: int, wait: str, sink: str, gr
                   f"committed/end: {await committed_vs_end(bootstrap, group, topic)}", flush=True)
             missing = sorted(set(missing) - late)
     for proc in live:
-        stop(proc)
+        stop(proc)  # a stopping worker emits its open windows
+    if lateness is not None:
+        (want_alerts, want_windows), (alerts, windows) = reference(tmp, sids, lateness, workers.env), derived(out)
+        lost_alerts, lost_windows = sorted(want_alerts - alerts), sorted(want_windows - windows)
+        print(f"  derived: {len(lost_alerts)} of {len(want_alerts)} alerts, {len(lost_windows)} of "
+              f"{len(want_windows)} windows missing (workers wrote {len(alerts)} alerts, {len(windows)} windows); "
+              f"first: {lost_alerts[:3]} {lost_windows[:3]}", flush=True)
+        missing += lost_alerts + lost_windows
     return len(missing)
 
 
-async def main(iterations: int, wait: str, sink: str, seed: int, only: int | None, grace: float) -> int:
+async def main(iterations: int, wait: str, sink: str, seed: int, only: int | None, grace: float,
+               lateness: str | None) -> int:
     base = Path(f"/tmp/faust-churn-{os.getpid()}")
     base.mkdir()
     with running_broker(log_path=base / "tansu.log") as broker:
@@ -179,7 +220,7 @@ async def main(iterations: int, wait: str, sink: str, seed: int, only: int | Non
         for it in range(iterations) if only is None else [only]:
             random.seed(seed + it)
             (base / f"it{it}").mkdir(parents=True)
-            lost += await iteration(broker.bootstrap, base / f"it{it}", it, wait, sink, grace)
+            lost += await iteration(broker.bootstrap, base / f"it{it}", it, wait, sink, grace, lateness)
     return 1 if lost else 0
 
 
@@ -192,5 +233,6 @@ if __name__ == "__main__":
     parser.add_argument("--only", type=int, metavar="IT", help="run iteration IT alone")
     parser.add_argument("--grace", type=float, default=0, metavar="S",
                         help="wait up to S more seconds for missing events (late, not lost?)")
+    parser.add_argument("--derived", metavar="LATENESS", help="also check alerts and windows (see above)")
     a = parser.parse_args()
-    sys.exit(asyncio.run(main(a.iterations, a.batch_wait, a.sink, a.seed, a.only, a.grace)))
+    sys.exit(asyncio.run(main(a.iterations, a.batch_wait, a.sink, a.seed, a.only, a.grace, a.derived)))
