@@ -15,7 +15,16 @@ against each partition's end. `--derived LATENESS` adds a `rules` stage
 (keyword `hello`, in every event, cooldown 200 ms) and a 100 ms `window` with
 that `allowed_lateness`, and checks that every alert and every `metrics`
 window (by session and start) a `pipeline run` over the same events emits is
-in the workers' output at least once. `slow` gives the second
+in the workers' output at least once (an alert: or one of its rule and
+rtstream within the cooldown before it). Use a LATENESS longer than the run
+(`1h`) for windows: a worker's newest event time spans its partitions, so with
+`0s` events of a partition read behind the others are late, and their windows
+never open (a difference from one process, not a loss). Seed 2, `8 0s slow 2
+--derived 0s`: 12 to 58 alerts of 350 to 572 fired at other times than by
+`pipeline run`, all after a new owner restored a cooldown stale: on the test
+broker it reads a changelog partition only up to the start of its last record
+batch (the README's faust section; the cooldown of that alert was at offset 12
+of 13, the partition's end reported 10). `slow` gives the second
 sink 0.7 s per batch. It prints one line per iteration and, for events
 missing, their (n, partition, offset). It found (and now checks the fix of)
 records skipped after rebalances: a batch fetched before a rebalance arrived
@@ -135,10 +144,13 @@ async def committed_vs_end(bootstrap: str, group: str, topic: str) -> str:
     return " ".join(f"{tp.partition}: {committed[tp]}/{ends[tp]}" for tp in tps)
 
 
+COOLDOWN_MS = 200
+
+
 def derived_stages(lateness: str) -> list[dict[str, Any]]:
     return [{"type": "enrich"},
             {"type": "rules", "rules": [{"name": "hi", "channels": ["transcript"], "keywords": ["hello"],
-                                         "cooldown": "200ms"}]},
+                                         "cooldown": f"{COOLDOWN_MS}ms"}]},
             {"type": "window", "size": "100ms", "allowed_lateness": lateness}]
 
 
@@ -147,6 +159,16 @@ def derived(path: Path) -> tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]:
     evs = read(path)
     return (set(alert_keys(evs)),
             {(e["capture_session_id"], e["window"]["start"]) for e in evs if e.get("channel") == "metrics"})
+
+
+def uncovered(want: set[tuple[Any, ...]], got: set[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The alerts of `want` with no alert of their rule and rtstream in `got` within the cooldown up to them: the
+    workers may fire one earlier than `pipeline run` (a cooldown restored stale, as on the test broker, see the
+    README), which rightly holds back the one `pipeline run` fires; a lost alert leaves a gap of a cooldown."""
+    fired: dict[tuple[Any, ...], list[int]] = {}
+    for a in got:
+        fired.setdefault(a[:4], []).append(a[4])
+    return sorted(a for a in want if not any(a[4] - COOLDOWN_MS < t <= a[4] for t in fired.get(a[:4], [])))
 
 
 def reference(tmp: Path, sids: dict[int, str], lateness: str, env: dict[str, str]) -> tuple[set[Any], set[Any]]:
@@ -203,7 +225,7 @@ async def iteration(bootstrap: str, tmp: Path, it: int, wait: str, sink: str, gr
         stop(proc)  # a stopping worker emits its open windows
     if lateness is not None:
         (want_alerts, want_windows), (alerts, windows) = reference(tmp, sids, lateness, workers.env), derived(out)
-        lost_alerts, lost_windows = sorted(want_alerts - alerts), sorted(want_windows - windows)
+        lost_alerts, lost_windows = uncovered(want_alerts, alerts), sorted(want_windows - windows)
         print(f"  derived: {len(lost_alerts)} of {len(want_alerts)} alerts, {len(lost_windows)} of "
               f"{len(want_windows)} windows missing (workers wrote {len(alerts)} alerts, {len(windows)} windows); "
               f"first: {lost_alerts[:3]} {lost_windows[:3]}", flush=True)
