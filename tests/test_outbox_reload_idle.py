@@ -121,8 +121,8 @@ def wait_for(cond: Callable[[], bool], proc: subprocess.Popen[str]) -> None:
         time.sleep(0.05)
 
 
-def test_kept_alerts_go_out_at_once_while_the_restarted_source_is_idle(tmp_path: Path) -> None:
-    """Before, they waited for the source's first batch: a quiet source held a page back until someone spoke."""
+def killed_with_a_kept_alert(tmp_path: Path) -> Path:
+    """A first run that fired the alert, killed once its cooldown was saved (the alert kept): its state.db."""
     db = tmp_path / "state" / "state.db"
     first = first_run(tmp_path, range(0, 10), hold=True, match="word")
     try:
@@ -130,6 +130,12 @@ def test_kept_alerts_go_out_at_once_while_the_restarted_source_is_idle(tmp_path:
         first.send_signal(signal.SIGKILL)
     finally:
         finish(first, 10)
+    return db
+
+
+def test_kept_alerts_go_out_at_once_while_the_restarted_source_is_idle(tmp_path: Path) -> None:
+    """Before, they waited for the source's first batch: a quiet source held a page back until someone spoke."""
+    db = killed_with_a_kept_alert(tmp_path)
     assert alerts(tmp_path) == [] and kept_rows(db) == 1
     cfg = idle_config(tmp_path, "password", hold=True)
     cfg.write_text(cfg.read_text().replace("flush_interval: 60s", "flush_interval: 0s"))
@@ -149,13 +155,7 @@ def test_kept_alerts_go_out_at_once_while_the_restarted_source_is_idle(tmp_path:
 def test_a_committing_source_is_told_its_own_batch_numbers_after_the_kept_batch(tmp_path: Path) -> None:
     """The kept alerts go out as batch 0: the source's first batch is the runtime's 1, but still its own 0 (a
     commit of 1 would commit a kafka batch not read yet: lost if the run died then)."""
-    db = tmp_path / "state" / "state.db"
-    first = first_run(tmp_path, range(0, 10), hold=True, match="word")
-    try:
-        wait_for(lambda: cooldown_saved(db), first)
-        first.send_signal(signal.SIGKILL)
-    finally:
-        finish(first, 10)
+    db = killed_with_a_kept_alert(tmp_path)
     second = pipeline_run(idle_config(tmp_path, "password", hold=True, source="Committing"), cwd=tmp_path,
                           plugins=True)
     commits = tmp_path / "ready.commits"
