@@ -181,12 +181,7 @@ class LocalRuntime:
         if self.carry:
             await self.gate.wait()
             kept, self.carry = self.carry, []
-            state.hold(kept, index)
-            if state.dirty:
-                state.flush()
-            self.fanning_out = True
-            await self._fan_out(targets, index, kept, estimate_bytes(kept) / len(kept))
-            self.fanning_out = False
+            await self._hand_out(targets, index, kept, estimate_bytes(kept) / len(kept))
             index += 1
             self.next_batch = self.first_source_batch = index
         while True:
@@ -224,13 +219,8 @@ class LocalRuntime:
             out = chain(batch)
             if self.carry:
                 out, self.carry = self.carry + out, []
-            state.hold(out, index)  # saved with the state they left, until every sink has batch `index`
-            if state.dirty:  # rule/enrich state is saved before its alerts can reach a sink
-                state.flush()
             st.sent += n
-            self.fanning_out = True  # a reload waits for this batch to be in every sink's buffer
-            await self._fan_out(targets, index, out, per_event)
-            self.fanning_out = False
+            await self._hand_out(targets, index, out, per_event)
             index += 1
             self.next_batch = index
             # Let the sinks take this batch now rather than after `queue_size` more: the events are
@@ -246,6 +236,17 @@ class LocalRuntime:
             state.flush()
         if held:
             await self._fan_out(targets, index, held, estimate_bytes(held) / len(held))
+
+    async def _hand_out(self, targets: list[tuple[SinkSlot, SinkBuffer]], index: int, out: Batch,
+                        per_event: float) -> None:
+        """Batch `index` to every sink's buffer, its kept outputs saved first with the state they left."""
+        state = self.b.state
+        state.hold(out, index)  # kept until every sink has batch `index`
+        if state.dirty:  # rule/enrich state is saved before its alerts can reach a sink
+            state.flush()
+        self.fanning_out = True  # a reload waits for this batch to be in every sink's buffer
+        await self._fan_out(targets, index, out, per_event)
+        self.fanning_out = False
 
     @staticmethod
     async def _fan_out(targets: list[tuple[SinkSlot, SinkBuffer]], index: int, out: Batch,

@@ -64,8 +64,11 @@ class Outbox:
         noted, self._noted = self._noted, {}
         present = set(map(id, out))  # (in C: a storm's batches are mostly alerts)
         kept = [e for i, e in noted.items() if i in present]  # what a later processor dropped is not kept
-        if not kept:
-            return
+        if kept:
+            self._keep(kept, batch)
+
+    def _keep(self, kept: Batch, batch: int) -> None:
+        """One entry: `kept`, until every sink has batch `batch`."""
         self._n += 1
         # serialized now: an alert storm kept as live dicts made every garbage collection walk them all
         self._box[f"{batch:012d}.{self._n:09d}"] = orjson.Fragment(orjson.dumps(kept, default=str))
@@ -84,19 +87,11 @@ class Outbox:
         """What an earlier run kept, to hand out with batch `batch` (this run's first): kept under it until then.
         Before, it left the map at once and lived in memory only, so a save before that batch (a reload that
         changed a rule, while the source was idle) committed its removal and a `kill -9` then lost it."""
-        keys = sorted(self._box, key=str)
-        moved: dict[str, Any] = {}
-        events: Batch = []
-        for k in keys:
-            kept = _events(self._box[k])
+        entries = [_events(self._box[k]) for k in sorted(self._box, key=str)]
+        for k in list(self._box):  # all gone first: a new key may be an old one
+            del self._box[k]
+        self.batches = set()
+        for kept in entries:
             if kept:
-                self._n += 1
-                moved[f"{batch:012d}.{self._n:09d}"] = orjson.Fragment(orjson.dumps(kept, default=str))
-                events.extend(kept)
-        for k in keys:
-            if k not in moved:
-                del self._box[k]
-        for k, v in moved.items():
-            self._box[k] = v
-        self.batches = {batch} if moved else set()
-        return events
+                self._keep(kept, batch)
+        return [e for kept in entries for e in kept]
