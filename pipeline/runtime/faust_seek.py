@@ -21,7 +21,7 @@ offset: aiokafka's seek to the committed offsets leaves such a partition where
 its reading stood. Records faust fetched as a rebalance began and then dropped
 ("getmany called while flow not active": it seeks back to the committed
 offsets to read them again) were otherwise never read, when no record came
-after them (two sessions lost in 1 of 4 runs of `test_faust_flow` on a busy
+after them (two sessions lost in 2 of 14 runs of `test_faust_flow` on a busy
 machine).
 
 faust is imported by the caller, so `import pipeline.cli` stays fast.
